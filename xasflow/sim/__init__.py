@@ -1,0 +1,1 @@
+"""xasflow.sim."""
