@@ -1,0 +1,177 @@
+"""Behaviour of the shared preprocessing path on synthetic spectra with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xasflow.spectra import (
+    AugmentParams,
+    FeatureSpec,
+    PrepParams,
+    Spectrum,
+    SpectrumError,
+    align,
+    alignment_shift,
+    augment_grid,
+    feature_energies,
+    feature_names,
+    featurize,
+    find_e0,
+    infer_edge,
+    linear_matrix,
+    model_input,
+    mu_from_channels,
+    normalize,
+    prepare,
+)
+
+
+def edge_spectrum(
+    e0: float = 8985.0,
+    step: float = 1.0,
+    pre: tuple[float, float] = (0.0, 0.0),
+    energy: np.ndarray | None = None,
+) -> Spectrum:
+    """A tanh edge at ``e0`` with a white line, on a pre-edge line ``pre`` (offset, slope)."""
+    if energy is None:
+        energy = np.arange(e0 - 200, e0 + 300, 0.5)
+    rel = energy - e0
+    mu = step * (0.5 + 0.5 * np.tanh(rel / 1.5) + 0.4 * np.exp(-0.5 * ((rel - 8) / 3) ** 2))
+    mu = mu + pre[0] + pre[1] * rel
+    return Spectrum(energy=energy, mu=mu, element="Cu")
+
+
+def test_spectrum_sorts_and_rejects_bad_values() -> None:
+    s = Spectrum(energy=[3.0, 1.0, 2.0, 2.0], mu=[30.0, 10.0, 20.0, 21.0], element="cu")
+    assert s.energy.tolist() == [1.0, 2.0, 3.0]
+    assert s.mu.tolist() == [10.0, 20.0, 30.0]
+    assert s.element == "Cu"
+    with pytest.raises(SpectrumError) as err:
+        Spectrum(energy=[1.0, 2.0, 3.0], mu=[1.0, np.nan, 2.0])
+    assert err.value.reason == "not_finite"
+    with pytest.raises(SpectrumError):
+        Spectrum(energy=[1.0, 2.0], mu=[1.0, 2.0, 3.0])
+
+
+def test_find_e0_on_regular_and_irregular_grids() -> None:
+    assert find_e0(edge_spectrum(e0=8985.0)) == pytest.approx(8985.0, abs=0.1)
+    rng = np.random.default_rng(1)
+    irregular = np.sort(rng.uniform(8900, 9100, 400))
+    assert find_e0(edge_spectrum(e0=8991.3, energy=irregular)) == pytest.approx(8991.3, abs=0.3)
+    flat = Spectrum(energy=np.arange(8900, 9100, 1.0), mu=np.ones(200), element="Cu")
+    with pytest.raises(SpectrumError) as err:
+        find_e0(flat)
+    assert err.value.reason == "no_edge"
+
+
+def test_edge_step_normalisation_removes_background_and_step() -> None:
+    s = edge_spectrum(step=2.5, pre=(0.7, -0.001))
+    params = PrepParams()
+    y, step = normalize(s, 8985.0, params)
+    # post-edge far from the white line sits at 1 after normalisation
+    rel = s.energy - 8985.0
+    far = (rel > 60) & (rel < 100)
+    assert np.allclose(y[far], 1.0, atol=0.02)
+    assert np.allclose(y[rel < -60], 0.0, atol=0.01)
+    assert step == pytest.approx(2.5, rel=0.02)
+
+
+def test_max_normalisation_puts_window_maximum_at_one() -> None:
+    s = edge_spectrum(step=3.0)
+    prep = prepare(s, PrepParams(normalization="max"))
+    # the maximum over the data points is 1; the gridded curve may sit a hair below it
+    assert 0.999 <= prep.y.max() <= 1.0
+
+
+def test_prepare_grid_and_window_tolerance() -> None:
+    params = PrepParams(window_start=-5.0, window_stop=45.0, n_points=101, max_extrapolation=2.0)
+    full = prepare(edge_spectrum(), params)
+    assert full.y.shape == (101,)
+    assert full.extrapolated == 0.0
+    # data start 4 eV below E0: 1 eV of the window is held constant, and said so
+    short = edge_spectrum(energy=np.arange(8981.0, 9200.0, 0.5))
+    prep = prepare(short, params)
+    assert prep.extrapolated == pytest.approx(1.0, abs=0.15)
+    # data start 2 eV below E0: beyond tolerance, refused with a reason
+    with pytest.raises(SpectrumError) as err:
+        prepare(edge_spectrum(energy=np.arange(8983.0, 9200.0, 0.5)), params)
+    assert err.value.reason == "window"
+
+
+def test_polynomial_features_recover_piecewise_cubics() -> None:
+    prep = PrepParams(n_points=200)
+    spec = FeatureSpec(spectrum=False, derivative=False, poly_partitions=(4,), whiteline=False)
+    m = linear_matrix(spec, prep)
+    assert m.shape == (200, 16)
+    grid = prep.grid
+    y = 0.3 + 0.01 * grid - 2e-4 * grid**2 + 1e-6 * grid**3
+    coefs = (y @ m).reshape(4, 4)
+    edges = np.linspace(0, 200, 5).round().astype(int)
+    for p in range(4):
+        xs = grid[edges[p] : edges[p + 1]]
+        t = (xs - xs.mean()) / (np.ptp(xs) / 2)
+        rebuilt = np.vander(t, 4, increasing=True) @ coefs[p]
+        assert np.allclose(rebuilt, y[edges[p] : edges[p + 1]], atol=1e-10)
+
+
+def test_featurize_is_the_matrix_product_and_names_line_up() -> None:
+    prep = PrepParams(n_points=64)
+    spec = FeatureSpec()
+    y = prepare(edge_spectrum(), prep).y
+    x = model_input(y, spec, prep)
+    assert x.dtype == np.float32 and x.shape == (1, 66)
+    # white-line scalars: position and height of the maximum
+    assert x[0, 64] == pytest.approx(prep.grid[np.argmax(y)], abs=1e-4)
+    assert x[0, 65] == pytest.approx(y.max(), abs=1e-6)
+    feats = featurize(y, spec, prep)
+    assert np.allclose(feats, x.astype(np.float64) @ linear_matrix(spec, prep))
+    names = feature_names(spec, prep)
+    assert len(names) == feats.shape[1] == feature_energies(spec, prep).size
+    # the derivative block equals a centred finite difference
+    d = feats[0, 64:128]
+    assert np.allclose(d[1:-1], np.gradient(y, prep.grid)[1:-1], atol=1e-4)
+
+
+def test_augmentation_identity_and_shift() -> None:
+    grid = np.linspace(-5, 45, 201)
+    y = np.exp(-0.5 * ((grid - 10) / 2) ** 2)[None, :]
+    rng = np.random.default_rng(0)
+    same = augment_grid(
+        y, grid, AugmentParams(stretch_fraction=0, shift_sigma=0, noise_sigma=0), rng
+    )
+    assert np.allclose(same, y)
+    shifted = augment_grid(
+        y, grid, AugmentParams(copies=3, stretch_fraction=0, shift_sigma=1.0, noise_sigma=0), rng
+    )
+    assert shifted.shape == (3, 201)
+    peaks = grid[np.argmax(shifted, axis=1)]
+    assert np.all(np.abs(peaks - 10) < 4) and np.ptp(peaks) > 0
+    stretched = augment_grid(
+        y, grid, AugmentParams(stretch_fraction=1.0, shift_sigma=0, noise_sigma=0), rng
+    )
+    peak = grid[np.argmax(stretched[0])]
+    assert 10 * (1 - 5 / 45) - 0.3 <= peak <= 10 * (1 + 5 / 45) + 0.3
+
+
+def test_channels_and_reference_alignment() -> None:
+    i0 = np.array([100.0, 200.0])
+    it = np.array([50.0, 20.0])
+    assert np.allclose(mu_from_channels("transmission", i0, it), np.log([2.0, 10.0]))
+    assert np.allclose(mu_from_channels("fluorescence", i0, it), [0.5, 0.1])
+    with pytest.raises(SpectrumError) as err:
+        mu_from_channels("transmission", i0, np.array([1.0, 0.0]))
+    assert err.value.reason == "bad_channel"
+    # a Cu foil whose edge reads 3.9 eV low: the shift puts it on 8978.9
+    foil = edge_spectrum(e0=8975.0)
+    shift = alignment_shift(foil, "Cu")
+    assert shift == pytest.approx(3.9, abs=0.1)
+    moved = align(edge_spectrum(e0=8980.0), shift)
+    assert find_e0(moved) == pytest.approx(8983.9, abs=0.15)
+    assert moved.meta["energy_shift"] == pytest.approx(shift)
+
+
+def test_infer_edge_from_energy_range() -> None:
+    assert infer_edge(8800.0, 9800.0) == ("Cu", "K")
+    assert infer_edge(6900.0, 7600.0) == ("Fe", "K")
+    assert infer_edge(100.0, 200.0) is None

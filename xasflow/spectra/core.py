@@ -1,0 +1,75 @@
+"""The ``Spectrum`` value type shared by training, the daemon and the adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class SpectrumError(ValueError):
+    """A spectrum that cannot be processed; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One absorption spectrum mu(E) on an absolute energy axis in eV.
+
+    ``energy`` is strictly increasing after construction (points are sorted and exact
+    duplicates dropped); ``mu`` is whatever the source gives (FEFF mu, ln(I0/It), ...).
+    ``element`` and ``edge`` say which absorption edge this is; ``e0`` is filled once known.
+    """
+
+    energy: np.ndarray
+    mu: np.ndarray
+    element: str | None = None
+    edge: str = "K"
+    e0: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        energy = np.asarray(self.energy, dtype=np.float64).ravel()
+        mu = np.asarray(self.mu, dtype=np.float64).ravel()
+        if energy.shape != mu.shape:
+            raise SpectrumError("shape", f"energy has {energy.size} points but mu has {mu.size}")
+        if energy.size < 3:
+            raise SpectrumError("too_short", f"only {energy.size} points")
+        if not (np.all(np.isfinite(energy)) and np.all(np.isfinite(mu))):
+            bad = int(np.count_nonzero(~np.isfinite(energy) | ~np.isfinite(mu)))
+            raise SpectrumError("not_finite", f"{bad} points are NaN or infinite")
+        if np.any(np.diff(energy) <= 0):
+            order = np.argsort(energy, kind="stable")
+            energy, mu = energy[order], mu[order]
+            keep = np.concatenate(([True], np.diff(energy) > 0))
+            energy, mu = energy[keep], mu[keep]
+            if energy.size < 3:
+                raise SpectrumError("too_short", "fewer than 3 distinct energies")
+        object.__setattr__(self, "energy", energy)
+        object.__setattr__(self, "mu", mu)
+        if self.element is not None:
+            object.__setattr__(self, "element", self.element.strip().capitalize())
+        object.__setattr__(self, "edge", self.edge.strip().upper())
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name for messages."""
+        return str(self.meta.get("name") or self.meta.get("source") or "spectrum")
+
+    def with_(self, **changes: Any) -> Spectrum:
+        """Return a copy with some fields replaced (the type is immutable)."""
+        values = {
+            "energy": self.energy,
+            "mu": self.mu,
+            "element": self.element,
+            "edge": self.edge,
+            "e0": self.e0,
+            "meta": dict(self.meta),
+        }
+        values.update(changes)
+        return Spectrum(**values)

@@ -1,0 +1,58 @@
+"""Tabulated absorption-edge energies, used to infer element/edge and to align to a reference foil.
+
+Values in eV are the commonly tabulated elemental edge energies (Bearden & Burr 1967 as
+listed in the X-ray Data Booklet); a few eV of uncertainty does not matter for inference.
+"""
+
+from __future__ import annotations
+
+K_EDGES: dict[str, float] = {
+    "Na": 1070.8, "Mg": 1303.0, "Al": 1559.6, "Si": 1838.9, "P": 2145.5, "S": 2472.0,
+    "Cl": 2822.4, "Ar": 3205.9, "K": 3608.4, "Ca": 4038.5, "Sc": 4492.8, "Ti": 4966.4,
+    "V": 5465.1, "Cr": 5989.2, "Mn": 6539.0, "Fe": 7112.0, "Co": 7708.9, "Ni": 8332.8,
+    "Cu": 8978.9, "Zn": 9658.6, "Ga": 10367.1, "Ge": 11103.1, "As": 11866.7,
+    "Se": 12657.8, "Br": 13473.7, "Kr": 14325.6, "Rb": 15199.7, "Sr": 16104.6,
+    "Y": 17038.4, "Zr": 17998.0, "Nb": 18985.6, "Mo": 19999.5, "Ru": 22117.2,
+    "Rh": 23219.9, "Pd": 24350.3, "Ag": 25514.0, "Cd": 26711.2, "In": 27939.9,
+    "Sn": 29200.1, "Sb": 30491.2, "Te": 31813.8, "I": 33169.4, "Cs": 35984.6,
+    "Ba": 37440.6, "La": 38924.6, "Ce": 40443.0,
+}  # fmt: skip
+
+L3_EDGES: dict[str, float] = {
+    "Ba": 5247.0, "La": 5483.0, "Ce": 5723.0, "Pr": 5964.0, "Nd": 6208.0, "Sm": 6716.0,
+    "Eu": 6977.0, "Gd": 7243.0, "Tb": 7514.0, "Dy": 7790.0, "Hf": 9561.0, "Ta": 9881.0,
+    "W": 10207.0, "Re": 10535.0, "Os": 10871.0, "Ir": 11215.0, "Pt": 11564.0,
+    "Au": 11919.0, "Hg": 12284.0, "Pb": 13035.0, "Bi": 13419.0, "U": 17166.0,
+}  # fmt: skip
+
+EDGES: dict[str, dict[str, float]] = {"K": K_EDGES, "L3": L3_EDGES}
+
+
+def edge_energy(element: str, edge: str = "K") -> float:
+    """Tabulated energy of ``element``'s ``edge``; KeyError with a clear message if unknown."""
+    table = EDGES.get(edge.upper())
+    if table is None:
+        raise KeyError(f"unknown edge {edge!r}; known: {', '.join(EDGES)}")
+    sym = element.strip().capitalize()
+    if sym not in table:
+        raise KeyError(f"no tabulated {edge} edge for element {element!r}")
+    return table[sym]
+
+
+def infer_edge(e_min: float, e_max: float) -> tuple[str, str] | None:
+    """Guess ``(element, edge)`` from a scan's energy range: the one tabulated edge inside it.
+
+    The scan must contain the edge with at least 10 eV on each side. If several edges
+    qualify (a very long scan), the one closest to 1/4 of the range wins, since XAS
+    scans usually put the edge early. Returns None when nothing fits.
+    """
+    lo, hi = e_min + 10.0, e_max - 10.0
+    target = e_min + 0.25 * (e_max - e_min)
+    best: tuple[float, str, str] | None = None
+    for edge, table in EDGES.items():
+        for element, energy in table.items():
+            if lo <= energy <= hi:
+                dist = abs(energy - target)
+                if best is None or dist < best[0]:
+                    best = (dist, element, edge)
+    return None if best is None else (best[1], best[2])

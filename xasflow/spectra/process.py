@@ -1,0 +1,169 @@
+"""E0, normalisation and resampling onto a model grid: the one preprocessing path.
+
+Training and the daemon both call :func:`prepare` with the :class:`PrepParams` stored in a
+model bundle's manifest, so a spectrum is treated identically offline and online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.edges import edge_energy
+
+_E0_STEP = 0.1  # eV, uniform grid used for the derivative
+_E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
+_E0_KERNEL = np.exp(-0.5 * (np.arange(-15, 16) * _E0_STEP / _E0_SIGMA) ** 2)
+_E0_KERNEL /= _E0_KERNEL.sum()
+
+
+class PrepParams(BaseModel):
+    """How a spectrum becomes a model input; stored verbatim in a bundle manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_start: float = Field(-3.5, description="grid start relative to E0, eV")
+    window_stop: float = Field(56.5, description="grid stop relative to E0, eV")
+    n_points: int = Field(200, ge=8)
+    normalization: Literal["edge_step", "max"] = "edge_step"
+    pre_edge: tuple[float, float] = (-150.0, -30.0)
+    post_edge: tuple[float, float] = (40.0, 110.0)
+    post_edge_degree: int = Field(2, ge=0, le=3)
+    max_extrapolation: float = Field(
+        2.0, ge=0.0, description="eV the grid may extend past the data (held constant)"
+    )
+    e0_search: float = Field(
+        40.0, description="search E0 within +-this of the tabulated edge (when known), eV"
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> PrepParams:
+        if self.window_stop <= self.window_start:
+            raise ValueError("window_stop must be above window_start")
+        return self
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The model grid relative to E0, eV."""
+        return np.linspace(self.window_start, self.window_stop, self.n_points)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A spectrum on the model grid: ``y`` normalised mu, plus what was found on the way."""
+
+    y: np.ndarray
+    e0: float
+    edge_step: float
+    extrapolated: float  # eV of the grid that lay outside the data
+    spectrum: Spectrum
+
+
+def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
+    """E0 as the steepest point of the smoothed edge, refined to sub-grid precision.
+
+    The spectrum is put on a uniform 0.1 eV grid and smoothed (sigma 0.5 eV) so that
+    irregular FEFF grids and measured noise give the same answer. With a known element the
+    search is restricted to the tabulated edge +-``search`` eV (beyond 3 eV of each data end).
+    """
+    energy, mu = spectrum.energy, spectrum.mu
+    lo, hi = energy[0], energy[-1]
+    if spectrum.element is not None and search > 0:
+        try:
+            tab = edge_energy(spectrum.element, spectrum.edge)
+        except KeyError:
+            tab = None
+        if tab is not None:
+            lo, hi = max(lo, tab - search), min(hi, tab + search)
+    if hi - lo < 2.0:
+        raise SpectrumError("no_edge", f"no data near the {spectrum.element} {spectrum.edge} edge")
+    grid = np.arange(lo, hi, _E0_STEP)
+    m = np.interp(grid, energy, mu)
+    pad = _E0_KERNEL.size // 2
+    sm = np.convolve(np.pad(m, pad, mode="edge"), _E0_KERNEL, mode="valid")
+    deriv = np.gradient(sm, _E0_STEP)
+    margin = round(1.5 / _E0_STEP)  # keep away from the (edge-padded) ends
+    if deriv.size > 2 * margin + 3:
+        deriv[:margin] = -np.inf
+        deriv[-margin:] = -np.inf
+    i = int(np.argmax(deriv))
+    if not np.isfinite(deriv[i]) or deriv[i] <= 0:
+        raise SpectrumError("no_edge", "mu never rises: no absorption edge found")
+    if 0 < i < deriv.size - 1 and np.isfinite(deriv[i - 1]) and np.isfinite(deriv[i + 1]):
+        a, b, c = deriv[i - 1], deriv[i], deriv[i + 1]
+        denom = a - 2 * b + c
+        shift = 0.5 * (a - c) / denom if denom != 0 else 0.0
+        return float(grid[i] + np.clip(shift, -0.5, 0.5) * _E0_STEP)
+    return float(grid[i])
+
+
+def _fit_line(energy: np.ndarray, mu: np.ndarray, degree: int) -> np.ndarray:
+    """Least-squares polynomial coefficients, centred for conditioning (returns np.polyfit order)."""
+    return np.polyfit(energy, mu, degree)
+
+
+def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
+    """Return (normalised mu on the spectrum's own energies, edge step).
+
+    ``edge_step``: a pre-edge line (when the data reach far enough below E0; FEFF spectra
+    do not and have no background) is subtracted and the result divided by the post-edge
+    polynomial evaluated at E0, as Athena/Larch do. ``max``: divided by the maximum within
+    the model window (Zheng et al.).
+    """
+    energy, mu = spectrum.energy, spectrum.mu
+    rel = energy - e0
+    pre = (rel >= params.pre_edge[0]) & (rel <= params.pre_edge[1])
+    if np.count_nonzero(pre) >= 3:
+        coef = _fit_line(rel[pre], mu[pre], 1)
+        mu = mu - np.polyval(coef, rel)
+    if params.normalization == "max":
+        win = (rel >= params.window_start) & (rel <= params.window_stop)
+        peak = float(mu[win].max()) if np.any(win) else float(mu.max())
+        if not peak > 0:
+            raise SpectrumError("no_edge", "spectrum has no positive maximum in the window")
+        return mu / peak, peak
+    post = (rel >= params.post_edge[0]) & (rel <= params.post_edge[1])
+    n_post = int(np.count_nonzero(post))
+    if n_post < params.post_edge_degree + 3:
+        raise SpectrumError(
+            "no_post_edge",
+            f"only {n_post} points between E0{params.post_edge[0]:+g} and "
+            f"E0{params.post_edge[1]:+g} eV; cannot find the edge step",
+        )
+    coef = _fit_line(rel[post], mu[post], params.post_edge_degree)
+    step = float(np.polyval(coef, 0.0))
+    if not step > 0:
+        raise SpectrumError("no_edge", f"edge step {step:.3g} is not positive")
+    return mu / step, step
+
+
+def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple[np.ndarray, float]:
+    """Linear interpolation onto the model grid; ends held constant up to ``max_extrapolation``."""
+    grid = params.grid
+    below = max(0.0, energy_rel[0] - grid[0])
+    above = max(0.0, grid[-1] - energy_rel[-1])
+    outside = max(below, above)
+    if outside > params.max_extrapolation + 1e-9:
+        side = "start" if below >= above else "end"
+        raise SpectrumError(
+            "window",
+            f"data cover E0{energy_rel[0]:+.1f} to E0{energy_rel[-1]:+.1f} eV but the model window "
+            f"{side} needs E0{(grid[0] if side == 'start' else grid[-1]):+.1f} eV "
+            f"({outside:.1f} eV beyond the data; at most {params.max_extrapolation:g} allowed)",
+        )
+    return np.interp(grid, energy_rel, y), below + above
+
+
+def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
+    """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation."""
+    if e0 is None:
+        e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
+    y, step = normalize(spectrum, e0, params)
+    grid_y, extrapolated = resample(spectrum.energy - e0, y, params)
+    return Prepared(
+        y=grid_y, e0=float(e0), edge_step=step, extrapolated=extrapolated, spectrum=spectrum
+    )
