@@ -1,0 +1,276 @@
+"""FEFF run trees (Lightshow layout) from directories and streamed tar.gz archives."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xasflow.adapters.feff import FeffTree, ReadIssue, parse_xmu, read_feff_tree
+
+XMU_HEADER = """\
+# # comment:                                                     FEFF 9.9.1
+# # Abs   Z=29 Rmt= 1.247 Rnm= 1.305 K  shell
+# # Pot 1 Z= 8 Rmt= 1.049 Rnm= 1.096
+#  -----------------------------------------------------------------------
+#  omega    e    k    mu    mu0     chi     @#
+"""
+
+CU2O_POSCAR = """\
+Cu4 O2
+1.0
+4.27 0.0 0.0
+0.0 4.27 0.0
+0.0 0.0 4.27
+Cu O
+4 2
+direct
+0.25 0.25 0.25 Cu
+0.75 0.75 0.25 Cu
+0.75 0.25 0.75 Cu
+0.25 0.75 0.75 Cu
+0.0 0.0 0.0 O
+0.5 0.5 0.5 O
+"""
+
+FECU_POSCAR = """\
+Fe1 Cu1
+1.0
+3.0 0.0 0.0
+0.0 3.0 0.0
+0.0 0.0 3.0
+Fe Cu
+1 1
+direct
+0.0 0.0 0.0 Fe
+0.5 0.5 0.5 Cu
+"""
+
+
+def xmu_table(n: int, shift: float) -> np.ndarray:
+    """n rows of omega e k mu mu0 chi with exactly representable values."""
+    omega = 8980.0 + shift + 0.5 * np.arange(n)
+    mu = 0.25 * np.arange(n) + shift
+    return np.column_stack([omega, omega - 8980.0, np.zeros(n), mu, mu, np.zeros(n)])
+
+
+def xmu_text(n: int = 12, shift: float = 0.0) -> str:
+    rows = "\n".join(" ".join(repr(float(v)) for v in row) for row in xmu_table(n, shift))
+    return XMU_HEADER + rows + "\n"
+
+
+def with_extra_value(text: str, row: int) -> str:
+    """The xmu text with a seventh value appended to data row ``row`` (1-based)."""
+    lines = text.splitlines()
+    lines[XMU_HEADER.count("\n") + row - 1] += " 7.0"
+    return "\n".join(lines) + "\n"
+
+
+def tree_files() -> dict[str, str]:
+    """A small tree with good sites and every kind of broken item, by relative path."""
+    good = xmu_text()
+    return {
+        # mp-1: two good Cu sites, one site index that points at O in the POSCAR
+        "Cu/mp-1/POSCAR": CU2O_POSCAR,
+        "Cu/mp-1/FEFF-XANES/000_Cu/xmu.dat": good,
+        "Cu/mp-1/FEFF-XANES/000_Cu/feff.inp": "TITLE x\n",
+        "Cu/mp-1/FEFF-XANES/002_Cu/xmu.dat": xmu_text(15, shift=1.0),
+        "Cu/mp-1/FEFF-XANES/004_Cu/xmu.dat": good,
+        # mp-2: one good site, then truncated, missing, non-numeric, ragged, cut-short, empty
+        "Cu/mp-2/POSCAR": CU2O_POSCAR,
+        "Cu/mp-2/FEFF-XANES/000_Cu/xmu.dat": good,
+        "Cu/mp-2/FEFF-XANES/001_Cu/xmu.dat": xmu_text(5),
+        "Cu/mp-2/FEFF-XANES/002_Cu/feff.inp": "TITLE x\n",
+        "Cu/mp-2/FEFF-XANES/002_Cu/.feff.error": "crashed\n",
+        "Cu/mp-2/FEFF-XANES/003_Cu/xmu.dat": good.replace("8981.0 ", "8981.0x ", 1),
+        "Cu/mp-3/POSCAR": CU2O_POSCAR,
+        "Cu/mp-3/FEFF-XANES/000_Cu/xmu.dat": with_extra_value(good, row=3),
+        "Cu/mp-3/FEFF-XANES/001_Cu/xmu.dat": good[:-12] + "\n",
+        "Cu/mp-3/FEFF-XANES/002_Cu/xmu.dat": XMU_HEADER,
+        # mp-4: sites but no POSCAR; mp-5: POSCAR but no FEFF-XANES
+        "Cu/mp-4/FEFF-XANES/000_Cu/xmu.dat": good,
+        "Cu/mp-5/POSCAR": CU2O_POSCAR,
+        # mp-6: an Fe site and a Cu site
+        "Cu/mp-6/POSCAR": FECU_POSCAR,
+        "Cu/mp-6/FEFF-XANES/000_Fe/xmu.dat": xmu_text(11, shift=2.0),
+        "Cu/mp-6/FEFF-XANES/001_Cu/xmu.dat": xmu_text(13, shift=3.0),
+        "Cu/mp-6/FEFF-XANES/junk/xmu.dat": good,
+        # not materials: ignored
+        "Cu/report.json": "{}",
+    }
+
+
+EXPECTED_ISSUES = [
+    ("mp-1/004_Cu", "site_mismatch"),
+    ("mp-2/001_Cu", "truncated_xmu"),
+    ("mp-2/002_Cu", "missing_xmu"),
+    ("mp-2/003_Cu", "bad_xmu"),
+    ("mp-3", "no_sites"),
+    ("mp-3/000_Cu", "bad_xmu"),
+    ("mp-3/001_Cu", "truncated_xmu"),
+    ("mp-3/002_Cu", "empty_xmu"),
+    ("mp-4", "missing_poscar"),
+    ("mp-5", "no_sites"),
+    ("mp-6/junk", "bad_site_dir"),
+]
+
+
+def write_dir(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        target = root / "FEFF" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return root / "FEFF"
+
+
+def write_tar(path: Path, files: dict[str, str], poscar_last: bool = True) -> Path:
+    """A tar.gz with file members only (no directory entries), POSCARs after the sites."""
+    names = sorted(files, key=lambda n: (n.endswith("POSCAR") if poscar_last else 0, n))
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            data = files[name].encode()
+            info = tarfile.TarInfo(f"FEFF/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def check_tree(tree: FeffTree, source_prefix: str) -> None:
+    assert [m.material_id for m in tree.materials] == ["mp-1", "mp-2", "mp-6"]
+    assert tree.n_sites == 5
+    assert [(i.item, i.reason) for i in tree.issues] == EXPECTED_ISSUES
+    assert tree.issue_counts() == {
+        "bad_site_dir": 1,
+        "bad_xmu": 2,
+        "empty_xmu": 1,
+        "missing_poscar": 1,
+        "missing_xmu": 1,
+        "no_sites": 2,
+        "site_mismatch": 1,
+        "truncated_xmu": 2,
+    }
+    mp1, mp2, mp6 = tree.materials
+    assert mp1.poscar == CU2O_POSCAR
+    assert [s.site_index for s in mp1.sites] == [0, 2]
+    assert [s.site_index for s in mp2.sites] == [0]
+    assert [(s.site_index, s.element) for s in mp6.sites] == [(0, "Fe"), (1, "Cu")]
+    site = mp1.sites[1]
+    expected = xmu_table(15, 1.0)
+    np.testing.assert_array_equal(site.energy, expected[:, 0])
+    np.testing.assert_array_equal(site.mu, expected[:, 3])
+    assert site.energy.dtype == np.float64
+    assert site.source.startswith(source_prefix)
+    assert site.source.endswith("FEFF/Cu/mp-1/FEFF-XANES/002_Cu/xmu.dat")
+
+
+def test_directory_tree(tmp_path: Path) -> None:
+    root = write_dir(tmp_path, tree_files())
+    check_tree(read_feff_tree(root), str(root))
+
+
+def test_tar_tree_same_as_directory(tmp_path: Path) -> None:
+    archive = write_tar(tmp_path / "tree.tar.gz", tree_files())
+    check_tree(read_feff_tree(archive), "FEFF/")
+
+
+def test_issue_details_say_what_is_wrong(tmp_path: Path) -> None:
+    tree = read_feff_tree(write_tar(tmp_path / "t.tgz", tree_files()))
+    detail = {(i.item, i.reason): i.detail for i in tree.issues}
+    assert "only 5 data rows" in detail[("mp-2/001_Cu", "truncated_xmu")]
+    assert ".feff.error" in detail[("mp-2/002_Cu", "missing_xmu")]
+    assert "non-numeric data row 3" in detail[("mp-2/003_Cu", "bad_xmu")]
+    assert "ragged columns: row 3 has 7, row 1 has 6" in detail[("mp-3/000_Cu", "bad_xmu")]
+    assert "last row cut short" in detail[("mp-3/001_Cu", "truncated_xmu")]
+    assert "POSCAR has O at index 4" in detail[("mp-1/004_Cu", "site_mismatch")]
+    assert all(isinstance(i, ReadIssue) for i in tree.issues)
+
+
+def test_element_filter(tmp_path: Path) -> None:
+    root = write_dir(tmp_path, tree_files())
+    fe = read_feff_tree(root, element="fe")
+    assert [(m.material_id, [s.site_index for s in m.sites]) for m in fe.materials] == [
+        ("mp-6", [0])
+    ]
+    # materials with only Cu sites are filtered quietly (mp-4's missing POSCAR included);
+    # a material with no FEFF-XANES at all and a misnamed site dir are still reported
+    assert [(i.item, i.reason) for i in fe.issues] == [
+        ("mp-5", "no_sites"),
+        ("mp-6/junk", "bad_site_dir"),
+    ]
+    cu = read_feff_tree(root, element="Cu")
+    assert [s.element for s in cu.materials[-1].sites] == ["Cu"]
+    assert cu.n_sites == 4
+
+
+def test_to_spectrum_carries_ids(tmp_path: Path) -> None:
+    tree = read_feff_tree(write_dir(tmp_path, tree_files()))
+    site = tree.materials[0].sites[0]
+    spectrum = site.to_spectrum()
+    assert (spectrum.element, spectrum.edge) == ("Cu", "K")
+    assert spectrum.meta == {"material_id": "mp-1", "site_index": 0, "source": site.source}
+    np.testing.assert_array_equal(spectrum.mu, site.mu)
+
+
+def test_limit_reads_first_materials(tmp_path: Path) -> None:
+    archive = write_tar(tmp_path / "t.tar.gz", tree_files(), poscar_last=False)
+    tree = read_feff_tree(archive, limit=2)
+    assert [m.material_id for m in tree.materials] == ["mp-1", "mp-2"]
+    root = write_dir(tmp_path / "d", tree_files())
+    assert [m.material_id for m in read_feff_tree(root, limit=1).materials] == ["mp-1"]
+
+
+def test_truncated_archive_keeps_what_was_read(tmp_path: Path) -> None:
+    files = {f"Cu/mp-{i}/POSCAR": CU2O_POSCAR for i in range(1, 40)}
+    files |= {f"Cu/mp-{i}/FEFF-XANES/000_Cu/xmu.dat": xmu_text(200, i) for i in range(1, 40)}
+    archive = write_tar(tmp_path / "t.tar.gz", files, poscar_last=False)
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    tree = read_feff_tree(cut)
+    assert [i.reason for i in tree.issues if i.item == "cut.tar.gz"] == ["truncated_archive"]
+    assert 0 < len(tree.materials) < 39
+
+
+def test_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_feff_tree(tmp_path / "nope")
+    other = tmp_path / "x.zip"
+    other.write_bytes(b"PK")
+    with pytest.raises(ValueError, match="neither a directory"):
+        read_feff_tree(other)
+
+
+def test_parse_xmu_reads_edge_and_columns() -> None:
+    energy, mu, edge = parse_xmu(xmu_text(12).encode())
+    np.testing.assert_array_equal(energy, 8980.0 + 0.5 * np.arange(12))
+    np.testing.assert_array_equal(mu, 0.25 * np.arange(12))
+    assert edge == "K"
+    l3 = xmu_text(12).replace(" K  shell", " L3 shell").encode()
+    assert parse_xmu(l3)[2] == "L3"
+    with pytest.raises(ValueError, match="truncated_xmu"):
+        parse_xmu(xmu_text(3).encode())
+
+
+@pytest.mark.shared_data
+def test_real_cu_archive(cu_archive: Path) -> None:
+    tree = read_feff_tree(cu_archive, element="Cu")
+    # 2303 material dirs (plus report.json and writer_metadata.json at the same level):
+    # 107 hold only a POSCAR (FEFF failed, listed in report.json) and mp-1101124 has two
+    # site dirs whose runs crashed before writing xmu.dat.
+    assert len(tree.materials) == 2195
+    assert tree.n_sites == 4831
+    assert tree.issue_counts() == {"missing_xmu": 2, "no_sites": 108}
+    assert len(tree.materials) + tree.issue_counts()["no_sites"] == 2303
+    assert {i.item for i in tree.issues if i.reason == "missing_xmu"} == {
+        "mp-1101124/001_Cu",
+        "mp-1101124/003_Cu",
+    }
+    sites = list(tree.sites())
+    assert all(s.element == "Cu" and s.edge == "K" for s in sites)
+    assert all(s.energy.size == 173 for s in sites)
+    assert min(s.energy[0] for s in sites) > 8980.0
+    ids = [m.material_id for m in tree.materials]
+    assert ids == sorted(ids)

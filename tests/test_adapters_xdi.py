@@ -1,0 +1,228 @@
+"""XDI files, plain column files and the content-sniffing dispatcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xasflow.adapters.columns import ColumnFileError, read_spectrum_file, read_two_column
+from xasflow.adapters.xdi import XdiError, read_xdi, xdi_to_spectrum
+from xasflow.spectra.core import SpectrumError
+
+ENERGY = np.array([8960.0, 8970.0, 8980.0, 8990.0, 9000.0])
+I0 = np.array([1000.0, 1010.0, 1020.0, 1030.0, 1040.0])
+IT = np.array([500.0, 490.0, 300.0, 250.0, 260.0])
+IR = np.array([400.0, 380.0, 200.0, 150.0, 160.0])
+
+HEADER = """\
+# XDI/1.0 GSE/1.0
+# Column.1: energy eV
+# Column.2: i0
+# Column.3: itrans
+# Column.4: irefer
+# Element.symbol: Cu
+# Element.edge: K
+# Sample.formula: CuO
+# Sample.name: copper oxide, tenorite
+# Scan.edge_energy: 8979.0
+# ///
+# a free comment line: with a colon
+#----
+# energy i0 itrans irefer
+"""
+
+
+def table(*cols: np.ndarray) -> str:
+    return "\n".join(" ".join(repr(float(v)) for v in row) for row in np.column_stack(cols)) + "\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def cu_xdi(tmp_path: Path) -> Path:
+    return write(tmp_path / "CuO_test.xdi", HEADER + table(ENERGY, I0, IT, IR))
+
+
+def test_read_xdi_fields_and_columns(cu_xdi: Path) -> None:
+    x = read_xdi(cu_xdi)
+    assert x.columns == ["energy", "i0", "itrans", "irefer"]
+    assert x.fields["Element.symbol"] == "Cu"
+    assert x.fields["Sample.name"] == "copper oxide, tenorite"
+    assert "a free comment line" not in x.fields  # comments after /// are not fields
+    assert (x.element, x.edge) == ("Cu", "K")
+    assert x.data.shape == (5, 4)
+    np.testing.assert_array_equal(x.column("ITRANS"), IT)
+    with pytest.raises(KeyError, match=r"no column 'ifluor'.*'energy', 'i0', 'itrans', 'irefer'"):
+        x.column("ifluor")
+
+
+def test_transmission_mu_and_reference(cu_xdi: Path) -> None:
+    s = xdi_to_spectrum(read_xdi(cu_xdi))
+    np.testing.assert_array_equal(s.energy, ENERGY)
+    np.testing.assert_array_equal(s.mu, np.log(I0 / IT))
+    np.testing.assert_array_equal(s.meta["reference_mu"], np.log(IT / IR))
+    assert (s.element, s.edge, s.e0) == ("Cu", "K", None)
+    assert s.meta["name"] == "CuO_test"
+    assert s.meta["source"] == str(cu_xdi)
+    assert s.meta["sample"] == "CuO"
+    assert s.meta["mode"] == "transmission"
+    assert s.meta["nominal_edge_energy"] == 8979.0
+
+
+def test_unsorted_energies_keep_reference_aligned(tmp_path: Path) -> None:
+    order = np.array([3, 0, 4, 1, 2])
+    path = write(
+        tmp_path / "shuffled.xdi", HEADER + table(ENERGY[order], I0[order], IT[order], IR[order])
+    )
+    s = xdi_to_spectrum(read_xdi(path))
+    np.testing.assert_array_equal(s.energy, ENERGY)
+    np.testing.assert_array_equal(s.mu, np.log(I0 / IT))
+    np.testing.assert_array_equal(s.meta["reference_mu"], np.log(IT / IR))
+
+
+def test_fluorescence_and_label_line_columns(tmp_path: Path) -> None:
+    # no Column.N fields and no "# ///": names come from the last comment line
+    text = "#XDI/1.1\n# Element.symbol:  Fe\n# Element.edge: K\n#---\n#  energy  ifluor  i0\n"
+    path = write(tmp_path / "fe.xdi", text + table(ENERGY - 1868.0, IT, I0))
+    x = read_xdi(path)
+    assert x.columns == ["energy", "ifluor", "i0"]
+    s = xdi_to_spectrum(x)
+    assert s.meta["mode"] == "fluorescence"
+    assert s.element == "Fe"
+    np.testing.assert_array_equal(s.mu, IT / I0)
+    assert "reference_mu" not in s.meta
+
+
+def test_stored_mu_column_and_forced_modes(tmp_path: Path) -> None:
+    mu = np.array([0.1, 0.2, 1.1, 1.3, 1.2])
+    text = "# XDI/1.0\n# Column.1: energy eV\n# Column.2: mutrans\n# Column.3: i0\n#---\n"
+    path = write(tmp_path / "mu.xdi", text + table(ENERGY, mu, I0))
+    x = read_xdi(path)
+    s = xdi_to_spectrum(x)
+    assert s.meta["mode"] == "mu"
+    assert s.element is None
+    np.testing.assert_array_equal(s.mu, mu)
+    with pytest.raises(SpectrumError) as err:
+        xdi_to_spectrum(x, mode="transmission")
+    assert err.value.reason == "no_channel"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        xdi_to_spectrum(x, mode="xmcd")
+
+
+def test_forced_mu_mode_ignores_raw_channels(tmp_path: Path) -> None:
+    mu = np.array([0.1, 0.2, 1.1, 1.3, 1.2])
+    text = "# XDI/1.0\n# Column.1: energy eV\n# Column.2: i0\n# Column.3: itrans\n# Column.4: mutrans\n#---\n"
+    path = write(tmp_path / "both.xdi", text + table(ENERGY, I0, IT, mu))
+    x = read_xdi(path)
+    np.testing.assert_array_equal(xdi_to_spectrum(x).mu, np.log(I0 / IT))
+    np.testing.assert_array_equal(xdi_to_spectrum(x, mode="mu").mu, mu)
+
+
+def test_non_positive_intensity_is_bad_channel(tmp_path: Path) -> None:
+    bad_it = IT.copy()
+    bad_it[2] = 0.0
+    path = write(tmp_path / "bad.xdi", HEADER + table(ENERGY, I0, bad_it, IR))
+    with pytest.raises(SpectrumError) as err:
+        xdi_to_spectrum(read_xdi(path))
+    assert err.value.reason == "bad_channel"
+    assert "itrans has 1 non-positive" in str(err.value)
+
+
+def test_kev_energy_is_converted(tmp_path: Path) -> None:
+    text = HEADER.replace("Column.1: energy eV", "Column.1: energy keV")
+    path = write(tmp_path / "kev.xdi", text + table(ENERGY / 1000.0, I0, IT, IR))
+    s = xdi_to_spectrum(read_xdi(path))
+    np.testing.assert_allclose(s.energy, ENERGY, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("energy mu\n1 2\n", "not an XDI file"),
+        (HEADER, "no data rows"),
+        (HEADER + "1 2 3 4\n5 6 7\n", "data row 2 .* has 3 values, the first row has 4"),
+        (HEADER + "1 2 3 4\n5 6 x 8\n", "non-numeric data row 2"),
+        (
+            "# XDI/1.0\n# Element.symbol: Cu\n#---\n# energy mu\n1 2 3\n",
+            "cannot name 3 data columns",
+        ),
+    ],
+)
+def test_malformed_xdi(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path / "broken.xdi", text)
+    with pytest.raises(XdiError, match=message):
+        read_xdi(path)
+
+
+def test_two_column_whitespace_and_comments(tmp_path: Path) -> None:
+    text = "# energy mu\n# from a reference\n8960.0 0.1 99\n\n8970.0 0.2 99\n8980.0 1.5 99\n"
+    s = read_two_column(write(tmp_path / "ref.dat", text), element="cu")
+    np.testing.assert_array_equal(s.energy, [8960.0, 8970.0, 8980.0])
+    np.testing.assert_array_equal(s.mu, [0.1, 0.2, 1.5])
+    assert (s.element, s.edge, s.meta["name"]) == ("Cu", "K", "ref")
+
+
+def test_two_column_csv_with_header_row(tmp_path: Path) -> None:
+    text = "energy,mu\n7100.0,0.5\n7110.0,0.7\n7120.0,1.2\n"
+    s = read_two_column(write(tmp_path / "fe.csv", text), element="Fe", edge="k")
+    np.testing.assert_array_equal(s.mu, [0.5, 0.7, 1.2])
+    assert s.edge == "K"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8960.0\n8970.0\n8980.0\n", "only 1 column"),
+        ("8960.0 0.1\nabc def\n8980.0 0.3\n", r":2: not numeric"),
+        ("# nothing\n", "no numeric data rows"),
+    ],
+)
+def test_two_column_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ColumnFileError, match=message):
+        read_two_column(write(tmp_path / "x.txt", text))
+
+
+def test_read_spectrum_file_dispatches_on_content(tmp_path: Path, cu_xdi: Path) -> None:
+    plain = write(tmp_path / "plain.xdi", "8960 0.1\n8970 0.2\n8980 0.9\n")  # name lies
+    assert read_spectrum_file(plain, element="Cu").meta["name"] == "plain"
+    assert "reference_mu" in read_spectrum_file(cu_xdi).meta
+    assert read_spectrum_file(cu_xdi, element="cu").element == "Cu"
+    with pytest.raises(SpectrumError) as err:
+        read_spectrum_file(cu_xdi, element="Fe")
+    assert err.value.reason == "element_mismatch"
+    no_element = write(
+        tmp_path / "anon.xdi",
+        HEADER.replace("# Element.symbol: Cu\n", "") + table(ENERGY, I0, IT, IR),
+    )
+    assert read_spectrum_file(no_element, element="Cu").element == "Cu"
+
+
+@pytest.mark.shared_data
+def test_every_cu_file_in_library(xdi_library: Path) -> None:
+    files = sorted((xdi_library / "Cu").glob("*.xdi"))
+    assert len(files) >= 7
+    for path in files:
+        s = read_spectrum_file(path)
+        assert s.element == "Cu", path
+        assert s.edge == "K", path
+        assert s.energy[0] < 8979.0 < s.energy[-1], path
+        assert s.energy.size > 300, path
+        assert np.all(np.isfinite(s.mu)), path
+
+
+@pytest.mark.shared_data
+def test_every_library_file_reads(xdi_library: Path) -> None:
+    files = sorted(p for p in xdi_library.rglob("*") if p.is_file())
+    assert len(files) >= 250
+    modes = set()
+    for path in files:
+        s = read_spectrum_file(path)
+        if path.parent != xdi_library:  # <El>/<name>.xdi: the directory names the element
+            assert s.element == path.parent.name, path
+        modes.add(s.meta["mode"])
+    assert modes == {"transmission", "fluorescence", "mu"}

@@ -1,0 +1,468 @@
+"""Read FEFF run trees in the Lightshow layout, from a directory or a streamed ``.tar.gz``.
+
+Layout: ``<root>/.../<material_id>/POSCAR`` and
+``<material_id>/FEFF-XANES/<NNN>_<El>/xmu.dat``, where ``NNN`` is the 0-based index of the
+absorbing site in the POSCAR. Bad items never stop a read: each becomes a :class:`ReadIssue`
+with a short reason tag, and whatever is usable is kept.
+
+Reason tags: ``missing_poscar`` / ``bad_poscar`` (material dropped: no structure, no labels),
+``no_sites`` (material has no usable site spectra), ``missing_xmu``, ``empty_xmu``,
+``truncated_xmu`` (fewer than :data:`MIN_ROWS` rows, or the last row cut short), ``bad_xmu``
+(non-numeric, ragged, too few columns, non-finite), ``bad_site_dir`` (name is not
+``NNN_El``), ``site_mismatch`` (POSCAR has another element at that index),
+``truncated_archive`` (the tar stream ended early; what was read before is kept).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xasflow.spectra.core import Spectrum
+
+#: Directory that holds one sub-directory per absorbing site.
+XANES_DIR = "FEFF-XANES"
+#: An xmu.dat with fewer data rows than this is treated as a truncated run.
+MIN_ROWS = 10
+#: xmu.dat columns: omega e k mu mu0 chi; we use omega (absolute eV) and mu.
+OMEGA_COL, MU_COL = 0, 3
+
+_SITE_DIR = re.compile(r"^(\d+)_([A-Za-z]{1,2})$")
+_ABS_EDGE = re.compile(r"^#.*\bAbs\b.*?\s([KLMN][1-5]?)\s+shell", re.MULTILINE)
+
+
+@dataclass(frozen=True, eq=False)
+class FeffSite:
+    """One absorbing site's FEFF spectrum: omega (eV) and mu from xmu.dat."""
+
+    material_id: str
+    site_index: int
+    element: str
+    energy: np.ndarray
+    mu: np.ndarray
+    source: str
+    edge: str = "K"
+
+    def to_spectrum(self) -> Spectrum:
+        """This site as a :class:`Spectrum` with material id, site index and source in meta."""
+        return Spectrum(
+            energy=self.energy,
+            mu=self.mu,
+            element=self.element,
+            edge=self.edge,
+            meta={
+                "material_id": self.material_id,
+                "site_index": self.site_index,
+                "source": self.source,
+            },
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FeffMaterial:
+    """A material: its POSCAR text and its usable site spectra, sorted by site index."""
+
+    material_id: str
+    poscar: str
+    sites: tuple[FeffSite, ...]
+
+
+@dataclass(frozen=True)
+class ReadIssue:
+    """Something that could not be read: ``item`` names it, ``reason`` is a short tag."""
+
+    item: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class FeffTree:
+    """The result of reading a tree: usable materials (sorted) and the issues met on the way."""
+
+    materials: list[FeffMaterial] = field(default_factory=list)
+    issues: list[ReadIssue] = field(default_factory=list)
+
+    @property
+    def n_sites(self) -> int:
+        """Total number of usable site spectra."""
+        return sum(len(m.sites) for m in self.materials)
+
+    def sites(self) -> Iterator[FeffSite]:
+        """All usable sites, material by material."""
+        for material in self.materials:
+            yield from material.sites
+
+    def issue_counts(self) -> dict[str, int]:
+        """Number of issues per reason tag, sorted by tag."""
+        return dict(sorted(Counter(i.reason for i in self.issues).items()))
+
+
+class _XmuProblem(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+    """Parse xmu.dat bytes into (omega, mu, edge); raises ValueError with a reason tag.
+
+    Header lines start with ``#`` and precede the data; the numbers are parsed in one call (numpy's C ``loadtxt``; broken files take a slower path that says what is wrong).
+    """
+    try:
+        return _parse_xmu(raw)
+    except _XmuProblem as exc:
+        raise ValueError(f"{exc.reason}: {exc.detail}") from None
+
+
+def _parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+    text = raw.decode("latin-1")
+    start = 0
+    last_hash = text.rfind("\n#")
+    if last_hash >= 0:
+        end = text.find("\n", last_hash + 1)
+        start = len(text) if end < 0 else end + 1
+    elif text.startswith("#"):
+        end = text.find("\n")
+        start = len(text) if end < 0 else end + 1
+    header, block = text[:start], text[start:]
+    if not block.strip():
+        raise _XmuProblem("empty_xmu", "no data rows")
+    try:
+        table = np.loadtxt(io.StringIO(block), dtype=np.float64, comments="#", ndmin=2)
+    except ValueError:
+        raise _diagnose(block) from None
+    nrows, ncols = table.shape
+    if ncols <= MU_COL:
+        raise _XmuProblem("bad_xmu", f"{ncols} columns, expected omega e k mu mu0 chi")
+    if nrows < MIN_ROWS:
+        raise _XmuProblem("truncated_xmu", f"only {nrows} data rows (< {MIN_ROWS})")
+    if not np.all(np.isfinite(table[:, [OMEGA_COL, MU_COL]])):
+        raise _XmuProblem("bad_xmu", "NaN or infinite values")
+    match = _ABS_EDGE.search(header)
+    edge = match.group(1) if match else "K"
+    return (
+        np.ascontiguousarray(table[:, OMEGA_COL]),
+        np.ascontiguousarray(table[:, MU_COL]),
+        edge,
+    )
+
+
+def _diagnose(block: str) -> _XmuProblem:
+    """Say why a data block did not parse (slow path, only for broken files)."""
+    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    ncols = len(lines[0].split())
+    for i, line in enumerate(lines):
+        tokens = line.split()
+        numeric = _is_numeric_row(tokens)
+        if numeric and len(tokens) == ncols:
+            continue
+        if i == len(lines) - 1 and len(tokens) <= ncols:
+            return _XmuProblem(
+                "truncated_xmu", f"last row cut short ({len(tokens)} of {ncols} columns)"
+            )
+        if not numeric:
+            return _XmuProblem("bad_xmu", f"non-numeric data row {i + 1}: {line.strip()[:60]!r}")
+        return _XmuProblem(
+            "bad_xmu", f"ragged columns: row {i + 1} has {len(tokens)}, row 1 has {ncols}"
+        )
+    return _XmuProblem("bad_xmu", "unparseable data block")
+
+
+def _is_numeric_row(tokens: list[str]) -> bool:
+    try:
+        [float(tok) for tok in tokens]
+    except ValueError:
+        return False
+    return True
+
+
+def _poscar_species(text: str) -> list[str] | None:
+    """Species of each site in POSCAR order, or None when the file does not say (VASP 4)."""
+    lines = text.splitlines()
+    if len(lines) < 7:
+        raise ValueError(f"only {len(lines)} lines")
+    names, counts = lines[5].split(), lines[6].split()
+    if names and all(tok.isdigit() for tok in names):
+        return None  # VASP 4 style: no species line
+    if len(names) != len(counts) or not all(tok.isdigit() for tok in counts):
+        raise ValueError(f"species line {lines[5]!r} does not match counts {lines[6]!r}")
+    return [
+        name.split("_")[0].split("/")[0]
+        for name, n in zip(names, counts, strict=True)
+        for _ in range(int(n))
+    ]
+
+
+@dataclass
+class _SiteRaw:
+    result: tuple[np.ndarray, np.ndarray, str] | None = None
+    problem: tuple[str, str] | None = None
+    source: str = ""
+    has_xmu: bool = False
+    crashed: bool = False
+
+
+@dataclass
+class _MaterialRaw:
+    name: str
+    poscar: str | None = None
+    has_xanes_dir: bool = False
+    sites: dict[str, _SiteRaw] = field(default_factory=dict)
+
+
+class _Collector:
+    """Accumulates members of a tree in any order; :meth:`finish` builds the FeffTree."""
+
+    def __init__(self, root_name: str, element: str | None, limit: int | None) -> None:
+        self.root_name = root_name
+        self.element = element.strip().capitalize() if element else None
+        self.limit = limit
+        self.materials: dict[tuple[str, ...], _MaterialRaw] = {}
+        self.extra_issues: list[ReadIssue] = []
+
+    def full(self, key: tuple[str, ...]) -> bool:
+        """True when ``key`` would be a material beyond ``limit``."""
+        return (
+            self.limit is not None
+            and key not in self.materials
+            and len(self.materials) >= self.limit
+        )
+
+    def _material(self, key: tuple[str, ...]) -> _MaterialRaw:
+        if key not in self.materials:
+            self.materials[key] = _MaterialRaw(name=key[-1] if key else self.root_name)
+        return self.materials[key]
+
+    @staticmethod
+    def material_key(parts: tuple[str, ...], is_file: bool) -> tuple[str, ...] | None:
+        """The material directory a member belongs to, or None when it is not in one."""
+        if XANES_DIR in parts:
+            return parts[: parts.index(XANES_DIR)]
+        if is_file and parts and parts[-1] == "POSCAR":
+            return parts[:-1]
+        return None
+
+    def add(
+        self,
+        parts: tuple[str, ...],
+        is_file: bool,
+        read: Callable[[], bytes],
+        source: str,
+    ) -> None:
+        """Register one member (directory or file); ``read`` is called only when needed."""
+        key = self.material_key(parts, is_file)
+        if key is None:
+            return
+        if XANES_DIR not in parts:  # the POSCAR
+            self._material(key).poscar = read().decode("utf-8", errors="replace")
+            return
+        material = self._material(key)
+        material.has_xanes_dir = True
+        rest = parts[len(key) + 1 :]
+        if not rest:
+            return
+        if len(rest) == 1 and is_file:
+            return  # a stray file directly in FEFF-XANES, not a site dir
+        site_name = rest[0]
+        match = _SITE_DIR.match(site_name)
+        if match is None:
+            material.sites.setdefault(site_name, _SiteRaw())
+            return
+        if self.element and match.group(2).capitalize() != self.element:
+            return
+        site = material.sites.setdefault(site_name, _SiteRaw())
+        if len(rest) == 2 and rest[1] == ".feff.error" and is_file:
+            site.crashed = True
+        elif len(rest) == 2 and rest[1] == "xmu.dat" and is_file:
+            site.has_xmu = True
+            site.source = source
+            try:
+                site.result = _parse_xmu(read())
+            except _XmuProblem as exc:
+                site.problem = (exc.reason, exc.detail)
+
+    def finish(self) -> FeffTree:
+        """Validate what was collected and build the sorted tree."""
+        tree = FeffTree(issues=list(self.extra_issues))
+        for key in sorted(self.materials, key=lambda k: (self.materials[k].name, k)):
+            material = self._finish_material(self.materials[key], "/".join(key), tree.issues)
+            if material is not None:
+                tree.materials.append(material)
+        tree.issues.sort(key=lambda i: (i.item, i.reason))
+        return tree
+
+    def _finish_material(
+        self, raw: _MaterialRaw, where: str, issues: list[ReadIssue]
+    ) -> FeffMaterial | None:
+        mid = raw.name
+        if raw.poscar is None:
+            # with an element filter, an empty site list may just mean "other elements only"
+            if raw.sites or not self.element:
+                detail = f"{where}: {len(raw.sites)} site dirs but no POSCAR"
+                issues.append(ReadIssue(mid, "missing_poscar", detail))
+            return None
+        try:
+            species = _poscar_species(raw.poscar)
+        except ValueError as exc:
+            issues.append(ReadIssue(mid, "bad_poscar", f"{where}/POSCAR: {exc}"))
+            return None
+        if not raw.has_xanes_dir:
+            issues.append(ReadIssue(mid, "no_sites", f"{where}: POSCAR but no {XANES_DIR} dir"))
+            return None
+        sites: list[FeffSite] = []
+        for site_name in sorted(raw.sites):
+            site = self._finish_site(mid, where, site_name, raw.sites[site_name], species, issues)
+            if site is not None:
+                sites.append(site)
+        if not sites:
+            if raw.sites:
+                detail = f"{where}: none of {len(raw.sites)} site dirs is usable"
+            elif self.element:
+                return None  # only other elements' sites: filtered, not a problem
+            else:
+                detail = f"{where}: {XANES_DIR} has no site dirs"
+            issues.append(ReadIssue(mid, "no_sites", detail))
+            return None
+        sites.sort(key=lambda s: s.site_index)
+        return FeffMaterial(material_id=mid, poscar=raw.poscar, sites=tuple(sites))
+
+    @staticmethod
+    def _finish_site(
+        mid: str,
+        where: str,
+        site_name: str,
+        raw: _SiteRaw,
+        species: list[str] | None,
+        issues: list[ReadIssue],
+    ) -> FeffSite | None:
+        item = f"{mid}/{site_name}"
+        match = _SITE_DIR.match(site_name)
+        if match is None:
+            issues.append(
+                ReadIssue(item, "bad_site_dir", f"{where}: expected NNN_El, got {site_name!r}")
+            )
+            return None
+        if not raw.has_xmu:
+            hint = " (FEFF left .feff.error: the run crashed)" if raw.crashed else ""
+            issues.append(
+                ReadIssue(item, "missing_xmu", f"{where}/{XANES_DIR}/{site_name}: no xmu.dat{hint}")
+            )
+            return None
+        if raw.problem is not None:
+            issues.append(ReadIssue(item, raw.problem[0], f"{raw.source}: {raw.problem[1]}"))
+            return None
+        index, element = int(match.group(1)), match.group(2).capitalize()
+        if species is not None and (index >= len(species) or species[index] != element):
+            found = species[index] if index < len(species) else f"nothing ({len(species)} sites)"
+            issues.append(
+                ReadIssue(
+                    item, "site_mismatch", f"POSCAR has {found} at index {index}, not {element}"
+                )
+            )
+            return None
+        assert raw.result is not None
+        energy, mu, edge = raw.result
+        energy.setflags(write=False)
+        mu.setflags(write=False)
+        return FeffSite(
+            material_id=mid,
+            site_index=index,
+            element=element,
+            energy=energy,
+            mu=mu,
+            source=raw.source,
+            edge=edge,
+        )
+
+
+def _is_tar(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".tar.gz", ".tgz"))
+
+
+def _read_tar(path: Path, collector: _Collector, progress: bool) -> None:
+    total = path.stat().st_size
+    with (
+        open(path, "rb") as raw,
+        tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar,
+        tarfile.open(fileobj=raw, mode="r|gz") as tar,
+    ):
+        try:
+            for member in tar:
+                bar.update(raw.tell() - bar.n)
+                parts = tuple(p for p in member.name.split("/") if p and p != ".")
+                key = collector.material_key(parts, member.isfile())
+                if key is None:
+                    continue
+                if collector.full(key):
+                    break
+                collector.add(
+                    parts,
+                    member.isfile(),
+                    lambda m=member: tar.extractfile(m).read(),  # type: ignore[union-attr]
+                    member.name,
+                )
+        except (EOFError, tarfile.ReadError, OSError, zlib.error) as exc:
+            collector.extra_issues.append(
+                ReadIssue(path.name, "truncated_archive", f"stream ended early: {exc}")
+            )
+
+
+def _read_dir(path: Path, collector: _Collector, progress: bool) -> None:
+    with tqdm(desc=path.name, unit=" dirs", disable=not progress) as bar:
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            bar.update(1)
+            rel = Path(dirpath).relative_to(path).parts
+            key = collector.material_key(rel, False)
+            if key is not None:
+                if collector.full(key):
+                    return
+                collector.add(rel, False, bytes, dirpath)
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                parts = (*rel, name)
+                key = collector.material_key(parts, True)
+                if key is None:
+                    continue
+                if collector.full(key):
+                    return
+                collector.add(parts, True, lambda f=full: Path(f).read_bytes(), full)
+
+
+def read_feff_tree(
+    path: str | Path,
+    element: str | None = None,
+    progress: bool = False,
+    limit: int | None = None,
+) -> FeffTree:
+    """Read every material's POSCAR and site spectra under ``path`` (a directory or .tar.gz).
+
+    A tar is streamed in one pass, never extracted. ``element`` keeps only ``NNN_<element>``
+    site dirs; ``limit`` stops after that many materials (archive order for a tar, sorted
+    directory order on disk). Output is sorted by material id, then site index.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no FEFF tree at {path}")
+    root_name = path.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+    collector = _Collector(root_name, element, limit)
+    if path.is_dir():
+        _read_dir(path, collector, progress)
+    elif _is_tar(path):
+        _read_tar(path, collector, progress)
+    else:
+        raise ValueError(f"{path} is neither a directory nor a .tar.gz/.tgz archive")
+    return collector.finish()
