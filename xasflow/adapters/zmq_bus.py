@@ -1,0 +1,420 @@
+"""0MQ document input and output, wire-compatible with bluesky's ``Publisher``/``Proxy``.
+
+``ZmqDocumentSource`` is our own SUB consumer (not ``RemoteDispatcher``, which drops messages
+under a slow callback): a receive thread that only receives, decodes (``xasflow.adapters.wire``)
+and enqueues into a bounded queue with an explicit overflow policy, counting every outcome.
+
+Overflow policies (``ZmqInputConfig.overflow``):
+
+* ``"block"``: stop receiving while the queue is full. 0MQ then buffers up to ``rcvhwm``
+  messages in this SUB socket and further messages are dropped *upstream* by the PUB side
+  (the proxy), where we cannot count them. Nothing is dropped inside this process.
+* ``"drop_newest"``: keep what is queued, discard the message that does not fit.
+* ``"drop_oldest"``: evict the oldest queued message to make room for the new one.
+
+Counters (``stats()``): ``received`` (messages off the socket), ``bytes_received``,
+``decoded``, ``decode_errors`` and ``decode_errors.<reason>``, ``documents.<name>``,
+``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``, ``dropped_on_close``,
+``backpressure_waits`` (messages that had to wait for room under ``block``),
+``receive_errors``, and the gauge ``queue_depth``. Once quiescent,
+``received == decoded + decode_errors`` and
+``decoded == delivered + dropped_overflow + dropped_on_close + queue_depth``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from xasflow.adapters.wire import (
+    DECODE_ERROR_REASONS,
+    DOCUMENT_NAMES,
+    FORMATS,
+    WireError,
+    decode_message,
+    encode_message,
+)
+
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "ZmqDocumentPublisher",
+    "ZmqDocumentSource",
+    "ZmqInputConfig",
+    "normalize_address",
+]
+
+logger = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_newest", "drop_oldest")
+
+_COUNTERS: tuple[str, ...] = (
+    "received",
+    "bytes_received",
+    "decoded",
+    "decode_errors",
+    "enqueued",
+    "delivered",
+    "dropped_overflow",
+    "dropped_on_close",
+    "backpressure_waits",
+    "receive_errors",
+    *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
+    *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
+)
+
+
+def normalize_address(address: str) -> str:
+    """Add ``tcp://`` to a bare ``host:port`` (bluesky accepts both spellings)."""
+    return address if "://" in address else f"tcp://{address}"
+
+
+def _check_prefix(prefix: bytes) -> None:
+    if not isinstance(prefix, bytes) or b" " in prefix:
+        raise ValueError(f"prefix must be bytes without b' ', got {prefix!r}")
+
+
+@dataclass(frozen=True)
+class ZmqInputConfig:
+    """Settings of one SUB input; ``address`` is the proxy's *out* side (bluesky: 5578)."""
+
+    address: str = "tcp://127.0.0.1:5578"
+    prefix: bytes = b""  # b"" accepts every publisher, like RemoteDispatcher
+    rcvhwm: int = 100_000  # messages 0MQ may buffer in our SUB socket
+    queue_size: int = 10_000  # decoded documents waiting for the consumer
+    overflow: str = "block"  # one of OVERFLOW_POLICIES
+    formats: tuple[str, ...] = FORMATS  # body formats accepted (drop "pickle" to refuse it)
+    max_message_bytes: int = -1  # ZMQ_MAXMSGSIZE; -1 = no limit
+    poll_interval_s: float = 0.05  # upper bound on how long close() waits for the thread
+
+    def __post_init__(self) -> None:
+        _check_prefix(self.prefix)
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        if self.rcvhwm < 0:
+            raise ValueError("rcvhwm must be >= 0 (0 = unlimited)")
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown or not self.formats:
+            raise ValueError(f"formats must be a non-empty subset of {FORMATS}")
+        if self.poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be > 0")
+
+    @property
+    def topic(self) -> bytes:
+        """0MQ SUBSCRIBE filter: ``prefix + b" "`` (exact prefix match), or b"" for all."""
+        return self.prefix + b" " if self.prefix else b""
+
+
+class _Counters:
+    """A lock-protected dict of integer counters."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = dict.fromkeys(names, 0)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class ZmqDocumentSource:
+    """Receive bluesky documents from a 0MQ proxy into a bounded, counted queue.
+
+    Use ``start()``, then ``get(timeout)`` from the consumer; ``close()`` stops and joins the
+    receive thread. The 0MQ socket lives entirely in the receive thread.
+    """
+
+    def __init__(self, cfg: ZmqInputConfig, context: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self._address = normalize_address(cfg.address)
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(cfg.queue_size)
+        self._counters = _Counters(_COUNTERS)
+        self._stop = threading.Event()
+        self._setup_done = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._warned: set[str] = set()
+        #: Set once the SUB socket is subscribed and connected (delivery may still lag:
+        #: 0MQ's slow-joiner means a publisher should not assume we are seen yet).
+        self.ready = threading.Event()
+        #: Text of the most recent decode error, for diagnostics.
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the receive thread and wait until its socket is connected; raise if that fails."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("ZmqDocumentSource can be started once")
+        self._thread = threading.Thread(target=self._run, name="xasflow-zmq-in", daemon=True)
+        self._thread.start()
+        if not self._setup_done.wait(timeout):
+            self.close()
+            raise TimeoutError(f"0MQ input did not connect to {self._address} within {timeout}s")
+        if self._setup_error is not None:
+            err = self._setup_error
+            self.close()
+            raise RuntimeError(f"0MQ input could not connect to {self._address}: {err}") from err
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop receiving and join the thread; return True if it ended within ``timeout``.
+
+        Documents already queued stay readable with ``get``. Never blocks past ``timeout``:
+        if the thread did not end, the owned context is left for the garbage collector.
+        """
+        self._stop.set()
+        self._closed = True
+        joined = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            joined = not self._thread.is_alive()
+        if self._own_context and joined and not self._context.closed:
+            self._context.term()  # the socket is closed by now, so term() returns at once
+        elif not joined:
+            logger.warning("0MQ input thread did not stop within %.1fs", timeout)
+        return joined
+
+    def __enter__(self) -> ZmqDocumentSource:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        """The normalised address the SUB socket connects to."""
+        return self._address
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` has been called."""
+        return self._closed
+
+    # ------------------------------------------------------------------ consumer side
+
+    def get(self, timeout: float | None = None) -> tuple[str, dict[str, Any]] | None:
+        """Next ``(name, doc)``, or None after ``timeout`` seconds (or once closed and drained)."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            if deadline is None:
+                wait = self.cfg.poll_interval_s
+            else:
+                wait = min(self.cfg.poll_interval_s, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                if (deadline is not None and time.monotonic() >= deadline) or self._closed:
+                    return None
+                continue
+            self._counters.inc("delivered")
+            return item
+
+    def stats(self) -> dict[str, int]:
+        """Snapshot of all counters plus the ``queue_depth`` gauge."""
+        snap = self._counters.snapshot()
+        snap["queue_depth"] = self._queue.qsize()
+        return snap
+
+    # ------------------------------------------------------------------ receive thread
+
+    def _run(self) -> None:
+        cfg = self.cfg
+        try:
+            sock = self._context.socket(zmq.SUB)
+        except zmq.ZMQError as exc:
+            self._setup_error = exc
+            self._setup_done.set()
+            return
+        try:
+            try:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, cfg.rcvhwm)  # must precede connect to take effect
+                if cfg.max_message_bytes > 0:
+                    sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+                sock.setsockopt(zmq.SUBSCRIBE, cfg.topic)
+                sock.connect(self._address)
+                self.ready.set()
+            except zmq.ZMQError as exc:
+                self._setup_error = exc
+                return
+            finally:
+                self._setup_done.set()
+            self._receive_loop(sock)
+        finally:
+            sock.close(linger=0)
+
+    def _receive_loop(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poll_ms = max(1, int(self.cfg.poll_interval_s * 1000))
+        while not self._stop.is_set():
+            try:
+                if not poller.poll(poll_ms):
+                    continue
+                # Drain what is ready without re-polling, but keep close() prompt.
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    if self._stop.is_set():
+                        return
+            except zmq.ContextTerminated:
+                return
+            except zmq.ZMQError as exc:
+                self._counters.inc("receive_errors")
+                logger.warning("0MQ receive error on %s: %s", self._address, exc)
+                self._stop.wait(self.cfg.poll_interval_s)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        self._counters.inc("received")
+        self._counters.inc("bytes_received", sum(len(f) for f in frames))
+        try:
+            name, doc = decode_message(frames, self.cfg.prefix, formats=self.cfg.formats)
+        except WireError as exc:
+            self._count_decode_error(exc.reason, str(exc))
+            return
+        except Exception as exc:  # a decoder bug must not kill the receive thread
+            self._count_decode_error("internal", f"{type(exc).__name__}: {exc}")
+            return
+        self._counters.inc("decoded")
+        self._counters.inc(f"documents.{name}")
+        self._enqueue((name, doc))
+
+    def _count_decode_error(self, reason: str, text: str) -> None:
+        self._counters.inc("decode_errors")
+        self._counters.inc(f"decode_errors.{reason}")
+        self.last_error = text
+        level = logging.DEBUG if reason in self._warned else logging.WARNING
+        self._warned.add(reason)
+        logger.log(level, "dropped undecodable 0MQ message from %s: %s", self._address, text)
+
+    def _enqueue(self, item: tuple[str, dict[str, Any]]) -> None:
+        policy = self.cfg.overflow
+        if policy == "block":
+            waited = False
+            while True:
+                try:
+                    self._queue.put(item, timeout=self.cfg.poll_interval_s)
+                    break
+                except queue.Full:
+                    if not waited:
+                        waited = True
+                        self._counters.inc("backpressure_waits")
+                    if self._stop.is_set():
+                        self._counters.inc("dropped_on_close")
+                        return
+        elif policy == "drop_newest":
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._counters.inc("dropped_overflow")
+                return
+        else:  # drop_oldest; this thread is the only producer, so one eviction makes room
+            while True:
+                try:
+                    self._queue.put_nowait(item)
+                    break
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                        self._counters.inc("dropped_overflow")
+                    except queue.Empty:
+                        pass
+        self._counters.inc("enqueued")
+
+
+class ZmqDocumentPublisher:
+    """Publish documents in bluesky's 0MQ wire format (readable by ``RemoteDispatcher``).
+
+    Connect to a proxy's *in* side (default), or ``bind=True`` to be the PUB server.
+    Thread-safe. Like any PUB socket it drops messages for subscribers that have not joined
+    yet or whose high-water mark is reached.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        prefix: bytes = b"",
+        fmt: str = "pickle",
+        bind: bool = False,
+        sndhwm: int = 100_000,
+        linger_ms: int = 1000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        _check_prefix(prefix)
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        self.prefix = prefix
+        self.fmt = fmt
+        self._lock = threading.Lock()
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._socket = self._context.socket(zmq.PUB)
+        self._counters = _Counters(("sent", "bytes_sent"))
+        try:
+            self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+            self._socket.setsockopt(zmq.LINGER, linger_ms)
+            addr = normalize_address(address)
+            if bind:
+                self._socket.bind(addr)
+            else:
+                self._socket.connect(addr)
+            self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addr
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        """Encode and send one document (RunEngine-callback signature)."""
+        message = encode_message(name, doc, self.prefix, self.fmt)
+        with self._lock:
+            if self._socket.closed:
+                raise RuntimeError("publisher is closed")
+            self._socket.send(message)
+        self._counters.inc("sent")
+        self._counters.inc("bytes_sent", len(message))
+
+    def send_raw(self, payload: bytes | list[bytes]) -> None:
+        """Send pre-framed bytes unchanged (tests, relaying)."""
+        with self._lock:
+            if isinstance(payload, list):
+                self._socket.send_multipart(payload)
+            else:
+                self._socket.send(payload)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``sent`` and ``bytes_sent``."""
+        return self._counters.snapshot()
+
+    def close(self) -> None:
+        """Close the socket (waiting up to ``linger_ms`` to flush) and an owned context."""
+        with self._lock:
+            if not self._socket.closed:
+                self._socket.close()
+            if self._own_context and not self._context.closed:
+                self._context.term()
+
+    def __enter__(self) -> ZmqDocumentPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
