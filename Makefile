@@ -1,0 +1,40 @@
+# One entry point for set-up, tests, the demo and the heavy jobs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+JOBS ?= 2
+
+.PHONY: setup demo test lint train-cu evaluate-cu bench clean
+
+$(BIN)/.xasflow-setup: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU torch build on local disk first, so nothing later pulls a CUDA wheel.
+	$(BIN)/pip install -q torch==2.13.0 || echo "torch 2.13.0 not available: the nn extra stays off"
+	$(BIN)/pip install -q -e '.[all]'
+	touch $@
+
+setup: $(BIN)/.xasflow-setup
+
+demo: setup
+	$(BIN)/xasflow demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check xasflow tests bench
+
+# Rebuild the shipped Cu K-edge bundle from the shared FEFF tree.
+train-cu: setup
+	$(BIN)/xasflow train --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --element Cu --out models/cu-k --jobs $(JOBS)
+
+evaluate-cu: setup
+	$(BIN)/xasflow evaluate --bundle models/cu-k --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --json bench/results/evaluate-cu.json --report out/report-cu
+
+bench: setup
+	$(BIN)/python bench/predict.py --json bench/results/predict.json
+
+clean:
+	rm -rf $(VENV) .cache out

@@ -1,0 +1,91 @@
+"""A small synthetic FEFF run tree (Lightshow layout) for end-to-end training tests.
+
+Three real structure types with Cu in different environments (cuprite Cu2O: CN 2 linear,
+zincblende CuCl: CN 4 tetrahedral, rocksalt CuO: CN 6 octahedral), each at a few lattice
+scalings. The ``xmu.dat`` spectra are model curves whose white line, edge position and
+oscillation period depend on the environment, so a model can learn them and a test can fail
+if the pipeline scrambles rows, labels or features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROTOTYPES = {
+    # name: (space group, a (Å), species, coords, edge shift eV, white-line height, width eV)
+    "Cu2O": (
+        "P1",
+        4.27,
+        ["Cu"] * 4 + ["O"] * 2,
+        [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5], [0.25] * 3, [0.75] * 3],
+        0.0,
+        0.6,
+        3.0,
+    ),
+    "CuCl": ("F-43m", 5.41, ["Cu", "Cl"], [[0.0, 0.0, 0.0], [0.25, 0.25, 0.25]], 1.5, 1.0, 4.0),
+    "CuO": ("Fm-3m", 4.20, ["Cu", "O"], [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], 4.0, 1.6, 6.0),
+}
+XMU_HEADER = "# Synthetic test spectrum, FEFF xmu.dat layout\n#  Abs   Z=29 Rmt= 1.2 Rnm= 1.3 K  shell\n#  omega    e    k    mu    mu0     chi\n"
+
+
+def model_mu(energy: np.ndarray, e0: float, height: float, width: float, nn: float) -> np.ndarray:
+    """Edge step, a white line and EXAFS-like wiggles with a period set by the NN distance."""
+    rel = energy - e0
+    step = 0.5 + np.arctan(rel / 1.5) / np.pi
+    white = height * np.exp(-0.5 * ((rel - width) / 2.5) ** 2)
+    k = np.sqrt(np.clip(rel, 0, None) * 0.2625)
+    wiggle = 0.15 * np.sin(2 * k * nn + 1.0) * np.exp(-rel / 80) * (rel > 5)
+    return step + white + wiggle
+
+
+def poscar(name: str, scale: float) -> str:
+    """POSCAR text of a prototype at a lattice scaling."""
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.vasp import Poscar
+
+    sg, a, species, coords, *_ = PROTOTYPES[name]
+    lattice = Lattice.cubic(a * scale)
+    if sg == "P1":
+        s = Structure(lattice, species, coords)
+    else:
+        s = Structure.from_spacegroup(sg, lattice, species, coords)
+    return Poscar(s).get_str()
+
+
+def write_tree(root: Path, per_type: int = 6, seed: int = 0, broken: bool = True) -> Path:
+    """Write ``root/Cu/<material>/{POSCAR, FEFF-XANES/000_Cu/xmu.dat}``; returns ``root/Cu``.
+
+    With ``broken``, adds one material with a truncated ``xmu.dat`` and one with a POSCAR
+    pymatgen cannot read, so tests can check that bad items are reported, not fatal.
+    """
+    rng = np.random.default_rng(seed)
+    base = root / "Cu"
+    for name, (_, a, *_rest, shift, height, width) in PROTOTYPES.items():
+        for k in range(per_type):
+            scale = 1.0 + 0.04 * (k / max(per_type - 1, 1) - 0.5)
+            mid = f"syn-{name}-{k}"
+            site = base / mid / "FEFF-XANES" / "000_Cu"
+            site.mkdir(parents=True)
+            (base / mid / "POSCAR").write_text(poscar(name, scale))
+            e0 = 8980.0 + shift + rng.normal(0, 0.3)
+            energy = np.arange(e0 - 18.0, e0 + 130.0, 0.5)
+            nn = a * scale * {"Cu2O": np.sqrt(3) / 4, "CuCl": np.sqrt(3) / 4, "CuO": 0.5}[name]
+            mu = model_mu(energy, e0, height, width, nn) + rng.normal(0, 0.004, energy.size)
+            table = np.column_stack(
+                [energy, energy - e0, np.zeros_like(energy), mu, np.ones_like(mu), mu - 1]
+            )
+            rows = "\n".join(" ".join(f"{v:.6f}" for v in row) for row in table)
+            (site / "xmu.dat").write_text(XMU_HEADER + rows + "\n")
+    if broken:
+        bad = base / "syn-truncated" / "FEFF-XANES" / "000_Cu"
+        bad.mkdir(parents=True)
+        (base / "syn-truncated" / "POSCAR").write_text(poscar("CuO", 1.0))
+        (bad / "xmu.dat").write_text(XMU_HEADER + "8980.0 0.0 0.0 1.0\n")
+        junk = base / "syn-badposcar" / "FEFF-XANES" / "000_Cu"
+        junk.mkdir(parents=True)
+        (base / "syn-badposcar" / "POSCAR").write_text("not a structure\n1.0\nCu\n1\n")
+        good = (base / "syn-CuO-0" / "FEFF-XANES" / "000_Cu" / "xmu.dat").read_text()
+        (junk / "xmu.dat").write_text(good)
+    return base

@@ -1,0 +1,165 @@
+"""End to end on a synthetic FEFF tree: dataset -> train -> ONNX bundle -> Predictor / CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from synthetic_feff import write_tree
+
+from xasflow.cli import main
+from xasflow.models.bundle import BundleError, verify_bundle
+from xasflow.models.predictor import Predictor
+from xasflow.spectra import featurize, linear_matrix, model_input
+from xasflow.training.dataset import DatasetError, build_feff_dataset
+from xasflow.training.fit import TrainConfig, export_bundle, train
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("feff"), per_type=8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def dataset(tree: Path, cache: Path):  # type: ignore[no-untyped-def]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(cache))
+        return build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+
+
+def small_config() -> TrainConfig:
+    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
+
+
+@pytest.fixture(scope="module")
+def trained(dataset):  # type: ignore[no-untyped-def]
+    return train(dataset, small_config(), log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(trained, tmp_path_factory.mktemp("b") / "cu-k")
+
+
+def test_dataset_labels_and_issues(dataset, cache: Path) -> None:  # type: ignore[no-untyped-def]
+    # 3 structure types x 8 scalings; the truncated spectrum and bad POSCAR are reported
+    assert len(dataset) == 24
+    assert sorted(np.unique(dataset.dominant_cn).tolist()) == [2, 4, 6]
+    cuprite = dataset.material_id == "syn-Cu2O-0"
+    assert dataset.dominant_cn[cuprite][0] == 2
+    assert dataset.valence[cuprite][0] == 1
+    assert dataset.distance[cuprite][0] == pytest.approx(4.27 * 0.98 * np.sqrt(3) / 4, abs=1e-3)
+    counts = dataset.issue_counts()
+    assert counts["truncated_xmu"] == 1 and counts["bad_poscar"] == 1
+    assert list(cache.glob("labels-v1-*.npz")), "labels were not cached"
+
+
+def test_missing_element_is_a_clear_error(tree: Path) -> None:
+    with pytest.raises(DatasetError, match="no Fe sites"):
+        build_feff_dataset(tree, "Fe", n_jobs=1, progress=False)
+
+
+def test_split_is_grouped_and_model_learns(trained) -> None:  # type: ignore[no-untyped-def]
+    mats = {k: set(trained.dataset.material_id[v]) for k, v in trained.split.items()}
+    assert not (mats["train"] & mats["test"]) and not (mats["val"] & mats["test"])
+    cn = trained.tasks["cn"].metrics
+    assert cn["accuracy"] >= 0.9 > cn["baseline_accuracy"]
+    dist = trained.tasks["distance"].metrics
+    assert dist["mae"] < dist["baseline_mae"]
+    assert set(trained.tasks["cn"].region_importance) >= {"pre-edge", "main peak", "pre-edge + main peak"}
+
+
+def test_onnx_equals_sklearn(trained, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = trained.config
+    test = trained.split["test"]
+    y = trained.gridded.y[test]
+    X = featurize(y, cfg.features, cfg.prep, linear_matrix(cfg.features, cfg.prep))
+    raw = Predictor(bundle).run(model_input(y, cfg.features, cfg.prep))
+    for name, fit in trained.tasks.items():
+        if fit.kind == "classifier":
+            np.testing.assert_allclose(raw[name][1], fit.estimator.predict_proba(X), atol=1e-5)
+            assert list(raw[name][0]) == list(fit.estimator.predict(X))
+        else:
+            expected = fit.estimator.predict(X).reshape(len(test), -1)
+            np.testing.assert_allclose(np.asarray(raw[name][0]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    predictor = Predictor(bundle)
+    row = int(np.flatnonzero(dataset.material_id == "syn-CuO-3")[0])
+    pred = predictor.predict(dataset.spectra[row])
+    assert pred["cn"].value == 6
+    assert sum(pred["cn"].probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert pred["environment"].ranking[0][0] == pred["environment"].value
+    assert 2.0 < pred["distance"].value < 2.2
+    assert json.loads(json.dumps(pred.to_dict()))["tasks"]["cn"]["value"] == 6
+
+
+def test_tampered_or_partial_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    verify_bundle(copy)
+    data = bytearray((copy / "cn.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "cn.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"cn.onnx does not match its manifest hash"):
+        Predictor(copy)
+    shutil.copy(bundle / "cn.onnx", copy / "cn.onnx")
+    verify_bundle(copy)
+    (copy / "distance.onnx").unlink()
+    with pytest.raises(BundleError, match=r"missing file distance\.onnx \(partial bundle"):
+        verify_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
+        verify_bundle(copy)
+
+
+def test_cli_evaluate_and_predict(
+    tree: Path, bundle: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    out = tmp_path / "eval.json"
+    report = tmp_path / "report"
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(tree), "--json", str(out), "--report", str(report), "--jobs", "1"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["element"] == "Cu" and metrics["scope"] == "test split"
+    assert metrics["n_spectra"] > 0 and metrics["n_materials"] <= metrics["n_spectra"]
+    for task, keys in {
+        "cn": {"accuracy", "baseline_accuracy", "f1_macro"},
+        "environment": {"accuracy", "jaccard", "baseline_accuracy"},
+        "distance": {"mae", "r2", "baseline_mae"},
+        "valence": {"accuracy", "baseline_accuracy"},
+        "charge": {"mae", "r2"},
+    }.items():
+        assert keys <= set(metrics["tasks"][task]), task
+    assert metrics["tasks"]["cn"]["accuracy"] >= 0.9
+    assert (report / "report.md").read_text().count("![") >= 4
+    assert (report / "confusion_cn.png").stat().st_size > 1000
+
+    energy = np.arange(8960.0, 9120.0, 0.5)
+    from synthetic_feff import model_mu
+
+    good = tmp_path / "tetra.txt"
+    np.savetxt(good, np.column_stack([energy, model_mu(energy, 8981.5, 1.0, 4.0, 2.34)]))
+    short = tmp_path / "short.txt"
+    np.savetxt(short, np.column_stack([energy[:60], model_mu(energy[:60], 8981.5, 1.0, 4.0, 2.34)]))
+    capsys.readouterr()
+    pred_json = tmp_path / "pred.json"
+    assert main(["predict", "--bundle", str(bundle), str(good), str(short), "--json", str(pred_json)]) == 0
+    text = capsys.readouterr().out
+    assert "short.txt: cannot predict (no_post_edge)" in text
+    preds = json.loads(pred_json.read_text())
+    assert preds[str(good)]["tasks"]["cn"]["value"] == 4
+    assert preds[str(short)]["error"] == "no_post_edge"

@@ -1,0 +1,228 @@
+"""The ``xasflow`` command: train, evaluate and use models (and, later, serve them).
+
+Heavy imports happen inside each verb, so ``xasflow predict`` needs only numpy and
+onnxruntime, and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xasflow import __version__, paths
+
+
+class CliError(RuntimeError):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _write_json(path: str | None, payload: Any) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _load_dataset(data: str, element: str, jobs: int) -> Any:
+    from xasflow.training.dataset import DatasetError, load_dataset
+
+    try:
+        ds = load_dataset(data, element, n_jobs=jobs, progress=sys.stderr.isatty())
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
+    counts = ds.issue_counts()
+    print(
+        f"{ds.element}: {len(ds)} labelled spectra from {ds.n_materials} materials"
+        + (f"; skipped {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else "")
+    )
+    return ds
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fit every task on a dataset and export a verified bundle."""
+    from xasflow.training.fit import TrainConfig, export_bundle, train
+    from xasflow.training.report import CITATION
+
+    t0 = time.perf_counter()
+    ds = _load_dataset(args.data, args.element, args.jobs)
+    cfg = TrainConfig(n_jobs=args.jobs)
+    if args.estimators:
+        cfg = cfg.model_copy(update={"n_estimators": args.estimators})
+    if args.no_augment:
+        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
+    t_fit = time.perf_counter()
+    result = train(ds, cfg, log=print)
+    out = export_bundle(result, args.out, citation=CITATION if "feff" in str(args.data).lower() else "")
+    size = sum(p.stat().st_size for p in out.iterdir())
+    total = time.perf_counter() - t0
+    print(
+        f"bundle {out} ({size / 1e6:.1f} MB); fit {time.perf_counter() - t_fit:.0f} s, "
+        f"total {total:.0f} s"
+    )
+    _write_json(
+        args.json,
+        {
+            "bundle": str(out),
+            "train_seconds": round(total, 1),
+            "fit_seconds": round(result.seconds, 1),
+            "timings": {k: round(v, 1) for k, v in result.timings.items()},
+            "bundle_bytes": size,
+            "tasks": {n: f.metrics for n, f in result.tasks.items()},
+        },
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a bundle (through ONNX) on data; JSON and an optional Markdown/PNG report."""
+    from xasflow.models.bundle import BundleError
+    from xasflow.models.predictor import Predictor
+    from xasflow.training.evaluate import evaluate_bundle
+    from xasflow.training.report import write_report
+
+    try:
+        predictor = Predictor(args.bundle)
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+    ds = _load_dataset(args.data, predictor.manifest.element, args.jobs)
+    ev = evaluate_bundle(predictor, ds)
+    payload = ev.to_json(predictor.manifest)
+    for name, m in ev.tasks.items():
+        shown = {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}
+        print(f"{name:12s} {shown}")
+    _write_json(args.json, payload)
+    if args.report:
+        print(f"wrote {write_report(args.report, ev, predictor.manifest)}")
+    return 0
+
+
+def _describe(pred: Any) -> list[str]:
+    lines = []
+    for name, res in pred.results.items():
+        if res.probabilities is not None:
+            top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
+            lines.append(f"  {name:12s} {res.value}  ({probs})")
+        elif res.ranking is not None:
+            rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
+            lines.append(f"  {name:12s} {res.value}  (ranking: {rank})")
+        else:
+            lines.append(f"  {name:12s} {res.value:.3f}")
+    return lines
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict measured spectra (XDI or two columns) with a bundle."""
+    from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
+    from xasflow.adapters.xdi import XdiError
+    from xasflow.models.bundle import BundleError
+    from xasflow.models.predictor import Predictor
+    from xasflow.spectra import SpectrumError
+
+    try:
+        predictor = Predictor(args.bundle)
+    except BundleError as exc:
+        raise CliError(str(exc)) from None
+    results: dict[str, Any] = {}
+    failed = 0
+    for name in args.files:
+        try:
+            spectrum = read_spectrum_file(name, element=predictor.manifest.element)
+            pred = predictor.predict(spectrum)
+        except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
+            reason = getattr(exc, "reason", type(exc).__name__)
+            print(f"{name}: cannot predict ({reason}): {exc}")
+            results[name] = {"error": reason, "detail": str(exc)}
+            failed += 1
+            continue
+        print(f"{name}: E0 {pred.e0:.1f} eV" + (f" [{', '.join(pred.flags)}]" if pred.flags else ""))
+        print("\n".join(_describe(pred)))
+        results[name] = pred.to_dict()
+    _write_json(args.json, results)
+    return 1 if failed == len(args.files) else 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    """Dataset verbs: download MP XAS documents, or build (and cache) a dataset's labels."""
+    if args.dataset_cmd == "fetch-mp":
+        from xasflow.adapters.mp import fetch_mp_xas
+
+        try:
+            n = fetch_mp_xas(args.element, Path(args.out), api_key=args.api_key, edge=args.edge)
+        except RuntimeError as exc:
+            raise CliError(str(exc)) from None
+        print(f"wrote {n} {args.element} {args.edge}-edge XAS documents to {args.out}")
+        return 0
+    ds = _load_dataset(args.data, args.element, args.jobs)
+    for issue in ds.issues[: args.show_issues]:
+        print(f"  {issue.item}: {issue.reason} {issue.detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    p = argparse.ArgumentParser(prog="xasflow", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"xasflow {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    default_data = str(paths.cu_feff_archive())
+
+    t = sub.add_parser("train", help="train a per-element bundle")
+    t.add_argument("--data", default=default_data, help="FEFF tree (dir or .tar.gz), MP .json or reference .csv")
+    t.add_argument("--element", default="Cu")
+    t.add_argument("--out", required=True, help="bundle directory to write")
+    t.add_argument("--jobs", type=int, default=2, help="worker processes (labels, trees)")
+    t.add_argument("--estimators", type=int, default=0, help="trees per ensemble (default: config)")
+    t.add_argument("--no-augment", action="store_true", help="train without augmented copies")
+    t.add_argument("--json", help="write training figures here")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a bundle on data")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--data", default=default_data)
+    e.add_argument("--json", help="write metrics here")
+    e.add_argument("--report", help="write report.md and plots into this directory")
+    e.add_argument("--jobs", type=int, default=2)
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="predict measured spectra")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("files", nargs="+", help="XDI or two-column (energy eV, mu) files")
+    r.add_argument("--json", help="write predictions here")
+    r.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("dataset", help="fetch or inspect training data")
+    dsub = d.add_subparsers(dest="dataset_cmd", required=True)
+    f = dsub.add_parser("fetch-mp", help="download Materials Project XAS documents (needs MP_API_KEY)")
+    f.add_argument("--element", required=True)
+    f.add_argument("--edge", default="K")
+    f.add_argument("--out", required=True, help="JSON file to write")
+    f.add_argument("--api-key", help="default: $MP_API_KEY")
+    b = dsub.add_parser("build", help="read and label a dataset (fills the label cache)")
+    b.add_argument("--data", default=default_data)
+    b.add_argument("--element", default="Cu")
+    b.add_argument("--jobs", type=int, default=2)
+    b.add_argument("--show-issues", type=int, default=10)
+    d.set_defaults(func=cmd_dataset)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"xasflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

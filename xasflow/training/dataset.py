@@ -1,0 +1,499 @@
+"""Training datasets: site spectra with structure labels, from FEFF trees or MP XAS documents.
+
+A :class:`Dataset` is a flat table (one row per absorbing site) of spectra and label arrays,
+plus every item that could not be used and why. Labels are expensive (CrystalNN, BVAnalyzer),
+so they are cached on disk keyed by a fingerprint of the input; the cache is plain ``.npz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xasflow import paths
+from xasflow.adapters.feff import ReadIssue, read_feff_tree
+from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
+from xasflow.training import labels as L
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be built at all (no data for the element, unreadable source)."""
+
+
+@dataclass
+class Dataset:
+    """Absorbing sites with spectra and labels; arrays are aligned row by row."""
+
+    element: str
+    edge: str
+    source: str
+    fingerprint: str
+    material_id: np.ndarray  # (n,) str
+    site_index: np.ndarray  # (n,) int
+    multiplicity: np.ndarray  # (n,) int: sites of the element each row stands for
+    complete: np.ndarray  # (n,) bool: the material's computed sites cover all its absorbers
+    spectra: list[Spectrum]
+    cn_vector: np.ndarray  # (n, 12)
+    motif_vector: np.ndarray  # (n, 25)
+    distance: np.ndarray  # (n,)
+    valence: np.ndarray  # (n,) float, NaN where BVAnalyzer gave none
+    bvs: np.ndarray  # (n,) float, NaN where missing
+    issues: list[ReadIssue] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.spectra)
+
+    @property
+    def dominant_cn(self) -> np.ndarray:
+        """Dominant CrystalNN coordination number per row (0 where unknown)."""
+        known = np.all(np.isfinite(self.cn_vector), axis=1)
+        return np.where(known, np.argmax(np.nan_to_num(self.cn_vector, nan=-1), axis=1) + 1, 0)
+
+    @property
+    def n_materials(self) -> int:
+        """Number of distinct materials."""
+        return int(np.unique(self.material_id).size)
+
+    def issue_counts(self) -> dict[str, int]:
+        """How many items were dropped, by reason."""
+        return dict(Counter(i.reason for i in self.issues))
+
+    def subset(self, rows: np.ndarray | Sequence[int]) -> Dataset:
+        """The rows ``rows`` as a new dataset (issues are kept whole)."""
+        rows = np.asarray(rows)
+        return Dataset(
+            element=self.element,
+            edge=self.edge,
+            source=self.source,
+            fingerprint=self.fingerprint,
+            material_id=self.material_id[rows],
+            site_index=self.site_index[rows],
+            multiplicity=self.multiplicity[rows],
+            complete=self.complete[rows],
+            spectra=[self.spectra[i] for i in rows],
+            cn_vector=self.cn_vector[rows],
+            motif_vector=self.motif_vector[rows],
+            distance=self.distance[rows],
+            valence=self.valence[rows],
+            bvs=self.bvs[rows],
+            issues=list(self.issues),
+        )
+
+
+def fingerprint_path(path: Path) -> str:
+    """sha256 over a file's bytes, or over a directory's relative paths, sizes and contents."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(path)).encode())
+            digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def _element_count(poscar: str, element: str) -> int:
+    """How many sites of ``element`` a POSCAR holds (species and counts on lines 6-7)."""
+    lines = poscar.splitlines()
+    for k in range(5, min(len(lines) - 1, 8)):
+        names, counts = lines[k].split(), lines[k + 1].split()
+        if names and counts and all(c.isdigit() for c in counts) and len(names) == len(counts):
+            return sum(
+                int(c) for n, c in zip(names, counts, strict=True) if n.split("_")[0] == element
+            )
+    return 0
+
+
+def _material_job(
+    job: tuple[str, str, tuple[int, ...]],
+) -> tuple[str, tuple[int, ...], list[L.LabelResult], dict[int, int]]:
+    """Labels and multiplicities of one material's computed sites (runs in a worker)."""
+    material_id, poscar, sites = job
+    warnings.filterwarnings("ignore")
+    from pymatgen.core import Structure
+
+    try:
+        structure = Structure.from_str(poscar, fmt="poscar")
+    except Exception as exc:  # pymatgen raises many kinds here
+        detail = f"{type(exc).__name__}: {exc}"
+        return (
+            material_id,
+            sites,
+            [L.LabelFailure(material_id, i, "bad_structure", detail) for i in sites],
+            {},
+        )
+    try:
+        results = L.label_sites(structure, sites, material_id)
+    except Exception as exc:
+        results = [L.LabelFailure(material_id, i, "label_error", str(exc)) for i in sites]
+    return material_id, sites, results, L.site_multiplicities(structure, sites)
+
+
+def compute_labels(
+    jobs: list[tuple[str, str, tuple[int, ...]]], n_jobs: int = 2, progress: bool = True
+) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
+    """Labels and multiplicities for ``(material_id, poscar, sites)`` jobs, in a process pool."""
+    labels: dict[tuple[str, int], L.LabelResult] = {}
+    mult: dict[tuple[str, int], int] = {}
+    bar = tqdm(total=len(jobs), desc="labels", unit="material", disable=not progress)
+    # big cells first, so a slow BVAnalyzer run does not end up alone at the tail
+    ordered = sorted(jobs, key=lambda j: -len(j[1]))
+    if n_jobs > 1 and len(jobs) > 1:
+        pool = multiprocessing.get_context("fork").Pool(n_jobs)
+        results = pool.imap_unordered(_material_job, ordered, chunksize=2)
+    else:
+        pool, results = None, map(_material_job, ordered)
+    try:
+        for mid, sites, res, m in results:
+            for site, item in zip(sites, res, strict=True):
+                labels[(mid, site)] = item
+                mult[(mid, site)] = m.get(site, 1)
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+    return labels, mult
+
+
+def _cached_labels(
+    fingerprint: str, jobs: list[tuple[str, str, tuple[int, ...]]], n_jobs: int, progress: bool
+) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
+    """Labels from the on-disk cache when the input and label schema match, else computed and saved."""
+    cache = paths.cache_dir() / f"labels-v{L.LABELS_SCHEMA}-{fingerprint[:16]}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            labels = L.labels_from_arrays(arrays)
+            mult = {
+                (str(m), int(s)): int(k)
+                for m, s, k in zip(
+                    arrays["material_id"], arrays["site_index"], arrays["multiplicity"], strict=True
+                )
+            }
+            wanted = {(mid, s) for mid, _, sites in jobs for s in sites}
+            if wanted <= set(labels):
+                return labels, mult
+        except (OSError, KeyError, ValueError):
+            pass  # stale or damaged cache: recompute
+    labels, mult = compute_labels(jobs, n_jobs=n_jobs, progress=progress)
+    arrays = L.labels_to_arrays(labels)
+    arrays["multiplicity"] = np.array(
+        [
+            mult[(str(m), int(s))]
+            for m, s in zip(arrays["material_id"], arrays["site_index"], strict=True)
+        ],
+        dtype=np.int64,
+    )
+    tmp = cache.with_suffix(".tmp.npz")
+    with tmp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    tmp.replace(cache)
+    return labels, mult
+
+
+def build_feff_dataset(
+    path: str | Path,
+    element: str,
+    n_jobs: int = 2,
+    progress: bool = True,
+    limit: int | None = None,
+) -> Dataset:
+    """Read a FEFF run tree (directory or .tar.gz) and label every usable absorbing site.
+
+    Bad items (unreadable spectra, structures pymatgen cannot read, sites CrystalNN cannot
+    label) are dropped and recorded in ``issues`` with a reason; they never stop the build.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"no FEFF data at {path}")
+    element = element.strip().capitalize()
+    tree = read_feff_tree(path, element=element, progress=progress, limit=limit)
+    if tree.n_sites == 0:
+        raise DatasetError(
+            f"no {element} sites in {path} ({tree.n_sites} sites; issues: {tree.issue_counts()})"
+        )
+    fingerprint = fingerprint_path(path) + (f"-limit{limit}" if limit else "")
+    jobs = [(m.material_id, m.poscar, tuple(s.site_index for s in m.sites)) for m in tree.materials]
+    labels, mult = _cached_labels(
+        hashlib.sha256(fingerprint.encode()).hexdigest(), jobs, n_jobs, progress
+    )
+    issues = list(tree.issues)
+    rows: list[tuple] = []
+    for material in tree.materials:
+        n_abs = _element_count(material.poscar, element)
+        covered = sum(mult.get((material.material_id, s.site_index), 1) for s in material.sites)
+        for site in material.sites:
+            key = (material.material_id, site.site_index)
+            item = labels.get(key)
+            if not isinstance(item, L.SiteLabels):
+                reason = item.reason if item is not None else "unlabelled"
+                detail = item.detail if item is not None else ""
+                issues.append(ReadIssue(f"{key[0]}/{key[1]:03d}_{element}", reason, detail))
+                continue
+            try:
+                spectrum = site.to_spectrum()
+            except SpectrumError as exc:
+                issues.append(ReadIssue(site.source, exc.reason, exc.message))
+                continue
+            rows.append((key, mult.get(key, 1), covered == n_abs and n_abs > 0, spectrum, item))
+    if not rows:
+        raise DatasetError(
+            f"no usable labelled {element} sites in {path}: {Counter(i.reason for i in issues)}"
+        )
+    return _assemble(element, "K", str(path), fingerprint, rows, issues)
+
+
+def build_mp_dataset(
+    path: str | Path, element: str, n_jobs: int = 2, progress: bool = True
+) -> Dataset:
+    """Label Materials Project XAS documents (as saved by ``xasflow dataset fetch-mp``).
+
+    A document with an absorbing site index is labelled at that site; a site-averaged
+    document gets the multiplicity-weighted average of all its absorbing sites' labels.
+    """
+    from xasflow.adapters.mp import read_mp_xas_json
+
+    path = Path(path)
+    element = element.strip().capitalize()
+    records, issues = read_mp_xas_json(path, element=element)
+    if not records:
+        raise DatasetError(f"no {element} K-edge XANES documents in {path}")
+    jobs: list[tuple[str, str, tuple[int, ...]]] = []
+    wanted: dict[str, tuple[int, ...]] = {}
+    for rec in records:
+        try:
+            poscar = _structure_poscar(rec.structure)
+        except Exception as exc:
+            issues.append(ReadIssue(rec.spectrum_id, "bad_structure", f"{type(exc).__name__}: {exc}"))
+            continue
+        sites = (
+            (rec.absorbing_index,)
+            if rec.absorbing_index is not None
+            else _element_sites(rec.structure, element)
+        )
+        key = rec.spectrum_id
+        wanted[key] = sites
+        jobs.append((key, poscar, sites))
+    labels, mult = _cached_labels(fingerprint_path(path), jobs, n_jobs, progress)
+    rows: list[tuple] = []
+    by_id = {r.spectrum_id: r for r in records}
+    for key, sites in wanted.items():
+        rec = by_id[key]
+        items = [labels.get((key, s)) for s in sites]
+        bad = [x for x in items if not isinstance(x, L.SiteLabels)]
+        if bad:
+            first = bad[0]
+            issues.append(
+                ReadIssue(key, getattr(first, "reason", "unlabelled"), getattr(first, "detail", ""))
+            )
+            continue
+        weights = [mult.get((key, s), 1) for s in sites]
+        lab = items[0] if len(items) == 1 else L.average_labels(items, weights)
+        try:
+            spectrum = rec.to_spectrum()
+        except SpectrumError as exc:
+            issues.append(ReadIssue(key, exc.reason, exc.message))
+            continue
+        site = sites[0] if len(sites) == 1 else -1
+        rows.append(((rec.material_id, site), int(sum(weights)), True, spectrum, lab))
+    if not rows:
+        raise DatasetError(f"no usable labelled {element} spectra in {path}: {Counter(i.reason for i in issues)}")
+    return _assemble(element, "K", str(path), fingerprint_path(path), rows, issues)
+
+
+def _structure_poscar(structure: dict) -> str:
+    """A pymatgen structure dict as POSCAR text (the label workers take POSCAR strings)."""
+    from pymatgen.core import Structure
+    from pymatgen.io.vasp import Poscar
+
+    return Poscar(Structure.from_dict(structure)).get_str()
+
+
+def _element_sites(structure: dict, element: str) -> tuple[int, ...]:
+    """Indices of the sites of ``element`` in a pymatgen structure dict."""
+    out = []
+    for i, site in enumerate(structure.get("sites", [])):
+        species = [s.get("element", "") for s in site.get("species", [])]
+        if any(str(sp).rstrip("0123456789+-") == element for sp in species):
+            out.append(i)
+    return tuple(out)
+
+
+REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
+
+
+def build_reference_dataset(table: str | Path) -> Dataset:
+    """Measured reference spectra with labels from a small CSV table, for validation.
+
+    Columns: ``file`` (XDI or two-column, relative to the table), ``element``, and any of
+    ``cn``, ``motif`` (a name from :data:`labels.MOTIFS`, e.g. ``square co-planar``),
+    ``valence``, ``distance``; empty cells mean unknown. Rows that cannot be read are issues.
+    """
+    import csv
+
+    from xasflow.adapters.columns import read_spectrum_file
+
+    table = Path(table)
+    with table.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"file", "element"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{table}: missing columns {sorted(missing)}; need {REFERENCE_COLUMNS}")
+        entries = list(reader)
+    motif_index = {name: i for i, (_, name) in enumerate(L.MOTIFS)}
+    rows: list[tuple] = []
+    issues: list[ReadIssue] = []
+    for n, entry in enumerate(entries, start=2):
+        name = (entry.get("file") or "").strip()
+        element = (entry.get("element") or "").strip().capitalize()
+        try:
+            spectrum = read_spectrum_file(table.parent / name, element=element or None)
+            cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
+            cn_vec = np.zeros(L.CN_MAX)
+            if cn is not None:
+                cn_vec[cn - 1] = 1.0
+            motif = (entry.get("motif") or "").strip()
+            motif_vec = np.full(len(L.MOTIFS), np.nan)
+            if motif:
+                if motif not in motif_index:
+                    raise ValueError(f"unknown motif {motif!r}")
+                motif_vec = np.zeros(len(L.MOTIFS))
+                motif_vec[motif_index[motif]] = 1.0
+            val = (entry.get("valence") or "").strip()
+            dist = (entry.get("distance") or "").strip()
+            lab = L.SiteLabels(
+                cn_vector=cn_vec if cn is not None else np.full(L.CN_MAX, np.nan),
+                motif_vector=motif_vec,
+                mean_nn_distance=float(dist) if dist else float("nan"),
+                oxidation_state=int(val) if val else None,
+                bvs=None,
+            )
+        except (OSError, ValueError, SpectrumError) as exc:
+            issues.append(ReadIssue(f"{table.name}:{n}", "bad_reference", str(exc)))
+            continue
+        rows.append(((name, 0), 1, True, spectrum, lab))
+    if not rows:
+        raise DatasetError(f"{table}: no usable reference rows: {[i.detail for i in issues]}")
+    element = rows[0][3].element or ""
+    return _assemble(element, "K", str(table), fingerprint_path(table), rows, issues)
+
+
+def load_dataset(path: str | Path, element: str, n_jobs: int = 2, progress: bool = True) -> Dataset:
+    """A dataset from any supported source, chosen by what ``path`` is.
+
+    ``.json``: Materials Project XAS documents; ``.csv``: a labelled reference table;
+    a directory or ``.tar.gz``: a FEFF run tree.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"no data at {path}")
+    if path.suffix == ".json":
+        return build_mp_dataset(path, element, n_jobs=n_jobs, progress=progress)
+    if path.suffix == ".csv":
+        return build_reference_dataset(path)
+    return build_feff_dataset(path, element, n_jobs=n_jobs, progress=progress)
+
+
+def _assemble(
+    element: str,
+    edge: str,
+    source: str,
+    fingerprint: str,
+    rows: list[tuple],
+    issues: list[ReadIssue],
+) -> Dataset:
+    """Stack per-site rows ``(key, multiplicity, complete, spectrum, SiteLabels)`` into a Dataset."""
+    lab = [r[4] for r in rows]
+    return Dataset(
+        element=element,
+        edge=edge,
+        source=source,
+        fingerprint=fingerprint,
+        material_id=np.array([r[0][0] for r in rows]),
+        site_index=np.array([r[0][1] for r in rows], dtype=np.int64),
+        multiplicity=np.array([r[1] for r in rows], dtype=np.int64),
+        complete=np.array([r[2] for r in rows], dtype=bool),
+        spectra=[r[3] for r in rows],
+        cn_vector=np.vstack([x.cn_vector for x in lab]),
+        motif_vector=np.vstack([x.motif_vector for x in lab]),
+        distance=np.array([x.mean_nn_distance for x in lab]),
+        valence=np.array([np.nan if x.oxidation_state is None else x.oxidation_state for x in lab]),
+        bvs=np.array([np.nan if x.bvs is None else x.bvs for x in lab]),
+        issues=issues,
+    )
+
+
+@dataclass
+class Gridded:
+    """A dataset's spectra on a model grid: ``y`` rows for ``rows`` of the dataset."""
+
+    y: np.ndarray
+    e0: np.ndarray
+    rows: np.ndarray
+    issues: list[ReadIssue]
+
+
+def grid_dataset(ds: Dataset, prep: PrepParams) -> Gridded:
+    """Prepare every spectrum with ``prep``; spectra that fail are reported, not fatal."""
+    ys, e0s, rows, issues = [], [], [], []
+    for i, spectrum in enumerate(ds.spectra):
+        try:
+            p = prepare(spectrum, prep)
+        except SpectrumError as exc:
+            issues.append(
+                ReadIssue(f"{ds.material_id[i]}/{ds.site_index[i]:03d}", exc.reason, exc.message)
+            )
+            continue
+        ys.append(p.y)
+        e0s.append(p.e0)
+        rows.append(i)
+    y = np.vstack(ys) if ys else np.zeros((0, prep.n_points))
+    return Gridded(y=y, e0=np.array(e0s), rows=np.array(rows, dtype=np.int64), issues=issues)
+
+
+def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:
+    """Site-averaged spectra and labels per material (weights: multiplicities).
+
+    Only materials whose computed sites cover all their absorbing sites are averaged, since an
+    experiment measures every site. Returns the averaged grid rows and a per-material Dataset
+    (its ``spectra`` are the first site's, kept for provenance only).
+    """
+    sub = ds.subset(g.rows)
+    out_y, rows = [], []
+    for mid in np.unique(sub.material_id):
+        idx = np.flatnonzero(sub.material_id == mid)
+        if not sub.complete[idx].all():
+            continue
+        w = sub.multiplicity[idx].astype(float)
+        avg = L.average_labels(
+            [
+                L.SiteLabels(
+                    cn_vector=sub.cn_vector[i],
+                    motif_vector=sub.motif_vector[i],
+                    mean_nn_distance=sub.distance[i],
+                    oxidation_state=None if np.isnan(sub.valence[i]) else int(sub.valence[i]),
+                    bvs=None if np.isnan(sub.bvs[i]) else float(sub.bvs[i]),
+                )
+                for i in idx
+            ],
+            w,
+        )
+        out_y.append(np.average(g.y[idx], axis=0, weights=w))
+        rows.append(((str(mid), -1), int(w.sum()), True, sub.spectra[idx[0]], avg))
+    if not rows:
+        return np.zeros((0, g.y.shape[1])), sub.subset(np.zeros(0, dtype=int))
+    return np.vstack(out_y), _assemble(ds.element, ds.edge, ds.source, ds.fingerprint, rows, [])
