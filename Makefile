@@ -18,7 +18,8 @@ $(BIN)/.xasflow-setup: pyproject.toml
 setup: $(BIN)/.xasflow-setup
 
 demo: setup
-	$(BIN)/xasflow demo
+	@if [ ! -f models/cu-k/manifest.json ]; then $(MAKE) train-cu; fi
+	$(BIN)/xasflow evaluate --bundle models/cu-k --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --json out/evaluate-cu.json --report out/report-cu
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -175,3 +175,18 @@ def test_infer_edge_from_energy_range() -> None:
     assert infer_edge(8800.0, 9800.0) == ("Cu", "K")
     assert infer_edge(6900.0, 7600.0) == ("Fe", "K")
     assert infer_edge(100.0, 200.0) is None
+
+
+def test_edge_step_falls_back_when_quadratic_dives() -> None:
+    """A concave post-edge whose quadratic is negative at E0 still gets a positive edge step."""
+    from xasflow.spectra import PrepParams, Spectrum, normalize
+
+    e0 = 8980.0
+    energy = np.arange(e0 - 20, e0 + 130, 0.5)
+    rel = energy - e0
+    mu = np.where(rel < 0, 0.0, 1.2 - 0.0004 * (rel - 80.0) ** 2)
+    params = PrepParams()
+    quad = np.polyval(np.polyfit(rel[(rel >= 40) & (rel <= 110)], mu[(rel >= 40) & (rel <= 110)], 2), 0)
+    assert quad < 0  # the case the fallback exists for
+    y, step = normalize(Spectrum(energy=energy, mu=mu, element="Cu"), e0, params)
+    assert step > 0 and np.all(np.isfinite(y))

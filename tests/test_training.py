@@ -17,8 +17,8 @@ from synthetic_feff import write_tree
 from xasflow.cli import main
 from xasflow.models.bundle import BundleError, verify_bundle
 from xasflow.models.predictor import Predictor
-from xasflow.spectra import featurize, linear_matrix, model_input
-from xasflow.training.dataset import DatasetError, build_feff_dataset
+from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
+from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, export_bundle, train
 
 
@@ -111,15 +111,15 @@ def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore
 def test_tampered_or_partial_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(bundle, tmp_path / "copy"))
     verify_bundle(copy)
-    data = bytearray((copy / "cn.onnx").read_bytes())
+    data = bytearray((copy / "cn.onnx.gz").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "cn.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"cn.onnx does not match its manifest hash"):
+    (copy / "cn.onnx.gz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"cn.onnx.gz does not match its manifest hash"):
         Predictor(copy)
-    shutil.copy(bundle / "cn.onnx", copy / "cn.onnx")
+    shutil.copy(bundle / "cn.onnx.gz", copy / "cn.onnx.gz")
     verify_bundle(copy)
-    (copy / "distance.onnx").unlink()
-    with pytest.raises(BundleError, match=r"missing file distance\.onnx \(partial bundle"):
+    (copy / "distance.onnx.gz").unlink()
+    with pytest.raises(BundleError, match=r"missing file distance\.onnx\.gz \(partial bundle"):
         verify_bundle(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match=r"no manifest\.json"):
@@ -163,3 +163,40 @@ def test_cli_evaluate_and_predict(
     preds = json.loads(pred_json.read_text())
     assert preds[str(good)]["tasks"]["cn"]["value"] == 4
     assert preds[str(short)]["error"] == "no_post_edge"
+
+
+def test_mp_documents_dataset(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xasflow.training.dataset import load_dataset
+
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    ds = load_dataset(Path(__file__).parent / "fixtures" / "mp_xas_docs.json", "Cu", n_jobs=1, progress=False)
+    # the Fe document is filtered out, the one without a spectrum is reported
+    assert list(ds.material_id) == ["mp-990001", "mp-990004"]
+    assert ds.dominant_cn[0] >= 1 and np.isfinite(ds.distance[0])
+    assert ds.issue_counts() == {"missing_spectrum": 1}
+    # MP XANES end ~60 eV above E0: the default window (to +116.5 eV) cannot take them, which
+    # is reported per spectrum when gridding; a Zheng-style 45 eV window can
+    g = grid_dataset(ds, TrainConfig().prep)
+    assert [i.reason for i in g.issues] == ["window", "window"] and len(g.rows) == 0
+    g45 = grid_dataset(ds, PrepParams(window_stop=41.5, n_points=200))
+    assert list(g45.rows) == [0, 1] and not g45.issues
+
+
+def test_reference_table_dataset(tmp_path: Path) -> None:
+    from synthetic_feff import model_mu
+
+    from xasflow.training.dataset import build_reference_dataset
+
+    energy = np.arange(8950.0, 9120.0, 0.5)
+    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8984, 1.6, 6.0, 2.1)]))
+    (tmp_path / "refs.csv").write_text(
+        "file,element,cn,motif,valence,distance\n"
+        "a.txt,Cu,6,octahedral,2,2.10\n"
+        "missing.txt,Cu,4,,1,\n"
+        "a.txt,Cu,4,no such motif,,\n"
+    )
+    ds = build_reference_dataset(tmp_path / "refs.csv")
+    assert len(ds) == 1 and ds.dominant_cn[0] == 6 and ds.valence[0] == 2
+    assert ds.distance[0] == pytest.approx(2.10)
+    details = sorted(i.detail for i in ds.issues)
+    assert any("missing.txt" in d for d in details) and any("no such motif" in d for d in details)

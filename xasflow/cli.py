@@ -54,6 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(n_jobs=args.jobs)
     if args.estimators:
         cfg = cfg.model_copy(update={"n_estimators": args.estimators})
+    if args.window or args.points:
+        lo, hi = args.window or (cfg.prep.window_start, cfg.prep.window_stop)
+        prep = cfg.prep.model_copy(
+            update={"window_start": lo, "window_stop": hi, "n_points": args.points or cfg.prep.n_points}
+        )
+        cfg = cfg.model_copy(update={"prep": type(cfg.prep).model_validate(prep.model_dump())})
     if args.no_augment:
         cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
     t_fit = time.perf_counter()
@@ -179,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--jobs", type=int, default=2, help="worker processes (labels, trees)")
     t.add_argument("--estimators", type=int, default=0, help="trees per ensemble (default: config)")
     t.add_argument("--no-augment", action="store_true", help="train without augmented copies")
+    t.add_argument(
+        "--window", type=float, nargs=2, metavar=("START", "STOP"),
+        help="model window relative to E0, eV (default -3.5 116.5; MP XANES need e.g. -3.5 41.5)",
+    )
+    t.add_argument("--points", type=int, default=0, help="grid points in the window (default 240)")
     t.add_argument("--json", help="write training figures here")
     t.set_defaults(func=cmd_train)
 

@@ -168,11 +168,17 @@ def compute_labels(
     return labels, mult
 
 
+def label_cache_path(fingerprint: str) -> Path:
+    """Where the labels of a dataset with this fingerprint are cached."""
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return paths.cache_dir() / f"labels-v{L.LABELS_SCHEMA}-{key}.npz"
+
+
 def _cached_labels(
     fingerprint: str, jobs: list[tuple[str, str, tuple[int, ...]]], n_jobs: int, progress: bool
 ) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
     """Labels from the on-disk cache when the input and label schema match, else computed and saved."""
-    cache = paths.cache_dir() / f"labels-v{L.LABELS_SCHEMA}-{fingerprint[:16]}.npz"
+    cache = label_cache_path(fingerprint)
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as data:
@@ -228,9 +234,7 @@ def build_feff_dataset(
         )
     fingerprint = fingerprint_path(path) + (f"-limit{limit}" if limit else "")
     jobs = [(m.material_id, m.poscar, tuple(s.site_index for s in m.sites)) for m in tree.materials]
-    labels, mult = _cached_labels(
-        hashlib.sha256(fingerprint.encode()).hexdigest(), jobs, n_jobs, progress
-    )
+    labels, mult = _cached_labels(fingerprint, jobs, n_jobs, progress)
     issues = list(tree.issues)
     rows: list[tuple] = []
     for material in tree.materials:
@@ -339,7 +343,8 @@ REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
 def build_reference_dataset(table: str | Path) -> Dataset:
     """Measured reference spectra with labels from a small CSV table, for validation.
 
-    Columns: ``file`` (XDI or two-column, relative to the table), ``element``, and any of
+    Columns: ``file`` (XDI or two-column, relative to the table or else to the shared data
+    directory), ``element``, and any of
     ``cn``, ``motif`` (a name from :data:`labels.MOTIFS`, e.g. ``square co-planar``),
     ``valence``, ``distance``; empty cells mean unknown. Rows that cannot be read are issues.
     """
@@ -361,7 +366,10 @@ def build_reference_dataset(table: str | Path) -> Dataset:
         name = (entry.get("file") or "").strip()
         element = (entry.get("element") or "").strip().capitalize()
         try:
-            spectrum = read_spectrum_file(table.parent / name, element=element or None)
+            where = table.parent / name
+            if not where.exists():  # tables may name files inside the shared data tree
+                where = paths.shared_data_dir() / name
+            spectrum = read_spectrum_file(where, element=element or None)
             cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
             cn_vec = np.zeros(L.CN_MAX)
             if cn is not None:

@@ -16,7 +16,7 @@ from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import model_input
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset, material_average
-from xasflow.training.fit import TASKS, evaluate_task, task_targets
+from xasflow.training.fit import MOTIF_NAMES, TASKS, evaluate_task, task_targets
 from xasflow.training.split import split_rows
 
 
@@ -66,7 +66,10 @@ def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> di
                 values = np.asarray(raw[name][0])
                 out[name].append(values.reshape(values.shape[0], -1)[:, 0])
             else:
-                out[name].append(np.asarray(raw[name][0]))
+                values = np.asarray(raw[name][0])
+                full = np.zeros((len(values), len(MOTIF_NAMES)))
+                full[:, [MOTIF_NAMES.index(o) for o in task.outputs or []]] = values
+                out[name].append(full)
     return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in out.items()}
 
 

@@ -1,0 +1,117 @@
+"""Benchmark: per-spectrum latency of the ONNX bundle against scikit-learn, and training time.
+
+Trains the Cu K-edge bundle end to end from the shared FEFF tree (the label cache is used when
+warm; whether it was is recorded), then times preparing + predicting single spectra of the test
+split through ``Predictor`` (ONNX) and through the fitted scikit-learn estimators directly, in
+the same process, on the same spectra. Writes JSON with both figures and the targets.
+
+    .venv/bin/python bench/predict.py --json bench/results/predict.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xasflow import paths
+from xasflow.models.predictor import Predictor
+from xasflow.spectra import featurize, linear_matrix, prepare
+from xasflow.training.dataset import build_feff_dataset, fingerprint_path, label_cache_path
+from xasflow.training.fit import TrainConfig, export_bundle, train
+
+
+def _p(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def main() -> int:
+    """Run the benchmark and write the JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(paths.cu_feff_archive()))
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--spectra", type=int, default=300, help="test spectra to time")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+
+    warm = label_cache_path(fingerprint_path(Path(args.data))).exists()
+    t0 = time.perf_counter()
+    ds = build_feff_dataset(args.data, "Cu", n_jobs=args.jobs, progress=False)
+    t_data = time.perf_counter() - t0
+    cfg = TrainConfig(n_jobs=args.jobs)
+    result = train(ds, cfg, log=lambda *_: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = export_bundle(result, Path(tmp) / "cu-k")
+        train_seconds = time.perf_counter() - t0
+        bundle_bytes = sum(p.stat().st_size for p in bundle.iterdir())
+        predictor = Predictor(bundle)
+
+        test = result.split["test"][: args.spectra]
+        spectra = [result.dataset.spectra[i] for i in test]
+        matrix = linear_matrix(cfg.features, cfg.prep)
+        for s in spectra[:20]:  # warm-up both paths
+            predictor.predict(s)
+
+        def sklearn_predict(s):  # type: ignore[no-untyped-def]
+            p = prepare(s, cfg.prep)
+            X = featurize(p.y, cfg.features, cfg.prep, matrix)
+            out = {}
+            for name, fit in result.tasks.items():
+                est = fit.estimator
+                est.set_params(n_jobs=1)
+                out[name] = est.predict_proba(X) if fit.kind == "classifier" else est.predict(X)
+            return out
+
+        for s in spectra[:5]:
+            sklearn_predict(s)
+        onnx_t, skl_t, prep_t = [], [], []
+        agree = 0
+        for s in spectra:
+            a = time.perf_counter()
+            pred = predictor.predict(s)
+            b = time.perf_counter()
+            ref = sklearn_predict(s)
+            c = time.perf_counter()
+            prepare(s, cfg.prep)
+            d = time.perf_counter()
+            onnx_t.append(b - a)
+            skl_t.append(c - b)
+            prep_t.append(d - c)
+            cls = result.tasks["cn"].estimator.classes_
+            agree += int(pred["cn"].value == cls[int(np.argmax(ref["cn"][0]))])
+
+    report = {
+        "benchmark": "predict",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "n_spectra_timed": len(spectra),
+        "onnx_p50_ms": _p(onnx_t, 50),
+        "onnx_p99_ms": _p(onnx_t, 99),
+        "sklearn_p50_ms": _p(skl_t, 50),
+        "sklearn_p99_ms": _p(skl_t, 99),
+        "speedup_p50": _p(skl_t, 50) / _p(onnx_t, 50),
+        "prepare_p50_ms": _p(prep_t, 50),
+        "onnx_sklearn_cn_agreement": agree / len(spectra),
+        "train_seconds": round(train_seconds, 1),
+        "dataset_seconds": round(t_data, 1),
+        "fit_seconds": round(result.seconds, 1),
+        "label_cache_warm": warm,
+        "bundle_bytes": bundle_bytes,
+        "n_train_spectra": int(len(result.split["train"]) + len(result.split["val"])),
+        "baseline": "scikit-learn estimators called directly (n_jobs=1) in the same run, same spectra",
+        "targets": {"onnx_p50_ms": 1.0, "speedup_p50": 10.0, "train_seconds": 600},
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
