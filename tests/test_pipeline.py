@@ -1,0 +1,590 @@
+"""The analysis pipeline: assembly outputs -> predictions -> valid analysis-run documents."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+pytest.importorskip("event_model")
+
+from event_model import DocumentNames, compose_run, schema_validators
+from synthetic_feff import model_mu, write_tree
+
+from xasflow.daemon.assembly import (
+    Rejected,
+    RunAssembler,
+    RunClosed,
+    RunOpened,
+    ScanSpectrum,
+    SpectrumReady,
+)
+from xasflow.daemon.counters import Counters, register_prometheus
+from xasflow.daemon.documents import CODE_VERSION, DATA_KEYS
+from xasflow.daemon.pipeline import Pipeline
+from xasflow.daemon.registry import ModelRegistry
+from xasflow.models.bundle import read_manifest, write_bundle
+from xasflow.models.predictor import Predictor
+from xasflow.spectra import Spectrum, edge_energy
+
+T0 = 1_700_000_000.0  # event time of every hand-made spectrum (epoch s)
+
+# name: (edge shift from 8980 eV, white-line height, width, NN distance, expected CN)
+KINDS = {
+    "Cu2O": (0.0, 0.6, 3.0, 4.27 * np.sqrt(3) / 4, 2),
+    "CuCl": (1.5, 1.0, 4.0, 5.41 * np.sqrt(3) / 4, 4),
+    "CuO": (4.0, 1.6, 6.0, 4.20 * 0.5, 6),
+}
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def build_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Cu K bundle from the synthetic FEFF tree, trained once per test session."""
+    base = tmp_path_factory.getbasetemp() / "xasflow-cu-bundle"
+    bundle = base / "cu-k"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, export_bundle, train
+
+    tree = write_tree(base / "feff", per_type=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
+        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
+    return export_bundle(train(ds, cfg, log=lambda *_: None), bundle)
+
+
+def redeploy(src: Path, dest: Path, bundle_id: str) -> Path:
+    """Write a copy of bundle ``src`` at ``dest`` under a new bundle id (atomically)."""
+    manifest = read_manifest(src).model_copy(update={"bundle_id": bundle_id})
+    files = {name: (src / name).read_bytes() for name in manifest.files}
+    return write_bundle(dest, manifest, files)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_cu_bundle(tmp_path_factory)
+
+
+@pytest.fixture
+def model_dir(bundle: Path, tmp_path: Path) -> Path:
+    shutil.copytree(bundle, tmp_path / "models" / "cu-k")
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def counters() -> Counters:
+    return Counters()
+
+
+@pytest.fixture
+def registry(model_dir: Path, counters: Counters) -> ModelRegistry:
+    return ModelRegistry(model_dir, counters)
+
+
+class Clock:
+    """A wall clock that reads ``t``."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def pipeline(registry: ModelRegistry, counters: Counters) -> Pipeline:
+    return Pipeline(registry, counters, validate=True, clock=Clock(T0 + 0.004))
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+def channels(
+    kind: str,
+    *,
+    offset: float = 0.0,
+    lo: float = 8940.0,
+    hi: float = 9120.0,
+    n: int = 600,
+    reference: bool = True,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Measured energy and I0/It(/Ir) of a synthetic sample and a Cu foil.
+
+    The monochromator reads ``offset`` eV low: the true energy is ``energy + offset``, so
+    reference-foil alignment must find a shift of ``+offset``.
+    """
+    shift, height, width, nn, _ = KINDS[kind]
+    true = np.linspace(lo, hi, n)
+    mu_sample = model_mu(true, 8980.0 + shift, height, width, nn)
+    mu_foil = model_mu(true, edge_energy("Cu"), 0.0, 1.0, 2.55)
+    i0 = 1.0e5 * (1.0 + 0.02 * np.sin(true / 25.0))
+    it = i0 * np.exp(-(0.3 + mu_sample))
+    chans = {"i0": i0, "it": it}
+    if reference:
+        chans["ir"] = it * np.exp(-(0.2 + 0.8 * mu_foil))
+    return true - offset, chans
+
+
+def scan(
+    raw_uid: str,
+    index: int,
+    kind: str = "CuCl",
+    *,
+    element: str | None = "Cu",
+    edge: str | None = "K",
+    mode: str = "transmission",
+    flags: tuple[str, ...] = (),
+    energy: np.ndarray | None = None,
+    chans: dict[str, np.ndarray] | None = None,
+    **kw: Any,
+) -> SpectrumReady:
+    if energy is None or chans is None:
+        energy, chans = channels(kind, **kw)
+    return SpectrumReady(
+        ScanSpectrum(
+            raw_uid=raw_uid,
+            index=index,
+            energy=energy,
+            channels=chans,
+            element=element,
+            edge=edge,
+            mode=mode,
+            seq_nums=(index + 1,),
+            event_time=T0,
+            received=0.0,
+            flags=flags,
+        )
+    )
+
+
+def opened(raw_uid: str, kind: str = "fly", **md: Any) -> RunOpened:
+    return RunOpened(raw_uid, {"uid": raw_uid, "time": T0, "scan_id": 7, **md}, kind)
+
+
+def closed(raw_uid: str, status: str = "success", reason: str = "", n: int = 1) -> RunClosed:
+    return RunClosed(raw_uid, status, reason, n, 0, 0)  # type: ignore[arg-type]
+
+
+def validate(docs: list[tuple[str, dict]]) -> None:
+    names = {
+        "start": DocumentNames.start,
+        "descriptor": DocumentNames.descriptor,
+        "event": DocumentNames.event,
+        "stop": DocumentNames.stop,
+    }
+    for name, doc in docs:
+        schema_validators[names[name]].validate(doc)
+        if name == "event":
+            assert set(doc["data"]) == set(DATA_KEYS) == set(doc["timestamps"])
+    # the stream is a well-formed run: start, descriptor, events, stop
+    json.dumps([d for _, d in docs])  # plain data, publishable as JSON / msgpack
+
+
+def events(docs: list[tuple[str, dict]]) -> list[dict[str, Any]]:
+    return [d["data"] for n, d in docs if n == "event"]
+
+
+def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:
+    (doc,) = [d for n, d in docs if n == name]
+    return doc
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_predictions_alignment_and_documents(
+    pipeline: Pipeline, registry: ModelRegistry, counters: Counters
+) -> None:
+    bundle_id = registry.get("Cu", "K").bundle_id  # type: ignore[union-attr]
+    docs = pipeline.handle_batch(
+        [
+            opened("raw-1", plan_name="fly_xas"),
+            scan("raw-1", 0, "CuCl", offset=3.0),
+            scan("raw-1", 1, "CuO", offset=3.0),
+            scan("raw-1", 2, "Cu2O", offset=3.0),
+            closed("raw-1", n=3),
+        ]
+    )
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "stop"]
+    validate(docs)
+    start = only(docs, "start")
+    assert start["raw_uid"] == "raw-1" and start["analysis"] == "xasflow"
+    assert (start["element"], start["edge"], start["bundle_id"]) == ("Cu", "K", bundle_id)
+    assert start["code_version"] == CODE_VERSION and start["raw_scan_id"] == 7
+    assert start["raw_plan_name"] == "fly_xas" and start["scan_kind"] == "fly"
+    desc = only(docs, "descriptor")
+    assert desc["run_start"] == start["uid"] and desc["name"] == "primary"
+    assert desc["data_keys"]["cn"]["dtype"] == "integer"
+    assert desc["data_keys"]["distance"]["units"] == "angstrom"
+
+    tet, octa, lin = events(docs)
+    assert [e["cn"] for e in (tet, octa, lin)] == [4, 6, 2]
+    assert [e["index"] for e in (tet, octa, lin)] == [0, 1, 2]
+    assert all(e["status"] == "ok" and e["reason"] == "" for e in (tet, octa, lin))
+    assert tet["motif"] == "CN4-tetrahedral" and octa["motif"] == "CN6-octahedral"
+    assert json.loads(tet["motif_ranking"])[0][0] == "CN4-tetrahedral"
+    probs = json.loads(tet["cn_probabilities"])
+    assert set(probs) == {"2", "4", "6"} and tet["cn_probability"] == max(probs.values())
+    assert tet["cn_probability"] > 0.9
+    assert tet["valence"] == 1 and octa["valence"] == 2
+    assert 2.2 < tet["distance"] < 2.45 and 2.0 < octa["distance"] < 2.2
+    assert tet["bundle_id"] == bundle_id and tet["flags"] == ""
+    # the foil edge sits 3 eV low on the measured axis: alignment shifts it back
+    for e in (tet, octa, lin):
+        assert e["energy_shift"] == pytest.approx(3.0, abs=0.05)
+        assert e["latency_ms"] == pytest.approx(4.0, abs=1e-3)
+    # E0 on the aligned axis is where the synthetic sample's edge really is
+    energy, ch = channels("CuCl", offset=3.0)
+    sample = Spectrum(energy, np.log(ch["i0"] / ch["it"]), "Cu", "K")
+    unaligned = registry.get("Cu", "K").predict(sample)  # type: ignore[union-attr]
+    assert tet["e0"] == pytest.approx(unaligned.e0 + 3.0, abs=0.05)
+    assert tet["edge_step"] == pytest.approx(unaligned.edge_step, rel=1e-6)
+
+    stop = only(docs, "stop")
+    assert stop["run_start"] == start["uid"] and stop["exit_status"] == "success"
+    assert stop["num_events"] == {"primary": 3}
+    assert stop["bundle_ids"] == [bundle_id] and stop["n_analysed"] == 3
+    assert stop["n_rejected"] == 0 and stop["raw_exit_status"] == "success"
+    assert pipeline.open_runs == []
+    assert pipeline.raw_uid_of("event", next(d for n, d in docs if n == "event")) == "raw-1"
+    assert pipeline.raw_uid_of("stop", stop) == "raw-1"
+
+    snap = counters.snapshot()
+    assert snap["spectra_received"] == 3 and snap["spectra_analysed"] == 3
+    assert snap["spectra_rejected"] == 0
+    assert snap["runs_opened"] == 1 and snap["runs_closed"] == {"success": 1}
+    assert snap["latency"]["count"] == 3 and snap["latency"]["p99_ms"] == pytest.approx(
+        4.0, abs=1e-3
+    )
+    assert snap["models"] == {"Cu-K": bundle_id}
+
+
+def test_alignment_is_best_effort_and_flagged(pipeline: Pipeline, registry: ModelRegistry) -> None:
+    energy, flat = channels("CuCl", offset=2.0)
+    flat["ir"] = flat["it"] * 0.5  # a reference channel without any edge
+    docs = pipeline.handle_batch(
+        [
+            opened("raw-a"),
+            scan("raw-a", 0, offset=2.0, reference=False),
+            scan("raw-a", 1, energy=energy, chans=flat),
+            scan("raw-a", 2, offset=30.0),  # beyond max_shift (20 eV)
+            scan("raw-a", 3, offset=-4.0, flags=("seq_gap",)),
+            closed("raw-a"),
+        ]
+    )
+    validate(docs)
+    rows = events(docs)
+    assert [r["flags"] for r in rows] == [
+        "no_reference",
+        "align_failed",
+        "align_out_of_range",
+        "seq_gap",
+    ]
+    assert [r["energy_shift"] for r in rows[:3]] == [None, None, None]
+    assert rows[3]["energy_shift"] == pytest.approx(-4.0, abs=0.05)
+    # the model works relative to E0, so unaligned spectra are still analysed correctly
+    assert [r["cn"] for r in rows] == [4, 4, 4, 4]
+    assert rows[0]["e0"] == pytest.approx(rows[3]["e0"] - 2.0, abs=0.1)
+
+    no_align = Pipeline(registry, Counters(), align=False, clock=Clock(T0))
+    (row,) = events(no_align.handle_batch([scan("raw-b", 0, offset=5.0)]))
+    assert row["flags"] == "" and row["energy_shift"] is None and row["cn"] == 4
+
+
+def test_rejections_have_reasons_and_are_counted(pipeline: Pipeline, counters: Counters) -> None:
+    fe_energy = np.linspace(7050.0, 7300.0, 400)
+    fe = {"i0": np.full(400, 1e5), "it": 1e5 * np.exp(-1.0 - (fe_energy > 7112.0))}
+    far = np.linspace(3000.0, 3100.0, 100)
+    energy, nan = channels("CuCl")
+    nan["it"] = nan["it"].copy()
+    nan["it"][100] = np.nan
+    _, neg = channels("CuCl")
+    neg["it"] = -neg["it"]
+    cut_energy, cut = channels("CuCl", hi=9010.0, n=300)
+    outputs = [
+        opened("raw-r"),
+        scan("raw-r", 0, element=None, edge=None, energy=fe_energy, chans=fe),  # inferred Fe K
+        scan("raw-r", 1, element="Fe", edge="K", energy=fe_energy, chans=fe),
+        scan("raw-r", 2, element=None, edge=None, energy=far, chans={"i0": far, "it": far / 2}),
+        scan("raw-r", 3, energy=energy, chans=nan),
+        scan("raw-r", 4, energy=energy, chans=neg),
+        scan("raw-r", 5, energy=cut_energy, chans=cut),
+        scan("raw-r", 6, mode="fluorescence"),  # no If channel
+        scan("raw-r", 7, "CuCl"),  # and one good one
+        closed("raw-r", n=8),
+    ]
+    docs = pipeline.handle_batch(outputs)
+    validate(docs)
+    rows = events(docs)
+    assert [(r["index"], r["status"], r["reason"]) for r in rows] == [
+        (0, "rejected", "no_model"),
+        (1, "rejected", "no_model"),
+        (2, "rejected", "unknown_element"),
+        (3, "rejected", "not_finite"),
+        (4, "rejected", "bad_channel"),
+        (5, "rejected", "no_post_edge"),
+        (6, "rejected", "bad_channel"),
+        (7, "ok", ""),
+    ]
+    assert (rows[0]["element"], rows[0]["edge"], rows[0]["flags"]) == (
+        "Fe",
+        "K",
+        "element_inferred",
+    )
+    assert "no model bundle for Fe K (serving: Cu K)" in rows[0]["detail"]
+    assert "3000-3100 eV" in rows[2]["detail"]
+    assert rows[3]["bundle_id"] is not None and rows[3]["cn"] is None
+    assert rows[7]["cn"] == 4
+    stop = only(docs, "stop")
+    assert (stop["n_analysed"], stop["n_rejected"]) == (1, 7)
+    assert stop["num_events"] == {"primary": 8}
+
+    snap = counters.snapshot()
+    assert snap["spectra_received"] == 8 and snap["spectra_analysed"] == 1
+    assert snap["rejected_by_stage"] == {
+        "analysis": {
+            "bad_channel": 2,
+            "no_model": 2,
+            "no_post_edge": 1,
+            "not_finite": 1,
+            "unknown_element": 1,
+        }
+    }
+    # every spectrum received is accounted for exactly once
+    assert snap["spectra_received"] == snap["spectra_analysed"] + snap["spectra_rejected"]
+
+
+def test_assembly_rejections_and_run_ends(pipeline: Pipeline, counters: Counters) -> None:
+    docs = pipeline.handle_batch(
+        [
+            Rejected(None, None, "malformed_document", "event lacks 'uid'"),  # no run: counted
+            opened("raw-x", kind="step", element="Cu"),
+            Rejected("raw-x", None, "duplicate_event", "seq_num 3 seen before"),
+            Rejected("raw-x", 0, "missing_stop", "12 points but no stop"),
+            RunClosed("raw-x", "timeout", "no document for 61.0 s", 0, 2, 1, 4),
+            Rejected("raw-x", None, "late_document", "stop for a closed run"),  # closed: counted
+        ]
+    )
+    validate(docs)
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "stop"]
+    rows = events(docs)
+    assert [(r["index"], r["reason"], r["status"]) for r in rows] == [
+        (-1, "duplicate_event", "rejected"),
+        (0, "missing_stop", "rejected"),
+    ]
+    assert rows[0]["detail"] == "seq_num 3 seen before"
+    stop = only(docs, "stop")
+    assert stop["exit_status"] == "fail" and stop["raw_exit_status"] == "timeout"
+    assert stop["reason"] == "stop_timeout: no document for 61.0 s"
+    assert (stop["raw_seq_gaps"], stop["raw_missing_events"]) == (1, 4)
+    assert stop["bundle_ids"] == []
+
+    # a run that ends before any spectrum still gets a complete analysis run
+    docs = pipeline.handle_batch([opened("raw-y"), closed("raw-y", "abort", "user pressed stop")])
+    validate(docs)
+    assert [n for n, _ in docs] == ["start", "descriptor", "stop"]
+    stop = only(docs, "stop")
+    assert (stop["exit_status"], stop["reason"], stop["num_events"]) == (
+        "abort",
+        "user pressed stop",
+        {"primary": 0},
+    )
+    # close_all ends whatever is open (shutdown)
+    pipeline.handle_batch([opened("raw-z"), scan("raw-z", 0)])
+    docs = pipeline.close_all("shutdown")
+    assert only(docs, "stop")["exit_status"] == "abort" and pipeline.open_runs == []
+
+    snap = counters.snapshot()
+    assert snap["rejected_by_stage"] == {
+        "assembly": {
+            "duplicate_event": 1,
+            "late_document": 1,
+            "malformed_document": 1,
+            "missing_stop": 1,
+        }
+    }
+    assert snap["runs_opened"] == 3
+    assert snap["runs_closed"] == {"abort": 2, "timeout": 1}
+
+
+def test_batch_predicts_once_per_predictor_and_equals_single(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["CuCl", "CuO", "Cu2O"] * 7
+    outs = [scan("raw-b", i, k, offset=0.5 * (i % 5)) for i, k in enumerate(kinds)]
+    single = Pipeline(registry, Counters(), clock=Clock(T0))
+    one_by_one = [d for o in [opened("raw-b"), *outs] for d in single.handle(o)]
+
+    calls: list[int] = []
+    real = Predictor.predict_prepared
+
+    def counting(self: Predictor, prepared: list) -> list:
+        calls.append(len(prepared))
+        return real(self, prepared)
+
+    monkeypatch.setattr(Predictor, "predict_prepared", counting)
+    batched = Pipeline(registry, Counters(), clock=Clock(T0)).handle_batch([opened("raw-b"), *outs])
+    assert calls == [len(kinds)]
+    skip = {"latency_ms"}
+    a = [{k: v for k, v in r.items() if k not in skip} for r in events(one_by_one)]
+    b = [{k: v for k, v in r.items() if k not in skip} for r in events(batched)]
+    assert a == b
+    assert [r["cn"] for r in b] == [KINDS[k][4] for k in kinds]
+
+
+def test_swapped_bundle_is_used_for_later_spectra(
+    pipeline: Pipeline, registry: ModelRegistry, model_dir: Path, counters: Counters
+) -> None:
+    old = registry.get("Cu", "K").bundle_id  # type: ignore[union-attr]
+    first = pipeline.handle_batch([opened("raw-s"), scan("raw-s", 0)])
+    redeploy(model_dir / "cu-k", model_dir / "cu-k", "cu-k-retrained")
+    assert [e.kind for e in registry.refresh()] == ["swapped"]
+    rest = pipeline.handle_batch([scan("raw-s", 1), closed("raw-s", n=2)])
+    docs = first + rest
+    validate(docs)
+    assert [r["bundle_id"] for r in events(docs)] == [old, "cu-k-retrained"]
+    assert only(docs, "start")["bundle_id"] == old
+    assert only(docs, "stop")["bundle_ids"] == [old, "cu-k-retrained"]
+    assert counters.snapshot()["model_swaps"] == 1
+
+
+def _docs_step(md: dict[str, Any]) -> list[tuple[str, dict]]:
+    """A step scan over the CuCl sample, as a RunEngine would emit it (plus a baseline)."""
+    energy, ch = channels("CuCl", offset=1.0, n=181)
+    run = compose_run(metadata=md)
+    keys = {
+        k: {"source": "sim", "dtype": "number", "shape": []} for k in ("energy", "I0", "It", "Ir")
+    }
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    base = run.compose_descriptor(
+        name="baseline",
+        data_keys={"ring_current": {"source": "sim", "dtype": "number", "shape": []}},
+    )
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    docs.append(("descriptor", base.descriptor_doc))
+    docs.append(
+        ("event", base.compose_event(data={"ring_current": 400.0}, timestamps={"ring_current": T0}))
+    )
+    for i, e in enumerate(energy):
+        data = {"energy": e, "I0": ch["i0"][i], "It": ch["it"][i], "Ir": ch["ir"][i]}
+        docs.append(("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, T0))))
+    docs.append(("stop", run.compose_stop()))
+    return docs
+
+
+def _docs_fly(kinds: list[str], nan_event: bool = False) -> list[tuple[str, dict]]:
+    """A quick-XAS fly scan: one whole spectrum per event (up/down sweeps), I0/It/Ir arrays."""
+    n = 800
+    run = compose_run(metadata={"plan_name": "fly_xas", "scan_id": 11})
+    keys = {
+        k: {"source": "sim", "dtype": "array", "shape": [n]} for k in ("energy", "I0", "It", "Ir")
+    }
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for k, kind in enumerate(kinds):
+        energy, ch = channels(kind, offset=-2.0, n=n)
+        arrays = {"energy": energy, "I0": ch["i0"], "It": ch["it"], "Ir": ch["ir"]}
+        if k % 2:
+            arrays = {name: a[::-1] for name, a in arrays.items()}  # down sweep
+        data = {name: a.tolist() for name, a in arrays.items()}
+        docs.append(("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, T0))))
+    if nan_event:
+        data = {name: [float("nan")] * n for name in keys}
+        docs.append(("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, T0))))
+    docs.append(("stop", run.compose_stop()))
+    return docs
+
+
+def test_real_assembler_step_and_fly(pipeline: Pipeline, counters: Counters) -> None:
+    asm = RunAssembler()
+    step = _docs_step({"element": "Cu", "edge": "K", "plan_name": "list_scan", "scan_id": 10})
+    fly = _docs_fly(["CuCl", "CuO", "Cu2O"], nan_event=True)
+    # the two runs interleave on the bus
+    stream = [doc for pair in zip(step, fly, strict=False) for doc in pair]
+    stream += step[len(fly) :] if len(step) > len(fly) else fly[len(step) :]
+    docs: list[tuple[str, dict]] = []
+    for name, doc in stream:
+        docs.extend(pipeline.handle_batch(asm.feed(name, doc)))
+    validate(docs)
+    by_raw: dict[str, list[tuple[str, dict]]] = {}
+    for name, doc in docs:
+        by_raw.setdefault(pipeline.raw_uid_of(name, doc), []).append((name, doc))  # type: ignore[arg-type]
+    step_uid, fly_uid = step[0][1]["uid"], fly[0][1]["uid"]
+    assert set(by_raw) == {step_uid, fly_uid}
+
+    s = by_raw[step_uid]
+    assert [n for n, _ in s] == ["start", "descriptor", "event", "stop"]
+    (row,) = events(s)
+    assert (row["cn"], row["index"], row["status"], row["element"]) == (4, 0, "ok", "Cu")
+    assert row["energy_shift"] == pytest.approx(1.0, abs=0.1)
+    assert only(s, "start")["scan_kind"] == "step" and only(s, "start")["raw_scan_id"] == 10
+
+    f = by_raw[fly_uid]
+    rows = events(f)
+    assert [(r["index"], r["status"], r["reason"], r["cn"]) for r in rows] == [
+        (0, "ok", "", 4),
+        (1, "ok", "", 6),
+        (2, "ok", "", 2),
+        (3, "rejected", "nan_data", None),
+    ]
+    # no element in the fly scan's start: inferred from the energy range
+    assert all("element_inferred" in r["flags"] for r in rows[:3])
+    assert all(r["energy_shift"] == pytest.approx(-2.0, abs=0.1) for r in rows[:3])
+    assert only(f, "start")["element"] == "Cu" and only(f, "start")["scan_kind"] == "fly"
+    assert only(f, "stop")["num_events"] == {"primary": 4}
+
+    snap = counters.snapshot()
+    assert snap["spectra_received"] == 4 and snap["spectra_analysed"] == 4
+    assert snap["rejected_by_stage"] == {"assembly": {"nan_data": 1}}
+    assert snap["runs_opened"] == 2 and snap["runs_closed"] == {"success": 2}
+
+
+def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    pipeline.handle_batch(
+        [
+            opened("raw-p"),
+            scan("raw-p", 0),
+            scan("raw-p", 1, element="Fe"),
+            Rejected("raw-p", None, "duplicate_event", "x"),
+            closed("raw-p"),
+        ]
+    )
+    counters.sync_decode_errors({"not_plain_data": 3, "garbage": 2})
+    counters.sync_decode_errors({"garbage": 1})  # a lower total never lowers the count
+    counters.set_gauge("queue_depth", 5, queue="input")
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    text = generate_latest(reg).decode()
+    bundle_id = counters.snapshot()["models"]["Cu-K"]
+    for line in [
+        "xasflow_spectra_received_total 2.0",
+        "xasflow_spectra_analysed_total 1.0",
+        'xasflow_spectra_rejected_total{reason="no_model",stage="analysis"} 1.0',
+        'xasflow_spectra_rejected_total{reason="duplicate_event",stage="assembly"} 1.0',
+        'xasflow_decode_errors_total{reason="garbage"} 2.0',
+        'xasflow_decode_errors_total{reason="not_plain_data"} 3.0',
+        "xasflow_runs_opened_total 1.0",
+        'xasflow_runs_closed_total{exit_status="success"} 1.0',
+        "xasflow_model_swaps_total 0.0",
+        "xasflow_model_refused_total 0.0",
+        f'xasflow_model_info{{bundle_id="{bundle_id}",edge="K",element="Cu"}} 1.0',
+        'xasflow_latency_seconds_bucket{le="0.005"} 2.0',
+        'xasflow_latency_seconds_bucket{le="0.002"} 0.0',
+        'xasflow_latency_seconds_bucket{le="+Inf"} 2.0',
+        "xasflow_latency_seconds_count 2.0",
+        'xasflow_queue_depth{queue="input"} 5.0',
+    ]:
+        assert line in text, line

@@ -1,0 +1,325 @@
+"""Outcome counters shared by the whole daemon, and their Prometheus export.
+
+``Counters`` is plain Python (a lock and dicts), so the science core can count without
+depending on prometheus_client; :func:`register_prometheus` exposes the same numbers through
+a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric:
+
+====================================  ==================================================
+``spectra_received``                  ``xasflow_spectra_received_total``
+``spectra_analysed``                  ``xasflow_spectra_analysed_total``
+``rejected[(stage, reason)]``         ``xasflow_spectra_rejected_total{stage, reason}``
+``decode_errors[reason]``             ``xasflow_decode_errors_total{reason}``
+``runs_opened``                       ``xasflow_runs_opened_total``
+``runs_closed[exit_status]``          ``xasflow_runs_closed_total{exit_status}``
+``model_swaps``                       ``xasflow_model_swaps_total``
+``model_refused``                     ``xasflow_model_refused_total``
+``models[(element, edge)]``           ``xasflow_model_info{element, edge, bundle_id} 1``
+latency observations                  ``xasflow_latency_seconds`` (histogram)
+``gauges[(name, labels)]``            ``xasflow_<name>{labels}`` (e.g. queue depth)
+====================================  ==================================================
+
+``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
+spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
+``spectra_received`` and then exactly once in ``spectra_analysed`` or in
+``rejected[("analysis", reason)]``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+__all__ = ["LATENCY_BUCKETS", "Counters", "register_prometheus"]
+
+#: Upper bounds (s) of the end-to-end latency histogram buckets (+Inf is implied).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+
+
+class Counters:
+    """Thread-safe outcome counters plus a bounded end-to-end latency record."""
+
+    def __init__(self, latency_window: int = 10_000) -> None:
+        if latency_window < 1:
+            raise ValueError("latency_window must be >= 1")
+        self._lock = threading.Lock()
+        self.spectra_received = 0
+        self.spectra_analysed = 0
+        self.rejected: dict[tuple[str, str], int] = {}
+        self.decode_errors: dict[str, int] = {}
+        self.runs_opened = 0
+        self.runs_closed: dict[str, int] = {}
+        self.model_swaps = 0
+        self.model_refused = 0
+        self.models: dict[tuple[str, str], str] = {}
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        # latency: exact cumulative histogram since start, plus the recent window for quantiles
+        self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._latency_count = 0
+        self._recent: deque[float] = deque(maxlen=latency_window)
+
+    # ------------------------------------------------------------------ counting
+
+    def spectrum_received(self, n: int = 1) -> None:
+        """Spectra handed to the pipeline."""
+        with self._lock:
+            self.spectra_received += n
+
+    def spectrum_analysed(self, n: int = 1) -> None:
+        """Spectra that got a prediction."""
+        with self._lock:
+            self.spectra_analysed += n
+
+    def reject(self, reason: str, stage: str = "analysis", n: int = 1) -> None:
+        """Something rejected with a reason, at "assembly" or "analysis"."""
+        with self._lock:
+            key = (stage, reason)
+            self.rejected[key] = self.rejected.get(key, 0) + n
+
+    def decode_error(self, reason: str, n: int = 1) -> None:
+        """Wire messages that could not be decoded (counted by the input adapter)."""
+        with self._lock:
+            self.decode_errors[reason] = self.decode_errors.get(reason, 0) + n
+
+    def sync_decode_errors(self, totals: Mapping[str, int]) -> None:
+        """Take cumulative per-reason totals kept elsewhere (e.g. the 0MQ source's stats).
+
+        Counts never go down: a total below the one held (a restarted source) is ignored.
+        """
+        with self._lock:
+            for reason, n in totals.items():
+                if n > self.decode_errors.get(reason, 0):
+                    self.decode_errors[reason] = int(n)
+
+    def run_opened(self) -> None:
+        """A raw run whose analysis run was opened."""
+        with self._lock:
+            self.runs_opened += 1
+
+    def run_closed(self, exit_status: str) -> None:
+        """A raw run closed, by its stop's exit status or "timeout"."""
+        with self._lock:
+            self.runs_closed[exit_status] = self.runs_closed.get(exit_status, 0) + 1
+
+    def model_swapped(self) -> None:
+        """A serving bundle was replaced by a new one."""
+        with self._lock:
+            self.model_swaps += 1
+
+    def model_refusal(self) -> None:
+        """A bundle failed verification and was not loaded."""
+        with self._lock:
+            self.model_refused += 1
+
+    def set_model(self, element: str, edge: str, bundle_id: str | None) -> None:
+        """Record the bundle serving ``element``/``edge`` (None: none any more)."""
+        with self._lock:
+            if bundle_id is None:
+                self.models.pop((element, edge), None)
+            else:
+                self.models[(element, edge)] = bundle_id
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge exported as ``xasflow_<name>{labels}`` (e.g. ``queue_depth``)."""
+        key = (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
+        with self._lock:
+            self.gauges[key] = float(value)
+
+    def observe_latency(self, seconds: float) -> None:
+        """One end-to-end latency (negative values, from clock skew, count as 0)."""
+        s = max(0.0, float(seconds)) if math.isfinite(seconds) else LATENCY_BUCKETS[-1] * 10
+        i = bisect.bisect_left(LATENCY_BUCKETS, s)
+        with self._lock:
+            self._bucket_counts[i] += 1
+            self._latency_sum += s
+            self._latency_count += 1
+            self._recent.append(s)
+
+    # ------------------------------------------------------------------ reading
+
+    def latencies(self) -> list[float]:
+        """The most recent end-to-end latencies (s), oldest first (bounded window)."""
+        with self._lock:
+            return list(self._recent)
+
+    def histogram(self) -> tuple[list[tuple[float, int]], float, int]:
+        """Cumulative ``[(upper bound, count)]`` including +Inf, the sum and the count."""
+        with self._lock:
+            counts = list(self._bucket_counts)
+            total, n = self._latency_sum, self._latency_count
+        cumulative, acc = [], 0
+        for bound, c in zip((*LATENCY_BUCKETS, math.inf), counts, strict=True):
+            acc += c
+            cumulative.append((bound, acc))
+        return cumulative, total, n
+
+    def register_prometheus(self, registry: Any = None) -> Any:
+        """Expose these counters in a prometheus_client registry; see :func:`register_prometheus`."""
+        return register_prometheus(self, registry)
+
+    @property
+    def rejected_total(self) -> int:
+        """All rejections, both stages."""
+        with self._lock:
+            return sum(self.rejected.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy of every counter (for health endpoints, logs and tests)."""
+        with self._lock:
+            recent = sorted(self._recent)
+            by_stage: dict[str, dict[str, int]] = {}
+            by_reason: dict[str, int] = {}
+            for (stage, reason), n in sorted(self.rejected.items()):
+                by_stage.setdefault(stage, {})[reason] = n
+                by_reason[reason] = by_reason.get(reason, 0) + n
+            snap: dict[str, Any] = {
+                "spectra_received": self.spectra_received,
+                "spectra_analysed": self.spectra_analysed,
+                "spectra_rejected": sum(self.rejected.values()),
+                "rejected": by_reason,
+                "rejected_by_stage": by_stage,
+                "decode_errors": dict(sorted(self.decode_errors.items())),
+                "runs_opened": self.runs_opened,
+                "runs_closed": dict(sorted(self.runs_closed.items())),
+                "model_swaps": self.model_swaps,
+                "model_refused": self.model_refused,
+                "models": {f"{el}-{ed}": bid for (el, ed), bid in sorted(self.models.items())},
+                "gauges": {_gauge_label(k): v for k, v in sorted(self.gauges.items())},
+                "latency": {
+                    "count": self._latency_count,
+                    "sum_s": self._latency_sum,
+                    "window": len(recent),
+                    "p50_ms": _quantile(recent, 0.50) * 1e3 if recent else None,
+                    "p99_ms": _quantile(recent, 0.99) * 1e3 if recent else None,
+                    "max_ms": recent[-1] * 1e3 if recent else None,
+                },
+            }
+        return snap
+
+
+def _gauge_label(key: tuple[str, tuple[tuple[str, str], ...]]) -> str:
+    name, labels = key
+    if not labels:
+        return name
+    return name + "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of already sorted values."""
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+class _Collector:
+    """prometheus_client custom collector reading a ``Counters`` at scrape time."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: families are produced at collect time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        c = self.counters
+        with c._lock:
+            received, analysed = c.spectra_received, c.spectra_analysed
+            rejected = dict(c.rejected)
+            decode = dict(c.decode_errors)
+            opened, closed = c.runs_opened, dict(c.runs_closed)
+            swaps, refused = c.model_swaps, c.model_refused
+            models = dict(c.models)
+            gauges = dict(c.gauges)
+        yield CounterMetricFamily(
+            "xasflow_spectra_received", "Spectra handed to the analysis pipeline", value=received
+        )
+        yield CounterMetricFamily(
+            "xasflow_spectra_analysed", "Spectra analysed with a prediction", value=analysed
+        )
+        fam = CounterMetricFamily(
+            "xasflow_spectra_rejected",
+            "Spectra or documents rejected, by stage and reason",
+            labels=["stage", "reason"],
+        )
+        for (stage, reason), n in sorted(rejected.items()):
+            fam.add_metric([stage, reason], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "xasflow_decode_errors", "Wire messages that could not be decoded", labels=["reason"]
+        )
+        for reason, n in sorted(decode.items()):
+            fam.add_metric([reason], n)
+        yield fam
+        yield CounterMetricFamily("xasflow_runs_opened", "Raw runs opened", value=opened)
+        fam = CounterMetricFamily(
+            "xasflow_runs_closed", "Raw runs closed, by exit status", labels=["exit_status"]
+        )
+        for status, n in sorted(closed.items()):
+            fam.add_metric([status], n)
+        yield fam
+        yield CounterMetricFamily(
+            "xasflow_model_swaps", "Serving model bundles replaced by new ones", value=swaps
+        )
+        yield CounterMetricFamily(
+            "xasflow_model_refused", "Model bundles refused (failed verification)", value=refused
+        )
+        fam = GaugeMetricFamily(
+            "xasflow_model_info",
+            "Model bundle serving each element and edge",
+            labels=["element", "edge", "bundle_id"],
+        )
+        for (element, edge), bundle_id in sorted(models.items()):
+            fam.add_metric([element, edge, bundle_id], 1.0)
+        yield fam
+        buckets, total, _n = c.histogram()
+        yield HistogramMetricFamily(
+            "xasflow_latency_seconds",
+            "End-to-end latency: raw event time to analysis result",
+            buckets=[("+Inf" if math.isinf(b) else repr(b), n) for b, n in buckets],
+            sum_value=total,
+        )
+        families: dict[str, Any] = {}
+        for (name, labels), value in sorted(gauges.items()):
+            names = [k for k, _ in labels]
+            fam = families.get(name)
+            if fam is None:
+                fam = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
+            fam.add_metric([v for _, v in labels], value)
+        yield from families.values()
+
+
+def register_prometheus(counters: Counters, registry: Any = None) -> Any:
+    """Expose ``counters`` in a prometheus_client registry (default: the global REGISTRY).
+
+    Returns the collector, so it can be unregistered again.
+    """
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    collector = _Collector(counters)
+    registry.register(collector)
+    return collector

@@ -1,0 +1,325 @@
+"""Analysis runs in event-model form: what the daemon publishes for every raw run it follows.
+
+One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
+
+* **start**: ``raw_uid`` (the raw run's uid), ``analysis: "xasflow"``, ``code_version``,
+  ``element`` / ``edge`` / ``bundle_id`` (of the first spectrum's outcome; None when
+  unknown), ``scan_kind`` and, when the raw start had them, ``raw_scan_id`` /
+  ``raw_plan_name``. It is composed lazily, together with the descriptor, just before the
+  run's first event (or its stop), so it can name the model actually used.
+* **descriptor** of stream ``"primary"`` with the typed :data:`DATA_KEYS`.
+* **event**: one per raw spectrum analysed (``status "ok"``) or rejected (``status
+  "rejected"`` with ``reason`` / ``detail``), plus one per assembly rejection that belongs
+  to the run (a malformed event, a duplicate ...). Values that do not apply are None.
+* **stop**: ``exit_status`` mirrors the raw run's (``"timeout"``, a raw run whose stop never
+  came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``), ``num_events``, and extra
+  fields ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``,
+  ``n_rejected``, ``raw_seq_gaps``, ``raw_missing_events``.
+
+Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
+validated against the event-model schemas when ``validate=True`` (tests do; the hot path
+leaves it off, the composition is the same).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from event_model import compose_run
+
+from xasflow import __version__
+from xasflow.models.predictor import Prediction
+
+__all__ = [
+    "ANALYSIS_STREAM",
+    "CODE_VERSION",
+    "DATA_KEYS",
+    "AnalysisRun",
+    "Doc",
+    "ok_row",
+    "rejected_row",
+]
+
+Doc = tuple[str, dict[str, Any]]
+
+ANALYSIS_STREAM = "primary"
+CODE_VERSION = f"xasflow {__version__}"
+_SOURCE = "xasflow"
+
+
+def _key(dtype: str, description: str, units: str | None = None) -> dict[str, Any]:
+    key: dict[str, Any] = {
+        "source": _SOURCE,
+        "dtype": dtype,
+        "shape": [],
+        "description": description,
+    }
+    if units is not None:
+        key["units"] = units
+    return key
+
+
+#: The analysis descriptor's data keys (dtype "string" for JSON-encoded structures).
+DATA_KEYS: dict[str, dict[str, Any]] = {
+    "index": _key("integer", "spectrum index in the raw run (-1: not a spectrum)"),
+    "status": _key("string", "'ok' (analysed) or 'rejected'"),
+    "reason": _key("string", "why the spectrum was rejected ('' when ok)"),
+    "detail": _key("string", "human-readable detail of a rejection"),
+    "flags": _key("string", "comma-separated quality flags"),
+    "element": _key("string", "absorbing element"),
+    "edge": _key("string", "absorption edge"),
+    "bundle_id": _key("string", "model bundle that made the prediction"),
+    "cn": _key("integer", "predicted dominant coordination number"),
+    "cn_probability": _key("number", "probability of the predicted coordination number"),
+    "cn_probabilities": _key("string", "JSON object: coordination number -> probability"),
+    "motif": _key("string", "top-ranked coordination motif"),
+    "motif_ranking": _key("string", "JSON list of [motif, score], best first"),
+    "distance": _key("number", "predicted mean nearest-neighbour distance", "angstrom"),
+    "valence": _key("integer", "predicted oxidation state"),
+    "valence_probability": _key("number", "probability of the predicted oxidation state"),
+    "charge": _key("number", "predicted charge (bond-valence sum)", "e"),
+    "e0": _key("number", "edge energy E0 found in the (aligned) spectrum", "eV"),
+    "edge_step": _key("number", "edge step of mu used for normalisation"),
+    "energy_shift": _key("number", "shift applied by reference-foil alignment", "eV"),
+    "latency_ms": _key("number", "raw event time to result, milliseconds", "ms"),
+}
+
+_EXIT = {"success": "success", "abort": "abort", "fail": "fail"}
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(as_float) if math.isfinite(as_float) and as_float == int(as_float) else None
+
+
+def _num(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _empty_row() -> dict[str, Any]:
+    return dict.fromkeys(DATA_KEYS)
+
+
+def ok_row(
+    index: int,
+    prediction: Prediction,
+    *,
+    energy_shift: float | None = None,
+    flags: list[str] | tuple[str, ...] = (),
+    latency_ms: float | None = None,
+) -> dict[str, Any]:
+    """Event data for an analysed spectrum (tasks the bundle lacks stay None)."""
+    row = _empty_row()
+    res = prediction.results
+    row.update(
+        index=int(index),
+        status="ok",
+        reason="",
+        detail="",
+        flags=",".join(flags),
+        element=prediction.element,
+        edge=prediction.edge,
+        bundle_id=prediction.bundle_id,
+        e0=_num(prediction.e0),
+        edge_step=_num(prediction.edge_step),
+        energy_shift=_num(energy_shift),
+        latency_ms=_num(latency_ms),
+    )
+    cn = res.get("cn")
+    if cn is not None:
+        row["cn"] = _as_int(cn.value)
+        row["cn_probability"] = cn.confidence
+        if cn.probabilities is not None:
+            row["cn_probabilities"] = json.dumps(cn.probabilities)
+    env = res.get("environment")
+    if env is not None:
+        row["motif"] = str(env.value)
+        if env.ranking is not None:
+            row["motif_ranking"] = json.dumps([[label, score] for label, score in env.ranking])
+    dist = res.get("distance")
+    if dist is not None:
+        row["distance"] = _num(dist.value)
+    val = res.get("valence")
+    if val is not None:
+        row["valence"] = _as_int(val.value)
+        row["valence_probability"] = val.confidence
+    charge = res.get("charge")
+    if charge is not None:
+        row["charge"] = _num(charge.value)
+    return row
+
+
+def rejected_row(
+    index: int | None,
+    reason: str,
+    detail: str = "",
+    *,
+    flags: list[str] | tuple[str, ...] = (),
+    element: str | None = None,
+    edge: str | None = None,
+    bundle_id: str | None = None,
+    energy_shift: float | None = None,
+    latency_ms: float | None = None,
+) -> dict[str, Any]:
+    """Event data for a rejected spectrum or document (``index`` None becomes -1)."""
+    row = _empty_row()
+    row.update(
+        index=-1 if index is None else int(index),
+        status="rejected",
+        reason=reason,
+        detail=detail,
+        flags=",".join(flags),
+        element=element,
+        edge=edge,
+        bundle_id=bundle_id,
+        energy_shift=_num(energy_shift),
+        latency_ms=_num(latency_ms),
+    )
+    return row
+
+
+class AnalysisRun:
+    """The analysis run that mirrors one raw run; composes its documents in order."""
+
+    def __init__(
+        self,
+        raw_uid: str,
+        raw_start: Mapping[str, Any] | None = None,
+        *,
+        kind: str = "unknown",
+        element: str | None = None,
+        edge: str | None = None,
+        validate: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.raw_uid = raw_uid
+        self.raw_start = dict(raw_start) if raw_start is not None else None
+        self.kind = kind
+        self.element = element
+        self.edge = edge
+        self.validate = validate
+        self.clock = clock
+        self.n_analysed = 0
+        self.n_rejected = 0
+        self.bundle_ids: list[str] = []
+        self.start_doc: dict[str, Any] | None = None
+        self.descriptor_doc: dict[str, Any] | None = None
+        self.stop_doc: dict[str, Any] | None = None
+        self._bundle: Any = None
+        self._compose_event: Any = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the start document has been composed."""
+        return self.start_doc is not None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stop document has been composed."""
+        return self.stop_doc is not None
+
+    def _open(self, row: Mapping[str, Any] | None) -> list[Doc]:
+        """Compose start and descriptor, naming the element/edge/bundle of ``row``."""
+        if self.start_doc is not None:
+            return []
+        element = self.element or (row or {}).get("element")
+        edge = self.edge or (row or {}).get("edge")
+        md: dict[str, Any] = {
+            "raw_uid": self.raw_uid,
+            "analysis": "xasflow",
+            "code_version": CODE_VERSION,
+            "element": element,
+            "edge": edge,
+            "bundle_id": (row or {}).get("bundle_id"),
+            "scan_kind": self.kind,
+            "plan_name": "xasflow_analysis",
+            "hints": {"dimensions": [[["index"], ANALYSIS_STREAM]]},
+        }
+        raw = self.raw_start or {}
+        if isinstance(raw.get("scan_id"), int):
+            md["raw_scan_id"] = raw["scan_id"]
+        if isinstance(raw.get("plan_name"), str):
+            md["raw_plan_name"] = raw["plan_name"]
+        now = self.clock()
+        self._bundle = compose_run(metadata=md, time=now, validate=self.validate)
+        self.start_doc = dict(self._bundle.start_doc)
+        desc = self._bundle.compose_descriptor(
+            name=ANALYSIS_STREAM,
+            data_keys=DATA_KEYS,
+            hints={"xasflow": {"fields": ["cn", "motif", "distance", "valence", "charge"]}},
+            object_keys={"xasflow": list(DATA_KEYS)},
+            time=now,
+            validate=self.validate,
+        )
+        self._compose_event = desc.compose_event
+        self.descriptor_doc = dict(desc.descriptor_doc)
+        return [("start", self.start_doc), ("descriptor", self.descriptor_doc)]
+
+    def event(self, row: Mapping[str, Any]) -> list[Doc]:
+        """One event for a result row (see :func:`ok_row` / :func:`rejected_row`)."""
+        if self.stop_doc is not None:
+            raise RuntimeError(f"analysis run for {self.raw_uid} is closed")
+        docs = self._open(row)
+        data = {k: row.get(k) for k in DATA_KEYS}
+        now = self.clock()
+        event = self._compose_event(
+            data=data, timestamps=dict.fromkeys(DATA_KEYS, now), time=now, validate=self.validate
+        )
+        if data["status"] == "ok":
+            self.n_analysed += 1
+        else:
+            self.n_rejected += 1
+        bundle_id = data.get("bundle_id")
+        if bundle_id and bundle_id not in self.bundle_ids:
+            self.bundle_ids.append(bundle_id)
+        docs.append(("event", dict(event)))
+        return docs
+
+    def close(
+        self,
+        raw_exit_status: str,
+        reason: str = "",
+        *,
+        seq_gaps: int = 0,
+        missing_events: int = 0,
+    ) -> list[Doc]:
+        """Stop document mirroring the raw run's end (start/descriptor first if none yet)."""
+        if self.stop_doc is not None:
+            return []
+        docs = self._open(None)
+        exit_status = _EXIT.get(raw_exit_status, "fail")
+        if raw_exit_status == "timeout":
+            reason = f"stop_timeout: {reason}" if reason else "stop_timeout"
+        elif raw_exit_status not in _EXIT:
+            reason = f"raw exit status {raw_exit_status!r}: {reason}"
+        stop = dict(
+            self._bundle.compose_stop(
+                exit_status=exit_status, reason=reason, time=self.clock(), validate=False
+            )
+        )
+        stop.update(
+            raw_exit_status=raw_exit_status,
+            bundle_ids=list(self.bundle_ids),
+            n_analysed=self.n_analysed,
+            n_rejected=self.n_rejected,
+            raw_seq_gaps=int(seq_gaps),
+            raw_missing_events=int(missing_events),
+        )
+        if self.validate:
+            from event_model import DocumentNames, schema_validators
+
+            schema_validators[DocumentNames.stop].validate(stop)
+        self.stop_doc = stop
+        docs.append(("stop", stop))
+        return docs

@@ -1,0 +1,407 @@
+"""The processing pipeline: assembly outputs in, analysis-run documents out.
+
+``Pipeline.handle_batch(outputs)`` takes ``RunOpened`` / ``SpectrumReady`` / ``Rejected`` /
+``RunClosed`` from :class:`xasflow.daemon.assembly.RunAssembler` and returns the documents to
+publish, in order. It is synchronous, never raises for bad data, and is not thread-safe
+(one caller thread; the registry it reads may be swapped by its watcher at any time).
+
+For each spectrum (``SpectrumReady``):
+
+1. element/edge from the spectrum (the raw start document), else inferred from the energy
+   range with :func:`xasflow.spectra.infer_edge` (flag ``element_inferred``); nothing
+   tabulated in range is ``unknown_element``. An edge missing next to a known element is
+   taken from the inference when it names that element, else "K".
+2. the registry's predictor for it, captured once, so a swap never splits a spectrum
+   between two bundles; none is ``no_model``.
+3. mu from the channels of ``ScanSpectrum.mode``: transmission ln(I0/It), fluorescence
+   If/I0 (``bad_channel``, ``not_finite`` from :func:`mu_from_channels`).
+4. with ``align``, the energy axis is shifted so the reference foil's E0 (ln(It/Ir)) lands
+   on the tabulated edge. Alignment is best effort: no Ir channel flags ``no_reference``, a
+   reference without a clear edge flags ``align_failed``, a shift beyond ``max_shift`` eV
+   flags ``align_out_of_range``; the spectrum is then analysed unaligned.
+5. the bundle's preprocessing (``Predictor.prepare``: ``no_edge``, ``no_post_edge``,
+   ``window``, ...) and the ONNX graphs, batched per predictor over the whole call.
+
+Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
+and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
+"assembly") and, when they belong to a run being analysed, recorded in it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xasflow.daemon.assembly import (
+    Output,
+    Rejected,
+    RunClosed,
+    RunOpened,
+    ScanSpectrum,
+    SpectrumReady,
+)
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
+from xasflow.daemon.registry import ModelRegistry
+from xasflow.models.predictor import Prediction, Predictor
+from xasflow.spectra import (
+    Prepared,
+    Spectrum,
+    SpectrumError,
+    align,
+    alignment_shift,
+    edge_energy,
+    infer_edge,
+    mu_from_channels,
+)
+
+__all__ = ["REASONS", "Pipeline"]
+
+logger = logging.getLogger(__name__)
+
+#: Rejection reasons the pipeline itself gives (plus any ``SpectrumError.reason``).
+REASONS: frozenset[str] = frozenset(
+    {
+        "unknown_element",  # no element in the start and no tabulated edge in the energy range
+        "no_model",  # no bundle for the element/edge
+        "bad_channel",  # a needed channel is absent, non-positive or of another length
+        "not_finite",  # NaN/inf in mu or energy
+        "too_short",  # fewer than 3 distinct energies
+        "no_edge",  # no absorption edge near the tabulated energy
+        "no_post_edge",  # too few points above the edge to normalise
+        "window",  # data do not cover the model's energy window
+        "prediction_error",  # the ONNX graphs failed on this spectrum
+        "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
+    }
+)
+
+_CLOSED_MEMORY = 10_000
+
+
+@dataclass
+class _Work:
+    """One spectrum on its way through the pipeline."""
+
+    scan: ScanSpectrum
+    flags: list[str] = field(default_factory=list)
+    channels: dict[str, np.ndarray] = field(default_factory=dict)  # in ascending energy order
+    element: str | None = None
+    edge: str | None = None
+    predictor: Predictor | None = None
+    prepared: Prepared | None = None
+    shift: float | None = None
+    prediction: Prediction | None = None
+    reason: str | None = None
+    detail: str = ""
+
+    def fail(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
+class Pipeline:
+    """Turns assembly outputs into analysis-run documents; counts every outcome."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        counters: Counters | None = None,
+        *,
+        align: bool = True,
+        max_shift: float = 20.0,
+        align_search: float = 40.0,
+        observe_latency: bool = True,
+        validate: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock``: wall clock (epoch s) for document times and latencies.
+
+        ``observe_latency``: record each spectrum's raw-event-to-result latency in
+        ``counters`` (turn off when the caller measures after publishing instead).
+        ``validate``: check every composed document against the event-model schemas.
+        """
+        if max_shift < 0 or align_search <= 0:
+            raise ValueError("max_shift must be >= 0 and align_search > 0")
+        self.registry = registry
+        self.counters = counters if counters is not None else registry.counters
+        self.align = align
+        self.max_shift = float(max_shift)
+        self.align_search = float(align_search)
+        self.observe_latency = observe_latency
+        self.validate = validate
+        self.clock = clock
+        self._runs: dict[str, AnalysisRun] = {}
+        self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Raw uids whose analysis run is open."""
+        return list(self._runs)
+
+    def run(self, raw_uid: str) -> AnalysisRun | None:
+        """The open analysis run of a raw run, if any."""
+        return self._runs.get(raw_uid)
+
+    def handle(self, output: Output) -> list[Doc]:
+        """Documents for one assembly output."""
+        return self.handle_batch([output])
+
+    def handle_batch(self, outputs: Iterable[Output]) -> list[Doc]:
+        """Documents for many outputs, in order; predictions batched once per predictor."""
+        items = list(outputs)
+        works: dict[int, _Work] = {}
+        for i, out in enumerate(items):
+            if isinstance(out, SpectrumReady):
+                works[i] = self._prepare(out.spectrum)
+        self._predict([w for w in works.values() if w.reason is None])
+        docs: list[Doc] = []
+        for i, out in enumerate(items):
+            try:
+                if i in works:
+                    docs.extend(self._spectrum_docs(works[i]))
+                elif isinstance(out, RunOpened):
+                    docs.extend(self._opened(out))
+                elif isinstance(out, Rejected):
+                    docs.extend(self._rejected(out))
+                elif isinstance(out, RunClosed):
+                    docs.extend(self._closed(out))
+                else:
+                    logger.error("pipeline got a %s, not an assembly output", type(out).__name__)
+            except Exception:  # a bug here must not lose the rest of the batch
+                logger.exception("pipeline failed on %r", out)
+        return docs
+
+    def close_all(self, reason: str) -> list[Doc]:
+        """Stop every open analysis run (exit_status "abort"), e.g. at shutdown."""
+        docs: list[Doc] = []
+        for raw_uid in list(self._runs):
+            docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
+        return docs
+
+    def raw_uid_of(self, name: str, doc: dict[str, Any]) -> str | None:
+        """The raw run uid an analysis document (start/descriptor/event/stop) belongs to."""
+        if name == "start":
+            return doc.get("raw_uid")
+        if name in ("descriptor", "stop"):
+            return self._routes.get(doc.get("run_start", ""))
+        if name in ("event", "event_page"):
+            return self._routes.get(doc.get("descriptor", ""))
+        return None
+
+    # ------------------------------------------------------------------ science
+
+    def _prepare(self, scan: ScanSpectrum) -> _Work:
+        """Steps 1-5 up to (not including) prediction; failures set ``reason``."""
+        work = _Work(scan, flags=list(scan.flags))
+        try:
+            self._prepare_into(work)
+        except SpectrumError as exc:
+            work.fail(exc.reason, exc.message)
+        except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
+            logger.exception("pipeline bug on spectrum %s/%s", scan.raw_uid, scan.index)
+            work.fail("internal_error", f"{type(exc).__name__}: {exc}")
+        return work
+
+    def _prepare_into(self, work: _Work) -> None:
+        scan = work.scan
+        energy = np.asarray(scan.energy, dtype=np.float64)
+        if energy.ndim != 1 or energy.size == 0:
+            raise SpectrumError("bad_channel", f"energy has shape {energy.shape}")
+        element, edge = scan.element, scan.edge
+        if element is None:
+            finite = energy[np.isfinite(energy)]
+            guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
+            if guess is None:
+                lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0, 0)
+                raise SpectrumError(
+                    "unknown_element",
+                    f"no element in the start document and no tabulated edge inside "
+                    f"{lo:.0f}-{hi:.0f} eV",
+                )
+            element = guess[0]
+            edge = edge or guess[1]
+            work.flags.append("element_inferred")
+        elif edge is None:
+            finite = energy[np.isfinite(energy)]
+            guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
+            edge = guess[1] if guess is not None and guess[0] == element else "K"
+        work.element, work.edge = element, edge
+        predictor = self.registry.get(element, edge)
+        if predictor is None:
+            serving = ", ".join(f"{el} {ed}" for el, ed in self.registry.serving()) or "none"
+            raise SpectrumError(
+                "no_model", f"no model bundle for {element} {edge} (serving: {serving})"
+            )
+        work.predictor = predictor
+        mode = scan.mode
+        signal_name = {"transmission": "it", "fluorescence": "if"}.get(mode)
+        if signal_name is None:
+            raise SpectrumError("bad_channel", f"unknown measurement mode {mode!r}")
+        ch = scan.channels
+        if energy.size > 1 and energy[0] > energy[-1]:  # a down sweep: reverse once, not per copy
+            energy = energy[::-1]
+            ch = {name: np.asarray(a, dtype=np.float64)[::-1] for name, a in ch.items()}
+        work.channels = ch
+        if "i0" not in ch or signal_name not in ch:
+            raise SpectrumError("bad_channel", f"{mode} needs i0 and {signal_name}")
+        mu = mu_from_channels(mode, ch["i0"], ch[signal_name])  # type: ignore[arg-type]
+        if mu.shape != energy.shape:
+            raise SpectrumError(
+                "bad_channel", f"{energy.size} energies but {mu.size} channel values"
+            )
+        spectrum = Spectrum(
+            energy, mu, element, edge, meta={"raw_uid": scan.raw_uid, "index": scan.index}
+        )
+        if self.align:
+            spectrum = self._align(work, spectrum, energy)
+        work.prepared = predictor.prepare(spectrum)
+
+    def _align(self, work: _Work, spectrum: Spectrum, energy: np.ndarray) -> Spectrum:
+        """Reference-foil alignment, best effort (flags say why it was not applied)."""
+        ch = work.channels
+        if "ir" not in ch or "it" not in ch:
+            work.flags.append("no_reference")
+            return spectrum
+        assert work.element is not None and work.edge is not None
+        try:
+            tab = edge_energy(work.element, work.edge)
+            ref = Spectrum(energy, mu_from_channels("reference", ch["it"], ch["ir"]))
+            shift = alignment_shift(ref, work.element, work.edge, search=self.align_search)
+        except (SpectrumError, KeyError):
+            work.flags.append("align_failed")
+            return spectrum
+        if not _has_edge(ref, tab - shift):
+            work.flags.append("align_failed")
+            return spectrum
+        if abs(shift) > self.max_shift:
+            work.flags.append("align_out_of_range")
+            return spectrum
+        work.shift = shift
+        return align(spectrum, shift)
+
+    def _predict(self, works: list[_Work]) -> None:
+        """One ``predict_prepared`` call per predictor; a failing batch is retried one by one."""
+        groups: dict[int, list[_Work]] = {}
+        for w in works:
+            groups.setdefault(id(w.predictor), []).append(w)
+        for group in groups.values():
+            predictor = group[0].predictor
+            assert predictor is not None
+            try:
+                preds = predictor.predict_prepared([w.prepared for w in group])  # type: ignore[misc]
+            except Exception:
+                preds = None
+            if preds is not None and len(preds) == len(group):
+                for w, p in zip(group, preds, strict=True):
+                    w.prediction = p
+                continue
+            for w in group:
+                try:
+                    w.prediction = predictor.predict_prepared([w.prepared])[0]  # type: ignore[list-item]
+                except Exception as exc:
+                    w.fail(
+                        "prediction_error", f"{predictor.bundle_id}: {type(exc).__name__}: {exc}"
+                    )
+
+    # ------------------------------------------------------------------ documents
+
+    def _ensure_run(self, raw_uid: str) -> AnalysisRun:
+        run = self._runs.get(raw_uid)
+        if run is None:
+            logger.warning("output for raw run %s that was never opened; opening it now", raw_uid)
+            run = self._new_run(raw_uid, None, "unknown")
+        return run
+
+    def _new_run(self, raw_uid: str, start: dict[str, Any] | None, kind: str) -> AnalysisRun:
+        run = AnalysisRun(raw_uid, start, kind=kind, validate=self.validate, clock=self.clock)
+        self._runs[raw_uid] = run
+        self.counters.run_opened()
+        return run
+
+    def _route(self, run: AnalysisRun, docs: list[Doc]) -> list[Doc]:
+        """Remember which raw run the analysis start/descriptor uids belong to."""
+        for name, doc in docs:
+            if name in ("start", "descriptor"):
+                self._routes[doc["uid"]] = run.raw_uid
+                while len(self._routes) > 2 * _CLOSED_MEMORY:
+                    self._routes.popitem(last=False)
+        return docs
+
+    def _opened(self, out: RunOpened) -> list[Doc]:
+        if out.raw_uid not in self._runs:
+            self._new_run(out.raw_uid, out.start, out.kind)
+        return []
+
+    def _spectrum_docs(self, work: _Work) -> list[Doc]:
+        scan = work.scan
+        self.counters.spectrum_received()
+        run = self._ensure_run(scan.raw_uid)
+        now = self.clock()
+        latency = now - scan.event_time if math.isfinite(scan.event_time) else None
+        if work.reason is None and work.prediction is not None:
+            pred = work.prediction
+            row = ok_row(
+                scan.index,
+                pred,
+                energy_shift=work.shift,
+                flags=[*work.flags, *pred.flags],
+                latency_ms=None if latency is None else latency * 1e3,
+            )
+            self.counters.spectrum_analysed()
+        else:
+            reason = work.reason or "internal_error"
+            row = rejected_row(
+                scan.index,
+                reason,
+                work.detail,
+                flags=work.flags,
+                element=work.element,
+                edge=work.edge,
+                bundle_id=None if work.predictor is None else work.predictor.bundle_id,
+                energy_shift=work.shift,
+                latency_ms=None if latency is None else latency * 1e3,
+            )
+            self.counters.reject(reason, "analysis")
+        if self.observe_latency and latency is not None:
+            self.counters.observe_latency(latency)
+        return self._route(run, run.event(row))
+
+    def _rejected(self, out: Rejected) -> list[Doc]:
+        self.counters.reject(out.reason, "assembly")
+        run = self._runs.get(out.raw_uid) if out.raw_uid is not None else None
+        if run is None:
+            return []
+        row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
+        return self._route(run, run.event(row))
+
+    def _closed(self, out: RunClosed) -> list[Doc]:
+        self.counters.run_closed(out.exit_status)
+        run = self._runs.pop(out.raw_uid, None)
+        if run is None:
+            logger.warning("raw run %s closed but was never opened here", out.raw_uid)
+            run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
+            self.counters.run_opened()
+        docs = run.close(
+            out.exit_status, out.reason, seq_gaps=out.seq_gaps, missing_events=out.missing_events
+        )
+        return self._route(run, docs)
+
+
+def _has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:
+    """Whether a reference spectrum shows a clear edge step at ``e0`` (jump >> noise)."""
+    e, mu = ref.energy, ref.mu
+    pre = mu[(e >= e0 - outer) & (e <= e0 - inner)]
+    post = mu[(e >= e0 + inner) & (e <= e0 + outer)]
+    if pre.size < 3 or post.size < 3:
+        return False
+    jump = float(post.mean() - pre.mean())
+    noise = float(np.diff(pre).std()) / math.sqrt(2.0)  # point-to-point scatter below the edge
+    return jump > 10.0 * noise and jump > 0
