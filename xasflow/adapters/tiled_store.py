@@ -1,0 +1,683 @@
+"""Analysis runs stored in an embedded tiled catalog: no server to install, writes off the hot path.
+
+Layout of ``directory`` (everything the store owns lives there)::
+
+    catalog.db       tiled catalog (SQLite, WAL): one container per raw run, keyed by raw_uid
+    tables.sqlite    tabular storage (SQLite, WAL) for the appendable event tables
+                     (or tables.duckdb with ``table_backend="duckdb"``)
+    .writer.lock     flock held by the one process writing this store
+
+Each raw run becomes a container ``/<raw_uid>`` whose metadata is
+``{"start": <analysis start doc>, "descriptor": {uid, name, data_keys}, "stop": None | <stop doc>}``
+with one appendable table ``/<raw_uid>/<descriptor name, default "primary">`` holding one row per
+analysed spectrum. Columns are ``seq_num`` (int64), ``time`` (float64), then the descriptor's
+data keys in order: ``number`` -> float64, ``integer`` -> int64, ``string`` -> string,
+``boolean`` -> bool, ``array`` (e.g. a motif probability vector) -> a JSON-encoded string column,
+decoded back to a list by :func:`read_analysis`. All columns are nullable.
+
+Write path. ``add_event`` only validates the keys and appends to an in-memory queue; one writer
+thread groups rows per run and appends each batch (up to ``batch_size`` rows, or whatever a run
+has collected after ``flush_interval`` seconds) in a single SQL transaction. Only after that
+transaction commits are the rows' ``on_stored`` callbacks called: that is the store's
+acknowledgement, and an acknowledged row survives SIGKILL of the process. Catalog changes (new
+run containers and tables, stop metadata) go through tiled's own HTTP API served in-process
+(``Context.from_app``); row batches are appended by calling tiled's ``SQLAdapter.append_partition``
+on the same table directly, because the in-process HTTP round trip costs ~80 ms per batch
+against ~4 ms for the direct append. Reads go through the tiled client.
+
+Back-pressure. At most ``max_queue`` rows may be accepted but not yet committed; beyond that
+``add_event`` returns ``False`` at once, counts the row in ``stats()["dropped"]`` and never
+acknowledges it (the daemon can count it as not stored). Control calls are never dropped.
+
+Restart. ``seq_num`` is the per-run idempotency key: reopening an existing raw_uid leaves the
+container's metadata untouched, appends to the existing table, and a row whose ``seq_num`` is
+already stored is acknowledged without being written again (counted in ``duplicates``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["AnalysisStore", "StoreError", "read_analysis"]
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.db"
+TABLE_FILES = {"sqlite": "tables.sqlite", "duckdb": "tables.duckdb"}
+LOCK_FILE = ".writer.lock"
+DEFAULT_STREAM = "primary"
+SPEC = "xasflow_analysis"
+
+# Event-model data-key dtypes -> Arrow column types ("array" is stored as JSON text).
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "number": pa.float64(),
+    "integer": pa.int64(),
+    "string": pa.string(),
+    "boolean": pa.bool_(),
+    "array": pa.string(),
+}
+_FIXED_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("seq_num", pa.int64()),
+    ("time", pa.float64()),
+)
+_COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+_RETRY_DELAYS = (0.05, 0.25, 1.0)
+
+# Directories with a store open in this process: read_analysis(directory) reuses its client.
+_OPEN_STORES: dict[Path, AnalysisStore] = {}
+_OPEN_STORES_LOCK = threading.Lock()
+
+
+class StoreError(RuntimeError):
+    """The analysis store cannot be opened or used as asked."""
+
+
+@dataclass
+class _Run:
+    """Writer-side state of one open analysis run."""
+
+    raw_uid: str
+    stream: str
+    schema: pa.Schema
+    array_columns: frozenset[str]
+    metadata: dict[str, Any]
+    adapter: Any = None  # tiled.adapters.sql.SQLAdapter once the table exists
+    node: Any = None  # tiled client of the run's container
+    failed: bool = False
+    stored_seq: set[int] = field(default_factory=set)
+    pending: list[tuple[dict[str, Any], Callable[[], None] | None]] = field(default_factory=list)
+    first_pending_at: float = 0.0
+
+
+def _plain(obj: Any) -> Any:
+    """Return ``obj`` as plain JSON data (numpy scalars/arrays become Python numbers/lists)."""
+
+    def default(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if hasattr(value, "item"):
+            return value.item()
+        return str(value)
+
+    return json.loads(json.dumps(obj, default=default, allow_nan=True))
+
+
+def _seq_key(row: Mapping[str, Any]) -> int | None:
+    """The row's seq_num as an int (its idempotency key), or None when it has none."""
+    seq = row.get("seq_num")
+    if isinstance(seq, bool) or not isinstance(seq, int | float) or seq != seq:
+        return None
+    return int(seq)
+
+
+def _to_builtin(obj: Any) -> Any:
+    """Copy tiled's read-only metadata views into ordinary dicts and lists."""
+    if isinstance(obj, Mapping):
+        return {k: _to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_builtin(v) for v in obj]
+    return obj
+
+
+def schema_for_descriptor(descriptor: Mapping[str, Any]) -> tuple[pa.Schema, frozenset[str]]:
+    """Arrow schema of a run's event table from its descriptor, and its JSON-encoded columns."""
+    data_keys = descriptor.get("data_keys")
+    if not isinstance(data_keys, Mapping) or not data_keys:
+        raise ValueError("descriptor has no data_keys")
+    fields = [pa.field(name, dtype) for name, dtype in _FIXED_COLUMNS]
+    arrays: set[str] = set()
+    for name, key in data_keys.items():
+        if not isinstance(name, str) or not _COLUMN_NAME.match(name):
+            raise ValueError(
+                f"data key {name!r} is not usable as a column name (letters, digits, _; max 63)"
+            )
+        dtype = key.get("dtype") if isinstance(key, Mapping) else None
+        if dtype not in _ARROW_TYPES:
+            raise ValueError(f"data key {name!r} has unsupported dtype {dtype!r}")
+        if dtype == "array":
+            arrays.add(name)
+        fields.append(pa.field(name, _ARROW_TYPES[dtype]))
+    lowered = [f.name.lower() for f in fields]
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(
+            "descriptor data keys collide with each other or with seq_num/time "
+            "(column names are compared case-insensitively)"
+        )
+    return pa.schema(fields), frozenset(arrays)
+
+
+def _rows_to_table(
+    rows: list[dict[str, Any]], schema: pa.Schema, array_columns: frozenset[str]
+) -> pa.Table:
+    """Columnar Arrow table of ``rows`` (missing keys become nulls, arrays become JSON text)."""
+    columns: dict[str, list[Any]] = {}
+    for name in schema.names:
+        values = [row.get(name) for row in rows]
+        if name in array_columns:
+            values = [None if v is None else json.dumps(_plain(v)) for v in values]
+        columns[name] = values
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _ensure_catalog(catalog_path: Path) -> None:
+    """Create and stamp the tiled catalog database if it is new (in-process, ~0.5 s)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
+    from tiled.catalog.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
+    from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION, initialize_database
+    from tiled.utils import ensure_specified_sql_driver
+
+    uri = ensure_specified_sql_driver(f"sqlite:///{catalog_path}")
+    outcome: dict[str, Any] = {}
+
+    async def setup() -> bool:
+        engine = create_async_engine(uri)
+        try:
+            try:
+                await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+            except UninitializedDatabase:
+                await initialize_database(engine)
+                return True
+            return False
+        finally:
+            await engine.dispose()
+
+    def work() -> None:
+        # A thread of its own: asyncio.run() must not meet the caller's event loop, if any.
+        try:
+            if asyncio.run(setup()):
+                stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="xasflow-tiled-init")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise StoreError(f"cannot initialise tiled catalog {catalog_path}") from outcome["error"]
+
+
+@contextlib.contextmanager
+def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
+    """Yield a root tiled client over the catalog in ``directory``, served in-process."""
+    from tiled.catalog import from_uri
+    from tiled.client import Context, from_context
+    from tiled.server.app import build_app
+
+    tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
+    context = Context.from_app(build_app(tree))
+    try:
+        yield from_context(context)
+    finally:
+        context.close()
+
+
+class AnalysisStore:
+    """Writes analysis runs into an embedded tiled catalog from one background writer thread."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        batch_size: int = 256,
+        flush_interval: float = 0.2,
+        *,
+        max_queue: int = 100_000,
+        table_backend: Literal["sqlite", "duckdb"] = "sqlite",
+    ) -> None:
+        """Open (creating if needed) the store in ``directory`` and start the writer thread."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not flush_interval > 0:
+            raise ValueError("flush_interval must be positive")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if table_backend not in TABLE_FILES:
+            raise ValueError(f"table_backend must be one of {sorted(TABLE_FILES)}")
+        self.directory = Path(directory).expanduser().resolve()
+        self.batch_size = int(batch_size)
+        self.flush_interval = float(flush_interval)
+        self.max_queue = int(max_queue)
+        self.table_backend = table_backend
+
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, ...]] = deque()
+        self._columns: dict[str, frozenset[str]] = {}  # open runs, as seen by callers
+        self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
+        self._closing = False
+        self._closed = False
+        self._counts = {"stored": 0, "batches": 0, "errors": 0, "dropped": 0, "duplicates": 0}
+        self._runs: dict[str, _Run] = {}  # writer thread only
+        self._reader: Any = None
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        self._serving: contextlib.ExitStack | None = None
+        try:
+            with _OPEN_STORES_LOCK:
+                if self.directory in _OPEN_STORES:
+                    raise StoreError(f"{self.directory} is already open in this process")
+                _OPEN_STORES[self.directory] = self
+            _ensure_catalog(self.directory / CATALOG_FILE)
+            table_path = self.directory / TABLE_FILES[table_backend]
+            if table_backend == "sqlite":
+                # WAL: readers never block the writer; it persists in the file.
+                with contextlib.closing(sqlite3.connect(table_path)) as con:
+                    con.execute("PRAGMA journal_mode=WAL")
+            self._serving = contextlib.ExitStack()
+            self._root = self._serving.enter_context(
+                _serve(self.directory, [f"{table_backend}:///{table_path}"])
+            )
+        except BaseException:
+            self._release()
+            raise
+        self._writer = threading.Thread(
+            target=self._writer_loop,
+            name=f"xasflow-tiled-writer:{self.directory.name}",
+            daemon=True,
+        )
+        self._writer.start()
+
+    # ------------------------------------------------------------------ caller side
+    def open_run(self, raw_uid: str, start_doc: dict, descriptor: dict) -> None:
+        """Declare an analysis run (validated now, created or reopened by the writer thread)."""
+        if not isinstance(raw_uid, str) or not _KEY_NAME.match(raw_uid):
+            raise ValueError(f"raw_uid {raw_uid!r} is not usable as a tiled key")
+        schema, arrays = schema_for_descriptor(descriptor)
+        stream = descriptor.get("name") or DEFAULT_STREAM
+        if not isinstance(stream, str) or not _KEY_NAME.match(stream):
+            raise ValueError(f"descriptor name {stream!r} is not usable as a tiled key")
+        metadata = _plain(
+            {
+                "start": dict(start_doc),
+                "descriptor": {
+                    "uid": descriptor.get("uid"),
+                    "name": stream,
+                    "data_keys": descriptor["data_keys"],
+                },
+                "stop": None,
+            }
+        )
+        run = _Run(raw_uid, stream, schema, arrays, metadata)
+        with self._cond:
+            self._check_open()
+            self._columns[raw_uid] = frozenset(schema.names)
+            self._items.append(("open", run))
+            self._cond.notify()
+
+    def add_event(
+        self, raw_uid: str, row: dict[str, Any], on_stored: Callable[[], None] | None = None
+    ) -> bool:
+        """Queue one result row without blocking; ``on_stored`` runs once its batch has committed.
+
+        Returns False (and never calls ``on_stored``) when ``max_queue`` rows are already waiting.
+        """
+        columns = self._columns.get(raw_uid)
+        if columns is None:
+            raise KeyError(f"analysis run {raw_uid!r} is not open")
+        if not columns.issuperset(row):
+            raise ValueError(f"row has keys not in the descriptor: {sorted(set(row) - columns)}")
+        with self._cond:
+            self._check_open()
+            if self._backlog >= self.max_queue:
+                self._counts["dropped"] += 1
+                return False
+            self._backlog += 1
+            self._items.append(("row", raw_uid, dict(row), on_stored))
+            if len(self._items) == 1 or len(self._items) >= self.batch_size:
+                self._cond.notify()
+        return True
+
+    def close_run(self, raw_uid: str, stop_doc: dict) -> None:
+        """Record the stop document in the run's metadata once its queued rows are written."""
+        with self._cond:
+            self._check_open()
+            if self._columns.pop(raw_uid, None) is None:
+                raise KeyError(f"analysis run {raw_uid!r} is not open")
+            self._items.append(("close", raw_uid, _plain(dict(stop_doc))))
+            self._cond.notify()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued before this call is committed; False on timeout."""
+        done = threading.Event()
+        with self._cond:
+            if self._closed or self._closing:
+                closing = True
+            else:
+                closing = False
+                self._items.append(("flush", done))
+                self._cond.notify()
+        if closing:
+            self._writer.join(timeout)
+            return self.stats()["queued"] == 0
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Write everything queued, stop the writer thread and release the catalog."""
+        with self._cond:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            self._items.append(("stop",))
+            self._cond.notify()
+        self._writer.join()
+        with self._cond:
+            self._closed = True
+        self._release()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped, duplicates."""
+        with self._cond:
+            return {"queued": self._backlog, **self._counts}
+
+    def client(self) -> Any:
+        """A tiled client (root container) over this store's catalog, for readers and tests."""
+        self._check_open()
+        if self._reader is None:
+            from tiled.client import from_context
+
+            self._reader = from_context(self._root.context)
+        return self._reader
+
+    def __enter__(self) -> AnalysisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise StoreError("the analysis store is closed")
+
+    def _acquire_lock(self) -> int:
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.directory} is being written by another process "
+                "(the lock is released when that process exits, even by SIGKILL)"
+            ) from None
+        return fd
+
+    def _release(self) -> None:
+        if self._serving is not None:
+            self._serving.close()
+            self._serving = None
+        with _OPEN_STORES_LOCK:
+            if _OPEN_STORES.get(self.directory) is self:
+                del _OPEN_STORES[self.directory]
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ writer thread
+    def _writer_loop(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                stop = self._writer_step()
+            except Exception:  # keep the only writer alive whatever happens
+                logger.exception("analysis store: writer step failed")
+                self._count("errors")
+
+    def _writer_step(self) -> bool:
+        """Wait for work or a batch deadline, handle what is queued, commit what is due."""
+        stop = False
+        with self._cond:
+            while not self._items:
+                deadline = self._next_deadline()
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            items = list(self._items)
+            self._items.clear()
+        for item in items:
+            try:
+                stop = self._handle(item) or stop
+            except Exception:
+                logger.exception("analysis store: %s failed", item[0])
+                self._count("errors")
+        self._commit_due(force=stop)
+        return stop
+
+    def _next_deadline(self) -> float | None:
+        starts = [run.first_pending_at for run in self._runs.values() if run.pending]
+        return min(starts) + self.flush_interval if starts else None
+
+    def _handle(self, item: tuple[Any, ...]) -> bool:
+        kind = item[0]
+        if kind == "row":
+            _, raw_uid, row, callback = item
+            run = self._runs.get(raw_uid)
+            if run is None or run.failed:
+                self._finish_rows(1, errors=1)
+                return False
+            if not run.pending:
+                run.first_pending_at = time.monotonic()
+            run.pending.append((row, callback))
+            if len(run.pending) >= self.batch_size:
+                self._commit(run)
+        elif kind == "open":
+            self._open(item[1])
+        elif kind == "close":
+            self._close(item[1], item[2])
+        elif kind == "flush":
+            self._commit_due(force=True)
+            item[1].set()
+        elif kind == "stop":
+            return True
+        return False
+
+    def _open(self, run: _Run) -> None:
+        previous = self._runs.get(run.raw_uid)
+        if previous is not None and not previous.failed:
+            self._commit(previous)
+            if previous.schema.equals(run.schema) and previous.stream == run.stream:
+                return  # already open here: nothing to do
+        self._runs[run.raw_uid] = run
+        try:
+            self._with_retries(lambda: self._attach(run), f"open {run.raw_uid}")
+        except Exception:
+            run.failed = True
+            self._count("errors")
+            logger.exception("analysis store: cannot open run %s", run.raw_uid)
+
+    def _attach(self, run: _Run) -> None:
+        """Find or create the run's container and table, and the adapter that appends to it."""
+        from tiled.adapters.sql import SQLAdapter
+
+        root = self._root
+        if run.raw_uid in root:
+            node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
+        else:
+            node = root.create_container(key=run.raw_uid, metadata=run.metadata, specs=[SPEC])
+        if run.stream in node:
+            table = node[run.stream]
+            stored = table.structure().arrow_schema_decoded
+            if not stored.equals(run.schema):
+                raise StoreError(
+                    f"run {run.raw_uid} already has a {run.stream!r} table with columns "
+                    f"{stored.names}, not {run.schema.names}"
+                )
+        else:
+            table = node.create_appendable_table(run.schema, key=run.stream)
+        source = table.data_sources()[0]
+        run.adapter = SQLAdapter(
+            source.assets[0].data_uri,
+            table.structure(),
+            source.parameters["table_name"],
+            source.parameters["dataset_id"],
+        )
+        seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
+        run.stored_seq = {int(s) for s in seq}
+        run.node = node
+
+    def _close(self, raw_uid: str, stop_doc: dict) -> None:
+        run = self._runs.pop(raw_uid, None)
+        if run is None or run.failed:
+            self._count("errors")
+            logger.error("analysis store: close of run %s that did not open", raw_uid)
+            return
+        self._commit(run)
+        self._with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
+
+    def _commit_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for run in list(self._runs.values()):
+            if run.pending and (force or now - run.first_pending_at >= self.flush_interval):
+                self._commit(run)
+
+    def _commit(self, run: _Run) -> None:
+        """Append the run's pending rows in one transaction, then acknowledge them."""
+        pending, run.pending = run.pending, []
+        if not pending:
+            return
+        fresh: list[dict[str, Any]] = []
+        acks: list[Callable[[], None] | None] = []
+        seen: set[int] = set()
+        duplicates = 0
+        for row, callback in pending:
+            key = _seq_key(row)
+            if key is not None and (key in run.stored_seq or key in seen):
+                duplicates += 1  # already stored (or earlier in this batch): ack, don't rewrite
+            else:
+                fresh.append(row)
+                if key is not None:
+                    seen.add(key)
+            acks.append(callback)
+        bad = 0
+        if fresh:
+            try:
+                table = _rows_to_table(fresh, run.schema, run.array_columns)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                table, bad, acks = self._salvage(run, pending, fresh, seen)
+            try:
+                if table.num_rows:
+                    self._with_retries(
+                        lambda: run.adapter.append_partition(0, table), f"append {run.raw_uid}"
+                    )
+            except Exception:
+                logger.exception("analysis store: lost a batch of %d rows", len(fresh))
+                self._finish_rows(len(pending), errors=1)
+                return
+            run.stored_seq |= seen
+        with self._cond:
+            self._backlog -= len(pending)
+            self._counts["stored"] += len(fresh) - bad
+            self._counts["batches"] += 1 if len(fresh) > bad else 0
+            self._counts["duplicates"] += duplicates
+            self._counts["errors"] += bad
+        for callback in acks:
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("analysis store: on_stored callback raised")
+
+    def _salvage(
+        self,
+        run: _Run,
+        pending: list[tuple[dict[str, Any], Callable[[], None] | None]],
+        fresh: list[dict[str, Any]],
+        seen: set[int],
+    ) -> tuple[pa.Table, int, list[Callable[[], None] | None]]:
+        """Convert rows one by one when a batch will not convert, dropping (not acking) bad ones."""
+        good_ids: set[int] = set()
+        tables = []
+        for row in fresh:
+            try:
+                tables.append(_rows_to_table([row], run.schema, run.array_columns))
+                good_ids.add(id(row))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                logger.error(
+                    "analysis store: run %s: row %r does not fit its columns", run.raw_uid, row
+                )
+                seen.discard(_seq_key(row))
+        fresh_ids = {id(row) for row in fresh}
+        acks = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
+        table = pa.concat_tables(tables) if tables else run.schema.empty_table()
+        return table, len(fresh) - len(tables), acks
+
+    def _with_retries(self, action: Callable[[], Any], what: str) -> Any:
+        for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
+            try:
+                return action()
+            except Exception:
+                if delay is None:
+                    raise
+                logger.warning(
+                    "analysis store: %s failed (attempt %d), retrying", what, attempt + 1
+                )
+                time.sleep(delay)
+        return None
+
+    def _finish_rows(self, n: int, errors: int) -> None:
+        with self._cond:
+            self._backlog -= n
+            self._counts["errors"] += errors
+
+    def _count(self, name: str) -> None:
+        with self._cond:
+            self._counts[name] += 1
+
+
+def read_analysis(
+    directory_or_client: str | Path | AnalysisStore | Any, raw_uid: str
+) -> tuple[dict, pandas.DataFrame]:
+    """Metadata (start, descriptor, stop) and rows (sorted by seq_num) of a stored run, via tiled.
+
+    Accepts a store directory, an open ``AnalysisStore`` or a tiled client of the catalog root.
+    """
+    source = directory_or_client
+    if isinstance(source, str | Path):
+        directory = Path(source).expanduser().resolve()
+        with _OPEN_STORES_LOCK:
+            open_store = _OPEN_STORES.get(directory)
+        if open_store is not None:
+            return read_analysis(open_store, raw_uid)
+        if not (directory / CATALOG_FILE).exists():
+            raise FileNotFoundError(f"no analysis store at {directory}")
+        uris = [
+            f"{backend}:///{directory / name}"
+            for backend, name in TABLE_FILES.items()
+            if (directory / name).exists()
+        ]
+        with _serve(directory, uris) as root:
+            return read_analysis(root, raw_uid)
+    if isinstance(source, AnalysisStore):
+        source = source.client()
+    node = source[raw_uid]
+    metadata = _to_builtin(node.metadata)
+    descriptor = metadata.get("descriptor") or {}
+    frame = node[descriptor.get("name") or DEFAULT_STREAM].read()
+    for name, key in (descriptor.get("data_keys") or {}).items():
+        if key.get("dtype") == "array" and name in frame:
+            frame[name] = [None if v is None else json.loads(v) for v in frame[name]]
+    if "seq_num" in frame and len(frame):
+        frame = frame.sort_values("seq_num", kind="stable").reset_index(drop=True)
+    return metadata, frame
