@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--show-issues", type=int, default=10)
     d.set_defaults(func=cmd_dataset)
+
+    from xasflow.daemon.commands import add_commands
+
+    add_commands(sub)  # serve, demo
     return p
 
 

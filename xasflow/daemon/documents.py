@@ -11,6 +11,8 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 * **event**: one per raw spectrum analysed (``status "ok"``) or rejected (``status
   "rejected"`` with ``reason`` / ``detail``), plus one per assembly rejection that belongs
   to the run (a malformed event, a duplicate ...). Values that do not apply are None.
+* extra streams (:meth:`AnalysisRun.stream_event`): e.g. ``"recommendations"``
+  (:mod:`xasflow.daemon.recommend`), one descriptor each, composed before its first event.
 * **stop**: ``exit_status`` mirrors the raw run's (``"timeout"``, a raw run whose stop never
   came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``), ``num_events``, and extra
   fields ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``,
@@ -142,11 +144,12 @@ def ok_row(
         row["cn_probability"] = cn.confidence
         if cn.probabilities is not None:
             row["cn_probabilities"] = json.dumps(cn.probabilities)
-    env = res.get("environment")
+    env = res.get("environment")  # top CN-motif label (classifier)
     if env is not None:
         row["motif"] = str(env.value)
-        if env.ranking is not None:
-            row["motif_ranking"] = json.dumps([[label, score] for label, score in env.ranking])
+    motifs = res.get("motifs") or env  # ranked CN-motif label set (multi-output regressor)
+    if motifs is not None and motifs.ranking is not None:
+        row["motif_ranking"] = json.dumps([[label, score] for label, score in motifs.ranking])
     dist = res.get("distance")
     if dist is not None:
         row["distance"] = _num(dist.value)
@@ -218,6 +221,8 @@ class AnalysisRun:
         self.stop_doc: dict[str, Any] | None = None
         self._bundle: Any = None
         self._compose_event: Any = None
+        self._streams: dict[str, Any] = {}  # extra stream name -> its compose_event
+        self.stream_descriptors: dict[str, dict[str, Any]] = {}
 
     @property
     def started(self) -> bool:
@@ -283,6 +288,39 @@ class AnalysisRun:
         bundle_id = data.get("bundle_id")
         if bundle_id and bundle_id not in self.bundle_ids:
             self.bundle_ids.append(bundle_id)
+        docs.append(("event", dict(event)))
+        return docs
+
+    def stream_event(
+        self, stream: str, data_keys: Mapping[str, Mapping[str, Any]], row: Mapping[str, Any]
+    ) -> list[Doc]:
+        """One event in an extra stream (e.g. ``recommendations``); its descriptor comes first.
+
+        Extra streams do not count as analysed/rejected spectra. The start document is composed
+        here only if no ``primary`` event came first (it then names no bundle).
+        """
+        if self.stop_doc is not None:
+            raise RuntimeError(f"analysis run for {self.raw_uid} is closed")
+        if stream == ANALYSIS_STREAM:
+            raise ValueError(f"use event() for the {ANALYSIS_STREAM!r} stream")
+        docs = self._open(None)
+        now = self.clock()
+        compose = self._streams.get(stream)
+        if compose is None:
+            desc = self._bundle.compose_descriptor(
+                name=stream,
+                data_keys={k: dict(v) for k, v in data_keys.items()},
+                object_keys={"xasflow": list(data_keys)},
+                time=now,
+                validate=self.validate,
+            )
+            compose = self._streams[stream] = desc.compose_event
+            self.stream_descriptors[stream] = dict(desc.descriptor_doc)
+            docs.append(("descriptor", self.stream_descriptors[stream]))
+        data = {k: row.get(k) for k in data_keys}
+        event = compose(
+            data=data, timestamps=dict.fromkeys(data_keys, now), time=now, validate=self.validate
+        )
         docs.append(("event", dict(event)))
         return docs
 

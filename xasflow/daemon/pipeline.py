@@ -21,6 +21,9 @@ For each spectrum (``SpectrumReady``):
    flags ``align_out_of_range``; the spectrum is then analysed unaligned.
 5. the bundle's preprocessing (``Predictor.prepare``: ``no_edge``, ``no_post_edge``,
    ``window``, ...) and the ONNX graphs, batched per predictor over the whole call.
+6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), every
+   analysed spectrum's event is followed by an event of the run's ``recommendations``
+   stream: what to measure next, stop early, rescan (:mod:`xasflow.daemon.recommend`).
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
@@ -49,6 +52,11 @@ from xasflow.daemon.assembly import (
 )
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
+from xasflow.daemon.recommend import (
+    RecommendationTracker,
+    RecommenderConfig,
+    recommendation_docs,
+)
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import Prediction, Predictor
 from xasflow.spectra import (
@@ -119,8 +127,11 @@ class Pipeline:
         observe_latency: bool = True,
         validate: bool = False,
         clock: Callable[[], float] = time.time,
+        recommend: RecommenderConfig | None = None,
     ) -> None:
         """``clock``: wall clock (epoch s) for document times and latencies.
+
+        ``recommend``: emit a ``recommendations`` stream in each analysis run (None: off).
 
         ``observe_latency``: record each spectrum's raw-event-to-result latency in
         ``counters`` (turn off when the caller measures after publishing instead).
@@ -136,6 +147,7 @@ class Pipeline:
         self.observe_latency = observe_latency
         self.validate = validate
         self.clock = clock
+        self.recommendations = RecommendationTracker(recommend) if recommend is not None else None
         self._runs: dict[str, AnalysisRun] = {}
         self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
 
@@ -372,7 +384,24 @@ class Pipeline:
             self.counters.reject(reason, "analysis")
         if self.observe_latency and latency is not None:
             self.counters.observe_latency(latency)
-        return self._route(run, run.event(row))
+        docs = run.event(row)
+        if self.recommendations is not None and row["status"] == "ok":
+            docs.extend(self._recommend(run, work))
+        return self._route(run, docs)
+
+    def _recommend(self, run: AnalysisRun, work: _Work) -> list[Doc]:
+        """The ``recommendations`` event that follows an analysed spectrum (none on a bug)."""
+        assert self.recommendations is not None
+        pred, predictor = work.prediction, work.predictor
+        if pred is None or predictor is None:
+            return []
+        try:
+            spectrum = work.prepared.spectrum if work.prepared is not None else None
+            rec = self.recommendations.update(run.raw_uid, predictor.manifest, pred, spectrum)
+            return recommendation_docs(run, work.scan.index, rec)
+        except Exception:  # advice is optional; the prediction is already recorded
+            logger.exception("recommendation failed for %s/%s", run.raw_uid, work.scan.index)
+            return []
 
     def _rejected(self, out: Rejected) -> list[Doc]:
         self.counters.reject(out.reason, "assembly")
@@ -384,6 +413,8 @@ class Pipeline:
 
     def _closed(self, out: RunClosed) -> list[Doc]:
         self.counters.run_closed(out.exit_status)
+        if self.recommendations is not None:
+            self.recommendations.close(out.raw_uid)
         run = self._runs.pop(out.raw_uid, None)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)

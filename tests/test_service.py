@@ -1,0 +1,782 @@
+"""The daemon's service shell: configuration, the wired Daemon on a loopback 0MQ proxy, HTTP, stop.
+
+A tiny Cu K bundle is trained from the synthetic FEFF tree (a few seconds); documents are
+composed here with event-model and published with ``ZmqDocumentPublisher`` through an
+in-process 0MQ forwarder (SUB/PUB, like bluesky's proxy), so no ophyd or RunEngine is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from event_model import compose_run
+from synthetic_feff import model_mu, write_tree
+
+from xasflow.adapters.tiled_store import read_analysis
+from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
+from xasflow.daemon.commands import add_commands
+from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
+from xasflow.daemon.service import PROBE_KEY, Daemon
+
+CU_K = 8978.9
+DEADLINE_S = 20.0
+ANALYSIS = "xasflow-analysis"
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/ directory holding one tiny Cu K bundle (synthetic FEFF tree, 4 trees)."""
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, export_bundle, train
+
+    root = tmp_path_factory.mktemp("bundle")
+    tree = write_tree(root / "feff", per_type=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(root / "cache"))
+        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    cfg = TrainConfig(n_estimators=4, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
+    export_bundle(train(ds, cfg, log=lambda *_: None), root / "models" / "cu-k")
+    return root / "models"
+
+
+class LoopbackProxy:
+    """bluesky's proxy in miniature: a SUB bound for publishers forwarding to a PUB bound for
+    subscribers, in a thread (``zmq.proxy``); ``close()`` ends it."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        front = self.ctx.socket(zmq.SUB)
+        back = self.ctx.socket(zmq.PUB)
+        for sock in (front, back):
+            sock.setsockopt(zmq.LINGER, 0)
+        front.setsockopt(zmq.RCVHWM, 100_000)
+        back.setsockopt(zmq.SNDHWM, 100_000)
+        front.setsockopt(zmq.SUBSCRIBE, b"")
+        self.in_address = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
+        self.out_address = f"tcp://127.0.0.1:{back.bind_to_random_port('tcp://127.0.0.1')}"
+
+        def run() -> None:
+            try:
+                zmq.proxy(front, back)
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                front.close(0)
+                back.close(0)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.ctx.term()
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def shared_proxy() -> Iterator[LoopbackProxy]:
+    """The proxy of the module-wide daemon (``harness``)."""
+    p = LoopbackProxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[LoopbackProxy]:
+    """A proxy of its own, so no other daemon sees this test's documents."""
+    p = LoopbackProxy()
+    yield p
+    p.close()
+
+
+class Results:
+    """Analysis documents on the bus (subscribed on the analysis prefix), grouped by raw run."""
+
+    def __init__(self, address: str) -> None:
+        self.source = ZmqDocumentSource(ZmqInputConfig(address=address, prefix=ANALYSIS.encode()))
+        self.source.start()
+        self.docs: Docs = []
+        self.probes: set[str] = set()
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            item = self.source.get(timeout=0.05)
+            if item is None:
+                continue
+            with self._lock:
+                if PROBE_KEY in item[1]:
+                    self.probes.add(item[1][PROBE_KEY])
+                else:
+                    self.docs.append(item)
+                self._lock.notify_all()
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """raw uid -> {"start", "descriptor", "events", "stop"} of the analysis runs seen."""
+        with self._lock:
+            docs = list(self.docs)
+        by_start: dict[str, dict[str, Any]] = {}
+        by_desc: dict[str, dict[str, Any]] = {}
+        for name, doc in docs:
+            if name == "start":
+                by_start[doc["uid"]] = {"start": doc, "events": [], "stop": None}
+            elif name == "descriptor":
+                by_desc[doc["uid"]] = by_start[doc["run_start"]]
+                by_start[doc["run_start"]]["descriptor"] = doc
+            elif name == "event":
+                by_desc[doc["descriptor"]]["events"].append(doc["data"])
+            elif name == "stop":
+                by_start[doc["run_start"]]["stop"] = doc
+        return {run["start"]["raw_uid"]: run for run in by_start.values()}
+
+    def wait(self, raw_uids: list[str], timeout: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
+        """The finished analysis runs of ``raw_uids`` (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.runs()
+            if all(u in runs and runs[u]["stop"] is not None for u in raw_uids):
+                return {u: runs[u] for u in raw_uids}
+            assert time.monotonic() < deadline, f"analysis runs missing; have {list(runs)}"
+            with self._lock:
+                self._lock.wait(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.source.close()
+
+
+def warm_up(pub: ZmqDocumentPublisher, seen_by_daemon: Any, results: Results) -> None:
+    """Probe runs until the daemon and the results subscriber both see them (slow joiner)."""
+    token = uuid.uuid4().hex
+    echo = ZmqDocumentPublisher(pub.endpoint, prefix=ANALYSIS.encode())
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        for i in range(100_000):
+            uid = f"probe-{token}-{i}"
+            pub("start", {"uid": uid, "time": time.time(), PROBE_KEY: token})
+            pub("stop", {"uid": f"{uid}-stop", "run_start": uid, "time": time.time()})
+            echo("start", {"uid": uid, "time": time.time(), PROBE_KEY: token})
+            if seen_by_daemon(token) and token in results.probes:
+                return
+            assert time.monotonic() < deadline, "warm-up: probes never arrived"
+            time.sleep(0.02)
+    finally:
+        echo.close()
+
+
+def transmission(
+    energy: np.ndarray, *, shift: float = 0.0, kind: str = "CuO", seed: int = 0
+) -> dict[str, np.ndarray]:
+    """I0, It, Ir counts of a synthetic Cu spectrum (training-like) and a Cu foil, both
+    measured on a mono reading ``shift`` eV too low."""
+    height, width, e_shift, nn = {"CuO": (1.6, 6.0, 4.0, 2.1), "Cu2O": (0.6, 3.0, 0.0, 1.85)}[kind]
+    true = energy + shift
+    rng = np.random.default_rng(seed)
+    mu = model_mu(true, CU_K + e_shift, height, width, nn)
+    ref = 0.5 + np.arctan((true - CU_K) / 1.5) / np.pi
+    i0 = 1e9 * (1 + 0.01 * rng.standard_normal(energy.size))
+    it = i0 * np.exp(-mu - 0.3)
+    return {"I0": i0, "It": it, "Ir": it * np.exp(-ref)}
+
+
+STEP_GRID = np.concatenate(
+    (np.arange(8800.0, 8960.0, 5.0), np.arange(8960.0, 9040.0, 0.5), np.arange(9040.0, 9400, 4.0))
+)
+
+
+def step_scan(
+    energy: np.ndarray,
+    channels: dict[str, np.ndarray],
+    md: dict[str, Any] | None = None,
+    *,
+    stop: bool = True,
+) -> tuple[str, Docs]:
+    """A step scan's documents: one scalar event per energy."""
+    run = compose_run(metadata={"element": "Cu", "edge": "K", **(md or {})})
+    keys = {k: {"source": "sim", "dtype": "number", "shape": []} for k in ("energy", *channels)}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    docs: Docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for i, e in enumerate(energy):
+        data = {"energy": float(e), **{k: float(v[i]) for k, v in channels.items()}}
+        now = time.time()
+        docs.append(
+            (
+                "event",
+                desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), seq_num=i + 1),
+            )
+        )
+    if stop:
+        docs.append(("stop", run.compose_stop()))
+    return run.start_doc["uid"], docs
+
+
+def fly_scan(
+    energy: np.ndarray, spectra: list[dict[str, np.ndarray]], md: dict[str, Any] | None = None
+) -> tuple[str, Docs]:
+    """A fly scan's documents: one event per whole spectrum (array data keys)."""
+    run = compose_run(metadata={"element": "Cu", "edge": "K", **(md or {})})
+    n = energy.size
+    keys = {k: {"source": "sim", "dtype": "array", "shape": [n]} for k in ("energy", *spectra[0])}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    docs: Docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for i, channels in enumerate(spectra):
+        data = {"energy": energy, **channels}
+        now = time.time()
+        docs.append(
+            (
+                "event",
+                desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), seq_num=i + 1),
+            )
+        )
+    docs.append(("stop", run.compose_stop()))
+    return run.start_doc["uid"], docs
+
+
+def publish(pub: ZmqDocumentPublisher, docs: Docs) -> None:
+    for name, doc in docs:
+        pub(name, doc)
+
+
+def daemon_config(
+    models_dir: Path, proxy: LoopbackProxy, store: Path, **analysis: Any
+) -> DaemonConfig:
+    return DaemonConfig().with_updates(
+        {
+            "input": {"address": proxy.out_address},
+            "output": {"address": proxy.in_address, "prefix": ANALYSIS},
+            "models": {"directory": str(models_dir), "watch_interval_s": 0.5},
+            "storage": {"directory": str(store), "flush_interval_s": 0.05},
+            "http": {"port": 0},
+            "analysis": analysis,
+        }
+    )
+
+
+class Harness:
+    """A started Daemon with a publisher and a results subscriber, warmed up."""
+
+    def __init__(self, config: DaemonConfig, proxy: LoopbackProxy) -> None:
+        self.daemon = Daemon(config)
+        self.daemon.start()
+        self.pub = ZmqDocumentPublisher(proxy.in_address)
+        self.results = Results(proxy.out_address)
+        warm_up(self.pub, lambda t: t in self.daemon.health()["probes"]["tokens"], self.results)
+
+    def close(self) -> None:
+        self.daemon.stop()
+        self.pub.close()
+        self.results.close()
+
+
+@pytest.fixture(scope="module")
+def harness(
+    models_dir: Path, shared_proxy: LoopbackProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Harness]:
+    store = tmp_path_factory.mktemp("store")
+    cfg = daemon_config(models_dir, shared_proxy, store, run_timeout_s=1.5, timeout_check_s=0.1)
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "xasflow.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        "input:\n  address: 10.0.0.5:5578\n  prefix: raw\n  overflow: drop_oldest\n"
+        "channels:\n  i0: ion0\n  it: [ion1, It]\n  if: [pips]\n  mode: transmission\n"
+        "storage:\n  directory: results\n"
+        "models:\n"  # an empty section is allowed
+    )
+    env = {
+        "XASFLOW__INPUT__ADDRESS": "tcp://beamline:5578",
+        "XASFLOW__HTTP__PORT": "9001",
+        "XASFLOW__INPUT__FORMATS": "[msgpack]",
+        "XASFLOW__ANALYSIS__ELEMENT": "cu",
+        "XASFLOW__OUTPUT__PREFIX": "123",  # kept as text, never read as a number
+        "XASFLOW_SHARED_DATA": "/elsewhere",  # single underscore: not ours
+    }
+    cfg = load_config(path, env)
+    assert cfg.input.address == "tcp://beamline:5578"
+    assert cfg.input.prefix == "raw" and cfg.input.overflow == "drop_oldest"
+    assert cfg.input.formats == ("msgpack",)
+    assert cfg.http.port == 9001 and cfg.http.host == "127.0.0.1"
+    assert cfg.analysis.element == "Cu" and cfg.analysis.prefer == "start"
+    assert cfg.output.prefix == "123"
+    assert cfg.storage.directory == path.parent / "results"  # relative to the file
+    assert cfg.models.directory.name == "models"
+    zin = cfg.input.to_zmq()
+    assert (zin.address, zin.prefix, zin.formats) == ("tcp://beamline:5578", b"raw", ("msgpack",))
+    cmap = cfg.channels.to_channel_map()
+    assert cmap.i0 == ("ion0",) and cmap.it == ("ion1", "It") and cmap.if_ == ("pips",)
+    assert cmap.mode == "transmission" and cmap.energy[0] == "energy"
+    defaults = load_config(None, {})
+    assert defaults.input.address == "tcp://127.0.0.1:5578"
+    assert defaults.output.address == "tcp://127.0.0.1:5577"
+    assert defaults.storage.enabled and defaults.analysis.run_timeout_s == 60.0
+    assert env_overrides({"XASFLOW__ANALYSIS__EDGE": "null"}) == {"analysis": {"edge": None}}
+
+
+def test_example_config_documents_the_defaults() -> None:
+    from xasflow import paths
+
+    example = paths.REPO_ROOT / "examples" / "xasflow.yaml"
+    cfg = load_config(example, {})
+    assert cfg.models.directory == paths.REPO_ROOT / "models"
+    assert cfg.storage.directory == example.parent / "xasflow-store"
+    defaults = DaemonConfig()
+    for section in ("input", "channels", "analysis", "output", "http"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    assert cfg.models == defaults.models
+    assert cfg.storage.model_dump(exclude={"directory"}) == defaults.storage.model_dump(
+        exclude={"directory"}
+    )
+
+
+def test_config_errors_name_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("input:\n  adress: x\n  overflow: wait\nhttp:\n  port: 70000\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    text = str(err.value)
+    assert str(path) in text
+    assert "input.adress: unknown setting" in text
+    assert "input.overflow" in text and "'wait'" in text
+    assert "http.port" in text
+    with pytest.raises(ConfigError, match=r"XASFLOW__HTTP__PORT.*\n.*http\.port"):
+        load_config(None, {"XASFLOW__HTTP__PORT": "eighty"})
+    with pytest.raises(ConfigError, match="XASFLOW__SECTION__KEY"):
+        load_config(None, {"XASFLOW__PORT": "1"})
+    with pytest.raises(ConfigError, match="analyse its own results"):
+        load_config(None, {"XASFLOW__INPUT__PREFIX": "a", "XASFLOW__OUTPUT__PREFIX": "a"})
+    with pytest.raises(ConfigError, match="prefix must not contain spaces"):
+        load_config(None, {"XASFLOW__INPUT__PREFIX": "a b"})
+    with pytest.raises(ConfigError, match="not an element symbol"):
+        load_config(None, {"XASFLOW__ANALYSIS__ELEMENT": "Copper"})
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "missing.yaml", {})
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "list.yaml", {})
+    (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml", {})
+
+
+def test_serve_check_prints_effective_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    path = tmp_path / "x.yaml"
+    path.write_text("http:\n  port: 8700\n")
+    monkeypatch.setenv("XASFLOW__OUTPUT__ENABLED", "false")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["serve", "--config", str(path), "--check"])
+    assert args.func(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["http"]["port"] == 8700 and shown["output"]["enabled"] is False
+    assert shown["channels"]["if"][0] == "If"
+    args = parser.parse_args(["demo", "--scans", "2", "--fly"])
+    assert (args.scans, args.fly, args.duration) == (2, True, 0.0)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def test_step_and_fly_scans_analysed_on_bus_and_in_store(harness: Harness) -> None:
+    d = harness.daemon
+    before = d.counters.snapshot()
+    step_uid, step_docs = step_scan(STEP_GRID, transmission(STEP_GRID, shift=1.5))
+    fly_e = np.linspace(8800.0, 9400.0, 1000)
+    spectra = [
+        transmission(fly_e, shift=-1.0, kind=k, seed=i)
+        for i, k in enumerate(("CuO", "Cu2O", "CuO"))
+    ]
+    fly_uid, fly_docs = fly_scan(fly_e, spectra, {"sample_name": "mixture"})
+    publish(harness.pub, step_docs + fly_docs)
+    runs = harness.results.wait([step_uid, fly_uid])
+
+    step = runs[step_uid]
+    assert step["start"]["raw_uid"] == step_uid and step["start"]["scan_kind"] == "step"
+    assert step["start"]["bundle_id"] == d.models()[0]["bundle_id"]
+    assert [e["status"] for e in step["events"]] == ["ok"]
+    ev = step["events"][0]
+    assert ev["cn"] in (2, 4, 6) and ev["element"] == "Cu" and ev["edge"] == "K"
+    assert ev["energy_shift"] == pytest.approx(1.5, abs=0.3)  # aligned on the foil channel
+    assert step["stop"]["exit_status"] == "success" and step["stop"]["n_analysed"] == 1
+    fly = runs[fly_uid]
+    assert fly["start"]["scan_kind"] == "fly"
+    assert [e["index"] for e in fly["events"]] == [0, 1, 2]
+    assert all(e["status"] == "ok" for e in fly["events"])
+    assert all(e["energy_shift"] == pytest.approx(-1.0, abs=0.3) for e in fly["events"])
+    assert fly["stop"]["n_analysed"] == 3
+
+    after = d.counters.snapshot()
+    assert after["spectra_analysed"] - before["spectra_analysed"] == 4
+    assert after["spectra_received"] - before["spectra_received"] == 4
+    # the stored rows equal what was published, readable back by raw uid via tiled
+    assert d.store.flush(10)
+    for uid, run in runs.items():
+        md, rows = read_analysis(d.store, uid)
+        assert md["start"]["raw_uid"] == uid and md["stop"]["exit_status"] == "success"
+        assert rows["index"].tolist() == [e["index"] for e in run["events"]]
+        assert rows["cn"].tolist() == [e["cn"] for e in run["events"]]
+        assert rows["distance"].tolist() == pytest.approx([e["distance"] for e in run["events"]])
+    assert d.echo_dropped > 0  # its own results came back through the proxy and were ignored
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+    marker = ""
+
+
+def test_hostile_and_broken_inputs_are_rejected_with_reasons(
+    harness: Harness, tmp_path: Path
+) -> None:
+    d, pub = harness.daemon, harness.pub
+    before = d.counters.snapshot()
+    # --- wire level: garbage, a port scanner, pickles that are not plain data
+    _Evil.marker = str(tmp_path / "pwned")
+    pub.send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a TLS hello: no spaces
+    pub.send_raw(b"GET / HTTP/1.1\r\nHost: daemon\r\n\r\n")
+    pub.send_raw(b" start " + pickle.dumps(_Evil(), protocol=4))
+    pub.send_raw(b" start " + pickle.dumps({"uid": "x", "time": 1.0, "f": Fraction(1, 3)}))
+    pub.send_raw(b" start " + bytes(range(200, 256)))  # random body
+    # --- documents: malformed, orphaned
+    pub("start", {"time": 1.0})  # no uid
+    pub("event", {"descriptor": 42, "uid": "e"})
+    pub("stop", {"uid": "s", "run_start": "never-started", "time": 1.0})
+    # --- runs that cannot become predictions
+    nostop_uid, nostop = step_scan(STEP_GRID, transmission(STEP_GRID), stop=False)
+    fe_grid = np.linspace(7000.0, 7400.0, 300)
+    fe_uid, fe_docs = fly_scan(fe_grid, [transmission(fe_grid)], {"element": "Fe"})
+    nowhere = np.linspace(30000.0, 30100.0, 200)
+    unknown_uid, unknown_docs = fly_scan(
+        nowhere, [transmission(nowhere)], {"element": None, "edge": None}
+    )
+    fly_e = np.linspace(8800.0, 9400.0, 800)
+    nan_spec = transmission(fly_e)
+    nan_spec["It"] = np.full(fly_e.size, np.nan)
+    nan_uid, nan_docs = fly_scan(fly_e, [nan_spec, transmission(fly_e, seed=3)])
+    for docs in (nostop, fe_docs, unknown_docs, nan_docs):
+        publish(pub, docs)
+    # --- and after all that, a good scan is still analysed
+    good_uid, good_docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=9))
+    publish(pub, good_docs)
+
+    runs = harness.results.wait([fe_uid, unknown_uid, nan_uid, good_uid, nostop_uid])
+    assert not Path(_Evil.marker).exists()
+    assert runs[good_uid]["events"][0]["status"] == "ok"
+    fe_event = runs[fe_uid]["events"][0]
+    assert (fe_event["status"], fe_event["reason"]) == ("rejected", "no_model")
+    assert "Fe K" in fe_event["detail"]
+    assert runs[unknown_uid]["events"][0]["reason"] == "unknown_element"
+    assert [(e["index"], e["status"], e["reason"]) for e in runs[nan_uid]["events"]] == [
+        (0, "rejected", "nan_data"),
+        (1, "ok", ""),
+    ]
+    nostop_run = runs[nostop_uid]
+    assert [e["reason"] for e in nostop_run["events"]] == ["missing_stop"]
+    assert nostop_run["stop"]["exit_status"] == "fail"
+    assert nostop_run["stop"]["raw_exit_status"] == "timeout"
+    assert nostop_run["stop"]["reason"].startswith("stop_timeout")
+
+    def delta(snap_key: str, *path: str) -> int:
+        def dig(s: dict[str, Any]) -> int:
+            for p in path:
+                s = s.get(p, {})
+            return int(s) if isinstance(s, int) else 0
+
+        return dig(after[snap_key]) - dig(before[snap_key])
+
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # decode errors are folded in from the input's counters every 0.25 s
+        after = d.health()["counters"]
+        if sum(after["decode_errors"].values()) - sum(before["decode_errors"].values()) >= 5:
+            break
+        assert time.monotonic() < deadline, after["decode_errors"]
+        time.sleep(0.05)
+    assert delta("decode_errors", "bad_framing") == 1
+    assert delta("decode_errors", "unknown_document") == 1
+    assert delta("decode_errors", "forbidden_global") == 2
+    assert delta("decode_errors", "msgpack_invalid") == 1
+    assert delta("rejected_by_stage", "assembly", "malformed_document") == 2
+    assert delta("rejected_by_stage", "assembly", "unknown_run") == 1
+    assert delta("rejected_by_stage", "assembly", "missing_stop") == 1
+    assert delta("rejected_by_stage", "assembly", "nan_data") == 1
+    assert delta("rejected_by_stage", "analysis", "no_model") == 1
+    assert delta("rejected_by_stage", "analysis", "unknown_element") == 1
+    assert after["spectra_analysed"] - before["spectra_analysed"] == 2
+    assert after["runs_closed"]["timeout"] >= 1
+    assert d.ready and d.health()["internal_errors"] == 0
+
+
+def test_metrics_and_health_endpoints(harness: Harness) -> None:
+    d = harness.daemon
+    uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=4))
+    publish(harness.pub, docs)
+    harness.results.wait([uid])
+    status, body = get(f"{d.http_url}/health")
+    assert status == 200
+    health = json.loads(body)
+    snap = d.counters.snapshot()
+    assert health["ready"] is True and health["uptime_s"] > 0
+    assert health["counters"]["spectra_analysed"] == snap["spectra_analysed"] >= 1
+    assert health["models"][0]["element"] == "Cu" and health["models"][0]["edge"] == "K"
+    assert health["queue_depth"] == 0 and health["input"]["decode_errors"] >= 0
+    assert health["store"]["stored"] >= 1
+    status, body = get(f"{d.http_url}/metrics")
+    assert status == 200
+    text = body.decode()
+    lines = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert float(lines["xasflow_spectra_analysed_total"]) == snap["spectra_analysed"]
+    assert float(lines["xasflow_spectra_received_total"]) == snap["spectra_received"]
+    bundle = d.models()[0]["bundle_id"]
+    assert lines[f'xasflow_model_info{{bundle_id="{bundle}",edge="K",element="Cu"}}'] == "1.0"
+    assert float(lines["xasflow_queue_depth"]) == 0.0
+    assert float(lines["xasflow_latency_seconds_count"]) == snap["latency"]["count"]
+    assert float(lines['xasflow_input_dropped_total{cause="overflow"}']) == 0.0
+    assert float(lines['xasflow_store_rows_total{outcome="stored"}']) >= 1
+    assert float(lines["xasflow_up"]) == 1.0
+    # every decode error and rejection the counters hold is exported with its labels
+    for reason, n in snap["decode_errors"].items():
+        assert float(lines[f'xasflow_decode_errors_total{{reason="{reason}"}}']) == n
+    for stage, reasons in snap["rejected_by_stage"].items():
+        for reason, n in reasons.items():
+            key = f'xasflow_spectra_rejected_total{{reason="{reason}",stage="{stage}"}}'
+            assert float(lines[key]) == n
+    assert get(f"{d.http_url}/nothing")[0] == 404
+
+
+def test_stop_finishes_what_it_holds(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    cfg = daemon_config(models_dir, proxy, tmp_path / "store", run_timeout_s=600)
+    h = Harness(cfg, proxy)
+    try:
+        open_uid, open_docs = step_scan(STEP_GRID, transmission(STEP_GRID), stop=False)
+        fly_e = np.linspace(8800.0, 9400.0, 1000)
+        fly_uid, fly_docs = fly_scan(fly_e, [transmission(fly_e, seed=i) for i in range(20)])
+        events = h.daemon.input_stats()["documents.event"]  # probes have no events
+        publish(h.pub, fly_docs + open_docs)  # the open run's last event is the last message
+        events += 20 + STEP_GRID.size
+        deadline = time.monotonic() + DEADLINE_S
+        while h.daemon.input_stats()["documents.event"] < events:  # received, maybe not analysed
+            assert time.monotonic() < deadline, h.daemon.input_stats()
+            time.sleep(0.01)
+        h.daemon.stop()  # what a SIGTERM does
+        assert not h.daemon.ready
+        stats = h.daemon.input_stats()
+        assert stats["delivered"] == stats["enqueued"] and stats["queue_depth"] == 0
+        runs = h.results.wait([open_uid, fly_uid])
+    finally:
+        h.close()
+    assert runs[open_uid]["stop"]["exit_status"] == "abort"
+    assert runs[open_uid]["stop"]["reason"] == "shutdown"
+    assert [e["reason"] for e in runs[open_uid]["events"]] == ["missing_stop"]
+    assert runs[fly_uid]["stop"]["n_analysed"] == 20
+    # the store was flushed and closed: read it back from disk
+    md, rows = read_analysis(tmp_path / "store", open_uid)
+    assert md["stop"]["exit_status"] == "abort" and rows["reason"].tolist() == ["missing_stop"]
+    md, rows = read_analysis(tmp_path / "store", fly_uid)
+    assert md["stop"]["exit_status"] == "success"
+    assert rows["index"].tolist() == list(range(20)) and set(rows["status"]) == {"ok"}
+
+
+def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
+    import shutil
+
+    empty = tmp_path / "models"
+    empty.mkdir()
+    cfg = daemon_config(empty, proxy, tmp_path / "store")
+    h = Harness(cfg, proxy)
+    try:
+        assert h.daemon.models() == []
+        uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
+        publish(h.pub, docs)
+        assert h.results.wait([uid])[uid]["events"][0]["reason"] == "no_model"
+        shutil.copytree(models_dir / "cu-k", empty / "cu-k")
+        deadline = time.monotonic() + DEADLINE_S
+        while not h.daemon.models():
+            assert time.monotonic() < deadline, "bundle never loaded"
+            time.sleep(0.05)
+        uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
+        publish(h.pub, docs)
+        assert h.results.wait([uid])[uid]["events"][0]["status"] == "ok"
+    finally:
+        h.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_SERVE = """
+import argparse, sys
+from xasflow.daemon.commands import add_commands
+parser = argparse.ArgumentParser(prog="xasflow")
+add_commands(parser.add_subparsers(dest="cmd", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_serve_runs_until_sigterm_and_drains(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    port = _free_port()
+    conf = tmp_path / "xasflow.yaml"
+    conf.write_text(
+        f"input:\n  address: {proxy.out_address}\n"
+        f"output:\n  address: {proxy.in_address}\n  prefix: {ANALYSIS}\n"
+        f"models:\n  directory: {models_dir}\n"
+        "storage:\n  directory: store\n"  # relative to the config file
+        "analysis:\n  run_timeout_s: 600\n"
+    )
+    env = {**os.environ, "XASFLOW__HTTP__PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, "serve", "--config", str(conf), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pub = ZmqDocumentPublisher(proxy.in_address)
+    results = Results(proxy.out_address)
+    try:
+        health_url = f"http://127.0.0.1:{port}/health"
+        deadline = time.monotonic() + 60
+        while get_ok(health_url) is None:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "daemon never became ready"
+            time.sleep(0.1)
+
+        def seen(token: str) -> bool:
+            body = get_ok(health_url)
+            return body is not None and token in body["probes"]["tokens"]
+
+        warm_up(pub, seen, results)
+        done_uid, done_docs = step_scan(STEP_GRID, transmission(STEP_GRID))
+        open_uid, open_docs = step_scan(STEP_GRID, transmission(STEP_GRID), stop=False)
+        publish(pub, open_docs + done_docs)
+        results.wait([done_uid])  # so the open run's documents were all received before it
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        runs = results.wait([done_uid, open_uid])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close()
+        results.close()
+    assert runs[open_uid]["stop"]["reason"] == "shutdown"
+    md, rows = read_analysis(tmp_path / "store", open_uid)
+    assert md["stop"]["exit_status"] == "abort" and rows["reason"].tolist() == ["missing_stop"]
+    md, rows = read_analysis(tmp_path / "store", done_uid)
+    assert rows["status"].tolist() == ["ok"]
+
+
+def get_ok(url: str) -> dict[str, Any] | None:
+    """The JSON body of a 200 response, else None (not up yet, or not ready)."""
+    try:
+        status, body = get(url)
+    except OSError:
+        return None
+    return json.loads(body) if status == 200 else None
+
+
+def test_store_fanout_keeps_the_primary_stream_only() -> None:
+    from xasflow.daemon.service import _StoreFanout
+
+    class FakeStore:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def open_run(self, raw_uid: str, start: dict, descriptor: dict) -> None:
+            self.calls.append(("open", raw_uid, descriptor["name"]))
+
+        def add_event(self, raw_uid: str, row: dict) -> bool:
+            self.calls.append(("row", raw_uid, row["seq_num"], row["cn"]))
+            return True
+
+        def close_run(self, raw_uid: str, stop: dict) -> None:
+            self.calls.append(("close", raw_uid, stop["exit_status"]))
+
+    store = FakeStore()
+    fan = _StoreFanout(store)
+    run = compose_run(metadata={"raw_uid": "raw-1"})
+    keys = {"cn": {"source": "x", "dtype": "integer", "shape": []}}
+    primary = run.compose_descriptor(name="primary", data_keys=keys)
+    advice = run.compose_descriptor(
+        name="recommendations", data_keys={"next": {"source": "x", "dtype": "string", "shape": []}}
+    )
+    fan("start", run.start_doc)
+    fan("descriptor", primary.descriptor_doc)
+    fan("event", primary.compose_event(data={"cn": 4}, timestamps={"cn": 0.0}))
+    fan("descriptor", advice.descriptor_doc)
+    fan("event", advice.compose_event(data={"next": "rescan"}, timestamps={"next": 0.0}))
+    fan(
+        "event_page",
+        primary.compose_event_page(
+            data={"cn": [2, 6]}, timestamps={"cn": [0.0, 0.0]}, seq_num=[2, 3]
+        ),
+    )
+    fan("stop", run.compose_stop())
+    assert store.calls == [
+        ("open", "raw-1", "primary"),
+        ("row", "raw-1", 1, 4),
+        ("row", "raw-1", 2, 2),
+        ("row", "raw-1", 3, 6),
+        ("close", "raw-1", "success"),
+    ]
+    assert fan.unstored == 0 and fan.open_runs == 0

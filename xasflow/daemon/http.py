@@ -1,0 +1,227 @@
+"""The daemon's HTTP side: ``/metrics`` (Prometheus) and ``/health`` (JSON), served by uvicorn.
+
+``create_app(daemon)`` returns a plain Starlette app, so more routes (the dashboard) can be
+added with ``app.router.routes.append(...)`` or ``app.mount(...)`` before the server starts.
+:class:`HttpServer` runs uvicorn in a thread of its own on a socket bound up front, so the
+port is known (``port=0`` picks a free one) and ``start()`` returns only once it accepts.
+
+Metrics come from one per-daemon ``CollectorRegistry``: the outcome counters
+(:func:`xasflow.daemon.counters.register_prometheus`) plus :class:`AdapterCollector`, which
+reads the 0MQ input, the publisher and the analysis store at scrape time. Gauges (queue
+depth, open runs, store backlog) are the counters' gauges, refreshed by
+``Daemon.sync_stats()`` before each scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from xasflow.daemon.service import Daemon
+
+__all__ = ["AdapterCollector", "HttpServer", "add_route", "create_app", "metrics_registry"]
+
+logger = logging.getLogger(__name__)
+
+#: Input counters exported as ``xasflow_input_<name>_total`` (ZmqDocumentSource.stats keys).
+_INPUT_COUNTERS: dict[str, str] = {
+    "received": "0MQ messages received",
+    "bytes_received": "bytes received on the 0MQ input",
+    "decoded": "messages decoded into documents",
+    "enqueued": "documents queued for analysis",
+    "delivered": "documents taken from the queue by the processing thread",
+    "backpressure_waits": "times the receive thread waited for room in the queue",
+    "receive_errors": "0MQ receive errors",
+}
+#: Input losses exported as ``xasflow_input_dropped_total{cause}``.
+_INPUT_DROPS = ("dropped_overflow", "dropped_on_close")
+
+
+class AdapterCollector:
+    """Prometheus collector over the daemon's adapters (input, output, store), read at scrape."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked: families are produced at collect time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        d = self.daemon
+        src = d.input_stats()
+        for key, text in _INPUT_COUNTERS.items():
+            yield CounterMetricFamily(f"xasflow_input_{key}", text, value=src.get(key, 0))
+        fam = CounterMetricFamily(
+            "xasflow_input_dropped", "decoded documents dropped by the input", labels=["cause"]
+        )
+        for key in _INPUT_DROPS:
+            fam.add_metric([key.removeprefix("dropped_")], src.get(key, 0))
+        fam.add_metric(["own_output"], d.echo_dropped)
+        yield fam
+        fam = CounterMetricFamily(
+            "xasflow_input_documents", "documents received, by name", labels=["name"]
+        )
+        for key, value in sorted(src.items()):
+            if key.startswith("documents."):
+                fam.add_metric([key.split(".", 1)[1]], value)
+        yield fam
+        out = d.output_stats()
+        yield CounterMetricFamily(
+            "xasflow_output_documents", "analysis documents published", value=out.get("sent", 0)
+        )
+        yield CounterMetricFamily(
+            "xasflow_output_bytes",
+            "bytes of analysis documents published",
+            value=out.get("bytes_sent", 0),
+        )
+        store = d.store_stats()
+        if store:
+            fam = CounterMetricFamily(
+                "xasflow_store_rows", "analysis rows by store outcome", labels=["outcome"]
+            )
+            for key in ("stored", "duplicates", "dropped", "unstored"):
+                fam.add_metric([key], store.get(key, 0))
+            yield fam
+            yield CounterMetricFamily(
+                "xasflow_store_batches", "store write transactions", value=store.get("batches", 0)
+            )
+            yield CounterMetricFamily(
+                "xasflow_store_errors", "store write errors", value=store.get("errors", 0)
+            )
+        yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
+        yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
+
+
+def metrics_registry(daemon: Daemon) -> Any:
+    """A fresh ``CollectorRegistry`` with the daemon's counters and adapter stats."""
+    from prometheus_client import CollectorRegistry
+
+    from xasflow.daemon.counters import register_prometheus
+
+    registry = CollectorRegistry(auto_describe=False)
+    register_prometheus(daemon.counters, registry)
+    registry.register(AdapterCollector(daemon))
+    return registry
+
+
+def create_app(daemon: Daemon) -> Starlette:
+    """The Starlette app with ``GET /metrics`` and ``GET /health``; add routes to extend it."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = metrics_registry(daemon)
+
+    async def metrics(request: Request) -> Response:
+        daemon.sync_stats()
+        body = await asyncio.to_thread(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def health(request: Request) -> JSONResponse:
+        body = daemon.health()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    app = Starlette(
+        routes=[
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
+    app.state.daemon = daemon
+    app.state.metrics_registry = registry
+    return app
+
+
+class HttpServer:
+    """uvicorn serving an ASGI app from a background thread on a pre-bound socket."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self._requested_port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.port: int = port
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8620``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Bind, start serving in a thread and return once uvicorn accepts connections."""
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._requested_port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno,
+                f"cannot serve HTTP on {self.host}:{self._requested_port}: {exc.strerror}",
+            ) from None
+        sock.listen(128)
+        sock.set_inheritable(True)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._server.run(sockets=[sock])
+            except BaseException as exc:  # reported to start()
+                failure.append(exc)
+
+        self._thread = threading.Thread(target=run, name="xasflow-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if failure or not self._thread.is_alive():
+                self.stop()
+                raise RuntimeError(f"HTTP server did not start: {failure[:1]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"HTTP server did not start within {timeout} s")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask uvicorn to exit, join its thread and close the socket (idempotent)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("HTTP server thread did not stop within %.1f s", timeout)
+            self._thread = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def add_route(app: Starlette, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+    """Append a route to ``app`` (for the dashboard and other extensions)."""
+    app.router.routes.append(Route(path, endpoint, **kwargs))

@@ -1,0 +1,560 @@
+"""The streaming daemon: 0MQ documents in, analysis runs out to the bus and the tiled store.
+
+Threads and what they own::
+
+    xasflow-zmq-in       ZmqDocumentSource: receive, decode, enqueue (bounded, counted)
+    xasflow-process      this module: RunAssembler.feed -> Pipeline.handle_batch -> fan-out
+    xasflow-tiled-writer AnalysisStore: batched, acknowledged writes
+    xasflow-model-watch  ModelRegistry: verified hot swaps
+    xasflow-http         uvicorn: /metrics, /health (and the dashboard)
+
+The processing thread takes everything queued (up to ``analysis.batch_max`` documents) per
+turn, feeds it to the assembler, looks for idle runs every ``analysis.timeout_check_s``,
+hands all assembler outputs of the turn to the pipeline in one batch (one ONNX call per
+bundle and task) and fans the resulting analysis documents out to the publisher and the
+store. It is the only thread touching the assembler and the pipeline.
+
+Two kinds of input never reach the assembler: the daemon's own analysis documents coming
+back through the proxy when the input prefix is empty (dropped before decoding, counted as
+``own_output``), and warm-up probe runs (a start carrying ``xasflow_probe`` and its stop,
+see :meth:`xasflow.sim.beamline.SimBeamline.warm_up`), which only update
+``health()["probes"]`` so a publisher can tell that the daemon sees it.
+
+``stop()`` (also on SIGTERM/SIGINT under :meth:`Daemon.serve_forever`) stops receiving,
+analyses everything already queued, closes every open run with ``flush_all("shutdown")``
+(exit_status "abort"; an unfinished step scan is rejected ``missing_stop``), publishes and
+stores the results, then flushes and closes the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from xasflow import __version__
+from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
+from xasflow.daemon.assembly import RunAssembler, SpectrumReady
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.documents import ANALYSIS_STREAM
+from xasflow.daemon.registry import ModelRegistry
+
+__all__ = ["PROBE_KEY", "Daemon", "DaemonError"]
+
+logger = logging.getLogger(__name__)
+
+#: Start-document key of a warm-up probe run (same as ``xasflow.sim.beamline.PROBE_KEY``).
+PROBE_KEY = "xasflow_probe"
+_PROBE_MEMORY = 64
+_STATS_INTERVAL_S = 0.25
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
+
+
+class _FilteredSource(ZmqDocumentSource):
+    """A ZmqDocumentSource that drops messages published under some prefixes before decoding.
+
+    Used to ignore the daemon's own analysis documents when the input subscribes to every
+    prefix (0MQ topic filters can only include). Relies on ``ZmqDocumentSource._handle``.
+    """
+
+    def __init__(self, cfg: ZmqInputConfig, exclude: Iterable[bytes]) -> None:
+        super().__init__(cfg)
+        self._exclude = tuple(p + b" " for p in exclude if p)
+        self.excluded = 0
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if self._exclude and frames and frames[0].startswith(self._exclude):
+            self.excluded += 1  # only the receive thread writes it
+            return
+        super()._handle(frames)
+
+
+class _StoreFanout:
+    """Turns analysis documents into AnalysisStore calls (open at the descriptor, rows, close).
+
+    The store keeps one table per run: only the ``stream`` descriptor's events are stored;
+    other streams of an analysis run (e.g. recommendations) go to the bus only.
+    """
+
+    def __init__(self, store: Any, stream: str = ANALYSIS_STREAM) -> None:
+        self.store = store
+        self.stream = stream
+        self._other: dict[str, str] = {}  # descriptor uid of another stream -> start uid
+        self._starts: dict[str, dict[str, Any]] = {}  # analysis start uid -> start doc
+        self._open: dict[str, str] = {}  # analysis start uid -> raw_uid (store key)
+        self._descriptors: dict[str, str] = {}  # descriptor uid -> analysis start uid
+        self.unstored = 0  # rows the store refused or that had no open run
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        try:
+            if name == "start":
+                self._starts[doc["uid"]] = doc
+            elif name == "descriptor":
+                self._descriptor(doc)
+            elif name == "event":
+                self._row(doc["descriptor"], doc["seq_num"], doc["time"], doc["data"])
+            elif name == "event_page":
+                for i, seq in enumerate(doc["seq_num"]):
+                    data = {k: v[i] for k, v in doc["data"].items()}
+                    self._row(doc["descriptor"], seq, doc["time"][i], data)
+            elif name == "stop":
+                self._stop(doc)
+        except Exception:
+            logger.exception("analysis store: cannot store %s document", name)
+            self.unstored += 1
+
+    def _descriptor(self, doc: dict[str, Any]) -> None:
+        run_uid = doc["run_start"]
+        start = self._starts.get(run_uid)
+        if start is None:
+            return
+        if doc.get("name", ANALYSIS_STREAM) != self.stream:
+            self._other[doc["uid"]] = run_uid
+            return
+        self._descriptors[doc["uid"]] = run_uid
+        if run_uid in self._open:
+            return  # a second descriptor: one table per analysis run
+        raw_uid = str(start.get("raw_uid") or run_uid)
+        self.store.open_run(raw_uid, start, doc)
+        self._open[run_uid] = raw_uid
+
+    def _row(self, descriptor: str, seq: int, t: float, data: dict[str, Any]) -> None:
+        run_uid = self._descriptors.get(descriptor)
+        if run_uid is None and descriptor in self._other:
+            return  # another stream: published, not stored
+        raw_uid = self._open.get(run_uid) if run_uid is not None else None
+        if raw_uid is None:
+            self.unstored += 1
+            return
+        if not self.store.add_event(raw_uid, {"seq_num": seq, "time": t, **data}):
+            self.unstored += 1
+
+    def _stop(self, doc: dict[str, Any]) -> None:
+        run_uid = doc["run_start"]
+        self._starts.pop(run_uid, None)
+        for table in (self._descriptors, self._other):
+            for desc in [d for d, r in table.items() if r == run_uid]:
+                del table[desc]
+        raw_uid = self._open.pop(run_uid, None)
+        if raw_uid is not None:
+            self.store.close_run(raw_uid, doc)
+
+    @property
+    def open_runs(self) -> int:
+        return len(self._open)
+
+
+class Daemon:
+    """The streaming analysis service built from a :class:`DaemonConfig`.
+
+    ``start()`` returns once the input is subscribed and HTTP answers; ``stop()`` finishes
+    what was received. Public read-only views: :attr:`counters`, :attr:`registry`,
+    :meth:`health`, :attr:`http_url`.
+    """
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.registry: ModelRegistry | None = None
+        self.pipeline: Any = None
+        self.store: Any = None
+        self.publisher: ZmqDocumentPublisher | None = None
+        self.source: _FilteredSource | None = None
+        self.assembler: RunAssembler | None = None
+        self.http: Any = None
+        self.app: Any = None
+        self._fanout: _StoreFanout | None = None
+        self._thread: threading.Thread | None = None
+        self._draining = threading.Event()
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._ready = False
+        self._started_at: float | None = None
+        self._stats_lock = threading.Lock()
+        self._decode_seen: dict[str, int] = {}
+        self._probe_uids: OrderedDict[str, str] = OrderedDict()
+        self._probe_tokens: OrderedDict[str, int] = OrderedDict()
+        self._probes_seen = 0
+        self._internal_errors = 0
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every part; return when subscribed and HTTP is up, or raise DaemonError."""
+        if self._started_at is not None:
+            raise DaemonError("a Daemon can be started once")
+        self._started_at = time.monotonic()
+        cfg = self.config
+        try:
+            self._start_parts(cfg, timeout)
+        except BaseException as exc:
+            self._teardown()
+            if isinstance(exc, DaemonError | KeyboardInterrupt):
+                raise
+            raise DaemonError(f"cannot start the daemon: {exc}") from exc
+        self._ready = True
+        logger.info(
+            "xasflow daemon ready: input %s, output %s, http %s, models %s",
+            cfg.input.address,
+            cfg.output.address if cfg.output.enabled else "off",
+            self.http_url or "off",
+            [f"{m['element']}-{m['edge']}:{m['bundle_id']}" for m in self.models()] or "none",
+        )
+
+    def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
+        from xasflow.daemon.pipeline import Pipeline
+
+        self.registry = ModelRegistry(cfg.models.directory, self.counters)
+        if not self.registry.models():
+            logger.warning(
+                "no model bundle in %s: every spectrum will be rejected no_model",
+                cfg.models.directory,
+            )
+        if cfg.models.watch:
+            self.registry.start_watching(cfg.models.watch_interval_s)
+        self.pipeline = Pipeline(self.registry, self.counters, align=cfg.analysis.align)
+        if cfg.storage.enabled:
+            from xasflow.adapters.tiled_store import AnalysisStore
+
+            self.store = AnalysisStore(
+                cfg.storage.directory,
+                batch_size=cfg.storage.batch_size,
+                flush_interval=cfg.storage.flush_interval_s,
+                max_queue=cfg.storage.max_queue,
+                table_backend=cfg.storage.backend,
+            )
+            self._fanout = _StoreFanout(self.store)
+        if cfg.output.enabled:
+            self.publisher = ZmqDocumentPublisher(
+                cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
+            )
+        self.assembler = RunAssembler(
+            cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
+        )
+        exclude = [cfg.output.prefix.encode("ascii")] if cfg.output.enabled else []
+        self.source = _FilteredSource(cfg.input.to_zmq(), exclude)
+        try:
+            self.source.start(timeout=min(timeout, 10.0))
+        except (TimeoutError, RuntimeError) as exc:
+            raise DaemonError(str(exc)) from None
+        if not self.source.ready.wait(timeout):
+            raise DaemonError(f"0MQ input not subscribed to {cfg.input.address}")
+        self._thread = threading.Thread(target=self._process, name="xasflow-process", daemon=True)
+        self._thread.start()
+        if cfg.http.enabled:
+            from xasflow.daemon.http import HttpServer, create_app
+
+            self.app = create_app(self)
+            self.http = HttpServer(self.app, cfg.http.host, cfg.http.port)
+            try:
+                self.http.start(timeout)
+            except OSError as exc:
+                raise DaemonError(str(exc)) from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop receiving, finish everything held, flush the store; idempotent."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._ready = False
+            if self.source is not None:
+                self.source.close()  # joins the receive thread: nothing new is queued now
+            self._draining.set()
+            if self._thread is not None:
+                self._thread.join(timeout)
+                if self._thread.is_alive():
+                    logger.error("processing thread did not finish within %.0f s", timeout)
+            self._teardown(timeout)
+            self._stopped.set()
+            logger.info("xasflow daemon stopped: %s", self._summary())
+
+    def _teardown(self, timeout: float = 30.0) -> None:
+        """Close what was started (store last but one, HTTP last); safe on partial starts."""
+        self._draining.set()
+        if self.source is not None and not self.source.closed:
+            self.source.close()
+        if self.registry is not None:
+            self.registry.stop()
+        if self.store is not None:
+            try:
+                if not self.store.flush(timeout):
+                    logger.error("analysis store did not flush within %.0f s", timeout)
+                self.store.close()
+            except Exception:
+                logger.exception("closing the analysis store failed")
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.http is not None:
+            self.http.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` has finished; True if it has."""
+        return self._stopped.wait(timeout)
+
+    def serve_forever(self) -> None:
+        """Start, then run until SIGTERM or SIGINT (main thread only), then stop cleanly."""
+        requested = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("signal %s: stopping", signal.Signals(signum).name)
+            requested.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not requested.wait(0.5):
+                if self._thread is not None and not self._thread.is_alive():
+                    logger.error("processing thread ended unexpectedly; stopping")
+                    break
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def __enter__(self) -> Daemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ extension points
+
+    def add_listener(self, callback: Callable[[str, dict[str, Any]], None]) -> None:
+        """Also send every analysis document to ``callback`` (called from the processing thread;
+        it must be quick and must not raise)."""
+        self._listeners.append(callback)
+
+    # ------------------------------------------------------------------ processing thread
+
+    def _process(self) -> None:
+        assert self.source is not None and self.assembler is not None
+        source, assembler = self.source, self.assembler
+        batch_max = self.config.analysis.batch_max
+        check_every = self.config.analysis.timeout_check_s
+        next_check = time.monotonic() + check_every
+        next_stats = 0.0
+        while True:
+            item = source.get(timeout=0.05)
+            items: list[tuple[str, dict[str, Any]]] = []
+            if item is not None:
+                items.append(item)
+                while len(items) < batch_max:
+                    more = source.get(timeout=0)
+                    if more is None:
+                        break
+                    items.append(more)
+            elif self._draining.is_set():
+                break  # the receive thread is joined and the queue is empty
+            now = time.monotonic()
+            try:
+                outputs: list[Any] = []
+                for name, doc in items:
+                    if not self._is_probe(name, doc):
+                        outputs.extend(assembler.feed(name, doc))
+                if now >= next_check:
+                    next_check = now + check_every
+                    outputs.extend(assembler.check_timeouts())
+                if outputs:
+                    self._analyse(outputs)
+                if now >= next_stats:
+                    next_stats = now + _STATS_INTERVAL_S
+                    self.sync_stats()
+            except Exception:  # nothing here should raise; if it does, keep serving
+                self._internal_errors += 1
+                logger.exception("processing a batch of %d documents failed", len(items))
+        self._analyse(assembler.flush_all("shutdown"))
+        try:  # runs the pipeline still holds (none, unless an output went missing)
+            for name, doc in self.pipeline.close_all("shutdown"):
+                self._emit(name, doc)
+        except Exception:
+            logger.exception("closing the pipeline's runs failed")
+        self.sync_stats()
+
+    def _analyse(self, outputs: list[Any]) -> None:
+        """Pipeline over one batch of assembler outputs, then fan the documents out."""
+        if not outputs:
+            return
+        outputs = self._apply_element_defaults(outputs)
+        try:
+            docs = self.pipeline.handle_batch(outputs)
+        except Exception:  # a pipeline bug must not end the daemon: count and go on
+            logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
+            n = sum(isinstance(o, SpectrumReady) for o in outputs)
+            self._internal_errors += 1
+            if n:
+                self.counters.reject("internal_error", stage="analysis", n=n)
+            return
+        for name, doc in docs:
+            self._emit(name, doc)
+
+    def _emit(self, name: str, doc: dict[str, Any]) -> None:
+        if self.publisher is not None:
+            try:
+                self.publisher(name, doc)
+            except Exception:
+                logger.exception("cannot publish %s document", name)
+        if self._fanout is not None:
+            self._fanout(name, doc)
+        for callback in self._listeners:
+            try:
+                callback(name, doc)
+            except Exception:
+                logger.exception("analysis listener failed")
+
+    def _apply_element_defaults(self, outputs: list[Any]) -> list[Any]:
+        """Fill (``prefer: start``) or force (``prefer: config``) element/edge from the config."""
+        a = self.config.analysis
+        if a.element is None and a.edge is None:
+            return outputs
+        out = []
+        for o in outputs:
+            if isinstance(o, SpectrumReady):
+                s = o.spectrum
+                if a.prefer == "config":
+                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=a.edge))
+                elif s.element is None and a.element is not None:
+                    edge = s.edge or a.edge
+                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=edge))
+                elif s.element is not None and s.edge is None and a.edge is not None:
+                    o = SpectrumReady(dataclasses.replace(s, edge=a.edge))
+            out.append(o)
+        return out
+
+    def _is_probe(self, name: str, doc: dict[str, Any]) -> bool:
+        """Warm-up probe runs: remembered for health, never analysed."""
+        if name == "start" and isinstance(doc, dict) and PROBE_KEY in doc:
+            uid = str(doc.get("uid", ""))
+            token = str(doc.get(PROBE_KEY))
+            with self._stats_lock:
+                self._probes_seen += 1
+                self._probe_uids[uid] = token
+                self._probe_tokens[token] = self._probe_tokens.get(token, 0) + 1
+                self._probe_tokens.move_to_end(token)
+                while len(self._probe_uids) > _PROBE_MEMORY:
+                    self._probe_uids.popitem(last=False)
+                while len(self._probe_tokens) > _PROBE_MEMORY:
+                    self._probe_tokens.popitem(last=False)
+            return True
+        if name == "stop" and isinstance(doc, dict):
+            return self._probe_uids.pop(str(doc.get("run_start", "")), None) is not None
+        return False
+
+    # ------------------------------------------------------------------ views (any thread)
+
+    @property
+    def ready(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._ready
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since ``start()`` (0 before)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
+
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of the HTTP server, or None when it is off or not started."""
+        return self.http.url if self.http is not None else None
+
+    @property
+    def open_runs(self) -> int:
+        """Raw runs being assembled."""
+        return self.assembler.open_runs if self.assembler is not None else 0
+
+    @property
+    def echo_dropped(self) -> int:
+        """Own analysis messages dropped at the input (empty input prefix)."""
+        return self.source.excluded if self.source is not None else 0
+
+    def models(self) -> list[dict[str, Any]]:
+        """Bundles in service (see ``ModelRegistry.models``)."""
+        return self.registry.models() if self.registry is not None else []
+
+    def input_stats(self) -> dict[str, int]:
+        """The 0MQ input's counters and queue depth."""
+        return self.source.stats() if self.source is not None else {}
+
+    def output_stats(self) -> dict[str, int]:
+        """The publisher's counters."""
+        return self.publisher.stats() if self.publisher is not None else {}
+
+    def store_stats(self) -> dict[str, int]:
+        """The analysis store's counters (empty when storage is off)."""
+        if self.store is None:
+            return {}
+        stats = self.store.stats()
+        if self._fanout is not None:
+            stats["unstored"] = self._fanout.unstored
+        return stats
+
+    def sync_stats(self) -> None:
+        """Fold the input's decode errors into the counters and refresh the gauges."""
+        src = self.input_stats()
+        with self._stats_lock:
+            for key, value in src.items():
+                if key.startswith("decode_errors."):
+                    reason = key.split(".", 1)[1]
+                    delta = value - self._decode_seen.get(reason, 0)
+                    if delta > 0:
+                        self._decode_seen[reason] = value
+                        self.counters.decode_error(reason, delta)
+        self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
+        self.counters.set_gauge("open_runs", self.open_runs)
+        store = self.store_stats()
+        if store:
+            self.counters.set_gauge("store_queued", store.get("queued", 0))
+
+    def health(self) -> dict[str, Any]:
+        """Readiness, uptime, counters, models and adapter state, JSON-ready."""
+        self.sync_stats()
+        src = self.input_stats()
+        with self._stats_lock:
+            probes = {"seen": self._probes_seen, "tokens": list(self._probe_tokens)}
+        registry = self.registry
+        return {
+            "ready": self.ready,
+            "version": __version__,
+            "uptime_s": round(self.uptime, 3),
+            "queue_depth": src.get("queue_depth", 0),
+            "open_runs": self.open_runs,
+            "counters": self.counters.snapshot(),
+            "models": self.models(),
+            "models_refused": registry.refused() if registry is not None else {},
+            "input": {
+                "address": self.config.input.address,
+                "prefix": self.config.input.prefix,
+                "last_decode_error": self.source.last_error if self.source else None,
+                "own_output_dropped": self.echo_dropped,
+                **src,
+            },
+            "output": {
+                "address": self.config.output.address if self.publisher else None,
+                "prefix": self.config.output.prefix,
+                **self.output_stats(),
+            },
+            "store": {
+                "directory": str(self.config.storage.directory) if self.store else None,
+                **self.store_stats(),
+            },
+            "probes": probes,
+            "internal_errors": self._internal_errors,
+        }
+
+    def _summary(self) -> str:
+        c = self.counters.snapshot()
+        return (
+            f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
+            f"{c['spectra_rejected']} rejected {c['rejected']}, decode errors {c['decode_errors']}"
+        )
