@@ -103,7 +103,8 @@ def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore
     pred = predictor.predict(dataset.spectra[row])
     assert pred["cn"].value == 6
     assert sum(pred["cn"].probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-    assert pred["environment"].ranking[0][0] == pred["environment"].value
+    assert pred["environment"].value == "CN6-octahedral"
+    assert pred["motifs"].ranking[0][0] == "CN6-octahedral"
     assert 2.0 < pred["distance"].value < 2.2
     assert json.loads(json.dumps(pred.to_dict()))["tasks"]["cn"]["value"] == 6
 

@@ -128,6 +128,7 @@ def write_bundle(directory: str | Path, manifest: Manifest, files: dict[str, byt
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others
     try:
         hashes: dict[str, str] = {}
         for name, data in files.items():

@@ -106,6 +106,17 @@ def _fit_line(energy: np.ndarray, mu: np.ndarray, degree: int) -> np.ndarray:
     return np.polyfit(energy, mu, degree)
 
 
+def _uniform(rel: np.ndarray, mu: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The masked stretch of data resampled on a 1 eV grid, so a fit weighs energy, not points.
+
+    Without this the edge step depended on the scan's sampling: FEFF's k-spaced grid, a step
+    scan and a 1000-point fly scan of the same spectrum gave steps up to 18 % apart.
+    """
+    lo, hi = float(rel[mask][0]), float(rel[mask][-1])
+    x = np.linspace(lo, hi, max(round(hi - lo) + 1, 3))
+    return x, np.interp(x, rel, mu)
+
+
 def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
     """Return (normalised mu on the spectrum's own energies, edge step).
 
@@ -118,7 +129,7 @@ def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.nda
     rel = energy - e0
     pre = (rel >= params.pre_edge[0]) & (rel <= params.pre_edge[1])
     if np.count_nonzero(pre) >= 3:
-        coef = _fit_line(rel[pre], mu[pre], 1)
+        coef = _fit_line(*_uniform(rel, mu, pre), 1)
         mu = mu - np.polyval(coef, rel)
     if params.normalization == "max":
         win = (rel >= params.window_start) & (rel <= params.window_stop)
@@ -136,8 +147,9 @@ def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.nda
         )
     # a quadratic through strong post-edge oscillations can dive below zero at E0 (20 of the
     # 4,830 shared FEFF spectra do); lower degrees extrapolate more tamely, so fall back to them
+    x_post, y_post = _uniform(rel, mu, post)
     for degree in range(params.post_edge_degree, -1, -1):
-        step = float(np.polyval(_fit_line(rel[post], mu[post], degree), 0.0))
+        step = float(np.polyval(_fit_line(x_post, y_post, degree), 0.0))
         if step > 0:
             return mu / step, step
     raise SpectrumError("no_edge", f"edge step {step:.3g} is not positive")

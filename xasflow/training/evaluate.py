@@ -95,6 +95,13 @@ def _score(
     return tasks, preds, truths
 
 
+def _merge_environment(tasks: dict[str, dict[str, Any]]) -> None:
+    """Zheng's pair of figures under ``environment``: top-1 label accuracy and ranking Jaccard."""
+    if "environment" in tasks and "motifs" in tasks:
+        for key in ("jaccard", "baseline_jaccard"):
+            tasks["environment"][key] = tasks["motifs"][key]
+
+
 def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
     """Metrics of a bundle on ``ds``: its test split when ``ds`` is the training data, else all."""
     m = predictor.manifest
@@ -117,6 +124,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         rows, train_rows = np.arange(len(sub)), None
     pred = predict_arrays(predictor, g.y[rows])
     tasks, preds, truths = _score(sub, rows, train_rows, pred)
+    _merge_environment(tasks)
     issues: dict[str, int] = {}
     for issue in [*ds.issues, *g.issues]:
         issues[issue.reason] = issues.get(issue.reason, 0) + 1
@@ -141,6 +149,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
             ev.material_average, _, _ = _score(
                 joined, np.arange(len(avg_ds)), np.arange(len(avg_ds), len(joined)), avg_pred
             )
+            _merge_environment(ev.material_average)
             for metrics in ev.material_average.values():
                 metrics["n_materials"] = len(avg_ds)
     return ev
