@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from xasflow import paths
 from xasflow.models.bundle import verify_bundle
 from xasflow.models.predictor import Predictor

@@ -1,0 +1,263 @@
+"""The daemon's caproto IOC, read and monitored by caproto's threading client on loopback.
+
+The client is confined to 127.0.0.1 (EPICS_CA_AUTO_ADDR_LIST=NO), the IOC sends beacons only
+to loopback, and the test checks that no caproto-repeater was started and that every thread
+the IOC and the client started is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("caproto")
+
+from xasflow.adapters.epics_ioc import MAX_REGIONS, XasIoc, values_from
+
+
+def _free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def _children() -> list[tuple[int, str]]:
+    """(pid, command line) of this process's child processes (Linux /proc)."""
+    me = os.getpid()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == me:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append((int(entry.name), cmd))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def ioc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A running IOC and a loopback-only client context; both torn down, threads checked."""
+    port, repeater = _free_port(), _free_port()
+    monkeypatch.setenv("EPICS_CA_ADDR_LIST", "127.0.0.1")
+    monkeypatch.setenv("EPICS_CA_AUTO_ADDR_LIST", "NO")
+    monkeypatch.setenv("EPICS_CA_SERVER_PORT", str(port))
+    monkeypatch.setenv("EPICS_CA_REPEATER_PORT", str(repeater))
+    import caproto
+
+    # the client registers with a repeater at get_local_address(); keep that on loopback
+    monkeypatch.setattr(caproto, "get_local_address", lambda: "127.0.0.1")
+    from caproto.threading.client import Context
+
+    threads_before = set(threading.enumerate())
+    children_before = {pid for pid, _ in _children()}
+    ioc = XasIoc("TST:XAS:", host="127.0.0.1", port=port, beacon_port=repeater).start()
+    ctx = Context(timeout=5.0)
+    try:
+        yield {"ioc": ioc, "ctx": ctx, "port": port}
+    finally:
+        ctx.disconnect()
+        ioc.stop()
+    spawned = [(pid, cmd) for pid, cmd in _children() if pid not in children_before]
+    assert not [c for c in spawned if "repeater" in c[1]], spawned
+    assert not spawned, f"processes left behind: {spawned}"
+    wait_for(
+        lambda: not [t for t in threading.enumerate() if t not in threads_before and t.is_alive()],
+        timeout=15.0,
+        what="IOC and client threads to stop",
+    )
+    assert not ioc.running
+
+
+def read(pv: Any) -> Any:
+    data = pv.read(timeout=5.0).data
+    value = data[0] if len(data) == 1 else list(data)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def test_values_from_each_source() -> None:
+    pred = {
+        "bundle_id": "cu-k-1",
+        "e0": 8983.6,
+        "tasks": {
+            "cn": {"value": 4, "probabilities": {"2": 0.1, "4": 0.8, "6": 0.1}},
+            "environment": {"value": "square co-planar", "ranking": [["square co-planar", 0.7]]},
+            "distance": {"value": 1.96},
+            "valence": {"value": 2, "probabilities": {"1": 0.1, "2": 0.9}},
+        },
+    }
+    assert values_from(pred) == pytest.approx(
+        {
+            "cn": 4,
+            "cn_uncertainty": 0.2,
+            "motif": "square co-planar",
+            "distance": 1.96,
+            "valence": 2,
+            "model_ok": 1,
+            "e0": 8983.6,
+            "bundle_id": "cu-k-1",
+        }
+    )
+    event = {
+        "status": "ok",
+        "cn": 6,
+        "cn_probability": 0.75,
+        "motif": "octahedral",
+        "distance": 2.1,
+        "valence": 2,
+        "e0": 9002.2,
+        "bundle_id": "b",
+    }
+    assert values_from(event)["cn_uncertainty"] == pytest.approx(0.25)
+    assert values_from({"status": "rejected", "reason": "window"}) == {"model_ok": 0}
+    rec = {"waveform": json.dumps([1, 2, 0.5, 1, 3, 4, 1, 2]), "stop_early": True}
+    assert values_from(rec) == {
+        "regions": [1, 2, 0.5, 1, 3, 4, 1, 2],
+        "n_regions": 2,
+        "stop_early": 1,
+    }
+    big = values_from({"waveform": [1.0] * (4 * MAX_REGIONS + 8)})
+    assert big["n_regions"] == MAX_REGIONS and len(big["regions"]) == 4 * MAX_REGIONS
+
+
+def test_pvs_update_after_publish(ioc_env: dict[str, Any]) -> None:
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    names = [
+        "cn",
+        "cn_uncertainty",
+        "motif",
+        "distance",
+        "valence",
+        "e0",
+        "scan_uid",
+        "regions",
+        "n_regions",
+        "heartbeat",
+        "model_ok",
+        "stop_early",
+        "updates",
+    ]
+    pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names), timeout=5.0), strict=True))
+    assert ioc.pv("cn") == "TST:XAS:CN"
+    wait_for(lambda: all(pv.connected for pv in pvs.values()), what="PV connections")
+    assert read(pvs["cn"]) == 0 and read(pvs["model_ok"]) == 0 and read(pvs["motif"]) == ""
+
+    seen: list[int] = []
+
+    def on_cn(sub: Any, response: Any) -> None:  # kept referenced: caproto holds weak refs
+        seen.append(int(response.data[0]))
+
+    sub = pvs["cn"].subscribe()
+    sub.add_callback(on_cn)
+    wait_for(lambda: seen == [0], what="the monitor's first value")
+
+    ioc.publish(
+        {
+            "status": "ok",
+            "cn": 4,
+            "cn_probability": 0.82,
+            "motif": "square co-planar",
+            "distance": 1.955,
+            "valence": 2,
+            "e0": 8983.61,
+            "bundle_id": "cu-k-test",
+        },
+        scan_uid="0b5e0a8e-raw-run-uid",
+    )
+    ioc.publish(
+        {
+            "waveform": json.dumps([8980.0, 8995.0, 0.5, 2.0, 9000.0, 9100.0, 2.0, 0.5]),
+            "stop_early": False,
+        }
+    )
+    wait_for(lambda: read(pvs["cn"]) == 4, what="CN to update")
+    assert seen[-1] == 4
+    assert read(pvs["cn_uncertainty"]) == pytest.approx(0.18)
+    assert read(pvs["motif"]) == "square co-planar"
+    assert read(pvs["distance"]) == pytest.approx(1.955)
+    assert read(pvs["valence"]) == 2
+    assert read(pvs["e0"]) == pytest.approx(8983.61)
+    assert read(pvs["scan_uid"]) == "0b5e0a8e-raw-run-uid"
+    assert read(pvs["model_ok"]) == 1 and read(pvs["updates"]) == 1
+    wait_for(lambda: read(pvs["n_regions"]) == 2, what="regions")
+    assert read(pvs["regions"]) == pytest.approx(
+        [8980.0, 8995.0, 0.5, 2.0, 9000.0, 9100.0, 2.0, 0.5]
+    )
+    assert read(pvs["stop_early"]) == 0
+
+    beat = read(pvs["heartbeat"])
+    wait_for(lambda: read(pvs["heartbeat"]) > beat, timeout=5.0, what="the heartbeat")
+
+    ioc.set_model_ok(False)
+    wait_for(lambda: read(pvs["model_ok"]) == 0, what="MODEL_OK to drop")
+    # client puts are refused: the PVs are the daemon's to write
+    from caproto import AccessRights
+
+    assert pvs["cn"].access_rights == AccessRights.READ  # no client writes: the daemon's PVs
+    sub.clear()
+
+
+def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    cn, uid, nreg, stop = ctx.get_pvs(
+        ioc.pv("cn"), ioc.pv("scan_uid"), ioc.pv("n_regions"), ioc.pv("stop_early"), timeout=5.0
+    )
+    docs = [
+        ("start", {"uid": "an-1", "analysis": "xasflow", "raw_uid": "raw-run-7"}),
+        ("descriptor", {"uid": "d-p", "run_start": "an-1", "name": "primary"}),
+        ("descriptor", {"uid": "d-r", "run_start": "an-1", "name": "recommendations"}),
+        (
+            "event",
+            {
+                "descriptor": "d-p",
+                "data": {"status": "ok", "cn": 6, "cn_probability": 0.9, "e0": 9002.2},
+            },
+        ),
+        (
+            "event",
+            {
+                "descriptor": "d-r",
+                "data": {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True},
+            },
+        ),
+        ("event", {"descriptor": "unknown", "data": {"status": "ok", "cn": 2}}),
+        ("stop", {"run_start": "an-1"}),
+    ]
+    for name, doc in docs:
+        ioc(name, doc)
+    wait_for(lambda: read(cn) == 6, what="CN from the primary event")
+    wait_for(lambda: read(nreg) == 1 and read(stop) == 1, what="the recommendation")
+    assert read(uid) == "raw-run-7"
+    assert ioc.published == 1  # the unknown descriptor's event was ignored
+    ioc("event", {"descriptor": "d-p", "data": {"status": "ok", "cn": 2}})  # run is closed
+    ioc.flush()
+    assert read(cn) == 6

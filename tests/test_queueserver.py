@@ -1,0 +1,410 @@
+"""Submitting recommended scans to bluesky-queueserver: off by default, credentials required,
+and a real RE Manager (with its Redis) started by the fixture receives the plan."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from xasflow.adapters.queueserver import (
+    QueueServerConfig,
+    QueueServerError,
+    QueueServerSubmitter,
+    plan_item,
+    region_points,
+)
+
+BIN = Path(sys.executable).parent
+
+REC = {
+    "regions": [
+        {
+            "name": "pre-edge",
+            "start": 8978.0,
+            "stop": 8990.0,
+            "step": 0.5,
+            "dwell": 2.0,
+            "reason": "importance 1.00, mostly for cn",
+        },
+        {
+            "name": "beyond",
+            "start": 9020.0,
+            "stop": 9100.0,
+            "step": 2.0,
+            "dwell": 0.5,
+            "reason": "importance 0.20",
+        },
+    ],
+    "rescan": None,
+    "stop_early": False,
+    "e0": 8983.5,
+    "uncertainty": 0.4,
+    "bundle_id": "cu-k-test",
+}
+ROWS = [[8978.0, 8990.0, 0.5, 2.0], [9020.0, 9100.0, 2.0, 0.5]]
+
+
+# --------------------------------------------------------------------------- no server
+
+
+def test_disabled_by_default_submits_nothing() -> None:
+    def factory(_: QueueServerConfig) -> Any:
+        raise AssertionError("a disabled submitter must not connect")
+
+    sub = QueueServerSubmitter(api_factory=factory)
+    assert not sub.enabled
+    assert sub.submit(REC, raw_uid="r1") is None
+    assert sub.enqueue(REC, "r1") is False
+    sub("start", {"uid": "a1", "analysis": "xasflow", "raw_uid": "r1"})
+    sub("stop", {"run_start": "a1"})
+    assert sub.stats["skipped_disabled"] == 2 and sub.stats["submitted"] == 0
+    sub.close()
+
+
+def test_enabled_without_credentials_is_refused() -> None:
+    with pytest.raises(ValidationError, match="zmq_public_key"):
+        QueueServerConfig(enabled=True, transport="zmq")
+    with pytest.raises(ValidationError, match="api_key nor token"):
+        QueueServerConfig(enabled=True, transport="http")
+    with pytest.raises(ValidationError, match="not both"):
+        QueueServerConfig(enabled=True, transport="http", api_key="k", token="t")
+    cfg = QueueServerConfig(enabled=True, transport="http", api_key="secret-key")
+    assert "secret-key" not in repr(cfg)  # credentials never end up in logs
+
+
+def test_plan_item_and_points() -> None:
+    cfg = QueueServerConfig(detectors=["det1"], motor="motor", extra_kwargs={"sample": "CuO"})
+    item = plan_item(cfg, REC, raw_uid="raw-1")
+    assert item["name"] == "xas_regions_scan" and item["item_type"] == "plan"
+    assert item["kwargs"]["regions"] == ROWS
+    assert item["kwargs"]["detectors"] == ["det1"] and item["kwargs"]["motor"] == "motor"
+    assert item["kwargs"]["sample"] == "CuO"
+    assert item["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1"
+    assert item["kwargs"]["md"]["xasflow"]["kind"] == "scan"
+    energies, dwells = region_points(ROWS)
+    assert len(energies) == 25 + 41 and energies[0] == 8978.0 and energies[-1] == 9100.0
+    assert dwells[0] == 2.0 and dwells[-1] == 0.5
+    with pytest.raises(ValueError, match="no rescan"):
+        plan_item(cfg, REC, rescan_only=True)
+    rescan = dict(REC, rescan=dict(REC["regions"][0], dwell=6.0))
+    # a stream row carries JSON strings; both shapes are accepted
+    row = {k: json.dumps(v) if k in ("regions", "rescan") else v for k, v in rescan.items()}
+    item = plan_item(cfg, row, rescan_only=True)
+    assert item["kwargs"]["regions"] == [[8978.0, 8990.0, 0.5, 6.0]]
+    with pytest.raises(ValueError, match="step > 0"):
+        region_points([[1.0, 2.0, 0.0, 1.0]])
+
+
+class FakeApi:
+    """Records item_add calls like REManagerAPI."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.closed = False
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        self.items.append({"item": item, "user": user, "user_group": user_group})
+        return {"success": True, "msg": "", "item": dict(item, item_uid=f"u{len(self.items)}")}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _docs(stop_early: bool) -> list[tuple[str, dict[str, Any]]]:
+    row = {
+        "regions": json.dumps(REC["regions"]),
+        "rescan": "",
+        "stop_early": stop_early,
+        "e0": 8983.5,
+        "bundle_id": "cu-k-test",
+    }
+    return [
+        ("start", {"uid": "a1", "analysis": "xasflow", "raw_uid": "raw-1"}),
+        ("descriptor", {"uid": "d1", "run_start": "a1", "name": "primary"}),
+        ("descriptor", {"uid": "d2", "run_start": "a1", "name": "recommendations"}),
+        ("event", {"descriptor": "d1", "data": {"status": "ok"}}),
+        ("event", {"descriptor": "d2", "data": row}),
+        ("stop", {"run_start": "a1"}),
+    ]
+
+
+def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
+    fake = FakeApi()
+    now = [100.0]
+    cfg = QueueServerConfig(
+        enabled=True,
+        zmq_public_key="x" * 40,
+        detectors=["det1"],
+        motor="motor",
+        min_interval_s=30.0,
+    )
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: now[0])
+    try:
+        for name, doc in _docs(stop_early=False):
+            sub(name, doc)
+        assert sub.join(5.0)
+        assert len(fake.items) == 1
+        added = fake.items[0]
+        assert added["user"] == "xasflow" and added["user_group"] == "primary"
+        assert added["item"]["kwargs"]["regions"] == ROWS
+        assert added["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1"
+        for name, doc in _docs(stop_early=False):  # a second run within 30 s: rate-limited
+            sub(name, doc)
+        assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_rate"] == 1
+        now[0] += 31.0
+        for name, doc in _docs(stop_early=True):  # certain answer: nothing to measure
+            sub(name, doc)
+        assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_certain"] == 1
+    finally:
+        sub.close()
+    assert fake.closed and sub._worker is None
+
+
+# --------------------------------------------------------------------------- real server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """End a process we started in its own session, and everything it started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    else:  # the leader is gone; its group may not be
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+STARTUP = """\
+from ophyd.sim import det1, det2, motor
+from bluesky import RunEngine
+from xasflow.adapters.queueserver import xas_regions_scan
+
+RE = RunEngine({})
+"""
+
+PERMISSIONS = """\
+user_groups:
+  root:
+    allowed_plans: [null]
+    forbidden_plans: [":^_"]
+    allowed_devices: [null]
+    forbidden_devices: [":^_:?.*"]
+    allowed_functions: [null]
+    forbidden_functions: [":^_"]
+  primary:
+    allowed_plans: [":.*"]
+    forbidden_plans: [null]
+    allowed_devices: [":?.*:depth=5"]
+    forbidden_devices: [null]
+    allowed_functions: [null]
+    forbidden_functions: [null]
+"""
+
+
+@pytest.fixture(scope="module")
+def re_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Redis and an encrypted RE Manager on free loopback ports; both ended afterwards."""
+    redis_server = shutil.which("redis-server")
+    manager = BIN / "start-re-manager"
+    lister = BIN / "qserver-list-plans-devices"
+    if redis_server is None:
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    if not manager.exists() or not lister.exists():
+        pytest.skip("bluesky-queueserver not installed (pip install 'xasflow[queueserver]')")
+    pytest.importorskip("bluesky_queueserver_api", reason="pip install 'xasflow[queueserver]'")
+    from bluesky_queueserver import generate_zmq_keys
+
+    root = tmp_path_factory.mktemp("qserver")
+    startup = root / "startup"
+    startup.mkdir()
+    (startup / "00-startup.py").write_text(STARTUP)
+    (startup / "user_group_permissions.yaml").write_text(PERMISSIONS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    listed = subprocess.run(
+        [str(lister), "--startup-dir", str(startup), "--file-dir", str(startup)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "xas_regions_scan" in (startup / "existing_plans_and_devices.yaml").read_text()
+
+    public, private = generate_zmq_keys()
+    redis_port, control, info = _free_port(), _free_port(), _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        redis_proc = subprocess.Popen(
+            [
+                redis_server,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(redis_proc)
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or redis_proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        log = open(root / "re-manager.log", "wb")  # noqa: SIM115 (closed below)
+        manager_proc = subprocess.Popen(
+            [
+                str(manager),
+                "--startup-dir",
+                str(startup),
+                "--existing-plans-devices",
+                str(startup / "existing_plans_and_devices.yaml"),
+                "--user-group-permissions",
+                str(startup / "user_group_permissions.yaml"),
+                "--update-existing-plans-devices",
+                "NEVER",
+                "--redis-addr",
+                f"127.0.0.1:{redis_port}",
+                "--redis-name-prefix",
+                f"xasflow_test_{os.getpid()}",
+                "--zmq-control-addr",
+                f"tcp://127.0.0.1:{control}",
+                "--zmq-info-addr",
+                f"tcp://127.0.0.1:{info}",
+                "--zmq-publish-console",
+                "OFF",
+            ],
+            cwd=root,
+            env={**env, "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER": private},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        procs.append(manager_proc)
+        from bluesky_queueserver_api.zmq import REManagerAPI
+
+        api = REManagerAPI(
+            zmq_control_addr=f"tcp://127.0.0.1:{control}",
+            zmq_public_key=public,
+            timeout_recv=2.0,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    status = api.status()
+                    if status.get("manager_state") == "idle":
+                        break
+                except Exception:
+                    if manager_proc.poll() is not None or time.monotonic() > deadline:
+                        log.flush()
+                        raise AssertionError(
+                            "RE Manager did not come up:\n"
+                            + (root / "re-manager.log").read_text()[-3000:]
+                        ) from None
+                time.sleep(0.2)
+            yield {
+                "api": api,
+                "control": f"tcp://127.0.0.1:{control}",
+                "public": public,
+            }
+        finally:
+            api.close()
+            log.close()
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_plan_lands_in_a_real_queue(re_manager: dict[str, Any]) -> None:
+    api = re_manager["api"]
+    api.queue_clear()
+    cfg = QueueServerConfig(
+        enabled=True,
+        zmq_control_addr=re_manager["control"],
+        zmq_public_key=re_manager["public"],
+        detectors=["det1", "det2"],
+        motor="motor",
+        timeout_s=5.0,
+    )
+    with QueueServerSubmitter(cfg) as sub:
+        reply = sub.submit(REC, raw_uid="raw-42")
+    assert reply is not None and reply["success"] is True
+    queue = api.queue_get()["items"]
+    assert len(queue) == 1
+    item = queue[0]
+    assert item["name"] == "xas_regions_scan" and item["item_type"] == "plan"
+    assert item["user"] == "xasflow" and item["user_group"] == "primary"
+    kwargs = item["kwargs"]
+    assert kwargs["detectors"] == ["det1", "det2"] and kwargs["motor"] == "motor"
+    assert kwargs["regions"] == ROWS
+    assert kwargs["md"]["xasflow"]["raw_uid"] == "raw-42"
+    assert kwargs["md"]["xasflow"]["bundle_id"] == "cu-k-test"
+    assert item["item_uid"] == reply["item"]["item_uid"]
+
+
+def test_unknown_plan_is_refused_by_the_server(re_manager: dict[str, Any]) -> None:
+    cfg = QueueServerConfig(
+        enabled=True,
+        zmq_control_addr=re_manager["control"],
+        zmq_public_key=re_manager["public"],
+        plan_name="no_such_plan",
+        timeout_s=5.0,
+    )
+    with QueueServerSubmitter(cfg) as sub, pytest.raises(QueueServerError, match="no_such_plan"):
+        sub.submit(REC)
+    assert sub.stats["failed"] == 1
+
+
+def test_wrong_key_gets_no_answer(re_manager: dict[str, Any]) -> None:
+    from bluesky_queueserver import generate_zmq_keys
+
+    wrong, _ = generate_zmq_keys()
+    cfg = QueueServerConfig(
+        enabled=True,
+        zmq_control_addr=re_manager["control"],
+        zmq_public_key=wrong,
+        timeout_s=1.0,
+    )
+    before = len(re_manager["api"].queue_get()["items"])
+    with QueueServerSubmitter(cfg) as sub, pytest.raises(QueueServerError):
+        sub.submit(REC)
+    assert len(re_manager["api"].queue_get()["items"]) == before

@@ -1,0 +1,550 @@
+"""Energy-region recommendations: importance, steps, stop-early, rescans, the analysis-run
+stream, and the bluesky-adaptive optimizer driving measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from xasflow.daemon.recommend import (
+    RECOMMENDATION_KEYS,
+    Recommender,
+    RecommenderConfig,
+    e0_ambiguity,
+    estimate_noise,
+    finest_step,
+    parse_recommendation_row,
+    recommendation_row,
+    region_shares,
+    waveform_regions,
+)
+from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle
+from xasflow.models.predictor import Prediction, TaskResult
+from xasflow.spectra import FeatureSpec, PrepParams, Spectrum, edge_energy
+
+ROOT = Path(__file__).resolve().parents[1]
+REGIONS = {
+    "pre-edge": (-3.5, 11.5),
+    "main peak": (11.5, 26.5),
+    "post-peak": (26.5, 41.5),
+    "beyond": (41.5, 200.0),
+}
+
+
+def importance(single: dict[str, float], pairs: dict[tuple[str, str], float]) -> dict[str, float]:
+    out = dict(single)
+    out.update({f"{a} + {b}": v for (a, b), v in pairs.items()})
+    return out
+
+
+# cn depends on the main peak (and the edge), valence on the pre-edge, nothing on post-peak
+CN_IMPORTANCE = importance(
+    {"pre-edge": 0.10, "main peak": 0.30, "post-peak": 0.0, "beyond": 0.02},
+    {
+        ("pre-edge", "main peak"): 0.40,
+        ("pre-edge", "post-peak"): 0.10,
+        ("pre-edge", "beyond"): 0.12,
+        ("main peak", "post-peak"): 0.30,
+        ("main peak", "beyond"): 0.32,
+        ("post-peak", "beyond"): 0.02,
+    },
+)
+VALENCE_IMPORTANCE = importance(
+    {"pre-edge": 0.20, "main peak": 0.0, "post-peak": 0.0, "beyond": 0.0},
+    {
+        ("pre-edge", "main peak"): 0.10,
+        ("pre-edge", "post-peak"): 0.10,
+        ("pre-edge", "beyond"): 0.10,
+        ("main peak", "post-peak"): 0.0,
+        ("main peak", "beyond"): 0.0,
+        ("post-peak", "beyond"): 0.0,
+    },
+)
+
+
+def manifest(**task_importance: dict[str, float]) -> Manifest:
+    """A hand-made Cu K manifest (no ONNX needed: the recommender reads only the manifest)."""
+    imps = {"cn": CN_IMPORTANCE, "valence": VALENCE_IMPORTANCE, **task_importance}
+    tasks = {
+        "cn": TaskSpec(
+            kind="classifier",
+            file="cn.onnx",
+            target="cn",
+            classes=[2, 4, 6],
+            region_importance=imps["cn"],
+        ),
+        "valence": TaskSpec(
+            kind="classifier",
+            file="valence.onnx",
+            target="valence",
+            classes=[1, 2],
+            region_importance=imps["valence"],
+        ),
+    }
+    return Manifest(
+        bundle_id="cu-k-hand",
+        element="Cu",
+        edge="K",
+        created="2026-01-01T00:00:00Z",
+        code_version="test",
+        prep=PrepParams(window_start=-3.5, window_stop=116.5, n_points=240),
+        features=FeatureSpec(),
+        input_width=240,
+        tasks=tasks,
+        regions=REGIONS,
+    )
+
+
+def prediction(cn: dict[str, float], valence: dict[str, float], e0: float = 8985.0) -> Prediction:
+    def res(p: dict[str, float]) -> TaskResult:
+        return TaskResult(value=int(max(p, key=p.__getitem__)), probabilities=p)
+
+    return Prediction(
+        bundle_id="cu-k-hand",
+        element="Cu",
+        edge="K",
+        e0=e0,
+        edge_step=1.0,
+        results={"cn": res(cn), "valence": res(valence)},
+    )
+
+
+SURE = {"2": 0.02, "4": 0.95, "6": 0.03}
+UNSURE = {"2": 0.30, "4": 0.40, "6": 0.30}
+VAL_SURE = {"1": 0.02, "2": 0.98}
+VAL_UNSURE = {"1": 0.45, "2": 0.55}
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def test_region_shares_are_truncated_shapley() -> None:
+    names = list(REGIONS)
+    shares = region_shares(CN_IMPORTANCE, names)
+    # phi(main) = 0.5*0.30 + 0.5*mean(0.40-0.10, 0.30-0.0, 0.32-0.02) = 0.30, scaled by 0.40
+    assert shares["main peak"] == pytest.approx(0.30 / 0.40)
+    # phi(pre) = 0.5*0.10 + 0.5*mean(0.40-0.30, 0.10-0.0, 0.12-0.02) = 0.10
+    assert shares["pre-edge"] == pytest.approx(0.10 / 0.40)
+    assert shares["post-peak"] == pytest.approx(0.0)
+    assert region_shares({}, names) == dict.fromkeys(names, 0.0)
+    # a negative (helpful-to-remove) importance never becomes a negative share
+    assert min(region_shares({"pre-edge": -0.2, "beyond": 0.1}, names).values()) >= 0.0
+
+
+def test_prior_recommendation_layout_is_deterministic() -> None:
+    rec_a = Recommender(manifest()).recommend()
+    rec_b = Recommender(manifest()).recommend()
+    assert rec_a == rec_b
+    tab = edge_energy("Cu", "K")
+    assert rec_a.e0 == tab and rec_a.uncertainty == 1.0 and not rec_a.stop_early
+    names = [r.name for r in rec_a.regions]
+    # model regions by importance (main peak drives cn), then the support regions
+    assert names[0] == "main peak"
+    assert names[-2:] == ["pre-edge line", "approach"]
+    assert [r.importance for r in rec_a.regions[:4]] == sorted(
+        (r.importance for r in rec_a.regions[:4]), reverse=True
+    )
+    by = {r.name: r for r in rec_a.regions}
+    assert by["main peak"].importance == 1.0
+    # the edge region is kept fine whatever its importance
+    assert by["pre-edge"].step <= 0.5
+    # finer steps and longer dwell where it matters
+    assert by["main peak"].step < by["post-peak"].step
+    assert by["main peak"].dwell > by["post-peak"].dwell
+    # contiguous cover of the model window plus the prior margin, nothing beyond it
+    margin = RecommenderConfig().prior_e0_margin
+    assert by["pre-edge"].start == pytest.approx(tab - 3.5 - margin)
+    assert by["beyond"].stop == pytest.approx(tab + 116.5 + margin)
+    energies = rec_a.energies()
+    assert energies[0] == pytest.approx(tab - 150.0)
+    assert energies[-1] == pytest.approx(tab + 116.5 + margin)
+    assert np.all(np.diff(energies) > 0)
+    assert rec_a.n_points == energies.size == rec_a.dwells().size
+    # every region's grid divides its span exactly
+    for r in rec_a.regions:
+        e = r.energies()
+        assert e[0] == r.start and e[-1] == pytest.approx(r.stop)
+        assert np.allclose(np.diff(e), r.step, atol=1e-5)
+
+
+def test_steps_follow_importance_and_k_space() -> None:
+    cfg = RecommenderConfig()
+    assert finest_step(0.0, cfg) == cfg.fine_step
+    assert finest_step(100.0, cfg) == pytest.approx(2 * 3.80998 * math.sqrt(100 / 3.80998) * 0.04)
+    rec = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE))
+    by = {r.name: r for r in rec.regions}
+    w = by["post-peak"].importance
+    expected = finest_step(26.5, cfg) * cfg.coarse_factor ** (1 - w)
+    n = math.ceil(15.0 / expected - 1e-9)
+    assert by["post-peak"].step == pytest.approx(15.0 / n, abs=1e-6)
+
+
+def test_uncertainty_moves_the_emphasis() -> None:
+    rec = Recommender(manifest())
+    # cn settled, valence open: the pre-edge (valence) gains on the main peak (cn)
+    open_valence, _ = rec.importance(prediction(SURE, VAL_UNSURE))
+    open_cn, _ = rec.importance(prediction(UNSURE, VAL_SURE))
+    assert open_valence["pre-edge"] > open_cn["pre-edge"]
+    # while cn is uncertain, important regions get the longer dwell
+    unsure = {r.name: r for r in rec.recommend(prediction(UNSURE, VAL_SURE)).regions}
+    sure = {r.name: r for r in rec.recommend(prediction(SURE, VAL_SURE)).regions}
+    factor = RecommenderConfig().uncertain_dwell_factor
+    assert unsure["main peak"].dwell == pytest.approx(sure["main peak"].dwell * factor, rel=0.02)
+    assert "uncertain" in unsure["main peak"].reason
+    # regions centre on the predicted E0 with the small margin
+    assert sure["pre-edge"].start == pytest.approx(8985.0 - 3.5 - 2.0)
+
+
+def test_stop_early_needs_agreement_and_confidence() -> None:
+    rec = Recommender(manifest(), RecommenderConfig(stop_count=3, stop_probability=0.9))
+    sure = prediction(SURE, VAL_SURE)
+    assert not rec.recommend(sure, history=[sure]).stop_early  # one spectrum is not a trend
+    out = rec.recommend(sure, history=[sure, sure, sure])
+    assert out.stop_early and "cn 4" in out.stop_reason
+    other = prediction({"2": 0.01, "4": 0.04, "6": 0.95}, VAL_SURE)
+    assert not rec.recommend(sure, history=[other, sure, sure]).stop_early
+    weak = prediction({"2": 0.05, "4": 0.85, "6": 0.10}, VAL_SURE)
+    assert not rec.recommend(sure, history=[weak, sure, sure]).stop_early
+    assert rec.recommend(sure, history=[other, sure, sure, sure]).stop_early  # last 3 count
+
+
+def smooth_mu(energy: np.ndarray, e0: float) -> np.ndarray:
+    x = energy - e0
+    return 0.5 + np.arctan(x / 1.5) / np.pi + 0.3 * np.exp(-0.5 * ((x - 18.0) / 5.0) ** 2)
+
+
+def test_noise_estimate_recovers_white_noise() -> None:
+    rng = np.random.default_rng(7)
+    energy = np.arange(9000.0, 9100.0, 0.3)
+    clean = smooth_mu(energy, 8985.0)
+    assert estimate_noise(energy, clean, 9000.0, 9100.0, 1.0) < 0.002
+    for sigma in (0.01, 0.05):
+        noisy = clean + rng.normal(0.0, sigma, energy.size)
+        est = estimate_noise(energy, noisy, 9000.0, 9100.0, 1.0)
+        assert est == pytest.approx(sigma, rel=0.2)
+        assert estimate_noise(energy, 2 * noisy, 9000.0, 9100.0, 2.0) == pytest.approx(est)
+    assert estimate_noise(energy, clean, 9000.0, 9001.0, 1.0) is None  # < 7 points
+
+
+def test_rescan_of_a_noisy_important_region() -> None:
+    e0 = 8985.0
+    rng = np.random.default_rng(3)
+    energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
+    mu = smooth_mu(energy, e0)
+    main = (energy >= e0 + 11.5) & (energy <= e0 + 26.5)
+    mu[main] += rng.normal(0.0, 0.05, int(main.sum()))
+    spectrum = Spectrum(energy, mu, "Cu", "K")
+    cfg = RecommenderConfig(noise_threshold=0.02, max_rescan_factor=4.0)
+    rec = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), spectrum)
+    assert rec.rescan is not None and rec.rescan.name == "main peak"
+    main_region = next(r for r in rec.regions if r.name == "main peak")
+    assert (rec.rescan.start, rec.rescan.stop, rec.rescan.step) == (
+        main_region.start,
+        main_region.stop,
+        main_region.step,
+    )
+    # (0.05 / 0.02)^2 = 6.25x, capped at 4x
+    assert rec.rescan.dwell == pytest.approx(4.0 * main_region.dwell, rel=1e-3)
+    assert rec.noise["main peak"] == pytest.approx(0.05, rel=0.3)
+    assert rec.noise["pre-edge"] < 0.01
+    quiet = Spectrum(energy, smooth_mu(energy, e0), "Cu", "K")
+    assert Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), quiet).rescan is None
+
+
+def test_an_ambiguous_edge_widens_the_margin() -> None:
+    e0 = 8991.0
+    energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
+    clean = Spectrum(energy, smooth_mu(energy, e0), "Cu", "K")
+    assert e0_ambiguity(clean, e0, 10.0, 0.5) == 0.0
+    # a shoulder 6 eV below the edge, nearly as steep: E0 may jump between the two
+    shoulder = 0.4 * (0.5 + np.arctan((energy - e0 + 6.0) / 0.8) / np.pi)
+    twin = Spectrum(energy, smooth_mu(energy, e0) + shoulder, "Cu", "K")
+    assert e0_ambiguity(twin, e0, 10.0, 0.5) == pytest.approx(6.0, abs=0.3)
+    cfg = RecommenderConfig()
+    pred = prediction(SURE, VAL_SURE, e0=e0)
+    plain = Recommender(manifest(), cfg).recommend(pred, clean)
+    wide = Recommender(manifest(), cfg).recommend(pred, twin)
+    first = {r.name: r for r in plain.regions}["pre-edge"]
+    assert first.start == pytest.approx(e0 - 3.5 - cfg.e0_margin)
+    assert {r.name: r for r in wide.regions}["pre-edge"].start == pytest.approx(
+        first.start - 6.0, abs=0.3
+    )
+
+
+def test_row_and_waveform_round_trip() -> None:
+    rec = Recommender(manifest()).recommend(prediction(UNSURE, VAL_SURE))
+    row = recommendation_row(5, rec)
+    assert set(row) == set(RECOMMENDATION_KEYS)
+    json.dumps(row)
+    back = parse_recommendation_row(row)
+    assert back["index"] == 5 and back["rescan"] is None
+    assert [r["name"] for r in back["regions"]] == [r.name for r in rec.regions]
+    assert waveform_regions(back["waveform"]) == [tuple(r.row()) for r in rec.regions]
+    assert back["n_points"] == rec.n_points
+    with pytest.raises(ValueError, match="4 numbers"):
+        waveform_regions([1.0, 2.0, 3.0])
+    json.dumps(rec.to_dict())
+
+
+# --------------------------------------------------------------------------- with a bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped Cu K bundle when present, else a tiny one trained from synthetic FEFF."""
+    shipped = ROOT / "models" / "cu-k"
+    if (shipped / "manifest.json").is_file():
+        try:
+            verify_bundle(shipped)
+            return shipped
+        except Exception:
+            pass
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pymatgen.core")
+    from test_pipeline import build_cu_bundle
+
+    return build_cu_bundle(tmp_path_factory)
+
+
+def demo_channels(name: str, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Transmission counts of a packaged FEFF demo spectrum (no ophyd needed)."""
+    from xasflow.sim.feff_demo import load_demo_spectra
+
+    demo = next(d for d in load_demo_spectra() if d.name == name)
+    energy = np.arange(demo.energy[0], demo.energy[-1], 0.3)
+    mu = np.interp(energy, demo.energy, demo.mu)
+    rng = np.random.default_rng(seed)
+    i0 = rng.poisson(1e6, energy.size).astype(float)
+    it = rng.poisson(1e6 * np.exp(-(0.3 + mu))).astype(float)
+    return energy, {"i0": i0, "it": it}
+
+
+def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("event_model")
+    from event_model import DocumentNames, schema_validators
+
+    from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.registry import ModelRegistry
+
+    shutil.copytree(bundle, tmp_path / "models" / "cu-k")
+    counters = Counters()
+    registry = ModelRegistry(tmp_path / "models", counters)
+
+    def outputs() -> list[Any]:
+        out: list[Any] = [RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")]
+        for i in range(2):
+            energy, chans = demo_channels("CuO", seed=i)
+            out.append(
+                SpectrumReady(
+                    ScanSpectrum(
+                        "raw-1", i, energy, chans, "Cu", "K", "transmission", (i + 1,), 1.0, 0.0
+                    )
+                )
+            )
+        out.append(RunClosed("raw-1", "success", "", 2, 0, 0))
+        return out
+
+    pipe = Pipeline(registry, counters, validate=True, recommend=RecommenderConfig())
+    docs = pipe.handle_batch(outputs())
+    names = [n for n, _ in docs]
+    assert names == [
+        "start",
+        "descriptor",
+        "event",
+        "descriptor",
+        "event",
+        "event",
+        "event",
+        "stop",
+    ]
+    kinds = {
+        "start": DocumentNames.start,
+        "descriptor": DocumentNames.descriptor,
+        "event": DocumentNames.event,
+        "stop": DocumentNames.stop,
+    }
+    for name, doc in docs:
+        schema_validators[kinds[name]].validate(doc)
+    json.dumps([d for _, d in docs])
+    desc = {d["uid"]: d for n, d in docs if n == "descriptor"}
+    assert sorted(d["name"] for d in desc.values()) == ["primary", "recommendations"]
+    stop = docs[-1][1]
+    assert stop["num_events"] == {"primary": 2, "recommendations": 2}
+    assert stop["n_analysed"] == 2
+    recs = [
+        d["data"]
+        for n, d in docs
+        if n == "event" and desc[d["descriptor"]]["name"] == "recommendations"
+    ]
+    prim = [
+        d["data"] for n, d in docs if n == "event" and desc[d["descriptor"]]["name"] == "primary"
+    ]
+    assert [r["index"] for r in recs] == [0, 1]
+    for p, r in zip(prim, recs, strict=True):
+        assert p["status"] == "ok"
+        assert r["e0"] == pytest.approx(p["e0"])
+        assert r["uncertainty"] == pytest.approx(1.0 - p["cn_probability"])
+        assert r["bundle_id"] == p["bundle_id"]
+        regions = json.loads(r["regions"])
+        assert regions and all(g["start"] < g["stop"] for g in regions)
+        assert r["n_points"] > 0
+    # every analysis document routes back to the raw run; the run's history is released
+    assert all(pipe.raw_uid_of(n, d) == "raw-1" for n, d in docs)
+    assert pipe.recommendations is not None and pipe.recommendations.open_runs == []
+    # off by default: the same input gives no recommendations stream
+    plain = Pipeline(ModelRegistry(tmp_path / "models", Counters()), validate=True)
+    assert [n for n, _ in plain.handle_batch(outputs())] == [
+        "start",
+        "descriptor",
+        "event",
+        "event",
+        "stop",
+    ]
+
+
+def measure_demo(name: str, seed: int) -> Any:
+    """mu(E) at any energies for a FEFF demo spectrum, with Poisson noise (no ophyd)."""
+    from xasflow.sim.feff_demo import load_demo_spectra
+
+    demo = next(d for d in load_demo_spectra() if d.name == name)
+    rng = np.random.default_rng(seed)
+
+    def counts(energies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu = np.interp(energies, demo.energy, demo.mu)
+        i0 = rng.poisson(1e6, energies.size).astype(float)
+        return i0, rng.poisson(i0 * np.exp(-(0.3 + mu))).astype(float)
+
+    return demo, counts
+
+
+def test_adaptive_optimizer_loop(bundle: Path) -> None:
+    from xasflow.daemon.adaptive import RecommenderOptimizer
+    from xasflow.models.predictor import Predictor
+
+    predictor = Predictor(bundle)
+    demo, counts = measure_demo("CuO", seed=1)
+    full = np.arange(demo.energy[0], demo.energy[-1], 0.3)
+    cfg = RecommenderConfig(stop_count=2, stop_probability=0.05)  # stops after 2 agreeing
+    opt = RecommenderOptimizer(
+        predictor,
+        cfg,
+        initial_energies=full,
+        max_passes=4,
+        energy_range=(float(demo.energy[0]), float(demo.energy[-1])),
+    )
+    try:
+        from bluesky_adaptive.protocols import Optimizer, SupportsStoppingCriteria
+    except ImportError:
+        pass
+    else:
+        assert isinstance(opt, Optimizer) and isinstance(opt, SupportsStoppingCriteria)
+    measured = 0
+    for _ in range(100):
+        if opt.should_stop()[0]:
+            break
+        batch = opt.suggest(64)
+        assert batch and all("_id" in s and "energy" in s for s in batch)
+        i0, it = counts(np.array([s["energy"] for s in batch]))
+        opt.ingest(
+            [{"_id": s["_id"], "I0": a, "It": b} for s, a, b in zip(batch, i0, it, strict=True)]
+        )
+        measured += len(batch)
+    stop, reason = opt.should_stop()
+    assert stop and reason is not None and "in the last 2 spectra" in reason
+    assert len(opt.passes) == 2 and all(p.prediction is not None for p in opt.passes)
+    first, second = opt.passes
+    assert first.energies.size == full.size
+    # the second pass is the recommended grid: fewer points, most important region first
+    rec = first.recommendation
+    assert rec is not None and second.energies.size < first.energies.size
+    top = rec.regions[0]
+    handed = second.energies[second.order[0]]
+    assert top.start - 1e-6 <= handed <= top.stop + 1e-6
+    assert measured == first.energies.size + second.energies.size
+    assert opt.suggest(5) == []
+    (best,) = opt.get_best_points()
+    assert best[0] == "pass-1" and best[2]["tasks"]["cn"]["value"] is not None
+
+    # the ask/tell form of the same loop
+    demo, counts = measure_demo("CuO", seed=2)
+    opt2 = RecommenderOptimizer(predictor, cfg, initial_energies=full, max_passes=4)
+    for _ in range(100):
+        xs = opt2.ask(80)
+        if not xs:
+            break
+        i0, it = counts(np.array(xs))
+        opt2.tell_many(xs, [{"I0": a, "It": b} for a, b in zip(i0, it, strict=True)])
+    assert opt2.should_stop()[0] and len(opt2.passes) == 2
+
+
+ADAPTIVE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from bluesky import RunEngine
+    from bluesky_adaptive.plans import optimize
+    from bluesky_adaptive.protocols import OptimizationProblem
+    from xasflow.daemon.adaptive import RecommenderOptimizer, RunCollector
+    from xasflow.daemon.recommend import RecommenderConfig
+    from xasflow.models.predictor import Predictor
+    from xasflow.sim.beamline import BeamlineModel, demo_spectra, make_devices, step_energies
+
+    model = BeamlineModel(demo_spectra(["CuO"])[0], seed=5)
+    motor, det = make_devices(model)
+    opt = RecommenderOptimizer(
+        Predictor(sys.argv[1]), RecommenderConfig(stop_count=2, stop_probability=0.05),
+        initial_energies=step_energies(within=model)[::3], max_passes=3,
+        energy_range=model.energy_range,
+    )
+    collector = RunCollector(["I0", "It"])
+    RE = RunEngine({})
+    RE.subscribe(collector)
+    starts = []
+    RE.subscribe(lambda name, doc: starts.append(doc.get("plan_name")) if name == "start" else None)
+    problem = OptimizationProblem(
+        optimizer=opt, actuators=[motor], sensors=[det], evaluation_function=collector
+    )
+    RE(optimize(problem, iterations=None, n_points=40))
+    print(json.dumps({
+        "stop": opt.should_stop(),
+        "passes": [int(p.energies.size) for p in opt.passes],
+        "recommended": opt.passes[0].recommendation.n_points,
+        "predicted": [p.prediction is not None for p in opt.passes],
+        "runs": starts.count("list_scan"),
+    }))
+    """
+)
+
+
+def test_bluesky_adaptive_optimize_plan_drives_the_recommender(bundle: Path) -> None:
+    """bluesky-adaptive's own ``optimize`` plan on a RunEngine (a subprocess: ophyd threads)."""
+    pytest.importorskip("bluesky_adaptive", reason="pip install bluesky-adaptive")
+    pytest.importorskip("ophyd")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", ADAPTIVE_SCRIPT, str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["stop"][0] is True
+    # two agreeing spectra end it (or the 3-pass cap, should a small model flip its answer)
+    assert all(result["predicted"]) and 2 <= len(result["predicted"]) <= 3
+    assert 0 < result["passes"][1] <= result["recommended"]
+    assert result["runs"] >= 2

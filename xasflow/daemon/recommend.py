@@ -1,0 +1,722 @@
+"""Energy-region recommendations: what to measure next, whether to stop, what to rescan.
+
+A :class:`Recommender` turns a bundle's drop-region importances (manifest ``regions`` and
+each task's ``region_importance``) and the current :class:`~xasflow.models.predictor.Prediction`
+into a :class:`Recommendation`. Everything is a pure, deterministic function of its inputs
+(no clocks, no randomness), so the same spectrum always gives the same advice.
+
+How it decides (all knobs in :class:`RecommenderConfig`):
+
+1. **Region importance.** For each task the manifest stores the score lost when one region,
+   or a pair, is replaced by the training mean (``"pre-edge"``, ``"pre-edge + main peak"``,
+   ...). A truncated Shapley estimate gives each region its share::
+
+       phi_r = 1/2 * v({r}) + 1/2 * mean_s (v({r, s}) - v({s}))
+
+   clipped at 0 and divided by the task's largest |v| (scores of different tasks have
+   different units). Tasks are combined with ``task_weights`` scaled by how uncertain each
+   task still is, ``0.5 + 0.5 * u_task`` (``u_task`` = 1 - (p1 - p2) for classifiers, 1 - the
+   gap between the two top motif scores, 0.5 for regressors, 1 with no prediction yet), and
+   the result is scaled so the most important region has importance 1.
+2. **Steps and dwell.** The finest useful step of a region starting ``lo`` eV above E0 is
+   ``max(fine_step, 2 * 3.81 * k(lo) * k_step)`` with ``k = sqrt(lo / 3.81)`` (constant steps in
+   photoelectron wavenumber: features broaden away from the edge). A region of importance
+   ``w`` gets that step times ``coarse_factor ** (1 - w)`` (finer where it matters) and the
+   dwell ``dwell * (dwell_floor + (1 - dwell_floor) * w)``; while the answer is uncertain
+   (cn uncertainty above ``uncertain_above``) regions with ``w >= 0.5`` get
+   ``uncertain_dwell_factor`` times that dwell. Around E0 (``edge_window``) the step never
+   exceeds ``edge_max_step``, because E0 fixes the model grid. Regions are clipped to the
+   model window (``prep.window_start`` .. ``prep.window_stop``) widened by ``e0_margin``;
+   nothing beyond the window is recommended, since the model never sees it.
+3. **Support regions** the preprocessing needs, importance 0: the pre-edge line
+   (``prep.pre_edge``, ``pre_edge_step``) and the approach to the window (``approach_step``).
+4. **Stop early** when the cn task's top probability is at least ``stop_probability`` for
+   the last ``stop_count`` spectra of the run and they all name the same cn.
+5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
+   exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
+   local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
+   smoother's own variance. The rescan keeps the region's grid and raises the dwell by
+   ``(noise / noise_threshold) ** 2`` (counting statistics), at most ``max_rescan_factor``.
+
+E0 itself can be ambiguous: a pre-edge shoulder nearly as steep as the edge makes the
+steepest point jump between scans. When the measured spectrum's smoothed derivative has
+another local maximum within ``e0_ambiguity_window`` eV of E0 at least ``e0_ambiguity_ratio``
+as high, the margin grows by that distance, so the next scan covers the window from either.
+
+Without a prediction (the first spectrum of a run, or one the model could not use) E0 is
+found in the measured spectrum when one is given (:func:`~xasflow.spectra.find_e0`), else
+it is the tabulated edge energy; the margin is then ``prior_e0_margin`` (chemical shifts
+move E0 by several eV).
+
+The analysis run carries the advice as a ``recommendations`` stream, one event per analysed
+spectrum: :data:`RECOMMENDATION_KEYS`, :func:`recommendation_row` and
+:func:`recommendation_docs`; :class:`RecommendationTracker` keeps each run's history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from xasflow.models.bundle import Manifest
+from xasflow.models.predictor import Prediction
+from xasflow.spectra import Spectrum, SpectrumError, edge_energy, find_e0
+
+__all__ = [
+    "RECOMMENDATION_KEYS",
+    "RECOMMENDATION_STREAM",
+    "Recommendation",
+    "RecommendationTracker",
+    "Recommender",
+    "RecommenderConfig",
+    "Region",
+    "e0_ambiguity",
+    "estimate_noise",
+    "recommendation_docs",
+    "recommendation_row",
+    "region_shares",
+]
+
+RECOMMENDATION_STREAM = "recommendations"
+_SOURCE = "xasflow"
+_PRE_EDGE_NAME = "pre-edge line"
+_APPROACH_NAME = "approach"
+_EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
+#: Savitzky-Golay smoothing coefficients, 7 points, quadratic (symmetric; c0 = 7/21)
+_SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
+
+
+class RecommenderConfig(BaseModel):
+    """Knobs of the recommender (defaults suit a K edge measured in transmission)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fine_step: float = Field(0.5, gt=0, description="eV, finest step anywhere")
+    k_step: float = Field(0.04, ge=0, description="1/angstrom, finest step in k far above the edge")
+    coarse_factor: float = Field(4.0, ge=1, description="step multiplier where w = 0")
+    edge_max_step: float = Field(0.5, gt=0, description="eV, largest step inside edge_window")
+    edge_window: tuple[float, float] = Field(
+        (-5.0, 10.0), description="eV relative to E0 where E0 is found; kept fine"
+    )
+    pre_edge_step: float = Field(10.0, gt=0, description="eV, step on the pre-edge line")
+    approach_step: float = Field(3.0, gt=0, description="eV, from the pre-edge line to the window")
+    dwell: float = Field(1.0, gt=0, description="s per point in the most important region")
+    dwell_floor: float = Field(0.5, gt=0, le=1, description="dwell fraction where w = 0")
+    uncertain_above: float = Field(0.5, ge=0, le=1, description="cn uncertainty that is 'unsure'")
+    uncertain_dwell_factor: float = Field(2.0, ge=1)
+    e0_margin: float = Field(2.0, ge=0, description="eV added to each end of the window")
+    prior_e0_margin: float = Field(12.0, ge=0, description="eV margin before E0 is known")
+    e0_ambiguity_window: float = Field(10.0, ge=0, description="eV around E0 to look for rivals")
+    e0_ambiguity_ratio: float = Field(0.5, gt=0, le=1, description="rival / edge derivative")
+    task_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "cn": 1.0,
+            "valence": 0.5,
+            "environment": 0.5,
+            "distance": 0.25,
+            "charge": 0.25,
+        }
+    )
+    stop_probability: float = Field(0.9, gt=0, le=1)
+    stop_count: int = Field(3, ge=1, description="spectra in a row that must agree")
+    rescan_importance: float = Field(0.5, ge=0, le=1)
+    noise_threshold: float = Field(0.02, gt=0, description="noise / edge step that asks a rescan")
+    max_rescan_factor: float = Field(4.0, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RecommenderConfig:
+        if self.edge_window[1] <= self.edge_window[0]:
+            raise ValueError("edge_window must be (low, high) with low < high")
+        return self
+
+
+@dataclass(frozen=True)
+class Region:
+    """One energy range to measure: absolute eV, a uniform step, a dwell per point."""
+
+    name: str
+    start: float
+    stop: float
+    step: float
+    dwell: float
+    reason: str
+    importance: float = 0.0
+
+    @property
+    def n_points(self) -> int:
+        """Points of :meth:`energies` (both ends included)."""
+        return int(self.energies().size)
+
+    def energies(self) -> np.ndarray:
+        """The region's grid: ``start`` to ``stop`` inclusive in steps of ``step``."""
+        n = max(1, math.ceil((self.stop - self.start) / self.step - 1e-3))
+        return np.linspace(self.start, self.stop, n + 1)
+
+    def row(self) -> list[float]:
+        """``[start, stop, step, dwell]`` (the EPICS waveform's unit)."""
+        return [self.start, self.stop, self.step, self.dwell]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "name": self.name,
+            "start": self.start,
+            "stop": self.stop,
+            "step": self.step,
+            "dwell": self.dwell,
+            "reason": self.reason,
+            "importance": self.importance,
+            "n_points": self.n_points,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What to measure next, whether the answer is already certain, what to rescan."""
+
+    regions: list[Region]
+    stop_early: bool
+    stop_reason: str
+    rescan: Region | None
+    e0: float
+    uncertainty: float
+    element: str
+    edge: str
+    bundle_id: str
+    noise: dict[str, float] = field(default_factory=dict)
+
+    def energies(self) -> np.ndarray:
+        """Every recommended energy once, ascending (neighbouring regions share ends)."""
+        if not self.regions:
+            return np.empty(0)
+        e = np.concatenate([r.energies() for r in self.regions])
+        return np.unique(np.round(e, 6))
+
+    def dwells(self) -> np.ndarray:
+        """Dwell per energy of :meth:`energies` (the longest of the regions that hold it)."""
+        energies = self.energies()
+        out = np.zeros_like(energies)
+        for r in self.regions:
+            inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
+            out[inside] = np.maximum(out[inside], r.dwell)
+        return out
+
+    @property
+    def n_points(self) -> int:
+        """Distinct energies recommended."""
+        return int(self.energies().size)
+
+    @property
+    def time(self) -> float:
+        """Counting time of the recommended scan, s (no motor moves)."""
+        return float(self.dwells().sum())
+
+    def waveform(self) -> list[float]:
+        """``[start, stop, step, dwell] * n`` in region order (most important first)."""
+        return [v for r in self.regions for v in r.row()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (what the dashboard and the queueserver adapter read)."""
+        return {
+            "regions": [r.to_dict() for r in self.regions],
+            "stop_early": self.stop_early,
+            "stop_reason": self.stop_reason,
+            "rescan": None if self.rescan is None else self.rescan.to_dict(),
+            "e0": self.e0,
+            "uncertainty": self.uncertainty,
+            "element": self.element,
+            "edge": self.edge,
+            "bundle_id": self.bundle_id,
+            "noise": dict(self.noise),
+            "n_points": self.n_points,
+            "time": self.time,
+        }
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def region_shares(importance: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    """Per-region share of a task's drop-region importances (truncated Shapley, >= 0, max 1).
+
+    ``importance`` maps ``"a"`` and ``"a + b"`` to the score lost when those regions are
+    removed. Missing pairs count as the larger single; a task whose importances are all zero
+    (or absent) gives every region 0.
+    """
+    single = {n: float(importance.get(n, 0.0)) for n in names}
+
+    def pair(a: str, b: str) -> float:
+        for key in (f"{a} + {b}", f"{b} + {a}"):
+            if key in importance:
+                return float(importance[key])
+        return max(single[a], single[b])
+
+    raw: dict[str, float] = {}
+    for r in names:
+        others = [s for s in names if s != r]
+        marginal = [pair(r, s) - single[s] for s in others]
+        phi = 0.5 * single[r] + (0.5 * float(np.mean(marginal)) if marginal else 0.5 * single[r])
+        raw[r] = max(0.0, phi)
+    scale = max([abs(float(v)) for v in importance.values()] + [0.0])
+    if scale <= 0:
+        return dict.fromkeys(names, 0.0)
+    return {r: min(1.0, v / scale) for r, v in raw.items()}
+
+
+def _margin(probabilities: Mapping[str, float] | None) -> tuple[float, float] | None:
+    """(top probability, top - second) of a classifier's probabilities."""
+    if not probabilities:
+        return None
+    p = sorted((float(v) for v in probabilities.values()), reverse=True)
+    return p[0], p[0] - (p[1] if len(p) > 1 else 0.0)
+
+
+def task_uncertainty(prediction: Prediction | None, task: str) -> float:
+    """0 (sure) .. 1 (no idea): 1 - margin for classifiers/rankings, 0.5 for regressors."""
+    if prediction is None or task not in prediction.results:
+        return 1.0
+    res = prediction.results[task]
+    m = _margin(res.probabilities)
+    if m is not None:
+        return float(min(1.0, max(0.0, 1.0 - m[1])))
+    if res.ranking:
+        scores = [float(s) for _, s in res.ranking]
+        gap = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
+        return float(min(1.0, max(0.0, 1.0 - gap)))
+    return 0.5
+
+
+def cn_uncertainty(prediction: Prediction | None) -> float:
+    """1 - the top cn probability (1 without a prediction or a cn task): the PV's uncertainty."""
+    if prediction is None or "cn" not in prediction.results:
+        return 1.0
+    conf = prediction.results["cn"].confidence
+    return 1.0 if conf is None else float(1.0 - conf)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def estimate_noise(
+    energy: np.ndarray, mu: np.ndarray, lo: float, hi: float, edge_step: float
+) -> float | None:
+    """Noise of mu within ``[lo, hi]`` eV as a fraction of ``edge_step`` (None: < 7 points).
+
+    Residuals to a 7-point quadratic Savitzky-Golay smooth, robust scatter (1.4826 MAD),
+    divided by sqrt(1 - c0) (c0 the smoother's central weight) so white noise of standard
+    deviation s gives s.
+    """
+    energy = np.asarray(energy, dtype=np.float64)
+    mu = np.asarray(mu, dtype=np.float64)
+    sel = (energy >= lo) & (energy <= hi)
+    y = mu[sel]
+    if y.size < 7 or not edge_step > 0:
+        return None
+    # interior residuals to the 7-point quadratic smooth: y - conv(y, SG coefficients)
+    resid = y[3:-3] - np.convolve(y, _SG7, mode="valid")
+    mad = float(np.median(np.abs(resid - np.median(resid))))
+    sigma = 1.4826 * mad / math.sqrt(1.0 - _SG7[3])
+    return sigma / abs(edge_step)
+
+
+def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
+    """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
+
+    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (as
+    :func:`~xasflow.spectra.find_e0` does); a rival is a local maximum within ``window`` eV
+    of ``e0`` (more than 1 eV away) at least ``ratio`` times the largest one there.
+    """
+    if window <= 0:
+        return 0.0
+    energy, mu = spectrum.energy, spectrum.mu
+    lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
+    if hi - lo < 4.0:
+        return 0.0
+    grid = np.arange(lo, hi, 0.1)
+    kernel = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
+    kernel /= kernel.sum()
+    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), kernel, "valid")
+    deriv = np.gradient(smooth, 0.1)
+    inner = (grid >= e0 - window) & (grid <= e0 + window)
+    mid = deriv[1:-1]
+    peaks = np.flatnonzero(inner[1:-1] & (mid >= deriv[:-2]) & (mid > deriv[2:])) + 1
+    if peaks.size == 0:
+        return 0.0
+    top = float(deriv[peaks].max())
+    if not top > 0:
+        return 0.0
+    dist = np.abs(grid[peaks] - e0)
+    rivals = dist[(deriv[peaks] >= ratio * top) & (dist > 1.0)]
+    return float(rivals.max()) if rivals.size else 0.0
+
+
+# --------------------------------------------------------------------------- recommender
+
+
+class Recommender:
+    """Recommends the next scan for one bundle (see the module docstring for the rules)."""
+
+    def __init__(self, manifest: Manifest, config: RecommenderConfig | None = None) -> None:
+        self.manifest = manifest
+        self.config = config or RecommenderConfig()
+        prep = manifest.prep
+        lo, hi = prep.window_start, prep.window_stop
+        regions = {
+            name: (max(a, lo), min(b, hi))
+            for name, (a, b) in manifest.regions.items()
+            if min(b, hi) > max(a, lo)
+        }
+        if not regions:  # a bundle without regions: the whole window is one region
+            regions = {"window": (lo, hi)}
+        self.regions: dict[str, tuple[float, float]] = dict(
+            sorted(regions.items(), key=lambda kv: kv[1][0])
+        )
+        names = list(self.regions)
+        self.shares: dict[str, dict[str, float]] = {
+            task: region_shares(spec.region_importance, names)
+            for task, spec in manifest.tasks.items()
+            if spec.region_importance
+        }
+
+    def importance(self, prediction: Prediction | None) -> tuple[dict[str, float], dict[str, str]]:
+        """Region -> importance in 0..1 (max 1), and region -> the task that drives it."""
+        cfg = self.config
+        total = dict.fromkeys(self.regions, 0.0)
+        best: dict[str, tuple[float, str]] = {}
+        for task, shares in self.shares.items():
+            weight = cfg.task_weights.get(task, 0.0)
+            if weight <= 0:
+                continue
+            weight *= 0.5 + 0.5 * task_uncertainty(prediction, task)
+            for r, share in shares.items():
+                contrib = weight * share
+                total[r] += contrib
+                if contrib > best.get(r, (0.0, ""))[0]:
+                    best[r] = (contrib, task)
+        top = max(total.values(), default=0.0)
+        if top <= 0:
+            return dict.fromkeys(self.regions, 1.0), dict.fromkeys(self.regions, "")
+        return (
+            {r: v / top for r, v in total.items()},
+            {r: best.get(r, (0.0, ""))[1] for r in self.regions},
+        )
+
+    def recommend(
+        self,
+        prediction: Prediction | None = None,
+        spectrum: Spectrum | None = None,
+        history: Sequence[Prediction] = (),
+    ) -> Recommendation:
+        """The next scan after ``prediction`` of ``spectrum`` (the measured mu on absolute eV).
+
+        ``history`` is the run's predictions so far, oldest first, ending with ``prediction``
+        (stop-early looks at its last ``stop_count``). With no prediction, the prior advice
+        from the importances alone, centred on :meth:`prior_e0`.
+        """
+        cfg, m = self.config, self.manifest
+        prep = m.prep
+        if prediction is not None and math.isfinite(prediction.e0):
+            e0, margin = float(prediction.e0), cfg.e0_margin
+            if spectrum is not None:
+                margin += e0_ambiguity(
+                    spectrum, e0, cfg.e0_ambiguity_window, cfg.e0_ambiguity_ratio
+                )
+        else:
+            e0, margin = self.prior_e0(spectrum), cfg.prior_e0_margin
+        u_cn = task_uncertainty(prediction, "cn") if "cn" in m.tasks else 1.0
+        unsure = prediction is None or u_cn > cfg.uncertain_above
+        weights, drivers = self.importance(prediction)
+
+        regions: list[Region] = []
+        names = list(self.regions)
+        for i, name in enumerate(names):
+            lo, hi = self.regions[name]
+            if i == 0:
+                lo = min(lo, prep.window_start) - margin
+            if i == len(names) - 1:
+                hi = max(hi, prep.window_stop) + margin
+            w = weights[name]
+            step = finest_step(lo, cfg) * cfg.coarse_factor ** (1.0 - w)
+            if lo < cfg.edge_window[1] and hi > cfg.edge_window[0]:
+                step = min(step, cfg.edge_max_step)
+            dwell = cfg.dwell * (cfg.dwell_floor + (1.0 - cfg.dwell_floor) * w)
+            why = f"importance {w:.2f}"
+            if drivers[name]:
+                why += f", mostly for {drivers[name]}"
+            if unsure and w >= 0.5:
+                dwell *= cfg.uncertain_dwell_factor
+                why += f"; answer uncertain ({u_cn:.2f}): longer dwell"
+            regions.append(_region(name, e0 + lo, e0 + hi, step, dwell, why, w))
+        first = min(r.start for r in regions) - e0
+        pre_lo, pre_hi = prep.pre_edge
+        support: list[Region] = []
+        if pre_hi < first:
+            support.append(
+                _region(
+                    _PRE_EDGE_NAME,
+                    e0 + pre_lo,
+                    e0 + pre_hi,
+                    cfg.pre_edge_step,
+                    cfg.dwell * cfg.dwell_floor,
+                    "pre-edge line for normalisation",
+                    0.0,
+                )
+            )
+            support.append(
+                _region(
+                    _APPROACH_NAME,
+                    e0 + pre_hi,
+                    e0 + first,
+                    cfg.approach_step,
+                    cfg.dwell * cfg.dwell_floor,
+                    "from the pre-edge line up to the model window",
+                    0.0,
+                )
+            )
+        regions.sort(key=lambda r: (-r.importance, r.start))
+        regions += support
+
+        noise: dict[str, float] = {}
+        rescan: Region | None = None
+        if spectrum is not None and prediction is not None and prediction.edge_step > 0:
+            for r in regions:
+                if r.importance <= 0:
+                    continue
+                n = estimate_noise(
+                    spectrum.energy, spectrum.mu, r.start, r.stop, prediction.edge_step
+                )
+                if n is None:
+                    continue
+                noise[r.name] = n
+                if (
+                    rescan is None
+                    and r.importance >= cfg.rescan_importance
+                    and (n > cfg.noise_threshold)
+                ):
+                    factor = min(cfg.max_rescan_factor, (n / cfg.noise_threshold) ** 2)
+                    rescan = Region(
+                        r.name,
+                        r.start,
+                        r.stop,
+                        r.step,
+                        round(r.dwell * factor, 4),
+                        f"noise {100 * n:.1f}% of the edge step > {100 * cfg.noise_threshold:.1f}%"
+                        f" in a region of importance {r.importance:.2f}: "
+                        f"{factor:.1f}x dwell",
+                        r.importance,
+                    )
+
+        stop, stop_reason = self._stop_early(prediction, history)
+        return Recommendation(
+            regions=regions,
+            stop_early=stop,
+            stop_reason=stop_reason,
+            rescan=rescan,
+            e0=e0,
+            uncertainty=cn_uncertainty(prediction),
+            element=m.element,
+            edge=m.edge,
+            bundle_id=m.bundle_id,
+            noise=noise,
+        )
+
+    def prior_e0(self, spectrum: Spectrum | None = None) -> float:
+        """E0 before the model has spoken: found in ``spectrum`` if possible, else tabulated."""
+        m = self.manifest
+        if spectrum is not None:
+            try:
+                spec = spectrum if spectrum.element else spectrum.with_(element=m.element)
+                return float(find_e0(spec, m.prep.e0_search))
+            except (SpectrumError, ValueError):
+                pass
+        return float(edge_energy(m.element, m.edge))
+
+    def _stop_early(
+        self, prediction: Prediction | None, history: Sequence[Prediction]
+    ) -> tuple[bool, str]:
+        """Whether the last ``stop_count`` spectra agree on cn with enough probability."""
+        cfg = self.config
+        if prediction is None or "cn" not in prediction.results:
+            return False, ""
+        recent = list(history)[-cfg.stop_count :]
+        if not recent or recent[-1] is not prediction:
+            recent = [*recent, prediction][-cfg.stop_count :]
+        if len(recent) < cfg.stop_count:
+            return False, ""
+        values = {str(p.results["cn"].value) for p in recent if "cn" in p.results}
+        confs = [p.results["cn"].confidence or 0.0 for p in recent if "cn" in p.results]
+        if len(values) != 1 or len(confs) < cfg.stop_count:
+            return False, ""
+        if min(confs) < cfg.stop_probability:
+            return False, ""
+        (cn,) = values
+        return True, (
+            f"cn {cn} with probability >= {min(confs):.2f} "
+            f"(>= {cfg.stop_probability:g}) in the last {cfg.stop_count} spectra"
+        )
+
+
+def finest_step(rel: float, config: RecommenderConfig) -> float:
+    """The finest useful step (eV) at ``rel`` eV above E0: fine_step, or constant k steps."""
+    if rel <= 0 or config.k_step <= 0:
+        return config.fine_step
+    k = math.sqrt(rel / _EV_PER_K2)
+    return max(config.fine_step, 2.0 * _EV_PER_K2 * k * config.k_step)
+
+
+def _region(
+    name: str, start: float, stop: float, step: float, dwell: float, reason: str, w: float
+) -> Region:
+    """A region with tidy numbers: the step shrunk so it divides the span evenly."""
+    start, stop = round(start, 3), round(stop, 3)
+    n = max(1, math.ceil((stop - start) / step - 1e-3))
+    return Region(
+        name=name,
+        start=start,
+        stop=stop,
+        step=round((stop - start) / n, 6),
+        dwell=round(dwell, 4),
+        reason=reason,
+        importance=round(float(w), 4),
+    )
+
+
+# --------------------------------------------------------------------------- per-run state
+
+
+class RecommendationTracker:
+    """Keeps the recent predictions of each open run, so stop-early can see the run."""
+
+    def __init__(self, config: RecommenderConfig | None = None, max_runs: int = 1024) -> None:
+        self.config = config or RecommenderConfig()
+        self.max_runs = max_runs
+        self._recommenders: dict[str, Recommender] = {}
+        self._history: dict[str, list[Prediction]] = {}
+
+    def recommender(self, manifest: Manifest) -> Recommender:
+        """The (cached) recommender of a bundle."""
+        rec = self._recommenders.get(manifest.bundle_id)
+        if rec is None:
+            if len(self._recommenders) >= 16:
+                self._recommenders.pop(next(iter(self._recommenders)))
+            rec = self._recommenders[manifest.bundle_id] = Recommender(manifest, self.config)
+        return rec
+
+    def update(
+        self,
+        run_key: str,
+        manifest: Manifest,
+        prediction: Prediction,
+        spectrum: Spectrum | None = None,
+    ) -> Recommendation:
+        """Add a run's newest prediction and recommend what follows it."""
+        hist = self._history.get(run_key)
+        if hist is None:
+            if len(self._history) >= self.max_runs:
+                self._history.pop(next(iter(self._history)))
+            hist = self._history[run_key] = []
+        if hist and hist[-1].bundle_id != prediction.bundle_id:
+            hist.clear()  # a redeployed model starts the agreement count afresh
+        hist.append(prediction)
+        del hist[: -max(1, self.config.stop_count)]
+        return self.recommender(manifest).recommend(prediction, spectrum, hist)
+
+    def close(self, run_key: str) -> None:
+        """Forget a finished run."""
+        self._history.pop(run_key, None)
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Runs with a history."""
+        return list(self._history)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _key(dtype: str, description: str, units: str | None = None) -> dict[str, Any]:
+    key: dict[str, Any] = {
+        "source": _SOURCE,
+        "dtype": dtype,
+        "shape": [],
+        "description": description,
+    }
+    if units is not None:
+        key["units"] = units
+    return key
+
+
+#: Data keys of the ``recommendations`` stream (structures JSON-encoded as strings).
+RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
+    "index": _key("integer", "index of the raw spectrum this advice follows"),
+    "regions": _key(
+        "string", "JSON list of {name, start, stop, step, dwell, reason, importance, n_points}"
+    ),
+    "waveform": _key("string", "JSON list [start, stop, step, dwell] * n (eV, eV, eV, s)"),
+    "n_points": _key("integer", "distinct energies of the recommended scan"),
+    "scan_time": _key("number", "counting time of the recommended scan", "s"),
+    "stop_early": _key("boolean", "the answer is already certain: the scan may stop"),
+    "stop_reason": _key("string", "why stopping early is safe ('' when not)"),
+    "rescan": _key("string", "JSON region to measure again with a longer dwell ('' for none)"),
+    "noise": _key("string", "JSON object: region -> noise as a fraction of the edge step"),
+    "uncertainty": _key("number", "1 - probability of the predicted coordination number"),
+    "e0": _key("number", "E0 the regions are placed around", "eV"),
+    "bundle_id": _key("string", "model bundle whose importances were used"),
+}
+
+
+def recommendation_row(index: int, rec: Recommendation) -> dict[str, Any]:
+    """Event data of the ``recommendations`` stream for one recommendation."""
+    return {
+        "index": int(index),
+        "regions": json.dumps([r.to_dict() for r in rec.regions]),
+        "waveform": json.dumps(rec.waveform()),
+        "n_points": rec.n_points,
+        "scan_time": rec.time,
+        "stop_early": bool(rec.stop_early),
+        "stop_reason": rec.stop_reason,
+        "rescan": "" if rec.rescan is None else json.dumps(rec.rescan.to_dict()),
+        "noise": json.dumps(rec.noise),
+        "uncertainty": float(rec.uncertainty),
+        "e0": float(rec.e0),
+        "bundle_id": rec.bundle_id,
+    }
+
+
+def recommendation_docs(
+    run: Any, index: int, rec: Recommendation
+) -> list[tuple[str, dict[str, Any]]]:
+    """Documents (descriptor the first time, then the event) of ``rec`` in an analysis run.
+
+    ``run`` is a :class:`xasflow.daemon.documents.AnalysisRun` that has already emitted the
+    spectrum's ``primary`` event (so its start document exists).
+    """
+    return run.stream_event(
+        RECOMMENDATION_STREAM, RECOMMENDATION_KEYS, recommendation_row(index, rec)
+    )
+
+
+def parse_recommendation_row(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Decode a ``recommendations`` event's data back into plain structures."""
+    out = dict(data)
+    for key in ("regions", "waveform", "noise"):
+        value = out.get(key)
+        if isinstance(value, str) and value:
+            out[key] = json.loads(value)
+    rescan = out.get("rescan")
+    out["rescan"] = json.loads(rescan) if isinstance(rescan, str) and rescan else None
+    return out
+
+
+def waveform_regions(waveform: Iterable[float]) -> list[tuple[float, float, float, float]]:
+    """Split a flat ``[start, stop, step, dwell] * n`` list back into tuples."""
+    values = [float(v) for v in waveform]
+    if len(values) % 4:
+        raise ValueError(f"a region waveform has 4 numbers per region, got {len(values)}")
+    return [tuple(values[i : i + 4]) for i in range(0, len(values), 4)]  # type: ignore[misc]
