@@ -13,6 +13,12 @@ $(BIN)/.xasflow-setup: pyproject.toml
 	# The CPU torch build on local disk first, so nothing later pulls a CUDA wheel.
 	$(BIN)/pip install -q torch==2.13.0 || echo "torch 2.13.0 not available: the nn extra stays off"
 	$(BIN)/pip install -q -e '.[all]'
+	# System programs for the real-server tests (Redis for the queueserver, Debian's chromium
+	# for the dashboard in a browser); best effort: without them those tests skip and say why.
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+		{ command -v apt-get >/dev/null && apt-get update -qq && \
+		  apt-get install -y -qq redis-server chromium >/dev/null; } || \
+		echo "note: redis-server/chromium not installed; their tests will skip"
 	touch $@
 
 setup: $(BIN)/.xasflow-setup

@@ -12,7 +12,8 @@ One file holds every section (all optional; defaults are the beamline-typical va
                flush_interval_s: 0.2}
     output:   {enabled: true, address: tcp://127.0.0.1:5577, prefix: xasflow-analysis,
                format: pickle}
-    http:     {enabled: true, host: 127.0.0.1, port: 8620}
+    http:     {enabled: true, host: 127.0.0.1, port: 8620, token: null, dashboard: true,
+               dashboard_rate_hz: 5}
 
 Environment variables ``XASFLOW__SECTION__KEY=value`` override the file (section and key
 case-insensitive; the value is read as a YAML scalar or list, so ``8000``, ``null`` and
@@ -23,13 +24,22 @@ problem is reported at once as a :class:`ConfigError` naming the offending key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xasflow import paths
 
@@ -45,6 +55,7 @@ __all__ = [
     "OutputConfig",
     "StorageConfig",
     "env_overrides",
+    "is_loopback",
     "load_config",
 ]
 
@@ -251,11 +262,46 @@ class OutputConfig(_Section):
 
 
 class HttpConfig(_Section):
-    """The HTTP server for ``/metrics`` and ``/health`` (and later the dashboard)."""
+    """The HTTP server: ``/metrics``, ``/health`` and the read-only dashboard (``/``).
+
+    ``token`` (optional on loopback, required when ``host`` is not a loopback address) must
+    then accompany every request, as ``?token=`` or ``Authorization: Bearer``.
+    ``dashboard_rate_hz`` caps the dashboard's pushed updates per second.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8620, ge=0, le=65535, description="0 picks a free port")
+    token: SecretStr | None = Field(None, description="access token; required off loopback")
+    dashboard: bool = True
+    dashboard_rate_hz: float = Field(5.0, gt=0, le=20, description="dashboard updates per s")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # a numeric token written unquoted in YAML
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpConfig:
+        if self.enabled and self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set http.token "
+                "(XASFLOW__HTTP__TOKEN) so the dashboard and metrics are not open to the network"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonConfig(_Section):
@@ -303,7 +349,9 @@ def _scalar(text: str) -> Any:
 
 
 #: Keys whose environment values are taken as text, never as YAML (``0`` stays a prefix "0").
-_TEXT_KEYS = frozenset({"prefix", "address", "host", "element", "edge", "stream", "directory"})
+_TEXT_KEYS = frozenset(
+    {"prefix", "address", "host", "element", "edge", "stream", "directory", "token"}
+)
 _NULLS = frozenset({"", "null", "none", "~"})
 
 

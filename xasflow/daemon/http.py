@@ -5,6 +5,12 @@ added with ``app.router.routes.append(...)`` or ``app.mount(...)`` before the se
 :class:`HttpServer` runs uvicorn in a thread of its own on a socket bound up front, so the
 port is known (``port=0`` picks a free one) and ``start()`` returns only once it accepts.
 
+With ``http.dashboard`` (default) the app also serves the operators' page
+(:mod:`xasflow.daemon.dashboard`). With ``http.token`` set (required off loopback),
+:class:`TokenAuth` answers 401 to every request lacking it (``?token=`` or
+``Authorization: Bearer``), Prometheus scrapes included. ``app.state.on_stop`` callables run
+when :class:`HttpServer` stops, before uvicorn is told to exit (open event streams end).
+
 Metrics come from one per-daemon ``CollectorRegistry``: the outcome counters
 (:func:`xasflow.daemon.counters.register_prometheus`) plus :class:`AdapterCollector`, which
 reads the 0MQ input, the publisher and the analysis store at scrape time. Gauges (queue
@@ -15,22 +21,31 @@ depth, open runs, store backlog) are the counters' gauges, refreshed by
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
     from xasflow.daemon.service import Daemon
 
-__all__ = ["AdapterCollector", "HttpServer", "add_route", "create_app", "metrics_registry"]
+__all__ = [
+    "AdapterCollector",
+    "HttpServer",
+    "TokenAuth",
+    "add_route",
+    "create_app",
+    "metrics_registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +155,53 @@ def create_app(daemon: Daemon) -> Starlette:
     )
     app.state.daemon = daemon
     app.state.metrics_registry = registry
+    app.state.on_stop = []
+    http_cfg = getattr(getattr(daemon, "config", None), "http", None)
+    if http_cfg is not None and getattr(http_cfg, "dashboard", False):
+        from xasflow.daemon.dashboard import install_dashboard
+
+        install_dashboard(app, daemon, rate_hz=http_cfg.dashboard_rate_hz)
+    token = getattr(http_cfg, "token", None)
+    if token is not None:
+        app.add_middleware(TokenAuth, token=token.get_secret_value())
     return app
+
+
+class TokenAuth:
+    """ASGI middleware: a request passes only with the access token, else 401.
+
+    The token comes as ``?token=...`` (what a browser and ``EventSource`` can send) or as
+    ``Authorization: Bearer ...`` (scripts, Prometheus ``authorization`` settings).
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        if not token:
+            raise ValueError("an empty access token protects nothing")
+        self.app = app
+        self._token = token.encode("utf-8")
+
+    def authorised(self, scope: dict[str, Any]) -> bool:
+        """Whether the request in ``scope`` carries the token (constant-time compare)."""
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        offered = [v.encode("utf-8") for v in query.get("token", [])]
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                offered.append(value[7:].strip())
+        return any(hmac.compare_digest(o, self._token) for o in offered)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and not self.authorised(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            response = PlainTextResponse(
+                "401: an access token is required (?token=... or Authorization: Bearer ...)\n",
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="xasflow"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class HttpServer:
@@ -209,7 +270,14 @@ class HttpServer:
             time.sleep(0.01)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask uvicorn to exit, join its thread and close the socket (idempotent)."""
+        """Run ``app.state.on_stop``, ask uvicorn to exit, join its thread, close the socket
+        (idempotent)."""
+        state = getattr(self.app, "state", None)
+        for callback in getattr(state, "on_stop", None) or []:
+            try:
+                callback()
+            except Exception:
+                logger.exception("HTTP on_stop callback failed")
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -70,7 +70,7 @@ from xasflow.spectra import (
     mu_from_channels,
 )
 
-__all__ = ["REASONS", "Pipeline"]
+__all__ = ["REASONS", "LatestSpectrum", "Pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,22 @@ class _Work:
         self.reason, self.detail = reason, detail
 
 
+@dataclass(frozen=True)
+class LatestSpectrum:
+    """The last spectrum of a batch that got a prediction (what the dashboard plots).
+
+    Published by reference in :attr:`Pipeline.latest` (one assignment per batch, never
+    mutated afterwards), so another thread may read it without locks.
+    """
+
+    raw_uid: str
+    index: int
+    prepared: Prepared  # normalised y on the model grid, E0, edge step, the (aligned) spectrum
+    prediction: Prediction
+    manifest: Any  # the bundle's Manifest: regions, region importances, window, metrics
+    energy_shift: float | None = None
+
+
 class Pipeline:
     """Turns assembly outputs into analysis-run documents; counts every outcome."""
 
@@ -150,6 +166,8 @@ class Pipeline:
         self.recommendations = RecommendationTracker(recommend) if recommend is not None else None
         self._runs: dict[str, AnalysisRun] = {}
         self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
+        #: The last spectrum analysed with a prediction (None before the first).
+        self.latest: LatestSpectrum | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -174,6 +192,18 @@ class Pipeline:
             if isinstance(out, SpectrumReady):
                 works[i] = self._prepare(out.spectrum)
         self._predict([w for w in works.values() if w.reason is None])
+        for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
+            if w.reason is None and w.prediction is not None and w.prepared is not None:
+                assert w.predictor is not None
+                self.latest = LatestSpectrum(
+                    w.scan.raw_uid,
+                    w.scan.index,
+                    w.prepared,
+                    w.prediction,
+                    w.predictor.manifest,
+                    w.shift,
+                )
+                break
         docs: list[Doc] = []
         for i, out in enumerate(items):
             try:

@@ -1,0 +1,189 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by playwright.
+
+A daemon (tiny synthetic Cu K bundle of ``test_service``) on a loopback 0MQ forwarder; a
+publisher sends a step scan, the page is opened, then a fly (quick-XAS) scan arrives: the
+page must show the prediction and follow the new run. A screenshot is kept in
+``test-artifacts/dashboard.png`` (git-ignored).
+
+Needs the ``playwright`` Python package (no downloaded browsers: the system chromium is
+used) and ``/usr/bin/chromium``; skipped with the install commands otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from test_dashboard import _burst_docs
+from test_service import (  # noqa: F401  (fixtures)
+    STEP_GRID,
+    Harness,
+    LoopbackProxy,
+    daemon_config,
+    fly_scan,
+    models_dir,
+    publish,
+    shared_proxy,
+    step_scan,
+    transmission,
+)
+
+from xasflow import paths
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+CHROMIUM = os.environ.get("XASFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = paths.REPO_ROOT / "test-artifacts"
+TIMEOUT_MS = 20_000
+FLY_SPECTRA = 5
+
+pytestmark = [
+    pytest.mark.skipif(
+        sync_playwright is None,
+        reason="the playwright package is missing: .venv/bin/pip install playwright "
+        "(no `playwright install`: the system chromium is used)",
+    ),
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"no chromium at {CHROMIUM}: apt-get install -y chromium "
+        "(or set XASFLOW_CHROMIUM to a chromium binary)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def beamline(
+    models_dir: Path,  # noqa: F811
+    shared_proxy: LoopbackProxy,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Harness]:
+    """The daemon with its dashboard, a publisher and a results subscriber, warmed up."""
+    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless chromium (the system one), closed after the module."""
+    assert sync_playwright is not None
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, browser: Any) -> None:
+    d, pub = beamline.daemon, beamline.pub
+    base = d.http_url
+    assert base is not None
+    # a step scan is analysed before anyone looks
+    step_uid, step_docs = step_scan(STEP_GRID, transmission(STEP_GRID, shift=1.0))
+    publish(pub, step_docs)
+    step_event = beamline.results.wait([step_uid])[step_uid]["events"][0]
+    assert step_event["status"] == "ok"
+
+    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    requests: list[str] = []
+    problems: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        page.goto(base + "/", wait_until="load")
+        # the page loads and shows the step scan's prediction
+        page.wait_for_function(
+            "uid => document.getElementById('run-uid').textContent === uid.slice(0, 8)"
+            " && document.getElementById('cn-value').textContent.trim() !== ''",
+            arg=step_uid,
+            timeout=TIMEOUT_MS,
+        )
+        assert page.text_content("#cn-value") == str(step_event["cn"])
+        assert page.text_content("#environment") == step_event["motif"]
+        assert page.text_content("#conn") == "live"
+        assert "step scan" in (page.text_content("#run-info") or "")
+        assert page.locator("#cn-bars .bar").count() >= 2  # class probabilities drawn
+        assert page.locator("#motifs li").count() >= 1
+        assert "±" in (page.text_content("#distance-value") or "")
+        assert page.locator("#models-table td").first.text_content()
+        shading = page.locator("#task-buttons button")
+        assert shading.count() >= 2
+        shading.nth(1).click()  # shade the regions that matter for one task
+        assert "active" in (shading.nth(1).get_attribute("class") or "")
+        messages_before = page.evaluate("window.xasflow.messages")
+
+        # a quick-XAS run arrives: the page follows it and plots predictions over time
+        fly_e = np.linspace(8800.0, 9400.0, 1000)
+        spectra = [
+            transmission(fly_e, shift=-0.5, kind=("CuO", "Cu2O")[i % 2], seed=i)
+            for i in range(FLY_SPECTRA)
+        ]
+        fly_uid, fly_docs = fly_scan(fly_e, spectra, {"sample_name": "CuO/Cu2O mixture"})
+        publish(pub, fly_docs)
+        fly_events = beamline.results.wait([fly_uid])[fly_uid]["events"]
+        page.wait_for_function(
+            "([uid, n]) => { const s = window.xasflow.state;"
+            " return document.getElementById('run-uid').textContent === uid.slice(0, 8)"
+            " && s && s.run.history.n === n && s.run.exit_status === 'success'"
+            " && s.spectrum.raw_uid === uid && s.spectrum.index === n - 1; }",
+            arg=[fly_uid, FLY_SPECTRA],
+            timeout=TIMEOUT_MS,
+        )
+        page.wait_for_function(  # drawn on the next animation frame
+            "v => document.body.dataset.version === String(v)",
+            arg=page.evaluate("window.xasflow.state.version"),
+            timeout=TIMEOUT_MS,
+        )
+        info = page.text_content("#run-info") or ""
+        assert info.startswith("fly scan") and f"{FLY_SPECTRA} analysed, 0 rejected" in info
+        assert page.text_content("#cn-value") == str(fly_events[-1]["cn"])
+        assert page.evaluate("window.xasflow.state.run.history.cn") == [e["cn"] for e in fly_events]
+        assert page.evaluate("window.xasflow.messages") > messages_before
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 20_000
+
+        # a burst of 2,000 updates (a 500 spectra/s stream for 4 s): coalesced by the
+        # daemon, the page gets a few states and stays responsive
+        messages_before = page.evaluate("window.xasflow.messages")
+        t0 = time.monotonic()
+        for name, doc in _burst_docs(2000, "burst-run"):
+            d.app.state.dashboard.listener(name, doc)
+        page.wait_for_function(
+            "() => { const s = window.xasflow.state;"
+            " return s && s.run.raw_uid === 'burst-run' && s.run.n_ok === 2000"
+            " && s.run.exit_status === 'success'; }",
+            timeout=TIMEOUT_MS,
+        )
+        elapsed = time.monotonic() - t0
+        received = page.evaluate("window.xasflow.messages") - messages_before
+        assert 1 <= received <= math.ceil(elapsed * d.config.http.dashboard_rate_hz) + 2
+        assert page.evaluate("window.xasflow.state.run.history.index.length") <= 400
+        assert page.text_content("#run-uid") == "burst-ru"
+    finally:
+        page.close()
+    assert not problems, problems
+    # everything the page loaded came from the daemon itself
+    assert requests and all(u.startswith(base + "/") for u in requests), requests

@@ -1,0 +1,390 @@
+"""The dashboard: page and local assets, SSE updates after real scans, throttling, access token.
+
+A real Daemon on a loopback 0MQ forwarder with the tiny synthetic Cu K bundle of
+``test_service`` (trained here, seconds); scans are composed with event-model and
+published as bluesky would. The SSE stream is read from a raw socket (HTTP/1.0, so the
+body is the plain event stream), with deadlines instead of sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+pytest.importorskip("starlette")
+
+from test_service import (  # noqa: F401  (fixtures)
+    STEP_GRID,
+    Harness,
+    LoopbackProxy,
+    daemon_config,
+    fly_scan,
+    models_dir,
+    proxy,
+    publish,
+    shared_proxy,
+    step_scan,
+    transmission,
+)
+
+from xasflow.daemon.config import ConfigError, DaemonConfig
+from xasflow.daemon.dashboard import STATIC_DIR, Dashboard
+from xasflow.daemon.service import Daemon
+
+DEADLINE_S = 20.0
+RATE_HZ = 5.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class SSEClient:
+    """A minimal server-sent-events reader on a raw socket (HTTP/1.0: no chunked framing)."""
+
+    def __init__(self, base_url: str, path: str = "/events", headers: dict[str, str] | None = None):
+        u = urllib.parse.urlsplit(base_url)
+        host = "127.0.0.1" if u.hostname in ("0.0.0.0", "::") else u.hostname
+        self.sock = socket.create_connection((host, u.port), timeout=DEADLINE_S)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(
+            f"GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/event-stream\r\n{extra}\r\n".encode()
+        )
+        self.buffer = b""
+        head = self._read_until(b"\r\n\r\n", time.monotonic() + DEADLINE_S)
+        self.status = int(head.split(b" ", 2)[1])
+        self.headers = head.decode("latin-1").lower()
+
+    def _read_until(self, sep: bytes, deadline: float) -> bytes:
+        while sep not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {sep!r} within the deadline")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("stream closed")
+            self.buffer += chunk
+        block, self.buffer = self.buffer.split(sep, 1)
+        return block
+
+    def next_state(self, deadline: float) -> dict[str, Any]:
+        """The next ``state`` event's JSON (comments and retry hints skipped)."""
+        while True:
+            block = self._read_until(b"\n\n", deadline).decode()
+            fields: dict[str, str] = {}
+            for line in block.split("\n"):
+                if line and not line.startswith(":") and ":" in line:
+                    key, value = line.split(":", 1)
+                    fields[key] = value.removeprefix(" ")
+            if fields.get("event") == "state":
+                return json.loads(fields["data"])
+
+    def wait_for(self, predicate: Any, timeout: float = DEADLINE_S) -> tuple[dict[str, Any], int]:
+        """The first state satisfying ``predicate``, and how many states were read for it."""
+        deadline = time.monotonic() + timeout
+        n = 0
+        while True:
+            state = self.next_state(deadline)
+            n += 1
+            if predicate(state):
+                return state, n
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+@pytest.fixture(scope="module")
+def dash(
+    models_dir: Path,  # noqa: F811
+    shared_proxy: LoopbackProxy,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Harness]:
+    """A started daemon (dashboard on, default loopback host, no token), warmed up."""
+    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
+    cfg = cfg.with_updates({"http": {"dashboard_rate_hz": RATE_HZ}})
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_page_and_assets_are_served_locally(dash: Harness) -> None:
+    base = dash.daemon.http_url
+    assert base is not None and base.startswith("http://127.0.0.1:")
+    status, headers, page = http_get(base + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    csp = headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    html = page.decode()
+    assets = re.findall(r'(?:src|href)="(static/[^"]+)"', html)
+    assert sorted(assets) == ["static/app.js", "static/style.css"]
+    bodies = {"/": html}
+    for asset in assets:
+        status, headers, body = http_get(f"{base}/{asset}")
+        assert status == 200, asset
+        bodies[asset] = body.decode()
+    assert "javascript" in http_get(f"{base}/static/app.js")[1]["content-type"]
+    # every file of the page is in the package and nothing refers to another host
+    on_disk = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+    assert on_disk == ["app.js", "index.html", "style.css"]
+    for name, text in bodies.items():
+        assert not re.search(r"https?://", text), f"{name} refers to a URL"
+        assert "//cdn" not in text and "@import" not in text, name
+    assert 'new EventSource("events"' in bodies["static/app.js"]
+    assert http_get(f"{base}/static/../config.py")[0] == 404
+
+
+def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> None:
+    d = dash.daemon
+    sse = SSEClient(d.http_url or "")
+    try:
+        assert sse.status == 200 and "text/event-stream" in sse.headers
+        first = sse.next_state(time.monotonic() + DEADLINE_S)  # the current state at once
+        assert first["health"]["ready"] is True
+        assert [m["bundle_id"] for m in first["health"]["models"]] == [
+            m["bundle_id"] for m in d.models()
+        ]
+
+        step_uid, step_docs = step_scan(STEP_GRID, transmission(STEP_GRID, shift=1.5))
+        publish(dash.pub, step_docs)
+        state, _ = sse.wait_for(
+            lambda s: (
+                (s["spectrum"] or {}).get("raw_uid") == step_uid
+                and (s["run"] or {}).get("exit_status") == "success"
+            )
+        )
+        manifest = d.registry.get("Cu", "K").manifest  # type: ignore[union-attr]
+        spec, pred, run = state["spectrum"], state["prediction"], state["run"]
+        # the plotted arrays: raw mu on the scan's energies, normalised y on the model grid
+        assert len(spec["energy"]) == len(spec["mu"]) == STEP_GRID.size
+        assert spec["energy"] == pytest.approx(STEP_GRID, abs=2.0)  # aligned on the foil
+        assert len(spec["grid"]) == len(spec["y"]) == manifest.prep.n_points
+        assert spec["grid"][0] == pytest.approx(manifest.prep.window_start)
+        assert spec["window"] == [manifest.prep.window_start, manifest.prep.window_stop]
+        assert 8970.0 < spec["e0"] < 9000.0 and spec["energy_shift"] == pytest.approx(1.5, abs=0.3)
+        latest = d.pipeline.latest  # what the pipeline handed over, by reference
+        assert (latest.raw_uid, latest.index) == (step_uid, 0)
+        assert spec["y"] == pytest.approx(latest.prepared.y, abs=1e-4)
+        assert spec["mu"] == pytest.approx(latest.prepared.spectrum.mu, abs=1e-4)
+        assert spec["e0"] == pytest.approx(latest.prepared.e0)
+        # regions clipped to the window, each with a share per task that has importances
+        names = [r["name"] for r in spec["regions"]]
+        assert names and set(names) <= set(manifest.regions)
+        for r in spec["regions"]:
+            assert manifest.prep.window_start <= r["start"] < r["stop"] <= manifest.prep.window_stop
+            assert set(r["importance"]) == set(spec["tasks"])
+            assert all(0.0 <= v <= 1.0 for v in r["importance"].values())
+            assert r["max"] == pytest.approx(max(r["importance"].values()))
+        # the prediction equals the published analysis event, with its uncertainties
+        event = dash.results.wait([step_uid])[step_uid]["events"][0]
+        assert pred["raw_uid"] == step_uid and pred["index"] == 0
+        cn = pred["tasks"]["cn"]
+        assert cn["value"] == event["cn"] and cn["confidence"] == pytest.approx(
+            event["cn_probability"]
+        )
+        assert sum(cn["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert pred["tasks"]["distance"]["value"] == pytest.approx(event["distance"])
+        assert pred["tasks"]["distance"]["uncertainty"] == pytest.approx(
+            manifest.tasks["distance"].metrics["mae"]
+        )
+        assert pred["environment"] == event["motif"]
+        ranked = json.loads(event["motif_ranking"])
+        assert pred["motifs"] == [list(x) for x in ranked[: len(pred["motifs"])]]
+        assert run["raw_uid"] == step_uid and run["kind"] == "step"
+        assert (run["n_ok"], run["n_rejected"]) == (1, 0)
+        assert state["runs"][0]["raw_uid"] == step_uid
+
+        # a fly (quick-XAS) run: predictions over time within the run
+        fly_e = np.linspace(8800.0, 9400.0, 1000)
+        spectra = [transmission(fly_e, kind=k, seed=i) for i, k in enumerate(("CuO", "Cu2O") * 2)]
+        fly_uid, fly_docs = fly_scan(fly_e, spectra)
+        publish(dash.pub, fly_docs)
+        state, _ = sse.wait_for(
+            lambda s: (
+                (s["run"] or {}).get("raw_uid") == fly_uid
+                and s["run"]["exit_status"] is not None
+                and (s["spectrum"] or {}).get("index") == 3
+            )
+        )
+        hist = state["run"]["history"]
+        assert state["run"]["kind"] == "fly" and hist["n"] == 4 and not hist["binned"]
+        assert hist["index"] == [0, 1, 2, 3]
+        events = dash.results.wait([fly_uid])[fly_uid]["events"]
+        assert hist["cn"] == [e["cn"] for e in events]
+        assert hist["distance"] == pytest.approx([e["distance"] for e in events], abs=1e-4)
+        assert len(state["spectrum"]["energy"]) <= 800  # raw arrays decimated for the page
+        assert state["runs"][0]["raw_uid"] == fly_uid and state["runs"][1]["raw_uid"] == step_uid
+        h = state["health"]
+        assert h["analysed"] >= 5 and h["queue_depth"] >= 0 and isinstance(h["rejected"], dict)
+        # /api/state gives the same view in one request
+        status, _, body = http_get(f"{d.http_url}/api/state")
+        assert status == 200 and json.loads(body)["run"]["raw_uid"] == fly_uid
+    finally:
+        sse.close()
+
+
+def _burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
+    """An analysis run as the daemon emits it: start, descriptor, ``n`` events, stop."""
+    start = {"uid": f"a-{uid}", "raw_uid": uid, "time": time.time(), "scan_kind": "fly"}
+    desc = {"uid": f"d-{uid}", "run_start": start["uid"], "name": "primary"}
+    docs: list[tuple[str, dict[str, Any]]] = [("start", start), ("descriptor", desc)]
+    for i in range(n):
+        data = {
+            "index": i,
+            "status": "ok",
+            "cn": 2 + 2 * (i % 2),
+            "cn_probability": 0.5 + 0.4 * (i % 2),
+            "distance": 1.8 + 1e-4 * i,
+            "charge": 1.0,
+            "valence": 1,
+        }
+        docs.append(("event", {"descriptor": desc["uid"], "seq_num": i + 1, "data": data}))
+    docs.append(("stop", {"run_start": start["uid"], "exit_status": "success", "time": 1.0}))
+    return docs
+
+
+def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:
+    d = dash.daemon
+    dashboard: Dashboard = d.app.state.dashboard
+    sse = SSEClient(d.http_url or "")
+    try:
+        sse.next_state(time.monotonic() + DEADLINE_S)
+        before = dashboard.stats()
+        docs = _burst_docs(2000, "burst-run")
+        t0 = time.monotonic()
+        for name, doc in docs:  # what the processing thread does per analysis document
+            dashboard.listener(name, doc)
+        state, n_messages = sse.wait_for(
+            lambda s: (
+                (s["run"] or {}).get("raw_uid") == "burst-run"
+                and s["run"]["n_ok"] == 2000
+                and s["run"]["exit_status"] == "success"
+            )
+        )
+        elapsed = time.monotonic() - t0
+    finally:
+        sse.close()
+    # at most one message per interval reached the client, however many updates came in
+    assert n_messages <= math.ceil(elapsed * RATE_HZ) + 1, (n_messages, elapsed)
+    assert n_messages < 2000 // 20
+    after = dashboard.stats()
+    assert after["documents"] - before["documents"] == len(docs)
+    assert after["dropped"] == before["dropped"]  # nothing lost, only coalesced
+    assert after["messages"] - before["messages"] <= math.ceil(elapsed * RATE_HZ) + 3
+    hist = state["run"]["history"]
+    assert hist["n"] == 2000 and hist["binned"] and len(hist["index"]) <= 400
+    assert hist["index"][0] < 5 and hist["index"][-1] > 1990  # the whole run, averaged
+    assert np.nanmean(hist["cn"]) == pytest.approx(3.0, abs=0.01)
+
+
+def test_dashboard_digest_bounds_memory() -> None:
+    dashboard = Dashboard(None, rate_hz=10.0, inbox=100)
+    for name, doc in _burst_docs(250, "overflow"):  # more than the inbox holds: oldest dropped
+        dashboard.listener(name, doc)
+    assert dashboard.tick(build=True)
+    stats = dashboard.stats()
+    assert stats["documents"] == 253 and stats["digested"] == 100 and stats["dropped"] == 153
+    big = Dashboard(None, rate_hz=10.0)
+    for name, doc in _burst_docs(45_000, "long"):  # decimated by 2 twice, whole run kept
+        big.listener(name, doc)
+    big.tick(build=False)
+    run = big._runs["long"]
+    index = run.column("index")
+    assert run.n_ok == 45_000 and run.stride == 4 and index.size < 20_000
+    assert index[0] == 0 and index[-1] >= 44_990 and np.all(np.diff(index) == 4)
+    for i in range(25):  # only the most recent runs are kept
+        for name, doc in _burst_docs(1, f"r{i}"):
+            big.listener(name, doc)
+    _, text = big.message()
+    state = json.loads(text)
+    assert len(big._runs) == 20 and "long" not in big._runs
+    assert [r["raw_uid"] for r in state["runs"]][:2] == ["r24", "r23"]
+
+
+def test_token_is_required_when_bound_beyond_loopback(
+    models_dir: Path,  # noqa: F811
+    proxy: LoopbackProxy,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    base = daemon_config(models_dir, proxy, tmp_path / "store")
+    with pytest.raises(ConfigError, match=r"http\.token"):
+        base.with_updates({"http": {"host": "0.0.0.0"}})
+    token = "s3cret-token/with+chars"
+    cfg = base.with_updates(
+        {
+            "http": {"host": "0.0.0.0", "token": token},
+            "storage": {"enabled": False},
+            "output": {"enabled": False},
+        }
+    )
+    assert token not in cfg.model_dump_json()  # never printed by `serve --check`
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        port = daemon.http.port
+        url = f"http://127.0.0.1:{port}"
+        q = "?token=" + urllib.parse.quote(token, safe="")
+        for path in ("/", "/static/app.js", "/api/state", "/events", "/health", "/metrics"):
+            status, headers, _ = http_get(url + path)
+            assert status == 401, path
+            assert headers["www-authenticate"].startswith("Bearer")
+            assert http_get(url + path + "?token=wrong")[0] == 401, path
+        status, _, page = http_get(url + "/" + q)
+        assert status == 200
+        assert f'src="static/app.js{q}"' in page.decode()  # the page's assets carry the token
+        assert http_get(f"{url}/static/app.js{q}")[0] == 200
+        auth = {"Authorization": f"Bearer {token}"}
+        assert http_get(url + "/api/state", auth)[0] == 200
+        assert http_get(url + "/metrics", auth)[0] == 200
+        refused = SSEClient(url, "/events")
+        refused.close()
+        assert refused.status == 401
+        sse = SSEClient(url, "/events" + q)
+        try:
+            assert sse.status == 200
+            assert sse.next_state(time.monotonic() + DEADLINE_S)["health"]["ready"] is True
+        finally:
+            sse.close()
+    finally:
+        daemon.stop()
+    assert daemon.app.state.dashboard.closed
+
+
+def test_dashboard_can_be_turned_off(proxy: LoopbackProxy, tmp_path: Path) -> None:  # noqa: F811
+    cfg = DaemonConfig().with_updates(
+        {
+            "input": {"address": proxy.out_address},
+            "models": {"directory": str(tmp_path), "watch": False},
+            "storage": {"enabled": False},
+            "output": {"enabled": False},
+            "http": {"port": 0, "dashboard": False},
+        }
+    )
+    with Daemon(cfg) as daemon:
+        assert http_get(f"{daemon.http_url}/")[0] == 404
+        assert http_get(f"{daemon.http_url}/health")[0] == 200
