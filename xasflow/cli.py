@@ -60,8 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             update={"window_start": lo, "window_stop": hi, "n_points": args.points or cfg.prep.n_points}
         )
         cfg = cfg.model_copy(update={"prep": type(cfg.prep).model_validate(prep.model_dump())})
-    if args.no_augment:
-        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
+    if args.augment:
+        augment = type(cfg.augment).model_validate({**cfg.augment.model_dump(), "copies": args.augment})
+        cfg = cfg.model_copy(update={"augment": augment})
     t_fit = time.perf_counter()
     result = train(ds, cfg, log=print)
     out = export_bundle(result, args.out, citation=CITATION if "feff" in str(args.data).lower() else "")
@@ -184,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--jobs", type=int, default=2, help="worker processes (labels, trees)")
     t.add_argument("--estimators", type=int, default=0, help="trees per ensemble (default: config)")
-    t.add_argument("--no-augment", action="store_true", help="train without augmented copies")
+    t.add_argument(
+        "--augment", type=int, default=0, metavar="N",
+        help="N augmented copies per spectrum (Zheng: +-5 eV stretch, E0 shift, noise); default 0",
+    )
     t.add_argument(
         "--window", type=float, nargs=2, metavar=("START", "STOP"),
         help="model window relative to E0, eV (default -3.5 116.5; MP XANES need e.g. -3.5 41.5)",
