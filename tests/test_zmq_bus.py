@@ -324,6 +324,40 @@ def test_prefix_filtering_is_exact_and_done_in_zmq(proxy, closing) -> None:
     assert only_alpha.get(timeout=0.2) is None
 
 
+def test_ignored_prefixes_are_dropped_before_decoding(proxy, closing) -> None:
+    """A subscribe-to-all input ignoring its own output prefix: exact match, counted apart."""
+    in_address, out_address = proxy
+    source = start_source(closing, address=out_address, ignore_prefixes=(b"echo",))
+    watcher = start_source(closing, address=out_address, prefix=b"echo")  # sees what is ignored
+    pubs = {p: bluesky_publisher(closing, in_address, prefix=p) for p in (b"echo", b"echoes", b"")}
+    echo = closing(ZmqDocumentPublisher(in_address, prefix=b"echo"))
+    for pub in (pubs[b"echo"], echo):
+        sync(watcher, pub)
+    # The proxy forwards in one order to every subscriber: once this fence is consumed, every
+    # echo probe above has reached ``source`` too (and was ignored).
+    for p in (b"echoes", b""):
+        sync(source, pubs[p], src=p.decode())
+    before = source.stats()
+    for i in range(4):
+        for p, pub in pubs.items():
+            pub("event", {"uid": f"{p.decode()}-{i}", "src": p.decode(), "seq_num": i})
+        echo.send_raw(b"echo event \x00not-a-pickle")  # never decoded, so no decode error
+    collect(watcher, 4)  # the 4 decodable echoes (the raw ones are the watcher's decode errors)
+    wait_for(lambda: watcher.stats()["decode_errors"] == 4, "the raw echoes")
+    for p in (b"echoes", b""):  # fences, forwarded after every echo message above
+        pubs[p]("event", {"uid": "end", "fence": True, "src": p.decode()})
+    docs = collect(source, 10)
+    assert sorted((d["src"], d.get("seq_num", -1)) for _, d in docs) == sorted(
+        [(src, i) for src in ("echoes", "") for i in range(4)] + [("echoes", -1), ("", -1)]
+    )
+    after = source.stats()
+    assert delta(after, before, "ignored") == 8
+    assert delta(after, before, "decode_errors") == 0
+    assert delta(after, before, "decoded") == 10
+    assert after["received"] == after["ignored"] + after["decoded"] + after["decode_errors"]
+    assert source.get(timeout=0.1) is None
+
+
 def test_msgpack_publishers_are_decoded(proxy, closing) -> None:
     in_address, out_address = proxy
     source = start_source(closing, address=out_address, prefix=b"mp")
@@ -534,6 +568,7 @@ def test_shared_context_is_left_open_and_bad_address_raises() -> None:
 def test_config_validation() -> None:
     assert ZmqInputConfig(prefix=b"bl").topic == b"bl "
     assert ZmqInputConfig().topic == b""
+    assert ZmqInputConfig(ignore_prefixes=[b"out"]).ignored_topics == (b"out ",)
     for bad in (
         {"prefix": b"a b"},
         {"prefix": "str"},
@@ -541,6 +576,10 @@ def test_config_validation() -> None:
         {"queue_size": 0},
         {"formats": ("json",)},
         {"formats": ()},
+        {"ignore_prefixes": b"echo"},
+        {"ignore_prefixes": (b"",)},
+        {"ignore_prefixes": (b"a b",)},
+        {"prefix": b"raw", "ignore_prefixes": (b"raw",)},
     ):
         with pytest.raises(ValueError):
             ZmqInputConfig(**bad)

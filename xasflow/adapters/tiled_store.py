@@ -32,6 +32,9 @@ acknowledges it (the daemon can count it as not stored). Control calls are never
 Restart. ``seq_num`` is the per-run idempotency key: reopening an existing raw_uid leaves the
 container's metadata untouched, appends to the existing table, and a row whose ``seq_num`` is
 already stored is acknowledged without being written again (counted in ``duplicates``).
+A process killed while runs were open leaves them with ``stop: None``; the next process finds
+them with :meth:`AnalysisStore.unfinished_runs` (what each holds) and records their end with
+:meth:`AnalysisStore.finish_run`.
 """
 
 from __future__ import annotations
@@ -356,6 +359,24 @@ class AnalysisStore:
             self._items.append(("close", raw_uid, _plain(dict(stop_doc))))
             self._cond.notify()
 
+    def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Runs stored without a stop (their writer died) and not open here, with their rows.
+
+        Each: ``raw_uid``, ``start``, ``descriptor`` (metadata as stored), ``rows`` (stored
+        rows), ``spectra`` (rows with ``index >= 0``), ``n_ok`` / ``n_rejected`` (by
+        ``status``, when the table has it) and ``max_seq``. Runs on the writer thread.
+        """
+        return self._call(self._unfinished, timeout)
+
+    def finish_run(self, raw_uid: str, stop_doc: dict) -> None:
+        """Record the stop of a run stored earlier that is not open here (see unfinished_runs)."""
+        with self._cond:
+            self._check_open()
+            if raw_uid in self._columns:
+                raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
+            self._items.append(("finish", raw_uid, _plain(dict(stop_doc))))
+            self._cond.notify()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued before this call is committed; False on timeout."""
         done = threading.Event()
@@ -403,6 +424,20 @@ class AnalysisStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run ``fn`` on the writer thread (which owns the catalog client) and return its result."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        with self._cond:
+            self._check_open()
+            self._items.append(("call", fn, box, done))
+            self._cond.notify()
+        if not done.wait(timeout):
+            raise StoreError(f"the store's writer did not answer within {timeout:.0f} s")
+        if "error" in box:
+            raise StoreError("reading the analysis store failed") from box["error"]
+        return box["result"]
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
@@ -486,6 +521,16 @@ class AnalysisStore:
             self._open(item[1])
         elif kind == "close":
             self._close(item[1], item[2])
+        elif kind == "finish":
+            self._finish(item[1], item[2])
+        elif kind == "call":
+            _, fn, box, done = item
+            try:
+                box["result"] = fn()
+            except Exception as exc:
+                box["error"] = exc
+            finally:
+                done.set()
         elif kind == "flush":
             self._commit_due(force=True)
             item[1].set()
@@ -509,14 +554,19 @@ class AnalysisStore:
 
     def _attach(self, run: _Run) -> None:
         """Find or create the run's container and table, and the adapter that appends to it."""
+        import httpx
         from tiled.adapters.sql import SQLAdapter
 
         root = self._root
-        if run.raw_uid in root:
-            node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
-        else:
+        created = False
+        try:  # one request for a new run (the usual case) instead of a lookup and a create
             node = root.create_container(key=run.raw_uid, metadata=run.metadata, specs=[SPEC])
-        if run.stream in node:
+            created = True
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 409:
+                raise
+            node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
+        if not created and run.stream in node:
             table = node[run.stream]
             stored = table.structure().arrow_schema_decoded
             if not stored.equals(run.schema):
@@ -545,6 +595,49 @@ class AnalysisStore:
             return
         self._commit(run)
         self._with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
+
+    def _finish(self, raw_uid: str, stop_doc: dict) -> None:
+        if raw_uid in self._runs or raw_uid not in self._root:
+            self._count("errors")
+            logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
+            return
+        node = self._root[raw_uid]
+        self._with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
+
+    def _unfinished(self) -> list[dict[str, Any]]:
+        from tiled.queries import KeyPresent
+
+        out = []
+        for raw_uid, node in self._root.search(KeyPresent("stop.uid", exists=False)).items():
+            if raw_uid in self._runs:
+                continue
+            metadata = _to_builtin(node.metadata)
+            descriptor = metadata.get("descriptor") or {}
+            stream = descriptor.get("name") or DEFAULT_STREAM
+            info: dict[str, Any] = {
+                "raw_uid": raw_uid,
+                "start": metadata.get("start") or {},
+                "descriptor": descriptor,
+                "rows": 0,
+                "spectra": 0,
+                "n_ok": 0,
+                "n_rejected": 0,
+                "max_seq": 0,
+            }
+            if stream in node:
+                keys = descriptor.get("data_keys") or {}
+                columns = ["seq_num", *(c for c in ("index", "status") if c in keys)]
+                frame = node[stream].read(columns)
+                info["rows"] = len(frame)
+                if len(frame):
+                    info["max_seq"] = int(frame["seq_num"].max())
+                    index = frame.get("index")
+                    info["spectra"] = int((index >= 0).sum()) if index is not None else len(frame)
+                    if "status" in frame:
+                        info["n_ok"] = int((frame["status"] == "ok").sum())
+                        info["n_rejected"] = int((frame["status"] == "rejected").sum())
+            out.append(info)
+        return out
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -12,12 +12,18 @@ Overflow policies (``ZmqInputConfig.overflow``):
 * ``"drop_newest"``: keep what is queued, discard the message that does not fit.
 * ``"drop_oldest"``: evict the oldest queued message to make room for the new one.
 
+Ignored prefixes (``ZmqInputConfig.ignore_prefixes``): 0MQ topic filters can only *include*,
+so a consumer that subscribes to every prefix (``prefix=b""``) also receives what it publishes
+itself through the same proxy (the daemon's analysis runs). Messages published under one of
+``ignore_prefixes`` are dropped before decoding and counted as ``ignored``: they are neither
+documents nor decode errors.
+
 Counters (``stats()``): ``received`` (messages off the socket), ``bytes_received``,
-``decoded``, ``decode_errors`` and ``decode_errors.<reason>``, ``documents.<name>``,
-``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``, ``dropped_on_close``,
-``backpressure_waits`` (messages that had to wait for room under ``block``),
-``receive_errors``, and the gauge ``queue_depth``. Once quiescent,
-``received == decoded + decode_errors`` and
+``ignored``, ``decoded``, ``decode_errors`` and ``decode_errors.<reason>``,
+``documents.<name>``, ``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``,
+``dropped_on_close``, ``backpressure_waits`` (messages that had to wait for room under
+``block``), ``receive_errors``, and the gauge ``queue_depth``. Once quiescent,
+``received == ignored + decoded + decode_errors`` and
 ``decoded == delivered + dropped_overflow + dropped_on_close + queue_depth``.
 """
 
@@ -57,6 +63,7 @@ OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_newest", "drop_oldest")
 _COUNTERS: tuple[str, ...] = (
     "received",
     "bytes_received",
+    "ignored",
     "decoded",
     "decode_errors",
     "enqueued",
@@ -92,9 +99,21 @@ class ZmqInputConfig:
     formats: tuple[str, ...] = FORMATS  # body formats accepted (drop "pickle" to refuse it)
     max_message_bytes: int = -1  # ZMQ_MAXMSGSIZE; -1 = no limit
     poll_interval_s: float = 0.05  # upper bound on how long close() waits for the thread
+    # Publisher prefixes whose messages are dropped before decoding (counted as "ignored"),
+    # e.g. one's own output when subscribed to everything; each non-empty, not ``prefix``.
+    ignore_prefixes: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         _check_prefix(self.prefix)
+        if isinstance(self.ignore_prefixes, bytes | str):
+            raise ValueError("ignore_prefixes must be a tuple of bytes prefixes")
+        object.__setattr__(self, "ignore_prefixes", tuple(self.ignore_prefixes))
+        for p in self.ignore_prefixes:
+            _check_prefix(p)
+            if not p:
+                raise ValueError("ignore_prefixes entries must be non-empty")
+            if p == self.prefix:
+                raise ValueError(f"prefix {p!r} is both subscribed to and ignored")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
         if self.queue_size < 1:
@@ -111,6 +130,11 @@ class ZmqInputConfig:
     def topic(self) -> bytes:
         """0MQ SUBSCRIBE filter: ``prefix + b" "`` (exact prefix match), or b"" for all."""
         return self.prefix + b" " if self.prefix else b""
+
+    @property
+    def ignored_topics(self) -> tuple[bytes, ...]:
+        """Frame starts that mark an ignored message: ``p + b" "`` per ignored prefix."""
+        return tuple(p + b" " for p in self.ignore_prefixes)
 
 
 class _Counters:
@@ -149,6 +173,7 @@ class ZmqDocumentSource:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._warned: set[str] = set()
+        self._ignored_topics = cfg.ignored_topics
         #: Set once the SUB socket is subscribed and connected (delivery may still lag:
         #: 0MQ's slow-joiner means a publisher should not assume we are seen yet).
         self.ready = threading.Event()
@@ -286,6 +311,9 @@ class ZmqDocumentSource:
     def _handle(self, frames: list[bytes]) -> None:
         self._counters.inc("received")
         self._counters.inc("bytes_received", sum(len(f) for f in frames))
+        if self._ignored_topics and frames and frames[0].startswith(self._ignored_topics):
+            self._counters.inc("ignored")
+            return
         try:
             name, doc = decode_message(frames, self.cfg.prefix, formats=self.cfg.formats)
         except WireError as exc:

@@ -10,15 +10,33 @@ Threads and what they own::
 
 The processing thread takes everything queued (up to ``analysis.batch_max`` documents) per
 turn, feeds it to the assembler, looks for idle runs every ``analysis.timeout_check_s``,
-hands all assembler outputs of the turn to the pipeline in one batch (one ONNX call per
-bundle and task) and fans the resulting analysis documents out to the publisher and the
-store. It is the only thread touching the assembler and the pipeline.
+hands the assembler outputs to the pipeline in batches of up to ``_ANALYSIS_CHUNK`` spectra
+(one ONNX call per bundle, task and batch) and fans the resulting analysis documents out to
+the publisher and the store after each batch, so a backlog's first results are not held
+back until the whole backlog is analysed. It is the only thread touching the assembler and the pipeline.
 
 Two kinds of input never reach the assembler: the daemon's own analysis documents coming
-back through the proxy when the input prefix is empty (dropped before decoding, counted as
-``own_output``), and warm-up probe runs (a start carrying ``xasflow_probe`` and its stop,
+back through the proxy when the input prefix is empty (dropped before decoding by the input's
+``ignore_prefixes``, counted as ``own_output``), and warm-up probe runs (a start carrying ``xasflow_probe`` and its stop,
 see :meth:`xasflow.sim.beamline.SimBeamline.warm_up`), which only update
 ``health()["probes"]`` so a publisher can tell that the daemon sees it.
+
+Acknowledged results. A result row is *acknowledged* once the store's transaction holding it
+has committed (``AnalysisStore`` ``on_stored``); ``health()["store"]["acknowledged"]`` counts
+them. An acknowledged row survives SIGKILL; a result already published on the bus but not yet
+acknowledged may not.
+
+Restart after a crash. 0MQ PUB/SUB is at-most-once: what the proxy forwards while no daemon is
+subscribed is dropped, and the documents a killed daemon had received but not analysed or
+stored are gone with it. At start the daemon therefore looks in the store for analysis runs
+its predecessor left open (``AnalysisStore.unfinished_runs``) and reports the gap: each is
+closed ("interrupted"), when the raw run's stop arrives (its ``num_events`` gives the raw
+count, so ``raw_missing_events`` = raw spectra - spectra stored), after ``run_timeout_s``
+without it, or at shutdown. The stop (``exit_status`` "fail", ``reason`` "interrupted: ...",
+``interrupted: true``) is published under the analysis run's original start uid and recorded
+in the store; ``health()["interrupted"]`` lists them. Raw events of such a run that arrive
+after the restart belong to a descriptor this process never saw: the assembler rejects them
+``unknown_descriptor`` (counted), and they are part of ``raw_missing_events``.
 
 ``stop()`` (also on SIGTERM/SIGINT under :meth:`Daemon.serve_forever`) stops receiving,
 analyses everything already queued, closes every open run with ``flush_all("shutdown")``
@@ -33,8 +51,9 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -54,29 +73,13 @@ logger = logging.getLogger(__name__)
 PROBE_KEY = "xasflow_probe"
 _PROBE_MEMORY = 64
 _STATS_INTERVAL_S = 0.25
+#: Spectra per pipeline call when a backlog is drained: big enough to amortise the ONNX calls
+#: (one per task and batch), small enough that the first results of a backlog go out early.
+_ANALYSIS_CHUNK = 16
 
 
 class DaemonError(RuntimeError):
     """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
-
-
-class _FilteredSource(ZmqDocumentSource):
-    """A ZmqDocumentSource that drops messages published under some prefixes before decoding.
-
-    Used to ignore the daemon's own analysis documents when the input subscribes to every
-    prefix (0MQ topic filters can only include). Relies on ``ZmqDocumentSource._handle``.
-    """
-
-    def __init__(self, cfg: ZmqInputConfig, exclude: Iterable[bytes]) -> None:
-        super().__init__(cfg)
-        self._exclude = tuple(p + b" " for p in exclude if p)
-        self.excluded = 0
-
-    def _handle(self, frames: list[bytes]) -> None:
-        if self._exclude and frames and frames[0].startswith(self._exclude):
-            self.excluded += 1  # only the receive thread writes it
-            return
-        super()._handle(frames)
 
 
 class _StoreFanout:
@@ -86,9 +89,15 @@ class _StoreFanout:
     other streams of an analysis run (e.g. recommendations) go to the bus only.
     """
 
-    def __init__(self, store: Any, stream: str = ANALYSIS_STREAM) -> None:
+    def __init__(
+        self,
+        store: Any,
+        stream: str = ANALYSIS_STREAM,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.stream = stream
+        self.on_stored = on_stored  # passed to add_event: called once a row has committed
         self._other: dict[str, str] = {}  # descriptor uid of another stream -> start uid
         self._starts: dict[str, dict[str, Any]] = {}  # analysis start uid -> start doc
         self._open: dict[str, str] = {}  # analysis start uid -> raw_uid (store key)
@@ -136,7 +145,12 @@ class _StoreFanout:
         if raw_uid is None:
             self.unstored += 1
             return
-        if not self.store.add_event(raw_uid, {"seq_num": seq, "time": t, **data}):
+        row = {"seq_num": seq, "time": t, **data}
+        if self.on_stored is None:
+            stored = self.store.add_event(raw_uid, row)
+        else:
+            stored = self.store.add_event(raw_uid, row, on_stored=self.on_stored)
+        if not stored:
             self.unstored += 1
 
     def _stop(self, doc: dict[str, Any]) -> None:
@@ -169,7 +183,7 @@ class Daemon:
         self.pipeline: Any = None
         self.store: Any = None
         self.publisher: ZmqDocumentPublisher | None = None
-        self.source: _FilteredSource | None = None
+        self.source: ZmqDocumentSource | None = None
         self.assembler: RunAssembler | None = None
         self.http: Any = None
         self.app: Any = None
@@ -187,6 +201,10 @@ class Daemon:
         self._probes_seen = 0
         self._internal_errors = 0
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._acknowledged = 0  # result rows whose store transaction committed
+        self._interrupted: dict[str, dict[str, Any]] = {}  # raw uid -> run left open before
+        self._interrupted_closed: list[dict[str, Any]] = []
+        self._recovered_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,7 +252,8 @@ class Daemon:
                 max_queue=cfg.storage.max_queue,
                 table_backend=cfg.storage.backend,
             )
-            self._fanout = _StoreFanout(self.store)
+            self._fanout = _StoreFanout(self.store, on_stored=self._acknowledge)
+            self._find_interrupted()
         if cfg.output.enabled:
             self.publisher = ZmqDocumentPublisher(
                 cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
@@ -242,8 +261,7 @@ class Daemon:
         self.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
-        exclude = [cfg.output.prefix.encode("ascii")] if cfg.output.enabled else []
-        self.source = _FilteredSource(cfg.input.to_zmq(), exclude)
+        self.source = ZmqDocumentSource(self._input_config(cfg))
         try:
             self.source.start(timeout=min(timeout, 10.0))
         except (TimeoutError, RuntimeError) as exc:
@@ -261,6 +279,95 @@ class Daemon:
                 self.http.start(timeout)
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
+
+    @staticmethod
+    def _input_config(cfg: DaemonConfig) -> ZmqInputConfig:
+        """The 0MQ input settings; ignores the daemon's own output prefix when it would see it."""
+        zcfg = cfg.input.to_zmq()
+        own = cfg.output.prefix.encode("ascii") if cfg.output.enabled else b""
+        if own and own != zcfg.prefix and not zcfg.prefix:
+            zcfg = dataclasses.replace(zcfg, ignore_prefixes=(*zcfg.ignore_prefixes, own))
+        return zcfg
+
+    def _acknowledge(self) -> None:
+        with self._stats_lock:  # called from the store's writer thread
+            self._acknowledged += 1
+
+    def _find_interrupted(self) -> None:
+        """Analysis runs a previous process left open (killed mid-run): closed later, see
+        :meth:`_close_interrupted`."""
+        assert self.store is not None
+        for info in self.store.unfinished_runs():
+            self._interrupted[info["raw_uid"]] = info
+            logger.warning(
+                "analysis run of raw run %s was left open by a previous process (%d results "
+                "stored); it will be closed as interrupted",
+                info["raw_uid"],
+                info["rows"],
+            )
+        self._recovered_at = time.monotonic()
+
+    def _close_interrupted(
+        self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
+    ) -> None:
+        """Close a run left open by a previous process: publish and store its stop.
+
+        With the raw run's stop, ``raw_missing_events`` is its event count minus the spectra
+        stored; without it the count is unknown (None).
+        """
+        info = self._interrupted.pop(raw_uid, None)
+        if info is None:
+            return
+        start = info["start"]
+        raw_total = None
+        raw_status = "timeout" if raw_stop is None else str(raw_stop.get("exit_status", "fail"))
+        if raw_stop is not None:
+            num = raw_stop.get("num_events")
+            value = num.get(self.config.channels.stream) if isinstance(num, dict) else None
+            raw_total = value if isinstance(value, int) and not isinstance(value, bool) else None
+        missing = None if raw_total is None else max(raw_total - info["spectra"], 0)
+        seen = "unknown" if raw_total is None else str(raw_total)
+        reason = (
+            f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "
+            f"raw spectra have stored results"
+            + ("" if missing is None else f", {missing} were not analysed")
+            + (f" ({why})" if why else "")
+        )
+        stop = {
+            "uid": str(uuid.uuid4()),
+            "time": time.time(),
+            "run_start": start.get("uid", ""),
+            "exit_status": "fail",
+            "reason": reason,
+            "num_events": {info["descriptor"].get("name") or ANALYSIS_STREAM: info["rows"]},
+            "raw_exit_status": raw_status,
+            "bundle_ids": [start["bundle_id"]] if start.get("bundle_id") else [],
+            "n_analysed": info["n_ok"],
+            "n_rejected": info["n_rejected"],
+            "raw_seq_gaps": None if missing is None else int(missing > 0),
+            "raw_missing_events": missing,
+            "interrupted": True,
+        }
+        logger.warning("raw run %s: %s", raw_uid, reason)
+        self.counters.run_closed("interrupted")
+        if self.store is not None:
+            try:
+                self.store.finish_run(raw_uid, stop)
+            except Exception:
+                logger.exception("cannot record the stop of interrupted run %s", raw_uid)
+        if start.get("uid"):
+            self._emit("stop", stop, store=False)
+        with self._stats_lock:
+            self._interrupted_closed.append(
+                {
+                    "raw_uid": raw_uid,
+                    "stored": info["spectra"],
+                    "raw_spectra": raw_total,
+                    "missing": missing,
+                    "raw_exit_status": raw_status,
+                }
+            )
+            del self._interrupted_closed[:-_PROBE_MEMORY]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop receiving, finish everything held, flush the store; idempotent."""
@@ -360,12 +467,30 @@ class Daemon:
             now = time.monotonic()
             try:
                 outputs: list[Any] = []
+                spectra = 0
                 for name, doc in items:
-                    if not self._is_probe(name, doc):
-                        outputs.extend(assembler.feed(name, doc))
+                    if self._is_probe(name, doc):
+                        continue
+                    if self._interrupted and name == "stop" and isinstance(doc, dict):
+                        run_start = doc.get("run_start")
+                        if run_start in self._interrupted:
+                            self._close_interrupted(run_start, raw_stop=doc)
+                            continue
+                    fed = assembler.feed(name, doc)
+                    outputs.extend(fed)
+                    spectra += sum(isinstance(o, SpectrumReady) for o in fed)
+                    if spectra >= _ANALYSIS_CHUNK:  # a backlog: publish as we go, not at the end
+                        self._analyse(outputs)
+                        outputs, spectra = [], 0
                 if now >= next_check:
                     next_check = now + check_every
                     outputs.extend(assembler.check_timeouts())
+                    if (
+                        self._interrupted
+                        and now - self._recovered_at > self.config.analysis.run_timeout_s
+                    ):
+                        for raw_uid in list(self._interrupted):
+                            self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
                 if outputs:
                     self._analyse(outputs)
                 if now >= next_stats:
@@ -374,6 +499,8 @@ class Daemon:
             except Exception:  # nothing here should raise; if it does, keep serving
                 self._internal_errors += 1
                 logger.exception("processing a batch of %d documents failed", len(items))
+        for raw_uid in list(self._interrupted):
+            self._close_interrupted(raw_uid, why="shutdown")
         self._analyse(assembler.flush_all("shutdown"))
         try:  # runs the pipeline still holds (none, unless an output went missing)
             for name, doc in self.pipeline.close_all("shutdown"):
@@ -399,13 +526,13 @@ class Daemon:
         for name, doc in docs:
             self._emit(name, doc)
 
-    def _emit(self, name: str, doc: dict[str, Any]) -> None:
+    def _emit(self, name: str, doc: dict[str, Any], store: bool = True) -> None:
         if self.publisher is not None:
             try:
                 self.publisher(name, doc)
             except Exception:
                 logger.exception("cannot publish %s document", name)
-        if self._fanout is not None:
+        if store and self._fanout is not None:
             self._fanout(name, doc)
         for callback in self._listeners:
             try:
@@ -476,7 +603,7 @@ class Daemon:
     @property
     def echo_dropped(self) -> int:
         """Own analysis messages dropped at the input (empty input prefix)."""
-        return self.source.excluded if self.source is not None else 0
+        return self.source.stats()["ignored"] if self.source is not None else 0
 
     def models(self) -> list[dict[str, Any]]:
         """Bundles in service (see ``ModelRegistry.models``)."""
@@ -497,6 +624,8 @@ class Daemon:
         stats = self.store.stats()
         if self._fanout is not None:
             stats["unstored"] = self._fanout.unstored
+        with self._stats_lock:
+            stats["acknowledged"] = self._acknowledged
         return stats
 
     def sync_stats(self) -> None:
@@ -522,6 +651,7 @@ class Daemon:
         src = self.input_stats()
         with self._stats_lock:
             probes = {"seen": self._probes_seen, "tokens": list(self._probe_tokens)}
+            interrupted = list(self._interrupted_closed)
         registry = self.registry
         return {
             "ready": self.ready,
@@ -549,6 +679,7 @@ class Daemon:
                 **self.store_stats(),
             },
             "probes": probes,
+            "interrupted": {"open": sorted(self._interrupted), "closed": interrupted},
             "internal_errors": self._internal_errors,
         }
 
