@@ -403,6 +403,18 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     # every analysis document routes back to the raw run; the run's history is released
     assert all(pipe.raw_uid_of(n, d) == "raw-1" for n, d in docs)
     assert pipe.recommendations is not None and pipe.recommendations.open_runs == []
+    # throttled (the daemon's recommend.interval_s): the first spectrum of a run gets advice,
+    # the second comes too soon; a new run starts afresh
+    slow = Pipeline(
+        ModelRegistry(tmp_path / "models", Counters()),
+        recommend=RecommenderConfig(),
+        recommend_interval_s=3600.0,
+    )
+    for _ in range(2):
+        docs = slow.handle_batch(outputs())
+        assert docs[-1][1]["num_events"] == {"primary": 2, "recommendations": 1}
+    with pytest.raises(ValueError, match="recommend_interval_s"):
+        Pipeline(registry, counters, recommend=RecommenderConfig(), recommend_interval_s=-1)
     # off by default: the same input gives no recommendations stream
     plain = Pipeline(ModelRegistry(tmp_path / "models", Counters()), validate=True)
     assert [n for n, _ in plain.handle_batch(outputs())] == [

@@ -195,13 +195,17 @@ class Results:
                     self.docs.append(item)
 
     def run(self, raw_uid: str) -> dict[str, Any]:
-        """The analysis run of ``raw_uid``: start, events (data by seq_num), stop (or None)."""
+        """The analysis run of ``raw_uid``: start, primary events (data by seq_num), stop."""
         with self._lock:
             docs = list(self.docs)
         start = next((d for n, d in docs if n == "start" and d.get("raw_uid") == raw_uid), None)
         if start is None:
             return {"start": None, "events": {}, "stop": None}
-        descs = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == start["uid"]}
+        descs = {
+            d["uid"]
+            for n, d in docs
+            if n == "descriptor" and d["run_start"] == start["uid"] and d["name"] == "primary"
+        }
         events = {
             d["seq_num"]: d["data"] for n, d in docs if n == "event" and d["descriptor"] in descs
         }

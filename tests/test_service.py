@@ -141,19 +141,29 @@ class Results:
                 self._lock.notify_all()
 
     def runs(self) -> dict[str, dict[str, Any]]:
-        """raw uid -> {"start", "descriptor", "events", "stop"} of the analysis runs seen."""
+        """raw uid -> {"start", "descriptor", "events", "recommendations", "stop"} of the
+        analysis runs seen (``events``: the primary stream's data)."""
         with self._lock:
             docs = list(self.docs)
         by_start: dict[str, dict[str, Any]] = {}
-        by_desc: dict[str, dict[str, Any]] = {}
+        by_desc: dict[str, list[dict[str, Any]]] = {}
         for name, doc in docs:
             if name == "start":
-                by_start[doc["uid"]] = {"start": doc, "events": [], "stop": None}
+                by_start[doc["uid"]] = {
+                    "start": doc,
+                    "events": [],
+                    "recommendations": [],
+                    "stop": None,
+                }
             elif name == "descriptor":
-                by_desc[doc["uid"]] = by_start[doc["run_start"]]
-                by_start[doc["run_start"]]["descriptor"] = doc
+                run = by_start[doc["run_start"]]
+                if doc["name"] == "primary":
+                    run["descriptor"] = doc
+                    by_desc[doc["uid"]] = run["events"]
+                else:
+                    by_desc[doc["uid"]] = run.setdefault(doc["name"], [])
             elif name == "event":
-                by_desc[doc["descriptor"]]["events"].append(doc["data"])
+                by_desc[doc["descriptor"]].append(doc["data"])
             elif name == "stop":
                 by_start[doc["run_start"]]["stop"] = doc
         return {run["start"]["raw_uid"]: run for run in by_start.values()}
@@ -366,7 +376,16 @@ def test_example_config_documents_the_defaults() -> None:
     assert cfg.models.directory == paths.REPO_ROOT / "models"
     assert cfg.storage.directory == example.parent / "xasflow-store"
     defaults = DaemonConfig()
-    for section in ("input", "channels", "analysis", "output", "http"):
+    for section in (
+        "input",
+        "channels",
+        "analysis",
+        "output",
+        "http",
+        "recommend",
+        "epics",
+        "queueserver",
+    ):
         assert getattr(cfg, section) == getattr(defaults, section), section
     assert cfg.models == defaults.models
     assert cfg.storage.model_dump(exclude={"directory"}) == defaults.storage.model_dump(
@@ -453,6 +472,9 @@ def test_step_and_fly_scans_analysed_on_bus_and_in_store(harness: Harness) -> No
     assert all(e["status"] == "ok" for e in fly["events"])
     assert all(e["energy_shift"] == pytest.approx(-1.0, abs=0.3) for e in fly["events"])
     assert fly["stop"]["n_analysed"] == 3
+    # recommendations follow analysed spectra, at most one per run per recommend.interval_s
+    assert [r["index"] for r in step["recommendations"]] == [0]
+    assert fly["recommendations"][0]["index"] == 0 and len(fly["recommendations"]) <= 3
 
     after = d.counters.snapshot()
     assert after["spectra_analysed"] - before["spectra_analysed"] == 4
@@ -652,6 +674,91 @@ def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_
         assert h.results.wait([uid])[uid]["events"][0]["status"] == "ok"
     finally:
         h.close()
+
+
+def test_feedback_recommendations_and_epics_pvs(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon hosts the IOC (epics.enabled): MODEL_OK follows the models, the PVs follow
+    the latest analysed spectrum and its recommendations, read by a caproto client."""
+    pytest.importorskip("caproto")
+    import shutil
+
+    from test_epics_ioc import _free_port as free_ca_port
+    from test_epics_ioc import read
+
+    port, repeater = free_ca_port(), free_ca_port()
+    for key, value in {
+        "EPICS_CA_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(port),
+        "EPICS_CA_REPEATER_PORT": str(repeater),
+    }.items():
+        monkeypatch.setenv(key, value)
+    import caproto
+
+    monkeypatch.setattr(caproto, "get_local_address", lambda: "127.0.0.1")
+    from caproto.threading.client import Context
+
+    empty = tmp_path / "models"
+    empty.mkdir()
+    cfg = daemon_config(empty, proxy, tmp_path / "store").with_updates(
+        {"epics": {"enabled": True, "prefix": "TST:FLOW:", "port": port}}
+    )
+    h = Harness(cfg, proxy)
+    ctx = Context(timeout=5.0)
+    try:
+        ioc = h.daemon.ioc
+        names = ("cn", "model_ok", "scan_uid", "n_regions", "regions", "e0", "updates")
+        pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names)), strict=True))
+        assert read(pvs["model_ok"]) == 0  # no bundle yet
+        shutil.copytree(models_dir / "cu-k", empty / "cu-k")
+        deadline = time.monotonic() + DEADLINE_S
+        while not h.daemon.models():
+            assert time.monotonic() < deadline, "bundle never loaded"
+            time.sleep(0.05)
+        uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
+        publish(h.pub, docs)
+        run = h.results.wait([uid])[uid]
+        event = run["events"][0]
+        assert event["status"] == "ok"
+        # the run's recommendations stream: one after its one spectrum, regions in the window
+        (rec,) = run["recommendations"]
+        regions = json.loads(rec["waveform"])
+        assert len(regions) >= 8 and len(regions) % 4 == 0
+        starts, stops = regions[0::4], regions[1::4]
+        assert all(a < b for a, b in zip(starts, stops, strict=True))
+        assert rec["e0"] == pytest.approx(event["e0"])
+        deadline = time.monotonic() + DEADLINE_S
+        while read(pvs["scan_uid"]) != uid:
+            assert time.monotonic() < deadline, "SCAN_UID never updated"
+            time.sleep(0.05)
+        assert read(pvs["cn"]) == event["cn"] and read(pvs["model_ok"]) == 1
+        assert read(pvs["e0"]) == pytest.approx(event["e0"])
+        assert read(pvs["n_regions"]) == len(regions) // 4
+        assert read(pvs["regions"]) == pytest.approx(regions)
+        assert read(pvs["updates"]) >= 1
+        feedback = h.daemon.health()["feedback"]
+        assert feedback["recommend"] is True and feedback["queueserver"] is None
+        assert feedback["epics"]["prefix"] == "TST:FLOW:" and feedback["epics"]["running"]
+    finally:
+        ctx.disconnect()
+        h.close()
+    assert not h.daemon.ioc.running  # stopped with the daemon
+
+
+def test_queueserver_needs_credentials_to_be_enabled() -> None:
+    with pytest.raises(ConfigError, match=r"queueserver.*zmq_public_key"):
+        load_config(None, {"XASFLOW__QUEUESERVER__ENABLED": "true"})
+    env = {
+        "XASFLOW__QUEUESERVER__ENABLED": "true",
+        "XASFLOW__QUEUESERVER__TRANSPORT": "http",
+        "XASFLOW__QUEUESERVER__API_KEY": "0123",
+    }
+    cfg = load_config(None, env)
+    assert cfg.queueserver.enabled and cfg.queueserver.api_key is not None
+    assert cfg.queueserver.api_key.get_secret_value() == "0123"  # text, not the number 123
+    assert "0123" not in cfg.model_dump_json()  # never shown by serve --check
 
 
 def _free_port() -> int:

@@ -14,6 +14,9 @@ One file holds every section (all optional; defaults are the beamline-typical va
                format: pickle}
     http:     {enabled: true, host: 127.0.0.1, port: 8620, token: null, dashboard: true,
                dashboard_rate_hz: 5}
+    recommend: {enabled: true, interval_s: 0.1, recommender: {<RecommenderConfig knobs>}}
+    epics:    {enabled: false, prefix: "XAS:", host: 127.0.0.1, port: 5064}
+    queueserver: {enabled: false, transport: zmq, zmq_public_key: null, ...}
 
 Environment variables ``XASFLOW__SECTION__KEY=value`` override the file (section and key
 case-insensitive; the value is read as a YAML scalar or list, so ``8000``, ``null`` and
@@ -42,6 +45,8 @@ from pydantic import (
 )
 
 from xasflow import paths
+from xasflow.adapters.queueserver import QueueServerConfig
+from xasflow.daemon.recommend import RecommenderConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -49,10 +54,12 @@ __all__ = [
     "ChannelsConfig",
     "ConfigError",
     "DaemonConfig",
+    "EpicsConfig",
     "HttpConfig",
     "InputConfig",
     "ModelsConfig",
     "OutputConfig",
+    "RecommendConfig",
     "StorageConfig",
     "env_overrides",
     "is_loopback",
@@ -293,6 +300,29 @@ class HttpConfig(_Section):
         return self
 
 
+class RecommendConfig(_Section):
+    """Energy-region recommendations: each analysis run's ``recommendations`` stream.
+
+    ``interval_s`` caps them at one per run per interval (the first spectrum of a run always
+    gets one): fly scans bring hundreds of spectra a second, the control system needs a few.
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(0.1, ge=0, description="s between recommendations of a run")
+    recommender: RecommenderConfig = Field(default_factory=RecommenderConfig)
+
+
+class EpicsConfig(_Section):
+    """The caproto IOC serving the latest answer as PVs (off unless enabled)."""
+
+    enabled: bool = False
+    prefix: str = Field("XAS:", min_length=1, description="PV name prefix")
+    host: str = "127.0.0.1"
+    port: int = Field(5064, ge=1, le=65535, description="Channel Access server port")
+
+    _check_prefix = field_validator("prefix")(_prefix)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
     host = host.strip().strip("[]")
@@ -314,6 +344,9 @@ class DaemonConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig)
+    epics: EpicsConfig = Field(default_factory=EpicsConfig)
+    queueserver: QueueServerConfig = Field(default_factory=QueueServerConfig)
 
     @model_validator(mode="after")
     def _no_feedback_loop(self) -> DaemonConfig:
@@ -350,7 +383,25 @@ def _scalar(text: str) -> Any:
 
 #: Keys whose environment values are taken as text, never as YAML (``0`` stays a prefix "0").
 _TEXT_KEYS = frozenset(
-    {"prefix", "address", "host", "element", "edge", "stream", "directory", "token"}
+    {
+        "prefix",
+        "address",
+        "host",
+        "element",
+        "edge",
+        "stream",
+        "directory",
+        "token",
+        "api_key",
+        "zmq_public_key",
+        "zmq_control_addr",
+        "zmq_info_addr",
+        "http_server_uri",
+        "user",
+        "user_group",
+        "plan_name",
+        "motor",
+    }
 )
 _NULLS = frozenset({"", "null", "none", "~"})
 

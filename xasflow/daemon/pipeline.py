@@ -21,9 +21,10 @@ For each spectrum (``SpectrumReady``):
    flags ``align_out_of_range``; the spectrum is then analysed unaligned.
 5. the bundle's preprocessing (``Predictor.prepare``: ``no_edge``, ``no_post_edge``,
    ``window``, ...) and the ONNX graphs, batched per predictor over the whole call.
-6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), every
-   analysed spectrum's event is followed by an event of the run's ``recommendations``
-   stream: what to measure next, stop early, rescan (:mod:`xasflow.daemon.recommend`).
+6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), an analysed
+   spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
+   one per run per ``recommend_interval_s``): what to measure next, stop early, rescan
+   (:mod:`xasflow.daemon.recommend`).
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
@@ -144,10 +145,15 @@ class Pipeline:
         validate: bool = False,
         clock: Callable[[], float] = time.time,
         recommend: RecommenderConfig | None = None,
+        recommend_interval_s: float = 0.0,
     ) -> None:
         """``clock``: wall clock (epoch s) for document times and latencies.
 
         ``recommend``: emit a ``recommendations`` stream in each analysis run (None: off).
+        ``recommend_interval_s``: at most one recommendation per run in this many seconds
+        (the first analysed spectrum of a run always gets one; the predictions in between
+        still count towards stop-early). Advice at 500 spectra/s helps no one and costs
+        about a millisecond each.
 
         ``observe_latency``: record each spectrum's raw-event-to-result latency in
         ``counters`` (turn off when the caller measures after publishing instead).
@@ -163,7 +169,11 @@ class Pipeline:
         self.observe_latency = observe_latency
         self.validate = validate
         self.clock = clock
+        if recommend_interval_s < 0:
+            raise ValueError("recommend_interval_s must be >= 0")
         self.recommendations = RecommendationTracker(recommend) if recommend is not None else None
+        self.recommend_interval_s = float(recommend_interval_s)
+        self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
         self._runs: dict[str, AnalysisRun] = {}
         self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
         #: The last spectrum analysed with a prediction (None before the first).
@@ -426,6 +436,12 @@ class Pipeline:
         if pred is None or predictor is None:
             return []
         try:
+            if self.recommend_interval_s > 0:
+                now = time.monotonic()
+                if now < self._recommend_due.get(run.raw_uid, now):
+                    self.recommendations.observe(run.raw_uid, pred)
+                    return []
+                self._recommend_due[run.raw_uid] = now + self.recommend_interval_s
             spectrum = work.prepared.spectrum if work.prepared is not None else None
             rec = self.recommendations.update(run.raw_uid, predictor.manifest, pred, spectrum)
             return recommendation_docs(run, work.scan.index, rec)
@@ -445,6 +461,7 @@ class Pipeline:
         self.counters.run_closed(out.exit_status)
         if self.recommendations is not None:
             self.recommendations.close(out.raw_uid)
+            self._recommend_due.pop(out.raw_uid, None)
         run = self._runs.pop(out.raw_uid, None)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)

@@ -616,6 +616,15 @@ class RecommendationTracker:
         spectrum: Spectrum | None = None,
     ) -> Recommendation:
         """Add a run's newest prediction and recommend what follows it."""
+        hist = self.observe(run_key, prediction)
+        return self.recommender(manifest).recommend(prediction, spectrum, hist)
+
+    def observe(self, run_key: str, prediction: Prediction) -> list[Prediction]:
+        """Add a run's newest prediction to its history without recommending (cheap).
+
+        A caller that recommends less often than spectra arrive (the daemon at fly-scan rates)
+        still lets stop-early see every prediction. Returns the run's recent history.
+        """
         hist = self._history.get(run_key)
         if hist is None:
             if len(self._history) >= self.max_runs:
@@ -625,7 +634,7 @@ class RecommendationTracker:
             hist.clear()  # a redeployed model starts the agreement count afresh
         hist.append(prediction)
         del hist[: -max(1, self.config.stop_count)]
-        return self.recommender(manifest).recommend(prediction, spectrum, hist)
+        return hist
 
     def close(self, run_key: str) -> None:
         """Forget a finished run."""

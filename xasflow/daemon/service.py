@@ -186,6 +186,8 @@ class Daemon:
         self.source: ZmqDocumentSource | None = None
         self.assembler: RunAssembler | None = None
         self.http: Any = None
+        self.ioc: Any = None  # XasIoc when epics.enabled
+        self.submitter: Any = None  # QueueServerSubmitter when queueserver.enabled
         self.app: Any = None
         self._fanout: _StoreFanout | None = None
         self._thread: threading.Thread | None = None
@@ -241,7 +243,15 @@ class Daemon:
             )
         if cfg.models.watch:
             self.registry.start_watching(cfg.models.watch_interval_s)
-        self.pipeline = Pipeline(self.registry, self.counters, align=cfg.analysis.align)
+        rec = cfg.recommend
+        self.pipeline = Pipeline(
+            self.registry,
+            self.counters,
+            align=cfg.analysis.align,
+            recommend=rec.recommender if rec.enabled else None,
+            recommend_interval_s=rec.interval_s,
+        )
+        self._start_feedback(cfg)
         if cfg.storage.enabled:
             from xasflow.adapters.tiled_store import AnalysisStore
 
@@ -279,6 +289,30 @@ class Daemon:
                 self.http.start(timeout)
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
+
+    def _start_feedback(self, cfg: DaemonConfig) -> None:
+        """The EPICS IOC and the queueserver submitter, when enabled: both follow the
+        analysis documents as listeners."""
+        if cfg.epics.enabled:
+            from xasflow.adapters.epics_ioc import XasIoc
+
+            ioc = XasIoc(cfg.epics.prefix, host=cfg.epics.host, port=cfg.epics.port)
+            try:
+                ioc.start()
+            except Exception as exc:
+                raise DaemonError(
+                    f"cannot serve EPICS PVs {cfg.epics.prefix}* on "
+                    f"{cfg.epics.host}:{cfg.epics.port}: {exc}"
+                ) from None
+            self.ioc = ioc
+            assert self.registry is not None
+            ioc.set_model_ok(bool(self.registry.models()))
+            self.add_listener(ioc)
+        if cfg.queueserver.enabled:
+            from xasflow.adapters.queueserver import QueueServerSubmitter
+
+            self.submitter = QueueServerSubmitter(cfg.queueserver)
+            self.add_listener(self.submitter)
 
     @staticmethod
     def _input_config(cfg: DaemonConfig) -> ZmqInputConfig:
@@ -402,6 +436,13 @@ class Daemon:
                 logger.exception("closing the analysis store failed")
         if self.publisher is not None:
             self.publisher.close()
+        if self.submitter is not None:
+            try:
+                self.submitter.close(timeout)
+            except Exception:
+                logger.exception("closing the queueserver submitter failed")
+        if self.ioc is not None:
+            self.ioc.stop()
         if self.http is not None:
             self.http.stop()
 
@@ -628,6 +669,24 @@ class Daemon:
             stats["acknowledged"] = self._acknowledged
         return stats
 
+    def _feedback_health(self) -> dict[str, Any]:
+        """The IOC's and the queueserver submitter's state (None where disabled)."""
+        ioc, sub = self.ioc, self.submitter
+        return {
+            "recommend": self.config.recommend.enabled,
+            "epics": None
+            if ioc is None
+            else {
+                "prefix": ioc.prefix,
+                "port": ioc.tcp_port,
+                "running": ioc.running,
+                "published": ioc.published,
+            },
+            "queueserver": None
+            if sub is None
+            else {"stats": dict(sub.stats), "last_error": sub.last_error},
+        }
+
     def sync_stats(self) -> None:
         """Fold the input's decode errors into the counters and refresh the gauges."""
         src = self.input_stats()
@@ -680,6 +739,7 @@ class Daemon:
             },
             "probes": probes,
             "interrupted": {"open": sorted(self._interrupted), "closed": interrupted},
+            "feedback": self._feedback_health(),
             "internal_errors": self._internal_errors,
         }
 

@@ -172,10 +172,12 @@ class _Printer:
                     self._analysis[doc.get("uid", "")] = str(doc.get("raw_uid"))
                 elif name == "descriptor":
                     raw = self._analysis.get(doc.get("run_start", ""))
-                    if raw is not None:
+                    if raw is not None and doc.get("name") == "primary":
                         self._descriptors[doc.get("uid", "")] = raw
                 elif name == "event":
-                    raw = self._descriptors.get(doc.get("descriptor", ""), "?")
+                    raw = self._descriptors.get(doc.get("descriptor", ""))
+                    if raw is None:  # another stream (recommendations): not a result
+                        continue
                     if doc.get("data", {}).get("status") == "ok":
                         self.analysed += 1
                     else:
