@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: locations of the shared data, skipping clearly when absent."""
+"""Shared pytest fixtures: locations of the shared data (skipping clearly when absent), and
+one tiny Cu K bundle trained from the synthetic FEFF tree once per session."""
 
 from __future__ import annotations
 
@@ -25,3 +26,24 @@ def xdi_library() -> Path:
     if not path.exists():
         pytest.skip(f"shared XAS Data Library not found at {path} (set {paths.SHARED_DATA_ENV})")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Cu K bundle (synthetic FEFF tree, 12 trees), alone in its models directory
+    (``tiny_cu_bundle.parent``). Tests copy it before changing anything."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pymatgen.core")
+    from synthetic_feff import write_tree
+
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, export_bundle, train
+
+    base = tmp_path_factory.mktemp("tiny-cu-bundle")
+    tree = write_tree(base / "feff", per_type=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
+        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
+    return export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")

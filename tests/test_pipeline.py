@@ -15,7 +15,7 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from event_model import DocumentNames, compose_run, schema_validators
-from synthetic_feff import model_mu, write_tree
+from synthetic_feff import model_mu
 
 from xasflow.daemon.assembly import (
     Rejected,
@@ -46,24 +46,6 @@ KINDS = {
 # --------------------------------------------------------------------------- bundle
 
 
-def build_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Cu K bundle from the synthetic FEFF tree, trained once per test session."""
-    base = tmp_path_factory.getbasetemp() / "xasflow-cu-bundle"
-    bundle = base / "cu-k"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, export_bundle, train
-
-    tree = write_tree(base / "feff", per_type=8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
-        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
-    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
-    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
-    return export_bundle(train(ds, cfg, log=lambda *_: None), bundle)
-
-
 def redeploy(src: Path, dest: Path, bundle_id: str) -> Path:
     """Write a copy of bundle ``src`` at ``dest`` under a new bundle id (atomically)."""
     manifest = read_manifest(src).model_copy(update={"bundle_id": bundle_id})
@@ -72,8 +54,8 @@ def redeploy(src: Path, dest: Path, bundle_id: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_cu_bundle(tmp_path_factory)
+def bundle(tiny_cu_bundle: Path) -> Path:
+    return tiny_cu_bundle
 
 
 @pytest.fixture

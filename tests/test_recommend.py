@@ -300,8 +300,8 @@ def test_row_and_waveform_round_trip() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped Cu K bundle when present, else a tiny one trained from synthetic FEFF."""
+def bundle(request: pytest.FixtureRequest) -> Path:
+    """The shipped Cu K bundle when present, else the session's tiny one."""
     shipped = ROOT / "models" / "cu-k"
     if (shipped / "manifest.json").is_file():
         try:
@@ -309,11 +309,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             return shipped
         except Exception:
             pass
-    pytest.importorskip("sklearn")
-    pytest.importorskip("pymatgen.core")
-    from test_pipeline import build_cu_bundle
-
-    return build_cu_bundle(tmp_path_factory)
+    return request.getfixturevalue("tiny_cu_bundle")
 
 
 def demo_channels(name: str, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:

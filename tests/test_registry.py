@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from test_pipeline import build_cu_bundle, channels, redeploy
+from test_pipeline import channels, redeploy
 
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.registry import ModelRegistry
@@ -23,8 +23,8 @@ from xasflow.spectra import Spectrum
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_cu_bundle(tmp_path_factory)
+def bundle(tiny_cu_bundle: Path) -> Path:
+    return tiny_cu_bundle
 
 
 @pytest.fixture

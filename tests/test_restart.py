@@ -61,8 +61,8 @@ proxy.start()
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped models/ when its Cu K bundle verifies, else a tiny trained one."""
+def models_dir(request: pytest.FixtureRequest) -> Path:
+    """The shipped models/ when its Cu K bundle verifies, else the session's tiny one."""
     from xasflow.models.bundle import BundleError, verify_bundle
 
     shipped = paths.REPO_ROOT / "models"
@@ -70,23 +70,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         verify_bundle(shipped / "cu-k")
         return shipped
     except (BundleError, OSError):
-        pass
-    pytest.importorskip("sklearn")
-    pytest.importorskip("pymatgen.core")
-    from synthetic_feff import write_tree
-
-    from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, export_bundle, train
-
-    root = tmp_path_factory.mktemp("bundle")
-    tree = write_tree(root / "feff", per_type=4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XASFLOW_CACHE", str(root / "cache"))
-        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
-    cfg = TrainConfig(n_estimators=4, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
-    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
-    export_bundle(train(ds, cfg, log=lambda *_: None), root / "models" / "cu-k")
-    return root / "models"
+        return request.getfixturevalue("tiny_cu_bundle").parent
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The daemon's service shell: configuration, the wired Daemon on a loopback 0MQ proxy, HTTP, stop.
 
-A tiny Cu K bundle is trained from the synthetic FEFF tree (a few seconds); documents are
+The session's tiny Cu K bundle (conftest, synthetic FEFF tree) serves; documents are
 composed here with event-model and published with ``ZmqDocumentPublisher`` through an
 in-process 0MQ forwarder (SUB/PUB, like bluesky's proxy), so no ophyd or RunEngine is needed.
 """
@@ -32,7 +32,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
 from event_model import compose_run
-from synthetic_feff import model_mu, write_tree
+from synthetic_feff import model_mu
 
 from xasflow.adapters.tiled_store import read_analysis
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
@@ -50,20 +50,9 @@ Docs = list[tuple[str, dict[str, Any]]]
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/ directory holding one tiny Cu K bundle (synthetic FEFF tree, 4 trees)."""
-    from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, export_bundle, train
-
-    root = tmp_path_factory.mktemp("bundle")
-    tree = write_tree(root / "feff", per_type=4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XASFLOW_CACHE", str(root / "cache"))
-        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
-    cfg = TrainConfig(n_estimators=4, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
-    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 0})})
-    export_bundle(train(ds, cfg, log=lambda *_: None), root / "models" / "cu-k")
-    return root / "models"
+def models_dir(tiny_cu_bundle: Path) -> Path:
+    """A models/ directory holding the session's tiny Cu K bundle (read-only here)."""
+    return tiny_cu_bundle.parent
 
 
 class LoopbackProxy:
