@@ -40,10 +40,10 @@ class Spectrum:
             raise SpectrumError("shape", f"energy has {energy.size} points but mu has {mu.size}")
         if energy.size < 3:
             raise SpectrumError("too_short", f"only {energy.size} points")
-        if not (np.all(np.isfinite(energy)) and np.all(np.isfinite(mu))):
+        if not (np.isfinite(energy).all() and np.isfinite(mu).all()):
             bad = int(np.count_nonzero(~np.isfinite(energy) | ~np.isfinite(mu)))
             raise SpectrumError("not_finite", f"{bad} points are NaN or infinite")
-        if np.any(np.diff(energy) <= 0):
+        if not (energy[1:] > energy[:-1]).all():
             order = np.argsort(energy, kind="stable")
             energy, mu = energy[order], mu[order]
             keep = np.concatenate(([True], np.diff(energy) > 0))
@@ -72,4 +72,13 @@ class Spectrum:
             "meta": dict(self.meta),
         }
         values.update(changes)
-        return Spectrum(**values)
+        if "energy" in changes or "mu" in changes:
+            return Spectrum(**values)
+        # same (already validated) arrays: skip the checks, which cost more than the copy
+        new = object.__new__(Spectrum)
+        for name, value in values.items():
+            object.__setattr__(new, name, value)
+        if new.element is not None:
+            object.__setattr__(new, "element", new.element.strip().capitalize())
+        object.__setattr__(new, "edge", new.edge.strip().upper())
+        return new
