@@ -38,10 +38,11 @@ pytest.importorskip("tiled")
 
 from event_model import compose_run
 from synthetic_feff import model_mu
+from test_service import Results as BusResults
 
 from xasflow import paths
 from xasflow.adapters.tiled_store import read_analysis
-from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
+from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
 
 ANALYSIS = "xasflow-analysis"
 PROBE_KEY = "xasflow_probe"
@@ -154,29 +155,8 @@ def channels(seed: int) -> dict[str, np.ndarray]:
     return {"I0": i0, "It": it, "Ir": it * np.exp(-ref)}
 
 
-class Results:
+class Results(BusResults):
     """Analysis documents on the bus (analysis prefix), in arrival order."""
-
-    def __init__(self, address: str) -> None:
-        self.source = ZmqDocumentSource(ZmqInputConfig(address=address, prefix=ANALYSIS.encode()))
-        self.source.start()
-        self.docs: list[tuple[str, dict[str, Any]]] = []
-        self.probes: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.source.get(timeout=0.05)
-            if item is None:
-                continue
-            with self._lock:
-                if PROBE_KEY in item[1]:
-                    self.probes.add(item[1][PROBE_KEY])
-                else:
-                    self.docs.append(item)
 
     def run(self, raw_uid: str) -> dict[str, Any]:
         """The analysis run of ``raw_uid``: start, primary events (data by seq_num), stop."""

@@ -641,8 +641,18 @@ def test_stop_finishes_what_it_holds(
     assert rows["index"].tolist() == list(range(20)) and set(rows["status"]) == {"ok"}
 
 
-def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
+def deploy(bundle: Path, models: Path, daemon: Daemon) -> None:
+    """Copy ``bundle`` into the watched ``models`` directory and wait until it serves."""
     import shutil
+
+    shutil.copytree(bundle, models / bundle.name)
+    deadline = time.monotonic() + DEADLINE_S
+    while not daemon.models():
+        assert time.monotonic() < deadline, "bundle never loaded"
+        time.sleep(0.05)
+
+
+def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
 
     empty = tmp_path / "models"
     empty.mkdir()
@@ -653,11 +663,7 @@ def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         assert h.results.wait([uid])[uid]["events"][0]["reason"] == "no_model"
-        shutil.copytree(models_dir / "cu-k", empty / "cu-k")
-        deadline = time.monotonic() + DEADLINE_S
-        while not h.daemon.models():
-            assert time.monotonic() < deadline, "bundle never loaded"
-            time.sleep(0.05)
+        deploy(models_dir / "cu-k", empty, h.daemon)
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         assert h.results.wait([uid])[uid]["events"][0]["status"] == "ok"
@@ -671,7 +677,6 @@ def test_feedback_recommendations_and_epics_pvs(
     """The daemon hosts the IOC (epics.enabled): MODEL_OK follows the models, the PVs follow
     the latest analysed spectrum and its recommendations, read by a caproto client."""
     pytest.importorskip("caproto")
-    import shutil
 
     from test_epics_ioc import _free_port as free_ca_port
     from test_epics_ioc import read
@@ -701,11 +706,7 @@ def test_feedback_recommendations_and_epics_pvs(
         names = ("cn", "model_ok", "scan_uid", "n_regions", "regions", "e0", "updates")
         pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names)), strict=True))
         assert read(pvs["model_ok"]) == 0  # no bundle yet
-        shutil.copytree(models_dir / "cu-k", empty / "cu-k")
-        deadline = time.monotonic() + DEADLINE_S
-        while not h.daemon.models():
-            assert time.monotonic() < deadline, "bundle never loaded"
-            time.sleep(0.05)
+        deploy(models_dir / "cu-k", empty, h.daemon)
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         run = h.results.wait([uid])[uid]
