@@ -42,6 +42,8 @@ evaluate-cu: setup
 
 bench: setup
 	$(BIN)/python bench/predict.py --json bench/results/predict.json
+	$(BIN)/python bench/stream.py --json bench/results/stream.json
+	$(BIN)/python bench/recommend.py --json bench/results/recommend.json
 
 clean:
 	rm -rf $(VENV) .cache out
