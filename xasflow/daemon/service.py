@@ -7,6 +7,9 @@ Threads and what they own::
     xasflow-tiled-writer AnalysisStore: batched, acknowledged writes
     xasflow-model-watch  ModelRegistry: verified hot swaps
     xasflow-http         uvicorn: /metrics, /health (and the dashboard)
+    xasflow-ioc-<prefix> XasIoc (epics.enabled): caproto server; fed by a listener, never blocks
+    (queueserver worker) QueueServerSubmitter (queueserver.enabled): plan submissions off the
+                         processing thread, at most one per min_interval_s
 
 The processing thread takes everything queued (up to ``analysis.batch_max`` documents) per
 turn, feeds it to the assembler, looks for idle runs every ``analysis.timeout_check_s``,
