@@ -88,7 +88,11 @@ def main() -> int:
 
     report = {
         "benchmark": "predict",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "n_spectra_timed": len(spectra),
         "onnx_p50_ms": _p(onnx_t, 50),
         "onnx_p99_ms": _p(onnx_t, 99),

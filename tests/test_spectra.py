@@ -186,7 +186,9 @@ def test_edge_step_falls_back_when_quadratic_dives() -> None:
     rel = energy - e0
     mu = np.where(rel < 0, 0.0, 1.2 - 0.0004 * (rel - 80.0) ** 2)
     params = PrepParams()
-    quad = np.polyval(np.polyfit(rel[(rel >= 40) & (rel <= 110)], mu[(rel >= 40) & (rel <= 110)], 2), 0)
+    quad = np.polyval(
+        np.polyfit(rel[(rel >= 40) & (rel <= 110)], mu[(rel >= 40) & (rel <= 110)], 2), 0
+    )
     assert quad < 0  # the case the fallback exists for
     y, step = normalize(Spectrum(energy=energy, mu=mu, element="Cu"), e0, params)
     assert step > 0 and np.all(np.isfinite(y))
@@ -210,5 +212,7 @@ def test_edge_step_does_not_depend_on_sampling() -> None:
         np.concatenate([np.arange(e0 - 20, e0 + 30, 0.5), np.arange(e0 + 30, e0 + 137, 5.0)]),
         np.linspace(e0 - 20, e0 + 137, 1000),
     )
-    steps = [normalize(Spectrum(energy=e, mu=mu(e), element="Cu"), e0, PrepParams())[1] for e in grids]
+    steps = [
+        normalize(Spectrum(energy=e, mu=mu(e), element="Cu"), e0, PrepParams())[1] for e in grids
+    ]
     assert max(steps) / min(steps) - 1 < 0.03

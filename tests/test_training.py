@@ -79,7 +79,11 @@ def test_split_is_grouped_and_model_learns(trained) -> None:  # type: ignore[no-
     assert cn["accuracy"] >= 0.9 > cn["baseline_accuracy"]
     dist = trained.tasks["distance"].metrics
     assert dist["mae"] < dist["baseline_mae"]
-    assert set(trained.tasks["cn"].region_importance) >= {"pre-edge", "main peak", "pre-edge + main peak"}
+    assert set(trained.tasks["cn"].region_importance) >= {
+        "pre-edge",
+        "main peak",
+        "pre-edge + main peak",
+    }
 
 
 def test_onnx_equals_sklearn(trained, bundle: Path) -> None:  # type: ignore[no-untyped-def]
@@ -133,7 +137,24 @@ def test_cli_evaluate_and_predict(
     monkeypatch.setenv("XASFLOW_CACHE", str(cache))
     out = tmp_path / "eval.json"
     report = tmp_path / "report"
-    assert main(["evaluate", "--bundle", str(bundle), "--data", str(tree), "--json", str(out), "--report", str(report), "--jobs", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(bundle),
+                "--data",
+                str(tree),
+                "--json",
+                str(out),
+                "--report",
+                str(report),
+                "--jobs",
+                "1",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["element"] == "Cu" and metrics["scope"] == "test split"
     assert metrics["n_spectra"] > 0 and metrics["n_materials"] <= metrics["n_spectra"]
@@ -158,7 +179,10 @@ def test_cli_evaluate_and_predict(
     np.savetxt(short, np.column_stack([energy[:60], model_mu(energy[:60], 8981.5, 1.0, 4.0, 2.34)]))
     capsys.readouterr()
     pred_json = tmp_path / "pred.json"
-    assert main(["predict", "--bundle", str(bundle), str(good), str(short), "--json", str(pred_json)]) == 0
+    assert (
+        main(["predict", "--bundle", str(bundle), str(good), str(short), "--json", str(pred_json)])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "short.txt: cannot predict (no_post_edge)" in text
     preds = json.loads(pred_json.read_text())
@@ -170,7 +194,9 @@ def test_mp_documents_dataset(cache: Path, monkeypatch: pytest.MonkeyPatch) -> N
     from xasflow.training.dataset import load_dataset
 
     monkeypatch.setenv("XASFLOW_CACHE", str(cache))
-    ds = load_dataset(Path(__file__).parent / "fixtures" / "mp_xas_docs.json", "Cu", n_jobs=1, progress=False)
+    ds = load_dataset(
+        Path(__file__).parent / "fixtures" / "mp_xas_docs.json", "Cu", n_jobs=1, progress=False
+    )
     # the Fe document is filtered out, the one without a spectrum is reported
     assert list(ds.material_id) == ["mp-990001", "mp-990004"]
     assert ds.dominant_cn[0] >= 1 and np.isfinite(ds.distance[0])

@@ -39,7 +39,11 @@ def _load_dataset(data: str, element: str, jobs: int) -> Any:
     counts = ds.issue_counts()
     print(
         f"{ds.element}: {len(ds)} labelled spectra from {ds.n_materials} materials"
-        + (f"; skipped {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else "")
+        + (
+            f"; skipped {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+            if counts
+            else ""
+        )
     )
     return ds
 
@@ -57,15 +61,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.window or args.points:
         lo, hi = args.window or (cfg.prep.window_start, cfg.prep.window_stop)
         prep = cfg.prep.model_copy(
-            update={"window_start": lo, "window_stop": hi, "n_points": args.points or cfg.prep.n_points}
+            update={
+                "window_start": lo,
+                "window_stop": hi,
+                "n_points": args.points or cfg.prep.n_points,
+            }
         )
         cfg = cfg.model_copy(update={"prep": type(cfg.prep).model_validate(prep.model_dump())})
     if args.augment:
-        augment = type(cfg.augment).model_validate({**cfg.augment.model_dump(), "copies": args.augment})
+        augment = type(cfg.augment).model_validate(
+            {**cfg.augment.model_dump(), "copies": args.augment}
+        )
         cfg = cfg.model_copy(update={"augment": augment})
     t_fit = time.perf_counter()
     result = train(ds, cfg, log=print)
-    out = export_bundle(result, args.out, citation=CITATION if "feff" in str(args.data).lower() else "")
+    out = export_bundle(
+        result, args.out, citation=CITATION if "feff" in str(args.data).lower() else ""
+    )
     size = sum(p.stat().st_size for p in out.iterdir())
     total = time.perf_counter() - t0
     print(
@@ -148,7 +160,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results[name] = {"error": reason, "detail": str(exc)}
             failed += 1
             continue
-        print(f"{name}: E0 {pred.e0:.1f} eV" + (f" [{', '.join(pred.flags)}]" if pred.flags else ""))
+        print(
+            f"{name}: E0 {pred.e0:.1f} eV" + (f" [{', '.join(pred.flags)}]" if pred.flags else "")
+        )
         print("\n".join(_describe(pred)))
         results[name] = pred.to_dict()
     _write_json(args.json, results)
@@ -180,17 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     default_data = str(paths.cu_feff_archive())
 
     t = sub.add_parser("train", help="train a per-element bundle")
-    t.add_argument("--data", default=default_data, help="FEFF tree (dir or .tar.gz), MP .json or reference .csv")
+    t.add_argument(
+        "--data",
+        default=default_data,
+        help="FEFF tree (dir or .tar.gz), MP .json or reference .csv",
+    )
     t.add_argument("--element", default="Cu")
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--jobs", type=int, default=2, help="worker processes (labels, trees)")
     t.add_argument("--estimators", type=int, default=0, help="trees per ensemble (default: config)")
     t.add_argument(
-        "--augment", type=int, default=0, metavar="N",
+        "--augment",
+        type=int,
+        default=0,
+        metavar="N",
         help="N augmented copies per spectrum (Zheng: +-5 eV stretch, E0 shift, noise); default 0",
     )
     t.add_argument(
-        "--window", type=float, nargs=2, metavar=("START", "STOP"),
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("START", "STOP"),
         help="model window relative to E0, eV (default -3.5 116.5; MP XANES need e.g. -3.5 41.5)",
     )
     t.add_argument("--points", type=int, default=0, help="grid points in the window (default 240)")
@@ -213,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dataset", help="fetch or inspect training data")
     dsub = d.add_subparsers(dest="dataset_cmd", required=True)
-    f = dsub.add_parser("fetch-mp", help="download Materials Project XAS documents (needs MP_API_KEY)")
+    f = dsub.add_parser(
+        "fetch-mp", help="download Materials Project XAS documents (needs MP_API_KEY)"
+    )
     f.add_argument("--element", required=True)
     f.add_argument("--edge", default="K")
     f.add_argument("--out", required=True, help="JSON file to write")

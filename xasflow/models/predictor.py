@@ -122,9 +122,7 @@ class Predictor:
     def run(self, x: np.ndarray) -> dict[str, list[Any]]:
         """Raw ONNX outputs per task for a batch of model inputs ``x`` (float32, (n, width))."""
         m = self.manifest
-        return {
-            name: sess.run(None, {m.input_name: x}) for name, sess in self._sessions.items()
-        }
+        return {name: sess.run(None, {m.input_name: x}) for name, sess in self._sessions.items()}
 
     def predict(self, spectrum: Spectrum) -> Prediction:
         """Prepare and predict one spectrum."""

@@ -282,7 +282,9 @@ def build_mp_dataset(
         try:
             poscar = _structure_poscar(rec.structure)
         except Exception as exc:
-            issues.append(ReadIssue(rec.spectrum_id, "bad_structure", f"{type(exc).__name__}: {exc}"))
+            issues.append(
+                ReadIssue(rec.spectrum_id, "bad_structure", f"{type(exc).__name__}: {exc}")
+            )
             continue
         sites = (
             (rec.absorbing_index,)
@@ -315,7 +317,9 @@ def build_mp_dataset(
         site = sites[0] if len(sites) == 1 else -1
         rows.append(((rec.material_id, site), int(sum(weights)), True, spectrum, lab))
     if not rows:
-        raise DatasetError(f"no usable labelled {element} spectra in {path}: {Counter(i.reason for i in issues)}")
+        raise DatasetError(
+            f"no usable labelled {element} spectra in {path}: {Counter(i.reason for i in issues)}"
+        )
     return _assemble(element, "K", str(path), fingerprint_path(path), rows, issues)
 
 
@@ -357,7 +361,9 @@ def build_reference_dataset(table: str | Path) -> Dataset:
         reader = csv.DictReader(fh)
         missing = {"file", "element"} - set(reader.fieldnames or [])
         if missing:
-            raise DatasetError(f"{table}: missing columns {sorted(missing)}; need {REFERENCE_COLUMNS}")
+            raise DatasetError(
+                f"{table}: missing columns {sorted(missing)}; need {REFERENCE_COLUMNS}"
+            )
         entries = list(reader)
     motif_index = {name: i for i, (_, name) in enumerate(L.MOTIFS)}
     rows: list[tuple] = []

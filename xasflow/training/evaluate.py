@@ -89,7 +89,9 @@ def _score(
         if not keep.any():
             continue
         base_rows = train_rows[valid[train_rows]] if train_rows is not None else rows[keep]
-        tasks[name] = evaluate_task(name, kind, pred[name][keep], target[rows][keep], target[base_rows])
+        tasks[name] = evaluate_task(
+            name, kind, pred[name][keep], target[rows][keep], target[base_rows]
+        )
         preds[name] = pred[name][keep]
         truths[name] = target[rows][keep]
     return tasks, preds, truths

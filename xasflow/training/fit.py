@@ -74,8 +74,14 @@ class TrainConfig(BaseModel):
     )
     grid: dict[str, list[dict[str, Any]]] = Field(
         default_factory=lambda: {
-            "classifier": [{"max_features": 0.2, "min_samples_leaf": 1}, {"max_features": 0.05, "min_samples_leaf": 1}],
-            "regressor": [{"max_features": 0.3, "min_samples_leaf": 2}, {"max_features": 0.1, "min_samples_leaf": 2}],
+            "classifier": [
+                {"max_features": 0.2, "min_samples_leaf": 1},
+                {"max_features": 0.05, "min_samples_leaf": 1},
+            ],
+            "regressor": [
+                {"max_features": 0.3, "min_samples_leaf": 2},
+                {"max_features": 0.1, "min_samples_leaf": 2},
+            ],
             "multi_regressor": [{"max_features": 0.3, "min_samples_leaf": 2}],
         }
     )
@@ -127,7 +133,10 @@ def task_targets(ds: Dataset, rows: np.ndarray) -> dict[str, tuple[str, np.ndarr
     bvs = ds.bvs[rows]
     motif_ok = np.all(np.isfinite(motif), axis=1)
     top_motif = np.array(
-        [MOTIF_NAMES[i] if ok else "" for i, ok in zip(np.argmax(np.nan_to_num(motif), axis=1), motif_ok, strict=True)]
+        [
+            MOTIF_NAMES[i] if ok else ""
+            for i, ok in zip(np.argmax(np.nan_to_num(motif), axis=1), motif_ok, strict=True)
+        ]
     )
     return {
         "cn": ("classifier", cn, cn > 0),
@@ -135,7 +144,11 @@ def task_targets(ds: Dataset, rows: np.ndarray) -> dict[str, tuple[str, np.ndarr
         # argmax of the regressed vector); the ranked label set comes from "motifs"
         "environment": ("classifier", top_motif, motif_ok),
         "motifs": ("multi_regressor", motif, motif_ok),
-        "valence": ("classifier", np.nan_to_num(valence, nan=-99).astype(int), np.isfinite(valence)),
+        "valence": (
+            "classifier",
+            np.nan_to_num(valence, nan=-99).astype(int),
+            np.isfinite(valence),
+        ),
         "distance": ("regressor", distance, np.isfinite(distance)),
         "charge": ("regressor", bvs, np.isfinite(bvs)),
     }
@@ -217,8 +230,13 @@ def _primary(name: str, kind: str, metrics: dict[str, Any]) -> float:
 
 
 def region_importance(
-    fit: TaskFit, y_grid: np.ndarray, target: np.ndarray, y_train_target: np.ndarray,
-    mean_curve: np.ndarray, cfg: TrainConfig, matrix: np.ndarray,
+    fit: TaskFit,
+    y_grid: np.ndarray,
+    target: np.ndarray,
+    y_train_target: np.ndarray,
+    mean_curve: np.ndarray,
+    cfg: TrainConfig,
+    matrix: np.ndarray,
 ) -> dict[str, float]:
     """Drop-region importance: score lost when a region (or a pair) is replaced by the mean curve.
 
@@ -226,13 +244,19 @@ def region_importance(
     without retraining (TRIXS retrained per region; occlusion measures the deployed model).
     """
     grid = cfg.prep.grid
-    base = _primary(fit.name, fit.kind, evaluate_task(
-        fit.name, fit.kind, fit.estimator.predict(featurize(y_grid, cfg.features, cfg.prep, matrix)),
-        target, y_train_target))
+    base = _primary(
+        fit.name,
+        fit.kind,
+        evaluate_task(
+            fit.name,
+            fit.kind,
+            fit.estimator.predict(featurize(y_grid, cfg.features, cfg.prep, matrix)),
+            target,
+            y_train_target,
+        ),
+    )
     names = list(cfg.regions)
-    combos = [(n,) for n in names] + [
-        (a, b) for i, a in enumerate(names) for b in names[i + 1 :]
-    ]
+    combos = [(n,) for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     out: dict[str, float] = {}
     for combo in combos:
         mask = np.zeros(grid.size, bool)
@@ -244,7 +268,9 @@ def region_importance(
         occluded = y_grid.copy()
         occluded[:, mask] = mean_curve[mask]
         pred = fit.predict(featurize(occluded, cfg.features, cfg.prep, matrix))
-        score = _primary(fit.name, fit.kind, evaluate_task(fit.name, fit.kind, pred, target, y_train_target))
+        score = _primary(
+            fit.name, fit.kind, evaluate_task(fit.name, fit.kind, pred, target, y_train_target)
+        )
         out[" + ".join(combo)] = float(base - score)
     return out
 
@@ -262,7 +288,9 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def train(ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: Any = print) -> TrainResult:
+def train(
+    ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: Any = print
+) -> TrainResult:
     """Grid, split, select hyper-parameters on validation, refit on train+val, score on test."""
     t0 = time.perf_counter()
     g = grid_dataset(ds, cfg.prep)
@@ -293,7 +321,9 @@ def train(ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: An
             y = y[:, columns]
         if len(candidates) > 1 and len(va):
             for params in candidates:
-                n_sel = min(cfg.selection_estimators, cfg.task_estimators.get(name, cfg.n_estimators))
+                n_sel = min(
+                    cfg.selection_estimators, cfg.task_estimators.get(name, cfg.n_estimators)
+                )
                 est = make_estimator(kind, params, cfg, name, n_sel).fit(X[tr], y[tr])
                 score = _score(kind, est, X[va], y[va])
                 log(f"  {name}: {params} -> validation {score:.4f}")
@@ -318,9 +348,15 @@ def train(ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: An
             name=name, kind=kind, estimator=est, params=best[1], val_score=best[0], columns=columns
         )
         y = y_full
-        fit.classes = [c.item() if hasattr(c, "item") else c for c in est.classes_] if kind == "classifier" else None
+        fit.classes = (
+            [c.item() if hasattr(c, "item") else c for c in est.classes_]
+            if kind == "classifier"
+            else None
+        )
         fit.metrics = evaluate_task(name, kind, fit.predict(X[te]), y[te], y[fit_rows])
-        fit.region_importance = region_importance(fit, g.y[te], y[te], y[fit_rows], mean_curve, cfg, matrix)
+        fit.region_importance = region_importance(
+            fit, g.y[te], y[te], y[fit_rows], mean_curve, cfg, matrix
+        )
         fits[name] = fit
         timings[name] = time.perf_counter() - t1
         log(f"{name}: {_summary(fit.metrics)} ({timings[name]:.0f} s)")
@@ -336,7 +372,10 @@ def _code_version() -> str:
     """Package version plus the git commit when run from a checkout."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -83,7 +83,9 @@ def mean_baseline_mae(y_train: Sequence, y_test: Sequence) -> float:
     return mae(y_test, np.full(len(y_test), float(np.mean(np.asarray(y_train, float)))))
 
 
-def ranking_from_scores(scores: np.ndarray, names: Sequence[str], threshold: float) -> list[tuple[str, ...]]:
+def ranking_from_scores(
+    scores: np.ndarray, names: Sequence[str], threshold: float
+) -> list[tuple[str, ...]]:
     """Per row, the names whose score reaches ``threshold``, highest first (the top one always)."""
     out = []
     for row in np.atleast_2d(scores):

@@ -56,11 +56,17 @@ def _parity_png(path: Path, title: str, truth: np.ndarray, pred: np.ndarray, met
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.scatter(truth, pred, s=6, alpha=0.4)
-    lo, hi = float(np.nanmin([truth.min(), pred.min()])), float(np.nanmax([truth.max(), pred.max()]))
+    lo, hi = (
+        float(np.nanmin([truth.min(), pred.min()])),
+        float(np.nanmax([truth.max(), pred.max()])),
+    )
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel(f"true {title}")
     ax.set_ylabel(f"predicted {title}")
-    ax.set_title(f"MAE {metrics['mae']:.3f} (mean baseline {metrics['baseline_mae']:.3f}), R² {metrics['r2']:.2f}", fontsize=9)
+    ax.set_title(
+        f"MAE {metrics['mae']:.3f} (mean baseline {metrics['baseline_mae']:.3f}), R² {metrics['r2']:.2f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -109,7 +115,11 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
                 base = m.get(f"baseline_{key}", "")
                 lines.append(f"| {name} | {key} | {_fmt(m[key])} | {_fmt(base)} |")
     if ev.material_average:
-        lines += ["", "Site-averaged spectra of whole test materials (what an experiment sees):", ""]
+        lines += [
+            "",
+            "Site-averaged spectra of whole test materials (what an experiment sees):",
+            "",
+        ]
         lines += ["| task | metric | value | baseline |", "|---|---|---|---|"]
         for name, m in ev.material_average.items():
             for key in ("accuracy", "jaccard", "mae"):
@@ -120,14 +130,21 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
     for name, m in ev.tasks.items():
         if "confusion" in m:
             png = f"confusion_{name}.png"
-            _confusion_png(out / png, _LABELS.get(name, name), m["confusion"]["classes"], m["confusion"]["matrix"])
+            _confusion_png(
+                out / png,
+                _LABELS.get(name, name),
+                m["confusion"]["classes"],
+                m["confusion"]["matrix"],
+            )
             lines += ["", f"## {_LABELS.get(name, name)}", "", f"![{name}]({png})"]
             if "f1_per_class" in m:
                 per = ", ".join(f"{k}: {v:.2f}" for k, v in m["f1_per_class"].items())
                 lines += ["", f"F1 per class: {per}"]
         elif "mae" in m and name in ev.predictions:
             png = f"parity_{name}.png"
-            _parity_png(out / png, _LABELS.get(name, name), ev.truths[name], ev.predictions[name], m)
+            _parity_png(
+                out / png, _LABELS.get(name, name), ev.truths[name], ev.predictions[name], m
+            )
             lines += ["", f"## {_LABELS.get(name, name)}", "", f"![{name}]({png})"]
     if any(t.region_importance for t in manifest.tasks.values()):
         _regions_png(out / "regions.png", manifest)
@@ -140,10 +157,15 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
             "",
             "![regions](regions.png)",
             "",
-            "regions: " + ", ".join(f"{k} {lo:g}…{hi:g} eV" for k, (lo, hi) in manifest.regions.items()),
+            "regions: "
+            + ", ".join(f"{k} {lo:g}…{hi:g} eV" for k, (lo, hi) in manifest.regions.items()),
         ]
     if ev.issues:
-        lines += ["", "Items not scored, by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(ev.issues.items()))]
+        lines += [
+            "",
+            "Items not scored, by reason: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(ev.issues.items())),
+        ]
     lines += ["", CITATION, ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
