@@ -126,6 +126,30 @@ def vote(predictions: list[Prediction]) -> str | None:
     return max(sorted(total), key=lambda k: total[k])
 
 
+def measure_and_predict(
+    out: RunResult,
+    predictor: Predictor,
+    model: BeamlineModel,
+    energies: np.ndarray,
+    dwells: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[Prediction | None, Spectrum]:
+    """Measure one spectrum, count its points and time in ``out``, and predict it (None and
+    the reason recorded when it cannot be predicted)."""
+    spec = measure(model, energies, dwells, rng)
+    out.points += energies.size
+    out.seconds += float(dwells.sum())
+    out.spectra += 1
+    try:
+        pred = predictor.predict(spec)
+    except SpectrumError as exc:
+        out.errors.append(exc.reason)
+        out.answers.append(None)
+        return None, spec
+    out.answers.append(str(pred.results["cn"].value))
+    return pred, spec
+
+
 def run_full(
     predictor: Predictor, model: BeamlineModel, grid: np.ndarray, n: int, dwell: float, seed: int
 ) -> RunResult:
@@ -134,18 +158,11 @@ def run_full(
     out = RunResult()
     preds: list[Prediction] = []
     for _ in range(n):
-        spec = measure(model, grid, np.full(grid.size, dwell), rng)
-        out.points += grid.size
-        out.seconds += dwell * grid.size
-        out.spectra += 1
-        try:
-            pred = predictor.predict(spec)
-        except SpectrumError as exc:
-            out.errors.append(exc.reason)
-            out.answers.append(None)
-            continue
-        preds.append(pred)
-        out.answers.append(str(pred.results["cn"].value))
+        pred, _spec = measure_and_predict(
+            out, predictor, model, grid, np.full(grid.size, dwell), rng
+        )
+        if pred is not None:
+            preds.append(pred)
     out.answer = vote(preds)
     return out
 
@@ -167,19 +184,11 @@ def run_recommended(
     energies, dwells = grid, np.full(grid.size, dwell)
     lo, hi = model.energy_range
     for _ in range(n):
-        spec = measure(model, energies, dwells, rng)
-        out.points += energies.size
-        out.seconds += float(dwells.sum())
-        out.spectra += 1
-        try:
-            pred = predictor.predict(spec)
-        except SpectrumError as exc:
-            out.errors.append(exc.reason)
-            out.answers.append(None)
+        pred, spec = measure_and_predict(out, predictor, model, energies, dwells, rng)
+        if pred is None:
             energies, dwells = grid, np.full(grid.size, dwell)  # no advice: fall back to full
             continue
         preds.append(pred)
-        out.answers.append(str(pred.results["cn"].value))
         rec = tracker.update("run", predictor.manifest, pred, spec)
         if rec.stop_early:
             out.stopped_early = True

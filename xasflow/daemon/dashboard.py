@@ -60,6 +60,8 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from xasflow.daemon.documents import finite_number
+
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
@@ -105,15 +107,6 @@ _SECURITY_HEADERS = {
 }
 
 
-def _num(value: Any) -> float | None:
-    """A finite float, else None (JSON has no NaN)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 class _Numbers(list):  # type: ignore[type-arg]
     """A list already JSON-safe (from :func:`_series`): :func:`_clean` passes it through."""
 
@@ -133,7 +126,7 @@ def _clean(value: Any) -> Any:
     if isinstance(value, int | np.integer):
         return int(value)
     if isinstance(value, float | np.floating):
-        return _num(value)
+        return finite_number(value)
     return str(value)
 
 
@@ -263,7 +256,7 @@ class _Run:
 
 
 def _nan(value: Any) -> float:
-    v = _num(value)
+    v = finite_number(value)
     return math.nan if v is None else v
 
 
@@ -413,7 +406,7 @@ class Dashboard:
             if run is not None:
                 run.exit_status = doc.get("exit_status")
                 run.reason = str(doc.get("reason") or "")
-                run.ended = _num(doc.get("time"))
+                run.ended = finite_number(doc.get("time"))
 
     def _start(self, doc: dict[str, Any]) -> None:
         raw_uid = str(doc.get("raw_uid") or doc.get("uid"))
@@ -425,7 +418,7 @@ class Dashboard:
             bundle_id=doc.get("bundle_id"),
             scan_id=doc.get("raw_scan_id"),
             plan_name=doc.get("raw_plan_name"),
-            started=_num(doc.get("time")),
+            started=finite_number(doc.get("time")),
         )
         sample = doc.get("raw_sample_name")
         if not sample:  # best effort: the raw start, while the pipeline still holds the run
@@ -459,7 +452,7 @@ class Dashboard:
                     "index": data.get("index"),
                     "reason": data.get("reason"),
                     "detail": data.get("detail"),
-                    "time": _num(doc.get("time")),
+                    "time": finite_number(doc.get("time")),
                 }
         elif stream == "recommendations":
             run.recommendation = data

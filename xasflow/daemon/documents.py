@@ -31,8 +31,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from event_model import compose_run
-
 from xasflow import __version__
 from xasflow.models.predictor import Prediction
 
@@ -42,6 +40,8 @@ __all__ = [
     "DATA_KEYS",
     "AnalysisRun",
     "Doc",
+    "data_key",
+    "finite_number",
     "ok_row",
     "rejected_row",
 ]
@@ -53,7 +53,8 @@ CODE_VERSION = f"xasflow {__version__}"
 _SOURCE = "xasflow"
 
 
-def _key(dtype: str, description: str, units: str | None = None) -> dict[str, Any]:
+def data_key(dtype: str, description: str, units: str | None = None) -> dict[str, Any]:
+    """An event-model data key of a scalar in an analysis run (any of its streams)."""
     key: dict[str, Any] = {
         "source": _SOURCE,
         "dtype": dtype,
@@ -67,27 +68,27 @@ def _key(dtype: str, description: str, units: str | None = None) -> dict[str, An
 
 #: The analysis descriptor's data keys (dtype "string" for JSON-encoded structures).
 DATA_KEYS: dict[str, dict[str, Any]] = {
-    "index": _key("integer", "spectrum index in the raw run (-1: not a spectrum)"),
-    "status": _key("string", "'ok' (analysed) or 'rejected'"),
-    "reason": _key("string", "why the spectrum was rejected ('' when ok)"),
-    "detail": _key("string", "human-readable detail of a rejection"),
-    "flags": _key("string", "comma-separated quality flags"),
-    "element": _key("string", "absorbing element"),
-    "edge": _key("string", "absorption edge"),
-    "bundle_id": _key("string", "model bundle that made the prediction"),
-    "cn": _key("integer", "predicted dominant coordination number"),
-    "cn_probability": _key("number", "probability of the predicted coordination number"),
-    "cn_probabilities": _key("string", "JSON object: coordination number -> probability"),
-    "motif": _key("string", "top-ranked coordination motif"),
-    "motif_ranking": _key("string", "JSON list of [motif, score], best first"),
-    "distance": _key("number", "predicted mean nearest-neighbour distance", "angstrom"),
-    "valence": _key("integer", "predicted oxidation state"),
-    "valence_probability": _key("number", "probability of the predicted oxidation state"),
-    "charge": _key("number", "predicted charge (bond-valence sum)", "e"),
-    "e0": _key("number", "edge energy E0 found in the (aligned) spectrum", "eV"),
-    "edge_step": _key("number", "edge step of mu used for normalisation"),
-    "energy_shift": _key("number", "shift applied by reference-foil alignment", "eV"),
-    "latency_ms": _key("number", "raw event time to result, milliseconds", "ms"),
+    "index": data_key("integer", "spectrum index in the raw run (-1: not a spectrum)"),
+    "status": data_key("string", "'ok' (analysed) or 'rejected'"),
+    "reason": data_key("string", "why the spectrum was rejected ('' when ok)"),
+    "detail": data_key("string", "human-readable detail of a rejection"),
+    "flags": data_key("string", "comma-separated quality flags"),
+    "element": data_key("string", "absorbing element"),
+    "edge": data_key("string", "absorption edge"),
+    "bundle_id": data_key("string", "model bundle that made the prediction"),
+    "cn": data_key("integer", "predicted dominant coordination number"),
+    "cn_probability": data_key("number", "probability of the predicted coordination number"),
+    "cn_probabilities": data_key("string", "JSON object: coordination number -> probability"),
+    "motif": data_key("string", "top-ranked coordination motif"),
+    "motif_ranking": data_key("string", "JSON list of [motif, score], best first"),
+    "distance": data_key("number", "predicted mean nearest-neighbour distance", "angstrom"),
+    "valence": data_key("integer", "predicted oxidation state"),
+    "valence_probability": data_key("number", "probability of the predicted oxidation state"),
+    "charge": data_key("number", "predicted charge (bond-valence sum)", "e"),
+    "e0": data_key("number", "edge energy E0 found in the (aligned) spectrum", "eV"),
+    "edge_step": data_key("number", "edge step of mu used for normalisation"),
+    "energy_shift": data_key("number", "shift applied by reference-foil alignment", "eV"),
+    "latency_ms": data_key("number", "raw event time to result, milliseconds", "ms"),
 }
 
 _EXIT = {"success": "success", "abort": "abort", "fail": "fail"}
@@ -101,7 +102,8 @@ def _as_int(value: Any) -> int | None:
     return int(as_float) if math.isfinite(as_float) and as_float == int(as_float) else None
 
 
-def _num(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A finite float, else None (documents and JSON have no NaN)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -133,10 +135,10 @@ def ok_row(
         element=prediction.element,
         edge=prediction.edge,
         bundle_id=prediction.bundle_id,
-        e0=_num(prediction.e0),
-        edge_step=_num(prediction.edge_step),
-        energy_shift=_num(energy_shift),
-        latency_ms=_num(latency_ms),
+        e0=finite_number(prediction.e0),
+        edge_step=finite_number(prediction.edge_step),
+        energy_shift=finite_number(energy_shift),
+        latency_ms=finite_number(latency_ms),
     )
     cn = res.get("cn")
     if cn is not None:
@@ -152,14 +154,14 @@ def ok_row(
         row["motif_ranking"] = json.dumps([[label, score] for label, score in motifs.ranking])
     dist = res.get("distance")
     if dist is not None:
-        row["distance"] = _num(dist.value)
+        row["distance"] = finite_number(dist.value)
     val = res.get("valence")
     if val is not None:
         row["valence"] = _as_int(val.value)
         row["valence_probability"] = val.confidence
     charge = res.get("charge")
     if charge is not None:
-        row["charge"] = _num(charge.value)
+        row["charge"] = finite_number(charge.value)
     return row
 
 
@@ -186,8 +188,8 @@ def rejected_row(
         element=element,
         edge=edge,
         bundle_id=bundle_id,
-        energy_shift=_num(energy_shift),
-        latency_ms=_num(latency_ms),
+        energy_shift=finite_number(energy_shift),
+        latency_ms=finite_number(latency_ms),
     )
     return row
 
@@ -257,6 +259,8 @@ class AnalysisRun:
         if isinstance(raw.get("plan_name"), str):
             md["raw_plan_name"] = raw["plan_name"]
         now = self.clock()
+        from event_model import compose_run  # the daemon extra; config loads without it
+
         self._bundle = compose_run(metadata=md, time=now, validate=self.validate)
         self.start_doc = dict(self._bundle.start_doc)
         desc = self._bundle.compose_descriptor(

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xasflow.daemon.documents import data_key
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Prediction
 from xasflow.spectra import Spectrum, SpectrumError, edge_energy, find_e0
@@ -84,7 +85,6 @@ __all__ = [
 ]
 
 RECOMMENDATION_STREAM = "recommendations"
-_SOURCE = "xasflow"
 _PRE_EDGE_NAME = "pre-edge line"
 _APPROACH_NAME = "approach"
 _EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
@@ -649,34 +649,22 @@ class RecommendationTracker:
 # --------------------------------------------------------------------------- documents
 
 
-def _key(dtype: str, description: str, units: str | None = None) -> dict[str, Any]:
-    key: dict[str, Any] = {
-        "source": _SOURCE,
-        "dtype": dtype,
-        "shape": [],
-        "description": description,
-    }
-    if units is not None:
-        key["units"] = units
-    return key
-
-
 #: Data keys of the ``recommendations`` stream (structures JSON-encoded as strings).
 RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
-    "index": _key("integer", "index of the raw spectrum this advice follows"),
-    "regions": _key(
+    "index": data_key("integer", "index of the raw spectrum this advice follows"),
+    "regions": data_key(
         "string", "JSON list of {name, start, stop, step, dwell, reason, importance, n_points}"
     ),
-    "waveform": _key("string", "JSON list [start, stop, step, dwell] * n (eV, eV, eV, s)"),
-    "n_points": _key("integer", "distinct energies of the recommended scan"),
-    "scan_time": _key("number", "counting time of the recommended scan", "s"),
-    "stop_early": _key("boolean", "the answer is already certain: the scan may stop"),
-    "stop_reason": _key("string", "why stopping early is safe ('' when not)"),
-    "rescan": _key("string", "JSON region to measure again with a longer dwell ('' for none)"),
-    "noise": _key("string", "JSON object: region -> noise as a fraction of the edge step"),
-    "uncertainty": _key("number", "1 - probability of the predicted coordination number"),
-    "e0": _key("number", "E0 the regions are placed around", "eV"),
-    "bundle_id": _key("string", "model bundle whose importances were used"),
+    "waveform": data_key("string", "JSON list [start, stop, step, dwell] * n (eV, eV, eV, s)"),
+    "n_points": data_key("integer", "distinct energies of the recommended scan"),
+    "scan_time": data_key("number", "counting time of the recommended scan", "s"),
+    "stop_early": data_key("boolean", "the answer is already certain: the scan may stop"),
+    "stop_reason": data_key("string", "why stopping early is safe ('' when not)"),
+    "rescan": data_key("string", "JSON region to measure again with a longer dwell ('' for none)"),
+    "noise": data_key("string", "JSON object: region -> noise as a fraction of the edge step"),
+    "uncertainty": data_key("number", "1 - probability of the predicted coordination number"),
+    "e0": data_key("number", "E0 the regions are placed around", "eV"),
+    "bundle_id": data_key("string", "model bundle whose importances were used"),
 }
 
 
