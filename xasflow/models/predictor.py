@@ -19,13 +19,24 @@ from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
 
+#: The flag a prediction carries when its spectrum lies outside what the bundle was trained on.
+OUT_OF_DOMAIN = "out_of_domain"
+
+
 @dataclass(frozen=True)
 class TaskResult:
-    """One task's answer: ``value`` plus probabilities (classifiers) or a ranking (multi-output)."""
+    """One task's answer and its doubt.
+
+    ``probabilities`` (classifiers, calibrated) or ``ranking`` (multi-output); classifiers may
+    carry a conformal ``prediction_set`` (the labels that together hold the true one with the
+    bundle's coverage, e.g. 90 %), regressors a conformal ``interval`` (low, high).
+    """
 
     value: Any
     probabilities: dict[str, float] | None = None
     ranking: list[tuple[str, float]] | None = None
+    prediction_set: list[Any] | None = None
+    interval: tuple[float, float] | None = None
 
     @property
     def confidence(self) -> float | None:
@@ -46,6 +57,12 @@ class Prediction:
     edge_step: float
     results: dict[str, TaskResult]
     flags: list[str] = field(default_factory=list)
+    ood_score: float | None = None  # higher is further from the training data; see manifest
+
+    @property
+    def out_of_domain(self) -> bool:
+        """Whether the spectrum lies outside what the bundle was trained on."""
+        return OUT_OF_DOMAIN in self.flags
 
     def __getitem__(self, task: str) -> TaskResult:
         return self.results[task]
@@ -59,6 +76,10 @@ class Prediction:
                 entry["probabilities"] = res.probabilities
             if res.ranking is not None:
                 entry["ranking"] = [[label, score] for label, score in res.ranking]
+            if res.prediction_set is not None:
+                entry["prediction_set"] = list(res.prediction_set)
+            if res.interval is not None:
+                entry["interval"] = [res.interval[0], res.interval[1]]
             tasks[name] = entry
         return {
             "bundle_id": self.bundle_id,
@@ -67,6 +88,7 @@ class Prediction:
             "e0": self.e0,
             "edge_step": self.edge_step,
             "flags": list(self.flags),
+            "ood_score": self.ood_score,
             "tasks": tasks,
         }
 
