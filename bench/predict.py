@@ -23,8 +23,9 @@ import numpy as np
 from xasflow import paths
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import featurize, linear_matrix, prepare
+from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import build_feff_dataset, fingerprint_path, label_cache_path
-from xasflow.training.fit import TrainConfig, export_bundle, train
+from xasflow.training.fit import TrainConfig, train
 
 
 def _p(values: list[float], q: float) -> float:

@@ -522,8 +522,9 @@ def find_models(models: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
     sys.path.insert(0, str(paths.REPO_ROOT / "tests"))
     from synthetic_feff import write_tree
 
+    from xasflow.training.bundle_export import export_bundle
     from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, export_bundle, train
+    from xasflow.training.fit import TrainConfig, train
 
     os.environ.setdefault("XASFLOW_CACHE", str(workdir / "cache"))
     ds = build_feff_dataset(

@@ -36,8 +36,9 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("pymatgen.core")
     from synthetic_feff import write_tree
 
+    from xasflow.training.bundle_export import export_bundle
     from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, export_bundle, train
+    from xasflow.training.fit import TrainConfig, train
 
     base = tmp_path_factory.mktemp("tiny-cu-bundle")
     tree = write_tree(base / "feff", per_type=8)

@@ -17,9 +17,11 @@ from synthetic_feff import write_tree
 from xasflow.cli import main
 from xasflow.models.bundle import BundleError, verify_bundle
 from xasflow.models.predictor import Predictor
+from xasflow.models.uncertainty import apply_temperature
 from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
+from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
-from xasflow.training.fit import TrainConfig, export_bundle, train
+from xasflow.training.fit import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +95,48 @@ def test_onnx_equals_sklearn(trained, bundle: Path) -> None:  # type: ignore[no-
     X = featurize(y, cfg.features, cfg.prep, linear_matrix(cfg.features, cfg.prep))
     raw = Predictor(bundle).run(model_input(y, cfg.features, cfg.prep))
     for name, fit in trained.tasks.items():
+        graph = raw.get(f"{name}.onnx.gz")  # a forest is exported where the task serves it
+        if graph is None:
+            continue
         if fit.kind == "classifier":
-            np.testing.assert_allclose(raw[name][1], fit.estimator.predict_proba(X), atol=1e-5)
-            assert list(raw[name][0]) == list(fit.estimator.predict(X))
+            np.testing.assert_allclose(
+                graph["probabilities"], fit.estimator.predict_proba(X), atol=1e-5
+            )
+            assert list(graph["label"]) == list(fit.estimator.predict(X))
         else:
             expected = fit.estimator.predict(X).reshape(len(test), -1)
-            np.testing.assert_allclose(np.asarray(raw[name][0]), expected, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(graph["variable"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    """The predictor's probabilities are the forest's, temperature-scaled as the manifest says;
+    classifiers carry a conformal set holding the answer, regressors an interval around it."""
+    cfg = trained.config
+    test = trained.split["test"]
+    y = trained.gridded.y[test]
+    X = featurize(y, cfg.features, cfg.prep, linear_matrix(cfg.features, cfg.prep))
+    predictor = Predictor(bundle)
+    tasks, _ = predictor.infer(model_input(y, cfg.features, cfg.prep))
+    cn_spec = predictor.manifest.tasks["cn"]
+    assert cn_spec.estimator == "extra_trees" and cn_spec.temperature is not None
+    assert cn_spec.conformal is not None and cn_spec.conformal.alpha == pytest.approx(0.1)
+    expected = apply_temperature(
+        trained.tasks["cn"].estimator.predict_proba(X), cn_spec.temperature
+    )
+    # CN decides; its probabilities are exactly the calibrated forest's
+    np.testing.assert_allclose(tasks["cn"].probabilities, expected, atol=1e-5)
+    sets = tasks["cn"].sets
+    assert sets is not None and sets[np.arange(len(test)), tasks["cn"].index].all()
+    dist = tasks["distance"]
+    assert dist.interval is not None
+    assert np.all(dist.interval[:, 0] < dist.values) and np.all(dist.values < dist.interval[:, 1])
+    # environment never contradicts CN
+    cn_values = tasks["cn"].point()
+    for cn_value, env in zip(cn_values, tasks["environment"].point(), strict=True):
+        assert env.startswith(f"CN{cn_value}-") or not any(
+            str(c).startswith(f"CN{cn_value}-")
+            for c in predictor.manifest.tasks["environment"].classes
+        )
 
 
 def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]

@@ -50,7 +50,8 @@ def _load_dataset(data: str, element: str, jobs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit every task on a dataset and export a verified bundle."""
-    from xasflow.training.fit import TrainConfig, export_bundle, train
+    from xasflow.training.bundle_export import export_bundle
+    from xasflow.training.fit import TrainConfig, train
     from xasflow.training.report import CITATION
 
     t0 = time.perf_counter()

@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from xasflow.models.batch import TaskArrays
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import model_input
+from xasflow.training import metrics as M
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset, material_average
-from xasflow.training.fit import MOTIF_NAMES, TASKS, evaluate_task, task_targets
+from xasflow.training.fit import TASKS, task_targets
+from xasflow.training.scoring import MOTIF_NAMES, evaluate_task
 from xasflow.training.split import split_rows
 
 
@@ -33,6 +36,7 @@ class Evaluation:
     truths: dict[str, np.ndarray] = field(default_factory=dict)
     material_average: dict[str, dict[str, Any]] = field(default_factory=dict)
     issues: dict[str, int] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, manifest: Manifest) -> dict[str, Any]:
         """The JSON written by ``xasflow evaluate --json``."""
@@ -46,31 +50,84 @@ class Evaluation:
             "tasks": self.tasks,
             "material_average": self.material_average,
             "issues": self.issues,
+            "ood": self.ood,
             "region_importance": {
                 name: task.region_importance for name, task in manifest.tasks.items()
             },
         }
 
 
-def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> dict[str, np.ndarray]:
-    """Per task, the bundle's point prediction for each gridded row (label or values)."""
+@dataclass
+class BatchAnswers:
+    """A bundle's answers for many gridded spectra: point predictions, the decoded tasks (with
+    probabilities, sets and intervals) and the out-of-domain scores."""
+
+    point: dict[str, np.ndarray]
+    tasks: dict[str, TaskArrays]
+    ood: np.ndarray | None
+
+
+def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> BatchAnswers:
+    """Run a bundle, as the daemon does, over gridded rows ``y``."""
     m = predictor.manifest
-    out: dict[str, list[np.ndarray]] = {name: [] for name in m.tasks}
+    parts: list[tuple[dict[str, TaskArrays], np.ndarray | None]] = []
     for start in range(0, len(y), batch):
-        raw = predictor.run(model_input(y[start : start + batch], m.features, m.prep))
-        for name, task in m.tasks.items():
-            if task.kind == "classifier":
-                probs = np.asarray(raw[name][1])
-                out[name].append(np.asarray(task.classes)[np.argmax(probs, axis=1)])
-            elif task.kind == "regressor":
-                values = np.asarray(raw[name][0])
-                out[name].append(values.reshape(values.shape[0], -1)[:, 0])
-            else:
-                values = np.asarray(raw[name][0])
-                full = np.zeros((len(values), len(MOTIF_NAMES)))
-                full[:, [MOTIF_NAMES.index(o) for o in task.outputs or []]] = values
-                out[name].append(full)
-    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in out.items()}
+        parts.append(predictor.infer(model_input(y[start : start + batch], m.features, m.prep)))
+    tasks = {name: _concat_arrays([p[0][name] for p in parts]) for name in m.tasks}
+    point: dict[str, np.ndarray] = {}
+    for name, arr in tasks.items():
+        if arr.spec.kind == "multi_regressor":
+            full = np.zeros((len(arr.values), len(MOTIF_NAMES)))
+            full[:, [MOTIF_NAMES.index(o) for o in arr.spec.outputs or []]] = arr.values
+            point[name] = full
+        else:
+            point[name] = arr.point()
+    oods = [p[1] for p in parts if p[1] is not None]
+    return BatchAnswers(point, tasks, np.concatenate(oods) if oods else None)
+
+
+def _concat_arrays(chunks: list[TaskArrays]) -> TaskArrays:
+    """Batches of one task joined row-wise."""
+
+    def cat(name: str) -> Any:
+        vals = [getattr(c, name) for c in chunks]
+        return None if any(v is None for v in vals) else np.concatenate(vals)
+
+    return TaskArrays(
+        chunks[0].spec,
+        values=cat("values"),
+        index=cat("index"),
+        probabilities=cat("probabilities"),
+        sets=cat("sets"),
+        interval=cat("interval"),
+        std=cat("std"),
+    )
+
+
+def uncertainty_metrics(
+    answers: BatchAnswers, targets: dict[str, np.ndarray], valid: dict[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """Per task ECE, conformal set coverage and size, or interval coverage and width."""
+    out: dict[str, dict[str, float]] = {}
+    for name, arr in answers.tasks.items():
+        if name not in targets:
+            continue
+        keep = valid[name]
+        truth = targets[name][keep]
+        entry: dict[str, float] = {}
+        if arr.probabilities is not None:
+            classes = [str(c) for c in arr.spec.classes or []]
+            y_index = np.array([classes.index(str(t)) if str(t) in classes else -1 for t in truth])
+            entry["ece"] = M.expected_calibration_error(arr.probabilities[keep], y_index)
+            if arr.sets is not None:
+                cov, size = M.set_coverage(arr.sets[keep], y_index)
+                entry.update(set_coverage=cov, mean_set_size=size)
+        if arr.interval is not None:
+            cov, width = M.interval_coverage(arr.interval[keep], truth)
+            entry.update(interval_coverage=cov, mean_interval_width=width)
+        if entry:
+            out[name] = entry
+    return out
 
 
 def _score(
@@ -124,9 +181,24 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         rows, train_rows = parts["test"], np.concatenate([parts["train"], parts["val"]])
     else:
         rows, train_rows = np.arange(len(sub)), None
-    pred = predict_arrays(predictor, g.y[rows])
-    tasks, preds, truths = _score(sub, rows, train_rows, pred)
+    answers = predict_arrays(predictor, g.y[rows])
+    tasks, preds, truths = _score(sub, rows, train_rows, answers.point)
     _merge_environment(tasks)
+    targets = task_targets(sub, rows)
+    doubt = uncertainty_metrics(
+        answers, {k: v[1] for k, v in targets.items()}, {k: v[2] for k, v in targets.items()}
+    )
+    for name, entry in doubt.items():
+        tasks.setdefault(name, {}).update(entry)
+    ood: dict[str, Any] = {}
+    if answers.ood is not None and m.ood is not None:
+        flagged = ~(answers.ood <= m.ood.threshold)
+        ood = {
+            "method": m.ood.method,
+            "threshold": m.ood.threshold,
+            "flagged_fraction": float(flagged.mean()),
+            "score_median": float(np.median(answers.ood)),
+        }
     issues: dict[str, int] = {}
     for issue in [*ds.issues, *g.issues]:
         issues[issue.reason] = issues.get(issue.reason, 0) + 1
@@ -139,13 +211,14 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         predictions=preds,
         truths=truths,
         issues=issues,
+        ood=ood,
     )
     if same:
         # what an experiment measures: the site average of a whole material
         test_g = Gridded(g.y[rows], g.e0[rows], g.rows[rows], [])
         avg_y, avg_ds = material_average(ds, test_g)
         if len(avg_ds):
-            avg_pred = predict_arrays(predictor, avg_y)
+            avg_pred = predict_arrays(predictor, avg_y).point
             base = ds.subset(g.rows[train_rows])
             joined = _concat(avg_ds, base)
             ev.material_average, _, _ = _score(

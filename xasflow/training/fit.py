@@ -12,21 +12,14 @@ Tasks (all from one gridded K-edge spectrum):
 
 from __future__ import annotations
 
-import datetime as dt
-import gzip
-import json
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
 
-import xasflow
-from xasflow.models.bundle import Manifest, TaskSpec, write_bundle
 from xasflow.spectra import (
     AugmentParams,
     FeatureSpec,
@@ -35,14 +28,13 @@ from xasflow.spectra import (
     featurize,
     linear_matrix,
 )
-from xasflow.training import labels as L
 from xasflow.training import metrics as M
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset
-from xasflow.training.export import to_onnx
+from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, region_importance
+from xasflow.training.served import serve_tasks
 from xasflow.training.split import split_rows
 
 TASKS = ("cn", "environment", "motifs", "valence", "distance", "charge")
-MOTIF_NAMES = [L.environment_label(i) for i in range(len(L.MOTIFS))]
 
 
 class TrainConfig(BaseModel):
@@ -90,6 +82,13 @@ class TrainConfig(BaseModel):
     weight_by_label_confidence: bool = True
     seed: int = 0
     n_jobs: int = 2
+    # deep ensembles trained beside the forest (needs torch, the ``nn`` extra); the served
+    # estimator per task is chosen on validation among the forest, these and their average
+    networks: tuple[str, ...] = ("mlp", "cnn")
+    network_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # split-conformal sets (classifiers) and intervals (regressors) at 1 - alpha coverage
+    conformal_alpha: float = 0.1
+    set_method: Literal["lac", "aps"] = "lac"
     regions: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {
             "pre-edge": (-3.5, 11.5),
@@ -180,101 +179,6 @@ def _score(kind: str, est: Any, X: np.ndarray, y: np.ndarray) -> float:
     return M.accuracy(np.argmax(y, axis=1), np.argmax(pred, axis=1))
 
 
-def evaluate_task(
-    name: str, kind: str, pred: np.ndarray, y_test: np.ndarray, y_train: np.ndarray
-) -> dict[str, Any]:
-    """Held-out metrics of one task, with the baseline each must beat."""
-    if name == "motifs":
-        true_top = [MOTIF_NAMES[i] for i in np.argmax(y_test, axis=1)]
-        pred_top = [MOTIF_NAMES[i] for i in np.argmax(pred, axis=1)]
-        train_top = [MOTIF_NAMES[i] for i in np.argmax(y_train, axis=1)]
-        true_sets = M.ranking_from_scores(y_test, MOTIF_NAMES, L.MOTIF_THRESHOLD)
-        pred_sets = M.ranking_from_scores(pred, MOTIF_NAMES, L.MOTIF_THRESHOLD)
-        modal_set = max(
-            set(M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD)),
-            key=M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD).count,
-        )
-        return {
-            "top1_accuracy": M.accuracy(true_top, pred_top),
-            "baseline_top1_accuracy": M.modal_accuracy(train_top, true_top),
-            "jaccard": M.jaccard(true_sets, pred_sets),
-            "baseline_jaccard": M.jaccard(true_sets, [modal_set] * len(true_sets)),
-            "n_test": len(y_test),
-        }
-    if kind == "classifier":
-        out: dict[str, Any] = {
-            "accuracy": M.accuracy(y_test, pred),
-            "baseline_accuracy": M.modal_accuracy(y_train, y_test),
-            "f1_macro": M.f1_macro(y_test, pred),
-            "f1_per_class": M.f1_per_class(y_test, pred),
-            "n_test": len(y_test),
-        }
-        names, cm = M.confusion(y_test, pred)
-        out["confusion"] = {"classes": names, "matrix": cm.tolist()}
-        return out
-    return {
-        "mae": M.mae(y_test, pred),
-        "r2": M.r2(y_test, pred),
-        "baseline_mae": M.mean_baseline_mae(y_train, y_test),
-        "n_test": len(y_test),
-    }
-
-
-def _primary(name: str, kind: str, metrics: dict[str, Any]) -> float:
-    """The one number a region's removal is judged by (higher is better)."""
-    if kind == "regressor":
-        return -metrics["mae"]
-    if name == "motifs":
-        return metrics["jaccard"]
-    return metrics["accuracy"]
-
-
-def region_importance(
-    fit: TaskFit,
-    y_grid: np.ndarray,
-    target: np.ndarray,
-    y_train_target: np.ndarray,
-    mean_curve: np.ndarray,
-    cfg: TrainConfig,
-    matrix: np.ndarray,
-) -> dict[str, float]:
-    """Drop-region importance: score lost when a region (or a pair) is replaced by the mean curve.
-
-    Replacing the region with the training-set mean spectrum removes the information it carries
-    without retraining (TRIXS retrained per region; occlusion measures the deployed model).
-    """
-    grid = cfg.prep.grid
-    base = _primary(
-        fit.name,
-        fit.kind,
-        evaluate_task(
-            fit.name,
-            fit.kind,
-            fit.estimator.predict(featurize(y_grid, cfg.features, cfg.prep, matrix)),
-            target,
-            y_train_target,
-        ),
-    )
-    names = list(cfg.regions)
-    combos = [(n,) for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-    out: dict[str, float] = {}
-    for combo in combos:
-        mask = np.zeros(grid.size, bool)
-        for n in combo:
-            lo, hi = cfg.regions[n]
-            mask |= (grid >= lo) & (grid < hi)
-        if not mask.any():
-            continue
-        occluded = y_grid.copy()
-        occluded[:, mask] = mean_curve[mask]
-        pred = fit.predict(featurize(occluded, cfg.features, cfg.prep, matrix))
-        score = _primary(
-            fit.name, fit.kind, evaluate_task(fit.name, fit.kind, pred, target, y_train_target)
-        )
-        out[" + ".join(combo)] = float(base - score)
-    return out
-
-
 @dataclass
 class TrainResult:
     """What training produced: fitted tasks, the split and the gridded data used."""
@@ -286,6 +190,10 @@ class TrainResult:
     dataset: Dataset
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    networks: dict[str, Any] = field(default_factory=dict)  # arch -> NetworkEnsemble
+    choices: dict[str, Any] = field(default_factory=dict)  # task -> select.Choice
+    candidate_metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    ood: Any = None  # the fitted out-of-domain scorer
 
 
 def train(
@@ -332,7 +240,8 @@ def train(
         else:
             best = (float("nan"), candidates[0])
         assert best is not None
-        fit_rows = np.concatenate([tr, va])
+        # train rows only: validation chooses the served estimator and calibrates its doubt
+        fit_rows = tr
         Xf, yf = X[fit_rows], y[fit_rows]
         if cfg.augment.copies:
             aug = augment_grid(g.y[fit_rows], cfg.prep.grid, cfg.augment, rng)
@@ -355,92 +264,24 @@ def train(
         )
         fit.metrics = evaluate_task(name, kind, fit.predict(X[te]), y[te], y[fit_rows])
         fit.region_importance = region_importance(
-            fit, g.y[te], y[te], y[fit_rows], mean_curve, cfg, matrix
+            name,
+            kind,
+            lambda yg, f=fit: f.predict(featurize(yg, cfg.features, cfg.prep, matrix)),
+            g.y[te],
+            y[te],
+            y[fit_rows],
+            mean_curve,
+            cfg,
         )
         fits[name] = fit
         timings[name] = time.perf_counter() - t1
         log(f"{name}: {_summary(fit.metrics)} ({timings[name]:.0f} s)")
-    return TrainResult(cfg, fits, parts, g, sub, time.perf_counter() - t0, timings)
+    result = TrainResult(cfg, fits, parts, g, sub, time.perf_counter() - t0, timings)
+    serve_tasks(result, targets, mean_curve, log)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def _summary(m: dict[str, Any]) -> str:
     keys = ("accuracy", "baseline_accuracy", "jaccard", "f1_macro", "mae", "baseline_mae", "r2")
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
-
-
-def _code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"xasflow {xasflow.__version__}" + (f" ({sha})" if sha else "")
-
-
-TASK_TARGETS = {
-    "cn": ("dominant coordination number (CrystalNN)", None),
-    "environment": ("top CN-motif label (Zheng et al. 2020)", None),
-    "motifs": ("CN-weighted motif order parameters; ranked above 0.05 (Zheng et al. 2020)", None),
-    "valence": ("oxidation state (pymatgen BVAnalyzer)", None),
-    "distance": ("mean first-shell neighbour distance", "angstrom"),
-    "charge": ("bond-valence sum", "valence units"),
-}
-
-
-def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> Path:
-    """Write the fitted tasks as a verified bundle (one ONNX graph per task plus manifest)."""
-    cfg, ds = result.config, result.dataset
-    matrix = linear_matrix(cfg.features, cfg.prep)
-    files: dict[str, bytes] = {}
-    specs: dict[str, TaskSpec] = {}
-    for name, fit in result.tasks.items():
-        kind = "multi_regressor" if fit.kind == "multi_regressor" else fit.kind
-        # gzip (mtime 0: same model, same bytes): tree ensembles compress 5-10x
-        graph = to_onnx(fit.estimator, matrix, name=name)
-        files[f"{name}.onnx.gz"] = gzip.compress(graph, compresslevel=6, mtime=0)
-        target, unit = TASK_TARGETS[name]
-        metrics = {k: float(v) for k, v in fit.metrics.items() if isinstance(v, (int, float))}
-        specs[name] = TaskSpec(
-            kind=kind,
-            file=f"{name}.onnx.gz",
-            target=target,
-            classes=fit.classes,
-            outputs=[MOTIF_NAMES[c] for c in fit.columns] if fit.columns is not None else None,
-            unit=unit,
-            threshold=L.MOTIF_THRESHOLD if name == "motifs" else None,
-            metrics=metrics,
-            region_importance=fit.region_importance,
-        )
-    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    manifest = Manifest(
-        bundle_id=f"{ds.element.lower()}-{ds.edge.lower()}-{created:%Y%m%dT%H%M%SZ}-{ds.fingerprint[:8]}",
-        element=ds.element,
-        edge=ds.edge,
-        created=created.isoformat(),
-        code_version=_code_version(),
-        prep=cfg.prep,
-        features=cfg.features,
-        input_width=cfg.prep.n_points + cfg.features.n_scalars(),
-        tasks=specs,
-        regions=cfg.regions,
-        training={
-            "source": ds.source,
-            "fingerprint": ds.fingerprint,
-            "n_spectra": len(ds),
-            "n_materials": ds.n_materials,
-            "split_salt": cfg.split_salt,
-            "test_fraction": cfg.test_fraction,
-            "val_fraction": cfg.val_fraction,
-            "config": json.loads(cfg.model_dump_json()),
-            "hyperparameters": {n: f.params for n, f in result.tasks.items()},
-            "seconds": round(result.seconds, 1),
-            "citation": citation,
-        },
-    )
-    return write_bundle(out, manifest, files)

@@ -1,0 +1,169 @@
+"""Decoding a batch of graph outputs into calibrated answers with their conformal doubt.
+
+Pure numpy on the arrays onnxruntime returned, vectorised over the batch: members averaged,
+classifier probabilities temperature-scaled, conformal sets and intervals from the manifest's
+fitted quantiles, CN and CN-motif decoded consistently. Training's evaluation and the daemon
+both go through here, so the figures a bundle reports are those it serves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
+from xasflow.models.results import TaskResult
+from xasflow.models.uncertainty import apply_temperature, conformal_interval, conformal_sets
+
+_CN_OF_LABEL = re.compile(r"^CN(\d+)-")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python scalars (for JSON and equality)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclass
+class TaskArrays:
+    """One task's answers for a batch of n spectra.
+
+    ``index`` is the chosen class per row (classifiers), ``values`` the point prediction
+    (regressors: (n,); multi-output: (n, k)); ``sets`` (n, K) bool and ``interval`` (n, 2)
+    carry the conformal doubt when the bundle was calibrated.
+    """
+
+    spec: TaskSpec
+    values: np.ndarray
+    index: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    sets: np.ndarray | None = None
+    interval: np.ndarray | None = None
+    std: np.ndarray | None = None
+    lead: list[str | None] | None = None  # multi-output: label to rank first (consistency)
+
+    def point(self) -> np.ndarray:
+        """The point prediction per row: class labels, values, or the (n, k) score matrix."""
+        if self.index is not None:
+            return np.asarray(self.spec.classes, dtype=object)[self.index]
+        return self.values
+
+    def result(self, i: int) -> TaskResult:
+        """Row ``i`` as a :class:`TaskResult`."""
+        spec = self.spec
+        if self.index is not None and self.probabilities is not None:
+            classes = spec.classes or []
+            probs = self.probabilities[i]
+            chosen = None
+            if self.sets is not None:
+                chosen = [_plain(c) for c, keep in zip(classes, self.sets[i], strict=True) if keep]
+            return TaskResult(
+                value=_plain(classes[int(self.index[i])]),
+                probabilities={str(c): float(p) for c, p in zip(classes, probs, strict=True)},
+                prediction_set=chosen,
+            )
+        if spec.kind == "regressor":
+            interval = None
+            if self.interval is not None:
+                interval = (float(self.interval[i, 0]), float(self.interval[i, 1]))
+            return TaskResult(value=float(self.values[i]), interval=interval)
+        row = self.values[i]
+        names = spec.outputs or [str(k) for k in range(row.size)]
+        order = np.argsort(-row, kind="stable")
+        thr = spec.threshold if spec.threshold is not None else -np.inf
+        ranking = [(names[k], float(row[k])) for k in order if row[k] >= thr]
+        lead = self.lead[i] if self.lead is not None else None
+        if lead is not None and lead in names:
+            ranking = [(lead, float(row[names.index(lead)]))] + [r for r in ranking if r[0] != lead]
+        top = ranking[0][0] if ranking else names[int(order[0])]
+        return TaskResult(value=top, ranking=ranking)
+
+
+def _mean_output(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray:
+    """Members' outputs averaged, as float64 (n, width)."""
+    outs = [np.asarray(raw[m.file][m.output], dtype=np.float64) for m in spec.graph_members()]
+    return np.mean([o.reshape(n, -1) for o in outs], axis=0)
+
+
+def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray | None:
+    """Deep-ensemble spread of a regressor (mean of members' std outputs), if any member has one."""
+    stds = [
+        np.asarray(raw[m.file][m.std_output], dtype=np.float64).reshape(n, -1)[:, 0]
+        for m in spec.graph_members()
+        if m.std_output
+    ]
+    return np.mean(stds, axis=0) if stds else None
+
+
+def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> TaskArrays:
+    """One task's batch from the raw graph outputs."""
+    mean = _mean_output(raw, spec, n)
+    conf: ConformalSpec | None = spec.conformal
+    if spec.kind == "classifier":
+        probs = np.clip(mean, 0.0, None)
+        probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        if spec.temperature is not None:
+            probs = apply_temperature(probs, spec.temperature)
+        sets = conformal_sets(probs, conf.qhat, conf.method) if conf is not None else None
+        return TaskArrays(
+            spec, values=probs, index=np.argmax(probs, axis=1), probabilities=probs, sets=sets
+        )
+    if spec.kind == "regressor":
+        values = mean[:, 0]
+        std = _spread(raw, spec, n)
+        interval = None
+        if conf is not None:
+            scale = std if conf.method == "scaled" else None
+            lo, hi = conformal_interval(values, conf.qhat, scale)
+            interval = np.column_stack([lo, hi])
+        return TaskArrays(spec, values=values, interval=interval, std=std)
+    return TaskArrays(spec, values=mean)
+
+
+def _label_cn(label: Any) -> int | None:
+    match = _CN_OF_LABEL.match(str(label))
+    return int(match.group(1)) if match else None
+
+
+def make_consistent(tasks: dict[str, TaskArrays]) -> None:
+    """The CN-motif label (and the motif ranking's head) follow the CN answer.
+
+    CN is the better-measured task, so it decides; the environment answer becomes its most
+    probable label of that CN (kept in its prediction set), and the ranking of motifs leads
+    with it. Rows where no label of that CN exists keep their answers.
+    """
+    cn, env = tasks.get("cn"), tasks.get("environment")
+    if cn is None or env is None or env.probabilities is None or cn.index is None:
+        return
+    env_cn = np.array(
+        [_label_cn(c) if _label_cn(c) is not None else -1 for c in env.spec.classes or []]
+    )
+    cn_values = np.asarray([_plain(c) for c in cn.spec.classes or []])[cn.index]
+    allowed = env_cn[None, :] == np.asarray(cn_values, dtype=np.int64)[:, None]
+    masked = np.where(allowed, env.probabilities, -1.0)
+    best = np.argmax(masked, axis=1)
+    has = allowed.any(axis=1)
+    assert env.index is not None
+    env.index = np.where(has, best, env.index)
+    if env.sets is not None:
+        env.sets[np.arange(len(best)), env.index] = True
+    motifs = tasks.get("motifs")
+    if motifs is not None:
+        labels = env.point()
+        motifs.lead = [str(label) for label in labels]
+
+
+def decode_batch(
+    manifest: Manifest, raw: dict[str, dict[str, np.ndarray]]
+) -> tuple[dict[str, TaskArrays], np.ndarray | None]:
+    """Every task of ``manifest`` decoded from ``raw`` (file -> output -> array), and OOD scores."""
+    first = next(iter(raw.values()))
+    n = int(next(iter(first.values())).shape[0])
+    tasks = {name: decode_task(spec, raw, n) for name, spec in manifest.tasks.items()}
+    make_consistent(tasks)
+    ood = None
+    if manifest.ood is not None:
+        ood = np.asarray(raw[manifest.ood.file][manifest.ood.output], dtype=np.float64).reshape(n)
+    return tasks, ood

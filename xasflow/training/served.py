@@ -1,0 +1,168 @@
+"""After the forests: train the deep ensembles, choose what each task serves, calibrate it.
+
+``serve_tasks`` runs at the end of :func:`xasflow.training.fit.train`. Networks are trained
+on the same prepared input ``x`` the bundle graphs receive (the one preprocessing path) and
+the same material-grouped split; each task then serves the forest, a network ensemble or
+their average, whichever scores best on validation, with its doubt calibrated there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from xasflow.spectra import featurize, linear_matrix, model_input
+from xasflow.training.scoring import evaluate_task, primary_score, region_importance
+from xasflow.training.select import (
+    FOREST,
+    BaseOutputs,
+    average,
+    candidates,
+    choose_task,
+    forest_outputs,
+    network_outputs,
+    point_of,
+)
+
+Targets = dict[str, tuple[str, np.ndarray, np.ndarray]]
+
+
+def network_targets(result: Any, targets: Targets) -> dict[str, Any]:
+    """The networks' targets: the forests' classes and motif columns, rows masked alike."""
+    from xasflow.training.nn import TaskTarget
+
+    cfg, sub = result.config, result.dataset
+    out: dict[str, Any] = {}
+    for name, fit in result.tasks.items():
+        kind, y, valid = targets[name]
+        weight = None
+        if kind == "multi_regressor":
+            y = np.nan_to_num(y[:, fit.columns])
+        elif kind == "classifier":
+            valid = valid & np.isin(y.astype(str), [str(c) for c in fit.classes])
+            if name == "cn" and cfg.weight_by_label_confidence:
+                weight = np.nan_to_num(np.nanmax(sub.cn_vector, axis=1), nan=0.0)
+        out[name] = TaskTarget(kind=kind, y=y, valid=valid, classes=fit.classes, weight=weight)
+    return out
+
+
+def fit_networks(result: Any, targets: Targets, x: np.ndarray, log: Any) -> dict[str, Any]:
+    """One deep ensemble per configured architecture ({} without torch or networks)."""
+    cfg = result.config
+    if not cfg.networks:
+        return {}
+    try:
+        from xasflow.training.nn import NetConfig, fit_network_ensemble
+    except ImportError as exc:
+        log(f"networks skipped: {exc} (install the nn extra for torch)")
+        return {}
+    net_targets = network_targets(result, targets)
+    nets: dict[str, Any] = {}
+    for arch in cfg.networks:
+        t0 = time.perf_counter()
+        overrides = {"seed": cfg.seed, "threads": cfg.n_jobs, **cfg.network_overrides.get(arch, {})}
+        net_cfg = NetConfig(arch=arch, **overrides)
+        nets[arch] = fit_network_ensemble(
+            x, net_targets, result.split["train"], result.split["val"], net_cfg, log=log
+        )
+        result.timings[f"networks_{arch}"] = time.perf_counter() - t0
+        log(f"{arch}: {net_cfg.members} members in {result.timings[f'networks_{arch}']:.0f} s")
+    return nets
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any = print) -> None:
+    """Fill ``result.networks``, ``result.choices`` and ``result.candidate_metrics``; the
+    served choice's test metrics and region importances replace the forest's in ``tasks``."""
+    cfg, g = result.config, result.gridded
+    matrix = linear_matrix(cfg.features, cfg.prep)
+    x = model_input(g.y, cfg.features, cfg.prep)
+    X = featurize(g.y, cfg.features, cfg.prep, matrix)
+    result.networks = fit_networks(result, targets, x, log)
+    for name, fit in result.tasks.items():
+        _serve_one(name, fit, result, targets[name], x, X, mean_curve, log)
+
+
+def _serve_one(
+    name: str,
+    fit: Any,
+    result: Any,
+    target: tuple[str, np.ndarray, np.ndarray],
+    x: np.ndarray,
+    X: np.ndarray,
+    mean_curve: np.ndarray,
+    log: Any,
+) -> None:
+    """Choose, calibrate and score one task's served estimator."""
+    cfg, g, parts = result.config, result.gridded, result.split
+    kind, y, valid = target
+    tr, va, te = (parts[k][valid[parts[k]]] for k in ("train", "val", "test"))
+
+    def expand(pred: np.ndarray) -> np.ndarray:
+        if fit.columns is None:
+            return pred
+        full = np.zeros((len(pred), y.shape[1]))
+        full[:, fit.columns] = pred
+        return full
+
+    def bases(rows: np.ndarray) -> dict[str, BaseOutputs]:
+        out = {FOREST: forest_outputs(fit, X[rows])}
+        for arch, ens in result.networks.items():
+            out[arch] = network_outputs(ens.predict_members(x[rows])[name], kind)
+        return out
+
+    def score(pred: np.ndarray) -> float:
+        return primary_score(name, kind, evaluate_task(name, kind, expand(pred), y[va], y[tr]))
+
+    choice = choose_task(
+        name, kind, fit.classes, bases(va), y[va], score, cfg.conformal_alpha, cfg.set_method
+    )
+    result.choices[name] = choice
+    per: dict[str, dict[str, Any]] = {}
+    for cand, (_, out) in candidates(bases(te)).items():
+        pred = expand(point_of(kind, out, fit.classes))
+        per[cand] = evaluate_task(name, kind, pred, y[te], y[tr])
+    result.candidate_metrics[name] = {c: _numbers(m) for c, m in per.items()}
+    fit.metrics = per[choice.estimator]
+    log(f"{name}: serves {choice.estimator} (validation {choice.selection})")
+    if choice.estimator != FOREST:
+        fit.region_importance = region_importance(
+            name,
+            kind,
+            _served_predictor(fit, choice.members, result, expand),
+            g.y[te],
+            y[te],
+            y[tr],
+            mean_curve,
+            cfg,
+        )
+
+
+def _served_predictor(
+    fit: Any, members: tuple[str, ...], result: Any, expand: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Gridded spectra -> the served choice's point predictions (for region importance)."""
+    cfg = result.config
+    matrix = linear_matrix(cfg.features, cfg.prep)
+
+    def predict(y_grid: np.ndarray) -> np.ndarray:
+        outs = []
+        for member in members:
+            if member == FOREST:
+                outs.append(forest_outputs(fit, featurize(y_grid, cfg.features, cfg.prep, matrix)))
+            else:
+                xin = model_input(y_grid, cfg.features, cfg.prep)
+                outs.append(
+                    network_outputs(
+                        result.networks[member].predict_members(xin)[fit.name], fit.kind
+                    )
+                )
+        return expand(point_of(fit.kind, average(outs), fit.classes))
+
+    return predict
