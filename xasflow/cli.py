@@ -123,17 +123,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _describe(pred: Any) -> list[str]:
+    """Human-readable lines of a prediction: each answer with its doubt."""
     lines = []
+    if pred.out_of_domain:
+        lines.append(
+            f"  OUT OF DOMAIN (score {pred.ood_score:.3g}): unlike anything this bundle was "
+            "trained on; the answers below are guesses"
+        )
     for name, res in pred.results.items():
         if res.probabilities is not None:
             top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
             probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
-            lines.append(f"  {name:12s} {res.value}  ({probs})")
+            chosen = (
+                f"  90% set {{{', '.join(map(str, res.prediction_set))}}}"
+                if res.prediction_set is not None
+                else ""
+            )
+            lines.append(f"  {name:12s} {res.value}  ({probs}){chosen}")
         elif res.ranking is not None:
             rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
             lines.append(f"  {name:12s} {res.value}  (ranking: {rank})")
         else:
-            lines.append(f"  {name:12s} {res.value:.3f}")
+            span = (
+                f"  90% interval [{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
+                if res.interval is not None
+                else ""
+            )
+            lines.append(f"  {name:12s} {res.value:.3f}{span}")
     return lines
 
 
@@ -161,8 +177,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results[name] = {"error": reason, "detail": str(exc)}
             failed += 1
             continue
+        score = "" if pred.ood_score is None else f", ood score {pred.ood_score:.3g}"
         print(
-            f"{name}: E0 {pred.e0:.1f} eV" + (f" [{', '.join(pred.flags)}]" if pred.flags else "")
+            f"{name}: E0 {pred.e0:.1f} eV{score}"
+            + (f" [{', '.join(pred.flags)}]" if pred.flags else "")
         )
         print("\n".join(_describe(pred)))
         results[name] = pred.to_dict()
