@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xasflow.spectra.channels import Mode, mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
 
 #: h*c in eV*Angstrom, to turn a monochromator angle into an energy.
@@ -193,14 +194,6 @@ def _column_names(
     )
 
 
-def _positive(x: XdiFile, name: str) -> np.ndarray:
-    values = x.column(name)
-    bad = int(np.count_nonzero(~(values > 0)))
-    if bad:
-        raise SpectrumError("bad_channel", f"{x.path}: {name} has {bad} non-positive or NaN values")
-    return values
-
-
 def _pick_mode(x: XdiFile, mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -227,14 +220,22 @@ def _require(x: XdiFile, mode: str, names: tuple[str, ...]) -> None:
         )
 
 
+def _channels(x: XdiFile, mode: Mode, i0: str, signal: str) -> np.ndarray:
+    """mu from two columns by :func:`mu_from_channels`, its errors naming the file."""
+    try:
+        return mu_from_channels(mode, x.column(i0), x.column(signal), names=(i0, signal))
+    except SpectrumError as exc:
+        raise SpectrumError(exc.reason, f"{x.path}: {exc.message}") from None
+
+
 def _mu(x: XdiFile, mode: str) -> tuple[np.ndarray, str]:
     """mu for the chosen mode, and the name of what it came from."""
     if mode in ("transmission", "fluorescence"):
         _require(x, mode, ("i0", "itrans") if mode == "transmission" else ("i0", "ifluor"))
     if mode == "transmission":
-        return np.log(_positive(x, "i0") / _positive(x, "itrans")), "ln(i0/itrans)"
+        return _channels(x, "transmission", "i0", "itrans"), "ln(i0/itrans)"
     if mode == "fluorescence":
-        return x.column("ifluor") / _positive(x, "i0"), "ifluor/i0"
+        return _channels(x, "fluorescence", "i0", "ifluor"), "ifluor/i0"
     for name in _MU_COLUMNS:
         if x.has(name):
             return x.column(name), name
@@ -244,10 +245,10 @@ def _mu(x: XdiFile, mode: str) -> tuple[np.ndarray, str]:
 def _reference(x: XdiFile) -> np.ndarray | None:
     """The reference-foil channel ln(itrans/irefer), else a murefer column, else None."""
     if x.has("irefer") and x.has("itrans"):
-        it, ir = x.column("itrans"), x.column("irefer")
-        if np.all(it > 0) and np.all(ir > 0):
-            return np.log(it / ir)
-        return None
+        try:
+            return mu_from_channels("reference", x.column("itrans"), x.column("irefer"))
+        except SpectrumError:
+            return None  # an unusable reference channel only costs the alignment
     if x.has("murefer"):
         return x.column("murefer")
     return None
@@ -261,9 +262,8 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
     ``meta["reference_mu"]`` (aligned with the sorted energies).
     """
     chosen = _pick_mode(x, mode)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu, origin = _mu(x, chosen)
-        reference = _reference(x)
+    mu, origin = _mu(x, chosen)
+    reference = _reference(x)
     energy = x.energy_ev()
     order = np.argsort(energy, kind="stable")
     energy, mu = energy[order], mu[order]

@@ -1,0 +1,174 @@
+"""Benchmark: xasflow's E0 and edge step against Larch ``pre_edge`` on the shared XDI library.
+
+Every ``*.xdi`` file of the shared XAS Data Library is read with xasflow's XDI adapter (mu from
+``mu_from_channels``), and the same energy and mu arrays go to both tools: xasflow's
+``find_e0`` + ``normalize`` (the default, Larch-consistent ``PrepParams`` and the legacy
+fixed-window one, for the before/after comparison) and Larch's ``pre_edge`` with its defaults,
+each finding its own E0. A file xasflow rejects is counted under its reason, not compared;
+``failed`` counts files that neither normalise nor are rejected with a reason (a crash, or a
+non-finite step). Needs the optional ``larch`` extra (``pip install xasflow[larch]``).
+
+    .venv/bin/python bench/normalise.py --json bench/results/normalise.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xasflow import paths
+from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
+from xasflow.spectra import PrepParams, Spectrum, SpectrumError, find_e0, normalize
+
+
+def _larch() -> tuple[Any, Any, str]:
+    try:
+        import larch
+        from larch import Group
+        from larch.xafs import pre_edge
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise SystemExit(
+            f"this benchmark needs xraylarch (pip install xasflow[larch]): {exc}"
+        ) from None
+    return pre_edge, Group, str(larch.__version__)
+
+
+def _xasflow(spectrum: Spectrum, params: PrepParams) -> tuple[float, float]:
+    e0 = find_e0(spectrum, params.e0_search)
+    return e0, normalize(spectrum, e0, params)[1]
+
+
+def _timed(fn: Any, repeat: int) -> tuple[Any, float]:
+    """Result of ``fn()`` and its best-of-``repeat`` wall time in ms."""
+    best = np.inf
+    out = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best * 1e3
+
+
+def _summary(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Agreement statistics of one xasflow variant (``key``) with Larch."""
+    ok = [r for r in rows if key in r and "larch" in r]
+    de0 = np.array([abs(r[key]["e0"] - r["larch"]["e0"]) for r in ok])
+    rel = np.array([abs(r[key]["step"] / r["larch"]["step"] - 1) for r in ok])
+    rejected = Counter(r[f"{key}_rejected"] for r in rows if f"{key}_rejected" in r)
+    failed = [r["file"] for r in rows if f"{key}_failed" in r]
+    worst = sorted(ok, key=lambda r: -abs(r[key]["step"] / r["larch"]["step"] - 1))[:5]
+    return {
+        "n_compared": len(ok),
+        "e0_abs_diff_median_ev": float(np.median(de0)),
+        "e0_abs_diff_p90_ev": float(np.percentile(de0, 90)),
+        "edge_step_rel_diff_median": float(np.median(rel)),
+        "edge_step_rel_diff_p90": float(np.percentile(rel, 90)),
+        "edge_step_rel_diff_max": float(rel.max()),
+        "within_3pct": int(np.count_nonzero(rel <= 0.03)),
+        "rejected": dict(rejected),
+        "n_rejected": int(sum(rejected.values())),
+        "failed": len(failed),
+        "failed_files": failed,
+        "worst": [
+            {"file": r["file"], "xasflow": r[key]["step"], "larch": r["larch"]["step"]}
+            for r in worst
+        ],
+        "ms": float(np.mean([r[f"{key}_ms"] for r in rows if f"{key}_ms" in r])),
+    }
+
+
+def main() -> int:
+    """Run the comparison and write the JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--library", default=str(paths.xas_data_library()))
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--repeat", type=int, default=3, help="timing repeats (best kept)")
+    args = ap.parse_args()
+    pre_edge, group, larch_version = _larch()
+
+    variants = {"xasflow": PrepParams(), "legacy": PrepParams(method="legacy")}
+    files = sorted(Path(args.library).glob("*/*.xdi"))
+    if not files:
+        raise SystemExit(f"no XDI files under {args.library}/*/")
+    rows: list[dict[str, Any]] = []
+    unreadable: Counter[str] = Counter()
+    for path in files:
+        row: dict[str, Any] = {"file": f"{path.parent.name}/{path.name}"}
+        try:
+            spectrum = xdi_to_spectrum(read_xdi(path))
+        except (SpectrumError, ValueError) as exc:
+            unreadable[getattr(exc, "reason", type(exc).__name__)] += 1
+            continue
+        rows.append(row)
+        for key, params in variants.items():
+            try:
+                (e0, step), ms = _timed(lambda p=params, s=spectrum: _xasflow(s, p), args.repeat)
+            except SpectrumError as exc:
+                row[f"{key}_rejected"] = exc.reason
+                continue
+            except Exception as exc:  # a crash is what "failed" counts
+                row[f"{key}_failed"] = repr(exc)
+                continue
+            if not (np.isfinite(step) and step > 0):
+                row[f"{key}_failed"] = f"edge step {step}"
+                continue
+            row[key] = {"e0": e0, "step": step}
+            row[f"{key}_ms"] = ms
+
+        def run_larch(s: Spectrum = spectrum) -> Any:
+            g = group(energy=s.energy, mu=s.mu)
+            pre_edge(g)
+            return g
+
+        try:
+            g, ms = _timed(run_larch, args.repeat)
+            row["larch"] = {"e0": float(g.e0), "step": float(g.edge_step)}
+            row["larch_ms"] = ms
+        except Exception as exc:  # Larch's own failures are recorded
+            row["larch_failed"] = repr(exc)
+
+    now, before = _summary(rows, "xasflow"), _summary(rows, "legacy")
+    report = {
+        "n_files": len(files),
+        "n_read": len(rows),
+        "unreadable": dict(unreadable),
+        "larch_version": larch_version,
+        "e0_abs_diff_median_ev": now["e0_abs_diff_median_ev"],
+        "edge_step_rel_diff_median": now["edge_step_rel_diff_median"],
+        "edge_step_rel_diff_p90": now["edge_step_rel_diff_p90"],
+        "failed": now["failed"],
+        "rejected": now["rejected"],
+        "xasflow_ms": now["ms"],
+        "larch_ms": float(np.mean([r["larch_ms"] for r in rows if "larch_ms" in r])),
+        "larch_failed": [r["file"] for r in rows if "larch_failed" in r],
+        "targets": {
+            "e0_abs_diff_median_ev": 0.3,
+            "edge_step_rel_diff_median": 0.03,
+            "edge_step_rel_diff_p90": 0.10,
+            "failed": 0,
+        },
+        "after": now,
+        "before_legacy": before,
+        "params": variants["xasflow"].model_dump(mode="json"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    show = ("e0_abs_diff_median_ev", "edge_step_rel_diff_median", "edge_step_rel_diff_p90")
+    for label, s in (("after", now), ("before", before)):
+        print(label, {k: round(s[k], 4) for k in show}, "rejected", s["rejected"], end=" ")
+        print("failed", s["failed"], f"{s['ms']:.3f} ms")
+    print(f"larch {report['larch_ms']:.2f} ms/spectrum, files {len(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
