@@ -26,6 +26,7 @@ _FIELD = re.compile(r"^#\s*([A-Za-z_][\w-]*\.[\w.-]+)\s*:\s?(.*)$")
 _COLUMN_FIELD = re.compile(r"^column\.(\d+)$", re.IGNORECASE)
 _MU_COLUMNS = ("mutrans", "mufluor", "mu")
 MODES = ("auto", "transmission", "fluorescence", "mu")
+_HERFD = re.compile(r"herfd|high[\s_-]*energy[\s_-]*resolution[\s_-]*fluorescence", re.IGNORECASE)
 
 
 class XdiError(ValueError):
@@ -41,6 +42,14 @@ class XdiFile:
     columns: list[str]
     data: np.ndarray
     units: tuple[str, ...] = ()
+    comments: tuple[str, ...] = ()
+
+    @property
+    def herfd(self) -> bool:
+        """Whether the file declares HERFD: "HERFD" or "high energy resolution fluorescence"
+        in a header value, a comment or the file name (no fixed XDI field exists for it)."""
+        texts = (*self.fields.values(), *self.comments, Path(self.path).name)
+        return any(_HERFD.search(t) for t in texts)
 
     def field(self, name: str, default: str | None = None) -> str | None:
         """Value of a header field, matching ``Namespace.tag`` case-insensitively."""
@@ -106,6 +115,7 @@ def read_xdi(path: str | Path) -> XdiFile:
     fields: dict[str, str] = {}
     in_fields = True
     last_comment: str | None = None
+    comments: list[str] = []
     rows: list[list[str]] = []
     first_data_line = 0
     for lineno, raw in enumerate(lines[1:], start=2):
@@ -121,12 +131,16 @@ def read_xdi(path: str | Path) -> XdiFile:
                 continue
             if body.startswith("---"):
                 in_fields = False
+                if last_comment is not None:
+                    comments.append(last_comment)
                 last_comment = None
                 continue
             match = _FIELD.match(line) if in_fields else None
             if match:
                 fields[match.group(1)] = match.group(2).strip()
             else:
+                if last_comment is not None:
+                    comments.append(last_comment)
                 last_comment = body
             continue
         if not rows:
@@ -151,7 +165,14 @@ def read_xdi(path: str | Path) -> XdiFile:
         ) from None
 
     columns, units = _column_names(path, fields, last_comment, ncols)
-    return XdiFile(path=str(path), fields=fields, columns=columns, data=data, units=units)
+    return XdiFile(
+        path=str(path),
+        fields=fields,
+        columns=columns,
+        data=data,
+        units=units,
+        comments=tuple(comments),
+    )
 
 
 def _numeric(tokens: list[str]) -> bool:
@@ -280,6 +301,8 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
         meta["sample"] = sample
     if reference is not None:
         meta["reference_mu"] = reference[order][keep]
+    if x.herfd:
+        meta["herfd"] = True  # prepare() broadens it to the conventional resolution
     temperature = x.field("Sample.temperature")
     if temperature:
         meta["temperature"] = temperature

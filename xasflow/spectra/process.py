@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import edge_fit
 
 _E0_STEP = 0.1  # eV, uniform grid used for the derivative
@@ -309,7 +310,14 @@ def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple
 
 
 def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
-    """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation."""
+    """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation.
+
+    A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
+    broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
+    """
+    fwhm = herfd_width(spectrum)
+    if fwhm is not None:
+        spectrum = broaden(spectrum, fwhm)
     if e0 is None:
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
     y, step = normalize(spectrum, e0, params)
