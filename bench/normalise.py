@@ -6,7 +6,9 @@ Every ``*.xdi`` file of the shared XAS Data Library is read with xasflow's XDI a
 fixed-window one, for the before/after comparison) and Larch's ``pre_edge`` with its defaults,
 each finding its own E0. A file xasflow rejects is counted under its reason, not compared;
 ``failed`` counts files that neither normalise nor are rejected with a reason (a crash, or a
-non-finite step). Needs the optional ``larch`` extra (``pip install xasflow[larch]``).
+non-finite step). With the shared Cu FEFF archive present it also counts the FEFF spectra
+whose normalised values leave [-2, 2] and [-5, 5] on the Cu model's grid, before and after.
+Needs the optional ``larch`` extra (``pip install xasflow[larch]``).
 
     .venv/bin/python bench/normalise.py --json bench/results/normalise.json
 """
@@ -84,12 +86,43 @@ def _summary(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
+def _feff_outliers(archive: Path) -> dict[str, Any]:
+    """How many shared Cu FEFF spectra leave [-2, 2] and [-5, 5] on the Cu model's grid
+    (``training.fit``'s window), legacy vs default normalisation, and what is rejected."""
+    from xasflow.adapters.feff import read_feff_tree
+    from xasflow.spectra import prepare
+
+    spectra = [site.to_spectrum() for site in read_feff_tree(archive, element="Cu").sites()]
+    out: dict[str, Any] = {"n_spectra": len(spectra)}
+    for key, params in (
+        ("after", PrepParams(window_stop=116.5, n_points=240)),
+        ("before_legacy", PrepParams(method="legacy", window_stop=116.5, n_points=240)),
+    ):
+        peaks, rejected = [], Counter()
+        for spectrum in spectra:
+            try:
+                peaks.append(float(np.abs(prepare(spectrum, params).y).max()))
+            except SpectrumError as exc:
+                rejected[exc.reason] += 1
+        top = np.asarray(peaks)
+        out[key] = {
+            "over_2": int(np.count_nonzero(top > 2)),
+            "over_5": int(np.count_nonzero(top > 5)),
+            "max": float(top.max()),
+            "p99": float(np.percentile(top, 99)),
+            "rejected": dict(rejected),
+        }
+    return out
+
+
 def main() -> int:
     """Run the comparison and write the JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--library", default=str(paths.xas_data_library()))
     ap.add_argument("--json", required=True)
     ap.add_argument("--repeat", type=int, default=3, help="timing repeats (best kept)")
+    ap.add_argument("--feff", default=str(paths.cu_feff_archive()), help="Cu FEFF tree")
+    ap.add_argument("--no-feff", action="store_true", help="skip the FEFF outlier count")
     args = ap.parse_args()
     pre_edge, group, larch_version = _larch()
 
@@ -160,6 +193,9 @@ def main() -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    if not args.no_feff and Path(args.feff).exists():
+        report["feff_cu"] = _feff_outliers(Path(args.feff))
+        print("FEFF Cu |y| > 2 / > 5:", {k: v for k, v in report["feff_cu"].items()})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     show = ("e0_abs_diff_median_ev", "edge_step_rel_diff_median", "edge_step_rel_diff_p90")

@@ -37,12 +37,12 @@ class EdgeFit:
 
 def _index_of(rel: np.ndarray, value: float) -> int:
     """Index of the last point at or below ``value`` (0 when all lie above), as Larch's."""
-    return max(int(np.searchsorted(rel, value, side="right")) - 1, 0)
+    return max(int(rel.searchsorted(value, side="right")) - 1, 0)
 
 
 def _index_nearest(rel: np.ndarray, value: float) -> int:
     """Index of the point nearest ``value`` (the lower one on a tie, as ``argmin``)."""
-    i = int(np.searchsorted(rel, value))
+    i = int(rel.searchsorted(value))
     if i <= 0:
         return 0
     if i >= rel.size:
@@ -50,39 +50,29 @@ def _index_nearest(rel: np.ndarray, value: float) -> int:
     return i if rel[i] - value < value - rel[i - 1] else i - 1
 
 
-def _polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
-    """Coefficients (constant first) of the least-squares polynomial in centred, scaled x.
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares line through (x, y) as (value at ``centre``, slope, ``centre``).
 
-    Returned with the centre and scale appended so :func:`_polyval` can evaluate it. A line
-    is solved in closed form and higher degrees by the normal equations on scaled x (degree
-    <= 3, well conditioned): the same fit as ``np.polyfit`` at a fraction of its overhead.
+    Closed form on centred x: the same fit as ``np.polyfit(x, y, 1)`` without its overhead
+    (this runs several times per spectrum in the daemon).
     """
-    centre = float(x.mean())
-    scale = float(max(x[-1] - centre, centre - x[0])) or 1.0
-    if degree == 0 or x.size <= degree:
-        return np.array([float(y.mean())] + [0.0] * degree + [centre, scale])
-    t = (x - centre) / scale
-    if degree == 1:
-        slope = float(t @ (y - y.mean())) / float(t @ t)
-        return np.array([float(y.mean()), slope, centre, scale])
-    powers = np.vander(t, degree + 1, increasing=True)
-    coef = np.linalg.solve(powers.T @ powers, powers.T @ y)
-    return np.concatenate((coef, [centre, scale]))
+    n = x.size
+    centre = float(x.sum()) / n
+    mean = float(y.sum()) / n
+    if n < 2:
+        return mean, 0.0, centre
+    t = x - centre
+    tt = float(t @ t)
+    return mean, (float(t @ y) / tt if tt > 0 else 0.0), centre
 
 
-def _polyval(coef: np.ndarray, at: Any) -> Any:
-    """Evaluate a :func:`_polyfit` result at ``at``."""
-    u = (at - coef[-2]) / coef[-1]
-    out = u * 0.0 + coef[-3]
-    for c in coef[-4::-1]:  # Horner
-        out = out * u + c
-    return out
-
-
-def _energy_weighted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A stretch resampled on a 1 eV grid, so a fit weighs energy rather than points."""
-    grid = np.linspace(x[0], x[-1], max(round(x[-1] - x[0]) + 1, 3))
-    return grid, np.interp(grid, x, y)
+def _energy_weights(x: np.ndarray) -> np.ndarray:
+    """Trapezoid weights: a weighted fit then weighs energy, not points (sampling-free)."""
+    w = np.empty_like(x)
+    w[1:-1] = 0.5 * (x[2:] - x[:-2])
+    w[0] = 0.5 * (x[1] - x[0])
+    w[-1] = 0.5 * (x[-1] - x[-2])
+    return w
 
 
 def default_ranges(
@@ -125,8 +115,8 @@ def edge_fit(
 ) -> tuple[np.ndarray, EdgeFit]:
     """Return (mu minus the pre-edge, the fit); the edge step is the post-edge fit at E0.
 
-    ``weighting="points"`` fits the data points as Larch does; ``"energy"`` fits the
-    post-edge resampled on 1 eV, so the step does not depend on how a scan is sampled.
+    ``weighting="points"`` fits the data points as Larch does; ``"energy"`` weighs each
+    post-edge point by the energy it spans, so the step does not depend on the sampling.
     ``tail_width`` (the core hole's Lorentzian FWHM, eV) removes the edge's own 1/E tail
     from the pre-edge data before the line is fitted, with the step of a first pass: a
     calculation keeps that tail (nothing is subtracted from it), and a line through it
@@ -160,46 +150,63 @@ def edge_fit(
     elif p2 - p1 < 5:
         nnorm = min(1, nnorm)
     x, y = rel[p1:p2], (mu - background)[p1:p2]
-    if weighting == "energy" and x.size > 1:
-        x, y = _energy_weighted(x, y)
+    w = _energy_weights(x) if weighting == "energy" and x.size > 1 else None
     if not (tail_width and tail_width > 0):
-        step = _at_zero(x, y[:, None], nnorm)[0]
+        step = _at_zero(x, y[:, None], nnorm, w)[0]
         return mu - background, EdgeFit(step, pre1, pre2, norm1, norm2, nnorm, npre, calculated)
     # The edge's own shape is taken out, by linearity of the fits: above E0 the arctan still
     # approaches 1 as 1 - width/(2 pi E), which a short post-edge range extrapolates
     # differently from a long one; below E0 its 1/E tail tilts a short pre-edge line.
     half = 0.5 * tail_width
     approach = np.arctan(x / half) / np.pi - 0.5
-    first, shape = _at_zero(x, np.column_stack((y, approach)), nnorm)
+    first, shape = _at_zero(x, np.column_stack((y, approach)), nnorm, w)
     step = first * (1.0 - shape)
     if not calculated and step > 0:
         xp = rel[q1:q2]
         tail = step * (0.5 + np.arctan(xp / half) / np.pi)
         if npre == 0:
-            background = background - float(tail.mean())
-            step += float(tail.mean())
+            shift = float(tail.sum()) / tail.size
+            background = background - shift
+            step += shift
         else:
-            coef = _polyfit(xp, tail, 1)
-            background = background - _polyval(coef, rel)
+            value, slope, centre = _line(xp, tail)
+            background = background - (value + slope * (rel - centre))
             # a post-edge polynomial of degree >= 1 reproduces this line; a constant, its mean
-            step += float(_polyval(coef, 0.0 if nnorm >= 1 else float(x.mean())))
+            wx = np.ones_like(x) if w is None else w
+            at = 0.0 if nnorm >= 1 else float(wx @ x) / float(wx.sum())
+            step += value + slope * (at - centre)
     return mu - background, EdgeFit(step, pre1, pre2, norm1, norm2, nnorm, npre, calculated)
 
 
-def _at_zero(x: np.ndarray, ys: np.ndarray, degree: int) -> np.ndarray:
-    """Least-squares polynomials of ``degree`` through each column of ``ys``, at x = 0."""
-    if degree == 0 or x.size <= degree:
-        return ys.mean(axis=0)
-    centre = float(x.mean())
+def _at_zero(x: np.ndarray, ys: np.ndarray, degree: int, w: np.ndarray | None = None) -> np.ndarray:
+    """(Weighted) least-squares polynomials of ``degree`` through each column of ``ys``, at 0.
+
+    Normal equations from power sums of centred, scaled x (degree <= 3: well conditioned).
+    """
+    n = x.size
+    w = np.ones_like(x) if w is None else w
+    wys = w[:, None] * ys
+    total = float(w.sum())
+    if degree == 0 or n <= degree:
+        return wys.sum(axis=0) / total
+    centre = float(w @ x) / total
     scale = float(max(x[-1] - centre, centre - x[0])) or 1.0
-    powers = np.vander((x - centre) / scale, degree + 1, increasing=True)
-    coef = np.linalg.solve(powers.T @ powers, powers.T @ ys)
-    return ((-centre / scale) ** np.arange(degree + 1)) @ coef
+    t = (x - centre) / scale
+    powers = [t]
+    for _ in range(2 * degree - 1):
+        powers.append(powers[-1] * t)
+    sums = [total] + [float(w @ p) for p in powers]
+    gram = np.array([sums[i : i + degree + 1] for i in range(degree + 1)])
+    rhs = np.vstack([wys.sum(axis=0)] + [powers[i] @ wys for i in range(degree)])
+    coef = np.linalg.solve(gram, rhs)
+    at = -centre / scale
+    return np.array([at**i for i in range(degree + 1)]) @ coef
 
 
 def _background(rel: np.ndarray, mu: np.ndarray, q1: int, q2: int, npre: int) -> Any:
     """The pre-edge line through ``mu[q1:q2]`` evaluated on ``rel`` (a constant if npre=0)."""
     y = mu[q1:q2]
     if npre == 0:
-        return float(y.mean())
-    return _polyval(_polyfit(rel[q1:q2], y, 1), rel)
+        return float(y.sum()) / y.size
+    value, slope, centre = _line(rel[q1:q2], y)
+    return value + slope * (rel - centre)

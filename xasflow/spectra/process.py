@@ -58,8 +58,8 @@ class PrepParams(BaseModel):
     nnorm: int | None = Field(None, ge=0, le=3, description="larch: post-edge degree")
     weighting: Literal["points", "energy"] = Field(
         "energy",
-        description="larch: post-edge fit over energy (1 eV resampled, independent of the "
-        "scan's sampling) or over the data points (exactly as Larch)",
+        description="larch: post-edge fit weighing energy (trapezoid weights, independent of "
+        "the scan's sampling) or the data points (exactly as Larch)",
     )
     calc_start: float = Field(
         -25.0,
