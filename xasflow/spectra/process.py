@@ -69,8 +69,9 @@ class PrepParams(BaseModel):
     calc_floor: float = Field(0.08, ge=0.0, description="larch: see calc_start")
     edge_tail: bool = Field(
         True,
-        description="larch: take the edge's own Lorentzian tail (core-hole width) out of the "
-        "pre-edge data before fitting the line, so short scans match calculations",
+        description="larch: take the edge's own arctan (core-hole width) out of both fits: "
+        "its 1/E tail under a short pre-edge and its slow approach to 1 above E0, so short "
+        "scans and FEFF spectra get the step a long scan gets",
     )
     min_post_edge: float = Field(
         45.0,
