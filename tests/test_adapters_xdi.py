@@ -226,3 +226,29 @@ def test_every_library_file_reads(xdi_library: Path) -> None:
             assert s.element == path.parent.name, path
         modes.add(s.meta["mode"])
     assert modes == {"transmission", "fluorescence", "mu"}
+
+
+def test_herfd_is_declared_by_header_comment_or_name(tmp_path: Path, cu_xdi: Path) -> None:
+    x = read_xdi(cu_xdi)
+    assert x.comments == ("a free comment line: with a colon",)
+    assert not x.herfd and "herfd" not in xdi_to_spectrum(x).meta
+    by_comment = HEADER.replace("a free comment line", "Cu K-edge HERFD, Kalpha1 analyser")
+    path = write(tmp_path / "a.xdi", by_comment + table(ENERGY, I0, IT, IR))
+    assert xdi_to_spectrum(read_xdi(path)).meta["herfd"] is True
+    by_field = HEADER.replace(
+        "# ///", "# Detector.fluor: High Energy Resolution Fluorescence analyser\n# ///"
+    )
+    assert read_xdi(write(tmp_path / "b.xdi", by_field + table(ENERGY, I0, IT, IR))).herfd
+    named = write(tmp_path / "Cu2O_herfd_rt.xdi", HEADER + table(ENERGY, I0, IT, IR))
+    assert read_xdi(named).herfd
+
+
+def test_mu_comes_from_mu_from_channels(cu_xdi: Path) -> None:
+    from xasflow.spectra import mu_from_channels
+
+    x = read_xdi(cu_xdi)
+    spectrum = xdi_to_spectrum(x)
+    np.testing.assert_array_equal(spectrum.mu, mu_from_channels("transmission", I0, IT))
+    np.testing.assert_array_equal(
+        spectrum.meta["reference_mu"], mu_from_channels("reference", IT, IR)
+    )

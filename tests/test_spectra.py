@@ -216,3 +216,55 @@ def test_edge_step_does_not_depend_on_sampling() -> None:
         normalize(Spectrum(energy=e, mu=mu(e), element="Cu"), e0, PrepParams())[1] for e in grids
     ]
     assert max(steps) / min(steps) - 1 < 0.03
+
+
+def test_broaden_lorentzian_widths_add_and_area_is_kept() -> None:
+    """A Lorentzian line of FWHM 0.5 broadened by 1.0 eV is a Lorentzian of FWHM 1.5 eV."""
+    from xasflow.spectra import broaden
+
+    energy = np.arange(8900.0, 9100.0, 0.05)
+
+    def line(fwhm: float) -> np.ndarray:
+        half = fwhm / 2
+        return half / np.pi / ((energy - 9000.0) ** 2 + half**2)
+
+    out = broaden(Spectrum(energy, line(0.5), "Cu"), 1.0)
+    np.testing.assert_allclose(out.mu, line(1.5), atol=0.01 * line(1.5).max())
+    assert out.meta["broadened_fwhm"] == 1.0
+    gauss = broaden(Spectrum(energy, line(0.5), "Cu"), 2.0, shape="gaussian")
+    assert np.trapezoid(gauss.mu, energy) == pytest.approx(np.trapezoid(line(0.5), energy), 1e-3)
+    with pytest.raises(SpectrumError) as err:
+        broaden(Spectrum(energy, line(0.5), "Cu"), 0.0)
+    assert err.value.reason == "bad_broadening"
+
+
+def test_herfd_spectrum_is_broadened_to_conventional_resolution() -> None:
+    """A Cu edge of HERFD width (0.53 eV) prepares like the same edge at the K width
+    (1.55 eV) once declared HERFD; match_broadening finds that width from the two spectra."""
+    from xasflow.spectra import herfd_fwhm, match_broadening
+
+    e0 = 8985.0
+    energy = np.arange(e0 - 150, e0 + 300, 0.1)
+
+    def edge(width: float) -> np.ndarray:
+        rel = energy - e0
+        half = width / 2
+        peak = 1.5 * half / np.pi / ((rel - 4.0) ** 2 + half**2)  # a 1s->4p line, area 1.5
+        return 0.5 + np.arctan(rel / half) / np.pi + peak
+
+    g_eff = (1.55**-2 + 0.56**-2) ** -0.5
+    assert herfd_fwhm("Cu") == pytest.approx(1.55 - g_eff, abs=1e-9)
+    sharp = Spectrum(energy, edge(g_eff), "Cu")
+    conventional = Spectrum(energy, edge(1.55), "Cu")
+    prep = PrepParams()
+    target = prepare(conventional, prep).y
+    plain = prepare(sharp, prep).y
+    herfd = prepare(sharp.with_(meta={"herfd": True}), prep)
+    assert np.abs(plain - target).max() > 0.1
+    assert np.abs(herfd.y - target).max() < 0.02
+    assert herfd.spectrum.meta["broadened_fwhm"] == pytest.approx(herfd_fwhm("Cu"))
+    best, rms = match_broadening(sharp, conventional, [0.0, 0.5, 1.0, 1.5])
+    assert best == 1.0 and rms[2] < rms[0] / 5
+    with pytest.raises(SpectrumError) as err:
+        prepare(Spectrum(energy, edge(0.5), "Cd", meta={"herfd": True}), prep)
+    assert err.value.reason == "herfd_width"

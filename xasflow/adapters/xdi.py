@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xasflow.spectra.channels import Mode, mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
 
 #: h*c in eV*Angstrom, to turn a monochromator angle into an energy.
@@ -25,6 +26,7 @@ _FIELD = re.compile(r"^#\s*([A-Za-z_][\w-]*\.[\w.-]+)\s*:\s?(.*)$")
 _COLUMN_FIELD = re.compile(r"^column\.(\d+)$", re.IGNORECASE)
 _MU_COLUMNS = ("mutrans", "mufluor", "mu")
 MODES = ("auto", "transmission", "fluorescence", "mu")
+_HERFD = re.compile(r"herfd|high[\s_-]*energy[\s_-]*resolution[\s_-]*fluorescence", re.IGNORECASE)
 
 
 class XdiError(ValueError):
@@ -40,6 +42,14 @@ class XdiFile:
     columns: list[str]
     data: np.ndarray
     units: tuple[str, ...] = ()
+    comments: tuple[str, ...] = ()
+
+    @property
+    def herfd(self) -> bool:
+        """Whether the file declares HERFD: "HERFD" or "high energy resolution fluorescence"
+        in a header value, a comment or the file name (no fixed XDI field exists for it)."""
+        texts = (*self.fields.values(), *self.comments, Path(self.path).name)
+        return any(_HERFD.search(t) for t in texts)
 
     def field(self, name: str, default: str | None = None) -> str | None:
         """Value of a header field, matching ``Namespace.tag`` case-insensitively."""
@@ -105,6 +115,7 @@ def read_xdi(path: str | Path) -> XdiFile:
     fields: dict[str, str] = {}
     in_fields = True
     last_comment: str | None = None
+    comments: list[str] = []
     rows: list[list[str]] = []
     first_data_line = 0
     for lineno, raw in enumerate(lines[1:], start=2):
@@ -120,12 +131,16 @@ def read_xdi(path: str | Path) -> XdiFile:
                 continue
             if body.startswith("---"):
                 in_fields = False
+                if last_comment is not None:
+                    comments.append(last_comment)
                 last_comment = None
                 continue
             match = _FIELD.match(line) if in_fields else None
             if match:
                 fields[match.group(1)] = match.group(2).strip()
             else:
+                if last_comment is not None:
+                    comments.append(last_comment)
                 last_comment = body
             continue
         if not rows:
@@ -150,7 +165,14 @@ def read_xdi(path: str | Path) -> XdiFile:
         ) from None
 
     columns, units = _column_names(path, fields, last_comment, ncols)
-    return XdiFile(path=str(path), fields=fields, columns=columns, data=data, units=units)
+    return XdiFile(
+        path=str(path),
+        fields=fields,
+        columns=columns,
+        data=data,
+        units=units,
+        comments=tuple(comments),
+    )
 
 
 def _numeric(tokens: list[str]) -> bool:
@@ -193,14 +215,6 @@ def _column_names(
     )
 
 
-def _positive(x: XdiFile, name: str) -> np.ndarray:
-    values = x.column(name)
-    bad = int(np.count_nonzero(~(values > 0)))
-    if bad:
-        raise SpectrumError("bad_channel", f"{x.path}: {name} has {bad} non-positive or NaN values")
-    return values
-
-
 def _pick_mode(x: XdiFile, mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -227,14 +241,22 @@ def _require(x: XdiFile, mode: str, names: tuple[str, ...]) -> None:
         )
 
 
+def _channels(x: XdiFile, mode: Mode, i0: str, signal: str) -> np.ndarray:
+    """mu from two columns by :func:`mu_from_channels`, its errors naming the file."""
+    try:
+        return mu_from_channels(mode, x.column(i0), x.column(signal), names=(i0, signal))
+    except SpectrumError as exc:
+        raise SpectrumError(exc.reason, f"{x.path}: {exc.message}") from None
+
+
 def _mu(x: XdiFile, mode: str) -> tuple[np.ndarray, str]:
     """mu for the chosen mode, and the name of what it came from."""
     if mode in ("transmission", "fluorescence"):
         _require(x, mode, ("i0", "itrans") if mode == "transmission" else ("i0", "ifluor"))
     if mode == "transmission":
-        return np.log(_positive(x, "i0") / _positive(x, "itrans")), "ln(i0/itrans)"
+        return _channels(x, "transmission", "i0", "itrans"), "ln(i0/itrans)"
     if mode == "fluorescence":
-        return x.column("ifluor") / _positive(x, "i0"), "ifluor/i0"
+        return _channels(x, "fluorescence", "i0", "ifluor"), "ifluor/i0"
     for name in _MU_COLUMNS:
         if x.has(name):
             return x.column(name), name
@@ -244,10 +266,10 @@ def _mu(x: XdiFile, mode: str) -> tuple[np.ndarray, str]:
 def _reference(x: XdiFile) -> np.ndarray | None:
     """The reference-foil channel ln(itrans/irefer), else a murefer column, else None."""
     if x.has("irefer") and x.has("itrans"):
-        it, ir = x.column("itrans"), x.column("irefer")
-        if np.all(it > 0) and np.all(ir > 0):
-            return np.log(it / ir)
-        return None
+        try:
+            return mu_from_channels("reference", x.column("itrans"), x.column("irefer"))
+        except SpectrumError:
+            return None  # an unusable reference channel only costs the alignment
     if x.has("murefer"):
         return x.column("murefer")
     return None
@@ -261,9 +283,8 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
     ``meta["reference_mu"]`` (aligned with the sorted energies).
     """
     chosen = _pick_mode(x, mode)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu, origin = _mu(x, chosen)
-        reference = _reference(x)
+    mu, origin = _mu(x, chosen)
+    reference = _reference(x)
     energy = x.energy_ev()
     order = np.argsort(energy, kind="stable")
     energy, mu = energy[order], mu[order]
@@ -280,6 +301,8 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
         meta["sample"] = sample
     if reference is not None:
         meta["reference_mu"] = reference[order][keep]
+    if x.herfd:
+        meta["herfd"] = True  # prepare() broadens it to the conventional resolution
     temperature = x.field("Sample.temperature")
     if temperature:
         meta["temperature"] = temperature

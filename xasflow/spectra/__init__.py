@@ -16,10 +16,22 @@ from xasflow.spectra.features import (
     linear_matrix,
     model_input,
 )
-from xasflow.spectra.process import Prepared, PrepParams, find_e0, normalize, prepare, resample
+from xasflow.spectra.herfd import broaden, herfd_fwhm, herfd_width
+from xasflow.spectra.norm import EdgeFit, edge_fit
+from xasflow.spectra.process import (
+    Prepared,
+    PrepParams,
+    find_e0,
+    is_calculated,
+    normalize,
+    prepare,
+    resample,
+)
+from xasflow.spectra.resolution import match_broadening
 
 __all__ = [
     "AugmentParams",
+    "EdgeFit",
     "FeatureSpec",
     "PrepParams",
     "Prepared",
@@ -28,13 +40,19 @@ __all__ = [
     "align",
     "alignment_shift",
     "augment_grid",
+    "broaden",
     "edge_energy",
+    "edge_fit",
     "feature_energies",
     "feature_names",
     "featurize",
     "find_e0",
+    "herfd_fwhm",
+    "herfd_width",
     "infer_edge",
+    "is_calculated",
     "linear_matrix",
+    "match_broadening",
     "model_input",
     "mu_from_channels",
     "normalize",

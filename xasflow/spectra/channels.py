@@ -12,23 +12,32 @@ from xasflow.spectra.edges import edge_energy
 Mode = Literal["transmission", "fluorescence", "reference"]
 
 
-def mu_from_channels(mode: Mode, i0: np.ndarray, signal: np.ndarray) -> np.ndarray:
-    """Transmission ln(I0/It), fluorescence If/I0, or reference ln(It/Ir) (``i0`` is then It)."""
+def mu_from_channels(
+    mode: Mode, i0: np.ndarray, signal: np.ndarray, names: tuple[str, str] = ("I0", "signal")
+) -> np.ndarray:
+    """Transmission ln(I0/It), fluorescence If/I0, or reference ln(It/Ir) (``i0`` is then It).
+
+    ``names`` label the two channels in error messages (e.g. a file's column names).
+    """
     i0 = np.asarray(i0, dtype=np.float64)
     signal = np.asarray(signal, dtype=np.float64)
     if i0.shape != signal.shape:
         raise SpectrumError("bad_channel", f"channel lengths differ: {i0.shape} vs {signal.shape}")
     if not (np.all(np.isfinite(i0)) and np.all(np.isfinite(signal))):
         raise SpectrumError("not_finite", "a detector channel holds NaN or infinite values")
+    if mode not in ("transmission", "fluorescence", "reference"):
+        raise SpectrumError("bad_channel", f"unknown mode {mode!r}")
+    checked = [(names[0], i0)] if mode == "fluorescence" else [(names[0], i0), (names[1], signal)]
+    for name, values in checked:
+        bad = int(np.count_nonzero(values <= 0))
+        if bad:
+            raise SpectrumError(
+                "bad_channel",
+                f"{name} has {bad} non-positive values ({mode} needs positive intensities)",
+            )
     if mode == "fluorescence":
-        if np.any(i0 <= 0):
-            raise SpectrumError("bad_channel", "I0 is not positive everywhere")
         return signal / i0
-    if np.any(i0 <= 0) or np.any(signal <= 0):
-        raise SpectrumError("bad_channel", f"{mode} needs positive intensities for the logarithm")
-    if mode in ("transmission", "reference"):
-        return np.log(i0 / signal)
-    raise SpectrumError("bad_channel", f"unknown mode {mode!r}")
+    return np.log(i0 / signal)
 
 
 def alignment_shift(

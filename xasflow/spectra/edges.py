@@ -27,6 +27,25 @@ L3_EDGES: dict[str, float] = {
 
 EDGES: dict[str, dict[str, float]] = {"K": K_EDGES, "L3": L3_EDGES}
 
+#: K-level natural widths (Lorentzian FWHM of the core hole), eV, from Krause & Oliver,
+#: J. Phys. Chem. Ref. Data 8, 329 (1979). They set the 1/E tail of an edge below E0 and
+#: the extra sharpness of HERFD spectra.
+K_WIDTHS: dict[str, float] = {
+    "Na": 0.30, "Mg": 0.36, "Al": 0.42, "Si": 0.48, "P": 0.53, "S": 0.59, "Cl": 0.64,
+    "Ar": 0.68, "K": 0.74, "Ca": 0.81, "Sc": 0.86, "Ti": 0.94, "V": 1.01, "Cr": 1.08,
+    "Mn": 1.16, "Fe": 1.25, "Co": 1.33, "Ni": 1.44, "Cu": 1.55, "Zn": 1.67, "Ga": 1.82,
+    "Ge": 1.96, "As": 2.14, "Se": 2.33, "Br": 2.52, "Kr": 2.75, "Rb": 2.99, "Sr": 3.25,
+    "Y": 3.52, "Zr": 3.84, "Nb": 4.14, "Mo": 4.52, "Ru": 5.33, "Rh": 5.77, "Pd": 6.24,
+    "Ag": 6.75, "Cd": 7.28, "In": 7.91, "Sn": 8.49, "Sb": 9.16, "Te": 9.89, "I": 10.6,
+}  # fmt: skip
+
+
+def core_hole_width(element: str | None, edge: str = "K") -> float | None:
+    """Natural width (eV) of ``element``'s ``edge`` core hole; None when not tabulated."""
+    if element is None or edge.upper() != "K":
+        return None
+    return K_WIDTHS.get(element.strip().capitalize())
+
 
 def edge_energy(element: str, edge: str = "K") -> float:
     """Tabulated energy of ``element``'s ``edge``; KeyError with a clear message if unknown."""

@@ -14,7 +14,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xasflow.spectra.core import Spectrum, SpectrumError
-from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.herfd import broaden, herfd_width
+from xasflow.spectra.norm import edge_fit
 
 _E0_STEP = 0.1  # eV, uniform grid used for the derivative
 _E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
@@ -23,9 +25,18 @@ _E0_KERNEL /= _E0_KERNEL.sum()
 
 
 class PrepParams(BaseModel):
-    """How a spectrum becomes a model input; stored verbatim in a bundle manifest."""
+    """How a spectrum becomes a model input; stored verbatim in a bundle manifest.
+
+    ``method="larch"`` (the default) normalises with Larch ``pre_edge``'s conventions
+    (``pre1``/``pre2``/``norm1``/``norm2``/``nnorm``; None = Larch's rule for the scan).
+    ``method="legacy"`` is the fixed-window fit of bundles trained before it existed
+    (``pre_edge``, ``post_edge``, ``post_edge_degree``): a manifest without ``method``
+    loads as legacy so such a bundle behaves as it did.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["legacy", "larch"] = "larch"
 
     window_start: float = Field(-3.5, description="grid start relative to E0, eV")
     window_stop: float = Field(56.5, description="grid stop relative to E0, eV")
@@ -40,6 +51,44 @@ class PrepParams(BaseModel):
     e0_search: float = Field(
         40.0, description="search E0 within +-this of the tabulated edge (when known), eV"
     )
+    pre1: float | None = Field(None, description="larch: pre-edge start rel. E0, eV")
+    pre2: float | None = Field(None, description="larch: pre-edge end rel. E0, eV")
+    norm1: float | None = Field(None, description="larch: post-edge start rel. E0, eV")
+    norm2: float | None = Field(None, description="larch: post-edge end rel. E0, eV")
+    nnorm: int | None = Field(None, ge=0, le=3, description="larch: post-edge degree")
+    weighting: Literal["points", "energy"] = Field(
+        "energy",
+        description="larch: post-edge fit weighing energy (trapezoid weights, independent of "
+        "the scan's sampling) or the data points (exactly as Larch)",
+    )
+    calc_start: float = Field(
+        -25.0,
+        description="larch: an undeclared spectrum starting above E0+this eV, with its first "
+        "value in [0, calc_floor*max(mu)], is a calculation (FEFF: no pre-edge, no background)",
+    )
+    calc_floor: float = Field(0.08, ge=0.0, description="larch: see calc_start")
+    edge_tail: bool = Field(
+        True,
+        description="larch: take the edge's own arctan (core-hole width) out of both fits: "
+        "its 1/E tail under a short pre-edge and its slow approach to 1 above E0, so short "
+        "scans and FEFF spectra get the step a long scan gets",
+    )
+    min_post_edge: float = Field(
+        45.0,
+        description="larch: reject (no_post_edge) data ending below E0+this: the post-edge "
+        "line would run through the white line, eV",
+    )
+    max_norm: float = Field(
+        10.0, gt=1.0, description="larch: reject when |normalised mu| in the window exceeds it"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_manifest(cls, data: Any) -> Any:
+        """A stored manifest from before ``method`` existed means the legacy normalisation."""
+        if isinstance(data, dict) and "method" not in data and "post_edge" in data:
+            return {**data, "method": "legacy"}
+        return data
 
     @model_validator(mode="after")
     def _check_window(self) -> PrepParams:
@@ -144,14 +193,76 @@ def _uniform(rel: np.ndarray, mu: np.ndarray, mask: np.ndarray) -> tuple[np.ndar
     return x, np.interp(x, rel, mu)
 
 
+def is_calculated(spectrum: Spectrum, e0: float, params: PrepParams) -> bool:
+    """Whether a spectrum is a calculation (no pre-edge, no background): ``meta['calculated']``
+    if set, else whether it starts above E0 + ``calc_start`` from a near-zero first value.
+
+    The 4,831 shared Cu FEFF spectra start 3.4-24.6 eV below E0 with a first value of
+    1-6 % of their maximum; measured scans that close to the edge mostly sit on a background.
+    """
+    declared = spectrum.meta.get("calculated")
+    if declared is not None:
+        return bool(declared)
+    first, top = float(spectrum.mu[0]), float(spectrum.mu.max())
+    starts_late = spectrum.energy[0] - e0 > params.calc_start
+    return bool(starts_late and 0.0 <= first <= params.calc_floor * top)
+
+
 def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
     """Return (normalised mu on the spectrum's own energies, edge step).
 
-    ``edge_step``: a pre-edge line (when the data reach far enough below E0; FEFF spectra
-    do not and have no background) is subtracted and the result divided by the post-edge
-    polynomial evaluated at E0, as Athena/Larch do. ``max``: divided by the maximum within
-    the model window (Zheng et al.).
+    ``edge_step``: the pre-edge background is subtracted and the result divided by the
+    post-edge polynomial at E0 (Larch ``pre_edge`` conventions, or the legacy fixed windows;
+    see :class:`PrepParams`). ``max``: divided by the maximum within the model window
+    (Zheng et al.). SpectrumError ``edge_step`` when the step is not positive or the
+    normalised spectrum leaves +-``max_norm`` in the window (an undetermined step).
     """
+    if params.method == "larch" and params.normalization == "edge_step":
+        return _normalize_larch(spectrum, e0, params)
+    return _normalize_legacy(spectrum, e0, params)
+
+
+def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
+    end = float(spectrum.energy[-1] - e0)
+    if end < params.min_post_edge:
+        raise SpectrumError(
+            "no_post_edge",
+            f"data end at E0{end:+.1f} eV, below E0{params.min_post_edge:+g} eV: "
+            "cannot find the edge step",
+        )
+    calculated = is_calculated(spectrum, e0, params)
+    sub, fit = edge_fit(
+        spectrum.energy,
+        spectrum.mu,
+        e0,
+        pre1=params.pre1,
+        pre2=params.pre2,
+        norm1=params.norm1,
+        norm2=params.norm2,
+        nnorm=params.nnorm,
+        calculated=calculated,
+        weighting=params.weighting,
+        tail_width=core_hole_width(spectrum.element, spectrum.edge) if params.edge_tail else None,
+    )
+    where = f"post-edge E0{fit.norm1:+g}..{fit.norm2:+g} eV, degree {fit.nnorm}"
+    if not fit.step > 0:
+        raise SpectrumError("edge_step", f"edge step {fit.step:.3g} is not positive ({where})")
+    y = sub / fit.step
+    lo = int(np.searchsorted(spectrum.energy, e0 + params.window_start))
+    hi = int(np.searchsorted(spectrum.energy, e0 + params.window_stop, side="right"))
+    worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
+    if worst > params.max_norm:
+        raise SpectrumError(
+            "edge_step",
+            f"normalised mu reaches {worst:.3g} in the model window (limit {params.max_norm:g}):"
+            f" edge step {fit.step:.3g} from the {where} is not determined",
+        )
+    return y, fit.step
+
+
+def _normalize_legacy(
+    spectrum: Spectrum, e0: float, params: PrepParams
+) -> tuple[np.ndarray, float]:
     energy, mu = spectrum.energy, spectrum.mu
     rel = energy - e0
     pre = (rel >= params.pre_edge[0]) & (rel <= params.pre_edge[1])
@@ -200,7 +311,14 @@ def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple
 
 
 def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
-    """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation."""
+    """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation.
+
+    A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
+    broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
+    """
+    fwhm = herfd_width(spectrum)
+    if fwhm is not None:
+        spectrum = broaden(spectrum, fwhm)
     if e0 is None:
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
     y, step = normalize(spectrum, e0, params)
