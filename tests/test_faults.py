@@ -1,0 +1,44 @@
+"""The fault bench's short catalogue against the real proxy and daemon (bench/faults.py --quick).
+
+Every fault must be survived, every bad input counted, and nothing tampered served or lost
+unseen: the same figures the full bench reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bluesky.callbacks.zmq")
+pytest.importorskip("zmq")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import faults
+
+
+@pytest.mark.timeout(240)
+def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
+    result = faults.run_bench(argparse.Namespace(quick=True, models=tiny_cu_bundle))
+    failed = [f for f in result["faults"] if not f["survived"]]
+    assert failed == []
+    assert result["faults_tried"] == result["faults_survived"] >= 12
+    names = {f["fault"] for f in result["faults"]}
+    assert {"tamper_manifest", "tamper_manifest_same_id", "symlink_dir", "bundle_removal"} <= names
+    assert result["tampered_bundles_served"] == 0
+    assert result["bad_inputs_tried"] == result["bad_inputs_counted"] > 30
+    assert result["silent_losses"] == 0 and result["published_not_stored"] == 0
+    removal = next(f for f in result["faults"] if f["fault"] == "bundle_removal")
+    assert removal["no_model"] == 0 and removal["ok"] == 15
+    refused = {f["fault"]: f["reason"] for f in result["faults"] if "reason" in f}
+    assert refused == {
+        "tamper_bytes": "file_mismatch",
+        "tamper_manifest": "digest_mismatch",
+        "tamper_digest": "digest_mismatch",
+        "symlink_file": "symlink",
+        "symlink_dir": "symlink",
+        "tamper_manifest_same_id": "bundle_id_reused",
+    }
+    assert result["max_rss_growth_mb"] is not None
