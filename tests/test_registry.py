@@ -23,8 +23,8 @@ import xasflow.daemon.registry_events as registry_events
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest, seal_bundle, write_bundle
-from xasflow.models.integrity import format_digest
+from xasflow.models.bundle import read_manifest, seal_bundle, sign_bundle, write_bundle
+from xasflow.models.integrity import format_digest, generate_keypair
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import Spectrum
 
@@ -363,15 +363,44 @@ def test_a_refused_standby_is_skipped_at_takeover(model_dir: Path, bundle: Path)
 def test_replaced_predictors_are_freed_and_memory_returned(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gc.collect()  # predictors of earlier tests are released (and trimmed) before counting
-    trims: list[int] = []
-    monkeypatch.setattr(registry_events, "_TRIM", lambda: trims.append(1))
+    gc.collect()  # predictors of earlier tests are released before counting
+    refs: list[weakref.ref] = []
+    live_at_trim: list[int] = []  # predictors still alive each time the heap is trimmed
+    monkeypatch.setattr(
+        registry_events, "_TRIM", lambda: live_at_trim.append(sum(r() is not None for r in refs))
+    )
     reg = ModelRegistry(model_dir)
-    refs = [weakref.ref(reg.get("Cu", "K"))]
+    refs.append(weakref.ref(reg.get("Cu", "K")))
     for k in range(5):
         redeploy(model_dir / "cu-k", model_dir / "cu-k", f"cu-k-swap{k}")
         assert [e.kind for e in reg.refresh()] == ["swapped"]
         refs.append(weakref.ref(reg.get("Cu", "K")))
     gc.collect()
     assert [r() is None for r in refs] == [True] * 5 + [False]  # nothing keeps old sessions
-    assert len(trims) == 5  # heap handed back once per released predictor
+    # trimmed once per swap, when the replaced predictor was already gone
+    assert live_at_trim == [0] * 5
+    held = reg.get("Cu", "K")  # a caller still using the predictor when it is replaced
+    redeploy(model_dir / "cu-k", model_dir / "cu-k", "cu-k-swap-held")
+    reg.refresh()
+    assert live_at_trim == [0] * 5  # not freed yet: nothing to trim
+    del held  # freed here, but trimming waits until its sessions are gone too
+    assert live_at_trim == [0] * 5
+    assert reg.refresh() == [] and live_at_trim == [0] * 6  # trimmed at the next scan
+
+
+def test_a_facility_can_require_signed_bundles(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    private, public = generate_keypair()
+    other, _ = generate_keypair()
+    (tmp_path / "trusted.pem").write_bytes(public)
+    with pytest.raises(ValueError):
+        ModelRegistry(model_dir, trusted_keys=[b"-----BEGIN PUBLIC KEY-----\nnope\n"])
+    reg = ModelRegistry(model_dir, trusted_keys=[tmp_path / "trusted.pem"], require_signature=True)
+    assert reg.get("Cu", "K") is None
+    assert [(e.kind, e.reason) for e in reg.events] == [("refused", "signature_missing")]
+    sign_bundle(model_dir / "cu-k", other)  # signed, but not by a trusted key
+    assert [(e.kind, e.reason) for e in reg.refresh()] == [("refused", "signature_invalid")]
+    sign_bundle(model_dir / "cu-k", private)
+    assert [e.kind for e in reg.refresh()] == ["loaded"]
+    assert reg.refusal_counts() == {"signature_invalid": 1, "signature_missing": 1}
+    assert reg.status()["require_signature"] is True and reg.status()["refused"] == {}

@@ -57,6 +57,7 @@ from xasflow.daemon.registry_events import (
     release_memory,
 )
 from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
+from xasflow.models.integrity import load_public_key
 from xasflow.models.predictor import Predictor
 
 __all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
@@ -109,7 +110,8 @@ class ModelRegistry:
         ``loader`` builds a Predictor from a bundle directory (default ``Predictor(dir,
         threads)``); it must raise ``BundleError`` for a bundle that does not verify.
         ``require_digest``, ``trusted_keys`` (Ed25519 public keys, PEM text or file paths) and
-        ``require_signature`` are passed to :func:`~xasflow.models.bundle.inspect_bundle`.
+        ``require_signature`` are passed to :func:`~xasflow.models.bundle.inspect_bundle`;
+        a key that does not load as an Ed25519 public key raises ValueError here.
         """
         if remove_after < 1:
             raise ValueError("remove_after must be >= 1")
@@ -119,6 +121,8 @@ class ModelRegistry:
         self.remove_after = remove_after
         self.require_digest = require_digest
         self.trusted_keys = tuple(trusted_keys)
+        for key in self.trusted_keys:  # a misconfigured key fails here, not at every bundle
+            load_public_key(key)
         self.require_signature = require_signature
         self._loader = loader or (lambda path: Predictor(path, threads=self.threads))
         self._models: dict[tuple[str, str], _Entry] = {}  # replaced whole, never mutated
@@ -129,6 +133,7 @@ class ModelRegistry:
         self._digests: dict[str, str] = {}  # bundle_id -> manifest sha256, life of process
         self._refusal_counts: dict[str, int] = {}
         self._refresh_lock = threading.Lock()
+        self._released = threading.Event()  # a predictor was freed: trim at the next refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dir_warned = False
@@ -206,6 +211,9 @@ class ModelRegistry:
         """Scan the directory once; load, swap, refuse or remove bundles. Returns what happened."""
         with self._refresh_lock:
             events = self._refresh()
+            if self._released.is_set():  # a replaced predictor and its sessions are gone now
+                self._released.clear()
+                release_memory()
         for ev in events:
             self.events.append(ev)
             if ev.kind in ("refused", "error"):
@@ -313,9 +321,6 @@ class ModelRegistry:
         except BundleError as exc:
             events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
             return None
-        except ValueError as exc:  # a configured public key that does not load
-            events.append(self._refuse(name, path, fp, "signature_invalid", str(exc)))
-            return None
         m = verified.manifest
         known = self._digests.get(m.bundle_id)
         if known is not None and known != verified.digest:
@@ -359,7 +364,8 @@ class ModelRegistry:
         if after != fp or predictor.manifest != m:
             return None  # changed while loading (a copy in progress): next scan
         self._accept(name, fp, m.bundle_id, verified.digest)
-        weakref.finalize(predictor, release_memory).atexit = False
+        # set as the predictor dies, before its sessions are freed: refresh() trims afterwards
+        weakref.finalize(predictor, self._released.set).atexit = False
         entry = _Entry(predictor, str(path), fp, time.time(), verified.digest, rank)
         if current is None:
             msg = f"{m.bundle_id} serves {key[0]} {key[1]} (from {path})"

@@ -71,7 +71,8 @@ def _libc_trim() -> Callable[[], Any] | None:
         return None
 
 
-_TRIM = _libc_trim()
+#: ``XASFLOW_MALLOC_TRIM=0`` turns trimming off (to measure what it saves: bench/faults.py).
+_TRIM = None if os.environ.get("XASFLOW_MALLOC_TRIM") == "0" else _libc_trim()
 
 
 def release_memory() -> None:
