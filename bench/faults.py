@@ -503,18 +503,19 @@ def stall_fault(h: Harness, t: Tally, sig: str, rate: float, seconds: float, pau
     wait(lambda: h.bus.stopped([uid]), 20)
     stop_process(h.proc)
     stored: set[tuple[int, str]] = set()
+    store_note = ""
     try:
         from xasflow.adapters.tiled_store import read_analysis
 
         _md, rows = read_analysis(h.workdir / "store", box[0])
         stored = {(int(i), str(s)) for i, s in zip(rows["index"], rows["status"], strict=True)}
-    except (KeyError, FileNotFoundError):
-        pass
+    except (KeyError, FileNotFoundError) as exc:  # the run is not in the store at all
+        store_note = f"{type(exc).__name__}: {exc}"[:200]
     not_stored = len(seen - stored)
     t.not_stored += not_stored
     h.start()
-    t.fault("sigkill_under_load", h.alive(), published_rows=len(seen), stored_rows=len(stored),
-            published_not_stored=not_stored)  # fmt: skip
+    t.fault("sigkill_under_load", h.alive(), published=n, published_rows=len(seen),
+            stored_rows=len(stored), published_not_stored=not_stored, store=store_note)  # fmt: skip
 
 
 def web_fault(h: Harness, t: Tally, clients: int) -> None:

@@ -1,7 +1,8 @@
 """The fault bench's short catalogue against the real proxy and daemon (bench/faults.py --quick).
 
 Every fault must be survived, every bad input counted, and nothing tampered served or lost
-unseen: the same figures the full bench reports.
+unseen: the same figures the full bench reports. (SIGKILL and the restart it needs, hence
+``published_not_stored``, run only in the full bench.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
     assert {"tamper_manifest", "tamper_manifest_same_id", "symlink_dir", "bundle_removal"} <= names
     assert result["tampered_bundles_served"] == 0
     assert result["bad_inputs_tried"] == result["bad_inputs_counted"] > 30
-    assert result["silent_losses"] == 0 and result["published_not_stored"] == 0
+    assert result["silent_losses"] == 0
+    stall = next(f for f in result["faults"] if f["fault"] == "sigstop_under_load")
+    assert stall["ok"] + stall["rejected"] + stall["lost"] == 20 and stall["silent"] == 0
     removal = next(f for f in result["faults"] if f["fault"] == "bundle_removal")
     assert removal["no_model"] == 0 and removal["ok"] == 15
     refused = {f["fault"]: f["reason"] for f in result["faults"] if "reason" in f}
