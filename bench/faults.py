@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +246,7 @@ class Tally:
         self.faults: list[dict[str, Any]] = []
         self.bad_tried = self.bad_counted = self.silent = self.tampered = self.not_stored = 0
         self.rss_growth: float | None = None
+        self.refusals: dict[str, int] = {}  # bundle refusals by reason, read from /metrics
 
     def fault(self, name: str, survived: bool, **detail: Any) -> None:
         self.faults.append({"fault": name, "survived": bool(survived), **detail})
@@ -260,6 +262,7 @@ class Tally:
             "tampered_bundles_served": self.tampered,
             "published_not_stored": self.not_stored,
             "max_rss_growth_mb": self.rss_growth,
+            "refusals_by_reason": dict(sorted(self.refusals.items())),
             "faults": self.faults,
         }
 
@@ -348,6 +351,11 @@ def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
     seal_bundle(live, force=True)
     ok = wait(lambda: "cu-k" not in (h.health() or {}).get("models_refused", {}), 10)
     assert ok and serving(h)[0] == (live_id, live_digest), "restoring the live bundle failed"
+    with urllib.request.urlopen(f"{h.url}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():  # xasflow_model_refusals{reason="x"} n
+            if line.startswith("xasflow_model_refusals{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                t.refusals[reason] = int(float(line.rsplit(" ", 1)[1]))
 
 
 def judge_tamper(

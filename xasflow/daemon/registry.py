@@ -43,7 +43,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,8 @@ from xasflow.daemon.registry_events import (
     Rank,
     Refusal,
     RegistryEvent,
+    ServingEntry,
+    Standby,
     fingerprint,
     release_memory,
 )
@@ -63,26 +64,6 @@ from xasflow.models.predictor import Predictor
 __all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A loaded bundle in service."""
-
-    predictor: Predictor
-    directory: str
-    fingerprint: Fingerprint
-    loaded_at: float
-    digest: str = ""
-    rank: Rank = ("", "")
-
-
-@dataclass(frozen=True)
-class _Standby:
-    """A verified bundle outranked by another for the same element/edge (not loaded)."""
-
-    key: tuple[str, str]
-    rank: Rank
 
 
 def _key(element: str, edge: str) -> tuple[str, str]:
@@ -125,11 +106,11 @@ class ModelRegistry:
             load_public_key(key)
         self.require_signature = require_signature
         self._loader = loader or (lambda path: Predictor(path, threads=self.threads))
-        self._models: dict[tuple[str, str], _Entry] = {}  # replaced whole, never mutated
+        self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
         self._seen: dict[str, Fingerprint] = {}  # dir name -> fingerprint last judged
         self._refused: dict[str, Refusal] = {}  # dir name -> why, while it stays refused
         self._missing: dict[str, int] = {}  # dir name of a serving bundle -> scans missing
-        self._standby: dict[str, _Standby] = {}  # dir names of verified, outranked bundles
+        self._standby: dict[str, Standby] = {}  # dir names of verified, outranked bundles
         self._digests: dict[str, str] = {}  # bundle_id -> manifest sha256, life of process
         self._refusal_counts: dict[str, int] = {}
         self._refresh_lock = threading.Lock()
@@ -312,14 +293,18 @@ class ModelRegistry:
         name: str,
         path: Path,
         fp: Fingerprint,
-        models: dict[tuple[str, str], _Entry],
+        models: dict[tuple[str, str], ServingEntry],
         events: list[RegistryEvent],
-    ) -> _Entry | None:
+    ) -> ServingEntry | None:
         """Verify one changed bundle directory; load it if it should serve. The entry or None."""
         try:
             verified = self._verify(path)
         except BundleError as exc:
             events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
+            return None
+        except Exception as exc:  # a defect nobody foresaw is still a counted refusal
+            msg = f"{path}: {type(exc).__name__}: {exc}"
+            events.append(self._refuse(name, path, fp, "invalid", msg))
             return None
         m = verified.manifest
         known = self._digests.get(m.bundle_id)
@@ -341,7 +326,7 @@ class ModelRegistry:
                 f"({cur.bundle_id}) for {key[0]} {key[1]}; kept on standby"
             )
             self._accept(name, fp, m.bundle_id, verified.digest)
-            self._standby[name] = _Standby(key, rank)
+            self._standby[name] = Standby(key, rank)
             events.append(RegistryEvent("shadowed", str(path), *key, m.bundle_id, message=msg))
             return None
         same_dir = current is not None and current.directory == str(path)
@@ -366,7 +351,7 @@ class ModelRegistry:
         self._accept(name, fp, m.bundle_id, verified.digest)
         # set as the predictor dies, before its sessions are freed: refresh() trims afterwards
         weakref.finalize(predictor, self._released.set).atexit = False
-        entry = _Entry(predictor, str(path), fp, time.time(), verified.digest, rank)
+        entry = ServingEntry(predictor, str(path), fp, time.time(), verified.digest, rank)
         if current is None:
             msg = f"{m.bundle_id} serves {key[0]} {key[1]} (from {path})"
             events.append(RegistryEvent("loaded", str(path), *key, m.bundle_id, message=msg))
@@ -386,8 +371,8 @@ class ModelRegistry:
 
     def _serve(
         self,
-        entry: _Entry,
-        models: dict[tuple[str, str], _Entry],
+        entry: ServingEntry,
+        models: dict[tuple[str, str], ServingEntry],
         present: set[str],
         events: list[RegistryEvent],
     ) -> None:
@@ -400,13 +385,13 @@ class ModelRegistry:
                 self._takeover(old_key, models, present, events)
         previous = models.get(key)
         if previous is not None and previous.directory != entry.directory:
-            self._standby[Path(previous.directory).name] = _Standby(key, previous.rank)
+            self._standby[Path(previous.directory).name] = Standby(key, previous.rank)
         models[key] = entry
 
     def _takeover(
         self,
         key: tuple[str, str],
-        models: dict[tuple[str, str], _Entry],
+        models: dict[tuple[str, str], ServingEntry],
         present: set[str],
         events: list[RegistryEvent],
     ) -> str | None:

@@ -11,9 +11,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["Fingerprint", "Rank", "Refusal", "RegistryEvent", "fingerprint", "release_memory"]
+if TYPE_CHECKING:
+    from xasflow.models.predictor import Predictor
+
+__all__ = [
+    "Fingerprint",
+    "Rank",
+    "Refusal",
+    "RegistryEvent",
+    "ServingEntry",
+    "Standby",
+    "fingerprint",
+    "release_memory",
+]
 
 EventKind = Literal["loaded", "swapped", "refused", "removed", "shadowed", "error"]
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -46,6 +58,26 @@ class Refusal:
     reason: str
     message: str
     time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ServingEntry:
+    """A loaded bundle in service (the registry's mapping holds these)."""
+
+    predictor: Predictor
+    directory: str
+    fingerprint: Fingerprint
+    loaded_at: float
+    digest: str = ""
+    rank: Rank = ("", "")
+
+
+@dataclass(frozen=True)
+class Standby:
+    """A verified bundle outranked by another for the same element/edge (not loaded)."""
+
+    key: tuple[str, str]
+    rank: Rank
 
 
 def fingerprint(directory: Path) -> Fingerprint:

@@ -179,7 +179,11 @@ def inspect_bundle(
             "signature_missing",
         )
     if keys and sig_path.is_file():
-        signed_by = verify_signature(data, sig_path.read_text(), keys, str(directory))
+        try:
+            sig_text = sig_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{sig_path}: unreadable: {exc}", "signature_invalid") from exc
+        signed_by = verify_signature(data, sig_text, keys, str(directory))
     elif require_signature:
         raise BundleError(
             f"{directory}: no {SIGNATURE}; this daemon serves only signed bundles "
@@ -207,7 +211,10 @@ def _check_files(directory: Path, manifest: Manifest) -> None:
         path = directory / name
         if not path.is_file():
             raise BundleError(f"{directory}: missing file {name} (partial bundle?)", "file_missing")
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"{directory}: unreadable file {name}: {exc}", "invalid") from exc
         if actual != expected:
             raise BundleError(
                 f"{directory}: {name} does not match its manifest hash "
