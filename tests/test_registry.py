@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,15 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from test_pipeline import channels, redeploy
+from test_pipeline import channels, events, opened, redeploy, scan
 
+import xasflow.daemon.registry_events as registry_events
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest
+from xasflow.models.bundle import read_manifest, seal_bundle, sign_bundle, write_bundle
+from xasflow.models.integrity import format_digest, generate_keypair
+from xasflow.models.predictor import Predictor
 from xasflow.spectra import Spectrum
 
 
@@ -152,9 +159,11 @@ def test_partial_bundle_refused_then_loaded_when_complete(model_dir: Path, bundl
     manifest = read_manifest(bundle).model_copy(
         update={"bundle_id": "cu-k-newer", "created": "2999-01-01T00:00:00+00:00"}
     )
-    (partial / "manifest.json").write_text(manifest.model_dump_json())
+    text = manifest.model_dump_json()
+    (partial / "manifest.json").write_text(text)
+    (partial / "manifest.sha256").write_text(format_digest(text.encode()))
     (ev,) = reg.refresh()
-    assert ev.kind == "refused" and "missing file" in ev.message
+    assert ev.kind == "refused" and "missing file" in ev.message and ev.reason == "file_missing"
     assert reg.get("Cu", "K").bundle_id == read_manifest(bundle).bundle_id  # type: ignore[union-attr]
     for name in manifest.files:
         shutil.copy(bundle / name, partial / name)
@@ -163,14 +172,16 @@ def test_partial_bundle_refused_then_loaded_when_complete(model_dir: Path, bundl
     assert (ev.kind, ev.bundle_id) == ("swapped", "cu-k-newer")
     assert reg.get("Cu", "K").bundle_id == "cu-k-newer"  # type: ignore[union-attr]
     assert counters.snapshot()["model_refused"] == 1 and reg.refused() == {}
+    assert reg.standby() == {"cu-k": f"Cu-K {read_manifest(bundle).bundle_id}"}
 
-    # removing it: after `remove_after` scans the older bundle serves again
+    # removing it: after `remove_after` scans the older bundle serves again, in that same scan
     shutil.rmtree(partial)
     assert reg.refresh() == [] and reg.get("Cu", "K").bundle_id == "cu-k-newer"  # type: ignore[union-attr]
-    (ev,) = reg.refresh()
-    assert (ev.kind, ev.previous) == ("removed", "cu-k-newer")
-    (ev,) = reg.refresh()
-    assert (ev.kind, ev.bundle_id) == ("loaded", read_manifest(bundle).bundle_id)
+    removed, loaded = reg.refresh()
+    assert (removed.kind, removed.previous) == ("removed", "cu-k-newer")
+    assert (loaded.kind, loaded.bundle_id) == ("loaded", read_manifest(bundle).bundle_id)
+    assert "takes over" in removed.message
+    assert reg.get("Cu", "K").bundle_id == read_manifest(bundle).bundle_id  # type: ignore[union-attr]
     shutil.rmtree(model_dir / "cu-k")
     reg.refresh()
     assert [e.kind for e in reg.refresh()] == ["removed"] and reg.get("Cu", "K") is None
@@ -221,3 +232,175 @@ def test_concurrent_gets_during_swaps_never_see_partial_models(model_dir: Path) 
     assert seen[0] == versions[0] and seen[-1] == versions[-1]
     assert seen == sorted(set(seen), key=versions.index)  # versions only ever move forward
     assert [e.kind for e in reg.events] == ["loaded"] + ["swapped"] * 4
+
+
+# --------------------------------------------------------------------------- integrity (issue 13)
+
+
+def edit_manifest(directory: Path, change, reseal: bool) -> None:  # type: ignore[no-untyped-def]
+    """Edit a bundle's manifest in place; ``reseal`` recomputes its digest too (as an attacker
+    with write access could), leaving only the registry's memory of the bundle_id to notice."""
+    path = directory / "manifest.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    if reseal:
+        seal_bundle(directory, force=True)
+
+
+def reverse_cn(doc: dict) -> None:  # type: ignore[type-arg]
+    doc["tasks"]["cn"]["classes"] = doc["tasks"]["cn"]["classes"][::-1]
+
+
+def to_iron(doc: dict) -> None:  # type: ignore[type-arg]
+    doc["element"] = "Fe"
+
+
+@pytest.mark.parametrize("reseal", [False, True], ids=["digest-stale", "digest-recomputed"])
+@pytest.mark.parametrize("change", [reverse_cn, to_iron], ids=["classes", "element"])
+def test_edited_manifest_is_refused_and_old_model_keeps_serving(
+    model_dir: Path, change, reseal: bool
+) -> None:  # type: ignore[no-untyped-def]
+    counters = Counters()
+    reg = ModelRegistry(model_dir, counters)
+    serving = reg.get("Cu", "K")
+    assert serving is not None and serving.predict(sample())["cn"].value == 4
+    edit_manifest(model_dir / "cu-k", change, reseal)
+    (ev,) = reg.refresh()
+    reason = "bundle_id_reused" if reseal else "digest_mismatch"
+    assert (ev.kind, ev.reason) == ("refused", reason)
+    assert reg.refused()["cu-k"].startswith(f"{reason}: ")
+    assert reg.get("Cu", "K") is serving and reg.get("Fe", "K") is None
+    assert reg.get("Cu", "K").predict(sample())["cn"].value == 4  # type: ignore[union-attr]
+    assert reg.refusal_counts() == {reason: 1}
+    snap = counters.snapshot()
+    assert snap["model_refused"] == 1 and snap["gauges"][f"model_refusals{{reason={reason}}}"] == 1
+    assert reg.status()["refused"]["cu-k"]["reason"] == reason
+
+
+def test_symlinked_bundles_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    counters = Counters()
+    reg = ModelRegistry(model_dir, counters)
+    serving = reg.get("Cu", "K")
+    outside = redeploy(model_dir / "cu-k", tmp_path / "elsewhere" / "cu-k", "cu-k-outside")
+    manifest = json.loads((outside / "manifest.json").read_text())
+    manifest["created"] = "2999-01-01T00:00:00+00:00"  # would outrank the serving bundle
+    redeploy_doc = read_manifest(outside).model_validate(manifest)
+    write_bundle(outside, redeploy_doc, {n: (outside / n).read_bytes() for n in manifest["files"]})
+    # 1. the bundle directory is a symlink to a valid bundle outside the models directory
+    (model_dir / "cu-link").symlink_to(outside, target_is_directory=True)
+    # 2. a real directory whose graph is a symlink to an identical file outside
+    inner = redeploy(outside, model_dir / "cu-files", "cu-k-files")
+    (inner / "cn.onnx.gz").unlink()
+    (inner / "cn.onnx.gz").symlink_to(outside / "cn.onnx.gz")
+    # 3. a hard-linked graph
+    hard = redeploy(outside, model_dir / "cu-hard", "cu-k-hard")
+    (hard / "charge.onnx.gz").unlink()
+    os.link(outside / "charge.onnx.gz", hard / "charge.onnx.gz")
+    events = reg.refresh()
+    assert sorted((e.directory.rsplit("/", 1)[-1], e.kind, e.reason) for e in events) == [
+        ("cu-files", "refused", "symlink"),
+        ("cu-hard", "refused", "hardlink"),
+        ("cu-link", "refused", "symlink"),
+    ]
+    assert reg.get("Cu", "K") is serving
+    assert reg.refusal_counts() == {"hardlink": 1, "symlink": 2}
+    assert counters.snapshot()["model_refused"] == 3
+    assert reg.refresh() == []  # judged once
+
+
+def test_removing_the_newer_bundle_leaves_no_gap(model_dir: Path, bundle: Path) -> None:
+    older = read_manifest(bundle).bundle_id
+    newer = read_manifest(bundle).model_copy(
+        update={"bundle_id": "cu-k-newer", "created": "2999-01-01T00:00:00+00:00"}
+    )
+    write_bundle(model_dir / "cu-k-new", newer, {n: (bundle / n).read_bytes() for n in newer.files})
+    gaps: list[str] = []
+
+    def loader(path: Path) -> Predictor:  # runs while a scan loads a bundle
+        if reg_ref and reg_ref[0].get("Cu", "K") is None:
+            gaps.append(f"no model while loading {path.name}")
+        return Predictor(path)
+
+    reg_ref: list[ModelRegistry] = []
+    reg = ModelRegistry(model_dir, loader=loader)
+    reg_ref.append(reg)
+    assert reg.get("Cu", "K").bundle_id == "cu-k-newer"  # type: ignore[union-attr]
+    pipe = Pipeline(reg)
+    docs = pipe.handle_batch([opened("raw-gap")])
+    shutil.rmtree(model_dir / "cu-k-new")
+    for k in range(reg.remove_after + 1):  # a spectrum between every two scans
+        docs += pipe.handle_batch([scan("raw-gap", k)])
+        reg.refresh()
+    docs += pipe.handle_batch([scan("raw-gap", 99)])
+    assert gaps == []
+    results = events(docs)
+    assert [r["status"] for r in results] == ["ok"] * (reg.remove_after + 2), results
+    assert [r["bundle_id"] for r in results][-1] == older
+    assert reg.get("Cu", "K").bundle_id == older  # type: ignore[union-attr]
+    assert [e.kind for e in reg.events][-2:] == ["removed", "loaded"]
+
+
+def test_a_refused_standby_is_skipped_at_takeover(model_dir: Path, bundle: Path) -> None:
+    base = read_manifest(bundle)
+    for name, created in (("cu-a", "2998"), ("cu-b", "2999")):
+        m = base.model_copy(update={"bundle_id": name, "created": f"{created}-01-01T00:00:00"})
+        write_bundle(model_dir / name, m, {n: (bundle / n).read_bytes() for n in m.files})
+    reg = ModelRegistry(model_dir, remove_after=1)
+    assert reg.get("Cu", "K").bundle_id == "cu-b"  # type: ignore[union-attr]
+    assert set(reg.standby()) == {"cu-a", "cu-k"}
+    tamper(model_dir / "cu-a" / "cn.onnx.gz")  # noticed when cu-a is judged again
+    shutil.rmtree(model_dir / "cu-b")
+    events = reg.refresh()
+    assert [(e.kind, e.reason) for e in events] == [
+        ("refused", "file_mismatch"),
+        ("removed", None),
+        ("loaded", None),
+    ]
+    assert reg.get("Cu", "K").bundle_id == base.bundle_id  # type: ignore[union-attr]
+
+
+def test_replaced_predictors_are_freed_and_memory_returned(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc.collect()  # predictors of earlier tests are released before counting
+    refs: list[weakref.ref] = []
+    live_at_trim: list[int] = []  # predictors still alive each time the heap is trimmed
+    monkeypatch.setattr(
+        registry_events, "_TRIM", lambda: live_at_trim.append(sum(r() is not None for r in refs))
+    )
+    reg = ModelRegistry(model_dir)
+    refs.append(weakref.ref(reg.get("Cu", "K")))
+    for k in range(5):
+        redeploy(model_dir / "cu-k", model_dir / "cu-k", f"cu-k-swap{k}")
+        assert [e.kind for e in reg.refresh()] == ["swapped"]
+        refs.append(weakref.ref(reg.get("Cu", "K")))
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * 5 + [False]  # nothing keeps old sessions
+    # trimmed once per swap, when the replaced predictor was already gone
+    assert live_at_trim == [0] * 5
+    held = reg.get("Cu", "K")  # a caller still using the predictor when it is replaced
+    redeploy(model_dir / "cu-k", model_dir / "cu-k", "cu-k-swap-held")
+    reg.refresh()
+    assert live_at_trim == [0] * 5  # not freed yet: nothing to trim
+    del held  # freed here, but trimming waits until its sessions are gone too
+    assert live_at_trim == [0] * 5
+    assert reg.refresh() == [] and live_at_trim == [0] * 6  # trimmed at the next scan
+
+
+def test_a_facility_can_require_signed_bundles(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    private, public = generate_keypair()
+    other, _ = generate_keypair()
+    (tmp_path / "trusted.pem").write_bytes(public)
+    with pytest.raises(ValueError):
+        ModelRegistry(model_dir, trusted_keys=[b"-----BEGIN PUBLIC KEY-----\nnope\n"])
+    reg = ModelRegistry(model_dir, trusted_keys=[tmp_path / "trusted.pem"], require_signature=True)
+    assert reg.get("Cu", "K") is None
+    assert [(e.kind, e.reason) for e in reg.events] == [("refused", "signature_missing")]
+    sign_bundle(model_dir / "cu-k", other)  # signed, but not by a trusted key
+    assert [(e.kind, e.reason) for e in reg.refresh()] == [("refused", "signature_invalid")]
+    sign_bundle(model_dir / "cu-k", private)
+    assert [e.kind for e in reg.refresh()] == ["loaded"]
+    assert reg.refusal_counts() == {"signature_invalid": 1, "signature_missing": 1}
+    assert reg.status()["require_signature"] is True and reg.status()["refused"] == {}

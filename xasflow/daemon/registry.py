@@ -5,22 +5,33 @@ are ignored: :func:`xasflow.models.bundle.write_bundle` writes ``.cu-k.xxxx`` an
 into place, and parks the previous bundle as ``.cu-k.old`` for a moment.
 
 :meth:`ModelRegistry.refresh` scans the directory. A subdirectory whose fingerprint (names,
-sizes, mtimes and inodes of its files) changed since the last scan is verified and loaded
-completely, i.e. a ``Predictor`` with all ONNX sessions is constructed, and only then put
-into service by replacing the whole mapping in one assignment. ``get`` reads that mapping
-once, so a caller sees either the old or the new predictor, never a half-loaded one. If the
-bundle's files change while it loads (a copy still in progress), the result is discarded
-and the next scan tries again.
+sizes, mtimes and inodes of its entries, symlinks as links) changed since the last scan is
+verified (:func:`xasflow.models.bundle.inspect_bundle`: manifest digest, optional Ed25519
+signature against ``trusted_keys``, no symlinks, hard links or paths outside the models
+directory, every file's hash) and loaded completely, i.e. a ``Predictor`` with all ONNX
+sessions is constructed, and only then put into service by replacing the whole mapping in
+one assignment. ``get`` reads that mapping once, so a caller sees either the old or the new
+predictor, never a half-loaded one. If the bundle's files change while it loads (a copy
+still in progress), the result is discarded and the next scan tries again.
 
-A bundle that fails verification (``BundleError``) is refused: logged with the message,
-counted in ``Counters.model_refused``, reported as a ``refused`` event, and whatever served
-that element/edge before keeps serving. It is retried only when its files change.
+A bundle that fails verification is refused: logged with its reason code and message,
+counted in ``Counters.model_refused`` and per reason (:meth:`ModelRegistry.refusal_counts`,
+also the gauge ``xasflow_model_refusals{reason}``), listed by :meth:`ModelRegistry.refused`
+(read by ``/health``), reported as a ``refused`` event, and whatever served that
+element/edge before keeps serving (a predictor in memory was verified when it was loaded).
+It is retried only when its files change. The registry remembers the manifest digest of
+every ``bundle_id`` it verified; a manifest that differs under a known ``bundle_id`` is
+refused (``bundle_id_reused``). That memory lives as long as the process: after a restart
+only the digest file and, where keys are configured, the signature protect a manifest.
 
 A bundle directory that disappears is unloaded only after it has been missing for
 ``remove_after`` consecutive scans, so the brief gap in ``write_bundle``'s two renames never
 takes a model out of service. If two directories hold bundles for the same element and
-edge, the one with the later manifest ``created`` wins and the other is reported
-``shadowed``.
+edge, the one with the later manifest ``created`` wins and the other is ``shadowed``: kept
+verified on standby (not loaded, to save memory). When the serving bundle is removed, the
+best standby is verified and loaded in the same scan, before the mapping is replaced, so
+the element never goes without a model. A replaced predictor's memory is handed back to
+the operating system (``malloc_trim``) once its last user drops it.
 """
 
 from __future__ import annotations
@@ -29,74 +40,34 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from xasflow.daemon.counters import Counters
-from xasflow.models.bundle import MANIFEST, BundleError, read_manifest
+from xasflow.daemon.registry_events import (
+    Fingerprint,
+    Rank,
+    Refusal,
+    RegistryEvent,
+    ServingEntry,
+    Standby,
+    fingerprint,
+    release_memory,
+)
+from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
+from xasflow.models.integrity import load_public_key
 from xasflow.models.predictor import Predictor
 
-__all__ = ["ModelRegistry", "RegistryEvent"]
+__all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
 
 logger = logging.getLogger(__name__)
-
-EventKind = Literal["loaded", "swapped", "refused", "removed", "shadowed", "error"]
-Fingerprint = tuple[tuple[str, int, int, int], ...]
-
-
-@dataclass(frozen=True)
-class RegistryEvent:
-    """Something a scan did: a bundle loaded, swapped in, refused, removed or shadowed."""
-
-    kind: EventKind
-    directory: str
-    element: str | None = None
-    edge: str | None = None
-    bundle_id: str | None = None
-    previous: str | None = None  # bundle id replaced (swapped) or unloaded (removed)
-    message: str = ""
-    time: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (for logs, health and the dashboard)."""
-        return {
-            "kind": self.kind,
-            "directory": self.directory,
-            "element": self.element,
-            "edge": self.edge,
-            "bundle_id": self.bundle_id,
-            "previous": self.previous,
-            "message": self.message,
-            "time": self.time,
-        }
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A loaded bundle in service."""
-
-    predictor: Predictor
-    directory: str
-    fingerprint: Fingerprint
-    loaded_at: float
 
 
 def _key(element: str, edge: str) -> tuple[str, str]:
     return element.strip().capitalize(), edge.strip().upper()
-
-
-def fingerprint(directory: Path) -> Fingerprint:
-    """Names, sizes, mtimes and inodes of a directory's files: changes on any rewrite or rename."""
-    items = []
-    with os.scandir(directory) as it:
-        for entry in it:
-            if entry.is_file(follow_symlinks=True):
-                st = entry.stat(follow_symlinks=True)
-                items.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(sorted(items))
 
 
 class ModelRegistry:
@@ -111,11 +82,17 @@ class ModelRegistry:
         remove_after: int = 2,
         scan: bool = True,
         loader: Callable[[Path], Predictor] | None = None,
+        require_digest: bool = True,
+        trusted_keys: Sequence[str | bytes | Path] = (),
+        require_signature: bool = False,
     ) -> None:
         """``scan``: run the first :meth:`refresh` now (its events are in :attr:`events`).
 
         ``loader`` builds a Predictor from a bundle directory (default ``Predictor(dir,
         threads)``); it must raise ``BundleError`` for a bundle that does not verify.
+        ``require_digest``, ``trusted_keys`` (Ed25519 public keys, PEM text or file paths) and
+        ``require_signature`` are passed to :func:`~xasflow.models.bundle.inspect_bundle`;
+        a key that does not load as an Ed25519 public key raises ValueError here.
         """
         if remove_after < 1:
             raise ValueError("remove_after must be >= 1")
@@ -123,13 +100,21 @@ class ModelRegistry:
         self.counters = counters if counters is not None else Counters()
         self.threads = threads
         self.remove_after = remove_after
+        self.require_digest = require_digest
+        self.trusted_keys = tuple(trusted_keys)
+        for key in self.trusted_keys:  # a misconfigured key fails here, not at every bundle
+            load_public_key(key)
+        self.require_signature = require_signature
         self._loader = loader or (lambda path: Predictor(path, threads=self.threads))
-        self._models: dict[tuple[str, str], _Entry] = {}  # replaced whole, never mutated
+        self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
         self._seen: dict[str, Fingerprint] = {}  # dir name -> fingerprint last judged
-        self._refused: dict[str, str] = {}  # dir name -> message, while it stays refused
+        self._refused: dict[str, Refusal] = {}  # dir name -> why, while it stays refused
         self._missing: dict[str, int] = {}  # dir name of a serving bundle -> scans missing
-        self._shadowed: set[str] = set()  # dir names of bundles another directory outranks
+        self._standby: dict[str, Standby] = {}  # dir names of verified, outranked bundles
+        self._digests: dict[str, str] = {}  # bundle_id -> manifest sha256, life of process
+        self._refusal_counts: dict[str, int] = {}
         self._refresh_lock = threading.Lock()
+        self._released = threading.Event()  # a predictor was freed: trim at the next refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dir_warned = False
@@ -163,6 +148,7 @@ class ModelRegistry:
                     "created": m.created,
                     "code_version": m.code_version,
                     "loaded_at": entry.loaded_at,
+                    "manifest_sha256": entry.digest,
                     "tasks": sorted(m.tasks),
                     "metrics": {name: dict(task.metrics) for name, task in m.tasks.items()},
                 }
@@ -170,8 +156,35 @@ class ModelRegistry:
         return out
 
     def refused(self) -> dict[str, str]:
-        """Bundle directories currently refused, with the reason."""
+        """Bundle directories currently refused, with ``"reason: message"``."""
+        return {name: f"{r.reason}: {r.message}" for name, r in self._refused.items()}
+
+    def refusals(self) -> dict[str, Refusal]:
+        """Bundle directories currently refused, with their :class:`Refusal`."""
         return dict(self._refused)
+
+    def refusal_counts(self) -> dict[str, int]:
+        """Refusals since start, by reason code (each judgement of a changed bundle counts once)."""
+        return dict(sorted(self._refusal_counts.items()))
+
+    def standby(self) -> dict[str, str]:
+        """Verified bundle directories outranked by another (dir name -> bundle id's key)."""
+        return {name: f"{s.key[0]}-{s.key[1]} {s.rank[1]}" for name, s in self._standby.items()}
+
+    def status(self) -> dict[str, Any]:
+        """Everything health needs in one JSON-ready dict: serving, standby and refusals."""
+        return {
+            "serving": self.models(),
+            "standby": self.standby(),
+            "refused": {
+                name: {"reason": r.reason, "message": r.message, "time": r.time}
+                for name, r in self._refused.items()
+            },
+            "refusals_by_reason": self.refusal_counts(),
+            "require_digest": self.require_digest,
+            "require_signature": self.require_signature,
+            "trusted_keys": len(self.trusted_keys),
+        }
 
     # ------------------------------------------------------------------ scanning
 
@@ -179,6 +192,9 @@ class ModelRegistry:
         """Scan the directory once; load, swap, refuse or remove bundles. Returns what happened."""
         with self._refresh_lock:
             events = self._refresh()
+            if self._released.is_set():  # a replaced predictor and its sessions are gone now
+                self._released.clear()
+                release_memory()
         for ev in events:
             self.events.append(ev)
             if ev.kind in ("refused", "error"):
@@ -189,26 +205,26 @@ class ModelRegistry:
                 logger.info("model %s: %s", ev.kind, ev.message)
         return events
 
-    def _refresh(self) -> list[RegistryEvent]:
-        events: list[RegistryEvent] = []
+    def _list(self, events: list[RegistryEvent]) -> list[str]:
         try:
             names = sorted(
                 e.name
                 for e in os.scandir(self.directory)
                 if e.is_dir() and not e.name.startswith(".")
             )
-            self._dir_warned = False
         except OSError as exc:
             if not self._dir_warned:
                 self._dir_warned = True
-                events.append(
-                    RegistryEvent(
-                        "error", str(self.directory), message=f"cannot read model directory: {exc}"
-                    )
-                )
-            names = []
+                msg = f"cannot read model directory: {exc}"
+                events.append(RegistryEvent("error", str(self.directory), message=msg))
+            return []
+        self._dir_warned = False
+        return names
+
+    def _refresh(self) -> list[RegistryEvent]:
+        events: list[RegistryEvent] = []
+        names = self._list(events)
         models = dict(self._models)
-        changed = False
         present = set(names)
         for name in names:
             path = self.directory / name
@@ -220,23 +236,10 @@ class ModelRegistry:
                 continue
             if not any(item[0] == MANIFEST for item in fp):
                 continue  # not (yet) a bundle; not judged, so it is looked at again next scan
-            ev, entry = self._load(name, path, fp, models)
-            if ev is not None:
-                events.append(ev)
-            if entry is None:
-                continue
-            key = _key(entry.predictor.manifest.element, entry.predictor.manifest.edge)
-            for old_key, old in list(models.items()):
-                if old.directory == entry.directory and old_key != key:
-                    models.pop(old_key)  # the directory now holds another element/edge
-                    self.counters.set_model(*old_key, None)
-            previous = models.get(key)
-            if previous is not None and previous.directory != entry.directory:
-                self._shadowed.add(Path(previous.directory).name)  # outranked, may come back
-            models[key] = entry
-            self.counters.set_model(*key, entry.predictor.bundle_id)
-            changed = True
-        # directories of serving bundles that went away
+            entry = self._judge(name, path, fp, models, events)
+            if entry is not None:
+                self._serve(entry, models, present, events)
+        # directories of serving bundles that went away: the best standby takes over now
         for key, entry in list(models.items()):
             name = Path(entry.directory).name
             if name in present:
@@ -248,97 +251,180 @@ class ModelRegistry:
             models.pop(key)
             self._missing.pop(name, None)
             self._seen.pop(name, None)
-            self.counters.set_model(*key, None)
-            for other in self._shadowed:  # let a shadowed bundle take over on the next scan
-                self._seen.pop(other, None)
-            self._shadowed.clear()
+            after: list[RegistryEvent] = []
+            successor = self._takeover(key, models, present, after)
+            tail = f"{successor} takes over" if successor else "has no model now"
             events.append(
                 RegistryEvent(
                     "removed",
                     entry.directory,
                     *key,
                     previous=entry.predictor.bundle_id,
-                    message=f"{entry.directory} is gone; {key[0]} {key[1]} has no model now",
+                    message=f"{entry.directory} is gone; {key[0]} {key[1]} {tail}",
                 )
             )
-            changed = True
+            events.extend(after)
         for name in list(self._seen):
             if name not in present:
                 self._seen.pop(name, None)
                 self._refused.pop(name, None)
-                self._shadowed.discard(name)
-        if changed:
+        for name in list(self._standby):
+            if name not in present:
+                self._standby.pop(name)
+        if models != self._models:
+            for key in self._models.keys() - models.keys():
+                self.counters.set_model(*key, None)
+            for key, entry in models.items():
+                self.counters.set_model(*key, entry.predictor.bundle_id)
             self._models = models  # the one assignment that puts new predictors in service
         return events
 
-    def _load(
+    def _verify(self, path: Path) -> Any:
+        return inspect_bundle(
+            path,
+            root=self.directory,
+            require_digest=self.require_digest,
+            trusted_keys=self.trusted_keys,
+            require_signature=self.require_signature,
+        )
+
+    def _judge(
         self,
         name: str,
         path: Path,
         fp: Fingerprint,
-        models: dict[tuple[str, str], _Entry],
-    ) -> tuple[RegistryEvent | None, _Entry | None]:
-        """Verify and fully construct the predictor of one changed bundle directory."""
+        models: dict[tuple[str, str], ServingEntry],
+        events: list[RegistryEvent],
+    ) -> ServingEntry | None:
+        """Verify one changed bundle directory; load it if it should serve. The entry or None."""
+        try:
+            verified = self._verify(path)
+        except BundleError as exc:
+            events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
+            return None
+        except Exception as exc:  # a defect nobody foresaw is still a counted refusal
+            msg = f"{path}: {type(exc).__name__}: {exc}"
+            events.append(self._refuse(name, path, fp, "invalid", msg))
+            return None
+        m = verified.manifest
+        known = self._digests.get(m.bundle_id)
+        if known is not None and known != verified.digest:
+            msg = (
+                f"{path}: its manifest differs from the one verified earlier under bundle_id "
+                f"{m.bundle_id!r} (sha256 {known[:12]}…, now {verified.digest[:12]}…); a changed "
+                f"bundle needs a new bundle_id"
+            )
+            events.append(self._refuse(name, path, fp, "bundle_id_reused", msg))
+            return None
+        key = _key(m.element, m.edge)
+        rank: Rank = (m.created, m.bundle_id)
+        current = models.get(key)
+        if current is not None and current.directory != str(path) and rank <= current.rank:
+            cur = current.predictor.manifest
+            msg = (
+                f"{path} ({m.bundle_id}) is older than {current.directory} "
+                f"({cur.bundle_id}) for {key[0]} {key[1]}; kept on standby"
+            )
+            self._accept(name, fp, m.bundle_id, verified.digest)
+            self._standby[name] = Standby(key, rank)
+            events.append(RegistryEvent("shadowed", str(path), *key, m.bundle_id, message=msg))
+            return None
+        same_dir = current is not None and current.directory == str(path)
+        if same_dir and current.digest == verified.digest:  # type: ignore[union-attr]
+            self._accept(name, fp, m.bundle_id, verified.digest)
+            return None  # same content under a new fingerprint (touched, re-copied)
         try:
             predictor = self._loader(path)
         except BundleError as exc:
-            return self._refuse(name, path, fp, str(exc)), None
+            events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
+            return None
         except Exception as exc:  # onnxruntime cannot build a session, unreadable file, ...
-            return self._refuse(name, path, fp, f"{path}: {type(exc).__name__}: {exc}"), None
+            msg = f"{path}: {type(exc).__name__}: {exc}"
+            events.append(self._refuse(name, path, fp, "load_error", msg))
+            return None
         try:
             after = fingerprint(path)
         except OSError:
             after = ()
-        if after != fp:
-            return None, None  # changed while loading (a copy in progress): next scan
+        if after != fp or predictor.manifest != m:
+            return None  # changed while loading (a copy in progress): next scan
+        self._accept(name, fp, m.bundle_id, verified.digest)
+        # set as the predictor dies, before its sessions are freed: refresh() trims afterwards
+        weakref.finalize(predictor, self._released.set).atexit = False
+        entry = ServingEntry(predictor, str(path), fp, time.time(), verified.digest, rank)
+        if current is None:
+            msg = f"{m.bundle_id} serves {key[0]} {key[1]} (from {path})"
+            events.append(RegistryEvent("loaded", str(path), *key, m.bundle_id, message=msg))
+            return entry
+        self.counters.model_swapped()
+        prev = current.predictor.bundle_id
+        msg = f"{m.bundle_id} replaces {prev} for {key[0]} {key[1]}"
+        events.append(RegistryEvent("swapped", str(path), *key, m.bundle_id, prev, msg))
+        return entry
+
+    def _accept(self, name: str, fp: Fingerprint, bundle_id: str, digest: str) -> None:
+        """Record a verified bundle directory as judged."""
         self._seen[name] = fp
         self._refused.pop(name, None)
-        self._shadowed.discard(name)
-        m = predictor.manifest
-        key = _key(m.element, m.edge)
-        current = models.get(key)
-        entry = _Entry(predictor, str(path), fp, time.time())
-        if current is None:
-            return (
-                RegistryEvent(
-                    "loaded",
-                    str(path),
-                    *key,
-                    bundle_id=m.bundle_id,
-                    message=f"{m.bundle_id} serves {key[0]} {key[1]} (from {path})",
-                ),
-                entry,
-            )
-        if current.directory != str(path):
-            cur = current.predictor.manifest
-            if (m.created, m.bundle_id) <= (cur.created, cur.bundle_id):
-                msg = (
-                    f"{path} ({m.bundle_id}) is older than {current.directory} "
-                    f"({cur.bundle_id}) for {key[0]} {key[1]}; not used"
-                )
-                self._shadowed.add(name)
-                return RegistryEvent("shadowed", str(path), *key, m.bundle_id, message=msg), None
-        if current.predictor.manifest == m and current.directory == str(path):
-            return None, None  # same content under a new fingerprint (touched, re-copied)
-        self.counters.model_swapped()
-        return (
-            RegistryEvent(
-                "swapped",
-                str(path),
-                *key,
-                bundle_id=m.bundle_id,
-                previous=current.predictor.bundle_id,
-                message=(
-                    f"{m.bundle_id} replaces {current.predictor.bundle_id} for {key[0]} {key[1]}"
-                ),
-            ),
-            entry,
-        )
+        self._standby.pop(name, None)
+        self._digests.setdefault(bundle_id, digest)
 
-    def _refuse(self, name: str, path: Path, fp: Fingerprint, message: str) -> RegistryEvent:
+    def _serve(
+        self,
+        entry: ServingEntry,
+        models: dict[tuple[str, str], ServingEntry],
+        present: set[str],
+        events: list[RegistryEvent],
+    ) -> None:
+        """Put a loaded entry into ``models``; what it displaces goes to standby."""
+        m = entry.predictor.manifest
+        key = _key(m.element, m.edge)
+        for old_key, old in list(models.items()):
+            if old.directory == entry.directory and old_key != key:
+                models.pop(old_key)  # the directory now holds another element/edge
+                self._takeover(old_key, models, present, events)
+        previous = models.get(key)
+        if previous is not None and previous.directory != entry.directory:
+            self._standby[Path(previous.directory).name] = Standby(key, previous.rank)
+        models[key] = entry
+
+    def _takeover(
+        self,
+        key: tuple[str, str],
+        models: dict[tuple[str, str], ServingEntry],
+        present: set[str],
+        events: list[RegistryEvent],
+    ) -> str | None:
+        """Load the best standby bundle for ``key`` into ``models`` now; its bundle id or None."""
+        candidates = sorted(
+            ((s.rank, name) for name, s in self._standby.items() if s.key == key),
+            reverse=True,
+        )
+        for _rank, name in candidates:
+            self._standby.pop(name, None)
+            self._seen.pop(name, None)  # judged again now, or at the next scan if it fails
+            if name not in present:
+                continue
+            path = self.directory / name
+            try:
+                fp = fingerprint(path)
+            except OSError:
+                continue
+            entry = self._judge(name, path, fp, models, events)
+            if entry is not None:
+                self._serve(entry, models, present, events)
+                return entry.predictor.bundle_id
+        return None
+
+    def _refuse(
+        self, name: str, path: Path, fp: Fingerprint, reason: str, message: str
+    ) -> RegistryEvent:
         self._seen[name] = fp
-        self._refused[name] = message
+        self._refused[name] = Refusal(reason, message)
+        self._standby.pop(name, None)
+        self._refusal_counts[reason] = self._refusal_counts.get(reason, 0) + 1
         self.counters.model_refusal()
+        self.counters.set_gauge("model_refusals", self._refusal_counts[reason], reason=reason)
         element = edge = None
         try:
             m = read_manifest(path)
@@ -348,7 +434,12 @@ class ModelRegistry:
         kept = self.get(element, edge) if element and edge else None
         suffix = f"; still serving {kept.bundle_id}" if kept is not None else ""
         return RegistryEvent(
-            "refused", str(path), element, edge, message=f"refused bundle: {message}{suffix}"
+            "refused",
+            str(path),
+            element,
+            edge,
+            message=f"refused bundle ({reason}): {message}{suffix}",
+            reason=reason,
         )
 
     # ------------------------------------------------------------------ watching

@@ -1,8 +1,10 @@
 """Model bundles: a directory of ONNX graphs plus a ``manifest.json`` that verifies them.
 
-A bundle is what training exports and what the daemon loads. Loading checks the schema
-version and the sha256 of every file the manifest lists, so a tampered or half-copied
-bundle is refused with a message that names the file. Nothing here unpickles anything.
+A bundle is what training exports and what the daemon loads. Loading checks the manifest's
+own digest (``manifest.sha256``, optionally an Ed25519 ``manifest.sig``; see
+:mod:`xasflow.models.integrity`), the schema version and the sha256 of every file the
+manifest lists, so a tampered, unsealed or half-copied bundle is refused with a message that
+names the file and a reason code. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,11 +14,25 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from xasflow.models.integrity import (
+    DIGEST,
+    SIGNATURE,
+    BundleError,
+    check_layout,
+    format_digest,
+    load_private_key,
+    load_public_key,
+    parse_digest,
+    sign_bytes,
+    verify_signature,
+)
 from xasflow.spectra import FeatureSpec, PrepParams
 
 SCHEMA_VERSION = 2
@@ -25,10 +41,6 @@ READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 
 Estimator = Literal["extra_trees", "random_forest", "mlp", "cnn", "ensemble"]
-
-
-class BundleError(RuntimeError):
-    """A bundle that cannot be used; the message says which file and why."""
 
 
 class MemberSpec(BaseModel):
@@ -143,55 +155,219 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(directory: str | Path) -> Manifest:
-    """Parse and schema-check ``manifest.json`` (no hash check; see :func:`verify_bundle`)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{directory}: no {MANIFEST}; not a model bundle (or a partial copy)")
+def _parse_manifest(path: Path, raw_bytes: bytes) -> Manifest:
+    """Schema-check manifest bytes read from ``path``."""
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable manifest: {exc}") from exc
+        raw = json.loads(raw_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}", "manifest_unreadable") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version not in READABLE_SCHEMAS:
         raise BundleError(
-            f"{path}: schema_version {version!r}, this xasflow reads {list(READABLE_SCHEMAS)}"
+            f"{path}: schema_version {version!r}, this xasflow reads {list(READABLE_SCHEMAS)}",
+            "schema_version",
         )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleError(f"{path}: invalid manifest: {exc}") from exc
+        raise BundleError(f"{path}: invalid manifest: {exc}", "manifest_invalid") from exc
 
 
-def verify_bundle(directory: str | Path) -> Manifest:
-    """Read the manifest and check every listed file's sha256; raise BundleError on any mismatch."""
+def _manifest_bytes(directory: Path) -> bytes:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{directory}: no {MANIFEST}; not a model bundle (or a partial copy)", "not_a_bundle"
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}", "manifest_unreadable") from exc
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse and schema-check ``manifest.json`` (no hash check; see :func:`verify_bundle`)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    return _parse_manifest(directory / MANIFEST, _manifest_bytes(directory))
+
+
+# ---------------------------------------------------------------------------- integrity
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle that passed every check: its manifest, the manifest's sha256 and its signer."""
+
+    manifest: Manifest
+    digest: str  # sha256 of manifest.json's exact bytes
+    signed_by: str | None = None  # key id of the trusted key that verified manifest.sig
+
+
+def inspect_bundle(
+    directory: str | Path,
+    *,
+    root: str | Path | None = None,
+    require_digest: bool = True,
+    trusted_keys: Sequence[str | bytes | Path] = (),
+    require_signature: bool = False,
+) -> VerifiedBundle:
+    """Verify a bundle completely (see :func:`verify_bundle`) and say what was verified."""
+    directory = Path(directory)
+    check_layout(directory, None if root is None else Path(root))
+    data = _manifest_bytes(directory)
+    digest = hashlib.sha256(data).hexdigest()
+    digest_path = directory / DIGEST
+    if digest_path.is_file():
+        try:
+            expected = parse_digest(digest_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise BundleError(
+                f"{digest_path}: unreadable digest: {exc}", "digest_mismatch"
+            ) from exc
+        if expected != digest:
+            raise BundleError(
+                f"{directory}: {MANIFEST} does not match {DIGEST} (expected "
+                f"{expected[:12]}…, found {digest[:12]}…); the manifest was edited after the "
+                f"bundle was sealed; refusing it",
+                "digest_mismatch",
+            )
+    elif require_digest:
+        raise BundleError(
+            f"{directory}: no {DIGEST}, so {MANIFEST} itself is not covered by a hash; "
+            f"re-export the bundle, or seal a bundle you trust with "
+            f"`xasflow bundle seal {directory}` (xasflow.models.bundle.seal_bundle)",
+            "digest_missing",
+        )
+    signed_by = None
+    sig_path = directory / SIGNATURE
+    keys = [load_public_key(k) for k in trusted_keys]
+    if require_signature and not keys:
+        raise BundleError(
+            f"{directory}: signed bundles are required but no trusted public key is configured",
+            "signature_missing",
+        )
+    if keys and sig_path.is_file():
+        try:
+            sig_text = sig_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{sig_path}: unreadable: {exc}", "signature_invalid") from exc
+        signed_by = verify_signature(data, sig_text, keys, str(directory))
+    elif require_signature:
+        raise BundleError(
+            f"{directory}: no {SIGNATURE}; this daemon serves only signed bundles "
+            f"(sign with `xasflow bundle sign {directory} --key PRIVATE.pem`)",
+            "signature_missing",
+        )
+    manifest = _parse_manifest(directory / MANIFEST, data)
+    _check_files(directory, manifest)
+    return VerifiedBundle(manifest, digest, signed_by)
+
+
+def _check_files(directory: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists is present and matches its sha256."""
     needed = manifest.graph_files()
     unlisted = needed - set(manifest.files)
     if unlisted:
-        raise BundleError(f"{directory}: task files not covered by hashes: {sorted(unlisted)}")
+        raise BundleError(
+            f"{directory}: task files not covered by hashes: {sorted(unlisted)}", "file_unlisted"
+        )
     for name, expected in manifest.files.items():
-        if Path(name).name != name:
-            raise BundleError(f"{directory}: manifest names a file outside the bundle: {name!r}")
+        if Path(name).name != name or name in (MANIFEST, DIGEST, SIGNATURE, "", ".", ".."):
+            raise BundleError(
+                f"{directory}: manifest names a file outside the bundle: {name!r}", "bad_file_name"
+            )
         path = directory / name
         if not path.is_file():
-            raise BundleError(f"{directory}: missing file {name} (partial bundle?)")
-        actual = sha256_file(path)
+            raise BundleError(f"{directory}: missing file {name} (partial bundle?)", "file_missing")
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"{directory}: unreadable file {name}: {exc}", "invalid") from exc
         if actual != expected:
             raise BundleError(
                 f"{directory}: {name} does not match its manifest hash "
-                f"(expected {expected[:12]}…, found {actual[:12]}…); refusing a modified bundle"
+                f"(expected {expected[:12]}…, found {actual[:12]}…); refusing a modified bundle",
+                "file_mismatch",
             )
-    return manifest
 
 
-def write_bundle(directory: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Path:
-    """Write a bundle atomically: files and manifest go to a temp dir that is renamed into place.
+def verify_bundle(
+    directory: str | Path,
+    *,
+    root: str | Path | None = None,
+    require_digest: bool = True,
+    trusted_keys: Sequence[str | bytes | Path] = (),
+    require_signature: bool = False,
+) -> Manifest:
+    """Check a bundle before use; raise BundleError (with a ``reason``) on any defect.
 
-    Hashes are computed here, so the manifest's ``files`` is filled in. An existing bundle at
-    ``directory`` is replaced only after the new one is complete, so a watcher never sees a
-    half-written bundle.
+    Checks: no symlinks or hard links (and, with ``root``, a bundle directory that really
+    lies in ``root``); ``manifest.sha256`` matches the manifest's bytes (required unless
+    ``require_digest`` is False); ``manifest.sig`` verifies with one of ``trusted_keys`` (PEM
+    text or paths) when keys are given, and must exist with ``require_signature``; the schema;
+    every listed file's sha256.
+    """
+    return inspect_bundle(
+        directory,
+        root=root,
+        require_digest=require_digest,
+        trusted_keys=trusted_keys,
+        require_signature=require_signature,
+    ).manifest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seal_bundle(directory: str | Path, *, force: bool = False) -> str:
+    """Write ``manifest.sha256`` for an existing bundle whose files match its manifest.
+
+    For bundles exported before digests existed. A bundle that already has a digest that does
+    not match (an edited manifest) is refused unless ``force``. Returns the hex digest.
+    """
+    directory = Path(directory)
+    try:
+        inspect_bundle(directory, require_digest=False)
+    except BundleError as exc:
+        if not (force and exc.reason == "digest_mismatch"):
+            raise
+        _check_files(directory, read_manifest(directory))
+    data = _manifest_bytes(directory)
+    _write_atomic(directory / DIGEST, format_digest(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def sign_bundle(
+    directory: str | Path, private_key_pem: str | bytes | Path, password: bytes | None = None
+) -> str:
+    """Sign a verified, sealed bundle's manifest with an Ed25519 key; returns the key id.
+
+    Writes ``manifest.sig``; daemons configured with the matching public key then accept it.
+    """
+    directory = Path(directory)
+    inspect_bundle(directory)
+    key = load_private_key(private_key_pem, password)
+    text = sign_bytes(_manifest_bytes(directory), key)
+    _write_atomic(directory / SIGNATURE, text)
+    return json.loads(text)["key_id"]
+
+
+def write_bundle(
+    directory: str | Path,
+    manifest: Manifest,
+    files: dict[str, bytes],
+    *,
+    signing_key: str | bytes | Path | None = None,
+) -> Path:
+    """Write a bundle atomically: files, manifest and its digest go to a temp dir renamed into place.
+
+    Hashes are computed here, so the manifest's ``files`` is filled in and ``manifest.sha256``
+    written (and ``manifest.sig`` with ``signing_key``, an Ed25519 private key PEM). An existing
+    bundle at ``directory`` is replaced only after the new one is complete, so a watcher never
+    sees a half-written bundle.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +376,17 @@ def write_bundle(directory: str | Path, manifest: Manifest, files: dict[str, byt
     try:
         hashes: dict[str, str] = {}
         for name, data in files.items():
+            if Path(name).name != name or name in (MANIFEST, DIGEST, SIGNATURE):
+                raise BundleError(f"bundle file name {name!r} is not allowed", "bad_file_name")
             (tmp / name).write_bytes(data)
             hashes[name] = hashlib.sha256(data).hexdigest()
         final = manifest.model_copy(update={"files": hashes})
-        (tmp / MANIFEST).write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+        text = json.dumps(final.model_dump(mode="json"), indent=2) + "\n"
+        (tmp / MANIFEST).write_text(text)
+        (tmp / DIGEST).write_text(format_digest(text.encode()))
+        if signing_key is not None:
+            key = load_private_key(signing_key)
+            (tmp / SIGNATURE).write_text(sign_bytes(text.encode(), key))
         verify_bundle(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")

@@ -1,0 +1,155 @@
+"""Bundle integrity: the manifest's own digest, Ed25519 signatures, symlinks and hard links."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xasflow.models.bundle import (
+    BundleError,
+    inspect_bundle,
+    read_manifest,
+    seal_bundle,
+    sign_bundle,
+    verify_bundle,
+    write_bundle,
+)
+from xasflow.models.integrity import DIGEST, SIGNATURE, generate_keypair, key_id, load_public_key
+
+
+@pytest.fixture
+def copy(tiny_cu_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_cu_bundle, tmp_path / "models" / "cu-k"))
+
+
+def refused(reason: str, directory: Path, **kw: object) -> str:
+    with pytest.raises(BundleError) as info:
+        verify_bundle(directory, **kw)  # type: ignore[arg-type]
+    assert info.value.reason == reason, str(info.value)
+    return str(info.value)
+
+
+def edit(directory: Path, change) -> None:  # type: ignore[no-untyped-def]
+    path = directory / "manifest.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def test_written_bundles_are_sealed_in_sha256sum_format(copy: Path) -> None:
+    data = (copy / "manifest.json").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert (copy / DIGEST).read_text() == f"{digest}  manifest.json\n"
+    assert inspect_bundle(copy).digest == digest
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", DIGEST], cwd=copy, check=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["tasks"]["cn"].update(classes=d["tasks"]["cn"]["classes"][::-1]),
+        lambda d: d["tasks"]["motifs"].update(threshold=0.99),
+        lambda d: d.update(element="Fe"),
+    ],
+    ids=["classes-reversed", "threshold", "element"],
+)
+def test_an_edited_manifest_is_refused(copy: Path, change) -> None:  # type: ignore[no-untyped-def]
+    verify_bundle(copy)
+    edit(copy, change)
+    message = refused("digest_mismatch", copy)
+    assert "manifest.json does not match manifest.sha256" in message
+
+
+def test_unsealed_bundle_is_refused_with_the_fix_and_can_be_sealed(copy: Path) -> None:
+    (copy / DIGEST).unlink()
+    message = refused("digest_missing", copy)
+    assert "xasflow bundle seal" in message and "seal_bundle" in message
+    assert verify_bundle(copy, require_digest=False).bundle_id == read_manifest(copy).bundle_id
+    digest = seal_bundle(copy)
+    assert inspect_bundle(copy).digest == digest
+    assert seal_bundle(copy) == digest  # sealing twice changes nothing
+    # sealing never blesses an edited manifest or modified files without being told to
+    edit(copy, lambda d: d.update(element="Fe"))
+    with pytest.raises(BundleError, match=r"does not match manifest\.sha256"):
+        seal_bundle(copy)
+    seal_bundle(copy, force=True)
+    assert verify_bundle(copy).element == "Fe"
+    data = bytearray((copy / "cn.onnx.gz").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "cn.onnx.gz").write_bytes(bytes(data))
+    with pytest.raises(BundleError) as info:
+        seal_bundle(copy, force=True)
+    assert info.value.reason == "file_mismatch"
+
+
+def test_symlinks_hard_links_and_outside_directories_are_refused(
+    copy: Path, tmp_path: Path
+) -> None:
+    outside = Path(shutil.copytree(copy, tmp_path / "elsewhere" / "cu-k"))
+    # an identical file, but reached through a link
+    (copy / "cn.onnx.gz").unlink()
+    (copy / "cn.onnx.gz").symlink_to(outside / "cn.onnx.gz")
+    assert "cn.onnx.gz is a symbolic link" in refused("symlink", copy)
+    (copy / "cn.onnx.gz").unlink()
+    os.link(outside / "cn.onnx.gz", copy / "cn.onnx.gz")
+    refused("hardlink", copy)
+    (copy / "cn.onnx.gz").unlink()
+    shutil.copy(outside / "cn.onnx.gz", copy / "cn.onnx.gz")
+    verify_bundle(copy, root=copy.parent)
+    # the bundle directory itself a link, and a bundle checked against another models dir
+    link = copy.parent / "cu-link"
+    link.symlink_to(outside, target_is_directory=True)
+    assert "directory is a symbolic link" in refused("symlink", link, root=copy.parent)
+    refused("outside_models_dir", outside, root=copy.parent)
+    # a stray link in the bundle (not listed in the manifest) is refused too
+    (copy / "README").symlink_to("/etc/hostname")
+    refused("symlink", copy)
+
+
+def test_signed_bundles(copy: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    private, public = generate_keypair()
+    other_private, other_public = generate_keypair()
+    (tmp_path / "trusted.pem").write_bytes(public)
+    keys = [tmp_path / "trusted.pem"]
+    # a facility that requires signatures refuses unsigned bundles
+    assert "xasflow bundle sign" in refused(
+        "signature_missing", copy, trusted_keys=keys, require_signature=True
+    )
+    refused("signature_missing", copy, require_signature=True)  # and no key configured
+    signer = sign_bundle(copy, private)
+    assert signer == key_id(load_public_key(public))
+    assert json.loads((copy / SIGNATURE).read_text())["key_id"] == signer
+    found = inspect_bundle(copy, trusted_keys=keys, require_signature=True)
+    assert found.signed_by == signer
+    assert inspect_bundle(copy, trusted_keys=[str(keys[0])]).signed_by == signer  # path as str
+    refused("signature_invalid", copy, trusted_keys=[other_public])  # an untrusted signer
+    # an edited manifest whose digest was recomputed still fails the signature
+    edit(copy, lambda d: d.update(element="Fe"))
+    seal_bundle(copy, force=True)
+    verify_bundle(copy)  # the digest alone cannot tell
+    assert "does not verify manifest.json" in refused("signature_invalid", copy, trusted_keys=keys)
+    (copy / SIGNATURE).write_text("{not json")
+    assert "malformed" in refused("signature_invalid", copy, trusted_keys=keys)
+    # write_bundle signs when given a key
+    m = read_manifest(copy).model_copy(update={"element": "Cu", "bundle_id": "cu-k-signed"})
+    files = {n: (copy / n).read_bytes() for n in m.files}
+    out = write_bundle(tmp_path / "signed", m, files, signing_key=other_private)
+    assert inspect_bundle(out, trusted_keys=[other_public]).signed_by == key_id(
+        load_public_key(other_public)
+    )
+
+
+def test_reserved_names_cannot_be_bundle_files(copy: Path, tmp_path: Path) -> None:
+    m = read_manifest(copy)
+    with pytest.raises(BundleError) as info:
+        write_bundle(tmp_path / "x", m, {DIGEST: b"0" * 64})
+    assert info.value.reason == "bad_file_name"
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,54 @@
+"""The fault bench's short catalogue against the real proxy and daemon (bench/faults.py --quick).
+
+Every fault must be survived, every bad input counted, and nothing tampered served or lost
+unseen: the same figures the full bench reports. (SIGKILL and the restart it needs, hence
+``published_not_stored``, run only in the full bench.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bluesky.callbacks.zmq")
+pytest.importorskip("zmq")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import faults
+
+
+@pytest.mark.timeout(240)
+def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
+    result = faults.run_bench(argparse.Namespace(quick=True, models=tiny_cu_bundle))
+    failed = [f for f in result["faults"] if not f["survived"]]
+    assert failed == []
+    assert result["faults_tried"] == result["faults_survived"] >= 12
+    names = {f["fault"] for f in result["faults"]}
+    assert {"tamper_manifest", "tamper_manifest_same_id", "symlink_dir", "bundle_removal"} <= names
+    assert result["tampered_bundles_served"] == 0
+    assert result["bad_inputs_tried"] == result["bad_inputs_counted"] > 30
+    assert result["silent_losses"] == 0
+    stall = next(f for f in result["faults"] if f["fault"] == "sigstop_under_load")
+    assert stall["ok"] + stall["rejected"] + stall["lost"] == 20 and stall["silent"] == 0
+    removal = next(f for f in result["faults"] if f["fault"] == "bundle_removal")
+    assert removal["no_model"] == 0 and removal["ok"] == 15
+    refused = {f["fault"]: f["reason"] for f in result["faults"] if "reason" in f}
+    assert refused == {
+        "tamper_bytes": "file_mismatch",
+        "tamper_manifest": "digest_mismatch",
+        "tamper_digest": "digest_mismatch",
+        "symlink_file": "symlink",
+        "symlink_dir": "symlink",
+        "tamper_manifest_same_id": "bundle_id_reused",
+    }
+    # every refusal reached /metrics by reason (xasflow_model_refusals{reason})
+    assert result["refusals_by_reason"] == {
+        "bundle_id_reused": 1,
+        "digest_mismatch": 2,
+        "file_mismatch": 1,
+        "symlink": 2,
+    }
+    assert result["max_rss_growth_mb"] is not None
