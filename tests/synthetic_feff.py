@@ -28,6 +28,22 @@ PROTOTYPES = {
     "CuO": ("Fm-3m", 4.20, ["Cu", "O"], [[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], 4.0, 1.6, 6.0),
 }
 XMU_HEADER = "# Synthetic test spectrum, FEFF xmu.dat layout\n#  Abs   Z=29 Rmt= 1.2 Rnm= 1.3 K  shell\n#  omega    e    k    mu    mu0     chi\n"
+#: FEFF 9 writes the SCF Fermi level and interstitial values in this header line
+INTERSTITIAL = "# # Mu={mu:.3E}eV kf=2.090E+00 Vint=-2.132E+01eV Rs_int= 1.736\n"
+#: where the synthetic Fermi level sits on the absolute omega axis, eV
+FERMI_ABSOLUTE = 8979.0
+#: ``feff.out`` tail with the SCF charge transfer per potential (absorber is type 0)
+FEFF_OUT = """Calculating SCF potentials ...
+New Fermi level:    mu= {mu:7.3f} eV  Charge distance=  0.0001 (partial c.d.=  0.0001)
+Charge transfer:  type  charge
+       0 {charge:8.3f}
+       1   -0.146
+       2    0.370
+Convergence reached in   14 iterations.
+Done with module: potentials.
+"""
+#: absorber charge transfer per prototype (more oxidised, more charge lost)
+CHARGES = {"Cu2O": -0.25, "CuCl": -0.35, "CuO": -0.55}
 
 
 def model_mu(energy: np.ndarray, e0: float, height: float, width: float, nn: float) -> np.ndarray:
@@ -73,11 +89,16 @@ def write_tree(root: Path, per_type: int = 6, seed: int = 0, broken: bool = True
             energy = np.arange(e0 - 18.0, e0 + 130.0, 0.5)
             nn = a * scale * {"Cu2O": np.sqrt(3) / 4, "CuCl": np.sqrt(3) / 4, "CuO": 0.5}[name]
             mu = model_mu(energy, e0, height, width, nn) + rng.normal(0, 0.004, energy.size)
+            # FEFF's omega = e + core-level offset; the Fermi level sits at e = Mu
+            offset = 8995.0 + round(rng.normal(0, 2.0), 3)
+            fermi = round(FERMI_ABSOLUTE - offset, 3)
             table = np.column_stack(
-                [energy, energy - e0, np.zeros_like(energy), mu, np.ones_like(mu), mu - 1]
+                [energy, energy - offset, np.zeros_like(energy), mu, np.ones_like(mu), mu - 1]
             )
             rows = "\n".join(" ".join(f"{v:.6f}" for v in row) for row in table)
-            (site / "xmu.dat").write_text(XMU_HEADER + rows + "\n")
+            header = INTERSTITIAL.format(mu=fermi) + XMU_HEADER
+            (site / "xmu.dat").write_text(header + rows + "\n")
+            (site / "feff.out").write_text(FEFF_OUT.format(mu=fermi, charge=CHARGES[name]))
     if broken:
         bad = base / "syn-truncated" / "FEFF-XANES" / "000_Cu"
         bad.mkdir(parents=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from xasflow.adapters.feff import FeffTree, ReadIssue, parse_xmu, read_feff_tree
+from xasflow.adapters.feff_energy import FeffEnergies, parse_feff_out, parse_xmu_energies
 
 XMU_HEADER = """\
 # # comment:                                                     FEFF 9.9.1
@@ -210,7 +211,13 @@ def test_to_spectrum_carries_ids(tmp_path: Path) -> None:
     site = tree.materials[0].sites[0]
     spectrum = site.to_spectrum()
     assert (spectrum.element, spectrum.edge) == ("Cu", "K")
-    assert spectrum.meta == {"material_id": "mp-1", "site_index": 0, "source": site.source}
+    ids = {k: v for k, v in spectrum.meta.items() if not k.startswith("feff_")}
+    assert ids == {"material_id": "mp-1", "site_index": 0, "source": site.source}
+    # this xmu.dat has no "Mu=" line and there is no feff.out: only omega - e is known
+    assert spectrum.meta["feff_edge_offset"] == 8980.0
+    assert np.isnan(spectrum.meta["feff_fermi_level"])
+    assert np.isnan(spectrum.meta["feff_absorber_charge"])
+    assert spectrum.meta["feff_scf_converged"] is None
     np.testing.assert_array_equal(spectrum.mu, site.mu)
 
 
@@ -274,3 +281,114 @@ def test_real_cu_archive(cu_archive: Path) -> None:
     assert min(s.energy[0] for s in sites) > 8980.0
     ids = [m.material_id for m in tree.materials]
     assert ids == sorted(ids)
+    # every run has its Fermi level, core-level offset and absorber charge (FEFF 9.9.1 output)
+    fermi = np.array([s.energies.fermi_absolute for s in sites])
+    assert np.isfinite(fermi).all()
+    # unlike the offsets (8991.9-9006.4 eV), the Fermi level on omega stays within ~6 eV
+    assert fermi.min() > 8986.5 and fermi.max() < 8993.0
+    assert np.subtract(*np.percentile(fermi, [75, 25])) < 1.5
+    offsets = np.array([s.energies.edge_offset for s in sites])
+    assert np.ptp(offsets) > 10.0
+    assert np.isfinite([s.energies.absorber_charge for s in sites]).all()
+    assert all(s.energies.scf_converged for s in sites)
+
+
+# the energy lines of a real FEFF 9.9.1 run (mp-1036393, site 15)
+REAL_HEADER = """\
+# # Abs   Z=29 Rmt= 1.247 Rnm= 1.305 K  shell
+# # Gam_ch=1.729E+00 H-L exch Vi= 0.000E+00 Vr= 0.000E+00
+# # Mu=-9.721E+00eV kf=2.090E+00 Vint=-2.132E+01eV Rs_int= 1.736
+#  omega    e    k    mu    mu0     chi     @#
+"""
+REAL_ROWS = """\
+    8985.845    -13.531  -1.000  4.56357E-02  5.51098E-02 -9.47408E-03
+    8986.143    -13.233  -0.960  4.82360E-02  5.91886E-02 -1.09525E-02
+    8986.430    -12.946  -0.920  5.10395E-02  6.37300E-02 -1.26905E-02
+"""
+REAL_FEFF_OUT = """\
+New Fermi level:    mu=  -9.720 eV  Charge distance=  0.0007 (partial c.d.=  0.0004)
+SCF ITERATION NUMBER 13
+New Fermi level:    mu=  -9.721 eV  Charge distance=  0.0001 (partial c.d.=  0.0011)
+Charge transfer:  type  charge
+       0   -0.537
+       1   -0.146
+       4    0.370
+Convergence reached in   14 iterations.
+Done with module: potentials.
+"""
+
+
+def test_parse_xmu_energies_real_header() -> None:
+    table = np.loadtxt(io.StringIO(REAL_ROWS))
+    got = parse_xmu_energies(REAL_HEADER + REAL_ROWS, table[:, 0], table[:, 1])
+    assert got.fermi_level == -9.721
+    assert (got.kf, got.vint, got.rs_int) == (2.09, -21.32, 1.736)
+    assert got.edge_offset == pytest.approx(8999.376, abs=1e-6)
+    # the Fermi level on the absolute axis: k = 0, one k-step of 3.81 eV above the first row
+    assert got.fermi_absolute == pytest.approx(8989.655, abs=1e-6)
+    assert got.fermi_absolute == pytest.approx(table[0, 0] + 3.81, abs=0.001)
+
+
+def test_parse_xmu_energies_missing_or_inconsistent() -> None:
+    omega = np.array([8980.0, 8981.0, 8982.0])
+    no_line = parse_xmu_energies("#  omega e k mu\n", omega, omega - 8990.0)
+    assert no_line.edge_offset == 8990.0 and np.isnan(no_line.fermi_level)
+    assert np.isnan(no_line.fermi_absolute)
+    # omega - e not constant: not FEFF's columns, so no offset (the spectrum is still usable)
+    ragged = parse_xmu_energies(REAL_HEADER, omega, omega - np.array([8990.0, 8990.0, 8991.0]))
+    assert np.isnan(ragged.edge_offset) and ragged.fermi_level == -9.721
+
+
+def test_parse_feff_out_takes_the_last_scf_values() -> None:
+    got = parse_feff_out(REAL_FEFF_OUT.encode())
+    assert got == {"absorber_charge": -0.537, "scf_converged": True, "scf_fermi_level": -9.721}
+    cut = parse_feff_out(REAL_FEFF_OUT.split("Charge transfer")[0])
+    assert np.isnan(cut["absorber_charge"]) and cut["scf_converged"] is False
+
+
+def test_real_header_through_the_tree_reader(tmp_path: Path) -> None:
+    rows = "".join(
+        f"{8985.845 + 0.5 * i:.3f} {-13.531 + 0.5 * i:.3f} 0.0 {0.05 * i:.5f} 0.1 0.0\n"
+        for i in range(12)
+    )
+    files = {
+        "Cu/mp-9/POSCAR": CU2O_POSCAR,
+        "Cu/mp-9/FEFF-XANES/000_Cu/xmu.dat": REAL_HEADER + rows,
+        "Cu/mp-9/FEFF-XANES/000_Cu/feff.out": REAL_FEFF_OUT,
+        "Cu/mp-9/FEFF-XANES/001_Cu/xmu.dat": REAL_HEADER + rows,
+    }
+    for tree in (
+        read_feff_tree(write_dir(tmp_path, files)),
+        read_feff_tree(write_tar(tmp_path / "t.tar.gz", files)),
+    ):
+        with_out, without_out = tree.materials[0].sites
+        assert with_out.energies == FeffEnergies(
+            fermi_level=-9.721,
+            edge_offset=pytest.approx(8999.376, abs=1e-6),
+            kf=2.09,
+            vint=-21.32,
+            rs_int=1.736,
+            absorber_charge=-0.537,
+            scf_converged=True,
+        )
+        assert np.isnan(without_out.energies.absorber_charge)
+        assert without_out.energies.fermi_level == -9.721
+        meta = with_out.to_spectrum().meta
+        assert meta["feff_fermi_absolute"] == pytest.approx(8989.655, abs=1e-6)
+        assert meta["feff_absorber_charge"] == -0.537
+
+
+def test_synthetic_tree_energies(tmp_path: Path) -> None:
+    from synthetic_feff import CHARGES, FERMI_ABSOLUTE, write_tree
+
+    tree = read_feff_tree(write_tree(tmp_path, per_type=2, broken=False))
+    sites = list(tree.sites())
+    assert len(sites) == 6
+    for site in sites:
+        prototype = site.material_id.split("-")[1]
+        assert site.energies.absorber_charge == CHARGES[prototype]
+        assert site.energies.scf_converged is True
+        # "Mu=" is printed as %.3E: 0.005 eV resolution for |Mu| >= 10
+        assert site.energies.fermi_absolute == pytest.approx(FERMI_ABSOLUTE, abs=0.01)
+    # the core-level offsets scatter between runs; the Fermi level on omega does not
+    assert np.ptp([s.energies.edge_offset for s in sites]) > 0.5

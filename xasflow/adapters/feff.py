@@ -11,6 +11,11 @@ Reason tags: ``missing_poscar`` / ``bad_poscar`` (material dropped: no structure
 (non-numeric, ragged, too few columns, non-finite), ``bad_site_dir`` (name is not
 ``NNN_El``), ``site_mismatch`` (POSCAR has another element at that index),
 ``truncated_archive`` (the tar stream ended early; what was read before is kept).
+
+Besides the spectrum, each site carries FEFF's energy bookkeeping (:class:`FeffEnergies`: the
+Fermi level and interstitial values from the ``xmu.dat`` header, the offset between its
+absolute ``omega`` and relative ``e`` columns, and the absorber's SCF charge from ``feff.out``),
+which is what places the spectrum on FEFF's absolute energy scale.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from xasflow.adapters.feff_energy import FeffEnergies, parse_feff_out, parse_xmu_energies
 from xasflow.spectra.core import Spectrum
 
 #: Directory that holds one sub-directory per absorbing site.
@@ -35,7 +41,7 @@ XANES_DIR = "FEFF-XANES"
 #: An xmu.dat with fewer data rows than this is treated as a truncated run.
 MIN_ROWS = 10
 #: xmu.dat columns: omega e k mu mu0 chi; we use omega (absolute eV) and mu.
-OMEGA_COL, MU_COL = 0, 3
+OMEGA_COL, E_COL, MU_COL = 0, 1, 3
 
 _SITE_DIR = re.compile(r"^(\d+)_([A-Za-z]{1,2})$")
 _ABS_EDGE = re.compile(r"^#.*\bAbs\b.*?\s([KLMN][1-5]?)\s+shell", re.MULTILINE)
@@ -52,9 +58,10 @@ class FeffSite:
     mu: np.ndarray
     source: str
     edge: str = "K"
+    energies: FeffEnergies = field(default_factory=FeffEnergies)
 
     def to_spectrum(self) -> Spectrum:
-        """This site as a :class:`Spectrum` with material id, site index and source in meta."""
+        """This site as a :class:`Spectrum`; meta has ids, source and ``feff_*`` energies."""
         return Spectrum(
             energy=self.energy,
             mu=self.mu,
@@ -64,6 +71,7 @@ class FeffSite:
                 "material_id": self.material_id,
                 "site_index": self.site_index,
                 "source": self.source,
+                **self.energies.as_meta(),
             },
         )
 
@@ -121,12 +129,12 @@ def parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
     Header lines start with ``#`` and precede the data; the numbers are parsed in one call (numpy's C ``loadtxt``; broken files take a slower path that says what is wrong).
     """
     try:
-        return _parse_xmu(raw)
+        return _parse_xmu(raw)[:3]
     except _XmuProblem as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
 
 
-def _parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
+def _parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str, FeffEnergies]:
     text = raw.decode("latin-1")
     start = 0
     last_hash = text.rfind("\n#")
@@ -152,10 +160,12 @@ def _parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
         raise _XmuProblem("bad_xmu", "NaN or infinite values")
     match = _ABS_EDGE.search(header)
     edge = match.group(1) if match else "K"
+    energies = parse_xmu_energies(header, table[:, OMEGA_COL], table[:, E_COL])
     return (
         np.ascontiguousarray(table[:, OMEGA_COL]),
         np.ascontiguousarray(table[:, MU_COL]),
         edge,
+        energies,
     )
 
 
@@ -207,7 +217,8 @@ def _poscar_species(text: str) -> list[str] | None:
 
 @dataclass
 class _SiteRaw:
-    result: tuple[np.ndarray, np.ndarray, str] | None = None
+    result: tuple[np.ndarray, np.ndarray, str, FeffEnergies] | None = None
+    feff_out: dict[str, float | bool] | None = None
     problem: tuple[str, str] | None = None
     source: str = ""
     has_xmu: bool = False
@@ -292,6 +303,8 @@ class _Collector:
                 site.result = _parse_xmu(read())
             except _XmuProblem as exc:
                 site.problem = (exc.reason, exc.detail)
+        elif len(rest) == 2 and rest[1] == "feff.out" and is_file:
+            site.feff_out = parse_feff_out(read())
 
     def finish(self) -> FeffTree:
         """Validate what was collected and build the sorted tree."""
@@ -373,7 +386,13 @@ class _Collector:
             )
             return None
         assert raw.result is not None
-        energy, mu, edge = raw.result
+        energy, mu, edge, energies = raw.result
+        if raw.feff_out is not None:
+            energies = replace(
+                energies,
+                absorber_charge=float(raw.feff_out["absorber_charge"]),
+                scf_converged=bool(raw.feff_out["scf_converged"]),
+            )
         energy.setflags(write=False)
         mu.setflags(write=False)
         return FeffSite(
@@ -384,6 +403,7 @@ class _Collector:
             mu=mu,
             source=raw.source,
             edge=edge,
+            energies=energies,
         )
 
 
