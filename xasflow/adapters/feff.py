@@ -71,6 +71,7 @@ class FeffSite:
                 "material_id": self.material_id,
                 "site_index": self.site_index,
                 "source": self.source,
+                "calculated": True,  # a calculation: no pre-edge background to subtract
                 **self.energies.as_meta(),
             },
         )
