@@ -212,7 +212,12 @@ def test_to_spectrum_carries_ids(tmp_path: Path) -> None:
     spectrum = site.to_spectrum()
     assert (spectrum.element, spectrum.edge) == ("Cu", "K")
     ids = {k: v for k, v in spectrum.meta.items() if not k.startswith("feff_")}
-    assert ids == {"material_id": "mp-1", "site_index": 0, "source": site.source}
+    assert ids == {
+        "material_id": "mp-1",
+        "site_index": 0,
+        "source": site.source,
+        "calculated": True,
+    }
     # this xmu.dat has no "Mu=" line and there is no feff.out: only omega - e is known
     assert spectrum.meta["feff_edge_offset"] == 8980.0
     assert np.isnan(spectrum.meta["feff_fermi_level"])
