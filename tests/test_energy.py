@@ -12,7 +12,8 @@ from xasflow.adapters.feff import read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, find_e0
 from xasflow.spectra.energy import chemical_shift, edge_crossing, fermi_reference
 
-PREP = PrepParams(window_stop=116.5, n_points=240)
+# plain Larch-style fits (no edge-tail correction): the synthetic edges have no arctan tail
+PREP = PrepParams(window_stop=116.5, n_points=240, edge_tail=False)
 
 
 def step_edge(e0: float, meta: dict | None = None, element: str | None = "Cu") -> Spectrum:
@@ -73,6 +74,7 @@ def test_synthetic_tree_shifts_follow_the_prototypes(tmp_path: Path) -> None:
         shifts.setdefault(site.material_id.split("-")[1], []).append(value)
     # the omega offsets scatter by ~2 eV between runs, the shifts of one prototype do not
     assert all(np.ptp(v) < 0.5 for v in shifts.values())
-    # CuO's edge is 4 eV above Cu2O's (its larger white line pulls the crossing down a little)
+    # CuO's edge is 4 eV above Cu2O's; the white lines and the normalisation of a calculation
+    # (step from the post-edge mean) move the half-height crossings by under an eV
     gap = PROTOTYPES["CuO"][4] - PROTOTYPES["Cu2O"][4]
-    assert 2.0 < np.mean(shifts["CuO"]) - np.mean(shifts["Cu2O"]) <= gap
+    assert abs(np.mean(shifts["CuO"]) - np.mean(shifts["Cu2O"]) - gap) < 1.0
