@@ -135,3 +135,40 @@ def test_intervals_formula() -> None:
     assert lo.tolist() == [0.5, -0.5] and hi.tolist() == [1.5, 4.5]
     with pytest.raises(ValueError, match="shape"):
         U.intervals(np.array([1.0, 2.0]), 1.0, np.array([1.0]))
+
+
+def test_cross_fit_predicts_every_row_from_models_blind_to_its_group() -> None:
+    groups = np.repeat(np.arange(40), 3)  # 40 materials, 3 sites each
+    seen_calls: list[int] = []
+
+    def fit_predict(train_rows: np.ndarray, held_rows: np.ndarray) -> np.ndarray:
+        seen_calls.append(len(held_rows))
+        leaked = np.isin(groups[held_rows], groups[train_rows])
+        return np.column_stack([held_rows, leaked])
+
+    out = C.cross_fit(fit_predict, groups, n_splits=5)
+    assert len(seen_calls) == 5 and sum(seen_calls) == len(groups)
+    assert out[:, 0].tolist() == list(range(len(groups)))  # each row predicted exactly once
+    assert not out[:, 1].any()
+
+
+def test_align_columns_reorders_and_fills_absent_classes() -> None:
+    p = np.array([[0.25, 0.75]])
+    assert C.align_columns(p, [6, 4], [2, 4, 6]).tolist() == [[0.0, 0.75, 0.25]]
+    with pytest.raises(ValueError, match="not among"):
+        C.align_columns(p, [6, 5], [2, 4, 6])
+
+
+def test_runtime_reads_the_manifest_specs() -> None:
+    rng = np.random.default_rng(6)
+    p, y = _calibrated(600, 3, rng)
+    cal = C.calibrate_classifier(p[:300], y[:300], 0.1, "lac")
+    probs, mask = U.classifier_from_spec(p[300:], cal.spec())
+    assert np.allclose(probs, cal.probabilities(p[300:]))
+    assert (mask == cal.sets(p[300:])).all()
+    pred = rng.normal(size=300)
+    reg = C.calibrate_regressor(pred, pred + rng.normal(size=300), 0.1, scale=np.ones(300))
+    lo, hi = U.interval_from_spec(pred, reg.spec(), np.ones(300))
+    assert np.allclose(hi - lo, 2 * reg.qhat * (1 + reg.offset))
+    with pytest.raises(ValueError, match="pass scale"):
+        U.interval_from_spec(pred, reg.spec())

@@ -7,7 +7,8 @@ these functions take (temperature, conformal thresholds, OOD projection) are fit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,29 @@ def intervals(
             raise ValueError("scale must be finite and non-negative")
         width = float(qhat) * (s + offset)
     return y - width, y + width
+
+
+def classifier_from_spec(
+    probs: np.ndarray, spec: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and conformal set mask of raw probabilities, from the manifest
+    entry written by ``ClassifierCalibration.spec()`` (temperature, eps, set_method, qhat)."""
+    p = apply_temperature(probs, float(spec["temperature"]), float(spec.get("eps", PROB_EPS)))
+    qhat = spec.get("qhat")
+    return p, prediction_sets(p, np.inf if qhat is None else float(qhat), spec["set_method"])
+
+
+def interval_from_spec(
+    pred: np.ndarray, spec: Mapping[str, Any], scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Conformal interval from the manifest entry written by ``RegressorCalibration.spec()``."""
+    qhat = spec.get("qhat")
+    q = np.inf if qhat is None else float(qhat)
+    if spec.get("normalised"):
+        if scale is None:
+            raise ValueError("this interval is normalised by a spread; pass scale")
+        return intervals(pred, q, scale, float(spec.get("offset", 0.0)))
+    return intervals(pred, q)
 
 
 def ood_score(

@@ -13,12 +13,13 @@ bundle manifest through the ``spec()`` dictionaries.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from sklearn.model_selection import GroupKFold
 
 from xasflow.models import uncertainty as U
 
@@ -33,6 +34,43 @@ def label_indices(y: Sequence[Any] | np.ndarray, classes: Sequence[Any]) -> np.n
     if missing:
         raise ValueError(f"labels {missing} are not among the model's classes {list(classes)}")
     return np.array([lookup[v] for v in y], dtype=np.int64)
+
+
+def align_columns(probs: np.ndarray, have: Sequence[Any], want: Sequence[Any]) -> np.ndarray:
+    """Probability columns of classes ``have`` re-ordered to ``want`` (absent classes get 0)."""
+    p = np.asarray(probs, dtype=np.float64)
+    out = np.zeros((len(p), len(want)))
+    index = {c: i for i, c in enumerate(want)}
+    for j, c in enumerate(have):
+        if c not in index:
+            raise ValueError(f"class {c!r} is not among {list(want)}")
+        out[:, index[c]] = p[:, j]
+    return out
+
+
+def cross_fit(
+    fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    groups: np.ndarray,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Out-of-fold predictions for every row: ``fit_predict(train_rows, held_rows)`` per fold.
+
+    Folds never split a group (material), so every prediction comes from a model that saw
+    nothing of its material: calibration rows for all of train+val instead of validation
+    alone, from models close to the one finally refitted on all of it.
+    """
+    groups = np.asarray(groups)
+    rows = np.arange(len(groups))
+    folds = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    out: np.ndarray | None = None
+    for train_rows, held_rows in folds.split(rows, groups=groups):
+        pred = np.asarray(fit_predict(train_rows, held_rows))
+        if out is None:
+            out = np.zeros((len(rows), *pred.shape[1:]), dtype=np.float64)
+        out[held_rows] = pred
+    assert out is not None
+    return out
 
 
 def _check(probs: np.ndarray, y_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ exported as a small ONNX graph on the bundle input ``x`` and also runs as the nu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,11 @@ class OodScorer:
         }
 
     def to_onnx(self, input_width: int, input_name: str = "x") -> bytes:
-        """Serialized ONNX graph: ``x`` float32 [batch, input_width] -> ``ood_score`` [batch]."""
+        """Serialized ONNX graph: ``x`` float32 [batch, input_width] -> ``ood_score`` [batch].
+
+        A row that cannot be normalised (zero mean) comes out NaN or infinite: treat any
+        non-finite score as out of domain, as the numpy path does.
+        """
         if input_width < self.width:
             raise ValueError(f"input width {input_width} is narrower than the window {self.width}")
         f32 = np.float32
@@ -254,17 +258,4 @@ def fit_ood(
         "n_train": len(tr),
         "n_val": len(va),
     }
-    return OodScorer(
-        method,
-        start,
-        stop,
-        normalise,
-        mean,
-        scorer.components,
-        inv_scale,
-        weight,
-        threshold,
-        flag_fraction,
-        stats,
-        norm_window,
-    )
+    return replace(scorer, threshold=threshold, flag_fraction=flag_fraction, stats=stats)
