@@ -172,3 +172,14 @@ def test_runtime_reads_the_manifest_specs() -> None:
     assert np.allclose(hi - lo, 2 * reg.qhat * (1 + reg.offset))
     with pytest.raises(ValueError, match="pass scale"):
         U.interval_from_spec(pred, reg.spec())
+
+
+def test_ece_objective_also_recovers_the_temperature() -> None:
+    rng = np.random.default_rng(7)
+    p, y = _calibrated(4000, 4, rng)
+    over = U.apply_temperature(p, 0.5)
+    t = C.fit_temperature(over, y, objective="ece")
+    assert 1.6 < t < 2.5
+    assert C.ece(U.apply_temperature(over, t), y) < 0.03
+    with pytest.raises(ValueError, match="objective"):
+        C.fit_temperature(over, y, objective="brier")

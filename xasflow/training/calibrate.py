@@ -104,19 +104,30 @@ def ece(probs: np.ndarray, y_idx: np.ndarray, n_bins: int = ECE_BINS) -> float:
     return float(np.sum(np.abs(acc - cs)) / len(p))
 
 
-def fit_temperature(probs: np.ndarray, y_idx: np.ndarray, eps: float = U.PROB_EPS) -> float:
-    """The temperature minimising the calibration rows' NLL of ``softmax(log(p + eps) / T)``."""
+def fit_temperature(
+    probs: np.ndarray, y_idx: np.ndarray, eps: float = U.PROB_EPS, objective: str = "nll"
+) -> float:
+    """The temperature of ``softmax(log(p + eps) / T)`` that best calibrates the given rows.
+
+    ``nll`` (default, Guo et al. 2017) minimises the negative log-likelihood; ``ece`` searches
+    a log-spaced grid for the lowest expected calibration error, which targets the acceptance
+    metric directly but needs thousands of rows (e.g. from :func:`cross_fit`) not to overfit.
+    """
     p, y = _check(probs, y_idx)
     rows = np.arange(len(p))
+    lo, hi = math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])
+    if objective == "ece":
+        grid = np.exp(np.linspace(lo, hi, 400))
+        errors = [ece(U.apply_temperature(p, t, eps), y) for t in grid]
+        return float(grid[int(np.argmin(errors))])
+    if objective != "nll":
+        raise ValueError(f"unknown objective {objective!r}; use 'nll' or 'ece'")
 
     def loss(log_t: float) -> float:
         q = U.apply_temperature(p, math.exp(log_t), eps)
         return float(-np.mean(np.log(q[rows, y] + 1e-300)))
 
-    res = minimize_scalar(
-        loss, bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])), method="bounded"
-    )
-    return float(math.exp(res.x))
+    return float(math.exp(minimize_scalar(loss, bounds=(lo, hi), method="bounded").x))
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
@@ -182,13 +193,17 @@ class ClassifierCalibration:
 
 
 def calibrate_classifier(
-    probs: np.ndarray, y_idx: np.ndarray, alpha: float = 0.1, method: str = "lac"
+    probs: np.ndarray,
+    y_idx: np.ndarray,
+    alpha: float = 0.1,
+    method: str = "lac",
+    objective: str = "nll",
 ) -> ClassifierCalibration:
     """Temperature, then the conformal threshold on the calibrated probabilities (same rows)."""
     p, y = _check(probs, y_idx)
     if method not in U.SET_METHODS:
         raise ValueError(f"unknown set method {method!r}; use one of {U.SET_METHODS}")
-    t = fit_temperature(p, y)
+    t = fit_temperature(p, y, objective=objective)
     cal = U.apply_temperature(p, t)
     scores = U.class_scores(cal, method)[np.arange(len(cal)), y]
     return ClassifierCalibration(t, method, alpha, conformal_quantile(scores, alpha))
