@@ -39,7 +39,7 @@ def _along_mode(t: np.ndarray) -> np.ndarray:
 def test_flags_far_points_and_few_fresh_in_domain_points(method: str, perturb) -> None:
     rng = np.random.default_rng(0)
     tr, va = _spectra(800, rng), _spectra(400, rng)
-    scorer = fit_ood(tr, va, method=method, n_components=4, normalise=False)
+    scorer = fit_ood(tr, va, method=method, n_components=4, window=(0, 240), normalise=False)
     assert scorer.spec()["val_flagged_fraction"] <= 0.05
     assert scorer.flags(_spectra(1000, rng)).mean() <= 0.08  # threshold set for 5 % on validation
     x = _spectra(50, rng)
@@ -52,8 +52,8 @@ def test_each_pure_method_is_blind_to_the_other_kind_of_outlier() -> None:
     rng = np.random.default_rng(1)
     tr, va, x = _spectra(800, rng), _spectra(400, rng), _spectra(50, rng)
     t = np.linspace(0, 1, 242)
-    recon = fit_ood(tr, va, method="recon", n_components=4, normalise=False)
-    maha = fit_ood(tr, va, method="mahalanobis", n_components=4, normalise=False)
+    recon = fit_ood(tr, va, "recon", 4, (0, 240), normalise=False)
+    maha = fit_ood(tr, va, "mahalanobis", 4, (0, 240), normalise=False)
     assert recon.flags(x + _along_mode(t)).mean() < 0.5  # ppca and mahalanobis flag all
     assert maha.flags(x + _peak(t)).mean() < 0.5  # ppca and recon flag all
 
@@ -61,9 +61,9 @@ def test_each_pure_method_is_blind_to_the_other_kind_of_outlier() -> None:
 def test_normalised_score_ignores_a_scale_error() -> None:
     rng = np.random.default_rng(2)
     tr, va, x = _spectra(1000, rng), _spectra(500, rng), _spectra(20, rng)
-    scaled = fit_ood(tr, va, n_components=4, normalise=True)
+    scaled = fit_ood(tr, va, n_components=4, window=(0, 240), normalise=True)
     assert np.allclose(scaled.score(x * 0.85), scaled.score(x))
-    raw = fit_ood(tr, va, n_components=4, normalise=False)
+    raw = fit_ood(tr, va, n_components=4, window=(0, 240), normalise=False)
     assert raw.flags(x * 0.85).all()  # without normalisation a 15 % scale error looks foreign
 
 
@@ -76,21 +76,33 @@ def test_window_and_input_checks() -> None:
     assert scorer.mean.shape == (127,) and scorer.n_components == 3
     with pytest.raises(ValueError, match="columns"):
         scorer.score(np.ones((2, 100)))
+    with pytest.raises(ValueError, match="model grid"):
+        fit_ood(tr, va)
+    default = fit_ood(tr, va, n_components=3, grid=grid)
+    assert (default.start, default.stop, default.spec()["norm_columns"]) == (0, 127, [0, 240])
     with pytest.raises(ValueError, match="unknown OOD method"):
-        fit_ood(tr, va, method="knn")
+        fit_ood(tr, va, method="knn", window=(0, 240))
     with pytest.raises(ValueError, match="n_components"):
-        fit_ood(tr, va, n_components=0)
+        fit_ood(tr, va, n_components=0, window=(0, 240))
     bad = tr[:5].copy()
     bad[0, :] = 0.0  # zero mean: cannot be normalised, so it counts as out of domain
     assert np.isinf(scorer.score(bad)[0]) and scorer.flags(bad)[0]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_onnx_graph_equals_numpy(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "norm_window"),
+    [(m, None) for m in METHODS] + [("recon", (0, 240)), ("ppca", (0, 240))],
+)
+def test_onnx_graph_equals_numpy(method: str, norm_window: tuple[int, int] | None) -> None:
     ort = pytest.importorskip("onnxruntime")
     rng = np.random.default_rng(4)
     scorer = fit_ood(
-        _spectra(800, rng), _spectra(300, rng), method=method, n_components=5, window=(2, 200)
+        _spectra(800, rng),
+        _spectra(300, rng),
+        method=method,
+        n_components=5,
+        window=(2, 200),
+        norm_window=norm_window,
     )
     sess = ort.InferenceSession(scorer.to_onnx(242), providers=["CPUExecutionProvider"])
     t = np.linspace(0, 1, 242)

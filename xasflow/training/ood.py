@@ -176,16 +176,7 @@ def _window(
 
 def fit_default_ood(x_train: np.ndarray, x_val: np.ndarray, grid: np.ndarray) -> OodScorer:
     """The chosen scorer on model inputs whose first columns are spectra on ``grid``."""
-    window = energy_window(grid, *DEFAULT_WINDOW_EV)
-    return fit_ood(
-        x_train,
-        x_val,
-        DEFAULT_METHOD,
-        DEFAULT_COMPONENTS,
-        window,
-        normalise=True,
-        norm_window=(0, int(np.size(grid))),
-    )
+    return fit_ood(x_train, x_val, grid=grid)
 
 
 def fit_ood(
@@ -193,17 +184,26 @@ def fit_ood(
     x_val: np.ndarray,
     method: str = DEFAULT_METHOD,
     n_components: int = DEFAULT_COMPONENTS,
-    window: tuple[int, int] = (0, 240),
+    window: tuple[int, int] | None = None,
     normalise: bool = True,
     flag_fraction: float = 0.05,
     norm_window: tuple[int, int] | None = None,
+    grid: np.ndarray | None = None,
 ) -> OodScorer:
     """Fit the PCA on ``x_train`` and set the threshold on ``x_val`` (held-out, in domain).
 
-    The threshold is the smallest validation score such that at most ``flag_fraction`` of the
-    validation rows score above it. ``normalise`` divides each spectrum by its mean over the
-    ``norm_window`` columns (default: the scored ``window``).
+    ``window`` (columns scored) defaults, given the model ``grid``, to ``DEFAULT_WINDOW_EV``
+    with spectra divided by their mean over the whole grid (the chosen scorer); otherwise
+    ``normalise`` divides by the mean over ``norm_window`` (default: ``window``). The
+    threshold is the smallest validation score such that at most ``flag_fraction`` of the
+    validation rows score above it.
     """
+    if window is None:
+        if grid is None:
+            raise ValueError("pass the model grid (for the default window) or a column window")
+        window = energy_window(grid, *DEFAULT_WINDOW_EV)
+        if norm_window is None:
+            norm_window = (0, int(np.size(grid)))
     if method not in METHODS:
         raise ValueError(f"unknown OOD method {method!r}; use one of {METHODS}")
     start, stop = window
