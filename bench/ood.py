@@ -226,6 +226,24 @@ def _best(fn: Any, repeat: int = 50) -> float:
     return min(times)
 
 
+def runtime_cost() -> dict[str, float]:
+    """Milliseconds of the daemon-side calls (temperature, LAC sets, intervals) per batch."""
+    from xasflow.models import uncertainty as U
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in (1, 64):
+        p = rng.dirichlet(np.ones(10), size=n)
+        pred = rng.normal(size=n)
+
+        def calls(p: np.ndarray = p, pred: np.ndarray = pred) -> None:
+            U.prediction_sets(U.apply_temperature(p, 0.7), 0.75, "lac")
+            U.intervals(pred, 0.1)
+
+        out[f"batch{n}_ms"] = _best(calls, 200) * 1e3
+    return out
+
+
 def _ece_std(probs: np.ndarray, y_idx: np.ndarray, n: int = 200) -> float:
     """Bootstrap standard deviation of the ECE over test rows (its sampling noise)."""
     rng = np.random.default_rng(0)
@@ -421,6 +439,7 @@ def main() -> int:
         "host": platform.node(),
         "n_rows": {k: len(v) for k, v in data["parts"].items()},
         "alpha": ALPHA,
+        "calibration_runtime": runtime_cost(),
         "ood_chosen": chosen_ood(data, meas, grid, other_element_inputs(cfg)),
         "ood_candidates": ood_candidates(data, meas, grid),
     }
