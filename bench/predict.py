@@ -129,7 +129,7 @@ def main() -> int:
         "fit_seconds": round(result.seconds, 1),
         "label_cache_warm": warm,
         "forest_bundle_bytes": bundle_bytes,
-        "n_train_spectra": int(len(result.split["train"])),
+        "n_train_spectra": len(result.split["train"]),
         "baseline": "scikit-learn forests called directly (n_jobs=1) in the same run, same spectra",
         "targets": {
             "onnx_p50_ms": 0.5,

@@ -130,6 +130,15 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
     dist = tasks["distance"]
     assert dist.interval is not None
     assert np.all(dist.interval[:, 0] < dist.values) and np.all(dist.values < dist.interval[:, 1])
+    # the out-of-domain graph scores every row: in-domain test rows mostly pass, a spectrum
+    # that is nothing like a Cu K edge (a slow ramp with a deep dip) is flagged
+    assert predictor.manifest.ood is not None
+    x = model_input(y, cfg.features, cfg.prep)
+    _, scores = predictor.infer(x)
+    assert scores is not None and np.mean(scores > predictor.manifest.ood.threshold) < 0.5
+    odd = np.linspace(0.2, 1.2, cfg.prep.n_points) * (1 + 0.8 * np.sin(cfg.prep.grid / 3.0))
+    _, odd_score = predictor.infer(model_input(odd[None, :], cfg.features, cfg.prep))
+    assert odd_score is not None and odd_score[0] > predictor.manifest.ood.threshold
     # environment never contradicts CN
     cn_values = tasks["cn"].point()
     for cn_value, env in zip(cn_values, tasks["environment"].point(), strict=True):

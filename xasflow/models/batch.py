@@ -16,7 +16,7 @@ import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
 from xasflow.models.results import TaskResult
-from xasflow.models.uncertainty import apply_temperature, conformal_interval, conformal_sets
+from xasflow.models.uncertainty import apply_temperature, intervals, prediction_sets
 
 _CN_OF_LABEL = re.compile(r"^CN(\d+)-")
 
@@ -106,7 +106,7 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
         probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
         if spec.temperature is not None:
             probs = apply_temperature(probs, spec.temperature)
-        sets = conformal_sets(probs, conf.qhat, conf.method) if conf is not None else None
+        sets = prediction_sets(probs, conf.qhat, conf.method) if conf is not None else None
         return TaskArrays(
             spec, values=probs, index=np.argmax(probs, axis=1), probabilities=probs, sets=sets
         )
@@ -115,8 +115,10 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
         std = _spread(raw, spec, n)
         interval = None
         if conf is not None:
-            scale = std if conf.method == "scaled" else None
-            lo, hi = conformal_interval(values, conf.qhat, scale)
+            if conf.method == "scaled" and std is not None:
+                lo, hi = intervals(values, conf.qhat, std, conf.offset)
+            else:
+                lo, hi = intervals(values, conf.qhat)
             interval = np.column_stack([lo, hi])
         return TaskArrays(spec, values=values, interval=interval, std=std)
     return TaskArrays(spec, values=mean)

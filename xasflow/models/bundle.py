@@ -63,6 +63,7 @@ class ConformalSpec(BaseModel):
     alpha: float = Field(gt=0, lt=1, description="1 - target coverage")
     method: Literal["lac", "aps", "absolute", "scaled"]
     qhat: float = Field(description="score quantile fitted on the calibration split")
+    offset: float = Field(0.0, description="scaled intervals: half-width qhat * (spread + offset)")
     n_calibration: int = 0
 
 

@@ -1,42 +1,175 @@
-"""Run-time uncertainty: temperature scaling, conformal sets and intervals (numpy only)."""
+"""Runtime uncertainty: calibrated probabilities, conformal sets and intervals, the OOD score.
+
+What the daemon runs per batch of spectra, numpy only and vectorised over rows. The numbers
+these functions take (temperature, conformal thresholds, OOD projection) are fitted offline by
+``xasflow.training.calibrate`` and ``xasflow.training.ood`` and stored in the bundle manifest.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
-
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities ``softmax(log p / T)`` of (n, K) probabilities."""
-    logits = np.log(np.clip(probs, 1e-12, None)) / float(temperature)
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
+#: Floor added to probabilities before the logarithm (forests give exact zeros).
+PROB_EPS = 1e-6
+#: Conformal score functions for classifiers.
+SET_METHODS = ("lac", "aps")
 
 
-def conformal_sets(probs: np.ndarray, qhat: float, method: str) -> np.ndarray:
-    """(n, K) mask of the conformal prediction set; never empty (the top class is always in).
+def _probs2d(probs: np.ndarray) -> np.ndarray:
+    """Validated (n, K) float array of probabilities."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:
+        p = p[None, :]
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"probabilities must be (n, K), got shape {np.shape(probs)}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probabilities contain NaN or infinity")
+    return p
 
-    ``lac``: classes with ``1 - p <= qhat``. ``aps``: classes in decreasing probability until
-    their cumulative probability reaches ``qhat`` (the class that crosses it included).
+
+def apply_temperature(probs: np.ndarray, temperature: float, eps: float = PROB_EPS) -> np.ndarray:
+    """Temperature-scaled probabilities ``softmax(log(p + eps) / T)`` row by row.
+
+    Working on log-probabilities lets one temperature calibrate forests, networks and their
+    averages alike; T > 1 softens overconfident answers, T < 1 sharpens timid ones.
     """
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    logits = np.log(np.clip(_probs2d(probs), 0.0, None) + eps) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _aps_cumulative(p: np.ndarray) -> np.ndarray:
+    """Per class, the summed probability of every class ranked at or above it (ties stable)."""
+    order = np.argsort(-p, axis=1, kind="stable")
+    cum_sorted = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    out = np.empty_like(p)
+    np.put_along_axis(out, order, cum_sorted, axis=1)
+    return out
+
+
+def class_scores(probs: np.ndarray, method: str) -> np.ndarray:
+    """Nonconformity of every (row, class) pair: LAC ``1 - p``, APS the cumulative mass to it."""
+    p = _probs2d(probs)
     if method == "lac":
-        mask = (1.0 - probs) <= qhat
-    elif method == "aps":
-        order = np.argsort(-probs, axis=1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, axis=1)
-        before = np.cumsum(sorted_p, axis=1) - sorted_p
-        keep_sorted = before < qhat
-        mask = np.zeros_like(keep_sorted)
-        np.put_along_axis(mask, order, keep_sorted, axis=1)
-    else:
-        raise ValueError(f"unknown conformal set method {method!r}")
-    mask[np.arange(len(probs)), np.argmax(probs, axis=1)] = True
+        return 1.0 - p
+    if method == "aps":
+        return _aps_cumulative(p)
+    raise ValueError(f"unknown set method {method!r}; use one of {SET_METHODS}")
+
+
+def prediction_sets(probs: np.ndarray, qhat: float, method: str = "lac") -> np.ndarray:
+    """Boolean mask (n, K): the conformal set of each row, never empty (the argmax is always in).
+
+    A class is in the set when its nonconformity score is at most ``qhat``, the threshold
+    fitted on calibration rows for the bundle's coverage.
+    """
+    if np.isnan(qhat):
+        raise ValueError("qhat is NaN")
+    p = _probs2d(probs)
+    mask = class_scores(p, method) <= qhat
+    mask[np.arange(len(p)), np.argmax(p, axis=1)] = True
     return mask
 
 
-def conformal_interval(
-    values: np.ndarray, qhat: float, scale: np.ndarray | None = None
+def set_labels(
+    mask: np.ndarray, classes: Sequence[object], probs: np.ndarray | None = None
+) -> list[list[object]]:
+    """The class labels of each row's set: most probable first given ``probs``, else class order."""
+    if mask.shape[1] != len(classes):
+        raise ValueError(f"mask has {mask.shape[1]} classes, labels {len(classes)}")
+    if probs is None:
+        return [[classes[k] for k in np.flatnonzero(row)] for row in mask]
+    order = np.argsort(-_probs2d(probs), axis=1, kind="stable")
+    return [[classes[k] for k in o if row[k]] for row, o in zip(mask, order, strict=True)]
+
+
+def intervals(
+    pred: np.ndarray, qhat: float, scale: np.ndarray | None = None, offset: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) of ``values +- qhat`` (absolute) or ``values +- qhat * scale`` (scaled)."""
-    half = qhat if scale is None else qhat * np.maximum(scale, 1e-9)
-    return values - half, values + half
+    """Conformal interval ``pred -+ qhat * s``: s is 1 (absolute residuals) or ``scale + offset``.
+
+    ``scale`` is a per-prediction spread (ensemble or tree standard deviation); ``offset`` keeps
+    the width positive where the spread vanishes.
+    """
+    y = np.asarray(pred, dtype=np.float64).ravel()
+    if scale is None:
+        width = np.full_like(y, float(qhat))
+    else:
+        s = np.asarray(scale, dtype=np.float64).ravel()
+        if s.shape != y.shape:
+            raise ValueError(f"scale has shape {s.shape}, predictions {y.shape}")
+        if np.any(s < 0) or not np.all(np.isfinite(s)):
+            raise ValueError("scale must be finite and non-negative")
+        width = float(qhat) * (s + offset)
+    return y - width, y + width
+
+
+def classifier_from_spec(
+    probs: np.ndarray, spec: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and conformal set mask of raw probabilities, from the manifest
+    entry written by ``ClassifierCalibration.spec()`` (temperature, eps, set_method, qhat)."""
+    p = apply_temperature(probs, float(spec["temperature"]), float(spec.get("eps", PROB_EPS)))
+    qhat = spec.get("qhat")
+    return p, prediction_sets(p, np.inf if qhat is None else float(qhat), spec["set_method"])
+
+
+def interval_from_spec(
+    pred: np.ndarray, spec: Mapping[str, Any], scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Conformal interval from the manifest entry written by ``RegressorCalibration.spec()``."""
+    qhat = spec.get("qhat")
+    q = np.inf if qhat is None else float(qhat)
+    if spec.get("normalised"):
+        if scale is None:
+            raise ValueError("this interval is normalised by a spread; pass scale")
+        return intervals(pred, q, scale, float(spec.get("offset", 0.0)))
+    return intervals(pred, q)
+
+
+def ood_score(
+    x: np.ndarray,
+    mean: np.ndarray,
+    components: np.ndarray,
+    inv_scale: np.ndarray,
+    residual_weight: float,
+    window: tuple[int, int] | None = None,
+    norm_window: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Distance of each model input (rows of ``x``) from the training data, one per row.
+
+    ``w`` is ``x[:, window]`` (default: the first ``mean.size`` columns), divided by each row's
+    mean over ``x[:, norm_window]`` when one is given (so an edge-step error alone does not
+    move it); ``z = (w - mean) @ components.T`` (k principal axes); the score is
+    ``sum((z * inv_scale)**2) + residual_weight * |w - mean - z @ components|**2``. With
+    ``inv_scale`` 1/sqrt(variance) and ``residual_weight`` 0 it is the Mahalanobis distance in
+    PCA space; with ``inv_scale`` 0 the PCA reconstruction error. Rows that cannot be scored
+    (NaN, zero mean) score infinity.
+    """
+    d = mean.size
+    start, stop = window if window is not None else (0, d)
+    if stop - start != d:
+        raise ValueError(f"window {window} has {stop - start} columns, the model {d}")
+    xs = np.asarray(x, dtype=np.float64)
+    if xs.ndim == 1:
+        xs = xs[None, :]
+    need = max(stop, norm_window[1] if norm_window is not None else 0)
+    if xs.ndim != 2 or xs.shape[1] < need:
+        raise ValueError(f"x must be (n, >= {need}), got shape {np.shape(x)}")
+    w = xs[:, start:stop]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if norm_window is not None:
+            w = w / xs[:, norm_window[0] : norm_window[1]].mean(axis=1, keepdims=True)
+        c = w - mean
+        z = c @ components.T
+        score = np.sum((z * inv_scale) ** 2, axis=1)
+        if residual_weight:
+            r = c - z @ components
+            score = score + residual_weight * np.sum(r * r, axis=1)
+    return np.where(np.isfinite(score), score, np.inf)

@@ -109,7 +109,7 @@ def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> P
         )
     ood = None
     if result.ood is not None:
-        files["ood.onnx"] = result.ood.to_onnx()
+        files["ood.onnx"] = result.ood.to_onnx(cfg.prep.n_points + cfg.features.n_scalars())
         spec = result.ood.spec()
         ood = OodSpec(
             file="ood.onnx",

@@ -16,7 +16,7 @@ from xasflow.models.batch import TaskArrays
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import model_input
-from xasflow.training import metrics as M
+from xasflow.training import calibrate as C
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset, material_average
 from xasflow.training.fit import TASKS, task_targets
 from xasflow.training.scoring import MOTIF_NAMES, evaluate_task
@@ -118,13 +118,19 @@ def uncertainty_metrics(
         if arr.probabilities is not None:
             classes = [str(c) for c in arr.spec.classes or []]
             y_index = np.array([classes.index(str(t)) if str(t) in classes else -1 for t in truth])
-            entry["ece"] = M.expected_calibration_error(arr.probabilities[keep], y_index)
+            known = y_index >= 0  # a class the model never saw is a miss for every set
+            entry["ece"] = C.ece(arr.probabilities[keep][known], y_index[known])
             if arr.sets is not None:
-                cov, size = M.set_coverage(arr.sets[keep], y_index)
-                entry.update(set_coverage=cov, mean_set_size=size)
+                sets = arr.sets[keep]
+                hit = np.zeros(len(y_index), bool)
+                hit[known] = sets[np.flatnonzero(known), y_index[known]]
+                entry.update(set_coverage=float(hit.mean()), mean_set_size=C.mean_set_size(sets))
         if arr.interval is not None:
-            cov, width = M.interval_coverage(arr.interval[keep], truth)
-            entry.update(interval_coverage=cov, mean_interval_width=width)
+            lo, hi = arr.interval[keep, 0], arr.interval[keep, 1]
+            entry.update(
+                interval_coverage=C.interval_coverage(lo, hi, truth),
+                mean_interval_width=float(np.mean(hi - lo)),
+            )
         if entry:
             out[name] = entry
     return out

@@ -93,36 +93,3 @@ def ranking_from_scores(
         ranked = [names[k] for k in order if row[k] >= threshold]
         out.append(tuple(ranked) if ranked else (names[int(order[0])],))
     return out
-
-
-def expected_calibration_error(probs: np.ndarray, y_index: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: gap between confidence and accuracy, weighted over equal-width bins of the top
-    probability (Guo et al. 2017, 15 bins)."""
-    probs = np.atleast_2d(probs)
-    if not len(probs):
-        return float("nan")
-    conf = probs.max(axis=1)
-    correct = np.argmax(probs, axis=1) == np.asarray(y_index)
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        sel = bins == b
-        total += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total / len(probs))
-
-
-def set_coverage(sets: np.ndarray, y_index: np.ndarray) -> tuple[float, float]:
-    """(fraction of rows whose set holds the true class, mean set size) of (n, K) set masks;
-    a true class the model never saw (index -1) counts as not covered."""
-    y_index = np.asarray(y_index)
-    known = y_index >= 0
-    hit = np.zeros(len(y_index), bool)
-    hit[known] = sets[np.flatnonzero(known), y_index[known]]
-    return float(hit.mean()), float(sets.sum(axis=1).mean())
-
-
-def interval_coverage(interval: np.ndarray, y_true: np.ndarray) -> tuple[float, float]:
-    """(fraction of true values inside [low, high], mean width) of (n, 2) intervals."""
-    y = np.asarray(y_true, float)
-    inside = (interval[:, 0] <= y) & (y <= interval[:, 1])
-    return float(inside.mean()), float(np.mean(interval[:, 1] - interval[:, 0]))

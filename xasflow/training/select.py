@@ -9,15 +9,13 @@ validation rows are never used to fit the estimators, so the calibration is hone
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from xasflow.models.bundle import ConformalSpec
-from xasflow.models.uncertainty import apply_temperature, conformal_sets
+from xasflow.training import calibrate as C
 
 #: The estimators a task may average; "ensemble" is the average of every available one.
 FOREST = "extra_trees"
@@ -60,72 +58,36 @@ def candidates(bases: dict[str, BaseOutputs]) -> dict[str, tuple[tuple[str, ...]
     return out
 
 
-def fit_temperature(probs: np.ndarray, y_index: np.ndarray) -> float:
-    """Temperature minimising the negative log-likelihood of ``softmax(log p / T)``."""
-    known = y_index >= 0
-    p, y = probs[known], y_index[known]
-    if len(p) < 10:
-        return 1.0
-
-    def nll(log_t: float) -> float:
-        cal = apply_temperature(p, math.exp(log_t))
-        return float(-np.mean(np.log(np.clip(cal[np.arange(len(y)), y], 1e-12, None))))
-
-    res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
-    return float(math.exp(res.x))
-
-
-def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
-    """The split-conformal quantile: the ceil((n+1)(1-alpha))-th smallest score."""
-    n = len(scores)
-    if n == 0:
-        return float("inf")
-    level = min(1.0, math.ceil((n + 1) * (1 - alpha)) / n)
-    return float(np.quantile(scores, level, method="higher"))
-
-
-def set_scores(probs: np.ndarray, y_index: np.ndarray, method: str) -> np.ndarray:
-    """Non-conformity of the true class: LAC ``1 - p_true``; APS the probability mass at or
-    above the true class's. Rows whose class the model never saw score 1 (never covered)."""
-    known = y_index >= 0
-    safe = np.where(known, y_index, 0)
-    p_true = probs[np.arange(len(probs)), safe]
-    if method == "lac":
-        scores = 1.0 - p_true
-    elif method == "aps":
-        scores = np.sum(np.where(probs >= p_true[:, None], probs, 0.0), axis=1)
-    else:
-        raise ValueError(f"unknown conformal set method {method!r}")
-    return np.where(known, scores, 1.0)
+def _finite(q: float) -> float:
+    """A conformal quantile for the manifest (JSON has no infinity; 1e6 covers everything)."""
+    return float(min(q, 1e6))
 
 
 def calibrate_classifier(
     probs: np.ndarray, y_index: np.ndarray, alpha: float, method: str
 ) -> tuple[float, ConformalSpec]:
-    """Temperature, then the conformal set threshold on the calibrated probabilities."""
-    temperature = fit_temperature(probs, y_index)
-    cal = apply_temperature(probs, temperature)
-    qhat = conformal_quantile(set_scores(cal, y_index, method), alpha)
-    spec = ConformalSpec(alpha=alpha, method=method, qhat=qhat, n_calibration=len(y_index))
-    # sanity: the fitted sets cover the calibration rows at least at the target level
-    sets = conformal_sets(cal, qhat, method)
+    """Temperature (NLL on the calibration rows), then the conformal set threshold on the
+    calibrated probabilities; rows whose class the model never saw are left out."""
     known = y_index >= 0
-    assert sets[np.flatnonzero(known), y_index[known]].mean() >= (1 - alpha) - 1e-9 or not len(
-        y_index
+    cal = C.calibrate_classifier(probs[known], y_index[known], alpha, method)
+    spec = ConformalSpec(
+        alpha=alpha, method=method, qhat=_finite(cal.qhat), n_calibration=int(known.sum())
     )
-    return temperature, spec
+    return cal.temperature, spec
 
 
 def calibrate_regressor(
     pred: np.ndarray, truth: np.ndarray, alpha: float, std: np.ndarray | None
 ) -> ConformalSpec:
     """Absolute residuals, or residuals over the ensemble spread when the model has one."""
-    resid = np.abs(np.asarray(truth, float) - pred)
-    if std is not None:
-        qhat = conformal_quantile(resid / np.maximum(std, 1e-9), alpha)
-        return ConformalSpec(alpha=alpha, method="scaled", qhat=qhat, n_calibration=len(resid))
-    qhat = conformal_quantile(resid, alpha)
-    return ConformalSpec(alpha=alpha, method="absolute", qhat=qhat, n_calibration=len(resid))
+    cal = C.calibrate_regressor(pred, np.asarray(truth, float), alpha, std)
+    return ConformalSpec(
+        alpha=alpha,
+        method="scaled" if cal.normalised else "absolute",
+        qhat=_finite(cal.qhat),
+        offset=cal.offset,
+        n_calibration=len(pred),
+    )
 
 
 def class_index(labels: np.ndarray, classes: list[Any]) -> np.ndarray:

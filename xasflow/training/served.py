@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from xasflow.spectra import featurize, linear_matrix, model_input
+from xasflow.training.ood import fit_ood
 from xasflow.training.scoring import evaluate_task, primary_score, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -85,6 +86,12 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
     x = model_input(g.y, cfg.features, cfg.prep)
     X = featurize(g.y, cfg.features, cfg.prep, matrix)
     result.networks = fit_networks(result, targets, x, log)
+    parts = result.split
+    result.ood = fit_ood(x[parts["train"]], x[parts["val"]], grid=cfg.prep.grid)
+    log(
+        f"out of domain: {result.ood.method}, threshold {result.ood.threshold:.4g} "
+        f"(flags {result.ood.stats['val_flagged_fraction']:.3f} of validation)"
+    )
     for name, fit in result.tasks.items():
         _serve_one(name, fit, result, targets[name], x, X, mean_curve, log)
 
