@@ -1,0 +1,497 @@
+"""Small multi-task neural networks (MLP or 1-D CNN) trained as a deep ensemble on CPU.
+
+Every network takes exactly the bundle input ``x`` (the gridded normalised spectrum plus its
+scalar columns, see :func:`xasflow.spectra.model_input`), so clipping, the derivative and the
+standardisation live inside the module and therefore inside the exported ONNX graph. A shared
+trunk feeds one head per task; losses are masked per task, regression targets are standardised
+inside and un-standardised by the module. Early stopping is per task: a member keeps, for each
+task, the weights of that task's best validation epoch (identical snapshots are shared).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+
+KINDS = ("classifier", "regressor", "multi_regressor")
+
+
+class NetConfig(BaseModel):
+    """Architecture and training settings of a network ensemble; stored in the bundle manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal["mlp", "cnn"] = "mlp"
+    members: int = Field(5, ge=1)  # a deep ensemble wants >= 5; tests use fewer
+    seed: int = 0  # member k is seeded with seed + k
+    hidden: tuple[int, ...] = (256, 256, 256)  # mlp: dense layers; the last is the embedding
+    cnn_channels: tuple[int, ...] = (16, 32, 32)  # cnn: conv blocks, each halves the length
+    cnn_kernel: int = 7
+    cnn_hidden: tuple[int, ...] = (256,)  # cnn: dense layers after the convolutions
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    max_epochs: int = 150
+    patience: int = 20  # stop when no task's validation loss improved for this many epochs
+    per_task_stopping: bool = True  # False: one snapshot at the best summed validation loss
+    threads: int = 2
+    n_scalars: int = 2  # trailing non-spectrum columns of x (white-line energy and height)
+    # Normalised absorption outside [-1, 5] is an undetermined edge step (FEFF spectra with
+    # values up to ~700 exist); clipping inside the graph keeps such rows from wrecking training
+    clip: tuple[float, float] = (-1.0, 5.0)
+    z_clip: float = 8.0  # every standardised feature (scalars included) is clamped to +-z_clip
+
+
+@dataclass
+class TaskTarget:
+    """One task's training target over all rows of ``x``."""
+
+    kind: str  # "classifier" | "regressor" | "multi_regressor"
+    y: np.ndarray  # (n,) labels, (n,) floats or (n, k) floats
+    valid: np.ndarray  # (n,) bool: rows that have a target
+    classes: list | None = None  # classifier label order (probability columns)
+    weight: np.ndarray | None = None  # optional (n,) per-row loss weight
+
+
+@dataclass
+class NetTask:
+    """What a fitted network predicts for one task."""
+
+    kind: str
+    n_outputs: int
+    classes: list | None = None
+
+
+class InputBlock(nn.Module):
+    """Clip the spectrum, append its finite difference and scalars, standardise and clamp."""
+
+    def __init__(self, width: int, n_scalars: int, clip: tuple[float, float], z_clip: float):
+        super().__init__()
+        self.n_points = width - n_scalars
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.z_clip = float(z_clip)
+        n_feat = 2 * self.n_points + n_scalars
+        self.register_buffer("mean", torch.zeros(n_feat))
+        self.register_buffer("scale", torch.ones(n_feat))
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Unstandardised features: clipped spectrum, its difference (same length), scalars."""
+        y = torch.clamp(x[:, : self.n_points], self.clip[0], self.clip[1])
+        d = y[:, 1:] - y[:, :-1]
+        d = torch.cat([d, d[:, -1:]], dim=1)
+        return torch.cat([y, d, x[:, self.n_points :]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.raw(x) - self.mean) / self.scale
+        return torch.clamp(z, -self.z_clip, self.z_clip)
+
+
+def _dense(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class MLPTrunk(nn.Module):
+    """Dense layers over all standardised features."""
+
+    def __init__(self, cfg: NetConfig, n_points: int, n_scalars: int):
+        super().__init__()
+        self.net = _dense([2 * n_points + n_scalars, *cfg.hidden], cfg.dropout)
+        self.dim = cfg.hidden[-1]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class CNNTrunk(nn.Module):
+    """1-D convolutions over (spectrum, derivative) channels, then dense layers with the scalars."""
+
+    def __init__(self, cfg: NetConfig, n_points: int, n_scalars: int):
+        super().__init__()
+        self.n_points = n_points
+        blocks: list[nn.Module] = []
+        length, c_in = n_points, 2
+        for c in cfg.cnn_channels:
+            blocks += [
+                nn.Conv1d(c_in, c, cfg.cnn_kernel, padding=cfg.cnn_kernel // 2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            ]
+            length, c_in = length // 2, c
+        self.conv = nn.Sequential(*blocks)
+        self.dense = _dense([c_in * length + n_scalars, *cfg.cnn_hidden], cfg.dropout)
+        self.dim = cfg.cnn_hidden[-1]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n = self.n_points
+        seq = torch.stack([z[:, :n], z[:, n : 2 * n]], dim=1)
+        h = torch.flatten(self.conv(seq), 1)
+        return self.dense(torch.cat([h, z[:, 2 * n :]], dim=1))
+
+
+class Head(nn.Module):
+    """One task's output layer; regression outputs are un-standardised here."""
+
+    def __init__(self, dim: int, task: NetTask):
+        super().__init__()
+        self.kind = task.kind
+        self.linear = nn.Linear(dim, task.n_outputs)
+        self.register_buffer("y_mean", torch.zeros(task.n_outputs))
+        self.register_buffer("y_scale", torch.ones(task.n_outputs))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Training output: logits, or standardised regression values."""
+        return self.linear(h)
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        """Served output: probabilities, or values in target units (motifs non-negative)."""
+        out = self.linear(h)
+        if self.kind == "classifier":
+            return torch.softmax(out, dim=1)
+        out = out * self.y_scale + self.y_mean
+        return torch.relu(out) if self.kind == "multi_regressor" else out
+
+
+class MultiTaskNet(nn.Module):
+    """Input block, shared trunk and one head per task."""
+
+    def __init__(self, cfg: NetConfig, width: int, tasks: dict[str, NetTask]):
+        super().__init__()
+        self.inputs = InputBlock(width, cfg.n_scalars, cfg.clip, cfg.z_clip)
+        trunk = MLPTrunk if cfg.arch == "mlp" else CNNTrunk
+        self.trunk = trunk(cfg, self.inputs.n_points, cfg.n_scalars)
+        self.heads = nn.ModuleDict({t: Head(self.trunk.dim, spec) for t, spec in tasks.items()})
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk embedding (the input of every head)."""
+        return self.trunk(self.inputs(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(x)
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+class Member(nn.Module):
+    """One trained ensemble member: per task, the snapshot that was best for that task."""
+
+    def __init__(self, snapshots: list[MultiTaskNet], use: dict[str, int]):
+        super().__init__()
+        self.snapshots = nn.ModuleList(snapshots)
+        self.use = dict(use)  # task -> snapshot index; the embedding is snapshot 0's
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Served outputs per task and the embedding."""
+        hs = [s.embed(x) for s in self.snapshots]
+        out = {t: self.snapshots[i].heads[t].predict(hs[i]) for t, i in self.use.items()}
+        return out, hs[0]
+
+
+class EnsembleModule(nn.Module):
+    """All members in one module: per task the member mean and std, plus the mean embedding.
+
+    Its forward returns a flat tuple in :meth:`output_names` order (what ONNX export needs).
+    """
+
+    def __init__(self, members: list[Member], tasks: dict[str, NetTask]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.task_names = list(tasks)
+        self.tasks = tasks
+
+    def output_names(self) -> list[str]:
+        """``t`` and ``t_std`` per task, then ``embedding``."""
+        return [n for t in self.task_names for n in (t, f"{t}_std")] + ["embedding"]
+
+    def stacked(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per task (members, n, k) outputs and the (members, n, d) embeddings."""
+        outs = [m(x) for m in self.members]
+        per_task = {t: torch.stack([o[0][t] for o in outs], 0) for t in self.task_names}
+        return per_task, torch.stack([o[1] for o in outs], 0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        per_task, emb = self.stacked(x)
+        result: list[torch.Tensor] = []
+        for t in self.task_names:
+            mean = per_task[t].mean(dim=0)
+            std = torch.sqrt(((per_task[t] - mean) ** 2).mean(dim=0))
+            result += [mean, std]
+        result.append(emb.mean(dim=0))
+        return tuple(result)
+
+
+@dataclass
+class NetworkEnsemble:
+    """A trained deep ensemble: predictions in numpy, one ONNX graph for the bundle."""
+
+    config: NetConfig
+    tasks: dict[str, NetTask]
+    module: EnsembleModule
+    width: int
+    members_info: list[dict[str, Any]] = field(default_factory=list)
+
+    def _check(self, x: np.ndarray) -> torch.Tensor:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.width:
+            raise ValueError(f"x must be (n, {self.width}) model input, got shape {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def _squeeze(self, t: str, a: torch.Tensor) -> np.ndarray:
+        out = a.numpy()
+        return out[..., 0] if self.tasks[t].kind == "regressor" else out
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Member-mean predictions: (n, K) probabilities, (n,) values or (n, k) values."""
+        outs = self.module.eval()(self._check(x))
+        return {t: self._squeeze(t, outs[2 * i]) for i, t in enumerate(self.module.task_names)}
+
+    @torch.no_grad()
+    def predict_members(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-member predictions, shape (members, n, ...) with the same trailing axes as predict."""
+        per_task, _ = self.module.eval().stacked(self._check(x))
+        return {t: self._squeeze(t, a) for t, a in per_task.items()}
+
+    @torch.no_grad()
+    def embedding(self, x: np.ndarray) -> np.ndarray:
+        """Member-mean trunk embedding (n, d), for out-of-domain scoring."""
+        return self.module.eval()(self._check(x))[-1].numpy()
+
+    def to_onnx(self) -> bytes:
+        """One ONNX graph: input ``x`` [batch, width]; outputs ``t``, ``t_std``, ``embedding``."""
+        from xasflow.training.nn_export import ensemble_to_onnx
+
+        return ensemble_to_onnx(self.module, self.width)
+
+
+def _task_specs(targets: dict[str, TaskTarget], rows: np.ndarray) -> dict[str, NetTask]:
+    specs: dict[str, NetTask] = {}
+    for name, tt in targets.items():
+        if tt.kind not in KINDS:
+            raise ValueError(f"task {name!r}: kind must be one of {KINDS}, got {tt.kind!r}")
+        if tt.kind == "classifier":
+            classes = tt.classes
+            if classes is None:
+                labels = {_plain(v) for v in np.asarray(tt.y)[rows][tt.valid[rows]]}
+                classes = sorted(labels, key=lambda c: (str(type(c)), c))
+            if len(classes) < 2:
+                raise ValueError(f"task {name!r}: a classifier needs >= 2 classes, got {classes}")
+            specs[name] = NetTask(tt.kind, len(classes), [_plain(c) for c in classes])
+        else:
+            y = np.asarray(tt.y, dtype=float)
+            specs[name] = NetTask(tt.kind, 1 if y.ndim == 1 else y.shape[1])
+    return specs
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars as Python values (JSON-friendly class labels)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+@dataclass
+class _Encoded:
+    """One task's training arrays: targets as tensors, validity mask and row weights."""
+
+    y: torch.Tensor
+    valid: torch.Tensor
+    weight: torch.Tensor
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+
+def _encode(tt: TaskTarget, spec: NetTask, fit_rows: np.ndarray) -> _Encoded:
+    n = len(tt.valid)
+    valid = np.asarray(tt.valid, dtype=bool).copy()
+    if len(tt.y) != n:
+        raise ValueError(f"target has {len(tt.y)} rows but valid has {n}")
+    weight = np.ones(n) if tt.weight is None else np.nan_to_num(np.asarray(tt.weight, float))
+    if spec.kind == "classifier":
+        index = {c: i for i, c in enumerate(spec.classes or [])}
+        codes = np.array([index.get(_plain(v), -1) for v in np.asarray(tt.y, dtype=object)])
+        valid &= codes >= 0  # labels outside ``classes`` cannot be learned
+        return _Encoded(
+            torch.from_numpy(np.where(valid, codes, 0)).long(),
+            torch.from_numpy(valid),
+            torch.from_numpy(weight).float(),
+        )
+    y = np.asarray(tt.y, dtype=float).reshape(n, -1)
+    valid &= np.all(np.isfinite(y), axis=1)
+    ref = y[fit_rows[valid[fit_rows] & (weight[fit_rows] > 0)]]  # rows that are trained on
+    if len(ref) == 0:
+        raise ValueError("a regression task has no valid training rows")
+    mean = ref.mean(axis=0)
+    scale = ref.std(axis=0)
+    scale = np.where(scale > 1e-8, scale, 1.0)
+    z = np.where(valid[:, None], (np.nan_to_num(y) - mean) / scale, 0.0)
+    return _Encoded(
+        torch.from_numpy(z).float(),
+        torch.from_numpy(valid),
+        torch.from_numpy(weight).float(),
+        mean,
+        scale,
+    )
+
+
+def _task_loss(kind: str, out: torch.Tensor, enc: _Encoded, rows: torch.Tensor) -> torch.Tensor:
+    """Weighted mean loss over the valid rows among ``rows`` (zero when there are none)."""
+    valid = enc.valid[rows]
+    w = enc.weight[rows] * valid
+    if kind == "classifier":
+        per_row = F.cross_entropy(out, enc.y[rows], reduction="none")
+    else:
+        per_row = F.mse_loss(out, enc.y[rows], reduction="none").mean(dim=1)
+    return (per_row * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _input_stats(net: MultiTaskNet, x: torch.Tensor, arch: str) -> None:
+    """Set the input block's standardisation from the training rows (per channel for the CNN)."""
+    with torch.no_grad():
+        raw = net.inputs.raw(x)
+        mean, scale = raw.mean(dim=0), raw.std(dim=0)
+        if arch == "cnn":  # one mean and scale per channel keep the local shape intact
+            n = net.inputs.n_points
+            for lo in (0, n):
+                mean[lo : lo + n] = mean[lo : lo + n].mean()
+                scale[lo : lo + n] = raw[:, lo : lo + n].std()
+        net.inputs.mean.copy_(mean)
+        net.inputs.scale.copy_(torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
+
+
+def _train_member(
+    k: int,
+    x: torch.Tensor,
+    enc: dict[str, _Encoded],
+    specs: dict[str, NetTask],
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    cfg: NetConfig,
+) -> tuple[Member, dict[str, Any]]:
+    seed = cfg.seed + k
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    net = MultiTaskNet(cfg, x.shape[1], specs)
+    _input_stats(net, x[torch.from_numpy(train_rows)], cfg.arch)
+    for t, head in net.heads.items():
+        if enc[t].mean is not None:
+            head.y_mean.copy_(torch.from_numpy(enc[t].mean).float())
+            head.y_scale.copy_(torch.from_numpy(enc[t].scale).float())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tr = torch.from_numpy(train_rows)
+    va = torch.from_numpy(val_rows)
+    best: dict[str, tuple[float, int]] = {t: (float("inf"), -1) for t in specs}
+    best_sum = (float("inf"), -1)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    history: dict[str, list[float]] = {t: [] for t in specs}
+    epoch = 0
+    for epoch in range(cfg.max_epochs):
+        net.train()
+        for chunk in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
+            if len(chunk) < 2:
+                continue
+            out = net(x[chunk])
+            loss = sum(_task_loss(specs[t].kind, out[t], enc[t], chunk) for t in specs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            out = net(x[va])
+            val = {t: float(_task_loss(specs[t].kind, out[t], enc[t], va)) for t in specs}
+        for t in specs:
+            history[t].append(round(val[t], 6))
+        improved = [t for t in specs if val[t] < best[t][0]]
+        for t in improved:
+            best[t] = (val[t], epoch)
+        if sum(val.values()) < best_sum[0]:
+            best_sum = (sum(val.values()), epoch)
+        if improved or best_sum[1] == epoch:
+            states[epoch] = copy.deepcopy(net.state_dict())
+        keep = {e for _, e in best.values()} | {best_sum[1]}
+        states = {e: s for e, s in states.items() if e in keep}
+        last = max(e for _, e in best.values()) if cfg.per_task_stopping else best_sum[1]
+        if epoch - last >= cfg.patience:
+            break
+    # a task without validation rows has no epoch of its own: it takes the summed-loss best
+    has_val = {t: bool(enc[t].valid[va].any()) for t in specs}
+    if cfg.per_task_stopping:
+        chosen = {t: best[t][1] if has_val[t] else best_sum[1] for t in specs}
+    else:
+        chosen = dict.fromkeys(specs, best_sum[1])
+    epochs = sorted(set(chosen.values()), key=lambda e: (e != best_sum[1], e))
+    snapshots = []
+    for e in epochs:
+        snap = MultiTaskNet(cfg, x.shape[1], specs)
+        snap.load_state_dict(states[e])
+        snapshots.append(snap.eval())
+    member = Member(snapshots, {t: epochs.index(e) for t, e in chosen.items()})
+    info = {
+        "seed": seed,
+        "epochs": epoch + 1,
+        "best_epoch": chosen,
+        "best_val_loss": {t: round(best[t][0], 6) for t in specs},
+        "snapshots": len(snapshots),
+        "val_loss": history,  # per task, per epoch (masked validation loss, as trained)
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return member, info
+
+
+def fit_network_ensemble(
+    x: np.ndarray,
+    targets: dict[str, TaskTarget],
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    config: NetConfig,
+    log: Callable[[str], Any] = print,
+) -> NetworkEnsemble:
+    """Train ``config.members`` multi-task networks on ``train_rows``, early-stopped on ``val_rows``.
+
+    ``x`` is the bundle model input (n, width) for all rows; ``targets`` give per task the
+    target and validity of every row. Rows without a valid target are masked out of the loss.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] <= config.n_scalars + 2:
+        raise ValueError(f"x must be (n, width) model input, got shape {x.shape}")
+    train_rows, val_rows = np.asarray(train_rows, int), np.asarray(val_rows, int)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError("fit_network_ensemble needs training and validation rows")
+    if not np.all(np.isfinite(x[np.concatenate([train_rows, val_rows])])):
+        raise ValueError("x has non-finite values in the training or validation rows")
+    if not targets:
+        raise ValueError("no tasks given")
+    fit_rows = np.concatenate([train_rows, val_rows])
+    specs = _task_specs(targets, fit_rows)
+    enc = {t: _encode(targets[t], specs[t], train_rows) for t in specs}
+    for t in specs:
+        if not enc[t].valid[torch.from_numpy(train_rows)].any():
+            raise ValueError(f"task {t!r} has no valid training rows")
+    xt = torch.from_numpy(np.nan_to_num(x).astype(np.float32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    members, info = [], []
+    try:
+        for k in range(config.members):
+            member, mi = _train_member(k, xt, enc, specs, train_rows, val_rows, config)
+            members.append(member)
+            info.append(mi)
+            log(
+                f"  {config.arch} member {k + 1}/{config.members}: {mi['epochs']} epochs, "
+                f"{mi['snapshots']} snapshot(s), {mi['seconds']:.0f} s"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    module = EnsembleModule(members, specs).eval()
+    return NetworkEnsemble(config, specs, module, x.shape[1], info)
