@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from xasflow.training.nn import (  # noqa: E402
     NetConfig,
     TaskTarget,
+    choose_snapshots,
     fit_network_ensemble,
 )
 
@@ -52,6 +53,7 @@ def _cfg(**kw) -> NetConfig:
         batch_size=32,
         threads=1,
         lr=3e-3,
+        max_snapshots=4,  # one per task: every task served by its own best epoch
     )
     return NetConfig(**{**base, **kw})
 
@@ -111,6 +113,27 @@ def test_early_stopping_keeps_each_tasks_best_epoch(mlp) -> None:
         scale = np.nanstd(d.y[TRAIN][d.valid[TRAIN]])
         mse = np.mean(((members["distance"][k][ok] - d.y[VAL][ok]) / scale) ** 2)
         assert mse == pytest.approx(min(info["val_loss"]["distance"]), rel=1e-3)
+
+
+def test_choose_snapshots_bounds_the_snapshots() -> None:
+    # three tasks, best at epochs 1, 3 and 4; epoch 3 is nearly as good for the third task
+    history = np.array(
+        [
+            [1.0, 0.5, 0.6, 0.8, 0.9],
+            [1.0, 0.9, 0.8, 0.4, 0.5],
+            [1.0, 0.9, 0.8, 0.41, 0.4],
+        ]
+    )
+    assert choose_snapshots(history, [True] * 3, 3) == ([1, 3, 4], [0, 1, 2])
+    epochs, use = choose_snapshots(history, [True] * 3, 2)
+    assert epochs == [3, 1]  # epoch 3 serves two tasks, so it comes first (the embedding's)
+    assert use == [1, 0, 0]
+    epochs, use = choose_snapshots(history, [True] * 3, 1)
+    assert epochs == [3] and use == [0, 0, 0]
+    # a task without validation rows does not vote; it takes the most used snapshot (on a
+    # tie, the earlier epoch)
+    assert choose_snapshots(history, [True, True, False], 2) == ([1, 3], [0, 1, 0])
+    assert choose_snapshots(history, [False, True, True], 2) == ([3, 4], [0, 0, 1])
 
 
 def test_invalid_rows_and_zero_weights_do_not_train() -> None:

@@ -5,7 +5,8 @@ scalar columns, see :func:`xasflow.spectra.model_input`), so clipping, the deriv
 standardisation live inside the module and therefore inside the exported ONNX graph. A shared
 trunk feeds one head per task; losses are masked per task, regression targets are standardised
 inside and un-standardised by the module. Early stopping is per task: a member keeps, for each
-task, the weights of that task's best validation epoch (identical snapshots are shared).
+task, the weights of that task's best validation epoch, or, to bound the graph's size, the best
+of at most ``max_snapshots`` shared epochs (see :func:`choose_snapshots`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class NetConfig(BaseModel):
     batch_size: int = 64
     max_epochs: int = 150
     patience: int = 20  # stop when no task's validation loss improved for this many epochs
-    per_task_stopping: bool = True  # False: one snapshot at the best summed validation loss
+    # per-task early stopping: each task is served by the kept epoch closest to its own best
+    # validation loss; at most this many distinct weight snapshots per member (graph size and
+    # latency grow with it; 1 = one stopping epoch for all tasks)
+    max_snapshots: int = Field(2, ge=1)
     threads: int = 2
     n_scalars: int = 2  # trailing non-spectrum columns of x (white-line energy and height)
     # Normalised absorption outside [-1, 5] is an undetermined edge step (FEFF spectra with
@@ -214,6 +218,47 @@ def _input_stats(net: MultiTaskNet, x: torch.Tensor, arch: str) -> None:
         net.inputs.scale.copy_(torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
 
 
+def choose_snapshots(
+    history: np.ndarray, has_val: list[bool], max_snapshots: int
+) -> tuple[list[int], list[int]]:
+    """Epochs to keep (at most ``max_snapshots``) and, per task, which of them serves it.
+
+    ``history`` is (tasks, epochs) validation loss. The set minimises the summed relative
+    excess of each task's loss over its own best (every task at its best epoch when allowed);
+    exhaustive up to two snapshots, greedy beyond. Tasks without validation rows do not vote.
+    """
+    h = np.asarray(history, dtype=float)[np.asarray(has_val, bool)]
+    if len(h) == 0:
+        return [h.shape[1] - 1 if h.ndim == 2 else 0], [0] * len(has_val)
+    low = h.min(axis=1, keepdims=True)
+    regret = (h - low) / np.maximum(np.abs(low), 1e-12)  # (tasks, epochs), 0 at each best
+    per_task = sorted({int(e) for e in np.argmin(regret, axis=1)})
+    if len(per_task) <= max_snapshots:
+        chosen = per_task
+    else:
+        n = regret.shape[1]
+        single = regret.sum(axis=0)
+        chosen = [int(np.argmin(single))]
+        if max_snapshots >= 2:
+            pair = np.minimum(regret[:, :, None], regret[:, None, :]).sum(axis=0)
+            i, j = np.unravel_index(int(np.argmin(pair)), (n, n))
+            chosen = sorted({int(i), int(j)})
+        while len(chosen) < max_snapshots:
+            cost = [np.minimum(regret[:, chosen].min(axis=1), regret[:, e]).sum() for e in range(n)]
+            chosen = sorted({*chosen, int(np.argmin(cost))})
+    serve = np.argmin(regret[:, chosen], axis=1)
+    use, k = [], 0
+    for ok in has_val:  # tasks without validation rows take the most used snapshot
+        if ok:
+            use.append(int(serve[k]))
+            k += 1
+        else:
+            use.append(int(np.bincount(serve, minlength=len(chosen)).argmax()))
+    # snapshot 0 (the embedding's) is the one serving the most tasks
+    order = sorted(range(len(chosen)), key=lambda i: (-use.count(i), chosen[i]))
+    return [chosen[i] for i in order], [order.index(u) for u in use]
+
+
 def _train_member(
     k: int,
     x: torch.Tensor,
@@ -237,8 +282,7 @@ def _train_member(
     tr = torch.from_numpy(train_rows)
     va = torch.from_numpy(val_rows)
     best: dict[str, tuple[float, int]] = {t: (float("inf"), -1) for t in specs}
-    best_sum = (float("inf"), -1)
-    states: dict[int, dict[str, torch.Tensor]] = {}
+    states: list[dict[str, torch.Tensor]] = []
     history: dict[str, list[float]] = {t: [] for t in specs}
     epoch = 0
     for epoch in range(cfg.max_epochs):
@@ -255,38 +299,27 @@ def _train_member(
         with torch.no_grad():
             out = net(x[va])
             val = {t: float(_task_loss(specs[t].kind, out[t], enc[t], va)) for t in specs}
+        states.append(copy.deepcopy(net.state_dict()))
         for t in specs:
             history[t].append(round(val[t], 6))
-        improved = [t for t in specs if val[t] < best[t][0]]
-        for t in improved:
-            best[t] = (val[t], epoch)
-        if sum(val.values()) < best_sum[0]:
-            best_sum = (sum(val.values()), epoch)
-        if improved or best_sum[1] == epoch:
-            states[epoch] = copy.deepcopy(net.state_dict())
-        keep = {e for _, e in best.values()} | {best_sum[1]}
-        states = {e: s for e, s in states.items() if e in keep}
-        last = max(e for _, e in best.values()) if cfg.per_task_stopping else best_sum[1]
-        if epoch - last >= cfg.patience:
+            if val[t] < best[t][0]:
+                best[t] = (val[t], epoch)
+        if epoch - max(e for _, e in best.values()) >= cfg.patience:
             break
-    # a task without validation rows has no epoch of its own: it takes the summed-loss best
-    has_val = {t: bool(enc[t].valid[va].any()) for t in specs}
-    if cfg.per_task_stopping:
-        chosen = {t: best[t][1] if has_val[t] else best_sum[1] for t in specs}
-    else:
-        chosen = dict.fromkeys(specs, best_sum[1])
-    epochs = sorted(set(chosen.values()), key=lambda e: (e != best_sum[1], e))
+    has_val = [bool(enc[t].valid[va].any()) for t in specs]
+    epochs, use = choose_snapshots(np.array(list(history.values())), has_val, cfg.max_snapshots)
     snapshots = []
     for e in epochs:
         snap = MultiTaskNet(cfg, x.shape[1], specs)
         snap.load_state_dict(states[e])
         snapshots.append(snap.eval())
-    member = Member(snapshots, {t: epochs.index(e) for t, e in chosen.items()})
+    member = Member(snapshots, dict(zip(specs, use, strict=True)))
+    chosen = {t: epochs[i] for t, i in zip(specs, use, strict=True)}
     info = {
         "seed": seed,
         "epochs": epoch + 1,
         "best_epoch": chosen,
-        "best_val_loss": {t: round(best[t][0], 6) for t in specs},
+        "best_val_loss": {t: history[t][e] for t, e in chosen.items()},
         "snapshots": len(snapshots),
         "val_loss": history,  # per task, per epoch (masked validation loss, as trained)
         "seconds": round(time.perf_counter() - t0, 2),
