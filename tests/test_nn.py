@@ -101,18 +101,22 @@ def test_early_stopping_keeps_each_tasks_best_epoch(mlp) -> None:
     x, targets, ens = mlp
     members = ens.predict_members(x[VAL])
     for k, info in enumerate(ens.members_info):
-        for task, history in info["val_loss"].items():
+        for task, history in info["val_history"].items():  # validation error rate / MAE
             assert info["best_epoch"][task] == int(np.argmin(history))
         # the kept weights reproduce the best epoch's validation loss
+        best = info["best_epoch"]
         p = members["cn"][k]
         codes = np.searchsorted([2, 4, 6], targets["cn"].y[VAL])
         ce = -np.mean(np.log(p[np.arange(len(VAL)), codes]))
-        assert ce == pytest.approx(min(info["val_loss"]["cn"]), abs=1e-4)
+        assert ce == pytest.approx(info["val_loss"]["cn"][best["cn"]], abs=1e-4)
+        assert np.mean(p.argmax(axis=1) != codes) == pytest.approx(min(info["val_history"]["cn"]))
         d = targets["distance"]
         ok = d.valid[VAL]
         scale = np.nanstd(d.y[TRAIN][d.valid[TRAIN]])
         mse = np.mean(((members["distance"][k][ok] - d.y[VAL][ok]) / scale) ** 2)
-        assert mse == pytest.approx(min(info["val_loss"]["distance"]), rel=1e-3)
+        assert mse == pytest.approx(info["val_loss"]["distance"][best["distance"]], rel=1e-3)
+        mae = np.mean(np.abs(members["distance"][k][ok] - d.y[VAL][ok]) / scale)
+        assert mae == pytest.approx(min(info["val_history"]["distance"]), rel=1e-3)
 
 
 def test_choose_snapshots_bounds_the_snapshots() -> None:

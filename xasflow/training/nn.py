@@ -59,7 +59,10 @@ class NetConfig(BaseModel):
     weight_decay: float = 1e-4
     batch_size: int = 64
     max_epochs: int = 150
-    patience: int = 20  # stop when no task's validation loss improved for this many epochs
+    patience: int = 20  # stop when no task's validation figure improved for this many epochs
+    # what per-task early stopping watches on the validation rows: "error" (error rate for
+    # classifiers, MAE for regressors) or "loss" (the training loss)
+    stop_on: Literal["error", "loss"] = "error"
     # per-task early stopping: each task is served by the kept epoch closest to its own best
     # validation loss; at most this many distinct weight snapshots per member (graph size and
     # latency grow with it; 1 = one stopping epoch for all tasks)
@@ -204,17 +207,35 @@ def _task_loss(kind: str, out: torch.Tensor, enc: _Encoded, rows: torch.Tensor) 
     return (per_row * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def _val_error(kind: str, out: torch.Tensor, enc: _Encoded, rows: torch.Tensor) -> float:
+    """Validation error the stopping rule watches: error rate, or MAE in standardised units."""
+    valid = enc.valid[rows]
+    if not valid.any():
+        return 0.0
+    if kind == "classifier":
+        return float((out.argmax(dim=1) != enc.y[rows])[valid].float().mean())
+    return float((out - enc.y[rows]).abs()[valid].mean())
+
+
 def _input_stats(net: MultiTaskNet, x: torch.Tensor, arch: str) -> None:
-    """Set the input block's standardisation from the training rows (per channel for the CNN)."""
+    """Set the input block's centre and scale from the training rows: median and IQR/1.349
+    (robust to the few spectra with an undetermined edge step); per channel for the CNN."""
     with torch.no_grad():
         raw = net.inputs.raw(x)
-        mean, scale = raw.mean(dim=0), raw.std(dim=0)
-        if arch == "cnn":  # one mean and scale per channel keep the local shape intact
+        q = torch.quantile(raw, torch.tensor([0.25, 0.5, 0.75]), dim=0)
+        centre, scale = q[1], (q[2] - q[0]) / 1.349
+        if arch == "cnn":  # one centre and scale per channel keep the local shape intact
             n = net.inputs.n_points
             for lo in (0, n):
-                mean[lo : lo + n] = mean[lo : lo + n].mean()
-                scale[lo : lo + n] = raw[:, lo : lo + n].std()
-        net.inputs.mean.copy_(mean)
+                block = raw[:, lo : lo + n].reshape(-1)
+                qb = torch.quantile(
+                    block[:: max(1, block.numel() // 500_000)], q.new_tensor([0.25, 0.5, 0.75])
+                )
+                centre[lo : lo + n] = qb[1]
+                scale[lo : lo + n] = (qb[2] - qb[0]) / 1.349
+        std = raw.std(dim=0)
+        scale = torch.where(scale > 1e-6, scale, std)  # e.g. a scalar that is mostly constant
+        net.inputs.mean.copy_(centre)
         net.inputs.scale.copy_(torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
 
 
@@ -284,6 +305,7 @@ def _train_member(
     best: dict[str, tuple[float, int]] = {t: (float("inf"), -1) for t in specs}
     states: list[dict[str, torch.Tensor]] = []
     history: dict[str, list[float]] = {t: [] for t in specs}
+    losses: dict[str, list[float]] = {t: [] for t in specs}
     epoch = 0
     for epoch in range(cfg.max_epochs):
         net.train()
@@ -298,10 +320,13 @@ def _train_member(
         net.eval()
         with torch.no_grad():
             out = net(x[va])
-            val = {t: float(_task_loss(specs[t].kind, out[t], enc[t], va)) for t in specs}
+            loss = {t: float(_task_loss(specs[t].kind, out[t], enc[t], va)) for t in specs}
+            err = {t: _val_error(specs[t].kind, out[t], enc[t], va) for t in specs}
+        val = err if cfg.stop_on == "error" else loss
         states.append(copy.deepcopy(net.state_dict()))
         for t in specs:
             history[t].append(round(val[t], 6))
+            losses[t].append(round(loss[t], 6))
             if val[t] < best[t][0]:
                 best[t] = (val[t], epoch)
         if epoch - max(e for _, e in best.values()) >= cfg.patience:
@@ -319,9 +344,11 @@ def _train_member(
         "seed": seed,
         "epochs": epoch + 1,
         "best_epoch": chosen,
-        "best_val_loss": {t: history[t][e] for t, e in chosen.items()},
+        "best_val_loss": {t: losses[t][e] for t, e in chosen.items()},
+        "best_val_error": {t: history[t][e] for t, e in chosen.items()},
         "snapshots": len(snapshots),
-        "val_loss": history,  # per task, per epoch (masked validation loss, as trained)
+        "val_loss": losses,  # per task, per epoch: masked validation loss, as trained
+        "val_history": history,  # per task, per epoch: what the stopping rule watched
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return member, info
