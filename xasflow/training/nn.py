@@ -236,7 +236,8 @@ def _input_stats(net: MultiTaskNet, x: torch.Tensor) -> None:
     IQR/1.349 (robust to the few spectra with an undetermined edge step)."""
     with torch.no_grad():
         raw = net.inputs.raw(x)
-        q = torch.quantile(raw, torch.tensor([0.25, 0.5, 0.75]), dim=0)
+        # numpy: torch.quantile refuses inputs above 16M elements
+        q = torch.from_numpy(np.quantile(raw.numpy(), [0.25, 0.5, 0.75], axis=0)).float()
         centre, scale = q[1], (q[2] - q[0]) / 1.349
         std = raw.std(dim=0)
         scale = torch.where(scale > 1e-6, scale, std)  # e.g. a scalar that is mostly constant
