@@ -234,5 +234,7 @@ def test_bad_input_is_rejected() -> None:
             VAL,
             _cfg(),
         )
+    with pytest.raises(ValueError, match="clash"):
+        fit_network_ensemble(x, {"embedding": targets["cn"]}, TRAIN, VAL, _cfg())
     with pytest.raises(ValueError, match="validation rows"):
         fit_network_ensemble(x, targets, TRAIN, np.array([], int), _cfg())

@@ -140,6 +140,9 @@ class NetworkEnsemble:
 
 def _task_specs(targets: dict[str, TaskTarget], rows: np.ndarray) -> dict[str, NetTask]:
     specs: dict[str, NetTask] = {}
+    outputs = [n for t in targets for n in (t, f"{t}_std")] + ["x", "embedding"]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"task names {list(targets)} clash with each other or with x/embedding")
     for name, tt in targets.items():
         if tt.kind not in KINDS:
             raise ValueError(f"task {name!r}: kind must be one of {KINDS}, got {tt.kind!r}")
