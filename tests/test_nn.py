@@ -1,0 +1,240 @@
+"""Multi-task network ensembles: shapes, masking, per-task early stopping, ONNX parity, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the nn extra (torch) is not installed")
+ort = pytest.importorskip("onnxruntime")
+
+from xasflow.training.nn import (  # noqa: E402
+    NetConfig,
+    TaskTarget,
+    choose_snapshots,
+    fit_network_ensemble,
+)
+
+N, WIDTH = 240, 242
+TRAIN, VAL, TEST = np.arange(0, 160), np.arange(160, 200), np.arange(200, 240)
+
+
+def _data(seed: int = 0) -> tuple[np.ndarray, dict[str, TaskTarget]]:
+    """Spectrum-like curves (an edge and a peak of varying height ``a`` and position ``b``)
+    whose targets depend on ``a`` and ``b``."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(0.5, 1.5, N), rng.uniform(0.2, 0.8, N)
+    t = np.linspace(0.0, 1.0, 240)
+    peak = a[:, None] * np.exp(-(((t - b[:, None]) / 0.05) ** 2))
+    y = 1 - np.exp(-5 * t) + peak + rng.normal(0, 0.02, (N, 240))
+    idx = np.argmax(y, axis=1)
+    x = np.column_stack([y, -3.5 + 120 * t[idx], y[np.arange(N), idx]]).astype(np.float32)
+    cn = np.where(b < 0.5, 4, 6)
+    cn[a > 1.3] = 2
+    valid_d = rng.random(N) > 0.2
+    distance = np.where(valid_d, 1.9 + 0.2 * b, np.nan)
+    motifs = np.column_stack([a - 0.5, b, np.zeros(N)])
+    return x, {
+        "cn": TaskTarget("classifier", cn, np.ones(N, bool)),
+        "valence": TaskTarget("classifier", np.where(a > 1.0, "Cu+", "Cu2+"), np.ones(N, bool)),
+        "distance": TaskTarget("regressor", distance, valid_d),
+        "motifs": TaskTarget("multi_regressor", motifs, np.ones(N, bool)),
+    }
+
+
+def _cfg(**kw) -> NetConfig:
+    base = dict(
+        members=2,
+        hidden=(24, 16),
+        cnn_channels=(4, 6),
+        cnn_hidden=(16,),
+        max_epochs=8,
+        patience=3,
+        batch_size=32,
+        threads=1,
+        lr=3e-3,
+        max_snapshots=4,  # one per task: every task served by its own best epoch
+    )
+    return NetConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    x, targets = _data()
+    return x, targets, fit_network_ensemble(x, targets, TRAIN, VAL, _cfg(), log=lambda _: None)
+
+
+def test_shapes_and_probabilities(mlp) -> None:
+    x, _, ens = mlp
+    pred = ens.predict(x[TEST])
+    assert ens.tasks["cn"].classes == [2, 4, 6]
+    assert ens.tasks["valence"].classes == ["Cu+", "Cu2+"]
+    assert pred["cn"].shape == (40, 3)
+    assert pred["valence"].shape == (40, 2)
+    assert pred["distance"].shape == (40,)
+    assert pred["motifs"].shape == (40, 3)
+    np.testing.assert_allclose(pred["cn"].sum(axis=1), 1.0, atol=1e-6)
+    assert (pred["motifs"] >= 0).all()
+    members = ens.predict_members(x[TEST])
+    assert members["cn"].shape == (2, 40, 3)
+    assert members["distance"].shape == (2, 40)
+    np.testing.assert_allclose(members["cn"].mean(axis=0), pred["cn"], atol=1e-6)
+    assert not np.allclose(members["distance"][0], members["distance"][1])
+    assert [m["seed"] for m in ens.members_info] == [0, 1]
+    with pytest.raises(ValueError, match=r"\(n, 242\)"):
+        ens.predict(x[:3, :240])
+
+
+def test_learns_the_tasks(mlp) -> None:
+    x, targets, ens = mlp
+    pred = ens.predict(x[TEST])
+    d = targets["distance"]
+    ok = TEST[d.valid[TEST]]
+    mae = np.mean(np.abs(ens.predict(x[ok])["distance"] - d.y[ok]))
+    assert mae < 0.5 * np.mean(np.abs(d.y[ok] - np.nanmean(d.y[TRAIN])))
+    cn = np.array(ens.tasks["cn"].classes)[pred["cn"].argmax(axis=1)]
+    modal = np.mean(targets["cn"].y[TEST] == np.bincount(targets["cn"].y[TRAIN]).argmax())
+    assert np.mean(cn == targets["cn"].y[TEST]) > modal + 0.1
+
+
+def test_early_stopping_keeps_each_tasks_best_epoch(mlp) -> None:
+    x, targets, ens = mlp
+    members = ens.predict_members(x[VAL])
+    for k, info in enumerate(ens.members_info):
+        for task, history in info["val_history"].items():  # validation error rate / MAE
+            assert info["best_epoch"][task] == int(np.argmin(history))
+        # the kept weights reproduce the best epoch's validation loss
+        best = info["best_epoch"]
+        p = members["cn"][k]
+        codes = np.searchsorted([2, 4, 6], targets["cn"].y[VAL])
+        ce = -np.mean(np.log(p[np.arange(len(VAL)), codes]))
+        assert ce == pytest.approx(info["val_loss"]["cn"][best["cn"]], abs=1e-4)
+        assert np.mean(p.argmax(axis=1) != codes) == pytest.approx(min(info["val_history"]["cn"]))
+        d = targets["distance"]
+        ok = d.valid[VAL]
+        scale = np.nanstd(d.y[TRAIN][d.valid[TRAIN]])
+        err = np.abs(members["distance"][k][ok] - d.y[VAL][ok]) / scale
+        beta = ens.config.huber
+        huber = np.mean(np.where(err < beta, 0.5 * err**2 / beta, err - 0.5 * beta))
+        assert huber == pytest.approx(info["val_loss"]["distance"][best["distance"]], rel=1e-3)
+        mae = np.mean(err)
+        assert mae == pytest.approx(min(info["val_history"]["distance"]), rel=1e-3)
+
+
+def test_choose_snapshots_bounds_the_snapshots() -> None:
+    # three tasks, best at epochs 1, 3 and 4; epoch 3 is nearly as good for the third task
+    history = np.array(
+        [
+            [1.0, 0.5, 0.6, 0.8, 0.9],
+            [1.0, 0.9, 0.8, 0.4, 0.5],
+            [1.0, 0.9, 0.8, 0.41, 0.4],
+        ]
+    )
+    assert choose_snapshots(history, [True] * 3, 3) == ([1, 3, 4], [0, 1, 2])
+    epochs, use = choose_snapshots(history, [True] * 3, 2)
+    assert epochs == [3, 1]  # epoch 3 serves two tasks, so it comes first (the embedding's)
+    assert use == [1, 0, 0]
+    epochs, use = choose_snapshots(history, [True] * 3, 1)
+    assert epochs == [3] and use == [0, 0, 0]
+    # a task without validation rows does not vote; it takes the most used snapshot (on a
+    # tie, the earlier epoch)
+    assert choose_snapshots(history, [True, True, False], 2) == ([1, 3], [0, 1, 0])
+    assert choose_snapshots(history, [False, True, True], 2) == ([3, 4], [0, 0, 1])
+
+
+def test_invalid_rows_and_zero_weights_do_not_train() -> None:
+    x, targets = _data()
+    cfg = _cfg(members=1, max_epochs=3)
+    a = fit_network_ensemble(x, targets, TRAIN, VAL, cfg, log=lambda _: None)
+    garbage = dict(targets)
+    d = targets["distance"]
+    garbage["distance"] = TaskTarget("regressor", np.where(d.valid, d.y, 1e6), d.valid)
+    b = fit_network_ensemble(x, garbage, TRAIN, VAL, cfg, log=lambda _: None)
+    np.testing.assert_array_equal(a.predict(x)["distance"], b.predict(x)["distance"])
+    # a zero weight is the same as an invalid row
+    y_any = np.nan_to_num(d.y, nan=5.0)
+    weighted = dict(targets)
+    weighted["distance"] = TaskTarget("regressor", y_any, np.ones(N, bool), weight=d.valid * 1.0)
+    masked_val = dict(weighted)  # validation loss also weighted: same masking on both sides
+    c = fit_network_ensemble(x, masked_val, TRAIN, VAL, cfg, log=lambda _: None)
+    np.testing.assert_allclose(a.predict(x)["cn"], c.predict(x)["cn"], atol=1e-5)
+
+
+def test_deterministic_for_a_seed() -> None:
+    x, targets = _data()
+    cfg = _cfg(members=1, max_epochs=3)
+    a = fit_network_ensemble(x, targets, TRAIN, VAL, cfg, log=lambda _: None)
+    b = fit_network_ensemble(x, targets, TRAIN, VAL, cfg, log=lambda _: None)
+    c = fit_network_ensemble(
+        x, targets, TRAIN, VAL, cfg.model_copy(update={"seed": 7}), log=lambda _: None
+    )
+    np.testing.assert_array_equal(a.predict(x)["cn"], b.predict(x)["cn"])
+    assert not np.allclose(a.predict(x)["cn"], c.predict(x)["cn"])
+
+
+def test_outlier_spectra_are_clipped(mlp) -> None:
+    x, _, ens = mlp
+    big, capped = x[TEST[:4]].copy(), x[TEST[:4]].copy()
+    big[:, 100:110] = 700.0
+    capped[:, 100:110] = 5.0
+    pa, pb = ens.predict(big), ens.predict(capped)
+    for task in pa:
+        np.testing.assert_array_equal(pa[task], pb[task])
+        assert np.isfinite(pa[task]).all()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_onnx_matches_torch(arch: str, mlp) -> None:
+    if arch == "mlp":
+        x, _, ens = mlp
+    else:
+        x, targets = _data()
+        ens = fit_network_ensemble(x, targets, TRAIN, VAL, _cfg(arch="cnn"), log=lambda _: None)
+    sess = ort.InferenceSession(ens.to_onnx(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x"]
+    names = [o.name for o in sess.get_outputs()]
+    assert names == [
+        "cn",
+        "cn_std",
+        "valence",
+        "valence_std",
+        "distance",
+        "distance_std",
+        "motifs",
+        "motifs_std",
+        "embedding",
+    ]
+    for rows in (TEST[:1], np.resize(TEST, 64)):
+        got = dict(zip(names, sess.run(None, {"x": x[rows]}), strict=True))
+        want = ens.predict(x[rows])
+        members = ens.predict_members(x[rows])
+        for task, value in want.items():
+            onnx_value = got[task][:, 0] if task == "distance" else got[task]
+            assert onnx_value.shape == value.shape
+            assert np.max(np.abs(onnx_value - value)) <= 1e-4
+            std = members[task].std(axis=0)
+            onnx_std = got[f"{task}_std"][:, 0] if task == "distance" else got[f"{task}_std"]
+            assert np.max(np.abs(onnx_std - std)) <= 1e-4
+        np.testing.assert_allclose(got["embedding"], ens.embedding(x[rows]), atol=1e-4)
+        assert got["embedding"].shape == (len(rows), 16)
+        np.testing.assert_allclose(got["cn"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bad_input_is_rejected() -> None:
+    x, targets = _data()
+    bad = x.copy()
+    bad[3, 7] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_network_ensemble(bad, targets, TRAIN, VAL, _cfg(), log=lambda _: None)
+    with pytest.raises(ValueError, match="kind"):
+        fit_network_ensemble(
+            x,
+            {"cn": TaskTarget("ranker", targets["cn"].y, targets["cn"].valid)},
+            TRAIN,
+            VAL,
+            _cfg(),
+        )
+    with pytest.raises(ValueError, match="clash"):
+        fit_network_ensemble(x, {"embedding": targets["cn"]}, TRAIN, VAL, _cfg())
+    with pytest.raises(ValueError, match="validation rows"):
+        fit_network_ensemble(x, targets, TRAIN, np.array([], int), _cfg())

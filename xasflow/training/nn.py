@@ -1,0 +1,434 @@
+"""Small multi-task neural networks (MLP or 1-D CNN) trained as a deep ensemble on CPU.
+
+Every network takes exactly the bundle input ``x`` (the gridded normalised spectrum plus its
+scalar columns, see :func:`xasflow.spectra.model_input`), so clipping, the derivative and the
+standardisation live inside the module and therefore inside the exported ONNX graph. A shared
+trunk feeds one head per task; losses are masked per task, regression targets are standardised
+inside and un-standardised by the module. Early stopping watches every task's validation error:
+a member keeps the weights of at most ``max_snapshots`` epochs and serves each task from the one
+nearest that task's best (see :func:`choose_snapshots`; one snapshot by default, so the graph
+holds one trunk per member).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.nn import functional as F
+
+from xasflow.training.nn_graph import (
+    EnsembleModule,
+    Member,
+    MultiTaskNet,
+    NetTask,
+    ensemble_to_onnx,
+)
+
+__all__ = [
+    "NetConfig",
+    "NetTask",
+    "NetworkEnsemble",
+    "TaskTarget",
+    "fit_network_ensemble",
+    "targets_from_tuples",
+]
+
+KINDS = ("classifier", "regressor", "multi_regressor")
+
+
+class NetConfig(BaseModel):
+    """Architecture and training settings of a network ensemble; stored in the bundle manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal["mlp", "cnn"] = "mlp"
+    members: int = Field(5, ge=1)  # a deep ensemble wants >= 5; tests use fewer
+    seed: int = 0  # member k is seeded with seed + k
+    hidden: tuple[int, ...] = (256, 256, 256)  # mlp: dense layers; the last is the embedding
+    # cnn: conv blocks (each halves the length), then dense layers. (16, 32, 32) with kernel 7
+    # and 256 dense units trained 4x slower than the MLP on Cu and scored lower (CN 0.82 vs
+    # 0.84 for two members, distance 0.039 vs 0.034 A), hence this smaller default (5 members
+    # on Cu: CN 0.830, distance 0.042 A; the MLP's 0.848, 0.032 A; bench/nn.py)
+    cnn_channels: tuple[int, ...] = (8, 16, 16)
+    cnn_kernel: int = 5
+    cnn_hidden: tuple[int, ...] = (128,)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    lr: float = 1e-3
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: lr decays to 0 at max_epochs
+    # regression loss on standardised targets: Huber with this transition (0: squared error)
+    huber: float = Field(0.1, ge=0.0)
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    max_epochs: int = 100  # also the length of the cosine schedule
+    patience: int = 20  # stop when no task's validation figure improved for this many epochs
+    # what per-task early stopping watches on the validation rows: "error" (error rate for
+    # classifiers, MAE for regressors) or "loss" (the training loss)
+    stop_on: Literal["error", "loss"] = "error"
+    # per-task early stopping: each task is served by the kept epoch closest to its own best
+    # validation figure, with at most this many distinct weight snapshots per member (graph
+    # size and latency grow with it). 1: the epoch with the least summed relative excess over
+    # every task's best; measured on Cu (2 MLPs, cosine, Huber) 1, 2, 3 and 6 snapshots gave
+    # the same test figures within noise (CN 0.838-0.844, distance 0.033 A), so 1 it is
+    max_snapshots: int = Field(1, ge=1)
+    threads: int = 2
+    n_scalars: int = 2  # trailing non-spectrum columns of x (white-line energy and height)
+    # Normalised absorption outside [-1, 5] is an undetermined edge step (FEFF spectra with
+    # values up to ~700 exist); clipping inside the graph keeps such rows from wrecking training
+    clip: tuple[float, float] = (-1.0, 5.0)
+    z_clip: float = 8.0  # every standardised feature (scalars included) is clamped to +-z_clip
+
+
+@dataclass
+class TaskTarget:
+    """One task's training target over all rows of ``x``."""
+
+    kind: str  # "classifier" | "regressor" | "multi_regressor"
+    y: np.ndarray  # (n,) labels, (n,) floats or (n, k) floats
+    valid: np.ndarray  # (n,) bool: rows that have a target
+    classes: list | None = None  # classifier label order (probability columns)
+    weight: np.ndarray | None = None  # optional (n,) per-row loss weight
+
+
+@dataclass
+class NetworkEnsemble:
+    """A trained deep ensemble: predictions in numpy, one ONNX graph for the bundle."""
+
+    config: NetConfig
+    tasks: dict[str, NetTask]
+    module: EnsembleModule
+    width: int
+    members_info: list[dict[str, Any]] = field(default_factory=list)
+
+    def _check(self, x: np.ndarray) -> torch.Tensor:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.width:
+            raise ValueError(f"x must be (n, {self.width}) model input, got shape {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def _squeeze(self, t: str, a: torch.Tensor) -> np.ndarray:
+        out = a.numpy()
+        return out[..., 0] if self.tasks[t].kind == "regressor" else out
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Member-mean predictions: (n, K) probabilities, (n,) values or (n, k) values."""
+        outs = self.module.eval()(self._check(x))
+        return {t: self._squeeze(t, outs[2 * i]) for i, t in enumerate(self.module.task_names)}
+
+    @torch.no_grad()
+    def predict_members(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-member predictions, shape (members, n, ...) with the same trailing axes as predict."""
+        per_task, _ = self.module.eval().stacked(self._check(x))
+        return {t: self._squeeze(t, a) for t, a in per_task.items()}
+
+    @torch.no_grad()
+    def embedding(self, x: np.ndarray) -> np.ndarray:
+        """Member-mean trunk embedding (n, d), for out-of-domain scoring."""
+        return self.module.eval()(self._check(x))[-1].numpy()
+
+    def to_onnx(self) -> bytes:
+        """One ONNX graph: input ``x`` [batch, width]; outputs ``t``, ``t_std``, ``embedding``."""
+        return ensemble_to_onnx(self.module, self.width)
+
+
+def _task_specs(targets: dict[str, TaskTarget], rows: np.ndarray) -> dict[str, NetTask]:
+    specs: dict[str, NetTask] = {}
+    outputs = [n for t in targets for n in (t, f"{t}_std")] + ["x", "embedding"]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"task names {list(targets)} clash with each other or with x/embedding")
+    for name, tt in targets.items():
+        if tt.kind not in KINDS:
+            raise ValueError(f"task {name!r}: kind must be one of {KINDS}, got {tt.kind!r}")
+        if tt.kind == "classifier":
+            classes = tt.classes
+            if classes is None:
+                labels = {_plain(v) for v in np.asarray(tt.y)[rows][tt.valid[rows]]}
+                classes = sorted(labels, key=lambda c: (str(type(c)), c))
+            if len(classes) < 2:
+                raise ValueError(f"task {name!r}: a classifier needs >= 2 classes, got {classes}")
+            specs[name] = NetTask(tt.kind, len(classes), [_plain(c) for c in classes])
+        else:
+            y = np.asarray(tt.y, dtype=float)
+            specs[name] = NetTask(tt.kind, 1 if y.ndim == 1 else y.shape[1])
+    return specs
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars as Python values (JSON-friendly class labels)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+@dataclass
+class _Encoded:
+    """One task's training arrays: targets as tensors, validity mask and row weights."""
+
+    y: torch.Tensor
+    valid: torch.Tensor
+    weight: torch.Tensor
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+
+def _encode(name: str, tt: TaskTarget, spec: NetTask, fit_rows: np.ndarray) -> _Encoded:
+    """Targets as tensors; regression targets standardised on the rows trained on."""
+    n = len(tt.valid)
+    valid = np.asarray(tt.valid, dtype=bool).copy()
+    if len(tt.y) != n:
+        raise ValueError(f"task {name!r}: target has {len(tt.y)} rows but valid has {n}")
+    weight = np.ones(n) if tt.weight is None else np.nan_to_num(np.asarray(tt.weight, float))
+    if spec.kind == "classifier":
+        index = {c: i for i, c in enumerate(spec.classes or [])}
+        codes = np.array([index.get(_plain(v), -1) for v in np.asarray(tt.y, dtype=object)])
+        valid &= codes >= 0  # labels outside ``classes`` cannot be learned
+        return _Encoded(
+            torch.from_numpy(np.where(valid, codes, 0)).long(),
+            torch.from_numpy(valid),
+            torch.from_numpy(weight).float(),
+        )
+    y = np.asarray(tt.y, dtype=float).reshape(n, -1)
+    valid &= np.all(np.isfinite(y), axis=1)
+    ref = y[fit_rows[valid[fit_rows] & (weight[fit_rows] > 0)]]  # rows that are trained on
+    if len(ref) == 0:
+        raise ValueError(f"task {name!r} has no valid training rows")
+    mean = ref.mean(axis=0)
+    scale = ref.std(axis=0)
+    scale = np.where(scale > 1e-8, scale, 1.0)
+    z = np.where(valid[:, None], (np.nan_to_num(y) - mean) / scale, 0.0)
+    return _Encoded(
+        torch.from_numpy(z).float(),
+        torch.from_numpy(valid),
+        torch.from_numpy(weight).float(),
+        mean,
+        scale,
+    )
+
+
+def _task_loss(
+    kind: str, out: torch.Tensor, enc: _Encoded, rows: torch.Tensor, huber: float = 0.0
+) -> torch.Tensor:
+    """Weighted mean loss over the valid rows among ``rows`` (zero when there are none):
+    cross-entropy, or squared error (Huber with ``huber`` > 0) on standardised targets."""
+    valid = enc.valid[rows]
+    w = enc.weight[rows] * valid
+    if kind == "classifier":
+        per_row = F.cross_entropy(out, enc.y[rows], reduction="none")
+    elif huber > 0:
+        per_row = F.smooth_l1_loss(out, enc.y[rows], reduction="none", beta=huber).mean(dim=1)
+    else:
+        per_row = F.mse_loss(out, enc.y[rows], reduction="none").mean(dim=1)
+    return (per_row * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _val_error(kind: str, out: torch.Tensor, enc: _Encoded, rows: torch.Tensor) -> float:
+    """Validation error the stopping rule watches: error rate, or MAE in standardised units."""
+    valid = enc.valid[rows]
+    if not valid.any():
+        return 0.0
+    if kind == "classifier":
+        return float((out.argmax(dim=1) != enc.y[rows])[valid].float().mean())
+    return float((out - enc.y[rows]).abs()[valid].mean())
+
+
+def _input_stats(net: MultiTaskNet, x: torch.Tensor) -> None:
+    """Set the input block's centre and scale per feature from the training rows: median and
+    IQR/1.349 (robust to the few spectra with an undetermined edge step)."""
+    with torch.no_grad():
+        raw = net.inputs.raw(x)
+        # numpy: torch.quantile refuses inputs above 16M elements
+        q = torch.from_numpy(np.quantile(raw.numpy(), [0.25, 0.5, 0.75], axis=0)).float()
+        centre, scale = q[1], (q[2] - q[0]) / 1.349
+        std = raw.std(dim=0)
+        scale = torch.where(scale > 1e-6, scale, std)  # e.g. a scalar that is mostly constant
+        net.inputs.mean.copy_(centre)
+        net.inputs.scale.copy_(torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
+
+
+def choose_snapshots(
+    history: np.ndarray, has_val: list[bool], max_snapshots: int
+) -> tuple[list[int], list[int]]:
+    """Epochs to keep (at most ``max_snapshots``) and, per task, which of them serves it.
+
+    ``history`` is (tasks, epochs) validation loss. The set minimises the summed relative
+    excess of each task's loss over its own best (every task at its best epoch when allowed);
+    exhaustive up to two snapshots, greedy beyond. Tasks without validation rows do not vote.
+    """
+    h = np.asarray(history, dtype=float)[np.asarray(has_val, bool)]
+    if len(h) == 0:
+        return [h.shape[1] - 1 if h.ndim == 2 else 0], [0] * len(has_val)
+    low = h.min(axis=1, keepdims=True)
+    regret = (h - low) / np.maximum(np.abs(low), 1e-12)  # (tasks, epochs), 0 at each best
+    per_task = sorted({int(e) for e in np.argmin(regret, axis=1)})
+    if len(per_task) <= max_snapshots:
+        chosen = per_task
+    else:
+        n = regret.shape[1]
+        single = regret.sum(axis=0)
+        chosen = [int(np.argmin(single))]
+        if max_snapshots >= 2:
+            pair = np.minimum(regret[:, :, None], regret[:, None, :]).sum(axis=0)
+            i, j = np.unravel_index(int(np.argmin(pair)), (n, n))
+            chosen = sorted({int(i), int(j)})
+        while len(chosen) < max_snapshots:
+            cost = [np.minimum(regret[:, chosen].min(axis=1), regret[:, e]).sum() for e in range(n)]
+            chosen = sorted({*chosen, int(np.argmin(cost))})
+    serve = np.argmin(regret[:, chosen], axis=1)
+    use, k = [], 0
+    for ok in has_val:  # tasks without validation rows take the most used snapshot
+        if ok:
+            use.append(int(serve[k]))
+            k += 1
+        else:
+            use.append(int(np.bincount(serve, minlength=len(chosen)).argmax()))
+    # snapshot 0 (the embedding's) is the one serving the most tasks
+    order = sorted(range(len(chosen)), key=lambda i: (-use.count(i), chosen[i]))
+    return [chosen[i] for i in order], [order.index(u) for u in use]
+
+
+def _train_member(
+    k: int,
+    x: torch.Tensor,
+    enc: dict[str, _Encoded],
+    specs: dict[str, NetTask],
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    cfg: NetConfig,
+) -> tuple[Member, dict[str, Any]]:
+    seed = cfg.seed + k
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    net = MultiTaskNet(cfg, x.shape[1], specs)
+    _input_stats(net, x[torch.from_numpy(train_rows)])
+    for t, head in net.heads.items():
+        if enc[t].mean is not None:
+            head.y_mean.copy_(torch.from_numpy(enc[t].mean).float())
+            head.y_scale.copy_(torch.from_numpy(enc[t].scale).float())
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.max_epochs)
+        if cfg.schedule == "cosine"
+        else None
+    )
+    tr = torch.from_numpy(train_rows)
+    va = torch.from_numpy(val_rows)
+    best: dict[str, tuple[float, int]] = {t: (float("inf"), -1) for t in specs}
+    states: list[dict[str, torch.Tensor]] = []
+    history: dict[str, list[float]] = {t: [] for t in specs}
+    losses: dict[str, list[float]] = {t: [] for t in specs}
+    epoch = 0
+    for epoch in range(cfg.max_epochs):
+        net.train()
+        for chunk in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
+            if len(chunk) < 2:
+                continue
+            out = net(x[chunk])
+            loss = sum(_task_loss(specs[t].kind, out[t], enc[t], chunk, cfg.huber) for t in specs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+        net.eval()
+        with torch.no_grad():
+            out = net(x[va])
+            loss = {
+                t: float(_task_loss(specs[t].kind, out[t], enc[t], va, cfg.huber)) for t in specs
+            }
+            err = {t: _val_error(specs[t].kind, out[t], enc[t], va) for t in specs}
+        val = err if cfg.stop_on == "error" else loss
+        states.append(copy.deepcopy(net.state_dict()))
+        for t in specs:
+            history[t].append(round(val[t], 6))
+            losses[t].append(round(loss[t], 6))
+            if val[t] < best[t][0]:
+                best[t] = (val[t], epoch)
+        if epoch - max(e for _, e in best.values()) >= cfg.patience:
+            break
+    has_val = [bool(enc[t].valid[va].any()) for t in specs]
+    epochs, use = choose_snapshots(np.array(list(history.values())), has_val, cfg.max_snapshots)
+    snapshots = []
+    for e in epochs:
+        snap = MultiTaskNet(cfg, x.shape[1], specs)
+        snap.load_state_dict(states[e])
+        snapshots.append(snap.eval())
+    member = Member(snapshots, dict(zip(specs, use, strict=True)))
+    chosen = {t: epochs[i] for t, i in zip(specs, use, strict=True)}
+    info = {
+        "seed": seed,
+        "epochs": epoch + 1,
+        "best_epoch": chosen,
+        "best_val_loss": {t: losses[t][e] for t, e in chosen.items()},
+        "best_val_error": {t: history[t][e] for t, e in chosen.items()},
+        "snapshots": len(snapshots),
+        "val_loss": losses,  # per task, per epoch: masked validation loss, as trained
+        "val_history": history,  # per task, per epoch: what the stopping rule watched
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return member, info
+
+
+def fit_network_ensemble(
+    x: np.ndarray,
+    targets: dict[str, TaskTarget],
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    config: NetConfig,
+    log: Callable[[str], Any] = print,
+) -> NetworkEnsemble:
+    """Train ``config.members`` multi-task networks on ``train_rows``, early-stopped on ``val_rows``.
+
+    ``x`` is the bundle model input (n, width) for all rows; ``targets`` give per task the
+    target and validity of every row. Rows without a valid target are masked out of the loss.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] <= config.n_scalars + 2:
+        raise ValueError(f"x must be (n, width) model input, got shape {x.shape}")
+    train_rows, val_rows = np.asarray(train_rows, int), np.asarray(val_rows, int)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError("fit_network_ensemble needs training and validation rows")
+    if not np.all(np.isfinite(x[np.concatenate([train_rows, val_rows])])):
+        raise ValueError("x has non-finite values in the training or validation rows")
+    if not targets:
+        raise ValueError("no tasks given")
+    fit_rows = np.concatenate([train_rows, val_rows])
+    specs = _task_specs(targets, fit_rows)
+    enc = {t: _encode(t, targets[t], specs[t], train_rows) for t in specs}
+    for t in specs:
+        if not enc[t].valid[torch.from_numpy(train_rows)].any():
+            raise ValueError(f"task {t!r} has no valid training rows")
+    xt = torch.from_numpy(np.nan_to_num(x).astype(np.float32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    members, info = [], []
+    try:
+        for k in range(config.members):
+            member, mi = _train_member(k, xt, enc, specs, train_rows, val_rows, config)
+            members.append(member)
+            info.append(mi)
+            log(
+                f"  {config.arch} member {k + 1}/{config.members}: {mi['epochs']} epochs, "
+                f"{mi['snapshots']} snapshot(s), {mi['seconds']:.0f} s"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    module = EnsembleModule(members, specs).eval()
+    return NetworkEnsemble(config, specs, module, x.shape[1], info)
+
+
+def targets_from_tuples(
+    tuples: dict[str, tuple[str, np.ndarray, np.ndarray]],
+    weights: dict[str, np.ndarray] | None = None,
+) -> dict[str, TaskTarget]:
+    """``fit.task_targets`` output ``{task: (kind, y, valid)}`` as :class:`TaskTarget` objects."""
+    weights = weights or {}
+    return {
+        t: TaskTarget(kind, np.asarray(y), np.asarray(valid, bool), weight=weights.get(t))
+        for t, (kind, y, valid) in tuples.items()
+    }
