@@ -45,6 +45,15 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XASFLOW_CACHE", str(base / "cache"))
         ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
-    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    # a small MLP ensemble beside the forest, so the served-choice path runs in the tests
+    small_mlp = {"members": 2, "hidden": [32, 32], "max_epochs": 30, "patience": 10}
+    cfg = TrainConfig(
+        n_estimators=12,
+        n_jobs=1,
+        test_fraction=0.3,
+        val_fraction=0.15,
+        networks=("mlp",),
+        network_overrides={"mlp": small_mlp},
+    )
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
     return export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")

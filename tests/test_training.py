@@ -42,7 +42,15 @@ def dataset(tree: Path, cache: Path):  # type: ignore[no-untyped-def]
 
 
 def small_config() -> TrainConfig:
-    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    small = {"members": 2, "max_epochs": 30, "patience": 10}
+    cfg = TrainConfig(
+        n_estimators=12,
+        n_jobs=1,
+        test_fraction=0.3,
+        val_fraction=0.15,
+        networks=("mlp", "cnn"),
+        network_overrides={"mlp": {**small, "hidden": [32, 32]}, "cnn": small},
+    )
     return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
 
 
@@ -118,13 +126,21 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
     predictor = Predictor(bundle)
     tasks, _ = predictor.infer(model_input(y, cfg.features, cfg.prep))
     cn_spec = predictor.manifest.tasks["cn"]
-    assert cn_spec.estimator == "extra_trees" and cn_spec.temperature is not None
+    choice = trained.choices["cn"]
+    assert cn_spec.estimator == choice.estimator and cn_spec.temperature is not None
+    assert [m.kind for m in cn_spec.members] == list(choice.members)
+    assert set(choice.selection) >= {"extra_trees", "mlp", "cnn", "ensemble"}
     assert cn_spec.conformal is not None and cn_spec.conformal.alpha == pytest.approx(0.1)
-    expected = apply_temperature(
-        trained.tasks["cn"].estimator.predict_proba(X), cn_spec.temperature
-    )
-    # CN decides; its probabilities are exactly the calibrated forest's
-    np.testing.assert_allclose(tasks["cn"].probabilities, expected, atol=1e-5)
+    x = model_input(y, cfg.features, cfg.prep)
+    raw = [
+        trained.tasks["cn"].estimator.predict_proba(X)
+        if member == "extra_trees"
+        else trained.networks[member].predict(x)["cn"]
+        for member in choice.members
+    ]
+    expected = apply_temperature(np.mean(raw, axis=0), cn_spec.temperature)
+    # CN decides; its probabilities are exactly the calibrated served members' average
+    np.testing.assert_allclose(tasks["cn"].probabilities, expected, atol=1e-4)
     sets = tasks["cn"].sets
     assert sets is not None and sets[np.arange(len(test)), tasks["cn"].index].all()
     dist = tasks["distance"]
@@ -133,7 +149,6 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
     # the out-of-domain graph scores every row: in-domain test rows mostly pass, a spectrum
     # that is nothing like a Cu K edge (a slow ramp with a deep dip) is flagged
     assert predictor.manifest.ood is not None
-    x = model_input(y, cfg.features, cfg.prep)
     _, scores = predictor.infer(x)
     assert scores is not None and np.mean(scores > predictor.manifest.ood.threshold) < 0.5
     odd = np.linspace(0.2, 1.2, cfg.prep.n_points) * (1 + 0.8 * np.sin(cfg.prep.grid / 3.0))
