@@ -39,6 +39,7 @@ from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, Zm
 from xasflow.daemon.commands import add_commands
 from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
 from xasflow.daemon.service import PROBE_KEY, Daemon
+from xasflow.sim.commands import add_demo_command
 
 CU_K = 8978.9
 DEADLINE_S = 20.0
@@ -421,7 +422,9 @@ def test_serve_check_prints_effective_config(
     path.write_text("http:\n  port: 8700\n")
     monkeypatch.setenv("XASFLOW__OUTPUT__ENABLED", "false")
     parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_commands(sub)
+    add_demo_command(sub)
     args = parser.parse_args(["serve", "--config", str(path), "--check"])
     assert args.func(args) == 0
     shown = json.loads(capsys.readouterr().out)
