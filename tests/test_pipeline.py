@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from xasflow.daemon.documents import CODE_VERSION, DATA_KEYS
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.bundle import read_manifest, write_bundle
-from xasflow.models.predictor import Predictor
+from xasflow.models.predictor import OUT_OF_DOMAIN, Predictor
 from xasflow.spectra import Spectrum, edge_energy
 
 T0 = 1_700_000_000.0  # event time of every hand-made spectrum (epoch s)
@@ -570,3 +571,44 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         'xasflow_queue_depth{queue="input"} 5.0',
     ]:
         assert line in text, line
+
+
+def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conformal sets, intervals and the out-of-domain flag are typed data keys; an
+    out-of-domain answer is counted (and in /metrics); a bundle without them gives None."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    real = Predictor.predict_prepared
+
+    def doubtful(self: Predictor, prepared: list) -> list:
+        out = []
+        for i, p in enumerate(real(self, prepared)):
+            res = dict(p.results)
+            res["cn"] = dataclasses.replace(res["cn"], prediction_set=[4.0, 6.0])
+            if "distance" in res:
+                res["distance"] = dataclasses.replace(res["distance"], interval=(1.9, 2.05))
+            flags = [*p.flags, OUT_OF_DOMAIN] if i == 1 else list(p.flags)
+            out.append(dataclasses.replace(p, results=res, flags=flags, ood_score=0.5 + 9 * i))
+        return out
+
+    plain = pipeline.handle_batch([opened("raw-u"), scan("raw-u", 0)])
+    (row,) = events(plain)
+    assert row["cn_set"] is None and row["distance_lo"] is None and row["ood_score"] is None
+    assert row["out_of_domain"] is False  # the shipped bundle fills none of them yet
+    monkeypatch.setattr(Predictor, "predict_prepared", doubtful)
+    docs = pipeline.handle_batch([scan("raw-u", 1), scan("raw-u", 2, "CuO"), closed("raw-u", n=3)])
+    validate(plain + docs)
+    inside, outside = events(docs)
+    assert inside["cn_set"] == "4,6" and inside["out_of_domain"] is False
+    assert inside["ood_score"] == pytest.approx(0.5)
+    assert inside["distance"] is not None  # the tiny bundle has a distance regressor
+    assert (inside["distance_lo"], inside["distance_hi"]) == (1.9, 2.05)
+    assert outside["out_of_domain"] is True and OUT_OF_DOMAIN in outside["flags"].split(",")
+    assert outside["ood_score"] == pytest.approx(9.5) and outside["status"] == "ok"
+    assert only(docs, "stop")["n_out_of_domain"] == 1
+    assert counters.snapshot()["out_of_domain"] == 1 == counters.out_of_domain
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    assert "xasflow_spectra_out_of_domain_total 1.0" in generate_latest(reg).decode()

@@ -681,8 +681,8 @@ def test_feedback_recommendations_and_epics_pvs(
     the latest analysed spectrum and its recommendations, read by a caproto client."""
     pytest.importorskip("caproto")
 
-    from test_epics_ioc import _free_port as free_ca_port
-    from test_epics_ioc import read
+    from helpers import free_port as free_ca_port
+    from helpers import read_pv as read
 
     port, repeater = free_ca_port(), free_ca_port()
     for key, value in {
@@ -836,7 +836,7 @@ def get_ok(url: str) -> dict[str, Any] | None:
 
 
 def test_store_fanout_keeps_the_primary_stream_only() -> None:
-    from xasflow.daemon.service import _StoreFanout
+    from xasflow.adapters.store_writer import StoreWriter
 
     class FakeStore:
         def __init__(self) -> None:
@@ -853,7 +853,7 @@ def test_store_fanout_keeps_the_primary_stream_only() -> None:
             self.calls.append(("close", raw_uid, stop["exit_status"]))
 
     store = FakeStore()
-    fan = _StoreFanout(store)
+    fan = StoreWriter(store)
     run = compose_run(metadata={"raw_uid": "raw-1"})
     keys = {"cn": {"source": "x", "dtype": "integer", "shape": []}}
     primary = run.compose_descriptor(name="primary", data_keys=keys)

@@ -8,6 +8,11 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
   ``raw_plan_name``. It is composed lazily, together with the descriptor, just before the
   run's first event (or its stop), so it can name the model actually used.
 * **descriptor** of stream ``"primary"`` with the typed :data:`DATA_KEYS`.
+* **uncertainty** keys of each analysed spectrum: ``cn_set`` / ``motif_set`` /
+  ``valence_set`` (the 90 % conformal sets, comma-separated labels), ``distance_lo`` /
+  ``distance_hi`` and ``charge_lo`` / ``charge_hi`` (the 90 % intervals), ``ood_score`` and
+  ``out_of_domain`` (bool; True means the answer must not be trusted). None where the bundle
+  gives none; ``out_of_domain`` is False on rejected rows.
 * **event**: one per raw spectrum analysed (``status "ok"``) or rejected (``status
   "rejected"`` with ``reason`` / ``detail``), plus one per assembly rejection that belongs
   to the run (a malformed event, a duplicate ...). Values that do not apply are None.
@@ -16,7 +21,7 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 * **stop**: ``exit_status`` mirrors the raw run's (``"timeout"``, a raw run whose stop never
   came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``), ``num_events``, and extra
   fields ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``,
-  ``n_rejected``, ``raw_seq_gaps``, ``raw_missing_events``.
+  ``n_rejected``, ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``.
 
 Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
 validated against the event-model schemas when ``validate=True`` (tests do; the hot path
@@ -38,12 +43,15 @@ __all__ = [
     "ANALYSIS_STREAM",
     "CODE_VERSION",
     "DATA_KEYS",
+    "INTERVAL_KEYS",
+    "SET_KEYS",
     "AnalysisRun",
     "Doc",
     "data_key",
     "finite_number",
     "ok_row",
     "rejected_row",
+    "uncertainty_fields",
 ]
 
 Doc = tuple[str, dict[str, Any]]
@@ -89,6 +97,26 @@ DATA_KEYS: dict[str, dict[str, Any]] = {
     "edge_step": data_key("number", "edge step of mu used for normalisation"),
     "energy_shift": data_key("number", "shift applied by reference-foil alignment", "eV"),
     "latency_ms": data_key("number", "raw event time to result, milliseconds", "ms"),
+    # Uncertainty (None where the bundle does not provide it, e.g. bundles trained before it).
+    "cn_set": data_key("string", "conformal set of coordination numbers, comma-separated"),
+    "motif_set": data_key("string", "conformal set of coordination motifs, comma-separated"),
+    "valence_set": data_key("string", "conformal set of oxidation states, comma-separated"),
+    "distance_lo": data_key("number", "conformal interval of distance, low end", "angstrom"),
+    "distance_hi": data_key("number", "conformal interval of distance, high end", "angstrom"),
+    "charge_lo": data_key("number", "conformal interval of charge, low end", "e"),
+    "charge_hi": data_key("number", "conformal interval of charge, high end", "e"),
+    "ood_score": data_key("number", "distance from the training data (higher: further)"),
+    "out_of_domain": data_key(
+        "boolean", "spectrum outside what the bundle was trained on: do not trust the answer"
+    ),
+}
+
+#: Classifier task -> the data key of its conformal prediction set.
+SET_KEYS: dict[str, str] = {"cn": "cn_set", "environment": "motif_set", "valence": "valence_set"}
+#: Regressor task -> the data keys of its conformal interval (low, high).
+INTERVAL_KEYS: dict[str, tuple[str, str]] = {
+    "distance": ("distance_lo", "distance_hi"),
+    "charge": ("charge_lo", "charge_hi"),
 }
 
 _EXIT = {"success": "success", "abort": "abort", "fail": "fail"}
@@ -112,7 +140,33 @@ def finite_number(value: Any) -> float | None:
 
 
 def _empty_row() -> dict[str, Any]:
-    return dict.fromkeys(DATA_KEYS)
+    row = dict.fromkeys(DATA_KEYS)
+    row["out_of_domain"] = False
+    return row
+
+
+def _label(value: Any) -> str:
+    """A class label as text: 4.0 -> "4", "CN4-tetrahedral" unchanged."""
+    as_int = _as_int(value) if not isinstance(value, str) else None
+    return str(as_int) if as_int is not None else str(value)
+
+
+def uncertainty_fields(prediction: Prediction) -> dict[str, Any]:
+    """The uncertainty data keys of a prediction: conformal sets, intervals, OOD score and flag.
+
+    Absent uncertainty stays None (sets, intervals, score); ``out_of_domain`` is a bool.
+    """
+    out: dict[str, Any] = {"ood_score": finite_number(prediction.ood_score)}
+    out["out_of_domain"] = bool(prediction.out_of_domain)
+    for task, key in SET_KEYS.items():
+        res = prediction.results.get(task)
+        if res is not None and res.prediction_set is not None:
+            out[key] = ",".join(_label(v) for v in res.prediction_set)
+    for task, (lo, hi) in INTERVAL_KEYS.items():
+        res = prediction.results.get(task)
+        if res is not None and res.interval is not None:
+            out[lo], out[hi] = finite_number(res.interval[0]), finite_number(res.interval[1])
+    return out
 
 
 def ok_row(
@@ -162,6 +216,7 @@ def ok_row(
     charge = res.get("charge")
     if charge is not None:
         row["charge"] = finite_number(charge.value)
+    row.update(uncertainty_fields(prediction))
     return row
 
 
@@ -217,6 +272,7 @@ class AnalysisRun:
         self.clock = clock
         self.n_analysed = 0
         self.n_rejected = 0
+        self.n_out_of_domain = 0
         self.bundle_ids: list[str] = []
         self.start_doc: dict[str, Any] | None = None
         self.descriptor_doc: dict[str, Any] | None = None
@@ -287,6 +343,7 @@ class AnalysisRun:
         )
         if data["status"] == "ok":
             self.n_analysed += 1
+            self.n_out_of_domain += bool(data.get("out_of_domain"))
         else:
             self.n_rejected += 1
         bundle_id = data.get("bundle_id")
@@ -355,6 +412,7 @@ class AnalysisRun:
             bundle_ids=list(self.bundle_ids),
             n_analysed=self.n_analysed,
             n_rejected=self.n_rejected,
+            n_out_of_domain=self.n_out_of_domain,
             raw_seq_gaps=int(seq_gaps),
             raw_missing_events=int(missing_events),
         )

@@ -408,6 +408,8 @@ class Pipeline:
                 latency_ms=None if latency is None else latency * 1e3,
             )
             self.counters.spectrum_analysed()
+            if pred.out_of_domain:
+                self.counters.spectrum_out_of_domain()
         else:
             reason = work.reason or "internal_error"
             row = rejected_row(

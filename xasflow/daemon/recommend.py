@@ -540,14 +540,25 @@ class Recommender:
     def _stop_early(
         self, prediction: Prediction | None, history: Sequence[Prediction]
     ) -> tuple[bool, str]:
-        """Whether the last ``stop_count`` spectra agree on cn with enough probability."""
+        """Whether the last ``stop_count`` spectra agree on cn with enough probability.
+
+        Never for a spectrum out of the bundle's domain (its probabilities mean nothing), nor
+        while a conformal cn set (when the bundle gives one) holds more than one value.
+        """
         cfg = self.config
         if prediction is None or "cn" not in prediction.results:
+            return False, ""
+        if prediction.out_of_domain:
+            return False, "out_of_domain: the answer is not to be trusted, keep measuring"
+        cn_set = prediction.results["cn"].prediction_set
+        if cn_set is not None and len(cn_set) != 1:
             return False, ""
         recent = list(history)[-cfg.stop_count :]
         if not recent or recent[-1] is not prediction:
             recent = [*recent, prediction][-cfg.stop_count :]
         if len(recent) < cfg.stop_count:
+            return False, ""
+        if any(p.out_of_domain for p in recent):
             return False, ""
         values = {str(p.results["cn"].value) for p in recent if "cn" in p.results}
         confs = [p.results["cn"].confidence or 0.0 for p in recent if "cn" in p.results]

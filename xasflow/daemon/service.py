@@ -61,6 +61,7 @@ from types import FrameType
 from typing import Any
 
 from xasflow import __version__
+from xasflow.adapters.store_writer import StoreWriter
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
 from xasflow.daemon.assembly import RunAssembler, SpectrumReady
 from xasflow.daemon.config import DaemonConfig
@@ -85,92 +86,6 @@ class DaemonError(RuntimeError):
     """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
 
 
-class _StoreFanout:
-    """Turns analysis documents into AnalysisStore calls (open at the descriptor, rows, close).
-
-    The store keeps one table per run: only the ``stream`` descriptor's events are stored;
-    other streams of an analysis run (e.g. recommendations) go to the bus only.
-    """
-
-    def __init__(
-        self,
-        store: Any,
-        stream: str = ANALYSIS_STREAM,
-        on_stored: Callable[[], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.stream = stream
-        self.on_stored = on_stored  # passed to add_event: called once a row has committed
-        self._other: dict[str, str] = {}  # descriptor uid of another stream -> start uid
-        self._starts: dict[str, dict[str, Any]] = {}  # analysis start uid -> start doc
-        self._open: dict[str, str] = {}  # analysis start uid -> raw_uid (store key)
-        self._descriptors: dict[str, str] = {}  # descriptor uid -> analysis start uid
-        self.unstored = 0  # rows the store refused or that had no open run
-
-    def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        try:
-            if name == "start":
-                self._starts[doc["uid"]] = doc
-            elif name == "descriptor":
-                self._descriptor(doc)
-            elif name == "event":
-                self._row(doc["descriptor"], doc["seq_num"], doc["time"], doc["data"])
-            elif name == "event_page":
-                for i, seq in enumerate(doc["seq_num"]):
-                    data = {k: v[i] for k, v in doc["data"].items()}
-                    self._row(doc["descriptor"], seq, doc["time"][i], data)
-            elif name == "stop":
-                self._stop(doc)
-        except Exception:
-            logger.exception("analysis store: cannot store %s document", name)
-            self.unstored += 1
-
-    def _descriptor(self, doc: dict[str, Any]) -> None:
-        run_uid = doc["run_start"]
-        start = self._starts.get(run_uid)
-        if start is None:
-            return
-        if doc.get("name", ANALYSIS_STREAM) != self.stream:
-            self._other[doc["uid"]] = run_uid
-            return
-        self._descriptors[doc["uid"]] = run_uid
-        if run_uid in self._open:
-            return  # a second descriptor: one table per analysis run
-        raw_uid = str(start.get("raw_uid") or run_uid)
-        self.store.open_run(raw_uid, start, doc)
-        self._open[run_uid] = raw_uid
-
-    def _row(self, descriptor: str, seq: int, t: float, data: dict[str, Any]) -> None:
-        run_uid = self._descriptors.get(descriptor)
-        if run_uid is None and descriptor in self._other:
-            return  # another stream: published, not stored
-        raw_uid = self._open.get(run_uid) if run_uid is not None else None
-        if raw_uid is None:
-            self.unstored += 1
-            return
-        row = {"seq_num": seq, "time": t, **data}
-        if self.on_stored is None:
-            stored = self.store.add_event(raw_uid, row)
-        else:
-            stored = self.store.add_event(raw_uid, row, on_stored=self.on_stored)
-        if not stored:
-            self.unstored += 1
-
-    def _stop(self, doc: dict[str, Any]) -> None:
-        run_uid = doc["run_start"]
-        self._starts.pop(run_uid, None)
-        for table in (self._descriptors, self._other):
-            for desc in [d for d, r in table.items() if r == run_uid]:
-                del table[desc]
-        raw_uid = self._open.pop(run_uid, None)
-        if raw_uid is not None:
-            self.store.close_run(raw_uid, doc)
-
-    @property
-    def open_runs(self) -> int:
-        return len(self._open)
-
-
 class Daemon:
     """The streaming analysis service built from a :class:`DaemonConfig`.
 
@@ -192,7 +107,7 @@ class Daemon:
         self.ioc: Any = None  # XasIoc when epics.enabled
         self.submitter: Any = None  # QueueServerSubmitter when queueserver.enabled
         self.app: Any = None
-        self._fanout: _StoreFanout | None = None
+        self._fanout: StoreWriter | None = None
         self._thread: threading.Thread | None = None
         self._draining = threading.Event()
         self._stopped = threading.Event()
@@ -265,7 +180,7 @@ class Daemon:
                 max_queue=cfg.storage.max_queue,
                 table_backend=cfg.storage.backend,
             )
-            self._fanout = _StoreFanout(self.store, on_stored=self._acknowledge)
+            self._fanout = StoreWriter(self.store, on_stored=self._acknowledge)
             self._find_interrupted()
         if cfg.output.enabled:
             self.publisher = ZmqDocumentPublisher(

@@ -18,7 +18,6 @@ import onnxruntime as ort
 from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
-
 #: The flag a prediction carries when its spectrum lies outside what the bundle was trained on.
 OUT_OF_DOMAIN = "out_of_domain"
 
