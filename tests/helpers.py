@@ -45,11 +45,13 @@ def analysis_run_docs(
     events: Sequence[tuple[str, Mapping[str, Any]]],
     raw_uid: str = "raw-run-7",
     metadata: Mapping[str, Any] | None = None,
+    stop: Mapping[str, Any] | None = None,
 ) -> Docs:
     """An analysis run composed with event-model: start, one descriptor per stream named in
     ``events`` (``primary`` first), the events (``(stream, data)``) in order, and the stop.
 
-    Each stream's data keys are the union of its events' keys (absent values None).
+    Each stream's data keys are the union of its events' keys (absent values None);
+    ``stop`` adds fields to the stop document (e.g. ``exit_status``, ``raw_missing_events``).
     """
     from event_model import compose_run
 
@@ -69,7 +71,9 @@ def analysis_run_docs(
         docs.append(
             ("event", dict(composers[stream](data=row, timestamps=dict.fromkeys(row, 0.0))))
         )
-    docs.append(("stop", dict(run.compose_stop())))
+    stop = dict(stop or {})
+    exit_status = stop.pop("exit_status", "success")
+    docs.append(("stop", {**run.compose_stop(exit_status=exit_status), **stop}))
     return docs
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import analysis_run_docs
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
@@ -250,11 +251,8 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
 
 def _burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
     """An analysis run as the daemon emits it: start, descriptor, ``n`` events, stop."""
-    start = {"uid": f"a-{uid}", "raw_uid": uid, "time": time.time(), "scan_kind": "fly"}
-    desc = {"uid": f"d-{uid}", "run_start": start["uid"], "name": "primary"}
-    docs: list[tuple[str, dict[str, Any]]] = [("start", start), ("descriptor", desc)]
-    for i in range(n):
-        data = {
+    rows = [
+        {
             "index": i,
             "status": "ok",
             "cn": 2 + 2 * (i % 2),
@@ -263,9 +261,9 @@ def _burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
             "charge": 1.0,
             "valence": 1,
         }
-        docs.append(("event", {"descriptor": desc["uid"], "seq_num": i + 1, "data": data}))
-    docs.append(("stop", {"run_start": start["uid"], "exit_status": "success", "time": 1.0}))
-    return docs
+        for i in range(n)
+    ]
+    return analysis_run_docs([("primary", r) for r in rows], uid, {"scan_kind": "fly"})
 
 
 def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:

@@ -103,10 +103,14 @@ class SafeRouter:
         self.router = RunRouter(factories, filler_class=PassThroughFiller)
         self.label = label
         self.errors = 0
+        self.unknown = 0  # documents of a run this router never saw start (ignored)
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         try:
             self.router(name, dict(doc) if not isinstance(doc, dict) else doc)
+        except KeyError as exc:  # an event or descriptor of a run that started before us
+            self.unknown += 1
+            logger.debug("%s: %s document of an unknown run (%s)", self.label, name, exc)
         except Exception:  # a consumer must never break the publisher
             self.errors += 1
             logger.exception("%s: cannot use a %s document", self.label, name)

@@ -45,9 +45,10 @@ class StoreWriter:
         self._router = SafeRouter([self._factory], "analysis store")
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
-        before = self._router.errors
+        before = self._router.errors + self._router.unknown
         self._router(name, doc)
-        if self._router.errors != before and name in ("event", "event_page"):
+        failed = self._router.errors + self._router.unknown != before
+        if failed and name in ("event", "event_page"):
             self.unstored += len(doc.get("seq_num") or ()) if name == "event_page" else 1
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:

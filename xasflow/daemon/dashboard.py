@@ -12,7 +12,9 @@ What it shows: the latest analysed spectrum (raw mu, normalised mu on the model 
 the model window) with the bundle's energy regions shaded by how much each prediction
 task depends on them (manifest ``regions`` and per-task ``region_importance``, shared out
 with :func:`xasflow.daemon.recommend.region_shares`); the prediction with its uncertainty
-(class probabilities, held-out MAE of the regressors) and the ranked motifs; the current
+(class probabilities, conformal sets and intervals when the bundle gives them, held-out MAE
+of the regressors) and the ranked motifs, and an OUT OF DOMAIN banner over it when the
+bundle flags the spectrum as unlike its training data; the current
 run's predictions over time (quick-XAS runs); the latest recommendation; and the daemon's
 health (rates, rejects by reason, queue depth, models and their metrics).
 
@@ -20,8 +22,10 @@ Throttling, so a 500 spectra/s stream freezes neither the daemon nor the browser
 
 * the processing thread only calls :meth:`Dashboard.listener`, which appends the document
   to a bounded deque (O(1), no lock, never blocks; the oldest are dropped and counted when
-  the dashboard falls behind), and the pipeline publishes its latest spectrum by reference
-  (:attr:`xasflow.daemon.pipeline.Pipeline.latest`);
+  the dashboard falls behind), and :meth:`Dashboard.offer_latest`, which publishes the
+  pipeline's latest spectrum to it by reference (one assignment);
+* documents are digested by an event-model ``RunRouter`` (one callback per run's
+  ``primary`` and ``recommendations`` stream), so no uid tables are kept here;
 * a thread of its own (``xasflow-dashboard``) wakes ``rate_hz`` times a second, digests
   what came in (per-run counts and a bounded, decimated history) and, while a page is
   connected, renders one JSON message with the latest state and the aggregated history;
@@ -60,12 +64,13 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
 from xasflow.daemon.documents import finite_number
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from xasflow.daemon.service import Daemon
+    from xasflow.daemon.view import DaemonView
 
 __all__ = ["STATIC_DIR", "Dashboard", "install_dashboard"]
 
@@ -162,6 +167,8 @@ class _Run:
     started: float | None = None
     n_ok: int = 0
     n_rejected: int = 0
+    n_out_of_domain: int = 0
+    missing: int | None = None  # raw events the run lost (its stop's raw_missing_events)
     exit_status: str | None = None
     reason: str = ""
     ended: float | None = None
@@ -180,6 +187,7 @@ class _Run:
         ok = data.get("status") == "ok"
         if ok:
             self.n_ok += 1
+            self.n_out_of_domain += bool(data.get("out_of_domain"))
         else:
             self.n_rejected += 1
         self.last = data
@@ -230,6 +238,8 @@ class _Run:
             "ended": self.ended,
             "n_ok": self.n_ok,
             "n_rejected": self.n_rejected,
+            "n_out_of_domain": self.n_out_of_domain,
+            "missing": self.missing,
             "exit_status": self.exit_status,
             "reason": self.reason,
         }
@@ -269,7 +279,7 @@ class Dashboard:
 
     def __init__(
         self,
-        daemon: Daemon | None = None,
+        view: DaemonView | None = None,
         *,
         rate_hz: float = 5.0,
         inbox: int = 200_000,
@@ -279,7 +289,7 @@ class Dashboard:
         held between two digests before the oldest are dropped."""
         if rate_hz <= 0:
             raise ValueError("rate_hz must be > 0")
-        self.daemon = daemon
+        self.view = view
         self.interval = 1.0 / float(rate_hz)
         self.clock = clock
         self._inbox: deque[tuple[str, dict[str, Any]]] = deque(maxlen=inbox)
@@ -288,9 +298,20 @@ class Dashboard:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self._runs: OrderedDict[str, _Run] = OrderedDict()
-        self._starts: dict[str, _Run] = {}  # analysis start uid -> run
-        self._streams: dict[str, tuple[_Run, str]] = {}  # descriptor uid -> (run, stream)
+        self._runs: OrderedDict[str, _Run] = OrderedDict()  # the last _RUNS_KEPT, for display
+        self._router = SafeRouter(
+            [
+                stream_factory(
+                    {
+                        "primary": lambda start, desc: _PrimaryView(self, start, desc),
+                        "recommendations": lambda start, desc: _AdviceView(self, start, desc),
+                    },
+                    on_run=self._run_started,
+                )
+            ],
+            "dashboard",
+        )
+        self._offered_latest: Any = None  # the pipeline's latest spectrum, published to us
         self._current: _Run | None = None  # run of the latest primary event
         self._last_rejection: dict[str, Any] | None = None
         self._latest_seen: Any = None
@@ -312,6 +333,10 @@ class Dashboard:
         """Take one analysis document (called by the processing thread: O(1), lock-free)."""
         self._offered += 1
         self._inbox.append((name, doc))
+
+    def offer_latest(self, latest: Any) -> None:
+        """Publish the latest analysed spectrum (a ``LatestSpectrum``) to the dashboard (O(1))."""
+        self._offered_latest = latest
 
     @property
     def closed(self) -> bool:
@@ -345,7 +370,7 @@ class Dashboard:
         with self._lock:
             changed = self._digest() > 0
             self._sample_rates()
-            latest = getattr(getattr(self.daemon, "pipeline", None), "latest", None)
+            latest = self._offered_latest
             if latest is not None and latest is not self._latest_seen:
                 self._latest_seen = latest
                 self._spectrum, self._prediction = self._latest_views(latest)
@@ -385,85 +410,38 @@ class Dashboard:
         return n
 
     def _take(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "event":
-            self._event(doc)
-        elif name == "event_page":
-            times = doc.get("time") or []
-            for i in range(len(doc.get("seq_num") or [])):
-                data = {k: v[i] for k, v in (doc.get("data") or {}).items()}
-                t = times[i] if i < len(times) else None
-                self._event({"descriptor": doc.get("descriptor"), "data": data, "time": t})
-        elif name == "start":
-            self._start(doc)
-        elif name == "descriptor":
-            run = self._starts.get(doc.get("run_start", ""))
-            if run is not None:
-                uid = str(doc.get("uid", ""))
-                self._streams[uid] = (run, str(doc.get("name", "primary")))
-                run.keys.append(uid)
-        elif name == "stop":
-            run = self._starts.get(doc.get("run_start", ""))
-            if run is not None:
-                run.exit_status = doc.get("exit_status")
-                run.reason = str(doc.get("reason") or "")
-                run.ended = finite_number(doc.get("time"))
+        self._router(name, doc)
 
-    def _start(self, doc: dict[str, Any]) -> None:
-        raw_uid = str(doc.get("raw_uid") or doc.get("uid"))
+    def _run_started(self, start: dict[str, Any]) -> list[Any]:
+        """A new analysis run on show (the oldest beyond ``_RUNS_KEPT`` leave the table)."""
+        raw_uid = str(start.get("raw_uid") or start.get("uid"))
+        sample = start.get("raw_sample_name")
         run = _Run(
             raw_uid,
-            kind=str(doc.get("scan_kind") or "unknown"),
-            element=doc.get("element"),
-            edge=doc.get("edge"),
-            bundle_id=doc.get("bundle_id"),
-            scan_id=doc.get("raw_scan_id"),
-            plan_name=doc.get("raw_plan_name"),
-            started=finite_number(doc.get("time")),
+            kind=str(start.get("scan_kind") or "unknown"),
+            element=start.get("element"),
+            edge=start.get("edge"),
+            bundle_id=start.get("bundle_id"),
+            scan_id=start.get("raw_scan_id"),
+            plan_name=start.get("raw_plan_name"),
+            sample=str(sample) if sample else None,
+            started=finite_number(start.get("time")),
         )
-        sample = doc.get("raw_sample_name")
-        if not sample:  # best effort: the raw start, while the pipeline still holds the run
-            pipeline = getattr(self.daemon, "pipeline", None)
-            open_run = pipeline.run(raw_uid) if pipeline is not None else None
-            raw_start = getattr(open_run, "raw_start", None) or {}
-            sample = raw_start.get("sample_name")
-        run.sample = str(sample) if sample else None
-        uid = str(doc.get("uid"))
-        run.keys.append(uid)
         self._runs[raw_uid] = run
-        self._starts[uid] = run
+        self._runs.move_to_end(raw_uid)
         while len(self._runs) > _RUNS_KEPT:
-            _, old = self._runs.popitem(last=False)
-            for key in old.keys:
-                self._starts.pop(key, None)
-                self._streams.pop(key, None)
+            self._runs.popitem(last=False)
+        return []
 
-    def _event(self, doc: dict[str, Any]) -> None:
-        entry = self._streams.get(doc.get("descriptor", ""))
-        if entry is None:
-            return
-        run, stream = entry
-        data = doc.get("data") or {}
-        if stream == "primary":
-            run.add(data, _nan(doc.get("time")))
-            self._current = run
-            if data.get("status") != "ok":
-                self._last_rejection = {
-                    "raw_uid": run.raw_uid,
-                    "index": data.get("index"),
-                    "reason": data.get("reason"),
-                    "detail": data.get("detail"),
-                    "time": finite_number(doc.get("time")),
-                }
-        elif stream == "recommendations":
-            run.recommendation = data
+    def _run_of(self, start: dict[str, Any]) -> _Run | None:
+        return self._runs.get(str(start.get("raw_uid") or start.get("uid")))
 
     def _sample_rates(self) -> None:
-        d = self.daemon
+        d = self.view
         if d is None:
             return
         c = d.counters
-        src = d.source
-        delivered = src.stats().get("delivered", 0) if src is not None else 0
+        delivered = d.input_stats().get("delivered", 0)
         now = self.clock()
         self._rate_samples.append((now, c.spectra_analysed, c.rejected_total, delivered))
         while len(self._rate_samples) > 2 and now - self._rate_samples[0][0] > _RATE_WINDOW_S:
@@ -552,6 +530,10 @@ class Dashboard:
             if r.ranking is not None:
                 entry["ranking"] = [[lab, s] for lab, s in r.ranking[:_MOTIFS_SHOWN]]
                 entry["n_ranked"] = len(r.ranking)
+            if r.prediction_set is not None:
+                entry["prediction_set"] = list(r.prediction_set)
+            if r.interval is not None:
+                entry["interval"] = [r.interval[0], r.interval[1]]
             if spec_t is not None:
                 entry["metrics"] = dict(spec_t.metrics)
                 entry["unit"] = spec_t.unit
@@ -569,6 +551,8 @@ class Dashboard:
             "edge": pred.edge,
             "e0": pred.e0,
             "flags": list(pred.flags),
+            "out_of_domain": pred.out_of_domain,
+            "ood_score": pred.ood_score,
             "tasks": tasks,
             "environment": None if env is None else str(env.value),
             "motifs": (
@@ -580,7 +564,7 @@ class Dashboard:
         return spectrum, prediction
 
     def _health_view(self) -> dict[str, Any] | None:
-        d = self.daemon
+        d = self.view
         if d is None:
             return None
         try:
@@ -599,6 +583,9 @@ class Dashboard:
             "received": c.get("spectra_received"),
             "analysed": c.get("spectra_analysed"),
             "rejected_total": c.get("spectra_rejected"),
+            "out_of_domain": c.get("out_of_domain"),
+            "events_lost": c.get("events_lost", {}),
+            "events_lost_total": c.get("events_lost_total"),
             "rejected": c.get("rejected", {}),
             "rejected_by_stage": c.get("rejected_by_stage", {}),
             "decode_errors": c.get("decode_errors", {}),
@@ -705,6 +692,52 @@ class Dashboard:
             self.clients -= 1
 
 
+class _PrimaryView(StreamCallback):
+    """A run's ``primary`` stream: counts, history, last answer, last rejection, its stop."""
+
+    def __init__(self, dash: Dashboard, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
+        super().__init__(start, descriptor)
+        self.dash = dash
+
+    def event(self, doc: Any) -> None:
+        run = self.dash._run_of(self.start_doc)
+        if run is None:
+            return  # no longer on show
+        data = doc.get("data") or {}
+        run.add(data, _nan(doc.get("time")))
+        self.dash._current = run
+        if data.get("status") != "ok":
+            self.dash._last_rejection = {
+                "raw_uid": run.raw_uid,
+                "index": data.get("index"),
+                "reason": data.get("reason"),
+                "detail": data.get("detail"),
+                "time": finite_number(doc.get("time")),
+            }
+
+    def stop(self, doc: Any) -> None:
+        run = self.dash._run_of(self.start_doc)
+        if run is not None:
+            run.exit_status = doc.get("exit_status")
+            run.reason = str(doc.get("reason") or "")
+            run.ended = finite_number(doc.get("time"))
+            missing = doc.get("raw_missing_events")
+            run.missing = int(missing) if isinstance(missing, int) else None
+
+
+class _AdviceView(StreamCallback):
+    """A run's ``recommendations`` stream: the latest advice."""
+
+    def __init__(self, dash: Dashboard, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
+        super().__init__(start, descriptor)
+        self.dash = dash
+
+    def event(self, doc: Any) -> None:
+        run = self.dash._run_of(self.start_doc)
+        if run is not None:
+            run.recommendation = doc.get("data") or {}
+
+
 def _sse(version: int, body: str) -> bytes:
     return f"id: {version}\nevent: state\ndata: {body}\n\n".encode()
 
@@ -727,13 +760,13 @@ def _index_html(token: str | None) -> str:
     return text.replace("{{query}}", html.escape(query, quote=True))
 
 
-def install_dashboard(app: Starlette, daemon: Daemon, rate_hz: float = 5.0) -> Dashboard:
-    """Add the dashboard's routes to ``app``, listen to ``daemon`` and start the dashboard.
+def install_dashboard(app: Starlette, view: DaemonView, rate_hz: float = 5.0) -> Dashboard:
+    """Add the dashboard's routes to ``app`` and start the dashboard (``app.state.dashboard``).
 
-    The dashboard is stopped by ``app.state.on_stop`` (see :class:`~xasflow.daemon.http.HttpServer`).
+    The caller feeds it (:meth:`Dashboard.listener`, :meth:`Dashboard.offer_latest`); it is
+    stopped by ``app.state.on_stop`` (see :class:`~xasflow.daemon.http.HttpServer`).
     """
-    dash = Dashboard(daemon, rate_hz=rate_hz)
-    daemon.add_listener(dash.listener)
+    dash = Dashboard(view, rate_hz=rate_hz)
 
     async def index(request: Request) -> Response:
         try:

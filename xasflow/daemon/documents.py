@@ -5,7 +5,7 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 * **start**: ``raw_uid`` (the raw run's uid), ``analysis: "xasflow"``, ``code_version``,
   ``element`` / ``edge`` / ``bundle_id`` (of the first spectrum's outcome; None when
   unknown), ``scan_kind`` and, when the raw start had them, ``raw_scan_id`` /
-  ``raw_plan_name``. It is composed lazily, together with the descriptor, just before the
+  ``raw_plan_name`` / ``raw_sample_name``. It is composed lazily, together with the descriptor, just before the
   run's first event (or its stop), so it can name the model actually used.
 * **descriptor** of stream ``"primary"`` with the typed :data:`DATA_KEYS`.
 * **uncertainty** keys of each analysed spectrum: ``cn_set`` / ``motif_set`` /
@@ -314,6 +314,8 @@ class AnalysisRun:
             md["raw_scan_id"] = raw["scan_id"]
         if isinstance(raw.get("plan_name"), str):
             md["raw_plan_name"] = raw["plan_name"]
+        if isinstance(raw.get("sample_name"), str):
+            md["raw_sample_name"] = raw["sample_name"]
         now = self.clock()
         from event_model import compose_run  # the daemon extra; config loads without it
 

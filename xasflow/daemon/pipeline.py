@@ -178,6 +178,8 @@ class Pipeline:
         self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
+        #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
+        self.on_latest: Callable[[LatestSpectrum], None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +215,8 @@ class Pipeline:
                     w.predictor.manifest,
                     w.shift,
                 )
+                if self.on_latest is not None:
+                    self.on_latest(self.latest)
                 break
         docs: list[Doc] = []
         for i, out in enumerate(items):

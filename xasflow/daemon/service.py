@@ -201,7 +201,11 @@ class Daemon:
         if cfg.http.enabled:
             from xasflow.daemon.http import HttpServer, create_app
 
-            self.app = create_app(self)
+            self.app = create_app(self, cfg.http)
+            dashboard = self.app.state.dashboard
+            if dashboard is not None:  # state published to it, never read from this thread
+                self.add_listener(dashboard.listener)
+                self.pipeline.on_latest = dashboard.offer_latest
             self.http = HttpServer(self.app, cfg.http.host, cfg.http.port)
             try:
                 self.http.start(timeout)
