@@ -38,7 +38,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from event_model import DocumentRouter
+
 from xasflow import paths
+from xasflow.adapters.routing import SafeRouter, stream_factory
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
 
@@ -130,8 +133,9 @@ class _Printer:
         self.source = source
         self.out = out
         self.runs: dict[str, dict[str, Any]] = {}  # raw uid -> beamline info
-        self._analysis: dict[str, str] = {}  # analysis start uid -> raw uid
-        self._descriptors: dict[str, str] = {}  # analysis descriptor uid -> raw uid
+        self._router = SafeRouter(
+            [stream_factory({}, on_run=lambda start: [_RunPrinter(self, start)])], "demo printer"
+        )
         self.finished = 0
         self.analysed = 0
         self.rejected = 0
@@ -168,30 +172,7 @@ class _Printer:
                 continue
             name, doc = item
             with self._lock:
-                if name == "start":
-                    self._analysis[doc.get("uid", "")] = str(doc.get("raw_uid"))
-                elif name == "descriptor":
-                    raw = self._analysis.get(doc.get("run_start", ""))
-                    if raw is not None and doc.get("name") == "primary":
-                        self._descriptors[doc.get("uid", "")] = raw
-                elif name == "event":
-                    raw = self._descriptors.get(doc.get("descriptor", ""))
-                    if raw is None:  # another stream (recommendations): not a result
-                        continue
-                    if doc.get("data", {}).get("status") == "ok":
-                        self.analysed += 1
-                    else:
-                        self.rejected += 1
-                    self._print("  " + format_result(doc, self._label(raw)))
-                elif name == "stop":
-                    raw = self._analysis.pop(doc.get("run_start", ""), "?")
-                    self.finished += 1
-                    self._print(
-                        f"analysis of {self._label(raw)} done: {doc.get('n_analysed')} analysed, "
-                        f"{doc.get('n_rejected')} rejected ({doc.get('exit_status')}"
-                        + (f": {doc.get('reason')}" if doc.get("reason") else "")
-                        + ")"
-                    )
+                self._router(name, doc)
                 self._changed.notify_all()
 
     def wait_finished(self, n: int, timeout: float) -> bool:
@@ -208,6 +189,40 @@ class _Printer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5.0)
+
+
+class _RunPrinter(DocumentRouter):
+    """One analysis run on the bus: prints its ``primary`` results and its end."""
+
+    def __init__(self, printer: _Printer, start: dict[str, Any]) -> None:
+        super().__init__()
+        self.printer = printer
+        self.raw_uid = str(start.get("raw_uid"))
+        self.primary: str | None = None
+
+    def descriptor(self, doc: Any) -> None:
+        if doc.get("name") == "primary":
+            self.primary = doc.get("uid")
+
+    def event(self, doc: Any) -> None:
+        if doc.get("descriptor") != self.primary:
+            return  # another stream (recommendations): not a result
+        p = self.printer
+        if doc.get("data", {}).get("status") == "ok":
+            p.analysed += 1
+        else:
+            p.rejected += 1
+        p._print("  " + format_result(doc, p._label(self.raw_uid)))
+
+    def stop(self, doc: Any) -> None:
+        p = self.printer
+        p.finished += 1
+        p._print(
+            f"analysis of {p._label(self.raw_uid)} done: {doc.get('n_analysed')} analysed, "
+            f"{doc.get('n_rejected')} rejected ({doc.get('exit_status')}"
+            + (f": {doc.get('reason')}" if doc.get("reason") else "")
+            + ")"
+        )
 
 
 def _read_beamline(
