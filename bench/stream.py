@@ -64,9 +64,9 @@ from typing import Any
 import numpy as np
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 
 ANALYSIS_PREFIX = "xasflow-analysis"
-PROBE_KEY = "xasflow_probe"
 ENERGY_RANGE = (8800.0, 9120.0)  # covered by every demo compound (and the bundle's window)
 TARGETS = {
     "sustained_rate_hz": 500,

@@ -14,7 +14,7 @@ from typing import Any
 
 Docs = list[tuple[str, dict[str, Any]]]
 
-__all__ = ["Docs", "analysis_run_docs", "free_port", "read_pv", "wait_for"]
+__all__ = ["Docs", "analysis_run_docs", "free_port", "raw_uids", "read_pv", "wait_for"]
 
 
 def wait_for(
@@ -82,3 +82,22 @@ def read_pv(pv: Any) -> Any:
     data = pv.read(timeout=5.0).data
     value = data[0] if len(data) == 1 else list(data)
     return value.decode() if isinstance(value, bytes) else value
+
+
+def raw_uids(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str | None]:
+    """The raw run uid each analysis document belongs to (None for a run never started)."""
+    by_start: dict[str, str] = {}
+    by_descriptor: dict[str, str] = {}
+    out: list[str | None] = []
+    for name, doc in docs:
+        if name == "start":
+            by_start[doc["uid"]] = doc["raw_uid"]
+            out.append(doc["raw_uid"])
+        elif name in ("descriptor", "stop"):
+            raw = by_start.get(doc["run_start"])
+            if name == "descriptor" and raw is not None:
+                by_descriptor[doc["uid"]] = raw
+            out.append(raw)
+        else:
+            out.append(by_descriptor.get(doc["descriptor"]))
+    return out

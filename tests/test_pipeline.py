@@ -16,6 +16,7 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from event_model import DocumentNames, compose_run, schema_validators
+from helpers import raw_uids
 from synthetic_feff import model_mu
 
 from xasflow.daemon.assembly import (
@@ -240,8 +241,7 @@ def test_predictions_alignment_and_documents(
     assert stop["bundle_ids"] == [bundle_id] and stop["n_analysed"] == 3
     assert stop["n_rejected"] == 0 and stop["raw_exit_status"] == "success"
     assert pipeline.open_runs == []
-    assert pipeline.raw_uid_of("event", next(d for n, d in docs if n == "event")) == "raw-1"
-    assert pipeline.raw_uid_of("stop", stop) == "raw-1"
+    assert set(raw_uids(docs)) == {"raw-1"}  # every document names its raw run
 
     snap = counters.snapshot()
     assert snap["spectra_received"] == 3 and snap["spectra_analysed"] == 3
@@ -501,8 +501,9 @@ def test_real_assembler_step_and_fly(pipeline: Pipeline, counters: Counters) -> 
         docs.extend(pipeline.handle_batch(asm.feed(name, doc)))
     validate(docs)
     by_raw: dict[str, list[tuple[str, dict]]] = {}
-    for name, doc in docs:
-        by_raw.setdefault(pipeline.raw_uid_of(name, doc), []).append((name, doc))  # type: ignore[arg-type]
+    for raw, (name, doc) in zip(raw_uids(docs), docs, strict=True):
+        assert raw is not None
+        by_raw.setdefault(raw, []).append((name, doc))
     step_uid, fly_uid = step[0][1]["uid"], fly[0][1]["uid"]
     assert set(by_raw) == {step_uid, fly_uid}
 

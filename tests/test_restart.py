@@ -41,11 +41,11 @@ from synthetic_feff import model_mu
 from test_service import Results as BusResults
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 from xasflow.adapters.tiled_store import read_analysis
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
 
 ANALYSIS = "xasflow-analysis"
-PROBE_KEY = "xasflow_probe"
 DEADLINE_S = 60.0
 CU_K = 8978.9
 ENERGY = np.linspace(8800.0, 9120.0, 1000)

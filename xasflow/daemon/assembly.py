@@ -49,10 +49,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from event_model import DocumentRouter, RunRouter
+
+from xasflow.adapters.routing import PassThroughFiller
+from xasflow.daemon.channels import ChannelMap
+from xasflow.daemon.outputs import (
+    ExitStatus,
+    Kind,
+    Output,
+    Rejected,
+    RunClosed,
+    RunOpened,
+    ScanSpectrum,
+    SpectrumReady,
+)
 
 __all__ = [
     "REASONS",
@@ -65,9 +78,6 @@ __all__ = [
     "ScanSpectrum",
     "SpectrumReady",
 ]
-
-Kind = Literal["step", "fly", "unknown"]
-ExitStatus = Literal["success", "abort", "fail", "timeout"]
 
 #: Every ``Rejected.reason`` this module produces.
 REASONS: frozenset[str] = frozenset(
@@ -95,116 +105,6 @@ _PASSIVE = frozenset(
 _MEMORY = 10_000  # closed run / descriptor uids remembered, to tell late documents apart
 
 
-@dataclass(frozen=True)
-class ChannelMap:
-    """Which data keys mean energy and which detector channel; first name present wins.
-
-    Names match exactly (case-sensitive). ``mode`` "auto" picks transmission when I0 and It
-    are present, else fluorescence when I0 and If are; "transmission"/"fluorescence" force it.
-    """
-
-    energy: tuple[str, ...] = (
-        "energy",
-        "mono_energy",
-        "dcm_energy",
-        "energy_readback",
-        "mono_energy_readback",
-        "dcm_energy_readback",
-        "Energy",
-    )
-    i0: tuple[str, ...] = ("I0", "i0", "I0_current", "i0_current", "ic0", "IC0")
-    it: tuple[str, ...] = ("It", "it", "itrans", "I1", "i1", "ic1", "IC1")
-    ir: tuple[str, ...] = ("Ir", "ir", "iref", "irefer", "I2", "i2", "ic2", "IC2")
-    if_: tuple[str, ...] = ("If", "if", "ifluor", "fluor", "fluorescence", "pips", "PIPS")
-    mode: str = "auto"
-    stream: str = "primary"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("auto", "transmission", "fluorescence"):
-            raise ValueError(f"mode must be auto, transmission or fluorescence, not {self.mode!r}")
-        for name in ("energy", "i0", "it", "ir", "if_"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"ChannelMap.{name} must be a tuple of key names")
-            object.__setattr__(self, name, tuple(value))
-
-    def candidates(self, channel: str) -> tuple[str, ...]:
-        """Key names for a logical channel: "energy", "i0", "it", "ir" or "if"."""
-        return self.if_ if channel == "if" else getattr(self, channel)
-
-    @staticmethod
-    def first(names: tuple[str, ...], keys: Mapping[str, Any]) -> str | None:
-        """The first of ``names`` present in ``keys``, or None."""
-        for name in names:
-            if name in keys:
-                return name
-        return None
-
-
-@dataclass(frozen=True)
-class ScanSpectrum:
-    """One raw spectrum from a run: energy (eV) and detector channels, before any science.
-
-    ``channels`` holds the present ones of "i0", "it", "ir", "if"; ``mode`` says which
-    pair the spectrum is measured in. ``received`` is the assembler clock (monotonic) when
-    the last contributing document arrived; ``event_time`` the latest event time (epoch s).
-    """
-
-    raw_uid: str
-    index: int
-    energy: np.ndarray
-    channels: dict[str, np.ndarray]
-    element: str | None
-    edge: str | None
-    mode: str
-    seq_nums: tuple[int, ...]
-    event_time: float
-    received: float
-    flags: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RunOpened:
-    """A run whose documents are being assembled; ``start`` is its start document."""
-
-    raw_uid: str
-    start: dict[str, Any]
-    kind: Kind
-
-
-@dataclass(frozen=True)
-class SpectrumReady:
-    """A spectrum ready for preprocessing and prediction."""
-
-    spectrum: ScanSpectrum
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """Something that will not become a spectrum; ``reason`` is one of ``REASONS``."""
-
-    raw_uid: str | None
-    index: int | None
-    reason: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class RunClosed:
-    """A run is finished here: by its stop, by ``check_timeouts`` or by ``flush_all``."""
-
-    raw_uid: str
-    exit_status: ExitStatus
-    reason: str
-    n_spectra: int
-    n_rejected: int
-    seq_gaps: int
-    missing_events: int = 0
-
-
-Output = RunOpened | SpectrumReady | Rejected | RunClosed
-
-
 class _Bad(Exception):
     """Internal: a row or document becomes ``Rejected(reason, detail)``."""
 
@@ -212,22 +112,6 @@ class _Bad(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-
-
-class _PassThroughFiller(DocumentRouter):
-    """Stands in for event-model's Filler: we never fill external data, and Filler copies pages."""
-
-    def __init__(self, handler_registry: Any = None, *, root_map: Any = None, inplace: Any = None):
-        super().__init__()
-
-    def descriptor(self, doc: dict) -> dict:
-        return doc
-
-    def event_page(self, doc: dict) -> dict:
-        return doc
-
-    def event(self, doc: dict) -> dict:
-        return doc
 
 
 @dataclass
@@ -728,7 +612,7 @@ class RunAssembler:
         self._descriptors: dict[str, _Run] = {}
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
-        self._router = RunRouter([self._factory], filler_class=_PassThroughFiller)
+        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)
 
     @property
     def open_runs(self) -> int:

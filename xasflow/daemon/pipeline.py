@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +89,6 @@ REASONS: frozenset[str] = frozenset(
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
-
-_CLOSED_MEMORY = 10_000
 
 
 @dataclass
@@ -175,7 +172,6 @@ class Pipeline:
         self.recommend_interval_s = float(recommend_interval_s)
         self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
         self._runs: dict[str, AnalysisRun] = {}
-        self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
         #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
@@ -241,16 +237,6 @@ class Pipeline:
         for raw_uid in list(self._runs):
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
-
-    def raw_uid_of(self, name: str, doc: dict[str, Any]) -> str | None:
-        """The raw run uid an analysis document (start/descriptor/event/stop) belongs to."""
-        if name == "start":
-            return doc.get("raw_uid")
-        if name in ("descriptor", "stop"):
-            return self._routes.get(doc.get("run_start", ""))
-        if name in ("event", "event_page"):
-            return self._routes.get(doc.get("descriptor", ""))
-        return None
 
     # ------------------------------------------------------------------ science
 
@@ -382,15 +368,6 @@ class Pipeline:
         self.counters.run_opened()
         return run
 
-    def _route(self, run: AnalysisRun, docs: list[Doc]) -> list[Doc]:
-        """Remember which raw run the analysis start/descriptor uids belong to."""
-        for name, doc in docs:
-            if name in ("start", "descriptor"):
-                self._routes[doc["uid"]] = run.raw_uid
-                while len(self._routes) > 2 * _CLOSED_MEMORY:
-                    self._routes.popitem(last=False)
-        return docs
-
     def _opened(self, out: RunOpened) -> list[Doc]:
         if out.raw_uid not in self._runs:
             self._new_run(out.raw_uid, out.start, out.kind)
@@ -433,7 +410,7 @@ class Pipeline:
         docs = run.event(row)
         if self.recommendations is not None and row["status"] == "ok":
             docs.extend(self._recommend(run, work))
-        return self._route(run, docs)
+        return docs
 
     def _recommend(self, run: AnalysisRun, work: _Work) -> list[Doc]:
         """The ``recommendations`` event that follows an analysed spectrum (none on a bug)."""
@@ -461,7 +438,7 @@ class Pipeline:
         if run is None:
             return []
         row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
-        return self._route(run, run.event(row))
+        return run.event(row)
 
     def _closed(self, out: RunClosed) -> list[Doc]:
         self.counters.run_closed(out.exit_status)
@@ -476,7 +453,7 @@ class Pipeline:
         docs = run.close(
             out.exit_status, out.reason, seq_gaps=out.seq_gaps, missing_events=out.missing_events
         )
-        return self._route(run, docs)
+        return docs
 
 
 def _has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:

@@ -73,6 +73,7 @@ from ophyd import Component, Device, Signal
 from ophyd.sim import NullStatus, SynAxis
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 from xasflow.spectra.channels import align, alignment_shift
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import edge_energy, infer_edge
@@ -107,8 +108,6 @@ logger = logging.getLogger(__name__)
 
 #: Detector channel data keys, in order.
 CHANNELS: tuple[str, str, str] = ("I0", "It", "Ir")
-#: Start-document key marking a warm-up probe run (value: the probe token).
-PROBE_KEY = "xasflow_probe"
 _PROBE_UID_PREFIX = "xasflow-probe-"
 #: Above this many expected counts the Gaussian approximation replaces Poisson sampling.
 _POISSON_MAX = 1e9

@@ -41,6 +41,7 @@ from typing import Any, TextIO
 from event_model import DocumentRouter
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 from xasflow.adapters.routing import SafeRouter, stream_factory
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
@@ -509,7 +510,7 @@ def beamline_main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
 
     def announce(name: str, doc: dict[str, Any]) -> None:
-        if name == "start" and "xasflow_probe" not in doc:
+        if name == "start" and PROBE_KEY not in doc:
             msg = {
                 "run": doc["uid"],
                 "scan": doc.get("xas_scan"),
