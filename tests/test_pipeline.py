@@ -613,3 +613,41 @@ def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
     reg = CollectorRegistry()
     register_prometheus(counters, reg)
     assert "xasflow_spectra_out_of_domain_total 1.0" in generate_latest(reg).decode()
+
+
+def test_lost_events_make_a_partial_run_counted_by_cause(
+    pipeline: Pipeline, counters: Counters
+) -> None:
+    """A raw run that lost events is never "success": its analysis stop says how many were
+    lost, and /metrics counts them by cause (issue 13)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    docs = pipeline.handle_batch(
+        [opened("raw-l"), scan("raw-l", 0), RunClosed("raw-l", "success", "", 1, 0, 2, 5)]
+    )
+    validate(docs)
+    stop = only(docs, "stop")
+    assert stop["exit_status"] == "fail" and stop["partial"] is True
+    assert stop["reason"].startswith("partial: 5 raw events missing (2 sequence gaps)")
+    assert (stop["raw_exit_status"], stop["raw_missing_events"]) == ("success", 5)
+    docs = pipeline.handle_batch([opened("raw-w"), scan("raw-w", 0), closed("raw-w")])
+    whole = only(docs, "stop")
+    assert whole["exit_status"] == "success" and whole["partial"] is False
+    snap = counters.snapshot()
+    assert snap["events_lost"] == {"seq_gap": 5} and snap["events_lost_total"] == 5
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 5.0' in generate_latest(reg).decode()
+
+
+def test_duplicate_events_collapse_into_one_counted_row(
+    pipeline: Pipeline, counters: Counters
+) -> None:
+    """Each duplicate is counted, but a run gets one rejected row for them, not one each."""
+    dup = [Rejected("raw-d", None, "duplicate_event", f"seq_num {i} repeated") for i in (3, 4, 4)]
+    docs = pipeline.handle_batch([opened("raw-d"), scan("raw-d", 0), *dup, closed("raw-d")])
+    validate(docs)
+    rows = events(docs)
+    assert [r["reason"] for r in rows] == ["", "duplicate_event"]
+    assert only(docs, "stop")["n_duplicate_events"] == 3
+    assert counters.snapshot()["rejected_by_stage"]["assembly"] == {"duplicate_event": 3}

@@ -32,6 +32,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
 from event_model import compose_run
+from helpers import wait_for
 from synthetic_feff import model_mu
 
 from xasflow.adapters.tiled_store import read_analysis
@@ -575,6 +576,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=4))
     publish(harness.pub, docs)
     harness.results.wait([uid])
+    wait_for(lambda: d.store_stats().get("stored", 0) >= 1, "the store to commit a row")
     status, body = get(f"{d.http_url}/health")
     assert status == 200
     health = json.loads(body)
@@ -607,6 +609,24 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
             key = f'xasflow_spectra_rejected_total{{reason="{reason}",stage="{stage}"}}'
             assert float(lines[key]) == n
     assert get(f"{d.http_url}/nothing")[0] == 404
+
+
+def test_lost_events_are_visible_in_the_stop_health_and_metrics(harness: Harness) -> None:
+    """A step scan whose 5th event never arrives: the analysis stop says "partial" (exit
+    status fail, the count), /health and /metrics count the loss by cause (issue 13)."""
+    d = harness.daemon
+    uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=5))
+    events = [i for i, (name, _) in enumerate(docs) if name == "event"]
+    del docs[events[4]]
+    publish(harness.pub, docs)
+    stop = harness.results.wait([uid])[uid]["stop"]
+    assert stop["exit_status"] == "fail" and stop["partial"] is True
+    assert stop["raw_missing_events"] == 1 and stop["reason"].startswith("partial: 1 raw event")
+    health = json.loads(get(f"{d.http_url}/health")[1])
+    assert health["events_lost"]["seq_gap"] >= 1 and health["events_lost"]["total"] >= 1
+    text = get(f"{d.http_url}/metrics")[1].decode()
+    pairs = [x.rsplit(" ", 1) for x in text.splitlines() if x and not x.startswith("#")]
+    assert float(dict(pairs)['xasflow_events_lost_total{cause="seq_gap"}']) >= 1
 
 
 def test_stop_finishes_what_it_holds(

@@ -19,9 +19,13 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 * extra streams (:meth:`AnalysisRun.stream_event`): e.g. ``"recommendations"``
   (:mod:`xasflow.daemon.recommend`), one descriptor each, composed before its first event.
 * **stop**: ``exit_status`` mirrors the raw run's (``"timeout"``, a raw run whose stop never
-  came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``), ``num_events``, and extra
-  fields ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``,
-  ``n_rejected``, ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``.
+  came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``); a run that lost raw events
+  (sequence gaps, or fewer events than the raw stop's ``num_events``) is never "success":
+  it becomes ``"fail"`` with reason ``"partial: N raw events missing ..."`` and
+  ``partial: true`` (event-model allows only success/abort/fail). Extra fields:
+  ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``, ``n_rejected``,
+  ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``, ``partial``,
+  ``n_duplicate_events`` (every duplicate raw event; only the first has a rejected row).
 
 Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
 validated against the event-model schemas when ``validate=True`` (tests do; the hot path
@@ -273,6 +277,7 @@ class AnalysisRun:
         self.n_analysed = 0
         self.n_rejected = 0
         self.n_out_of_domain = 0
+        self.n_duplicates = 0  # duplicate raw events: one rejected row, the rest counted here
         self.bundle_ids: list[str] = []
         self.start_doc: dict[str, Any] | None = None
         self.descriptor_doc: dict[str, Any] | None = None
@@ -404,6 +409,11 @@ class AnalysisRun:
             reason = f"stop_timeout: {reason}" if reason else "stop_timeout"
         elif raw_exit_status not in _EXIT:
             reason = f"raw exit status {raw_exit_status!r}: {reason}"
+        partial = missing_events > 0
+        if partial and exit_status == "success":  # event-model has no "partial" exit status
+            exit_status = "fail"
+            lost = f"partial: {missing_events} raw events missing ({seq_gaps} sequence gaps)"
+            reason = f"{lost}; {reason}" if reason else lost
         stop = dict(
             self._bundle.compose_stop(
                 exit_status=exit_status, reason=reason, time=self.clock(), validate=False
@@ -417,6 +427,8 @@ class AnalysisRun:
             n_out_of_domain=self.n_out_of_domain,
             raw_seq_gaps=int(seq_gaps),
             raw_missing_events=int(missing_events),
+            partial=partial,
+            n_duplicate_events=self.n_duplicates,
         )
         if self.validate:
             from event_model import DocumentNames, schema_validators

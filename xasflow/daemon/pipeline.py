@@ -437,11 +437,16 @@ class Pipeline:
         run = self._runs.get(out.raw_uid) if out.raw_uid is not None else None
         if run is None:
             return []
+        if out.reason == "duplicate_event":  # one rejected row per run; the rest are counted
+            run.n_duplicates += 1
+            if run.n_duplicates > 1:
+                return []
         row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
         return run.event(row)
 
     def _closed(self, out: RunClosed) -> list[Doc]:
         self.counters.run_closed(out.exit_status)
+        self.counters.lost("seq_gap", out.missing_events)
         if self.recommendations is not None:
             self.recommendations.close(out.raw_uid)
             self._recommend_due.pop(out.raw_uid, None)

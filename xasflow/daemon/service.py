@@ -412,13 +412,17 @@ class Daemon:
         self.sync_stats()
         src = self.input_stats()
         registry = self.registry
+        counters = self.counters.snapshot()
         return {
             "ready": self.ready,
             "version": __version__,
             "uptime_s": round(self.uptime, 3),
             "queue_depth": src.get("queue_depth", 0),
             "open_runs": self.open_runs,
-            "counters": self.counters.snapshot(),
+            "counters": counters,
+            # raw events that never reached the analysis, by cause (also in /metrics)
+            "events_lost": {"total": counters["events_lost_total"], **counters["events_lost"]},
+            "out_of_domain": counters["out_of_domain"],
             "models": self.models(),
             "models_refused": registry.refused() if registry is not None else {},
             "input": {
