@@ -69,6 +69,7 @@ from xasflow.spectra import (
     infer_edge,
     mu_from_channels,
 )
+from xasflow.spectra.quality import has_edge
 
 __all__ = ["REASONS", "LatestSpectrum", "Pipeline"]
 
@@ -320,7 +321,7 @@ class Pipeline:
         except (SpectrumError, KeyError):
             work.flags.append("align_failed")
             return spectrum
-        if not _has_edge(ref, tab - shift):
+        if not has_edge(ref, tab - shift):
             work.flags.append("align_failed")
             return spectrum
         if abs(shift) > self.max_shift:
@@ -459,15 +460,3 @@ class Pipeline:
             out.exit_status, out.reason, seq_gaps=out.seq_gaps, missing_events=out.missing_events
         )
         return docs
-
-
-def _has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:
-    """Whether a reference spectrum shows a clear edge step at ``e0`` (jump >> noise)."""
-    e, mu = ref.energy, ref.mu
-    pre = mu[(e >= e0 - outer) & (e <= e0 - inner)]
-    post = mu[(e >= e0 + inner) & (e <= e0 + outer)]
-    if pre.size < 3 or post.size < 3:
-        return False
-    jump = float(post.mean() - pre.mean())
-    noise = float(np.diff(pre).std()) / math.sqrt(2.0)  # point-to-point scatter below the edge
-    return jump > 10.0 * noise and jump > 0
