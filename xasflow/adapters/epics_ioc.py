@@ -100,7 +100,7 @@ class XasPVGroup(PVGroup):
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
     updates = pvproperty(value=0, name="UPDATES", read_only=True)
 
-    @heartbeat.scan(period=HEARTBEAT_PERIOD)
+    @heartbeat.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
     async def heartbeat(self, instance: Any, async_lib: Any) -> None:
         """Count up while the IOC's loop is alive (a stuck daemon stops the count)."""
         await instance.write((instance.value + 1) % 2_000_000_000)
@@ -243,7 +243,7 @@ class _Context:
     ) -> Any:
         from caproto.asyncio.server import Context
 
-        class XasContext(Context):  # type: ignore[misc]
+        class XasContext(Context):
             async def broadcast_beacon_loop(self) -> None:
                 """Send beacons only where configured (the env default is broadcast)."""
                 if beacons is not None:
@@ -466,7 +466,7 @@ class _PrimaryFeed(StreamCallback):
         super().__init__(start, descriptor)
         self.ioc = ioc
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         data = doc.get("data") or {}
         if data.get("status") == "ok":
             self.ioc.publish(data, scan_uid=self.raw_uid)
@@ -481,5 +481,5 @@ class _AdviceFeed(StreamCallback):
         super().__init__(start, descriptor)
         self.ioc = ioc
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         self.ioc.publish(doc.get("data") or {})

@@ -28,6 +28,7 @@ __all__ = [
     "SafeRouter",
     "StreamCallback",
     "StreamMaker",
+    "make_run_router",
     "stream_factory",
 ]
 
@@ -96,11 +97,17 @@ def stream_factory(
     return factory
 
 
+def make_run_router(factories: list[Any]) -> RunRouter:
+    """An event-model ``RunRouter`` over ``factories`` that fills nothing (no copies)."""
+    filler: Any = PassThroughFiller  # stands in for Filler (same methods, no external data)
+    return RunRouter(factories, filler_class=filler)
+
+
 class SafeRouter:
     """A ``RunRouter`` over ``factories`` that logs and counts failures instead of raising."""
 
     def __init__(self, factories: list[Any], label: str) -> None:
-        self.router = RunRouter(factories, filler_class=PassThroughFiller)
+        self.router = make_run_router(factories)
         self.label = label
         self.errors = 0
         self.unknown = 0  # documents of a run this router never saw start (ignored)

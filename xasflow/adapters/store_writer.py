@@ -65,14 +65,14 @@ class _RunWriter(DocumentRouter):
         self.raw_uid = str(start.get("raw_uid") or start["uid"])
         self.descriptor_uid: str | None = None
 
-    def descriptor(self, doc: Any) -> None:
+    def descriptor(self, doc: Any) -> Any:
         if doc.get("name", STORED_STREAM) != self.writer.stream or self.descriptor_uid:
             return  # another stream, or a second descriptor: one table per analysis run
         self.writer.store.open_run(self.raw_uid, self.start_doc, doc)
         self.descriptor_uid = doc["uid"]
         self.writer.open_runs += 1
 
-    def event_page(self, doc: Any) -> None:
+    def event_page(self, doc: Any) -> Any:
         if doc["descriptor"] != self.descriptor_uid:
             if self.descriptor_uid is None:
                 self.writer.unstored += len(doc["seq_num"])
@@ -88,7 +88,7 @@ class _RunWriter(DocumentRouter):
             if not stored:
                 self.writer.unstored += 1
 
-    def stop(self, doc: Any) -> None:
+    def stop(self, doc: Any) -> Any:
         if self.descriptor_uid is not None:
             self.writer.store.close_run(self.raw_uid, doc)
             self.writer.open_runs -= 1

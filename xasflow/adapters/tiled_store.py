@@ -273,7 +273,7 @@ class AnalysisStore:
         self._reader: Any = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock()
+        self._lock_fd: int | None = self._acquire_lock()
         self._serving: contextlib.ExitStack | None = None
         try:
             with _OPEN_STORES_LOCK:

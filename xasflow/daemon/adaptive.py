@@ -218,8 +218,8 @@ class RecommenderOptimizer:
             if key is None:
                 if self.actuator not in point:
                     continue
-                key = self.register_suggestions([{self.actuator: point[self.actuator]}])[0]
-                key = self._by_id.pop(key[ID_KEY])
+                fresh = self.register_suggestions([{self.actuator: point[self.actuator]}])[0]
+                key = self._by_id.pop(fresh[ID_KEY])
             number, i = key
             if number != self.current.number:
                 continue  # a late outcome of a finished pass
@@ -344,5 +344,5 @@ class _RowCollector(DocumentRouter):
         super().__init__()
         self.keys, self.rows = keys, rows
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         self.rows.append({k: doc["data"].get(k) for k in self.keys})

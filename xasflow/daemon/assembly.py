@@ -49,12 +49,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import numpy as np
-from event_model import DocumentRouter, RunRouter
+from event_model import DocumentRouter
 
-from xasflow.adapters.routing import PassThroughFiller
+from xasflow.adapters.routing import make_run_router
 from xasflow.daemon.channels import ChannelMap
 from xasflow.daemon.outputs import (
     ExitStatus,
@@ -230,7 +230,7 @@ class _Run(DocumentRouter):
 
     # ------------------------------------------------------------------ outputs
 
-    def emit(self, out: Output) -> None:
+    def put(self, out: Output) -> None:
         if not self.opened and not isinstance(out, RunOpened):
             self.open("unknown")
         if isinstance(out, Rejected):
@@ -243,17 +243,17 @@ class _Run(DocumentRouter):
         if not self.opened:
             self.opened = True
             self.kind = kind
-            self.emit(RunOpened(self.uid, self.start_doc, kind))
+            self.put(RunOpened(self.uid, self.start_doc, kind))
 
     def reject(self, reason: str, index: int | None, detail: str) -> None:
-        self.emit(Rejected(self.uid, index, reason, detail))
+        self.put(Rejected(self.uid, index, reason, detail))
 
     # ------------------------------------------------------------------ documents
 
-    def start(self, doc: dict) -> None:
+    def start(self, doc: Any) -> Any:
         return None
 
-    def descriptor(self, doc: dict) -> None:
+    def descriptor(self, doc: Any) -> Any:
         if self.closed:
             return
         if doc.get("name") != self.owner.channels.stream:
@@ -338,7 +338,7 @@ class _Run(DocumentRouter):
                 return arr * scale if scale != 1.0 else arr
         return None
 
-    def event_page(self, doc: dict) -> None:
+    def event_page(self, doc: Any) -> Any:
         if self.closed:
             return
         st = self.streams.get(doc["descriptor"])
@@ -442,7 +442,7 @@ class _Run(DocumentRouter):
             received=self.owner._now,
             flags=tuple(flags + more),
         )
-        self.emit(SpectrumReady(spec))
+        self.put(SpectrumReady(spec))
 
     @staticmethod
     def _fly_arrays(st: _Stream, data: Mapping, i: int, seq: int) -> np.ndarray:
@@ -473,7 +473,7 @@ class _Run(DocumentRouter):
         self.points.append((st.order, seq, t, energy, values))
         self.step_required, self.step_mode = st.required, st.mode
 
-    def stop(self, doc: dict) -> None:
+    def stop(self, doc: Any) -> Any:
         if self.closed:
             return
         status = doc.get("exit_status")
@@ -501,7 +501,7 @@ class _Run(DocumentRouter):
             self.reject("empty_run", None, f"no events in stream {self.owner.channels.stream!r}")
         if not self.streams:
             self.reject("empty_run", None, f"no {self.owner.channels.stream!r} stream")
-        self.close(status, reason, via_stop=True)
+        self.close(cast(ExitStatus, status), reason, via_stop=True)
 
     def _finish_step(self) -> None:
         if self.step_done:
@@ -537,7 +537,7 @@ class _Run(DocumentRouter):
             received=self.owner._now,
             flags=tuple(sorted(self.step_flags.union(more))),
         )
-        self.emit(SpectrumReady(spec))
+        self.put(SpectrumReady(spec))
 
     def close(self, status: ExitStatus, reason: str, *, via_stop: bool) -> None:
         """Emit ``RunClosed`` and forget the run (here and, unless ``via_stop``, in RunRouter)."""
@@ -585,7 +585,7 @@ def _page_of(event: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _is_str(value: Any) -> bool:
+def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value)
 
 
@@ -612,7 +612,7 @@ class RunAssembler:
         self._descriptors: dict[str, _Run] = {}
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
-        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)
+        self._router = make_run_router([self._factory])
 
     @property
     def open_runs(self) -> int:
@@ -628,7 +628,8 @@ class RunAssembler:
 
     def feed(self, name: str, doc: dict) -> list[Output]:
         """Take one document; return what it completed, opened, rejected or closed."""
-        self._out = out = []
+        out: list[Output] = []
+        self._out = out
         self._now = self.clock()
         try:
             self._feed(name, doc)
@@ -647,7 +648,8 @@ class RunAssembler:
 
     def check_timeouts(self, now: float | None = None) -> list[Output]:
         """Close runs with no document for longer than ``run_timeout`` (exit_status "timeout")."""
-        self._out = out = []
+        out: list[Output] = []
+        self._out = out
         self._now = self.clock() if now is None else now
         for run in list(self._runs.values()):
             idle = self._now - run.last_seen
@@ -658,7 +660,8 @@ class RunAssembler:
 
     def flush_all(self, reason: str) -> list[Output]:
         """Close every open run (exit_status "abort"), e.g. at shutdown."""
-        self._out = out = []
+        out: list[Output] = []
+        self._out = out
         self._now = self.clock()
         for run in list(self._runs.values()):
             run.abandon("abort", reason)
@@ -706,7 +709,7 @@ class RunAssembler:
             raise _Bad("malformed_document", f"descriptor {uid} seen before")
         run.last_seen = self._now
         self._descriptors[uid] = run
-        self._router("descriptor", doc)
+        self._router("descriptor", cast(dict, doc))
 
     def _event(self, name: str, doc: Mapping) -> None:
         desc = doc.get("descriptor")
@@ -730,7 +733,7 @@ class RunAssembler:
             # What RunRouter would do (it routes only pages), minus its pack/unpack overhead.
             self._router.event_page(_page_of(doc))  # type: ignore[arg-type]
         elif self._page_length(doc):
-            self._router("event_page", doc)
+            self._router("event_page", cast(dict, doc))
 
     @staticmethod
     def _page_length(doc: Mapping) -> int:
@@ -749,7 +752,7 @@ class RunAssembler:
         if not _is_str(run_uid):
             raise _Bad("malformed_document", "stop without a string run_start")
         self._run_for(run_uid, "stop")
-        self._router("stop", doc)
+        self._router("stop", cast(dict, doc))
 
     def _run_for(self, run_uid: str, what: str) -> _Run:
         run = self._runs.get(run_uid)

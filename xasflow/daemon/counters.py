@@ -327,14 +327,14 @@ class _Collector:
         yield CounterMetricFamily(
             "xasflow_model_refused", "Model bundles refused (failed verification)", value=refused
         )
-        fam = GaugeMetricFamily(
+        info = GaugeMetricFamily(
             "xasflow_model_info",
             "Model bundle serving each element and edge",
             labels=["element", "edge", "bundle_id"],
         )
         for (element, edge), bundle_id in sorted(models.items()):
-            fam.add_metric([element, edge, bundle_id], 1.0)
-        yield fam
+            info.add_metric([element, edge, bundle_id], 1.0)
+        yield info
         buckets, total, _n = c.histogram()
         yield HistogramMetricFamily(
             "xasflow_latency_seconds",
@@ -345,10 +345,10 @@ class _Collector:
         families: dict[str, Any] = {}
         for (name, labels), value in sorted(gauges.items()):
             names = [k for k, _ in labels]
-            fam = families.get(name)
-            if fam is None:
-                fam = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
-            fam.add_metric([v for _, v in labels], value)
+            gauge = families.get(name)
+            if gauge is None:
+                gauge = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
+            gauge.add_metric([v for _, v in labels], value)
         yield from families.values()
 
 

@@ -383,7 +383,7 @@ class _PrimaryView(StreamCallback):
         super().__init__(start, descriptor)
         self.dash = dash
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         run = self.dash._run_of(self.start_doc)
         if run is None:
             return  # no longer on show
@@ -399,7 +399,7 @@ class _PrimaryView(StreamCallback):
                 "time": finite_number(doc.get("time")),
             }
 
-    def stop(self, doc: Any) -> None:
+    def stop(self, doc: Any) -> Any:
         run = self.dash._run_of(self.start_doc)
         if run is not None:
             run.exit_status = doc.get("exit_status")
@@ -416,7 +416,7 @@ class _AdviceView(StreamCallback):
         super().__init__(start, descriptor)
         self.dash = dash
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         run = self.dash._run_of(self.start_doc)
         if run is not None:
             run.recommendation = doc.get("data") or {}

@@ -44,7 +44,7 @@ _COLUMNS = (
 )
 
 
-class _Numbers(list):  # type: ignore[type-arg]
+class _Numbers(list[Any]):
     """A list already JSON-safe (from :func:`_series`): :func:`_clean` passes it through."""
 
 

@@ -181,7 +181,8 @@ def step_scan_plan(
 
     def plan() -> Generator[Any, Any, str]:
         det.start_scan(grid.size)
-        return (yield from bp.list_scan([det], motor, [float(e) for e in grid], md=merged))
+        energies: Any = [float(e) for e in grid]  # list_scan's stubs want (motor, list) pairs
+        return (yield from bp.list_scan([det], motor, energies, md=merged))
 
     return plan()
 
@@ -270,7 +271,7 @@ class SimBeamline:
         if self._closed:
             raise RuntimeError("SimBeamline is closed")
         result = self.RE(plan)
-        uids = getattr(result, "run_start_uids", result)
+        uids: Any = getattr(result, "run_start_uids", result)
         return [str(u) for u in uids]
 
     def warm_up(
@@ -336,7 +337,7 @@ proxy.start()
 """
 
 
-class ProxyProcess(subprocess.Popen):  # type: ignore[type-arg]
+class ProxyProcess(subprocess.Popen[str]):
     """A running ``bluesky.callbacks.zmq.Proxy``; ``in_address`` for publishers, ``out_address``
     for subscribers. Stop it with :meth:`stop` (or terminate/wait, or ``with``)."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -201,11 +202,11 @@ class _RunPrinter(DocumentRouter):
         self.raw_uid = str(start.get("raw_uid"))
         self.primary: str | None = None
 
-    def descriptor(self, doc: Any) -> None:
+    def descriptor(self, doc: Any) -> Any:
         if doc.get("name") == "primary":
             self.primary = doc.get("uid")
 
-    def event(self, doc: Any) -> None:
+    def event(self, doc: Any) -> Any:
         if doc.get("descriptor") != self.primary:
             return  # another stream (recommendations): not a result
         p = self.printer
@@ -215,7 +216,7 @@ class _RunPrinter(DocumentRouter):
             p.rejected += 1
         p._print("  " + format_result(doc, p._label(self.raw_uid)))
 
-    def stop(self, doc: Any) -> None:
+    def stop(self, doc: Any) -> Any:
         p = self.printer
         p.finished += 1
         p._print(
@@ -324,7 +325,7 @@ def run_demo(
     from xasflow.sim.beamline import start_proxy
 
     restore = _interrupt_on_signals()
-    started: list[Callable[[], None]] = [restore]  # stoppers, in start order
+    started: list[Callable[[], Any]] = [restore]  # stoppers, in start order
     printer: _Printer | None = None
     daemon: Any = None
     proc: subprocess.Popen[str] | None = None
@@ -398,7 +399,7 @@ def run_demo(
             start_new_session=True,  # Ctrl-C reaches us; we stop it cleanly
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        started.append(lambda p=proc: _stop_process(p, 20.0))
+        started.append(functools.partial(_stop_process, proc, 20.0))
         pump = _read_beamline(proc, printer.note_run, out)
         print("beamline: starting (Ctrl-C stops the demo)", file=out, flush=True)
         deadline = time.monotonic() + duration if duration > 0 else None

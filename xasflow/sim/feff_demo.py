@@ -118,9 +118,8 @@ class DemoSpectrum:
     def from_dict(cls, data: dict[str, Any]) -> DemoSpectrum:
         """Build from the JSON document written by :func:`write_demo_json`."""
         expected = data["expected"]
-        meta = {
-            k: data[k] for k in ("structure", "feff", "cluster", "feff_inp", "notes") if k in data
-        }
+        keys: tuple[str, ...] = ("structure", "feff", "cluster", "feff_inp", "notes")
+        meta: dict[str, Any] = {k: data[k] for k in keys if k in data}
         return cls(
             name=str(data["name"]),
             formula=str(data["formula"]),
@@ -405,9 +404,10 @@ def build_cluster(structure: Structure, absorber_element: str, radius: float) ->
         key = tuple(float(c) + 0.0 for c in np.round(xyz, 5))
         neighbours.append((round(float(nb.nn_distance), 5), key, nb))
     neighbours.sort(key=lambda t: (t[0], t[1]))
-    for dist, xyz, nb in neighbours:
+    for dist, pos, nb in neighbours:
         symbol = nb.specie.symbol
-        atoms.append(ClusterAtom(symbol, Element(symbol).Z, xyz, dist))
+        x, y, z = pos
+        atoms.append(ClusterAtom(symbol, Element(symbol).Z, (x, y, z), dist))
     return atoms
 
 
@@ -501,7 +501,7 @@ def run_feff(
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "feff.inp").write_text(feff_inp, encoding="utf-8")
     t0 = time.perf_counter()
-    result = feff10.run(feff_inp, str(work_dir))
+    result = feff10.run(feff_inp, str(work_dir))  # type: ignore[attr-defined]
     seconds = time.perf_counter() - t0
     slow = sorted(result.stages, key=lambda sr: -sr.duration_secs)[:3]
     log(

@@ -232,7 +232,8 @@ def demo_spectra(
     for name in chosen:
         spec = demos[name].to_spectrum()
         if pre_edge is not None:
-            spec = _extend_feff_below(spec, edge_energy(spec.element, spec.edge) - pre_edge)
+            element, edge = spec.element or "Cu", spec.edge or "K"  # demo spectra name both
+            spec = _extend_feff_below(spec, edge_energy(element, edge) - pre_edge)
         out.append(spec)
     return out
 
