@@ -26,17 +26,15 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from helpers import analysis_run_docs
-from test_dashboard import _burst_docs
-from test_service import (  # noqa: F401  (fixtures)
+from helpers import (
     STEP_GRID,
     Harness,
     LoopbackProxy,
+    analysis_run_docs,
+    burst_docs,
     daemon_config,
     fly_scan,
-    models_dir,
     publish,
-    shared_proxy,
     step_scan,
     transmission,
 )
@@ -70,8 +68,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def beamline(
-    models_dir: Path,  # noqa: F811
-    shared_proxy: LoopbackProxy,  # noqa: F811
+    models_dir: Path,
+    shared_proxy: LoopbackProxy,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Harness]:
     """The daemon with its dashboard, a publisher and a results subscriber, warmed up."""
@@ -171,7 +169,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         # daemon, the page gets a few states and stays responsive
         messages_before = page.evaluate("window.xasflow.messages")
         t0 = time.monotonic()
-        for name, doc in _burst_docs(2000, "burst-run"):
+        for name, doc in burst_docs(2000, "burst-run"):
             d.app.state.dashboard.listener(name, doc)
         page.wait_for_function(
             "() => { const s = window.xasflow.state;"
