@@ -631,3 +631,55 @@ def test_store_fanout_keeps_the_primary_stream_only() -> None:
         ("close", "raw-1", "success"),
     ]
     assert fan.unstored == 0 and fan.open_runs == 0
+
+
+def test_after_store_publishes_nothing_the_store_does_not_hold(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    """With output.after_store, every result on the bus is already committed in the store
+    (issue 13: "published but never stored"); the stop arrives only after its rows."""
+    cfg = daemon_config(models_dir, proxy, tmp_path / "store").with_updates(
+        {"output": {"after_store": True}, "storage": {"flush_interval_s": 0.3}}
+    )
+    h = Harness(cfg, proxy)
+    try:
+        fly_e = np.linspace(8800.0, 9400.0, 600)
+        uid, docs = fly_scan(fly_e, [transmission(fly_e, seed=i) for i in range(6)])
+        publish(h.pub, docs)
+        run = h.results.wait([uid])[uid]
+        # at the moment the stop was on the bus, the store already held every row
+        acked = h.daemon.store_stats()["acknowledged"]
+        _md, rows = read_analysis(tmp_path / "store", uid)
+        assert len(rows) == len(run["events"]) == 6 and acked >= 6
+        out = h.daemon.output_stats()
+        assert out["after_store.released_unstored"] == 0 and out["after_store.held"] == 0
+    finally:
+        h.close()
+
+
+def test_commit_gate_holds_documents_until_their_rows_commit() -> None:
+    from xasflow.adapters.commit_gate import CommitGate
+
+    sent: list[str] = []
+    gate = CommitGate(lambda name, doc: sent.append(doc["uid"]), timeout_s=30.0)
+    try:
+        gate("start", {"uid": "s"})  # no rows before it: goes out at once
+        wait_for(lambda: sent == ["s"], "the start")
+        gate.row_submitted()
+        gate.row_submitted()
+        gate("event", {"uid": "e1"})
+        gate("stop", {"uid": "x"})
+        assert gate.stats()["held"] == 2 and sent == ["s"]  # its rows are not committed
+        gate.row_resolved()
+        gate.row_resolved()
+        wait_for(lambda: sent == ["s", "e1", "x"], "the rest, in order")
+    finally:
+        gate.close()
+    late = CommitGate(lambda name, doc: sent.append(doc["uid"]), timeout_s=0.2)
+    try:  # a store that never commits: published after the timeout, and counted
+        late.row_submitted()
+        late("event", {"uid": "e2"})
+        wait_for(lambda: "e2" in sent, "the timed-out document")
+        assert late.stats()["released_unstored"] == 1
+    finally:
+        late.close()

@@ -42,6 +42,7 @@ class StoreWriter:
         self.on_stored = on_stored
         self.unstored = 0  # rows the store refused, or that came before their table was open
         self.open_runs = 0
+        self.gate: Any = None  # a CommitGate told of every row submitted and resolved
         self._router = SafeRouter([self._factory], "analysis store")
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -78,15 +79,19 @@ class _RunWriter(DocumentRouter):
                 self.writer.unstored += len(doc["seq_num"])
             return
         data, times = doc["data"], doc["time"]
-        store, on_stored = self.writer.store, self.writer.on_stored
+        store, on_stored, gate = self.writer.store, self.writer.on_stored, self.writer.gate
         for i, seq in enumerate(doc["seq_num"]):
             row = {"seq_num": seq, "time": times[i], **{k: v[i] for k, v in data.items()}}
+            if gate is not None:
+                gate.row_submitted()
             if on_stored is None:
                 stored = store.add_event(self.raw_uid, row)
             else:
                 stored = store.add_event(self.raw_uid, row, on_stored=on_stored)
             if not stored:
                 self.writer.unstored += 1
+                if gate is not None:
+                    gate.row_resolved()  # refused: counted as unstored, nothing to wait for
 
     def stop(self, doc: Any) -> Any:
         if self.descriptor_uid is not None:

@@ -239,12 +239,19 @@ class StorageConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577)."""
+    """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577).
+
+    ``after_store``: publish a result only once the store has committed it (nothing on the bus
+    that the store does not hold; results then wait for the store's next commit, up to
+    ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
+    """
 
     enabled: bool = True
     address: str = "tcp://127.0.0.1:5577"
     prefix: str = "xasflow-analysis"
     format: Literal["pickle", "msgpack"] = "pickle"
+    after_store: bool = False
+    after_store_timeout_s: float = Field(5.0, gt=0)
 
     _check_address = field_validator("address")(_address)
     _check_prefix = field_validator("prefix")(_prefix)

@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from xasflow import __version__
+from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.probes import PROBE_KEY, ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.store_writer import StoreWriter
@@ -84,6 +85,7 @@ class Daemon:
         self.probes = ProbeFilter()
         self.interrupted: InterruptedRuns | None = None
         self._writer: StoreWriter | None = None
+        self.gate: CommitGate | None = None  # output.after_store
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -154,6 +156,9 @@ class Daemon:
             self.publisher = ZmqDocumentPublisher(
                 cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
             )
+            if cfg.output.after_store and self._writer is not None:
+                self.gate = CommitGate(self.publisher, cfg.output.after_store_timeout_s)
+                self._writer.gate = self.gate
         self.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
@@ -199,7 +204,9 @@ class Daemon:
             on_tick=self.sync_stats,
         )
         proc.store_sink = self._writer
-        if self.publisher is not None:
+        if self.gate is not None:
+            proc.sinks.append(self.gate)  # publishes once the store holds the rows
+        elif self.publisher is not None:
             proc.sinks.append(self.publisher)
         proc.sinks.extend(self._listeners)
         self._listeners = proc.sinks  # listeners added later go straight to the processor
@@ -241,6 +248,8 @@ class Daemon:
     def _acknowledge(self) -> None:
         with self._stats_lock:  # called from the store's writer thread
             self._acknowledged += 1
+        if self.gate is not None:
+            self.gate.row_resolved()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop receiving, finish everything held, flush the store; idempotent."""
@@ -275,6 +284,8 @@ class Daemon:
                 self.store.close()
             except Exception:
                 logger.exception("closing the analysis store failed")
+        if self.gate is not None:
+            self.gate.close(timeout)  # the store has flushed: what it holds goes out now
         if self.publisher is not None:
             self.publisher.close()
         if self.submitter is not None:
@@ -361,8 +372,11 @@ class Daemon:
         return self.source.stats() if self.source is not None else {}
 
     def output_stats(self) -> dict[str, int]:
-        """The publisher's counters."""
-        return self.publisher.stats() if self.publisher is not None else {}
+        """The publisher's counters (and the commit gate's, with ``output.after_store``)."""
+        stats = self.publisher.stats() if self.publisher is not None else {}
+        if self.gate is not None:
+            stats.update({f"after_store.{k}": v for k, v in self.gate.stats().items()})
+        return stats
 
     def store_stats(self) -> dict[str, int]:
         """The analysis store's counters (empty when storage is off)."""
