@@ -33,6 +33,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check xasflow tests bench
 	$(BIN)/ruff format --check xasflow tests bench
+	$(BIN)/mypy
 
 # Rebuild the shipped Cu K-edge bundle from the shared FEFF tree.
 train-cu: setup

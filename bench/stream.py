@@ -17,8 +17,9 @@ Offered rates rise (``--rates``, spectra/s, ``--seconds`` each). Per rate: ``los
 offered - analysed - rejected (from the analysis events on the bus), latency from the raw
 event's ``time`` to the analysis event's ``time`` (result composed and published) and to its
 arrival here (received), and ``drain_s``: how long after the last spectrum was published its
-last result arrived. A rate is *sustained* when nothing is lost, the publisher kept the
-offered rate (>= 95 %), and the daemon kept up (``drain_s <= --max-drain``; a daemon slower
+last result arrived. A rate is *sustained* when nothing is lost, p99 latency <= 50 ms over
+at least 10 s offered (issue 10), the publisher kept the offered rate (>= 95 %), and the
+daemon kept up (``drain_s <= --max-drain``; a daemon slower
 than the offer builds a backlog that shows here, long before any buffer overflows, since the
 input buffers are deep). ``sustained_rate_hz`` is the highest rate sustained with every lower
 rate sustained too; ``p99_latency_ms`` (received) is at that rate.
@@ -64,16 +65,20 @@ from typing import Any
 import numpy as np
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 
 ANALYSIS_PREFIX = "xasflow-analysis"
-PROBE_KEY = "xasflow_probe"
 ENERGY_RANGE = (8800.0, 9120.0)  # covered by every demo compound (and the bundle's window)
-TARGETS = {
-    "sustained_rate_hz": 500,
-    "p99_latency_ms": 20.0,
+TARGETS = {  # issue 10, on 2 cores with 1,000-point spectra
+    "sustained_rate_hz": 2000,
+    "p99_latency_ms": 50.0,  # at the sustained rate (part of "sustained" itself)
+    "p99_latency_ms_at_100hz": 10.0,
     "speedup_vs_naive": 10.0,
     "fraction_of_raw_ceiling": 0.5,
 }
+#: A level counts as sustained only when nothing is lost and p99 <= this, over >= MIN_SECONDS.
+P99_LIMIT_MS = 50.0
+MIN_SECONDS = 10.0
 
 
 # --------------------------------------------------------------------------- spectra
@@ -609,12 +614,23 @@ def _level(rate: float, sent: dict[str, Any], max_drain: float) -> dict[str, Any
     }
 
 
-def _judge(level: dict[str, Any], max_drain: float) -> dict[str, Any]:
+def _judge(level: dict[str, Any], max_drain: float, seconds: float) -> dict[str, Any]:
+    """Sustained: nothing lost, the publisher kept the rate, the consumer kept up, p99 <= 50 ms
+    (where latency is measured), over at least MIN_SECONDS."""
     publisher_ok = level["publisher_rate_hz"] >= 0.95 * level["offered_rate_hz"]
     drain = level.get("drain_s")
+    p99 = level.get("p99_latency_ms")
     level["publisher_kept_rate"] = publisher_ok
     level["kept_up"] = drain is not None and drain <= max_drain
-    level["sustained"] = bool(level["lost"] == 0 and publisher_ok and level["kept_up"])
+    level["p99_ok"] = p99 is None or p99 <= P99_LIMIT_MS
+    level["seconds"] = seconds
+    level["sustained"] = bool(
+        level["lost"] == 0
+        and publisher_ok
+        and level["kept_up"]
+        and level["p99_ok"]
+        and seconds >= MIN_SECONDS
+    )
     return level
 
 
@@ -680,7 +696,7 @@ def daemon_level(
         },
         loadavg=[round(x, 2) for x in os.getloadavg()],
     )
-    return _judge(level, args.max_drain)
+    return _judge(level, args.max_drain, args.seconds)
 
 
 def consumer_level(
@@ -716,7 +732,7 @@ def consumer_level(
         drain_s=round(last_done - sent["last"], 3) if records else None,
         loadavg=[round(x, 2) for x in os.getloadavg()],
     )
-    return _judge(level, args.max_drain)
+    return _judge(level, args.max_drain, args.seconds)
 
 
 def sustained(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -952,9 +968,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         round(sr / report["raw_ceiling_rate_hz"], 3) if report["raw_ceiling_rate_hz"] else None
     )
     p99 = report["p99_latency_ms"]
+    at100 = [lv for lv in report.get("daemon_levels", []) if lv["offered_rate_hz"] == 100]
+    report["p99_latency_ms_at_100hz"] = at100[0]["p99_latency_ms"] if at100 else None
     report["targets_met"] = {
         "sustained_rate_hz": sr >= TARGETS["sustained_rate_hz"],
         "p99_latency_ms": p99 is not None and p99 <= TARGETS["p99_latency_ms"],
+        "p99_latency_ms_at_100hz": report["p99_latency_ms_at_100hz"] is not None
+        and report["p99_latency_ms_at_100hz"] <= TARGETS["p99_latency_ms_at_100hz"],
         "speedup_vs_naive": (report["speedup_vs_naive"] or 0) >= TARGETS["speedup_vs_naive"],
         "fraction_of_raw_ceiling": (report["fraction_of_raw_ceiling"] or 0)
         >= TARGETS["fraction_of_raw_ceiling"],
@@ -972,10 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run a role (the benchmark by default)."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--json", help="write the report here")
-    ap.add_argument("--rates", type=_rates, default=_rates("100,250,500,750,1000,1500"))
+    ap.add_argument("--rates", type=_rates, default=_rates("100,250,500,750,1000,1500,2000"))
     ap.add_argument("--naive-rates", type=_rates, default=_rates("2,5,10,20,40,80"))
     ap.add_argument("--raw-rates", type=_rates, default=_rates("1000,1500,2500,4000,6000,9000"))
-    ap.add_argument("--seconds", type=float, default=4.0, help="seconds offered per rate")
+    ap.add_argument(
+        "--seconds", type=float, default=MIN_SECONDS, help="seconds offered per rate (>= 10)"
+    )
     ap.add_argument("--per-run", type=int, default=1000, help="spectra per fly run")
     ap.add_argument("--points", type=int, default=1000, help="points per spectrum")
     ap.add_argument("--pool", type=int, default=64, help="distinct spectra cycled through")
@@ -1009,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "sustained_rate_hz",
             "p99_latency_ms",
+            "p99_latency_ms_at_100hz",
             "lost",
             "naive_rate_hz",
             "raw_ceiling_rate_hz",

@@ -3,9 +3,11 @@ one tiny Cu K bundle trained from the synthetic FEFF tree once per session."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import LoopbackProxy
 
 from xasflow import paths
 
@@ -57,3 +59,25 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
     return export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_cu_bundle: Path) -> Path:
+    """A models/ directory holding the session's tiny Cu K bundle (read-only here)."""
+    return tiny_cu_bundle.parent
+
+
+@pytest.fixture(scope="module")
+def shared_proxy() -> Iterator[LoopbackProxy]:
+    """The proxy of the module-wide daemon (``harness``)."""
+    p = LoopbackProxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[LoopbackProxy]:
+    """A proxy of its own, so no other daemon sees this test's documents."""
+    p = LoopbackProxy()
+    yield p
+    p.close()

@@ -27,16 +27,14 @@ pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 pytest.importorskip("starlette")
 
-from test_service import (  # noqa: F401  (fixtures)
+from helpers import (
     STEP_GRID,
     Harness,
     LoopbackProxy,
+    burst_docs,
     daemon_config,
     fly_scan,
-    models_dir,
-    proxy,
     publish,
-    shared_proxy,
     step_scan,
     transmission,
 )
@@ -118,8 +116,8 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict
 
 @pytest.fixture(scope="module")
 def dash(
-    models_dir: Path,  # noqa: F811
-    shared_proxy: LoopbackProxy,  # noqa: F811
+    models_dir: Path,
+    shared_proxy: LoopbackProxy,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Harness]:
     """A started daemon (dashboard on, default loopback host, no token), warmed up."""
@@ -248,26 +246,6 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
         sse.close()
 
 
-def _burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
-    """An analysis run as the daemon emits it: start, descriptor, ``n`` events, stop."""
-    start = {"uid": f"a-{uid}", "raw_uid": uid, "time": time.time(), "scan_kind": "fly"}
-    desc = {"uid": f"d-{uid}", "run_start": start["uid"], "name": "primary"}
-    docs: list[tuple[str, dict[str, Any]]] = [("start", start), ("descriptor", desc)]
-    for i in range(n):
-        data = {
-            "index": i,
-            "status": "ok",
-            "cn": 2 + 2 * (i % 2),
-            "cn_probability": 0.5 + 0.4 * (i % 2),
-            "distance": 1.8 + 1e-4 * i,
-            "charge": 1.0,
-            "valence": 1,
-        }
-        docs.append(("event", {"descriptor": desc["uid"], "seq_num": i + 1, "data": data}))
-    docs.append(("stop", {"run_start": start["uid"], "exit_status": "success", "time": 1.0}))
-    return docs
-
-
 def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:
     d = dash.daemon
     dashboard: Dashboard = d.app.state.dashboard
@@ -275,7 +253,7 @@ def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:
     try:
         sse.next_state(time.monotonic() + DEADLINE_S)
         before = dashboard.stats()
-        docs = _burst_docs(2000, "burst-run")
+        docs = burst_docs(2000, "burst-run")
         t0 = time.monotonic()
         for name, doc in docs:  # what the processing thread does per analysis document
             dashboard.listener(name, doc)
@@ -304,13 +282,13 @@ def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:
 
 def test_dashboard_digest_bounds_memory() -> None:
     dashboard = Dashboard(None, rate_hz=10.0, inbox=100)
-    for name, doc in _burst_docs(250, "overflow"):  # more than the inbox holds: oldest dropped
+    for name, doc in burst_docs(250, "overflow"):  # more than the inbox holds: oldest dropped
         dashboard.listener(name, doc)
     assert dashboard.tick(build=True)
     stats = dashboard.stats()
     assert stats["documents"] == 253 and stats["digested"] == 100 and stats["dropped"] == 153
     big = Dashboard(None, rate_hz=10.0)
-    for name, doc in _burst_docs(45_000, "long"):  # decimated by 2 twice, whole run kept
+    for name, doc in burst_docs(45_000, "long"):  # decimated by 2 twice, whole run kept
         big.listener(name, doc)
     big.tick(build=False)
     run = big._runs["long"]
@@ -318,7 +296,7 @@ def test_dashboard_digest_bounds_memory() -> None:
     assert run.n_ok == 45_000 and run.stride == 4 and index.size < 20_000
     assert index[0] == 0 and index[-1] >= 44_990 and np.all(np.diff(index) == 4)
     for i in range(25):  # only the most recent runs are kept
-        for name, doc in _burst_docs(1, f"r{i}"):
+        for name, doc in burst_docs(1, f"r{i}"):
             big.listener(name, doc)
     _, text = big.message()
     state = json.loads(text)
@@ -327,8 +305,8 @@ def test_dashboard_digest_bounds_memory() -> None:
 
 
 def test_token_is_required_when_bound_beyond_loopback(
-    models_dir: Path,  # noqa: F811
-    proxy: LoopbackProxy,  # noqa: F811
+    models_dir: Path,
+    proxy: LoopbackProxy,
     tmp_path: Path,
 ) -> None:
     base = daemon_config(models_dir, proxy, tmp_path / "store")
@@ -375,7 +353,7 @@ def test_token_is_required_when_bound_beyond_loopback(
     assert daemon.app.state.dashboard.closed
 
 
-def test_dashboard_can_be_turned_off(proxy: LoopbackProxy, tmp_path: Path) -> None:  # noqa: F811
+def test_dashboard_can_be_turned_off(proxy: LoopbackProxy, tmp_path: Path) -> None:
     cfg = DaemonConfig().with_updates(
         {
             "input": {"address": proxy.out_address},

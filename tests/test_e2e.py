@@ -17,7 +17,6 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("bluesky")
 pytest.importorskip("ophyd")
 
-from test_service import models_dir  # noqa: F401  (the tiny-bundle fixture)
 
 from xasflow.adapters.tiled_store import read_analysis
 from xasflow.sim.demo import DemoError, find_bundle, run_demo
@@ -26,7 +25,7 @@ FLY_SPECTRA = 3
 
 
 def test_demo_streams_a_step_and_a_fly_scan_end_to_end(
-    models_dir: Path,  # noqa: F811
+    models_dir: Path,
     tmp_path: Path,
 ) -> None:
     out = io.StringIO()

@@ -8,11 +8,10 @@ the IOC and the client started is gone afterwards.
 from __future__ import annotations
 
 import json
+import math
 import os
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,10 @@ import pytest
 
 pytest.importorskip("caproto")
 
+from helpers import analysis_run_docs, free_port, wait_for
+from helpers import read_pv as read
+
 from xasflow.adapters.epics_ioc import MAX_REGIONS, XasIoc, values_from
-
-
-def _free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 def _children() -> list[tuple[int, str]]:
@@ -56,18 +43,10 @@ def _children() -> list[tuple[int, str]]:
     return out
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def ioc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """A running IOC and a loopback-only client context; both torn down, threads checked."""
-    port, repeater = _free_port(), _free_port()
+    port, repeater = free_port(), free_port()
     monkeypatch.setenv("EPICS_CA_ADDR_LIST", "127.0.0.1")
     monkeypatch.setenv("EPICS_CA_AUTO_ADDR_LIST", "NO")
     monkeypatch.setenv("EPICS_CA_SERVER_PORT", str(port))
@@ -98,12 +77,6 @@ def ioc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     assert not ioc.running
 
 
-def read(pv: Any) -> Any:
-    data = pv.read(timeout=5.0).data
-    value = data[0] if len(data) == 1 else list(data)
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def test_values_from_each_source() -> None:
     pred = {
         "bundle_id": "cu-k-1",
@@ -119,14 +92,24 @@ def test_values_from_each_source() -> None:
         {
             "cn": 4,
             "cn_uncertainty": 0.2,
+            "cn_set": "",
+            "ood": 0,
+            "ood_score": math.nan,
             "motif": "square co-planar",
             "distance": 1.96,
             "valence": 2,
             "model_ok": 1,
             "e0": 8983.6,
             "bundle_id": "cu-k-1",
-        }
+        },
+        nan_ok=True,
     )
+    # uncertainty: the conformal set and the out-of-domain flag and score
+    pred["tasks"]["cn"]["prediction_set"] = [4.0, 6.0]
+    pred["flags"] = ["out_of_domain"]
+    pred["ood_score"] = 3.5
+    doubt = values_from(pred)
+    assert (doubt["cn_set"], doubt["ood"], doubt["ood_score"]) == ("4,6", 1, 3.5)
     event = {
         "status": "ok",
         "cn": 6,
@@ -138,6 +121,13 @@ def test_values_from_each_source() -> None:
         "bundle_id": "b",
     }
     assert values_from(event)["cn_uncertainty"] == pytest.approx(0.25)
+    assert values_from(event)["ood"] == 0 and values_from(event)["cn_set"] == ""
+    event.update(cn_set="6", out_of_domain=True, ood_score=9.0)
+    assert {k: values_from(event)[k] for k in ("cn_set", "ood", "ood_score")} == {
+        "cn_set": "6",
+        "ood": 1,
+        "ood_score": 9.0,
+    }
     assert values_from({"status": "rejected", "reason": "window"}) == {"model_ok": 0}
     rec = {"waveform": json.dumps([1, 2, 0.5, 1, 3, 4, 1, 2]), "stop_early": True}
     assert values_from(rec) == {
@@ -228,36 +218,36 @@ def test_pvs_update_after_publish(ioc_env: dict[str, Any]) -> None:
 
 def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
     ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
-    cn, uid, nreg, stop = ctx.get_pvs(
-        ioc.pv("cn"), ioc.pv("scan_uid"), ioc.pv("n_regions"), ioc.pv("stop_early"), timeout=5.0
+    cn, uid, nreg, stop, ood, cn_set = ctx.get_pvs(
+        ioc.pv("cn"),
+        ioc.pv("scan_uid"),
+        ioc.pv("n_regions"),
+        ioc.pv("stop_early"),
+        ioc.pv("ood"),
+        ioc.pv("cn_set"),
+        timeout=5.0,
     )
-    docs = [
-        ("start", {"uid": "an-1", "analysis": "xasflow", "raw_uid": "raw-run-7"}),
-        ("descriptor", {"uid": "d-p", "run_start": "an-1", "name": "primary"}),
-        ("descriptor", {"uid": "d-r", "run_start": "an-1", "name": "recommendations"}),
-        (
-            "event",
-            {
-                "descriptor": "d-p",
-                "data": {"status": "ok", "cn": 6, "cn_probability": 0.9, "e0": 9002.2},
-            },
-        ),
-        (
-            "event",
-            {
-                "descriptor": "d-r",
-                "data": {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True},
-            },
-        ),
-        ("event", {"descriptor": "unknown", "data": {"status": "ok", "cn": 2}}),
-        ("stop", {"run_start": "an-1"}),
-    ]
-    for name, doc in docs:
+    docs = analysis_run_docs(
+        [
+            ("primary", {"status": "ok", "cn": 6, "cn_probability": 0.9, "e0": 9002.2}),
+            ("recommendations", {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}),
+        ]
+    )
+    other = analysis_run_docs([("primary", {"status": "ok", "cn": 2})])
+    foreign = dict(other[3][1], descriptor="unknown")
+    for name, doc in [*docs[:-1], ("event", foreign), docs[-1]]:
         ioc(name, doc)
     wait_for(lambda: read(cn) == 6, what="CN from the primary event")
     wait_for(lambda: read(nreg) == 1 and read(stop) == 1, what="the recommendation")
     assert read(uid) == "raw-run-7"
+    assert read(ood) == 0 and read(cn_set) == ""
     assert ioc.published == 1  # the unknown descriptor's event was ignored
-    ioc("event", {"descriptor": "d-p", "data": {"status": "ok", "cn": 2}})  # run is closed
+    ioc(*docs[3])  # its run is closed: the router no longer knows the descriptor
     ioc.flush()
-    assert read(cn) == 6
+    assert read(cn) == 6 and ioc.published == 1
+    # an out-of-domain answer: OOD goes up with the CN and its conformal set
+    doubt = {"status": "ok", "cn": 4, "cn_set": "2,4", "out_of_domain": True, "ood_score": 7.0}
+    for name, doc in analysis_run_docs([("primary", doubt)]):
+        ioc(name, doc)
+    wait_for(lambda: read(ood) == 1, what="OOD to rise")
+    assert read(cn) == 4 and read(cn_set) == "2,4"

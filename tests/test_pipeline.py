@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from event_model import DocumentNames, compose_run, schema_validators
+from helpers import raw_uids
 from synthetic_feff import model_mu
 
 from xasflow.daemon.assembly import (
@@ -30,7 +32,7 @@ from xasflow.daemon.documents import CODE_VERSION, DATA_KEYS
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.bundle import read_manifest, write_bundle
-from xasflow.models.predictor import Predictor
+from xasflow.models.predictor import OUT_OF_DOMAIN, Predictor
 from xasflow.spectra import Spectrum, edge_energy
 
 T0 = 1_700_000_000.0  # event time of every hand-made spectrum (epoch s)
@@ -239,8 +241,7 @@ def test_predictions_alignment_and_documents(
     assert stop["bundle_ids"] == [bundle_id] and stop["n_analysed"] == 3
     assert stop["n_rejected"] == 0 and stop["raw_exit_status"] == "success"
     assert pipeline.open_runs == []
-    assert pipeline.raw_uid_of("event", next(d for n, d in docs if n == "event")) == "raw-1"
-    assert pipeline.raw_uid_of("stop", stop) == "raw-1"
+    assert set(raw_uids(docs)) == {"raw-1"}  # every document names its raw run
 
     snap = counters.snapshot()
     assert snap["spectra_received"] == 3 and snap["spectra_analysed"] == 3
@@ -500,8 +501,9 @@ def test_real_assembler_step_and_fly(pipeline: Pipeline, counters: Counters) -> 
         docs.extend(pipeline.handle_batch(asm.feed(name, doc)))
     validate(docs)
     by_raw: dict[str, list[tuple[str, dict]]] = {}
-    for name, doc in docs:
-        by_raw.setdefault(pipeline.raw_uid_of(name, doc), []).append((name, doc))  # type: ignore[arg-type]
+    for raw, (name, doc) in zip(raw_uids(docs), docs, strict=True):
+        assert raw is not None
+        by_raw.setdefault(raw, []).append((name, doc))
     step_uid, fly_uid = step[0][1]["uid"], fly[0][1]["uid"]
     assert set(by_raw) == {step_uid, fly_uid}
 
@@ -570,3 +572,82 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         'xasflow_queue_depth{queue="input"} 5.0',
     ]:
         assert line in text, line
+
+
+def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conformal sets, intervals and the out-of-domain flag are typed data keys; an
+    out-of-domain answer is counted (and in /metrics); a bundle without them gives None."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    real = Predictor.predict_prepared
+
+    def doubtful(self: Predictor, prepared: list) -> list:
+        out = []
+        for i, p in enumerate(real(self, prepared)):
+            res = dict(p.results)
+            res["cn"] = dataclasses.replace(res["cn"], prediction_set=[4.0, 6.0])
+            if "distance" in res:
+                res["distance"] = dataclasses.replace(res["distance"], interval=(1.9, 2.05))
+            flags = [*p.flags, OUT_OF_DOMAIN] if i == 1 else list(p.flags)
+            out.append(dataclasses.replace(p, results=res, flags=flags, ood_score=0.5 + 9 * i))
+        return out
+
+    plain = pipeline.handle_batch([opened("raw-u"), scan("raw-u", 0)])
+    (row,) = events(plain)
+    assert row["cn_set"] is None and row["distance_lo"] is None and row["ood_score"] is None
+    assert row["out_of_domain"] is False  # the shipped bundle fills none of them yet
+    monkeypatch.setattr(Predictor, "predict_prepared", doubtful)
+    docs = pipeline.handle_batch([scan("raw-u", 1), scan("raw-u", 2, "CuO"), closed("raw-u", n=3)])
+    validate(plain + docs)
+    inside, outside = events(docs)
+    assert inside["cn_set"] == "4,6" and inside["out_of_domain"] is False
+    assert inside["ood_score"] == pytest.approx(0.5)
+    assert inside["distance"] is not None  # the tiny bundle has a distance regressor
+    assert (inside["distance_lo"], inside["distance_hi"]) == (1.9, 2.05)
+    assert outside["out_of_domain"] is True and OUT_OF_DOMAIN in outside["flags"].split(",")
+    assert outside["ood_score"] == pytest.approx(9.5) and outside["status"] == "ok"
+    assert only(docs, "stop")["n_out_of_domain"] == 1
+    assert counters.snapshot()["out_of_domain"] == 1 == counters.out_of_domain
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    assert "xasflow_spectra_out_of_domain_total 1.0" in generate_latest(reg).decode()
+
+
+def test_lost_events_make_a_partial_run_counted_by_cause(
+    pipeline: Pipeline, counters: Counters
+) -> None:
+    """A raw run that lost events is never "success": its analysis stop says how many were
+    lost, and /metrics counts them by cause (issue 13)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    docs = pipeline.handle_batch(
+        [opened("raw-l"), scan("raw-l", 0), RunClosed("raw-l", "success", "", 1, 0, 2, 5)]
+    )
+    validate(docs)
+    stop = only(docs, "stop")
+    assert stop["exit_status"] == "fail" and stop["partial"] is True
+    assert stop["reason"].startswith("partial: 5 raw events missing (2 sequence gaps)")
+    assert (stop["raw_exit_status"], stop["raw_missing_events"]) == ("success", 5)
+    docs = pipeline.handle_batch([opened("raw-w"), scan("raw-w", 0), closed("raw-w")])
+    whole = only(docs, "stop")
+    assert whole["exit_status"] == "success" and whole["partial"] is False
+    snap = counters.snapshot()
+    assert snap["events_lost"] == {"seq_gap": 5} and snap["events_lost_total"] == 5
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 5.0' in generate_latest(reg).decode()
+
+
+def test_duplicate_events_collapse_into_one_counted_row(
+    pipeline: Pipeline, counters: Counters
+) -> None:
+    """Each duplicate is counted, but a run gets one rejected row for them, not one each."""
+    dup = [Rejected("raw-d", None, "duplicate_event", f"seq_num {i} repeated") for i in (3, 4, 4)]
+    docs = pipeline.handle_batch([opened("raw-d"), scan("raw-d", 0), *dup, closed("raw-d")])
+    validate(docs)
+    rows = events(docs)
+    assert [r["reason"] for r in rows] == ["", "duplicate_event"]
+    assert only(docs, "stop")["n_duplicate_events"] == 3
+    assert counters.snapshot()["rejected_by_stage"]["assembly"] == {"duplicate_event": 3}

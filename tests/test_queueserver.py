@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import analysis_run_docs, free_port
 from pydantic import ValidationError
 
 from xasflow.adapters.queueserver import (
@@ -131,14 +131,7 @@ def _docs(stop_early: bool) -> list[tuple[str, dict[str, Any]]]:
         "e0": 8983.5,
         "bundle_id": "cu-k-test",
     }
-    return [
-        ("start", {"uid": "a1", "analysis": "xasflow", "raw_uid": "raw-1"}),
-        ("descriptor", {"uid": "d1", "run_start": "a1", "name": "primary"}),
-        ("descriptor", {"uid": "d2", "run_start": "a1", "name": "recommendations"}),
-        ("event", {"descriptor": "d1", "data": {"status": "ok"}}),
-        ("event", {"descriptor": "d2", "data": row}),
-        ("stop", {"run_start": "a1"}),
-    ]
+    return analysis_run_docs([("primary", {"status": "ok"}), ("recommendations", row)], "raw-1")
 
 
 def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
@@ -174,12 +167,6 @@ def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
 
 
 # --------------------------------------------------------------------------- real server
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -254,7 +241,7 @@ def re_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     assert "xas_regions_scan" in (startup / "existing_plans_and_devices.yaml").read_text()
 
     public, private = generate_zmq_keys()
-    redis_port, control, info = _free_port(), _free_port(), _free_port()
+    redis_port, control, info = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         redis_proc = subprocess.Popen(

@@ -3,6 +3,7 @@ stream, and the bluesky-adaptive optimizer driving measurements."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import raw_uids
 
 from xasflow.daemon.recommend import (
     RECOMMENDATION_KEYS,
@@ -29,7 +31,7 @@ from xasflow.daemon.recommend import (
     waveform_regions,
 )
 from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle
-from xasflow.models.predictor import Prediction, TaskResult
+from xasflow.models.predictor import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.spectra import FeatureSpec, PrepParams, Spectrum, edge_energy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,6 +220,23 @@ def test_stop_early_needs_agreement_and_confidence() -> None:
     assert rec.recommend(sure, history=[other, sure, sure, sure]).stop_early  # last 3 count
 
 
+def test_stop_early_never_out_of_domain_nor_with_an_open_conformal_set() -> None:
+    """A confident answer on a spectrum the bundle was not trained for is not an answer."""
+    rec = Recommender(manifest(), RecommenderConfig(stop_count=3, stop_probability=0.9))
+    sure = prediction(SURE, VAL_SURE)
+    assert rec.recommend(sure, history=[sure, sure, sure]).stop_early
+    ood = dataclasses.replace(sure, flags=[OUT_OF_DOMAIN], ood_score=12.0)
+    out = rec.recommend(ood, history=[sure, sure, ood])
+    assert not out.stop_early and "out_of_domain" in out.stop_reason
+    assert not rec.recommend(sure, history=[ood, sure, sure]).stop_early  # in the window
+    cn = dataclasses.replace(sure.results["cn"], prediction_set=[4, 6])
+    wide = dataclasses.replace(sure, results={**sure.results, "cn": cn})
+    assert not rec.recommend(wide, history=[sure, sure, wide]).stop_early
+    one = dataclasses.replace(sure.results["cn"], prediction_set=[4])
+    narrow = dataclasses.replace(sure, results={**sure.results, "cn": one})
+    assert rec.recommend(narrow, history=[sure, sure, narrow]).stop_early
+
+
 def smooth_mu(energy: np.ndarray, e0: float) -> np.ndarray:
     x = energy - e0
     return 0.5 + np.arctan(x / 1.5) / np.pi + 0.3 * np.exp(-0.5 * ((x - 18.0) / 5.0) ** 2)
@@ -397,7 +416,7 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
         assert regions and all(g["start"] < g["stop"] for g in regions)
         assert r["n_points"] > 0
     # every analysis document routes back to the raw run; the run's history is released
-    assert all(pipe.raw_uid_of(n, d) == "raw-1" for n, d in docs)
+    assert set(raw_uids(docs)) == {"raw-1"}
     assert pipe.recommendations is not None and pipe.recommendations.open_runs == []
     # throttled (the daemon's recommend.interval_s): the first spectrum of a run gets advice,
     # the second comes too soon; a new run starts afresh

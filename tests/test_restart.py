@@ -18,7 +18,6 @@ import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,15 +36,16 @@ pytest.importorskip("bluesky")
 pytest.importorskip("tiled")
 
 from event_model import compose_run
+from helpers import Results as BusResults
+from helpers import free_port, wait_for
 from synthetic_feff import model_mu
-from test_service import Results as BusResults
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
 from xasflow.adapters.tiled_store import read_analysis
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
 
 ANALYSIS = "xasflow-analysis"
-PROBE_KEY = "xasflow_probe"
 DEADLINE_S = 60.0
 CU_K = 8978.9
 ENERGY = np.linspace(8800.0, 9120.0, 1000)
@@ -62,16 +62,16 @@ proxy.start()
 
 
 @pytest.fixture(scope="module")
-def models_dir(request: pytest.FixtureRequest) -> Path:
-    """The shipped models/ when its Cu K bundle verifies, else the session's tiny one."""
+def models_dir() -> Path:
+    """The shipped models/; a shipped Cu K bundle that does not verify fails the test."""
     from xasflow.models.bundle import BundleError, verify_bundle
 
     shipped = paths.REPO_ROOT / "models"
     try:
         verify_bundle(shipped / "cu-k")
-        return shipped
-    except (BundleError, OSError):
-        return request.getfixturevalue("tiny_cu_bundle").parent
+    except (BundleError, OSError) as exc:
+        pytest.fail(f"the shipped bundle {shipped / 'cu-k'} does not verify: {exc}")
+    return shipped
 
 
 @pytest.fixture
@@ -104,12 +104,6 @@ def _end(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
             proc.wait(10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def health(port: int) -> dict[str, Any] | None:
     """The daemon's /health body when it is up and ready, else None."""
     try:
@@ -117,15 +111,6 @@ def health(port: int) -> dict[str, Any] | None:
             return json.loads(resp.read()) if resp.status == 200 else None
     except (OSError, ValueError):
         return None
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    """Poll until ``predicate()`` is truthy and return it (never a timing claim)."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def start_daemon(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -255,7 +240,7 @@ def test_sigkill_mid_run_loses_no_acknowledged_result_and_reports_the_gap(
         "storage:\n  directory: store\n  flush_interval_s: 0.05\n  batch_size: 16\n"
         "analysis:\n  run_timeout_s: 120\n"
     )
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "daemon.log"
     procs: list[subprocess.Popen[bytes]] = []
     pub = ZmqDocumentPublisher(in_address)

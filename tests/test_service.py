@@ -11,14 +11,9 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -26,275 +21,35 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
 from event_model import compose_run
-from synthetic_feff import model_mu
-
-from xasflow.adapters.tiled_store import read_analysis
-from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
-from xasflow.daemon.commands import add_commands
-from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
-from xasflow.daemon.service import PROBE_KEY, Daemon
-
-CU_K = 8978.9
-DEADLINE_S = 20.0
-ANALYSIS = "xasflow-analysis"
-Docs = list[tuple[str, dict[str, Any]]]
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def models_dir(tiny_cu_bundle: Path) -> Path:
-    """A models/ directory holding the session's tiny Cu K bundle (read-only here)."""
-    return tiny_cu_bundle.parent
-
-
-class LoopbackProxy:
-    """bluesky's proxy in miniature: a SUB bound for publishers forwarding to a PUB bound for
-    subscribers, in a thread (``zmq.proxy``); ``close()`` ends it."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        front = self.ctx.socket(zmq.SUB)
-        back = self.ctx.socket(zmq.PUB)
-        for sock in (front, back):
-            sock.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.RCVHWM, 100_000)
-        back.setsockopt(zmq.SNDHWM, 100_000)
-        front.setsockopt(zmq.SUBSCRIBE, b"")
-        self.in_address = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
-        self.out_address = f"tcp://127.0.0.1:{back.bind_to_random_port('tcp://127.0.0.1')}"
-
-        def run() -> None:
-            try:
-                zmq.proxy(front, back)
-            except zmq.ContextTerminated:
-                pass
-            finally:
-                front.close(0)
-                back.close(0)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.ctx.term()
-        self.thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def shared_proxy() -> Iterator[LoopbackProxy]:
-    """The proxy of the module-wide daemon (``harness``)."""
-    p = LoopbackProxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def proxy() -> Iterator[LoopbackProxy]:
-    """A proxy of its own, so no other daemon sees this test's documents."""
-    p = LoopbackProxy()
-    yield p
-    p.close()
-
-
-class Results:
-    """Analysis documents on the bus (subscribed on the analysis prefix), grouped by raw run."""
-
-    def __init__(self, address: str) -> None:
-        self.source = ZmqDocumentSource(ZmqInputConfig(address=address, prefix=ANALYSIS.encode()))
-        self.source.start()
-        self.docs: Docs = []
-        self.probes: set[str] = set()
-        self._lock = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.source.get(timeout=0.05)
-            if item is None:
-                continue
-            with self._lock:
-                if PROBE_KEY in item[1]:
-                    self.probes.add(item[1][PROBE_KEY])
-                else:
-                    self.docs.append(item)
-                self._lock.notify_all()
-
-    def runs(self) -> dict[str, dict[str, Any]]:
-        """raw uid -> {"start", "descriptor", "events", "recommendations", "stop"} of the
-        analysis runs seen (``events``: the primary stream's data)."""
-        with self._lock:
-            docs = list(self.docs)
-        by_start: dict[str, dict[str, Any]] = {}
-        by_desc: dict[str, list[dict[str, Any]]] = {}
-        for name, doc in docs:
-            if name == "start":
-                by_start[doc["uid"]] = {
-                    "start": doc,
-                    "events": [],
-                    "recommendations": [],
-                    "stop": None,
-                }
-            elif name == "descriptor":
-                run = by_start[doc["run_start"]]
-                if doc["name"] == "primary":
-                    run["descriptor"] = doc
-                    by_desc[doc["uid"]] = run["events"]
-                else:
-                    by_desc[doc["uid"]] = run.setdefault(doc["name"], [])
-            elif name == "event":
-                by_desc[doc["descriptor"]].append(doc["data"])
-            elif name == "stop":
-                by_start[doc["run_start"]]["stop"] = doc
-        return {run["start"]["raw_uid"]: run for run in by_start.values()}
-
-    def wait(self, raw_uids: list[str], timeout: float = DEADLINE_S) -> dict[str, dict[str, Any]]:
-        """The finished analysis runs of ``raw_uids`` (fails after ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            runs = self.runs()
-            if all(u in runs and runs[u]["stop"] is not None for u in raw_uids):
-                return {u: runs[u] for u in raw_uids}
-            assert time.monotonic() < deadline, f"analysis runs missing; have {list(runs)}"
-            with self._lock:
-                self._lock.wait(0.1)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.source.close()
-
-
-def warm_up(pub: ZmqDocumentPublisher, seen_by_daemon: Any, results: Results) -> None:
-    """Probe runs until the daemon and the results subscriber both see them (slow joiner)."""
-    token = uuid.uuid4().hex
-    echo = ZmqDocumentPublisher(pub.endpoint, prefix=ANALYSIS.encode())
-    try:
-        deadline = time.monotonic() + DEADLINE_S
-        for i in range(100_000):
-            uid = f"probe-{token}-{i}"
-            pub("start", {"uid": uid, "time": time.time(), PROBE_KEY: token})
-            pub("stop", {"uid": f"{uid}-stop", "run_start": uid, "time": time.time()})
-            echo("start", {"uid": uid, "time": time.time(), PROBE_KEY: token})
-            if seen_by_daemon(token) and token in results.probes:
-                return
-            assert time.monotonic() < deadline, "warm-up: probes never arrived"
-            time.sleep(0.02)
-    finally:
-        echo.close()
-
-
-def transmission(
-    energy: np.ndarray, *, shift: float = 0.0, kind: str = "CuO", seed: int = 0
-) -> dict[str, np.ndarray]:
-    """I0, It, Ir counts of a synthetic Cu spectrum (training-like) and a Cu foil, both
-    measured on a mono reading ``shift`` eV too low."""
-    height, width, e_shift, nn = {"CuO": (1.6, 6.0, 4.0, 2.1), "Cu2O": (0.6, 3.0, 0.0, 1.85)}[kind]
-    true = energy + shift
-    rng = np.random.default_rng(seed)
-    mu = model_mu(true, CU_K + e_shift, height, width, nn)
-    ref = 0.5 + np.arctan((true - CU_K) / 1.5) / np.pi
-    i0 = 1e9 * (1 + 0.01 * rng.standard_normal(energy.size))
-    it = i0 * np.exp(-mu - 0.3)
-    return {"I0": i0, "It": it, "Ir": it * np.exp(-ref)}
-
-
-STEP_GRID = np.concatenate(
-    (np.arange(8800.0, 8960.0, 5.0), np.arange(8960.0, 9040.0, 0.5), np.arange(9040.0, 9400, 4.0))
+from helpers import (
+    ANALYSIS,
+    DEADLINE_S,
+    STEP_GRID,
+    Harness,
+    LoopbackProxy,
+    Results,
+    daemon_config,
+    fly_scan,
+    free_port,
+    get,
+    publish,
+    step_scan,
+    transmission,
+    wait_for,
+    warm_up,
 )
 
-
-def step_scan(
-    energy: np.ndarray,
-    channels: dict[str, np.ndarray],
-    md: dict[str, Any] | None = None,
-    *,
-    stop: bool = True,
-) -> tuple[str, Docs]:
-    """A step scan's documents: one scalar event per energy."""
-    run = compose_run(metadata={"element": "Cu", "edge": "K", **(md or {})})
-    keys = {k: {"source": "sim", "dtype": "number", "shape": []} for k in ("energy", *channels)}
-    desc = run.compose_descriptor(name="primary", data_keys=keys)
-    docs: Docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
-    for i, e in enumerate(energy):
-        data = {"energy": float(e), **{k: float(v[i]) for k, v in channels.items()}}
-        now = time.time()
-        docs.append(
-            (
-                "event",
-                desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), seq_num=i + 1),
-            )
-        )
-    if stop:
-        docs.append(("stop", run.compose_stop()))
-    return run.start_doc["uid"], docs
-
-
-def fly_scan(
-    energy: np.ndarray, spectra: list[dict[str, np.ndarray]], md: dict[str, Any] | None = None
-) -> tuple[str, Docs]:
-    """A fly scan's documents: one event per whole spectrum (array data keys)."""
-    run = compose_run(metadata={"element": "Cu", "edge": "K", **(md or {})})
-    n = energy.size
-    keys = {k: {"source": "sim", "dtype": "array", "shape": [n]} for k in ("energy", *spectra[0])}
-    desc = run.compose_descriptor(name="primary", data_keys=keys)
-    docs: Docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
-    for i, channels in enumerate(spectra):
-        data = {"energy": energy, **channels}
-        now = time.time()
-        docs.append(
-            (
-                "event",
-                desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), seq_num=i + 1),
-            )
-        )
-    docs.append(("stop", run.compose_stop()))
-    return run.start_doc["uid"], docs
-
-
-def publish(pub: ZmqDocumentPublisher, docs: Docs) -> None:
-    for name, doc in docs:
-        pub(name, doc)
-
-
-def daemon_config(
-    models_dir: Path, proxy: LoopbackProxy, store: Path, **analysis: Any
-) -> DaemonConfig:
-    return DaemonConfig().with_updates(
-        {
-            "input": {"address": proxy.out_address},
-            "output": {"address": proxy.in_address, "prefix": ANALYSIS},
-            "models": {"directory": str(models_dir), "watch_interval_s": 0.5},
-            "storage": {"directory": str(store), "flush_interval_s": 0.05},
-            "http": {"port": 0},
-            "analysis": analysis,
-        }
-    )
-
-
-class Harness:
-    """A started Daemon with a publisher and a results subscriber, warmed up."""
-
-    def __init__(self, config: DaemonConfig, proxy: LoopbackProxy) -> None:
-        self.daemon = Daemon(config)
-        self.daemon.start()
-        self.pub = ZmqDocumentPublisher(proxy.in_address)
-        self.results = Results(proxy.out_address)
-        warm_up(self.pub, lambda t: t in self.daemon.health()["probes"]["tokens"], self.results)
-
-    def close(self) -> None:
-        self.daemon.stop()
-        self.pub.close()
-        self.results.close()
+from xasflow.adapters.tiled_store import read_analysis
+from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
+from xasflow.daemon.commands import add_commands
+from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
+from xasflow.daemon.service import Daemon
+from xasflow.sim.commands import add_demo_command
 
 
 @pytest.fixture(scope="module")
@@ -306,14 +61,6 @@ def harness(
     h = Harness(cfg, shared_proxy)
     yield h
     h.close()
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 # --------------------------------------------------------------------------- configuration
@@ -421,7 +168,9 @@ def test_serve_check_prints_effective_config(
     path.write_text("http:\n  port: 8700\n")
     monkeypatch.setenv("XASFLOW__OUTPUT__ENABLED", "false")
     parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_commands(sub)
+    add_demo_command(sub)
     args = parser.parse_args(["serve", "--config", str(path), "--check"])
     assert args.func(args) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -545,13 +294,12 @@ def test_hostile_and_broken_inputs_are_rejected_with_reasons(
 
         return dig(after[snap_key]) - dig(before[snap_key])
 
-    deadline = time.monotonic() + DEADLINE_S
-    while True:  # decode errors are folded in from the input's counters every 0.25 s
-        after = d.health()["counters"]
-        if sum(after["decode_errors"].values()) - sum(before["decode_errors"].values()) >= 5:
-            break
-        assert time.monotonic() < deadline, after["decode_errors"]
-        time.sleep(0.05)
+    def folded() -> dict[str, Any] | None:  # decode errors are folded in every 0.25 s
+        now = d.health()["counters"]
+        n = sum(now["decode_errors"].values()) - sum(before["decode_errors"].values())
+        return now if n >= 5 else None
+
+    after = wait_for(folded, "the decode errors to be counted", DEADLINE_S)
     assert delta("decode_errors", "bad_framing") == 1
     assert delta("decode_errors", "unknown_document") == 1
     assert delta("decode_errors", "forbidden_global") == 2
@@ -572,6 +320,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=4))
     publish(harness.pub, docs)
     harness.results.wait([uid])
+    wait_for(lambda: d.store_stats().get("stored", 0) >= 1, "the store to commit a row")
     status, body = get(f"{d.http_url}/health")
     assert status == 200
     health = json.loads(body)
@@ -606,6 +355,24 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert get(f"{d.http_url}/nothing")[0] == 404
 
 
+def test_lost_events_are_visible_in_the_stop_health_and_metrics(harness: Harness) -> None:
+    """A step scan whose 5th event never arrives: the analysis stop says "partial" (exit
+    status fail, the count), /health and /metrics count the loss by cause (issue 13)."""
+    d = harness.daemon
+    uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=5))
+    events = [i for i, (name, _) in enumerate(docs) if name == "event"]
+    del docs[events[4]]
+    publish(harness.pub, docs)
+    stop = harness.results.wait([uid])[uid]["stop"]
+    assert stop["exit_status"] == "fail" and stop["partial"] is True
+    assert stop["raw_missing_events"] == 1 and stop["reason"].startswith("partial: 1 raw event")
+    health = json.loads(get(f"{d.http_url}/health")[1])
+    assert health["events_lost"]["seq_gap"] >= 1 and health["events_lost"]["total"] >= 1
+    text = get(f"{d.http_url}/metrics")[1].decode()
+    pairs = [x.rsplit(" ", 1) for x in text.splitlines() if x and not x.startswith("#")]
+    assert float(dict(pairs)['xasflow_events_lost_total{cause="seq_gap"}']) >= 1
+
+
 def test_stop_finishes_what_it_holds(
     models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
 ) -> None:
@@ -618,10 +385,9 @@ def test_stop_finishes_what_it_holds(
         events = h.daemon.input_stats()["documents.event"]  # probes have no events
         publish(h.pub, fly_docs + open_docs)  # the open run's last event is the last message
         events += 20 + STEP_GRID.size
-        deadline = time.monotonic() + DEADLINE_S
-        while h.daemon.input_stats()["documents.event"] < events:  # received, maybe not analysed
-            assert time.monotonic() < deadline, h.daemon.input_stats()
-            time.sleep(0.01)
+        wait_for(  # received, maybe not analysed
+            lambda: h.daemon.input_stats()["documents.event"] >= events, "the events to arrive"
+        )
         h.daemon.stop()  # what a SIGTERM does
         assert not h.daemon.ready
         stats = h.daemon.input_stats()
@@ -646,10 +412,7 @@ def deploy(bundle: Path, models: Path, daemon: Daemon) -> None:
     import shutil
 
     shutil.copytree(bundle, models / bundle.name)
-    deadline = time.monotonic() + DEADLINE_S
-    while not daemon.models():
-        assert time.monotonic() < deadline, "bundle never loaded"
-        time.sleep(0.05)
+    wait_for(daemon.models, "the bundle to load")
 
 
 def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
@@ -678,8 +441,8 @@ def test_feedback_recommendations_and_epics_pvs(
     the latest analysed spectrum and its recommendations, read by a caproto client."""
     pytest.importorskip("caproto")
 
-    from test_epics_ioc import _free_port as free_ca_port
-    from test_epics_ioc import read
+    from helpers import free_port as free_ca_port
+    from helpers import read_pv as read
 
     port, repeater = free_ca_port(), free_ca_port()
     for key, value in {
@@ -719,10 +482,7 @@ def test_feedback_recommendations_and_epics_pvs(
         starts, stops = regions[0::4], regions[1::4]
         assert all(a < b for a, b in zip(starts, stops, strict=True))
         assert rec["e0"] == pytest.approx(event["e0"])
-        deadline = time.monotonic() + DEADLINE_S
-        while read(pvs["scan_uid"]) != uid:
-            assert time.monotonic() < deadline, "SCAN_UID never updated"
-            time.sleep(0.05)
+        wait_for(lambda: read(pvs["scan_uid"]) == uid, "SCAN_UID to update")
         assert read(pvs["cn"]) == event["cn"] and read(pvs["model_ok"]) == 1
         assert read(pvs["e0"]) == pytest.approx(event["e0"])
         assert read(pvs["n_regions"]) == len(regions) // 4
@@ -751,12 +511,6 @@ def test_queueserver_needs_credentials_to_be_enabled() -> None:
     assert "0123" not in cfg.model_dump_json()  # never shown by serve --check
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 _SERVE = """
 import argparse, sys
 from xasflow.daemon.commands import add_commands
@@ -770,7 +524,7 @@ sys.exit(args.func(args))
 def test_serve_runs_until_sigterm_and_drains(
     models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "xasflow.yaml"
     conf.write_text(
         f"input:\n  address: {proxy.out_address}\n"
@@ -833,7 +587,7 @@ def get_ok(url: str) -> dict[str, Any] | None:
 
 
 def test_store_fanout_keeps_the_primary_stream_only() -> None:
-    from xasflow.daemon.service import _StoreFanout
+    from xasflow.adapters.store_writer import StoreWriter
 
     class FakeStore:
         def __init__(self) -> None:
@@ -850,7 +604,7 @@ def test_store_fanout_keeps_the_primary_stream_only() -> None:
             self.calls.append(("close", raw_uid, stop["exit_status"]))
 
     store = FakeStore()
-    fan = _StoreFanout(store)
+    fan = StoreWriter(store)
     run = compose_run(metadata={"raw_uid": "raw-1"})
     keys = {"cn": {"source": "x", "dtype": "integer", "shape": []}}
     primary = run.compose_descriptor(name="primary", data_keys=keys)
@@ -877,3 +631,55 @@ def test_store_fanout_keeps_the_primary_stream_only() -> None:
         ("close", "raw-1", "success"),
     ]
     assert fan.unstored == 0 and fan.open_runs == 0
+
+
+def test_after_store_publishes_nothing_the_store_does_not_hold(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    """With output.after_store, every result on the bus is already committed in the store
+    (issue 13: "published but never stored"); the stop arrives only after its rows."""
+    cfg = daemon_config(models_dir, proxy, tmp_path / "store").with_updates(
+        {"output": {"after_store": True}, "storage": {"flush_interval_s": 0.3}}
+    )
+    h = Harness(cfg, proxy)
+    try:
+        fly_e = np.linspace(8800.0, 9400.0, 600)
+        uid, docs = fly_scan(fly_e, [transmission(fly_e, seed=i) for i in range(6)])
+        publish(h.pub, docs)
+        run = h.results.wait([uid])[uid]
+        # at the moment the stop was on the bus, the store already held every row
+        acked = h.daemon.store_stats()["acknowledged"]
+        _md, rows = read_analysis(tmp_path / "store", uid)
+        assert len(rows) == len(run["events"]) == 6 and acked >= 6
+        out = h.daemon.output_stats()
+        assert out["after_store.released_unstored"] == 0 and out["after_store.held"] == 0
+    finally:
+        h.close()
+
+
+def test_commit_gate_holds_documents_until_their_rows_commit() -> None:
+    from xasflow.adapters.commit_gate import CommitGate
+
+    sent: list[str] = []
+    gate = CommitGate(lambda name, doc: sent.append(doc["uid"]), timeout_s=30.0)
+    try:
+        gate("start", {"uid": "s"})  # no rows before it: goes out at once
+        wait_for(lambda: sent == ["s"], "the start")
+        gate.row_submitted()
+        gate.row_submitted()
+        gate("event", {"uid": "e1"})
+        gate("stop", {"uid": "x"})
+        assert gate.stats()["held"] == 2 and sent == ["s"]  # its rows are not committed
+        gate.row_resolved()
+        gate.row_resolved()
+        wait_for(lambda: sent == ["s", "e1", "x"], "the rest, in order")
+    finally:
+        gate.close()
+    late = CommitGate(lambda name, doc: sent.append(doc["uid"]), timeout_s=0.2)
+    try:  # a store that never commits: published after the timeout, and counted
+        late.row_submitted()
+        late("event", {"uid": "e2"})
+        wait_for(lambda: "e2" in sent, "the timed-out document")
+        assert late.stats()["released_unstored"] == 1
+    finally:
+        late.close()

@@ -26,6 +26,7 @@ import msgpack_numpy
 import numpy as np
 import pytest
 import zmq
+from helpers import wait_for
 
 from xasflow.adapters.wire import WireError, decode_message, encode_message, encode_msgpack
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
@@ -190,14 +191,6 @@ def sync(source: ZmqDocumentSource, send: Callable[[str, dict[str, Any]], Any], 
         assert item is not None, "fence did not arrive"
         if item[1].get("probe") == token and item[1].get("fence"):
             return
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until true, failing after a generous deadline (never a timing claim)."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def collect(source: ZmqDocumentSource, n: int) -> list[tuple[str, dict[str, Any]]]:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from xasflow import __version__, paths
+from xasflow.errors import CliError
 
-
-class CliError(RuntimeError):
-    """An error the user can fix; printed without a traceback."""
+__all__ = ["CliError", "build_parser", "main"]
 
 
 def _write_json(path: str | None, payload: Any) -> None:
@@ -271,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dataset)
 
     from xasflow.daemon.commands import add_commands
+    from xasflow.sim.commands import add_demo_command
 
-    add_commands(sub)  # serve, demo
+    add_commands(sub)  # serve
+    add_demo_command(sub)  # demo
     return p
 
 

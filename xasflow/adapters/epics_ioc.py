@@ -8,6 +8,9 @@ PV                  type      meaning
 ==================  ========  =====================================================
 ``XAS:CN``          long      latest predicted dominant coordination number
 ``XAS:CN_UNC``      double    its uncertainty, 1 - top cn probability
+``XAS:CN_SET``      string    90 % conformal set of CN, e.g. ``4,6`` ("" if none)
+``XAS:OOD``         long      1: the spectrum is out of the bundle's domain, CN not to trust
+``XAS:OOD_SCORE``   double    the bundle's out-of-domain score (NaN if none)
 ``XAS:MOTIF``       string    top-ranked coordination motif
 ``XAS:DISTANCE``    double    mean nearest-neighbour distance, angstrom
 ``XAS:VALENCE``     long      oxidation state
@@ -22,9 +25,13 @@ PV                  type      meaning
 ``XAS:UPDATES``     long      number of answers published
 ==================  ========  =====================================================
 
+An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
+out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
+
 Feed it with :meth:`XasIoc.publish` (a ``Prediction.to_dict()``, an analysis ``primary``
 event's data, or a ``recommendations`` event's data) or subscribe the IOC itself to the
-analysis documents: ``ioc(name, doc)`` follows analysis runs and publishes their events.
+analysis documents: ``ioc(name, doc)`` follows analysis runs (an event-model ``RunRouter``
+with one callback per ``primary`` and ``recommendations`` stream) and publishes their events.
 Publishing never blocks: values are coalesced and written by the IOC's event loop.
 
 Network: the IOC listens on ``host`` (default loopback) at ``port`` (UDP searches, and the
@@ -46,6 +53,8 @@ from typing import Any
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
+from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
+
 __all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "XasIoc", "XasPVGroup"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +73,11 @@ class XasPVGroup(PVGroup):
     cn_uncertainty = pvproperty(
         value=1.0, name="CN_UNC", read_only=True, precision=3, doc="1 - top cn probability"
     )
+    cn_set = pvproperty(
+        value="", name="CN_SET", dtype=ChannelType.STRING, read_only=True, doc="90% CN set"
+    )
+    ood = pvproperty(value=0, name="OOD", read_only=True, doc="1: out of domain, do not trust")
+    ood_score = pvproperty(value=math.nan, name="OOD_SCORE", read_only=True, precision=3)
     motif = pvproperty(
         value="", name="MOTIF", dtype=ChannelType.STRING, read_only=True, doc="top motif"
     )
@@ -86,7 +100,7 @@ class XasPVGroup(PVGroup):
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
     updates = pvproperty(value=0, name="UPDATES", read_only=True)
 
-    @heartbeat.scan(period=HEARTBEAT_PERIOD)
+    @heartbeat.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
     async def heartbeat(self, instance: Any, async_lib: Any) -> None:
         """Count up while the IOC's loop is alive (a stuck daemon stops the count)."""
         await instance.write((instance.value + 1) % 2_000_000_000)
@@ -96,6 +110,9 @@ class XasPVGroup(PVGroup):
 _FIELDS: dict[str, type] = {
     "cn": int,
     "cn_uncertainty": float,
+    "cn_set": str,
+    "ood": int,
+    "ood_score": float,
     "motif": str,
     "distance": float,
     "valence": int,
@@ -139,6 +156,10 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             out["cn"] = _int(cn["value"])
         if probs:
             out["cn_uncertainty"] = 1.0 - max(float(p) for p in probs.values())
+        cn_set = cn.get("prediction_set")
+        out["cn_set"] = ",".join(_label(v) for v in cn_set) if cn_set else ""
+        out["ood"] = int("out_of_domain" in (data.get("flags") or ()))
+        out["ood_score"] = _finite(data.get("ood_score"))
         env = tasks.get("environment") or {}
         if env.get("value") is not None:
             out["motif"] = str(env["value"])
@@ -152,6 +173,10 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             out["cn"] = _int(data["cn"])
         if data.get("cn_probability") is not None:
             out["cn_uncertainty"] = 1.0 - float(data["cn_probability"])
+        if data.get("status") == "ok":
+            out["cn_set"] = str(data.get("cn_set") or "")
+            out["ood"] = int(bool(data.get("out_of_domain")))
+            out["ood_score"] = _finite(data.get("ood_score"))
         if data.get("motif") is not None:
             out["motif"] = str(data["motif"])
         if data.get("distance") is not None:
@@ -177,7 +202,15 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
         out["n_regions"] = len(flat) // 4
     if data.get("stop_early") is not None:
         out["stop_early"] = int(bool(data["stop_early"]))
+    if "ood" in out and out.get("ood_score") is None:
+        out["ood_score"] = math.nan  # an answer without a score clears the previous one
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _label(value: Any) -> str:
+    """A class label as text (4.0 -> "4")."""
+    f = _finite(value) if not isinstance(value, str) else None
+    return str(round(f)) if f is not None and f == round(f) else str(value)
 
 
 class _BeaconSocket:
@@ -210,7 +243,7 @@ class _Context:
     ) -> Any:
         from caproto.asyncio.server import Context
 
-        class XasContext(Context):  # type: ignore[misc]
+        class XasContext(Context):
             async def broadcast_beacon_loop(self) -> None:
                 """Send beacons only where configured (the env default is broadcast)."""
                 if beacons is not None:
@@ -257,9 +290,18 @@ class XasIoc:
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
         self._flush_scheduled = False
-        self._runs: dict[str, str] = {}  # analysis start uid -> raw uid
-        self._streams: dict[str, tuple[str, str]] = {}  # descriptor uid -> (stream, start uid)
         self.published = 0
+        self._router = SafeRouter(
+            [
+                stream_factory(
+                    {
+                        "primary": lambda start, desc: _PrimaryFeed(self, start, desc),
+                        "recommendations": lambda start, desc: _AdviceFeed(self, start, desc),
+                    }
+                )
+            ],
+            f"IOC {prefix}",
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -401,7 +443,7 @@ class XasIoc:
             self._flush_scheduled = False
         for attr, value in values.items():
             prop = getattr(self.group, attr)
-            if attr in ("motif", "scan_uid", "bundle_id"):
+            if attr in ("motif", "scan_uid", "bundle_id", "cn_set"):
                 value = str(value)[:_STRING_MAX]
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
@@ -414,30 +456,30 @@ class XasIoc:
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         """Follow analysis-run documents: primary and recommendations events update the PVs."""
-        try:
-            if name == "start" and doc.get("analysis") == "xasflow":
-                self._runs[doc["uid"]] = str(doc.get("raw_uid") or "")
-                while len(self._runs) > 1000:
-                    self._runs.pop(next(iter(self._runs)))
-            elif name == "descriptor" and doc.get("run_start") in self._runs:
-                self._streams[doc["uid"]] = (str(doc.get("name")), doc["run_start"])
-                while len(self._streams) > 2000:
-                    self._streams.pop(next(iter(self._streams)))
-            elif name == "event" and doc.get("descriptor") in self._streams:
-                stream, start = self._streams[doc["descriptor"]]
-                data = doc.get("data") or {}
-                if stream == "primary":
-                    if data.get("status") == "ok":
-                        self.publish(data, scan_uid=self._runs.get(start))
-                    elif data.get("reason") in ("no_model", "prediction_error"):
-                        self.set_model_ok(False)
-                elif stream == "recommendations":
-                    self.publish(data)
-            elif name == "stop":
-                uid = doc.get("run_start")
-                if uid in self._runs:
-                    self._runs.pop(uid, None)
-                    for key in [k for k, v in self._streams.items() if v[1] == uid]:
-                        self._streams.pop(key, None)
-        except Exception:  # a consumer must never break the publisher
-            logger.exception("IOC %s: cannot use %s document", self.prefix, name)
+        self._router(name, doc)
+
+
+class _PrimaryFeed(StreamCallback):
+    """The ``primary`` stream of one analysis run: answers to the PVs, model trouble to MODEL_OK."""
+
+    def __init__(self, ioc: XasIoc, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
+        super().__init__(start, descriptor)
+        self.ioc = ioc
+
+    def event(self, doc: Any) -> Any:
+        data = doc.get("data") or {}
+        if data.get("status") == "ok":
+            self.ioc.publish(data, scan_uid=self.raw_uid)
+        elif data.get("reason") in ("no_model", "prediction_error"):
+            self.ioc.set_model_ok(False)
+
+
+class _AdviceFeed(StreamCallback):
+    """The ``recommendations`` stream of one analysis run: regions and stop-early to the PVs."""
+
+    def __init__(self, ioc: XasIoc, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
+        super().__init__(start, descriptor)
+        self.ioc = ioc
+
+    def event(self, doc: Any) -> Any:
+        self.ioc.publish(doc.get("data") or {})

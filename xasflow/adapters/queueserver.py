@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
+
 __all__ = [
     "QueueServerConfig",
     "QueueServerError",
@@ -124,7 +126,7 @@ def region_points(regions: Sequence[Sequence[float]]) -> tuple[list[float], list
     return energies, [points[e] for e in energies]
 
 
-def xas_regions_scan(detectors, motor, regions, md=None):  # type: ignore[no-untyped-def]
+def xas_regions_scan(detectors, motor, regions, md=None):
     """Bluesky plan: one step scan over the regions' energies (a list_scan of ``motor``).
 
     ``detectors``: readable devices; ``motor``: the energy positioner (eV); ``regions``:
@@ -151,7 +153,8 @@ def xas_regions_scan(detectors, motor, regions, md=None):  # type: ignore[no-unt
                     yield from bps.mv(sig, dwell)
         yield from bps.one_nd_step(dets, step, pos_cache)
 
-    return (yield from bp.list_scan(detectors, motor, energies, per_step=per_step, md=_md))
+    plan: Any = bp.list_scan  # its stubs want (motor, list) pairs and a typed per_step
+    return (yield from plan(detectors, motor, energies, per_step=per_step, md=_md))
 
 
 def plan_item(
@@ -229,9 +232,10 @@ class QueueServerSubmitter:
         )
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._latest: dict[str, dict[str, Any]] = {}  # analysis start uid -> latest rec row
-        self._runs: dict[str, str] = {}  # analysis start uid -> raw uid
-        self._streams: dict[str, tuple[str, str]] = {}  # descriptor uid -> (stream, start uid)
+        self._router = SafeRouter(
+            [stream_factory({"recommendations": lambda st, desc: _AdviceFollower(self, st, desc)})],
+            "queueserver submitter",
+        )
         self.stats: dict[str, int] = {
             "submitted": 0,
             "failed": 0,
@@ -370,33 +374,30 @@ class QueueServerSubmitter:
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         """Follow analysis runs; submit their advice at the stop (or each rescan)."""
-        if not self.enabled:
-            return
-        try:
-            if name == "start" and doc.get("analysis") == "xasflow":
-                self._runs[doc["uid"]] = str(doc.get("raw_uid") or "")
-            elif name == "descriptor" and doc.get("run_start") in self._runs:
-                self._streams[doc["uid"]] = (str(doc.get("name")), doc["run_start"])
-            elif name == "event" and doc.get("descriptor") in self._streams:
-                stream, start = self._streams[doc["descriptor"]]
-                if stream == "recommendations":
-                    data = dict(doc.get("data") or {})
-                    self._latest[start] = data
-                    if self.config.submit_on == "rescan" and data.get("rescan"):
-                        self.enqueue(data, self._runs.get(start), rescan_only=True)
-            elif name == "stop" and doc.get("run_start") in self._runs:
-                start = doc["run_start"]
-                raw_uid = self._runs.pop(start)
-                latest = self._latest.pop(start, None)
-                for key in [k for k, v in self._streams.items() if v[1] == start]:
-                    self._streams.pop(key, None)
-                if latest is not None and self.config.submit_on == "run_end":
-                    self.enqueue(latest, raw_uid)
-            for table in (self._runs, self._latest, self._streams):
-                while len(table) > 1000:
-                    table.pop(next(iter(table)))
-        except Exception:  # a consumer must never break the publisher
-            logger.exception("queueserver submitter cannot use a %s document", name)
+        if self.enabled:
+            self._router(name, doc)
+
+
+class _AdviceFollower(StreamCallback):
+    """The ``recommendations`` stream of one analysis run: keeps the latest advice, submits it
+    at the run's stop (``submit_on: run_end``) or at each rescan (``submit_on: rescan``)."""
+
+    def __init__(
+        self, submitter: QueueServerSubmitter, start: dict[str, Any], descriptor: dict[str, Any]
+    ) -> None:
+        super().__init__(start, descriptor)
+        self.submitter = submitter
+        self.latest: dict[str, Any] | None = None
+
+    def event(self, doc: Any) -> Any:
+        data = dict(doc.get("data") or {})
+        self.latest = data
+        if self.submitter.config.submit_on == "rescan" and data.get("rescan"):
+            self.submitter.enqueue(data, self.raw_uid, rescan_only=True)
+
+    def stop(self, doc: Any) -> Any:
+        if self.latest is not None and self.submitter.config.submit_on == "run_end":
+            self.submitter.enqueue(self.latest, self.raw_uid)
 
 
 def _make_api(config: QueueServerConfig) -> Any:

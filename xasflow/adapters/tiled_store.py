@@ -39,23 +39,39 @@ them with :meth:`AnalysisStore.unfinished_runs` (what each holds) and records th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
+
+from xasflow.adapters.tiled_schema import (
+    _KEY_NAME,
+    _RETRY_DELAYS,
+    CATALOG_FILE,
+    DEFAULT_STREAM,
+    LOCK_FILE,
+    SPEC,
+    TABLE_FILES,
+    StoreError,
+    _ensure_catalog,
+    _plain,
+    _rows_to_table,
+    _Run,
+    _seq_key,
+    _serve,
+    _to_builtin,
+    schema_for_descriptor,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -64,175 +80,9 @@ __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
 logger = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.db"
-TABLE_FILES = {"sqlite": "tables.sqlite", "duckdb": "tables.duckdb"}
-LOCK_FILE = ".writer.lock"
-DEFAULT_STREAM = "primary"
-SPEC = "xasflow_analysis"
-
-# Event-model data-key dtypes -> Arrow column types ("array" is stored as JSON text).
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    "number": pa.float64(),
-    "integer": pa.int64(),
-    "string": pa.string(),
-    "boolean": pa.bool_(),
-    "array": pa.string(),
-}
-_FIXED_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
-    ("seq_num", pa.int64()),
-    ("time", pa.float64()),
-)
-_COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_KEY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
-_RETRY_DELAYS = (0.05, 0.25, 1.0)
-
 # Directories with a store open in this process: read_analysis(directory) reuses its client.
 _OPEN_STORES: dict[Path, AnalysisStore] = {}
 _OPEN_STORES_LOCK = threading.Lock()
-
-
-class StoreError(RuntimeError):
-    """The analysis store cannot be opened or used as asked."""
-
-
-@dataclass
-class _Run:
-    """Writer-side state of one open analysis run."""
-
-    raw_uid: str
-    stream: str
-    schema: pa.Schema
-    array_columns: frozenset[str]
-    metadata: dict[str, Any]
-    adapter: Any = None  # tiled.adapters.sql.SQLAdapter once the table exists
-    node: Any = None  # tiled client of the run's container
-    failed: bool = False
-    stored_seq: set[int] = field(default_factory=set)
-    pending: list[tuple[dict[str, Any], Callable[[], None] | None]] = field(default_factory=list)
-    first_pending_at: float = 0.0
-
-
-def _plain(obj: Any) -> Any:
-    """Return ``obj`` as plain JSON data (numpy scalars/arrays become Python numbers/lists)."""
-
-    def default(value: Any) -> Any:
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        if hasattr(value, "item"):
-            return value.item()
-        return str(value)
-
-    return json.loads(json.dumps(obj, default=default, allow_nan=True))
-
-
-def _seq_key(row: Mapping[str, Any]) -> int | None:
-    """The row's seq_num as an int (its idempotency key), or None when it has none."""
-    seq = row.get("seq_num")
-    if isinstance(seq, bool) or not isinstance(seq, int | float) or seq != seq:
-        return None
-    return int(seq)
-
-
-def _to_builtin(obj: Any) -> Any:
-    """Copy tiled's read-only metadata views into ordinary dicts and lists."""
-    if isinstance(obj, Mapping):
-        return {k: _to_builtin(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_to_builtin(v) for v in obj]
-    return obj
-
-
-def schema_for_descriptor(descriptor: Mapping[str, Any]) -> tuple[pa.Schema, frozenset[str]]:
-    """Arrow schema of a run's event table from its descriptor, and its JSON-encoded columns."""
-    data_keys = descriptor.get("data_keys")
-    if not isinstance(data_keys, Mapping) or not data_keys:
-        raise ValueError("descriptor has no data_keys")
-    fields = [pa.field(name, dtype) for name, dtype in _FIXED_COLUMNS]
-    arrays: set[str] = set()
-    for name, key in data_keys.items():
-        if not isinstance(name, str) or not _COLUMN_NAME.match(name):
-            raise ValueError(
-                f"data key {name!r} is not usable as a column name (letters, digits, _; max 63)"
-            )
-        dtype = key.get("dtype") if isinstance(key, Mapping) else None
-        if dtype not in _ARROW_TYPES:
-            raise ValueError(f"data key {name!r} has unsupported dtype {dtype!r}")
-        if dtype == "array":
-            arrays.add(name)
-        fields.append(pa.field(name, _ARROW_TYPES[dtype]))
-    lowered = [f.name.lower() for f in fields]
-    if len(set(lowered)) != len(lowered):
-        raise ValueError(
-            "descriptor data keys collide with each other or with seq_num/time "
-            "(column names are compared case-insensitively)"
-        )
-    return pa.schema(fields), frozenset(arrays)
-
-
-def _rows_to_table(
-    rows: list[dict[str, Any]], schema: pa.Schema, array_columns: frozenset[str]
-) -> pa.Table:
-    """Columnar Arrow table of ``rows`` (missing keys become nulls, arrays become JSON text)."""
-    columns: dict[str, list[Any]] = {}
-    for name in schema.names:
-        values = [row.get(name) for row in rows]
-        if name in array_columns:
-            values = [None if v is None else json.dumps(_plain(v)) for v in values]
-        columns[name] = values
-    return pa.Table.from_pydict(columns, schema=schema)
-
-
-def _ensure_catalog(catalog_path: Path) -> None:
-    """Create and stamp the tiled catalog database if it is new (in-process, ~0.5 s)."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-    from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
-    from tiled.catalog.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
-    from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION, initialize_database
-    from tiled.utils import ensure_specified_sql_driver
-
-    uri = ensure_specified_sql_driver(f"sqlite:///{catalog_path}")
-    outcome: dict[str, Any] = {}
-
-    async def setup() -> bool:
-        engine = create_async_engine(uri)
-        try:
-            try:
-                await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
-            except UninitializedDatabase:
-                await initialize_database(engine)
-                return True
-            return False
-        finally:
-            await engine.dispose()
-
-    def work() -> None:
-        # A thread of its own: asyncio.run() must not meet the caller's event loop, if any.
-        try:
-            if asyncio.run(setup()):
-                stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=work, name="xasflow-tiled-init")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise StoreError(f"cannot initialise tiled catalog {catalog_path}") from outcome["error"]
-
-
-@contextlib.contextmanager
-def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
-    """Yield a root tiled client over the catalog in ``directory``, served in-process."""
-    from tiled.catalog import from_uri
-    from tiled.client import Context, from_context
-    from tiled.server.app import build_app
-
-    tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
-    context = Context.from_app(build_app(tree))
-    try:
-        yield from_context(context)
-    finally:
-        context.close()
 
 
 class AnalysisStore:
@@ -273,7 +123,7 @@ class AnalysisStore:
         self._reader: Any = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock()
+        self._lock_fd: int | None = self._acquire_lock()
         self._serving: contextlib.ExitStack | None = None
         try:
             with _OPEN_STORES_LOCK:

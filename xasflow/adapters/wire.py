@@ -172,11 +172,12 @@ def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     # numpy pickles always call _reconstruct(ndarray, (0,), b'b') and then __setstate__.
     if not isinstance(subtype, _NdarrayToken) or tuple(shape) != (0,):
         raise WireError("pickle_invalid", "unexpected numpy _reconstruct arguments")
-    return _np_multiarray._reconstruct(np.ndarray, (0,), dtype)
+    out: np.ndarray = getattr(_np_multiarray, "_reconstruct")(np.ndarray, (0,), dtype)  # noqa: B009
+    return out
 
 
 def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    arr = _np_numeric._frombuffer(buf, dtype, shape, order)
+    arr: np.ndarray = getattr(_np_numeric, "_frombuffer")(buf, dtype, shape, order)  # noqa: B009
     return arr if arr.flags.writeable else arr.copy()
 
 

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from event_model import DocumentRouter
 
+from xasflow.adapters.routing import SafeRouter
 from xasflow.daemon.recommend import (
     Recommendation,
     RecommendationTracker,
@@ -216,8 +218,8 @@ class RecommenderOptimizer:
             if key is None:
                 if self.actuator not in point:
                     continue
-                key = self.register_suggestions([{self.actuator: point[self.actuator]}])[0]
-                key = self._by_id.pop(key[ID_KEY])
+                fresh = self.register_suggestions([{self.actuator: point[self.actuator]}])[0]
+                key = self._by_id.pop(fresh[ID_KEY])
             number, i = key
             if number != self.current.number:
                 continue  # a late outcome of a finished pass
@@ -299,9 +301,9 @@ class RunCollector:
 
     def __init__(self, keys: Sequence[str] = ("I0", "It")) -> None:
         self.keys = list(keys)
-        self._order: dict[str, list[Any]] = {}
-        self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._descriptors: dict[str, str] = {}  # descriptor uid -> run uid (primary only)
+        self._order: dict[str, list[Any]] = {}  # acquisition run uid -> suggestion ids
+        self._rows: dict[str, list[dict[str, Any]]] = {}  # ... -> its primary events' values
+        self._router = SafeRouter([self._factory], "adaptive run collector")
 
     def __call__(self, *args: Any) -> Any:
         """``(name, doc)`` from the RunEngine, or ``(uid, suggestions)`` from the plan."""
@@ -312,21 +314,35 @@ class RunCollector:
         return self.evaluate(first, second)
 
     def _document(self, name: str, doc: Mapping[str, Any]) -> None:
-        if name == "start" and "blop_acquisition_order" in doc:
-            self._order[doc["uid"]] = list(doc["blop_acquisition_order"])
-            self._rows[doc["uid"]] = []
-        elif name == "descriptor" and doc.get("run_start") in self._order:
-            if doc.get("name") == "primary":
-                self._descriptors[doc["uid"]] = doc["run_start"]
-        elif name == "event" and doc.get("descriptor") in self._descriptors:
-            run = self._descriptors[doc["descriptor"]]
-            self._rows[run].append({k: doc["data"].get(k) for k in self.keys})
+        self._router(name, doc)
+
+    def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """An acquisition run (its start lists the order): collect its primary events."""
+        if "blop_acquisition_order" not in start:
+            return [], []
+        self._order[start["uid"]] = list(start["blop_acquisition_order"])
+        rows = self._rows[start["uid"]] = []
+        keys = self.keys
+
+        def primary(name: str, descriptor: dict[str, Any]) -> list[Any]:
+            return [_RowCollector(keys, rows)] if descriptor.get("name") == "primary" else []
+
+        return [], [primary]
 
     def evaluate(self, uid: str, suggestions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Outcomes of run ``uid``: acquisition order zipped with its primary events."""
         order, rows = self._order.pop(uid), self._rows.pop(uid)
-        for key in [k for k, v in self._descriptors.items() if v == uid]:
-            del self._descriptors[key]
         if len(order) != len(rows):
             raise RuntimeError(f"run {uid}: {len(order)} points asked, {len(rows)} events read")
         return [{ID_KEY: _id, **row} for _id, row in zip(order, rows, strict=True)]
+
+
+class _RowCollector(DocumentRouter):
+    """The primary stream of one acquisition run: appends each event's ``keys`` to ``rows``."""
+
+    def __init__(self, keys: list[str], rows: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.keys, self.rows = keys, rows
+
+    def event(self, doc: Any) -> Any:
+        self.rows.append({k: doc["data"].get(k) for k in self.keys})

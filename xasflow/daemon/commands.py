@@ -1,7 +1,8 @@
-"""CLI verbs of the online half: ``xasflow serve --config FILE`` and ``xasflow demo``.
+"""CLI verb of the online half: ``xasflow serve --config FILE``.
 
 ``add_commands(subparsers)`` is called by :func:`xasflow.cli.build_parser`; heavy imports
-happen inside the verbs so ``xasflow --help`` stays instant.
+happen inside the verb so ``xasflow --help`` stays instant. The ``demo`` verb lives beside
+the simulator (:mod:`xasflow.sim.commands`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["add_commands", "cmd_demo", "cmd_serve"]
+from xasflow.errors import CliError
+
+__all__ = ["add_commands", "cmd_serve", "setup_logging"]
 
 
-def _cli_error(message: str) -> Exception:
-    from xasflow.cli import CliError
-
-    return CliError(message)
-
-
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; quiet the per-request chatter of httpx, tiled and alembic."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -36,11 +34,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from xasflow.daemon.config import ConfigError, load_config
     from xasflow.daemon.service import Daemon, DaemonError
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        raise _cli_error(str(exc)) from None
+        raise CliError(str(exc)) from None
     if args.check:
         print(config.model_dump_json(indent=2, by_alias=True))
         return 0
@@ -48,41 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         daemon.serve_forever()
     except DaemonError as exc:
-        raise _cli_error(str(exc)) from None
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Proxy + daemon + simulated beamline with live predictions (see xasflow.sim.demo)."""
-    from xasflow.sim.demo import DemoError, run_demo
-
-    _setup_logging(args.log_level)
-    try:
-        summary = run_demo(
-            scans=args.scans,
-            fly=args.fly,
-            duration=args.duration,
-            models_dir=args.models,
-            store_dir=args.store,
-            http_port=args.http_port,
-            fly_spectra=args.fly_spectra,
-            seed=args.seed,
-        )
-    except DemoError as exc:
-        raise _cli_error(str(exc)) from None
-    if summary["interrupted"]:
-        return 130
-    if args.scans and summary["runs_finished"] < args.scans:
-        print(
-            f"xasflow demo: only {summary['runs_finished']} of {args.scans} scans were analysed",
-            file=sys.stderr,
-        )
-        return 1
+        raise CliError(str(exc)) from None
     return 0
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add the ``serve`` and ``demo`` verbs to ``build_parser``'s subparsers."""
+    """Add the ``serve`` verb to ``build_parser``'s subparsers."""
     s = subparsers.add_parser(
         "serve",
         help="run the streaming analysis daemon",
@@ -95,22 +64,3 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--check", action="store_true", help="print the effective config and exit")
     s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(func=cmd_serve)
-
-    d = subparsers.add_parser(
-        "demo",
-        help="proxy + daemon + simulated beamline, with live predictions",
-        description=(
-            "Start bluesky's 0MQ proxy, the daemon (shipped Cu K bundle) and a simulated "
-            "beamline streaming step and fly scans of FEFF demo compounds; Ctrl-C stops it all."
-        ),
-    )
-    d.add_argument("--scans", type=int, default=0, help="exit after N scans (0: run until Ctrl-C)")
-    d.add_argument("--fly", action="store_true", help="fly (quick-XAS) scans only")
-    d.add_argument("--duration", type=float, default=0.0, help="exit after S seconds")
-    d.add_argument("--models", help="model directory (default: the repository's models/)")
-    d.add_argument("--store", help="tiled store directory to keep (default: a new temp dir)")
-    d.add_argument("--http-port", type=int, default=8620, help="metrics/health port (0: free)")
-    d.add_argument("--fly-spectra", type=int, default=5, help="spectra per fly scan")
-    d.add_argument("--seed", type=int, help="seed of the simulated beamline")
-    d.add_argument("--log-level", default="warning")
-    d.set_defaults(func=cmd_demo)

@@ -46,6 +46,7 @@ from pydantic import (
 
 from xasflow import paths
 from xasflow.adapters.queueserver import QueueServerConfig
+from xasflow.daemon.channels import CHANNEL_DEFAULTS, ChannelMap
 from xasflow.daemon.recommend import RecommenderConfig
 
 __all__ = [
@@ -68,23 +69,6 @@ __all__ = [
 
 #: Prefix of environment overrides: ``XASFLOW__INPUT__ADDRESS=tcp://host:5578``.
 ENV_PREFIX = "XASFLOW__"
-
-_DEFAULT_CHANNELS: dict[str, tuple[str, ...]] = {
-    # Mirrors xasflow.daemon.assembly.ChannelMap (kept literal so config loads without event-model).
-    "energy": (
-        "energy",
-        "mono_energy",
-        "dcm_energy",
-        "energy_readback",
-        "mono_energy_readback",
-        "dcm_energy_readback",
-        "Energy",
-    ),
-    "i0": ("I0", "i0", "I0_current", "i0_current", "ic0", "IC0"),
-    "it": ("It", "it", "itrans", "I1", "i1", "ic1", "IC1"),
-    "ir": ("Ir", "ir", "iref", "irefer", "I2", "i2", "ic2", "IC2"),
-    "if": ("If", "if", "ifluor", "fluor", "fluorescence", "pips", "PIPS"),
-}
 
 
 class ConfigError(ValueError):
@@ -157,11 +141,11 @@ class ChannelsConfig(_Section):
         extra="forbid", validate_default=True, frozen=True, populate_by_name=True
     )
 
-    energy: tuple[str, ...] = _DEFAULT_CHANNELS["energy"]
-    i0: tuple[str, ...] = _DEFAULT_CHANNELS["i0"]
-    it: tuple[str, ...] = _DEFAULT_CHANNELS["it"]
-    ir: tuple[str, ...] = _DEFAULT_CHANNELS["ir"]
-    if_: tuple[str, ...] = Field(_DEFAULT_CHANNELS["if"], alias="if")
+    energy: tuple[str, ...] = CHANNEL_DEFAULTS["energy"]
+    i0: tuple[str, ...] = CHANNEL_DEFAULTS["i0"]
+    it: tuple[str, ...] = CHANNEL_DEFAULTS["it"]
+    ir: tuple[str, ...] = CHANNEL_DEFAULTS["ir"]
+    if_: tuple[str, ...] = Field(CHANNEL_DEFAULTS["if"], alias="if")
     mode: Literal["auto", "transmission", "fluorescence"] = "auto"
     stream: str = "primary"
 
@@ -179,10 +163,8 @@ class ChannelsConfig(_Section):
             raise ValueError("give at least one non-empty data key name")
         return value
 
-    def to_channel_map(self) -> Any:
-        """The assembler's :class:`~xasflow.daemon.assembly.ChannelMap`."""
-        from xasflow.daemon.assembly import ChannelMap
-
+    def to_channel_map(self) -> ChannelMap:
+        """The assembler's :class:`~xasflow.daemon.channels.ChannelMap`."""
         return ChannelMap(
             energy=self.energy,
             i0=self.i0,
@@ -257,12 +239,19 @@ class StorageConfig(_Section):
 
 
 class OutputConfig(_Section):
-    """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577)."""
+    """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577).
+
+    ``after_store``: publish a result only once the store has committed it (nothing on the bus
+    that the store does not hold; results then wait for the store's next commit, up to
+    ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
+    """
 
     enabled: bool = True
     address: str = "tcp://127.0.0.1:5577"
     prefix: str = "xasflow-analysis"
     format: Literal["pickle", "msgpack"] = "pickle"
+    after_store: bool = False
+    after_store_timeout_s: float = Field(5.0, gt=0)
 
     _check_address = field_validator("address")(_address)
     _check_prefix = field_validator("prefix")(_prefix)

@@ -7,6 +7,8 @@ a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric
 ====================================  ==================================================
 ``spectra_received``                  ``xasflow_spectra_received_total``
 ``spectra_analysed``                  ``xasflow_spectra_analysed_total``
+``out_of_domain``                     ``xasflow_spectra_out_of_domain_total``
+``events_lost[cause]``                ``xasflow_events_lost_total{cause}``
 ``rejected[(stage, reason)]``         ``xasflow_spectra_rejected_total{stage, reason}``
 ``decode_errors[reason]``             ``xasflow_decode_errors_total{reason}``
 ``runs_opened``                       ``xasflow_runs_opened_total``
@@ -21,7 +23,11 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
 ``spectra_received`` and then exactly once in ``spectra_analysed`` or in
-``rejected[("analysis", reason)]``.
+``rejected[("analysis", reason)]``. ``out_of_domain`` counts the analysed spectra whose
+prediction carries the out-of-domain flag (a subset of ``spectra_analysed``).
+``events_lost`` counts raw events that never reached the analysis, by cause: ``seq_gap``
+(missing from a run's sequence or its stop's ``num_events``), ``overflow`` (dropped by a
+full input queue), ``interrupted`` (received by a daemon that was killed).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class Counters:
         self._lock = threading.Lock()
         self.spectra_received = 0
         self.spectra_analysed = 0
+        self.out_of_domain = 0
+        self.events_lost: dict[str, int] = {}
         self.rejected: dict[tuple[str, str], int] = {}
         self.decode_errors: dict[str, int] = {}
         self.runs_opened = 0
@@ -87,6 +95,24 @@ class Counters:
         """Spectra that got a prediction."""
         with self._lock:
             self.spectra_analysed += n
+
+    def spectrum_out_of_domain(self, n: int = 1) -> None:
+        """Analysed spectra the bundle flagged out of its domain (answers not to trust)."""
+        with self._lock:
+            self.out_of_domain += n
+
+    def lost(self, cause: str, n: int = 1) -> None:
+        """Raw events that never reached the analysis, by cause (see the module docstring)."""
+        if n <= 0:
+            return
+        with self._lock:
+            self.events_lost[cause] = self.events_lost.get(cause, 0) + n
+
+    def sync_lost(self, cause: str, total: int) -> None:
+        """Take a cumulative loss total kept elsewhere (e.g. the input queue's overflow count)."""
+        with self._lock:
+            if total > self.events_lost.get(cause, 0):
+                self.events_lost[cause] = int(total)
 
     def reject(self, reason: str, stage: str = "analysis", n: int = 1) -> None:
         """Something rejected with a reason, at "assembly" or "analysis"."""
@@ -194,6 +220,9 @@ class Counters:
                 "spectra_received": self.spectra_received,
                 "spectra_analysed": self.spectra_analysed,
                 "spectra_rejected": sum(self.rejected.values()),
+                "out_of_domain": self.out_of_domain,
+                "events_lost": dict(sorted(self.events_lost.items())),
+                "events_lost_total": sum(self.events_lost.values()),
                 "rejected": by_reason,
                 "rejected_by_stage": by_stage,
                 "decode_errors": dict(sorted(self.decode_errors.items())),
@@ -247,6 +276,7 @@ class _Collector:
         c = self.counters
         with c._lock:
             received, analysed = c.spectra_received, c.spectra_analysed
+            ood, lost = c.out_of_domain, dict(c.events_lost)
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
             opened, closed = c.runs_opened, dict(c.runs_closed)
@@ -259,6 +289,17 @@ class _Collector:
         yield CounterMetricFamily(
             "xasflow_spectra_analysed", "Spectra analysed with a prediction", value=analysed
         )
+        yield CounterMetricFamily(
+            "xasflow_spectra_out_of_domain",
+            "Analysed spectra outside the bundle's training domain (answers not to trust)",
+            value=ood,
+        )
+        lost_fam = CounterMetricFamily(
+            "xasflow_events_lost", "Raw events that never reached the analysis", labels=["cause"]
+        )
+        for cause, n in sorted(lost.items()):
+            lost_fam.add_metric([cause], n)
+        yield lost_fam
         fam = CounterMetricFamily(
             "xasflow_spectra_rejected",
             "Spectra or documents rejected, by stage and reason",
@@ -286,14 +327,14 @@ class _Collector:
         yield CounterMetricFamily(
             "xasflow_model_refused", "Model bundles refused (failed verification)", value=refused
         )
-        fam = GaugeMetricFamily(
+        info = GaugeMetricFamily(
             "xasflow_model_info",
             "Model bundle serving each element and edge",
             labels=["element", "edge", "bundle_id"],
         )
         for (element, edge), bundle_id in sorted(models.items()):
-            fam.add_metric([element, edge, bundle_id], 1.0)
-        yield fam
+            info.add_metric([element, edge, bundle_id], 1.0)
+        yield info
         buckets, total, _n = c.histogram()
         yield HistogramMetricFamily(
             "xasflow_latency_seconds",
@@ -304,10 +345,10 @@ class _Collector:
         families: dict[str, Any] = {}
         for (name, labels), value in sorted(gauges.items()):
             names = [k for k, _ in labels]
-            fam = families.get(name)
-            if fam is None:
-                fam = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
-            fam.add_metric([v for _, v in labels], value)
+            gauge = families.get(name)
+            if gauge is None:
+                gauge = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
+            gauge.add_metric([v for _, v in labels], value)
         yield from families.values()
 
 

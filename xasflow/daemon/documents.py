@@ -5,18 +5,27 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 * **start**: ``raw_uid`` (the raw run's uid), ``analysis: "xasflow"``, ``code_version``,
   ``element`` / ``edge`` / ``bundle_id`` (of the first spectrum's outcome; None when
   unknown), ``scan_kind`` and, when the raw start had them, ``raw_scan_id`` /
-  ``raw_plan_name``. It is composed lazily, together with the descriptor, just before the
+  ``raw_plan_name`` / ``raw_sample_name``. It is composed lazily, together with the descriptor, just before the
   run's first event (or its stop), so it can name the model actually used.
 * **descriptor** of stream ``"primary"`` with the typed :data:`DATA_KEYS`.
+* **uncertainty** keys of each analysed spectrum: ``cn_set`` / ``motif_set`` /
+  ``valence_set`` (the 90 % conformal sets, comma-separated labels), ``distance_lo`` /
+  ``distance_hi`` and ``charge_lo`` / ``charge_hi`` (the 90 % intervals), ``ood_score`` and
+  ``out_of_domain`` (bool; True means the answer must not be trusted). None where the bundle
+  gives none; ``out_of_domain`` is False on rejected rows.
 * **event**: one per raw spectrum analysed (``status "ok"``) or rejected (``status
   "rejected"`` with ``reason`` / ``detail``), plus one per assembly rejection that belongs
   to the run (a malformed event, a duplicate ...). Values that do not apply are None.
 * extra streams (:meth:`AnalysisRun.stream_event`): e.g. ``"recommendations"``
   (:mod:`xasflow.daemon.recommend`), one descriptor each, composed before its first event.
 * **stop**: ``exit_status`` mirrors the raw run's (``"timeout"``, a raw run whose stop never
-  came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``), ``num_events``, and extra
-  fields ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``,
-  ``n_rejected``, ``raw_seq_gaps``, ``raw_missing_events``.
+  came, becomes ``"fail"`` with reason ``"stop_timeout: ..."``); a run that lost raw events
+  (sequence gaps, or fewer events than the raw stop's ``num_events``) is never "success":
+  it becomes ``"fail"`` with reason ``"partial: N raw events missing ..."`` and
+  ``partial: true`` (event-model allows only success/abort/fail). Extra fields:
+  ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``, ``n_rejected``,
+  ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``, ``partial``,
+  ``n_duplicate_events`` (every duplicate raw event; only the first has a rejected row).
 
 Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
 validated against the event-model schemas when ``validate=True`` (tests do; the hot path
@@ -38,12 +47,15 @@ __all__ = [
     "ANALYSIS_STREAM",
     "CODE_VERSION",
     "DATA_KEYS",
+    "INTERVAL_KEYS",
+    "SET_KEYS",
     "AnalysisRun",
     "Doc",
     "data_key",
     "finite_number",
     "ok_row",
     "rejected_row",
+    "uncertainty_fields",
 ]
 
 Doc = tuple[str, dict[str, Any]]
@@ -89,6 +101,26 @@ DATA_KEYS: dict[str, dict[str, Any]] = {
     "edge_step": data_key("number", "edge step of mu used for normalisation"),
     "energy_shift": data_key("number", "shift applied by reference-foil alignment", "eV"),
     "latency_ms": data_key("number", "raw event time to result, milliseconds", "ms"),
+    # Uncertainty (None where the bundle does not provide it, e.g. bundles trained before it).
+    "cn_set": data_key("string", "conformal set of coordination numbers, comma-separated"),
+    "motif_set": data_key("string", "conformal set of coordination motifs, comma-separated"),
+    "valence_set": data_key("string", "conformal set of oxidation states, comma-separated"),
+    "distance_lo": data_key("number", "conformal interval of distance, low end", "angstrom"),
+    "distance_hi": data_key("number", "conformal interval of distance, high end", "angstrom"),
+    "charge_lo": data_key("number", "conformal interval of charge, low end", "e"),
+    "charge_hi": data_key("number", "conformal interval of charge, high end", "e"),
+    "ood_score": data_key("number", "distance from the training data (higher: further)"),
+    "out_of_domain": data_key(
+        "boolean", "spectrum outside what the bundle was trained on: do not trust the answer"
+    ),
+}
+
+#: Classifier task -> the data key of its conformal prediction set.
+SET_KEYS: dict[str, str] = {"cn": "cn_set", "environment": "motif_set", "valence": "valence_set"}
+#: Regressor task -> the data keys of its conformal interval (low, high).
+INTERVAL_KEYS: dict[str, tuple[str, str]] = {
+    "distance": ("distance_lo", "distance_hi"),
+    "charge": ("charge_lo", "charge_hi"),
 }
 
 _EXIT = {"success": "success", "abort": "abort", "fail": "fail"}
@@ -112,7 +144,33 @@ def finite_number(value: Any) -> float | None:
 
 
 def _empty_row() -> dict[str, Any]:
-    return dict.fromkeys(DATA_KEYS)
+    row = dict.fromkeys(DATA_KEYS)
+    row["out_of_domain"] = False
+    return row
+
+
+def _label(value: Any) -> str:
+    """A class label as text: 4.0 -> "4", "CN4-tetrahedral" unchanged."""
+    as_int = _as_int(value) if not isinstance(value, str) else None
+    return str(as_int) if as_int is not None else str(value)
+
+
+def uncertainty_fields(prediction: Prediction) -> dict[str, Any]:
+    """The uncertainty data keys of a prediction: conformal sets, intervals, OOD score and flag.
+
+    Absent uncertainty stays None (sets, intervals, score); ``out_of_domain`` is a bool.
+    """
+    out: dict[str, Any] = {"ood_score": finite_number(prediction.ood_score)}
+    out["out_of_domain"] = bool(prediction.out_of_domain)
+    for task, key in SET_KEYS.items():
+        res = prediction.results.get(task)
+        if res is not None and res.prediction_set is not None:
+            out[key] = ",".join(_label(v) for v in res.prediction_set)
+    for task, (lo, hi) in INTERVAL_KEYS.items():
+        res = prediction.results.get(task)
+        if res is not None and res.interval is not None:
+            out[lo], out[hi] = finite_number(res.interval[0]), finite_number(res.interval[1])
+    return out
 
 
 def ok_row(
@@ -162,6 +220,7 @@ def ok_row(
     charge = res.get("charge")
     if charge is not None:
         row["charge"] = finite_number(charge.value)
+    row.update(uncertainty_fields(prediction))
     return row
 
 
@@ -217,6 +276,8 @@ class AnalysisRun:
         self.clock = clock
         self.n_analysed = 0
         self.n_rejected = 0
+        self.n_out_of_domain = 0
+        self.n_duplicates = 0  # duplicate raw events: one rejected row, the rest counted here
         self.bundle_ids: list[str] = []
         self.start_doc: dict[str, Any] | None = None
         self.descriptor_doc: dict[str, Any] | None = None
@@ -258,6 +319,8 @@ class AnalysisRun:
             md["raw_scan_id"] = raw["scan_id"]
         if isinstance(raw.get("plan_name"), str):
             md["raw_plan_name"] = raw["plan_name"]
+        if isinstance(raw.get("sample_name"), str):
+            md["raw_sample_name"] = raw["sample_name"]
         now = self.clock()
         from event_model import compose_run  # the daemon extra; config loads without it
 
@@ -287,6 +350,7 @@ class AnalysisRun:
         )
         if data["status"] == "ok":
             self.n_analysed += 1
+            self.n_out_of_domain += bool(data.get("out_of_domain"))
         else:
             self.n_rejected += 1
         bundle_id = data.get("bundle_id")
@@ -345,6 +409,11 @@ class AnalysisRun:
             reason = f"stop_timeout: {reason}" if reason else "stop_timeout"
         elif raw_exit_status not in _EXIT:
             reason = f"raw exit status {raw_exit_status!r}: {reason}"
+        partial = missing_events > 0
+        if partial and exit_status == "success":  # event-model has no "partial" exit status
+            exit_status = "fail"
+            lost = f"partial: {missing_events} raw events missing ({seq_gaps} sequence gaps)"
+            reason = f"{lost}; {reason}" if reason else lost
         stop = dict(
             self._bundle.compose_stop(
                 exit_status=exit_status, reason=reason, time=self.clock(), validate=False
@@ -355,8 +424,11 @@ class AnalysisRun:
             bundle_ids=list(self.bundle_ids),
             n_analysed=self.n_analysed,
             n_rejected=self.n_rejected,
+            n_out_of_domain=self.n_out_of_domain,
             raw_seq_gaps=int(seq_gaps),
             raw_missing_events=int(missing_events),
+            partial=partial,
+            n_duplicate_events=self.n_duplicates,
         )
         if self.validate:
             from event_model import DocumentNames, schema_validators

@@ -1,12 +1,12 @@
 """The daemon's HTTP side: ``/metrics`` (Prometheus) and ``/health`` (JSON), served by uvicorn.
 
-``create_app(daemon)`` returns a plain Starlette app, so more routes (the dashboard) can be
+``create_app(view, http_config)`` returns a plain Starlette app, so more routes (the dashboard) can be
 added with ``app.router.routes.append(...)`` or ``app.mount(...)`` before the server starts.
 :class:`HttpServer` runs uvicorn in a thread of its own on a socket bound up front, so the
 port is known (``port=0`` picks a free one) and ``start()`` returns only once it accepts.
 
 With ``http.dashboard`` (default) the app also serves the operators' page
-(:mod:`xasflow.daemon.dashboard`). With ``http.token`` set (required off loopback),
+(:mod:`xasflow.daemon.dashboard`, ``app.state.dashboard``; the caller feeds it). With ``http.token`` set (required off loopback),
 :class:`TokenAuth` answers 401 to every request lacking it (``?token=`` or
 ``Authorization: Bearer``), Prometheus scrapes included. ``app.state.on_stop`` callables run
 when :class:`HttpServer` stops, before uvicorn is told to exit (open event streams end).
@@ -16,6 +16,8 @@ Metrics come from one per-daemon ``CollectorRegistry``: the outcome counters
 reads the 0MQ input, the publisher and the analysis store at scrape time. Gauges (queue
 depth, open runs, store backlog) are the counters' gauges, refreshed by
 ``Daemon.sync_stats()`` before each scrape.
+
+Nothing here holds the daemon: the app reads a :class:`~xasflow.daemon.view.DaemonView`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from xasflow.daemon.service import Daemon
+    from xasflow.daemon.config import HttpConfig
+    from xasflow.daemon.view import DaemonView
 
 __all__ = [
     "AdapterCollector",
@@ -66,8 +69,8 @@ _INPUT_DROPS = ("dropped_overflow", "dropped_on_close")
 class AdapterCollector:
     """Prometheus collector over the daemon's adapters (input, output, store), read at scrape."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, view: DaemonView) -> None:
+        self.view = view
 
     def describe(self) -> list[Any]:
         return []  # unchecked: families are produced at collect time
@@ -75,7 +78,7 @@ class AdapterCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        d = self.daemon
+        d = self.view
         src = d.input_stats()
         for key, text in _INPUT_COUNTERS.items():
             yield CounterMetricFamily(f"xasflow_input_{key}", text, value=src.get(key, 0))
@@ -120,31 +123,35 @@ class AdapterCollector:
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 
 
-def metrics_registry(daemon: Daemon) -> Any:
+def metrics_registry(view: DaemonView) -> Any:
     """A fresh ``CollectorRegistry`` with the daemon's counters and adapter stats."""
     from prometheus_client import CollectorRegistry
 
     from xasflow.daemon.counters import register_prometheus
 
     registry = CollectorRegistry(auto_describe=False)
-    register_prometheus(daemon.counters, registry)
-    registry.register(AdapterCollector(daemon))
+    register_prometheus(view.counters, registry)
+    registry.register(AdapterCollector(view))
     return registry
 
 
-def create_app(daemon: Daemon) -> Starlette:
-    """The Starlette app with ``GET /metrics`` and ``GET /health``; add routes to extend it."""
+def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starlette:
+    """The Starlette app with ``GET /metrics`` and ``GET /health``; add routes to extend it.
+
+    With ``http_config.dashboard`` the operators' page is installed too
+    (``app.state.dashboard``: feed it with its ``listener`` and ``offer_latest``).
+    """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    registry = metrics_registry(daemon)
+    registry = metrics_registry(view)
 
     async def metrics(request: Request) -> Response:
-        daemon.sync_stats()
+        view.sync_stats()
         body = await asyncio.to_thread(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def health(request: Request) -> JSONResponse:
-        body = daemon.health()
+        body = view.health()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     app = Starlette(
@@ -153,17 +160,15 @@ def create_app(daemon: Daemon) -> Starlette:
             Route("/health", health, methods=["GET"]),
         ]
     )
-    app.state.daemon = daemon
     app.state.metrics_registry = registry
     app.state.on_stop = []
-    http_cfg = getattr(getattr(daemon, "config", None), "http", None)
-    if http_cfg is not None and getattr(http_cfg, "dashboard", False):
+    app.state.dashboard = None
+    if http_config is not None and http_config.dashboard:
         from xasflow.daemon.dashboard import install_dashboard
 
-        install_dashboard(app, daemon, rate_hz=http_cfg.dashboard_rate_hz)
-    token = getattr(http_cfg, "token", None)
-    if token is not None:
-        app.add_middleware(TokenAuth, token=token.get_secret_value())
+        install_dashboard(app, view, rate_hz=http_config.dashboard_rate_hz)
+    if http_config is not None and http_config.token is not None:
+        app.add_middleware(TokenAuth, token=http_config.token.get_secret_value())
     return app
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +69,7 @@ from xasflow.spectra import (
     infer_edge,
     mu_from_channels,
 )
+from xasflow.spectra.quality import has_edge
 
 __all__ = ["REASONS", "LatestSpectrum", "Pipeline"]
 
@@ -90,8 +90,6 @@ REASONS: frozenset[str] = frozenset(
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
-
-_CLOSED_MEMORY = 10_000
 
 
 @dataclass
@@ -175,9 +173,10 @@ class Pipeline:
         self.recommend_interval_s = float(recommend_interval_s)
         self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
         self._runs: dict[str, AnalysisRun] = {}
-        self._routes: OrderedDict[str, str] = OrderedDict()  # analysis uid -> raw uid
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
+        #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
+        self.on_latest: Callable[[LatestSpectrum], None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +212,8 @@ class Pipeline:
                     w.predictor.manifest,
                     w.shift,
                 )
+                if self.on_latest is not None:
+                    self.on_latest(self.latest)
                 break
         docs: list[Doc] = []
         for i, out in enumerate(items):
@@ -237,16 +238,6 @@ class Pipeline:
         for raw_uid in list(self._runs):
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
-
-    def raw_uid_of(self, name: str, doc: dict[str, Any]) -> str | None:
-        """The raw run uid an analysis document (start/descriptor/event/stop) belongs to."""
-        if name == "start":
-            return doc.get("raw_uid")
-        if name in ("descriptor", "stop"):
-            return self._routes.get(doc.get("run_start", ""))
-        if name in ("event", "event_page"):
-            return self._routes.get(doc.get("descriptor", ""))
-        return None
 
     # ------------------------------------------------------------------ science
 
@@ -330,7 +321,7 @@ class Pipeline:
         except (SpectrumError, KeyError):
             work.flags.append("align_failed")
             return spectrum
-        if not _has_edge(ref, tab - shift):
+        if not has_edge(ref, tab - shift):
             work.flags.append("align_failed")
             return spectrum
         if abs(shift) > self.max_shift:
@@ -378,15 +369,6 @@ class Pipeline:
         self.counters.run_opened()
         return run
 
-    def _route(self, run: AnalysisRun, docs: list[Doc]) -> list[Doc]:
-        """Remember which raw run the analysis start/descriptor uids belong to."""
-        for name, doc in docs:
-            if name in ("start", "descriptor"):
-                self._routes[doc["uid"]] = run.raw_uid
-                while len(self._routes) > 2 * _CLOSED_MEMORY:
-                    self._routes.popitem(last=False)
-        return docs
-
     def _opened(self, out: RunOpened) -> list[Doc]:
         if out.raw_uid not in self._runs:
             self._new_run(out.raw_uid, out.start, out.kind)
@@ -408,6 +390,8 @@ class Pipeline:
                 latency_ms=None if latency is None else latency * 1e3,
             )
             self.counters.spectrum_analysed()
+            if pred.out_of_domain:
+                self.counters.spectrum_out_of_domain()
         else:
             reason = work.reason or "internal_error"
             row = rejected_row(
@@ -427,7 +411,7 @@ class Pipeline:
         docs = run.event(row)
         if self.recommendations is not None and row["status"] == "ok":
             docs.extend(self._recommend(run, work))
-        return self._route(run, docs)
+        return docs
 
     def _recommend(self, run: AnalysisRun, work: _Work) -> list[Doc]:
         """The ``recommendations`` event that follows an analysed spectrum (none on a bug)."""
@@ -454,11 +438,16 @@ class Pipeline:
         run = self._runs.get(out.raw_uid) if out.raw_uid is not None else None
         if run is None:
             return []
+        if out.reason == "duplicate_event":  # one rejected row per run; the rest are counted
+            run.n_duplicates += 1
+            if run.n_duplicates > 1:
+                return []
         row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
-        return self._route(run, run.event(row))
+        return run.event(row)
 
     def _closed(self, out: RunClosed) -> list[Doc]:
         self.counters.run_closed(out.exit_status)
+        self.counters.lost("seq_gap", out.missing_events)
         if self.recommendations is not None:
             self.recommendations.close(out.raw_uid)
             self._recommend_due.pop(out.raw_uid, None)
@@ -470,16 +459,4 @@ class Pipeline:
         docs = run.close(
             out.exit_status, out.reason, seq_gaps=out.seq_gaps, missing_events=out.missing_events
         )
-        return self._route(run, docs)
-
-
-def _has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:
-    """Whether a reference spectrum shows a clear edge step at ``e0`` (jump >> noise)."""
-    e, mu = ref.energy, ref.mu
-    pre = mu[(e >= e0 - outer) & (e <= e0 - inner)]
-    post = mu[(e >= e0 + inner) & (e <= e0 + outer)]
-    if pre.size < 3 or post.size < 3:
-        return False
-    jump = float(post.mean() - pre.mean())
-    noise = float(np.diff(pre).std()) / math.sqrt(2.0)  # point-to-point scatter below the edge
-    return jump > 10.0 * noise and jump > 0
+        return docs

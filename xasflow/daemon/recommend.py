@@ -55,19 +55,29 @@ spectrum: :data:`RECOMMENDATION_KEYS`, :func:`recommendation_row` and
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from xasflow.daemon.documents import data_key
+from xasflow.daemon.recommend_docs import (
+    RECOMMENDATION_KEYS,
+    RECOMMENDATION_STREAM,
+    parse_recommendation_row,
+    recommendation_docs,
+    recommendation_row,
+    waveform_regions,
+)
+from xasflow.daemon.recommend_types import (
+    Recommendation,
+    RecommenderConfig,
+    Region,
+    cn_uncertainty,
+    region_shares,
+    task_uncertainty,
+)
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Prediction
 from xasflow.spectra import Spectrum, SpectrumError, edge_energy, find_e0
+from xasflow.spectra.quality import e0_ambiguity, estimate_noise
 
 __all__ = [
     "RECOMMENDATION_KEYS",
@@ -77,283 +87,20 @@ __all__ = [
     "Recommender",
     "RecommenderConfig",
     "Region",
+    "cn_uncertainty",
     "e0_ambiguity",
     "estimate_noise",
+    "parse_recommendation_row",
     "recommendation_docs",
     "recommendation_row",
     "region_shares",
+    "task_uncertainty",
+    "waveform_regions",
 ]
 
-RECOMMENDATION_STREAM = "recommendations"
 _PRE_EDGE_NAME = "pre-edge line"
 _APPROACH_NAME = "approach"
 _EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
-#: Savitzky-Golay smoothing coefficients, 7 points, quadratic (symmetric; c0 = 7/21)
-_SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
-
-
-class RecommenderConfig(BaseModel):
-    """Knobs of the recommender (defaults suit a K edge measured in transmission)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    fine_step: float = Field(0.5, gt=0, description="eV, finest step anywhere")
-    k_step: float = Field(0.04, ge=0, description="1/angstrom, finest step in k far above the edge")
-    coarse_factor: float = Field(4.0, ge=1, description="step multiplier where w = 0")
-    edge_max_step: float = Field(0.5, gt=0, description="eV, largest step inside edge_window")
-    edge_window: tuple[float, float] = Field(
-        (-5.0, 10.0), description="eV relative to E0 where E0 is found; kept fine"
-    )
-    pre_edge_step: float = Field(10.0, gt=0, description="eV, step on the pre-edge line")
-    approach_step: float = Field(3.0, gt=0, description="eV, from the pre-edge line to the window")
-    dwell: float = Field(1.0, gt=0, description="s per point in the most important region")
-    dwell_floor: float = Field(0.5, gt=0, le=1, description="dwell fraction where w = 0")
-    uncertain_above: float = Field(0.5, ge=0, le=1, description="cn uncertainty that is 'unsure'")
-    uncertain_dwell_factor: float = Field(2.0, ge=1)
-    e0_margin: float = Field(2.0, ge=0, description="eV added to each end of the window")
-    prior_e0_margin: float = Field(12.0, ge=0, description="eV margin before E0 is known")
-    e0_ambiguity_window: float = Field(10.0, ge=0, description="eV around E0 to look for rivals")
-    e0_ambiguity_ratio: float = Field(0.5, gt=0, le=1, description="rival / edge derivative")
-    task_weights: dict[str, float] = Field(
-        default_factory=lambda: {
-            "cn": 1.0,
-            "valence": 0.5,
-            "environment": 0.5,
-            "distance": 0.25,
-            "charge": 0.25,
-        }
-    )
-    stop_probability: float = Field(0.9, gt=0, le=1)
-    stop_count: int = Field(3, ge=1, description="spectra in a row that must agree")
-    rescan_importance: float = Field(0.5, ge=0, le=1)
-    noise_threshold: float = Field(0.02, gt=0, description="noise / edge step that asks a rescan")
-    max_rescan_factor: float = Field(4.0, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> RecommenderConfig:
-        if self.edge_window[1] <= self.edge_window[0]:
-            raise ValueError("edge_window must be (low, high) with low < high")
-        return self
-
-
-@dataclass(frozen=True)
-class Region:
-    """One energy range to measure: absolute eV, a uniform step, a dwell per point."""
-
-    name: str
-    start: float
-    stop: float
-    step: float
-    dwell: float
-    reason: str
-    importance: float = 0.0
-
-    @property
-    def n_points(self) -> int:
-        """Points of :meth:`energies` (both ends included)."""
-        return int(self.energies().size)
-
-    def energies(self) -> np.ndarray:
-        """The region's grid: ``start`` to ``stop`` inclusive in steps of ``step``."""
-        n = max(1, math.ceil((self.stop - self.start) / self.step - 1e-3))
-        return np.linspace(self.start, self.stop, n + 1)
-
-    def row(self) -> list[float]:
-        """``[start, stop, step, dwell]`` (the EPICS waveform's unit)."""
-        return [self.start, self.stop, self.step, self.dwell]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "name": self.name,
-            "start": self.start,
-            "stop": self.stop,
-            "step": self.step,
-            "dwell": self.dwell,
-            "reason": self.reason,
-            "importance": self.importance,
-            "n_points": self.n_points,
-        }
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """What to measure next, whether the answer is already certain, what to rescan."""
-
-    regions: list[Region]
-    stop_early: bool
-    stop_reason: str
-    rescan: Region | None
-    e0: float
-    uncertainty: float
-    element: str
-    edge: str
-    bundle_id: str
-    noise: dict[str, float] = field(default_factory=dict)
-
-    def energies(self) -> np.ndarray:
-        """Every recommended energy once, ascending (neighbouring regions share ends)."""
-        if not self.regions:
-            return np.empty(0)
-        e = np.concatenate([r.energies() for r in self.regions])
-        return np.unique(np.round(e, 6))
-
-    def dwells(self) -> np.ndarray:
-        """Dwell per energy of :meth:`energies` (the longest of the regions that hold it)."""
-        energies = self.energies()
-        out = np.zeros_like(energies)
-        for r in self.regions:
-            inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
-            out[inside] = np.maximum(out[inside], r.dwell)
-        return out
-
-    @property
-    def n_points(self) -> int:
-        """Distinct energies recommended."""
-        return int(self.energies().size)
-
-    @property
-    def time(self) -> float:
-        """Counting time of the recommended scan, s (no motor moves)."""
-        return float(self.dwells().sum())
-
-    def waveform(self) -> list[float]:
-        """``[start, stop, step, dwell] * n`` in region order (most important first)."""
-        return [v for r in self.regions for v in r.row()]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (what the dashboard and the queueserver adapter read)."""
-        return {
-            "regions": [r.to_dict() for r in self.regions],
-            "stop_early": self.stop_early,
-            "stop_reason": self.stop_reason,
-            "rescan": None if self.rescan is None else self.rescan.to_dict(),
-            "e0": self.e0,
-            "uncertainty": self.uncertainty,
-            "element": self.element,
-            "edge": self.edge,
-            "bundle_id": self.bundle_id,
-            "noise": dict(self.noise),
-            "n_points": self.n_points,
-            "time": self.time,
-        }
-
-
-# --------------------------------------------------------------------------- importance
-
-
-def region_shares(importance: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
-    """Per-region share of a task's drop-region importances (truncated Shapley, >= 0, max 1).
-
-    ``importance`` maps ``"a"`` and ``"a + b"`` to the score lost when those regions are
-    removed. Missing pairs count as the larger single; a task whose importances are all zero
-    (or absent) gives every region 0.
-    """
-    single = {n: float(importance.get(n, 0.0)) for n in names}
-
-    def pair(a: str, b: str) -> float:
-        for key in (f"{a} + {b}", f"{b} + {a}"):
-            if key in importance:
-                return float(importance[key])
-        return max(single[a], single[b])
-
-    raw: dict[str, float] = {}
-    for r in names:
-        others = [s for s in names if s != r]
-        marginal = [pair(r, s) - single[s] for s in others]
-        phi = 0.5 * single[r] + (0.5 * float(np.mean(marginal)) if marginal else 0.5 * single[r])
-        raw[r] = max(0.0, phi)
-    scale = max([abs(float(v)) for v in importance.values()] + [0.0])
-    if scale <= 0:
-        return dict.fromkeys(names, 0.0)
-    return {r: min(1.0, v / scale) for r, v in raw.items()}
-
-
-def _margin(probabilities: Mapping[str, float] | None) -> tuple[float, float] | None:
-    """(top probability, top - second) of a classifier's probabilities."""
-    if not probabilities:
-        return None
-    p = sorted((float(v) for v in probabilities.values()), reverse=True)
-    return p[0], p[0] - (p[1] if len(p) > 1 else 0.0)
-
-
-def task_uncertainty(prediction: Prediction | None, task: str) -> float:
-    """0 (sure) .. 1 (no idea): 1 - margin for classifiers/rankings, 0.5 for regressors."""
-    if prediction is None or task not in prediction.results:
-        return 1.0
-    res = prediction.results[task]
-    m = _margin(res.probabilities)
-    if m is not None:
-        return float(min(1.0, max(0.0, 1.0 - m[1])))
-    if res.ranking:
-        scores = [float(s) for _, s in res.ranking]
-        gap = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
-        return float(min(1.0, max(0.0, 1.0 - gap)))
-    return 0.5
-
-
-def cn_uncertainty(prediction: Prediction | None) -> float:
-    """1 - the top cn probability (1 without a prediction or a cn task): the PV's uncertainty."""
-    if prediction is None or "cn" not in prediction.results:
-        return 1.0
-    conf = prediction.results["cn"].confidence
-    return 1.0 if conf is None else float(1.0 - conf)
-
-
-# --------------------------------------------------------------------------- noise
-
-
-def estimate_noise(
-    energy: np.ndarray, mu: np.ndarray, lo: float, hi: float, edge_step: float
-) -> float | None:
-    """Noise of mu within ``[lo, hi]`` eV as a fraction of ``edge_step`` (None: < 7 points).
-
-    Residuals to a 7-point quadratic Savitzky-Golay smooth, robust scatter (1.4826 MAD),
-    divided by sqrt(1 - c0) (c0 the smoother's central weight) so white noise of standard
-    deviation s gives s.
-    """
-    energy = np.asarray(energy, dtype=np.float64)
-    mu = np.asarray(mu, dtype=np.float64)
-    sel = (energy >= lo) & (energy <= hi)
-    y = mu[sel]
-    if y.size < 7 or not edge_step > 0:
-        return None
-    # interior residuals to the 7-point quadratic smooth: y - conv(y, SG coefficients)
-    resid = y[3:-3] - np.convolve(y, _SG7, mode="valid")
-    mad = float(np.median(np.abs(resid - np.median(resid))))
-    sigma = 1.4826 * mad / math.sqrt(1.0 - _SG7[3])
-    return sigma / abs(edge_step)
-
-
-def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
-    """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
-
-    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (as
-    :func:`~xasflow.spectra.find_e0` does); a rival is a local maximum within ``window`` eV
-    of ``e0`` (more than 1 eV away) at least ``ratio`` times the largest one there.
-    """
-    if window <= 0:
-        return 0.0
-    energy, mu = spectrum.energy, spectrum.mu
-    lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
-    if hi - lo < 4.0:
-        return 0.0
-    grid = np.arange(lo, hi, 0.1)
-    kernel = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
-    kernel /= kernel.sum()
-    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), kernel, "valid")
-    deriv = np.gradient(smooth, 0.1)
-    inner = (grid >= e0 - window) & (grid <= e0 + window)
-    mid = deriv[1:-1]
-    peaks = np.flatnonzero(inner[1:-1] & (mid >= deriv[:-2]) & (mid > deriv[2:])) + 1
-    if peaks.size == 0:
-        return 0.0
-    top = float(deriv[peaks].max())
-    if not top > 0:
-        return 0.0
-    dist = np.abs(grid[peaks] - e0)
-    rivals = dist[(deriv[peaks] >= ratio * top) & (dist > 1.0)]
-    return float(rivals.max()) if rivals.size else 0.0
 
 
 # --------------------------------------------------------------------------- recommender
@@ -540,14 +287,25 @@ class Recommender:
     def _stop_early(
         self, prediction: Prediction | None, history: Sequence[Prediction]
     ) -> tuple[bool, str]:
-        """Whether the last ``stop_count`` spectra agree on cn with enough probability."""
+        """Whether the last ``stop_count`` spectra agree on cn with enough probability.
+
+        Never for a spectrum out of the bundle's domain (its probabilities mean nothing), nor
+        while a conformal cn set (when the bundle gives one) holds more than one value.
+        """
         cfg = self.config
         if prediction is None or "cn" not in prediction.results:
+            return False, ""
+        if prediction.out_of_domain:
+            return False, "out_of_domain: the answer is not to be trusted, keep measuring"
+        cn_set = prediction.results["cn"].prediction_set
+        if cn_set is not None and len(cn_set) != 1:
             return False, ""
         recent = list(history)[-cfg.stop_count :]
         if not recent or recent[-1] is not prediction:
             recent = [*recent, prediction][-cfg.stop_count :]
         if len(recent) < cfg.stop_count:
+            return False, ""
+        if any(p.out_of_domain for p in recent):
             return False, ""
         values = {str(p.results["cn"].value) for p in recent if "cn" in p.results}
         confs = [p.results["cn"].confidence or 0.0 for p in recent if "cn" in p.results]
@@ -644,76 +402,3 @@ class RecommendationTracker:
     def open_runs(self) -> list[str]:
         """Runs with a history."""
         return list(self._history)
-
-
-# --------------------------------------------------------------------------- documents
-
-
-#: Data keys of the ``recommendations`` stream (structures JSON-encoded as strings).
-RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
-    "index": data_key("integer", "index of the raw spectrum this advice follows"),
-    "regions": data_key(
-        "string", "JSON list of {name, start, stop, step, dwell, reason, importance, n_points}"
-    ),
-    "waveform": data_key("string", "JSON list [start, stop, step, dwell] * n (eV, eV, eV, s)"),
-    "n_points": data_key("integer", "distinct energies of the recommended scan"),
-    "scan_time": data_key("number", "counting time of the recommended scan", "s"),
-    "stop_early": data_key("boolean", "the answer is already certain: the scan may stop"),
-    "stop_reason": data_key("string", "why stopping early is safe ('' when not)"),
-    "rescan": data_key("string", "JSON region to measure again with a longer dwell ('' for none)"),
-    "noise": data_key("string", "JSON object: region -> noise as a fraction of the edge step"),
-    "uncertainty": data_key("number", "1 - probability of the predicted coordination number"),
-    "e0": data_key("number", "E0 the regions are placed around", "eV"),
-    "bundle_id": data_key("string", "model bundle whose importances were used"),
-}
-
-
-def recommendation_row(index: int, rec: Recommendation) -> dict[str, Any]:
-    """Event data of the ``recommendations`` stream for one recommendation."""
-    return {
-        "index": int(index),
-        "regions": json.dumps([r.to_dict() for r in rec.regions]),
-        "waveform": json.dumps(rec.waveform()),
-        "n_points": rec.n_points,
-        "scan_time": rec.time,
-        "stop_early": bool(rec.stop_early),
-        "stop_reason": rec.stop_reason,
-        "rescan": "" if rec.rescan is None else json.dumps(rec.rescan.to_dict()),
-        "noise": json.dumps(rec.noise),
-        "uncertainty": float(rec.uncertainty),
-        "e0": float(rec.e0),
-        "bundle_id": rec.bundle_id,
-    }
-
-
-def recommendation_docs(
-    run: Any, index: int, rec: Recommendation
-) -> list[tuple[str, dict[str, Any]]]:
-    """Documents (descriptor the first time, then the event) of ``rec`` in an analysis run.
-
-    ``run`` is a :class:`xasflow.daemon.documents.AnalysisRun` that has already emitted the
-    spectrum's ``primary`` event (so its start document exists).
-    """
-    return run.stream_event(
-        RECOMMENDATION_STREAM, RECOMMENDATION_KEYS, recommendation_row(index, rec)
-    )
-
-
-def parse_recommendation_row(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Decode a ``recommendations`` event's data back into plain structures."""
-    out = dict(data)
-    for key in ("regions", "waveform", "noise"):
-        value = out.get(key)
-        if isinstance(value, str) and value:
-            out[key] = json.loads(value)
-    rescan = out.get("rescan")
-    out["rescan"] = json.loads(rescan) if isinstance(rescan, str) and rescan else None
-    return out
-
-
-def waveform_regions(waveform: Iterable[float]) -> list[tuple[float, float, float, float]]:
-    """Split a flat ``[start, stop, step, dwell] * n`` list back into tuples."""
-    values = [float(v) for v in waveform]
-    if len(values) % 4:
-        raise ValueError(f"a region waveform has 4 numbers per region, got {len(values)}")
-    return [tuple(values[i : i + 4]) for i in range(0, len(values), 4)]  # type: ignore[misc]

@@ -1,45 +1,25 @@
-"""The streaming daemon: 0MQ documents in, analysis runs out to the bus and the tiled store.
+"""The streaming daemon's composition root: builds the parts from a :class:`DaemonConfig`,
+wires them, starts and stops them. No document handling lives here.
 
 Threads and what they own::
 
     xasflow-zmq-in       ZmqDocumentSource: receive, decode, enqueue (bounded, counted)
-    xasflow-process      this module: RunAssembler.feed -> Pipeline.handle_batch -> fan-out
-    xasflow-tiled-writer AnalysisStore: batched, acknowledged writes
+    xasflow-process      Processor: probes out, assembler -> pipeline -> sinks (in order)
+    xasflow-tiled-writer AnalysisStore: batched, acknowledged writes (fed by StoreWriter)
     xasflow-model-watch  ModelRegistry: verified hot swaps
-    xasflow-http         uvicorn: /metrics, /health (and the dashboard)
-    xasflow-ioc-<prefix> XasIoc (epics.enabled): caproto server; fed by a listener, never blocks
-    (queueserver worker) QueueServerSubmitter (queueserver.enabled): plan submissions off the
-                         processing thread, at most one per min_interval_s
+    xasflow-http         uvicorn: /metrics, /health and the dashboard (a DaemonView only)
+    xasflow-dashboard    Dashboard: digests the documents and the latest spectrum offered
+    xasflow-ioc-<prefix> XasIoc (epics.enabled): caproto server, a RunRouter sink
+    (queueserver worker) QueueServerSubmitter (queueserver.enabled): a RunRouter sink
 
-The processing thread takes everything queued (up to ``analysis.batch_max`` documents) per
-turn, feeds it to the assembler, looks for idle runs every ``analysis.timeout_check_s``,
-hands the assembler outputs to the pipeline in batches of up to ``_ANALYSIS_CHUNK`` spectra
-(one ONNX call per bundle, task and batch) and fans the resulting analysis documents out to
-the publisher and the store after each batch, so a backlog's first results are not held
-back until the whole backlog is analysed. It is the only thread touching the assembler and the pipeline.
-
-Two kinds of input never reach the assembler: the daemon's own analysis documents coming
-back through the proxy when the input prefix is empty (dropped before decoding by the input's
-``ignore_prefixes``, counted as ``own_output``), and warm-up probe runs (a start carrying ``xasflow_probe`` and its stop,
-see :meth:`xasflow.sim.beamline.SimBeamline.warm_up`), which only update
-``health()["probes"]`` so a publisher can tell that the daemon sees it.
+Parts and where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`), crash
+recovery (:mod:`xasflow.adapters.recovery`), the processing loop
+(:mod:`xasflow.daemon.processor`), store writes (:mod:`xasflow.adapters.store_writer`).
 
 Acknowledged results. A result row is *acknowledged* once the store's transaction holding it
 has committed (``AnalysisStore`` ``on_stored``); ``health()["store"]["acknowledged"]`` counts
 them. An acknowledged row survives SIGKILL; a result already published on the bus but not yet
 acknowledged may not.
-
-Restart after a crash. 0MQ PUB/SUB is at-most-once: what the proxy forwards while no daemon is
-subscribed is dropped, and the documents a killed daemon had received but not analysed or
-stored are gone with it. At start the daemon therefore looks in the store for analysis runs
-its predecessor left open (``AnalysisStore.unfinished_runs``) and reports the gap: each is
-closed ("interrupted"), when the raw run's stop arrives (its ``num_events`` gives the raw
-count, so ``raw_missing_events`` = raw spectra - spectra stored), after ``run_timeout_s``
-without it, or at shutdown. The stop (``exit_status`` "fail", ``reason`` "interrupted: ...",
-``interrupted: true``) is published under the analysis run's original start uid and recorded
-in the store; ``health()["interrupted"]`` lists them. Raw events of such a run that arrive
-after the restart belong to a descriptor this process never saw: the assembler rejects them
-``unknown_descriptor`` (counted), and they are part of ``raw_missing_events``.
 
 ``stop()`` (also on SIGTERM/SIGINT under :meth:`Daemon.serve_forever`) stops receiving,
 analyses everything already queued, closes every open run with ``flush_all("shutdown")``
@@ -54,162 +34,66 @@ import logging
 import signal
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from xasflow import __version__
+from xasflow.adapters.commit_gate import CommitGate
+from xasflow.adapters.probes import PROBE_KEY, ProbeFilter
+from xasflow.adapters.recovery import InterruptedRuns
+from xasflow.adapters.store_writer import StoreWriter
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
-from xasflow.daemon.assembly import RunAssembler, SpectrumReady
+from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.documents import ANALYSIS_STREAM
+from xasflow.daemon.pipeline import Pipeline
+from xasflow.daemon.processor import Processor
 from xasflow.daemon.registry import ModelRegistry
 
 __all__ = ["PROBE_KEY", "Daemon", "DaemonError"]
 
 logger = logging.getLogger(__name__)
 
-#: Start-document key of a warm-up probe run (same as ``xasflow.sim.beamline.PROBE_KEY``).
-PROBE_KEY = "xasflow_probe"
-_PROBE_MEMORY = 64
-_STATS_INTERVAL_S = 0.25
-#: Spectra per pipeline call when a backlog is drained: big enough to amortise the ONNX calls
-#: (one per task and batch), small enough that the first results of a backlog go out early.
-_ANALYSIS_CHUNK = 16
-
 
 class DaemonError(RuntimeError):
     """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
-
-
-class _StoreFanout:
-    """Turns analysis documents into AnalysisStore calls (open at the descriptor, rows, close).
-
-    The store keeps one table per run: only the ``stream`` descriptor's events are stored;
-    other streams of an analysis run (e.g. recommendations) go to the bus only.
-    """
-
-    def __init__(
-        self,
-        store: Any,
-        stream: str = ANALYSIS_STREAM,
-        on_stored: Callable[[], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.stream = stream
-        self.on_stored = on_stored  # passed to add_event: called once a row has committed
-        self._other: dict[str, str] = {}  # descriptor uid of another stream -> start uid
-        self._starts: dict[str, dict[str, Any]] = {}  # analysis start uid -> start doc
-        self._open: dict[str, str] = {}  # analysis start uid -> raw_uid (store key)
-        self._descriptors: dict[str, str] = {}  # descriptor uid -> analysis start uid
-        self.unstored = 0  # rows the store refused or that had no open run
-
-    def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        try:
-            if name == "start":
-                self._starts[doc["uid"]] = doc
-            elif name == "descriptor":
-                self._descriptor(doc)
-            elif name == "event":
-                self._row(doc["descriptor"], doc["seq_num"], doc["time"], doc["data"])
-            elif name == "event_page":
-                for i, seq in enumerate(doc["seq_num"]):
-                    data = {k: v[i] for k, v in doc["data"].items()}
-                    self._row(doc["descriptor"], seq, doc["time"][i], data)
-            elif name == "stop":
-                self._stop(doc)
-        except Exception:
-            logger.exception("analysis store: cannot store %s document", name)
-            self.unstored += 1
-
-    def _descriptor(self, doc: dict[str, Any]) -> None:
-        run_uid = doc["run_start"]
-        start = self._starts.get(run_uid)
-        if start is None:
-            return
-        if doc.get("name", ANALYSIS_STREAM) != self.stream:
-            self._other[doc["uid"]] = run_uid
-            return
-        self._descriptors[doc["uid"]] = run_uid
-        if run_uid in self._open:
-            return  # a second descriptor: one table per analysis run
-        raw_uid = str(start.get("raw_uid") or run_uid)
-        self.store.open_run(raw_uid, start, doc)
-        self._open[run_uid] = raw_uid
-
-    def _row(self, descriptor: str, seq: int, t: float, data: dict[str, Any]) -> None:
-        run_uid = self._descriptors.get(descriptor)
-        if run_uid is None and descriptor in self._other:
-            return  # another stream: published, not stored
-        raw_uid = self._open.get(run_uid) if run_uid is not None else None
-        if raw_uid is None:
-            self.unstored += 1
-            return
-        row = {"seq_num": seq, "time": t, **data}
-        if self.on_stored is None:
-            stored = self.store.add_event(raw_uid, row)
-        else:
-            stored = self.store.add_event(raw_uid, row, on_stored=self.on_stored)
-        if not stored:
-            self.unstored += 1
-
-    def _stop(self, doc: dict[str, Any]) -> None:
-        run_uid = doc["run_start"]
-        self._starts.pop(run_uid, None)
-        for table in (self._descriptors, self._other):
-            for desc in [d for d, r in table.items() if r == run_uid]:
-                del table[desc]
-        raw_uid = self._open.pop(run_uid, None)
-        if raw_uid is not None:
-            self.store.close_run(raw_uid, doc)
-
-    @property
-    def open_runs(self) -> int:
-        return len(self._open)
 
 
 class Daemon:
     """The streaming analysis service built from a :class:`DaemonConfig`.
 
     ``start()`` returns once the input is subscribed and HTTP answers; ``stop()`` finishes
-    what was received. Public read-only views: :attr:`counters`, :attr:`registry`,
-    :meth:`health`, :attr:`http_url`.
+    what was received. It satisfies :class:`~xasflow.daemon.view.DaemonView` (what HTTP and
+    the dashboard read): :attr:`counters`, :meth:`health`, the adapters' stats.
     """
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.counters = Counters()
         self.registry: ModelRegistry | None = None
-        self.pipeline: Any = None
+        self.pipeline: Pipeline | None = None
         self.store: Any = None
         self.publisher: ZmqDocumentPublisher | None = None
         self.source: ZmqDocumentSource | None = None
         self.assembler: RunAssembler | None = None
+        self.processor: Processor | None = None
         self.http: Any = None
         self.ioc: Any = None  # XasIoc when epics.enabled
         self.submitter: Any = None  # QueueServerSubmitter when queueserver.enabled
         self.app: Any = None
-        self._fanout: _StoreFanout | None = None
+        self.probes = ProbeFilter()
+        self.interrupted: InterruptedRuns | None = None
+        self._writer: StoreWriter | None = None
+        self.gate: CommitGate | None = None  # output.after_store
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._thread: threading.Thread | None = None
-        self._draining = threading.Event()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._ready = False
         self._started_at: float | None = None
         self._stats_lock = threading.Lock()
-        self._decode_seen: dict[str, int] = {}
-        self._probe_uids: OrderedDict[str, str] = OrderedDict()
-        self._probe_tokens: OrderedDict[str, int] = OrderedDict()
-        self._probes_seen = 0
-        self._internal_errors = 0
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._acknowledged = 0  # result rows whose store transaction committed
-        self._interrupted: dict[str, dict[str, Any]] = {}  # raw uid -> run left open before
-        self._interrupted_closed: list[dict[str, Any]] = []
-        self._recovered_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -236,8 +120,6 @@ class Daemon:
         )
 
     def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
-        from xasflow.daemon.pipeline import Pipeline
-
         self.registry = ModelRegistry(cfg.models.directory, self.counters)
         if not self.registry.models():
             logger.warning(
@@ -265,12 +147,18 @@ class Daemon:
                 max_queue=cfg.storage.max_queue,
                 table_backend=cfg.storage.backend,
             )
-            self._fanout = _StoreFanout(self.store, on_stored=self._acknowledge)
-            self._find_interrupted()
+            self._writer = StoreWriter(self.store, on_stored=self._acknowledge)
+            self.interrupted = InterruptedRuns(
+                self.store, cfg.channels.stream, cfg.analysis.run_timeout_s
+            )
+            self.interrupted.find()
         if cfg.output.enabled:
             self.publisher = ZmqDocumentPublisher(
                 cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
             )
+            if cfg.output.after_store and self._writer is not None:
+                self.gate = CommitGate(self.publisher, cfg.output.after_store_timeout_s)
+                self._writer.gate = self.gate
         self.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
@@ -281,17 +169,48 @@ class Daemon:
             raise DaemonError(str(exc)) from None
         if not self.source.ready.wait(timeout):
             raise DaemonError(f"0MQ input not subscribed to {cfg.input.address}")
-        self._thread = threading.Thread(target=self._process, name="xasflow-process", daemon=True)
-        self._thread.start()
         if cfg.http.enabled:
             from xasflow.daemon.http import HttpServer, create_app
 
-            self.app = create_app(self)
+            self.app = create_app(self, cfg.http)
+            dashboard = self.app.state.dashboard
+            if dashboard is not None:  # state published to it, never read from this thread
+                self.add_listener(dashboard.listener)
+                self.pipeline.on_latest = dashboard.offer_latest
+        self.processor = self._processor()
+        self._thread = threading.Thread(
+            target=self.processor.run, name="xasflow-process", daemon=True
+        )
+        self._thread.start()
+        if self.app is not None:
             self.http = HttpServer(self.app, cfg.http.host, cfg.http.port)
             try:
                 self.http.start(timeout)
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
+
+    def _processor(self) -> Processor:
+        """The processing loop, its sinks in order: store writer, publisher, listeners."""
+        assert self.source is not None and self.assembler is not None
+        assert self.pipeline is not None
+        proc = Processor(
+            self.source.get,
+            self.assembler,
+            self.pipeline,
+            self.counters,
+            self.config.analysis,
+            probes=self.probes,
+            interrupted=self.interrupted,
+            on_tick=self.sync_stats,
+        )
+        proc.store_sink = self._writer
+        if self.gate is not None:
+            proc.sinks.append(self.gate)  # publishes once the store holds the rows
+        elif self.publisher is not None:
+            proc.sinks.append(self.publisher)
+        proc.sinks.extend(self._listeners)
+        self._listeners = proc.sinks  # listeners added later go straight to the processor
+        return proc
 
     def _start_feedback(self, cfg: DaemonConfig) -> None:
         """The EPICS IOC and the queueserver submitter, when enabled: both follow the
@@ -329,82 +248,8 @@ class Daemon:
     def _acknowledge(self) -> None:
         with self._stats_lock:  # called from the store's writer thread
             self._acknowledged += 1
-
-    def _find_interrupted(self) -> None:
-        """Analysis runs a previous process left open (killed mid-run): closed later, see
-        :meth:`_close_interrupted`."""
-        assert self.store is not None
-        for info in self.store.unfinished_runs():
-            self._interrupted[info["raw_uid"]] = info
-            logger.warning(
-                "analysis run of raw run %s was left open by a previous process (%d results "
-                "stored); it will be closed as interrupted",
-                info["raw_uid"],
-                info["rows"],
-            )
-        self._recovered_at = time.monotonic()
-
-    def _close_interrupted(
-        self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
-    ) -> None:
-        """Close a run left open by a previous process: publish and store its stop.
-
-        With the raw run's stop, ``raw_missing_events`` is its event count minus the spectra
-        stored; without it the count is unknown (None).
-        """
-        info = self._interrupted.pop(raw_uid, None)
-        if info is None:
-            return
-        start = info["start"]
-        raw_total = None
-        raw_status = "timeout" if raw_stop is None else str(raw_stop.get("exit_status", "fail"))
-        if raw_stop is not None:
-            num = raw_stop.get("num_events")
-            value = num.get(self.config.channels.stream) if isinstance(num, dict) else None
-            raw_total = value if isinstance(value, int) and not isinstance(value, bool) else None
-        missing = None if raw_total is None else max(raw_total - info["spectra"], 0)
-        seen = "unknown" if raw_total is None else str(raw_total)
-        reason = (
-            f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "
-            f"raw spectra have stored results"
-            + ("" if missing is None else f", {missing} were not analysed")
-            + (f" ({why})" if why else "")
-        )
-        stop = {
-            "uid": str(uuid.uuid4()),
-            "time": time.time(),
-            "run_start": start.get("uid", ""),
-            "exit_status": "fail",
-            "reason": reason,
-            "num_events": {info["descriptor"].get("name") or ANALYSIS_STREAM: info["rows"]},
-            "raw_exit_status": raw_status,
-            "bundle_ids": [start["bundle_id"]] if start.get("bundle_id") else [],
-            "n_analysed": info["n_ok"],
-            "n_rejected": info["n_rejected"],
-            "raw_seq_gaps": None if missing is None else int(missing > 0),
-            "raw_missing_events": missing,
-            "interrupted": True,
-        }
-        logger.warning("raw run %s: %s", raw_uid, reason)
-        self.counters.run_closed("interrupted")
-        if self.store is not None:
-            try:
-                self.store.finish_run(raw_uid, stop)
-            except Exception:
-                logger.exception("cannot record the stop of interrupted run %s", raw_uid)
-        if start.get("uid"):
-            self._emit("stop", stop, store=False)
-        with self._stats_lock:
-            self._interrupted_closed.append(
-                {
-                    "raw_uid": raw_uid,
-                    "stored": info["spectra"],
-                    "raw_spectra": raw_total,
-                    "missing": missing,
-                    "raw_exit_status": raw_status,
-                }
-            )
-            del self._interrupted_closed[:-_PROBE_MEMORY]
+        if self.gate is not None:
+            self.gate.row_resolved()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop receiving, finish everything held, flush the store; idempotent."""
@@ -414,7 +259,8 @@ class Daemon:
             self._ready = False
             if self.source is not None:
                 self.source.close()  # joins the receive thread: nothing new is queued now
-            self._draining.set()
+            if self.processor is not None:
+                self.processor.drain.set()
             if self._thread is not None:
                 self._thread.join(timeout)
                 if self._thread.is_alive():
@@ -425,7 +271,8 @@ class Daemon:
 
     def _teardown(self, timeout: float = 30.0) -> None:
         """Close what was started (store last but one, HTTP last); safe on partial starts."""
-        self._draining.set()
+        if self.processor is not None:
+            self.processor.drain.set()
         if self.source is not None and not self.source.closed:
             self.source.close()
         if self.registry is not None:
@@ -437,6 +284,8 @@ class Daemon:
                 self.store.close()
             except Exception:
                 logger.exception("closing the analysis store failed")
+        if self.gate is not None:
+            self.gate.close(timeout)  # the store has flushed: what it holds goes out now
         if self.publisher is not None:
             self.publisher.close()
         if self.submitter is not None:
@@ -487,141 +336,6 @@ class Daemon:
         it must be quick and must not raise)."""
         self._listeners.append(callback)
 
-    # ------------------------------------------------------------------ processing thread
-
-    def _process(self) -> None:
-        assert self.source is not None and self.assembler is not None
-        source, assembler = self.source, self.assembler
-        batch_max = self.config.analysis.batch_max
-        check_every = self.config.analysis.timeout_check_s
-        next_check = time.monotonic() + check_every
-        next_stats = 0.0
-        while True:
-            item = source.get(timeout=0.05)
-            items: list[tuple[str, dict[str, Any]]] = []
-            if item is not None:
-                items.append(item)
-                while len(items) < batch_max:
-                    more = source.get(timeout=0)
-                    if more is None:
-                        break
-                    items.append(more)
-            elif self._draining.is_set():
-                break  # the receive thread is joined and the queue is empty
-            now = time.monotonic()
-            try:
-                outputs: list[Any] = []
-                spectra = 0
-                for name, doc in items:
-                    if self._is_probe(name, doc):
-                        continue
-                    if self._interrupted and name == "stop" and isinstance(doc, dict):
-                        run_start = doc.get("run_start")
-                        if run_start in self._interrupted:
-                            self._close_interrupted(run_start, raw_stop=doc)
-                            continue
-                    fed = assembler.feed(name, doc)
-                    outputs.extend(fed)
-                    spectra += sum(isinstance(o, SpectrumReady) for o in fed)
-                    if spectra >= _ANALYSIS_CHUNK:  # a backlog: publish as we go, not at the end
-                        self._analyse(outputs)
-                        outputs, spectra = [], 0
-                if now >= next_check:
-                    next_check = now + check_every
-                    outputs.extend(assembler.check_timeouts())
-                    if (
-                        self._interrupted
-                        and now - self._recovered_at > self.config.analysis.run_timeout_s
-                    ):
-                        for raw_uid in list(self._interrupted):
-                            self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
-                if outputs:
-                    self._analyse(outputs)
-                if now >= next_stats:
-                    next_stats = now + _STATS_INTERVAL_S
-                    self.sync_stats()
-            except Exception:  # nothing here should raise; if it does, keep serving
-                self._internal_errors += 1
-                logger.exception("processing a batch of %d documents failed", len(items))
-        for raw_uid in list(self._interrupted):
-            self._close_interrupted(raw_uid, why="shutdown")
-        self._analyse(assembler.flush_all("shutdown"))
-        try:  # runs the pipeline still holds (none, unless an output went missing)
-            for name, doc in self.pipeline.close_all("shutdown"):
-                self._emit(name, doc)
-        except Exception:
-            logger.exception("closing the pipeline's runs failed")
-        self.sync_stats()
-
-    def _analyse(self, outputs: list[Any]) -> None:
-        """Pipeline over one batch of assembler outputs, then fan the documents out."""
-        if not outputs:
-            return
-        outputs = self._apply_element_defaults(outputs)
-        try:
-            docs = self.pipeline.handle_batch(outputs)
-        except Exception:  # a pipeline bug must not end the daemon: count and go on
-            logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
-            n = sum(isinstance(o, SpectrumReady) for o in outputs)
-            self._internal_errors += 1
-            if n:
-                self.counters.reject("internal_error", stage="analysis", n=n)
-            return
-        for name, doc in docs:
-            self._emit(name, doc)
-
-    def _emit(self, name: str, doc: dict[str, Any], store: bool = True) -> None:
-        if self.publisher is not None:
-            try:
-                self.publisher(name, doc)
-            except Exception:
-                logger.exception("cannot publish %s document", name)
-        if store and self._fanout is not None:
-            self._fanout(name, doc)
-        for callback in self._listeners:
-            try:
-                callback(name, doc)
-            except Exception:
-                logger.exception("analysis listener failed")
-
-    def _apply_element_defaults(self, outputs: list[Any]) -> list[Any]:
-        """Fill (``prefer: start``) or force (``prefer: config``) element/edge from the config."""
-        a = self.config.analysis
-        if a.element is None and a.edge is None:
-            return outputs
-        out = []
-        for o in outputs:
-            if isinstance(o, SpectrumReady):
-                s = o.spectrum
-                if a.prefer == "config":
-                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=a.edge))
-                elif s.element is None and a.element is not None:
-                    edge = s.edge or a.edge
-                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=edge))
-                elif s.element is not None and s.edge is None and a.edge is not None:
-                    o = SpectrumReady(dataclasses.replace(s, edge=a.edge))
-            out.append(o)
-        return out
-
-    def _is_probe(self, name: str, doc: dict[str, Any]) -> bool:
-        """Warm-up probe runs: remembered for health, never analysed."""
-        if name == "start" and isinstance(doc, dict) and PROBE_KEY in doc:
-            uid = str(doc.get("uid", ""))
-            token = str(doc.get(PROBE_KEY))
-            with self._stats_lock:
-                self._probes_seen += 1
-                self._probe_uids[uid] = token
-                self._probe_tokens[token] = self._probe_tokens.get(token, 0) + 1
-                self._probe_tokens.move_to_end(token)
-                while len(self._probe_uids) > _PROBE_MEMORY:
-                    self._probe_uids.popitem(last=False)
-                while len(self._probe_tokens) > _PROBE_MEMORY:
-                    self._probe_tokens.popitem(last=False)
-            return True
-        if name == "stop" and isinstance(doc, dict):
-            return self._probe_uids.pop(str(doc.get("run_start", "")), None) is not None
-        return False
-
     # ------------------------------------------------------------------ views (any thread)
 
     @property
@@ -658,16 +372,19 @@ class Daemon:
         return self.source.stats() if self.source is not None else {}
 
     def output_stats(self) -> dict[str, int]:
-        """The publisher's counters."""
-        return self.publisher.stats() if self.publisher is not None else {}
+        """The publisher's counters (and the commit gate's, with ``output.after_store``)."""
+        stats = self.publisher.stats() if self.publisher is not None else {}
+        if self.gate is not None:
+            stats.update({f"after_store.{k}": v for k, v in self.gate.stats().items()})
+        return stats
 
     def store_stats(self) -> dict[str, int]:
         """The analysis store's counters (empty when storage is off)."""
         if self.store is None:
             return {}
         stats = self.store.stats()
-        if self._fanout is not None:
-            stats["unstored"] = self._fanout.unstored
+        if self._writer is not None:
+            stats["unstored"] = self._writer.unstored
         with self._stats_lock:
             stats["acknowledged"] = self._acknowledged
         return stats
@@ -693,14 +410,11 @@ class Daemon:
     def sync_stats(self) -> None:
         """Fold the input's decode errors into the counters and refresh the gauges."""
         src = self.input_stats()
-        with self._stats_lock:
-            for key, value in src.items():
-                if key.startswith("decode_errors."):
-                    reason = key.split(".", 1)[1]
-                    delta = value - self._decode_seen.get(reason, 0)
-                    if delta > 0:
-                        self._decode_seen[reason] = value
-                        self.counters.decode_error(reason, delta)
+        prefix = "decode_errors."
+        self.counters.sync_decode_errors(
+            {k.removeprefix(prefix): v for k, v in src.items() if k.startswith(prefix)}
+        )
+        self.counters.sync_lost("overflow", src.get("dropped_overflow", 0))
         self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
         self.counters.set_gauge("open_runs", self.open_runs)
         store = self.store_stats()
@@ -711,17 +425,18 @@ class Daemon:
         """Readiness, uptime, counters, models and adapter state, JSON-ready."""
         self.sync_stats()
         src = self.input_stats()
-        with self._stats_lock:
-            probes = {"seen": self._probes_seen, "tokens": list(self._probe_tokens)}
-            interrupted = list(self._interrupted_closed)
         registry = self.registry
+        counters = self.counters.snapshot()
         return {
             "ready": self.ready,
             "version": __version__,
             "uptime_s": round(self.uptime, 3),
             "queue_depth": src.get("queue_depth", 0),
             "open_runs": self.open_runs,
-            "counters": self.counters.snapshot(),
+            "counters": counters,
+            # raw events that never reached the analysis, by cause (also in /metrics)
+            "events_lost": {"total": counters["events_lost_total"], **counters["events_lost"]},
+            "out_of_domain": counters["out_of_domain"],
             "models": self.models(),
             "models_refused": registry.refused() if registry is not None else {},
             "input": {
@@ -740,10 +455,14 @@ class Daemon:
                 "directory": str(self.config.storage.directory) if self.store else None,
                 **self.store_stats(),
             },
-            "probes": probes,
-            "interrupted": {"open": sorted(self._interrupted), "closed": interrupted},
+            "probes": self.probes.health(),
+            "interrupted": (
+                self.interrupted.health()
+                if self.interrupted is not None
+                else {"open": [], "closed": []}
+            ),
             "feedback": self._feedback_health(),
-            "internal_errors": self._internal_errors,
+            "internal_errors": self.processor.internal_errors if self.processor else 0,
         }
 
     def _summary(self) -> str:

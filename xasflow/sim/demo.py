@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xasflow import paths
+from xasflow.adapters.probes import PROBE_KEY
+from xasflow.sim.demo_printer import Printer, format_result
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
 
@@ -80,134 +82,6 @@ def find_bundle(models_dir: Path, element: str = "Cu", edge: str = "K") -> Path:
         f"Build the shipped one with `make train-cu` (it writes models/cu-k from the shared "
         f"FEFF data), or point --models at a directory holding one."
     )
-
-
-def format_result(doc: dict[str, Any], label: str = "") -> str:
-    """One line for an analysis event: the predictions, or the rejection reason."""
-    d = doc.get("data", {})
-    head = f"{label} #{d.get('index')}" if label else f"spectrum #{d.get('index')}"
-    if d.get("status") != "ok":
-        return f"{head}: rejected {d.get('reason')}: {d.get('detail') or ''}".rstrip()
-    parts = []
-    if d.get("cn") is not None:
-        p = d.get("cn_probability")
-        parts.append(f"CN {d['cn']}" + (f" (p {p:.2f})" if isinstance(p, float) else ""))
-    if d.get("motif"):
-        parts.append(f"motif {d['motif']}")
-    if _finite(d.get("distance")):
-        parts.append(f"d {d['distance']:.2f} Å")
-    if d.get("valence") is not None:
-        parts.append(f"valence {d['valence']:+d}")
-    if _finite(d.get("charge")):
-        parts.append(f"charge {d['charge']:+.2f}")
-    if _finite(d.get("e0")):
-        parts.append(f"E0 {d['e0']:.1f} eV")
-    if _finite(d.get("energy_shift")):
-        parts.append(f"shift {d['energy_shift']:+.2f} eV")
-    if _finite(d.get("latency_ms")):
-        parts.append(f"{d['latency_ms']:.1f} ms")
-    flags = f" [{d['flags']}]" if d.get("flags") else ""
-    return f"{head}: " + ", ".join(parts) + flags
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _describe_expected(info: dict[str, Any]) -> str:
-    exp = info.get("expected") or {}
-    if not isinstance(exp, dict) or not exp:
-        return ""
-    valence = exp.get("oxidation_state")
-    shown = f"{valence:+d}" if isinstance(valence, int) else str(valence)
-    return f"expected CN {exp.get('cn')}, {exp.get('motif')}, valence {shown}"
-
-
-class _Printer:
-    """Follows analysis runs on the bus and prints them; counts finished runs."""
-
-    def __init__(self, source: Any, out: TextIO) -> None:
-        self.source = source
-        self.out = out
-        self.runs: dict[str, dict[str, Any]] = {}  # raw uid -> beamline info
-        self._analysis: dict[str, str] = {}  # analysis start uid -> raw uid
-        self._descriptors: dict[str, str] = {}  # analysis descriptor uid -> raw uid
-        self.finished = 0
-        self.analysed = 0
-        self.rejected = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._changed = threading.Condition(self._lock)
-        self._thread = threading.Thread(target=self._run, name="xasflow-demo-print", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def note_run(self, info: dict[str, Any]) -> None:
-        with self._lock:
-            self.runs[str(info.get("run"))] = info
-        exp = _describe_expected(info)
-        self._print(
-            f"beamline: {info.get('scan')} scan of {info.get('sample')} started "
-            f"({str(info.get('run'))[:8]})" + (f"; {exp}" if exp else "")
-        )
-
-    def _print(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
-
-    def _label(self, raw_uid: str) -> str:
-        info = self.runs.get(raw_uid, {})
-        sample = info.get("sample") or "run"
-        scan = info.get("scan") or ""
-        return f"{sample} {scan} {raw_uid[:8]}".replace("  ", " ")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.source.get(timeout=0.1)
-            if item is None:
-                continue
-            name, doc = item
-            with self._lock:
-                if name == "start":
-                    self._analysis[doc.get("uid", "")] = str(doc.get("raw_uid"))
-                elif name == "descriptor":
-                    raw = self._analysis.get(doc.get("run_start", ""))
-                    if raw is not None and doc.get("name") == "primary":
-                        self._descriptors[doc.get("uid", "")] = raw
-                elif name == "event":
-                    raw = self._descriptors.get(doc.get("descriptor", ""))
-                    if raw is None:  # another stream (recommendations): not a result
-                        continue
-                    if doc.get("data", {}).get("status") == "ok":
-                        self.analysed += 1
-                    else:
-                        self.rejected += 1
-                    self._print("  " + format_result(doc, self._label(raw)))
-                elif name == "stop":
-                    raw = self._analysis.pop(doc.get("run_start", ""), "?")
-                    self.finished += 1
-                    self._print(
-                        f"analysis of {self._label(raw)} done: {doc.get('n_analysed')} analysed, "
-                        f"{doc.get('n_rejected')} rejected ({doc.get('exit_status')}"
-                        + (f": {doc.get('reason')}" if doc.get("reason") else "")
-                        + ")"
-                    )
-                self._changed.notify_all()
-
-    def wait_finished(self, n: int, timeout: float) -> bool:
-        """Wait until ``n`` analysis runs have ended; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self.finished < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(min(left, 0.2))
-        return True
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
 
 
 def _read_beamline(
@@ -308,8 +182,8 @@ def run_demo(
     from xasflow.sim.beamline import start_proxy
 
     restore = _interrupt_on_signals()
-    started: list[Callable[[], None]] = [restore]  # stoppers, in start order
-    printer: _Printer | None = None
+    started: list[Callable[[], Any]] = [restore]  # stoppers, in start order
+    printer: Printer | None = None
     daemon: Any = None
     proc: subprocess.Popen[str] | None = None
     interrupted = False
@@ -351,7 +225,7 @@ def run_demo(
         )
         source.start()
         started.append(source.close)
-        printer = _Printer(source, out)
+        printer = Printer(source, out)
         printer.start()
         started.append(printer.stop)
 
@@ -382,7 +256,7 @@ def run_demo(
             start_new_session=True,  # Ctrl-C reaches us; we stop it cleanly
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        started.append(lambda p=proc: _stop_process(p, 20.0))
+        started.append(functools.partial(_stop_process, proc, 20.0))
         pump = _read_beamline(proc, printer.note_run, out)
         print("beamline: starting (Ctrl-C stops the demo)", file=out, flush=True)
         deadline = time.monotonic() + duration if duration > 0 else None
@@ -494,7 +368,7 @@ def beamline_main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
 
     def announce(name: str, doc: dict[str, Any]) -> None:
-        if name == "start" and "xasflow_probe" not in doc:
+        if name == "start" and PROBE_KEY not in doc:
             msg = {
                 "run": doc["uid"],
                 "scan": doc.get("xas_scan"),

@@ -271,10 +271,32 @@
     });
   }
 
+  function setList(values) {
+    return values && values.length ? "{" + values.join(", ") + "}" : "";
+  }
+
+  function renderDoubt(pred, last) {
+    // out of the bundle's domain: say so over the answer, so no one takes it for one
+    const ood = pred ? !!pred.out_of_domain : !!(last && last.out_of_domain);
+    const score = pred ? pred.ood_score : last && last.ood_score;
+    const banner = $("ood-banner");
+    banner.hidden = !ood;
+    banner.textContent = ood
+      ? "OUT OF DOMAIN: this spectrum is unlike the model's training data; the answer below is not to be trusted" +
+        (score !== null && score !== undefined ? ` (score ${fmt(score, 2)})` : "")
+      : "";
+    $("prediction-card").classList.toggle("ood", ood);
+    const cn = pred && pred.tasks && pred.tasks.cn;
+    const set = cn && cn.prediction_set ? setList(cn.prediction_set.map((v) => fmt(v, 0)))
+      : last && last.cn_set ? "{" + String(last.cn_set).split(",").join(", ") + "}" : "";
+    $("cn-set").textContent = set ? "90 % set " + set : "";
+  }
+
   function renderPrediction(state) {
     const pred = state.prediction;
     const last = state.run && state.run.last;
     const rej = state.last_rejection;
+    renderDoubt(pred, last);
     $("last-rejection").textContent = rej
       ? `last rejection: run ${short(rej.raw_uid)} #${rej.index}: ${rej.reason}${rej.detail ? " — " + rej.detail : ""}`
       : "";
@@ -307,10 +329,12 @@
     $("valence-p").textContent = val && val.confidence !== undefined ? "p " + pct(val.confidence) : "";
     bars($("valence-bars"), val && val.probabilities, val && val.value);
     const dist = t.distance, charge = t.charge;
+    const interval = (t, digits) => t && t.interval
+      ? ` (90 %: ${fmt(t.interval[0], digits)}–${fmt(t.interval[1], digits)})` : "";
     $("distance-value").textContent = dist
-      ? `${fmt(dist.value, 3)} ± ${fmt(dist.uncertainty, 3)} Å` : "–";
+      ? `${fmt(dist.value, 3)} ± ${fmt(dist.uncertainty, 3)} Å${interval(dist, 3)}` : "–";
     $("charge-value").textContent = charge
-      ? `${fmt(charge.value, 2)} ± ${fmt(charge.uncertainty, 2)} e` : "–";
+      ? `${fmt(charge.value, 2)} ± ${fmt(charge.uncertainty, 2)} e${interval(charge, 2)}` : "–";
     $("e0-value").textContent = `${fmt(pred.e0, 1)} eV`;
     const flags = (pred.flags || []).concat(last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
     const notes = [];
@@ -330,7 +354,9 @@
     }
     $("run-uid").textContent = short(run.raw_uid);
     $("run-uid").title = run.raw_uid;
-    const status = run.exit_status ? `finished (${run.exit_status}${run.reason ? ": " + run.reason : ""})` : "running";
+    const lost = run.missing ? ` · ${run.missing} raw events lost` : "";
+    const ood = run.n_out_of_domain ? ` · ${run.n_out_of_domain} out of domain` : "";
+    const status = (run.exit_status ? `finished (${run.exit_status}${run.reason ? ": " + run.reason : ""})` : "running") + lost + ood;
     $("run-info").textContent = `${run.kind} scan${run.sample ? " of " + run.sample : ""} · ` +
       `${run.n_ok} analysed, ${run.n_rejected} rejected · ${status}`;
     const h = run.history || {};
@@ -400,6 +426,8 @@
       ["queue depth", h.queue_depth], ["open runs", h.open_runs],
       ["latency p50 / p99", `${fmt(lat.p50_ms, 1)} / ${fmt(lat.p99_ms, 1)} ms`],
       ["input dropped (overflow)", (h.input || {}).dropped_overflow || 0],
+      ["raw events lost", Object.entries(h.events_lost || {}).map(([c, n]) => `${c} ${n}`).join(", ") || 0],
+      ["out of domain (not trusted)", h.out_of_domain || 0],
       ["decode errors", Object.values(h.decode_errors || {}).reduce((a, b) => a + b, 0)],
       ["store rows / queued", `${(h.store || {}).stored ?? "–"} / ${(h.store || {}).queued ?? "–"}`],
       ["internal errors", h.internal_errors || 0],
@@ -424,9 +452,10 @@
   }
 
   function renderRuns(state) {
-    rows($("runs-table"), ["run", "kind", "sample", "ok", "rej.", "status"],
+    rows($("runs-table"), ["run", "kind", "sample", "ok", "rej.", "OOD", "status"],
       (state.runs || []).map((r) => [short(r.raw_uid), r.kind, r.sample || "", r.n_ok, r.n_rejected,
-        r.exit_status || "running"]));
+        r.n_out_of_domain || 0,
+        (r.exit_status || "running") + (r.missing ? ` (${r.missing} lost)` : "")]));
   }
 
   function render() {

@@ -1,0 +1,131 @@
+"""Crash recovery of the analysis store: runs a killed daemon left open, closed and reported.
+
+0MQ PUB/SUB is at-most-once: what the proxy forwards while no daemon is subscribed is
+dropped, and what a killed daemon had received but not stored is gone with it. At start,
+:class:`InterruptedRuns` asks the store for analysis runs its predecessor left open
+(``AnalysisStore.unfinished_runs``); each is closed ("interrupted") when the raw run's stop
+arrives (its ``num_events`` gives the raw count, so ``raw_missing_events`` = raw spectra -
+spectra stored), after ``timeout_s`` without it, or at shutdown. The stop (``exit_status``
+"fail", ``reason`` "interrupted: ...", ``interrupted: true``) is recorded in the store and
+returned for publication under the analysis run's original start uid.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+__all__ = ["InterruptedRuns"]
+
+logger = logging.getLogger(__name__)
+
+_CLOSED_KEPT = 64  # closed interrupted runs listed in /health
+
+
+class InterruptedRuns:
+    """The store's runs left open by a previous process, and how each was closed."""
+
+    def __init__(self, store: Any, stream: str = "primary", timeout_s: float = 60.0) -> None:
+        self.store = store
+        self.stream = stream  # the raw runs' stream whose num_events counts raw spectra
+        self.timeout_s = float(timeout_s)
+        self._open: dict[str, dict[str, Any]] = {}  # raw uid -> store's info on the run
+        self._closed: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._found_at = time.monotonic()
+
+    def find(self) -> int:
+        """Look in the store for runs left open; returns how many."""
+        for info in self.store.unfinished_runs():
+            self._open[info["raw_uid"]] = info
+            logger.warning(
+                "analysis run of raw run %s was left open by a previous process (%d results "
+                "stored); it will be closed as interrupted",
+                info["raw_uid"],
+                info["rows"],
+            )
+        self._found_at = time.monotonic()
+        return len(self._open)
+
+    def __bool__(self) -> bool:
+        return bool(self._open)
+
+    def owns(self, raw_uid: Any) -> bool:
+        """Whether ``raw_uid`` is a run left open by a previous process."""
+        return raw_uid in self._open
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Raw uids whose stop did not come within ``timeout_s`` of the restart."""
+        now = time.monotonic() if now is None else now
+        return list(self._open) if now - self._found_at > self.timeout_s else []
+
+    def pending(self) -> list[str]:
+        """Raw uids still open."""
+        return list(self._open)
+
+    def close(
+        self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
+    ) -> dict[str, Any] | None:
+        """Close one run: record its stop in the store, return it (None if not ours).
+
+        With the raw run's stop, ``raw_missing_events`` is its event count minus the spectra
+        stored; without it the count is unknown (None).
+        """
+        info = self._open.pop(raw_uid, None)
+        if info is None:
+            return None
+        start = info["start"]
+        raw_total = None
+        raw_status = "timeout" if raw_stop is None else str(raw_stop.get("exit_status", "fail"))
+        if raw_stop is not None:
+            num = raw_stop.get("num_events")
+            value = num.get(self.stream) if isinstance(num, dict) else None
+            raw_total = value if isinstance(value, int) and not isinstance(value, bool) else None
+        missing = None if raw_total is None else max(raw_total - info["spectra"], 0)
+        seen = "unknown" if raw_total is None else str(raw_total)
+        reason = (
+            f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "
+            f"raw spectra have stored results"
+            + ("" if missing is None else f", {missing} were not analysed")
+            + (f" ({why})" if why else "")
+        )
+        stop = {
+            "uid": str(uuid.uuid4()),
+            "time": time.time(),
+            "run_start": start.get("uid", ""),
+            "exit_status": "fail",
+            "reason": reason,
+            "num_events": {info["descriptor"].get("name") or "primary": info["rows"]},
+            "raw_exit_status": raw_status,
+            "bundle_ids": [start["bundle_id"]] if start.get("bundle_id") else [],
+            "n_analysed": info["n_ok"],
+            "n_rejected": info["n_rejected"],
+            "raw_seq_gaps": None if missing is None else int(missing > 0),
+            "raw_missing_events": missing,
+            "interrupted": True,
+        }
+        logger.warning("raw run %s: %s", raw_uid, reason)
+        try:
+            self.store.finish_run(raw_uid, stop)
+        except Exception:
+            logger.exception("cannot record the stop of interrupted run %s", raw_uid)
+        with self._lock:
+            self._closed.append(
+                {
+                    "raw_uid": raw_uid,
+                    "stored": info["spectra"],
+                    "raw_spectra": raw_total,
+                    "missing": missing,
+                    "raw_exit_status": raw_status,
+                }
+            )
+            del self._closed[:-_CLOSED_KEPT]
+        return stop if start.get("uid") else None
+
+    def health(self) -> dict[str, Any]:
+        """``{"open": [raw uids], "closed": [{raw_uid, stored, raw_spectra, missing, ...}]}``."""
+        with self._lock:
+            return {"open": sorted(self._open), "closed": list(self._closed)}

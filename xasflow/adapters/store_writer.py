@@ -1,0 +1,99 @@
+"""The analysis store as a document consumer, in the manner of bluesky's ``TiledWriter``.
+
+:class:`StoreWriter` is an event-model ``RunRouter`` whose factory gives each analysis run a
+:class:`_RunWriter` (a ``DocumentRouter``): the ``primary`` descriptor opens the run's table
+(``store.open_run``), its events and event pages become rows (``store.add_event``, batched
+and committed by the store's writer thread), and the stop closes it (``store.close_run``).
+Other streams of an analysis run (e.g. ``recommendations``) go to the bus only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from event_model import DocumentRouter
+
+from xasflow.adapters.routing import SafeRouter
+
+__all__ = ["StoreWriter"]
+
+logger = logging.getLogger(__name__)
+
+#: The analysis stream that is stored (one table per analysis run).
+STORED_STREAM = "primary"
+
+
+class StoreWriter:
+    """Turns analysis documents into ``AnalysisStore`` calls; counts rows it could not store.
+
+    ``on_stored`` is passed to ``add_event``: called once a row's transaction has committed.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        stream: str = STORED_STREAM,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.stream = stream
+        self.on_stored = on_stored
+        self.unstored = 0  # rows the store refused, or that came before their table was open
+        self.open_runs = 0
+        self.gate: Any = None  # a CommitGate told of every row submitted and resolved
+        self._router = SafeRouter([self._factory], "analysis store")
+
+    def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
+        before = self._router.errors + self._router.unknown
+        self._router(name, doc)
+        failed = self._router.errors + self._router.unknown != before
+        if failed and name in ("event", "event_page"):
+            self.unstored += len(doc.get("seq_num") or ()) if name == "event_page" else 1
+
+    def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        return [_RunWriter(self, start)], []  # every run the daemon emits is an analysis run
+
+
+class _RunWriter(DocumentRouter):
+    """One analysis run's table: opened at its stored stream's descriptor, closed at the stop."""
+
+    def __init__(self, writer: StoreWriter, start: dict[str, Any]) -> None:
+        super().__init__()
+        self.writer = writer
+        self.start_doc = start
+        self.raw_uid = str(start.get("raw_uid") or start["uid"])
+        self.descriptor_uid: str | None = None
+
+    def descriptor(self, doc: Any) -> Any:
+        if doc.get("name", STORED_STREAM) != self.writer.stream or self.descriptor_uid:
+            return  # another stream, or a second descriptor: one table per analysis run
+        self.writer.store.open_run(self.raw_uid, self.start_doc, doc)
+        self.descriptor_uid = doc["uid"]
+        self.writer.open_runs += 1
+
+    def event_page(self, doc: Any) -> Any:
+        if doc["descriptor"] != self.descriptor_uid:
+            if self.descriptor_uid is None:
+                self.writer.unstored += len(doc["seq_num"])
+            return
+        data, times = doc["data"], doc["time"]
+        store, on_stored, gate = self.writer.store, self.writer.on_stored, self.writer.gate
+        for i, seq in enumerate(doc["seq_num"]):
+            row = {"seq_num": seq, "time": times[i], **{k: v[i] for k, v in data.items()}}
+            if gate is not None:
+                gate.row_submitted()
+            if on_stored is None:
+                stored = store.add_event(self.raw_uid, row)
+            else:
+                stored = store.add_event(self.raw_uid, row, on_stored=on_stored)
+            if not stored:
+                self.writer.unstored += 1
+                if gate is not None:
+                    gate.row_resolved()  # refused: counted as unstored, nothing to wait for
+
+    def stop(self, doc: Any) -> Any:
+        if self.descriptor_uid is not None:
+            self.writer.store.close_run(self.raw_uid, doc)
+            self.writer.open_runs -= 1

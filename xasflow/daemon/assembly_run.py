@@ -1,0 +1,498 @@
+"""One raw run being assembled (``_Run``, a per-run event-model ``DocumentRouter``) and the
+per-descriptor state of its configured stream; the rules are in :mod:`xasflow.daemon.assembly`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from event_model import DocumentRouter
+
+from xasflow.daemon.outputs import (
+    ExitStatus,
+    Kind,
+    Output,
+    Rejected,
+    RunClosed,
+    RunOpened,
+    ScanSpectrum,
+    SpectrumReady,
+)
+
+if TYPE_CHECKING:
+    from xasflow.daemon.assembly import RunAssembler
+
+__all__: list[str] = []  # internal to the assembler
+
+_CHANNELS = ("i0", "it", "ir", "if")
+
+
+class _Bad(Exception):
+    """Internal: a row or document becomes ``Rejected(reason, detail)``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _Stream:
+    """Per-descriptor state of the configured stream: resolved keys, kind and seq tracking."""
+
+    uid: str
+    order: int
+    kind: Kind
+    energy_key: str | None = None
+    energy_scale: float = 1.0
+    fixed_energy: np.ndarray | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # logical channel -> data key
+    required: tuple[str, ...] = ()
+    mode: str = ""
+    error: _Bad | None = None
+    first_ok: tuple[int, ...] = (1,)  # acceptable first seq_nums
+    base: int = 1  # the seq_num this descriptor counts from
+    expect: int | None = None
+    seen: set[int] = field(default_factory=set)
+
+
+def _element_edge(start: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Element symbol and edge from a start document (see the module docstring)."""
+    element: Any = start.get("element")
+    edge: Any = start.get("edge")
+    xdi = start.get("XDI")
+    if isinstance(xdi, Mapping):
+        nested = xdi.get("Element")
+        if isinstance(nested, Mapping):
+            element = element or nested.get("symbol")
+            edge = edge or nested.get("edge")
+        element = element or xdi.get("Element.symbol")
+        edge = edge or xdi.get("Element.edge")
+    sample = start.get("sample")
+    if isinstance(sample, Mapping):
+        element = element or sample.get("element")
+        edge = edge or sample.get("edge")
+    if isinstance(edge, str) and not element:
+        parts = edge.replace("-", " ").replace("_", " ").split()
+        if len(parts) == 2:
+            element, edge = parts
+    sym = element.strip().capitalize() if isinstance(element, str) else None
+    if sym is not None and not (1 <= len(sym) <= 2 and sym.isalpha()):
+        sym = None
+    edg = edge.strip().upper() if isinstance(edge, str) and edge.strip() else None
+    if edg is not None and not (edg.isalnum() and len(edg) <= 3):
+        edg = None
+    return sym, edg
+
+
+def _vector(value: Any) -> np.ndarray:
+    """A 1-D float64 view of an event value (no copy for float64 arrays)."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"expected a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+def _scalar(value: Any) -> float:
+    """A float from a step-scan event value; arrays and non-numbers raise."""
+    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
+        raise ValueError(f"expected a scalar, got {type(value).__name__}")
+    return float(value)
+
+
+def _finite(
+    energy: np.ndarray, channels: dict[str, np.ndarray], required: tuple[str, ...]
+) -> tuple[np.ndarray | None, dict[str, np.ndarray], list[str]]:
+    """Points to keep (None: all) and channels to keep, given non-finite values.
+
+    A point goes if its energy or a required channel is not finite; an optional channel
+    goes if it is not finite at a kept point. Raises ``nan_data`` if no point is left.
+    """
+    # Fast screen: a sum is finite iff every term is (short of overflow, which the exact
+    # path below then sorts out); cheaper than isfinite(...).all() on each array.
+    if math.isfinite(energy.sum()) and all(math.isfinite(a.sum()) for a in channels.values()):
+        return None, channels, []
+    mask = np.isfinite(energy)
+    for ch in required:
+        mask &= np.isfinite(channels[ch])
+    if not mask.any():
+        raise _Bad("nan_data", f"no point has finite energy and {'/'.join(required)}")
+    flags = [] if mask.all() else ["nonfinite_dropped"]
+    good = {ch: a for ch, a in channels.items() if ch in required or np.isfinite(a[mask]).all()}
+    if len(good) < len(channels):
+        flags.append("channel_dropped")
+    return (None if mask.all() else mask), good, flags
+
+
+class _Run(DocumentRouter):
+    """All state of one run; receives its documents from the ``RunRouter``."""
+
+    def __init__(self, owner: RunAssembler, start: dict[str, Any]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.uid: str = start["uid"]
+        self.start_doc = start
+        self.element, self.edge = _element_edge(start)
+        self.kind: Kind = "unknown"
+        self.opened = False
+        self.closed = False
+        self.last_seen = owner._now
+        self.streams: dict[str, _Stream] = {}
+        self.ignored: set[str] = set()
+        self.stream_last = 0  # highest seq_num seen in the configured stream
+        self.next_index = 0
+        self.n_spectra = 0
+        self.n_rejected = 0
+        self.trailing_missing = 0  # events the stop's num_events says we never saw
+        self.step_flags: set[str] = set()
+        self.step_done = False  # the step spectrum was emitted or rejected
+        self.step_required: tuple[str, ...] = ()
+        self.step_mode = ""
+        self.points: list[tuple[int, int, float, float, dict[str, float]]] = []
+
+    # ------------------------------------------------------------------ outputs
+
+    def put(self, out: Output) -> None:
+        if not self.opened and not isinstance(out, RunOpened):
+            self.open("unknown")
+        if isinstance(out, Rejected):
+            self.n_rejected += 1
+        elif isinstance(out, SpectrumReady):
+            self.n_spectra += 1
+        self.owner._out.append(out)
+
+    def open(self, kind: Kind) -> None:
+        if not self.opened:
+            self.opened = True
+            self.kind = kind
+            self.put(RunOpened(self.uid, self.start_doc, kind))
+
+    def reject(self, reason: str, index: int | None, detail: str) -> None:
+        self.put(Rejected(self.uid, index, reason, detail))
+
+    # ------------------------------------------------------------------ documents
+
+    def start(self, doc: Any) -> Any:
+        return None
+
+    def descriptor(self, doc: Any) -> Any:
+        if self.closed:
+            return
+        if doc.get("name") != self.owner.channels.stream:
+            self.ignored.add(doc["uid"])
+            return
+        st = self._resolve(doc)
+        if self.streams:
+            st.first_ok = (1, self.stream_last + 1)
+        self.streams[doc["uid"]] = st
+        self.open(st.kind)
+        if st.error is not None and st.kind == "step" and not self.step_done:
+            self.step_done = True
+            self.reject(st.error.reason, 0, st.error.detail)
+
+    def _resolve(self, doc: dict) -> _Stream:
+        cmap = self.owner.channels
+        data_keys = doc["data_keys"]
+        st = _Stream(uid=doc["uid"], order=len(self.streams), kind="unknown")
+        ekey = cmap.first(cmap.energy, data_keys)
+        if ekey is None:
+            st.fixed_energy = self._config_energy(doc.get("configuration"))
+        for ch in _CHANNELS:
+            key = cmap.first(cmap.candidates(ch), data_keys)
+            if key is not None:
+                st.keys[ch] = key
+        probe = ekey or st.keys.get("i0") or next(iter(st.keys.values()), None)
+        if st.fixed_energy is not None:
+            st.kind = "fly"
+        elif probe is not None:
+            dk = data_keys[probe]
+            shape = dk.get("shape") if isinstance(dk, Mapping) else None
+            if isinstance(shape, (list, tuple)):
+                st.kind = "step" if len(shape) == 0 else "fly"
+            elif isinstance(dk, Mapping) and dk.get("dtype") == "array":
+                st.kind = "fly"
+            else:
+                st.kind = "step"
+        st.energy_key = ekey
+        if ekey is not None:
+            dk = data_keys[ekey]
+            units = dk.get("units") if isinstance(dk, Mapping) else None
+            if isinstance(units, str) and units.strip().lower() == "kev":
+                st.energy_scale = 1000.0
+        have = set(st.keys)
+        if cmap.mode == "transmission" or (cmap.mode == "auto" and {"i0", "it"} <= have):
+            st.mode, st.required = "transmission", ("i0", "it")
+        else:
+            st.mode, st.required = "fluorescence", ("i0", "if")
+        missing = [c for c in st.required if c not in have]
+        if ekey is None and st.fixed_energy is None:
+            missing.insert(0, "energy")
+        if missing:
+            wanted = "I0 and It or If" if cmap.mode == "auto" else f"{st.mode} channels"
+            st.error = _Bad(
+                "missing_channel",
+                f"stream {cmap.stream!r} lacks {', '.join(missing)} (needs energy, {wanted}); "
+                f"data keys: {sorted(data_keys)}",
+            )
+        return st
+
+    def _config_energy(self, configuration: Any) -> np.ndarray | None:
+        if not isinstance(configuration, Mapping):
+            return None
+        for obj in configuration.values():
+            data = obj.get("data") if isinstance(obj, Mapping) else None
+            if not isinstance(data, Mapping):
+                continue
+            key = self.owner.channels.first(self.owner.channels.energy, data)
+            if key is None:
+                continue
+            try:
+                arr = _vector(data[key])
+            except (TypeError, ValueError):
+                continue
+            if arr.size >= 2:
+                scale = 1.0
+                dks = obj.get("data_keys")
+                if isinstance(dks, Mapping) and isinstance(dks.get(key), Mapping):
+                    units = dks[key].get("units")
+                    if isinstance(units, str) and units.strip().lower() == "kev":
+                        scale = 1000.0
+                return arr * scale if scale != 1.0 else arr
+        return None
+
+    def event_page(self, doc: Any) -> Any:
+        if self.closed:
+            return
+        st = self.streams.get(doc["descriptor"])
+        if st is None:
+            return  # another stream
+        data = doc["data"]
+        uids, times, seqs = doc["uid"], doc["time"], doc["seq_num"]
+        for i in range(len(uids)):
+            seq = seqs[i]
+            if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
+                self.reject("malformed_document", None, f"seq_num {seq!r} is not an integer")
+                continue
+            flags = self._sequence(st, int(seq))
+            if flags is None:
+                continue
+            try:
+                t = float(times[i])
+            except (TypeError, ValueError):
+                t = math.nan
+            if st.kind == "fly":
+                self._fly_row(st, data, i, int(seq), t, flags)
+            else:
+                self._step_row(st, data, i, int(seq), t, flags)
+
+    def _sequence(self, st: _Stream, seq: int) -> list[str] | None:
+        """Duplicate check and arrival-time flags for one row; None means drop it."""
+        if seq in st.seen:
+            self.reject("duplicate_event", None, f"seq_num {seq} repeated in descriptor {st.uid}")
+            return None
+        st.seen.add(seq)
+        flags: list[str] = []
+        if st.expect is None:  # first row of this descriptor
+            base = max((b for b in st.first_ok if b <= seq), default=None)
+            if base is None:
+                flags.append("seq_disorder")
+            elif seq > base:
+                flags.append("seq_gap")
+            st.base = seq if base is None else base
+        elif seq > st.expect:
+            flags.append("seq_gap")
+        elif seq < st.expect:
+            flags.append("seq_disorder")
+        if st.expect is None or seq >= st.expect:
+            st.expect = seq + 1
+        self.stream_last = max(self.stream_last, seq)
+        return flags
+
+    def seq_stats(self) -> tuple[int, int]:
+        """(gaps, missing seq_nums) over the run, from what finally arrived (late ones count)."""
+        gaps, missing = 0, self.trailing_missing
+        if missing:
+            gaps += 1
+        for st in self.streams.values():
+            if not st.seen:
+                continue
+            seqs = np.sort(np.fromiter(st.seen, np.int64, len(st.seen)))
+            steps = np.diff(seqs, prepend=min(st.base, int(seqs[0])) - 1)
+            holes = steps[steps > 1] - 1
+            gaps += int(holes.size)
+            missing += int(holes.sum())
+        return gaps, missing
+
+    def _fly_row(
+        self, st: _Stream, data: Mapping, i: int, seq: int, t: float, flags: list[str]
+    ) -> None:
+        index = self.next_index
+        self.next_index += 1
+        if st.error is not None:
+            self.reject(st.error.reason, index, st.error.detail)
+            return
+        try:
+            energy = self._fly_arrays(st, data, i, seq)
+            channels = {ch: _vector(data[key][i]) for ch, key in st.keys.items()}
+            n = energy.size
+            bad = {ch: a.size for ch, a in channels.items() if a.size != n}
+            if bad:
+                raise _Bad("length_mismatch", f"energy has {n} points, {bad} (seq_num {seq})")
+            mask, channels, more = _finite(energy, channels, st.required)
+        except KeyError as exc:
+            self.reject("missing_channel", index, f"event seq_num {seq} lacks data key {exc}")
+            return
+        except (TypeError, ValueError, IndexError) as exc:
+            self.reject("malformed_document", index, f"event seq_num {seq}: {exc}")
+            return
+        except _Bad as bad_row:
+            self.reject(bad_row.reason, index, bad_row.detail)
+            return
+        if mask is not None:
+            energy = energy[mask]
+            channels = {ch: a[mask] for ch, a in channels.items()}
+        spec = ScanSpectrum(
+            raw_uid=self.uid,
+            index=index,
+            energy=energy,
+            channels=channels,
+            element=self.element,
+            edge=self.edge,
+            mode=st.mode,
+            seq_nums=(seq,),
+            event_time=t,
+            received=self.owner._now,
+            flags=tuple(flags + more),
+        )
+        self.put(SpectrumReady(spec))
+
+    @staticmethod
+    def _fly_arrays(st: _Stream, data: Mapping, i: int, seq: int) -> np.ndarray:
+        if st.energy_key is None:
+            assert st.fixed_energy is not None
+            return st.fixed_energy
+        energy = _vector(data[st.energy_key][i])
+        return energy * st.energy_scale if st.energy_scale != 1.0 else energy
+
+    def _step_row(
+        self, st: _Stream, data: Mapping, i: int, seq: int, t: float, flags: list[str]
+    ) -> None:
+        self.step_flags.update(f for f in flags if f != "seq_gap")  # judged at the stop
+        if st.error is not None:
+            return  # the run's spectrum was rejected at the descriptor
+        try:
+            assert st.energy_key is not None
+            energy = _scalar(data[st.energy_key][i]) * st.energy_scale
+            values = {ch: _scalar(data[key][i]) for ch, key in st.keys.items()}
+        except KeyError as exc:
+            self.step_flags.add("points_rejected")
+            self.reject("missing_channel", None, f"event seq_num {seq} lacks data key {exc}")
+            return
+        except (TypeError, ValueError, IndexError) as exc:
+            self.step_flags.add("points_rejected")
+            self.reject("malformed_document", None, f"event seq_num {seq}: {exc}")
+            return
+        self.points.append((st.order, seq, t, energy, values))
+        self.step_required, self.step_mode = st.required, st.mode
+
+    def stop(self, doc: Any) -> Any:
+        if self.closed:
+            return
+        status = doc.get("exit_status")
+        status = status if status in ("success", "abort", "fail") else "fail"
+        reason = doc.get("reason")
+        reason = reason if isinstance(reason, str) else ""
+        num = doc.get("num_events")
+        expected = num.get(self.owner.channels.stream) if isinstance(num, Mapping) else None
+        if self.streams and isinstance(expected, int) and expected > self.stream_last:
+            self.trailing_missing = expected - self.stream_last
+        if self.seq_stats()[0]:
+            self.step_flags.add("seq_gap")
+        kinds = {st.kind for st in self.streams.values()}
+        if "step" in kinds:
+            if status != "success" and self.points and not self.step_done:
+                self.step_done = True
+                self.reject(
+                    "incomplete_run",
+                    0,
+                    f"exit_status {status!r} ({reason or 'no reason given'}) after "
+                    f"{len(self.points)} points",
+                )
+            self._finish_step()
+        if "fly" in kinds and self.next_index == 0:
+            self.reject("empty_run", None, f"no events in stream {self.owner.channels.stream!r}")
+        if not self.streams:
+            self.reject("empty_run", None, f"no {self.owner.channels.stream!r} stream")
+        self.close(cast(ExitStatus, status), reason, via_stop=True)
+
+    def _finish_step(self) -> None:
+        if self.step_done:
+            return
+        self.step_done = True
+        if not self.points:
+            self.reject("empty_run", 0, f"no usable events in {self.owner.channels.stream!r}")
+            return
+        pts = sorted(self.points, key=lambda p: (p[0], p[1]))
+        n = len(pts)
+        names = [ch for ch in _CHANNELS if all(ch in p[4] for p in pts)]
+        energy = np.fromiter((p[3] for p in pts), np.float64, n)
+        channels = {ch: np.fromiter((p[4][ch] for p in pts), np.float64, n) for ch in names}
+        seqs = np.fromiter((p[1] for p in pts), np.int64, n)
+        try:
+            mask, channels, more = _finite(energy, channels, self.step_required)
+        except _Bad as bad:
+            self.reject(bad.reason, 0, bad.detail)
+            return
+        if mask is not None:
+            energy, seqs = energy[mask], seqs[mask]
+            channels = {ch: a[mask] for ch, a in channels.items()}
+        spec = ScanSpectrum(
+            raw_uid=self.uid,
+            index=0,
+            energy=energy,
+            channels=channels,
+            element=self.element,
+            edge=self.edge,
+            mode=self.step_mode,
+            seq_nums=tuple(int(q) for q in seqs),
+            event_time=max(p[2] for p in pts),
+            received=self.owner._now,
+            flags=tuple(sorted(self.step_flags.union(more))),
+        )
+        self.put(SpectrumReady(spec))
+
+    def close(self, status: ExitStatus, reason: str, *, via_stop: bool) -> None:
+        """Emit ``RunClosed`` and forget the run (here and, unless ``via_stop``, in RunRouter)."""
+        if not self.opened:
+            self.open(self.kind)
+        self.closed = True
+        gaps, missing = self.seq_stats()
+        self.owner._out.append(
+            RunClosed(
+                raw_uid=self.uid,
+                exit_status=status,
+                reason=reason,
+                n_spectra=self.n_spectra,
+                n_rejected=self.n_rejected,
+                seq_gaps=gaps,
+                missing_events=missing,
+            )
+        )
+        self.owner._forget(self, status, via_stop=via_stop)
+
+    def abandon(self, status: ExitStatus, reason: str) -> None:
+        """Close without a stop: gathered step points are rejected as ``missing_stop``."""
+        if self.points and not self.step_done:
+            self.step_done = True
+            self.reject(
+                "missing_stop",
+                0,
+                f"{len(self.points)} points but no stop ({reason}); completeness unknown",
+            )
+        elif self.n_spectra == 0 and self.n_rejected == 0:
+            self.reject("empty_run", None, f"no stop and no spectra ({reason})")
+        self.close(status, reason, via_stop=False)

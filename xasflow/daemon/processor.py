@@ -1,0 +1,213 @@
+"""The processing thread: queued documents -> assembler -> pipeline -> every sink, in order.
+
+:class:`Processor` takes everything queued (up to ``analysis.batch_max`` documents) per
+turn, drops warm-up probe runs (:class:`~xasflow.adapters.probes.ProbeFilter`), closes runs a
+killed predecessor left open when their raw stop arrives
+(:class:`~xasflow.adapters.recovery.InterruptedRuns`), feeds the rest to the
+:class:`~xasflow.daemon.assembly.RunAssembler`, looks for idle runs every
+``analysis.timeout_check_s``, and hands the assembler outputs to the
+:class:`~xasflow.daemon.pipeline.Pipeline` in chunks of up to ``_ANALYSIS_CHUNK`` spectra
+(one ONNX call per bundle, task and chunk), so a backlog's first results go out early.
+Each analysis document goes to the sinks in order (the store writer, the publisher, the
+listeners). It is the only thread touching the assembler and the pipeline.
+
+At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
+(``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from xasflow.adapters.probes import ProbeFilter
+from xasflow.adapters.recovery import InterruptedRuns
+from xasflow.daemon.assembly import RunAssembler
+from xasflow.daemon.config import AnalysisConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.outputs import Output, SpectrumReady
+from xasflow.daemon.pipeline import Pipeline
+
+__all__ = ["Processor", "Sink"]
+
+logger = logging.getLogger(__name__)
+
+#: A consumer of analysis documents: ``sink(name, doc)``; quick, and it must not raise.
+Sink = Callable[[str, dict[str, Any]], None]
+
+_STATS_INTERVAL_S = 0.25
+#: Spectra per pipeline call when a backlog is drained: big enough to amortise the ONNX calls
+#: (one per task and batch), small enough that the first results of a backlog go out early.
+_ANALYSIS_CHUNK = 16
+
+
+class Processor:
+    """The loop of the ``xasflow-process`` thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        get: Callable[[float], tuple[str, dict[str, Any]] | None],
+        assembler: RunAssembler,
+        pipeline: Pipeline,
+        counters: Counters,
+        analysis: AnalysisConfig,
+        *,
+        probes: ProbeFilter | None = None,
+        interrupted: InterruptedRuns | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        """``get(timeout)``: the next queued ``(name, doc)`` or None; ``on_tick``: called
+        every ``_STATS_INTERVAL_S`` (the daemon refreshes its gauges)."""
+        self.get = get
+        self.assembler = assembler
+        self.pipeline = pipeline
+        self.counters = counters
+        self.analysis = analysis
+        self.probes = probes if probes is not None else ProbeFilter()
+        self.interrupted = interrupted
+        self.on_tick = on_tick
+        self.sinks: list[Sink] = []
+        self.internal_errors = 0
+        self.drain = threading.Event()  # set once nothing more will be queued
+
+    def run(self) -> None:
+        """Process until :attr:`drain` is set and the queue is empty, then close everything."""
+        a = self.analysis
+        next_check = time.monotonic() + a.timeout_check_s
+        next_stats = 0.0
+        while True:
+            items = self._take(a.batch_max)
+            if not items and self.drain.is_set():
+                break  # the receive thread is joined and the queue is empty
+            now = time.monotonic()
+            try:
+                self._turn(items, check=now >= next_check)
+                if now >= next_check:
+                    next_check = now + a.timeout_check_s
+                if now >= next_stats and self.on_tick is not None:
+                    next_stats = now + _STATS_INTERVAL_S
+                    self.on_tick()
+            except Exception:  # nothing here should raise; if it does, keep serving
+                self.internal_errors += 1
+                logger.exception("processing a batch of %d documents failed", len(items))
+        self._finish()
+
+    def _take(self, most: int) -> list[tuple[str, dict[str, Any]]]:
+        item = self.get(0.05)
+        if item is None:
+            return []
+        items = [item]
+        while len(items) < most:
+            more = self.get(0)
+            if more is None:
+                break
+            items.append(more)
+        return items
+
+    def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
+        outputs: list[Output] = []
+        spectra = 0
+        for name, doc in items:
+            if self.probes(name, doc):
+                continue  # a warm-up probe run: remembered for /health, never analysed
+            run_start = doc.get("run_start") if name == "stop" and isinstance(doc, dict) else None
+            if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
+                self._close_interrupted(run_start, raw_stop=doc)
+                continue
+            fed = self.assembler.feed(name, doc)
+            outputs.extend(fed)
+            spectra += sum(isinstance(o, SpectrumReady) for o in fed)
+            if spectra >= _ANALYSIS_CHUNK:  # a backlog: publish as we go, not at the end
+                self.analyse(outputs)
+                outputs, spectra = [], 0
+        if check:
+            outputs.extend(self.assembler.check_timeouts())
+            if self.interrupted:
+                for raw_uid in self.interrupted.expired():
+                    self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
+        self.analyse(outputs)
+
+    def _finish(self) -> None:
+        if self.interrupted is not None:
+            for raw_uid in self.interrupted.pending():
+                self._close_interrupted(raw_uid, why="shutdown")
+        self.analyse(self.assembler.flush_all("shutdown"))
+        try:  # runs the pipeline still holds (none, unless an output went missing)
+            for name, doc in self.pipeline.close_all("shutdown"):
+                self.emit(name, doc)
+        except Exception:
+            logger.exception("closing the pipeline's runs failed")
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except Exception:
+                logger.exception("the last statistics update failed")
+
+    def _close_interrupted(
+        self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
+    ) -> None:
+        assert self.interrupted is not None
+        stop = self.interrupted.close(raw_uid, raw_stop, why)
+        self.counters.run_closed("interrupted")
+        missing = stop.get("raw_missing_events") if stop is not None else None
+        if isinstance(missing, int):
+            self.counters.lost("interrupted", missing)
+        if stop is not None:  # already in the store: to the bus and the listeners only
+            self.emit("stop", stop, store=False)
+
+    def analyse(self, outputs: list[Output]) -> None:
+        """Pipeline over one batch of assembler outputs, then every sink in order."""
+        if not outputs:
+            return
+        outputs = self._element_defaults(outputs)
+        try:
+            docs = self.pipeline.handle_batch(outputs)
+        except Exception:  # a pipeline bug must not end the daemon: count and go on
+            logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
+            n = sum(isinstance(o, SpectrumReady) for o in outputs)
+            self.internal_errors += 1
+            if n:
+                self.counters.reject("internal_error", stage="analysis", n=n)
+            return
+        for name, doc in docs:
+            self.emit(name, doc)
+
+    #: The store writer, when storage is on (documents it already holds skip it).
+    store_sink: Sink | None = None
+
+    def emit(self, name: str, doc: dict[str, Any], store: bool = True) -> None:
+        """One analysis document to the store writer (unless ``store`` is False) and sinks."""
+        if store and self.store_sink is not None:
+            self._call(self.store_sink, name, doc)
+        for sink in self.sinks:
+            self._call(sink, name, doc)
+
+    @staticmethod
+    def _call(sink: Sink, name: str, doc: dict[str, Any]) -> None:
+        try:
+            sink(name, doc)
+        except Exception:
+            logger.exception("analysis document consumer %r failed on a %s", sink, name)
+
+    def _element_defaults(self, outputs: list[Output]) -> list[Output]:
+        """Fill (``prefer: start``) or force (``prefer: config``) element/edge from the config."""
+        a = self.analysis
+        if a.element is None and a.edge is None:
+            return outputs
+        out: list[Output] = []
+        for o in outputs:
+            if isinstance(o, SpectrumReady):
+                s = o.spectrum
+                if a.prefer == "config":
+                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=a.edge))
+                elif s.element is None and a.element is not None:
+                    edge = s.edge or a.edge
+                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=edge))
+                elif s.element is not None and s.edge is None and a.edge is not None:
+                    o = SpectrumReady(dataclasses.replace(s, edge=a.edge))
+            out.append(o)
+        return out

@@ -1,0 +1,232 @@
+"""What the recommender is configured with and what it answers: settings, regions, advice,
+and how a bundle's region importances and a prediction's doubt are turned into weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from xasflow.models.predictor import Prediction
+
+__all__ = [
+    "Recommendation",
+    "RecommenderConfig",
+    "Region",
+    "cn_uncertainty",
+    "region_shares",
+    "task_uncertainty",
+]
+
+
+class RecommenderConfig(BaseModel):
+    """Knobs of the recommender (defaults suit a K edge measured in transmission)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fine_step: float = Field(0.5, gt=0, description="eV, finest step anywhere")
+    k_step: float = Field(0.04, ge=0, description="1/angstrom, finest step in k far above the edge")
+    coarse_factor: float = Field(4.0, ge=1, description="step multiplier where w = 0")
+    edge_max_step: float = Field(0.5, gt=0, description="eV, largest step inside edge_window")
+    edge_window: tuple[float, float] = Field(
+        (-5.0, 10.0), description="eV relative to E0 where E0 is found; kept fine"
+    )
+    pre_edge_step: float = Field(10.0, gt=0, description="eV, step on the pre-edge line")
+    approach_step: float = Field(3.0, gt=0, description="eV, from the pre-edge line to the window")
+    dwell: float = Field(1.0, gt=0, description="s per point in the most important region")
+    dwell_floor: float = Field(0.5, gt=0, le=1, description="dwell fraction where w = 0")
+    uncertain_above: float = Field(0.5, ge=0, le=1, description="cn uncertainty that is 'unsure'")
+    uncertain_dwell_factor: float = Field(2.0, ge=1)
+    e0_margin: float = Field(2.0, ge=0, description="eV added to each end of the window")
+    prior_e0_margin: float = Field(12.0, ge=0, description="eV margin before E0 is known")
+    e0_ambiguity_window: float = Field(10.0, ge=0, description="eV around E0 to look for rivals")
+    e0_ambiguity_ratio: float = Field(0.5, gt=0, le=1, description="rival / edge derivative")
+    task_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "cn": 1.0,
+            "valence": 0.5,
+            "environment": 0.5,
+            "distance": 0.25,
+            "charge": 0.25,
+        }
+    )
+    stop_probability: float = Field(0.9, gt=0, le=1)
+    stop_count: int = Field(3, ge=1, description="spectra in a row that must agree")
+    rescan_importance: float = Field(0.5, ge=0, le=1)
+    noise_threshold: float = Field(0.02, gt=0, description="noise / edge step that asks a rescan")
+    max_rescan_factor: float = Field(4.0, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RecommenderConfig:
+        if self.edge_window[1] <= self.edge_window[0]:
+            raise ValueError("edge_window must be (low, high) with low < high")
+        return self
+
+
+@dataclass(frozen=True)
+class Region:
+    """One energy range to measure: absolute eV, a uniform step, a dwell per point."""
+
+    name: str
+    start: float
+    stop: float
+    step: float
+    dwell: float
+    reason: str
+    importance: float = 0.0
+
+    @property
+    def n_points(self) -> int:
+        """Points of :meth:`energies` (both ends included)."""
+        return int(self.energies().size)
+
+    def energies(self) -> np.ndarray:
+        """The region's grid: ``start`` to ``stop`` inclusive in steps of ``step``."""
+        n = max(1, math.ceil((self.stop - self.start) / self.step - 1e-3))
+        return np.linspace(self.start, self.stop, n + 1)
+
+    def row(self) -> list[float]:
+        """``[start, stop, step, dwell]`` (the EPICS waveform's unit)."""
+        return [self.start, self.stop, self.step, self.dwell]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "name": self.name,
+            "start": self.start,
+            "stop": self.stop,
+            "step": self.step,
+            "dwell": self.dwell,
+            "reason": self.reason,
+            "importance": self.importance,
+            "n_points": self.n_points,
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What to measure next, whether the answer is already certain, what to rescan."""
+
+    regions: list[Region]
+    stop_early: bool
+    stop_reason: str
+    rescan: Region | None
+    e0: float
+    uncertainty: float
+    element: str
+    edge: str
+    bundle_id: str
+    noise: dict[str, float] = field(default_factory=dict)
+
+    def energies(self) -> np.ndarray:
+        """Every recommended energy once, ascending (neighbouring regions share ends)."""
+        if not self.regions:
+            return np.empty(0)
+        e = np.concatenate([r.energies() for r in self.regions])
+        return np.unique(np.round(e, 6))
+
+    def dwells(self) -> np.ndarray:
+        """Dwell per energy of :meth:`energies` (the longest of the regions that hold it)."""
+        energies = self.energies()
+        out = np.zeros_like(energies)
+        for r in self.regions:
+            inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
+            out[inside] = np.maximum(out[inside], r.dwell)
+        return out
+
+    @property
+    def n_points(self) -> int:
+        """Distinct energies recommended."""
+        return int(self.energies().size)
+
+    @property
+    def time(self) -> float:
+        """Counting time of the recommended scan, s (no motor moves)."""
+        return float(self.dwells().sum())
+
+    def waveform(self) -> list[float]:
+        """``[start, stop, step, dwell] * n`` in region order (most important first)."""
+        return [v for r in self.regions for v in r.row()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (what the dashboard and the queueserver adapter read)."""
+        return {
+            "regions": [r.to_dict() for r in self.regions],
+            "stop_early": self.stop_early,
+            "stop_reason": self.stop_reason,
+            "rescan": None if self.rescan is None else self.rescan.to_dict(),
+            "e0": self.e0,
+            "uncertainty": self.uncertainty,
+            "element": self.element,
+            "edge": self.edge,
+            "bundle_id": self.bundle_id,
+            "noise": dict(self.noise),
+            "n_points": self.n_points,
+            "time": self.time,
+        }
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def region_shares(importance: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    """Per-region share of a task's drop-region importances (truncated Shapley, >= 0, max 1).
+
+    ``importance`` maps ``"a"`` and ``"a + b"`` to the score lost when those regions are
+    removed. Missing pairs count as the larger single; a task whose importances are all zero
+    (or absent) gives every region 0.
+    """
+    single = {n: float(importance.get(n, 0.0)) for n in names}
+
+    def pair(a: str, b: str) -> float:
+        for key in (f"{a} + {b}", f"{b} + {a}"):
+            if key in importance:
+                return float(importance[key])
+        return max(single[a], single[b])
+
+    raw: dict[str, float] = {}
+    for r in names:
+        others = [s for s in names if s != r]
+        marginal = [pair(r, s) - single[s] for s in others]
+        phi = 0.5 * single[r] + (0.5 * float(np.mean(marginal)) if marginal else 0.5 * single[r])
+        raw[r] = max(0.0, phi)
+    scale = max([abs(float(v)) for v in importance.values()] + [0.0])
+    if scale <= 0:
+        return dict.fromkeys(names, 0.0)
+    return {r: min(1.0, v / scale) for r, v in raw.items()}
+
+
+def _margin(probabilities: Mapping[str, float] | None) -> tuple[float, float] | None:
+    """(top probability, top - second) of a classifier's probabilities."""
+    if not probabilities:
+        return None
+    p = sorted((float(v) for v in probabilities.values()), reverse=True)
+    return p[0], p[0] - (p[1] if len(p) > 1 else 0.0)
+
+
+def task_uncertainty(prediction: Prediction | None, task: str) -> float:
+    """0 (sure) .. 1 (no idea): 1 - margin for classifiers/rankings, 0.5 for regressors."""
+    if prediction is None or task not in prediction.results:
+        return 1.0
+    res = prediction.results[task]
+    m = _margin(res.probabilities)
+    if m is not None:
+        return float(min(1.0, max(0.0, 1.0 - m[1])))
+    if res.ranking:
+        scores = [float(s) for _, s in res.ranking]
+        gap = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
+        return float(min(1.0, max(0.0, 1.0 - gap)))
+    return 0.5
+
+
+def cn_uncertainty(prediction: Prediction | None) -> float:
+    """1 - the top cn probability (1 without a prediction or a cn task): the PV's uncertainty."""
+    if prediction is None or "cn" not in prediction.results:
+        return 1.0
+    conf = prediction.results["cn"].confidence
+    return 1.0 if conf is None else float(1.0 - conf)

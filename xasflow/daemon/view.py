@@ -1,0 +1,58 @@
+"""The narrow, read-only view of a running daemon that the web parts (``/metrics``,
+``/health``, the dashboard) get instead of the daemon object.
+
+:class:`~xasflow.daemon.service.Daemon` satisfies :class:`DaemonView`; tests may pass any
+object with these members. Every member is safe to call from another thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from xasflow.daemon.counters import Counters
+
+__all__ = ["DaemonView"]
+
+
+class DaemonView(Protocol):
+    """What HTTP and the dashboard may read: counters, adapter statistics, health."""
+
+    @property
+    def counters(self) -> Counters:
+        """The outcome counters (thread-safe)."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True between a successful start and stop."""
+        ...
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since start."""
+        ...
+
+    @property
+    def echo_dropped(self) -> int:
+        """Own analysis messages dropped at the input."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """Readiness, counters, models and adapter state, JSON-ready."""
+        ...
+
+    def sync_stats(self) -> None:
+        """Fold adapter statistics into the counters (before a scrape)."""
+        ...
+
+    def input_stats(self) -> dict[str, int]:
+        """The input's counters and queue depth."""
+        ...
+
+    def output_stats(self) -> dict[str, int]:
+        """The publisher's counters."""
+        ...
+
+    def store_stats(self) -> dict[str, int]:
+        """The store's counters (empty when storage is off)."""
+        ...

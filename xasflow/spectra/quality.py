@@ -1,0 +1,84 @@
+"""Quality of a measured spectrum: noise, a clear edge step, an unambiguous edge energy.
+
+Science the daemon applies to raw spectra (the recommender's dwell and E0 margin, the
+pipeline's reference-foil check), kept beside the rest of the spectra code so it can be
+tested and reused without the daemon.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from xasflow.spectra.core import Spectrum
+
+__all__ = ["e0_ambiguity", "estimate_noise", "has_edge"]
+
+#: 7-point quadratic Savitzky-Golay smoothing coefficients.
+_SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
+
+
+def estimate_noise(
+    energy: np.ndarray, mu: np.ndarray, lo: float, hi: float, edge_step: float
+) -> float | None:
+    """Noise of mu within ``[lo, hi]`` eV as a fraction of ``edge_step`` (None: < 7 points).
+
+    Residuals to a 7-point quadratic Savitzky-Golay smooth, robust scatter (1.4826 MAD),
+    divided by sqrt(1 - c0) (c0 the smoother's central weight) so white noise of standard
+    deviation s gives s.
+    """
+    energy = np.asarray(energy, dtype=np.float64)
+    mu = np.asarray(mu, dtype=np.float64)
+    sel = (energy >= lo) & (energy <= hi)
+    y = mu[sel]
+    if y.size < 7 or not edge_step > 0:
+        return None
+    # interior residuals to the 7-point quadratic smooth: y - conv(y, SG coefficients)
+    resid = y[3:-3] - np.convolve(y, _SG7, mode="valid")
+    mad = float(np.median(np.abs(resid - np.median(resid))))
+    sigma = 1.4826 * mad / math.sqrt(1.0 - _SG7[3])
+    return sigma / abs(edge_step)
+
+
+def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
+    """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
+
+    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (as
+    :func:`~xasflow.spectra.find_e0` does); a rival is a local maximum within ``window`` eV
+    of ``e0`` (more than 1 eV away) at least ``ratio`` times the largest one there.
+    """
+    if window <= 0:
+        return 0.0
+    energy, mu = spectrum.energy, spectrum.mu
+    lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
+    if hi - lo < 4.0:
+        return 0.0
+    grid = np.arange(lo, hi, 0.1)
+    kernel = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
+    kernel /= kernel.sum()
+    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), kernel, "valid")
+    deriv = np.gradient(smooth, 0.1)
+    inner = (grid >= e0 - window) & (grid <= e0 + window)
+    mid = deriv[1:-1]
+    peaks = np.flatnonzero(inner[1:-1] & (mid >= deriv[:-2]) & (mid > deriv[2:])) + 1
+    if peaks.size == 0:
+        return 0.0
+    top = float(deriv[peaks].max())
+    if not top > 0:
+        return 0.0
+    dist = np.abs(grid[peaks] - e0)
+    rivals = dist[(deriv[peaks] >= ratio * top) & (dist > 1.0)]
+    return float(rivals.max()) if rivals.size else 0.0
+
+
+def has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:
+    """Whether a reference spectrum shows a clear edge step at ``e0`` (jump >> noise)."""
+    e, mu = ref.energy, ref.mu
+    pre = mu[(e >= e0 - outer) & (e <= e0 - inner)]
+    post = mu[(e >= e0 + inner) & (e <= e0 + outer)]
+    if pre.size < 3 or post.size < 3:
+        return False
+    jump = float(post.mean() - pre.mean())
+    noise = float(np.diff(pre).std()) / math.sqrt(2.0)  # point-to-point scatter below the edge
+    return jump > 10.0 * noise and jump > 0
