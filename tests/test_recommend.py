@@ -237,6 +237,25 @@ def test_stop_early_never_out_of_domain_nor_with_an_open_conformal_set() -> None
     assert rec.recommend(narrow, history=[sure, sure, narrow]).stop_early
 
 
+def test_stop_early_on_single_value_conformal_sets() -> None:
+    """With a calibrated bundle the rule is the 90 % set: the same single value three times,
+    whatever the top probability; two values in a set, or sets that disagree, keep going."""
+    rec = Recommender(manifest(), RecommenderConfig(stop_count=3, stop_probability=0.9))
+
+    def with_set(probs: dict[str, float], chosen: list[int]) -> Prediction:
+        base = prediction(probs, VAL_SURE)
+        cn = dataclasses.replace(base.results["cn"], prediction_set=chosen)
+        return dataclasses.replace(base, results={**base.results, "cn": cn})
+
+    likely = with_set({"2": 0.1, "4": 0.75, "6": 0.15}, [4])  # below stop_probability
+    out = rec.recommend(likely, history=[likely, likely, likely])
+    assert out.stop_early and "single-value 90 % set" in out.stop_reason
+    six = with_set({"2": 0.05, "4": 0.15, "6": 0.8}, [6])
+    assert not rec.recommend(likely, history=[six, likely, likely]).stop_early
+    open_set = with_set({"2": 0.05, "4": 0.55, "6": 0.4}, [4, 6])
+    assert not rec.recommend(likely, history=[open_set, likely, likely]).stop_early
+
+
 def smooth_mu(energy: np.ndarray, e0: float) -> np.ndarray:
     x = energy - e0
     return 0.5 + np.arctan(x / 1.5) / np.pi + 0.3 * np.exp(-0.5 * ((x - 18.0) / 5.0) ** 2)

@@ -287,31 +287,39 @@ class Recommender:
     def _stop_early(
         self, prediction: Prediction | None, history: Sequence[Prediction]
     ) -> tuple[bool, str]:
-        """Whether the last ``stop_count`` spectra agree on cn with enough probability.
+        """Whether the last ``stop_count`` spectra settle the cn answer.
 
-        Never for a spectrum out of the bundle's domain (its probabilities mean nothing), nor
-        while a conformal cn set (when the bundle gives one) holds more than one value.
+        With a calibrated bundle (conformal sets), when each of them has the same single-value
+        90 % set: the answer then holds with the bundle's coverage. Without sets, when they
+        agree on cn with probability >= ``stop_probability``. Never for a spectrum out of the
+        bundle's domain (its probabilities mean nothing).
         """
         cfg = self.config
         if prediction is None or "cn" not in prediction.results:
             return False, ""
         if prediction.out_of_domain:
             return False, "out_of_domain: the answer is not to be trusted, keep measuring"
-        cn_set = prediction.results["cn"].prediction_set
-        if cn_set is not None and len(cn_set) != 1:
-            return False, ""
         recent = list(history)[-cfg.stop_count :]
         if not recent or recent[-1] is not prediction:
             recent = [*recent, prediction][-cfg.stop_count :]
-        if len(recent) < cfg.stop_count:
+        if len(recent) < cfg.stop_count or any(p.out_of_domain for p in recent):
             return False, ""
-        if any(p.out_of_domain for p in recent):
+        results = [p.results["cn"] for p in recent if "cn" in p.results]
+        current = prediction.results["cn"].prediction_set
+        if len(results) < cfg.stop_count or (current is not None and len(current) != 1):
             return False, ""
-        values = {str(p.results["cn"].value) for p in recent if "cn" in p.results}
-        confs = [p.results["cn"].confidence or 0.0 for p in recent if "cn" in p.results]
-        if len(values) != 1 or len(confs) < cfg.stop_count:
-            return False, ""
-        if min(confs) < cfg.stop_probability:
+        sets = [r.prediction_set for r in results]
+        if all(s is not None for s in sets):
+            first = sets[0]
+            assert first is not None
+            if len(first) != 1 or any(s != first for s in sets):
+                return False, ""
+            return True, (
+                f"cn {first[0]}: a single-value 90 % set in the last {cfg.stop_count} spectra"
+            )
+        values = {str(r.value) for r in results}
+        confs = [r.confidence or 0.0 for r in results]
+        if len(values) != 1 or min(confs) < cfg.stop_probability:
             return False, ""
         (cn,) = values
         return True, (

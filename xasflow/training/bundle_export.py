@@ -23,6 +23,17 @@ from xasflow.training.fit import TrainResult
 from xasflow.training.scoring import MOTIF_NAMES
 from xasflow.training.select import FOREST
 
+#: What the manifest keeps of each network member (its per-epoch history stays out).
+MEMBER_KEYS = (
+    "seed",
+    "epochs",
+    "best_epoch",
+    "best_val_loss",
+    "best_val_error",
+    "snapshots",
+    "seconds",
+)
+
 TASK_TARGETS = {
     "cn": ("dominant coordination number (CrystalNN)", None),
     "environment": ("top CN-motif label (Zheng et al. 2020)", None),
@@ -151,7 +162,9 @@ def _training_record(result: TrainResult, citation: str) -> dict[str, Any]:
         "networks": {
             arch: {
                 "config": json.loads(ens.config.model_dump_json()),
-                "members": ens.members_info,
+                "members": [
+                    {k: v for k, v in m.items() if k in MEMBER_KEYS} for m in ens.members_info
+                ],
                 "seconds": round(result.timings.get(f"networks_{arch}", 0.0), 1),
             }
             for arch, ens in result.networks.items()

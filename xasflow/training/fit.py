@@ -85,6 +85,9 @@ class TrainConfig(BaseModel):
     # deep ensembles trained beside the forest (needs torch, the ``nn`` extra); the served
     # estimator per task is chosen on validation among the forest, these and their average
     networks: tuple[str, ...] = ("mlp", "cnn")
+    # torch threads per network fit: on 2 cores one thread trained the Cu ensembles in 685 s,
+    # two threads in 1,206 s (bench/nn.py), so one it is
+    network_threads: int = 1
     network_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # split-conformal sets (classifiers) and intervals (regressors) at 1 - alpha coverage
     conformal_alpha: float = 0.1

@@ -64,7 +64,11 @@ def fit_networks(result: Any, targets: Targets, x: np.ndarray, log: Any) -> dict
     nets: dict[str, Any] = {}
     for arch in cfg.networks:
         t0 = time.perf_counter()
-        overrides = {"seed": cfg.seed, "threads": cfg.n_jobs, **cfg.network_overrides.get(arch, {})}
+        overrides = {
+            "seed": cfg.seed,
+            "threads": cfg.network_threads,
+            **cfg.network_overrides.get(arch, {}),
+        }
         net_cfg = NetConfig(arch=arch, **overrides)
         nets[arch] = fit_network_ensemble(
             x, net_targets, result.split["train"], result.split["val"], net_cfg, log=log
