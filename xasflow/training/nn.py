@@ -261,9 +261,10 @@ def choose_snapshots(
 ) -> tuple[list[int], list[int]]:
     """Epochs to keep (at most ``max_snapshots``) and, per task, which of them serves it.
 
-    ``history`` is (tasks, epochs) validation loss. The set minimises the summed relative
-    excess of each task's loss over its own best (every task at its best epoch when allowed);
-    exhaustive up to two snapshots, greedy beyond. Tasks without validation rows do not vote.
+    ``history`` is (tasks, epochs) of the validation figure (error or loss, lower is better).
+    The set minimises the summed relative excess of each task's figure over its own best (every
+    task at its best epoch when allowed); exhaustive up to two snapshots, greedy beyond. Tasks
+    without validation rows do not vote. Every epoch's weights are held until this choice.
     """
     h = np.asarray(history, dtype=float)[np.asarray(has_val, bool)]
     if len(h) == 0:
