@@ -28,6 +28,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -432,13 +433,20 @@ def _read_tar(path: Path, collector: _Collector, progress: bool) -> None:
                 collector.add(
                     parts,
                     member.isfile(),
-                    lambda m=member: tar.extractfile(m).read(),  # type: ignore[union-attr]
+                    partial(_member_bytes, tar, member),
                     member.name,
                 )
         except (EOFError, tarfile.ReadError, OSError, zlib.error) as exc:
             collector.extra_issues.append(
                 ReadIssue(path.name, "truncated_archive", f"stream ended early: {exc}")
             )
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular-file member (``add`` reads only those, so one is always there)."""
+    stream = tar.extractfile(member)
+    assert stream is not None, f"{member.name} is not a regular file"
+    return stream.read()
 
 
 def _read_dir(path: Path, collector: _Collector, progress: bool) -> None:
@@ -460,7 +468,7 @@ def _read_dir(path: Path, collector: _Collector, progress: bool) -> None:
                     continue
                 if collector.full(key):
                     return
-                collector.add(parts, True, lambda f=full: Path(f).read_bytes(), full)
+                collector.add(parts, True, Path(full).read_bytes, full)
 
 
 def read_feff_tree(

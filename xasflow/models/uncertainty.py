@@ -84,9 +84,9 @@ def set_labels(
     if mask.shape[1] != len(classes):
         raise ValueError(f"mask has {mask.shape[1]} classes, labels {len(classes)}")
     if probs is None:
-        return [[classes[k] for k in np.flatnonzero(row)] for row in mask]
+        return [[classes[int(k)] for k in np.flatnonzero(row)] for row in mask]
     order = np.argsort(-_probs2d(probs), axis=1, kind="stable")
-    return [[classes[k] for k in o if row[k]] for row, o in zip(mask, order, strict=True)]
+    return [[classes[int(k)] for k in o if row[k]] for row, o in zip(mask, order, strict=True)]
 
 
 def intervals(

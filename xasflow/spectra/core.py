@@ -63,7 +63,7 @@ class Spectrum:
 
     def with_(self, **changes: Any) -> Spectrum:
         """Return a copy with some fields replaced (the type is immutable)."""
-        values = {
+        values: dict[str, Any] = {
             "energy": self.energy,
             "mu": self.mu,
             "element": self.element,

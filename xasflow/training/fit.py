@@ -266,10 +266,15 @@ def train(
             else None
         )
         fit.metrics = evaluate_task(name, kind, fit.predict(X[te]), y[te], y[fit_rows])
+
+        def predict_grid(yg: np.ndarray, f: TaskFit = fit) -> np.ndarray:
+            """This task's forest predictions on gridded spectra."""
+            return f.predict(featurize(yg, cfg.features, cfg.prep, matrix))
+
         fit.region_importance = region_importance(
             name,
             kind,
-            lambda yg, f=fit: f.predict(featurize(yg, cfg.features, cfg.prep, matrix)),
+            predict_grid,
             g.y[te],
             y[te],
             y[fit_rows],

@@ -468,7 +468,9 @@ def _split_groups(
     return (unmapped, shared), mult
 
 
-def average_labels(labels: Sequence[SiteLabels], weights: Sequence[float]) -> SiteLabels:
+def average_labels(
+    labels: Sequence[SiteLabels], weights: Sequence[float] | np.ndarray
+) -> SiteLabels:
     """Weighted site average for a material, since an experiment measures all sites at once.
 
     Vectors, distance and BVS are weighted means (BVS None if any site lacks one); the
@@ -485,13 +487,14 @@ def average_labels(labels: Sequence[SiteLabels], weights: Sequence[float]) -> Si
     cn = np.einsum("i,ij->j", w, np.stack([lab.cn_vector for lab in labels]))
     motif = np.einsum("i,ij->j", w, np.stack([lab.motif_vector for lab in labels]))
     distance = float(np.dot(w, [lab.mean_nn_distance for lab in labels]))
-    bvs_values = [lab.bvs for lab in labels]
-    bvs = None if any(b is None for b in bvs_values) else float(np.dot(w, bvs_values))
+    bvs_values = [lab.bvs for lab in labels if lab.bvs is not None]
+    bvs = float(np.dot(w, bvs_values)) if len(bvs_values) == len(labels) else None
     states = [lab.oxidation_state for lab in labels]
+    known_states = [s for s in states if s is not None]
     notes: list[str] = [f"average of {len(labels)} sites"]
     oxidation: int | None = None
-    if all(s is not None for s in states) and len(set(states)) == 1:
-        oxidation = round(float(np.dot(w, states)))
+    if len(known_states) == len(states) and len(set(states)) == 1:
+        oxidation = round(float(np.dot(w, known_states)))
     else:
         notes.append(f"oxidation states differ or missing: {states}")
     notes.extend(dict.fromkeys(n for lab in labels for n in lab.notes))
@@ -555,6 +558,7 @@ def label_poscars(
 
         bar = tqdm(total=len(job_list), desc="labels", unit="material")
     pool = None
+    batches: Iterator[list[tuple[tuple[str, int], LabelResult]]]
     try:
         if n_jobs > 1 and len(job_list) > 1:
             pool = multiprocessing.get_context().Pool(min(n_jobs, len(job_list)))
@@ -665,7 +669,7 @@ def save_labels(path: str | Path, labels: Mapping[tuple[str, int], LabelResult])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as fh:
-        np.savez_compressed(fh, **labels_to_arrays(labels))
+        np.savez_compressed(fh, **labels_to_arrays(labels))  # type: ignore[arg-type]
     return path
 
 

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 
+#: Label or value arrays: callers pass lists as well as numpy arrays (``len`` must work).
+Values: TypeAlias = Sequence[Any] | np.ndarray
 
-def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+
+def accuracy(y_true: Values, y_pred: Values) -> float:
     """Fraction of exact matches."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     return float(np.mean(t == p)) if t.size else float("nan")
 
 
-def modal_accuracy(y_train: Sequence, y_test: Sequence) -> float:
+def modal_accuracy(y_train: Values, y_test: Values) -> float:
     """Accuracy of always predicting the training set's most common label."""
     mode = Counter(np.asarray(y_train).tolist()).most_common(1)[0][0]
     return accuracy(y_test, [mode] * len(y_test))
 
 
-def f1_per_class(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
+def f1_per_class(y_true: Values, y_pred: Values) -> dict[str, float]:
     """F1 of every class present in truth or prediction."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     out: dict[str, float] = {}
@@ -37,14 +41,14 @@ def f1_per_class(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
     return out
 
 
-def f1_macro(y_true: Sequence, y_pred: Sequence) -> float:
+def f1_macro(y_true: Values, y_pred: Values) -> float:
     """Unweighted mean of per-class F1 over the classes present in the truth."""
     per = f1_per_class(y_true, y_pred)
     present = {str(c) for c in np.asarray(y_true).tolist()}
     return float(np.mean([per[c] for c in present])) if present else float("nan")
 
 
-def confusion(y_true: Sequence, y_pred: Sequence) -> tuple[list[str], np.ndarray]:
+def confusion(y_true: Values, y_pred: Values) -> tuple[list[str], np.ndarray]:
     """Class names and the confusion matrix (rows truth, columns prediction)."""
     t, p = np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()
     classes = sorted(set(t) | set(p), key=lambda c: (str(type(c)), c))
@@ -65,12 +69,12 @@ def jaccard(true_sets: Sequence[Sequence], pred_sets: Sequence[Sequence]) -> flo
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def mae(y_true: Sequence, y_pred: Sequence) -> float:
+def mae(y_true: Values, y_pred: Values) -> float:
     """Mean absolute error."""
     return float(np.mean(np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float))))
 
 
-def r2(y_true: Sequence, y_pred: Sequence) -> float:
+def r2(y_true: Values, y_pred: Values) -> float:
     """Coefficient of determination."""
     t, p = np.asarray(y_true, float), np.asarray(y_pred, float)
     ss_res = np.sum((t - p) ** 2)
@@ -78,7 +82,7 @@ def r2(y_true: Sequence, y_pred: Sequence) -> float:
     return float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
 
 
-def mean_baseline_mae(y_train: Sequence, y_test: Sequence) -> float:
+def mean_baseline_mae(y_train: Values, y_test: Values) -> float:
     """MAE of always predicting the training mean."""
     return mae(y_test, np.full(len(y_test), float(np.mean(np.asarray(y_train, float)))))
 

@@ -313,7 +313,8 @@ def _train_member(
     t0 = time.perf_counter()
     net = MultiTaskNet(cfg, x.shape[1], specs)
     _input_stats(net, x[torch.from_numpy(train_rows)])
-    for t, head in net.heads.items():
+    for t in net.heads:
+        head = net.head(t)
         if enc[t].mean is not None:
             head.y_mean.copy_(torch.from_numpy(enc[t].mean).float())
             head.y_scale.copy_(torch.from_numpy(enc[t].scale).float())
@@ -336,9 +337,12 @@ def _train_member(
             if len(chunk) < 2:
                 continue
             out = net(x[chunk])
-            loss = sum(_task_loss(specs[t].kind, out[t], enc[t], chunk, cfg.huber) for t in specs)
+            batch_loss = sum(
+                _task_loss(specs[t].kind, out[t], enc[t], chunk, cfg.huber) for t in specs
+            )
+            assert isinstance(batch_loss, torch.Tensor)  # specs is never empty
             opt.zero_grad()
-            loss.backward()
+            batch_loss.backward()
             opt.step()
         if sched is not None:
             sched.step()

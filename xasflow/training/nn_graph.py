@@ -16,7 +16,7 @@ import io
 import itertools
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import onnx
 import torch
@@ -39,6 +39,9 @@ class NetTask:
 
 class InputBlock(nn.Module):
     """Clip the spectrum, append its finite difference and scalars, standardise and clamp."""
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
 
     def __init__(self, width: int, n_scalars: int, clip: tuple[float, float], z_clip: float):
         super().__init__()
@@ -109,6 +112,9 @@ class CNNTrunk(nn.Module):
 class Head(nn.Module):
     """One task's output layer; regression outputs are un-standardised here."""
 
+    y_mean: torch.Tensor  # buffers, registered in __init__
+    y_scale: torch.Tensor
+
     def __init__(self, dim: int, task: NetTask):
         super().__init__()
         self.kind = task.kind
@@ -139,6 +145,10 @@ class MultiTaskNet(nn.Module):
         self.trunk = trunk(cfg, self.inputs.n_points, cfg.n_scalars)
         self.heads = nn.ModuleDict({t: Head(self.trunk.dim, spec) for t, spec in tasks.items()})
 
+    def head(self, task: str) -> Head:
+        """The head of ``task`` (typed access to the module dict)."""
+        return cast(Head, self.heads[task])
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Trunk embedding (the input of every head)."""
         return self.trunk(self.inputs(x))
@@ -156,10 +166,14 @@ class Member(nn.Module):
         self.snapshots = nn.ModuleList(snapshots)
         self.use = dict(use)  # task -> snapshot index; the embedding is snapshot 0's
 
+    def snapshot(self, i: int) -> MultiTaskNet:
+        """Snapshot ``i`` (typed access to the module list)."""
+        return cast(MultiTaskNet, self.snapshots[i])
+
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Served outputs per task and the embedding."""
-        hs = [s.embed(x) for s in self.snapshots]
-        out = {t: self.snapshots[i].heads[t].predict(hs[i]) for t, i in self.use.items()}
+        hs = [self.snapshot(i).embed(x) for i in range(len(self.snapshots))]
+        out = {t: self.snapshot(i).head(t).predict(hs[i]) for t, i in self.use.items()}
         return out, hs[0]
 
 
@@ -206,7 +220,7 @@ def ensemble_to_onnx(module: EnsembleModule, width: int) -> bytes:
         torch.onnx.export(
             module,
             (torch.zeros(2, width),),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file object works; the stub names paths only
             dynamo=False,
             input_names=["x"],
             output_names=names,

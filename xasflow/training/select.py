@@ -52,7 +52,9 @@ def average(outputs: list[BaseOutputs]) -> BaseOutputs:
 
 def candidates(bases: dict[str, BaseOutputs]) -> dict[str, tuple[tuple[str, ...], BaseOutputs]]:
     """Every base alone, plus the average of all of them when there are several."""
-    out = {name: ((name,), out) for name, out in bases.items()}
+    out: dict[str, tuple[tuple[str, ...], BaseOutputs]] = {
+        name: ((name,), b) for name, b in bases.items()
+    }
     if len(bases) > 1:
         out["ensemble"] = (tuple(bases), average(list(bases.values())))
     return out
