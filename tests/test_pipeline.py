@@ -187,6 +187,12 @@ def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tests
 
 
+def science_flags(row: dict) -> list[str]:
+    """A row's flags but the out-of-domain one: the tiny test bundle sets its out-of-domain
+    threshold on a few dozen synthetic spectra, so these hand-made scans may exceed it."""
+    return [f for f in row["flags"].split(",") if f and f != OUT_OF_DOMAIN]
+
+
 def test_predictions_alignment_and_documents(
     pipeline: Pipeline, registry: ModelRegistry, counters: Counters
 ) -> None:
@@ -223,7 +229,7 @@ def test_predictions_alignment_and_documents(
     assert tet["cn_probability"] > 0.9
     assert tet["valence"] == 1 and octa["valence"] == 2
     assert 2.2 < tet["distance"] < 2.45 and 2.0 < octa["distance"] < 2.2
-    assert tet["bundle_id"] == bundle_id and tet["flags"] == ""
+    assert tet["bundle_id"] == bundle_id and science_flags(tet) == []
     # the foil edge sits 3 eV low on the measured axis: alignment shifts it back
     for e in (tet, octa, lin):
         assert e["energy_shift"] == pytest.approx(3.0, abs=0.05)
@@ -268,11 +274,11 @@ def test_alignment_is_best_effort_and_flagged(pipeline: Pipeline, registry: Mode
     )
     validate(docs)
     rows = events(docs)
-    assert [r["flags"] for r in rows] == [
-        "no_reference",
-        "align_failed",
-        "align_out_of_range",
-        "seq_gap",
+    assert [science_flags(r) for r in rows] == [
+        ["no_reference"],
+        ["align_failed"],
+        ["align_out_of_range"],
+        ["seq_gap"],
     ]
     assert [r["energy_shift"] for r in rows[:3]] == [None, None, None]
     assert rows[3]["energy_shift"] == pytest.approx(-4.0, abs=0.05)
@@ -282,7 +288,7 @@ def test_alignment_is_best_effort_and_flagged(pipeline: Pipeline, registry: Mode
 
     no_align = Pipeline(registry, Counters(), align=False, clock=Clock(T0))
     (row,) = events(no_align.handle_batch([scan("raw-b", 0, offset=5.0)]))
-    assert row["flags"] == "" and row["energy_shift"] is None and row["cn"] == 4
+    assert science_flags(row) == [] and row["energy_shift"] is None and row["cn"] == 4
 
 
 def test_rejections_have_reasons_and_are_counted(pipeline: Pipeline, counters: Counters) -> None:
@@ -422,7 +428,18 @@ def test_batch_predicts_once_per_predictor_and_equals_single(
     skip = {"latency_ms"}
     a = [{k: v for k, v in r.items() if k not in skip} for r in events(one_by_one)]
     b = [{k: v for k, v in r.items() if k not in skip} for r in events(batched)]
-    assert a == b
+    # equal answers; numbers equal to float32 rounding (a network's batched matrix products
+    # sum in another order than one row at a time)
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key, va in ra.items():
+            vb = rb[key]
+            if isinstance(va, float):
+                assert vb == pytest.approx(va, rel=1e-5, abs=1e-6), key
+            elif key in ("cn_probabilities", "motif_ranking"):
+                assert json.loads(vb) == pytest.approx(json.loads(va), rel=1e-5, abs=1e-6)
+            else:
+                assert va == vb, key
     assert [r["cn"] for r in b] == [KINDS[k][4] for k in kinds]
 
 
@@ -590,14 +607,19 @@ def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
             res["cn"] = dataclasses.replace(res["cn"], prediction_set=[4.0, 6.0])
             if "distance" in res:
                 res["distance"] = dataclasses.replace(res["distance"], interval=(1.9, 2.05))
-            flags = [*p.flags, OUT_OF_DOMAIN] if i == 1 else list(p.flags)
+            kept = [f for f in p.flags if f != OUT_OF_DOMAIN]
+            flags = [*kept, OUT_OF_DOMAIN] if i == 1 else kept
             out.append(dataclasses.replace(p, results=res, flags=flags, ood_score=0.5 + 9 * i))
         return out
 
     plain = pipeline.handle_batch([opened("raw-u"), scan("raw-u", 0)])
     (row,) = events(plain)
-    assert row["cn_set"] is None and row["distance_lo"] is None and row["ood_score"] is None
-    assert row["out_of_domain"] is False  # the shipped bundle fills none of them yet
+    # the calibrated bundle fills them: the answer lies in its set and inside its interval
+    assert str(row["cn"]) in row["cn_set"].split(",")
+    assert row["distance_lo"] < row["distance"] < row["distance_hi"]
+    assert isinstance(row["ood_score"], float)
+    assert row["out_of_domain"] is (OUT_OF_DOMAIN in row["flags"].split(","))
+    before = counters.out_of_domain
     monkeypatch.setattr(Predictor, "predict_prepared", doubtful)
     docs = pipeline.handle_batch([scan("raw-u", 1), scan("raw-u", 2, "CuO"), closed("raw-u", n=3)])
     validate(plain + docs)
@@ -609,10 +631,11 @@ def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
     assert outside["out_of_domain"] is True and OUT_OF_DOMAIN in outside["flags"].split(",")
     assert outside["ood_score"] == pytest.approx(9.5) and outside["status"] == "ok"
     assert only(docs, "stop")["n_out_of_domain"] == 1
-    assert counters.snapshot()["out_of_domain"] == 1 == counters.out_of_domain
+    assert counters.snapshot()["out_of_domain"] == before + 1 == counters.out_of_domain
     reg = CollectorRegistry()
     register_prometheus(counters, reg)
-    assert "xasflow_spectra_out_of_domain_total 1.0" in generate_latest(reg).decode()
+    total = f"xasflow_spectra_out_of_domain_total {before + 1:.1f}"
+    assert total in generate_latest(reg).decode()
 
 
 def test_lost_events_make_a_partial_run_counted_by_cause(

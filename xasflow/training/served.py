@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from xasflow.spectra import featurize, linear_matrix, model_input
-from xasflow.training.ood import fit_ood
+from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood
 from xasflow.training.scoring import evaluate_task, primary_score, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -91,7 +91,10 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
     X = featurize(g.y, cfg.features, cfg.prep, matrix)
     result.networks = fit_networks(result, targets, x, log)
     parts = result.split
-    result.ood = fit_ood(x[parts["train"]], x[parts["val"]], grid=cfg.prep.grid)
+    # at least 20 training spectra per principal component, or the PCA fits its own noise
+    # and flags every new spectrum (10 components for the Cu set; 2 for a tiny test set)
+    k = int(min(DEFAULT_COMPONENTS, max(2, len(parts["train"]) // 20)))
+    result.ood = fit_ood(x[parts["train"]], x[parts["val"]], n_components=k, grid=cfg.prep.grid)
     log(
         f"out of domain: {result.ood.method}, threshold {result.ood.threshold:.4g} "
         f"(flags {result.ood.stats['val_flagged_fraction']:.3f} of validation)"
