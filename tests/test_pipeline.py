@@ -549,6 +549,9 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
     counters.sync_decode_errors({"not_plain_data": 3, "garbage": 2})
     counters.sync_decode_errors({"garbage": 1})  # a lower total never lowers the count
     counters.set_gauge("queue_depth", 5, queue="input")
+    counters.model_refusal("digest_mismatch")
+    counters.model_refusal("digest_mismatch")
+    counters.model_refusal("symlink")
     reg = CollectorRegistry()
     register_prometheus(counters, reg)
     text = generate_latest(reg).decode()
@@ -563,7 +566,8 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         "xasflow_runs_opened_total 1.0",
         'xasflow_runs_closed_total{exit_status="success"} 1.0',
         "xasflow_model_swaps_total 0.0",
-        "xasflow_model_refused_total 0.0",
+        'xasflow_model_refused_total{reason="digest_mismatch"} 2.0',
+        'xasflow_model_refused_total{reason="symlink"} 1.0',
         f'xasflow_model_info{{bundle_id="{bundle_id}",edge="K",element="Cu"}} 1.0',
         'xasflow_latency_seconds_bucket{le="0.005"} 2.0',
         'xasflow_latency_seconds_bucket{le="0.002"} 0.0',

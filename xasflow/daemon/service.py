@@ -120,7 +120,14 @@ class Daemon:
         )
 
     def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
-        self.registry = ModelRegistry(cfg.models.directory, self.counters)
+        models = cfg.models
+        self.registry = ModelRegistry(
+            models.directory,
+            self.counters,
+            require_digest=models.require_digest,
+            trusted_keys=models.trusted_keys,
+            require_signature=models.require_signature,
+        )
         if not self.registry.models():
             logger.warning(
                 "no model bundle in %s: every spectrum will be rejected no_model",
@@ -439,6 +446,8 @@ class Daemon:
             "out_of_domain": counters["out_of_domain"],
             "models": self.models(),
             "models_refused": registry.refused() if registry is not None else {},
+            # serving, standby, refusals by reason and the integrity settings
+            "registry": registry.status() if registry is not None else None,
             "input": {
                 "address": self.config.input.address,
                 "prefix": self.config.input.prefix,
