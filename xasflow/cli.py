@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dataset)
 
     from xasflow.daemon.commands import add_commands
+    from xasflow.models.commands import add_bundle_command
     from xasflow.sim.commands import add_demo_command
 
+    add_bundle_command(sub)  # bundle seal | sign | verify | keygen
     add_commands(sub)  # serve
     add_demo_command(sub)  # demo
     return p
