@@ -255,7 +255,9 @@ class HttpConfig(_Section):
 
     ``token`` (optional on loopback, required when ``host`` is not a loopback address) must
     then accompany every request, as ``?token=`` or ``Authorization: Bearer``.
-    ``dashboard_rate_hz`` caps the dashboard's pushed updates per second.
+    ``dashboard_rate_hz`` caps the dashboard's pushed updates per second;
+    ``max_sse_clients`` the dashboard event streams open at once (more: 503, counted).
+    A token shorter than ``token_min_length`` characters is refused.
     """
 
     enabled: bool = True
@@ -264,6 +266,8 @@ class HttpConfig(_Section):
     token: SecretStr | None = Field(None, description="access token; required off loopback")
     dashboard: bool = True
     dashboard_rate_hz: float = Field(5.0, gt=0, le=20, description="dashboard updates per s")
+    max_sse_clients: int = Field(64, ge=1, description="dashboard event streams at once")
+    token_min_length: int = Field(16, ge=8, description="shortest access token accepted")
 
     @field_validator("token", mode="before")
     @classmethod
@@ -274,6 +278,13 @@ class HttpConfig(_Section):
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> HttpConfig:
+        if self.token is not None and len(self.token.get_secret_value()) < self.token_min_length:
+            n = len(self.token.get_secret_value())
+            raise ValueError(
+                f"token has {n} characters; at least {self.token_min_length} are required "
+                "(http.token_min_length), e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(24))'"
+            )
         if self.enabled and self.token is None and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address: set http.token "

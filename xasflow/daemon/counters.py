@@ -14,6 +14,7 @@ a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric
 ``runs_opened``                       ``xasflow_runs_opened_total``
 ``runs_closed[exit_status]``          ``xasflow_runs_closed_total{exit_status}``
 ``model_swaps``                       ``xasflow_model_swaps_total``
+``limit_refused[limit]``              ``xasflow_limit_refused_total{limit}`` (operator limits)
 ``model_refused[reason]``             ``xasflow_model_refused_total{reason}``
 ``models[(element, edge)]``           ``xasflow_model_info{element, edge, bundle_id} 1``
 latency observations                  ``xasflow_latency_seconds`` (histogram)
@@ -75,6 +76,7 @@ class Counters:
         self.runs_opened = 0
         self.runs_closed: dict[str, int] = {}
         self.model_swaps = 0
+        self.limit_refused: dict[str, int] = {}
         self.model_refused: dict[str, int] = {}
         self.models: dict[tuple[str, str], str] = {}
         self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -155,6 +157,11 @@ class Counters:
         with self._lock:
             self.model_refused[reason] = self.model_refused.get(reason, 0) + 1
 
+    def refused_by_limit(self, limit: str, n: int = 1) -> None:
+        """Requests refused by an operator limit (``sse_clients``: too many event streams)."""
+        with self._lock:
+            self.limit_refused[limit] = self.limit_refused.get(limit, 0) + n
+
     def set_model(self, element: str, edge: str, bundle_id: str | None) -> None:
         """Record the bundle serving ``element``/``edge`` (None: none any more)."""
         with self._lock:
@@ -229,6 +236,7 @@ class Counters:
                 "runs_opened": self.runs_opened,
                 "runs_closed": dict(sorted(self.runs_closed.items())),
                 "model_swaps": self.model_swaps,
+                "limit_refused": dict(sorted(self.limit_refused.items())),
                 "model_refused": sum(self.model_refused.values()),
                 "model_refused_by_reason": dict(sorted(self.model_refused.items())),
                 "models": {f"{el}-{ed}": bid for (el, ed), bid in sorted(self.models.items())},
@@ -282,6 +290,7 @@ class _Collector:
             decode = dict(c.decode_errors)
             opened, closed = c.runs_opened, dict(c.runs_closed)
             swaps, refused = c.model_swaps, dict(c.model_refused)
+            over_limit = dict(c.limit_refused)
             models = dict(c.models)
             gauges = dict(c.gauges)
         yield CounterMetricFamily(
@@ -332,6 +341,12 @@ class _Collector:
         )
         for reason, n in sorted(refused.items()):
             fam.add_metric([reason], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "xasflow_limit_refused", "Requests refused by an operator limit", labels=["limit"]
+        )
+        for limit, n in sorted(over_limit.items()):
+            fam.add_metric([limit], n)
         yield fam
         info = GaugeMetricFamily(
             "xasflow_model_info",
