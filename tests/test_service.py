@@ -149,6 +149,10 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         load_config(None, {"XASFLOW__INPUT__PREFIX": "a b"})
     with pytest.raises(ConfigError, match="not an element symbol"):
         load_config(None, {"XASFLOW__ANALYSIS__ELEMENT": "Copper"})
+    with pytest.raises(ConfigError, match=r"analysis\.herfd: .*FWHM in eV"):
+        load_config(None, {"XASFLOW__ANALYSIS__HERFD": "-1"})
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "1.2"}).analysis.herfd == 1.2
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "true"}).analysis.herfd is True
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "missing.yaml", {})
     (tmp_path / "list.yaml").write_text("- a\n- b\n")

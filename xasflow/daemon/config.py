@@ -6,7 +6,8 @@ One file holds every section (all optional; defaults are the beamline-typical va
                overflow: block, formats: [pickle, msgpack]}
     channels: {energy: [...], i0: [...], it: [...], ir: [...], if: [...], mode: auto,
                stream: primary}
-    analysis: {element: null, edge: null, prefer: start, align: true, run_timeout_s: 60}
+    analysis: {element: null, edge: null, prefer: start, align: true, run_timeout_s: 60,
+               herfd: false}
     models:   {directory: <repo>/models, watch: true, watch_interval_s: 2,
                require_digest: true, require_signature: false, trusted_keys: []}
     storage:  {enabled: true, directory: xasflow-store, backend: sqlite, batch_size: 256,

@@ -144,6 +144,8 @@ class AnalysisConfig(_Section):
     ``prefer: start`` takes element/edge from the start document and falls back to
     ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
     neither, the pipeline infers them from the energy range (tabulated edge energies).
+    ``herfd``: spectra are HERFD and are broadened to the model's resolution (true: the
+    element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins.
     """
 
     element: str | None = None
@@ -153,6 +155,16 @@ class AnalysisConfig(_Section):
     run_timeout_s: float = Field(60.0, gt=0, description="close a run idle this long")
     timeout_check_s: float = Field(1.0, gt=0, description="how often idle runs are looked for")
     batch_max: int = Field(512, ge=1, description="documents handled per processing batch")
+    herfd: bool | float = Field(
+        False, description="spectra are HERFD: true (tabulated width) or the FWHM in eV"
+    )
+
+    @field_validator("herfd")
+    @classmethod
+    def _herfd(cls, value: bool | float) -> bool | float:
+        if not isinstance(value, bool) and not 0 < value <= 50:
+            raise ValueError("give true, false or a broadening FWHM in eV (0 < FWHM <= 50)")
+        return value
 
     @field_validator("element")
     @classmethod

@@ -143,6 +143,7 @@ class Daemon:
             align=cfg.analysis.align,
             recommend=rec.recommender if rec.enabled else None,
             recommend_interval_s=rec.interval_s,
+            herfd=cfg.analysis.herfd,
         )
         self._start_feedback(cfg)
         if cfg.storage.enabled:
