@@ -153,3 +153,51 @@ def test_reserved_names_cannot_be_bundle_files(copy: Path, tmp_path: Path) -> No
         write_bundle(tmp_path / "x", m, {DIGEST: b"0" * 64})
     assert info.value.reason == "bad_file_name"
     assert not (tmp_path / "x").exists()
+
+
+def test_bundle_cli_keygen_seal_sign_verify(
+    copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow bundle``: keygen writes a 0600 private key; seal prints the digest; sign the
+    key id; verify prints id, digest and signer, and exits 1 with ``reason: message``."""
+    pytest.importorskip("cryptography")
+    from xasflow.cli import main
+
+    prefix = tmp_path / "keys" / "facility"
+    prefix.parent.mkdir()
+    assert main(["bundle", "keygen", str(prefix)]) == 0
+    key, pub = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
+    assert key.stat().st_mode & 0o777 == 0o600
+    kid = key_id(load_public_key(pub.read_bytes()))
+    assert kid in capsys.readouterr().out
+    assert main(["bundle", "keygen", str(prefix)]) == 2  # never overwrites a key
+    assert "exists" in capsys.readouterr().err
+
+    bundle_id = read_manifest(copy).bundle_id
+    (copy / DIGEST).unlink()
+    assert main(["bundle", "verify", str(copy)]) == 1
+    assert capsys.readouterr().err.startswith("digest_missing: ")
+    assert main(["bundle", "seal", str(copy)]) == 0
+    digest = hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest()
+    assert digest in capsys.readouterr().out
+
+    args = ["bundle", "verify", str(copy), "--trusted-key", str(pub), "--require-signature"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith("signature_missing: ")
+    assert main(["bundle", "sign", str(copy), "--key", str(key)]) == 0
+    assert kid in capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"bundle {bundle_id}", f"digest {digest}", f"signer {kid}"]
+    assert main(["bundle", "verify", str(copy)]) == 0  # without keys the signature is not checked
+    assert "not checked" in capsys.readouterr().out
+    assert main(["bundle", "sign", str(copy), "--key", str(pub)]) == 2  # the public half
+    assert "not a readable, unencrypted Ed25519 private key" in capsys.readouterr().err
+
+    edit(copy, lambda d: d.update(element="Fe"))
+    assert main(["bundle", "seal", str(copy)]) == 1
+    assert capsys.readouterr().err.startswith("digest_mismatch: ")
+    assert main(["bundle", "seal", str(copy), "--force"]) == 0
+    capsys.readouterr()
+    assert main(args) == 1  # resealed, but the signature no longer verifies
+    assert capsys.readouterr().err.startswith("signature_invalid: ")

@@ -312,6 +312,19 @@ def test_token_is_required_when_bound_beyond_loopback(
     base = daemon_config(models_dir, proxy, tmp_path / "store")
     with pytest.raises(ConfigError, match=r"http\.token"):
         base.with_updates({"http": {"host": "0.0.0.0"}})
+    # a one-character (or any short) token is refused, naming the minimum, never the token
+    with pytest.raises(ConfigError, match=r"http: .*token has 1 characters; at least 16") as err:
+        base.with_updates({"http": {"host": "0.0.0.0", "token": "x"}})
+    assert "'x'" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"token has 4 characters; at least 16"):
+        base.with_updates({"http": {"token": 1234}})  # unquoted YAML number, short
+    with pytest.raises(ConfigError, match=r"at least 20 are required \(http\.token_min_length\)"):
+        base.with_updates({"http": {"token": "a" * 19, "token_min_length": 20}})
+    with pytest.raises(ConfigError, match=r"http\.token_min_length"):
+        base.with_updates({"http": {"token_min_length": 4}})  # the floor an operator can set
+    numeric = base.with_updates({"http": {"token": 12345678901234567}})
+    assert numeric.http.token is not None
+    assert numeric.http.token.get_secret_value() == "12345678901234567"  # kept as text
     token = "s3cret-token/with+chars"
     cfg = base.with_updates(
         {
@@ -366,3 +379,64 @@ def test_dashboard_can_be_turned_off(proxy: LoopbackProxy, tmp_path: Path) -> No
     with Daemon(cfg) as daemon:
         assert http_get(f"{daemon.http_url}/")[0] == 404
         assert http_get(f"{daemon.http_url}/health")[0] == 200
+
+
+def test_event_streams_beyond_the_limit_are_refused_and_counted(
+    proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    """http.max_sse_clients: 2 streams are served, the 3rd gets 503 and is counted in /health
+    and /metrics; once one closes, a new one is admitted. Queue limits show in /health."""
+    cfg = DaemonConfig().with_updates(
+        {
+            "input": {"address": proxy.out_address, "queue_size": 500},
+            "models": {"directory": str(tmp_path), "watch": False},
+            "storage": {"directory": str(tmp_path / "store"), "max_queue": 700},
+            "output": {"enabled": False},
+            "http": {"port": 0, "max_sse_clients": 2},
+        }
+    )
+    with Daemon(cfg) as daemon:
+        url = daemon.http_url
+        assert url is not None
+        first, second = SSEClient(url), SSEClient(url)
+        try:
+            assert (first.status, second.status) == (200, 200)
+            third = SSEClient(url)
+            third.close()
+            assert third.status == 503 and "retry-after: 5" in third.headers
+            status, _, body = http_get(url + "/events")
+            assert status == 503 and b"http.max_sse_clients" in body
+            limits = json.loads(http_get(url + "/health")[2])["limits"]
+            assert limits["sse_clients"] == {"max": 2, "open": 2, "refused": 2}
+            assert limits["input_queue"] == {
+                "max": 500,
+                "depth": 0,
+                "overflow": "block",
+                "dropped": 0,
+            }
+            assert limits["store_queue"] == {"max": 700, "depth": 0, "dropped": 0}
+            assert limits["token_min_length"] == 16
+            text = http_get(url + "/metrics")[2].decode()
+            assert 'xasflow_limit_refused_total{limit="sse_clients"} 2.0' in text
+            assert 'xasflow_limit{limit="sse_clients"} 2.0' in text
+            assert 'xasflow_limit_used{limit="sse_clients"} 2.0' in text
+            assert 'xasflow_limit{limit="input_queue"} 500.0' in text
+            first.close()
+            deadline = time.monotonic() + DEADLINE_S
+
+            def open_streams() -> int:
+                body = http_get(url + "/health")[2]
+                return int(json.loads(body)["limits"]["sse_clients"]["open"])
+
+            while open_streams() != 1:  # each poll is a request: no sleep needed
+                assert time.monotonic() < deadline, "the closed stream was never released"
+            fourth = SSEClient(url)
+            try:
+                assert fourth.status == 200
+                assert fourth.next_state(time.monotonic() + DEADLINE_S)["health"]["ready"]
+            finally:
+                fourth.close()
+        finally:
+            first.close()
+            second.close()
+    assert daemon.counters.snapshot()["limit_refused"] == {"sse_clients": 2}

@@ -566,6 +566,9 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
     counters.sync_decode_errors({"not_plain_data": 3, "garbage": 2})
     counters.sync_decode_errors({"garbage": 1})  # a lower total never lowers the count
     counters.set_gauge("queue_depth", 5, queue="input")
+    counters.model_refusal("digest_mismatch")
+    counters.model_refusal("digest_mismatch")
+    counters.model_refusal("symlink")
     reg = CollectorRegistry()
     register_prometheus(counters, reg)
     text = generate_latest(reg).decode()
@@ -580,7 +583,8 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         "xasflow_runs_opened_total 1.0",
         'xasflow_runs_closed_total{exit_status="success"} 1.0',
         "xasflow_model_swaps_total 0.0",
-        "xasflow_model_refused_total 0.0",
+        'xasflow_model_refused_total{reason="digest_mismatch"} 2.0',
+        'xasflow_model_refused_total{reason="symlink"} 1.0',
         f'xasflow_model_info{{bundle_id="{bundle_id}",edge="K",element="Cu"}} 1.0',
         'xasflow_latency_seconds_bucket{le="0.005"} 2.0',
         'xasflow_latency_seconds_bucket{le="0.002"} 0.0',
@@ -674,3 +678,60 @@ def test_duplicate_events_collapse_into_one_counted_row(
     assert [r["reason"] for r in rows] == ["", "duplicate_event"]
     assert only(docs, "stop")["n_duplicate_events"] == 3
     assert counters.snapshot()["rejected_by_stage"]["assembly"] == {"duplicate_event": 3}
+
+
+def test_herfd_from_the_start_document_or_config_reaches_prepare(
+    registry: ModelRegistry, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start document's ``herfd`` (true: the tabulated width, a number: that FWHM) reaches
+    ``prepare``, which broadens the spectrum (flagged ``herfd_broadened``); without the key
+    the pipeline's setting (``analysis.herfd``) applies; a value that is no width is rejected
+    ``bad_broadening`` and counted."""
+    from xasflow.daemon.pipeline import REASONS
+    from xasflow.spectra import herfd_fwhm
+
+    assert {"edge_step", "herfd_width", "bad_broadening"} <= REASONS
+    seen: list[tuple[Any, Any]] = []
+    real = Predictor.prepare
+
+    def recording(self: Predictor, spectrum: Spectrum) -> Any:
+        prepared = real(self, spectrum)
+        seen.append((spectrum.meta.get("herfd"), prepared.spectrum.meta.get("broadened_fwhm")))
+        return prepared
+
+    monkeypatch.setattr(Predictor, "prepare", recording)
+    pipeline = Pipeline(registry, counters, clock=Clock(T0 + 0.004))
+    docs = pipeline.handle_batch(
+        [
+            opened("raw-h1", herfd=1.5),
+            scan("raw-h1", 0, "Cu2O"),
+            closed("raw-h1"),
+            opened("raw-h2", herfd=True),
+            scan("raw-h2", 0, "Cu2O"),
+            opened("raw-h3"),
+            scan("raw-h3", 0, "Cu2O"),
+            opened("raw-h4", herfd="yes"),
+            scan("raw-h4", 0, "Cu2O"),
+        ]
+    )
+    assert seen == [(1.5, 1.5), (True, pytest.approx(herfd_fwhm("Cu", "K"))), (None, None)]
+    h1, h2, h3, h4 = events(docs)
+    assert "herfd_broadened" in h1["flags"] and "herfd_broadened" in h2["flags"]
+    assert "herfd_broadened" not in h3["flags"]
+    assert h1["e0"] != h3["e0"]  # the broadened edge is found elsewhere
+    assert (h4["status"], h4["reason"]) == ("rejected", "bad_broadening")
+    assert "'yes'" in h4["detail"]
+    assert counters.snapshot()["rejected_by_stage"]["analysis"] == {"bad_broadening": 1}
+    assert "raw-h1" not in pipeline._herfd  # forgotten with its run
+    # analysis.herfd: the default for runs that do not say; a start's false switches it off
+    seen.clear()
+    configured = Pipeline(registry, counters, clock=Clock(T0 + 0.004), herfd=2.0)
+    configured.handle_batch(
+        [
+            opened("raw-c1"),
+            scan("raw-c1", 0, "Cu2O"),
+            opened("raw-c2", herfd=False),
+            scan("raw-c2", 0, "Cu2O"),
+        ]
+    )
+    assert seen == [(2.0, 2.0), (None, None)]

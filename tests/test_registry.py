@@ -274,7 +274,8 @@ def test_edited_manifest_is_refused_and_old_model_keeps_serving(
     assert reg.get("Cu", "K").predict(sample())["cn"].value == 4  # type: ignore[union-attr]
     assert reg.refusal_counts() == {reason: 1}
     snap = counters.snapshot()
-    assert snap["model_refused"] == 1 and snap["gauges"][f"model_refusals{{reason={reason}}}"] == 1
+    assert snap["model_refused"] == 1 and snap["model_refused_by_reason"] == {reason: 1}
+    assert not any(g.startswith("model_refusals") for g in snap["gauges"])  # the counter says it
     assert reg.status()["refused"]["cu-k"]["reason"] == reason
 
 

@@ -149,6 +149,10 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         load_config(None, {"XASFLOW__INPUT__PREFIX": "a b"})
     with pytest.raises(ConfigError, match="not an element symbol"):
         load_config(None, {"XASFLOW__ANALYSIS__ELEMENT": "Copper"})
+    with pytest.raises(ConfigError, match=r"analysis\.herfd: .*FWHM in eV"):
+        load_config(None, {"XASFLOW__ANALYSIS__HERFD": "-1"})
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "1.2"}).analysis.herfd == 1.2
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "true"}).analysis.herfd is True
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "missing.yaml", {})
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
@@ -157,6 +161,72 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml", {})
+
+
+def test_bundle_integrity_settings(tmp_path: Path) -> None:
+    """models.require_digest / require_signature / trusted_keys: defaults, paths relative to
+    the file, a key that is not a public key and signatures without keys are errors."""
+    from xasflow.models.integrity import generate_keypair
+
+    private, public = generate_keypair()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "facility.pub").write_bytes(public)
+    (tmp_path / "keys" / "facility.key").write_bytes(private)
+    defaults = DaemonConfig().models
+    assert (defaults.require_digest, defaults.require_signature) == (True, False)
+    assert defaults.trusted_keys == ()
+    path = tmp_path / "xasflow.yaml"
+    path.write_text("models:\n  require_signature: true\n  trusted_keys: [keys/facility.pub]\n")
+    cfg = load_config(path, {})
+    assert cfg.models.trusted_keys == (tmp_path / "keys" / "facility.pub",)
+    assert cfg.models.require_signature and cfg.models.require_digest
+    one = load_config(None, {"XASFLOW__MODELS__TRUSTED_KEYS": str(tmp_path / "keys/facility.pub")})
+    assert one.models.trusted_keys == (tmp_path / "keys" / "facility.pub",)
+    with pytest.raises(ConfigError, match=r"models: .*require_signature: true needs"):
+        load_config(None, {"XASFLOW__MODELS__REQUIRE_SIGNATURE": "true"})
+    path.write_text("models:\n  trusted_keys: [keys/facility.key]\n")  # the private half
+    with pytest.raises(ConfigError, match=r"models\.trusted_keys: .*facility\.key: not a"):
+        load_config(path, {})
+    path.write_text("models:\n  trusted_keys: [keys/missing.pub]\n")
+    with pytest.raises(ConfigError, match=r"missing\.pub: not a readable Ed25519 public key"):
+        load_config(path, {})
+
+
+def test_unsigned_bundle_refused_when_signatures_are_required(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path
+) -> None:
+    """With models.require_signature the unsigned tiny bundle is refused; /health names the
+    refusal and the settings, /metrics counts it by reason."""
+    from xasflow.models.integrity import generate_keypair
+
+    (tmp_path / "facility.pub").write_bytes(generate_keypair()[1])
+    cfg = daemon_config(models_dir, proxy, tmp_path / "store").with_updates(
+        {
+            "models": {"require_signature": True, "trusted_keys": [str(tmp_path / "facility.pub")]},
+            "storage": {"enabled": False},
+            "output": {"enabled": False},
+        }
+    )
+    d = Daemon(cfg)
+    d.start()
+    try:
+        assert d.models() == []
+        health = json.loads(get(f"{d.http_url}/health")[1])
+        reg = health["registry"]
+        assert reg["serving"] == [] and reg["refusals_by_reason"] == {"signature_missing": 1}
+        assert reg["refused"]["cu-k"]["reason"] == "signature_missing"
+        assert (reg["require_signature"], reg["require_digest"], reg["trusted_keys"]) == (
+            True,
+            True,
+            1,
+        )
+        assert health["models_refused"]["cu-k"].startswith("signature_missing: ")
+        assert health["counters"]["model_refused_by_reason"] == {"signature_missing": 1}
+        text = get(f"{d.http_url}/metrics")[1].decode()
+        assert 'xasflow_model_refused_total{reason="signature_missing"} 1.0' in text
+        assert "xasflow_model_refusals" not in text  # the labelled counter replaces the gauge
+    finally:
+        d.stop()
 
 
 def test_serve_check_prints_effective_config(
@@ -330,6 +400,14 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert health["models"][0]["element"] == "Cu" and health["models"][0]["edge"] == "K"
     assert health["queue_depth"] == 0 and health["input"]["decode_errors"] >= 0
     assert health["store"]["stored"] >= 1
+    reg = health["registry"]
+    assert [m["bundle_id"] for m in reg["serving"]] == [health["models"][0]["bundle_id"]]
+    assert reg["standby"] == {} and reg["refusals_by_reason"] == {}
+    assert (reg["require_digest"], reg["require_signature"], reg["trusted_keys"]) == (
+        True,
+        False,
+        0,
+    )
     status, body = get(f"{d.http_url}/metrics")
     assert status == 200
     text = body.decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -289,3 +290,31 @@ def test_reference_table_dataset(tmp_path: Path) -> None:
     assert ds.distance[0] == pytest.approx(2.10)
     details = sorted(i.detail for i in ds.issues)
     assert any("missing.txt" in d for d in details) and any("no such motif" in d for d in details)
+
+
+def test_cli_predict_herfd_broadens_before_predicting(
+    tiny_cu_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow predict --herfd [FWHM]``: the same sharp spectrum, declared HERFD, is broadened
+    (tabulated Cu width, or the given FWHM) before prediction and comes out differently."""
+    from synthetic_feff import model_mu
+
+    energy = np.arange(8960.0, 9120.0, 0.25)
+    sharp = tmp_path / "sharp.txt"  # a narrow white line, as HERFD records it
+    np.savetxt(sharp, np.column_stack([energy, model_mu(energy, 8981.5, 1.6, 1.0, 1.85)]))
+    out: dict[str, dict[str, Any]] = {}
+    for label, extra in {"plain": [], "tabulated": ["--herfd"], "wide": ["--herfd=4"]}.items():
+        path = tmp_path / f"{label}.json"
+        args = ["predict", "--bundle", str(tiny_cu_bundle), str(sharp), *extra, "--json", str(path)]
+        assert main(args) == 0
+        out[label] = json.loads(path.read_text())[str(sharp)]
+    text = capsys.readouterr().out
+    assert "HERFD: broadened to the model's resolution (tabulated width)" in text
+    assert "HERFD: broadened to the model's resolution (4 eV)" in text
+    assert [out[k]["herfd"] for k in ("plain", "tabulated", "wide")] == [False, True, 4.0]
+    plain, tabulated, wide = out["plain"], out["tabulated"], out["wide"]
+    assert plain["e0"] != tabulated["e0"] != wide["e0"]
+    assert plain["tasks"] != wide["tasks"]  # the model sees another spectrum
+    with pytest.raises(SystemExit):
+        main(["predict", "--bundle", str(tiny_cu_bundle), "--herfd", str(sharp)])
+    assert "put the files before --herfd" in capsys.readouterr().err

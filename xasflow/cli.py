@@ -152,6 +152,20 @@ def _describe(pred: Any) -> list[str]:
     return lines
 
 
+def _fwhm(text: str) -> float:
+    """``--herfd``'s optional value: a positive width in eV."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--herfd takes a FWHM in eV, not {text!r} (put the files before --herfd, "
+            "or write --herfd=FWHM)"
+        ) from None
+    if not 0 < value <= 50:
+        raise argparse.ArgumentTypeError(f"--herfd FWHM must be in (0, 50] eV, not {value:g}")
+    return value
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict measured spectra (XDI or two columns) with a bundle."""
     from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
@@ -169,6 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
             spectrum = read_spectrum_file(name, element=predictor.manifest.element)
+            if args.herfd is not None:  # prepare() broadens it to the model's resolution
+                spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
             pred = predictor.predict(spectrum)
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
@@ -181,8 +197,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{name}: E0 {pred.e0:.1f} eV{score}"
             + (f" [{', '.join(pred.flags)}]" if pred.flags else "")
         )
+        herfd = spectrum.meta.get("herfd", False)
+        if herfd:
+            width = "tabulated width" if herfd is True else f"{herfd:g} eV"
+            print(f"  HERFD: broadened to the model's resolution ({width})")
         print("\n".join(_describe(pred)))
-        results[name] = pred.to_dict()
+        results[name] = {**pred.to_dict(), "herfd": herfd}
     _write_json(args.json, results)
     return 1 if failed == len(args.files) else 0
 
@@ -251,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bundle", required=True)
     r.add_argument("files", nargs="+", help="XDI or two-column (energy eV, mu) files")
     r.add_argument("--json", help="write predictions here")
+    r.add_argument(
+        "--herfd",
+        nargs="?",
+        const=True,
+        type=_fwhm,
+        metavar="FWHM",
+        help="the spectra are HERFD: broaden by FWHM eV (default: the element's tabulated "
+        "width) before predicting; put it after the files or write --herfd=FWHM",
+    )
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("dataset", help="fetch or inspect training data")
@@ -270,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dataset)
 
     from xasflow.daemon.commands import add_commands
+    from xasflow.models.commands import add_bundle_command
     from xasflow.sim.commands import add_demo_command
 
+    add_bundle_command(sub)  # bundle seal | sign | verify | keygen
     add_commands(sub)  # serve
     add_demo_command(sub)  # demo
     return p

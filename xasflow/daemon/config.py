@@ -6,8 +6,10 @@ One file holds every section (all optional; defaults are the beamline-typical va
                overflow: block, formats: [pickle, msgpack]}
     channels: {energy: [...], i0: [...], it: [...], ir: [...], if: [...], mode: auto,
                stream: primary}
-    analysis: {element: null, edge: null, prefer: start, align: true, run_timeout_s: 60}
-    models:   {directory: <repo>/models, watch: true, watch_interval_s: 2}
+    analysis: {element: null, edge: null, prefer: start, align: true, run_timeout_s: 60,
+               herfd: false}
+    models:   {directory: <repo>/models, watch: true, watch_interval_s: 2,
+               require_digest: true, require_signature: false, trusted_keys: []}
     storage:  {enabled: true, directory: xasflow-store, backend: sqlite, batch_size: 256,
                flush_interval_s: 0.2}
     output:   {enabled: true, address: tcp://127.0.0.1:5577, prefix: xasflow-analysis,
@@ -27,27 +29,28 @@ problem is reported at once as a :class:`ConfigError` naming the offending key.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
-from xasflow import paths
 from xasflow.adapters.queueserver import QueueServerConfig
-from xasflow.daemon.channels import CHANNEL_DEFAULTS, ChannelMap
-from xasflow.daemon.recommend import RecommenderConfig
+from xasflow.daemon.config_sections import (
+    AnalysisConfig,
+    ChannelsConfig,
+    EpicsConfig,
+    HttpConfig,
+    InputConfig,
+    ModelsConfig,
+    OutputConfig,
+    RecommendConfig,
+    StorageConfig,
+    _Section,
+    is_loopback,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -73,254 +76,6 @@ ENV_PREFIX = "XASFLOW__"
 
 class ConfigError(ValueError):
     """The configuration file or an environment override is unusable; the message says where."""
-
-
-class _Section(BaseModel):
-    """Common settings: unknown keys are errors (a typo must not be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
-
-
-def _address(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("address must not be empty")
-    return value if "://" in value else f"tcp://{value}"
-
-
-def _prefix(value: str) -> str:
-    if " " in value:
-        raise ValueError("prefix must not contain spaces (bluesky frames are space-separated)")
-    try:
-        value.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError("prefix must be ASCII") from None
-    return value
-
-
-class InputConfig(_Section):
-    """The 0MQ SUB input: the ``bluesky-0MQ-proxy`` *out* port (bluesky's default 5578)."""
-
-    address: str = "tcp://127.0.0.1:5578"
-    prefix: str = Field("", description="only documents published with this prefix; '' = all")
-    hwm: int = Field(100_000, ge=0, description="0MQ receive high-water mark (messages)")
-    queue_size: int = Field(10_000, ge=1, description="decoded documents waiting for analysis")
-    overflow: Literal["block", "drop_newest", "drop_oldest"] = "block"
-    formats: tuple[Literal["pickle", "msgpack"], ...] = ("pickle", "msgpack")
-    max_message_bytes: int = Field(-1, ge=-1, description="ZMQ_MAXMSGSIZE; -1 = no limit")
-
-    _check_address = field_validator("address")(_address)
-    _check_prefix = field_validator("prefix")(_prefix)
-
-    @field_validator("formats")
-    @classmethod
-    def _nonempty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one body format must be accepted")
-        return tuple(dict.fromkeys(value))
-
-    def to_zmq(self) -> Any:
-        """The adapter's :class:`~xasflow.adapters.zmq_bus.ZmqInputConfig`."""
-        from xasflow.adapters.zmq_bus import ZmqInputConfig
-
-        return ZmqInputConfig(
-            address=self.address,
-            prefix=self.prefix.encode("ascii"),
-            rcvhwm=self.hwm,
-            queue_size=self.queue_size,
-            overflow=self.overflow,
-            formats=self.formats,
-            max_message_bytes=self.max_message_bytes,
-        )
-
-
-class ChannelsConfig(_Section):
-    """Data keys of energy and each detector channel (first present wins), and the mu mode."""
-
-    model_config = ConfigDict(
-        extra="forbid", validate_default=True, frozen=True, populate_by_name=True
-    )
-
-    energy: tuple[str, ...] = CHANNEL_DEFAULTS["energy"]
-    i0: tuple[str, ...] = CHANNEL_DEFAULTS["i0"]
-    it: tuple[str, ...] = CHANNEL_DEFAULTS["it"]
-    ir: tuple[str, ...] = CHANNEL_DEFAULTS["ir"]
-    if_: tuple[str, ...] = Field(CHANNEL_DEFAULTS["if"], alias="if")
-    mode: Literal["auto", "transmission", "fluorescence"] = "auto"
-    stream: str = "primary"
-
-    @field_validator("energy", "i0", "it", "ir", "if_", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return (value,)  # a single key name is a one-element list
-        return value
-
-    @field_validator("energy", "i0", "it", "ir", "if_")
-    @classmethod
-    def _nonempty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value or not all(v.strip() for v in value):
-            raise ValueError("give at least one non-empty data key name")
-        return value
-
-    def to_channel_map(self) -> ChannelMap:
-        """The assembler's :class:`~xasflow.daemon.channels.ChannelMap`."""
-        return ChannelMap(
-            energy=self.energy,
-            i0=self.i0,
-            it=self.it,
-            ir=self.ir,
-            if_=self.if_,
-            mode=self.mode,
-            stream=self.stream,
-        )
-
-
-class AnalysisConfig(_Section):
-    """Where element and edge come from, alignment, and when an unfinished run is given up.
-
-    ``prefer: start`` takes element/edge from the start document and falls back to
-    ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
-    neither, the pipeline infers them from the energy range (tabulated edge energies).
-    """
-
-    element: str | None = None
-    edge: str | None = None
-    prefer: Literal["start", "config"] = "start"
-    align: bool = Field(True, description="align each spectrum on its reference-foil channel")
-    run_timeout_s: float = Field(60.0, gt=0, description="close a run idle this long")
-    timeout_check_s: float = Field(1.0, gt=0, description="how often idle runs are looked for")
-    batch_max: int = Field(512, ge=1, description="documents handled per processing batch")
-
-    @field_validator("element")
-    @classmethod
-    def _element(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        sym = value.strip().capitalize()
-        if not (1 <= len(sym) <= 2 and sym.isalpha()):
-            raise ValueError(f"{value!r} is not an element symbol")
-        return sym
-
-    @field_validator("edge")
-    @classmethod
-    def _edge(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        edge = value.strip().upper()
-        if not (edge.isalnum() and 1 <= len(edge) <= 3):
-            raise ValueError(f"{value!r} is not an edge name (K, L3, ...)")
-        return edge
-
-    @model_validator(mode="after")
-    def _forced_needs_values(self) -> AnalysisConfig:
-        if self.prefer == "config" and self.element is None:
-            raise ValueError("prefer: config needs an element")
-        return self
-
-
-class ModelsConfig(_Section):
-    """The model directory (one verified bundle per subdirectory), watched for new bundles."""
-
-    directory: Path = Field(default_factory=lambda: paths.REPO_ROOT / "models")
-    watch: bool = True
-    watch_interval_s: float = Field(2.0, gt=0)
-
-
-class StorageConfig(_Section):
-    """The embedded tiled catalog the analysis runs are written to (no server needed)."""
-
-    enabled: bool = True
-    directory: Path = Path("xasflow-store")
-    backend: Literal["sqlite", "duckdb"] = "sqlite"
-    batch_size: int = Field(256, ge=1)
-    flush_interval_s: float = Field(0.2, gt=0)
-    max_queue: int = Field(100_000, ge=1)
-
-
-class OutputConfig(_Section):
-    """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577).
-
-    ``after_store``: publish a result only once the store has committed it (nothing on the bus
-    that the store does not hold; results then wait for the store's next commit, up to
-    ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
-    """
-
-    enabled: bool = True
-    address: str = "tcp://127.0.0.1:5577"
-    prefix: str = "xasflow-analysis"
-    format: Literal["pickle", "msgpack"] = "pickle"
-    after_store: bool = False
-    after_store_timeout_s: float = Field(5.0, gt=0)
-
-    _check_address = field_validator("address")(_address)
-    _check_prefix = field_validator("prefix")(_prefix)
-
-
-class HttpConfig(_Section):
-    """The HTTP server: ``/metrics``, ``/health`` and the read-only dashboard (``/``).
-
-    ``token`` (optional on loopback, required when ``host`` is not a loopback address) must
-    then accompany every request, as ``?token=`` or ``Authorization: Bearer``.
-    ``dashboard_rate_hz`` caps the dashboard's pushed updates per second.
-    """
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(8620, ge=0, le=65535, description="0 picks a free port")
-    token: SecretStr | None = Field(None, description="access token; required off loopback")
-    dashboard: bool = True
-    dashboard_rate_hz: float = Field(5.0, gt=0, le=20, description="dashboard updates per s")
-
-    @field_validator("token", mode="before")
-    @classmethod
-    def _token_text(cls, value: Any) -> Any:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # a numeric token written unquoted in YAML
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> HttpConfig:
-        if self.enabled and self.token is None and not is_loopback(self.host):
-            raise ValueError(
-                f"host {self.host!r} is not a loopback address: set http.token "
-                "(XASFLOW__HTTP__TOKEN) so the dashboard and metrics are not open to the network"
-            )
-        return self
-
-
-class RecommendConfig(_Section):
-    """Energy-region recommendations: each analysis run's ``recommendations`` stream.
-
-    ``interval_s`` caps them at one per run per interval (the first spectrum of a run always
-    gets one): fly scans bring hundreds of spectra a second, the control system needs a few.
-    """
-
-    enabled: bool = True
-    interval_s: float = Field(0.1, ge=0, description="s between recommendations of a run")
-    recommender: RecommenderConfig = Field(default_factory=RecommenderConfig)
-
-
-class EpicsConfig(_Section):
-    """The caproto IOC serving the latest answer as PVs (off unless enabled)."""
-
-    enabled: bool = False
-    prefix: str = Field("XAS:", min_length=1, description="PV name prefix")
-    host: str = "127.0.0.1"
-    port: int = Field(5064, ge=1, le=65535, description="Channel Access server port")
-
-    _check_prefix = field_validator("prefix")(_prefix)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DaemonConfig(_Section):
@@ -424,16 +179,25 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make relative ``models.directory`` / ``storage.directory`` from a file absolute."""
+    """Make relative ``models.directory`` / ``storage.directory`` / ``models.trusted_keys``
+    from a file absolute."""
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return value
+        path = Path(value).expanduser()
+        return os.path.normpath(path if path.is_absolute() else base / path)
+
     for section in ("models", "storage"):
-        value = (
-            data.get(section, {}).get("directory") if isinstance(data.get(section), dict) else None
+        body = data.get(section)
+        if isinstance(body, dict) and "directory" in body:
+            body["directory"] = absolute(body["directory"])
+    models = data.get("models")
+    if isinstance(models, dict) and "trusted_keys" in models:
+        keys = models["trusted_keys"]
+        models["trusted_keys"] = (
+            [absolute(k) for k in keys] if isinstance(keys, list) else absolute(keys)
         )
-        if isinstance(value, str) and value:
-            path = Path(value).expanduser()
-            data[section]["directory"] = os.path.normpath(
-                path if path.is_absolute() else base / path
-            )
 
 
 def _validate(data: Any, origin: str) -> DaemonConfig:

@@ -14,7 +14,8 @@ a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric
 ``runs_opened``                       ``xasflow_runs_opened_total``
 ``runs_closed[exit_status]``          ``xasflow_runs_closed_total{exit_status}``
 ``model_swaps``                       ``xasflow_model_swaps_total``
-``model_refused``                     ``xasflow_model_refused_total``
+``limit_refused[limit]``              ``xasflow_limit_refused_total{limit}`` (operator limits)
+``model_refused[reason]``             ``xasflow_model_refused_total{reason}``
 ``models[(element, edge)]``           ``xasflow_model_info{element, edge, bundle_id} 1``
 latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``gauges[(name, labels)]``            ``xasflow_<name>{labels}`` (e.g. queue depth)
@@ -75,7 +76,8 @@ class Counters:
         self.runs_opened = 0
         self.runs_closed: dict[str, int] = {}
         self.model_swaps = 0
-        self.model_refused = 0
+        self.limit_refused: dict[str, int] = {}
+        self.model_refused: dict[str, int] = {}
         self.models: dict[tuple[str, str], str] = {}
         self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
@@ -150,10 +152,15 @@ class Counters:
         with self._lock:
             self.model_swaps += 1
 
-    def model_refusal(self) -> None:
-        """A bundle failed verification and was not loaded."""
+    def model_refusal(self, reason: str = "invalid") -> None:
+        """A bundle failed verification and was not loaded, by reason code (``digest_mismatch``...)."""
         with self._lock:
-            self.model_refused += 1
+            self.model_refused[reason] = self.model_refused.get(reason, 0) + 1
+
+    def refused_by_limit(self, limit: str, n: int = 1) -> None:
+        """Requests refused by an operator limit (``sse_clients``: too many event streams)."""
+        with self._lock:
+            self.limit_refused[limit] = self.limit_refused.get(limit, 0) + n
 
     def set_model(self, element: str, edge: str, bundle_id: str | None) -> None:
         """Record the bundle serving ``element``/``edge`` (None: none any more)."""
@@ -229,7 +236,9 @@ class Counters:
                 "runs_opened": self.runs_opened,
                 "runs_closed": dict(sorted(self.runs_closed.items())),
                 "model_swaps": self.model_swaps,
-                "model_refused": self.model_refused,
+                "limit_refused": dict(sorted(self.limit_refused.items())),
+                "model_refused": sum(self.model_refused.values()),
+                "model_refused_by_reason": dict(sorted(self.model_refused.items())),
                 "models": {f"{el}-{ed}": bid for (el, ed), bid in sorted(self.models.items())},
                 "gauges": {_gauge_label(k): v for k, v in sorted(self.gauges.items())},
                 "latency": {
@@ -280,7 +289,8 @@ class _Collector:
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
             opened, closed = c.runs_opened, dict(c.runs_closed)
-            swaps, refused = c.model_swaps, c.model_refused
+            swaps, refused = c.model_swaps, dict(c.model_refused)
+            over_limit = dict(c.limit_refused)
             models = dict(c.models)
             gauges = dict(c.gauges)
         yield CounterMetricFamily(
@@ -324,9 +334,20 @@ class _Collector:
         yield CounterMetricFamily(
             "xasflow_model_swaps", "Serving model bundles replaced by new ones", value=swaps
         )
-        yield CounterMetricFamily(
-            "xasflow_model_refused", "Model bundles refused (failed verification)", value=refused
+        fam = CounterMetricFamily(
+            "xasflow_model_refused",
+            "Model bundles refused (failed verification), by reason",
+            labels=["reason"],
         )
+        for reason, n in sorted(refused.items()):
+            fam.add_metric([reason], n)
+        yield fam
+        fam = CounterMetricFamily(
+            "xasflow_limit_refused", "Requests refused by an operator limit", labels=["limit"]
+        )
+        for limit, n in sorted(over_limit.items()):
+            fam.add_metric([limit], n)
+        yield fam
         info = GaugeMetricFamily(
             "xasflow_model_info",
             "Model bundle serving each element and edge",

@@ -72,6 +72,7 @@ from xasflow.daemon.dashboard_views import (
     recommendation_view,
 )
 from xasflow.daemon.documents import finite_number
+from xasflow.daemon.limits import StreamLimit
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -433,13 +434,18 @@ def _index_html(token: str | None) -> str:
     return text.replace("{{query}}", html.escape(query, quote=True))
 
 
-def install_dashboard(app: Starlette, view: DaemonView, rate_hz: float = 5.0) -> Dashboard:
+def install_dashboard(
+    app: Starlette, view: DaemonView, rate_hz: float = 5.0, max_clients: int = 64
+) -> Dashboard:
     """Add the dashboard's routes to ``app`` and start the dashboard (``app.state.dashboard``).
+
+    At most ``max_clients`` event streams at once (``app.state.sse_limit``; beyond: 503, counted).
 
     The caller feeds it (:meth:`Dashboard.listener`, :meth:`Dashboard.offer_latest`); it is
     stopped by ``app.state.on_stop`` (see :class:`~xasflow.daemon.http.HttpServer`).
     """
     dash = Dashboard(view, rate_hz=rate_hz)
+    limit = StreamLimit(max_clients, on_refused=view.counters.refused_by_limit)
 
     async def index(request: Request) -> Response:
         try:
@@ -454,7 +460,7 @@ def install_dashboard(app: Starlette, view: DaemonView, rate_hz: float = 5.0) ->
         _version, body = await asyncio.to_thread(dash.message)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def events(request: Request) -> Response:
+    def events(request: Request) -> Response:
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(dash.stream(), media_type="text/event-stream", headers=headers)
 
@@ -466,11 +472,12 @@ def install_dashboard(app: Starlette, view: DaemonView, rate_hz: float = 5.0) ->
             Route("/", index, methods=["GET"]),
             Route("/api/state", state, methods=["GET"]),
             Route("/api/dashboard", stats, methods=["GET"]),
-            Route("/events", events, methods=["GET"]),
+            Route("/events", limit.wrap(events), methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         ]
     )
     app.state.dashboard = dash
+    app.state.sse_limit = limit
     on_stop = getattr(app.state, "on_stop", None)
     if on_stop is None:
         on_stop = app.state.on_stop = []

@@ -6,7 +6,8 @@ added with ``app.router.routes.append(...)`` or ``app.mount(...)`` before the se
 port is known (``port=0`` picks a free one) and ``start()`` returns only once it accepts.
 
 With ``http.dashboard`` (default) the app also serves the operators' page
-(:mod:`xasflow.daemon.dashboard`, ``app.state.dashboard``; the caller feeds it). With ``http.token`` set (required off loopback),
+(:mod:`xasflow.daemon.dashboard`, ``app.state.dashboard``; the caller feeds it), with at most
+``http.max_sse_clients`` event streams at once (:class:`xasflow.daemon.limits.StreamLimit`). With ``http.token`` set (required off loopback),
 :class:`TokenAuth` answers 401 to every request lacking it (``?token=`` or
 ``Authorization: Bearer``), Prometheus scrapes included. ``app.state.on_stop`` callables run
 when :class:`HttpServer` stops, before uvicorn is told to exit (open event streams end).
@@ -166,7 +167,12 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
     if http_config is not None and http_config.dashboard:
         from xasflow.daemon.dashboard import install_dashboard
 
-        install_dashboard(app, view, rate_hz=http_config.dashboard_rate_hz)
+        install_dashboard(
+            app,
+            view,
+            rate_hz=http_config.dashboard_rate_hz,
+            max_clients=http_config.max_sse_clients,
+        )
     if http_config is not None and http_config.token is not None:
         app.add_middleware(TokenAuth, token=http_config.token.get_secret_value())
     return app

@@ -87,6 +87,9 @@ REASONS: frozenset[str] = frozenset(
         "no_post_edge",  # too few points above the edge to normalise
         "window",  # data do not cover the model's energy window
         "prediction_error",  # the ONNX graphs failed on this spectrum
+        "edge_step",  # the edge step is not positive / not determined
+        "herfd_width",  # HERFD declared, but no tabulated width for the element: give the FWHM
+        "bad_broadening",  # a HERFD width that is not a positive number of eV
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
@@ -144,8 +147,12 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         recommend: RecommenderConfig | None = None,
         recommend_interval_s: float = 0.0,
+        herfd: bool | float = False,
     ) -> None:
         """``clock``: wall clock (epoch s) for document times and latencies.
+
+        ``herfd``: spectra are HERFD (True: the element's tabulated width, a number: the
+        FWHM in eV), broadened by ``prepare``; a start document's own ``herfd`` key wins.
 
         ``recommend``: emit a ``recommendations`` stream in each analysis run (None: off).
         ``recommend_interval_s``: at most one recommendation per run in this many seconds
@@ -173,6 +180,8 @@ class Pipeline:
         self.recommend_interval_s = float(recommend_interval_s)
         self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
         self._runs: dict[str, AnalysisRun] = {}
+        self.herfd = herfd
+        self._herfd: dict[str, Any] = {}  # raw uid -> its start document's ``herfd``
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
         #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
@@ -200,6 +209,8 @@ class Pipeline:
         for i, out in enumerate(items):
             if isinstance(out, SpectrumReady):
                 works[i] = self._prepare(out.spectrum)
+            elif isinstance(out, RunOpened) and "herfd" in out.start:
+                self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
         self._predict([w for w in works.values() if w.reason is None])
         for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
             if w.reason is None and w.prediction is not None and w.prepared is not None:
@@ -300,12 +311,20 @@ class Pipeline:
             raise SpectrumError(
                 "bad_channel", f"{energy.size} energies but {mu.size} channel values"
             )
-        spectrum = Spectrum(
-            energy, mu, element, edge, meta={"raw_uid": scan.raw_uid, "index": scan.index}
-        )
+        meta: dict[str, Any] = {"raw_uid": scan.raw_uid, "index": scan.index}
+        herfd = self._herfd.get(scan.raw_uid, self.herfd)
+        if herfd is not False:
+            if not isinstance(herfd, bool | int | float):
+                raise SpectrumError(
+                    "bad_broadening", f"herfd {herfd!r}: give true, false or the FWHM in eV"
+                )
+            meta["herfd"] = herfd
+        spectrum = Spectrum(energy, mu, element, edge, meta=meta)
         if self.align:
             spectrum = self._align(work, spectrum, energy)
         work.prepared = predictor.prepare(spectrum)
+        if work.prepared.spectrum.meta.get("broadened_fwhm"):
+            work.flags.append("herfd_broadened")
 
     def _align(self, work: _Work, spectrum: Spectrum, energy: np.ndarray) -> Spectrum:
         """Reference-foil alignment, best effort (flags say why it was not applied)."""
@@ -452,6 +471,7 @@ class Pipeline:
             self.recommendations.close(out.raw_uid)
             self._recommend_due.pop(out.raw_uid, None)
         run = self._runs.pop(out.raw_uid, None)
+        self._herfd.pop(out.raw_uid, None)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)

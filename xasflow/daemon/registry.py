@@ -15,8 +15,8 @@ predictor, never a half-loaded one. If the bundle's files change while it loads 
 still in progress), the result is discarded and the next scan tries again.
 
 A bundle that fails verification is refused: logged with its reason code and message,
-counted in ``Counters.model_refused`` and per reason (:meth:`ModelRegistry.refusal_counts`,
-also the gauge ``xasflow_model_refusals{reason}``), listed by :meth:`ModelRegistry.refused`
+counted per reason in ``Counters.model_refused`` (``xasflow_model_refused_total{reason}``)
+and :meth:`ModelRegistry.refusal_counts`, listed by :meth:`ModelRegistry.refused`
 (read by ``/health``), reported as a ``refused`` event, and whatever served that
 element/edge before keeps serving (a predictor in memory was verified when it was loaded).
 It is retried only when its files change. The registry remembers the manifest digest of
@@ -423,8 +423,7 @@ class ModelRegistry:
         self._refused[name] = Refusal(reason, message)
         self._standby.pop(name, None)
         self._refusal_counts[reason] = self._refusal_counts.get(reason, 0) + 1
-        self.counters.model_refusal()
-        self.counters.set_gauge("model_refusals", self._refusal_counts[reason], reason=reason)
+        self.counters.model_refusal(reason)
         element = edge = None
         try:
             m = read_manifest(path)

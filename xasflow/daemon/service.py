@@ -47,6 +47,7 @@ from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, Zm
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.health import feedback_health, limits_health
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
 from xasflow.daemon.registry import ModelRegistry
@@ -120,7 +121,14 @@ class Daemon:
         )
 
     def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
-        self.registry = ModelRegistry(cfg.models.directory, self.counters)
+        models = cfg.models
+        self.registry = ModelRegistry(
+            models.directory,
+            self.counters,
+            require_digest=models.require_digest,
+            trusted_keys=models.trusted_keys,
+            require_signature=models.require_signature,
+        )
         if not self.registry.models():
             logger.warning(
                 "no model bundle in %s: every spectrum will be rejected no_model",
@@ -135,6 +143,7 @@ class Daemon:
             align=cfg.analysis.align,
             recommend=rec.recommender if rec.enabled else None,
             recommend_interval_s=rec.interval_s,
+            herfd=cfg.analysis.herfd,
         )
         self._start_feedback(cfg)
         if cfg.storage.enabled:
@@ -389,24 +398,6 @@ class Daemon:
             stats["acknowledged"] = self._acknowledged
         return stats
 
-    def _feedback_health(self) -> dict[str, Any]:
-        """The IOC's and the queueserver submitter's state (None where disabled)."""
-        ioc, sub = self.ioc, self.submitter
-        return {
-            "recommend": self.config.recommend.enabled,
-            "epics": None
-            if ioc is None
-            else {
-                "prefix": ioc.prefix,
-                "port": ioc.tcp_port,
-                "running": ioc.running,
-                "published": ioc.published,
-            },
-            "queueserver": None
-            if sub is None
-            else {"stats": dict(sub.stats), "last_error": sub.last_error},
-        }
-
     def sync_stats(self) -> None:
         """Fold the input's decode errors into the counters and refresh the gauges."""
         src = self.input_stats()
@@ -420,6 +411,15 @@ class Daemon:
         store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))
+        for name, limit in self.limits().items():  # each limit's size beside its fill
+            self.counters.set_gauge("limit", limit["max"], limit=name)
+            used = limit.get("open", limit.get("depth", 0))
+            self.counters.set_gauge("limit_used", used, limit=name)
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """Operator limits (config), how full each is and what each refused or dropped."""
+        sse = getattr(getattr(self.app, "state", None), "sse_limit", None)
+        return limits_health(self.config, self.input_stats(), self.store_stats(), sse)
 
     def health(self) -> dict[str, Any]:
         """Readiness, uptime, counters, models and adapter state, JSON-ready."""
@@ -439,6 +439,8 @@ class Daemon:
             "out_of_domain": counters["out_of_domain"],
             "models": self.models(),
             "models_refused": registry.refused() if registry is not None else {},
+            # serving, standby, refusals by reason and the integrity settings
+            "registry": registry.status() if registry is not None else None,
             "input": {
                 "address": self.config.input.address,
                 "prefix": self.config.input.prefix,
@@ -461,7 +463,8 @@ class Daemon:
                 if self.interrupted is not None
                 else {"open": [], "closed": []}
             ),
-            "feedback": self._feedback_health(),
+            "feedback": feedback_health(self.config, self.ioc, self.submitter),
+            "limits": {**self.limits(), "token_min_length": self.config.http.token_min_length},
             "internal_errors": self.processor.internal_errors if self.processor else 0,
         }
 
