@@ -352,8 +352,8 @@ def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
     ok = wait(lambda: "cu-k" not in (h.health() or {}).get("models_refused", {}), 10)
     assert ok and serving(h)[0] == (live_id, live_digest), "restoring the live bundle failed"
     with urllib.request.urlopen(f"{h.url}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():  # xasflow_model_refusals{reason="x"} n
-            if line.startswith("xasflow_model_refusals{"):
+        for line in resp.read().decode().splitlines():  # xasflow_model_refused_total{reason=..} n
+            if line.startswith("xasflow_model_refused_total{"):
                 reason = line.split('reason="', 1)[1].split('"', 1)[0]
                 t.refusals[reason] = int(float(line.rsplit(" ", 1)[1]))
 

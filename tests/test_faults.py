@@ -44,7 +44,7 @@ def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
         "symlink_dir": "symlink",
         "tamper_manifest_same_id": "bundle_id_reused",
     }
-    # every refusal reached /metrics by reason (xasflow_model_refusals{reason})
+    # every refusal reached /metrics by reason (xasflow_model_refused_total{reason})
     assert result["refusals_by_reason"] == {
         "bundle_id_reused": 1,
         "digest_mismatch": 2,
