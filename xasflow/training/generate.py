@@ -218,6 +218,17 @@ def write_outcome(out: Path, outcome: SiteOutcome) -> None:
         _write_text(site / name, outcome.files[name])
 
 
+def generation_record(tree: str | Path) -> dict[str, Any] | None:
+    """The ``generation.json`` of a generated tree (preset, element, sites), or None.
+
+    For training code that records the FEFF preset of its data in the bundle manifest.
+    """
+    path = Path(tree) / GENERATION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _load_record(out: Path, preset: FeffPreset, element: str, edge: str) -> dict[str, Any]:
     """The tree's generation record; a ValueError if it was made with other settings."""
     path = out / GENERATION_FILE
