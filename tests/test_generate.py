@@ -191,8 +191,9 @@ def test_generate_writes_a_tree_that_reads_back_and_resumes(tmp_path, client):
     assert (out / "Short/FEFF-XANES/000_Cu/feff.inp").read_text().startswith("* This FEFF")
     assert all(s.energy.size == 300 for s in tree.sites())
 
-    CALLS.clear()
-    again = generate(root, "Cu", out, "fast", runner=fake_runner, progress=False, client=client)
+    CALLS.clear()  # the re-run joins the same cluster by its address, as on a real cluster
+    address = client.scheduler.address
+    again = generate(root, "Cu", out, "fast", scheduler=address, runner=fake_runner, progress=False)
     assert again.skipped_complete == 3 and again.computed == 0
     assert sorted(CALLS) == ["Bad site 0", "Short site 0"]  # only the failed ones are retried
     assert again.failure_counts() == report.failure_counts()
