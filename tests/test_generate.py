@@ -178,6 +178,7 @@ def test_generate_writes_a_tree_that_reads_back_and_resumes(tmp_path, client):
     assert record["preset"]["params"] == PRESETS["fast"].to_dict()
     spinel_sites = record["materials"]["spinel"]["sites"]
     assert {k: v["multiplicity"] for k, v in spinel_sites.items()} == {"000": 8, "008": 16}
+    assert all(v["seconds"] >= v["cpu_seconds"] >= 0 for v in spinel_sites.values())
 
     tree = read_feff_tree(out, element="Cu")
     assert [(s.material_id, s.site_index) for s in tree.sites()] == [
@@ -284,3 +285,4 @@ def test_real_feff10_run_of_a_tiny_cluster():
     assert edge == "K" and 8970 < energy[0] < 8990 and energy[-1] - energy[0] > 120
     assert 0.5 < np.median(mu[-20:]) < 1.5  # FEFF normalises to an edge step of about one
     assert "FEFF 10" in outcome.files["feff.out"]
+    assert outcome.cpu_seconds > 0  # FEFF's stage processes, counted once they exit

@@ -73,6 +73,7 @@ class SiteOutcome:
     files: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     detail: str = ""
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -87,6 +88,7 @@ class GenerationReport:
     computed: int = 0
     failures: list[Failure] = field(default_factory=list)
     site_seconds: dict[str, float] = field(default_factory=dict)
+    site_cpu_seconds: dict[str, float] = field(default_factory=dict)
     not_absorbing: int = 0
     wall_seconds: float = 0.0
 
@@ -150,7 +152,7 @@ def run_site(task: SiteTask, preset: FeffPreset, runner: Runner | None = None) -
 
     from xasflow.training.feff_inputs import feff_input
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     files: dict[str, str] = {}
 
     def failed(reason: str, exc: BaseException | str) -> SiteOutcome:
@@ -158,7 +160,7 @@ def run_site(task: SiteTask, preset: FeffPreset, runner: Runner | None = None) -
         if files:  # keep the cards (and FEFF's words) next to the missing xmu.dat
             files["feff.out"] = files.get("feff.out", "") + f"xasflow: {reason}: {detail}\n"
         return SiteOutcome(
-            task, time.perf_counter() - t0, files=files, reason=reason, detail=detail[:500]
+            task, time.perf_counter() - t0, files, reason, detail[:500], _cpu_seconds() - cpu0
         )
 
     try:
@@ -186,7 +188,19 @@ def run_site(task: SiteTask, preset: FeffPreset, runner: Runner | None = None) -
         reason, _, detail = str(exc).partition(": ")
         return failed(reason, detail)
     files["xmu.dat"] = raw.decode("latin-1")
-    return SiteOutcome(task, time.perf_counter() - t0, files=files)
+    return SiteOutcome(task, time.perf_counter() - t0, files, cpu_seconds=_cpu_seconds() - cpu0)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this thread plus of finished child processes (FEFF's stage workers).
+
+    Exact with one task per worker process (what dask_client sets up); on a shared machine
+    this, not wall time, is the cost of a site.
+    """
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.thread_time() + kids.ru_utime + kids.ru_stime
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +301,9 @@ def plan_sites(
 def _save_record(out: Path, record: dict[str, Any], report: GenerationReport) -> None:
     for key, seconds in report.site_seconds.items():
         mid, site = key.split("/")
-        record["materials"][mid]["sites"][site]["seconds"] = round(seconds, 1)
+        entry = record["materials"][mid]["sites"][site]
+        entry["seconds"] = round(seconds, 1)
+        entry["cpu_seconds"] = round(report.site_cpu_seconds.get(key, 0.0), 1)
     _write_text(out / GENERATION_FILE, json.dumps(record, indent=1) + "\n")
     failures = {
         "counts": report.failure_counts(),
@@ -371,6 +387,7 @@ def generate(
 def _record_outcome(out: Path, outcome: SiteOutcome, report: GenerationReport) -> None:
     key = f"{outcome.task.material_id}/{outcome.task.site_index:03d}"
     report.site_seconds[key] = outcome.seconds
+    report.site_cpu_seconds[key] = outcome.cpu_seconds
     if outcome.reason:
         item = f"{outcome.task.material_id}/{outcome.task.site_index:03d}_{outcome.task.element}"
         report.failures.append(Failure(item, outcome.reason, outcome.detail))
