@@ -167,7 +167,9 @@ def main() -> int:
         default=str(Path(tempfile.gettempdir()) / "xasflow-bench-generate"),
         help="the generated trees are kept here (re-runs reuse finished sites)",
     )
-    ap.add_argument("--presets", default="fast,standard", help="comma-separated preset names")
+    ap.add_argument(
+        "--presets", default="fast,standard", help="comma-separated preset names ('' for none)"
+    )
     ap.add_argument("--speedup-sites", type=int, default=4, help="0 skips the speedup runs")
     ap.add_argument("--labels", action="store_true", help="also time cold labels (~10 CPU-min)")
     ap.add_argument("--estimate-sites", type=int, default=3000)
@@ -187,9 +189,9 @@ def main() -> int:
     result["cpu_seconds_per_site"] = {
         n: v["cpu_seconds_per_site"] for n, v in result["presets"].items()
     }
-    cheapest = min(names, key=lambda n: result["seconds_per_site"][n] or float("inf"))
     efficiency = 1.0
-    if args.speedup_sites:
+    if args.speedup_sites and names:
+        cheapest = min(names, key=lambda n: result["cpu_seconds_per_site"][n] or float("inf"))
         result["speedup"] = speedup(work, cheapest, args.speedup_sites)
         result["speedup_2_workers"] = result["speedup"]["speedup_2_workers"]
         efficiency = min(1.0, result["speedup_2_workers"] / 2)

@@ -198,6 +198,10 @@ def test_generate_writes_a_tree_that_reads_back_and_resumes(tmp_path, client):
     assert again.skipped_complete == 3 and again.computed == 0
     assert sorted(CALLS) == ["Bad site 0", "Short site 0"]  # only the failed ones are retried
     assert again.failure_counts() == report.failure_counts()
+    kept = generation_record(out)["materials"]["spinel"]["sites"]
+    assert {k: v["seconds"] for k, v in kept.items()} == {
+        k: v["seconds"] for k, v in spinel_sites.items()
+    }  # the timings of the sites computed before survive the re-run
     with pytest.raises(ValueError, match="preset 'fast'"):
         generate(root, "Cu", out, "standard", runner=fake_runner, progress=False, client=client)
 

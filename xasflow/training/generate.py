@@ -280,12 +280,17 @@ def plan_sites(
         _write_text(poscar_path, item.poscar)
         structure = Structure.from_str(item.poscar, fmt="poscar")
         sites, symprec = unique_sites(structure, element)
+        before = record["materials"].get(item.material_id, {}).get("sites", {})
         record["materials"][item.material_id] = {
             "source": item.source,
             "symprec": symprec,
             "n_absorbers": sum(s.multiplicity for s in sites),
             "sites": {
-                f"{s.index:03d}": {"multiplicity": s.multiplicity, "equivalent": list(s.equivalent)}
+                f"{s.index:03d}": {
+                    **before.get(f"{s.index:03d}", {}),  # timings of an earlier run
+                    "multiplicity": s.multiplicity,
+                    "equivalent": list(s.equivalent),
+                }
                 for s in sites
             },
         }
