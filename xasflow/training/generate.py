@@ -177,6 +177,9 @@ def run_site(task: SiteTask, preset: FeffPreset, runner: Runner | None = None) -
         try:
             files["feff.out"] = (runner or feff10_runner)(files["feff.inp"], work)
         except Exception as exc:  # FEFF stage errors, crashes of its worker processes
+            said = work / "feff.stdout"  # what FEFF printed before it stopped
+            if said.exists():
+                files["feff.out"] = said.read_text(encoding="utf-8", errors="replace")[-20000:]
             return failed("feff_error", exc)
         xmu = work / "xmu.dat"
         if not xmu.exists():
