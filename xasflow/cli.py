@@ -224,6 +224,24 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_generate(args: argparse.Namespace) -> int:
+    """FEFF10 spectra of every symmetry-unique site of structures, as dask tasks (resumable)."""
+    from xasflow.training.generate import generate
+
+    try:
+        report = generate(
+            args.structures, args.element, args.out, preset=args.preset, edge=args.edge,
+            scheduler=args.scheduler, workers=args.workers, progress=sys.stderr.isatty(),
+            limit=args.limit,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    print(report.summary())
+    for failure in report.failures[: args.show_issues]:
+        print(f"  {failure.item}: {failure.reason} {failure.detail}")
+    return 1 if report.failures and not (report.computed or report.skipped_complete) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     p = argparse.ArgumentParser(prog="xasflow", description=__doc__.splitlines()[0])
@@ -296,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--element", default="Cu")
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--show-issues", type=int, default=10)
+    g = dsub.add_parser("generate", help="FEFF10 spectra of structures (dask; resumable)")
+    g.add_argument("--element", required=True)
+    g.add_argument("--edge", default="K")
+    g.add_argument("--structures", required=True, help="directory or tar of CIF/POSCAR files")
+    g.add_argument("--out", required=True, help="FEFF tree to write (Lightshow layout)")
+    g.add_argument("--preset", default="standard", help="fast, standard or converged")
+    g.add_argument("--scheduler", help="dask scheduler address (default: a LocalCluster)")
+    g.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+    g.add_argument("--limit", type=int, help="only the first N structures with the element")
+    g.add_argument("--show-issues", type=int, default=10)
+    g.set_defaults(func=cmd_dataset_generate)
     d.set_defaults(func=cmd_dataset)
 
     from xasflow.daemon.commands import add_commands

@@ -8,20 +8,18 @@ so they are cached on disk keyed by a fingerprint of the input; the cache is pla
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from xasflow import paths
 from xasflow.adapters.feff import ReadIssue, read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.training import labels as L
+from xasflow.training.label_jobs import compute_labels
 
 
 class DatasetError(RuntimeError):
@@ -115,59 +113,6 @@ def _element_count(poscar: str, element: str) -> int:
     return 0
 
 
-def _material_job(
-    job: tuple[str, str, tuple[int, ...]],
-) -> tuple[str, tuple[int, ...], list[L.LabelResult], dict[int, int]]:
-    """Labels and multiplicities of one material's computed sites (runs in a worker)."""
-    material_id, poscar, sites = job
-    warnings.filterwarnings("ignore")
-    from pymatgen.core import Structure
-
-    try:
-        structure = Structure.from_str(poscar, fmt="poscar")
-    except Exception as exc:  # pymatgen raises many kinds here
-        detail = f"{type(exc).__name__}: {exc}"
-        return (
-            material_id,
-            sites,
-            [L.LabelFailure(material_id, i, "bad_structure", detail) for i in sites],
-            {},
-        )
-    try:
-        results = L.label_sites(structure, sites, material_id)
-    except Exception as exc:
-        results = [L.LabelFailure(material_id, i, "label_error", str(exc)) for i in sites]
-    return material_id, sites, results, L.site_multiplicities(structure, sites)
-
-
-def compute_labels(
-    jobs: list[tuple[str, str, tuple[int, ...]]], n_jobs: int = 2, progress: bool = True
-) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
-    """Labels and multiplicities for ``(material_id, poscar, sites)`` jobs, in a process pool."""
-    labels: dict[tuple[str, int], L.LabelResult] = {}
-    mult: dict[tuple[str, int], int] = {}
-    bar = tqdm(total=len(jobs), desc="labels", unit="material", disable=not progress)
-    # big cells first, so a slow BVAnalyzer run does not end up alone at the tail
-    ordered = sorted(jobs, key=lambda j: -len(j[1]))
-    if n_jobs > 1 and len(jobs) > 1:
-        pool = multiprocessing.get_context("fork").Pool(n_jobs)
-        results = pool.imap_unordered(_material_job, ordered, chunksize=2)
-    else:
-        pool, results = None, map(_material_job, ordered)
-    try:
-        for mid, sites, res, m in results:
-            for site, item in zip(sites, res, strict=True):
-                labels[(mid, site)] = item
-                mult[(mid, site)] = m.get(site, 1)
-            bar.update(1)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
-    return labels, mult
-
-
 def label_cache_path(fingerprint: str) -> Path:
     """Where the labels of a dataset with this fingerprint are cached."""
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
@@ -175,7 +120,11 @@ def label_cache_path(fingerprint: str) -> Path:
 
 
 def _cached_labels(
-    fingerprint: str, jobs: list[tuple[str, str, tuple[int, ...]]], n_jobs: int, progress: bool
+    fingerprint: str,
+    jobs: list[tuple[str, str, tuple[int, ...]]],
+    n_jobs: int,
+    progress: bool,
+    scheduler: str | None = None,
 ) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
     """Labels from the on-disk cache when the input and label schema match, else computed and saved."""
     cache = label_cache_path(fingerprint)
@@ -195,7 +144,7 @@ def _cached_labels(
                 return labels, mult
         except (OSError, KeyError, ValueError):
             pass  # stale or damaged cache: recompute
-    labels, mult = compute_labels(jobs, n_jobs=n_jobs, progress=progress)
+    labels, mult = compute_labels(jobs, n_jobs=n_jobs, progress=progress, scheduler=scheduler)
     arrays = L.labels_to_arrays(labels)
     arrays["multiplicity"] = np.array(
         [
@@ -217,8 +166,11 @@ def build_feff_dataset(
     n_jobs: int = 2,
     progress: bool = True,
     limit: int | None = None,
+    scheduler: str | None = None,
 ) -> Dataset:
     """Read a FEFF run tree (directory or .tar.gz) and label every usable absorbing site.
+
+    Labels are dask tasks (:func:`compute_labels`: ``scheduler`` or a LocalCluster of ``n_jobs``).
 
     Bad items (unreadable spectra, structures pymatgen cannot read, sites CrystalNN cannot
     label) are dropped and recorded in ``issues`` with a reason; they never stop the build.
@@ -234,7 +186,7 @@ def build_feff_dataset(
         )
     fingerprint = fingerprint_path(path) + (f"-limit{limit}" if limit else "")
     jobs = [(m.material_id, m.poscar, tuple(s.site_index for s in m.sites)) for m in tree.materials]
-    labels, mult = _cached_labels(fingerprint, jobs, n_jobs, progress)
+    labels, mult = _cached_labels(fingerprint, jobs, n_jobs, progress, scheduler)
     issues = list(tree.issues)
     rows: list[tuple] = []
     for material in tree.materials:

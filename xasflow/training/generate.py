@@ -1,0 +1,417 @@
+"""FEFF10 training spectra generated from structures, one dask task per symmetry-unique site.
+
+``xasflow dataset generate`` reads CIF/POSCAR structures (a directory or a tar), finds the
+symmetry-unique sites of the absorbing element (pymatgen's SpacegroupAnalyzer), writes each
+site's ``feff.inp`` with a named :mod:`~xasflow.training.feff_inputs` preset, runs FEFF10
+(feff10-rs) as a ``dask.distributed`` task and writes the Lightshow layout that
+:func:`xasflow.adapters.feff.read_feff_tree` reads::
+
+    TREE/generation.json                    element, edge, preset and its parameters, sites
+    TREE/failures.json                      every failed item of the last run, with reason
+    TREE/<material>/POSCAR
+    TREE/<material>/FEFF-XANES/NNN_<El>/{feff.inp, feff.out, xmu.dat}
+
+Workers return the files' text and the client writes them, so a remote cluster needs no
+shared file system. A site whose ``xmu.dat`` parses completely is skipped on a re-run.
+Default preset: ``standard`` (see ``bench/generate.py`` for cost against quality).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xasflow.adapters.feff import XANES_DIR, parse_xmu
+from xasflow.training.feff_inputs import (
+    DEFAULT_PRESET,
+    Failure,
+    FeffPreset,
+    InputStructure,
+    get_preset,
+    read_structures,
+    unique_sites,
+)
+
+SCHEMA = "xasflow.generation/1"
+GENERATION_FILE = "generation.json"
+FAILURES_FILE = "failures.json"
+
+#: ``runner(feff_inp_text, work_dir)`` leaves ``xmu.dat`` in ``work_dir`` and returns a log.
+Runner = Callable[[str, Path], str]
+
+
+@dataclass(frozen=True)
+class SiteTask:
+    """One FEFF run: the absorber ``site_index`` of a material (POSCAR text)."""
+
+    material_id: str
+    site_index: int
+    element: str
+    edge: str
+    poscar: str
+
+    @property
+    def site_dir(self) -> str:
+        """The site's directory relative to the tree root."""
+        return f"{self.material_id}/{XANES_DIR}/{self.site_index:03d}_{self.element}"
+
+
+@dataclass(frozen=True)
+class SiteOutcome:
+    """What a worker sends back: the files to write, or a failure reason."""
+
+    task: SiteTask
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    detail: str = ""
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class GenerationReport:
+    """Counts and failures of one ``generate`` call."""
+
+    out: Path
+    preset: str
+    n_materials: int = 0
+    n_sites: int = 0
+    skipped_complete: int = 0
+    computed: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    site_seconds: dict[str, float] = field(default_factory=dict)
+    site_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    not_absorbing: int = 0
+    wall_seconds: float = 0.0
+
+    def failure_counts(self) -> dict[str, int]:
+        """Number of failures per reason tag."""
+        return dict(sorted(Counter(f.reason for f in self.failures).items()))
+
+    def summary(self) -> str:
+        """One paragraph for the command line."""
+        fails = self.failure_counts()
+        return (
+            f"{self.out}: {self.n_sites} unique sites in {self.n_materials} materials "
+            f"(preset {self.preset}): {self.computed} computed, {self.skipped_complete} already "
+            f"complete, {len(self.failures)} failed"
+            + (f" ({', '.join(f'{k} {v}' for k, v in fails.items())})" if fails else "")
+            + (
+                f"; {self.not_absorbing} structures without the element"
+                if self.not_absorbing
+                else ""
+            )
+            + f"; {self.wall_seconds:.0f} s"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The worker side: one FEFF run
+# ---------------------------------------------------------------------------------------
+
+
+def feff10_runner(feff_inp: str, work_dir: Path) -> str:
+    """Run FEFF10 through feff10-rs (:func:`xasflow.sim.feff_demo.run_feff`); returns a log."""
+    from xasflow.sim.feff_demo import feff_versions, run_feff
+
+    lines: list[str] = []
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stdout = work_dir / "feff.stdout"
+    # FEFF's stages print to file descriptor 1: send it to the site's feff.out, not the
+    # terminal (one task per worker process, as dask_client sets up, keeps this private)
+    saved = os.dup(1)
+    try:
+        with stdout.open("wb") as fh:
+            os.dup2(fh.fileno(), 1)
+            try:
+                _, _, header, seconds = run_feff(feff_inp, work_dir, log=lines.append)
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+    lines.insert(0, f"xasflow: {feff_versions(header)}, {seconds:.1f} s")
+    lines.append(stdout.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(lines) + "\n"
+
+
+def run_site(task: SiteTask, preset: FeffPreset, runner: Runner | None = None) -> SiteOutcome:
+    """Write the cards of one site, run FEFF (``runner``, default FEFF10) and read xmu.dat.
+
+    Never raises for a bad site: every problem comes back as a reason tag (``bad_structure``,
+    ``cards``, ``feff_error``, ``missing_xmu`` or the xmu.dat reader's tag) with its detail.
+    """
+    from pymatgen.core import Structure
+
+    from xasflow.training.feff_inputs import feff_input
+
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    files: dict[str, str] = {}
+
+    def failed(reason: str, exc: BaseException | str) -> SiteOutcome:
+        detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        if files:  # keep the cards (and FEFF's words) next to the missing xmu.dat
+            files["feff.out"] = files.get("feff.out", "") + f"xasflow: {reason}: {detail}\n"
+        return SiteOutcome(
+            task, time.perf_counter() - t0, files, reason, detail[:500], _cpu_seconds() - cpu0
+        )
+
+    try:
+        structure = Structure.from_str(task.poscar, fmt="poscar")
+    except Exception as exc:
+        return failed("bad_structure", exc)
+    try:
+        title = f"{task.material_id} site {task.site_index}"
+        files["feff.inp"] = feff_input(structure, task.site_index, preset, task.edge, title)
+    except Exception as exc:
+        return failed("cards", exc)
+    with tempfile.TemporaryDirectory(prefix="xasflow-feff-") as tmp:
+        work = Path(tmp)
+        try:
+            files["feff.out"] = (runner or feff10_runner)(files["feff.inp"], work)
+        except Exception as exc:  # FEFF stage errors, crashes of its worker processes
+            said = work / "feff.stdout"  # what FEFF printed before it stopped
+            if said.exists():
+                files["feff.out"] = said.read_text(encoding="utf-8", errors="replace")[-20000:]
+            return failed("feff_error", exc)
+        xmu = work / "xmu.dat"
+        if not xmu.exists():
+            return failed("missing_xmu", "FEFF finished without writing xmu.dat")
+        raw = xmu.read_bytes()
+    try:
+        parse_xmu(raw)
+    except ValueError as exc:
+        reason, _, detail = str(exc).partition(": ")
+        return failed(reason, detail)
+    files["xmu.dat"] = raw.decode("latin-1")
+    return SiteOutcome(task, time.perf_counter() - t0, files, cpu_seconds=_cpu_seconds() - cpu0)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this thread plus of finished child processes (FEFF's stage workers).
+
+    Exact with one task per worker process (what dask_client sets up); on a shared machine
+    this, not wall time, is the cost of a site.
+    """
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.thread_time() + kids.ru_utime + kids.ru_stime
+
+
+# ---------------------------------------------------------------------------------------
+# The client side: plan, submit, write
+# ---------------------------------------------------------------------------------------
+
+
+def site_complete(site_dir: Path) -> bool:
+    """True when ``site_dir/xmu.dat`` exists and parses as a complete FEFF spectrum."""
+    try:
+        parse_xmu((site_dir / "xmu.dat").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outcome(out: Path, outcome: SiteOutcome) -> None:
+    """Write a site's files (xmu.dat last, so its presence means complete; none on failure)."""
+    site = out / outcome.task.site_dir
+    for name in sorted(outcome.files, key=lambda n: n == "xmu.dat"):
+        _write_text(site / name, outcome.files[name])
+
+
+def generation_record(tree: str | Path) -> dict[str, Any] | None:
+    """The ``generation.json`` of a generated tree (preset, element, sites), or None.
+
+    For training code that records the FEFF preset of its data in the bundle manifest.
+    """
+    path = Path(tree) / GENERATION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_record(out: Path, preset: FeffPreset, element: str, edge: str) -> dict[str, Any]:
+    """The tree's generation record; a ValueError if it was made with other settings."""
+    path = out / GENERATION_FILE
+    if not path.exists():
+        return {"materials": {}}
+    record = json.loads(path.read_text(encoding="utf-8"))
+    theirs = (record.get("element"), record.get("edge"), record.get("preset", {}).get("params"))
+    if theirs != (element, edge, preset.to_dict()):
+        raise ValueError(
+            f"{out} was generated for {theirs[0]} {theirs[1]} with preset "
+            f"{record.get('preset', {}).get('name')!r}; use another --out to change settings"
+        )
+    return record
+
+
+def plan_sites(
+    structures: list[InputStructure], element: str, edge: str, out: Path, record: dict[str, Any]
+) -> tuple[list[SiteTask], int, list[Failure]]:
+    """Write each POSCAR, list the unique sites in ``record`` and return the sites to run.
+
+    Returns the tasks, the number of sites already complete, and failures (a POSCAR that
+    differs from the one already in the tree: its sites' indices would not match).
+    """
+    from pymatgen.core import Structure
+
+    tasks: list[SiteTask] = []
+    done = 0
+    failures: list[Failure] = []
+    for item in structures:
+        poscar_path = out / item.material_id / "POSCAR"
+        if poscar_path.exists() and poscar_path.read_text(encoding="utf-8") != item.poscar:
+            detail = f"{item.source} differs from {poscar_path}; remove that material to redo it"
+            failures.append(Failure(item.material_id, "structure_changed", detail))
+            continue
+        _write_text(poscar_path, item.poscar)
+        structure = Structure.from_str(item.poscar, fmt="poscar")
+        sites, symprec = unique_sites(structure, element)
+        before = record["materials"].get(item.material_id, {}).get("sites", {})
+        record["materials"][item.material_id] = {
+            "source": item.source,
+            "symprec": symprec,
+            "n_absorbers": sum(s.multiplicity for s in sites),
+            "sites": {
+                f"{s.index:03d}": {
+                    **before.get(f"{s.index:03d}", {}),  # timings of an earlier run
+                    "multiplicity": s.multiplicity,
+                    "equivalent": list(s.equivalent),
+                }
+                for s in sites
+            },
+        }
+        for s in sites:
+            task = SiteTask(item.material_id, s.index, element, edge, item.poscar)
+            if site_complete(out / task.site_dir):
+                done += 1
+            else:
+                tasks.append(task)
+    return tasks, done, failures
+
+
+def _save_record(out: Path, record: dict[str, Any], report: GenerationReport) -> None:
+    for key, seconds in report.site_seconds.items():
+        mid, site = key.split("/")
+        entry = record["materials"][mid]["sites"][site]
+        entry["seconds"] = round(seconds, 1)
+        entry["cpu_seconds"] = round(report.site_cpu_seconds.get(key, 0.0), 1)
+    _write_text(out / GENERATION_FILE, json.dumps(record, indent=1) + "\n")
+    failures = {
+        "counts": report.failure_counts(),
+        "failures": [f.__dict__ for f in report.failures],
+    }
+    _write_text(out / FAILURES_FILE, json.dumps(failures, indent=1) + "\n")
+
+
+def generate(
+    structures: str | Path,
+    element: str,
+    out: str | Path,
+    preset: str = DEFAULT_PRESET,
+    edge: str = "K",
+    scheduler: str | None = None,
+    workers: int = 2,
+    runner: Runner | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+    client: Any = None,
+) -> GenerationReport:
+    """Compute the spectra of every unique ``element`` site of ``structures`` into ``out``.
+
+    Runs one dask task per site on ``client``, or on :func:`~xasflow.training.cluster.dask_client`
+    (``scheduler`` address, else a LocalCluster of ``workers``). Completed sites are skipped;
+    failures are counted, kept in ``failures.json`` and returned; ``runner`` replaces FEFF10.
+    """
+    from tqdm import tqdm
+
+    from xasflow.training.cluster import dask_client
+
+    t0 = time.perf_counter()
+    params = get_preset(preset)
+    element, edge, out = element.strip().capitalize(), edge.strip().upper(), Path(out)
+    record = _load_record(out, params, element, edge)
+    record.update(
+        schema=SCHEMA,
+        element=element,
+        edge=edge,
+        preset={"name": params.name, "params": params.to_dict()},
+        code=_code_versions(runner),
+    )
+    inputs, failures, without = read_structures(structures, element=element, limit=limit)
+    report = GenerationReport(out=out, preset=params.name, failures=failures, not_absorbing=without)
+    tasks, report.skipped_complete, planned = plan_sites(inputs, element, edge, out, record)
+    report.failures += planned
+    report.n_materials = len(inputs) - len(planned)
+    report.n_sites = report.skipped_complete + len(tasks)
+    _save_record(out, record, report)
+    if tasks:
+        from distributed import as_completed
+
+        bar = tqdm(
+            total=report.n_sites, initial=report.skipped_complete, desc="FEFF sites", unit="site",
+            disable=not progress,
+        )  # fmt: skip
+        with dask_client(scheduler, workers) if client is None else nullcontext(client) as cl:
+            futures = [
+                cl.submit(run_site, t, params, runner, pure=False, key=f"feff-{t.site_dir}")
+                for t in tasks
+            ]
+            by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+            try:
+                for future in as_completed(futures):
+                    task = by_key[future.key]
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:  # the worker died (KilledWorker) or was lost
+                        outcome = SiteOutcome(task, 0.0, reason="worker_lost", detail=repr(exc))
+                    _record_outcome(out, outcome, report)
+                    bar.update(1)
+                    bar.set_postfix(failed=len(report.failures))
+            finally:
+                bar.close()
+                _save_record(out, record, report)
+    report.wall_seconds = time.perf_counter() - t0
+    _save_record(out, record, report)
+    return report
+
+
+def _record_outcome(out: Path, outcome: SiteOutcome, report: GenerationReport) -> None:
+    key = f"{outcome.task.material_id}/{outcome.task.site_index:03d}"
+    report.site_seconds[key] = outcome.seconds
+    report.site_cpu_seconds[key] = outcome.cpu_seconds
+    if outcome.reason:
+        item = f"{outcome.task.material_id}/{outcome.task.site_index:03d}_{outcome.task.element}"
+        report.failures.append(Failure(item, outcome.reason, outcome.detail))
+    else:
+        report.computed += 1
+    write_outcome(out, outcome)
+
+
+def _code_versions(runner: Runner | None) -> dict[str, str]:
+    """Versions of the code that computes the spectra (for the generation record)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"runner": "feff10" if runner is None else getattr(runner, "__name__", str(runner))}
+    for package in ("feff10-rs", "pymatgen"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out

@@ -1,0 +1,89 @@
+"""Structure labels of many materials as ``dask.distributed`` tasks (one task per material).
+
+Used by :mod:`xasflow.training.dataset` (which caches the results on disk); the same code runs
+on a LocalCluster or on any scheduler (see :mod:`xasflow.training.cluster`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+from tqdm import tqdm
+
+from xasflow.training import labels as L
+
+
+def _material_job(
+    job: tuple[str, str, tuple[int, ...]],
+) -> tuple[str, tuple[int, ...], list[L.LabelResult], dict[int, int]]:
+    """Labels and multiplicities of one material's computed sites (runs in a worker)."""
+    material_id, poscar, sites = job
+    warnings.filterwarnings("ignore")
+    from pymatgen.core import Structure
+
+    try:
+        structure = Structure.from_str(poscar, fmt="poscar")
+    except Exception as exc:  # pymatgen raises many kinds here
+        detail = f"{type(exc).__name__}: {exc}"
+        return (
+            material_id,
+            sites,
+            [L.LabelFailure(material_id, i, "bad_structure", detail) for i in sites],
+            {},
+        )
+    try:
+        results = L.label_sites(structure, sites, material_id)
+    except Exception as exc:
+        results = [L.LabelFailure(material_id, i, "label_error", str(exc)) for i in sites]
+    return material_id, sites, results, L.site_multiplicities(structure, sites)
+
+
+def compute_labels(
+    jobs: list[tuple[str, str, tuple[int, ...]]],
+    n_jobs: int = 2,
+    progress: bool = True,
+    scheduler: str | None = None,
+) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
+    """Labels and multiplicities for ``(material_id, poscar, sites)`` jobs, one dask task each.
+
+    Tasks run on ``scheduler`` (or ``$XASFLOW_SCHEDULER``), else on a LocalCluster of
+    ``n_jobs`` workers; with ``n_jobs=1`` and no scheduler they run inline. A task whose
+    worker dies gives ``worker_lost`` failures for its sites instead of stopping the job.
+    """
+    from xasflow.training.cluster import dask_client, scheduler_address
+
+    labels: dict[tuple[str, int], L.LabelResult] = {}
+    mult: dict[tuple[str, int], int] = {}
+
+    def keep(mid: str, sites: tuple[int, ...], res: list[L.LabelResult], m: dict) -> None:
+        for site, item in zip(sites, res, strict=True):
+            labels[(mid, site)] = item
+            mult[(mid, site)] = m.get(site, 1)
+
+    bar = tqdm(total=len(jobs), desc="labels", unit="material", disable=not progress)
+    try:
+        if scheduler_address(scheduler) is None and (n_jobs <= 1 or len(jobs) <= 1):
+            for job in jobs:
+                keep(*_material_job(job))
+                bar.update(1)
+            return labels, mult
+        from distributed import as_completed
+
+        with dask_client(scheduler, n_jobs) as client:
+            # big cells first, so a slow BVAnalyzer run does not end up alone at the tail
+            futures = {
+                client.submit(_material_job, job, pure=False, priority=len(job[1])): job
+                for job in jobs
+            }
+            for future in as_completed(futures):
+                mid, _, sites = futures[future]
+                try:
+                    keep(*future.result())
+                except Exception as exc:  # the worker died (KilledWorker) or was lost
+                    lost = L.LabelFailure(mid, 0, "worker_lost", repr(exc)[:500])
+                    keep(mid, sites, [replace(lost, site_index=s) for s in sites], {})
+                bar.update(1)
+    finally:
+        bar.close()
+    return labels, mult
