@@ -155,7 +155,7 @@ def _cached_labels(
     )
     tmp = cache.with_suffix(".tmp.npz")
     with tmp.open("wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
     tmp.replace(cache)
     return labels, mult
 
@@ -260,7 +260,8 @@ def build_mp_dataset(
             )
             continue
         weights = [mult.get((key, s), 1) for s in sites]
-        lab = items[0] if len(items) == 1 else L.average_labels(items, weights)
+        good = [x for x in items if isinstance(x, L.SiteLabels)]  # all of them (bad is empty)
+        lab = good[0] if len(good) == 1 else L.average_labels(good, weights)
         try:
             spectrum = rec.to_spectrum()
         except SpectrumError as exc:

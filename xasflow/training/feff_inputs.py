@@ -15,6 +15,7 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -226,7 +227,7 @@ def _members(source: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes
             parts = tuple(p for p in member.name.split("/") if p and p != ".")
             if member.isfile() and parts and _structure_name(parts) is not None:
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                yield parts, lambda d=data: d
+                yield parts, partial(bytes, data)
 
 
 def read_structures(
@@ -258,7 +259,8 @@ def read_structures(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                structure = Structure.from_str(read().decode("utf-8", "replace"), fmt=fmt)
+                text = read().decode("utf-8", "replace")
+                structure = Structure.from_str(text, fmt=fmt)  # type: ignore[arg-type]
         except Exception as exc:  # pymatgen raises many kinds for bad files
             failures.append(Failure(where, "unreadable_structure", f"{type(exc).__name__}: {exc}"))
             continue
