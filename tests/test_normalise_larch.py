@@ -128,8 +128,18 @@ def test_rejections_have_reasons() -> None:
 def test_old_manifests_keep_the_legacy_normalisation() -> None:
     """A manifest written before ``method`` existed loads as legacy and normalises as before;
     new parameters default to Larch's conventions and survive a round trip."""
-    manifest = Path(__file__).parents[1] / "models" / "cu-k" / "manifest.json"
-    stored = json.loads(manifest.read_text())["prep"]
+    # the "prep" of the Cu bundle shipped before the Larch-style normalisation (cu-k-20261123)
+    stored = {
+        "window_start": -3.5,
+        "window_stop": 116.5,
+        "n_points": 240,
+        "normalization": "edge_step",
+        "pre_edge": [-150.0, -30.0],
+        "post_edge": [40.0, 110.0],
+        "post_edge_degree": 2,
+        "max_extrapolation": 2.0,
+        "e0_search": 40.0,
+    }
     old = PrepParams.model_validate(stored)
     assert old.method == "legacy" and old.post_edge == (40.0, 110.0)
     assert PrepParams().method == "larch"

@@ -355,7 +355,9 @@ def demo_channels(name: str, seed: int = 0) -> tuple[np.ndarray, dict[str, np.nd
     from xasflow.sim.feff_demo import load_demo_spectra
 
     demo = next(d for d in load_demo_spectra() if d.name == name)
-    energy = np.arange(demo.energy[0], demo.energy[-1], 0.3)
+    # a measured scan starts well below the edge: the calculation's first value held flat
+    # over 150 eV of pre-edge (a scan that starts at the edge has no pre-edge line to fit)
+    energy = np.arange(demo.energy[0] - 150.0, demo.energy[-1], 0.3)
     mu = np.interp(energy, demo.energy, demo.mu)
     rng = np.random.default_rng(seed)
     i0 = rng.poisson(1e6, energy.size).astype(float)
@@ -481,14 +483,14 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
 
     predictor = Predictor(bundle)
     demo, counts = measure_demo("CuO", seed=1)
-    full = np.arange(demo.energy[0], demo.energy[-1], 0.3)
+    full = np.arange(demo.energy[0] - 150.0, demo.energy[-1], 0.3)  # with a pre-edge
     cfg = RecommenderConfig(stop_count=2, stop_probability=0.05)  # stops after 2 agreeing
     opt = RecommenderOptimizer(
         predictor,
         cfg,
         initial_energies=full,
         max_passes=4,
-        energy_range=(float(demo.energy[0]), float(demo.energy[-1])),
+        energy_range=(float(full[0]), float(full[-1])),
     )
     try:
         from bluesky_adaptive.protocols import Optimizer, SupportsStoppingCriteria
