@@ -239,26 +239,23 @@ class StorageConfig(_Section):
     directory: Path = Path("xasflow-store")
     backend: Literal["sqlite", "duckdb"] = "sqlite"
     batch_size: int = Field(256, ge=1)
-    # a result waits for its commit before it is published (output.after_store), so commit
-    # often: 20 transactions a second, each holding every row that arrived meanwhile
-    flush_interval_s: float = Field(0.05, gt=0)
+    flush_interval_s: float = Field(0.2, gt=0)
     max_queue: int = Field(100_000, ge=1)
 
 
 class OutputConfig(_Section):
     """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577).
 
-    ``after_store`` (default): publish a result only once the store has committed it (nothing
-    on the bus that the store does not hold; results then wait for the store's next commit,
-    up to ``storage.flush_interval_s``); off, results go out at once and a SIGKILL can leave
-    published rows unstored. ``after_store_timeout_s``: publish anyway after that long.
+    ``after_store``: publish a result only once the store has committed it (nothing on the bus
+    that the store does not hold; results then wait for the store's next commit, up to
+    ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
     """
 
     enabled: bool = True
     address: str = "tcp://127.0.0.1:5577"
     prefix: str = "xasflow-analysis"
     format: Literal["pickle", "msgpack"] = "pickle"
-    after_store: bool = True
+    after_store: bool = False
     after_store_timeout_s: float = Field(5.0, gt=0)
 
     _check_address = field_validator("address")(_address)
