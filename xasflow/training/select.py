@@ -3,8 +3,9 @@
 Candidates are the forest, each deep ensemble of networks and the average of all of them.
 The one with the best validation score is served; its classifier probabilities get a
 temperature (fitted on validation), and its validation residuals give split-conformal
-prediction sets (classifiers) or intervals (regressors) at the configured coverage. The
-validation rows are never used to fit the estimators, so the calibration is honest.
+prediction sets (classifiers) or intervals (regressors) at the configured coverage. No
+estimator is fitted on the validation rows (the networks only stop early on them), so the
+calibration is measured on data the models did not learn from.
 """
 
 from __future__ import annotations
