@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -124,9 +125,16 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
     return TaskArrays(spec, values=mean)
 
 
-def _label_cn(label: Any) -> int | None:
-    match = _CN_OF_LABEL.match(str(label))
-    return int(match.group(1)) if match else None
+@lru_cache(maxsize=64)
+def _label_cns(labels: tuple[str, ...]) -> np.ndarray:
+    """The CN each ``CN<k>-motif`` label names (-1 for none); parsed once per class list."""
+    out = []
+    for label in labels:
+        match = _CN_OF_LABEL.match(label)
+        out.append(int(match.group(1)) if match else -1)
+    arr = np.array(out, dtype=np.int64)
+    arr.setflags(write=False)  # shared between calls
+    return arr
 
 
 def make_consistent(tasks: dict[str, TaskArrays]) -> None:
@@ -139,9 +147,7 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
-    env_cn = np.array(
-        [_label_cn(c) if _label_cn(c) is not None else -1 for c in env.spec.classes or []]
-    )
+    env_cn = _label_cns(tuple(str(c) for c in env.spec.classes or []))
     cn_values = np.asarray([_plain(c) for c in cn.spec.classes or []])[cn.index]
     allowed = env_cn[None, :] == np.asarray(cn_values, dtype=np.int64)[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)

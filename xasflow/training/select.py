@@ -114,7 +114,7 @@ def forest_outputs(fit: Any, X: np.ndarray) -> BaseOutputs:
     )
 
 
-def network_outputs(members: dict[str, np.ndarray], kind: str) -> BaseOutputs:
+def network_outputs(members: np.ndarray, kind: str) -> BaseOutputs:
     """A deep ensemble's member mean and spread from its per-member outputs (members, n, ...)."""
     arr = np.asarray(members, dtype=np.float64)
     if kind == "regressor":

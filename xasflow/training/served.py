@@ -99,8 +99,10 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
         f"out of domain: {result.ood.method}, threshold {result.ood.threshold:.4g} "
         f"(flags {result.ood.stats['val_flagged_fraction']:.3f} of validation)"
     )
+    # every network's per-member answers for every row and task, computed once
+    members = {arch: ens.predict_members(x) for arch, ens in result.networks.items()}
     for name, fit in result.tasks.items():
-        _serve_one(name, fit, result, targets[name], x, X, mean_curve, log)
+        _serve_one(name, fit, result, targets[name], members, X, mean_curve, log)
 
 
 def _serve_one(
@@ -108,7 +110,7 @@ def _serve_one(
     fit: Any,
     result: Any,
     target: tuple[str, np.ndarray, np.ndarray],
-    x: np.ndarray,
+    members: dict[str, dict[str, np.ndarray]],
     X: np.ndarray,
     mean_curve: np.ndarray,
     log: Any,
@@ -127,8 +129,8 @@ def _serve_one(
 
     def bases(rows: np.ndarray) -> dict[str, BaseOutputs]:
         out = {FOREST: forest_outputs(fit, X[rows])}
-        for arch, ens in result.networks.items():
-            out[arch] = network_outputs(ens.predict_members(x[rows])[name], kind)
+        for arch, per_task in members.items():
+            out[arch] = network_outputs(per_task[name][:, rows], kind)
         return out
 
     def score(pred: np.ndarray) -> float:
