@@ -29,7 +29,7 @@ Back-pressure. At most ``max_queue`` rows may be accepted but not yet committed;
 ``add_event`` returns ``False`` at once, counts the row in ``stats()["dropped"]`` and never
 acknowledges it (the daemon can count it as not stored). Control calls are never dropped.
 
-Restart. ``seq_num`` is the per-run idempotency key: reopening an existing raw_uid leaves the
+Restart. ``seq_num`` is the per-run idempotency key (:func:`~xasflow.adapters.tiled_batch.split_fresh`): reopening an existing raw_uid leaves the
 container's metadata untouched, appends to the existing table, and a row whose ``seq_num`` is
 already stored is acknowledged without being written again (counted in ``duplicates``).
 A process killed while runs were open leaves them with ``stop: None``; the next process finds
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -50,39 +49,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-import pyarrow as pa
-
+from xasflow.adapters.tiled_batch import CONVERT_ERRORS, attach_run, salvage, split_fresh
+from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
 from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
     _RETRY_DELAYS,
     CATALOG_FILE,
     DEFAULT_STREAM,
     LOCK_FILE,
-    SPEC,
     TABLE_FILES,
     StoreError,
     _ensure_catalog,
     _plain,
     _rows_to_table,
     _Run,
-    _seq_key,
     _serve,
-    _to_builtin,
     schema_for_descriptor,
 )
-
-if TYPE_CHECKING:
-    import pandas
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
 logger = logging.getLogger(__name__)
-
-# Directories with a store open in this process: read_analysis(directory) reuses its client.
-_OPEN_STORES: dict[Path, AnalysisStore] = {}
-_OPEN_STORES_LOCK = threading.Lock()
 
 
 class AnalysisStore:
@@ -123,13 +112,16 @@ class AnalysisStore:
         self._reader: Any = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
+        with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
+            if self.directory in OPEN_STORES:
+                raise StoreError(f"{self.directory} is already open in this process")
         self._lock_fd: int | None = self._acquire_lock()
         self._serving: contextlib.ExitStack | None = None
         try:
-            with _OPEN_STORES_LOCK:
-                if self.directory in _OPEN_STORES:
+            with OPEN_STORES_LOCK:
+                if self.directory in OPEN_STORES:
                     raise StoreError(f"{self.directory} is already open in this process")
-                _OPEN_STORES[self.directory] = self
+                OPEN_STORES[self.directory] = self
             _ensure_catalog(self.directory / CATALOG_FILE)
             table_path = self.directory / TABLE_FILES[table_backend]
             if table_backend == "sqlite":
@@ -216,7 +208,7 @@ class AnalysisStore:
         rows), ``spectra`` (rows with ``index >= 0``), ``n_ok`` / ``n_rejected`` (by
         ``status``, when the table has it) and ``max_seq``. Runs on the writer thread.
         """
-        return self._call(self._unfinished, timeout)
+        return self._call(lambda: unfinished_in(self._root, frozenset(self._runs)), timeout)
 
     def finish_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop of a run stored earlier that is not open here (see unfinished_runs)."""
@@ -309,9 +301,9 @@ class AnalysisStore:
         if self._serving is not None:
             self._serving.close()
             self._serving = None
-        with _OPEN_STORES_LOCK:
-            if _OPEN_STORES.get(self.directory) is self:
-                del _OPEN_STORES[self.directory]
+        with OPEN_STORES_LOCK:
+            if OPEN_STORES.get(self.directory) is self:
+                del OPEN_STORES[self.directory]
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
@@ -396,46 +388,11 @@ class AnalysisStore:
                 return  # already open here: nothing to do
         self._runs[run.raw_uid] = run
         try:
-            self._with_retries(lambda: self._attach(run), f"open {run.raw_uid}")
+            self._with_retries(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
         except Exception:
             run.failed = True
             self._count("errors")
             logger.exception("analysis store: cannot open run %s", run.raw_uid)
-
-    def _attach(self, run: _Run) -> None:
-        """Find or create the run's container and table, and the adapter that appends to it."""
-        import httpx
-        from tiled.adapters.sql import SQLAdapter
-
-        root = self._root
-        created = False
-        try:  # one request for a new run (the usual case) instead of a lookup and a create
-            node = root.create_container(key=run.raw_uid, metadata=run.metadata, specs=[SPEC])
-            created = True
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 409:
-                raise
-            node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
-        if not created and run.stream in node:
-            table = node[run.stream]
-            stored = table.structure().arrow_schema_decoded
-            if not stored.equals(run.schema):
-                raise StoreError(
-                    f"run {run.raw_uid} already has a {run.stream!r} table with columns "
-                    f"{stored.names}, not {run.schema.names}"
-                )
-        else:
-            table = node.create_appendable_table(run.schema, key=run.stream)
-        source = table.data_sources()[0]
-        run.adapter = SQLAdapter(
-            source.assets[0].data_uri,
-            table.structure(),
-            source.parameters["table_name"],
-            source.parameters["dataset_id"],
-        )
-        seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
-        run.stored_seq = {int(s) for s in seq}
-        run.node = node
 
     def _close(self, raw_uid: str, stop_doc: dict) -> None:
         run = self._runs.pop(raw_uid, None)
@@ -454,41 +411,6 @@ class AnalysisStore:
         node = self._root[raw_uid]
         self._with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
 
-    def _unfinished(self) -> list[dict[str, Any]]:
-        from tiled.queries import KeyPresent
-
-        out = []
-        for raw_uid, node in self._root.search(KeyPresent("stop.uid", exists=False)).items():
-            if raw_uid in self._runs:
-                continue
-            metadata = _to_builtin(node.metadata)
-            descriptor = metadata.get("descriptor") or {}
-            stream = descriptor.get("name") or DEFAULT_STREAM
-            info: dict[str, Any] = {
-                "raw_uid": raw_uid,
-                "start": metadata.get("start") or {},
-                "descriptor": descriptor,
-                "rows": 0,
-                "spectra": 0,
-                "n_ok": 0,
-                "n_rejected": 0,
-                "max_seq": 0,
-            }
-            if stream in node:
-                keys = descriptor.get("data_keys") or {}
-                columns = ["seq_num", *(c for c in ("index", "status") if c in keys)]
-                frame = node[stream].read(columns)
-                info["rows"] = len(frame)
-                if len(frame):
-                    info["max_seq"] = int(frame["seq_num"].max())
-                    index = frame.get("index")
-                    info["spectra"] = int((index >= 0).sum()) if index is not None else len(frame)
-                    if "status" in frame:
-                        info["n_ok"] = int((frame["status"] == "ok").sum())
-                        info["n_rejected"] = int((frame["status"] == "rejected").sum())
-            out.append(info)
-        return out
-
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
         for run in list(self._runs.values()):
@@ -500,25 +422,13 @@ class AnalysisStore:
         pending, run.pending = run.pending, []
         if not pending:
             return
-        fresh: list[dict[str, Any]] = []
-        acks: list[Callable[[], None] | None] = []
-        seen: set[int] = set()
-        duplicates = 0
-        for row, callback in pending:
-            key = _seq_key(row)
-            if key is not None and (key in run.stored_seq or key in seen):
-                duplicates += 1  # already stored (or earlier in this batch): ack, don't rewrite
-            else:
-                fresh.append(row)
-                if key is not None:
-                    seen.add(key)
-            acks.append(callback)
+        fresh, acks, seen, duplicates = split_fresh(run, pending)
         bad = 0
         if fresh:
             try:
                 table = _rows_to_table(fresh, run.schema, run.array_columns)
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):
-                table, bad, acks = self._salvage(run, pending, fresh, seen)
+            except CONVERT_ERRORS:
+                table, bad, acks = salvage(run, pending, fresh, seen)
             try:
                 if table.num_rows:
                     self._with_retries(
@@ -542,30 +452,6 @@ class AnalysisStore:
                 except Exception:
                     logger.exception("analysis store: on_stored callback raised")
 
-    def _salvage(
-        self,
-        run: _Run,
-        pending: list[tuple[dict[str, Any], Callable[[], None] | None]],
-        fresh: list[dict[str, Any]],
-        seen: set[int],
-    ) -> tuple[pa.Table, int, list[Callable[[], None] | None]]:
-        """Convert rows one by one when a batch will not convert, dropping (not acking) bad ones."""
-        good_ids: set[int] = set()
-        tables = []
-        for row in fresh:
-            try:
-                tables.append(_rows_to_table([row], run.schema, run.array_columns))
-                good_ids.add(id(row))
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):
-                logger.error(
-                    "analysis store: run %s: row %r does not fit its columns", run.raw_uid, row
-                )
-                seen.discard(_seq_key(row))
-        fresh_ids = {id(row) for row in fresh}
-        acks = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
-        table = pa.concat_tables(tables) if tables else run.schema.empty_table()
-        return table, len(fresh) - len(tables), acks
-
     def _with_retries(self, action: Callable[[], Any], what: str) -> Any:
         for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
             try:
@@ -587,40 +473,3 @@ class AnalysisStore:
     def _count(self, name: str) -> None:
         with self._cond:
             self._counts[name] += 1
-
-
-def read_analysis(
-    directory_or_client: str | Path | AnalysisStore | Any, raw_uid: str
-) -> tuple[dict, pandas.DataFrame]:
-    """Metadata (start, descriptor, stop) and rows (sorted by seq_num) of a stored run, via tiled.
-
-    Accepts a store directory, an open ``AnalysisStore`` or a tiled client of the catalog root.
-    """
-    source = directory_or_client
-    if isinstance(source, str | Path):
-        directory = Path(source).expanduser().resolve()
-        with _OPEN_STORES_LOCK:
-            open_store = _OPEN_STORES.get(directory)
-        if open_store is not None:
-            return read_analysis(open_store, raw_uid)
-        if not (directory / CATALOG_FILE).exists():
-            raise FileNotFoundError(f"no analysis store at {directory}")
-        uris = [
-            f"{backend}:///{directory / name}"
-            for backend, name in TABLE_FILES.items()
-            if (directory / name).exists()
-        ]
-        with _serve(directory, uris) as root:
-            return read_analysis(root, raw_uid)
-    if isinstance(source, AnalysisStore):
-        source = source.client()
-    node = source[raw_uid]
-    metadata = _to_builtin(node.metadata)
-    descriptor = metadata.get("descriptor") or {}
-    frame = node[descriptor.get("name") or DEFAULT_STREAM].read()
-    for name, key in (descriptor.get("data_keys") or {}).items():
-        if key.get("dtype") == "array" and name in frame:
-            frame[name] = [None if v is None else json.loads(v) for v in frame[name]]
-    if "seq_num" in frame and len(frame):
-        frame = frame.sort_values("seq_num", kind="stable").reset_index(drop=True)
-    return metadata, frame

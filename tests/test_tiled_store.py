@@ -1,0 +1,105 @@
+"""The embedded tiled analysis store on its own: acknowledgement, idempotency, salvage, restart."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tiled")
+
+from xasflow.adapters.tiled_store import AnalysisStore, StoreError, read_analysis
+
+DESCRIPTOR = {
+    "uid": "d-1",
+    "name": "primary",
+    "data_keys": {
+        "cn": {"dtype": "integer", "source": "t", "shape": []},
+        "distance": {"dtype": "number", "source": "t", "shape": []},
+        "status": {"dtype": "string", "source": "t", "shape": []},
+        "motifs": {"dtype": "array", "source": "t", "shape": [3]},
+    },
+}
+
+
+def _row(seq: int, **extra: object) -> dict:
+    return {"seq_num": seq, "time": 1.0 + seq, "cn": 4, "distance": 1.95, "status": "ok", **extra}
+
+
+def _fill(store: AnalysisStore, raw_uid: str, seqs: list[int]) -> list[int]:
+    acked: list[int] = []
+    lock = threading.Lock()
+    for seq in seqs:
+
+        def ack(seq: int = seq) -> None:
+            with lock:
+                acked.append(seq)
+
+        assert store.add_event(raw_uid, _row(seq, motifs=[0.5, 0.3, 0.2]), on_stored=ack)
+    assert store.flush(timeout=30)
+    return acked
+
+
+def test_rows_are_acknowledged_once_committed_and_read_back(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s", batch_size=4) as store:
+        store.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
+        acked = _fill(store, "run-a", [1, 2, 3, 4, 5])
+        assert sorted(acked) == [1, 2, 3, 4, 5]
+        store.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        stats = store.stats()
+        assert stats["stored"] == 5 and stats["queued"] == 0 and stats["duplicates"] == 0
+    meta, frame = read_analysis(tmp_path / "s", "run-a")  # from the directory, store closed
+    assert meta["stop"]["exit_status"] == "success"
+    assert list(frame["seq_num"]) == [1, 2, 3, 4, 5]
+    assert frame["motifs"][0] == [0.5, 0.3, 0.2]  # array column decoded from JSON
+
+
+def test_redelivered_rows_are_acknowledged_but_stored_once_across_restarts(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s") as store:
+        store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+        _fill(store, "run-b", [1, 2, 3])
+    # a new process (as after SIGKILL) sees the run unfinished and gets 2..5 again
+    with AnalysisStore(tmp_path / "s") as store:
+        unfinished = store.unfinished_runs()
+        assert [(u["raw_uid"], u["rows"], u["max_seq"]) for u in unfinished] == [("run-b", 3, 3)]
+        store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+        acked = _fill(store, "run-b", [2, 3, 3, 4, 5])
+        assert sorted(acked) == [2, 3, 3, 4, 5]  # duplicates acknowledged too
+        assert store.stats()["duplicates"] == 3 and store.stats()["stored"] == 2
+        _, frame = read_analysis(store, "run-b")
+    assert list(frame["seq_num"]) == [1, 2, 3, 4, 5]
+
+
+def test_a_row_that_does_not_fit_is_dropped_alone_and_never_acknowledged(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s") as store:
+        store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
+        acked: list[int] = []
+        for seq, cn in ((1, 4), (2, "four"), (3, 6)):
+            store.add_event("run-c", _row(seq, cn=cn), on_stored=lambda s=seq: acked.append(s))
+        assert store.flush(timeout=30)
+        assert sorted(acked) == [1, 3]
+        assert store.stats()["errors"] == 1 and store.stats()["stored"] == 2
+        _, frame = read_analysis(store, "run-c")
+    assert list(frame["cn"]) == [4, 6]
+
+
+def test_back_pressure_refuses_and_counts_rows_beyond_max_queue(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s", max_queue=2, flush_interval=30) as store:
+        store.open_run("run-d", {"uid": "d-start"}, DESCRIPTOR)
+        results = [store.add_event("run-d", _row(seq)) for seq in (1, 2, 3)]
+        assert results == [True, True, False]
+        assert store.stats()["dropped"] == 1
+        with pytest.raises(ValueError, match="not in the descriptor"):
+            store.add_event("run-d", {"seq_num": 9, "bogus": 1})
+        with pytest.raises(KeyError):
+            store.add_event("no-such-run", _row(1))
+
+
+def test_one_writer_per_store_directory(tmp_path: Path) -> None:
+    with (
+        AnalysisStore(tmp_path / "s"),
+        pytest.raises(StoreError, match="already open in this process"),
+    ):
+        AnalysisStore(tmp_path / "s")

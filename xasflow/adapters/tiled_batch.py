@@ -1,0 +1,106 @@
+"""Writer-thread steps of the analysis store: attach a run's table, split a batch into fresh
+rows and duplicates, and salvage a batch with rows that do not fit their columns.
+
+Pure helpers over :class:`~xasflow.adapters.tiled_schema._Run`; the store's writer thread
+(:mod:`xasflow.adapters.tiled_store`) is their only caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from xasflow.adapters.tiled_schema import SPEC, StoreError, _rows_to_table, _Run, _seq_key
+
+__all__ = ["Pending", "attach_run", "salvage", "split_fresh"]
+
+logger = logging.getLogger(__name__)
+
+#: A queued row and the callback that acknowledges it once committed.
+Pending = tuple[dict[str, Any], Callable[[], None] | None]
+
+#: Errors of converting rows to an Arrow table that mean "a row does not fit its columns".
+CONVERT_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def attach_run(root: Any, run: _Run) -> None:
+    """Find or create the run's container and table, and the adapter that appends to it."""
+    import httpx
+    from tiled.adapters.sql import SQLAdapter
+
+    created = False
+    try:  # one request for a new run (the usual case) instead of a lookup and a create
+        node = root.create_container(key=run.raw_uid, metadata=run.metadata, specs=[SPEC])
+        created = True
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
+        node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
+    if not created and run.stream in node:
+        table = node[run.stream]
+        stored = table.structure().arrow_schema_decoded
+        if not stored.equals(run.schema):
+            raise StoreError(
+                f"run {run.raw_uid} already has a {run.stream!r} table with columns "
+                f"{stored.names}, not {run.schema.names}"
+            )
+    else:
+        table = node.create_appendable_table(run.schema, key=run.stream)
+    source = table.data_sources()[0]
+    run.adapter = SQLAdapter(
+        source.assets[0].data_uri,
+        table.structure(),
+        source.parameters["table_name"],
+        source.parameters["dataset_id"],
+    )
+    seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
+    run.stored_seq = {int(s) for s in seq}
+    run.node = node
+
+
+def split_fresh(
+    run: _Run, pending: list[Pending]
+) -> tuple[list[dict[str, Any]], list[Callable[[], None] | None], set[int], int]:
+    """Rows of ``pending`` not yet stored (by seq_num), every callback, their keys, duplicates.
+
+    A row whose seq_num is already stored, or earlier in this batch, is acknowledged without
+    being written again: the per-run idempotency that makes redelivery after a crash harmless.
+    """
+    fresh: list[dict[str, Any]] = []
+    acks: list[Callable[[], None] | None] = []
+    seen: set[int] = set()
+    duplicates = 0
+    for row, callback in pending:
+        key = _seq_key(row)
+        if key is not None and (key in run.stored_seq or key in seen):
+            duplicates += 1
+        else:
+            fresh.append(row)
+            if key is not None:
+                seen.add(key)
+        acks.append(callback)
+    return fresh, acks, seen, duplicates
+
+
+def salvage(
+    run: _Run, pending: list[Pending], fresh: list[dict[str, Any]], seen: set[int]
+) -> tuple[pa.Table, int, list[Callable[[], None] | None]]:
+    """Convert rows one by one when a batch will not convert, dropping (not acking) bad ones."""
+    good_ids: set[int] = set()
+    tables = []
+    for row in fresh:
+        try:
+            tables.append(_rows_to_table([row], run.schema, run.array_columns))
+            good_ids.add(id(row))
+        except CONVERT_ERRORS:
+            logger.error(
+                "analysis store: run %s: row %r does not fit its columns", run.raw_uid, row
+            )
+            seen.discard(_seq_key(row))
+    fresh_ids = {id(row) for row in fresh}
+    acks = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
+    table = pa.concat_tables(tables) if tables else run.schema.empty_table()
+    return table, len(fresh) - len(tables), acks
