@@ -19,6 +19,7 @@ from synthetic_feff import XMU_HEADER, model_mu, write_tree
 
 from xasflow.adapters.feff import read_feff_tree
 from xasflow.sim.feff_demo import cu2o_cuprite, cual2o4_spinel
+from xasflow.training import label_cache
 from xasflow.training import labels as L
 from xasflow.training.feff_inputs import (
     PRESETS,
@@ -263,7 +264,7 @@ def test_dask_labels_equal_the_pool_labels(tmp_path):
                 ref_labels[(mid, site)] = item
                 ref_mult[(mid, site)] = m.get(site, 1)
     assert mult == ref_mult
-    ours, theirs = L.labels_to_arrays(labels), L.labels_to_arrays(ref_labels)
+    ours, theirs = label_cache.labels_to_arrays(labels), label_cache.labels_to_arrays(ref_labels)
     assert ours.keys() == theirs.keys()
     for key in ours:
         np.testing.assert_array_equal(ours[key], theirs[key])

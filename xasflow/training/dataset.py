@@ -18,6 +18,7 @@ import numpy as np
 from xasflow import paths
 from xasflow.adapters.feff import ReadIssue, read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
+from xasflow.training import label_cache
 from xasflow.training import labels as L
 from xasflow.training.label_jobs import compute_labels
 
@@ -132,7 +133,7 @@ def _cached_labels(
         try:
             with np.load(cache, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-            labels = L.labels_from_arrays(arrays)
+            labels = label_cache.labels_from_arrays(arrays)
             mult = {
                 (str(m), int(s)): int(k)
                 for m, s, k in zip(
@@ -145,7 +146,7 @@ def _cached_labels(
         except (OSError, KeyError, ValueError):
             pass  # stale or damaged cache: recompute
     labels, mult = compute_labels(jobs, n_jobs=n_jobs, progress=progress, scheduler=scheduler)
-    arrays = L.labels_to_arrays(labels)
+    arrays = label_cache.labels_to_arrays(labels)
     arrays["multiplicity"] = np.array(
         [
             mult[(str(m), int(s))]

@@ -13,13 +13,11 @@ without the ``train`` extra.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,15 +37,12 @@ __all__ = [
     "SiteLabels",
     "average_labels",
     "environment_label",
-    "label_poscars",
     "label_sites",
-    "labels_from_arrays",
-    "labels_to_arrays",
-    "load_labels",
-    "save_labels",
     "site_multiplicities",
 ]
 
+#: Version of the label definitions and of the array layout; bump when either changes.
+LABELS_SCHEMA = 1
 #: Largest coordination number in the CN vector (CN 1..12, as in CrystalNNFingerprint "ops").
 CN_MAX = 12
 #: A CN enters the CN ranking label when its CrystalNN weight is at least this (Zheng 2020).
@@ -58,8 +53,6 @@ MOTIF_THRESHOLD = 0.05
 BV_CUTOFF = 4.0
 #: Distance scale for the bond-valence sum; BVAnalyzer's default, meant for GGA-relaxed cells.
 BV_DISTANCE_SCALE = 1.015
-#: Version of the label definitions and of the array layout; bump when either changes.
-LABELS_SCHEMA = 1
 
 #: Label vocabulary: (CN, motif) in fixed order; the motif vector follows this order.
 MOTIFS: tuple[tuple[int, str], ...] = (
@@ -499,181 +492,3 @@ def average_labels(
         notes.append(f"oxidation states differ or missing: {states}")
     notes.extend(dict.fromkeys(n for lab in labels for n in lab.notes))
     return SiteLabels(cn, motif, distance, oxidation, bvs, tuple(notes))
-
-
-def _preload() -> None:
-    """Import pymatgen and build the order-parameter objects once, before workers fork."""
-    import pymatgen.analysis.bond_valence
-    import pymatgen.analysis.local_env
-    import pymatgen.core  # noqa: F401
-
-    for cn in sorted({c for c, _ in MOTIFS}):
-        _ops_for_cn(cn)
-
-
-def _label_job(job: tuple[str, str, Sequence[int]]) -> list[tuple[tuple[str, int], LabelResult]]:
-    """Worker: parse one POSCAR and label its sites; every failure becomes a LabelFailure."""
-    material_id, poscar_text, site_indices = job
-    indices = [int(i) for i in site_indices]
-    try:
-        from pymatgen.core import Structure
-
-        with _quiet():
-            structure = Structure.from_str(poscar_text, fmt="poscar")
-    except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"[:500]
-        return [
-            ((material_id, i), LabelFailure(material_id, i, "unreadable_structure", detail))
-            for i in indices
-        ]
-    try:
-        results = label_sites(structure, indices, material_id=material_id)
-    except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"[:500]
-        return [
-            ((material_id, i), LabelFailure(material_id, i, "internal_error", detail))
-            for i in indices
-        ]
-    return [((material_id, i), r) for i, r in zip(indices, results, strict=True)]
-
-
-def label_poscars(
-    jobs: Iterable[tuple[str, str, Sequence[int]]],
-    n_jobs: int = 2,
-    progress: bool = False,
-    chunksize: int = 1,
-) -> dict[tuple[str, int], LabelResult]:
-    """Label many materials given as ``(material_id, poscar_text, site_indices)``.
-
-    Runs a process pool over materials (``n_jobs=1`` runs inline). Never fails as a whole:
-    unreadable structures and per-site errors come back as ``LabelFailure``. ``chunksize``
-    stays small by default: a few large cells cost 10-40 s each (BVAnalyzer), the rest ~0.2 s.
-    """
-    job_list = list(jobs)
-    _preload()
-    out: dict[tuple[str, int], LabelResult] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(job_list), desc="labels", unit="material")
-    pool = None
-    batches: Iterator[list[tuple[tuple[str, int], LabelResult]]]
-    try:
-        if n_jobs > 1 and len(job_list) > 1:
-            pool = multiprocessing.get_context().Pool(min(n_jobs, len(job_list)))
-            batches = pool.imap_unordered(_label_job, job_list, chunksize=max(1, chunksize))
-        else:
-            batches = map(_label_job, job_list)
-        for batch in batches:
-            out.update(batch)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if pool is not None:  # results all consumed, or unwinding: stop the workers now
-            pool.terminate()
-            pool.join()
-        if bar is not None:
-            bar.close()
-    return out
-
-
-def labels_to_arrays(labels: Mapping[tuple[str, int], LabelResult]) -> dict[str, np.ndarray]:
-    """Flatten labels into plain arrays for an .npz cache (no pickle), one row per site.
-
-    Rows are sorted by (material_id, site_index). Missing values: NaN in float arrays (the
-    oxidation state is stored as float so that NaN can mark "none"); ``ok`` marks real labels.
-    """
-    keys = sorted(labels)
-    n = len(keys)
-    cn = np.full((n, CN_MAX), np.nan)
-    motif = np.full((n, len(MOTIFS)), np.nan)
-    distance = np.full(n, np.nan)
-    oxidation = np.full(n, np.nan)
-    bvs = np.full(n, np.nan)
-    ok = np.zeros(n, dtype=bool)
-    notes = [""] * n
-    reasons = [""] * n
-    details = [""] * n
-    for row, key in enumerate(keys):
-        item = labels[key]
-        if isinstance(item, SiteLabels):
-            ok[row] = True
-            cn[row] = item.cn_vector
-            motif[row] = item.motif_vector
-            distance[row] = item.mean_nn_distance
-            if item.oxidation_state is not None:
-                oxidation[row] = item.oxidation_state
-            if item.bvs is not None:
-                bvs[row] = item.bvs
-            notes[row] = "\n".join(item.notes)
-        else:
-            reasons[row] = item.reason
-            details[row] = item.detail
-    return {
-        "schema": np.array(LABELS_SCHEMA, dtype=np.int64),
-        "motifs": np.array([environment_label(i) for i in range(len(MOTIFS))], dtype=str),
-        "material_id": np.array([k[0] for k in keys], dtype=str),
-        "site_index": np.array([k[1] for k in keys], dtype=np.int64),
-        "ok": ok,
-        "cn_vector": cn,
-        "motif_vector": motif,
-        "mean_nn_distance": distance,
-        "oxidation_state": oxidation,
-        "bvs": bvs,
-        "notes": np.array(notes, dtype=str),
-        "failure_reason": np.array(reasons, dtype=str),
-        "failure_detail": np.array(details, dtype=str),
-    }
-
-
-def labels_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[tuple[str, int], LabelResult]:
-    """Inverse of ``labels_to_arrays``; refuses arrays written with another schema or vocabulary."""
-    schema = int(np.asarray(arrays["schema"]))
-    if schema != LABELS_SCHEMA:
-        raise ValueError(f"label arrays have schema {schema}, this code reads {LABELS_SCHEMA}")
-    vocab = [str(m) for m in np.asarray(arrays["motifs"]).reshape(-1)]
-    if vocab != [environment_label(i) for i in range(len(MOTIFS))]:
-        raise ValueError("label arrays were written with a different MOTIFS vocabulary")
-    out: dict[tuple[str, int], LabelResult] = {}
-    mids = np.asarray(arrays["material_id"]).reshape(-1)
-    sites = np.asarray(arrays["site_index"]).reshape(-1)
-    ok = np.asarray(arrays["ok"]).reshape(-1)
-    cn = np.asarray(arrays["cn_vector"]).reshape(-1, CN_MAX)
-    motif = np.asarray(arrays["motif_vector"]).reshape(-1, len(MOTIFS))
-    distance = np.asarray(arrays["mean_nn_distance"]).reshape(-1)
-    oxidation = np.asarray(arrays["oxidation_state"]).reshape(-1)
-    bvs = np.asarray(arrays["bvs"]).reshape(-1)
-    notes = np.asarray(arrays["notes"]).reshape(-1)
-    reasons = np.asarray(arrays["failure_reason"]).reshape(-1)
-    details = np.asarray(arrays["failure_detail"]).reshape(-1)
-    for row in range(mids.size):
-        key = (str(mids[row]), int(sites[row]))
-        if ok[row]:
-            note = str(notes[row])
-            out[key] = SiteLabels(
-                cn_vector=cn[row],
-                motif_vector=motif[row],
-                mean_nn_distance=float(distance[row]),
-                oxidation_state=None if np.isnan(oxidation[row]) else int(oxidation[row]),
-                bvs=None if np.isnan(bvs[row]) else float(bvs[row]),
-                notes=tuple(note.split("\n")) if note else (),
-            )
-        else:
-            out[key] = LabelFailure(key[0], key[1], str(reasons[row]), str(details[row]))
-    return out
-
-
-def save_labels(path: str | Path, labels: Mapping[tuple[str, int], LabelResult]) -> Path:
-    """Write labels to a compressed .npz (plain arrays, loadable without pickle)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
-        np.savez_compressed(fh, **labels_to_arrays(labels))  # type: ignore[arg-type]
-    return path
-
-
-def load_labels(path: str | Path) -> dict[tuple[str, int], LabelResult]:
-    """Read labels written by ``save_labels``."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        return labels_from_arrays({k: data[k] for k in data.files})

@@ -1,0 +1,125 @@
+"""The on-disk label cache: site labels as plain arrays in a compressed .npz (no pickle).
+
+Versioned by :data:`~xasflow.training.labels.LABELS_SCHEMA` and checked against the motif vocabulary, so a cache
+written by other label code is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from xasflow.training.labels import (
+    CN_MAX,
+    LABELS_SCHEMA,
+    MOTIFS,
+    LabelFailure,
+    LabelResult,
+    SiteLabels,
+    environment_label,
+)
+
+__all__ = ["LABELS_SCHEMA", "labels_from_arrays", "labels_to_arrays", "load_labels", "save_labels"]
+
+
+def labels_to_arrays(labels: Mapping[tuple[str, int], LabelResult]) -> dict[str, np.ndarray]:
+    """Flatten labels into plain arrays for an .npz cache (no pickle), one row per site.
+
+    Rows are sorted by (material_id, site_index). Missing values: NaN in float arrays (the
+    oxidation state is stored as float so that NaN can mark "none"); ``ok`` marks real labels.
+    """
+    keys = sorted(labels)
+    n = len(keys)
+    cn = np.full((n, CN_MAX), np.nan)
+    motif = np.full((n, len(MOTIFS)), np.nan)
+    distance = np.full(n, np.nan)
+    oxidation = np.full(n, np.nan)
+    bvs = np.full(n, np.nan)
+    ok = np.zeros(n, dtype=bool)
+    notes = [""] * n
+    reasons = [""] * n
+    details = [""] * n
+    for row, key in enumerate(keys):
+        item = labels[key]
+        if isinstance(item, SiteLabels):
+            ok[row] = True
+            cn[row] = item.cn_vector
+            motif[row] = item.motif_vector
+            distance[row] = item.mean_nn_distance
+            if item.oxidation_state is not None:
+                oxidation[row] = item.oxidation_state
+            if item.bvs is not None:
+                bvs[row] = item.bvs
+            notes[row] = "\n".join(item.notes)
+        else:
+            reasons[row] = item.reason
+            details[row] = item.detail
+    return {
+        "schema": np.array(LABELS_SCHEMA, dtype=np.int64),
+        "motifs": np.array([environment_label(i) for i in range(len(MOTIFS))], dtype=str),
+        "material_id": np.array([k[0] for k in keys], dtype=str),
+        "site_index": np.array([k[1] for k in keys], dtype=np.int64),
+        "ok": ok,
+        "cn_vector": cn,
+        "motif_vector": motif,
+        "mean_nn_distance": distance,
+        "oxidation_state": oxidation,
+        "bvs": bvs,
+        "notes": np.array(notes, dtype=str),
+        "failure_reason": np.array(reasons, dtype=str),
+        "failure_detail": np.array(details, dtype=str),
+    }
+
+
+def labels_from_arrays(arrays: Mapping[str, np.ndarray]) -> dict[tuple[str, int], LabelResult]:
+    """Inverse of ``labels_to_arrays``; refuses arrays written with another schema or vocabulary."""
+    schema = int(np.asarray(arrays["schema"]))
+    if schema != LABELS_SCHEMA:
+        raise ValueError(f"label arrays have schema {schema}, this code reads {LABELS_SCHEMA}")
+    vocab = [str(m) for m in np.asarray(arrays["motifs"]).reshape(-1)]
+    if vocab != [environment_label(i) for i in range(len(MOTIFS))]:
+        raise ValueError("label arrays were written with a different MOTIFS vocabulary")
+    out: dict[tuple[str, int], LabelResult] = {}
+    mids = np.asarray(arrays["material_id"]).reshape(-1)
+    sites = np.asarray(arrays["site_index"]).reshape(-1)
+    ok = np.asarray(arrays["ok"]).reshape(-1)
+    cn = np.asarray(arrays["cn_vector"]).reshape(-1, CN_MAX)
+    motif = np.asarray(arrays["motif_vector"]).reshape(-1, len(MOTIFS))
+    distance = np.asarray(arrays["mean_nn_distance"]).reshape(-1)
+    oxidation = np.asarray(arrays["oxidation_state"]).reshape(-1)
+    bvs = np.asarray(arrays["bvs"]).reshape(-1)
+    notes = np.asarray(arrays["notes"]).reshape(-1)
+    reasons = np.asarray(arrays["failure_reason"]).reshape(-1)
+    details = np.asarray(arrays["failure_detail"]).reshape(-1)
+    for row in range(mids.size):
+        key = (str(mids[row]), int(sites[row]))
+        if ok[row]:
+            note = str(notes[row])
+            out[key] = SiteLabels(
+                cn_vector=cn[row],
+                motif_vector=motif[row],
+                mean_nn_distance=float(distance[row]),
+                oxidation_state=None if np.isnan(oxidation[row]) else int(oxidation[row]),
+                bvs=None if np.isnan(bvs[row]) else float(bvs[row]),
+                notes=tuple(note.split("\n")) if note else (),
+            )
+        else:
+            out[key] = LabelFailure(key[0], key[1], str(reasons[row]), str(details[row]))
+    return out
+
+
+def save_labels(path: str | Path, labels: Mapping[tuple[str, int], LabelResult]) -> Path:
+    """Write labels to a compressed .npz (plain arrays, loadable without pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        np.savez_compressed(fh, **labels_to_arrays(labels))  # type: ignore[arg-type]
+    return path
+
+
+def load_labels(path: str | Path) -> dict[tuple[str, int], LabelResult]:
+    """Read labels written by ``save_labels``."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return labels_from_arrays({k: data[k] for k in data.files})
