@@ -204,6 +204,8 @@ def test_compose_files_agree_with_each_other() -> None:
     tiled_cmd = services["tiled"]["command"]
     assert tiled_cmd[:3] == ["serve", "catalog", f"{store}/catalog.db"]
     assert tiled_cmd[tiled_cmd.index("-r") + 1] == f"sqlite:///{store}/tables.sqlite"
+    readme = " ".join((paths.REPO_ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert " ".join(["tiled", *tiled_cmd[:5]]) in readme, "README's tiled command differs"
     assert f"xasflow-store:{store}" in services["tiled"]["volumes"]
     assert f"xasflow-store:{store}" in services["xasflow"]["volumes"]
 
