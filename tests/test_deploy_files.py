@@ -141,3 +141,30 @@ def test_systemd_unit_hardening() -> None:
     assert {k: service.get(k) for k in expected} == expected
     assert "/opt/xasflow/models" in service["ReadOnlyPaths"].split()
     assert "/health" in service["ExecStartPost"] and "MemoryDenyWriteExecute" not in service
+
+
+def test_grafana_dashboard_layout() -> None:
+    """Panels have unique ids, a query each, and do not overlap on the 24-column grid."""
+    panels = dashboard()["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) >= 10
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        assert any(t.get("expr") for t in p["targets"]), p["title"]
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in (
+        "throughput",
+        "latency",
+        "rejected",
+        "out-of-domain",
+        "loss",
+        "queue",
+        "models",
+        "kafka",
+    ):
+        assert topic in titles, topic
