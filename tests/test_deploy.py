@@ -1,0 +1,333 @@
+"""deploy/: every file parses, the tools accept them, and they fit the daemon they deploy.
+
+A real daemon (the shipped bundles of ``models/``, a loopback 0MQ proxy, an access token)
+analyses a step scan; its ``/metrics`` must export every metric name that the alert rules and
+the Grafana dashboard query, its ``/health`` must satisfy the image's health check and the
+systemd unit's readiness command, and ``tiled serve catalog`` must serve its store to the
+tiled client. ``promtool``, ``docker compose`` and ``systemd-analyze`` run where installed and
+skip, saying so, where not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_files import (
+    DEPLOY,
+    METRIC,
+    TOKEN,
+    alert_rules,
+    compose_cli,
+    env_file,
+    grafana_exprs,
+    load_yaml,
+    queried,
+    tool,
+    unit_file,
+)
+
+pytest.importorskip("zmq")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("tiled.client")
+
+from helpers import (
+    STEP_GRID,
+    Harness,
+    LoopbackProxy,
+    daemon_config,
+    free_port,
+    publish,
+    step_scan,
+    transmission,
+    wait_for,
+)
+
+from xasflow import paths
+from xasflow.adapters.tiled_store import read_analysis
+
+pytestmark = pytest.mark.timeout(300)
+# Kafka metrics another branch adds: queried by deploy/ already, not exported on this branch.
+# Remove this set (and its test) once the Kafka adapter is merged.
+PENDING_KAFKA_METRICS = frozenset(
+    {
+        "xasflow_kafka_consumer_lag",
+        "xasflow_kafka_rebalances_total",
+        "xasflow_kafka_commits_total",
+        "xasflow_kafka_commit_failures_total",
+    }
+)
+# Series Prometheus makes itself for every target.
+PROMETHEUS_SERIES = frozenset({"up"})
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_every_deploy_file_parses() -> None:
+    """Each file under deploy/ is one of the known kinds and parses as it."""
+    files = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+    assert len(files) >= 15, files
+    for path in files:
+        name = path.name
+        if path.suffix in (".yaml", ".yml"):
+            docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+            assert docs and all(isinstance(d, dict) for d in docs), path
+        elif path.suffix == ".json":
+            assert isinstance(json.loads(path.read_text(encoding="utf-8")), dict), path
+        elif path.suffix == ".toml":
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".service":
+            assert {"Unit", "Service", "Install"} <= set(unit_file(path).sections()), path
+        elif name.endswith(".env.example"):
+            assert env_file(path), path
+        elif path.suffix == ".py":
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")
+        elif name == "Dockerfile":
+            lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+            assert lines[0].startswith("FROM python:3.11-slim"), lines[0]
+        else:
+            raise AssertionError(f"{path}: no parser for this kind of file; add one here")
+
+
+# --------------------------------------------------------------------------- external tools
+
+
+def test_promtool_checks_rules_config_and_dashboard_queries(tmp_path: Path) -> None:
+    """Rules check and their unit tests pass; the scrape config checks with its files in
+    place; every Grafana query parses as PromQL (as recording rules)."""
+    promtool = tool("promtool")
+    run = lambda *a: subprocess.run([promtool, *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    for args in (("check", "rules"), ("test", "rules")):
+        name = "alerts.yml" if args[0] == "check" else "alerts_test.yml"
+        res = run(*args, str(DEPLOY / "prometheus" / name))
+        assert res.returncode == 0, res.stdout + res.stderr
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    prom["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    prom["scrape_configs"][0]["authorization"]["credentials_file"] = str(token)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
+    res = run("check", "config", str(tmp_path / "prometheus.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    exprs = [re.sub(r"^label_values\((.*), *\w+\)$", r"\1", e) for e in grafana_exprs()]
+    rules = [
+        {"record": f"grafana:query_{i}", "expr": e.replace("$__rate_interval", "5m")}
+        for i, e in enumerate(exprs)
+    ]
+    text = yaml.safe_dump({"groups": [{"name": "grafana", "rules": rules}]})
+    (tmp_path / "grafana.yml").write_text(text.replace("$instance", ".*"))
+    res = run("check", "rules", str(tmp_path / "grafana.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_docker_compose_config() -> None:
+    """`docker compose config` accepts the stack (needs the CLI, not a Docker daemon)."""
+    cli = compose_cli()
+    res = subprocess.run(
+        [*cli, "-f", str(DEPLOY / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "XASFLOW_TOKEN": TOKEN},
+    )
+    assert res.returncode == 0, res.stderr
+    model = json.loads(res.stdout)
+    assert model["services"]["xasflow"]["environment"]["XASFLOW__HTTP__TOKEN"] == TOKEN
+    assert model["services"]["prometheus"]["environment"]["XASFLOW_TOKEN"] == TOKEN
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The unit verifies (ExecStart pointed at this environment's xasflow)."""
+    analyze = tool("systemd-analyze")
+    exe = Path(sys.executable).parent / "xasflow"
+    if not exe.exists():
+        pytest.skip(f"no xasflow console script beside {sys.executable}")
+    text = (DEPLOY / "systemd" / "xasflow.service").read_text()
+    unit = tmp_path / "xasflow.service"
+    unit.write_text(text.replace("/opt/xasflow/venv/bin/xasflow", str(exe)))
+    res = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert res.returncode == 0 and "xasflow.service" not in res.stderr, res.stderr
+    res = subprocess.run(
+        [analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True
+    )
+    level = re.search(r"Overall exposure level for xasflow.service: ([0-9.]+)", res.stdout)
+    assert level and float(level.group(1)) <= 2.0, res.stdout[-500:] + res.stderr
+
+
+# --------------------------------------------------------------------------- a running daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, str]]:
+    """The daemon with the shipped bundles and a token, after one analysed step scan."""
+    proxy = LoopbackProxy()
+    store = tmp_path_factory.mktemp("deploy") / "store"
+    cfg = daemon_config(paths.REPO_ROOT / "models", proxy, store, run_timeout_s=5)
+    h = Harness(cfg.with_updates({"http": {"token": TOKEN}}), proxy)
+    uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID), {"sample_name": "CuO"})
+    publish(h.pub, docs)
+    h.results.wait([uid])
+    wait_for(lambda: _stored_stop(store, uid), "the run's stop in the store")
+    yield h, uid
+    h.close()
+    proxy.close()
+
+
+def _stored_stop(store: Path, uid: str) -> bool:
+    try:
+        return read_analysis(store, uid)[0]["stop"] is not None
+    except KeyError:  # the run's table is not written yet
+        return False
+
+
+def _exported(daemon: Harness) -> set[str]:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{daemon.daemon.http_url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+            names |= {name, *(name.removesuffix("_total") + s for s in suffixes.get(kind, ()))}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_every_metric_deploy_queries_is_exported(daemon: tuple[Harness, str]) -> None:
+    """Alert rules and dashboard query only names the daemon exports (or Prometheus makes)."""
+    exported = _exported(daemon[0])
+    alerts = queried([r["expr"] for r in alert_rules()])
+    grafana = queried(grafana_exprs())
+    assert {"xasflow_latency_seconds_bucket", "xasflow_model_info", "xasflow_up"} <= alerts
+    assert "xasflow_events_lost_total" in alerts & grafana
+    missing = (alerts | grafana) - exported - PROMETHEUS_SERIES - PENDING_KAFKA_METRICS
+    assert not missing, f"deploy/ queries metrics the daemon does not export: {sorted(missing)}"
+    assert all(METRIC.search(r["expr"]) for r in alert_rules())
+
+
+def test_pending_kafka_metrics_are_queried_and_not_yet_exported(
+    daemon: tuple[Harness, str],
+) -> None:
+    """Remove PENDING_KAFKA_METRICS when the Kafka adapter exports them (this then fails)."""
+    names = queried([r["expr"] for r in alert_rules()] + grafana_exprs())
+    assert names >= PENDING_KAFKA_METRICS
+    now_exported = PENDING_KAFKA_METRICS & _exported(daemon[0])
+    assert not now_exported, f"exported now, drop them from PENDING_KAFKA_METRICS: {now_exported}"
+
+
+def test_healthcheck_script_reads_the_token_from_the_environment(
+    daemon: tuple[Harness, str],
+) -> None:
+    """xasflow-healthcheck: 0 with the daemon's token, 1 and the reason without or when down."""
+    script = [sys.executable, str(DEPLOY / "healthcheck.py"), "--url"]
+    url = f"{daemon[0].daemon.http_url}/health"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XASFLOW__")}
+    ok = subprocess.run([*script, url], env={**env, "XASFLOW__HTTP__TOKEN": TOKEN}, timeout=60)
+    assert ok.returncode == 0
+    bad = subprocess.run([*script, url], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "HTTP 401" in bad.stderr
+    down = f"http://127.0.0.1:{free_port()}/health"
+    res = subprocess.run([*script, down], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no answer" in res.stderr
+
+
+def test_systemd_readiness_command_passes_against_a_ready_daemon(
+    daemon: tuple[Harness, str],
+) -> None:
+    """The unit's ExecStartPost, unescaped as systemd does, succeeds with the env file's token."""
+    if shutil.which("curl") is None or shutil.which("sh") is None:
+        pytest.skip("curl or sh not installed")
+    line = unit_file(DEPLOY / "systemd" / "xasflow.service")["Service"]["ExecStartPost"]
+    argv = line.split(" ", 2)
+    assert argv[:2] == ["/bin/sh", "-c"]
+    script = argv[2].strip("'").replace("%%", "%").replace("$$", "$").replace("\\\\", "\\")
+    port = daemon[0].daemon.http_url.rsplit(":", 1)[1]
+    env = {"PATH": os.environ["PATH"], "XASFLOW__HTTP__TOKEN": TOKEN, "XASFLOW__HTTP__PORT": port}
+    res = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_tiled_serve_catalog_serves_the_store_read_only(
+    daemon: tuple[Harness, str], tmp_path: Path
+) -> None:
+    """The README's `tiled serve catalog` command reads the live store; the client reads the
+    run back and cannot write; without `-r <tables>` the rows cannot be read."""
+    pytest.importorskip("tiled.server")
+    from tiled.client import from_uri
+    from tiled.client.utils import ClientError
+
+    tiled = Path(sys.executable).parent / "tiled"
+    if not tiled.exists():
+        pytest.skip(f"no tiled console script beside {sys.executable}")
+    h, uid = daemon
+    store = Path(h.daemon.config.storage.directory)
+    _md, rows = read_analysis(store, uid)
+
+    def serve(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        cmd = [str(tiled), "serve", "catalog", str(store / "catalog.db"), *extra]
+        proc = subprocess.Popen(
+            [*cmd, "--public", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"tiled-{port}.log").open("wb"),
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/api/v1/") or proc.poll() is not None, "tiled", 60)
+        assert proc.poll() is None, (tmp_path / f"tiled-{port}.log").read_text()
+        return proc, url
+
+    proc, url = serve("-r", f"sqlite:///{store}/tables.sqlite")
+    try:
+        client = from_uri(url)
+        run = client[uid]
+        assert run.metadata["start"]["raw_uid"] == uid
+        assert run.metadata["stop"]["exit_status"] == "success"
+        table = run["primary"].read()
+        assert len(table) == len(rows) >= 1
+        assert list(table["seq_num"]) == list(rows["seq_num"])
+        assert list(table["cn"]) == list(rows["cn"])
+        # xasflow's reader takes the served catalog too (array columns decoded)
+        md, served = read_analysis(client, uid)
+        assert md["stop"]["exit_status"] == "success"
+        assert served["motif_ranking"].tolist() == rows["motif_ranking"].tolist()
+        with pytest.raises(ClientError) as refused:
+            client.create_container("not-allowed")
+        assert refused.value.response.status_code in (401, 403)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    proc, url = serve()
+    try:
+        with pytest.raises(ClientError, match="No such field"):
+            from_uri(url)[uid]["primary"].read()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -1,0 +1,170 @@
+"""deploy/ files agree with each other and with the daemon's configuration: the daemon's
+YAML in its three homes, the compose mounts and paths, the image, the Kubernetes manifests,
+the systemd unit's hardening. (tests/test_deploy.py runs the tools and a real daemon.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_files import DEPLOY, TOKEN, dashboard, env_file, load_yaml, unit_file
+
+from xasflow import paths
+from xasflow.daemon.config import ConfigError, env_overrides, load_config
+
+
+def test_daemon_configs_in_deploy_are_valid() -> None:
+    """deploy/xasflow.yaml, the ConfigMap's copy and the systemd env file load; off loopback
+    the daemon refuses to start without a token."""
+    env = {"XASFLOW__HTTP__TOKEN": TOKEN}
+    cfg = load_config(DEPLOY / "xasflow.yaml", environ=env)
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8620)
+    assert cfg.input.address == "tcp://proxy:5578" and cfg.output.address == "tcp://proxy:5577"
+    assert cfg.models.directory == Path("/opt/xasflow/models")
+    assert cfg.storage.directory == Path("/var/lib/xasflow/store")
+    with pytest.raises(ConfigError, match="token"):
+        load_config(DEPLOY / "xasflow.yaml", environ={})
+
+    configmap = load_yaml(DEPLOY / "k8s" / "configmap.yaml")
+    k8s = yaml.safe_load(configmap["data"]["xasflow.yaml"])
+    assert k8s["input"]["address"].endswith(".svc.cluster.local:5578")
+    assert k8s["storage"] == {"directory": "/var/lib/xasflow/store"}
+
+    unit_env = env_file(DEPLOY / "systemd" / "xasflow.env.example")
+    cfg = load_config(DEPLOY / "xasflow.yaml", environ=unit_env)
+    assert cfg.input.address == "tcp://127.0.0.1:5578"
+    sections = set(env_overrides(unit_env))
+    assert cfg.http.token is not None and sections == {
+        "http",
+        "input",
+        "output",
+        "storage",
+        "models",
+    }
+
+
+def test_compose_files_agree_with_each_other() -> None:
+    """Mounts exist, the tiled service reads the daemon's store path, Prometheus loads the
+    alert rules, Grafana's provider path and datasource uid match the dashboard."""
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert {"proxy", "kafka", "xasflow", "tiled", "prometheus", "grafana"} <= set(services)
+    for svc in services.values():
+        for mount in svc.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{port}: publish on loopback only"
+    store = str(
+        load_config(DEPLOY / "xasflow.yaml", {"XASFLOW__HTTP__TOKEN": TOKEN}).storage.directory
+    )
+    tiled_cmd = services["tiled"]["command"]
+    assert tiled_cmd[:3] == ["serve", "catalog", f"{store}/catalog.db"]
+    assert tiled_cmd[tiled_cmd.index("-r") + 1] == f"sqlite:///{store}/tables.sqlite"
+    readme = " ".join((paths.REPO_ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert " ".join(["tiled", *tiled_cmd[:5]]) in readme, "README's tiled command differs"
+    assert f"xasflow-store:{store}" in services["tiled"]["volumes"]
+    assert f"xasflow-store:{store}" in services["xasflow"]["volumes"]
+
+    prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"] if v.startswith("."))
+    assert mounts["./prometheus/alerts.yml"] in prom["rule_files"]
+    assert "/prometheus/xasflow-token" in " ".join(services["prometheus"]["command"])
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "xasflow")
+    assert job["authorization"]["credentials_file"] == "/prometheus/xasflow-token"
+
+    provider = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "xasflow.yml")
+    grafana_mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    assert grafana_mounts["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
+    source = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
+    uids = {p["datasource"]["uid"] for p in dashboard()["panels"]}
+    assert uids == {source["datasources"][0]["uid"]}
+
+
+def test_dockerfile_and_dockerignore() -> None:
+    """CPU torch, the daemon extras, a non-root user, the bundles, a health check; everything
+    the Dockerfile copies from the context is let through by .dockerignore."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    assert '"/src[daemon]"' in text and "COPY models /opt/xasflow/models" in text
+    assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
+    ignore = (paths.REPO_ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    for line in text.splitlines():
+        if line.startswith("COPY") and "--from" not in line:
+            sources = [s for s in line.split()[1:-1] if not s.startswith("--")]
+            for src in sources:
+                assert src.rstrip("/") in allowed, f"{src} is excluded by .dockerignore"
+                assert (paths.REPO_ROOT / src).exists(), src
+
+
+def test_k8s_manifests() -> None:
+    """Non-root read-only pod probed through the health script, one replica on the PVC, and a
+    NetworkPolicy that admits only the scraper and lets out only DNS and the bus."""
+    docs = {p.stem: load_yaml(p) for p in (DEPLOY / "k8s").glob("*.yaml")}
+    kust = docs.pop("kustomization")
+    assert sorted(kust["resources"]) == sorted(f"{n}.yaml" for n in docs)
+    spec = docs["deployment"]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["xasflow-healthcheck"]
+    claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claim["persistentVolumeClaim"]["claimName"] == docs["pvc"]["metadata"]["name"]
+    policy = docs["networkpolicy"]["spec"]
+    assert [p["port"] for r in policy["ingress"] for p in r["ports"]] == [8620]
+    egress_ports = {p["port"] for r in policy["egress"] for p in r["ports"]}
+    assert egress_ports == {53, 5577, 5578, 9092}
+    endpoint = docs["podmonitor"]["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
+
+
+def test_systemd_unit_hardening() -> None:
+    """The settings the unit promises: own user, strict FS, only the state dir writable."""
+    service = dict(unit_file(DEPLOY / "systemd" / "xasflow.service")["Service"])
+    expected = {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "ReadWritePaths": "/var/lib/xasflow",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "Restart": "on-failure",
+        "Type": "exec",  # the daemon does not call sd_notify: readiness from ExecStartPost
+    }
+    assert {k: service.get(k) for k in expected} == expected
+    assert "/opt/xasflow/models" in service["ReadOnlyPaths"].split()
+    assert "/health" in service["ExecStartPost"] and "MemoryDenyWriteExecute" not in service
+
+
+def test_grafana_dashboard_layout() -> None:
+    """Panels have unique ids, a query each, and do not overlap on the 24-column grid."""
+    panels = dashboard()["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) >= 10
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        assert any(t.get("expr") for t in p["targets"]), p["title"]
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = p["title"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in (
+        "throughput",
+        "latency",
+        "rejected",
+        "out-of-domain",
+        "loss",
+        "queue",
+        "models",
+        "kafka",
+    ):
+        assert topic in titles, topic
