@@ -11,6 +11,14 @@ killed predecessor left open when their raw stop arrives
 Each analysis document goes to the sinks in order (the store writer, the publisher, the
 listeners). It is the only thread touching the assembler and the pipeline.
 
+Run timeouts (``analysis.run_timeout_s``) are read on a
+:class:`~xasflow.adapters.live_clock.LiveClock`, not the wall clock: a pass of the loop that
+took a full batch (a backlog: the run's next documents may be queued) does not count, and no
+pass counts for more than ``LiveClock.max_step_s``. A process
+that stood still (SIGSTOP, swapping) or fell behind therefore never times out a run whose
+documents are waiting in its own input; those documents used to come back as ``late_document``
+rejections, and the run's stop then said nothing of them.
+
 At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
 (``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
 """
@@ -24,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from xasflow.adapters.live_clock import LiveClock
 from xasflow.adapters.probes import ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.daemon.assembly import RunAssembler
@@ -73,6 +82,8 @@ class Processor:
         self.sinks: list[Sink] = []
         self.internal_errors = 0
         self.drain = threading.Event()  # set once nothing more will be queued
+        self.clock = LiveClock()
+        assembler.clock = self.clock  # run timeouts count live time only (module docstring)
 
     def run(self) -> None:
         """Process until :attr:`drain` is set and the queue is empty, then close everything."""
@@ -83,6 +94,7 @@ class Processor:
             items = self._take(a.batch_max)
             if not items and self.drain.is_set():
                 break  # the receive thread is joined and the queue is empty
+            self.clock.tick(counts=len(items) < a.batch_max)
             now = time.monotonic()
             try:
                 self._turn(items, check=now >= next_check)
