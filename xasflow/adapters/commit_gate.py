@@ -132,7 +132,12 @@ class CommitGate:
             name, doc, unstored = item
             if unstored:
                 self.released_unstored += 1
-                logger.warning("store has not committed for %.1f s: publishing", self.timeout_s)
+                if self.released_unstored % 1000 == 1:  # the first of each thousand
+                    logger.warning(
+                        "a result waited %.1f s for the store: published unstored (%d so far)",
+                        self.timeout_s,
+                        self.released_unstored,
+                    )
             try:
                 self.publish(name, doc)
                 self.published += 1
