@@ -86,10 +86,17 @@ class Bus:
                 elif name == "descriptor" and doc.get("name") == "primary":
                     if doc["run_start"] in self.start_raw:
                         self.desc_raw[doc["uid"]] = self.start_raw[doc["run_start"]]
-                elif name == "event" and doc["descriptor"] in self.desc_raw:
+                elif name in ("event", "event_page") and doc["descriptor"] in self.desc_raw:
+                    rows = self.rows.setdefault(self.desc_raw[doc["descriptor"]], [])
                     d = doc["data"]
-                    row = (int(d["index"]), str(d["status"]), str(d["reason"]), d["bundle_id"])
-                    self.rows.setdefault(self.desc_raw[doc["descriptor"]], []).append(row)
+                    if name == "event":
+                        rows.append((int(d["index"]), str(d["status"]), str(d["reason"]),
+                                     d["bundle_id"]))  # fmt: skip
+                    else:  # a page: one row per entry of its columns
+                        cols = zip(
+                            d["index"], d["status"], d["reason"], d["bundle_id"], strict=True
+                        )
+                        rows.extend((int(i), str(st), str(r), b) for i, st, r, b in cols)
                 elif name == "stop" and doc["run_start"] in self.start_raw:
                     self.stops[self.start_raw[doc["run_start"]]] = doc
 
@@ -500,7 +507,10 @@ def stall_fault(h: Harness, t: Tally, sig: str, rate: float, seconds: float, pau
         feeder.join()
         acc = losses(h, box, n)
         t.silent += acc["silent"]
-        t.fault("sigstop_under_load", h.alive(), pause_s=pause, rate_hz=rate, **acc)
+        out = (h.health() or {}).get("output", {})
+        gate = {k.split(".", 1)[1]: v for k, v in out.items() if k.startswith("after_store.")}
+        t.fault("sigstop_under_load", h.alive(), pause_s=pause, rate_hz=rate, **acc,
+                after_store=bool(gate), released_unstored=gate.get("released_unstored"))  # fmt: skip
         return
     h.proc.kill()
     h.proc.wait(10)
@@ -581,8 +591,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             removal_fault(h, t, base, 15 if quick else 120)
             wire_fault(h, t, 2 if quick else 50)
             document_fault(h, t)
-            if quick:
-                stall_fault(h, t, "SIGSTOP", 10, 2.0, 1.0)
+            if quick:  # paused longer than analysis.run_timeout_s (5 s): nothing may time out
+                stall_fault(h, t, "SIGSTOP", 20, 8.0, 6.0)
             else:
                 stall_fault(h, t, "SIGSTOP", 100, 16.0, 10.0)
                 stall_fault(h, t, "SIGKILL", 50, 4.0, 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -696,15 +697,18 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
     from xasflow.spectra import herfd_fwhm
 
     assert {"edge_step", "herfd_width", "bad_broadening"} <= REASONS
-    seen: list[tuple[Any, Any]] = []
-    real = Predictor.prepare
+    # the widths reach the spectra whichever path prepares them (one by one or as a stack)
+    import xasflow.spectra.process as herfd_module  # where prepare() looks the width up
 
-    def recording(self: Predictor, spectrum: Spectrum) -> Any:
-        prepared = real(self, spectrum)
-        seen.append((spectrum.meta.get("herfd"), prepared.spectrum.meta.get("broadened_fwhm")))
-        return prepared
+    seen: list[Any] = []
+    real = herfd_module.herfd_width
 
-    monkeypatch.setattr(Predictor, "prepare", recording)
+    def recording(spectrum: Spectrum, *args: Any, **kwargs: Any) -> Any:
+        width = real(spectrum, *args, **kwargs)
+        seen.append((spectrum.meta.get("herfd"), width))
+        return width
+
+    monkeypatch.setattr(herfd_module, "herfd_width", recording)
     pipeline = Pipeline(registry, counters, clock=Clock(T0 + 0.004))
     docs = pipeline.handle_batch(
         [
@@ -719,7 +723,9 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
             scan("raw-h4", 0, "Cu2O"),
         ]
     )
-    assert seen == [(1.5, 1.5), (True, pytest.approx(herfd_fwhm("Cu", "K"))), (None, None)]
+    declared = [entry for entry in seen if entry[0] is not None]
+    assert declared == [(1.5, 1.5), (True, pytest.approx(herfd_fwhm("Cu", "K")))]
+    assert all(width is None for herfd, width in seen if herfd is None)
     h1, h2, h3, h4 = events(docs)
     assert "herfd_broadened" in h1["flags"] and "herfd_broadened" in h2["flags"]
     assert "herfd_broadened" not in h3["flags"]
@@ -742,3 +748,66 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
     # the configured width, and none for the run whose start document says herfd: false
     assert [entry for entry in seen if entry[0] is not None] == [(2.0, 2.0)]
     assert all(width is None for herfd, width in seen if herfd is None)
+
+
+def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spectra sharing an energy axis go through ``prepare_batch`` once; every row, bad ones
+    included, ends as it does alone (reason, flags, shift, E0, step, answer)."""
+    from xasflow.daemon import batch_prep
+
+    axis = np.linspace(8940.0, 9120.0, 600)
+    kinds = ["CuCl", "CuO", "Cu2O"] * 4
+    outs = []
+    for i, k in enumerate(kinds):
+        o = 0.5 * (i % 5)
+        _, ch = channels(k, offset=o, lo=8940.0 + o, hi=9120.0 + o)
+        if i == 4:  # a NaN in a channel: rejected before the stack
+            ch["it"] = ch["it"].copy()
+            ch["it"][7] = np.nan
+        elif i == 5:  # no foil: analysed unaligned
+            del ch["ir"]
+        elif i == 6:  # a broken foil channel: alignment fails, analysed unaligned
+            ch["ir"] = -ch["ir"]
+        elif i == 7:  # mu never rises: rejected by the preparation, inside the stack
+            ch["it"] = 0.5 * ch["i0"]
+        outs.append(scan("raw-p", i, k, energy=axis, chans=ch))
+    stacks: list[int] = []
+    real = batch_prep.prepare_batch
+
+    def counting(energy: np.ndarray, mu: np.ndarray, *a: Any, **kw: Any) -> list:
+        stacks.append(len(mu))
+        return real(energy, mu, *a, **kw)
+
+    monkeypatch.setattr(batch_prep, "prepare_batch", counting)
+    batched = Pipeline(registry, Counters(), clock=Clock(T0)).handle_batch([opened("raw-p"), *outs])
+    assert stacks == [len(kinds) - 1]
+    single = Pipeline(registry, Counters(), clock=Clock(T0))
+    alone = [d for o in [opened("raw-p"), *outs] for d in single.handle(o)]
+    assert stacks == [len(kinds) - 1]  # one by one: never stacked
+    rows_b, rows_a = events(batched), events(alone)
+    assert [r["reason"] for r in rows_b] == [r["reason"] for r in rows_a]
+    assert [r["reason"] for r in rows_b][4:8] == ["not_finite", "", "", "no_edge"]
+
+    def flags(r: dict) -> list[str]:
+        return [f for f in r["flags"].split(",") if f and f != "out_of_domain"]
+
+    assert [flags(r) for r in rows_b] == [flags(r) for r in rows_a]
+    assert flags(rows_b[5]) == ["no_reference"] and flags(rows_b[6]) == ["align_failed"]
+    for b, a in zip(rows_b, rows_a, strict=True):
+        for key in ("e0", "edge_step", "energy_shift", "distance"):
+            if a[key] is None or (isinstance(a[key], float) and math.isnan(a[key])):
+                assert b[key] is None or math.isnan(b[key])
+            else:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+        assert (b["status"], b["cn"], b["motif"], b["valence"]) == (
+            a["status"],
+            a["cn"],
+            a["motif"],
+            a["valence"],
+        )
+    shifts = [r["energy_shift"] for i, r in enumerate(rows_b) if i not in (4, 5, 6, 7)]
+    assert shifts == pytest.approx(
+        [0.5 * (i % 5) for i in range(12) if i not in (4, 5, 6, 7)], abs=0.05
+    )

@@ -246,16 +246,19 @@ class StorageConfig(_Section):
 class OutputConfig(_Section):
     """The 0MQ publisher of analysis runs: the proxy's *in* port (bluesky's default 5577).
 
-    ``after_store``: publish a result only once the store has committed it (nothing on the bus
-    that the store does not hold; results then wait for the store's next commit, up to
-    ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
+    ``after_store`` (default): publish a result only once the store has committed it (nothing
+    on the bus that the store does not hold; the daemon asks the store to commit at once, so a
+    result waits for one transaction, not ``storage.flush_interval_s``); off, results go out at
+    once and a SIGKILL can leave published rows unstored. ``after_store_timeout_s``: publish
+    anyway once a result has waited that long (counted; time the process stood still does
+    not count).
     """
 
     enabled: bool = True
     address: str = "tcp://127.0.0.1:5577"
     prefix: str = "xasflow-analysis"
     format: Literal["pickle", "msgpack"] = "pickle"
-    after_store: bool = False
+    after_store: bool = True
     after_store_timeout_s: float = Field(5.0, gt=0)
 
     _check_address = field_validator("address")(_address)

@@ -31,8 +31,9 @@ class ScanSpectrum:
     """One raw spectrum from a run: energy (eV) and detector channels, before any science.
 
     ``channels`` holds the present ones of "i0", "it", "ir", "if"; ``mode`` says which
-    pair the spectrum is measured in. ``received`` is the assembler clock (monotonic) when
-    the last contributing document arrived; ``event_time`` the latest event time (epoch s).
+    pair the spectrum is measured in. ``received`` is the assembler's clock (the processor's
+    live time) when the last contributing document arrived; ``event_time`` the latest event
+    time (epoch s).
     """
 
     raw_uid: str

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from xasflow.daemon.assembly import (
     ScanSpectrum,
     SpectrumReady,
 )
+from xasflow.daemon.batch_prep import Work, prepare_works
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.recommend import (
@@ -58,7 +59,7 @@ from xasflow.daemon.recommend import (
     recommendation_docs,
 )
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.predictor import Prediction, Predictor
+from xasflow.models.predictor import Prediction
 from xasflow.spectra import (
     Prepared,
     Spectrum,
@@ -93,26 +94,6 @@ REASONS: frozenset[str] = frozenset(
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
-
-
-@dataclass
-class _Work:
-    """One spectrum on its way through the pipeline."""
-
-    scan: ScanSpectrum
-    flags: list[str] = field(default_factory=list)
-    channels: dict[str, np.ndarray] = field(default_factory=dict)  # in ascending energy order
-    element: str | None = None
-    edge: str | None = None
-    predictor: Predictor | None = None
-    prepared: Prepared | None = None
-    shift: float | None = None
-    prediction: Prediction | None = None
-    reason: str | None = None
-    detail: str = ""
-
-    def fail(self, reason: str, detail: str) -> None:
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -205,12 +186,22 @@ class Pipeline:
     def handle_batch(self, outputs: Iterable[Output]) -> list[Doc]:
         """Documents for many outputs, in order; predictions batched once per predictor."""
         items = list(outputs)
-        works: dict[int, _Work] = {}
+        works: dict[int, Work] = {}
         for i, out in enumerate(items):
             if isinstance(out, SpectrumReady):
                 works[i] = self._prepare(out.spectrum)
             elif isinstance(out, RunOpened) and "herfd" in out.start:
                 self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
+        prepare_works(
+            list(works.values()),
+            self._finish_one,
+            align=self.align,
+            max_shift=self.max_shift,
+            align_search=self.align_search,
+        )
+        for w in works.values():
+            if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
+                w.flags.append("herfd_broadened")
         self._predict([w for w in works.values() if w.reason is None])
         for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
             if w.reason is None and w.prediction is not None and w.prepared is not None:
@@ -252,9 +243,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ science
 
-    def _prepare(self, scan: ScanSpectrum) -> _Work:
-        """Steps 1-5 up to (not including) prediction; failures set ``reason``."""
-        work = _Work(scan, flags=list(scan.flags))
+    def _prepare(self, scan: ScanSpectrum) -> Work:
+        """Steps 1-3 (alignment and preparation follow, batched); failures set ``reason``."""
+        work = Work(scan, flags=list(scan.flags))
         try:
             self._prepare_into(work)
         except SpectrumError as exc:
@@ -264,7 +255,7 @@ class Pipeline:
             work.fail("internal_error", f"{type(exc).__name__}: {exc}")
         return work
 
-    def _prepare_into(self, work: _Work) -> None:
+    def _prepare_into(self, work: Work) -> None:
         scan = work.scan
         energy = np.asarray(scan.energy, dtype=np.float64)
         if energy.ndim != 1 or energy.size == 0:
@@ -319,14 +310,25 @@ class Pipeline:
                     "bad_broadening", f"herfd {herfd!r}: give true, false or the FWHM in eV"
                 )
             meta["herfd"] = herfd
-        spectrum = Spectrum(energy, mu, element, edge, meta=meta)
-        if self.align:
-            spectrum = self._align(work, spectrum, energy)
-        work.prepared = predictor.prepare(spectrum)
-        if work.prepared.spectrum.meta.get("broadened_fwhm"):
-            work.flags.append("herfd_broadened")
+        work.spectrum = Spectrum(energy, mu, element, edge, meta=meta)
+        work.energy = energy
 
-    def _align(self, work: _Work, spectrum: Spectrum, energy: np.ndarray) -> Spectrum:
+    def _finish_one(self, work: Work) -> None:
+        """Steps 4-5 for one spectrum: alignment and the bundle's preparation."""
+        assert work.spectrum is not None and work.predictor is not None
+        try:
+            spectrum = work.spectrum
+            if self.align:
+                assert work.energy is not None
+                spectrum = self._align(work, spectrum, work.energy)
+            work.prepared = work.predictor.prepare(spectrum)
+        except SpectrumError as exc:
+            work.fail(exc.reason, exc.message)
+        except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
+            logger.exception("pipeline bug on spectrum %s/%s", work.scan.raw_uid, work.scan.index)
+            work.fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _align(self, work: Work, spectrum: Spectrum, energy: np.ndarray) -> Spectrum:
         """Reference-foil alignment, best effort (flags say why it was not applied)."""
         ch = work.channels
         if "ir" not in ch or "it" not in ch:
@@ -349,9 +351,9 @@ class Pipeline:
         work.shift = shift
         return align(spectrum, shift)
 
-    def _predict(self, works: list[_Work]) -> None:
+    def _predict(self, works: list[Work]) -> None:
         """One ``predict_prepared`` call per predictor; a failing batch is retried one by one."""
-        groups: dict[int, list[_Work]] = {}
+        groups: dict[int, list[Work]] = {}
         for w in works:
             groups.setdefault(id(w.predictor), []).append(w)
         for group in groups.values():
@@ -393,7 +395,7 @@ class Pipeline:
             self._new_run(out.raw_uid, out.start, out.kind)
         return []
 
-    def _spectrum_docs(self, work: _Work) -> list[Doc]:
+    def _spectrum_docs(self, work: Work) -> list[Doc]:
         scan = work.scan
         self.counters.spectrum_received()
         run = self._ensure_run(scan.raw_uid)
@@ -432,7 +434,7 @@ class Pipeline:
             docs.extend(self._recommend(run, work))
         return docs
 
-    def _recommend(self, run: AnalysisRun, work: _Work) -> list[Doc]:
+    def _recommend(self, run: AnalysisRun, work: Work) -> list[Doc]:
         """The ``recommendations`` event that follows an analysed spectrum (none on a bug)."""
         assert self.recommendations is not None
         pred, predictor = work.prediction, work.predictor

@@ -8,8 +8,19 @@ killed predecessor left open when their raw stop arrives
 ``analysis.timeout_check_s``, and hands the assembler outputs to the
 :class:`~xasflow.daemon.pipeline.Pipeline` in chunks of up to ``_ANALYSIS_CHUNK`` spectra
 (one ONNX call per bundle, task and chunk), so a backlog's first results go out early.
+:class:`BatchPolicy` bounds the micro-batching: at most ``max_batch_delay_ms`` spent waiting
+for more documents after the first (0, the default: only what is already queued is
+batched, so a lone spectrum is never held back) and ``max_spectra`` per pipeline call.
 Each analysis document goes to the sinks in order (the store writer, the publisher, the
 listeners). It is the only thread touching the assembler and the pipeline.
+
+Run timeouts (``analysis.run_timeout_s``) are read on a
+:class:`~xasflow.adapters.live_clock.LiveClock`, not the wall clock: a pass of the loop that
+took a full batch (a backlog: the run's next documents may be queued) does not count, and no
+pass counts for more than ``LiveClock.max_step_s``. A process
+that stood still (SIGSTOP, swapping) or fell behind therefore never times out a run whose
+documents are waiting in its own input; those documents used to come back as ``late_document``
+rejections, and the run's stop then said nothing of them.
 
 At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
 (``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
@@ -24,6 +35,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from xasflow.adapters.live_clock import LiveClock
 from xasflow.adapters.probes import ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.daemon.assembly import RunAssembler
@@ -32,7 +46,7 @@ from xasflow.daemon.counters import Counters
 from xasflow.daemon.outputs import Output, SpectrumReady
 from xasflow.daemon.pipeline import Pipeline
 
-__all__ = ["Processor", "Sink"]
+__all__ = ["BatchPolicy", "Processor", "Sink"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +57,23 @@ _STATS_INTERVAL_S = 0.25
 #: Spectra per pipeline call when a backlog is drained: big enough to amortise the ONNX calls
 #: (one per task and batch), small enough that the first results of a backlog go out early.
 _ANALYSIS_CHUNK = 16
+
+
+class BatchPolicy(BaseModel):
+    """How the processing loop micro-batches (``processing.*`` in a config, when wired)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_delay_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="longest wait for more documents once one is taken (0: take only what "
+        "is queued; a lone spectrum is never held back)",
+    )
+    max_spectra: int = Field(
+        _ANALYSIS_CHUNK, ge=1, description="spectra per pipeline call (one ONNX call per task)"
+    )
 
 
 class Processor:
@@ -59,9 +90,11 @@ class Processor:
         probes: ProbeFilter | None = None,
         interrupted: InterruptedRuns | None = None,
         on_tick: Callable[[], None] | None = None,
+        batching: BatchPolicy | None = None,
     ) -> None:
         """``get(timeout)``: the next queued ``(name, doc)`` or None; ``on_tick``: called
-        every ``_STATS_INTERVAL_S`` (the daemon refreshes its gauges)."""
+        every ``_STATS_INTERVAL_S`` (the daemon refreshes its gauges); ``batching``: the
+        micro-batching bounds (default: no waiting, 16 spectra per pipeline call)."""
         self.get = get
         self.assembler = assembler
         self.pipeline = pipeline
@@ -70,9 +103,12 @@ class Processor:
         self.probes = probes if probes is not None else ProbeFilter()
         self.interrupted = interrupted
         self.on_tick = on_tick
+        self.batching = batching if batching is not None else BatchPolicy()
         self.sinks: list[Sink] = []
         self.internal_errors = 0
         self.drain = threading.Event()  # set once nothing more will be queued
+        self.clock = LiveClock()
+        assembler.clock = self.clock  # run timeouts count live time only (module docstring)
 
     def run(self) -> None:
         """Process until :attr:`drain` is set and the queue is empty, then close everything."""
@@ -83,6 +119,7 @@ class Processor:
             items = self._take(a.batch_max)
             if not items and self.drain.is_set():
                 break  # the receive thread is joined and the queue is empty
+            self.clock.tick(counts=len(items) < a.batch_max)
             now = time.monotonic()
             try:
                 self._turn(items, check=now >= next_check)
@@ -101,8 +138,11 @@ class Processor:
         if item is None:
             return []
         items = [item]
+        budget = self.batching.max_batch_delay_ms / 1e3
+        deadline = time.monotonic() + budget
         while len(items) < most:
-            more = self.get(0)
+            wait = max(0.0, deadline - time.monotonic()) if budget > 0 else 0.0
+            more = self.get(wait)
             if more is None:
                 break
             items.append(more)
@@ -121,7 +161,7 @@ class Processor:
             fed = self.assembler.feed(name, doc)
             outputs.extend(fed)
             spectra += sum(isinstance(o, SpectrumReady) for o in fed)
-            if spectra >= _ANALYSIS_CHUNK:  # a backlog: publish as we go, not at the end
+            if spectra >= self.batching.max_spectra:  # a backlog: publish as we go, not at the end
                 self.analyse(outputs)
                 outputs, spectra = [], 0
         if check:

@@ -165,8 +165,13 @@ class Daemon:
             self.publisher = ZmqDocumentPublisher(
                 cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
             )
-            if cfg.output.after_store and self._writer is not None:
-                self.gate = CommitGate(self.publisher, cfg.output.after_store_timeout_s)
+            store = self.store
+            if cfg.output.after_store and self._writer is not None and store is not None:
+                self.gate = CommitGate(
+                    self.publisher,
+                    cfg.output.after_store_timeout_s,
+                    commit_now=lambda: store.flush(0.0),  # asks the store to commit, never waits
+                )
                 self._writer.gate = self.gate
         self.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s

@@ -1,0 +1,173 @@
+"""Batched preparation (``xasflow.spectra.batch``) against the per-spectrum path, row by row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.synthetic_feff import model_mu
+from xasflow.spectra import (
+    PrepParams,
+    Spectrum,
+    SpectrumError,
+    align,
+    alignment_shift,
+    find_e0,
+    mu_from_channels,
+    prepare,
+)
+from xasflow.spectra.batch import (
+    alignment_shift_batch,
+    find_e0_batch,
+    has_edge_batch,
+    prepare_batch,
+)
+from xasflow.spectra.quality import has_edge
+
+CU_K = 8979.0
+LEGACY = PrepParams(method="legacy", window_stop=116.5, n_points=240)
+LARCH = PrepParams()
+MAX = PrepParams(method="legacy", normalization="max")
+
+
+def fly_page(n: int = 12, points: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A measured-like page: one energy axis, rows with their own edge shift, noise, background."""
+    rng = np.random.default_rng(seed)
+    energy = np.linspace(8800.0, 9400.0, points)
+    rows = []
+    for i in range(n):
+        height, width, nn = [(1.6, 6.0, 2.1), (0.6, 3.0, 1.85), (1.0, 4.0, 2.3)][i % 3]
+        mu = model_mu(energy, CU_K + rng.uniform(-3, 3), height, width, nn)
+        mu = 0.4 + 2e-4 * (energy - 8800) + 0.8 * mu + 0.003 * rng.standard_normal(points)
+        rows.append(mu)
+    return energy, np.array(rows)
+
+
+def feff_page(n: int = 8, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """FEFF-like rows: no background, a k-spaced irregular grid starting just below E0."""
+    rng = np.random.default_rng(seed)
+    k = np.linspace(0.0, 9.0, 180)
+    energy = CU_K - 15.0 + np.concatenate((np.linspace(0, 14.5, 30), 15.0 + k**2 / 0.2625))
+    rows = [model_mu(energy, CU_K + rng.uniform(-2, 2), 1.0 + 0.1 * i, 4.0, 2.0) for i in range(n)]
+    return energy, np.array(rows)
+
+
+def _compare(energy: np.ndarray, mu: np.ndarray, params: PrepParams, shifts=None) -> int:
+    shifts = np.zeros(len(mu)) if shifts is None else shifts
+    metas = [{"energy_shift": float(s)} for s in shifts]
+    got = prepare_batch(energy, mu, params, "Cu", "K", shifts=shifts, metas=metas)
+    assert len(got) == len(mu)
+    n_ok = 0
+    for row, s, res in zip(mu, shifts, got, strict=True):
+        spectrum = Spectrum(energy + s, row, "Cu", "K", meta={"energy_shift": float(s)})
+        try:
+            want = prepare(spectrum, params)
+        except SpectrumError as exc:
+            assert isinstance(res, SpectrumError), res
+            assert res.reason == exc.reason
+            continue
+        assert not isinstance(res, SpectrumError), res
+        assert abs(res.e0 - want.e0) < 0.01
+        assert res.edge_step == pytest.approx(want.edge_step, rel=1e-6)
+        np.testing.assert_allclose(res.y, want.y, rtol=1e-6, atol=1e-9)
+        assert res.extrapolated == pytest.approx(want.extrapolated, abs=1e-9)
+        np.testing.assert_allclose(res.spectrum.energy, want.spectrum.energy)
+        assert res.spectrum.meta == want.spectrum.meta
+        n_ok += 1
+    return n_ok
+
+
+@pytest.mark.parametrize("params", [LEGACY, LARCH, MAX], ids=["legacy", "larch", "max"])
+def test_prepare_batch_matches_prepare_row_by_row(params: PrepParams) -> None:
+    energy, mu = fly_page()
+    assert _compare(energy, mu, params) == len(mu)
+    shifts = np.linspace(-4.0, 5.0, len(mu))  # aligned rows: each on its own shifted axis
+    assert _compare(energy, mu, params, shifts) == len(mu)
+
+
+@pytest.mark.parametrize("params", [LEGACY, LARCH], ids=["legacy", "larch"])
+def test_prepare_batch_matches_on_feff_like_spectra(params: PrepParams) -> None:
+    energy, mu = feff_page()
+    params = params.model_copy(update={"window_stop": 56.5, "n_points": 200})
+    assert _compare(energy, mu, params) > 0
+
+
+def test_a_bad_row_fails_alone_with_its_reason() -> None:
+    energy, mu = fly_page(n=5)
+    mu[1, 10] = np.nan  # not finite
+    mu[2] = np.linspace(2.0, 1.0, energy.size)  # falls throughout: no edge
+    got = prepare_batch(energy, mu, LEGACY, "Cu", "K")
+    assert isinstance(got[1], SpectrumError) and got[1].reason == "not_finite"
+    assert isinstance(got[2], SpectrumError) and got[2].reason == "no_edge"
+    for i in (0, 3, 4):
+        assert not isinstance(got[i], SpectrumError)
+    # data ending at 9015 eV: too short for the post-edge fit in every row, as prepare says
+    short = prepare_batch(energy[:360], mu[[0, 3, 4], :360], LEGACY, "Cu", "K")
+    assert [r.reason for r in short if isinstance(r, SpectrumError)] == ["no_post_edge"] * 3
+    assert _compare(energy[:360], mu[[0, 3, 4], :360], LEGACY) == 0  # same errors as prepare
+    # ending at 9040 eV: normalised, but the model window needs data to E0+116.5 eV
+    window = PrepParams(method="legacy", window_stop=116.5, n_points=240, post_edge=(30.0, 50.0))
+    short = prepare_batch(energy[:400], mu[[0, 3, 4], :400], window, "Cu", "K")
+    assert [r.reason for r in short if isinstance(r, SpectrumError)] == ["window"] * 3
+    assert _compare(energy[:400], mu[[0, 3, 4], :400], window) == 0
+
+
+def test_herfd_rows_fall_back_to_prepare() -> None:
+    energy, mu = fly_page(n=3)
+    metas = [{}, {"herfd": 1.5}, {}]
+    got = prepare_batch(energy, mu, LEGACY, "Cu", "K", metas=metas)
+    want = prepare(Spectrum(energy, mu[1], "Cu", "K", meta={"herfd": 1.5}), LEGACY)
+    assert not isinstance(got[1], SpectrumError)
+    np.testing.assert_allclose(got[1].y, want.y, rtol=1e-9)
+    assert got[1].spectrum.meta.get("broadened_fwhm") == want.spectrum.meta.get("broadened_fwhm")
+
+
+def test_find_e0_batch_matches_find_e0_and_names_failures() -> None:
+    energy, mu = fly_page(n=6)
+    shifts = np.array([0.0, 1.0, -2.5, 3.3, 0.0, 80.0])  # the last leaves the search window
+    e0, errors = find_e0_batch(energy, mu, "Cu", "K", 40.0, shifts)
+    for i in range(6):
+        spectrum = Spectrum(energy + shifts[i], mu[i], "Cu", "K")
+        assert errors[i] is None
+        assert abs(e0[i] - find_e0(spectrum, 40.0)) < 0.01
+    tiny = np.linspace(8000.0, 8001.5, 20)  # far below the Cu edge
+    e0, errors = find_e0_batch(tiny, np.ones((2, 20)), "Cu", "K")
+    assert np.isnan(e0).all() and all(e.reason == "no_edge" for e in errors)
+
+
+def test_alignment_batch_matches_alignment_shift_and_has_edge() -> None:
+    from tests.helpers import transmission
+
+    energy = np.linspace(8800.0, 9400.0, 1000)
+    refs, want_shift, want_edge = [], [], []
+    for i, shift in enumerate((-3.0, 0.0, 2.2, 4.9)):
+        ch = transmission(energy, shift=shift, seed=i)
+        ref = Spectrum(energy, mu_from_channels("reference", ch["It"], ch["Ir"]))
+        refs.append(ref.mu)
+        want_shift.append(alignment_shift(ref, "Cu", "K"))
+        want_edge.append(has_edge(ref, CU_K - want_shift[-1]))
+    refs.append(np.full(energy.size, 0.3) + 1e-3 * np.random.default_rng(0).standard_normal(1000))
+    shifts, errors = alignment_shift_batch(energy, np.array(refs), "Cu", "K")
+    assert errors[:4] == [None] * 4
+    np.testing.assert_allclose(shifts[:4], want_shift, atol=0.01)
+    np.testing.assert_allclose(shifts[:4], (-3.0, 0.0, 2.2, 4.9), atol=0.2)  # the mono's error
+    edges = has_edge_batch(energy, np.array(refs), CU_K - np.nan_to_num(shifts))
+    assert edges[:4].tolist() == want_edge == [True] * 4
+    flat = Spectrum(energy, refs[4])
+    assert bool(edges[4]) == has_edge(flat, CU_K - np.nan_to_num(shifts[4])) is False
+    aligned = align(Spectrum(energy, refs[0], "Cu", "K"), float(shifts[0]))
+    assert aligned.meta["energy_shift"] == pytest.approx(want_shift[0], abs=0.01)
+
+
+def test_legacy_batch_falls_back_to_lower_degrees_like_prepare() -> None:
+    """Rows whose post-edge quadratic dives below zero at E0 get the lower degree, per row."""
+    e0 = 8980.0
+    energy = np.arange(e0 - 160, e0 + 130, 0.5)
+    rel = energy - e0
+    dive = np.where(rel < 0, 0.0, 1.2 - 0.0004 * (rel - 80.0) ** 2)
+    plain = 0.5 + np.arctan(rel / 1.5) / np.pi
+    mu = np.array([dive, plain, dive + 0.1, -plain])  # the last never rises: no_edge
+    params = PrepParams(method="legacy", window_start=-3.5, window_stop=100.0)
+    got = prepare_batch(energy, mu, params, "Cu", "K")
+    assert [type(r).__name__ for r in got] == ["Prepared"] * 3 + ["SpectrumError"]
+    assert _compare(energy, mu, params) == 3

@@ -1,0 +1,428 @@
+"""Preparation of many spectra sharing one energy axis (a fly-scan page, a burst of events).
+
+The same science as :func:`~xasflow.spectra.process.prepare` and
+:func:`~xasflow.spectra.channels.alignment_shift`, written as matrix operations over the rows
+of ``mu`` (n spectra, m points on one axis) so the per-spectrum cost is arithmetic rather
+than Python overhead. Vectorised: the E0 search (:func:`find_e0_batch`), the legacy
+normalisation with ``normalization="edge_step"``, the resampling onto the model grid, the
+reference-foil shift and its edge check. Done per row with the single-spectrum functions
+(same results, no speed-up): the ``larch`` method and ``normalization="max"``
+(:func:`~xasflow.spectra.process.normalize`), and HERFD spectra (``meta["herfd"]``, whole
+:func:`~xasflow.spectra.process.prepare`). Each row fails on its own: a bad row is a
+:class:`SpectrumError` in its slot of the result, never an exception for the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.process import (
+    _E0_KERNEL,
+    _E0_STEP,
+    Prepared,
+    PrepParams,
+    normalize,
+    prepare,
+)
+
+__all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
+
+Result = Prepared | SpectrumError
+
+
+def _interp_rows(
+    query: np.ndarray, base: np.ndarray, rel: np.ndarray, ys: np.ndarray, offset: np.ndarray
+) -> np.ndarray:
+    """``np.interp(query[i], rel[i], ys[i])`` for every row, as one gather.
+
+    ``rel[i]`` is ``base + offset[i]`` (up to rounding): the segment is found on the shared
+    ``base`` axis in one ``searchsorted``, the weights from ``rel`` itself; ends held.
+    """
+    n, k = query.shape
+    m = base.size
+    if n > 0 and (offset == offset[0]).all() and (query == query[0]).all():
+        # one axis and one query for all rows (a reference page): weights once, a column gather
+        j1 = np.clip(np.searchsorted(base, query[0] - offset[0], side="right") - 1, 0, m - 2)
+        x0, x1 = rel[0, j1], rel[0, j1 + 1]
+        w = np.clip((query[0] - x0) / (x1 - x0), 0.0, 1.0)
+        lo = ys[:, j1]
+        return lo + w * (ys[:, j1 + 1] - lo)
+    j = np.searchsorted(base, (query - offset[:, None]).ravel(), side="right") - 1
+    j = np.clip(j, 0, m - 2).reshape(n, k) + (np.arange(n) * m)[:, None]
+    flat_x, flat_y = rel.ravel(), ys.ravel()
+    x0, x1 = flat_x[j], flat_x[j + 1]
+    y0, y1 = flat_y[j], flat_y[j + 1]
+    t = np.clip((query - x0) / (x1 - x0), 0.0, 1.0)
+    return y0 + t * (y1 - y0)
+
+
+def _row_errors(n: int) -> list[SpectrumError | None]:
+    return [None] * n
+
+
+def find_e0_batch(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    element: str | None = None,
+    edge: str = "K",
+    search: float = 40.0,
+    shifts: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[SpectrumError | None]]:
+    """:func:`~xasflow.spectra.process.find_e0` of every row of ``mu`` (NaN + error on failure).
+
+    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Rows whose
+    search window is the same share one 0.1 eV grid and are smoothed and differentiated as
+    one matrix.
+    """
+    energy = np.asarray(energy, dtype=np.float64)
+    mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
+    n = mu.shape[0]
+    s = np.zeros(n) if shifts is None else np.asarray(shifts, dtype=np.float64)
+    e0 = np.full(n, np.nan)
+    errors = _row_errors(n)
+    lo, hi = energy[0] + s, energy[-1] + s
+    if element is not None and search > 0:
+        try:
+            tab: float | None = edge_energy(element, edge)
+        except KeyError:
+            tab = None
+        if tab is not None:
+            lo, hi = np.maximum(lo, tab - search), np.minimum(hi, tab + search)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i in range(n):
+        if hi[i] - lo[i] < 2.0:
+            errors[i] = SpectrumError("no_edge", f"no data near the {element} {edge} edge")
+        else:
+            groups.setdefault((float(lo[i]), float(hi[i])), []).append(i)
+    for (g_lo, g_hi), members in groups.items():
+        idx = np.asarray(members)
+        grid = np.arange(g_lo, g_hi, _E0_STEP)
+        rel = energy[None, :] + s[idx, None]
+        query = np.broadcast_to(grid, (idx.size, grid.size))
+        m = _interp_rows(query, energy, rel, mu[idx], s[idx])
+        pad = _E0_KERNEL.size // 2
+        padded = np.concatenate(
+            (np.repeat(m[:, :1], pad, axis=1), m, np.repeat(m[:, -1:], pad, axis=1)), axis=1
+        )
+        windows = np.lib.stride_tricks.sliding_window_view(padded, _E0_KERNEL.size, axis=1)
+        sm = windows @ _E0_KERNEL[::-1]
+        deriv = np.empty_like(sm)
+        if sm.shape[1] > 1:
+            deriv[:, 1:-1] = (sm[:, 2:] - sm[:, :-2]) / (2 * _E0_STEP)
+            deriv[:, 0] = (sm[:, 1] - sm[:, 0]) / _E0_STEP
+            deriv[:, -1] = (sm[:, -1] - sm[:, -2]) / _E0_STEP
+        else:
+            deriv[:] = 0.0
+        margin = round(1.5 / _E0_STEP)
+        if deriv.shape[1] > 2 * margin + 3:
+            deriv[:, :margin] = -np.inf
+            deriv[:, -margin:] = -np.inf
+        best = np.argmax(deriv, axis=1)
+        rows = np.arange(idx.size)
+        peak = deriv[rows, best]
+        inner = (best > 0) & (best < deriv.shape[1] - 1)
+        a = deriv[rows, np.maximum(best - 1, 0)]
+        c = deriv[rows, np.minimum(best + 1, deriv.shape[1] - 1)]
+        refine = inner & np.isfinite(a) & np.isfinite(c)
+        denom = np.where(refine, a - 2 * peak + c, 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = np.where(denom != 0, 0.5 * (a - c) / np.where(denom != 0, denom, 1.0), 0.0)
+        shift = np.where(refine, np.clip(shift, -0.5, 0.5), 0.0)
+        found = grid[best] + shift * _E0_STEP
+        ok = np.isfinite(peak) & (peak > 0)
+        for r, i in enumerate(members):
+            if ok[r]:
+                e0[i] = float(found[r])
+            else:
+                errors[i] = SpectrumError("no_edge", "mu never rises: no absorption edge found")
+    return e0, errors
+
+
+def alignment_shift_batch(
+    energy: np.ndarray, ref_mu: np.ndarray, element: str, edge: str = "K", search: float = 40.0
+) -> tuple[np.ndarray, list[SpectrumError | None]]:
+    """:func:`~xasflow.spectra.channels.alignment_shift` of every reference row (NaN on failure)."""
+    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search)
+    return edge_energy(element, edge) - e0, errors
+
+
+def has_edge_batch(
+    energy: np.ndarray, ref_mu: np.ndarray, e0: np.ndarray, inner: float = 8.0, outer: float = 40.0
+) -> np.ndarray:
+    """:func:`~xasflow.spectra.quality.has_edge` of every row (its edge at ``e0[i]``)."""
+    energy = np.asarray(energy, dtype=np.float64)
+    ref_mu = np.atleast_2d(np.asarray(ref_mu, dtype=np.float64))
+    e0 = np.asarray(e0, dtype=np.float64)[:, None]
+    e = energy[None, :]
+    with np.errstate(invalid="ignore"):
+        pre = (e >= e0 - outer) & (e <= e0 - inner)
+        post = (e >= e0 + inner) & (e <= e0 + outer)
+    n_pre, n_post = pre.sum(axis=1), post.sum(axis=1)
+    enough = (n_pre >= 3) & (n_post >= 3)
+    safe_pre, safe_post = np.maximum(n_pre, 1), np.maximum(n_post, 1)
+    jump = (ref_mu * post).sum(axis=1) / safe_post - (ref_mu * pre).sum(axis=1) / safe_pre
+    pairs = pre[:, 1:] & pre[:, :-1]  # the pre-edge points are contiguous: their diffs
+    d = np.diff(ref_mu, axis=1)
+    n_d = np.maximum(pairs.sum(axis=1), 1)
+    mean_d = (d * pairs).sum(axis=1) / n_d
+    var = (((d - mean_d[:, None]) ** 2) * pairs).sum(axis=1) / n_d
+    noise = np.sqrt(var) / math.sqrt(2.0)
+    return np.asarray(enough & (jump > 10.0 * noise) & (jump > 0))
+
+
+def _trusted(
+    energy: np.ndarray, mu: np.ndarray, element: str | None, edge: str, meta: Any
+) -> Spectrum:
+    """A Spectrum of already-checked arrays (finite, ``energy`` strictly increasing)."""
+    new = object.__new__(Spectrum)
+    for name, value in (
+        ("energy", energy),
+        ("mu", mu),
+        ("element", element),
+        ("edge", edge),
+        ("e0", None),
+        ("meta", meta),
+    ):
+        object.__setattr__(new, name, value)
+    return new
+
+
+@lru_cache(maxsize=64)
+def _projection(k: int, degree: int) -> np.ndarray:
+    """Least-squares projection (degree+1, k) onto polynomials in t = linspace(-1, 1, k).
+
+    Every row's uniform stretch ``linspace(lo, hi, k)`` centred and scaled is this same t, so
+    one normal-equations solve serves all rows (as ``process._fit_line`` does per row).
+    """
+    t = np.linspace(-1.0, 1.0, k)
+    powers = np.vander(t, degree + 1, increasing=True)
+    proj = np.linalg.solve(powers.T @ powers, powers.T)
+    proj.setflags(write=False)
+    return proj
+
+
+def _horner(coef: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Evaluate per-row polynomials (coef (n, d+1), increasing) at u (n, k)."""
+    out = np.broadcast_to(coef[:, -1:], u.shape).copy()
+    for j in range(coef.shape[1] - 2, -1, -1):
+        out = out * u + coef[:, j : j + 1]
+    return out
+
+
+def _uniform_fit(
+    energy: np.ndarray,
+    rel: np.ndarray,
+    ys: np.ndarray,
+    d: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    degree: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit each row's data on its ``lo..hi`` stretch resampled at 1 eV (``process._uniform``).
+
+    Returns (coef, centre, scale): row i's fit at ``x`` is ``_horner(coef, (x-centre)/scale)``.
+    """
+    n = ys.shape[0]
+    k = np.maximum(np.round(hi - lo) + 1, 3).astype(int)
+    coef = np.empty((n, degree + 1))
+    centre = np.empty(n)
+    scale = np.empty(n)
+    for size in np.unique(k):
+        rows = np.flatnonzero(k == size)
+        u = np.linspace(0.0, 1.0, int(size))
+        x = lo[rows, None] + (hi[rows] - lo[rows])[:, None] * u[None, :]
+        x[:, -1] = hi[rows]
+        y = _interp_rows(x, energy, rel[rows], ys[rows], d[rows])
+        coef[rows] = y @ _projection(int(size), degree).T
+        centre[rows] = x.mean(axis=1)
+        scale[rows] = np.abs(x - centre[rows, None]).max(axis=1)
+    scale[scale == 0] = 1.0
+    return coef, centre, scale
+
+
+def _legacy_batch(
+    energy: np.ndarray, rel: np.ndarray, mu: np.ndarray, d: np.ndarray, params: PrepParams
+) -> tuple[np.ndarray, np.ndarray, list[SpectrumError | None]]:
+    """The legacy edge-step normalisation of every row: (y on the rows' axes, steps, errors)."""
+    n = mu.shape[0]
+    errors = _row_errors(n)
+
+    def stretch(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = mask.sum(axis=1)
+        i_lo = np.argmax(mask, axis=1)
+        i_hi = rel.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+        rows = np.arange(n)
+        return count, rel[rows, i_lo], rel[rows, i_hi]
+
+    pre = (rel >= params.pre_edge[0]) & (rel <= params.pre_edge[1])
+    n_pre, lo, hi = stretch(pre)
+    sub = mu.copy()
+    fit = np.flatnonzero(n_pre >= 3)
+    if fit.size:
+        coef, centre, scale = _uniform_fit(energy, rel[fit], mu[fit], d[fit], lo[fit], hi[fit], 1)
+        sub[fit] = mu[fit] - _horner(coef, (rel[fit] - centre[:, None]) / scale[:, None])
+    post = (rel >= params.post_edge[0]) & (rel <= params.post_edge[1])
+    n_post, lo, hi = stretch(post)
+    steps = np.full(n, np.nan)
+    ok = n_post >= params.post_edge_degree + 3
+    for i in np.flatnonzero(~ok):
+        errors[i] = SpectrumError(
+            "no_post_edge",
+            f"only {int(n_post[i])} points between E0{params.post_edge[0]:+g} and "
+            f"E0{params.post_edge[1]:+g} eV; cannot find the edge step",
+        )
+    todo = np.flatnonzero(ok)
+    for degree in range(params.post_edge_degree, -1, -1):
+        if not todo.size:
+            break
+        coef, centre, scale = _uniform_fit(
+            energy, rel[todo], sub[todo], d[todo], lo[todo], hi[todo], degree
+        )
+        at = _horner(coef, ((0.0 - centre) / scale)[:, None])[:, 0]
+        good = at > 0
+        steps[todo[good]] = at[good]
+        last = at
+        todo_left = todo[~good]
+        if degree == 0:
+            for r, i in zip(np.flatnonzero(~good), todo_left, strict=True):
+                errors[i] = SpectrumError("no_edge", f"edge step {last[r]:.3g} is not positive")
+        todo = todo_left
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = sub / steps[:, None]
+    return y, steps, errors
+
+
+def prepare_batch(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    params: PrepParams,
+    element: str | None,
+    edge: str = "K",
+    *,
+    shifts: np.ndarray | None = None,
+    metas: Sequence[dict[str, Any]] | None = None,
+) -> list[Result]:
+    """:func:`~xasflow.spectra.process.prepare` of every row of ``mu`` on ``energy + shifts[i]``.
+
+    ``energy`` (m,) is shared by the n rows of ``mu`` (n, m); ``metas[i]`` becomes row i's
+    ``Spectrum.meta``. Returns per row a :class:`Prepared` or the :class:`SpectrumError`
+    that row raised (the others are unaffected). See the module docstring for what runs
+    vectorised and what falls back to the per-row functions.
+    """
+    energy = np.asarray(energy, dtype=np.float64).ravel()
+    mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
+    n = mu.shape[0]
+    if mu.shape[1] != energy.size:
+        raise ValueError(f"mu has {mu.shape[1]} columns but energy {energy.size} points")
+    s = np.zeros(n) if shifts is None else np.asarray(shifts, dtype=np.float64).ravel()
+    if s.size != n or not np.isfinite(s).all():
+        raise ValueError("shifts must be n finite numbers")
+    meta_list = [dict(m) for m in metas] if metas is not None else [{} for _ in range(n)]
+    if len(meta_list) != n:
+        raise ValueError(f"{len(meta_list)} metas for {n} spectra")
+    element = element.strip().capitalize() if element is not None else None
+    edge = edge.strip().upper()
+    out: list[Result | None] = [None] * n
+    shared_ok = (
+        energy.size >= 3 and np.isfinite(energy).all() and bool((energy[1:] > energy[:-1]).all())
+    )
+    finite = np.isfinite(mu).all(axis=1)
+    slow: list[int] = []
+    fast: list[int] = []
+    for i in range(n):
+        if not shared_ok or meta_list[i].get("herfd"):
+            slow.append(i)
+        elif not finite[i]:
+            bad = int(np.count_nonzero(~np.isfinite(mu[i])))
+            out[i] = SpectrumError("not_finite", f"{bad} points are NaN or infinite")
+        else:
+            fast.append(i)
+    for i in slow:  # the single-spectrum path does the checks and the HERFD broadening
+        try:
+            spectrum = Spectrum(energy + s[i], mu[i], element, edge, meta=meta_list[i])
+            out[i] = prepare(spectrum, params)
+        except SpectrumError as exc:
+            out[i] = exc
+    if fast:
+        idx = np.asarray(fast)
+        for i, res in zip(
+            fast,
+            _prepare_fast(
+                energy, mu[idx], s[idx], params, element, edge, [meta_list[i] for i in fast]
+            ),
+            strict=True,
+        ):
+            out[i] = res
+    assert all(r is not None for r in out)
+    return out  # type: ignore[return-value]
+
+
+def _prepare_fast(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    s: np.ndarray,
+    params: PrepParams,
+    element: str | None,
+    edge: str,
+    metas: list[dict[str, Any]],
+) -> list[Result]:
+    """Checked rows of one shared axis: E0, normalisation and gridding as matrix operations."""
+    n = mu.shape[0]
+    res: list[Result | None] = [None] * n
+    e0, errors = find_e0_batch(energy, mu, element, edge, params.e0_search, s)
+    axes = energy[None, :] + s[:, None]  # each row's (aligned) energy axis, as align() makes it
+    spectra = [_trusted(axes[i], mu[i], element, edge, metas[i]) for i in range(n)]
+    for i, err in enumerate(errors):
+        if err is not None:
+            res[i] = err
+    live = np.flatnonzero([r is None for r in res])
+    if not live.size:
+        return res  # type: ignore[return-value]
+    rel = axes[live] - e0[live, None]
+    d = s[live] - e0[live]
+    y = np.empty_like(rel)
+    steps = np.empty(live.size)
+    if params.method == "legacy" and params.normalization == "edge_step":
+        y, steps, norm_errors = _legacy_batch(energy, rel, mu[live], d, params)
+    else:  # larch, or "max": the per-row function
+        norm_errors = _row_errors(live.size)
+        for r, row in enumerate(live.tolist()):
+            try:
+                y[r], steps[r] = normalize(spectra[row], float(e0[row]), params)
+            except SpectrumError as exc:
+                norm_errors[r] = exc
+    grid = params.grid
+    below = np.maximum(0.0, rel[:, 0] - grid[0])
+    above = np.maximum(0.0, grid[-1] - rel[:, -1])
+    outside = np.maximum(below, above)
+    query = np.broadcast_to(grid, (live.size, grid.size))
+    with np.errstate(invalid="ignore"):
+        gridded = _interp_rows(query, energy, rel, y, d)
+    for r, i in enumerate(live.tolist()):
+        if norm_errors[r] is not None:
+            res[i] = norm_errors[r]
+        elif outside[r] > params.max_extrapolation + 1e-9:
+            side = "start" if below[r] >= above[r] else "end"
+            res[i] = SpectrumError(
+                "window",
+                f"data cover E0{rel[r, 0]:+.1f} to E0{rel[r, -1]:+.1f} eV but the model window "
+                f"{side} needs E0{(grid[0] if side == 'start' else grid[-1]):+.1f} eV "
+                f"({outside[r]:.1f} eV beyond the data; at most {params.max_extrapolation:g} "
+                "allowed)",
+            )
+        else:
+            res[i] = Prepared(
+                y=gridded[r],
+                e0=float(e0[i]),
+                edge_step=float(steps[r]),
+                extrapolated=float(below[r] + above[r]),
+                spectrum=spectra[i],
+            )
+    return res  # type: ignore[return-value]
