@@ -47,18 +47,33 @@ def attach_run(root: Any, run: _Run) -> None:
                 f"run {run.raw_uid} already has a {run.stream!r} table with columns "
                 f"{stored.names}, not {run.schema.names}"
             )
+        fresh = False
     else:
         table = node.create_appendable_table(run.schema, key=run.stream)
-    source = table.data_sources()[0]
+        fresh = True
+    source = _data_source(table)
     run.adapter = SQLAdapter(
         source.assets[0].data_uri,
         table.structure(),
         source.parameters["table_name"],
         source.parameters["dataset_id"],
     )
-    seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
-    run.stored_seq = {int(s) for s in seq}
+    if fresh:  # a table made just now holds no rows: no need to read its seq_num column
+        run.stored_seq = set()
+    else:
+        seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
+        run.stored_seq = {int(s) for s in seq}
     run.node = node
+
+
+def _data_source(table: Any) -> Any:
+    """The table's data source, from the create response when it came with one (no request)."""
+    from tiled.structures.data_source import DataSource
+
+    known = table.item["attributes"].get("data_sources")
+    if known and known[0].get("assets"):
+        return DataSource.from_json(known[0])
+    return table.data_sources()[0]
 
 
 def split_fresh(
