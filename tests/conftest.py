@@ -36,17 +36,30 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (``tiny_cu_bundle.parent``). Tests copy it before changing anything."""
     pytest.importorskip("sklearn")
     pytest.importorskip("pymatgen.core")
+    return _tiny_bundle(tmp_path_factory, "Cu")
+
+
+@pytest.fixture(scope="session")
+def tiny_ni_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Ni K bundle, made like ``tiny_cu_bundle`` from the same prototypes with Ni."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pymatgen.core")
+    return _tiny_bundle(tmp_path_factory, "Ni")
+
+
+def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, element: str) -> Path:
+    """Train and export a tiny K-edge bundle of ``element`` from a synthetic FEFF tree."""
     from synthetic_feff import write_tree
 
     from xasflow.training.bundle_export import export_bundle
     from xasflow.training.dataset import build_feff_dataset
     from xasflow.training.fit import TrainConfig, train
 
-    base = tmp_path_factory.mktemp("tiny-cu-bundle")
-    tree = write_tree(base / "feff", per_type=8)
+    base = tmp_path_factory.mktemp(f"tiny-{element.lower()}-bundle")
+    tree = write_tree(base / "feff", per_type=8, element=element)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XASFLOW_CACHE", str(base / "cache"))
-        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+        ds = build_feff_dataset(tree, element, n_jobs=1, progress=False)
     # a small MLP ensemble beside the forest, so the served-choice path runs in the tests
     small_mlp = {"members": 2, "hidden": [32, 32], "max_epochs": 30, "patience": 10}
     cfg = TrainConfig(
@@ -58,7 +71,8 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         network_overrides={"mlp": small_mlp},
     )
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
-    return export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")
+    out = base / "models" / f"{element.lower()}-k"
+    return export_bundle(train(ds, cfg, log=lambda *_: None), out)
 
 
 @pytest.fixture(scope="module")

@@ -269,15 +269,20 @@ def warm_up(pub: ZmqDocumentPublisher, seen_by_daemon: Any, results: Results) ->
 
 
 def transmission(
-    energy: np.ndarray, *, shift: float = 0.0, kind: str = "CuO", seed: int = 0
+    energy: np.ndarray,
+    *,
+    shift: float = 0.0,
+    kind: str = "CuO",
+    seed: int = 0,
+    edge: float = CU_K,
 ) -> dict[str, np.ndarray]:
-    """I0, It, Ir counts of a synthetic Cu spectrum (training-like) and a Cu foil, both
-    measured on a mono reading ``shift`` eV too low."""
+    """I0, It, Ir counts of a synthetic spectrum (training-like) with its edge at ``edge``
+    (Cu K by default) and a foil of the same metal, both on a mono reading ``shift`` eV low."""
     height, width, e_shift, nn = {"CuO": (1.6, 6.0, 4.0, 2.1), "Cu2O": (0.6, 3.0, 0.0, 1.85)}[kind]
     true = energy + shift
     rng = np.random.default_rng(seed)
-    mu = model_mu(true, CU_K + e_shift, height, width, nn)
-    ref = 0.5 + np.arctan((true - CU_K) / 1.5) / np.pi
+    mu = model_mu(true, edge + e_shift, height, width, nn)
+    ref = 0.5 + np.arctan((true - edge) / 1.5) / np.pi
     i0 = 1e9 * (1 + 0.01 * rng.standard_normal(energy.size))
     it = i0 * np.exp(-mu - 0.3)
     return {"I0": i0, "It": it, "Ir": it * np.exp(-ref)}

@@ -56,12 +56,13 @@ def model_mu(energy: np.ndarray, e0: float, height: float, width: float, nn: flo
     return step + white + wiggle
 
 
-def poscar(name: str, scale: float) -> str:
-    """POSCAR text of a prototype at a lattice scaling."""
+def poscar(name: str, scale: float, element: str = "Cu") -> str:
+    """POSCAR text of a prototype at a lattice scaling, its Cu replaced by ``element``."""
     from pymatgen.core import Lattice, Structure
     from pymatgen.io.vasp import Poscar
 
-    sg, a, species, coords, *_ = PROTOTYPES[name]
+    sg, a, cu_species, coords, *_ = PROTOTYPES[name]
+    species = [element if sp == "Cu" else sp for sp in cu_species]
     lattice = Lattice.cubic(a * scale)
     if sg == "P1":
         s = Structure(lattice, species, coords)
@@ -70,28 +71,37 @@ def poscar(name: str, scale: float) -> str:
     return Poscar(s).get_str()
 
 
-def write_tree(root: Path, per_type: int = 6, seed: int = 0, broken: bool = True) -> Path:
-    """Write ``root/Cu/<material>/{POSCAR, FEFF-XANES/000_Cu/xmu.dat}``; returns ``root/Cu``.
+#: K-edge energies (eV) of the absorbers a synthetic tree can have.
+K_EDGES = {"Cu": 8979.0, "Ni": 8333.0}
 
-    With ``broken``, adds one material with a truncated ``xmu.dat`` and one with a POSCAR
+
+def write_tree(
+    root: Path, per_type: int = 6, seed: int = 0, broken: bool = True, element: str = "Cu"
+) -> Path:
+    """Write ``root/<El>/<material>/{POSCAR, FEFF-XANES/000_<El>/xmu.dat}``; returns ``root/<El>``.
+
+    The Cu prototypes with ``element`` on the Cu sites and the edge at its K energy. With
+    ``broken``, adds one material with a truncated ``xmu.dat`` and one with a POSCAR
     pymatgen cannot read, so tests can check that bad items are reported, not fatal.
     """
     rng = np.random.default_rng(seed)
-    base = root / "Cu"
+    base = root / element
+    site_dir = f"000_{element}"
+    edge = K_EDGES[element] + 1.0
     for name, (_, a, *_rest, shift, height, width) in PROTOTYPES.items():
         for k in range(per_type):
             scale = 1.0 + 0.04 * (k / max(per_type - 1, 1) - 0.5)
             mid = f"syn-{name}-{k}"
-            site = base / mid / "FEFF-XANES" / "000_Cu"
+            site = base / mid / "FEFF-XANES" / site_dir
             site.mkdir(parents=True)
-            (base / mid / "POSCAR").write_text(poscar(name, scale))
-            e0 = 8980.0 + shift + rng.normal(0, 0.3)
+            (base / mid / "POSCAR").write_text(poscar(name, scale, element))
+            e0 = edge + shift + rng.normal(0, 0.3)
             energy = np.arange(e0 - 18.0, e0 + 130.0, 0.5)
             nn = a * scale * {"Cu2O": np.sqrt(3) / 4, "CuCl": np.sqrt(3) / 4, "CuO": 0.5}[name]
             mu = model_mu(energy, e0, height, width, nn) + rng.normal(0, 0.004, energy.size)
             # FEFF's omega = e + core-level offset; the Fermi level sits at e = Mu
-            offset = 8995.0 + round(rng.normal(0, 2.0), 3)
-            fermi = round(FERMI_ABSOLUTE - offset, 3)
+            offset = edge + 15.0 + round(rng.normal(0, 2.0), 3)
+            fermi = round(K_EDGES[element] - offset, 3)  # the Fermi level at the edge
             table = np.column_stack(
                 [energy, energy - offset, np.zeros_like(energy), mu, np.ones_like(mu), mu - 1]
             )
@@ -100,13 +110,13 @@ def write_tree(root: Path, per_type: int = 6, seed: int = 0, broken: bool = True
             (site / "xmu.dat").write_text(header + rows + "\n")
             (site / "feff.out").write_text(FEFF_OUT.format(mu=fermi, charge=CHARGES[name]))
     if broken:
-        bad = base / "syn-truncated" / "FEFF-XANES" / "000_Cu"
+        bad = base / "syn-truncated" / "FEFF-XANES" / site_dir
         bad.mkdir(parents=True)
-        (base / "syn-truncated" / "POSCAR").write_text(poscar("CuO", 1.0))
-        (bad / "xmu.dat").write_text(XMU_HEADER + "8980.0 0.0 0.0 1.0\n")
-        junk = base / "syn-badposcar" / "FEFF-XANES" / "000_Cu"
+        (base / "syn-truncated" / "POSCAR").write_text(poscar("CuO", 1.0, element))
+        (bad / "xmu.dat").write_text(XMU_HEADER + f"{edge:.1f} 0.0 0.0 1.0\n")
+        junk = base / "syn-badposcar" / "FEFF-XANES" / site_dir
         junk.mkdir(parents=True)
-        (base / "syn-badposcar" / "POSCAR").write_text("not a structure\n1.0\nCu\n1\n")
-        good = (base / "syn-CuO-0" / "FEFF-XANES" / "000_Cu" / "xmu.dat").read_text()
+        (base / "syn-badposcar" / "POSCAR").write_text(f"not a structure\n1.0\n{element}\n1\n")
+        good = (base / "syn-CuO-0" / "FEFF-XANES" / site_dir / "xmu.dat").read_text()
         (junk / "xmu.dat").write_text(good)
     return base
