@@ -1,0 +1,298 @@
+"""Kafka input and output against a real Kafka-protocol broker (Tansu, see kafka_broker.py).
+
+What must hold: bluesky-kafka's wire format round-trips through the broker; a daemon in a
+consumer group analyses a run from Kafka and publishes the analysis on its own topic keyed
+by the raw run's start uid; two daemons in one group split the runs, each analysed by
+exactly one; a daemon SIGKILLed mid-run and restarted leaves every result in the store
+exactly once (offsets are committed only after the results are durable; the store skips
+seq_nums it already holds).
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed")
+pytest.importorskip("tiled")
+
+import msgpack
+from helpers import CU_K, fly_scan, wait_for
+from kafka_broker import Broker, BrokerUnavailable
+from synthetic_feff import model_mu
+
+from xasflow import paths
+from xasflow.adapters.kafka_bus import (
+    KafkaInputSettings,
+    KafkaOutputSettings,
+    decode_kafka_value,
+    encode_kafka_value,
+)
+from xasflow.adapters.kafka_input import KafkaDocumentSource
+from xasflow.adapters.tiled_store import read_analysis
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.service import Daemon
+
+ENERGY = np.linspace(8800.0, 9120.0, 1000)
+DEADLINE_S = 90.0
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """One broker for the session, or a skip that says why none could be started."""
+    try:
+        b = Broker().start()
+    except BrokerUnavailable as exc:
+        pytest.skip(f"no Kafka-protocol broker: {exc}")
+    yield b
+    b.stop()
+
+
+def spectra(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """I0/It/Ir of ``n`` noisy Cu K spectra with a Cu foil reference."""
+    rng = np.random.default_rng(seed)
+    mu = model_mu(ENERGY, CU_K + 4.0, 1.6, 6.0, 1.95)
+    ref = 0.5 + np.arctan((ENERGY - CU_K) / 1.5) / np.pi
+    out = []
+    for _ in range(n):
+        i0 = 1e9 * (1 + 0.01 * rng.standard_normal(ENERGY.size))
+        it = i0 * np.exp(-mu - 0.3)
+        out.append({"I0": i0, "It": it, "Ir": it * np.exp(-ref)})
+    return out
+
+
+def bluesky_kafka_value(name: str, doc: dict[str, Any]) -> bytes:
+    """bluesky-kafka's default serializer: msgpack of (name, doc) with msgpack-numpy."""
+    import msgpack_numpy
+
+    return msgpack.dumps((name, doc), default=msgpack_numpy.encode)
+
+
+class RawProducer:
+    """Publishes documents as bluesky-kafka does, keyed by the run's start uid."""
+
+    def __init__(self, servers: str, topic: str) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = topic
+        self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 1})
+
+    def run(self, docs: list[tuple[str, dict[str, Any]]], partition: int | None = None) -> None:
+        key = docs[0][1]["run_start"] if docs[0][0] != "start" else docs[0][1]["uid"]
+        for name, doc in docs:
+            extra = {} if partition is None else {"partition": partition}
+            self.producer.produce(self.topic, bluesky_kafka_value(name, doc), key, **extra)
+        assert self.producer.flush(10) == 0
+
+
+class TopicReader:
+    """Everything on ``topic`` from its beginning, read by a thread: ``(key, name, doc)``."""
+
+    def __init__(self, servers: str, topic: str, partitions: int = 4) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.consumer = Consumer(
+            {"bootstrap.servers": servers, "group.id": uuid.uuid4().hex, "fetch.wait.max.ms": 10}
+        )
+        self.consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)]
+        )
+        self.docs: list[tuple[str, str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self.consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            name, doc = decode_kafka_value(msg.value())
+            with self._lock:
+                self.docs.append(((msg.key() or b"").decode(), name, doc))
+
+    def all(self) -> list[tuple[str, str, dict[str, Any]]]:
+        with self._lock:
+            return list(self.docs)
+
+    def stops(self) -> dict[str, dict[str, Any]]:
+        """Raw uid (the key) -> analysis stop."""
+        return {k: d for k, n, d in self.all() if n == "stop"}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.consumer.close()
+
+
+def kafka_config(
+    broker: Broker, group: str, topic: str, out_topic: str, store: Path, http: bool = True
+) -> DaemonConfig:
+    return DaemonConfig().with_updates(
+        {
+            "input": {
+                "kind": "kafka",
+                "kafka": {
+                    "bootstrap_servers": broker.bootstrap,
+                    "topics": [topic],
+                    "group_id": group,
+                    "commit_interval_s": 0.2,
+                },
+            },
+            "output": {"kind": "kafka", "kafka": {"topic": out_topic}},
+            "models": {"directory": str(paths.REPO_ROOT / "models"), "watch": False},
+            "storage": {"directory": str(store), "flush_interval_s": 0.05},
+            "http": {"port": 0, "enabled": http},
+            "recommend": {"enabled": False},
+        }
+    )
+
+
+def test_bluesky_kafka_wire_format_round_trips_through_the_broker(broker: Broker) -> None:
+    topic = f"bl{uuid.uuid4().hex[:6]}.bluesky.runengine.documents"
+    broker.create_topic(topic, 2)
+    uid, docs = fly_scan(ENERGY, spectra(3))
+    RawProducer(broker.bootstrap, topic).run(docs)
+    from confluent_kafka import Producer
+
+    bad = Producer({"bootstrap.servers": broker.bootstrap})
+    bad.produce(topic, b"\xc1 not msgpack", uid, partition=0)
+    bad.produce(topic, msgpack.dumps(["bulk_events", {}]), uid, partition=0)
+    bad.flush(10)
+    settings = KafkaInputSettings(
+        bootstrap_servers=broker.bootstrap,
+        topics=("^bl.*\\.bluesky\\.runengine\\.documents$",),
+        group_id=uuid.uuid4().hex,
+    )
+    source = KafkaDocumentSource(settings)
+    source.start()
+    got = []
+    try:
+        wait_for(
+            lambda: got.append(source.get(0.1)) or len([g for g in got if g]) >= len(docs),
+            "the run's documents from the broker",
+            timeout=DEADLINE_S,
+        )
+        wait_for(lambda: source.stats()["decode_errors"] == 2, "the two bad values counted")
+    finally:
+        source.close()
+        source.finish(0)
+    got = [g for g in got if g]
+    assert [n for n, _ in got] == [n for n, _ in docs]  # one key: one partition, in order
+    first = got[2][1]
+    assert first["seq_num"] == 1 and isinstance(first["data"]["I0"], np.ndarray)
+    np.testing.assert_array_equal(first["data"]["I0"], docs[2][1]["data"]["I0"])
+    stats = source.stats()
+    assert stats["decode_errors.msgpack_invalid"] == 1
+    assert stats["decode_errors.unknown_document"] == 1
+    # our encoder is what bluesky-kafka's deserializer reads
+    import msgpack_numpy
+
+    name, doc = msgpack.loads(encode_kafka_value(*docs[2]), object_hook=msgpack_numpy.decode)
+    assert name == "event"
+    np.testing.assert_array_equal(doc["data"]["It"], docs[2][1]["data"]["It"])
+    assert KafkaOutputSettings().topic == "xasflow.analysis.documents"
+
+
+def test_daemon_analyses_a_kafka_run_and_publishes_keyed_by_raw_uid(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 4)
+    broker.create_topic(out_topic, 4)
+    daemon = Daemon(kafka_config(broker, "g1", topic, out_topic, tmp_path / "store"))
+    daemon.start()
+    reader = TopicReader(broker.bootstrap, out_topic)
+    try:
+        uid, docs = fly_scan(ENERGY, spectra(6, seed=1))
+        RawProducer(broker.bootstrap, topic).run(docs)
+        stop = wait_for(
+            lambda: reader.stops().get(uid), "the analysis stop on the output topic", DEADLINE_S
+        )
+        assert stop["exit_status"] == "success" and stop["n_analysed"] == 6
+        out = reader.all()
+        assert {key for key, _, _ in out} == {uid}  # keyed by the raw run, start to stop
+        assert out[0][1] == "start" and out[-1][1] == "stop"
+        assert sum(n == "event" for _, n, _ in out) == 6
+
+        def committed() -> dict[str, Any] | None:
+            h = daemon.health()["input"]["kafka"]
+            parts = [p for p in h["partitions"].values() if p["committed"] == len(docs)]
+            lag = sum(p["lag"] or 0 for p in h["partitions"].values())
+            return h if parts and h["commits"] >= 1 and lag == 0 else None
+
+        health = wait_for(committed, "the run's offsets committed, no lag", timeout=DEADLINE_S)
+        assert health["group_id"] == "g1" and health["commit_failures"] == 0
+        assert health["rebalances"] >= 1
+        _, metrics = _get(f"{daemon.http_url}/metrics")
+        for name in (
+            "xasflow_kafka_consumer_lag",
+            "xasflow_kafka_rebalances_total",
+            "xasflow_kafka_commits_total",
+            "xasflow_kafka_commit_failures_total",
+        ):
+            assert name in metrics
+    finally:
+        daemon.stop()
+        reader.close()
+    metadata, rows = read_analysis(tmp_path / "store", uid)
+    assert len(rows) == 6 and metadata["stop"]["exit_status"] == "success"
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.read().decode()
+
+
+def test_two_daemons_in_one_group_split_the_runs(broker: Broker, tmp_path: Path) -> None:
+    topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 4)
+    broker.create_topic(out_topic, 4)
+    daemons = [
+        Daemon(kafka_config(broker, "g2", topic, out_topic, tmp_path / f"s{i}", http=i == 0))
+        for i in range(2)
+    ]
+    for d in daemons:
+        d.start()
+    reader = TopicReader(broker.bootstrap, out_topic)
+    try:
+        wait_for(
+            lambda: all(d.input_stats()["assigned_partitions"] == 2 for d in daemons),
+            "both daemons holding two partitions each",
+            timeout=DEADLINE_S,
+        )
+        producer = RawProducer(broker.bootstrap, topic)
+        uids = []
+        for i in range(8):
+            uid, docs = fly_scan(ENERGY, spectra(2, seed=10 + i))
+            producer.run(docs, partition=i % 4)
+            uids.append(uid)
+        stops = wait_for(
+            lambda: (s := reader.stops()).keys() >= set(uids) and s,
+            "eight analysis stops",
+            timeout=DEADLINE_S,
+        )
+        assert all(stops[u]["exit_status"] == "success" for u in uids)
+        per_daemon = [d.health()["counters"]["runs_opened"] for d in daemons]
+    finally:
+        for d in daemons:
+            d.stop()
+        reader.close()
+    held = [{u for u in uids if _stored(tmp_path / f"s{i}", u)} for i in range(2)]
+    assert held[0] | held[1] == set(uids) and not held[0] & held[1]  # each by exactly one
+    assert len(held[0]) == len(held[1]) == 4 and per_daemon == [4, 4]
+
+
+def _stored(store: Path, uid: str) -> bool:
+    try:
+        return len(read_analysis(store, uid)[1]) > 0
+    except KeyError:
+        return False
