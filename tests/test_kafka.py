@@ -10,6 +10,11 @@ seq_nums it already holds).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
@@ -24,7 +29,7 @@ pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed"
 pytest.importorskip("tiled")
 
 import msgpack
-from helpers import CU_K, fly_scan, wait_for
+from helpers import CU_K, fly_scan, free_port, wait_for
 from kafka_broker import Broker, BrokerUnavailable
 from synthetic_feff import model_mu
 
@@ -84,8 +89,11 @@ class RawProducer:
         self.topic = topic
         self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 1})
 
-    def run(self, docs: list[tuple[str, dict[str, Any]]], partition: int | None = None) -> None:
-        key = docs[0][1]["run_start"] if docs[0][0] != "start" else docs[0][1]["uid"]
+    def run(
+        self, docs: list[tuple[str, dict[str, Any]]], partition: int | None = None, key: str = ""
+    ) -> None:
+        """Produce ``docs`` (keyed by ``key``, else the first document's start uid)."""
+        key = key or docs[0][1]["uid"]
         for name, doc in docs:
             extra = {} if partition is None else {"partition": partition}
             self.producer.produce(self.topic, bluesky_kafka_value(name, doc), key, **extra)
@@ -296,3 +304,86 @@ def _stored(store: Path, uid: str) -> bool:
         return len(read_analysis(store, uid)[1]) > 0
     except KeyError:
         return False
+
+
+def _health(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            return json.loads(resp.read()) if resp.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _serve(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xasflow.cli", "serve", "--config", str(conf)],
+            env={**os.environ, "XASFLOW__HTTP__PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return _health(port) is not None
+
+    wait_for(ready, "the daemon to become ready", timeout=DEADLINE_S)
+    return proc
+
+
+def test_sigkill_mid_run_and_restart_store_holds_every_result_once(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 2)
+    broker.create_topic(out_topic, 2)
+    conf = tmp_path / "xasflow.yaml"
+    conf.write_text(
+        "input:\n  kind: kafka\n  kafka:\n"
+        f"    bootstrap_servers: '{broker.bootstrap}'\n    topics: ['{topic}']\n"
+        "    group_id: gk\n    commit_interval_s: 0.2\n"
+        f"output:\n  kind: kafka\n  kafka:\n    topic: '{out_topic}'\n"
+        f"models:\n  directory: {paths.REPO_ROOT / 'models'}\n  watch: false\n"
+        f"storage:\n  directory: {tmp_path / 'store'}\n  flush_interval_s: 0.05\n"
+        "  batch_size: 4\n"
+        "recommend:\n  enabled: false\n"
+    )
+    producer = RawProducer(broker.bootstrap, topic)
+    uid_b, docs_b = fly_scan(ENERGY, spectra(5, seed=3))
+    uid_a, docs_a = fly_scan(ENERGY, spectra(30, seed=4))
+    procs = [_serve(conf, port := free_port(), tmp_path / "d1.log")]
+    reader = TopicReader(broker.bootstrap, out_topic, partitions=2)
+    try:
+        producer.run(docs_b, partition=0)  # a finished run, then run A half-way, same partition
+        producer.run(docs_a[:14], partition=0)
+
+        def stored_some() -> bool:
+            h = _health(port) or {}
+            return h.get("store", {}).get("acknowledged", 0) >= 10 and (
+                h["input"]["kafka"]["commits"] >= 1
+            )
+
+        wait_for(stored_some, "results of both runs acknowledged and a commit", DEADLINE_S)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        producer.run(docs_a[14:], partition=0, key=uid_a)  # the rest of run A while no daemon runs
+        procs.append(_serve(conf, port := free_port(), tmp_path / "d2.log"))
+        stop = wait_for(lambda: reader.stops().get(uid_a), "run A's analysis stop", DEADLINE_S)
+        assert stop["exit_status"] == "success" and stop["n_analysed"] == 30
+        # the redelivered rows the first daemon had stored are skipped by seq_num
+        wait_for(
+            lambda: (_health(port) or {}).get("store", {}).get("duplicates", 0) >= 4,
+            "the store to skip the rows it already held",
+        )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        reader.close()
+    meta_a, rows_a = read_analysis(tmp_path / "store", uid_a)
+    assert sorted(rows_a["index"]) == list(range(30))  # every result, each once
+    assert list(rows_a["seq_num"]) == list(range(1, 31))
+    assert meta_a["stop"]["exit_status"] == "success"
+    _, rows_b = read_analysis(tmp_path / "store", uid_b)
+    assert sorted(rows_b["index"]) == list(range(5))
