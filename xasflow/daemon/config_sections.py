@@ -354,6 +354,7 @@ class OutputConfig(_Section):
     ``after_store``: publish a result only once the store has committed it (nothing on the bus
     that the store does not hold; results then wait for the store's next commit, up to
     ``storage.flush_interval_s``). ``after_store_timeout_s``: publish anyway after that long.
+    ``kind: kafka``: to ``kafka.topic`` instead (:class:`KafkaOutputConfig`).
     """
 
     enabled: bool = True
