@@ -387,3 +387,49 @@ def test_sigkill_mid_run_and_restart_store_holds_every_result_once(
     assert meta_a["stop"]["exit_status"] == "success"
     _, rows_b = read_analysis(tmp_path / "store", uid_b)
     assert sorted(rows_b["index"]) == list(range(5))
+
+
+def test_commit_never_passes_an_open_run_and_revoked_runs_are_handed_over() -> None:
+    """The commit rule's bookkeeping (no broker needed: documents are queued as the receive
+    thread would queue them)."""
+    from types import SimpleNamespace
+
+    from xasflow.adapters.kafka_input import _Item
+
+    flushed: list[float] = []
+    source = KafkaDocumentSource(
+        KafkaInputSettings(topics=("t",)), durable=lambda t: flushed.append(t) or True
+    )
+    source._on_assign(None, [SimpleNamespace(topic="t", partition=0)])
+    gen = source._gen[("t", 0)]
+    docs = [
+        ("start", {"uid": "A"}),
+        ("descriptor", {"uid": "dA", "run_start": "A"}),
+        ("event", {"descriptor": "dA", "seq_num": 1}),
+        ("stop", {"run_start": "A"}),
+        ("start", {"uid": "B"}),
+        ("event", {"descriptor": "dB", "seq_num": 1}),
+    ]
+    for offset, (name, doc) in enumerate(docs):
+        source._queue.put(_Item(name, doc, ("t", 0), offset, gen))
+    for _ in range(3):  # start, descriptor, event of A taken and processed
+        assert source.get(0) is not None
+    assert source.committable() == {}  # nothing processed yet
+    source.mark_processed()
+    assert source.committable() == {("t", 0): 0}  # A is open: not past its start
+    assert source.get(0) == ("stop", {"run_start": "A"})
+    assert source.committable() == {("t", 0): 0}  # A's stop taken, not yet processed
+    source.mark_processed()
+    assert source.committable() == {("t", 0): 4}  # A done: everything before B
+    source.get(0)
+    source.get(0)
+    source.mark_processed()
+    assert source.committable() == {("t", 0): 4}  # B open: held at B's start (offset 4)
+    source._queue.put(_Item("event", {"descriptor": "dB", "seq_num": 2}, ("t", 0), 6, gen))
+    source._on_lost(None, [SimpleNamespace(topic="t", partition=0)])
+    assert source.get(0) is None  # the queued document of the lost partition is dropped
+    ((uid, reason),) = source.abandoned()
+    assert uid == "B" and reason.startswith("lost: partition t[0] moved")
+    stats = source.stats()
+    assert stats["dropped_revoked"] == 1 and stats["runs_handed_over"] == 1
+    assert source.committable() == {} and flushed == []  # a lost partition is not committed
