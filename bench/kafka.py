@@ -55,7 +55,14 @@ TARGETS = {
     "duplicates_in_store": 0,
     "failover_seconds": 15.0,
 }
-IN_TOPIC, OUT_TOPIC = "bench.bluesky.runengine.documents", "xasflow.analysis.documents"
+#: Input and output topic per phase (a new consumer group starts at the beginning of its
+#: topic, so no phase sees what an earlier one left there).
+PHASES = ("ladder", "kill", "failover")
+
+
+def topics(phase: str) -> tuple[str, str]:
+    """The phase's raw document topic and analysis topic."""
+    return f"bench-{phase}.bluesky.runengine.documents", f"xasflow-{phase}.analysis.documents"
 
 
 class KafkaPub:
@@ -84,7 +91,7 @@ class KafkaPub:
 def publisher_role(args: argparse.Namespace) -> int:
     """``bench/stream.py``'s publisher protocol, producing to Kafka."""
     energy, pool = zs.make_pool(args.points, args.pool, args.seed)
-    pub = KafkaPub(args.servers, IN_TOPIC)
+    pub = KafkaPub(args.servers, topics("ladder")[0])
     keys = {
         k: {"source": "sim", "dtype": "array", "shape": [energy.size], "units": u}
         for k, u in (("energy", "eV"), ("I0", "counts"), ("It", "counts"), ("Ir", "counts"))
@@ -93,6 +100,7 @@ def publisher_role(args: argparse.Namespace) -> int:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "stream":
+            pub.topic = cmd.get("topic", pub.topic)
             zs._say(zs._stream(pub, energy, pool, keys, cmd))
         elif cmd["cmd"] == "quit":
             break
@@ -130,7 +138,7 @@ class _TopicSource:
 class KafkaResults(zs.Results):
     """``bench/stream.py``'s results collector, reading the analysis topic instead."""
 
-    def __init__(self, servers: str, topic: str = OUT_TOPIC, partitions: int = 4) -> None:
+    def __init__(self, servers: str, topic: str, partitions: int = 4) -> None:
         self.source = _TopicSource(servers, topic, partitions)  # type: ignore[assignment]
         self.cond = threading.Condition()
         self.start_raw, self.desc_raw, self.rows, self.stops = {}, {}, {}, {}
@@ -140,14 +148,16 @@ class KafkaResults(zs.Results):
 
 
 def kafka_daemon(
-    servers: str, bundle: Path, store: Path, port: int, log: Path, group: str
+    servers: str, bundle: Path, store: Path, port: int, log: Path, phase: str
 ) -> subprocess.Popen[bytes]:
-    """``xasflow serve`` on Kafka in and out; returns once /health answers."""
+    """``xasflow serve`` on the phase's Kafka topics (group ``bench-<phase>``); returns once
+    /health answers."""
     conf = store.parent / f"{store.name}.yaml"
+    in_topic, out_topic = topics(phase)
     conf.write_text(
         f"input:\n  kind: kafka\n  kafka:\n    bootstrap_servers: '{servers}'\n"
-        f"    topics: ['{IN_TOPIC}']\n    group_id: {group}\n"
-        f"output:\n  kind: kafka\n  kafka:\n    topic: {OUT_TOPIC}\n"
+        f"    topics: ['{in_topic}']\n    group_id: bench-{phase}\n"
+        f"output:\n  kind: kafka\n  kafka:\n    topic: {out_topic}\n"
         f"models:\n  directory: {bundle.parent}\n  watch: false\n"
         f"storage:\n  directory: {store}\n"
         f"http:\n  port: {port}\n"
@@ -197,12 +207,13 @@ def store_counts(stores: list[Path], runs: list[dict[str, Any]]) -> dict[str, in
     }
 
 
-def stream_async(pub: zs.Child, rate: float, n: int, per_run: int) -> dict[str, Any]:
+def stream_async(pub: zs.Child, rate: float, n: int, per_run: int, phase: str) -> dict[str, Any]:
     """Start a stream command; the result (``runs``...) lands in the returned dict."""
     box: dict[str, Any] = {}
 
     def go() -> None:
-        pub.send({"cmd": "stream", "rate": rate, "n": n, "per_run": per_run})
+        cmd = {"cmd": "stream", "rate": rate, "n": n, "per_run": per_run, "topic": topics(phase)[0]}
+        pub.send(cmd)
         box.update(pub.read(n / rate * 5 + 60))
 
     box["thread"] = threading.Thread(target=go, daemon=True)
@@ -213,10 +224,10 @@ def stream_async(pub: zs.Child, rate: float, n: int, per_run: int) -> dict[str, 
 def sigkill_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: Any) -> dict:
     """One daemon SIGKILLed mid-stream and restarted at once; counted in its store."""
     store, port, log = work / "kill-store", zs._free_port(), work / "kill.log"
-    proc = kafka_daemon(servers, bundle, store, port, log, "bench-kill")
-    results = KafkaResults(servers)
+    proc = kafka_daemon(servers, bundle, store, port, log, "kill")
+    results = KafkaResults(servers, topics("kill")[1])
     n, rate = int(args.kill_rate * args.kill_seconds), args.kill_rate
-    box = stream_async(pub, rate, n, args.kill_per_run)
+    box = stream_async(pub, rate, n, args.kill_per_run, "kill")
     deadline = time.monotonic() + 120
     while ((zs._get_json(f"http://127.0.0.1:{port}/health") or {}).get("store") or {}).get(
         "acknowledged", 0
@@ -227,7 +238,7 @@ def sigkill_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: A
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     t_kill = time.time()
-    proc = kafka_daemon(servers, bundle, store, port, log, "bench-kill")
+    proc = kafka_daemon(servers, bundle, store, port, log, "kill")
     box["thread"].join()
     complete = results.wait([r["uid"] for r in box["runs"]], args.wait + 60)
     health = zs._get_json(f"http://127.0.0.1:{port}/health") or {}
@@ -248,7 +259,7 @@ def failover_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: 
     ports = [zs._free_port(), zs._free_port()]
     stores = [work / f"fo-store-{i}" for i in range(2)]
     procs = [
-        kafka_daemon(servers, bundle, stores[i], ports[i], work / f"fo-{i}.log", "bench-fo")
+        kafka_daemon(servers, bundle, stores[i], ports[i], work / f"fo-{i}.log", "failover")
         for i in range(2)
     ]
     deadline = time.monotonic() + 60
@@ -256,11 +267,9 @@ def failover_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: 
         if time.monotonic() > deadline:
             raise RuntimeError("the two daemons never split the partitions")
         time.sleep(0.2)
-    results = KafkaResults(servers)
-    time.sleep(1.0)  # the reader catches up with what the earlier phases left on the topic
-    before = len(results.source.arrivals)  # type: ignore[attr-defined]
+    results = KafkaResults(servers, topics("failover")[1])
     rate, n = args.kill_rate, int(args.kill_rate * args.kill_seconds)
-    box = stream_async(pub, rate, n, args.kill_per_run)
+    box = stream_async(pub, rate, n, args.kill_per_run, "failover")
     time.sleep(args.kill_seconds / 3)  # a third of the stream in, both daemons busy
     dead = assigned(ports[1])
     procs[1].send_signal(signal.SIGKILL)
@@ -268,16 +277,17 @@ def failover_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: 
     t_kill = time.time()
     box["thread"].join()
     complete = results.wait([r["uid"] for r in box["runs"]], args.wait + 30)
-    arrivals = results.source.arrivals[before:]  # type: ignore[attr-defined]
+    arrivals = results.source.arrivals  # type: ignore[attr-defined]
     after = [t for p, t in arrivals if p in dead and t > t_kill + 0.5]
     results.close()
     health = zs._get_json(f"http://127.0.0.1:{ports[0]}/health") or {}
+    survivor = assigned(ports[0])
     zs.stop_process(procs[0])
     counts = store_counts(stores, box["runs"])
     return {
         "failover_seconds": round(min(after) - t_kill, 2) if after else None,
         "dead_member_partitions": dead,
-        "survivor_partitions_after": assigned(ports[0]) if procs[0].poll() is None else None,
+        "survivor_partitions_after": survivor,
         "all_runs_closed": complete,
         "survivor_runs_handed_over": (health.get("input") or {}).get("runs_handed_over"),
         "offered": counts["offered"],
@@ -316,8 +326,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         bundle, report["bundle"] = zs.find_models(Path(args.models), work)
         broker = Broker(log=logs / "broker.log").start()
         stack.callback(broker.stop)
-        broker.create_topic(IN_TOPIC, 4)
-        broker.create_topic(OUT_TOPIC, 4)
+        for phase in PHASES:
+            for topic in topics(phase):
+                broker.create_topic(topic, 4)
         pub = zs.Child(
             [*me, "--role", "publisher", "--servers", broker.bootstrap, *common],
             "kafka publisher",
@@ -329,9 +340,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         # ---- Kafka: rate ladder
         port = zs._free_port()
         proc = kafka_daemon(
-            broker.bootstrap, bundle, work / "store", port, logs / "daemon.log", "bench"
+            broker.bootstrap, bundle, work / "store", port, logs / "daemon.log", "ladder"
         )
-        results = KafkaResults(broker.bootstrap)
+        results = KafkaResults(broker.bootstrap, topics("ladder")[1])
         health_url = f"http://127.0.0.1:{port}/health"
         pub.send({"cmd": "stream", "rate": 50, "n": 20, "per_run": 20})  # warm-up
         if not results.wait([r["uid"] for r in pub.read(60)["runs"]], 60):

@@ -33,6 +33,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_POLL_EVERY = 64  # documents produced between two serves of delivery reports
+
 
 def encode_kafka_value(name: str, doc: dict[str, Any]) -> bytes:
     """One document as bluesky-kafka serialises it: msgpack of ``(name, doc)`` + numpy."""
@@ -224,7 +226,10 @@ class KafkaDocumentPublisher:
                 self.last_error = str(exc)
                 logger.error("cannot produce to %s: %s", self.settings.topic, exc)
                 return
-        self._producer.poll(0)
+        if self._stats["sent"] % _POLL_EVERY == 0:
+            # poll() releases the GIL, which costs the processing thread a GIL hand-over per
+            # call; delivery reports are served here now and then and by flush()
+            self._producer.poll(0)
 
     def _delivered(self, err: Any, msg: Any) -> None:
         with self._lock:
