@@ -433,3 +433,19 @@ def test_commit_never_passes_an_open_run_and_revoked_runs_are_handed_over() -> N
     stats = source.stats()
     assert stats["dropped_revoked"] == 1 and stats["runs_handed_over"] == 1
     assert source.committable() == {} and flushed == []  # a lost partition is not committed
+
+
+def test_an_input_pattern_matching_the_output_topic_is_refused(tmp_path: Path) -> None:
+    from xasflow.daemon.service import DaemonError
+
+    cfg = DaemonConfig().with_updates(
+        {
+            "input": {"kind": "kafka", "kafka": {"topics": ["^xasflow\\..*"]}},
+            "output": {"kind": "kafka", "kafka": {"topic": "xasflow.analysis.documents"}},
+            "models": {"directory": str(tmp_path), "watch": False},
+            "storage": {"enabled": False},
+            "http": {"enabled": False},
+        }
+    )
+    with pytest.raises(DaemonError, match="its own analysis documents"):
+        Daemon(cfg).start()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,14 @@ def make_source(cfg: DaemonConfig, durable: Callable[[float], bool]) -> Any:
     """The input ``cfg.input.kind`` names (not started)."""
     if cfg.input.kind == "kafka":
         from xasflow.adapters.kafka_input import KafkaDocumentSource
+
+        out = cfg.output.kafka.topic
+        for topic in cfg.input.kafka.topics if cfg.output.kind == "kafka" else ():
+            if topic == out or (topic.startswith("^") and re.search(topic, out)):
+                raise ValueError(
+                    f"input.kafka.topics entry {topic!r} matches output.kafka.topic {out!r}: "
+                    "the daemon would analyse its own analysis documents"
+                )
 
         settings = cfg.input.kafka.to_settings(cfg.input.queue_size)
         return KafkaDocumentSource(settings, durable=durable)
