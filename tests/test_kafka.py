@@ -11,6 +11,7 @@ seq_nums it already holds).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -46,6 +47,7 @@ from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.service import Daemon
 
 ENERGY = np.linspace(8800.0, 9120.0, 1000)
+LOG = logging.getLogger("test_kafka.librdkafka")  # not onto stderr after the broker stops
 DEADLINE_S = 90.0
 
 
@@ -87,7 +89,7 @@ class RawProducer:
         from confluent_kafka import Producer
 
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 1})
+        self.producer = Producer({"bootstrap.servers": servers, "linger.ms": 1, "logger": LOG})
 
     def run(
         self, docs: list[tuple[str, dict[str, Any]]], partition: int | None = None, key: str = ""
@@ -107,7 +109,12 @@ class TopicReader:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         self.consumer = Consumer(
-            {"bootstrap.servers": servers, "group.id": uuid.uuid4().hex, "fetch.wait.max.ms": 10}
+            {
+                "bootstrap.servers": servers,
+                "group.id": uuid.uuid4().hex,
+                "fetch.wait.max.ms": 10,
+                "logger": LOG,
+            }
         )
         self.consumer.assign(
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)]
@@ -171,7 +178,7 @@ def test_bluesky_kafka_wire_format_round_trips_through_the_broker(broker: Broker
     RawProducer(broker.bootstrap, topic).run(docs)
     from confluent_kafka import Producer
 
-    bad = Producer({"bootstrap.servers": broker.bootstrap})
+    bad = Producer({"bootstrap.servers": broker.bootstrap, "logger": LOG})
     bad.produce(topic, b"\xc1 not msgpack", uid, partition=0)
     bad.produce(topic, msgpack.dumps(["bulk_events", {}]), uid, partition=0)
     bad.flush(10)

@@ -33,6 +33,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Where librdkafka's own log lines go (connection losses and the like).
+RDKAFKA_LOG = logging.getLogger("xasflow.kafka.librdkafka")
 _POLL_EVERY = 64  # documents produced between two serves of delivery reports
 
 
@@ -184,6 +186,7 @@ class KafkaDocumentPublisher:
             "bootstrap.servers": settings.bootstrap_servers,
             "linger.ms": 2,
             "enable.idempotence": False,
+            "logger": RDKAFKA_LOG,  # librdkafka's log into logging, not onto stderr
             **settings.producer,
         }
         self._producer = Producer(conf)

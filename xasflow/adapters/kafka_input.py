@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xasflow.adapters.kafka_bus import KafkaInputSettings, decode_kafka_value
+from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
 from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES, WireError
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
@@ -275,7 +275,8 @@ class KafkaDocumentSource:
         from confluent_kafka import Consumer
 
         try:
-            consumer = Consumer(self.settings.consumer_config())
+            conf = self.settings.consumer_config()
+            consumer = Consumer({"logger": RDKAFKA_LOG, **conf, "on_commit": self._on_commit})
             consumer.subscribe(
                 list(self.settings.topics),
                 on_assign=self._on_assign,
@@ -392,36 +393,48 @@ class KafkaDocumentSource:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None and consumer is not None:
-            self._commit(consumer, *pending)
+            self._commit(consumer, *pending, sync=False)
 
-    def _commit(self, consumer: Any, offsets: dict[TP, int], gens: dict[TP, int]) -> None:
-        """Commit synchronously, only for partitions still assigned in the same generation."""
+    def _commit(
+        self, consumer: Any, offsets: dict[TP, int], gens: dict[TP, int], sync: bool = True
+    ) -> None:
+        """Commit the offsets of partitions still assigned in the same generation.
+
+        Asynchronous from the receive loop (a synchronous commit would stall receiving for a
+        broker round trip; the result comes to :meth:`_on_commit`), synchronous on revoke
+        and at the end, where the partitions are about to go.
+        """
         from confluent_kafka import KafkaException, TopicPartition
 
         with self._lock:
             mine = {tp: o for tp, o in offsets.items() if self._gen.get(tp) == gens.get(tp)}
         if not mine:
             return
+        parts = [TopicPartition(t, p, o) for (t, p), o in mine.items()]
         try:
-            result = consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in mine.items()],
-                asynchronous=False,
-            )
+            result = consumer.commit(offsets=parts, asynchronous=not sync)
         except KafkaException as exc:
-            self._count("commit_failures")
-            self.last_error = f"commit: {exc}"
-            logger.warning("Kafka commit failed: %s", exc)
+            self._commit_done(exc, [])
             return
-        failed = [tp for tp in result or [] if tp.error is not None]
-        if failed:
-            self._count("commit_failures")
-            self.last_error = f"commit: {failed[0].error}"
+        if sync:
+            self._commit_done(None, result or [])
+
+    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        """librdkafka's report of an asynchronous commit (called inside ``poll``)."""
+        self._commit_done(err, partitions)
+
+    def _commit_done(self, err: Any, partitions: list[Any]) -> None:
+        failed = err is not None or any(tp.error is not None for tp in partitions)
         with self._lock:
-            for tp in result or []:
+            self._counts["commit_failures" if failed else "commits"] += 1
+            for tp in partitions:
                 key = (tp.topic, tp.partition)
-                if tp.error is None and key in mine:
-                    self._committed[key] = mine[key]
-            self._counts["commits"] += 1
+                if tp.error is None and err is None and key in self._gen:
+                    self._committed[key] = max(self._committed.get(key, -1), tp.offset)
+        if failed:
+            bad = err if err is not None else next(tp.error for tp in partitions if tp.error)
+            self.last_error = f"commit: {bad}"
+            logger.warning("Kafka commit failed: %s", bad)
 
     # ------------------------------------------------------------------ rebalance callbacks
 
