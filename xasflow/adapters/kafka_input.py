@@ -44,6 +44,7 @@ __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
 logger = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition)
+_DRAIN = 256  # messages taken at once after a poll
 
 _COUNTERS: tuple[str, ...] = (
     "received",
@@ -297,6 +298,10 @@ class KafkaDocumentSource:
                 msg = consumer.poll(self.settings.poll_interval_s)
                 if msg is not None:
                     self._handle(msg)
+                    # what is fetched already, in one call: every poll() hands the GIL back
+                    # and waits for it again, behind the processing thread
+                    for more in consumer.consume(_DRAIN, 0):
+                        self._handle(more)
                 if time.monotonic() >= next_lag:
                     next_lag = time.monotonic() + 1.0
                     self._update_lag(consumer)
