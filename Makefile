@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 JOBS ?= 2
 
-.PHONY: setup demo test lint train-cu evaluate-cu ni-k-fast bench clean
+.PHONY: setup demo test lint train-cu evaluate-cu ni-k-fast bench kafka-broker clean
 
 $(BIN)/.xasflow-setup: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench: setup
 	$(BIN)/python bench/predict.py --json bench/results/predict.json
 	$(BIN)/python bench/stream.py --json bench/results/stream.json
 	$(BIN)/python bench/recommend.py --json bench/results/recommend.json
+	$(BIN)/python bench/kafka.py --json bench/results/kafka.json
+
+# A Kafka-protocol broker (Tansu, fetched once into .cache/kafka-broker) on 127.0.0.1:9092.
+kafka-broker: setup
+	$(BIN)/python tests/kafka_broker.py --port 9092
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -57,6 +57,16 @@ class InterruptedRuns:
         """Whether ``raw_uid`` is a run left open by a previous process."""
         return raw_uid in self._open
 
+    def resume(self, raw_uid: Any) -> bool:
+        """The raw run arrives again from its start (a Kafka redelivery): it is analysed
+        anew instead of closed as interrupted; the store keeps the rows it holds."""
+        info = self._open.pop(raw_uid, None) if isinstance(raw_uid, str) else None
+        if info is not None:
+            logger.warning(
+                "raw run %s is delivered again from its start: analysing it anew", raw_uid
+            )
+        return info is not None
+
     def expired(self, now: float | None = None) -> list[str]:
         """Raw uids whose stop did not come within ``timeout_s`` of the restart."""
         now = time.monotonic() if now is None else now

@@ -184,6 +184,17 @@ class RunAssembler:
         self._out = []
         return out
 
+    def abandon(self, raw_uid: str, reason: str) -> list[Output]:
+        """Close one open run without its stop (exit_status "abort"); nothing if not open."""
+        out: list[Output] = []
+        self._out = out
+        self._now = self.clock()
+        run = self._runs.get(raw_uid)
+        if run is not None:
+            run.abandon("abort", reason)
+        self._out = []
+        return out
+
     def flush_all(self, reason: str) -> list[Output]:
         """Close every open run (exit_status "abort"), e.g. at shutdown."""
         out: list[Output] = []

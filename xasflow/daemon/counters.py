@@ -19,7 +19,13 @@ a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric
 ``models[(element, edge)]``           ``xasflow_model_info{element, edge, bundle_id} 1``
 latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``gauges[(name, labels)]``            ``xasflow_<name>{labels}`` (e.g. queue depth)
+``kafka["rebalances"]``               ``xasflow_kafka_rebalances_total``
+``kafka["commits"]``                  ``xasflow_kafka_commits_total`` (offset commits)
+``kafka["commit_failures"]``          ``xasflow_kafka_commit_failures_total``
+``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ====================================  ==================================================
+
+The four Kafka metrics are always exported (0, no lag samples, with the 0MQ input).
 
 ``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
@@ -40,7 +46,10 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "Counters", "register_prometheus"]
+__all__ = ["KAFKA_COUNTERS", "LATENCY_BUCKETS", "Counters", "register_prometheus"]
+
+#: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
+KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures")
 
 #: Upper bounds (s) of the end-to-end latency histogram buckets (+Inf is implied).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -80,6 +89,8 @@ class Counters:
         self.model_refused: dict[str, int] = {}
         self.models: dict[tuple[str, str], str] = {}
         self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.kafka: dict[str, int] = dict.fromkeys(KAFKA_COUNTERS, 0)
+        self.kafka_lag: dict[tuple[str, str], int] = {}
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -170,6 +181,13 @@ class Counters:
             else:
                 self.models[(element, edge)] = bundle_id
 
+    def sync_kafka(self, stats: Mapping[str, int], lag: Mapping[tuple[str, int], int]) -> None:
+        """Take the Kafka input's cumulative counters and its current lag per partition."""
+        with self._lock:
+            for name in KAFKA_COUNTERS:
+                self.kafka[name] = max(self.kafka[name], int(stats.get(name, 0)))
+            self.kafka_lag = {(t, str(p)): int(n) for (t, p), n in lag.items()}
+
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge exported as ``xasflow_<name>{labels}`` (e.g. ``queue_depth``)."""
         key = (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
@@ -241,6 +259,7 @@ class Counters:
                 "model_refused_by_reason": dict(sorted(self.model_refused.items())),
                 "models": {f"{el}-{ed}": bid for (el, ed), bid in sorted(self.models.items())},
                 "gauges": {_gauge_label(k): v for k, v in sorted(self.gauges.items())},
+                "kafka": dict(self.kafka),
                 "latency": {
                     "count": self._latency_count,
                     "sum_s": self._latency_sum,
@@ -293,6 +312,7 @@ class _Collector:
             over_limit = dict(c.limit_refused)
             models = dict(c.models)
             gauges = dict(c.gauges)
+            kafka, kafka_lag = dict(c.kafka), dict(c.kafka_lag)
         yield CounterMetricFamily(
             "xasflow_spectra_received", "Spectra handed to the analysis pipeline", value=received
         )
@@ -371,6 +391,21 @@ class _Collector:
                 gauge = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
             gauge.add_metric([v for _, v in labels], value)
         yield from families.values()
+        helps = {
+            "rebalances": "Kafka consumer-group rebalances this daemon took part in",
+            "commits": "Kafka offset commits (each after the results it covers were durable)",
+            "commit_failures": "Kafka offset commits the broker refused or that failed",
+        }
+        for name in KAFKA_COUNTERS:
+            yield CounterMetricFamily(f"xasflow_kafka_{name}", helps[name], value=kafka[name])
+        lag = GaugeMetricFamily(
+            "xasflow_kafka_consumer_lag",
+            "Messages on the broker not yet processed by this daemon, per assigned partition",
+            labels=["topic", "partition"],
+        )
+        for (topic, part), n in sorted(kafka_lag.items()):
+            lag.add_metric([topic, part], n)
+        yield lag
 
 
 def register_prometheus(counters: Counters, registry: Any = None) -> Any:

@@ -53,3 +53,21 @@ def limits_health(
     if sse is not None:
         out["sse_clients"] = sse.stats()
     return out
+
+
+def input_health(
+    config: DaemonConfig, source: Any, stats: dict[str, int], counters: dict[str, Any], echo: int
+) -> dict[str, Any]:
+    """The input section: kind, address, decode errors, queue; Kafka's group and lag when used."""
+    kafka = None
+    if config.input.kind == "kafka" and source is not None:
+        kafka = {**source.health(), **counters["kafka"]}
+    return {
+        "kind": config.input.kind,
+        "address": source.address if source else config.input.address,
+        "prefix": config.input.prefix,
+        "kafka": kafka,
+        "last_decode_error": source.last_error if source else None,
+        "own_output_dropped": echo,
+        **stats,
+    }

@@ -22,6 +22,12 @@ that stood still (SIGSTOP, swapping) or fell behind therefore never times out a 
 documents are waiting in its own input; those documents used to come back as ``late_document``
 rejections, and the run's stop then said nothing of them.
 
+Input hooks (the Kafka input's commit rule): after every turn, runs the input no longer
+owns (``abandoned()``: ``(raw uid, reason)``, a partition moved to another daemon) are
+closed with that reason, then ``on_processed()`` says that every document taken so far has
+gone to the sinks. A raw start of a run a killed predecessor left open (redelivered by
+Kafka) resumes it: the run is analysed anew and the store skips the rows it holds.
+
 At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
 (``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
 """
@@ -105,6 +111,10 @@ class Processor:
         self.on_tick = on_tick
         self.batching = batching if batching is not None else BatchPolicy()
         self.sinks: list[Sink] = []
+        #: Called after each turn: every document taken so far went to the sinks.
+        self.on_processed: Callable[[], None] | None = None
+        #: Called after each turn: runs to close now, ``[(raw uid, reason)]``.
+        self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
         self.internal_errors = 0
         self.drain = threading.Event()  # set once nothing more will be queued
         self.clock = LiveClock()
@@ -123,6 +133,7 @@ class Processor:
             now = time.monotonic()
             try:
                 self._turn(items, check=now >= next_check)
+                self._after_turn()
                 if now >= next_check:
                     next_check = now + a.timeout_check_s
                 if now >= next_stats and self.on_tick is not None:
@@ -148,12 +159,21 @@ class Processor:
             items.append(more)
         return items
 
+    def _after_turn(self) -> None:
+        if self.abandoned is not None:
+            for raw_uid, reason in self.abandoned():
+                self.analyse(self.assembler.abandon(raw_uid, reason))
+        if self.on_processed is not None:
+            self.on_processed()
+
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
         outputs: list[Output] = []
         spectra = 0
         for name, doc in items:
             if self.probes(name, doc):
                 continue  # a warm-up probe run: remembered for /health, never analysed
+            if name == "start" and self.interrupted and isinstance(doc, dict):
+                self.interrupted.resume(doc.get("uid"))  # redelivered from its start
             run_start = doc.get("run_start") if name == "stop" and isinstance(doc, dict) else None
             if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
                 self._close_interrupted(run_start, raw_stop=doc)
@@ -172,6 +192,10 @@ class Processor:
         self.analyse(outputs)
 
     def _finish(self) -> None:
+        try:
+            self._after_turn()
+        except Exception:
+            logger.exception("the input's last hooks failed")
         if self.interrupted is not None:
             for raw_uid in self.interrupted.pending():
                 self._close_interrupted(raw_uid, why="shutdown")

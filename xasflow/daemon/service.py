@@ -4,6 +4,8 @@ wires them, starts and stops them. No document handling lives here.
 Threads and what they own::
 
     xasflow-zmq-in       ZmqDocumentSource: receive, decode, enqueue (bounded, counted)
+    xasflow-kafka-in     KafkaDocumentSource (input.kind: kafka), instead: the same, plus
+    xasflow-kafka-commit offsets committed once the results are durable (store, publisher)
     xasflow-process      Processor: probes out, assembler -> pipeline -> sinks (in order)
     xasflow-tiled-writer AnalysisStore: batched, acknowledged writes (fed by StoreWriter)
     xasflow-model-watch  ModelRegistry: verified hot swaps
@@ -29,7 +31,6 @@ stores the results, then flushes and closes the store.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -43,11 +44,11 @@ from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.probes import PROBE_KEY, ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.store_writer import StoreWriter
-from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
 from xasflow.daemon.assembly import RunAssembler
+from xasflow.daemon.bus import make_publisher, make_source, output_address
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.health import feedback_health, limits_health
+from xasflow.daemon.health import feedback_health, input_health, limits_health
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
 from xasflow.daemon.registry import ModelRegistry
@@ -75,8 +76,8 @@ class Daemon:
         self.registry: ModelRegistry | None = None
         self.pipeline: Pipeline | None = None
         self.store: Any = None
-        self.publisher: ZmqDocumentPublisher | None = None
-        self.source: ZmqDocumentSource | None = None
+        self.publisher: Any = None  # ZmqDocumentPublisher, or KafkaDocumentPublisher
+        self.source: Any = None  # ZmqDocumentSource, or KafkaDocumentSource
         self.assembler: RunAssembler | None = None
         self.processor: Processor | None = None
         self.http: Any = None
@@ -114,8 +115,8 @@ class Daemon:
         self._ready = True
         logger.info(
             "xasflow daemon ready: input %s, output %s, http %s, models %s",
-            cfg.input.address,
-            cfg.output.address if cfg.output.enabled else "off",
+            self.source.address if self.source is not None else "?",
+            self.output_address or "off",
             self.http_url or "off",
             [f"{m['element']}-{m['edge']}:{m['bundle_id']}" for m in self.models()] or "none",
         )
@@ -161,28 +162,25 @@ class Daemon:
                 self.store, cfg.channels.stream, cfg.analysis.run_timeout_s
             )
             self.interrupted.find()
-        if cfg.output.enabled:
-            self.publisher = ZmqDocumentPublisher(
-                cfg.output.address, prefix=cfg.output.prefix.encode("ascii"), fmt=cfg.output.format
+        self.publisher = make_publisher(cfg)
+        store, writer = self.store, self._writer
+        if self.publisher and cfg.output.after_store and writer is not None and store is not None:
+            self.gate = CommitGate(
+                self.publisher,
+                cfg.output.after_store_timeout_s,
+                commit_now=lambda: store.flush(0.0),  # asks the store to commit, never waits
             )
-            store = self.store
-            if cfg.output.after_store and self._writer is not None and store is not None:
-                self.gate = CommitGate(
-                    self.publisher,
-                    cfg.output.after_store_timeout_s,
-                    commit_now=lambda: store.flush(0.0),  # asks the store to commit, never waits
-                )
-                self._writer.gate = self.gate
+            writer.gate = self.gate
         self.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
-        self.source = ZmqDocumentSource(self._input_config(cfg))
+        self.source = make_source(cfg, self._durable)
         try:
             self.source.start(timeout=min(timeout, 10.0))
         except (TimeoutError, RuntimeError) as exc:
             raise DaemonError(str(exc)) from None
         if not self.source.ready.wait(timeout):
-            raise DaemonError(f"0MQ input not subscribed to {cfg.input.address}")
+            raise DaemonError(f"input not subscribed to {self.source.address}")
         if cfg.http.enabled:
             from xasflow.daemon.http import HttpServer, create_app
 
@@ -218,6 +216,9 @@ class Daemon:
             on_tick=self.sync_stats,
         )
         proc.store_sink = self._writer
+        if self.config.input.kind == "kafka":  # the commit rule's hooks
+            proc.on_processed = self.source.mark_processed
+            proc.abandoned = self.source.abandoned
         if self.gate is not None:
             proc.sinks.append(self.gate)  # publishes once the store holds the rows
         elif self.publisher is not None:
@@ -250,14 +251,13 @@ class Daemon:
             self.submitter = QueueServerSubmitter(cfg.queueserver)
             self.add_listener(self.submitter)
 
-    @staticmethod
-    def _input_config(cfg: DaemonConfig) -> ZmqInputConfig:
-        """The 0MQ input settings; ignores the daemon's own output prefix when it would see it."""
-        zcfg = cfg.input.to_zmq()
-        own = cfg.output.prefix.encode("ascii") if cfg.output.enabled else b""
-        if own and own != zcfg.prefix and not zcfg.prefix:
-            zcfg = dataclasses.replace(zcfg, ignore_prefixes=(*zcfg.ignore_prefixes, own))
-        return zcfg
+    def _durable(self, timeout: float) -> bool:
+        """Everything handed to the sinks so far is committed in the store and, with a
+        Kafka output, acknowledged by the broker (the Kafka input commits only after this)."""
+        if self.store is not None and not self.store.flush(timeout):
+            return False
+        flush = getattr(self.publisher, "flush", None)
+        return flush(timeout) if flush is not None else True
 
     def _acknowledge(self) -> None:
         with self._stats_lock:  # called from the store's writer thread
@@ -291,6 +291,9 @@ class Daemon:
             self.source.close()
         if self.registry is not None:
             self.registry.stop()
+        finish = getattr(self.source, "finish", None)
+        if finish is not None:  # Kafka: commit what is processed and durable, leave the group
+            finish(timeout)
         if self.store is not None:
             try:
                 if not self.store.flush(timeout):
@@ -375,7 +378,7 @@ class Daemon:
     @property
     def echo_dropped(self) -> int:
         """Own analysis messages dropped at the input (empty input prefix)."""
-        return self.source.stats()["ignored"] if self.source is not None else 0
+        return self.source.stats().get("ignored", 0) if self.source is not None else 0
 
     def models(self) -> list[dict[str, Any]]:
         """Bundles in service (see ``ModelRegistry.models``)."""
@@ -384,6 +387,11 @@ class Daemon:
     def input_stats(self) -> dict[str, int]:
         """The 0MQ input's counters and queue depth."""
         return self.source.stats() if self.source is not None else {}
+
+    @property
+    def output_address(self) -> str | None:
+        """Where analysis documents go (a 0MQ address or ``kafka://servers/topic``)."""
+        return output_address(self.config, self.publisher)
 
     def output_stats(self) -> dict[str, int]:
         """The publisher's counters (and the commit gate's, with ``output.after_store``)."""
@@ -412,6 +420,8 @@ class Daemon:
         )
         self.counters.sync_lost("overflow", src.get("dropped_overflow", 0))
         self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
+        if self.config.input.kind == "kafka" and self.source is not None:
+            self.counters.sync_kafka(src, self.source.lag())
         self.counters.set_gauge("open_runs", self.open_runs)
         store = self.store_stats()
         if store:
@@ -446,15 +456,10 @@ class Daemon:
             "models_refused": registry.refused() if registry is not None else {},
             # serving, standby, refusals by reason and the integrity settings
             "registry": registry.status() if registry is not None else None,
-            "input": {
-                "address": self.config.input.address,
-                "prefix": self.config.input.prefix,
-                "last_decode_error": self.source.last_error if self.source else None,
-                "own_output_dropped": self.echo_dropped,
-                **src,
-            },
+            "input": input_health(self.config, self.source, src, counters, self.echo_dropped),
             "output": {
-                "address": self.config.output.address if self.publisher else None,
+                "kind": self.config.output.kind,
+                "address": self.output_address,
                 "prefix": self.config.output.prefix,
                 **self.output_stats(),
             },

@@ -1,0 +1,496 @@
+"""Kafka document input: a consumer-group member feeding the processor, at-least-once.
+
+:class:`KafkaDocumentSource` has the 0MQ source's interface (``start``, ``get(timeout)``,
+``close``, ``stats``, ``ready``, ``last_error``): a receive thread polls a confluent-kafka
+consumer (``enable.auto.commit=false``, cooperative-sticky assignment), decodes each value
+in bluesky-kafka's format (:func:`~xasflow.adapters.kafka_bus.decode_kafka_value`) and
+puts it on a bounded queue; when the queue is full it stops polling (Kafka keeps the rest).
+
+Commit rule (at-least-once). The processing thread calls :meth:`mark_processed` after each
+turn: every document it has taken by then has gone through the assembler, the pipeline
+and the sinks. A partition's *committable* offset is the one after its last processed
+document, but never past the start document of a run still open on it (a run's state
+lives in memory until its stop, so a restart must see it again from its start). Every
+``commit_interval_s`` a committer thread takes that snapshot, makes the results durable
+(``durable(timeout)``: the daemon flushes the store and the Kafka publisher) and only then
+hands the offsets to the receive thread, which commits them synchronously (counted in
+``commits`` / ``commit_failures``). After a crash the successor gets the uncommitted
+documents again; the store skips rows whose ``seq_num`` it already holds, so the catalog
+holds every result once.
+
+Rebalances. A revoked partition is committed the same way first (inside the callback);
+its queued documents are dropped here (``dropped_revoked``: they go to the new owner), and
+each run open on it is handed over: the new owner analyses the run from its start (the
+commit never passed it) and this daemon closes its partial copy (exit_status "abort",
+reason ``revoked: ...``, counted in ``runs_handed_over``) via :meth:`abandoned`.
+Lost partitions (session timeout) are handed over without a commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
+from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES, WireError
+
+__all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
+
+logger = logging.getLogger(__name__)
+
+TP = tuple[str, int]  # (topic, partition)
+_DRAIN = 256  # messages taken at once after a poll
+
+_COUNTERS: tuple[str, ...] = (
+    "received",
+    "bytes_received",
+    "decoded",
+    "decode_errors",
+    "enqueued",
+    "delivered",
+    "dropped_overflow",  # always 0: a full queue stops polling instead
+    "dropped_revoked",
+    "dropped_on_close",
+    "consumer_errors",
+    "rebalances",
+    "partitions_assigned",
+    "partitions_revoked",
+    "partitions_lost",
+    "commits",
+    "commit_failures",
+    "flush_timeouts",
+    "runs_handed_over",
+    *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
+    *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
+)
+
+
+@dataclass
+class _Item:
+    name: str
+    doc: dict[str, Any]
+    tp: TP
+    offset: int
+    gen: int
+
+
+class KafkaDocumentSource:
+    """Receive bluesky documents from Kafka topics as one member of a consumer group.
+
+    ``durable(timeout) -> bool`` makes everything handed to the sinks so far durable (store
+    and publisher flushed); offsets are committed only after it returned True.
+    """
+
+    def __init__(
+        self, settings: KafkaInputSettings, durable: Callable[[float], bool] | None = None
+    ) -> None:
+        self.settings = settings
+        self.durable = durable if durable is not None else (lambda timeout: True)
+        self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._gen: dict[TP, int] = {}  # assigned partitions and their assignment generation
+        self._next_gen = 0
+        self._taken: dict[TP, int] = {}  # next offset after the last document taken
+        self._processed: dict[TP, int] = {}  # ... after the last one processed
+        self._open: dict[TP, dict[str, int]] = {}  # runs open per partition: start offset
+        self._closing: list[tuple[TP, str]] = []  # stops taken, not yet processed
+        self._committed: dict[TP, int] = {}
+        self._pending: tuple[dict[TP, int], dict[TP, int]] | None = None  # offsets, gens
+        self._abandon: list[tuple[str, str]] = []
+        self._lag: dict[TP, int] = {}
+        self._consumer: Any = None
+        self._stop = threading.Event()
+        self._setup_done = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._committer: threading.Thread | None = None
+        self._closed = False
+        self._finished = False
+        #: Set once the consumer has subscribed (partitions are assigned later).
+        self.ready = threading.Event()
+        #: Text of the most recent decode, consumer or commit error.
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Create the consumer and subscribe; raise RuntimeError/TimeoutError if that fails."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("KafkaDocumentSource can be started once")
+        self._thread = threading.Thread(target=self._run, name="xasflow-kafka-in", daemon=True)
+        self._thread.start()
+        if not self._setup_done.wait(timeout):
+            self.close()
+            raise TimeoutError(f"Kafka consumer not subscribed within {timeout}s")
+        if self._setup_error is not None:
+            err = self._setup_error
+            self.close()
+            self.finish(0)
+            raise RuntimeError(f"Kafka consumer could not subscribe: {err}") from err
+        self._committer = threading.Thread(
+            target=self._commit_loop, name="xasflow-kafka-commit", daemon=True
+        )
+        self._committer.start()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop receiving and join the threads; queued documents stay readable with ``get``.
+
+        Call :meth:`finish` once they are processed to commit them and leave the group.
+        """
+        self._stop.set()
+        self._closed = True
+        joined = True
+        for thread in (self._thread, self._committer):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+                joined = joined and not thread.is_alive()
+        return joined
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """After :meth:`close` and the processing: commit what is durable, leave the group."""
+        if self._finished:
+            return
+        self._finished = True
+        consumer = self._consumer
+        if consumer is None:
+            return
+        try:
+            if timeout > 0:
+                offsets = self.committable()
+                if offsets and self.durable(timeout):
+                    self._commit(consumer, offsets, dict(self._gen))
+            consumer.close()  # leaves the group: the others take the partitions at once
+        except Exception as exc:
+            logger.warning("closing the Kafka consumer: %s", exc)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` has been called."""
+        return self._closed
+
+    @property
+    def address(self) -> str:
+        """Bootstrap servers and topics, for logs."""
+        return f"kafka://{self.settings.bootstrap_servers}/{','.join(self.settings.topics)}"
+
+    # ------------------------------------------------------------------ processing thread
+
+    def get(self, timeout: float | None = None) -> tuple[str, dict[str, Any]] | None:
+        """Next ``(name, doc)`` of a partition still assigned here, or None after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            wait = self.settings.poll_interval_s
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                if (deadline is not None and time.monotonic() >= deadline) or self._closed:
+                    return None
+                continue
+            with self._lock:
+                if self._gen.get(item.tp) != item.gen:
+                    self._counts["dropped_revoked"] += 1  # the partition's new owner has it
+                    continue
+                self._taken[item.tp] = item.offset + 1
+                if item.name == "start" and isinstance(item.doc.get("uid"), str):
+                    self._open.setdefault(item.tp, {}).setdefault(item.doc["uid"], item.offset)
+                elif item.name == "stop" and isinstance(item.doc.get("run_start"), str):
+                    self._closing.append((item.tp, item.doc["run_start"]))
+                self._counts["delivered"] += 1
+            return item.name, item.doc
+
+    def mark_processed(self) -> None:
+        """Everything taken so far has gone to the sinks (called after each processing turn)."""
+        with self._lock:
+            for tp, offset in self._taken.items():
+                if tp in self._gen:
+                    self._processed[tp] = offset
+            for tp, run in self._closing:
+                self._open.get(tp, {}).pop(run, None)
+            self._closing.clear()
+
+    def abandoned(self) -> list[tuple[str, str]]:
+        """Runs handed over to another group member since the last call: ``(uid, reason)``."""
+        with self._lock:
+            out, self._abandon = self._abandon, []
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:
+        """Offsets that may be committed once the results are durable (see the module doc)."""
+        out: dict[TP, int] = {}
+        with self._lock:
+            for tp in self._gen if tps is None else tps:
+                done = self._processed.get(tp)
+                if done is None:
+                    continue
+                offset = min([done, *self._open.get(tp, {}).values()])
+                if offset > self._committed.get(tp, -1):
+                    out[tp] = offset
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters, ``queue_depth``, ``assigned_partitions`` and ``lag_total``."""
+        with self._lock:
+            snap = dict(self._counts)
+            snap["assigned_partitions"] = len(self._gen)
+            snap["lag_total"] = sum(self._lag.values())
+        snap["queue_depth"] = self._queue.qsize()
+        return snap
+
+    def lag(self) -> dict[TP, int]:
+        """Per assigned partition: messages on the broker not yet processed here."""
+        with self._lock:
+            return dict(self._lag)
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` view: settings, assignment, committed offsets and lag."""
+        with self._lock:
+            parts = {
+                f"{t}[{p}]": {
+                    "lag": self._lag.get((t, p)),
+                    "committed": self._committed.get((t, p)),
+                    "processed": self._processed.get((t, p)),
+                    "open_runs": len(self._open.get((t, p), {})),
+                }
+                for t, p in sorted(self._gen)
+            }
+        return {
+            "bootstrap_servers": self.settings.bootstrap_servers,
+            "topics": list(self.settings.topics),
+            "group_id": self.settings.group_id,
+            "partitions": parts,
+        }
+
+    # ------------------------------------------------------------------ receive thread
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        try:
+            conf = self.settings.consumer_config()
+            consumer = Consumer({"logger": RDKAFKA_LOG, **conf, "on_commit": self._on_commit})
+            consumer.subscribe(
+                list(self.settings.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+        except Exception as exc:
+            self._setup_error = exc
+            self._setup_done.set()
+            return
+        self._consumer = consumer
+        self.ready.set()
+        self._setup_done.set()
+        next_lag = 0.0
+        while not self._stop.is_set():
+            try:
+                self._serve_commit(consumer)
+                msg = consumer.poll(self.settings.poll_interval_s)
+                if msg is not None:
+                    self._handle(msg)
+                    # what is fetched already, in one call: every poll() hands the GIL back
+                    # and waits for it again, behind the processing thread
+                    for more in consumer.consume(_DRAIN, 0):
+                        self._handle(more)
+                if time.monotonic() >= next_lag:
+                    next_lag = time.monotonic() + 1.0
+                    self._update_lag(consumer)
+            except Exception as exc:  # keep receiving whatever one message did
+                self._count("consumer_errors")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("Kafka receive loop")
+        self._serve_commit(consumer)
+
+    def _handle(self, msg: Any) -> None:
+        err = msg.error()
+        if err is not None:
+            self._count("consumer_errors")
+            self.last_error = str(err)
+            logger.warning("Kafka consumer error: %s", err)
+            return
+        value = msg.value()
+        self._count("received")
+        self._count("bytes_received", len(value or b""))
+        try:
+            name, doc = decode_kafka_value(value)
+        except WireError as exc:
+            self._decode_error(exc.reason, str(exc), msg)
+            return
+        except Exception as exc:
+            self._decode_error("internal", f"{type(exc).__name__}: {exc}", msg)
+            return
+        self._count("decoded")
+        self._count(f"documents.{name}")
+        tp = (msg.topic(), msg.partition())
+        with self._lock:
+            gen = self._gen.get(tp, -1)
+        item = _Item(name, doc, tp, msg.offset(), gen)
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self.settings.poll_interval_s)
+                self._count("enqueued")
+                return
+            except queue.Full:
+                self._serve_commit(self._consumer)  # keep committing while we wait
+        self._count("dropped_on_close")
+
+    def _decode_error(self, reason: str, text: str, msg: Any) -> None:
+        self._count("decode_errors")
+        self._count(f"decode_errors.{reason}")
+        self.last_error = text
+        logger.warning(
+            "undecodable Kafka message %s[%s]@%s: %s",
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            text,
+        )
+
+    def _update_lag(self, consumer: Any) -> None:
+        from confluent_kafka import TopicPartition
+
+        with self._lock:
+            tps = list(self._gen)
+        lag: dict[TP, int] = {}
+        for topic, part in tps:
+            tp = TopicPartition(topic, part)
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high is None or high < 0:
+                continue
+            with self._lock:
+                done = self._processed.get((topic, part))
+            if done is None:
+                done = consumer.position([tp])[0].offset
+            lag[(topic, part)] = max(int(high) - max(int(done), 0), 0)
+        with self._lock:
+            self._lag = {tp: n for tp, n in lag.items() if tp in self._gen}
+
+    # ------------------------------------------------------------------ commits
+
+    def _commit_loop(self) -> None:
+        """Committer thread: snapshot, make durable, hand to the receive thread."""
+        while not self._stop.wait(self.settings.commit_interval_s):
+            try:
+                offsets = self.committable()
+                if not offsets:
+                    continue
+                with self._lock:
+                    gens = {tp: self._gen[tp] for tp in offsets if tp in self._gen}
+                if not self.durable(self.settings.flush_timeout_s):
+                    self._count("flush_timeouts")
+                    continue
+                with self._lock:
+                    self._pending = (offsets, gens)
+            except Exception:
+                logger.exception("Kafka commit step")
+
+    def _serve_commit(self, consumer: Any) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and consumer is not None:
+            self._commit(consumer, *pending, sync=False)
+
+    def _commit(
+        self, consumer: Any, offsets: dict[TP, int], gens: dict[TP, int], sync: bool = True
+    ) -> None:
+        """Commit the offsets of partitions still assigned in the same generation.
+
+        Asynchronous from the receive loop (a synchronous commit would stall receiving for a
+        broker round trip; the result comes to :meth:`_on_commit`), synchronous on revoke
+        and at the end, where the partitions are about to go.
+        """
+        from confluent_kafka import KafkaException, TopicPartition
+
+        with self._lock:
+            mine = {tp: o for tp, o in offsets.items() if self._gen.get(tp) == gens.get(tp)}
+        if not mine:
+            return
+        parts = [TopicPartition(t, p, o) for (t, p), o in mine.items()]
+        try:
+            result = consumer.commit(offsets=parts, asynchronous=not sync)
+        except KafkaException as exc:
+            self._commit_done(exc, [])
+            return
+        if sync:
+            self._commit_done(None, result or [])
+
+    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        """librdkafka's report of an asynchronous commit (called inside ``poll``)."""
+        self._commit_done(err, partitions)
+
+    def _commit_done(self, err: Any, partitions: list[Any]) -> None:
+        failed = err is not None or any(tp.error is not None for tp in partitions)
+        with self._lock:
+            self._counts["commit_failures" if failed else "commits"] += 1
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if tp.error is None and err is None and key in self._gen:
+                    self._committed[key] = max(self._committed.get(key, -1), tp.offset)
+        if failed:
+            bad = err if err is not None else next(tp.error for tp in partitions if tp.error)
+            self.last_error = f"commit: {bad}"
+            logger.warning("Kafka commit failed: %s", bad)
+
+    # ------------------------------------------------------------------ rebalance callbacks
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        with self._lock:
+            self._counts["rebalances"] += 1
+            self._counts["partitions_assigned"] += len(partitions)
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                self._next_gen += 1
+                self._gen[tp] = self._next_gen
+                for state in (self._taken, self._processed, self._open, self._committed):
+                    state.pop(tp, None)
+        if partitions:
+            logger.info(
+                "Kafka partitions assigned: %s", [f"{p.topic}[{p.partition}]" for p in partitions]
+            )
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            offsets = self.committable(tps)
+            if offsets:
+                with self._lock:
+                    gens = {tp: self._gen[tp] for tp in offsets if tp in self._gen}
+                if self.durable(self.settings.flush_timeout_s):
+                    self._commit(consumer, offsets, gens)
+                else:
+                    self._count("flush_timeouts")
+        self._hand_over(tps, "revoked", "partitions_revoked")
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        self._hand_over([(p.topic, p.partition) for p in partitions], "lost", "partitions_lost")
+
+    def _hand_over(self, tps: list[TP], how: str, counter: str) -> None:
+        group = self.settings.group_id
+        with self._lock:
+            self._counts[counter] += len(tps)
+            for tp in tps:
+                for uid in self._open.pop(tp, {}):
+                    reason = (
+                        f"{how}: partition {tp[0]}[{tp[1]}] moved to another member of group "
+                        f"{group!r}, which analyses this run from its start"
+                    )
+                    self._abandon.append((uid, reason))
+                    self._counts["runs_handed_over"] += 1
+                for state in (self._gen, self._taken, self._processed, self._committed, self._lag):
+                    state.pop(tp, None)
+        if tps:
+            logger.info("Kafka partitions %s: %s", how, [f"{t}[{p}]" for t, p in tps])
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + n
