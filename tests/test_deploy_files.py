@@ -26,6 +26,13 @@ def test_daemon_configs_in_deploy_are_valid() -> None:
     assert cfg.storage.directory == Path("/var/lib/xasflow/store")
     with pytest.raises(ConfigError, match="token"):
         load_config(DEPLOY / "xasflow.yaml", environ={})
+    kafka = load_config(
+        DEPLOY / "xasflow.yaml",
+        environ={**env, "XASFLOW__INPUT__KIND": "kafka", "XASFLOW__OUTPUT__KIND": "kafka"},
+    )
+    assert (kafka.input.kind, kafka.output.kind) == ("kafka", "kafka")
+    assert kafka.input.kafka.bootstrap_servers == "kafka:29092"
+    assert kafka.output.kafka.topic == "xasflow.analysis.documents"
 
     configmap = load_yaml(DEPLOY / "k8s" / "configmap.yaml")
     k8s = yaml.safe_load(configmap["data"]["xasflow.yaml"])
@@ -89,7 +96,7 @@ def test_dockerfile_and_dockerignore() -> None:
     the Dockerfile copies from the context is let through by .dockerignore."""
     text = (DEPLOY / "Dockerfile").read_text()
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
-    assert '"/src[daemon]"' in text and "COPY models /opt/xasflow/models" in text
+    assert '"/src[daemon,kafka]"' in text and "COPY models /opt/xasflow/models" in text
     assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
     ignore = (paths.REPO_ROOT / ".dockerignore").read_text().splitlines()
     allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
