@@ -17,7 +17,13 @@ import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
 from xasflow.models.results import TaskResult
-from xasflow.models.uncertainty import apply_temperature, intervals, prediction_sets
+from xasflow.models.uncertainty import (
+    apply_temperature,
+    combined_ood,
+    intervals,
+    prediction_sets,
+    spread_score,
+)
 
 _CN_OF_LABEL = re.compile(r"^CN(\d+)-")
 
@@ -172,6 +178,10 @@ def decode_batch(
     tasks = {name: decode_task(spec, raw, n) for name, spec in manifest.tasks.items()}
     make_consistent(tasks)
     ood = None
-    if manifest.ood is not None:
-        ood = np.asarray(raw[manifest.ood.file][manifest.ood.output], dtype=np.float64).reshape(n)
+    spec = manifest.ood
+    if spec is not None:
+        ood = np.asarray(raw[spec.file][spec.output], dtype=np.float64).reshape(n)
+        if spec.spread is not None and spec.recon_scale is not None:
+            spread = spread_score([raw[f][o] for f, o in spec.spread.outputs])
+            ood = combined_ood(ood, spec.recon_scale, spread, spec.spread.scale)
     return tasks, ood
