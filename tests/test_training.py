@@ -19,7 +19,7 @@ from synthetic_feff import write_tree
 from xasflow.cli import main
 from xasflow.models.bundle import BundleError, verify_bundle
 from xasflow.models.predictor import Predictor
-from xasflow.models.uncertainty import apply_temperature
+from xasflow.models.uncertainty import apply_temperature, combined_ood, spread_score
 from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
 from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
@@ -52,6 +52,7 @@ def small_config() -> TrainConfig:
         val_fraction=0.15,
         networks=("mlp", "cnn"),
         network_overrides={"mlp": {**small, "hidden": [32, 32]}, "cnn": small},
+        ood_spread=True,
     )
     return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
 
@@ -153,6 +154,18 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
     assert predictor.manifest.ood is not None
     _, scores = predictor.infer(x)
     assert scores is not None and np.mean(scores > predictor.manifest.ood.threshold) < 0.5
+    ood = predictor.manifest.ood
+    if trained.ood_spread is not None:  # CN serves a network: its spread joins the score
+        assert ood.spread is not None and ood.recon_scale is not None
+        assert ood.method == "recon+spread"
+        raw = predictor.run(x)
+        spread = spread_score([raw[f][o] for f, o in ood.spread.outputs])
+        expected = combined_ood(
+            raw[ood.file][ood.output], ood.recon_scale, spread, ood.spread.scale
+        )
+        np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    else:
+        assert ood.spread is None and trained.choices["cn"].members == ("extra_trees",)
     odd = np.linspace(0.2, 1.2, cfg.prep.n_points) * (1 + 0.8 * np.sin(cfg.prep.grid / 3.0))
     _, odd_score = predictor.infer(model_input(odd[None, :], cfg.features, cfg.prep))
     assert odd_score is not None and odd_score[0] > predictor.manifest.ood.threshold
