@@ -56,6 +56,10 @@ def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         val_fraction=0.15,
         networks=("mlp",),
         network_overrides={"mlp": small_mlp},
+        # the daemon tests tamper with the tree graphs: serve the best on validation, the
+        # forest on a tie (the latency-aware default would serve the MLP for every task)
+        serve_tolerance=0.0,
+        serve_costs={"extra_trees": 0.0},
     )
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
     return export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")

@@ -106,3 +106,14 @@ def test_manifest_spread_spec_is_checked_and_lists_its_graphs() -> None:
         OodSpec(file="ood.onnx", method="recon", threshold=1.0, recon_scale=0.1)
     stds = [np.array([[0.1, 0.2], [0.0, 0.0]]), np.array([[0.3, 0.0], [0.2, 0.2]])]
     np.testing.assert_allclose(U.spread_score(stds), [0.3, 0.2])
+
+
+def test_costs_can_be_overridden_for_ties() -> None:
+    bases, y = _bases({FOREST: 0.8, "mlp": 0.8})
+
+    def score(pred: np.ndarray) -> float:
+        return float(np.mean(pred.astype(int) == y))
+
+    args = ("cn", "classifier", CLASSES, bases, y, score, 0.1, "lac", 0.0)
+    assert choose_task(*args).members == ("mlp",)  # a tie goes to the cheaper graph
+    assert choose_task(*args, costs={FOREST: 0.0}).members == (FOREST,)

@@ -101,6 +101,8 @@ class TrainConfig(BaseModel):
     # do as well) whose validation score is within this fraction of the best one's; 0.02 is
     # 0.017 of Cu CN accuracy, about one standard error on its 454 validation rows
     serve_tolerance: float = Field(0.02, ge=0.0, lt=1.0)
+    # relative cost per base estimator, overriding ``training.select.COST`` entries
+    serve_costs: dict[str, float] = Field(default_factory=dict)
     # out-of-domain threshold: the validation quantile flagging at most this fraction
     ood_flag_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     # combine the reconstruction score with the served CN networks' spread (ood.spread). Off:

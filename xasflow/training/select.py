@@ -12,6 +12,7 @@ calibration is measured on data the models did not learn from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +137,11 @@ def network_outputs(members: np.ndarray, kind: str) -> BaseOutputs:
     return BaseOutputs(arr.mean(axis=0), arr.std(axis=0) if kind == "regressor" else None)
 
 
-def cost(members: tuple[str, ...]) -> float:
-    """Relative cost per spectrum of serving an average of ``members``."""
-    return sum(COST.get(m, COST[FOREST]) for m in members)
+def cost(members: tuple[str, ...], costs: Mapping[str, float] | None = None) -> float:
+    """Relative cost per spectrum of serving an average of ``members`` (``costs`` overrides
+    entries of ``COST``)."""
+    table = {**COST, **(costs or {})}
+    return sum(table.get(m, table[FOREST]) for m in members)
 
 
 def estimator_name(members: tuple[str, ...]) -> str:
@@ -163,6 +166,7 @@ def choose_task(
     alpha: float,
     set_method: str,
     tolerance: float = 0.0,
+    costs: Mapping[str, float] | None = None,
 ) -> Choice:
     """The cheapest candidate whose validation ``score(point_predictions)`` (higher is better)
     is within ``tolerance`` x |best| of the best; among equally cheap ones the better. Its doubt
@@ -171,7 +175,7 @@ def choose_task(
     scores = {name: float(score(point_of(kind, out, classes))) for name, (_, out) in cands.items()}
     top = max(scores.values())
     near = [n for n in cands if scores[n] >= top - tolerance * abs(top)]
-    best = min(near, key=lambda n: (cost(cands[n][0]), -scores[n]))
+    best = min(near, key=lambda n: (cost(cands[n][0], costs), -scores[n]))
     members, out = cands[best]
     choice = Choice(task, kind, estimator_name(members), members, best, selection=scores)
     if kind == "classifier":

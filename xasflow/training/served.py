@@ -193,6 +193,7 @@ def _serve_one(
         cfg.conformal_alpha,
         cfg.set_method,
         cfg.serve_tolerance,
+        cfg.serve_costs,
     )
     result.choices[name] = choice
     per: dict[str, dict[str, Any]] = {}
