@@ -98,8 +98,11 @@ class TaskArrays:
 
 def _mean_output(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray:
     """Members' outputs averaged, as float64 (n, width)."""
-    outs = [np.asarray(raw[m.file][m.output], dtype=np.float64) for m in spec.graph_members()]
-    return np.mean([o.reshape(n, -1) for o in outs], axis=0)
+    outs = [
+        np.asarray(raw[m.file][m.output], dtype=np.float64).reshape(n, -1)
+        for m in spec.graph_members()
+    ]
+    return outs[0] if len(outs) == 1 else np.mean(outs, axis=0)  # one member: no copy
 
 
 def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray | None:
@@ -109,7 +112,9 @@ def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np
         for m in spec.graph_members()
         if m.std_output
     ]
-    return np.mean(stds, axis=0) if stds else None
+    if not stds:
+        return None
+    return stds[0] if len(stds) == 1 else np.mean(stds, axis=0)
 
 
 def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> TaskArrays:
