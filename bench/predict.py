@@ -5,9 +5,11 @@ served bundle (``--bundle``, default the shipped ``models/cu-k``: whatever each 
 forest or networks, with calibration and the out-of-domain graph), and 64 prepared spectra in
 one call. As the baseline, in the same run on the same spectra, it fits the forests from the
 shared FEFF tree (label cache used when warm; recorded) and calls the scikit-learn estimators
-directly. Also times the forest-only ONNX bundle exported from that fit.
+directly. Also times the forest-only ONNX bundle exported from that fit. ``--compare B``
+times another bundle (e.g. the one being replaced) on the same spectra in the same loop, so
+the two served figures share the machine's conditions (``compare`` in the report).
 
-    .venv/bin/python bench/predict.py --json bench/results/predict.json
+    .venv/bin/python bench/predict.py --json bench/results/predict.json [--compare OLD_BUNDLE]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +45,7 @@ def main() -> int:
     ap.add_argument("--spectra", type=int, default=300, help="test spectra to time")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bundle", default=str(paths.REPO_ROOT / "models" / "cu-k"))
+    ap.add_argument("--compare", default=None, help="another bundle timed in the same loop")
     args = ap.parse_args()
 
     warm = label_cache_path(fingerprint_path(Path(args.data))).exists()
@@ -51,6 +55,7 @@ def main() -> int:
     cfg = TrainConfig(n_jobs=args.jobs, networks=())
     result = train(ds, cfg, log=lambda *_: None)
     served = Predictor(args.bundle)
+    other = Predictor(args.compare) if args.compare else None
     served_bytes = sum(p.stat().st_size for p in Path(args.bundle).iterdir())
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(result, Path(tmp) / "cu-k")
@@ -64,8 +69,10 @@ def main() -> int:
         for s in spectra[:20]:  # warm-up every path
             predictor.predict(s)
             served.predict(s)
+            if other is not None:
+                other.predict(s)
 
-        def sklearn_predict(s):  # type: ignore[no-untyped-def]
+        def sklearn_predict(s: Any) -> dict[str, Any]:
             p = prepare(s, cfg.prep)
             X = featurize(p.y, cfg.features, cfg.prep, matrix)
             out = {}
@@ -77,13 +84,18 @@ def main() -> int:
 
         for s in spectra[:5]:
             sklearn_predict(s)
-        onnx_t, skl_t, prep_t, served_t = [], [], [], []
+        onnx_t, skl_t, prep_t, served_t, other_t = [], [], [], [], []
         agree = 0
         for s in spectra:
             z = time.perf_counter()
             served.predict(s)
             a = time.perf_counter()
             served_t.append(a - z)
+            if other is not None:
+                o = time.perf_counter()
+                other.predict(s)
+                other_t.append(time.perf_counter() - o)
+                a = time.perf_counter()
             pred = predictor.predict(s)
             b = time.perf_counter()
             ref = sklearn_predict(s)
@@ -96,12 +108,17 @@ def main() -> int:
             cls = result.tasks["cn"].estimator.classes_
             agree += int(pred["cn"].value == cls[int(np.argmax(ref["cn"][0]))])
         prepared = [served.prepare(s) for s in spectra]
-        batch_t = []
-        for start in range(0, len(prepared) - 63, 64):
-            chunk = prepared[start : start + 64]
-            a = time.perf_counter()
-            served.predict_prepared(chunk)
-            batch_t.append(time.perf_counter() - a)
+        batch_t, other_batch_t = [], []
+        for _ in range(3):  # a few passes: the median of 4 batches is noisy on a shared machine
+            for start in range(0, len(prepared) - 63, 64):
+                chunk = prepared[start : start + 64]
+                a = time.perf_counter()
+                served.predict_prepared(chunk)
+                batch_t.append(time.perf_counter() - a)
+                if other is not None:
+                    a = time.perf_counter()
+                    other.predict_prepared(chunk)
+                    other_batch_t.append(time.perf_counter() - a)
 
     report = {
         "benchmark": "predict",
@@ -138,6 +155,15 @@ def main() -> int:
             "train_seconds": 600,
         },
     }
+    if other is not None:
+        report["compare"] = {
+            "bundle": other.bundle_id,
+            "served_estimators": {n: t.estimator for n, t in other.manifest.tasks.items()},
+            "onnx_p50_ms": _p(other_t, 50),
+            "onnx_p99_ms": _p(other_t, 99),
+            "onnx_batch64_ms": _p(other_batch_t, 50) if other_batch_t else None,
+            "speedup_p50": _p(skl_t, 50) / _p(other_t, 50),
+        }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -69,6 +69,10 @@ def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, element: str) -> Path
         val_fraction=0.15,
         networks=("mlp",),
         network_overrides={"mlp": small_mlp},
+        # the daemon tests tamper with the tree graphs: serve the best on validation, the
+        # forest on a tie (the latency-aware default would serve the MLP for every task)
+        serve_tolerance=0.0,
+        serve_costs={"extra_trees": 0.0},
     )
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
     out = base / "models" / f"{element.lower()}-k"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from synthetic_feff import write_tree
 from xasflow.cli import main
 from xasflow.models.bundle import BundleError, verify_bundle
 from xasflow.models.predictor import Predictor
-from xasflow.models.uncertainty import apply_temperature
+from xasflow.models.uncertainty import apply_temperature, combined_ood, spread_score
 from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
 from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
@@ -51,6 +52,7 @@ def small_config() -> TrainConfig:
         val_fraction=0.15,
         networks=("mlp", "cnn"),
         network_overrides={"mlp": {**small, "hidden": [32, 32]}, "cnn": small},
+        ood_spread=True,
     )
     return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
 
@@ -152,6 +154,18 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
     assert predictor.manifest.ood is not None
     _, scores = predictor.infer(x)
     assert scores is not None and np.mean(scores > predictor.manifest.ood.threshold) < 0.5
+    ood = predictor.manifest.ood
+    if trained.ood_spread is not None:  # CN serves a network: its spread joins the score
+        assert ood.spread is not None and ood.recon_scale is not None
+        assert ood.method == "recon+spread"
+        raw = predictor.run(x)
+        spread = spread_score([raw[f][o] for f, o in ood.spread.outputs])
+        expected = combined_ood(
+            raw[ood.file][ood.output], ood.recon_scale, spread, ood.spread.scale
+        )
+        np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    else:
+        assert ood.spread is None and trained.choices["cn"].members == ("extra_trees",)
     odd = np.linspace(0.2, 1.2, cfg.prep.n_points) * (1 + 0.8 * np.sin(cfg.prep.grid / 3.0))
     _, odd_score = predictor.infer(model_input(odd[None, :], cfg.features, cfg.prep))
     assert odd_score is not None and odd_score[0] > predictor.manifest.ood.threshold
@@ -178,16 +192,17 @@ def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore
 
 def test_tampered_or_partial_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(bundle, tmp_path / "copy"))
-    verify_bundle(copy)
-    data = bytearray((copy / "cn.onnx.gz").read_bytes())
+    # which graphs a task serves depends on the served choice; take two the manifest lists
+    first, second = sorted(verify_bundle(copy).files)[:2]
+    data = bytearray((copy / first).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (copy / "cn.onnx.gz").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"cn.onnx.gz does not match its manifest hash"):
+    (copy / first).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"{re.escape(first)} does not match its manifest hash"):
         Predictor(copy)
-    shutil.copy(bundle / "cn.onnx.gz", copy / "cn.onnx.gz")
+    shutil.copy(bundle / first, copy / first)
     verify_bundle(copy)
-    (copy / "distance.onnx.gz").unlink()
-    with pytest.raises(BundleError, match=r"missing file distance\.onnx\.gz \(partial bundle"):
+    (copy / second).unlink()
+    with pytest.raises(BundleError, match=rf"missing file {re.escape(second)} \(partial bundle"):
         verify_bundle(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match=r"no manifest\.json"):

@@ -9,7 +9,7 @@ both go through here, so the figures a bundle reports are those it serves.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -17,7 +17,13 @@ import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
 from xasflow.models.results import TaskResult
-from xasflow.models.uncertainty import apply_temperature, intervals, prediction_sets
+from xasflow.models.uncertainty import (
+    apply_temperature,
+    combined_ood,
+    intervals,
+    prediction_sets,
+    spread_score,
+)
 
 _CN_OF_LABEL = re.compile(r"^CN(\d+)-")
 
@@ -44,6 +50,11 @@ class TaskArrays:
     interval: np.ndarray | None = None
     std: np.ndarray | None = None
     lead: list[str | None] | None = None  # multi-output: label to rank first (consistency)
+    # the classifier rows as Python lists, built once on the first ``result`` call (after
+    # decoding): per-row numpy indexing cost ~50 us per task and row in a batch of 64
+    _rows: tuple[list[Any], list[str], list[list[float]], list[list[bool]] | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def point(self) -> np.ndarray:
         """The point prediction per row: class labels, values, or the (n, k) score matrix."""
@@ -55,14 +66,17 @@ class TaskArrays:
         """Row ``i`` as a :class:`TaskResult`."""
         spec = self.spec
         if self.index is not None and self.probabilities is not None:
-            classes = spec.classes or []
-            probs = self.probabilities[i]
+            if self._rows is None:
+                labels = [_plain(c) for c in spec.classes or []]
+                sets = self.sets.tolist() if self.sets is not None else None
+                self._rows = (labels, [str(c) for c in labels], self.probabilities.tolist(), sets)
+            labels, keys, probs, set_rows = self._rows
             chosen = None
-            if self.sets is not None:
-                chosen = [_plain(c) for c, keep in zip(classes, self.sets[i], strict=True) if keep]
+            if set_rows is not None:
+                chosen = [c for c, keep in zip(labels, set_rows[i], strict=True) if keep]
             return TaskResult(
-                value=_plain(classes[int(self.index[i])]),
-                probabilities={str(c): float(p) for c, p in zip(classes, probs, strict=True)},
+                value=labels[int(self.index[i])],
+                probabilities=dict(zip(keys, probs[i], strict=True)),
                 prediction_set=chosen,
             )
         if spec.kind == "regressor":
@@ -84,8 +98,11 @@ class TaskArrays:
 
 def _mean_output(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray:
     """Members' outputs averaged, as float64 (n, width)."""
-    outs = [np.asarray(raw[m.file][m.output], dtype=np.float64) for m in spec.graph_members()]
-    return np.mean([o.reshape(n, -1) for o in outs], axis=0)
+    outs = [
+        np.asarray(raw[m.file][m.output], dtype=np.float64).reshape(n, -1)
+        for m in spec.graph_members()
+    ]
+    return outs[0] if len(outs) == 1 else np.mean(outs, axis=0)  # one member: no copy
 
 
 def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray | None:
@@ -95,7 +112,9 @@ def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np
         for m in spec.graph_members()
         if m.std_output
     ]
-    return np.mean(stds, axis=0) if stds else None
+    if not stds:
+        return None
+    return stds[0] if len(stds) == 1 else np.mean(stds, axis=0)
 
 
 def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> TaskArrays:
@@ -172,6 +191,10 @@ def decode_batch(
     tasks = {name: decode_task(spec, raw, n) for name, spec in manifest.tasks.items()}
     make_consistent(tasks)
     ood = None
-    if manifest.ood is not None:
-        ood = np.asarray(raw[manifest.ood.file][manifest.ood.output], dtype=np.float64).reshape(n)
+    spec = manifest.ood
+    if spec is not None:
+        ood = np.asarray(raw[spec.file][spec.output], dtype=np.float64).reshape(n)
+        if spec.spread is not None and spec.recon_scale is not None:
+            spread = spread_score([raw[f][o] for f, o in spec.spread.outputs])
+            ood = combined_ood(ood, spec.recon_scale, spread, spec.spread.scale)
     return tasks, ood

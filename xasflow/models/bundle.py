@@ -67,8 +67,23 @@ class ConformalSpec(BaseModel):
     n_calibration: int = 0
 
 
+class SpreadSpec(BaseModel):
+    """Deep-ensemble disagreement as a second out-of-domain signal: per graph output, the
+    members' spread summed over its columns (e.g. ``cn_std``), averaged over the outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: list[tuple[str, str]] = Field(min_length=1, description="(graph file, output)")
+    scale: float = Field(gt=0, description="the spread that counts as 1 in the combined score")
+
+
 class OodSpec(BaseModel):
-    """The out-of-domain scorer: a graph from ``x`` to one score per spectrum, and its threshold."""
+    """The out-of-domain scorer: a graph from ``x`` to one score per spectrum, and its threshold.
+
+    With ``spread`` set the score is ``max(graph score / recon_scale, spread / spread.scale)``:
+    a spectrum is out of domain when its shape is unlike the training spectra or when the
+    network members disagree about it (``xasflow.models.uncertainty.combined_ood``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +92,21 @@ class OodSpec(BaseModel):
     method: str
     threshold: float = Field(description="scores above this are flagged out_of_domain")
     details: dict[str, Any] = Field(default_factory=dict)
+    recon_scale: float | None = Field(None, gt=0, description="divides the graph score")
+    spread: SpreadSpec | None = None
+
+    @model_validator(mode="after")
+    def _check_combined(self) -> OodSpec:
+        if (self.spread is None) != (self.recon_scale is None):
+            raise ValueError("ood.spread and ood.recon_scale go together")
+        return self
+
+    def files(self) -> set[str]:
+        """Every graph file the score reads."""
+        out = {self.file}
+        if self.spread is not None:
+            out |= {f for f, _ in self.spread.outputs}
+        return out
 
 
 class TaskSpec(BaseModel):
@@ -143,7 +173,7 @@ class Manifest(BaseModel):
         """Every ONNX graph the tasks and the out-of-domain scorer read."""
         needed = {m.file for task in self.tasks.values() for m in task.graph_members()}
         if self.ood is not None:
-            needed.add(self.ood.file)
+            needed |= self.ood.files()
         return needed
 
 

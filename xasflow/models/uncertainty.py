@@ -133,6 +133,25 @@ def interval_from_spec(
     return intervals(pred, q)
 
 
+def spread_score(stds: list[np.ndarray]) -> np.ndarray:
+    """Ensemble disagreement per row: each (n, k) or (n,) spread summed over its columns, then
+    averaged over the arrays (one per network graph)."""
+    if not stds:
+        raise ValueError("no spread outputs given")
+    rows = [np.asarray(s, dtype=np.float64).reshape(len(s), -1).sum(axis=1) for s in stds]
+    return np.mean(rows, axis=0)
+
+
+def combined_ood(
+    recon: np.ndarray, recon_scale: float, spread: np.ndarray, spread_scale: float
+) -> np.ndarray:
+    """One out-of-domain score from two signals, each in units of its own validation quantile:
+    the larger of the two, so either one alone can flag; non-finite rows score infinity."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.maximum(np.asarray(recon) / recon_scale, np.asarray(spread) / spread_scale)
+    return np.where(np.isfinite(score), score, np.inf)
+
+
 def ood_score(
     x: np.ndarray,
     mean: np.ndarray,

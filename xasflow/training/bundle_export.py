@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import xasflow
-from xasflow.models.bundle import Manifest, MemberSpec, OodSpec, TaskSpec, write_bundle
+from xasflow.models.bundle import (
+    Manifest,
+    MemberSpec,
+    OodSpec,
+    SpreadSpec,
+    TaskSpec,
+    write_bundle,
+)
 from xasflow.spectra import linear_matrix
 from xasflow.training import labels as L
 from xasflow.training.export import to_onnx
@@ -128,6 +135,16 @@ def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> P
             threshold=float(spec.pop("threshold")),
             details=spec,
         )
+        both = result.ood_spread
+        if both is not None and {f for f, _ in both.outputs} <= set(files):
+            ood = OodSpec(
+                file="ood.onnx",
+                method=f"{ood.method}+spread",
+                threshold=both.threshold,
+                details={**spec, "recon_threshold": ood.threshold, **both.stats},
+                recon_scale=both.recon_scale,
+                spread=SpreadSpec(outputs=both.outputs, scale=both.spread_scale),
+            )
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     manifest = Manifest(
         bundle_id=f"{ds.element.lower()}-{ds.edge.lower()}-{created:%Y%m%dT%H%M%SZ}-{ds.fingerprint[:8]}",

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
+from xasflow.training.nn_augment import BatchAugmenter, NetAugment
 from xasflow.training.nn_graph import (
     EnsembleModule,
     Member,
@@ -89,6 +90,9 @@ class NetConfig(BaseModel):
     # values up to ~700 exist); clipping inside the graph keeps such rows from wrecking training
     clip: tuple[float, float] = (-1.0, 5.0)
     z_clip: float = 8.0  # every standardised feature (scalars included) is clamped to +-z_clip
+    # per-batch augmentation of the training rows (shift, broadening, scale, noise), drawn
+    # afresh every epoch; needs the model grid (``fit_network_ensemble(grid=...)``)
+    augment: NetAugment = NetAugment()
 
 
 @dataclass
@@ -306,6 +310,7 @@ def _train_member(
     train_rows: np.ndarray,
     val_rows: np.ndarray,
     cfg: NetConfig,
+    augmenter: BatchAugmenter | None = None,
 ) -> tuple[Member, dict[str, Any]]:
     seed = cfg.seed + k
     torch.manual_seed(seed)
@@ -336,7 +341,8 @@ def _train_member(
         for chunk in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
             if len(chunk) < 2:
                 continue
-            out = net(x[chunk])
+            xb = x[chunk] if augmenter is None else augmenter(x[chunk], gen)
+            out = net(xb)
             batch_loss = sum(
                 _task_loss(specs[t].kind, out[t], enc[t], chunk, cfg.huber) for t in specs
             )
@@ -392,11 +398,13 @@ def fit_network_ensemble(
     val_rows: np.ndarray,
     config: NetConfig,
     log: Callable[[str], Any] = print,
+    grid: np.ndarray | None = None,
 ) -> NetworkEnsemble:
     """Train ``config.members`` multi-task networks on ``train_rows``, early-stopped on ``val_rows``.
 
     ``x`` is the bundle model input (n, width) for all rows; ``targets`` give per task the
     target and validity of every row. Rows without a valid target are masked out of the loss.
+    ``grid`` (energies of the spectrum columns of ``x``) is needed when ``config.augment`` is on.
     """
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] <= config.n_scalars + 2:
@@ -408,6 +416,11 @@ def fit_network_ensemble(
         raise ValueError("x has non-finite values in the training or validation rows")
     if not targets:
         raise ValueError("no tasks given")
+    augmenter = None
+    if config.augment.active:
+        if grid is None or np.size(grid) != x.shape[1] - config.n_scalars:
+            raise ValueError("augmentation needs the grid of the spectrum columns of x")
+        augmenter = BatchAugmenter(config.augment, grid, config.n_scalars)
     fit_rows = np.concatenate([train_rows, val_rows])
     specs = _task_specs(targets, fit_rows)
     enc = {t: _encode(t, targets[t], specs[t], train_rows) for t in specs}
@@ -420,7 +433,7 @@ def fit_network_ensemble(
     members, info = [], []
     try:
         for k in range(config.members):
-            member, mi = _train_member(k, xt, enc, specs, train_rows, val_rows, config)
+            member, mi = _train_member(k, xt, enc, specs, train_rows, val_rows, config, augmenter)
             members.append(member)
             info.append(mi)
             log(

@@ -156,6 +156,59 @@ class OodScorer:
         return model.SerializeToString()
 
 
+@dataclass(frozen=True)
+class SpreadOod:
+    """The reconstruction score combined with the networks' disagreement (``ood.spread``).
+
+    ``score = max(recon / recon_scale, spread / spread_scale)``, each scale its signal's own
+    validation quantile, and ``threshold`` the combined score's, so at most ``flag_fraction``
+    of validation is flagged in all (:func:`xasflow.models.uncertainty.combined_ood`).
+    """
+
+    outputs: list[
+        tuple[str, str]
+    ]  # (graph file, output) of the spread, e.g. ("mlp.onnx", "cn_std")
+    recon_scale: float
+    spread_scale: float
+    threshold: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, recon: np.ndarray, spread: np.ndarray) -> np.ndarray:
+        """The combined score from the reconstruction scores and the summed spreads."""
+        return U.combined_ood(recon, self.recon_scale, spread, self.spread_scale)
+
+
+def _quantile_threshold(scores: np.ndarray, flag_fraction: float) -> float:
+    """The (ceil((1-f) n))-th smallest score: at most a fraction f of ``scores`` lies above it."""
+    rank = max(1, math.ceil((1 - flag_fraction) * len(scores)))
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[rank - 1])
+
+
+def fit_spread_ood(
+    outputs: list[tuple[str, str]],
+    recon_val: np.ndarray,
+    spread_val: np.ndarray,
+    flag_fraction: float = 0.05,
+) -> SpreadOod:
+    """Scales and threshold of the combined score from in-domain validation rows."""
+    recon_val = np.asarray(recon_val, dtype=np.float64)
+    spread_val = np.asarray(spread_val, dtype=np.float64)
+    if len(recon_val) == 0 or recon_val.shape != spread_val.shape:
+        raise ValueError("recon_val and spread_val must be equally long and not empty")
+    if not 0 < flag_fraction < 1:
+        raise ValueError("flag_fraction must be in (0, 1)")
+    r_scale = max(_quantile_threshold(recon_val, flag_fraction), 1e-12)
+    s_scale = max(_quantile_threshold(spread_val, flag_fraction), 1e-12)
+    combined = U.combined_ood(recon_val, r_scale, spread_val, s_scale)
+    threshold = _quantile_threshold(combined, flag_fraction)
+    stats = {
+        "val_flagged_fraction": float(np.mean(combined > threshold)),
+        "val_flagged_by_spread": float(np.mean(spread_val / s_scale > threshold)),
+        "val_flagged_by_recon": float(np.mean(recon_val / r_scale > threshold)),
+    }
+    return SpreadOod(list(outputs), r_scale, s_scale, threshold, stats)
+
+
 def energy_window(grid: np.ndarray, lo_ev: float, hi_ev: float) -> tuple[int, int]:
     """Columns ``(start, stop)`` of the model grid lying within ``lo_ev..hi_ev`` (relative to E0)."""
     idx = np.flatnonzero((grid >= lo_ev - 1e-9) & (grid <= hi_ev + 1e-9))

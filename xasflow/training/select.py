@@ -1,7 +1,9 @@
 """Choose the served estimator per task on the validation split, then calibrate its doubt.
 
-Candidates are the forest, each deep ensemble of networks and the average of all of them.
-The one with the best validation score is served; its classifier probabilities get a
+Candidates are the forest, each deep ensemble of networks, the average of the networks and
+the average of all of them. Among those whose validation score is within a small tolerance of
+the best, the cheapest to run is served (see ``COST``), the better-scoring one on a tie; its
+classifier probabilities get a
 temperature (fitted on validation), and its validation residuals give split-conformal
 prediction sets (classifiers) or intervals (regressors) at the configured coverage. No
 estimator is fitted on the validation rows (the networks only stop early on them), so the
@@ -10,6 +12,7 @@ calibration is measured on data the models did not learn from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,13 @@ from xasflow.training import calibrate as C
 
 #: The estimators a task may average; "ensemble" is the average of every available one.
 FOREST = "extra_trees"
+#: The average of the network ensembles alone (no tree graph); served as estimator "ensemble".
+NETWORKS = "networks"
+#: Relative cost of each base's graph, for the latency-aware choice. Measured on the Cu bundle
+#: of stop 8 (onnxruntime, one thread, shared 2-core machine), per call of 1 / 64 spectra: one
+#: task's 100-tree graph 0.03 / 1.2-1.9 ms, the 5-MLP graph (every task) 0.19 / 2.4 ms, the
+#: 5-CNN graph 0.19 / 8.7 ms. The MLP graph also serves the regressors, so it counts least.
+COST = {FOREST: 1.5, "random_forest": 1.5, "mlp": 1.0, "cnn": 4.0}
 
 
 @dataclass
@@ -38,6 +48,7 @@ class Choice:
     kind: str
     estimator: str  # extra_trees | mlp | cnn | ensemble
     members: tuple[str, ...]
+    candidate: str = ""  # key in ``selection`` (e.g. "networks", served as "ensemble")
     selection: dict[str, float] = field(default_factory=dict)
     temperature: float | None = None
     conformal: ConformalSpec | None = None
@@ -52,10 +63,14 @@ def average(outputs: list[BaseOutputs]) -> BaseOutputs:
 
 
 def candidates(bases: dict[str, BaseOutputs]) -> dict[str, tuple[tuple[str, ...], BaseOutputs]]:
-    """Every base alone, plus the average of all of them when there are several."""
+    """Every base alone, the average of the networks (when there are several besides a forest)
+    and the average of all of them when there are several."""
     out: dict[str, tuple[tuple[str, ...], BaseOutputs]] = {
         name: ((name,), b) for name, b in bases.items()
     }
+    nets = {n: b for n, b in bases.items() if n != FOREST}
+    if len(nets) > 1 and len(nets) < len(bases):
+        out[NETWORKS] = (tuple(nets), average(list(nets.values())))
     if len(bases) > 1:
         out["ensemble"] = (tuple(bases), average(list(bases.values())))
     return out
@@ -122,6 +137,18 @@ def network_outputs(members: np.ndarray, kind: str) -> BaseOutputs:
     return BaseOutputs(arr.mean(axis=0), arr.std(axis=0) if kind == "regressor" else None)
 
 
+def cost(members: tuple[str, ...], costs: Mapping[str, float] | None = None) -> float:
+    """Relative cost per spectrum of serving an average of ``members`` (``costs`` overrides
+    entries of ``COST``)."""
+    table = {**COST, **(costs or {})}
+    return sum(table.get(m, table[FOREST]) for m in members)
+
+
+def estimator_name(members: tuple[str, ...]) -> str:
+    """The manifest's ``estimator`` for an average of ``members``."""
+    return members[0] if len(members) == 1 else "ensemble"
+
+
 def point_of(kind: str, out: BaseOutputs, classes: list[Any] | None) -> np.ndarray:
     """Point predictions: the most probable class, or the values."""
     if kind == "classifier":
@@ -138,14 +165,19 @@ def choose_task(
     score: Any,
     alpha: float,
     set_method: str,
+    tolerance: float = 0.0,
+    costs: Mapping[str, float] | None = None,
 ) -> Choice:
-    """The candidate with the best validation ``score(point_predictions)``; ties go to the
-    cheaper (fewer members) one. Its doubt is then calibrated on the same validation rows."""
+    """The cheapest candidate whose validation ``score(point_predictions)`` (higher is better)
+    is within ``tolerance`` x |best| of the best; among equally cheap ones the better. Its doubt
+    is then calibrated on the same validation rows."""
     cands = candidates(val)
     scores = {name: float(score(point_of(kind, out, classes))) for name, (_, out) in cands.items()}
-    best = max(cands, key=lambda n: (scores[n], -len(cands[n][0])))
+    top = max(scores.values())
+    near = [n for n in cands if scores[n] >= top - tolerance * abs(top)]
+    best = min(near, key=lambda n: (cost(cands[n][0], costs), -scores[n]))
     members, out = cands[best]
-    choice = Choice(task, kind, best, members, selection=scores)
+    choice = Choice(task, kind, estimator_name(members), members, best, selection=scores)
     if kind == "classifier":
         y_index = class_index(y_val, classes or [])
         choice.temperature, choice.conformal = calibrate_classifier(

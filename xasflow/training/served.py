@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from xasflow.models.uncertainty import spread_score
 from xasflow.spectra import featurize, linear_matrix, model_input
-from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood
+from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood, fit_spread_ood
 from xasflow.training.scoring import evaluate_task, primary_score, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -67,11 +68,18 @@ def fit_networks(result: Any, targets: Targets, x: np.ndarray, log: Any) -> dict
         overrides = {
             "seed": cfg.seed,
             "threads": cfg.network_threads,
+            "augment": cfg.network_augment,
             **cfg.network_overrides.get(arch, {}),
         }
         net_cfg = NetConfig(arch=arch, **overrides)
         nets[arch] = fit_network_ensemble(
-            x, net_targets, result.split["train"], result.split["val"], net_cfg, log=log
+            x,
+            net_targets,
+            result.split["train"],
+            result.split["val"],
+            net_cfg,
+            log=log,
+            grid=cfg.prep.grid,
         )
         result.timings[f"networks_{arch}"] = time.perf_counter() - t0
         log(f"{arch}: {net_cfg.members} members in {result.timings[f'networks_{arch}']:.0f} s")
@@ -94,7 +102,13 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
     # at least 20 training spectra per principal component, or the PCA fits its own noise
     # and flags every new spectrum (10 components for the Cu set; 2 for a tiny test set)
     k = int(min(DEFAULT_COMPONENTS, max(2, len(parts["train"]) // 20)))
-    result.ood = fit_ood(x[parts["train"]], x[parts["val"]], n_components=k, grid=cfg.prep.grid)
+    result.ood = fit_ood(
+        x[parts["train"]],
+        x[parts["val"]],
+        n_components=k,
+        grid=cfg.prep.grid,
+        flag_fraction=cfg.ood_flag_fraction,
+    )
     log(
         f"out of domain: {result.ood.method}, threshold {result.ood.threshold:.4g} "
         f"(flags {result.ood.stats['val_flagged_fraction']:.3f} of validation)"
@@ -103,6 +117,39 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
     members = {arch: ens.predict_members(x) for arch, ens in result.networks.items()}
     for name, fit in result.tasks.items():
         _serve_one(name, fit, result, targets[name], members, X, mean_curve, log)
+    if result.config.ood_spread:
+        result.ood_spread = _spread_ood(result, members, x, log)
+
+
+#: the task whose network spread joins the out-of-domain score (measured on the measured Cu
+#: references: the CN members disagree on Cu2S, which no shape score flags; bench/ood.py)
+SPREAD_TASK = "cn"
+
+
+def _spread_ood(
+    result: Any, members: dict[str, dict[str, np.ndarray]], x: np.ndarray, log: Any
+) -> Any:
+    """The reconstruction score combined with the spread of the networks the CN task serves
+    (None when it serves no network)."""
+    choice = result.choices.get(SPREAD_TASK)
+    nets = [m for m in (choice.members if choice is not None else ()) if m in members]
+    if not nets or result.ood is None:
+        return None
+    va, te = result.split["val"], result.split["test"]
+
+    def spread(rows: np.ndarray) -> np.ndarray:
+        return spread_score([members[a][SPREAD_TASK][:, rows].std(axis=0) for a in nets])
+
+    fitted = fit_spread_ood(
+        [(f"{a}.onnx", f"{SPREAD_TASK}_std") for a in nets],
+        result.ood.score(x[va]),
+        spread(va),
+        result.config.ood_flag_fraction,
+    )
+    test_flags = fitted.score(result.ood.score(x[te]), spread(te)) > fitted.threshold
+    fitted.stats["test_flagged_fraction"] = float(np.mean(test_flags))
+    log(f"out of domain with {SPREAD_TASK} spread of {nets}: {fitted.stats}")
+    return fitted
 
 
 def _serve_one(
@@ -137,7 +184,16 @@ def _serve_one(
         return primary_score(name, kind, evaluate_task(name, kind, expand(pred), y[va], y[tr]))
 
     choice = choose_task(
-        name, kind, fit.classes, bases(va), y[va], score, cfg.conformal_alpha, cfg.set_method
+        name,
+        kind,
+        fit.classes,
+        bases(va),
+        y[va],
+        score,
+        cfg.conformal_alpha,
+        cfg.set_method,
+        cfg.serve_tolerance,
+        cfg.serve_costs,
     )
     result.choices[name] = choice
     per: dict[str, dict[str, Any]] = {}
@@ -145,8 +201,8 @@ def _serve_one(
         pred = expand(point_of(kind, out, fit.classes))
         per[cand] = evaluate_task(name, kind, pred, y[te], y[tr])
     result.candidate_metrics[name] = {c: _numbers(m) for c, m in per.items()}
-    fit.metrics = per[choice.estimator]
-    log(f"{name}: serves {choice.estimator} (validation {choice.selection})")
+    fit.metrics = per[choice.candidate]
+    log(f"{name}: serves {choice.candidate} (validation {choice.selection})")
     if choice.estimator != FOREST:
         fit.region_importance = region_importance(
             name,
