@@ -313,7 +313,7 @@ def serving(h: Harness) -> list[tuple[str, str]]:
 
 def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
     """Tampered bundles deployed next to the serving one: each refused, never served."""
-    from xasflow.models.bundle import seal_bundle
+    from xasflow.models.bundle import read_manifest, seal_bundle
 
     future = "2999-01-01T00:00:00+00:00"  # would outrank the serving bundle
 
@@ -330,13 +330,12 @@ def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
             seal_bundle(p, force=True)
 
     outside = h.workdir / "outside"
+    graph = sorted(read_manifest(base).graph_files())[0]  # a graph the bundle serves
     cases: dict[str, Callable[[Path], None]] = {
-        "tamper_bytes": lambda p: flip(p / "cn.onnx.gz"),
+        "tamper_bytes": lambda p: flip(p / graph),
         "tamper_manifest": edit,
         "tamper_digest": lambda p: (p / "manifest.sha256").write_text("0" * 64 + "  manifest.json\n"),
-        "symlink_file": lambda p: (
-            (p / "cn.onnx.gz").unlink(), (p / "cn.onnx.gz").symlink_to(outside / "cn.onnx.gz")
-        ),
+        "symlink_file": lambda p: ((p / graph).unlink(), (p / graph).symlink_to(outside / graph)),
     }  # fmt: skip
     redeploy(base, outside, "outside", future)
     for name, spoil in cases.items():
