@@ -8,7 +8,11 @@ sleeps a fixed time before an assertion.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -42,12 +46,14 @@ __all__ = [
     "analysis_run_docs",
     "burst_docs",
     "daemon_config",
+    "daemon_health",
     "fly_scan",
     "free_port",
     "get",
     "publish",
     "raw_uids",
     "read_pv",
+    "serve_subprocess",
     "step_scan",
     "transmission",
     "wait_for",
@@ -400,3 +406,32 @@ def burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
         for i in range(n)
     ]
     return analysis_run_docs([("primary", r) for r in rows], uid, {"scan_kind": "fly"})
+
+
+def daemon_health(port: int) -> dict[str, Any] | None:
+    """A daemon's /health body when it is up and ready, else None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            return json.loads(resp.read()) if resp.status == 200 else None
+    except (OSError, ValueError):
+        return None
+
+
+def serve_subprocess(
+    conf: Path, port: int, log: Path, timeout: float = 90.0
+) -> subprocess.Popen[bytes]:
+    """``xasflow serve --config conf`` as a child process on ``port``; returns once ready."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xasflow.cli", "serve", "--config", str(conf)],
+            env={**os.environ, "XASFLOW__HTTP__PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return daemon_health(port) is not None
+
+    wait_for(ready, "the daemon to become ready", timeout=timeout)
+    return proc

@@ -10,12 +10,8 @@ seq_nums it already holds).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import urllib.request
 import uuid
@@ -30,7 +26,7 @@ pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed"
 pytest.importorskip("tiled")
 
 import msgpack
-from helpers import CU_K, fly_scan, free_port, wait_for
+from helpers import CU_K, daemon_health, fly_scan, free_port, serve_subprocess, wait_for
 from kafka_broker import Broker, BrokerUnavailable
 from synthetic_feff import model_mu
 
@@ -313,31 +309,6 @@ def _stored(store: Path, uid: str) -> bool:
         return False
 
 
-def _health(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
-            return json.loads(resp.read()) if resp.status == 200 else None
-    except (OSError, ValueError):
-        return None
-
-
-def _serve(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xasflow.cli", "serve", "--config", str(conf)],
-            env={**os.environ, "XASFLOW__HTTP__PORT": str(port)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        return _health(port) is not None
-
-    wait_for(ready, "the daemon to become ready", timeout=DEADLINE_S)
-    return proc
-
-
 def test_sigkill_mid_run_and_restart_store_holds_every_result_once(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -358,14 +329,14 @@ def test_sigkill_mid_run_and_restart_store_holds_every_result_once(
     producer = RawProducer(broker.bootstrap, topic)
     uid_b, docs_b = fly_scan(ENERGY, spectra(5, seed=3))
     uid_a, docs_a = fly_scan(ENERGY, spectra(30, seed=4))
-    procs = [_serve(conf, port := free_port(), tmp_path / "d1.log")]
+    procs = [serve_subprocess(conf, port := free_port(), tmp_path / "d1.log")]
     reader = TopicReader(broker.bootstrap, out_topic, partitions=2)
     try:
         producer.run(docs_b, partition=0)  # a finished run, then run A half-way, same partition
         producer.run(docs_a[:14], partition=0)
 
         def stored_some() -> bool:
-            h = _health(port) or {}
+            h = daemon_health(port) or {}
             return h.get("store", {}).get("acknowledged", 0) >= 10 and (
                 h["input"]["kafka"]["commits"] >= 1
             )
@@ -374,12 +345,12 @@ def test_sigkill_mid_run_and_restart_store_holds_every_result_once(
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
         producer.run(docs_a[14:], partition=0, key=uid_a)  # the rest of run A while no daemon runs
-        procs.append(_serve(conf, port := free_port(), tmp_path / "d2.log"))
+        procs.append(serve_subprocess(conf, port := free_port(), tmp_path / "d2.log"))
         stop = wait_for(lambda: reader.stops().get(uid_a), "run A's analysis stop", DEADLINE_S)
         assert stop["exit_status"] == "success" and stop["n_analysed"] == 30
         # the redelivered rows the first daemon had stored are skipped by seq_num
         wait_for(
-            lambda: (_health(port) or {}).get("store", {}).get("duplicates", 0) >= 4,
+            lambda: (daemon_health(port) or {}).get("store", {}).get("duplicates", 0) >= 4,
             "the store to skip the rows it already held",
         )
     finally:

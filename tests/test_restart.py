@@ -14,16 +14,12 @@ received of that run (whose descriptor it never saw) are counted ``unknown_descr
 
 from __future__ import annotations
 
-import json
-import os
 import selectors
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +33,7 @@ pytest.importorskip("tiled")
 
 from event_model import compose_run
 from helpers import Results as BusResults
-from helpers import free_port, wait_for
+from helpers import daemon_health, free_port, serve_subprocess, wait_for
 from synthetic_feff import model_mu
 
 from xasflow import paths
@@ -102,32 +98,6 @@ def _end(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def health(port: int) -> dict[str, Any] | None:
-    """The daemon's /health body when it is up and ready, else None."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
-            return json.loads(resp.read()) if resp.status == 200 else None
-    except (OSError, ValueError):
-        return None
-
-
-def start_daemon(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xasflow.cli", "serve", "--config", str(conf)],
-            env={**os.environ, "XASFLOW__HTTP__PORT": str(port)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        return health(port) is not None
-
-    wait_for(ready, "the daemon to become ready")
-    return proc
 
 
 def channels(seed: int) -> dict[str, np.ndarray]:
@@ -248,11 +218,11 @@ def test_sigkill_mid_run_loses_no_acknowledged_result_and_reports_the_gap(
     results = Results(out_address)
     scan = FlyScan(pub)
     try:
-        procs.append(start_daemon(conf, port, log))
+        procs.append(serve_subprocess(conf, port, log))
 
         def seen_by_both(token: str) -> bool:
             echo("start", {"uid": token, "time": time.time(), PROBE_KEY: token})
-            body = health(port) or {}
+            body = daemon_health(port) or {}
             return token in body.get("probes", {}).get("tokens", []) and token in results.probes
 
         warm_up(pub, seen_by_both)
@@ -260,7 +230,7 @@ def test_sigkill_mid_run_loses_no_acknowledged_result_and_reports_the_gap(
         # ---- stream, then SIGKILL once some results are acknowledged as stored
         scan.start()
         acked = wait_for(
-            lambda: (h := health(port)) and h["store"]["acknowledged"] >= 30 and h,
+            lambda: (h := daemon_health(port)) and h["store"]["acknowledged"] >= 30 and h,
             "30 acknowledged results",
         )["store"]["acknowledged"]
         procs[0].send_signal(signal.SIGKILL)
@@ -269,12 +239,12 @@ def test_sigkill_mid_run_loses_no_acknowledged_result_and_reports_the_gap(
         assert scan.is_alive() and acked <= len(published)
 
         # ---- restart on the same store while the scan goes on
-        procs.append(start_daemon(conf, port, log))
-        warm_up(pub, lambda t: t in (health(port) or {}).get("probes", {}).get("tokens", []))
+        procs.append(serve_subprocess(conf, port, log))
+        warm_up(pub, lambda t: t in (daemon_health(port) or {}).get("probes", {}).get("tokens", []))
         scan.finish()  # ``tail`` more events reach the new daemon, then the raw stop
         assert scan.done.wait(DEADLINE_S)
         stop = wait_for(lambda: results.run(scan.uid)["stop"], "the interrupted run's stop")
-        h2 = health(port)
+        h2 = daemon_health(port)
         assert h2 is not None
 
         # ---- the new daemon still analyses new runs
