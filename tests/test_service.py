@@ -102,6 +102,16 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
     assert defaults.output.address == "tcp://127.0.0.1:5577"
     assert defaults.storage.enabled and defaults.analysis.run_timeout_s == 60.0
     assert env_overrides({"XASFLOW__ANALYSIS__EDGE": "null"}) == {"analysis": {"edge": None}}
+    kafka_env = {
+        "XASFLOW__INPUT__KIND": "kafka",
+        "XASFLOW__INPUT__KAFKA__BOOTSTRAP_SERVERS": "broker:9092",
+        "XASFLOW__INPUT__KAFKA__GROUP_ID": "7",  # text, not the number 7
+    }
+    kafka = load_config(None, kafka_env)
+    assert (kafka.input.kind, kafka.input.kafka.bootstrap_servers) == ("kafka", "broker:9092")
+    assert kafka.input.kafka.group_id == "7" and kafka.input.kafka.session_timeout_ms == 6000
+    with pytest.raises(ConfigError, match="SECTION__SUB__KEY"):
+        env_overrides({"XASFLOW__INPUT__KAFKA__CONSUMER__X": "1"})
 
 
 def test_example_config_documents_the_defaults() -> None:

@@ -130,6 +130,9 @@ _TEXT_KEYS = frozenset(
     {
         "prefix",
         "address",
+        "bootstrap_servers",
+        "topic",
+        "group_id",
         "host",
         "element",
         "edge",
@@ -151,9 +154,10 @@ _NULLS = frozenset({"", "null", "none", "~"})
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """``{section: {key: value}}`` from ``XASFLOW__SECTION__KEY`` variables (lower-cased names).
+    """``{section: {key: value}}`` from ``XASFLOW__SECTION__KEY`` variables (lower-cased names);
+    ``XASFLOW__SECTION__SUB__KEY`` reaches one level down (``XASFLOW__INPUT__KAFKA__GROUP_ID``).
 
-    Prefixes, addresses, hosts, paths, element and edge are kept as text (element/edge
+    Prefixes, addresses, hosts, paths, topics, element and edge are kept as text (element/edge
     ``null`` or empty means unset).
     """
     environ = os.environ if environ is None else environ
@@ -162,19 +166,24 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
         if not name.upper().startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) not in (2, 3) or not all(parts):
             raise ConfigError(
-                f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY "
-                f"(e.g. {ENV_PREFIX}INPUT__ADDRESS)"
+                f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY or "
+                f"{ENV_PREFIX}SECTION__SUB__KEY (e.g. {ENV_PREFIX}INPUT__ADDRESS)"
             )
-        section, key = parts
+        key = parts[-1]
         if key in _TEXT_KEYS:
             value: Any = (
                 None if key in ("element", "edge") and text.strip().lower() in _NULLS else text
             )
         else:
             value = _scalar(text)
-        out.setdefault(section, {})[key] = value
+        target = out.setdefault(parts[0], {})
+        if len(parts) == 3:
+            target = target.setdefault(parts[1], {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment variable {name}: {parts[1]} is set as a value")
+        target[key] = value
     return out
 
 
@@ -248,8 +257,9 @@ def load_config(
         _resolve_paths(data, path.resolve().parent)
     overrides = env_overrides(environ)
     if overrides:
+        env = os.environ if environ is None else environ
         origin += " + environment " + ", ".join(
-            f"{ENV_PREFIX}{s.upper()}__{k.upper()}" for s, kv in overrides.items() for k in kv
+            sorted(n for n in env if n.upper().startswith(ENV_PREFIX))
         )
         for section in overrides:
             if section in data and not isinstance(data[section], dict):
