@@ -103,3 +103,29 @@ def test_one_writer_per_store_directory(tmp_path: Path) -> None:
         pytest.raises(StoreError, match="already open in this process"),
     ):
         AnalysisStore(tmp_path / "s")
+
+
+def test_a_table_prepared_at_the_raw_start_is_adopted_by_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xasflow.adapters.tiled_store as ts
+
+    attached: list[str] = []
+    real = ts.attach_run
+    monkeypatch.setattr(
+        ts, "attach_run", lambda root, run: (attached.append(run.raw_uid), real(root, run))
+    )
+    with AnalysisStore(tmp_path / "s") as store:
+        store.prepare_run("run-e", DESCRIPTOR)
+        store.prepare_run("run-e", DESCRIPTOR)  # twice (a redelivered start): made once
+        assert store.flush(timeout=30) and attached == ["run-e"]
+        # the run's table exists before its analysis starts; its start is not known yet
+        assert store.client()["run-e"].metadata["start"] is None
+        store.open_run("run-e", {"uid": "e-start"}, DESCRIPTOR)
+        acked = _fill(store, "run-e", [1, 2])
+        assert attached == ["run-e"] and sorted(acked) == [1, 2]  # adopted, not made again
+        store.close_run("run-e", {"uid": "e-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        meta, frame = read_analysis(store, "run-e")
+    assert meta["start"] == {"uid": "e-start"} and meta["stop"]["exit_status"] == "success"
+    assert list(frame["seq_num"]) == [1, 2]

@@ -8,14 +8,30 @@ Pure helpers over :class:`~xasflow.adapters.tiled_schema._Run`; the store's writ
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
-from xasflow.adapters.tiled_schema import SPEC, StoreError, _rows_to_table, _Run, _seq_key
+from xasflow.adapters.tiled_schema import (
+    _RETRY_DELAYS,
+    SPEC,
+    StoreError,
+    _rows_to_table,
+    _Run,
+    _seq_key,
+)
 
-__all__ = ["Pending", "attach_run", "salvage", "split_fresh"]
+__all__ = [
+    "Pending",
+    "acknowledge",
+    "append_pending",
+    "attach_run",
+    "salvage",
+    "split_fresh",
+    "with_retries",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +135,47 @@ def salvage(
     acks = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
     table = pa.concat_tables(tables) if tables else run.schema.empty_table()
     return table, len(fresh) - len(tables), acks
+
+
+def with_retries(action: Callable[[], Any], what: str) -> Any:
+    """``action()``, retried after each of the store's retry delays; the last failure raises."""
+    for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
+        try:
+            return action()
+        except Exception:
+            if delay is None:
+                raise
+            logger.warning("analysis store: %s failed (attempt %d), retrying", what, attempt + 1)
+            time.sleep(delay)
+    return None
+
+
+def append_pending(
+    run: _Run, pending: list[Pending]
+) -> tuple[int, int, int, list[Callable[[], None] | None]]:
+    """Append a run's pending rows in one transaction (duplicates skipped, rows that do not fit
+    dropped): rows stored, rows dropped, duplicates, and the callbacks to acknowledge.
+
+    Raises when the append itself fails (after the store's retries): nothing is acknowledged.
+    """
+    fresh, acks, seen, duplicates = split_fresh(run, pending)
+    bad = 0
+    if fresh:
+        try:
+            table = _rows_to_table(fresh, run.schema, run.array_columns)
+        except CONVERT_ERRORS:
+            table, bad, acks = salvage(run, pending, fresh, seen)
+        if table.num_rows:
+            with_retries(lambda: run.adapter.append_partition(0, table), f"append {run.raw_uid}")
+        run.stored_seq |= seen
+    return len(fresh) - bad, bad, duplicates, acks
+
+
+def acknowledge(acks: list[Callable[[], None] | None]) -> None:
+    """Call each row's acknowledgement; one that raises is logged, the rest still run."""
+    for callback in acks:
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                logger.exception("analysis store: on_stored callback raised")

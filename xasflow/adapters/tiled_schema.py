@@ -61,6 +61,7 @@ class _Run:
     stored_seq: set[int] = field(default_factory=set)
     pending: list[tuple[dict[str, Any], Callable[[], None] | None]] = field(default_factory=list)
     first_pending_at: float = 0.0
+    start_due: bool = False  # a prepared table: the start document is still to be written
 
 
 def _plain(obj: Any) -> Any:

@@ -51,11 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from xasflow.adapters.tiled_batch import CONVERT_ERRORS, attach_run, salvage, split_fresh
+from xasflow.adapters.tiled_batch import acknowledge, append_pending, attach_run, with_retries
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
 from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
-    _RETRY_DELAYS,
     CATALOG_FILE,
     DEFAULT_STREAM,
     LOCK_FILE,
@@ -63,7 +62,6 @@ from xasflow.adapters.tiled_schema import (
     StoreError,
     _ensure_catalog,
     _plain,
-    _rows_to_table,
     _Run,
     _serve,
     schema_for_descriptor,
@@ -72,6 +70,9 @@ from xasflow.adapters.tiled_schema import (
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
 logger = logging.getLogger(__name__)
+
+#: Tables made ahead of their run that are kept ready (older ones are forgotten, not deleted).
+_MAX_PREPARED = 64
 
 
 class AnalysisStore:
@@ -109,6 +110,7 @@ class AnalysisStore:
         self._closed = False
         self._counts = {"stored": 0, "batches": 0, "errors": 0, "dropped": 0, "duplicates": 0}
         self._runs: dict[str, _Run] = {}  # writer thread only
+        self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
         self._reader: Any = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -151,22 +153,29 @@ class AnalysisStore:
         stream = descriptor.get("name") or DEFAULT_STREAM
         if not isinstance(stream, str) or not _KEY_NAME.match(stream):
             raise ValueError(f"descriptor name {stream!r} is not usable as a tiled key")
-        metadata = _plain(
-            {
-                "start": dict(start_doc),
-                "descriptor": {
-                    "uid": descriptor.get("uid"),
-                    "name": stream,
-                    "data_keys": descriptor["data_keys"],
-                },
-                "stop": None,
-            }
-        )
-        run = _Run(raw_uid, stream, schema, arrays, metadata)
+        run = _Run(raw_uid, stream, schema, arrays, _metadata(start_doc, descriptor, stream))
         with self._cond:
             self._check_open()
             self._columns[raw_uid] = frozenset(schema.names)
             self._items.append(("open", run))
+            self._cond.notify()
+
+    def prepare_run(self, raw_uid: str, descriptor: dict) -> None:
+        """Create the run's container and table now, before its analysis starts (best effort).
+
+        A beamline usually moves for a while between a raw run's start and its first spectrum;
+        made then, the table is ready when the first result comes, which then waits only for
+        its row's transaction. :meth:`open_run` later adopts it and writes the start document
+        after the first rows. Nothing happens if the run is open or prepared already.
+        """
+        if not isinstance(raw_uid, str) or not _KEY_NAME.match(raw_uid):
+            raise ValueError(f"raw_uid {raw_uid!r} is not usable as a tiled key")
+        schema, arrays = schema_for_descriptor(descriptor)
+        stream = descriptor.get("name") or DEFAULT_STREAM
+        run = _Run(raw_uid, stream, schema, arrays, _metadata(None, descriptor, stream))
+        with self._cond:
+            self._check_open()
+            self._items.append(("prepare", run))
             self._cond.notify()
 
     def add_event(
@@ -340,6 +349,9 @@ class AnalysisStore:
                 logger.exception("analysis store: %s failed", item[0])
                 self._count("errors")
         self._commit_due(force=stop)
+        for run in list(self._runs.values()):
+            if run.start_due:  # after the first rows: they were what results waited for
+                self._write_start(run)
         return stop
 
     def _next_deadline(self) -> float | None:
@@ -361,6 +373,8 @@ class AnalysisStore:
                 self._commit(run)
         elif kind == "open":
             self._open(item[1])
+        elif kind == "prepare":
+            self._prepare(item[1])
         elif kind == "close":
             self._close(item[1], item[2])
         elif kind == "finish":
@@ -386,13 +400,36 @@ class AnalysisStore:
             self._commit(previous)
             if previous.schema.equals(run.schema) and previous.stream == run.stream:
                 return  # already open here: nothing to do
+        ready = self._prepared.pop(run.raw_uid, None)
+        if ready is not None and ready.schema.equals(run.schema) and ready.stream == run.stream:
+            run.adapter, run.node, run.stored_seq = ready.adapter, ready.node, ready.stored_seq
+            run.start_due = True
+            self._runs[run.raw_uid] = run
+            return
         self._runs[run.raw_uid] = run
         try:
-            self._with_retries(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
+            with_retries(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
         except Exception:
             run.failed = True
             self._count("errors")
             logger.exception("analysis store: cannot open run %s", run.raw_uid)
+
+    def _prepare(self, run: _Run) -> None:
+        if run.raw_uid in self._runs or run.raw_uid in self._prepared:
+            return
+        try:
+            with_retries(lambda: attach_run(self._root, run), f"prepare {run.raw_uid}")
+        except Exception:
+            logger.exception("analysis store: cannot prepare run %s", run.raw_uid)
+            return  # open_run will try again
+        self._prepared[run.raw_uid] = run
+        while len(self._prepared) > _MAX_PREPARED:  # runs that never started analysis
+            self._prepared.pop(next(iter(self._prepared)))
+
+    def _write_start(self, run: _Run) -> None:
+        run.start_due = False
+        meta = {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
+        with_retries(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
 
     def _close(self, raw_uid: str, stop_doc: dict) -> None:
         run = self._runs.pop(raw_uid, None)
@@ -401,7 +438,9 @@ class AnalysisStore:
             logger.error("analysis store: close of run %s that did not open", raw_uid)
             return
         self._commit(run)
-        self._with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
+        if run.start_due:
+            self._write_start(run)
+        with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
 
     def _finish(self, raw_uid: str, stop_doc: dict) -> None:
         if raw_uid in self._runs or raw_uid not in self._root:
@@ -409,7 +448,7 @@ class AnalysisStore:
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
         node = self._root[raw_uid]
-        self._with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
+        with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -422,48 +461,19 @@ class AnalysisStore:
         pending, run.pending = run.pending, []
         if not pending:
             return
-        fresh, acks, seen, duplicates = split_fresh(run, pending)
-        bad = 0
-        if fresh:
-            try:
-                table = _rows_to_table(fresh, run.schema, run.array_columns)
-            except CONVERT_ERRORS:
-                table, bad, acks = salvage(run, pending, fresh, seen)
-            try:
-                if table.num_rows:
-                    self._with_retries(
-                        lambda: run.adapter.append_partition(0, table), f"append {run.raw_uid}"
-                    )
-            except Exception:
-                logger.exception("analysis store: lost a batch of %d rows", len(fresh))
-                self._finish_rows(len(pending), errors=1)
-                return
-            run.stored_seq |= seen
+        try:
+            stored, bad, duplicates, acks = append_pending(run, pending)
+        except Exception:
+            logger.exception("analysis store: lost a batch of %d rows", len(pending))
+            self._finish_rows(len(pending), errors=1)
+            return
         with self._cond:
             self._backlog -= len(pending)
-            self._counts["stored"] += len(fresh) - bad
-            self._counts["batches"] += 1 if len(fresh) > bad else 0
+            self._counts["stored"] += stored
+            self._counts["batches"] += 1 if stored else 0
             self._counts["duplicates"] += duplicates
             self._counts["errors"] += bad
-        for callback in acks:
-            if callback is not None:
-                try:
-                    callback()
-                except Exception:
-                    logger.exception("analysis store: on_stored callback raised")
-
-    def _with_retries(self, action: Callable[[], Any], what: str) -> Any:
-        for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
-            try:
-                return action()
-            except Exception:
-                if delay is None:
-                    raise
-                logger.warning(
-                    "analysis store: %s failed (attempt %d), retrying", what, attempt + 1
-                )
-                time.sleep(delay)
-        return None
+        acknowledge(acks)
 
     def _finish_rows(self, n: int, errors: int) -> None:
         with self._cond:
@@ -473,3 +483,12 @@ class AnalysisStore:
     def _count(self, name: str) -> None:
         with self._cond:
             self._counts[name] += 1
+
+
+def _metadata(start: dict | None, descriptor: dict, stream: str) -> dict[str, Any]:
+    """A run container's metadata: its analysis start (None while prepared ahead), the
+    descriptor's uid, stream and data keys, and no stop yet."""
+    desc = {"uid": descriptor.get("uid"), "name": stream, "data_keys": descriptor["data_keys"]}
+    return _plain(
+        {"start": None if start is None else dict(start), "descriptor": desc, "stop": None}
+    )

@@ -113,6 +113,8 @@ class Processor:
         self.sinks: list[Sink] = []
         #: Called after each turn: every document taken so far went to the sinks.
         self.on_processed: Callable[[], None] | None = None
+        #: Told of every raw run start (not probes), e.g. to make its analysis table ahead.
+        self.on_raw_start: Callable[[dict[str, Any]], None] | None = None
         #: Called after each turn: runs to close now, ``[(raw uid, reason)]``.
         self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
         self.internal_errors = 0
@@ -174,6 +176,11 @@ class Processor:
                 continue  # a warm-up probe run: remembered for /health, never analysed
             if name == "start" and self.interrupted and isinstance(doc, dict):
                 self.interrupted.resume(doc.get("uid"))  # redelivered from its start
+            if name == "start" and self.on_raw_start is not None and isinstance(doc, dict):
+                try:
+                    self.on_raw_start(doc)
+                except Exception:  # only an optimisation: the run opens without it
+                    logger.exception("preparing the analysis of run %r failed", doc.get("uid"))
             run_start = doc.get("run_start") if name == "stop" and isinstance(doc, dict) else None
             if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
                 self._close_interrupted(run_start, raw_stop=doc)

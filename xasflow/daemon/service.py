@@ -48,6 +48,7 @@ from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.bus import make_publisher, make_source, output_address
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
 from xasflow.daemon.health import feedback_health, input_health, limits_health
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
@@ -216,6 +217,15 @@ class Daemon:
             on_tick=self.sync_stats,
         )
         proc.store_sink = self._writer
+        store = self.store
+        if store is not None:  # the analysis table made at the raw start, not the first result
+            table = {"name": ANALYSIS_STREAM, "data_keys": DATA_KEYS}
+
+            def prepare(doc: dict[str, Any]) -> None:
+                if isinstance(doc.get("uid"), str):  # a start without one is rejected later
+                    store.prepare_run(doc["uid"], table)
+
+            proc.on_raw_start = prepare
         if self.config.input.kind == "kafka":  # the commit rule's hooks
             proc.on_processed = self.source.mark_processed
             proc.abandoned = self.source.abandoned
