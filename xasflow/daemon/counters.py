@@ -285,6 +285,17 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
+def _by_label(
+    family: Any, name: str, help_text: str, labels: list[str], values: Mapping[Any, float]
+) -> Any:
+    """A metric family ``xasflow_<name>`` with one sample per key of ``values`` (a label value,
+    or a tuple of them), in key order."""
+    fam = family(f"xasflow_{name}", help_text, labels=labels)
+    for key, n in sorted(values.items()):
+        fam.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return fam
+
+
 class _Collector:
     """prometheus_client custom collector reading a ``Counters`` at scrape time."""
 
@@ -324,50 +335,37 @@ class _Collector:
             "Analysed spectra outside the bundle's training domain (answers not to trust)",
             value=ood,
         )
-        lost_fam = CounterMetricFamily(
-            "xasflow_events_lost", "Raw events that never reached the analysis", labels=["cause"]
+        count = CounterMetricFamily
+        yield _by_label(
+            count, "events_lost", "Raw events that never reached the analysis", ["cause"], lost
         )
-        for cause, n in sorted(lost.items()):
-            lost_fam.add_metric([cause], n)
-        yield lost_fam
-        fam = CounterMetricFamily(
-            "xasflow_spectra_rejected",
+        yield _by_label(
+            count,
+            "spectra_rejected",
             "Spectra or documents rejected, by stage and reason",
-            labels=["stage", "reason"],
+            ["stage", "reason"],
+            rejected,
         )
-        for (stage, reason), n in sorted(rejected.items()):
-            fam.add_metric([stage, reason], n)
-        yield fam
-        fam = CounterMetricFamily(
-            "xasflow_decode_errors", "Wire messages that could not be decoded", labels=["reason"]
+        yield _by_label(
+            count, "decode_errors", "Wire messages that could not be decoded", ["reason"], decode
         )
-        for reason, n in sorted(decode.items()):
-            fam.add_metric([reason], n)
-        yield fam
         yield CounterMetricFamily("xasflow_runs_opened", "Raw runs opened", value=opened)
-        fam = CounterMetricFamily(
-            "xasflow_runs_closed", "Raw runs closed, by exit status", labels=["exit_status"]
+        yield _by_label(
+            count, "runs_closed", "Raw runs closed, by exit status", ["exit_status"], closed
         )
-        for status, n in sorted(closed.items()):
-            fam.add_metric([status], n)
-        yield fam
         yield CounterMetricFamily(
             "xasflow_model_swaps", "Serving model bundles replaced by new ones", value=swaps
         )
-        fam = CounterMetricFamily(
-            "xasflow_model_refused",
+        yield _by_label(
+            count,
+            "model_refused",
             "Model bundles refused (failed verification), by reason",
-            labels=["reason"],
+            ["reason"],
+            refused,
         )
-        for reason, n in sorted(refused.items()):
-            fam.add_metric([reason], n)
-        yield fam
-        fam = CounterMetricFamily(
-            "xasflow_limit_refused", "Requests refused by an operator limit", labels=["limit"]
+        yield _by_label(
+            count, "limit_refused", "Requests refused by an operator limit", ["limit"], over_limit
         )
-        for limit, n in sorted(over_limit.items()):
-            fam.add_metric([limit], n)
-        yield fam
         info = GaugeMetricFamily(
             "xasflow_model_info",
             "Model bundle serving each element and edge",
@@ -398,14 +396,13 @@ class _Collector:
         }
         for name in KAFKA_COUNTERS:
             yield CounterMetricFamily(f"xasflow_kafka_{name}", helps[name], value=kafka[name])
-        lag = GaugeMetricFamily(
-            "xasflow_kafka_consumer_lag",
+        yield _by_label(
+            GaugeMetricFamily,
+            "kafka_consumer_lag",
             "Messages on the broker not yet processed by this daemon, per assigned partition",
-            labels=["topic", "partition"],
+            ["topic", "partition"],
+            kafka_lag,
         )
-        for (topic, part), n in sorted(kafka_lag.items()):
-            lag.add_metric([topic, part], n)
-        yield lag
 
 
 def register_prometheus(counters: Counters, registry: Any = None) -> Any:
