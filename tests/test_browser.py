@@ -130,8 +130,15 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert page.locator("#models-table td").first.text_content()
         shading = page.locator("#task-buttons button")
         assert shading.count() >= 2
+        task = shading.nth(1).get_attribute("data-task")
         shading.nth(1).click()  # shade the regions that matter for one task
-        assert "active" in (shading.nth(1).get_attribute("class") or "")
+        page.wait_for_function(  # the buttons may be redrawn by a state arriving meanwhile
+            "t => { const b = document.querySelector(`#task-buttons button[data-task='${t}']`);"
+            " return b !== null && b.classList.contains('active'); }",
+            arg=task,
+            timeout=TIMEOUT_MS,
+        )
+        assert page.evaluate("window.xasflow.shading") == task
         messages_before = page.evaluate("window.xasflow.messages")
 
         # a quick-XAS run arrives: the page follows it and plots predictions over time

@@ -207,11 +207,18 @@
       tasks.forEach((t) => {
         const b = el("button", null, t);
         b.dataset.task = t;
-        b.addEventListener("click", () => { app.shading = t; schedule(); });
+        b.addEventListener("click", () => {
+          app.shading = t;
+          markShading(box);  // the pressed button shows at once, the plots on the next frame
+          schedule();
+        });
         box.appendChild(b);
       });
     }
     if (!tasks.includes(app.shading)) app.shading = "all";
+    markShading(box);
+  }
+  function markShading(box) {
     Array.from(box.children).forEach((b) => b.classList.toggle("active", b.dataset.task === app.shading));
   }
 
