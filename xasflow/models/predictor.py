@@ -89,13 +89,15 @@ class Predictor:
         y = np.vstack([p.y for p in prepared])
         tasks, ood = self.infer(model_input(y, m.features, m.prep))
         threshold = m.ood.threshold if m.ood is not None else None
+        rows = {name: arrays.results() for name, arrays in tasks.items()}
+        scores = ood.tolist() if ood is not None else None
         out: list[Prediction] = []
         for i, prep in enumerate(prepared):
-            results = {name: arrays.result(i) for name, arrays in tasks.items()}
+            results = {name: task_rows[i] for name, task_rows in rows.items()}
             flags = []
             if prep.extrapolated > 0:
                 flags.append(f"extrapolated_{prep.extrapolated:.1f}eV")
-            score = None if ood is None else float(ood[i])
+            score = None if scores is None else scores[i]
             if score is not None and threshold is not None and not score <= threshold:
                 flags.append(OUT_OF_DOMAIN)  # NaN scores are out of domain too
             out.append(
