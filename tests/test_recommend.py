@@ -4,6 +4,7 @@ stream, and the bluesky-adaptive optimizer driving measurements."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -20,11 +21,14 @@ from helpers import raw_uids
 
 from xasflow.daemon.recommend import (
     RECOMMENDATION_KEYS,
+    Recommendation,
     Recommender,
     RecommenderConfig,
+    Region,
     e0_ambiguity,
     estimate_noise,
     finest_step,
+    k_pieces,
     parse_recommendation_row,
     recommendation_row,
     region_shares,
@@ -166,7 +170,8 @@ def test_prior_recommendation_layout_is_deterministic() -> None:
     # contiguous cover of the model window plus the prior margin, nothing beyond it
     margin = RecommenderConfig().prior_e0_margin
     assert by["pre-edge"].start == pytest.approx(tab - 3.5 - margin)
-    assert by["beyond"].stop == pytest.approx(tab + 116.5 + margin)
+    beyond = pieces(rec_a, "beyond")
+    assert beyond[-1].stop == pytest.approx(tab + 116.5 + margin)
     energies = rec_a.energies()
     assert energies[0] == pytest.approx(tab - 150.0)
     assert energies[-1] == pytest.approx(tab + 116.5 + margin)
@@ -177,6 +182,41 @@ def test_prior_recommendation_layout_is_deterministic() -> None:
         e = r.energies()
         assert e[0] == r.start and e[-1] == pytest.approx(r.stop)
         assert np.allclose(np.diff(e), r.step, atol=1e-5)
+
+
+def pieces(rec: Recommendation, name: str) -> list[Region]:
+    """The pieces a model region was cut into, in energy order."""
+    return sorted(
+        (r for r in rec.regions if r.name == name or r.name.startswith(f"{name} (")),
+        key=lambda r: r.start,
+    )
+
+
+def test_regions_far_above_the_edge_are_cut_where_k_steps_grow() -> None:
+    cfg = RecommenderConfig()
+    # below the fine-step floor (10.25 eV for 0.5 eV and 0.04/A) a region stays whole
+    assert k_pieces(-15.0, 10.0, cfg) == [(-15.0, 10.0)]
+    cut = k_pieces(41.5, 128.0, cfg)
+    assert cut[0][0] == 41.5 and cut[-1][1] == 128.0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(cut))  # contiguous
+    assert [round(b / a, 4) for a, b in cut[:-1]] == [round(cfg.piece_growth**2, 4)] * (
+        len(cut) - 1
+    )
+    assert k_pieces(41.5, 128.0, cfg.model_copy(update={"piece_growth": 1.0})) == [(41.5, 128.0)]
+    # the recommended pieces: one importance, coarser steps further out, same dwell
+    rec = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE))
+    beyond = pieces(rec, "beyond")
+    assert [r.name for r in beyond] == ["beyond", "beyond (2/3)", "beyond (3/3)"]
+    steps = [r.step for r in beyond]
+    assert steps == sorted(steps) and steps[-1] > cfg.piece_growth * steps[0]
+    assert len({(r.importance, r.dwell) for r in beyond}) == 1
+    w = beyond[0].importance
+    for r in beyond:
+        lo = r.start - rec.e0
+        assert r.step <= finest_step(lo, cfg) * cfg.coarse_factor ** (1 - w) + 1e-6
+    # fewer points than one grid at the step of the region's start, same span
+    one = finest_step(41.5, cfg) * cfg.coarse_factor ** (1 - w)
+    assert sum(r.n_points - 1 for r in beyond) < (beyond[-1].stop - beyond[0].start) / one
 
 
 def test_steps_follow_importance_and_k_space() -> None:

@@ -20,7 +20,10 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    the result is scaled so the most important region has importance 1.
 2. **Steps and dwell.** The finest useful step of a region starting ``lo`` eV above E0 is
    ``max(fine_step, 2 * 3.81 * k(lo) * k_step)`` with ``k = sqrt(lo / 3.81)`` (constant steps in
-   photoelectron wavenumber: features broaden away from the edge). A region of importance
+   photoelectron wavenumber: features broaden away from the edge); a region above the edge
+   is cut into pieces where that step has grown by ``piece_growth`` (``beyond``,
+   ``beyond (2/4)``, ...), each on its own grid, so far above the edge it is measured as
+   coarsely as its features allow, not at the step of its start. A region of importance
    ``w`` gets that step times ``coarse_factor ** (1 - w)`` (finer where it matters) and the
    dwell ``dwell * (dwell_floor + (1 - dwell_floor) * w)``; while the answer is uncertain
    (cn uncertainty above ``uncertain_above``) regions with ``w >= 0.5`` get
@@ -90,6 +93,7 @@ __all__ = [
     "cn_uncertainty",
     "e0_ambiguity",
     "estimate_noise",
+    "k_pieces",
     "parse_recommendation_row",
     "recommendation_docs",
     "recommendation_row",
@@ -189,9 +193,6 @@ class Recommender:
             if i == len(names) - 1:
                 hi = max(hi, prep.window_stop) + margin
             w = weights[name]
-            step = finest_step(lo, cfg) * cfg.coarse_factor ** (1.0 - w)
-            if lo < cfg.edge_window[1] and hi > cfg.edge_window[0]:
-                step = min(step, cfg.edge_max_step)
             dwell = cfg.dwell * (cfg.dwell_floor + (1.0 - cfg.dwell_floor) * w)
             why = f"importance {w:.2f}"
             if drivers[name]:
@@ -199,7 +200,13 @@ class Recommender:
             if unsure and w >= 0.5:
                 dwell *= cfg.uncertain_dwell_factor
                 why += f"; answer uncertain ({u_cn:.2f}): longer dwell"
-            regions.append(_region(name, e0 + lo, e0 + hi, step, dwell, why, w))
+            pieces = k_pieces(lo, hi, cfg)
+            for k, (a, b) in enumerate(pieces):
+                step = finest_step(a, cfg) * cfg.coarse_factor ** (1.0 - w)
+                if a < cfg.edge_window[1] and b > cfg.edge_window[0]:
+                    step = min(step, cfg.edge_max_step)
+                label = name if k == 0 else f"{name} ({k + 1}/{len(pieces)})"
+                regions.append(_region(label, e0 + a, e0 + b, step, dwell, why, w))
         first = min(r.start for r in regions) - e0
         pre_lo, pre_hi = prep.pre_edge
         support: list[Region] = []
@@ -334,6 +341,29 @@ def finest_step(rel: float, config: RecommenderConfig) -> float:
         return config.fine_step
     k = math.sqrt(rel / _EV_PER_K2)
     return max(config.fine_step, 2.0 * _EV_PER_K2 * k * config.k_step)
+
+
+def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[float, float]]:
+    """``lo..hi`` (eV above E0) cut where the finest step has grown by ``piece_growth``.
+
+    Above the fine-step floor the finest step grows as sqrt(E - E0) (constant steps in k),
+    so a piece ends where E - E0 has grown by ``piece_growth ** 2``: far above the edge a
+    region is measured on the coarser grid its features allow, not at the step of its start.
+    """
+    g2 = config.piece_growth**2
+    floor = math.inf
+    if config.k_step > 0:
+        floor = _EV_PER_K2 * (config.fine_step / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
+    pieces: list[tuple[float, float]] = []
+    a = lo
+    while g2 > 1.0:
+        b = floor if a < floor else a * g2  # the fine-step floor is one piece
+        if b >= hi or hi - b < 0.5 * (b - a):  # a short tail joins the piece before it
+            break
+        pieces.append((a, b))
+        a = b
+    pieces.append((a, hi))
+    return pieces
 
 
 def _region(

@@ -32,6 +32,12 @@ class RecommenderConfig(BaseModel):
     fine_step: float = Field(0.5, gt=0, description="eV, finest step anywhere")
     k_step: float = Field(0.04, ge=0, description="1/angstrom, finest step in k far above the edge")
     coarse_factor: float = Field(4.0, ge=1, description="step multiplier where w = 0")
+    piece_growth: float = Field(
+        1.2,
+        ge=1,
+        description="a region above the edge is cut where its finest step grows by this factor"
+        " (steps follow k); 1 keeps each region one uniform grid",
+    )
     edge_max_step: float = Field(0.5, gt=0, description="eV, largest step inside edge_window")
     edge_window: tuple[float, float] = Field(
         (-5.0, 10.0), description="eV relative to E0 where E0 is found; kept fine"
