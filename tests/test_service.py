@@ -432,6 +432,10 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert float(lines["xasflow_latency_seconds_count"]) == snap["latency"]["count"]
     assert float(lines['xasflow_input_dropped_total{cause="overflow"}']) == 0.0
     assert float(lines['xasflow_store_rows_total{outcome="stored"}']) >= 1
+    for cause in ("publish_error", "held_at_close", "delivery_failure"):
+        assert float(lines[f'xasflow_output_dropped_total{{cause="{cause}"}}']) == 0.0
+    assert float(lines["xasflow_output_released_unstored_total"]) == 0.0
+    assert float(lines["xasflow_output_held"]) >= 0.0
     assert float(lines["xasflow_up"]) == 1.0
     # every decode error and rejection the counters hold is exported with its labels
     for reason, n in snap["decode_errors"].items():
@@ -743,6 +747,29 @@ def test_after_store_publishes_nothing_the_store_does_not_hold(
         assert out["after_store.released_unstored"] == 0 and out["after_store.held"] == 0
     finally:
         h.close()
+
+
+def test_output_losses_are_exported_by_cause() -> None:
+    """What the commit gate and a Kafka producer could not publish reaches /metrics."""
+    from xasflow.daemon.http import _output_losses
+
+    stats = {
+        "after_store.publish_errors": 2,
+        "after_store.dropped_on_close": 5,
+        "after_store.released_unstored": 7,
+        "after_store.held": 3,
+        "delivery_failures": 1,
+    }
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in _output_losses(stats)
+        for s in family.samples
+    }
+    assert samples[("xasflow_output_dropped_total", (("cause", "publish_error"),))] == 2
+    assert samples[("xasflow_output_dropped_total", (("cause", "held_at_close"),))] == 5
+    assert samples[("xasflow_output_dropped_total", (("cause", "delivery_failure"),))] == 1
+    assert samples[("xasflow_output_released_unstored_total", ())] == 7
+    assert samples[("xasflow_output_held", ())] == 3
 
 
 def test_commit_gate_holds_documents_until_their_rows_commit() -> None:

@@ -106,6 +106,7 @@ class AdapterCollector:
             "bytes of analysis documents published",
             value=out.get("bytes_sent", 0),
         )
+        yield from _output_losses(out)
         store = d.store_stats()
         if store:
             fam = CounterMetricFamily(
@@ -122,6 +123,30 @@ class AdapterCollector:
             )
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
+
+
+def _output_losses(out: dict[str, int]) -> Iterator[Any]:
+    """What did not go out as it should: documents dropped by cause, published before their
+    rows were stored, and held for the store now (publish-after-store, ``output.after_store``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    fam = CounterMetricFamily(
+        "xasflow_output_dropped", "analysis documents never published, by cause", labels=["cause"]
+    )
+    fam.add_metric(["publish_error"], out.get("after_store.publish_errors", 0))
+    fam.add_metric(["held_at_close"], out.get("after_store.dropped_on_close", 0))
+    fam.add_metric(["delivery_failure"], out.get("delivery_failures", 0))  # Kafka's reports
+    yield fam
+    yield CounterMetricFamily(
+        "xasflow_output_released_unstored",
+        "analysis documents published before the store acknowledged their rows",
+        value=out.get("after_store.released_unstored", 0),
+    )
+    yield GaugeMetricFamily(
+        "xasflow_output_held",
+        "analysis documents waiting for the store before they are published",
+        value=out.get("after_store.held", 0),
+    )
 
 
 def metrics_registry(view: DaemonView) -> Any:
