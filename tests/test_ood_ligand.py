@@ -12,6 +12,7 @@ import pytest
 
 from xasflow import paths
 from xasflow.models import uncertainty as U
+from xasflow.spectra import model_input
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, fit_ligand_ood, fit_whiteline
 
@@ -170,3 +171,35 @@ def test_shipped_bundle_upgrade_flags_cu2s_and_cucl_not_oxides(
     demos = {d.name: predictor.predict(d.to_spectrum()) for d in load_demo_spectra()}
     assert demos["CuCl"].out_of_domain
     assert not any(demos[n].out_of_domain for n in ("CuO", "Cu2O", "CuAl2O4"))
+
+
+def test_training_with_ood_ligand_serves_it(
+    tiny_cu_bundle: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """``TrainConfig(ood_ligand=True)``: the exported OOD graph is the combined score, equal to
+    the fitted scorer's numpy formula, with the manifest recording its components."""
+    from xasflow.models.bundle import read_manifest
+    from xasflow.models.predictor import Predictor
+    from xasflow.training.bundle_export import export_bundle
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, train
+
+    monkeypatch.setenv("XASFLOW_CACHE", str(tiny_cu_bundle.parent.parent / "cache"))
+    source = read_manifest(tiny_cu_bundle).training["source"]
+    ds = build_feff_dataset(source, "Cu", n_jobs=1, progress=False)
+    cfg = TrainConfig(
+        n_estimators=8, n_jobs=1, test_fraction=0.3, val_fraction=0.15, networks=(), ood_ligand=True
+    )
+    trained = train(ds, cfg, log=lambda *_: None)
+    assert trained.ood_ligand is not None and trained.ood_spread is None
+    out = export_bundle(trained, tmp_path / "cu-k")
+    predictor = Predictor(out)
+    ood = predictor.manifest.ood
+    assert (
+        ood is not None and ood.method == METHOD and ood.threshold == trained.ood_ligand.threshold
+    )
+    assert set(ood.details["components"]) == {"recon", "whiteline", "postedge"}
+    xs = model_input(trained.gridded.y, cfg.features, cfg.prep)
+    _, scores = predictor.infer(xs)
+    assert scores is not None
+    np.testing.assert_allclose(scores, trained.ood_ligand.score(xs), rtol=1e-3, atol=1e-3)
