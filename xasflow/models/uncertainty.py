@@ -192,3 +192,38 @@ def ood_score(
             r = c - z @ components
             score = score + residual_weight * np.sum(r * r, axis=1)
     return np.where(np.isfinite(score), score, np.inf)
+
+
+def whiteline_deficit(
+    x: np.ndarray, peak: tuple[int, int], level: tuple[int, int], center: float
+) -> np.ndarray:
+    """How much weaker each row's main peak is than the training spectra's typical one.
+
+    ``center - max(x[:, peak]) / mean(x[:, level])``: the highest value near the edge over the
+    post-edge level (so an edge-step error does not move it), below the training median
+    ``center``. Oxides have strong white lines; sulfides, chlorides and metals weak ones.
+    Rows that cannot be scored (NaN, zero level) score infinity.
+    """
+    xs = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    need = max(peak[1], level[1])
+    if xs.ndim != 2 or xs.shape[1] < need:
+        raise ValueError(f"x must be (n, >= {need}), got shape {np.shape(x)}")
+    if not (0 <= peak[0] < peak[1] and 0 <= level[0] < level[1]):
+        raise ValueError(f"empty column range: peak {peak}, level {level}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = xs[:, peak[0] : peak[1]].max(axis=1) / xs[:, level[0] : level[1]].mean(axis=1)
+        score = center - ratio
+    return np.where(np.isfinite(score), score, np.inf)
+
+
+def max_scaled(scores: list[np.ndarray], scales: list[float]) -> np.ndarray:
+    """The largest of several scores, each divided by its own scale (so any one alone can
+    flag); a row with any non-finite score scores infinity."""
+    if not scores or len(scores) != len(scales):
+        raise ValueError("give one scale per score, and at least one score")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stacked = np.stack(
+            [np.asarray(s, dtype=np.float64) / c for s, c in zip(scores, scales, strict=True)]
+        )
+    bad = ~np.isfinite(stacked).all(axis=0)
+    return np.where(bad, np.inf, stacked.max(axis=0))

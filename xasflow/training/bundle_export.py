@@ -135,8 +135,17 @@ def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> P
             threshold=float(spec.pop("threshold")),
             details=spec,
         )
+        ligand = result.ood_ligand
+        if ligand is not None:  # one graph: shape, white line and post-edge (ood_ligand)
+            files["ood.onnx"] = ligand.to_onnx(cfg.prep.n_points + cfg.features.n_scalars())
+            ood = OodSpec(
+                file="ood.onnx",
+                method=ligand.method,
+                threshold=ligand.threshold,
+                details=ligand.spec(),
+            )
         both = result.ood_spread
-        if both is not None and {f for f, _ in both.outputs} <= set(files):
+        if ligand is None and both is not None and {f for f, _ in both.outputs} <= set(files):
             ood = OodSpec(
                 file="ood.onnx",
                 method=f"{ood.method}+spread",

@@ -109,6 +109,10 @@ class TrainConfig(BaseModel):
     # on the measured Cu references the augmented MLP ensemble disagrees as much on CuO as on
     # Cu2S, so it flagged neither without flagging CuO, and took the test flag rate past 5 %
     ood_spread: bool = False
+    # add a white-line deficit and a post-edge PCA to the reconstruction score (one graph,
+    # training.ood_ligand): flags measured Cu2S and FEFF10 CuCl, not measured CuO or azurite
+    # (bench/ood_ligand.py). Replaces ood_spread when both are set
+    ood_ligand: bool = False
     # split-conformal sets (classifiers) and intervals (regressors) at 1 - alpha coverage
     conformal_alpha: float = 0.1
     set_method: Literal["lac", "aps"] = "lac"
@@ -218,6 +222,7 @@ class TrainResult:
     candidate_metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     ood: Any = None  # the fitted out-of-domain scorer
     ood_spread: Any = None  # ood.SpreadOod: the scorer combined with the networks' spread
+    ood_ligand: Any = None  # ood_ligand.LigandOod: shape, white line and post-edge combined
 
 
 def train(

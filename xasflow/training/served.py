@@ -17,6 +17,7 @@ import numpy as np
 from xasflow.models.uncertainty import spread_score
 from xasflow.spectra import featurize, linear_matrix, model_input
 from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood, fit_spread_ood
+from xasflow.training.ood_ligand import fit_ligand_ood
 from xasflow.training.scoring import evaluate_task, primary_score, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -117,8 +118,21 @@ def serve_tasks(result: Any, targets: Targets, mean_curve: np.ndarray, log: Any 
     members = {arch: ens.predict_members(x) for arch, ens in result.networks.items()}
     for name, fit in result.tasks.items():
         _serve_one(name, fit, result, targets[name], members, X, mean_curve, log)
-    if result.config.ood_spread:
+    if result.config.ood_ligand:
+        result.ood_ligand = _ligand_ood(result, x, log)
+    elif result.config.ood_spread:
         result.ood_spread = _spread_ood(result, members, x, log)
+
+
+def _ligand_ood(result: Any, x: np.ndarray, log: Any) -> Any:
+    """The reconstruction score with the white-line and post-edge components joined."""
+    parts, cfg = result.split, result.config
+    fitted = fit_ligand_ood(
+        x[parts["train"]], x[parts["val"]], cfg.prep.grid, result.ood, cfg.ood_flag_fraction
+    )
+    fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(x[parts["test"]])))
+    log(f"out of domain, {fitted.method}: threshold {fitted.threshold:.4g}, {fitted.stats}")
+    return fitted
 
 
 #: the task whose network spread joins the out-of-domain score (measured on the measured Cu

@@ -1,0 +1,135 @@
+"""Give an existing bundle the ligand-aware out-of-domain score and re-seal it.
+
+Rebuilds the bundle's training data and split from its manifest (the dataset fingerprint
+must match), refits its reconstruction score with the recorded parameters (its threshold
+must come out as recorded, or the data differ and nothing is written), fits
+:func:`xasflow.training.ood_ligand.fit_ligand_ood`, replaces ``ood.onnx`` with the combined
+graph and writes the bundle back atomically with a fresh ``files`` table and
+``manifest.sha256`` (and ``manifest.sig`` when given a key). The trained models are untouched.
+
+    python -m xasflow.training.ood_upgrade models/cu-k
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xasflow.models.bundle import Manifest, OodSpec, verify_bundle, write_bundle
+from xasflow.models.integrity import SIGNATURE
+from xasflow.spectra import model_input
+from xasflow.training.dataset import build_feff_dataset, grid_dataset
+from xasflow.training.ood import fit_ood
+from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
+from xasflow.training.split import split_rows
+
+
+def _recon_spec(manifest: Manifest) -> dict[str, Any]:
+    """The recorded parameters of the bundle's reconstruction score (also once upgraded)."""
+    ood = manifest.ood
+    if ood is None:
+        raise ValueError(f"{manifest.bundle_id} has no out-of-domain score to extend")
+    if ood.spread is not None:
+        raise ValueError(f"{manifest.bundle_id}: a score combined with the network spread")
+    if ood.method == METHOD:
+        return dict(ood.details["components"]["recon"])
+    return {**ood.details, "method": ood.method, "threshold": ood.threshold}
+
+
+def fit_for_bundle(
+    manifest: Manifest, data: str | Path | None = None, log: Callable[[str], None] = print
+) -> tuple[LigandOod, dict[str, np.ndarray]]:
+    """The ligand-aware score for ``manifest``'s training data, and that data's model inputs
+    by split (``train``, ``val``, ``test``)."""
+    recon = _recon_spec(manifest)
+    t = manifest.training
+    source = Path(data if data is not None else t["source"])
+    ds = build_feff_dataset(source, manifest.element, progress=False)
+    if t.get("fingerprint") and ds.fingerprint != t["fingerprint"]:
+        raise ValueError(
+            f"{source}: dataset fingerprint {ds.fingerprint[:12]} is not the bundle's "
+            f"{str(t['fingerprint'])[:12]}"
+        )
+    g = grid_dataset(ds, manifest.prep)
+    sub = ds.subset(g.rows)
+    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
+    x = model_input(g.y, manifest.features, manifest.prep)
+    xs = {k: x[parts[k]] for k in ("train", "val", "test")}
+    norm = recon.get("norm_columns")
+    base = fit_ood(
+        xs["train"],
+        xs["val"],
+        str(recon["method"]),
+        int(recon["n_components"]),
+        tuple(recon["window_columns"]),
+        bool(recon["normalise"]),
+        float(recon["flag_fraction"]),
+        tuple(norm) if norm else None,
+    )
+    if not math.isclose(base.threshold, float(recon["threshold"]), rel_tol=1e-5):
+        raise ValueError(
+            f"refitted reconstruction threshold {base.threshold:.6g} is not the bundle's "
+            f"{float(recon['threshold']):.6g}: not the data or code the bundle was made with"
+        )
+    fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, base.flag_fraction)
+    fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
+    log(f"{METHOD}: threshold {fitted.threshold:.4g}, scales {fitted.scales}, {fitted.stats}")
+    return fitted, xs
+
+
+def upgrade_bundle(
+    bundle: str | Path,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    signing_key: str | bytes | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle)
+    if (bundle / SIGNATURE).exists() and signing_key is None:
+        raise ValueError(f"{bundle} is signed: pass the signing key, or the upgrade unsigns it")
+    assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
+    fitted, _ = fit_for_bundle(manifest, data, log)
+    files = {name: (bundle / name).read_bytes() for name in manifest.files}
+    files[manifest.ood.file] = fitted.to_onnx(manifest.input_width, manifest.input_name)
+    details = {
+        **fitted.spec(),
+        "upgraded": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+    }
+    ood = OodSpec(
+        file=manifest.ood.file,
+        output="ood_score",
+        method=fitted.method,
+        threshold=fitted.threshold,
+        details=details,
+    )
+    return write_bundle(
+        bundle if out is None else out,
+        manifest.model_copy(update={"ood": ood}),
+        files,
+        signing_key=signing_key,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: upgrade one bundle directory."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", help="bundle directory")
+    ap.add_argument("--out", help="write here instead of replacing the bundle")
+    ap.add_argument("--data", help="training data (default: the manifest's training.source)")
+    ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
+    args = ap.parse_args(argv)
+    path = upgrade_bundle(args.bundle, args.out, args.data, args.signing_key)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
