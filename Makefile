@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python bench/recommend.py --json bench/results/recommend.json
 	$(BIN)/python bench/kafka.py --json bench/results/kafka.json
 	$(BIN)/python bench/faults.py --json bench/results/faults.json
+	$(BIN)/python bench/ood_ligand.py --json bench/results/ood-ligand.json
 
 # A Kafka-protocol broker (Tansu, fetched once into .cache/kafka-broker) on 127.0.0.1:9092.
 kafka-broker: setup

@@ -123,7 +123,9 @@ def test_upgrade_reseals_a_bundle(tiny_cu_bundle: Path, tmp_path: Path, monkeypa
     shutil.copytree(tiny_cu_bundle, src)
     before = verify_bundle(src)
     assert before.ood is not None
-    out = upgrade_bundle(src, tmp_path / "up", log=lambda _: None)
+    with pytest.raises(ValueError, match="too few"):  # 5 validation rows cannot flag 5 %
+        upgrade_bundle(src, tmp_path / "up", log=lambda _: None)
+    out = upgrade_bundle(src, tmp_path / "up", log=lambda _: None, flag_fraction=0.25)
     after = verify_bundle(out)
     assert after.ood is not None and after.ood.method == METHOD
     assert after.ood.details["components"]["recon"]["threshold"] == before.ood.threshold
@@ -131,16 +133,18 @@ def test_upgrade_reseals_a_bundle(tiny_cu_bundle: Path, tmp_path: Path, monkeypa
         if name != after.ood.file:
             assert (out / name).read_bytes() == (src / name).read_bytes()
     assert after.files[after.ood.file] != before.files[before.ood.file]
-    again = verify_bundle(upgrade_bundle(out, tmp_path / "again", log=lambda _: None))
+    again = verify_bundle(
+        upgrade_bundle(out, tmp_path / "again", log=lambda _: None, flag_fraction=0.25)
+    )
     assert again.ood is not None and np.isclose(again.ood.threshold, after.ood.threshold)
     x = np.vstack([np.hstack([GRID * 0 + 1.0, [1.0, 1.0]])] * 2).astype(np.float32)
     raw = Predictor(out).run(x)[after.ood.file]
     assert set(raw) >= {"ood_score", "ood_recon", "ood_whiteline", "ood_postedge"}
     (out / "manifest.sig").write_text("{}")
     with pytest.raises(ValueError, match="signed"):
-        upgrade_bundle(out, tmp_path / "x", log=lambda _: None)
+        upgrade_bundle(out, tmp_path / "x", log=lambda _: None, flag_fraction=0.25)
     with pytest.raises(DatasetError, match="no Cu sites"):
-        upgrade_bundle(src, tmp_path / "y", data=tmp_path, log=lambda _: None)
+        upgrade_bundle(src, tmp_path / "y", data=tmp_path, log=lambda _: None, flag_fraction=0.25)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -187,8 +191,14 @@ def test_training_with_ood_ligand_serves_it(
     monkeypatch.setenv("XASFLOW_CACHE", str(tiny_cu_bundle.parent.parent / "cache"))
     source = read_manifest(tiny_cu_bundle).training["source"]
     ds = build_feff_dataset(source, "Cu", n_jobs=1, progress=False)
-    cfg = TrainConfig(
-        n_estimators=8, n_jobs=1, test_fraction=0.3, val_fraction=0.15, networks=(), ood_ligand=True
+    cfg = TrainConfig(  # 25 %: the conformal rank needs only 3 of the tiny validation rows
+        n_estimators=8,
+        n_jobs=1,
+        test_fraction=0.3,
+        val_fraction=0.15,
+        networks=(),
+        ood_ligand=True,
+        ood_flag_fraction=0.25,
     )
     trained = train(ds, cfg, log=lambda *_: None)
     assert trained.ood_ligand is not None and trained.ood_spread is None

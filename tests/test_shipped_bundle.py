@@ -44,6 +44,16 @@ def test_demo_octahedral_spinel_and_linear_sites() -> None:
     assert str(cu2o["environment"].value).startswith("CN2-")
 
 
+def test_demo_chloride_is_out_of_domain_and_the_oxides_are_not() -> None:
+    """The FEFF10 CuCl (a chloride; its Cu+ valence is answered 2) carries the flag, so the
+    wrong valence is never shown as an answer; the four oxides carry none."""
+    from xasflow.sim.beamline import demo_spectra
+
+    predictor = Predictor(BUNDLE)
+    flagged = {s.meta["name"]: predictor.predict(s).out_of_domain for s in demo_spectra()}
+    assert flagged == {"CuCl": True, "CuO": False, "Cu2O": False, "CuAl2O4": False, "Cu_MgO": False}
+
+
 def _measured(xdi_library: Path, name: str):  # type: ignore[no-untyped-def]
     from xasflow.adapters.columns import read_spectrum_file
 
@@ -87,6 +97,7 @@ def test_measured_azurite_is_four_coordinate_cu2(xdi_library: Path) -> None:
         ("cu_metal_rt.xdi", True),
         ("cu_metal_10K.xdi", True),
         ("CuS_covellite_13K_01.xdi", True),
+        ("Cu2S_13K_01.xdi", True),
         ("CuO_tenorite_13K_01.xdi", False),
         ("Cu_azurite_13K_01.xdi", False),
     ],
@@ -94,8 +105,8 @@ def test_measured_azurite_is_four_coordinate_cu2(xdi_library: Path) -> None:
 def test_measured_metal_and_sulfide_are_out_of_domain_oxides_are_not(
     xdi_library: Path, name: str, flagged: bool
 ) -> None:
-    """The bundle is trained on oxides: measured Cu metal and covellite are flagged, and
-    measured Cu oxides are not (Cu2S is not flagged yet: see the issue 9 note)."""
+    """The bundle is trained on oxides: measured Cu metal, covellite and chalcocite are
+    flagged (a weak white line or an unfamiliar post-edge), measured Cu oxides are not."""
     pred = _measured(xdi_library, name)
     assert pred.out_of_domain is flagged
     assert pred.ood_score is not None

@@ -112,7 +112,7 @@ class TrainConfig(BaseModel):
     # add a white-line deficit and a post-edge PCA to the reconstruction score (one graph,
     # training.ood_ligand): flags measured Cu2S and FEFF10 CuCl, not measured CuO or azurite
     # (bench/ood_ligand.py). Replaces ood_spread when both are set
-    ood_ligand: bool = False
+    ood_ligand: bool = True
     # split-conformal sets (classifiers) and intervals (regressors) at 1 - alpha coverage
     conformal_alpha: float = 0.1
     set_method: Literal["lac", "aps"] = "lac"

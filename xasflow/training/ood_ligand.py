@@ -249,8 +249,11 @@ def fit_ligand_ood(
     threshold = conformal_quantile(
         np.where(np.isfinite(val), val, np.finfo(float).max), flag_fraction
     )
-    if not math.isfinite(threshold):  # too few validation rows for the rank
-        threshold = _quantile_threshold(val, flag_fraction)
+    if not math.isfinite(threshold):
+        raise ValueError(
+            f"{len(x_val)} validation rows are too few to flag {flag_fraction:.0%} at the "
+            "split-conformal rank"
+        )
     by = combined.component_scores(x_val)
     stats = {
         "val_flagged_fraction": float(np.mean(val > threshold)),

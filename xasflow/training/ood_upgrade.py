@@ -43,10 +43,14 @@ def _recon_spec(manifest: Manifest) -> dict[str, Any]:
 
 
 def fit_for_bundle(
-    manifest: Manifest, data: str | Path | None = None, log: Callable[[str], None] = print
+    manifest: Manifest,
+    data: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    flag_fraction: float | None = None,
 ) -> tuple[LigandOod, dict[str, np.ndarray]]:
     """The ligand-aware score for ``manifest``'s training data, and that data's model inputs
-    by split (``train``, ``val``, ``test``)."""
+    by split (``train``, ``val``, ``test``). ``flag_fraction`` of the combined score defaults
+    to the reconstruction score's (a ValueError when the validation rows are too few)."""
     recon = _recon_spec(manifest)
     t = manifest.training
     source = Path(data if data is not None else t["source"])
@@ -77,7 +81,8 @@ def fit_for_bundle(
             f"refitted reconstruction threshold {base.threshold:.6g} is not the bundle's "
             f"{float(recon['threshold']):.6g}: not the data or code the bundle was made with"
         )
-    fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, base.flag_fraction)
+    fraction = base.flag_fraction if flag_fraction is None else flag_fraction
+    fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, fraction)
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
     log(f"{METHOD}: threshold {fitted.threshold:.4g}, scales {fitted.scales}, {fitted.stats}")
     return fitted, xs
@@ -89,6 +94,7 @@ def upgrade_bundle(
     data: str | Path | None = None,
     signing_key: str | bytes | Path | None = None,
     log: Callable[[str], None] = print,
+    flag_fraction: float | None = None,
 ) -> Path:
     """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
     bundle = Path(bundle)
@@ -96,7 +102,7 @@ def upgrade_bundle(
     if (bundle / SIGNATURE).exists() and signing_key is None:
         raise ValueError(f"{bundle} is signed: pass the signing key, or the upgrade unsigns it")
     assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
-    fitted, _ = fit_for_bundle(manifest, data, log)
+    fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction)
     files = {name: (bundle / name).read_bytes() for name in manifest.files}
     files[manifest.ood.file] = fitted.to_onnx(manifest.input_width, manifest.input_name)
     details = {
@@ -125,8 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="write here instead of replacing the bundle")
     ap.add_argument("--data", help="training data (default: the manifest's training.source)")
     ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
+    ap.add_argument(
+        "--flag-fraction", type=float, help="validation fraction flagged (default: as recorded)"
+    )
     args = ap.parse_args(argv)
-    path = upgrade_bundle(args.bundle, args.out, args.data, args.signing_key)
+    path = upgrade_bundle(
+        args.bundle, args.out, args.data, args.signing_key, flag_fraction=args.flag_fraction
+    )
     print(f"wrote {path}")
     return 0
 
