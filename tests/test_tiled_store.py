@@ -108,7 +108,7 @@ def test_one_writer_per_store_directory(tmp_path: Path) -> None:
 def test_a_table_prepared_at_the_raw_start_is_adopted_by_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xasflow.adapters.tiled_store as ts
+    import xasflow.adapters.tiled_writer as ts
 
     attached: list[str] = []
     real = ts.attach_run

@@ -2,7 +2,7 @@
 
 :class:`StoreWriter` is an event-model ``RunRouter`` whose factory gives each analysis run a
 :class:`_RunWriter` (a ``DocumentRouter``): the ``primary`` descriptor opens the run's table
-(``store.open_run``), its events and event pages become rows (``store.add_event``, batched
+(``store.open_run``), its events and event pages become rows (``store.add_events``, batched
 and committed by the store's writer thread), and the stop closes it (``store.close_run``).
 Other streams of an analysis run (e.g. ``recommendations``) go to the bus only.
 """
@@ -28,7 +28,7 @@ STORED_STREAM = "primary"
 class StoreWriter:
     """Turns analysis documents into ``AnalysisStore`` calls; counts rows it could not store.
 
-    ``on_stored`` is passed to ``add_event``: called once a row's transaction has committed.
+    ``on_stored`` is passed to ``add_events``: called once per row when it is durable.
     """
 
     def __init__(
@@ -80,15 +80,19 @@ class _RunWriter(DocumentRouter):
             return
         data, times = doc["data"], doc["time"]
         store, on_stored, gate = self.writer.store, self.writer.on_stored, self.writer.gate
-        for i, seq in enumerate(doc["seq_num"]):
-            row = {"seq_num": seq, "time": times[i], **{k: v[i] for k, v in data.items()}}
-            if gate is not None:
+        rows = [
+            {"seq_num": seq, "time": times[i], **{k: v[i] for k, v in data.items()}}
+            for i, seq in enumerate(doc["seq_num"])
+        ]
+        if gate is not None:
+            for _ in rows:
                 gate.row_submitted()
-            if on_stored is None:
-                stored = store.add_event(self.raw_uid, row)
-            else:
-                stored = store.add_event(self.raw_uid, row, on_stored=on_stored)
-            if not stored:
+        if on_stored is None:
+            stored = store.add_events(self.raw_uid, rows)
+        else:
+            stored = store.add_events(self.raw_uid, rows, on_stored=on_stored)
+        for ok in stored:
+            if not ok:
                 self.writer.unstored += 1
                 if gate is not None:
                     gate.row_resolved()  # refused: counted as unstored, nothing to wait for

@@ -5,6 +5,7 @@ Layout of ``directory`` (everything the store owns lives there)::
     catalog.db       tiled catalog (SQLite, WAL): one container per raw run, keyed by raw_uid
     tables.sqlite    tabular storage (SQLite, WAL) for the appendable event tables
                      (or tables.duckdb with ``table_backend="duckdb"``)
+    journal.sqlite   write-ahead journal (``journal=True``): rows not yet in the catalog
     .writer.lock     flock held by the one process writing this store
 
 Each raw run becomes a container ``/<raw_uid>`` whose metadata is
@@ -19,7 +20,10 @@ Write path. ``add_event`` only validates the keys and appends to an in-memory qu
 thread groups rows per run and appends each batch (up to ``batch_size`` rows, or whatever a run
 has collected after ``flush_interval`` seconds) in a single SQL transaction. Only after that
 transaction commits are the rows' ``on_stored`` callbacks called: that is the store's
-acknowledgement, and an acknowledged row survives SIGKILL of the process. Catalog changes (new
+acknowledgement, and an acknowledged row survives SIGKILL of the process. With ``journal=True``
+the rows of each :meth:`AnalysisStore.add_events` call are first written to the journal in one
+transaction and acknowledged then (:mod:`xasflow.adapters.store_journal`), so no result waits
+for a catalog operation; the writer thread (:mod:`xasflow.adapters.tiled_writer`) moves them. Catalog changes (new
 run containers and tables, stop metadata) go through tiled's own HTTP API served in-process
 (``Context.from_app``); row batches are appended by calling tiled's ``SQLAdapter.append_partition``
 on the same table directly, because the in-process HTTP round trip costs ~80 ms per batch
@@ -45,13 +49,13 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from xasflow.adapters.tiled_batch import acknowledge, append_pending, attach_run, with_retries
+from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
+from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
 from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
@@ -64,18 +68,19 @@ from xasflow.adapters.tiled_schema import (
     _plain,
     _Run,
     _serve,
+    column_types,
+    row_fits,
+    run_metadata,
     schema_for_descriptor,
 )
+from xasflow.adapters.tiled_writer import WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
 logger = logging.getLogger(__name__)
 
-#: Tables made ahead of their run that are kept ready (older ones are forgotten, not deleted).
-_MAX_PREPARED = 64
 
-
-class AnalysisStore:
+class AnalysisStore(WriterThread):
     """Writes analysis runs into an embedded tiled catalog from one background writer thread."""
 
     def __init__(
@@ -86,8 +91,14 @@ class AnalysisStore:
         *,
         max_queue: int = 100_000,
         table_backend: Literal["sqlite", "duckdb"] = "sqlite",
+        journal: bool = False,
     ) -> None:
-        """Open (creating if needed) the store in ``directory`` and start the writer thread."""
+        """Open (creating if needed) the store in ``directory`` and start the writer thread.
+
+        ``journal``: acknowledge rows once in the write-ahead journal
+        (:mod:`xasflow.adapters.store_journal`), not once in the catalog; what a killed
+        process left there is replayed into the catalog now.
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not flush_interval > 0:
@@ -105,13 +116,18 @@ class AnalysisStore:
         self._cond = threading.Condition()
         self._items: deque[tuple[Any, ...]] = deque()
         self._columns: dict[str, frozenset[str]] = {}  # open runs, as seen by callers
+        self._types: dict[str, dict[str, tuple[type, ...]]] = {}  # their columns' value types
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False
-        self._counts = {"stored": 0, "batches": 0, "errors": 0, "dropped": 0, "duplicates": 0}
+        self._counts = {
+            **dict.fromkeys(("stored", "batches", "errors", "dropped", "duplicates"), 0),
+            **dict.fromkeys(("journalled", "replayed"), 0),
+        }
         self._runs: dict[str, _Run] = {}  # writer thread only
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
         self._reader: Any = None
+        self._journal: Journal | None = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
         with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
@@ -134,6 +150,9 @@ class AnalysisStore:
             self._root = self._serving.enter_context(
                 _serve(self.directory, [f"{table_backend}:///{table_path}"])
             )
+            if journal:
+                self._journal = Journal(self.directory / JOURNAL_FILE)
+                self._replay(self._journal)
         except BaseException:
             self._release()
             raise
@@ -153,10 +172,13 @@ class AnalysisStore:
         stream = descriptor.get("name") or DEFAULT_STREAM
         if not isinstance(stream, str) or not _KEY_NAME.match(stream):
             raise ValueError(f"descriptor name {stream!r} is not usable as a tiled key")
-        run = _Run(raw_uid, stream, schema, arrays, _metadata(start_doc, descriptor, stream))
+        run = _Run(raw_uid, stream, schema, arrays, run_metadata(start_doc, descriptor, stream))
         with self._cond:
             self._check_open()
+            if self._journal is not None:  # its documents first, for a replay
+                self._journal.open_run(raw_uid, start_doc, descriptor)
             self._columns[raw_uid] = frozenset(schema.names)
+            self._types[raw_uid] = column_types(schema, arrays)
             self._items.append(("open", run))
             self._cond.notify()
 
@@ -172,7 +194,7 @@ class AnalysisStore:
             raise ValueError(f"raw_uid {raw_uid!r} is not usable as a tiled key")
         schema, arrays = schema_for_descriptor(descriptor)
         stream = descriptor.get("name") or DEFAULT_STREAM
-        run = _Run(raw_uid, stream, schema, arrays, _metadata(None, descriptor, stream))
+        run = _Run(raw_uid, stream, schema, arrays, run_metadata(None, descriptor, stream))
         with self._cond:
             self._check_open()
             self._items.append(("prepare", run))
@@ -181,33 +203,70 @@ class AnalysisStore:
     def add_event(
         self, raw_uid: str, row: dict[str, Any], on_stored: Callable[[], None] | None = None
     ) -> bool:
-        """Queue one result row without blocking; ``on_stored`` runs once its batch has committed.
+        """Queue one result row without blocking; ``on_stored`` runs once its batch has committed
+        (with the journal: once the row is journalled, before this returns).
 
         Returns False (and never calls ``on_stored``) when ``max_queue`` rows are already waiting.
         """
+        return self.add_events(raw_uid, [row], on_stored)[0]
+
+    def add_events(
+        self,
+        raw_uid: str,
+        rows: list[dict[str, Any]],
+        on_stored: Callable[[], None] | None = None,
+    ) -> list[bool]:
+        """:meth:`add_event` for several rows of one run (an event page): one journal
+        transaction for all of them; ``on_stored`` runs once per row accepted."""
         columns = self._columns.get(raw_uid)
         if columns is None:
             raise KeyError(f"analysis run {raw_uid!r} is not open")
-        if not columns.issuperset(row):
-            raise ValueError(f"row has keys not in the descriptor: {sorted(set(row) - columns)}")
+        for row in rows:
+            if not columns.issuperset(row):
+                extra = sorted(set(row) - columns)
+                raise ValueError(f"row has keys not in the descriptor: {extra}")
         with self._cond:
             self._check_open()
-            if self._backlog >= self.max_queue:
-                self._counts["dropped"] += 1
-                return False
-            self._backlog += 1
-            self._items.append(("row", raw_uid, dict(row), on_stored))
-            if len(self._items) == 1 or len(self._items) >= self.batch_size:
+            room = max(0, min(len(rows), self.max_queue - self._backlog))
+            self._counts["dropped"] += len(rows) - room
+            self._backlog += room
+            journalled = self._journalled(raw_uid, rows[:room])  # rows that will not fit: not
+            for row, early in zip(rows[:room], journalled, strict=True):  # acknowledged early
+                self._items.append(("row", raw_uid, dict(row), None if early else on_stored))
+            if room and (len(self._items) == room or len(self._items) >= self.batch_size):
                 self._cond.notify()
-        return True
+        if on_stored is not None:
+            acknowledge([on_stored] * sum(journalled))
+        return [True] * room + [False] * (len(rows) - room)
+
+    def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
+        """Which of ``rows`` are now in the journal (a journal that fails is logged, and its
+        rows are acknowledged by the catalog's commit instead)."""
+        if self._journal is None or not rows:
+            return [False] * len(rows)
+        types = self._types.get(raw_uid, {})
+        fits = [row_fits(row, types) for row in rows]
+        try:
+            done = self._journal.add(raw_uid, [r for r, ok in zip(rows, fits, strict=True) if ok])
+        except Exception:
+            logger.exception("analysis store: journal write failed; waiting for the catalog")
+            return [False] * len(rows)
+        it = iter(done)
+        out = [next(it) if ok else False for ok in fits]
+        self._counts["journalled"] += sum(out)
+        return out
 
     def close_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop document in the run's metadata once its queued rows are written."""
         with self._cond:
             self._check_open()
+            self._types.pop(raw_uid, None)
             if self._columns.pop(raw_uid, None) is None:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
-            self._items.append(("close", raw_uid, _plain(dict(stop_doc))))
+            stop = _plain(dict(stop_doc))
+            if self._journal is not None:
+                self._journal.close_run(raw_uid, stop)
+            self._items.append(("close", raw_uid, stop))
             self._cond.notify()
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -254,6 +313,8 @@ class AnalysisStore:
         self._writer.join()
         with self._cond:
             self._closed = True
+        if self._journal is not None:
+            self._journal.close()
         self._release()
 
     def stats(self) -> dict[str, int]:
@@ -316,179 +377,3 @@ class AnalysisStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
-
-    # ------------------------------------------------------------------ writer thread
-    def _writer_loop(self) -> None:
-        stop = False
-        while not stop:
-            try:
-                stop = self._writer_step()
-            except Exception:  # keep the only writer alive whatever happens
-                logger.exception("analysis store: writer step failed")
-                self._count("errors")
-
-    def _writer_step(self) -> bool:
-        """Wait for work or a batch deadline, handle what is queued, commit what is due."""
-        stop = False
-        with self._cond:
-            while not self._items:
-                deadline = self._next_deadline()
-                if deadline is None:
-                    self._cond.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            items = list(self._items)
-            self._items.clear()
-        for item in items:
-            try:
-                stop = self._handle(item) or stop
-            except Exception:
-                logger.exception("analysis store: %s failed", item[0])
-                self._count("errors")
-        self._commit_due(force=stop)
-        for run in list(self._runs.values()):
-            if run.start_due:  # after the first rows: they were what results waited for
-                self._write_start(run)
-        return stop
-
-    def _next_deadline(self) -> float | None:
-        starts = [run.first_pending_at for run in self._runs.values() if run.pending]
-        return min(starts) + self.flush_interval if starts else None
-
-    def _handle(self, item: tuple[Any, ...]) -> bool:
-        kind = item[0]
-        if kind == "row":
-            _, raw_uid, row, callback = item
-            run = self._runs.get(raw_uid)
-            if run is None or run.failed:
-                self._finish_rows(1, errors=1)
-                return False
-            if not run.pending:
-                run.first_pending_at = time.monotonic()
-            run.pending.append((row, callback))
-            if len(run.pending) >= self.batch_size:
-                self._commit(run)
-        elif kind == "open":
-            self._open(item[1])
-        elif kind == "prepare":
-            self._prepare(item[1])
-        elif kind == "close":
-            self._close(item[1], item[2])
-        elif kind == "finish":
-            self._finish(item[1], item[2])
-        elif kind == "call":
-            _, fn, box, done = item
-            try:
-                box["result"] = fn()
-            except Exception as exc:
-                box["error"] = exc
-            finally:
-                done.set()
-        elif kind == "flush":
-            self._commit_due(force=True)
-            item[1].set()
-        elif kind == "stop":
-            return True
-        return False
-
-    def _open(self, run: _Run) -> None:
-        previous = self._runs.get(run.raw_uid)
-        if previous is not None and not previous.failed:
-            self._commit(previous)
-            if previous.schema.equals(run.schema) and previous.stream == run.stream:
-                return  # already open here: nothing to do
-        ready = self._prepared.pop(run.raw_uid, None)
-        if ready is not None and ready.schema.equals(run.schema) and ready.stream == run.stream:
-            run.adapter, run.node, run.stored_seq = ready.adapter, ready.node, ready.stored_seq
-            run.start_due = True
-            self._runs[run.raw_uid] = run
-            return
-        self._runs[run.raw_uid] = run
-        try:
-            with_retries(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
-        except Exception:
-            run.failed = True
-            self._count("errors")
-            logger.exception("analysis store: cannot open run %s", run.raw_uid)
-
-    def _prepare(self, run: _Run) -> None:
-        if run.raw_uid in self._runs or run.raw_uid in self._prepared:
-            return
-        try:
-            with_retries(lambda: attach_run(self._root, run), f"prepare {run.raw_uid}")
-        except Exception:
-            logger.exception("analysis store: cannot prepare run %s", run.raw_uid)
-            return  # open_run will try again
-        self._prepared[run.raw_uid] = run
-        while len(self._prepared) > _MAX_PREPARED:  # runs that never started analysis
-            self._prepared.pop(next(iter(self._prepared)))
-
-    def _write_start(self, run: _Run) -> None:
-        run.start_due = False
-        meta = {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
-        with_retries(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
-
-    def _close(self, raw_uid: str, stop_doc: dict) -> None:
-        run = self._runs.pop(raw_uid, None)
-        if run is None or run.failed:
-            self._count("errors")
-            logger.error("analysis store: close of run %s that did not open", raw_uid)
-            return
-        self._commit(run)
-        if run.start_due:
-            self._write_start(run)
-        with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
-
-    def _finish(self, raw_uid: str, stop_doc: dict) -> None:
-        if raw_uid in self._runs or raw_uid not in self._root:
-            self._count("errors")
-            logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
-            return
-        node = self._root[raw_uid]
-        with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
-
-    def _commit_due(self, force: bool = False) -> None:
-        now = time.monotonic()
-        for run in list(self._runs.values()):
-            if run.pending and (force or now - run.first_pending_at >= self.flush_interval):
-                self._commit(run)
-
-    def _commit(self, run: _Run) -> None:
-        """Append the run's pending rows in one transaction, then acknowledge them."""
-        pending, run.pending = run.pending, []
-        if not pending:
-            return
-        try:
-            stored, bad, duplicates, acks = append_pending(run, pending)
-        except Exception:
-            logger.exception("analysis store: lost a batch of %d rows", len(pending))
-            self._finish_rows(len(pending), errors=1)
-            return
-        with self._cond:
-            self._backlog -= len(pending)
-            self._counts["stored"] += stored
-            self._counts["batches"] += 1 if stored else 0
-            self._counts["duplicates"] += duplicates
-            self._counts["errors"] += bad
-        acknowledge(acks)
-
-    def _finish_rows(self, n: int, errors: int) -> None:
-        with self._cond:
-            self._backlog -= n
-            self._counts["errors"] += errors
-
-    def _count(self, name: str) -> None:
-        with self._cond:
-            self._counts[name] += 1
-
-
-def _metadata(start: dict | None, descriptor: dict, stream: str) -> dict[str, Any]:
-    """A run container's metadata: its analysis start (None while prepared ahead), the
-    descriptor's uid, stream and data keys, and no stop yet."""
-    desc = {"uid": descriptor.get("uid"), "name": stream, "data_keys": descriptor["data_keys"]}
-    return _plain(
-        {"start": None if start is None else dict(start), "descriptor": desc, "stop": None}
-    )

@@ -58,6 +58,7 @@ spectrum: :data:`RECOMMENDATION_KEYS`, :func:`recommendation_row` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -185,6 +186,7 @@ class Recommender:
         weights, drivers = self.importance(prediction)
 
         regions: list[Region] = []
+        spans: list[Region] = []  # each model region whole: its noise is measured once
         names = list(self.regions)
         for i, name in enumerate(names):
             lo, hi = self.regions[name]
@@ -207,6 +209,7 @@ class Recommender:
                     step = min(step, cfg.edge_max_step)
                 label = name if k == 0 else f"{name} ({k + 1}/{len(pieces)})"
                 regions.append(_region(label, e0 + a, e0 + b, step, dwell, why, w))
+            spans.append(dataclasses.replace(regions[-len(pieces)], stop=regions[-1].stop))
         first = min(r.start for r in regions) - e0
         pre_lo, pre_hi = prep.pre_edge
         support: list[Region] = []
@@ -239,7 +242,7 @@ class Recommender:
         noise: dict[str, float] = {}
         rescan: Region | None = None
         if spectrum is not None and prediction is not None and prediction.edge_step > 0:
-            for r in regions:
+            for r in sorted(spans, key=lambda r: (-r.importance, r.start)):
                 if r.importance <= 0:
                     continue
                 n = estimate_noise(

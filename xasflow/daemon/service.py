@@ -18,10 +18,11 @@ Parts and where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`
 recovery (:mod:`xasflow.adapters.recovery`), the processing loop
 (:mod:`xasflow.daemon.processor`), store writes (:mod:`xasflow.adapters.store_writer`).
 
-Acknowledged results. A result row is *acknowledged* once the store's transaction holding it
-has committed (``AnalysisStore`` ``on_stored``); ``health()["store"]["acknowledged"]`` counts
-them. An acknowledged row survives SIGKILL; a result already published on the bus but not yet
-acknowledged may not.
+Acknowledged results. A result row is *acknowledged* once a committed transaction holds it:
+the store's journal (``storage.journal``, default) or its catalog (``AnalysisStore``
+``on_stored``); ``health()["store"]["acknowledged"]`` counts them. An acknowledged row survives
+SIGKILL (a journalled one is replayed into the catalog at the next start); a result already
+published on the bus but not yet acknowledged may not.
 
 ``stop()`` (also on SIGTERM/SIGINT under :meth:`Daemon.serve_forever`) stops receiving,
 analyses everything already queued, closes every open run with ``flush_all("shutdown")``
@@ -157,6 +158,7 @@ class Daemon:
                 flush_interval=cfg.storage.flush_interval_s,
                 max_queue=cfg.storage.max_queue,
                 table_backend=cfg.storage.backend,
+                journal=cfg.storage.journal,
             )
             self._writer = StoreWriter(self.store, on_stored=self._acknowledge)
             self.interrupted = InterruptedRuns(

@@ -1,0 +1,106 @@
+"""The analysis store's write-ahead journal: rows acknowledged at once, replayed after a crash."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tiled")
+
+from test_tiled_store import DESCRIPTOR, _row
+
+from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
+from xasflow.adapters.tiled_schema import column_types, row_fits, schema_for_descriptor
+from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
+
+
+def test_rows_are_acknowledged_from_the_journal_while_the_table_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xasflow.adapters.tiled_writer as tw
+
+    made = threading.Event()
+    real = tw.attach_run
+
+    def slow_attach(root: Any, run: Any) -> None:  # the catalog takes its time with a new run
+        assert made.wait(30)
+        real(root, run)
+
+    monkeypatch.setattr(tw, "attach_run", slow_attach)
+    acked: list[int] = []
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
+        for seq in (1, 2, 3):
+            row = _row(seq, motifs=np.array([0.5, 0.3, 0.2]), cn=np.int64(4))
+            assert store.add_event("run-a", row, on_stored=lambda s=seq: acked.append(s))
+        # durable in the journal: acknowledged although the table does not exist yet
+        assert acked == [1, 2, 3] and store.stats()["journalled"] == 3
+        assert Journal(tmp_path / "s" / JOURNAL_FILE).counts()["journal_rows"] == 3
+        made.set()
+        store.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        meta, frame = read_analysis(store, "run-a")
+    assert list(frame["seq_num"]) == [1, 2, 3] and list(frame["cn"]) == [4, 4, 4]
+    assert frame["motifs"][0] == [0.5, 0.3, 0.2] and meta["stop"]["exit_status"] == "success"
+    # the catalog holds it all: nothing is left to replay
+    assert Journal(tmp_path / "s" / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def test_a_row_that_will_not_fit_is_never_acknowledged(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
+        acked: list[int] = []
+        for seq, cn in ((1, 4), (2, "four"), (3, 6), (4, True)):
+            store.add_event("run-c", _row(seq, cn=cn), on_stored=lambda s=seq: acked.append(s))
+        assert store.flush(timeout=30)
+        assert sorted(acked) == [1, 3] and store.stats()["journalled"] == 2
+        _, frame = read_analysis(store, "run-c")
+    assert list(frame["cn"]) == [4, 6]
+
+
+def test_row_fits_follows_the_column_types() -> None:
+    types = column_types(*schema_for_descriptor(DESCRIPTOR))
+    assert row_fits(_row(1, motifs=[1, "x"]), types)
+    assert row_fits({"seq_num": np.int64(3), "cn": None, "distance": np.float32(2.0)}, types)
+    assert not row_fits(_row(1, cn=2.5), types)  # a float in an integer column
+    assert not row_fits(_row(1, distance=True), types)  # a boolean is not a number here
+    assert not row_fits(_row(1, cn=2**70), types)  # beyond int64
+    assert not row_fits(_row(1, status=3), types)
+    assert not row_fits({"unknown": 1}, types)
+
+
+def test_what_a_killed_process_left_in_the_journal_is_replayed(tmp_path: Path) -> None:
+    directory = tmp_path / "s"
+    with AnalysisStore(directory) as store:  # run-b's first row reached the catalog
+        store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+        assert store.add_event("run-b", _row(1))
+        assert store.flush(timeout=30)
+    journal = Journal(directory / JOURNAL_FILE)  # as the killed process left it
+    journal.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
+    assert journal.add("run-a", [_row(s, motifs=[0.1, 0.2, 0.7]) for s in (1, 2, 3)]) == [True] * 3
+    journal.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})
+    journal.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+    assert journal.add("run-b", [_row(1), _row(2)]) == [True, True]  # row 1: in the catalog
+    journal.close()
+
+    with AnalysisStore(directory, journal=True) as store:
+        unfinished = store.unfinished_runs()
+        stats = store.stats()
+        meta_a, frame_a = read_analysis(store, "run-a")
+        _, frame_b = read_analysis(store, "run-b")
+        assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 1, "journal_rows": 0}
+        store.finish_run(
+            "run-b", {"uid": "b-stop", "exit_status": "abort", "reason": "interrupted"}
+        )
+        assert store.flush(timeout=30)
+    assert stats["replayed"] == 5 and stats["duplicates"] == 1 and stats["stored"] == 4
+    assert meta_a["start"] == {"uid": "a-start"} and meta_a["stop"]["exit_status"] == "success"
+    assert list(frame_a["seq_num"]) == [1, 2, 3] and frame_a["motifs"][2] == [0.1, 0.2, 0.7]
+    assert list(frame_b["seq_num"]) == [1, 2]  # stored once
+    # run-b had no stop: the daemon's recovery sees it with its rows, and ends it
+    assert [(u["raw_uid"], u["rows"]) for u in unfinished] == [("run-b", 2)]
+    assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
