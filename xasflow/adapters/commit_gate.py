@@ -79,7 +79,9 @@ class CommitGate:
         """A row committed (store writer thread) or was refused (processing thread)."""
         with self._cond:
             self._resolved += 1
-            self._cond.notify()
+            if self._held and self._resolved >= self._held[0][0]:
+                self._cond.notify()  # only when the head can go: journalled rows resolve
+                # before their document arrives, and a wake-up per row costs the GIL
 
     # ------------------------------------------------------------------ documents
 

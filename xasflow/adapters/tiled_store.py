@@ -128,6 +128,7 @@ class AnalysisStore(WriterThread):
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
         self._reader: Any = None
         self._journal: Journal | None = None
+        self._journal_w: Journal | None = None
 
         self.directory.mkdir(parents=True, exist_ok=True)
         with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
@@ -150,8 +151,9 @@ class AnalysisStore(WriterThread):
             self._root = self._serving.enter_context(
                 _serve(self.directory, [f"{table_backend}:///{table_path}"])
             )
-            if journal:
+            if journal:  # one connection for the callers, one for the writer thread
                 self._journal = Journal(self.directory / JOURNAL_FILE)
+                self._journal_w = Journal(self.directory / JOURNAL_FILE)
                 self._replay(self._journal)
         except BaseException:
             self._release()
@@ -229,9 +231,11 @@ class AnalysisStore(WriterThread):
             self._check_open()
             room = max(0, min(len(rows), self.max_queue - self._backlog))
             self._counts["dropped"] += len(rows) - room
-            self._backlog += room
-            journalled = self._journalled(raw_uid, rows[:room])  # rows that will not fit: not
-            for row, early in zip(rows[:room], journalled, strict=True):  # acknowledged early
+            self._backlog += room  # reserved: the journal is written outside the lock
+        journalled = self._journalled(raw_uid, rows[:room])  # rows that will not fit: not
+        with self._cond:  # acknowledged early
+            self._counts["journalled"] += sum(journalled)
+            for row, early in zip(rows[:room], journalled, strict=True):
                 self._items.append(("row", raw_uid, dict(row), None if early else on_stored))
             if room and (len(self._items) == room or len(self._items) >= self.batch_size):
                 self._cond.notify()
@@ -252,9 +256,7 @@ class AnalysisStore(WriterThread):
             logger.exception("analysis store: journal write failed; waiting for the catalog")
             return [False] * len(rows)
         it = iter(done)
-        out = [next(it) if ok else False for ok in fits]
-        self._counts["journalled"] += sum(out)
-        return out
+        return [next(it) if ok else False for ok in fits]
 
     def close_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop document in the run's metadata once its queued rows are written."""
@@ -313,8 +315,9 @@ class AnalysisStore(WriterThread):
         self._writer.join()
         with self._cond:
             self._closed = True
-        if self._journal is not None:
-            self._journal.close()
+        for journal in (self._journal, self._journal_w):
+            if journal is not None:
+                journal.close()
         self._release()
 
     def stats(self) -> dict[str, int]:

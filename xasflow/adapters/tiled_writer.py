@@ -42,7 +42,7 @@ class WriterThread:
     _prepared: dict[str, _Run]
     _counts: dict[str, int]
     _backlog: int
-    _journal: Journal | None
+    _journal_w: Journal | None  # the writer thread's connection to the journal
     _root: Any
     batch_size: int
     flush_interval: float
@@ -174,8 +174,8 @@ class WriterThread:
         if run.start_due:
             self._write_start(run)
         with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
-        if self._journal is not None:
-            self._journal.forget_run(raw_uid)
+        if self._journal_w is not None:
+            self._journal_w.forget_run(raw_uid)
 
     def _finish(self, raw_uid: str, stop_doc: dict) -> None:
         if raw_uid in self._runs or raw_uid not in self._root:
@@ -184,8 +184,8 @@ class WriterThread:
             return
         node = self._root[raw_uid]
         with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
-        if self._journal is not None:
-            self._journal.forget_run(raw_uid)
+        if self._journal_w is not None:
+            self._journal_w.forget_run(raw_uid)
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -204,8 +204,8 @@ class WriterThread:
             logger.exception("analysis store: lost a batch of %d rows", len(pending))
             self._finish_rows(len(pending), errors=1)
             return
-        if self._journal is not None:  # in the catalog now (or never to fit it)
-            self._journal.moved(
+        if self._journal_w is not None:  # in the catalog now (or never to fit it)
+            self._journal_w.moved(
                 run.raw_uid, [s for row, _ in pending if (s := _seq_key(row)) is not None]
             )
         with self._cond:
