@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xasflow.adapters.tiled_schema import _seq_key
+from xasflow.adapters.tiled_schema import _seq_key, json_default
 
 __all__ = ["JOURNAL_FILE", "Journal", "JournalRun"]
 
@@ -142,14 +142,5 @@ class Journal:
             self._db.close()
 
 
-def _default(value: Any) -> Any:
-    """numpy values as JSON (arrays as lists, scalars as numbers); anything else as text."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_default, allow_nan=True, separators=(",", ":"))
+    return json.dumps(obj, default=json_default, allow_nan=True, separators=(",", ":"))

@@ -72,17 +72,18 @@ class _Run:
     start_due: bool = False  # a prepared table: the start document is still to be written
 
 
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default``: numpy arrays as lists, numpy scalars as numbers, else text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
 def _plain(obj: Any) -> Any:
     """Return ``obj`` as plain JSON data (numpy scalars/arrays become Python numbers/lists)."""
-
-    def default(value: Any) -> Any:
-        if hasattr(value, "tolist"):
-            return value.tolist()
-        if hasattr(value, "item"):
-            return value.item()
-        return str(value)
-
-    return json.loads(json.dumps(obj, default=default, allow_nan=True))
+    return json.loads(json.dumps(obj, default=json_default, allow_nan=True))
 
 
 def _seq_key(row: Mapping[str, Any]) -> int | None:

@@ -232,8 +232,9 @@ class AnalysisStore(WriterThread):
             room = max(0, min(len(rows), self.max_queue - self._backlog))
             self._counts["dropped"] += len(rows) - room
             self._backlog += room  # reserved: the journal is written outside the lock
-        journalled = self._journalled(raw_uid, rows[:room])  # rows that will not fit: not
-        with self._cond:  # acknowledged early
+        # acknowledged early: the rows now in the journal (not those that will not fit)
+        journalled = self._journalled(raw_uid, rows[:room])
+        with self._cond:
             self._counts["journalled"] += sum(journalled)
             for row, early in zip(rows[:room], journalled, strict=True):
                 self._items.append(("row", raw_uid, dict(row), None if early else on_stored))
