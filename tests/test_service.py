@@ -435,6 +435,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     for cause in ("publish_error", "held_at_close", "delivery_failure"):
         assert float(lines[f'xasflow_output_dropped_total{{cause="{cause}"}}']) == 0.0
     assert float(lines["xasflow_output_released_unstored_total"]) == 0.0
+    assert float(lines["xasflow_store_journal_rows"]) >= 0.0
     assert float(lines["xasflow_output_held"]) >= 0.0
     assert float(lines["xasflow_up"]) == 1.0
     # every decode error and rejection the counters hold is exported with its labels

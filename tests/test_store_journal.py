@@ -39,6 +39,7 @@ def test_rows_are_acknowledged_from_the_journal_while_the_table_is_made(
             assert store.add_event("run-a", row, on_stored=lambda s=seq: acked.append(s))
         # durable in the journal: acknowledged although the table does not exist yet
         assert acked == [1, 2, 3] and store.stats()["journalled"] == 3
+        assert store.stats()["journal_rows"] == 3  # exported as xasflow_store_journal_rows
         assert Journal(tmp_path / "s" / JOURNAL_FILE).counts()["journal_rows"] == 3
         made.set()
         store.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})

@@ -322,9 +322,15 @@ class AnalysisStore(WriterThread):
         self._release()
 
     def stats(self) -> dict[str, int]:
-        """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped, duplicates."""
+        """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
+        duplicates, journalled, replayed; with the journal, the runs and rows it holds now."""
         with self._cond:
-            return {"queued": self._backlog, **self._counts}
+            out = {"queued": self._backlog, **self._counts}
+            journal = None if self._closed else self._journal
+        if journal is not None:
+            with contextlib.suppress(Exception):  # closed meanwhile: the counters alone
+                out.update(journal.counts())
+        return out
 
     def client(self) -> Any:
         """A tiled client (root container) over this store's catalog, for readers and tests."""

@@ -121,6 +121,11 @@ class AdapterCollector:
             yield CounterMetricFamily(
                 "xasflow_store_errors", "store write errors", value=store.get("errors", 0)
             )
+            yield GaugeMetricFamily(
+                "xasflow_store_journal_rows",
+                "results acknowledged in the store's journal, not yet in its catalog",
+                value=store.get("journal_rows", 0),
+            )
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 
