@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -340,6 +341,10 @@ def test_token_is_required_when_bound_beyond_loopback(
         port = daemon.http.port
         url = f"http://127.0.0.1:{port}"
         q = "?token=" + urllib.parse.quote(token, safe="")
+        # the orchestrator's probes answer without the token, and say one boolean only
+        assert http_get(url + "/livez") == (200, ANY, b'{"alive":true}')
+        assert http_get(url + "/readyz") == (200, ANY, b'{"ready":true}')
+        assert http_get(url + "/livez/../health")[0] == 401  # only the exact paths are open
         for path in ("/", "/static/app.js", "/api/state", "/events", "/health", "/metrics"):
             status, headers, _ = http_get(url + path)
             assert status == 401, path
@@ -440,3 +445,24 @@ def test_event_streams_beyond_the_limit_are_refused_and_counted(
             first.close()
             second.close()
     assert daemon.counters.snapshot()["limit_refused"] == {"sse_clients": 2}
+
+
+def test_readyz_says_not_ready_before_the_daemon_is() -> None:
+    """``/readyz`` is 503 while the daemon is not ready; ``/livez`` is 200 all the same."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.http import create_app
+
+    class Starting:  # what a DaemonView says before start() has finished
+        counters = Counters()
+        ready = False
+
+    client = TestClient(create_app(Starting()))  # type: ignore[arg-type]
+    assert (client.get("/readyz").status_code, client.get("/readyz").json()) == (
+        503,
+        {"ready": False},
+    )
+    assert client.get("/livez").status_code == 200
+    Starting.ready = True
+    assert client.get("/readyz").json() == {"ready": True}

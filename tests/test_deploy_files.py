@@ -109,7 +109,7 @@ def test_dockerfile_and_dockerignore() -> None:
 
 
 def test_k8s_manifests() -> None:
-    """Non-root read-only pod probed through the health script, one replica on the PVC, and a
+    """Non-root read-only pod probed on the open /readyz and /livez, one replica on the PVC, and a
     NetworkPolicy that admits only the scraper and lets out only DNS and the bus."""
     docs = {p.stem: load_yaml(p) for p in (DEPLOY / "k8s").glob("*.yaml")}
     kust = docs.pop("kustomization")
@@ -120,8 +120,14 @@ def test_k8s_manifests() -> None:
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == ["xasflow-healthcheck"]
+    from xasflow.daemon.http import LIVEZ, OPEN_PATHS, READYZ
+
+    probes = {
+        p: container[p]["httpGet"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert [probes[p]["path"] for p in sorted(probes)] == [LIVEZ, READYZ, READYZ]
+    assert all(p["path"] in OPEN_PATHS and p["port"] == "http" for p in probes.values())
+    assert {"name": "http", "containerPort": 8620, "protocol": "TCP"} in container["ports"]
     claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
     assert claim["persistentVolumeClaim"]["claimName"] == docs["pvc"]["metadata"]["name"]
     policy = docs["networkpolicy"]["spec"]

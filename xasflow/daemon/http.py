@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from xasflow.daemon.view import DaemonView
 
 __all__ = [
+    "LIVEZ",
+    "OPEN_PATHS",
+    "READYZ",
     "AdapterCollector",
     "HttpServer",
     "TokenAuth",
@@ -167,7 +170,8 @@ def metrics_registry(view: DaemonView) -> Any:
 
 
 def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starlette:
-    """The Starlette app with ``GET /metrics`` and ``GET /health``; add routes to extend it.
+    """The Starlette app with ``GET /metrics``, ``/health`` and the open probes ``/livez`` and
+    ``/readyz``; add routes to extend it.
 
     With ``http_config.dashboard`` the operators' page is installed too
     (``app.state.dashboard``: feed it with its ``listener`` and ``offer_latest``).
@@ -185,10 +189,19 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
         body = view.health()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
+    async def livez(request: Request) -> JSONResponse:
+        return JSONResponse({"alive": True})  # the event loop answers: nothing more is said
+
+    async def readyz(request: Request) -> JSONResponse:
+        ready = bool(view.ready)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
     app = Starlette(
         routes=[
             Route("/metrics", metrics, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route(LIVEZ, livez, methods=["GET"]),
+            Route(READYZ, readyz, methods=["GET"]),
         ]
     )
     app.state.metrics_registry = registry
@@ -206,6 +219,13 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
     if http_config is not None and http_config.token is not None:
         app.add_middleware(TokenAuth, token=http_config.token.get_secret_value())
     return app
+
+
+#: Probe endpoints for an orchestrator (k8s httpGet, systemd, load balancers): answered without
+#: the token, and saying only whether the process answers and whether it is ready.
+LIVEZ = "/livez"
+READYZ = "/readyz"
+OPEN_PATHS = frozenset({LIVEZ, READYZ})
 
 
 class TokenAuth:
@@ -231,6 +251,9 @@ class TokenAuth:
         return any(hmac.compare_digest(o, self._token) for o in offered)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)  # probes: one boolean each, no token
+            return
         if scope["type"] in ("http", "websocket") and not self.authorised(scope):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
