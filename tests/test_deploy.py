@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -45,6 +45,7 @@ from helpers import (
     Harness,
     LoopbackProxy,
     daemon_config,
+    daemon_health,
     free_port,
     publish,
     step_scan,
@@ -229,20 +230,51 @@ def test_healthcheck_script_reads_the_token_from_the_environment(
     assert res.returncode == 1 and "no answer" in res.stderr
 
 
-def test_systemd_readiness_command_passes_against_a_ready_daemon(
-    daemon: tuple[Harness, str],
-) -> None:
-    """The unit's ExecStartPost, unescaped as systemd does, succeeds with the env file's token."""
-    if shutil.which("curl") is None or shutil.which("sh") is None:
-        pytest.skip("curl or sh not installed")
-    line = unit_file(DEPLOY / "systemd" / "xasflow.service")["Service"]["ExecStartPost"]
-    argv = line.split(" ", 2)
-    assert argv[:2] == ["/bin/sh", "-c"]
-    script = argv[2].strip("'").replace("%%", "%").replace("$$", "$").replace("\\\\", "\\")
-    port = daemon[0].daemon.http_url.rsplit(":", 1)[1]
-    env = {"PATH": os.environ["PATH"], "XASFLOW__HTTP__TOKEN": TOKEN, "XASFLOW__HTTP__PORT": port}
-    res = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, timeout=60)
-    assert res.returncode == 0, res.stderr
+def test_serve_tells_systemd_ready_and_stopping(tmp_path: Path) -> None:
+    """``xasflow serve`` under ``Type=notify``: READY=1 on the unit's socket once /health says
+    ready, STOPPING=1 on SIGTERM, then a clean exit."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(120)
+    conf = tmp_path / "xasflow.yaml"
+    conf.write_text(
+        f"models:\n  directory: {tmp_path / 'models'}\n  watch: false\n"
+        f"storage:\n  directory: {tmp_path / 'store'}\n"
+        "input:\n  address: tcp://127.0.0.1:1\noutput:\n  enabled: false\n"
+    )
+    (tmp_path / "models").mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        "XASFLOW__HTTP__PORT": str(port),
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xasflow.cli", "serve", "--config", str(conf)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        ready = sock.recv(4096).decode()
+        assert ready.splitlines()[0] == "READY=1", ready
+        assert (daemon_health(port) or {}).get("ready") is True  # ready means ready
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        sock.close()
+    # outside systemd nothing is sent, and a refusing socket is logged, never raised
+    from xasflow.daemon.notify import sd_notify
+
+    assert sd_notify("READY=1", env={}) is False
+    assert sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "absent")}) is False
 
 
 def test_tiled_serve_catalog_serves_the_store_read_only(

@@ -149,11 +149,12 @@ def test_systemd_unit_hardening() -> None:
         "PrivateTmp": "yes",
         "ProtectHome": "yes",
         "Restart": "on-failure",
-        "Type": "exec",  # the daemon does not call sd_notify: readiness from ExecStartPost
+        "Type": "notify",  # the daemon sends READY=1 (tests/test_deploy.py)
+        "NotifyAccess": "main",
     }
     assert {k: service.get(k) for k in expected} == expected
     assert "/opt/xasflow/models" in service["ReadOnlyPaths"].split()
-    assert "/health" in service["ExecStartPost"] and "MemoryDenyWriteExecute" not in service
+    assert "ExecStartPost" not in service and "MemoryDenyWriteExecute" not in service
 
 
 def test_grafana_dashboard_layout() -> None:

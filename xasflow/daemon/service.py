@@ -1,18 +1,7 @@
 """The streaming daemon's composition root: builds the parts from a :class:`DaemonConfig`,
 wires them, starts and stops them. No document handling lives here.
 
-Threads and what they own::
-
-    xasflow-zmq-in       ZmqDocumentSource: receive, decode, enqueue (bounded, counted)
-    xasflow-kafka-in     KafkaDocumentSource (input.kind: kafka), instead: the same, plus
-    xasflow-kafka-commit offsets committed once the results are durable (store, publisher)
-    xasflow-process      Processor: probes out, assembler -> pipeline -> sinks (in order)
-    xasflow-tiled-writer AnalysisStore: batched, acknowledged writes (fed by StoreWriter)
-    xasflow-model-watch  ModelRegistry: verified hot swaps
-    xasflow-http         uvicorn: /metrics, /health and the dashboard (a DaemonView only)
-    xasflow-dashboard    Dashboard: digests the documents and the latest spectrum offered
-    xasflow-ioc-<prefix> XasIoc (epics.enabled): caproto server, a RunRouter sink
-    (queueserver worker) QueueServerSubmitter (queueserver.enabled): a RunRouter sink
+Its threads, what each owns and one spectrum's way through them: ``docs/architecture.md``.
 
 Parts and where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`), crash
 recovery (:mod:`xasflow.adapters.recovery`), the processing loop
@@ -51,6 +40,7 @@ from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
 from xasflow.daemon.health import feedback_health, input_health, limits_health
+from xasflow.daemon.notify import sd_notify
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
 from xasflow.daemon.registry import ModelRegistry
@@ -332,7 +322,7 @@ class Daemon:
         return self._stopped.wait(timeout)
 
     def serve_forever(self) -> None:
-        """Start, then run until SIGTERM or SIGINT (main thread only), then stop cleanly."""
+        """Start, run until SIGTERM or SIGINT (main thread only), stop cleanly; tell systemd."""
         requested = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -342,11 +332,13 @@ class Daemon:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
+            sd_notify(f"READY=1\nSTATUS=analysing spectra; models: {len(self.models())}")
             while not requested.wait(0.5):
                 if self._thread is not None and not self._thread.is_alive():
                     logger.error("processing thread ended unexpectedly; stopping")
                     break
         finally:
+            sd_notify("STOPPING=1")
             self.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
