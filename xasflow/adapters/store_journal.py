@@ -78,7 +78,8 @@ class Journal:
     def add(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Journal rows of one run in one transaction (keyed by ``seq_num``); False for a row
         without one, which is then left to the catalog alone."""
-        keyed = [(raw_uid, seq, _dumps(row)) for row in rows if (seq := _seq_key(row)) is not None]
+        seqs = [_seq_key(row) for row in rows]
+        keyed = [(raw_uid, q, _dumps(r)) for r, q in zip(rows, seqs, strict=True) if q is not None]
         if keyed:
             with self._lock:
                 self._db.execute("BEGIN")
@@ -86,7 +87,7 @@ class Journal:
                     "INSERT OR REPLACE INTO rows (raw_uid, seq, row) VALUES (?, ?, ?)", keyed
                 )
                 self._db.execute("COMMIT")
-        return [_seq_key(row) is not None for row in rows]
+        return [q is not None for q in seqs]
 
     def close_run(self, raw_uid: str, stop: dict[str, Any]) -> None:
         """Record a run's stop document (written to the catalog after its rows)."""

@@ -76,10 +76,6 @@ class TaskArrays:
             ]
         return self._ranking_rows()
 
-    def result(self, i: int) -> TaskResult:
-        """Row ``i`` as a :class:`TaskResult` (one row of :meth:`results`)."""
-        return self.results()[i]
-
     def _classifier_rows(self) -> list[TaskResult]:
         assert self.index is not None and self.probabilities is not None
         labels = [_plain(c) for c in self.spec.classes or []]
