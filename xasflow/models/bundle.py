@@ -53,6 +53,9 @@ class MemberSpec(BaseModel):
     output: str = Field(description="graph output with this task's probabilities or values")
     std_output: str | None = Field(None, description="spread over a deep ensemble, same shape")
     seeds: list[int] = Field(default_factory=list)
+    precision: Literal["float32", "int8"] = Field(
+        "float32", description="int8: weights quantised (xasflow.training.quantize)"
+    )
 
 
 class ConformalSpec(BaseModel):

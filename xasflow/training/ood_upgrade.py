@@ -23,11 +23,9 @@ import numpy as np
 
 from xasflow.models.bundle import Manifest, OodSpec, verify_bundle, write_bundle
 from xasflow.models.integrity import SIGNATURE
-from xasflow.spectra import model_input
-from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
-from xasflow.training.split import split_rows
+from xasflow.training.rebuild import rebuild
 
 
 def _recon_spec(manifest: Manifest) -> dict[str, Any]:
@@ -52,19 +50,8 @@ def fit_for_bundle(
     by split (``train``, ``val``, ``test``). ``flag_fraction`` of the combined score defaults
     to the reconstruction score's (a ValueError when the validation rows are too few)."""
     recon = _recon_spec(manifest)
-    t = manifest.training
-    source = Path(data if data is not None else t["source"])
-    ds = build_feff_dataset(source, manifest.element, progress=False)
-    if t.get("fingerprint") and ds.fingerprint != t["fingerprint"]:
-        raise ValueError(
-            f"{source}: dataset fingerprint {ds.fingerprint[:12]} is not the bundle's "
-            f"{str(t['fingerprint'])[:12]}"
-        )
-    g = grid_dataset(ds, manifest.prep)
-    sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
-    x = model_input(g.y, manifest.features, manifest.prep)
-    xs = {k: x[parts[k]] for k in ("train", "val", "test")}
+    rebuilt = rebuild(manifest, data)
+    xs = {k: rebuilt.inputs(k) for k in ("train", "val", "test")}
     norm = recon.get("norm_columns")
     base = fit_ood(
         xs["train"],

@@ -178,11 +178,24 @@ def choose_task(
     best = min(near, key=lambda n: (cost(cands[n][0], costs), -scores[n]))
     members, out = cands[best]
     choice = Choice(task, kind, estimator_name(members), members, best, selection=scores)
-    if kind == "classifier":
-        y_index = class_index(y_val, classes or [])
-        choice.temperature, choice.conformal = calibrate_classifier(
-            out.mean, y_index, alpha, set_method
-        )
-    elif kind == "regressor":
-        choice.conformal = calibrate_regressor(out.mean, y_val, alpha, out.std)
+    choice.temperature, choice.conformal = calibrate_outputs(
+        kind, classes, out, y_val, alpha, set_method
+    )
     return choice
+
+
+def calibrate_outputs(
+    kind: str,
+    classes: list[Any] | None,
+    out: BaseOutputs,
+    y_val: np.ndarray,
+    alpha: float,
+    set_method: str,
+) -> tuple[float | None, ConformalSpec | None]:
+    """A served estimator's temperature and conformal spec from its validation outputs
+    (classifiers: both; regressors: the interval; rankings: neither)."""
+    if kind == "classifier":
+        return calibrate_classifier(out.mean, class_index(y_val, classes or []), alpha, set_method)
+    if kind == "regressor":
+        return None, calibrate_regressor(out.mean, y_val, alpha, out.std)
+    return None, None

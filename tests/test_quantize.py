@@ -1,0 +1,127 @@
+"""int8 network graphs: they follow the float graphs, the doubt is refitted on them, the bundle
+re-seals, and a bundle whose calibration cannot be reproduced is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from xasflow import paths
+
+pytest.importorskip("sklearn")
+pytest.importorskip("torch")
+pytest.importorskip("pymatgen.core")
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Cu bundle trained with the latency-aware default (the MLP serves the
+    classifiers), and its label cache."""
+    from synthetic_feff import write_tree
+
+    from xasflow.training.bundle_export import export_bundle
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("quantize")
+    tree = write_tree(base / "feff", per_type=8, element="Cu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
+        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+        small = {"members": 2, "hidden": [32, 32], "max_epochs": 30, "patience": 10}
+        cfg = TrainConfig(
+            n_estimators=8,
+            n_jobs=1,
+            test_fraction=0.3,
+            val_fraction=0.15,
+            networks=("mlp",),
+            network_overrides={"mlp": small},
+        )
+        bundle = export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")
+    return bundle, base / "cache"
+
+
+def test_quantized_bundle_follows_the_float_one(
+    mlp_bundle: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xasflow.models.bundle import verify_bundle
+    from xasflow.models.predictor import Predictor
+    from xasflow.training.quantize import INT8, quantize_bundle
+    from xasflow.training.rebuild import rebuild
+
+    src, cache = mlp_bundle
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    before = verify_bundle(src)
+    served = {m.kind for t in before.tasks.values() for m in t.graph_members()}
+    assert "mlp" in served, "the fixture must serve a network, or nothing is quantised"
+    out = quantize_bundle(src, tmp_path / "q", log=lambda _: None)
+    after = verify_bundle(out)
+    for name, task in after.tasks.items():
+        for m in task.graph_members():
+            assert m.precision == (INT8 if m.kind == "mlp" else "float32"), (name, m)
+    ops = {node.op_type for node in onnx.load(str(out / "mlp.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops, ops
+    assert (out / "mlp.onnx").stat().st_size < 0.7 * (src / "mlp.onnx").stat().st_size
+    for name in before.files:  # tree and out-of-domain graphs are untouched
+        if name != "mlp.onnx":
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    record = after.training["quantization"]["graphs"]["mlp.onnx"]
+    for output, agree in record["validation_agreement"].items():
+        assert agree["max_abs_diff"] < 0.02, output
+        assert agree.get("argmax_agreement", 1.0) >= 0.95, output
+    # the served answers on the held-out rows: the same classes, probabilities close
+    x = rebuild(before).inputs("test").astype(np.float32)
+    fa, fb = Predictor(src).infer(x)[0], Predictor(out).infer(x)[0]
+    for name in ("cn", "environment", "valence"):
+        assert np.mean(fa[name].index == fb[name].index) >= 0.95, name
+        assert np.max(np.abs(fa[name].values - fb[name].values)) < 0.05, name
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_bundle(out, tmp_path / "again", log=lambda _: None)
+
+
+def test_calibration_that_cannot_be_reproduced_is_refused(
+    mlp_bundle: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recorded temperature the float graphs do not give back means other data or code: the
+    int8 refit would calibrate something else, so nothing is written."""
+    from xasflow.models.bundle import read_manifest, write_bundle
+    from xasflow.training.quantize import quantize_bundle
+
+    src, cache = mlp_bundle
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    manifest = read_manifest(src)
+    cn = manifest.tasks["cn"]
+    assert cn.temperature is not None
+    tasks = {**manifest.tasks, "cn": cn.model_copy(update={"temperature": cn.temperature * 2})}
+    files = {name: (src / name).read_bytes() for name in manifest.files}
+    bad = write_bundle(tmp_path / "bad", manifest.model_copy(update={"tasks": tasks}), files)
+    with pytest.raises(ValueError, match="not the data or code"):
+        quantize_bundle(bad, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    signed = tmp_path / "signed"
+    shutil.copytree(src, signed)
+    (signed / "manifest.sig").write_text(json.dumps({}))
+    with pytest.raises(ValueError, match="signed"):
+        quantize_bundle(signed, tmp_path / "out", log=lambda _: None)
+
+
+def test_shipped_bundle_serves_int8_and_records_it() -> None:
+    """The shipped bundle's network graph is the int8 one, and the record says how it was
+    made and how closely it follows the float graph on validation."""
+    from xasflow.models.bundle import verify_bundle
+
+    bundle = paths.REPO_ROOT / "models" / "cu-k"
+    manifest = verify_bundle(bundle)
+    members = [m for t in manifest.tasks.values() for m in t.graph_members()]
+    assert {m.precision for m in members} == {"int8"}
+    record = manifest.training["quantization"]
+    assert "refitted" in record["calibration"]
+    graph = record["graphs"]["mlp.onnx"]
+    assert graph["bytes_int8"] == (bundle / "mlp.onnx").stat().st_size
+    assert graph["bytes_int8"] < 0.3 * graph["bytes_float32"]
+    assert graph["validation_agreement"]["cn"]["argmax_agreement"] >= 0.99

@@ -1,0 +1,217 @@
+"""Serve a bundle's network graphs in int8, with their doubt recalibrated on what is served.
+
+onnxruntime's dynamic quantisation stores each weight matrix as int8 (one scale per output
+channel) and quantises activations per call. The Cu bundle's five-member MLP graph shrinks
+from 5.5 to 1.5 MB, so one spectrum reads a quarter of the bytes and a batch runs on integer
+dot products (measured in ``bench/predict.py``). The temperatures and conformal quantiles a
+bundle carries were fitted on the float graph's validation outputs; they are fitted again on
+the int8 graph's, so the calibration and coverage it reports are those of the graph it runs.
+Tree graphs and the out-of-domain graph are left as they are. The manifest records, per graph,
+the sizes and how closely int8 follows float32 on the validation rows.
+
+    python -m xasflow.training.quantize models/cu-k
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle, write_bundle
+from xasflow.models.integrity import SIGNATURE
+from xasflow.models.predictor import Predictor
+from xasflow.training.fit import task_targets
+from xasflow.training.rebuild import rebuild
+from xasflow.training.select import BaseOutputs, average, calibrate_outputs
+
+INT8 = "int8"
+#: What the manifest says was done (``training.quantization.method``).
+METHOD = "onnxruntime quantize_dynamic: int8 weights per output channel, activations per call"
+
+
+class _Quiet(logging.Filter):
+    """Drops the quantiser's advice to run its pre-processing (shapes are static here)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def quantize_graph(graph: bytes) -> bytes:
+    """``graph`` (serialised ONNX, float32 weights) with its matrix products in int8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = _Quiet()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "f32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(graph)
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+            return dst.read_bytes()
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def agreement(
+    before: dict[str, np.ndarray], after: dict[str, np.ndarray], task_outputs: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per task output: the largest absolute difference between the two graphs' answers, and
+    for outputs of several columns the fraction of rows whose largest column is the same."""
+    out: dict[str, dict[str, float]] = {}
+    for name in task_outputs:
+        a, b = np.asarray(before[name], float), np.asarray(after[name], float)
+        entry = {"max_abs_diff": float(np.max(np.abs(a - b)))}
+        if a.ndim == 2 and a.shape[1] > 1:
+            entry["argmax_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+        out[name] = entry
+    return out
+
+
+def _outputs(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> BaseOutputs:
+    """A task's served average on a batch, as training's selection saw its candidates."""
+    outs = []
+    for m in spec.graph_members():
+        mean = np.asarray(raw[m.file][m.output], dtype=np.float64).reshape(n, -1)
+        std = None
+        if m.std_output:
+            std = np.asarray(raw[m.file][m.std_output], dtype=np.float64).reshape(n, -1)[:, 0]
+        if spec.kind == "regressor":
+            mean = mean[:, 0]
+        outs.append(BaseOutputs(mean, std))
+    return outs[0] if len(outs) == 1 else average(outs)
+
+
+def recalibrate(
+    manifest: Manifest,
+    raw: dict[str, dict[str, np.ndarray]],
+    targets: dict[str, tuple[str, np.ndarray, np.ndarray]],
+) -> dict[str, TaskSpec]:
+    """Every calibrated task's temperature and conformal spec refitted on ``raw`` (the served
+    graphs' outputs on the validation rows, whose labels ``targets`` holds)."""
+    n = len(next(iter(targets.values()))[1])
+    specs = dict(manifest.tasks)
+    for name, spec in manifest.tasks.items():
+        if spec.conformal is None and spec.temperature is None:
+            continue
+        _, y, valid = targets[name]
+        out = _outputs(spec, raw, n)
+        keep = BaseOutputs(out.mean[valid], None if out.std is None else out.std[valid])
+        alpha = spec.conformal.alpha if spec.conformal is not None else 0.1
+        method = spec.conformal.method if spec.conformal is not None else "aps"
+        temperature, conformal = calibrate_outputs(
+            spec.kind, spec.classes, keep, y[valid], alpha, method
+        )
+        specs[name] = spec.model_copy(update={"temperature": temperature, "conformal": conformal})
+    return specs
+
+
+def _check_reproduced(manifest: Manifest, refitted: dict[str, TaskSpec]) -> None:
+    """The float graphs' refit must give the recorded calibration (to 1e-3), or the data or
+    code differ from the bundle's and a refit on the int8 graphs would mean nothing."""
+    for name, spec in refitted.items():
+        old = manifest.tasks[name]
+        pairs = [(old.temperature, spec.temperature)]
+        if old.conformal is not None and spec.conformal is not None:
+            pairs.append((old.conformal.qhat, spec.conformal.qhat))
+        for was, now in pairs:
+            if (was is None) != (now is None) or (
+                was is not None and now is not None and abs(now - was) > 1e-3 * abs(was)
+            ):
+                raise ValueError(
+                    f"{name}: refitting the float graphs gives {now}, the bundle records {was}: "
+                    "not the data or code the bundle was made with"
+                )
+
+
+def quantize_bundle(
+    bundle: str | Path,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    signing_key: str | bytes | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write ``bundle`` (to ``out``, default: in place) with int8 network graphs, recalibrated."""
+    bundle = Path(bundle)
+    manifest = verify_bundle(bundle)
+    if (bundle / SIGNATURE).exists() and signing_key is None:
+        raise ValueError(f"{bundle} is signed: pass the signing key, or quantising unsigns it")
+    nets = {
+        m.file: m
+        for spec in manifest.tasks.values()
+        for m in spec.graph_members()
+        if m.kind in ("mlp", "cnn")
+    }
+    if not nets:
+        raise ValueError(f"{manifest.bundle_id} serves no network graph to quantise")
+    if any(m.precision == INT8 for m in nets.values()):
+        raise ValueError(f"{manifest.bundle_id} is already quantised")
+    rebuilt = rebuild(manifest, data)
+    x_val = rebuilt.inputs("val").astype(np.float32)
+    files = {name: (bundle / name).read_bytes() for name in manifest.files}
+    before = Predictor(bundle).run(x_val)
+    record: dict[str, Any] = {}
+    for name in nets:
+        float_bytes = len(files[name])
+        files[name] = quantize_graph(files[name])
+        record[name] = {"bytes_float32": float_bytes, "bytes_int8": len(files[name])}
+    with tempfile.TemporaryDirectory() as tmp:  # the new graphs, verified like any bundle
+        draft = write_bundle(Path(tmp) / "draft", manifest, files)
+        after = Predictor(draft).run(x_val)
+    for name in nets:
+        outputs = sorted({m.output for s in manifest.tasks.values() for m in s.graph_members()})
+        outputs = [o for o in outputs if o in before[name]]
+        record[name]["validation_agreement"] = agreement(before[name], after[name], outputs)
+    targets = task_targets(rebuilt.dataset, rebuilt.parts["val"])
+    _check_reproduced(manifest, recalibrate(manifest, before, targets))
+    tasks = recalibrate(manifest, after, targets)
+    for name, spec in tasks.items():
+        members = [
+            m.model_copy(update={"precision": INT8}) if m.file in nets else m
+            for m in spec.graph_members()
+        ]
+        tasks[name] = spec.model_copy(update={"members": members})
+        old, new = manifest.tasks[name], tasks[name]
+        if new.conformal is not None and old.conformal is not None:
+            log(f"{name}: qhat {old.conformal.qhat:.4g} -> {new.conformal.qhat:.4g}")
+    training = {
+        **manifest.training,
+        "quantization": {
+            "method": METHOD,
+            "graphs": record,
+            "calibration": "refitted on the int8 graphs' validation outputs",
+            "metrics": "tasks.*.metrics are the float graphs'; xasflow evaluate scores these",
+            "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        },
+    }
+    for name, rec in record.items():
+        log(f"{name}: {rec['bytes_float32']} -> {rec['bytes_int8']} bytes")
+    return write_bundle(
+        bundle if out is None else out,
+        manifest.model_copy(update={"tasks": tasks, "training": training}),
+        files,
+        signing_key=signing_key,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: quantise one bundle directory."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", help="bundle directory")
+    ap.add_argument("--out", help="write here instead of replacing the bundle")
+    ap.add_argument("--data", help="training data (default: the manifest's training.source)")
+    ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
+    args = ap.parse_args(argv)
+    path = quantize_bundle(args.bundle, args.out, args.data, args.signing_key)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

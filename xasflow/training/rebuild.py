@@ -1,0 +1,49 @@
+"""A bundle's training data rebuilt from its manifest, for steps that refit part of a bundle.
+
+The dataset is read again from the recorded source (its fingerprint must be the bundle's, or
+nothing downstream is about the data the bundle learned from), prepared with the bundle's
+parameters and split by material with the recorded salt and fractions: the very rows
+training used for fitting, validation and test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xasflow.models.bundle import Manifest
+from xasflow.spectra import model_input
+from xasflow.training.dataset import Dataset, build_feff_dataset, grid_dataset
+from xasflow.training.split import split_rows
+
+
+@dataclass
+class BundleData:
+    """The prepared rows of a bundle's training data: ``dataset`` holds only the rows that
+    prepared, ``x`` their model inputs, ``parts`` the row indices of train, val and test."""
+
+    dataset: Dataset
+    x: np.ndarray
+    parts: dict[str, np.ndarray]
+
+    def inputs(self, part: str) -> np.ndarray:
+        """Model inputs of one split part."""
+        return self.x[self.parts[part]]
+
+
+def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
+    """The training data of ``manifest`` (from ``data``, default its ``training.source``)."""
+    t = manifest.training
+    source = Path(data if data is not None else t["source"])
+    ds = build_feff_dataset(source, manifest.element, progress=False)
+    if t.get("fingerprint") and ds.fingerprint != t["fingerprint"]:
+        raise ValueError(
+            f"{source}: dataset fingerprint {ds.fingerprint[:12]} is not the bundle's "
+            f"{str(t['fingerprint'])[:12]}"
+        )
+    g = grid_dataset(ds, manifest.prep)
+    sub = ds.subset(g.rows)
+    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
+    return BundleData(sub, model_input(g.y, manifest.features, manifest.prep), parts)
