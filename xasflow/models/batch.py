@@ -87,13 +87,15 @@ class TaskArrays:
                 TaskResult(value=labels[k], probabilities=dict(zip(keys, p, strict=True)))
                 for k, p in zip(chosen, probs, strict=True)
             ]
+        members: list[list[Any]] = [[] for _ in chosen]  # sets hold 1-2 of up to 22 classes:
+        rows, cols = np.nonzero(self.sets)  # walk the members, not every class of every row
+        for i, k in zip(rows.tolist(), cols.tolist(), strict=True):
+            members[i].append(labels[k])
         return [
             TaskResult(
-                value=labels[k],
-                probabilities=dict(zip(keys, p, strict=True)),
-                prediction_set=[c for c, keep in zip(labels, row, strict=True) if keep],
+                value=labels[k], probabilities=dict(zip(keys, p, strict=True)), prediction_set=s
             )
-            for k, p, row in zip(chosen, probs, self.sets.tolist(), strict=True)
+            for k, p, s in zip(chosen, probs, members, strict=True)
         ]
 
     def _ranking_rows(self) -> list[TaskResult]:
