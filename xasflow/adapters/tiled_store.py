@@ -73,6 +73,7 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
+from xasflow.adapters.tiled_server import serve_in_child
 from xasflow.adapters.tiled_writer import WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
@@ -92,12 +93,15 @@ class AnalysisStore(WriterThread):
         max_queue: int = 100_000,
         table_backend: Literal["sqlite", "duckdb"] = "sqlite",
         journal: bool = False,
+        catalog_process: bool = False,
     ) -> None:
         """Open (creating if needed) the store in ``directory`` and start the writer thread.
 
         ``journal``: acknowledge rows once in the write-ahead journal
         (:mod:`xasflow.adapters.store_journal`), not once in the catalog; what a killed
-        process left there is replayed into the catalog now.
+        process left there is replayed into the catalog now. ``catalog_process``: serve the
+        catalog from a child process (:mod:`xasflow.adapters.tiled_server`), so its HTTP work
+        runs off this process's GIL.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -141,16 +145,17 @@ class AnalysisStore(WriterThread):
                 if self.directory in OPEN_STORES:
                     raise StoreError(f"{self.directory} is already open in this process")
                 OPEN_STORES[self.directory] = self
-            _ensure_catalog(self.directory / CATALOG_FILE)
+            if not catalog_process:  # the child makes it otherwise, while this one goes on
+                _ensure_catalog(self.directory / CATALOG_FILE)
             table_path = self.directory / TABLE_FILES[table_backend]
             if table_backend == "sqlite":
                 # WAL: readers never block the writer; it persists in the file.
                 with contextlib.closing(sqlite3.connect(table_path)) as con:
                     con.execute("PRAGMA journal_mode=WAL")
             self._serving = contextlib.ExitStack()
-            self._root = self._serving.enter_context(
-                _serve(self.directory, [f"{table_backend}:///{table_path}"])
-            )
+            uris = [f"{table_backend}:///{table_path}"]
+            serving = serve_in_child if catalog_process else _serve
+            self._root = self._serving.enter_context(serving(self.directory, uris))
             if journal:  # one connection for the callers, one for the writer thread
                 self._journal = Journal(self.directory / JOURNAL_FILE)
                 self._journal_w = Journal(self.directory / JOURNAL_FILE)

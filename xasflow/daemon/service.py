@@ -21,6 +21,7 @@ stores the results, then flushes and closes the store.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -149,6 +150,7 @@ class Daemon:
                 max_queue=cfg.storage.max_queue,
                 table_backend=cfg.storage.backend,
                 journal=cfg.storage.journal,
+                catalog_process=cfg.storage.catalog_process,
             )
             self._writer = StoreWriter(self.store, on_stored=self._acknowledge)
             self.interrupted = InterruptedRuns(
@@ -332,6 +334,11 @@ class Daemon:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
+            # Start-up left a large heap of long-lived objects (modules, bundles, the store's
+            # client): moved out of the collector's reach, a full collection no longer walks
+            # them while spectra wait (measured: 40-144 ms pauses at 500-750 spectra/s).
+            gc.collect()
+            gc.freeze()
             sd_notify(f"READY=1\nSTATUS=analysing spectra; models: {len(self.models())}")
             while not requested.wait(0.5):
                 if self._thread is not None and not self._thread.is_alive():
