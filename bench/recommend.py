@@ -224,7 +224,10 @@ def main() -> int:
     if not (bundle / "manifest.json").is_file():
         raise SystemExit(f"no model bundle at {bundle} (train one: make train-cu)")
     predictor = Predictor(bundle)
-    config = RecommenderConfig(dwell=args.dwell)
+    # steps set for the bundle's edge here too, so the report records what was used
+    config = RecommenderConfig(dwell=args.dwell).for_edge(
+        predictor.manifest.element, predictor.manifest.edge
+    )
     samples, skipped = load_samples(not args.no_library)
     classes = {str(c) for c in (predictor.manifest.tasks["cn"].classes or [])}
     fluxes = [float(f) for f in args.flux.split(",") if f.strip()]

@@ -162,8 +162,8 @@ def test_prior_recommendation_layout_is_deterministic() -> None:
     )
     by = {r.name: r for r in rec_a.regions}
     assert by["main peak"].importance == 1.0
-    # the edge region is kept fine whatever its importance
-    assert by["pre-edge"].step <= 0.5
+    # the edge region is kept fine whatever its importance (Cu K: 0.65 x 1.55 eV core hole)
+    assert by["pre-edge"].step <= 1.0 < by["main peak"].step * 4.0
     # finer steps and longer dwell where it matters
     assert by["main peak"].step < by["post-peak"].step
     assert by["main peak"].dwell > by["post-peak"].dwell
@@ -193,9 +193,10 @@ def pieces(rec: Recommendation, name: str) -> list[Region]:
 
 
 def test_regions_far_above_the_edge_are_cut_where_k_steps_grow() -> None:
-    cfg = RecommenderConfig()
+    cfg = RecommenderConfig(fine_step=0.5)
     # below the fine-step floor (10.25 eV for 0.5 eV and 0.04/A) a region stays whole
-    assert k_pieces(-15.0, 10.0, cfg) == [(-15.0, 10.0)]
+    assert k_pieces(-15.0, 10.0, cfg.for_edge("Cu", "K")) == [(-15.0, 10.0)]
+    cfg = cfg.for_edge("Cu", "K")
     cut = k_pieces(41.5, 128.0, cfg)
     assert cut[0][0] == 41.5 and cut[-1][1] == 128.0
     assert all(a[1] == b[0] for a, b in itertools.pairwise(cut))  # contiguous
@@ -220,8 +221,8 @@ def test_regions_far_above_the_edge_are_cut_where_k_steps_grow() -> None:
 
 
 def test_steps_follow_importance_and_k_space() -> None:
-    cfg = RecommenderConfig()
-    assert finest_step(0.0, cfg) == cfg.fine_step
+    cfg = RecommenderConfig().for_edge("Cu", "K")
+    assert finest_step(0.0, cfg) == cfg.fine_step == 1.0
     assert finest_step(100.0, cfg) == pytest.approx(2 * 3.80998 * math.sqrt(100 / 3.80998) * 0.04)
     rec = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE))
     by = {r.name: r for r in rec.regions}
@@ -229,6 +230,19 @@ def test_steps_follow_importance_and_k_space() -> None:
     expected = finest_step(26.5, cfg) * cfg.coarse_factor ** (1 - w)
     n = math.ceil(15.0 / expected - 1e-9)
     assert by["post-peak"].step == pytest.approx(15.0 / n, abs=1e-6)
+
+
+def test_finest_step_follows_the_core_hole_width() -> None:
+    """Open steps are set from the absorber's K core-hole width; given ones are kept; a
+    config whose steps are still open is refused by the step helpers."""
+    assert RecommenderConfig().for_edge("Cu", "K").steps() == (1.0, 1.0)
+    assert RecommenderConfig().for_edge("Ti", "K").steps() == (0.6, 0.6)
+    assert RecommenderConfig().for_edge("Cu", "L3").steps() == (0.5, 0.5)  # not tabulated
+    given = RecommenderConfig(fine_step=0.3, edge_max_step=0.2).for_edge("Cu", "K")
+    assert given.steps() == (0.3, 0.2)
+    with pytest.raises(ValueError, match="for_edge"):
+        finest_step(5.0, RecommenderConfig())
+    assert Recommender(manifest()).config.steps() == (1.0, 1.0)
 
 
 def test_uncertainty_moves_the_emphasis() -> None:
@@ -526,7 +540,8 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
     predictor = Predictor(bundle)
     demo, counts = measure_demo("CuO", seed=1)
     full = np.arange(demo.energy[0] - 150.0, demo.energy[-1], 0.3)  # with a pre-edge
-    cfg = RecommenderConfig(stop_count=2, stop_probability=0.05)  # stops after 2 agreeing
+    # stops after 2 agreeing spectra; the 0.5 eV grid this scenario was written for
+    cfg = RecommenderConfig(stop_count=2, stop_probability=0.05, fine_step=0.5)
     opt = RecommenderOptimizer(
         predictor,
         cfg,

@@ -20,7 +20,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    the result is scaled so the most important region has importance 1.
 2. **Steps and dwell.** The finest useful step of a region starting ``lo`` eV above E0 is
    ``max(fine_step, 2 * 3.81 * k(lo) * k_step)`` with ``k = sqrt(lo / 3.81)`` (constant steps in
-   photoelectron wavenumber: features broaden away from the edge); a region above the edge
+   photoelectron wavenumber: features broaden away from the edge; ``fine_step`` unless given
+   is 0.65 of the absorber's core-hole width, 1.0 eV for Cu K, since no measured feature is
+   narrower than that width: ``RecommenderConfig.for_edge``); a region above the edge
    is cut into pieces where that step has grown by ``piece_growth`` (``beyond``,
    ``beyond (2/4)``, ...), each on its own grid, so far above the edge it is measured as
    coarsely as its features allow, not at the step of its start. A region of importance
@@ -33,8 +35,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    nothing beyond the window is recommended, since the model never sees it.
 3. **Support regions** the preprocessing needs, importance 0: the pre-edge line
    (``prep.pre_edge``, ``pre_edge_step``) and the approach to the window (``approach_step``).
-4. **Stop early** when the cn task's top probability is at least ``stop_probability`` for
-   the last ``stop_count`` spectra of the run and they all name the same cn.
+4. **Stop early** when the last ``stop_count`` (2) spectra of the run have the same
+   single-value 90 % conformal cn set (a bundle without sets: the same cn with probability
+   at least ``stop_probability``), never out of domain.
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
    exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
    local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
@@ -116,7 +119,7 @@ class Recommender:
 
     def __init__(self, manifest: Manifest, config: RecommenderConfig | None = None) -> None:
         self.manifest = manifest
-        self.config = config or RecommenderConfig()
+        self.config = (config or RecommenderConfig()).for_edge(manifest.element, manifest.edge)
         prep = manifest.prep
         lo, hi = prep.window_start, prep.window_stop
         regions = {
@@ -206,7 +209,7 @@ class Recommender:
             for k, (a, b) in enumerate(pieces):
                 step = finest_step(a, cfg) * cfg.coarse_factor ** (1.0 - w)
                 if a < cfg.edge_window[1] and b > cfg.edge_window[0]:
-                    step = min(step, cfg.edge_max_step)
+                    step = min(step, cfg.steps()[1])
                 label = name if k == 0 else f"{name} ({k + 1}/{len(pieces)})"
                 regions.append(_region(label, e0 + a, e0 + b, step, dwell, why, w))
             spans.append(dataclasses.replace(regions[-len(pieces)], stop=regions[-1].stop))
@@ -340,10 +343,11 @@ class Recommender:
 
 def finest_step(rel: float, config: RecommenderConfig) -> float:
     """The finest useful step (eV) at ``rel`` eV above E0: fine_step, or constant k steps."""
+    fine = config.steps()[0]
     if rel <= 0 or config.k_step <= 0:
-        return config.fine_step
+        return fine
     k = math.sqrt(rel / _EV_PER_K2)
-    return max(config.fine_step, 2.0 * _EV_PER_K2 * k * config.k_step)
+    return max(fine, 2.0 * _EV_PER_K2 * k * config.k_step)
 
 
 def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[float, float]]:
@@ -356,7 +360,7 @@ def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[floa
     g2 = config.piece_growth**2
     floor = math.inf
     if config.k_step > 0:
-        floor = _EV_PER_K2 * (config.fine_step / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
+        floor = _EV_PER_K2 * (config.steps()[0] / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
     pieces: list[tuple[float, float]] = []
     a = lo
     while g2 > 1.0:

@@ -108,7 +108,11 @@ def recalibrate(
         temperature, conformal = calibrate_outputs(
             spec.kind, spec.classes, keep, y[valid], alpha, method
         )
-        specs[name] = spec.model_copy(update={"temperature": temperature, "conformal": conformal})
+        update: dict[str, Any] = {  # what the bundle had, refitted; nothing added
+            "temperature": temperature if spec.temperature is not None else None,
+            "conformal": conformal if spec.conformal is not None else None,
+        }
+        specs[name] = spec.model_copy(update=update)
     return specs
 
 
@@ -164,10 +168,10 @@ def quantize_bundle(
     with tempfile.TemporaryDirectory() as tmp:  # the new graphs, verified like any bundle
         draft = write_bundle(Path(tmp) / "draft", manifest, files)
         after = Predictor(draft).run(x_val)
+    outputs = sorted({m.output for s in manifest.tasks.values() for m in s.graph_members()})
     for name in nets:
-        outputs = sorted({m.output for s in manifest.tasks.values() for m in s.graph_members()})
-        outputs = [o for o in outputs if o in before[name]]
-        record[name]["validation_agreement"] = agreement(before[name], after[name], outputs)
+        mine = [o for o in outputs if o in before[name]]
+        record[name]["validation_agreement"] = agreement(before[name], after[name], mine)
     targets = task_targets(rebuilt.dataset, rebuilt.parts["val"])
     _check_reproduced(manifest, recalibrate(manifest, before, targets))
     tasks = recalibrate(manifest, after, targets)
