@@ -47,7 +47,19 @@ def tiny_ni_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_bundle(tmp_path_factory, "Ni")
 
 
-def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, element: str) -> Path:
+@pytest.fixture(scope="session")
+def tiny_mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Cu K bundle trained with the latency-aware default choice, so its MLP serves
+    the classifiers (its label cache: ``tiny_mlp_bundle.parent.parent / "cache"``)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch")
+    pytest.importorskip("pymatgen.core")
+    return _tiny_bundle(tmp_path_factory, "Cu", serve_networks=True)
+
+
+def _tiny_bundle(
+    tmp_path_factory: pytest.TempPathFactory, element: str, serve_networks: bool = False
+) -> Path:
     """Train and export a tiny K-edge bundle of ``element`` from a synthetic FEFF tree."""
     from synthetic_feff import write_tree
 
@@ -55,7 +67,8 @@ def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, element: str) -> Path
     from xasflow.training.dataset import build_feff_dataset
     from xasflow.training.fit import TrainConfig, train
 
-    base = tmp_path_factory.mktemp(f"tiny-{element.lower()}-bundle")
+    kind = "mlp" if serve_networks else "bundle"
+    base = tmp_path_factory.mktemp(f"tiny-{element.lower()}-{kind}")
     tree = write_tree(base / "feff", per_type=8, element=element)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XASFLOW_CACHE", str(base / "cache"))
@@ -69,11 +82,11 @@ def _tiny_bundle(tmp_path_factory: pytest.TempPathFactory, element: str) -> Path
         val_fraction=0.15,
         networks=("mlp",),
         network_overrides={"mlp": small_mlp},
+    )
+    if not serve_networks:
         # the daemon tests tamper with the tree graphs: serve the best on validation, the
         # forest on a tie (the latency-aware default would serve the MLP for every task)
-        serve_tolerance=0.0,
-        serve_costs={"extra_trees": 0.0},
-    )
+        cfg = cfg.model_copy(update={"serve_tolerance": 0.0, "serve_costs": {"extra_trees": 0.0}})
     cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
     out = base / "models" / f"{element.lower()}-k"
     return export_bundle(train(ds, cfg, log=lambda *_: None), out)

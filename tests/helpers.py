@@ -148,6 +148,25 @@ def raw_uids(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str | None]:
 # --------------------------------------------------------------------------- a daemon on a loopback bus
 
 CU_K = 8978.9
+
+#: An analysis descriptor for the store's own tests: each column type the store maps.
+STORE_DESCRIPTOR = {
+    "uid": "d-1",
+    "name": "primary",
+    "data_keys": {
+        "cn": {"dtype": "integer", "source": "t", "shape": []},
+        "distance": {"dtype": "number", "source": "t", "shape": []},
+        "status": {"dtype": "string", "source": "t", "shape": []},
+        "motifs": {"dtype": "array", "source": "t", "shape": [3]},
+    },
+}
+
+
+def store_row(seq: int, **extra: object) -> dict:
+    """A row of :data:`STORE_DESCRIPTOR` (``extra`` adds or replaces columns)."""
+    return {"seq_num": seq, "time": 1.0 + seq, "cn": 4, "distance": 1.95, "status": "ok", **extra}
+
+
 DEADLINE_S = 20.0
 ANALYSIS = "xasflow-analysis"
 

@@ -18,32 +18,10 @@ pytest.importorskip("torch")
 pytest.importorskip("pymatgen.core")
 
 
-@pytest.fixture(scope="module")
-def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny Cu bundle trained with the latency-aware default (the MLP serves the
-    classifiers), and its label cache."""
-    from synthetic_feff import write_tree
-
-    from xasflow.training.bundle_export import export_bundle
-    from xasflow.training.dataset import build_feff_dataset
-    from xasflow.training.fit import TrainConfig, train
-
-    base = tmp_path_factory.mktemp("quantize")
-    tree = write_tree(base / "feff", per_type=8, element="Cu")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
-        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
-        small = {"members": 2, "hidden": [32, 32], "max_epochs": 30, "patience": 10}
-        cfg = TrainConfig(
-            n_estimators=8,
-            n_jobs=1,
-            test_fraction=0.3,
-            val_fraction=0.15,
-            networks=("mlp",),
-            network_overrides={"mlp": small},
-        )
-        bundle = export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")
-    return bundle, base / "cache"
+@pytest.fixture
+def mlp_bundle(tiny_mlp_bundle: Path) -> tuple[Path, Path]:
+    """The session's tiny MLP-serving Cu bundle and its label cache."""
+    return tiny_mlp_bundle, tiny_mlp_bundle.parent.parent / "cache"
 
 
 def test_quantized_bundle_follows_the_float_one(

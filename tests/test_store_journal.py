@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("tiled")
 
-from test_tiled_store import DESCRIPTOR, _row
+from helpers import STORE_DESCRIPTOR as DESCRIPTOR
+from helpers import store_row as _row
 
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_schema import column_types, row_fits, schema_for_descriptor

@@ -16,18 +16,10 @@ import pytest
 
 pytest.importorskip("tiled")
 
-from helpers import wait_for
+from helpers import STORE_DESCRIPTOR as DESCRIPTOR
+from helpers import store_row, wait_for
 
 from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
-
-DESCRIPTOR = {
-    "uid": "d-1",
-    "name": "primary",
-    "data_keys": {
-        "cn": {"dtype": "integer", "source": "t", "shape": []},
-        "motifs": {"dtype": "array", "source": "t", "shape": [2]},
-    },
-}
 
 
 def _alive(pid: int) -> bool:
@@ -62,7 +54,7 @@ def test_rows_round_trip_through_the_child_and_it_goes_with_the_store(tmp_path: 
         assert children, "the catalog is not served by a child process"
         store.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
         acked: list[int] = []
-        rows = [{"seq_num": i, "time": float(i), "cn": 4, "motifs": [0.7, 0.3]} for i in (1, 2, 3)]
+        rows = [store_row(i, motifs=[0.7, 0.2, 0.1]) for i in (1, 2, 3)]
         assert store.add_events("run-a", rows, on_stored=lambda: acked.append(1)) == [True] * 3
         assert len(acked) == 3  # journalled: acknowledged before the catalog has them
         store.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})
@@ -76,7 +68,7 @@ def test_rows_round_trip_through_the_child_and_it_goes_with_the_store(tmp_path: 
     assert wait_for(lambda: not any(_alive(c) for c in children), timeout=15)
     meta, frame = read_analysis(tmp_path / "s", "run-a")  # read in-process, after the fact
     assert meta["stop"]["exit_status"] == "success"
-    assert list(frame["seq_num"]) == [1, 2, 3] and frame["motifs"][0] == [0.7, 0.3]
+    assert list(frame["seq_num"]) == [1, 2, 3] and frame["motifs"][0] == [0.7, 0.2, 0.1]
 
 
 def test_the_child_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:

@@ -9,22 +9,10 @@ import pytest
 
 pytest.importorskip("tiled")
 
+from helpers import STORE_DESCRIPTOR as DESCRIPTOR
+from helpers import store_row as _row
+
 from xasflow.adapters.tiled_store import AnalysisStore, StoreError, read_analysis
-
-DESCRIPTOR = {
-    "uid": "d-1",
-    "name": "primary",
-    "data_keys": {
-        "cn": {"dtype": "integer", "source": "t", "shape": []},
-        "distance": {"dtype": "number", "source": "t", "shape": []},
-        "status": {"dtype": "string", "source": "t", "shape": []},
-        "motifs": {"dtype": "array", "source": "t", "shape": [3]},
-    },
-}
-
-
-def _row(seq: int, **extra: object) -> dict:
-    return {"seq_num": seq, "time": 1.0 + seq, "cn": 4, "distance": 1.95, "status": "ok", **extra}
 
 
 def _fill(store: AnalysisStore, raw_uid: str, seqs: list[int]) -> list[int]:

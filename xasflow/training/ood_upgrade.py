@@ -12,7 +12,6 @@ graph and writes the bundle back atomically with a fresh ``files`` table and
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import math
 from collections.abc import Callable, Sequence
@@ -22,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.bundle import Manifest, OodSpec, verify_bundle, write_bundle
-from xasflow.models.integrity import SIGNATURE
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
-from xasflow.training.rebuild import rebuild
+from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
 
 
 def _recon_spec(manifest: Manifest) -> dict[str, Any]:
@@ -86,8 +84,7 @@ def upgrade_bundle(
     """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    if (bundle / SIGNATURE).exists() and signing_key is None:
-        raise ValueError(f"{bundle} is signed: pass the signing key, or the upgrade unsigns it")
+    check_signing(bundle, signing_key, "the upgrade")
     assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
     fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction)
     files = {name: (bundle / name).read_bytes() for name in manifest.files}
@@ -113,11 +110,7 @@ def upgrade_bundle(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: upgrade one bundle directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", help="bundle directory")
-    ap.add_argument("--out", help="write here instead of replacing the bundle")
-    ap.add_argument("--data", help="training data (default: the manifest's training.source)")
-    ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
+    ap = bundle_parser(__doc__.splitlines()[0])
     ap.add_argument(
         "--flag-fraction", type=float, help="validation fraction flagged (default: as recorded)"
     )

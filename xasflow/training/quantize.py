@@ -14,7 +14,6 @@ the sizes and how closely int8 follows float32 on the validation rows.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import tempfile
@@ -25,10 +24,9 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle, write_bundle
-from xasflow.models.integrity import SIGNATURE
 from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
-from xasflow.training.rebuild import rebuild
+from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
 from xasflow.training.select import BaseOutputs, average, calibrate_outputs
 
 INT8 = "int8"
@@ -144,8 +142,7 @@ def quantize_bundle(
     """Write ``bundle`` (to ``out``, default: in place) with int8 network graphs, recalibrated."""
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    if (bundle / SIGNATURE).exists() and signing_key is None:
-        raise ValueError(f"{bundle} is signed: pass the signing key, or quantising unsigns it")
+    check_signing(bundle, signing_key, "quantising")
     nets = {
         m.file: m
         for spec in manifest.tasks.values()
@@ -206,12 +203,7 @@ def quantize_bundle(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: quantise one bundle directory."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", help="bundle directory")
-    ap.add_argument("--out", help="write here instead of replacing the bundle")
-    ap.add_argument("--data", help="training data (default: the manifest's training.source)")
-    ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
-    args = ap.parse_args(argv)
+    args = bundle_parser(__doc__.splitlines()[0]).parse_args(argv)
     path = quantize_bundle(args.bundle, args.out, args.data, args.signing_key)
     print(f"wrote {path}")
     return 0

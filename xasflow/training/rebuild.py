@@ -1,4 +1,5 @@
-"""A bundle's training data rebuilt from its manifest, for steps that refit part of a bundle.
+"""A bundle's training data rebuilt from its manifest, for steps that refit part of a bundle
+(``ood_upgrade``, ``quantize``), and the command line and checks those steps share.
 
 The dataset is read again from the recorded source (its fingerprint must be the bundle's, or
 nothing downstream is about the data the bundle learned from), prepared with the bundle's
@@ -8,12 +9,14 @@ training used for fitting, validation and test.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xasflow.models.bundle import Manifest
+from xasflow.models.integrity import SIGNATURE
 from xasflow.spectra import model_input
 from xasflow.training.dataset import Dataset, build_feff_dataset, grid_dataset
 from xasflow.training.split import split_rows
@@ -47,3 +50,19 @@ def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
     sub = ds.subset(g.rows)
     parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
     return BundleData(sub, model_input(g.y, manifest.features, manifest.prep), parts)
+
+
+def check_signing(bundle: Path, signing_key: object, verb: str) -> None:
+    """Refuse to rewrite a signed bundle without its key (the rewrite would unsign it)."""
+    if (bundle / SIGNATURE).exists() and signing_key is None:
+        raise ValueError(f"{bundle} is signed: pass the signing key, or {verb} unsigns it")
+
+
+def bundle_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every bundle rewrite shares: the bundle, --out, --data, --signing-key."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("bundle", help="bundle directory")
+    ap.add_argument("--out", help="write here instead of replacing the bundle")
+    ap.add_argument("--data", help="training data (default: the manifest's training.source)")
+    ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
+    return ap
