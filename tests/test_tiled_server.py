@@ -92,3 +92,23 @@ def test_the_child_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     assert wait_for(lambda: not any(_alive(c) for c in children), timeout=15)
+
+
+def test_stop_signals_are_left_to_the_daemon(tmp_path: Path) -> None:
+    """Ctrl-C and systemd's SIGTERM reach the whole group: the child outlives them, so the
+    daemon can still flush and record its stops, and goes when the store closes."""
+    store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)
+    try:
+        (child,) = _catalog_children(os.getpid())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(child, sig)
+        store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+        assert store.add_events("run-b", [store_row(1, motifs=[1.0, 0.0, 0.0])]) == [True]
+        store.close_run("run-b", {"uid": "b-stop", "exit_status": "success"})
+        assert store.flush(timeout=30) and _alive(child)
+        assert store.stats()["errors"] == 0
+    finally:
+        store.close()
+    assert wait_for(lambda: not _alive(child), timeout=15)
+    meta, frame = read_analysis(tmp_path / "s", "run-b")
+    assert meta["stop"]["exit_status"] == "success" and list(frame["seq_num"]) == [1]

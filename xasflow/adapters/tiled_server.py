@@ -10,7 +10,9 @@ core. Rows are still appended by the daemon itself, straight into the table's SQ
 
 The child binds an ephemeral loopback port, prints it on stdout, requires a fresh random API
 key (from its environment, never its command line), and exits when its stdin closes: when
-the store closes it, or when the daemon dies, even by SIGKILL.
+the store closes it, or when the daemon dies, even by SIGKILL. It ignores SIGINT, SIGTERM and
+SIGHUP, which a terminal or systemd sends to the whole group while the daemon still needs
+its catalog to flush.
 
     python -m xasflow.adapters.tiled_server DIRECTORY TABLE_URI   (run by the store)
 """
@@ -22,6 +24,7 @@ import logging
 import os
 import secrets
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +53,7 @@ def serve_in_child(directory: Path, table_uris: list[str], timeout: float = 60.0
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, KEY_ENV: key},
+        start_new_session=True,  # a terminal's Ctrl-C is for the daemon, which then closes it
     )
     try:  # this side's imports (tiled's SQL adapter alone: 2 s) overlap the child's start
         from tiled.adapters.sql import SQLAdapter  # noqa: F401  (what appends use)
@@ -155,8 +159,20 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=exit_on_eof, name="parent-watch", daemon=True).start()
     print(sock.getsockname()[1], flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the daemon's to act on (see _ParentOwned)
+
+    class _ParentOwned(uvicorn.Server):
+        """Stops only when stdin closes. Ctrl-C in a terminal and systemd's stop signal reach
+        the whole process group or cgroup: had the child obeyed them, the daemon, which
+        stops on them too, would have found its catalog gone while it flushed."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     config = uvicorn.Config(app, log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    _ParentOwned(config).run(sockets=[sock])
     return 0
 
 
