@@ -136,6 +136,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The child: serve the catalog until stdin closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the daemon's to act on (see _ParentOwned)
     import uvicorn
     from tiled.catalog import from_uri
     from tiled.config import Authentication
@@ -159,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=exit_on_eof, name="parent-watch", daemon=True).start()
     print(sock.getsockname()[1], flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # the daemon's to act on (see _ParentOwned)
 
     class _ParentOwned(uvicorn.Server):
         """Stops only when stdin closes. Ctrl-C in a terminal and systemd's stop signal reach
