@@ -112,3 +112,26 @@ def test_stop_signals_are_left_to_the_daemon(tmp_path: Path) -> None:
     assert wait_for(lambda: not _alive(child), timeout=15)
     meta, frame = read_analysis(tmp_path / "s", "run-b")
     assert meta["stop"]["exit_status"] == "success" and list(frame["seq_num"]) == [1]
+
+
+def test_a_dead_catalog_shows_and_the_journal_still_keeps_results(tmp_path: Path) -> None:
+    """The child killed under the store: ``catalog_up`` drops to 0 (xasflow_store_catalog_up,
+    the XasflowCatalogDown alert), and rows are still acknowledged from the journal, to be
+    replayed into the catalog at the next start."""
+    store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)
+    try:
+        assert store.stats()["catalog_up"] == 1
+        (child,) = _catalog_children(os.getpid())
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: store.stats()["catalog_up"] == 0, "the dead catalog reported")
+        store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
+        acked: list[int] = []
+        rows = [store_row(i, motifs=[0.6, 0.3, 0.1]) for i in (1, 2)]
+        assert store.add_events("run-c", rows, on_stored=lambda: acked.append(1)) == [True] * 2
+        assert len(acked) == 2 and store.stats()["journal_rows"] == 2
+    finally:
+        store.close()
+    with AnalysisStore(tmp_path / "s", journal=True) as again:  # the replay at the next start
+        assert again.flush(timeout=30) and again.stats()["replayed"] == 2
+        _, frame = read_analysis(again, "run-c")
+    assert list(frame["seq_num"]) == [1, 2]

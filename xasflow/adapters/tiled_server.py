@@ -44,9 +44,25 @@ class CatalogServerError(RuntimeError):
     """The catalog's child process did not start."""
 
 
+class ChildLiveness:
+    """Whether the catalog's child process is running (``serve_in_child`` fills ``proc``)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __call__(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 @contextlib.contextmanager
-def serve_in_child(directory: Path, table_uris: list[str], timeout: float = 60.0) -> Iterator[Any]:
-    """Yield a tiled client of the catalog in ``directory``, served by a child process."""
+def serve_in_child(
+    directory: Path,
+    table_uris: list[str],
+    timeout: float = 60.0,
+    liveness: ChildLiveness | None = None,
+) -> Iterator[Any]:
+    """Yield a tiled client of the catalog in ``directory``, served by a child process
+    (``liveness``, if given, tells from then on whether that process still runs)."""
     key = secrets.token_hex(16)
     proc = subprocess.Popen(
         [sys.executable, "-m", "xasflow.adapters.tiled_server", str(directory), *table_uris],
@@ -55,6 +71,8 @@ def serve_in_child(directory: Path, table_uris: list[str], timeout: float = 60.0
         env={**os.environ, KEY_ENV: key},
         start_new_session=True,  # a terminal's Ctrl-C is for the daemon, which then closes it
     )
+    if liveness is not None:
+        liveness.proc = proc
     try:  # this side's imports (tiled's SQL adapter alone: 2 s) overlap the child's start
         from tiled.adapters.sql import SQLAdapter  # noqa: F401  (what appends use)
         from tiled.client import from_uri

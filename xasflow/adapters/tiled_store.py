@@ -73,7 +73,7 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
-from xasflow.adapters.tiled_server import serve_in_child
+from xasflow.adapters.tiled_server import ChildLiveness, serve_in_child
 from xasflow.adapters.tiled_writer import WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
@@ -133,6 +133,7 @@ class AnalysisStore(WriterThread):
         self._reader: Any = None
         self._journal: Journal | None = None
         self._journal_w: Journal | None = None
+        self._catalog_up: Callable[[], bool] = lambda: True  # in-process: up while open
 
         self.directory.mkdir(parents=True, exist_ok=True)
         with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
@@ -154,8 +155,12 @@ class AnalysisStore(WriterThread):
                     con.execute("PRAGMA journal_mode=WAL")
             self._serving = contextlib.ExitStack()
             uris = [f"{table_backend}:///{table_path}"]
-            serving = serve_in_child if catalog_process else _serve
-            self._root = self._serving.enter_context(serving(self.directory, uris))
+            if catalog_process:
+                self._catalog_up = ChildLiveness()
+                served = serve_in_child(self.directory, uris, liveness=self._catalog_up)
+            else:
+                served = _serve(self.directory, uris)
+            self._root = self._serving.enter_context(served)
             if journal:  # one connection for the callers, one for the writer thread
                 self._journal = Journal(self.directory / JOURNAL_FILE)
                 self._journal_w = Journal(self.directory / JOURNAL_FILE)
@@ -328,9 +333,11 @@ class AnalysisStore(WriterThread):
 
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
-        duplicates, journalled, replayed; with the journal, the runs and rows it holds now."""
+        duplicates, journalled, replayed; ``catalog_up`` (1 while the catalog answers: its
+        child process runs); with the journal, the runs and rows it holds now."""
         with self._cond:
             out = {"queued": self._backlog, **self._counts}
+            out["catalog_up"] = int(not self._closed and self._catalog_up())
             journal = None if self._closed else self._journal
         if journal is not None:
             with contextlib.suppress(Exception):  # closed meanwhile: the counters alone

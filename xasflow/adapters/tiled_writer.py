@@ -13,12 +13,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from xasflow.adapters.store_journal import Journal
 from xasflow.adapters.tiled_batch import acknowledge, append_pending, attach_run, with_retries
 from xasflow.adapters.tiled_schema import (
     DEFAULT_STREAM,
+    StoreError,
     _Run,
     _seq_key,
     run_metadata,
@@ -44,8 +46,17 @@ class WriterThread:
     _backlog: int
     _journal_w: Journal | None  # the writer thread's connection to the journal
     _root: Any
+    _catalog_up: Callable[[], bool]
     batch_size: int
     flush_interval: float
+
+    def _catalog(self, action: Callable[[], Any], what: str) -> Any:
+        """A catalog operation, with the store's retries; at once a StoreError when the
+        catalog's process is gone (tiled's client would retry each request for 45 s, and
+        what waits is in the journal, replayed at the next start)."""
+        if not self._catalog_up():
+            raise StoreError(f"{what}: the catalog's process is not running")
+        return with_retries(action, what)
 
     def _writer_loop(self) -> None:
         stop = False
@@ -141,7 +152,7 @@ class WriterThread:
             return
         self._runs[run.raw_uid] = run
         try:
-            with_retries(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
+            self._catalog(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
         except Exception:
             run.failed = True
             self._count("errors")
@@ -151,7 +162,7 @@ class WriterThread:
         if run.raw_uid in self._runs or run.raw_uid in self._prepared:
             return
         try:
-            with_retries(lambda: attach_run(self._root, run), f"prepare {run.raw_uid}")
+            self._catalog(lambda: attach_run(self._root, run), f"prepare {run.raw_uid}")
         except Exception:
             logger.exception("analysis store: cannot prepare run %s", run.raw_uid)
             return  # open_run will try again
@@ -162,7 +173,7 @@ class WriterThread:
     def _write_start(self, run: _Run) -> None:
         run.start_due = False
         meta = {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
-        with_retries(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
+        self._catalog(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
 
     def _close(self, raw_uid: str, stop_doc: dict) -> None:
         run = self._runs.pop(raw_uid, None)
@@ -173,7 +184,7 @@ class WriterThread:
         self._commit(run)
         if run.start_due:
             self._write_start(run)
-        with_retries(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
+        self._catalog(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
         if self._journal_w is not None:
             self._journal_w.forget_run(raw_uid)
 
@@ -183,7 +194,7 @@ class WriterThread:
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
         node = self._root[raw_uid]
-        with_retries(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
+        self._catalog(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
         if self._journal_w is not None:
             self._journal_w.forget_run(raw_uid)
 

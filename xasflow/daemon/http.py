@@ -125,6 +125,11 @@ class AdapterCollector:
                 "xasflow_store_errors", "store write errors", value=store.get("errors", 0)
             )
             yield GaugeMetricFamily(
+                "xasflow_store_catalog_up",
+                "1 while the analysis catalog answers (its child process runs)",
+                value=store.get("catalog_up", 0),
+            )
+            yield GaugeMetricFamily(
                 "xasflow_store_journal_rows",
                 "results acknowledged in the store's journal, not yet in its catalog",
                 value=store.get("journal_rows", 0),
