@@ -110,3 +110,17 @@ def test_measured_metal_and_sulfide_are_out_of_domain_oxides_are_not(
     pred = _measured(xdi_library, name)
     assert pred.out_of_domain is flagged
     assert pred.ood_score is not None
+
+
+def test_shipped_bundle_serves_int8_and_records_it() -> None:
+    """The shipped bundle's network graph is the int8 one, and the record says how it was
+    made and how closely it follows the float graph on validation."""
+    manifest = verify_bundle(BUNDLE)
+    members = [m for t in manifest.tasks.values() for m in t.graph_members()]
+    assert {m.precision for m in members} == {"int8"}
+    record = manifest.training["quantization"]
+    assert "refitted" in record["calibration"]
+    graph = record["graphs"]["mlp.onnx"]
+    assert graph["bytes_int8"] == (BUNDLE / "mlp.onnx").stat().st_size
+    assert graph["bytes_int8"] < 0.3 * graph["bytes_float32"]
+    assert graph["validation_agreement"]["cn"]["argmax_agreement"] >= 0.99
