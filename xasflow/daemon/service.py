@@ -437,15 +437,19 @@ class Daemon:
         store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))
-        for name, limit in self.limits().items():  # each limit's size beside its fill
+        for name, limit in self._limits(src, store).items():  # each limit's size and fill
             self.counters.set_gauge("limit", limit["max"], limit=name)
             used = limit.get("open", limit.get("depth", 0))
             self.counters.set_gauge("limit_used", used, limit=name)
 
     def limits(self) -> dict[str, dict[str, Any]]:
         """Operator limits (config), how full each is and what each refused or dropped."""
+        return self._limits(self.input_stats(), self.store_stats())
+
+    def _limits(self, src: dict[str, int], store: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """:meth:`limits` from stats already read (the store's count the journal's rows)."""
         sse = getattr(getattr(self.app, "state", None), "sse_limit", None)
-        return limits_health(self.config, self.input_stats(), self.store_stats(), sse)
+        return limits_health(self.config, src, store, sse)
 
     def health(self) -> dict[str, Any]:
         """Readiness, uptime, counters, models and adapter state, JSON-ready."""

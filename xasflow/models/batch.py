@@ -117,7 +117,7 @@ class TaskArrays:
         return out
 
 
-def _mean_output(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray:
+def member_mean(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray:
     """Members' outputs averaged, as float64 (n, width)."""
     outs = [
         np.asarray(raw[m.file][m.output], dtype=np.float64).reshape(n, -1)
@@ -126,7 +126,9 @@ def _mean_output(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) 
     return outs[0] if len(outs) == 1 else np.mean(outs, axis=0)  # one member: no copy
 
 
-def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np.ndarray | None:
+def member_spread(
+    raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int
+) -> np.ndarray | None:
     """Deep-ensemble spread of a regressor (mean of members' std outputs), if any member has one."""
     stds = [
         np.asarray(raw[m.file][m.std_output], dtype=np.float64).reshape(n, -1)[:, 0]
@@ -140,7 +142,7 @@ def _spread(raw: dict[str, dict[str, np.ndarray]], spec: TaskSpec, n: int) -> np
 
 def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> TaskArrays:
     """One task's batch from the raw graph outputs."""
-    mean = _mean_output(raw, spec, n)
+    mean = member_mean(raw, spec, n)
     conf: ConformalSpec | None = spec.conformal
     if spec.kind == "classifier":
         probs = np.clip(mean, 0.0, None)
@@ -153,7 +155,7 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
         )
     if spec.kind == "regressor":
         values = mean[:, 0]
-        std = _spread(raw, spec, n)
+        std = member_spread(raw, spec, n)
         interval = None
         if conf is not None:
             if conf.method == "scaled" and std is not None:

@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from xasflow.models.batch import member_mean, member_spread
 from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
 from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
-from xasflow.training.select import BaseOutputs, average, calibrate_outputs
+from xasflow.training.select import BaseOutputs, calibrate_outputs
 
 INT8 = "int8"
 #: What the manifest says was done (``training.quantization.method``).
@@ -73,17 +74,12 @@ def agreement(
 
 
 def _outputs(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -> BaseOutputs:
-    """A task's served average on a batch, as training's selection saw its candidates."""
-    outs = []
-    for m in spec.graph_members():
-        mean = np.asarray(raw[m.file][m.output], dtype=np.float64).reshape(n, -1)
-        std = None
-        if m.std_output:
-            std = np.asarray(raw[m.file][m.std_output], dtype=np.float64).reshape(n, -1)[:, 0]
-        if spec.kind == "regressor":
-            mean = mean[:, 0]
-        outs.append(BaseOutputs(mean, std))
-    return outs[0] if len(outs) == 1 else average(outs)
+    """A task's served average on a batch (the daemon's own member averaging), as training's
+    selection saw its candidates."""
+    mean = member_mean(raw, spec, n)
+    return BaseOutputs(
+        mean[:, 0] if spec.kind == "regressor" else mean, member_spread(raw, spec, n)
+    )
 
 
 def recalibrate(
