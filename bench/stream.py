@@ -66,6 +66,7 @@ import numpy as np
 
 from xasflow import paths
 from xasflow.adapters.probes import PROBE_KEY
+from xasflow.adapters.routing import events_of
 
 ANALYSIS_PREFIX = "xasflow-analysis"
 ENERGY_RANGE = (8800.0, 9120.0)  # covered by every demo compound (and the bundle's window)
@@ -469,12 +470,15 @@ class Results:
                     raw = self.start_raw.get(doc["run_start"])
                     if raw is not None:
                         self.desc_raw[doc["uid"]] = raw
-                elif name == "event":
+                elif name in ("event", "event_page"):  # a batch's results come as one page
                     raw = self.desc_raw.get(doc["descriptor"])
                     if raw is not None:
-                        d = doc["data"]
-                        row = (int(d["index"]), str(d["status"]), float(doc["time"]), received)
-                        self.rows.setdefault(raw, []).append(row)
+                        rows = self.rows.setdefault(raw, [])
+                        for e in [doc] if name == "event" else events_of(doc):
+                            d = e["data"]
+                            rows.append(
+                                (int(d["index"]), str(d["status"]), float(e["time"]), received)
+                            )
                 elif name == "stop":
                     raw = self.start_raw.get(doc["run_start"])
                     if raw is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import zmq
-from event_model import compose_run
+from event_model import compose_run, unpack_event_page
 from synthetic_feff import model_mu
 
 from xasflow.adapters.probes import PROBE_KEY
@@ -124,6 +124,17 @@ def read_pv(pv: Any) -> Any:
     data = pv.read(timeout=5.0).data
     value = data[0] if len(data) == 1 else list(data)
     return value.decode() if isinstance(value, bytes) else value
+
+
+def unpaged(docs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``docs`` with each event page unpacked into its events (the daemon pages a batch)."""
+    out: list[tuple[str, Any]] = []
+    for name, doc in docs:
+        if name == "event_page":
+            out.extend(("event", e) for e in unpack_event_page(doc))
+        else:
+            out.append((name, doc))
+    return out
 
 
 def raw_uids(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str | None]:
@@ -233,7 +244,7 @@ class Results:
         """raw uid -> {"start", "descriptor", "events", "recommendations", "stop"} of the
         analysis runs seen (``events``: the primary stream's data)."""
         with self._lock:
-            docs = list(self.docs)
+            docs = unpaged(self.docs)
         by_start: dict[str, dict[str, Any]] = {}
         by_desc: dict[str, list[dict[str, Any]]] = {}
         for name, doc in docs:

@@ -17,7 +17,7 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from event_model import DocumentNames, compose_run, schema_validators
-from helpers import raw_uids
+from helpers import raw_uids, unpaged
 from synthetic_feff import model_mu
 
 from xasflow.daemon.assembly import (
@@ -166,18 +166,19 @@ def validate(docs: list[tuple[str, dict]]) -> None:
         "start": DocumentNames.start,
         "descriptor": DocumentNames.descriptor,
         "event": DocumentNames.event,
+        "event_page": DocumentNames.event_page,
         "stop": DocumentNames.stop,
     }
     for name, doc in docs:
         schema_validators[names[name]].validate(doc)
-        if name == "event":
+        if name in ("event", "event_page"):
             assert set(doc["data"]) == set(DATA_KEYS) == set(doc["timestamps"])
     # the stream is a well-formed run: start, descriptor, events, stop
     json.dumps([d for _, d in docs])  # plain data, publishable as JSON / msgpack
 
 
 def events(docs: list[tuple[str, dict]]) -> list[dict[str, Any]]:
-    return [d["data"] for n, d in docs if n == "event"]
+    return [d["data"] for n, d in unpaged(docs) if n == "event"]
 
 
 def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:
@@ -207,7 +208,9 @@ def test_predictions_alignment_and_documents(
             closed("raw-1", n=3),
         ]
     )
-    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "stop"]
+    # one batch: its three spectra leave as one event page (one routing, one bus message)
+    assert [n for n, _ in docs] == ["start", "descriptor", "event_page", "stop"]
+    assert only(docs, "event_page")["seq_num"] == [1, 2, 3]
     validate(docs)
     start = only(docs, "start")
     assert start["raw_uid"] == "raw-1" and start["analysis"] == "xasflow"
@@ -367,7 +370,7 @@ def test_assembly_rejections_and_run_ends(pipeline: Pipeline, counters: Counters
         ]
     )
     validate(docs)
-    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "stop"]
+    assert [n for n, _ in docs] == ["start", "descriptor", "event_page", "stop"]
     rows = events(docs)
     assert [(r["index"], r["reason"], r["status"]) for r in rows] == [
         (-1, "duplicate_event", "rejected"),

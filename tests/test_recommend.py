@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import raw_uids
+from helpers import raw_uids, unpaged
 
 from xasflow.daemon.recommend import (
     RECOMMENDATION_KEYS,
@@ -451,20 +451,12 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     pipe = Pipeline(registry, counters, validate=True, recommend=RecommenderConfig())
     docs = pipe.handle_batch(outputs())
     names = [n for n, _ in docs]
-    assert names == [
-        "start",
-        "descriptor",
-        "event",
-        "descriptor",
-        "event",
-        "event",
-        "event",
-        "stop",
-    ]
+    # each stream's events of the batch leave as one page, after that stream's descriptor
+    assert names == ["start", "descriptor", "event_page", "descriptor", "event_page", "stop"]
     kinds = {
         "start": DocumentNames.start,
         "descriptor": DocumentNames.descriptor,
-        "event": DocumentNames.event,
+        "event_page": DocumentNames.event_page,
         "stop": DocumentNames.stop,
     }
     for name, doc in docs:
@@ -475,14 +467,9 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     stop = docs[-1][1]
     assert stop["num_events"] == {"primary": 2, "recommendations": 2}
     assert stop["n_analysed"] == 2
-    recs = [
-        d["data"]
-        for n, d in docs
-        if n == "event" and desc[d["descriptor"]]["name"] == "recommendations"
-    ]
-    prim = [
-        d["data"] for n, d in docs if n == "event" and desc[d["descriptor"]]["name"] == "primary"
-    ]
+    events = [d for n, d in unpaged(docs) if n == "event"]
+    recs = [d["data"] for d in events if desc[d["descriptor"]]["name"] == "recommendations"]
+    prim = [d["data"] for d in events if desc[d["descriptor"]]["name"] == "primary"]
     assert [r["index"] for r in recs] == [0, 1]
     for p, r in zip(prim, recs, strict=True):
         assert p["status"] == "ok"
@@ -512,8 +499,7 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     assert [n for n, _ in plain.handle_batch(outputs())] == [
         "start",
         "descriptor",
-        "event",
-        "event",
+        "event_page",
         "stop",
     ]
 

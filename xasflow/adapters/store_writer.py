@@ -1,7 +1,7 @@
 """The analysis store as a document consumer, in the manner of bluesky's ``TiledWriter``.
 
 :class:`StoreWriter` is an event-model ``RunRouter`` whose factory gives each analysis run a
-:class:`_RunWriter` (a ``DocumentRouter``): the ``primary`` descriptor opens the run's table
+:class:`_RunWriter` (a ``SinkRouter``): the ``primary`` descriptor opens the run's table
 (``store.open_run``), its events and event pages become rows (``store.add_events``, batched
 and committed by the store's writer thread), and the stop closes it (``store.close_run``).
 Other streams of an analysis run (e.g. ``recommendations``) go to the bus only.
@@ -13,9 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from event_model import DocumentRouter
-
-from xasflow.adapters.routing import SafeRouter
+from xasflow.adapters.routing import SafeRouter, SinkRouter
 
 __all__ = ["StoreWriter"]
 
@@ -56,7 +54,7 @@ class StoreWriter:
         return [_RunWriter(self, start)], []  # every run the daemon emits is an analysis run
 
 
-class _RunWriter(DocumentRouter):
+class _RunWriter(SinkRouter):
     """One analysis run's table: opened at its stored stream's descriptor, closed at the stop."""
 
     def __init__(self, writer: StoreWriter, start: dict[str, Any]) -> None:

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from event_model import DocumentRouter
 
-from xasflow.adapters.routing import SafeRouter
+from xasflow.adapters.routing import SafeRouter, SinkRouter
 from xasflow.daemon.recommend import (
     Recommendation,
     RecommendationTracker,
@@ -337,7 +336,7 @@ class RunCollector:
         return [{ID_KEY: _id, **row} for _id, row in zip(order, rows, strict=True)]
 
 
-class _RowCollector(DocumentRouter):
+class _RowCollector(SinkRouter):
     """The primary stream of one acquisition run: appends each event's ``keys`` to ``rows``."""
 
     def __init__(self, keys: list[str], rows: list[dict[str, Any]]) -> None:

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard, cast
 
-from xasflow.adapters.routing import make_run_router
+from xasflow.adapters.routing import make_run_router, page_of
 from xasflow.daemon.assembly_run import _Bad, _Run
 from xasflow.daemon.channels import ChannelMap
 from xasflow.daemon.outputs import (
@@ -96,19 +96,6 @@ _PASSIVE = frozenset(
     {"resource", "datum", "datum_page", "stream_resource", "stream_datum", "bulk_datum"}
 )
 _MEMORY = 10_000  # closed run / descriptor uids remembered, to tell late documents apart
-
-
-def _page_of(event: Mapping[str, Any]) -> dict[str, Any]:
-    """A one-row event_page from an event (event_model.pack_event_page, minus generality)."""
-    return {
-        "descriptor": event["descriptor"],
-        "uid": [event["uid"]],
-        "time": [event["time"]],
-        "seq_num": [event["seq_num"]],
-        "data": {k: [v] for k, v in event["data"].items()},
-        "timestamps": {k: [v] for k, v in event["timestamps"].items()},
-        "filled": {k: [v] for k, v in (event.get("filled") or {}).items()},
-    }
 
 
 def _is_str(value: Any) -> TypeGuard[str]:
@@ -268,7 +255,7 @@ class RunAssembler:
             return  # another stream: not routed at all
         if name == "event":
             # What RunRouter would do (it routes only pages), minus its pack/unpack overhead.
-            self._router.event_page(_page_of(doc))  # type: ignore[arg-type]
+            self._router.event_page(page_of(doc))  # type: ignore[arg-type]
         elif self._page_length(doc):
             self._router("event_page", cast(dict, doc))
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from xasflow.adapters.routing import paged
 from xasflow.daemon.assembly import (
     Output,
     Rejected,
@@ -232,7 +233,7 @@ class Pipeline:
                     logger.error("pipeline got a %s, not an assembly output", type(out).__name__)
             except Exception:  # a bug here must not lose the rest of the batch
                 logger.exception("pipeline failed on %r", out)
-        return docs
+        return paged(docs)
 
     def close_all(self, reason: str) -> list[Doc]:
         """Stop every open analysis run (exit_status "abort"), e.g. at shutdown."""

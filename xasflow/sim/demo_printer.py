@@ -11,9 +11,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from event_model import DocumentRouter
-
-from xasflow.adapters.routing import SafeRouter, stream_factory
+from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
 
 __all__ = ["Printer", "format_result"]
 
@@ -124,7 +122,7 @@ class Printer:
         self._thread.join(5.0)
 
 
-class _RunPrinter(DocumentRouter):
+class _RunPrinter(SinkRouter):
     """One analysis run on the bus: prints its ``primary`` results and its end."""
 
     def __init__(self, printer: Printer, start: dict[str, Any]) -> None:
