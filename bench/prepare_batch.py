@@ -3,12 +3,14 @@
 
 A fly-scan page of 1,000-point measured-like Cu K spectra (sloping background, noise, E0
 spread over 10 eV, each row with its own alignment shift) is prepared with the shipped
-bundle's ``prep`` (``models/cu-k/manifest.json``: ``method: larch``) in batches of 1, 8 and
-64 rows. The baseline runs in the same process: ``prepare_batch`` with every row handed to
-the single-spectrum ``normalize`` (exactly the code path before the batched normalisation),
-and, for reference, ``prepare`` row by row. Samples of the variants are interleaved; each
-figure is the best (and the median) of ``--samples`` samples of about ``--sample-s`` seconds.
-The largest differences of y and of the edge step between the two paths are recorded.
+bundle's ``prep`` (``models/cu-k/manifest.json``: ``method: larch``) in batches of 1, 2, 4, 8
+and 64 rows. The baseline runs in the same process: ``prepare_batch`` with every row handed
+to the single-spectrum ``normalize`` (exactly the code path before the batched
+normalisation); also timed: the batched normalisation however few the rows
+(``LARCH_MIN_ROWS`` = 1, which shows where that threshold belongs) and, for reference,
+``prepare`` row by row. Samples of the variants are interleaved; each figure is the best
+(and the median) of ``--samples`` samples of about ``--sample-s`` seconds. The largest
+differences of y and of the edge step between the batched and the baseline path are recorded.
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/prepare_batch.py \\
         --json bench/results/prepare_batch.json

@@ -75,6 +75,22 @@ def _vander(u: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _range_sums(
+    block: np.ndarray, weights: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """``block[i, lo[i]:hi[i]] @ weights[lo[i]:hi[i]]`` for every row: one product over all
+    the columns, less the few at each end that a row does not use (no full-size mask)."""
+    out = block @ weights
+    left = int(lo.max())
+    if left > 0:
+        out -= (block[:, :left] * (np.arange(left) < lo[:, None])) @ weights[:left]
+    right = int(hi.min())
+    if right < block.shape[1]:
+        outside = np.arange(right, block.shape[1]) >= hi[:, None]
+        out -= (block[:, right:] * outside) @ weights[right:]
+    return out
+
+
 def _rowsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
@@ -134,15 +150,14 @@ def _post_edge(
     ``half_width``, of ``arctan(rel / half_width)``): (values at 0, that of the arctan or
     None, the weighted centre of each row's x).
 
-    Row i's x is a shift ``o[i]`` of row 0's: every power sum is a matrix product of the rows'
-    masks (or masked data) with powers of one shared, scaled coordinate ``u`` (a least-squares
-    polynomial is the same in any affine coordinate); the trapezoid ends are corrected per row.
+    Row i's x is a shift ``o[i]`` of row 0's: every power sum is a difference of prefix sums,
+    or a matrix product of the rows' data, with powers of one shared, scaled coordinate ``u``
+    (a least-squares polynomial is the same in any affine coordinate); the trapezoid ends are
+    corrected per row.
     """
     k, m = rel.shape
     rows = np.arange(k)
     pa, pb = int(p1.min()), int(p2.max())
-    cols = np.arange(pa, pb)
-    mask = ((cols >= p1[:, None]) & (cols < p2[:, None])).astype(np.float64)
     base = rel[0, pa:pb]
     ref, scale = 0.5 * (base[0] + base[-1]), 0.5 * (base[-1] - base[0]) or 1.0
     u = (base - ref) / scale
@@ -155,14 +170,15 @@ def _post_edge(
         h[:] = 0.0
         h[lo + 1 - pa : hi - 1 - pa] = 0.5 * (rel[0, lo + 2 : hi] - rel[0, lo : hi - 2])
     vand = _vander(u, powers) * h[:, None]
-    sums = mask @ vand  # (k, powers): sum of w u^j over each row's range
+    prefix = np.zeros((pb - pa + 1, powers))
+    np.cumsum(vand, axis=0, out=prefix[1:])
+    sums = prefix[p2 - pa] - prefix[p1 - pa]  # (k, powers): sum of w u^j over each row's range
     low = vand[:, : top + 1]
-    data = [(mu[:, pa:pb] * mask) @ low]  # sum of w u^j y
+    data = [_range_sums(mu[:, pa:pb], low, p1 - pa, p2 - pa)]  # sum of w u^j y
     if half_width is not None:
         arc = np.divide(rel[:, pa:pb], half_width)
         np.arctan(arc, out=arc)
-        arc *= mask
-        data.append(arc @ low)
+        data.append(_range_sums(arc, low, p1 - pa, p2 - pa))
     if energy_weights:  # a row's first and last weights are half its end intervals
         two = p2 - p1 > 1  # (a single point weighs 1)
         first = np.where(two, 0.5 * (rel[rows, np.minimum(p1 + 1, m - 1)] - rel[rows, p1]), 1.0)
@@ -214,7 +230,6 @@ def normalize_larch_batch(
     per-row function).
     """
     n, m = mu.shape
-    y = np.full((n, m), np.nan)
     steps = np.full(n, np.nan)
     errors: list[SpectrumError | None] = [None] * n
     end = rel[:, -1]
@@ -246,13 +261,18 @@ def normalize_larch_batch(
         a[keep] for a in (idx, norm1, norm2, nnorm, p1, p2, ie0)
     )
     if not idx.size:
-        return y, steps, errors, defer
+        return np.full((n, m), np.nan), steps, errors, defer
     rows = slice(None) if idx.size == n else idx
     calc = _calculated(rel[rows], mu[rows], params, [declared[i] for i in idx.tolist()])
     step, y_fit, bad = _fit_rows(
         axes[rows], rel[rows], mu[rows], e0[rows], params, calc, tail_width, ie0, nnorm, p1, p2
     )
-    steps[rows], y[rows] = step, y_fit
+    steps[rows] = step
+    if idx.size == n:
+        y = y_fit
+    else:
+        y = np.full((n, m), np.nan)
+        y[rows] = y_fit
     for r, i in enumerate(idx.tolist()):
         if bad[r] is None:
             continue
