@@ -200,3 +200,62 @@ def test_rows_off_the_shared_axis_are_left_to_the_per_row_function() -> None:
         want_y, want_step = normalize(Spectrum(axes[i], mu[i], "Cu"), CU_K, DEFAULT)
         assert steps[i] == pytest.approx(want_step, rel=1e-9)
         np.testing.assert_allclose(y[i], want_y, rtol=1e-9, atol=1e-12)
+
+
+def test_random_pages_match_normalize_row_by_row() -> None:
+    """Seeded random pages (axes, E0s, shifts, backgrounds, declared calculations) under
+    random parameters: every row as ``normalize`` gives it at the same E0, errors included."""
+    from xasflow.spectra.norm_batch import normalize_larch_batch
+    from xasflow.spectra.process import normalize
+
+    rng = np.random.default_rng(20261126)
+    outcomes: dict[str, int] = {}
+    for _ in range(60):
+        start, stop = (
+            CU_K + rng.choice([-250.0, -40.0, -12.0]),
+            CU_K + rng.choice([50.0, 150.0, 600.0]),
+        )
+        energy = np.linspace(start, stop, int(rng.choice([80, 400, 1000])))
+        n = int(rng.integers(1, 7))
+        shifts, e0 = rng.uniform(-4, 4, n), CU_K + rng.uniform(-6, 6, n)
+        mu = np.array(
+            [
+                _edge(energy + s, e, i, rng.random() < 0.7)
+                for i, (s, e) in enumerate(zip(shifts, e0, strict=True))
+            ]
+        )
+        update: dict[str, Any] = {
+            "weighting": rng.choice(["points", "energy"]),
+            "edge_tail": bool(rng.random() < 0.7),
+            "min_post_edge": float(rng.choice([20.0, 45.0])),
+        }
+        if rng.random() < 0.3:
+            update.update(
+                norm1=float(rng.choice([10.0, 30.0])), norm2=float(rng.choice([60.0, -10.0]))
+            )
+        if rng.random() < 0.3:
+            update.update(nnorm=int(rng.integers(0, 4)))
+        if rng.random() < 0.3:
+            update.update(pre1=float(rng.choice([-200.0, -10.0])), pre2=-5.0)
+        params = DEFAULT.model_copy(update=update)
+        declared = [None if rng.random() < 0.7 else bool(rng.random() < 0.5) for _ in range(n)]
+        axes = energy[None, :] + shifts[:, None]
+        y, steps, errors, deferred = normalize_larch_batch(
+            axes, axes - e0[:, None], mu, e0, params, declared, 1.55 if params.edge_tail else None
+        )
+        for i in sorted(set(range(n)) - set(deferred.tolist())):
+            meta = {} if declared[i] is None else {"calculated": declared[i]}
+            try:
+                want_y, want_step = normalize(
+                    Spectrum(axes[i], mu[i], "Cu", meta=meta), e0[i], params
+                )
+            except SpectrumError as exc:
+                got = errors[i]
+                assert got is not None and (got.reason, got.message) == (exc.reason, exc.message)
+                outcomes[exc.reason] = outcomes.get(exc.reason, 0) + 1
+                continue
+            assert errors[i] is None, errors[i]
+            assert steps[i] == pytest.approx(want_step, rel=1e-9)
+            np.testing.assert_allclose(y[i], want_y, rtol=1e-9, atol=1e-12)
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+    assert outcomes.get("ok", 0) > 50 and {"edge_step", "no_post_edge"} <= set(outcomes), outcomes

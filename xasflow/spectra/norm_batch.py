@@ -2,11 +2,13 @@
 
 The same science as :func:`~xasflow.spectra.process.normalize` with ``method="larch"`` and
 ``normalization="edge_step"`` (:func:`~xasflow.spectra.norm.edge_fit` and its checks), for
-n rows whose ranges and indices differ with their E0 and alignment shift: every index is
-one ``searchsorted`` on the shared axis checked against the row itself, every fit a set of
-weighted sums over per-row masks on the few columns any row uses, and the small
-normal-equation systems are solved as one stack. Rows it cannot reproduce exactly (a
-user-set post-edge range below the data's second point) are left to the per-row function.
+n rows on one axis shifted per row (alignment) whose ranges and indices differ with their
+E0 and shift: every index is one ``searchsorted`` on the shared axis checked against the
+row itself; the pre-edge lines are masked sums over the few columns any row uses; the
+post-edge power sums are prefix sums and matrix products on one shared coordinate, and the
+small normal equations are solved as one stack. The results equal the per-row function's to
+rounding (``tests/test_norm_batch.py``). Rows it cannot reproduce (a user-set post-edge
+range below the data's second point) are handed back to the per-row function.
 """
 
 from __future__ import annotations
@@ -147,8 +149,8 @@ def _post_edge(
     half_width: float | None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``norm._at_zero`` of each row's ``mu - a - b (rel - c)`` on ``[p1, p2)`` (and, with
-    ``half_width``, of ``arctan(rel / half_width)``): (values at 0, that of the arctan or
-    None, the weighted centre of each row's x).
+    ``half_width``, of ``arctan(rel / half_width)``): (the fit's value at 0, the arctan fit's
+    value at 0 or None, the weighted centre of each row's x).
 
     Row i's x is a shift ``o[i]`` of row 0's: every power sum is a difference of prefix sums,
     or a matrix product of the rows' data, with powers of one shared, scaled coordinate ``u``
@@ -239,6 +241,8 @@ def normalize_larch_batch(
             f"data end at E0{float(end[i]):+.1f} eV, below E0{params.min_post_edge:+g} eV: "
             "cannot find the edge step",
         )
+    if not (end >= params.min_post_edge).any():
+        return np.full((n, m), np.nan), steps, errors, np.zeros(0, dtype=int)
     live = _pick(end >= params.min_post_edge)
     r_live = rel[live]
     norm1, norm2, nnorm = _ranges(r_live, params)
@@ -341,8 +345,7 @@ def _fit_rows(
     # the post-edge polynomial at 0
     size = p2 - p1
     degree = np.where(size <= nnorm, 0, nnorm)
-    tail = tail_width is not None and tail_width > 0
-    hw = 0.5 * tail_width if tail_width is not None and tail else None
+    hw = 0.5 * tail_width if tail_width is not None and tail_width > 0 else None
     first, arc, centre = _post_edge(
         rel, mu, (a, b, c), p1, p2, degree, params.weighting == "energy", hw
     )
