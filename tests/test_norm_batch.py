@@ -107,6 +107,7 @@ def test_short_and_coarse_scans_lower_the_degree(params: PrepParams) -> None:
     short = params.model_copy(update={"min_post_edge": 30.0, "window_stop": 30.0})
     assert _compare(energy, mu, short, np.linspace(-2, 2, 5)) == ["ok"] * 5
     assert _compare(energy, mu, params)[-1] == "no_post_edge"  # ends at E0+42 eV
+    assert _compare(energy[:600], mu[:, :600], params) == ["no_post_edge"] * 5  # every row
 
 
 @pytest.mark.parametrize("params", RULES, ids=RULE_IDS)
