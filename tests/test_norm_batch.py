@@ -165,6 +165,27 @@ def test_rows_edge_fit_cannot_slice_go_to_the_per_row_function(
     assert len(calls) == 3
 
 
+def test_fewer_rows_than_the_threshold_keep_the_per_row_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below ``LARCH_MIN_ROWS`` live rows the single-spectrum ``normalize`` is cheaper and
+    runs; from it on, the batched code (same results either way)."""
+    from xasflow.spectra.process import normalize
+
+    calls: list[int] = []
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return normalize(*args)
+
+    monkeypatch.setattr(batch_module, "normalize", counting)
+    monkeypatch.setattr(batch_module, "LARCH_MIN_ROWS", 3)
+    energy = np.linspace(8800.0, 9400.0, 1000)
+    mu = np.array([_edge(energy, CU_K + d, i) for i, d in enumerate((-2.0, 0.0, 3.0))])
+    assert _compare(energy, mu[:2], DEFAULT) == ["ok"] * 2 and len(calls) == 2
+    assert _compare(energy, mu, DEFAULT) == ["ok"] * 3 and len(calls) == 2
+
+
 def test_shared_cu_feff_spectra_on_one_axis(cu_archive: Path) -> None:
     """Up to forty shared Cu FEFF spectra resampled onto one axis: declared calculations and the
     same spectra left for the rule to recognise, with the shipped bundle's parameters."""
