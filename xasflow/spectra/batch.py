@@ -3,10 +3,10 @@
 The same science as :func:`~xasflow.spectra.process.prepare` and
 :func:`~xasflow.spectra.channels.alignment_shift`, written as matrix operations over the rows
 of ``mu`` (n spectra, m points on one axis) so the per-spectrum cost is arithmetic rather
-than Python overhead. Vectorised: the E0 search (:func:`find_e0_batch`), the legacy
-normalisation with ``normalization="edge_step"``, the resampling onto the model grid, the
-reference-foil shift and its edge check. Done per row with the single-spectrum functions
-(same results, no speed-up): the ``larch`` method and ``normalization="max"``
+than Python overhead. Vectorised: the E0 search (:func:`find_e0_batch`), the normalisation
+with ``normalization="edge_step"`` (legacy here, larch in :mod:`xasflow.spectra.norm_batch`),
+the resampling onto the model grid, the reference-foil shift and its edge check. Done per row
+with the single-spectrum functions (same results, no speed-up): ``normalization="max"``
 (:func:`~xasflow.spectra.process.normalize`), and HERFD spectra (``meta["herfd"]``, whole
 :func:`~xasflow.spectra.process.prepare`). Each row fails on its own: a bad row is a
 :class:`SpectrumError` in its slot of the result, never an exception for the batch.
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from xasflow.spectra.core import Spectrum, SpectrumError
-from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.norm_batch import normalize_larch_batch
 from xasflow.spectra.process import (
     _E0_KERNEL,
     _E0_STEP,
@@ -35,6 +36,11 @@ from xasflow.spectra.process import (
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
 
 Result = Prepared | SpectrumError
+
+#: Fewer live rows than this are normalised (larch) by the single-spectrum function: the
+#: batched one's fixed cost (some 200 small numpy calls) beats it from about 5 rows on
+#: (``bench/prepare_batch.py``).
+LARCH_MIN_ROWS = 5
 
 
 def _interp_rows(
@@ -389,15 +395,25 @@ def _prepare_fast(
     d = s[live] - e0[live]
     y = np.empty_like(rel)
     steps = np.empty(live.size)
+    norm_errors = _row_errors(live.size)
+    per_row: list[int] = []  # rows normalised by the single-spectrum function
     if params.method == "legacy" and params.normalization == "edge_step":
         y, steps, norm_errors = _legacy_batch(energy, rel, mu[live], d, params)
-    else:  # larch, or "max": the per-row function
-        norm_errors = _row_errors(live.size)
-        for r, row in enumerate(live.tolist()):
-            try:
-                y[r], steps[r] = normalize(spectra[row], float(e0[row]), params)
-            except SpectrumError as exc:
-                norm_errors[r] = exc
+    elif params.normalization == "edge_step" and live.size >= LARCH_MIN_ROWS:  # larch
+        tail = core_hole_width(element, edge) if params.edge_tail else None
+        declared = [metas[i].get("calculated") for i in live.tolist()]
+        y, steps, norm_errors, deferred = normalize_larch_batch(
+            axes[live], rel, mu[live], e0[live], params, declared, tail
+        )
+        per_row = deferred.tolist()
+    else:  # "max", or a few larch rows
+        per_row = list(range(live.size))
+    for r in per_row:
+        row = int(live[r])
+        try:
+            y[r], steps[r] = normalize(spectra[row], float(e0[row]), params)
+        except SpectrumError as exc:
+            norm_errors[r] = exc
     grid = params.grid
     below = np.maximum(0.0, rel[:, 0] - grid[0])
     above = np.maximum(0.0, grid[-1] - rel[:, -1])
