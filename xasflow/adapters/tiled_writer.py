@@ -1,8 +1,8 @@
 """The writer-thread half of :class:`~xasflow.adapters.tiled_store.AnalysisStore`.
 
 One thread owns the tiled client: it takes the queued items in order (open, prepare, row,
-close, finish, call, flush, release, stop), groups rows per run and appends each batch in one
-transaction, then acknowledges the rows (and, with the journal, forgets them there). Kept apart
+replay (a row from the journal), close, finish, call, flush, release, stop), groups rows per
+run and appends each batch in one transaction, then acknowledges the rows (and, with the journal, forgets them there). Kept apart
 from the caller side so each half reads in one sitting; :class:`WriterThread` is a mixin that
 only :class:`~xasflow.adapters.tiled_store.AnalysisStore` uses.
 
@@ -119,8 +119,11 @@ class WriterThread:
 
     def _handle(self, item: tuple[Any, ...]) -> bool:
         kind = item[0]
-        if kind == "row":
-            _, raw_uid, row, callback, _journalled = item
+        if kind in ("row", "replay"):
+            _, raw_uid, row, callback = item[:4]
+            if kind == "replay":  # counted as it is taken: a long journal never fills the queue
+                with self._cond:
+                    self._backlog += 1
             run = self._runs.get(raw_uid)
             if run is None or run.failed:
                 self._finish_rows(1, errors=1)
@@ -264,9 +267,8 @@ class WriterThread:
             stream = jr.descriptor.get("name") or DEFAULT_STREAM
             meta = run_metadata(jr.start, jr.descriptor, stream)
             items.append(("open", _Run(jr.raw_uid, stream, schema, arrays, meta)))
-            items.extend(("row", jr.raw_uid, row, None, True) for row in jr.rows)
+            items.extend(("replay", jr.raw_uid, row, None) for row in jr.rows)
             with self._cond:
-                self._backlog += len(jr.rows)
                 self._counts["replayed"] += len(jr.rows)
             if jr.raw_uid in still_open:
                 state = "open"
@@ -318,12 +320,14 @@ class WriterThread:
 
     def _not_in_journal(self, items: list[Any]) -> list[Any]:
         """``items`` less those the journal holds (the replay brings them back): journalled
-        rows (settled here) and, with the journal, opens and closes."""
+        rows (settled here), rows of an earlier replay and, with the journal, opens and closes."""
         journal = self._journal_w is not None
         out = [
             item
             for item in items
-            if not (item[0] == "row" and item[4]) and not (journal and item[0] in ("open", "close"))
+            if not (item[0] == "row" and item[4])
+            and item[0] != "replay"
+            and not (journal and item[0] in ("open", "close"))
         ]
         rows = sum(1 for item in items if item[0] == "row" and item[4])
         if rows:
