@@ -1,8 +1,11 @@
 """The store's catalog served by a child process: same results, a key it insists on, no
-warm-up left behind, and no child outliving its daemon (even one killed by SIGKILL)."""
+warm-up left behind, no child outliving its daemon (even one killed by SIGKILL), and a child
+that dies under the daemon restarted (with back-off) and the journal replayed into it."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +22,7 @@ pytest.importorskip("tiled")
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row, wait_for
 
+from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
 
 
@@ -33,9 +37,12 @@ def _alive(pid: int) -> bool:
 
 
 def _catalog_children(pid: int) -> list[int]:
-    """The catalog servers among ``pid``'s children (the test process has others)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    pids = [int(p) for p in path.read_text().split()] if path.exists() else []
+    """The catalog servers among ``pid``'s children, whichever thread started them (the test
+    process has others)."""
+    pids = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            pids += [int(p) for p in path.read_text().split()]
     return [c for c in pids if b"xasflow.adapters.tiled_server" in _cmdline(c)]
 
 
@@ -114,24 +121,85 @@ def test_stop_signals_are_left_to_the_daemon(tmp_path: Path) -> None:
     assert meta["stop"]["exit_status"] == "success" and list(frame["seq_num"]) == [1]
 
 
-def test_a_dead_catalog_shows_and_the_journal_still_keeps_results(tmp_path: Path) -> None:
-    """The child killed under the store: ``catalog_up`` drops to 0 (xasflow_store_catalog_up,
-    the XasflowCatalogDown alert), and rows are still acknowledged from the journal, to be
-    replayed into the catalog at the next start."""
+def test_a_killed_catalog_child_is_restarted_and_the_journal_replayed_into_it(
+    tmp_path: Path,
+) -> None:
+    """The child SIGKILLed under an open store: ``catalog_up`` drops to 0, rows are still
+    acknowledged from the journal, and the store starts a new child by itself and replays
+    the journal into it; every row, from before and after the kill, is stored once."""
     store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)
     try:
-        assert store.stats()["catalog_up"] == 1
+        store.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
+        assert store.add_events("run-a", [store_row(i) for i in (1, 2)]) == [True] * 2
+        assert store.flush(timeout=30)
         (child,) = _catalog_children(os.getpid())
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: store.stats()["catalog_up"] == 0, "the dead catalog reported")
-        store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
         acked: list[int] = []
-        rows = [store_row(i, motifs=[0.6, 0.3, 0.1]) for i in (1, 2)]
-        assert store.add_events("run-c", rows, on_stored=lambda: acked.append(1)) == [True] * 2
-        assert len(acked) == 2 and store.stats()["journal_rows"] == 2
+        ack = lambda: acked.append(1)  # noqa: E731
+        # the open run goes on, and a whole run comes and goes, while the catalog is down
+        assert store.add_events("run-a", [store_row(3), store_row(4)], on_stored=ack) == [True] * 2
+        store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)
+        rows = [store_row(i, motifs=[0.6, 0.3, 0.1]) for i in (1, 2, 3)]
+        assert store.add_events("run-b", rows, on_stored=ack) == [True] * 3
+        store.close_run("run-b", {"uid": "b-stop", "exit_status": "success"})
+        assert len(acked) == 5  # acknowledged from the journal, not waiting for the catalog
+
+        def recovered() -> bool:
+            s = store.stats()  # run-a is still open: its record stays in the journal
+            return s["catalog_up"] == 1 and s["journal_rows"] == 0 and s["journal_runs"] == 1
+
+        wait_for(recovered, "the catalog restarted and the journal replayed into it", 30)
+        assert store.stats()["catalog_restarts"] == 1
+        new = _catalog_children(os.getpid())
+        assert len(new) == 1 and new[0] != child
+        assert not _alive(child)  # the dead one was reaped
+        assert store.add_events("run-a", [store_row(5)]) == [True]
+        store.close_run("run-a", {"uid": "a-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        stats = store.stats()
+        assert stats["errors"] == 0 and stats["catalog_restart_failures"] == 0
+        assert stats["journal_runs"] == 0 and stats["stored"] == 8
+        meta_a, frame_a = read_analysis(store, "run-a")
+        meta_b, frame_b = read_analysis(store, "run-b")
     finally:
         store.close()
-    with AnalysisStore(tmp_path / "s", journal=True) as again:  # the replay at the next start
-        assert again.flush(timeout=30) and again.stats()["replayed"] == 2
-        _, frame = read_analysis(again, "run-c")
-    assert list(frame["seq_num"]) == [1, 2]
+    assert list(frame_a["seq_num"]) == [1, 2, 3, 4, 5] and meta_a["stop"]["uid"] == "a-stop"
+    assert list(frame_b["seq_num"]) == [1, 2, 3] and frame_b["motifs"][2] == [0.6, 0.3, 0.1]
+    assert meta_b["start"]["uid"] == "b-start" and meta_b["stop"]["exit_status"] == "success"
+
+
+def test_a_child_that_cannot_start_is_retried_with_growing_delays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each failed try is counted and logged and the next waits 1 s, 2 s, 4 s (at most, here):
+    a child that cannot start never spins; once one starts, it counts as a restart. The
+    times are the supervisor's clock, given here: nothing sleeps."""
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    directory = tmp_path / "s"
+    directory.mkdir()
+    uris = [f"sqlite:///{directory / 'tables.sqlite'}"]
+    sup = CatalogSupervisor(directory, uris, first_delay=1.0, max_delay=4.0, python=str(broken))
+    caplog.set_level(logging.ERROR, logger="xasflow.adapters.tiled_store")
+    assert sup.poll(0.0) is None and sup.failures == 1  # down, never tried: tried at once
+    for n, now in enumerate([1.0, 3.0, 7.0], start=2):  # then 1 s, 2 s, 4 s after the last
+        assert sup.poll(now - 0.01) is None and sup.failures == n - 1  # not due yet: no try
+        assert sup.poll(now) is None and sup.failures == n  # due: tried, failed
+        assert not sup() and sup.restarts == 0
+    assert [sup.next_check(t) for t in (7.5, 10.9)] == [11.0, 11.0]  # capped at 4 s
+    failed = [r.getMessage() for r in caplog.records if "did not restart" in r.getMessage()]
+    assert len(failed) == 4 and all("exit code 3" in m for m in failed)
+    assert [m.rsplit("next try in ", 1)[1] for m in failed] == ["1 s", "2 s", "4 s", "4 s"]
+    sup.python = sys.executable  # the cause is gone: the next try brings the catalog back
+    try:
+        assert sup.poll(10.9) is None and sup.failures == 4
+        root = sup.poll(11.0)
+        assert root is not None and sup() and sup.restarts == 1 and list(root) == []
+        (child,) = _catalog_children(os.getpid())
+        os.kill(child, signal.SIGKILL)  # dies again soon after: still backing off
+        wait_for(lambda: not sup(), "the second death seen")
+        assert sup.poll(12.0) is None and sup.next_check(12.0) == 16.0
+    finally:
+        sup.close()

@@ -55,6 +55,8 @@ def attach_run(root: Any, run: _Run) -> None:
         if exc.response.status_code != 409:
             raise
         node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
+        if node.metadata.get("start") is None and run.metadata.get("start") is not None:
+            run.start_due = True  # made ahead of its run (prepare_run): the start still to write
     if not created and run.stream in node:
         table = node[run.stream]
         stored = table.structure().arrow_schema_decoded

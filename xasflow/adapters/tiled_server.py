@@ -12,7 +12,8 @@ The child binds an ephemeral loopback port, prints it on stdout, requires a fres
 key (from its environment, never its command line), and exits when its stdin closes: when
 the store closes it, or when the daemon dies, even by SIGKILL. It ignores SIGINT, SIGTERM and
 SIGHUP, which a terminal or systemd sends to the whole group while the daemon still needs
-its catalog to flush.
+its catalog to flush. A child that dies all the same is replaced by the store
+(:mod:`xasflow.adapters.catalog_supervisor`).
 
     python -m xasflow.adapters.tiled_server DIRECTORY TABLE_URI   (run by the store)
 """
@@ -60,12 +61,13 @@ def serve_in_child(
     table_uris: list[str],
     timeout: float = 60.0,
     liveness: ChildLiveness | None = None,
+    python: str = sys.executable,
 ) -> Iterator[Any]:
-    """Yield a tiled client of the catalog in ``directory``, served by a child process
-    (``liveness``, if given, tells from then on whether that process still runs)."""
+    """Yield a tiled client of the catalog in ``directory``, served by a child process run by
+    ``python`` (``liveness``, if given, tells from then on whether that process still runs)."""
     key = secrets.token_hex(16)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xasflow.adapters.tiled_server", str(directory), *table_uris],
+        [python, "-m", "xasflow.adapters.tiled_server", str(directory), *table_uris],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, KEY_ENV: key},
@@ -133,6 +135,8 @@ def _read_port(proc: subprocess.Popen[bytes], timeout: float) -> int:
             break
         if proc.poll() is not None:
             break
+    with contextlib.suppress(subprocess.TimeoutExpired):  # its exit code, for the message
+        proc.wait(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
     raise CatalogServerError(
         f"the catalog server did not start (exit code {proc.poll()}); see the log above"
     )

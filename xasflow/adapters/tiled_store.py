@@ -38,7 +38,9 @@ container's metadata untouched, appends to the existing table, and a row whose `
 already stored is acknowledged without being written again (counted in ``duplicates``).
 A process killed while runs were open leaves them with ``stop: None``; the next process finds
 them with :meth:`AnalysisStore.unfinished_runs` (what each holds) and records their end with
-:meth:`AnalysisStore.finish_run`.
+:meth:`AnalysisStore.finish_run`. A catalog child process (``catalog_process=True``) that dies
+is restarted by the writer thread, which then replays the journal into it the same way
+(:mod:`xasflow.adapters.catalog_supervisor`); the callers' rows go on into the journal meanwhile.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
@@ -73,7 +77,6 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
-from xasflow.adapters.tiled_server import ChildLiveness, serve_in_child
 from xasflow.adapters.tiled_writer import WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
@@ -101,7 +104,8 @@ class AnalysisStore(WriterThread):
         (:mod:`xasflow.adapters.store_journal`), not once in the catalog; what a killed
         process left there is replayed into the catalog now. ``catalog_process``: serve the
         catalog from a child process (:mod:`xasflow.adapters.tiled_server`), so its HTTP work
-        runs off this process's GIL.
+        runs off this process's GIL; one that dies is restarted and the journal replayed
+        into it (:mod:`xasflow.adapters.catalog_supervisor`).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -130,10 +134,12 @@ class AnalysisStore(WriterThread):
         }
         self._runs: dict[str, _Run] = {}  # writer thread only
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
-        self._reader: Any = None
+        self._reader: tuple[Any, Any] | None = None  # (the writer's root, a client over it)
         self._journal: Journal | None = None
         self._journal_w: Journal | None = None
         self._catalog_up: Callable[[], bool] = lambda: True  # in-process: up while open
+        self._supervisor: CatalogSupervisor | None = None
+        self._held: list[tuple[Any, ...]] = []
 
         self.directory.mkdir(parents=True, exist_ok=True)
         with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
@@ -156,15 +162,15 @@ class AnalysisStore(WriterThread):
             self._serving = contextlib.ExitStack()
             uris = [f"{table_backend}:///{table_path}"]
             if catalog_process:
-                self._catalog_up = ChildLiveness()
-                served = serve_in_child(self.directory, uris, liveness=self._catalog_up)
+                self._supervisor = self._catalog_up = CatalogSupervisor(self.directory, uris)
+                self._serving.callback(self._supervisor.close)
+                self._root = self._supervisor.start(time.monotonic())
             else:
-                served = _serve(self.directory, uris)
-            self._root = self._serving.enter_context(served)
+                self._root = self._serving.enter_context(_serve(self.directory, uris))
             if journal:  # one connection for the callers, one for the writer thread
                 self._journal = Journal(self.directory / JOURNAL_FILE)
                 self._journal_w = Journal(self.directory / JOURNAL_FILE)
-                self._replay(self._journal)
+                self._items.extend(self._replay(self._journal))
         except BaseException:
             self._release()
             raise
@@ -247,7 +253,7 @@ class AnalysisStore(WriterThread):
         with self._cond:
             self._counts["journalled"] += sum(journalled)
             for row, early in zip(rows[:room], journalled, strict=True):
-                self._items.append(("row", raw_uid, dict(row), None if early else on_stored))
+                self._items.append(("row", raw_uid, dict(row), None if early else on_stored, early))
             if room and (len(self._items) == room or len(self._items) >= self.batch_size):
                 self._cond.notify()
         if on_stored is not None:
@@ -334,10 +340,14 @@ class AnalysisStore(WriterThread):
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
         duplicates, journalled, replayed; ``catalog_up`` (1 while the catalog answers: its
-        child process runs); with the journal, the runs and rows it holds now."""
+        child process runs), ``catalog_restarts`` and ``catalog_restart_failures`` (tries
+        that did not bring a dead one back); with the journal, the runs and rows it holds now."""
+        sup = self._supervisor
         with self._cond:
             out = {"queued": self._backlog, **self._counts}
             out["catalog_up"] = int(not self._closed and self._catalog_up())
+            out["catalog_restarts"] = sup.restarts if sup is not None else 0
+            out["catalog_restart_failures"] = sup.failures if sup is not None else 0
             journal = None if self._closed else self._journal
         if journal is not None:
             with contextlib.suppress(Exception):  # closed meanwhile: the counters alone
@@ -347,11 +357,12 @@ class AnalysisStore(WriterThread):
     def client(self) -> Any:
         """A tiled client (root container) over this store's catalog, for readers and tests."""
         self._check_open()
-        if self._reader is None:
+        root = self._root  # a new one once a dead catalog process is replaced
+        if self._reader is None or self._reader[0] is not root:
             from tiled.client import from_context
 
-            self._reader = from_context(self._root.context)
-        return self._reader
+            self._reader = (root, from_context(root.context))
+        return self._reader[1]
 
     def __enter__(self) -> AnalysisStore:
         return self

@@ -1,20 +1,26 @@
 """The writer-thread half of :class:`~xasflow.adapters.tiled_store.AnalysisStore`.
 
 One thread owns the tiled client: it takes the queued items in order (open, prepare, row,
-close, finish, call, flush, release, stop), groups rows per run and appends each batch in one
-transaction, then acknowledges the rows (and, with the journal, forgets them there). Kept apart
+replay (a row from the journal), close, finish, call, flush, release, stop), groups rows per
+run and appends each batch in one transaction, then acknowledges the rows (and, with the journal, forgets them there). Kept apart
 from the caller side so each half reads in one sitting; :class:`WriterThread` is a mixin that
 only :class:`~xasflow.adapters.tiled_store.AnalysisStore` uses.
+
+When the catalog's child process dies, the queued work the journal holds is left to it, the
+rest waits in memory; once :class:`~xasflow.adapters.catalog_supervisor.CatalogSupervisor`
+has started a new child, the open runs are reattached, the journal is replayed (the start-up
+code path; ``seq_num`` keeps it idempotent) and what waited follows.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.store_journal import Journal
 from xasflow.adapters.tiled_batch import acknowledge, append_pending, attach_run, with_retries
@@ -26,6 +32,9 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
+
+if TYPE_CHECKING:
+    from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 
 __all__ = ["WriterThread"]
 
@@ -46,7 +55,10 @@ class WriterThread:
     _backlog: int
     _journal_w: Journal | None  # the writer thread's connection to the journal
     _root: Any
+    _columns: dict[str, frozenset[str]]  # runs open on the caller side
     _catalog_up: Callable[[], bool]
+    _supervisor: CatalogSupervisor | None  # with a catalog child process
+    _held: list[tuple[Any, ...]]  # work the journal does not hold, while the catalog is down
     batch_size: int
     flush_interval: float
 
@@ -66,6 +78,7 @@ class WriterThread:
             except Exception:  # keep the only writer alive whatever happens
                 logger.exception("analysis store: writer step failed")
                 self._count("errors")
+        self._drop_held()
 
     def _writer_step(self) -> bool:
         """Wait for work or a batch deadline, handle what is queued, commit what is due."""
@@ -82,6 +95,7 @@ class WriterThread:
                 self._cond.wait(remaining)
             items = list(self._items)
             self._items.clear()
+        items = self._supervise(items)
         for item in items:
             try:
                 stop = self._handle(item) or stop
@@ -90,18 +104,26 @@ class WriterThread:
                 self._count("errors")
         self._commit_due(force=stop)
         for run in list(self._runs.values()):
-            if run.start_due:  # after the first rows: they were what results waited for
+            # after the first rows (they were what results waited for); with the catalog up
+            if run.start_due and self._catalog_up():
                 self._write_start(run)
         return stop
 
     def _next_deadline(self) -> float | None:
-        starts = [run.first_pending_at for run in self._runs.values() if run.pending]
-        return min(starts) + self.flush_interval if starts else None
+        starts = [
+            run.first_pending_at + self.flush_interval for run in self._runs.values() if run.pending
+        ]
+        if self._supervisor is not None:  # its next look at the catalog's process
+            starts.append(self._supervisor.next_check(time.monotonic()))
+        return min(starts) if starts else None
 
     def _handle(self, item: tuple[Any, ...]) -> bool:
         kind = item[0]
-        if kind == "row":
-            _, raw_uid, row, callback = item
+        if kind in ("row", "replay"):
+            _, raw_uid, row, callback = item[:4]
+            if kind == "replay":  # counted as it is taken: a long journal never fills the queue
+                with self._cond:
+                    self._backlog += 1
             run = self._runs.get(raw_uid)
             if run is None or run.failed:
                 self._finish_rows(1, errors=1)
@@ -121,6 +143,8 @@ class WriterThread:
             run = self._runs.pop(item[1], None)
             if run is not None and not run.failed:
                 self._commit(run)
+                if run.start_due:
+                    self._write_start(run)
         elif kind == "finish":
             self._finish(item[1], item[2])
         elif kind == "call":
@@ -173,7 +197,11 @@ class WriterThread:
     def _write_start(self, run: _Run) -> None:
         run.start_due = False
         meta = {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
-        self._catalog(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
+        try:
+            self._catalog(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
+        except Exception:
+            run.start_due = not self._catalog_up()  # its process died: after the restart
+            raise
 
     def _close(self, raw_uid: str, stop_doc: dict) -> None:
         run = self._runs.pop(raw_uid, None)
@@ -227,25 +255,122 @@ class WriterThread:
             self._counts["errors"] += bad
         acknowledge(acks)
 
-    def _replay(self, journal: Journal) -> None:
-        """Queue what the journal holds (before the writer starts): each run made or reopened,
-        its rows appended (duplicates skipped by seq_num), its stop recorded if it had one."""
+    def _replay(self, journal: Journal, still_open: frozenset[str] = frozenset()) -> list[Any]:
+        """The items that put what the journal holds into the catalog (at start-up, and after
+        a restart of its process): each run made or reopened, its rows appended (duplicates
+        skipped by seq_num), its stop recorded if it had one. A run in ``still_open`` (open
+        on the caller side when the queue was taken) stays open: its close, if any came
+        since, is queued after these."""
+        items: list[Any] = []
         for jr in journal.pending():
             schema, arrays = schema_for_descriptor(jr.descriptor)
             stream = jr.descriptor.get("name") or DEFAULT_STREAM
             meta = run_metadata(jr.start, jr.descriptor, stream)
-            self._items.append(("open", _Run(jr.raw_uid, stream, schema, arrays, meta)))
-            self._items.extend(("row", jr.raw_uid, row, None) for row in jr.rows)
-            self._backlog += len(jr.rows)
-            self._counts["replayed"] += len(jr.rows)
-            end = ("close", jr.raw_uid, jr.stop) if jr.stop is not None else ("release", jr.raw_uid)
-            self._items.append(end)
+            items.append(("open", _Run(jr.raw_uid, stream, schema, arrays, meta)))
+            items.extend(("replay", jr.raw_uid, row, None) for row in jr.rows)
+            with self._cond:
+                self._counts["replayed"] += len(jr.rows)
+            if jr.raw_uid in still_open:
+                state = "open"
+            elif jr.stop is not None:
+                items.append(("close", jr.raw_uid, jr.stop))
+                state = "stopped"
+            else:
+                items.append(("release", jr.raw_uid))
+                state = "no stop"
             logger.warning(
                 "analysis store: replaying run %s from the journal (%d rows, %s)",
                 jr.raw_uid,
                 len(jr.rows),
-                "stopped" if jr.stop is not None else "no stop",
+                state,
             )
+        return items
+
+    # ------------------------------------------------------------ a dead catalog process
+    def _supervise(self, items: list[Any]) -> list[Any]:
+        """The items to handle now: all of them while the catalog runs; while its process is
+        down, what :meth:`_park` leaves; once a new process runs, the recovery first."""
+        sup = self._supervisor
+        if sup is None or sup():
+            return items
+        items = self._park(items)
+        if any(item[0] == "stop" for item in items):
+            return items  # closing: the journal is replayed at the next start
+        root = sup.poll(time.monotonic())
+        return items if root is None else self._recover(root, items)
+
+    def _park(self, items: list[Any]) -> list[Any]:
+        """Set aside work for the catalog while its process is down: what the journal holds
+        is left there (the recovery replays it), what it does not waits in ``_held``, reads
+        fail at once; flushes, releases and the stop go on (the rows pending in open runs are
+        appended straight into their table, which needs no catalog process)."""
+        now: list[Any] = []
+        for item in self._not_in_journal(items):
+            kind = item[0]
+            if kind == "prepare":
+                continue  # best effort
+            elif kind in ("row", "open", "close", "finish") or (kind == "flush" and self._held):
+                self._held.append(item)  # a flush waits for what waits before it
+            elif kind == "call":
+                item[2]["error"] = StoreError("the catalog's process is not running")
+                item[3].set()
+            else:
+                now.append(item)
+        return now
+
+    def _not_in_journal(self, items: list[Any]) -> list[Any]:
+        """``items`` less those the journal holds (the replay brings them back): journalled
+        rows (settled here), rows of an earlier replay and, with the journal, opens and closes."""
+        journal = self._journal_w is not None
+        out = [
+            item
+            for item in items
+            if not (item[0] == "row" and item[4])
+            and item[0] != "replay"
+            and not (journal and item[0] in ("open", "close"))
+        ]
+        rows = sum(1 for item in items if item[0] == "row" and item[4])
+        if rows:
+            self._finish_rows(rows, errors=0)
+        return out
+
+    def _recover(self, root: Any, items: list[Any]) -> list[Any]:
+        """A new catalog process runs: reattach the open runs to it, then replay what the
+        journal holds, then what waited in memory, then ``items``."""
+        self._root = root  # the callers' client() follows it
+        self._prepared.clear()  # their clients spoke to the dead process
+        for raw_uid, run in list(self._runs.items()):
+            if run.failed:  # its rows were counted as errors (or are in the journal)
+                del self._runs[raw_uid]
+                continue
+            try:
+                self._catalog(functools.partial(attach_run, root, run), f"reattach {raw_uid}")
+            except Exception:
+                run.failed = True
+                self._count("errors")
+                logger.exception("analysis store: cannot reattach run %s", raw_uid)
+        with self._cond:  # what was queued meanwhile is in the journal read below
+            queued = list(self._items)
+            self._items.clear()
+            still_open = frozenset(self._columns)
+        items = items + self._not_in_journal(queued)
+        replay = [] if self._journal_w is None else self._replay(self._journal_w, still_open)
+        held, self._held = self._held, []
+        return replay + held + items
+
+    def _drop_held(self) -> None:
+        """At the writer's end: what waited for a catalog that never came back is lost."""
+        held, self._held = self._held, []
+        rows = sum(1 for item in held if item[0] == "row")
+        if rows:
+            logger.error("analysis store: %d rows not in the journal were never stored", rows)
+            self._finish_rows(rows, errors=rows)
+        for item in held:
+            if item[0] == "flush":
+                item[1].set()
+            elif item[0] != "row":
+                raw_uid = item[1].raw_uid if item[0] == "open" else item[1]
+                logger.error("analysis store: %s of run %s was not recorded", item[0], raw_uid)
 
     def _finish_rows(self, n: int, errors: int) -> None:
         with self._cond:

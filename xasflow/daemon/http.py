@@ -129,6 +129,16 @@ class AdapterCollector:
                 "1 while the analysis catalog answers (its child process runs)",
                 value=store.get("catalog_up", 0),
             )
+            yield CounterMetricFamily(
+                "xasflow_store_catalog_restarts",
+                "catalog child processes the store started after one died",
+                value=store.get("catalog_restarts", 0),
+            )
+            yield CounterMetricFamily(
+                "xasflow_store_catalog_restart_failures",
+                "tries to restart the catalog's child process that did not bring it up",
+                value=store.get("catalog_restart_failures", 0),
+            )
             yield GaugeMetricFamily(
                 "xasflow_store_journal_rows",
                 "results acknowledged in the store's journal, not yet in its catalog",
