@@ -232,6 +232,14 @@ class Counters:
         with self._lock:
             return sum(self.rejected.values())
 
+    def summary(self) -> str:
+        """One line for the log: spectra received, analysed, rejected (by reason), decode errors."""
+        c = self.snapshot()
+        return (
+            f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
+            f"{c['spectra_rejected']} rejected {c['rejected']}, decode errors {c['decode_errors']}"
+        )
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter (for health endpoints, logs and tests)."""
         with self._lock:

@@ -285,7 +285,7 @@ class Daemon:
                     logger.error("processing thread did not finish within %.0f s", timeout)
             self._teardown(timeout)
             self._stopped.set()
-            logger.info("xasflow daemon stopped: %s", self._summary())
+            logger.info("xasflow daemon stopped: %s", self.counters.summary())
 
     def _teardown(self, timeout: float = 30.0) -> None:
         """Close what was started (store last but one, HTTP last); safe on partial starts."""
@@ -492,10 +492,3 @@ class Daemon:
             "limits": {**self.limits(), "token_min_length": self.config.http.token_min_length},
             "internal_errors": self.processor.internal_errors if self.processor else 0,
         }
-
-    def _summary(self) -> str:
-        c = self.counters.snapshot()
-        return (
-            f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
-            f"{c['spectra_rejected']} rejected {c['rejected']}, decode errors {c['decode_errors']}"
-        )
