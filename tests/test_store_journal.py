@@ -106,3 +106,26 @@ def test_what_a_killed_process_left_in_the_journal_is_replayed(tmp_path: Path) -
     # run-b had no stop: the daemon's recovery sees it with its rows, and ends it
     assert [(u["raw_uid"], u["rows"]) for u in unfinished] == [("run-b", 2)]
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def test_journal_rows_round_trip_as_msgpack_or_json(tmp_path: Path) -> None:
+    """Rows are journalled as msgpack; one msgpack cannot hold (an integer beyond 64 bits)
+    as JSON text, and JSON rows of an older journal read back the same way."""
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    journal.open_run("raw", {"uid": "s"}, DESCRIPTOR)
+    rows = [
+        _row(1, distance=float("nan"), flags="a,b", weird=np.float64(2.5), n=np.int64(7)),
+        _row(2, big=2**70),
+    ]
+    assert journal.add("raw", rows) == [True, True]
+    stored = dict(journal._db.execute("SELECT seq, typeof(row) FROM rows").fetchall())
+    assert stored == {1: "blob", 2: "text"}
+    journal._db.execute(  # a row as an older journal wrote it
+        "INSERT INTO rows (raw_uid, seq, row) VALUES ('raw', 3, ?)", ('{"seq_num": 3, "cn": 6}',)
+    )
+    (run,) = journal.pending()
+    first, second, third = run.rows
+    assert first["seq_num"] == 1 and first["weird"] == 2.5 and first["n"] == 7
+    assert np.isnan(first["distance"]) and first["flags"] == "a,b"
+    assert second["big"] == 2**70 and third == {"seq_num": 3, "cn": 6}
+    journal.close()

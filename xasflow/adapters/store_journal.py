@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgpack
+import numpy as np
 
 from xasflow.adapters.tiled_schema import _seq_key, json_default
 
@@ -79,7 +82,7 @@ class Journal:
         """Journal rows of one run in one transaction (keyed by ``seq_num``); False for a row
         without one, which is then left to the catalog alone."""
         seqs = [_seq_key(row) for row in rows]
-        keyed = [(raw_uid, q, _dumps(r)) for r, q in zip(rows, seqs, strict=True) if q is not None]
+        keyed = [(raw_uid, q, _pack(r)) for r, q in zip(rows, seqs, strict=True) if q is not None]
         if keyed:
             with self._lock:
                 self._db.execute("BEGIN")
@@ -127,7 +130,7 @@ class Journal:
         }
         for uid, row in rows:
             if uid in out:  # rows of a run with no record cannot be placed; kept for a person
-                out[uid].rows.append(json.loads(row))
+                out[uid].rows.append(_unpack(row))
         return list(out.values())
 
     def counts(self) -> dict[str, int]:
@@ -145,3 +148,27 @@ class Journal:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=json_default, allow_nan=True, separators=(",", ":"))
+
+
+def _pack(row: Mapping[str, Any]) -> bytes | str:
+    """A row as msgpack (a quarter of JSON's time: rows are journalled on the processing
+    thread), or as JSON text for what msgpack cannot hold (an integer beyond 64 bits)."""
+    try:
+        return msgpack.packb(row, default=_numpy_plain, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):
+        return _dumps(row)
+
+
+def _numpy_plain(value: Any) -> Any:
+    """msgpack's ``default``: numpy scalars and arrays as Python data; anything else (a huge
+    integer, an unknown object) raises, and the row goes to JSON instead."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"msgpack cannot hold {type(value).__name__}")
+
+
+def _unpack(data: bytes | str) -> dict[str, Any]:
+    """A journalled row back (JSON text from :func:`_pack`'s fallback, or older journals)."""
+    if isinstance(data, str):
+        return dict(json.loads(data))
+    return dict(msgpack.unpackb(data, raw=False))

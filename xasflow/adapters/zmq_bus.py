@@ -148,6 +148,13 @@ class _Counters:
         with self._lock:
             self._values[name] = self._values.get(name, 0) + n
 
+    def add(self, counts: dict[str, int]) -> None:
+        """Several counters at once (one lock: the receive thread counts each message)."""
+        with self._lock:
+            values = self._values
+            for name, n in counts.items():
+                values[name] = values.get(name, 0) + n
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
@@ -285,46 +292,44 @@ class ZmqDocumentSource:
             sock.close(linger=0)
 
     def _receive_loop(self, sock: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poll_ms = max(1, int(self.cfg.poll_interval_s * 1000))
+        # A blocking receive bounded by RCVTIMEO instead of poll + non-blocking receives: one
+        # call (and one GIL hand-over) per message, and no zmq.Again raised at each wake-up.
+        sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.cfg.poll_interval_s * 1000)))
         while not self._stop.is_set():
             try:
-                if not poller.poll(poll_ms):
-                    continue
-                # Drain what is ready without re-polling, but keep close() prompt.
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-                    if self._stop.is_set():
-                        return
+                frames = sock.recv_multipart()
+            except zmq.Again:
+                continue  # idle for poll_interval_s: look at the stop flag
             except zmq.ContextTerminated:
                 return
             except zmq.ZMQError as exc:
                 self._counters.inc("receive_errors")
                 logger.warning("0MQ receive error on %s: %s", self._address, exc)
                 self._stop.wait(self.cfg.poll_interval_s)
+                continue
+            self._handle(frames)
 
     def _handle(self, frames: list[bytes]) -> None:
-        self._counters.inc("received")
-        self._counters.inc("bytes_received", sum(len(f) for f in frames))
+        counts = {"received": 1, "bytes_received": sum(len(f) for f in frames)}
         if self._ignored_topics and frames and frames[0].startswith(self._ignored_topics):
-            self._counters.inc("ignored")
+            counts["ignored"] = 1
+            self._counters.add(counts)
             return
         try:
             name, doc = decode_message(frames, self.cfg.prefix, formats=self.cfg.formats)
         except WireError as exc:
+            self._counters.add(counts)
             self._count_decode_error(exc.reason, str(exc))
             return
         except Exception as exc:  # a decoder bug must not kill the receive thread
+            self._counters.add(counts)
             self._count_decode_error("internal", f"{type(exc).__name__}: {exc}")
             return
-        self._counters.inc("decoded")
-        self._counters.inc(f"documents.{name}")
-        self._enqueue((name, doc))
+        counts["decoded"] = 1
+        counts[f"documents.{name}"] = 1
+        self._counters.add(counts)  # received before a full queue holds it back
+        if self._enqueue((name, doc)):
+            self._counters.inc("enqueued")
 
     def _count_decode_error(self, reason: str, text: str) -> None:
         self._counters.inc("decode_errors")
@@ -334,7 +339,8 @@ class ZmqDocumentSource:
         self._warned.add(reason)
         logger.log(level, "dropped undecodable 0MQ message from %s: %s", self._address, text)
 
-    def _enqueue(self, item: tuple[str, dict[str, Any]]) -> None:
+    def _enqueue(self, item: tuple[str, dict[str, Any]]) -> bool:
+        """Queue ``item`` by the overflow policy; False when it was dropped."""
         policy = self.cfg.overflow
         if policy == "block":
             waited = False
@@ -348,13 +354,13 @@ class ZmqDocumentSource:
                         self._counters.inc("backpressure_waits")
                     if self._stop.is_set():
                         self._counters.inc("dropped_on_close")
-                        return
+                        return False
         elif policy == "drop_newest":
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
                 self._counters.inc("dropped_overflow")
-                return
+                return False
         else:  # drop_oldest; this thread is the only producer, so one eviction makes room
             while True:
                 try:
@@ -366,7 +372,7 @@ class ZmqDocumentSource:
                         self._counters.inc("dropped_overflow")
                     except queue.Empty:
                         pass
-        self._counters.inc("enqueued")
+        return True
 
 
 class ZmqDocumentPublisher:
