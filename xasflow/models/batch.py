@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
-from xasflow.models.results import TaskResult
+from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import (
     apply_temperature,
     combined_ood,
@@ -68,11 +68,10 @@ class TaskArrays:
         if self.spec.kind == "regressor":
             values = self.values.tolist()
             if self.interval is None:
-                return [TaskResult(value=v) for v in values]
+                return [task_result(v) for v in values]
             bounds = self.interval.tolist()
             return [
-                TaskResult(value=v, interval=(b[0], b[1]))
-                for v, b in zip(values, bounds, strict=True)
+                task_result(v, interval=(b[0], b[1])) for v, b in zip(values, bounds, strict=True)
             ]
         return self._ranking_rows()
 
@@ -84,7 +83,7 @@ class TaskArrays:
         probs = self.probabilities.tolist()
         if self.sets is None:
             return [
-                TaskResult(value=labels[k], probabilities=dict(zip(keys, p, strict=True)))
+                task_result(labels[k], dict(zip(keys, p, strict=True)))
                 for k, p in zip(chosen, probs, strict=True)
             ]
         members: list[list[Any]] = [[] for _ in chosen]  # sets hold 1-2 of up to 22 classes:
@@ -92,9 +91,7 @@ class TaskArrays:
         for i, k in zip(rows.tolist(), cols.tolist(), strict=True):
             members[i].append(labels[k])
         return [
-            TaskResult(
-                value=labels[k], probabilities=dict(zip(keys, p, strict=True)), prediction_set=s
-            )
+            task_result(labels[k], dict(zip(keys, p, strict=True)), prediction_set=s)
             for k, p, s in zip(chosen, probs, members, strict=True)
         ]
 
@@ -102,18 +99,20 @@ class TaskArrays:
         """Multi-output rows: outputs above the threshold ranked, the ``lead`` label first."""
         spec, values = self.spec, self.values
         names = spec.outputs or [str(k) for k in range(values.shape[1])]
-        orders = np.argsort(-values, axis=1, kind="stable").tolist()
-        rows = values.tolist()
+        order_arr = np.argsort(-values, axis=1, kind="stable")
         thr = spec.threshold if spec.threshold is not None else -np.inf
+        # sorted from the top, the outputs at or above the threshold are a prefix of each order
+        n_kept = (np.take_along_axis(values, order_arr, axis=1) >= thr).sum(axis=1).tolist()
+        orders, rows = order_arr.tolist(), values.tolist()
         leads = self.lead if self.lead is not None else [None] * len(rows)
         position = {name: k for k, name in enumerate(names)}
         out = []
-        for row, order, lead in zip(rows, orders, leads, strict=True):
-            ranking = [(names[k], row[k]) for k in order if row[k] >= thr]
+        for row, order, kept, lead in zip(rows, orders, n_kept, leads, strict=True):
+            ranking = [(names[k], row[k]) for k in order[:kept]]
             if lead is not None and lead in position:
                 ranking = [(lead, row[position[lead]])] + [r for r in ranking if r[0] != lead]
             top = ranking[0][0] if ranking else names[order[0]]
-            out.append(TaskResult(value=top, ranking=ranking))
+            out.append(task_result(top, ranking=ranking))
         return out
 
 

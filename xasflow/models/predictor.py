@@ -101,15 +101,8 @@ class Predictor:
             if score is not None and threshold is not None and not score <= threshold:
                 flags.append(OUT_OF_DOMAIN)  # NaN scores are out of domain too
             out.append(
-                Prediction(
-                    bundle_id=m.bundle_id,
-                    element=m.element,
-                    edge=m.edge,
-                    e0=prep.e0,
-                    edge_step=prep.edge_step,
-                    results=results,
-                    flags=flags,
-                    ood_score=score,
+                Prediction.make(
+                    m.bundle_id, m.element, m.edge, prep.e0, prep.edge_step, results, flags, score
                 )
             )
         return out
