@@ -118,34 +118,42 @@ class AdapterCollector:
             for key in ("stored", "duplicates", "dropped", "unstored"):
                 fam.add_metric([key], store.get(key, 0))
             yield fam
-            yield CounterMetricFamily(
-                "xasflow_store_batches", "store write transactions", value=store.get("batches", 0)
-            )
-            yield CounterMetricFamily(
-                "xasflow_store_errors", "store write errors", value=store.get("errors", 0)
-            )
-            yield GaugeMetricFamily(
-                "xasflow_store_catalog_up",
-                "1 while the analysis catalog answers (its child process runs)",
-                value=store.get("catalog_up", 0),
-            )
-            yield CounterMetricFamily(
-                "xasflow_store_catalog_restarts",
-                "catalog child processes the store started after one died",
-                value=store.get("catalog_restarts", 0),
-            )
-            yield CounterMetricFamily(
-                "xasflow_store_catalog_restart_failures",
-                "tries to restart the catalog's child process that did not bring it up",
-                value=store.get("catalog_restart_failures", 0),
-            )
-            yield GaugeMetricFamily(
-                "xasflow_store_journal_rows",
-                "results acknowledged in the store's journal, not yet in its catalog",
-                value=store.get("journal_rows", 0),
-            )
+            for counter, name, text, key in _STORE_SCALARS:
+                family = CounterMetricFamily if counter else GaugeMetricFamily
+                yield family(name, text, value=store.get(key, 0))
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
+
+
+#: The store's single-valued metrics: (counter?, name, help, its key in the store's stats).
+_STORE_SCALARS = (
+    (True, "xasflow_store_batches", "store write transactions", "batches"),
+    (True, "xasflow_store_errors", "store write errors", "errors"),
+    (
+        False,
+        "xasflow_store_catalog_up",
+        "1 while the analysis catalog answers (its child process runs)",
+        "catalog_up",
+    ),
+    (
+        True,
+        "xasflow_store_catalog_restarts",
+        "catalog child processes the store started after one died",
+        "catalog_restarts",
+    ),
+    (
+        True,
+        "xasflow_store_catalog_restart_failures",
+        "tries to restart the catalog's child process that did not bring it up",
+        "catalog_restart_failures",
+    ),
+    (
+        False,
+        "xasflow_store_journal_rows",
+        "results acknowledged in the store's journal, not yet in its catalog",
+        "journal_rows",
+    ),
+)
 
 
 def _output_losses(out: dict[str, int]) -> Iterator[Any]:
