@@ -3,10 +3,11 @@
 The same science as :func:`~xasflow.spectra.process.prepare` and
 :func:`~xasflow.spectra.channels.alignment_shift`, written as matrix operations over the rows
 of ``mu`` (n spectra, m points on one axis) so the per-spectrum cost is arithmetic rather
-than Python overhead. Vectorised: the E0 search (:func:`find_e0_batch`), the normalisation
-with ``normalization="edge_step"`` (legacy here, larch in :mod:`xasflow.spectra.norm_batch`),
-the resampling onto the model grid, the reference-foil shift and its edge check. Done per row
-with the single-spectrum functions (same results, no speed-up): ``normalization="max"``
+than Python overhead. Vectorised: the normalisation with ``normalization="edge_step"``
+(legacy here, larch in :mod:`xasflow.spectra.norm_batch`), the resampling onto the model
+grid and the reference foil's edge check. Done per row with the single-spectrum functions:
+the E0 search (:func:`find_e0_batch`: bit for bit the E0 that training's spectra get, and
+faster than its matrix version was), ``normalization="max"``
 (:func:`~xasflow.spectra.process.normalize`), and HERFD spectra (``meta["herfd"]``, whole
 :func:`~xasflow.spectra.process.prepare`). Each row fails on its own: a bad row is a
 :class:`SpectrumError` in its slot of the result, never an exception for the batch.
@@ -25,10 +26,9 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.norm_batch import normalize_larch_batch
 from xasflow.spectra.process import (
-    _E0_KERNEL,
-    _E0_STEP,
     Prepared,
     PrepParams,
+    e0_in_window,
     normalize,
     prepare,
 )
@@ -83,9 +83,9 @@ def find_e0_batch(
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
     """:func:`~xasflow.spectra.process.find_e0` of every row of ``mu`` (NaN + error on failure).
 
-    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Rows whose
-    search window is the same share one 0.1 eV grid and are smoothed and differentiated as
-    one matrix.
+    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Each row
+    runs the single-spectrum search (:func:`~xasflow.spectra.process.e0_in_window`), so the
+    daemon's pages and training's spectra get the same E0 to the last bit.
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
@@ -101,53 +101,11 @@ def find_e0_batch(
             tab = None
         if tab is not None:
             lo, hi = np.maximum(lo, tab - search), np.minimum(hi, tab + search)
-    groups: dict[tuple[float, float], list[int]] = {}
-    for i in range(n):
-        if hi[i] - lo[i] < 2.0:
-            errors[i] = SpectrumError("no_edge", f"no data near the {element} {edge} edge")
-        else:
-            groups.setdefault((float(lo[i]), float(hi[i])), []).append(i)
-    for (g_lo, g_hi), members in groups.items():
-        idx = np.asarray(members)
-        grid = np.arange(g_lo, g_hi, _E0_STEP)
-        rel = energy[None, :] + s[idx, None]
-        query = np.broadcast_to(grid, (idx.size, grid.size))
-        m = _interp_rows(query, energy, rel, mu[idx], s[idx])
-        pad = _E0_KERNEL.size // 2
-        padded = np.concatenate(
-            (np.repeat(m[:, :1], pad, axis=1), m, np.repeat(m[:, -1:], pad, axis=1)), axis=1
-        )
-        windows = np.lib.stride_tricks.sliding_window_view(padded, _E0_KERNEL.size, axis=1)
-        sm = windows @ _E0_KERNEL[::-1]
-        deriv = np.empty_like(sm)
-        if sm.shape[1] > 1:
-            deriv[:, 1:-1] = (sm[:, 2:] - sm[:, :-2]) / (2 * _E0_STEP)
-            deriv[:, 0] = (sm[:, 1] - sm[:, 0]) / _E0_STEP
-            deriv[:, -1] = (sm[:, -1] - sm[:, -2]) / _E0_STEP
-        else:
-            deriv[:] = 0.0
-        margin = round(1.5 / _E0_STEP)
-        if deriv.shape[1] > 2 * margin + 3:
-            deriv[:, :margin] = -np.inf
-            deriv[:, -margin:] = -np.inf
-        best = np.argmax(deriv, axis=1)
-        rows = np.arange(idx.size)
-        peak = deriv[rows, best]
-        inner = (best > 0) & (best < deriv.shape[1] - 1)
-        a = deriv[rows, np.maximum(best - 1, 0)]
-        c = deriv[rows, np.minimum(best + 1, deriv.shape[1] - 1)]
-        refine = inner & np.isfinite(a) & np.isfinite(c)
-        denom = np.where(refine, a - 2 * peak + c, 1.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            shift = np.where(denom != 0, 0.5 * (a - c) / np.where(denom != 0, denom, 1.0), 0.0)
-        shift = np.where(refine, np.clip(shift, -0.5, 0.5), 0.0)
-        found = grid[best] + shift * _E0_STEP
-        ok = np.isfinite(peak) & (peak > 0)
-        for r, i in enumerate(members):
-            if ok[r]:
-                e0[i] = float(found[r])
-            else:
-                errors[i] = SpectrumError("no_edge", "mu never rises: no absorption edge found")
+    for i in range(n):  # per row, the single-spectrum search: the same E0 to the last bit
+        try:
+            e0[i] = e0_in_window(energy + s[i], mu[i], float(lo[i]), float(hi[i]), element, edge)
+        except SpectrumError as exc:
+            errors[i] = exc
     return e0, errors
 
 
