@@ -14,6 +14,7 @@ from xasflow.adapters.routing import (
     events_of,
     make_run_router,
     page_of,
+    paged,
     stream_factory,
 )
 
@@ -93,3 +94,17 @@ def test_events_and_pages_reach_each_callback_in_its_form(monkeypatch: pytest.Mo
     router("stop", stop)
     assert stream_seen == [("event", 1, 4), ("event", 2, 5), ("event", 3, 6)]
     assert run_seen == [("page", [1], [4]), ("page", [2, 3], [5, 6])]
+
+
+def test_paged_gathers_each_streams_events_but_never_past_a_stop() -> None:
+    start, desc, events, stop = _run(3)
+    other = dict(events[1], descriptor="other-stream")
+    odd = dict(events[2], data={"cn": 6})  # keys differ from the first event's
+    docs = [("start", start), ("descriptor", desc), ("event", events[0]), ("event", other)]
+    docs += [("event", events[1]), ("stop", stop), ("event", events[2])]
+    got = paged(docs)
+    assert [n for n, _ in got] == ["start", "descriptor", "event_page", "event", "stop", "event"]
+    assert got[2][1]["seq_num"] == [1, 2] and got[2][1]["data"]["cn"] == [4, 5]
+    assert list(events_of(got[2][1])) == [events[0], events[1]]
+    for pair in ([events[0], odd], [odd, events[0]]):  # no shared columns: left alone
+        assert paged([("event", e) for e in pair]) == [("event", e) for e in pair]

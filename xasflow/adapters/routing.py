@@ -67,8 +67,12 @@ def page_of(event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def page_from(events: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The event page of ``events`` (all of one descriptor, same data keys), in their order."""
+    """The event page of ``events`` (all of one descriptor), in their order; KeyError when
+    their data or timestamp keys differ (a page holds one set of columns)."""
     first = events[0]
+    keys, stamp_keys = first["data"].keys(), first["timestamps"].keys()
+    if any(e["data"].keys() != keys or e["timestamps"].keys() != stamp_keys for e in events):
+        raise KeyError("the events' data keys differ")
     return {
         "descriptor": first["descriptor"],
         "uid": [e["uid"] for e in events],
@@ -103,12 +107,18 @@ def paged(docs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, A
         if name == "stop":
             open_pages.clear()
         out.append((name, doc))
-    return [
-        (name, doc)
-        if name != "events"
-        else (("event", doc[0]) if len(doc) == 1 else ("event_page", page_from(doc)))
-        for name, doc in out
-    ]
+    result: list[tuple[str, dict[str, Any]]] = []
+    for name, doc in out:
+        if name != "events":
+            result.append((name, doc))
+        elif len(doc) == 1:
+            result.append(("event", doc[0]))
+        else:
+            try:
+                result.append(("event_page", page_from(doc)))
+            except KeyError:  # events whose keys differ cannot share a page: sent as they are
+                result.extend(("event", e) for e in doc)
+    return result
 
 
 def events_of(page: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
