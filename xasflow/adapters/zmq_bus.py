@@ -145,8 +145,7 @@ class _Counters:
         self._values: dict[str, int] = dict.fromkeys(names, 0)
 
     def inc(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] = self._values.get(name, 0) + n
+        self.add({name: n})
 
     def add(self, counts: dict[str, int]) -> None:
         """Several counters at once (one lock: the receive thread counts each message)."""
