@@ -1,15 +1,18 @@
-"""The processing loop's micro-batching bounds (``BatchPolicy``)."""
+"""The processing loop's micro-batching: it waits for more documents only under load."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import pytest
 
-from xasflow.daemon.config import AnalysisConfig
+from xasflow.daemon.batching import BatchPolicy, RateMeter
+from xasflow.daemon.config import AnalysisConfig, load_config
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.outputs import ScanSpectrum, SpectrumReady
-from xasflow.daemon.processor import BatchPolicy, Processor
+from xasflow.daemon.processor import Processor
 
 
 class FakeQueue:
@@ -22,6 +25,20 @@ class FakeQueue:
     def get(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
         self.timeouts.append(timeout)
         return self.items.pop(0) if self.items else None
+
+
+class ArrivingQueue(FakeQueue):
+    """``items`` are queued; ``arriving`` come one per wait (a ``get`` with a timeout > 0)."""
+
+    def __init__(self, items: list[Any], arriving: list[Any]) -> None:
+        super().__init__(items)
+        self.arriving = list(arriving)
+
+    def get(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
+        got = super().get(timeout)
+        if got is None and timeout > 0 and self.arriving:
+            return self.arriving.pop(0)
+        return got
 
 
 class OneSpectrumPerEvent:
@@ -55,18 +72,51 @@ def _processor(q: FakeQueue, policy: BatchPolicy | None) -> tuple[Processor, Rec
     return proc, rec
 
 
-def test_default_takes_only_what_is_queued() -> None:
+def test_a_lone_spectrum_is_never_held_back() -> None:
+    """With no recent traffic the turn takes what is queued and never waits for more."""
     q = FakeQueue([("event", {"i": i}) for i in range(3)])
     proc, _ = _processor(q, None)
     assert len(proc._take(10)) == 3
     assert q.timeouts == [0.05, 0, 0, 0]  # never waits for more once one is in hand
 
 
-def test_a_delay_budget_waits_at_most_that_long_for_more() -> None:
-    q = FakeQueue([("event", {"i": 0})])
-    proc, _ = _processor(q, BatchPolicy(max_batch_delay_ms=5.0))
-    assert len(proc._take(10)) == 1
-    assert q.timeouts[0] == 0.05 and 0 < q.timeouts[1] <= 0.005
+def test_under_load_a_turn_waits_up_to_the_budget_for_more() -> None:
+    """At a recent rate that brings ``min_expected`` more within the budget, the turn waits
+    (each wait within the budget) until it holds ``target_docs``; below that rate it does not."""
+    policy = BatchPolicy(max_batch_delay_ms=5.0, min_expected=2.0, target_docs=4)
+    events = [("event", {"i": i}) for i in range(6)]
+    q = ArrivingQueue(events[:1], events[1:])
+    proc, _ = _processor(q, policy)
+    proc.rate.add(1000, time.monotonic())  # ~4,000 documents/s just now
+    assert len(proc._take(10)) == 4
+    assert q.timeouts[:2] == [0.05, 0]  # the one queued, then nothing more queued
+    assert len(q.timeouts) == 2 + 3 and all(0 < t <= 0.005 for t in q.timeouts[2:])
+    assert q.arriving == events[4:]  # three waits, and it stopped once it held target_docs
+
+    slow = ArrivingQueue(events[:2], events[2:])
+    proc, _ = _processor(slow, policy)
+    proc.rate.add(1, time.monotonic())  # 4 documents/s: fewer than 2 due within 5 ms
+    assert len(proc._take(10)) == 2
+    assert slow.timeouts == [0.05, 0, 0]
+
+
+def test_wait_rule_and_rate_meter() -> None:
+    policy = BatchPolicy(max_batch_delay_ms=10.0, min_expected=2.0)
+    assert policy.wait_s(100.0) == 0.0  # a 100 Hz quick-XAS scan: 1 due in 10 ms
+    assert policy.wait_s(200.0) == pytest.approx(0.010)
+    assert BatchPolicy(max_batch_delay_ms=0.0).wait_s(1e6) == 0.0
+    meter = RateMeter(tau_s=0.25)
+    t0 = time.monotonic()
+    for k in range(200):  # 1,000 documents/s for 2 s (8 time constants): the rate converges
+        meter.add(10, t0 + k / 100.0)
+    assert meter.add(0, t0 + 2.0) == pytest.approx(1000.0, rel=0.05)
+    assert meter.add(0, t0 + 4.0) < 1000.0 * math.exp(-7)  # 2 s idle: gone
+
+
+def test_batching_is_configurable() -> None:
+    cfg = load_config(None, {"XASFLOW__ANALYSIS__BATCHING__MAX_BATCH_DELAY_MS": "0"})
+    assert cfg.analysis.batching.max_batch_delay_ms == 0.0
+    assert load_config(None, {}).analysis.batching == BatchPolicy()
 
 
 def test_spectra_go_to_the_pipeline_in_chunks_of_max_spectra() -> None:

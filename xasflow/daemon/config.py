@@ -7,7 +7,8 @@ One file holds every section (all optional; defaults are the beamline-typical va
     channels: {energy: [...], i0: [...], it: [...], ir: [...], if: [...], mode: auto,
                stream: primary}
     analysis: {element: null, edge: null, prefer: start, align: true, run_timeout_s: 60,
-               herfd: false}
+               herfd: false, batching: {max_batch_delay_ms: 10, min_expected: 2,
+               target_docs: 16, max_spectra: 64}}
     models:   {directory: <repo>/models, watch: true, watch_interval_s: 2,
                require_digest: true, require_signature: false, trusted_keys: []}
     storage:  {enabled: true, directory: xasflow-store, backend: sqlite, batch_size: 256,

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from xasflow import paths
+from xasflow.daemon.batching import BatchPolicy
 from xasflow.daemon.channels import CHANNEL_DEFAULTS, ChannelMap
 from xasflow.daemon.recommend import RecommenderConfig
 
@@ -251,6 +252,8 @@ class AnalysisConfig(_Section):
     neither, the pipeline infers them from the energy range (tabulated edge energies).
     ``herfd``: spectra are HERFD and are broadened to the model's resolution (true: the
     element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins.
+    ``batching``: how long the processing thread may wait for more documents under load
+    (:class:`~xasflow.daemon.batching.BatchPolicy`).
     """
 
     element: str | None = None
@@ -260,6 +263,9 @@ class AnalysisConfig(_Section):
     run_timeout_s: float = Field(60.0, gt=0, description="close a run idle this long")
     timeout_check_s: float = Field(1.0, gt=0, description="how often idle runs are looked for")
     batch_max: int = Field(512, ge=1, description="documents handled per processing batch")
+    batching: BatchPolicy = Field(
+        default_factory=BatchPolicy, description="micro-batching under load (BatchPolicy)"
+    )
     herfd: bool | float = Field(
         False, description="spectra are HERFD: true (tabulated width) or the FWHM in eV"
     )

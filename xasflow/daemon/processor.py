@@ -6,13 +6,12 @@ killed predecessor left open when their raw stop arrives
 (:class:`~xasflow.adapters.recovery.InterruptedRuns`), feeds the rest to the
 :class:`~xasflow.daemon.assembly.RunAssembler`, looks for idle runs every
 ``analysis.timeout_check_s``, and hands the assembler outputs to the
-:class:`~xasflow.daemon.pipeline.Pipeline` in chunks of up to ``_ANALYSIS_CHUNK`` spectra
+:class:`~xasflow.daemon.pipeline.Pipeline` in chunks of up to ``max_spectra`` spectra
 (one ONNX call per bundle, task and chunk), so a backlog's first results go out early.
-:class:`BatchPolicy` bounds the micro-batching: at most ``max_batch_delay_ms`` spent waiting
-for more documents after the first (0, the default: only what is already queued is
-batched, so a lone spectrum is never held back) and ``max_spectra`` per pipeline call.
-Each analysis document goes to the sinks in order (the store writer, the publisher, the
-listeners). It is the only thread touching the assembler and the pipeline.
+:class:`~xasflow.daemon.batching.BatchPolicy` (``analysis.batching``) bounds the
+micro-batching: a turn takes what is queued and waits a few ms for more only under load, so
+a lone spectrum is never held back. Each analysis document goes to the sinks in order (the
+store writer, the publisher, the listeners). It is the only thread touching the assembler and the pipeline.
 
 Run timeouts (``analysis.run_timeout_s``) are read on a
 :class:`~xasflow.adapters.live_clock.LiveClock`, not the wall clock: a pass of the loop that
@@ -41,18 +40,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from xasflow.adapters.live_clock import LiveClock
 from xasflow.adapters.probes import ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.daemon.assembly import RunAssembler
+from xasflow.daemon.batching import BatchPolicy, RateMeter
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.outputs import Output, SpectrumReady
 from xasflow.daemon.pipeline import Pipeline
 
-__all__ = ["BatchPolicy", "Processor", "Sink"]
+__all__ = ["Processor", "Sink"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,28 +58,6 @@ logger = logging.getLogger(__name__)
 Sink = Callable[[str, dict[str, Any]], None]
 
 _STATS_INTERVAL_S = 0.25
-#: Spectra per pipeline call when a backlog is drained: big enough to amortise each call's
-#: fixed cost (~2 ms: ONNX calls, the vectorised preparation's numpy calls), small enough that
-#: the first results of a backlog go out early (64 spectra take ~15 ms). At 1,500 spectra/s
-#: 16 left the daemon 1.4 s behind after 10 s; 32 and 64 kept up (bench/stream.py).
-_ANALYSIS_CHUNK = 64
-
-
-class BatchPolicy(BaseModel):
-    """How the processing loop micro-batches (``processing.*`` in a config, when wired)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_batch_delay_ms: float = Field(
-        0.0,
-        ge=0.0,
-        le=100.0,
-        description="longest wait for more documents once one is taken (0: take only what "
-        "is queued; a lone spectrum is never held back)",
-    )
-    max_spectra: int = Field(
-        _ANALYSIS_CHUNK, ge=1, description="spectra per pipeline call (one ONNX call per task)"
-    )
 
 
 class Processor:
@@ -102,7 +78,7 @@ class Processor:
     ) -> None:
         """``get(timeout)``: the next queued ``(name, doc)`` or None; ``on_tick``: called
         every ``_STATS_INTERVAL_S`` (the daemon refreshes its gauges); ``batching``: the
-        micro-batching bounds (default: no waiting, 64 spectra per pipeline call)."""
+        micro-batching bounds (default: ``analysis.batching``)."""
         self.get = get
         self.assembler = assembler
         self.pipeline = pipeline
@@ -111,7 +87,8 @@ class Processor:
         self.probes = probes if probes is not None else ProbeFilter()
         self.interrupted = interrupted
         self.on_tick = on_tick
-        self.batching = batching if batching is not None else BatchPolicy()
+        self.batching = batching if batching is not None else analysis.batching
+        self.rate = RateMeter()  # documents taken per second, recent (BatchPolicy.wait_s)
         self.sinks: list[Sink] = []
         #: Called after each turn: every document taken so far went to the sinks.
         self.on_processed: Callable[[], None] | None = None
@@ -153,14 +130,19 @@ class Processor:
         if item is None:
             return []
         items = [item]
-        budget = self.batching.max_batch_delay_ms / 1e3
-        deadline = time.monotonic() + budget
-        while len(items) < most:
-            wait = max(0.0, deadline - time.monotonic()) if budget > 0 else 0.0
-            more = self.get(wait)
-            if more is None:
-                break
-            items.append(more)
+        while len(items) < most and (more := self.get(0.0)) is not None:
+            items.append(more)  # everything queued, without waiting
+        now = time.monotonic()
+        budget = self.batching.wait_s(self.rate.add(len(items), now))
+        enough = min(most, self.batching.target_docs)
+        if budget > 0 and len(items) < enough:
+            queued, deadline = len(items), now + budget
+            while len(items) < enough:
+                more = self.get(max(0.0, deadline - time.monotonic()))
+                if more is None:
+                    break
+                items.append(more)
+            self.rate.add(len(items) - queued, time.monotonic())
         return items
 
     def _after_turn(self) -> None:
