@@ -124,3 +124,33 @@ def test_shipped_bundle_serves_int8_and_records_it() -> None:
     assert graph["bytes_int8"] == (BUNDLE / "mlp.onnx").stat().st_size
     assert graph["bytes_int8"] < 0.3 * graph["bytes_float32"]
     assert graph["validation_agreement"]["cn"]["argmax_agreement"] >= 0.99
+
+
+def test_declared_herfd_is_answered_as_its_conventional_spectrum() -> None:
+    """The demo sites computed as Kalpha1-HERFD (FEFF's core-hole broadening reduced by
+    ``herfd_fwhm``; ``xasflow/data/demo_herfd``): declared, each is broadened back to the
+    model's resolution and answered as its conventional spectrum is (CN, CN-motif, valence,
+    in or out of domain); undeclared, each is either answered right or flagged out of domain,
+    never a confident wrong answer in domain."""
+    from xasflow.sim.feff_demo import load_demo_spectra
+
+    predictor = Predictor(BUNDLE)
+    conventional = {d.name: d for d in load_demo_spectra()}
+    herfd = load_demo_spectra(herfd=True)
+    assert {d.name for d in herfd} == set(conventional)
+    flagged_undeclared = 0
+    for demo in herfd:
+        assert demo.meta["simulated_herfd"]["removed_fwhm_ev"] == pytest.approx(1.02, abs=0.01)
+        ref = predictor.predict(conventional[demo.name].to_spectrum())
+        spectrum = demo.to_spectrum()
+        declared = predictor.predict(spectrum.with_(meta={**spectrum.meta, "herfd": True}))
+        for task in ("cn", "environment", "valence"):
+            assert declared[task].value == ref[task].value, (demo.name, task)
+        assert declared.out_of_domain == ref.out_of_domain, demo.name
+        undeclared = predictor.predict(spectrum)
+        right = undeclared["cn"].value == demo.expected_cn and str(
+            undeclared["environment"].value
+        ).endswith(demo.expected_motif)
+        assert right or undeclared.out_of_domain, demo.name
+        flagged_undeclared += undeclared.out_of_domain and not ref.out_of_domain
+    assert flagged_undeclared >= 2  # sharper than anything trained on: Cu2O and CuAl2O4

@@ -10,7 +10,13 @@ back from the installed package without needing FEFF, pymatgen or a network.
 
 Regenerate (minutes on two cores; needs the ``train`` extra and ``feff10-rs``)::
 
-    .venv/bin/python -m xasflow.sim.feff_demo --out xasflow/data/demo
+    .venv/bin/python -m xasflow.sim.feff_demo            # xasflow/data/demo
+    .venv/bin/python -m xasflow.sim.feff_demo --herfd    # xasflow/data/demo_herfd
+
+``--herfd`` computes the same sites as Kalpha1-HERFD spectra: FEFF's core-hole broadening
+reduced by the width :func:`xasflow.spectra.herfd.herfd_fwhm` adds back (1.02 eV FWHM for
+Cu, ``EXCHANGE`` ``vi0`` = -0.51 eV), without instrument broadening. They test that a
+declared HERFD spectrum is brought back to the models' resolution.
 
 The compounds cover five Cu sites (motif names are the label vocabulary of
 :data:`xasflow.training.labels.MOTIFS`, and a test checks that
@@ -68,6 +74,7 @@ from xasflow.sim.feff_structures import (
     mgo_periclase,
 )
 from xasflow.spectra.core import Spectrum
+from xasflow.spectra.herfd import herfd_fwhm
 
 if TYPE_CHECKING:  # pymatgen is only needed to regenerate, not to load
     pass
@@ -76,6 +83,7 @@ __all__ = [
     "COMPOUNDS",
     "CU_Z",
     "DEFAULT_SETTINGS",
+    "DEMO_HERFD_RESOURCE",
     "DEMO_RESOURCE",
     "SCHEMA",
     "ClusterAtom",
@@ -100,6 +108,9 @@ __all__ = [
 
 #: Where the generated JSON files live inside the ``xasflow`` package.
 DEMO_RESOURCE = ("data", "demo")
+#: The same compounds computed as Kalpha1-HERFD spectra (``--herfd``: FEFF's core-hole
+#: broadening reduced by :func:`xasflow.spectra.herfd.herfd_fwhm`), for testing HERFD handling.
+DEMO_HERFD_RESOURCE = ("data", "demo_herfd")
 #: Format tag written into every JSON file.
 SCHEMA = "xasflow.demo_spectrum/1"
 
@@ -158,7 +169,9 @@ class DemoSpectrum:
     def from_dict(cls, data: dict[str, Any]) -> DemoSpectrum:
         """Build from the JSON document written by :func:`write_demo_json`."""
         expected = data["expected"]
-        keys: tuple[str, ...] = ("structure", "feff", "cluster", "feff_inp", "notes")
+        keys: tuple[str, ...] = (
+            "structure", "feff", "cluster", "feff_inp", "notes", "simulated_herfd"
+        )  # fmt: skip
         meta: dict[str, Any] = {k: data[k] for k in keys if k in data}
         return cls(
             name=str(data["name"]),
@@ -174,9 +187,14 @@ class DemoSpectrum:
         )
 
 
-def load_demo_spectra() -> list[DemoSpectrum]:
-    """Load the packaged demo spectra (``xasflow/data/demo/*.json``), sorted by name."""
-    root = resources.files("xasflow").joinpath(*DEMO_RESOURCE)
+def load_demo_spectra(herfd: bool = False) -> list[DemoSpectrum]:
+    """Load the packaged demo spectra (``xasflow/data/demo/*.json``), sorted by name.
+
+    ``herfd``: their simulated HERFD versions instead (``xasflow/data/demo_herfd``; the
+    documents' ``simulated_herfd`` says how). These are not declared HERFD: the caller
+    declares them (``meta["herfd"]``) or not, as a beamline would.
+    """
+    root = resources.files("xasflow").joinpath(*(DEMO_HERFD_RESOURCE if herfd else DEMO_RESOURCE))
     if not root.is_dir():
         return []
     out = []
@@ -270,6 +288,17 @@ def demo_document(
             "corehole": settings.corehole,
         },
         "feff": {**versions, "runtime_s": round(seconds, 1)},
+        **(
+            {
+                "simulated_herfd": {
+                    "vi0_ev": settings.vi0,
+                    "removed_fwhm_ev": round(-2 * settings.vi0, 3),
+                    "how": "EXCHANGE vi0 < 0 offsets FEFF's core-hole broadening",
+                }
+            }
+            if settings.vi0
+            else {}
+        ),
         "notes": compound.notes,
         "energy": [round(float(e), 2) for e in energy],
         "mu": [float(f"{m:.5g}") for m in mu],
@@ -361,7 +390,7 @@ def plot_demo_spectra(path: Path, demos: Sequence[DemoSpectrum] | None = None) -
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m xasflow.sim.feff_demo --out xasflow/data/demo``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("xasflow/data/demo"))
+    parser.add_argument("--out", type=Path, help="default xasflow/data/demo (or demo_herfd)")
     parser.add_argument("--only", nargs="*", help="compound names (default: all)")
     parser.add_argument("--keep-work", type=Path, help="keep FEFF work directories here")
     parser.add_argument("--cluster-radius", type=float, default=DEFAULT_SETTINGS.cluster_radius)
@@ -369,6 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scf-radius", type=float, default=DEFAULT_SETTINGS.scf_radius)
     parser.add_argument("--corehole", default=DEFAULT_SETTINGS.corehole)
     parser.add_argument("--jobs", type=int, default=2, help="FEFF runs at once (default 2)")
+    parser.add_argument(
+        "--herfd",
+        action="store_true",
+        help="simulate Kalpha1 HERFD: FEFF's broadening reduced by herfd_fwhm('Cu') (vi0 < 0)",
+    )
     parser.add_argument("--plot", type=Path, help="only plot the packaged spectra to this PNG")
     args = parser.parse_args(argv)
     if args.plot is not None:
@@ -379,8 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         fms_radius=args.fms_radius,
         scf_radius=args.scf_radius,
         corehole=args.corehole,
+        vi0=-(herfd_fwhm("Cu") or 0.0) / 2 if args.herfd else 0.0,  # Cu K: tabulated
     )
-    generate(args.out, args.only or None, settings, args.keep_work, args.jobs)
+    out = args.out or Path("xasflow", *(DEMO_HERFD_RESOURCE if args.herfd else DEMO_RESOURCE))
+    generate(out, args.only or None, settings, args.keep_work, args.jobs)
     return 0
 
 

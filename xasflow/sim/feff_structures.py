@@ -235,7 +235,10 @@ class FeffSettings:
     ``cluster_radius`` is the ATOMS list, ``fms_radius`` the full-multiple-scattering
     sphere, ``scf_radius`` the self-consistent potential sphere and ``scf_mix`` its mixing
     fraction (FEFF's ``ca``). The energy grid matches pymatgen's XANES sets (k from -1 to
-    ``kmax`` Å⁻¹ in 0.04 Å⁻¹ steps).
+    ``kmax`` Å⁻¹ in 0.04 Å⁻¹ steps). ``vi0`` (eV) is the EXCHANGE card's constant imaginary
+    potential: FEFF broadens by ``Gamma_ch / 2 + vi0`` (half width), so a negative value
+    takes part of the core-hole width away, as HERFD does (J. Kas on the ifeffit list,
+    12 June 2009: "use negative values to offset the core hole broadening").
     """
 
     cluster_radius: float = 6.5
@@ -245,6 +248,7 @@ class FeffSettings:
     kmax: float = 6.0
     s02: float = 0.0
     scf_mix: float = 0.2
+    vi0: float = 0.0
 
 
 DEFAULT_SETTINGS = FeffSettings()
@@ -304,7 +308,7 @@ def feff_input_text(
         f"S02       {settings.s02:g}",
         "CONTROL   1 1 1 1 1 1",
         "PRINT     1 0 0 0 0 0",
-        "EXCHANGE  0 0.0 0.0 2",
+        f"EXCHANGE  0 0.0 {float(settings.vi0)!r} 2",
         f"COREHOLE  {settings.corehole}",
         f"SCF       {settings.scf_radius:g} 0 30 {settings.scf_mix:g} 1",
         f"FMS       {settings.fms_radius:g} 0",
