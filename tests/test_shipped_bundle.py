@@ -8,7 +8,7 @@ import pytest
 
 from xasflow import paths
 from xasflow.models.bundle import verify_bundle
-from xasflow.models.predictor import Predictor
+from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
 
 BUNDLE = paths.REPO_ROOT / "models" / "cu-k"
 
@@ -110,6 +110,12 @@ def test_measured_metal_and_sulfide_are_out_of_domain_oxides_are_not(
     pred = _measured(xdi_library, name)
     assert pred.out_of_domain is flagged
     assert pred.ood_score is not None
+    # and none of them looks like a HERFD scan of something known
+    from xasflow.adapters.columns import read_spectrum_file
+
+    spectrum = read_spectrum_file(xdi_library / "Cu" / name, element="Cu")
+    hinted = Predictor(BUNDLE).with_herfd_hint(spectrum, pred)
+    assert HERFD_SUSPECTED not in hinted.flags
 
 
 def test_shipped_bundle_serves_int8_and_records_it() -> None:
@@ -154,3 +160,40 @@ def test_declared_herfd_is_answered_as_its_conventional_spectrum() -> None:
         assert right or undeclared.out_of_domain, demo.name
         flagged_undeclared += undeclared.out_of_domain and not ref.out_of_domain
     assert flagged_undeclared >= 2  # sharper than anything trained on: Cu2O and CuAl2O4
+
+
+def test_predict_hints_at_undeclared_herfd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow predict`` on the simulated-HERFD demo Cu2O, undeclared: out of domain with
+    the ``herfd_suspected`` hint and the advice to declare it; declared (``--herfd``), or the
+    conventional spectrum, or the out-of-domain chloride: no hint."""
+    import json
+
+    import numpy as np
+
+    from xasflow.cli import main
+    from xasflow.sim.feff_demo import load_demo_spectra
+
+    files = {}
+    demos = {("conv", d.name): d for d in load_demo_spectra()}
+    demos |= {("herfd", d.name): d for d in load_demo_spectra(herfd=True)}
+    for kind, name in [("herfd", "Cu2O"), ("conv", "Cu2O"), ("conv", "CuCl")]:
+        d = demos[(kind, name)]
+        files[(kind, name)] = path = tmp_path / f"{kind}_{name}.txt"
+        np.savetxt(path, np.column_stack([d.energy, d.mu]))
+    out = {}
+    for extra in ([], ["--herfd"]):
+        report = tmp_path / f"pred{len(extra)}.json"
+        args = ["predict", "--bundle", str(BUNDLE), *map(str, files.values()), *extra]
+        assert main([*args, "--json", str(report)]) == 0
+        out[bool(extra)] = json.loads(report.read_text())
+    text = capsys.readouterr().out
+    herfd = out[False][str(files[("herfd", "Cu2O")])]
+    assert "out_of_domain" in herfd["flags"] and HERFD_SUSPECTED in herfd["flags"]
+    assert "rerun with --herfd" in text
+    assert HERFD_SUSPECTED not in out[False][str(files[("conv", "Cu2O")])]["flags"]
+    chloride = out[False][str(files[("conv", "CuCl")])]["flags"]
+    assert "out_of_domain" in chloride and HERFD_SUSPECTED not in chloride
+    declared = out[True][str(files[("herfd", "Cu2O")])]
+    assert declared["flags"] == [] and declared["tasks"]["cn"]["value"] == 2

@@ -171,7 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
     from xasflow.adapters.xdi import XdiError
     from xasflow.models.bundle import BundleError
-    from xasflow.models.predictor import Predictor
+    from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
 
     try:
@@ -185,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             spectrum = read_spectrum_file(name, element=predictor.manifest.element)
             if args.herfd is not None:  # prepare() broadens it to the model's resolution
                 spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
-            pred = predictor.predict(spectrum)
+            pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
             print(f"{name}: cannot predict ({reason}): {exc}")
@@ -201,6 +201,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if herfd:
             width = "tabulated width" if herfd is True else f"{herfd:g} eV"
             print(f"  HERFD: broadened to the model's resolution ({width})")
+        elif HERFD_SUSPECTED in pred.flags:
+            print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
+            print("  rerun with --herfd")
         print("\n".join(_describe(pred)))
         results[name] = {**pred.to_dict(), "herfd": herfd}
     _write_json(args.json, results)

@@ -10,6 +10,7 @@ jointly so they never contradict each other.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -21,7 +22,11 @@ from xasflow.models.bundle import Manifest, verify_bundle
 from xasflow.models.results import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
-__all__ = ["OUT_OF_DOMAIN", "Prediction", "Predictor", "TaskResult"]
+__all__ = ["HERFD_SUSPECTED", "OUT_OF_DOMAIN", "Prediction", "Predictor", "TaskResult"]
+
+#: Added to an out-of-domain prediction whose spectrum, broadened as a HERFD one would be,
+#: is in domain: "was this measured as HERFD? Declare it." (a hint, never an answer).
+HERFD_SUSPECTED = "herfd_suspected"
 
 
 class Predictor:
@@ -82,6 +87,23 @@ class Predictor:
     def predict(self, spectrum: Spectrum) -> Prediction:
         """Prepare and predict one spectrum."""
         return self.predict_prepared([self.prepare(spectrum)])[0]
+
+    def with_herfd_hint(self, spectrum: Spectrum, prediction: Prediction) -> Prediction:
+        """``prediction`` with :data:`HERFD_SUSPECTED` added when it is out of domain, the
+        spectrum was not declared HERFD, and the same spectrum broadened as HERFD (the
+        element's tabulated width) is in domain. Costs a second prediction, out of domain
+        only. On the shipped Cu bundle: the simulated-HERFD demo Cu2O, CuAl2O4 and Cu in
+        MgO get it; measured Cu metal, CuS and Cu2S, and the chloride, do not.
+        """
+        if not prediction.out_of_domain or spectrum.meta.get("herfd"):
+            return prediction
+        try:
+            broadened = self.predict(spectrum.with_(meta={**spectrum.meta, "herfd": True}))
+        except SpectrumError:  # no tabulated width, or the broadened one cannot be prepared
+            return prediction
+        if broadened.out_of_domain:
+            return prediction
+        return dataclasses.replace(prediction, flags=[*prediction.flags, HERFD_SUSPECTED])
 
     def predict_prepared(self, prepared: list[Prepared]) -> list[Prediction]:
         """Predict already-prepared spectra in one batch (one call per graph file)."""
