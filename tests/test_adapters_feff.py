@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xasflow.adapters.feff import FeffTree, ReadIssue, parse_xmu, read_feff_tree
+from xasflow.adapters.feff import FeffTree, ReadIssue, read_feff_tree
 from xasflow.adapters.feff_energy import FeffEnergies, parse_feff_out, parse_xmu_energies
+from xasflow.adapters.feff_xmu import parse_xmu
 
 XMU_HEADER = """\
 # # comment:                                                     FEFF 9.9.1

@@ -284,7 +284,7 @@ def test_real_feff10_run_of_a_tiny_cluster():
     task = SiteTask("Cu2O", 0, "Cu", "K", Poscar(cu2o_cuprite()).get_str())
     outcome = run_site(task, tiny)
     assert outcome.reason == "", outcome.detail
-    from xasflow.adapters.feff import parse_xmu
+    from xasflow.adapters.feff_xmu import parse_xmu
 
     energy, mu, edge = parse_xmu(outcome.files["xmu.dat"].encode())
     assert edge == "K" and 8970 < energy[0] < 8990 and energy[-1] - energy[0] > 120

@@ -380,7 +380,7 @@ def test_commit_never_passes_an_open_run_and_revoked_runs_are_handed_over() -> N
         KafkaInputSettings(topics=("t",)), durable=lambda t: flushed.append(t) or True
     )
     source._on_assign(None, [SimpleNamespace(topic="t", partition=0)])
-    gen = source._gen[("t", 0)]
+    gen = source._offsets.gen[("t", 0)]
     docs = [
         ("start", {"uid": "A"}),
         ("descriptor", {"uid": "dA", "run_start": "A"}),

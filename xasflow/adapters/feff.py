@@ -6,11 +6,12 @@ absorbing site in the POSCAR. Bad items never stop a read: each becomes a :class
 with a short reason tag, and whatever is usable is kept.
 
 Reason tags: ``missing_poscar`` / ``bad_poscar`` (material dropped: no structure, no labels),
-``no_sites`` (material has no usable site spectra), ``missing_xmu``, ``empty_xmu``,
-``truncated_xmu`` (fewer than :data:`MIN_ROWS` rows, or the last row cut short), ``bad_xmu``
-(non-numeric, ragged, too few columns, non-finite), ``bad_site_dir`` (name is not
-``NNN_El``), ``site_mismatch`` (POSCAR has another element at that index),
-``truncated_archive`` (the tar stream ended early; what was read before is kept).
+``no_sites`` (material has no usable site spectra), ``missing_xmu``, ``bad_site_dir`` (name is
+not ``NNN_El``), ``site_mismatch`` (POSCAR has another element at that index),
+``truncated_archive`` (the tar stream ended early; what was read before is kept), and from
+the ``xmu.dat`` parser (:mod:`xasflow.adapters.feff_xmu`) ``empty_xmu``, ``truncated_xmu``
+(fewer than :data:`~xasflow.adapters.feff_xmu.MIN_ROWS` rows, or the last row cut short) and
+``bad_xmu`` (non-numeric, ragged, too few columns, non-finite).
 
 Besides the spectrum, each site carries FEFF's energy bookkeeping (:class:`FeffEnergies`: the
 Fermi level and interstitial values from the ``xmu.dat`` header, the offset between its
@@ -20,7 +21,6 @@ which is what places the spectrum on FEFF's absolute energy scale.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import tarfile
@@ -34,18 +34,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from xasflow.adapters.feff_energy import FeffEnergies, parse_feff_out, parse_xmu_energies
+from xasflow.adapters.feff_energy import FeffEnergies, parse_feff_out
+from xasflow.adapters.feff_xmu import _parse_xmu, _XmuProblem
 from xasflow.spectra.core import Spectrum
 
 #: Directory that holds one sub-directory per absorbing site.
 XANES_DIR = "FEFF-XANES"
-#: An xmu.dat with fewer data rows than this is treated as a truncated run.
-MIN_ROWS = 10
-#: xmu.dat columns: omega e k mu mu0 chi; we use omega (absolute eV) and mu.
-OMEGA_COL, E_COL, MU_COL = 0, 1, 3
 
 _SITE_DIR = re.compile(r"^(\d+)_([A-Za-z]{1,2})$")
-_ABS_EDGE = re.compile(r"^#.*\bAbs\b.*?\s([KLMN][1-5]?)\s+shell", re.MULTILINE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,88 +112,6 @@ class FeffTree:
     def issue_counts(self) -> dict[str, int]:
         """Number of issues per reason tag, sorted by tag."""
         return dict(sorted(Counter(i.reason for i in self.issues).items()))
-
-
-class _XmuProblem(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str]:
-    """Parse xmu.dat bytes into (omega, mu, edge); raises ValueError with a reason tag.
-
-    Header lines start with ``#`` and precede the data; the numbers are parsed in one call (numpy's C ``loadtxt``; broken files take a slower path that says what is wrong).
-    """
-    try:
-        return _parse_xmu(raw)[:3]
-    except _XmuProblem as exc:
-        raise ValueError(f"{exc.reason}: {exc.detail}") from None
-
-
-def _parse_xmu(raw: bytes) -> tuple[np.ndarray, np.ndarray, str, FeffEnergies]:
-    text = raw.decode("latin-1")
-    start = 0
-    last_hash = text.rfind("\n#")
-    if last_hash >= 0:
-        end = text.find("\n", last_hash + 1)
-        start = len(text) if end < 0 else end + 1
-    elif text.startswith("#"):
-        end = text.find("\n")
-        start = len(text) if end < 0 else end + 1
-    header, block = text[:start], text[start:]
-    if not block.strip():
-        raise _XmuProblem("empty_xmu", "no data rows")
-    try:
-        table = np.loadtxt(io.StringIO(block), dtype=np.float64, comments="#", ndmin=2)
-    except ValueError:
-        raise _diagnose(block) from None
-    nrows, ncols = table.shape
-    if ncols <= MU_COL:
-        raise _XmuProblem("bad_xmu", f"{ncols} columns, expected omega e k mu mu0 chi")
-    if nrows < MIN_ROWS:
-        raise _XmuProblem("truncated_xmu", f"only {nrows} data rows (< {MIN_ROWS})")
-    if not np.all(np.isfinite(table[:, [OMEGA_COL, MU_COL]])):
-        raise _XmuProblem("bad_xmu", "NaN or infinite values")
-    match = _ABS_EDGE.search(header)
-    edge = match.group(1) if match else "K"
-    energies = parse_xmu_energies(header, table[:, OMEGA_COL], table[:, E_COL])
-    return (
-        np.ascontiguousarray(table[:, OMEGA_COL]),
-        np.ascontiguousarray(table[:, MU_COL]),
-        edge,
-        energies,
-    )
-
-
-def _diagnose(block: str) -> _XmuProblem:
-    """Say why a data block did not parse (slow path, only for broken files)."""
-    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    ncols = len(lines[0].split())
-    for i, line in enumerate(lines):
-        tokens = line.split()
-        numeric = _is_numeric_row(tokens)
-        if numeric and len(tokens) == ncols:
-            continue
-        if i == len(lines) - 1 and len(tokens) <= ncols:
-            return _XmuProblem(
-                "truncated_xmu", f"last row cut short ({len(tokens)} of {ncols} columns)"
-            )
-        if not numeric:
-            return _XmuProblem("bad_xmu", f"non-numeric data row {i + 1}: {line.strip()[:60]!r}")
-        return _XmuProblem(
-            "bad_xmu", f"ragged columns: row {i + 1} has {len(tokens)}, row 1 has {ncols}"
-        )
-    return _XmuProblem("bad_xmu", "unparseable data block")
-
-
-def _is_numeric_row(tokens: list[str]) -> bool:
-    try:
-        [float(tok) for tok in tokens]
-    except ValueError:
-        return False
-    return True
 
 
 def _poscar_species(text: str) -> list[str] | None:

@@ -7,16 +7,14 @@ in bluesky-kafka's format (:func:`~xasflow.adapters.kafka_bus.decode_kafka_value
 puts it on a bounded queue; when the queue is full it stops polling (Kafka keeps the rest).
 
 Commit rule (at-least-once). The processing thread calls :meth:`mark_processed` after each
-turn: every document it has taken by then has gone through the assembler, the pipeline
-and the sinks. A partition's *committable* offset is the one after its last processed
-document, but never past the start document of a run still open on it (a run's state
-lives in memory until its stop, so a restart must see it again from its start). Every
-``commit_interval_s`` a committer thread takes that snapshot, makes the results durable
-(``durable(timeout)``: the daemon flushes the store and the Kafka publisher) and only then
-hands the offsets to the receive thread, which commits them synchronously (counted in
-``commits`` / ``commit_failures``). After a crash the successor gets the uncommitted
-documents again; the store skips rows whose ``seq_num`` it already holds, so the catalog
-holds every result once.
+turn; which offsets that makes committable (never past the start of a run still open) is
+worked out per partition in :mod:`xasflow.adapters.kafka_offsets`. Every ``commit_interval_s``
+a committer thread takes that snapshot, makes the results durable (``durable(timeout)``:
+the daemon flushes the store and the Kafka publisher) and only then hands the offsets to
+the receive thread, which commits them (asynchronously, the result counted in ``commits`` /
+``commit_failures``; synchronously on revoke and at the end). After a crash the successor
+gets the uncommitted documents again; the store skips rows whose ``seq_num`` it already
+holds, so the catalog holds every result once.
 
 Rebalances. A revoked partition is committed the same way first (inside the callback);
 its queued documents are dropped here (``dropped_revoked``: they go to the new owner), and
@@ -37,13 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
+from xasflow.adapters.kafka_offsets import TP, PartitionOffsets, broker_lag
 from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES, WireError
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
 
 logger = logging.getLogger(__name__)
 
-TP = tuple[str, int]  # (topic, partition)
 _DRAIN = 256  # messages taken at once after a poll
 
 _COUNTERS: tuple[str, ...] = (
@@ -94,16 +92,8 @@ class KafkaDocumentSource:
         self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._gen: dict[TP, int] = {}  # assigned partitions and their assignment generation
-        self._next_gen = 0
-        self._taken: dict[TP, int] = {}  # next offset after the last document taken
-        self._processed: dict[TP, int] = {}  # ... after the last one processed
-        self._open: dict[TP, dict[str, int]] = {}  # runs open per partition: start offset
-        self._closing: list[tuple[TP, str]] = []  # stops taken, not yet processed
-        self._committed: dict[TP, int] = {}
+        self._offsets = PartitionOffsets()  # guarded by _lock
         self._pending: tuple[dict[TP, int], dict[TP, int]] | None = None  # offsets, gens
-        self._abandon: list[tuple[str, str]] = []
-        self._lag: dict[TP, int] = {}
         self._consumer: Any = None
         self._stop = threading.Event()
         self._setup_done = threading.Event()
@@ -164,7 +154,7 @@ class KafkaDocumentSource:
             if timeout > 0:
                 offsets = self.committable()
                 if offsets and self.durable(timeout):
-                    self._commit(consumer, offsets, dict(self._gen))
+                    self._commit(consumer, offsets, dict(self._offsets.gen))
             consumer.close()  # leaves the group: the others take the partitions at once
         except Exception as exc:
             logger.warning("closing the Kafka consumer: %s", exc)
@@ -195,74 +185,47 @@ class KafkaDocumentSource:
                     return None
                 continue
             with self._lock:
-                if self._gen.get(item.tp) != item.gen:
+                if not self._offsets.take(item.tp, item.gen, item.offset, item.name, item.doc):
                     self._counts["dropped_revoked"] += 1  # the partition's new owner has it
                     continue
-                self._taken[item.tp] = item.offset + 1
-                if item.name == "start" and isinstance(item.doc.get("uid"), str):
-                    self._open.setdefault(item.tp, {}).setdefault(item.doc["uid"], item.offset)
-                elif item.name == "stop" and isinstance(item.doc.get("run_start"), str):
-                    self._closing.append((item.tp, item.doc["run_start"]))
                 self._counts["delivered"] += 1
             return item.name, item.doc
 
     def mark_processed(self) -> None:
         """Everything taken so far has gone to the sinks (called after each processing turn)."""
         with self._lock:
-            for tp, offset in self._taken.items():
-                if tp in self._gen:
-                    self._processed[tp] = offset
-            for tp, run in self._closing:
-                self._open.get(tp, {}).pop(run, None)
-            self._closing.clear()
+            self._offsets.mark_processed()
 
     def abandoned(self) -> list[tuple[str, str]]:
         """Runs handed over to another group member since the last call: ``(uid, reason)``."""
         with self._lock:
-            out, self._abandon = self._abandon, []
-        return out
+            return self._offsets.abandoned()
 
     # ------------------------------------------------------------------ reading
 
     def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:
         """Offsets that may be committed once the results are durable (see the module doc)."""
-        out: dict[TP, int] = {}
         with self._lock:
-            for tp in self._gen if tps is None else tps:
-                done = self._processed.get(tp)
-                if done is None:
-                    continue
-                offset = min([done, *self._open.get(tp, {}).values()])
-                if offset > self._committed.get(tp, -1):
-                    out[tp] = offset
-        return out
+            return self._offsets.committable(tps)
 
     def stats(self) -> dict[str, int]:
         """Counters, ``queue_depth``, ``assigned_partitions`` and ``lag_total``."""
         with self._lock:
             snap = dict(self._counts)
-            snap["assigned_partitions"] = len(self._gen)
-            snap["lag_total"] = sum(self._lag.values())
+            snap["assigned_partitions"] = len(self._offsets.gen)
+            snap["lag_total"] = sum(self._offsets.lag.values())
         snap["queue_depth"] = self._queue.qsize()
         return snap
 
     def lag(self) -> dict[TP, int]:
         """Per assigned partition: messages on the broker not yet processed here."""
         with self._lock:
-            return dict(self._lag)
+            return dict(self._offsets.lag)
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` view: settings, assignment, committed offsets and lag."""
         with self._lock:
-            parts = {
-                f"{t}[{p}]": {
-                    "lag": self._lag.get((t, p)),
-                    "committed": self._committed.get((t, p)),
-                    "processed": self._processed.get((t, p)),
-                    "open_runs": len(self._open.get((t, p), {})),
-                }
-                for t, p in sorted(self._gen)
-            }
+            parts = self._offsets.view()
         return {
             "bootstrap_servers": self.settings.bootstrap_servers,
             "topics": list(self.settings.topics),
@@ -333,7 +296,7 @@ class KafkaDocumentSource:
         self._count(f"documents.{name}")
         tp = (msg.topic(), msg.partition())
         with self._lock:
-            gen = self._gen.get(tp, -1)
+            gen = self._offsets.gen.get(tp, -1)
         item = _Item(name, doc, tp, msg.offset(), gen)
         while not self._stop.is_set():
             try:
@@ -357,23 +320,15 @@ class KafkaDocumentSource:
         )
 
     def _update_lag(self, consumer: Any) -> None:
-        from confluent_kafka import TopicPartition
+        with self._lock:
+            tps = list(self._offsets.gen)
+        lag = broker_lag(consumer, tps, self._processed_at)
+        with self._lock:
+            self._offsets.set_lag(lag)
 
+    def _processed_at(self, tp: TP) -> int | None:
         with self._lock:
-            tps = list(self._gen)
-        lag: dict[TP, int] = {}
-        for topic, part in tps:
-            tp = TopicPartition(topic, part)
-            _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high is None or high < 0:
-                continue
-            with self._lock:
-                done = self._processed.get((topic, part))
-            if done is None:
-                done = consumer.position([tp])[0].offset
-            lag[(topic, part)] = max(int(high) - max(int(done), 0), 0)
-        with self._lock:
-            self._lag = {tp: n for tp, n in lag.items() if tp in self._gen}
+            return self._offsets.processed.get(tp)
 
     # ------------------------------------------------------------------ commits
 
@@ -385,7 +340,7 @@ class KafkaDocumentSource:
                 if not offsets:
                     continue
                 with self._lock:
-                    gens = {tp: self._gen[tp] for tp in offsets if tp in self._gen}
+                    gens = self._offsets.gens(offsets)
                 if not self.durable(self.settings.flush_timeout_s):
                     self._count("flush_timeouts")
                     continue
@@ -412,7 +367,7 @@ class KafkaDocumentSource:
         from confluent_kafka import KafkaException, TopicPartition
 
         with self._lock:
-            mine = {tp: o for tp, o in offsets.items() if self._gen.get(tp) == gens.get(tp)}
+            mine = self._offsets.still_assigned(offsets, gens)
         if not mine:
             return
         parts = [TopicPartition(t, p, o) for (t, p), o in mine.items()]
@@ -433,9 +388,8 @@ class KafkaDocumentSource:
         with self._lock:
             self._counts["commit_failures" if failed else "commits"] += 1
             for tp in partitions:
-                key = (tp.topic, tp.partition)
-                if tp.error is None and err is None and key in self._gen:
-                    self._committed[key] = max(self._committed.get(key, -1), tp.offset)
+                if tp.error is None and err is None:
+                    self._offsets.committed_at((tp.topic, tp.partition), tp.offset)
         if failed:
             bad = err if err is not None else next(tp.error for tp in partitions if tp.error)
             self.last_error = f"commit: {bad}"
@@ -447,12 +401,7 @@ class KafkaDocumentSource:
         with self._lock:
             self._counts["rebalances"] += 1
             self._counts["partitions_assigned"] += len(partitions)
-            for p in partitions:
-                tp = (p.topic, p.partition)
-                self._next_gen += 1
-                self._gen[tp] = self._next_gen
-                for state in (self._taken, self._processed, self._open, self._committed):
-                    state.pop(tp, None)
+            self._offsets.assign([(p.topic, p.partition) for p in partitions])
         if partitions:
             logger.info(
                 "Kafka partitions assigned: %s", [f"{p.topic}[{p.partition}]" for p in partitions]
@@ -464,7 +413,7 @@ class KafkaDocumentSource:
             offsets = self.committable(tps)
             if offsets:
                 with self._lock:
-                    gens = {tp: self._gen[tp] for tp in offsets if tp in self._gen}
+                    gens = self._offsets.gens(offsets)
                 if self.durable(self.settings.flush_timeout_s):
                     self._commit(consumer, offsets, gens)
                 else:
@@ -475,19 +424,10 @@ class KafkaDocumentSource:
         self._hand_over([(p.topic, p.partition) for p in partitions], "lost", "partitions_lost")
 
     def _hand_over(self, tps: list[TP], how: str, counter: str) -> None:
-        group = self.settings.group_id
         with self._lock:
             self._counts[counter] += len(tps)
-            for tp in tps:
-                for uid in self._open.pop(tp, {}):
-                    reason = (
-                        f"{how}: partition {tp[0]}[{tp[1]}] moved to another member of group "
-                        f"{group!r}, which analyses this run from its start"
-                    )
-                    self._abandon.append((uid, reason))
-                    self._counts["runs_handed_over"] += 1
-                for state in (self._gen, self._taken, self._processed, self._committed, self._lag):
-                    state.pop(tp, None)
+            n = self._offsets.hand_over(tps, how, self.settings.group_id)
+            self._counts["runs_handed_over"] += n
         if tps:
             logger.info("Kafka partitions %s: %s", how, [f"{t}[{p}]" for t, p in tps])
 

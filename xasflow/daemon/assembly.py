@@ -50,7 +50,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard, cast
 
 from xasflow.adapters.routing import make_run_router, page_of
-from xasflow.daemon.assembly_run import _Bad, _Run
+from xasflow.daemon.assembly_run import _Run
+from xasflow.daemon.assembly_stream import _Bad
 from xasflow.daemon.channels import ChannelMap
 from xasflow.daemon.outputs import (
     Output,

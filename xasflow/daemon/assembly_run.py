@@ -1,17 +1,18 @@
-"""One raw run being assembled (``_Run``, a per-run event-model ``DocumentRouter``) and the
-per-descriptor state of its configured stream; the rules are in :mod:`xasflow.daemon.assembly`.
+"""One raw run being assembled (``_Run``, a per-run event-model ``DocumentRouter``): rows to
+spectra, sequence checks, stop and close; the rules are in :mod:`xasflow.daemon.assembly`, and
+how a descriptor resolves into per-descriptor state is in :mod:`xasflow.daemon.assembly_stream`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from event_model import DocumentRouter
 
+from xasflow.daemon.assembly_stream import _CHANNELS, _Bad, _resolve, _Stream, _vector
 from xasflow.daemon.outputs import (
     ExitStatus,
     Kind,
@@ -27,37 +28,6 @@ if TYPE_CHECKING:
     from xasflow.daemon.assembly import RunAssembler
 
 __all__: list[str] = []  # internal to the assembler
-
-_CHANNELS = ("i0", "it", "ir", "if")
-
-
-class _Bad(Exception):
-    """Internal: a row or document becomes ``Rejected(reason, detail)``."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class _Stream:
-    """Per-descriptor state of the configured stream: resolved keys, kind and seq tracking."""
-
-    uid: str
-    order: int
-    kind: Kind
-    energy_key: str | None = None
-    energy_scale: float = 1.0
-    fixed_energy: np.ndarray | None = None
-    keys: dict[str, str] = field(default_factory=dict)  # logical channel -> data key
-    required: tuple[str, ...] = ()
-    mode: str = ""
-    error: _Bad | None = None
-    first_ok: tuple[int, ...] = (1,)  # acceptable first seq_nums
-    base: int = 1  # the seq_num this descriptor counts from
-    expect: int | None = None
-    seen: set[int] = field(default_factory=set)
 
 
 def _element_edge(start: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -87,14 +57,6 @@ def _element_edge(start: Mapping[str, Any]) -> tuple[str | None, str | None]:
     if edg is not None and not (edg.isalnum() and len(edg) <= 3):
         edg = None
     return sym, edg
-
-
-def _vector(value: Any) -> np.ndarray:
-    """A 1-D float64 view of an event value (no copy for float64 arrays)."""
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"expected a 1-D array, got shape {arr.shape}")
-    return arr
 
 
 def _scalar(value: Any) -> float:
@@ -185,7 +147,7 @@ class _Run(DocumentRouter):
         if doc.get("name") != self.owner.channels.stream:
             self.ignored.add(doc["uid"])
             return
-        st = self._resolve(doc)
+        st = _resolve(self.owner.channels, doc, len(self.streams))
         if self.streams:
             st.first_ok = (1, self.stream_last + 1)
         self.streams[doc["uid"]] = st
@@ -193,76 +155,6 @@ class _Run(DocumentRouter):
         if st.error is not None and st.kind == "step" and not self.step_done:
             self.step_done = True
             self.reject(st.error.reason, 0, st.error.detail)
-
-    def _resolve(self, doc: dict) -> _Stream:
-        cmap = self.owner.channels
-        data_keys = doc["data_keys"]
-        st = _Stream(uid=doc["uid"], order=len(self.streams), kind="unknown")
-        ekey = cmap.first(cmap.energy, data_keys)
-        if ekey is None:
-            st.fixed_energy = self._config_energy(doc.get("configuration"))
-        for ch in _CHANNELS:
-            key = cmap.first(cmap.candidates(ch), data_keys)
-            if key is not None:
-                st.keys[ch] = key
-        probe = ekey or st.keys.get("i0") or next(iter(st.keys.values()), None)
-        if st.fixed_energy is not None:
-            st.kind = "fly"
-        elif probe is not None:
-            dk = data_keys[probe]
-            shape = dk.get("shape") if isinstance(dk, Mapping) else None
-            if isinstance(shape, (list, tuple)):
-                st.kind = "step" if len(shape) == 0 else "fly"
-            elif isinstance(dk, Mapping) and dk.get("dtype") == "array":
-                st.kind = "fly"
-            else:
-                st.kind = "step"
-        st.energy_key = ekey
-        if ekey is not None:
-            dk = data_keys[ekey]
-            units = dk.get("units") if isinstance(dk, Mapping) else None
-            if isinstance(units, str) and units.strip().lower() == "kev":
-                st.energy_scale = 1000.0
-        have = set(st.keys)
-        if cmap.mode == "transmission" or (cmap.mode == "auto" and {"i0", "it"} <= have):
-            st.mode, st.required = "transmission", ("i0", "it")
-        else:
-            st.mode, st.required = "fluorescence", ("i0", "if")
-        missing = [c for c in st.required if c not in have]
-        if ekey is None and st.fixed_energy is None:
-            missing.insert(0, "energy")
-        if missing:
-            wanted = "I0 and It or If" if cmap.mode == "auto" else f"{st.mode} channels"
-            st.error = _Bad(
-                "missing_channel",
-                f"stream {cmap.stream!r} lacks {', '.join(missing)} (needs energy, {wanted}); "
-                f"data keys: {sorted(data_keys)}",
-            )
-        return st
-
-    def _config_energy(self, configuration: Any) -> np.ndarray | None:
-        if not isinstance(configuration, Mapping):
-            return None
-        for obj in configuration.values():
-            data = obj.get("data") if isinstance(obj, Mapping) else None
-            if not isinstance(data, Mapping):
-                continue
-            key = self.owner.channels.first(self.owner.channels.energy, data)
-            if key is None:
-                continue
-            try:
-                arr = _vector(data[key])
-            except (TypeError, ValueError):
-                continue
-            if arr.size >= 2:
-                scale = 1.0
-                dks = obj.get("data_keys")
-                if isinstance(dks, Mapping) and isinstance(dks.get(key), Mapping):
-                    units = dks[key].get("units")
-                    if isinstance(units, str) and units.strip().lower() == "kev":
-                        scale = 1000.0
-                return arr * scale if scale != 1.0 else arr
-        return None
 
     def event_page(self, doc: Any) -> Any:
         if self.closed:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xasflow.adapters.feff import XANES_DIR, parse_xmu
+from xasflow.adapters.feff import XANES_DIR
+from xasflow.adapters.feff_xmu import parse_xmu
 from xasflow.training.feff_inputs import (
     DEFAULT_PRESET,
     Failure,

@@ -1,0 +1,150 @@
+"""Per-partition offset bookkeeping of a Kafka consumer-group member: the at-least-once rule.
+
+The processing thread takes documents (:meth:`PartitionOffsets.take`) and, after each turn,
+marks them processed: every document taken by then has gone through the assembler, the
+pipeline and the sinks. A partition's *committable* offset is the one after its last
+processed document, but never past the start document of a run still open on it (a run's
+state lives in memory until its stop, so a restart must see it again from its start).
+Each assignment of a partition has its own generation: a document queued under an earlier
+one is not taken, and a commit snapshot only counts for partitions still in the same one.
+A partition that goes (revoked or lost) hands its open runs over to the member that gets it.
+Lag is the broker's high watermark less the processed offset (:func:`broker_lag`).
+
+Nothing here locks: :class:`~xasflow.adapters.kafka_input.KafkaDocumentSource` calls it
+under its one lock, which also guards its counters, so bookkeeping and counts change together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["TP", "PartitionOffsets", "broker_lag"]
+
+TP = tuple[str, int]  # (topic, partition)
+
+
+class PartitionOffsets:
+    """Offsets taken, processed and committed, open runs and lag, per assigned partition."""
+
+    def __init__(self) -> None:
+        self.gen: dict[TP, int] = {}  # assigned partitions and their assignment generation
+        self._next_gen = 0
+        self.taken: dict[TP, int] = {}  # next offset after the last document taken
+        self.processed: dict[TP, int] = {}  # ... after the last one processed
+        self.open: dict[TP, dict[str, int]] = {}  # runs open per partition: start offset
+        self._closing: list[tuple[TP, str]] = []  # stops taken, not yet processed
+        self.committed: dict[TP, int] = {}
+        self.lag: dict[TP, int] = {}
+        self._abandon: list[tuple[str, str]] = []
+
+    def assign(self, tps: list[TP]) -> None:
+        """Partitions assigned here: each gets a new generation and starts afresh."""
+        for tp in tps:
+            self._next_gen += 1
+            self.gen[tp] = self._next_gen
+            for state in (self.taken, self.processed, self.open, self.committed):
+                state.pop(tp, None)
+
+    def take(self, tp: TP, gen: int, offset: int, name: str, doc: dict[str, Any]) -> bool:
+        """Record a document the processing thread takes; False if it was queued under an
+        assignment that has since gone (the partition's new owner has it)."""
+        if self.gen.get(tp) != gen:
+            return False
+        self.taken[tp] = offset + 1
+        if name == "start" and isinstance(doc.get("uid"), str):
+            self.open.setdefault(tp, {}).setdefault(doc["uid"], offset)
+        elif name == "stop" and isinstance(doc.get("run_start"), str):
+            self._closing.append((tp, doc["run_start"]))
+        return True
+
+    def mark_processed(self) -> None:
+        """Everything taken so far has gone to the sinks; runs whose stop was taken are done."""
+        for tp, offset in self.taken.items():
+            if tp in self.gen:
+                self.processed[tp] = offset
+        for tp, run in self._closing:
+            self.open.get(tp, {}).pop(run, None)
+        self._closing.clear()
+
+    def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:
+        """Offsets (of ``tps``, default all assigned) past what is committed that the rule allows."""
+        out: dict[TP, int] = {}
+        for tp in self.gen if tps is None else tps:
+            done = self.processed.get(tp)
+            if done is None:
+                continue
+            offset = min([done, *self.open.get(tp, {}).values()])
+            if offset > self.committed.get(tp, -1):
+                out[tp] = offset
+        return out
+
+    def gens(self, offsets: dict[TP, int]) -> dict[TP, int]:
+        """The current generation of each partition of ``offsets`` still assigned here."""
+        return {tp: self.gen[tp] for tp in offsets if tp in self.gen}
+
+    def still_assigned(self, offsets: dict[TP, int], gens: dict[TP, int]) -> dict[TP, int]:
+        """The part of ``offsets`` whose partitions are still in the generation of ``gens``."""
+        return {tp: o for tp, o in offsets.items() if self.gen.get(tp) == gens.get(tp)}
+
+    def committed_at(self, tp: TP, offset: int) -> None:
+        """The broker confirmed a commit of ``offset`` (kept while ``tp`` is assigned here)."""
+        if tp in self.gen:
+            self.committed[tp] = max(self.committed.get(tp, -1), offset)
+
+    def hand_over(self, tps: list[TP], how: str, group: str) -> int:
+        """Forget partitions that went (``how``: revoked or lost); their open runs are queued
+        for :meth:`abandoned`. Returns how many runs were handed over."""
+        n = 0
+        for tp in tps:
+            for uid in self.open.pop(tp, {}):
+                reason = (
+                    f"{how}: partition {tp[0]}[{tp[1]}] moved to another member of group "
+                    f"{group!r}, which analyses this run from its start"
+                )
+                self._abandon.append((uid, reason))
+                n += 1
+            for state in (self.gen, self.taken, self.processed, self.committed, self.lag):
+                state.pop(tp, None)
+        return n
+
+    def abandoned(self) -> list[tuple[str, str]]:
+        """Runs handed over since the last call, as ``(uid, reason)``."""
+        out, self._abandon = self._abandon, []
+        return out
+
+    def set_lag(self, lag: dict[TP, int]) -> None:
+        """Store measured lag, for partitions still assigned."""
+        self.lag = {tp: n for tp, n in lag.items() if tp in self.gen}
+
+    def view(self) -> dict[str, dict[str, int | None]]:
+        """Per assigned partition (``topic[p]``): lag, committed, processed and open runs."""
+        return {
+            f"{t}[{p}]": {
+                "lag": self.lag.get((t, p)),
+                "committed": self.committed.get((t, p)),
+                "processed": self.processed.get((t, p)),
+                "open_runs": len(self.open.get((t, p), {})),
+            }
+            for t, p in sorted(self.gen)
+        }
+
+
+def broker_lag(
+    consumer: Any, tps: list[TP], processed: Callable[[TP], int | None]
+) -> dict[TP, int]:
+    """Per partition of ``tps``: messages on the broker past ``processed(tp)`` (or, before any
+    is processed, past the consumer's position), from its cached high watermarks."""
+    from confluent_kafka import TopicPartition
+
+    lag: dict[TP, int] = {}
+    for topic, part in tps:
+        tp = TopicPartition(topic, part)
+        _low, high = consumer.get_watermark_offsets(tp, cached=True)
+        if high is None or high < 0:
+            continue
+        done = processed((topic, part))
+        if done is None:
+            done = consumer.position([tp])[0].offset
+        lag[(topic, part)] = max(int(high) - max(int(done), 0), 0)
+    return lag
