@@ -20,7 +20,9 @@ For each spectrum (``SpectrumReady``):
    reference without a clear edge flags ``align_failed``, a shift beyond ``max_shift`` eV
    flags ``align_out_of_range``; the spectrum is then analysed unaligned.
 5. the bundle's preprocessing (``Predictor.prepare``: ``no_edge``, ``no_post_edge``,
-   ``window``, ...) and the ONNX graphs, batched per predictor over the whole call.
+   ``window``, ...) and the ONNX graphs, batched per predictor over the whole call; a run's
+   first out-of-domain spectrum is checked once for undeclared HERFD (flag
+   ``herfd_suspected``, :mod:`xasflow.daemon.herfd_hint`).
 6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), an analysed
    spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
    one per run per ``recommend_interval_s``): what to measure next, stop early, rescan
@@ -54,6 +56,7 @@ from xasflow.daemon.assembly import (
 from xasflow.daemon.batch_prep import Work, prepare_works
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
+from xasflow.daemon.herfd_hint import HerfdHints
 from xasflow.daemon.recommend import (
     RecommendationTracker,
     RecommenderConfig,
@@ -164,6 +167,7 @@ class Pipeline:
         self._runs: dict[str, AnalysisRun] = {}
         self.herfd = herfd
         self._herfd: dict[str, Any] = {}  # raw uid -> its start document's ``herfd``
+        self.herfd_hints = HerfdHints()  # undeclared HERFD? checked once per run
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
         #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
@@ -204,6 +208,7 @@ class Pipeline:
             if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
                 w.flags.append("herfd_broadened")
         self._predict([w for w in works.values() if w.reason is None])
+        self.herfd_hints.apply(works.values())
         for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
             if w.reason is None and w.prediction is not None and w.prepared is not None:
                 assert w.predictor is not None
@@ -475,6 +480,7 @@ class Pipeline:
             self._recommend_due.pop(out.raw_uid, None)
         run = self._runs.pop(out.raw_uid, None)
         self._herfd.pop(out.raw_uid, None)
+        self.herfd_hints.forget(out.raw_uid)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
