@@ -428,7 +428,9 @@ def test_batch_predicts_once_per_predictor_and_equals_single(
 
     monkeypatch.setattr(Predictor, "predict_prepared", counting)
     batched = Pipeline(registry, Counters(), clock=Clock(T0)).handle_batch([opened("raw-b"), *outs])
-    assert calls == [len(kinds)]
+    # one call for the whole batch; at most one more of one row: the run's HERFD check, made
+    # at its first out-of-domain spectrum (tests/test_herfd_hint.py)
+    assert calls[0] == len(kinds) and calls[1:] in ([], [1])
     skip = {"latency_ms"}
     a = [{k: v for k, v in r.items() if k not in skip} for r in events(one_by_one)]
     b = [{k: v for k, v in r.items() if k not in skip} for r in events(batched)]
@@ -712,6 +714,8 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
         return width
 
     monkeypatch.setattr(herfd_module, "herfd_width", recording)
+    # the undeclared-HERFD check broadens on its own (tests/test_herfd_hint.py): left out here
+    monkeypatch.setattr(Predictor, "with_herfd_hint", lambda self, spectrum, pred: pred)
     pipeline = Pipeline(registry, counters, clock=Clock(T0 + 0.004))
     docs = pipeline.handle_batch(
         [

@@ -11,7 +11,8 @@ killed predecessor left open when their raw stop arrives
 :class:`~xasflow.daemon.batching.BatchPolicy` (``analysis.batching``) bounds the
 micro-batching: a turn takes what is queued and waits a few ms for more only under load, so
 a lone spectrum is never held back. Each analysis document goes to the sinks in order (the
-store writer, the publisher, the listeners). It is the only thread touching the assembler and the pipeline.
+store writer, the publisher, the listeners). It is the only thread touching the assembler
+and the pipeline.
 
 Run timeouts (``analysis.run_timeout_s``) are read on a
 :class:`~xasflow.adapters.live_clock.LiveClock`, not the wall clock: a pass of the loop that
