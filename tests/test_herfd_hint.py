@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import unpaged
+from prometheus_client import CollectorRegistry, generate_latest
 
 from xasflow import paths
-from xasflow.daemon.counters import Counters
+from xasflow.daemon.counters import Counters, register_prometheus
 from xasflow.daemon.outputs import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
@@ -30,7 +31,8 @@ def demos() -> dict[tuple[str, str], DemoSpectrum]:
 @pytest.fixture
 def pipeline(tmp_path: Path) -> Pipeline:
     shutil.copytree(paths.REPO_ROOT / "models" / "cu-k", tmp_path / "models" / "cu-k")
-    return Pipeline(ModelRegistry(tmp_path / "models", Counters()), align=False)
+    counters = Counters()
+    return Pipeline(ModelRegistry(tmp_path / "models", counters), counters, align=False)
 
 
 def _ready(raw_uid: str, index: int, demo: DemoSpectrum) -> SpectrumReady:
@@ -73,6 +75,11 @@ def test_an_undeclared_herfd_run_is_hinted_once(
         assert OUT_OF_DOMAIN in flags and HERFD_SUSPECTED in flags
         assert row["out_of_domain"] is True
     assert len(checks) == 1  # the run's first out-of-domain spectrum; the second reuses it
+    counters = pipeline.counters
+    assert counters.snapshot()["herfd_suspected"] == 2 == counters.out_of_domain
+    reg = CollectorRegistry()
+    register_prometheus(counters, reg)
+    assert "xasflow_spectra_herfd_suspected_total 2.0" in generate_latest(reg).decode()
 
     declared = _rows(pipeline, "raw-declared", demos[("herfd", "Cu2O")], herfd=True)
     for row in declared:
@@ -83,3 +90,4 @@ def test_an_undeclared_herfd_run_is_hinted_once(
             assert HERFD_SUSPECTED not in row["flags"]
             assert row["out_of_domain"] is (name == "CuCl")
     assert pipeline.herfd_hints._runs == {}  # forgotten at each run's close
+    assert counters.herfd_suspected == 2  # the declared and the conventional runs added none

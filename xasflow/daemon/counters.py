@@ -8,6 +8,7 @@ a custom collector at scrape time. Every counter maps 1:1 to a Prometheus metric
 ``spectra_received``                  ``xasflow_spectra_received_total``
 ``spectra_analysed``                  ``xasflow_spectra_analysed_total``
 ``out_of_domain``                     ``xasflow_spectra_out_of_domain_total``
+``herfd_suspected``                   ``xasflow_spectra_herfd_suspected_total``
 ``events_lost[cause]``                ``xasflow_events_lost_total{cause}``
 ``rejected[(stage, reason)]``         ``xasflow_spectra_rejected_total{stage, reason}``
 ``decode_errors[reason]``             ``xasflow_decode_errors_total{reason}``
@@ -31,7 +32,8 @@ The four Kafka metrics are always exported (0, no lag samples, with the 0MQ inpu
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
 ``spectra_received`` and then exactly once in ``spectra_analysed`` or in
 ``rejected[("analysis", reason)]``. ``out_of_domain`` counts the analysed spectra whose
-prediction carries the out-of-domain flag (a subset of ``spectra_analysed``).
+prediction carries the out-of-domain flag (a subset of ``spectra_analysed``);
+``herfd_suspected`` those of them that look like undeclared HERFD (a subset of that).
 ``events_lost`` counts raw events that never reached the analysis, by cause: ``seq_gap``
 (missing from a run's sequence or its stop's ``num_events``), ``overflow`` (dropped by a
 full input queue), ``interrupted`` (received by a daemon that was killed).
@@ -79,6 +81,7 @@ class Counters:
         self.spectra_received = 0
         self.spectra_analysed = 0
         self.out_of_domain = 0
+        self.herfd_suspected = 0
         self.events_lost: dict[str, int] = {}
         self.rejected: dict[tuple[str, str], int] = {}
         self.decode_errors: dict[str, int] = {}
@@ -113,6 +116,11 @@ class Counters:
         """Analysed spectra the bundle flagged out of its domain (answers not to trust)."""
         with self._lock:
             self.out_of_domain += n
+
+    def spectrum_herfd_suspected(self, n: int = 1) -> None:
+        """Out-of-domain spectra that would be in domain declared HERFD (``herfd_suspected``)."""
+        with self._lock:
+            self.herfd_suspected += n
 
     def lost(self, cause: str, n: int = 1) -> None:
         """Raw events that never reached the analysis, by cause (see the module docstring)."""
@@ -254,6 +262,7 @@ class Counters:
                 "spectra_analysed": self.spectra_analysed,
                 "spectra_rejected": sum(self.rejected.values()),
                 "out_of_domain": self.out_of_domain,
+                "herfd_suspected": self.herfd_suspected,
                 "events_lost": dict(sorted(self.events_lost.items())),
                 "events_lost_total": sum(self.events_lost.values()),
                 "rejected": by_reason,
@@ -324,6 +333,7 @@ class _Collector:
         with c._lock:
             received, analysed = c.spectra_received, c.spectra_analysed
             ood, lost = c.out_of_domain, dict(c.events_lost)
+            herfd = c.herfd_suspected
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
             opened, closed = c.runs_opened, dict(c.runs_closed)
@@ -342,6 +352,11 @@ class _Collector:
             "xasflow_spectra_out_of_domain",
             "Analysed spectra outside the bundle's training domain (answers not to trust)",
             value=ood,
+        )
+        yield CounterMetricFamily(
+            "xasflow_spectra_herfd_suspected",
+            "Out-of-domain spectra that would be in domain if declared HERFD (analysis.herfd)",
+            value=herfd,
         )
         count = CounterMetricFamily
         yield _by_label(

@@ -63,7 +63,7 @@ from xasflow.daemon.recommend import (
     recommendation_docs,
 )
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.predictor import Prediction
+from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
 from xasflow.spectra import (
     Prepared,
     Spectrum,
@@ -419,6 +419,8 @@ class Pipeline:
             self.counters.spectrum_analysed()
             if pred.out_of_domain:
                 self.counters.spectrum_out_of_domain()
+                if HERFD_SUSPECTED in pred.flags:
+                    self.counters.spectrum_herfd_suspected()
         else:
             reason = work.reason or "internal_error"
             row = rejected_row(
