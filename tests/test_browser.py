@@ -40,7 +40,7 @@ from helpers import (
 )
 
 from xasflow import paths
-from xasflow.models.predictor import OUT_OF_DOMAIN
+from xasflow.models.predictor import HERFD_SUSPECTED, OUT_OF_DOMAIN
 
 try:
     from playwright.sync_api import sync_playwright
@@ -197,7 +197,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         cn = latest.prediction.results["cn"]
         doubt = dataclasses.replace(
             latest.prediction,
-            flags=[*latest.prediction.flags, OUT_OF_DOMAIN],
+            flags=[*latest.prediction.flags, OUT_OF_DOMAIN, HERFD_SUSPECTED],
             ood_score=7.5,
             results={
                 **latest.prediction.results,
@@ -216,6 +216,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         )
         assert "OUT OF DOMAIN" in (page.text_content("#ood-banner") or "")
         assert "not to be trusted" in (page.text_content("#ood-banner") or "")
+        assert "looks like HERFD" in (page.text_content("#ood-banner") or "")  # the daemon's hint
         assert page.text_content("#cn-set") == "90 % set {2, 4}"
         assert "ood" in (page.get_attribute("#prediction-card", "class") or "")
         first = page.locator("#runs-table tr").nth(1).locator("td")

@@ -287,10 +287,14 @@
     const ood = pred ? !!pred.out_of_domain : !!(last && last.out_of_domain);
     const score = pred ? pred.ood_score : last && last.ood_score;
     const banner = $("ood-banner");
+    // the daemon's hint: in domain if the spectrum were declared HERFD (daemon/herfd_hint.py)
+    const flags = pred ? pred.flags || [] : last && last.flags ? String(last.flags).split(",") : [];
+    const herfd = flags.includes("herfd_suspected");
     banner.hidden = !ood;
     banner.textContent = ood
       ? "OUT OF DOMAIN: this spectrum is unlike the model's training data; the answer below is not to be trusted" +
-        (score !== null && score !== undefined ? ` (score ${fmt(score, 2)})` : "")
+        (score !== null && score !== undefined ? ` (score ${fmt(score, 2)})` : "") +
+        (herfd ? ". It looks like HERFD: if it was measured so, declare it (analysis.herfd)" : "")
       : "";
     $("prediction-card").classList.toggle("ood", ood);
     const cn = pred && pred.tasks && pred.tasks.cn;
