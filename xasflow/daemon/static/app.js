@@ -282,14 +282,19 @@
     return values && values.length ? "{" + values.join(", ") + "}" : "";
   }
 
+  // the flags of the prediction and of the run's last row (a comma-separated data key)
+  function flagsOf(pred, last) {
+    return ((pred && pred.flags) || []).concat(
+      last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
+  }
+
   function renderDoubt(pred, last) {
     // out of the bundle's domain: say so over the answer, so no one takes it for one
     const ood = pred ? !!pred.out_of_domain : !!(last && last.out_of_domain);
     const score = pred ? pred.ood_score : last && last.ood_score;
     const banner = $("ood-banner");
     // the daemon's hint: in domain if the spectrum were declared HERFD (daemon/herfd_hint.py)
-    const flags = pred ? pred.flags || [] : last && last.flags ? String(last.flags).split(",") : [];
-    const herfd = flags.includes("herfd_suspected");
+    const herfd = flagsOf(pred, last).includes("herfd_suspected");
     banner.hidden = !ood;
     banner.textContent = ood
       ? "OUT OF DOMAIN: this spectrum is unlike the model's training data; the answer below is not to be trusted" +
@@ -347,7 +352,7 @@
     $("charge-value").textContent = charge
       ? `${fmt(charge.value, 2)} ± ${fmt(charge.uncertainty, 2)} e${interval(charge, 2)}` : "–";
     $("e0-value").textContent = `${fmt(pred.e0, 1)} eV`;
-    const flags = (pred.flags || []).concat(last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
+    const flags = flagsOf(pred, last);
     const notes = [];
     if (flags.length) notes.push("flags: " + Array.from(new Set(flags)).join(", "));
     if (last && last.latency_ms !== null && last.latency_ms !== undefined) {
