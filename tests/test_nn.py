@@ -220,6 +220,78 @@ def test_onnx_matches_torch(arch: str, mlp) -> None:
         np.testing.assert_allclose(got["cn"].sum(axis=1), 1.0, atol=1e-5)
 
 
+def _graph_outputs(graph: bytes, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def _matmuls(graph: bytes) -> int:
+    import onnx
+
+    ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
+    return sum(op in ("Gemm", "MatMul", "MatMulInteger") for op in ops)
+
+
+def test_fused_graph_serves_the_members_function(mlp) -> None:
+    """The served (fused) graph computes what the per-member layout computes, in float and in
+    int8, with one first layer for all towers and one head matrix per tower."""
+    from xasflow.training.nn_export import ensemble_to_onnx, fuse
+    from xasflow.training.quantize import quantize_graph
+
+    x, _, ens = mlp
+    plain = ensemble_to_onnx(ens.module, ens.width, fused=False)
+    fused = ensemble_to_onnx(ens.module, ens.width)
+    towers = len(fuse(ens.module).heads)
+    snapshots = [len(m.snapshots) for m in ens.module.members]
+    assert towers == sum(snapshots)  # max_snapshots=4: members serve tasks from several epochs
+    layers = len(_cfg().hidden)
+    members = len(snapshots)
+    serving = len({(m, s) for m, mem in enumerate(ens.module.members) for s in mem.use.values()})
+    assert _matmuls(plain) == sum(snapshots) * layers + members * len(ens.tasks)
+    # one first layer, each tower's deeper layers, one head matrix per tower serving a task
+    assert _matmuls(fused) == 1 + towers * (layers - 1) + serving
+    for rows in (TEST[:1], TEST):
+        for a, b in zip(
+            _graph_outputs(plain, x[rows]), _graph_outputs(fused, x[rows]), strict=True
+        ):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+        qa = _graph_outputs(quantize_graph(plain), x[rows])
+        qb = _graph_outputs(quantize_graph(fused), x[rows])
+        for a, b in zip(qa, qb, strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_reexport_reads_the_member_layout_back(mlp) -> None:
+    """A float graph in the per-member layout (what bundles held before the fused export) gives
+    back the very module it came from; its fused re-export serves the same answers."""
+    from xasflow.training.nn_export import ensemble_to_onnx
+    from xasflow.training.reexport import load_ensemble
+
+    x, _, ens = mlp
+    plain = ensemble_to_onnx(ens.module, ens.width, fused=False)
+    module = load_ensemble(plain, ens.config, ens.tasks, ens.width)
+    rows = torch.from_numpy(x[TEST])
+    with torch.no_grad():
+        for a, b in zip(module(rows), ens.module(rows), strict=True):
+            assert torch.equal(a, b)
+    again = ensemble_to_onnx(module, ens.width)
+    for a, b in zip(_graph_outputs(plain, x[TEST]), _graph_outputs(again, x[TEST]), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="per-member layout"):
+        load_ensemble(again, ens.config, ens.tasks, ens.width)
+
+
+def test_cnn_ensembles_are_exported_unfused() -> None:
+    from xasflow.training.nn_export import fuse
+
+    x, targets = _data()
+    ens = fit_network_ensemble(
+        x, targets, TRAIN, VAL, _cfg(arch="cnn", members=1, max_epochs=2), log=lambda _: None
+    )
+    assert fuse(ens.module) is None
+
+
 def test_bad_input_is_rejected() -> None:
     x, targets = _data()
     bad = x.copy()

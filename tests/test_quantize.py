@@ -84,3 +84,21 @@ def test_calibration_that_cannot_be_reproduced_is_refused(
     (signed / "manifest.sig").write_text(json.dumps({}))
     with pytest.raises(ValueError, match="signed"):
         quantize_bundle(signed, tmp_path / "out", log=lambda _: None)
+
+
+def test_reexport_refuses_what_it_cannot_read(
+    mlp_bundle: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-export reads float graphs in the per-member layout: an int8 bundle, or one whose
+    graph was exported fused already, is refused with the reason, and nothing is written."""
+    from xasflow.training.quantize import quantize_bundle
+    from xasflow.training.reexport import reexport_bundle
+
+    src, cache = mlp_bundle
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    with pytest.raises(ValueError, match="needs no re-export"):
+        reexport_bundle(src, tmp_path / "again", log=lambda _: None)
+    int8 = quantize_bundle(src, tmp_path / "q", log=lambda _: None)
+    with pytest.raises(ValueError, match="re-export the float bundle"):
+        reexport_bundle(int8, tmp_path / "again", log=lambda _: None)
+    assert not (tmp_path / "again").exists()

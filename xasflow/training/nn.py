@@ -30,13 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
 from xasflow.training.nn_augment import BatchAugmenter, NetAugment
-from xasflow.training.nn_graph import (
-    EnsembleModule,
-    Member,
-    MultiTaskNet,
-    NetTask,
-    ensemble_to_onnx,
-)
+from xasflow.training.nn_export import ensemble_to_onnx
+from xasflow.training.nn_graph import EnsembleModule, Member, MultiTaskNet, NetTask
 
 __all__ = [
     "NetConfig",

@@ -12,20 +12,15 @@ torch 2.13 defaults to the ``torch.export``-based ONNX exporter, which needs ``o
 
 from __future__ import annotations
 
-import io
 import itertools
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-import onnx
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from xasflow.training.nn import NetConfig
-
-OPSET = 17
 
 
 @dataclass
@@ -208,28 +203,3 @@ class EnsembleModule(nn.Module):
             result += [mean, std]
         result.append(emb.mean(dim=0))
         return tuple(result)
-
-
-def ensemble_to_onnx(module: EnsembleModule, width: int) -> bytes:
-    """Serialised ONNX model of ``module`` for float32 input ``x`` of shape (batch, ``width``)."""
-    names = module.output_names()
-    module = module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.zeros(2, width),),
-            buf,  # type: ignore[arg-type]  # a file object works; the stub names paths only
-            dynamo=False,
-            input_names=["x"],
-            output_names=names,
-            dynamic_axes={n: {0: "batch"} for n in ["x", *names]},
-            opset_version=OPSET,
-            do_constant_folding=True,
-        )
-    model = onnx.load_from_string(buf.getvalue())
-    model.producer_name = "xasflow"
-    model.doc_string = "xasflow network ensemble: per task member mean and std, plus embedding"
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
