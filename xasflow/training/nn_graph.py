@@ -1,13 +1,9 @@
-"""The torch modules of a network ensemble, and its export as one ONNX graph.
+"""The torch modules of a network ensemble (exported as one graph by ``nn_export``).
 
 :class:`InputBlock` clips, differentiates and standardises the bundle input ``x`` inside the
 module (so inside the graph); :class:`MultiTaskNet` is one trunk with a head per task;
 :class:`Member` serves each task from the snapshot that was best for it, and
 :class:`EnsembleModule` returns, per task, the member mean and std plus the mean embedding.
-
-torch 2.13 defaults to the ``torch.export``-based ONNX exporter, which needs ``onnxscript``
-(not a dependency); these are plain feed-forward modules, so the TorchScript-tracing exporter
-(``dynamo=False``, opset 17) exports them exactly. Its deprecation warning is silenced here.
 """
 
 from __future__ import annotations

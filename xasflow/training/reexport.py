@@ -42,10 +42,10 @@ def graph_weights(graph: bytes) -> dict[str, np.ndarray]:
     return weights
 
 
-def _layout_error(m: int, s: int) -> ValueError:
+def _layout_error(where: str) -> ValueError:
     return ValueError(
-        f"member {m} snapshot {s}: the graph's weights are not the per-member layout "
-        "this step reads (a graph exported fused already needs no re-export)"
+        f"{where}: the graph's weights are not the per-member layout this step reads "
+        "(a graph exported fused already needs no re-export)"
     )
 
 
@@ -57,7 +57,7 @@ def load_ensemble(
     weights = graph_weights(graph)
     members = sorted({int(k.split(".")[1]) for k in weights if k.startswith("members.")})
     if not members:
-        raise _layout_error(0, 0)
+        raise _layout_error("the graph has no members.* weights")
     built: list[Member] = []
     for m in members:
         prefix = f"members.{m}.snapshots."
@@ -75,7 +75,7 @@ def load_ensemble(
             state = {k: torch.from_numpy(np.array(v)) for k, v in own.items()}
             missing, unexpected = net.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith("heads.") for k in missing):
-                raise _layout_error(m, s)
+                raise _layout_error(f"member {m} snapshot {s}")
             nets.append(net.eval())
             use.update({t: len(nets) - 1 for t in tasks if f"heads.{t}.linear.weight" in own})
         if set(use) != set(tasks):
