@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.models.bundle import Manifest, OodSpec, verify_bundle, write_bundle
+from xasflow.models.bundle import Manifest, OodSpec, write_bundle
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
-from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
+from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 
 
 def _recon_spec(manifest: Manifest) -> dict[str, Any]:
@@ -82,9 +82,7 @@ def upgrade_bundle(
     flag_fraction: float | None = None,
 ) -> Path:
     """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
-    bundle = Path(bundle)
-    manifest = verify_bundle(bundle)
-    check_signing(bundle, signing_key, "the upgrade")
+    bundle, manifest = open_for_rewrite(bundle, signing_key, "the upgrade")
     assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
     fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction)
     files = {name: (bundle / name).read_bytes() for name in manifest.files}

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.batch import member_mean, member_spread
-from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle, write_bundle
+from xasflow.models.bundle import Manifest, TaskSpec, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
-from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
+from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 from xasflow.training.select import BaseOutputs, calibrate_outputs
 
 INT8 = "int8"
@@ -136,9 +136,7 @@ def quantize_bundle(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``bundle`` (to ``out``, default: in place) with int8 network graphs, recalibrated."""
-    bundle = Path(bundle)
-    manifest = verify_bundle(bundle)
-    check_signing(bundle, signing_key, "quantising")
+    bundle, manifest = open_for_rewrite(bundle, signing_key, "quantising")
     nets = {
         m.file: m
         for spec in manifest.tasks.values()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xasflow.models.bundle import Manifest
+from xasflow.models.bundle import Manifest, verify_bundle
 from xasflow.models.integrity import SIGNATURE
 from xasflow.spectra import model_input
 from xasflow.training.dataset import Dataset, build_feff_dataset, grid_dataset
@@ -50,6 +50,14 @@ def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
     sub = ds.subset(g.rows)
     parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
     return BundleData(sub, model_input(g.y, manifest.features, manifest.prep), parts)
+
+
+def open_for_rewrite(bundle: str | Path, signing_key: object, verb: str) -> tuple[Path, Manifest]:
+    """A bundle a step is about to rewrite: verified, and refused if signed without its key."""
+    path = Path(bundle)
+    manifest = verify_bundle(path)
+    check_signing(path, signing_key, verb)
+    return path, manifest
 
 
 def check_signing(bundle: Path, signing_key: object, verb: str) -> None:

@@ -22,11 +22,11 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from xasflow.models.bundle import Manifest, verify_bundle, write_bundle
+from xasflow.models.bundle import Manifest, write_bundle
 from xasflow.training.nn import NetConfig
 from xasflow.training.nn_export import ensemble_to_onnx
 from xasflow.training.nn_graph import EnsembleModule, Member, MultiTaskNet, NetTask
-from xasflow.training.rebuild import bundle_parser, check_signing, rebuild
+from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 
 #: Largest difference allowed between the old graph's outputs and the re-exported one's.
 TOLERANCE = 1e-4
@@ -110,9 +110,7 @@ def reexport_bundle(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``bundle`` to ``out`` with its float MLP graphs re-exported (see the module doc)."""
-    bundle = Path(bundle)
-    manifest = verify_bundle(bundle)
-    check_signing(bundle, signing_key, "re-exporting")
+    bundle, manifest = open_for_rewrite(bundle, signing_key, "re-exporting")
     mlp = {m.file for s in manifest.tasks.values() for m in s.graph_members() if m.kind == "mlp"}
     if not mlp:
         raise ValueError(f"{manifest.bundle_id} serves no MLP graph")
