@@ -131,6 +131,7 @@ def main() -> int:
         },
         "n_spectra_timed": len(spectra),
         "served_bundle": served.bundle_id,
+        "served_bundle_path": str(Path(args.bundle).resolve()),
         "served_estimators": {n: t.estimator for n, t in served.manifest.tasks.items()},
         "served_bundle_bytes": served_bytes,
         "onnx_p50_ms": _p(served_t, 50),
@@ -160,6 +161,7 @@ def main() -> int:
     if other is not None:
         report["compare"] = {
             "bundle": other.bundle_id,
+            "bundle_path": str(Path(args.compare).resolve()),
             "served_estimators": {n: t.estimator for n, t in other.manifest.tasks.items()},
             "onnx_p50_ms": _p(other_t, 50),
             "onnx_p99_ms": _p(other_t, 99),
