@@ -129,3 +129,25 @@ def test_journal_rows_round_trip_as_msgpack_or_json(tmp_path: Path) -> None:
     assert np.isnan(first["distance"]) and first["flags"] == "a,b"
     assert second["big"] == 2**70 and third == {"seq_num": 3, "cn": 6}
     journal.close()
+
+
+def test_the_callers_connection_leaves_checkpoints_to_the_writers(tmp_path: Path) -> None:
+    """Rows journalled on the callers' connection (the processing thread) stay in the log, and
+    the writer's connection copies them into the database file at its next commit: the
+    processing thread never pays for a checkpoint (4-6 ms each) while the writer keeps up."""
+    from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES
+
+    path = tmp_path / JOURNAL_FILE
+    caller, writer = Journal(path, CALLER_CHECKPOINT_PAGES), Journal(path)
+    caller.open_run("r", {"uid": "r"}, {"uid": "d"})
+    empty = path.stat().st_size
+    blob = "x" * 2000
+    for page in range(160):  # ~5 MB of rows: past SQLite's default 1,000-page threshold
+        rows = [{"seq_num": page * 16 + k + 1, "blob": blob} for k in range(16)]
+        caller.add("r", rows)
+    assert path.stat().st_size == empty  # nothing copied out of the log by the caller
+    writer.moved("r", [1])
+    assert path.stat().st_size > 4_000_000  # the writer's commit checkpointed
+    assert caller.counts()["journal_rows"] == 160 * 16 - 1
+    caller.close()
+    writer.close()

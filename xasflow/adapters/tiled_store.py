@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xasflow.adapters.catalog_supervisor import CatalogSupervisor
-from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
+from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
 from xasflow.adapters.tiled_schema import (
@@ -168,7 +168,7 @@ class AnalysisStore(WriterThread):
             else:
                 self._root = self._serving.enter_context(_serve(self.directory, uris))
             if journal:  # one connection for the callers, one for the writer thread
-                self._journal = Journal(self.directory / JOURNAL_FILE)
+                self._journal = Journal(self.directory / JOURNAL_FILE, CALLER_CHECKPOINT_PAGES)
                 self._journal_w = Journal(self.directory / JOURNAL_FILE)
                 self._items.extend(self._replay(self._journal))
         except BaseException:
