@@ -413,7 +413,9 @@ class Harness:
         self.daemon.start()
         self.pub = ZmqDocumentPublisher(proxy.in_address)
         self.results = Results(proxy.out_address)
-        warm_up(self.pub, lambda t: t in self.daemon.health()["probes"]["tokens"], self.results)
+        warm_up(
+            self.pub, lambda t: t in self.daemon.view.health()["probes"]["tokens"], self.results
+        )
 
     def close(self) -> None:
         self.daemon.stop()

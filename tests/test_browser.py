@@ -177,7 +177,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         messages_before = page.evaluate("window.xasflow.messages")
         t0 = time.monotonic()
         for name, doc in burst_docs(2000, "burst-run"):
-            d.app.state.dashboard.listener(name, doc)
+            d.parts.app.state.dashboard.listener(name, doc)
         page.wait_for_function(
             "() => { const s = window.xasflow.state;"
             " return s && s.run.raw_uid === 'burst-run' && s.run.n_ok === 2000"
@@ -192,8 +192,8 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
 
         # an out-of-domain answer is flagged over the prediction, with its conformal set,
         # and a run that lost raw events says so in the run table
-        dashboard = d.app.state.dashboard
-        latest = d.pipeline.latest
+        dashboard = d.parts.app.state.dashboard
+        latest = d.parts.pipeline.latest
         cn = latest.prediction.results["cn"]
         doubt = dataclasses.replace(
             latest.prediction,

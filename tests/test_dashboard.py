@@ -166,7 +166,7 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
         first = sse.next_state(time.monotonic() + DEADLINE_S)  # the current state at once
         assert first["health"]["ready"] is True
         assert [m["bundle_id"] for m in first["health"]["models"]] == [
-            m["bundle_id"] for m in d.models()
+            m["bundle_id"] for m in d.view.models()
         ]
 
         step_uid, step_docs = step_scan(STEP_GRID, transmission(STEP_GRID, shift=1.5))
@@ -177,7 +177,7 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
                 and (s["run"] or {}).get("exit_status") == "success"
             )
         )
-        manifest = d.registry.get("Cu", "K").manifest  # type: ignore[union-attr]
+        manifest = d.parts.registry.get("Cu", "K").manifest  # type: ignore[union-attr]
         spec, pred, run = state["spectrum"], state["prediction"], state["run"]
         # the plotted arrays: raw mu on the scan's energies, normalised y on the model grid
         assert len(spec["energy"]) == len(spec["mu"]) == STEP_GRID.size
@@ -186,7 +186,7 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
         assert spec["grid"][0] == pytest.approx(manifest.prep.window_start)
         assert spec["window"] == [manifest.prep.window_start, manifest.prep.window_stop]
         assert 8970.0 < spec["e0"] < 9000.0 and spec["energy_shift"] == pytest.approx(1.5, abs=0.3)
-        latest = d.pipeline.latest  # what the pipeline handed over, by reference
+        latest = d.parts.pipeline.latest  # what the pipeline handed over, by reference
         assert (latest.raw_uid, latest.index) == (step_uid, 0)
         assert spec["y"] == pytest.approx(latest.prepared.y, abs=1e-4)
         assert spec["mu"] == pytest.approx(latest.prepared.spectrum.mu, abs=1e-4)
@@ -249,7 +249,7 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
 
 def test_a_burst_of_2000_updates_is_coalesced(dash: Harness) -> None:
     d = dash.daemon
-    dashboard: Dashboard = d.app.state.dashboard
+    dashboard: Dashboard = d.parts.app.state.dashboard
     sse = SSEClient(d.http_url or "")
     try:
         sse.next_state(time.monotonic() + DEADLINE_S)
@@ -338,7 +338,7 @@ def test_token_is_required_when_bound_beyond_loopback(
     daemon = Daemon(cfg)
     daemon.start()
     try:
-        port = daemon.http.port
+        port = daemon.parts.http.port
         url = f"http://127.0.0.1:{port}"
         q = "?token=" + urllib.parse.quote(token, safe="")
         # the orchestrator's probes answer without the token, and say one boolean only
@@ -368,7 +368,7 @@ def test_token_is_required_when_bound_beyond_loopback(
             sse.close()
     finally:
         daemon.stop()
-    assert daemon.app.state.dashboard.closed
+    assert daemon.parts.app.state.dashboard.closed
 
 
 def test_dashboard_can_be_turned_off(proxy: LoopbackProxy, tmp_path: Path) -> None:

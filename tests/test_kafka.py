@@ -236,7 +236,7 @@ def test_daemon_analyses_a_kafka_run_and_publishes_keyed_by_raw_uid(
         assert sum(1 if n == "event" else len(d["seq_num"]) for _, n, d in out if "event" in n) == 6
 
         def committed() -> dict[str, Any] | None:
-            h = daemon.health()["input"]["kafka"]
+            h = daemon.view.health()["input"]["kafka"]
             parts = [p for p in h["partitions"].values() if p["committed"] == len(docs)]
             lag = sum(p["lag"] or 0 for p in h["partitions"].values())
             return h if parts and h["commits"] >= 1 and lag == 0 else None
@@ -277,7 +277,7 @@ def test_two_daemons_in_one_group_split_the_runs(broker: Broker, tmp_path: Path)
     reader = TopicReader(broker.bootstrap, out_topic)
     try:
         wait_for(
-            lambda: all(d.input_stats()["assigned_partitions"] == 2 for d in daemons),
+            lambda: all(d.view.input_stats()["assigned_partitions"] == 2 for d in daemons),
             "both daemons holding two partitions each",
             timeout=DEADLINE_S,
         )
@@ -293,7 +293,7 @@ def test_two_daemons_in_one_group_split_the_runs(broker: Broker, tmp_path: Path)
             timeout=DEADLINE_S,
         )
         assert all(stops[u]["exit_status"] == "success" for u in uids)
-        per_daemon = [d.health()["counters"]["runs_opened"] for d in daemons]
+        per_daemon = [d.view.health()["counters"]["runs_opened"] for d in daemons]
     finally:
         for d in daemons:
             d.stop()

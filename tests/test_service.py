@@ -220,7 +220,7 @@ def test_unsigned_bundle_refused_when_signatures_are_required(
     d = Daemon(cfg)
     d.start()
     try:
-        assert d.models() == []
+        assert d.view.models() == []
         health = json.loads(get(f"{d.http_url}/health")[1])
         reg = health["registry"]
         assert reg["serving"] == [] and reg["refusals_by_reason"] == {"signature_missing": 1}
@@ -278,7 +278,7 @@ def test_step_and_fly_scans_analysed_on_bus_and_in_store(harness: Harness) -> No
 
     step = runs[step_uid]
     assert step["start"]["raw_uid"] == step_uid and step["start"]["scan_kind"] == "step"
-    assert step["start"]["bundle_id"] == d.models()[0]["bundle_id"]
+    assert step["start"]["bundle_id"] == d.view.models()[0]["bundle_id"]
     assert [e["status"] for e in step["events"]] == ["ok"]
     ev = step["events"][0]
     assert ev["cn"] in (2, 4, 6) and ev["element"] == "Cu" and ev["edge"] == "K"
@@ -298,14 +298,14 @@ def test_step_and_fly_scans_analysed_on_bus_and_in_store(harness: Harness) -> No
     assert after["spectra_analysed"] - before["spectra_analysed"] == 4
     assert after["spectra_received"] - before["spectra_received"] == 4
     # the stored rows equal what was published, readable back by raw uid via tiled
-    assert d.store.flush(10)
+    assert d.parts.store.flush(10)
     for uid, run in runs.items():
-        md, rows = read_analysis(d.store, uid)
+        md, rows = read_analysis(d.parts.store, uid)
         assert md["start"]["raw_uid"] == uid and md["stop"]["exit_status"] == "success"
         assert rows["index"].tolist() == [e["index"] for e in run["events"]]
         assert rows["cn"].tolist() == [e["cn"] for e in run["events"]]
         assert rows["distance"].tolist() == pytest.approx([e["distance"] for e in run["events"]])
-    assert d.echo_dropped > 0  # its own results came back through the proxy and were ignored
+    assert d.view.echo_dropped > 0  # its own results came back through the proxy and were ignored
 
 
 class _Evil:
@@ -375,7 +375,7 @@ def test_hostile_and_broken_inputs_are_rejected_with_reasons(
         return dig(after[snap_key]) - dig(before[snap_key])
 
     def folded() -> dict[str, Any] | None:  # decode errors are folded in every 0.25 s
-        now = d.health()["counters"]
+        now = d.view.health()["counters"]
         n = sum(now["decode_errors"].values()) - sum(before["decode_errors"].values())
         return now if n >= 5 else None
 
@@ -392,7 +392,7 @@ def test_hostile_and_broken_inputs_are_rejected_with_reasons(
     assert delta("rejected_by_stage", "analysis", "unknown_element") == 1
     assert after["spectra_analysed"] - before["spectra_analysed"] == 2
     assert after["runs_closed"]["timeout"] >= 1
-    assert d.ready and d.health()["internal_errors"] == 0
+    assert d.view.ready and d.view.health()["internal_errors"] == 0
 
 
 def test_metrics_and_health_endpoints(harness: Harness) -> None:
@@ -400,7 +400,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID, seed=4))
     publish(harness.pub, docs)
     harness.results.wait([uid])
-    wait_for(lambda: d.store_stats().get("stored", 0) >= 1, "the store to commit a row")
+    wait_for(lambda: d.view.store_stats().get("stored", 0) >= 1, "the store to commit a row")
     status, body = get(f"{d.http_url}/health")
     assert status == 200
     health = json.loads(body)
@@ -426,7 +426,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     )
     assert float(lines["xasflow_spectra_analysed_total"]) == snap["spectra_analysed"]
     assert float(lines["xasflow_spectra_received_total"]) == snap["spectra_received"]
-    bundle = d.models()[0]["bundle_id"]
+    bundle = d.view.models()[0]["bundle_id"]
     assert lines[f'xasflow_model_info{{bundle_id="{bundle}",edge="K",element="Cu"}}'] == "1.0"
     assert float(lines["xasflow_queue_depth"]) == 0.0
     assert float(lines["xasflow_latency_seconds_count"]) == snap["latency"]["count"]
@@ -475,15 +475,15 @@ def test_stop_finishes_what_it_holds(
         open_uid, open_docs = step_scan(STEP_GRID, transmission(STEP_GRID), stop=False)
         fly_e = np.linspace(8800.0, 9400.0, 1000)
         fly_uid, fly_docs = fly_scan(fly_e, [transmission(fly_e, seed=i) for i in range(20)])
-        events = h.daemon.input_stats()["documents.event"]  # probes have no events
+        events = h.daemon.view.input_stats()["documents.event"]  # probes have no events
         publish(h.pub, fly_docs + open_docs)  # the open run's last event is the last message
         events += 20 + STEP_GRID.size
         wait_for(  # received, maybe not analysed
-            lambda: h.daemon.input_stats()["documents.event"] >= events, "the events to arrive"
+            lambda: h.daemon.view.input_stats()["documents.event"] >= events, "the events to arrive"
         )
         h.daemon.stop()  # what a SIGTERM does
-        assert not h.daemon.ready
-        stats = h.daemon.input_stats()
+        assert not h.daemon.view.ready
+        stats = h.daemon.view.input_stats()
         assert stats["delivered"] == stats["enqueued"] and stats["queue_depth"] == 0
         runs = h.results.wait([open_uid, fly_uid])
     finally:
@@ -505,7 +505,7 @@ def deploy(bundle: Path, models: Path, daemon: Daemon) -> None:
     import shutil
 
     shutil.copytree(bundle, models / bundle.name)
-    wait_for(daemon.models, "the bundle to load")
+    wait_for(daemon.view.models, "the bundle to load")
 
 
 def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
@@ -515,7 +515,7 @@ def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_
     cfg = daemon_config(empty, proxy, tmp_path / "store")
     h = Harness(cfg, proxy)
     try:
-        assert h.daemon.models() == []
+        assert h.daemon.view.models() == []
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         assert h.results.wait([uid])[uid]["events"][0]["reason"] == "no_model"
@@ -558,7 +558,7 @@ def test_feedback_recommendations_and_epics_pvs(
     h = Harness(cfg, proxy)
     ctx = Context(timeout=5.0)
     try:
-        ioc = h.daemon.ioc
+        ioc = h.daemon.parts.ioc
         names = ("cn", "model_ok", "scan_uid", "n_regions", "regions", "e0", "updates")
         pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names)), strict=True))
         assert read(pvs["model_ok"]) == 0  # no bundle yet
@@ -581,13 +581,13 @@ def test_feedback_recommendations_and_epics_pvs(
         assert read(pvs["n_regions"]) == len(regions) // 4
         assert read(pvs["regions"]) == pytest.approx(regions)
         assert read(pvs["updates"]) >= 1
-        feedback = h.daemon.health()["feedback"]
+        feedback = h.daemon.view.health()["feedback"]
         assert feedback["recommend"] is True and feedback["queueserver"] is None
         assert feedback["epics"]["prefix"] == "TST:FLOW:" and feedback["epics"]["running"]
     finally:
         ctx.disconnect()
         h.close()
-    assert not h.daemon.ioc.running  # stopped with the daemon
+    assert not h.daemon.parts.ioc.running  # stopped with the daemon
 
 
 def test_queueserver_needs_credentials_to_be_enabled() -> None:
@@ -742,12 +742,12 @@ def test_after_store_publishes_nothing_the_store_does_not_hold(
         run = h.results.wait([uid])[uid]
         # at the moment the stop was on the bus, every row was durable: in the store's journal
         # (acknowledged, replayed after a crash) if not yet in its catalog
-        acked = h.daemon.store_stats()["acknowledged"]
-        assert acked >= 6 and h.daemon.store_stats()["journalled"] >= 6
-        assert h.daemon.store is not None and h.daemon.store.flush(timeout=30)
+        acked = h.daemon.view.store_stats()["acknowledged"]
+        assert acked >= 6 and h.daemon.view.store_stats()["journalled"] >= 6
+        assert h.daemon.parts.store is not None and h.daemon.parts.store.flush(timeout=30)
         _md, rows = read_analysis(tmp_path / "store", uid)
         assert len(rows) == len(run["events"]) == 6
-        out = h.daemon.output_stats()
+        out = h.daemon.view.output_stats()
         assert out["after_store.released_unstored"] == 0 and out["after_store.held"] == 0
     finally:
         h.close()

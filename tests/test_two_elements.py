@@ -26,7 +26,7 @@ def test_cu_and_ni_scans_are_routed_to_their_bundles_and_fe_is_refused(
     cfg = daemon_config(models, proxy, tmp_path / "store", run_timeout_s=1.5, timeout_check_s=0.1)
     h = Harness(cfg, proxy)
     try:
-        serving = {(b["element"], b["edge"]) for b in h.daemon.models()}
+        serving = {(b["element"], b["edge"]) for b in h.daemon.view.models()}
         assert {("Cu", "K"), ("Ni", "K")} <= serving
         ni_k = K_EDGES["Ni"]
         cu_e = np.linspace(CU_K - 150, CU_K + 400, 700)

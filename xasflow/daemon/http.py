@@ -16,7 +16,7 @@ Metrics come from one per-daemon ``CollectorRegistry``: the outcome counters
 (:func:`xasflow.daemon.counters.register_prometheus`) plus :class:`AdapterCollector`, which
 reads the 0MQ input, the publisher and the analysis store at scrape time. Gauges (queue
 depth, open runs, store backlog) are the counters' gauges, refreshed by
-``Daemon.sync_stats()`` before each scrape.
+``DaemonView.sync_stats()`` before each scrape.
 
 Nothing here holds the daemon: the app reads a :class:`~xasflow.daemon.view.DaemonView`.
 """

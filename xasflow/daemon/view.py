@@ -1,8 +1,9 @@
 """The narrow, read-only view of a running daemon that the web parts (``/metrics``,
 ``/health``, the dashboard) get instead of the daemon object.
 
-:class:`~xasflow.daemon.service.Daemon` satisfies :class:`DaemonView`; tests may pass any
-object with these members. Every member is safe to call from another thread.
+:class:`~xasflow.daemon.status.DaemonStatus` (a daemon's ``view``) satisfies
+:class:`DaemonView`; tests may pass any object with these members. Every member is safe to
+call from another thread.
 """
 
 from __future__ import annotations

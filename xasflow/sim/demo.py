@@ -212,7 +212,7 @@ def run_demo(
             hint = " (--http-port 0 picks a free port)" if "HTTP" in str(exc) else ""
             raise DemoError(f"{exc}{hint}") from None
         started.append(daemon.stop)
-        bundles = ", ".join(m["bundle_id"] for m in daemon.models()) or "none"
+        bundles = ", ".join(m["bundle_id"] for m in daemon.view.models()) or "none"
         print(
             f"daemon: ready, model {bundles} (from {bundle}); {daemon.http_url}/metrics, "
             f"{daemon.http_url}/health; results stored in {store}",

@@ -1,0 +1,192 @@
+"""What a daemon is built of, and the read-only view of it that HTTP and the dashboard get.
+
+:class:`Parts` holds the parts the composition root (:mod:`xasflow.daemon.service`) built,
+each None where it is off or not started yet. :class:`DaemonStatus` reads them and satisfies
+:class:`~xasflow.daemon.view.DaemonView`: counters, adapter statistics, limits and ``/health``.
+It starts and stops nothing, and every member is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from xasflow import __version__
+from xasflow.adapters.probes import ProbeFilter
+from xasflow.adapters.recovery import InterruptedRuns
+from xasflow.daemon.bus import output_address
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.health import feedback_health, input_health, limits_health
+
+__all__ = ["DaemonStatus", "Parts"]
+
+
+@dataclass
+class Parts:
+    """The daemon's parts (None: off, or not built yet). Typed ``Any`` where the class lives
+    in an optional or adapter module that the view must not import."""
+
+    registry: Any = None  # ModelRegistry
+    pipeline: Any = None  # Pipeline
+    store: Any = None  # AnalysisStore, when storage is on
+    writer: Any = None  # StoreWriter, with the store
+    gate: Any = None  # CommitGate, with output.after_store
+    publisher: Any = None  # ZmqDocumentPublisher or KafkaDocumentPublisher
+    source: Any = None  # ZmqDocumentSource or KafkaDocumentSource
+    assembler: Any = None  # RunAssembler
+    processor: Any = None  # Processor
+    ioc: Any = None  # XasIoc, when epics.enabled
+    submitter: Any = None  # QueueServerSubmitter, when queueserver.enabled
+    app: Any = None  # the Starlette app, when http.enabled
+    http: Any = None  # its HttpServer
+    probes: ProbeFilter = field(default_factory=ProbeFilter)
+    interrupted: InterruptedRuns | None = None
+
+
+class DaemonStatus:
+    """The :class:`~xasflow.daemon.view.DaemonView` of one daemon's :class:`Parts`."""
+
+    def __init__(self, config: DaemonConfig, counters: Counters, parts: Parts) -> None:
+        self.config = config
+        self.counters = counters
+        self.parts = parts
+        self.ready = False  # set by the daemon between a successful start and its stop
+        self._started_at: float | None = None
+        self._lock = threading.Lock()
+        self._acknowledged = 0  # result rows whose store transaction committed
+
+    def started(self) -> None:
+        """Start the uptime clock (the daemon's ``start()``)."""
+        self._started_at = time.monotonic()
+
+    def row_acknowledged(self) -> None:
+        """One result row is durable in the store (called from its writer thread)."""
+        with self._lock:
+            self._acknowledged += 1
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since ``start()`` (0 before)."""
+        return 0.0 if self._started_at is None else time.monotonic() - self._started_at
+
+    @property
+    def open_runs(self) -> int:
+        """Raw runs being assembled."""
+        assembler = self.parts.assembler
+        return assembler.open_runs if assembler is not None else 0
+
+    @property
+    def echo_dropped(self) -> int:
+        """Own analysis messages dropped at the input (empty input prefix)."""
+        return self.input_stats().get("ignored", 0)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Bundles in service (see ``ModelRegistry.models``)."""
+        registry = self.parts.registry
+        return registry.models() if registry is not None else []
+
+    def input_stats(self) -> dict[str, int]:
+        """The input's counters and queue depth."""
+        source = self.parts.source
+        return source.stats() if source is not None else {}
+
+    @property
+    def output_address(self) -> str | None:
+        """Where analysis documents go (a 0MQ address or ``kafka://servers/topic``)."""
+        return output_address(self.config, self.parts.publisher)
+
+    def output_stats(self) -> dict[str, int]:
+        """The publisher's counters (and the commit gate's, with ``output.after_store``)."""
+        publisher, gate = self.parts.publisher, self.parts.gate
+        stats = publisher.stats() if publisher is not None else {}
+        if gate is not None:
+            stats.update({f"after_store.{k}": v for k, v in gate.stats().items()})
+        return stats
+
+    def store_stats(self) -> dict[str, int]:
+        """The analysis store's counters (empty when storage is off)."""
+        store, writer = self.parts.store, self.parts.writer
+        if store is None:
+            return {}
+        stats = store.stats()
+        if writer is not None:
+            stats["unstored"] = writer.unstored
+        with self._lock:
+            stats["acknowledged"] = self._acknowledged
+        return stats
+
+    def sync_stats(self) -> None:
+        """Fold the input's decode errors into the counters and refresh the gauges."""
+        src = self.input_stats()
+        prefix = "decode_errors."
+        self.counters.sync_decode_errors(
+            {k.removeprefix(prefix): v for k, v in src.items() if k.startswith(prefix)}
+        )
+        self.counters.sync_lost("overflow", src.get("dropped_overflow", 0))
+        self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
+        source = self.parts.source
+        if self.config.input.kind == "kafka" and source is not None:
+            self.counters.sync_kafka(src, source.lag())
+        self.counters.set_gauge("open_runs", self.open_runs)
+        store = self.store_stats()
+        if store:
+            self.counters.set_gauge("store_queued", store.get("queued", 0))
+        for name, limit in self._limits(src, store).items():  # each limit's size and fill
+            self.counters.set_gauge("limit", limit["max"], limit=name)
+            used = limit.get("open", limit.get("depth", 0))
+            self.counters.set_gauge("limit_used", used, limit=name)
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """Operator limits (config), how full each is and what each refused or dropped."""
+        return self._limits(self.input_stats(), self.store_stats())
+
+    def _limits(self, src: dict[str, int], store: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """:meth:`limits` from stats already read (the store's count the journal's rows)."""
+        sse = getattr(getattr(self.parts.app, "state", None), "sse_limit", None)
+        return limits_health(self.config, src, store, sse)
+
+    def health(self) -> dict[str, Any]:
+        """Readiness, uptime, counters, models and adapter state, JSON-ready."""
+        self.sync_stats()
+        src = self.input_stats()
+        parts, config = self.parts, self.config
+        registry = parts.registry
+        counters = self.counters.snapshot()
+        return {
+            "ready": self.ready,
+            "version": __version__,
+            "uptime_s": round(self.uptime, 3),
+            "queue_depth": src.get("queue_depth", 0),
+            "open_runs": self.open_runs,
+            "counters": counters,
+            # raw events that never reached the analysis, by cause (also in /metrics)
+            "events_lost": {"total": counters["events_lost_total"], **counters["events_lost"]},
+            "out_of_domain": counters["out_of_domain"],
+            "models": self.models(),
+            "models_refused": registry.refused() if registry is not None else {},
+            # serving, standby, refusals by reason and the integrity settings
+            "registry": registry.status() if registry is not None else None,
+            "input": input_health(config, parts.source, src, counters, src.get("ignored", 0)),
+            "output": {
+                "kind": config.output.kind,
+                "address": self.output_address,
+                "prefix": config.output.prefix,
+                **self.output_stats(),
+            },
+            "store": {
+                "directory": str(config.storage.directory) if parts.store else None,
+                **self.store_stats(),
+            },
+            "probes": parts.probes.health(),
+            "interrupted": (
+                parts.interrupted.health()
+                if parts.interrupted is not None
+                else {"open": [], "closed": []}
+            ),
+            "feedback": feedback_health(config, parts.ioc, parts.submitter),
+            "limits": {**self.limits(), "token_min_length": config.http.token_min_length},
+            "internal_errors": parts.processor.internal_errors if parts.processor else 0,
+        }
