@@ -11,6 +11,7 @@ pytest.importorskip("pymatgen")
 
 from pymatgen.core import Lattice, Structure
 
+from xasflow.training import label_average as LA
 from xasflow.training import label_cache
 from xasflow.training import labels as L
 
@@ -113,7 +114,7 @@ def test_reference_environments(build, cn, environment, distance, valence, multi
     assert lab.environment_ranking[0] == environment
     assert lab.mean_nn_distance == pytest.approx(distance, abs=0.01)
     assert lab.oxidation_state == valence
-    assert L.site_multiplicities(structure, [0]) == {0: multiplicity}
+    assert LA.site_multiplicities(structure, [0]) == {0: multiplicity}
 
 
 def test_cuo4_weights_and_motif_values() -> None:
@@ -194,7 +195,7 @@ def test_rankings_apply_thresholds_and_order() -> None:
 def test_average_labels_weighted_means() -> None:
     a = _site(cn=[0, 0, 0, 1.0], motif={9: 0.8}, mean_nn_distance=1.9, oxidation_state=2, bvs=0.8)
     b = _site(cn=[0, 1.0], motif={5: 0.9}, mean_nn_distance=1.8, oxidation_state=2, bvs=0.6)
-    avg = L.average_labels([a, b], [3, 1])
+    avg = LA.average_labels([a, b], [3, 1])
     assert avg.cn_vector[3] == pytest.approx(0.75)
     assert avg.cn_vector[1] == pytest.approx(0.25)
     assert avg.motif_vector[9] == pytest.approx(0.6)
@@ -203,28 +204,28 @@ def test_average_labels_weighted_means() -> None:
     assert avg.bvs == pytest.approx(0.75)
     assert avg.oxidation_state == 2
     assert avg.cn_ranking == (4, 2)
-    mixed = L.average_labels([a, _site(oxidation_state=1, bvs=None)], [1, 1])
+    mixed = LA.average_labels([a, _site(oxidation_state=1, bvs=None)], [1, 1])
     assert mixed.oxidation_state is None
     assert mixed.bvs is None
     with pytest.raises(ValueError):
-        L.average_labels([a, b], [1])
+        LA.average_labels([a, b], [1])
     with pytest.raises(ValueError):
-        L.average_labels([a, b], [0, 0])
+        LA.average_labels([a, b], [0, 0])
 
 
 def test_multiplicities() -> None:
     cuo4 = _cuo4()
-    assert L.site_multiplicities(cuo4, [0]) == {0: 2}
-    assert L.site_multiplicities(cuo4, [0, 1]) == {0: 1, 1: 1}  # a shared group is split
+    assert LA.site_multiplicities(cuo4, [0]) == {0: 2}
+    assert LA.site_multiplicities(cuo4, [0, 1]) == {0: 1, 1: 1}  # a shared group is split
     # Two inequivalent Cu (P4mm): each computed site stands for itself only.
     two = Structure(
         Lattice.tetragonal(3.0, 6.0),
         ["Cu", "Cu", "O"],
         [[0, 0, 0], [0, 0, 0.5], [0.5, 0.5, 0.1]],
     )
-    assert L.site_multiplicities(two, [0, 1]) == {0: 1, 1: 1}
-    assert L.site_multiplicities(two, [0]) == {0: 1}
-    assert L.site_multiplicities(cuo4, [0, 7]) == {0: 1, 7: 1}  # bad index: fallback
+    assert LA.site_multiplicities(two, [0, 1]) == {0: 1, 1: 1}
+    assert LA.site_multiplicities(two, [0]) == {0: 1}
+    assert LA.site_multiplicities(cuo4, [0, 7]) == {0: 1, 7: 1}  # bad index: fallback
 
 
 def test_compute_labels_never_fails_on_a_bad_structure() -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from xasflow import paths
 from xasflow.adapters.feff import ReadIssue, read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
+from xasflow.training import label_average as LA
 from xasflow.training import label_cache
 from xasflow.training import labels as L
 from xasflow.training.label_jobs import compute_labels
@@ -262,7 +263,7 @@ def build_mp_dataset(
             continue
         weights = [mult.get((key, s), 1) for s in sites]
         good = [x for x in items if isinstance(x, L.SiteLabels)]  # all of them (bad is empty)
-        lab = good[0] if len(good) == 1 else L.average_labels(good, weights)
+        lab = good[0] if len(good) == 1 else LA.average_labels(good, weights)
         try:
             spectrum = rec.to_spectrum()
         except SpectrumError as exc:
@@ -447,7 +448,7 @@ def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:
         if not sub.complete[idx].all():
             continue
         w = sub.multiplicity[idx].astype(float)
-        avg = L.average_labels(
+        avg = LA.average_labels(
             [
                 L.SiteLabels(
                     cn_vector=sub.cn_vector[i],

@@ -135,7 +135,7 @@ def unique_sites(structure: Structure, element: str) -> tuple[list[UniqueSite], 
     """Symmetry-unique sites of ``element`` (lowest index of each class) and the symprec used.
 
     Uses pymatgen's SpacegroupAnalyzer at :data:`SYMPRECS` in turn (0.1 first, as
-    :func:`xasflow.training.labels.site_multiplicities` does, so both agree on the classes).
+    :func:`xasflow.training.label_average.site_multiplicities` does, so both agree on the classes).
     If spglib fails at every symprec, every site is its own class and symprec is None.
     """
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
+from xasflow.training import label_average as LA
 from xasflow.training import labels as L
 
 
@@ -36,7 +37,7 @@ def _material_job(
         results = L.label_sites(structure, sites, material_id)
     except Exception as exc:
         results = [L.LabelFailure(material_id, i, "label_error", str(exc)) for i in sites]
-    return material_id, sites, results, L.site_multiplicities(structure, sites)
+    return material_id, sites, results, LA.site_multiplicities(structure, sites)
 
 
 def compute_labels(
