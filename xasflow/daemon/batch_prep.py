@@ -1,6 +1,8 @@
-"""The pipeline's fast path: alignment and preparation of a batch's spectra as one matrix.
+"""A batch's spectra from the scan to the model input: the pipeline's steps 1-5.
 
-Spectra of one batch that share an energy axis, element, edge and bundle (a fly-scan page,
+Per spectrum (:func:`start_work`): element and edge, the bundle, mu from the channels
+(steps 1-3 of :mod:`xasflow.daemon.pipeline`). Then alignment and preparation (steps 4-5),
+the fast path: spectra of one batch that share an energy axis, element, edge and bundle (a fly-scan page,
 a burst of fly events of one run) are stacked: the reference-foil shift, its edge check and
 the bundle's preparation run once over the stack
 (:mod:`xasflow.spectra.batch`). Everything else, and any group of one, takes the
@@ -12,17 +14,32 @@ spectrum or rejection reason (the parity tests of :mod:`xasflow.spectra.batch`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xasflow.daemon.outputs import ScanSpectrum
 from xasflow.models.predictor import Prediction, Predictor
-from xasflow.spectra import Prepared, Spectrum, SpectrumError, edge_energy
+from xasflow.spectra import (
+    Prepared,
+    Spectrum,
+    SpectrumError,
+    align,
+    alignment_shift,
+    edge_energy,
+    infer_edge,
+    mu_from_channels,
+)
 from xasflow.spectra.batch import alignment_shift_batch, has_edge_batch, prepare_batch
+from xasflow.spectra.quality import has_edge
 
-__all__ = ["Work", "prepare_works"]
+if TYPE_CHECKING:
+    from xasflow.daemon.registry import ModelRegistry
+
+__all__ = ["Work", "finish_one", "prepare_works", "start_work"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +67,124 @@ class Work:
         self.reason, self.detail = reason, detail
 
 
-def prepare_works(
-    works: Sequence[Work],
-    single: Callable[[Work], None],
-    *,
-    align: bool,
-    max_shift: float,
-    align_search: float,
-) -> None:
-    """Align and prepare every pending work (``spectrum`` set, no ``reason``), batched by axis.
+def start_work(scan: ScanSpectrum, registry: ModelRegistry, herfd: Any) -> Work:
+    """Steps 1-3 for one spectrum (alignment and preparation follow, batched); a failure sets
+    ``reason``. ``herfd``: the run's HERFD declaration (False, True or a FWHM in eV)."""
+    work = Work(scan, flags=list(scan.flags))
+    try:
+        _start_into(work, registry, herfd)
+    except SpectrumError as exc:
+        work.fail(exc.reason, exc.message)
+    except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
+        logger.exception("pipeline bug on spectrum %s/%s", scan.raw_uid, scan.index)
+        work.fail("internal_error", f"{type(exc).__name__}: {exc}")
+    return work
 
-    ``single(work)`` is the one-spectrum path, used for groups of one and as the fallback.
-    """
+
+def _start_into(work: Work, registry: ModelRegistry, herfd: Any) -> None:
+    scan = work.scan
+    energy = np.asarray(scan.energy, dtype=np.float64)
+    if energy.ndim != 1 or energy.size == 0:
+        raise SpectrumError("bad_channel", f"energy has shape {energy.shape}")
+    element, edge = scan.element, scan.edge
+    if element is None:
+        finite = energy[np.isfinite(energy)]
+        guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
+        if guess is None:
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0, 0)
+            raise SpectrumError(
+                "unknown_element",
+                f"no element in the start document and no tabulated edge inside "
+                f"{lo:.0f}-{hi:.0f} eV",
+            )
+        element = guess[0]
+        edge = edge or guess[1]
+        work.flags.append("element_inferred")
+    elif edge is None:
+        finite = energy[np.isfinite(energy)]
+        guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
+        edge = guess[1] if guess is not None and guess[0] == element else "K"
+    work.element, work.edge = element, edge
+    predictor = registry.get(element, edge)
+    if predictor is None:
+        serving = ", ".join(f"{el} {ed}" for el, ed in registry.serving()) or "none"
+        raise SpectrumError(
+            "no_model", f"no model bundle for {element} {edge} (serving: {serving})"
+        )
+    work.predictor = predictor
+    mode = scan.mode
+    signal_name = {"transmission": "it", "fluorescence": "if"}.get(mode)
+    if signal_name is None:
+        raise SpectrumError("bad_channel", f"unknown measurement mode {mode!r}")
+    ch = scan.channels
+    if energy.size > 1 and energy[0] > energy[-1]:  # a down sweep: reverse once, not per copy
+        energy = energy[::-1]
+        ch = {name: np.asarray(a, dtype=np.float64)[::-1] for name, a in ch.items()}
+    work.channels = ch
+    if "i0" not in ch or signal_name not in ch:
+        raise SpectrumError("bad_channel", f"{mode} needs i0 and {signal_name}")
+    mu = mu_from_channels(mode, ch["i0"], ch[signal_name])  # type: ignore[arg-type]
+    if mu.shape != energy.shape:
+        raise SpectrumError("bad_channel", f"{energy.size} energies but {mu.size} channel values")
+    meta: dict[str, Any] = {"raw_uid": scan.raw_uid, "index": scan.index}
+    if herfd is not False:
+        if not isinstance(herfd, bool | int | float):
+            raise SpectrumError(
+                "bad_broadening", f"herfd {herfd!r}: give true, false or the FWHM in eV"
+            )
+        meta["herfd"] = herfd
+    work.spectrum = Spectrum(energy, mu, element, edge, meta=meta)
+    work.energy = energy
+
+
+def finish_one(work: Work, *, align: bool, max_shift: float, align_search: float) -> None:
+    """Steps 4-5 for one spectrum: alignment and the bundle's preparation (the single path)."""
+    assert work.spectrum is not None and work.predictor is not None
+    try:
+        spectrum = work.spectrum
+        if align:
+            assert work.energy is not None
+            spectrum = _align_one(work, spectrum, work.energy, max_shift, align_search)
+        work.prepared = work.predictor.prepare(spectrum)
+    except SpectrumError as exc:
+        work.fail(exc.reason, exc.message)
+    except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
+        logger.exception("pipeline bug on spectrum %s/%s", work.scan.raw_uid, work.scan.index)
+        work.fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _align_one(
+    work: Work, spectrum: Spectrum, energy: np.ndarray, max_shift: float, search: float
+) -> Spectrum:
+    """Reference-foil alignment, best effort (flags say why it was not applied)."""
+    ch = work.channels
+    if "ir" not in ch or "it" not in ch:
+        work.flags.append("no_reference")
+        return spectrum
+    assert work.element is not None and work.edge is not None
+    try:
+        tab = edge_energy(work.element, work.edge)
+        ref = Spectrum(energy, mu_from_channels("reference", ch["it"], ch["ir"]))
+        shift = alignment_shift(ref, work.element, work.edge, search=search)
+    except (SpectrumError, KeyError):
+        work.flags.append("align_failed")
+        return spectrum
+    if not has_edge(ref, tab - shift):
+        work.flags.append("align_failed")
+        return spectrum
+    if abs(shift) > max_shift:
+        work.flags.append("align_out_of_range")
+        return spectrum
+    work.shift = shift
+    return align(spectrum, shift)
+
+
+def prepare_works(
+    works: Sequence[Work], *, align: bool, max_shift: float, align_search: float
+) -> None:
+    """Align and prepare every pending work (``spectrum`` set, no ``reason``), batched by axis;
+    groups of one, and a group whose batched code fails, take :func:`finish_one`."""
+    single = partial(finish_one, align=align, max_shift=max_shift, align_search=align_search)
     groups: dict[tuple[int, str, str, int], list[Work]] = {}
     for w in works:
         if w.reason is not None or w.spectrum is None:

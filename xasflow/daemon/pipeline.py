@@ -5,7 +5,7 @@
 publish, in order. It is synchronous, never raises for bad data, and is not thread-safe
 (one caller thread; the registry it reads may be swapped by its watcher at any time).
 
-For each spectrum (``SpectrumReady``):
+For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_prep`'s:
 
 1. element/edge from the spectrum (the raw start document), else inferred from the energy
    range with :func:`xasflow.spectra.infer_edge` (flag ``element_inferred``); nothing
@@ -42,18 +42,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from xasflow.adapters.routing import paged
 from xasflow.daemon.assembly import (
     Output,
     Rejected,
     RunClosed,
     RunOpened,
-    ScanSpectrum,
     SpectrumReady,
 )
-from xasflow.daemon.batch_prep import Work, prepare_works
+from xasflow.daemon.batch_prep import Work, prepare_works, start_work
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.herfd_hint import HerfdHints
@@ -64,17 +61,7 @@ from xasflow.daemon.recommend import (
 )
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
-from xasflow.spectra import (
-    Prepared,
-    Spectrum,
-    SpectrumError,
-    align,
-    alignment_shift,
-    edge_energy,
-    infer_edge,
-    mu_from_channels,
-)
-from xasflow.spectra.quality import has_edge
+from xasflow.spectra import Prepared
 
 __all__ = ["REASONS", "LatestSpectrum", "Pipeline"]
 
@@ -194,12 +181,14 @@ class Pipeline:
         works: dict[int, Work] = {}
         for i, out in enumerate(items):
             if isinstance(out, SpectrumReady):
-                works[i] = self._prepare(out.spectrum)
+                scan = out.spectrum
+                works[i] = start_work(
+                    scan, self.registry, self._herfd.get(scan.raw_uid, self.herfd)
+                )
             elif isinstance(out, RunOpened) and "herfd" in out.start:
                 self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
         prepare_works(
             list(works.values()),
-            self._finish_one,
             align=self.align,
             max_shift=self.max_shift,
             align_search=self.align_search,
@@ -247,115 +236,7 @@ class Pipeline:
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
 
-    # ------------------------------------------------------------------ science
-
-    def _prepare(self, scan: ScanSpectrum) -> Work:
-        """Steps 1-3 (alignment and preparation follow, batched); failures set ``reason``."""
-        work = Work(scan, flags=list(scan.flags))
-        try:
-            self._prepare_into(work)
-        except SpectrumError as exc:
-            work.fail(exc.reason, exc.message)
-        except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
-            logger.exception("pipeline bug on spectrum %s/%s", scan.raw_uid, scan.index)
-            work.fail("internal_error", f"{type(exc).__name__}: {exc}")
-        return work
-
-    def _prepare_into(self, work: Work) -> None:
-        scan = work.scan
-        energy = np.asarray(scan.energy, dtype=np.float64)
-        if energy.ndim != 1 or energy.size == 0:
-            raise SpectrumError("bad_channel", f"energy has shape {energy.shape}")
-        element, edge = scan.element, scan.edge
-        if element is None:
-            finite = energy[np.isfinite(energy)]
-            guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
-            if guess is None:
-                lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0, 0)
-                raise SpectrumError(
-                    "unknown_element",
-                    f"no element in the start document and no tabulated edge inside "
-                    f"{lo:.0f}-{hi:.0f} eV",
-                )
-            element = guess[0]
-            edge = edge or guess[1]
-            work.flags.append("element_inferred")
-        elif edge is None:
-            finite = energy[np.isfinite(energy)]
-            guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
-            edge = guess[1] if guess is not None and guess[0] == element else "K"
-        work.element, work.edge = element, edge
-        predictor = self.registry.get(element, edge)
-        if predictor is None:
-            serving = ", ".join(f"{el} {ed}" for el, ed in self.registry.serving()) or "none"
-            raise SpectrumError(
-                "no_model", f"no model bundle for {element} {edge} (serving: {serving})"
-            )
-        work.predictor = predictor
-        mode = scan.mode
-        signal_name = {"transmission": "it", "fluorescence": "if"}.get(mode)
-        if signal_name is None:
-            raise SpectrumError("bad_channel", f"unknown measurement mode {mode!r}")
-        ch = scan.channels
-        if energy.size > 1 and energy[0] > energy[-1]:  # a down sweep: reverse once, not per copy
-            energy = energy[::-1]
-            ch = {name: np.asarray(a, dtype=np.float64)[::-1] for name, a in ch.items()}
-        work.channels = ch
-        if "i0" not in ch or signal_name not in ch:
-            raise SpectrumError("bad_channel", f"{mode} needs i0 and {signal_name}")
-        mu = mu_from_channels(mode, ch["i0"], ch[signal_name])  # type: ignore[arg-type]
-        if mu.shape != energy.shape:
-            raise SpectrumError(
-                "bad_channel", f"{energy.size} energies but {mu.size} channel values"
-            )
-        meta: dict[str, Any] = {"raw_uid": scan.raw_uid, "index": scan.index}
-        herfd = self._herfd.get(scan.raw_uid, self.herfd)
-        if herfd is not False:
-            if not isinstance(herfd, bool | int | float):
-                raise SpectrumError(
-                    "bad_broadening", f"herfd {herfd!r}: give true, false or the FWHM in eV"
-                )
-            meta["herfd"] = herfd
-        work.spectrum = Spectrum(energy, mu, element, edge, meta=meta)
-        work.energy = energy
-
-    def _finish_one(self, work: Work) -> None:
-        """Steps 4-5 for one spectrum: alignment and the bundle's preparation."""
-        assert work.spectrum is not None and work.predictor is not None
-        try:
-            spectrum = work.spectrum
-            if self.align:
-                assert work.energy is not None
-                spectrum = self._align(work, spectrum, work.energy)
-            work.prepared = work.predictor.prepare(spectrum)
-        except SpectrumError as exc:
-            work.fail(exc.reason, exc.message)
-        except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
-            logger.exception("pipeline bug on spectrum %s/%s", work.scan.raw_uid, work.scan.index)
-            work.fail("internal_error", f"{type(exc).__name__}: {exc}")
-
-    def _align(self, work: Work, spectrum: Spectrum, energy: np.ndarray) -> Spectrum:
-        """Reference-foil alignment, best effort (flags say why it was not applied)."""
-        ch = work.channels
-        if "ir" not in ch or "it" not in ch:
-            work.flags.append("no_reference")
-            return spectrum
-        assert work.element is not None and work.edge is not None
-        try:
-            tab = edge_energy(work.element, work.edge)
-            ref = Spectrum(energy, mu_from_channels("reference", ch["it"], ch["ir"]))
-            shift = alignment_shift(ref, work.element, work.edge, search=self.align_search)
-        except (SpectrumError, KeyError):
-            work.flags.append("align_failed")
-            return spectrum
-        if not has_edge(ref, tab - shift):
-            work.flags.append("align_failed")
-            return spectrum
-        if abs(shift) > self.max_shift:
-            work.flags.append("align_out_of_range")
-            return spectrum
-        work.shift = shift
-        return align(spectrum, shift)
+    # ------------------------------------------------------------------ prediction
 
     def _predict(self, works: list[Work]) -> None:
         """One ``predict_prepared`` call per predictor; a failing batch is retried one by one."""
