@@ -22,7 +22,8 @@ pytest.importorskip("caproto")
 from helpers import analysis_run_docs, free_port, wait_for
 from helpers import read_pv as read
 
-from xasflow.adapters.epics_ioc import MAX_REGIONS, XasIoc, values_from
+from xasflow.adapters.epics_ioc import XasIoc
+from xasflow.adapters.epics_pvs import MAX_REGIONS, values_from
 
 
 def _children() -> list[tuple[int, str]]:

@@ -1,32 +1,7 @@
 """A caproto IOC that serves the daemon's latest answer to EPICS clients.
 
 :class:`XasIoc` runs a caproto asyncio server in its own thread (so the daemon can host it)
-with these PVs under a configurable prefix (``XAS:`` below):
-
-==================  ========  =====================================================
-PV                  type      meaning
-==================  ========  =====================================================
-``XAS:CN``          long      latest predicted dominant coordination number
-``XAS:CN_UNC``      double    its uncertainty, 1 - top cn probability
-``XAS:CN_SET``      string    90 % conformal set of CN, e.g. ``4,6`` ("" if none)
-``XAS:OOD``         long      1: the spectrum is out of the bundle's domain, CN not to trust
-``XAS:OOD_SCORE``   double    the bundle's out-of-domain score (NaN if none)
-``XAS:MOTIF``       string    top-ranked coordination motif
-``XAS:DISTANCE``    double    mean nearest-neighbour distance, angstrom
-``XAS:VALENCE``     long      oxidation state
-``XAS:E0``          double    edge energy E0, eV
-``XAS:SCAN_UID``    string    uid of the raw run the answer belongs to
-``XAS:BUNDLE_ID``   string    model bundle that made it (40 characters at most)
-``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
-``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS``
-``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
-``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
-``XAS:MODEL_OK``    long      1: a model is loaded and the last spectrum was analysed
-``XAS:UPDATES``     long      number of answers published
-==================  ========  =====================================================
-
-An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
-out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
+with the PVs of :mod:`xasflow.adapters.epics_pvs` under a configurable prefix (``XAS:``).
 
 Feed it with :meth:`XasIoc.publish` (a ``Prediction.to_dict()``, an analysis ``primary``
 event's data, or a ``recommendations`` event's data) or subscribe the IOC itself to the
@@ -43,174 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from caproto import ChannelType
-from caproto.server import PVGroup, pvproperty
-
+from xasflow.adapters.epics_pvs import (
+    HEARTBEAT_PERIOD,
+    MAX_REGIONS,
+    STRING_MAX,
+    XasPVGroup,
+    values_from,
+)
 from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
 
 __all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "XasIoc", "XasPVGroup"]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds between heartbeat increments.
-HEARTBEAT_PERIOD = 1.0
-#: Regions the waveform can hold (4 numbers each).
-MAX_REGIONS = 16
-_STRING_MAX = 39  # DBR_STRING holds 40 bytes with the terminator
-
-
-class XasPVGroup(PVGroup):
-    """The PVs (see the module docstring); values are written by :class:`XasIoc`."""
-
-    cn = pvproperty(value=0, name="CN", read_only=True, doc="dominant coordination number")
-    cn_uncertainty = pvproperty(
-        value=1.0, name="CN_UNC", read_only=True, precision=3, doc="1 - top cn probability"
-    )
-    cn_set = pvproperty(
-        value="", name="CN_SET", dtype=ChannelType.STRING, read_only=True, doc="90% CN set"
-    )
-    ood = pvproperty(value=0, name="OOD", read_only=True, doc="1: out of domain, do not trust")
-    ood_score = pvproperty(value=math.nan, name="OOD_SCORE", read_only=True, precision=3)
-    motif = pvproperty(
-        value="", name="MOTIF", dtype=ChannelType.STRING, read_only=True, doc="top motif"
-    )
-    distance = pvproperty(value=0.0, name="DISTANCE", read_only=True, precision=3, units="angstrom")
-    valence = pvproperty(value=0, name="VALENCE", read_only=True, doc="oxidation state")
-    e0 = pvproperty(value=0.0, name="E0", read_only=True, precision=2, units="eV")
-    scan_uid = pvproperty(value="", name="SCAN_UID", dtype=ChannelType.STRING, read_only=True)
-    bundle_id = pvproperty(value="", name="BUNDLE_ID", dtype=ChannelType.STRING, read_only=True)
-    regions = pvproperty(
-        value=[0.0] * 4,
-        name="REGIONS",
-        dtype=float,
-        max_length=4 * MAX_REGIONS,
-        read_only=True,
-        doc="[start, stop, step, dwell] * n_regions (eV, eV, eV, s)",
-    )
-    n_regions = pvproperty(value=0, name="N_REGIONS", read_only=True)
-    stop_early = pvproperty(value=0, name="STOP_EARLY", read_only=True)
-    heartbeat = pvproperty(value=0, name="HEARTBEAT", read_only=True)
-    model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
-    updates = pvproperty(value=0, name="UPDATES", read_only=True)
-
-    @heartbeat.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
-    async def heartbeat(self, instance: Any, async_lib: Any) -> None:
-        """Count up while the IOC's loop is alive (a stuck daemon stops the count)."""
-        await instance.write((instance.value + 1) % 2_000_000_000)
-
-
-#: PV attribute -> how a value is coerced before writing.
-_FIELDS: dict[str, type] = {
-    "cn": int,
-    "cn_uncertainty": float,
-    "cn_set": str,
-    "ood": int,
-    "ood_score": float,
-    "motif": str,
-    "distance": float,
-    "valence": int,
-    "e0": float,
-    "scan_uid": str,
-    "bundle_id": str,
-    "regions": list,
-    "n_regions": int,
-    "stop_early": int,
-    "model_ok": int,
-}
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _int(value: Any) -> int | None:
-    f = _finite(value)
-    return round(f) if f is not None else None
-
-
-def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
-    """PV values found in a prediction dict, an analysis event's data or a recommendation row.
-
-    Keys that are absent or None leave their PV alone. A rejected analysis event gives only
-    ``model_ok = 0``.
-    """
-    out: dict[str, Any] = {}
-    if data.get("status") == "rejected":
-        return {"model_ok": 0}
-    tasks = data.get("tasks")
-    if isinstance(tasks, Mapping):  # Prediction.to_dict()
-        cn = tasks.get("cn") or {}
-        probs = cn.get("probabilities") or {}
-        if cn.get("value") is not None:
-            out["cn"] = _int(cn["value"])
-        if probs:
-            out["cn_uncertainty"] = 1.0 - max(float(p) for p in probs.values())
-        cn_set = cn.get("prediction_set")
-        out["cn_set"] = ",".join(_label(v) for v in cn_set) if cn_set else ""
-        out["ood"] = int("out_of_domain" in (data.get("flags") or ()))
-        out["ood_score"] = _finite(data.get("ood_score"))
-        env = tasks.get("environment") or {}
-        if env.get("value") is not None:
-            out["motif"] = str(env["value"])
-        for task, key in (("distance", "distance"), ("valence", "valence")):
-            value = (tasks.get(task) or {}).get("value")
-            if value is not None:
-                out[key] = _finite(value) if key == "distance" else _int(value)
-        out["model_ok"] = 1
-    else:  # an analysis primary event's data (xasflow.daemon.documents.DATA_KEYS)
-        if data.get("cn") is not None:
-            out["cn"] = _int(data["cn"])
-        if data.get("cn_probability") is not None:
-            out["cn_uncertainty"] = 1.0 - float(data["cn_probability"])
-        if data.get("status") == "ok":
-            out["cn_set"] = str(data.get("cn_set") or "")
-            out["ood"] = int(bool(data.get("out_of_domain")))
-            out["ood_score"] = _finite(data.get("ood_score"))
-        if data.get("motif") is not None:
-            out["motif"] = str(data["motif"])
-        if data.get("distance") is not None:
-            out["distance"] = _finite(data["distance"])
-        if data.get("valence") is not None:
-            out["valence"] = _int(data["valence"])
-        if data.get("status") == "ok":
-            out["model_ok"] = 1
-    if data.get("e0") is not None:
-        out["e0"] = _finite(data["e0"])
-    if data.get("bundle_id"):
-        out["bundle_id"] = str(data["bundle_id"])
-    waveform = data.get("waveform")
-    if isinstance(waveform, str) and waveform:
-        waveform = json.loads(waveform)
-    if waveform is None and isinstance(data.get("regions"), list):  # Recommendation.to_dict()
-        waveform = [
-            float(r[k]) for r in data["regions"] for k in ("start", "stop", "step", "dwell")
-        ]
-    if waveform is not None:
-        flat = [float(v) for v in waveform][: 4 * MAX_REGIONS]
-        out["regions"] = flat
-        out["n_regions"] = len(flat) // 4
-    if data.get("stop_early") is not None:
-        out["stop_early"] = int(bool(data["stop_early"]))
-    if "ood" in out and out.get("ood_score") is None:
-        out["ood_score"] = math.nan  # an answer without a score clears the previous one
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _label(value: Any) -> str:
-    """A class label as text (4.0 -> "4")."""
-    f = _finite(value) if not isinstance(value, str) else None
-    return str(round(f)) if f is not None and f == round(f) else str(value)
 
 
 class _BeaconSocket:
@@ -444,7 +268,7 @@ class XasIoc:
         for attr, value in values.items():
             prop = getattr(self.group, attr)
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set"):
-                value = str(value)[:_STRING_MAX]
+                value = str(value)[:STRING_MAX]
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
             try:
