@@ -41,7 +41,8 @@ from helpers import (
 )
 
 from xasflow.daemon.config import ConfigError, DaemonConfig
-from xasflow.daemon.dashboard import STATIC_DIR, Dashboard
+from xasflow.daemon.dashboard import Dashboard
+from xasflow.daemon.dashboard_routes import STATIC_DIR
 from xasflow.daemon.service import Daemon
 
 DEADLINE_S = 20.0

@@ -231,7 +231,7 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
     app.state.on_stop = []
     app.state.dashboard = None
     if http_config is not None and http_config.dashboard:
-        from xasflow.daemon.dashboard import install_dashboard
+        from xasflow.daemon.dashboard_routes import install_dashboard
 
         install_dashboard(
             app,

@@ -1,0 +1,113 @@
+"""The dashboard's routes on the daemon's Starlette app (:func:`install_dashboard`)::
+
+    GET /              the page (``static/index.html``; every asset local, no CDN)
+    GET /static/...    its script and style sheet
+    GET /api/state     the current state as one JSON object
+    GET /events        server-sent events: ``event: state`` with that JSON, pushed on change
+    GET /api/dashboard the dashboard's own counters (documents, dropped, messages, clients)
+
+The page is read-only; access control (loopback by default, ``http.token`` otherwise) is
+the app's :class:`xasflow.daemon.http.TokenAuth`. What the page shows, and how the state it
+reads is built and throttled: :mod:`xasflow.daemon.dashboard`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from xasflow.daemon.dashboard import Dashboard
+from xasflow.daemon.limits import StreamLimit
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from xasflow.daemon.view import DaemonView
+
+__all__ = ["STATIC_DIR", "install_dashboard"]
+
+#: The page's files (HTML, JS, CSS), served under ``/static``.
+STATIC_DIR = Path(__file__).with_name("static")
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _index_html(token: str | None) -> str:
+    """The page, its asset URLs carrying ``?token=`` when the request came with one."""
+    text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    query = "?token=" + urllib.parse.quote(token, safe="") if token else ""
+    return text.replace("{{query}}", html.escape(query, quote=True))
+
+
+def install_dashboard(
+    app: Starlette, view: DaemonView, rate_hz: float = 5.0, max_clients: int = 64
+) -> Dashboard:
+    """Add the dashboard's routes to ``app`` and start the dashboard (``app.state.dashboard``).
+
+    At most ``max_clients`` event streams at once (``app.state.sse_limit``; beyond: 503, counted).
+
+    The caller feeds it (:meth:`Dashboard.listener`, :meth:`Dashboard.offer_latest`); it is
+    stopped by ``app.state.on_stop`` (see :class:`~xasflow.daemon.http.HttpServer`).
+    """
+    dash = Dashboard(view, rate_hz=rate_hz)
+    limit = StreamLimit(max_clients, on_refused=view.counters.refused_by_limit)
+
+    async def index(request: Request) -> Response:
+        try:
+            page = _index_html(request.query_params.get("token"))
+        except OSError:  # an install without the package data
+            return PlainTextResponse(
+                f"dashboard assets missing from {STATIC_DIR}; reinstall xasflow", status_code=503
+            )
+        return HTMLResponse(page, headers=_SECURITY_HEADERS)
+
+    async def state(request: Request) -> Response:
+        _version, body = await asyncio.to_thread(dash.message)
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    def events(request: Request) -> Response:
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(dash.stream(), media_type="text/event-stream", headers=headers)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(dash.stats())
+
+    app.router.routes.extend(
+        [
+            Route("/", index, methods=["GET"]),
+            Route("/api/state", state, methods=["GET"]),
+            Route("/api/dashboard", stats, methods=["GET"]),
+            Route("/events", limit.wrap(events), methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+        ]
+    )
+    app.state.dashboard = dash
+    app.state.sse_limit = limit
+    on_stop = getattr(app.state, "on_stop", None)
+    if on_stop is None:
+        on_stop = app.state.on_stop = []
+    on_stop.append(dash.stop)
+    dash.start()
+    return dash
