@@ -1,0 +1,58 @@
+"""The daemon's read-only view (``DaemonStatus``) over the parts its composition root built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.service import Daemon
+from xasflow.daemon.status import DaemonStatus, Parts
+
+
+def test_health_answers_before_any_part_is_built(tmp_path: Path) -> None:
+    """What /health says for a daemon whose start failed before building anything."""
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    status = DaemonStatus(config, Counters(), Parts())
+    health = status.health()
+    assert health["ready"] is False and health["uptime_s"] == 0.0
+    assert health["models"] == [] and health["registry"] is None
+    assert health["store"] == {"directory": None} and status.store_stats() == {}
+    assert health["input"]["kind"] == "zmq" and health["input"]["address"] == config.input.address
+    assert health["queue_depth"] == 0 and health["open_runs"] == 0
+    assert health["limits"]["input_queue"]["max"] == config.input.queue_size
+    assert health["internal_errors"] == 0
+
+
+class _Store:
+    def stats(self) -> dict[str, int]:
+        return {"stored": 7, "queued": 2}
+
+
+class _Writer:
+    unstored = 3
+
+
+def test_store_stats_fold_in_the_writer_and_the_acknowledged_rows(tmp_path: Path) -> None:
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    parts = Parts(store=_Store(), writer=_Writer())
+    status = DaemonStatus(config, Counters(), parts)
+    for _ in range(5):
+        status.row_acknowledged()
+    assert status.store_stats() == {"stored": 7, "queued": 2, "unstored": 3, "acknowledged": 5}
+    status.sync_stats()
+    assert status.counters.snapshot()["gauges"]["store_queued"] == 2
+    assert status.health()["store"]["directory"] == str(tmp_path / "store")
+
+
+def test_a_daemon_hands_out_its_view_not_itself(tmp_path: Path) -> None:
+    """HTTP and the dashboard get ``daemon.view``: it reads the daemon's parts as they are
+    built, and it is not the daemon (no lifecycle reachable from the web side)."""
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    daemon = Daemon(config)
+    view: Any = daemon.view
+    assert view.parts is daemon.parts and view.counters is daemon.counters
+    assert not hasattr(view, "start") and not hasattr(view, "stop")
+    daemon.parts.source = type("Src", (), {"stats": lambda self: {"queue_depth": 4}})()
+    assert view.input_stats() == {"queue_depth": 4}
