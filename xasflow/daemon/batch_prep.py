@@ -2,13 +2,14 @@
 
 Per spectrum (:func:`start_work`): element and edge, the bundle, mu from the channels
 (steps 1-3 of :mod:`xasflow.daemon.pipeline`). Then alignment and preparation (steps 4-5),
-the fast path: spectra of one batch that share an energy axis, element, edge and bundle (a fly-scan page,
-a burst of fly events of one run) are stacked: the reference-foil shift, its edge check and
-the bundle's preparation run once over the stack
+the fast path: spectra of one batch that share an energy axis, element, edge and bundle
+(a fly-scan page, a burst of fly events of one run) are stacked: the reference-foil shift,
+its edge check and the bundle's preparation run once over the stack
 (:mod:`xasflow.spectra.batch`). Everything else, and any group of one, takes the
-single-spectrum path; so does a group whose batched code raises (a bug), so a batch never
-loses its spectra. The per-spectrum outcome is the same either way: flags, shift, prepared
-spectrum or rejection reason (the parity tests of :mod:`xasflow.spectra.batch`).
+single-spectrum path (:func:`finish_one`); so does a group whose batched code raises (a
+bug), so a batch never loses its spectra. The per-spectrum outcome is the same either way:
+flags, shift, prepared spectrum or rejection reason (the parity tests of
+:mod:`xasflow.spectra.batch`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from xasflow.spectra import (
     Prepared,
     Spectrum,
     SpectrumError,
-    align,
     alignment_shift,
     edge_energy,
     infer_edge,
     mu_from_channels,
 )
+from xasflow.spectra import align as shift_spectrum
 from xasflow.spectra.batch import alignment_shift_batch, has_edge_batch, prepare_batch
 from xasflow.spectra.quality import has_edge
 
@@ -176,7 +177,7 @@ def _align_one(
         work.flags.append("align_out_of_range")
         return spectrum
     work.shift = shift
-    return align(spectrum, shift)
+    return shift_spectrum(spectrum, shift)
 
 
 def prepare_works(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xasflow import __version__
 from xasflow.adapters.probes import ProbeFilter
@@ -21,23 +21,31 @@ from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.health import feedback_health, input_health, limits_health
 
+if TYPE_CHECKING:
+    from xasflow.adapters.commit_gate import CommitGate
+    from xasflow.adapters.store_writer import StoreWriter
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.processor import Processor
+    from xasflow.daemon.registry import ModelRegistry
+
 __all__ = ["DaemonStatus", "Parts"]
 
 
 @dataclass
 class Parts:
-    """The daemon's parts (None: off, or not built yet). Typed ``Any`` where the class lives
-    in an optional or adapter module that the view must not import."""
+    """The daemon's parts (None: off, or not built yet). ``Any`` where there are several
+    classes (0MQ or Kafka) or the class lives in an optional extra."""
 
-    registry: Any = None  # ModelRegistry
-    pipeline: Any = None  # Pipeline
+    registry: ModelRegistry | None = None
+    pipeline: Pipeline | None = None
     store: Any = None  # AnalysisStore, when storage is on
-    writer: Any = None  # StoreWriter, with the store
-    gate: Any = None  # CommitGate, with output.after_store
+    writer: StoreWriter | None = None  # with the store
+    gate: CommitGate | None = None  # with output.after_store
     publisher: Any = None  # ZmqDocumentPublisher or KafkaDocumentPublisher
     source: Any = None  # ZmqDocumentSource or KafkaDocumentSource
-    assembler: Any = None  # RunAssembler
-    processor: Any = None  # Processor
+    assembler: RunAssembler | None = None
+    processor: Processor | None = None
     ioc: Any = None  # XasIoc, when epics.enabled
     submitter: Any = None  # QueueServerSubmitter, when queueserver.enabled
     app: Any = None  # the Starlette app, when http.enabled
