@@ -78,6 +78,24 @@ def test_rows_round_trip_through_the_child_and_it_goes_with_the_store(tmp_path: 
     assert list(frame["seq_num"]) == [1, 2, 3] and frame["motifs"][0] == [0.7, 0.2, 0.1]
 
 
+def test_a_store_closed_and_opened_again_in_one_process_appends(tmp_path: Path) -> None:
+    """A second store on the same directory, in the process that closed the first (a notebook,
+    a restarted Daemon object), appends rows. It failed with "no such table" while this side
+    kept the first store's pooled connections to the tables' database."""
+    for run, seq in (("run-a", 1), ("run-b", 2)):
+        store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)
+        try:
+            store.open_run(run, {"uid": f"{run}-start"}, DESCRIPTOR)
+            assert store.add_events(run, [store_row(seq)]) == [True]
+            store.close_run(run, {"uid": f"{run}-stop", "exit_status": "success"})
+            assert store.flush(timeout=30)
+            assert store.stats()["errors"] == 0
+        finally:
+            store.close()
+    assert list(read_analysis(tmp_path / "s", "run-a")[1]["seq_num"]) == [1]
+    assert list(read_analysis(tmp_path / "s", "run-b")[1]["seq_num"]) == [2]
+
+
 def test_the_child_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:
     """SIGKILL gives the store no chance to stop its child: the child sees its stdin close."""
     script = textwrap.dedent(

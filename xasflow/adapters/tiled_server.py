@@ -75,18 +75,20 @@ def serve_in_child(
     )
     if liveness is not None:
         liveness.proc = proc
+    storages: list[Any] = []
     try:  # this side's imports (tiled's SQL adapter alone: 2 s) overlap the child's start
         from tiled.adapters.sql import SQLAdapter  # noqa: F401  (what appends use)
         from tiled.client import from_uri
-        from tiled.storage import parse_storage, register_storage
+        from tiled.storage import acquire_storage, parse_storage
 
         port = _read_port(proc, timeout)
         for uri in table_uris:  # appends go straight to the tables: their storage, here too
-            register_storage(parse_storage(uri))
+            storages.append(acquire_storage(parse_storage(uri)))
         client = from_uri(f"http://127.0.0.1:{port}", api_key=key)
         warm_up(client)
     except BaseException:
         _stop(proc)
+        _release(storages)
         raise
     try:
         yield client
@@ -94,6 +96,24 @@ def serve_in_child(
         with contextlib.suppress(Exception):
             client.context.close()
         _stop(proc)
+        _release(storages)
+
+
+def _release(storages: list[Any]) -> None:
+    """Give back this side's table storages: the last user closes their pooled connections.
+
+    tiled shares one storage (and its pool) per URI in a process. Kept past the store, a
+    pooled SQLite connection keeps its old view of the schema, and a store opened again on
+    the same directory in the same process failed its first append ("no such table": the
+    table its child had just made again).
+    """
+    from tiled.storage import release_storage
+
+    for storage in storages:
+        try:
+            release_storage(storage)
+        except Exception:  # closing connections only; the store is closed either way
+            logger.warning("releasing the catalog's table storage failed", exc_info=True)
 
 
 def warm_up(root: Any) -> None:
