@@ -7,8 +7,9 @@ from typing import Any
 
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.parts import Parts
 from xasflow.daemon.service import Daemon
-from xasflow.daemon.status import DaemonStatus, Parts
+from xasflow.daemon.status import DaemonStatus
 
 
 def test_health_answers_before_any_part_is_built(tmp_path: Path) -> None:

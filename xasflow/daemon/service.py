@@ -3,7 +3,8 @@ wires them, starts and stops them. No document handling lives here.
 
 Its threads, what each owns and one spectrum's way through them: ``docs/architecture.md``.
 
-Parts and where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`), crash
+The parts, the groups built together and the order they close in:
+:mod:`xasflow.daemon.parts`. Where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`), crash
 recovery (:mod:`xasflow.adapters.recovery`), the processing loop
 (:mod:`xasflow.daemon.processor`), store writes (:mod:`xasflow.adapters.store_writer`).
 
@@ -31,26 +32,21 @@ from typing import Any
 
 from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.probes import PROBE_KEY
-from xasflow.adapters.recovery import InterruptedRuns
-from xasflow.adapters.store_writer import StoreWriter
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.bus import make_publisher, make_source
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
 from xasflow.daemon.notify import sd_notify
+from xasflow.daemon.parts import DaemonError, Parts, build_feedback, build_store
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.daemon.status import DaemonStatus, Parts
+from xasflow.daemon.status import DaemonStatus
 
 __all__ = ["PROBE_KEY", "Daemon", "DaemonError"]
 
 logger = logging.getLogger(__name__)
-
-
-class DaemonError(RuntimeError):
-    """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
 
 
 class Daemon:
@@ -83,7 +79,7 @@ class Daemon:
         try:
             self._start_parts(self.config, timeout)
         except BaseException as exc:
-            self._teardown()
+            self.parts.close()
             if isinstance(exc, DaemonError | KeyboardInterrupt):
                 raise
             raise DaemonError(f"cannot start the daemon: {exc}") from exc
@@ -121,9 +117,12 @@ class Daemon:
             recommend_interval_s=rec.interval_s,
             herfd=cfg.analysis.herfd,
         )
-        self._start_feedback(cfg)
+        p.ioc, p.submitter = build_feedback(cfg, models_loaded=bool(p.registry.models()))
+        for listener in (p.ioc, p.submitter):
+            if listener is not None:
+                self.add_listener(listener)
         if cfg.storage.enabled:
-            self._start_store(cfg)
+            p.store, p.writer, p.interrupted = build_store(cfg, on_stored=self._acknowledge)
         p.publisher = make_publisher(cfg)
         store, writer = p.store, p.writer
         if p.publisher and cfg.output.after_store and writer is not None and store is not None:
@@ -161,24 +160,6 @@ class Daemon:
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
 
-    def _start_store(self, cfg: DaemonConfig) -> None:
-        """The analysis store, its document writer and the runs a crash left open."""
-        from xasflow.adapters.tiled_store import AnalysisStore
-
-        p = self.parts
-        p.store = AnalysisStore(
-            cfg.storage.directory,
-            batch_size=cfg.storage.batch_size,
-            flush_interval=cfg.storage.flush_interval_s,
-            max_queue=cfg.storage.max_queue,
-            table_backend=cfg.storage.backend,
-            journal=cfg.storage.journal,
-            catalog_process=cfg.storage.catalog_process,
-        )
-        p.writer = StoreWriter(p.store, on_stored=self._acknowledge)
-        p.interrupted = InterruptedRuns(p.store, cfg.channels.stream, cfg.analysis.run_timeout_s)
-        p.interrupted.find()
-
     def _processor(self) -> Processor:
         """The processing loop, its sinks in order: store writer, publisher, listeners."""
         p = self.parts
@@ -214,31 +195,6 @@ class Daemon:
         self._listeners = proc.sinks  # listeners added later go straight to the processor
         return proc
 
-    def _start_feedback(self, cfg: DaemonConfig) -> None:
-        """The EPICS IOC and the queueserver submitter, when enabled: both follow the
-        analysis documents as listeners."""
-        p = self.parts
-        if cfg.epics.enabled:
-            from xasflow.adapters.epics_ioc import XasIoc
-
-            ioc = XasIoc(cfg.epics.prefix, host=cfg.epics.host, port=cfg.epics.port)
-            try:
-                ioc.start()
-            except Exception as exc:
-                raise DaemonError(
-                    f"cannot serve EPICS PVs {cfg.epics.prefix}* on "
-                    f"{cfg.epics.host}:{cfg.epics.port}: {exc}"
-                ) from None
-            p.ioc = ioc
-            assert p.registry is not None
-            ioc.set_model_ok(bool(p.registry.models()))
-            self.add_listener(ioc)
-        if cfg.queueserver.enabled:
-            from xasflow.adapters.queueserver import QueueServerSubmitter
-
-            p.submitter = QueueServerSubmitter(cfg.queueserver)
-            self.add_listener(p.submitter)
-
     def _durable(self, timeout: float) -> bool:
         """Everything handed to the sinks so far is committed in the store and, with a
         Kafka output, acknowledged by the broker (the Kafka input commits only after this)."""
@@ -267,42 +223,9 @@ class Daemon:
                 self._thread.join(timeout)
                 if self._thread.is_alive():
                     logger.error("processing thread did not finish within %.0f s", timeout)
-            self._teardown(timeout)
+            self.parts.close(timeout)
             self._stopped.set()
             logger.info("xasflow daemon stopped: %s", self.counters.summary())
-
-    def _teardown(self, timeout: float = 30.0) -> None:
-        """Close what was started (store last but one, HTTP last); safe on partial starts."""
-        p = self.parts
-        if p.processor is not None:
-            p.processor.drain.set()
-        if p.source is not None and not p.source.closed:
-            p.source.close()
-        if p.registry is not None:
-            p.registry.stop()
-        finish = getattr(p.source, "finish", None)
-        if finish is not None:  # Kafka: commit what is processed and durable, leave the group
-            finish(timeout)
-        if p.store is not None:
-            try:
-                if not p.store.flush(timeout):
-                    logger.error("analysis store did not flush within %.0f s", timeout)
-                p.store.close()
-            except Exception:
-                logger.exception("closing the analysis store failed")
-        if p.gate is not None:
-            p.gate.close(timeout)  # the store has flushed: what it holds goes out now
-        if p.publisher is not None:
-            p.publisher.close()
-        if p.submitter is not None:
-            try:
-                p.submitter.close(timeout)
-            except Exception:
-                logger.exception("closing the queueserver submitter failed")
-        if p.ioc is not None:
-            p.ioc.stop()
-        if p.http is not None:
-            p.http.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until :meth:`stop` has finished; True if it has."""

@@ -1,7 +1,7 @@
-"""What a daemon is built of, and the read-only view of it that HTTP and the dashboard get.
+"""The read-only view of a daemon that HTTP and the dashboard get.
 
-:class:`Parts` holds the parts the composition root (:mod:`xasflow.daemon.service`) built,
-each None where it is off or not started yet. :class:`DaemonStatus` reads them and satisfies
+:class:`DaemonStatus` reads the :class:`~xasflow.daemon.parts.Parts` the composition root
+(:mod:`xasflow.daemon.service`) built and satisfies
 :class:`~xasflow.daemon.view.DaemonView`: counters, adapter statistics, limits and ``/health``.
 It starts and stops nothing, and every member is safe to call from any thread.
 """
@@ -10,48 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from xasflow import __version__
-from xasflow.adapters.probes import ProbeFilter
-from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.daemon.bus import output_address
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.health import feedback_health, input_health, limits_health
+from xasflow.daemon.parts import Parts
 
-if TYPE_CHECKING:
-    from xasflow.adapters.commit_gate import CommitGate
-    from xasflow.adapters.store_writer import StoreWriter
-    from xasflow.daemon.assembly import RunAssembler
-    from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.processor import Processor
-    from xasflow.daemon.registry import ModelRegistry
-
-__all__ = ["DaemonStatus", "Parts"]
-
-
-@dataclass
-class Parts:
-    """The daemon's parts (None: off, or not built yet). ``Any`` where there are several
-    classes (0MQ or Kafka) or the class lives in an optional extra."""
-
-    registry: ModelRegistry | None = None
-    pipeline: Pipeline | None = None
-    store: Any = None  # AnalysisStore, when storage is on
-    writer: StoreWriter | None = None  # with the store
-    gate: CommitGate | None = None  # with output.after_store
-    publisher: Any = None  # ZmqDocumentPublisher or KafkaDocumentPublisher
-    source: Any = None  # ZmqDocumentSource or KafkaDocumentSource
-    assembler: RunAssembler | None = None
-    processor: Processor | None = None
-    ioc: Any = None  # XasIoc, when epics.enabled
-    submitter: Any = None  # QueueServerSubmitter, when queueserver.enabled
-    app: Any = None  # the Starlette app, when http.enabled
-    http: Any = None  # its HttpServer
-    probes: ProbeFilter = field(default_factory=ProbeFilter)
-    interrupted: InterruptedRuns | None = None
+__all__ = ["DaemonStatus"]
 
 
 class DaemonStatus:

@@ -1,0 +1,98 @@
+"""The daemon's parts: the order they close in, and the store group built or left clean."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xasflow.adapters.recovery import InterruptedRuns
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.parts import Parts, build_store
+
+
+class _Part:
+    """Records what is called on it, in one log shared by every part."""
+
+    def __init__(self, name: str, log: list[str], fail: str | None = None) -> None:
+        self.name, self.log, self.fail, self.closed = name, log, fail, False
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.log.append(f"{self.name}.{method}")
+            if method == self.fail:
+                raise RuntimeError(f"{self.name} {method} failed")
+            if method == "close":
+                self.closed = True
+            return True
+
+        return call
+
+
+def test_close_on_a_start_that_built_nothing() -> None:
+    Parts().close(timeout=0.1)  # nothing to close; must not raise
+
+
+def test_close_finishes_the_input_before_the_store_and_publishes_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Input first (nothing new comes in), Kafka's finish before the store closes, the gate
+    after the store flushed (it publishes what the store holds), HTTP last; a part that fails
+    to close is logged and the rest still close."""
+    log: list[str] = []
+    processor = type("Proc", (), {"drain": threading.Event()})()
+    parts = Parts(
+        registry=_Part("registry", log),  # type: ignore[arg-type]
+        store=_Part("store", log, fail="close"),
+        gate=_Part("gate", log),  # type: ignore[arg-type]
+        publisher=_Part("publisher", log),
+        source=_Part("source", log),
+        processor=processor,
+        ioc=_Part("ioc", log),
+        submitter=_Part("submitter", log, fail="close"),
+        http=_Part("http", log),
+    )
+    with caplog.at_level(logging.ERROR, logger="xasflow.daemon.parts"):
+        parts.close(timeout=0.1)
+    assert processor.drain.is_set()
+    assert log == [
+        "source.close",
+        "registry.stop",
+        "source.finish",
+        "store.flush",
+        "store.close",
+        "gate.close",
+        "publisher.close",
+        "submitter.close",
+        "ioc.stop",
+        "http.stop",
+    ]
+    failed = [r.getMessage() for r in caplog.records]
+    assert failed == [
+        "closing the analysis store failed",
+        "closing the queueserver submitter failed",
+    ]
+
+
+def test_a_failed_recovery_scan_leaves_the_store_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_store closes the store it opened when finding the interrupted runs fails, so a
+    retry (or another daemon) can open the same directory."""
+    cfg = DaemonConfig(storage={"directory": str(tmp_path / "store")})
+
+    def broken(self: InterruptedRuns) -> None:
+        raise OSError("catalog unreadable")
+
+    with monkeypatch.context() as m:
+        m.setattr(InterruptedRuns, "find", broken)
+        with pytest.raises(OSError, match="catalog unreadable"):
+            build_store(cfg, on_stored=lambda: None)
+    store, writer, interrupted = build_store(cfg, on_stored=lambda: None)
+    try:
+        assert writer.store is store and interrupted.pending() == []
+    finally:
+        store.close()

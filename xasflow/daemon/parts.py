@@ -1,0 +1,143 @@
+"""What a daemon is built of: :class:`Parts`, the groups of them made together from the config
+(the store with its writer and recovery, the control-system feedback), and the order they close.
+
+The composition root (:mod:`xasflow.daemon.service`) decides what to build and wires it;
+:class:`~xasflow.daemon.status.DaemonStatus` reads the parts for ``/health``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from xasflow.adapters.probes import ProbeFilter
+from xasflow.adapters.recovery import InterruptedRuns
+from xasflow.adapters.store_writer import StoreWriter
+from xasflow.daemon.config import DaemonConfig
+
+if TYPE_CHECKING:
+    from xasflow.adapters.commit_gate import CommitGate
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.processor import Processor
+    from xasflow.daemon.registry import ModelRegistry
+
+__all__ = ["DaemonError", "Parts", "build_feedback", "build_store"]
+
+logger = logging.getLogger(__name__)
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
+
+
+@dataclass
+class Parts:
+    """The daemon's parts (None: off, or not built yet). ``Any`` where there are several
+    classes (0MQ or Kafka) or the class lives in an optional extra."""
+
+    registry: ModelRegistry | None = None
+    pipeline: Pipeline | None = None
+    store: Any = None  # AnalysisStore, when storage is on
+    writer: StoreWriter | None = None  # with the store
+    gate: CommitGate | None = None  # with output.after_store
+    publisher: Any = None  # ZmqDocumentPublisher or KafkaDocumentPublisher
+    source: Any = None  # ZmqDocumentSource or KafkaDocumentSource
+    assembler: RunAssembler | None = None
+    processor: Processor | None = None
+    ioc: Any = None  # XasIoc, when epics.enabled
+    submitter: Any = None  # QueueServerSubmitter, when queueserver.enabled
+    app: Any = None  # the Starlette app, when http.enabled
+    http: Any = None  # its HttpServer
+    probes: ProbeFilter = field(default_factory=ProbeFilter)
+    interrupted: InterruptedRuns | None = None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Close what was started, safe on a partial start: input first, then the store (it
+        flushes), then what publishes what the store holds, the feedback, and HTTP last."""
+        if self.processor is not None:
+            self.processor.drain.set()
+        if self.source is not None and not self.source.closed:
+            self.source.close()
+        if self.registry is not None:
+            self.registry.stop()
+        finish = getattr(self.source, "finish", None)
+        if finish is not None:  # Kafka: commit what is processed and durable, leave the group
+            finish(timeout)
+        if self.store is not None:
+            try:
+                if not self.store.flush(timeout):
+                    logger.error("analysis store did not flush within %.0f s", timeout)
+                self.store.close()
+            except Exception:
+                logger.exception("closing the analysis store failed")
+        if self.gate is not None:
+            self.gate.close(timeout)  # the store has flushed: what it holds goes out now
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.submitter is not None:
+            try:
+                self.submitter.close(timeout)
+            except Exception:
+                logger.exception("closing the queueserver submitter failed")
+        if self.ioc is not None:
+            self.ioc.stop()
+        if self.http is not None:
+            self.http.stop()
+
+
+def build_store(
+    cfg: DaemonConfig, on_stored: Callable[[], None]
+) -> tuple[Any, StoreWriter, InterruptedRuns]:
+    """The analysis store, its document writer (``on_stored``: a row is durable, called from
+    the store's writer thread) and the runs a crash left open, found already."""
+    from xasflow.adapters.tiled_store import AnalysisStore
+
+    s = cfg.storage
+    store = AnalysisStore(
+        s.directory,
+        batch_size=s.batch_size,
+        flush_interval=s.flush_interval_s,
+        max_queue=s.max_queue,
+        table_backend=s.backend,
+        journal=s.journal,
+        catalog_process=s.catalog_process,
+    )
+    try:
+        writer = StoreWriter(store, on_stored=on_stored)
+        interrupted = InterruptedRuns(store, cfg.channels.stream, cfg.analysis.run_timeout_s)
+        interrupted.find()
+    except BaseException:
+        store.close()  # nobody else holds it yet: its lock and catalog child go with it
+        raise
+    return store, writer, interrupted
+
+
+def build_feedback(cfg: DaemonConfig, models_loaded: bool) -> tuple[Any, Any]:
+    """The EPICS IOC (started) and the queueserver submitter, each None when disabled; both
+    follow the analysis documents as listeners."""
+    ioc = submitter = None
+    if cfg.epics.enabled:
+        from xasflow.adapters.epics_ioc import XasIoc
+
+        ioc = XasIoc(cfg.epics.prefix, host=cfg.epics.host, port=cfg.epics.port)
+        try:
+            ioc.start()
+        except Exception as exc:
+            raise DaemonError(
+                f"cannot serve EPICS PVs {cfg.epics.prefix}* on "
+                f"{cfg.epics.host}:{cfg.epics.port}: {exc}"
+            ) from None
+        ioc.set_model_ok(models_loaded)
+    if cfg.queueserver.enabled:
+        from xasflow.adapters.queueserver import QueueServerSubmitter
+
+        try:
+            submitter = QueueServerSubmitter(cfg.queueserver)
+        except BaseException:
+            if ioc is not None:  # started above, and nobody else holds it yet
+                ioc.stop()
+            raise
+    return ioc, submitter
