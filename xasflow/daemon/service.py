@@ -4,9 +4,10 @@ wires them, starts and stops them. No document handling lives here.
 Its threads, what each owns and one spectrum's way through them: ``docs/architecture.md``.
 
 The parts, the groups built together and the order they close in:
-:mod:`xasflow.daemon.parts`. Where their rules live: warm-up probes (:mod:`xasflow.adapters.probes`), crash
-recovery (:mod:`xasflow.adapters.recovery`), the processing loop
-(:mod:`xasflow.daemon.processor`), store writes (:mod:`xasflow.adapters.store_writer`).
+:mod:`xasflow.daemon.parts`. Where their rules live: warm-up probes
+(:mod:`xasflow.adapters.probes`), crash recovery (:mod:`xasflow.adapters.recovery`), the
+processing loop (:mod:`xasflow.daemon.processor`), store writes
+(:mod:`xasflow.adapters.store_writer`).
 
 Acknowledged results. A result row is *acknowledged* once a committed transaction holds it:
 the store's journal (``storage.journal``, default) or its catalog (``AnalysisStore``
