@@ -300,7 +300,7 @@ def latest_views(
         "out_of_domain": pred.out_of_domain,
         "ood_score": pred.ood_score,
         "tasks": tasks,
-        "environment": None if env is None else str(env.value),
+        "environment": None if env is None or env.value is None else str(env.value),
         "motifs": (
             [[lab, s] for lab, s in motifs.ranking[:_MOTIFS_SHOWN]]
             if motifs is not None and motifs.ranking

@@ -205,7 +205,7 @@ def ok_row(
         if cn.probabilities is not None:
             row["cn_probabilities"] = json.dumps(cn.probabilities)
     env = res.get("environment")  # top CN-motif label (classifier)
-    if env is not None:
+    if env is not None and env.value is not None:  # None: no motif of the CN answered
         row["motif"] = str(env.value)
     motifs = res.get("motifs") or env  # ranked CN-motif label set (multi-output regressor)
     if motifs is not None and motifs.ranking is not None:

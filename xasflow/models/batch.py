@@ -50,11 +50,18 @@ class TaskArrays:
     interval: np.ndarray | None = None
     std: np.ndarray | None = None
     lead: list[str | None] | None = None  # multi-output: label to rank first (consistency)
+    #: Rows with no answer consistent with the CN answer (no CN-motif label of that CN): their
+    #: value is None; probabilities, sets and scores stay as calibrated.
+    blank: np.ndarray | None = None
 
     def point(self) -> np.ndarray:
-        """The point prediction per row: class labels, values, or the (n, k) score matrix."""
+        """The point prediction per row: class labels (None where blank), values, or the
+        (n, k) score matrix."""
         if self.index is not None:
-            return np.asarray(self.spec.classes, dtype=object)[self.index]
+            labels = np.asarray(self.spec.classes, dtype=object)[self.index]
+            if self.blank is not None:
+                labels[self.blank] = None
+            return labels
         return self.values
 
     def results(self) -> list[TaskResult]:
@@ -77,9 +84,12 @@ class TaskArrays:
 
     def _classifier_rows(self) -> list[TaskResult]:
         assert self.index is not None and self.probabilities is not None
-        labels = [_plain(c) for c in self.spec.classes or []]
+        labels: list[Any] = [_plain(c) for c in self.spec.classes or []]
         keys = [str(c) for c in labels]
         chosen = self.index.tolist()
+        if self.blank is not None and self.blank.any():  # None: one past the labels
+            labels.append(None)
+            chosen = np.where(self.blank, len(labels) - 1, self.index).tolist()
         probs = self.probabilities.tolist()
         if self.sets is None:
             return [
@@ -105,13 +115,14 @@ class TaskArrays:
         n_kept = (np.take_along_axis(values, order_arr, axis=1) >= thr).sum(axis=1).tolist()
         orders, rows = order_arr.tolist(), values.tolist()
         leads = self.lead if self.lead is not None else [None] * len(rows)
+        blank = self.blank.tolist() if self.blank is not None else [False] * len(rows)
         position = {name: k for k, name in enumerate(names)}
         out = []
-        for row, order, kept, lead in zip(rows, orders, n_kept, leads, strict=True):
+        for row, order, kept, lead, none in zip(rows, orders, n_kept, leads, blank, strict=True):
             ranking = [(names[k], row[k]) for k in order[:kept]]
             if lead is not None and lead in position:
                 ranking = [(lead, row[position[lead]])] + [r for r in ranking if r[0] != lead]
-            top = ranking[0][0] if ranking else names[order[0]]
+            top = None if none else ranking[0][0] if ranking else names[order[0]]
             out.append(task_result(top, ranking=ranking))
         return out
 
@@ -183,7 +194,9 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
 
     CN is the better-measured task, so it decides; the environment answer becomes its most
     probable label of that CN (kept in its prediction set), and the ranking of motifs leads
-    with it. Rows where no label of that CN exists keep their answers.
+    with it. Where the bundle has no label of that CN (CN 9 and 10 have no motif in Zheng's
+    list), neither gives an answer (``blank``: value None) rather than one of another CN;
+    their probabilities, sets and scores stay.
     """
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
@@ -196,12 +209,14 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     has = allowed.any(axis=1)
     assert env.index is not None
     env.index = np.where(has, best, env.index)
+    env.blank = ~has
     if env.sets is not None:
-        env.sets[np.arange(len(best)), env.index] = True
+        rows = np.flatnonzero(has)
+        env.sets[rows, env.index[rows]] = True
     motifs = tasks.get("motifs")
     if motifs is not None:
-        labels = env.point()
-        motifs.lead = [str(label) for label in labels]
+        motifs.lead = [None if label is None else str(label) for label in env.point()]
+        motifs.blank = env.blank
 
 
 def decode_batch(

@@ -101,6 +101,7 @@ def _concat_arrays(chunks: list[TaskArrays]) -> TaskArrays:
         sets=cat("sets"),
         interval=cat("interval"),
         std=cat("std"),
+        blank=cat("blank"),
     )
 
 
