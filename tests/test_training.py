@@ -259,10 +259,12 @@ def test_cli_evaluate_and_predict(
     pred_json = tmp_path / "pred.json"
     assert (
         main(["predict", "--bundle", str(bundle), str(good), str(short), "--json", str(pred_json)])
-        == 0
+        == 1  # one file of two failed: a script must see it
     )
-    text = capsys.readouterr().out
-    assert "short.txt: cannot predict (no_post_edge)" in text
+    captured = capsys.readouterr()
+    assert "short.txt: cannot predict (no_post_edge)" in captured.err
+    assert "1 of 2 files could not be predicted" in captured.err
+    assert "tetra.txt: E0" in captured.out and "cannot predict" not in captured.out
     preds = json.loads(pred_json.read_text())
     assert preds[str(good)]["tasks"]["cn"]["value"] == 4
     assert preds[str(short)]["error"] == "no_post_edge"

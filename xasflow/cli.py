@@ -1,4 +1,4 @@
-"""The ``xasflow`` command: train, evaluate and use models (and, later, serve them).
+"""The ``xasflow`` command: train, evaluate and use models, serve the daemon, run the demo.
 
 Heavy imports happen inside each verb, so ``xasflow predict`` needs only numpy and
 onnxruntime, and ``--help`` is instant.
@@ -18,6 +18,20 @@ from xasflow import __version__, paths
 from xasflow.errors import CliError
 
 __all__ = ["CliError", "build_parser", "main"]
+
+
+#: The bundle ``predict`` and ``evaluate`` use when none is named: the shipped Cu K-edge one.
+SHIPPED = "the repository's models/cu-k"
+
+
+def _bundle(given: str | None) -> Path:
+    """The bundle directory named, or the shipped one (a clear error when it is not there)."""
+    if given is not None:
+        return Path(given)
+    shipped = paths.REPO_ROOT / "models" / "cu-k"
+    if not (shipped / "manifest.json").is_file():
+        raise CliError(f"no --bundle given and no shipped bundle at {shipped}")
+    return shipped
 
 
 def _write_json(path: str | None, payload: Any) -> None:
@@ -106,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from xasflow.training.report import write_report
 
     try:
-        predictor = Predictor(args.bundle)
+        predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
         raise CliError(str(exc)) from None
     ds = _load_dataset(args.data, predictor.manifest.element, args.jobs)
@@ -121,20 +135,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(pred: Any) -> list[str]:
-    """Human-readable lines of a prediction: each answer with its doubt."""
+#: Units of the regressors' values as ``predict`` prints them.
+UNITS = {"distance": " Å"}
+
+
+def _describe(pred: Any, manifest: Any) -> list[str]:
+    """Human-readable lines of a prediction: each answer with its doubt (the conformal
+    coverage is the bundle's, and holds only in domain: out of domain the sets are marked)."""
     lines = []
     if pred.out_of_domain:
         lines.append(
-            f"  OUT OF DOMAIN (score {pred.ood_score:.3g}): unlike anything this bundle was "
-            "trained on; the answers below are guesses"
+            f"  OUT OF DOMAIN (score {pred.ood_score:.3g}, threshold "
+            f"{manifest.ood.threshold:.3g}): unlike anything this bundle was trained on; the "
+            "answers below are guesses, and their sets and intervals cover nothing"
         )
+
+    def doubt(name: str, what: str) -> str:
+        conf = manifest.tasks[name].conformal if name in manifest.tasks else None
+        level = f"{1 - conf.alpha:.0%}" if conf is not None else "conformal"
+        return f"{level} {what}" + (" (void: out of domain)" if pred.out_of_domain else "")
+
     for name, res in pred.results.items():
         if res.probabilities is not None:
             top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
             probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
             chosen = (
-                f"  90% set {{{', '.join(map(str, res.prediction_set))}}}"
+                f"  {doubt(name, 'set')} {{{', '.join(map(str, res.prediction_set))}}}"
                 if res.prediction_set is not None
                 else ""
             )
@@ -143,12 +169,13 @@ def _describe(pred: Any) -> list[str]:
             rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
             lines.append(f"  {name:12s} {res.value}  (ranking: {rank})")
         else:
+            unit = UNITS.get(name, "")
             span = (
-                f"  90% interval [{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
+                f"  {doubt(name, 'interval')} [{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
                 if res.interval is not None
                 else ""
             )
-            lines.append(f"  {name:12s} {res.value:.3f}{span}")
+            lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
     return lines
 
 
@@ -175,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from xasflow.spectra import SpectrumError
 
     try:
-        predictor = Predictor(args.bundle)
+        predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
         raise CliError(str(exc)) from None
     results: dict[str, Any] = {}
@@ -188,7 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
-            print(f"{name}: cannot predict ({reason}): {exc}")
+            print(f"{name}: cannot predict ({reason}): {exc}", file=sys.stderr)
             results[name] = {"error": reason, "detail": str(exc)}
             failed += 1
             continue
@@ -204,10 +231,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif HERFD_SUSPECTED in pred.flags:
             print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
             print("  rerun with --herfd")
-        print("\n".join(_describe(pred)))
+        print("\n".join(_describe(pred, predictor.manifest)))
         results[name] = {**pred.to_dict(), "herfd": herfd}
     _write_json(args.json, results)
-    return 1 if failed == len(args.files) else 0
+    if failed:  # a script over many files must see that some were not predicted
+        print(f"{failed} of {len(args.files)} files could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
@@ -281,15 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a bundle on data")
-    e.add_argument("--bundle", required=True)
-    e.add_argument("--data", default=default_data)
+    e.add_argument("--bundle", default=None, help=f"bundle directory (default: {SHIPPED})")
+    e.add_argument(
+        "--data",
+        default=default_data,
+        help="labelled data (default: the shared Cu FEFF tree; a bundle trained on it is "
+        "scored on its recorded test split)",
+    )
     e.add_argument("--json", help="write metrics here")
     e.add_argument("--report", help="write report.md and plots into this directory")
-    e.add_argument("--jobs", type=int, default=2)
+    e.add_argument("--jobs", type=int, default=2, help="processes for labelling (default 2)")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="predict measured spectra")
-    r.add_argument("--bundle", required=True)
+    r = sub.add_parser(
+        "predict",
+        help="predict measured spectra",
+        description="Predict measured spectra. Exit status 0 when every file was predicted, "
+        "1 when any could not be (each says why on stderr).",
+    )
+    r.add_argument("--bundle", default=None, help=f"bundle directory (default: {SHIPPED})")
     r.add_argument("files", nargs="+", help="XDI or two-column (energy eV, mu) files")
     r.add_argument("--json", help="write predictions here")
     r.add_argument(
