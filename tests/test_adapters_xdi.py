@@ -175,6 +175,22 @@ def test_two_column_csv_with_header_row(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "energy;mu\n8960,0;0,1\n8970,5;-0,25\n8980,0;1,5e0\n",  # a European spreadsheet's CSV
+        "8960,0\t0,1\n8970,5\t-0,25\n8980,0\t1,5e0\n",  # tab-separated, decimal commas
+        "8960.0,0.1\n8970.5,-0.25\n8980.0,1.5\n",  # plain CSV: commas separate
+    ],
+)
+def test_two_column_decimal_commas(tmp_path: Path, text: str) -> None:
+    """Decimal commas are read as such, not as column separators (which once gave a mu of 0
+    and an energy's integer part)."""
+    s = read_two_column(write(tmp_path / "eu.csv", text), element="Cu")
+    np.testing.assert_array_equal(s.energy, [8960.0, 8970.5, 8980.0])
+    np.testing.assert_array_equal(s.mu, [0.1, -0.25, 1.5])
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("8960.0\n8970.0\n8980.0\n", "only 1 column"),

@@ -1,11 +1,13 @@
 """Plain-text spectra: two (or more) numeric columns, energy in eV then mu; and a dispatcher.
 
-Comment lines start with ``#``; values may be separated by whitespace, commas or semicolons;
+Comment lines start with ``#``; values may be separated by whitespace, commas or semicolons
+(with semicolons, or numbers like ``8979,5``, commas are decimal commas);
 one non-numeric header row (``energy,mu``) at the top is allowed. Extra columns are ignored.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,24 @@ class ColumnFileError(ValueError):
     """A text file that does not hold an energy column and a mu column."""
 
 
+#: A number written with a decimal comma, as spreadsheets in many locales export it.
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+(?:[eE][+-]?\d+)?$")
+
+
 def _split(line: str) -> list[str]:
-    return line.replace(",", " ").replace(";", " ").split()
+    """A data line's fields: separated by whitespace, ``;`` or ``,``.
+
+    With ``;`` between the fields, or fields that are whitespace-separated numbers each with
+    one comma and no point (``8979,5  1,2345``), the commas are decimal commas (a European
+    spreadsheet's export), not separators: read as such, never as extra columns (which made
+    ``8779,000;-1,30705`` an energy of 8779 and a mu of 0).
+    """
+    if ";" in line:
+        return [t.replace(",", ".") for t in line.replace(";", " ").split()]
+    fields = line.split()
+    if len(fields) > 1 and all(_DECIMAL_COMMA.match(t) for t in fields):
+        return [t.replace(",", ".") for t in fields]
+    return line.replace(",", " ").split()
 
 
 def read_two_column(path: str | Path, element: str | None = None, edge: str = "K") -> Spectrum:
