@@ -25,6 +25,7 @@ from xasflow.spectra import (
     normalize,
     prepare,
 )
+from xasflow.spectra.batch import find_e0_batch
 
 
 def edge_spectrum(
@@ -63,6 +64,26 @@ def test_find_e0_on_regular_and_irregular_grids() -> None:
     with pytest.raises(SpectrumError) as err:
         find_e0(flat)
     assert err.value.reason == "no_edge"
+
+
+@pytest.mark.parametrize(
+    ("energy", "cause"),
+    [
+        (np.linspace(8.90, 9.10, 200), "energies in keV?"),  # a keV column read as eV
+        (np.linspace(8700.0, 8900.0, 200), "below the edge"),
+        (np.linspace(9100.0, 9300.0, 200), "above the edge"),
+    ],
+)
+def test_no_data_near_the_edge_says_why(energy: np.ndarray, cause: str) -> None:
+    """find_e0 and the daemon's batched search name the edge, the data's range and the
+    likely cause, the same way."""
+    spectrum = Spectrum(energy=energy, mu=np.linspace(0.0, 1.0, 200), element="Cu")
+    with pytest.raises(SpectrumError) as err:
+        find_e0(spectrum)
+    assert err.value.reason == "no_edge"
+    assert "Cu K edge at 8978.9 eV" in err.value.message and cause in err.value.message
+    _, errors = find_e0_batch(energy, spectrum.mu[None, :], "Cu", "K")
+    assert errors[0] is not None and errors[0].message == err.value.message
 
 
 def test_edge_step_normalisation_removes_background_and_step() -> None:

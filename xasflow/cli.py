@@ -215,8 +215,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
-            print(f"{name}: cannot predict ({reason}): {exc}", file=sys.stderr)
-            results[name] = {"error": reason, "detail": str(exc)}
+            detail = getattr(exc, "message", str(exc))  # SpectrumError's text without its tag
+            print(f"{name}: cannot predict ({reason}): {detail}", file=sys.stderr)
+            results[name] = {"error": reason, "detail": detail}
             failed += 1
             continue
         score = "" if pred.ood_score is None else f", ood score {pred.ood_score:.3g}"

@@ -104,7 +104,5 @@ def read_spectrum_file(path: str | Path, element: str | None = None) -> Spectrum
     if spectrum.element is None:
         return spectrum.with_(element=wanted)
     if spectrum.element != wanted:
-        raise SpectrumError(
-            "element_mismatch", f"{path}: file says {spectrum.element}, caller says {wanted}"
-        )
+        raise SpectrumError("element_mismatch", f"the file names {spectrum.element}, not {wanted}")
     return spectrum

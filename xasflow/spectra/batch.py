@@ -29,6 +29,7 @@ from xasflow.spectra.process import (
     Prepared,
     PrepParams,
     e0_in_window,
+    no_edge_detail,
     normalize,
     prepare,
 )
@@ -94,15 +95,19 @@ def find_e0_batch(
     e0 = np.full(n, np.nan)
     errors = _row_errors(n)
     lo, hi = energy[0] + s, energy[-1] + s
+    tab: float | None = None
     if element is not None and search > 0:
         try:
-            tab: float | None = edge_energy(element, edge)
+            tab = edge_energy(element, edge)
         except KeyError:
             tab = None
         if tab is not None:
             lo, hi = np.maximum(lo, tab - search), np.minimum(hi, tab + search)
     for i in range(n):  # per row, the single-spectrum search: the same E0 to the last bit
         try:
+            if tab is not None and hi[i] - lo[i] < 2.0:  # find_e0's own message
+                detail = no_edge_detail(energy + s[i], tab, element, edge)
+                raise SpectrumError("no_edge", detail)
             e0[i] = e0_in_window(energy + s[i], mu[i], float(lo[i]), float(hi[i]), element, edge)
         except SpectrumError as exc:
             errors[i] = exc

@@ -129,7 +129,27 @@ def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
             tab = None
         if tab is not None:
             lo, hi = max(lo, tab - search), min(hi, tab + search)
+            if hi - lo < 2.0:
+                detail = no_edge_detail(energy, tab, spectrum.element, spectrum.edge)
+                raise SpectrumError("no_edge", detail)
     return e0_in_window(energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge)
+
+
+def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: str) -> str:
+    """Why a spectrum on ``energy`` (eV, increasing) has no data near its tabulated edge
+    ``tab``, with the likely cause (keV, or a scan that stops short of the edge)."""
+    first, last = float(energy[0]), float(energy[-1])
+    text = (
+        f"no data near the {element} {edge} edge at {tab:.1f} eV: "
+        f"the data cover {first:.6g} to {last:.6g} eV"
+    )
+    if first * 1000 <= tab <= last * 1000:
+        return text + " (energies in keV? the edge lies in their range times 1000)"
+    if last < tab:
+        return text + ", below the edge"
+    if first > tab:
+        return text + ", above the edge"
+    return text
 
 
 def e0_in_window(
