@@ -10,8 +10,10 @@ JOBS ?= 2
 $(BIN)/.xasflow-setup: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU torch build on local disk first, so nothing later pulls a CUDA wheel.
-	$(BIN)/pip install -q torch==2.13.0 || echo "torch 2.13.0 not available: the nn extra stays off"
+	# The CPU torch build first, so nothing later pulls a CUDA wheel: from the local wheels
+	# pip is configured with (the CI image), or from TORCH_INDEX when given (see README).
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		|| echo "torch 2.13.0 not available: the nn extra stays off"
 	$(BIN)/pip install -q -e '.[all]'
 	# System programs for the real-server tests (Redis for the queueserver, Debian's chromium
 	# for the dashboard in a browser); best effort: without them those tests skip and say why.
