@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from xasflow.adapters.tiled_schema import CATALOG_FILE, _ensure_catalog
 
+    # tiled's app logs its version at INFO on every start; a daemon's (or the demo's) stderr
+    # is for what needs a person: warnings and errors still come through
+    logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
+
     args = sys.argv[1:] if argv is None else argv
     directory, table_uris = Path(args[0]), args[1:]
     key = os.environ.pop(KEY_ENV)

@@ -214,8 +214,8 @@ def run_demo(
         started.append(daemon.stop)
         bundles = ", ".join(m["bundle_id"] for m in daemon.view.models()) or "none"
         print(
-            f"daemon: ready, model {bundles} (from {bundle}); {daemon.http_url}/metrics, "
-            f"{daemon.http_url}/health; results stored in {store}",
+            f"daemon: ready, model {bundles} (from {bundle}); dashboard {daemon.http_url}/, "
+            f"{daemon.http_url}/metrics, {daemon.http_url}/health; results stored in {store}",
             file=out,
             flush=True,
         )

@@ -25,7 +25,10 @@ def format_result(doc: dict[str, Any], label: str = "") -> str:
     parts = []
     if d.get("cn") is not None:
         p = d.get("cn_probability")
-        parts.append(f"CN {d['cn']}" + (f" (p {p:.2f})" if isinstance(p, float) else ""))
+        doubt = [f"p {p:.2f}"] if isinstance(p, float) else []
+        if d.get("cn_set"):  # the conformal set: one value is a sure answer
+            doubt.append(f"set {{{d['cn_set']}}}")
+        parts.append(f"CN {d['cn']}" + (f" ({', '.join(doubt)})" if doubt else ""))
     if d.get("motif"):
         parts.append(f"motif {d['motif']}")
     if _finite(d.get("distance")):
