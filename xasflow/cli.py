@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ev = evaluate_bundle(predictor, ds)
     payload = ev.to_json(predictor.manifest)
     for name, m in ev.tasks.items():
-        shown = {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
         print(f"{name:12s} {shown}")
     _write_json(args.json, payload)
     if args.report:
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_data,
         help="FEFF tree (dir or .tar.gz), MP .json or reference .csv",
     )
-    t.add_argument("--element", default="Cu")
+    t.add_argument("--element", default="Cu", help="absorbing element (default Cu)")
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--jobs", type=int, default=2, help="worker processes (labels, trees)")
     t.add_argument("--estimators", type=int, default=0, help="trees per ensemble (default: config)")
@@ -348,25 +348,33 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser(
         "fetch-mp", help="download Materials Project XAS documents (needs MP_API_KEY)"
     )
-    f.add_argument("--element", required=True)
-    f.add_argument("--edge", default="K")
+    f.add_argument("--element", required=True, help="absorbing element, e.g. Ni")
+    f.add_argument("--edge", default="K", help="absorption edge (default K)")
     f.add_argument("--out", required=True, help="JSON file to write")
     f.add_argument("--api-key", help="default: $MP_API_KEY")
     b = dsub.add_parser("build", help="read and label a dataset (fills the label cache)")
-    b.add_argument("--data", default=default_data)
-    b.add_argument("--element", default="Cu")
-    b.add_argument("--jobs", type=int, default=2)
-    b.add_argument("--show-issues", type=int, default=10)
+    b.add_argument(
+        "--data",
+        default=default_data,
+        help="FEFF tree (dir or .tar.gz), MP .json or reference .csv (default: the shared Cu tree)",
+    )
+    b.add_argument("--element", default="Cu", help="absorbing element (default Cu)")
+    b.add_argument("--jobs", type=int, default=2, help="processes for labelling (default 2)")
+    b.add_argument(
+        "--show-issues", type=int, default=10, help="list this many skipped items (default 10)"
+    )
     g = dsub.add_parser("generate", help="FEFF10 spectra of structures (dask; resumable)")
-    g.add_argument("--element", required=True)
-    g.add_argument("--edge", default="K")
+    g.add_argument("--element", required=True, help="absorbing element, e.g. Ni")
+    g.add_argument("--edge", default="K", help="absorption edge (default K)")
     g.add_argument("--structures", required=True, help="directory or tar of CIF/POSCAR files")
     g.add_argument("--out", required=True, help="FEFF tree to write (Lightshow layout)")
     g.add_argument("--preset", default="standard", help="fast, standard or converged")
     g.add_argument("--scheduler", help="dask scheduler address (default: a LocalCluster)")
     g.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
     g.add_argument("--limit", type=int, help="only the first N structures with the element")
-    g.add_argument("--show-issues", type=int, default=10)
+    g.add_argument(
+        "--show-issues", type=int, default=10, help="list this many failed sites (default 10)"
+    )
     g.set_defaults(func=cmd_dataset_generate)
     d.set_defaults(func=cmd_dataset)
 

@@ -63,5 +63,7 @@ def add_demo_command(subparsers: Any) -> None:
     d.add_argument("--http-port", type=int, default=8620, help="metrics/health port (0: free)")
     d.add_argument("--fly-spectra", type=int, default=5, help="spectra per fly scan")
     d.add_argument("--seed", type=int, help="seed of the simulated beamline")
-    d.add_argument("--log-level", default="warning")
+    d.add_argument(
+        "--log-level", default="warning", help="daemon log level: debug, info, warning, error"
+    )
     d.set_defaults(func=cmd_demo)
