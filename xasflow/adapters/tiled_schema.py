@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +23,7 @@ __all__ = [
     "CATALOG_FILE",
     "StoreError",
     "column_types",
+    "quiet_tiled_app",
     "row_fits",
     "run_metadata",
     "schema_for_descriptor",
@@ -181,6 +183,12 @@ def _ensure_catalog(catalog_path: Path) -> None:
         raise StoreError(f"cannot initialise tiled catalog {catalog_path}") from outcome["error"]
 
 
+def quiet_tiled_app() -> None:
+    """tiled's app logs its version at INFO whenever it starts (a daemon's catalog child, every
+    ``read_analysis`` of a directory); keep its warnings and errors, not that line."""
+    logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
     """Yield a root tiled client over the catalog in ``directory``, served in-process."""
@@ -188,6 +196,7 @@ def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
     from tiled.client import Context, from_context
     from tiled.server.app import build_app
 
+    quiet_tiled_app()
     tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
     context = Context.from_app(build_app(tree))
     try:

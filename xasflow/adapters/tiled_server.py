@@ -185,11 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     from tiled.config import Authentication
     from tiled.server.app import build_app
 
-    from xasflow.adapters.tiled_schema import CATALOG_FILE, _ensure_catalog
+    from xasflow.adapters.tiled_schema import CATALOG_FILE, _ensure_catalog, quiet_tiled_app
 
-    # tiled's app logs its version at INFO on every start; a daemon's (or the demo's) stderr
-    # is for what needs a person: warnings and errors still come through
-    logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
+    quiet_tiled_app()
 
     args = sys.argv[1:] if argv is None else argv
     directory, table_uris = Path(args[0]), args[1:]
