@@ -192,9 +192,11 @@ def run_recommended(
     lo, hi = model.energy_range
     if first == "prior":
         prior = tracker.recommender(predictor.manifest).recommend()
-        energies, dwells = prior.energies(), prior.dwells()
-        keep = (energies >= lo) & (energies <= hi)
-        energies, dwells = energies[keep], dwells[keep] * (dwell / config.dwell)
+        e, d = prior.energies(), prior.dwells()
+        keep = (e >= lo) & (e <= hi)
+        out.clipped += int(np.count_nonzero(~keep))
+        if keep.any():  # else the full grid, as for a spectrum with no advice
+            energies, dwells = e[keep], d[keep] * (dwell / config.dwell)
     for _ in range(n):
         pred, spec = measure_and_predict(out, predictor, model, energies, dwells, rng)
         if pred is None:

@@ -179,7 +179,11 @@ def test_two_column_csv_with_header_row(tmp_path: Path) -> None:
     [
         "energy;mu\n8960,0;0,1\n8970,5;-0,25\n8980,0;1,5e0\n",  # a European spreadsheet's CSV
         "8960,0\t0,1\n8970,5\t-0,25\n8980,0\t1,5e0\n",  # tab-separated, decimal commas
+        "8960\t0,1\n8970,5\t-0,25\n8980\t1,5\n",  # whole numbers written without ",0"
+        "8960 0,1 12\n8970,5 -0,25 7\n8980 1,5 3\n",  # and an integer counts column
         "8960.0,0.1\n8970.5,-0.25\n8980.0,1.5\n",  # plain CSV: commas separate
+        "8960.0, 0.1, 12\n8970.5, -0.25, 7\n8980, 1.5, 3\n",  # CSV with spaces and integers
+        "8960.0\t1e-1\n8970.5\t-2.5E-1\n8980\t1.5\n",  # tabs, points, exponents
     ],
 )
 def test_two_column_decimal_commas(tmp_path: Path, text: str) -> None:

@@ -130,6 +130,11 @@ def test_values_from_each_source() -> None:
         "ood_score": 9.0,
     }
     assert values_from({"status": "rejected", "reason": "window"}) == {"model_ok": 0}
+    # CN 9 has no motif in the bundle: MOTIF is cleared, not left at the last spectrum's
+    blank = {**event, "cn": 9, "motif": None}
+    assert values_from(blank)["motif"] == "" and values_from(blank)["cn"] == 9
+    pred["tasks"]["environment"] = {"value": None, "probabilities": {"CN6-octahedral": 0.6}}
+    assert values_from(pred)["motif"] == ""
     rec = {"waveform": json.dumps([1, 2, 0.5, 1, 3, 4, 1, 2]), "stop_early": True}
     assert values_from(rec) == {
         "regions": [1, 2, 0.5, 1, 3, 4, 1, 2],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xasflow import paths
@@ -82,6 +83,31 @@ def test_measured_cuo_is_square_planar(xdi_library: Path) -> None:
     assert str(pred["environment"].value).startswith("CN4-")
     ranked = [name for name, _ in pred["motifs"].ranking or []]
     assert "CN4-square co-planar" in ranked
+
+
+def test_a_blank_motif_is_scored_as_a_miss(xdi_library: Path) -> None:
+    """Measured Cu metal comes out CN 9, for which the bundle knows no motif; scoring such an
+    answer (as ``xasflow evaluate`` does on outside data) counts it wrong instead of failing
+    to sort None among the labels."""
+    from xasflow.adapters.columns import read_spectrum_file
+    from xasflow.training.evaluate import NO_ANSWER, predict_arrays
+    from xasflow.training.metrics import accuracy, f1_per_class
+
+    predictor = Predictor(BUNDLE)
+    names = ["cu_metal_rt.xdi", "CuO_tenorite_13K_01.xdi"]
+    y = np.vstack(
+        [
+            predictor.prepare(read_spectrum_file(xdi_library / "Cu" / n, element="Cu")).y
+            for n in names
+        ]
+    )
+    answers = predict_arrays(predictor, y)
+    assert list(answers.point["cn"]) == [9, 4]
+    env = answers.point["environment"]
+    assert env[0] == NO_ANSWER and str(env[1]).startswith("CN4-")
+    truth = ["CN12-cuboctahedral", str(env[1])]
+    assert accuracy(truth, env) == 0.5
+    assert f1_per_class(truth, env)[NO_ANSWER] == 0.0
 
 
 def test_measured_azurite_is_four_coordinate_cu2(xdi_library: Path) -> None:

@@ -70,6 +70,7 @@ def test_find_e0_on_regular_and_irregular_grids() -> None:
     ("energy", "cause"),
     [
         (np.linspace(8.90, 9.10, 200), "energies in keV?"),  # a keV column read as eV
+        (np.linspace(-30.0, 70.0, 200), "relative to E0?"),  # not "keV?": -30..70 x 1000
         (np.linspace(8700.0, 8900.0, 200), "below the edge"),
         (np.linspace(9100.0, 9300.0, 200), "above the edge"),
     ],

@@ -135,8 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Units of the regressors' values as ``predict`` prints them.
-UNITS = {"distance": " Å"}
+#: How ``predict`` writes a manifest's units (others as they are).
+UNIT_SYMBOLS = {"angstrom": "Å"}
 
 
 def _describe(pred: Any, manifest: Any) -> list[str]:
@@ -155,7 +155,11 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
         level = f"{1 - conf.alpha:.0%}" if conf is not None else "conformal"
         return f"{level} {what}" + (" (void: out of domain)" if pred.out_of_domain else "")
 
+    cn = pred.results.get("cn")
     for name, res in pred.results.items():
+        value = res.value
+        if value is None:  # a CN-motif task where the bundle knows no motif of the CN answered
+            value = f"- (no motif of CN {cn.value if cn is not None else '?'} in this bundle)"
         if res.probabilities is not None:
             top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
             probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
@@ -164,12 +168,13 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
                 if res.prediction_set is not None
                 else ""
             )
-            lines.append(f"  {name:12s} {res.value}  ({probs}){chosen}")
+            lines.append(f"  {name:12s} {value}  ({probs}){chosen}")
         elif res.ranking is not None:
             rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
-            lines.append(f"  {name:12s} {res.value}  (ranking: {rank})")
+            lines.append(f"  {name:12s} {value}  (ranking: {rank})")
         else:
-            unit = UNITS.get(name, "")
+            spec = manifest.tasks.get(name)
+            unit = f" {UNIT_SYMBOLS.get(spec.unit, spec.unit)}" if spec and spec.unit else ""
             span = (
                 f"  {doubt(name, 'interval')} [{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
                 if res.interval is not None

@@ -22,21 +22,27 @@ class ColumnFileError(ValueError):
 
 #: A number written with a decimal comma, as spreadsheets in many locales export it.
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+(?:[eE][+-]?\d+)?$")
+#: A field that is a number in either convention (digits, signs, exponent, point or comma).
+_NUMERIC = re.compile(r"^[+-]?[\d.,]+(?:[eE][+-]?\d+)?$")
 
 
-def _split(line: str) -> list[str]:
-    """A data line's fields: separated by whitespace, ``;`` or ``,``.
+def _decimal_commas(lines: list[str]) -> bool:
+    """Whether the file writes decimal commas, decided once for the whole file: fields
+    separated by ``;`` (a European spreadsheet's CSV), or whitespace-separated numbers with
+    a comma (``8979,5  1,23``) and no decimal point anywhere. Per line it went wrong on
+    whole numbers, which such files write without ``,0`` (``8980  0,1``)."""
+    if any(";" in line for line in lines):
+        return True
+    numbers = [t for line in lines if len(fields := line.split()) > 1 for t in fields]
+    numbers = [t for t in numbers if _NUMERIC.match(t)]
+    return any(_DECIMAL_COMMA.match(t) for t in numbers) and not any("." in t for t in numbers)
 
-    With ``;`` between the fields, or fields that are whitespace-separated numbers each with
-    one comma and no point (``8979,5  1,2345``), the commas are decimal commas (a European
-    spreadsheet's export), not separators: read as such, never as extra columns (which made
-    ``8779,000;-1,30705`` an energy of 8779 and a mu of 0).
-    """
-    if ";" in line:
+
+def _split(line: str, decimal_commas: bool) -> list[str]:
+    """A data line's fields: separated by whitespace, ``;`` or ``,`` (with decimal commas,
+    by whitespace or ``;`` only, the commas becoming points)."""
+    if decimal_commas:
         return [t.replace(",", ".") for t in line.replace(";", " ").split()]
-    fields = line.split()
-    if len(fields) > 1 and all(_DECIMAL_COMMA.match(t) for t in fields):
-        return [t.replace(",", ".") for t in fields]
     return line.replace(",", " ").split()
 
 
@@ -47,11 +53,11 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
     energy: list[float] = []
     mu: list[float] = []
     header_allowed = True
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        tokens = _split(line)
+    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    commas = _decimal_commas([line for _, line in lines])
+    for lineno, line in lines:
+        tokens = _split(line, commas)
         try:
             values = [float(t) for t in tokens[:2]]
         except ValueError:

@@ -105,8 +105,9 @@ def _int(value: Any) -> int | None:
 def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
     """PV values found in a prediction dict, an analysis event's data or a recommendation row.
 
-    Keys that are absent or None leave their PV alone. A rejected analysis event gives only
-    ``model_ok = 0``.
+    Keys that are absent or None leave their PV alone, except that an analysed spectrum with no
+    motif (none known for its CN) clears ``MOTIF`` rather than leave the last one. A rejected
+    analysis event gives only ``model_ok = 0``.
     """
     out: dict[str, Any] = {}
     if data.get("status") == "rejected":
@@ -123,9 +124,9 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
         out["cn_set"] = ",".join(_label(v) for v in cn_set) if cn_set else ""
         out["ood"] = int("out_of_domain" in (data.get("flags") or ()))
         out["ood_score"] = _finite(data.get("ood_score"))
-        env = tasks.get("environment") or {}
-        if env.get("value") is not None:
-            out["motif"] = str(env["value"])
+        if "environment" in tasks:  # None: no motif of the CN answered, so the PV is cleared
+            value = (tasks["environment"] or {}).get("value")
+            out["motif"] = "" if value is None else str(value)
         for task, key in (("distance", "distance"), ("valence", "valence")):
             value = (tasks.get(task) or {}).get("value")
             if value is not None:
@@ -142,6 +143,8 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             out["ood_score"] = _finite(data.get("ood_score"))
         if data.get("motif") is not None:
             out["motif"] = str(data["motif"])
+        elif data.get("status") == "ok":  # analysed, no motif of its CN: never a stale one
+            out["motif"] = ""
         if data.get("distance") is not None:
             out["distance"] = _finite(data["distance"])
         if data.get("valence") is not None:

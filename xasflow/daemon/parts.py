@@ -110,7 +110,10 @@ def build_store(
         interrupted = InterruptedRuns(store, cfg.channels.stream, cfg.analysis.run_timeout_s)
         interrupted.find()
     except BaseException:
-        store.close()  # nobody else holds it yet: its lock and catalog child go with it
+        try:  # nobody else holds it yet: its lock and catalog child go with it
+            store.close()
+        except Exception:  # the first error is the one to report
+            logger.exception("closing the analysis store after a failed start failed")
         raise
     return store, writer, interrupted
 
@@ -130,14 +133,15 @@ def build_feedback(cfg: DaemonConfig, models_loaded: bool) -> tuple[Any, Any]:
                 f"cannot serve EPICS PVs {cfg.epics.prefix}* on "
                 f"{cfg.epics.host}:{cfg.epics.port}: {exc}"
             ) from None
-        ioc.set_model_ok(models_loaded)
-    if cfg.queueserver.enabled:
-        from xasflow.adapters.queueserver import QueueServerSubmitter
+    try:
+        if ioc is not None:
+            ioc.set_model_ok(models_loaded)
+        if cfg.queueserver.enabled:
+            from xasflow.adapters.queueserver import QueueServerSubmitter
 
-        try:
             submitter = QueueServerSubmitter(cfg.queueserver)
-        except BaseException:
-            if ioc is not None:  # started above, and nobody else holds it yet
-                ioc.stop()
-            raise
+    except BaseException:
+        if ioc is not None:  # started above, and nobody else holds it yet
+            ioc.stop()
+        raise
     return ioc, submitter

@@ -143,6 +143,8 @@ def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: st
         f"no data near the {element} {edge} edge at {tab:.1f} eV: "
         f"the data cover {first:.6g} to {last:.6g} eV"
     )
+    if first <= 0.0:
+        return text + " (energies relative to E0? absolute eV are needed)"
     if first * 1000 <= tab <= last * 1000:
         return text + " (energies in keV? the edge lies in their range times 1000)"
     if last < tab:

@@ -57,6 +57,10 @@ class Evaluation:
         }
 
 
+#: What a blank answer (no CN-motif label of the CN answered) is scored as: never the truth.
+NO_ANSWER = "(no motif of that CN)"
+
+
 @dataclass
 class BatchAnswers:
     """A bundle's answers for many gridded spectra: point predictions, the decoded tasks (with
@@ -82,6 +86,8 @@ def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> Ba
             point[name] = full
         else:
             point[name] = arr.point()
+            if arr.blank is not None and arr.blank.any():  # scored as a miss, sortable
+                point[name][arr.blank] = NO_ANSWER
     oods = [p[1] for p in parts if p[1] is not None]
     return BatchAnswers(point, tasks, np.concatenate(oods) if oods else None)
 
