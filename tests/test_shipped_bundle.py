@@ -225,6 +225,10 @@ def test_predict_hints_at_undeclared_herfd(
     herfd = out[False][str(files[("herfd", "Cu2O")])]
     assert "out_of_domain" in herfd["flags"] and HERFD_SUSPECTED in herfd["flags"]
     assert "rerun with --herfd" in text
+    # out of domain, the conformal sets and intervals are printed as void, beside the threshold
+    threshold = verify_bundle(BUNDLE).ood.threshold  # type: ignore[union-attr]
+    assert f"threshold {threshold:.3g})" in text and "90% set (void: out of domain) {" in text
+    assert "90% interval (void: out of domain) [" in text and " Å  90% interval [" in text
     assert HERFD_SUSPECTED not in out[False][str(files[("conv", "Cu2O")])]["flags"]
     chloride = out[False][str(files[("conv", "CuCl")])]["flags"]
     assert "out_of_domain" in chloride and HERFD_SUSPECTED not in chloride

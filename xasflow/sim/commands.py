@@ -59,7 +59,11 @@ def add_demo_command(subparsers: Any) -> None:
     d.add_argument("--fly", action="store_true", help="fly (quick-XAS) scans only")
     d.add_argument("--duration", type=float, default=0.0, help="exit after S seconds")
     d.add_argument("--models", help="model directory (default: the repository's models/)")
-    d.add_argument("--store", help="tiled store directory to keep (default: a new temp dir)")
+    d.add_argument(
+        "--store",
+        help="tiled store directory for the results (default: a new /tmp/xasflow-demo-* "
+        "directory, kept after the demo for reading; delete it when done)",
+    )
     d.add_argument("--http-port", type=int, default=8620, help="metrics/health port (0: free)")
     d.add_argument("--fly-spectra", type=int, default=5, help="spectra per fly scan")
     d.add_argument("--seed", type=int, help="seed of the simulated beamline")
