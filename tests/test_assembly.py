@@ -349,6 +349,24 @@ def test_fluorescence_mode_forced_and_missing_channel():
     assert reasons(feed_all(RunAssembler(), docs)) == ["missing_channel"]
 
 
+def test_a_stream_with_no_known_key_is_rejected_not_dropped():
+    """A mono called ``mono_e`` and detectors ``ion0``/``ion1`` match no channel name: the
+    run's spectrum is rejected once, naming the keys, instead of its events vanishing."""
+    run = compose_run()
+    keys = ("mono_e", "ion0", "ion1")
+    desc = run.compose_descriptor(name="primary", data_keys=scalar_keys(*keys))
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for e in (8980.0, 8981.0, 8982.0):
+        data = dict(zip(keys, (e, 1e5, 5e4), strict=True))
+        docs.append(("event", desc.compose_event(data=data, timestamps=dict.fromkeys(keys, 1.0))))
+    docs.append(("stop", run.compose_stop()))
+    out = feed_all(RunAssembler(), docs)
+    assert reasons(out) == ["missing_channel"]
+    detail = rejected(out)[0].detail
+    assert "lacks energy" in detail and "'mono_e'" in detail
+    assert closed(out)[0].exit_status == "success"
+
+
 def test_custom_channel_names_and_stream():
     run = compose_run()
     desc = run.compose_descriptor(name="scan", data_keys=scalar_keys("dcm", "ic0", "ic1"))

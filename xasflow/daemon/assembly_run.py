@@ -152,7 +152,9 @@ class _Run(DocumentRouter):
             st.first_ok = (1, self.stream_last + 1)
         self.streams[doc["uid"]] = st
         self.open(st.kind)
-        if st.error is not None and st.kind == "step" and not self.step_done:
+        # a step scan's one spectrum is rejected here; so is a stream with no key this daemon
+        # knows (kind unknown: its events would otherwise vanish without a count)
+        if st.error is not None and st.kind != "fly" and not self.step_done:
             self.step_done = True
             self.reject(st.error.reason, 0, st.error.detail)
 
