@@ -382,6 +382,11 @@ def test_assembly_rejections_and_run_ends(pipeline: Pipeline, counters: Counters
     assert stop["reason"] == "stop_timeout: no document for 61.0 s"
     assert (stop["raw_seq_gaps"], stop["raw_missing_events"]) == (1, 4)
     assert stop["bundle_ids"] == []
+    # the log line keeps the pipeline's count apart from what assembly rejected before it,
+    # so no "rejected" exceeds "received"
+    line = counters.summary()
+    assert line.startswith("0 spectra received by the analysis: 0 analysed, 0 rejected {}")
+    assert "rejected in assembly 4 {" in line and "'late_document': 1" in line
 
     # a run that ends before any spectrum still gets a complete analysis run
     docs = pipeline.handle_batch([opened("raw-y"), closed("raw-y", "abort", "user pressed stop")])

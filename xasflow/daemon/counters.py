@@ -241,11 +241,16 @@ class Counters:
             return sum(self.rejected.values())
 
     def summary(self) -> str:
-        """One line for the log: spectra received, analysed, rejected (by reason), decode errors."""
+        """One line for the log: the pipeline's spectra (received = analysed + rejected there),
+        then what assembly rejected before them (by reason), then decode errors."""
         c = self.snapshot()
+        stages = c["rejected_by_stage"]
+        analysis, assembly = stages.get("analysis", {}), stages.get("assembly", {})
         return (
-            f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
-            f"{c['spectra_rejected']} rejected {c['rejected']}, decode errors {c['decode_errors']}"
+            f"{c['spectra_received']} spectra received by the analysis: "
+            f"{c['spectra_analysed']} analysed, {sum(analysis.values())} rejected {analysis}; "
+            f"rejected in assembly {sum(assembly.values())} {assembly}; "
+            f"decode errors {c['decode_errors']}"
         )
 
     def snapshot(self) -> dict[str, Any]:
