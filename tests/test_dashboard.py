@@ -449,7 +449,8 @@ def test_event_streams_beyond_the_limit_are_refused_and_counted(
 
 
 def test_readyz_says_not_ready_before_the_daemon_is() -> None:
-    """``/readyz`` is 503 while the daemon is not ready; ``/livez`` is 200 all the same."""
+    """``/readyz`` is 503 while the daemon is not ready, or has no bundle to answer with;
+    ``/livez`` is 200 all the same."""
     from starlette.testclient import TestClient
 
     from xasflow.daemon.counters import Counters
@@ -466,4 +467,8 @@ def test_readyz_says_not_ready_before_the_daemon_is() -> None:
     )
     assert client.get("/livez").status_code == 200
     Starting.ready = True
+    assert client.get("/readyz").json() == {"ready": False}  # started, but no bundle loaded
+    Starting.counters.set_model("Cu", "K", "cu-k-1")
     assert client.get("/readyz").json() == {"ready": True}
+    Starting.counters.set_model("Cu", "K", None)  # its bundle withdrawn: not ready again
+    assert client.get("/readyz").status_code == 503

@@ -216,7 +216,9 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
         return JSONResponse({"alive": True})  # the event loop answers: nothing more is said
 
     async def readyz(request: Request) -> JSONResponse:
-        ready = bool(view.ready)
+        # ready to give answers: started, and at least one bundle loaded (a daemon without
+        # one rejects every spectrum no_model; /health and the logs say why)
+        ready = bool(view.ready) and bool(view.counters.snapshot()["models"])
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     app = Starlette(
