@@ -606,6 +606,7 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         'xasflow_latency_seconds_bucket{le="+Inf"} 2.0',
         "xasflow_latency_seconds_count 2.0",
         'xasflow_queue_depth{queue="input"} 5.0',
+        "# HELP xasflow_queue_depth Documents received and waiting for the processing thread",
     ]:
         assert line in text, line
 

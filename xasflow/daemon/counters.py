@@ -50,6 +50,15 @@ from typing import Any
 
 __all__ = ["KAFKA_COUNTERS", "LATENCY_BUCKETS", "Counters", "register_prometheus"]
 
+#: What each gauge the daemon sets means, for its ``# HELP`` line (others: their name).
+GAUGE_HELP: dict[str, str] = {
+    "queue_depth": "Documents received and waiting for the processing thread",
+    "open_runs": "Raw runs being analysed (started, not yet stopped)",
+    "store_queued": "Result rows waiting to be written to the analysis catalog",
+    "limit": "An operator limit's maximum (label: limit)",
+    "limit_used": "How much of an operator limit is in use (label: limit)",
+}
+
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
 KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures")
 
@@ -414,7 +423,8 @@ class _Collector:
             names = [k for k, _ in labels]
             gauge = families.get(name)
             if gauge is None:
-                gauge = families[name] = GaugeMetricFamily(f"xasflow_{name}", name, labels=names)
+                text = GAUGE_HELP.get(name, name)
+                gauge = families[name] = GaugeMetricFamily(f"xasflow_{name}", text, labels=names)
             gauge.add_metric([v for _, v in labels], value)
         yield from families.values()
         helps = {
