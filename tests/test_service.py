@@ -253,9 +253,15 @@ def test_serve_check_prints_effective_config(
     add_demo_command(sub)
     args = parser.parse_args(["serve", "--config", str(path), "--check"])
     assert args.func(args) == 0
-    shown = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    shown = json.loads(captured.out)
     assert shown["http"]["port"] == 8700 and shown["output"]["enabled"] is False
     assert shown["channels"]["if"][0] == "If"
+    assert "warning" not in captured.err  # the repository's models/ holds the Cu bundle
+    # a models directory that is not there passes the schema, but --check says what follows
+    monkeypatch.setenv("XASFLOW__MODELS__DIRECTORY", str(tmp_path / "no-models"))
+    assert args.func(args) == 0
+    assert "no-models does not exist: every spectrum would be rejected" in capsys.readouterr().err
     args = parser.parse_args(["demo", "--scans", "2", "--fly"])
     assert (args.scans, args.fly, args.duration) == (2, True, 0.0)
 

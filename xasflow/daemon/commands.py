@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from xasflow.errors import CliError
@@ -29,6 +31,24 @@ def setup_logging(level: str) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_paths(config: Any) -> list[str]:
+    """What ``serve --check`` can tell about the config's paths beyond their schema: a models
+    directory with no bundle (the daemon would start and reject every spectrum no_model) and
+    a store directory it could not create."""
+    out = []
+    models = Path(config.models.directory)
+    if not models.is_dir():
+        out.append(f"models.directory {models} does not exist: every spectrum would be rejected")
+    elif not any(models.glob("*/manifest.json")):
+        out.append(f"models.directory {models} holds no bundle (no */manifest.json)")
+    if config.storage.enabled:
+        store = Path(config.storage.directory).absolute()
+        parent = next((p for p in (store, *store.parents) if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK):
+            out.append(f"storage.directory {store} cannot be created or written here")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT, then finish what it holds and exit 0."""
     from xasflow.daemon.config import ConfigError, load_config
@@ -41,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.check:
         print(config.model_dump_json(indent=2, by_alias=True))
+        for warning in check_paths(config):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     daemon = Daemon(config)
     try:
