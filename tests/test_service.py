@@ -169,8 +169,13 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(tmp_path / "list.yaml", {})
     (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
         load_config(tmp_path / "broken.yaml", {})
+    # one line, naming the file and where, not PyYAML's "<unicode string>"
+    text = str(err.value)
+    assert "\n" not in text and "<unicode string>" not in text
+    assert text.startswith(f"{tmp_path / 'broken.yaml'}:2:1: not valid YAML: expected")
+    assert text.endswith("(while parsing a flow sequence from line 1)")
 
 
 def test_bundle_integrity_settings(tmp_path: Path) -> None:

@@ -230,6 +230,17 @@ def _validate(data: Any, origin: str) -> DaemonConfig:
         raise ConfigError(f"invalid configuration from {origin}:\n" + "\n".join(lines)) from None
 
 
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the file, line and column, and what went wrong
+    (PyYAML's own text spans several lines and names ``<unicode string>``)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    opened = f" ({context} from line {start.line + 1})" if context and start is not None else ""
+    return f"{where}: not valid YAML: {problem}{opened}"
+
+
 def load_config(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> DaemonConfig:
@@ -246,7 +257,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            raise ConfigError(yaml_error(path, exc)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
