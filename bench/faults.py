@@ -361,7 +361,9 @@ def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
         for line in resp.read().decode().splitlines():  # xasflow_model_refused_total{reason=..} n
             if line.startswith("xasflow_model_refused_total{"):
                 reason = line.split('reason="', 1)[1].split('"', 1)[0]
-                t.refusals[reason] = int(float(line.rsplit(" ", 1)[1]))
+                n = int(float(line.rsplit(" ", 1)[1]))
+                if n:  # every known reason is exported, from 0
+                    t.refusals[reason] = n
 
 
 def judge_tamper(

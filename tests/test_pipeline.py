@@ -607,6 +607,11 @@ def test_prometheus_export(pipeline: Pipeline, counters: Counters) -> None:
         "xasflow_latency_seconds_count 2.0",
         'xasflow_queue_depth{queue="input"} 5.0',
         "# HELP xasflow_queue_depth Documents received and waiting for the processing thread",
+        # every known loss cause and refusal reason is there from 0, so the alert rules'
+        # increase() sees the first loss or refusal too
+        'xasflow_events_lost_total{cause="overflow"} 0.0',
+        'xasflow_events_lost_total{cause="interrupted"} 0.0',
+        'xasflow_model_refused_total{reason="file_mismatch"} 0.0',
     ]:
         assert line in text, line
 

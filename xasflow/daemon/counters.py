@@ -48,6 +48,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from xasflow.models.integrity import REASONS as INTEGRITY_REASONS
+
 __all__ = ["KAFKA_COUNTERS", "LATENCY_BUCKETS", "Counters", "register_prometheus"]
 
 #: What each gauge the daemon sets means, for its ``# HELP`` line (others: their name).
@@ -58,6 +60,11 @@ GAUGE_HELP: dict[str, str] = {
     "limit": "An operator limit's maximum (label: limit)",
     "limit_used": "How much of an operator limit is in use (label: limit)",
 }
+
+#: Why raw events can be lost (``Counters.lost``), each exported from 0.
+LOSS_CAUSES: tuple[str, ...] = ("seq_gap", "overflow", "interrupted")
+#: Why a bundle can be refused, each exported from 0.
+REFUSAL_REASONS: tuple[str, ...] = tuple(INTEGRITY_REASONS)
 
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
 KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures")
@@ -356,6 +363,10 @@ class _Collector:
             models = dict(c.models)
             gauges = dict(c.gauges)
             kafka, kafka_lag = dict(c.kafka), dict(c.kafka_lag)
+        # known causes and reasons start at 0: a series that first appears at 1 never shows
+        # up in increase(), so the first loss or refusal would escape the alert rules
+        lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
+        refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
         yield CounterMetricFamily(
             "xasflow_spectra_received", "Spectra handed to the analysis pipeline", value=received
         )
