@@ -100,6 +100,7 @@ def test_values_from_each_source() -> None:
             "distance": 1.96,
             "valence": 2,
             "model_ok": 1,
+            "status": "ok",
             "e0": 8983.6,
             "bundle_id": "cu-k-1",
         },
@@ -257,3 +258,11 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
         ioc(name, doc)
     wait_for(lambda: read(ood) == 1, what="OOD to rise")
     assert read(cn) == 4 and read(cn_set) == "2,4"
+    # a rejected spectrum: STATUS says so and why; the last answer and its run stay
+    (status,) = ctx.get_pvs(ioc.pv("status"), timeout=5.0)
+    assert read(status) == "ok"
+    rejected = {"status": "rejected", "reason": "no_edge", "detail": "no data near the edge"}
+    for name, doc in analysis_run_docs([("primary", rejected)], raw_uid="3e6d2331-aaaa"):
+        ioc(name, doc)
+    wait_for(lambda: read(status) == "rejected no_edge (3e6d2331)", what="STATUS to say why")
+    assert read(cn) == 4 and read(uid) == "raw-run-7"

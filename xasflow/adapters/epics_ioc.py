@@ -230,6 +230,12 @@ class XasIoc:
             values["updates"] = None  # marker: count one answer
         self._submit(values)
 
+    def report_rejection(self, reason: str, raw_uid: str | None) -> None:
+        """STATUS says the last spectrum was rejected and why; the answer PVs keep the last
+        answer (SCAN_UID names its run), so a client tells a new answer from an old one."""
+        run = f" ({raw_uid[:8]})" if raw_uid else ""
+        self._submit({"status": f"rejected {reason}{run}"})
+
     def set_model_ok(self, ok: bool) -> None:
         """Set the model-OK flag (the service: a bundle is loaded, or none is)."""
         self._submit({"model_ok": int(bool(ok))})
@@ -267,7 +273,7 @@ class XasIoc:
             self._flush_scheduled = False
         for attr, value in values.items():
             prop = getattr(self.group, attr)
-            if attr in ("motif", "scan_uid", "bundle_id", "cn_set"):
+            if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status"):
                 value = str(value)[:STRING_MAX]
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
@@ -294,7 +300,9 @@ class _PrimaryFeed(StreamCallback):
         data = doc.get("data") or {}
         if data.get("status") == "ok":
             self.ioc.publish(data, scan_uid=self.raw_uid)
-        elif data.get("reason") in ("no_model", "prediction_error"):
+            return
+        self.ioc.report_rejection(str(data.get("reason") or "unknown"), self.raw_uid)
+        if data.get("reason") in ("no_model", "prediction_error"):
             self.ioc.set_model_ok(False)
 
 

@@ -68,6 +68,13 @@ class XasPVGroup(PVGroup):
     valence = pvproperty(value=0, name="VALENCE", read_only=True, doc="oxidation state")
     e0 = pvproperty(value=0.0, name="E0", read_only=True, precision=2, units="eV")
     scan_uid = pvproperty(value="", name="SCAN_UID", dtype=ChannelType.STRING, read_only=True)
+    status = pvproperty(
+        value="",
+        name="STATUS",
+        dtype=ChannelType.STRING,
+        read_only=True,
+        doc="the last spectrum: ok, or rejected <reason> (<raw run>); the answers above stay",
+    )
     bundle_id = pvproperty(value="", name="BUNDLE_ID", dtype=ChannelType.STRING, read_only=True)
     regions = pvproperty(
         value=[0.0] * 4,
@@ -132,6 +139,7 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             if value is not None:
                 out[key] = _finite(value) if key == "distance" else _int(value)
         out["model_ok"] = 1
+        out["status"] = "ok"
     else:  # an analysis primary event's data (xasflow.daemon.documents.DATA_KEYS)
         if data.get("cn") is not None:
             out["cn"] = _int(data["cn"])
@@ -151,6 +159,7 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             out["valence"] = _int(data["valence"])
         if data.get("status") == "ok":
             out["model_ok"] = 1
+            out["status"] = "ok"
     if data.get("e0") is not None:
         out["e0"] = _finite(data["e0"])
     if data.get("bundle_id"):
