@@ -29,7 +29,6 @@ from xasflow.spectra.process import (
     Prepared,
     PrepParams,
     e0_in_window,
-    no_edge_detail,
     normalize,
     prepare,
 )
@@ -105,10 +104,8 @@ def find_e0_batch(
             lo, hi = np.maximum(lo, tab - search), np.minimum(hi, tab + search)
     for i in range(n):  # per row, the single-spectrum search: the same E0 to the last bit
         try:
-            if tab is not None and hi[i] - lo[i] < 2.0:  # find_e0's own message
-                detail = no_edge_detail(energy + s[i], tab, element, edge)
-                raise SpectrumError("no_edge", detail)
-            e0[i] = e0_in_window(energy + s[i], mu[i], float(lo[i]), float(hi[i]), element, edge)
+            row_e = energy + s[i]
+            e0[i] = e0_in_window(row_e, mu[i], float(lo[i]), float(hi[i]), element, edge, tab)
         except SpectrumError as exc:
             errors[i] = exc
     return e0, errors

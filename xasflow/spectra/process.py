@@ -129,10 +129,7 @@ def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
             tab = None
         if tab is not None:
             lo, hi = max(lo, tab - search), min(hi, tab + search)
-            if hi - lo < 2.0:
-                detail = no_edge_detail(energy, tab, spectrum.element, spectrum.edge)
-                raise SpectrumError("no_edge", detail)
-    return e0_in_window(energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge)
+    return e0_in_window(energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge, tab)
 
 
 def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: str) -> str:
@@ -155,15 +152,24 @@ def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: st
 
 
 def e0_in_window(
-    energy: np.ndarray, mu: np.ndarray, lo: float, hi: float, element: str | None, edge: str
+    energy: np.ndarray,
+    mu: np.ndarray,
+    lo: float,
+    hi: float,
+    element: str | None,
+    edge: str,
+    tab: float | None = None,
 ) -> float:
-    """:func:`find_e0`'s search between ``lo`` and ``hi`` eV on one spectrum's own axis.
+    """:func:`find_e0`'s search between ``lo`` and ``hi`` eV on one spectrum's own axis
+    (``tab``: the tabulated edge the window was cut around, named when the window is empty).
 
     The batched preparation calls this per row too, so a fly-scan page and training's single
     spectra get E0 bit for bit alike (a matrix version broke near-ties of the derivative
     maximum differently on coarse scans, by up to 8 eV, and was not faster).
     """
     if hi - lo < 2.0:
+        if tab is not None:
+            raise SpectrumError("no_edge", no_edge_detail(energy, tab, element, edge))
         raise SpectrumError("no_edge", f"no data near the {element} {edge} edge")
     grid = np.arange(lo, hi, _E0_STEP)
     m = np.interp(grid, energy, mu)
