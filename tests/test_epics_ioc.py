@@ -266,3 +266,23 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
         ioc(name, doc)
     wait_for(lambda: read(status) == "rejected no_edge (3e6d2331)", what="STATUS to say why")
     assert read(cn) == 4 and read(uid) == "raw-run-7"
+
+
+def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -> None:
+    """The running IOC answers the search for its own PVs; a second IOC on the same port and
+    prefix refuses to start (clients would read either), one with another prefix starts."""
+    from xasflow.adapters.epics_ioc import served_by
+
+    ioc, port = ioc_env["ioc"], ioc_env["port"]
+    found = served_by(ioc.pv("bundle_id"), "127.0.0.1", port)
+    assert found is not None and found.endswith(f":{ioc.tcp_port}")
+    assert served_by("NOBODY:BUNDLE_ID", "127.0.0.1", port) is None
+    twin = XasIoc("TST:XAS:", host="127.0.0.1", port=port, beacon_port=free_port())
+    with pytest.raises(RuntimeError, match=r"TST:XAS:BUNDLE_ID is already served by .*TST:XAS:"):
+        twin.start()
+    assert not twin.running
+    other = XasIoc("TST:OTHER:", host="127.0.0.1", port=port, beacon_port=free_port()).start()
+    try:
+        assert other.running
+    finally:
+        other.stop()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port
 
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.daemon.config import DaemonConfig
@@ -96,3 +98,25 @@ def test_a_failed_recovery_scan_leaves_the_store_unlocked(
         assert writer.store is store and interrupted.pending() == []
     finally:
         store.close()
+
+
+def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """A second daemon configured on a busy HTTP port refuses at once, naming the port, and
+    leaves no store directory behind (the port is bound before the store opens)."""
+    from xasflow.daemon.service import Daemon, DaemonError
+
+    store = tmp_path / "store"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = DaemonConfig(
+            input={"address": f"tcp://127.0.0.1:{free_port()}"},
+            http={"host": "127.0.0.1", "port": port},
+            storage={"directory": str(store)},
+        )
+        daemon = Daemon(cfg)
+        with pytest.raises(DaemonError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+            daemon.start(timeout=5)
+    assert not store.exists()
+    assert daemon.parts.source is None and daemon.parts.store is None

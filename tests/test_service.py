@@ -45,9 +45,11 @@ from helpers import (
 )
 
 from xasflow.adapters.tiled_store import read_analysis
+from xasflow.adapters.wire import DECODE_ERROR_REASONS
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
 from xasflow.daemon.commands import add_commands
 from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
+from xasflow.daemon.pipeline import known_rejections
 from xasflow.daemon.service import Daemon
 from xasflow.sim.commands import add_demo_command
 
@@ -112,6 +114,13 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
     assert kafka.input.kafka.group_id == "7" and kafka.input.kafka.session_timeout_ms == 6000
     with pytest.raises(ConfigError, match="SECTION__SUB__KEY"):
         env_overrides({"XASFLOW__INPUT__KAFKA__CONSUMER__X": "1"})
+    # a mapping (librdkafka settings) is written in braces; without them it stays text
+    kafka_env["XASFLOW__INPUT__KAFKA__CONSUMER"] = "{security.protocol: SSL, fetch.wait.max.ms: 5}"
+    kafka = load_config(None, kafka_env)
+    assert kafka.input.kafka.consumer == {"security.protocol": "SSL", "fetch.wait.max.ms": 5}
+    assert env_overrides({"XASFLOW__INPUT__PLAN": "a: b"}) == {"input": {"plan": "a: b"}}
+    with pytest.raises(ConfigError, match="XASFLOW__OUTPUT__KAFKA__PRODUCER: not a YAML mapping"):
+        env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
 def test_example_config_documents_the_defaults() -> None:
@@ -456,6 +465,14 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
         for reason, n in reasons.items():
             key = f'xasflow_spectra_rejected_total{{reason="{reason}",stage="{stage}"}}'
             assert float(lines[key]) == n
+    # and every known rejection reason and decode error is there from 0 (increase() in the
+    # alert rules sees the first one)
+    for stage, reason in known_rejections():
+        key = f'xasflow_spectra_rejected_total{{reason="{reason}",stage="{stage}"}}'
+        assert float(lines[key]) == snap["rejected_by_stage"].get(stage, {}).get(reason, 0)
+    for reason in DECODE_ERROR_REASONS:
+        key = f'xasflow_decode_errors_total{{reason="{reason}"}}'
+        assert float(lines[key]) == snap["decode_errors"].get(reason, 0)
     assert get(f"{d.http_url}/nothing")[0] == 404
 
 

@@ -37,6 +37,38 @@ __all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "XasIoc", "XasPVGroup"]
 logger = logging.getLogger(__name__)
 
 
+def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str | None:
+    """The address of a Channel Access server that already answers a search for ``pvname``
+    on ``host``:``port`` (UDP, this host's address only, never a broadcast), or None.
+
+    Two IOCs serving one prefix make every client warn of duplicate PVs and read whichever
+    answers first; the daemon asks before it serves.
+    """
+    import socket
+
+    import caproto as ca
+
+    target = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    client = ca.Broadcaster(our_role=ca.CLIENT)
+    request = client.send(
+        ca.VersionRequest(0, ca.DEFAULT_PROTOCOL_VERSION),
+        ca.SearchRequest(pvname, 1, ca.DEFAULT_PROTOCOL_VERSION),
+    )
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(request, (target, int(port)))
+            while True:
+                data, address = sock.recvfrom(4096)
+                for command in client.recv(data, address):
+                    if isinstance(command, ca.SearchResponse) and command.cid == 1:
+                        ip = command.ip if command.ip not in ("", "255.255.255.255") else address[0]
+                        return f"{ip}:{command.port}"
+        except (TimeoutError, OSError, ca.CaprotoError):  # nobody answered, or unreachable
+            return None
+
+
 class _BeaconSocket:
     """An unconnected UDP socket for beacons: no ICMP 'refused' errors when nobody listens."""
 
@@ -152,6 +184,12 @@ class XasIoc:
         """Start serving in a daemon thread; returns once listening (raises if it cannot)."""
         if self.running:
             return self
+        probe = self.pv("bundle_id")
+        other = served_by(probe, self.host, self.port)
+        if other is not None:
+            raise RuntimeError(
+                f"{probe} is already served by {other}: another IOC uses the prefix {self.prefix}"
+            )
         self._ready.clear()
         self._error = None
         self._thread = threading.Thread(

@@ -117,13 +117,22 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
             base[key] = value
 
 
-def _scalar(text: str) -> Any:
-    """An environment value as YAML (numbers, booleans, null, lists), else the raw string."""
+def _scalar(text: str, name: str) -> Any:
+    """An environment value as YAML (numbers, booleans, null, lists, and a mapping written in
+    braces: ``{security.protocol: SSL}`` for the librdkafka settings), else the raw string
+    (``a: b`` without braces stays text)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if text.lstrip().startswith("{"):
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"environment variable {name}: not a YAML mapping: {problem}"
+            ) from None
         return text
-    return text if isinstance(value, dict) else value
+    if isinstance(value, dict) and not text.lstrip().startswith("{"):
+        return text
+    return value
 
 
 #: Keys whose environment values are taken as text, never as YAML (``0`` stays a prefix "0").
@@ -178,7 +187,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
                 None if key in ("element", "edge") and text.strip().lower() in _NULLS else text
             )
         else:
-            value = _scalar(text)
+            value = _scalar(text, name)
         target = out.setdefault(parts[0], {})
         if len(parts) == 3:
             target = target.setdefault(parts[1], {})

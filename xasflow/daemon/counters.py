@@ -45,9 +45,10 @@ import bisect
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from xasflow.adapters.wire import DECODE_ERROR_REASONS
 from xasflow.models.integrity import REASONS as INTEGRITY_REASONS
 
 __all__ = ["KAFKA_COUNTERS", "LATENCY_BUCKETS", "Counters", "register_prometheus"]
@@ -90,9 +91,13 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 class Counters:
     """Thread-safe outcome counters plus a bounded end-to-end latency record."""
 
-    def __init__(self, latency_window: int = 10_000) -> None:
+    def __init__(
+        self, latency_window: int = 10_000, rejections: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """``rejections``: the (stage, reason) pairs known to occur, exported from 0."""
         if latency_window < 1:
             raise ValueError("latency_window must be >= 1")
+        self.known_rejections = tuple(sorted(set(rejections)))
         self._lock = threading.Lock()
         self.spectra_received = 0
         self.spectra_analysed = 0
@@ -367,6 +372,8 @@ class _Collector:
         # up in increase(), so the first loss or refusal would escape the alert rules
         lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
+        rejected = {**dict.fromkeys(c.known_rejections, 0), **rejected}
+        decode = {**dict.fromkeys(DECODE_ERROR_REASONS, 0), **decode}
         yield CounterMetricFamily(
             "xasflow_spectra_received", "Spectra handed to the analysis pipeline", value=received
         )

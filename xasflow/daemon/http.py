@@ -311,10 +311,11 @@ class HttpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Bind, start serving in a thread and return once uvicorn accepts connections."""
-        import uvicorn
-
+    def bind(self) -> None:
+        """Bind the socket now (idempotent), so a taken port is refused before anything else
+        starts; :meth:`start` listens and serves on it (until then a client is refused)."""
+        if self._socket is not None:
+            return
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -326,10 +327,19 @@ class HttpServer:
                 exc.errno,
                 f"cannot serve HTTP on {self.host}:{self._requested_port}: {exc.strerror}",
             ) from None
-        sock.listen(128)
         sock.set_inheritable(True)
         self._socket = sock
         self.port = sock.getsockname()[1]
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Bind (unless :meth:`bind` did), serve in a thread, return once uvicorn accepts
+        connections."""
+        import uvicorn
+
+        self.bind()
+        sock = self._socket
+        assert sock is not None
+        sock.listen(128)
         config = uvicorn.Config(
             self.app,
             log_level="warning",

@@ -8,12 +8,16 @@ Outside systemd the variable is unset and nothing is sent.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import signal
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from types import FrameType
 
-__all__ = ["NOTIFY_SOCKET", "sd_notify"]
+__all__ = ["NOTIFY_SOCKET", "run_until_signalled", "sd_notify"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +41,37 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
         logger.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc)
         return False
     return True
+
+
+def run_until_signalled(
+    start: Callable[[], None],
+    stop: Callable[[], None],
+    alive: Callable[[], bool],
+    status: Callable[[], str],
+) -> None:
+    """``start()``, tell systemd ``READY=1`` with ``status()``, wait for SIGTERM or SIGINT
+    (main thread only) or for ``alive()`` to turn False, then ``STOPPING=1`` and ``stop()``."""
+    requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start()
+        # Start-up left a large heap of long-lived objects (modules, bundles, the store's
+        # client): moved out of the collector's reach, a full collection no longer walks
+        # them while spectra wait (measured: 40-144 ms pauses at 500-750 spectra/s).
+        gc.collect()
+        gc.freeze()
+        sd_notify(f"READY=1\nSTATUS={status()}")
+        while not requested.wait(0.5):
+            if not alive():
+                logger.error("processing thread ended unexpectedly; stopping")
+                break
+    finally:
+        sd_notify("STOPPING=1")
+        stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -16,15 +16,17 @@ from xasflow.adapters.probes import ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.store_writer import StoreWriter
 from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
 
 if TYPE_CHECKING:
     from xasflow.adapters.commit_gate import CommitGate
     from xasflow.daemon.assembly import RunAssembler
     from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.processor import Processor
+    from xasflow.daemon.processor import Processor, Sink
     from xasflow.daemon.registry import ModelRegistry
 
-__all__ = ["DaemonError", "Parts", "build_feedback", "build_store"]
+__all__ = ["DaemonError", "Parts", "build_feedback", "build_processor", "build_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +147,46 @@ def build_feedback(cfg: DaemonConfig, models_loaded: bool) -> tuple[Any, Any]:
             ioc.stop()
         raise
     return ioc, submitter
+
+
+def build_processor(
+    p: Parts,
+    cfg: DaemonConfig,
+    counters: Counters,
+    listeners: list[Sink],
+    on_tick: Callable[[], None],
+) -> Processor:
+    """The processing loop over the built parts, its sinks in order: the store writer, the
+    publisher (behind the commit gate when there is one), then ``listeners``."""
+    from xasflow.daemon.processor import Processor
+
+    assert p.source is not None and p.assembler is not None and p.pipeline is not None
+    proc = Processor(
+        p.source.get,
+        p.assembler,
+        p.pipeline,
+        counters,
+        cfg.analysis,
+        probes=p.probes,
+        interrupted=p.interrupted,
+        on_tick=on_tick,
+    )
+    proc.store_sink = p.writer
+    store = p.store
+    if store is not None:  # the analysis table made at the raw start, not the first result
+        table = {"name": ANALYSIS_STREAM, "data_keys": DATA_KEYS}
+
+        def prepare(doc: dict[str, Any]) -> None:
+            if isinstance(doc.get("uid"), str):  # a start without one is rejected later
+                store.prepare_run(doc["uid"], table)
+
+        proc.on_raw_start = prepare
+    if cfg.input.kind == "kafka":  # the commit rule's hooks
+        proc.on_processed = p.source.mark_processed
+        proc.abandoned = p.source.abandoned
+    if p.gate is not None:
+        proc.sinks.append(p.gate)  # publishes once the store holds the rows
+    elif p.publisher is not None:
+        proc.sinks.append(p.publisher)
+    proc.sinks.extend(listeners)
+    return proc

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xasflow.adapters.routing import paged
+from xasflow.daemon.assembly import REASONS as ASSEMBLY_REASONS
 from xasflow.daemon.assembly import (
     Output,
     Rejected,
@@ -63,7 +64,7 @@ from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
 from xasflow.spectra import Prepared
 
-__all__ = ["REASONS", "LatestSpectrum", "Pipeline"]
+__all__ = ["REASONS", "LatestSpectrum", "Pipeline", "known_rejections"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ REASONS: frozenset[str] = frozenset(
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
+
+
+def known_rejections() -> list[tuple[str, str]]:
+    """Every (stage, reason) a rejection is counted under: the assembler's reasons and the
+    pipeline's (the metrics export each from 0)."""
+    return [("assembly", r) for r in ASSEMBLY_REASONS] + [("analysis", r) for r in REASONS]
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ stores the results, then flushes and closes the store.
 
 from __future__ import annotations
 
-import gc
 import logging
-import signal
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from xasflow.adapters.commit_gate import CommitGate
@@ -37,11 +34,15 @@ from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.bus import make_publisher, make_source
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
-from xasflow.daemon.notify import sd_notify
-from xasflow.daemon.parts import DaemonError, Parts, build_feedback, build_store
-from xasflow.daemon.pipeline import Pipeline
-from xasflow.daemon.processor import Processor
+from xasflow.daemon.notify import run_until_signalled
+from xasflow.daemon.parts import (
+    DaemonError,
+    Parts,
+    build_feedback,
+    build_processor,
+    build_store,
+)
+from xasflow.daemon.pipeline import Pipeline, known_rejections
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.daemon.status import DaemonStatus
 
@@ -60,7 +61,7 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.counters = Counters()
+        self.counters = Counters(rejections=known_rejections())
         self.parts = Parts()
         self.view = DaemonStatus(config, self.counters, self.parts)
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -95,6 +96,14 @@ class Daemon:
 
     def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
         p, models = self.parts, cfg.models
+        if cfg.http.enabled:  # first: a taken port is refused before a store or IOC exists
+            from xasflow.daemon.http import HttpServer
+
+            p.http = HttpServer(None, cfg.http.host, cfg.http.port)
+            try:
+                p.http.bind()
+            except OSError as exc:
+                raise DaemonError(str(exc)) from None
         p.registry = ModelRegistry(
             models.directory,
             self.counters,
@@ -143,58 +152,23 @@ class Daemon:
             raise DaemonError(str(exc)) from None
         if not p.source.ready.wait(timeout):
             raise DaemonError(f"input not subscribed to {p.source.address}")
-        if cfg.http.enabled:
-            from xasflow.daemon.http import HttpServer, create_app
+        if p.http is not None:
+            from xasflow.daemon.http import create_app
 
-            p.app = create_app(self.view, cfg.http)
+            p.app = p.http.app = create_app(self.view, cfg.http)
             dashboard = p.app.state.dashboard
             if dashboard is not None:  # state published to it, never read from this thread
                 self.add_listener(dashboard.listener)
                 p.pipeline.on_latest = dashboard.offer_latest
-        p.processor = self._processor()
+        p.processor = build_processor(p, cfg, self.counters, self._listeners, self.view.sync_stats)
+        self._listeners = p.processor.sinks  # listeners added later go straight to it
         self._thread = threading.Thread(target=p.processor.run, name="xasflow-process", daemon=True)
         self._thread.start()
-        if p.app is not None:
-            p.http = HttpServer(p.app, cfg.http.host, cfg.http.port)
+        if p.http is not None:
             try:
                 p.http.start(timeout)
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
-
-    def _processor(self) -> Processor:
-        """The processing loop, its sinks in order: store writer, publisher, listeners."""
-        p = self.parts
-        assert p.source is not None and p.assembler is not None and p.pipeline is not None
-        proc = Processor(
-            p.source.get,
-            p.assembler,
-            p.pipeline,
-            self.counters,
-            self.config.analysis,
-            probes=p.probes,
-            interrupted=p.interrupted,
-            on_tick=self.view.sync_stats,
-        )
-        proc.store_sink = p.writer
-        store = p.store
-        if store is not None:  # the analysis table made at the raw start, not the first result
-            table = {"name": ANALYSIS_STREAM, "data_keys": DATA_KEYS}
-
-            def prepare(doc: dict[str, Any]) -> None:
-                if isinstance(doc.get("uid"), str):  # a start without one is rejected later
-                    store.prepare_run(doc["uid"], table)
-
-            proc.on_raw_start = prepare
-        if self.config.input.kind == "kafka":  # the commit rule's hooks
-            proc.on_processed = p.source.mark_processed
-            proc.abandoned = p.source.abandoned
-        if p.gate is not None:
-            proc.sinks.append(p.gate)  # publishes once the store holds the rows
-        elif p.publisher is not None:
-            proc.sinks.append(p.publisher)
-        proc.sinks.extend(self._listeners)
-        self._listeners = proc.sinks  # listeners added later go straight to the processor
-        return proc
 
     def _durable(self, timeout: float) -> bool:
         """Everything handed to the sinks so far is committed in the store and, with a
@@ -234,30 +208,12 @@ class Daemon:
 
     def serve_forever(self) -> None:
         """Start, run until SIGTERM or SIGINT (main thread only), stop cleanly; tell systemd."""
-        requested = threading.Event()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            logger.info("signal %s: stopping", signal.Signals(signum).name)
-            requested.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.start()
-            # Start-up left a large heap of long-lived objects (modules, bundles, the store's
-            # client): moved out of the collector's reach, a full collection no longer walks
-            # them while spectra wait (measured: 40-144 ms pauses at 500-750 spectra/s).
-            gc.collect()
-            gc.freeze()
-            sd_notify(f"READY=1\nSTATUS=analysing spectra; models: {len(self.view.models())}")
-            while not requested.wait(0.5):
-                if self._thread is not None and not self._thread.is_alive():
-                    logger.error("processing thread ended unexpectedly; stopping")
-                    break
-        finally:
-            sd_notify("STOPPING=1")
-            self.stop()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        run_until_signalled(
+            self.start,
+            self.stop,
+            alive=lambda: self._thread is None or self._thread.is_alive(),
+            status=lambda: f"analysing spectra; models: {len(self.view.models())}",
+        )
 
     def __enter__(self) -> Daemon:
         self.start()
