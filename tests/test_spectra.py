@@ -72,6 +72,9 @@ def test_find_e0_on_regular_and_irregular_grids() -> None:
         (np.linspace(8.90, 9.10, 200), "energies in keV?"),  # a keV column read as eV
         (np.linspace(-30.0, 70.0, 200), "relative to E0?"),  # not "keV?": -30..70 x 1000
         (np.linspace(8700.0, 8900.0, 200), "below the edge"),
+        # stops 19 eV short of the edge: the pre-edge slope is no E0 (it used to be taken
+        # for one, and the spectrum failed later as "data end at E0+15 eV")
+        (np.linspace(8800.0, 8960.0, 200), "below the edge"),
         (np.linspace(9100.0, 9300.0, 200), "above the edge"),
     ],
 )

@@ -22,6 +22,9 @@ _E0_STEP = 0.1  # eV, uniform grid used for the derivative
 _E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
 _E0_KERNEL = np.exp(-0.5 * (np.arange(-15, 16) * _E0_STEP / _E0_SIGMA) ** 2)
 _E0_KERNEL /= _E0_KERNEL.sum()
+#: eV: data that end this far below the tabulated edge hold no edge of that element (a
+#: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV")
+_SHORT_OF_EDGE = 10.0
 
 
 class PrepParams(BaseModel):
@@ -161,13 +164,14 @@ def e0_in_window(
     tab: float | None = None,
 ) -> float:
     """:func:`find_e0`'s search between ``lo`` and ``hi`` eV on one spectrum's own axis
-    (``tab``: the tabulated edge the window was cut around, named when the window is empty).
+    (``tab``: the tabulated edge the window was cut around, named when the window is empty or
+    the data end more than ``_SHORT_OF_EDGE`` eV below it).
 
     The batched preparation calls this per row too, so a fly-scan page and training's single
     spectra get E0 bit for bit alike (a matrix version broke near-ties of the derivative
     maximum differently on coarse scans, by up to 8 eV, and was not faster).
     """
-    if hi - lo < 2.0:
+    if hi - lo < 2.0 or (tab is not None and hi < tab - _SHORT_OF_EDGE):
         if tab is not None:
             raise SpectrumError("no_edge", no_edge_detail(energy, tab, element, edge))
         raise SpectrumError("no_edge", f"no data near the {element} {edge} edge")
