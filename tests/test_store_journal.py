@@ -151,3 +151,22 @@ def test_the_callers_connection_leaves_checkpoints_to_the_writers(tmp_path: Path
     assert caller.counts()["journal_rows"] == 160 * 16 - 1
     caller.close()
     writer.close()
+
+
+def test_moved_forgets_exactly_the_rows_named(tmp_path: Path) -> None:
+    """Rows are inserted in one statement per few hundred and forgotten by spans of
+    consecutive seq_nums: a batch with gaps, repeats and disorder forgets only those rows."""
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    journal.open_run("raw", {"uid": "s"}, DESCRIPTOR)
+    journal.open_run("other", {"uid": "o"}, DESCRIPTOR)
+    assert all(journal.add("raw", [_row(q) for q in range(1, 701)]))  # three statements
+    journal.add("other", [_row(q) for q in range(1, 11)])
+    assert journal.counts()["journal_rows"] == 710
+    journal.moved("raw", [5, 3, 4, 4, 10, 11, 12, 600, *range(100, 400)])
+    left = {run.raw_uid: [r["seq_num"] for r in run.rows] for run in journal.pending()}
+    gone = {3, 4, 5, 10, 11, 12, 600, *range(100, 400)}
+    assert left["raw"] == [q for q in range(1, 701) if q not in gone]
+    assert left["other"] == list(range(1, 11))
+    journal.moved("raw", [])
+    assert journal.counts()["journal_rows"] == 710 - len(gone)
+    journal.close()

@@ -45,6 +45,23 @@ _SCHEMA = (
 )
 
 
+#: Rows per INSERT statement (3 parameters each, under SQLite's 999-parameter floor). One
+#: statement, not one per row: each step releases and retakes the GIL, and on a busy daemon
+#: every retake waits for the processing thread's switch interval.
+_ROWS_PER_STATEMENT = 300
+
+
+def _spans(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """``seqs`` as inclusive runs of consecutive integers (a commit's rows are usually one)."""
+    out: list[tuple[int, int]] = []
+    for q in sorted({int(s) for s in seqs}):
+        if out and q == out[-1][1] + 1:
+            out[-1] = (out[-1][0], q)
+        else:
+            out.append((q, q))
+    return out
+
+
 @dataclass
 class JournalRun:
     """A run the catalog may not hold in full: its documents and the rows not yet moved."""
@@ -97,9 +114,13 @@ class Journal:
         if keyed:
             with self._lock:
                 self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO rows (raw_uid, seq, row) VALUES (?, ?, ?)", keyed
-                )
+                for start in range(0, len(keyed), _ROWS_PER_STATEMENT):
+                    chunk = keyed[start : start + _ROWS_PER_STATEMENT]
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO rows (raw_uid, seq, row) VALUES "
+                        + ", ".join(["(?, ?, ?)"] * len(chunk)),
+                        [value for key in chunk for value in key],
+                    )
                 self._db.execute("COMMIT")
         return [q is not None for q in seqs]
 
@@ -110,12 +131,15 @@ class Journal:
 
     def moved(self, raw_uid: str, seqs: Iterable[int]) -> None:
         """Forget rows the catalog has committed."""
-        keys = [(raw_uid, int(s)) for s in seqs]
-        if not keys:
+        spans = _spans(seqs)
+        if not spans:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM rows WHERE raw_uid = ? AND seq = ?", keys)
+            self._db.executemany(
+                "DELETE FROM rows WHERE raw_uid = ? AND seq BETWEEN ? AND ?",
+                [(raw_uid, lo, hi) for lo, hi in spans],
+            )
             self._db.execute("COMMIT")
 
     def forget_run(self, raw_uid: str) -> None:
