@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -259,7 +260,8 @@ def test_serve_check_prints_effective_config(
     import argparse
 
     path = tmp_path / "x.yaml"
-    path.write_text("http:\n  port: 8700\n")
+    port = free_port()
+    path.write_text(f"http:\n  port: {port}\n")
     monkeypatch.setenv("XASFLOW__OUTPUT__ENABLED", "false")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -269,13 +271,26 @@ def test_serve_check_prints_effective_config(
     assert args.func(args) == 0
     captured = capsys.readouterr()
     shown = json.loads(captured.out)
-    assert shown["http"]["port"] == 8700 and shown["output"]["enabled"] is False
+    assert shown["http"]["port"] == port and shown["output"]["enabled"] is False
     assert shown["channels"]["if"][0] == "If"
     assert "warning" not in captured.err  # the repository's models/ holds the Cu bundle
     # a models directory that is not there passes the schema, but --check says what follows
     monkeypatch.setenv("XASFLOW__MODELS__DIRECTORY", str(tmp_path / "no-models"))
     assert args.func(args) == 0
     assert "no-models does not exist: every spectrum would be rejected" in capsys.readouterr().err
+    # so do a taken HTTP port and an EPICS prefix that another IOC serves
+    from xasflow.adapters.epics_ioc import XasIoc
+
+    ca_port = free_port()
+    monkeypatch.setenv("XASFLOW__EPICS__ENABLED", "true")
+    monkeypatch.setenv("XASFLOW__EPICS__PORT", str(ca_port))
+    with socket.socket() as taken, XasIoc("XAS:", port=ca_port, beacon_port=free_port()) as ioc:
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        assert args.func(args) == 0
+        err, served = capsys.readouterr().err, f"127.0.0.1:{ioc.tcp_port}"
+    assert f"warning: http 127.0.0.1:{port}: Address already in use" in err
+    assert f"warning: epics: XAS:BUNDLE_ID is already served by {served} (an IOC" in err
     args = parser.parse_args(["demo", "--scans", "2", "--fly"])
     assert (args.scans, args.fly, args.duration) == (2, True, 0.0)
 

@@ -49,6 +49,31 @@ def check_paths(config: Any) -> list[str]:
     return out
 
 
+def check_ports(config: Any) -> list[str]:
+    """What ``serve --check`` can tell about the config's ports now: an HTTP port another
+    process holds, an EPICS prefix another Channel Access server on the IOC's host answers
+    (the daemon would refuse to start with either)."""
+    import socket
+
+    out = []
+    if config.http.enabled:
+        family = socket.AF_INET6 if ":" in config.http.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((config.http.host, config.http.port))
+            except OSError as exc:
+                out.append(f"http {config.http.host}:{config.http.port}: {exc.strerror}")
+    if config.epics.enabled:
+        from xasflow.adapters.epics_ioc import served_by
+
+        name = f"{config.epics.prefix}BUNDLE_ID"
+        other = served_by(name, config.epics.host, config.epics.port)
+        if other is not None:
+            out.append(f"epics: {name} is already served by {other} (an IOC with this prefix)")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT, then finish what it holds and exit 0."""
     from xasflow.daemon.config import ConfigError, load_config
@@ -61,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.check:
         print(config.model_dump_json(indent=2, by_alias=True))
-        for warning in check_paths(config):
+        for warning in [*check_paths(config), *check_ports(config)]:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
     daemon = Daemon(config)
@@ -83,6 +108,10 @@ def add_commands(subparsers: Any) -> None:
         ),
     )
     s.add_argument("--config", help="YAML configuration (default: built-in defaults + env)")
-    s.add_argument("--check", action="store_true", help="print the effective config and exit")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="print the effective config, warn of what would stop it starting (paths, a taken HTTP port, an EPICS prefix served already), and exit",
+    )
     s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(func=cmd_serve)
