@@ -44,6 +44,25 @@ def test_rows_are_acknowledged_once_committed_and_read_back(tmp_path: Path) -> N
     assert frame["motifs"][0] == [0.5, 0.3, 0.2]  # array column decoded from JSON
 
 
+def test_reading_a_store_drops_only_tileds_version_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """read_analysis starts tiled's app in the user's process: its "Tiled version" line is
+    dropped while it starts, and tiled's logger is left as the user had it afterwards."""
+    import logging
+
+    with AnalysisStore(tmp_path / "s") as store:
+        store.open_run("run-q", {"uid": "q-start"}, DESCRIPTOR)
+        _fill(store, "run-q", [1])
+    app_logger = logging.getLogger("tiled.server.app")
+    with caplog.at_level(logging.INFO, logger="tiled.server.app"):
+        read_analysis(tmp_path / "s", "run-q")
+        app_logger.info("Tiled version 0.0 (after the read: the user's own logging again)")
+    messages = [r.getMessage() for r in caplog.records if r.name == "tiled.server.app"]
+    assert messages == ["Tiled version 0.0 (after the read: the user's own logging again)"]
+    assert app_logger.filters == []
+
+
 def test_redelivered_rows_are_acknowledged_but_stored_once_across_restarts(tmp_path: Path) -> None:
     with AnalysisStore(tmp_path / "s") as store:
         store.open_run("run-b", {"uid": "b-start"}, DESCRIPTOR)

@@ -183,10 +183,25 @@ def _ensure_catalog(catalog_path: Path) -> None:
         raise StoreError(f"cannot initialise tiled catalog {catalog_path}") from outcome["error"]
 
 
-def quiet_tiled_app() -> None:
-    """tiled's app logs its version at INFO whenever it starts (a daemon's catalog child, every
-    ``read_analysis`` of a directory); keep its warnings and errors, not that line."""
-    logging.getLogger("tiled.server.app").setLevel(logging.WARNING)
+class _NoVersionLine(logging.Filter):
+    """Drops tiled's "Tiled version X" start-up line, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Tiled version")
+
+
+@contextlib.contextmanager
+def quiet_tiled_app() -> Iterator[None]:
+    """While it lasts, tiled's app does not log its version at start-up (a daemon's catalog
+    child, every ``read_analysis`` of a directory). Only that line, and only meanwhile: the
+    logger's level and every other message are left as the user set them."""
+    logger = logging.getLogger("tiled.server.app")
+    quiet = _NoVersionLine()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -196,9 +211,9 @@ def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
     from tiled.client import Context, from_context
     from tiled.server.app import build_app
 
-    quiet_tiled_app()
     tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
-    context = Context.from_app(build_app(tree))
+    with quiet_tiled_app():  # the app starts here
+        context = Context.from_app(build_app(tree))
     try:
         yield from_context(context)
     finally:

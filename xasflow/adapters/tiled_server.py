@@ -187,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from xasflow.adapters.tiled_schema import CATALOG_FILE, _ensure_catalog, quiet_tiled_app
 
-    quiet_tiled_app()
-
     args = sys.argv[1:] if argv is None else argv
     directory, table_uris = Path(args[0]), args[1:]
     key = os.environ.pop(KEY_ENV)
@@ -216,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             yield
 
     config = uvicorn.Config(app, log_level="warning", access_log=False)
-    _ParentOwned(config).run(sockets=[sock])
+    with quiet_tiled_app():  # the app starts inside run()
+        _ParentOwned(config).run(sockets=[sock])
     return 0
 
 
