@@ -1,5 +1,6 @@
 """What a daemon is built of: :class:`Parts`, the groups of them made together from the config
-(the store with its writer and recovery, the control-system feedback), and the order they close.
+(the registry with its pipeline, the store with its writer and recovery, the commit gate, the
+control-system feedback, the processing loop with its sinks), and the order they close.
 
 The composition root (:mod:`xasflow.daemon.service`) decides what to build and wires it;
 :class:`~xasflow.daemon.status.DaemonStatus` reads the parts for ``/health``.
@@ -26,7 +27,15 @@ if TYPE_CHECKING:
     from xasflow.daemon.processor import Processor, Sink
     from xasflow.daemon.registry import ModelRegistry
 
-__all__ = ["DaemonError", "Parts", "build_feedback", "build_processor", "build_store"]
+__all__ = [
+    "DaemonError",
+    "Parts",
+    "build_analysis",
+    "build_feedback",
+    "build_gate",
+    "build_processor",
+    "build_store",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +97,55 @@ class Parts:
             self.ioc.stop()
         if self.http is not None:
             self.http.stop()
+
+
+def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry, Pipeline]:
+    """The model registry (its bundles verified and loaded, watched when configured) and the
+    pipeline that analyses with them; an empty models directory is logged, not refused."""
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.registry import ModelRegistry
+
+    models, rec = cfg.models, cfg.recommend
+    registry = ModelRegistry(
+        models.directory,
+        counters,
+        require_digest=models.require_digest,
+        trusted_keys=models.trusted_keys,
+        require_signature=models.require_signature,
+    )
+    if not registry.models():
+        logger.warning(
+            "no model bundle in %s: every spectrum will be rejected no_model", models.directory
+        )
+    if models.watch:
+        registry.start_watching(models.watch_interval_s)
+    pipeline = Pipeline(
+        registry,
+        counters,
+        align=cfg.analysis.align,
+        recommend=rec.recommender if rec.enabled else None,
+        recommend_interval_s=rec.interval_s,
+        herfd=cfg.analysis.herfd,
+    )
+    return registry, pipeline
+
+
+def build_gate(
+    cfg: DaemonConfig, publisher: Any, store: Any, writer: StoreWriter | None
+) -> CommitGate | None:
+    """With ``output.after_store``, a publisher and a store: the gate that publishes a result
+    once the store holds it (the writer tells it); else None."""
+    if not (publisher and cfg.output.after_store and writer is not None and store is not None):
+        return None
+    from xasflow.adapters.commit_gate import CommitGate
+
+    gate = CommitGate(
+        publisher,
+        cfg.output.after_store_timeout_s,
+        commit_now=lambda: store.flush(0.0),  # asks the store to commit, never waits
+    )
+    writer.gate = gate
+    return gate
 
 
 def build_store(

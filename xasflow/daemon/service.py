@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.probes import PROBE_KEY
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.bus import make_publisher, make_source
@@ -38,12 +37,13 @@ from xasflow.daemon.notify import run_until_signalled
 from xasflow.daemon.parts import (
     DaemonError,
     Parts,
+    build_analysis,
     build_feedback,
+    build_gate,
     build_processor,
     build_store,
 )
-from xasflow.daemon.pipeline import Pipeline, known_rejections
-from xasflow.daemon.registry import ModelRegistry
+from xasflow.daemon.pipeline import known_rejections
 from xasflow.daemon.status import DaemonStatus
 
 __all__ = ["PROBE_KEY", "Daemon", "DaemonError"]
@@ -95,7 +95,7 @@ class Daemon:
         )
 
     def _start_parts(self, cfg: DaemonConfig, timeout: float) -> None:
-        p, models = self.parts, cfg.models
+        p = self.parts
         if cfg.http.enabled:  # first: a taken port is refused before a store or IOC exists
             from xasflow.daemon.http import HttpServer
 
@@ -104,29 +104,7 @@ class Daemon:
                 p.http.bind()
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
-        p.registry = ModelRegistry(
-            models.directory,
-            self.counters,
-            require_digest=models.require_digest,
-            trusted_keys=models.trusted_keys,
-            require_signature=models.require_signature,
-        )
-        if not p.registry.models():
-            logger.warning(
-                "no model bundle in %s: every spectrum will be rejected no_model",
-                cfg.models.directory,
-            )
-        if cfg.models.watch:
-            p.registry.start_watching(cfg.models.watch_interval_s)
-        rec = cfg.recommend
-        p.pipeline = Pipeline(
-            p.registry,
-            self.counters,
-            align=cfg.analysis.align,
-            recommend=rec.recommender if rec.enabled else None,
-            recommend_interval_s=rec.interval_s,
-            herfd=cfg.analysis.herfd,
-        )
+        p.registry, p.pipeline = build_analysis(cfg, self.counters)
         p.ioc, p.submitter = build_feedback(cfg, models_loaded=bool(p.registry.models()))
         for listener in (p.ioc, p.submitter):
             if listener is not None:
@@ -134,14 +112,7 @@ class Daemon:
         if cfg.storage.enabled:
             p.store, p.writer, p.interrupted = build_store(cfg, on_stored=self._acknowledge)
         p.publisher = make_publisher(cfg)
-        store, writer = p.store, p.writer
-        if p.publisher and cfg.output.after_store and writer is not None and store is not None:
-            p.gate = CommitGate(
-                p.publisher,
-                cfg.output.after_store_timeout_s,
-                commit_now=lambda: store.flush(0.0),  # asks the store to commit, never waits
-            )
-            writer.gate = p.gate
+        p.gate = build_gate(cfg, p.publisher, p.store, p.writer)
         p.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
