@@ -26,7 +26,10 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ====================================  ==================================================
 
-The four Kafka metrics are always exported (0, no lag samples, with the 0MQ input).
+The four Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
+every known loss cause, bundle-refusal reason, decode-error reason and (stage, reason) of a
+rejection (``Counters(rejections=...)``), from 0: a series that first appears at 1 never
+shows in ``increase()``, so the alert rules would miss the first one.
 
 ``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
@@ -368,8 +371,7 @@ class _Collector:
             models = dict(c.models)
             gauges = dict(c.gauges)
             kafka, kafka_lag = dict(c.kafka), dict(c.kafka_lag)
-        # known causes and reasons start at 0: a series that first appears at 1 never shows
-        # up in increase(), so the first loss or refusal would escape the alert rules
+        # known causes and reasons start at 0 (see the module docstring)
         lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
         rejected = {**dict.fromkeys(c.known_rejections, 0), **rejected}
