@@ -120,3 +120,26 @@ def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> 
             daemon.start(timeout=5)
     assert not store.exists()
     assert daemon.parts.source is None and daemon.parts.store is None
+
+
+def test_a_start_that_fails_after_the_bind_frees_the_port(tmp_path: Path) -> None:
+    """The HTTP port is held from the start of start(); a later failure (here the store, open
+    already) gives it back, and the daemon names no URL."""
+    from xasflow.adapters.tiled_store import AnalysisStore
+    from xasflow.daemon.service import Daemon, DaemonError
+
+    port = free_port()
+    cfg = DaemonConfig(
+        input={"address": f"tcp://127.0.0.1:{free_port()}"},
+        http={"host": "127.0.0.1", "port": port},
+        storage={"directory": str(tmp_path / "store")},
+    )
+    with AnalysisStore(tmp_path / "store"):
+        daemon = Daemon(cfg)
+        with pytest.raises(DaemonError, match="already open"):
+            daemon.start(timeout=5)
+    assert daemon.http_url is None
+    with socket.socket() as again:  # free again (SO_REUSEADDR as the daemon sets it)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen(1)

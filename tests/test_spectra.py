@@ -90,6 +90,15 @@ def test_no_data_near_the_edge_says_why(energy: np.ndarray, cause: str) -> None:
     assert errors[0] is not None and errors[0].message == err.value.message
 
 
+def test_data_ending_just_short_of_the_edge_are_still_searched() -> None:
+    """Within 10 eV of the tabulated edge the data are searched as before: an edge 14 eV
+    below it (a miscalibrated monochromator) in data that end 9 eV short is found."""
+    short = np.arange(8850.0, 8970.0, 0.5)  # ends 8.9 eV below Cu K (8978.9 eV)
+    assert find_e0(edge_spectrum(e0=8965.0, energy=short)) == pytest.approx(8965.0, abs=0.3)
+    _, errors = find_e0_batch(short, edge_spectrum(e0=8965.0, energy=short).mu[None], "Cu")
+    assert errors == [None]
+
+
 def test_edge_step_normalisation_removes_background_and_step() -> None:
     s = edge_spectrum(step=2.5, pre=(0.7, -0.001))
     params = PrepParams()

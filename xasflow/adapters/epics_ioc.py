@@ -37,36 +37,58 @@ __all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "XasIoc", "XasPVGroup"]
 logger = logging.getLogger(__name__)
 
 
+#: Searches sent from this many source ports: caproto's servers share the CA port with
+#: SO_REUSEPORT, and Linux hands each unicast datagram to one of them by a hash of its source,
+#: so one search finds one of k servers at random; 16 miss a given one with (1 - 1/k)^16.
+_SEARCH_SOCKETS = 16
+
+
 def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str | None:
     """The address of a Channel Access server that already answers a search for ``pvname``
     on ``host``:``port`` (UDP, this host's address only, never a broadcast), or None.
 
     Two IOCs serving one prefix make every client warn of duplicate PVs and read whichever
-    answers first; the daemon asks before it serves.
+    answers first; the daemon asks before it serves. Best effort: the search goes out from
+    :data:`_SEARCH_SOCKETS` source ports (see there), and a server on another host of the
+    subnet is not asked.
     """
+    import select
     import socket
+    import time
 
     import caproto as ca
 
     target = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    client = ca.Broadcaster(our_role=ca.CLIENT)
-    request = client.send(
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    request = ca.Broadcaster(our_role=ca.CLIENT).send(
         ca.VersionRequest(0, ca.DEFAULT_PROTOCOL_VERSION),
         ca.SearchRequest(pvname, 1, ca.DEFAULT_PROTOCOL_VERSION),
     )
-    family = socket.AF_INET6 if ":" in target else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.sendto(request, (target, int(port)))
-            while True:
-                data, address = sock.recvfrom(4096)
-                for command in client.recv(data, address):
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(_SEARCH_SOCKETS)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                sock.sendto(request, (target, int(port)))
+            except OSError:  # unreachable, or no such address here
+                return None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(socks, [], [], left)
+            for sock in ready:
+                try:
+                    data, address = sock.recvfrom(4096)
+                    commands = ca.Broadcaster(our_role=ca.CLIENT).recv(data, address)
+                except (OSError, ca.CaprotoError):  # refused, or not Channel Access: read on
+                    continue
+                for command in commands:
                     if isinstance(command, ca.SearchResponse) and command.cid == 1:
-                        ip = command.ip if command.ip not in ("", "255.255.255.255") else address[0]
-                        return f"{ip}:{command.port}"
-        except (TimeoutError, OSError, ca.CaprotoError):  # nobody answered, or unreachable
-            return None
+                        ip = command.ip if command.ip not in (None, "", "255.255.255.255") else None
+                        return f"{ip or address[0]}:{command.port}"
+        return None
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class _BeaconSocket:

@@ -311,9 +311,15 @@ class HttpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def serving(self) -> bool:
+        """Whether uvicorn has started serving (and not been stopped)."""
+        return self._server is not None and bool(self._server.started) and self._thread is not None
+
     def bind(self) -> None:
-        """Bind the socket now (idempotent), so a taken port is refused before anything else
-        starts; :meth:`start` listens and serves on it (until then a client is refused)."""
+        """Bind and listen now (idempotent), so a taken port is refused before anything else
+        starts (a socket bound but not listening would not hold the port against another
+        SO_REUSEADDR socket); :meth:`start` serves on it, and clients wait until then."""
         if self._socket is not None:
             return
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -327,6 +333,7 @@ class HttpServer:
                 exc.errno,
                 f"cannot serve HTTP on {self.host}:{self._requested_port}: {exc.strerror}",
             ) from None
+        sock.listen(128)
         sock.set_inheritable(True)
         self._socket = sock
         self.port = sock.getsockname()[1]
@@ -339,7 +346,6 @@ class HttpServer:
         self.bind()
         sock = self._socket
         assert sock is not None
-        sock.listen(128)
         config = uvicorn.Config(
             self.app,
             log_level="warning",

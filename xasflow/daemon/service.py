@@ -200,5 +200,6 @@ class Daemon:
 
     @property
     def http_url(self) -> str | None:
-        """Base URL of the HTTP server, or None when it is off or not started."""
-        return self.parts.http.url if self.parts.http is not None else None
+        """Base URL of the HTTP server, or None when it is off or not serving (yet, or any more)."""
+        http = self.parts.http
+        return http.url if http is not None and http.serving else None

@@ -23,7 +23,9 @@ _E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
 _E0_KERNEL = np.exp(-0.5 * (np.arange(-15, 16) * _E0_STEP / _E0_SIGMA) ** 2)
 _E0_KERNEL /= _E0_KERNEL.sum()
 #: eV: data that end this far below the tabulated edge hold no edge of that element (a
-#: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV")
+#: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV").
+#: Chemical shifts and calibration offsets move an edge by a few eV, and any bundle needs data
+#: far above E0 (its model window, its post-edge fit), so such data could never be prepared.
 _SHORT_OF_EDGE = 10.0
 
 
