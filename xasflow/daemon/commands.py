@@ -53,17 +53,18 @@ def check_ports(config: Any) -> list[str]:
     """What ``serve --check`` can tell about the config's ports now: an HTTP port another
     process holds, an EPICS prefix another Channel Access server on the IOC's host answers
     (the daemon would refuse to start with either)."""
-    import socket
-
     out = []
-    if config.http.enabled:
-        family = socket.AF_INET6 if ":" in config.http.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((config.http.host, config.http.port))
-            except OSError as exc:
-                out.append(f"http {config.http.host}:{config.http.port}: {exc.strerror}")
+    if config.http.enabled:  # the daemon's own bind, given back at once
+        from xasflow.daemon.http import HttpServer
+
+        probe = HttpServer(None, config.http.host, config.http.port)
+        try:
+            probe.bind()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            out.append(f"http {config.http.host}:{config.http.port}: {reason}")
+        finally:
+            probe.stop()
     if config.epics.enabled:
         from xasflow.adapters.epics_ioc import served_by
 

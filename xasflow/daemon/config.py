@@ -121,18 +121,21 @@ def _scalar(text: str, name: str) -> Any:
     """An environment value as YAML (numbers, booleans, null, lists, and a mapping written in
     braces: ``{security.protocol: SSL}`` for the librdkafka settings), else the raw string
     (``a: b`` without braces stays text)."""
+    braced = text.lstrip().startswith("{")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        if text.lstrip().startswith("{"):
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if braced:
             raise ConfigError(
-                f"environment variable {name}: not a YAML mapping: {problem}"
+                f"environment variable {name}: not a YAML mapping: {_problem(exc)}"
             ) from None
         return text
-    if isinstance(value, dict) and not text.lstrip().startswith("{"):
-        return text
-    return value
+    return text if isinstance(value, dict) and not braced else value
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's one-line description of a syntax error (its ``str`` spans several lines)."""
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
 #: Keys whose environment values are taken as text, never as YAML (``0`` stays a prefix "0").
@@ -244,7 +247,7 @@ def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     (PyYAML's own text spans several lines and names ``<unicode string>``)."""
     mark = getattr(exc, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = _problem(exc)
     context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     opened = f" ({context} from line {start.line + 1})" if context and start is not None else ""
     return f"{where}: not valid YAML: {problem}{opened}"
