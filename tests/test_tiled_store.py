@@ -136,3 +136,25 @@ def test_a_table_prepared_at_the_raw_start_is_adopted_by_the_run(
         meta, frame = read_analysis(store, "run-e")
     assert meta["start"] == {"uid": "e-start"} and meta["stop"]["exit_status"] == "success"
     assert list(frame["seq_num"]) == [1, 2]
+
+
+def test_the_out_of_domain_column_reads_back_as_booleans(tmp_path: Path) -> None:
+    """A run with a rejected row keeps ``out_of_domain`` a boolean column: the rejected row
+    holds False, not null (tiled reads a boolean column with nulls back as text), and tells
+    itself apart by ``status``."""
+    from xasflow.daemon.documents import DATA_KEYS, rejected_row
+
+    desc = {"uid": "d-2", "name": "primary", "data_keys": DATA_KEYS}
+    ok = {**rejected_row(1, ""), "status": "ok", "reason": "", "cn": 4}
+    rows = [ok, {**ok, "out_of_domain": True}, rejected_row(3, "no_model", "no bundle")]
+    with AnalysisStore(tmp_path / "s", batch_size=3) as store:
+        store.open_run("run-r", {"uid": "r-start"}, desc)
+        for seq, data in enumerate(rows, start=1):
+            assert store.add_event("run-r", {"seq_num": seq, "time": 1.0 + seq, **data})
+        store.close_run("run-r", {"uid": "r-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+    _, frame = read_analysis(tmp_path / "s", "run-r")
+    assert frame["out_of_domain"].dtype == bool
+    assert frame["out_of_domain"].tolist() == [False, True, False]
+    answers = frame[(frame["status"] == "ok") & ~frame["out_of_domain"]]
+    assert answers["seq_num"].tolist() == [1]
