@@ -773,7 +773,7 @@ def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
 ) -> None:
     """Spectra sharing an energy axis go through ``prepare_batch`` once; every row, bad ones
     included, ends as it does alone (reason, flags, shift, E0, step, answer)."""
-    from xasflow.daemon import batch_prep
+    from xasflow.daemon import stack_job
 
     axis = np.linspace(8940.0, 9120.0, 600)
     kinds = ["CuCl", "CuO", "Cu2O"] * 4
@@ -792,13 +792,13 @@ def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
             ch["it"] = 0.5 * ch["i0"]
         outs.append(scan("raw-p", i, k, energy=axis, chans=ch))
     stacks: list[int] = []
-    real = batch_prep.prepare_batch
+    real = stack_job.prepare_batch
 
     def counting(energy: np.ndarray, mu: np.ndarray, *a: Any, **kw: Any) -> list:
         stacks.append(len(mu))
         return real(energy, mu, *a, **kw)
 
-    monkeypatch.setattr(batch_prep, "prepare_batch", counting)
+    monkeypatch.setattr(stack_job, "prepare_batch", counting)
     batched = Pipeline(registry, Counters(), clock=Clock(T0)).handle_batch([opened("raw-p"), *outs])
     assert stacks == [len(kinds) - 1]
     single = Pipeline(registry, Counters(), clock=Clock(T0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -51,11 +52,18 @@ class OneSpectrumPerEvent:
 
 
 class Recorder:
+    """The pipeline's begin/end, recording each batch's size (no preparation process)."""
+
+    worker = None
+
     def __init__(self) -> None:
         self.sizes: list[int] = []
 
-    def handle_batch(self, outputs: list[Any]) -> list[Any]:
+    def begin(self, outputs: list[Any]) -> SimpleNamespace:
         self.sizes.append(len(outputs))
+        return SimpleNamespace(items=outputs, ready=lambda worker: True)
+
+    def end(self, batch: SimpleNamespace) -> list[Any]:
         return []
 
 

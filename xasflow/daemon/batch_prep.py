@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xasflow.daemon.outputs import ScanSpectrum
+from xasflow.daemon.stack_job import StackResult, apply_result, job_for, run_job
 from xasflow.models.predictor import Prediction, Predictor
 from xasflow.spectra import (
     Prepared,
@@ -34,13 +35,13 @@ from xasflow.spectra import (
     mu_from_channels,
 )
 from xasflow.spectra import align as shift_spectrum
-from xasflow.spectra.batch import alignment_shift_batch, has_edge_batch, prepare_batch
 from xasflow.spectra.quality import has_edge
 
 if TYPE_CHECKING:
+    from xasflow.daemon.prep_worker import PrepWorker, Ticket
     from xasflow.daemon.registry import ModelRegistry
 
-__all__ = ["Work", "finish_one", "prepare_works", "start_work"]
+__all__ = ["Pending", "Work", "finish_one", "prepare_works", "start_work"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +182,17 @@ def _align_one(
 
 
 def prepare_works(
-    works: Sequence[Work], *, align: bool, max_shift: float, align_search: float
-) -> None:
+    works: Sequence[Work],
+    *,
+    align: bool,
+    max_shift: float,
+    align_search: float,
+    worker: PrepWorker | None = None,
+) -> Pending:
     """Align and prepare every pending work (``spectrum`` set, no ``reason``), batched by axis;
-    groups of one, and a group whose batched code fails, take :func:`finish_one`."""
+    groups of one take :func:`finish_one` at once. The stacks go to ``worker`` (the
+    preparation process, which also runs their graphs) when it takes them, else they are
+    prepared here: :meth:`Pending.finish` completes either way."""
     single = partial(finish_one, align=align, max_shift=max_shift, align_search=align_search)
     groups: dict[tuple[int, str, str, int], list[Work]] = {}
     for w in works:
@@ -196,19 +204,89 @@ def prepare_works(
             continue
         key = (id(w.predictor), s.element or "", s.edge, s.energy.size)
         groups.setdefault(key, []).append(w)
+    stacks: list[list[Work]] = []
     for group in groups.values():
         for same in _split_by_axis(group):
             if len(same) == 1:
                 single(same[0])
+            else:
+                stacks.append(same)
+    pending = Pending(stacks, single, (align, max_shift, align_search))
+    if worker is not None and stacks:
+        try:
+            jobs = [job_for(g, align, max_shift, align_search, with_bundle=True) for g in stacks]
+        except Exception:  # a bug gathering the arrays: the stacks are prepared here instead
+            logger.exception("gathering %d stacks for the preparation process failed", len(stacks))
+        else:
+            pending.ticket = worker.submit(jobs)
+    if pending.ticket is None:
+        pending.finish(None)
+    return pending
+
+
+class Pending:
+    """Stacks on their way through the preparation (here, or in the preparation process)."""
+
+    def __init__(
+        self, stacks: list[list[Work]], single: partial[None], params: tuple[bool, float, float]
+    ) -> None:
+        self.stacks = stacks
+        self.single = single
+        self.params = params  # align, max_shift, align_search
+        self.ticket: Ticket | None = None
+        self.done = False
+
+    def ready(self, worker: PrepWorker | None) -> bool:
+        """Whether :meth:`finish` would not wait for the preparation process."""
+        return self.done or self.ticket is None or worker is None or worker.ready(self.ticket)
+
+    def finish(self, worker: PrepWorker | None) -> None:
+        """Every stack prepared (and, from the preparation process, predicted); a stack it
+        did not run is prepared here."""
+        if self.done:
+            return
+        self.done = True
+        results: list[Any] = [None] * len(self.stacks)
+        if self.ticket is not None and worker is not None:
+            results = worker.collect(self.ticket)
+        for group, result in zip(self.stacks, results, strict=True):
+            if isinstance(result, StackResult) and _take_result(group, result):
                 continue
             try:
-                _prepare_group(same, align, max_shift, align_search)
+                apply_result(group, run_job(job_for(group, *self.params)))
             except Exception:  # a bug in the batched path: the rows go the slow way instead
-                logger.exception("batched preparation failed; preparing %d one by one", len(same))
-                for w in same:
-                    w.flags = [f for f in w.flags if not f.startswith(("align_", "no_reference"))]
-                    w.shift, w.prepared, w.reason, w.detail = None, None, None, ""
-                    single(w)
+                logger.exception("batched preparation failed; preparing %d one by one", len(group))
+                for w in group:
+                    _reset(w)
+                    self.single(w)
+
+
+def _take_result(group: list[Work], result: StackResult) -> bool:
+    """The preparation process's outcome into ``group``, predictions decoded here; False
+    (the works untouched) if it cannot be used."""
+    try:
+        ok = [group[i] for i in result.ok_rows]
+        preds = None
+        if ok and result.raw is not None:
+            predictor = ok[0].predictor
+            assert predictor is not None
+            chosen = [result.prepared[i] for i in result.ok_rows]
+            preds = predictor.predictions(chosen, result.raw)  # type: ignore[arg-type]
+        apply_result(group, result)
+        if preds is not None:
+            for w, p in zip(ok, preds, strict=True):
+                w.prediction = p
+    except Exception:
+        logger.exception("a result of the preparation process could not be used")
+        for w in group:
+            _reset(w)
+        return False
+    return True
+
+
+def _reset(w: Work) -> None:
+    w.flags = [f for f in w.flags if not f.startswith(("align_", "no_reference"))]
+    w.shift, w.prepared, w.prediction, w.reason, w.detail = None, None, None, None, ""
 
 
 def _split_by_axis(group: list[Work]) -> list[list[Work]]:
@@ -225,81 +303,3 @@ def _split_by_axis(group: list[Work]) -> list[list[Work]]:
         else:
             out.append([w])
     return out
-
-
-def _reference_rows(group: list[Work], energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ln(It/Ir) of every row that has a usable foil (else the row's flag says why)."""
-    has = np.array(
-        [
-            "ir" in w.channels
-            and "it" in w.channels
-            and np.shape(w.channels["it"]) == energy.shape
-            and np.shape(w.channels["ir"]) == energy.shape
-            for w in group
-        ]
-    )
-    ref = np.ones((len(group), energy.size))
-    usable = np.zeros(len(group), dtype=bool)
-    for w in group:
-        if not ("ir" in w.channels and "it" in w.channels):
-            w.flags.append("no_reference")
-    rows = np.flatnonzero(has)
-    if rows.size:
-        it = np.array([np.asarray(group[r].channels["it"], dtype=np.float64) for r in rows])
-        ir = np.array([np.asarray(group[r].channels["ir"], dtype=np.float64) for r in rows])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            good = (np.isfinite(it) & np.isfinite(ir) & (it > 0) & (ir > 0)).all(axis=1)
-            ref[rows[good]] = np.log(it[good] / ir[good])
-        usable[rows[good]] = True
-    for r, w in enumerate(group):
-        if "ir" in w.channels and "it" in w.channels and not usable[r]:
-            w.flags.append("align_failed")  # as mu_from_channels / Spectrum would have raised
-    return ref, usable
-
-
-def _prepare_group(group: list[Work], align: bool, max_shift: float, search: float) -> None:
-    """One group sharing axis, element, edge and bundle: aligned and prepared as a stack."""
-    first = group[0]
-    assert first.spectrum is not None and first.predictor is not None
-    energy = first.spectrum.energy
-    element, edge = first.spectrum.element, first.spectrum.edge
-    shifts = np.zeros(len(group))
-    if align:
-        ref, usable = _reference_rows(group, energy)
-        rows = np.flatnonzero(usable)
-        if rows.size:
-            assert element is not None
-            try:
-                tab = edge_energy(element, edge)
-            except KeyError:
-                tab = None
-            if tab is None:
-                for r in rows.tolist():
-                    group[r].flags.append("align_failed")
-            else:
-                found, errors = alignment_shift_batch(energy, ref[rows], element, edge, search)
-                clear = has_edge_batch(energy, ref[rows], tab - np.nan_to_num(found))
-                for k, r in enumerate(rows.tolist()):
-                    w = group[r]
-                    if errors[k] is not None or not clear[k]:
-                        w.flags.append("align_failed")
-                    elif abs(found[k]) > max_shift:
-                        w.flags.append("align_out_of_range")
-                    else:
-                        w.shift = float(found[k])
-                        shifts[r] = w.shift
-    metas = []
-    for w in group:
-        assert w.spectrum is not None
-        meta = dict(w.spectrum.meta)
-        if w.shift is not None:
-            meta["energy_shift"] = meta.get("energy_shift", 0.0) + w.shift
-        metas.append(meta)
-    mu = np.array([w.spectrum.mu for w in group if w.spectrum is not None])
-    prep = first.predictor.manifest.prep
-    results = prepare_batch(energy, mu, prep, element, edge, shifts=shifts, metas=metas)
-    for w, res in zip(group, results, strict=True):
-        if isinstance(res, SpectrumError):
-            w.fail(res.reason, res.message)
-        else:
-            w.prepared = res

@@ -253,7 +253,8 @@ class AnalysisConfig(_Section):
     ``herfd``: spectra are HERFD and are broadened to the model's resolution (true: the
     element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins.
     ``batching``: how long the processing thread may wait for more documents under load
-    (:class:`~xasflow.daemon.batching.BatchPolicy`).
+    (:class:`~xasflow.daemon.batching.BatchPolicy`). ``prep_process``: the heavy numbers of
+    fly-scan batches in a child process (:mod:`xasflow.daemon.prep_worker`).
     """
 
     element: str | None = None
@@ -268,6 +269,11 @@ class AnalysisConfig(_Section):
     )
     herfd: bool | float = Field(
         False, description="spectra are HERFD: true (tabulated width) or the FWHM in eV"
+    )
+    prep_process: bool = Field(
+        False,
+        description="align, prepare and run the graphs of stacked spectra in a child process "
+        "(xasflow.daemon.prep_worker), so the processing thread's GIL is free meanwhile",
     )
 
     @field_validator("herfd")

@@ -74,6 +74,8 @@ class Parts:
             self.source.close()
         if self.registry is not None:
             self.registry.stop()
+        if self.pipeline is not None and self.pipeline.worker is not None:
+            self.pipeline.worker.close()  # the processing thread has ended its batches
         finish = getattr(self.source, "finish", None)
         if finish is not None:  # Kafka: commit what is processed and durable, leave the group
             finish(timeout)
@@ -119,6 +121,12 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         )
     if models.watch:
         registry.start_watching(models.watch_interval_s)
+    worker = None
+    if cfg.analysis.prep_process:
+        from xasflow.daemon.prep_worker import PrepWorker
+
+        worker = PrepWorker()
+        worker.start()  # it reports ready in ~1 s; until then the thread prepares
     pipeline = Pipeline(
         registry,
         counters,
@@ -126,6 +134,7 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         recommend=rec.recommender if rec.enabled else None,
         recommend_interval_s=rec.interval_s,
         herfd=cfg.analysis.herfd,
+        worker=worker,
     )
     return registry, pipeline
 

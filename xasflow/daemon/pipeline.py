@@ -4,6 +4,9 @@
 ``RunClosed`` from :class:`xasflow.daemon.assembly.RunAssembler` and returns the documents to
 publish, in order. It is synchronous, never raises for bad data, and is not thread-safe
 (one caller thread; the registry it reads may be swapped by its watcher at any time).
+``begin(outputs)`` / ``end(batch)`` split it for a caller with a preparation process
+(:mod:`xasflow.daemon.prep_worker`): between the two, steps 4-5 of the batch's stacks run
+there while the caller assembles the next batch; batches end in the order they began.
 
 For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_prep`'s:
 
@@ -40,7 +43,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.routing import paged
 from xasflow.daemon.assembly import REASONS as ASSEMBLY_REASONS
@@ -51,7 +54,7 @@ from xasflow.daemon.assembly import (
     RunOpened,
     SpectrumReady,
 )
-from xasflow.daemon.batch_prep import Work, prepare_works, start_work
+from xasflow.daemon.batch_prep import Pending, Work, prepare_works, start_work
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.herfd_hint import HerfdHints
@@ -64,7 +67,10 @@ from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
 from xasflow.spectra import Prepared
 
-__all__ = ["REASONS", "LatestSpectrum", "Pipeline", "known_rejections"]
+if TYPE_CHECKING:
+    from xasflow.daemon.prep_worker import PrepWorker
+
+__all__ = ["REASONS", "Batch", "LatestSpectrum", "Pipeline", "known_rejections"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +116,19 @@ class LatestSpectrum:
     energy_shift: float | None = None
 
 
+@dataclass
+class Batch:
+    """A batch :meth:`Pipeline.begin` started: its outputs, their works, their preparation."""
+
+    items: list[Output]
+    works: dict[int, Work]
+    pending: Pending
+
+    def ready(self, worker: PrepWorker | None) -> bool:
+        """Whether :meth:`Pipeline.end` would not wait for the preparation process."""
+        return self.pending.ready(worker)
+
+
 class Pipeline:
     """Turns assembly outputs into analysis-run documents; counts every outcome."""
 
@@ -127,6 +146,7 @@ class Pipeline:
         recommend: RecommenderConfig | None = None,
         recommend_interval_s: float = 0.0,
         herfd: bool | float = False,
+        worker: PrepWorker | None = None,
     ) -> None:
         """``clock``: wall clock (epoch s) for document times and latencies.
 
@@ -142,6 +162,7 @@ class Pipeline:
         ``observe_latency``: record each spectrum's raw-event-to-result latency in
         ``counters`` (turn off when the caller measures after publishing instead).
         ``validate``: check every composed document against the event-model schemas.
+        ``worker``: the preparation process stacks of spectra go to (None: all here).
         """
         if max_shift < 0 or align_search <= 0:
             raise ValueError("max_shift must be >= 0 and align_search > 0")
@@ -162,6 +183,7 @@ class Pipeline:
         self.herfd = herfd
         self._herfd: dict[str, Any] = {}  # raw uid -> its start document's ``herfd``
         self.herfd_hints = HerfdHints()  # undeclared HERFD? checked once per run
+        self.worker = worker
         #: The last spectrum analysed with a prediction (None before the first).
         self.latest: LatestSpectrum | None = None
         #: Called with each batch's ``latest`` (e.g. the dashboard's ``offer_latest``).
@@ -184,6 +206,12 @@ class Pipeline:
 
     def handle_batch(self, outputs: Iterable[Output]) -> list[Doc]:
         """Documents for many outputs, in order; predictions batched once per predictor."""
+        return self.end(self.begin(outputs))
+
+    def begin(self, outputs: Iterable[Output]) -> Batch:
+        """Steps 1-5 started for a batch: with a preparation process its stacks are on their
+        way there, so the caller may assemble the next batch meanwhile; :meth:`end` it
+        (batches in the order begun)."""
         items = list(outputs)
         works: dict[int, Work] = {}
         for i, out in enumerate(items):
@@ -194,16 +222,23 @@ class Pipeline:
                 )
             elif isinstance(out, RunOpened) and "herfd" in out.start:
                 self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
-        prepare_works(
+        pending = prepare_works(
             list(works.values()),
             align=self.align,
             max_shift=self.max_shift,
             align_search=self.align_search,
+            worker=self.worker,
         )
+        return Batch(items, works, pending)
+
+    def end(self, batch: Batch) -> list[Doc]:
+        """The documents of a batch :meth:`begin` started (waits for its preparation)."""
+        batch.pending.finish(self.worker)
+        items, works = batch.items, batch.works
         for w in works.values():
             if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
                 w.flags.append("herfd_broadened")
-        self._predict([w for w in works.values() if w.reason is None])
+        self._predict([w for w in works.values() if w.reason is None and w.prediction is None])
         self.herfd_hints.apply(works.values())
         for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
             if w.reason is None and w.prediction is not None and w.prepared is not None:

@@ -28,6 +28,11 @@ closed with that reason, then ``on_processed()`` says that every document taken 
 gone to the sinks. A raw start of a run a killed predecessor left open (redelivered by
 Kafka) resumes it: the run is analysed anew and the store skips the rows it holds.
 
+With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
+batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
+answered: the thread assembles the next batch meanwhile. Batches end in order, and all of
+them before a stop the thread emits itself, before ``on_processed`` and at the end.
+
 At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
 (``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
 """
@@ -38,6 +43,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +55,7 @@ from xasflow.daemon.batching import BatchPolicy, RateMeter
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.outputs import Output, SpectrumReady
-from xasflow.daemon.pipeline import Pipeline
+from xasflow.daemon.pipeline import Batch, Pipeline
 
 __all__ = ["Processor", "Sink"]
 
@@ -98,6 +104,9 @@ class Processor:
         #: Called after each turn: runs to close now, ``[(raw uid, reason)]``.
         self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
         self.internal_errors = 0
+        #: Batches begun and not yet ended: at most one in flight with a preparation process.
+        self._pending: deque[Batch] = deque()
+        self.depth = 1 if pipeline.worker is not None else 0
         self.drain = threading.Event()  # set once nothing more will be queued
         self.clock = LiveClock()
         assembler.clock = self.clock  # run timeouts count live time only (module docstring)
@@ -114,6 +123,7 @@ class Processor:
             self.clock.tick(counts=len(items) < a.batch_max)
             now = time.monotonic()
             try:
+                self._complete(self.depth if items else 0)  # what the preparation has done
                 self._turn(items, check=now >= next_check)
                 self._after_turn()
                 if now >= next_check:
@@ -127,7 +137,7 @@ class Processor:
         self._finish()
 
     def _take(self, most: int) -> list[tuple[str, dict[str, Any]]]:
-        item = self.get(0.05)
+        item = self.get(0.002 if self._pending else 0.05)  # a batch in flight: end it soon
         if item is None:
             return []
         items = [item]
@@ -151,6 +161,7 @@ class Processor:
             for raw_uid, reason in self.abandoned():
                 self.analyse(self.assembler.abandon(raw_uid, reason))
         if self.on_processed is not None:
+            self._complete(0)  # "every document taken went to the sinks": none in flight
             self.on_processed()
 
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
@@ -184,6 +195,7 @@ class Processor:
         self.analyse(outputs)
 
     def _finish(self) -> None:
+        self._complete(0)
         try:
             self._after_turn()
         except Exception:
@@ -207,6 +219,7 @@ class Processor:
         self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
     ) -> None:
         assert self.interrupted is not None
+        self._complete(0)  # the run's last results go out before its stop
         stop = self.interrupted.close(raw_uid, raw_stop, why)
         self.counters.run_closed("interrupted")
         missing = stop.get("raw_missing_events") if stop is not None else None
@@ -216,21 +229,37 @@ class Processor:
             self.emit("stop", stop, store=False)
 
     def analyse(self, outputs: list[Output]) -> None:
-        """Pipeline over one batch of assembler outputs, then every sink in order."""
+        """Pipeline over one batch of assembler outputs, then every sink in order (with a
+        preparation process: the batch is begun, and the one before it ended)."""
         if not outputs:
             return
         outputs = self._element_defaults(outputs)
         try:
-            docs = self.pipeline.handle_batch(outputs)
+            self._pending.append(self.pipeline.begin(outputs))
         except Exception:  # a pipeline bug must not end the daemon: count and go on
-            logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
-            n = sum(isinstance(o, SpectrumReady) for o in outputs)
-            self.internal_errors += 1
-            if n:
-                self.counters.reject("internal_error", stage="analysis", n=n)
-            return
-        for name, doc in docs:
-            self.emit(name, doc)
+            self._failed(outputs)
+        self._complete(self.depth)
+
+    def _complete(self, keep: int) -> None:
+        """End begun batches, oldest first, until ``keep`` are left and the oldest is still
+        being prepared; their documents to every sink in order."""
+        worker = self.pipeline.worker
+        while self._pending and (len(self._pending) > keep or self._pending[0].ready(worker)):
+            batch = self._pending.popleft()
+            try:
+                docs = self.pipeline.end(batch)
+            except Exception:
+                self._failed(batch.items)
+                continue
+            for name, doc in docs:
+                self.emit(name, doc)
+
+    def _failed(self, outputs: list[Output]) -> None:
+        logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
+        n = sum(isinstance(o, SpectrumReady) for o in outputs)
+        self.internal_errors += 1
+        if n:
+            self.counters.reject("internal_error", stage="analysis", n=n)
 
     #: The store writer, when storage is on (documents it already holds skip it).
     store_sink: Sink | None = None

@@ -165,4 +165,10 @@ class DaemonStatus:
             "feedback": feedback_health(config, parts.ioc, parts.submitter),
             "limits": {**self.limits(), "token_min_length": config.http.token_min_length},
             "internal_errors": parts.processor.internal_errors if parts.processor else 0,
+            # analysis.prep_process: the child's pid, jobs, fallbacks to the thread, restarts
+            "prep_process": (
+                parts.pipeline.worker.health()
+                if parts.pipeline is not None and parts.pipeline.worker is not None
+                else None
+            ),
         }

@@ -107,9 +107,20 @@ class Predictor:
 
     def predict_prepared(self, prepared: list[Prepared]) -> list[Prediction]:
         """Predict already-prepared spectra in one batch (one call per graph file)."""
+        return self.predictions(prepared, self.run(self.model_input(prepared)))
+
+    def model_input(self, prepared: list[Prepared]) -> np.ndarray:
+        """The graphs' input for prepared spectra, one row each."""
         m = self.manifest
-        y = np.vstack([p.y for p in prepared])
-        tasks, ood = self.infer(model_input(y, m.features, m.prep))
+        return model_input(np.vstack([p.y for p in prepared]), m.features, m.prep)
+
+    def predictions(
+        self, prepared: list[Prepared], raw: dict[str, dict[str, np.ndarray]]
+    ) -> list[Prediction]:
+        """``prepared``'s predictions from the graphs' outputs ``raw`` on their
+        :meth:`model_input` (run here, or in the daemon's preparation process)."""
+        m = self.manifest
+        tasks, ood = decode_batch(m, raw)
         threshold = m.ood.threshold if m.ood is not None else None
         rows = {name: arrays.results() for name, arrays in tasks.items()}
         scores = ood.tolist() if ood is not None else None

@@ -16,6 +16,10 @@ class SpectrumError(ValueError):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[SpectrumError], tuple[str, str]]:
+        # pickles (the daemon's preparation process sends them back) as (reason, message)
+        return (type(self), (self.reason, self.message))
+
 
 @dataclass(frozen=True)
 class Spectrum:

@@ -1,0 +1,150 @@
+"""The preparation process (``analysis.prep_process``): the same answers as the thread, the
+thread taking over when the child dies or cannot run a job, and no child left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from helpers import (
+    Harness,
+    LoopbackProxy,
+    daemon_config,
+    fly_scan,
+    publish,
+    transmission,
+    unpaged,
+    wait_for,
+)
+
+from xasflow.daemon.assembly import RunOpened, ScanSpectrum, SpectrumReady
+from xasflow.daemon.batch_prep import start_work
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.pipeline import Pipeline
+from xasflow.daemon.prep_worker import JobFailed, PrepWorker
+from xasflow.daemon.registry import ModelRegistry
+from xasflow.daemon.stack_job import job_for
+
+T0 = 1_700_000_000.0
+AXIS = np.linspace(8800.0, 9300.0, 700)
+
+
+@pytest.fixture
+def registry(tiny_cu_bundle: Path, tmp_path: Path) -> ModelRegistry:
+    shutil.copytree(tiny_cu_bundle, tmp_path / "models" / "cu-k")
+    return ModelRegistry(tmp_path / "models", Counters())
+
+
+@pytest.fixture
+def worker() -> Iterator[PrepWorker]:
+    w = PrepWorker(timeout_s=30.0, restart_s=0.0)
+    w.start()
+    assert w.wait_ready(60.0), "the preparation process never came up"
+    yield w
+    w.close()
+
+
+def _page(uid: str, n: int = 10) -> list[Any]:
+    """A fly page on one axis, with the rows that leave the stack or fail inside it."""
+    outs: list[Any] = [RunOpened(uid, {"uid": uid, "time": T0}, "fly")]
+    for i in range(n):
+        ch = transmission(AXIS, shift=0.4 * (i % 4), kind=("CuO", "Cu2O")[i % 2], seed=i)
+        chans = {"i0": ch["I0"], "it": ch["It"], "ir": ch["Ir"]}
+        if i == 2:  # NaN in a channel: rejected before the stack
+            chans["it"] = chans["it"].copy()
+            chans["it"][5] = np.nan
+        elif i == 3:  # no foil: analysed unaligned
+            del chans["ir"]
+        elif i == 4:  # a broken foil: alignment fails
+            chans["ir"] = -chans["ir"]
+        elif i == 5:  # mu never rises: rejected inside the stack
+            chans["it"] = 0.5 * chans["i0"]
+        scan = ScanSpectrum(uid, i, AXIS, chans, "Cu", "K", "transmission", (i + 1,), T0, T0)
+        outs.append(SpectrumReady(scan))
+    return outs
+
+
+def _rows(pipeline: Pipeline, outputs: list[Any]) -> list[dict[str, Any]]:
+    docs = unpaged(pipeline.handle_batch(outputs))
+    return [d["data"] for n, d in docs if n == "event" and "status" in d["data"]]
+
+
+def test_the_process_gives_the_threads_answers_to_the_last_bit(
+    registry: ModelRegistry, worker: PrepWorker
+) -> None:
+    here = _rows(Pipeline(registry, Counters(), clock=lambda: T0), _page("raw-a"))
+    there = _rows(Pipeline(registry, Counters(), clock=lambda: T0, worker=worker), _page("raw-a"))
+    assert worker.stats["jobs"] == 1 and worker.stats["fallbacks"] == 0
+    assert [r["reason"] for r in there][2:6] == ["not_finite", "", "", "no_edge"]
+    assert [r["flags"] for r in there][3:5] == ["no_reference", "align_failed"]
+    assert there == here  # every key: E0, step, shift, answers, probabilities, sets, scores
+
+
+def test_a_dead_child_is_replaced_and_the_thread_takes_over_meanwhile(
+    registry: ModelRegistry, worker: PrepWorker
+) -> None:
+    here = _rows(Pipeline(registry, Counters(), clock=lambda: T0), _page("raw-b"))
+    pipeline = Pipeline(registry, Counters(), clock=lambda: T0, worker=worker)
+    first = worker.pid
+    assert first is not None
+    os.kill(first, 9)
+    wait_for(lambda: worker._proc is not None and not worker._proc.is_alive(), "the kill")
+    assert _rows(pipeline, _page("raw-b")) == here  # run in the thread, nothing lost
+    assert worker.stats["fallbacks"] == 1
+    assert worker.wait_ready(60.0)  # restart_s 0: started anew at the next use
+    assert worker.stats["restarts"] == 1 and worker.pid not in (None, first)
+    assert _rows(pipeline, _page("raw-b")) == here
+    assert worker.stats["fallbacks"] == 1 and worker.stats["jobs"] == 1  # the new child ran it
+
+
+def test_a_job_for_another_bundle_than_on_disk_comes_back_undone(
+    registry: ModelRegistry, worker: PrepWorker
+) -> None:
+    works = [start_work(o.spectrum, registry, False) for o in _page("raw-c", 4)[1:]]
+    job = job_for(works, True, 20.0, 40.0, with_bundle=True)
+    job.bundle_id = "cu-k-replaced"
+    ticket = worker.submit([job])
+    assert ticket is not None
+    (result,) = worker.collect(ticket)
+    assert isinstance(result, JobFailed) and "on disk" in result.why
+    assert worker.stats["fallbacks"] == 1
+
+
+def test_a_daemon_with_the_process_analyses_and_leaves_no_child(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    proxy = LoopbackProxy()
+    harness = Harness(
+        daemon_config(models_dir, proxy, tmp_path / "store", prep_process=True), proxy
+    )
+    try:
+        health = harness.daemon.view.health
+        wait_for(lambda: (health()["prep_process"] or {}).get("ready"), "the child ready", 60.0)
+        pid = health()["prep_process"]["pid"]
+        uid, docs = fly_scan(AXIS, [transmission(AXIS, seed=k) for k in range(24)])
+        publish(harness.pub, docs)
+        run = harness.results.wait([uid])[uid]
+        assert [e["status"] for e in run["events"]] == ["ok"] * 24
+        assert health()["prep_process"]["jobs"] >= 1
+    finally:
+        harness.close()
+        proxy.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the preparation process {pid} outlived its daemon")
