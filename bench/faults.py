@@ -22,6 +22,7 @@ RSS after each of 20 hot swaps minus before the first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -537,6 +538,32 @@ def stall_fault(h: Harness, t: Tally, sig: str, rate: float, seconds: float, pau
             stored_rows=len(stored), published_not_stored=not_stored, store=store_note)  # fmt: skip
 
 
+def prep_fault(h: Harness, t: Tally, rate: float, seconds: float) -> None:
+    """``analysis.prep_process``: its child SIGKILLed, then SIGSTOPped past the daemon's
+    5 s answer timeout, while spectra stream: the thread takes over, nothing is lost."""
+    for sig in ("SIGKILL", "SIGSTOP"):
+        wait(lambda: ((h.health() or {}).get("prep_process") or {}).get("ready"), 60)
+        before = (h.health() or {})["prep_process"]
+        box: list[str] = []
+        n = int(rate * seconds)
+        feeder = threading.Thread(target=lambda b=box, k=n: b.append(h.run(k, rate=rate)))
+        feeder.start()
+        time.sleep(1.0)
+        os.kill(before["pid"], getattr(signal, sig))
+        feeder.join()
+        acc = losses(h, box, n)
+        t.silent += acc["silent"]
+        after = (h.health() or {}).get("prep_process") or {}
+        if sig == "SIGSTOP":  # killed by the daemon by now; let the stopped process go
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(before["pid"], signal.SIGCONT)
+        took_over = after.get("fallbacks", 0) > before["fallbacks"]
+        t.fault(f"prep_process_{sig.lower()}", h.alive() and took_over and acc["lost"] == 0,
+                rate_hz=rate, **acc, fallbacks=after.get("fallbacks"),
+                restarts=after.get("restarts"), pid_before=before["pid"],
+                pid_after=after.get("pid"))  # fmt: skip
+
+
 def web_fault(h: Harness, t: Tally, clients: int) -> None:
     """``clients`` open dashboard event streams at once; the daemon keeps answering."""
     import socket
@@ -598,6 +625,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 stall_fault(h, t, "SIGSTOP", 100, 16.0, 10.0)
                 stall_fault(h, t, "SIGKILL", 50, 4.0, 0.0)
             web_fault(h, t, 20 if quick else 500)
+            stop_process(h.proc)  # type: ignore[arg-type]
+            h.start(env={"XASFLOW__ANALYSIS__PREP_PROCESS": "true"})
+            prep_fault(h, t, 400, 4.0 if quick else 10.0)  # stacks form from ~200/s
+            stop_process(h.proc)  # type: ignore[arg-type]
+            h.start()
             t.rss_growth = swap_fault(h, t, base, 3 if quick else 20)
             if not quick:  # the baseline: the same swaps with heap trimming off
                 stop_process(h.proc)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import faults
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
     result = faults.run_bench(argparse.Namespace(quick=True, models=tiny_cu_bundle))
     failed = [f for f in result["faults"] if not f["survived"]]
@@ -58,3 +58,10 @@ def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
         "symlink": 2,
     }
     assert result["max_rss_growth_mb"] is not None
+    # analysis.prep_process: its child killed, then stopped past the answer timeout, under
+    # load: the processing thread took over (fallbacks), nothing was lost, a new child came
+    prep = {f["fault"]: f for f in result["faults"] if f["fault"].startswith("prep_process")}
+    assert set(prep) == {"prep_process_sigkill", "prep_process_sigstop"}
+    for fault in prep.values():
+        assert fault["lost"] == 0 and fault["ok"] == 1600 and fault["fallbacks"] >= 1
+    assert prep["prep_process_sigstop"]["restarts"] >= 1

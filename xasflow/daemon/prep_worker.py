@@ -97,7 +97,7 @@ def _serve(conn: Connection, threads: int) -> None:
 class PrepWorker:
     """The daemon's handle on its preparation process (one caller thread)."""
 
-    def __init__(self, threads: int = 1, timeout_s: float = 10.0, restart_s: float = 5.0) -> None:
+    def __init__(self, threads: int = 1, timeout_s: float = 5.0, restart_s: float = 5.0) -> None:
         self.threads = threads
         self.timeout_s = timeout_s
         self.restart_s = restart_s
