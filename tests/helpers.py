@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -421,6 +422,31 @@ class Harness:
         self.daemon.stop()
         self.pub.close()
         self.results.close()
+
+
+class RecordingPipeline:
+    """The pipeline's side of the processor (``begin``/``end``, no preparation process) for
+    processor tests: records each batch's outputs, emits nothing."""
+
+    worker = None
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    @property
+    def outputs(self) -> list[Any]:
+        """Every output handed over, in order."""
+        return [o for batch in self.batches for o in batch]
+
+    def begin(self, outputs: list[Any]) -> SimpleNamespace:
+        self.batches.append(list(outputs))
+        return SimpleNamespace(items=outputs, ready=lambda worker: True)
+
+    def end(self, batch: SimpleNamespace) -> list[Any]:
+        return []
+
+    def close_all(self, reason: str) -> list[Any]:
+        return []
 
 
 def burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import RecordingPipeline
 
 from xasflow.daemon.batching import BatchPolicy, RateMeter
 from xasflow.daemon.config import AnalysisConfig, load_config
@@ -51,24 +51,8 @@ class OneSpectrumPerEvent:
         return []
 
 
-class Recorder:
-    """The pipeline's begin/end, recording each batch's size (no preparation process)."""
-
-    worker = None
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def begin(self, outputs: list[Any]) -> SimpleNamespace:
-        self.sizes.append(len(outputs))
-        return SimpleNamespace(items=outputs, ready=lambda worker: True)
-
-    def end(self, batch: SimpleNamespace) -> list[Any]:
-        return []
-
-
-def _processor(q: FakeQueue, policy: BatchPolicy | None) -> tuple[Processor, Recorder]:
-    rec = Recorder()
+def _processor(q: FakeQueue, policy: BatchPolicy | None) -> tuple[Processor, RecordingPipeline]:
+    rec = RecordingPipeline()
     proc = Processor(
         q.get,
         OneSpectrumPerEvent(),
@@ -131,7 +115,7 @@ def test_spectra_go_to_the_pipeline_in_chunks_of_max_spectra() -> None:
     q = FakeQueue([])
     proc, rec = _processor(q, BatchPolicy(max_spectra=4))
     proc._turn([("event", {"i": i}) for i in range(10)], check=False)
-    assert rec.sizes == [4, 4, 2]
+    assert [len(b) for b in rec.batches] == [4, 4, 2]
 
 
 def test_policy_rejects_negative_or_huge_delays() -> None:

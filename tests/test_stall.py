@@ -13,14 +13,14 @@ import time
 from typing import Any
 
 import numpy as np
-from helpers import fly_scan, transmission, wait_for
+from helpers import RecordingPipeline, fly_scan, transmission, wait_for
 
 from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.live_clock import LiveClock
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.outputs import Output, Rejected, RunClosed, SpectrumReady
+from xasflow.daemon.outputs import Rejected, RunClosed, SpectrumReady
 from xasflow.daemon.processor import Processor
 
 STALL: tuple[str, dict[str, Any]] = ("stall", {})
@@ -46,20 +46,6 @@ class _Input:
         return item
 
 
-class _Pipeline:
-    """Records what the assembler handed over; emits nothing."""
-
-    def __init__(self) -> None:
-        self.outputs: list[Output] = []
-
-    def handle_batch(self, outputs: list[Output]) -> list[Any]:
-        self.outputs.extend(outputs)
-        return []
-
-    def close_all(self, reason: str) -> list[Any]:
-        return []
-
-
 def test_a_stall_longer_than_the_run_timeout_does_not_close_the_run() -> None:
     energy = np.linspace(8800.0, 9400.0, 300)
     uid, docs = fly_scan(energy, [transmission(energy, seed=i) for i in range(4)])
@@ -69,7 +55,7 @@ def test_a_stall_longer_than_the_run_timeout_does_not_close_the_run() -> None:
     script = [start, desc, events[0], None, STALL, *events[1:], stop, None]
     get = _Input(script, stall_s=2.0)
     assembler = RunAssembler(run_timeout=1.0)
-    pipeline = _Pipeline()
+    pipeline = RecordingPipeline()
     analysis = AnalysisConfig(run_timeout_s=1.0, timeout_check_s=0.01)
     proc = Processor(get, assembler, pipeline, Counters(), analysis)  # type: ignore[arg-type]
     thread = threading.Thread(target=proc.run, daemon=True)

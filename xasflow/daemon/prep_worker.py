@@ -129,9 +129,8 @@ class PrepWorker:
             self._next_start = time.monotonic() + self.restart_s
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until the child is ready (its imports done); False after ``timeout`` s.
-        Called from the processing thread's side only (tests, a caller that must not
-        start on the thread's path)."""
+        """Wait until the child is ready (its imports done); False after ``timeout`` s. For
+        tests and tools: the daemon never waits, its thread prepares until the child is up."""
         deadline = time.monotonic() + timeout
         while not self._usable():
             if time.monotonic() >= deadline:
