@@ -625,16 +625,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 stall_fault(h, t, "SIGSTOP", 100, 16.0, 10.0)
                 stall_fault(h, t, "SIGKILL", 50, 4.0, 0.0)
             web_fault(h, t, 20 if quick else 500)
-            stop_process(h.proc)  # type: ignore[arg-type]
-            h.start(env={"XASFLOW__ANALYSIS__PREP_PROCESS": "true"})
-            prep_fault(h, t, 400, 4.0 if quick else 10.0)  # stacks form from ~200/s
-            stop_process(h.proc)  # type: ignore[arg-type]
-            h.start()
             t.rss_growth = swap_fault(h, t, base, 3 if quick else 20)
             if not quick:  # the baseline: the same swaps with heap trimming off
                 stop_process(h.proc)  # type: ignore[arg-type]
                 h.start(env={"XASFLOW_MALLOC_TRIM": "0"})
                 untrimmed = swap_fault(h, t, base, 20, name="hot_swaps_untrimmed")
+            stop_process(h.proc)  # type: ignore[arg-type]  (last: the swaps above ran warm)
+            h.start(env={"XASFLOW__ANALYSIS__PREP_PROCESS": "true"})
+            prep_fault(h, t, 400, 4.0 if quick else 10.0)  # stacks form from ~200/s
         finally:
             h.close()
     out = t.report()
