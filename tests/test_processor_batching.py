@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -123,3 +124,40 @@ def test_policy_rejects_negative_or_huge_delays() -> None:
         BatchPolicy(max_batch_delay_ms=-1)
     with pytest.raises(ValueError):
         BatchPolicy(max_batch_delay_ms=1000)
+
+
+class InFlightPipeline(RecordingPipeline):
+    """As with a preparation process: a batch is not ready until the processor ends it."""
+
+    worker = object()
+
+    def begin(self, outputs: list[Any]) -> SimpleNamespace:
+        super().begin(outputs)
+        return SimpleNamespace(items=outputs, ready=lambda worker: False)
+
+    def end(self, batch: SimpleNamespace) -> list[Any]:
+        return [("event", {"i": [o.spectrum.index for o in batch.items]})]
+
+
+def test_with_a_batch_in_flight_results_leave_in_order_and_none_before_a_commit() -> None:
+    """One batch stays in flight while the next is assembled; documents still leave in the
+    order taken, and ``on_processed`` (Kafka's commit rule) never runs with one in flight."""
+    pipeline = InFlightPipeline()
+    proc = Processor(
+        FakeQueue([]).get,
+        OneSpectrumPerEvent(),
+        pipeline,
+        Counters(),
+        AnalysisConfig(),  # type: ignore[arg-type]
+    )
+    emitted: list[list[int]] = []
+    proc.sinks.append(lambda name, doc: emitted.append(doc["i"]))
+    proc._turn([("event", {"i": 0}), ("event", {"i": 1})], check=False)
+    assert emitted == [] and len(proc._pending) == 1  # in flight
+    proc._turn([("event", {"i": 2})], check=False)
+    assert emitted == [[0, 1]]  # the one before ended when the next began
+    in_flight_at_commit: list[int] = []
+    proc.on_processed = lambda: in_flight_at_commit.append(len(proc._pending))
+    proc._turn([("event", {"i": 3})], check=False)
+    proc._after_turn()
+    assert emitted == [[0, 1], [2], [3]] and in_flight_at_commit == [0]
