@@ -557,11 +557,11 @@ def prep_fault(h: Harness, t: Tally, rate: float, seconds: float) -> None:
         if sig == "SIGSTOP":  # killed by the daemon by now; let the stopped process go
             with contextlib.suppress(ProcessLookupError):
                 os.kill(before["pid"], signal.SIGCONT)
-        took_over = after.get("fallbacks", 0) > before["fallbacks"]
-        t.fault(f"prep_process_{sig.lower()}", h.alive() and took_over and acc["lost"] == 0,
-                rate_hz=rate, **acc, fallbacks=after.get("fallbacks"),
-                restarts=after.get("restarts"), pid_before=before["pid"],
-                pid_after=after.get("pid"))  # fmt: skip
+        fallbacks = after.get("fallbacks", 0) - before["fallbacks"]  # this round's own
+        restarts = after.get("restarts", 0) - before["restarts"]
+        t.fault(f"prep_process_{sig.lower()}", h.alive() and fallbacks > 0 and acc["lost"] == 0,
+                rate_hz=rate, **acc, fallbacks=fallbacks, restarts=restarts,
+                pid_before=before["pid"], pid_after=after.get("pid"))  # fmt: skip
 
 
 def web_fault(h: Harness, t: Tally, clients: int) -> None:

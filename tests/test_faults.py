@@ -62,6 +62,6 @@ def test_quick_fault_catalogue(tiny_cu_bundle: Path) -> None:
     # load: the processing thread took over (fallbacks), nothing was lost, a new child came
     prep = {f["fault"]: f for f in result["faults"] if f["fault"].startswith("prep_process")}
     assert set(prep) == {"prep_process_sigkill", "prep_process_sigstop"}
-    for fault in prep.values():
+    for fault in prep.values():  # fallbacks and restarts: each round's own
         assert fault["lost"] == 0 and fault["ok"] == 1600 and fault["fallbacks"] >= 1
-    assert prep["prep_process_sigstop"]["restarts"] >= 1
+        assert fault["restarts"] >= 1 and fault["pid_after"] != fault["pid_before"]

@@ -3,9 +3,10 @@ thread taking over when the child dies or cannot run a job, and no child left be
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import time
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.prep_worker import JobFailed, PrepWorker
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.daemon.stack_job import job_for
+from xasflow.models.bundle import seal_bundle
 
 T0 = 1_700_000_000.0
 AXIS = np.linspace(8800.0, 9300.0, 700)
@@ -107,17 +109,56 @@ def test_a_dead_child_is_replaced_and_the_thread_takes_over_meanwhile(
     assert worker.stats["fallbacks"] == 1 and worker.stats["jobs"] == 1  # the new child ran it
 
 
-def test_a_job_for_another_bundle_than_on_disk_comes_back_undone(
-    registry: ModelRegistry, worker: PrepWorker
+def test_a_bundle_changed_on_disk_under_the_same_id_is_never_run_there(
+    registry: ModelRegistry, worker: PrepWorker, tmp_path: Path
 ) -> None:
+    """The registry keeps serving what it verified; the child loads from disk, so it must
+    refuse a manifest rewritten (and re-sealed) under the same bundle_id."""
     works = [start_work(o.spectrum, registry, False) for o in _page("raw-c", 4)[1:]]
-    job = job_for(works, True, 20.0, 40.0, with_bundle=True)
-    job.bundle_id = "cu-k-replaced"
-    ticket = worker.submit([job])
-    assert ticket is not None
-    (result,) = worker.collect(ticket)
-    assert isinstance(result, JobFailed) and "on disk" in result.why
-    assert worker.stats["fallbacks"] == 1
+    served = works[0].predictor
+    assert served is not None
+    manifest = tmp_path / "models" / "cu-k" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["code_version"] = "tampered"
+    manifest.write_text(json.dumps(doc))
+    seal_bundle(manifest.parent, force=True)
+    for _ in range(2):  # refused, and the refusal remembered
+        ticket = worker.submit([job_for(works, True, 20.0, 40.0, with_bundle=True)])
+        assert ticket is not None
+        (result,) = worker.collect(ticket)
+        assert isinstance(result, JobFailed) and "not the one served" in result.why
+    assert worker.stats["fallbacks"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_child_cannot_hold_the_thread(registry: ModelRegistry) -> None:
+    """A batch larger than the pipe holds, sent to a SIGSTOPped child: the send and the
+    answer are bounded by the timeout (the child is killed), and the thread takes over."""
+    worker = PrepWorker(timeout_s=1.0, restart_s=60.0)
+    worker.start()
+    try:
+        assert worker.wait_ready(60.0)
+        pid = worker.pid
+        assert pid is not None
+        works = [start_work(o.spectrum, registry, False) for o in _page("raw-s", 60)[1:]]
+        job = job_for(works, True, 20.0, 40.0, with_bundle=True)
+        assert job.mu.nbytes + 2 * job.it.nbytes > 1 << 19  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        ticket = worker.submit([job])
+        if ticket is not None:  # the send went through before the kill
+            assert isinstance(worker.collect(ticket)[0], JobFailed)
+        assert worker.stats["fallbacks"] == 1 and worker.pid is None
+        wait_for(lambda: not _alive(pid), "the stopped child to be gone", 10.0)
+    finally:
+        worker.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_a_daemon_with_the_process_analyses_and_leaves_no_child(
@@ -139,12 +180,4 @@ def test_a_daemon_with_the_process_analyses_and_leaves_no_child(
     finally:
         harness.close()
         proxy.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the preparation process {pid} outlived its daemon")
+    wait_for(lambda: not _alive(pid), f"the preparation process {pid} to end with its daemon")

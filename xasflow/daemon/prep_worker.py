@@ -56,9 +56,7 @@ def _serve(conn: Connection, threads: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when its child ends
-    from xasflow.models.predictor import Predictor
-
-    predictors: dict[str, Any] = {}
+    predictors: dict[tuple[str, str], Any] = {}  # (path, manifest digest) -> Predictor | why
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def read() -> None:  # requests are taken as they come, so a sender never waits on a
@@ -77,21 +75,43 @@ def _serve(conn: Connection, threads: int) -> None:
         seq, jobs = request
         results: list[StackResult | JobFailed] = []
         for job in jobs:
+            predictor = _predictor(predictors, job, threads)
+            if isinstance(predictor, str):
+                results.append(JobFailed(predictor))
+                continue
             try:
-                predictor = predictors.get(job.bundle_path)
-                if predictor is None or predictor.bundle_id != job.bundle_id:
-                    predictor = Predictor(job.bundle_path, threads=threads)
-                    predictors[job.bundle_path] = predictor
-                if predictor.bundle_id != job.bundle_id:
-                    results.append(JobFailed(f"bundle {predictor.bundle_id} on disk"))
-                    continue
                 results.append(run_job(job, predictor))
-            except Exception as exc:  # the thread runs it instead; say why once
+            except Exception as exc:  # the thread runs it instead
                 results.append(JobFailed(f"{type(exc).__name__}: {exc}"))
         try:
             conn.send((seq, results))
         except (BrokenPipeError, OSError):
             return
+
+
+def _predictor(cache: dict[tuple[str, str], Any], job: StackJob, threads: int) -> Any:
+    """The job's bundle as the registry serves it, or why not (a str), remembered either way.
+
+    Loaded from disk here, so it must be the very manifest the registry verified (with its
+    digest, signature and bundle-id rules): a bundle changed on disk since, or one the
+    registry refused, is never run, and is not loaded again for every job.
+    """
+    from xasflow.models.predictor import Predictor
+
+    key = (job.bundle_path, job.manifest_digest)
+    if key not in cache:
+        try:
+            loaded = Predictor(job.bundle_path, threads=threads, require_digest=False)
+        except Exception as exc:
+            cache[key] = f"{type(exc).__name__}: {exc}"
+        else:
+            same = loaded.manifest_digest == job.manifest_digest
+            cache[key] = (
+                loaded if same else f"the bundle in {job.bundle_path} is not the one served"
+            )
+        while len(cache) > 8:  # a few swaps' worth
+            cache.pop(next(iter(cache)))
+    return cache[key]
 
 
 class PrepWorker:
@@ -110,6 +130,8 @@ class PrepWorker:
         self._next_start = 0.0
         self._closed = False
         self._lock = threading.Lock()  # start/close from the composition root vs the thread
+        self._deadline: float | None = None  # a send or receive in progress must end by then
+        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the child (it reports ready once its imports are done)."""
@@ -127,6 +149,23 @@ class PrepWorker:
             self._sent.clear()
             self.stats["started"] += 1
             self._next_start = time.monotonic() + self.restart_s
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="xasflow-prep-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Kill a child that holds a send or receive past its deadline: the pipe then breaks
+        and the waiting thread takes over (a stopped child reads nothing, and a large batch
+        does not fit the pipe)."""
+        while not self._closed:
+            time.sleep(0.1)
+            deadline, proc = self._deadline, self._proc
+            if deadline is not None and proc is not None and time.monotonic() > deadline:
+                logger.error("preparation process (pid %s) stalled; killing it", proc.pid)
+                proc.kill()
+                self._deadline = None
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the child is ready (its imports done); False after ``timeout`` s. For
@@ -145,7 +184,8 @@ class PrepWorker:
     @property
     def pid(self) -> int | None:
         """The child's process id (None when none runs)."""
-        return self._proc.pid if self._proc is not None else None
+        proc = self._proc  # read once: another thread may clear it
+        return proc.pid if proc is not None else None
 
     def submit(self, jobs: list[StackJob]) -> Ticket | None:
         """Send ``jobs``; None when the child is not there or not ready (run them here)."""
@@ -153,12 +193,15 @@ class PrepWorker:
             return None
         assert self._conn is not None
         self._seq += 1
+        self._deadline = time.monotonic() + self.timeout_s
         try:
             self._conn.send((self._seq, jobs))
         except (BrokenPipeError, OSError, ValueError) as exc:
+            self._deadline = None
             self._lost(f"sending failed: {exc}")
             self.stats["fallbacks"] += len(jobs)
             return None
+        self._deadline = None
         self._sent.append(self._seq)
         self.stats["jobs"] += len(jobs)
         return Ticket(self._seq, jobs)
@@ -182,6 +225,7 @@ class PrepWorker:
             self.stats["fallbacks"] += len(ticket.jobs)
             return list(failed)
         self._sent.popleft()
+        self._deadline = time.monotonic() + self.timeout_s  # for all of the answer
         try:
             if not conn.poll(self.timeout_s):
                 self._lost(f"no answer within {self.timeout_s:g} s")
@@ -189,9 +233,11 @@ class PrepWorker:
                 return list(failed)
             seq, results = conn.recv()
         except (EOFError, OSError) as exc:
+            self._deadline = None
             self._lost(f"the pipe broke: {exc}")
             self.stats["fallbacks"] += len(ticket.jobs)
             return list(failed)
+        self._deadline = None
         if seq != ticket.seq or len(results) != len(ticket.jobs):
             self._lost(f"answer {seq} to request {ticket.seq}")
             self.stats["fallbacks"] += len(ticket.jobs)
@@ -235,17 +281,24 @@ class PrepWorker:
                 return self._ready
             except (EOFError, OSError) as exc:
                 why = f"it did not start: {exc}"
-        self._lost(why)
+        self._lost(why, conn)
         return False
 
-    def _lost(self, why: str) -> None:
-        """The child is gone or stuck: kill it; the caller runs its jobs; start anew later."""
+    def _lost(self, why: str, conn: Connection | None = None) -> None:
+        """The child is gone or stuck: kill it; the caller runs its jobs; start anew later.
+        With ``conn``: only if that is still the child's pipe (the health thread may have
+        seen the same failure, and a new child may be up already)."""
+        with self._lock:
+            if conn is not None and conn is not self._conn:
+                return
+            proc, conn = self._proc, self._conn
+            self._proc, self._conn, self._ready, self._deadline = None, None, False, None
+            self._sent.clear()
         logger.error(
-            "preparation process (pid %s): %s; the processing thread takes over", self.pid, why
+            "preparation process (pid %s): %s; the processing thread takes over",
+            proc.pid if proc is not None else None,
+            why,
         )
-        proc, conn = self._proc, self._conn
-        self._proc, self._conn, self._ready = None, None, False
-        self._sent.clear()
         if conn is not None:
             conn.close()
         if proc is not None:

@@ -51,6 +51,7 @@ class StackJob:
     search: float
     bundle_path: str = ""  # the bundle the rows were given to (for the graphs, if run there)
     bundle_id: str = ""
+    manifest_digest: str = ""  # Predictor.manifest_digest of the bundle the registry serves
 
 
 @dataclass
@@ -102,6 +103,7 @@ def job_for(
         search=search,
         bundle_path=str(predictor.path) if with_bundle else "",
         bundle_id=predictor.bundle_id if with_bundle else "",
+        manifest_digest=predictor.manifest_digest if with_bundle else "",
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +34,14 @@ HERFD_SUSPECTED = "herfd_suspected"
 class Predictor:
     """Loads and verifies a bundle once; predicts spectra of its element and edge."""
 
-    def __init__(self, bundle_dir: str | Path, threads: int = 1) -> None:
+    def __init__(
+        self, bundle_dir: str | Path, threads: int = 1, *, require_digest: bool = True
+    ) -> None:
+        """``require_digest``: refuse a manifest without its ``manifest.sha256`` (off only
+        where the caller compares the manifest with one verified that way, see
+        :attr:`manifest_digest`); every graph file is checked against the manifest anyway."""
         self.path = Path(bundle_dir)
-        self.manifest: Manifest = verify_bundle(self.path)
+        self.manifest: Manifest = verify_bundle(self.path, require_digest=require_digest)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -50,6 +57,12 @@ class Predictor:
         self._outputs = {
             name: [o.name for o in sess.get_outputs()] for name, sess in self._sessions.items()
         }
+
+    @cached_property
+    def manifest_digest(self) -> str:
+        """sha256 of the parsed manifest (its JSON): equal digests, equal graph files, since
+        each file was checked against the manifest's own digest of it."""
+        return hashlib.sha256(self.manifest.model_dump_json().encode()).hexdigest()
 
     @property
     def bundle_id(self) -> str:
