@@ -122,7 +122,7 @@ def test_a_bundle_changed_on_disk_under_the_same_id_is_never_run_there(
     doc["code_version"] = "tampered"
     manifest.write_text(json.dumps(doc))
     seal_bundle(manifest.parent, force=True)
-    for _ in range(2):  # refused, and the refusal remembered
+    for _ in range(2):  # refused each time it is asked
         ticket = worker.submit([job_for(works, True, 20.0, 40.0, with_bundle=True)])
         assert ticket is not None
         (result,) = worker.collect(ticket)

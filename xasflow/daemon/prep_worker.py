@@ -89,29 +89,36 @@ def _serve(conn: Connection, threads: int) -> None:
             return
 
 
+#: Seconds a bundle the child refused is not tried again.
+_RETRY_S = 30.0
+
+
 def _predictor(cache: dict[tuple[str, str], Any], job: StackJob, threads: int) -> Any:
-    """The job's bundle as the registry serves it, or why not (a str), remembered either way.
+    """The job's bundle as the registry serves it, or why not (a str).
 
     Loaded from disk here, so it must be the very manifest the registry verified (with its
     digest, signature and bundle-id rules): a bundle changed on disk since, or one the
-    registry refused, is never run, and is not loaded again for every job.
+    registry refused, is never run. A refusal is remembered for ``_RETRY_S`` (a copy in
+    progress may settle), so the bundle is not loaded again for every job.
     """
     from xasflow.models.predictor import Predictor
 
     key = (job.bundle_path, job.manifest_digest)
-    if key not in cache:
+    entry = cache.get(key)
+    if entry is None or (isinstance(entry, tuple) and time.monotonic() > entry[1]):
         try:
             loaded = Predictor(job.bundle_path, threads=threads, require_digest=False)
         except Exception as exc:
-            cache[key] = f"{type(exc).__name__}: {exc}"
+            entry = (f"{type(exc).__name__}: {exc}", time.monotonic() + _RETRY_S)
         else:
             same = loaded.manifest_digest == job.manifest_digest
-            cache[key] = (
-                loaded if same else f"the bundle in {job.bundle_path} is not the one served"
-            )
+            why = f"the bundle in {job.bundle_path} is not the one served"
+            entry = loaded if same else (why, time.monotonic() + _RETRY_S)
+        cache.pop(key, None)
+        cache[key] = entry
         while len(cache) > 8:  # a few swaps' worth
             cache.pop(next(iter(cache)))
-    return cache[key]
+    return entry[0] if isinstance(entry, tuple) else entry
 
 
 class PrepWorker:
