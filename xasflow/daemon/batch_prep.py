@@ -211,7 +211,7 @@ def prepare_works(
                 single(same[0])
             else:
                 stacks.append(same)
-    pending = Pending(stacks, single, (align, max_shift, align_search))
+    pending = Pending(stacks, single)
     if worker is not None and stacks:
         try:
             jobs = [job_for(g, align, max_shift, align_search, with_bundle=True) for g in stacks]
@@ -227,12 +227,9 @@ def prepare_works(
 class Pending:
     """Stacks on their way through the preparation (here, or in the preparation process)."""
 
-    def __init__(
-        self, stacks: list[list[Work]], single: partial[None], params: tuple[bool, float, float]
-    ) -> None:
+    def __init__(self, stacks: list[list[Work]], single: partial[None]) -> None:
         self.stacks = stacks
-        self.single = single
-        self.params = params  # align, max_shift, align_search
+        self.single = single  # finish_one with the batch's align, max_shift, align_search
         self.ticket: Ticket | None = None
         self.done = False
 
@@ -253,7 +250,9 @@ class Pending:
             if isinstance(result, StackResult) and _take_result(group, result):
                 continue
             try:
-                apply_result(group, run_job(job_for(group, *self.params)))
+                kw = self.single.keywords
+                job = job_for(group, kw["align"], kw["max_shift"], kw["align_search"])
+                apply_result(group, run_job(job))
             except Exception:  # a bug in the batched path: the rows go the slow way instead
                 logger.exception("batched preparation failed; preparing %d one by one", len(group))
                 for w in group:

@@ -50,7 +50,6 @@ class StackJob:
     max_shift: float
     search: float
     bundle_path: str = ""  # the bundle the rows were given to (for the graphs, if run there)
-    bundle_id: str = ""
     manifest_digest: str = ""  # Predictor.manifest_digest of the bundle the registry serves
 
 
@@ -97,12 +96,11 @@ def job_for(
         element=first.spectrum.element,
         edge=first.spectrum.edge,
         prep=predictor.manifest.prep,
-        metas=[dict(w.spectrum.meta) for w in group if w.spectrum is not None],
+        metas=[w.spectrum.meta for w in group if w.spectrum is not None],  # run_job copies
         align=align,
         max_shift=max_shift,
         search=search,
         bundle_path=str(predictor.path) if with_bundle else "",
-        bundle_id=predictor.bundle_id if with_bundle else "",
         manifest_digest=predictor.manifest_digest if with_bundle else "",
     )
 
