@@ -768,6 +768,28 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
     assert all(width is None for herfd, width in seen if herfd is None)
 
 
+def test_a_reopened_runs_herfd_survives_batches_in_flight(
+    registry: ModelRegistry, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches begun before the last one ended (as with a preparation process): a run closed
+    in one and reopened under its uid with ``herfd`` in the next keeps that declaration for
+    its later batches (it was dropped when the first batch ended after the second began)."""
+    monkeypatch.setattr(Predictor, "with_herfd_hint", lambda self, spectrum, pred: pred)
+    pipeline = Pipeline(registry, counters, clock=Clock(T0 + 0.004))
+    first = pipeline.begin([opened("raw-r"), scan("raw-r", 0, "Cu2O"), closed("raw-r")])
+    second = pipeline.begin([opened("raw-r", herfd=1.5), scan("raw-r", 0, "Cu2O")])
+    docs = pipeline.end(first) + pipeline.end(second)
+    docs += pipeline.handle_batch([scan("raw-r", 1, "Cu2O"), closed("raw-r")])
+    validate(docs)
+    assert ["herfd_broadened" in row["flags"] for row in events(docs)] == [False, True, True]
+    assert [d["exit_status"] for n, d in docs if n == "stop"] == ["success", "success"]
+    assert "raw-r" not in pipeline._herfd
+    reopened = pipeline.begin([opened("raw-s", herfd=True), scan("raw-s", 0, "Cu2O")])
+    pipeline.end(reopened)
+    pipeline.close_all("shutdown")  # forgets the declarations of the runs it stops
+    assert pipeline._herfd == {}
+
+
 def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
     registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

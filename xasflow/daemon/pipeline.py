@@ -222,6 +222,11 @@ class Pipeline:
                 )
             elif isinstance(out, RunOpened) and "herfd" in out.start:
                 self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
+            elif isinstance(out, RunClosed):
+                # here, in the outputs' order, not in ``end``: with batches in flight a run
+                # closed in one batch and reopened under its uid in the next (begun before the
+                # first ended) would otherwise lose the new declaration for its later batches
+                self._herfd.pop(out.raw_uid, None)
         pending = prepare_works(
             list(works.values()),
             align=self.align,
@@ -275,6 +280,7 @@ class Pipeline:
         """Stop every open analysis run (exit_status "abort"), e.g. at shutdown."""
         docs: list[Doc] = []
         for raw_uid in list(self._runs):
+            self._herfd.pop(raw_uid, None)
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
 
@@ -404,7 +410,6 @@ class Pipeline:
             self.recommendations.close(out.raw_uid)
             self._recommend_due.pop(out.raw_uid, None)
         run = self._runs.pop(out.raw_uid, None)
-        self._herfd.pop(out.raw_uid, None)
         self.herfd_hints.forget(out.raw_uid)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)
