@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from xasflow.models.batch import TaskArrays, make_consistent
 from xasflow.models.bundle import TaskSpec
@@ -56,3 +57,30 @@ def test_the_cn_answer_decides_the_motif_or_leaves_it_blank() -> None:
         "CN4-square co-planar",
     ]
     assert list(tasks["environment"].point()) == ["CN4-tetrahedral", None]
+
+
+def test_a_classifier_is_calibrated_as_the_public_functions_say_and_refuses_nan() -> None:
+    """``decode_task`` checks a batch's probabilities once and then calibrates without checking
+    again: its answers equal ``apply_temperature`` and ``prediction_sets`` step by step, and a
+    graph output with NaN still raises (the daemon rejects the spectrum ``prediction_error``)."""
+    from xasflow.models.batch import decode_task
+    from xasflow.models.bundle import ConformalSpec
+    from xasflow.models.uncertainty import apply_temperature, prediction_sets
+
+    spec = _spec(
+        "classifier",
+        classes=[4, 6, 9],
+        temperature=1.7,
+        conformal=ConformalSpec(alpha=0.1, method="lac", qhat=0.8),
+    )  # one tree graph "g.onnx" (output "probabilities")
+    raw = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.0, 0.0, 2.0]], dtype=np.float32)
+    got = decode_task(spec, {"g.onnx": {"probabilities": raw}}, 3)
+    p = raw.astype(np.float64)
+    p /= p.sum(axis=1, keepdims=True)
+    expected = apply_temperature(p, 1.7)
+    assert np.array_equal(got.probabilities, expected)
+    assert np.array_equal(got.sets, prediction_sets(expected, 0.8, "lac"))
+    assert got.index.tolist() == [0, 1, 2]
+    raw[1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        decode_task(spec, {"g.onnx": {"probabilities": raw}}, 3)

@@ -18,11 +18,11 @@ import numpy as np
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
 from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import (
-    apply_temperature,
     combined_ood,
     intervals,
-    prediction_sets,
+    set_mask,
     spread_score,
+    tempered,
 )
 
 _CN_OF_LABEL = re.compile(r"^CN(\d+)-")
@@ -84,11 +84,10 @@ class TaskArrays:
 
     def _classifier_rows(self) -> list[TaskResult]:
         assert self.index is not None and self.probabilities is not None
-        labels: list[Any] = [_plain(c) for c in self.spec.classes or []]
-        keys = [str(c) for c in labels]
+        labels, keys = _labels(tuple(self.spec.classes or ()))
         chosen = self.index.tolist()
         if self.blank is not None and self.blank.any():  # None: one past the labels
-            labels.append(None)
+            labels = (*labels, None)
             chosen = np.where(self.blank, len(labels) - 1, self.index).tolist()
         probs = self.probabilities.tolist()
         if self.sets is None:
@@ -157,12 +156,13 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
     if spec.kind == "classifier":
         probs = np.clip(mean, 0.0, None)
         probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        if not np.isfinite(probs).all():  # checked once here, not in each step below
+            raise ValueError("probabilities contain NaN or infinity")
         if spec.temperature is not None:
-            probs = apply_temperature(probs, spec.temperature)
-        sets = prediction_sets(probs, conf.qhat, conf.method) if conf is not None else None
-        return TaskArrays(
-            spec, values=probs, index=np.argmax(probs, axis=1), probabilities=probs, sets=sets
-        )
+            probs = tempered(probs, spec.temperature)
+        top = np.argmax(probs, axis=1)
+        sets = set_mask(probs, conf.qhat, conf.method, top) if conf is not None else None
+        return TaskArrays(spec, values=probs, index=top, probabilities=probs, sets=sets)
     if spec.kind == "regressor":
         values = mean[:, 0]
         std = member_spread(raw, spec, n)
@@ -175,6 +175,22 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
             interval = np.column_stack([lo, hi])
         return TaskArrays(spec, values=values, interval=interval, std=std)
     return TaskArrays(spec, values=mean)
+
+
+@lru_cache(maxsize=64)
+def _labels(classes: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """A class list as Python scalars and as text keys, worked out once per list (the
+    decoder needs both for every batch)."""
+    labels = tuple(_plain(c) for c in classes)
+    return labels, tuple(str(c) for c in labels)
+
+
+@lru_cache(maxsize=64)
+def _class_ints(classes: tuple[Any, ...]) -> np.ndarray:
+    """A CN class list as integers, parsed once per list."""
+    arr = np.asarray([_plain(c) for c in classes]).astype(np.int64)
+    arr.setflags(write=False)  # shared between calls
+    return arr
 
 
 @lru_cache(maxsize=64)
@@ -201,9 +217,9 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
-    env_cn = _label_cns(tuple(str(c) for c in env.spec.classes or []))
-    cn_values = np.asarray([_plain(c) for c in cn.spec.classes or []])[cn.index]
-    allowed = env_cn[None, :] == np.asarray(cn_values, dtype=np.int64)[:, None]
+    env_cn = _label_cns(_labels(tuple(env.spec.classes or ()))[1])
+    cn_values = _class_ints(tuple(cn.spec.classes or ()))[cn.index]
+    allowed = env_cn[None, :] == cn_values[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)
     best = np.argmax(masked, axis=1)
     has = allowed.any(axis=1)

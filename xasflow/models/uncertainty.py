@@ -7,6 +7,7 @@ these functions take (temperature, conformal thresholds, OOD projection) are fit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,12 +37,20 @@ def apply_temperature(probs: np.ndarray, temperature: float, eps: float = PROB_E
     Working on log-probabilities lets one temperature calibrate forests, networks and their
     averages alike; T > 1 softens overconfident answers, T < 1 sharpens timid ones.
     """
-    if not (np.isfinite(temperature) and temperature > 0):
+    return tempered(np.clip(_probs2d(probs), 0.0, None), temperature, eps)
+
+
+def tempered(p: np.ndarray, temperature: float, eps: float = PROB_EPS) -> np.ndarray:
+    """:func:`apply_temperature` of probabilities already checked: ``p`` finite, (n, K) float,
+    non-negative (the decoder checks each batch once, not once per step)."""
+    if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    logits = np.log(np.clip(_probs2d(probs), 0.0, None) + eps) / temperature
+    logits = np.log(p + eps)
+    logits /= temperature
     logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    e = np.exp(logits, out=logits)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def _aps_cumulative(p: np.ndarray) -> np.ndarray:
@@ -55,7 +64,10 @@ def _aps_cumulative(p: np.ndarray) -> np.ndarray:
 
 def class_scores(probs: np.ndarray, method: str) -> np.ndarray:
     """Nonconformity of every (row, class) pair: LAC ``1 - p``, APS the cumulative mass to it."""
-    p = _probs2d(probs)
+    return _scores(_probs2d(probs), method)
+
+
+def _scores(p: np.ndarray, method: str) -> np.ndarray:
     if method == "lac":
         return 1.0 - p
     if method == "aps":
@@ -69,11 +81,16 @@ def prediction_sets(probs: np.ndarray, qhat: float, method: str = "lac") -> np.n
     A class is in the set when its nonconformity score is at most ``qhat``, the threshold
     fitted on calibration rows for the bundle's coverage.
     """
-    if np.isnan(qhat):
-        raise ValueError("qhat is NaN")
     p = _probs2d(probs)
-    mask = class_scores(p, method) <= qhat
-    mask[np.arange(len(p)), np.argmax(p, axis=1)] = True
+    return set_mask(p, qhat, method, np.argmax(p, axis=1))
+
+
+def set_mask(p: np.ndarray, qhat: float, method: str, top: np.ndarray) -> np.ndarray:
+    """:func:`prediction_sets` of checked probabilities ``p`` whose argmax per row is ``top``."""
+    if math.isnan(qhat):
+        raise ValueError("qhat is NaN")
+    mask = _scores(p, method) <= qhat
+    mask[np.arange(len(p)), top] = True
     return mask
 
 
