@@ -20,12 +20,17 @@ read on a :class:`~xasflow.adapters.live_clock.LiveClock`: a process that was st
 the store gets its time to commit once the process runs again. ``close`` sends what is held
 (waiting for the store as above); documents it cannot send in time are counted in
 ``dropped_on_close``, and documents the publisher refused in ``publish_errors``.
+
+:meth:`CommitGate.drained` waits until every document handed over so far has left the gate:
+the Kafka input commits its offsets only after that and the publisher's flush, so a result
+still held here (or released but not yet produced) is never covered by a commit.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +64,9 @@ class CommitGate:
         self._submitted = 0  # store rows handed to the store so far
         self._resolved = 0  # ... committed or refused
         self._requested = 0  # rows covered by the last commit request
+        self._taken = 0  # documents handed to the gate (under _cond)
+        self._left = 0  # ... that have left it: published or refused (under _out)
+        self._out = threading.Condition()
         self._closing = False
         self.published = 0
         self.released_unstored = 0
@@ -89,7 +97,22 @@ class CommitGate:
         """Hold ``doc`` until the rows submitted so far are resolved (never blocks)."""
         with self._cond:
             self._held.append((self._submitted, self.clock(), name, doc))
+            self._taken += 1
             self._cond.notify()
+
+    def drained(self, timeout: float) -> bool:
+        """Whether every document handed over before this call has left the gate (passed to
+        the publisher: sent, or refused and counted) within ``timeout`` seconds."""
+        with self._cond:
+            target = self._taken
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._out:
+            while self._left < target:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    return False
+                self._out.wait(left_s)
+        return True
 
     def _next(self) -> tuple[str, dict[str, Any], bool] | None:
         """Wait for the head document to be due; it, and whether it goes out unstored (None:
@@ -146,6 +169,9 @@ class CommitGate:
             except Exception:
                 self.publish_errors += 1
                 logger.exception("cannot publish %s document", name)
+            with self._out:
+                self._left += 1
+                self._out.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is held (waiting for the store up to ``timeout_s`` each), then stop;

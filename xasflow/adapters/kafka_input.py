@@ -201,6 +201,12 @@ class KafkaDocumentSource:
         with self._lock:
             return self._offsets.abandoned()
 
+    def runs_ended(self, uids: list[str]) -> None:
+        """Runs the processor closed without their stop (run timeout): they no longer hold
+        their partition's commit at their start once the turn is processed."""
+        with self._lock:
+            self._offsets.runs_ended(uids)
+
     # ------------------------------------------------------------------ reading
 
     def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:

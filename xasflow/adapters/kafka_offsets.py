@@ -6,8 +6,13 @@ pipeline and the sinks. A partition's *committable* offset is the one after its 
 processed document, but never past the start document of a run still open on it (a run's
 state lives in memory until its stop, so a restart must see it again from its start).
 Each assignment of a partition has its own generation: a document queued under an earlier
-one is not taken, and a commit snapshot only counts for partitions still in the same one.
-A partition that goes (revoked or lost) hands its open runs over to the member that gets it.
+one is not taken, a stop taken under one closes nothing in the next, and a commit snapshot
+only counts for partitions still in the same one. A partition that goes (revoked or lost)
+hands its open runs over to the member that gets it (which may be this one again: the
+processor then analyses the run afresh from its replayed start). A run the assembler closed
+without its stop (its run timeout: :meth:`PartitionOffsets.runs_ended`) no longer holds the
+commit back: it is closed for good, its results are in the store, and a replay of it would
+only be rejected as late.
 Lag is the broker's high watermark less the processed offset (:func:`broker_lag`).
 
 Nothing here locks: :class:`~xasflow.adapters.kafka_input.KafkaDocumentSource` calls it
@@ -33,7 +38,8 @@ class PartitionOffsets:
         self.taken: dict[TP, int] = {}  # next offset after the last document taken
         self.processed: dict[TP, int] = {}  # ... after the last one processed
         self.open: dict[TP, dict[str, int]] = {}  # runs open per partition: start offset
-        self._closing: list[tuple[TP, str]] = []  # stops taken, not yet processed
+        self._closing: list[tuple[TP, int, str]] = []  # stops taken, not yet processed
+        self._ended: list[str] = []  # runs closed without a stop, not yet processed
         self.committed: dict[TP, int] = {}
         self.lag: dict[TP, int] = {}
         self._abandon: list[tuple[str, str]] = []
@@ -55,17 +61,28 @@ class PartitionOffsets:
         if name == "start" and isinstance(doc.get("uid"), str):
             self.open.setdefault(tp, {}).setdefault(doc["uid"], offset)
         elif name == "stop" and isinstance(doc.get("run_start"), str):
-            self._closing.append((tp, doc["run_start"]))
+            self._closing.append((tp, gen, doc["run_start"]))
         return True
 
+    def runs_ended(self, uids: list[str]) -> None:
+        """Runs the assembler closed without their stop (run timeout): done at the next
+        :meth:`mark_processed`, wherever they are open."""
+        self._ended.extend(uids)
+
     def mark_processed(self) -> None:
-        """Everything taken so far has gone to the sinks; runs whose stop was taken are done."""
+        """Everything taken so far has gone to the sinks; runs whose stop was taken (under
+        the partition's present assignment) or that ended without one are done."""
         for tp, offset in self.taken.items():
             if tp in self.gen:
                 self.processed[tp] = offset
-        for tp, run in self._closing:
-            self.open.get(tp, {}).pop(run, None)
+        for tp, gen, run in self._closing:
+            if self.gen.get(tp) == gen:  # not a stop of an earlier assignment's copy
+                self.open.get(tp, {}).pop(run, None)
         self._closing.clear()
+        for run in self._ended:
+            for runs in self.open.values():
+                runs.pop(run, None)
+        self._ended.clear()
 
     def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:
         """Offsets (of ``tps``, default all assigned) past what is committed that the rule allows."""

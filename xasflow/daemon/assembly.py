@@ -172,14 +172,23 @@ class RunAssembler:
         self._out = []
         return out
 
-    def abandon(self, raw_uid: str, reason: str) -> list[Output]:
-        """Close one open run without its stop (exit_status "abort"); nothing if not open."""
+    def abandon(self, raw_uid: str, reason: str, *, replayable: bool = False) -> list[Output]:
+        """Close one open run without its stop (exit_status "abort"); nothing if not open.
+
+        ``replayable``: its documents may come again from its start (a Kafka partition
+        handed over, which may come back to this daemon): its uids are forgotten instead of
+        kept for late documents, so a replay opens the run afresh.
+        """
         out: list[Output] = []
         self._out = out
         self._now = self.clock()
         run = self._runs.get(raw_uid)
         if run is not None:
             run.abandon("abort", reason)
+            if replayable:
+                self._closed_runs.pop(raw_uid, None)
+                for desc in (*run.streams, *run.ignored):
+                    self._closed_descriptors.pop(desc, None)
         self._out = []
         return out
 

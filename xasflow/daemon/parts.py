@@ -251,6 +251,7 @@ def build_processor(
     if cfg.input.kind == "kafka":  # the commit rule's hooks
         proc.on_processed = p.source.mark_processed
         proc.abandoned = p.source.abandoned
+        proc.runs_ended = p.source.runs_ended
     if p.gate is not None:
         proc.sinks.append(p.gate)  # publishes once the store holds the rows
     elif p.publisher is not None:

@@ -22,11 +22,14 @@ that stood still (SIGSTOP, swapping) or fell behind therefore never times out a 
 documents are waiting in its own input; those documents used to come back as ``late_document``
 rejections, and the run's stop then said nothing of them.
 
-Input hooks (the Kafka input's commit rule): after every turn, runs the input no longer
-owns (``abandoned()``: ``(raw uid, reason)``, a partition moved to another daemon) are
-closed with that reason, then ``on_processed()`` says that every document taken so far has
-gone to the sinks. A raw start of a run a killed predecessor left open (redelivered by
-Kafka) resumes it: the run is analysed anew and the store skips the rows it holds.
+Input hooks (the Kafka input's commit rule): before every start document and after every
+turn, runs the input no longer owns (``abandoned()``: ``(raw uid, reason)``, a partition
+moved to another daemon) are closed with that reason and forgotten, so that a partition
+which comes back here replays them from their start as new runs; runs closed by
+their run timeout are reported (``runs_ended(uids)``: they no longer hold a commit back);
+after the turn ``on_processed()`` says that every document taken so far has gone to the
+sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka) resumes
+it: the run is analysed anew and the store skips the rows it holds.
 
 With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
 batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
@@ -54,7 +57,7 @@ from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.batching import BatchPolicy, RateMeter
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.outputs import Output, SpectrumReady
+from xasflow.daemon.outputs import Output, RunClosed, SpectrumReady
 from xasflow.daemon.pipeline import Batch, Pipeline
 
 __all__ = ["Processor", "Sink"]
@@ -101,8 +104,10 @@ class Processor:
         self.on_processed: Callable[[], None] | None = None
         #: Told of every raw run start (not probes), e.g. to make its analysis table ahead.
         self.on_raw_start: Callable[[dict[str, Any]], None] | None = None
-        #: Called after each turn: runs to close now, ``[(raw uid, reason)]``.
+        #: Called at the start of each turn: runs to close now, ``[(raw uid, reason)]``.
         self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
+        #: Told the raw uids of runs closed by their run timeout (no stop will close them).
+        self.runs_ended: Callable[[list[str]], None] | None = None
         self.internal_errors = 0
         #: Batches begun and not yet ended: at most one in flight with a preparation process.
         self._pending: deque[Batch] = deque()
@@ -156,10 +161,18 @@ class Processor:
             self.rate.add(len(items) - queued, time.monotonic())
         return items
 
-    def _after_turn(self) -> None:
+    def _handed_over(self) -> list[Output]:
+        """Runs the input no longer owns, closed and forgotten. Asked before each start and
+        after each turn: a replay of such a run (its partition came back here) begins with
+        its start, queued after the hand-over, so the run is closed before it reopens, and
+        its documents taken before the hand-over still went to it."""
+        out: list[Output] = []
         if self.abandoned is not None:
             for raw_uid, reason in self.abandoned():
-                self.analyse(self.assembler.abandon(raw_uid, reason))
+                out.extend(self.assembler.abandon(raw_uid, reason, replayable=True))
+        return out
+
+    def _after_turn(self) -> None:
         if self.on_processed is not None:
             self._complete(0)  # "every document taken went to the sinks": none in flight
             self.on_processed()
@@ -181,14 +194,20 @@ class Processor:
             if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
                 self._close_interrupted(run_start, raw_stop=doc)
                 continue
+            if name == "start":  # a replay of a handed-over run must find it closed
+                outputs.extend(self._handed_over())
             fed = self.assembler.feed(name, doc)
             outputs.extend(fed)
             spectra += sum(isinstance(o, SpectrumReady) for o in fed)
             if spectra >= self.batching.max_spectra:  # a backlog: publish as we go, not at the end
                 self.analyse(outputs)
                 outputs, spectra = [], 0
+        outputs.extend(self._handed_over())
         if check:
-            outputs.extend(self.assembler.check_timeouts())
+            timed_out = self.assembler.check_timeouts()
+            if self.runs_ended is not None:
+                self.runs_ended([o.raw_uid for o in timed_out if isinstance(o, RunClosed)])
+            outputs.extend(timed_out)
             if self.interrupted:
                 for raw_uid in self.interrupted.expired():
                     self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
@@ -197,6 +216,7 @@ class Processor:
     def _finish(self) -> None:
         self._complete(0)
         try:
+            self.analyse(self._handed_over())
             self._after_turn()
         except Exception:
             logger.exception("the input's last hooks failed")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,11 +144,17 @@ class Daemon:
 
     def _durable(self, timeout: float) -> bool:
         """Everything handed to the sinks so far is committed in the store and, with a
-        Kafka output, acknowledged by the broker (the Kafka input commits only after this)."""
+        Kafka output, acknowledged by the broker (the Kafka input commits only after this).
+        With ``output.after_store`` the documents wait in the gate until the store holds
+        their rows, so the gate must have let them all out before the publisher's flush."""
+        deadline = time.monotonic() + timeout
         if self.parts.store is not None and not self.parts.store.flush(timeout):
             return False
+        gate = self.parts.gate
+        if gate is not None and not gate.drained(max(deadline - time.monotonic(), 0.0)):
+            return False
         flush = getattr(self.parts.publisher, "flush", None)
-        return flush(timeout) if flush is not None else True
+        return flush(max(deadline - time.monotonic(), 0.0)) if flush is not None else True
 
     def _acknowledge(self) -> None:
         self.view.row_acknowledged()  # called from the store's writer thread

@@ -1,0 +1,176 @@
+"""The Kafka commit rule through the real processing loop, no broker needed: documents are
+queued as the receive thread queues them, and rebalances are the consumer's callbacks.
+
+What must hold: a partition that comes back to the same daemon replays its handed-over runs
+as new runs, analysed in full; a stop taken under an earlier assignment closes nothing in the
+next; a run closed by its run timeout no longer holds the partition's commit; and the
+durability check behind every commit waits for the documents the commit gate still holds.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed")
+
+from helpers import RecordingPipeline, fly_scan
+
+from xasflow.adapters.commit_gate import CommitGate
+from xasflow.adapters.kafka_bus import KafkaInputSettings
+from xasflow.adapters.kafka_input import KafkaDocumentSource, _Item
+from xasflow.adapters.kafka_offsets import PartitionOffsets
+from xasflow.daemon.assembly import RunAssembler
+from xasflow.daemon.config import AnalysisConfig, DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.outputs import Rejected, RunClosed, RunOpened, SpectrumReady
+from xasflow.daemon.processor import Processor
+from xasflow.daemon.service import Daemon
+
+TP = ("t", 0)
+PARTITION = [SimpleNamespace(topic="t", partition=0)]
+
+
+def _setup() -> tuple[KafkaDocumentSource, Processor, RecordingPipeline]:
+    source = KafkaDocumentSource(KafkaInputSettings(topics=("t",)), durable=lambda t: True)
+    rec = RecordingPipeline()
+    proc = Processor(source.get, RunAssembler(), rec, Counters(), AnalysisConfig())  # type: ignore[arg-type]
+    proc.on_processed = source.mark_processed
+    proc.abandoned = source.abandoned
+    proc.runs_ended = source.runs_ended
+    return source, proc, rec
+
+
+def _queue(source: KafkaDocumentSource, docs: list[tuple[str, Any]], first: int = 0) -> None:
+    gen = source._offsets.gen[TP]
+    for offset, (name, doc) in enumerate(docs, start=first):
+        source._queue.put(_Item(name, doc, TP, offset, gen))
+
+
+def _turn(proc: Processor, rec: RecordingPipeline, *, check: bool = False) -> list[Any]:
+    """One pass of the processing loop; the outputs it handed to the pipeline."""
+    before = len(rec.outputs)
+    proc._turn(proc._take(1000), check=check)
+    proc._after_turn()
+    return rec.outputs[before:]
+
+
+def _spectra(n: int) -> tuple[str, list[tuple[str, Any]]]:
+    energy = np.linspace(8800.0, 9120.0, 50)
+    return fly_scan(energy, [{"I0": np.full(50, 1e9), "It": np.full(50, 5e8)}] * n)
+
+
+def test_a_partition_that_comes_back_replays_its_runs_as_new_runs() -> None:
+    """Lost mid-run and assigned to this daemon again: the partial run is closed with the
+    hand-over's reason, then the replay from its start is analysed in full (it was rejected
+    ``duplicate_start`` and ``late_document`` while the commit went past it), and the commit
+    passes the run only once it is done."""
+    source, proc, rec = _setup()
+    uid, docs = _spectra(4)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs[:4])  # start, descriptor, two events
+    first = _turn(proc, rec)
+    assert [type(o) for o in first] == [RunOpened, SpectrumReady, SpectrumReady]
+    assert source.committable() == {TP: 0}
+    source._on_lost(None, PARTITION)
+    source._on_assign(None, PARTITION)  # back here: the broker redelivers from the commit
+    _queue(source, docs)
+    replay = _turn(proc, rec)
+    assert not [o for o in replay if isinstance(o, Rejected)]
+    closed, opened = replay[0], replay[1]
+    assert isinstance(closed, RunClosed) and closed.raw_uid == uid
+    assert closed.exit_status == "abort" and closed.reason.startswith("lost: partition t[0]")
+    assert isinstance(opened, RunOpened) and opened.raw_uid == uid
+    assert sum(isinstance(o, SpectrumReady) for o in replay) == 4
+    assert isinstance(replay[-1], RunClosed) and replay[-1].exit_status == "success"
+    assert source.committable() == {TP: len(docs)}
+    assert source.stats()["runs_handed_over"] == 1
+
+
+def test_documents_taken_before_the_hand_over_still_go_to_the_old_copy() -> None:
+    """The hand-over is acted on before the replay's start, not before the turn: events of
+    the first assignment taken in the same turn still reach their run (no ``unknown_run``)."""
+    source, proc, rec = _setup()
+    uid, docs = _spectra(3)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs[:3])  # start, descriptor, one event
+    _turn(proc, rec)
+    _queue(source, docs[3:4])  # the second event, queued under the first assignment
+    item = source.get(0)  # taken before the partition is lost, processed in the next turn
+    assert item is not None
+    source._on_lost(None, PARTITION)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs)
+    proc._turn([item, *proc._take(1000)], check=False)
+    proc._after_turn()
+    out = rec.outputs
+    assert not [o for o in out if isinstance(o, Rejected)]
+    kinds = [type(o).__name__ for o in out]
+    assert kinds[:4] == ["RunOpened", "SpectrumReady", "SpectrumReady", "RunClosed"]
+    assert kinds[4] == "RunOpened" and kinds[-1] == "RunClosed"
+    assert sum(isinstance(o, SpectrumReady) for o in out[4:]) == 3
+    assert all(o.raw_uid == uid for o in out if isinstance(o, RunOpened | RunClosed))
+
+
+def test_a_stop_taken_under_an_earlier_assignment_closes_nothing_in_the_next() -> None:
+    offsets = PartitionOffsets()
+    offsets.assign([TP])
+    g1 = offsets.gen[TP]
+    offsets.take(TP, g1, 0, "start", {"uid": "R"})
+    offsets.take(TP, g1, 1, "stop", {"run_start": "R"})  # taken, not yet processed
+    offsets.hand_over([TP], "lost", "group")
+    offsets.assign([TP])
+    g2 = offsets.gen[TP]
+    offsets.take(TP, g2, 0, "start", {"uid": "R"})  # the replay: R is open again
+    offsets.take(TP, g2, 1, "descriptor", {"uid": "d", "run_start": "R"})
+    offsets.mark_processed()
+    assert offsets.committable() == {TP: 0}  # held at R's start, not past it
+
+
+def test_a_run_closed_by_its_timeout_no_longer_holds_the_commit() -> None:
+    """A run whose stop never comes is closed by the run timeout; later complete runs on the
+    partition are then committable (the commit stayed at its start for good)."""
+    source, proc, rec = _setup()
+    _, stopless = _spectra(2)
+    source._on_assign(None, PARTITION)
+    _queue(source, stopless[:-1])
+    _turn(proc, rec)
+    asm = proc.assembler
+    asm.check_timeouts = lambda: RunAssembler.check_timeouts(asm, now=asm.clock() + 1e4)  # type: ignore[method-assign]
+    out = _turn(proc, rec, check=True)
+    assert [(type(o), o.exit_status) for o in out] == [(RunClosed, "timeout")]
+    _, complete = _spectra(1)
+    _queue(source, complete, first=len(stopless) - 1)
+    _turn(proc, rec)
+    assert source.committable() == {TP: len(stopless) - 1 + len(complete)}
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.sent.append(name)
+
+    def flush(self, timeout: float) -> bool:
+        return True  # nothing produced is pending: the gate still holds it
+
+
+def test_durability_waits_for_what_the_commit_gate_holds() -> None:
+    """With ``output.after_store`` a document waits in the gate for its row; the check every
+    Kafka commit waits for is false while it is held, true once it has gone out."""
+    pub = _Publisher()
+    gate = CommitGate(pub, timeout_s=30.0)
+    daemon = Daemon(DaemonConfig())
+    daemon.parts.publisher, daemon.parts.gate = pub, gate  # type: ignore[assignment]
+    try:
+        gate.row_submitted()
+        gate("event", {"seq_num": [1]})
+        assert daemon._durable(0.2) is False and pub.sent == []
+        gate.row_resolved()  # the store committed the row: the gate lets the document go
+        assert daemon._durable(5.0) is True and pub.sent == ["event"]
+    finally:
+        gate.close(2.0)
