@@ -170,3 +170,82 @@ def test_moved_forgets_exactly_the_rows_named(tmp_path: Path) -> None:
     journal.moved("raw", [])
     assert journal.counts()["journal_rows"] == 710 - len(gone)
     journal.close()
+
+
+def _seqs(store: AnalysisStore, raw_uid: str) -> list[int]:
+    return sorted(int(s) for s in read_analysis(store, raw_uid)[1]["seq_num"])
+
+
+def test_a_run_closed_and_reopened_at_once_keeps_the_new_copys_rows(tmp_path: Path) -> None:
+    """A Kafka partition that comes back replays a handed-over run: its close and the new
+    copy's open and rows reach the store in one turn, before the writer has written the
+    close. Closing the first copy must not forget the rows journalled for the second: every
+    acknowledged row is in the catalog or still in the journal, and the record is open."""
+    acked: list[int] = []
+    with AnalysisStore(tmp_path / "s", journal=True, flush_interval=30.0) as store:
+        store.open_run("R", {"uid": "a1"}, DESCRIPTOR)
+        store.add_events("R", [_row(1), _row(2)])
+        assert store.flush(30)
+        go, busy = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=store._call, args=(lambda: (busy.set(), go.wait(30)), 60))
+        blocker.start()
+        assert busy.wait(10)  # the writer is busy: what follows waits in its queue
+        store.close_run("R", {"uid": "stop-1", "exit_status": "abort", "reason": "lost"})
+        store.open_run("R", {"uid": "a2"}, DESCRIPTOR)
+        ack = lambda s: lambda: acked.append(s)  # noqa: E731
+        for seq in range(1, 6):
+            store.add_event("R", _row(seq), on_stored=ack(seq))
+        go.set()
+        blocker.join()
+        store._call(lambda: None, 30)  # the writer has handled the close and the reopen
+        for seq in (6, 7):
+            store.add_event("R", _row(seq), on_stored=ack(seq))
+        assert acked == [1, 2, 3, 4, 5, 6, 7]
+        (run,) = Journal(tmp_path / "s" / JOURNAL_FILE).pending()
+        assert run.raw_uid == "R" and run.stop is None  # open again: no stop recorded
+        in_journal = {int(r["seq_num"]) for r in run.rows}
+        assert set(acked) <= in_journal | set(_seqs(store, "R"))  # a crash now loses none
+        assert read_analysis(store, "R")[0]["stop"] is None  # the first copy's stop went
+        store.close_run("R", {"uid": "stop-2", "exit_status": "success"})
+        assert store.flush(30)
+        assert _seqs(store, "R") == [1, 2, 3, 4, 5, 6, 7]
+        assert read_analysis(store, "R")[0]["stop"]["uid"] == "stop-2"
+    assert Journal(tmp_path / "s" / JOURNAL_FILE).counts() == {
+        "journal_runs": 0,
+        "journal_rows": 0,
+    }
+
+
+def test_rows_the_catalog_would_not_take_stay_in_the_journal_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose append fails past the retries (a locked or full disk) was acknowledged
+    from the journal; the run's close no longer forgets those rows, and the next start
+    replays them into the catalog."""
+    from tiled.adapters.sql import SQLAdapter
+
+    real = SQLAdapter.append_partition
+    failures = {"left": 4}  # more than the writer's retries
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError("disk I/O error")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    acked: list[int] = []
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        store.add_events("R", [_row(s) for s in (1, 2, 3)], on_stored=lambda: acked.append(1))
+        assert store.flush(30)
+        store.close_run("R", {"uid": "z", "exit_status": "success"})
+        assert store.flush(30)
+        assert store.stats()["errors"] == 1 and len(acked) == 3
+    journal = Journal(tmp_path / "s" / JOURNAL_FILE)
+    assert journal.counts() == {"journal_runs": 1, "journal_rows": 3}
+    with AnalysisStore(tmp_path / "s", journal=True) as store:  # the next start
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        assert sorted(frame["seq_num"]) == [1, 2, 3] and meta["stop"]["exit_status"] == "success"
+    assert journal.counts() == {"journal_runs": 0, "journal_rows": 0}

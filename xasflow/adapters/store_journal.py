@@ -99,10 +99,12 @@ class Journal:
             self._db.execute(statement)
 
     def open_run(self, raw_uid: str, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
-        """Record a run's start and descriptor (a reopened run keeps the first ones)."""
+        """Record a run's start and descriptor (a reopened run keeps the first ones, and is
+        open again: a stop recorded for it goes)."""
         with self._lock:
             self._db.execute(
-                "INSERT OR IGNORE INTO runs (raw_uid, start, descriptor) VALUES (?, ?, ?)",
+                "INSERT INTO runs (raw_uid, start, descriptor) VALUES (?, ?, ?)"
+                " ON CONFLICT (raw_uid) DO UPDATE SET stop = NULL",
                 (raw_uid, _dumps(start), _dumps(descriptor)),
             )
 
@@ -142,13 +144,24 @@ class Journal:
             )
             self._db.execute("COMMIT")
 
-    def forget_run(self, raw_uid: str) -> None:
-        """Forget a run whose stop the catalog holds (and any rows still listed for it)."""
+    def forget_run(self, raw_uid: str, stop: dict[str, Any] | None = None) -> bool:
+        """Forget a run whose stop the catalog now holds; whether its record went.
+
+        It stays while rows are still listed for it (a batch the catalog could not take: they
+        are replayed at the next start, never dropped here) and, given ``stop``, unless that
+        is still its stop: a run reopened since (a Kafka partition that came back replays it)
+        keeps its record and the rows journalled for the new copy.
+        """
+        sql = (
+            "DELETE FROM runs WHERE raw_uid = ?"
+            " AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.raw_uid = runs.raw_uid)"
+        )
+        args = [raw_uid]
+        if stop is not None:
+            sql += " AND stop = ?"
+            args.append(_dumps(stop))
         with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM rows WHERE raw_uid = ?", (raw_uid,))
-            self._db.execute("DELETE FROM runs WHERE raw_uid = ?", (raw_uid,))
-            self._db.execute("COMMIT")
+            return self._db.execute(sql, args).rowcount > 0
 
     def pending(self) -> list[JournalRun]:
         """Every run the journal holds, with its rows in ``seq_num`` order."""

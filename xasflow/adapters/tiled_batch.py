@@ -54,9 +54,11 @@ def attach_run(root: Any, run: _Run) -> None:
     except httpx.HTTPStatusError as exc:
         if exc.response.status_code != 409:
             raise
-        node = root[run.raw_uid]  # reopened after a restart: keep its metadata as it is
+        node = root[run.raw_uid]  # reopened: after a restart, or replayed after a hand-over
         if node.metadata.get("start") is None and run.metadata.get("start") is not None:
             run.start_due = True  # made ahead of its run (prepare_run): the start still to write
+        if node.metadata.get("stop") is not None:  # open again: an earlier copy's stop goes,
+            node.update_metadata({"stop": None})  # or a crash now would not show it unfinished
     if not created and run.stream in node:
         table = node[run.stream]
         stored = table.structure().arrow_schema_decoded

@@ -214,7 +214,7 @@ class WriterThread:
             self._write_start(run)
         self._catalog(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
         if self._journal_w is not None:
-            self._journal_w.forget_run(raw_uid)
+            self._journal_w.forget_run(raw_uid, stop_doc)
 
     def _finish(self, raw_uid: str, stop_doc: dict) -> None:
         if raw_uid in self._runs or raw_uid not in self._root:
