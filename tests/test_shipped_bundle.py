@@ -163,6 +163,24 @@ def test_shipped_bundle_serves_int8_and_records_it() -> None:
     assert graph["validation_agreement"]["cn"]["argmax_agreement"] >= 0.99
 
 
+def test_shipped_int8_weights_fit_in_seven_bits() -> None:
+    """No weight outside [-64, 64]: onnxruntime's u8 x s8 products on AVX2 CPUs without VNNI
+    add pairs in saturating 16-bit lanes, which full-range weights overflow (the answers then
+    depended on the CPU: CN probabilities up to 0.24 off the float graph on one, 0.04 on
+    another). Seven-bit weights cannot overflow them, so every CPU gives the same answer."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(BUNDLE / "mlp.onnx"))
+    weights = [
+        numpy_helper.to_array(t)
+        for t in graph.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert weights, "no int8 weights: the network graph is not quantised"
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+
+
 def test_declared_herfd_is_answered_as_its_conventional_spectrum() -> None:
     """The demo sites computed as Kalpha1-HERFD (FEFF's core-hole broadening reduced by
     ``herfd_fwhm``; ``xasflow/data/demo_herfd``): declared, each is broadened back to the
