@@ -272,3 +272,15 @@ def test_mu_comes_from_mu_from_channels(cu_xdi: Path) -> None:
     np.testing.assert_array_equal(
         spectrum.meta["reference_mu"], mu_from_channels("reference", IT, IR)
     )
+
+
+def test_nan_energies_are_refused_not_dropped(tmp_path: Path) -> None:
+    """Rows with a NaN energy were sorted last and dropped as "not increasing", so the file
+    came out two points shorter and was predicted, where the daemon and the two-column reader
+    refuse the same data as ``not_finite``."""
+    energy = ENERGY.copy()
+    energy[[1, 3]] = np.nan
+    path = write(tmp_path / "nan.xdi", HEADER + table(energy, I0, IT, IR).replace("nan", "NaN"))
+    with pytest.raises(SpectrumError) as err:
+        xdi_to_spectrum(read_xdi(path))
+    assert err.value.reason == "not_finite" and "2 energies" in str(err.value)

@@ -302,3 +302,34 @@ def test_herfd_spectrum_is_broadened_to_conventional_resolution() -> None:
     with pytest.raises(SpectrumError) as err:
         prepare(Spectrum(energy, edge(0.5), "Cd", meta={"herfd": True}), prep)
     assert err.value.reason == "herfd_width"
+
+
+def test_find_e0_searches_the_whole_scan_without_an_element_or_a_window() -> None:
+    """No element, or ``search`` 0: the steepest point over the whole scan, the same alone and
+    in a stack (alone it raised UnboundLocalError; the daemon rejected the spectrum
+    ``internal_error`` while its stacked neighbours were predicted)."""
+    energy = np.linspace(8900.0, 9100.0, 801)
+    mu = 0.5 + np.arctan((energy - 8983.0) / 1.5) / np.pi
+    for element, search in ((None, 40.0), ("Cu", 0.0)):
+        single = find_e0(Spectrum(energy, mu, element), search=search)
+        stacked, errors = find_e0_batch(energy, mu[None], element, search=search)
+        assert errors == [None] and single == stacked[0]
+        assert single == pytest.approx(8983.0, abs=0.1)
+    prepare(Spectrum(energy, mu, "Cu"), PrepParams(e0_search=0.0))  # prepares, no exception
+
+
+@pytest.mark.parametrize("fwhm", [1e-4, 0.1, 200.0, float("nan")])
+def test_a_declared_herfd_width_outside_the_range_is_refused(fwhm: float) -> None:
+    """Wherever a width comes from (start document, file, configuration, command line): too
+    small a width made the broadening grid explode (1e-4 eV: 15 s per spectrum)."""
+    from xasflow.daemon.config import AnalysisConfig
+    from xasflow.spectra.herfd import FWHM_RANGE, check_fwhm, herfd_width
+
+    energy = np.linspace(8900.0, 9100.0, 801)
+    spectrum = Spectrum(energy, np.ones_like(energy), "Cu", meta={"herfd": fwhm})
+    with pytest.raises(SpectrumError) as err:
+        herfd_width(spectrum)
+    assert err.value.reason == "bad_broadening" and "0.2..50 eV" in str(err.value)
+    with pytest.raises(ValueError, match="HERFD FWHM"):
+        AnalysisConfig(herfd=fwhm)
+    assert check_fwhm(FWHM_RANGE[0]) == 0.2 and check_fwhm(1.02) == 1.02

@@ -193,9 +193,12 @@ def _fwhm(text: str) -> float:
             f"--herfd takes a FWHM in eV, not {text!r} (put the files before --herfd, "
             "or write --herfd=FWHM)"
         ) from None
-    if not 0 < value <= 50:
-        raise argparse.ArgumentTypeError(f"--herfd FWHM must be in (0, 50] eV, not {value:g}")
-    return value
+    from xasflow.spectra.herfd import check_fwhm
+
+    try:
+        return check_fwhm(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--herfd: {exc}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -286,6 +286,9 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
     mu, origin = _mu(x, chosen)
     reference = _reference(x)
     energy = x.energy_ev()
+    if not np.all(np.isfinite(energy)):  # the sort below would drop them without a word
+        bad = int(np.sum(~np.isfinite(energy)))
+        raise SpectrumError("not_finite", f"{bad} energies are NaN or infinite")
     order = np.argsort(energy, kind="stable")
     energy, mu = energy[order], mu[order]
     keep = np.concatenate(([True], np.diff(energy) > 0)) if energy.size else np.zeros(0, bool)

@@ -24,6 +24,7 @@ from xasflow import paths
 from xasflow.daemon.batching import BatchPolicy
 from xasflow.daemon.channels import CHANNEL_DEFAULTS, ChannelMap
 from xasflow.daemon.recommend import RecommenderConfig
+from xasflow.spectra.herfd import check_fwhm
 
 __all__ = [
     "AnalysisConfig",
@@ -279,8 +280,8 @@ class AnalysisConfig(_Section):
     @field_validator("herfd")
     @classmethod
     def _herfd(cls, value: bool | float) -> bool | float:
-        if not isinstance(value, bool) and not 0 < value <= 50:
-            raise ValueError("give true, false or a broadening FWHM in eV (0 < FWHM <= 50)")
+        if not isinstance(value, bool):
+            check_fwhm(value)  # ValueError with the accepted range
         return value
 
     @field_validator("element")

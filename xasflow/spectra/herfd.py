@@ -29,6 +29,20 @@ L3_WIDTHS: dict[str, float] = {
 
 Shape = Literal["lorentzian", "gaussian"]
 
+#: Declared HERFD widths accepted (eV), wherever they come from (configuration, command line,
+#: a start document, a file). Below 0.2 eV the broadening is under any monochromator's
+#: resolution, while its grid (a tenth of the width) and cost grow without bound (1e-4 eV
+#: took 15 s per spectrum); above 50 eV it is no core-hole width.
+FWHM_RANGE = (0.2, 50.0)
+
+
+def check_fwhm(value: float) -> float:
+    """``value`` as a declared HERFD FWHM in eV; ValueError outside :data:`FWHM_RANGE`."""
+    lo, hi = FWHM_RANGE
+    if not lo <= value <= hi:  # NaN too
+        raise ValueError(f"a HERFD FWHM must be within {lo:g}..{hi:g} eV, not {value!r}")
+    return float(value)
+
 
 def herfd_fwhm(element: str | None, edge: str = "K") -> float | None:
     """Lorentzian FWHM (eV) that takes a Kalpha1-HERFD spectrum to the full core-hole width.
@@ -85,7 +99,10 @@ def herfd_width(spectrum: Spectrum) -> float | None:
     if not declared or spectrum.meta.get("broadened_fwhm"):
         return None
     if not isinstance(declared, bool) and isinstance(declared, int | float):
-        return float(declared)
+        try:
+            return check_fwhm(declared)
+        except ValueError as exc:
+            raise SpectrumError("bad_broadening", str(exc)) from None
     width = herfd_fwhm(spectrum.element, spectrum.edge)
     if width is None:
         raise SpectrumError(

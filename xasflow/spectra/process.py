@@ -127,6 +127,7 @@ def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
     """
     energy = spectrum.energy
     lo, hi = float(energy[0]), float(energy[-1])
+    tab = None  # no element, or no window: the whole scan is searched
     if spectrum.element is not None and search > 0:
         try:
             tab = edge_energy(spectrum.element, spectrum.edge)
