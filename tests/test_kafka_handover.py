@@ -115,6 +115,32 @@ def test_documents_taken_before_the_hand_over_still_go_to_the_old_copy() -> None
     assert all(o.raw_uid == uid for o in out if isinstance(o, RunOpened | RunClosed))
 
 
+def test_a_run_whose_start_was_taken_before_the_hand_over_is_still_closed() -> None:
+    """The old assignment's start, taken before the hand-over and fed in the next turn,
+    opens the old copy; the hand-over then closes it with its reason (it stayed open until
+    its run timeout), and the replay that follows in the same turn opens it afresh."""
+    source, proc, rec = _setup()
+    uid, docs = _spectra(2)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs[:1])
+    start = source.get(0)  # taken under the first assignment
+    assert start is not None
+    source._on_lost(None, PARTITION)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs)
+    proc._turn([start, *proc._take(1000)], check=False)
+    proc._after_turn()
+    kinds = [type(o).__name__ for o in rec.outputs]
+    # the old copy got no spectrum: closed as an empty run, with the hand-over's reason
+    assert kinds[:4] == ["RunOpened", "Rejected", "RunClosed", "RunOpened"], kinds
+    assert rec.outputs[1].reason == "empty_run"
+    first_close = rec.outputs[2]
+    assert first_close.exit_status == "abort" and first_close.reason.startswith("lost:")
+    assert not [o for o in rec.outputs[3:] if isinstance(o, Rejected)]
+    assert rec.outputs[-1].exit_status == "success" and rec.outputs[-1].raw_uid == uid
+    assert source.committable() == {TP: len(docs)}
+
+
 def test_a_stop_taken_under_an_earlier_assignment_closes_nothing_in_the_next() -> None:
     offsets = PartitionOffsets()
     offsets.assign([TP])

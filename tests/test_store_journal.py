@@ -27,9 +27,9 @@ def test_rows_are_acknowledged_from_the_journal_while_the_table_is_made(
     made = threading.Event()
     real = tw.attach_run
 
-    def slow_attach(root: Any, run: Any) -> None:  # the catalog takes its time with a new run
+    def slow_attach(root: Any, run: Any, **kw: Any) -> None:  # the catalog takes its time
         assert made.wait(30)
-        real(root, run)
+        real(root, run, **kw)
 
     monkeypatch.setattr(tw, "attach_run", slow_attach)
     acked: list[int] = []
@@ -249,3 +249,21 @@ def test_rows_the_catalog_would_not_take_stay_in_the_journal_for_the_next_start(
         meta, frame = read_analysis(store, "R")
         assert sorted(frame["seq_num"]) == [1, 2, 3] and meta["stop"]["exit_status"] == "success"
     assert journal.counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def test_a_duplicate_raw_start_keeps_a_finished_runs_stop(tmp_path: Path) -> None:
+    """A raw start seen again (redelivered, duplicated) makes its table ahead (prepare_run)
+    and is then rejected as a duplicate: the finished run it names keeps its stop (clearing
+    it made the next start call the run unfinished and write a "fail" stop over it); a run
+    opened again for analysis does lose its old stop."""
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.open_run("R", {"uid": "a1"}, DESCRIPTOR)
+        store.add_events("R", [_row(1)])
+        store.close_run("R", {"uid": "stop-1", "exit_status": "success"})
+        store.prepare_run("R", DESCRIPTOR)
+        assert store.flush(30)
+        assert read_analysis(store, "R")[0]["stop"]["uid"] == "stop-1"
+        assert store.unfinished_runs() == []
+        store.open_run("R", {"uid": "a2"}, DESCRIPTOR)  # opened again: the old stop goes
+        assert store.flush(30)
+        assert read_analysis(store, "R")[0]["stop"] is None

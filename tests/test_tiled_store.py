@@ -120,7 +120,9 @@ def test_a_table_prepared_at_the_raw_start_is_adopted_by_the_run(
     attached: list[str] = []
     real = ts.attach_run
     monkeypatch.setattr(
-        ts, "attach_run", lambda root, run: (attached.append(run.raw_uid), real(root, run))
+        ts,
+        "attach_run",
+        lambda root, run, **kw: (attached.append(run.raw_uid), real(root, run, **kw)),
     )
     with AnalysisStore(tmp_path / "s") as store:
         store.prepare_run("run-e", DESCRIPTOR)

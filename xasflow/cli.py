@@ -185,7 +185,7 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
 
 
 def _fwhm(text: str) -> float:
-    """``--herfd``'s optional value: a positive width in eV."""
+    """``--herfd``'s optional value: a width in eV (0.2..50, ``spectra.herfd.check_fwhm``)."""
     try:
         value = float(text)
     except ValueError:

@@ -197,7 +197,8 @@ class KafkaDocumentSource:
             self._offsets.mark_processed()
 
     def abandoned(self) -> list[tuple[str, str]]:
-        """Runs handed over to another group member since the last call: ``(uid, reason)``."""
+        """Runs handed over since the last call, ``(uid, reason)``: their partition went to
+        another group member, or came back to this one (which then replays them)."""
         with self._lock:
             return self._offsets.abandoned()
 

@@ -144,8 +144,8 @@ class Journal:
             )
             self._db.execute("COMMIT")
 
-    def forget_run(self, raw_uid: str, stop: dict[str, Any] | None = None) -> bool:
-        """Forget a run whose stop the catalog now holds; whether its record went.
+    def forget_run(self, raw_uid: str, stop: dict[str, Any] | None = None) -> None:
+        """Forget a run whose stop the catalog now holds.
 
         It stays while rows are still listed for it (a batch the catalog could not take: they
         are replayed at the next start, never dropped here) and, given ``stop``, unless that
@@ -161,7 +161,7 @@ class Journal:
             sql += " AND stop = ?"
             args.append(_dumps(stop))
         with self._lock:
-            return self._db.execute(sql, args).rowcount > 0
+            self._db.execute(sql, args)
 
     def pending(self) -> list[JournalRun]:
         """Every run the journal holds, with its rows in ``seq_num`` order."""

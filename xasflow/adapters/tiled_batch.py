@@ -42,8 +42,13 @@ Pending = tuple[dict[str, Any], Callable[[], None] | None]
 CONVERT_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
-def attach_run(root: Any, run: _Run) -> None:
-    """Find or create the run's container and table, and the adapter that appends to it."""
+def attach_run(root: Any, run: _Run, *, reopen: bool = False) -> None:
+    """Find or create the run's container and table, and the adapter that appends to it.
+
+    ``reopen``: the run is being opened for analysis (not made ahead of it), so a stop an
+    earlier copy left on an existing node goes: a crash now must show it unfinished. A run
+    made ahead (``prepare_run``, at every raw start, duplicates included) keeps its stop.
+    """
     import httpx
     from tiled.adapters.sql import SQLAdapter
 
@@ -57,8 +62,6 @@ def attach_run(root: Any, run: _Run) -> None:
         node = root[run.raw_uid]  # reopened: after a restart, or replayed after a hand-over
         if node.metadata.get("start") is None and run.metadata.get("start") is not None:
             run.start_due = True  # made ahead of its run (prepare_run): the start still to write
-        if node.metadata.get("stop") is not None:  # open again: an earlier copy's stop goes,
-            node.update_metadata({"stop": None})  # or a crash now would not show it unfinished
     if not created and run.stream in node:
         table = node[run.stream]
         stored = table.structure().arrow_schema_decoded
@@ -84,6 +87,14 @@ def attach_run(root: Any, run: _Run) -> None:
         seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
         run.stored_seq = {int(s) for s in seq}
     run.node = node
+    if reopen and not created:
+        clear_stop(node)
+
+
+def clear_stop(node: Any) -> None:
+    """An existing run's node open again: the stop an earlier copy wrote goes."""
+    if node.metadata.get("stop") is not None:
+        node.update_metadata({"stop": None})
 
 
 def _data_source(table: Any) -> Any:

@@ -23,7 +23,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.store_journal import Journal
-from xasflow.adapters.tiled_batch import acknowledge, append_pending, attach_run, with_retries
+from xasflow.adapters.tiled_batch import (
+    acknowledge,
+    append_pending,
+    attach_run,
+    clear_stop,
+    with_retries,
+)
 from xasflow.adapters.tiled_schema import (
     DEFAULT_STREAM,
     StoreError,
@@ -173,10 +179,14 @@ class WriterThread:
             run.adapter, run.node, run.stored_seq = ready.adapter, ready.node, ready.stored_seq
             run.start_due = True
             self._runs[run.raw_uid] = run
+            try:
+                self._catalog(lambda: clear_stop(run.node), f"reopen {run.raw_uid}")
+            except Exception:  # its rows still go in; the stop is rewritten at its close
+                logger.exception("analysis store: cannot clear the old stop of %s", run.raw_uid)
             return
         self._runs[run.raw_uid] = run
         try:
-            self._catalog(lambda: attach_run(self._root, run), f"open {run.raw_uid}")
+            self._catalog(lambda: attach_run(self._root, run, reopen=True), f"open {run.raw_uid}")
         except Exception:
             run.failed = True
             self._count("errors")

@@ -133,6 +133,10 @@ class RunAssembler:
         """Runs started and not yet closed."""
         return len(self._runs)
 
+    def is_open(self, raw_uid: str) -> bool:
+        """Whether a run of this uid is open here."""
+        return raw_uid in self._runs
+
     def _factory(self, name: str, doc: dict) -> tuple[list, list]:
         run = _Run(self, doc)
         self._runs[run.uid] = run

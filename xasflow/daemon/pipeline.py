@@ -88,7 +88,7 @@ REASONS: frozenset[str] = frozenset(
         "prediction_error",  # the ONNX graphs failed on this spectrum
         "edge_step",  # the edge step is not positive / not determined
         "herfd_width",  # HERFD declared, but no tabulated width for the element: give the FWHM
-        "bad_broadening",  # a HERFD width that is not a positive number of eV
+        "bad_broadening",  # a HERFD width that is no number of eV within 0.2..50
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )

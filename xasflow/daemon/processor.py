@@ -22,10 +22,11 @@ that stood still (SIGSTOP, swapping) or fell behind therefore never times out a 
 documents are waiting in its own input; those documents used to come back as ``late_document``
 rejections, and the run's stop then said nothing of them.
 
-Input hooks (the Kafka input's commit rule): before every start document and after every
-turn, runs the input no longer owns (``abandoned()``: ``(raw uid, reason)``, a partition
-moved to another daemon) are closed with that reason and forgotten, so that a partition
-which comes back here replays them from their start as new runs; runs closed by
+Input hooks (the Kafka input's commit rule): runs the input no longer owns (``abandoned()``:
+``(raw uid, reason)``, a partition moved to another daemon, or back to this one) are closed
+with that reason and forgotten after the turn's documents, or just before a start that
+replays one of them, so that a partition which comes back here replays them as new runs
+while documents taken before the hand-over still reach the old copy; runs closed by
 their run timeout are reported (``runs_ended(uids)``: they no longer hold a commit back);
 after the turn ``on_processed()`` says that every document taken so far has gone to the
 sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka) resumes
@@ -104,8 +105,10 @@ class Processor:
         self.on_processed: Callable[[], None] | None = None
         #: Told of every raw run start (not probes), e.g. to make its analysis table ahead.
         self.on_raw_start: Callable[[dict[str, Any]], None] | None = None
-        #: Called at the start of each turn: runs to close now, ``[(raw uid, reason)]``.
+        #: Runs handed over, ``[(raw uid, reason)]``: asked before each start and after each
+        #: turn's documents (see :meth:`_handed_over`).
         self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
+        self._handing_over: dict[str, str] = {}  # handed over, not yet closed: uid -> reason
         #: Told the raw uids of runs closed by their run timeout (no stop will close them).
         self.runs_ended: Callable[[list[str]], None] | None = None
         self.internal_errors = 0
@@ -161,15 +164,28 @@ class Processor:
             self.rate.add(len(items) - queued, time.monotonic())
         return items
 
-    def _handed_over(self) -> list[Output]:
-        """Runs the input no longer owns, closed and forgotten. Asked before each start and
-        after each turn: a replay of such a run (its partition came back here) begins with
-        its start, queued after the hand-over, so the run is closed before it reopens, and
-        its documents taken before the hand-over still went to it."""
+    def _handed_over(self, start: str | None = None) -> list[Output]:
+        """Runs the input no longer owns, closed and forgotten.
+
+        ``start``: the uid of a start about to be fed. A run handed over and open here is
+        closed now only if this start is its replay (its partition came back here); other
+        documents of this turn, taken before the hand-over, still go to their runs, and a
+        run whose own start is among them (not open yet) waits for it. ``None``, after the
+        turn's documents: every run handed over and open is closed; the others never opened.
+        """
+        if self.abandoned is None:
+            return []
+        self._handing_over.update(self.abandoned())
+        due = [start] if start is not None else list(self._handing_over)
         out: list[Output] = []
-        if self.abandoned is not None:
-            for raw_uid, reason in self.abandoned():
+        for raw_uid in due:
+            if raw_uid not in self._handing_over:
+                continue
+            if self.assembler.is_open(raw_uid):
+                reason = self._handing_over.pop(raw_uid)
                 out.extend(self.assembler.abandon(raw_uid, reason, replayable=True))
+            elif start is None:
+                self._handing_over.pop(raw_uid)
         return out
 
     def _after_turn(self) -> None:
@@ -194,8 +210,8 @@ class Processor:
             if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
                 self._close_interrupted(run_start, raw_stop=doc)
                 continue
-            if name == "start":  # a replay of a handed-over run must find it closed
-                outputs.extend(self._handed_over())
+            if name == "start" and isinstance(doc, dict):  # a replay finds its run closed
+                outputs.extend(self._handed_over(doc.get("uid")))
             fed = self.assembler.feed(name, doc)
             outputs.extend(fed)
             spectra += sum(isinstance(o, SpectrumReady) for o in fed)

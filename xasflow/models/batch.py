@@ -84,7 +84,7 @@ class TaskArrays:
 
     def _classifier_rows(self) -> list[TaskResult]:
         assert self.index is not None and self.probabilities is not None
-        labels, keys = _labels(tuple(self.spec.classes or ()))
+        labels, keys = _labels(_typed(self.spec.classes))
         chosen = self.index.tolist()
         if self.blank is not None and self.blank.any():  # None: one past the labels
             labels = (*labels, None)
@@ -177,11 +177,17 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
     return TaskArrays(spec, values=mean)
 
 
+def _typed(classes: list[Any] | None) -> tuple[tuple[type, Any], ...]:
+    """A class list as a cache key: (4, 6) and (4.0, 6.0) are equal tuples, not equal lists
+    of labels ("4" against "4.0"), so each class goes with its type."""
+    return tuple((type(c), c) for c in classes or ())
+
+
 @lru_cache(maxsize=64)
-def _labels(classes: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+def _labels(classes: tuple[tuple[type, Any], ...]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
     """A class list as Python scalars and as text keys, worked out once per list (the
     decoder needs both for every batch)."""
-    labels = tuple(_plain(c) for c in classes)
+    labels = tuple(_plain(c) for _, c in classes)
     return labels, tuple(str(c) for c in labels)
 
 
@@ -217,7 +223,7 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
-    env_cn = _label_cns(_labels(tuple(env.spec.classes or ()))[1])
+    env_cn = _label_cns(_labels(_typed(env.spec.classes))[1])
     cn_values = _class_ints(tuple(cn.spec.classes or ()))[cn.index]
     allowed = env_cn[None, :] == cn_values[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)
