@@ -281,7 +281,10 @@ class AnalysisConfig(_Section):
     @classmethod
     def _herfd(cls, value: bool | float) -> bool | float:
         if not isinstance(value, bool):
-            check_fwhm(value)  # ValueError with the accepted range
+            try:
+                check_fwhm(value)
+            except ValueError as exc:
+                raise ValueError(f"give true, false or a broadening FWHM in eV: {exc}") from None
         return value
 
     @field_validator("element")
