@@ -58,6 +58,16 @@ def _turn(proc: Processor, rec: RecordingPipeline, *, check: bool = False) -> li
     return rec.outputs[before:]
 
 
+def _back_with(proc: Processor, source: KafkaDocumentSource, taken: Any, docs: list) -> None:
+    """The partition is lost and assigned here again, its documents redelivered; one turn
+    feeds ``taken`` (a document taken under the first assignment) and then the replay."""
+    source._on_lost(None, PARTITION)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs)
+    proc._turn([taken, *proc._take(1000)], check=False)
+    proc._after_turn()
+
+
 def _spectra(n: int) -> tuple[str, list[tuple[str, Any]]]:
     energy = np.linspace(8800.0, 9120.0, 50)
     return fly_scan(energy, [{"I0": np.full(50, 1e9), "It": np.full(50, 5e8)}] * n)
@@ -101,11 +111,7 @@ def test_documents_taken_before_the_hand_over_still_go_to_the_old_copy() -> None
     _queue(source, docs[3:4])  # the second event, queued under the first assignment
     item = source.get(0)  # taken before the partition is lost, processed in the next turn
     assert item is not None
-    source._on_lost(None, PARTITION)
-    source._on_assign(None, PARTITION)
-    _queue(source, docs)
-    proc._turn([item, *proc._take(1000)], check=False)
-    proc._after_turn()
+    _back_with(proc, source, item, docs)
     out = rec.outputs
     assert not [o for o in out if isinstance(o, Rejected)]
     kinds = [type(o).__name__ for o in out]
@@ -125,11 +131,7 @@ def test_a_run_whose_start_was_taken_before_the_hand_over_is_still_closed() -> N
     _queue(source, docs[:1])
     start = source.get(0)  # taken under the first assignment
     assert start is not None
-    source._on_lost(None, PARTITION)
-    source._on_assign(None, PARTITION)
-    _queue(source, docs)
-    proc._turn([start, *proc._take(1000)], check=False)
-    proc._after_turn()
+    _back_with(proc, source, start, docs)
     kinds = [type(o).__name__ for o in rec.outputs]
     # the old copy got no spectrum: closed as an empty run, with the hand-over's reason
     assert kinds[:4] == ["RunOpened", "Rejected", "RunClosed", "RunOpened"], kinds
