@@ -467,6 +467,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert float(lines["xasflow_latency_seconds_count"]) == snap["latency"]["count"]
     assert float(lines['xasflow_input_dropped_total{cause="overflow"}']) == 0.0
     assert float(lines['xasflow_store_rows_total{outcome="stored"}']) >= 1
+    assert float(lines['xasflow_store_rows_total{outcome="lost"}']) == 0.0
     for cause in ("publish_error", "held_at_close", "delivery_failure"):
         assert float(lines[f'xasflow_output_dropped_total{{cause="{cause}"}}']) == 0.0
     assert float(lines["xasflow_output_released_unstored_total"]) == 0.0
@@ -732,7 +733,7 @@ def test_store_fanout_keeps_the_primary_stream_only() -> None:
         def open_run(self, raw_uid: str, start: dict, descriptor: dict) -> None:
             self.calls.append(("open", raw_uid, descriptor["name"]))
 
-        def add_events(self, raw_uid: str, rows: list[dict]) -> list[bool]:
+        def add_events(self, raw_uid: str, rows: list[dict], **acks: Any) -> list[bool]:
             self.calls.extend(("row", raw_uid, row["seq_num"], row["cn"]) for row in rows)
             return [True] * len(rows)
 

@@ -33,6 +33,7 @@ class _Store:
 
 class _Writer:
     unstored = 3
+    lost = 1
 
 
 def test_store_stats_fold_in_the_writer_and_the_acknowledged_rows(tmp_path: Path) -> None:
@@ -41,7 +42,8 @@ def test_store_stats_fold_in_the_writer_and_the_acknowledged_rows(tmp_path: Path
     status = DaemonStatus(config, Counters(), parts)
     for _ in range(5):
         status.row_acknowledged()
-    assert status.store_stats() == {"stored": 7, "queued": 2, "unstored": 3, "acknowledged": 5}
+    stats = {"stored": 7, "queued": 2, "unstored": 3, "lost": 1, "acknowledged": 5}
+    assert status.store_stats() == stats
     status.sync_stats()
     assert status.counters.snapshot()["gauges"]["store_queued"] == 2
     assert status.health()["store"]["directory"] == str(tmp_path / "store")

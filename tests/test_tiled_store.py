@@ -83,10 +83,16 @@ def test_a_row_that_does_not_fit_is_dropped_alone_and_never_acknowledged(tmp_pat
     with AnalysisStore(tmp_path / "s") as store:
         store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
         acked: list[int] = []
+        lost: list[int] = []
         for seq, cn in ((1, 4), (2, "four"), (3, 6)):
-            store.add_event("run-c", _row(seq, cn=cn), on_stored=lambda s=seq: acked.append(s))
+            store.add_event(
+                "run-c",
+                _row(seq, cn=cn),
+                on_stored=lambda s=seq: acked.append(s),
+                on_lost=lambda s=seq: lost.append(s),
+            )
         assert store.flush(timeout=30)
-        assert sorted(acked) == [1, 3]
+        assert sorted(acked) == [1, 3] and lost == [2]
         assert store.stats()["errors"] == 1 and store.stats()["stored"] == 2
         _, frame = read_analysis(store, "run-c")
     assert list(frame["cn"]) == [4, 6]

@@ -26,7 +26,9 @@ STORED_STREAM = "primary"
 class StoreWriter:
     """Turns analysis documents into ``AnalysisStore`` calls; counts rows it could not store.
 
-    ``on_stored`` is passed to ``add_events``: called once per row when it is durable.
+    ``on_stored`` is passed to ``add_events``: called once per row when it is durable. A row
+    the store accepted and then gave up is counted in ``lost`` and resolved at the gate, so
+    the gate never waits for a commit that cannot come.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class StoreWriter:
         self.stream = stream
         self.on_stored = on_stored
         self.unstored = 0  # rows the store refused, or that came before their table was open
+        self.lost = 0  # rows the store accepted and then gave up (store thread)
         self.open_runs = 0
         self.gate: Any = None  # a CommitGate told of every row submitted and resolved
         self._router = SafeRouter([self._factory], "analysis store")
@@ -49,6 +52,12 @@ class StoreWriter:
         failed = self._router.errors + self._router.unknown != before
         if failed and name in ("event", "event_page"):
             self.unstored += len(doc.get("seq_num") or ()) if name == "event_page" else 1
+
+    def row_lost(self) -> None:
+        """An accepted row will never be stored (called from the store's writer thread)."""
+        self.lost += 1
+        if self.gate is not None:
+            self.gate.row_resolved()
 
     def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         return [_RunWriter(self, start)], []  # every run the daemon emits is an analysis run
@@ -77,7 +86,8 @@ class _RunWriter(SinkRouter):
                 self.writer.unstored += len(doc["seq_num"])
             return
         data, times = doc["data"], doc["time"]
-        store, on_stored, gate = self.writer.store, self.writer.on_stored, self.writer.gate
+        writer = self.writer
+        store, gate = writer.store, writer.gate
         rows = [
             {"seq_num": seq, "time": times[i], **{k: v[i] for k, v in data.items()}}
             for i, seq in enumerate(doc["seq_num"])
@@ -85,13 +95,12 @@ class _RunWriter(SinkRouter):
         if gate is not None:
             for _ in rows:
                 gate.row_submitted()
-        if on_stored is None:
-            stored = store.add_events(self.raw_uid, rows)
-        else:
-            stored = store.add_events(self.raw_uid, rows, on_stored=on_stored)
+        stored = store.add_events(
+            self.raw_uid, rows, on_stored=writer.on_stored, on_lost=writer.row_lost
+        )
         for ok in stored:
             if not ok:
-                self.writer.unstored += 1
+                writer.unstored += 1
                 if gate is not None:
                     gate.row_resolved()  # refused: counted as unstored, nothing to wait for
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 from xasflow.adapters.tiled_schema import (
     _RETRY_DELAYS,
     SPEC,
+    Ack,
     StoreError,
     _rows_to_table,
     _Run,
@@ -24,6 +25,7 @@ from xasflow.adapters.tiled_schema import (
 )
 
 __all__ = [
+    "Ack",
     "Pending",
     "acknowledge",
     "append_pending",
@@ -35,8 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A queued row and the callback that acknowledges it once committed.
-Pending = tuple[dict[str, Any], Callable[[], None] | None]
+#: A queued row and what to tell once it is committed or lost.
+Pending = tuple[dict[str, Any], Ack | None]
 
 #: Errors of converting rows to an Arrow table that mean "a row does not fit its columns".
 CONVERT_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
@@ -109,14 +111,14 @@ def _data_source(table: Any) -> Any:
 
 def split_fresh(
     run: _Run, pending: list[Pending]
-) -> tuple[list[dict[str, Any]], list[Callable[[], None] | None], set[int], int]:
+) -> tuple[list[dict[str, Any]], list[Ack | None], set[int], int]:
     """Rows of ``pending`` not yet stored (by seq_num), every callback, their keys, duplicates.
 
     A row whose seq_num is already stored, or earlier in this batch, is acknowledged without
     being written again: the per-run idempotency that makes redelivery after a crash harmless.
     """
     fresh: list[dict[str, Any]] = []
-    acks: list[Callable[[], None] | None] = []
+    acks: list[Ack | None] = []
     seen: set[int] = set()
     duplicates = 0
     for row, callback in pending:
@@ -133,8 +135,9 @@ def split_fresh(
 
 def salvage(
     run: _Run, pending: list[Pending], fresh: list[dict[str, Any]], seen: set[int]
-) -> tuple[pa.Table, int, list[Callable[[], None] | None]]:
-    """Convert rows one by one when a batch will not convert, dropping (not acking) bad ones."""
+) -> tuple[pa.Table, list[Ack | None], list[Ack | None]]:
+    """Convert rows one by one when a batch will not convert: the table of those that fit,
+    the acknowledgements of the rows kept (duplicates included) and of the rows dropped."""
     good_ids: set[int] = set()
     tables = []
     for row in fresh:
@@ -147,9 +150,10 @@ def salvage(
             )
             seen.discard(_seq_key(row))
     fresh_ids = {id(row) for row in fresh}
-    acks = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
+    kept = [cb for row, cb in pending if id(row) not in fresh_ids or id(row) in good_ids]
+    dropped = [cb for row, cb in pending if id(row) in fresh_ids and id(row) not in good_ids]
     table = pa.concat_tables(tables) if tables else run.schema.empty_table()
-    return table, len(fresh) - len(tables), acks
+    return table, kept, dropped
 
 
 def with_retries(action: Callable[[], Any], what: str) -> Any:
@@ -167,30 +171,34 @@ def with_retries(action: Callable[[], Any], what: str) -> Any:
 
 def append_pending(
     run: _Run, pending: list[Pending]
-) -> tuple[int, int, int, list[Callable[[], None] | None]]:
+) -> tuple[int, int, list[Ack | None], list[Ack | None]]:
     """Append a run's pending rows in one transaction (duplicates skipped, rows that do not fit
-    dropped): rows stored, rows dropped, duplicates, and the callbacks to acknowledge.
+    dropped): rows stored, duplicates, and the acknowledgements of the rows kept and dropped.
 
     Raises when the append itself fails (after the store's retries): nothing is acknowledged.
     """
     fresh, acks, seen, duplicates = split_fresh(run, pending)
-    bad = 0
+    dropped: list[Ack | None] = []
     if fresh:
         try:
             table = _rows_to_table(fresh, run.schema, run.array_columns)
         except CONVERT_ERRORS:
-            table, bad, acks = salvage(run, pending, fresh, seen)
+            table, acks, dropped = salvage(run, pending, fresh, seen)
         if table.num_rows:
             with_retries(lambda: run.adapter.append_partition(0, table), f"append {run.raw_uid}")
         run.stored_seq |= seen
-    return len(fresh) - bad, bad, duplicates, acks
+    return len(fresh) - len(dropped), duplicates, acks, dropped
 
 
-def acknowledge(acks: list[Callable[[], None] | None]) -> None:
-    """Call each row's acknowledgement; one that raises is logged, the rest still run."""
-    for callback in acks:
+def acknowledge(acks: list[Ack | None], *, lost: bool = False) -> None:
+    """Tell each row's end (``stored``, or ``lost``); a callback that raises is logged, the
+    rest still run."""
+    for ack in acks:
+        callback = None if ack is None else (ack.lost if lost else ack.stored)
         if callback is not None:
             try:
                 callback()
             except Exception:
-                logger.exception("analysis store: on_stored callback raised")
+                logger.exception(
+                    "analysis store: a row's %s callback raised", "lost" if lost else "stored"
+                )

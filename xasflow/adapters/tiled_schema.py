@@ -56,6 +56,17 @@ class StoreError(RuntimeError):
     """The analysis store cannot be opened or used as asked."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A queued row's two ends: ``stored()`` once it is durable, ``lost()`` when the store
+    gives it up (a failed batch, a run that would not open, a row that does not fit). Exactly
+    one of them runs per row, so a caller that counts rows out (the commit gate) can count
+    them back in either way."""
+
+    stored: Callable[[], None] | None = None
+    lost: Callable[[], None] | None = None
+
+
 @dataclass
 class _Run:
     """Writer-side state of one open analysis run."""
@@ -69,7 +80,7 @@ class _Run:
     node: Any = None  # tiled client of the run's container
     failed: bool = False
     stored_seq: set[int] = field(default_factory=set)
-    pending: list[tuple[dict[str, Any], Callable[[], None] | None]] = field(default_factory=list)
+    pending: list[tuple[dict[str, Any], Ack | None]] = field(default_factory=list)
     first_pending_at: float = 0.0
     start_due: bool = False  # a prepared table: the start document is still to be written
 

@@ -67,6 +67,7 @@ from xasflow.adapters.tiled_schema import (
     DEFAULT_STREAM,
     LOCK_FILE,
     TABLE_FILES,
+    Ack,
     StoreError,
     _ensure_catalog,
     _plain,
@@ -219,23 +220,31 @@ class AnalysisStore(WriterThread):
             self._cond.notify()
 
     def add_event(
-        self, raw_uid: str, row: dict[str, Any], on_stored: Callable[[], None] | None = None
+        self,
+        raw_uid: str,
+        row: dict[str, Any],
+        on_stored: Callable[[], None] | None = None,
+        *,
+        on_lost: Callable[[], None] | None = None,
     ) -> bool:
         """Queue one result row without blocking; ``on_stored`` runs once its batch has committed
-        (with the journal: once the row is journalled, before this returns).
+        (with the journal: once the row is journalled, before this returns), or ``on_lost``
+        when the store gives the accepted row up (counted in ``errors``): never both.
 
-        Returns False (and never calls ``on_stored``) when ``max_queue`` rows are already waiting.
+        Returns False (and calls neither) when ``max_queue`` rows are already waiting.
         """
-        return self.add_events(raw_uid, [row], on_stored)[0]
+        return self.add_events(raw_uid, [row], on_stored, on_lost=on_lost)[0]
 
     def add_events(
         self,
         raw_uid: str,
         rows: list[dict[str, Any]],
         on_stored: Callable[[], None] | None = None,
+        *,
+        on_lost: Callable[[], None] | None = None,
     ) -> list[bool]:
         """:meth:`add_event` for several rows of one run (an event page): one journal
-        transaction for all of them; ``on_stored`` runs once per row accepted."""
+        transaction for all of them; ``on_stored`` or ``on_lost`` runs once per row accepted."""
         columns = self._columns.get(raw_uid)
         if columns is None:
             raise KeyError(f"analysis run {raw_uid!r} is not open")
@@ -250,14 +259,15 @@ class AnalysisStore(WriterThread):
             self._backlog += room  # reserved: the journal is written outside the lock
         # acknowledged early: the rows now in the journal (not those that will not fit)
         journalled = self._journalled(raw_uid, rows[:room])
+        ack = Ack(on_stored, on_lost) if on_stored is not None or on_lost is not None else None
         with self._cond:
             self._counts["journalled"] += sum(journalled)
             for row, early in zip(rows[:room], journalled, strict=True):
-                self._items.append(("row", raw_uid, dict(row), None if early else on_stored, early))
+                self._items.append(("row", raw_uid, dict(row), None if early else ack, early))
             if room and (len(self._items) == room or len(self._items) >= self.batch_size):
                 self._cond.notify()
-        if on_stored is not None:
-            acknowledge([on_stored] * sum(journalled))
+        if ack is not None:  # a journalled row is stored for good: it cannot be lost now
+            acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
 
     def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:

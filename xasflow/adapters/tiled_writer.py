@@ -32,6 +32,7 @@ from xasflow.adapters.tiled_batch import (
 )
 from xasflow.adapters.tiled_schema import (
     DEFAULT_STREAM,
+    Ack,
     StoreError,
     _Run,
     _seq_key,
@@ -132,7 +133,7 @@ class WriterThread:
                     self._backlog += 1
             run = self._runs.get(raw_uid)
             if run is None or run.failed:
-                self._finish_rows(1, errors=1)
+                self._finish_rows(1, errors=1, lost=[callback])
                 return False
             if not run.pending:
                 run.first_pending_at = time.monotonic()
@@ -248,10 +249,10 @@ class WriterThread:
         if not pending:
             return
         try:
-            stored, bad, duplicates, acks = append_pending(run, pending)
+            stored, duplicates, acks, dropped = append_pending(run, pending)
         except Exception:
             logger.exception("analysis store: lost a batch of %d rows", len(pending))
-            self._finish_rows(len(pending), errors=1)
+            self._finish_rows(len(pending), errors=1, lost=[ack for _, ack in pending])
             return
         if self._journal_w is not None:  # in the catalog now (or never to fit it)
             self._journal_w.moved(
@@ -262,8 +263,9 @@ class WriterThread:
             self._counts["stored"] += stored
             self._counts["batches"] += 1 if stored else 0
             self._counts["duplicates"] += duplicates
-            self._counts["errors"] += bad
+            self._counts["errors"] += len(dropped)
         acknowledge(acks)
+        acknowledge(dropped, lost=True)
 
     def _replay(self, journal: Journal, still_open: frozenset[str] = frozenset()) -> list[Any]:
         """The items that put what the journal holds into the catalog (at start-up, and after
@@ -371,10 +373,10 @@ class WriterThread:
     def _drop_held(self) -> None:
         """At the writer's end: what waited for a catalog that never came back is lost."""
         held, self._held = self._held, []
-        rows = sum(1 for item in held if item[0] == "row")
+        rows = [item[3] for item in held if item[0] == "row"]
         if rows:
-            logger.error("analysis store: %d rows not in the journal were never stored", rows)
-            self._finish_rows(rows, errors=rows)
+            logger.error("analysis store: %d rows not in the journal were never stored", len(rows))
+            self._finish_rows(len(rows), errors=len(rows), lost=rows)
         for item in held:
             if item[0] == "flush":
                 item[1].set()
@@ -382,10 +384,14 @@ class WriterThread:
                 raw_uid = item[1].raw_uid if item[0] == "open" else item[1]
                 logger.error("analysis store: %s of run %s was not recorded", item[0], raw_uid)
 
-    def _finish_rows(self, n: int, errors: int) -> None:
+    def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
+        """``n`` rows leave the backlog without a commit; ``lost``: their acknowledgements,
+        told that the rows are given up (rows the journal holds have none: they come back)."""
         with self._cond:
             self._backlog -= n
             self._counts["errors"] += errors
+        if lost:
+            acknowledge(lost, lost=True)
 
     def _count(self, name: str) -> None:
         with self._cond:

@@ -115,7 +115,7 @@ class AdapterCollector:
             fam = CounterMetricFamily(
                 "xasflow_store_rows", "analysis rows by store outcome", labels=["outcome"]
             )
-            for key in ("stored", "duplicates", "dropped", "unstored"):
+            for key in ("stored", "duplicates", "dropped", "unstored", "lost"):
                 fam.add_metric([key], store.get(key, 0))
             yield fam
             for counter, name, text, key in _STORE_SCALARS:

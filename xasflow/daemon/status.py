@@ -90,6 +90,7 @@ class DaemonStatus:
         stats = store.stats()
         if writer is not None:
             stats["unstored"] = writer.unstored
+            stats["lost"] = writer.lost
         with self._lock:
             stats["acknowledged"] = self._acknowledged
         return stats
