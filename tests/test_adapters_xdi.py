@@ -236,6 +236,20 @@ def test_every_cu_file_in_library(xdi_library: Path) -> None:
 
 
 @pytest.mark.shared_data
+def test_no_measured_cu_reference_is_refused_for_its_noise(xdi_library: Path) -> None:
+    """The edge-against-noise check (``PrepParams.min_edge_snr``) keeps every measured Cu
+    reference: the weakest edge of the 273 library spectra is 28 times its point noise."""
+    from xasflow.spectra import PrepParams, prepare
+    from xasflow.spectra.quality import edge_snr_rows
+
+    for path in sorted((xdi_library / "Cu").glob("*.xdi")):
+        s = read_spectrum_file(path)
+        prep = prepare(s, PrepParams())
+        snr = edge_snr_rows(s.energy - prep.e0, s.mu, np.array([prep.edge_step]))[0]
+        assert snr > 4 * PrepParams().min_edge_snr, path
+
+
+@pytest.mark.shared_data
 def test_every_library_file_reads(xdi_library: Path) -> None:
     files = sorted(p for p in xdi_library.rglob("*") if p.is_file())
     assert len(files) >= 250

@@ -118,6 +118,45 @@ def test_max_normalisation_puts_window_maximum_at_one() -> None:
     assert 0.999 <= prep.y.max() <= 1.0
 
 
+@pytest.mark.parametrize(
+    "background",
+    [
+        lambda e: np.ones_like(e),  # flat
+        lambda e: 1.0 + 1e-4 * (e - 8800.0),  # a rising ramp
+        lambda e: (e / 8800.0) ** -3,  # the E^-3 fall of an absorber without this edge
+    ],
+    ids=["flat", "ramp", "e-3"],
+)
+def test_noise_on_a_background_without_an_edge_is_refused(background) -> None:
+    """Before the check about a third of these were prepared (and predicted), only the
+    out-of-domain score standing between them and an answer."""
+    energy = np.linspace(8800.0, 9300.0, 700)
+    reasons = set()
+    for seed in range(40):
+        mu = background(energy) + 1e-3 * np.random.default_rng(seed).standard_normal(energy.size)
+        with pytest.raises(SpectrumError) as err:
+            prepare(Spectrum(energy, mu, "Cu"), PrepParams())
+        reasons.add(err.value.reason)
+        if "point noise" in str(err.value):
+            assert "no clear absorption edge" in str(err.value)
+    assert reasons <= {"edge_step", "no_edge"} and "no_edge" in reasons
+
+
+def test_a_noisy_edge_is_kept_and_a_buried_one_refused() -> None:
+    """The step against the point noise: 10x (noisy, still an edge) is prepared, 2x is not;
+    ``min_edge_snr=0`` turns the check off."""
+    clean = edge_spectrum(step=1.0, pre=(0.5, 0.0))
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal(clean.energy.size)
+    noisy = Spectrum(clean.energy, clean.mu + 0.1 * noise, "Cu")
+    assert prepare(noisy, PrepParams()).edge_step == pytest.approx(1.0, rel=0.1)
+    buried = Spectrum(clean.energy, clean.mu + 0.5 * noise, "Cu")
+    with pytest.raises(SpectrumError, match="times the point noise") as err:
+        prepare(buried, PrepParams())
+    assert err.value.reason == "no_edge"
+    assert prepare(buried, PrepParams(min_edge_snr=0.0)).edge_step > 0
+
+
 def test_prepare_grid_and_window_tolerance() -> None:
     params = PrepParams(window_start=-5.0, window_stop=45.0, n_points=101, max_extrapolation=2.0)
     full = prepare(edge_spectrum(), params)

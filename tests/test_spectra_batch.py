@@ -112,6 +112,17 @@ def test_a_bad_row_fails_alone_with_its_reason() -> None:
     assert _compare(energy[:400], mu[[0, 3, 4], :400], window) == 0
 
 
+def test_rows_without_a_clear_edge_are_refused_as_prepare_refuses_them() -> None:
+    """The edge-against-noise check decides each row of a page as prepare decides it alone."""
+    energy, mu = fly_page(n=6)
+    rng = np.random.default_rng(5)
+    mu[1] = 1.0 + 1e-3 * rng.standard_normal(energy.size)  # noise on a flat background
+    mu[4] = (energy / 8800.0) ** -3 + 1e-3 * rng.standard_normal(energy.size)
+    got = prepare_batch(energy, mu, LARCH, "Cu", "K")
+    assert [i for i, r in enumerate(got) if isinstance(r, SpectrumError)] == [1, 4]
+    assert _compare(energy, mu, LARCH) == 4
+
+
 def test_herfd_rows_fall_back_to_prepare() -> None:
     energy, mu = fly_page(n=3)
     metas = [{}, {"herfd": 1.5}, {}]

@@ -32,6 +32,7 @@ from xasflow.spectra.process import (
     normalize,
     prepare,
 )
+from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
 
@@ -374,6 +375,13 @@ def _prepare_fast(
             y[r], steps[r] = normalize(spectra[row], float(e0[row]), params)
         except SpectrumError as exc:
             norm_errors[r] = exc
+    snr = edge_snr_rows(rel, mu[live], steps)
+    for r in range(live.size):
+        weak = (
+            None if norm_errors[r] is not None else weak_edge(snr[r], steps[r], params.min_edge_snr)
+        )
+        if weak is not None:
+            norm_errors[r] = SpectrumError("no_edge", weak)
     grid = params.grid
     below = np.maximum(0.0, rel[:, 0] - grid[0])
     above = np.maximum(0.0, grid[-1] - rel[:, -1])

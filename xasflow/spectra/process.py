@@ -17,6 +17,7 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import edge_fit
+from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 _E0_STEP = 0.1  # eV, uniform grid used for the derivative
 _E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
@@ -85,6 +86,12 @@ class PrepParams(BaseModel):
     )
     max_norm: float = Field(
         10.0, gt=1.0, description="larch: reject when |normalised mu| in the window exceeds it"
+    )
+    min_edge_snr: float = Field(
+        5.0,
+        ge=0.0,
+        description="reject (no_edge) a spectrum whose edge step is below this many times "
+        "its point noise (0: never): noise or a smooth background, not an edge",
     )
 
     @model_validator(mode="before")
@@ -369,7 +376,12 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     if e0 is None:
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
     y, step = normalize(spectrum, e0, params)
-    grid_y, extrapolated = resample(spectrum.energy - e0, y, params)
+    rel = spectrum.energy - e0
+    snr = float(edge_snr_rows(rel, spectrum.mu, np.array([step]))[0])
+    weak = weak_edge(snr, step, params.min_edge_snr)
+    if weak is not None:
+        raise SpectrumError("no_edge", weak)
+    grid_y, extrapolated = resample(rel, y, params)
     return Prepared(
         y=grid_y, e0=float(e0), edge_step=step, extrapolated=extrapolated, spectrum=spectrum
     )

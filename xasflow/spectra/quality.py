@@ -10,13 +10,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum
 
-__all__ = ["e0_ambiguity", "estimate_noise", "has_edge"]
+__all__ = ["e0_ambiguity", "edge_snr_rows", "estimate_noise", "has_edge", "weak_edge"]
 
 #: 7-point quadratic Savitzky-Golay smoothing coefficients.
 _SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
+#: Where :func:`edge_snr_rows` measures the point noise, eV relative to E0: below the edge
+#: and above it, clear of the edge itself; the quieter of the two counts.
+NOISE_WINDOWS = ((-200.0, -15.0), (15.0, 120.0))
 
 
 def estimate_noise(
@@ -82,3 +86,68 @@ def has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) 
     jump = float(post.mean() - pre.mean())
     noise = float(np.diff(pre).std()) / math.sqrt(2.0)  # point-to-point scatter below the edge
     return jump > 10.0 * noise and jump > 0
+
+
+def edge_snr_rows(rel: np.ndarray, mu: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The edge step of each row as a multiple of its point noise (NaN: not measurable).
+
+    ``rel`` (n, m): each row's energies relative to its E0, increasing; ``mu`` (n, m) the raw
+    rows; ``steps`` (n,) their edge steps. Noise as in :func:`estimate_noise` (residuals to
+    the 7-point Savitzky-Golay smooth), robust scatter as 1.4826 times the residuals' median
+    size, over the residuals centred in each of :data:`NOISE_WINDOWS` with at least 7 of
+    them, the quieter window taken. One code for the single spectrum (n = 1) and a page, so
+    both decide alike; 12 us per spectrum in a page of 64.
+    """
+    rel = np.atleast_2d(np.asarray(rel, dtype=np.float64))
+    mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
+    n, m = mu.shape
+    noise = np.full(n, np.inf)
+    if m < 7:
+        return np.full(n, np.nan)
+    # residual j is centred on point j + 3; the columns any row has in a window (rows share
+    # an axis up to small shifts), found on the rows' column-wise extremes
+    centres = rel[:, 3:-3]
+    top, bottom = (centres[0], centres[0]) if n == 1 else (centres.max(0), centres.min(0))
+    spans = [
+        (int(np.searchsorted(top, lo)), int(np.searchsorted(bottom, hi, side="right")), lo, hi)
+        for lo, hi in NOISE_WINDOWS
+    ]
+    spans = [span for span in spans if span[1] - span[0] >= 7]
+    if not spans:
+        return np.full(n, np.nan)
+    first, last = min(span[0] for span in spans), max(span[1] for span in spans)
+    smooth = correlate1d(mu[:, first : last + 6], _SG7, axis=1)[:, 3:-3]
+    size = np.abs(mu[:, first + 3 : last + 3] - smooth)  # residuals' median is ~0: not centred
+    for a, b, lo, hi in spans:
+        r, centre = size[:, a - first : b - first], centres[:, a:b]
+        inside = (centre >= lo) & (centre <= hi)
+        rows = np.flatnonzero(inside.sum(axis=1) >= 7)
+        if rows.size < n:
+            r, inside = r[rows], inside[rows]
+        if rows.size:
+            sigma = 1.4826 * _row_medians(r, inside) / math.sqrt(1.0 - _SG7[3])
+            noise[rows] = np.minimum(noise[rows], sigma)
+    out = np.full(n, np.nan)
+    measured = np.isfinite(noise)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[measured] = np.asarray(steps, dtype=np.float64)[measured] / noise[measured]
+    return out
+
+
+def _row_medians(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``np.median`` of each row's valid entries (at least one per row), by one sort."""
+    ordered = np.sort(np.where(valid, values, np.inf), axis=1)
+    count = valid.sum(axis=1)
+    rows = np.arange(values.shape[0])
+    return 0.5 * (ordered[rows, (count - 1) // 2] + ordered[rows, count // 2])
+
+
+def weak_edge(snr: float, step: float, min_snr: float) -> str | None:
+    """Why an edge step of ``snr`` times the point noise is too weak to analyse (None: it is
+    not, or the noise could not be measured)."""
+    if not min_snr > 0 or not np.isfinite(snr) or snr >= min_snr:
+        return None
+    return (
+        f"edge step {step:.3g} is only {snr:.2g} times the point noise (at least {min_snr:g} "
+        "needed): no clear absorption edge"
+    )
