@@ -123,15 +123,21 @@ class FakeApi:
         self.closed = True
 
 
-def _docs(stop_early: bool) -> list[tuple[str, dict[str, Any]]]:
+def _docs(
+    stop_early: bool, raw_uid: str = "raw-1", exit_status: str = "success", rescan: str = ""
+) -> list[tuple[str, dict[str, Any]]]:
     row = {
         "regions": json.dumps(REC["regions"]),
-        "rescan": "",
+        "rescan": rescan,
         "stop_early": stop_early,
         "e0": 8983.5,
         "bundle_id": "cu-k-test",
     }
-    return analysis_run_docs([("primary", {"status": "ok"}), ("recommendations", row)], "raw-1")
+    return analysis_run_docs(
+        [("primary", {"status": "ok"}), ("recommendations", row)],
+        raw_uid,
+        stop={"exit_status": exit_status},
+    )
 
 
 def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
@@ -154,16 +160,42 @@ def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
         assert added["user"] == "xasflow" and added["user_group"] == "primary"
         assert added["item"]["kwargs"]["regions"] == ROWS
         assert added["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1"
-        for name, doc in _docs(stop_early=False):  # a second run within 30 s: rate-limited
+        for name, doc in _docs(False, "raw-2"):  # a second run within 30 s: rate-limited
             sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_rate"] == 1
         now[0] += 31.0
-        for name, doc in _docs(stop_early=True):  # certain answer: nothing to measure
+        for name, doc in _docs(True, "raw-3"):  # certain answer: nothing to measure
             sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_certain"] == 1
     finally:
         sub.close()
     assert fake.closed and sub._worker is None
+
+
+def test_a_raw_run_gets_its_plan_once_and_only_after_a_successful_stop() -> None:
+    """A run aborted (a daemon's shutdown closes open runs so), failed or replayed (Kafka
+    redelivers it after a restart) queues nothing more; a rescan goes once per region."""
+    fake = FakeApi()
+    cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, min_interval_s=0.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    rescan = json.dumps(dict(REC["regions"][0], dwell=6.0))
+    try:
+        for status in ("abort", "fail"):
+            for name, doc in _docs(False, "raw-A", exit_status=status):
+                sub(name, doc)
+        assert sub.join(5.0) and fake.items == [] and sub.stats["skipped_not_success"] == 2
+        for _ in range(2):  # the run's own stop, then its replay
+            for name, doc in _docs(False, "raw-A"):
+                sub(name, doc)
+        assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_repeat"] == 1
+        sub.config.submit_on = "rescan"
+        for _ in range(3):  # the same region advised for rescan by three spectra
+            for name, doc in _docs(False, "raw-B", rescan=rescan):
+                sub(name, doc)
+        assert sub.join(5.0) and len(fake.items) == 2 and sub.stats["skipped_repeat"] == 3
+        assert fake.items[1]["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-B"
+    finally:
+        sub.close()
 
 
 # --------------------------------------------------------------------------- real server

@@ -14,10 +14,13 @@ A recommended scan becomes the queue item ``plan_name`` (default :func:`xas_regi
 which a beamline profile imports from here) with kwargs ``detectors``, ``motor``,
 ``regions`` (``[[start, stop, step, dwell], ...]``, eV / s) and ``md`` (the raw run's uid,
 the bundle, E0, why). :class:`QueueServerSubmitter` is also a document callback: it keeps
-each analysis run's latest ``recommendations`` event and, when the run stops, queues its
-advice (``submit_on: run_end``; nothing when the answer was already certain) or, with
-``submit_on: rescan``, only recommended rescans. Submissions run on a worker thread, so the
-daemon's publishing never waits on the network; at most one per ``min_interval_s``.
+each analysis run's latest ``recommendations`` event and, when the run stops with
+``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
+was already certain, nor for a run aborted, failed or closed by a daemon's shutdown) or, with
+``submit_on: rescan``, only recommended rescans, each region once per run. A raw run gets
+its plan once, however often its analysis is replayed (a Kafka redelivery after a restart).
+Submissions run on a worker thread, so the daemon's publishing never waits on the network;
+at most one per ``min_interval_s``.
 
 Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server side needs
 ``bluesky-queueserver`` and Redis).
@@ -30,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -242,8 +246,12 @@ class QueueServerSubmitter:
             "skipped_disabled": 0,
             "skipped_certain": 0,
             "skipped_rate": 0,
+            "skipped_not_success": 0,
+            "skipped_repeat": 0,
             "dropped_full": 0,
         }
+        #: (raw uid, what) already queued: "run_end", or "rescan <region>" (the newest kept)
+        self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.last_error: str = ""
         self.submitted: list[dict[str, Any]] = []  # server replies, newest last (at most 100)
 
@@ -318,7 +326,8 @@ class QueueServerSubmitter:
         raw_uid: str | None = None,
         rescan_only: bool = False,
     ) -> bool:
-        """Submit in the background (rate-limited); False when disabled, certain, limited or full."""
+        """Submit in the background (rate-limited); False when disabled, certain, already
+        queued for this raw run, limited or full."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -326,6 +335,14 @@ class QueueServerSubmitter:
         if rec.get("stop_early") and not rescan_only:
             self.stats["skipped_certain"] += 1
             return False
+        key = None
+        if raw_uid:
+            rescan = rec.get("rescan") or {}
+            what = f"rescan {rescan.get('name', '')}" if rescan_only else "run_end"
+            key = (raw_uid, what)
+            if key in self._queued:
+                self.stats["skipped_repeat"] += 1
+                return False
         if self._clock() - self._last_submit < self.config.min_interval_s:
             self.stats["skipped_rate"] += 1
             return False
@@ -336,6 +353,10 @@ class QueueServerSubmitter:
             self.stats["dropped_full"] += 1
             return False
         self._last_submit = self._clock()  # reserve the slot now; the worker submits soon
+        if key is not None:
+            self._queued[key] = None
+            while len(self._queued) > _REMEMBERED:
+                self._queued.popitem(last=False)
         return True
 
     def _ensure_worker(self) -> None:
@@ -378,6 +399,10 @@ class QueueServerSubmitter:
             self._router(name, doc)
 
 
+#: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
+_REMEMBERED = 4096
+
+
 class _AdviceFollower(StreamCallback):
     """The ``recommendations`` stream of one analysis run: keeps the latest advice, submits it
     at the run's stop (``submit_on: run_end``) or at each rescan (``submit_on: rescan``)."""
@@ -396,8 +421,12 @@ class _AdviceFollower(StreamCallback):
             self.submitter.enqueue(data, self.raw_uid, rescan_only=True)
 
     def stop(self, doc: Any) -> Any:
-        if self.latest is not None and self.submitter.config.submit_on == "run_end":
-            self.submitter.enqueue(self.latest, self.raw_uid)
+        if self.latest is None or self.submitter.config.submit_on != "run_end":
+            return
+        if doc.get("exit_status") != "success":  # aborted, failed, or ended by a shutdown
+            self.submitter.stats["skipped_not_success"] += 1
+            return
+        self.submitter.enqueue(self.latest, self.raw_uid)
 
 
 def _make_api(config: QueueServerConfig) -> Any:
