@@ -268,6 +268,37 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
     assert read(cn) == 4 and read(uid) == "raw-run-7"
 
 
+def test_advice_belongs_to_its_run_and_is_not_an_answer(ioc_env: dict[str, Any]) -> None:
+    """A recommendation sets the advice PVs under its run's uid without counting as an answer
+    or moving E0; the next run's start clears them, so its scan is not stopped on the last
+    run's certainty."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    stop, nreg, advice, e0 = ctx.get_pvs(
+        ioc.pv("stop_early"), ioc.pv("n_regions"), ioc.pv("advice_uid"), ioc.pv("e0"), timeout=5.0
+    )
+    before = ioc.published
+    docs = analysis_run_docs(
+        [
+            ("primary", {"status": "ok", "cn": 4, "e0": 8984.0}),
+            (
+                "recommendations",
+                {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True, "e0": 8990.0},
+            ),
+        ],
+        raw_uid="raw-A",
+    )
+    for name, doc in docs:
+        ioc(name, doc)
+    wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
+    assert read(nreg) == 1 and read(e0) == pytest.approx(8984.0)
+    assert ioc.published == before + 1  # the answer, not the advice
+    rejected = {"status": "rejected", "reason": "no_edge"}
+    for name, doc in analysis_run_docs([("primary", rejected)], raw_uid="raw-B")[:3]:
+        ioc(name, doc)  # run B open, nothing analysed yet
+    wait_for(lambda: read(advice) == "raw-B", what="run B's start to clear the advice")
+    assert read(stop) == 0 and read(nreg) == 0
+
+
 def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -> None:
     """The running IOC answers the search for its own PVs; a second IOC on the same port and
     prefix refuses to start (clients would read either), one with another prefix starts."""

@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from xasflow.adapters.epics_pvs import (
+    ADVICE_KEYS,
     HEARTBEAT_PERIOD,
     MAX_REGIONS,
+    NO_ADVICE,
     STRING_MAX,
     XasPVGroup,
     values_from,
@@ -175,7 +177,8 @@ class XasIoc:
                     {
                         "primary": lambda start, desc: _PrimaryFeed(self, start, desc),
                         "recommendations": lambda start, desc: _AdviceFeed(self, start, desc),
-                    }
+                    },
+                    on_run=self._run_started,
                 )
             ],
             f"IOC {prefix}",
@@ -290,6 +293,18 @@ class XasIoc:
             values["updates"] = None  # marker: count one answer
         self._submit(values)
 
+    def publish_advice(self, data: Mapping[str, Any], raw_uid: str | None) -> None:
+        """Update the advice PVs (regions, stop-early) from a recommendation row of
+        ``raw_uid``'s analysis; not an answer (``UPDATES`` and ``E0`` stay)."""
+        values = {k: v for k, v in values_from(data).items() if k in ADVICE_KEYS}
+        if values:
+            self._submit({**values, "advice_uid": raw_uid or ""})
+
+    def _run_started(self, start: dict[str, Any]) -> list[Any]:
+        """An analysis run starts: no advice for it yet (the last run's is cleared)."""
+        self._submit({**NO_ADVICE, "advice_uid": str(start.get("raw_uid") or "")})
+        return []
+
     def report_rejection(self, reason: str, raw_uid: str | None) -> None:
         """STATUS says the last spectrum was rejected and why; the answer PVs keep the last
         answer (SCAN_UID names its run), so a client tells a new answer from an old one."""
@@ -333,7 +348,7 @@ class XasIoc:
             self._flush_scheduled = False
         for attr, value in values.items():
             prop = getattr(self.group, attr)
-            if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status"):
+            if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
                 value = str(value)[:STRING_MAX]
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
@@ -374,4 +389,4 @@ class _AdviceFeed(StreamCallback):
         self.ioc = ioc
 
     def event(self, doc: Any) -> Any:
-        self.ioc.publish(doc.get("data") or {})
+        self.ioc.publish_advice(doc.get("data") or {}, self.raw_uid)

@@ -17,13 +17,19 @@ PV                  type      meaning
 ``XAS:E0``          double    edge energy E0, eV
 ``XAS:SCAN_UID``    string    uid of the raw run the answer belongs to
 ``XAS:BUNDLE_ID``   string    model bundle that made it (40 characters at most)
+``XAS:STATUS``      string    the last spectrum: ``ok``, or ``rejected <reason> (<raw run>)``
 ``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
 ``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS``
 ``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
+``XAS:ADVICE_UID``  string    uid of the raw run the three advice PVs above belong to
 ``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
-``XAS:MODEL_OK``    long      1: a model is loaded and the last spectrum was analysed
-``XAS:UPDATES``     long      number of answers published
+``XAS:MODEL_OK``    long      1: a model is loaded (0 after a spectrum the model failed on)
+``XAS:UPDATES``     long      number of answers published (advice is not an answer)
 ==================  ========  =====================================================
+
+The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) when an
+analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
+one's certainty.
 
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
 out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
@@ -39,7 +45,15 @@ from typing import Any
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
-__all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "STRING_MAX", "XasPVGroup", "values_from"]
+__all__ = [
+    "ADVICE_KEYS",
+    "HEARTBEAT_PERIOD",
+    "MAX_REGIONS",
+    "NO_ADVICE",
+    "STRING_MAX",
+    "XasPVGroup",
+    "values_from",
+]
 
 #: Seconds between heartbeat increments.
 HEARTBEAT_PERIOD = 1.0
@@ -47,6 +61,10 @@ HEARTBEAT_PERIOD = 1.0
 MAX_REGIONS = 16
 #: Characters a string PV keeps (DBR_STRING holds 40 bytes with the terminator).
 STRING_MAX = 39
+#: The PVs a recommendation sets (its other fields, E0 and the bundle, are not an answer).
+ADVICE_KEYS = ("regions", "n_regions", "stop_early")
+#: The advice PVs at an analysis run's start: nothing advised yet.
+NO_ADVICE: dict[str, Any] = {"regions": [], "n_regions": 0, "stop_early": 0}
 
 
 class XasPVGroup(PVGroup):
@@ -86,6 +104,7 @@ class XasPVGroup(PVGroup):
     )
     n_regions = pvproperty(value=0, name="N_REGIONS", read_only=True)
     stop_early = pvproperty(value=0, name="STOP_EARLY", read_only=True)
+    advice_uid = pvproperty(value="", name="ADVICE_UID", dtype=ChannelType.STRING, read_only=True)
     heartbeat = pvproperty(value=0, name="HEARTBEAT", read_only=True)
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
     updates = pvproperty(value=0, name="UPDATES", read_only=True)
