@@ -22,6 +22,7 @@ from helpers import raw_uids, unpaged
 from xasflow.daemon.recommend import (
     RECOMMENDATION_KEYS,
     Recommendation,
+    RecommendationTracker,
     Recommender,
     RecommenderConfig,
     Region,
@@ -310,6 +311,26 @@ def test_stop_early_on_single_value_conformal_sets() -> None:
     assert not rec.recommend(likely, history=[open_set, likely, likely]).stop_early
 
 
+def test_the_tracker_says_when_stop_early_turns_and_a_rejection_restarts_the_row() -> None:
+    """A caller that throttles advice asks ``turns`` for each spectrum: a stop-early decision
+    that changes must go out at once; a refused spectrum (``interrupt``) breaks the row."""
+    tracker = RecommendationTracker(RecommenderConfig(stop_count=2, stop_probability=0.9))
+    m, sure = manifest(), prediction(SURE, VAL_SURE)
+    history = tracker.observe("r", sure)
+    assert not tracker.turns("r", m, history)  # one spectrum: no stop, and none said
+    assert not tracker.recommend_observed("r", m, history).stop_early
+    history = tracker.observe("r", sure)
+    assert tracker.turns("r", m, history)  # two in a row: the decision turns to stop
+    assert tracker.recommend_observed("r", m, history).stop_early
+    assert not tracker.turns("r", m, tracker.observe("r", sure))  # still stop: nothing new
+    tracker.interrupt("r")  # a spectrum of the run was rejected
+    history = tracker.observe("r", sure)
+    assert tracker.turns("r", m, history)  # one in a row again: stop turns back off
+    assert not tracker.recommend_observed("r", m, history).stop_early
+    tracker.close("r")
+    assert tracker.open_runs == []
+
+
 def smooth_mu(energy: np.ndarray, e0: float) -> np.ndarray:
     x = energy - e0
     return 0.5 + np.arctan(x / 1.5) / np.pi + 0.3 * np.exp(-0.5 * ((x - 18.0) / 5.0) ** 2)
@@ -502,6 +523,55 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
         "event_page",
         "stop",
     ]
+
+
+def test_a_throttled_pipeline_still_sends_every_turn_of_stop_early(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """With ``recommend_interval_s`` the advice of a run comes at its first spectrum and at
+    every spectrum where stop-early turns (as advice on every spectrum shows it), never
+    hidden until the run ends; a rejected spectrum breaks the spectra "in a row"."""
+    from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.registry import ModelRegistry
+
+    shutil.copytree(bundle, tmp_path / "models" / "cu-k")
+
+    def run(flat: int | None = None) -> list[Any]:
+        out: list[Any] = [RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")]
+        for i in range(6):
+            energy, chans = demo_channels("CuO", seed=i)
+            if i == flat:  # no sample in the beam: no edge, rejected
+                chans = {"i0": chans["i0"], "it": chans["i0"] * math.exp(-0.3)}
+            scan = ScanSpectrum(
+                "raw-1", i, energy, chans, "Cu", "K", "transmission", (i + 1,), 1.0, 0.0
+            )
+            out.append(SpectrumReady(scan))
+        out.append(RunClosed("raw-1", "success", "", 6, 0, 0))
+        return out
+
+    def advice(interval: float, flat: int | None = None) -> list[tuple[int, bool]]:
+        pipe = Pipeline(
+            ModelRegistry(tmp_path / "models", Counters()),
+            recommend=RecommenderConfig(stop_count=2, stop_probability=0.5),
+            recommend_interval_s=interval,
+        )
+        docs = unpaged(pipe.handle_batch(run(flat)))
+        names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+        return [
+            (d["data"]["index"], bool(d["data"]["stop_early"]))
+            for n, d in docs
+            if n == "event" and names[d["descriptor"]] == "recommendations"
+        ]
+
+    every = advice(0.0)
+    assert len(every) == 6 and any(stop for _, stop in every)  # CuO settles within the run
+    turns = [every[0]] + [b for a, b in itertools.pairwise(every) if a[1] != b[1]]
+    assert advice(3600.0) == turns
+    broken = advice(0.0, flat=3)  # ok, ok, ok, rejected, ok, ok
+    assert [i for i, _ in broken] == [0, 1, 2, 4, 5]
+    assert dict(broken)[4] is False  # one spectrum since the rejection: not yet a row
 
 
 def measure_demo(name: str, seed: int) -> Any:

@@ -28,8 +28,9 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
    ``herfd_suspected``, :mod:`xasflow.daemon.herfd_hint`).
 6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), an analysed
    spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
-   one per run per ``recommend_interval_s``): what to measure next, stop early, rescan
-   (:mod:`xasflow.daemon.recommend`).
+   one per run per ``recommend_interval_s``, except when the stop-early decision turns,
+   which goes out at once): what to measure next, stop early, rescan
+   (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row".
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
@@ -364,6 +365,8 @@ class Pipeline:
                 latency_ms=None if latency is None else latency * 1e3,
             )
             self.counters.reject(reason, "analysis")
+            if self.recommendations is not None:  # "in a row" means without one refused
+                self.recommendations.interrupt(scan.raw_uid)
         if self.observe_latency and latency is not None:
             self.counters.observe_latency(latency)
         docs = run.event(row)
@@ -377,15 +380,17 @@ class Pipeline:
         pred, predictor = work.prediction, work.predictor
         if pred is None or predictor is None:
             return []
+        tracker, manifest = self.recommendations, predictor.manifest
         try:
+            history = tracker.observe(run.raw_uid, pred)
             if self.recommend_interval_s > 0:
                 now = time.monotonic()
-                if now < self._recommend_due.get(run.raw_uid, now):
-                    self.recommendations.observe(run.raw_uid, pred)
-                    return []
+                due = now >= self._recommend_due.get(run.raw_uid, now)
+                if not due and not tracker.turns(run.raw_uid, manifest, history):
+                    return []  # throttled; a stop-early decision that turns goes out at once
                 self._recommend_due[run.raw_uid] = now + self.recommend_interval_s
             spectrum = work.prepared.spectrum if work.prepared is not None else None
-            rec = self.recommendations.update(run.raw_uid, predictor.manifest, pred, spectrum)
+            rec = tracker.recommend_observed(run.raw_uid, manifest, history, spectrum)
             return recommendation_docs(run, work.scan.index, rec)
         except Exception:  # advice is optional; the prediction is already recorded
             logger.exception("recommendation failed for %s/%s", run.raw_uid, work.scan.index)

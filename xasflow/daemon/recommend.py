@@ -54,9 +54,10 @@ found in the measured spectrum when one is given (:func:`~xasflow.spectra.find_e
 it is the tabulated edge energy; the margin is then ``prior_e0_margin`` (chemical shifts
 move E0 by several eV).
 
-The analysis run carries the advice as a ``recommendations`` stream, one event per analysed
-spectrum: :data:`RECOMMENDATION_KEYS`, :func:`recommendation_row` and
-:func:`recommendation_docs`; :class:`RecommendationTracker` keeps each run's history.
+The analysis run carries the advice as a ``recommendations`` stream, at most one event per
+analysed spectrum (the daemon throttles it, but never past a turn of stop-early):
+:data:`RECOMMENDATION_KEYS`, :func:`recommendation_row` and :func:`recommendation_docs`;
+:class:`RecommendationTracker` keeps each run's history and the decision last said.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class Recommender:
                         r.importance,
                     )
 
-        stop, stop_reason = self._stop_early(prediction, history)
+        stop, stop_reason = self.settles(prediction, history)
         return Recommendation(
             regions=regions,
             stop_early=stop,
@@ -297,7 +298,7 @@ class Recommender:
                 pass
         return float(edge_energy(m.element, m.edge))
 
-    def _stop_early(
+    def settles(
         self, prediction: Prediction | None, history: Sequence[Prediction]
     ) -> tuple[bool, str]:
         """Whether the last ``stop_count`` spectra settle the cn answer.
@@ -401,6 +402,7 @@ class RecommendationTracker:
         self.max_runs = max_runs
         self._recommenders: dict[str, Recommender] = {}
         self._history: dict[str, list[Prediction]] = {}
+        self._said: dict[str, bool] = {}  # the stop-early decision last recommended, per run
 
     def recommender(self, manifest: Manifest) -> Recommender:
         """The (cached) recommender of a bundle."""
@@ -419,8 +421,33 @@ class RecommendationTracker:
         spectrum: Spectrum | None = None,
     ) -> Recommendation:
         """Add a run's newest prediction and recommend what follows it."""
-        hist = self.observe(run_key, prediction)
-        return self.recommender(manifest).recommend(prediction, spectrum, hist)
+        return self.recommend_observed(
+            run_key, manifest, self.observe(run_key, prediction), spectrum
+        )
+
+    def recommend_observed(
+        self,
+        run_key: str,
+        manifest: Manifest,
+        history: list[Prediction],
+        spectrum: Spectrum | None = None,
+    ) -> Recommendation:
+        """Recommend after the run's newest prediction, already observed (``history``)."""
+        rec = self.recommender(manifest).recommend(history[-1], spectrum, history)
+        self._said[run_key] = rec.stop_early
+        return rec
+
+    def turns(self, run_key: str, manifest: Manifest, history: list[Prediction]) -> bool:
+        """Whether the stop-early decision after ``history`` (the run's, just observed)
+        differs from the one last recommended: a throttled caller must not hide that."""
+        stop, _ = self.recommender(manifest).settles(history[-1], history)
+        return stop != self._said.get(run_key, False)
+
+    def interrupt(self, run_key: str) -> None:
+        """A spectrum of the run got no answer: the spectra "in a row" start again."""
+        hist = self._history.get(run_key)
+        if hist is not None:
+            hist.clear()
 
     def observe(self, run_key: str, prediction: Prediction) -> list[Prediction]:
         """Add a run's newest prediction to its history without recommending (cheap).
@@ -442,6 +469,7 @@ class RecommendationTracker:
     def close(self, run_key: str) -> None:
         """Forget a finished run."""
         self._history.pop(run_key, None)
+        self._said.pop(run_key, None)
 
     @property
     def open_runs(self) -> list[str]:
