@@ -142,6 +142,16 @@ def test_noise_on_a_background_without_an_edge_is_refused(background) -> None:
     assert reasons <= {"edge_step", "no_edge"} and "no_edge" in reasons
 
 
+def test_a_declared_herfd_spectrum_is_judged_on_its_measured_noise() -> None:
+    """Broadening to the conventional resolution smooths the point noise away; the check
+    looks at the measured mu, so noise declared HERFD is refused like any other."""
+    energy = np.linspace(8800.0, 9300.0, 700)
+    for seed in range(20):
+        mu = (energy / 8800.0) ** -3 + 1e-3 * np.random.default_rng(seed).standard_normal(700)
+        with pytest.raises(SpectrumError):
+            prepare(Spectrum(energy, mu, "Cu", meta={"herfd": True}), PrepParams())
+
+
 def test_a_noisy_edge_is_kept_and_a_buried_one_refused() -> None:
     """The step against the point noise: 10x (noisy, still an edge) is prepared, 2x is not;
     ``min_edge_snr=0`` turns the check off."""

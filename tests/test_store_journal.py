@@ -71,6 +71,8 @@ def test_row_fits_follows_the_column_types() -> None:
     assert not row_fits(_row(1, cn=2.5), types)  # a float in an integer column
     assert not row_fits(_row(1, distance=True), types)  # a boolean is not a number here
     assert not row_fits(_row(1, cn=2**70), types)  # beyond int64
+    assert not row_fits(_row(1, cn=np.uint64(2**64 - 1)), types)  # numpy's too: Arrow refuses
+    assert row_fits(_row(1, cn=np.uint64(4)), types)
     assert not row_fits(_row(1, status=3), types)
     assert not row_fits({"unknown": 1}, types)
 

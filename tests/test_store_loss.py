@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
-from helpers import store_row
+from helpers import store_row, wait_for
 
 from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.store_writer import StoreWriter
@@ -140,3 +140,112 @@ def test_journalled_rows_are_stored_once_journalled_never_lost(
         )
         assert store.flush(30)
         assert len(stored) == 2 and lost == []
+
+
+def test_a_journal_that_cannot_forget_moved_rows_still_acknowledges_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows the journal refused carry their acknowledgement to the catalog's commit; when
+    the journal then cannot forget the batch, the rows are in the catalog all the same: they
+    are told stored (the journal replays them as duplicates), and the store's close does not
+    hang on the error."""
+    from xasflow.adapters.store_journal import Journal
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("database is locked")
+
+    stored: list[int] = []
+    lost: list[int] = []
+    store = AnalysisStore(tmp_path / "s", journal=True, flush_interval=30.0)
+    try:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.flush(10)
+        monkeypatch.setattr(Journal, "add", locked)
+        monkeypatch.setattr(Journal, "moved", locked)
+        store.add_events(
+            "R",
+            [store_row(1), store_row(2)],
+            on_stored=lambda: stored.append(1),
+            on_lost=lambda: lost.append(1),
+        )
+        assert store.flush(30)
+        assert len(stored) == 2 and lost == [] and store.stats()["queued"] == 0
+        store.add_events("R", [store_row(3)], on_stored=lambda: stored.append(1))
+    finally:
+        store.close()  # its final commit fails the same way, and close still returns
+    assert not store._writer.is_alive() and len(stored) == 3
+    _, frame = read_analysis(tmp_path / "s", "R")
+    assert sorted(frame["seq_num"]) == [1, 2, 3]
+
+
+class _Restarting:
+    """A catalog supervisor whose process is down until polled; the poll brings it back."""
+
+    restarts = failures = 0
+
+    def __init__(self, root: Any) -> None:
+        self.down, self.root = False, root
+
+    def __call__(self) -> bool:
+        return not self.down
+
+    def poll(self, now: float) -> Any:
+        self.down = False
+        return self.root
+
+    def next_check(self, now: float) -> float:
+        return now + 1000.0
+
+
+def test_rows_of_a_run_that_cannot_be_reattached_after_a_catalog_restart_are_told_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xasflow.adapters.tiled_writer as tw
+
+    stored: list[int] = []
+    lost: list[int] = []
+    store = AnalysisStore(tmp_path / "s", journal=False, flush_interval=30.0, batch_size=1000)
+    try:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.flush(10)
+        supervisor = _Restarting(store._root)
+        with store._cond:
+            store._supervisor = supervisor  # type: ignore[assignment]
+        store.add_events(
+            "R",
+            [store_row(1), store_row(2)],
+            on_stored=lambda: stored.append(1),
+            on_lost=lambda: lost.append(1),
+        )
+        wait_for(lambda: len(store._runs["R"].pending) == 2, what="the rows pending in R")
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise OSError("catalog not answering yet")
+
+        monkeypatch.setattr(tw, "attach_run", refuse)
+        monkeypatch.setattr(tw, "with_retries", lambda action, what: action())
+        with store._cond:
+            supervisor.down = True  # the catalog's process dies; the run's stop comes
+        store.close_run("R", {"uid": "z", "exit_status": "success"})
+        wait_for(lambda: len(lost) == 2, what="the pending rows told lost")
+        assert stored == [] and store.stats()["queued"] == 0
+    finally:
+        store.close()
+
+
+def test_rows_the_store_will_not_take_are_resolved_at_the_gate(tmp_path: Path) -> None:
+    """An event page the store raises on (a key not in the descriptor, the store closing)
+    takes none of its rows: they are counted unstored and resolved, so the gate does not
+    hold later results for them."""
+    with AnalysisStore(tmp_path / "s", journal=False) as store:
+        gate = CommitGate(lambda name, doc: None, timeout_s=30.0)
+        writer = StoreWriter(store)
+        writer.gate = gate
+        writer("start", {"uid": "a", "raw_uid": "R", "time": 0.0})
+        writer("descriptor", {**DESCRIPTOR, "run_start": "a", "time": 0.0})
+        page = _page(1)
+        page["data"]["extra"] = [1]
+        writer("event_page", page)
+        assert writer.unstored == 1
+        assert (gate._submitted, gate._resolved) == (1, 1)
+        gate.close(1.0)

@@ -4,8 +4,8 @@ With ``output.after_store`` the daemon hands each analysis document to :class:`C
 instead of the publisher. The gate remembers how many store rows had been submitted when the
 document came, and its own thread (``xasflow-publish``, the only user of the publisher's
 socket) sends the document once that many rows are *resolved*: committed (the store's
-``on_stored``) or refused by the store (counted there as dropped). Documents keep their
-order.
+``on_stored``), refused by the store (counted there as dropped or unstored) or accepted and
+then given up (``on_lost``, counted as lost). Documents keep their order.
 
 Latency: a document waits for its rows' commit. With ``commit_now`` (the daemon passes a
 non-blocking "commit what you hold" of the store) the gate asks for that commit as soon as a
@@ -84,7 +84,8 @@ class CommitGate:
             self._submitted += 1
 
     def row_resolved(self) -> None:
-        """A row committed (store writer thread) or was refused (processing thread)."""
+        """A row committed or was given up (store writer thread), or was refused (processing
+        thread)."""
         with self._cond:
             self._resolved += 1
             if self._held and self._resolved >= self._held[0][0]:

@@ -95,9 +95,15 @@ class _RunWriter(SinkRouter):
         if gate is not None:
             for _ in rows:
                 gate.row_submitted()
-        stored = store.add_events(
-            self.raw_uid, rows, on_stored=writer.on_stored, on_lost=writer.row_lost
-        )
+        try:
+            stored = store.add_events(
+                self.raw_uid, rows, on_stored=writer.on_stored, on_lost=writer.row_lost
+            )
+        except Exception:  # none taken (store closing, run not open, a bad key): resolved
+            if gate is not None:
+                for _ in rows:
+                    gate.row_resolved()
+            raise  # counted unstored by the router's caller
         for ok in stored:
             if not ok:
                 writer.unstored += 1

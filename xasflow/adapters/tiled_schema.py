@@ -273,6 +273,10 @@ def row_fits(row: Mapping[str, Any], types: Mapping[str, tuple[type, ...]]) -> b
             return False
         if isinstance(value, (bool, np.bool_)) and bool not in accepted:
             return False
-        if accepted[0] is int and isinstance(value, int) and not -(2**63) <= value < 2**63:
-            return False
+        if (
+            accepted[0] is int
+            and isinstance(value, (int, np.integer))
+            and not -(2**63) <= int(value) < 2**63
+        ):
+            return False  # numpy's unsigned integers too: Arrow refuses them past int64
     return True

@@ -109,11 +109,15 @@ class WriterThread:
             except Exception:
                 logger.exception("analysis store: %s failed", item[0])
                 self._count("errors")
-        self._commit_due(force=stop)
-        for run in list(self._runs.values()):
-            # after the first rows (they were what results waited for); with the catalog up
-            if run.start_due and self._catalog_up():
-                self._write_start(run)
+        try:  # a failure here must not lose the stop: close() waits for this thread
+            self._commit_due(force=stop)
+            for run in list(self._runs.values()):
+                # after the first rows (they were what results waited for); with the catalog up
+                if run.start_due and self._catalog_up():
+                    self._write_start(run)
+        except Exception:
+            logger.exception("analysis store: commit or start failed")
+            self._count("errors")
         return stop
 
     def _next_deadline(self) -> float | None:
@@ -255,9 +259,15 @@ class WriterThread:
             self._finish_rows(len(pending), errors=1, lost=[ack for _, ack in pending])
             return
         if self._journal_w is not None:  # in the catalog now (or never to fit it)
-            self._journal_w.moved(
-                run.raw_uid, [s for row, _ in pending if (s := _seq_key(row)) is not None]
-            )
+            try:
+                self._journal_w.moved(
+                    run.raw_uid, [s for row, _ in pending if (s := _seq_key(row)) is not None]
+                )
+            except Exception:  # left in the journal: replayed at the next start, as duplicates
+                logger.exception(
+                    "analysis store: cannot forget %d rows in the journal", len(pending)
+                )
+                self._count("errors")
         with self._cond:
             self._backlog -= len(pending)
             self._counts["stored"] += stored
@@ -361,6 +371,9 @@ class WriterThread:
                 run.failed = True
                 self._count("errors")
                 logger.exception("analysis store: cannot reattach run %s", raw_uid)
+                pending, run.pending = run.pending, []  # never to be appended: told lost
+                if pending:
+                    self._finish_rows(len(pending), errors=0, lost=[ack for _, ack in pending])
         with self._cond:  # what was queued meanwhile is in the journal read below
             queued = list(self._items)
             self._items.clear()

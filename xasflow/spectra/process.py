@@ -370,6 +370,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
     broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
     """
+    measured = spectrum  # its point noise: broadening would smooth the noise away
     fwhm = herfd_width(spectrum)
     if fwhm is not None:
         spectrum = broaden(spectrum, fwhm)
@@ -377,7 +378,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
     y, step = normalize(spectrum, e0, params)
     rel = spectrum.energy - e0
-    snr = float(edge_snr_rows(rel, spectrum.mu, np.array([step]))[0])
+    snr = float(edge_snr_rows(measured.energy - e0, measured.mu, np.array([step]))[0])
     weak = weak_edge(snr, step, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("no_edge", weak)
