@@ -139,7 +139,7 @@ def test_noise_on_a_background_without_an_edge_is_refused(background) -> None:
         reasons.add(err.value.reason)
         if "point noise" in str(err.value):
             assert "no clear absorption edge" in str(err.value)
-    assert reasons <= {"edge_step", "no_edge"} and "no_edge" in reasons
+    assert reasons <= {"edge_step", "weak_edge"} and "weak_edge" in reasons
 
 
 def test_a_declared_herfd_spectrum_is_judged_on_its_measured_noise() -> None:
@@ -163,7 +163,7 @@ def test_a_noisy_edge_is_kept_and_a_buried_one_refused() -> None:
     buried = Spectrum(clean.energy, clean.mu + 0.5 * noise, "Cu")
     with pytest.raises(SpectrumError, match="times the point noise") as err:
         prepare(buried, PrepParams())
-    assert err.value.reason == "no_edge"
+    assert err.value.reason == "weak_edge"
     assert prepare(buried, PrepParams(min_edge_snr=0.0)).edge_step > 0
 
 

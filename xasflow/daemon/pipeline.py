@@ -84,6 +84,7 @@ REASONS: frozenset[str] = frozenset(
         "not_finite",  # NaN/inf in mu or energy
         "too_short",  # fewer than 3 distinct energies
         "no_edge",  # no absorption edge near the tabulated energy
+        "weak_edge",  # an edge step under the bundle's min_edge_snr times the point noise
         "no_post_edge",  # too few points above the edge to normalise
         "window",  # data do not cover the model's energy window
         "prediction_error",  # the ONNX graphs failed on this spectrum

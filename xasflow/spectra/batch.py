@@ -381,7 +381,7 @@ def _prepare_fast(
             None if norm_errors[r] is not None else weak_edge(snr[r], steps[r], params.min_edge_snr)
         )
         if weak is not None:
-            norm_errors[r] = SpectrumError("no_edge", weak)
+            norm_errors[r] = SpectrumError("weak_edge", weak)
     grid = params.grid
     below = np.maximum(0.0, rel[:, 0] - grid[0])
     above = np.maximum(0.0, grid[-1] - rel[:, -1])

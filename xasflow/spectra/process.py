@@ -90,7 +90,7 @@ class PrepParams(BaseModel):
     min_edge_snr: float = Field(
         5.0,
         ge=0.0,
-        description="reject (no_edge) a spectrum whose edge step is below this many times "
+        description="reject (weak_edge) a spectrum whose edge step is below this many times "
         "its point noise (0: never): noise or a smooth background, not an edge",
     )
 
@@ -381,7 +381,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     snr = float(edge_snr_rows(measured.energy - e0, measured.mu, np.array([step]))[0])
     weak = weak_edge(snr, step, params.min_edge_snr)
     if weak is not None:
-        raise SpectrumError("no_edge", weak)
+        raise SpectrumError("weak_edge", weak)
     grid_y, extrapolated = resample(rel, y, params)
     return Prepared(
         y=grid_y, e0=float(e0), edge_step=step, extrapolated=extrapolated, spectrum=spectrum
