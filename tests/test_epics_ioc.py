@@ -23,7 +23,7 @@ from helpers import analysis_run_docs, free_port, wait_for
 from helpers import read_pv as read
 
 from xasflow.adapters.epics_ioc import XasIoc
-from xasflow.adapters.epics_pvs import MAX_REGIONS, values_from
+from xasflow.adapters.epics_pvs import MAX_REGIONS, UNDEFINED, values_from
 
 
 def _children() -> list[tuple[int, str]]:
@@ -131,6 +131,9 @@ def test_values_from_each_source() -> None:
         "ood_score": 9.0,
     }
     assert values_from({"status": "rejected", "reason": "window"}) == {"model_ok": 0}
+    partial = values_from({"status": "ok", "cn": 4})  # an answer without the other heads
+    assert partial["cn"] == 4 and partial["model_ok"] == 1
+    assert all(partial[k] is UNDEFINED for k in ("valence", "distance", "e0", "cn_uncertainty"))
     # CN 9 has no motif in the bundle: MOTIF is cleared, not left at the last spectrum's
     blank = {**event, "cn": 9, "motif": None}
     assert values_from(blank)["motif"] == "" and values_from(blank)["cn"] == 9
@@ -266,6 +269,40 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
         ioc(name, doc)
     wait_for(lambda: read(status) == "rejected no_edge (3e6d2331)", what="STATUS to say why")
     assert read(cn) == 4 and read(uid) == "raw-run-7"
+
+
+def test_an_answer_never_keeps_an_older_value_and_a_doubtful_one_is_in_alarm(
+    ioc_env: dict[str, Any],
+) -> None:
+    """A value the answer lacks is its placeholder in INVALID alarm (not the last answer's);
+    an out-of-domain answer puts every answer PV in MAJOR alarm beside OOD."""
+    from caproto import AlarmSeverity
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    cn, valence, distance = ctx.get_pvs(
+        ioc.pv("cn"), ioc.pv("valence"), ioc.pv("distance"), timeout=5.0
+    )
+
+    def severity(pv: Any) -> Any:
+        return pv.read(data_type="time").metadata.severity
+
+    full = {"status": "ok", "cn": 4, "valence": 2, "distance": 1.95, "e0": 8984.0}
+    for name, doc in analysis_run_docs([("primary", full)], raw_uid="raw-A"):
+        ioc(name, doc)
+    wait_for(lambda: read(cn) == 4 and read(valence) == 2, what="the full answer")
+    assert severity(valence) == AlarmSeverity.NO_ALARM
+    headless = {"status": "ok", "cn": 6, "e0": 8984.0}  # a bundle without valence or distance
+    for name, doc in analysis_run_docs([("primary", headless)], raw_uid="raw-B"):
+        ioc(name, doc)
+    wait_for(lambda: read(cn) == 6, what="the second answer")
+    assert read(valence) == 0 and severity(valence) == AlarmSeverity.INVALID_ALARM
+    assert math.isnan(read(distance)) and severity(distance) == AlarmSeverity.INVALID_ALARM
+    assert severity(cn) == AlarmSeverity.NO_ALARM
+    doubt = {**full, "cn": 2, "out_of_domain": True, "ood_score": 9.0}
+    for name, doc in analysis_run_docs([("primary", doubt)], raw_uid="raw-C"):
+        ioc(name, doc)
+    wait_for(lambda: read(cn) == 2, what="the out-of-domain answer")
+    assert severity(cn) == severity(valence) == AlarmSeverity.MAJOR_ALARM
 
 
 def test_advice_belongs_to_its_run_and_is_not_an_answer(ioc_env: dict[str, Any]) -> None:

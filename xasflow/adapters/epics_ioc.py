@@ -25,10 +25,12 @@ from typing import Any
 
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
+    ANSWER_PVS,
     HEARTBEAT_PERIOD,
     MAX_REGIONS,
     NO_ADVICE,
     STRING_MAX,
+    UNDEFINED,
     XasPVGroup,
     values_from,
 )
@@ -343,17 +345,32 @@ class XasIoc:
         asyncio.run_coroutine_threadsafe(self._flush(), loop).result(timeout)
 
     async def _flush(self) -> None:
+        from caproto import AlarmSeverity, AlarmStatus
+
         with self._lock:
             values, self._pending = self._pending, {}
             self._flush_scheduled = False
+        doubt = values.get("ood") == 1  # out of domain: every answer PV in MAJOR alarm
         for attr, value in values.items():
             prop = getattr(self.group, attr)
+            alarm: dict[str, Any] = {}
+            if attr in ANSWER_PVS:
+                if value is UNDEFINED:
+                    value = ANSWER_PVS[attr]
+                    alarm = {"status": AlarmStatus.UDF, "severity": AlarmSeverity.INVALID_ALARM}
+                elif doubt:
+                    alarm = {"status": AlarmStatus.STATE, "severity": AlarmSeverity.MAJOR_ALARM}
+                else:
+                    alarm = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
                 value = str(value)[:STRING_MAX]
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
             try:
-                await prop.write(value)
+                if alarm:  # first, unpublished: the value's write publishes it with the value
+                    await prop.alarm.write(**alarm, publish=False)
+                # no limit check (none set): caproto's would reset the alarm to NO_ALARM
+                await prop.write(value, verify_value=not alarm)
             except Exception:  # one bad value must not stop the others
                 logger.exception("IOC %s: cannot write %r to %s", self.prefix, value, attr)
 

@@ -33,6 +33,12 @@ one's certainty.
 
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
 out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
+
+Every answer writes all the answer PVs (:data:`ANSWER_PVS`), with EPICS alarms a display
+shows: a value the answer lacks (a bundle without that head, a regressor output that is not
+finite) is written as its placeholder (0 or NaN) with an ``INVALID`` alarm, never left at an
+older answer's; an answer out of the bundle's domain carries a ``MAJOR`` alarm on each of
+them, so an operator's panel shows it red beside ``OOD``.
 """
 
 from __future__ import annotations
@@ -47,10 +53,12 @@ from caproto.server import PVGroup, pvproperty
 
 __all__ = [
     "ADVICE_KEYS",
+    "ANSWER_PVS",
     "HEARTBEAT_PERIOD",
     "MAX_REGIONS",
     "NO_ADVICE",
     "STRING_MAX",
+    "UNDEFINED",
     "XasPVGroup",
     "values_from",
 ]
@@ -63,6 +71,27 @@ MAX_REGIONS = 16
 STRING_MAX = 39
 #: The PVs a recommendation sets (its other fields, E0 and the bundle, are not an answer).
 ADVICE_KEYS = ("regions", "n_regions", "stop_early")
+#: PVs every answer writes, and the placeholder of each when the answer has no value for it.
+ANSWER_PVS: dict[str, Any] = {
+    "cn": 0,
+    "cn_uncertainty": math.nan,
+    "motif": "",
+    "distance": math.nan,
+    "valence": 0,
+    "e0": math.nan,
+}
+
+
+class _Undefined:
+    """The marker of an answer PV the answer has no value for."""
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+
+#: In :func:`values_from`'s result: the answer has no value for this PV.
+UNDEFINED: Any = _Undefined()
+
 #: The advice PVs at an analysis run's start: nothing advised yet.
 NO_ADVICE: dict[str, Any] = {"regions": [], "n_regions": 0, "stop_early": 0}
 
@@ -70,9 +99,17 @@ NO_ADVICE: dict[str, Any] = {"regions": [], "n_regions": 0, "stop_early": 0}
 class XasPVGroup(PVGroup):
     """The PVs (see the module docstring); values are written by :class:`XasIoc`."""
 
-    cn = pvproperty(value=0, name="CN", read_only=True, doc="dominant coordination number")
+    # each answer PV has an alarm of its own (caproto shares one per group by default)
+    cn = pvproperty(
+        value=0, name="CN", read_only=True, alarm_group="cn", doc="dominant coordination number"
+    )
     cn_uncertainty = pvproperty(
-        value=1.0, name="CN_UNC", read_only=True, precision=3, doc="1 - top cn probability"
+        value=1.0,
+        name="CN_UNC",
+        read_only=True,
+        precision=3,
+        alarm_group="cn_uncertainty",
+        doc="1 - top cn probability",
     )
     cn_set = pvproperty(
         value="", name="CN_SET", dtype=ChannelType.STRING, read_only=True, doc="90% CN set"
@@ -80,11 +117,25 @@ class XasPVGroup(PVGroup):
     ood = pvproperty(value=0, name="OOD", read_only=True, doc="1: out of domain, do not trust")
     ood_score = pvproperty(value=math.nan, name="OOD_SCORE", read_only=True, precision=3)
     motif = pvproperty(
-        value="", name="MOTIF", dtype=ChannelType.STRING, read_only=True, doc="top motif"
+        value="",
+        name="MOTIF",
+        dtype=ChannelType.STRING,
+        read_only=True,
+        alarm_group="motif",
+        doc="top motif",
     )
-    distance = pvproperty(value=0.0, name="DISTANCE", read_only=True, precision=3, units="angstrom")
-    valence = pvproperty(value=0, name="VALENCE", read_only=True, doc="oxidation state")
-    e0 = pvproperty(value=0.0, name="E0", read_only=True, precision=2, units="eV")
+    distance = pvproperty(
+        value=0.0,
+        name="DISTANCE",
+        read_only=True,
+        precision=3,
+        units="angstrom",
+        alarm_group="distance",
+    )
+    valence = pvproperty(
+        value=0, name="VALENCE", read_only=True, alarm_group="valence", doc="oxidation state"
+    )
+    e0 = pvproperty(value=0.0, name="E0", read_only=True, precision=2, units="eV", alarm_group="e0")
     scan_uid = pvproperty(value="", name="SCAN_UID", dtype=ChannelType.STRING, read_only=True)
     status = pvproperty(
         value="",
@@ -198,6 +249,10 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
         out["stop_early"] = int(bool(data["stop_early"]))
     if "ood" in out and out.get("ood_score") is None:
         out["ood_score"] = math.nan  # an answer without a score clears the previous one
+    if out.get("status") == "ok":  # an answer: each answer PV it has no value for is undefined
+        for key in ANSWER_PVS:
+            if out.get(key) is None:
+                out[key] = UNDEFINED
     return {k: v for k, v in out.items() if v is not None}
 
 
