@@ -87,6 +87,21 @@ def test_loads_bundles_and_describes_them(model_dir: Path, bundle: Path) -> None
     assert (snap["model_swaps"], snap["model_refused"]) == (0, 0)
 
 
+def test_on_serving_follows_the_last_bundle_leaving_and_one_coming_back(
+    model_dir: Path, bundle: Path
+) -> None:
+    """What MODEL_OK follows: told at once, then only when serving any bundle turns."""
+    said: list[bool] = []
+    reg = ModelRegistry(model_dir, remove_after=1)
+    reg.on_serving(said.append)
+    assert said == [True]
+    shutil.rmtree(model_dir / "cu-k")
+    assert [e.kind for e in reg.refresh()] == ["removed"] and said == [True, False]
+    assert reg.refresh() == [] and said == [True, False]
+    shutil.copytree(bundle, model_dir / "cu-k")
+    assert [e.kind for e in reg.refresh()] == ["loaded"] and said == [True, False, True]
+
+
 def test_missing_directory_is_reported_once(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "nope")
     assert [e.kind for e in reg.events] == ["error"]

@@ -65,8 +65,9 @@ __all__ = [
 
 #: Seconds between heartbeat increments.
 HEARTBEAT_PERIOD = 1.0
-#: Regions the waveform can hold (4 numbers each).
-MAX_REGIONS = 16
+#: Regions the waveform can hold (4 numbers each). A recommendation has about 10, some 20
+#: with fine k pieces; 16 used to cut the support regions at the list's end.
+MAX_REGIONS = 64
 #: Characters a string PV keeps (DBR_STRING holds 40 bytes with the terminator).
 STRING_MAX = 39
 #: The PVs a recommendation sets (its other fields, E0 and the bundle, are not an answer).

@@ -187,9 +187,10 @@ def build_store(
     return store, writer, interrupted
 
 
-def build_feedback(cfg: DaemonConfig, models_loaded: bool) -> tuple[Any, Any]:
-    """The EPICS IOC (started) and the queueserver submitter, each None when disabled; both
-    follow the analysis documents as listeners."""
+def build_feedback(cfg: DaemonConfig, registry: ModelRegistry) -> tuple[Any, Any]:
+    """The EPICS IOC (started; its MODEL_OK follows whether ``registry`` serves a bundle) and
+    the queueserver submitter, each None when disabled; both follow the analysis documents
+    as listeners."""
     ioc = submitter = None
     if cfg.epics.enabled:
         from xasflow.adapters.epics_ioc import XasIoc
@@ -204,7 +205,7 @@ def build_feedback(cfg: DaemonConfig, models_loaded: bool) -> tuple[Any, Any]:
             ) from None
     try:
         if ioc is not None:
-            ioc.set_model_ok(models_loaded)
+            registry.on_serving(ioc.set_model_ok)
         if cfg.queueserver.enabled:
             from xasflow.adapters.queueserver import QueueServerSubmitter
 

@@ -118,6 +118,8 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dir_warned = False
+        self._on_serving: Callable[[bool], None] | None = None
+        self._serving_said = False
         #: The most recent events (bounded), oldest first.
         self.events: deque[RegistryEvent] = deque(maxlen=200)
         if scan:
@@ -195,6 +197,10 @@ class ModelRegistry:
             if self._released.is_set():  # a replaced predictor and its sessions are gone now
                 self._released.clear()
                 release_memory()
+        serving, notify = bool(self._models), self._on_serving
+        if notify is not None and serving != self._serving_said:
+            self._serving_said = serving
+            notify(serving)
         for ev in events:
             self.events.append(ev)
             if ev.kind in ("refused", "error"):
@@ -204,6 +210,13 @@ class ModelRegistry:
             else:
                 logger.info("model %s: %s", ev.kind, ev.message)
         return events
+
+    def on_serving(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(serving)`` now and whenever the registry starts or stops serving
+        any bundle (a hot swap that removes the last one, or brings one back)."""
+        self._serving_said = bool(self._models)
+        self._on_serving = callback
+        callback(self._serving_said)
 
     def _list(self, events: list[RegistryEvent]) -> list[str]:
         try:

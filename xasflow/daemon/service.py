@@ -106,7 +106,7 @@ class Daemon:
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
         p.registry, p.pipeline = build_analysis(cfg, self.counters)
-        p.ioc, p.submitter = build_feedback(cfg, models_loaded=bool(p.registry.models()))
+        p.ioc, p.submitter = build_feedback(cfg, p.registry)
         for listener in (p.ioc, p.submitter):
             if listener is not None:
                 self.add_listener(listener)
