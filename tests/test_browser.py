@@ -224,6 +224,30 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert first.nth(5).text_content() == "1"  # out-of-domain answers in the run
         assert first.nth(6).text_content() == "fail (3 lost)"
         assert "3 raw events lost" in (page.text_content("#run-info") or "")
+
+        # a newer run with only a rejected spectrum: the answer shown is still the older
+        # run's, labelled so, and takes no flags or latency from the other run's row
+        refused = {
+            "index": 0,
+            "status": "rejected",
+            "reason": "weak_edge",
+            "flags": "foil_misaligned",
+            "latency_ms": 987.0,
+        }
+        for name, doc in analysis_run_docs([("primary", refused)], "refused-run"):
+            dashboard.listener(name, doc)
+        page.wait_for_function(
+            "() => document.getElementById('run-uid').textContent === 'refused-'",
+            timeout=TIMEOUT_MS,
+        )
+        page.wait_for_function(  # drawn on the next animation frame
+            "v => document.body.dataset.version === String(v)",
+            arg=page.evaluate("window.xasflow.state.version"),
+            timeout=TIMEOUT_MS,
+        )
+        notes = page.text_content("#pred-flags") or ""
+        assert "foil_misaligned" not in notes and "987" not in notes
+        assert "out_of_domain" in notes  # the shown prediction's own flags stay
     finally:
         page.close()
     assert not problems, problems

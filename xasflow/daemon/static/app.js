@@ -282,7 +282,15 @@
     return values && values.length ? "{" + values.join(", ") + "}" : "";
   }
 
-  // the flags of the prediction and of the run's last row (a comma-separated data key)
+  // the run's last row when it is the shown prediction's own spectrum (else null: a newer
+  // run, or a rejected spectrum since, must not lend it flags or a latency)
+  function ownRow(state) {
+    const pred = state.prediction, run = state.run, last = run && run.last;
+    if (!pred || !last) return pred ? null : last;
+    return run.raw_uid === pred.raw_uid && last.index === pred.index ? last : null;
+  }
+
+  // the flags of the prediction and of its own row (a comma-separated data key)
   function flagsOf(pred, last) {
     return ((pred && pred.flags) || []).concat(
       last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
@@ -310,7 +318,7 @@
 
   function renderPrediction(state) {
     const pred = state.prediction;
-    const last = state.run && state.run.last;
+    const last = ownRow(state);
     const rej = state.last_rejection;
     renderDoubt(pred, last);
     $("last-rejection").textContent = rej
