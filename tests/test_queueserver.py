@@ -198,6 +198,28 @@ def test_a_raw_run_gets_its_plan_once_and_only_after_a_successful_stop() -> None
         sub.close()
 
 
+def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
+    class Refusing(FakeApi):
+        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+            if not self.items and not getattr(self, "refused", False):
+                self.refused = True
+                return {"success": False, "msg": "RE Manager busy"}
+            return super().item_add(item, user, user_group)
+
+    fake = Refusing()
+    cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, min_interval_s=3600.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for raw in ("raw-1", "raw-2"):
+            for name, doc in _docs(False, raw):
+                sub(name, doc)
+            assert sub.join(5.0)
+        assert sub.stats["failed"] == 1 and sub.stats["skipped_rate"] == 0
+        assert [i["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] for i in fake.items] == ["raw-2"]
+    finally:
+        sub.close()
+
+
 # --------------------------------------------------------------------------- real server
 
 

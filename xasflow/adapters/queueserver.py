@@ -376,8 +376,10 @@ class QueueServerSubmitter:
                 rec, raw_uid, rescan_only = job
                 self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only)
             except (QueueServerError, ValueError) as exc:
+                self._last_submit = -float("inf")  # nothing went in: the slot is free again
                 logger.warning("queueserver submission failed: %s", exc)
             except Exception:
+                self._last_submit = -float("inf")
                 logger.exception("queueserver submission failed")
             finally:
                 self._queue.task_done()
