@@ -376,6 +376,26 @@ def test_rescan_of_a_noisy_important_region() -> None:
     assert Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), quiet).rescan is None
 
 
+def test_a_rescan_of_a_region_in_k_pieces_has_as_many_points_as_its_grid() -> None:
+    """Above the edge a region is cut into pieces of growing step; its rescan covers it
+    uniformly with the pieces' points, not all of it at the first piece's finest step."""
+    e0 = 8985.0
+    rng = np.random.default_rng(4)
+    energy = np.arange(e0 - 160.0, e0 + 200.0, 0.3)
+    mu = smooth_mu(energy, e0)
+    far = energy >= e0 + 42.0
+    mu[far] += rng.normal(0.0, 0.05, int(far.sum()))
+    cfg = RecommenderConfig(noise_threshold=0.02, rescan_importance=0.0)
+    rec = Recommender(manifest(), cfg).recommend(
+        prediction(SURE, VAL_SURE), Spectrum(energy, mu, "Cu", "K")
+    )
+    assert rec.rescan is not None
+    own = pieces(rec, rec.rescan.name)
+    assert len(own) > 1 and own[0].step < own[-1].step
+    assert (rec.rescan.start, rec.rescan.stop) == (own[0].start, own[-1].stop)
+    assert rec.rescan.n_points == sum(r.n_points for r in own) - (len(own) - 1)
+
+
 def test_an_ambiguous_edge_widens_the_margin() -> None:
     e0 = 8991.0
     energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)

@@ -41,7 +41,8 @@ How it decides (all knobs in :class:`RecommenderConfig`):
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
    exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
    local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
-   smoother's own variance. The rescan keeps the region's grid and raises the dwell by
+   smoother's own variance. The rescan covers the region with as many points as its grid
+   (its k pieces' mean step, uniform) and raises the dwell by
    ``(noise / noise_threshold) ** 2`` (counting statistics), at most ``max_rescan_factor``.
 
 E0 itself can be ambiguous: a pre-edge shoulder nearly as steep as the edge makes the
@@ -213,7 +214,12 @@ class Recommender:
                     step = min(step, cfg.steps()[1])
                 label = name if k == 0 else f"{name} ({k + 1}/{len(pieces)})"
                 regions.append(_region(label, e0 + a, e0 + b, step, dwell, why, w))
-            spans.append(dataclasses.replace(regions[-len(pieces)], stop=regions[-1].stop))
+            own = regions[-len(pieces) :]
+            points = sum(r.n_points for r in own) - (len(own) - 1)  # shared piece ends once
+            start, stop = own[0].start, own[-1].stop
+            # the whole region at its pieces' mean step: as many points as its grid has
+            step = (stop - start) / max(points - 1, 1) if len(own) > 1 else own[0].step
+            spans.append(dataclasses.replace(own[0], stop=stop, step=step))
         first = min(r.start for r in regions) - e0
         pre_lo, pre_hi = prep.pre_edge
         support: list[Region] = []
