@@ -376,6 +376,23 @@ def test_rescan_of_a_noisy_important_region() -> None:
     assert Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), quiet).rescan is None
 
 
+def test_the_run_collector_keeps_a_bounded_number_of_unevaluated_runs() -> None:
+    """Acquisition runs no plan evaluates (an aborted plan) are not kept for ever."""
+    from event_model import compose_run
+
+    from xasflow.daemon.adaptive import _MAX_UNEVALUATED, RunCollector
+
+    collector = RunCollector(["I0"])
+    uids = []
+    for _ in range(_MAX_UNEVALUATED + 10):
+        run = compose_run(metadata={"blop_acquisition_order": [0]})
+        collector("start", run.start_doc)
+        collector("stop", run.compose_stop())
+        uids.append(run.start_doc["uid"])
+    assert len(collector._order) == len(collector._rows) == _MAX_UNEVALUATED
+    assert uids[0] not in collector._order and uids[-1] in collector._order
+
+
 def test_a_rescan_of_a_region_in_k_pieces_has_as_many_points_as_its_grid() -> None:
     """Above the edge a region is cut into pieces of growing step; its rescan covers it
     uniformly with the pieces' points, not all of it at the first piece's finest step."""

@@ -288,6 +288,10 @@ class RecommenderOptimizer:
         self.ingest(points)
 
 
+#: Acquisition runs a :class:`RunCollector` keeps for evaluation (the oldest go first).
+_MAX_UNEVALUATED = 64
+
+
 class RunCollector:
     """An ``EvaluationFunction``: RunEngine documents -> outcomes keyed by suggestion id.
 
@@ -321,6 +325,9 @@ class RunCollector:
             return [], []
         self._order[start["uid"]] = list(start["blop_acquisition_order"])
         rows = self._rows[start["uid"]] = []
+        while len(self._order) > _MAX_UNEVALUATED:  # runs no plan asked for (aborted plans)
+            oldest = next(iter(self._order))
+            del self._order[oldest], self._rows[oldest]
         keys = self.keys
 
         def primary(name: str, descriptor: dict[str, Any]) -> list[Any]:
