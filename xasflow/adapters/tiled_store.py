@@ -229,7 +229,8 @@ class AnalysisStore(WriterThread):
     ) -> bool:
         """Queue one result row without blocking; ``on_stored`` runs once its batch has committed
         (with the journal: once the row is journalled, before this returns), or ``on_lost``
-        when the store gives the accepted row up (counted in ``errors``): never both.
+        when the store gives the accepted row up (the failure counted in ``errors``): never
+        both.
 
         Returns False (and calls neither) when ``max_queue`` rows are already waiting.
         """

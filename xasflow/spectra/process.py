@@ -369,6 +369,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
 
     A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
     broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
+    A step under ``params.min_edge_snr`` times the measured point noise raises ``weak_edge``.
     """
     measured = spectrum  # its point noise: broadening would smooth the noise away
     fwhm = herfd_width(spectrum)
