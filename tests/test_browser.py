@@ -95,6 +95,15 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
+def drawn(page: Any) -> None:
+    """Wait until the page has drawn the state it holds (on the next animation frame)."""
+    page.wait_for_function(
+        "v => document.body.dataset.version === String(v)",
+        arg=page.evaluate("window.xasflow.state.version"),
+        timeout=TIMEOUT_MS,
+    )
+
+
 def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, browser: Any) -> None:
     d, pub = beamline.daemon, beamline.pub
     base = d.http_url
@@ -158,11 +167,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             arg=[fly_uid, FLY_SPECTRA],
             timeout=TIMEOUT_MS,
         )
-        page.wait_for_function(  # drawn on the next animation frame
-            "v => document.body.dataset.version === String(v)",
-            arg=page.evaluate("window.xasflow.state.version"),
-            timeout=TIMEOUT_MS,
-        )
+        drawn(page)
         info = page.text_content("#run-info") or ""
         assert info.startswith("fly scan") and f"{FLY_SPECTRA} analysed, 0 rejected" in info
         assert page.text_content("#cn-value") == str(fly_events[-1]["cn"])
@@ -240,11 +245,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             "() => document.getElementById('run-uid').textContent === 'refused-'",
             timeout=TIMEOUT_MS,
         )
-        page.wait_for_function(  # drawn on the next animation frame
-            "v => document.body.dataset.version === String(v)",
-            arg=page.evaluate("window.xasflow.state.version"),
-            timeout=TIMEOUT_MS,
-        )
+        drawn(page)
         notes = page.text_content("#pred-flags") or ""
         assert "foil_misaligned" not in notes and "987" not in notes
         assert "out_of_domain" in notes  # the shown prediction's own flags stay

@@ -91,26 +91,37 @@ def test_a_failed_batch_is_told_lost_and_does_not_hold_later_results(
     assert max(waits.values()) < 10.0
 
 
-def test_rows_of_a_run_whose_table_would_not_open_are_told_lost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _no_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run's table fails to open (a full disk), at once (no back-off waits)."""
     import xasflow.adapters.tiled_writer as tw
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(tw, "attach_run", refuse)
-    monkeypatch.setattr(tw, "with_retries", lambda action, what: action())  # no back-off waits
-    lost: list[int] = []
+    monkeypatch.setattr(tw, "with_retries", lambda action, what: action())
+
+
+def _add_counted(store: AnalysisStore, seqs: list[int]) -> tuple[list[int], list[int]]:
+    """Rows of run R handed to the store; the lists its stored and lost callbacks fill."""
     stored: list[int] = []
+    lost: list[int] = []
+    store.add_events(
+        "R",
+        [store_row(s) for s in seqs],
+        on_stored=lambda: stored.append(1),
+        on_lost=lambda: lost.append(1),
+    )
+    return stored, lost
+
+
+def test_rows_of_a_run_whose_table_would_not_open_are_told_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_table(monkeypatch)
     with AnalysisStore(tmp_path / "s", journal=False) as store:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
-        store.add_events(
-            "R",
-            [store_row(s) for s in (1, 2, 3)],
-            on_stored=lambda: stored.append(1),
-            on_lost=lambda: lost.append(1),
-        )
+        stored, lost = _add_counted(store, [1, 2, 3])
         assert store.flush(30)
         assert len(lost) == 3 and stored == []
         assert store.stats()["queued"] == 0
@@ -121,23 +132,10 @@ def test_journalled_rows_are_stored_once_journalled_never_lost(
 ) -> None:
     """With the journal a row is stored for good once journalled: a catalog that then refuses
     it loses nothing (the next start replays it), so ``on_lost`` is never called."""
-    import xasflow.adapters.tiled_writer as tw
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(tw, "attach_run", refuse)
-    monkeypatch.setattr(tw, "with_retries", lambda action, what: action())
-    lost: list[int] = []
-    stored: list[int] = []
+    _no_table(monkeypatch)
     with AnalysisStore(tmp_path / "s", journal=True) as store:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
-        store.add_events(
-            "R",
-            [store_row(s) for s in (1, 2)],
-            on_stored=lambda: stored.append(1),
-            on_lost=lambda: lost.append(1),
-        )
+        stored, lost = _add_counted(store, [1, 2])
         assert store.flush(30)
         assert len(stored) == 2 and lost == []
 
@@ -154,20 +152,13 @@ def test_a_journal_that_cannot_forget_moved_rows_still_acknowledges_them(
     def locked(*args: Any, **kwargs: Any) -> Any:
         raise OSError("database is locked")
 
-    stored: list[int] = []
-    lost: list[int] = []
     store = AnalysisStore(tmp_path / "s", journal=True, flush_interval=30.0)
     try:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
         assert store.flush(10)
         monkeypatch.setattr(Journal, "add", locked)
         monkeypatch.setattr(Journal, "moved", locked)
-        store.add_events(
-            "R",
-            [store_row(1), store_row(2)],
-            on_stored=lambda: stored.append(1),
-            on_lost=lambda: lost.append(1),
-        )
+        stored, lost = _add_counted(store, [1, 2])
         assert store.flush(30)
         assert len(stored) == 2 and lost == [] and store.stats()["queued"] == 0
         store.add_events("R", [store_row(3)], on_stored=lambda: stored.append(1))
@@ -200,10 +191,6 @@ class _Restarting:
 def test_rows_of_a_run_that_cannot_be_reattached_after_a_catalog_restart_are_told_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xasflow.adapters.tiled_writer as tw
-
-    stored: list[int] = []
-    lost: list[int] = []
     store = AnalysisStore(tmp_path / "s", journal=False, flush_interval=30.0, batch_size=1000)
     try:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
@@ -211,19 +198,9 @@ def test_rows_of_a_run_that_cannot_be_reattached_after_a_catalog_restart_are_tol
         supervisor = _Restarting(store._root)
         with store._cond:
             store._supervisor = supervisor  # type: ignore[assignment]
-        store.add_events(
-            "R",
-            [store_row(1), store_row(2)],
-            on_stored=lambda: stored.append(1),
-            on_lost=lambda: lost.append(1),
-        )
+        stored, lost = _add_counted(store, [1, 2])
         wait_for(lambda: len(store._runs["R"].pending) == 2, what="the rows pending in R")
-
-        def refuse(*args: Any, **kwargs: Any) -> None:
-            raise OSError("catalog not answering yet")
-
-        monkeypatch.setattr(tw, "attach_run", refuse)
-        monkeypatch.setattr(tw, "with_retries", lambda action, what: action())
+        _no_table(monkeypatch)  # the restarted catalog does not take the run back
         with store._cond:
             supervisor.down = True  # the catalog's process dies; the run's stop comes
         store.close_run("R", {"uid": "z", "exit_status": "success"})
