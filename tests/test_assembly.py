@@ -269,6 +269,80 @@ def test_duplicate_event_rejected_once():
     assert closed(out)[0].n_rejected == 1
 
 
+def test_a_rewind_retakes_step_points_and_the_new_readings_win():
+    """bluesky's rewind (a suspender tripped) takes points again under the same seq_num:
+    the re-taken readings replace the old (flagged ``points_retaken``); an identical copy is
+    a redelivery and is rejected as a duplicate, as before."""
+    _, docs = step_docs([1.0, 2.0, 3.0])
+    glitch = {**docs[3][1], "data": {**docs[3][1]["data"], "I0": 0.04}}  # beam dumped at 2
+    retake = {**docs[3][1], "uid": "retaken-2"}
+    docs[3] = ("event", glitch)
+    docs.insert(4, ("event", retake))  # after the resume: point 2 again, beam back
+    docs.insert(5, docs[2])  # and point 1 again, read the same (a redelivered copy)
+    out = feed_all(RunAssembler(), docs)
+    (spec,) = spectra(out)
+    np.testing.assert_array_equal(spec.energy, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(spec.channels["i0"], [0.1, 0.2, 0.3])
+    assert "points_retaken" in spec.flags and spec.seq_nums == (1, 2, 3)
+    assert reasons(out) == ["duplicate_event"]
+
+
+def _mixed_step_run(
+    first_keys: tuple[str, ...], first: list[dict], second_keys: tuple[str, ...], second: list[dict]
+) -> list[tuple[str, dict]]:
+    """One step run whose primary stream has two descriptors with different detectors (no
+    bluesky plan does it, event-model's composer refuses it; other producers may)."""
+    run = compose_run()
+    docs: list[tuple[str, dict]] = [("start", run.start_doc)]
+    seq = 0
+    for n, (keys, rows) in enumerate(((first_keys, first), (second_keys, second))):
+        desc = {
+            "uid": f"{run.start_doc['uid']}-d{n}",
+            "run_start": run.start_doc["uid"],
+            "name": "primary",
+            "time": 1.0,
+            "data_keys": scalar_keys(*keys),
+            "object_keys": {},
+            "configuration": {},
+            "hints": {},
+        }
+        docs.append(("descriptor", desc))
+        for data in rows:
+            seq += 1
+            event = {"uid": f"{desc['uid']}-e{seq}", "descriptor": desc["uid"], "seq_num": seq}
+            event.update(time=1.0, data=data, timestamps=dict.fromkeys(data, 1.0), filled={})
+            docs.append(("event", event))
+    docs.append(("stop", run.compose_stop()))
+    return docs
+
+
+def test_a_step_run_whose_descriptors_name_different_detectors():
+    """Points of the first descriptor have I0/It only, of the second also If: the spectrum
+    takes the newest mode whose channels every point has (transmission), and a run with no
+    such mode is rejected with a reason, never left open."""
+    asm = RunAssembler(ChannelMap(mode="auto"))
+    docs = _mixed_step_run(
+        ("energy", "I0", "It"),
+        [{"energy": e, "I0": e / 10, "It": e / 100} for e in (1.0, 2.0)],
+        ("energy", "I0", "It", "If"),
+        [{"energy": e, "I0": 0.3, "It": 0.03, "If": 0.01} for e in (3.0, math.nan)],
+    )
+    out = feed_all(asm, docs)
+    (spec,) = spectra(out)
+    assert spec.mode == "transmission" and list(spec.energy) == [1.0, 2.0, 3.0]
+    assert closed(out)[0].exit_status == "success" and asm.open_runs == 0
+    docs = _mixed_step_run(
+        ("energy", "I0", "If"),
+        [{"energy": 1.0, "I0": 0.1, "If": 0.01}],
+        ("energy", "I0", "It"),
+        [{"energy": 2.0, "I0": 0.2, "It": 0.02}],
+    )
+    out = feed_all(asm, docs)
+    assert spectra(out) == [] and reasons(out) == ["bad_channel"]
+    assert "no mode has its channels in every point" in rejected(out)[0].detail
+    assert asm.open_runs == 0
+
+
 def test_step_event_page_unpacked():
     run = compose_run()
     desc = run.compose_descriptor(name="primary", data_keys=scalar_keys(*STEP_KEYS))

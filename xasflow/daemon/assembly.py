@@ -39,7 +39,11 @@ continue the stream's numbering or restart at 1). A jump is a gap: counted in
 ``RunClosed.seq_gaps`` (occurrences) and ``RunClosed.missing_events`` (skipped numbers,
 including trailing ones revealed by the stop's ``num_events``), and flagged ``seq_gap`` on
 the fly spectrum that arrived after it or on the step spectrum. A repeated seq_num is
-``Rejected(duplicate_event)``; an earlier number arriving late is flagged ``seq_disorder``.
+``Rejected(duplicate_event)``, except a step point read anew: bluesky's rewind (a suspender
+tripped) takes points again under their seq_nums, and the new readings replace the old
+(flagged ``points_retaken``). An earlier number arriving late is flagged ``seq_disorder``.
+A step run whose descriptors name different detectors takes the newest mode whose channels
+every point has.
 """
 
 from __future__ import annotations

@@ -90,6 +90,10 @@ def _finite(
     return (None if mask.all() else mask), good, flags
 
 
+#: :meth:`_Run._sequence`'s mark of a step point seen before (never a published flag).
+_REPEAT = "repeat"
+
+
 class _Run(DocumentRouter):
     """All state of one run; receives its documents from the ``RunRouter``."""
 
@@ -112,8 +116,9 @@ class _Run(DocumentRouter):
         self.trailing_missing = 0  # events the stop's num_events says we never saw
         self.step_flags: set[str] = set()
         self.step_done = False  # the step spectrum was emitted or rejected
-        self.step_required: tuple[str, ...] = ()
-        self.step_mode = ""
+        #: each step stream's (mode, required channels), newest last: the spectrum takes the
+        #: newest whose channels every point has
+        self.step_modes: dict[tuple[str, tuple[str, ...]], None] = {}
         self.points: list[tuple[int, int, float, float, dict[str, float]]] = []
 
     # ------------------------------------------------------------------ outputs
@@ -184,8 +189,12 @@ class _Run(DocumentRouter):
                 self._step_row(st, data, i, int(seq), t, flags)
 
     def _sequence(self, st: _Stream, seq: int) -> list[str] | None:
-        """Duplicate check and arrival-time flags for one row; None means drop it."""
+        """Duplicate check and arrival-time flags for one row; None means drop it. A step
+        point seen before gives ``[_REPEAT]``: :meth:`_step_row` tells a bluesky rewind's
+        re-take (new readings: they replace the old) from a redelivered copy."""
         if seq in st.seen:
+            if st.kind == "step":
+                return [_REPEAT]
             self.reject("duplicate_event", None, f"seq_num {seq} repeated in descriptor {st.uid}")
             return None
         st.seen.add(seq)
@@ -275,7 +284,9 @@ class _Run(DocumentRouter):
     def _step_row(
         self, st: _Stream, data: Mapping, i: int, seq: int, t: float, flags: list[str]
     ) -> None:
-        self.step_flags.update(f for f in flags if f != "seq_gap")  # judged at the stop
+        repeat = _REPEAT in flags
+        if not repeat:
+            self.step_flags.update(f for f in flags if f != "seq_gap")  # judged at the stop
         if st.error is not None:
             return  # the run's spectrum was rejected at the descriptor
         try:
@@ -290,8 +301,19 @@ class _Run(DocumentRouter):
             self.step_flags.add("points_rejected")
             self.reject("malformed_document", None, f"event seq_num {seq}: {exc}")
             return
+        if repeat:
+            old = [p for p in self.points if p[0] == st.order and p[1] == seq]
+            if old and old[0][3] == energy and old[0][4] == values:
+                self.reject(
+                    "duplicate_event", None, f"seq_num {seq} repeated in descriptor {st.uid}"
+                )
+                return
+            # bluesky's rewind (a suspender tripped) took the point again: the new reading wins
+            self.points = [p for p in self.points if not (p[0] == st.order and p[1] == seq)]
+            self.step_flags.add("points_retaken")
         self.points.append((st.order, seq, t, energy, values))
-        self.step_required, self.step_mode = st.required, st.mode
+        self.step_modes.pop((st.mode, st.required), None)
+        self.step_modes[(st.mode, st.required)] = None
 
     def stop(self, doc: Any) -> Any:
         if self.closed:
@@ -333,11 +355,17 @@ class _Run(DocumentRouter):
         pts = sorted(self.points, key=lambda p: (p[0], p[1]))
         n = len(pts)
         names = [ch for ch in _CHANNELS if all(ch in p[4] for p in pts)]
+        fits = [m for m in reversed(self.step_modes) if set(m[1]) <= set(names)]
+        if not fits:  # descriptors of one run with different detectors
+            modes = ", ".join(f"{mode} ({'/'.join(req)})" for mode, req in self.step_modes)
+            self.reject("bad_channel", 0, f"no mode has its channels in every point: {modes}")
+            return
+        mode, required = fits[0]
         energy = np.fromiter((p[3] for p in pts), np.float64, n)
         channels = {ch: np.fromiter((p[4][ch] for p in pts), np.float64, n) for ch in names}
         seqs = np.fromiter((p[1] for p in pts), np.int64, n)
         try:
-            mask, channels, more = _finite(energy, channels, self.step_required)
+            mask, channels, more = _finite(energy, channels, required)
         except _Bad as bad:
             self.reject(bad.reason, 0, bad.detail)
             return
@@ -351,7 +379,7 @@ class _Run(DocumentRouter):
             channels=channels,
             element=self.element,
             edge=self.edge,
-            mode=self.step_mode,
+            mode=mode,
             seq_nums=tuple(int(q) for q in seqs),
             event_time=max(p[2] for p in pts),
             received=self.owner._now,
