@@ -761,10 +761,14 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
             scan("raw-c1", 0, "Cu2O"),
             opened("raw-c2", herfd=False),
             scan("raw-c2", 0, "Cu2O"),
+            opened("raw-c3", herfd=None),  # a metadata template's null: nothing declared
+            scan("raw-c3", 0, "Cu2O"),
+            opened("raw-c4", herfd="False"),  # text, as templates often hold it
+            scan("raw-c4", 0, "Cu2O"),
         ]
     )
-    # the configured width, and none for the run whose start document says herfd: false
-    assert [entry for entry in seen if entry[0] is not None] == [(2.0, 2.0)]
+    # the configured width (also where the start says null), none where it says false
+    assert [entry for entry in seen if entry[0] is not None] == [(2.0, 2.0), (2.0, 2.0)]
     assert all(width is None for herfd, width in seen if herfd is None)
 
 

@@ -268,6 +268,12 @@ def test_cli_evaluate_and_predict(
     preds = json.loads(pred_json.read_text())
     assert preds[str(good)]["tasks"]["cn"]["value"] == 4
     assert preds[str(short)]["error"] == "no_post_edge"
+    # a --json that cannot be written: a message and exit 2 (1 means a file failed)
+    assert main(["predict", "--bundle", str(bundle), str(good), "--json", str(good / "x")]) == 2
+    assert "cannot write --json" in capsys.readouterr().err
+    # measured spectra are no training data: the message says what --data takes
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(good)]) == 2
+    assert "to analyse measured spectra use `xasflow predict FILE`" in capsys.readouterr().err
 
 
 def test_mp_documents_dataset(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,8 +37,11 @@ def _bundle(given: str | None) -> Path:
 def _write_json(path: str | None, payload: Any) -> None:
     if path:
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(payload, indent=2) + "\n")
+        except OSError as exc:  # exit 2, not a traceback (1 means "a file was not predicted")
+            raise CliError(f"cannot write --json {out}: {exc.strerror or exc}") from None
         print(f"wrote {out}")
 
 

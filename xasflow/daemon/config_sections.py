@@ -252,7 +252,8 @@ class AnalysisConfig(_Section):
     ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
     neither, the pipeline infers them from the energy range (tabulated edge energies).
     ``herfd``: spectra are HERFD and are broadened to the model's resolution (true: the
-    element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins.
+    element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins
+    (null or "" declares nothing; "true", "false" and numbers as text are read as such).
     ``batching``: how long the processing thread may wait for more documents under load
     (:class:`~xasflow.daemon.batching.BatchPolicy`). ``prep_process``: the heavy numbers of
     fly-scan batches in a child process (:mod:`xasflow.daemon.prep_worker`).

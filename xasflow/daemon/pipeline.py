@@ -67,6 +67,7 @@ from xasflow.daemon.recommend import (
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
 from xasflow.spectra import Prepared
+from xasflow.spectra.herfd import herfd_declared
 
 if TYPE_CHECKING:
     from xasflow.daemon.prep_worker import PrepWorker
@@ -223,7 +224,9 @@ class Pipeline:
                     scan, self.registry, self._herfd.get(scan.raw_uid, self.herfd)
                 )
             elif isinstance(out, RunOpened) and "herfd" in out.start:
-                self._herfd[out.raw_uid] = out.start["herfd"]  # before its spectra are prepared
+                declared = herfd_declared(out.start["herfd"])  # null: the config's applies
+                if declared is not None:  # before its spectra are prepared
+                    self._herfd[out.raw_uid] = declared
             elif isinstance(out, RunClosed):
                 # here, in the outputs' order, not in ``end``: with batches in flight a run
                 # closed in one batch and reopened under its uid in the next (begun before the

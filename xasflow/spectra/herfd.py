@@ -14,7 +14,7 @@ XDI adapter sets it from the file, a caller from its own configuration.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -86,6 +86,26 @@ def broaden(spectrum: Spectrum, fwhm_ev: float, shape: Shape = "lorentzian") -> 
     meta = dict(spectrum.meta)
     meta["broadened_fwhm"] = meta.get("broadened_fwhm", 0.0) + fwhm_ev
     return spectrum.with_(mu=np.interp(energy, grid, smooth), meta=meta)
+
+
+def herfd_declared(value: Any) -> Any:
+    """A start document's ``herfd`` as a declaration: None (null, "") when nothing is
+    declared, so the daemon's own setting applies; true/false and FWHM numbers also as
+    the text metadata templates often hold ("false", "True", "1.5"); anything else as given
+    (the daemon rejects it with a reason)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "null"):
+            return None
+        if text in ("true", "false"):
+            return text == "true"
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
 
 
 def herfd_width(spectrum: Spectrum) -> float | None:

@@ -23,6 +23,12 @@ from xasflow.training import label_cache
 from xasflow.training import labels as L
 from xasflow.training.label_jobs import compute_labels
 
+#: What a dataset is, told beside an error about one (measured spectra are no dataset).
+_WANTED = (
+    ": --data takes labelled FEFF runs (a Lightshow tree, per material a POSCAR and per site "
+    "FEFF-XANES/NNN_<El>/xmu.dat); to analyse measured spectra use `xasflow predict FILE`"
+)
+
 
 class DatasetError(RuntimeError):
     """A dataset that cannot be built at all (no data for the element, unreadable source)."""
@@ -181,10 +187,13 @@ def build_feff_dataset(
     if not path.exists():
         raise DatasetError(f"no FEFF data at {path}")
     element = element.strip().capitalize()
+    if not path.is_dir() and not path.name.lower().endswith((".tar.gz", ".tgz")):
+        raise DatasetError(f"{path} is neither a directory nor a .tar.gz/.tgz archive{_WANTED}")
     tree = read_feff_tree(path, element=element, progress=progress, limit=limit)
     if tree.n_sites == 0:
         raise DatasetError(
-            f"no {element} sites in {path} ({tree.n_sites} sites; issues: {tree.issue_counts()})"
+            f"no {element} sites in {path} ({tree.n_sites} sites; issues: "
+            f"{tree.issue_counts()}){_WANTED}"
         )
     fingerprint = fingerprint_path(path) + (f"-limit{limit}" if limit else "")
     jobs = [(m.material_id, m.poscar, tuple(s.site_index for s in m.sites)) for m in tree.materials]
