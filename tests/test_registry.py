@@ -87,6 +87,16 @@ def test_loads_bundles_and_describes_them(model_dir: Path, bundle: Path) -> None
     assert (snap["model_swaps"], snap["model_refused"]) == (0, 0)
 
 
+def test_a_bundle_accepts_its_element_whatever_the_manifests_spelling(bundle: Path) -> None:
+    """The registry files a manifest's "cu"/"k" under Cu K; the predictor agrees, instead of
+    refusing every Cu spectrum as no_model while /health says the model serves."""
+    predictor = Predictor(bundle)
+    predictor.manifest = predictor.manifest.model_copy(update={"element": "cu", "edge": "k"})
+    spectrum = sample()
+    assert predictor.accepts(spectrum)
+    assert not predictor.accepts(spectrum.with_(element="Ni"))
+
+
 def test_on_serving_follows_the_last_bundle_leaving_and_one_coming_back(
     model_dir: Path, bundle: Path
 ) -> None:

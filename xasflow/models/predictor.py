@@ -70,8 +70,13 @@ class Predictor:
         return self.manifest.bundle_id
 
     def accepts(self, spectrum: Spectrum) -> bool:
-        """Whether this bundle is for the spectrum's element and edge."""
-        return spectrum.element == self.manifest.element and spectrum.edge == self.manifest.edge
+        """Whether this bundle is for the spectrum's element and edge (as the registry files
+        it: symbols capitalised, edges upper-case, whatever the manifest's spelling)."""
+        m = self.manifest
+        return (str(spectrum.element).strip().capitalize(), str(spectrum.edge).strip().upper()) == (
+            m.element.strip().capitalize(),
+            m.edge.strip().upper(),
+        )
 
     def prepare(self, spectrum: Spectrum) -> Prepared:
         """The manifest's preprocessing of one spectrum (raises SpectrumError with a reason)."""
