@@ -44,9 +44,16 @@ class ArrivingQueue(FakeQueue):
 
 
 class OneSpectrumPerEvent:
+    """An event is one spectrum; an event page of ``n`` rows is ``n`` spectra."""
+
     def feed(self, name: str, doc: dict[str, Any]) -> list[Any]:
-        scan = ScanSpectrum("r", doc["i"], None, {}, "Cu", "K", "transmission", (1,), 0.0, 0.0)  # type: ignore[arg-type]
-        return [SpectrumReady(scan)] if name == "event" else []
+        rows = range(doc["n"]) if name == "event_page" else [doc["i"]] if name == "event" else []
+        return [
+            SpectrumReady(
+                ScanSpectrum("r", i, None, {}, "Cu", "K", "transmission", (1,), 0.0, 0.0)  # type: ignore[arg-type]
+            )
+            for i in rows
+        ]
 
     def check_timeouts(self) -> list[Any]:
         return []
@@ -116,6 +123,9 @@ def test_spectra_go_to_the_pipeline_in_chunks_of_max_spectra() -> None:
     q = FakeQueue([])
     proc, rec = _processor(q, BatchPolicy(max_spectra=4))
     proc._turn([("event", {"i": i}) for i in range(10)], check=False)
+    assert [len(b) for b in rec.batches] == [4, 4, 2]
+    rec.batches.clear()
+    proc._turn([("event_page", {"n": 10})], check=False)  # one page of 10 fly spectra
     assert [len(b) for b in rec.batches] == [4, 4, 2]
 
 

@@ -212,12 +212,13 @@ class Processor:
                 continue
             if name == "start" and isinstance(doc, dict):  # a replay finds its run closed
                 outputs.extend(self._handed_over(doc.get("uid")))
-            fed = self.assembler.feed(name, doc)
-            outputs.extend(fed)
-            spectra += sum(isinstance(o, SpectrumReady) for o in fed)
-            if spectra >= self.batching.max_spectra:  # a backlog: publish as we go, not at the end
-                self.analyse(outputs)
-                outputs, spectra = [], 0
+            for out in self.assembler.feed(name, doc):  # a page may hold many spectra
+                outputs.append(out)
+                if isinstance(out, SpectrumReady):
+                    spectra += 1
+                    if spectra >= self.batching.max_spectra:  # a backlog, or a big page:
+                        self.analyse(outputs)  # publish as we go, at most max_spectra a call
+                        outputs, spectra = [], 0
         outputs.extend(self._handed_over())
         if check:
             timed_out = self.assembler.check_timeouts()
