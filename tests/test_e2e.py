@@ -66,5 +66,10 @@ def test_demo_streams_a_step_and_a_fly_scan_end_to_end(
 def test_demo_without_a_bundle_says_how_to_build_one(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="make train-cu"):
         find_bundle(tmp_path)
+    bundle = tmp_path / "cu-k"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    with pytest.raises(DemoError, match="--models takes the directory holding bundles"):
+        find_bundle(bundle)  # the bundle itself, not its directory
     with pytest.raises(DemoError, match=r"no verified Cu K-edge model bundle"):
         run_demo(scans=1, models_dir=tmp_path, store_dir=tmp_path / "s", http_port=0)

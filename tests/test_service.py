@@ -293,6 +293,10 @@ def test_serve_check_prints_effective_config(
     assert f"warning: epics: XAS:BUNDLE_ID is already served by {served} (an IOC" in err
     args = parser.parse_args(["demo", "--scans", "2", "--fly"])
     assert (args.scans, args.fly, args.duration) == (2, True, 0.0)
+    for bad in (["--fly-spectra", "0"], ["--scans", "-1"], ["--duration", "-5"]):
+        with pytest.raises(SystemExit):  # a usage error naming the argument, no traceback
+            parser.parse_args(["demo", *bad])
+    assert "--fly-spectra: 0 is below 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the daemon

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from xasflow.daemon.commands import setup_logging
@@ -45,6 +46,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least`` (a clear usage error, not a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
 def add_demo_command(subparsers: Any) -> None:
     """Add the ``demo`` verb to ``build_parser``'s subparsers."""
     d = subparsers.add_parser(
@@ -55,9 +82,11 @@ def add_demo_command(subparsers: Any) -> None:
             "beamline streaming step and fly scans of FEFF demo compounds; Ctrl-C stops it all."
         ),
     )
-    d.add_argument("--scans", type=int, default=0, help="exit after N scans (0: run until Ctrl-C)")
+    d.add_argument(
+        "--scans", type=_count(0), default=0, help="exit after N scans (0: run until Ctrl-C)"
+    )
     d.add_argument("--fly", action="store_true", help="fly (quick-XAS) scans only")
-    d.add_argument("--duration", type=float, default=0.0, help="exit after S seconds")
+    d.add_argument("--duration", type=_seconds, default=0.0, help="exit after S seconds")
     d.add_argument("--models", help="model directory (default: the repository's models/)")
     d.add_argument(
         "--store",
@@ -65,7 +94,7 @@ def add_demo_command(subparsers: Any) -> None:
         "directory, kept after the demo for reading; delete it when done)",
     )
     d.add_argument("--http-port", type=int, default=8620, help="metrics/health port (0: free)")
-    d.add_argument("--fly-spectra", type=int, default=5, help="spectra per fly scan")
+    d.add_argument("--fly-spectra", type=_count(1), default=5, help="spectra per fly scan")
     d.add_argument("--seed", type=int, help="seed of the simulated beamline")
     d.add_argument(
         "--log-level", default="warning", help="daemon log level: debug, info, warning, error"

@@ -77,6 +77,11 @@ def find_bundle(models_dir: Path, element: str = "Cu", edge: str = "K") -> Path:
             continue
         return path
     why = f"; refused: {'; '.join(refused)}" if refused else ""
+    if (models_dir / "manifest.json").is_file():  # the bundle itself, not its directory
+        raise DemoError(
+            f"{models_dir} is a model bundle: --models takes the directory holding bundles "
+            f"(here {models_dir.parent})"
+        )
     raise DemoError(
         f"no verified {element} {edge}-edge model bundle in {models_dir}{why}.\n"
         f"Build the shipped one with `make train-cu` (it writes models/cu-k from the shared "
