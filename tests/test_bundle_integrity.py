@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,27 @@ def test_bundle_cli_keygen_seal_sign_verify(
     capsys.readouterr()
     assert main(args) == 1  # resealed, but the signature no longer verifies
     assert capsys.readouterr().err.startswith("signature_invalid: ")
+
+
+def test_a_graph_swapped_after_the_check_is_refused_at_load(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The predictor hashes the bytes it loads: a file replaced between the bundle's
+    verification and the read (someone writing into the models directory) is not served."""
+    import xasflow.models.predictor as predictor_module
+    from xasflow.models.predictor import Predictor
+
+    checked = predictor_module.verify_bundle
+
+    def then_swapped(directory: Path, **kw: Any) -> Any:
+        manifest = checked(directory, **kw)
+        victim = sorted(manifest.graph_files())[0]
+        data = bytearray((Path(directory) / victim).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (Path(directory) / victim).write_bytes(bytes(data))
+        return manifest
+
+    monkeypatch.setattr(predictor_module, "verify_bundle", then_swapped)
+    with pytest.raises(BundleError, match="changed after the bundle was verified") as err:
+        Predictor(copy)
+    assert err.value.reason == "file_mismatch"

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from xasflow.models.batch import TaskArrays, decode_batch
-from xasflow.models.bundle import Manifest, verify_bundle
+from xasflow.models.bundle import BundleError, Manifest, verify_bundle
 from xasflow.models.results import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
@@ -49,6 +49,13 @@ class Predictor:
         self._sessions: dict[str, ort.InferenceSession] = {}
         for name in sorted(self.manifest.graph_files()):
             data = (self.path / name).read_bytes()
+            # the bytes loaded are the bytes checked: a file swapped between the bundle's
+            # verification and this read is refused, not served
+            if hashlib.sha256(data).hexdigest() != self.manifest.files.get(name):
+                raise BundleError(
+                    f"{self.path}: {name} changed after the bundle was verified; refusing it",
+                    "file_mismatch",
+                )
             if name.endswith(".gz"):  # tree graphs compress 5-10x; shipped bundles use it
                 data = gzip.decompress(data)
             self._sessions[name] = ort.InferenceSession(
