@@ -287,6 +287,19 @@ def test_a_rewind_retakes_step_points_and_the_new_readings_win():
     assert reasons(out) == ["duplicate_event"]
 
 
+def test_a_step_run_keeps_a_bounded_number_of_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A monitoring count with the mono in primary never ends a spectrum: past the cap the
+    points are rejected once (too_many_points) and flagged, not kept for ever."""
+    from xasflow.daemon import assembly_run
+
+    monkeypatch.setattr(assembly_run, "MAX_STEP_POINTS", 3)
+    _, docs = step_docs([1.0, 2.0, 3.0, 4.0, 5.0])
+    out = feed_all(RunAssembler(), docs)
+    (spec,) = spectra(out)
+    assert list(spec.energy) == [1.0, 2.0, 3.0] and "points_dropped" in spec.flags
+    assert reasons(out) == ["too_many_points"]
+
+
 def _mixed_step_run(
     first_keys: tuple[str, ...], first: list[dict], second_keys: tuple[str, ...], second: list[dict]
 ) -> list[tuple[str, dict]]:

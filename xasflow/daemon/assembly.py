@@ -93,6 +93,7 @@ REASONS: frozenset[str] = frozenset(
         "empty_run",  # a run that ended with no data in the configured stream
         "incomplete_run",  # step scan stopped with exit_status abort/fail
         "missing_stop",  # step scan closed by timeout or shutdown: completeness unknown
+        "too_many_points",  # a step run past MAX_STEP_POINTS (a monitoring count): not kept
         "internal_error",  # a bug here; the document is dropped, the daemon goes on
     }
 )

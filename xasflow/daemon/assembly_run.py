@@ -90,6 +90,9 @@ def _finite(
     return (None if mask.all() else mask), good, flags
 
 
+#: Points a step run keeps (a spectrum has a few thousand; a monitoring ``count`` with the
+#: mono in ``primary`` would otherwise grow for ever, ~400 bytes a point).
+MAX_STEP_POINTS = 100_000
 #: :meth:`_Run._sequence`'s mark of a step point seen before (never a published flag).
 _REPEAT = "repeat"
 
@@ -300,6 +303,15 @@ class _Run(DocumentRouter):
         except (TypeError, ValueError, IndexError) as exc:
             self.step_flags.add("points_rejected")
             self.reject("malformed_document", None, f"event seq_num {seq}: {exc}")
+            return
+        if not repeat and len(self.points) >= MAX_STEP_POINTS:
+            if "points_dropped" not in self.step_flags:  # once per run, then counted silently
+                self.reject(
+                    "too_many_points",
+                    None,
+                    f"a step run keeps {MAX_STEP_POINTS} points; later ones are not analysed",
+                )
+            self.step_flags.add("points_dropped")
             return
         if repeat:
             old = [p for p in self.points if p[0] == st.order and p[1] == seq]
