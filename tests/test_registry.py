@@ -97,6 +97,32 @@ def test_a_bundle_accepts_its_element_whatever_the_manifests_spelling(bundle: Pa
     assert not predictor.accepts(spectrum.with_(element="Ni"))
 
 
+def test_the_operators_edge_limit_replaces_the_bundles(model_dir: Path) -> None:
+    """analysis.min_edge_snr reaches every bundle the registry loads: a spectrum the bundle's
+    limit (5) refuses as weak_edge is prepared under 0 (never refuse); 1e4 refuses a good one."""
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.spectra import SpectrumError, prepare
+
+    clean = sample()
+    default = ModelRegistry(model_dir).get("Cu", "K")
+    assert default is not None and default.prep.min_edge_snr == 5.0
+    found = default.prepare(clean)  # E0 from the clean spectrum: noise would move it
+    noise = found.edge_step / 3.0 * np.random.default_rng(0).standard_normal(clean.mu.size)
+    noisy = clean.with_(mu=clean.mu + noise)  # the step is about 3x the point noise
+    with pytest.raises(SpectrumError) as err:
+        prepare(noisy, default.prep, e0=found.e0)
+    assert err.value.reason == "weak_edge"
+    lenient = ModelRegistry(model_dir, min_edge_snr=0.0).get("Cu", "K")
+    assert lenient is not None and prepare(noisy, lenient.prep, e0=found.e0).edge_step > 0
+    mild = clean.with_(mu=clean.mu + noise / 30)  # the step about 90x the noise
+    assert prepare(mild, default.prep, e0=found.e0).edge_step > 0
+    strict = ModelRegistry(model_dir, min_edge_snr=1e4).get("Cu", "K")
+    assert strict is not None
+    with pytest.raises(SpectrumError, match="point noise"):
+        prepare(mild, strict.prep, e0=found.e0)
+    assert DaemonConfig(analysis={"min_edge_snr": 2}).analysis.min_edge_snr == 2.0  # type: ignore[arg-type]
+
+
 def test_on_serving_follows_the_last_bundle_leaving_and_one_coming_back(
     model_dir: Path, bundle: Path
 ) -> None:

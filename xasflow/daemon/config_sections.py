@@ -272,6 +272,12 @@ class AnalysisConfig(_Section):
     herfd: bool | float = Field(
         False, description="spectra are HERFD: true (tabulated width) or the FWHM in eV"
     )
+    min_edge_snr: float | None = Field(
+        None,
+        ge=0,
+        description="refuse (weak_edge) spectra whose edge step is under this many times "
+        "their point noise; unset: each bundle's own limit (5 for the shipped one), 0: never",
+    )
     prep_process: bool = Field(
         False,
         description="align, prepare and run the graphs of stacked spectra in a child process "

@@ -114,6 +114,7 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         require_digest=models.require_digest,
         trusted_keys=models.trusted_keys,
         require_signature=models.require_signature,
+        min_edge_snr=cfg.analysis.min_edge_snr,
     )
     if not registry.models():
         logger.warning(

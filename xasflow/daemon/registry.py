@@ -85,8 +85,10 @@ class ModelRegistry:
         require_digest: bool = True,
         trusted_keys: Sequence[str | bytes | Path] = (),
         require_signature: bool = False,
+        min_edge_snr: float | None = None,
     ) -> None:
         """``scan``: run the first :meth:`refresh` now (its events are in :attr:`events`).
+        ``min_edge_snr``: the operator's limit for every bundle loaded (None: each its own).
 
         ``loader`` builds a Predictor from a bundle directory (default ``Predictor(dir,
         threads)``); it must raise ``BundleError`` for a bundle that does not verify.
@@ -105,7 +107,9 @@ class ModelRegistry:
         for key in self.trusted_keys:  # a misconfigured key fails here, not at every bundle
             load_public_key(key)
         self.require_signature = require_signature
-        self._loader = loader or (lambda path: Predictor(path, threads=self.threads))
+        self._loader = loader or (
+            lambda path: Predictor(path, threads=self.threads, min_edge_snr=min_edge_snr)
+        )
         self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
         self._seen: dict[str, Fingerprint] = {}  # dir name -> fingerprint last judged
         self._refused: dict[str, Refusal] = {}  # dir name -> why, while it stays refused

@@ -95,7 +95,7 @@ def job_for(
         has_pair=has_pair,
         element=first.spectrum.element,
         edge=first.spectrum.edge,
-        prep=predictor.manifest.prep,
+        prep=predictor.prep,
         metas=[w.spectrum.meta for w in group if w.spectrum is not None],  # run_job copies
         align=align,
         max_shift=max_shift,

@@ -35,13 +35,25 @@ class Predictor:
     """Loads and verifies a bundle once; predicts spectra of its element and edge."""
 
     def __init__(
-        self, bundle_dir: str | Path, threads: int = 1, *, require_digest: bool = True
+        self,
+        bundle_dir: str | Path,
+        threads: int = 1,
+        *,
+        require_digest: bool = True,
+        min_edge_snr: float | None = None,
     ) -> None:
         """``require_digest``: refuse a manifest without its ``manifest.sha256`` (off only
         where the caller compares the manifest with one verified that way, see
-        :attr:`manifest_digest`); every graph file is checked against the manifest anyway."""
+        :attr:`manifest_digest`); every graph file is checked against the manifest anyway.
+        ``min_edge_snr``: the operator's edge-against-noise limit instead of the bundle's."""
         self.path = Path(bundle_dir)
         self.manifest: Manifest = verify_bundle(self.path, require_digest=require_digest)
+        #: the preparation this predictor applies: the manifest's, with the operator's limit
+        self.prep = (
+            self.manifest.prep
+            if min_edge_snr is None
+            else self.manifest.prep.model_copy(update={"min_edge_snr": float(min_edge_snr)})
+        )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -95,7 +107,7 @@ class Predictor:
                 f"bundle {self.bundle_id} is for {self.manifest.element} {self.manifest.edge}, "
                 f"not {spectrum.element} {spectrum.edge}",
             )
-        return prepare(spectrum, self.manifest.prep)
+        return prepare(spectrum, self.prep)
 
     def run(self, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """Raw outputs of every graph file for a batch of model inputs ``x`` (float32, (n, width))."""
