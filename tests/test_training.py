@@ -178,6 +178,25 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
         )
 
 
+def test_evaluate_keeps_to_the_bundles_test_materials_on_other_copies_of_the_data(
+    dataset, bundle: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Data whose fingerprint differs from the training data's (unpacked, recompressed,
+    grown) still hold the bundle's training materials: the same split by material id keeps
+    them out, instead of scoring every row (training rows included) as "external"."""
+    import dataclasses
+
+    from xasflow.models.predictor import Predictor
+    from xasflow.training.evaluate import evaluate_bundle
+
+    predictor = Predictor(bundle)
+    own = evaluate_bundle(predictor, dataset)
+    copy = evaluate_bundle(predictor, dataclasses.replace(dataset, fingerprint="a-copy"))
+    assert own.scope == "test split" and copy.scope == "test-split materials"
+    assert copy.n_spectra == own.n_spectra < len(dataset)
+    assert copy.tasks["cn"]["accuracy"] == own.tasks["cn"]["accuracy"]
+
+
 def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]
     predictor = Predictor(bundle)
     row = int(np.flatnonzero(dataset.material_id == "syn-CuO-3")[0])

@@ -128,6 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     ds = _load_dataset(args.data, predictor.manifest.element, args.jobs)
     ev = evaluate_bundle(predictor, ds)
+    print(f"scored the {ev.scope}: {ev.n_spectra} spectra of {ev.n_materials} materials")
     payload = ev.to_json(predictor.manifest)
     for name, m in ev.tasks.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))

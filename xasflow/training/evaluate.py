@@ -28,7 +28,7 @@ class Evaluation:
     """Held-out metrics plus the arrays the report plots."""
 
     element: str
-    scope: str  # "test split" or "external"
+    scope: str  # "test split", "test-split materials" (other data, same split) or "external"
     n_spectra: int
     n_materials: int
     tasks: dict[str, dict[str, Any]]
@@ -175,7 +175,8 @@ def _merge_environment(tasks: dict[str, dict[str, Any]]) -> None:
 
 
 def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
-    """Metrics of a bundle on ``ds``: its test split when ``ds`` is the training data, else all."""
+    """Metrics of a bundle on ``ds``: the materials of ``ds`` its split put in test (never
+    one it trained or calibrated on, by id), or all of ``ds`` for a bundle without a split."""
     m = predictor.manifest
     if ds.element != m.element:
         raise ValueError(f"bundle is for {m.element}, data is {ds.element}")
@@ -184,14 +185,20 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         raise ValueError("no spectrum in the data could be prepared with the bundle's window")
     sub = ds.subset(g.rows)
     same = m.training.get("fingerprint") == ds.fingerprint
-    if same:
+    salt = m.training.get("split_salt")
+    if same or salt is not None:
+        # the bundle's own split, by material id: data that differ from the training data's
+        # (unpacked, recompressed, grown) still hold its training materials, which hash into
+        # train/val again and must not be scored
         parts = split_rows(
             sub.material_id,
-            m.training.get("split_salt", ""),
+            salt or "",
             m.training.get("test_fraction", 0.2),
             m.training.get("val_fraction", 0.1),
         )
         rows, train_rows = parts["test"], np.concatenate([parts["train"], parts["val"]])
+        if not rows.size:
+            raise ValueError("no material of the data falls in the bundle's test split")
     else:
         rows, train_rows = np.arange(len(sub)), None
     answers = predict_arrays(predictor, g.y[rows])
@@ -217,7 +224,11 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         issues[issue.reason] = issues.get(issue.reason, 0) + 1
     ev = Evaluation(
         element=ds.element,
-        scope="test split" if same else "external",
+        scope="test split"
+        if same
+        else "external"
+        if train_rows is None
+        else "test-split materials",
         n_spectra=len(rows),
         n_materials=int(np.unique(sub.material_id[rows]).size),
         tasks=tasks,
