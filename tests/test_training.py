@@ -178,6 +178,34 @@ def test_served_answers_carry_calibrated_doubt(trained, bundle: Path) -> None:  
         )
 
 
+def test_macro_f1_is_scikit_learns() -> None:
+    """A class only ever predicted (CN 8 here) counts, with F1 0, as in scikit-learn."""
+    from sklearn.metrics import f1_score
+
+    from xasflow.training.metrics import f1_macro
+
+    truth, pred = [4, 4, 6, 6, 2], [4, 6, 6, 6, 8]
+    assert f1_macro(truth, pred) == pytest.approx(f1_score(truth, pred, average="macro"))
+    assert f1_macro(truth, pred) < f1_macro(truth, [4, 6, 6, 6, 4])
+
+
+def test_a_reference_table_refuses_a_cn_outside_the_label_range(tmp_path: Path) -> None:
+    """CN 0 became CN 12 (index -1) and CN 13 an IndexError: both are a row's issue now."""
+    from synthetic_feff import model_mu
+
+    from xasflow.training.dataset import load_dataset
+
+    energy = np.linspace(8900.0, 9150.0, 400)
+    np.savetxt(
+        tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8981.5, 1.0, 4.0, 2.3)])
+    )
+    rows = ["file,element,cn", "a.txt,Cu,4", "a.txt,Cu,0", "a.txt,Cu,13"]
+    (tmp_path / "refs.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(tmp_path / "refs.csv", "Cu", n_jobs=1, progress=False)
+    assert list(ds.dominant_cn) == [4]
+    assert ds.issue_counts() == {"bad_reference": 2}
+
+
 def test_evaluate_keeps_to_the_bundles_test_materials_on_other_copies_of_the_data(
     dataset, bundle: Path
 ) -> None:  # type: ignore[no-untyped-def]

@@ -341,6 +341,8 @@ def build_reference_dataset(table: str | Path) -> Dataset:
                 where = paths.shared_data_dir() / name
             spectrum = read_spectrum_file(where, element=element or None)
             cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
+            if cn is not None and not 1 <= cn <= L.CN_MAX:  # 0 became CN 12, 13+ a crash
+                raise ValueError(f"cn {cn} is outside 1..{L.CN_MAX}")
             cn_vec = np.zeros(L.CN_MAX)
             if cn is not None:
                 cn_vec[cn - 1] = 1.0

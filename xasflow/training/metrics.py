@@ -42,10 +42,10 @@ def f1_per_class(y_true: Values, y_pred: Values) -> dict[str, float]:
 
 
 def f1_macro(y_true: Values, y_pred: Values) -> float:
-    """Unweighted mean of per-class F1 over the classes present in the truth."""
-    per = f1_per_class(y_true, y_pred)
-    present = {str(c) for c in np.asarray(y_true).tolist()}
-    return float(np.mean([per[c] for c in present])) if present else float("nan")
+    """scikit-learn's macro F1: the unweighted mean over every class in the truth or the
+    predictions (a class only ever predicted counts, with F1 0)."""
+    per = f1_per_class(y_true, y_pred)  # every class of either (labels may hold None, which
+    return float(np.mean(list(per.values()))) if per else float("nan")  # sklearn refuses)
 
 
 def confusion(y_true: Values, y_pred: Values) -> tuple[list[str], np.ndarray]:
