@@ -275,6 +275,8 @@ def test_herfd_is_declared_by_header_comment_or_name(tmp_path: Path, cu_xdi: Pat
     assert read_xdi(write(tmp_path / "b.xdi", by_field + table(ENERGY, I0, IT, IR))).herfd
     named = write(tmp_path / "Cu2O_herfd_rt.xdi", HEADER + table(ENERGY, I0, IT, IR))
     assert read_xdi(named).herfd
+    denied = HEADER.replace("a free comment line", "conventional transmission, not HERFD")
+    assert not read_xdi(write(tmp_path / "c.xdi", denied + table(ENERGY, I0, IT, IR))).herfd
 
 
 def test_mu_comes_from_mu_from_channels(cu_xdi: Path) -> None:

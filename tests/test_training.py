@@ -388,3 +388,11 @@ def test_cli_predict_herfd_broadens_before_predicting(
     with pytest.raises(SystemExit):
         main(["predict", "--bundle", str(tiny_cu_bundle), "--herfd", str(sharp)])
     assert "put the files before --herfd" in capsys.readouterr().err
+    # a file named as HERFD, declared not to be: predicted as recorded, like the plain one
+    named = tmp_path / "sharp_herfd.txt"
+    named.write_text(sharp.read_text())
+    path = tmp_path / "denied.json"
+    args = ["predict", "--bundle", str(tiny_cu_bundle), str(named), "--no-herfd"]
+    assert main([*args, "--json", str(path)]) == 0
+    denied = json.loads(path.read_text())[str(named)]
+    assert denied["herfd"] is False and denied["e0"] == plain["e0"]

@@ -222,7 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
             spectrum = read_spectrum_file(name, element=predictor.manifest.element)
-            if args.herfd is not None:  # prepare() broadens it to the model's resolution
+            if args.herfd is not None:  # prepare() broadens it (False: never, header or not)
                 spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
@@ -352,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FWHM",
         help="the spectra are HERFD: broaden by FWHM eV (default: the element's tabulated "
         "width) before predicting; put it after the files or write --herfd=FWHM",
+    )
+    r.add_argument(
+        "--no-herfd",
+        dest="herfd",
+        action="store_const",
+        const=False,
+        help="the spectra are not HERFD, whatever a file's header says",
     )
     r.set_defaults(func=cmd_predict)
 

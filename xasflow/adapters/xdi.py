@@ -27,6 +27,10 @@ _COLUMN_FIELD = re.compile(r"^column\.(\d+)$", re.IGNORECASE)
 _MU_COLUMNS = ("mutrans", "mufluor", "mu")
 MODES = ("auto", "transmission", "fluorescence", "mu")
 _HERFD = re.compile(r"herfd|high[\s_-]*energy[\s_-]*resolution[\s_-]*fluorescence", re.IGNORECASE)
+#: "not HERFD", "non-HERFD", "no HERFD": a text that says the scan is not one
+_NOT_HERFD = re.compile(
+    r"\b(?:not|non|no)[\s_-]*(?:herfd|high[\s_-]*energy[\s_-]*resolution)", re.IGNORECASE
+)
 
 
 class XdiError(ValueError):
@@ -47,9 +51,11 @@ class XdiFile:
     @property
     def herfd(self) -> bool:
         """Whether the file declares HERFD: "HERFD" or "high energy resolution fluorescence"
-        in a header value, a comment or the file name (no fixed XDI field exists for it)."""
+        in a header value, a comment or the file name (no fixed XDI field exists for it),
+        unless that text says it is not ("not HERFD", "non-HERFD"). ``xasflow predict
+        --no-herfd`` overrides it."""
         texts = (*self.fields.values(), *self.comments, Path(self.path).name)
-        return any(_HERFD.search(t) for t in texts)
+        return any(_HERFD.search(t) and not _NOT_HERFD.search(t) for t in texts)
 
     def field(self, name: str, default: str | None = None) -> str | None:
         """Value of a header field, matching ``Namespace.tag`` case-insensitively."""
