@@ -85,6 +85,23 @@ def test_missing_element_is_a_clear_error(tree: Path) -> None:
         build_feff_dataset(tree, "Fe", n_jobs=1, progress=False)
 
 
+def test_a_tree_of_l3_runs_is_an_l3_dataset_and_mixed_edges_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge comes from the runs (FEFF's header), not a hard-coded K: a bundle trained on
+    L3 runs must not be filed under K, where the daemon would send K-edge spectra to it."""
+    monkeypatch.setenv("XASFLOW_CACHE", str(tmp_path / "cache"))
+    tree = write_tree(tmp_path / "feff", per_type=2, broken=False)
+    runs = sorted(tree.rglob("xmu.dat"))
+    for run in runs[:1]:
+        run.write_text(run.read_text().replace(" K  shell", " L3 shell"))
+    with pytest.raises(DatasetError, match="mixes Cu edges"):
+        build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    for run in runs[1:]:
+        run.write_text(run.read_text().replace(" K  shell", " L3 shell"))
+    assert build_feff_dataset(tree, "Cu", n_jobs=1, progress=False).edge == "L3"
+
+
 def test_split_is_grouped_and_model_learns(trained) -> None:  # type: ignore[no-untyped-def]
     mats = {k: set(trained.dataset.material_id[v]) for k, v in trained.split.items()}
     assert not (mats["train"] & mats["test"]) and not (mats["val"] & mats["test"])

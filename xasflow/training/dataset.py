@@ -221,7 +221,10 @@ def build_feff_dataset(
         raise DatasetError(
             f"no usable labelled {element} sites in {path}: {Counter(i.reason for i in issues)}"
         )
-    return _assemble(element, "K", str(path), fingerprint, rows, issues)
+    edges = sorted({str(row[3].edge) for row in rows})
+    if len(edges) != 1:  # one bundle is for one edge: K and L3 runs do not mix
+        raise DatasetError(f"{path} mixes {element} edges {edges}: build one dataset per edge")
+    return _assemble(element, edges[0], str(path), fingerprint, rows, issues)
 
 
 def build_mp_dataset(
