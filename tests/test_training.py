@@ -102,6 +102,27 @@ def test_a_tree_of_l3_runs_is_an_l3_dataset_and_mixed_edges_are_refused(
     assert build_feff_dataset(tree, "Cu", n_jobs=1, progress=False).edge == "L3"
 
 
+def test_training_says_which_labelled_spectra_it_could_not_prepare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that stops 30 eV above its edge cannot be normalised: it is left out of the
+    training, and the log says so (it was dropped without a word)."""
+    monkeypatch.setenv("XASFLOW_CACHE", str(tmp_path / "cache"))
+    tree = write_tree(tmp_path / "feff", per_type=6, broken=False)
+    run = sorted(tree.rglob("xmu.dat"))[0]
+    lines = run.read_text().splitlines()
+    head = [line for line in lines if line.startswith("#")]
+    data = [line for line in lines if not line.startswith("#")]
+    first = float(data[0].split()[0])
+    run.write_text("\n".join(head + [r for r in data if float(r.split()[0]) < first + 48]) + "\n")
+    ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    said: list[str] = []
+    cfg = small_config().model_copy(update={"networks": ()})
+    result = train(ds, cfg, log=said.append)
+    assert len(result.gridded.issues) == 1 and len(result.dataset) == len(ds) - 1
+    assert any("not prepared" in line and "no_post_edge" in line for line in said)
+
+
 def test_split_is_grouped_and_model_learns(trained) -> None:  # type: ignore[no-untyped-def]
     mats = {k: set(trained.dataset.material_id[v]) for k, v in trained.split.items()}
     assert not (mats["train"] & mats["test"]) and not (mats["val"] & mats["test"])

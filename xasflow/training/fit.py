@@ -13,6 +13,7 @@ Tasks (all from one gridded K-edge spectrum):
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -228,11 +229,17 @@ class TrainResult:
 def train(
     ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: Any = print
 ) -> TrainResult:
-    """Grid, split, select hyper-parameters on validation, refit on train+val, score on test."""
+    """Grid, split, select hyper-parameters on validation, fit on train (validation chooses
+    the served estimator and calibrates), score on test."""
     t0 = time.perf_counter()
     g = grid_dataset(ds, cfg.prep)
     if len(g.rows) == 0:
         raise ValueError("no spectrum could be prepared; see the dataset issues")
+    if g.issues:  # never silently: these labelled rows are not trained on
+        reasons = Counter(i.reason for i in g.issues)
+        log(
+            f"{len(g.issues)} labelled spectra not prepared with the bundle's window: {dict(reasons)}"
+        )
     sub = ds.subset(g.rows)
     parts = split_rows(sub.material_id, cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
     matrix = linear_matrix(cfg.features, cfg.prep)
