@@ -23,6 +23,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from caproto import AlarmSeverity, AlarmStatus
+
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
     ANSWER_PVS,
@@ -345,8 +347,6 @@ class XasIoc:
         asyncio.run_coroutine_threadsafe(self._flush(), loop).result(timeout)
 
     async def _flush(self) -> None:
-        from caproto import AlarmSeverity, AlarmStatus
-
         with self._lock:
             values, self._pending = self._pending, {}
             self._flush_scheduled = False

@@ -323,7 +323,8 @@ class _Collector:
         )
 
 
-def _is_tar(path: Path) -> bool:
+def is_tree_archive(path: Path) -> bool:
+    """Whether ``path`` names a FEFF tree packed as an archive (.tar.gz / .tgz)."""
     name = path.name.lower()
     return name.endswith((".tar.gz", ".tgz"))
 
@@ -404,7 +405,7 @@ def read_feff_tree(
     collector = _Collector(root_name, element, limit)
     if path.is_dir():
         _read_dir(path, collector, progress)
-    elif _is_tar(path):
+    elif is_tree_archive(path):
         _read_tar(path, collector, progress)
     else:
         raise ValueError(f"{path} is neither a directory nor a .tar.gz/.tgz archive")

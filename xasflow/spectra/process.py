@@ -379,7 +379,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
     y, step = normalize(spectrum, e0, params)
     rel = spectrum.energy - e0
-    snr = float(edge_snr_rows(measured.energy - e0, measured.mu, np.array([step]))[0])
+    snr = float(edge_snr_rows(rel, measured.mu, np.array([step]))[0])  # broaden keeps the axis
     weak = weak_edge(snr, step, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("weak_edge", weak)

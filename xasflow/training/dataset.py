@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from xasflow import paths
-from xasflow.adapters.feff import ReadIssue, read_feff_tree
+from xasflow.adapters.feff import ReadIssue, is_tree_archive, read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.training import label_average as LA
 from xasflow.training import label_cache
@@ -187,7 +187,7 @@ def build_feff_dataset(
     if not path.exists():
         raise DatasetError(f"no FEFF data at {path}")
     element = element.strip().capitalize()
-    if not path.is_dir() and not path.name.lower().endswith((".tar.gz", ".tgz")):
+    if not path.is_dir() and not is_tree_archive(path):
         raise DatasetError(f"{path} is neither a directory nor a .tar.gz/.tgz archive{_WANTED}")
     tree = read_feff_tree(path, element=element, progress=progress, limit=limit)
     if tree.n_sites == 0:
