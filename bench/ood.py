@@ -33,7 +33,7 @@ from xasflow.training import calibrate as C
 from xasflow.training import ood as O
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, make_estimator, task_targets
-from xasflow.training.split import split_rows
+from xasflow.training.split import split_dataset
 
 ALPHA = 0.1
 SHOULD_FLAG = ("Cu_Foil", "cu_metal", "CuS_", "Cu2S", "CuCl")
@@ -44,7 +44,7 @@ def load_data(cfg: TrainConfig) -> dict[str, Any]:
     ds = build_feff_dataset(paths.cu_feff_archive(), "Cu", progress=False)
     g = grid_dataset(ds, cfg.prep)
     sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
+    parts = split_dataset(sub, cfg.split_salt, cfg.test_fraction, cfg.val_fraction, cfg.split_by)
     x_in = model_input(g.y, cfg.features, cfg.prep)
     feats = featurize(g.y, cfg.features, cfg.prep, linear_matrix(cfg.features, cfg.prep))
     return {"sub": sub, "parts": parts, "x_in": x_in, "X": feats}

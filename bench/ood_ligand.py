@@ -47,7 +47,7 @@ from xasflow.spectra import model_input
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.ood import energy_window, fit_ood
 from xasflow.training.ood_ligand import fit_ligand_ood
-from xasflow.training.split import split_rows
+from xasflow.training.split import bundle_split, split_keys, split_rows
 
 HERE = Path(__file__).resolve().parent
 FLAG = 0.05
@@ -67,7 +67,7 @@ def load(bundle: str, data: str) -> dict[str, Any]:
     g = grid_dataset(ds, m.prep)
     sub = ds.subset(g.rows)
     t = m.training
-    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
+    parts = bundle_split(sub, t)
     names, ys, expect = [], [], []
     with open(HERE / "references-cu.csv", newline="") as fh:
         for row in csv.DictReader(fh):
@@ -93,7 +93,7 @@ def load(bundle: str, data: str) -> dict[str, Any]:
         "ry": ry,
         "x": x,
         "rx": rx,
-        "mid": np.asarray(sub.material_id),
+        "mid": split_keys(sub, t.get("split_by", "material")),
         "label_d": np.asarray(sub.distance, dtype=np.float64),
         "parts": parts,
         "names": names,

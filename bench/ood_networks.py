@@ -33,7 +33,7 @@ from xasflow.adapters.columns import read_spectrum_file
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import model_input
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
-from xasflow.training.split import split_rows
+from xasflow.training.split import bundle_split
 
 HERE = Path(__file__).resolve().parent
 FLAG = 0.05
@@ -78,7 +78,7 @@ def main() -> int:
     g = grid_dataset(ds, m.prep)
     sub = ds.subset(g.rows)
     t = m.training
-    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
+    parts = bundle_split(sub, t)
     x = model_input(g.y, m.features, m.prep)
     names, xs, should = [], [], []
     with open(HERE / "references-cu.csv", newline="") as fh:

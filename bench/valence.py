@@ -53,7 +53,7 @@ from xasflow.spectra import (
 from xasflow.spectra.energy import chemical_shift, fermi_reference
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, make_estimator
-from xasflow.training.split import split_rows
+from xasflow.training.split import split_dataset
 
 LEVELS = (0.2, 0.3, 0.5, 0.7)
 SEEDS = (0, 1, 2)
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ds = build_feff_dataset(paths.cu_feff_archive(), "Cu", progress=False)
     g = grid_dataset(ds, cfg.prep)
     sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
+    parts = split_dataset(sub, cfg.split_salt, cfg.test_fraction, cfg.val_fraction, cfg.split_by)
     matrix = linear_matrix(cfg.features, cfg.prep)
     X = featurize(g.y, cfg.features, cfg.prep, matrix)
     scalars = feff_scalars(sub.spectra, g.e0, cfg)

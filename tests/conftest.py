@@ -80,6 +80,7 @@ def _tiny_bundle(
         n_jobs=1,
         test_fraction=0.3,
         val_fraction=0.15,
+        split_by="material",  # the synthetic tree has three formulas
         networks=("mlp",),
         network_overrides={"mlp": small_mlp},
     )

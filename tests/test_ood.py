@@ -144,19 +144,20 @@ def test_measured_cu_metal_and_sulfide_flagged_oxides_not(xdi_library, cu_archiv
     from xasflow.spectra import SpectrumError, model_input, prepare
     from xasflow.training.fit import TrainConfig
     from xasflow.training.ood import fit_default_ood
-    from xasflow.training.split import split_rows
+    from xasflow.training.split import group_key, split_rows
+    from xasflow.training.structures import poscar_formula
 
     cfg = TrainConfig()
-    ys, mids = [], []
+    ys, groups = [], []
     for material in read_feff_tree(cu_archive, element="Cu", progress=False).materials:
         for site in material.sites:
             try:
                 ys.append(prepare(site.to_spectrum(), cfg.prep).y)
             except SpectrumError:
                 continue
-            mids.append(material.material_id)
+            groups.append(group_key(poscar_formula(material.poscar), material.material_id))
     x = model_input(np.array(ys), cfg.features, cfg.prep)
-    parts = split_rows(np.array(mids), cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
+    parts = split_rows(np.array(groups), cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
     scorer = fit_default_ood(x[parts["train"]], x[parts["val"]], cfg.prep.grid)
     assert scorer.flags(x[parts["test"]]).mean() <= 0.07
 

@@ -675,8 +675,9 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
     (best,) = opt.get_best_points()
     assert best[0] == "pass-1" and best[2]["tasks"]["cn"]["value"] is not None
 
-    # the ask/tell form of the same loop (seed 1 again: with seeds 2-5 the shipped bundle's
-    # 90 % CN set on noisy demo CuO is {4, 6} in some passes, so it stops after 3-4 passes)
+    # the ask/tell form of the same loop: it stops because two spectra in a row agree, not
+    # because the passes ran out (seeds 1-5 with the shipped bundle: after 2-4 passes; on
+    # noisy demo CuO the 90 % CN set is {4, 6} in some passes, which breaks "in a row")
     demo, counts = measure_demo("CuO", seed=1)
     opt2 = RecommenderOptimizer(predictor, cfg, initial_energies=full, max_passes=4)
     for _ in range(100):
@@ -685,7 +686,9 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
             break
         i0, it = counts(np.array(xs))
         opt2.tell_many(xs, [{"I0": a, "It": b} for a, b in zip(i0, it, strict=True)])
-    assert opt2.should_stop()[0] and len(opt2.passes) == 2
+    stop, reason = opt2.should_stop()
+    assert stop and reason is not None and "in the last 2 spectra" in reason
+    assert 2 <= len(opt2.passes) <= 4
 
 
 ADAPTIVE_SCRIPT = textwrap.dedent(

@@ -50,6 +50,7 @@ def small_config() -> TrainConfig:
         n_jobs=1,
         test_fraction=0.3,
         val_fraction=0.15,
+        split_by="material",  # the synthetic tree's 24 materials have three formulas
         networks=("mlp", "cnn"),
         network_overrides={"mlp": {**small, "hidden": [32, 32]}, "cnn": small},
         ood_spread=True,
@@ -135,6 +136,35 @@ def test_split_is_grouped_and_model_learns(trained) -> None:  # type: ignore[no-
         "main peak",
         "pre-edge + main peak",
     }
+
+
+def test_formula_split_keeps_each_composition_on_one_side(dataset) -> None:  # type: ignore[no-untyped-def]
+    """Duplicate Materials Project entries and polymorphs share a formula: grouped by it, no
+    composition is on two sides, where grouping by id alone put each one on several."""
+    from xasflow.training.split import split_dataset
+
+    assert sorted(set(dataset.formula)) == ["Cu2O", "CuCl", "CuO"]
+    assert dataset.formula[dataset.material_id == "syn-Cu2O-3"][0] == "Cu2O"
+    for salt in ("a", "b", "c"):
+        sides: dict[str, dict[str, set[str]]] = {"formula": {}, "material": {}}
+        for by, seen in sides.items():
+            for part, rows in split_dataset(dataset, salt, 0.3, 0.15, by=by).items():  # type: ignore[arg-type]
+                for f in dataset.formula[rows]:
+                    seen.setdefault(str(f), set()).add(part)
+        assert all(len(parts) == 1 for parts in sides["formula"].values())
+        assert any(len(parts) > 1 for parts in sides["material"].values())
+
+
+def test_poscar_species_names_and_formulas() -> None:
+    """VASP species names carry POTCAR suffixes (``Cu_pv``, ``Cu/5f3b``): the element counts
+    and the formula are the element's, so the absorber count and the split group agree."""
+    from xasflow.training.structures import element_count, poscar_formula
+
+    head = "x\n1.0\n1 0 0\n0 1 0\n0 0 1\n"
+    assert poscar_formula(head + "Cu_pv O\n4 4\ndirect\n") == "CuO"
+    assert element_count(head + "Cu/5f3b O Cu_pv\n2 2 2\ndirect\n", "Cu") == 4
+    assert poscar_formula(head + "Cu/5f3b O Cu_pv\n2 2 2\ndirect\n") == "Cu2O"
+    assert poscar_formula("not a structure\n1.0\nCu\n1\n") == ""
 
 
 def test_onnx_equals_sklearn(trained, bundle: Path) -> None:  # type: ignore[no-untyped-def]
@@ -261,6 +291,50 @@ def test_evaluate_keeps_to_the_bundles_test_materials_on_other_copies_of_the_dat
     assert own.scope == "test split" and copy.scope == "test-split materials"
     assert copy.n_spectra == own.n_spectra < len(dataset)
     assert copy.tasks["cn"]["accuracy"] == own.tasks["cn"]["accuracy"]
+    # the split as trained: this bundle's is by material (its manifest says so); measured
+    # references are never in a split, so every one of them is scored
+    assert predictor.manifest.training["split_by"] == "material"
+    assert own.n_spectra == len(trained_test_rows(predictor, dataset))
+    measured = dataclasses.replace(dataset, fingerprint="refs", measured=True)
+    assert evaluate_bundle(predictor, measured).n_spectra == len(dataset)
+
+
+def trained_test_rows(predictor: Predictor, dataset) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from xasflow.training.split import split_dataset
+
+    t = predictor.manifest.training
+    return split_dataset(
+        dataset, t["split_salt"], t["test_fraction"], t["val_fraction"], "material"
+    )["test"]
+
+
+def test_evaluation_scores_the_motif_ranking_the_daemon_serves(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    """The served motif ranking leads with the CN-consistent label, even one under the
+    threshold; evaluation scored the raw regressor scores instead (and lost the lead when it
+    joined batches). Here every row's lead is a label the regressor ranks low."""
+    from xasflow.training.evaluate import predict_arrays
+    from xasflow.training.metrics import ranking_from_scores
+    from xasflow.training.scoring import MOTIF_NAMES
+
+    predictor = Predictor(bundle)
+    served: list[Any] = []
+
+    class LowLead:
+        manifest = predictor.manifest
+
+        def infer(self, x: np.ndarray) -> Any:
+            tasks, ood = predictor.infer(x)
+            motifs = tasks["motifs"]
+            outputs = motifs.spec.outputs or []
+            motifs.lead = [outputs[int(np.argmin(row))] for row in motifs.values]
+            served.extend(r.ranking for r in motifs.results())
+            return tasks, ood
+
+    g = grid_dataset(dataset, predictor.manifest.prep)
+    scored = predict_arrays(LowLead(), g.y, batch=5).point["motifs"]  # type: ignore[arg-type]
+    sets = ranking_from_scores(scored, MOTIF_NAMES, predictor.manifest.tasks["motifs"].threshold)
+    assert [MOTIF_NAMES[k] for k in np.argmax(scored, axis=1)] == [r[0][0] for r in served]
+    assert [sorted(s) for s in sets] == [sorted(name for name, _ in r) for r in served]
 
 
 def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]

@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     ds = _load_dataset(args.data, args.element, args.jobs)
-    cfg = TrainConfig(n_jobs=args.jobs)
+    cfg = TrainConfig(n_jobs=args.jobs, split_by=args.split_by)
     if args.estimators:
         cfg = cfg.model_copy(update={"n_estimators": args.estimators})
     if args.window or args.points:
@@ -319,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model window relative to E0, eV (default -3.5 116.5; MP XANES need e.g. -3.5 41.5)",
     )
     t.add_argument("--points", type=int, default=0, help="grid points in the window (default 240)")
+    t.add_argument(
+        "--split-by",
+        choices=("formula", "material"),
+        default="formula",
+        help="what no two split parts share (default formula: duplicate entries and "
+        "polymorphs of one composition are never scored as unseen)",
+    )
     t.add_argument("--json", help="write training figures here")
     t.set_defaults(func=cmd_train)
 

@@ -47,7 +47,9 @@ TASK_TARGETS = {
     "motifs": ("CN-weighted motif order parameters; ranked above 0.05 (Zheng et al. 2020)", None),
     "valence": ("oxidation state (pymatgen BVAnalyzer)", None),
     "distance": ("mean first-shell neighbour distance", "angstrom"),
-    "charge": ("bond-valence sum", "valence units"),
+    # pymatgen's calculate_bv_sum (b = 0.31 A, distances scaled by 1.015): CuO's label is 0.78
+    # where Brown-Altermatt parameters give 1.93, so an ordering of sites, not valence units
+    "charge": ("bond-valence score (pymatgen calculate_bv_sum; relative, not valence units)", None),
 }
 
 
@@ -181,6 +183,7 @@ def _training_record(result: TrainResult, citation: str) -> dict[str, Any]:
         "n_spectra": len(ds),
         "n_materials": ds.n_materials,
         "split_salt": cfg.split_salt,
+        "split_by": cfg.split_by,
         "test_fraction": cfg.test_fraction,
         "val_fraction": cfg.val_fraction,
         "config": json.loads(cfg.model_dump_json()),

@@ -21,6 +21,7 @@ from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.training import label_average as LA
 from xasflow.training import label_cache
 from xasflow.training import labels as L
+from xasflow.training import structures as S
 from xasflow.training.label_jobs import compute_labels
 
 #: What a dataset is, told beside an error about one (measured spectra are no dataset).
@@ -52,7 +53,12 @@ class Dataset:
     distance: np.ndarray  # (n,)
     valence: np.ndarray  # (n,) float, NaN where BVAnalyzer gave none
     bvs: np.ndarray  # (n,) float, NaN where missing
+    # (n,) str: reduced formula, the split's group (polymorphs and duplicate entries of one
+    # composition on one side); "" where unknown, and then the material groups alone
+    formula: np.ndarray
     issues: list[ReadIssue] = field(default_factory=list)
+    # measured references: nothing in them was trained on, whatever their names
+    measured: bool = False
 
     def __len__(self) -> int:
         return len(self.spectra)
@@ -90,7 +96,9 @@ class Dataset:
             distance=self.distance[rows],
             valence=self.valence[rows],
             bvs=self.bvs[rows],
+            formula=self.formula[rows],
             issues=list(self.issues),
+            measured=self.measured,
         )
 
 
@@ -107,18 +115,6 @@ def fingerprint_path(path: Path) -> str:
             digest.update(str(p.relative_to(path)).encode())
             digest.update(p.read_bytes())
     return digest.hexdigest()
-
-
-def _element_count(poscar: str, element: str) -> int:
-    """How many sites of ``element`` a POSCAR holds (species and counts on lines 6-7)."""
-    lines = poscar.splitlines()
-    for k in range(5, min(len(lines) - 1, 8)):
-        names, counts = lines[k].split(), lines[k + 1].split()
-        if names and counts and all(c.isdigit() for c in counts) and len(names) == len(counts):
-            return sum(
-                int(c) for n, c in zip(names, counts, strict=True) if n.split("_")[0] == element
-            )
-    return 0
 
 
 def label_cache_path(fingerprint: str) -> Path:
@@ -201,7 +197,8 @@ def build_feff_dataset(
     issues = list(tree.issues)
     rows: list[tuple] = []
     for material in tree.materials:
-        n_abs = _element_count(material.poscar, element)
+        n_abs = S.element_count(material.poscar, element)
+        formula = S.poscar_formula(material.poscar)
         covered = sum(mult.get((material.material_id, s.site_index), 1) for s in material.sites)
         for site in material.sites:
             key = (material.material_id, site.site_index)
@@ -216,7 +213,8 @@ def build_feff_dataset(
             except SpectrumError as exc:
                 issues.append(ReadIssue(site.source, exc.reason, exc.message))
                 continue
-            rows.append((key, mult.get(key, 1), covered == n_abs and n_abs > 0, spectrum, item))
+            complete = covered == n_abs and n_abs > 0
+            rows.append((key, mult.get(key, 1), complete, spectrum, item, formula))
     if not rows:
         raise DatasetError(
             f"no usable labelled {element} sites in {path}: {Counter(i.reason for i in issues)}"
@@ -244,9 +242,10 @@ def build_mp_dataset(
         raise DatasetError(f"no {element} K-edge XANES documents in {path}")
     jobs: list[tuple[str, str, tuple[int, ...]]] = []
     wanted: dict[str, tuple[int, ...]] = {}
+    formulas: dict[str, str] = {}
     for rec in records:
         try:
-            poscar = _structure_poscar(rec.structure)
+            poscar, formulas[rec.spectrum_id] = S.structure_poscar(rec.structure)
         except Exception as exc:
             issues.append(
                 ReadIssue(rec.spectrum_id, "bad_structure", f"{type(exc).__name__}: {exc}")
@@ -255,7 +254,7 @@ def build_mp_dataset(
         sites = (
             (rec.absorbing_index,)
             if rec.absorbing_index is not None
-            else _element_sites(rec.structure, element)
+            else S.element_sites(rec.structure, element)
         )
         key = rec.spectrum_id
         wanted[key] = sites
@@ -282,30 +281,14 @@ def build_mp_dataset(
             issues.append(ReadIssue(key, exc.reason, exc.message))
             continue
         site = sites[0] if len(sites) == 1 else -1
-        rows.append(((rec.material_id, site), int(sum(weights)), True, spectrum, lab))
+        rows.append(
+            ((rec.material_id, site), int(sum(weights)), True, spectrum, lab, formulas[key])
+        )
     if not rows:
         raise DatasetError(
             f"no usable labelled {element} spectra in {path}: {Counter(i.reason for i in issues)}"
         )
     return _assemble(element, "K", str(path), fingerprint_path(path), rows, issues)
-
-
-def _structure_poscar(structure: dict) -> str:
-    """A pymatgen structure dict as POSCAR text (the label workers take POSCAR strings)."""
-    from pymatgen.core import Structure
-    from pymatgen.io.vasp import Poscar
-
-    return Poscar(Structure.from_dict(structure)).get_str()
-
-
-def _element_sites(structure: dict, element: str) -> tuple[int, ...]:
-    """Indices of the sites of ``element`` in a pymatgen structure dict."""
-    out = []
-    for i, site in enumerate(structure.get("sites", [])):
-        species = [s.get("element", "") for s in site.get("species", [])]
-        if any(str(sp).rstrip("0123456789+-") == element for sp in species):
-            out.append(i)
-    return tuple(out)
 
 
 REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
@@ -368,11 +351,13 @@ def build_reference_dataset(table: str | Path) -> Dataset:
         except (OSError, ValueError, SpectrumError) as exc:
             issues.append(ReadIssue(f"{table.name}:{n}", "bad_reference", str(exc)))
             continue
-        rows.append(((name, 0), 1, True, spectrum, lab))
+        rows.append(((name, 0), 1, True, spectrum, lab, ""))
     if not rows:
         raise DatasetError(f"{table}: no usable reference rows: {[i.detail for i in issues]}")
     element = rows[0][3].element or ""
-    return _assemble(element, "K", str(table), fingerprint_path(table), rows, issues)
+    ds = _assemble(element, "K", str(table), fingerprint_path(table), rows, issues)
+    ds.measured = True
+    return ds
 
 
 def load_dataset(path: str | Path, element: str, n_jobs: int = 2, progress: bool = True) -> Dataset:
@@ -399,7 +384,8 @@ def _assemble(
     rows: list[tuple],
     issues: list[ReadIssue],
 ) -> Dataset:
-    """Stack per-site rows ``(key, multiplicity, complete, spectrum, SiteLabels)`` into a Dataset."""
+    """Stack per-site rows ``(key, multiplicity, complete, spectrum, SiteLabels, formula)`` into
+    a Dataset."""
     lab = [r[4] for r in rows]
     return Dataset(
         element=element,
@@ -416,6 +402,7 @@ def _assemble(
         distance=np.array([x.mean_nn_distance for x in lab]),
         valence=np.array([np.nan if x.oxidation_state is None else x.oxidation_state for x in lab]),
         bvs=np.array([np.nan if x.bvs is None else x.bvs for x in lab]),
+        formula=np.array([r[5] for r in rows], dtype=str),
         issues=issues,
     )
 
@@ -476,7 +463,9 @@ def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:
             w,
         )
         out_y.append(np.average(g.y[idx], axis=0, weights=w))
-        rows.append(((str(mid), -1), int(w.sum()), True, sub.spectra[idx[0]], avg))
+        rows.append(
+            ((str(mid), -1), int(w.sum()), True, sub.spectra[idx[0]], avg, sub.formula[idx[0]])
+        )
     if not rows:
         return np.zeros((0, g.y.shape[1])), sub.subset(np.zeros(0, dtype=int))
     return np.vstack(out_y), _assemble(ds.element, ds.edge, ds.source, ds.fingerprint, rows, [])

@@ -34,7 +34,7 @@ from xasflow.training.dataset import Dataset, Gridded, grid_dataset
 from xasflow.training.nn_augment import NetAugment
 from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, region_importance
 from xasflow.training.served import serve_tasks
-from xasflow.training.split import split_rows
+from xasflow.training.split import SplitBy, split_dataset
 
 TASKS = ("cn", "environment", "motifs", "valence", "distance", "charge")
 
@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     # and did not change the measured references; ``xasflow train --augment N`` turns it on
     augment: AugmentParams = AugmentParams(copies=0)
     split_salt: str = "xasflow-split-v1"
+    # materials of one reduced formula on one side: by id, 47 test sites of the shared Cu set
+    # had a StructureMatcher-identical twin in training and scored CN 0.979 (the rest 0.854)
+    split_by: SplitBy = "formula"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     # 100, not 200: on the Cu test split 200 trees gave cn 0.797 / env 0.662 / valence 0.806,
@@ -241,7 +244,7 @@ def train(
             f"{len(g.issues)} labelled spectra not prepared with the bundle's window: {dict(reasons)}"
         )
     sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, cfg.split_salt, cfg.test_fraction, cfg.val_fraction)
+    parts = split_dataset(sub, cfg.split_salt, cfg.test_fraction, cfg.val_fraction, cfg.split_by)
     matrix = linear_matrix(cfg.features, cfg.prep)
     X = featurize(g.y, cfg.features, cfg.prep, matrix)
     targets = task_targets(sub, np.arange(len(sub)))

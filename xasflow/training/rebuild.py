@@ -3,7 +3,7 @@
 
 The dataset is read again from the recorded source (its fingerprint must be the bundle's, or
 nothing downstream is about the data the bundle learned from), prepared with the bundle's
-parameters and split by material with the recorded salt and fractions: the very rows
+parameters and split as it was (grouping, salt and fractions recorded in the manifest): the very rows
 training used for fitting, validation and test.
 """
 
@@ -19,7 +19,7 @@ from xasflow.models.bundle import Manifest, verify_bundle
 from xasflow.models.integrity import SIGNATURE
 from xasflow.spectra import model_input
 from xasflow.training.dataset import Dataset, build_feff_dataset, grid_dataset
-from xasflow.training.split import split_rows
+from xasflow.training.split import bundle_split
 
 
 @dataclass
@@ -48,7 +48,7 @@ def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
         )
     g = grid_dataset(ds, manifest.prep)
     sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, t["split_salt"], t["test_fraction"], t["val_fraction"])
+    parts = bundle_split(sub, t)
     return BundleData(sub, model_input(g.y, manifest.features, manifest.prep), parts)
 
 
