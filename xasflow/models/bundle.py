@@ -133,6 +133,9 @@ class TaskSpec(BaseModel):
     selection: dict[str, float] = Field(
         default_factory=dict, description="validation score of every candidate estimator"
     )
+    selection_margin: float | None = Field(
+        None, description="how far below the best score the served candidate could be"
+    )
 
     @model_validator(mode="after")
     def _check_graphs(self) -> TaskSpec:

@@ -126,6 +126,7 @@ def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> P
             temperature=choice.temperature if choice is not None else None,
             conformal=choice.conformal if choice is not None else None,
             selection=choice.selection if choice is not None else {},
+            selection_margin=choice.margin if choice is not None else None,
         )
     ood = None
     if result.ood is not None:

@@ -105,6 +105,10 @@ class TrainConfig(BaseModel):
     # do as well) whose validation score is within this fraction of the best one's; 0.02 is
     # 0.017 of Cu CN accuracy, about one standard error on its 454 validation rows
     serve_tolerance: float = Field(0.02, ge=0.0, lt=1.0)
+    # or within this many bootstrap standard errors of the best's validation score, if wider
+    # (the one-SE rule): 2 % kept the Cu CNN for the CN-motif head, 0.020 below the best on
+    # 457 validation rows whose accuracy's standard error is 0.021, at 6x the batch latency
+    serve_se: float = Field(1.0, ge=0.0)
     # relative cost per base estimator, overriding ``training.select.COST`` entries
     serve_costs: dict[str, float] = Field(default_factory=dict)
     # out-of-domain threshold: the validation quantile flagging at most this fraction

@@ -29,7 +29,12 @@ NETWORKS = "networks"
 #: of stop 8 (onnxruntime, one thread, shared 2-core machine), per call of 1 / 64 spectra: one
 #: task's 100-tree graph 0.03 / 1.2-1.9 ms, the 5-MLP graph (every task) 0.19 / 2.4 ms, the
 #: 5-CNN graph 0.19 / 8.7 ms. The MLP graph also serves the regressors, so it counts least.
-COST = {FOREST: 1.5, "random_forest": 1.5, "mlp": 1.0, "cnn": 4.0}
+#: Measured again on the int8 graphs of the formula-split bundle (scratch gcost.py): MLP
+#: 0.24 / 1.6 ms, CNN 0.57 / 16.6 ms, valence's forest 0.04 / 0.54 ms; the CNN, served for
+#: one task, made the bundle's 64-spectrum call 6x slower (3.7 -> 22.8 ms), hence its weight.
+COST = {FOREST: 1.5, "random_forest": 1.5, "mlp": 1.0, "cnn": 10.0}
+#: Bootstrap draws for the standard error of the best validation score (the one-SE rule).
+SE_DRAWS = 200
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Choice:
     members: tuple[str, ...]
     candidate: str = ""  # key in ``selection`` (e.g. "networks", served as "ensemble")
     selection: dict[str, float] = field(default_factory=dict)
+    margin: float = 0.0  # how far below the best score a served candidate may be
     temperature: float | None = None
     conformal: ConformalSpec | None = None
 
@@ -167,21 +173,39 @@ def choose_task(
     set_method: str,
     tolerance: float = 0.0,
     costs: Mapping[str, float] | None = None,
+    n_se: float = 0.0,
 ) -> Choice:
-    """The cheapest candidate whose validation ``score(point_predictions)`` (higher is better)
-    is within ``tolerance`` x |best| of the best; among equally cheap ones the better. Its doubt
-    is then calibrated on the same validation rows."""
+    """The cheapest candidate whose validation ``score(point_predictions, rows)`` (higher is
+    better; ``rows`` a resample of the validation rows, None for all) is within the margin of
+    the best: ``tolerance`` x |best| or ``n_se`` bootstrap standard errors of the best's score,
+    whichever is wider (the one-standard-error rule of model selection); among equally cheap
+    ones the better. Its doubt is then calibrated on the same validation rows."""
     cands = candidates(val)
-    scores = {name: float(score(point_of(kind, out, classes))) for name, (_, out) in cands.items()}
-    top = max(scores.values())
-    near = [n for n in cands if scores[n] >= top - tolerance * abs(top)]
+    points = {name: point_of(kind, out, classes) for name, (_, out) in cands.items()}
+    scores = {name: float(score(p, None)) for name, p in points.items()}
+    leader = max(scores, key=lambda n: scores[n])
+    top = scores[leader]
+    se = bootstrap_se(score, points[leader], len(y_val)) if n_se > 0 else 0.0
+    margin = max(tolerance * abs(top), n_se * se)
+    near = [n for n in cands if scores[n] >= top - margin]
     best = min(near, key=lambda n: (cost(cands[n][0], costs), -scores[n]))
     members, out = cands[best]
-    choice = Choice(task, kind, estimator_name(members), members, best, selection=scores)
+    choice = Choice(task, kind, estimator_name(members), members, best, scores, margin)
     choice.temperature, choice.conformal = calibrate_outputs(
         kind, classes, out, y_val, alpha, set_method
     )
     return choice
+
+
+def bootstrap_se(score: Any, points: np.ndarray, n: int, draws: int = SE_DRAWS) -> float:
+    """Standard error of ``score(points[rows], rows)`` over bootstrap resamples of n rows
+    (fixed seed: a bundle's choice does not change from run to run)."""
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(draws):
+        rows = rng.integers(0, n, n)
+        values.append(float(score(points[rows], rows)))
+    return float(np.std(values, ddof=1))
 
 
 def calibrate_outputs(

@@ -198,8 +198,9 @@ def _serve_one(
             out[arch] = network_outputs(per_task[name][:, rows], kind)
         return out
 
-    def score(pred: np.ndarray) -> float:
-        return primary_score(name, kind, evaluate_task(name, kind, expand(pred), y[va], y[tr]))
+    def score(pred: np.ndarray, rows: np.ndarray | None) -> float:
+        truth = y[va] if rows is None else y[va][rows]
+        return primary_score(name, kind, evaluate_task(name, kind, expand(pred), truth, y[tr]))
 
     choice = choose_task(
         name,
@@ -212,6 +213,7 @@ def _serve_one(
         cfg.set_method,
         cfg.serve_tolerance,
         cfg.serve_costs,
+        cfg.serve_se,
     )
     result.choices[name] = choice
     per: dict[str, dict[str, Any]] = {}
