@@ -199,7 +199,9 @@ def choose_task(
 
 def bootstrap_se(score: Any, points: np.ndarray, n: int, draws: int = SE_DRAWS) -> float:
     """Standard error of ``score(points[rows], rows)`` over bootstrap resamples of n rows
-    (fixed seed: a bundle's choice does not change from run to run)."""
+    (fixed seed: a bundle's choice does not change from run to run); 0 for under two rows."""
+    if n < 2:
+        return 0.0
     rng = np.random.default_rng(0)
     values = []
     for _ in range(draws):

@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 SplitBy = Literal["material", "formula"]
 
 
-def material_fraction(material_ids: np.ndarray, salt: str) -> np.ndarray:
+def group_fraction(keys: np.ndarray, salt: str) -> np.ndarray:
     """A uniform number in [0, 1) per row, equal for rows of the same key."""
     cache: dict[str, float] = {}
-    out = np.empty(len(material_ids))
-    for i, mid in enumerate(material_ids):
-        key = str(mid)
+    out = np.empty(len(keys))
+    for i, k in enumerate(keys):
+        key = str(k)
         if key not in cache:
             digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
             cache[key] = int.from_bytes(digest[:8], "big") / 2**64
@@ -36,11 +36,11 @@ def material_fraction(material_ids: np.ndarray, salt: str) -> np.ndarray:
 
 
 def split_rows(
-    material_ids: np.ndarray, salt: str, test: float = 0.2, val: float = 0.1
+    keys: np.ndarray, salt: str, test: float = 0.2, val: float = 0.1
 ) -> dict[str, np.ndarray]:
     """Row indices of ``train``, ``val`` and ``test``; keys never straddle two parts."""
-    u = material_fraction(material_ids, salt)
-    idx = np.arange(len(material_ids))
+    u = group_fraction(keys, salt)
+    idx = np.arange(len(keys))
     return {
         "test": idx[u < test],
         "val": idx[(u >= test) & (u < test + val)],
