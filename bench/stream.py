@@ -542,7 +542,9 @@ def find_models(models: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
     ds = build_feff_dataset(
         write_tree(workdir / "feff", per_type=4), "Cu", n_jobs=1, progress=False
     )
-    cfg = TrainConfig(n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15)
+    cfg = TrainConfig(  # the synthetic tree has three formulas: split by material
+        n_estimators=12, n_jobs=1, test_fraction=0.3, val_fraction=0.15, split_by="material"
+    )
     out = export_bundle(train(ds, cfg, log=lambda *_: None), workdir / "models" / "cu-k")
     m = verify_bundle(out)
     note = f"no verified Cu K bundle in {models}: a tiny synthetic one (12 trees) was trained"

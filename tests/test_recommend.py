@@ -688,7 +688,7 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
         opt2.tell_many(xs, [{"I0": a, "It": b} for a, b in zip(i0, it, strict=True)])
     stop, reason = opt2.should_stop()
     assert stop and reason is not None and "in the last 2 spectra" in reason
-    assert 2 <= len(opt2.passes) <= 4
+    assert len(opt2.passes) >= 2
 
 
 ADAPTIVE_SCRIPT = textwrap.dedent(

@@ -155,6 +155,14 @@ def test_formula_split_keeps_each_composition_on_one_side(dataset) -> None:  # t
         assert any(len(parts) > 1 for parts in sides["material"].values())
 
 
+def test_a_formula_split_that_leaves_a_part_empty_is_a_clear_error(dataset) -> None:  # type: ignore[no-untyped-def]
+    """Three compositions hash (default salt) to 0.38, 0.62 and 0.78: nothing falls under the
+    test fraction 0.3. Training said so with sklearn's "Found array with 0 sample(s)"."""
+    cfg = small_config().model_copy(update={"split_by": "formula", "networks": ()})
+    with pytest.raises(ValueError, match=r"left test empty \(3 groups.*--split-by material"):
+        train(dataset, cfg, log=lambda *_: None)
+
+
 def test_poscar_species_names_and_formulas() -> None:
     """VASP species names carry POTCAR suffixes (``Cu_pv``, ``Cu/5f3b``): the element counts
     and the formula are the element's, so the absorber count and the split group agree."""

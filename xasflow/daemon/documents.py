@@ -98,7 +98,9 @@ DATA_KEYS: dict[str, dict[str, Any]] = {
     "distance": data_key("number", "predicted mean nearest-neighbour distance", "angstrom"),
     "valence": data_key("integer", "predicted oxidation state"),
     "valence_probability": data_key("number", "probability of the predicted oxidation state"),
-    "charge": data_key("number", "predicted charge (bond-valence sum)", "e"),
+    "charge": data_key(
+        "number", "predicted bond-valence score (relative, not valence units; see the bundle)"
+    ),
     "e0": data_key("number", "edge energy E0 found in the (aligned) spectrum", "eV"),
     "edge_step": data_key("number", "edge step of mu used for normalisation"),
     "energy_shift": data_key("number", "shift applied by reference-foil alignment", "eV"),
@@ -109,8 +111,8 @@ DATA_KEYS: dict[str, dict[str, Any]] = {
     "valence_set": data_key("string", "conformal set of oxidation states, comma-separated"),
     "distance_lo": data_key("number", "conformal interval of distance, low end", "angstrom"),
     "distance_hi": data_key("number", "conformal interval of distance, high end", "angstrom"),
-    "charge_lo": data_key("number", "conformal interval of charge, low end", "e"),
-    "charge_hi": data_key("number", "conformal interval of charge, high end", "e"),
+    "charge_lo": data_key("number", "conformal interval of charge, low end"),
+    "charge_hi": data_key("number", "conformal interval of charge, high end"),
     "ood_score": data_key("number", "distance from the training data (higher: further)"),
     "out_of_domain": data_key(
         "boolean", "spectrum outside what the bundle was trained on: do not trust the answer"

@@ -83,7 +83,7 @@ def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> Ba
         if arr.spec.kind == "multi_regressor":
             full = np.zeros((len(arr.values), len(MOTIF_NAMES)))
             full[:, [MOTIF_NAMES.index(o) for o in arr.spec.outputs or []]] = arr.values
-            _lift_lead(full, arr.lead, arr.spec.threshold)
+            _lift_lead(full, arr.lead, arr.spec.outputs or [], arr.spec.threshold)
             point[name] = full
         else:
             point[name] = arr.point()
@@ -93,7 +93,9 @@ def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> Ba
     return BatchAnswers(point, tasks, np.concatenate(oods) if oods else None)
 
 
-def _lift_lead(scores: np.ndarray, lead: list[str | None] | None, threshold: float | None) -> None:
+def _lift_lead(
+    scores: np.ndarray, lead: list[str | None] | None, outputs: list[str], threshold: float | None
+) -> None:
     """Score the motif ranking the daemon serves: its head is the CN-consistent label
     (``make_consistent``), in the ranking even below the threshold, so that label is raised
     just above the row's best (and the threshold) before the metrics threshold the scores."""
@@ -101,7 +103,7 @@ def _lift_lead(scores: np.ndarray, lead: list[str | None] | None, threshold: flo
         return
     floor = threshold if threshold is not None else -np.inf
     for i, label in enumerate(lead):
-        if label is not None and label in MOTIF_NAMES:
+        if label is not None and label in outputs:
             k = MOTIF_NAMES.index(label)
             scores[i, k] = np.nextafter(max(float(scores[i].max()), floor), np.inf)
 
@@ -211,7 +213,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         parts = bundle_split(sub, m.training)
         rows, train_rows = parts["test"], np.concatenate([parts["train"], parts["val"]])
         if not rows.size:
-            raise ValueError("no material of the data falls in the bundle's test split")
+            raise ValueError("nothing in the data falls in the bundle's test split")
     else:
         rows, train_rows = np.arange(len(sub)), None
     answers = predict_arrays(predictor, g.y[rows])

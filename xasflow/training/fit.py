@@ -7,7 +7,7 @@ Tasks (all from one gridded K-edge spectrum):
   its ranking above 0.05 is the combined CN-motif ranking label.
 - ``valence``: BVAnalyzer oxidation state (classifier).
 - ``distance``: mean first-shell distance, Å (regressor).
-- ``charge``: bond-valence sum (regressor).
+- ``charge``: pymatgen's bond-valence sum, a relative score (regressor).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from xasflow.training.dataset import Dataset, Gridded, grid_dataset
 from xasflow.training.nn_augment import NetAugment
 from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, region_importance
 from xasflow.training.served import serve_tasks
-from xasflow.training.split import SplitBy, split_dataset
+from xasflow.training.split import SplitBy, split_dataset, split_keys
 
 TASKS = ("cn", "environment", "motifs", "valence", "distance", "charge")
 
@@ -249,6 +249,13 @@ def train(
         )
     sub = ds.subset(g.rows)
     parts = split_dataset(sub, cfg.split_salt, cfg.test_fraction, cfg.val_fraction, cfg.split_by)
+    empty = [k for k in ("train", "val", "test") if not len(parts[k])]
+    if empty:  # a handful of compositions can all hash to one side
+        groups = len(set(split_keys(sub, cfg.split_by).tolist()))
+        raise ValueError(
+            f"the split by {cfg.split_by} left {', '.join(empty)} empty ({groups} groups in "
+            f"{len(sub)} spectra): use more data, or `--split-by material` (TrainConfig.split_by)"
+        )
     matrix = linear_matrix(cfg.features, cfg.prep)
     X = featurize(g.y, cfg.features, cfg.prep, matrix)
     targets = task_targets(sub, np.arange(len(sub)))

@@ -20,7 +20,7 @@ _LABELS = {
     "environment": "CN-motif label",
     "valence": "oxidation state",
     "distance": "mean NN distance (Å)",
-    "charge": "bond-valence sum",
+    "charge": "bond-valence score (relative)",
 }
 
 
