@@ -35,7 +35,7 @@ from xasflow.training.nn import (
     fit_network_ensemble,
     targets_from_tuples,
 )
-from xasflow.training.split import split_rows
+from xasflow.training.split import split_dataset
 
 KEYS = ("accuracy", "top1_accuracy", "jaccard", "mae", "r2", "baseline_accuracy", "baseline_mae")
 SHIPPED = paths.REPO_ROOT / "models" / "cu-k" / "manifest.json"
@@ -135,7 +135,7 @@ def main() -> int:
     tc = TrainConfig()
     g = grid_dataset(ds, tc.prep)
     sub = ds.subset(g.rows)
-    parts = split_rows(sub.material_id, tc.split_salt, tc.test_fraction, tc.val_fraction)
+    parts = split_dataset(sub, tc.split_salt, tc.test_fraction, tc.val_fraction, tc.split_by)
     x = model_input(g.y, tc.features, tc.prep)
     tuples = task_targets(sub, np.arange(len(sub)))
     tuples = {t: tuples[t] for t in TASKS}

@@ -33,7 +33,7 @@ from xasflow.training import calibrate as C
 from xasflow.training import ood as O
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, make_estimator, task_targets
-from xasflow.training.split import split_dataset
+from xasflow.training.split import split_dataset, split_keys
 
 ALPHA = 0.1
 SHOULD_FLAG = ("Cu_Foil", "cu_metal", "CuS_", "Cu2S", "CuCl")
@@ -337,7 +337,9 @@ def classifier_figures(
             e = make_estimator(kind, params, cfg, name).fit(X[r], y[r], sample_weight=wf)
             return C.align_columns(e.predict_proba(X[rows[held]]), list(e.classes_), classes)
 
-        oof = C.cross_fit(fit_predict, sub.material_id[rows], n_splits=5, seed=cfg.seed)
+        oof = C.cross_fit(
+            fit_predict, split_keys(sub, cfg.split_by)[rows], n_splits=5, seed=cfg.seed
+        )
         cf = C.calibrate_classifier(oof, C.label_indices(y[rows], classes), ALPHA, "lac")
         mask = cf.sets(p_ref)
         y_rows = C.label_indices(y[rows], classes)
@@ -410,7 +412,7 @@ def regressor_figures(
         e = make_estimator(kind, params, cfg, name).fit(X[rows[fit_rows]], y[rows[fit_rows]])
         return e.predict(X[rows[held]])
 
-    oof = C.cross_fit(fit_predict, sub.material_id[rows], n_splits=5, seed=cfg.seed)
+    oof = C.cross_fit(fit_predict, split_keys(sub, cfg.split_by)[rows], n_splits=5, seed=cfg.seed)
     cf = C.calibrate_regressor(oof, y[rows], ALPHA)
     lo, hi = cf.interval(pred)
     out["cross_fit_train_val"] = {

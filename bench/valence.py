@@ -53,7 +53,7 @@ from xasflow.spectra import (
 from xasflow.spectra.energy import chemical_shift, fermi_reference
 from xasflow.training.dataset import build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, make_estimator
-from xasflow.training.split import split_dataset
+from xasflow.training.split import split_dataset, split_keys
 
 LEVELS = (0.2, 0.3, 0.5, 0.7)
 SEEDS = (0, 1, 2)
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:24s} test accuracy {np.round(accs, 4)} mean {np.mean(accs):.4f}", flush=True)
     cv_rows = np.flatnonzero(valid)
     doc["grouped_cv_accuracy"] = {
-        name: grouped_cv(sets[name], y, cv_rows, sub.material_id, cfg)
+        name: grouped_cv(sets[name], y, cv_rows, split_keys(sub, cfg.split_by), cfg)
         for name in ("today", "fermi_grid", "today+shift_0.5")
         if name in sets
     }

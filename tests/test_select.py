@@ -131,3 +131,21 @@ def test_costs_can_be_overridden_for_ties() -> None:
     args = ("cn", "classifier", CLASSES, bases, y, score, 0.1, "lac", 0.0)
     assert choose_task(*args).members == ("mlp",)  # a tie goes to the cheaper graph
     assert choose_task(*args, costs={FOREST: 0.0}).members == (FOREST,)
+
+
+def test_primary_metric_is_evaluate_tasks_primary_score() -> None:
+    """The served choice resamples a cheaper metric; it must be the very score it replaces."""
+    from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, primary_metric, primary_score
+
+    rng = np.random.default_rng(3)
+    cls_t, cls_p = rng.integers(2, 7, 300), rng.integers(2, 7, 300)
+    reg_t, reg_p = rng.normal(2.0, 0.1, 300), rng.normal(2.0, 0.1, 300)
+    mot_t = rng.dirichlet(np.ones(len(MOTIF_NAMES)) * 0.3, 300)
+    mot_p = rng.dirichlet(np.ones(len(MOTIF_NAMES)) * 0.3, 300)
+    for name, kind, t, p in (
+        ("cn", "classifier", cls_t, cls_p),
+        ("distance", "regressor", reg_t, reg_p),
+        ("motifs", "multi_regressor", mot_t, mot_p),
+    ):
+        full = primary_score(name, kind, evaluate_task(name, kind, p, t, t))
+        assert primary_metric(name, kind, p, t) == pytest.approx(full)

@@ -18,7 +18,7 @@ from xasflow.models.uncertainty import spread_score
 from xasflow.spectra import featurize, linear_matrix, model_input
 from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood, fit_spread_ood
 from xasflow.training.ood_ligand import fit_ligand_ood
-from xasflow.training.scoring import evaluate_task, primary_score, region_importance
+from xasflow.training.scoring import evaluate_task, primary_metric, region_importance
 from xasflow.training.select import (
     FOREST,
     BaseOutputs,
@@ -199,8 +199,7 @@ def _serve_one(
         return out
 
     def score(pred: np.ndarray, rows: np.ndarray | None) -> float:
-        truth = y[va] if rows is None else y[va][rows]
-        return primary_score(name, kind, evaluate_task(name, kind, expand(pred), truth, y[tr]))
+        return primary_metric(name, kind, expand(pred), y[va] if rows is None else y[va][rows])
 
     choice = choose_task(
         name,
