@@ -84,3 +84,21 @@ def test_a_classifier_is_calibrated_as_the_public_functions_say_and_refuses_nan(
     raw[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         decode_task(spec, {"g.onnx": {"probabilities": raw}}, 3)
+
+
+def test_the_motif_set_keeps_only_motifs_of_a_cn_in_the_cn_set() -> None:
+    """A 90 % CN set {4} beside a motif set {CN4-tetrahedral, CN6-octahedral} told an
+    operator two things at once: the motif set drops the CN-6 label. A row whose CN set has
+    no motif label at all (CN 9 alone) keeps its calibrated motif set."""
+    tasks = _tasks(
+        cn_probs=[[0.8, 0.2, 0.0], [0.5, 0.5, 0.0], [0.0, 0.1, 0.9]],
+        env_probs=[[0.1, 0.4, 0.5], [0.1, 0.4, 0.5], [0.1, 0.4, 0.5]],
+    )
+    tasks["cn"].sets = np.array([[True, False, False], [True, True, False], [False, False, True]])
+    make_consistent(tasks)
+    sets = [r.prediction_set for r in tasks["environment"].results()]
+    assert sets == [
+        ["CN4-tetrahedral"],
+        ["CN4-tetrahedral", "CN6-octahedral"],
+        ["CN4-tetrahedral", "CN6-octahedral"],
+    ]
