@@ -229,7 +229,8 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
     env_cn = _label_cns(_labels(_typed(env.spec.classes))[1])
-    cn_values = _class_ints(tuple(cn.spec.classes or ()))[cn.index]
+    cn_classes = _class_ints(tuple(cn.spec.classes or ()))
+    cn_values = cn_classes[cn.index]
     allowed = env_cn[None, :] == cn_values[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)
     best = np.argmax(masked, axis=1)
@@ -238,9 +239,8 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     env.index = np.where(has, best, env.index)
     env.blank = ~has
     if env.sets is not None and cn.sets is not None:
-        cn_classes = _class_ints(tuple(cn.spec.classes or ()))
-        in_cn_set = (env_cn[None, :, None] == cn_classes[None, None, :]) & cn.sets[:, None, :]
-        joint = env.sets & in_cn_set.any(axis=2)
+        of_class = env_cn[:, None] == cn_classes[None, :]  # (motif label, CN class)
+        joint = env.sets & (cn.sets[:, None, :] & of_class).any(axis=2)
         env.sets = np.where(joint.any(axis=1, keepdims=True), joint, env.sets)
     if env.sets is not None:
         rows = np.flatnonzero(has)
