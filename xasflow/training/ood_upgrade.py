@@ -23,7 +23,9 @@ import numpy as np
 from xasflow.models.bundle import Manifest, OodSpec, write_bundle
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
+from xasflow.training.ood_threshold import CONFIDENCE, bound_for_split
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
+from xasflow.training.split import split_keys
 
 
 def _recon_spec(manifest: Manifest) -> dict[str, Any]:
@@ -43,10 +45,13 @@ def fit_for_bundle(
     data: str | Path | None = None,
     log: Callable[[str], None] = print,
     flag_fraction: float | None = None,
+    confidence: float | None = CONFIDENCE,
 ) -> tuple[LigandOod, dict[str, np.ndarray]]:
     """The ligand-aware score for ``manifest``'s training data, and that data's model inputs
     by split (``train``, ``val``, ``test``). ``flag_fraction`` of the combined score defaults
-    to the reconstruction score's (a ValueError when the validation rows are too few)."""
+    to the reconstruction score's (a ValueError when the validation rows are too few); the
+    threshold is bounded at ``confidence`` for a fresh split (:mod:`ood_threshold`) where the
+    split has groups enough, and is validation's split-conformal rank otherwise or for None."""
     recon = _recon_spec(manifest)
     rebuilt = rebuild(manifest, data)
     xs = {k: rebuilt.inputs(k) for k in ("train", "val", "test")}
@@ -68,6 +73,12 @@ def fit_for_bundle(
         )
     fraction = base.flag_fraction if flag_fraction is None else flag_fraction
     fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, fraction)
+    if confidence is not None:
+        keys = split_keys(rebuilt.dataset, manifest.training.get("split_by", "material"))
+        try:
+            fitted = bound_for_split(fitted, rebuilt.x, keys, rebuilt.parts, confidence)
+        except ValueError as exc:
+            log(f"threshold from validation alone ({exc})")
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
     log(f"{METHOD}: threshold {fitted.threshold:.4g}, scales {fitted.scales}, {fitted.stats}")
     return fitted, xs
@@ -80,11 +91,12 @@ def upgrade_bundle(
     signing_key: str | bytes | Path | None = None,
     log: Callable[[str], None] = print,
     flag_fraction: float | None = None,
+    confidence: float | None = CONFIDENCE,
 ) -> Path:
     """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
     bundle, manifest = open_for_rewrite(bundle, signing_key, "the upgrade")
     assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
-    fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction)
+    fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction, confidence)
     files = {name: (bundle / name).read_bytes() for name in manifest.files}
     files[manifest.ood.file] = fitted.to_onnx(manifest.input_width, manifest.input_name)
     details = {
@@ -112,9 +124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--flag-fraction", type=float, help="validation fraction flagged (default: as recorded)"
     )
+    ap.add_argument(
+        "--confidence",
+        type=float,
+        default=CONFIDENCE,
+        help="confidence that a fresh split is flagged at most the flag fraction (default 0.9)",
+    )
+    ap.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="the threshold from the validation split alone (split-conformal rank)",
+    )
     args = ap.parse_args(argv)
     path = upgrade_bundle(
-        args.bundle, args.out, args.data, args.signing_key, flag_fraction=args.flag_fraction
+        args.bundle,
+        args.out,
+        args.data,
+        args.signing_key,
+        flag_fraction=args.flag_fraction,
+        confidence=None if args.validation_only else args.confidence,
     )
     print(f"wrote {path}")
     return 0
