@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(paths.cu_feff_archive()))
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    predictor = Predictor(args.bundle)
+    predictor = Predictor(args.bundle, all_outputs=True)  # the spread and embedding too
     m = predictor.manifest
     net = next((f for f in ("mlp.onnx", "cnn.onnx") if f in m.graph_files()), None)
     if net is None:

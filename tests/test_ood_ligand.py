@@ -138,7 +138,7 @@ def test_upgrade_reseals_a_bundle(tiny_cu_bundle: Path, tmp_path: Path, monkeypa
     )
     assert again.ood is not None and np.isclose(again.ood.threshold, after.ood.threshold)
     x = np.vstack([np.hstack([GRID * 0 + 1.0, [1.0, 1.0]])] * 2).astype(np.float32)
-    raw = Predictor(out).run(x)[after.ood.file]
+    raw = Predictor(out, all_outputs=True).run(x)[after.ood.file]
     assert set(raw) >= {"ood_score", "ood_recon", "ood_whiteline", "ood_postedge"}
     (out / "manifest.sig").write_text("{}")
     with pytest.raises(ValueError, match="signed"):

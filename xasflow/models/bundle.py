@@ -182,6 +182,20 @@ class Manifest(BaseModel):
             needed |= self.ood.files()
         return needed
 
+    def served_outputs(self) -> dict[str, set[str]]:
+        """Per graph file, the outputs the decoder reads (what a served session computes)."""
+        out: dict[str, set[str]] = {}
+        for task in self.tasks.values():
+            for m in task.graph_members():
+                out.setdefault(m.file, set()).add(m.output)
+                if m.std_output:
+                    out[m.file].add(m.std_output)
+        if self.ood is not None:
+            out.setdefault(self.ood.file, set()).add(self.ood.output)
+            for f, o in self.ood.spread.outputs if self.ood.spread is not None else ():
+                out.setdefault(f, set()).add(o)
+        return out
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""

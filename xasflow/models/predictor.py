@@ -17,10 +17,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from xasflow.models.batch import TaskArrays, decode_batch
 from xasflow.models.bundle import BundleError, Manifest, verify_bundle
+from xasflow.models.graphs import join, prune
 from xasflow.models.results import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
@@ -41,11 +43,15 @@ class Predictor:
         *,
         require_digest: bool = True,
         min_edge_snr: float | None = None,
+        all_outputs: bool = False,
     ) -> None:
         """``require_digest``: refuse a manifest without its ``manifest.sha256`` (off only
         where the caller compares the manifest with one verified that way, see
         :attr:`manifest_digest`); every graph file is checked against the manifest anyway.
-        ``min_edge_snr``: the operator's edge-against-noise limit instead of the bundle's."""
+        ``min_edge_snr``: the operator's edge-against-noise limit instead of the bundle's.
+        The graphs serve the outputs the manifest reads, joined into one session where the
+        files allow (:mod:`xasflow.models.graphs`); ``all_outputs`` runs every output of every
+        file, each on its own session, for the steps that compare or refit graphs."""
         self.path = Path(bundle_dir)
         self.manifest: Manifest = verify_bundle(self.path, require_digest=require_digest)
         #: the preparation this predictor applies: the manifest's, with the operator's limit
@@ -58,7 +64,7 @@ class Predictor:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        models: dict[str, onnx.ModelProto] = {}
         for name in sorted(self.manifest.graph_files()):
             data = (self.path / name).read_bytes()
             # the bytes loaded are the bytes checked: a file swapped between the bundle's
@@ -70,12 +76,26 @@ class Predictor:
                 )
             if name.endswith(".gz"):  # tree graphs compress 5-10x; shipped bundles use it
                 data = gzip.decompress(data)
-            self._sessions[name] = ort.InferenceSession(
-                data, sess_options=opts, providers=["CPUExecutionProvider"]
+            models[name] = onnx.load_from_string(data)
+        if not all_outputs:
+            served = self.manifest.served_outputs()
+            models = {name: prune(m, served[name]) for name, m in models.items() if name in served}
+        joined = None if all_outputs or len(models) < 2 else join(models, self.manifest.input_name)
+        #: per session, its outputs as (graph file, output name)
+        self._sessions: list[tuple[ort.InferenceSession, list[tuple[str, str]]]] = []
+        parts = (
+            [(joined[0], joined[1])]
+            if joined is not None
+            else [
+                (m, {o.name: (name, o.name) for o in m.graph.output}) for name, m in models.items()
+            ]
+        )
+        for model, names in parts:
+            sess = ort.InferenceSession(
+                model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
             )
-        self._outputs = {
-            name: [o.name for o in sess.get_outputs()] for name, sess in self._sessions.items()
-        }
+            self._sessions.append((sess, [names[o.name] for o in sess.get_outputs()]))
+        self._files = list(models)
 
     @cached_property
     def manifest_digest(self) -> str:
@@ -110,12 +130,14 @@ class Predictor:
         return prepare(spectrum, self.prep)
 
     def run(self, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        """Raw outputs of every graph file for a batch of model inputs ``x`` (float32, (n, width))."""
+        """Raw outputs of the graph files for a batch of model inputs ``x`` (float32, (n, width)):
+        file -> output -> array; the outputs the decoder reads, or all with ``all_outputs``."""
         feed = {self.manifest.input_name: x}
-        return {
-            name: dict(zip(self._outputs[name], sess.run(None, feed), strict=True))
-            for name, sess in self._sessions.items()
-        }
+        raw: dict[str, dict[str, np.ndarray]] = {name: {} for name in self._files}
+        for sess, names in self._sessions:
+            for (file, output), value in zip(names, sess.run(None, feed), strict=True):
+                raw[file][output] = value
+        return raw
 
     def infer(self, x: np.ndarray) -> tuple[dict[str, TaskArrays], np.ndarray | None]:
         """Per task the decoded batch (calibrated, with sets/intervals) and the OOD scores."""

@@ -115,9 +115,18 @@ def scalar_inputs(y: np.ndarray, spec: FeatureSpec, prep: PrepParams) -> np.ndar
 
 
 def model_input(y: np.ndarray, spec: FeatureSpec, prep: PrepParams) -> np.ndarray:
-    """The float32 array fed to a bundle's ONNX graphs: gridded spectra with their scalars."""
+    """The float32 array fed to a bundle's ONNX graphs: gridded spectra with their scalars.
+
+    Filled in place (one allocation; per spectrum in the daemon, so the copies showed)."""
     y2 = np.atleast_2d(y)
-    return np.hstack([y2, scalar_inputs(y2, spec, prep)]).astype(np.float32)
+    n, w = y2.shape
+    x = np.empty((n, w + (2 if spec.whiteline else 0)), np.float32)
+    x[:, :w] = y2
+    if spec.whiteline:
+        idx = np.argmax(y2, axis=1)
+        x[:, w] = prep.grid[idx]
+        x[:, w + 1] = y2[np.arange(n), idx]
+    return x
 
 
 def featurize(

@@ -6,6 +6,7 @@ model bundle's manifest, so a spectrum is treated identically offline and online
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,8 +111,16 @@ class PrepParams(BaseModel):
 
     @property
     def grid(self) -> np.ndarray:
-        """The model grid relative to E0, eV."""
-        return np.linspace(self.window_start, self.window_stop, self.n_points)
+        """The model grid relative to E0, eV (one read-only array per window, made once)."""
+        return _grid(self.window_start, self.window_stop, self.n_points)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(start: float, stop: float, n: int) -> np.ndarray:
+    """``linspace`` once per window: every spectrum of a bundle is gridded on it."""
+    grid = np.linspace(start, stop, n)
+    grid.setflags(write=False)
+    return grid
 
 
 @dataclass(frozen=True)
