@@ -211,6 +211,19 @@ def _label_cns(labels: tuple[str, ...]) -> np.ndarray:
     return arr
 
 
+@lru_cache(maxsize=64)
+def _tables(
+    env_classes: tuple[tuple[type, Any], ...], cn_classes: tuple[Any, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CN of each CN-motif label, the CN classes as integers, and which label goes with
+    which CN class ((labels, CN classes) bool), worked out once per pair of class lists."""
+    env_cn = _label_cns(_labels(env_classes)[1])
+    cn_ints = _class_ints(cn_classes)
+    of_class = env_cn[:, None] == cn_ints[None, :]
+    of_class.setflags(write=False)  # shared between calls
+    return env_cn, cn_ints, of_class
+
+
 def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     """The CN-motif label (and the motif ranking's head) follow the CN answer.
 
@@ -228,8 +241,7 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
-    env_cn = _label_cns(_labels(_typed(env.spec.classes))[1])
-    cn_classes = _class_ints(tuple(cn.spec.classes or ()))
+    env_cn, cn_classes, of_class = _tables(_typed(env.spec.classes), tuple(cn.spec.classes or ()))
     cn_values = cn_classes[cn.index]
     allowed = env_cn[None, :] == cn_values[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)
@@ -239,8 +251,7 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     env.index = np.where(has, best, env.index)
     env.blank = ~has
     if env.sets is not None and cn.sets is not None:
-        of_class = env_cn[:, None] == cn_classes[None, :]  # (motif label, CN class)
-        joint = env.sets & (cn.sets[:, None, :] & of_class).any(axis=2)
+        joint = env.sets & (cn.sets @ of_class.T)  # boolean product: any CN class of the set
         env.sets = np.where(joint.any(axis=1, keepdims=True), joint, env.sets)
     if env.sets is not None:
         rows = np.flatnonzero(has)
