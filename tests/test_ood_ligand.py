@@ -156,6 +156,7 @@ def test_shipped_bundle_upgrade_flags_cu2s_and_cucl_not_oxides(
     expected flag (Cu2S now too), the oxides at least 15 % below the threshold, and of the
     FEFF10 demo spectra CuCl is flagged while CuO, Cu2O and CuAl2O4 are not."""
     from xasflow.adapters.columns import read_spectrum_file
+    from xasflow.models.bundle import verify_bundle
     from xasflow.models.predictor import Predictor
     from xasflow.sim.feff_demo import load_demo_spectra
     from xasflow.training.ood_upgrade import upgrade_bundle
@@ -170,6 +171,8 @@ def test_shipped_bundle_upgrade_flags_cu2s_and_cucl_not_oxides(
     assert details["threshold_rule"] == "group bootstrap of cross-fitted scores"
     assert details["test_flagged_fraction"] <= 0.05 and details["val_flagged_fraction"] <= 0.05
     assert threshold > details["split_conformal_threshold"]
+    shipped = verify_bundle(paths.REPO_ROOT / "models" / "cu-k").ood
+    assert shipped is not None and threshold == pytest.approx(shipped.threshold, rel=1e-9)
     with open(paths.REPO_ROOT / "bench" / "references-cu.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
@@ -215,6 +218,9 @@ def test_training_with_ood_ligand_serves_it(
         ood is not None and ood.method == METHOD and ood.threshold == trained.ood_ligand.threshold
     )
     assert set(ood.details["components"]) == {"recon", "whiteline", "postedge"}
+    # the threshold bounded over the split's groups, recorded with its rule
+    assert ood.details["threshold_rule"] == "group bootstrap of cross-fitted scores"
+    assert ood.details["pool_groups"] >= 10 and ood.details["fresh_groups"] >= 1
     xs = model_input(trained.gridded.y, cfg.features, cfg.prep)
     _, scores = predictor.infer(xs)
     assert scores is not None

@@ -7,7 +7,14 @@ import pytest
 
 from xasflow.training.calibrate import conformal_quantile
 from xasflow.training.ood_ligand import fit_ligand_ood
-from xasflow.training.ood_threshold import bound_for_split, crossfit_scores, group_bound
+from xasflow.training.ood_threshold import (
+    TooFewGroups,
+    _refit,
+    bound_for_split,
+    bound_ligand_threshold,
+    crossfit_scores,
+    group_bound,
+)
 
 GRID = np.linspace(-3.5, 116.5, 240)
 
@@ -52,7 +59,7 @@ def test_crossfit_scores_each_row_without_its_group() -> None:
         return held[:, 0] * 10.0
 
     assert np.array_equal(crossfit_scores(x, groups, score_without), groups * 10.0)
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(TooFewGroups, match="too few"):
         crossfit_scores(x[:27], groups[:27] % 9, score_without)
 
 
@@ -85,3 +92,16 @@ def test_bound_for_split_records_its_rule_and_raises_the_threshold_on_grouped_sp
     fresh = [_edge_groups(rng, 50) for _ in range(40)]
     assert np.mean([bound.flags(f).mean() > 0.05 for f in fresh]) <= 0.2
     assert np.mean([fitted.flags(f).mean() > 0.05 for f in fresh]) >= 0.4  # validation alone
+
+
+def test_refit_reproduces_each_component_and_bad_confidence_is_refused_first() -> None:
+    """The cross-fit refits each component as training fitted it: on the same rows, the same
+    scores; a confidence outside (0, 1) is an error before any refit, never a fallback."""
+    rng = np.random.default_rng(2)
+    x = _edge_groups(rng, 100)
+    fitted = fit_ligand_ood(x[:300], x[300:], GRID)
+    for name, comp in fitted.components.items():
+        again = _refit(comp, x[:300], x[300:])
+        assert np.array_equal(again.score(x), comp.score(x)), name
+    with pytest.raises(ValueError, match="confidence"):
+        bound_ligand_threshold(fitted, x, np.repeat(np.arange(100), 4), 20, confidence=90.0)

@@ -120,12 +120,9 @@ def model_input(y: np.ndarray, spec: FeatureSpec, prep: PrepParams) -> np.ndarra
     Filled in place (one allocation; per spectrum in the daemon, so the copies showed)."""
     y2 = np.atleast_2d(y)
     n, w = y2.shape
-    x = np.empty((n, w + (2 if spec.whiteline else 0)), np.float32)
+    x = np.empty((n, w + spec.n_scalars()), np.float32)
     x[:, :w] = y2
-    if spec.whiteline:
-        idx = np.argmax(y2, axis=1)
-        x[:, w] = prep.grid[idx]
-        x[:, w + 1] = y2[np.arange(n), idx]
+    x[:, w:] = scalar_inputs(y2, spec, prep)
     return x
 
 

@@ -121,7 +121,7 @@ class TrainConfig(BaseModel):
     # training.ood_ligand): flags measured Cu2S and FEFF10 CuCl, not measured CuO or azurite
     # (bench/ood_ligand.py). Replaces ood_spread when both are set
     ood_ligand: bool = True
-    # the ligand-aware threshold: with this confidence a fresh split of as many unseen groups
+    # the ligand-aware threshold: with about this confidence a fresh split of as many unseen groups
     # as the test part flags at most ood_flag_fraction (training.ood_threshold); None keeps
     # the validation split-conformal rank, which flagged 6.3 % of the Cu test split
     ood_bound_confidence: float | None = Field(0.9, gt=0.0, lt=1.0)

@@ -49,7 +49,7 @@ class BatchAugmenter:
     """Applies a :class:`NetAugment` recipe to batches of bundle input on a uniform grid."""
 
     def __init__(self, recipe: NetAugment, grid: np.ndarray, n_scalars: int = 2) -> None:
-        g = np.asarray(grid, dtype=np.float64)
+        g = np.array(grid, dtype=np.float64)  # a copy: the model grid is read-only
         if g.ndim != 1 or g.size < 3:
             raise ValueError("the augmentation grid must be 1-D with at least 3 points")
         step = np.diff(g)

@@ -8,8 +8,10 @@ flagged 4.6 % of validation and 6.3 % of test, and five formula folds flagged 3.
 Here every training and validation row is scored by components refitted without its group
 (``folds`` folds by group, the scales kept), and the threshold is the ``confidence``
 quantile, over bootstrap draws of as many groups as a fresh split holds, of the smallest
-threshold that flags at most ``flag_fraction`` of the draw: with that confidence a fresh split
-of that many unseen groups is flagged at most ``flag_fraction``.
+threshold that flags at most ``flag_fraction`` of the draw: with about that confidence a fresh
+split of that many unseen groups is flagged at most ``flag_fraction``. "About": the pool is a
+sample too, which the plug-in bootstrap ignores; on clustered synthetic scores a nominal 90 %
+held for 86 % of fresh splits on average over pools (3-27 % exceeding, pool by pool).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ RULE = "group bootstrap of cross-fitted scores"
 SALT = "ood-crossfit"
 
 
+class TooFewGroups(ValueError):
+    """The pool has too few groups to cross-fit; the caller keeps the validation rank."""
+
+
 def crossfit_scores(
     x: np.ndarray,
     groups: np.ndarray,
@@ -40,16 +46,17 @@ def crossfit_scores(
     folds: int = FOLDS,
 ) -> np.ndarray:
     """Out-of-fold scores: ``score_without(x_fit, x_held)`` for each of ``folds`` folds of whole
-    groups; a ValueError when there are fewer than two groups per fold."""
+    groups (assigned by hash); :class:`TooFewGroups` with fewer than ``2 * folds`` groups in
+    all, or when a fold comes out empty or holds every group."""
     groups = np.asarray(groups)
     if len(np.unique(groups)) < 2 * folds:
-        raise ValueError(f"{len(np.unique(groups))} groups are too few for {folds} folds")
+        raise TooFewGroups(f"{len(np.unique(groups))} groups are too few for {folds} folds")
     fold = np.minimum((group_fraction(groups, SALT) * folds).astype(int), folds - 1)
     out = np.empty(len(x))
     for k in range(folds):
         held = fold == k
         if not held.any() or held.all():
-            raise ValueError(f"fold {k} of {folds} holds no group or every group")
+            raise TooFewGroups(f"fold {k} of {folds} holds no group or every group")
         out[held] = score_without(x[~held], x[held])
     return out
 
@@ -112,7 +119,10 @@ def bound_ligand_threshold(
     folds: int = FOLDS,
 ) -> LigandOod:
     """``fitted`` with its threshold bounded for a fresh split of ``n_groups`` groups, from the
-    training and validation rows ``x`` and their groups; the rule is recorded in its stats."""
+    training and validation rows ``x`` and their groups; the rule is recorded in its stats.
+    A ``confidence`` outside (0, 1) is refused before the cross-fit runs."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
     def score_without(x_fit: np.ndarray, x_held: np.ndarray) -> np.ndarray:
         comps = {n: _refit(c, x_fit, x_held) for n, c in fitted.components.items()}

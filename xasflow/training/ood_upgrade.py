@@ -23,7 +23,7 @@ import numpy as np
 from xasflow.models.bundle import Manifest, OodSpec, write_bundle
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
-from xasflow.training.ood_threshold import CONFIDENCE, bound_for_split
+from xasflow.training.ood_threshold import CONFIDENCE, TooFewGroups, bound_for_split
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 from xasflow.training.split import split_keys
 
@@ -52,6 +52,8 @@ def fit_for_bundle(
     to the reconstruction score's (a ValueError when the validation rows are too few); the
     threshold is bounded at ``confidence`` for a fresh split (:mod:`ood_threshold`) where the
     split has groups enough, and is validation's split-conformal rank otherwise or for None."""
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     recon = _recon_spec(manifest)
     rebuilt = rebuild(manifest, data)
     xs = {k: rebuilt.inputs(k) for k in ("train", "val", "test")}
@@ -77,7 +79,7 @@ def fit_for_bundle(
         keys = split_keys(rebuilt.dataset, manifest.training.get("split_by", "material"))
         try:
             fitted = bound_for_split(fitted, rebuilt.x, keys, rebuilt.parts, confidence)
-        except ValueError as exc:
+        except TooFewGroups as exc:
             log(f"threshold from validation alone ({exc})")
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
     log(f"{METHOD}: threshold {fitted.threshold:.4g}, scales {fitted.scales}, {fitted.stats}")

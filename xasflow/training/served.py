@@ -18,7 +18,7 @@ from xasflow.models.uncertainty import spread_score
 from xasflow.spectra import featurize, linear_matrix, model_input
 from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood, fit_spread_ood
 from xasflow.training.ood_ligand import fit_ligand_ood
-from xasflow.training.ood_threshold import bound_for_split
+from xasflow.training.ood_threshold import TooFewGroups, bound_for_split
 from xasflow.training.scoring import evaluate_task, primary_metric, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -140,7 +140,7 @@ def _ligand_ood(result: Any, x: np.ndarray, log: Any) -> Any:
         keys = split_keys(result.dataset, cfg.split_by)
         try:
             fitted = bound_for_split(fitted, x, keys, parts, cfg.ood_bound_confidence)
-        except ValueError as exc:  # too few groups to cross-fit: the split-conformal rank
+        except TooFewGroups as exc:  # a toy dataset: the split-conformal rank
             log(f"out of domain: threshold from validation alone ({exc})")
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(x[parts["test"]])))
     log(f"out of domain, {fitted.method}: threshold {fitted.threshold:.4g}, {fitted.stats}")
