@@ -177,10 +177,7 @@ class Manifest(BaseModel):
 
     def graph_files(self) -> set[str]:
         """Every ONNX graph the tasks and the out-of-domain scorer read."""
-        needed = {m.file for task in self.tasks.values() for m in task.graph_members()}
-        if self.ood is not None:
-            needed |= self.ood.files()
-        return needed
+        return set(self.served_outputs())
 
     def served_outputs(self) -> dict[str, set[str]]:
         """Per graph file, the outputs the decoder reads (what a served session computes)."""

@@ -84,7 +84,7 @@ class Predictor:
         #: per session, its outputs as (graph file, output name)
         self._sessions: list[tuple[ort.InferenceSession, list[tuple[str, str]]]] = []
         parts = (
-            [(joined[0], joined[1])]
+            [joined]
             if joined is not None
             else [
                 (m, {o.name: (name, o.name) for o in m.graph.output}) for name, m in models.items()

@@ -139,6 +139,14 @@ class LigandOod:
         """True where a row is out of domain."""
         return self.score(x) > self.threshold
 
+    def val_stats(self, x_val: np.ndarray) -> dict[str, float]:
+        """The fraction of validation rows flagged, in all and by each component alone."""
+        by = self.component_scores(x_val)
+        return {
+            "val_flagged_fraction": float(np.mean(self.flags(x_val))),
+            **{f"val_flagged_by_{n}": float(np.mean(s > self.threshold)) for n, s in by.items()},
+        }
+
     def spec(self) -> dict[str, Any]:
         """JSON-able manifest ``ood.details``: each component's parameters and scale."""
         return {
@@ -254,11 +262,6 @@ def fit_ligand_ood(
             f"{len(x_val)} validation rows are too few to flag {flag_fraction:.0%} at the "
             "split-conformal rank"
         )
-    by = combined.component_scores(x_val)
-    stats = {
-        "val_flagged_fraction": float(np.mean(val > threshold)),
-        **{f"val_flagged_by_{n}": float(np.mean(s > threshold)) for n, s in by.items()},
-        "n_train": len(x_train),
-        "n_val": len(x_val),
-    }
-    return LigandOod(comps, scales, threshold, flag_fraction, stats)
+    fitted = LigandOod(comps, scales, threshold, flag_fraction)
+    fitted.stats.update(fitted.val_stats(x_val), n_train=len(x_train), n_val=len(x_val))
+    return fitted

@@ -155,8 +155,24 @@ def bound_for_split(
     pool = np.concatenate([parts["train"], parts["val"]])
     n_fresh = len(np.unique(keys[parts["test"]]))
     bound = bound_ligand_threshold(fitted, x[pool], keys[pool], n_fresh, confidence)
-    val = x[parts["val"]]
-    bound.stats["val_flagged_fraction"] = float(np.mean(bound.flags(val)))
-    for name, part in bound.component_scores(val).items():
-        bound.stats[f"val_flagged_by_{name}"] = float(np.mean(part > bound.threshold))
+    bound.stats.update(bound.val_stats(x[parts["val"]]))
     return bound
+
+
+def bound_or_keep(
+    fitted: LigandOod,
+    x: np.ndarray,
+    keys: np.ndarray,
+    parts: dict[str, np.ndarray],
+    confidence: float | None,
+    log: Callable[[str], None],
+) -> LigandOod:
+    """:func:`bound_for_split`, or ``fitted`` as it is (validation's rank) for a None
+    ``confidence`` or a split with too few groups to cross-fit (logged)."""
+    if confidence is None:
+        return fitted
+    try:
+        return bound_for_split(fitted, x, keys, parts, confidence)
+    except TooFewGroups as exc:  # a toy dataset
+        log(f"out of domain: threshold from validation alone ({exc})")
+        return fitted

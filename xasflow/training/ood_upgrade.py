@@ -23,7 +23,7 @@ import numpy as np
 from xasflow.models.bundle import Manifest, OodSpec, write_bundle
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
-from xasflow.training.ood_threshold import CONFIDENCE, TooFewGroups, bound_for_split
+from xasflow.training.ood_threshold import CONFIDENCE, bound_or_keep
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 from xasflow.training.split import split_keys
 
@@ -75,12 +75,8 @@ def fit_for_bundle(
         )
     fraction = base.flag_fraction if flag_fraction is None else flag_fraction
     fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, fraction)
-    if confidence is not None:
-        keys = split_keys(rebuilt.dataset, manifest.training.get("split_by", "material"))
-        try:
-            fitted = bound_for_split(fitted, rebuilt.x, keys, rebuilt.parts, confidence)
-        except TooFewGroups as exc:
-            log(f"threshold from validation alone ({exc})")
+    keys = split_keys(rebuilt.dataset, manifest.training.get("split_by", "material"))
+    fitted = bound_or_keep(fitted, rebuilt.x, keys, rebuilt.parts, confidence, log)
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
     log(f"{METHOD}: threshold {fitted.threshold:.4g}, scales {fitted.scales}, {fitted.stats}")
     return fitted, xs

@@ -18,7 +18,7 @@ from xasflow.models.uncertainty import spread_score
 from xasflow.spectra import featurize, linear_matrix, model_input
 from xasflow.training.ood import DEFAULT_COMPONENTS, fit_ood, fit_spread_ood
 from xasflow.training.ood_ligand import fit_ligand_ood
-from xasflow.training.ood_threshold import TooFewGroups, bound_for_split
+from xasflow.training.ood_threshold import bound_or_keep
 from xasflow.training.scoring import evaluate_task, primary_metric, region_importance
 from xasflow.training.select import (
     FOREST,
@@ -136,12 +136,8 @@ def _ligand_ood(result: Any, x: np.ndarray, log: Any) -> Any:
     except ValueError as exc:  # a toy dataset: the reconstruction score alone is served
         log(f"out of domain: no ligand-aware score ({exc}); serving {result.ood.method} alone")
         return None
-    if cfg.ood_bound_confidence is not None:
-        keys = split_keys(result.dataset, cfg.split_by)
-        try:
-            fitted = bound_for_split(fitted, x, keys, parts, cfg.ood_bound_confidence)
-        except TooFewGroups as exc:  # a toy dataset: the split-conformal rank
-            log(f"out of domain: threshold from validation alone ({exc})")
+    keys = split_keys(result.dataset, cfg.split_by)
+    fitted = bound_or_keep(fitted, x, keys, parts, cfg.ood_bound_confidence, log)
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(x[parts["test"]])))
     log(f"out of domain, {fitted.method}: threshold {fitted.threshold:.4g}, {fitted.stats}")
     return fitted
