@@ -183,6 +183,12 @@ def test_prior_recommendation_layout_is_deterministic() -> None:
         e = r.energies()
         assert e[0] == r.start and e[-1] == pytest.approx(r.stop)
         assert np.allclose(np.diff(e), r.step, atol=1e-5)
+        assert r.n_points == e.size  # counted, not built
+    # the scan is built once; what a caller does to its copy does not change the advice
+    energies[:] = 0.0
+    rec_a.dwells()[:] = -1.0
+    assert rec_a.energies()[0] == pytest.approx(tab - 150.0)
+    assert rec_a.time == pytest.approx(float(rec_a.dwells().sum())) and rec_a.time > 0
 
 
 def pieces(rec: Recommendation, name: str) -> list[Region]:
@@ -750,3 +756,19 @@ def test_bluesky_adaptive_optimize_plan_drives_the_recommender(bundle: Path) -> 
     assert all(result["predicted"]) and 2 <= len(result["predicted"]) <= 3
     assert 0 < result["passes"][1] <= result["recommended"]
     assert result["runs"] >= 2
+
+
+def test_the_noise_median_is_numpys() -> None:
+    """``quality._median`` (one partition) gives ``np.median``'s number, odd and even sizes,
+    ties and scales alike, and NaN when any value is NaN."""
+    from xasflow.spectra.quality import _median
+
+    rng = np.random.default_rng(3)
+    for n in [*range(1, 40), 333, 1000]:
+        for scale in (1e-4, 1.0, 1e5):
+            x = rng.normal(0.0, scale, n)
+            assert _median(x) == np.median(x)
+            ties = np.round(x / scale, 1)
+            assert _median(ties) == np.median(ties)
+    assert math.isnan(_median(np.array([1.0, math.nan, 2.0, 3.0])))
+    assert math.isnan(_median(np.array([math.nan, 1.0, 2.0])))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -123,13 +124,15 @@ class Region:
 
     @property
     def n_points(self) -> int:
-        """Points of :meth:`energies` (both ends included)."""
-        return int(self.energies().size)
+        """Points of :meth:`energies` (both ends included), counted without building them."""
+        return self._intervals() + 1
+
+    def _intervals(self) -> int:
+        return max(1, math.ceil((self.stop - self.start) / self.step - 1e-3))
 
     def energies(self) -> np.ndarray:
         """The region's grid: ``start`` to ``stop`` inclusive in steps of ``step``."""
-        n = max(1, math.ceil((self.stop - self.start) / self.step - 1e-3))
-        return np.linspace(self.start, self.stop, n + 1)
+        return np.linspace(self.start, self.stop, self._intervals() + 1)
 
     def row(self) -> list[float]:
         """``[start, stop, step, dwell]`` (the EPICS waveform's unit)."""
@@ -164,31 +167,37 @@ class Recommendation:
     bundle_id: str
     noise: dict[str, float] = field(default_factory=dict)
 
+    @cached_property
+    def _scan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(energies, dwells), built once: a recommendation is read several times (its
+        documents, the dashboard, the adaptive plan), and building the grid is most of it."""
+        if not self.regions:
+            return np.empty(0), np.empty(0)
+        e = np.concatenate([r.energies() for r in self.regions])
+        energies = np.unique(np.round(e, 6))
+        dwells = np.zeros_like(energies)
+        for r in self.regions:
+            inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
+            dwells[inside] = np.maximum(dwells[inside], r.dwell)
+        return energies, dwells
+
     def energies(self) -> np.ndarray:
         """Every recommended energy once, ascending (neighbouring regions share ends)."""
-        if not self.regions:
-            return np.empty(0)
-        e = np.concatenate([r.energies() for r in self.regions])
-        return np.unique(np.round(e, 6))
+        return self._scan[0].copy()
 
     def dwells(self) -> np.ndarray:
         """Dwell per energy of :meth:`energies` (the longest of the regions that hold it)."""
-        energies = self.energies()
-        out = np.zeros_like(energies)
-        for r in self.regions:
-            inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
-            out[inside] = np.maximum(out[inside], r.dwell)
-        return out
+        return self._scan[1].copy()
 
     @property
     def n_points(self) -> int:
         """Distinct energies recommended."""
-        return int(self.energies().size)
+        return int(self._scan[0].size)
 
     @property
     def time(self) -> float:
         """Counting time of the recommended scan, s (no motor moves)."""
-        return float(self.dwells().sum())
+        return float(self._scan[1].sum())
 
     def waveform(self) -> list[float]:
         """``[start, stop, step, dwell] * n`` in region order (most important first)."""

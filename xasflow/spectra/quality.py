@@ -21,6 +21,9 @@ _SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
 #: Where :func:`edge_snr_rows` measures the point noise, eV relative to E0: below the edge
 #: and above it, clear of the edge itself; the quieter of the two counts.
 NOISE_WINDOWS = ((-200.0, -15.0), (15.0, 120.0))
+#: 0.5 eV Gaussian on a 0.1 eV grid, normalised (:func:`e0_ambiguity`'s smoothing)
+_GAUSS = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
+_GAUSS /= _GAUSS.sum()
 
 
 def estimate_noise(
@@ -40,9 +43,24 @@ def estimate_noise(
         return None
     # interior residuals to the 7-point quadratic smooth: y - conv(y, SG coefficients)
     resid = y[3:-3] - np.convolve(y, _SG7, mode="valid")
-    mad = float(np.median(np.abs(resid - np.median(resid))))
+    mad = _median(np.abs(resid - _median(resid)))
     sigma = 1.4826 * mad / math.sqrt(1.0 - _SG7[3])
     return sigma / abs(edge_step)
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array (NaN if any is NaN), by one partition: the same
+    number in a third of the time of numpy's general n-d path (the recommender takes two
+    per region it measures)."""
+    n = values.size
+    k = n // 2
+    if n % 2:
+        part = np.partition(values, k)
+        middle = float(part[k])
+    else:
+        part = np.partition(values, (k - 1, k))
+        middle = float((part[k - 1] + part[k]) / 2.0)
+    return math.nan if math.isnan(float(part.max())) else middle
 
 
 def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
@@ -59,9 +77,7 @@ def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> 
     if hi - lo < 4.0:
         return 0.0
     grid = np.arange(lo, hi, 0.1)
-    kernel = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
-    kernel /= kernel.sum()
-    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), kernel, "valid")
+    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), _GAUSS, "valid")
     deriv = np.gradient(smooth, 0.1)
     inner = (grid >= e0 - window) & (grid <= e0 + window)
     mid = deriv[1:-1]
