@@ -420,7 +420,13 @@ def test_event_streams_beyond_the_limit_are_refused_and_counted(
                 "overflow": "block",
                 "dropped": 0,
             }
-            assert limits["store_queue"] == {"max": 700, "depth": 0, "dropped": 0}
+            assert limits["store_queue"] == {
+                "max": 700,
+                "depth": 0,
+                "dropped": 0,
+                "full_wait_s": 0.0,
+                "full_waits": 0,
+            }
             assert limits["token_min_length"] == 16
             text = http_get(url + "/metrics")[2].decode()
             assert 'xasflow_limit_refused_total{limit="sse_clients"} 2.0' in text

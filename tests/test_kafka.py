@@ -259,6 +259,39 @@ def test_daemon_analyses_a_kafka_run_and_publishes_keyed_by_raw_uid(
     assert len(rows) == 6 and metadata["stop"]["exit_status"] == "success"
 
 
+def test_a_full_store_holds_the_consumer_back_instead_of_dropping(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A store that takes 4 rows at a time (``storage.max_queue``) under a run of 40
+    spectra: with a Kafka input it waits for room, so the consumer slows down, every result
+    is stored, nothing is refused and the offsets are committed past the run (0MQ's
+    refuse-at-once would have dropped most of them)."""
+    topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 1)
+    broker.create_topic(out_topic, 1)
+    cfg = kafka_config(broker, "g-full", topic, out_topic, tmp_path / "store")
+    cfg = cfg.with_updates({"storage": {"max_queue": 4}})
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        uid, docs = fly_scan(ENERGY, spectra(40, seed=5))
+        RawProducer(broker.bootstrap, topic).run(docs)
+
+        def committed() -> dict[str, Any] | None:
+            h = daemon.view.health()["input"]["kafka"]
+            done = [p for p in h["partitions"].values() if p["committed"] == len(docs)]
+            return h if done else None
+
+        health = wait_for(committed, "the run's offsets committed", timeout=DEADLINE_S)
+        assert health["commit_hold"] is None and health["commits_held"] == 0
+        queue = daemon.view.health()["limits"]["store_queue"]
+        assert queue["dropped"] == 0 and queue["full_wait_s"] == 60.0
+    finally:
+        daemon.stop()
+    _, rows = read_analysis(tmp_path / "store", uid)
+    assert sorted(rows["seq_num"]) == list(range(1, 41))
+
+
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.status, resp.read().decode()

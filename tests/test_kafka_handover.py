@@ -202,3 +202,25 @@ def test_durability_waits_for_what_the_commit_gate_holds() -> None:
         assert daemon._durable(5.0) is True and pub.sent == ["event"]
     finally:
         gate.close(2.0)
+
+
+def test_commits_are_held_once_the_store_refused_results() -> None:
+    """A result the store refused (full past ``storage.full_wait_s``) must not be committed
+    past: from then on no offset is committed, the reason is in /health, every held commit
+    is counted, and a restart (redelivery) is what brings the results back."""
+    refused = {"dropped": 0}
+    daemon = Daemon(DaemonConfig.model_validate({"input": {"kind": "kafka"}}))
+    daemon.parts.store = SimpleNamespace(stats=lambda: dict(refused))  # type: ignore[assignment]
+    source = KafkaDocumentSource(
+        KafkaInputSettings(topics=("t",)), durable=lambda t: True, hold=daemon._commit_hold
+    )
+    assert source._may_commit(1.0) is True and source.health()["commit_hold"] is None
+    refused["dropped"] = 3
+    assert source._may_commit(1.0) is False and source._may_commit(1.0) is False
+    assert source.stats()["commits_held"] == 2 and source.stats()["flush_timeouts"] == 0
+    reason = source.health()["commit_hold"]
+    assert "refused 3 results" in reason and "60 s" in reason and "restart" in reason
+    # a Kafka-fed store waits for room before it refuses; a 0MQ-fed one refuses at once
+    storage = DaemonConfig().storage
+    assert (storage.full_wait("kafka"), storage.full_wait("zmq")) == (60.0, 0.0)
+    assert storage.model_copy(update={"full_wait_s": 5.0}).full_wait("zmq") == 5.0

@@ -110,6 +110,40 @@ def test_back_pressure_refuses_and_counts_rows_beyond_max_queue(tmp_path: Path) 
             store.add_event("no-such-run", _row(1))
 
 
+def test_a_full_store_waits_for_room_when_told_to(tmp_path: Path) -> None:
+    """With ``full_wait_s`` a row that finds the store full waits for the writer to make
+    room: refused only if none comes in time, taken once a commit frees some, and told the
+    store is closing if it closes meanwhile; every wait is counted."""
+    import time
+
+    with AnalysisStore(tmp_path / "s", max_queue=2, flush_interval=30, full_wait_s=0.3) as store:
+        store.open_run("run-w", {"uid": "w-start"}, DESCRIPTOR)
+        assert [store.add_event("run-w", _row(seq)) for seq in (1, 2)] == [True, True]
+        t0 = time.monotonic()
+        assert store.add_event("run-w", _row(3)) is False  # nothing commits within 0.3 s
+        assert time.monotonic() - t0 >= 0.29
+        stats = store.stats()
+        assert (stats["dropped"], stats["full_waits"]) == (1, 1) and stats["full_wait_ms"] >= 290
+        store.full_wait_s = 30.0
+        commit = threading.Timer(0.3, store.flush, args=(10.0,))
+        commit.start()
+        assert store.add_event("run-w", _row(4)) is True  # the commit made room
+        commit.join()
+        stats = store.stats()
+        assert (stats["dropped"], stats["full_waits"]) == (1, 2) and stats["queued"] <= 1
+        store.flush(10.0)
+        page = [_row(seq) for seq in (5, 6, 7)]  # more than max_queue: whole, into an empty queue
+        assert store.add_events("run-w", page) == [True] * 3
+        closing = threading.Timer(0.3, store.close)
+        closing.start()
+        with pytest.raises(StoreError, match="closed"):
+            store.add_event("run-w", _row(8))
+        closing.join()
+    with AnalysisStore(tmp_path / "s") as again:
+        _, frame = read_analysis(again, "run-w")
+    assert sorted(frame["seq_num"]) == [1, 2, 4, 5, 6, 7]
+
+
 def test_one_writer_per_store_directory(tmp_path: Path) -> None:
     with (
         AnalysisStore(tmp_path / "s"),

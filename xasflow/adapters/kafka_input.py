@@ -62,6 +62,7 @@ _COUNTERS: tuple[str, ...] = (
     "commits",
     "commit_failures",
     "flush_timeouts",
+    "commits_held",
     "runs_handed_over",
     *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
     *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
@@ -81,14 +82,22 @@ class KafkaDocumentSource:
     """Receive bluesky documents from Kafka topics as one member of a consumer group.
 
     ``durable(timeout) -> bool`` makes everything handed to the sinks so far durable (store
-    and publisher flushed); offsets are committed only after it returned True.
+    and publisher flushed); offsets are committed only after it returned True. ``hold() ->
+    str | None`` says why no offset may be committed any more (results the store refused:
+    committing past them would lose them for good; a restart has them redelivered).
     """
 
     def __init__(
-        self, settings: KafkaInputSettings, durable: Callable[[float], bool] | None = None
+        self,
+        settings: KafkaInputSettings,
+        durable: Callable[[float], bool] | None = None,
+        hold: Callable[[], str | None] | None = None,
     ) -> None:
         self.settings = settings
         self.durable = durable if durable is not None else (lambda timeout: True)
+        self.hold = hold
+        #: Why commits are held (``hold``'s reason once it gave one): /health ``commit_hold``.
+        self.held: str | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -153,7 +162,7 @@ class KafkaDocumentSource:
         try:
             if timeout > 0:
                 offsets = self.committable()
-                if offsets and self.durable(timeout):
+                if offsets and self._may_commit(timeout):
                     self._commit(consumer, offsets, dict(self._offsets.gen))
             consumer.close()  # leaves the group: the others take the partitions at once
         except Exception as exc:
@@ -238,6 +247,7 @@ class KafkaDocumentSource:
             "topics": list(self.settings.topics),
             "group_id": self.settings.group_id,
             "partitions": parts,
+            "commit_hold": self.held,
         }
 
     # ------------------------------------------------------------------ receive thread
@@ -348,13 +358,27 @@ class KafkaDocumentSource:
                     continue
                 with self._lock:
                     gens = self._offsets.gens(offsets)
-                if not self.durable(self.settings.flush_timeout_s):
-                    self._count("flush_timeouts")
+                if not self._may_commit(self.settings.flush_timeout_s):
                     continue
                 with self._lock:
                     self._pending = (offsets, gens)
             except Exception:
                 logger.exception("Kafka commit step")
+
+    def _may_commit(self, timeout: float) -> bool:
+        """Whether offsets may be committed now: nothing holds them, and what was handed to
+        the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not)."""
+        reason = self.hold() if self.hold is not None else None
+        if reason is not None:
+            if self.held is None:
+                logger.error("Kafka offset commits held from now on: %s", reason)
+            self.held = reason
+            self._count("commits_held")
+            return False
+        if not self.durable(timeout):
+            self._count("flush_timeouts")
+            return False
+        return True
 
     def _serve_commit(self, consumer: Any) -> None:
         with self._lock:
@@ -421,10 +445,8 @@ class KafkaDocumentSource:
             if offsets:
                 with self._lock:
                     gens = self._offsets.gens(offsets)
-                if self.durable(self.settings.flush_timeout_s):
+                if self._may_commit(self.settings.flush_timeout_s):
                     self._commit(consumer, offsets, gens)
-                else:
-                    self._count("flush_timeouts")
         self._hand_over(tps, "revoked", "partitions_revoked")
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:

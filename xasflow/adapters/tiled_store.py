@@ -30,8 +30,12 @@ on the same table directly, because the in-process HTTP round trip costs ~80 ms 
 against ~4 ms for the direct append. Reads go through the tiled client.
 
 Back-pressure. At most ``max_queue`` rows may be accepted but not yet committed; beyond that
-``add_event`` returns ``False`` at once, counts the row in ``stats()["dropped"]`` and never
-acknowledges it (the daemon can count it as not stored). Control calls are never dropped.
+``add_event`` returns ``False``, counts the row in ``stats()["dropped"]`` and never
+acknowledges it (the daemon can count it as not stored). With ``full_wait_s`` it first waits
+that long for the writer to make room (``full_waits``, ``full_wait_ms``; a page larger than
+``max_queue`` waits for an empty queue and is then taken whole): a caller whose input can
+hold back (a Kafka consumer stops polling) then slows down instead of losing rows.
+Control calls are never dropped.
 
 Restart. ``seq_num`` is the per-run idempotency key (:func:`~xasflow.adapters.tiled_batch.split_fresh`): reopening an existing raw_uid leaves the
 container's metadata untouched, appends to the existing table, and a row whose ``seq_num`` is
@@ -98,6 +102,7 @@ class AnalysisStore(WriterThread):
         table_backend: Literal["sqlite", "duckdb"] = "sqlite",
         journal: bool = False,
         catalog_process: bool = False,
+        full_wait_s: float = 0.0,
     ) -> None:
         """Open (creating if needed) the store in ``directory`` and start the writer thread.
 
@@ -106,7 +111,9 @@ class AnalysisStore(WriterThread):
         process left there is replayed into the catalog now. ``catalog_process``: serve the
         catalog from a child process (:mod:`xasflow.adapters.tiled_server`), so its HTTP work
         runs off this process's GIL; one that dies is restarted and the journal replayed
-        into it (:mod:`xasflow.adapters.catalog_supervisor`).
+        into it (:mod:`xasflow.adapters.catalog_supervisor`). ``full_wait_s``: how long
+        :meth:`add_events` waits for room when ``max_queue`` rows are waiting (0: refuse
+        at once).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -114,15 +121,21 @@ class AnalysisStore(WriterThread):
             raise ValueError("flush_interval must be positive")
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if not full_wait_s >= 0:
+            raise ValueError("full_wait_s must be >= 0")
         if table_backend not in TABLE_FILES:
             raise ValueError(f"table_backend must be one of {sorted(TABLE_FILES)}")
         self.directory = Path(directory).expanduser().resolve()
         self.batch_size = int(batch_size)
         self.flush_interval = float(flush_interval)
         self.max_queue = int(max_queue)
+        self.full_wait_s = float(full_wait_s)
         self.table_backend = table_backend
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # the writer waits on it for work
+        self._room = threading.Condition(lock)  # callers wait on it for room in the backlog
+        self._full_wait = 0.0  # seconds callers waited for room
         self._items: deque[tuple[Any, ...]] = deque()
         self._columns: dict[str, frozenset[str]] = {}  # open runs, as seen by callers
         self._types: dict[str, dict[str, tuple[type, ...]]] = {}  # their columns' value types
@@ -131,7 +144,7 @@ class AnalysisStore(WriterThread):
         self._closed = False
         self._counts = {
             **dict.fromkeys(("stored", "batches", "errors", "dropped", "duplicates"), 0),
-            **dict.fromkeys(("journalled", "replayed"), 0),
+            **dict.fromkeys(("journalled", "replayed", "full_waits"), 0),
         }
         self._runs: dict[str, _Run] = {}  # writer thread only
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
@@ -255,7 +268,12 @@ class AnalysisStore(WriterThread):
                 raise ValueError(f"row has keys not in the descriptor: {extra}")
         with self._cond:
             self._check_open()
-            room = max(0, min(len(rows), self.max_queue - self._backlog))
+            if self.full_wait_s > 0 and self._backlog + len(rows) > self.max_queue:
+                self._wait_for_room(len(rows))
+            if self.full_wait_s > 0 and self._backlog == 0:
+                room = len(rows)  # a page larger than max_queue, taken whole when it may wait
+            else:
+                room = max(0, min(len(rows), self.max_queue - self._backlog))
             self._counts["dropped"] += len(rows) - room
             self._backlog += room  # reserved: the journal is written outside the lock
         # acknowledged early: the rows now in the journal (not those that will not fit)
@@ -270,6 +288,20 @@ class AnalysisStore(WriterThread):
         if ack is not None:  # a journalled row is stored for good: it cannot be lost now
             acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
+
+    def _wait_for_room(self, n: int) -> None:
+        """Wait (lock held) up to ``full_wait_s`` until ``n`` rows fit the backlog (or it is
+        empty, for a page larger than ``max_queue``); raises StoreError if the store closes."""
+        self._counts["full_waits"] += 1
+        start = time.monotonic()
+        deadline = start + self.full_wait_s
+        while self._backlog > 0 and self._backlog + n > self.max_queue:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._room.wait(remaining)
+            self._check_open()
+        self._full_wait += time.monotonic() - start
 
     def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Which of ``rows`` are now in the journal (a journal that fails is logged, and its
@@ -340,6 +372,7 @@ class AnalysisStore(WriterThread):
             self._closing = True
             self._items.append(("stop",))
             self._cond.notify()
+            self._room.notify_all()  # callers waiting for room learn that it closes
         self._writer.join()
         with self._cond:
             self._closed = True
@@ -350,12 +383,14 @@ class AnalysisStore(WriterThread):
 
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
-        duplicates, journalled, replayed; ``catalog_up`` (1 while the catalog answers: its
+        duplicates, journalled, replayed, full_waits and full_wait_ms (callers that waited for
+        room, and for how long in all); ``catalog_up`` (1 while the catalog answers: its
         child process runs), ``catalog_restarts`` and ``catalog_restart_failures`` (tries
         that did not bring a dead one back); with the journal, the runs and rows it holds now."""
         sup = self._supervisor
         with self._cond:
             out = {"queued": self._backlog, **self._counts}
+            out["full_wait_ms"] = round(1e3 * self._full_wait)
             out["catalog_up"] = int(not self._closed and self._catalog_up())
             out["catalog_restarts"] = sup.restarts if sup is not None else 0
             out["catalog_restart_failures"] = sup.failures if sup is not None else 0

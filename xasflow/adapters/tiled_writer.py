@@ -55,6 +55,7 @@ class WriterThread:
     """The store's writer thread: every method here runs on it (``_replay`` before it starts)."""
 
     _cond: threading.Condition
+    _room: threading.Condition  # on _cond's lock: callers waiting for the backlog to shrink
     _items: deque[tuple[Any, ...]]
     _runs: dict[str, _Run]
     _prepared: dict[str, _Run]
@@ -270,6 +271,7 @@ class WriterThread:
                 self._count("errors")
         with self._cond:
             self._backlog -= len(pending)
+            self._room.notify_all()
             self._counts["stored"] += stored
             self._counts["batches"] += 1 if stored else 0
             self._counts["duplicates"] += duplicates
@@ -402,6 +404,7 @@ class WriterThread:
         told that the rows are given up (rows the journal holds have none: they come back)."""
         with self._cond:
             self._backlog -= n
+            self._room.notify_all()
             self._counts["errors"] += errors
         if lost:
             acknowledge(lost, lost=True)

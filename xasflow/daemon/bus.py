@@ -28,8 +28,13 @@ def zmq_input_config(cfg: DaemonConfig) -> ZmqInputConfig:
     return zcfg
 
 
-def make_source(cfg: DaemonConfig, durable: Callable[[float], bool]) -> Any:
-    """The input ``cfg.input.kind`` names (not started)."""
+def make_source(
+    cfg: DaemonConfig,
+    durable: Callable[[float], bool],
+    hold: Callable[[], str | None] | None = None,
+) -> Any:
+    """The input ``cfg.input.kind`` names (not started); a Kafka input commits only what
+    ``durable`` made durable, and nothing once ``hold`` gives a reason."""
     if cfg.input.kind == "kafka":
         from xasflow.adapters.kafka_input import KafkaDocumentSource
 
@@ -42,7 +47,7 @@ def make_source(cfg: DaemonConfig, durable: Callable[[float], bool]) -> Any:
                 )
 
         settings = cfg.input.kafka.to_settings(cfg.input.queue_size)
-        return KafkaDocumentSource(settings, durable=durable)
+        return KafkaDocumentSource(settings, durable=durable, hold=hold)
     return ZmqDocumentSource(zmq_input_config(cfg))
 
 

@@ -360,6 +360,10 @@ class ModelsConfig(_Section):
         return self
 
 
+#: How long a full store holds a Kafka-fed daemon back before refusing a result (s).
+KAFKA_FULL_WAIT_S = 60.0
+
+
 class StorageConfig(_Section):
     """The embedded tiled catalog the analysis runs are written to (no server needed).
 
@@ -370,6 +374,12 @@ class StorageConfig(_Section):
     ``catalog_process`` (default): the catalog's tiled server runs in a child process
     (:mod:`xasflow.adapters.tiled_server`), so creating a run's table takes ~4 ms of the
     daemon's CPU instead of ~70 ms in one burst while spectra wait.
+    ``max_queue`` results may wait for the catalog; beyond that the store waits up to
+    ``full_wait_s`` for room before it refuses (counts ``dropped``) a result. Unset, that is
+    60 s with a Kafka input (whose consumer then stops polling: Kafka keeps the documents, and
+    the daemon holds its offset commits once a result was refused all the same) and 0 with
+    0MQ (a publisher cannot be held back: waiting would only move the loss to the input queue
+    and delay every run).
     """
 
     enabled: bool = True
@@ -380,6 +390,15 @@ class StorageConfig(_Section):
     batch_size: int = Field(256, ge=1)
     flush_interval_s: float = Field(0.2, gt=0)
     max_queue: int = Field(100_000, ge=1)
+    full_wait_s: float | None = Field(
+        None, ge=0, description="wait this long for room before refusing a result (see above)"
+    )
+
+    def full_wait(self, input_kind: str) -> float:
+        """``full_wait_s``, or its default for the input: 60 s for Kafka, 0 for 0MQ."""
+        if self.full_wait_s is not None:
+            return self.full_wait_s
+        return KAFKA_FULL_WAIT_S if input_kind == "kafka" else 0.0
 
 
 class OutputConfig(_Section):

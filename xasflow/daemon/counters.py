@@ -23,10 +23,11 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka["rebalances"]``               ``xasflow_kafka_rebalances_total``
 ``kafka["commits"]``                  ``xasflow_kafka_commits_total`` (offset commits)
 ``kafka["commit_failures"]``          ``xasflow_kafka_commit_failures_total``
+``kafka["commits_held"]``             ``xasflow_kafka_commits_held_total`` (store refused)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ====================================  ==================================================
 
-The four Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
+The five Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
 every known loss cause, bundle-refusal reason, decode-error reason and (stage, reason) of a
 rejection (``Counters(rejections=...)``), from 0: a series that first appears at 1 never
 shows in ``increase()``, so the alert rules would miss the first one.
@@ -71,7 +72,7 @@ LOSS_CAUSES: tuple[str, ...] = ("seq_gap", "overflow", "interrupted")
 REFUSAL_REASONS: tuple[str, ...] = tuple(INTEGRITY_REASONS)
 
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
-KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures")
+KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures", "commits_held")
 
 #: Upper bounds (s) of the end-to-end latency histogram buckets (+Inf is implied).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -451,6 +452,8 @@ class _Collector:
             "rebalances": "Kafka consumer-group rebalances this daemon took part in",
             "commits": "Kafka offset commits (each after the results it covers were durable)",
             "commit_failures": "Kafka offset commits the broker refused or that failed",
+            "commits_held": "Kafka offset commits held back: the store refused results, so "
+            "only a restart (redelivery) can bring them",
         }
         for name in KAFKA_COUNTERS:
             yield CounterMetricFamily(f"xasflow_kafka_{name}", helps[name], value=kafka[name])

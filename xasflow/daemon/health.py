@@ -49,6 +49,8 @@ def limits_health(
             "max": config.storage.max_queue,
             "depth": store_stats.get("queued", 0),
             "dropped": store_stats.get("dropped", 0),
+            "full_wait_s": config.storage.full_wait(config.input.kind),
+            "full_waits": store_stats.get("full_waits", 0),
         }
     if sse is not None:
         out["sse_clients"] = sse.stats()

@@ -148,6 +148,18 @@ _STORE_SCALARS = (
         "catalog_restart_failures",
     ),
     (
+        True,
+        "xasflow_store_full_waits",
+        "result batches that waited for room in the full store (storage.full_wait_s)",
+        "full_waits",
+    ),
+    (
+        True,
+        "xasflow_store_full_wait_milliseconds",
+        "time results waited for room in the full store, in all",
+        "full_wait_ms",
+    ),
+    (
         False,
         "xasflow_store_journal_rows",
         "results acknowledged in the store's journal, not yet in its catalog",

@@ -174,6 +174,7 @@ def build_store(
         table_backend=s.backend,
         journal=s.journal,
         catalog_process=s.catalog_process,
+        full_wait_s=s.full_wait(cfg.input.kind),
     )
     try:
         writer = StoreWriter(store, on_stored=on_stored)

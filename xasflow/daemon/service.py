@@ -117,7 +117,7 @@ class Daemon:
         p.assembler = RunAssembler(
             cfg.channels.to_channel_map(), run_timeout=cfg.analysis.run_timeout_s
         )
-        p.source = make_source(cfg, self._durable)
+        p.source = make_source(cfg, self._durable, self._commit_hold)
         try:
             p.source.start(timeout=min(timeout, 10.0))
         except (TimeoutError, RuntimeError) as exc:
@@ -155,6 +155,20 @@ class Daemon:
             return False
         flush = getattr(self.parts.publisher, "flush", None)
         return flush(max(deadline - time.monotonic(), 0.0)) if flush is not None else True
+
+    def _commit_hold(self) -> str | None:
+        """Why the Kafka input may commit no offset any more: the store refused results
+        (full for longer than ``storage.full_wait_s``), and a commit past them would lose them
+        for good; a restart has Kafka redeliver them (the store skips rows it holds)."""
+        store = self.parts.store
+        refused = store.stats().get("dropped", 0) if store is not None else 0
+        if not refused:
+            return None
+        return (
+            f"the store refused {refused} results (full for over "
+            f"{self.config.storage.full_wait(self.config.input.kind):g} s): restart the "
+            "daemon to have Kafka redeliver them"
+        )
 
     def _acknowledge(self) -> None:
         self.view.row_acknowledged()  # called from the store's writer thread
