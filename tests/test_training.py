@@ -411,7 +411,17 @@ def test_cli_evaluate_and_predict(
         "charge": {"mae", "r2"},
     }.items():
         assert keys <= set(metrics["tasks"][task]), task
-    assert metrics["tasks"]["cn"]["accuracy"] >= 0.9
+    cn = metrics["tasks"]["cn"]
+    assert cn["accuracy"] >= 0.9
+    # the overall accuracy is the clear and the ambiguous labels' weighted together
+    parts = [
+        (cn.get(f"n_{k}_labels", 0), cn.get(f"accuracy_{k}_labels", 0.0))
+        for k in ("clear", "ambiguous")
+    ]
+    n = sum(k for k, _ in parts)
+    assert n == cn["n_test"] and sum(k * a for k, a in parts) / n == pytest.approx(cn["accuracy"])
+    assert cn["ambiguous_label_fraction"] == pytest.approx(parts[1][0] / n)
+    assert cn["accuracy_in_label_set"] >= cn["accuracy"] - 1e-12
     assert (report / "report.md").read_text().count("![") >= 4
     assert (report / "confusion_cn.png").stat().st_size > 1000
 
@@ -441,6 +451,28 @@ def test_cli_evaluate_and_predict(
     # measured spectra are no training data: the message says what --data takes
     assert main(["evaluate", "--bundle", str(bundle), "--data", str(good)]) == 2
     assert "to analyse measured spectra use `xasflow predict FILE`" in capsys.readouterr().err
+
+
+def test_cn_accuracy_by_how_clear_the_label_is() -> None:
+    """Sites whose dominant CN holds under 60 % of CrystalNN's weight are scored apart, and
+    an answer among the CNs of Zheng's ranked label (weight >= 0.2) counts in its own figure."""
+    from xasflow.training.evaluate import cn_label_ambiguity
+
+    w = np.zeros((4, 12))
+    w[0, 3] = 1.0  # clear CN 4
+    w[1, [3, 5]] = [0.55, 0.45]  # Jahn-Teller: 4 by a hair over 6
+    w[2, [4, 5]] = [0.5, 0.5]  # 5 and 6 tie; the dominant label is 5
+    w[3, [5, 7]] = [0.9, 0.1]  # clear CN 6
+    out = cn_label_ambiguity(w, np.array([4, 6, 6, 8]), np.array([4, 4, 5, 6]))
+    assert out == {
+        "ambiguous_label_fraction": 0.5,
+        "accuracy_in_label_set": 0.75,  # 6 is in both ambiguous labels; 8 (weight 0.1) is not
+        "accuracy_clear_labels": 0.5,
+        "n_clear_labels": 2,
+        "accuracy_ambiguous_labels": 0.0,
+        "n_ambiguous_labels": 2,
+    }
+    assert cn_label_ambiguity(np.full((2, 12), np.nan), np.array([4, 4]), np.array([4, 6])) == {}
 
 
 def test_mp_documents_dataset(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import model_input
 from xasflow.training import calibrate as C
+from xasflow.training import labels as L
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset, material_average
 from xasflow.training.fit import TASKS, task_targets
 from xasflow.training.scoring import MOTIF_NAMES, evaluate_task
@@ -59,6 +60,9 @@ class Evaluation:
 
 #: What a blank answer (no CN-motif label of the CN answered) is scored as: never the truth.
 NO_ANSWER = "(no motif of that CN)"
+#: A site whose dominant CN holds less than this share of CrystalNN's weight has a label two
+#: CNs share (a Jahn-Teller 4 + 2, a 5 against a 6): its "dominant CN" is nearly a coin toss.
+AMBIGUOUS_BELOW = 0.6
 
 
 @dataclass
@@ -186,6 +190,38 @@ def _score(
     return tasks, preds, truths
 
 
+def cn_label_ambiguity(
+    cn_vector: np.ndarray, pred: np.ndarray, truth: np.ndarray
+) -> dict[str, float | int]:
+    """CN accuracy split by how clear each site's label is, beside the overall figure.
+
+    ``cn_vector`` (n, 12): the scored sites' CrystalNN weights; ``pred`` and ``truth`` their
+    answered and dominant CNs. A site is ambiguous when its dominant CN holds under
+    :data:`AMBIGUOUS_BELOW` of the weight. ``accuracy_in_label_set`` counts an answer among
+    the CNs of Zheng's ranked label (weight >= ``labels.CN_THRESHOLD``). Empty when the data
+    carry no weights (a reference table gives the CN alone).
+    """
+    w = np.nan_to_num(np.asarray(cn_vector, dtype=np.float64), nan=0.0)
+    if w.size == 0 or not w.any():
+        return {}
+    right = np.array([str(p) == str(t) for p, t in zip(pred, truth, strict=True)])
+    answered = np.array([int(p) if str(p).lstrip("-").isdigit() else 0 for p in pred])
+    column = np.clip(answered - 1, 0, L.CN_MAX - 1)
+    in_set = (
+        (answered >= 1) & (answered <= L.CN_MAX) & (w[np.arange(len(w)), column] >= L.CN_THRESHOLD)
+    )
+    ambiguous = w.max(axis=1) < AMBIGUOUS_BELOW
+    out: dict[str, float | int] = {
+        "ambiguous_label_fraction": float(ambiguous.mean()),
+        "accuracy_in_label_set": float(in_set.mean()),
+    }
+    for name, rows in (("clear", ~ambiguous), ("ambiguous", ambiguous)):
+        if rows.any():
+            out[f"accuracy_{name}_labels"] = float(right[rows].mean())
+            out[f"n_{name}_labels"] = int(rows.sum())
+    return out
+
+
 def _merge_environment(tasks: dict[str, dict[str, Any]]) -> None:
     """Zheng's pair of figures under ``environment``: top-1 label accuracy and ranking Jaccard."""
     if "environment" in tasks and "motifs" in tasks:
@@ -219,6 +255,9 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
     answers = predict_arrays(predictor, g.y[rows])
     tasks, preds, truths = _score(sub, rows, train_rows, answers.point)
     _merge_environment(tasks)
+    if "cn" in tasks:
+        scored = rows[task_targets(sub, rows)["cn"][2]]  # the rows _score kept for cn
+        tasks["cn"].update(cn_label_ambiguity(sub.cn_vector[scored], preds["cn"], truths["cn"]))
     targets = task_targets(sub, rows)
     doubt = uncertainty_metrics(
         answers, {k: v[1] for k, v in targets.items()}, {k: v[2] for k, v in targets.items()}
