@@ -262,10 +262,11 @@ def test_daemon_analyses_a_kafka_run_and_publishes_keyed_by_raw_uid(
 def test_a_full_store_holds_the_consumer_back_instead_of_dropping(
     broker: Broker, tmp_path: Path
 ) -> None:
-    """A store that takes 4 rows at a time (``storage.max_queue``) under a run of 40
-    spectra: with a Kafka input it waits for room, so the consumer slows down, every result
-    is stored, nothing is refused and the offsets are committed past the run (0MQ's
-    refuse-at-once would have dropped most of them)."""
+    """A store that holds at most 4 rows for its catalog (``storage.max_queue``) under a run
+    of 40 spectra, analysed in pages of many rows: with a Kafka input a page waits for room
+    (or an empty queue) instead of being refused, so every result is stored, nothing is
+    refused and the offsets are committed past the run (0MQ's refuse-at-once drops most of
+    each page; the waits themselves are timed in ``test_tiled_store``)."""
     topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
     broker.create_topic(topic, 1)
     broker.create_topic(out_topic, 1)

@@ -206,20 +206,35 @@ def test_durability_waits_for_what_the_commit_gate_holds() -> None:
 
 def test_commits_are_held_once_the_store_refused_results() -> None:
     """A result the store refused (full past ``storage.full_wait_s``) must not be committed
-    past: from then on no offset is committed, the reason is in /health, every held commit
-    is counted, and a restart (redelivery) is what brings the results back."""
-    refused = {"dropped": 0}
+    past: from then on no offset is committed, at any of the three commit sites (the
+    committer, a revoke, the end), the reason is in /health, every held commit is counted,
+    and a restart (redelivery) is what brings the results back."""
+    refused = SimpleNamespace(refused=0)
     daemon = Daemon(DaemonConfig.model_validate({"input": {"kind": "kafka"}}))
-    daemon.parts.store = SimpleNamespace(stats=lambda: dict(refused))  # type: ignore[assignment]
+    daemon.parts.store = refused  # type: ignore[assignment]
     source = KafkaDocumentSource(
         KafkaInputSettings(topics=("t",)), durable=lambda t: True, hold=daemon._commit_hold
     )
+    commits: list[dict[Any, int]] = []
+    source._commit = lambda consumer, offsets, gens, sync=True: commits.append(offsets)  # type: ignore[method-assign]
+    source.committable = lambda tps=None: {TP: 5}  # type: ignore[method-assign]
+    source._on_assign(None, PARTITION)
     assert source._may_commit(1.0) is True and source.health()["commit_hold"] is None
-    refused["dropped"] = 3
-    assert source._may_commit(1.0) is False and source._may_commit(1.0) is False
-    assert source.stats()["commits_held"] == 2 and source.stats()["flush_timeouts"] == 0
+    source._on_revoke(None, PARTITION)
+    assert commits == [{TP: 5}]  # not held: the revoke commits
+    refused.refused = 3
     reason = source.health()["commit_hold"]
-    assert "refused 3 results" in reason and "60 s" in reason and "restart" in reason
+    assert "refused 3 results" in reason and "restart" in reason
+    assert source._may_commit(1.0) is False
+    source._on_assign(None, PARTITION)
+    source._on_revoke(None, PARTITION)
+    source._consumer = SimpleNamespace(close=lambda: None)
+    source.finish(1.0)
+    assert commits == [{TP: 5}]  # neither the revoke nor the end committed
+    assert source.stats()["commits_held"] == 3 and source.stats()["flush_timeouts"] == 0
+    counters = Counters()
+    counters.sync_kafka(source.stats(), {}, held=source.commit_hold() is not None)
+    assert counters.kafka_held and counters.kafka["commits_held"] == 3
     # a Kafka-fed store waits for room before it refuses; a 0MQ-fed one refuses at once
     storage = DaemonConfig().storage
     assert (storage.full_wait("kafka"), storage.full_wait("zmq")) == (60.0, 0.0)

@@ -183,7 +183,7 @@ def test_prior_recommendation_layout_is_deterministic() -> None:
         e = r.energies()
         assert e[0] == r.start and e[-1] == pytest.approx(r.stop)
         assert np.allclose(np.diff(e), r.step, atol=1e-5)
-        assert r.n_points == e.size  # counted, not built
+        assert r.n_points == e.size == round((r.stop - r.start) / r.step) + 1
     # the scan is built once; what a caller does to its copy does not change the advice
     energies[:] = 0.0
     rec_a.dwells()[:] = -1.0
@@ -772,3 +772,5 @@ def test_the_noise_median_is_numpys() -> None:
             assert _median(ties) == np.median(ties)
     assert math.isnan(_median(np.array([1.0, math.nan, 2.0, 3.0])))
     assert math.isnan(_median(np.array([math.nan, 1.0, 2.0])))
+    for x in ([1.0, math.inf, 2.0], [-math.inf, 1.0, 2.0, math.inf], [math.inf, math.inf]):
+        assert _median(np.array(x)) == np.median(x)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,36 +114,52 @@ def test_back_pressure_refuses_and_counts_rows_beyond_max_queue(tmp_path: Path) 
 
 def test_a_full_store_waits_for_room_when_told_to(tmp_path: Path) -> None:
     """With ``full_wait_s`` a row that finds the store full waits for the writer to make
-    room: refused only if none comes in time, taken once a commit frees some, and told the
-    store is closing if it closes meanwhile; every wait is counted."""
-    import time
-
-    with AnalysisStore(tmp_path / "s", max_queue=2, flush_interval=30, full_wait_s=0.3) as store:
+    room: taken once a commit frees some, a page larger than ``max_queue`` taken whole into
+    an empty queue, refused once the wait is over (cut short by ``stop_waiting``), and after
+    a refusal nobody waits any more; every wait is counted."""
+    with AnalysisStore(tmp_path / "s", max_queue=2, flush_interval=30, full_wait_s=30) as store:
         store.open_run("run-w", {"uid": "w-start"}, DESCRIPTOR)
         assert [store.add_event("run-w", _row(seq)) for seq in (1, 2)] == [True, True]
-        t0 = time.monotonic()
-        assert store.add_event("run-w", _row(3)) is False  # nothing commits within 0.3 s
-        assert time.monotonic() - t0 >= 0.29
-        stats = store.stats()
-        assert (stats["dropped"], stats["full_waits"]) == (1, 1) and stats["full_wait_ms"] >= 290
-        store.full_wait_s = 30.0
         commit = threading.Timer(0.3, store.flush, args=(10.0,))
         commit.start()
-        assert store.add_event("run-w", _row(4)) is True  # the commit made room
+        assert store.add_event("run-w", _row(3)) is True  # waited for the commit's room
         commit.join()
-        stats = store.stats()
-        assert (stats["dropped"], stats["full_waits"]) == (1, 2) and stats["queued"] <= 1
+        assert store.stats()["full_waits"] == 1 and store.stats()["full_wait_ms"] >= 250
         store.flush(10.0)
-        page = [_row(seq) for seq in (5, 6, 7)]  # more than max_queue: whole, into an empty queue
+        page = [_row(seq) for seq in (4, 5, 6)]  # more than max_queue, into an empty queue
         assert store.add_events("run-w", page) == [True] * 3
+        assert store.stats()["full_waits"] == 1  # nothing to wait for
+        t0 = time.monotonic()
+        threading.Timer(0.3, store.stop_waiting).start()
+        assert store.add_event("run-w", _row(7)) is False  # the wait cut short: refused
+        assert 0.25 <= time.monotonic() - t0 < 10
+        store.full_wait_s = 30.0
+        assert store.add_event("run-w", _row(8)) is False  # refused at once after a refusal
+        stats = store.stats()
+        assert (stats["dropped"], stats["full_waits"], store.refused) == (2, 2, 2)
+    with AnalysisStore(tmp_path / "s") as again:
+        _, frame = read_analysis(again, "run-w")
+    assert sorted(frame["seq_num"]) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_store_refuses_after_its_wait_and_when_it_closes(tmp_path: Path) -> None:
+    with AnalysisStore(tmp_path / "s", max_queue=1, flush_interval=30, full_wait_s=0.3) as store:
+        store.open_run("run-x", {"uid": "x-start"}, DESCRIPTOR)
+        assert store.add_event("run-x", _row(1)) is True
+        t0 = time.monotonic()
+        assert store.add_event("run-x", _row(2)) is False  # nothing commits within 0.3 s
+        assert time.monotonic() - t0 >= 0.29 and store.stats()["full_wait_ms"] >= 290
+    with AnalysisStore(tmp_path / "t", max_queue=1, flush_interval=30, full_wait_s=30) as store:
+        store.open_run("run-y", {"uid": "y-start"}, DESCRIPTOR)
+        assert store.add_event("run-y", _row(1)) is True
         closing = threading.Timer(0.3, store.close)
         closing.start()
         with pytest.raises(StoreError, match="closed"):
-            store.add_event("run-w", _row(8))
+            store.add_event("run-y", _row(2))
         closing.join()
-    with AnalysisStore(tmp_path / "s") as again:
-        _, frame = read_analysis(again, "run-w")
-    assert sorted(frame["seq_num"]) == [1, 2, 4, 5, 6, 7]
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="full_wait_s"):
+            AnalysisStore(tmp_path / "u", full_wait_s=bad)
 
 
 def test_one_writer_per_store_directory(tmp_path: Path) -> None:

@@ -96,8 +96,7 @@ class KafkaDocumentSource:
         self.settings = settings
         self.durable = durable if durable is not None else (lambda timeout: True)
         self.hold = hold
-        #: Why commits are held (``hold``'s reason once it gave one): /health ``commit_hold``.
-        self.held: str | None = None
+        self._held_logged = False
         self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -247,7 +246,7 @@ class KafkaDocumentSource:
             "topics": list(self.settings.topics),
             "group_id": self.settings.group_id,
             "partitions": parts,
-            "commit_hold": self.held,
+            "commit_hold": self.commit_hold(),
         }
 
     # ------------------------------------------------------------------ receive thread
@@ -365,14 +364,18 @@ class KafkaDocumentSource:
             except Exception:
                 logger.exception("Kafka commit step")
 
+    def commit_hold(self) -> str | None:
+        """Why no offset may be committed (``hold``'s reason; None while commits go on)."""
+        return self.hold() if self.hold is not None else None
+
     def _may_commit(self, timeout: float) -> bool:
         """Whether offsets may be committed now: nothing holds them, and what was handed to
         the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not)."""
-        reason = self.hold() if self.hold is not None else None
+        reason = self.commit_hold()
         if reason is not None:
-            if self.held is None:
+            if not self._held_logged:
                 logger.error("Kafka offset commits held from now on: %s", reason)
-            self.held = reason
+                self._held_logged = True
             self._count("commits_held")
             return False
         if not self.durable(timeout):

@@ -32,9 +32,11 @@ against ~4 ms for the direct append. Reads go through the tiled client.
 Back-pressure. At most ``max_queue`` rows may be accepted but not yet committed; beyond that
 ``add_event`` returns ``False``, counts the row in ``stats()["dropped"]`` and never
 acknowledges it (the daemon can count it as not stored). With ``full_wait_s`` it first waits
-that long for the writer to make room (``full_waits``, ``full_wait_ms``; a page larger than
-``max_queue`` waits for an empty queue and is then taken whole): a caller whose input can
-hold back (a Kafka consumer stops polling) then slows down instead of losing rows.
+that long for the writer to make room (``full_waits``, ``full_wait_ms``; a page larger
+than ``max_queue`` waits for an empty queue and is then taken whole): a caller whose input
+can hold back (a Kafka consumer stops polling) then slows down instead of losing rows. Once a
+row was refused anyway, nobody waits any more (what follows a refused row is redelivered
+after a restart anyway, and a long block would only stall the input).
 Control calls are never dropped.
 
 Restart. ``seq_num`` is the per-run idempotency key (:func:`~xasflow.adapters.tiled_batch.split_fresh`): reopening an existing raw_uid leaves the
@@ -121,8 +123,8 @@ class AnalysisStore(WriterThread):
             raise ValueError("flush_interval must be positive")
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        if not full_wait_s >= 0:
-            raise ValueError("full_wait_s must be >= 0")
+        if not (0 <= full_wait_s < threading.TIMEOUT_MAX):  # NaN and inf too: always an answer
+            raise ValueError(f"full_wait_s must be finite and >= 0, got {full_wait_s}")
         if table_backend not in TABLE_FILES:
             raise ValueError(f"table_backend must be one of {sorted(TABLE_FILES)}")
         self.directory = Path(directory).expanduser().resolve()
@@ -240,12 +242,12 @@ class AnalysisStore(WriterThread):
         *,
         on_lost: Callable[[], None] | None = None,
     ) -> bool:
-        """Queue one result row without blocking; ``on_stored`` runs once its batch has committed
-        (with the journal: once the row is journalled, before this returns), or ``on_lost``
-        when the store gives the accepted row up (the failure counted in ``errors``): never
-        both.
+        """Queue one result row; ``on_stored`` runs once its batch has committed (with the
+        journal: once the row is journalled, before this returns), or ``on_lost`` when the
+        store gives the accepted row up (the failure counted in ``errors``): never both.
 
-        Returns False (and calls neither) when ``max_queue`` rows are already waiting.
+        Returns False (and calls neither) when ``max_queue`` rows are waiting: at once, or
+        after waiting up to ``full_wait_s`` for room (see the module docstring).
         """
         return self.add_events(raw_uid, [row], on_stored, on_lost=on_lost)[0]
 
@@ -268,9 +270,13 @@ class AnalysisStore(WriterThread):
                 raise ValueError(f"row has keys not in the descriptor: {extra}")
         with self._cond:
             self._check_open()
-            if self.full_wait_s > 0 and self._backlog + len(rows) > self.max_queue:
+            if (
+                self._may_wait()
+                and self._backlog > 0
+                and self._backlog + len(rows) > self.max_queue
+            ):
                 self._wait_for_room(len(rows))
-            if self.full_wait_s > 0 and self._backlog == 0:
+            if self._may_wait() and self._backlog == 0:
                 room = len(rows)  # a page larger than max_queue, taken whole when it may wait
             else:
                 room = max(0, min(len(rows), self.max_queue - self._backlog))
@@ -289,19 +295,37 @@ class AnalysisStore(WriterThread):
             acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
 
+    def _may_wait(self) -> bool:
+        """Whether callers wait for room: ``full_wait_s`` is set, nothing was refused yet
+        (after a refusal the results after it are redelivered anyway, so waiting would only
+        stall the input), and :meth:`stop_waiting` was not called."""
+        return self.full_wait_s > 0 and self._counts["dropped"] == 0
+
     def _wait_for_room(self, n: int) -> None:
         """Wait (lock held) up to ``full_wait_s`` until ``n`` rows fit the backlog (or it is
         empty, for a page larger than ``max_queue``); raises StoreError if the store closes."""
         self._counts["full_waits"] += 1
         start = time.monotonic()
-        deadline = start + self.full_wait_s
         while self._backlog > 0 and self._backlog + n > self.max_queue:
-            remaining = deadline - time.monotonic()
+            remaining = start + self.full_wait_s - time.monotonic()  # stop_waiting cuts it
             if remaining <= 0:
                 break
             self._room.wait(remaining)
             self._check_open()
         self._full_wait += time.monotonic() - start
+
+    def stop_waiting(self) -> None:
+        """Callers wait for room no more, those waiting now included (a daemon stopping:
+        what does not fit is refused and counted, and a Kafka input holds its commits)."""
+        with self._cond:
+            self.full_wait_s = 0.0
+            self._room.notify_all()
+
+    @property
+    def refused(self) -> int:
+        """Rows refused so far because the store was full (``stats()['dropped']``, cheaply)."""
+        with self._cond:
+            return self._counts["dropped"]
 
     def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Which of ``rows`` are now in the journal (a journal that fails is logged, and its

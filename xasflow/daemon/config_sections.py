@@ -362,6 +362,9 @@ class ModelsConfig(_Section):
 
 #: How long a full store holds a Kafka-fed daemon back before refusing a result (s).
 KAFKA_FULL_WAIT_S = 60.0
+#: The longest it may be set to: a Kafka consumer that does not poll for
+#: ``max.poll.interval.ms`` (300 s by default) is dropped from its group.
+MAX_FULL_WAIT_S = 240.0
 
 
 class StorageConfig(_Section):
@@ -391,7 +394,10 @@ class StorageConfig(_Section):
     flush_interval_s: float = Field(0.2, gt=0)
     max_queue: int = Field(100_000, ge=1)
     full_wait_s: float | None = Field(
-        None, ge=0, description="wait this long for room before refusing a result (see above)"
+        None,
+        ge=0,
+        le=MAX_FULL_WAIT_S,
+        description="wait this long for room before refusing a result (see above)",
     )
 
     def full_wait(self, input_kind: str) -> float:

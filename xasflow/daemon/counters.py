@@ -24,10 +24,11 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka["commits"]``                  ``xasflow_kafka_commits_total`` (offset commits)
 ``kafka["commit_failures"]``          ``xasflow_kafka_commit_failures_total``
 ``kafka["commits_held"]``             ``xasflow_kafka_commits_held_total`` (store refused)
+``kafka_held``                        ``xasflow_kafka_commit_hold`` (1 while held)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ====================================  ==================================================
 
-The five Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
+The six Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
 every known loss cause, bundle-refusal reason, decode-error reason and (stage, reason) of a
 rejection (``Counters(rejections=...)``), from 0: a series that first appears at 1 never
 shows in ``increase()``, so the alert rules would miss the first one.
@@ -119,6 +120,7 @@ class Counters:
         self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.kafka: dict[str, int] = dict.fromkeys(KAFKA_COUNTERS, 0)
         self.kafka_lag: dict[tuple[str, str], int] = {}
+        self.kafka_held = False  # the Kafka input holds its offset commits
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -214,12 +216,16 @@ class Counters:
             else:
                 self.models[(element, edge)] = bundle_id
 
-    def sync_kafka(self, stats: Mapping[str, int], lag: Mapping[tuple[str, int], int]) -> None:
-        """Take the Kafka input's cumulative counters and its current lag per partition."""
+    def sync_kafka(
+        self, stats: Mapping[str, int], lag: Mapping[tuple[str, int], int], held: bool = False
+    ) -> None:
+        """Take the Kafka input's cumulative counters, its current lag per partition and
+        whether its offset commits are held."""
         with self._lock:
             for name in KAFKA_COUNTERS:
                 self.kafka[name] = max(self.kafka[name], int(stats.get(name, 0)))
             self.kafka_lag = {(t, str(p)): int(n) for (t, p), n in lag.items()}
+            self.kafka_held = held
 
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge exported as ``xasflow_<name>{labels}`` (e.g. ``queue_depth``)."""
@@ -371,7 +377,7 @@ class _Collector:
             over_limit = dict(c.limit_refused)
             models = dict(c.models)
             gauges = dict(c.gauges)
-            kafka, kafka_lag = dict(c.kafka), dict(c.kafka_lag)
+            kafka, kafka_lag, kafka_held = dict(c.kafka), dict(c.kafka_lag), c.kafka_held
         # known causes and reasons start at 0 (see the module docstring)
         lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
@@ -457,6 +463,11 @@ class _Collector:
         }
         for name in KAFKA_COUNTERS:
             yield CounterMetricFamily(f"xasflow_kafka_{name}", helps[name], value=kafka[name])
+        yield GaugeMetricFamily(
+            "xasflow_kafka_commit_hold",
+            "1 while no Kafka offset may be committed (the store refused results; restart)",
+            value=int(kafka_held),
+        )
         yield _by_label(
             GaugeMetricFamily,
             "kafka_consumer_lag",

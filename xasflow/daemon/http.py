@@ -121,6 +121,11 @@ class AdapterCollector:
             for counter, name, text, key in _STORE_SCALARS:
                 family = CounterMetricFamily if counter else GaugeMetricFamily
                 yield family(name, text, value=store.get(key, 0))
+            yield CounterMetricFamily(
+                "xasflow_store_full_wait_seconds",
+                "time results waited for room in the full store, in all",
+                value=store.get("full_wait_ms", 0) / 1e3,
+            )
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 
@@ -152,12 +157,6 @@ _STORE_SCALARS = (
         "xasflow_store_full_waits",
         "result batches that waited for room in the full store (storage.full_wait_s)",
         "full_waits",
-    ),
-    (
-        True,
-        "xasflow_store_full_wait_milliseconds",
-        "time results waited for room in the full store, in all",
-        "full_wait_ms",
     ),
     (
         False,

@@ -161,12 +161,11 @@ class Daemon:
         (full for longer than ``storage.full_wait_s``), and a commit past them would lose them
         for good; a restart has Kafka redeliver them (the store skips rows it holds)."""
         store = self.parts.store
-        refused = store.stats().get("dropped", 0) if store is not None else 0
+        refused = store.refused if store is not None else 0
         if not refused:
             return None
         return (
-            f"the store refused {refused} results (full for over "
-            f"{self.config.storage.full_wait(self.config.input.kind):g} s): restart the "
+            f"the store refused {refused} results while full (storage.max_queue): restart the "
             "daemon to have Kafka redeliver them"
         )
 
@@ -186,6 +185,8 @@ class Daemon:
                 p.source.close()  # joins the receive thread: nothing new is queued now
             if p.processor is not None:
                 p.processor.drain.set()
+            if p.store is not None:  # a full store refuses now (a Kafka input then holds its
+                p.store.stop_waiting()  # commits) rather than outlast the join below
             if self._thread is not None:
                 self._thread.join(timeout)
                 if self._thread.is_alive():

@@ -106,7 +106,7 @@ class DaemonStatus:
         self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
         source = self.parts.source
         if self.config.input.kind == "kafka" and source is not None:
-            self.counters.sync_kafka(src, source.lag())
+            self.counters.sync_kafka(src, source.lag(), held=source.commit_hold() is not None)
         self.counters.set_gauge("open_runs", self.open_runs)
         store = self.store_stats()
         if store:
