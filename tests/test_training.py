@@ -21,6 +21,7 @@ from xasflow.models.bundle import BundleError, verify_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.models.uncertainty import apply_temperature, combined_ood, spread_score
 from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
+from xasflow.training import labels
 from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
 from xasflow.training.fit import TrainConfig, train
@@ -343,6 +344,42 @@ def test_evaluation_scores_the_motif_ranking_the_daemon_serves(dataset, bundle: 
     sets = ranking_from_scores(scored, MOTIF_NAMES, predictor.manifest.tasks["motifs"].threshold)
     assert [MOTIF_NAMES[k] for k in np.argmax(scored, axis=1)] == [r[0][0] for r in served]
     assert [sorted(s) for s in sets] == [sorted(name for name, _ in r) for r in served]
+
+
+def test_evaluation_cuts_the_motif_ranking_where_the_bundle_does(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    """A bundle whose motif ranking keeps only labels scoring 0.3 or more is scored on the
+    rankings it serves (the Jaccard of those label sets), not on sets cut at the labels'
+    own 0.05."""
+    from xasflow.models.batch import decode_batch
+    from xasflow.training.evaluate import evaluate_bundle
+    from xasflow.training.metrics import jaccard, ranking_from_scores
+    from xasflow.training.scoring import MOTIF_NAMES
+
+    predictor = Predictor(bundle)
+    m = predictor.manifest
+    strict = m.model_copy(
+        update={
+            "tasks": {**m.tasks, "motifs": m.tasks["motifs"].model_copy(update={"threshold": 0.3})}
+        }
+    )
+    served: list[list[str]] = []
+
+    class Strict:
+        manifest = strict
+
+        def infer(self, x: np.ndarray) -> Any:
+            tasks, ood = decode_batch(strict, predictor.run(x))
+            served.extend([name for name, _ in r.ranking] for r in tasks["motifs"].results())
+            return tasks, ood
+
+    ev = evaluate_bundle(Strict(), dataset)  # type: ignore[arg-type]
+    truth = ranking_from_scores(ev.truths["motifs"], MOTIF_NAMES, labels.MOTIF_THRESHOLD)
+    served = served[: ev.n_spectra]  # the test rows; the material averages come after them
+    assert len(truth) == ev.n_spectra
+    assert ev.tasks["motifs"]["jaccard"] == pytest.approx(jaccard(truth, served))
+    assert ev.tasks["motifs"]["jaccard"] != pytest.approx(
+        evaluate_bundle(predictor, dataset).tasks["motifs"]["jaccard"]
+    )
 
 
 def test_predictor_on_a_spectrum(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]

@@ -167,9 +167,14 @@ def uncertainty_metrics(
 
 
 def _score(
-    ds: Dataset, rows: np.ndarray, train_rows: np.ndarray | None, pred: dict[str, np.ndarray]
+    ds: Dataset,
+    rows: np.ndarray,
+    train_rows: np.ndarray | None,
+    pred: dict[str, np.ndarray],
+    manifest: Manifest,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Metrics of ``pred`` (aligned to ``rows``) against the labels; baselines from ``train_rows``."""
+    """Metrics of ``pred`` (aligned to ``rows``) against the labels; baselines from
+    ``train_rows``; motif rankings cut where ``manifest``'s bundle cuts them."""
     targets = task_targets(ds, np.arange(len(ds)))
     tasks: dict[str, dict[str, Any]] = {}
     preds: dict[str, np.ndarray] = {}
@@ -182,8 +187,14 @@ def _score(
         if not keep.any():
             continue
         base_rows = train_rows[valid[train_rows]] if train_rows is not None else rows[keep]
+        spec = manifest.tasks.get(name)
         tasks[name] = evaluate_task(
-            name, kind, pred[name][keep], target[rows][keep], target[base_rows]
+            name,
+            kind,
+            pred[name][keep],
+            target[rows][keep],
+            target[base_rows],
+            spec.threshold if spec is not None else None,
         )
         preds[name] = pred[name][keep]
         truths[name] = target[rows][keep]
@@ -253,7 +264,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
     else:
         rows, train_rows = np.arange(len(sub)), None
     answers = predict_arrays(predictor, g.y[rows])
-    tasks, preds, truths = _score(sub, rows, train_rows, answers.point)
+    tasks, preds, truths = _score(sub, rows, train_rows, answers.point, m)
     _merge_environment(tasks)
     if "cn" in tasks:
         scored = rows[task_targets(sub, rows)["cn"][2]]  # the rows _score kept for cn
@@ -300,7 +311,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
             base = ds.subset(g.rows[train_rows])
             joined = _concat(avg_ds, base)
             ev.material_average, _, _ = _score(
-                joined, np.arange(len(avg_ds)), np.arange(len(avg_ds), len(joined)), avg_pred
+                joined, np.arange(len(avg_ds)), np.arange(len(avg_ds), len(joined)), avg_pred, m
             )
             _merge_environment(ev.material_average)
             for metrics in ev.material_average.values():

@@ -17,15 +17,26 @@ MOTIF_NAMES = [L.environment_label(i) for i in range(len(L.MOTIFS))]
 
 
 def evaluate_task(
-    name: str, kind: str, pred: np.ndarray, y_test: np.ndarray, y_train: np.ndarray
+    name: str,
+    kind: str,
+    pred: np.ndarray,
+    y_test: np.ndarray,
+    y_train: np.ndarray,
+    set_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Held-out metrics of one task, with the baseline each must beat."""
+    """Held-out metrics of one task, with the baseline each must beat.
+
+    ``set_threshold``: where the predicted motif scores are cut into a ranking (a bundle's
+    ``tasks.motifs.threshold``, what the daemon serves); the labels' own sets are always cut
+    at ``labels.MOTIF_THRESHOLD``, their definition.
+    """
     if name == "motifs":
         true_top = [MOTIF_NAMES[i] for i in np.argmax(y_test, axis=1)]
         pred_top = [MOTIF_NAMES[i] for i in np.argmax(pred, axis=1)]
         train_top = [MOTIF_NAMES[i] for i in np.argmax(y_train, axis=1)]
         true_sets = M.ranking_from_scores(y_test, MOTIF_NAMES, L.MOTIF_THRESHOLD)
-        pred_sets = M.ranking_from_scores(pred, MOTIF_NAMES, L.MOTIF_THRESHOLD)
+        cut = L.MOTIF_THRESHOLD if set_threshold is None else set_threshold
+        pred_sets = M.ranking_from_scores(pred, MOTIF_NAMES, cut)
         modal_set = max(
             set(M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD)),
             key=M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD).count,
