@@ -236,6 +236,11 @@ def test_commits_are_held_once_the_store_refused_results() -> None:
     counters.sync_kafka(source.stats(), {}, held=source.commit_hold() is not None)
     assert counters.kafka_held and counters.kafka["commits_held"] == 3
     # a Kafka-fed store waits for room before it refuses; a 0MQ-fed one refuses at once
-    storage = DaemonConfig().storage
-    assert (storage.full_wait("kafka"), storage.full_wait("zmq")) == (60.0, 0.0)
-    assert storage.model_copy(update={"full_wait_s": 5.0}).full_wait("zmq") == 5.0
+    kafka = {"input": {"kind": "kafka"}}
+    assert (
+        DaemonConfig.model_validate(kafka).store_full_wait(),
+        DaemonConfig().store_full_wait(),
+    ) == (60.0, 0.0)
+    assert DaemonConfig().with_updates({"storage": {"full_wait_s": 5.0}}).store_full_wait() == 5.0
+    with pytest.raises(ValueError, match="240"):
+        DaemonConfig().with_updates({"storage": {"full_wait_s": 1e9}})

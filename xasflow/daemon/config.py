@@ -73,6 +73,8 @@ __all__ = [
 
 #: Prefix of environment overrides: ``XASFLOW__INPUT__ADDRESS=tcp://host:5578``.
 ENV_PREFIX = "XASFLOW__"
+#: How long a full store holds a Kafka-fed daemon back before refusing a result (s).
+KAFKA_FULL_WAIT_S = 60.0
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,14 @@ class DaemonConfig(_Section):
                 "would analyse its own results"
             )
         return self
+
+    def store_full_wait(self) -> float:
+        """``storage.full_wait_s``, or its default for the input: 60 s with Kafka (its consumer
+        stops polling meanwhile and Kafka keeps the documents), 0 with 0MQ (a publisher cannot
+        be held back: waiting would only move the loss to the input queue and delay every run)."""
+        if self.storage.full_wait_s is not None:
+            return self.storage.full_wait_s
+        return KAFKA_FULL_WAIT_S if self.input.kind == "kafka" else 0.0
 
     def with_updates(self, updates: Mapping[str, Mapping[str, Any]]) -> DaemonConfig:
         """A validated copy with ``{section: {key: value}}`` applied (for programs and tests)."""

@@ -360,13 +360,6 @@ class ModelsConfig(_Section):
         return self
 
 
-#: How long a full store holds a Kafka-fed daemon back before refusing a result (s).
-KAFKA_FULL_WAIT_S = 60.0
-#: The longest it may be set to: a Kafka consumer that does not poll for
-#: ``max.poll.interval.ms`` (300 s by default) is dropped from its group.
-MAX_FULL_WAIT_S = 240.0
-
-
 class StorageConfig(_Section):
     """The embedded tiled catalog the analysis runs are written to (no server needed).
 
@@ -378,11 +371,8 @@ class StorageConfig(_Section):
     (:mod:`xasflow.adapters.tiled_server`), so creating a run's table takes ~4 ms of the
     daemon's CPU instead of ~70 ms in one burst while spectra wait.
     ``max_queue`` results may wait for the catalog; beyond that the store waits up to
-    ``full_wait_s`` for room before it refuses (counts ``dropped``) a result. Unset, that is
-    60 s with a Kafka input (whose consumer then stops polling: Kafka keeps the documents, and
-    the daemon holds its offset commits once a result was refused all the same) and 0 with
-    0MQ (a publisher cannot be held back: waiting would only move the loss to the input queue
-    and delay every run).
+    ``full_wait_s`` (unset: :meth:`~xasflow.daemon.config.DaemonConfig.store_full_wait`) for
+    room before it refuses (counts ``dropped``) a result.
     """
 
     enabled: bool = True
@@ -393,18 +383,8 @@ class StorageConfig(_Section):
     batch_size: int = Field(256, ge=1)
     flush_interval_s: float = Field(0.2, gt=0)
     max_queue: int = Field(100_000, ge=1)
-    full_wait_s: float | None = Field(
-        None,
-        ge=0,
-        le=MAX_FULL_WAIT_S,
-        description="wait this long for room before refusing a result (see above)",
-    )
-
-    def full_wait(self, input_kind: str) -> float:
-        """``full_wait_s``, or its default for the input: 60 s for Kafka, 0 for 0MQ."""
-        if self.full_wait_s is not None:
-            return self.full_wait_s
-        return KAFKA_FULL_WAIT_S if input_kind == "kafka" else 0.0
+    # at most 240 s: a Kafka consumer that does not poll for 300 s is dropped from its group
+    full_wait_s: float | None = Field(None, ge=0, le=240.0, description="wait for room (s)")
 
 
 class OutputConfig(_Section):

@@ -49,7 +49,7 @@ def limits_health(
             "max": config.storage.max_queue,
             "depth": store_stats.get("queued", 0),
             "dropped": store_stats.get("dropped", 0),
-            "full_wait_s": config.storage.full_wait(config.input.kind),
+            "full_wait_s": config.store_full_wait(),
             "full_waits": store_stats.get("full_waits", 0),
         }
     if sse is not None:

@@ -174,7 +174,7 @@ def build_store(
         table_backend=s.backend,
         journal=s.journal,
         catalog_process=s.catalog_process,
-        full_wait_s=s.full_wait(cfg.input.kind),
+        full_wait_s=cfg.store_full_wait(),
     )
     try:
         writer = StoreWriter(store, on_stored=on_stored)
