@@ -210,13 +210,14 @@ def cn_label_ambiguity(
     answered and dominant CNs. A site is ambiguous when its dominant CN holds under
     :data:`AMBIGUOUS_BELOW` of the weight. ``accuracy_in_label_set`` counts an answer among
     the CNs of Zheng's ranked label (weight >= ``labels.CN_THRESHOLD``). Empty when the data
-    carry no weights (a reference table gives the CN alone).
+    carry no weights. Computed data only: a reference table's one-hot CN is no CrystalNN
+    weight, and :func:`evaluate_bundle` does not ask.
     """
     w = np.nan_to_num(np.asarray(cn_vector, dtype=np.float64), nan=0.0)
     if w.size == 0 or not w.any():
         return {}
-    right = np.array([str(p) == str(t) for p, t in zip(pred, truth, strict=True)])
-    answered = np.array([int(p) if str(p).lstrip("-").isdigit() else 0 for p in pred])
+    answered, true_cn = _cn_ints(pred), _cn_ints(truth)
+    right = (answered == true_cn) & (answered > 0)
     column = np.clip(answered - 1, 0, L.CN_MAX - 1)
     in_set = (
         (answered >= 1) & (answered <= L.CN_MAX) & (w[np.arange(len(w)), column] >= L.CN_THRESHOLD)
@@ -231,6 +232,20 @@ def cn_label_ambiguity(
             out[f"accuracy_{name}_labels"] = float(right[rows].mean())
             out[f"n_{name}_labels"] = int(rows.sum())
     return out
+
+
+def _cn_ints(values: np.ndarray) -> np.ndarray:
+    """CN answers or labels as integers (4, 4.0 and "4" alike); 0 for anything else (a
+    blank answer, a non-integer)."""
+
+    def one(v: Any) -> int:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return 0
+        return int(f) if f.is_integer() else 0
+
+    return np.array([one(v) for v in values], dtype=np.int64)
 
 
 def _merge_environment(tasks: dict[str, dict[str, Any]]) -> None:
@@ -266,10 +281,10 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
     answers = predict_arrays(predictor, g.y[rows])
     tasks, preds, truths = _score(sub, rows, train_rows, answers.point, m)
     _merge_environment(tasks)
-    if "cn" in tasks:
-        scored = rows[task_targets(sub, rows)["cn"][2]]  # the rows _score kept for cn
-        tasks["cn"].update(cn_label_ambiguity(sub.cn_vector[scored], preds["cn"], truths["cn"]))
     targets = task_targets(sub, rows)
+    if "cn" in tasks and not ds.measured:  # CrystalNN weights: computed data only
+        scored = rows[targets["cn"][2]]  # the rows _score kept for cn
+        tasks["cn"].update(cn_label_ambiguity(sub.cn_vector[scored], preds["cn"], truths["cn"]))
     doubt = uncertainty_metrics(
         answers, {k: v[1] for k, v in targets.items()}, {k: v[2] for k, v in targets.items()}
     )

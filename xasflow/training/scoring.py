@@ -27,8 +27,10 @@ def evaluate_task(
     """Held-out metrics of one task, with the baseline each must beat.
 
     ``set_threshold``: where the predicted motif scores are cut into a ranking (a bundle's
-    ``tasks.motifs.threshold``, what the daemon serves); the labels' own sets are always cut
-    at ``labels.MOTIF_THRESHOLD``, their definition.
+    ``tasks.motifs.threshold``, what the daemon serves; None, which the daemon serves uncut,
+    is cut at the label threshold here, and every exported bundle sets it); the labels' own
+    sets are always cut at ``labels.MOTIF_THRESHOLD``, their definition. A predicted ranking
+    keeps its top motif even below the cut (the daemon's too, when it has a CN-led head).
     """
     if name == "motifs":
         true_top = [MOTIF_NAMES[i] for i in np.argmax(y_test, axis=1)]
