@@ -464,6 +464,7 @@ def test_cli_evaluate_and_predict(
     assert cn["ambiguous_label_fraction"] == pytest.approx(parts[1][0] / n)
     assert 0.0 <= cn["accuracy_in_label_set"] <= 1.0
     assert (report / "report.md").read_text().count("![") >= 4
+    assert "of the sites are ambiguous" in (report / "report.md").read_text()
     assert (report / "confusion_cn.png").stat().st_size > 1000
 
     energy = np.arange(8960.0, 9120.0, 0.5)

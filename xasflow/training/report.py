@@ -114,6 +114,21 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
             if key in m:
                 base = m.get(f"baseline_{key}", "")
                 lines.append(f"| {name} | {key} | {_fmt(m[key])} | {_fmt(base)} |")
+    cn = ev.tasks.get("cn", {})
+    if "ambiguous_label_fraction" in cn:
+        parts = [
+            f"{_fmt(cn[f'accuracy_{k}_labels'])} on the {cn[f'n_{k}_labels']} {k} ones"
+            for k in ("clear", "ambiguous")
+            if f"accuracy_{k}_labels" in cn
+        ]
+        lines += [
+            "",
+            f"CN labels: {cn['ambiguous_label_fraction']:.0%} of the sites are ambiguous (the "
+            "dominant CN holds under 60 % of CrystalNN's weight). CN accuracy "
+            + ", ".join(parts)
+            + f"; {_fmt(cn['accuracy_in_label_set'])} with the answer among the CNs of "
+            "Zheng's ranked label (weight >= 0.2).",
+        ]
     if ev.material_average:
         lines += [
             "",
