@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -80,6 +81,11 @@ def test_dataset_labels_and_issues(dataset, cache: Path) -> None:  # type: ignor
     counts = dataset.issue_counts()
     assert counts["truncated_xmu"] == 1 and counts["bad_poscar"] == 1
     assert list(cache.glob("labels-v1-*.npz")), "labels were not cached"
+    # no weight at all is no label (as SiteLabels has it), not CN 1; unknown weights neither
+    w = dataset.cn_vector.copy()
+    w[0], w[1] = 0.0, np.nan
+    odd = dataclasses.replace(dataset, cn_vector=w).dominant_cn
+    assert odd[:2].tolist() == [0, 0] and (odd[2:] == dataset.dominant_cn[2:]).all()
 
 
 def test_missing_element_is_a_clear_error(tree: Path) -> None:
@@ -289,8 +295,6 @@ def test_evaluate_keeps_to_the_bundles_test_materials_on_other_copies_of_the_dat
     """Data whose fingerprint differs from the training data's (unpacked, recompressed,
     grown) still hold the bundle's training materials: the same split by material id keeps
     them out, instead of scoring every row (training rows included) as "external"."""
-    import dataclasses
-
     from xasflow.models.predictor import Predictor
     from xasflow.training.evaluate import evaluate_bundle
 

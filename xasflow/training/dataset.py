@@ -65,9 +65,11 @@ class Dataset:
 
     @property
     def dominant_cn(self) -> np.ndarray:
-        """Dominant CrystalNN coordination number per row (0 where unknown)."""
-        known = np.all(np.isfinite(self.cn_vector), axis=1)
-        return np.where(known, np.argmax(np.nan_to_num(self.cn_vector, nan=-1), axis=1) + 1, 0)
+        """Dominant CrystalNN coordination number per row (0 where unknown, or where every
+        weight is zero, as :attr:`~xasflow.training.labels.SiteLabels.dominant_cn` has it)."""
+        w = self.cn_vector
+        known = np.all(np.isfinite(w), axis=1) & np.any(w > 0, axis=1)
+        return np.where(known, np.argmax(np.nan_to_num(w, nan=-1), axis=1) + 1, 0)
 
     @property
     def n_materials(self) -> int:
