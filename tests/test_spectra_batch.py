@@ -202,3 +202,23 @@ def test_find_e0_batch_equals_find_e0_on_coarse_noisy_scans() -> None:
                 assert errors[i] is not None and errors[i].reason == exc.reason
                 continue
             assert errors[i] is None and e0[i] == want
+
+
+def test_e0_rows_of_a_row_do_not_depend_on_its_neighbours() -> None:
+    """A stack's rows each get the E0 they get alone, in any order; the one-pass kernel is
+    the Gaussian smooth followed by central differences."""
+    from xasflow.spectra.e0 import _KERNEL, E0_STEP, e0_rows, on_grid, smoothed_derivative
+
+    energy, mu = fly_page(n=8)
+    grid = np.arange(8950.0, 9010.0, E0_STEP)
+    m = on_grid(grid, energy, mu)
+    together = e0_rows(grid, m)
+    alone = np.array([e0_rows(grid, m[i : i + 1])[0] for i in range(8)])
+    order = np.random.default_rng(3).permutation(8)
+    assert together.tolist() == alone.tolist()
+    assert e0_rows(grid, m[order]).tolist() == together[order].tolist()
+    smooth = np.convolve(np.pad(m[0], 15, mode="edge"), _KERNEL, "valid")
+    central = (smooth[2:] - smooth[:-2]) / (2 * E0_STEP)
+    np.testing.assert_allclose(smoothed_derivative(m[0])[0, 1:-1], central, rtol=1e-9, atol=1e-12)
+    flat = e0_rows(grid, np.ones((1, grid.size)))  # mu never rises: NaN, not a grid point
+    assert np.isnan(flat).all()

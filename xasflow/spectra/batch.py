@@ -23,15 +23,17 @@ from typing import Any
 import numpy as np
 
 from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.e0 import (
+    E0_STEP,
+    NEVER_RISES,
+    e0_rows,
+    on_grid,
+    search_window,
+    window_error,
+)
 from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.norm_batch import normalize_larch_batch
-from xasflow.spectra.process import (
-    Prepared,
-    PrepParams,
-    e0_in_window,
-    normalize,
-    prepare,
-)
+from xasflow.spectra.process import Prepared, PrepParams, normalize, prepare
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
@@ -82,11 +84,12 @@ def find_e0_batch(
     search: float = 40.0,
     shifts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
-    """:func:`~xasflow.spectra.process.find_e0` of every row of ``mu`` (NaN + error on failure).
+    """:func:`~xasflow.spectra.e0.find_e0` of every row of ``mu`` (NaN + error on failure).
 
-    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Each row
-    runs the single-spectrum search (:func:`~xasflow.spectra.process.e0_in_window`), so the
-    daemon's pages and training's spectra get the same E0 to the last bit.
+    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Rows whose
+    search windows coincide (all of a fly-scan page, unless a shift moves a data end into the
+    window) go through :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
+    bit as each spectrum alone, which is how training's spectra get theirs.
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
@@ -94,21 +97,25 @@ def find_e0_batch(
     s = np.zeros(n) if shifts is None else np.asarray(shifts, dtype=np.float64)
     e0 = np.full(n, np.nan)
     errors = _row_errors(n)
-    lo, hi = energy[0] + s, energy[-1] + s
-    tab: float | None = None
-    if element is not None and search > 0:
-        try:
-            tab = edge_energy(element, edge)
-        except KeyError:
-            tab = None
-        if tab is not None:
-            lo, hi = np.maximum(lo, tab - search), np.minimum(hi, tab + search)
-    for i in range(n):  # per row, the single-spectrum search: the same E0 to the last bit
-        try:
-            row_e = energy + s[i]
-            e0[i] = e0_in_window(row_e, mu[i], float(lo[i]), float(hi[i]), element, edge, tab)
-        except SpectrumError as exc:
-            errors[i] = exc
+    tab = search_window(energy, element, edge, search)[2]
+    los, his = energy[0] + s, energy[-1] + s  # each row's own data range, as alone
+    if tab is not None:
+        los, his = np.maximum(los, tab - search), np.minimum(his, tab + search)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, window in enumerate(zip(los.tolist(), his.tolist(), strict=True)):
+        groups.setdefault(window, []).append(i)
+    for (a, b), members in groups.items():
+        rows = np.asarray(members)
+        error = window_error(energy + s[rows[0]], a, b, element, edge, tab)
+        if error is not None:
+            for i in members:  # the detail names each row's own data range
+                errors[i] = window_error(energy + s[i], a, b, element, edge, tab)
+            continue
+        grid = np.arange(a, b, E0_STEP)
+        found = e0_rows(grid, on_grid(grid, energy, mu[rows], s[rows]))
+        e0[rows] = found
+        for k in np.flatnonzero(~np.isfinite(found)).tolist():
+            errors[members[k]] = SpectrumError("no_edge", NEVER_RISES)
     return e0, errors
 
 

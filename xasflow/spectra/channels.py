@@ -44,7 +44,7 @@ def alignment_shift(
     reference: Spectrum, element: str, edge: str = "K", search: float = 40.0
 ) -> float:
     """eV to add to the energy axis so the reference foil's E0 lands on the tabulated edge."""
-    from xasflow.spectra.process import find_e0
+    from xasflow.spectra.e0 import find_e0
 
     ref = reference.with_(element=element, edge=edge)
     return edge_energy(element, edge) - find_e0(ref, search)

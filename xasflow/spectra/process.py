@@ -15,20 +15,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xasflow.spectra.core import Spectrum, SpectrumError
-from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.e0 import find_e0
+from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import edge_fit
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
-
-_E0_STEP = 0.1  # eV, uniform grid used for the derivative
-_E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
-_E0_KERNEL = np.exp(-0.5 * (np.arange(-15, 16) * _E0_STEP / _E0_SIGMA) ** 2)
-_E0_KERNEL /= _E0_KERNEL.sum()
-#: eV: data that end this far below the tabulated edge hold no edge of that element (a
-#: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV").
-#: Chemical shifts and calibration offsets move an edge by a few eV, and any bundle needs data
-#: far above E0 (its model window, its post-edge fit), so such data could never be prepared.
-_SHORT_OF_EDGE = 10.0
 
 
 class PrepParams(BaseModel):
@@ -132,95 +123,6 @@ class Prepared:
     edge_step: float
     extrapolated: float  # eV of the grid that lay outside the data
     spectrum: Spectrum
-
-
-def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
-    """E0 as the steepest point of the smoothed edge, refined to sub-grid precision.
-
-    The spectrum is put on a uniform 0.1 eV grid and smoothed (sigma 0.5 eV) so that
-    irregular FEFF grids and measured noise give the same answer. With a known element the
-    search is restricted to the tabulated edge +-``search`` eV (beyond 3 eV of each data end).
-    """
-    energy = spectrum.energy
-    lo, hi = float(energy[0]), float(energy[-1])
-    tab = None  # no element, or no window: the whole scan is searched
-    if spectrum.element is not None and search > 0:
-        try:
-            tab = edge_energy(spectrum.element, spectrum.edge)
-        except KeyError:
-            tab = None
-        if tab is not None:
-            lo, hi = max(lo, tab - search), min(hi, tab + search)
-    return e0_in_window(energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge, tab)
-
-
-def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: str) -> str:
-    """Why a spectrum on ``energy`` (eV, increasing) has no data near its tabulated edge
-    ``tab``, with the likely cause (keV, or a scan that stops short of the edge)."""
-    first, last = float(energy[0]), float(energy[-1])
-    text = (
-        f"no data near the {element} {edge} edge at {tab:.1f} eV: "
-        f"the data cover {first:.6g} to {last:.6g} eV"
-    )
-    if first <= 0.0:
-        return text + " (energies relative to E0? absolute eV are needed)"
-    if first * 1000 <= tab <= last * 1000:
-        return text + " (energies in keV? the edge lies in their range times 1000)"
-    if last < tab:
-        return text + ", below the edge"
-    if first > tab:
-        return text + ", above the edge"
-    return text
-
-
-def e0_in_window(
-    energy: np.ndarray,
-    mu: np.ndarray,
-    lo: float,
-    hi: float,
-    element: str | None,
-    edge: str,
-    tab: float | None = None,
-) -> float:
-    """:func:`find_e0`'s search between ``lo`` and ``hi`` eV on one spectrum's own axis
-    (``tab``: the tabulated edge the window was cut around, named when the window is empty or
-    the data end more than ``_SHORT_OF_EDGE`` eV below it).
-
-    The batched preparation calls this per row too, so a fly-scan page and training's single
-    spectra get E0 bit for bit alike (a matrix version broke near-ties of the derivative
-    maximum differently on coarse scans, by up to 8 eV, and was not faster).
-    """
-    if hi - lo < 2.0 or (tab is not None and hi < tab - _SHORT_OF_EDGE):
-        if tab is not None:
-            raise SpectrumError("no_edge", no_edge_detail(energy, tab, element, edge))
-        raise SpectrumError("no_edge", f"no data near the {element} {edge} edge")
-    grid = np.arange(lo, hi, _E0_STEP)
-    m = np.interp(grid, energy, mu)
-    pad = _E0_KERNEL.size // 2
-    # edge padding and central differences written out: np.pad / np.gradient cost more in
-    # Python overhead than the arithmetic itself (the daemon runs this twice per spectrum)
-    padded = np.concatenate((np.full(pad, m[0]), m, np.full(pad, m[-1])))
-    sm = np.convolve(padded, _E0_KERNEL, mode="valid")
-    deriv = np.empty_like(sm)
-    if sm.size > 1:
-        deriv[1:-1] = (sm[2:] - sm[:-2]) / (2 * _E0_STEP)
-        deriv[0] = (sm[1] - sm[0]) / _E0_STEP
-        deriv[-1] = (sm[-1] - sm[-2]) / _E0_STEP
-    else:
-        deriv[:] = 0.0
-    margin = round(1.5 / _E0_STEP)  # keep away from the (edge-padded) ends
-    if deriv.size > 2 * margin + 3:
-        deriv[:margin] = -np.inf
-        deriv[-margin:] = -np.inf
-    i = int(np.argmax(deriv))
-    if not np.isfinite(deriv[i]) or deriv[i] <= 0:
-        raise SpectrumError("no_edge", "mu never rises: no absorption edge found")
-    if 0 < i < deriv.size - 1 and np.isfinite(deriv[i - 1]) and np.isfinite(deriv[i + 1]):
-        a, b, c = deriv[i - 1], deriv[i], deriv[i + 1]
-        denom = a - 2 * b + c
-        shift = 0.5 * (a - c) / denom if denom != 0 else 0.0
-        return float(grid[i] + np.clip(shift, -0.5, 0.5) * _E0_STEP)
-    return float(grid[i])
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray, degree: int) -> Callable[[Any], Any]:

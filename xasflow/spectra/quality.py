@@ -13,6 +13,7 @@ import numpy as np
 from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum
+from xasflow.spectra.e0 import E0_STEP, on_grid, smoothed_derivative
 
 __all__ = ["e0_ambiguity", "edge_snr_rows", "estimate_noise", "has_edge", "weak_edge"]
 
@@ -21,9 +22,6 @@ _SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
 #: Where :func:`edge_snr_rows` measures the point noise, eV relative to E0: below the edge
 #: and above it, clear of the edge itself; the quieter of the two counts.
 NOISE_WINDOWS = ((-200.0, -15.0), (15.0, 120.0))
-#: 0.5 eV Gaussian on a 0.1 eV grid, normalised (:func:`e0_ambiguity`'s smoothing)
-_GAUSS = np.exp(-0.5 * (np.arange(-15, 16) * 0.1 / 0.5) ** 2)
-_GAUSS /= _GAUSS.sum()
 
 
 def estimate_noise(
@@ -66,8 +64,8 @@ def _median(values: np.ndarray) -> float:
 def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
     """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
 
-    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (as
-    :func:`~xasflow.spectra.find_e0` does); a rival is a local maximum within ``window`` eV
+    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (the one
+    :func:`~xasflow.spectra.find_e0` looks at); a rival is a local maximum within ``window`` eV
     of ``e0`` (more than 1 eV away) at least ``ratio`` times the largest one there.
     """
     if window <= 0:
@@ -76,9 +74,8 @@ def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> 
     lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
     if hi - lo < 4.0:
         return 0.0
-    grid = np.arange(lo, hi, 0.1)
-    smooth = np.convolve(np.pad(np.interp(grid, energy, mu), 15, mode="edge"), _GAUSS, "valid")
-    deriv = np.gradient(smooth, 0.1)
+    grid = np.arange(lo, hi, E0_STEP)
+    deriv = smoothed_derivative(on_grid(grid, energy, mu))[0]
     inner = (grid >= e0 - window) & (grid <= e0 + window)
     mid = deriv[1:-1]
     peaks = np.flatnonzero(inner[1:-1] & (mid >= deriv[:-2]) & (mid > deriv[2:])) + 1

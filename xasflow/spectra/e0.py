@@ -1,0 +1,164 @@
+"""The edge energy E0: the steepest rise of the smoothed mu, for one spectrum or a stack.
+
+Each spectrum is put on a uniform 0.1 eV grid (linear interpolation) and differentiated
+through a 0.5 eV Gaussian, in one pass: a 33-tap derivative-of-smoothing kernel. E0 is the
+derivative's maximum, refined by a parabola through its neighbours. Training's single
+spectra and the daemon's fly-scan stacks run the same row-wise code (:func:`e0_rows`): a row's
+E0 does not depend on the rows beside it, to the last bit, and a stack costs a few numpy calls
+instead of some twenty per spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.ndimage import correlate1d
+
+from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.edges import edge_energy
+
+__all__ = ["E0_STEP", "e0_in_window", "e0_rows", "find_e0", "no_edge_detail", "on_grid"]
+
+E0_STEP = 0.1  # eV, uniform grid used for the derivative
+_E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
+_KERNEL = np.exp(-0.5 * (np.arange(-15, 16) * E0_STEP / _E0_SIGMA) ** 2)
+_KERNEL /= _KERNEL.sum()
+#: the central difference of the smoothed curve as one correlation: d[i] = (s[i+1] - s[i-1]) /
+#: (2 step) with s = m correlated with the Gaussian (exactly antisymmetric, so scipy takes
+#: its antisymmetric path); the data's ends are repeated beyond them (``mode="nearest"``)
+_DERIVATIVE = np.zeros(_KERNEL.size + 2)
+_DERIVATIVE[2:] += _KERNEL
+_DERIVATIVE[:-2] -= _KERNEL
+_DERIVATIVE /= 2 * E0_STEP
+#: grid points at each end that cannot hold E0: within the kernel's reach of the ends
+_MARGIN = round(1.5 / E0_STEP)
+#: eV: data that end this far below the tabulated edge hold no edge of that element (a
+#: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV").
+#: Chemical shifts and calibration offsets move an edge by a few eV, and any bundle needs data
+#: far above E0 (its model window, its post-edge fit), so such data could never be prepared.
+SHORT_OF_EDGE = 10.0
+
+
+def on_grid(
+    grid: np.ndarray, energy: np.ndarray, mu: np.ndarray, shifts: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of ``mu`` (n, m) linearly interpolated onto ``grid`` (``np.interp`` per row).
+
+    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing), as the spectrum
+    alone would (its axis is that sum), so each row's values do not depend on the others.
+    """
+    mu = np.atleast_2d(mu)
+    out = np.empty((mu.shape[0], grid.size))
+    for i in range(mu.shape[0]):
+        out[i] = np.interp(grid, energy if shifts is None else energy + shifts[i], mu[i])
+    return out
+
+
+def smoothed_derivative(m: np.ndarray) -> np.ndarray:
+    """d mu / dE of rows on the 0.1 eV grid, smoothed by the 0.5 eV Gaussian (per row)."""
+    return correlate1d(np.atleast_2d(m), _DERIVATIVE, axis=1, mode="nearest")
+
+
+def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises."""
+    d = smoothed_derivative(m)
+    size = grid.size
+    if size > 2 * _MARGIN + 3:
+        d[:, :_MARGIN] = -np.inf
+        d[:, -_MARGIN:] = -np.inf
+    out = np.full(d.shape[0], np.nan)
+    for r, i in enumerate(np.argmax(d, axis=1).tolist()):
+        row = d[r]
+        top = float(row[i])
+        if not (math.isfinite(top) and top > 0):
+            continue  # mu never rises
+        out[r] = float(grid[i])
+        if 0 < i < size - 1:  # a parabola through the maximum and its neighbours
+            a, c = float(row[i - 1]), float(row[i + 1])
+            denom = a - 2 * top + c
+            if math.isfinite(a) and math.isfinite(c) and denom != 0:
+                shift = min(max(0.5 * (a - c) / denom, -0.5), 0.5)
+                out[r] = float(grid[i] + shift * E0_STEP)
+    return out
+
+
+def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: str) -> str:
+    """Why a spectrum on ``energy`` (eV, increasing) has no data near its tabulated edge
+    ``tab``, with the likely cause (keV, or a scan that stops short of the edge)."""
+    first, last = float(energy[0]), float(energy[-1])
+    text = (
+        f"no data near the {element} {edge} edge at {tab:.1f} eV: "
+        f"the data cover {first:.6g} to {last:.6g} eV"
+    )
+    if first <= 0.0:
+        return text + " (energies relative to E0? absolute eV are needed)"
+    if first * 1000 <= tab <= last * 1000:
+        return text + " (energies in keV? the edge lies in their range times 1000)"
+    if last < tab:
+        return text + ", below the edge"
+    if first > tab:
+        return text + ", above the edge"
+    return text
+
+
+def window_error(
+    energy: np.ndarray, lo: float, hi: float, element: str | None, edge: str, tab: float | None
+) -> SpectrumError | None:
+    """Why the window ``lo``..``hi`` eV cannot hold E0 (None: it can): under 2 eV wide, or
+    the data end more than :data:`SHORT_OF_EDGE` eV below the tabulated edge ``tab``."""
+    if hi - lo >= 2.0 and (tab is None or hi >= tab - SHORT_OF_EDGE):
+        return None
+    if tab is not None:
+        return SpectrumError("no_edge", no_edge_detail(energy, tab, element, edge))
+    return SpectrumError("no_edge", f"no data near the {element} {edge} edge")
+
+
+NEVER_RISES = "mu never rises: no absorption edge found"
+
+
+def e0_in_window(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    lo: float,
+    hi: float,
+    element: str | None,
+    edge: str,
+    tab: float | None = None,
+) -> float:
+    """:func:`find_e0`'s search between ``lo`` and ``hi`` eV on one spectrum's own axis
+    (``tab``: the tabulated edge the window was cut around, named in the error)."""
+    error = window_error(energy, lo, hi, element, edge, tab)
+    if error is not None:
+        raise error
+    grid = np.arange(lo, hi, E0_STEP)
+    e0 = float(e0_rows(grid, on_grid(grid, energy, mu))[0])
+    if not np.isfinite(e0):
+        raise SpectrumError("no_edge", NEVER_RISES)
+    return e0
+
+
+def search_window(
+    energy: np.ndarray, element: str | None, edge: str, search: float
+) -> tuple[float, float, float | None]:
+    """The eV window E0 is looked for in, and the tabulated edge it was cut around (None:
+    no element, no such edge or no ``search``: the whole scan)."""
+    lo, hi = float(energy[0]), float(energy[-1])
+    if element is None or search <= 0:
+        return lo, hi, None
+    try:
+        tab = edge_energy(element, edge)
+    except KeyError:
+        return lo, hi, None
+    return max(lo, tab - search), min(hi, tab + search), tab
+
+
+def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
+    """E0 as the steepest point of the smoothed edge, refined to sub-grid precision.
+
+    The spectrum is put on a uniform 0.1 eV grid and smoothed (sigma 0.5 eV) so that
+    irregular FEFF grids and measured noise give the same answer. With a known element the
+    search is restricted to the tabulated edge +-``search`` eV.
+    """
+    lo, hi, tab = search_window(spectrum.energy, spectrum.element, spectrum.edge, search)
+    return e0_in_window(spectrum.energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge, tab)
