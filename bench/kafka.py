@@ -7,7 +7,9 @@ a publisher (``--role publisher``) producing fly runs in bluesky-kafka's format 
 spectrum, the same spectra and timing code as ``bench/stream.py``); ``xasflow serve`` with
 ``input.kind: kafka`` and ``output.kind: kafka``; here, a reader of the analysis topic
 timing every result. The 0MQ side is ``bench/stream.py``'s own daemon phase (bluesky's
-Publisher and Proxy), judged by the same rule.
+Publisher and Proxy), judged by the same rule. Beside the daemon, the same ladder through the
+broker to the daemon's input adapter alone (``transport``, :mod:`kafka_transport`): the
+broker's own ceiling here, as ``raw_ceiling_rate_hz`` is 0MQ's in ``bench/stream.py``.
 
 Figures (issue 11; targets on 2 cores: >= 1,000/s, 0, 0, <= 15 s):
 
@@ -44,6 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import kafka_transport  # noqa: E402  (the broker alone, to the daemon's input adapter)
 import stream as zs  # noqa: E402  (bench/stream.py: spectra, children, levels, judging)
 
 from xasflow import paths  # noqa: E402
@@ -362,6 +365,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         report["p99_latency_ms"] = best["p99_latency_ms"] if best else None
         report["kafka_health_end"] = (health.get("input") or {}).get("kafka")
 
+        # ---- Kafka: the transport alone (broker to the input adapter, no analysis)
+        report["transport"] = kafka_transport.transport_ladder(broker, pub, args, me, logs)
+        report["transport_sustained_rate_hz"] = report["transport"]["sustained_rate_hz"]
+
         # ---- Kafka: SIGKILL + restart, then failover in a group of two
         if args.ladders_only:
             report["zmq"] = zmq_ladder(args, bundle, work, logs, me, common)
@@ -442,11 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=str(paths.REPO_ROOT / "models"))
     ap.add_argument("--logs", help="keep the children's logs here")
     ap.add_argument("--ladders-only", action="store_true", help="skip the SIGKILL phases")
-    ap.add_argument("--role", choices=("bench", "publisher"), default="bench")
+    ap.add_argument("--role", choices=("bench", "publisher", "transport-consumer"), default="bench")
     ap.add_argument("--servers", default="")
+    ap.add_argument("--topic", default="", help="the transport consumer's topic")
     args = ap.parse_args(argv)
     if args.role == "publisher":
         return publisher_role(args)
+    if args.role == "transport-consumer":
+        return kafka_transport.consumer_role(args)
     report = run_bench(args)
     text = json.dumps(report, indent=2, default=str)
     if args.json:
@@ -454,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(text + "\n")
     summary = {k: report.get(k) for k in (*TARGETS, "p99_latency_ms", "loadavg_start")}
     summary["zmq_sustained_rate_hz"] = report["zmq"]["sustained_rate_hz"]
+    summary["transport_sustained_rate_hz"] = report["transport_sustained_rate_hz"]
     print(json.dumps(summary, indent=2))
     return 0
 
