@@ -222,3 +222,17 @@ def test_e0_rows_of_a_row_do_not_depend_on_its_neighbours() -> None:
     np.testing.assert_allclose(smoothed_derivative(m[0])[0, 1:-1], central, rtol=1e-9, atol=1e-12)
     flat = e0_rows(grid, np.ones((1, grid.size)))  # mu never rises: NaN, not a grid point
     assert np.isnan(flat).all()
+
+
+def test_e0_of_an_edge_between_two_distant_points_is_the_centre_of_the_jump() -> None:
+    """No point between 8975 and 8985 eV: mu is a straight line there and its smoothed
+    derivative flat to rounding; E0 is the middle of that stretch, in a stack as alone (the
+    first of the tied maxima moved by eV with the summation order)."""
+    energy = np.r_[np.arange(8900.0, 8976.0, 5.0), np.arange(8985.0, 9100.0, 5.0)]
+    rng = np.random.default_rng(4)
+    mu = np.where(energy < 8980.0, 0.1, 1.1) + 1e-3 * rng.standard_normal((5, energy.size))
+    e0, errors = find_e0_batch(energy, mu, "Cu", "K", 40.0)
+    assert errors == [None] * 5
+    np.testing.assert_allclose(e0, 8980.0, atol=0.06)
+    for i in range(5):
+        assert e0[i] == find_e0(Spectrum(energy, mu[i], "Cu", "K"), 40.0)

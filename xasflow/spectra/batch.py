@@ -87,8 +87,9 @@ def find_e0_batch(
     """:func:`~xasflow.spectra.e0.find_e0` of every row of ``mu`` (NaN + error on failure).
 
     Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Rows whose
-    search windows coincide (all of a fly-scan page, unless a shift moves a data end into the
-    window) go through :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
+    search windows coincide (with a tabulated edge and ``search``: all of a fly-scan page
+    whose data cover the edge +- ``search``; without one, rows of equal shift) go through
+    :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
     bit as each spectrum alone, which is how training's spectra get theirs.
     """
     energy = np.asarray(energy, dtype=np.float64)

@@ -18,7 +18,19 @@ from scipy.ndimage import correlate1d
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import edge_energy
 
-__all__ = ["E0_STEP", "e0_in_window", "e0_rows", "find_e0", "no_edge_detail", "on_grid"]
+__all__ = [
+    "E0_STEP",
+    "NEVER_RISES",
+    "SHORT_OF_EDGE",
+    "e0_in_window",
+    "e0_rows",
+    "find_e0",
+    "no_edge_detail",
+    "on_grid",
+    "search_window",
+    "smoothed_derivative",
+    "window_error",
+]
 
 E0_STEP = 0.1  # eV, uniform grid used for the derivative
 _E0_SIGMA = 0.5  # eV, Gaussian smoothing of mu before differentiating
@@ -33,6 +45,13 @@ _DERIVATIVE[:-2] -= _KERNEL
 _DERIVATIVE /= 2 * E0_STEP
 #: grid points at each end that cannot hold E0: within the kernel's reach of the ends
 _MARGIN = round(1.5 / E0_STEP)
+#: relative: derivative values this close to the maximum tie with it. Where the data points
+#: lie several eV apart across the edge, mu is a straight line between them and the smoothed
+#: derivative is flat to rounding over eV: the first maximum would be picked by rounding
+#: noise (SrCO3 in the XAS Data Library moved 6.5 eV with the kernel's summation order), so
+#: E0 is the centre of the flat top. A smooth peak on the 0.1 eV grid differs from its
+#: neighbours by far more (some 1e-4 of its height).
+_TIE = 1e-9
 #: eV: data that end this far below the tabulated edge hold no edge of that element (a
 #: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV").
 #: Chemical shifts and calibration offsets move an edge by a few eV, and any bundle needs data
@@ -60,8 +79,24 @@ def smoothed_derivative(m: np.ndarray) -> np.ndarray:
     return correlate1d(np.atleast_2d(m), _DERIVATIVE, axis=1, mode="nearest")
 
 
+def _plateau(row: np.ndarray, i: int, top: float) -> tuple[int, int]:
+    """The run of points around ``i`` within :data:`_TIE` of the maximum ``top``."""
+    floor = top - _TIE * top
+    a = b = i
+    while a > 0 and row[a - 1] >= floor:
+        a -= 1
+    while b < row.size - 1 and row[b + 1] >= floor:
+        b += 1
+    return a, b
+
+
 def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises."""
+    """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises.
+
+    The maximum of the smoothed derivative, refined by a parabola through its neighbours, or
+    the centre of a flat top (:data:`_TIE`). Windows of 3.3 eV and less keep their ends, which
+    the kernel extends with the end values.
+    """
     d = smoothed_derivative(m)
     size = grid.size
     if size > 2 * _MARGIN + 3:
@@ -74,7 +109,10 @@ def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
         if not (math.isfinite(top) and top > 0):
             continue  # mu never rises
         out[r] = float(grid[i])
-        if 0 < i < size - 1:  # a parabola through the maximum and its neighbours
+        first, last = _plateau(row, i, top)
+        if last > first:  # a flat top (linear mu between points far apart): its centre
+            out[r] = 0.5 * (float(grid[first]) + float(grid[last]))
+        elif 0 < i < size - 1:  # a parabola through the maximum and its neighbours
             a, c = float(row[i - 1]), float(row[i + 1])
             denom = a - 2 * top + c
             if math.isfinite(a) and math.isfinite(c) and denom != 0:
