@@ -366,7 +366,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         report["kafka_health_end"] = (health.get("input") or {}).get("kafka")
 
         # ---- Kafka: the transport alone (broker to the input adapter, no analysis)
-        report["transport"] = kafka_transport.transport_ladder(broker, pub, args, me, logs)
+        try:  # a baseline: its failure must not cost the phases after it
+            report["transport"] = kafka_transport.transport_ladder(broker, pub, args, me, logs)
+        except Exception as exc:
+            report["transport"] = {"error": f"{type(exc).__name__}: {exc}", "sustained_rate_hz": 0}
         report["transport_sustained_rate_hz"] = report["transport"]["sustained_rate_hz"]
 
         # ---- Kafka: SIGKILL + restart, then failover in a group of two

@@ -13,9 +13,7 @@ off the adapter's queue). It is to Kafka what ``raw_ceiling_rate_hz`` is to 0MQ 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import threading
 import time
 import uuid
@@ -40,29 +38,14 @@ def consumer_role(args: argparse.Namespace) -> int:
     )
     source = KafkaDocumentSource(settings)
     source.start()
-    source.ready.wait(30)
+    if not source.ready.wait(30):
+        raise SystemExit(f"the transport consumer did not subscribe to {args.topic}")
 
-    def drain() -> None:
-        while True:
-            item = source.get(timeout=0.5)
-            if item is None:
-                continue
-            name, doc = item
-            if name == "event":
-                now = time.time()
-                with lock:
-                    records.append([doc["descriptor"], doc["seq_num"], doc["time"], now])
-            source.mark_processed()
-
-    threading.Thread(target=drain, daemon=True).start()
+    threading.Thread(
+        target=zs.record_events, args=(source, records, None, source.mark_processed), daemon=True
+    ).start()
     zs._say({"ready": True}, lock)
-    while True:
-        line = sys.stdin.readline()
-        if not line or json.loads(line)["cmd"] == "quit":
-            break
-        with lock:
-            batch, records[:] = list(records), []
-        zs._say({"records": batch}, lock)
+    zs.serve_reports(records, lock)
     source.close()
     os._exit(0)  # librdkafka's threads: no clean stop needed from here
 
@@ -71,7 +54,8 @@ def transport_ladder(
     broker: Any, pub: zs.Child, args: argparse.Namespace, me: list[str], logs: Path
 ) -> dict[str, Any]:
     """The rate ladder through ``broker`` to the bare input adapter. Leaves the publisher
-    producing to this phase's topic (later phases name their own)."""
+    producing to this phase's topic: a later ``stream`` command must name its own (the
+    SIGKILL and failover phases do)."""
     topic = f"bench-{PHASE}.bluesky.runengine.documents"
     broker.create_topic(topic, 4)
     consumer = zs.Child(

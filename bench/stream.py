@@ -246,6 +246,38 @@ def _stream(pub: Any, energy: np.ndarray, pool: list[dict], keys: dict, cmd: dic
     }
 
 
+def record_events(
+    source: Any,
+    records: list[list[Any]],
+    other: Callable[[str, dict], Any] | None = None,
+    after: Callable[[], None] | None = None,
+) -> None:
+    """Take documents off an input adapter for good, recording (descriptor, seq_num, event
+    time, time taken) per event; ``other`` gets the rest, ``after`` runs after each."""
+    while True:
+        item = source.get(timeout=0.5)
+        if item is None:
+            continue
+        name, doc = item
+        if name == "event":
+            records.append([doc["descriptor"], doc["seq_num"], doc["time"], time.time()])
+        elif other is not None:
+            other(name, doc)
+        if after is not None:
+            after()
+
+
+def serve_reports(records: list[list[Any]], lock: threading.Lock) -> None:
+    """Answer each ``report`` on stdin with the records so far (taken out), until ``quit``."""
+    while True:
+        line = sys.stdin.readline()
+        if not line or json.loads(line)["cmd"] == "quit":
+            return
+        n = len(records)
+        batch, records[:n] = records[:n], []
+        _say({"records": batch}, lock)
+
+
 def consumer_role(args: argparse.Namespace) -> int:
     """A baseline consumer: ``raw`` (ZmqDocumentSource, decode only) or ``naive``
     (RemoteDispatcher + scikit-learn in the callback). Records (descriptor, seq_num, event
@@ -270,18 +302,7 @@ def consumer_role(args: argparse.Namespace) -> int:
         source = ZmqDocumentSource(ZmqInputConfig(address=args.address))
         source.start()
 
-        def drain() -> None:
-            while True:
-                item = source.get(timeout=0.5)
-                if item is None:
-                    continue
-                name, doc = item
-                if name == "event":
-                    records.append([doc["descriptor"], doc["seq_num"], doc["time"], time.time()])
-                else:
-                    probe(name, doc)
-
-        threading.Thread(target=drain, daemon=True).start()
+        threading.Thread(target=record_events, args=(source, records, probe), daemon=True).start()
     else:
         from bluesky.callbacks.zmq import RemoteDispatcher
 
@@ -301,13 +322,7 @@ def consumer_role(args: argparse.Namespace) -> int:
         dispatcher.subscribe(callback)
         threading.Thread(target=dispatcher.start, daemon=True).start()
     _say(info, lock)
-    while True:
-        line = sys.stdin.readline()
-        if not line or json.loads(line)["cmd"] == "quit":
-            break
-        n = len(records)
-        batch, records[:n] = records[:n], []
-        _say({"records": batch}, lock)
+    serve_reports(records, lock)
     os._exit(0)  # the dispatcher's loop thread has no clean stop from here
 
 
