@@ -2,7 +2,8 @@
 
 Each spectrum is put on a uniform 0.1 eV grid (linear interpolation) and differentiated
 through a 0.5 eV Gaussian, in one pass: a 33-tap derivative-of-smoothing kernel. E0 is the
-derivative's maximum, refined by a parabola through its neighbours. Training's single
+derivative's maximum, refined by a parabola through its neighbours (where the data points
+lie eV apart across the edge and the derivative has a flat top: its centre). Training's single
 spectra and the daemon's fly-scan stacks run the same row-wise code (:func:`e0_rows`): a row's
 E0 does not depend on the rows beside it, to the last bit, and a stack costs a few numpy calls
 instead of some twenty per spectrum.
