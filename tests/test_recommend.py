@@ -37,7 +37,7 @@ from xasflow.daemon.recommend import (
 )
 from xasflow.models.bundle import Manifest, TaskSpec, verify_bundle
 from xasflow.models.predictor import OUT_OF_DOMAIN, Prediction, TaskResult
-from xasflow.spectra import FeatureSpec, PrepParams, Spectrum, edge_energy
+from xasflow.spectra import FeatureSpec, PrepParams, Spectrum, edge_energy, find_e0
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIONS = {
@@ -428,6 +428,18 @@ def test_an_ambiguous_edge_widens_the_margin() -> None:
     shoulder = 0.4 * (0.5 + np.arctan((energy - e0 + 6.0) / 0.8) / np.pi)
     twin = Spectrum(energy, smooth_mu(energy, e0) + shoulder, "Cu", "K")
     assert e0_ambiguity(twin, e0, 10.0, 0.5) == pytest.approx(6.0, abs=0.3)
+    # a coarse scan (4 eV steps across the edge): mu is straight between points, so the
+    # smoothed derivative is flat to rounding on each segment; those ripples are no rivals
+    coarse = np.concatenate(
+        [
+            np.arange(8800.0, 8960.0, 10.0),
+            np.arange(8960.0, 9010.0, 4.0),
+            np.arange(9010, 9300, 3.0),
+        ]
+    )
+    for width in (1.0, 2.0, 3.0):
+        edge = Spectrum(coarse, 1.0 / (1.0 + np.exp(-(coarse - 8981.3) / width)), "Cu", "K")
+        assert e0_ambiguity(edge, find_e0(edge), 10.0, 0.5) == 0.0
     cfg = RecommenderConfig()
     pred = prediction(SURE, VAL_SURE, e0=e0)
     plain = Recommender(manifest(), cfg).recommend(pred, clean)

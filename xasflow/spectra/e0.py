@@ -23,6 +23,7 @@ __all__ = [
     "E0_STEP",
     "NEVER_RISES",
     "SHORT_OF_EDGE",
+    "TIE",
     "e0_in_window",
     "e0_rows",
     "find_e0",
@@ -52,7 +53,7 @@ _MARGIN = round(1.5 / E0_STEP)
 #: noise (SrCO3 in the XAS Data Library moved 6.5 eV with the kernel's summation order), so
 #: E0 is the centre of the flat top. A smooth peak on the 0.1 eV grid differs from its
 #: neighbours by far more (some 1e-4 of its height).
-_TIE = 1e-9
+TIE = 1e-9
 #: eV: data that end this far below the tabulated edge hold no edge of that element (a
 #: pre-edge slope would otherwise pass for E0 and fail later as "data end at E0+15 eV").
 #: Chemical shifts and calibration offsets move an edge by a few eV, and any bundle needs data
@@ -81,8 +82,8 @@ def smoothed_derivative(m: np.ndarray) -> np.ndarray:
 
 
 def _plateau(row: np.ndarray, i: int, top: float) -> tuple[int, int]:
-    """The run of points around ``i`` within :data:`_TIE` of the maximum ``top``."""
-    floor = top - _TIE * top
+    """The run of points around ``i`` within :data:`TIE` of the maximum ``top``."""
+    floor = top - TIE * top
     a = b = i
     while a > 0 and row[a - 1] >= floor:
         a -= 1
@@ -95,7 +96,7 @@ def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
     """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises.
 
     The maximum of the smoothed derivative, refined by a parabola through its neighbours, or
-    the centre of a flat top (:data:`_TIE`). Windows of 3.3 eV and less keep their ends, which
+    the centre of a flat top (:data:`TIE`). Windows of 3.3 eV and less keep their ends, which
     the kernel extends with the end values.
     """
     d = smoothed_derivative(m)

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum
-from xasflow.spectra.e0 import E0_STEP, on_grid, smoothed_derivative
+from xasflow.spectra.e0 import E0_STEP, TIE, on_grid, smoothed_derivative
 
 __all__ = ["e0_ambiguity", "edge_snr_rows", "estimate_noise", "has_edge", "weak_edge"]
 
@@ -65,8 +65,9 @@ def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> 
     """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
 
     The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (the one
-    :func:`~xasflow.spectra.find_e0` looks at); a rival is a local maximum within ``window`` eV
-    of ``e0`` (more than 1 eV away) at least ``ratio`` times the largest one there.
+    :func:`~xasflow.spectra.find_e0` looks at); a rival is a local maximum (a flat top counts
+    once, at its centre) within ``window`` eV of ``e0`` (more than 1 eV away) at least
+    ``ratio`` times the largest one there.
     """
     if window <= 0:
         return 0.0
@@ -76,17 +77,34 @@ def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> 
         return 0.0
     grid = np.arange(lo, hi, E0_STEP)
     deriv = smoothed_derivative(on_grid(grid, energy, mu))[0]
-    inner = (grid >= e0 - window) & (grid <= e0 + window)
-    mid = deriv[1:-1]
-    peaks = np.flatnonzero(inner[1:-1] & (mid >= deriv[:-2]) & (mid > deriv[2:])) + 1
-    if peaks.size == 0:
+    at, height = _peaks(grid, deriv)
+    inner = (at >= e0 - window) & (at <= e0 + window)
+    at, height = at[inner], height[inner]
+    if height.size == 0:
         return 0.0
-    top = float(deriv[peaks].max())
+    top = float(height.max())
     if not top > 0:
         return 0.0
-    dist = np.abs(grid[peaks] - e0)
-    rivals = dist[(deriv[peaks] >= ratio * top) & (dist > 1.0)]
+    dist = np.abs(at - e0)
+    rivals = dist[(height >= ratio * top) & (dist > 1.0)]
     return float(rivals.max()) if rivals.size else 0.0
+
+
+def _peaks(grid: np.ndarray, deriv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of ``deriv`` on ``grid``: positions (eV) and heights.
+
+    Steps within :data:`~xasflow.spectra.e0.TIE` of the largest value count as level, so a
+    flat top (mu a straight line between data points eV apart) is one maximum at its centre,
+    not a row of rounding ripples, as :func:`~xasflow.spectra.find_e0` reads it.
+    """
+    step = np.diff(deriv)
+    tol = TIE * float(np.nanmax(np.abs(deriv), initial=0.0))
+    sign = np.where(np.abs(step) <= tol, 0, np.sign(step))
+    turns = np.flatnonzero(sign)  # the steps that rise or fall, in order
+    up = turns[:-1][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]
+    down = turns[1:][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]
+    # a rise at step a, level steps, a fall at step b: the top is points a + 1 .. b
+    return 0.5 * (grid[up + 1] + grid[down]), deriv[up + 1]
 
 
 def has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:
