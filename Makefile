@@ -40,7 +40,7 @@ lint: setup
 # Rebuild the shipped Cu K-edge bundle from the shared FEFF tree.
 train-cu: setup
 	$(BIN)/xasflow train --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --element Cu --out models/cu-k --jobs $(JOBS)
-	# int8 network graphs, calibration refitted on them (xasflow.training.quantize)
+	# int8 network graphs, calibration refitted and metrics measured on them (xasflow.training.quantize)
 	$(BIN)/python -m xasflow.training.quantize models/cu-k
 
 evaluate-cu: setup

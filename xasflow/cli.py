@@ -66,6 +66,7 @@ def _load_dataset(data: str, element: str, jobs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit every task on a dataset and export a verified bundle."""
+    from xasflow.models.bundle import verify_bundle
     from xasflow.training.bundle_export import export_bundle
     from xasflow.training.fit import TrainConfig, train
     from xasflow.training.report import CITATION
@@ -109,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "fit_seconds": round(result.seconds, 1),
             "timings": {k: round(v, 1) for k, v in result.timings.items()},
             "bundle_bytes": size,
-            "tasks": {n: f.metrics for n, f in result.tasks.items()},
+            "tasks": {n: t.metrics for n, t in verify_bundle(out).tasks.items()},  # as served
         },
     )
     return 0

@@ -11,6 +11,7 @@ import datetime as dt
 import gzip
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from xasflow.training.export import to_onnx
 from xasflow.training.fit import TrainResult
 from xasflow.training.scoring import MOTIF_NAMES
 from xasflow.training.select import FOREST
+from xasflow.training.served_metrics import with_served_metrics
 
 #: What the manifest keeps of each network member (its per-epoch history stays out).
 MEMBER_KEYS = (
@@ -91,8 +93,14 @@ def _members(
     return out
 
 
-def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> Path:
-    """Write the served tasks as a verified bundle (graphs, calibration, manifest)."""
+def export_bundle(
+    result: TrainResult,
+    out: str | Path,
+    citation: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the served tasks as a verified bundle (graphs, calibration, manifest), its metrics
+    measured as served (:mod:`xasflow.training.served_metrics`)."""
     cfg, ds = result.config, result.dataset
     matrix = linear_matrix(cfg.features, cfg.prep)
     files: dict[str, bytes] = {}
@@ -172,7 +180,7 @@ def export_bundle(result: TrainResult, out: str | Path, citation: str = "") -> P
         ood=ood,
         training=_training_record(result, citation),
     )
-    return write_bundle(out, manifest, files)
+    return write_bundle(out, with_served_metrics(manifest, files, ds, log), files)
 
 
 def _training_record(result: TrainResult, citation: str) -> dict[str, Any]:

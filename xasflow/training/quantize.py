@@ -29,6 +29,7 @@ from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 from xasflow.training.select import BaseOutputs, calibrate_outputs
+from xasflow.training.served_metrics import with_served_metrics
 
 INT8 = "int8"
 #: What the manifest says was done (``training.quantization.method``).
@@ -193,15 +194,15 @@ def quantize_bundle(
             "method": METHOD,
             "graphs": record,
             "calibration": "refitted on the int8 graphs' validation outputs",
-            "metrics": "tasks.*.metrics are the float graphs'; xasflow evaluate scores these",
             "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         },
     }
     for name, rec in record.items():
         log(f"{name}: {rec['bytes_float32']} -> {rec['bytes_int8']} bytes")
+    quantised = manifest.model_copy(update={"tasks": tasks, "training": training})
     return write_bundle(
         bundle if out is None else out,
-        manifest.model_copy(update={"tasks": tasks, "training": training}),
+        with_served_metrics(quantised, files, rebuilt.dataset, log),  # the int8 graphs' figures
         files,
         signing_key=signing_key,
     )

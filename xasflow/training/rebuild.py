@@ -36,8 +36,9 @@ class BundleData:
         return self.x[self.parts[part]]
 
 
-def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
-    """The training data of ``manifest`` (from ``data``, default its ``training.source``)."""
+def training_data(manifest: Manifest, data: str | Path | None = None) -> Dataset:
+    """The dataset ``manifest``'s bundle was trained on, read again from ``data`` (default its
+    ``training.source``); refused unless its fingerprint is the bundle's."""
     t = manifest.training
     source = Path(data if data is not None else t["source"])
     ds = build_feff_dataset(source, manifest.element, progress=False)
@@ -46,9 +47,15 @@ def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
             f"{source}: dataset fingerprint {ds.fingerprint[:12]} is not the bundle's "
             f"{str(t['fingerprint'])[:12]}"
         )
+    return ds
+
+
+def rebuild(manifest: Manifest, data: str | Path | None = None) -> BundleData:
+    """The training data of ``manifest`` (from ``data``, default its ``training.source``)."""
+    ds = training_data(manifest, data)
     g = grid_dataset(ds, manifest.prep)
     sub = ds.subset(g.rows)
-    parts = bundle_split(sub, t)
+    parts = bundle_split(sub, manifest.training)
     return BundleData(sub, model_input(g.y, manifest.features, manifest.prep), parts)
 
 

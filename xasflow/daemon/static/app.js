@@ -466,7 +466,8 @@
     const mrows = [];
     (h.models || []).forEach((m) => {
       Object.entries(m.metrics || {}).forEach(([task, met], i) => {
-        const keys = ["accuracy", "mae", "r2", "jaccard"].filter((k) => met[k] !== undefined);
+        const keys = ["accuracy", "top1_accuracy", "mae", "r2", "jaccard", "ece", "set_coverage",
+          "interval_coverage"].filter((k) => met[k] !== undefined);
         mrows.push([i === 0 ? `${m.element} ${m.edge} · ${m.bundle_id}` : "", task,
           keys.map((k) => `${k} ${fmt(met[k], 3)}`).join(", ")]);
       });
