@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic_feff import write_tree
 
@@ -69,16 +71,38 @@ def test_rescoring_rewrites_the_metrics_and_nothing_else(
         rescore_bundle(stale, data=other, log=said.append)
 
 
-def test_data_without_the_bundles_test_rows_leave_the_metrics_as_they_are(
+def test_data_without_the_bundles_test_rows_leave_the_metrics_and_say_so(
     tiny_cu_bundle: Path, training_set: Dataset
 ) -> None:
     manifest = verify_bundle(tiny_cu_bundle)
     files = {name: (tiny_cu_bundle / name).read_bytes() for name in manifest.files}
     parts = bundle_split(training_set, manifest.training)
     trained_only = training_set.subset(parts["train"])  # same fingerprint, no test row
-    said: list[str] = []
-    assert with_served_metrics(manifest, files, trained_only, said.append) == manifest
-    assert len(said) == 1 and "not rescored" in said[0] and "test split" in said[0]
+    other = dataclasses.replace(training_set, fingerprint="a-copy")  # not the bundle's split
+    for data, why in ((trained_only, "test split"), (other, "test-split materials")):
+        said: list[str] = []
+        kept = with_served_metrics(manifest, files, data, said.append)
+        assert kept.tasks == manifest.tasks
+        assert kept.training["metrics"].startswith("tasks.*.metrics: not measured as served")
+        assert len(said) == 1 and why in said[0]
+
+
+def test_a_task_without_labelled_test_rows_reports_no_figures(
+    tiny_cu_bundle: Path, training_set: Dataset
+) -> None:
+    """No NaN (JSON cannot carry it to /health) and no candidate figure left beside the
+    served ones: a task evaluate cannot score on the test split has no metrics."""
+    manifest = verify_bundle(tiny_cu_bundle)
+    files = {name: (tiny_cu_bundle / name).read_bytes() for name in manifest.files}
+    unlabelled = dataclasses.replace(
+        training_set,
+        valence=np.full(len(training_set), np.nan),
+        distance=np.full(len(training_set), np.nan),
+    )
+    rescored = with_served_metrics(manifest, files, unlabelled, lambda _: None)
+    assert rescored.tasks["valence"].metrics == {} == rescored.tasks["distance"].metrics
+    assert rescored.tasks["cn"].metrics == manifest.tasks["cn"].metrics
+    assert rescored.training["metrics"] == METRICS_NOTE
 
 
 def test_a_signed_bundle_is_not_rescored_without_its_key(

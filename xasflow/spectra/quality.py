@@ -98,7 +98,8 @@ def _peaks(grid: np.ndarray, deriv: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     not a row of rounding ripples, as :func:`~xasflow.spectra.find_e0` reads it.
     """
     step = np.diff(deriv)
-    tol = TIE * float(np.nanmax(np.abs(deriv), initial=0.0))
+    finite = np.abs(deriv[np.isfinite(deriv)])
+    tol = TIE * float(finite.max()) if finite.size else 0.0
     sign = np.where(np.abs(step) <= tol, 0, np.sign(step))
     turns = np.flatnonzero(sign)  # the steps that rise or fall, in order
     up = turns[:-1][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]

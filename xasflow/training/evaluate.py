@@ -58,6 +58,10 @@ class Evaluation:
         }
 
 
+class NoTestRows(ValueError):
+    """The data hold no row the bundle's recorded split puts in test (or none prepares)."""
+
+
 #: What a blank answer (no CN-motif label of the CN answered) is scored as: never the truth.
 NO_ANSWER = "(no motif of that CN)"
 #: A site whose dominant CN holds less than this share of CrystalNN's weight has a label two
@@ -143,13 +147,16 @@ def uncertainty_metrics(
         if name not in targets:
             continue
         keep = valid[name]
+        if not keep.any():  # no labelled row: nothing to measure (as _score skips the task)
+            continue
         truth = targets[name][keep]
         entry: dict[str, float] = {}
         if arr.probabilities is not None:
             classes = [str(c) for c in arr.spec.classes or []]
             y_index = np.array([classes.index(str(t)) if str(t) in classes else -1 for t in truth])
             known = y_index >= 0  # a class the model never saw is a miss for every set
-            entry["ece"] = C.ece(arr.probabilities[keep][known], y_index[known])
+            if known.any():
+                entry["ece"] = C.ece(arr.probabilities[keep][known], y_index[known])
             if arr.sets is not None:
                 sets = arr.sets[keep]
                 hit = np.zeros(len(y_index), bool)
@@ -263,7 +270,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         raise ValueError(f"bundle is for {m.element}, data is {ds.element}")
     g: Gridded = grid_dataset(ds, m.prep)
     if len(g.rows) == 0:
-        raise ValueError("no spectrum in the data could be prepared with the bundle's window")
+        raise NoTestRows("no spectrum in the data could be prepared with the bundle's window")
     sub = ds.subset(g.rows)
     same = m.training.get("fingerprint") == ds.fingerprint
     salt = m.training.get("split_salt")
@@ -275,7 +282,7 @@ def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
         parts = bundle_split(sub, m.training)
         rows, train_rows = parts["test"], np.concatenate([parts["train"], parts["val"]])
         if not rows.size:
-            raise ValueError("nothing in the data falls in the bundle's test split")
+            raise NoTestRows("nothing in the data falls in the bundle's test split")
     else:
         rows, train_rows = np.arange(len(sub)), None
     answers = predict_arrays(predictor, g.y[rows])

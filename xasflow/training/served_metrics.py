@@ -16,7 +16,7 @@ The candidates' own figures stay in ``tasks.*.selection`` (validation) and the t
 
 from __future__ import annotations
 
-import datetime as dt
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 from xasflow.models.bundle import Manifest, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset
-from xasflow.training.evaluate import evaluate_bundle
+from xasflow.training.evaluate import NoTestRows, evaluate_bundle
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, training_data
 
 __all__ = ["METRICS_NOTE", "rescore_bundle", "served_metrics", "with_served_metrics"]
@@ -37,14 +37,20 @@ METRICS_NOTE = (
 
 
 def served_metrics(bundle: str | Path, ds: Dataset) -> dict[str, dict[str, float]]:
-    """Per task the numeric figures ``xasflow evaluate`` gives ``bundle`` on ``ds``'s test
-    split (tables such as the confusion matrix are left to ``evaluate``)."""
+    """Per task the finite numeric figures ``xasflow evaluate`` gives ``bundle`` on ``ds``'s
+    test split (tables such as the confusion matrix are left to ``evaluate``; a task with no
+    labelled test row has none). Raises :class:`NoTestRows` when ``ds`` holds no row of the
+    bundle's test split, or the split cannot be recovered (no salt, other data)."""
     ev = evaluate_bundle(Predictor(bundle), ds)
+    if ev.scope != "test split":
+        raise NoTestRows(f"the data are scored as {ev.scope!r}, not the bundle's test split")
     return {
         name: {
             key: float(value)
             for key, value in figures.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)
+            if isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
         }
         for name, figures in ev.tasks.items()
     }
@@ -57,24 +63,22 @@ def with_served_metrics(
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """``manifest`` with each task's metrics measured on the bundle ``manifest`` + ``files``
-    would be (a verified draft, scored on ``ds``); unchanged, with the reason logged, when
-    ``ds`` holds no test row of the bundle's split."""
+    would be (a verified draft, scored on ``ds``; a task evaluate cannot score has none).
+    Where ``ds`` holds no test row of the bundle's split the metrics stay, and
+    ``training.metrics`` says they were not measured as served, and why."""
     with tempfile.TemporaryDirectory() as tmp:
         draft = write_bundle(Path(tmp) / "draft", manifest, files)
         try:
             metrics = served_metrics(draft, ds)
-        except ValueError as exc:
-            log(f"metrics not rescored as served ({exc}): tasks.*.metrics are the candidates'")
-            return manifest
+        except NoTestRows as exc:
+            log(f"metrics not measured as served: {exc}")
+            note = f"tasks.*.metrics: not measured as served ({exc})"
+            return manifest.model_copy(update={"training": {**manifest.training, "metrics": note}})
     tasks = {
-        name: spec.model_copy(update={"metrics": metrics.get(name, spec.metrics)})
+        name: spec.model_copy(update={"metrics": metrics.get(name, {})})
         for name, spec in manifest.tasks.items()
     }
-    training = {
-        **manifest.training,
-        "metrics": METRICS_NOTE,
-        "metrics_date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-    }
+    training = {**manifest.training, "metrics": METRICS_NOTE}
     return manifest.model_copy(update={"tasks": tasks, "training": training})
 
 
@@ -92,14 +96,16 @@ def rescore_bundle(
     files = {name: (path / name).read_bytes() for name in manifest.files}
     rescored = with_served_metrics(manifest, files, ds, log)
     quantised = rescored.training.get("quantization")
-    if isinstance(quantised, dict) and "metrics" in quantised:  # "the float graphs'", before
+    measured = rescored.training.get("metrics") == METRICS_NOTE
+    if measured and isinstance(quantised, dict) and "metrics" in quantised:
+        # quantize's own note from before this module: "the float graphs'" figures
         quantised = {k: v for k, v in quantised.items() if k != "metrics"}
         training = {**rescored.training, "quantization": quantised}
         rescored = rescored.model_copy(update={"training": training})
     for name, spec in rescored.tasks.items():
         before = manifest.tasks[name].metrics
-        changed = {k: v for k, v in spec.metrics.items() if before.get(k) != v}
-        log(f"{name}: {len(changed)} figures rescored")
+        changed = {k for k in {*spec.metrics, *before} if before.get(k) != spec.metrics.get(k)}
+        log(f"{name}: {len(changed)} of {len(spec.metrics)} figures changed")
     return write_bundle(path if out is None else out, rescored, files, signing_key=signing_key)
 
 
