@@ -73,3 +73,30 @@ def test_demo_without_a_bundle_says_how_to_build_one(tmp_path: Path) -> None:
         find_bundle(bundle)  # the bundle itself, not its directory
     with pytest.raises(DemoError, match=r"no verified Cu K-edge model bundle"):
         run_demo(scans=1, models_dir=tmp_path, store_dir=tmp_path / "s", http_port=0)
+
+
+def test_demo_lines_from_two_threads_never_run_together() -> None:
+    """The beamline relay and the result printer print from two threads; ``print`` writes a
+    line and its newline apart, so a slow terminal showed "... valence +1analysis of ..."."""
+    import threading
+    import time
+
+    from xasflow.sim.demo_printer import say
+
+    class SlowTerminal(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(1e-4)  # the other thread gets the GIL in between
+            return super().write(text)
+
+    out = SlowTerminal()
+    lines = {who: [f"{who} line {k}" for k in range(40)] for who in ("beamline", "analysis")}
+    threads = [
+        threading.Thread(target=lambda own=own: [say(out, line) for line in own])
+        for own in lines.values()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = out.getvalue().splitlines()
+    assert sorted(written) == sorted(lines["beamline"] + lines["analysis"])

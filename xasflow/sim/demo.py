@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 from xasflow import paths
 from xasflow.adapters.probes import PROBE_KEY
-from xasflow.sim.demo_printer import Printer, format_result
+from xasflow.sim.demo_printer import Printer, format_result, say
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
 
@@ -103,12 +103,12 @@ def _read_beamline(
             try:
                 msg = json.loads(line)
             except json.JSONDecodeError:
-                print(f"beamline: {line}", file=out, flush=True)
+                say(out, f"beamline: {line}")
                 continue
             if isinstance(msg, dict) and "run" in msg:
                 on_run(msg)
             elif isinstance(msg, dict) and "error" in msg:
-                print(f"beamline error: {msg['error']}", file=out, flush=True)
+                say(out, f"beamline error: {msg['error']}")
 
     thread = threading.Thread(target=pump, name="xasflow-demo-beamline", daemon=True)
     thread.start()

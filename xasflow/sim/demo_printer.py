@@ -13,7 +13,18 @@ from typing import Any, TextIO
 
 from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
 
-__all__ = ["Printer", "format_result"]
+__all__ = ["Printer", "format_result", "say"]
+
+#: One line at a time on the demo's output: the beamline relay and the result printer are two
+#: threads, and ``print`` writes a line and its newline separately, so lines could run together.
+_SAY = threading.Lock()
+
+
+def say(out: TextIO, line: str) -> None:
+    """Write ``line`` and its newline to ``out`` whole, then flush (thread-safe)."""
+    with _SAY:
+        out.write(line + "\n")
+        out.flush()
 
 
 def format_result(doc: dict[str, Any], label: str = "") -> str:
@@ -91,7 +102,7 @@ class Printer:
         )
 
     def _print(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        say(self.out, line)
 
     def _label(self, raw_uid: str) -> str:
         info = self.runs.get(raw_uid, {})
