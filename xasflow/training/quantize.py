@@ -27,7 +27,7 @@ from xasflow.models.batch import member_mean, member_spread
 from xasflow.models.bundle import Manifest, TaskSpec, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
-from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
+from xasflow.training.rebuild import open_for_rewrite, rebuild, rewrite_main
 from xasflow.training.select import BaseOutputs, calibrate_outputs
 from xasflow.training.served_metrics import with_served_metrics
 
@@ -210,10 +210,7 @@ def quantize_bundle(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: quantise one bundle directory."""
-    args = bundle_parser(__doc__.splitlines()[0]).parse_args(argv)
-    path = quantize_bundle(args.bundle, args.out, args.data, args.signing_key)
-    print(f"wrote {path}")
-    return 0
+    return rewrite_main(quantize_bundle, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ training used for fitting, validation and test.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +82,14 @@ def bundle_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--data", help="training data (default: the manifest's training.source)")
     ap.add_argument("--signing-key", help="Ed25519 private key PEM, for a signed bundle")
     return ap
+
+
+def rewrite_main(
+    step: Callable[[str, str | None, str | None, str | None], Path],
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The command line of a step that rewrites one bundle: ``step(bundle, out, data, key)``."""
+    args = bundle_parser(description).parse_args(argv)
+    print(f"wrote {step(args.bundle, args.out, args.data, args.signing_key)}")
+    return 0

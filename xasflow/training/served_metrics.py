@@ -25,7 +25,7 @@ from xasflow.models.bundle import Manifest, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset
 from xasflow.training.evaluate import NoTestRows, evaluate_bundle
-from xasflow.training.rebuild import bundle_parser, open_for_rewrite, training_data
+from xasflow.training.rebuild import open_for_rewrite, rewrite_main, training_data
 
 __all__ = ["METRICS_NOTE", "rescore_bundle", "served_metrics", "with_served_metrics"]
 
@@ -111,10 +111,7 @@ def rescore_bundle(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: rescore one bundle directory."""
-    args = bundle_parser(__doc__.splitlines()[0]).parse_args(argv)
-    path = rescore_bundle(args.bundle, args.out, args.data, args.signing_key)
-    print(f"wrote {path}")
-    return 0
+    return rewrite_main(rescore_bundle, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
