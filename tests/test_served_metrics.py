@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from synthetic_feff import write_tree
 from xasflow.models.bundle import verify_bundle, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset
-from xasflow.training.evaluate import evaluate_bundle
+from xasflow.training.evaluate import evaluate_bundle, training_baselines
 from xasflow.training.rebuild import training_data
+from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, trivial_answers
 from xasflow.training.served_metrics import METRICS_NOTE, rescore_bundle, with_served_metrics
 from xasflow.training.split import bundle_split
 
@@ -113,3 +115,61 @@ def test_a_signed_bundle_is_not_rescored_without_its_key(
     (copy / "manifest.sig").write_text("{}")
     with pytest.raises(ValueError, match="signed"):
         rescore_bundle(copy)
+
+
+def test_the_trivial_answers_give_the_baselines_the_training_targets_give() -> None:
+    """``evaluate_task`` with the recorded trivial answers scores the same baselines as with
+    the training targets they came from, for every kind of task."""
+    rng = np.random.default_rng(3)
+    y_train = rng.choice([2, 4, 4, 6], 300)
+    y_test, pred = rng.choice([2, 4, 6], 80), rng.choice([2, 4, 6], 80)
+    motifs_train = rng.dirichlet(np.full(len(MOTIF_NAMES), 0.3), 300)
+    motifs_test = rng.dirichlet(np.full(len(MOTIF_NAMES), 0.3), 80)
+    cases = [
+        ("cn", "classifier", pred, y_test, y_train),
+        (
+            "distance",
+            "regressor",
+            rng.normal(2, 0.1, 80),
+            rng.normal(2, 0.1, 80),
+            rng.normal(2.1, 0.1, 300),
+        ),
+        ("motifs", "multi_regressor", motifs_test[::-1], motifs_test, motifs_train),
+    ]
+    for name, kind, p, test, train in cases:
+        trivial = json.loads(
+            json.dumps(trivial_answers(name, kind, train))
+        )  # as a manifest holds it
+        with_rows = evaluate_task(name, kind, p, test, train)
+        recorded = evaluate_task(name, kind, p, test, None, trivial=trivial)
+        assert {k: v for k, v in recorded.items() if "baseline" in k} == {
+            k: v for k, v in with_rows.items() if "baseline" in k
+        }, name
+    assert trivial_answers("cn", "classifier", y_train) == {"answer": 4}
+
+
+def test_references_are_measured_against_the_training_rows_trivial_answers(
+    tiny_cu_bundle: Path, training_set: Dataset, tmp_path: Path
+) -> None:
+    """Measured references are scored without the training rows: their baselines are the
+    bundle's recorded trivial answers, not the best constant in hindsight on the scored set."""
+    manifest = verify_bundle(tiny_cu_bundle)
+    recorded = manifest.training["baselines"]
+    assert recorded == training_baselines(manifest, training_set)
+    refs = dataclasses.replace(training_set, fingerprint="refs", measured=True)
+    ev = evaluate_bundle(Predictor(tiny_cu_bundle), refs)
+    truth = ev.truths["cn"]
+    assert ev.tasks["cn"]["baseline_from"] == "training rows"
+    assert ev.tasks["cn"]["baseline_accuracy"] == np.mean(truth == recorded["cn"]["answer"])
+    dist = ev.truths["distance"]
+    assert ev.tasks["distance"]["baseline_mae"] == pytest.approx(
+        np.mean(np.abs(dist - recorded["distance"]["mean"]))
+    )
+    # a bundle from before the record: the scored rows' own (hindsight), and said so
+    files = {name: (tiny_cu_bundle / name).read_bytes() for name in manifest.files}
+    older = {k: v for k, v in manifest.training.items() if k != "baselines"}
+    old = write_bundle(tmp_path / "old", manifest.model_copy(update={"training": older}), files)
+    hindsight = evaluate_bundle(Predictor(old), refs).tasks["cn"]
+    assert hindsight["baseline_from"] == "scored rows"
+    modal = max(set(truth.tolist()), key=truth.tolist().count)
+    assert hindsight["baseline_accuracy"] == np.mean(truth == modal)

@@ -20,7 +20,7 @@ from xasflow.training import calibrate as C
 from xasflow.training import labels as L
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset, material_average
 from xasflow.training.fit import TASKS, task_targets
-from xasflow.training.scoring import MOTIF_NAMES, evaluate_task
+from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, trivial_answers
 from xasflow.training.split import bundle_split
 
 
@@ -181,8 +181,11 @@ def _score(
     manifest: Manifest,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Metrics of ``pred`` (aligned to ``rows``) against the labels; baselines from
-    ``train_rows``; motif rankings cut where ``manifest``'s bundle cuts them."""
+    ``train_rows``, or without them the trivial answers the bundle recorded from its own
+    training rows (``training.baselines``; a bundle without them: the scored rows' own,
+    a hindsight baseline); motif rankings cut where ``manifest``'s bundle cuts them."""
     targets = task_targets(ds, np.arange(len(ds)))
+    recorded = manifest.training.get("baselines") or {}
     tasks: dict[str, dict[str, Any]] = {}
     preds: dict[str, np.ndarray] = {}
     truths: dict[str, np.ndarray] = {}
@@ -193,6 +196,7 @@ def _score(
         keep = valid[rows]
         if not keep.any():
             continue
+        trivial = recorded.get(name) if train_rows is None else None
         base_rows = train_rows[valid[train_rows]] if train_rows is not None else rows[keep]
         spec = manifest.tasks.get(name)
         tasks[name] = evaluate_task(
@@ -202,10 +206,29 @@ def _score(
             target[rows][keep],
             target[base_rows],
             spec.threshold if spec is not None else None,
+            trivial=trivial,
+        )
+        tasks[name]["baseline_from"] = (
+            "training rows" if train_rows is not None or trivial is not None else "scored rows"
         )
         preds[name] = pred[name][keep]
         truths[name] = target[rows][keep]
     return tasks, preds, truths
+
+
+def training_baselines(manifest: Manifest, ds: Dataset) -> dict[str, dict[str, Any]]:
+    """Per task the :func:`~xasflow.training.scoring.trivial_answers` of the rows the bundle's
+    recorded split used for fitting and validation (the rows its test baselines come from),
+    for ``training.baselines``. ``ds`` is the bundle's training data."""
+    g = grid_dataset(ds, manifest.prep)
+    sub = ds.subset(g.rows)
+    parts = bundle_split(sub, manifest.training)
+    train_rows = np.concatenate([parts["train"], parts["val"]])
+    out: dict[str, dict[str, Any]] = {}
+    for name, (kind, target, valid) in task_targets(sub, train_rows).items():
+        if name in manifest.tasks and valid.any():
+            out[name] = trivial_answers(name, kind, target[valid])
+    return out
 
 
 def cn_label_ambiguity(

@@ -7,7 +7,6 @@ coordination, MAE and R^2 for distances and charges.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -21,12 +20,6 @@ def accuracy(y_true: Values, y_pred: Values) -> float:
     """Fraction of exact matches."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
     return float(np.mean(t == p)) if t.size else float("nan")
-
-
-def modal_accuracy(y_train: Values, y_test: Values) -> float:
-    """Accuracy of always predicting the training set's most common label."""
-    mode = Counter(np.asarray(y_train).tolist()).most_common(1)[0][0]
-    return accuracy(y_test, [mode] * len(y_test))
 
 
 def f1_per_class(y_true: Values, y_pred: Values) -> dict[str, float]:
@@ -80,11 +73,6 @@ def r2(y_true: Values, y_pred: Values) -> float:
     ss_res = np.sum((t - p) ** 2)
     ss_tot = np.sum((t - t.mean()) ** 2)
     return float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
-
-
-def mean_baseline_mae(y_train: Values, y_test: Values) -> float:
-    """MAE of always predicting the training mean."""
-    return mae(y_test, np.full(len(y_test), float(np.mean(np.asarray(y_train, float)))))
 
 
 def ranking_from_scores(

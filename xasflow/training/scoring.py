@@ -5,6 +5,7 @@ Shared by training (choosing, reporting), evaluation and the served-model select
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -16,47 +17,67 @@ from xasflow.training import metrics as M
 MOTIF_NAMES = [L.environment_label(i) for i in range(len(L.MOTIFS))]
 
 
+def trivial_answers(name: str, kind: str, y_train: np.ndarray) -> dict[str, Any]:
+    """What a model that never looks at the spectrum answers, from the training targets: the
+    most common class (``answer``), the mean (``mean``), or for the motif ranking the most
+    common top motif and label set (``top``, ``set``). Plain JSON values: a manifest records
+    them (``training.baselines``) so that data scored without the training rows (measured
+    references) are measured against the same trivial model."""
+    if name == "motifs":
+        tops = [MOTIF_NAMES[i] for i in np.argmax(y_train, axis=1)]
+        sets = M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD)
+        modal = max(set(sets), key=sets.count)
+        return {"top": Counter(tops).most_common(1)[0][0], "set": list(modal)}
+    if kind == "classifier":
+        mode = Counter(np.asarray(y_train).tolist()).most_common(1)[0][0]
+        return {"answer": mode.item() if isinstance(mode, np.generic) else mode}
+    return {"mean": float(np.mean(np.asarray(y_train, float)))}
+
+
 def evaluate_task(
     name: str,
     kind: str,
     pred: np.ndarray,
     y_test: np.ndarray,
-    y_train: np.ndarray,
+    y_train: np.ndarray | None,
     set_threshold: float | None = None,
+    trivial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of one task, with the baseline each must beat.
 
-    ``set_threshold``: where the predicted motif scores are cut into a ranking (a bundle's
-    ``tasks.motifs.threshold``, what the daemon serves; None, which the daemon serves uncut,
-    is cut at the label threshold here, and every exported bundle sets it); the labels' own
-    sets are always cut at ``labels.MOTIF_THRESHOLD``, their definition. A predicted ranking
-    keeps its top motif even below the cut (the daemon's too, when it has a CN-led head).
+    The baselines score :func:`trivial_answers` of ``y_train``, or ``trivial`` when given
+    (then ``y_train`` may be None). ``set_threshold``: where the predicted motif scores are cut
+    into a ranking (a bundle's ``tasks.motifs.threshold``, what the daemon serves; None, which
+    the daemon serves uncut, is cut at the label threshold here, and every exported bundle sets
+    it); the labels' own sets are always cut at ``labels.MOTIF_THRESHOLD``, their definition.
+    A predicted ranking keeps its top motif even below the cut (the daemon's too, when it has a
+    CN-led head).
     """
+    if trivial is None:
+        if y_train is None:
+            raise ValueError("give the training targets or their trivial answers")
+        trivial = trivial_answers(name, kind, y_train)
+    n = len(y_test)
     if name == "motifs":
         true_top = [MOTIF_NAMES[i] for i in np.argmax(y_test, axis=1)]
         pred_top = [MOTIF_NAMES[i] for i in np.argmax(pred, axis=1)]
-        train_top = [MOTIF_NAMES[i] for i in np.argmax(y_train, axis=1)]
         true_sets = M.ranking_from_scores(y_test, MOTIF_NAMES, L.MOTIF_THRESHOLD)
         cut = L.MOTIF_THRESHOLD if set_threshold is None else set_threshold
         pred_sets = M.ranking_from_scores(pred, MOTIF_NAMES, cut)
-        modal_set = max(
-            set(M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD)),
-            key=M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD).count,
-        )
         return {
             "top1_accuracy": M.accuracy(true_top, pred_top),
-            "baseline_top1_accuracy": M.modal_accuracy(train_top, true_top),
+            "baseline_top1_accuracy": M.accuracy(true_top, [trivial["top"]] * n),
             "jaccard": M.jaccard(true_sets, pred_sets),
-            "baseline_jaccard": M.jaccard(true_sets, [modal_set] * len(true_sets)),
-            "n_test": len(y_test),
+            "baseline_jaccard": M.jaccard(true_sets, [tuple(trivial["set"])] * n),
+            "n_test": n,
         }
     if kind == "classifier":
         out: dict[str, Any] = {
             "accuracy": M.accuracy(y_test, pred),
-            "baseline_accuracy": M.modal_accuracy(y_train, y_test),
+            "baseline_accuracy": M.accuracy(y_test, [trivial["answer"]] * n),
             "f1_macro": M.f1_macro(y_test, pred),
             "f1_per_class": M.f1_per_class(y_test, pred),
-            "n_test": len(y_test),
+            "n_test": n,
         }
         names, cm = M.confusion(y_test, pred)
         out["confusion"] = {"classes": names, "matrix": cm.tolist()}
@@ -64,8 +85,8 @@ def evaluate_task(
     return {
         "mae": M.mae(y_test, pred),
         "r2": M.r2(y_test, pred),
-        "baseline_mae": M.mean_baseline_mae(y_train, y_test),
-        "n_test": len(y_test),
+        "baseline_mae": M.mae(y_test, np.full(n, float(trivial["mean"]))),
+        "n_test": n,
     }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from xasflow.models.bundle import Manifest, write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset
-from xasflow.training.evaluate import NoTestRows, evaluate_bundle
+from xasflow.training.evaluate import NoTestRows, evaluate_bundle, training_baselines
 from xasflow.training.rebuild import open_for_rewrite, rewrite_main, training_data
 
 __all__ = ["METRICS_NOTE", "rescore_bundle", "served_metrics", "with_served_metrics"]
@@ -63,7 +63,9 @@ def with_served_metrics(
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """``manifest`` with each task's metrics measured on the bundle ``manifest`` + ``files``
-    would be (a verified draft, scored on ``ds``; a task evaluate cannot score has none).
+    would be (a verified draft, scored on ``ds``; a task evaluate cannot score has none), and
+    the trivial answers of its training rows (``training.baselines``: the baselines of data
+    scored without them, such as measured references).
     Where ``ds`` holds no test row of the bundle's split the metrics stay, and
     ``training.metrics`` says they were not measured as served, and why."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +80,11 @@ def with_served_metrics(
         name: spec.model_copy(update={"metrics": metrics.get(name, {})})
         for name, spec in manifest.tasks.items()
     }
-    training = {**manifest.training, "metrics": METRICS_NOTE}
+    training = {
+        **manifest.training,
+        "metrics": METRICS_NOTE,
+        "baselines": training_baselines(manifest, ds),
+    }
     return manifest.model_copy(update={"tasks": tasks, "training": training})
 
 
