@@ -200,6 +200,8 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         dashboard = d.parts.app.state.dashboard
         latest = d.parts.pipeline.latest
         cn = latest.prediction.results["cn"]
+        # the ranking led by the motif of the CN answered, which its regressor scores low
+        led = [(f"CN{cn.value}-led", 0.01), ("CN9-other", 0.4)]
         doubt = dataclasses.replace(
             latest.prediction,
             flags=[*latest.prediction.flags, OUT_OF_DOMAIN, HERFD_SUSPECTED],
@@ -207,6 +209,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             results={
                 **latest.prediction.results,
                 "cn": dataclasses.replace(cn, prediction_set=[2, 4]),
+                "motifs": dataclasses.replace(latest.prediction.results["motifs"], ranking=led),
             },
         )
         dashboard.offer_latest(dataclasses.replace(latest, prediction=doubt))
@@ -223,6 +226,9 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert "not to be trusted" in (page.text_content("#ood-banner") or "")
         assert "looks like HERFD" in (page.text_content("#ood-banner") or "")  # the daemon's hint
         assert page.text_content("#cn-set") == "90 % set {2, 4}"
+        head = page.locator("#motifs li").first
+        assert (head.locator(".note").text_content() or "").strip() == f"motif of CN {cn.value}"
+        assert page.locator("#motifs li").nth(1).locator(".note").count() == 0
         assert "ood" in (page.get_attribute("#prediction-card", "class") or "")
         first = page.locator("#runs-table tr").nth(1).locator("td")
         assert first.nth(0).text_content() == "ood-run"

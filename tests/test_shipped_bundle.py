@@ -279,3 +279,22 @@ def test_predict_hints_at_undeclared_herfd(
     declared = out[True][str(files[("herfd", "Cu2O")])]
     assert declared["flags"] == [] and declared["tasks"]["cn"]["value"] == 2
     assert out[True][str(files[("conv", "CuCl")])]["error"] == "edge_step"
+
+
+def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
+    """The motif ranking leads with the motif of the CN answered (make_consistent), even one
+    its regressor scores low; ``xasflow predict`` says so instead of showing 0.00 first bare."""
+    from xasflow.cli import _describe
+    from xasflow.models.results import Prediction, task_result
+
+    manifest = verify_bundle(BUNDLE)
+
+    def motif_line(ranking: list[tuple[str, float]]) -> str:
+        results = {"cn": task_result(1), "motifs": task_result(ranking[0][0], ranking=ranking)}
+        pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
+        return next(line for line in _describe(pred, manifest) if "motifs" in line)
+
+    led = motif_line([("CN1-single bond", 0.0), ("CN12-cuboctahedral", 0.24)])
+    assert led.endswith("CN12-cuboctahedral 0.24; led by the motif of CN 1)")
+    plain = motif_line([("CN4-square co-planar", 0.58), ("CN4-tetrahedral", 0.2)])
+    assert plain.endswith("CN4-tetrahedral 0.20)")

@@ -176,6 +176,9 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
             lines.append(f"  {name:12s} {value}  ({probs}){chosen}")
         elif res.ranking is not None:
             rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
+            if res.ranking and res.ranking[0][1] < max(v for _, v in res.ranking):
+                # make_consistent: the ranking's head is the motif of the CN answered
+                rank += f"; led by the motif of CN {cn.value if cn is not None else '?'}"
             lines.append(f"  {name:12s} {value}  (ranking: {rank})")
         else:
             spec = manifest.tasks.get(name)

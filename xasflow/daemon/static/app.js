@@ -343,9 +343,13 @@
     $("environment").textContent = pred.environment || "–";
     const motifs = $("motifs");
     clear(motifs);
-    (pred.motifs || []).forEach(([label, score]) => {
+    const ranked = pred.motifs || [];
+    // the head is the motif of the CN answered (make_consistent), even one scored low
+    const led = ranked.length > 1 && ranked[0][1] < Math.max(...ranked.map((r) => r[1]));
+    ranked.forEach(([label, score], i) => {
       const li = el("li", null, label);
       li.appendChild(el("span", "score", fmt(score, 2)));
+      if (i === 0 && led && cn) li.appendChild(el("span", "note", ` motif of CN ${cn.value}`));
       motifs.appendChild(li);
     });
     const val = t.valence;
