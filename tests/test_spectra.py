@@ -198,7 +198,7 @@ def test_polynomial_features_recover_piecewise_cubics() -> None:
         assert np.allclose(rebuilt, y[edges[p] : edges[p + 1]], atol=1e-10)
 
 
-def test_featurize_is_the_matrix_product_and_names_line_up() -> None:
+def test_feature_blocks_and_names_line_up() -> None:
     prep = PrepParams(n_points=64)
     spec = FeatureSpec()
     y = prepare(edge_spectrum(), prep).y
@@ -208,9 +208,19 @@ def test_featurize_is_the_matrix_product_and_names_line_up() -> None:
     assert x[0, 64] == pytest.approx(prep.grid[np.argmax(y)], abs=1e-4)
     assert x[0, 65] == pytest.approx(y.max(), abs=1e-6)
     feats = featurize(y, spec, prep)
-    assert np.allclose(feats, x.astype(np.float64) @ linear_matrix(spec, prep))
     names = feature_names(spec, prep)
     assert len(names) == feats.shape[1] == feature_energies(spec, prep).size
+    # each block against its own definition, on the float32 input the graphs get
+    y32 = y.astype(np.float32).astype(np.float64)
+    assert names[0].startswith("mu@") and np.allclose(feats[0, :64], y32, atol=1e-12)
+    assert names[-2:] == ["whiteline_energy", "whiteline_height"]
+    assert np.allclose(feats[0, -2:], x[0, 64:66], atol=1e-12)
+    # the first partition's cubic (4 pieces over the 64 points), refitted by numpy
+    first = [k for k, name in enumerate(names) if name.startswith("poly4[")][:4]
+    xs = prep.grid[:16]
+    t = (xs - xs.mean()) / (np.ptp(xs) / 2)
+    coefs = np.linalg.lstsq(np.vander(t, 4, increasing=True), y32[:16], rcond=None)[0]
+    assert np.allclose(feats[0, first], coefs, atol=1e-8)
     # the derivative block equals a centred finite difference
     d = feats[0, 64:128]
     assert np.allclose(d[1:-1], np.gradient(y, prep.grid)[1:-1], atol=1e-4)
@@ -273,7 +283,14 @@ def test_edge_step_falls_back_when_quadratic_dives() -> None:
         np.polyfit(rel[(rel >= 40) & (rel <= 110)], mu[(rel >= 40) & (rel <= 110)], 2), 0
     )
     assert quad < 0  # the case the fallback exists for
-    y, step = normalize(Spectrum(energy=energy, mu=mu, element="Cu"), e0, params)
+    spectrum = Spectrum(energy=energy, mu=mu, element="Cu")
+    # the legacy fit (+40..+110 eV, degree 2) falls back to the straight line there
+    window = (rel >= 40) & (rel <= 110)
+    line = np.polyval(np.polyfit(rel[window], mu[window], 1), 0)
+    y, step = normalize(spectrum, e0, PrepParams(method="legacy"))
+    assert step == pytest.approx(line, abs=0.01) and np.all(np.isfinite(y))
+    # Larch's rules (the default) choose their own range and degree: a positive step too
+    y, step = normalize(spectrum, e0, params)
     assert step > 0 and np.all(np.isfinite(y))
 
 
