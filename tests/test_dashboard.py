@@ -212,6 +212,13 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
         assert pred["tasks"]["distance"]["uncertainty"] == pytest.approx(
             manifest.tasks["distance"].metrics["mae"]
         )
+        # the tiny bundle's calibration rows are too few for a 90 % distance interval: its
+        # quantile stands for infinity, and the page is told "unbounded", not +-1e6
+        conf = manifest.tasks["distance"].conformal
+        assert conf is not None and conf.qhat >= 1e6
+        shown = pred["tasks"]["distance"]
+        assert shown["coverage"] == pytest.approx(1 - conf.alpha)
+        assert shown["interval_unbounded"] is True and "interval" not in shown
         assert pred["environment"] == event["motif"]
         ranked = json.loads(event["motif_ranking"])
         assert pred["motifs"] == [list(x) for x in ranked[: len(pred["motifs"])]]

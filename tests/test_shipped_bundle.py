@@ -298,3 +298,24 @@ def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     assert led.endswith("CN12-cuboctahedral 0.24; led by the motif of CN 1)")
     plain = motif_line([("CN4-square co-planar", 0.58), ("CN4-tetrahedral", 0.2)])
     assert plain.endswith("CN4-tetrahedral 0.20)")
+
+
+def test_predict_says_an_interval_is_unbounded_rather_than_print_a_million() -> None:
+    """A bundle calibrated on too few rows for its coverage records the quantile as 1e6 (JSON
+    has no infinity); ``xasflow predict`` says "unbounded", not [-999997.9, 1000002.1]."""
+    from xasflow.cli import _describe
+    from xasflow.models.results import Prediction, task_result
+
+    manifest = verify_bundle(BUNDLE)
+    results = {"distance": task_result(2.1, interval=(1.95, 2.25))}
+    pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
+    (line,) = _describe(pred, manifest)
+    assert line.endswith("90% interval [1.950, 2.250]")
+    spec = manifest.tasks["distance"]
+    assert spec.conformal is not None
+    wide = spec.model_copy(update={"conformal": spec.conformal.model_copy(update={"qhat": 1e6})})
+    starved = manifest.model_copy(update={"tasks": {**manifest.tasks, "distance": wide}})
+    results = {"distance": task_result(2.1, interval=(2.1 - 1e6, 2.1 + 1e6))}
+    pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
+    (line,) = _describe(pred, starved)
+    assert line.endswith("90% interval unbounded (too few calibration rows for that coverage)")

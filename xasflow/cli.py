@@ -147,6 +147,8 @@ UNIT_SYMBOLS = {"angstrom": "Å"}
 def _describe(pred: Any, manifest: Any) -> list[str]:
     """Human-readable lines of a prediction: each answer with its doubt (the conformal
     coverage is the bundle's, and holds only in domain: out of domain the sets are marked)."""
+    from xasflow.models.uncertainty import is_unbounded
+
     lines = []
     if pred.out_of_domain:
         lines.append(
@@ -183,11 +185,12 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
         else:
             spec = manifest.tasks.get(name)
             unit = f" {UNIT_SYMBOLS.get(spec.unit, spec.unit)}" if spec and spec.unit else ""
-            span = (
-                f"  {doubt(name, 'interval')} [{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
-                if res.interval is not None
-                else ""
-            )
+            span = ""
+            if res.interval is not None:
+                bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
+                if spec is not None and spec.conformal and is_unbounded(spec.conformal.qhat):
+                    bounds = "unbounded (too few calibration rows for that coverage)"
+                span = f"  {doubt(name, 'interval')} {bounds}"
             lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
     return lines
 

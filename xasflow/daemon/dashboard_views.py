@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from xasflow.daemon.documents import finite_number
+from xasflow.models.uncertainty import is_unbounded
 
 __all__ = [
     "RunView",
@@ -278,8 +279,14 @@ def latest_views(
             entry["n_ranked"] = len(r.ranking)
         if r.prediction_set is not None:
             entry["prediction_set"] = list(r.prediction_set)
+        conf = spec_t.conformal if spec_t is not None else None
         if r.interval is not None:
-            entry["interval"] = [r.interval[0], r.interval[1]]
+            if conf is not None and is_unbounded(conf.qhat):  # too few calibration rows
+                entry["interval_unbounded"] = True
+            else:
+                entry["interval"] = [r.interval[0], r.interval[1]]
+        if conf is not None:
+            entry["coverage"] = 1.0 - conf.alpha
         if spec_t is not None:
             entry["metrics"] = dict(spec_t.metrics)
             entry["unit"] = spec_t.unit

@@ -106,6 +106,16 @@ def set_labels(
     return [[classes[int(k)] for k in o if row[k]] for row, o in zip(mask, order, strict=True)]
 
 
+#: A conformal quantile this large stands for infinity (JSON has none): too few calibration
+#: rows for the coverage asked, so the set holds every class and the interval is unbounded.
+UNBOUNDED_QHAT = 1e6
+
+
+def is_unbounded(qhat: float) -> bool:
+    """Whether a fitted conformal quantile covers everything (:data:`UNBOUNDED_QHAT`)."""
+    return not qhat < UNBOUNDED_QHAT
+
+
 def intervals(
     pred: np.ndarray, qhat: float, scale: np.ndarray | None = None, offset: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:

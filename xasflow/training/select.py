@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.bundle import ConformalSpec
+from xasflow.models.uncertainty import UNBOUNDED_QHAT
 from xasflow.training import calibrate as C
 
 #: The estimators a task may average; "ensemble" is the average of every available one.
@@ -83,8 +84,8 @@ def candidates(bases: dict[str, BaseOutputs]) -> dict[str, tuple[tuple[str, ...]
 
 
 def _finite(q: float) -> float:
-    """A conformal quantile for the manifest (JSON has no infinity; 1e6 covers everything)."""
-    return float(min(q, 1e6))
+    """A conformal quantile for the manifest (JSON has no infinity: ``UNBOUNDED_QHAT``)."""
+    return float(min(q, UNBOUNDED_QHAT))
 
 
 def calibrate_classifier(

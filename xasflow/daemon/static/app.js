@@ -357,8 +357,10 @@
     $("valence-p").textContent = val && val.confidence !== undefined ? "p " + pct(val.confidence) : "";
     bars($("valence-bars"), val && val.probabilities, val && val.value);
     const dist = t.distance, charge = t.charge;
-    const interval = (t, digits) => t && t.interval
-      ? ` (90 %: ${fmt(t.interval[0], digits)}–${fmt(t.interval[1], digits)})` : "";
+    const level = (t) => `${Math.round(100 * (t.coverage ?? 0.9))} %`;
+    const interval = (t, digits) => !t ? "" : t.interval
+      ? ` (${level(t)}: ${fmt(t.interval[0], digits)}–${fmt(t.interval[1], digits)})`
+      : t.interval_unbounded ? ` (${level(t)}: unbounded, too few calibration rows)` : "";
     $("distance-value").textContent = dist
       ? `${fmt(dist.value, 3)} ± ${fmt(dist.uncertainty, 3)} Å${interval(dist, 3)}` : "–";
     $("charge-value").textContent = charge
