@@ -247,7 +247,9 @@ def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> N
         assert len(state["spectrum"]["energy"]) <= 800  # raw arrays decimated for the page
         assert state["runs"][0]["raw_uid"] == fly_uid and state["runs"][1]["raw_uid"] == step_uid
         h = state["health"]
-        assert h["analysed"] >= 5 and h["queue_depth"] >= 0 and isinstance(h["rejected"], dict)
+        # the step scan's spectrum and the fly scan's four, nothing refused, nothing waiting
+        assert h["analysed"] == d.counters.snapshot()["spectra_analysed"] == 5
+        assert h["queue_depth"] == 0 and h["rejected"] == {}
         # /api/state gives the same view in one request
         status, _, body = http_get(f"{d.http_url}/api/state")
         assert status == 200 and json.loads(body)["run"]["raw_uid"] == fly_uid

