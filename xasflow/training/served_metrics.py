@@ -7,7 +7,7 @@ Training scores each candidate on its raw outputs, task by task. The served bund
 after calibration, after the CN-consistent decode of the CN-motif label and the motif ranking
 (:func:`~xasflow.models.batch.make_consistent`) and, once quantised, through int8 graphs. On
 the shipped Cu bundle the motif ranking's top label scored 0.626 raw and 0.690 served, and the
-CN-motif label 0.703 raw and 0.690 served; the dashboard and ``/models`` showed the raw ones.
+CN-motif label 0.703 raw and 0.690 served; the dashboard and ``/health`` showed the raw ones.
 Every step that writes a bundle's graphs (:func:`~xasflow.training.bundle_export.export_bundle`,
 :func:`~xasflow.training.quantize.quantize_bundle`) scores the draft before sealing it, and
 ``python -m xasflow.training.served_metrics BUNDLE`` rescores an existing one in place.
