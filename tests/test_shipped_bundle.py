@@ -318,4 +318,4 @@ def test_predict_says_an_interval_is_unbounded_rather_than_print_a_million() -> 
     results = {"distance": task_result(2.1, interval=(2.1 - 1e6, 2.1 + 1e6))}
     pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
     (line,) = _describe(pred, starved)
-    assert line.endswith("90% interval unbounded (too few calibration rows for that coverage)")
+    assert line.endswith("90% interval unbounded (the bundle's calibration gives no finite bound)")

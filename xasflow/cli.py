@@ -189,7 +189,7 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
             if res.interval is not None:
                 bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
                 if spec is not None and spec.conformal and is_unbounded(spec.conformal.qhat):
-                    bounds = "unbounded (too few calibration rows for that coverage)"
+                    bounds = "unbounded (the bundle's calibration gives no finite bound)"
                 span = f"  {doubt(name, 'interval')} {bounds}"
             lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
     return lines

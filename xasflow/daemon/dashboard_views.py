@@ -281,7 +281,7 @@ def latest_views(
             entry["prediction_set"] = list(r.prediction_set)
         conf = spec_t.conformal if spec_t is not None else None
         if r.interval is not None:
-            if conf is not None and is_unbounded(conf.qhat):  # too few calibration rows
+            if conf is not None and is_unbounded(conf.qhat):  # no finite bound was fitted
                 entry["interval_unbounded"] = True
             else:
                 entry["interval"] = [r.interval[0], r.interval[1]]

@@ -107,7 +107,8 @@ def set_labels(
 
 
 #: A conformal quantile this large stands for infinity (JSON has none): too few calibration
-#: rows for the coverage asked, so the set holds every class and the interval is unbounded.
+#: rows for the coverage asked, or (scaled intervals) spreads too small to scale, so the set
+#: holds every class and the interval is unbounded.
 UNBOUNDED_QHAT = 1e6
 
 

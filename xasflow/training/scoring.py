@@ -26,7 +26,7 @@ def trivial_answers(name: str, kind: str, y_train: np.ndarray) -> dict[str, Any]
     if name == "motifs":
         tops = [MOTIF_NAMES[i] for i in np.argmax(y_train, axis=1)]
         sets = M.ranking_from_scores(y_train, MOTIF_NAMES, L.MOTIF_THRESHOLD)
-        modal = max(set(sets), key=sets.count)
+        modal = Counter(sets).most_common(1)[0][0]  # ties: the first seen, whatever the hash
         return {"top": Counter(tops).most_common(1)[0][0], "set": list(modal)}
     if kind == "classifier":
         mode = Counter(np.asarray(y_train).tolist()).most_common(1)[0][0]

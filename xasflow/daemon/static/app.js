@@ -296,6 +296,9 @@
       last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
   }
 
+  // the conformal coverage a bundle's sets and intervals were fitted for (90 % before it said)
+  const level = (t) => `${Math.round(100 * ((t && t.coverage) ?? 0.9))} %`;
+
   function renderDoubt(pred, last) {
     // out of the bundle's domain: say so over the answer, so no one takes it for one
     const ood = pred ? !!pred.out_of_domain : !!(last && last.out_of_domain);
@@ -313,7 +316,7 @@
     const cn = pred && pred.tasks && pred.tasks.cn;
     const set = cn && cn.prediction_set ? setList(cn.prediction_set.map((v) => fmt(v, 0)))
       : last && last.cn_set ? "{" + String(last.cn_set).split(",").join(", ") + "}" : "";
-    $("cn-set").textContent = set ? "90 % set " + set : "";
+    $("cn-set").textContent = set ? `${level(cn)} set ${set}` : "";
   }
 
   function renderPrediction(state) {
@@ -357,10 +360,9 @@
     $("valence-p").textContent = val && val.confidence !== undefined ? "p " + pct(val.confidence) : "";
     bars($("valence-bars"), val && val.probabilities, val && val.value);
     const dist = t.distance, charge = t.charge;
-    const level = (t) => `${Math.round(100 * (t.coverage ?? 0.9))} %`;
     const interval = (t, digits) => !t ? "" : t.interval
       ? ` (${level(t)}: ${fmt(t.interval[0], digits)}–${fmt(t.interval[1], digits)})`
-      : t.interval_unbounded ? ` (${level(t)}: unbounded, too few calibration rows)` : "";
+      : t.interval_unbounded ? ` (${level(t)}: unbounded)` : "";
     $("distance-value").textContent = dist
       ? `${fmt(dist.value, 3)} ± ${fmt(dist.uncertainty, 3)} Å${interval(dist, 3)}` : "–";
     $("charge-value").textContent = charge
