@@ -319,3 +319,9 @@ def test_predict_says_an_interval_is_unbounded_rather_than_print_a_million() -> 
     pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
     (line,) = _describe(pred, starved)
     assert line.endswith("90% interval unbounded (the bundle's calibration gives no finite bound)")
+    # and predict --json: null and a flag, not the +-1e6 stand-in
+    from xasflow.cli import _as_json
+
+    entry = _as_json(pred, starved)["tasks"]["distance"]
+    assert entry == {"value": 2.1, "interval": None, "interval_unbounded": True}
+    assert _as_json(pred, manifest)["tasks"]["distance"]["interval"] == [2.1 - 1e6, 2.1 + 1e6]

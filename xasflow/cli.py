@@ -195,6 +195,21 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
     return lines
 
 
+def _as_json(pred: Any, manifest: Any) -> dict[str, Any]:
+    """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict`, with an
+    interval whose conformal quantile stands for infinity given as ``null`` and
+    ``interval_unbounded: true`` (not +-1e6, as ``_describe`` says "unbounded")."""
+    from xasflow.models.uncertainty import is_unbounded
+
+    out = pred.to_dict()
+    for name, entry in out["tasks"].items():
+        spec = manifest.tasks.get(name)
+        conf = spec.conformal if spec is not None else None
+        if entry.get("interval") is not None and conf is not None and is_unbounded(conf.qhat):
+            entry["interval"], entry["interval_unbounded"] = None, True
+    return dict(out)
+
+
 def _fwhm(text: str) -> float:
     """``--herfd``'s optional value: a width in eV (0.2..50, ``spectra.herfd.check_fwhm``)."""
     try:
@@ -252,7 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
             print("  rerun with --herfd")
         print("\n".join(_describe(pred, predictor.manifest)))
-        results[name] = {**pred.to_dict(), "herfd": herfd}
+        results[name] = {**_as_json(pred, predictor.manifest), "herfd": herfd}
     _write_json(args.json, results)
     if failed:  # a script over many files must see that some were not predicted
         print(f"{failed} of {len(args.files)} files could not be predicted", file=sys.stderr)
