@@ -207,7 +207,7 @@ def _as_json(pred: Any, manifest: Any) -> dict[str, Any]:
         conf = spec.conformal if spec is not None else None
         if entry.get("interval") is not None and conf is not None and is_unbounded(conf.qhat):
             entry["interval"], entry["interval_unbounded"] = None, True
-    return dict(out)
+    return out
 
 
 def _fwhm(text: str) -> float:
