@@ -13,11 +13,18 @@ from synthetic_feff import write_tree
 
 from xasflow.models.bundle import verify_bundle, write_bundle
 from xasflow.models.predictor import Predictor
-from xasflow.training.dataset import Dataset
-from xasflow.training.evaluate import evaluate_bundle, training_baselines
+from xasflow.training.dataset import Dataset, grid_dataset
+from xasflow.training.evaluate import evaluate_bundle, predict_arrays, training_baselines
+from xasflow.training.fit import task_targets
 from xasflow.training.rebuild import training_data
 from xasflow.training.scoring import MOTIF_NAMES, evaluate_task, trivial_answers
-from xasflow.training.served_metrics import METRICS_NOTE, rescore_bundle, with_served_metrics
+from xasflow.training.served_importance import served_region_importance
+from xasflow.training.served_metrics import (
+    IMPORTANCE_NOTE,
+    METRICS_NOTE,
+    rescore_bundle,
+    with_served_metrics,
+)
 from xasflow.training.split import bundle_split
 
 
@@ -177,3 +184,43 @@ def test_references_are_measured_against_the_training_rows_trivial_answers(
     assert hindsight["baseline_from"] == "scored rows"
     modal = max(set(truth.tolist()), key=truth.tolist().count)
     assert hindsight["baseline_accuracy"] == np.mean(truth == modal) > 0.0
+
+
+def test_region_importances_are_the_served_bundles_on_validation(
+    tiny_cu_bundle: Path, training_set: Dataset
+) -> None:
+    """The recommender spends scan time by these: they are what the bundle, as served, loses
+    on the validation split when a region is replaced by the training mean curve (here the
+    distance MAE it gains); they were the float candidates' losses on the test split."""
+    manifest = verify_bundle(tiny_cu_bundle)
+    predictor = Predictor(tiny_cu_bundle)
+    g = grid_dataset(training_set, manifest.prep)
+    sub = training_set.subset(g.rows)
+    parts = bundle_split(sub, manifest.training)
+    _, target, valid = task_targets(sub, np.arange(len(sub)))["distance"]
+    grid = manifest.prep.grid
+    mean_curve = g.y[parts["train"]].mean(axis=0)
+
+    def lost(rows: np.ndarray, lo: float, hi: float) -> float:
+        rows = rows[valid[rows]]
+        occluded = g.y[rows].copy()
+        mask = (grid >= lo) & (grid < hi)
+        occluded[:, mask] = mean_curve[mask]
+
+        def mae(y: np.ndarray) -> float:
+            return float(
+                np.mean(np.abs(predict_arrays(predictor, y).point["distance"] - target[rows]))
+            )
+
+        return mae(occluded) - mae(g.y[rows])
+
+    recorded = manifest.tasks["distance"].region_importance
+    on_val = {name: lost(parts["val"], lo, hi) for name, (lo, hi) in manifest.regions.items()}
+    on_test = {name: lost(parts["test"], lo, hi) for name, (lo, hi) in manifest.regions.items()}
+    assert {name: recorded[name] for name in on_val} == pytest.approx(on_val)
+    assert any(on_val.values()) and on_val != pytest.approx(on_test)
+    assert manifest.training["region_importance"] == IMPORTANCE_NOTE
+    again = served_region_importance(predictor, training_set)
+    assert set(again) == set(manifest.tasks)
+    for name, spec in manifest.tasks.items():
+        assert spec.region_importance == pytest.approx(again[name]), name

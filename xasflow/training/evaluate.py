@@ -216,11 +216,14 @@ def _score(
     return tasks, preds, truths
 
 
-def training_baselines(manifest: Manifest, ds: Dataset) -> dict[str, dict[str, Any]]:
+def training_baselines(
+    manifest: Manifest, ds: Dataset, gridded: Gridded | None = None
+) -> dict[str, dict[str, Any]]:
     """Per task the :func:`~xasflow.training.scoring.trivial_answers` of the rows the bundle's
     recorded split used for fitting and validation (the rows its test baselines come from),
-    for ``training.baselines``. ``ds`` is the bundle's training data."""
-    g = grid_dataset(ds, manifest.prep)
+    for ``training.baselines``. ``ds`` is the bundle's training data (``gridded``: already
+    prepared with the bundle's preprocessing)."""
+    g = gridded if gridded is not None else grid_dataset(ds, manifest.prep)
     sub = ds.subset(g.rows)
     parts = bundle_split(sub, manifest.training)
     train_rows = np.concatenate([parts["train"], parts["val"]])
@@ -285,13 +288,16 @@ def _merge_environment(tasks: dict[str, dict[str, Any]]) -> None:
             tasks["environment"][key] = tasks["motifs"][key]
 
 
-def evaluate_bundle(predictor: Predictor, ds: Dataset) -> Evaluation:
+def evaluate_bundle(
+    predictor: Predictor, ds: Dataset, gridded: Gridded | None = None
+) -> Evaluation:
     """Metrics of a bundle on ``ds``: the materials of ``ds`` its split put in test (never
-    one it trained or calibrated on, by id), or all of ``ds`` for a bundle without a split."""
+    one it trained or calibrated on, by id), or all of ``ds`` for a bundle without a split.
+    ``gridded``: ``ds`` already prepared with the bundle's preprocessing."""
     m = predictor.manifest
     if ds.element != m.element:
         raise ValueError(f"bundle is for {m.element}, data is {ds.element}")
-    g: Gridded = grid_dataset(ds, m.prep)
+    g: Gridded = gridded if gridded is not None else grid_dataset(ds, m.prep)
     if len(g.rows) == 0:
         raise NoTestRows("no spectrum in the data could be prepared with the bundle's window")
     sub = ds.subset(g.rows)

@@ -326,8 +326,8 @@ def train(
             name,
             kind,
             predict_grid,
-            g.y[te],
-            y[te],
+            g.y[va],  # validation: test rows only score; importances steer the recommender
+            y[va],
             y[fit_rows],
             mean_curve,
             cfg,

@@ -167,8 +167,8 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
             "",
             "## Energy regions",
             "",
-            "Drop-region importance: the score lost on the test split when a region (eV above "
-            "E0) is replaced by the training-mean spectrum.",
+            "Drop-region importance: the score the bundle, as served, loses on the validation "
+            "split when a region (eV above E0) is replaced by the training-mean spectrum.",
             "",
             "![regions](regions.png)",
             "",

@@ -6,7 +6,7 @@ Shared by training (choosing, reporting), evaluation and the served-model select
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -126,23 +126,34 @@ def region_importance(
     the region with the training-set mean spectrum removes the information it carries without
     retraining (TRIXS retrained per region; occlusion measures the deployed model).
     """
-    grid = cfg.prep.grid
     base = primary_score(
         name, kind, evaluate_task(name, kind, predict_grid(y_grid), target, y_train_target)
     )
-    names = list(cfg.regions)
-    combos = [(n,) for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     out: dict[str, float] = {}
+    for key, occluded in occlusions(y_grid, mean_curve, cfg.prep.grid, cfg.regions):
+        pred = predict_grid(occluded)
+        score = primary_score(name, kind, evaluate_task(name, kind, pred, target, y_train_target))
+        out[key] = float(base - score)
+    return out
+
+
+def occlusions(
+    y_grid: np.ndarray,
+    mean_curve: np.ndarray,
+    grid: np.ndarray,
+    regions: Mapping[str, tuple[float, float]],
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each region, then each pair of regions, as its key (``"a + b"``) and ``y_grid`` with
+    those grid points replaced by ``mean_curve``'s (regions covering no grid point skipped)."""
+    names = list(regions)
+    combos = [(n,) for n in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     for combo in combos:
         mask = np.zeros(grid.size, bool)
         for n in combo:
-            lo, hi = cfg.regions[n]
+            lo, hi = regions[n]
             mask |= (grid >= lo) & (grid < hi)
         if not mask.any():
             continue
         occluded = y_grid.copy()
         occluded[:, mask] = mean_curve[mask]
-        pred = predict_grid(occluded)
-        score = primary_score(name, kind, evaluate_task(name, kind, pred, target, y_train_target))
-        out[" + ".join(combo)] = float(base - score)
-    return out
+        yield " + ".join(combo), occluded

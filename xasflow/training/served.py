@@ -231,8 +231,8 @@ def _serve_one(
             name,
             kind,
             _served_predictor(fit, choice.members, result, expand),
-            g.y[te],
-            y[te],
+            g.y[va],  # as training's: validation, not the test rows that only score
+            y[va],
             y[tr],
             mean_curve,
             cfg,
