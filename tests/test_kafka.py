@@ -309,6 +309,37 @@ def test_a_full_store_holds_the_consumer_back_instead_of_dropping(
     assert sorted(rows["seq_num"]) == list(range(1, 41))
 
 
+def test_no_offset_is_committed_past_documents_the_output_lost(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The Kafka output's broker is gone, so its documents expire undelivered: the input's
+    offsets stay uncommitted and ``/health`` says why (a restart replays the run and
+    publishes it again). Before, the publisher's empty queue counted as acknowledged and the
+    offsets were committed past results the bus never got."""
+    topic = f"in-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 1)
+    cfg = kafka_config(broker, "g-lost-out", topic, "out", tmp_path / "store", http=False)
+    dead = f"127.0.0.1:{free_port()}"  # nobody listens
+    cfg = cfg.with_updates(
+        {"output": {"kafka": {"bootstrap_servers": dead, "producer": {"message.timeout.ms": 500}}}}
+    )
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        _, docs = fly_scan(ENERGY, spectra(3, seed=2))
+        RawProducer(broker.bootstrap, topic).run(docs)
+
+        def held() -> dict[str, Any] | None:
+            h = daemon.view.health()["input"]["kafka"]
+            return h if h["commit_hold"] and h["commits_held"] >= 1 else None
+
+        health = wait_for(held, "commits held for the lost output", timeout=DEADLINE_S)
+        assert "not delivered to Kafka" in health["commit_hold"]
+        assert all(p["committed"] is None for p in health["partitions"].values())
+    finally:
+        daemon.stop(timeout=10)
+
+
 def _samples(text: str) -> dict[str, list[tuple[str, float]]]:
     """Prometheus text -> metric name -> [(labels, value)] (comment lines skipped)."""
     out: dict[str, list[tuple[str, float]]] = {}

@@ -244,9 +244,19 @@ class KafkaDocumentPublisher:
             logger.error("analysis document not delivered to %s: %s", self.settings.topic, err)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every produced document is acknowledged by the broker; False on timeout."""
+        """Wait until every produced document is acknowledged by the broker; False on timeout,
+        and for good once one was not delivered (:attr:`undelivered`): a document that failed
+        leaves librdkafka's queue too, so an empty queue alone would call it acknowledged."""
         left = self._producer.flush(self.settings.flush_timeout_s if timeout is None else timeout)
-        return int(left) == 0
+        return int(left) == 0 and not self.undelivered
+
+    @property
+    def undelivered(self) -> int:
+        """Documents the broker never acknowledged (failed delivery or produce): the Kafka
+        input commits no offset past them (``Daemon._commit_hold``), so a restart has Kafka
+        redeliver their raw documents and they are published again."""
+        with self._lock:
+            return self._stats["delivery_failures"]
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (see the class docstring)."""

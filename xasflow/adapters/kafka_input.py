@@ -71,7 +71,7 @@ _COUNTERS: tuple[str, ...] = (
 
 @dataclass
 class _Item:
-    name: str
+    name: str | None  # None: an undecodable message, taken (skipped) in its place in order
     doc: dict[str, Any]
     tp: TP
     offset: int
@@ -196,6 +196,8 @@ class KafkaDocumentSource:
                 if not self._offsets.take(item.tp, item.gen, item.offset, item.name, item.doc):
                     self._counts["dropped_revoked"] += 1  # the partition's new owner has it
                     continue
+                if item.name is None:  # processed once what came before it is: not held
+                    continue
                 self._counts["delivered"] += 1
             return item.name, item.doc
 
@@ -300,28 +302,34 @@ class KafkaDocumentSource:
         value = msg.value()
         self._count("received")
         self._count("bytes_received", len(value or b""))
+        name: str | None
         try:
             name, doc = decode_kafka_value(value)
         except WireError as exc:
             self._decode_error(exc.reason, str(exc), msg)
-            return
+            name, doc = None, {}
         except Exception as exc:
             self._decode_error("internal", f"{type(exc).__name__}: {exc}", msg)
-            return
-        self._count("decoded")
-        self._count(f"documents.{name}")
+            name, doc = None, {}
+        else:
+            self._count("decoded")
+            self._count(f"documents.{name}")
         tp = (msg.topic(), msg.partition())
         with self._lock:
             gen = self._offsets.gen.get(tp, -1)
+        # an undecodable message is queued too, so that its offset is processed (and
+        # committed, and not lag) once everything before it is, never ahead of them
         item = _Item(name, doc, tp, msg.offset(), gen)
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=self.settings.poll_interval_s)
-                self._count("enqueued")
+                if name is not None:
+                    self._count("enqueued")
                 return
             except queue.Full:
                 self._serve_commit(self._consumer)  # keep committing while we wait
-        self._count("dropped_on_close")
+        if name is not None:
+            self._count("dropped_on_close")
 
     def _decode_error(self, reason: str, text: str, msg: Any) -> None:
         self._count("decode_errors")
@@ -338,7 +346,10 @@ class KafkaDocumentSource:
     def _update_lag(self, consumer: Any) -> None:
         with self._lock:
             tps = list(self._offsets.gen)
-        lag = broker_lag(consumer, tps, self._processed_at)
+        with self._lock:
+            starts = dict(self._offsets.start)
+        earliest = self.settings.auto_offset_reset == "earliest"
+        lag = broker_lag(consumer, tps, self._processed_at, starts, earliest)
         with self._lock:
             self._offsets.set_lag(lag)
 
@@ -432,10 +443,11 @@ class KafkaDocumentSource:
     # ------------------------------------------------------------------ rebalance callbacks
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        starts = _committed(consumer, partitions, self.settings.flush_timeout_s)
         with self._lock:
             self._counts["rebalances"] += 1
             self._counts["partitions_assigned"] += len(partitions)
-            self._offsets.assign([(p.topic, p.partition) for p in partitions])
+            self._offsets.assign([(p.topic, p.partition) for p in partitions], starts)
         if partitions:
             logger.info(
                 "Kafka partitions assigned: %s", [f"{p.topic}[{p.partition}]" for p in partitions]
@@ -466,3 +478,17 @@ class KafkaDocumentSource:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + n
+
+
+def _committed(consumer: Any, partitions: list[Any], timeout: float) -> dict[TP, int]:
+    """The group's committed offsets of newly assigned ``partitions`` (where reading starts;
+    partitions without one start at ``auto.offset.reset``), or none if the broker does not
+    answer: the lag of a partition nothing was read from yet counts from there."""
+    if not partitions:
+        return {}
+    try:
+        found = consumer.committed(partitions, timeout=timeout)
+    except Exception as exc:  # lag is then measured from the reset policy's end
+        logger.warning("committed offsets of assigned partitions not read: %s", exc)
+        return {}
+    return {(tp.topic, tp.partition): int(tp.offset) for tp in found if tp.offset >= 0}

@@ -41,20 +41,25 @@ class PartitionOffsets:
         self._closing: list[tuple[TP, int, str]] = []  # stops taken, not yet processed
         self._ended: list[str] = []  # runs closed without a stop, not yet processed
         self.committed: dict[TP, int] = {}
+        self.start: dict[TP, int] = {}  # the group's committed offset when assigned
         self.lag: dict[TP, int] = {}
         self._abandon: list[tuple[str, str]] = []
 
-    def assign(self, tps: list[TP]) -> None:
-        """Partitions assigned here: each gets a new generation and starts afresh."""
+    def assign(self, tps: list[TP], starts: dict[TP, int] | None = None) -> None:
+        """Partitions assigned here: each gets a new generation and starts afresh (reading
+        from ``starts``, the group's committed offsets, where it has one)."""
         for tp in tps:
             self._next_gen += 1
             self.gen[tp] = self._next_gen
-            for state in (self.taken, self.processed, self.open, self.committed):
+            for state in (self.taken, self.processed, self.open, self.committed, self.start):
                 state.pop(tp, None)
+            if starts and tp in starts:
+                self.start[tp] = starts[tp]
 
-    def take(self, tp: TP, gen: int, offset: int, name: str, doc: dict[str, Any]) -> bool:
-        """Record a document the processing thread takes; False if it was queued under an
-        assignment that has since gone (the partition's new owner has it)."""
+    def take(self, tp: TP, gen: int, offset: int, name: str | None, doc: dict[str, Any]) -> bool:
+        """Record a document the processing thread takes (``name`` None: an undecodable
+        message, passed over); False if it was queued under an assignment that has since
+        gone (the partition's new owner has it)."""
         if self.gen.get(tp) != gen:
             return False
         self.taken[tp] = offset + 1
@@ -123,6 +128,7 @@ class PartitionOffsets:
                 n += 1
             for state in (self.gen, self.taken, self.processed, self.committed, self.lag):
                 state.pop(tp, None)
+            self.start.pop(tp, None)
         return n
 
     def abandoned(self) -> list[tuple[str, str]]:
@@ -148,20 +154,31 @@ class PartitionOffsets:
 
 
 def broker_lag(
-    consumer: Any, tps: list[TP], processed: Callable[[TP], int | None]
+    consumer: Any,
+    tps: list[TP],
+    processed: Callable[[TP], int | None],
+    starts: dict[TP, int] | None = None,
+    earliest: bool = True,
 ) -> dict[TP, int]:
-    """Per partition of ``tps``: messages on the broker past ``processed(tp)`` (or, before any
-    is processed, past the consumer's position), from its cached high watermarks."""
+    """Per partition of ``tps``: messages on the broker past ``processed(tp)``, from its
+    cached watermarks. Before anything is processed there: past the consumer's position,
+    which librdkafka leaves invalid until a message is returned, so then past where reading
+    starts (``starts``: the group's committed offsets at assignment; without one the low
+    watermark, or the high one when ``earliest`` is False: ``auto.offset.reset``). An idle
+    partition committed to its end has no lag, not its whole length."""
     from confluent_kafka import TopicPartition
 
     lag: dict[TP, int] = {}
     for topic, part in tps:
         tp = TopicPartition(topic, part)
-        _low, high = consumer.get_watermark_offsets(tp, cached=True)
+        low, high = consumer.get_watermark_offsets(tp, cached=True)
         if high is None or high < 0:
             continue
         done = processed((topic, part))
         if done is None:
             done = consumer.position([tp])[0].offset
+        if done is None or done < 0:
+            start = (starts or {}).get((topic, part))
+            done = start if start is not None else (low if earliest and low >= 0 else high)
         lag[(topic, part)] = max(int(high) - max(int(done), 0), 0)
     return lag

@@ -158,16 +158,21 @@ class Daemon:
 
     def _commit_hold(self) -> str | None:
         """Why the Kafka input may commit no offset any more: the store refused results
-        (full for longer than ``storage.full_wait_s``), and a commit past them would lose them
-        for good; a restart has Kafka redeliver them (the store skips rows it holds)."""
+        (full for longer than ``storage.full_wait_s``), or the Kafka output lost analysis
+        documents (not acknowledged by the broker), and a commit past them would lose them
+        for good; a restart has Kafka redeliver them (the store skips rows it holds, the
+        output publishes them again)."""
         store = self.parts.store
         refused = store.refused if store is not None else 0
-        if not refused:
+        undelivered = int(getattr(self.parts.publisher, "undelivered", 0))
+        reasons = []
+        if refused:
+            reasons.append(f"the store refused {refused} results while full (storage.max_queue)")
+        if undelivered:
+            reasons.append(f"{undelivered} analysis documents were not delivered to Kafka")
+        if not reasons:
             return None
-        return (
-            f"the store refused {refused} results while full (storage.max_queue): restart the "
-            "daemon to have Kafka redeliver them"
-        )
+        return f"{'; '.join(reasons)}: restart the daemon to have Kafka redeliver them"
 
     def _acknowledge(self) -> None:
         self.view.row_acknowledged()  # called from the store's writer thread
