@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,21 @@ _SCHEMA = (
 #: statement, not one per row: each step releases and retakes the GIL, and on a busy daemon
 #: every retake waits for the processing thread's switch interval.
 _ROWS_PER_STATEMENT = 300
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN`` ... ``COMMIT``, rolled back when a statement or the commit fails (a write
+    lock held past the busy timeout): left open, the transaction would fail every later
+    ``BEGIN`` on the connection and keep what it wrote uncommitted, holding the lock."""
+    db.execute("BEGIN")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _spans(seqs: Iterable[int]) -> list[tuple[int, int]]:
@@ -114,8 +130,7 @@ class Journal:
         seqs = [_seq_key(row) for row in rows]
         keyed = [(raw_uid, q, _pack(r)) for r, q in zip(rows, seqs, strict=True) if q is not None]
         if keyed:
-            with self._lock:
-                self._db.execute("BEGIN")
+            with self._lock, _transaction(self._db):
                 for start in range(0, len(keyed), _ROWS_PER_STATEMENT):
                     chunk = keyed[start : start + _ROWS_PER_STATEMENT]
                     self._db.execute(
@@ -123,7 +138,6 @@ class Journal:
                         + ", ".join(["(?, ?, ?)"] * len(chunk)),
                         [value for key in chunk for value in key],
                     )
-                self._db.execute("COMMIT")
         return [q is not None for q in seqs]
 
     def close_run(self, raw_uid: str, stop: dict[str, Any]) -> None:
@@ -136,13 +150,11 @@ class Journal:
         spans = _spans(seqs)
         if not spans:
             return
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._lock, _transaction(self._db):
             self._db.executemany(
                 "DELETE FROM rows WHERE raw_uid = ? AND seq BETWEEN ? AND ?",
                 [(raw_uid, lo, hi) for lo, hi in spans],
             )
-            self._db.execute("COMMIT")
 
     def forget_run(self, raw_uid: str, stop: dict[str, Any] | None = None) -> None:
         """Forget a run whose stop the catalog now holds.

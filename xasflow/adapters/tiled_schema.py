@@ -267,16 +267,28 @@ def row_fits(row: Mapping[str, Any], types: Mapping[str, tuple[type, ...]]) -> b
         if accepted is None:
             return False
         kind = type(value)
-        if kind in accepted and kind is not int:  # the usual row: a float, str or bool as is
+        if kind is str:  # Arrow refuses text UTF-8 cannot carry (a lone surrogate)
+            if str not in accepted or not (value.isascii() or _utf8(value)):
+                return False
+            continue
+        if kind in accepted and kind is not int:  # the usual row: a float or bool as is
             continue
         if not isinstance(value, accepted):
             return False
         if isinstance(value, (bool, np.bool_)) and bool not in accepted:
             return False
-        if (
-            accepted[0] is int
-            and isinstance(value, (int, np.integer))
-            and not -(2**63) <= int(value) < 2**63
+        # a number column takes the integers a double holds exactly; int64 its range (Arrow
+        # refuses numpy's unsigned integers past it too)
+        if isinstance(value, (int, np.integer)) and not (
+            -(2**53) <= int(value) <= 2**53 if float in accepted else -(2**63) <= int(value) < 2**63
         ):
-            return False  # numpy's unsigned integers too: Arrow refuses them past int64
+            return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
     return True

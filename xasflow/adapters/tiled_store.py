@@ -84,7 +84,7 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
-from xasflow.adapters.tiled_writer import WriterThread
+from xasflow.adapters.tiled_writer import UNJOURNALLED_CLOSE, WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
@@ -350,9 +350,16 @@ class AnalysisStore(WriterThread):
             if self._columns.pop(raw_uid, None) is None:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
             stop = _plain(dict(stop_doc))
+            kind = "close"
             if self._journal is not None:
-                self._journal.close_run(raw_uid, stop)
-            self._items.append(("close", raw_uid, stop))
+                try:
+                    self._journal.close_run(raw_uid, stop)
+                except Exception:  # the catalog records it; the writer holds it meanwhile
+                    logger.exception(
+                        "analysis store: journal cannot record the stop of %s", raw_uid
+                    )
+                    kind = UNJOURNALLED_CLOSE
+            self._items.append((kind, raw_uid, stop))
             self._cond.notify()
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:

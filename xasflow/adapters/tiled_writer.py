@@ -43,12 +43,16 @@ from xasflow.adapters.tiled_schema import (
 if TYPE_CHECKING:
     from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 
-__all__ = ["WriterThread"]
+__all__ = ["UNJOURNALLED_CLOSE", "WriterThread"]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
 
 #: Tables made ahead of their run that are kept ready (older ones are forgotten, not deleted).
 _MAX_PREPARED = 64
+#: The queue item of a run's stop the journal could not record: the writer holds it while
+#: the catalog's process is down (a journalled stop is left to the journal's replay), and
+#: forgets the run's journal record whatever stop it holds.
+UNJOURNALLED_CLOSE = "close_unjournalled"
 
 
 class WriterThread:
@@ -149,8 +153,8 @@ class WriterThread:
             self._open(item[1])
         elif kind == "prepare":
             self._prepare(item[1])
-        elif kind == "close":
-            self._close(item[1], item[2])
+        elif kind in ("close", UNJOURNALLED_CLOSE):
+            self._close(item[1], item[2], journalled=kind == "close")
         elif kind == "release":  # a replayed run left without a stop: the service ends it
             run = self._runs.pop(item[1], None)
             if run is not None and not run.failed:
@@ -211,26 +215,23 @@ class WriterThread:
             self._prepared.pop(next(iter(self._prepared)))
 
     def _write_start(self, run: _Run) -> None:
+        """The start and descriptor of a table made ahead; due until written (a failure is
+        tried again at the next commit, and the close writes it with the stop)."""
+        self._catalog(lambda: run.node.update_metadata(_start_of(run)), f"start {run.raw_uid}")
         run.start_due = False
-        meta = {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
-        try:
-            self._catalog(lambda: run.node.update_metadata(meta), f"start {run.raw_uid}")
-        except Exception:
-            run.start_due = not self._catalog_up()  # its process died: after the restart
-            raise
 
-    def _close(self, raw_uid: str, stop_doc: dict) -> None:
+    def _close(self, raw_uid: str, stop_doc: dict, journalled: bool = True) -> None:
         run = self._runs.pop(raw_uid, None)
         if run is None or run.failed:
             self._count("errors")
             logger.error("analysis store: close of run %s that did not open", raw_uid)
             return
         self._commit(run)
-        if run.start_due:
-            self._write_start(run)
-        self._catalog(lambda: run.node.update_metadata({"stop": stop_doc}), f"close {raw_uid}")
+        meta = {**_start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
+        self._catalog(lambda: run.node.update_metadata(meta), f"close {raw_uid}")
         if self._journal_w is not None:
-            self._journal_w.forget_run(raw_uid, stop_doc)
+            # the journal's record holds this stop, unless it could not record it
+            self._journal_w.forget_run(raw_uid, stop_doc if journalled else None)
 
     def _finish(self, raw_uid: str, stop_doc: dict) -> None:
         if raw_uid in self._runs or raw_uid not in self._root:
@@ -333,7 +334,9 @@ class WriterThread:
             kind = item[0]
             if kind == "prepare":
                 continue  # best effort
-            elif kind in ("row", "open", "close", "finish") or (kind == "flush" and self._held):
+            elif kind in ("row", "open", "close", UNJOURNALLED_CLOSE, "finish") or (
+                kind == "flush" and self._held
+            ):
                 self._held.append(item)  # a flush waits for what waits before it
             elif kind == "call":
                 item[2]["error"] = StoreError("the catalog's process is not running")
@@ -412,3 +415,8 @@ class WriterThread:
     def _count(self, name: str) -> None:
         with self._cond:
             self._counts[name] += 1
+
+
+def _start_of(run: _Run) -> dict[str, Any]:
+    """A run's start and descriptor metadata (written once its table was made ahead)."""
+    return {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
