@@ -244,3 +244,26 @@ def test_commits_are_held_once_the_store_refused_results() -> None:
     assert DaemonConfig().with_updates({"storage": {"full_wait_s": 5.0}}).store_full_wait() == 5.0
     with pytest.raises(ValueError, match="240"):
         DaemonConfig().with_updates({"storage": {"full_wait_s": 1e9}})
+
+
+def test_a_revoke_whose_commit_fails_still_hands_the_runs_over() -> None:
+    """The partition goes whatever the commit at revoke did: a durability check that raises
+    is counted and the open run is handed over (closed with the revoke's reason), not left
+    open here with its documents still taken."""
+    source, proc, rec = _setup()
+
+    def broken(timeout: float) -> bool:
+        raise RuntimeError("store gone")
+
+    source.durable = broken
+    uid, docs = _spectra(2)
+    source._on_assign(None, PARTITION)
+    _queue(source, docs[:3])  # start, descriptor, one event
+    _turn(proc, rec)
+    source._on_revoke(None, PARTITION)
+    stats = source.stats()
+    assert stats["consumer_errors"] == 1 and stats["runs_handed_over"] == 1
+    assert "store gone" in (source.last_error or "")
+    closed = _turn(proc, rec)
+    assert isinstance(closed[0], RunClosed) and closed[0].raw_uid == uid
+    assert closed[0].reason.startswith("revoked: partition t[0]")

@@ -455,14 +455,19 @@ class KafkaDocumentSource:
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        if tps:
-            offsets = self.committable(tps)
+        try:
+            offsets = self.committable(tps) if tps else {}
             if offsets:
                 with self._lock:
                     gens = self._offsets.gens(offsets)
                 if self._may_commit(self.settings.flush_timeout_s):
                     self._commit(consumer, offsets, gens)
-        self._hand_over(tps, "revoked", "partitions_revoked")
+        except Exception as exc:  # the partitions go whatever happened: hand their runs over
+            self._count("consumer_errors")
+            self.last_error = f"revoke: {type(exc).__name__}: {exc}"
+            logger.exception("Kafka commit at revoke")
+        finally:
+            self._hand_over(tps, "revoked", "partitions_revoked")
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         self._hand_over([(p.topic, p.partition) for p in partitions], "lost", "partitions_lost")
