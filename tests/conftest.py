@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import LoopbackProxy
+from kafka_broker import Broker, BrokerUnavailable
 
 from xasflow import paths
 
@@ -113,3 +114,14 @@ def proxy() -> Iterator[LoopbackProxy]:
     p = LoopbackProxy()
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """One Kafka-protocol broker for the session, or a skip that says why none could start."""
+    try:
+        b = Broker().start()
+    except BrokerUnavailable as exc:
+        pytest.skip(f"no Kafka-protocol broker: {exc}")
+    yield b
+    b.stop()

@@ -15,7 +15,6 @@ import signal
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ pytest.importorskip("tiled")
 
 import msgpack
 from helpers import CU_K, daemon_health, fly_scan, free_port, serve_subprocess, wait_for
-from kafka_broker import Broker, BrokerUnavailable
+from kafka_broker import Broker
 from synthetic_feff import model_mu
 
 from xasflow import paths
@@ -45,17 +44,6 @@ from xasflow.daemon.service import Daemon
 ENERGY = np.linspace(8800.0, 9120.0, 1000)
 LOG = logging.getLogger("test_kafka.librdkafka")  # not onto stderr after the broker stops
 DEADLINE_S = 90.0
-
-
-@pytest.fixture(scope="session")
-def broker() -> Iterator[Broker]:
-    """One broker for the session, or a skip that says why none could be started."""
-    try:
-        b = Broker().start()
-    except BrokerUnavailable as exc:
-        pytest.skip(f"no Kafka-protocol broker: {exc}")
-    yield b
-    b.stop()
 
 
 def spectra(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed")
 
 from helpers import free_port, wait_for
-from kafka_broker import Broker, BrokerUnavailable
+from kafka_broker import Broker
 
 from xasflow.adapters.kafka_bus import (
     KafkaDocumentPublisher,
@@ -29,16 +28,6 @@ from xasflow.adapters.kafka_bus import (
 from xasflow.adapters.kafka_input import KafkaDocumentSource
 
 LOG = logging.getLogger("test_review_kafka.librdkafka")
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    try:
-        b = Broker().start()
-    except BrokerUnavailable as exc:
-        pytest.skip(f"no Kafka-protocol broker: {exc}")
-    yield b
-    b.stop()
 
 
 def _produce(broker: Broker, topic: str, values: list[bytes]) -> None:
