@@ -33,7 +33,7 @@ class ProbeFilter:
         if not isinstance(doc, Mapping):
             return False
         if name == "start" and PROBE_KEY in doc:
-            uid, token = str(doc.get("uid", "")), str(doc.get(PROBE_KEY))
+            uid, token = _text(doc.get("uid")), _text(doc.get(PROBE_KEY))
             with self._lock:
                 self.seen += 1
                 self._uids[uid] = token
@@ -44,11 +44,20 @@ class ProbeFilter:
                         table.popitem(last=False)
             return True
         if name == "stop":
+            run_start = doc.get("run_start")
+            if not isinstance(run_start, str):
+                return False  # not a probe's: the assembler refuses it with a reason
             with self._lock:
-                return self._uids.pop(str(doc.get("run_start", "")), None) is not None
+                return self._uids.pop(run_start, None) is not None
         return False
 
     def health(self) -> dict[str, Any]:
         """``{"seen": n, "tokens": [...]}``, the most recent token last."""
         with self._lock:
             return {"seen": self.seen, "tokens": list(self._tokens)}
+
+
+def _text(value: Any) -> str:
+    """A probe's uid or token as text (a value that is not text is shown by its type only:
+    ``str()`` of a crafted value can raise, e.g. an int of 5,000 digits)."""
+    return value if isinstance(value, str) else f"<{type(value).__name__}>"

@@ -134,7 +134,10 @@ def decode_body(body: bytes, formats: Iterable[str] = FORMATS) -> dict[str, Any]
     fmt = detect_format(body)
     if fmt not in formats:
         raise WireError("format_disabled", f"{fmt} bodies are not accepted")
-    doc = restricted_pickle_loads(body) if fmt == "pickle" else decode_msgpack(body)
+    if fmt == "pickle":
+        doc = restricted_pickle_loads(body)
+    else:
+        doc = decode_msgpack(body, allow_pickle="pickle" in formats)
     if not isinstance(doc, dict):
         raise WireError("not_a_dict", f"body decoded to {type(doc).__name__}")
     return doc
@@ -251,11 +254,59 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def restricted_pickle_loads(data: bytes) -> Any:
     """Unpickle plain data and numpy arrays only; raise ``WireError`` for anything else."""
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        out = _RestrictedUnpickler(io.BytesIO(data)).load()
     except WireError:
         raise
     except Exception as exc:  # malformed streams raise many types; all mean "not a document"
         raise WireError("pickle_invalid", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    _check_arrays(out)
+    return out
+
+
+#: Array kinds a pickled document may carry: booleans, integers, floats, complex, bytes,
+#: text, Python objects (themselves unpickled under the same restrictions) and records of
+#: these (structured dtypes, their fields checked alike).
+_ARRAY_KINDS = frozenset("biufcSUOV")
+
+
+def _check_dtype(dt: np.dtype, depth: int = 0) -> None:
+    """Refuse a dtype a pickle's BUILD could have forged: ``dtype.__setstate__`` sets its
+    flags, and an object field numpy believes holds none reads pointers from the message's
+    bytes (a segfault). A dtype must equal, flags and size included, the same dtype built
+    afresh from its description, and so must each field's; raw void and other kinds (dates,
+    times) are refused."""
+    if depth > 32 or dt.kind not in _ARRAY_KINDS or (dt.kind == "V" and dt.fields is None):
+        raise WireError("bad_array", f"arrays of dtype {str(dt)[:80]} are not accepted")
+    try:
+        fresh = np.dtype(dt.descr) if dt.fields is not None else np.dtype(dt.str)
+    except Exception as exc:
+        raise WireError("bad_array", f"dtype {str(dt)[:80]}: {exc}") from None
+    if fresh != dt or fresh.flags != dt.flags or fresh.itemsize != dt.itemsize:
+        raise WireError("bad_array", f"dtype {str(dt)[:80]} with forged flags or size")
+    for field in (dt.fields or {}).values():
+        _check_dtype(field[0].base, depth + 1)
+
+
+def _check_arrays(obj: Any, depth: int = 0) -> None:
+    """:func:`_check_dtype` of every numpy array and scalar in an unpickled document."""
+    if depth > _MAX_DEPTH:
+        raise WireError("pickle_invalid", "document nested too deeply")
+    if isinstance(obj, np.ndarray | np.generic):
+        _check_dtype(obj.dtype)
+        if obj.dtype.kind == "O":
+            for item in np.asarray(obj).flat:
+                _check_arrays(item, depth + 1)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_arrays(key, depth + 1)
+            _check_arrays(value, depth + 1)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for item in obj:
+            _check_arrays(item, depth + 1)
+
+
+#: Deeper than any document (msgpack's own limit is about 1,000).
+_MAX_DEPTH = 200
 
 
 # --------------------------------------------------------------------------- msgpack + numpy
@@ -282,11 +333,15 @@ def _descr_to_dtype(descr: Any) -> np.dtype:
     return dtype
 
 
-def _msgpack_object_hook(obj: dict[Any, Any]) -> Any:
+def _msgpack_object_hook(obj: dict[Any, Any], allow_pickle: bool = True) -> Any:
     if b"nd" in obj:
         try:
             if obj[b"nd"] is True:
                 if obj.get(b"kind") == b"O":  # msgpack-numpy pickles object arrays
+                    if not allow_pickle:
+                        raise WireError(
+                            "format_disabled", "an object array is a pickle; pickle is off"
+                        )
                     arr = restricted_pickle_loads(obj[b"data"])
                     if not isinstance(arr, np.ndarray):
                         raise WireError("bad_array", "object array payload is not an array")
@@ -313,16 +368,21 @@ def _msgpack_object_hook(obj: dict[Any, Any]) -> Any:
     return obj
 
 
+def _no_pickle_hook(obj: dict[Any, Any]) -> Any:
+    return _msgpack_object_hook(obj, allow_pickle=False)
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise WireError("msgpack_invalid", f"extension type {code} is not supported")
 
 
-def decode_msgpack(data: bytes) -> Any:
-    """Decode msgpack with msgpack-numpy array/scalar conventions, never touching full pickle."""
+def decode_msgpack(data: bytes, allow_pickle: bool = True) -> Any:
+    """Decode msgpack with msgpack-numpy array/scalar conventions, never touching full pickle
+    (object arrays, which msgpack-numpy pickles, go through the restricted unpickler, or are
+    refused when ``allow_pickle`` is False)."""
+    hook = _msgpack_object_hook if allow_pickle else _no_pickle_hook
     try:
-        return msgpack.unpackb(
-            data, raw=False, object_hook=_msgpack_object_hook, ext_hook=_refuse_ext
-        )
+        return msgpack.unpackb(data, raw=False, object_hook=hook, ext_hook=_refuse_ext)
     except WireError:
         raise
     except Exception as exc:

@@ -239,7 +239,13 @@ class RunAssembler:
             state = "open" if uid in self._runs else "already closed"
             self._out.append(Rejected(uid, None, "duplicate_start", f"run {uid} is {state}"))
             return
-        self._router("start", dict(doc))
+        try:
+            self._router("start", dict(doc))
+        except Exception:
+            if uid not in self._runs:  # the router holds a start no run took until its stop,
+                let_go = {"run_start": uid, "uid": "", "time": 0.0, "exit_status": "abort"}
+                self._router.stop(cast(Any, let_go))  # which never comes: let it go now
+            raise
 
     def _descriptor(self, doc: Mapping) -> None:
         uid, run_uid = doc.get("uid"), doc.get("run_start")

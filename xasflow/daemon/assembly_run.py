@@ -29,23 +29,35 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []  # internal to the assembler
 
+#: seq_nums at or past this are refused: the run's sequence statistics count in int64.
+_SEQ_LIMIT = 2**63
+
+
+def _what(exc: BaseException) -> str:
+    """An exception as rejection detail: its type, and its text cut short."""
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
 
 def _element_edge(start: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """Element symbol and edge from a start document (see the module docstring)."""
-    element: Any = start.get("element")
-    edge: Any = start.get("edge")
+    # only text counts (an array's truth value would raise): the first one found wins
+    element, edge = _text(start.get("element")), _text(start.get("edge"))
     xdi = start.get("XDI")
     if isinstance(xdi, Mapping):
         nested = xdi.get("Element")
         if isinstance(nested, Mapping):
-            element = element or nested.get("symbol")
-            edge = edge or nested.get("edge")
-        element = element or xdi.get("Element.symbol")
-        edge = edge or xdi.get("Element.edge")
+            element = element or _text(nested.get("symbol"))
+            edge = edge or _text(nested.get("edge"))
+        element = element or _text(xdi.get("Element.symbol"))
+        edge = edge or _text(xdi.get("Element.edge"))
     sample = start.get("sample")
     if isinstance(sample, Mapping):
-        element = element or sample.get("element")
-        edge = edge or sample.get("edge")
+        element = element or _text(sample.get("element"))
+        edge = edge or _text(sample.get("edge"))
     if isinstance(edge, str) and not element:
         parts = edge.replace("-", " ").replace("_", " ").split()
         if len(parts) == 2:
@@ -112,6 +124,7 @@ class _Run(DocumentRouter):
         self.last_seen = owner._now
         self.streams: dict[str, _Stream] = {}
         self.ignored: set[str] = set()
+        self.broken: dict[str, str] = {}  # descriptors that could not be read: why
         self.stream_last = 0  # highest seq_num seen in the configured stream
         self.next_index = 0
         self.n_spectra = 0
@@ -155,7 +168,11 @@ class _Run(DocumentRouter):
         if doc.get("name") != self.owner.channels.stream:
             self.ignored.add(doc["uid"])
             return
-        st = _resolve(self.owner.channels, doc, len(self.streams))
+        try:
+            st = _resolve(self.owner.channels, doc, len(self.streams))
+        except Exception as exc:  # its events are each refused with this, never dropped unseen
+            self.broken[doc["uid"]] = f"descriptor {doc['uid']} could not be read: {_what(exc)}"
+            raise
         if self.streams:
             st.first_ok = (1, self.stream_last + 1)
         self.streams[doc["uid"]] = st
@@ -171,13 +188,20 @@ class _Run(DocumentRouter):
             return
         st = self.streams.get(doc["descriptor"])
         if st is None:
-            return  # another stream
+            broken = self.broken.get(doc["descriptor"])
+            if broken is not None:
+                for _ in range(len(doc["uid"])):
+                    self.reject("malformed_document", None, broken)
+            return  # another stream, or one whose descriptor could not be read
         data = doc["data"]
         uids, times, seqs = doc["uid"], doc["time"], doc["seq_num"]
         for i in range(len(uids)):
             seq = seqs[i]
             if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
                 self.reject("malformed_document", None, f"seq_num {seq!r} is not an integer")
+                continue
+            if not -_SEQ_LIMIT <= int(seq) < _SEQ_LIMIT:  # the sequence checks count in int64
+                self.reject("malformed_document", None, f"seq_num {int(seq)} out of range")
                 continue
             flags = self._sequence(st, int(seq))
             if flags is None:
@@ -252,11 +276,11 @@ class _Run(DocumentRouter):
         except KeyError as exc:
             self.reject("missing_channel", index, f"event seq_num {seq} lacks data key {exc}")
             return
-        except (TypeError, ValueError, IndexError) as exc:
-            self.reject("malformed_document", index, f"event seq_num {seq}: {exc}")
-            return
         except _Bad as bad_row:
             self.reject(bad_row.reason, index, bad_row.detail)
+            return
+        except Exception as exc:  # one row's values (overflow, memory): that row only
+            self.reject("malformed_document", index, f"event seq_num {seq}: {_what(exc)}")
             return
         if mask is not None:
             energy = energy[mask]
@@ -300,9 +324,9 @@ class _Run(DocumentRouter):
             self.step_flags.add("points_rejected")
             self.reject("missing_channel", None, f"event seq_num {seq} lacks data key {exc}")
             return
-        except (TypeError, ValueError, IndexError) as exc:
+        except Exception as exc:  # one point's values (overflow, memory): that point only
             self.step_flags.add("points_rejected")
-            self.reject("malformed_document", None, f"event seq_num {seq}: {exc}")
+            self.reject("malformed_document", None, f"event seq_num {seq}: {_what(exc)}")
             return
         if not repeat and len(self.points) >= MAX_STEP_POINTS:
             if "points_dropped" not in self.step_flags:  # once per run, then counted silently

@@ -197,22 +197,13 @@ class Processor:
         outputs: list[Output] = []
         spectra = 0
         for name, doc in items:
-            if self.probes(name, doc):
-                continue  # a warm-up probe run: remembered for /health, never analysed
-            if name == "start" and self.interrupted and isinstance(doc, dict):
-                self.interrupted.resume(doc.get("uid"))  # redelivered from its start
-            if name == "start" and self.on_raw_start is not None and isinstance(doc, dict):
-                try:
-                    self.on_raw_start(doc)
-                except Exception:  # only an optimisation: the run opens without it
-                    logger.exception("preparing the analysis of run %r failed", doc.get("uid"))
-            run_start = doc.get("run_start") if name == "stop" and isinstance(doc, dict) else None
-            if self.interrupted and run_start is not None and self.interrupted.owns(run_start):
-                self._close_interrupted(run_start, raw_stop=doc)
+            try:
+                fed = self._feed(name, doc, outputs)
+            except Exception:  # one document's trouble: the turn's others still go on
+                self.internal_errors += 1
+                logger.exception("handling a %r document failed", name)
                 continue
-            if name == "start" and isinstance(doc, dict):  # a replay finds its run closed
-                outputs.extend(self._handed_over(doc.get("uid")))
-            for out in self.assembler.feed(name, doc):  # a page may hold many spectra
+            for out in fed:  # a page may hold many spectra
                 outputs.append(out)
                 if isinstance(out, SpectrumReady):
                     spectra += 1
@@ -229,6 +220,28 @@ class Processor:
                 for raw_uid in self.interrupted.expired():
                     self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
         self.analyse(outputs)
+
+    def _feed(self, name: str, doc: dict[str, Any], outputs: list[Output]) -> list[Output]:
+        """One document through the probe filter, the crash-recovery and hand-over hooks and
+        the assembler: what the assembler made of it (hand-over closes go to ``outputs``)."""
+        if self.probes(name, doc):
+            return []  # a warm-up probe run: remembered for /health, never analysed
+        is_doc = isinstance(doc, dict)
+        uid = doc.get("uid") if name == "start" and is_doc else None
+        if isinstance(uid, str) and self.interrupted:
+            self.interrupted.resume(uid)  # redelivered from its start
+        if name == "start" and self.on_raw_start is not None and is_doc:
+            try:
+                self.on_raw_start(doc)
+            except Exception:  # only an optimisation: the run opens without it
+                logger.exception("preparing the analysis of run %r failed", uid)
+        run_start = doc.get("run_start") if name == "stop" and is_doc else None
+        if isinstance(run_start, str) and self.interrupted and self.interrupted.owns(run_start):
+            self._close_interrupted(run_start, raw_stop=doc)
+            return []
+        if isinstance(uid, str):  # a replay finds its run closed
+            outputs.extend(self._handed_over(uid))
+        return self.assembler.feed(name, doc)  # refuses what is not a document, with a reason
 
     def _finish(self) -> None:
         self._complete(0)
