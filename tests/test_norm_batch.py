@@ -113,16 +113,22 @@ def test_short_and_coarse_scans_lower_the_degree(params: PrepParams) -> None:
 @pytest.mark.parametrize("params", RULES, ids=RULE_IDS)
 def test_sparse_post_edge_falls_back_like_edge_fit(params: PrepParams) -> None:
     """One point from norm1 to norm2 (the range is widened by two points below, a constant
-    fitted), four points over 375 eV (a line, not a quadratic), and a pre-edge of two
-    points (a constant background)."""
+    fitted), four points over 375 eV (a line, not a quadratic), and a pre-edge of three
+    points (a constant background); a measured scan starting under 10 eV below E0 has no
+    pre-edge to speak of and is refused, by both paths alike."""
     fine = np.arange(8850.0, CU_K + 12.0, 0.5)
     window = params.model_copy(update={"window_stop": 50.0})
     one = np.concatenate((fine, CU_K + np.array([52.0, 53.0])))
     four = np.concatenate((fine, CU_K + np.array([100.0, 200.0, 300.0, 400.0])))
-    short_pre = np.concatenate((CU_K + np.array([-8.0, -5.5, -3.0]), np.arange(CU_K - 2, 9100)))
+    short_pre = np.concatenate((CU_K + np.array([-14.0, -11.5, -9.0]), np.arange(CU_K - 2, 9100)))
+    shifts = np.array([0.0, 0.6, -0.8])
     for energy in (one, four, short_pre):
         mu = np.array([_edge(energy, CU_K + d, i) for i, d in enumerate((-1.5, 0.0, 1.0))])
-        assert _compare(energy, mu, window, np.array([0.0, 0.6, -0.8])) == ["ok"] * 3
+        assert _compare(energy, mu, window, shifts) == ["ok"] * 3
+    late = np.concatenate((CU_K + np.array([-6.0, -4.5, -3.0]), np.arange(CU_K - 2, 9100)))
+    mu = np.array([_edge(late, CU_K + d, i) for i, d in enumerate((-1.5, 0.0, 1.0))])
+    metas = [{"calculated": False} for _ in range(3)]
+    assert _compare(late, mu, window, shifts, metas) == ["no_pre_edge"] * 3
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=IDS)

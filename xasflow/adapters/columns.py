@@ -89,7 +89,7 @@ def is_xdi(path: str | Path) -> bool:
     """True when the file's first non-blank line is an XDI version line (``# XDI/``)."""
     with open(path, "rb") as fh:
         for raw in fh:
-            line = raw.strip()
+            line = raw.strip().removeprefix(b"\xef\xbb\xbf").strip()  # a UTF-8 BOM
             if line:
                 return line.startswith(b"#") and b"XDI/" in line.upper()
     return False

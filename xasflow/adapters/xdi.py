@@ -112,7 +112,7 @@ class XdiFile:
 def read_xdi(path: str | Path) -> XdiFile:
     """Parse an XDI file; raises :class:`XdiError` saying what is wrong for malformed files."""
     path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # a BOM (Windows editors)
     lines = text.splitlines()
     if not lines or not _VERSION.match(lines[0].strip()):
         first = lines[0][:60] if lines else ""
@@ -304,6 +304,10 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
         "source": x.path,
         "mode": chosen,
         "mu_from": origin,
+        # measured: its pre-edge background is subtracted even when the scan starts within
+        # calc_start of E0 (the calculation heuristic took 30 library scans cut that way for
+        # FEFF output, edge steps up to 52 % off)
+        "calculated": False,
     }
     sample = x.field("Sample.formula") or x.field("Sample.name")
     if sample:

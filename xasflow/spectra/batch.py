@@ -25,15 +25,22 @@ import numpy as np
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import (
     E0_STEP,
-    NEVER_RISES,
-    e0_rows,
+    e0_rows_why,
     on_grid,
     search_window,
     window_error,
 )
 from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.norm_batch import normalize_larch_batch
-from xasflow.spectra.process import Prepared, PrepParams, normalize, prepare
+from xasflow.spectra.process import (
+    MIN_WINDOW_POINTS,
+    Prepared,
+    PrepParams,
+    normalize,
+    prepare,
+    sparse_window,
+    undetermined_step,
+)
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
@@ -113,10 +120,12 @@ def find_e0_batch(
                 errors[i] = window_error(energy + s[i], a, b, element, edge, tab)
             continue
         grid = np.arange(a, b, E0_STEP)
-        found = e0_rows(grid, on_grid(grid, energy, mu[rows], s[rows]))
+        cut = a > energy[0] + s[rows[0]]  # the window starts at E0 - search, not at the data
+        found, why = e0_rows_why(grid, on_grid(grid, energy, mu[rows], s[rows]), low_border=cut)
         e0[rows] = found
-        for k in np.flatnonzero(~np.isfinite(found)).tolist():
-            errors[members[k]] = SpectrumError("no_edge", NEVER_RISES)
+        for k, reason in enumerate(why):
+            if reason is not None:
+                errors[members[k]] = SpectrumError("no_edge", reason)
     return e0, errors
 
 
@@ -271,6 +280,12 @@ def _legacy_batch(
         todo = todo_left
     with np.errstate(invalid="ignore", divide="ignore"):
         y = sub / steps[:, None]
+    win = (rel >= params.window_start) & (rel <= params.window_stop)
+    worst = np.where(win, np.abs(np.nan_to_num(y, nan=0.0)), 0.0).max(axis=1)
+    for k in np.flatnonzero(np.isfinite(steps) & (worst > params.max_norm)).tolist():
+        errors[k] = SpectrumError(
+            "edge_step", undetermined_step(float(worst[k]), float(steps[k]), params)
+        )
     return y, steps, errors
 
 
@@ -394,6 +409,7 @@ def _prepare_fast(
     below = np.maximum(0.0, rel[:, 0] - grid[0])
     above = np.maximum(0.0, grid[-1] - rel[:, -1])
     outside = np.maximum(below, above)
+    inside = ((rel >= grid[0]) & (rel <= grid[-1])).sum(axis=1)
     query = np.broadcast_to(grid, (live.size, grid.size))
     with np.errstate(invalid="ignore"):
         gridded = _interp_rows(query, energy, rel, y, d)
@@ -409,6 +425,8 @@ def _prepare_fast(
                 f"({outside[r]:.1f} eV beyond the data; at most {params.max_extrapolation:g} "
                 "allowed)",
             )
+        elif inside[r] < MIN_WINDOW_POINTS:
+            res[i] = SpectrumError("window", sparse_window(int(inside[r]), grid))
         else:
             res[i] = Prepared(
                 y=gridded[r],

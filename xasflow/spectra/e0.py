@@ -20,12 +20,14 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import edge_energy
 
 __all__ = [
+    "AT_BORDER",
     "E0_STEP",
     "NEVER_RISES",
     "SHORT_OF_EDGE",
     "TIE",
     "e0_in_window",
     "e0_rows",
+    "e0_rows_why",
     "find_e0",
     "no_edge_detail",
     "on_grid",
@@ -93,23 +95,43 @@ def _plateau(row: np.ndarray, i: int, top: float) -> tuple[int, int]:
 
 
 def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises.
+    """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises
+    or rises most at the window's upper border (:func:`e0_rows_why`)."""
+    return e0_rows_why(grid, m)[0]
+
+
+def e0_rows_why(
+    grid: np.ndarray, m: np.ndarray, low_border: bool = False
+) -> tuple[np.ndarray, list[str | None]]:
+    """E0 of each row of ``m`` (n, grid.size), values on ``grid``, and per row why there is
+    none (NaN): :data:`NEVER_RISES`, or :data:`AT_BORDER` where the steepest rise is at the
+    window's last point it may be (``low_border``: or its first), so the edge itself lies
+    beyond: a scan that ends on the edge, an edge above E0 + search (``low_border``, for a
+    window cut at E0 - search: below it). The first point of the data is no such border: a
+    calculation may start on its edge (a measured scan needs a pre-edge anyway).
 
     The maximum of the smoothed derivative, refined by a parabola through its neighbours, or
     the centre of a flat top (:data:`TIE`). Windows of 3.3 eV and less keep their ends, which
-    the kernel extends with the end values.
+    the kernel extends with the end values, and have no border check.
     """
     d = smoothed_derivative(m)
     size = grid.size
+    border: tuple[int, ...] = ()
     if size > 2 * _MARGIN + 3:
         d[:, :_MARGIN] = -np.inf
         d[:, -_MARGIN:] = -np.inf
+        border = (_MARGIN, size - 1 - _MARGIN) if low_border else (size - 1 - _MARGIN,)
     out = np.full(d.shape[0], np.nan)
+    why: list[str | None] = [None] * d.shape[0]
     for r, i in enumerate(np.argmax(d, axis=1).tolist()):
         row = d[r]
         top = float(row[i])
         if not (math.isfinite(top) and top > 0):
-            continue  # mu never rises
+            why[r] = NEVER_RISES
+            continue
+        if i in border:
+            why[r] = AT_BORDER
+            continue
         out[r] = float(grid[i])
         first, last = _plateau(row, i, top)
         if last > first:  # a flat top (linear mu between points far apart): its centre
@@ -120,7 +142,7 @@ def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
             if math.isfinite(a) and math.isfinite(c) and denom != 0:
                 shift = min(max(0.5 * (a - c) / denom, -0.5), 0.5)
                 out[r] = float(grid[i] + shift * E0_STEP)
-    return out
+    return out, why
 
 
 def no_edge_detail(energy: np.ndarray, tab: float, element: str | None, edge: str) -> str:
@@ -155,6 +177,11 @@ def window_error(
 
 
 NEVER_RISES = "mu never rises: no absorption edge found"
+AT_BORDER = (
+    "mu rises most at the border of the range E0 is looked for in: the edge lies beyond it "
+    "(the scan starts above the edge or ends on it, or the energy calibration is off by more "
+    "than the search range)"
+)
 
 
 def e0_in_window(
@@ -172,10 +199,10 @@ def e0_in_window(
     if error is not None:
         raise error
     grid = np.arange(lo, hi, E0_STEP)
-    e0 = float(e0_rows(grid, on_grid(grid, energy, mu))[0])
-    if not np.isfinite(e0):
-        raise SpectrumError("no_edge", NEVER_RISES)
-    return e0
+    found, why = e0_rows_why(grid, on_grid(grid, energy, mu), low_border=lo > energy[0])
+    if why[0] is not None:
+        raise SpectrumError("no_edge", why[0])
+    return float(found[0])
 
 
 def search_window(

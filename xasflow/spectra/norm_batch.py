@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import SpectrumError
-from xasflow.spectra.process import PrepParams
+from xasflow.spectra.process import MIN_PRE_EDGE, PrepParams, no_pre_edge, undetermined_step
 
 __all__ = ["normalize_larch_batch"]
 
@@ -241,9 +241,14 @@ def normalize_larch_batch(
             f"data end at E0{float(end[i]):+.1f} eV, below E0{params.min_post_edge:+g} eV: "
             "cannot find the edge step",
         )
-    if not (end >= params.min_post_edge).any():
+    measured = np.array([d is False for d in declared], dtype=bool)  # as process.normalize
+    late = measured & (rel[:, 0] > -MIN_PRE_EDGE)
+    for i in np.flatnonzero(late & (end >= params.min_post_edge)).tolist():
+        errors[i] = SpectrumError("no_pre_edge", no_pre_edge(float(rel[i, 0])))
+    usable = (end >= params.min_post_edge) & ~late
+    if not usable.any():
         return np.full((n, m), np.nan), steps, errors, np.zeros(0, dtype=int)
-    live = _pick(end >= params.min_post_edge)
+    live = _pick(usable)
     r_live = rel[live]
     norm1, norm2, nnorm = _ranges(r_live, params)
     c = _count_le(r_live, np.stack((_below(np.zeros(len(norm1))), norm1, _below(norm2)), axis=1))
@@ -278,17 +283,14 @@ def normalize_larch_batch(
         y = np.full((n, m), np.nan)
         y[rows] = y_fit
     for r, i in enumerate(idx.tolist()):
-        if bad[r] is None:
+        worst = bad[r]
+        if worst is None:
             continue
         where = f"post-edge E0{float(norm1[r]):+g}..{float(norm2[r]):+g} eV, degree {nnorm[r]}"
-        if bad[r] == 0.0:
+        if worst == 0.0:
             msg = f"edge step {float(step[r]):.3g} is not positive ({where})"
         else:
-            msg = (
-                f"normalised mu reaches {bad[r]:.3g} in the model window (limit "
-                f"{params.max_norm:g}): edge step {float(step[r]):.3g} from the {where} "
-                "is not determined"
-            )
+            msg = undetermined_step(worst, float(step[r]), params, where)
         errors[i] = SpectrumError("edge_step", msg)
     return y, steps, errors, defer
 

@@ -196,6 +196,9 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
             "cannot find the edge step",
         )
     calculated = is_calculated(spectrum, e0, params)
+    start = float(spectrum.energy[0] - e0)
+    if spectrum.meta.get("calculated") is False and start > -MIN_PRE_EDGE:
+        raise SpectrumError("no_pre_edge", no_pre_edge(start))
     sub, fit = edge_fit(
         spectrum.energy,
         spectrum.mu,
@@ -217,12 +220,25 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
     hi = int(np.searchsorted(spectrum.energy, e0 + params.window_stop, side="right"))
     worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
     if worst > params.max_norm:
-        raise SpectrumError(
-            "edge_step",
-            f"normalised mu reaches {worst:.3g} in the model window (limit {params.max_norm:g}):"
-            f" edge step {fit.step:.3g} from the {where} is not determined",
-        )
+        raise SpectrumError("edge_step", undetermined_step(worst, fit.step, params, where))
     return y, fit.step
+
+
+#: eV of data a spectrum declared measured (``meta["calculated"] is False``: XDI files) needs
+#: below E0: a scan that starts later has no pre-edge to subtract, and its "E0" is some rise
+#: after the edge (a Cu foil scan cut to start 5 eV above its edge gave E0 11 eV too high).
+#: Every XDI file of the shared library starts 19 eV or more below E0. Undeclared spectra
+#: (the daemon's, two-column files) are left to ``is_calculated`` as before: its guess can
+#: take a calculation cropped near its edge for a measurement.
+MIN_PRE_EDGE = 10.0
+
+
+def no_pre_edge(start: float) -> str:
+    """Why a measured spectrum whose data start at E0 + ``start`` eV is refused."""
+    return (
+        f"data start at E0{start:+.1f} eV: a measured scan needs {MIN_PRE_EDGE:g} eV or more "
+        "below the edge (its pre-edge); one that starts later may not hold the edge at all"
+    )
 
 
 def _normalize_legacy(
@@ -254,8 +270,23 @@ def _normalize_legacy(
     for degree in range(params.post_edge_degree, -1, -1):
         step = float(_fit_line(x_post, y_post, degree)(0.0))
         if step > 0:
-            return mu / step, step
+            y = mu / step
+            win = (rel >= params.window_start) & (rel <= params.window_stop)
+            worst = float(np.abs(y[win]).max()) if win.any() else 0.0
+            if worst > params.max_norm:  # as the Larch-convention path refuses it
+                raise SpectrumError("edge_step", undetermined_step(worst, step, params))
+            return y, step
     raise SpectrumError("no_edge", f"edge step {step:.3g} is not positive")
+
+
+def undetermined_step(worst: float, step: float, params: PrepParams, where: str = "") -> str:
+    """Why a spectrum whose normalised mu reaches ``worst`` in the model window is refused:
+    its edge ``step`` is not determined (near zero, from a post-edge fit gone wrong)."""
+    source = f" from the {where}" if where else ""
+    return (
+        f"normalised mu reaches {worst:.3g} in the model window (limit {params.max_norm:g}):"
+        f" edge step {step:.3g}{source} is not determined"
+    )
 
 
 def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple[np.ndarray, float]:
@@ -272,7 +303,24 @@ def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple
             f"{side} needs E0{(grid[0] if side == 'start' else grid[-1]):+.1f} eV "
             f"({outside:.1f} eV beyond the data; at most {params.max_extrapolation:g} allowed)",
         )
+    inside = int(np.count_nonzero((energy_rel >= grid[0]) & (energy_rel <= grid[-1])))
+    if inside < MIN_WINDOW_POINTS:
+        raise SpectrumError("window", sparse_window(inside, grid))
     return np.interp(grid, energy_rel, y), below + above
+
+
+#: Data points a spectrum needs inside the model window: fewer, and its model input is a few
+#: straight lines drawn between points tens of eV apart (a 10-point survey scan over 1.4 keV
+#: left 2 in the window).
+MIN_WINDOW_POINTS = 10
+
+
+def sparse_window(inside: int, grid: np.ndarray) -> str:
+    """Why a spectrum with only ``inside`` points in the model window ``grid`` is refused."""
+    return (
+        f"only {inside} data points between E0{grid[0]:+.1f} and E0{grid[-1]:+.1f} eV, the "
+        f"model window (at least {MIN_WINDOW_POINTS} needed): too sparse to resample"
+    )
 
 
 def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
