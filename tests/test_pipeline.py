@@ -855,3 +855,22 @@ def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
     assert shifts == pytest.approx(
         [0.5 * (i % 5) for i in range(12) if i not in (4, 5, 6, 7)], abs=0.05
     )
+
+
+def test_a_failing_hint_or_dashboard_copy_never_costs_the_batch_its_documents(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HERFD hint and the dashboard's copy of the latest spectrum run after the graphs
+    and before the documents are built: either one raising left the batch's start, events
+    and stop unbuilt (the run never opened on the bus)."""
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.herfd_hints, "apply", broken)
+    pipeline.on_latest = broken
+    docs = pipeline.handle_batch(
+        [opened("raw-h"), scan("raw-h", 0, "CuO"), scan("raw-h", 1, "Cu2O"), closed("raw-h", n=2)]
+    )
+    assert [n for n, _ in docs] == ["start", "descriptor", "event_page", "stop"]
+    assert [e["status"] for e in events(docs)] == ["ok", "ok"]

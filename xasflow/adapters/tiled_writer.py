@@ -398,9 +398,10 @@ class WriterThread:
         for item in held:
             if item[0] == "flush":
                 item[1].set()
-            elif item[0] != "row":
+            elif item[0] != "row":  # counted as the rows are: loss is seen in /metrics
                 raw_uid = item[1].raw_uid if item[0] == "open" else item[1]
                 logger.error("analysis store: %s of run %s was not recorded", item[0], raw_uid)
+                self._count("errors")
 
     def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
         """``n`` rows leave the backlog without a commit; ``lost``: their acknowledgements,

@@ -250,7 +250,10 @@ class Pipeline:
             if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
                 w.flags.append("herfd_broadened")
         self._predict([w for w in works.values() if w.reason is None and w.prediction is None])
-        self.herfd_hints.apply(works.values())
+        try:  # a hint, and the dashboard's copy below, must never cost the batch its documents
+            self.herfd_hints.apply(works.values())
+        except Exception:
+            logger.exception("the HERFD hint failed on a batch")
         for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
             if w.reason is None and w.prediction is not None and w.prepared is not None:
                 assert w.predictor is not None
@@ -263,7 +266,10 @@ class Pipeline:
                     w.shift,
                 )
                 if self.on_latest is not None:
-                    self.on_latest(self.latest)
+                    try:
+                        self.on_latest(self.latest)
+                    except Exception:
+                        logger.exception("offering the latest spectrum failed")
                 break
         docs: list[Doc] = []
         for i, out in enumerate(items):
