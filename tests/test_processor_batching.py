@@ -171,3 +171,30 @@ def test_with_a_batch_in_flight_results_leave_in_order_and_none_before_a_commit(
     proc._turn([("event", {"i": 3})], check=False)
     proc._after_turn()
     assert emitted == [[0, 1], [2], [3]] and in_flight_at_commit == [0]
+
+
+def test_serve_sets_the_configured_gil_switch_interval(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """``xasflow serve`` hands the GIL over within ``analysis.switch_interval_ms`` (1 ms by
+    default, not Python's 5 ms); the setting is bounded."""
+    import sys
+
+    from xasflow.daemon import commands
+    from xasflow.daemon.config import ConfigError
+    from xasflow.daemon.service import Daemon
+
+    set_to: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", set_to.append)
+    monkeypatch.setattr(Daemon, "__init__", lambda self, config: None)
+    monkeypatch.setattr(Daemon, "serve_forever", lambda self: None)
+    config = tmp_path / "x.yaml"
+    config.write_text("analysis:\n  switch_interval_ms: 0.5\n")
+    args = SimpleNamespace(config=str(config), check=False, log_level="warning")
+    assert commands.cmd_serve(args) == 0  # type: ignore[arg-type]
+    config.write_text("{}\n")
+    assert commands.cmd_serve(args) == 0  # type: ignore[arg-type]
+    assert set_to == [0.0005, 0.001]
+    for bad in ("0", "1000"):
+        with pytest.raises(ConfigError):
+            load_config(None, {"XASFLOW__ANALYSIS__SWITCH_INTERVAL_MS": bad})

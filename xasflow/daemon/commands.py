@@ -90,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for warning in [*check_paths(config), *check_ports(config)]:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
+    # the daemon's threads hand the GIL over at most this long after a waiting one wakes
+    sys.setswitchinterval(config.analysis.switch_interval_ms / 1000.0)
     daemon = Daemon(config)
     try:
         daemon.serve_forever()

@@ -278,6 +278,13 @@ class AnalysisConfig(_Section):
         description="refuse (weak_edge) spectra whose edge step is under this many times "
         "their point noise; unset: each bundle's own limit (5 for the shipped one), 0: never",
     )
+    switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="the interpreter's GIL switch interval under `xasflow serve` (Python's 5 ms "
+        "lets a busy thread hold a woken one back that long; 1 ms cut the 100/s p99 a little)",
+    )
     prep_process: bool = Field(
         False,
         description="align, prepare and run the graphs of stacked spectra in a child process "
