@@ -458,6 +458,7 @@ def test_row_and_waveform_round_trip() -> None:
     json.dumps(row)
     back = parse_recommendation_row(row)
     assert back["index"] == 5 and back["rescan"] is None
+    assert row["out_of_domain"] is False and recommendation_row(5, rec, True)["out_of_domain"]
     assert [r["name"] for r in back["regions"]] == [r.name for r in rec.regions]
     assert waveform_regions(back["waveform"]) == [tuple(r.row()) for r in rec.regions]
     assert back["n_points"] == rec.n_points

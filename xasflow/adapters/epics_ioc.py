@@ -363,7 +363,11 @@ class XasIoc:
                 else:
                     alarm = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
-                value = str(value)[:STRING_MAX]
+                # Channel Access strings are latin-1: a uid with an en dash or an emoji would
+                # make the PV unreadable (caproto encodes when a client reads), so such
+                # characters read as "?"
+                text = str(value)[:STRING_MAX]
+                value = text.encode("latin-1", "replace").decode("latin-1")
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
             try:

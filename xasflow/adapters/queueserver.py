@@ -17,7 +17,9 @@ the bundle, E0, why). :class:`QueueServerSubmitter` is also a document callback:
 each analysis run's latest ``recommendations`` event and, when the run stops with
 ``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
 was already certain, nor for a run aborted, failed or closed by a daemon's shutdown) or, with
-``submit_on: rescan``, only recommended rescans, each region once per run. A raw run gets
+``submit_on: rescan``, only recommended rescans, each region once per run. Advice that
+follows an out-of-domain answer is never queued (``skipped_out_of_domain``): the sample is
+not what the bundle knows, and a plan would chase a guess. A raw run gets
 its plan once, however often its analysis is replayed (a Kafka redelivery after a restart).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
 at most one per ``min_interval_s``.
@@ -247,6 +249,7 @@ class QueueServerSubmitter:
             "skipped_certain": 0,
             "skipped_rate": 0,
             "skipped_not_success": 0,
+            "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
             "dropped_full": 0,
         }
@@ -420,6 +423,9 @@ class _AdviceFollower(StreamCallback):
         data = dict(doc.get("data") or {})
         self.latest = data
         if self.submitter.config.submit_on == "rescan" and data.get("rescan"):
+            if data.get("out_of_domain"):
+                self.submitter.stats["skipped_out_of_domain"] += 1
+                return
             self.submitter.enqueue(data, self.raw_uid, rescan_only=True)
 
     def stop(self, doc: Any) -> Any:
@@ -427,6 +433,9 @@ class _AdviceFollower(StreamCallback):
             return
         if doc.get("exit_status") != "success":  # aborted, failed, or ended by a shutdown
             self.submitter.stats["skipped_not_success"] += 1
+            return
+        if self.latest.get("out_of_domain"):  # advice on an answer not to be trusted
+            self.submitter.stats["skipped_out_of_domain"] += 1
             return
         self.submitter.enqueue(self.latest, self.raw_uid)
 

@@ -402,7 +402,7 @@ class Pipeline:
                 self._recommend_due[run.raw_uid] = now + self.recommend_interval_s
             spectrum = work.prepared.spectrum if work.prepared is not None else None
             rec = tracker.recommend_observed(run.raw_uid, manifest, history, spectrum)
-            return recommendation_docs(run, work.scan.index, rec)
+            return recommendation_docs(run, work.scan.index, rec, pred.out_of_domain)
         except Exception:  # advice is optional; the prediction is already recorded
             logger.exception("recommendation failed for %s/%s", run.raw_uid, work.scan.index)
             return []

@@ -41,11 +41,17 @@ RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
     "uncertainty": data_key("number", "1 - probability of the predicted coordination number"),
     "e0": data_key("number", "E0 the regions are placed around", "eV"),
     "bundle_id": data_key("string", "model bundle whose importances were used"),
+    "out_of_domain": data_key(
+        "boolean", "the answer this advice follows is out of domain: no plan is queued from it"
+    ),
 }
 
 
-def recommendation_row(index: int, rec: Recommendation) -> dict[str, Any]:
-    """Event data of the ``recommendations`` stream for one recommendation."""
+def recommendation_row(
+    index: int, rec: Recommendation, out_of_domain: bool = False
+) -> dict[str, Any]:
+    """Event data of the ``recommendations`` stream for one recommendation (``out_of_domain``:
+    of the answer it follows)."""
     return {
         "index": int(index),
         "regions": json.dumps([r.to_dict() for r in rec.regions]),
@@ -59,11 +65,12 @@ def recommendation_row(index: int, rec: Recommendation) -> dict[str, Any]:
         "uncertainty": float(rec.uncertainty),
         "e0": float(rec.e0),
         "bundle_id": rec.bundle_id,
+        "out_of_domain": bool(out_of_domain),
     }
 
 
 def recommendation_docs(
-    run: Any, index: int, rec: Recommendation
+    run: Any, index: int, rec: Recommendation, out_of_domain: bool = False
 ) -> list[tuple[str, dict[str, Any]]]:
     """Documents (descriptor the first time, then the event) of ``rec`` in an analysis run.
 
@@ -71,7 +78,7 @@ def recommendation_docs(
     spectrum's ``primary`` event (so its start document exists).
     """
     return run.stream_event(
-        RECOMMENDATION_STREAM, RECOMMENDATION_KEYS, recommendation_row(index, rec)
+        RECOMMENDATION_STREAM, RECOMMENDATION_KEYS, recommendation_row(index, rec, out_of_domain)
     )
 
 

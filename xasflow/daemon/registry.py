@@ -108,7 +108,12 @@ class ModelRegistry:
             load_public_key(key)
         self.require_signature = require_signature
         self._loader = loader or (
-            lambda path: Predictor(path, threads=self.threads, min_edge_snr=min_edge_snr)
+            lambda path: Predictor(
+                path,
+                threads=self.threads,
+                min_edge_snr=min_edge_snr,
+                require_digest=self.require_digest,
+            )
         )
         self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
         self._seen: dict[str, Fingerprint] = {}  # dir name -> fingerprint last judged
@@ -445,7 +450,7 @@ class ModelRegistry:
         try:
             m = read_manifest(path)
             element, edge = _key(m.element, m.edge)
-        except BundleError:
+        except Exception:  # only to name what is still served: never to stop the scan
             pass
         kept = self.get(element, edge) if element and edge else None
         suffix = f"; still serving {kept.bundle_id}" if kept is not None else ""

@@ -207,8 +207,11 @@ def _parse_manifest(path: Path, raw_bytes: bytes) -> Manifest:
     """Schema-check manifest bytes read from ``path``."""
     try:
         raw = json.loads(raw_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable manifest: {exc}", "manifest_unreadable") from exc
+    except (ValueError, RecursionError, MemoryError) as exc:  # a hostile file: nested 1e5 deep
+        raise BundleError(
+            f"{path}: unreadable manifest: {type(exc).__name__}: {str(exc)[:200]}",
+            "manifest_unreadable",
+        ) from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version not in READABLE_SCHEMAS:
         raise BundleError(
