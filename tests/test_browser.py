@@ -211,6 +211,13 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             results={
                 **latest.prediction.results,
                 "cn": dataclasses.replace(cn, prediction_set=[2, 4]),
+                "valence": dataclasses.replace(
+                    latest.prediction.results["valence"], prediction_set=[1, 2]
+                ),
+                "environment": dataclasses.replace(
+                    latest.prediction.results["environment"],
+                    prediction_set=["CN4-tetrahedral", "CN4-square-planar"],
+                ),
                 "motifs": dataclasses.replace(latest.prediction.results["motifs"], ranking=led),
             },
         )
@@ -228,6 +235,10 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert "not to be trusted" in (page.text_content("#ood-banner") or "")
         assert "looks like HERFD" in (page.text_content("#ood-banner") or "")  # the daemon's hint
         assert page.text_content("#cn-set") == "90 % set {2, 4}"
+        assert page.text_content("#valence-set") == "90 % set {+1, +2}"  # every set shown
+        assert (
+            page.text_content("#environment-set") == "90 % set {CN4-tetrahedral, CN4-square-planar}"
+        )
         head = page.locator("#motifs li").first
         assert (head.locator(".note").text_content() or "").strip() == f"motif of CN {cn.value}"
         assert page.locator("#motifs li").nth(1).locator(".note").count() == 0

@@ -344,6 +344,10 @@
       (cn.metrics && cn.metrics.accuracy !== undefined ? ` · held-out acc. ${pct(cn.metrics.accuracy)}` : "") : "";
     bars($("cn-bars"), cn && cn.probabilities, cn && cn.value);
     $("environment").textContent = pred.environment || "–";
+    // every classifier's conformal set beside its answer, as the CN's (renderDoubt)
+    const env = t.environment;
+    $("environment-set").textContent = env && env.prediction_set
+      ? `${level(env)} set ${setList(env.prediction_set)}` : "";
     const motifs = $("motifs");
     clear(motifs);
     const ranked = pred.motifs || [];
@@ -358,6 +362,9 @@
     const val = t.valence;
     $("valence-value").textContent = val ? (val.value > 0 ? "+" : "") + val.value : "–";
     $("valence-p").textContent = val && val.confidence !== undefined ? "p " + pct(val.confidence) : "";
+    const signed = (v) => (v > 0 ? "+" : "") + v;
+    $("valence-set").textContent = val && val.prediction_set
+      ? `${level(val)} set ${setList(val.prediction_set.map(signed))}` : "";
     bars($("valence-bars"), val && val.probabilities, val && val.value);
     const dist = t.distance, charge = t.charge;
     const interval = (t, digits) => !t ? "" : t.interval
