@@ -1,9 +1,8 @@
 """The operator-facing surfaces at their edges: a raw uid Channel Access cannot carry, the
 advice PVs between two runs, plans queued from out-of-domain answers.
 
-Each test failed on aca8a8c (a read-only review); the stale STOP_EARLY one still does and is
-marked ``xfail`` (strict). Where a docstring says what a surface does wrong, it tells what it
-did then."""
+Each test failed on aca8a8c (a read-only review). Where a docstring says what a surface
+does wrong, it tells what it did then."""
 
 from __future__ import annotations
 
@@ -73,24 +72,20 @@ def test_a_raw_uid_outside_latin1_leaves_scan_uid_readable(ioc_env: dict[str, An
     assert value  # something readable that names the run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect, not fixed yet (stop 31 note): the advice PVs are cleared only when the next run's first result opens its analysis run",
-)
 def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
     ioc_env: dict[str, Any], tmp_path: Path
 ) -> None:
-    """epics_pvs: "The advice PVs are cleared ... when an analysis run starts, so a plan
-    watching STOP_EARLY never stops a new scan on the last one's certainty." But the analysis
-    run's start document is composed lazily, with its first result (documents.AnalysisRun._open;
-    Pipeline._opened returns no document for a raw start). So from the raw start of run B until
-    its first spectrum is analysed (a whole sweep of a quick-XAS run), STOP_EARLY still says 1
-    for run A: a plan that checks it during B's first sweep stops B at once."""
+    """epics_pvs: the advice PVs are cleared when a run starts, "so a plan watching
+    STOP_EARLY never stops a new scan on the last one's certainty". The analysis start
+    document only comes with the run's first result (a whole sweep of a quick-XAS run
+    later), so the daemon's raw-start hook clears them as the raw start arrives: before,
+    STOP_EARLY stayed 1 for run A through run B's first sweep."""
+    from types import SimpleNamespace
+
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
-    from xasflow.daemon.outputs import RunOpened
-    from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.recommend import RecommenderConfig
-    from xasflow.daemon.registry import ModelRegistry
+    from xasflow.daemon.parts import build_processor
 
     ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
     stop, advice = ctx.get_pvs(ioc.pv("stop_early"), ioc.pv("advice_uid"), timeout=5.0)
@@ -104,21 +99,23 @@ def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
     for name, doc in run_a:
         ioc(name, doc)
     wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
-
-    (tmp_path / "models").mkdir()
-    counters = Counters()
-    pipeline = Pipeline(
-        ModelRegistry(tmp_path / "models", counters), counters, recommend=RecommenderConfig()
+    parts = SimpleNamespace(  # what the processor is built from; only the IOC matters here
+        source=SimpleNamespace(get=lambda timeout: None),
+        assembler=RunAssembler(),
+        pipeline=SimpleNamespace(worker=None),
+        probes=None,
+        interrupted=None,
+        writer=None,
+        store=None,
+        ioc=ioc,
+        gate=None,
+        publisher=None,
     )
-    raw_start_b = {"uid": "raw-B", "time": 1.0, "scan_id": 8, "plan_name": "fly"}
-    docs = pipeline.handle_batch([RunOpened("raw-B", raw_start_b, "fly")])
-    for name, doc in docs:  # what the daemon's listeners (IOC among them) get at B's start
-        ioc(name, doc)
+    proc = build_processor(parts, DaemonConfig(), Counters(), [], lambda: None)  # type: ignore[arg-type]
+    assert proc.on_raw_start is not None
+    proc.on_raw_start({"uid": "raw-B", "time": 1.0, "scan_id": 8, "plan_name": "fly"})
     ioc.flush()
-    assert read(advice) == "raw-B" and read(stop) == 0, (
-        f"run B has started scanning, yet STOP_EARLY={read(stop)} ADVICE_UID={read(advice)!r} "
-        f"(the pipeline published {len(docs)} documents at its raw start)"
-    )
+    wait_for(lambda: read(advice) == "raw-B" and read(stop) == 0, what="run A's advice cleared")
 
 
 # --------------------------------------------------------------------------- queueserver

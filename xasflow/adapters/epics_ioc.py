@@ -306,8 +306,14 @@ class XasIoc:
 
     def _run_started(self, start: dict[str, Any]) -> list[Any]:
         """An analysis run starts: no advice for it yet (the last run's is cleared)."""
-        self._submit({**NO_ADVICE, "advice_uid": str(start.get("raw_uid") or "")})
+        self.raw_run_started(str(start.get("raw_uid") or ""))
         return []
+
+    def raw_run_started(self, raw_uid: str) -> None:
+        """A raw run starts scanning (the daemon's raw-start hook, before its first result
+        opens its analysis run): the last run's advice is cleared now, so a plan watching
+        STOP_EARLY never stops this scan on the last one's certainty."""
+        self._submit({**NO_ADVICE, "advice_uid": raw_uid})
 
     def report_rejection(self, reason: str, raw_uid: str | None) -> None:
         """STATUS says the last spectrum was rejected and why; the answer PVs keep the last

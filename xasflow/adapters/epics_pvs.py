@@ -27,8 +27,9 @@ PV                  type      meaning
 ``XAS:UPDATES``     long      number of answers published (advice is not an answer)
 ==================  ========  =====================================================
 
-The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) when an
-analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
+The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) as a
+raw run's start arrives (the daemon's raw-start hook, before its first result), and again when
+its analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
 one's certainty.
 
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an

@@ -242,15 +242,26 @@ def build_processor(
         on_tick=on_tick,
     )
     proc.store_sink = p.writer
+    at_raw_start: list[Callable[[str], None]] = []
     store = p.store
     if store is not None:  # the analysis table made at the raw start, not the first result
         table = {"name": ANALYSIS_STREAM, "data_keys": DATA_KEYS}
+        at_raw_start.append(lambda uid: store.prepare_run(uid, table))
+    if p.ioc is not None:  # the last run's advice (STOP_EARLY) goes before this one scans
+        at_raw_start.append(p.ioc.raw_run_started)
+    if at_raw_start:
 
-        def prepare(doc: dict[str, Any]) -> None:
-            if isinstance(doc.get("uid"), str):  # a start without one is rejected later
-                store.prepare_run(doc["uid"], table)
+        def raw_start(doc: dict[str, Any]) -> None:
+            uid = doc.get("uid")
+            if not isinstance(uid, str):
+                return  # a start without one is rejected later
+            for hook in at_raw_start:
+                try:
+                    hook(uid)
+                except Exception:  # each one's own trouble: the others still run
+                    logger.exception("a raw-start hook failed for run %r", uid)
 
-        proc.on_raw_start = prepare
+        proc.on_raw_start = raw_start
     if cfg.input.kind == "kafka":  # the commit rule's hooks
         proc.on_processed = p.source.mark_processed
         proc.abandoned = p.source.abandoned
