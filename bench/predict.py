@@ -8,6 +8,9 @@ shared FEFF tree (label cache used when warm; recorded) and calls the scikit-lea
 directly. Also times the forest-only ONNX bundle exported from that fit. ``--compare B``
 times another bundle (e.g. the one being replaced) on the same spectra in the same loop, so
 the two served figures share the machine's conditions (``compare`` in the report).
+``served_breakdown_p50_ms`` splits the served bundle's time into preparation, the graphs'
+input, the graphs and the decoding, timed in a loop of its own (warm caches: the main loop
+interleaves the forests, whose trees evict them, as a daemon's other work does).
 
     .venv/bin/python bench/predict.py --json bench/results/predict.json [--compare OLD_BUNDLE]
 """
@@ -35,6 +38,40 @@ from xasflow.training.fit import TrainConfig, train
 
 def _p(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def _stages(predictor: Predictor, spectra: list[Any], prepared: list[Any]) -> dict[str, Any]:
+    """Where the served bundle's time goes (p50 ms): preparation, the graphs' input, the
+    graphs, and decoding into predictions; for one spectrum and for 64 in one call."""
+    single: dict[str, list[float]] = {"prepare": [], "model_input": [], "run": [], "decode": []}
+    for s in spectra:
+        t0 = time.perf_counter()
+        p = [predictor.prepare(s)]
+        t1 = time.perf_counter()
+        x = predictor.model_input(p)
+        t2 = time.perf_counter()
+        raw = predictor.run(x)
+        t3 = time.perf_counter()
+        predictor.predictions(p, raw)
+        t4 = time.perf_counter()
+        for key, dt in zip(single, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            single[key].append(dt)
+    batch: dict[str, list[float]] = {"model_input": [], "run": [], "decode": []}
+    for start in range(0, len(prepared) - 63, 64):
+        chunk = prepared[start : start + 64]
+        t0 = time.perf_counter()
+        x = predictor.model_input(chunk)
+        t1 = time.perf_counter()
+        raw = predictor.run(x)
+        t2 = time.perf_counter()
+        predictor.predictions(chunk, raw)
+        t3 = time.perf_counter()
+        for key, dt in zip(batch, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            batch[key].append(dt)
+    return {
+        "single": {k: _p(v, 50) for k, v in single.items()},
+        "batch64": {k: _p(v, 50) for k, v in batch.items() if v},
+    }
 
 
 def main() -> int:
@@ -111,6 +148,7 @@ def main() -> int:
             cls = result.tasks["cn"].estimator.classes_
             agree += int(pred["cn"].value == cls[int(np.argmax(ref["cn"][0]))])
         prepared = [served.prepare(s) for s in spectra]
+        breakdown = _stages(served, spectra, prepared)
         batch_t: list[float] = []
         other_batch_t: list[float] = []
         for _ in range(3):  # a few passes: the median of 4 batches is noisy on a shared machine
@@ -137,6 +175,7 @@ def main() -> int:
         "onnx_p50_ms": _p(served_t, 50),
         "onnx_p99_ms": _p(served_t, 99),
         "onnx_batch64_ms": _p(batch_t, 50) if batch_t else None,
+        "served_breakdown_p50_ms": breakdown,
         "forest_onnx_p50_ms": _p(onnx_t, 50),
         "forest_onnx_p99_ms": _p(onnx_t, 99),
         "sklearn_p50_ms": _p(skl_t, 50),
