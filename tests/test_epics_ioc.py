@@ -360,3 +360,74 @@ def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -
             assert served_by(other.pv("bundle_id"), "127.0.0.1", port) is not None
     finally:
         other.stop()
+
+
+def test_a_raw_uid_outside_latin1_leaves_scan_uid_readable(ioc_env: dict[str, Any]) -> None:
+    """A raw run uid is any non-empty string the bus sends (assembly only checks
+    ``isinstance(uid, str)``). The IOC writes it to SCAN_UID (and ADVICE_UID, and 8
+    characters of it into STATUS) as a Python str; caproto encodes STRING PVs as latin-1 when a
+    client reads, so a uid with a character outside latin-1 makes every read of SCAN_UID fail
+    on the server ("Server failed to process command ... UnicodeEncodeError") and time out on
+    the client: the operator's panel loses the run identity of the answer it shows."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    raw_uid = "r\u2013" + "0" * 10  # an en dash, e.g. pasted from a document; not latin-1
+    docs = analysis_run_docs(
+        [("primary", {"status": "ok", "cn": 4, "cn_probability": 0.9, "e0": 8984.0})],
+        raw_uid=raw_uid,
+    )
+    for name, doc in docs:
+        ioc(name, doc)
+    ioc.flush()
+    cn, uid = ctx.get_pvs(ioc.pv("cn"), ioc.pv("scan_uid"), timeout=5.0)
+    assert read(cn) == 4
+    try:
+        value = uid.read(timeout=2.0).data[0]
+    except Exception as exc:  # CaprotoTimeoutError: the server failed to encode the value
+        pytest.fail(f"SCAN_UID of run {raw_uid!r} cannot be read: {type(exc).__name__}: {exc}")
+    assert value  # something readable that names the run
+
+
+def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
+    ioc_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """epics_pvs: the advice PVs are cleared when a run starts, "so a plan watching
+    STOP_EARLY never stops a new scan on the last one's certainty". The analysis start
+    document only comes with the run's first result (a whole sweep of a quick-XAS run
+    later), so the daemon's raw-start hook clears them as the raw start arrives: before,
+    STOP_EARLY stayed 1 for run A through run B's first sweep."""
+    from types import SimpleNamespace
+
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_processor
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    stop, advice = ctx.get_pvs(ioc.pv("stop_early"), ioc.pv("advice_uid"), timeout=5.0)
+    run_a = analysis_run_docs(
+        [
+            ("primary", {"status": "ok", "cn": 4, "e0": 8984.0}),
+            ("recommendations", {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}),
+        ],
+        raw_uid="raw-A",
+    )
+    for name, doc in run_a:
+        ioc(name, doc)
+    wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
+    parts = SimpleNamespace(  # what the processor is built from; only the IOC matters here
+        source=SimpleNamespace(get=lambda timeout: None),
+        assembler=RunAssembler(),
+        pipeline=SimpleNamespace(worker=None),
+        probes=None,
+        interrupted=None,
+        writer=None,
+        store=None,
+        ioc=ioc,
+        gate=None,
+        publisher=None,
+    )
+    proc = build_processor(parts, DaemonConfig(), Counters(), [], lambda: None)  # type: ignore[arg-type]
+    assert proc.on_raw_start is not None
+    proc.on_raw_start({"uid": "raw-B", "time": 1.0, "scan_id": 8, "plan_name": "fly"})
+    ioc.flush()
+    wait_for(lambda: read(advice) == "raw-B" and read(stop) == 0, what="run A's advice cleared")
