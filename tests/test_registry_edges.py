@@ -1,8 +1,8 @@
 """The model registry at its edges: a hostile manifest beside good bundles, an unsealed
 bundle with ``require_digest: false``, a serving directory refilled or emptied.
 
-Each test failed on aca8a8c (a read-only review); two still do and are marked ``xfail``
-(strict: they fail the suite once fixed, so the mark is taken off). Where a docstring says
+Each test failed on aca8a8c (a read-only review); one still does and is marked ``xfail``
+(strict: it fails the suite once fixed, so the mark is taken off). Where a docstring says
 what the registry does wrong, it tells what it did then. They use the shipped models/cu-k
 bundle (no training) copied into a temporary models directory.
 """
@@ -93,7 +93,7 @@ def test_require_digest_false_serves_an_unsealed_bundle(model_dir: Path) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect, not fixed yet (stop 31 note): the registry does not re-judge a serving directory whose content is outranked or gone",
+    reason="known defect, not fixed yet (stop 31 note): a serving directory refilled with an outranked bundle is not re-judged",
 )
 def test_a_directory_refilled_with_an_outranked_bundle_stops_serving_the_old_one(
     model_dir: Path,
@@ -126,16 +126,17 @@ def test_a_directory_refilled_with_an_outranked_bundle_stops_serving_the_old_one
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect, not fixed yet (stop 31 note): the registry does not re-judge a serving directory whose content is outranked or gone",
-)
 def test_a_serving_bundle_that_loses_its_manifest_is_reported(model_dir: Path) -> None:
     """registry.py:254-255: a directory without manifest.json is skipped as 'not (yet) a
     bundle' even when it is the directory currently serving. Deleting cu-k/manifest.json
     (or truncating the bundle to its graphs) is never judged: no refusal, no event, nothing
     in /health, and the in-memory predictor keeps serving as if cu-k were intact."""
     reg = ModelRegistry(model_dir)
-    (model_dir / "cu-k" / "manifest.json").unlink()
+    manifest = model_dir / "cu-k" / "manifest.json"
+    kept = manifest.read_bytes()
+    manifest.unlink()
     events = [e for _ in range(3) for e in reg.refresh()]
-    assert events or reg.refused() or reg.get("Cu", "K") is None
+    # as a directory that went away: removed after remove_after scans, with an event
+    assert [e.kind for e in events] == ["removed"] and reg.get("Cu", "K") is None
+    manifest.write_bytes(kept)  # back whole: judged again, and served
+    assert [e.kind for e in reg.refresh()] == ["loaded"] and reg.get("Cu", "K") is not None

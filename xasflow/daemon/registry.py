@@ -256,12 +256,13 @@ class ModelRegistry:
                 continue  # vanished between listing and looking: next scan
             if self._seen.get(name) == fp:
                 continue
-            if not any(item[0] == MANIFEST for item in fp):
-                continue  # not (yet) a bundle; not judged, so it is looked at again next scan
+            if not any(item[0] == MANIFEST for item in fp):  # not (yet) a bundle: judged
+                present.discard(name)  # again next scan; one serving counts as gone meanwhile
+                continue
             entry = self._judge(name, path, fp, models, events)
             if entry is not None:
                 self._serve(entry, models, present, events)
-        # directories of serving bundles that went away: the best standby takes over now
+        # serving directories gone or without a manifest: the best standby takes over now
         for key, entry in list(models.items()):
             name = Path(entry.directory).name
             if name in present:
@@ -282,7 +283,7 @@ class ModelRegistry:
                     entry.directory,
                     *key,
                     previous=entry.predictor.bundle_id,
-                    message=f"{entry.directory} is gone; {key[0]} {key[1]} {tail}",
+                    message=f"{entry.directory} is gone (or holds no manifest); {key[0]} {key[1]} {tail}",
                 )
             )
             events.extend(after)
