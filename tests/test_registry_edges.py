@@ -1,8 +1,7 @@
 """The model registry at its edges: a hostile manifest beside good bundles, an unsealed
 bundle with ``require_digest: false``, a serving directory refilled or emptied.
 
-Each test failed on aca8a8c (a read-only review); one still does and is marked ``xfail``
-(strict: it fails the suite once fixed, so the mark is taken off). Where a docstring says
+Each test failed on aca8a8c (a read-only review). Where a docstring says
 what the registry does wrong, it tells what it did then. They use the shipped models/cu-k
 bundle (no training) copied into a temporary models directory.
 """
@@ -91,10 +90,6 @@ def test_require_digest_false_serves_an_unsealed_bundle(model_dir: Path) -> None
     assert reg.get("Cu", "K") is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect, not fixed yet (stop 31 note): a serving directory refilled with an outranked bundle is not re-judged",
-)
 def test_a_directory_refilled_with_an_outranked_bundle_stops_serving_the_old_one(
     model_dir: Path,
 ) -> None:

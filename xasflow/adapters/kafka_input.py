@@ -345,9 +345,7 @@ class KafkaDocumentSource:
 
     def _update_lag(self, consumer: Any) -> None:
         with self._lock:
-            tps = list(self._offsets.gen)
-        with self._lock:
-            starts = dict(self._offsets.start)
+            tps, starts = list(self._offsets.gen), dict(self._offsets.start)
         earliest = self.settings.auto_offset_reset == "earliest"
         lag = broker_lag(consumer, tps, self._processed_at, starts, earliest)
         with self._lock:

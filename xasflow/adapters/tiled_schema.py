@@ -83,6 +83,7 @@ class _Run:
     pending: list[tuple[dict[str, Any], Ack | None]] = field(default_factory=list)
     first_pending_at: float = 0.0
     start_due: bool = False  # a prepared table: the start document is still to be written
+    start_tries: int = 0  # writes of it tried in the writer's turns (the close writes it anyway)
 
 
 def json_default(value: Any) -> Any:

@@ -53,6 +53,10 @@ _MAX_PREPARED = 64
 #: the catalog's process is down (a journalled stop is left to the journal's replay), and
 #: forgets the run's journal record whatever stop it holds.
 UNJOURNALLED_CLOSE = "close_unjournalled"
+#: Writes of a made-ahead table's start tried in the writer's turns before the close (each
+#: with the store's retries, ~1.3 s): a start the catalog keeps refusing must not slow every
+#: turn of the only writer.
+_START_TRIES = 3
 
 
 class WriterThread:
@@ -118,7 +122,7 @@ class WriterThread:
             self._commit_due(force=stop)
             for run in list(self._runs.values()):
                 # after the first rows (they were what results waited for); with the catalog up
-                if run.start_due and self._catalog_up():
+                if run.start_due and run.start_tries < _START_TRIES and self._catalog_up():
                     self._write_start(run)
         except Exception:
             logger.exception("analysis store: commit or start failed")
@@ -216,7 +220,9 @@ class WriterThread:
 
     def _write_start(self, run: _Run) -> None:
         """The start and descriptor of a table made ahead; due until written (a failure is
-        tried again at the next commit, and the close writes it with the stop)."""
+        tried again at the next turns, :data:`_START_TRIES` in all, and the close writes it
+        with the stop)."""
+        run.start_tries += 1
         self._catalog(lambda: run.node.update_metadata(_start_of(run)), f"start {run.raw_uid}")
         run.start_due = False
 

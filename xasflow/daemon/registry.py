@@ -262,10 +262,11 @@ class ModelRegistry:
             entry = self._judge(name, path, fp, models, events)
             if entry is not None:
                 self._serve(entry, models, present, events)
-        # serving directories gone or without a manifest: the best standby takes over now
+        # serving directories gone, without a manifest, or refilled with a bundle kept on
+        # standby (outranked): the best standby takes over now
         for key, entry in list(models.items()):
             name = Path(entry.directory).name
-            if name in present:
+            if name in present and name not in self._standby:
                 self._missing.pop(name, None)
                 continue
             self._missing[name] = self._missing.get(name, 0) + 1
