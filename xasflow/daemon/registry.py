@@ -147,24 +147,7 @@ class ModelRegistry:
 
     def models(self) -> list[dict[str, Any]]:
         """What is in service, for health and the dashboard: ids, metrics per task, load time."""
-        out = []
-        for (element, edge), entry in sorted(self._models.items()):
-            m = entry.predictor.manifest
-            out.append(
-                {
-                    "bundle_id": m.bundle_id,
-                    "element": element,
-                    "edge": edge,
-                    "directory": entry.directory,
-                    "created": m.created,
-                    "code_version": m.code_version,
-                    "loaded_at": entry.loaded_at,
-                    "manifest_sha256": entry.digest,
-                    "tasks": sorted(m.tasks),
-                    "metrics": {name: dict(task.metrics) for name, task in m.tasks.items()},
-                }
-            )
-        return out
+        return [entry.row(*key) for key, entry in sorted(self._models.items())]
 
     def refused(self) -> dict[str, str]:
         """Bundle directories currently refused, with ``"reason: message"``."""

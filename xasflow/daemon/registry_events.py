@@ -71,6 +71,23 @@ class ServingEntry:
     digest: str = ""
     rank: Rank = ("", "")
 
+    def row(self, element: str, edge: str) -> dict[str, Any]:
+        """This entry as ``/health`` and the dashboard list it: ids, metrics per task, load
+        time."""
+        m = self.predictor.manifest
+        return {
+            "bundle_id": m.bundle_id,
+            "element": element,
+            "edge": edge,
+            "directory": self.directory,
+            "created": m.created,
+            "code_version": m.code_version,
+            "loaded_at": self.loaded_at,
+            "manifest_sha256": self.digest,
+            "tasks": sorted(m.tasks),
+            "metrics": {name: dict(task.metrics) for name, task in m.tasks.items()},
+        }
+
 
 @dataclass(frozen=True)
 class Standby:
