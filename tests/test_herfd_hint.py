@@ -46,9 +46,10 @@ def _ready(raw_uid: str, index: int, demo: DemoSpectrum) -> SpectrumReady:
 
 
 def _rows(pipeline: Pipeline, raw_uid: str, demo: DemoSpectrum, **start: Any) -> list[dict]:
+    """The analysed rows of a two-spectrum run of ``demo`` (a FEFF calculation, declared)."""
     docs = pipeline.handle_batch(
         [
-            RunOpened(raw_uid, {"uid": raw_uid, "time": 0.0, **start}, "step"),
+            RunOpened(raw_uid, {"uid": raw_uid, "time": 0.0, "calculated": True, **start}, "step"),
             _ready(raw_uid, 0, demo),
             _ready(raw_uid, 1, demo),
             RunClosed(raw_uid, "success", "", 0, 0, 0),

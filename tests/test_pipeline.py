@@ -751,7 +751,7 @@ def test_herfd_from_the_start_document_or_config_reaches_prepare(
     assert (h4["status"], h4["reason"]) == ("rejected", "bad_broadening")
     assert "'yes'" in h4["detail"]
     assert counters.snapshot()["rejected_by_stage"]["analysis"] == {"bad_broadening": 1}
-    assert "raw-h1" not in pipeline._herfd  # forgotten with its run
+    assert "raw-h1" not in pipeline._declared  # forgotten with its run
     # analysis.herfd: the default for runs that do not say; a start's false switches it off
     seen.clear()
     configured = Pipeline(registry, counters, clock=Clock(T0 + 0.004), herfd=2.0)
@@ -787,11 +787,11 @@ def test_a_reopened_runs_herfd_survives_batches_in_flight(
     validate(docs)
     assert ["herfd_broadened" in row["flags"] for row in events(docs)] == [False, True, True]
     assert [d["exit_status"] for n, d in docs if n == "stop"] == ["success", "success"]
-    assert "raw-r" not in pipeline._herfd
+    assert "raw-r" not in pipeline._declared
     reopened = pipeline.begin([opened("raw-s", herfd=True), scan("raw-s", 0, "Cu2O")])
     pipeline.end(reopened)
     pipeline.close_all("shutdown")  # forgets the declarations of the runs it stops
-    assert pipeline._herfd == {}
+    assert pipeline._declared == {}
 
 
 def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(

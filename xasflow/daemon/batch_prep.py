@@ -69,12 +69,15 @@ class Work:
         self.reason, self.detail = reason, detail
 
 
-def start_work(scan: ScanSpectrum, registry: ModelRegistry, herfd: Any) -> Work:
+def start_work(
+    scan: ScanSpectrum, registry: ModelRegistry, herfd: Any, calculated: Any = None
+) -> Work:
     """Steps 1-3 for one spectrum (alignment and preparation follow, batched); a failure sets
-    ``reason``. ``herfd``: the run's HERFD declaration (False, True or a FWHM in eV)."""
+    ``reason``. ``herfd``: the run's HERFD declaration (False, True or a FWHM in eV);
+    ``calculated``: whether its spectra are calculations (None: guessed per spectrum)."""
     work = Work(scan, flags=list(scan.flags))
     try:
-        _start_into(work, registry, herfd)
+        _start_into(work, registry, herfd, calculated)
     except SpectrumError as exc:
         work.fail(exc.reason, exc.message)
     except Exception as exc:  # a bug: record the spectrum as rejected, keep serving
@@ -83,7 +86,7 @@ def start_work(scan: ScanSpectrum, registry: ModelRegistry, herfd: Any) -> Work:
     return work
 
 
-def _start_into(work: Work, registry: ModelRegistry, herfd: Any) -> None:
+def _start_into(work: Work, registry: ModelRegistry, herfd: Any, calculated: Any) -> None:
     scan = work.scan
     energy = np.asarray(scan.energy, dtype=np.float64)
     if energy.ndim != 1 or energy.size == 0:
@@ -135,6 +138,12 @@ def _start_into(work: Work, registry: ModelRegistry, herfd: Any) -> None:
                 "bad_broadening", f"herfd {herfd!r}: give true, false or the FWHM in eV"
             )
         meta["herfd"] = herfd
+    if calculated is not None:
+        if not isinstance(calculated, bool):
+            raise SpectrumError(
+                "bad_declaration", f"calculated {calculated!r}: give true, false or null"
+            )
+        meta["calculated"] = calculated
     work.spectrum = Spectrum(energy, mu, element, edge, meta=meta)
     work.energy = energy
 

@@ -251,9 +251,10 @@ class AnalysisConfig(_Section):
     ``prefer: start`` takes element/edge from the start document and falls back to
     ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
     neither, the pipeline infers them from the energy range (tabulated edge energies).
-    ``herfd``: spectra are HERFD and are broadened to the model's resolution (true: the
-    element's tabulated width; a number: that FWHM in eV); a start document's ``herfd`` wins
-    (null or "" declares nothing; "true", "false" and numbers as text are read as such).
+    ``herfd`` and ``calculated`` (FEFF replays; default false: measured scans, which need
+    10 eV below E0, else ``no_pre_edge``: one starting above its edge gave an E0 11 eV too
+    high) say what the spectra are; a start document's own key wins (null or "" declares
+    nothing; "true", "false" and numbers as text are read as such).
     ``batching``: how long the processing thread may wait for more documents under load
     (:class:`~xasflow.daemon.batching.BatchPolicy`). ``prep_process``: the heavy numbers of
     fly-scan batches in a child process (:mod:`xasflow.daemon.prep_worker`).
@@ -272,6 +273,9 @@ class AnalysisConfig(_Section):
     herfd: bool | float = Field(
         False, description="spectra are HERFD: true (tabulated width) or the FWHM in eV"
     )
+    calculated: bool | None = Field(
+        False, description="spectra are calculations (true), measured (false) or guessed (null)"
+    )
     min_edge_snr: float | None = Field(
         None,
         ge=0,
@@ -282,8 +286,8 @@ class AnalysisConfig(_Section):
         1.0,
         gt=0,
         le=100,
-        description="the interpreter's GIL switch interval under `xasflow serve` (Python's 5 ms "
-        "lets a busy thread hold a woken one back that long; 1 ms cut the 100/s p99 a little)",
+        description="the GIL switch interval under `xasflow serve` (Python's 5 ms let a busy "
+        "thread hold a woken one back that long)",
     )
     prep_process: bool = Field(
         False,

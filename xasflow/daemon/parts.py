@@ -136,6 +136,7 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         recommend_interval_s=rec.interval_s,
         herfd=cfg.analysis.herfd,
         worker=worker,
+        calculated=cfg.analysis.calculated,
     )
     return registry, pipeline
 

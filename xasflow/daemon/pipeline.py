@@ -93,9 +93,21 @@ REASONS: frozenset[str] = frozenset(
         "edge_step",  # the edge step is not positive / not determined
         "herfd_width",  # HERFD declared, but no tabulated width for the element: give the FWHM
         "bad_broadening",  # a HERFD width that is no number of eV within 0.2..50
+        "bad_declaration",  # a start's ``calculated`` that is neither true, false nor null
         "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
     }
 )
+
+
+def _declarations(start: dict[str, Any]) -> dict[str, Any]:
+    """What a raw start declares about its spectra (``herfd``, ``calculated``); a key that
+    declares nothing (absent, null, "") is left out, so the daemon's setting applies."""
+    out = {}
+    for key in ("herfd", "calculated"):
+        declared = herfd_declared(start.get(key))  # true/false also as text; numbers as given
+        if declared is not None:
+            out[key] = declared
+    return out
 
 
 def known_rejections() -> list[tuple[str, str]]:
@@ -151,11 +163,14 @@ class Pipeline:
         recommend_interval_s: float = 0.0,
         herfd: bool | float = False,
         worker: PrepWorker | None = None,
+        calculated: bool | None = False,
     ) -> None:
         """``clock``: wall clock (epoch s) for document times and latencies.
 
         ``herfd``: spectra are HERFD (True: the element's tabulated width, a number: the
-        FWHM in eV), broadened by ``prepare``; a start document's own ``herfd`` key wins.
+        FWHM in eV), broadened by ``prepare``. ``calculated``: spectra are calculations
+        (True), measured (False: they need a pre-edge) or guessed per spectrum (None). A start
+        document's own ``herfd`` or ``calculated`` key wins.
 
         ``recommend``: emit a ``recommendations`` stream in each analysis run (None: off).
         ``recommend_interval_s``: at most one recommendation per run in this many seconds
@@ -184,8 +199,8 @@ class Pipeline:
         self.recommend_interval_s = float(recommend_interval_s)
         self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
         self._runs: dict[str, AnalysisRun] = {}
-        self.herfd = herfd
-        self._herfd: dict[str, Any] = {}  # raw uid -> its start document's ``herfd``
+        self.declared = {"herfd": herfd, "calculated": calculated}
+        self._declared: dict[str, dict[str, Any]] = {}  # raw uid -> what its start declares
         self.herfd_hints = HerfdHints()  # undeclared HERFD? checked once per run
         self.worker = worker
         #: The last spectrum analysed with a prediction (None before the first).
@@ -221,18 +236,17 @@ class Pipeline:
         for i, out in enumerate(items):
             if isinstance(out, SpectrumReady):
                 scan = out.spectrum
-                works[i] = start_work(
-                    scan, self.registry, self._herfd.get(scan.raw_uid, self.herfd)
-                )
-            elif isinstance(out, RunOpened) and "herfd" in out.start:
-                declared = herfd_declared(out.start["herfd"])  # null: the config's applies
-                if declared is not None:  # before its spectra are prepared
-                    self._herfd[out.raw_uid] = declared
+                d = self._declared.get(scan.raw_uid, self.declared)
+                works[i] = start_work(scan, self.registry, d["herfd"], d["calculated"])
+            elif isinstance(out, RunOpened):  # before its spectra are prepared
+                declared = _declarations(out.start)
+                if declared:
+                    self._declared[out.raw_uid] = self.declared | declared
             elif isinstance(out, RunClosed):
                 # here, in the outputs' order, not in ``end``: with batches in flight a run
                 # closed in one batch and reopened under its uid in the next (begun before the
                 # first ended) would otherwise lose the new declaration for its later batches
-                self._herfd.pop(out.raw_uid, None)
+                self._declared.pop(out.raw_uid, None)
         pending = prepare_works(
             list(works.values()),
             align=self.align,
@@ -292,7 +306,7 @@ class Pipeline:
         """Stop every open analysis run (exit_status "abort"), e.g. at shutdown."""
         docs: list[Doc] = []
         for raw_uid in list(self._runs):
-            self._herfd.pop(raw_uid, None)
+            self._declared.pop(raw_uid, None)
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
 

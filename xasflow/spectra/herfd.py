@@ -89,8 +89,8 @@ def broaden(spectrum: Spectrum, fwhm_ev: float, shape: Shape = "lorentzian") -> 
 
 
 def herfd_declared(value: Any) -> Any:
-    """A start document's ``herfd`` as a declaration: None (null, "") when nothing is
-    declared, so the daemon's own setting applies; true/false and FWHM numbers also as
+    """A start document's ``herfd`` (or ``calculated``) as a declaration: None (null, "")
+    when nothing is declared, so the daemon's own setting applies; true/false and FWHM numbers also as
     the text metadata templates often hold ("false", "True", "1.5"); anything else as given
     (the daemon rejects it with a reason)."""
     if value is None or isinstance(value, bool | int | float):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import SpectrumError
-from xasflow.spectra.process import MIN_PRE_EDGE, PrepParams, no_pre_edge, undetermined_step
+from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
 
 __all__ = ["normalize_larch_batch"]
 
@@ -242,9 +242,14 @@ def normalize_larch_batch(
             "cannot find the edge step",
         )
     measured = np.array([d is False for d in declared], dtype=bool)  # as process.normalize
-    late = measured & (rel[:, 0] > -MIN_PRE_EDGE)
-    for i in np.flatnonzero(late & (end >= params.min_post_edge)).tolist():
-        errors[i] = SpectrumError("no_pre_edge", no_pre_edge(float(rel[i, 0])))
+    late = np.zeros(n, dtype=bool)
+    if measured.any():
+        at = np.flatnonzero(measured)
+        for i, why in zip(at.tolist(), measured_start_why(rel[at], mu[at]), strict=True):
+            if why is not None:
+                late[i] = True
+                if end[i] >= params.min_post_edge:
+                    errors[i] = SpectrumError("no_pre_edge", why)
     usable = (end >= params.min_post_edge) & ~late
     if not usable.any():
         return np.full((n, m), np.nan), steps, errors, np.zeros(0, dtype=int)
