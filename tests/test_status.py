@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,55 @@ def test_a_daemon_hands_out_its_view_not_itself(tmp_path: Path) -> None:
     assert not hasattr(view, "start") and not hasattr(view, "stop")
     daemon.parts.source = type("Src", (), {"stats": lambda self: {"queue_depth": 4}})()
     assert view.input_stats() == {"queue_depth": 4}
+
+
+class _StalledStore:
+    """A store whose counts wait, as the journal's do while a write holds its lock."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def stats(self) -> dict[str, int]:
+        self.entered.set()
+        self.release.wait(30)
+        return {"queued": 0}
+
+
+def _get_in_thread(client: Any, paths: tuple[str, ...], codes: dict[str, int]) -> threading.Thread:
+    """GET each path in turn from a thread of its own, status codes into ``codes``."""
+
+    def get() -> None:
+        for path in paths:
+            codes[path] = client.get(path).status_code
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    return thread
+
+
+def test_a_stalled_store_does_not_hold_the_event_loop(tmp_path: Path) -> None:
+    """/health and /metrics read the store's counts off the event loop: while they wait,
+    /livez and /readyz (an orchestrator's probes) still answer."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.http import create_app
+
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    store = _StalledStore()
+    status = DaemonStatus(config, Counters(), Parts(store=store))
+    with TestClient(create_app(status)) as client:  # one event loop for every request
+        for slow_path, code in (("/health", 503), ("/metrics", 200)):  # not started: 503
+            store.entered.clear()
+            store.release.clear()
+            codes: dict[str, int] = {}
+            waiting = _get_in_thread(client, (slow_path,), codes)
+            assert store.entered.wait(10)
+            prober = _get_in_thread(client, ("/livez", "/readyz"), codes)
+            prober.join(10)
+            answered = not prober.is_alive()
+            store.release.set()
+            prober.join(10)
+            waiting.join(10)
+            assert answered, f"{slow_path} held the event loop"
+            assert codes == {slow_path: code, "/livez": 200, "/readyz": 503}

@@ -214,13 +214,19 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
 
     registry = metrics_registry(view)
 
-    async def metrics(request: Request) -> Response:
+    def render_metrics() -> bytes:
         view.sync_stats()
-        body = await asyncio.to_thread(generate_latest, registry)
+        return generate_latest(registry)
+
+    # both off the event loop: they read the parts' stats, and the store's journal counts
+    # wait for its lock while the processing thread writes (a stalled disk: seconds), which
+    # would hold /livez, /readyz and the dashboard's stream back with them
+    async def metrics(request: Request) -> Response:
+        body = await asyncio.to_thread(render_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def health(request: Request) -> JSONResponse:
-        body = view.health()
+        body = await asyncio.to_thread(view.health)
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def livez(request: Request) -> JSONResponse:
