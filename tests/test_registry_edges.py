@@ -1,8 +1,9 @@
 """The model registry at its edges: a hostile manifest beside good bundles, an unsealed
 bundle with ``require_digest: false``, a serving directory refilled or emptied.
 
-Each test failed on aca8a8c (a read-only review). Where a docstring says
-what the registry does wrong, it tells what it did then. They use the shipped models/cu-k
+Each test failed on aca8a8c (a read-only review), those from the oversized manifest on
+e0ad81b (a second review's suspicions, checked). Where a docstring says what the registry
+does wrong, it tells what it did then. They use the shipped models/cu-k
 bundle (no training) copied into a temporary models directory.
 """
 
@@ -135,3 +136,42 @@ def test_a_serving_bundle_that_loses_its_manifest_is_reported(model_dir: Path) -
     assert [e.kind for e in events] == ["removed"] and reg.get("Cu", "K") is None
     manifest.write_bytes(kept)  # back whole: judged again, and served
     assert [e.kind for e in reg.refresh()] == ["loaded"] and reg.get("Cu", "K") is not None
+
+
+def test_an_oversized_manifest_is_refused_and_counted_while_the_good_bundle_serves(
+    model_dir: Path,
+) -> None:
+    """A serving directory refilled with a sealed 5 MB manifest (and a graph over the
+    operator's limit in another) was read whole by the daemon; now both are refused
+    ``too_large`` through the usual path: logged, counted, listed, the old bundle serving."""
+    reg = ModelRegistry(model_dir, max_graph_bytes=2 << 20)
+    serving = reg.get("Cu", "K")
+    assert serving is not None
+    _copy_as(model_dir / "cu-k", model_dir / "big-graph", bundle_id="b", created="2999")
+    with open(model_dir / "big-graph" / "mlp.onnx", "ab") as fh:
+        fh.truncate(3 << 20)
+    data = (model_dir / "cu-k" / "manifest.json").read_bytes()
+    data += b" " * (5 << 20)
+    (model_dir / "cu-k" / "manifest.json").write_bytes(data)
+    (model_dir / "cu-k" / DIGEST).write_text(format_digest(data))
+    events = reg.refresh()
+    assert sorted((e.kind, e.reason) for e in events) == [("refused", "too_large")] * 2
+    assert reg.refusal_counts() == {"too_large": 2}
+    assert reg.counters.snapshot()["model_refused_by_reason"] == {"too_large": 2}
+    assert reg.get("Cu", "K") is serving
+    assert "too_large: " in reg.refused()["cu-k"] and "limit" in reg.refused()["big-graph"]
+
+
+def test_the_graph_limit_is_the_operators_models_max_graph_mb(model_dir: Path) -> None:
+    """``models.max_graph_mb`` reaches the daemon's registry (default 256 MiB)."""
+    from xasflow.daemon.config import load_config
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_analysis
+
+    env = {"XASFLOW__MODELS__DIRECTORY": str(model_dir), "XASFLOW__MODELS__WATCH": "false"}
+    assert load_config(None, env).models.max_graph_mb == 256
+    registry, _ = build_analysis(
+        load_config(None, {**env, "XASFLOW__MODELS__MAX_GRAPH_MB": "1"}), Counters()
+    )
+    assert registry.refusal_counts() == {"too_large": 1}
+    assert "models.max_graph_mb" in registry.refused()["cu-k"]

@@ -337,7 +337,9 @@ class ModelsConfig(_Section):
 
     ``require_digest``: refuse bundles without a ``manifest.sha256``; ``trusted_keys``: Ed25519
     public keys (PEM files) whose ``manifest.sig`` is accepted; ``require_signature``: serve
-    only bundles signed by one of them.
+    only bundles signed by one of them. ``max_graph_mb``: a bundle listing a larger file (or a
+    ``.gz`` graph larger once decompressed) is refused ``too_large`` without being read, so
+    a stray huge file cannot exhaust the daemon's memory (a manifest is limited to 4 MiB).
     """
 
     directory: Path = Field(default_factory=lambda: paths.REPO_ROOT / "models")
@@ -346,6 +348,7 @@ class ModelsConfig(_Section):
     require_digest: bool = True
     require_signature: bool = False
     trusted_keys: tuple[Path, ...] = ()
+    max_graph_mb: int = Field(256, ge=1, le=2047, description="largest graph file, MiB")
 
     @field_validator("trusted_keys", mode="before")
     @classmethod

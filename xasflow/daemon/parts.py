@@ -115,6 +115,7 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         trusted_keys=models.trusted_keys,
         require_signature=models.require_signature,
         min_edge_snr=cfg.analysis.min_edge_snr,
+        max_graph_bytes=models.max_graph_mb << 20,
     )
     if not registry.models():
         logger.warning(

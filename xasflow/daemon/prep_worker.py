@@ -107,7 +107,12 @@ def _predictor(cache: dict[tuple[str, str], Any], job: StackJob, threads: int) -
     entry = cache.get(key)
     if entry is None or (isinstance(entry, tuple) and time.monotonic() > entry[1]):
         try:
-            loaded = Predictor(job.bundle_path, threads=threads, require_digest=False)
+            loaded = Predictor(
+                job.bundle_path,
+                threads=threads,
+                require_digest=False,
+                max_graph_bytes=job.max_graph_bytes,
+            )
         except Exception as exc:
             entry = (f"{type(exc).__name__}: {exc}", time.monotonic() + _RETRY_S)
         else:

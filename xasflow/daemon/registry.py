@@ -58,7 +58,7 @@ from xasflow.daemon.registry_events import (
     release_memory,
 )
 from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
-from xasflow.models.integrity import load_public_key
+from xasflow.models.integrity import MAX_GRAPH_BYTES, load_public_key
 from xasflow.models.predictor import Predictor
 
 __all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
@@ -86,9 +86,11 @@ class ModelRegistry:
         trusted_keys: Sequence[str | bytes | Path] = (),
         require_signature: bool = False,
         min_edge_snr: float | None = None,
+        max_graph_bytes: int = MAX_GRAPH_BYTES,
     ) -> None:
         """``scan``: run the first :meth:`refresh` now (its events are in :attr:`events`).
         ``min_edge_snr``: the operator's limit for every bundle loaded (None: each its own).
+        ``max_graph_bytes``: a bundle listing a larger file is refused ``too_large`` unread.
 
         ``loader`` builds a Predictor from a bundle directory (default ``Predictor(dir,
         threads)``); it must raise ``BundleError`` for a bundle that does not verify.
@@ -103,6 +105,7 @@ class ModelRegistry:
         self.threads = threads
         self.remove_after = remove_after
         self.require_digest = require_digest
+        self.max_graph_bytes = max_graph_bytes
         self.trusted_keys = tuple(trusted_keys)
         for key in self.trusted_keys:  # a misconfigured key fails here, not at every bundle
             load_public_key(key)
@@ -113,6 +116,7 @@ class ModelRegistry:
                 threads=self.threads,
                 min_edge_snr=min_edge_snr,
                 require_digest=self.require_digest,
+                max_graph_bytes=max_graph_bytes,
             )
         )
         self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
@@ -178,6 +182,7 @@ class ModelRegistry:
             "require_digest": self.require_digest,
             "require_signature": self.require_signature,
             "trusted_keys": len(self.trusted_keys),
+            "max_graph_bytes": self.max_graph_bytes,
         }
 
     # ------------------------------------------------------------------ scanning
@@ -293,6 +298,7 @@ class ModelRegistry:
             require_digest=self.require_digest,
             trusted_keys=self.trusted_keys,
             require_signature=self.require_signature,
+            max_graph_bytes=self.max_graph_bytes,
         )
 
     def _judge(

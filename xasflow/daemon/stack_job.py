@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xasflow.models.integrity import MAX_GRAPH_BYTES
 from xasflow.spectra import Prepared, SpectrumError, edge_energy
 from xasflow.spectra.batch import alignment_shift_batch, has_edge_batch, prepare_batch
 from xasflow.spectra.process import PrepParams
@@ -51,6 +52,7 @@ class StackJob:
     search: float
     bundle_path: str = ""  # the bundle the rows were given to (for the graphs, if run there)
     manifest_digest: str = ""  # Predictor.manifest_digest of the bundle the registry serves
+    max_graph_bytes: int = MAX_GRAPH_BYTES  # the limit the registry loaded the bundle under
 
 
 @dataclass
@@ -102,6 +104,7 @@ def job_for(
         search=search,
         bundle_path=str(predictor.path) if with_bundle else "",
         manifest_digest=predictor.manifest_digest if with_bundle else "",
+        max_graph_bytes=predictor.max_graph_bytes,
     )
 
 

@@ -4,7 +4,8 @@ A bundle is what training exports and what the daemon loads. Loading checks the 
 own digest (``manifest.sha256``, optionally an Ed25519 ``manifest.sig``; see
 :mod:`xasflow.models.integrity`), the schema version and the sha256 of every file the
 manifest lists, so a tampered, unsealed or half-copied bundle is refused with a message that
-names the file and a reason code. Nothing here unpickles anything.
+names the file and a reason code. No file is read past its size limit (``too_large``, see
+:mod:`xasflow.models.integrity`). Nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from xasflow.models.integrity import (
     DIGEST,
+    MAX_GRAPH_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_SIDECAR_BYTES,
     SIGNATURE,
     BundleError,
     check_layout,
@@ -30,7 +34,9 @@ from xasflow.models.integrity import (
     load_private_key,
     load_public_key,
     parse_digest,
+    read_limited,
     sign_bytes,
+    too_large,
     verify_signature,
 )
 from xasflow.spectra import FeatureSpec, PrepParams
@@ -39,6 +45,8 @@ SCHEMA_VERSION = 2
 #: Schema versions this xasflow reads: 1 (one tree graph per task, no uncertainty) and 2.
 READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
+#: How a too-large graph's refusal names its limit (the daemon's setting).
+GRAPH_LIMIT = "models.max_graph_mb"
 
 Estimator = Literal["extra_trees", "random_forest", "mlp", "cnn", "ensemble"]
 
@@ -194,11 +202,19 @@ class Manifest(BaseModel):
         return out
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
+def sha256_file(path: Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file, read in chunks; with ``limit``, a file over ``limit`` bytes is
+    refused ``too_large`` from its size before it is read (and if it grows while read)."""
     digest = hashlib.sha256()
+    read = 0
     with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if limit is not None and size > limit:
+            raise too_large(path, f"{size} bytes", limit, GRAPH_LIMIT)
         for chunk in iter(lambda: fh.read(1 << 20), b""):
+            read += len(chunk)
+            if limit is not None and read > limit:
+                raise too_large(path, "grew while read", limit, GRAPH_LIMIT)
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -231,7 +247,7 @@ def _manifest_bytes(directory: Path) -> bytes:
             f"{directory}: no {MANIFEST}; not a model bundle (or a partial copy)", "not_a_bundle"
         )
     try:
-        return path.read_bytes()
+        return read_limited(path, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES")
     except OSError as exc:
         raise BundleError(f"{path}: unreadable manifest: {exc}", "manifest_unreadable") from exc
 
@@ -261,6 +277,7 @@ def inspect_bundle(
     require_digest: bool = True,
     trusted_keys: Sequence[str | bytes | Path] = (),
     require_signature: bool = False,
+    max_graph_bytes: int = MAX_GRAPH_BYTES,
 ) -> VerifiedBundle:
     """Verify a bundle completely (see :func:`verify_bundle`) and say what was verified."""
     directory = Path(directory)
@@ -270,7 +287,7 @@ def inspect_bundle(
     digest_path = directory / DIGEST
     if digest_path.is_file():
         try:
-            expected = parse_digest(digest_path.read_text())
+            expected = parse_digest(read_limited(digest_path, MAX_SIDECAR_BYTES).decode())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise BundleError(
                 f"{digest_path}: unreadable digest: {exc}", "digest_mismatch"
@@ -299,7 +316,7 @@ def inspect_bundle(
         )
     if keys and sig_path.is_file():
         try:
-            sig_text = sig_path.read_text()
+            sig_text = read_limited(sig_path, MAX_SIDECAR_BYTES).decode()
         except (OSError, UnicodeDecodeError) as exc:
             raise BundleError(f"{sig_path}: unreadable: {exc}", "signature_invalid") from exc
         signed_by = verify_signature(data, sig_text, keys, str(directory))
@@ -310,12 +327,15 @@ def inspect_bundle(
             "signature_missing",
         )
     manifest = _parse_manifest(directory / MANIFEST, data)
-    _check_files(directory, manifest)
+    _check_files(directory, manifest, max_graph_bytes)
     return VerifiedBundle(manifest, digest, signed_by)
 
 
-def _check_files(directory: Path, manifest: Manifest) -> None:
-    """Every file the manifest lists is present and matches its sha256."""
+def _check_files(
+    directory: Path, manifest: Manifest, max_graph_bytes: int = MAX_GRAPH_BYTES
+) -> None:
+    """Every file the manifest lists is present, within ``max_graph_bytes`` and matches its
+    sha256."""
     needed = manifest.graph_files()
     unlisted = needed - set(manifest.files)
     if unlisted:
@@ -331,7 +351,7 @@ def _check_files(directory: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise BundleError(f"{directory}: missing file {name} (partial bundle?)", "file_missing")
         try:
-            actual = sha256_file(path)
+            actual = sha256_file(path, max_graph_bytes)
         except OSError as exc:
             raise BundleError(f"{directory}: unreadable file {name}: {exc}", "invalid") from exc
         if actual != expected:
@@ -349,6 +369,7 @@ def verify_bundle(
     require_digest: bool = True,
     trusted_keys: Sequence[str | bytes | Path] = (),
     require_signature: bool = False,
+    max_graph_bytes: int = MAX_GRAPH_BYTES,
 ) -> Manifest:
     """Check a bundle before use; raise BundleError (with a ``reason``) on any defect.
 
@@ -356,7 +377,8 @@ def verify_bundle(
     lies in ``root``); ``manifest.sha256`` matches the manifest's bytes (required unless
     ``require_digest`` is False); ``manifest.sig`` verifies with one of ``trusted_keys`` (PEM
     text or paths) when keys are given, and must exist with ``require_signature``; the schema;
-    every listed file's sha256.
+    every listed file's sha256. Nothing is read past its size limit: the manifest's and its
+    sidecars' are fixed, each listed file's is ``max_graph_bytes`` (``too_large``).
     """
     return inspect_bundle(
         directory,
@@ -364,6 +386,7 @@ def verify_bundle(
         require_digest=require_digest,
         trusted_keys=trusted_keys,
         require_signature=require_signature,
+        max_graph_bytes=max_graph_bytes,
     ).manifest
 
 

@@ -13,12 +13,22 @@ Bundles are read only through real files: a symlink anywhere, a hard-linked file
 directory that resolves outside the models directory is refused, so what is verified is what
 lives in the models directory. Every refusal is a :class:`BundleError` with a short
 ``reason`` code (see :data:`REASONS`) for counting.
+
+Nothing is read beyond a size limit, so a huge file dropped into a watched models directory
+cannot exhaust the daemon's memory: :func:`read_limited` checks the open file's size before
+reading it and reads at most one byte past the limit (a file still growing is refused too);
+:func:`gunzip_limited` bounds a compressed graph's decompressed size the same way. The
+limits: :data:`MAX_MANIFEST_BYTES` for ``manifest.json``, :data:`MAX_SIDECAR_BYTES` for its
+digest and signature, :data:`MAX_GRAPH_BYTES` (the default; the daemon's
+``models.max_graph_mb``) for every file the manifest lists. Over a limit: ``too_large``.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import io
 import json
 import os
 import stat
@@ -27,17 +37,23 @@ from typing import Any
 
 __all__ = [
     "DIGEST",
+    "MAX_GRAPH_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "MAX_SIDECAR_BYTES",
     "REASONS",
     "SIGNATURE",
     "BundleError",
     "check_layout",
     "format_digest",
     "generate_keypair",
+    "gunzip_limited",
     "key_id",
     "load_private_key",
     "load_public_key",
     "parse_digest",
+    "read_limited",
     "sign_bytes",
+    "too_large",
     "verify_signature",
 ]
 
@@ -45,6 +61,17 @@ __all__ = [
 DIGEST = "manifest.sha256"
 #: Detached Ed25519 signature of ``manifest.json`` (JSON: algorithm, key_id, signature).
 SIGNATURE = "manifest.sig"
+
+#: Largest ``manifest.json`` read (bytes). The shipped Cu K manifest is ~40 KB (tasks,
+#: classes, metrics, hashes); 4 MiB leaves a hundredfold margin while json.loads and the
+#: schema check of it stay within tens of MB.
+MAX_MANIFEST_BYTES = 4 << 20
+#: Largest ``manifest.sha256`` or ``manifest.sig`` read (bytes; ~80 and ~200 as written).
+MAX_SIDECAR_BYTES = 64 << 10
+#: Default largest file a manifest lists (its graphs), on disk and, for a ``.gz`` graph,
+#: decompressed (bytes). The shipped graphs total 1.5 MB; protobuf parses at most 2 GiB, and
+#: serving a graph takes a few times its size in memory while its session is built.
+MAX_GRAPH_BYTES = 256 << 20
 
 #: Refusal reason codes, with what each means.
 REASONS: dict[str, str] = {
@@ -63,6 +90,7 @@ REASONS: dict[str, str] = {
     "symlink": "a symbolic link in or as the bundle",
     "hardlink": "a hard-linked file (it can be changed through another path)",
     "outside_models_dir": "the bundle resolves outside the models directory",
+    "too_large": "the manifest, its digest or signature, or a graph is over its size limit",
     "bundle_id_reused": "a different manifest under a bundle_id already seen",
     "load_error": "the graphs could not be loaded (onnxruntime)",
     "invalid": "any other defect",
@@ -94,6 +122,43 @@ def parse_digest(text: str, name: str = "manifest.json") -> str:
             if len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest):
                 return hexdigest
     raise ValueError(f"no sha256 line for {name}")
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+def too_large(path: Path | str, what: str, limit: int, setting: str) -> BundleError:
+    """The ``too_large`` refusal of ``path`` (``what``: its size, or how it exceeds it)."""
+    return BundleError(
+        f"{path}: {what}, over the {limit}-byte limit ({setting}); refused", "too_large"
+    )
+
+
+def read_limited(path: Path, limit: int, setting: str = "a fixed limit") -> bytes:
+    """A file's bytes, or BundleError("too_large") when it holds more than ``limit``.
+
+    The open file's size is checked before anything is read, and at most ``limit + 1``
+    bytes are read, so neither a huge file nor one growing meanwhile is held in memory.
+    ``setting`` names the limit in the message (a configuration key, or a fixed limit).
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise too_large(path, f"{size} bytes", limit, setting)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise too_large(path, "grew while read", limit, setting)
+    return data
+
+
+def gunzip_limited(data: bytes, limit: int, where: str, setting: str = "a fixed limit") -> bytes:
+    """``data`` decompressed, or BundleError("too_large") when that exceeds ``limit`` bytes
+    (a small file that inflates to gigabytes is stopped after ``limit + 1`` bytes)."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+        out = fh.read(limit + 1)
+    if len(out) > limit:
+        raise too_large(where, "decompressed", limit, setting)
+    return out
 
 
 # ---------------------------------------------------------------------------- paths

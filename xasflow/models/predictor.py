@@ -11,7 +11,6 @@ jointly so they never contradict each other.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +20,9 @@ import onnx
 import onnxruntime as ort
 
 from xasflow.models.batch import TaskArrays, decode_batch
-from xasflow.models.bundle import BundleError, Manifest, verify_bundle
+from xasflow.models.bundle import GRAPH_LIMIT, BundleError, Manifest, verify_bundle
 from xasflow.models.graphs import join, prune
+from xasflow.models.integrity import MAX_GRAPH_BYTES, gunzip_limited, read_limited
 from xasflow.models.results import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 
@@ -44,6 +44,7 @@ class Predictor:
         require_digest: bool = True,
         min_edge_snr: float | None = None,
         all_outputs: bool = False,
+        max_graph_bytes: int = MAX_GRAPH_BYTES,
     ) -> None:
         """``require_digest``: refuse a manifest without its ``manifest.sha256`` (off only
         where the caller compares the manifest with one verified that way, see
@@ -51,9 +52,15 @@ class Predictor:
         ``min_edge_snr``: the operator's edge-against-noise limit instead of the bundle's.
         The graphs serve the outputs the manifest reads, joined into one session where the
         files allow (:mod:`xasflow.models.graphs`); ``all_outputs`` runs every output of every
-        file, each on its own session, for the steps that compare or refit graphs."""
+        file, each on its own session, for the steps that compare or refit graphs.
+        ``max_graph_bytes``: no graph file is read past this size, nor a ``.gz`` one
+        decompressed past it (``too_large``; the daemon's ``models.max_graph_mb``)."""
         self.path = Path(bundle_dir)
-        self.manifest: Manifest = verify_bundle(self.path, require_digest=require_digest)
+        #: the size limit its graph files were read under (the preparation process reuses it)
+        self.max_graph_bytes = max_graph_bytes
+        self.manifest: Manifest = verify_bundle(
+            self.path, require_digest=require_digest, max_graph_bytes=max_graph_bytes
+        )
         #: the preparation this predictor applies: the manifest's, with the operator's limit
         self.prep = (
             self.manifest.prep
@@ -66,7 +73,7 @@ class Predictor:
         opts.log_severity_level = 3
         models: dict[str, onnx.ModelProto] = {}
         for name in sorted(self.manifest.graph_files()):
-            data = (self.path / name).read_bytes()
+            data = read_limited(self.path / name, max_graph_bytes, GRAPH_LIMIT)
             # the bytes loaded are the bytes checked: a file swapped between the bundle's
             # verification and this read is refused, not served
             if hashlib.sha256(data).hexdigest() != self.manifest.files.get(name):
@@ -75,7 +82,7 @@ class Predictor:
                     "file_mismatch",
                 )
             if name.endswith(".gz"):  # tree graphs compress 5-10x; shipped bundles use it
-                data = gzip.decompress(data)
+                data = gunzip_limited(data, max_graph_bytes, str(self.path / name), GRAPH_LIMIT)
             models[name] = onnx.load_from_string(data)
         if not all_outputs:
             served = self.manifest.served_outputs()
