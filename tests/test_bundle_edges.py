@@ -7,6 +7,7 @@ models/cu-k bundle (no training) copied into a temporary models directory.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,14 @@ import pytest
 
 import xasflow.models.bundle as bundle_module
 from xasflow import paths
-from xasflow.models.bundle import BundleError, inspect_bundle, read_manifest
+from xasflow.models.bundle import BundleError, inspect_bundle, read_manifest, sign_bundle
 from xasflow.models.integrity import (
     DIGEST,
+    SIGNATURE,
     format_digest,
+    generate_keypair,
+    load_public_key,
+    verify_signature,
 )
 from xasflow.models.predictor import Predictor
 
@@ -90,3 +95,30 @@ def test_the_graph_limit_is_the_callers_and_bounds_a_decompressed_graph(cu: Path
     with pytest.raises(BundleError, match="decompressed") as info:
         Predictor(cu, max_graph_bytes=2 * MIB)
     assert info.value.reason == "too_large"
+
+
+def test_sign_bundle_signs_the_manifest_it_verified(
+    cu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sign_bundle verified the bundle, then read manifest.json again and signed that: a
+    manifest swapped in between (edited, resealed) was signed without ever being checked,
+    and a daemon requiring signatures then served it. Now the verified bytes are signed, so
+    the swapped manifest fails its signature."""
+    pytest.importorskip("cryptography")
+    private, public = generate_keypair()
+    verified_bytes = (cu / "manifest.json").read_bytes()
+    checked = bundle_module.inspect_bundle
+
+    def then_swapped(directory: Path, **kw: Any) -> Any:
+        result = checked(directory, **kw)
+        doc = json.loads(verified_bytes)
+        doc["tasks"]["cn"]["classes"] = doc["tasks"]["cn"]["classes"][::-1]
+        _rewrite(Path(directory), (json.dumps(doc, indent=2) + "\n").encode())
+        return result
+
+    monkeypatch.setattr(bundle_module, "inspect_bundle", then_swapped)
+    sign_bundle(cu, private)
+    monkeypatch.undo()
+    sig = (cu / SIGNATURE).read_text()
+    verify_signature(verified_bytes, sig, [load_public_key(public)], str(cu))
+    assert _reason(cu, trusted_keys=[public], require_signature=True) == "signature_invalid"

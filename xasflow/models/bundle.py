@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,11 +263,13 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed every check: its manifest, the manifest's sha256 and its signer."""
+    """A bundle that passed every check: its manifest, the manifest's sha256 and its signer,
+    and the manifest's exact bytes as checked (what :func:`sign_bundle` signs)."""
 
     manifest: Manifest
     digest: str  # sha256 of manifest.json's exact bytes
     signed_by: str | None = None  # key id of the trusted key that verified manifest.sig
+    manifest_bytes: bytes = field(default=b"", repr=False, compare=False)
 
 
 def inspect_bundle(
@@ -328,7 +330,7 @@ def inspect_bundle(
         )
     manifest = _parse_manifest(directory / MANIFEST, data)
     _check_files(directory, manifest, max_graph_bytes)
-    return VerifiedBundle(manifest, digest, signed_by)
+    return VerifiedBundle(manifest, digest, signed_by, data)
 
 
 def _check_files(
@@ -420,11 +422,13 @@ def sign_bundle(
     """Sign a verified, sealed bundle's manifest with an Ed25519 key; returns the key id.
 
     Writes ``manifest.sig``; daemons configured with the matching public key then accept it.
+    The bytes signed are the bytes verified, never the file read again: a manifest replaced
+    in between is left with a signature that does not verify it.
     """
     directory = Path(directory)
-    inspect_bundle(directory)
+    verified = inspect_bundle(directory)
     key = load_private_key(private_key_pem, password)
-    text = sign_bytes(_manifest_bytes(directory), key)
+    text = sign_bytes(verified.manifest_bytes, key)
     _write_atomic(directory / SIGNATURE, text)
     return json.loads(text)["key_id"]
 
