@@ -175,3 +175,33 @@ def test_the_graph_limit_is_the_operators_models_max_graph_mb(model_dir: Path) -
     )
     assert registry.refusal_counts() == {"too_large": 1}
     assert "models.max_graph_mb" in registry.refused()["cu-k"]
+
+
+def test_the_trusted_keys_are_those_read_at_start(model_dir: Path, tmp_path: Path) -> None:
+    """registry.py:106-108 loads each key once to check it, but inspect_bundle reads the key
+    files again at every verification. A key file replaced while the daemon runs changed
+    whom it trusts, with no restart, event or log (a bundle signed by the new key was
+    swapped in); a key file removed or rewritten turned every later bundle into an
+    'invalid' refusal (FileNotFoundError). The keys read at start are the ones trusted."""
+    pytest.importorskip("cryptography")
+    from xasflow.models.bundle import sign_bundle
+    from xasflow.models.integrity import generate_keypair
+
+    private, public = generate_keypair()
+    intruder_private, intruder_public = generate_keypair()
+    key_file = tmp_path / "trusted.pem"
+    key_file.write_bytes(public)
+    sign_bundle(model_dir / "cu-k", private)
+    reg = ModelRegistry(model_dir, trusted_keys=[key_file], require_signature=True)
+    first = reg.get("Cu", "K")
+    assert first is not None
+    key_file.write_bytes(intruder_public)  # swapped while serving
+    _copy_as(model_dir / "cu-k", model_dir / "evil", bundle_id="evil", created="2999")
+    sign_bundle(model_dir / "evil", intruder_private)
+    assert [(e.kind, e.reason) for e in reg.refresh()] == [("refused", "signature_invalid")]
+    assert reg.get("Cu", "K") is first
+    key_file.unlink()  # rotated away: the key read at start still verifies its bundles
+    _copy_as(model_dir / "cu-k", model_dir / "cu-k2", bundle_id="v2", created="2999")
+    sign_bundle(model_dir / "cu-k2", private)
+    assert [(e.kind, e.reason) for e in reg.refresh()] == [("swapped", None)]
+    assert reg.get("Cu", "K").bundle_id == "v2"  # type: ignore[union-attr]

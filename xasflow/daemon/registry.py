@@ -58,7 +58,7 @@ from xasflow.daemon.registry_events import (
     release_memory,
 )
 from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
-from xasflow.models.integrity import MAX_GRAPH_BYTES, load_public_key
+from xasflow.models.integrity import MAX_GRAPH_BYTES, public_key_pem
 from xasflow.models.predictor import Predictor
 
 __all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
@@ -96,7 +96,8 @@ class ModelRegistry:
         threads)``); it must raise ``BundleError`` for a bundle that does not verify.
         ``require_digest``, ``trusted_keys`` (Ed25519 public keys, PEM text or file paths) and
         ``require_signature`` are passed to :func:`~xasflow.models.bundle.inspect_bundle`;
-        a key that does not load as an Ed25519 public key raises ValueError here.
+        the keys are read once, here (a key file changed later counts after a restart), and
+        one that does not load as an Ed25519 public key raises ValueError here.
         """
         if remove_after < 1:
             raise ValueError("remove_after must be >= 1")
@@ -106,9 +107,7 @@ class ModelRegistry:
         self.remove_after = remove_after
         self.require_digest = require_digest
         self.max_graph_bytes = max_graph_bytes
-        self.trusted_keys = tuple(trusted_keys)
-        for key in self.trusted_keys:  # a misconfigured key fails here, not at every bundle
-            load_public_key(key)
+        self.trusted_keys = tuple(public_key_pem(k) for k in trusted_keys)  # bytes, read now
         self.require_signature = require_signature
         self._loader = loader or (
             lambda path: Predictor(

@@ -51,6 +51,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "parse_digest",
+    "public_key_pem",
     "read_limited",
     "sign_bytes",
     "too_large",
@@ -235,6 +236,17 @@ def _pem_bytes(key: str | bytes | Path) -> bytes:
     data = key.encode() if isinstance(key, str) else key
     if b"-----BEGIN" not in data:
         return Path(data.decode()).read_bytes()  # a path given as a string
+    return data
+
+
+def public_key_pem(key: str | bytes | Path) -> bytes:
+    """An Ed25519 public key's PEM bytes, read from its file (if a path) and checked now.
+
+    What a long-lived verifier keeps: the keys it trusts are then those it was given, not
+    whatever a key file holds at each later verification. ValueError when not such a key.
+    """
+    data = _pem_bytes(key)
+    load_public_key(data)
     return data
 
 
