@@ -205,3 +205,32 @@ def test_the_trusted_keys_are_those_read_at_start(model_dir: Path, tmp_path: Pat
     sign_bundle(model_dir / "cu-k2", private)
     assert [(e.kind, e.reason) for e in reg.refresh()] == [("swapped", None)]
     assert reg.get("Cu", "K").bundle_id == "v2"  # type: ignore[union-attr]
+
+
+def test_an_older_bundle_put_back_in_place_is_served_but_flagged(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cu-k serves v2; its contents are replaced by the older, valid v1 (a rollback, by an
+    operator or by anyone who can write there, signed or not). The registry served v1 with
+    an ordinary 'swapped' event at INFO, as if it were an upgrade. It still serves it (the
+    same rollback by removing cu-k and adding the old bundle elsewhere cannot be told from
+    an operator's), but reports it: a 'rolled_back' event, a WARNING and a count in
+    status()."""
+    v1 = Path(shutil.copytree(model_dir / "cu-k", tmp_path / "v1"))
+    reg = ModelRegistry(model_dir)
+    old_id = reg.get("Cu", "K").bundle_id  # type: ignore[union-attr]
+    _copy_as(v1, model_dir / "cu-k", bundle_id="cu-k-v2", created="2999-01-01T00:00:00+00:00")
+    assert [e.kind for e in reg.refresh()] == ["swapped"]
+    # the same created under another id is no rollback, whatever the ids' order
+    _copy_as(v1, model_dir / "cu-k", bundle_id="a-v3", created="2999-01-01T00:00:00+00:00")
+    assert [e.kind for e in reg.refresh()] == ["swapped"]
+    shutil.rmtree(model_dir / "cu-k")
+    shutil.copytree(v1, model_dir / "cu-k")
+    with caplog.at_level("WARNING", logger="xasflow.daemon.registry"):
+        (ev,) = reg.refresh()
+    assert (ev.kind, ev.bundle_id, ev.previous) == ("rolled_back", old_id, "a-v3")
+    assert "older" in ev.message and "2999" in ev.message
+    assert any("rolled_back" in r.getMessage() for r in caplog.records)
+    assert reg.get("Cu", "K").bundle_id == old_id  # type: ignore[union-attr]
+    assert reg.status()["rollbacks"] == 1
+    assert reg.counters.snapshot()["model_swaps"] == 3

@@ -30,8 +30,11 @@ takes a model out of service. If two directories hold bundles for the same eleme
 edge, the one with the later manifest ``created`` wins and the other is ``shadowed``: kept
 verified on standby (not loaded, to save memory). When the serving bundle is removed, the
 best standby is verified and loaded in the same scan, before the mapping is replaced, so
-the element never goes without a model. A replaced predictor's memory is handed back to
-the operating system (``malloc_trim``) once its last user drops it.
+the element never goes without a model. An older bundle (earlier ``created``) put in place
+of the one served, in its directory, is served, but reported: a ``rolled_back`` event, a
+warning and ``status()["rollbacks"]`` (this process only: no memory survives a restart).
+A replaced predictor's memory is handed back to the operating system (``malloc_trim``)
+once its last user drops it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from xasflow.daemon.registry_events import (
     Standby,
     fingerprint,
     release_memory,
+    swap_event,
 )
 from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
 from xasflow.models.integrity import MAX_GRAPH_BYTES, public_key_pem
@@ -125,6 +129,7 @@ class ModelRegistry:
         self._standby: dict[str, Standby] = {}  # dir names of verified, outranked bundles
         self._digests: dict[str, str] = {}  # bundle_id -> manifest sha256, life of process
         self._refusal_counts: dict[str, int] = {}
+        self._rollbacks = 0  # older bundles put in place of the one served (served, said)
         self._refresh_lock = threading.Lock()
         self._released = threading.Event()  # a predictor was freed: trim at the next refresh
         self._stop = threading.Event()
@@ -178,6 +183,7 @@ class ModelRegistry:
                 for name, r in self._refused.items()
             },
             "refusals_by_reason": self.refusal_counts(),
+            "rollbacks": self._rollbacks,
             "require_digest": self.require_digest,
             "require_signature": self.require_signature,
             "trusted_keys": len(self.trusted_keys),
@@ -201,8 +207,8 @@ class ModelRegistry:
             self.events.append(ev)
             if ev.kind in ("refused", "error"):
                 logger.error("model %s: %s", ev.kind, ev.message)
-            elif ev.kind == "shadowed":
-                logger.warning("model shadowed: %s", ev.message)
+            elif ev.kind in ("shadowed", "rolled_back"):
+                logger.warning("model %s: %s", ev.kind, ev.message)
             else:
                 logger.info("model %s: %s", ev.kind, ev.message)
         return events
@@ -369,9 +375,8 @@ class ModelRegistry:
             events.append(RegistryEvent("loaded", str(path), *key, m.bundle_id, message=msg))
             return entry
         self.counters.model_swapped()
-        prev = current.predictor.bundle_id
-        msg = f"{m.bundle_id} replaces {prev} for {key[0]} {key[1]}"
-        events.append(RegistryEvent("swapped", str(path), *key, m.bundle_id, prev, msg))
+        events.append(swap_event(current, entry, key))
+        self._rollbacks += events[-1].kind == "rolled_back"
         return entry
 
     def _accept(self, name: str, fp: Fingerprint, bundle_id: str, digest: str) -> None:

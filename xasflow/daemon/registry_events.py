@@ -25,16 +25,18 @@ __all__ = [
     "Standby",
     "fingerprint",
     "release_memory",
+    "swap_event",
 ]
 
-EventKind = Literal["loaded", "swapped", "refused", "removed", "shadowed", "error"]
+EventKind = Literal["loaded", "swapped", "rolled_back", "refused", "removed", "shadowed", "error"]
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 Rank = tuple[str, str]  # (manifest created, bundle_id): the larger serves
 
 
 @dataclass(frozen=True)
 class RegistryEvent:
-    """Something a scan did: a bundle loaded, swapped in, refused, removed or shadowed."""
+    """Something a scan did: a bundle loaded, swapped in (``rolled_back``: an older one put
+    in place of the one served), refused, removed or shadowed."""
 
     kind: EventKind
     directory: str
@@ -95,6 +97,25 @@ class Standby:
 
     key: tuple[str, str]
     rank: Rank
+
+
+def swap_event(current: ServingEntry, new: ServingEntry, key: tuple[str, str]) -> RegistryEvent:
+    """The event of ``new`` replacing ``current`` for ``key``: ``swapped``, or ``rolled_back``
+    when ``new``'s manifest was created earlier (bundle ids do not order in time). Only a
+    bundle put in place of the one served, in its own directory, can be: an older one
+    elsewhere is shadowed instead. A rollback is served, as an operator's would be, but said
+    (the registry logs it as a warning)."""
+    old, m = current.predictor.manifest, new.predictor.manifest
+    where = f"{key[0]} {key[1]}"
+    if m.created >= old.created:
+        msg = f"{m.bundle_id} replaces {old.bundle_id} for {where}"
+        return RegistryEvent("swapped", new.directory, *key, m.bundle_id, old.bundle_id, msg)
+    msg = (
+        f"{m.bundle_id} (created {m.created}) replaces the newer {old.bundle_id} (created "
+        f"{old.created}) in {new.directory} for {where}: an older bundle put back in place "
+        f"(a rollback); serving it"
+    )
+    return RegistryEvent("rolled_back", new.directory, *key, m.bundle_id, old.bundle_id, msg)
 
 
 def fingerprint(directory: Path) -> Fingerprint:
