@@ -39,6 +39,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from xasflow.adapters.queueserver import QueueServerConfig
+from xasflow.daemon.config_base import Section as _Section
 from xasflow.daemon.config_sections import (
     AnalysisConfig,
     ChannelsConfig,
@@ -49,7 +50,6 @@ from xasflow.daemon.config_sections import (
     OutputConfig,
     RecommendConfig,
     StorageConfig,
-    _Section,
     is_loopback,
 )
 
