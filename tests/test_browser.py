@@ -249,6 +249,7 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert first.nth(6).text_content() == "fail (3 lost)"
         assert "3 raw events lost" in (page.text_content("#run-info") or "")
 
+        assert not page.is_visible("#pred-stale")  # the answer is the current run's
         # a newer run with only a rejected spectrum: the answer shown is still the older
         # run's, labelled so, and takes no flags or latency from the other run's row
         refused = {
@@ -268,6 +269,12 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         notes = page.text_content("#pred-flags") or ""
         assert "foil_misaligned" not in notes and "987" not in notes
         assert "out_of_domain" in notes  # the shown prediction's own flags stay
+        # ... and the card says it is an earlier run's, dimmed, with why the new one has none
+        stale = page.text_content("#pred-stale") or ""
+        assert page.is_visible("#pred-stale")
+        assert stale.startswith(f"from an earlier run ({latest.raw_uid[:8]})")
+        assert "run refused- has no answer yet, 1 rejected (last: weak_edge)" in stale
+        assert "stale" in (page.get_attribute("#prediction-card", "class") or "")
     finally:
         page.close()
     assert not problems, problems

@@ -319,11 +319,26 @@
     $("cn-set").textContent = set ? `${level(cn)} set ${set}` : "";
   }
 
+  // the answer shown is an earlier run's while the current run has none yet (say, every
+  // spectrum of it rejected): say so over it, so no one reads it as the current sample's
+  function renderStale(state) {
+    const pred = state.prediction, run = state.run, rej = state.last_rejection;
+    const stale = !!(pred && run && run.raw_uid !== pred.raw_uid && !run.n_ok);
+    const note = $("pred-stale");
+    note.hidden = !stale;
+    note.textContent = !stale ? "" :
+      `from an earlier run (${short(pred.raw_uid)}): run ${short(run.raw_uid)} has no answer yet` +
+      (run.n_rejected ? `, ${run.n_rejected} rejected` +
+        (rej && rej.raw_uid === run.raw_uid ? ` (last: ${rej.reason})` : "") : "");
+    $("prediction-card").classList.toggle("stale", stale);
+  }
+
   function renderPrediction(state) {
     const pred = state.prediction;
     const last = ownRow(state);
     const rej = state.last_rejection;
     renderDoubt(pred, last);
+    renderStale(state);
     $("last-rejection").textContent = rej
       ? `last rejection: run ${short(rej.raw_uid)} #${rej.index}: ${rej.reason}${rej.detail ? " — " + rej.detail : ""}`
       : "";
