@@ -5,7 +5,9 @@ dropped, and what a killed daemon had received but not stored is gone with it. A
 :class:`InterruptedRuns` asks the store for analysis runs its predecessor left open
 (``AnalysisStore.unfinished_runs``); each is closed ("interrupted") when the raw run's stop
 arrives (its ``num_events`` gives the raw count, so ``raw_missing_events`` = raw spectra -
-spectra stored), after ``timeout_s`` without it, or at shutdown. The stop (``exit_status``
+spectra stored; a count that is not one, or that claims more than
+:data:`~xasflow.adapters.stop_claims.MAX_STOP_MISSING` missing, is refused and the number
+left unknown), after ``timeout_s`` without it, or at shutdown. The stop (``exit_status``
 "fail", ``reason`` "interrupted: ...", ``interrupted: true``) is recorded in the store and
 returned for publication under the analysis run's original start uid.
 """
@@ -17,6 +19,8 @@ import threading
 import time
 import uuid
 from typing import Any
+
+from xasflow.adapters.stop_claims import claimed_missing, stop_event_count
 
 __all__ = ["InterruptedRuns"]
 
@@ -88,19 +92,22 @@ class InterruptedRuns:
         if info is None:
             return None
         start = info["start"]
-        raw_total = None
+        raw_total, missing, refusal = None, None, None
         raw_status = "timeout" if raw_stop is None else str(raw_stop.get("exit_status", "fail"))
-        if raw_stop is not None:
-            num = raw_stop.get("num_events")
-            value = num.get(self.stream) if isinstance(num, dict) else None
-            raw_total = value if isinstance(value, int) and not isinstance(value, bool) else None
-        missing = None if raw_total is None else max(raw_total - info["spectra"], 0)
+        if raw_stop is not None:  # a count only if it is one, and a plausible one
+            raw_total, refusal = stop_event_count(raw_stop, self.stream)
+            if raw_total is not None:
+                missing, refusal = claimed_missing(raw_total, info["spectra"], self.stream)
+            if refusal is not None:
+                raw_total = missing = None
+                logger.warning("raw run %s: %s", raw_uid, refusal)
         seen = "unknown" if raw_total is None else str(raw_total)
         reason = (
             f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "
             f"raw spectra have stored results"
             + ("" if missing is None else f", {missing} were not analysed")
             + (f" ({why})" if why else "")
+            + (f"; {refusal}" if refusal else "")
         )
         stop = {
             "uid": str(uuid.uuid4()),

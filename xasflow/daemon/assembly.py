@@ -37,7 +37,9 @@ upper-cased; anything else gives None.
 Sequence numbers are checked per descriptor (a second descriptor of the same stream may
 continue the stream's numbering or restart at 1). A jump is a gap: counted in
 ``RunClosed.seq_gaps`` (occurrences) and ``RunClosed.missing_events`` (skipped numbers,
-including trailing ones revealed by the stop's ``num_events``), and flagged ``seq_gap`` on
+including trailing ones revealed by the stop's ``num_events``: a value that is not a count,
+or that claims more than ``MAX_STOP_MISSING`` missing, is refused as ``malformed_document``
+and adds nothing, see :mod:`xasflow.adapters.stop_claims`), and flagged ``seq_gap`` on
 the fly spectrum that arrived after it or on the step spectrum. A repeated seq_num is
 ``Rejected(duplicate_event)``, except a step point read anew: bluesky's rewind (a suspender
 tripped) takes points again under their seq_nums, and the new readings replace the old

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from event_model import DocumentRouter
 
+from xasflow.adapters.stop_claims import claimed_missing, stop_event_count
 from xasflow.daemon.assembly_stream import _CHANNELS, _Bad, _resolve, _Stream, _vector
 from xasflow.daemon.outputs import (
     ExitStatus,
@@ -358,10 +359,12 @@ class _Run(DocumentRouter):
         status = status if status in ("success", "abort", "fail") else "fail"
         reason = doc.get("reason")
         reason = reason if isinstance(reason, str) else ""
-        num = doc.get("num_events")
-        expected = num.get(self.owner.channels.stream) if isinstance(num, Mapping) else None
-        if self.streams and isinstance(expected, int) and expected > self.stream_last:
-            self.trailing_missing = expected - self.stream_last
+        stream = self.owner.channels.stream
+        expected, refusal = stop_event_count(doc, stream)  # bounded: see stop_claims
+        if expected is not None and self.streams:
+            self.trailing_missing, refusal = claimed_missing(expected, self.stream_last, stream)
+        if refusal is not None:  # counted and in the analysis run, never silent
+            self.reject("malformed_document", None, refusal)
         if self.seq_stats()[0]:
             self.step_flags.add("seq_gap")
         kinds = {st.kind for st in self.streams.values()}
