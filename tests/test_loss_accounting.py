@@ -5,18 +5,24 @@ Each test failed before its fix (the docstring says what the code did then)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from event_model import compose_run
+from event_model import compose_run, pack_event_page
 
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.stop_claims import MAX_STOP_MISSING
+from xasflow.adapters.wire import encode_message
+from xasflow.adapters.zmq_bus import ZmqDocumentSource, ZmqInputConfig
 from xasflow.daemon.assembly import Rejected, RunAssembler, RunClosed
-from xasflow.daemon.counters import Counters
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters, register_prometheus
+from xasflow.daemon.parts import Parts, build_processor
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
+from xasflow.daemon.status import DaemonStatus
 
 KEYS = ("energy", "I0", "It")
 
@@ -146,3 +152,169 @@ def test_a_refused_num_events_reaches_no_loss_counter_nor_the_analysis_stop(
     snap = counters.snapshot()
     assert snap["events_lost_total"] == 0
     assert snap["rejected_by_stage"]["assembly"] == {"malformed_document": 1}
+
+
+# --------------------------------------------------------------------------- 2. overflow
+
+
+class Daemon0MQ:
+    """The daemon's input-to-analysis chain without its threads: a real 0MQ source (its
+    receive step driven here, one message at a time), the processor ``build_processor``
+    wires, a pipeline with no bundle, and the view ``/health`` and ``/metrics`` read."""
+
+    def __init__(self, tmp_path: Path, overflow: str, queue_size: int = 2) -> None:
+        self.config = DaemonConfig(
+            storage={"directory": str(tmp_path / "store")},  # type: ignore[arg-type]
+            input={"overflow": overflow, "queue_size": queue_size},  # type: ignore[arg-type]
+        )
+        tmp_path.mkdir(exist_ok=True)
+        pipeline, self.counters = analysis(tmp_path)
+        self.source = ZmqDocumentSource(ZmqInputConfig(queue_size=queue_size, overflow=overflow))
+        self.parts = Parts(source=self.source, assembler=RunAssembler(), pipeline=pipeline)
+        self.status = DaemonStatus(self.config, self.counters, self.parts)
+        self.docs: list[tuple[str, dict]] = []
+        self.proc = build_processor(
+            self.parts,
+            self.config,
+            self.counters,
+            [lambda name, doc: self.docs.append((name, doc))],
+            self.status.sync_stats,
+        )
+
+    def receive(self, *docs: tuple[str, dict]) -> None:
+        """Messages off the socket, as the receive thread handles them."""
+        for name, doc in docs:
+            self.source._handle([encode_message(name, doc)])
+
+    def turn(self) -> None:
+        """One pass of the processing loop over what is queued."""
+        self.proc._turn(self.proc._take(1000), check=False)
+
+    def stop_doc(self) -> dict:
+        (stop,) = [doc for name, doc in self.docs if name == "stop"]
+        return stop
+
+    def lost(self) -> tuple[dict[str, int], int, str]:
+        """Events lost by cause and in all, as /health says, and /metrics' text."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        health = self.status.health()["events_lost"]
+        registry = CollectorRegistry()
+        register_prometheus(self.counters, registry)
+        by_cause = {k: v for k, v in health.items() if k != "total"}
+        return by_cause, health["total"], generate_latest(registry).decode()
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon0MQ]]:
+    """``make_daemon(overflow)``: a :class:`Daemon0MQ`; its source is closed afterwards."""
+    made: list[Daemon0MQ] = []
+
+    def make(overflow: str) -> Daemon0MQ:
+        made.append(Daemon0MQ(tmp_path / f"d{len(made)}", overflow))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.source.close()
+
+
+def assert_lost_once(d: Daemon0MQ, overflow: int, seq_gap: int = 0) -> None:
+    by_cause, total, metrics = d.lost()
+    assert by_cause.get("overflow", 0) == overflow and by_cause.get("seq_gap", 0) == seq_gap
+    assert total == overflow + seq_gap
+    assert f'xasflow_events_lost_total{{cause="overflow"}} {overflow:.1f}' in metrics
+    assert f'xasflow_events_lost_total{{cause="seq_gap"}} {seq_gap:.1f}' in metrics
+
+
+def test_an_event_the_input_queue_dropped_is_lost_once(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """Before: event 5, dropped by a full input queue (``drop_newest``), was counted as
+    ``overflow`` and again as ``seq_gap`` when event 6 showed the hole: 2 events lost in
+    /health and /metrics for 1. Its run's stop still says it is partial."""
+    _, docs = step_run(6)
+    start, desc, e1, e2, e3, e4, e5, e6, stop = docs
+    d = make_daemon("drop_newest")
+    for batch in ((start, desc), (e1, e2), (e3, e4, e5), (e6, stop)):
+        d.receive(*batch)
+        d.turn()
+    assert_lost_once(d, overflow=1)
+    assert d.source.stats()["dropped_overflow"] == 1
+    stop_doc = d.stop_doc()
+    assert (stop_doc["raw_missing_events"], stop_doc["raw_seq_gaps"]) == (1, 1)
+    assert stop_doc["partial"] is True and stop_doc["raw_dropped_events"] == 1
+    assert "1 of them dropped by the input queue" in stop_doc["reason"]
+
+
+def test_a_trailing_event_the_input_queue_dropped_is_lost_once(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """Before: the run's last event, dropped at the input, came back through the stop's
+    ``num_events`` as a ``seq_gap`` loss on top of its ``overflow`` count."""
+    _, docs = step_run(5, num_events={"primary": 5})
+    start, desc, e1, e2, e3, e4, e5, stop = docs
+    d = make_daemon("drop_newest")
+    for batch in ((start, desc), (e1, e2), (e3, e4, e5), (stop,)):
+        d.receive(*batch)
+        d.turn()
+    assert d.stop_doc()["raw_missing_events"] == 1
+    assert_lost_once(d, overflow=1)
+
+
+def test_a_dropped_page_counts_its_events_and_other_documents_count_none(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """``drop_oldest`` evicts a page of 3 events (and, at another moment, a resource
+    document). Before: ``overflow`` counted documents (1 for the page, 1 for the resource,
+    which is no event) and ``seq_gap`` the page's 3 events again: 5 for 3."""
+    _, docs = step_run(6, num_events={"primary": 6})
+    start, desc, e1, e2, e3, e4, e5, e6, stop = docs
+    resource = {"uid": "res-1", "spec": "AD_HDF5", "root": "/", "resource_path": "x.h5"}
+    resource.update(resource_kwargs={}, path_semantics="posix", run_start=start[1]["uid"])
+    d = make_daemon("drop_oldest")
+    d.receive(("resource", resource), start, desc)  # the resource is evicted
+    d.turn()
+    d.receive(e1)
+    d.turn()
+    d.receive(("event_page", pack_event_page(e2[1], e3[1], e4[1])), e5, e6)  # the page goes
+    d.turn()
+    d.receive(stop)
+    d.turn()
+    assert_lost_once(d, overflow=3)
+    assert d.source.stats()["dropped_overflow"] == 2  # documents, in xasflow_input_dropped
+    assert d.source.stats()["dropped_overflow_events"] == 3
+    stop_doc = d.stop_doc()
+    assert (stop_doc["raw_missing_events"], stop_doc["raw_dropped_events"]) == (3, 3)
+
+
+def test_a_drop_before_its_descriptor_is_processed_is_still_counted_once(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """The first event is dropped while its descriptor still waits in the queue: the drop
+    is known before the run knows the descriptor, and is kept for it."""
+    _, docs = step_run(3, num_events={"primary": 3})
+    start, desc, e1, e2, e3, stop = docs
+    d = make_daemon("drop_newest")
+    d.receive(start, desc, e1)  # e1 does not fit
+    d.turn()
+    d.receive(e2, e3)
+    d.turn()
+    d.receive(stop)
+    d.turn()
+    assert d.stop_doc()["raw_missing_events"] == 1
+    assert_lost_once(d, overflow=1)
+
+
+def test_a_gap_the_input_did_not_make_is_still_a_seq_gap(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """An event the bus lost (never received) stays ``seq_gap`` next to an overflow drop."""
+    _, docs = step_run(6)
+    start, desc, e1, _, e3, e4, e5, e6, stop = docs  # the second event never comes
+    d = make_daemon("drop_newest")
+    for batch in ((start, desc), (e1, e3), (e4, e5, e6), (stop,)):
+        d.receive(*batch)
+        d.turn()
+    assert d.stop_doc()["raw_missing_events"] == 2
+    assert_lost_once(d, overflow=1, seq_gap=1)

@@ -460,6 +460,7 @@ def test_drop_policies_count_exactly(proxy, closing, policy: str) -> None:
     pub = closing(ZmqDocumentPublisher(in_address))
     sync(source, pub)
     before = source.stats()
+    source.dropped_events()  # what sync left (nothing, unless a probe found the queue full)
     n = 50
     for i in range(n):
         pub("event", {"uid": f"e{i}", "seq_num": i, "data": {"mu": np.full(256, float(i))}})
@@ -483,6 +484,10 @@ def test_drop_policies_count_exactly(proxy, closing, policy: str) -> None:
     assert (received, delivered, dropped) == (n, 4, n - 4)
     assert received == delivered + dropped
     assert after["queue_depth"] == 0 and after["backpressure_waits"] == 0
+    # each dropped event is one lost event row, and which one waits for the processing thread
+    assert delta(after, before, "dropped_overflow_events") == n - 4
+    lost = [seq for _, seqs in source.dropped_events() for seq in seqs]
+    assert sorted(lost) == sorted(set(range(n)) - set(seqs)) and source.dropped_events() == []
 
 
 def test_block_policy_stops_receiving_and_loses_nothing(proxy, closing) -> None:

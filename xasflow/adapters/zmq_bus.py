@@ -20,11 +20,16 @@ documents nor decode errors.
 
 Counters (``stats()``): ``received`` (messages off the socket), ``bytes_received``,
 ``ignored``, ``decoded``, ``decode_errors`` and ``decode_errors.<reason>``,
-``documents.<name>``, ``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``,
-``dropped_on_close``, ``backpressure_waits`` (messages that had to wait for room under
-``block``), ``receive_errors``, and the gauge ``queue_depth``. Once quiescent,
+``documents.<name>``, ``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``
+(documents), ``dropped_overflow_events`` and ``dropped_unattributed`` (their event rows,
+see :mod:`xasflow.adapters.input_drops`), ``dropped_on_close``, ``backpressure_waits``
+(messages that had to wait for room under ``block``), ``receive_errors``, and the gauge
+``queue_depth``. Once quiescent,
 ``received == ignored + decoded + decode_errors`` and
 ``decoded == delivered + dropped_overflow + dropped_on_close + queue_depth``.
+
+Dropped events wait in ``dropped_events()`` for the processing thread, so that each is lost
+once (``overflow``), not again as a gap in its run (``seq_gap``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 
 import zmq
 
+from xasflow.adapters.input_drops import DropLedger
 from xasflow.adapters.wire import (
     DECODE_ERROR_REASONS,
     DOCUMENT_NAMES,
@@ -69,6 +75,8 @@ _COUNTERS: tuple[str, ...] = (
     "enqueued",
     "delivered",
     "dropped_overflow",
+    "dropped_overflow_events",
+    "dropped_unattributed",
     "dropped_on_close",
     "backpressure_waits",
     "receive_errors",
@@ -180,6 +188,7 @@ class ZmqDocumentSource:
         self._closed = False
         self._warned: set[str] = set()
         self._ignored_topics = cfg.ignored_topics
+        self._dropped = DropLedger()
         #: Set once the SUB socket is subscribed and connected (delivery may still lag:
         #: 0MQ's slow-joiner means a publisher should not assume we are seen yet).
         self.ready = threading.Event()
@@ -255,6 +264,11 @@ class ZmqDocumentSource:
                 continue
             self._counters.inc("delivered")
             return item
+
+    def dropped_events(self) -> list[tuple[Any, list[Any]]]:
+        """Event rows the overflow policy dropped since the last call, oldest first:
+        ``(descriptor uid, seq_nums)`` per document, as sent (unchecked)."""
+        return self._dropped.take()
 
     def stats(self) -> dict[str, int]:
         """Snapshot of all counters plus the ``queue_depth`` gauge."""
@@ -358,7 +372,7 @@ class ZmqDocumentSource:
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
-                self._counters.inc("dropped_overflow")
+                self._dropped_overflow(item)
                 return False
         else:  # drop_oldest; this thread is the only producer, so one eviction makes room
             while True:
@@ -367,11 +381,15 @@ class ZmqDocumentSource:
                     break
                 except queue.Full:
                     try:
-                        self._queue.get_nowait()
-                        self._counters.inc("dropped_overflow")
+                        evicted = self._queue.get_nowait()
                     except queue.Empty:
-                        pass
+                        continue
+                    self._dropped_overflow(evicted)
         return True
+
+    def _dropped_overflow(self, item: tuple[str, dict[str, Any]]) -> None:
+        """Count a document the overflow policy dropped; remember its event rows."""
+        self._counters.add(self._dropped.record(*item))
 
 
 class ZmqDocumentPublisher:

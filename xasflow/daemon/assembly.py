@@ -40,10 +40,13 @@ continue the stream's numbering or restart at 1). A jump is a gap: counted in
 including trailing ones revealed by the stop's ``num_events``: a value that is not a count,
 or that claims more than ``MAX_STOP_MISSING`` missing, is refused as ``malformed_document``
 and adds nothing, see :mod:`xasflow.adapters.stop_claims`), and flagged ``seq_gap`` on
-the fly spectrum that arrived after it or on the step spectrum. A repeated seq_num is
-``Rejected(duplicate_event)``, except a step point read anew: bluesky's rewind (a suspender
-tripped) takes points again under their seq_nums, and the new readings replace the old
-(flagged ``points_retaken``). An earlier number arriving late is flagged ``seq_disorder``.
+the fly spectrum that arrived after it or on the step spectrum. Events the daemon's own
+input queue dropped (``RunAssembler.dropped``) are missing too; ``RunClosed.dropped_events``
+says how many of ``missing_events`` they are (lost as ``overflow``, not ``seq_gap``). A
+repeated seq_num is ``Rejected(duplicate_event)``, except a step point read anew: bluesky's
+rewind (a suspender tripped) takes points again under their seq_nums, and the new readings
+replace the old (flagged ``points_retaken``). An earlier number arriving late is flagged
+``seq_disorder``.
 A step run whose descriptors name different detectors takes the newest mode whose channels
 every point has.
 """
@@ -133,6 +136,8 @@ class RunAssembler:
         self._descriptors: dict[str, _Run] = {}
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
+        #: input-queue drops of descriptors not fed yet (still queued): applied when they are
+        self._early_drops: OrderedDict[str, list[Any]] = OrderedDict()
         self._router = make_run_router([self._factory])
 
     @property
@@ -170,6 +175,21 @@ class RunAssembler:
                 run.n_rejected += 1
         self._out = []
         return out
+
+    def dropped(self, descriptor: Any, seqs: list[Any]) -> None:
+        """Event rows the input queue dropped (``ZmqDocumentSource.dropped_events``): their
+        holes in the run's sequence count in ``RunClosed.dropped_events`` too, so the loss
+        is counted once (``overflow``), not again as ``seq_gap``. A descriptor not fed yet
+        (it waits in the queue) keeps them until it comes (at most ``_MEMORY`` of them)."""
+        if not _is_str(descriptor) or descriptor in self._closed_descriptors:
+            return
+        run = self._descriptors.get(descriptor)
+        if run is not None:
+            run.dropped(descriptor, seqs)
+        else:
+            self._early_drops.setdefault(descriptor, []).extend(seqs)
+            while len(self._early_drops) > _MEMORY:
+                self._early_drops.popitem(last=False)
 
     def check_timeouts(self, now: float | None = None) -> list[Output]:
         """Close runs with no document for longer than ``run_timeout`` (exit_status "timeout")."""
@@ -260,7 +280,10 @@ class RunAssembler:
             raise _Bad("malformed_document", f"descriptor {uid} seen before")
         run.last_seen = self._now
         self._descriptors[uid] = run
+        early = self._early_drops.pop(uid, None)
         self._router("descriptor", cast(dict, doc))
+        if early:
+            run.dropped(uid, early)
 
     def _event(self, name: str, doc: Mapping) -> None:
         desc = doc.get("descriptor")

@@ -243,20 +243,39 @@ class _Run(DocumentRouter):
         self.stream_last = max(self.stream_last, seq)
         return flags
 
-    def seq_stats(self) -> tuple[int, int]:
-        """(gaps, missing seq_nums) over the run, from what finally arrived (late ones count)."""
+    def dropped(self, desc: str, seqs: list[Any]) -> None:
+        """Rows of descriptor ``desc`` the input queue dropped (unchecked, as sent)."""
+        st = self.streams.get(desc)
+        if st is None or self.closed:
+            return  # another stream's: never part of this run's sequence
+        for seq in seqs:
+            ok = isinstance(seq, (int, np.integer)) and not isinstance(seq, bool)
+            if ok and 0 <= int(seq) < _SEQ_LIMIT:
+                st.dropped.add(int(seq))
+
+    def seq_stats(self) -> tuple[int, int, int]:
+        """(gaps, missing seq_nums, of them dropped by the input queue) over the run, from
+        what finally arrived (late ones count)."""
         gaps, missing = 0, self.trailing_missing
+        last = self.stream_last
+        tail: set[int] = set()  # dropped seq_nums among the trailing missing ones
         if missing:
             gaps += 1
+            for st in self.streams.values():
+                tail.update(s for s in st.dropped if last < s <= last + missing)
+        dropped = len(tail)
         for st in self.streams.values():
             if not st.seen:
                 continue
             seqs = np.sort(np.fromiter(st.seen, np.int64, len(st.seen)))
-            steps = np.diff(seqs, prepend=min(st.base, int(seqs[0])) - 1)
+            low = min(st.base, int(seqs[0]))
+            steps = np.diff(seqs, prepend=low - 1)
             holes = steps[steps > 1] - 1
             gaps += int(holes.size)
             missing += int(holes.sum())
-        return gaps, missing
+            high = int(seqs[-1])
+            dropped += sum(1 for s in st.dropped if low <= s < high and s not in st.seen)
+        return gaps, missing, dropped
 
     def _fly_row(
         self, st: _Stream, data: Mapping, i: int, seq: int, t: float, flags: list[str]
@@ -431,7 +450,7 @@ class _Run(DocumentRouter):
         if not self.opened:
             self.open(self.kind)
         self.closed = True
-        gaps, missing = self.seq_stats()
+        gaps, missing, dropped = self.seq_stats()
         self.owner._out.append(
             RunClosed(
                 raw_uid=self.uid,
@@ -441,6 +460,7 @@ class _Run(DocumentRouter):
                 n_rejected=self.n_rejected,
                 seq_gaps=gaps,
                 missing_events=missing,
+                dropped_events=dropped,
             )
         )
         self.owner._forget(self, status, via_stop=via_stop)

@@ -49,6 +49,7 @@ class _Stream:
     base: int = 1  # the seq_num this descriptor counts from
     expect: int | None = None
     seen: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set)  # seq_nums the input queue dropped
 
 
 def _vector(value: Any) -> np.ndarray:

@@ -39,9 +39,10 @@ spectrum the pipeline rejected). Every spectrum the pipeline receives is counted
 ``rejected[("analysis", reason)]``. ``out_of_domain`` counts the analysed spectra whose
 prediction carries the out-of-domain flag (a subset of ``spectra_analysed``);
 ``herfd_suspected`` those of them that look like undeclared HERFD (a subset of that).
-``events_lost`` counts raw events that never reached the analysis, by cause: ``seq_gap``
-(missing from a run's sequence or its stop's ``num_events``), ``overflow`` (dropped by a
-full input queue), ``interrupted`` (received by a daemon that was killed).
+``events_lost`` counts raw events that never reached the analysis, once each, by cause:
+``seq_gap`` (missing from a run's sequence or its stop's ``num_events``, except those the
+input queue dropped), ``overflow`` (event rows dropped by a full input queue), ``interrupted``
+(received by a daemon that was killed).
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
   it becomes ``"fail"`` with reason ``"partial: N raw events missing ..."`` and
   ``partial: true`` (event-model allows only success/abort/fail). Extra fields:
   ``raw_exit_status``, ``bundle_ids`` (every bundle used), ``n_analysed``, ``n_rejected``,
-  ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``, ``partial``,
-  ``n_duplicate_events`` (every duplicate raw event; only the first has a rejected row).
+  ``n_out_of_domain``, ``raw_seq_gaps``, ``raw_missing_events``, ``raw_dropped_events`` (of
+  them, those this daemon's input queue dropped), ``partial``, ``n_duplicate_events``
+  (every duplicate raw event; only the first has a rejected row).
 
 Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
 validated against the event-model schemas when ``validate=True`` (tests do; the hot path
@@ -403,6 +404,7 @@ class AnalysisRun:
         *,
         seq_gaps: int = 0,
         missing_events: int = 0,
+        dropped_events: int = 0,
     ) -> list[Doc]:
         """Stop document mirroring the raw run's end (start/descriptor first if none yet)."""
         if self.stop_doc is not None:
@@ -416,8 +418,10 @@ class AnalysisRun:
         partial = missing_events > 0
         if partial and exit_status == "success":  # event-model has no "partial" exit status
             exit_status = "fail"
-            lost = f"partial: {missing_events} raw events missing ({seq_gaps} sequence gaps)"
-            reason = f"{lost}; {reason}" if reason else lost
+            lost = f"partial: {missing_events} raw events missing ({seq_gaps} sequence gaps"
+            if dropped_events:
+                lost += f", {dropped_events} of them dropped by the input queue"
+            reason = f"{lost}); {reason}" if reason else f"{lost})"
         stop = dict(
             self._bundle.compose_stop(
                 exit_status=exit_status, reason=reason, time=self.clock(), validate=False
@@ -431,6 +435,7 @@ class AnalysisRun:
             n_out_of_domain=self.n_out_of_domain,
             raw_seq_gaps=int(seq_gaps),
             raw_missing_events=int(missing_events),
+            raw_dropped_events=int(dropped_events),
             partial=partial,
             n_duplicate_events=self.n_duplicates,
         )

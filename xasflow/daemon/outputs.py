@@ -86,6 +86,8 @@ class RunClosed:
     n_rejected: int
     seq_gaps: int
     missing_events: int = 0
+    #: of ``missing_events``, those the daemon's input queue dropped (lost as ``overflow``)
+    dropped_events: int = 0
 
 
 Output = RunOpened | SpectrumReady | Rejected | RunClosed

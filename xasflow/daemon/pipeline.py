@@ -435,7 +435,8 @@ class Pipeline:
 
     def _closed(self, out: RunClosed) -> list[Doc]:
         self.counters.run_closed(out.exit_status)
-        self.counters.lost("seq_gap", out.missing_events)
+        # the input queue's drops are counted as overflow where they happen: not twice
+        self.counters.lost("seq_gap", out.missing_events - out.dropped_events)
         if self.recommendations is not None:
             self.recommendations.close(out.raw_uid)
             self._recommend_due.pop(out.raw_uid, None)
@@ -446,6 +447,10 @@ class Pipeline:
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
             self.counters.run_opened()
         docs = run.close(
-            out.exit_status, out.reason, seq_gaps=out.seq_gaps, missing_events=out.missing_events
+            out.exit_status,
+            out.reason,
+            seq_gaps=out.seq_gaps,
+            missing_events=out.missing_events,
+            dropped_events=out.dropped_events,
         )
         return docs

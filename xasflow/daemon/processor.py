@@ -30,7 +30,9 @@ while documents taken before the hand-over still reach the old copy; runs closed
 their run timeout are reported (``runs_ended(uids)``: they no longer hold a commit back);
 after the turn ``on_processed()`` says that every document taken so far has gone to the
 sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka) resumes
-it: the run is analysed anew and the store skips the rows it holds.
+it: the run is analysed anew and the store skips the rows it holds. The events the 0MQ
+input's overflow policy dropped (``input_dropped()``) go to the assembler at the start of each
+turn, so each is lost once (``overflow``), not again as a gap in its run (``seq_gap``).
 
 With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
 batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
@@ -111,6 +113,9 @@ class Processor:
         self._handing_over: dict[str, str] = {}  # handed over, not yet closed: uid -> reason
         #: Told the raw uids of runs closed by their run timeout (no stop will close them).
         self.runs_ended: Callable[[list[str]], None] | None = None
+        #: Event rows the input queue dropped since asked, ``[(descriptor uid, seq_nums)]``
+        #: (``ZmqDocumentSource.dropped_events``): asked each turn, see :meth:`_input_drops`.
+        self.input_dropped: Callable[[], list[tuple[Any, list[Any]]]] | None = None
         self.internal_errors = 0
         #: Batches begun and not yet ended: at most one in flight with a preparation process.
         self._pending: deque[Batch] = deque()
@@ -193,9 +198,18 @@ class Processor:
             self._complete(0)  # "every document taken went to the sinks": none in flight
             self.on_processed()
 
+    def _input_drops(self) -> None:
+        """Tell the assembler which events the input queue dropped, before it closes their
+        runs: a drop is recorded before any later document is queued, so every drop of a
+        run's events is known once its stop (or timeout) is taken from the queue."""
+        if self.input_dropped is not None:
+            for descriptor, seqs in self.input_dropped():
+                self.assembler.dropped(descriptor, seqs)
+
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
         outputs: list[Output] = []
         spectra = 0
+        self._input_drops()  # after the turn's documents were taken (see _input_drops)
         for name, doc in items:
             try:
                 fed = self._feed(name, doc, outputs)
@@ -253,6 +267,7 @@ class Processor:
         if self.interrupted is not None:
             for raw_uid in self.interrupted.pending():
                 self._close_interrupted(raw_uid, why="shutdown")
+        self._input_drops()
         self.analyse(self.assembler.flush_all("shutdown"))
         try:  # runs the pipeline still holds (none, unless an output went missing)
             for name, doc in self.pipeline.close_all("shutdown"):

@@ -102,7 +102,8 @@ class DaemonStatus:
         self.counters.sync_decode_errors(
             {k.removeprefix(prefix): v for k, v in src.items() if k.startswith(prefix)}
         )
-        self.counters.sync_lost("overflow", src.get("dropped_overflow", 0))
+        # events (an event page's rows), not documents: xasflow.adapters.input_drops
+        self.counters.sync_lost("overflow", src.get("dropped_overflow_events", 0))
         self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
         source = self.parts.source
         if self.config.input.kind == "kafka" and source is not None:

@@ -1,0 +1,71 @@
+"""Which raw events an input's overflow policy dropped, kept for the processing thread.
+
+A raw event dropped by a full input queue (``input.overflow: drop_newest | drop_oldest``)
+is lost once, as ``overflow``; the hole it leaves in its run's sequence (or after its run's
+last event, told by the stop's ``num_events``) must not count it again as ``seq_gap``. The
+receive thread records each dropped event's descriptor uid and seq_num here; the
+processing thread takes them every turn (:meth:`DropLedger.take`) and hands them to the
+assembler (:meth:`~xasflow.daemon.assembly.RunAssembler.dropped`), which tells the holes
+the input made from those the bus made.
+
+``overflow`` counts event rows (an ``event`` is one, an ``event_page`` its rows, of any
+stream); other documents dropped (a start, a descriptor, a resource) are no events: they
+are counted by the input as documents (``xasflow_input_dropped_total{cause="overflow"}``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+__all__ = ["MAX_RECORDS", "DropLedger", "event_rows"]
+
+#: Dropped documents whose rows wait for :meth:`DropLedger.take` at most: it is emptied
+#: every turn of the processing thread, so this is reached only if that thread is stuck.
+MAX_RECORDS = 100_000
+
+
+def event_rows(name: str, doc: dict[str, Any]) -> tuple[Any, list[Any]] | None:
+    """``(descriptor uid, seq_nums)`` of an event or event page, as sent (unchecked: the
+    assembler checks them); None for any other document."""
+    if name == "event":
+        return doc.get("descriptor"), [doc.get("seq_num")]
+    if name != "event_page":
+        return None
+    seqs: Any = doc.get("seq_num")
+    try:  # a list, or an array from msgpack-numpy
+        rows = [] if isinstance(seqs, str | bytes | dict) else list(seqs)
+    except TypeError:
+        rows = []
+    return doc.get("descriptor"), rows
+
+
+class DropLedger:
+    """Event rows dropped by an input, between the receive and the processing thread."""
+
+    def __init__(self, most: int = MAX_RECORDS) -> None:
+        self.most = most
+        self._records: list[tuple[Any, list[Any]]] = []
+        self._lock = threading.Lock()
+
+    def record(self, name: str, doc: dict[str, Any]) -> dict[str, int]:
+        """Remember a dropped document's event rows; return what to add to the input's
+        counters: ``dropped_overflow`` (1), ``dropped_overflow_events`` (its rows) and
+        ``dropped_unattributed`` (rows not remembered: the ledger is full, so they may be
+        counted as ``seq_gap`` too)."""
+        counts = {"dropped_overflow": 1}
+        rows = event_rows(name, doc)
+        if rows is not None:
+            counts["dropped_overflow_events"] = len(rows[1])
+            with self._lock:
+                if len(self._records) < self.most:
+                    self._records.append(rows)
+                else:
+                    counts["dropped_unattributed"] = len(rows[1])
+        return counts
+
+    def take(self) -> list[tuple[Any, list[Any]]]:
+        """The rows recorded since the last call, oldest first."""
+        with self._lock:
+            records, self._records = self._records, []
+        return records
