@@ -5,6 +5,7 @@ Each test failed before its fix (the docstring says what the code did then)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from xasflow.adapters.zmq_bus import ZmqDocumentSource, ZmqInputConfig
 from xasflow.daemon.assembly import Rejected, RunAssembler, RunClosed
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters, register_prometheus
+from xasflow.daemon.documents import AnalysisRun
 from xasflow.daemon.parts import Parts, build_processor
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
@@ -318,3 +320,57 @@ def test_a_gap_the_input_did_not_make_is_still_a_seq_gap(
         d.turn()
     assert d.stop_doc()["raw_missing_events"] == 2
     assert_lost_once(d, overflow=1, seq_gap=1)
+
+
+# --------------------------------------------------------------------------- 3. raw scan_id
+
+
+@pytest.mark.parametrize(
+    ("scan_id", "carried"),
+    [
+        (7, 7),
+        (2**63 - 1, 2**63 - 1),
+        (-(2**63), -(2**63)),
+        (2**63, None),
+        (2**70, None),
+        (-(2**63) - 1, None),
+        pytest.param(10**5000, None, id="10**5000"),  # more digits than str() of an int has
+        (True, None),
+        ("7", None),
+    ],
+    ids=lambda v: repr(v) if v is None or v.__class__ is not int else hex(v),
+)
+def test_the_analysis_start_carries_only_an_int64_raw_scan_id(scan_id: Any, carried: Any) -> None:
+    """Before: any ``int`` scan_id of the raw start was copied into the analysis start's
+    ``raw_scan_id``: 2**70 made the start unencodable as msgpack (the output's ``fmt:
+    msgpack`` dropped it) and refused by the tiled store (``Integer exceeds 64-bit range``:
+    the whole run's results lost); ``True`` became ``raw_scan_id: true``."""
+    run = AnalysisRun("raw-s", {"uid": "raw-s", "time": 0.0, "scan_id": scan_id}, validate=True)
+    start = run.close("success")[0][1]
+    assert start.get("raw_scan_id") == carried and type(start.get("raw_scan_id")) is type(carried)
+    encode_message("start", start, fmt="msgpack")  # raised TypeError beyond int64
+    json.loads(json.dumps(start))
+
+
+def test_a_numpy_scan_id_is_carried_as_an_int() -> None:
+    np = pytest.importorskip("numpy")
+    run = AnalysisRun("raw-n", {"uid": "raw-n", "time": 0.0, "scan_id": np.int64(12)})
+    start = run.close("success")[0][1]
+    assert start["raw_scan_id"] == 12 and type(start["raw_scan_id"]) is int
+
+
+def test_the_store_keeps_a_run_whose_raw_scan_id_is_beyond_int64(tmp_path: Path) -> None:
+    """The analysis store (tiled) refused the run's start, so none of its rows were kept."""
+    pytest.importorskip("tiled")
+    from helpers import STORE_DESCRIPTOR, store_row
+
+    from xasflow.adapters.tiled_store import AnalysisStore
+
+    run = AnalysisRun("raw-t", {"uid": "raw-t", "time": 0.0, "scan_id": 2**70})
+    start = run.close("success")[0][1]
+    with AnalysisStore(tmp_path / "store") as store:
+        store.open_run("raw-t", start, STORE_DESCRIPTOR)
+        assert store.add_event("raw-t", store_row(1))
+        assert store.flush(timeout=60)
+        stats = store.stats()
+    assert (stats["stored"], stats["errors"]) == (1, 0)

@@ -19,7 +19,9 @@ checked before it is believed:
 
 A refused claim counts nothing as missing; the caller makes the refusal visible (the
 assembler rejects it as ``malformed_document``, counted and in the analysis run; recovery
-logs it and names it in the interrupted run's stop reason).
+logs it and names it in the interrupted run's stop reason). :func:`int64_or_none` is the
+same int64 check for other raw integers carried onward (the raw start's ``scan_id``, in
+:mod:`xasflow.daemon.documents`).
 """
 
 from __future__ import annotations

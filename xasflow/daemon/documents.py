@@ -4,9 +4,11 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
 
 * **start**: ``raw_uid`` (the raw run's uid), ``analysis: "xasflow"``, ``code_version``,
   ``element`` / ``edge`` / ``bundle_id`` (of the first spectrum's outcome; None when
-  unknown), ``scan_kind`` and, when the raw start had them, ``raw_scan_id`` /
-  ``raw_plan_name`` / ``raw_sample_name``. It is composed lazily, together with the descriptor, just before the
-  run's first event (or its stop), so it can name the model actually used.
+  unknown), ``scan_kind`` and, when the raw start had them, ``raw_scan_id`` (only an
+  integer that fits int64, as msgpack, tiled and SQL need; another ``scan_id`` is left out,
+  with a warning) / ``raw_plan_name`` / ``raw_sample_name``. It is composed lazily,
+  together with the descriptor, just before the run's first event (or its stop), so it can
+  name the model actually used.
 * **descriptor** of stream ``"primary"`` with the typed :data:`DATA_KEYS`.
 * **uncertainty** keys of each analysed spectrum: ``cn_set`` / ``motif_set`` /
   ``valence_set`` (the 90 % conformal sets, comma-separated labels), ``distance_lo`` /
@@ -38,12 +40,14 @@ leaves it off, the composition is the same).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from xasflow import __version__
+from xasflow.adapters.stop_claims import int64_or_none
 from xasflow.models.predictor import Prediction
 
 __all__ = [
@@ -60,6 +64,8 @@ __all__ = [
     "rejected_row",
     "uncertainty_fields",
 ]
+
+logger = logging.getLogger(__name__)
 
 Doc = tuple[str, dict[str, Any]]
 
@@ -320,8 +326,14 @@ class AnalysisRun:
             "hints": {"dimensions": [[["index"], ANALYSIS_STREAM]]},
         }
         raw = self.raw_start or {}
-        if isinstance(raw.get("scan_id"), int):
-            md["raw_scan_id"] = raw["scan_id"]
+        scan_id = int64_or_none(raw.get("scan_id"))  # msgpack, tiled and SQL take int64 only
+        if scan_id is not None:
+            md["raw_scan_id"] = scan_id
+        elif raw.get("scan_id") is not None:
+            kind = type(raw["scan_id"]).__name__
+            logger.warning(
+                "raw run %s: scan_id (a %s) is no int64: not carried", self.raw_uid, kind
+            )
         if isinstance(raw.get("plan_name"), str):
             md["raw_plan_name"] = raw["plan_name"]
         if isinstance(raw.get("sample_name"), str):
