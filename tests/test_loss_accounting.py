@@ -109,6 +109,31 @@ def test_a_plausible_num_events_still_reveals_trailing_losses() -> None:
         assert not [o for o in out if isinstance(o, Rejected)]
 
 
+def test_a_seq_num_cannot_claim_implausible_missing_events() -> None:
+    """Before: an event with seq_num 2**62 after seq 1 and 2 left a hole of 2**62 - 3 events
+    in ``seq_gap`` and ``raw_missing_events`` (the way round the ``num_events`` bound). Now
+    a row whose seq_num leaves more than ``MAX_STOP_MISSING`` missing is refused visibly;
+    the run goes on from its own sequence, and a plausible hole still counts."""
+    uid, docs = step_run(4)
+    events = [d for n, d in docs if n == "event"]
+    events[2]["seq_num"] = 2**62  # the third event, forged
+    events[3]["seq_num"] = 3 + MAX_STOP_MISSING  # a hole of exactly the bound: believed
+    out = feed(RunAssembler(), docs)
+    refused = [o for o in out if isinstance(o, Rejected)]
+    assert [(r.raw_uid, r.reason) for r in refused] == [(uid, "malformed_document")]
+    assert str(2**62) in refused[0].detail and "may go missing at once" in refused[0].detail
+    (closed,) = [o for o in out if isinstance(o, RunClosed)]
+    assert (closed.seq_gaps, closed.missing_events) == (1, MAX_STOP_MISSING)
+    # the first row of a descriptor is bounded the same way (its sequence begins at 1)
+    uid, docs = step_run(2)
+    first = next(d for n, d in docs if n == "event")
+    first["seq_num"] = 2 + MAX_STOP_MISSING
+    out = feed(RunAssembler(), docs)
+    assert [r.reason for r in out if isinstance(r, Rejected)] == ["malformed_document"]
+    (closed,) = [o for o in out if isinstance(o, RunClosed)]
+    assert closed.missing_events == 1  # seq_num 1, whose row came forged: not 1e6 + 1
+
+
 class _Store:
     def __init__(self) -> None:
         self.finished: list[dict] = []

@@ -15,7 +15,8 @@ checked before it is believed:
   ``analysis.run_timeout_s`` (60 s by default) of its last document. A million is 10 kHz
   for 100 s, above any XAS detector's event rate (a quick-XAS spectrum per event at
   ~100 Hz, a step point every few tenths of a second; a step run keeps 100,000 points at
-  most), so a larger claim is a corrupt or hostile stop, not a loss.
+  most), so a larger claim is a corrupt or hostile stop, not a loss. The assembler bounds
+  the hole one event's seq_num may leave before it the same way.
 
 A refused claim counts nothing as missing; the caller makes the refusal visible (the
 assembler rejects it as ``malformed_document``, counted and in the analysis run; recovery

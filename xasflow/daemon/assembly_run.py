@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from event_model import DocumentRouter
 
-from xasflow.adapters.stop_claims import claimed_missing, stop_event_count
+from xasflow.adapters.stop_claims import MAX_STOP_MISSING, claimed_missing, stop_event_count
 from xasflow.daemon.assembly_stream import _CHANNELS, _Bad, _resolve, _Stream, _vector
 from xasflow.daemon.outputs import (
     ExitStatus,
@@ -225,10 +225,21 @@ class _Run(DocumentRouter):
                 return [_REPEAT]
             self.reject("duplicate_event", None, f"seq_num {seq} repeated in descriptor {st.uid}")
             return None
+        base = None
+        if st.expect is None:  # first row of this descriptor: where its sequence may begin
+            base = max((b for b in st.first_ok if b <= seq), default=None)
+        mark = st.expect if st.expect is not None else base
+        if mark is not None and seq - mark > MAX_STOP_MISSING:  # a hole no bus makes
+            self.reject(
+                "malformed_document",
+                None,
+                f"seq_num {seq} leaves {seq - mark} events missing before it in descriptor "
+                f"{st.uid}; at most {MAX_STOP_MISSING} may go missing at once: ignored",
+            )
+            return None
         st.seen.add(seq)
         flags: list[str] = []
-        if st.expect is None:  # first row of this descriptor
-            base = max((b for b in st.first_ok if b <= seq), default=None)
+        if st.expect is None:
             if base is None:
                 flags.append("seq_disorder")
             elif seq > base:
