@@ -1,6 +1,8 @@
 """Plain-text spectra: two (or more) numeric columns, energy in eV then mu; and a dispatcher.
 
-Comment lines start with ``#``; values may be separated by whitespace, commas or semicolons
+The text is UTF-8, with or without a byte-order mark (Notepad's and Excel's "CSV UTF-8" write
+one; read as data it would glue onto the first number and cost that row). Comment lines
+start with ``#``; values may be separated by whitespace, commas or semicolons
 (with semicolons, or numbers like ``8979,5``, commas are decimal commas);
 one non-numeric header row (``energy,mu``) at the top is allowed. Extra columns are ignored.
 """
@@ -49,7 +51,7 @@ def _split(line: str, decimal_commas: bool) -> list[str]:
 def read_two_column(path: str | Path, element: str | None = None, edge: str = "K") -> Spectrum:
     """Read energy (eV) and mu from the first two columns of a text file as a Spectrum."""
     path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # -sig: drop a BOM
     energy: list[float] = []
     mu: list[float] = []
     header_allowed = True
