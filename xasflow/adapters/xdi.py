@@ -27,9 +27,13 @@ _COLUMN_FIELD = re.compile(r"^column\.(\d+)$", re.IGNORECASE)
 _MU_COLUMNS = ("mutrans", "mufluor", "mu")
 MODES = ("auto", "transmission", "fluorescence", "mu")
 _HERFD = re.compile(r"herfd|high[\s_-]*energy[\s_-]*resolution[\s_-]*fluorescence", re.IGNORECASE)
-#: "not HERFD", "non-HERFD", "no HERFD": a text that says the scan is not one
+#: "not HERFD", "non-HERFD", "no HERFD": a text that says the scan is not one. The negation
+#: must not follow a letter ("piano HERFD" is no denial) but may follow "_", a digit or
+#: anything else: a file name such as ``CuO_non-herfd.xdi`` (``\b`` never matches after "_",
+#: a word character, so the name read as a HERFD declaration).
 _NOT_HERFD = re.compile(
-    r"\b(?:not|non|no)[\s_-]*(?:herfd|high[\s_-]*energy[\s_-]*resolution)", re.IGNORECASE
+    r"(?<![a-z])(?:not|non|no)[\s_-]*(?:herfd|high[\s_-]*energy[\s_-]*resolution)",
+    re.IGNORECASE,
 )
 
 
