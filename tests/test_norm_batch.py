@@ -131,6 +131,29 @@ def test_sparse_post_edge_falls_back_like_edge_fit(params: PrepParams) -> None:
     assert _compare(late, mu, window, shifts, metas) == ["no_pre_edge"] * 3
 
 
+@pytest.mark.parametrize("params", RULES, ids=RULE_IDS)
+def test_stray_leading_points_are_not_the_pre_edge(params: PrepParams) -> None:
+    """A "0 0" row (and one at 1 eV) before a scan: no pre-edge, no start of the data. Both
+    paths give the rows of the scan without them, measured and undeclared alike; a measured
+    scan cut at its edge is still refused ``no_pre_edge`` (the stray is no pre-edge)."""
+    energy = np.linspace(8800.0, 9400.0, 1000)
+    mu = np.array([_edge(energy, CU_K + d, i) for i, d in enumerate((-2.0, 0.0, 3.0))])
+    metas: list[dict[str, Any]] = [{}, {"calculated": False}, {}]
+    for strays in ([0.0], [0.0, 1.0]):
+        padded = np.concatenate((strays, energy))
+        pad_mu = np.hstack([np.zeros((3, len(strays))), mu])
+        assert _compare(padded, pad_mu, params, metas=metas) == ["ok"] * 3
+        for row, plain in zip(pad_mu, mu, strict=True):
+            got = prepare(Spectrum(padded, row, "Cu"), params)
+            want = prepare(Spectrum(energy, plain, "Cu"), params)
+            assert got.edge_step == want.edge_step
+            np.testing.assert_array_equal(got.y, want.y)
+    cut = np.concatenate(([0.0], energy[energy > CU_K - 4]))
+    cut_mu = np.hstack([np.zeros((3, 1)), mu[:, energy > CU_K - 4]])
+    measured = [{"calculated": False} for _ in range(3)]
+    assert _compare(cut, cut_mu, params, metas=measured) == ["no_pre_edge"] * 3
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_calculated_rows(params: PrepParams) -> None:
     """FEFF-like rows (no background, starting 15 eV below the edge from near zero) are

@@ -2,7 +2,9 @@
 
 The ranges, degrees and their defaults follow ``larch.xafs.pre_edge`` (xraylarch 2026.3):
 pre-edge from the second data point (rounded to 5 eV, or 2 eV for scans with at most 20
-points below E0) to half that distance; post-edge from ``min(25, norm2/15)`` eV (rounded to
+points below E0) to half that distance, the points counted from the scan's bulk: leading
+points set apart from it (:func:`leading_strays`, a trailing ``0 0`` row of a two-column
+file) are not the pre-edge, and a line reaching back to one was tilted by it; post-edge from ``min(25, norm2/15)`` eV (rounded to
 5 eV) to the end of the data; a quadratic over 300 eV or more, a line over 30 eV or more,
 else a constant. A calculation (FEFF) has no pre-edge region and no background: nothing is
 subtracted. (Larch's ``iscalc`` subtracts the first value, which on the 4,831 shared Cu FEFF
@@ -35,6 +37,30 @@ class EdgeFit:
     nnorm: int
     npre: int  # 1 a line, 0 a constant (too few pre-edge points, or a calculation)
     calculated: bool
+
+
+#: At most this many leading points may be set apart from a scan (:func:`leading_strays`).
+MAX_STRAYS = 3
+
+
+def leading_strays(rel: np.ndarray) -> np.ndarray:
+    """Per row of ``rel`` ((n, m) or one (m,) row of ascending energies, eV), how many of its
+    first points (at most :data:`MAX_STRAYS`, leaving 3) lie apart from the scan: further
+    from the next point than the whole span of the data after it.
+
+    Such a point is no part of the scan: an aborted point or a DAQ's padding (``0 0``) read
+    as data, 9 keV below a Cu edge. Larch's default pre-edge range starts at the second
+    point and, rounded down, reaches back to the first: a line through a point that far
+    sets the background alone (CuO's CN 5 -> 6). No scan of the shared XAS Data Library
+    has one (its largest first gap is 5 eV before a 23 eV pre-edge). Shift-invariant, so
+    the rows of one shifted axis agree.
+    """
+    r = np.atleast_2d(rel)
+    m = r.shape[1]
+    lead = np.zeros(r.shape[0], dtype=np.intp)
+    for i in range(min(MAX_STRAYS, m - 3)):
+        lead[(r[:, i + 1] - r[:, i]) > (r[:, -1] - r[:, i + 1])] = i + 1
+    return lead
 
 
 def _index_of(rel: np.ndarray, value: float) -> int:
@@ -117,6 +143,9 @@ def edge_fit(
 ) -> tuple[np.ndarray, EdgeFit]:
     """Return (mu minus the pre-edge, the fit); the edge step is the post-edge fit at E0.
 
+    The pre-edge range (``pre1`` given or not) starts no lower than the scan's bulk: points
+    :func:`leading_strays` sets apart are left out of the line (and still subtracted from).
+
     ``weighting="points"`` fits the data points as Larch does; ``"energy"`` weighs each
     post-edge point by the energy it spans, so the step does not depend on the sampling.
     ``tail_width`` (the core hole's Lorentzian FWHM, eV) removes the edge's own 1/E tail
@@ -127,10 +156,11 @@ def edge_fit(
     """
     rel = energy - e0
     n = rel.size
-    ie0 = _index_nearest(rel, 0.0)
+    s = int(leading_strays(rel)[0])  # the bulk's first point: strays are no pre-edge
+    ie0 = _index_nearest(rel, 0.0) - s
     if pre1 is None:
-        pre1 = (5.0 * round(rel[1] / 5.0)) if ie0 > 20 else (2.0 * round(rel[1] / 2.0))
-    pre1 = max(pre1, float(rel[0]))
+        pre1 = (5.0 * round(rel[s + 1] / 5.0)) if ie0 > 20 else (2.0 * round(rel[s + 1] / 2.0))
+    pre1 = max(pre1, float(rel[s]))
     if pre2 is None:
         pre2 = 0.5 * pre1
     if pre1 > pre2:

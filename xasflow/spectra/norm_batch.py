@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import SpectrumError
+from xasflow.spectra.norm import leading_strays
 from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
 
 __all__ = ["normalize_larch_batch"]
@@ -122,12 +123,14 @@ def _pre_ranges(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``edge_fit``'s pre-edge index range ``[q1, q2)`` and ``npre`` of measured rows."""
     k, m = rel.shape
+    rows = np.arange(k)
+    lead = leading_strays(rel)  # each row's bulk starts there
     if params.pre1 is None:
-        r1 = rel[:, 1]
-        pre1 = np.where(ie0 > 20, 5.0 * np.round(r1 / 5.0), 2.0 * np.round(r1 / 2.0))
+        r1 = rel[rows, lead + 1]
+        pre1 = np.where(ie0 - lead > 20, 5.0 * np.round(r1 / 5.0), 2.0 * np.round(r1 / 2.0))
     else:
         pre1 = np.full(k, float(params.pre1))
-    pre1 = np.maximum(pre1, rel[:, 0])
+    pre1 = np.maximum(pre1, rel[rows, lead])
     pre2 = 0.5 * pre1 if params.pre2 is None else np.full(k, float(params.pre2))
     pre1, pre2 = np.minimum(pre1, pre2), np.maximum(pre1, pre2)
     c = _count_le(rel, np.stack((pre1, _below(pre2), pre2), axis=1))
@@ -306,8 +309,9 @@ def _calculated(
     """``process.is_calculated`` of every row: declared, else a late start from near zero."""
     calc = np.array([bool(d) for d in declared], dtype=bool)
     undeclared = np.array([d is None for d in declared], dtype=bool)
-    first = mu[:, 0]
-    maybe = undeclared & (rel[:, 0] > params.calc_start) & (first >= 0.0)
+    rows, lead = np.arange(mu.shape[0]), leading_strays(rel)  # where each row's data start
+    first = mu[rows, lead]
+    maybe = undeclared & (rel[rows, lead] > params.calc_start) & (first >= 0.0)
     if maybe.any():
         top = mu[maybe].max(axis=1)
         calc[maybe] = first[maybe] <= params.calc_floor * top

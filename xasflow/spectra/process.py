@@ -18,7 +18,7 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
-from xasflow.spectra.norm import edge_fit
+from xasflow.spectra.norm import edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 
@@ -168,8 +168,9 @@ def is_calculated(spectrum: Spectrum, e0: float, params: PrepParams) -> bool:
     declared = spectrum.meta.get("calculated")
     if declared is not None:
         return bool(declared)
-    first, top = float(spectrum.mu[0]), float(spectrum.mu.max())
-    starts_late = spectrum.energy[0] - e0 > params.calc_start
+    s = int(leading_strays(spectrum.energy)[0])  # where the data start: not at a stray point
+    first, top = float(spectrum.mu[s]), float(spectrum.mu.max())
+    starts_late = spectrum.energy[s] - e0 > params.calc_start
     return bool(starts_late and 0.0 <= first <= params.calc_floor * top)
 
 
@@ -244,7 +245,11 @@ _ACROSS_E0_EV = 1.5
 def measured_start_why(rel: np.ndarray, mu: np.ndarray) -> list[str | None]:
     """Per row of a measured ``mu`` on ``rel`` (energies minus E0, rows of one axis shifted:
     (n, m) ascending), why its data do not start on a pre-edge (None where they do): fewer
-    than :data:`MIN_PRE_EDGE` eV below E0, or a first rise as steep as the edge."""
+    than :data:`MIN_PRE_EDGE` eV below E0, or a first rise as steep as the edge. The data
+    start at the scan's bulk (row 0's :func:`~xasflow.spectra.norm.leading_strays` left out,
+    as the pre-edge fit leaves them out): a stray point far below E0 is no pre-edge."""
+    s = int(leading_strays(rel[0])[0])
+    rel, mu = rel[:, s:], mu[:, s:]
     n, m = mu.shape
     start = rel[:, 0]
     k = max(1, min(int(np.searchsorted(rel[0] - rel[0, 0], _START_EV, side="right")) - 1, m - 1))
