@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -34,12 +35,26 @@ def _bundle(given: str | None) -> Path:
     return shipped
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: JSON has no NaN (``json.dumps``
+    writes a bare ``NaN`` that jq, JavaScript and Go refuse), and an undefined figure (r2
+    of a single reference, a metric of an empty class) is ``null`` there."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _write_json(path: str | None, payload: Any) -> None:
+    """Write ``payload`` to ``path`` (if given) as strict JSON: non-finite numbers as null."""
     if path:
         out = Path(path)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=2) + "\n")
+            out.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
         except OSError as exc:  # exit 2, not a traceback (1 means "a file was not predicted")
             raise CliError(f"cannot write --json {out}: {exc.strerror or exc}") from None
         print(f"wrote {out}")
