@@ -23,6 +23,11 @@ from xasflow.training import label_cache
 from xasflow.training import labels as L
 from xasflow.training import structures as S
 from xasflow.training.label_jobs import compute_labels
+from xasflow.training.reference_table import (
+    ReferenceTableError,
+    is_reference_table,
+    reference_rows,
+)
 
 #: What a dataset is, told beside an error about one (measured spectra are no dataset).
 _WANTED = (
@@ -293,71 +298,21 @@ def build_mp_dataset(
     return _assemble(element, "K", str(path), fingerprint_path(path), rows, issues)
 
 
-REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
-
-
 def build_reference_dataset(table: str | Path) -> Dataset:
     """Measured reference spectra with labels from a small CSV table, for validation.
 
-    Columns: ``file`` (XDI or two-column, relative to the table or else to the shared data
-    directory), ``element``, and any of
-    ``cn``, ``motif`` (a name from :data:`labels.MOTIFS`, e.g. ``square co-planar``),
-    ``valence``, ``distance``; empty cells mean unknown. Rows that cannot be read are issues.
+    The table and its columns: :mod:`xasflow.training.reference_table`; rows that cannot be
+    read are issues. DatasetError when the table cannot be read or holds no usable row.
     """
-    import csv
-
-    from xasflow.adapters.columns import read_spectrum_file
-
     table = Path(table)
-    with table.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"file", "element"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(
-                f"{table}: missing columns {sorted(missing)}; need {REFERENCE_COLUMNS}"
-            )
-        entries = list(reader)
-    motif_index = {name: i for i, (_, name) in enumerate(L.MOTIFS)}
-    rows: list[tuple] = []
-    issues: list[ReadIssue] = []
-    for n, entry in enumerate(entries, start=2):
-        name = (entry.get("file") or "").strip()
-        element = (entry.get("element") or "").strip().capitalize()
-        try:
-            where = table.parent / name
-            if not where.exists():  # tables may name files inside the shared data tree
-                where = paths.shared_data_dir() / name
-            spectrum = read_spectrum_file(where, element=element or None)
-            cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
-            if cn is not None and not 1 <= cn <= L.CN_MAX:  # 0 became CN 12, 13+ a crash
-                raise ValueError(f"cn {cn} is outside 1..{L.CN_MAX}")
-            cn_vec = np.zeros(L.CN_MAX)
-            if cn is not None:
-                cn_vec[cn - 1] = 1.0
-            motif = (entry.get("motif") or "").strip()
-            motif_vec = np.full(len(L.MOTIFS), np.nan)
-            if motif:
-                if motif not in motif_index:
-                    raise ValueError(f"unknown motif {motif!r}")
-                motif_vec = np.zeros(len(L.MOTIFS))
-                motif_vec[motif_index[motif]] = 1.0
-            val = (entry.get("valence") or "").strip()
-            dist = (entry.get("distance") or "").strip()
-            lab = L.SiteLabels(
-                cn_vector=cn_vec if cn is not None else np.full(L.CN_MAX, np.nan),
-                motif_vector=motif_vec,
-                mean_nn_distance=float(dist) if dist else float("nan"),
-                oxidation_state=int(val) if val else None,
-                bvs=None,
-            )
-        except (OSError, ValueError, SpectrumError) as exc:
-            issues.append(ReadIssue(f"{table.name}:{n}", "bad_reference", str(exc)))
-            continue
-        rows.append(((name, 0), 1, True, spectrum, lab, ""))
+    try:
+        rows, issues = reference_rows(table)
+    except ReferenceTableError as exc:
+        raise DatasetError(str(exc)) from None
     if not rows:
         raise DatasetError(f"{table}: no usable reference rows: {[i.detail for i in issues]}")
     element = rows[0][3].element or ""
-    ds = _assemble(element, "K", str(table), fingerprint_path(table), rows, issues)
+    ds = _assemble(element, "K", str(table), fingerprint_path(table), list(rows), issues)
     ds.measured = True
     return ds
 
@@ -365,15 +320,15 @@ def build_reference_dataset(table: str | Path) -> Dataset:
 def load_dataset(path: str | Path, element: str, n_jobs: int = 2, progress: bool = True) -> Dataset:
     """A dataset from any supported source, chosen by what ``path`` is.
 
-    ``.json``: Materials Project XAS documents; ``.csv``: a labelled reference table;
-    a directory or ``.tar.gz``: a FEFF run tree.
+    ``.json``: Materials Project XAS documents; ``.csv``: a labelled reference table; a
+    directory or ``.tar.gz``: a FEFF run tree. Suffixes in any case (``REFS.CSV``).
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"no data at {path}")
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         return build_mp_dataset(path, element, n_jobs=n_jobs, progress=progress)
-    if path.suffix == ".csv":
+    if is_reference_table(path):  # REFS.CSV too
         return build_reference_dataset(path)
     return build_feff_dataset(path, element, n_jobs=n_jobs, progress=progress)
 

@@ -1,0 +1,115 @@
+"""Measured reference spectra with labels, read from a small CSV table (``--data refs.csv``).
+
+Columns: ``file`` (XDI or two-column, relative to the table or else to the shared data
+directory), ``element``, and any of ``cn``, ``motif`` (a name from :data:`labels.MOTIFS`,
+e.g. ``square co-planar``), ``valence``, ``distance``; empty cells mean unknown.
+
+The table is UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" writes one, which
+would otherwise become part of the first column's name). Any other encoding (Latin-1,
+Windows-1252: Excel's plain "CSV" on Windows) is refused with the line it fails on, not
+guessed: a guess that decodes a file name wrongly fails later and less clearly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from xasflow import paths
+from xasflow.adapters.feff import ReadIssue
+from xasflow.spectra import Spectrum, SpectrumError
+from xasflow.training import labels as L
+
+__all__ = ["REFERENCE_COLUMNS", "ReferenceTableError", "is_reference_table", "reference_rows"]
+
+REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
+#: One accepted row as ``dataset._assemble`` takes it: (key, multiplicity, complete, spectrum,
+#: labels, formula).
+Row = tuple[tuple[str, int], int, bool, Spectrum, L.SiteLabels, str]
+
+
+class ReferenceTableError(ValueError):
+    """A table that cannot be read at all (unreadable, not UTF-8, no ``file`` column)."""
+
+
+def is_reference_table(path: str | Path) -> bool:
+    """Whether ``path`` names a reference table: a ``.csv`` suffix in any case (``REFS.CSV``)."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_table(table: Path) -> list[dict[str, str]]:
+    """The table's rows as dicts by column name; ReferenceTableError when it cannot be read."""
+    try:
+        data = table.read_bytes()
+    except OSError as exc:
+        raise ReferenceTableError(f"{table}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a BOM is no part of the first column's name
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ReferenceTableError(
+            f"{table}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the table as "
+            "UTF-8 (Excel: 'CSV UTF-8'): other encodings are refused rather than guessed"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"file", "element"} - set(reader.fieldnames or [])
+    if missing:
+        raise ReferenceTableError(
+            f"{table}: missing columns {sorted(missing)}; need {REFERENCE_COLUMNS}"
+        )
+    return list(reader)
+
+
+def _labels(entry: dict[str, str], motif_index: dict[str, int]) -> L.SiteLabels:
+    """A row's labels (ValueError for a CN outside 1..CN_MAX or an unknown motif)."""
+    cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
+    if cn is not None and not 1 <= cn <= L.CN_MAX:  # 0 became CN 12, 13+ a crash
+        raise ValueError(f"cn {cn} is outside 1..{L.CN_MAX}")
+    cn_vec = np.zeros(L.CN_MAX)
+    if cn is not None:
+        cn_vec[cn - 1] = 1.0
+    motif = (entry.get("motif") or "").strip()
+    motif_vec = np.full(len(L.MOTIFS), np.nan)
+    if motif:
+        if motif not in motif_index:
+            raise ValueError(f"unknown motif {motif!r}")
+        motif_vec = np.zeros(len(L.MOTIFS))
+        motif_vec[motif_index[motif]] = 1.0
+    val = (entry.get("valence") or "").strip()
+    dist = (entry.get("distance") or "").strip()
+    return L.SiteLabels(
+        cn_vector=cn_vec if cn is not None else np.full(L.CN_MAX, np.nan),
+        motif_vector=motif_vec,
+        mean_nn_distance=float(dist) if dist else float("nan"),
+        oxidation_state=int(val) if val else None,
+        bvs=None,
+    )
+
+
+def reference_rows(table: Path) -> tuple[list[Row], list[ReadIssue]]:
+    """(the usable rows, the issues) of a reference table: rows that cannot be read or
+    labelled are issues (``bad_reference``). ReferenceTableError when the table itself
+    cannot be read."""
+    from xasflow.adapters.columns import read_spectrum_file
+
+    entries = read_table(table)
+    motif_index = {name: i for i, (_, name) in enumerate(L.MOTIFS)}
+    rows: list[Row] = []
+    issues: list[ReadIssue] = []
+    for n, entry in enumerate(entries, start=2):
+        name = (entry.get("file") or "").strip()
+        element = (entry.get("element") or "").strip().capitalize()
+        try:
+            where = table.parent / name
+            if not where.exists():  # tables may name files inside the shared data tree
+                where = paths.shared_data_dir() / name
+            spectrum = read_spectrum_file(where, element=element or None)
+            lab = _labels(entry, motif_index)
+        except (OSError, ValueError, SpectrumError) as exc:
+            issues.append(ReadIssue(f"{table.name}:{n}", "bad_reference", str(exc)))
+            continue
+        rows.append(((name, 0), 1, True, spectrum, lab, ""))
+    return rows, issues
