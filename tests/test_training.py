@@ -567,6 +567,42 @@ def test_reference_table_dataset(tmp_path: Path) -> None:
     assert any("missing.txt" in d for d in details) and any("no such motif" in d for d in details)
 
 
+def test_reference_table_keeps_to_one_element_and_edge(tmp_path: Path) -> None:
+    """Rows of another element (by their cell, or their file's), of another edge, or of no
+    known element are issues; without an element asked for, the first usable row's counts."""
+    from synthetic_feff import model_mu
+
+    from xasflow.training.dataset import DatasetError, build_reference_dataset
+
+    energy = np.arange(8950.0, 9120.0, 0.5)
+    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8984, 1.6, 6.0, 2.1)]))
+    header = "# XDI/1.0\n# Element.symbol: Cu\n# Element.edge: {}\n# Column.1: energy eV\n"
+    for edge in ("K", "L3"):
+        mu = model_mu(energy, 8984, 1, 6, 2)
+        body = "".join(f"{e} {m}\n" for e, m in zip(energy, mu, strict=True))
+        (tmp_path / f"{edge}.xdi").write_text(
+            header.format(edge) + "# Column.2: mu\n#----\n# energy mu\n" + body
+        )
+    table = tmp_path / "refs.csv"
+    table.write_text(
+        "file,element,cn\na.txt,Ni,6\na.txt,Cu,6\na.txt,,4\nK.xdi,,4\nL3.xdi,,4\nK.xdi,Zn,4\n"
+    )
+    for element in ("Cu", "cu"):
+        ds = build_reference_dataset(table, element)
+        assert ds.element == "Cu" and list(ds.material_id) == ["a.txt", "K.xdi"] and ds.measured
+        assert [(i.item, i.reason) for i in ds.issues] == [
+            ("refs.csv:2", "other_element"),
+            ("refs.csv:4", "no_element"),
+            ("refs.csv:6", "other_edge"),
+            ("refs.csv:7", "other_element"),
+        ]
+    first = build_reference_dataset(table)  # no element asked for: the first usable row's
+    assert first.element == "Ni" and len(first) == 1
+    assert first.issue_counts() == {"other_element": 4, "no_element": 1}
+    with pytest.raises(DatasetError, match=r"no usable Zn reference rows.*refs.csv:3: other_el"):
+        build_reference_dataset(table, "Zn")
+
+
 def test_cli_predict_herfd_broadens_before_predicting(
     tiny_cu_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

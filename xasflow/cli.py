@@ -132,18 +132,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a bundle (through ONNX) on data; JSON and an optional Markdown/PNG report."""
+    """Score a bundle (through ONNX) on data; JSON and an optional Markdown/PNG report.
+
+    Data of another element than the bundle's, or of which nothing can be scored, are the
+    user's to fix: exit 2 with a message, as for data that cannot be read. A reference
+    table's skipped rows are listed with their reasons (they are few, and each one matters).
+    """
     from xasflow.models.bundle import BundleError
     from xasflow.models.predictor import Predictor
-    from xasflow.training.evaluate import evaluate_bundle
+    from xasflow.training.evaluate import NoTestRows, evaluate_bundle
     from xasflow.training.report import write_report
 
     try:
         predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
         raise CliError(str(exc)) from None
-    ds = _load_dataset(args.data, predictor.manifest.element, args.jobs)
-    ev = evaluate_bundle(predictor, ds)
+    element = predictor.manifest.element
+    ds = _load_dataset(args.data, element, args.jobs)
+    if ds.measured:
+        for issue in ds.issues:
+            print(f"  skipped {issue.item}: {issue.reason}: {issue.detail}")
+    if ds.element != element:
+        found = ds.element or "of no element"
+        raise CliError(f"{args.data}: the data are {found}, the bundle is for {element}")
+    try:
+        ev = evaluate_bundle(predictor, ds)
+    except NoTestRows as exc:
+        raise CliError(f"{args.data}: {exc}") from None
     print(f"scored the {ev.scope}: {ev.n_spectra} spectra of {ev.n_materials} materials")
     payload = ev.to_json(predictor.manifest)
     for name, m in ev.tasks.items():

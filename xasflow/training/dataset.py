@@ -24,6 +24,7 @@ from xasflow.training import labels as L
 from xasflow.training import structures as S
 from xasflow.training.label_jobs import compute_labels
 from xasflow.training.reference_table import (
+    EDGE,
     ReferenceTableError,
     is_reference_table,
     reference_rows,
@@ -298,21 +299,24 @@ def build_mp_dataset(
     return _assemble(element, "K", str(path), fingerprint_path(path), rows, issues)
 
 
-def build_reference_dataset(table: str | Path) -> Dataset:
+def build_reference_dataset(table: str | Path, element: str | None = None) -> Dataset:
     """Measured reference spectra with labels from a small CSV table, for validation.
 
-    The table and its columns: :mod:`xasflow.training.reference_table`; rows that cannot be
-    read are issues. DatasetError when the table cannot be read or holds no usable row.
+    The table, its columns and which rows are used: :mod:`xasflow.training.reference_table`.
+    ``element``: the dataset's element (None: the first usable row's); rows of another
+    element or edge, and rows that cannot be read, are the dataset's issues. DatasetError
+    when the table cannot be read or holds no usable row.
     """
     table = Path(table)
     try:
-        rows, issues = reference_rows(table)
+        found, rows, issues = reference_rows(table, element)
     except ReferenceTableError as exc:
         raise DatasetError(str(exc)) from None
-    if not rows:
-        raise DatasetError(f"{table}: no usable reference rows: {[i.detail for i in issues]}")
-    element = rows[0][3].element or ""
-    ds = _assemble(element, "K", str(table), fingerprint_path(table), list(rows), issues)
+    if not rows or found is None:
+        what = f"{element.strip().capitalize()} " if element else ""
+        why = "; ".join(f"{i.item}: {i.reason}: {i.detail}" for i in issues) or "it is empty"
+        raise DatasetError(f"{table}: no usable {what}reference rows: {why}")
+    ds = _assemble(found, EDGE, str(table), fingerprint_path(table), list(rows), issues)
     ds.measured = True
     return ds
 
@@ -320,8 +324,9 @@ def build_reference_dataset(table: str | Path) -> Dataset:
 def load_dataset(path: str | Path, element: str, n_jobs: int = 2, progress: bool = True) -> Dataset:
     """A dataset from any supported source, chosen by what ``path`` is.
 
-    ``.json``: Materials Project XAS documents; ``.csv``: a labelled reference table; a
-    directory or ``.tar.gz``: a FEFF run tree. Suffixes in any case (``REFS.CSV``).
+    ``.json``: Materials Project XAS documents; ``.csv``: a labelled reference table (its
+    rows of ``element`` only); a directory or ``.tar.gz``: a FEFF run tree. Suffixes in any
+    case (``REFS.CSV``).
     """
     path = Path(path)
     if not path.exists():
@@ -329,7 +334,7 @@ def load_dataset(path: str | Path, element: str, n_jobs: int = 2, progress: bool
     if path.suffix.lower() == ".json":
         return build_mp_dataset(path, element, n_jobs=n_jobs, progress=progress)
     if is_reference_table(path):  # REFS.CSV too
-        return build_reference_dataset(path)
+        return build_reference_dataset(path, element)
     return build_feff_dataset(path, element, n_jobs=n_jobs, progress=progress)
 
 

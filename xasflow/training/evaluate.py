@@ -299,7 +299,12 @@ def evaluate_bundle(
         raise ValueError(f"bundle is for {m.element}, data is {ds.element}")
     g: Gridded = gridded if gridded is not None else grid_dataset(ds, m.prep)
     if len(g.rows) == 0:
-        raise NoTestRows("no spectrum in the data could be prepared with the bundle's window")
+        why = "; ".join(f"{i.item}: {i.reason}: {i.detail}" for i in g.issues[:3])
+        more = f" (and {len(g.issues) - 3} more)" if len(g.issues) > 3 else ""
+        raise NoTestRows(
+            f"no spectrum in the data could be prepared with the bundle's preprocessing: {why}"
+            + more
+        )
     sub = ds.subset(g.rows)
     same = m.training.get("fingerprint") == ds.fingerprint
     salt = m.training.get("split_salt")

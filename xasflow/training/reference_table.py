@@ -8,6 +8,11 @@ The table is UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" write
 would otherwise become part of the first column's name). Any other encoding (Latin-1,
 Windows-1252: Excel's plain "CSV" on Windows) is refused with the line it fails on, not
 guessed: a guess that decodes a file name wrongly fails later and less clearly.
+
+A dataset is one element's K edge, so each row must be of the element wanted (the bundle's,
+or else the first usable row's): its ``element`` cell, or, where that is empty, the file's
+own (XDI ``Element.symbol``). A row of another element, of another edge, or of no known
+element is an issue of the table, never scored by a bundle of another element.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from xasflow.training import labels as L
 __all__ = ["REFERENCE_COLUMNS", "ReferenceTableError", "is_reference_table", "reference_rows"]
 
 REFERENCE_COLUMNS = ("file", "element", "cn", "motif", "valence", "distance")
+#: The edge every reference dataset is of (``Dataset.edge``).
+EDGE = "K"
+
 #: One accepted row as ``dataset._assemble`` takes it: (key, multiplicity, complete, spectrum,
 #: labels, formula).
 Row = tuple[tuple[str, int], int, bool, Spectrum, L.SiteLabels, str]
@@ -89,27 +97,66 @@ def _labels(entry: dict[str, str], motif_index: dict[str, int]) -> L.SiteLabels:
     )
 
 
-def reference_rows(table: Path) -> tuple[list[Row], list[ReadIssue]]:
-    """(the usable rows, the issues) of a reference table: rows that cannot be read or
-    labelled are issues (``bad_reference``). ReferenceTableError when the table itself
-    cannot be read."""
+def _other_element(name: str, found: str, wanted: str) -> str:
+    return f"{name} is a {found} spectrum, not {wanted}: only a {found} bundle may score it"
+
+
+def reference_rows(
+    table: Path, element: str | None = None
+) -> tuple[str | None, list[Row], list[ReadIssue]]:
+    """(the element, the usable rows, the issues) of a reference table.
+
+    ``element``: the element wanted (None: the first usable row's). Rows that cannot be read
+    or labelled, and rows of another element or edge, are issues (reasons ``bad_reference``,
+    ``other_element``, ``no_element``, ``other_edge``). ReferenceTableError when the table
+    itself cannot be read.
+    """
     from xasflow.adapters.columns import read_spectrum_file
 
     entries = read_table(table)
+    wanted = element.strip().capitalize() if element else None
     motif_index = {name: i for i, (_, name) in enumerate(L.MOTIFS)}
     rows: list[Row] = []
     issues: list[ReadIssue] = []
     for n, entry in enumerate(entries, start=2):
+        item = f"{table.name}:{n}"
         name = (entry.get("file") or "").strip()
-        element = (entry.get("element") or "").strip().capitalize()
+        cell = (entry.get("element") or "").strip().capitalize()
+        if wanted and cell and cell != wanted:  # not read at all: it is not this dataset's
+            issues.append(ReadIssue(item, "other_element", _other_element(name, cell, wanted)))
+            continue
         try:
             where = table.parent / name
             if not where.exists():  # tables may name files inside the shared data tree
                 where = paths.shared_data_dir() / name
-            spectrum = read_spectrum_file(where, element=element or None)
+            spectrum = read_spectrum_file(where, element=cell or None)
+            found = spectrum.element
+            if found is None:
+                issues.append(
+                    ReadIssue(
+                        item,
+                        "no_element",
+                        f"{name}: the element cell is empty and the file does not name one "
+                        "(XDI Element.symbol); say which element it is",
+                    )
+                )
+                continue
+            if wanted and found != wanted:
+                issues.append(ReadIssue(item, "other_element", _other_element(name, found, wanted)))
+                continue
+            if spectrum.edge != EDGE:
+                issues.append(
+                    ReadIssue(
+                        item,
+                        "other_edge",
+                        f"{name} is a {found} {spectrum.edge}-edge spectrum, not {EDGE}",
+                    )
+                )
+                continue
             lab = _labels(entry, motif_index)
         except (OSError, ValueError, SpectrumError) as exc:
-            issues.append(ReadIssue(f"{table.name}:{n}", "bad_reference", str(exc)))
+            issues.append(ReadIssue(item, "bad_reference", str(exc)))
             continue
+        wanted = found
         rows.append(((name, 0), 1, True, spectrum, lab, ""))
-    return rows, issues
+    return wanted, rows, issues
