@@ -1,0 +1,194 @@
+"""Review of the command-line entry points (``xasflow predict``, ``xasflow evaluate``) and the
+file readers they use, on crafted files. Each test states the behaviour a user should get;
+each failed on the code it was written against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from xasflow import paths
+from xasflow.cli import main
+
+BUNDLE = paths.REPO_ROOT / "models" / "cu-k"
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity (not JSON: jq, JavaScript, Go, ... reject them)."""
+
+    def refuse(const: str) -> Any:
+        raise ValueError(f"not valid JSON: {const}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def cuo(xdi_library: Path) -> Path:
+    return xdi_library / "Cu" / "CuO_tenorite_13K_01.xdi"
+
+
+@pytest.fixture(scope="module")
+def cuo_columns(cuo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CuO tenorite as a plain two-column file (energy eV, ln(i0/itrans))."""
+    from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
+
+    s = xdi_to_spectrum(read_xdi(cuo))
+    path = tmp_path_factory.mktemp("cols") / "cuo.txt"
+    path.write_text("".join(f"{e:.4f} {m:.6f}\n" for e, m in zip(s.energy, s.mu, strict=True)))
+    return path
+
+
+def _predict(tmp_path: Path, *files: Path | str, extra: tuple[str, ...] = ()) -> tuple[int, dict]:
+    out = tmp_path / f"pred{len(list(tmp_path.iterdir()))}.json"
+    rc = main(["predict", "--bundle", str(BUNDLE), *map(str, files), *extra, "--json", str(out)])
+    return rc, _strict_json(out.read_text())
+
+
+def _evaluate(tmp_path: Path, table: Path) -> tuple[int, Path]:
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", "--bundle", str(BUNDLE), "--data", str(table), "--json", str(out)])
+    return rc, out
+
+
+# --- xasflow predict: the column reader -------------------------------------------------------
+
+
+def test_two_column_bom_keeps_first_data_row(cuo_columns: Path, tmp_path: Path) -> None:
+    """A UTF-8 BOM (Notepad, Excel "CSV UTF-8") must not cost a data row: columns.py decodes
+    with "utf-8", so the BOM glues onto the first number, that row fails float() and is
+    silently taken for the one allowed header row (398 -> 397 points, answer shifts)."""
+    from xasflow.adapters.columns import read_two_column
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + cuo_columns.read_bytes())
+    assert read_two_column(bom).energy.size == read_two_column(cuo_columns).energy.size
+
+
+def test_two_column_bom_with_comment_and_header_is_read(cuo_columns: Path, tmp_path: Path) -> None:
+    """BOM + '# comment' + 'energy,mu' header (a spreadsheet export) must be predicted: now the
+    BOM hides the '#', the comment is eaten as the header, and the real header is refused."""
+    f = tmp_path / "excel.csv"
+    rows = cuo_columns.read_text().replace(" ", ",")
+    f.write_bytes(b"\xef\xbb\xbf# CuO, exported\nenergy,mu\n" + rows.encode())
+    rc, out = _predict(tmp_path, f)
+    assert rc == 0 and "error" not in out[str(f)]
+
+
+def test_stray_zero_row_does_not_silently_change_the_answer(
+    cuo_columns: Path, tmp_path: Path
+) -> None:
+    """A trailing '0 0' row (an aborted point, a DAQ's padding) lies 9 keV below the edge; the
+    pre-edge fit's default range (pre1 from the *second* point) then reaches it and the answer
+    changes (CN 5 -> 6, OOD score 0.63 -> 0.22, exit 0). Expected: the point ignored (same
+    answer) or the file refused (exit 1) - not a different answer given silently."""
+    padded = tmp_path / "padded.txt"
+    padded.write_text(cuo_columns.read_text() + "0 0\n")
+    rc0, plain = _predict(tmp_path, cuo_columns)
+    rc1, stray = _predict(tmp_path, padded)
+    assert rc0 == 0
+    if rc1 == 0:
+        a, b = plain[str(cuo_columns)], stray[str(padded)]
+        assert b["tasks"]["cn"]["value"] == a["tasks"]["cn"]["value"]
+        assert b["ood_score"] == pytest.approx(a["ood_score"], rel=1e-3)
+
+
+# --- xasflow predict: XDI -------------------------------------------------------------------
+
+
+def test_xdi_named_non_herfd_is_not_broadened(cuo: Path, tmp_path: Path) -> None:
+    """XdiFile.herfd documents that "non-HERFD" text is not a HERFD declaration, but the
+    negation regex needs a word boundary, which '_' (a word character) never gives: a file
+    named CuO_non-herfd.xdi is broadened as HERFD (E0 +6.7 eV, another CN, exit 0)."""
+    named = tmp_path / "CuO_non-herfd.xdi"
+    named.write_bytes(cuo.read_bytes())
+    rc, out = _predict(tmp_path, named)
+    assert rc == 0
+    assert out[str(named)]["herfd"] is False
+
+
+# --- xasflow evaluate on a measured reference table -----------------------------------------
+
+
+def _table(tmp_path: Path, rows: list[str], name: str = "refs.csv") -> Path:
+    table = tmp_path / name
+    table.write_text("file,element,cn,motif,valence,distance\n" + "".join(r + "\n" for r in rows))
+    return table
+
+
+def test_evaluate_json_has_no_nan(cuo: Path, tmp_path: Path) -> None:
+    """One reference with a distance: r2 is undefined and written as a bare NaN, so
+    ``--json`` is not JSON (json.dumps without allow_nan=False). Expected: null."""
+    rc, out = _evaluate(tmp_path, _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96"]))
+    assert rc == 0
+    _strict_json(out.read_text())
+
+
+def test_evaluate_mixed_element_table_scores_only_the_bundle_element(
+    cuo: Path, xdi_library: Path, tmp_path: Path
+) -> None:
+    """A table of Cu and Ni references: the Ni spectrum is prepared at the Ni edge and scored
+    by the Cu bundle ("scored 2 spectra"), silently polluting the metrics. Expected: the Ni
+    row is an issue (or the table refused), 1 spectrum scored."""
+    ni = sorted((xdi_library / "Ni").glob("*.xdi"))[0]
+    table = _table(
+        tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96", f"{ni},Ni,6,octahedral,2,2.08"]
+    )
+    rc, out = _evaluate(tmp_path, table)
+    if rc == 0:
+        assert _strict_json(out.read_text())["n_spectra"] == 1
+
+
+@pytest.mark.parametrize("first", ["ni", "blank_element"])
+def test_evaluate_table_of_another_element_is_a_clean_error(
+    first: str, cuo_columns: Path, xdi_library: Path, tmp_path: Path
+) -> None:
+    """First row Ni (or a two-column file with the element cell empty): evaluate_bundle raises
+    ValueError("bundle is for Cu, data is Ni" / "data is ") and the user gets a traceback.
+    Expected: 'xasflow: error: ...' and exit 2, like every other refused --data."""
+    ni = sorted((xdi_library / "Ni").glob("*.xdi"))[0]
+    row = f"{ni},Ni,6,octahedral,2,2.08" if first == "ni" else f"{cuo_columns},,4,,2,"
+    assert _evaluate(tmp_path, _table(tmp_path, [row]))[0] == 2
+
+
+def test_evaluate_table_with_no_preparable_spectrum_is_a_clean_error(
+    tmp_path: Path,
+) -> None:
+    """Every reference refused by preparation (here a flat line): NoTestRows escapes as a
+    traceback. Expected: 'xasflow: error: ...' and exit 2."""
+    flat = tmp_path / "flat.txt"
+    energy = np.arange(8800.0, 9300.0, 1.0)
+    np.savetxt(flat, np.column_stack([energy, np.ones_like(energy)]))
+    assert _evaluate(tmp_path, _table(tmp_path, [f"{flat},Cu,4,,,"]))[0] == 2
+
+
+def test_evaluate_non_utf8_table_is_a_clean_error(cuo: Path, tmp_path: Path) -> None:
+    """A Latin-1 table (a Windows spreadsheet, an accented sample name): UnicodeDecodeError
+    traceback from csv.DictReader. Expected: read it, or 'xasflow: error' and exit 2."""
+    table = tmp_path / "refs.csv"
+    table.write_bytes(
+        b"file,element,cn,motif,valence,distance,sample\n"
+        + f"{cuo},Cu,4,square co-planar,2,1.96,".encode()
+        + b"oxyde de cuivre (\xe9chantillon)\n"
+    )
+    assert _evaluate(tmp_path, table)[0] in (0, 2)
+
+
+def test_evaluate_table_with_bom_is_read(cuo: Path, tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the first field name becomes '\\ufefffile' and the
+    table is refused with "missing columns ['file']" although it has one. Expected: read."""
+    table = tmp_path / "refs.csv"
+    body = f"file,element,cn,motif,valence,distance\n{cuo},Cu,4,square co-planar,2,1.96\n"
+    table.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    rc, out = _evaluate(tmp_path, table)
+    assert rc == 0 and out.is_file()
+
+
+def test_evaluate_uppercase_csv_suffix_is_a_reference_table(cuo: Path, tmp_path: Path) -> None:
+    """refs.CSV (Windows) is taken for a FEFF tree and refused as "neither a directory nor a
+    .tar.gz": load_dataset compares Path.suffix case-sensitively. Expected: read as a table."""
+    table = _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96"], name="REFS.CSV")
+    assert _evaluate(tmp_path, table)[0] == 0
