@@ -23,6 +23,7 @@ from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.kafka_bus import KafkaInputSettings
 from xasflow.adapters.kafka_input import KafkaDocumentSource, _Item
 from xasflow.adapters.kafka_offsets import PartitionOffsets
+from xasflow.adapters.probes import PROBE_KEY
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import AnalysisConfig, DaemonConfig
 from xasflow.daemon.counters import Counters
@@ -174,6 +175,33 @@ def test_a_run_closed_by_its_timeout_no_longer_holds_the_commit() -> None:
     _queue(source, complete, first=len(stopless) - 1)
     _turn(proc, rec)
     assert source.committable() == {TP: len(stopless) - 1 + len(complete)}
+
+
+def test_starts_that_open_no_run_do_not_hold_the_commit() -> None:
+    """A warm-up probe's start whose stop never comes, a raw start with an empty uid and a
+    start repeating a run already closed open no run here, so no stop and no run timeout
+    would ever release them: they must not hold the partition's commit at their offsets.
+    Before, the commit stayed at the probe's offset for good (lag grew without end and every
+    restart replayed everything after it). A repeated start of a run still open keeps the
+    commit at that run's first start."""
+    source, proc, rec = _setup()
+    _, docs = _spectra(1)
+    source._on_assign(None, PARTITION)
+    probe = ("start", {"uid": "probe-1", "time": 0.0, PROBE_KEY: "token"})
+    blank = ("start", {"uid": "", "time": 0.0})
+    _queue(source, [probe, blank, *docs, docs[0]])  # docs[0]: the run's start after its stop
+    out = _turn(proc, rec)
+    assert [o.reason for o in out if isinstance(o, Rejected)] == [
+        "malformed_document",  # the empty uid
+        "duplicate_start",  # the closed run's start again
+    ]
+    assert proc.probes.health()["tokens"] == ["token"]
+    assert source.committable() == {TP: 2 + len(docs) + 1}  # past all of them
+    start = _spectra(1)[1][0]
+    first = 2 + len(docs) + 1
+    _queue(source, [start, start], first=first)  # the second: refused, the run is open
+    _turn(proc, rec)
+    assert source.committable() == {TP: first}  # held at the open run's first start
 
 
 class _Publisher:

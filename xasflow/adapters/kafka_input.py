@@ -213,8 +213,9 @@ class KafkaDocumentSource:
             return self._offsets.abandoned()
 
     def runs_ended(self, uids: list[str]) -> None:
-        """Runs the processor closed without their stop (run timeout): they no longer hold
-        their partition's commit at their start once the turn is processed."""
+        """Runs the processor closed without their stop (run timeout) or whose start opened
+        no run (a probe, a refused start): they no longer hold their partition's commit at
+        their start once the turn is processed."""
         with self._lock:
             self._offsets.runs_ended(uids)
 

@@ -12,7 +12,8 @@ hands its open runs over to the member that gets it (which may be this one again
 processor then analyses the run afresh from its replayed start). A run the assembler closed
 without its stop (its run timeout: :meth:`PartitionOffsets.runs_ended`) no longer holds the
 commit back: it is closed for good, its results are in the store, and a replay of it would
-only be rejected as late.
+only be rejected as late. Nor does a start that opened no run (a warm-up probe, a start the
+assembler refused, e.g. with an empty uid): no stop or run timeout would ever release it.
 Lag is the broker's high watermark less the processed offset (:func:`broker_lag`).
 
 Nothing here locks: :class:`~xasflow.adapters.kafka_input.KafkaDocumentSource` calls it
@@ -70,8 +71,9 @@ class PartitionOffsets:
         return True
 
     def runs_ended(self, uids: list[str]) -> None:
-        """Runs the assembler closed without their stop (run timeout): done at the next
-        :meth:`mark_processed`, wherever they are open."""
+        """Runs the assembler closed without their stop (run timeout), or whose start opened
+        no run (a probe, a refused start): done at the next :meth:`mark_processed`, wherever
+        they are open."""
         self._ended.extend(uids)
 
     def mark_processed(self) -> None:

@@ -27,7 +27,9 @@ Input hooks (the Kafka input's commit rule): runs the input no longer owns (``ab
 with that reason and forgotten after the turn's documents, or just before a start that
 replays one of them, so that a partition which comes back here replays them as new runs
 while documents taken before the hand-over still reach the old copy; runs closed by
-their run timeout are reported (``runs_ended(uids)``: they no longer hold a commit back);
+their run timeout, and starts that opened no run (a warm-up probe, a start the assembler
+refused), are reported (``runs_ended(uids)``: nothing will close them, so they must not hold
+a commit back);
 after the turn ``on_processed()`` says that every document taken so far has gone to the
 sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka) resumes
 it: the run is analysed anew and the store skips the rows it holds. The events the 0MQ
@@ -111,7 +113,8 @@ class Processor:
         #: turn's documents (see :meth:`_handed_over`).
         self.abandoned: Callable[[], list[tuple[str, str]]] | None = None
         self._handing_over: dict[str, str] = {}  # handed over, not yet closed: uid -> reason
-        #: Told the raw uids of runs closed by their run timeout (no stop will close them).
+        #: Told the raw uids of runs closed by their run timeout, and of starts that opened no
+        #: run (probes, refused starts): no stop will close them (see :meth:`_unopened`).
         self.runs_ended: Callable[[list[str]], None] | None = None
         #: Event rows the input queue dropped since asked, ``[(descriptor uid, seq_nums)]``
         #: (``ZmqDocumentSource.dropped_events``): asked each turn, see :meth:`_input_drops`.
@@ -210,13 +213,16 @@ class Processor:
         outputs: list[Output] = []
         spectra = 0
         self._input_drops()  # after the turn's documents were taken (see _input_drops)
+        ended: list[str] = []  # raw uids that hold no commit back any more
         for name, doc in items:
             try:
                 fed = self._feed(name, doc, outputs)
             except Exception:  # one document's trouble: the turn's others still go on
                 self.internal_errors += 1
                 logger.exception("handling a %r document failed", name)
-                continue
+                fed = []
+            if name == "start":
+                ended.extend(self._unopened(doc))
             for out in fed:  # a page may hold many spectra
                 outputs.append(out)
                 if isinstance(out, SpectrumReady):
@@ -227,13 +233,21 @@ class Processor:
         outputs.extend(self._handed_over())
         if check:
             timed_out = self.assembler.check_timeouts()
-            if self.runs_ended is not None:
-                self.runs_ended([o.raw_uid for o in timed_out if isinstance(o, RunClosed)])
+            ended.extend(o.raw_uid for o in timed_out if isinstance(o, RunClosed))
             outputs.extend(timed_out)
             if self.interrupted:
                 for raw_uid in self.interrupted.expired():
                     self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
+        if ended and self.runs_ended is not None:
+            self.runs_ended(ended)
         self.analyse(outputs)
+
+    def _unopened(self, doc: Any) -> list[str]:
+        """``[uid]`` of a start that left no run of its uid open (a warm-up probe, a start the
+        assembler refused: empty uid, a run already closed), else ``[]``. Nothing will close
+        such a run, so the input must not hold its partition's commit at the start."""
+        uid = doc.get("uid") if isinstance(doc, dict) else None
+        return [uid] if isinstance(uid, str) and not self.assembler.is_open(uid) else []
 
     def _feed(self, name: str, doc: dict[str, Any], outputs: list[Output]) -> list[Output]:
         """One document through the probe filter, the crash-recovery and hand-over hooks and
