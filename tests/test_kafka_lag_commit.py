@@ -1,9 +1,11 @@
-"""Lag and commits of the Kafka input at the edges: an idle partition committed to its end,
-an undecodable last message, analysis documents the output broker never acknowledged.
+"""Lag, commits and errors of the Kafka input at the edges: an idle partition committed to
+its end, an undecodable last message, partition-end events, analysis documents the output
+broker never acknowledged.
 
 Against a real Kafka-protocol broker (``tests/kafka_broker.py``); each case failed before
 its fix (idle lag: the partition's length; bad last message: lag 1 and a commit one short
-for good; lost output: offsets committed past documents the bus never got).
+for good; partition ends: counted as consumer errors; lost output: offsets committed past
+documents the bus never got).
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def _run_docs(uid: str) -> list[bytes]:
     ]
 
 
-def _source(broker: Broker, topic: str, group: str) -> KafkaDocumentSource:
+def _source(broker: Broker, topic: str, group: str, **consumer: object) -> KafkaDocumentSource:
     return KafkaDocumentSource(
         KafkaInputSettings(
             bootstrap_servers=broker.bootstrap,
             topics=(topic,),
             group_id=group,
-            consumer={"logger": LOG},
+            consumer={"logger": LOG, **consumer},
         )
     )
 
@@ -109,6 +111,37 @@ def test_a_trailing_undecodable_message_leaves_no_lag(broker: Broker) -> None:
         wait_for(settled, "no lag, and the commit past the bad value", 30)
         assert source.committable() == {}
         assert source.stats()["delivered"] == 2 and source.stats()["enqueued"] == 2
+    finally:
+        source.close()
+        source.finish(0)
+
+
+def test_partition_eof_events_are_not_consumer_errors(broker: Broker) -> None:
+    """``enable.partition.eof`` set among the consumer settings (they win over the input's
+    own) makes librdkafka report each partition's end as a message whose error is
+    ``_PARTITION_EOF``: the end of what there is to read, not a fault. Before, each one was
+    counted in ``consumer_errors``, logged as a warning and shown as ``last_error``."""
+    topic, group = f"rv-eof-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    broker.create_topic(topic, 1)
+    _produce(broker, topic, _run_docs("E"))
+    source = _source(broker, topic, group, **{"enable.partition.eof": True})
+    source.start()
+    try:
+        got: list[object] = []
+
+        def read() -> bool:
+            got.append(source.get(0.1))
+            return len([g for g in got if g]) >= 2
+
+        wait_for(read, "the run's two documents", 60)
+        source.mark_processed()
+        # the end of the partition was reached right after them: by the time the commit
+        # has gone past both, its event has long been served
+        wait_for(lambda: source.health()["partitions"][f"{topic}[0]"]["committed"] == 2, "", 30)
+        assert source.get(0.5) is None
+        stats = source.stats()
+        assert (stats["consumer_errors"], source.last_error) == (0, None)
+        assert stats["received"] == 2 and stats["delivered"] == 2
     finally:
         source.close()
         source.finish(0)

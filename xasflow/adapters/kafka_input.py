@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
-from xasflow.adapters.kafka_offsets import TP, PartitionOffsets, broker_lag
+from xasflow.adapters.kafka_offsets import TP, PartitionOffsets, broker_lag, committed_offsets
 from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES, WireError
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
@@ -296,6 +296,10 @@ class KafkaDocumentSource:
     def _handle(self, msg: Any) -> None:
         err = msg.error()
         if err is not None:
+            from confluent_kafka import KafkaError
+
+            if err.code() == KafkaError._PARTITION_EOF:  # a user-set enable.partition.eof:
+                return  # the end of what there is to read, not a fault
             self._count("consumer_errors")
             self.last_error = str(err)
             logger.warning("Kafka consumer error: %s", err)
@@ -442,7 +446,7 @@ class KafkaDocumentSource:
     # ------------------------------------------------------------------ rebalance callbacks
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        starts = _committed(consumer, partitions, self.settings.flush_timeout_s)
+        starts = committed_offsets(consumer, partitions, self.settings.flush_timeout_s)
         with self._lock:
             self._counts["rebalances"] += 1
             self._counts["partitions_assigned"] += len(partitions)
@@ -482,17 +486,3 @@ class KafkaDocumentSource:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + n
-
-
-def _committed(consumer: Any, partitions: list[Any], timeout: float) -> dict[TP, int]:
-    """The group's committed offsets of newly assigned ``partitions`` (where reading starts;
-    partitions without one start at ``auto.offset.reset``), or none if the broker does not
-    answer: the lag of a partition nothing was read from yet counts from there."""
-    if not partitions:
-        return {}
-    try:
-        found = consumer.committed(partitions, timeout=timeout)
-    except Exception as exc:  # lag is then measured from the reset policy's end
-        logger.warning("committed offsets of assigned partitions not read: %s", exc)
-        return {}
-    return {(tp.topic, tp.partition): int(tp.offset) for tp in found if tp.offset >= 0}

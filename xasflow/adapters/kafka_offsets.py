@@ -22,10 +22,13 @@ under its one lock, which also guards its counters, so bookkeeping and counts ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TP", "PartitionOffsets", "broker_lag"]
+__all__ = ["TP", "PartitionOffsets", "broker_lag", "committed_offsets"]
+
+logger = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition)
 
@@ -184,3 +187,17 @@ def broker_lag(
             done = start if start is not None else (low if earliest and low >= 0 else high)
         lag[(topic, part)] = max(int(high) - max(int(done), 0), 0)
     return lag
+
+
+def committed_offsets(consumer: Any, partitions: list[Any], timeout: float) -> dict[TP, int]:
+    """The group's committed offsets of newly assigned ``partitions`` (where reading starts;
+    partitions without one start at ``auto.offset.reset``), or none if the broker does not
+    answer: the lag of a partition nothing was read from yet counts from there."""
+    if not partitions:
+        return {}
+    try:
+        found = consumer.committed(partitions, timeout=timeout)
+    except Exception as exc:  # lag is then measured from the reset policy's end
+        logger.warning("committed offsets of assigned partitions not read: %s", exc)
+        return {}
+    return {(tp.topic, tp.partition): int(tp.offset) for tp in found if tp.offset >= 0}
