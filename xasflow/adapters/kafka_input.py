@@ -35,38 +35,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
-from xasflow.adapters.kafka_offsets import TP, PartitionOffsets, broker_lag, committed_offsets
-from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES, WireError
+from xasflow.adapters.kafka_offsets import (
+    INPUT_COUNTERS,
+    TP,
+    PartitionOffsets,
+    broker_lag,
+    committed_offsets,
+)
+from xasflow.adapters.wire import WireError
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
 
 logger = logging.getLogger(__name__)
 
 _DRAIN = 256  # messages taken at once after a poll
-
-_COUNTERS: tuple[str, ...] = (
-    "received",
-    "bytes_received",
-    "decoded",
-    "decode_errors",
-    "enqueued",
-    "delivered",
-    "dropped_overflow",  # always 0: a full queue stops polling instead
-    "dropped_revoked",
-    "dropped_on_close",
-    "consumer_errors",
-    "rebalances",
-    "partitions_assigned",
-    "partitions_revoked",
-    "partitions_lost",
-    "commits",
-    "commit_failures",
-    "flush_timeouts",
-    "commits_held",
-    "runs_handed_over",
-    *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
-    *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
-)
 
 
 @dataclass
@@ -99,7 +81,7 @@ class KafkaDocumentSource:
         self._held_logged = False
         self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._counts: dict[str, int] = dict.fromkeys(INPUT_COUNTERS, 0)
         self._offsets = PartitionOffsets()  # guarded by _lock
         self._pending: tuple[dict[TP, int], dict[TP, int]] | None = None  # offsets, gens
         self._consumer: Any = None
@@ -110,6 +92,8 @@ class KafkaDocumentSource:
         self._committer: threading.Thread | None = None
         self._closed = False
         self._finished = False
+        self._ended = False  # the receive thread no longer uses the consumer (under _lock)
+        self._leave_later: float | None = None  # finish()'s timeout, left to that thread
         #: Set once the consumer has subscribed (partitions are assigned later).
         self.ready = threading.Event()
         #: Text of the most recent decode, consumer or commit error.
@@ -125,6 +109,7 @@ class KafkaDocumentSource:
         self._thread.start()
         if not self._setup_done.wait(timeout):
             self.close()
+            self.finish(0)  # a consumer made after all is closed, by the receive thread
             raise TimeoutError(f"Kafka consumer not subscribed within {timeout}s")
         if self._setup_error is not None:
             err = self._setup_error
@@ -151,18 +136,38 @@ class KafkaDocumentSource:
         return joined
 
     def finish(self, timeout: float = 10.0) -> None:
-        """After :meth:`close` and the processing: commit what is durable, leave the group."""
+        """After :meth:`close` and the processing: commit what is durable, leave the group.
+
+        librdkafka's consumer is for one thread at a time: a receive thread still inside it
+        (``close`` gave up joining it, e.g. a rebalance callback waiting for durability) is
+        waited for up to ``timeout``; if it is still there, it makes the last commit and
+        leaves the group itself on its way out (:meth:`_leave`), never this thread beside it.
+        """
         if self._finished:
             return
         self._finished = True
-        consumer = self._consumer
-        if consumer is None:
-            return
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and timeout > 0:
+            thread.join(timeout)
+        with self._lock:  # the receive thread reads _leave_later under it as it ends
+            later = thread is not None and thread.is_alive() and not self._ended
+            self._leave_later = timeout if later else None
+        if later:
+            logger.warning("Kafka receive thread still busy: it leaves the group when done")
+        elif self._consumer is not None:
+            self._leave(self._consumer, timeout)
+
+    def _leave(self, consumer: Any, timeout: float) -> None:
+        """The last commit of what is durable (none if ``timeout`` is 0), then leave the group."""
         try:
-            if timeout > 0:
-                offsets = self.committable()
-                if offsets and self._may_commit(timeout):
-                    self._commit(consumer, offsets, dict(self._offsets.gen))
+            offsets = self.committable() if timeout > 0 else {}
+            if offsets and self._may_commit(timeout):
+                with self._lock:
+                    gens = self._offsets.gens(offsets)
+                self._commit(consumer, offsets, gens)
+        except Exception as exc:
+            logger.warning("the last Kafka commit: %s", exc)
+        try:
             consumer.close()  # leaves the group: the others take the partitions at once
         except Exception as exc:
             logger.warning("closing the Kafka consumer: %s", exc)
@@ -274,24 +279,30 @@ class KafkaDocumentSource:
         self.ready.set()
         self._setup_done.set()
         next_lag = 0.0
-        while not self._stop.is_set():
-            try:
-                self._serve_commit(consumer)
-                msg = consumer.poll(self.settings.poll_interval_s)
-                if msg is not None:
-                    self._handle(msg)
-                    # what is fetched already, in one call: every poll() hands the GIL back
-                    # and waits for it again, behind the processing thread
-                    for more in consumer.consume(_DRAIN, 0):
-                        self._handle(more)
-                if time.monotonic() >= next_lag:
-                    next_lag = time.monotonic() + 1.0
-                    self._update_lag(consumer)
-            except Exception as exc:  # keep receiving whatever one message did
-                self._count("consumer_errors")
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                logger.exception("Kafka receive loop")
-        self._serve_commit(consumer)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._serve_commit(consumer)
+                    msg = consumer.poll(self.settings.poll_interval_s)
+                    if msg is not None:
+                        self._handle(msg)
+                        # what is fetched already, in one call: every poll() hands the GIL
+                        # back and waits for it again, behind the processing thread
+                        for more in consumer.consume(_DRAIN, 0):
+                            self._handle(more)
+                    if time.monotonic() >= next_lag:
+                        next_lag = time.monotonic() + 1.0
+                        self._update_lag(consumer)
+                except Exception as exc:  # keep receiving whatever one message did
+                    self._count("consumer_errors")
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    logger.exception("Kafka receive loop")
+            self._serve_commit(consumer)
+        finally:
+            with self._lock:  # from here on finish() uses the consumer, unless it came first
+                self._ended, later = True, self._leave_later
+            if later is not None:
+                self._leave(consumer, later)
 
     def _handle(self, msg: Any) -> None:
         err = msg.error()

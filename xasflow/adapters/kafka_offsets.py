@@ -26,11 +26,39 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TP", "PartitionOffsets", "broker_lag", "committed_offsets"]
+from xasflow.adapters.wire import DECODE_ERROR_REASONS, DOCUMENT_NAMES
+
+__all__ = ["INPUT_COUNTERS", "TP", "PartitionOffsets", "broker_lag", "committed_offsets"]
 
 logger = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition)
+
+#: The Kafka input's counters (``KafkaDocumentSource.stats()``), kept beside the bookkeeping
+#: they count: both change under the input's one lock.
+INPUT_COUNTERS: tuple[str, ...] = (
+    "received",
+    "bytes_received",
+    "decoded",
+    "decode_errors",
+    "enqueued",
+    "delivered",
+    "dropped_overflow",  # always 0: a full queue stops polling instead
+    "dropped_revoked",
+    "dropped_on_close",
+    "consumer_errors",
+    "rebalances",
+    "partitions_assigned",
+    "partitions_revoked",
+    "partitions_lost",
+    "commits",
+    "commit_failures",
+    "flush_timeouts",
+    "commits_held",
+    "runs_handed_over",
+    *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
+    *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
+)
 
 
 class PartitionOffsets:
