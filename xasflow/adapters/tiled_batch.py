@@ -28,6 +28,7 @@ __all__ = [
     "Ack",
     "Pending",
     "acknowledge",
+    "append_once",
     "append_pending",
     "attach_run",
     "salvage",
@@ -169,6 +170,45 @@ def with_retries(action: Callable[[], Any], what: str) -> Any:
     return None
 
 
+def append_once(run: _Run, table: pa.Table) -> None:
+    """Append ``table`` to the run's table, retried like every catalog call, but never twice.
+
+    An append can commit and still raise (its connection dropped, or its answer timed out,
+    after the commit): a plain retry then wrote every row again, so each result was in the
+    catalog twice. tiled's ``SQLAdapter.append_partition`` is one ingest and one commit, so a
+    failed try committed all of its rows or none; before each retry the table says which. A
+    batch with seq_nums committed if one of them is stored now (:func:`split_fresh` left out
+    those stored before); one without any, if the table grew past its size before the first
+    try (read then only: the daemon's rows always carry a seq_num).
+    """
+    keys = {int(k) for k in table.column("seq_num").drop_null().to_pylist()}
+    before = None if keys else _stored_rows(run)[1]
+    tries = 0
+
+    def attempt() -> None:
+        nonlocal tries
+        tries += 1
+        if tries > 1:  # the single writer: nothing else appends to this table meanwhile
+            stored, count = _stored_rows(run)
+            if (not keys.isdisjoint(stored)) if keys else count > (before or 0):
+                logger.warning(
+                    "analysis store: run %s: the failed append of %d rows had committed; "
+                    "not written again",
+                    run.raw_uid,
+                    table.num_rows,
+                )
+                return
+        run.adapter.append_partition(0, table)
+
+    with_retries(attempt, f"append {run.raw_uid}")
+
+
+def _stored_rows(run: _Run) -> tuple[set[int], int]:
+    """The seq_nums stored in the run's table, and how many rows it holds."""
+    seq = run.adapter.read(["seq_num"])["seq_num"]
+    return {int(s) for s in seq.dropna()}, len(seq)
+
+
 def append_pending(
     run: _Run, pending: list[Pending]
 ) -> tuple[int, int, list[Ack | None], list[Ack | None]]:
@@ -185,7 +225,7 @@ def append_pending(
         except CONVERT_ERRORS:
             table, acks, dropped = salvage(run, pending, fresh, seen)
         if table.num_rows:
-            with_retries(lambda: run.adapter.append_partition(0, table), f"append {run.raw_uid}")
+            append_once(run, table)
         run.stored_seq |= seen
     return len(fresh) - len(dropped), duplicates, acks, dropped
 
