@@ -141,7 +141,8 @@ class Journal:
         return [q is not None for q in seqs]
 
     def close_run(self, raw_uid: str, stop: dict[str, Any]) -> None:
-        """Record a run's stop document (written to the catalog after its rows)."""
+        """Record a run's stop document (written to the catalog after its rows; also the
+        stop ``finish_run`` gives a run a previous process left open)."""
         with self._lock:
             self._db.execute("UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid))
 

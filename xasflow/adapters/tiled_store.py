@@ -350,17 +350,23 @@ class AnalysisStore(WriterThread):
             if self._columns.pop(raw_uid, None) is None:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
             stop = _plain(dict(stop_doc))
-            kind = "close"
-            if self._journal is not None:
-                try:
-                    self._journal.close_run(raw_uid, stop)
-                except Exception:  # the catalog records it; the writer holds it meanwhile
-                    logger.exception(
-                        "analysis store: journal cannot record the stop of %s", raw_uid
-                    )
-                    kind = UNJOURNALLED_CLOSE
-            self._items.append((kind, raw_uid, stop))
+            # a stop the journal cannot record: the catalog records it, the writer holds it
+            journalled = self._journal is None or self._journal_stop(raw_uid, stop)
+            self._items.append(("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop))
             self._cond.notify()
+
+    def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
+        """Record a run's stop in the journal's record of it (if it has one; lock held), so
+        the writer forgets that record only while it holds this stop; False if the write
+        failed (logged) or there is no journal."""
+        if self._journal is None:
+            return False
+        try:
+            self._journal.close_run(raw_uid, stop)
+        except Exception:
+            logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)
+            return False
+        return True
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Runs stored without a stop (their writer died) and not open here, with their rows.
@@ -377,7 +383,8 @@ class AnalysisStore(WriterThread):
             self._check_open()
             if raw_uid in self._columns:
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
-            self._items.append(("finish", raw_uid, _plain(dict(stop_doc))))
+            stop = _plain(dict(stop_doc))  # journalled: a replayed start keeps its record
+            self._items.append(("finish", raw_uid, stop, self._journal_stop(raw_uid, stop)))
             self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:

@@ -166,7 +166,7 @@ class WriterThread:
                 if run.start_due:
                     self._write_start(run)
         elif kind == "finish":
-            self._finish(item[1], item[2])
+            self._finish(item[1], item[2], journalled=item[3])
         elif kind == "call":
             _, fn, box, done = item
             try:
@@ -239,15 +239,20 @@ class WriterThread:
             # the journal's record holds this stop, unless it could not record it
             self._journal_w.forget_run(raw_uid, stop_doc if journalled else None)
 
-    def _finish(self, raw_uid: str, stop_doc: dict) -> None:
+    def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool) -> None:
+        """Record the stop of a run a previous process left open, then forget its journal
+        record only if that still holds this stop: the run's start replayed meanwhile (a
+        Kafka redelivery, queued after this finish) opened the record again, and the rows
+        journalled for that copy need it to be replayed after a crash. A stop the journal
+        could not record leaves the record (at worst the next start ends the run again)."""
         if raw_uid in self._runs or raw_uid not in self._root:
             self._count("errors")
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
         node = self._root[raw_uid]
         self._catalog(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
-        if self._journal_w is not None:
-            self._journal_w.forget_run(raw_uid)
+        if self._journal_w is not None and journalled:
+            self._journal_w.forget_run(raw_uid, stop_doc)
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
