@@ -1,8 +1,10 @@
 """The analysis store under faults that leave the catalog changed although the call failed,
-and under a run replayed while its predecessor's end is still queued.
+under a run replayed while its predecessor's end is still queued, and with tables made at
+raw starts whose runs never reach a spectrum.
 
-Each case broke "every result is in the catalog exactly once, nothing lost unseen" before
-its fix (a reviewer's suspicion, shown with these tests; the docstring says what happened).
+The first two broke "every result is in the catalog exactly once, nothing lost unseen"
+before their fixes (a reviewer's suspicions, shown with these tests; each docstring says
+what happened); the third suspicion did not hold, and its test shows why.
 """
 
 from __future__ import annotations
@@ -119,3 +121,103 @@ def test_a_finished_run_replayed_before_its_finish_is_written_keeps_its_journal_
         meta = read_analysis(store, "R")[0]
         assert _seqs(store, "R") == [1, 2, 3, 4] and meta["stop"]["uid"] == "stop-2"
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def _raw_docs(uid_hint: str) -> tuple[str, list[tuple[str, dict]]]:
+    """A raw step run (start, descriptor, one event, stop), as bluesky sends it."""
+    from event_model import compose_run
+
+    keys = {k: {"source": "sim", "dtype": "number", "shape": []} for k in ("energy", "I0", "It")}
+    run = compose_run(uid=uid_hint, metadata={"element": "Cu", "edge": "K"})
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    event = desc.compose_event(
+        data={"energy": 8900.0, "I0": 1.0, "It": 0.5}, timestamps=dict.fromkeys(keys, 1.0)
+    )
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("event", event)]
+    return run.start_doc["uid"], [*docs, ("stop", run.compose_stop())]
+
+
+class _Daemon:
+    """The daemon's processing chain without its threads: ``build_processor`` over a real
+    store (its table made at each raw start), a pipeline with no bundle, and a turn driven
+    here; ``kill()`` leaves the store as SIGKILL would (no processor end)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from xasflow.adapters.store_writer import StoreWriter
+        from xasflow.daemon.assembly import RunAssembler
+        from xasflow.daemon.config import DaemonConfig
+        from xasflow.daemon.counters import Counters
+        from xasflow.daemon.parts import Parts, build_processor
+        from xasflow.daemon.pipeline import Pipeline
+        from xasflow.daemon.registry import ModelRegistry
+
+        self.directory = tmp_path / "store"
+        config = DaemonConfig(storage={"directory": str(self.directory)})  # type: ignore[arg-type]
+        counters = Counters()
+        (tmp_path / "models").mkdir(parents=True, exist_ok=True)
+        pipeline = Pipeline(ModelRegistry(tmp_path / "models", counters), counters)
+        self.store = AnalysisStore(self.directory, journal=True)
+        source = type("Source", (), {"get": lambda self, timeout: None})()
+        parts = Parts(
+            source=source,
+            assembler=RunAssembler(),
+            pipeline=pipeline,
+            store=self.store,
+            writer=StoreWriter(self.store),
+        )
+        self.proc = build_processor(parts, config, counters, [], lambda: None)
+
+    def turn(self, docs: list[tuple[str, dict]], *, timeouts: bool = False) -> None:
+        if timeouts:
+            self.proc.assembler.run_timeout = -1.0  # every open run has waited too long
+        self.proc._turn(docs, check=timeouts)
+
+    def shutdown(self) -> None:
+        self.proc._finish()
+        assert self.store.flush(30)
+        self.store.close()
+
+    def kill(self) -> None:
+        assert self.store.flush(30)
+        self.store.close()
+
+
+def _left_open(directory: Path) -> list[str]:
+    """What the next daemon's start finds left open (``InterruptedRuns.find``)."""
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        interrupted.find()
+        return sorted(interrupted.pending())
+
+
+def test_a_raw_run_that_never_reaches_a_spectrum_is_closed_in_its_own_process(
+    tmp_path: Path,
+) -> None:
+    """Not a defect (a reviewer's suspicion, disproved): a table made at a raw start
+    (``prepare_run``) is closed in the same process whenever its raw run ends there, with or
+    without a spectrum (the assembler opens and closes an analysis run for every run, and
+    its close writes start, descriptor and stop), so the next start finds nothing to call
+    interrupted. Only a process killed before the run's end leaves the table open: that run
+    was interrupted, and is reported so."""
+    daemon = _Daemon(tmp_path / "a")
+    rejected, docs = _raw_docs("all-rejected")  # its events refer to an unknown descriptor
+    daemon.turn([d for d in docs if d[0] != "descriptor"])
+    silent, docs = _raw_docs("start-only")  # its start arrives, nothing else: run timeout
+    daemon.turn(docs[:1])
+    daemon.turn([], timeouts=True)
+    at_shutdown, docs = _raw_docs("shutdown")  # open when the daemon stops
+    daemon.turn(docs[:1])
+    daemon.shutdown()
+    assert _left_open(tmp_path / "a" / "store") == []
+    for uid, status in ((rejected, "success"), (silent, "fail"), (at_shutdown, "abort")):
+        meta, _ = read_analysis(tmp_path / "a" / "store", uid)
+        assert meta["start"]["raw_uid"] == uid and meta["stop"]["exit_status"] == status
+        assert not meta["stop"].get("interrupted")
+
+    daemon = _Daemon(tmp_path / "b")
+    killed, docs = _raw_docs("killed")
+    daemon.turn(docs[:1])  # its table is made; the process dies before its first result
+    daemon.kill()
+    assert _left_open(tmp_path / "b" / "store") == [killed]
