@@ -248,7 +248,7 @@ def normalize_larch_batch(
     late = np.zeros(n, dtype=bool)
     if measured.any():
         at = np.flatnonzero(measured)
-        for i, why in zip(at.tolist(), measured_start_why(rel[at], mu[at]), strict=True):
+        for i, why in zip(at.tolist(), measured_start_why(rel[at]), strict=True):
             if why is not None:
                 late[i] = True
                 if end[i] >= params.min_post_edge:
