@@ -641,7 +641,9 @@ def test_uncertainty_and_out_of_domain_reach_the_documents_and_counters(
     (row,) = events(plain)
     # the calibrated bundle fills them: the answer lies in its set and inside its interval
     assert str(row["cn"]) in row["cn_set"].split(",")
-    assert row["distance_lo"] < row["distance"] < row["distance_hi"]
+    # ... but the tiny bundle's distance calibration had too few rows for a finite bound:
+    # its ends are null, not the -1e6 / +1e6 that stand for infinity in its manifest
+    assert row["distance"] is not None and (row["distance_lo"], row["distance_hi"]) == (None, None)
     assert isinstance(row["ood_score"], float)
     assert row["out_of_domain"] is (OUT_OF_DOMAIN in row["flags"].split(","))
     before = counters.out_of_domain

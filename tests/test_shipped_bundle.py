@@ -300,28 +300,37 @@ def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     assert plain.endswith("CN4-tetrahedral 0.20)")
 
 
-def test_predict_says_an_interval_is_unbounded_rather_than_print_a_million() -> None:
+def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     """A bundle calibrated on too few rows for its coverage records the quantile as 1e6 (JSON
-    has no infinity); ``xasflow predict`` says "unbounded", not [-999997.9, 1000002.1]."""
-    from xasflow.cli import _describe
-    from xasflow.models.results import Prediction, task_result
+    has no infinity). Its intervals decode as infinite, not +-1e6 around the value: ``xasflow
+    predict`` says "unbounded" (its JSON null and ``interval_unbounded``), and the analysis
+    event's ``distance_lo`` / ``distance_hi`` are null, not -999997.9 and 1000002.1."""
+    import json
+    import math
 
-    manifest = verify_bundle(BUNDLE)
-    results = {"distance": task_result(2.1, interval=(1.95, 2.25))}
-    pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
-    (line,) = _describe(pred, manifest)
-    assert line.endswith("90% interval [1.950, 2.250]")
+    from xasflow.cli import _as_json, _describe
+    from xasflow.daemon.documents import uncertainty_fields
+    from xasflow.sim.references import demo_spectra
+
+    predictor = Predictor(BUNDLE)
+    prepared = [predictor.prepare(s) for s in demo_spectra(["CuO"])]
+    raw = predictor.run(predictor.model_input(prepared))
+    (bounded,) = predictor.predictions(prepared, raw)
+    (line,) = [x for x in _describe(bounded, predictor.manifest) if "distance" in x]
+    lo, hi = bounded.results["distance"].interval  # type: ignore[misc]
+    assert line.endswith(f"90% interval [{lo:.3f}, {hi:.3f}]") and 0 < lo < hi < 5
+    manifest = predictor.manifest
     spec = manifest.tasks["distance"]
     assert spec.conformal is not None
     wide = spec.model_copy(update={"conformal": spec.conformal.model_copy(update={"qhat": 1e6})})
-    starved = manifest.model_copy(update={"tasks": {**manifest.tasks, "distance": wide}})
-    results = {"distance": task_result(2.1, interval=(2.1 - 1e6, 2.1 + 1e6))}
-    pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
-    (line,) = _describe(pred, starved)
+    predictor.manifest = manifest.model_copy(update={"tasks": {**manifest.tasks, "distance": wide}})
+    (pred,) = predictor.predictions(prepared, raw)
+    assert pred.results["distance"].interval == (-math.inf, math.inf)
+    (line,) = [x for x in _describe(pred, predictor.manifest) if "distance" in x]
     assert line.endswith("90% interval unbounded (the bundle's calibration gives no finite bound)")
-    # and predict --json: null and a flag, not the +-1e6 stand-in
-    from xasflow.cli import _as_json
-
-    entry = _as_json(pred, starved)["tasks"]["distance"]
-    assert entry == {"value": 2.1, "interval": None, "interval_unbounded": True}
-    assert _as_json(pred, manifest)["tasks"]["distance"]["interval"] == [2.1 - 1e6, 2.1 + 1e6]
+    entry = _as_json(pred)["tasks"]["distance"]
+    assert entry["interval"] is None and entry["interval_unbounded"] is True
+    json.dumps(_as_json(pred), allow_nan=False)  # valid JSON
+    fields = uncertainty_fields(pred)
+    assert fields["distance_lo"] is None and fields["distance_hi"] is None
+    assert fields["charge_lo"] is not None and fields["charge_hi"] is not None  # still bounded

@@ -177,7 +177,6 @@ UNIT_SYMBOLS = {"angstrom": "Å"}
 def _describe(pred: Any, manifest: Any) -> list[str]:
     """Human-readable lines of a prediction: each answer with its doubt (the conformal
     coverage is the bundle's, and holds only in domain: out of domain the sets are marked)."""
-    from xasflow.models.uncertainty import is_unbounded
 
     lines = []
     if pred.out_of_domain:
@@ -218,26 +217,18 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
             span = ""
             if res.interval is not None:
                 bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
-                if spec is not None and spec.conformal and is_unbounded(spec.conformal.qhat):
+                if not all(math.isfinite(b) for b in res.interval):
                     bounds = "unbounded (the bundle's calibration gives no finite bound)"
                 span = f"  {doubt(name, 'interval')} {bounds}"
             lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
     return lines
 
 
-def _as_json(pred: Any, manifest: Any) -> dict[str, Any]:
-    """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict`, with an
-    interval whose conformal quantile stands for infinity given as ``null`` and
-    ``interval_unbounded: true`` (not +-1e6, as ``_describe`` says "unbounded")."""
-    from xasflow.models.uncertainty import is_unbounded
-
-    out = pred.to_dict()
-    for name, entry in out["tasks"].items():
-        spec = manifest.tasks.get(name)
-        conf = spec.conformal if spec is not None else None
-        if entry.get("interval") is not None and conf is not None and is_unbounded(conf.qhat):
-            entry["interval"], entry["interval_unbounded"] = None, True
-    return out
+def _as_json(pred: Any) -> dict[str, Any]:
+    """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict` (an unbounded
+    interval as ``null`` with ``interval_unbounded: true``, as ``_describe`` says
+    "unbounded")."""
+    return pred.to_dict()
 
 
 def _fwhm(text: str) -> float:
@@ -297,7 +288,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
             print("  rerun with --herfd")
         print("\n".join(_describe(pred, predictor.manifest)))
-        results[name] = {**_as_json(pred, predictor.manifest), "herfd": herfd}
+        results[name] = {**_as_json(pred), "herfd": herfd}
     _write_json(args.json, results)
     if failed:  # a script over many files must see that some were not predicted
         print(f"{failed} of {len(args.files)} files could not be predicted", file=sys.stderr)

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from xasflow.daemon.documents import finite_number
-from xasflow.models.uncertainty import is_unbounded
 
 __all__ = [
     "RunView",
@@ -281,10 +280,10 @@ def latest_views(
             entry["prediction_set"] = list(r.prediction_set)
         conf = spec_t.conformal if spec_t is not None else None
         if r.interval is not None:
-            if conf is not None and is_unbounded(conf.qhat):  # no finite bound was fitted
-                entry["interval_unbounded"] = True
-            else:
+            if all(math.isfinite(b) for b in r.interval):
                 entry["interval"] = [r.interval[0], r.interval[1]]
+            else:  # no finite bound was fitted
+                entry["interval_unbounded"] = True
         if conf is not None:
             entry["coverage"] = 1.0 - conf.alpha
         if spec_t is not None:

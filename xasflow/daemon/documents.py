@@ -14,9 +14,10 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
   ``valence_set`` (the 90 % conformal sets, comma-separated labels), ``distance_lo`` /
   ``distance_hi`` and ``charge_lo`` / ``charge_hi`` (the 90 % intervals), ``ood_score`` and
   ``out_of_domain`` (bool; True means the answer must not be trusted). None where the bundle
-  gives none; ``out_of_domain`` is False on rejected rows, not null: tiled reads a boolean
-  column that holds nulls back as the text "True"/"False", so a reader tells a rejected row
-  by ``status``.
+  gives none (an interval's ends also where its calibration fitted no finite bound);
+  ``out_of_domain`` is False on rejected rows, not null: tiled reads a boolean column that
+  holds nulls back as the text "True"/"False", so a reader tells a rejected row by
+  ``status``.
 * **event**: one per raw spectrum analysed (``status "ok"``) or rejected (``status
   "rejected"`` with ``reason`` / ``detail``), plus one per assembly rejection that belongs
   to the run (a malformed event, a duplicate ...). Values that do not apply are None.

@@ -20,6 +20,7 @@ from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import (
     combined_ood,
     intervals,
+    is_unbounded,
     set_mask,
     spread_score,
     tempered,
@@ -168,7 +169,9 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
         std = member_spread(raw, spec, n)
         interval = None
         if conf is not None:
-            if conf.method == "scaled" and std is not None:
+            if is_unbounded(conf.qhat):  # no finite bound was fitted: none is made up
+                lo, hi = np.full_like(values, -np.inf), np.full_like(values, np.inf)
+            elif conf.method == "scaled" and std is not None:
                 lo, hi = intervals(values, conf.qhat, std, conf.offset)
             else:
                 lo, hi = intervals(values, conf.qhat)

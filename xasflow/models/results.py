@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,8 @@ class TaskResult:
 
     ``probabilities`` (classifiers, calibrated) or ``ranking`` (multi-output); classifiers may
     carry a conformal ``prediction_set`` (the labels that together hold the true one with the
-    bundle's coverage, e.g. 90 %), regressors a conformal ``interval`` (low, high).
+    bundle's coverage, e.g. 90 %), regressors a conformal ``interval`` (low, high): infinite
+    ends where the bundle's calibration could fit no finite bound (too few rows).
     """
 
     value: Any
@@ -107,7 +109,10 @@ class Prediction:
             if res.prediction_set is not None:
                 entry["prediction_set"] = list(res.prediction_set)
             if res.interval is not None:
-                entry["interval"] = [res.interval[0], res.interval[1]]
+                if all(math.isfinite(b) for b in res.interval):
+                    entry["interval"] = [res.interval[0], res.interval[1]]
+                else:  # a bundle that could fit no finite bound: JSON has no infinity
+                    entry["interval"], entry["interval_unbounded"] = None, True
             tasks[name] = entry
         return {
             "bundle_id": self.bundle_id,

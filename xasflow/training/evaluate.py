@@ -7,6 +7,7 @@ grouping puts in test are scored; measured references are scored whole as an ext
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,10 +165,10 @@ def uncertainty_metrics(
                 entry.update(set_coverage=float(hit.mean()), mean_set_size=C.mean_set_size(sets))
         if arr.interval is not None:
             lo, hi = arr.interval[keep, 0], arr.interval[keep, 1]
-            entry.update(
-                interval_coverage=C.interval_coverage(lo, hi, truth),
-                mean_interval_width=float(np.mean(hi - lo)),
-            )
+            entry["interval_coverage"] = C.interval_coverage(lo, hi, truth)
+            width = float(np.mean(hi - lo))
+            if math.isfinite(width):  # a bundle that fitted no finite bound has no width
+                entry["mean_interval_width"] = width
         if entry:
             out[name] = entry
     return out
