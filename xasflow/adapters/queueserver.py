@@ -13,7 +13,10 @@ credential for the transport it uses, and refuses to start without one:
 A recommended scan becomes the queue item ``plan_name`` (default :func:`xas_regions_scan`,
 which a beamline profile imports from here) with kwargs ``detectors``, ``motor``,
 ``regions`` (``[[start, stop, step, dwell], ...]``, eV / s) and ``md`` (the raw run's uid,
-the bundle, E0, why). :class:`QueueServerSubmitter` is also a document callback: it keeps
+the bundle, E0, why); the settings, the plan and the queue item are
+:mod:`xasflow.adapters.queueserver_plan`'s (re-exported here), which refuses regions no
+beamline should run and ``extra_kwargs`` that would replace the recommended scan.
+:class:`QueueServerSubmitter` is also a document callback: it keeps
 each analysis run's latest ``recommendations`` event and, when the run stops with
 ``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
 was already certain, nor for a run aborted, failed or closed by a daemon's shutdown) or, with
@@ -30,20 +33,29 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-
+from xasflow.adapters.queueserver_plan import (
+    MAX_PLAN_POINTS,
+    RESERVED_KWARGS,
+    QueueServerConfig,
+    plan_item,
+    region_points,
+    secret,
+    xas_regions_scan,
+)
+from xasflow.adapters.queueserver_plan import decode as _decode
 from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
 
 __all__ = [
+    "MAX_PLAN_POINTS",
+    "RESERVED_KWARGS",
     "QueueServerConfig",
     "QueueServerError",
     "QueueServerSubmitter",
@@ -57,161 +69,6 @@ logger = logging.getLogger(__name__)
 
 class QueueServerError(RuntimeError):
     """The queueserver refused a request or could not be reached."""
-
-
-class QueueServerConfig(BaseModel):
-    """Where and how to submit plans; disabled unless ``enabled`` and a credential is set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    transport: Literal["zmq", "http"] = "zmq"
-    zmq_control_addr: str = "tcp://localhost:60615"
-    zmq_info_addr: str | None = None
-    zmq_public_key: SecretStr | None = None
-    http_server_uri: str = "http://localhost:60610"
-    api_key: SecretStr | None = None
-    token: SecretStr | None = None
-    plan_name: str = "xas_regions_scan"
-    detectors: list[str] = Field(default_factory=lambda: ["xas"])
-    motor: str = "energy"
-    extra_kwargs: dict[str, Any] = Field(default_factory=dict)
-    user: str = "xasflow"
-    user_group: str = "primary"
-    submit_on: Literal["run_end", "rescan"] = "run_end"
-    min_interval_s: float = Field(30.0, ge=0)
-    timeout_s: float = Field(5.0, gt=0)
-    max_pending: int = Field(8, ge=1)
-
-    @model_validator(mode="after")
-    def _credentials(self) -> QueueServerConfig:
-        if not self.enabled:
-            return self
-        if self.transport == "zmq" and not _secret(self.zmq_public_key):
-            raise ValueError(
-                "queueserver submission is enabled over 0MQ but no zmq_public_key is set: "
-                "give the RE Manager's public key (qserver-zmq-keys) or disable it"
-            )
-        if self.transport == "http" and not (_secret(self.api_key) or _secret(self.token)):
-            raise ValueError(
-                "queueserver submission is enabled over HTTP but neither api_key nor token "
-                "is set: give a bluesky-httpserver API key or disable it"
-            )
-        if self.api_key is not None and self.token is not None:
-            raise ValueError("give api_key or token, not both")
-        return self
-
-
-def _secret(value: SecretStr | None) -> str:
-    return value.get_secret_value() if value is not None else ""
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-def region_points(regions: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
-    """Energies (ascending, each once) and their dwells for ``[[start, stop, step, dwell], ...]``.
-
-    A region's grid runs from start to stop inclusive with the step shrunk to divide the span
-    (as :class:`xasflow.daemon.recommend.Region` does); a shared energy takes the longest dwell.
-    """
-    import math
-
-    points: dict[float, float] = {}
-    for row in regions:
-        if len(row) != 4:
-            raise ValueError(f"a region is [start, stop, step, dwell], got {list(row)!r}")
-        start, stop, step, dwell = (float(v) for v in row)
-        if not (step > 0 and dwell > 0 and stop >= start):
-            raise ValueError(f"region {list(row)!r}: need stop >= start, step > 0, dwell > 0")
-        n = max(1, math.ceil((stop - start) / step - 1e-3))
-        for k in range(n + 1):
-            e = round(start + (stop - start) * k / n, 6)
-            points[e] = max(points.get(e, 0.0), dwell)
-    energies = sorted(points)
-    return energies, [points[e] for e in energies]
-
-
-def xas_regions_scan(detectors, motor, regions, md=None):
-    """Bluesky plan: one step scan over the regions' energies (a list_scan of ``motor``).
-
-    ``detectors``: readable devices; ``motor``: the energy positioner (eV); ``regions``:
-    ``[[start, stop, step, dwell], ...]``; ``md``: extra start-document metadata. Before each
-    point a detector with a ``dwell`` or ``count_time`` signal is set to that point's dwell.
-    Import it into a queueserver profile to run xasflow's recommendations. The parameters are
-    deliberately unannotated: the queueserver turns unannotated device names into devices
-    and would have to resolve (string) annotations in the worker's namespace.
-    """
-    import bluesky.plan_stubs as bps
-    import bluesky.plans as bp
-
-    energies, dwells = region_points(regions)
-    dwell_at = dict(zip(energies, dwells, strict=True))
-    _md = {"plan_name": "xas_regions_scan", "xasflow_regions": [list(r) for r in regions]}
-    _md.update(md or {})
-
-    def per_step(dets: Any, step: Any, pos_cache: Any) -> Any:
-        dwell = dwell_at.get(round(float(step[motor]), 6))
-        if dwell is not None:
-            for det in dets:
-                sig = getattr(det, "dwell", None) or getattr(det, "count_time", None)
-                if sig is not None and hasattr(sig, "set"):
-                    yield from bps.mv(sig, dwell)
-        yield from bps.one_nd_step(dets, step, pos_cache)
-
-    plan: Any = bp.list_scan  # its stubs want (motor, list) pairs and a typed per_step
-    return (yield from plan(detectors, motor, energies, per_step=per_step, md=_md))
-
-
-def plan_item(
-    config: QueueServerConfig,
-    recommendation: Mapping[str, Any],
-    *,
-    raw_uid: str | None = None,
-    rescan_only: bool = False,
-) -> dict[str, Any]:
-    """The queue item for a recommendation (a ``Recommendation.to_dict()`` or stream row).
-
-    ``rescan_only`` submits just the recommended rescan region.
-    """
-    rec = _decode(recommendation)
-    regions = rec.get("regions") or []
-    if rescan_only:
-        if not rec.get("rescan"):
-            raise ValueError("the recommendation has no rescan")
-        regions = [rec["rescan"]]
-    rows = [[float(r[k]) for k in ("start", "stop", "step", "dwell")] for r in regions]
-    if not rows:
-        raise ValueError("the recommendation has no regions")
-    region_points(rows)  # validate before the server sees it
-    md = {
-        "xasflow": {
-            "raw_uid": raw_uid,
-            "bundle_id": rec.get("bundle_id"),
-            "e0": rec.get("e0"),
-            "uncertainty": rec.get("uncertainty"),
-            "kind": "rescan" if rescan_only else "scan",
-            "reasons": [str(r.get("reason", "")) for r in regions],
-        }
-    }
-    kwargs = {
-        "detectors": list(config.detectors),
-        "motor": config.motor,
-        "regions": rows,
-        "md": md,
-        **config.extra_kwargs,
-    }
-    return {"item_type": "plan", "name": config.plan_name, "args": [], "kwargs": kwargs}
-
-
-def _decode(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """A recommendation dict with JSON-string fields (stream rows) decoded."""
-    out = dict(rec)
-    for key in ("regions", "rescan"):
-        value = out.get(key)
-        if isinstance(value, str):
-            out[key] = json.loads(value) if value else None
-    return out
 
 
 # --------------------------------------------------------------------------- the client
@@ -455,13 +312,13 @@ def _make_api(config: QueueServerConfig) -> Any:
         return REManagerAPI(
             zmq_control_addr=config.zmq_control_addr,
             zmq_info_addr=config.zmq_info_addr,
-            zmq_public_key=_secret(config.zmq_public_key),
+            zmq_public_key=secret(config.zmq_public_key),
             timeout_recv=config.timeout_s,
             timeout_send=config.timeout_s,
         )
     api = REManagerAPI(http_server_uri=config.http_server_uri, timeout=config.timeout_s)
     if config.api_key is not None:
-        api.set_authorization_key(api_key=_secret(config.api_key))
+        api.set_authorization_key(api_key=secret(config.api_key))
     else:
-        api.set_authorization_key(token=_secret(config.token))
+        api.set_authorization_key(token=secret(config.token))
     return api

@@ -1,0 +1,237 @@
+"""What xasflow queues on bluesky-queueserver: the settings, the plan, and the queue item.
+
+:class:`QueueServerConfig` is the ``queueserver`` section of the daemon's configuration;
+:func:`xas_regions_scan` is the plan a beamline profile imports; :func:`plan_item` turns a
+recommendation into the queue item that names it. :mod:`xasflow.adapters.queueserver` (the
+submitter) re-exports all of them.
+
+Nothing unsafe reaches the queue: :func:`region_points`, the one check of the plan's regions
+(run by :func:`plan_item` before the server sees the item, and by the plan itself in the RE
+worker), refuses non-finite numbers, energies that are not positive and a scan of more than
+:data:`MAX_PLAN_POINTS` points (``max_points`` may lower it) with a ``ValueError`` that says
+why. ``extra_kwargs`` may add plan arguments but never replace the recommended scan: a key
+of :data:`RESERVED_KWARGS` is refused when the configuration loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+__all__ = [
+    "MAX_PLAN_POINTS",
+    "RESERVED_KWARGS",
+    "QueueServerConfig",
+    "plan_item",
+    "region_points",
+    "xas_regions_scan",
+]
+
+#: The most energies one queued plan may visit. A recommendation has a few hundred (a Cu K
+#: scan to k = 16 at its finest steps: about 500); a step of 1e-5 eV over a 12 eV edge would
+#: ask 1.2 million, which the submitter and the RE worker would both loop over.
+MAX_PLAN_POINTS = 5000
+
+#: The plan arguments xasflow sets from the recommendation: ``extra_kwargs`` cannot name them.
+RESERVED_KWARGS = ("detectors", "motor", "regions", "md")
+
+
+class QueueServerConfig(BaseModel):
+    """Where and how to submit plans; disabled unless ``enabled`` and a credential is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    transport: Literal["zmq", "http"] = "zmq"
+    zmq_control_addr: str = "tcp://localhost:60615"
+    zmq_info_addr: str | None = None
+    zmq_public_key: SecretStr | None = None
+    http_server_uri: str = "http://localhost:60610"
+    api_key: SecretStr | None = None
+    token: SecretStr | None = None
+    plan_name: str = "xas_regions_scan"
+    detectors: list[str] = Field(default_factory=lambda: ["xas"])
+    motor: str = "energy"
+    extra_kwargs: dict[str, Any] = Field(default_factory=dict)
+    user: str = "xasflow"
+    user_group: str = "primary"
+    submit_on: Literal["run_end", "rescan"] = "run_end"
+    min_interval_s: float = Field(30.0, ge=0)
+    timeout_s: float = Field(5.0, gt=0)
+    max_pending: int = Field(8, ge=1)
+    max_points: int = Field(MAX_PLAN_POINTS, ge=1, le=MAX_PLAN_POINTS)
+
+    @field_validator("extra_kwargs")
+    @classmethod
+    def _no_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(k for k in value if k in RESERVED_KWARGS)
+        if clash:
+            raise ValueError(
+                f"extra_kwargs may not set {', '.join(clash)}: the recommended scan sets "
+                f"{', '.join(RESERVED_KWARGS)} (use detectors and motor for those two)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> QueueServerConfig:
+        if not self.enabled:
+            return self
+        if self.transport == "zmq" and not secret(self.zmq_public_key):
+            raise ValueError(
+                "queueserver submission is enabled over 0MQ but no zmq_public_key is set: "
+                "give the RE Manager's public key (qserver-zmq-keys) or disable it"
+            )
+        if self.transport == "http" and not (secret(self.api_key) or secret(self.token)):
+            raise ValueError(
+                "queueserver submission is enabled over HTTP but neither api_key nor token "
+                "is set: give a bluesky-httpserver API key or disable it"
+            )
+        if self.api_key is not None and self.token is not None:
+            raise ValueError("give api_key or token, not both")
+        return self
+
+
+def secret(value: SecretStr | None) -> str:
+    """The text of a secret setting ("" when unset)."""
+    return value.get_secret_value() if value is not None else ""
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def region_points(
+    regions: Sequence[Sequence[float]], max_points: int = MAX_PLAN_POINTS
+) -> tuple[list[float], list[float]]:
+    """Energies (ascending, each once) and their dwells for ``[[start, stop, step, dwell], ...]``.
+
+    A region's grid runs from start to stop inclusive with the step shrunk to divide the span
+    (as :class:`xasflow.daemon.recommend.Region` does); a shared energy takes the longest dwell.
+    ``ValueError`` (never another error) for a region no beamline should run: a number that is
+    not finite, an energy that is not positive, ``stop < start``, a step or dwell that is not
+    positive, or more than ``max_points`` points in all (counted region by region, before any
+    is built, so a tiny step costs nothing).
+    """
+    grids: list[tuple[float, float, int, float]] = []
+    total = 0
+    for row in regions:
+        if len(row) != 4:
+            raise ValueError(f"a region is [start, stop, step, dwell], got {list(row)!r}")
+        try:
+            start, stop, step, dwell = (float(v) for v in row)
+        except (TypeError, ValueError):
+            raise ValueError(f"region {list(row)!r}: not four numbers") from None
+        if not all(math.isfinite(v) for v in (start, stop, step, dwell)):
+            raise ValueError(f"region {list(row)!r}: every number must be finite")
+        if not (start > 0 and step > 0 and dwell > 0 and stop >= start):
+            raise ValueError(
+                f"region {list(row)!r}: need start > 0 eV, stop >= start, step > 0, dwell > 0"
+            )
+        intervals = (stop - start) / step
+        if not intervals < max_points:  # also catches an overflow to inf
+            raise ValueError(
+                f"region {list(row)!r}: a step of {step:g} eV makes more than {max_points} points"
+            )
+        n = max(1, math.ceil(intervals - 1e-3))
+        total += n + 1
+        if total > max_points:
+            raise ValueError(f"the regions make more than {max_points} points (the plan's cap)")
+        grids.append((start, stop, n, dwell))
+    points: dict[float, float] = {}
+    for start, stop, n, dwell in grids:
+        for k in range(n + 1):
+            e = round(start + (stop - start) * k / n, 6)
+            points[e] = max(points.get(e, 0.0), dwell)
+    energies = sorted(points)
+    return energies, [points[e] for e in energies]
+
+
+def xas_regions_scan(detectors, motor, regions, md=None):
+    """Bluesky plan: one step scan over the regions' energies (a list_scan of ``motor``).
+
+    ``detectors``: readable devices; ``motor``: the energy positioner (eV); ``regions``:
+    ``[[start, stop, step, dwell], ...]`` (checked by :func:`region_points`: a region no
+    beamline should run raises ``ValueError`` before anything moves); ``md``: extra
+    start-document metadata. Before each point a detector with a ``dwell`` or ``count_time``
+    signal is set to that point's dwell. Import it into a queueserver profile to run
+    xasflow's recommendations. The parameters are deliberately unannotated: the queueserver
+    turns unannotated device names into devices and would have to resolve (string)
+    annotations in the worker's namespace.
+    """
+    import bluesky.plan_stubs as bps
+    import bluesky.plans as bp
+
+    energies, dwells = region_points(regions)
+    dwell_at = dict(zip(energies, dwells, strict=True))
+    _md = {"plan_name": "xas_regions_scan", "xasflow_regions": [list(r) for r in regions]}
+    _md.update(md or {})
+
+    def per_step(dets: Any, step: Any, pos_cache: Any) -> Any:
+        dwell = dwell_at.get(round(float(step[motor]), 6))
+        if dwell is not None:
+            for det in dets:
+                sig = getattr(det, "dwell", None) or getattr(det, "count_time", None)
+                if sig is not None and hasattr(sig, "set"):
+                    yield from bps.mv(sig, dwell)
+        yield from bps.one_nd_step(dets, step, pos_cache)
+
+    plan: Any = bp.list_scan  # its stubs want (motor, list) pairs and a typed per_step
+    return (yield from plan(detectors, motor, energies, per_step=per_step, md=_md))
+
+
+def plan_item(
+    config: QueueServerConfig,
+    recommendation: Mapping[str, Any],
+    *,
+    raw_uid: str | None = None,
+    rescan_only: bool = False,
+) -> dict[str, Any]:
+    """The queue item for a recommendation (a ``Recommendation.to_dict()`` or stream row).
+
+    ``rescan_only`` submits just the recommended rescan region. ``ValueError`` for a
+    recommendation without regions or with regions :func:`region_points` refuses.
+    """
+    rec = decode(recommendation)
+    regions = rec.get("regions") or []
+    if rescan_only:
+        if not rec.get("rescan"):
+            raise ValueError("the recommendation has no rescan")
+        regions = [rec["rescan"]]
+    try:
+        rows = [[float(r[k]) for k in ("start", "stop", "step", "dwell")] for r in regions]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"a region without start, stop, step and dwell numbers: {exc}") from None
+    if not rows:
+        raise ValueError("the recommendation has no regions")
+    region_points(rows, config.max_points)  # validate before the server sees it
+    md = {
+        "xasflow": {
+            "raw_uid": raw_uid,
+            "bundle_id": rec.get("bundle_id"),
+            "e0": rec.get("e0"),
+            "uncertainty": rec.get("uncertainty"),
+            "kind": "rescan" if rescan_only else "scan",
+            "reasons": [str(r.get("reason", "")) for r in regions],
+        }
+    }
+    kwargs = {  # the recommended scan last: nothing in extra_kwargs replaces it
+        **config.extra_kwargs,
+        "detectors": list(config.detectors),
+        "motor": config.motor,
+        "regions": rows,
+        "md": md,
+    }
+    return {"item_type": "plan", "name": config.plan_name, "args": [], "kwargs": kwargs}
+
+
+def decode(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A recommendation dict with JSON-string fields (stream rows) decoded."""
+    out = dict(rec)
+    for key in ("regions", "rescan"):
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = json.loads(value) if value else None
+    return out
