@@ -363,15 +363,19 @@ def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[floa
     Above the fine-step floor the finest step grows as sqrt(E - E0) (constant steps in k),
     so a piece ends where E - E0 has grown by ``piece_growth ** 2``: far above the edge a
     region is measured on the coarser grid its features allow, not at the step of its start.
+    No piece is narrower than the fine step (a fine step and a coarse ``k_step`` put the floor
+    within meV of E0, where pieces would round to nothing).
     """
     g2 = config.piece_growth**2
+    fine = config.steps()[0]
     floor = math.inf
     if config.k_step > 0:
-        floor = _EV_PER_K2 * (config.steps()[0] / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
+        floor = _EV_PER_K2 * (fine / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
     pieces: list[tuple[float, float]] = []
     a = lo
     while g2 > 1.0:
         b = floor if a < floor else a * g2  # the fine-step floor is one piece
+        b = max(b, a + fine)
         if b >= hi or hi - b < 0.5 * (b - a):  # a short tail joins the piece before it
             break
         pieces.append((a, b))

@@ -30,42 +30,83 @@ __all__ = [
 HOLE_FRACTION = 0.65
 #: The finest step (eV) where the core-hole width is not tabulated.
 DEFAULT_FINE_STEP = 0.5
+#: The finest step (eV) a config may ask anywhere: below a monochromator's resolution, and
+#: regions are written to 1 meV (a finer step rounds regions to nothing).
+MIN_STEP = 0.05
+#: The coarsest step (eV) a config may ask.
+MAX_STEP = 100.0
+#: The longest dwell (s per point) a config may ask.
+MAX_DWELL = 600.0
+#: The widest margin or window (eV from E0) a config may ask.
+MAX_MARGIN = 200.0
+#: The largest factor (coarse_factor, uncertain_dwell_factor, max_rescan_factor, piece_growth).
+MAX_FACTOR = 20.0
 
 
 class RecommenderConfig(BaseModel):
-    """Knobs of the recommender (defaults suit a K edge measured in transmission)."""
+    """Knobs of the recommender (defaults suit a K edge measured in transmission).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Checked when the configuration loads, so that no knob breaks every recommendation later
+    (an infinite dwell advised and queued, an overflow or a region rounded to nothing logged
+    per spectrum while no advice goes out): every number must be finite; steps lie within
+    :data:`MIN_STEP` .. :data:`MAX_STEP` eV, ``k_step`` at most 0.2 1/angstrom,
+    the dwell at most :data:`MAX_DWELL` s, margins and windows within :data:`MAX_MARGIN` eV of
+    E0, factors at most :data:`MAX_FACTOR`, and ``piece_growth`` is 1 (off) or at least 1.05
+    (finer cuts split a region into hundreds).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     fine_step: float | None = Field(
         None,
-        gt=0,
+        ge=MIN_STEP,
+        le=MAX_STEP,
         description="eV, finest step anywhere; None: HOLE_FRACTION of the absorber's core-hole"
         " width (Cu K: 1.0 eV), or 0.5 where the width is not tabulated",
     )
-    k_step: float = Field(0.04, ge=0, description="1/angstrom, finest step in k far above the edge")
-    coarse_factor: float = Field(4.0, ge=1, description="step multiplier where w = 0")
+    k_step: float = Field(
+        0.04, ge=0, le=0.2, description="1/angstrom, finest step in k far above the edge"
+    )
+    coarse_factor: float = Field(
+        4.0, ge=1, le=MAX_FACTOR, description="step multiplier where w = 0"
+    )
     piece_growth: float = Field(
         1.2,
         ge=1,
+        le=MAX_FACTOR,
         description="a region above the edge is cut where its finest step grows by this factor"
         " (steps follow k); 1 keeps each region one uniform grid",
     )
     edge_max_step: float | None = Field(
-        None, gt=0, description="eV, largest step inside edge_window; None: as fine_step"
+        None,
+        ge=MIN_STEP,
+        le=MAX_STEP,
+        description="eV, largest step inside edge_window; None: as fine_step",
     )
     edge_window: tuple[float, float] = Field(
         (-5.0, 10.0), description="eV relative to E0 where E0 is found; kept fine"
     )
-    pre_edge_step: float = Field(10.0, gt=0, description="eV, step on the pre-edge line")
-    approach_step: float = Field(3.0, gt=0, description="eV, from the pre-edge line to the window")
-    dwell: float = Field(1.0, gt=0, description="s per point in the most important region")
+    pre_edge_step: float = Field(
+        10.0, ge=MIN_STEP, le=MAX_STEP, description="eV, step on the pre-edge line"
+    )
+    approach_step: float = Field(
+        3.0, ge=MIN_STEP, le=MAX_STEP, description="eV, from the pre-edge line to the window"
+    )
+    dwell: float = Field(
+        1.0, gt=0, le=MAX_DWELL, description="s per point in the most important region"
+    )
     dwell_floor: float = Field(0.5, gt=0, le=1, description="dwell fraction where w = 0")
     uncertain_above: float = Field(0.5, ge=0, le=1, description="cn uncertainty that is 'unsure'")
-    uncertain_dwell_factor: float = Field(2.0, ge=1)
-    e0_margin: float = Field(2.0, ge=0, description="eV added to each end of the window")
-    prior_e0_margin: float = Field(12.0, ge=0, description="eV margin before E0 is known")
-    e0_ambiguity_window: float = Field(10.0, ge=0, description="eV around E0 to look for rivals")
+    uncertain_dwell_factor: float = Field(2.0, ge=1, le=MAX_FACTOR)
+    e0_margin: float = Field(
+        2.0, ge=0, le=MAX_MARGIN, description="eV added to each end of the window"
+    )
+    prior_e0_margin: float = Field(
+        12.0, ge=0, le=MAX_MARGIN, description="eV margin before E0 is known"
+    )
+    e0_ambiguity_window: float = Field(
+        10.0, ge=0, le=MAX_MARGIN, description="eV around E0 to look for rivals"
+    )
     e0_ambiguity_ratio: float = Field(0.5, gt=0, le=1, description="rival / edge derivative")
     task_weights: dict[str, float] = Field(
         default_factory=lambda: {
@@ -79,8 +120,10 @@ class RecommenderConfig(BaseModel):
     stop_probability: float = Field(0.9, gt=0, le=1)
     stop_count: int = Field(2, ge=1, description="spectra in a row that must agree")
     rescan_importance: float = Field(0.5, ge=0, le=1)
-    noise_threshold: float = Field(0.02, gt=0, description="noise / edge step that asks a rescan")
-    max_rescan_factor: float = Field(4.0, ge=1)
+    noise_threshold: float = Field(
+        0.02, gt=0, le=1, description="noise / edge step that asks a rescan"
+    )
+    max_rescan_factor: float = Field(4.0, ge=1, le=MAX_FACTOR)
 
     def for_edge(self, element: str | None, edge: str) -> RecommenderConfig:
         """This config with the steps left open (None) set for ``element``'s ``edge``.
@@ -105,8 +148,16 @@ class RecommenderConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RecommenderConfig:
-        if self.edge_window[1] <= self.edge_window[0]:
+        low, high = self.edge_window
+        if high <= low:
             raise ValueError("edge_window must be (low, high) with low < high")
+        if max(abs(low), abs(high)) > MAX_MARGIN:
+            raise ValueError(f"edge_window must lie within {MAX_MARGIN:g} eV of E0")
+        if 1 < self.piece_growth < 1.05:
+            raise ValueError("piece_growth must be 1 (no cuts) or 1.05 .. 20")
+        bad = sorted(k for k, w in self.task_weights.items() if w < 0)
+        if bad:
+            raise ValueError(f"task_weights must be >= 0 ({', '.join(bad)} is not)")
         return self
 
 
