@@ -30,7 +30,8 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
    spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
    one per run per ``recommend_interval_s``, except when the stop-early decision turns,
    which goes out at once): what to measure next, stop early, rescan
-   (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row".
+   (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row",
+   whether the pipeline or the assembler refused it (a duplicate event refuses none).
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
@@ -430,6 +431,8 @@ class Pipeline:
             run.n_duplicates += 1
             if run.n_duplicates > 1:
                 return []
+        elif self.recommendations is not None:  # refused in assembly: the row restarts too
+            self.recommendations.interrupt(run.raw_uid)  # (a duplicate refuses no spectrum)
         row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
         return run.event(row)
 
