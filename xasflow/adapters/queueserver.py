@@ -21,8 +21,9 @@ each analysis run's latest ``recommendations`` event and, when the run stops wit
 ``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
 was already certain, nor for a run aborted, failed or closed by a daemon's shutdown) or, with
 ``submit_on: rescan``, only recommended rescans, each region once per run. Advice that
-follows an out-of-domain answer is never queued (``skipped_out_of_domain``): the sample is
-not what the bundle knows, and a plan would chase a guess. A raw run gets
+follows an out-of-domain answer, or is older than one (advice is throttled), is never queued
+(``skipped_out_of_domain``): the sample is not what the bundle knows, and a plan would chase
+a guess. A raw run gets
 its plan once, however often its analysis is replayed (a Kafka redelivery after a restart).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
 at most one per ``min_interval_s``.
@@ -34,6 +35,7 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -51,7 +53,7 @@ from xasflow.adapters.queueserver_plan import (
     xas_regions_scan,
 )
 from xasflow.adapters.queueserver_plan import decode as _decode
-from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
+from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
 
 __all__ = [
     "MAX_PLAN_POINTS",
@@ -96,7 +98,7 @@ class QueueServerSubmitter:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._router = SafeRouter(
-            [stream_factory({"recommendations": lambda st, desc: _AdviceFollower(self, st, desc)})],
+            [stream_factory({}, on_run=lambda start: [_RunFollower(self, start)])],
             "queueserver submitter",
         )
         self.stats: dict[str, int] = {
@@ -265,20 +267,39 @@ class QueueServerSubmitter:
 _REMEMBERED = 4096
 
 
-class _AdviceFollower(StreamCallback):
-    """The ``recommendations`` stream of one analysis run: keeps the latest advice, submits it
-    at the run's stop (``submit_on: run_end``) or at each rescan (``submit_on: rescan``)."""
+class _RunFollower(SinkRouter):
+    """One analysis run: keeps its latest advice and the index of its latest out-of-domain
+    answer, and submits the advice at the run's stop (``submit_on: run_end``) or each rescan
+    as it comes (``submit_on: rescan``).
 
-    def __init__(
-        self, submitter: QueueServerSubmitter, start: dict[str, Any], descriptor: dict[str, Any]
-    ) -> None:
-        super().__init__(start, descriptor)
+    Advice is throttled, and a batch's documents come paged per stream (its answers before
+    its advice), so out-of-domain answers are compared with the advice by spectrum index: a
+    run with an answer out of domain after its last advice gets no plan, whatever that
+    advice says (an index missing from either counts as after).
+    """
+
+    def __init__(self, submitter: QueueServerSubmitter, start: Mapping[str, Any]) -> None:
+        super().__init__()
         self.submitter = submitter
+        self.raw_uid = str(start.get("raw_uid") or "")
+        self.streams: dict[str, str] = {}  # descriptor uid -> stream name
         self.latest: dict[str, Any] | None = None
+        self.latest_index = -math.inf
+        self.last_ood = -math.inf  # index of the latest out-of-domain answer
+
+    def descriptor(self, doc: Any) -> Any:
+        self.streams[str(doc.get("uid"))] = str(doc.get("name"))
 
     def event(self, doc: Any) -> Any:
+        stream = self.streams.get(str(doc.get("descriptor")))
         data = dict(doc.get("data") or {})
-        self.latest = data
+        if stream == "primary":
+            if data.get("status") == "ok" and data.get("out_of_domain"):
+                self.last_ood = max(self.last_ood, _index(data, math.inf))
+            return
+        if stream != "recommendations":
+            return
+        self.latest, self.latest_index = data, _index(data, -math.inf)
         if self.submitter.config.submit_on == "rescan" and data.get("rescan"):
             if data.get("out_of_domain"):
                 self.submitter.stats["skipped_out_of_domain"] += 1
@@ -291,10 +312,16 @@ class _AdviceFollower(StreamCallback):
         if doc.get("exit_status") != "success":  # aborted, failed, or ended by a shutdown
             self.submitter.stats["skipped_not_success"] += 1
             return
-        if self.latest.get("out_of_domain"):  # advice on an answer not to be trusted
-            self.submitter.stats["skipped_out_of_domain"] += 1
+        if self.latest.get("out_of_domain") or self.last_ood > self.latest_index:
+            self.submitter.stats["skipped_out_of_domain"] += 1  # an answer not to be trusted
             return
         self.submitter.enqueue(self.latest, self.raw_uid)
+
+
+def _index(data: Mapping[str, Any], missing: float) -> float:
+    """The spectrum index of an event's data (``missing`` when it has none)."""
+    value = data.get("index")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else missing
 
 
 def _make_api(config: QueueServerConfig) -> Any:

@@ -28,8 +28,10 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
    ``herfd_suspected``, :mod:`xasflow.daemon.herfd_hint`).
 6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), an analysed
    spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
-   one per run per ``recommend_interval_s``, except when the stop-early decision turns,
-   which goes out at once): what to measure next, stop early, rescan
+   one per run per ``recommend_interval_s``, except when the stop-early decision turns or
+   the answer goes into or out of the bundle's domain, which goes out at once: the run's
+   last advice is always as out of domain as its latest answer): what to measure next,
+   stop early, rescan
    (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row",
    whether the pipeline or the assembler refused it (a duplicate event refuses none).
 
@@ -198,7 +200,8 @@ class Pipeline:
             raise ValueError("recommend_interval_s must be >= 0")
         self.recommendations = RecommendationTracker(recommend) if recommend is not None else None
         self.recommend_interval_s = float(recommend_interval_s)
-        self._recommend_due: dict[str, float] = {}  # raw uid -> monotonic time of the next one
+        #: raw uid -> (monotonic time the next advice is due, its last advice out of domain)
+        self._advised: dict[str, tuple[float, bool]] = {}
         self._runs: dict[str, AnalysisRun] = {}
         self.declared = {"herfd": herfd, "calculated": calculated}
         self._declared: dict[str, dict[str, Any]] = {}  # raw uid -> what its start declares
@@ -409,15 +412,18 @@ class Pipeline:
         tracker, manifest = self.recommendations, predictor.manifest
         try:
             history = tracker.observe(run.raw_uid, pred)
-            if self.recommend_interval_s > 0:
-                now = time.monotonic()
-                due = now >= self._recommend_due.get(run.raw_uid, now)
-                if not due and not tracker.turns(run.raw_uid, manifest, history):
-                    return []  # throttled; a stop-early decision that turns goes out at once
-                self._recommend_due[run.raw_uid] = now + self.recommend_interval_s
+            now = time.monotonic()
+            due, ood = self._advised.get(run.raw_uid, (now, False))
+            # throttled, unless the stop-early decision turns or the answer enters or leaves
+            # the bundle's domain (the run's last advice must say which its answer is)
+            throttled = now < due and ood == pred.out_of_domain
+            if throttled and not tracker.turns(run.raw_uid, manifest, history):
+                return []
             spectrum = work.prepared.spectrum if work.prepared is not None else None
             rec = tracker.recommend_observed(run.raw_uid, manifest, history, spectrum)
-            return recommendation_docs(run, work.scan.index, rec, pred.out_of_domain)
+            docs = recommendation_docs(run, work.scan.index, rec, pred.out_of_domain)
+            self._advised[run.raw_uid] = (now + self.recommend_interval_s, pred.out_of_domain)
+            return docs
         except Exception:  # advice is optional; the prediction is already recorded
             logger.exception("recommendation failed for %s/%s", run.raw_uid, work.scan.index)
             return []
@@ -442,7 +448,7 @@ class Pipeline:
         self.counters.lost("seq_gap", out.missing_events - out.dropped_events)
         if self.recommendations is not None:
             self.recommendations.close(out.raw_uid)
-            self._recommend_due.pop(out.raw_uid, None)
+            self._advised.pop(out.raw_uid, None)
         run = self._runs.pop(out.raw_uid, None)
         self.herfd_hints.forget(out.raw_uid)
         if run is None:

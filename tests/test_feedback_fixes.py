@@ -1,0 +1,75 @@
+"""The fixes of the feedback review (tests/test_feedback_safety.py), seen from the other side:
+what each fix must also do, or must not break."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from helpers import unpaged
+from test_feedback_safety import _pipeline, _scan
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _advice_rows(docs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    return [
+        d["data"] for n, d in docs if n == "event" and names[d["descriptor"]] == "recommendations"
+    ]
+
+
+def test_throttled_advice_goes_out_at_once_when_the_answer_enters_or_leaves_the_domain(
+    tmp_path: Path,
+) -> None:
+    """With advice throttled to one per hour, a run's advice still follows each spectrum whose
+    answer went out of the bundle's domain or came back: its last advice says which the latest
+    answer is (the queueserver never plans from out-of-domain advice)."""
+    from xasflow.daemon.assembly import RunClosed, RunOpened
+
+    pipe = _pipeline(tmp_path, interval=3600.0)
+    outputs = [
+        RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
+        _scan("raw-1", 0, "CuO", 0),  # in domain: the run's first advice
+        _scan("raw-1", 1, "CuCl", 1),  # out of domain: advice at once
+        _scan("raw-1", 2, "CuCl", 2),  # still out: throttled
+        _scan("raw-1", 3, "CuO", 3),  # back in domain: advice at once
+        RunClosed("raw-1", "success", "", 4, 0, 0),
+    ]
+    rows = _advice_rows(unpaged(pipe.handle_batch(outputs)))
+    assert [(r["index"], r["out_of_domain"]) for r in rows] == [(0, False), (1, True), (3, False)]
+
+
+# --------------------------------------------------------------------------- queueserver
+
+
+def test_the_submitter_compares_answers_and_advice_by_index() -> None:
+    """A daemon pages a batch per stream (its answers before its advice): the submitter looks
+    at the spectrum index, not the order. An out-of-domain answer before the last advice
+    (which followed an in-domain one) leaves the plan; one after it withholds the plan."""
+    import json
+
+    from helpers import analysis_run_docs
+    from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+
+    from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+
+    advice = {**REC, "regions": json.dumps(REC["regions"]), "index": 1, "out_of_domain": False}
+    ood = {"status": "ok", "cn": 4, "out_of_domain": True}
+    fake = FakeApi()
+    cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for raw_uid, ood_index in (("raw-before", 0), ("raw-after", 2)):
+            events = [
+                ("primary", {**ood, "index": ood_index}),
+                ("primary", {"status": "ok", "cn": 4, "out_of_domain": False, "index": 1}),
+                ("recommendations", advice),
+            ]
+            for name, doc in analysis_run_docs(events, raw_uid=raw_uid):
+                sub(name, doc)
+        assert sub.join(5.0)
+        queued = [item["kwargs"]["md"]["xasflow"]["raw_uid"] for _, item in fake.items]
+        assert queued == ["raw-before"] and sub.stats["skipped_out_of_domain"] == 1
+    finally:
+        sub.close()
