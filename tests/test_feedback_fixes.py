@@ -73,3 +73,20 @@ def test_the_submitter_compares_answers_and_advice_by_index() -> None:
         assert queued == ["raw-before"] and sub.stats["skipped_out_of_domain"] == 1
     finally:
         sub.close()
+
+
+def test_close_still_submits_what_is_queued_within_its_timeout() -> None:
+    """close() submits the queue's plans while its timeout lasts (a daemon's shutdown does not
+    lose a run's plan to a quick server), then refuses anything new."""
+    from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+
+    from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+
+    fake = FakeApi(delay=0.05)
+    cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    for i in range(3):
+        assert sub.enqueue(REC, f"raw-{i}")
+    sub.close(timeout=5.0)
+    assert len(fake.items) == 3 and fake.closed
+    assert not sub.enqueue(REC, "raw-late") and sub.stats["dropped_closed"] == 1

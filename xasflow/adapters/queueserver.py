@@ -34,6 +34,7 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -97,6 +98,11 @@ class QueueServerSubmitter:
         )
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: Held while a request is with the server; ``close`` takes it once ``_closed`` is set,
+        #: so nothing reaches the server after ``close`` returns (see :meth:`close`).
+        self._send_lock = threading.Lock()
+        self._closing = False  # close() has begun: nothing new is accepted
+        self._closed = False  # close() has given up on what is queued: nothing more is sent
         self._router = SafeRouter(
             [stream_factory({}, on_run=lambda start: [_RunFollower(self, start)])],
             "queueserver submitter",
@@ -111,6 +117,7 @@ class QueueServerSubmitter:
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
             "dropped_full": 0,
+            "dropped_closed": 0,
         }
         #: (raw uid, what) already queued: "run_end", or "rescan <region>" (the newest kept)
         self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -125,7 +132,9 @@ class QueueServerSubmitter:
     # ------------------------------------------------------------------ synchronous API
 
     def api(self) -> Any:
-        """The REManagerAPI client (created on first use)."""
+        """The REManagerAPI client (created on first use; QueueServerError once closed)."""
+        if self._closed:
+            raise QueueServerError("the submitter is closed: nothing more is submitted")
         if self._api is None:
             self._api = self._api_factory(self.config)
         return self._api
@@ -143,9 +152,12 @@ class QueueServerSubmitter:
             return None
         item = plan_item(self.config, recommendation, raw_uid=raw_uid, rescan_only=rescan_only)
         try:
-            reply = self.api().item_add(
-                item, user=self.config.user, user_group=self.config.user_group
-            )
+            with self._send_lock:  # close() waits for this request, and none starts after it
+                reply = self.api().item_add(
+                    item, user=self.config.user, user_group=self.config.user_group
+                )
+        except QueueServerError:
+            raise
         except Exception as exc:
             self.stats["failed"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -161,11 +173,34 @@ class QueueServerSubmitter:
         return dict(reply) if isinstance(reply, Mapping) else {"reply": reply}
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker (after what is queued) and close the client."""
+        """Submit what is queued within ``timeout``, then stop: once close returns, nothing
+        more reaches the queueserver.
+
+        What is still queued at ``timeout`` is dropped (``dropped_closed``); a request already
+        with the server is waited for (each ends within the client's ``timeout_s``), and no
+        new client is made. Nothing is accepted once close has begun.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._closing = True
         worker = self._worker
         if worker is not None and worker.is_alive():
-            self._queue.put(None)
-            worker.join(timeout)
+            with contextlib.suppress(queue.Full):  # full: the worker sees _closed instead
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            worker.join(max(0.0, deadline - time.monotonic()))
+        self._closed = True
+        if self._send_lock.acquire(timeout=self.config.timeout_s + 1.0):
+            self._send_lock.release()  # the request in flight, if any, has ended
+        else:  # a client that ignores its own timeout: nothing can recall that request
+            logger.error("a queueserver request is still in flight %.0f s after close", timeout)
+        while True:  # what the worker did not reach
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.stats["dropped_closed"] += job is not None
+            self._queue.task_done()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)  # wakes a worker still waiting for a job
         self._worker = None
         if self._api is not None:
             try:
@@ -192,6 +227,9 @@ class QueueServerSubmitter:
         queued for this raw run, limited or full."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
+            return False
+        if self._closing:
+            self.stats["dropped_closed"] += 1
             return False
         rec = _decode(recommendation)
         if rec.get("stop_early") and not rescan_only:
@@ -235,6 +273,9 @@ class QueueServerSubmitter:
             try:
                 if job is None:
                     return
+                if self._closed:  # close() gave up on what is queued
+                    self.stats["dropped_closed"] += 1
+                    continue
                 rec, raw_uid, rescan_only = job
                 self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only)
             except (QueueServerError, ValueError) as exc:
