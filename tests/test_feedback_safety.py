@@ -53,6 +53,12 @@ class FakeApi:
         self.items.append((time.monotonic(), item))
         return {"success": True, "msg": "", "item": dict(item, item_uid=f"u{len(self.items)}")}
 
+    def queue_get(self, **kwargs: Any) -> dict[str, Any]:  # REManagerAPI.queue_get
+        return {"success": True, "items": [item for _, item in self.items], "running_item": {}}
+
+    def history_get(self, **kwargs: Any) -> dict[str, Any]:  # REManagerAPI.history_get
+        return {"success": True, "items": []}
+
     def close(self) -> None:
         self.closed = True
 

@@ -422,6 +422,34 @@ def test_plan_lands_in_a_real_queue(re_manager: dict[str, Any]) -> None:
     assert item["item_uid"] == reply["item"]["item_uid"]
 
 
+def test_a_restarted_daemon_finds_the_runs_plan_in_the_real_queue(
+    re_manager: dict[str, Any],
+) -> None:
+    """The memory of queued runs dies with the process: after a restart (a new submitter) the
+    replayed run finds its plan in the server's queue by ``md.xasflow`` and queues nothing; a
+    rescan of the same run is another submission and goes in."""
+    api = re_manager["api"]
+    api.queue_clear()
+    cfg = QueueServerConfig(
+        enabled=True,
+        zmq_control_addr=re_manager["control"],
+        zmq_public_key=re_manager["public"],
+        detectors=["det1"],
+        motor="motor",
+        timeout_s=5.0,
+    )
+    replies = []
+    for _process in range(2):
+        with QueueServerSubmitter(cfg) as sub:
+            replies.append(sub.submit(REC, raw_uid="raw-43"))
+    assert replies[0] is not None and replies[1] is None and sub.stats["skipped_repeat"] == 1
+    rescan = dict(REC, rescan=dict(REC["regions"][0], dwell=6.0))
+    with QueueServerSubmitter(cfg) as sub:
+        assert sub.submit(rescan, raw_uid="raw-43", rescan_only=True) is not None
+    kinds = [i["kwargs"]["md"]["xasflow"]["submission"] for i in api.queue_get()["items"]]
+    assert kinds == ["run_end", "rescan pre-edge"]
+
+
 def test_unknown_plan_is_refused_by_the_server(re_manager: dict[str, Any]) -> None:
     cfg = QueueServerConfig(
         enabled=True,

@@ -23,8 +23,11 @@ was already certain, nor for a run aborted, failed or closed by a daemon's shutd
 ``submit_on: rescan``, only recommended rescans, each region once per run. Advice that
 follows an out-of-domain answer, or is older than one (advice is throttled), is never queued
 (``skipped_out_of_domain``): the sample is not what the bundle knows, and a plan would chase
-a guess. A raw run gets
-its plan once, however often its analysis is replayed (a Kafka redelivery after a restart).
+a guess. A raw run gets its plan once, however often its analysis is replayed: this process
+remembers what it queued, and before each submission the queueserver's queue and history are
+asked for an item whose ``md.xasflow`` names the same raw run and submission (a Kafka
+redelivery after a restart finds its plan there). Not covered: a plan an operator removed
+from the queue (it is in neither) or a history cleared before the replay.
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
 at most one per ``min_interval_s``.
 
@@ -48,9 +51,11 @@ from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
     QueueServerConfig,
+    item_key,
     plan_item,
     region_points,
     secret,
+    submission_key,
     xas_regions_scan,
 )
 from xasflow.adapters.queueserver_plan import decode as _decode
@@ -146,16 +151,21 @@ class QueueServerSubmitter:
         raw_uid: str | None = None,
         rescan_only: bool = False,
     ) -> dict[str, Any] | None:
-        """Add one recommendation to the queue now; None when disabled. Raises QueueServerError."""
+        """Add one recommendation to the queue now; None when disabled, or when the
+        queueserver's queue or history already holds this raw run's plan (see
+        :meth:`_on_server`). Raises QueueServerError."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
         item = plan_item(self.config, recommendation, raw_uid=raw_uid, rescan_only=rescan_only)
+        key = item_key(item) if raw_uid else None
         try:
             with self._send_lock:  # close() waits for this request, and none starts after it
-                reply = self.api().item_add(
-                    item, user=self.config.user, user_group=self.config.user_group
-                )
+                api = self.api()
+                if key is not None and self._on_server(api, key):
+                    self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
+                    return None
+                reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
         except QueueServerError:
             raise
         except Exception as exc:
@@ -171,6 +181,29 @@ class QueueServerSubmitter:
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})
         del self.submitted[:-100]
         return dict(reply) if isinstance(reply, Mapping) else {"reply": reply}
+
+    def _on_server(self, api: Any, key: tuple[str, str]) -> bool:
+        """Whether the queueserver's queue (its running item included) or history holds an
+        item xasflow queued for ``key`` (:func:`~xasflow.adapters.queueserver_plan.item_key`).
+
+        The memory of queued runs dies with the process, and Kafka redelivers after a restart
+        what was not committed: the server's own record is what outlives the daemon. A reply
+        that is no success raises (nothing is queued while it cannot be checked); a client
+        without ``queue_get``/``history_get`` (a test double) is not asked.
+        """
+        items: list[Any] = []
+        for name in ("queue_get", "history_get"):
+            get = getattr(api, name, None)
+            if get is None:
+                return False
+            reply = get(reload=True)
+            if not isinstance(reply, Mapping) or reply.get("success") is False:
+                msg = reply.get("msg") if isinstance(reply, Mapping) else reply
+                raise QueueServerError(f"queueserver {name} failed: {msg}")
+            items.extend(reply.get("items") or [])
+            if reply.get("running_item"):
+                items.append(reply["running_item"])
+        return any(item_key(item) == key for item in items)
 
     def close(self, timeout: float = 10.0) -> None:
         """Submit what is queued within ``timeout``, then stop: once close returns, nothing
@@ -237,9 +270,7 @@ class QueueServerSubmitter:
             return False
         key = None
         if raw_uid:
-            rescan = rec.get("rescan") or {}
-            what = f"rescan {rescan.get('name', '')}" if rescan_only else "run_end"
-            key = (raw_uid, what)
+            key = submission_key(raw_uid, rec, rescan_only)
             if key in self._queued:
                 self.stats["skipped_repeat"] += 1
                 return False
@@ -277,7 +308,8 @@ class QueueServerSubmitter:
                     self.stats["dropped_closed"] += 1
                     continue
                 rec, raw_uid, rescan_only = job
-                self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only)
+                if self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only) is None:
+                    self._last_submit = -float("inf")  # already there: the slot is free again
             except (QueueServerError, ValueError) as exc:
                 self._last_submit = -float("inf")  # nothing went in: the slot is free again
                 logger.warning("queueserver submission failed: %s", exc)

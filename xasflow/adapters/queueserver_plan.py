@@ -26,8 +26,10 @@ __all__ = [
     "MAX_PLAN_POINTS",
     "RESERVED_KWARGS",
     "QueueServerConfig",
+    "item_key",
     "plan_item",
     "region_points",
+    "submission_key",
     "xas_regions_scan",
 ]
 
@@ -191,8 +193,10 @@ def plan_item(
 ) -> dict[str, Any]:
     """The queue item for a recommendation (a ``Recommendation.to_dict()`` or stream row).
 
-    ``rescan_only`` submits just the recommended rescan region. ``ValueError`` for a
-    recommendation without regions or with regions :func:`region_points` refuses.
+    ``rescan_only`` submits just the recommended rescan region. ``md.xasflow`` names the raw
+    run and the submission (:func:`submission_key`), which :func:`item_key` reads back from
+    the server's queue and history. ``ValueError`` for a recommendation without regions or
+    with regions :func:`region_points` refuses.
     """
     rec = decode(recommendation)
     regions = rec.get("regions") or []
@@ -207,6 +211,7 @@ def plan_item(
     if not rows:
         raise ValueError("the recommendation has no regions")
     region_points(rows, config.max_points)  # validate before the server sees it
+    _, what = submission_key(raw_uid or "", rec, rescan_only)
     md = {
         "xasflow": {
             "raw_uid": raw_uid,
@@ -214,6 +219,7 @@ def plan_item(
             "e0": rec.get("e0"),
             "uncertainty": rec.get("uncertainty"),
             "kind": "rescan" if rescan_only else "scan",
+            "submission": what,
             "reasons": [str(r.get("reason", "")) for r in regions],
         }
     }
@@ -225,6 +231,31 @@ def plan_item(
         "md": md,
     }
     return {"item_type": "plan", "name": config.plan_name, "args": [], "kwargs": kwargs}
+
+
+def submission_key(raw_uid: str, rec: Mapping[str, Any], rescan_only: bool) -> tuple[str, str]:
+    """``(raw uid, what)`` of a submission: ``"run_end"`` for a run's scan, ``"rescan
+    <region>"`` for a rescan of one region; each is queued once per raw run."""
+    if not rescan_only:
+        return raw_uid, "run_end"
+    rescan = rec.get("rescan")
+    name = rescan.get("name", "") if isinstance(rescan, Mapping) else ""
+    return raw_uid, f"rescan {name}"
+
+
+def item_key(item: Any) -> tuple[str, str] | None:
+    """The :func:`submission_key` a queue or history item of the queueserver carries in
+    ``kwargs.md.xasflow`` (None for an item xasflow did not queue)."""
+    try:
+        ours = item["kwargs"]["md"]["xasflow"]
+        raw_uid, what = ours.get("raw_uid"), ours.get("submission")
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(raw_uid, str) or not raw_uid:
+        return None
+    if not isinstance(what, str):  # queued by a version that did not record it
+        what = "run_end" if ours.get("kind") == "scan" else ""
+    return (raw_uid, what) if what else None
 
 
 def decode(rec: Mapping[str, Any]) -> dict[str, Any]:
