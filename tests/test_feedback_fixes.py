@@ -90,3 +90,65 @@ def test_close_still_submits_what_is_queued_within_its_timeout() -> None:
     sub.close(timeout=5.0)
     assert len(fake.items) == 3 and fake.closed
     assert not sub.enqueue(REC, "raw-late") and sub.stats["dropped_closed"] == 1
+
+
+# --------------------------------------------------------------------------- EPICS advice PVs
+
+
+def test_the_advice_pvs_follow_the_current_run_only() -> None:
+    """Run A's analysis start and advice arriving after run B's raw start (A's one spectrum
+    analysed in the turn that read B's start) write nothing; out-of-domain advice is
+    withheld with a MAJOR alarm that the next advice clears; a rejection of A does not
+    withdraw B's STOP_EARLY, one of B does."""
+    import json
+
+    from caproto import AlarmSeverity
+    from helpers import analysis_run_docs
+    from test_feedback_safety import _ioc
+
+    def advice(stop: bool, ood: bool = False) -> dict[str, Any]:
+        return {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": stop, "out_of_domain": ood}
+
+    ok = {"status": "ok", "cn": 4}
+    rejected = {"status": "rejected", "reason": "no_edge"}
+    ioc = _ioc()
+    group = ioc.group
+    try:
+        ioc.raw_run_started("raw-A")
+        ioc.raw_run_started("raw-B")  # B's start read before A's spectrum was analysed
+        docs_a = analysis_run_docs(
+            [("primary", ok), ("recommendations", advice(True)), ("primary", rejected)], "raw-A"
+        )
+        for name, doc in docs_a[:5]:  # start, descriptors, A's answer and advice
+            ioc(name, doc)
+        ioc.flush()
+        assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 0)
+        assert ioc.advice_dropped == 1
+        docs_b = analysis_run_docs(
+            [
+                ("primary", ok),
+                ("recommendations", advice(False, ood=True)),
+                ("recommendations", advice(True)),
+                ("primary", rejected),
+            ],
+            "raw-B",
+        )
+        for name, doc in docs_b[:4]:  # start, descriptors, B's answer
+            ioc(name, doc)
+        ioc(*docs_b[4])  # B's out-of-domain advice: withheld, in alarm
+        ioc.flush()
+        assert group.n_regions.value == 0 and group.stop_early.value == 0
+        assert group.regions.alarm.severity == AlarmSeverity.MAJOR_ALARM
+        ioc(*docs_b[5])  # B's next advice, in domain: written, alarm cleared
+        ioc.flush()
+        assert group.n_regions.value == 1 and group.stop_early.value == 1
+        assert group.regions.alarm.severity == AlarmSeverity.NO_ALARM
+        for name, doc in docs_a[5:]:  # a late rejection of A, and A's stop: B's advice stands
+            ioc(name, doc)
+        ioc.flush()
+        assert group.stop_early.value == 1 and group.status.value.startswith("rejected")
+        ioc(*docs_b[6])  # a rejection of B: the row restarts
+        ioc.flush()
+        assert group.stop_early.value == 0
+    finally:
+        ioc.stop()

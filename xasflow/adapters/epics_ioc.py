@@ -25,6 +25,7 @@ from typing import Any
 
 from caproto import AlarmSeverity, AlarmStatus
 
+from xasflow.adapters.epics_advice import AdviceRuns
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
     ANSWER_PVS,
@@ -42,6 +43,12 @@ __all__ = ["HEARTBEAT_PERIOD", "MAX_REGIONS", "XasIoc", "XasPVGroup"]
 
 logger = logging.getLogger(__name__)
 
+
+#: The alarm of a value not to be trusted (an out-of-domain answer, or the advice after one).
+_MAJOR = {"status": AlarmStatus.STATE, "severity": AlarmSeverity.MAJOR_ALARM}
+_NO_ALARM = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
+#: In a pending write: the advice PVs' alarm (True MAJOR, False none); not a PV.
+_ADVICE_DOUBT = "_advice_out_of_domain"
 
 #: Searches sent from this many source ports: caproto's servers share the CA port with
 #: SO_REUSEPORT, and Linux hands each unicast datagram to one of them by a hash of its source,
@@ -175,6 +182,11 @@ class XasIoc:
         self._pending: dict[str, Any] = {}
         self._flush_scheduled = False
         self.published = 0
+        #: Which run the advice PVs belong to (:mod:`xasflow.adapters.epics_advice`); its
+        #: lock is held around each decision and the write it leads to.
+        self._advice = AdviceRuns()
+        self._advice_lock = threading.Lock()
+        self.advice_dropped = 0  # advice of a run other than the current one, not written
         self._router = SafeRouter(
             [
                 stream_factory(
@@ -299,27 +311,55 @@ class XasIoc:
 
     def publish_advice(self, data: Mapping[str, Any], raw_uid: str | None) -> None:
         """Update the advice PVs (regions, stop-early) from a recommendation row of
-        ``raw_uid``'s analysis; not an answer (``UPDATES`` and ``E0`` stay)."""
+        ``raw_uid``'s analysis; not an answer (``UPDATES`` and ``E0`` stay).
+
+        Written only while ``raw_uid`` is the run the advice PVs belong to: advice of a run
+        that a later raw start superseded (its last spectra analysed after that start) is
+        dropped (``advice_dropped``). Advice that follows an out-of-domain answer is withheld:
+        no regions, ``STOP_EARLY`` 0, and the advice PVs in ``MAJOR`` alarm (as the answer
+        PVs are beside ``OOD``), so a plan following the PVs never chases a guess.
+        """
         values = {k: v for k, v in values_from(data).items() if k in ADVICE_KEYS}
-        if values:
-            self._submit({**values, "advice_uid": raw_uid or ""})
+        if not values:
+            return
+        with self._advice_lock:
+            if not self._advice.may_advise(raw_uid or ""):
+                self.advice_dropped += 1
+                return
+            doubt = bool(data.get("out_of_domain"))
+            if doubt:
+                values = dict(NO_ADVICE)
+            self._submit({**values, _ADVICE_DOUBT: doubt, "advice_uid": raw_uid or ""})
 
     def _run_started(self, start: dict[str, Any]) -> list[Any]:
-        """An analysis run starts: no advice for it yet (the last run's is cleared)."""
-        self.raw_run_started(str(start.get("raw_uid") or ""))
+        """An analysis run starts: no advice for it yet (the last run's is cleared), unless
+        a later raw start has superseded it (:class:`AdviceRuns`)."""
+        raw_uid = str(start.get("raw_uid") or "")
+        with self._advice_lock:
+            if self._advice.analysis_start(raw_uid):
+                self._clear_advice(raw_uid)
         return []
 
     def raw_run_started(self, raw_uid: str) -> None:
         """A raw run starts scanning (the daemon's raw-start hook, before its first result
-        opens its analysis run): the last run's advice is cleared now, so a plan watching
-        STOP_EARLY never stops this scan on the last one's certainty."""
-        self._submit({**NO_ADVICE, "advice_uid": raw_uid})
+        opens its analysis run): the last run's advice is cleared now, and none of it is
+        written after, so a plan watching STOP_EARLY never stops this scan on the last one's
+        certainty."""
+        with self._advice_lock:
+            self._advice.raw_start(raw_uid)
+            self._clear_advice(raw_uid)
+
+    def _clear_advice(self, raw_uid: str) -> None:
+        self._submit({**NO_ADVICE, _ADVICE_DOUBT: False, "advice_uid": raw_uid})
 
     def report_rejection(self, reason: str, raw_uid: str | None) -> None:
         """STATUS says the last spectrum was rejected and why; the answer PVs keep the last
-        answer (SCAN_UID names its run), so a client tells a new answer from an old one."""
+        answer (SCAN_UID names its run), so a client tells a new answer from an old one.
+        STOP_EARLY is withdrawn (0) when the run is the advice's: "in a row" has restarted."""
         run = f" ({raw_uid[:8]})" if raw_uid else ""
-        self._submit({"status": f"rejected {reason}{run}"})
+        with self._advice_lock:
+            withdraw = {"stop_early": 0} if self._advice.is_current(raw_uid) else {}
+            self._submit({"status": f"rejected {reason}{run}", **withdraw})
 
     def set_model_ok(self, ok: bool) -> None:
         """Set the model-OK flag (the service: a bundle is loaded, or none is)."""
@@ -357,17 +397,18 @@ class XasIoc:
             values, self._pending = self._pending, {}
             self._flush_scheduled = False
         doubt = values.get("ood") == 1  # out of domain: every answer PV in MAJOR alarm
+        advice_doubt = values.pop(_ADVICE_DOUBT, None)  # None: the advice alarm stays
         for attr, value in values.items():
             prop = getattr(self.group, attr)
             alarm: dict[str, Any] = {}
+            if attr in ADVICE_KEYS and advice_doubt is not None:
+                alarm = _MAJOR if advice_doubt else _NO_ALARM
             if attr in ANSWER_PVS:
                 if value is UNDEFINED:
                     value = ANSWER_PVS[attr]
                     alarm = {"status": AlarmStatus.UDF, "severity": AlarmSeverity.INVALID_ALARM}
-                elif doubt:
-                    alarm = {"status": AlarmStatus.STATE, "severity": AlarmSeverity.MAJOR_ALARM}
                 else:
-                    alarm = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
+                    alarm = _MAJOR if doubt else _NO_ALARM
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
                 # Channel Access strings are latin-1: a uid with an en dash or an emoji would
                 # make the PV unreadable (caproto encodes when a client reads), so such

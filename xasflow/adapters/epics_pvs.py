@@ -30,7 +30,11 @@ PV                  type      meaning
 The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) as a
 raw run's start arrives (the daemon's raw-start hook, before its first result), and again when
 its analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
-one's certainty.
+one's certainty; advice of an earlier run that comes after (its last spectra analysed later)
+is not written (:mod:`xasflow.adapters.epics_advice`). A rejected spectrum of the advice's run
+withdraws ``STOP_EARLY`` (the spectra "in a row" start again). Advice that follows an
+out-of-domain answer is withheld: no regions, ``STOP_EARLY`` 0, and the three advice PVs in
+``MAJOR`` alarm until the next advice or run.
 
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
 out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
@@ -147,16 +151,19 @@ class XasPVGroup(PVGroup):
         doc="the last spectrum: ok, or rejected <reason> (<raw run>); the answers above stay",
     )
     bundle_id = pvproperty(value="", name="BUNDLE_ID", dtype=ChannelType.STRING, read_only=True)
+    # the three advice PVs share one alarm (MAJOR while advice after an out-of-domain answer
+    # is withheld), apart from the group's default one
     regions = pvproperty(
         value=[0.0] * 4,
         name="REGIONS",
         dtype=float,
         max_length=4 * MAX_REGIONS,
         read_only=True,
+        alarm_group="advice",
         doc="[start, stop, step, dwell] * n_regions (eV, eV, eV, s)",
     )
-    n_regions = pvproperty(value=0, name="N_REGIONS", read_only=True)
-    stop_early = pvproperty(value=0, name="STOP_EARLY", read_only=True)
+    n_regions = pvproperty(value=0, name="N_REGIONS", read_only=True, alarm_group="advice")
+    stop_early = pvproperty(value=0, name="STOP_EARLY", read_only=True, alarm_group="advice")
     advice_uid = pvproperty(value="", name="ADVICE_UID", dtype=ChannelType.STRING, read_only=True)
     heartbeat = pvproperty(value=0, name="HEARTBEAT", read_only=True)
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
