@@ -152,3 +152,49 @@ def test_the_advice_pvs_follow_the_current_run_only() -> None:
         assert group.stop_early.value == 0
     finally:
         ioc.stop()
+
+
+# --------------------------------------------------------------------------- adaptive agent
+
+
+def test_the_adaptive_agent_stops_when_no_energy_gives_a_valid_outcome() -> None:
+    """No beam (I0 = 0 everywhere): each energy is asked max_tries times, then the agent stops
+    and says why, instead of asking for ever."""
+    import numpy as np
+    from test_feedback_safety import _FakePredictor
+
+    from xasflow.daemon.adaptive import RecommenderOptimizer
+
+    energies = np.linspace(8800.0, 9100.0, 20)
+    opt = RecommenderOptimizer(_FakePredictor(), initial_energies=energies, max_tries=2)
+    asked = 0
+    for _ in range(50):
+        batch = opt.suggest(64)
+        if not batch:
+            break
+        asked += len(batch)
+        opt.ingest([{"_id": s["_id"], "I0": 0.0, "It": 5e5} for s in batch])
+    stop, reason = opt.should_stop()
+    assert stop and reason is not None and "no energy gave a valid outcome" in reason
+    assert asked == 2 * energies.size and opt.passes[0].error == "no_valid_outcome"
+
+
+def test_an_outcome_that_never_comes_back_is_given_up_too() -> None:
+    """An energy handed out max_tries times whose outcome never arrives is given up: the pass
+    finishes without it and the next pass begins."""
+    import numpy as np
+    from test_feedback_safety import _FakePredictor
+
+    from xasflow.daemon.adaptive import RecommenderOptimizer
+
+    energies = np.linspace(8800.0, 9100.0, 20)
+    opt = RecommenderOptimizer(_FakePredictor(), initial_energies=energies, max_tries=3)
+    lost = float(energies[5])
+    for _ in range(10):
+        if len(opt.passes) > 1 or opt.should_stop()[0]:
+            break
+        batch = opt.suggest(64)
+        opt.ingest([{"_id": s["_id"], "mu": 1.0} for s in batch if s["energy"] != lost])
+    first = opt.passes[0]
+    assert first.given_up == {5} and first.tries[5] == 3 and first.prediction is not None
+    assert first.energies.size - len(first.mu) == 1  # the pass was predicted without it

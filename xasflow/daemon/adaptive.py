@@ -18,6 +18,12 @@ predictor predicts it, and the :class:`~xasflow.daemon.recommend.Recommender` (t
 sets the next pass. ``should_stop`` turns true when the recommendation says ``stop_early``
 or after ``max_passes``.
 
+Every energy is handed out at most ``max_tries`` times per pass: one that never gives a valid
+outcome (a non-finite mu, e.g. I0 = 0 during a beam dump, a closed shutter or a detector
+dropout at that energy; or an outcome that never comes back) is then given up, and the pass
+finishes without it, so ``optimize(iterations=None)`` always ends. A pass in which every
+energy was given up stops the agent (no beam to measure with).
+
 Outcomes are per-point mu (key ``"mu"``) or detector counts: ``i0`` and ``signal`` keys
 (default ``"I0"``/``"It"``) give mu = ln(I0/It) in transmission (``mode="fluorescence"``:
 If/I0). :class:`RunCollector` is an ``EvaluationFunction``: subscribed to the RunEngine, it
@@ -60,14 +66,22 @@ class Pass:
     order: list[int]  # indices into energies in hand-out order (most important first)
     handed: int = 0
     mu: dict[int, float] = field(default_factory=dict)  # index -> mu
+    tries: dict[int, int] = field(default_factory=dict)  # index -> times handed out
+    given_up: set[int] = field(default_factory=set)  # no valid outcome in max_tries
     prediction: Prediction | None = None
     recommendation: Recommendation | None = None
     error: str = ""
 
     @property
     def complete(self) -> bool:
-        """Every energy has an outcome."""
-        return len(self.mu) == self.energies.size
+        """Every energy has an outcome or was given up."""
+        return len(self.mu) + len(self.given_up) >= self.energies.size
+
+    def unmeasured(self) -> list[int]:
+        """Indices still without an outcome, in hand-out order (outside suggestions last)."""
+        listed = set(self.order)
+        rest = [i for i in range(self.energies.size) if i not in listed]
+        return [i for i in [*self.order, *rest] if i not in self.mu and i not in self.given_up]
 
 
 class RecommenderOptimizer:
@@ -85,10 +99,15 @@ class RecommenderOptimizer:
         i0: str = "I0",
         signal: str = "It",
         energy_range: tuple[float, float] | None = None,
+        max_tries: int = 3,
     ) -> None:
-        """``energy_range``: energies the beamline can reach; suggestions outside are dropped."""
+        """``energy_range``: energies the beamline can reach; suggestions outside are dropped.
+        ``max_tries``: hand-outs of one energy per pass before it is given up (see module)."""
         if max_passes < 1:
             raise ValueError("max_passes must be >= 1")
+        if max_tries < 1:
+            raise ValueError("max_tries must be >= 1")
+        self.max_tries = max_tries
         self.predictor = predictor
         self.tracker = RecommendationTracker(config)
         self.actuator = actuator
@@ -134,6 +153,10 @@ class RecommenderOptimizer:
     def _finish_pass(self) -> None:
         """Predict the completed pass and plan the next one (or stop)."""
         p = self.current
+        if not p.mu:  # every energy given up: nothing reaches the detector
+            p.error = "no_valid_outcome"
+            self._stop = (True, f"pass {p.number}: no energy gave a valid outcome")
+            return
         idx = sorted(p.mu)
         energy = p.energies[idx]
         mu = np.array([p.mu[i] for i in idx])
@@ -177,13 +200,24 @@ class RecommenderOptimizer:
         if p.energies.size == 0:
             self._stop = (True, "no recommended energy is within reach")
             return []
-        if p.handed >= len(p.order):  # all handed out, some never came back: ask again
-            chosen = [i for i in p.order if i not in p.mu][:n]
+        if p.handed >= len(p.order):  # all handed out, some gave nothing valid: ask again
+            chosen: list[int] = []
+            for i in p.unmeasured():
+                if p.tries.get(i, 0) >= self.max_tries:
+                    p.given_up.add(i)
+                elif len(chosen) < n:
+                    chosen.append(i)
+            if not chosen:  # every energy left was given up: the pass ends without them
+                if p.complete and not self._stop[0]:
+                    self._finish_pass()
+                    return self.suggest(num_points)  # the next pass's, or none when stopped
+                return []
         else:
             chosen = p.order[p.handed : p.handed + n]
             p.handed += len(chosen)
         out = []
         for i in chosen:
+            p.tries[i] = p.tries.get(i, 0) + 1
             _id = next(self._ids)
             self._by_id[_id] = (p.number, i)
             out.append({self.actuator: float(p.energies[i]), ID_KEY: _id})
@@ -202,6 +236,7 @@ class RecommenderOptimizer:
                 p.energies = np.append(p.energies, e)
                 p.dwells = np.append(p.dwells, p.dwells.max() if p.dwells.size else 1.0)
                 i = p.energies.size - 1
+            p.tries[i] = p.tries.get(i, 0) + 1
             _id = next(self._ids)
             self._by_id[_id] = (p.number, i)
             out.append({**s, ID_KEY: _id})
@@ -211,18 +246,22 @@ class RecommenderOptimizer:
         """Outcomes with ``"_id"`` (or an ``energy`` key for outside data) and mu or counts."""
         for point in points:
             mu = self._mu(point)
-            if mu is None:
-                continue
             key = self._by_id.pop(point.get(ID_KEY), None) if ID_KEY in point else None
             if key is None:
-                if self.actuator not in point:
+                if mu is None or self.actuator not in point:
                     continue
                 fresh = self.register_suggestions([{self.actuator: point[self.actuator]}])[0]
                 key = self._by_id.pop(fresh[ID_KEY])
             number, i = key
-            if number != self.current.number:
+            p = self.current
+            if number != p.number:
                 continue  # a late outcome of a finished pass
-            self.current.mu[i] = mu
+            if mu is None:  # no valid reading: asked again, up to max_tries in all
+                if i not in p.mu and p.tries.get(i, 0) >= self.max_tries:
+                    p.given_up.add(i)
+                continue
+            p.mu[i] = mu
+            p.given_up.discard(i)
         if not self._stop[0] and self.current.complete and self.current.energies.size:
             self._finish_pass()
 
