@@ -16,7 +16,8 @@ of a pass has an outcome, the pass becomes a :class:`~xasflow.spectra.Spectrum`,
 predictor predicts it, and the :class:`~xasflow.daemon.recommend.Recommender` (through a
 :class:`~xasflow.daemon.recommend.RecommendationTracker`, so stop-early sees the history)
 sets the next pass. ``should_stop`` turns true when the recommendation says ``stop_early``
-or after ``max_passes``.
+or after ``max_passes``. As in the daemon, stop-early needs its spectra "in a row": a pass
+that gets no prediction (the predictor refused it) restarts the row.
 
 Every energy is handed out at most ``max_tries`` times per pass: one that never gives a valid
 outcome (a non-finite mu, e.g. I0 = 0 during a beam dump, a closed shutter or a detector
@@ -182,6 +183,7 @@ class RecommenderOptimizer:
                 inside = (energies >= r.start - 1e-6) & (energies <= r.stop + 1e-6)
                 dwells[inside] = np.maximum(dwells[inside], r.dwell)
         else:  # no prediction: the prior advice, re-centred on the E0 this pass shows
+            self.tracker.interrupt("adaptive")  # "in a row": this pass broke the row
             rec = self.tracker.recommender(self.predictor.manifest).recommend(None, spectrum)
             energies, dwells = rec.energies(), rec.dwells()
         if len(self.passes) >= self.max_passes:
