@@ -122,3 +122,26 @@ def test_sign_bundle_signs_the_manifest_it_verified(
     sig = (cu / SIGNATURE).read_text()
     verify_signature(verified_bytes, sig, [load_public_key(public)], str(cu))
     assert _reason(cu, trusted_keys=[public], require_signature=True) == "signature_invalid"
+
+
+def test_write_bundle_replaces_only_a_bundle_or_an_empty_folder(cu: Path, tmp_path: Path) -> None:
+    """A bundle is written over its folder whole: a folder that is neither empty nor a bundle
+    (a results folder, a folder of bundles) is refused with ``not_a_bundle``, its files kept;
+    an empty folder or an existing bundle is replaced."""
+    m = read_manifest(cu)
+    files = {n: (cu / n).read_bytes() for n in m.files}
+    busy = tmp_path / "results"
+    (busy / "other-bundle").mkdir(parents=True)
+    (busy / "other-bundle" / "manifest.json").write_text("{}")
+    (busy / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a bundle") as info:
+        bundle_module.write_bundle(busy, m, files)
+    assert info.value.reason == "not_a_bundle"
+    assert (busy / "notes.txt").read_text() == "keep me"
+    assert (busy / "other-bundle" / "manifest.json").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(BundleError, match="not a folder"):
+        bundle_module.write_bundle(tmp_path / "a-file", m, files)
+    (tmp_path / "empty").mkdir()
+    inspect_bundle(bundle_module.write_bundle(tmp_path / "empty", m, files))
+    inspect_bundle(bundle_module.write_bundle(cu, m, files))  # a bundle over a bundle

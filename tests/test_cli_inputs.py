@@ -192,3 +192,17 @@ def test_evaluate_uppercase_csv_suffix_is_a_reference_table(cuo: Path, tmp_path:
     .tar.gz": load_dataset compares Path.suffix case-sensitively. Expected: read as a table."""
     table = _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96"], name="REFS.CSV")
     assert _evaluate(tmp_path, table)[0] == 0
+
+
+def test_train_refuses_an_out_folder_that_is_not_a_bundle_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow train --out DIR`` replaces DIR whole: a DIR holding other files is refused
+    (exit 2) before the data are even read, and nothing in it is touched."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    rc = main(["train", "--data", str(tmp_path / "no-such-data"), "--out", str(out)])
+    assert rc == 2
+    assert "--out" in capsys.readouterr().err  # refused for --out, before the missing data
+    assert (out / "thesis.tex").read_text() == "years of work"

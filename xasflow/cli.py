@@ -81,12 +81,16 @@ def _load_dataset(data: str, element: str, jobs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit every task on a dataset and export a verified bundle."""
-    from xasflow.models.bundle import verify_bundle
+    from xasflow.models.bundle import BundleError, check_replaceable, verify_bundle
     from xasflow.training.bundle_export import export_bundle
     from xasflow.training.fit import TrainConfig, train
     from xasflow.training.report import CITATION
 
     t0 = time.perf_counter()
+    try:  # before the training, not after it: --out is replaced whole
+        check_replaceable(args.out)
+    except BundleError as exc:
+        raise CliError(f"--out: {exc}") from None
     ds = _load_dataset(args.data, args.element, args.jobs)
     cfg = TrainConfig(n_jobs=args.jobs, split_by=args.split_by)
     if args.estimators:

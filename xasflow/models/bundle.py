@@ -433,6 +433,23 @@ def sign_bundle(
     return json.loads(text)["key_id"]
 
 
+def check_replaceable(directory: str | Path) -> None:
+    """Raise :class:`BundleError` (``not_a_bundle``) unless ``directory`` is absent, empty or
+    a bundle (holds ``manifest.json``): :func:`write_bundle` replaces it whole, so a results
+    folder or a folder of bundles (``--out models``) would be deleted with all it holds."""
+    path = Path(directory)
+    if not os.path.lexists(path) or (
+        path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))
+    ):
+        return
+    what = "a folder that is not a bundle" if path.is_dir() else "not a folder"
+    raise BundleError(
+        f"{path} exists and is {what} (no {MANIFEST}); a bundle replaces its folder whole, so "
+        f"name a new or empty folder (e.g. {path / 'cu-k'}) or an existing bundle",
+        "not_a_bundle",
+    )
+
+
 def write_bundle(
     directory: str | Path,
     manifest: Manifest,
@@ -445,9 +462,10 @@ def write_bundle(
     Hashes are computed here, so the manifest's ``files`` is filled in and ``manifest.sha256``
     written (and ``manifest.sig`` with ``signing_key``, an Ed25519 private key PEM). An existing
     bundle at ``directory`` is replaced only after the new one is complete, so a watcher never
-    sees a half-written bundle.
+    sees a half-written bundle; anything else there is refused (:func:`check_replaceable`).
     """
     directory = Path(directory)
+    check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others

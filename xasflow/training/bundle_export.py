@@ -22,6 +22,7 @@ from xasflow.models.bundle import (
     OodSpec,
     SpreadSpec,
     TaskSpec,
+    check_replaceable,
     write_bundle,
 )
 from xasflow.spectra import linear_matrix
@@ -100,7 +101,9 @@ def export_bundle(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write the served tasks as a verified bundle (graphs, calibration, manifest), its metrics
-    measured as served (:mod:`xasflow.training.served_metrics`)."""
+    measured as served (:mod:`xasflow.training.served_metrics`). ``out`` must be new, empty
+    or a bundle (:func:`~xasflow.models.bundle.check_replaceable`, checked before any work)."""
+    check_replaceable(out)
     cfg, ds = result.config, result.dataset
     matrix = linear_matrix(cfg.features, cfg.prep)
     files: dict[str, bytes] = {}
