@@ -25,7 +25,8 @@ from xasflow.spectra import PrepParams, featurize, linear_matrix, model_input
 from xasflow.training import labels
 from xasflow.training.bundle_export import export_bundle
 from xasflow.training.dataset import DatasetError, build_feff_dataset, grid_dataset
-from xasflow.training.fit import TrainConfig, train
+from xasflow.training.fit import TrainConfig, TrainError, train, untrainable
+from xasflow.training.split import split_dataset
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,25 @@ def test_a_formula_split_that_leaves_a_part_empty_is_a_clear_error(dataset) -> N
     cfg = small_config().model_copy(update={"split_by": "formula", "networks": ()})
     with pytest.raises(ValueError, match=r"left test empty \(3 groups.*--split-by material"):
         train(dataset, cfg, log=lambda *_: None)
+
+
+def test_a_task_with_no_labelled_validation_row_is_left_out(dataset) -> None:  # type: ignore[no-untyped-def]
+    """A task needs labelled rows in every split part (fit, choose and calibrate, score):
+    without validation valence labels, training died in sklearn ("Found array with 0
+    sample(s)"); now the task is left out with its reason, and the others are trained."""
+    cfg = small_config().model_copy(update={"networks": ()})
+    g = grid_dataset(dataset, cfg.prep)
+    parts = split_dataset(
+        dataset.subset(g.rows), cfg.split_salt, cfg.test_fraction, cfg.val_fraction, "material"
+    )
+    ds = dataclasses.replace(dataset, valence=dataset.valence.astype(float))
+    ds.valence[g.rows[parts["val"]]] = np.nan
+    result = train(ds, cfg, tasks=("cn", "valence"), log=lambda *_: None)
+    assert set(result.tasks) == {"cn"}
+    assert "no labelled validation spectrum" in result.skipped["valence"]
+    assert untrainable("classifier", np.array([4, 4]), np.arange(2), np.arange(1), np.arange(1))
+    with pytest.raises(TrainError, match=r"no task can be trained.*valence"):
+        train(ds, cfg, tasks=("valence",), log=lambda *_: None)
 
 
 def test_poscar_species_names_and_formulas() -> None:

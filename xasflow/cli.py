@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fit every task on a dataset and export a verified bundle."""
     from xasflow.models.bundle import BundleError, check_replaceable, verify_bundle
     from xasflow.training.bundle_export import export_bundle
-    from xasflow.training.fit import TrainConfig, train
+    from xasflow.training.fit import TrainConfig, TrainError, train
     from xasflow.training.report import CITATION
 
     t0 = time.perf_counter()
@@ -111,10 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         cfg = cfg.model_copy(update={"augment": augment})
     t_fit = time.perf_counter()
-    result = train(ds, cfg, log=print)
-    out = export_bundle(
-        result, args.out, citation=CITATION if "feff" in str(args.data).lower() else ""
-    )
+    try:
+        result = train(ds, cfg, log=print)
+        out = export_bundle(
+            result, args.out, citation=CITATION if "feff" in str(args.data).lower() else ""
+        )
+    except TrainError as exc:
+        raise CliError(str(exc)) from None
     size = sum(p.stat().st_size for p in out.iterdir())
     total = time.perf_counter() - t0
     print(

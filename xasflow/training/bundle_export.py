@@ -200,6 +200,7 @@ def _training_record(result: TrainResult, citation: str) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "config": json.loads(cfg.model_dump_json()),
         "hyperparameters": {n: f.params for n, f in result.tasks.items()},
+        "skipped_tasks": dict(result.skipped),  # task -> why training left it out
         "networks": {
             arch: {
                 "config": json.loads(ens.config.model_dump_json()),

@@ -39,6 +39,33 @@ from xasflow.training.split import SplitBy, split_dataset, split_keys
 TASKS = ("cn", "environment", "motifs", "valence", "distance", "charge")
 
 
+class TrainError(ValueError):
+    """Data that cannot train a bundle (an empty split part, no task with anything to learn):
+    the user's to fix, so ``xasflow train`` reports it as an error, not a traceback."""
+
+
+def untrainable(kind: str, y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray) -> str:
+    """Why a task cannot be learned from its labelled training, validation and test rows
+    (``tr``, ``va``, ``te``; "" when it can).
+
+    A part with no labelled row (BVAnalyzer gives no valence in an intermetallic set) leaves
+    nothing to fit, to choose and calibrate on, or to score; a classifier with one class
+    answers a constant, and its ONNX graph aborts onnxruntime (a C++ assertion, no Python
+    error) when the bundle is scored; a motif vector zero in every row has nothing to learn.
+    """
+    counts = {"training": len(tr), "validation": len(va), "test": len(te)}
+    empty = [part for part, n in counts.items() if not n]
+    if empty:
+        shown = ", ".join(f"{n} {part}" for part, n in counts.items())
+        return f"no labelled {' or '.join(empty)} spectrum (labelled: {shown})"
+    if kind == "classifier" and np.unique(y[tr]).size < 2:
+        only = np.asarray(y[tr][0]).item()
+        return f"one class ({only!r}) in all {len(tr)} labelled training spectra"
+    if kind == "multi_regressor" and not np.any(y[tr] > 0):
+        return "no motif with weight in the training spectra"
+    return ""
+
+
 class TrainConfig(BaseModel):
     """Everything that decides a trained bundle, stored in its manifest."""
 
@@ -235,17 +262,22 @@ class TrainResult:
     ood: Any = None  # the fitted out-of-domain scorer
     ood_spread: Any = None  # ood.SpreadOod: the scorer combined with the networks' spread
     ood_ligand: Any = None  # ood_ligand.LigandOod: shape, white line and post-edge combined
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why it was left out
 
 
 def train(
     ds: Dataset, cfg: TrainConfig, tasks: tuple[str, ...] = TASKS, log: Any = print
 ) -> TrainResult:
     """Grid, split, select hyper-parameters on validation, fit on train (validation chooses
-    the served estimator and calibrates), score on test."""
+    the served estimator and calibrates), score on test.
+
+    A task with nothing to learn (:func:`untrainable`) is left out of the result, with the
+    reason logged and kept in ``skipped``; :class:`TrainError` when no spectrum can be
+    prepared, a split part is empty or no task is left."""
     t0 = time.perf_counter()
     g = grid_dataset(ds, cfg.prep)
     if len(g.rows) == 0:
-        raise ValueError("no spectrum could be prepared; see the dataset issues")
+        raise TrainError("no spectrum could be prepared; see the dataset issues")
     if g.issues:  # never silently: these labelled rows are not trained on
         reasons = Counter(i.reason for i in g.issues)
         log(
@@ -256,7 +288,7 @@ def train(
     empty = [k for k in ("train", "val", "test") if not len(parts[k])]
     if empty:  # a handful of compositions can all hash to one side
         groups = len(set(split_keys(sub, cfg.split_by).tolist()))
-        raise ValueError(
+        raise TrainError(
             f"the split by {cfg.split_by} left {', '.join(empty)} empty ({groups} groups in "
             f"{len(sub)} spectra): use more data, or `--split-by material` (TrainConfig.split_by)"
         )
@@ -265,6 +297,7 @@ def train(
     targets = task_targets(sub, np.arange(len(sub)))
     rng = np.random.default_rng(cfg.seed)
     fits: dict[str, TaskFit] = {}
+    skipped: dict[str, str] = {}
     timings: dict[str, float] = {"grid": time.perf_counter() - t0}
     mean_curve = g.y[parts["train"]].mean(axis=0)
     for name in tasks:
@@ -273,6 +306,11 @@ def train(
         tr = parts["train"][valid[parts["train"]]]
         va = parts["val"][valid[parts["val"]]]
         te = parts["test"][valid[parts["test"]]]
+        why = untrainable(kind, y, tr, va, te)
+        if why:
+            skipped[name] = why
+            log(f"{name}: left out of the bundle: {why}")
+            continue
         best: tuple[float, dict[str, Any]] | None = None
         candidates = cfg.grid[kind]
         columns = None
@@ -335,7 +373,11 @@ def train(
         fits[name] = fit
         timings[name] = time.perf_counter() - t1
         log(f"{name}: {_summary(fit.metrics)} ({timings[name]:.0f} s)")
+    if not fits:
+        why = "; ".join(f"{n}: {w}" for n, w in skipped.items())
+        raise TrainError(f"no task can be trained on {ds.source} ({why})")
     result = TrainResult(cfg, fits, parts, g, sub, time.perf_counter() - t0, timings)
+    result.skipped = skipped
     serve_tasks(result, targets, mean_curve, log)
     result.seconds = time.perf_counter() - t0
     return result
