@@ -398,3 +398,28 @@ def test_synthetic_tree_energies(tmp_path: Path) -> None:
         assert site.energies.fermi_absolute == pytest.approx(FERMI_ABSOLUTE, abs=0.01)
     # the core-level offsets scatter between runs; the Fermi level on omega does not
     assert np.ptp([s.energies.edge_offset for s in sites]) > 0.5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_folders_sharing_a_name_get_their_paths_as_ids(tmp_path: Path, packed: bool) -> None:
+    """Runs merged under two sub-folders hold two different ``m1``: keyed by the folder name
+    alone they shared one id (and so one set of labels). A name met once keeps its bare id
+    (a flat Lightshow tree's ids, its label cache and its bundles' splits are unchanged)."""
+    files = {
+        "batchA/m1/POSCAR": CU2O_POSCAR,
+        "batchA/m1/FEFF-XANES/000_Cu/xmu.dat": xmu_text(),
+        "batchB/m1/POSCAR": FECU_POSCAR,
+        "batchB/m1/FEFF-XANES/001_Cu/xmu.dat": xmu_text(),
+        "batchB/mp-7/POSCAR": CU2O_POSCAR,
+        "batchB/mp-7/FEFF-XANES/000_Cu/xmu.dat": xmu_text(),
+    }
+    root = write_tar(tmp_path / "t.tgz", files) if packed else write_dir(tmp_path, files)
+    tree = read_feff_tree(root)
+    ids = {m.material_id: m.poscar for m in tree.materials}
+    prefix = "FEFF/" if packed else ""
+    assert ids == {
+        f"{prefix}batchA/m1": CU2O_POSCAR,
+        f"{prefix}batchB/m1": FECU_POSCAR,
+        "mp-7": CU2O_POSCAR,
+    }
+    assert tree.issues == []

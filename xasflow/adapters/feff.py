@@ -2,13 +2,18 @@
 
 Layout: ``<root>/.../<material_id>/POSCAR`` and
 ``<material_id>/FEFF-XANES/<NNN>_<El>/xmu.dat``, where ``NNN`` is the 0-based index of the
-absorbing site in the POSCAR. Bad items never stop a read: each becomes a :class:`ReadIssue`
+absorbing site in the POSCAR. A material's id is its folder's name (``mp-1234``), or where
+folders in different places share a name (runs merged as ``batchA/m1``, ``batchB/m1``) its
+path below the root, so that two structures never share one id (and labels, keyed by it).
+Bad items never stop a read: each becomes a :class:`ReadIssue`
 with a short reason tag, and whatever is usable is kept.
 
 Reason tags: ``missing_poscar`` / ``bad_poscar`` (material dropped: no structure, no labels),
 ``no_sites`` (material has no usable site spectra), ``missing_xmu``, ``bad_site_dir`` (name is
 not ``NNN_El``), ``site_mismatch`` (POSCAR has another element at that index),
-``truncated_archive`` (the tar stream ended early; what was read before is kept), and from
+``truncated_archive`` (the tar stream ended early; what was read before is kept),
+``duplicate_material`` (an id already taken, which only a material at the root itself named
+like one of its sub-folders can meet), and from
 the ``xmu.dat`` parser (:mod:`xasflow.adapters.feff_xmu`) ``empty_xmu``, ``truncated_xmu``
 (fewer than :data:`~xasflow.adapters.feff_xmu.MIN_ROWS` rows, or the last row cut short) and
 ``bad_xmu`` (non-numeric, ragged, too few columns, non-finite).
@@ -223,19 +228,27 @@ class _Collector:
             site.feff_out = parse_feff_out(read())
 
     def finish(self) -> FeffTree:
-        """Validate what was collected and build the sorted tree."""
+        """Validate what was collected and build the sorted tree (ids: the module's doc)."""
         tree = FeffTree(issues=list(self.extra_issues))
+        names = Counter(raw.name for raw in self.materials.values())
+        taken: set[str] = set()
         for key in sorted(self.materials, key=lambda k: (self.materials[k].name, k)):
-            material = self._finish_material(self.materials[key], "/".join(key), tree.issues)
+            raw, where = self.materials[key], "/".join(key)
+            mid = where if names[raw.name] > 1 and key else raw.name
+            if mid in taken:
+                detail = f"{where or self.root_name}: another material has the id {mid!r}"
+                tree.issues.append(ReadIssue(mid, "duplicate_material", detail))
+                continue
+            taken.add(mid)
+            material = self._finish_material(raw, mid, where, tree.issues)
             if material is not None:
                 tree.materials.append(material)
         tree.issues.sort(key=lambda i: (i.item, i.reason))
         return tree
 
     def _finish_material(
-        self, raw: _MaterialRaw, where: str, issues: list[ReadIssue]
+        self, raw: _MaterialRaw, mid: str, where: str, issues: list[ReadIssue]
     ) -> FeffMaterial | None:
-        mid = raw.name
         if raw.poscar is None:
             # with an element filter, an empty site list may just mean "other elements only"
             if raw.sites or not self.element:
