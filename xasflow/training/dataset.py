@@ -2,7 +2,8 @@
 
 A :class:`Dataset` is a flat table (one row per absorbing site) of spectra and label arrays,
 plus every item that could not be used and why. Labels are expensive (CrystalNN, BVAnalyzer),
-so they are cached on disk keyed by a fingerprint of the input; the cache is plain ``.npz``.
+so they are cached on disk keyed by a fingerprint of the input; the cache is plain ``.npz``
+(:mod:`~xasflow.training.label_cache`).
 """
 
 from __future__ import annotations
@@ -138,37 +139,18 @@ def _cached_labels(
     progress: bool,
     scheduler: str | None = None,
 ) -> tuple[dict[tuple[str, int], L.LabelResult], dict[tuple[str, int], int]]:
-    """Labels from the on-disk cache when the input and label schema match, else computed and saved."""
+    """Labels from the on-disk cache when the input and label schema match; the materials it
+    lacks (none cached, or sites whose worker was lost last time) are labelled and the cache
+    rewritten (:mod:`~xasflow.training.label_cache`: damaged files, concurrent builds)."""
     cache = label_cache_path(fingerprint)
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            labels = label_cache.labels_from_arrays(arrays)
-            mult = {
-                (str(m), int(s)): int(k)
-                for m, s, k in zip(
-                    arrays["material_id"], arrays["site_index"], arrays["multiplicity"], strict=True
-                )
-            }
-            wanted = {(mid, s) for mid, _, sites in jobs for s in sites}
-            if wanted <= set(labels):
-                return labels, mult
-        except (OSError, KeyError, ValueError):
-            pass  # stale or damaged cache: recompute
-    labels, mult = compute_labels(jobs, n_jobs=n_jobs, progress=progress, scheduler=scheduler)
-    arrays = label_cache.labels_to_arrays(labels)
-    arrays["multiplicity"] = np.array(
-        [
-            mult[(str(m), int(s))]
-            for m, s in zip(arrays["material_id"], arrays["site_index"], strict=True)
-        ],
-        dtype=np.int64,
-    )
-    tmp = cache.with_suffix(".tmp.npz")
-    with tmp.open("wb") as fh:
-        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
-    tmp.replace(cache)
+    labels, mult = label_cache.read_cache(cache) or ({}, {})
+    todo = [job for job in jobs if any((job[0], s) not in labels for s in job[2])]
+    if not todo:
+        return labels, mult
+    new, new_mult = compute_labels(todo, n_jobs=n_jobs, progress=progress, scheduler=scheduler)
+    labels.update(new)
+    mult.update(new_mult)
+    label_cache.write_cache(cache, labels, mult)
     return labels, mult
 
 

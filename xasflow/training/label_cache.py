@@ -1,11 +1,21 @@
 """The on-disk label cache: site labels as plain arrays in a compressed .npz (no pickle).
 
 Versioned by :data:`~xasflow.training.labels.LABELS_SCHEMA` and checked against the motif vocabulary, so a cache
-written by other label code is refused rather than misread.
+written by other label code is refused rather than misread. A cache that cannot be read
+(an empty, truncated or corrupted file) is warned about and rebuilt, never fatal; failures
+of the run rather than of the structure (:data:`TRANSIENT_REASONS`) are never cached, so
+the next build labels those sites again; every writer writes its own temporary file and
+renames it into place, so builds of one tree at once neither crash nor read half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import warnings
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +31,26 @@ from xasflow.training.labels import (
     environment_label,
 )
 
-__all__ = ["LABELS_SCHEMA", "labels_from_arrays", "labels_to_arrays", "load_labels", "save_labels"]
+__all__ = [
+    "LABELS_SCHEMA",
+    "TRANSIENT_REASONS",
+    "labels_from_arrays",
+    "labels_to_arrays",
+    "load_labels",
+    "read_cache",
+    "save_labels",
+    "write_cache",
+]
+
+#: Failure reasons of the run, not of the structure (a dask worker killed or lost): not cached.
+TRANSIENT_REASONS = frozenset({"worker_lost"})
+
+#: Labels and multiplicities by (material_id, site_index), as a cache holds them.
+Cached = tuple[dict[tuple[str, int], LabelResult], dict[tuple[str, int], int]]
+
+#: What reading a damaged .npz raises: EOFError (empty), BadZipFile (truncated, a bad CRC),
+#: zlib.error (a corrupted stream), KeyError / ValueError (an array missing or malformed).
+_UNREADABLE = (OSError, EOFError, KeyError, ValueError, IndexError, zipfile.BadZipFile, zlib.error)
 
 
 def labels_to_arrays(labels: Mapping[tuple[str, int], LabelResult]) -> dict[str, np.ndarray]:
@@ -123,3 +152,66 @@ def load_labels(path: str | Path) -> dict[tuple[str, int], LabelResult]:
     """Read labels written by ``save_labels``."""
     with np.load(Path(path), allow_pickle=False) as data:
         return labels_from_arrays({k: data[k] for k in data.files})
+
+
+def read_cache(path: Path) -> Cached | None:
+    """The labels and multiplicities cached at ``path``; None when there is no file, or a file
+    that cannot be used (other label code, or damaged: warned, then rebuilt by the caller)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        labels = labels_from_arrays(arrays)
+        mult = {
+            (str(m), int(s)): int(k)
+            for m, s, k in zip(
+                arrays["material_id"], arrays["site_index"], arrays["multiplicity"], strict=True
+            )
+        }
+    except _UNREADABLE as exc:
+        warnings.warn(
+            f"label cache {path} cannot be used ({type(exc).__name__}: {exc}); "
+            "labelling again and rewriting it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return labels, mult
+
+
+def write_cache(
+    path: Path,
+    labels: Mapping[tuple[str, int], LabelResult],
+    mult: Mapping[tuple[str, int], int],
+) -> None:
+    """Cache ``labels`` and ``mult`` at ``path``, less the :data:`TRANSIENT_REASONS` failures.
+
+    Written to a temporary file of this writer's own in the same folder, then renamed into
+    place (atomic): a reader sees the old file or the new one, and two builds of one tree at
+    once both finish (the last rename wins; both files are whole).
+    """
+    kept = {
+        key: item
+        for key, item in labels.items()
+        if not (isinstance(item, LabelFailure) and item.reason in TRANSIENT_REASONS)
+    }
+    arrays = labels_to_arrays(kept)
+    arrays["multiplicity"] = np.array(
+        [
+            mult[(str(m), int(s))]
+            for m, s in zip(arrays["material_id"], arrays["site_index"], strict=True)
+        ],
+        dtype=np.int64,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep a shared cache from its other users
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
