@@ -9,6 +9,7 @@ so they are cached on disk keyed by a fingerprint of the input; the cache is pla
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,11 @@ class Dataset:
 
 
 def fingerprint_path(path: Path) -> str:
-    """sha256 over a file's bytes, or over a directory's relative paths, sizes and contents."""
+    """sha256 over a file's bytes, or over a directory's relative paths and contents.
+
+    A path is hashed as the file system's bytes (``os.fsencode``): the UTF-8 of every
+    UTF-8 name, as before, and a name in another encoding (Latin-1 from an old share) too,
+    where ``str.encode`` raised UnicodeEncodeError on its undecodable bytes."""
     digest = hashlib.sha256()
     if path.is_file():
         with path.open("rb") as fh:
@@ -121,7 +126,7 @@ def fingerprint_path(path: Path) -> str:
         return digest.hexdigest()
     for p in sorted(path.rglob("*")):
         if p.is_file():
-            digest.update(str(p.relative_to(path)).encode())
+            digest.update(os.fsencode(p.relative_to(path)))
             digest.update(p.read_bytes())
     return digest.hexdigest()
 
