@@ -273,3 +273,23 @@ def test_arrays_round_trip(tmp_path) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         label_cache.labels_from_arrays(arrays)
     assert label_cache.labels_from_arrays(label_cache.labels_to_arrays({})) == {}
+
+
+def test_a_structure_spglib_would_crash_on_is_a_bad_structure_failure() -> None:
+    """NaN in a POSCAR (a relaxation that blew up) parses in pymatgen, and spglib under
+    BVAnalyzer then kills the process (SIGSEGV): such a structure, or a flat cell, is a
+    ``bad_structure`` failure of its sites before any labelling."""
+    from pymatgen.io.vasp import Poscar
+
+    from xasflow.training.label_jobs import _material_job, unusable_structure
+
+    good = Poscar(_cu2o()).get_str()
+    assert unusable_structure(_cu2o()) == ""
+    lines = good.splitlines()
+    nan_site = "\n".join([*lines[:-1], "nan nan nan O"]) + "\n"
+    nan_cell = "\n".join([lines[0], lines[1], "nan 0 0", *lines[3:]]) + "\n"
+    flat = "\n".join([lines[0], lines[1], *lines[2:4], "0 0 0", *lines[5:]]) + "\n"
+    for text, why in [(nan_site, "coordinates"), (nan_cell, "lattice"), (flat, "")]:
+        _, _, res, mult = _material_job(("m", text, (0, 1)))
+        assert [r.reason for r in res] == ["bad_structure"] * 2  # type: ignore[union-attr]
+        assert why in res[0].detail and mult == {}  # type: ignore[union-attr]

@@ -8,11 +8,30 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
 from xasflow.training import label_average as LA
 from xasflow.training import labels as L
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+
+def unusable_structure(structure: Structure) -> str:
+    """Why a parsed structure cannot be labelled ("" when it can): a lattice or coordinate
+    that is not finite (VASP writes NaN when a relaxation blows up; pymatgen parses it) or a
+    cell of no volume. spglib, under BVAnalyzer and the multiplicities, does not raise on
+    these: it crashes the process (SIGSEGV), or with dask loses the worker."""
+    if not np.isfinite(structure.lattice.matrix).all():
+        return "the lattice is not finite"
+    if not np.isfinite(structure.frac_coords).all():
+        return "a site's coordinates are not finite"
+    if not structure.volume > 1e-6:
+        return f"the cell has no volume ({structure.volume:.3g} A^3)"
+    return ""
 
 
 def _material_job(
@@ -25,8 +44,10 @@ def _material_job(
 
     try:
         structure = Structure.from_str(poscar, fmt="poscar")
+        detail = unusable_structure(structure)
     except Exception as exc:  # pymatgen raises many kinds here
         detail = f"{type(exc).__name__}: {exc}"
+    if detail:
         return (
             material_id,
             sites,
