@@ -301,7 +301,8 @@ def losses(h: Harness, uids: list[str], n: int, timeout: float = 60.0) -> dict[s
 
 
 def redeploy(src: Path, dest: Path, bundle_id: str, created: str | None = None) -> Path:
-    from xasflow.models.bundle import read_manifest, write_bundle
+    from xasflow.models.bundle import read_manifest
+    from xasflow.models.bundle_write import write_bundle
 
     m = read_manifest(src)
     m = m.model_copy(update={"bundle_id": bundle_id, "created": created or m.created})
@@ -314,7 +315,8 @@ def serving(h: Harness) -> list[tuple[str, str]]:
 
 def tamper_faults(h: Harness, t: Tally, base: Path) -> None:
     """Tampered bundles deployed next to the serving one: each refused, never served."""
-    from xasflow.models.bundle import read_manifest, seal_bundle
+    from xasflow.models.bundle import read_manifest
+    from xasflow.models.bundle_write import seal_bundle
 
     future = "2999-01-01T00:00:00+00:00"  # would outrank the serving bundle
 
@@ -591,7 +593,8 @@ def web_fault(h: Harness, t: Tally, clients: int) -> None:
 
 def prepare_models(models: Path | None, workdir: Path) -> Path:
     """A sealed copy of a Cu K bundle in the bench's own models directory; its path."""
-    from xasflow.models.bundle import inspect_bundle, seal_bundle
+    from xasflow.models.bundle import inspect_bundle
+    from xasflow.models.bundle_write import seal_bundle
 
     src = models or paths.REPO_ROOT / "models" / "cu-k"
     if (src / "cu-k").is_dir():

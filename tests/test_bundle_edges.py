@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-import xasflow.models.bundle as bundle_module
+import xasflow.models.bundle_write as bundle_module
 from xasflow import paths
-from xasflow.models.bundle import BundleError, inspect_bundle, read_manifest, sign_bundle
+from xasflow.models.bundle import BundleError, inspect_bundle, read_manifest
+from xasflow.models.bundle_write import sign_bundle
 from xasflow.models.integrity import (
     DIGEST,
     SIGNATURE,
@@ -50,7 +51,7 @@ def _rewrite(directory: Path, data: bytes) -> None:
 
 def test_a_manifest_over_the_limit_is_refused_as_too_large(cu: Path) -> None:
     """A valid, sealed manifest padded past 4 MiB (the shipped one is ~40 KB) was read
-    whole and served: nothing bounds what ``_manifest_bytes`` reads. Now it is refused
+    whole and served: nothing bounds what ``manifest_bytes`` reads. Now it is refused
     ``too_large`` from its size, and a manifest just under the limit is still read."""
     data = (cu / "manifest.json").read_bytes()
     assert len(data) < 64 * 1024
@@ -145,3 +146,14 @@ def test_write_bundle_replaces_only_a_bundle_or_an_empty_folder(cu: Path, tmp_pa
     (tmp_path / "empty").mkdir()
     inspect_bundle(bundle_module.write_bundle(tmp_path / "empty", m, files))
     inspect_bundle(bundle_module.write_bundle(cu, m, files))  # a bundle over a bundle
+
+
+def test_a_one_class_classifier_is_refused_before_any_graph_runs(cu: Path) -> None:
+    """onnxruntime aborts the process (SIGABRT) on a one-class classifier graph; training
+    leaves such a task out, and a manifest that lists one (an older or hand-made bundle) is
+    refused at load instead of taking the daemon down."""
+    manifest = json.loads((cu / "manifest.json").read_text())
+    manifest["tasks"]["valence"]["classes"] = [2]
+    _rewrite(cu, json.dumps(manifest).encode())
+    with pytest.raises(BundleError, match="two classes or more"):
+        inspect_bundle(cu)

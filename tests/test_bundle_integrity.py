@@ -12,15 +12,8 @@ from typing import Any
 
 import pytest
 
-from xasflow.models.bundle import (
-    BundleError,
-    inspect_bundle,
-    read_manifest,
-    seal_bundle,
-    sign_bundle,
-    verify_bundle,
-    write_bundle,
-)
+from xasflow.models.bundle import BundleError, inspect_bundle, read_manifest, verify_bundle
+from xasflow.models.bundle_write import seal_bundle, sign_bundle, write_bundle
 from xasflow.models.integrity import DIGEST, SIGNATURE, generate_keypair, key_id, load_public_key
 
 

@@ -32,7 +32,8 @@ from xasflow.daemon.counters import Counters, register_prometheus
 from xasflow.daemon.documents import CODE_VERSION, DATA_KEYS
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest, write_bundle
+from xasflow.models.bundle import read_manifest
+from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import OUT_OF_DOMAIN, Predictor
 from xasflow.spectra import Spectrum, edge_energy
 

@@ -35,7 +35,7 @@ from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.prep_worker import JobFailed, PrepWorker
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.daemon.stack_job import job_for
-from xasflow.models.bundle import seal_bundle
+from xasflow.models.bundle_write import seal_bundle
 
 T0 = 1_700_000_000.0
 AXIS = np.linspace(8800.0, 9300.0, 700)

@@ -65,7 +65,8 @@ def test_calibration_that_cannot_be_reproduced_is_refused(
 ) -> None:
     """A recorded temperature the float graphs do not give back means other data or code: the
     int8 refit would calibrate something else, so nothing is written."""
-    from xasflow.models.bundle import read_manifest, write_bundle
+    from xasflow.models.bundle import read_manifest
+    from xasflow.models.bundle_write import write_bundle
     from xasflow.training.quantize import quantize_bundle
 
     src, cache = mlp_bundle

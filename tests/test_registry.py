@@ -23,7 +23,8 @@ import xasflow.daemon.registry_events as registry_events
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest, seal_bundle, sign_bundle, write_bundle
+from xasflow.models.bundle import read_manifest
+from xasflow.models.bundle_write import seal_bundle, sign_bundle, write_bundle
 from xasflow.models.integrity import format_digest, generate_keypair
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import Spectrum

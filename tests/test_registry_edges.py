@@ -16,7 +16,8 @@ import pytest
 
 from xasflow import paths
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest, write_bundle
+from xasflow.models.bundle import read_manifest
+from xasflow.models.bundle_write import write_bundle
 from xasflow.models.integrity import DIGEST, format_digest
 
 SHIPPED = paths.REPO_ROOT / "models" / "cu-k"
@@ -184,7 +185,7 @@ def test_the_trusted_keys_are_those_read_at_start(model_dir: Path, tmp_path: Pat
     swapped in); a key file removed or rewritten turned every later bundle into an
     'invalid' refusal (FileNotFoundError). The keys read at start are the ones trusted."""
     pytest.importorskip("cryptography")
-    from xasflow.models.bundle import sign_bundle
+    from xasflow.models.bundle_write import sign_bundle
     from xasflow.models.integrity import generate_keypair
 
     private, public = generate_keypair()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from synthetic_feff import write_tree
 
-from xasflow.models.bundle import verify_bundle, write_bundle
+from xasflow.models.bundle import verify_bundle
+from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset, grid_dataset
 from xasflow.training.evaluate import evaluate_bundle, predict_arrays, training_baselines

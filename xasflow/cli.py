@@ -81,7 +81,8 @@ def _load_dataset(data: str, element: str, jobs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fit every task on a dataset and export a verified bundle."""
-    from xasflow.models.bundle import BundleError, check_replaceable, verify_bundle
+    from xasflow.models.bundle import BundleError, verify_bundle
+    from xasflow.models.bundle_write import check_replaceable
     from xasflow.training.bundle_export import export_bundle
     from xasflow.training.fit import TrainConfig, TrainError, train
     from xasflow.training.report import CITATION

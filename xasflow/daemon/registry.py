@@ -1,7 +1,7 @@
 """The model registry: one verified ``Predictor`` per (element, edge), hot-swapped from a directory.
 
 A model directory holds one bundle per subdirectory (``models/cu-k/``, ...). Dot-directories
-are ignored: :func:`xasflow.models.bundle.write_bundle` writes ``.cu-k.xxxx`` and renames it
+are ignored: :func:`xasflow.models.bundle_write.write_bundle` writes ``.cu-k.xxxx`` and renames it
 into place, and parks the previous bundle as ``.cu-k.old`` for a moment.
 
 :meth:`ModelRegistry.refresh` scans the directory. A subdirectory whose fingerprint (names,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +28,9 @@ from xasflow.models.integrity import (
     SIGNATURE,
     BundleError,
     check_layout,
-    format_digest,
-    load_private_key,
     load_public_key,
     parse_digest,
     read_limited,
-    sign_bytes,
     too_large,
     verify_signature,
 )
@@ -149,6 +144,8 @@ class TaskSpec(BaseModel):
     def _check_graphs(self) -> TaskSpec:
         if not self.members and self.file is None:
             raise ValueError("a task needs members (or, schema 1, a file)")
+        if self.kind == "classifier" and len(self.classes or ()) < 2:  # onnxruntime aborts
+            raise ValueError("a classifier needs two classes or more")  # on a one-class graph
         return self
 
     def graph_members(self) -> list[MemberSpec]:
@@ -240,7 +237,7 @@ def _parse_manifest(path: Path, raw_bytes: bytes) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {exc}", "manifest_invalid") from exc
 
 
-def _manifest_bytes(directory: Path) -> bytes:
+def manifest_bytes(directory: Path) -> bytes:
     path = directory / MANIFEST
     if not path.is_file():
         raise BundleError(
@@ -255,7 +252,7 @@ def _manifest_bytes(directory: Path) -> bytes:
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse and schema-check ``manifest.json`` (no hash check; see :func:`verify_bundle`)."""
     directory = Path(directory)
-    return _parse_manifest(directory / MANIFEST, _manifest_bytes(directory))
+    return _parse_manifest(directory / MANIFEST, manifest_bytes(directory))
 
 
 # ---------------------------------------------------------------------------- integrity
@@ -284,7 +281,7 @@ def inspect_bundle(
     """Verify a bundle completely (see :func:`verify_bundle`) and say what was verified."""
     directory = Path(directory)
     check_layout(directory, None if root is None else Path(root))
-    data = _manifest_bytes(directory)
+    data = manifest_bytes(directory)
     digest = hashlib.sha256(data).hexdigest()
     digest_path = directory / DIGEST
     if digest_path.is_file():
@@ -305,7 +302,7 @@ def inspect_bundle(
         raise BundleError(
             f"{directory}: no {DIGEST}, so {MANIFEST} itself is not covered by a hash; "
             f"re-export the bundle, or seal a bundle you trust with "
-            f"`xasflow bundle seal {directory}` (xasflow.models.bundle.seal_bundle)",
+            f"`xasflow bundle seal {directory}` (xasflow.models.bundle_write.seal_bundle)",
             "digest_missing",
         )
     signed_by = None
@@ -329,11 +326,11 @@ def inspect_bundle(
             "signature_missing",
         )
     manifest = _parse_manifest(directory / MANIFEST, data)
-    _check_files(directory, manifest, max_graph_bytes)
+    check_files(directory, manifest, max_graph_bytes)
     return VerifiedBundle(manifest, digest, signed_by, data)
 
 
-def _check_files(
+def check_files(
     directory: Path, manifest: Manifest, max_graph_bytes: int = MAX_GRAPH_BYTES
 ) -> None:
     """Every file the manifest lists is present, within ``max_graph_bytes`` and matches its
@@ -390,110 +387,3 @@ def verify_bundle(
         require_signature=require_signature,
         max_graph_bytes=max_graph_bytes,
     ).manifest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def seal_bundle(directory: str | Path, *, force: bool = False) -> str:
-    """Write ``manifest.sha256`` for an existing bundle whose files match its manifest.
-
-    For bundles exported before digests existed. A bundle that already has a digest that does
-    not match (an edited manifest) is refused unless ``force``. Returns the hex digest.
-    """
-    directory = Path(directory)
-    try:
-        inspect_bundle(directory, require_digest=False)
-    except BundleError as exc:
-        if not (force and exc.reason == "digest_mismatch"):
-            raise
-        _check_files(directory, read_manifest(directory))
-    data = _manifest_bytes(directory)
-    _write_atomic(directory / DIGEST, format_digest(data))
-    return hashlib.sha256(data).hexdigest()
-
-
-def sign_bundle(
-    directory: str | Path, private_key_pem: str | bytes | Path, password: bytes | None = None
-) -> str:
-    """Sign a verified, sealed bundle's manifest with an Ed25519 key; returns the key id.
-
-    Writes ``manifest.sig``; daemons configured with the matching public key then accept it.
-    The bytes signed are the bytes verified, never the file read again: a manifest replaced
-    in between is left with a signature that does not verify it.
-    """
-    directory = Path(directory)
-    verified = inspect_bundle(directory)
-    key = load_private_key(private_key_pem, password)
-    text = sign_bytes(verified.manifest_bytes, key)
-    _write_atomic(directory / SIGNATURE, text)
-    return json.loads(text)["key_id"]
-
-
-def check_replaceable(directory: str | Path) -> None:
-    """Raise :class:`BundleError` (``not_a_bundle``) unless ``directory`` is absent, empty or
-    a bundle (holds ``manifest.json``): :func:`write_bundle` replaces it whole, so a results
-    folder or a folder of bundles (``--out models``) would be deleted with all it holds."""
-    path = Path(directory)
-    if not os.path.lexists(path) or (
-        path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))
-    ):
-        return
-    what = "a folder that is not a bundle" if path.is_dir() else "not a folder"
-    raise BundleError(
-        f"{path} exists and is {what} (no {MANIFEST}); a bundle replaces its folder whole, so "
-        f"name a new or empty folder (e.g. {path / 'cu-k'}) or an existing bundle",
-        "not_a_bundle",
-    )
-
-
-def write_bundle(
-    directory: str | Path,
-    manifest: Manifest,
-    files: dict[str, bytes],
-    *,
-    signing_key: str | bytes | Path | None = None,
-) -> Path:
-    """Write a bundle atomically: files, manifest and its digest go to a temp dir renamed into place.
-
-    Hashes are computed here, so the manifest's ``files`` is filled in and ``manifest.sha256``
-    written (and ``manifest.sig`` with ``signing_key``, an Ed25519 private key PEM). An existing
-    bundle at ``directory`` is replaced only after the new one is complete, so a watcher never
-    sees a half-written bundle; anything else there is refused (:func:`check_replaceable`).
-    """
-    directory = Path(directory)
-    check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others
-    try:
-        hashes: dict[str, str] = {}
-        for name, data in files.items():
-            if Path(name).name != name or name in (MANIFEST, DIGEST, SIGNATURE):
-                raise BundleError(f"bundle file name {name!r} is not allowed", "bad_file_name")
-            (tmp / name).write_bytes(data)
-            hashes[name] = hashlib.sha256(data).hexdigest()
-        final = manifest.model_copy(update={"files": hashes})
-        text = json.dumps(final.model_dump(mode="json"), indent=2) + "\n"
-        (tmp / MANIFEST).write_text(text)
-        (tmp / DIGEST).write_text(format_digest(text.encode()))
-        if signing_key is not None:
-            key = load_private_key(signing_key)
-            (tmp / SIGNATURE).write_text(sign_bytes(text.encode(), key))
-        verify_bundle(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory

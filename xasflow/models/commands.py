@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from xasflow.errors import CliError
-from xasflow.models.bundle import BundleError, inspect_bundle, seal_bundle, sign_bundle
+from xasflow.models.bundle import BundleError, inspect_bundle
+from xasflow.models.bundle_write import seal_bundle, sign_bundle
 from xasflow.models.integrity import (
     SIGNATURE,
     generate_keypair,

@@ -16,15 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import xasflow
-from xasflow.models.bundle import (
-    Manifest,
-    MemberSpec,
-    OodSpec,
-    SpreadSpec,
-    TaskSpec,
-    check_replaceable,
-    write_bundle,
-)
+from xasflow.models.bundle import Manifest, MemberSpec, OodSpec, SpreadSpec, TaskSpec
+from xasflow.models.bundle_write import check_replaceable, write_bundle
 from xasflow.spectra import linear_matrix
 from xasflow.training import labels as L
 from xasflow.training.export import to_onnx

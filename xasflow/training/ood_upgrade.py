@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.models.bundle import Manifest, OodSpec, write_bundle
+from xasflow.models.bundle import Manifest, OodSpec
+from xasflow.models.bundle_write import write_bundle
 from xasflow.training.ood import fit_ood
 from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
 from xasflow.training.ood_threshold import CONFIDENCE, bound_or_keep

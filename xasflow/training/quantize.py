@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.batch import member_mean, member_spread
-from xasflow.models.bundle import Manifest, TaskSpec, write_bundle
+from xasflow.models.bundle import Manifest, TaskSpec
+from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.fit import task_targets
 from xasflow.training.rebuild import open_for_rewrite, rebuild, rewrite_main

@@ -22,7 +22,8 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from xasflow.models.bundle import Manifest, write_bundle
+from xasflow.models.bundle import Manifest
+from xasflow.models.bundle_write import write_bundle
 from xasflow.training.nn import NetConfig
 from xasflow.training.nn_export import ensemble_to_onnx
 from xasflow.training.nn_graph import EnsembleModule, Member, MultiTaskNet, NetTask

@@ -23,7 +23,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from xasflow.models.bundle import Manifest, write_bundle
+from xasflow.models.bundle import Manifest
+from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.training.dataset import Dataset, Gridded, grid_dataset
 from xasflow.training.evaluate import NoTestRows, evaluate_bundle, training_baselines
