@@ -30,6 +30,7 @@ from synthetic_feff import model_mu
 
 from xasflow.adapters.probes import PROBE_KEY
 from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
+from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.service import Daemon
 
@@ -493,3 +494,21 @@ def serve_subprocess(
 
     wait_for(ready, "the daemon to become ready", timeout=timeout)
     return proc
+
+
+def processor_parts(ioc: Any = None, pipeline: Any = None) -> SimpleNamespace:
+    """What ``build_processor`` builds a processing loop from, as the daemon's parts, with an
+    input that never delivers and no store, gate or publisher: the loop's own tests feed it
+    (``_turn``). ``pipeline``: a real one, or a stand-in with no preparation process."""
+    return SimpleNamespace(
+        source=SimpleNamespace(get=lambda timeout: None),
+        assembler=RunAssembler(),
+        pipeline=pipeline if pipeline is not None else SimpleNamespace(worker=None),
+        probes=None,
+        interrupted=None,
+        writer=None,
+        store=None,
+        ioc=ioc,
+        gate=None,
+        publisher=None,
+    )

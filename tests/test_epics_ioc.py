@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("caproto")
 
-from helpers import analysis_run_docs, free_port, wait_for
+from helpers import analysis_run_docs, free_port, processor_parts, wait_for
 from helpers import read_pv as read
 
 from xasflow.adapters.epics_ioc import XasIoc
@@ -395,9 +395,7 @@ def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
     document only comes with the run's first result (a whole sweep of a quick-XAS run
     later), so the daemon's raw-start hook clears them as the raw start arrives: before,
     STOP_EARLY stayed 1 for run A through run B's first sweep."""
-    from types import SimpleNamespace
 
-    from xasflow.daemon.assembly import RunAssembler
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
     from xasflow.daemon.parts import build_processor
@@ -414,18 +412,7 @@ def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
     for name, doc in run_a:
         ioc(name, doc)
     wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
-    parts = SimpleNamespace(  # what the processor is built from; only the IOC matters here
-        source=SimpleNamespace(get=lambda timeout: None),
-        assembler=RunAssembler(),
-        pipeline=SimpleNamespace(worker=None),
-        probes=None,
-        interrupted=None,
-        writer=None,
-        store=None,
-        ioc=ioc,
-        gate=None,
-        publisher=None,
-    )
+    parts = processor_parts(ioc)  # only the IOC matters here
     proc = build_processor(parts, DaemonConfig(), Counters(), [], lambda: None)  # type: ignore[arg-type]
     assert proc.on_raw_start is not None
     proc.on_raw_start({"uid": "raw-B", "time": 1.0, "scan_id": 8, "plan_name": "fly"})

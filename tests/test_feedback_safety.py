@@ -9,12 +9,11 @@ import math
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import analysis_run_docs, fly_scan, free_port, unpaged
+from helpers import analysis_run_docs, fly_scan, free_port, processor_parts, unpaged
 from pydantic import ValidationError
 from test_recommend import SURE, VAL_SURE, demo_channels, manifest, prediction
 
@@ -113,7 +112,6 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
     publish_advice (epics_ioc.py:300) writes STOP_EARLY=1, ADVICE_UID=A while B scans.
     Expected: advice of a run other than the one in ADVICE_UID after a raw start is not
     written (STOP_EARLY stays 0 for B)."""
-    from xasflow.daemon.assembly import RunAssembler
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
     from xasflow.daemon.parts import build_processor
@@ -129,18 +127,7 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
     uid_b, run_b = fly_scan(energy, [channels(0)])
     ioc = _ioc()
     try:
-        parts = SimpleNamespace(  # what the processor is built from, as the daemon does
-            source=SimpleNamespace(get=lambda timeout: None),
-            assembler=RunAssembler(),
-            pipeline=pipe,
-            probes=None,
-            interrupted=None,
-            writer=None,
-            store=None,
-            ioc=ioc,
-            gate=None,
-            publisher=None,
-        )
+        parts = processor_parts(ioc, pipe)  # what the processor is built from, as the daemon does
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
         proc._turn(list(run_a[:-2]), check=False)
         proc._complete(0)
