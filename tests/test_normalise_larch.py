@@ -99,9 +99,17 @@ def test_calculated_is_declared_or_inferred() -> None:
     offset = Spectrum(short, 0.5 + mu, "Cu")
     assert 0.8 < normalize(offset, e0, EXACT)[1] < 0.97
     assert normalize(offset, e0, PrepParams())[1] == pytest.approx(1.0, rel=0.01)
+    # declared measured, 10 eV below E0 is too short a pre-edge (15 eV: MIN_PRE_EDGE) ...
     declared = Spectrum(short, mu, "Cu", meta={"calculated": False})
+    with pytest.raises(SpectrumError) as err:
+        normalize(declared, e0, PrepParams())
+    assert err.value.reason == "no_pre_edge"
+    # ... and with 15 eV it is normalised as the same scan on a background, undeclared
+    longer = np.arange(e0 - 15, e0 + 120, 0.25)
+    edge = arctan_edge(longer, e0, 1.0, wiggle=0.0)
+    declared = Spectrum(longer, edge, "Cu", meta={"calculated": False})
     assert normalize(declared, e0, PrepParams())[1] == pytest.approx(
-        normalize(offset, e0, PrepParams())[1], rel=1e-6
+        normalize(Spectrum(longer, 0.5 + edge, "Cu"), e0, PrepParams())[1], rel=1e-6
     )
 
 
