@@ -37,6 +37,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if summary["interrupted"]:
         return 130
+    if summary["beamline_exit"] not in (None, 0):  # the simulated beamline died
+        print(
+            f"xasflow demo: the simulated beamline failed (exit status "
+            f"{summary['beamline_exit']}); see its output above",
+            file=sys.stderr,
+        )
+        return 1
     if args.scans and summary["runs_finished"] < args.scans:
         print(
             f"xasflow demo: only {summary['runs_finished']} of {args.scans} scans were analysed",
@@ -59,6 +66,14 @@ def _count(least: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535 (0: any free one)."""
+    value = _count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is above 65535")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -93,10 +108,19 @@ def add_demo_command(subparsers: Any) -> None:
         help="tiled store directory for the results (default: a new /tmp/xasflow-demo-* "
         "directory, kept after the demo for reading; delete it when done)",
     )
-    d.add_argument("--http-port", type=int, default=8620, help="metrics/health port (0: free)")
-    d.add_argument("--fly-spectra", type=_count(1), default=5, help="spectra per fly scan")
-    d.add_argument("--seed", type=int, help="seed of the simulated beamline")
     d.add_argument(
-        "--log-level", default="warning", help="daemon log level: debug, info, warning, error"
+        "--http-port",
+        type=_port,
+        default=None,
+        help="dashboard/metrics/health port (0: any free one; default 8620 if free, else any)",
+    )
+    d.add_argument("--fly-spectra", type=_count(1), default=5, help="spectra per fly scan")
+    d.add_argument("--seed", type=_count(0), help="seed of the simulated beamline")
+    d.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="daemon log level",
     )
     d.set_defaults(func=cmd_demo)

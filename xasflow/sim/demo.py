@@ -26,7 +26,9 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -153,6 +155,24 @@ def _interrupt_on_signals() -> Callable[[], None]:
 # --------------------------------------------------------------------------- the demo
 
 
+#: The demo's dashboard port when it is free on loopback; when not (a second demo, another
+#: user on the machine) any free port, printed with the dashboard's address.
+DEMO_HTTP_PORT = 8620
+
+
+def pick_http_port(port: int | None) -> int:
+    """``port`` as asked (0: any free one); None: :data:`DEMO_HTTP_PORT` if it is free on
+    loopback, else 0."""
+    if port is not None:
+        return port
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", DEMO_HTTP_PORT))
+        except OSError:
+            return 0
+    return DEMO_HTTP_PORT
+
+
 def run_demo(
     scans: int = 0,
     fly: bool = False,
@@ -160,7 +180,7 @@ def run_demo(
     *,
     models_dir: str | Path | None = None,
     store_dir: str | Path | None = None,
-    http_port: int = 8620,
+    http_port: int | None = None,
     fly_spectra: int = 5,
     seed: int | None = None,
     out: TextIO | None = None,
@@ -169,7 +189,8 @@ def run_demo(
 
     Returns a summary: ``runs`` (raw uid -> what the beamline said of it), ``runs_finished``
     (analysis runs seen ending on the bus), ``spectra_printed``, the daemon's ``counters``
-    and the ``store`` directory. Raises DemoError when something it needs is missing.
+    and the ``store`` directory. Raises DemoError when something it needs is missing; a
+    store directory it made itself is removed then (the daemon never started: it is empty).
     """
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.service import Daemon, DaemonError
@@ -181,6 +202,7 @@ def run_demo(
 
     if not load_demo_spectra():
         raise DemoError("no demo spectra packaged in xasflow/data/demo (see xasflow.sim.feff_demo)")
+    made_store = not store_dir
     store = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="xasflow-demo-"))
 
     from xasflow.adapters.zmq_bus import ZmqDocumentSource, ZmqInputConfig
@@ -206,7 +228,7 @@ def run_demo(
                 "output": {"address": proxy.in_address, "prefix": _ANALYSIS_PREFIX},
                 "models": {"directory": str(models)},
                 "storage": {"directory": str(store)},
-                "http": {"port": http_port},
+                "http": {"port": pick_http_port(http_port)},
                 "analysis": {"run_timeout_s": 30.0},
             }
         )
@@ -215,6 +237,8 @@ def run_demo(
             daemon.start()
         except DaemonError as exc:
             hint = " (--http-port 0 picks a free port)" if "HTTP" in str(exc) else ""
+            if made_store:  # nothing was stored: no directory left behind, never printed
+                shutil.rmtree(store, ignore_errors=True)
             raise DemoError(f"{exc}{hint}") from None
         started.append(daemon.stop)
         bundles = ", ".join(m["bundle_id"] for m in daemon.view.models()) or "none"
