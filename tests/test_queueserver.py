@@ -395,17 +395,22 @@ def re_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             _stop(proc)
 
 
-def test_plan_lands_in_a_real_queue(re_manager: dict[str, Any]) -> None:
-    api = re_manager["api"]
-    api.queue_clear()
-    cfg = QueueServerConfig(
+def _real_queue(re_manager: dict[str, Any], detectors: list[str]) -> QueueServerConfig:
+    """A submitter's settings for the test's RE Manager, over 0MQ."""
+    return QueueServerConfig(
         enabled=True,
         zmq_control_addr=re_manager["control"],
         zmq_public_key=re_manager["public"],
-        detectors=["det1", "det2"],
+        detectors=detectors,
         motor="motor",
         timeout_s=5.0,
     )
+
+
+def test_plan_lands_in_a_real_queue(re_manager: dict[str, Any]) -> None:
+    api = re_manager["api"]
+    api.queue_clear()
+    cfg = _real_queue(re_manager, ["det1", "det2"])
     with QueueServerSubmitter(cfg) as sub:
         reply = sub.submit(REC, raw_uid="raw-42")
     assert reply is not None and reply["success"] is True
@@ -430,14 +435,7 @@ def test_a_restarted_daemon_finds_the_runs_plan_in_the_real_queue(
     rescan of the same run is another submission and goes in."""
     api = re_manager["api"]
     api.queue_clear()
-    cfg = QueueServerConfig(
-        enabled=True,
-        zmq_control_addr=re_manager["control"],
-        zmq_public_key=re_manager["public"],
-        detectors=["det1"],
-        motor="motor",
-        timeout_s=5.0,
-    )
+    cfg = _real_queue(re_manager, ["det1"])
     replies = []
     for _process in range(2):
         with QueueServerSubmitter(cfg) as sub:

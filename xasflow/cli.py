@@ -225,7 +225,7 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
             span = ""
             if res.interval is not None:
                 bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
-                if not all(math.isfinite(b) for b in res.interval):
+                if res.unbounded:
                     bounds = "unbounded (the bundle's calibration gives no finite bound)"
                 span = f"  {doubt(name, 'interval')} {bounds}"
             lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")

@@ -279,11 +279,10 @@ def latest_views(
         if r.prediction_set is not None:
             entry["prediction_set"] = list(r.prediction_set)
         conf = spec_t.conformal if spec_t is not None else None
-        if r.interval is not None:
-            if all(math.isfinite(b) for b in r.interval):
-                entry["interval"] = [r.interval[0], r.interval[1]]
-            else:  # no finite bound was fitted
-                entry["interval_unbounded"] = True
+        if r.unbounded:  # no finite bound was fitted
+            entry["interval_unbounded"] = True
+        elif r.interval is not None:
+            entry["interval"] = [r.interval[0], r.interval[1]]
         if conf is not None:
             entry["coverage"] = 1.0 - conf.alpha
         if spec_t is not None:

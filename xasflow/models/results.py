@@ -33,6 +33,11 @@ class TaskResult:
             return None
         return max(self.probabilities.values())
 
+    @property
+    def unbounded(self) -> bool:
+        """Whether the interval has an infinite end (its calibration fitted no finite bound)."""
+        return self.interval is not None and not all(math.isfinite(b) for b in self.interval)
+
 
 _new = object.__new__
 
@@ -108,11 +113,10 @@ class Prediction:
                 entry["ranking"] = [[label, score] for label, score in res.ranking]
             if res.prediction_set is not None:
                 entry["prediction_set"] = list(res.prediction_set)
-            if res.interval is not None:
-                if all(math.isfinite(b) for b in res.interval):
-                    entry["interval"] = [res.interval[0], res.interval[1]]
-                else:  # a bundle that could fit no finite bound: JSON has no infinity
-                    entry["interval"], entry["interval_unbounded"] = None, True
+            if res.unbounded:  # JSON has no infinity
+                entry["interval"], entry["interval_unbounded"] = None, True
+            elif res.interval is not None:
+                entry["interval"] = [res.interval[0], res.interval[1]]
             tasks[name] = entry
         return {
             "bundle_id": self.bundle_id,
