@@ -443,7 +443,10 @@ class RecordingPipeline:
         self.batches.append(list(outputs))
         return SimpleNamespace(items=outputs, ready=lambda worker: True)
 
-    def end(self, batch: SimpleNamespace) -> list[Any]:
+    def end(self, batch: SimpleNamespace, *, advise: bool = True) -> list[Any]:
+        return []
+
+    def advise(self) -> list[Any]:
         return []
 
     def close_all(self, reason: str) -> list[Any]:

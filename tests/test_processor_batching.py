@@ -145,7 +145,7 @@ class InFlightPipeline(RecordingPipeline):
         super().begin(outputs)
         return SimpleNamespace(items=outputs, ready=lambda worker: False)
 
-    def end(self, batch: SimpleNamespace) -> list[Any]:
+    def end(self, batch: SimpleNamespace, *, advise: bool = True) -> list[Any]:
         return [("event", {"i": [o.spectrum.index for o in batch.items]})]
 
 

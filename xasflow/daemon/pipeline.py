@@ -34,6 +34,9 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
    stop early, rescan
    (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row",
    whether the pipeline or the assembler refused it (a duplicate event refuses none).
+   Which spectra get advice is decided in order; the advice is computed after the batch's
+   events (:mod:`xasflow.daemon.advice`), or, with ``end(advise=False)``, when
+   :meth:`Pipeline.advise` is called, once the caller has published the results.
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.routing import paged
+from xasflow.daemon.advice import RunAdvice
 from xasflow.daemon.assembly import REASONS as ASSEMBLY_REASONS
 from xasflow.daemon.assembly import (
     Output,
@@ -62,11 +66,7 @@ from xasflow.daemon.batch_prep import Pending, Work, prepare_works, start_work
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.herfd_hint import HerfdHints
-from xasflow.daemon.recommend import (
-    RecommendationTracker,
-    RecommenderConfig,
-    recommendation_docs,
-)
+from xasflow.daemon.recommend import RecommendationTracker, RecommenderConfig
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
 from xasflow.spectra import Prepared
@@ -198,10 +198,8 @@ class Pipeline:
         self.clock = clock
         if recommend_interval_s < 0:
             raise ValueError("recommend_interval_s must be >= 0")
-        self.recommendations = RecommendationTracker(recommend) if recommend is not None else None
-        self.recommend_interval_s = float(recommend_interval_s)
-        #: raw uid -> (monotonic time the next advice is due, its last advice out of domain)
-        self._advised: dict[str, tuple[float, bool]] = {}
+        #: the advice after analysed spectra (None: off); see :mod:`xasflow.daemon.advice`
+        self.advice = RunAdvice(recommend, recommend_interval_s) if recommend is not None else None
         self._runs: dict[str, AnalysisRun] = {}
         self.declared = {"herfd": herfd, "calculated": calculated}
         self._declared: dict[str, dict[str, Any]] = {}  # raw uid -> what its start declares
@@ -213,6 +211,11 @@ class Pipeline:
         self.on_latest: Callable[[LatestSpectrum], None] | None = None
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def recommendations(self) -> RecommendationTracker | None:
+        """The per-run prediction history stop-early reads (None: no advice)."""
+        return self.advice.tracker if self.advice is not None else None
 
     @property
     def open_runs(self) -> list[str]:
@@ -260,8 +263,12 @@ class Pipeline:
         )
         return Batch(items, works, pending)
 
-    def end(self, batch: Batch) -> list[Doc]:
-        """The documents of a batch :meth:`begin` started (waits for its preparation)."""
+    def end(self, batch: Batch, *, advise: bool = True) -> list[Doc]:
+        """The documents of a batch :meth:`begin` started (waits for its preparation).
+
+        A batch's analysis events come first, then the advice that follows them (a run's
+        advice before its stop). ``advise=False``: the advice is left due, for
+        :meth:`advise` (the processing loop publishes the results before computing it)."""
         batch.pending.finish(self.worker)
         items, works = batch.items, batch.works
         for w in works.values():
@@ -304,7 +311,12 @@ class Pipeline:
                     logger.error("pipeline got a %s, not an assembly output", type(out).__name__)
             except Exception:  # a bug here must not lose the rest of the batch
                 logger.exception("pipeline failed on %r", out)
-        return paged(docs)
+        docs = paged(docs)
+        return docs + self.advise() if advise else docs
+
+    def advise(self) -> list[Doc]:
+        """The ``recommendations`` documents of the advice due so far, computed now."""
+        return self.advice.take() if self.advice is not None else []
 
     def close_all(self, reason: str) -> list[Doc]:
         """Stop every open analysis run (exit_status "abort"), e.g. at shutdown."""
@@ -394,39 +406,14 @@ class Pipeline:
                 latency_ms=None if latency is None else latency * 1e3,
             )
             self.counters.reject(reason, "analysis")
-            if self.recommendations is not None:  # "in a row" means without one refused
-                self.recommendations.interrupt(scan.raw_uid)
+            if self.advice is not None:  # "in a row" means without one refused
+                self.advice.interrupt(scan.raw_uid)
         if self.observe_latency and latency is not None:
             self.counters.observe_latency(latency)
         docs = run.event(row)
-        if self.recommendations is not None and row["status"] == "ok":
-            docs.extend(self._recommend(run, work))
+        if self.advice is not None and row["status"] == "ok":
+            self.advice.observe(run, work)
         return docs
-
-    def _recommend(self, run: AnalysisRun, work: Work) -> list[Doc]:
-        """The ``recommendations`` event that follows an analysed spectrum (none on a bug)."""
-        assert self.recommendations is not None
-        pred, predictor = work.prediction, work.predictor
-        if pred is None or predictor is None:
-            return []
-        tracker, manifest = self.recommendations, predictor.manifest
-        try:
-            history = tracker.observe(run.raw_uid, pred)
-            now = time.monotonic()
-            due, ood = self._advised.get(run.raw_uid, (now, False))
-            # throttled, unless the stop-early decision turns or the answer enters or leaves
-            # the bundle's domain (the run's last advice must say which its answer is)
-            throttled = now < due and ood == pred.out_of_domain
-            if throttled and not tracker.turns(run.raw_uid, manifest, history):
-                return []
-            spectrum = work.prepared.spectrum if work.prepared is not None else None
-            rec = tracker.recommend_observed(run.raw_uid, manifest, history, spectrum)
-            docs = recommendation_docs(run, work.scan.index, rec, pred.out_of_domain)
-            self._advised[run.raw_uid] = (now + self.recommend_interval_s, pred.out_of_domain)
-            return docs
-        except Exception:  # advice is optional; the prediction is already recorded
-            logger.exception("recommendation failed for %s/%s", run.raw_uid, work.scan.index)
-            return []
 
     def _rejected(self, out: Rejected) -> list[Doc]:
         self.counters.reject(out.reason, "assembly")
@@ -437,8 +424,8 @@ class Pipeline:
             run.n_duplicates += 1
             if run.n_duplicates > 1:
                 return []
-        elif self.recommendations is not None:  # refused in assembly: the row restarts too
-            self.recommendations.interrupt(run.raw_uid)  # (a duplicate refuses no spectrum)
+        elif self.advice is not None:  # refused in assembly: the row restarts too
+            self.advice.interrupt(run.raw_uid)  # (a duplicate refuses no spectrum)
         row = rejected_row(out.index, out.reason, out.detail, element=run.element, edge=run.edge)
         return run.event(row)
 
@@ -446,20 +433,17 @@ class Pipeline:
         self.counters.run_closed(out.exit_status)
         # the input queue's drops are counted as overflow where they happen: not twice
         self.counters.lost("seq_gap", out.missing_events - out.dropped_events)
-        if self.recommendations is not None:
-            self.recommendations.close(out.raw_uid)
-            self._advised.pop(out.raw_uid, None)
+        advice = self.advice.close(out.raw_uid) if self.advice is not None else []
         run = self._runs.pop(out.raw_uid, None)
         self.herfd_hints.forget(out.raw_uid)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
             self.counters.run_opened()
-        docs = run.close(
+        return advice + run.close(
             out.exit_status,
             out.reason,
             seq_gaps=out.seq_gaps,
             missing_events=out.missing_events,
             dropped_events=out.dropped_events,
         )
-        return docs

@@ -326,11 +326,13 @@ class Processor:
         while self._pending and (len(self._pending) > keep or self._pending[0].ready(worker)):
             batch = self._pending.popleft()
             try:
-                docs = self.pipeline.end(batch)
+                docs = self.pipeline.end(batch, advise=False)
             except Exception:
                 self._failed(batch.items)
                 continue
             for name, doc in docs:
+                self.emit(name, doc)
+            for name, doc in self.pipeline.advise():  # computed once its results are out
                 self.emit(name, doc)
 
     def _failed(self, outputs: list[Output]) -> None:

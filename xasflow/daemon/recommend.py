@@ -453,6 +453,11 @@ class RecommendationTracker:
         stop, _ = self.recommender(manifest).settles(history[-1], history)
         return stop != self._said.get(run_key, False)
 
+    def decided(self, run_key: str, manifest: Manifest, history: list[Prediction]) -> None:
+        """Advice after ``history`` was decided and will be computed later: its stop-early
+        decision counts as recommended now, for the next spectrum's :meth:`turns`."""
+        self._said[run_key], _ = self.recommender(manifest).settles(history[-1], history)
+
     def interrupt(self, run_key: str) -> None:
         """A spectrum of the run got no answer: the spectra "in a row" start again."""
         hist = self._history.get(run_key)

@@ -1,0 +1,116 @@
+"""The advice that follows analysed spectra: which get a ``recommendations`` event, and when
+it is computed.
+
+Whether a spectrum gets advice is decided in spectrum order, as its result is composed: its
+prediction is observed (stop-early sees every prediction), and advice is due at most once per
+run per ``interval_s``, except when the stop-early decision turns or the answer goes into or
+out of the bundle's domain (the run's last advice is always as out of domain as its latest
+answer). The advice itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by
+:meth:`RunAdvice.take`, from a copy of the run's history at that spectrum: the processing loop
+publishes a batch's results first, so no result waits for the advice that follows it. A run's
+advice still due is taken before its stop (:meth:`RunAdvice.close`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xasflow.daemon.documents import AnalysisRun, Doc
+from xasflow.daemon.recommend import (
+    RecommendationTracker,
+    RecommenderConfig,
+    recommendation_docs,
+)
+
+if TYPE_CHECKING:
+    from xasflow.daemon.batch_prep import Work
+    from xasflow.models.bundle import Manifest
+    from xasflow.models.predictor import Prediction
+    from xasflow.spectra import Spectrum
+
+__all__ = ["RunAdvice"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Due:
+    """Advice decided for one spectrum, not computed yet."""
+
+    run: AnalysisRun
+    index: int
+    manifest: Manifest
+    history: list[Prediction]  # the run's recent predictions at this spectrum (a copy)
+    spectrum: Spectrum | None
+    out_of_domain: bool
+
+
+class RunAdvice:
+    """Per-run advice state of the pipeline (one caller thread, like the pipeline)."""
+
+    def __init__(self, config: RecommenderConfig, interval_s: float = 0.0) -> None:
+        """``interval_s``: at most one advice per run in this many seconds (see the module)."""
+        if interval_s < 0:
+            raise ValueError("recommend_interval_s must be >= 0")
+        self.tracker = RecommendationTracker(config)
+        self.interval_s = float(interval_s)
+        #: raw uid -> (monotonic time the next advice is due, its last advice out of domain)
+        self._advised: dict[str, tuple[float, bool]] = {}
+        self._due: list[_Due] = []
+
+    def observe(self, run: AnalysisRun, work: Work) -> None:
+        """An analysed spectrum of ``run`` (its result composed): observe its prediction, and
+        make its advice due unless throttled. Never raises (advice is optional)."""
+        pred, predictor = work.prediction, work.predictor
+        if pred is None or predictor is None:
+            return
+        tracker, manifest, raw_uid = self.tracker, predictor.manifest, run.raw_uid
+        try:
+            history = tracker.observe(raw_uid, pred)
+            now = time.monotonic()
+            due, ood = self._advised.get(raw_uid, (now, False))
+            throttled = now < due and ood == pred.out_of_domain
+            if throttled and not tracker.turns(raw_uid, manifest, history):
+                return
+            tracker.decided(raw_uid, manifest, history)  # the next spectrum's "turns" sees it
+            self._advised[raw_uid] = (now + self.interval_s, pred.out_of_domain)
+            spectrum = work.prepared.spectrum if work.prepared is not None else None
+            self._due.append(
+                _Due(run, work.scan.index, manifest, list(history), spectrum, pred.out_of_domain)
+            )
+        except Exception:
+            logger.exception("recommendation failed for %s/%s", raw_uid, work.scan.index)
+
+    def interrupt(self, raw_uid: str) -> None:
+        """A spectrum of the run got no answer: the spectra "in a row" start again."""
+        self.tracker.interrupt(raw_uid)
+
+    def take(self, raw_uid: str | None = None) -> list[Doc]:
+        """The documents of the advice due (of one run, or all), computed now, in order."""
+        if raw_uid is None:
+            due, self._due = self._due, []
+        else:
+            due = [d for d in self._due if d.run.raw_uid == raw_uid]
+            if not due:
+                return []
+            self._due = [d for d in self._due if d.run.raw_uid != raw_uid]
+        docs: list[Doc] = []
+        for d in due:
+            try:
+                rec = self.tracker.recommend_observed(
+                    d.run.raw_uid, d.manifest, d.history, d.spectrum
+                )
+                docs.extend(recommendation_docs(d.run, d.index, rec, d.out_of_domain))
+            except Exception:  # advice is optional; the prediction is already recorded
+                logger.exception("recommendation failed for %s/%s", d.run.raw_uid, d.index)
+        return docs
+
+    def close(self, raw_uid: str) -> list[Doc]:
+        """A run closes: the documents of its advice still due, and the run forgotten."""
+        docs = self.take(raw_uid)
+        self.tracker.close(raw_uid)
+        self._advised.pop(raw_uid, None)
+        return docs
