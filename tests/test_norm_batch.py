@@ -154,6 +154,41 @@ def test_stray_leading_points_are_not_the_pre_edge(params: PrepParams) -> None:
     assert _compare(cut, cut_mu, params, metas=measured) == ["no_pre_edge"] * 3
 
 
+@pytest.mark.parametrize("params", RULES, ids=RULE_IDS)
+def test_stray_trailing_points_are_not_the_post_edge(params: PrepParams) -> None:
+    """A point 11 keV past a scan ending at E0+150 eV (two, and one with a "0 0" row before
+    the scan too): no post-edge, no end of the data. It set the post-edge range (E0+25..+11 keV,
+    a quadratic instead of a line: the step moved 0.2-0.8 % here, and doubled on the library's
+    CuO cut at E0+60 eV); now both paths give the rows of the scan without it. A scan ending
+    at E0+35 eV is still refused ``no_post_edge`` and one ending at E0+110 eV ``window`` (the
+    stray covered the model window, interpolated towards); a point within the span is data."""
+    energy = np.linspace(8800.0, CU_K + 150.0, 700)
+    mu = np.array([_edge(energy, CU_K + d, i) for i, d in enumerate((-2.0, 0.0, 3.0))])
+    metas: list[dict[str, Any]] = [{}, {"calculated": False}, {}]
+    for lead, trail in (([], [20000.0]), ([], [20000.0, 20001.0]), ([0.0], [20000.0])):
+        padded = np.concatenate((lead, energy, trail))
+        pad_mu = np.hstack([np.zeros((3, len(lead))), mu, np.zeros((3, len(trail)))])
+        assert _compare(padded, pad_mu, params, metas=metas) == ["ok"] * 3
+        for row, plain in zip(pad_mu, mu, strict=True):
+            got = prepare(Spectrum(padded, row, "Cu"), params)
+            want = prepare(Spectrum(energy, plain, "Cu"), params)
+            assert got.edge_step == want.edge_step
+            np.testing.assert_array_equal(got.y, want.y)
+            assert got.extrapolated == want.extrapolated
+    short = energy <= CU_K + 35.0
+    cut = np.concatenate((energy[short], [20000.0]))
+    cut_mu = np.hstack([mu[:, short], np.zeros((3, 1))])
+    assert _compare(cut, cut_mu, params, metas=metas) == ["no_post_edge"] * 3
+    short = energy <= CU_K + 110.0
+    cut = np.concatenate((energy[short], [20000.0]))
+    cut_mu = np.hstack([mu[:, short], np.zeros((3, 1))])
+    assert _compare(cut, cut_mu, params, metas=metas) == ["window"] * 3
+    near = np.concatenate((energy, [2 * energy[-1] - energy[0] - 1.0]))  # within the span
+    near_mu = np.hstack([mu[:1], mu[:1, -1:]])[0]
+    kept = prepare(Spectrum(near, near_mu, "Cu"), params).edge_step
+    assert kept != prepare(Spectrum(energy, mu[0], "Cu"), params).edge_step
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_calculated_rows(params: PrepParams) -> None:
     """FEFF-like rows (no background, starting 15 eV below the edge from near zero) are

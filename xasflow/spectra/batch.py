@@ -31,6 +31,7 @@ from xasflow.spectra.e0 import (
     window_error,
 )
 from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.norm import stray_ends
 from xasflow.spectra.norm_batch import normalize_larch_batch
 from xasflow.spectra.process import (
     MIN_WINDOW_POINTS,
@@ -406,11 +407,19 @@ def _prepare_fast(
         if weak is not None:
             norm_errors[r] = SpectrumError("weak_edge", weak)
     grid = params.grid
-    below = np.maximum(0.0, rel[:, 0] - grid[0])
-    above = np.maximum(0.0, grid[-1] - rel[:, -1])
+    rows = np.arange(live.size)
+    lead, trail = stray_ends(rel)  # the bulk is gridded, as process.resample: strays are no data
+    first, last = rel[rows, lead], rel[rows, rel.shape[1] - 1 - trail]
+    below = np.maximum(0.0, first - grid[0])
+    above = np.maximum(0.0, grid[-1] - last)
     outside = np.maximum(below, above)
-    inside = ((rel >= grid[0]) & (rel <= grid[-1])).sum(axis=1)
-    query = np.broadcast_to(grid, (live.size, grid.size))
+    inside = (
+        (rel >= np.maximum(grid[0], first)[:, None]) & (rel <= np.minimum(grid[-1], last)[:, None])
+    ).sum(axis=1)
+    if lead.any() or trail.any():  # ends held at the bulk's, not interpolated towards a stray
+        query = np.clip(grid[None, :], first[:, None], last[:, None])
+    else:
+        query = np.broadcast_to(grid, (live.size, grid.size))
     with np.errstate(invalid="ignore"):
         gridded = _interp_rows(query, energy, rel, y, d)
     for r, i in enumerate(live.tolist()):
@@ -420,7 +429,7 @@ def _prepare_fast(
             side = "start" if below[r] >= above[r] else "end"
             res[i] = SpectrumError(
                 "window",
-                f"data cover E0{rel[r, 0]:+.1f} to E0{rel[r, -1]:+.1f} eV but the model window "
+                f"data cover E0{first[r]:+.1f} to E0{last[r]:+.1f} eV but the model window "
                 f"{side} needs E0{(grid[0] if side == 'start' else grid[-1]):+.1f} eV "
                 f"({outside[r]:.1f} eV beyond the data; at most {params.max_extrapolation:g} "
                 "allowed)",

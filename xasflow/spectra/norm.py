@@ -4,9 +4,10 @@ The ranges, degrees and their defaults follow ``larch.xafs.pre_edge`` (xraylarch
 pre-edge from the second data point (rounded to 5 eV, or 2 eV for scans with at most 20
 points below E0) to half that distance, the points counted from the scan's bulk: leading
 points set apart from it (:func:`leading_strays`, a trailing ``0 0`` row of a two-column
-file) are not the pre-edge, and a line reaching back to one was tilted by it; post-edge from ``min(25, norm2/15)`` eV (rounded to
-5 eV) to the end of the data; a quadratic over 300 eV or more, a line over 30 eV or more,
-else a constant. A calculation (FEFF) has no pre-edge region and no background: nothing is
+file) are not the pre-edge, and a line reaching back to one was tilted by it; post-edge from
+``min(25, norm2/15)`` eV (rounded to 5 eV) to the end of the bulk (points set apart after it,
+:func:`trailing_strays`, are no post-edge: one 11 keV out set the range and the degree); a
+quadratic over 300 eV or more, a line over 30 eV or more, else a constant. A calculation (FEFF) has no pre-edge region and no background: nothing is
 subtracted. (Larch's ``iscalc`` subtracts the first value, which on the 4,831 shared Cu FEFF
 spectra is 2.5-7.6 % of the step: the Lorentzian tail of the edge itself, which a measured
 pre-edge line far below E0 does not remove.) Optionally (``tail_width``) the edge's own
@@ -39,28 +40,87 @@ class EdgeFit:
     calculated: bool
 
 
-#: At most this many leading points may be set apart from a scan (:func:`leading_strays`).
+#: At most this many points at either end may be set apart from a scan (:func:`stray_ends`).
 MAX_STRAYS = 3
 
 
-def leading_strays(rel: np.ndarray) -> np.ndarray:
+def stray_ends(rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``rel`` ((n, m) or one (m,) row of ascending energies, eV), how many of its
-    first points (at most :data:`MAX_STRAYS`, leaving 3) lie apart from the scan: further
-    from the next point than the whole span of the data after it.
+    first and of its last points (at most :data:`MAX_STRAYS` each, leaving 3) lie apart from
+    the scan: further from their neighbour towards the scan than the whole span of the scan.
 
     Such a point is no part of the scan: an aborted point or a DAQ's padding (``0 0``) read
-    as data, 9 keV below a Cu edge. Larch's default pre-edge range starts at the second
-    point and, rounded down, reaches back to the first: a line through a point that far
-    sets the background alone (CuO's CN 5 -> 6). No scan of the shared XAS Data Library
-    has one (its largest first gap is 5 eV before a 23 eV pre-edge). Shift-invariant, so
-    the rows of one shifted axis agree.
+    as data, 9 keV below a Cu edge, or a point keV past its end. Larch's default pre-edge
+    range starts at the second point and, rounded down, reaches back to the first: a line
+    through a point that far sets the background alone (CuO's CN 5 -> 6); its post-edge
+    range and degree follow the last point. A point less far than the scan's span (a sparse
+    post-edge) is data. No scan of the shared XAS Data Library has either (its largest
+    first gap is 5 eV before a 23 eV pre-edge; its last gaps are at most 1.06 times the
+    ones before). Each end is measured against the scan without the other end's strays
+    (one of each is found). Shift-invariant, so the rows of one shifted axis agree.
     """
+    if np.ndim(rel) == 1:  # one spectrum: a few Python floats (this runs per spectrum)
+        lead1, trail1 = _stray_ends_1d(rel)
+        return np.array([lead1], dtype=np.intp), np.array([trail1], dtype=np.intp)
     r = np.atleast_2d(rel)
-    m = r.shape[1]
     lead = np.zeros(r.shape[0], dtype=np.intp)
+    trail = np.zeros(r.shape[0], dtype=np.intp)
+    for _ in range(2 * MAX_STRAYS + 1):  # counts only grow, as the other end's do: a few passes
+        new_lead = np.maximum(lead, _apart(r, trail, from_end=False))
+        new_trail = np.maximum(trail, _apart(r, new_lead, from_end=True))
+        if (new_lead == lead).all() and (new_trail == trail).all():
+            break
+        lead, trail = new_lead, new_trail
+    return lead, trail
+
+
+def _stray_ends_1d(rel: np.ndarray) -> tuple[int, int]:
+    """:func:`stray_ends` of one row, on its first and last few values as Python floats."""
+    m = rel.size
+    k = MAX_STRAYS + 1
+    head = rel[:k].tolist()
+    tail = rel[-k:].tolist()[::-1]  # tail[j] = rel[m - 1 - j]
+    lead = trail = 0
+    for _ in range(2 * MAX_STRAYS + 1):
+        new_lead, new_trail = lead, trail
+        for i in range(min(MAX_STRAYS, m - 3)):
+            if trail <= m - 4 - i and head[i + 1] - head[i] > tail[trail] - head[i + 1]:
+                new_lead = max(new_lead, i + 1)
+        for i in range(min(MAX_STRAYS, m - 3)):
+            if new_lead <= m - 4 - i and tail[i] - tail[i + 1] > tail[i + 1] - head[new_lead]:
+                new_trail = max(new_trail, i + 1)
+        if (new_lead, new_trail) == (lead, trail):
+            break
+        lead, trail = new_lead, new_trail
+    return lead, trail
+
+
+def _apart(r: np.ndarray, other: np.ndarray, from_end: bool) -> np.ndarray:
+    """How many first (``from_end``: last) points of each row of ``r`` lie further from their
+    neighbour towards the scan than the span from it to the other end, that end's ``other``
+    strays left out."""
+    m = r.shape[1]
+    far = r[np.arange(r.shape[0]), other if from_end else m - 1 - other]
+    count = np.zeros(r.shape[0], dtype=np.intp)
     for i in range(min(MAX_STRAYS, m - 3)):
-        lead[(r[:, i + 1] - r[:, i]) > (r[:, -1] - r[:, i + 1])] = i + 1
-    return lead
+        keep = other <= m - 4 - i  # i + 1 strays here still leave 3 points
+        if from_end:
+            out, near = r[:, m - 1 - i], r[:, m - 2 - i]
+            count[keep & ((out - near) > (near - far))] = i + 1
+        else:
+            out, near = r[:, i], r[:, i + 1]
+            count[keep & ((near - out) > (far - near))] = i + 1
+    return count
+
+
+def leading_strays(rel: np.ndarray) -> np.ndarray:
+    """Per row of ``rel``, how many first points :func:`stray_ends` sets apart (no pre-edge)."""
+    return stray_ends(rel)[0]
+
+
+def trailing_strays(rel: np.ndarray) -> np.ndarray:
+    """Per row of ``rel``, how many last points :func:`stray_ends` sets apart (no post-edge)."""
+    return stray_ends(rel)[1]
 
 
 def _index_of(rel: np.ndarray, value: float) -> int:
@@ -143,8 +203,9 @@ def edge_fit(
 ) -> tuple[np.ndarray, EdgeFit]:
     """Return (mu minus the pre-edge, the fit); the edge step is the post-edge fit at E0.
 
-    The pre-edge range (``pre1`` given or not) starts no lower than the scan's bulk: points
-    :func:`leading_strays` sets apart are left out of the line (and still subtracted from).
+    The pre-edge range (``pre1`` given or not) starts no lower than the scan's bulk, and the
+    post-edge range ends with it: points :func:`stray_ends` sets apart are left out of the
+    fits (and still subtracted from).
 
     ``weighting="points"`` fits the data points as Larch does; ``"energy"`` weighs each
     post-edge point by the energy it spans, so the step does not depend on the sampling.
@@ -156,7 +217,8 @@ def edge_fit(
     """
     rel = energy - e0
     n = rel.size
-    s = int(leading_strays(rel)[0])  # the bulk's first point: strays are no pre-edge
+    lead, trail = stray_ends(rel)
+    s, end = int(lead[0]), n - int(trail[0])  # the bulk: strays are no pre- or post-edge
     ie0 = _index_nearest(rel, 0.0) - s
     if pre1 is None:
         pre1 = (5.0 * round(rel[s + 1] / 5.0)) if ie0 > 20 else (2.0 * round(rel[s + 1] / 2.0))
@@ -174,9 +236,9 @@ def edge_fit(
         npre = 1 if _index_of(rel, pre2) - q1 >= 3 else 0
         q2 = max(q2, q1 + 1) if npre == 0 else max(q2, min(n, q1 + 2))
         background = _background(rel, mu, q1, q2, npre)
-    norm1, norm2, nnorm = default_ranges(rel, norm1, norm2, nnorm)
-    p1, p2 = _index_of(rel, norm1), _index_nearest(rel, norm2)
-    p1 = min(p1, n - 3)
+    norm1, norm2, nnorm = default_ranges(rel[:end], norm1, norm2, nnorm)
+    p1, p2 = _index_of(rel, norm1), _index_nearest(rel[:end], norm2)
+    p1 = min(p1, end - 3)
     if p2 - p1 < 2:
         p1, nnorm = p1 - 2, 0
     elif p2 - p1 < 5:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import SpectrumError
-from xasflow.spectra.norm import leading_strays
+from xasflow.spectra.norm import leading_strays, stray_ends
 from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
 
 __all__ = ["normalize_larch_batch"]
@@ -98,10 +98,12 @@ def _rowsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
-def _ranges(rel: np.ndarray, params: PrepParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``norm.default_ranges`` per row: (norm1, norm2, nnorm)."""
+def _ranges(
+    rel: np.ndarray, params: PrepParams, top: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``norm.default_ranges`` per row, whose data (no strays) end at ``top``: (norm1, norm2,
+    nnorm)."""
     k = rel.shape[0]
-    top = rel[:, -1]
     norm2 = 5.0 * np.round(top / 5.0) if params.norm2 is None else np.full(k, params.norm2)
     norm2 = np.minimum(np.where(norm2 < 0, top - norm2, norm2), top)
     if params.norm1 is None:
@@ -237,7 +239,8 @@ def normalize_larch_batch(
     n, m = mu.shape
     steps = np.full(n, np.nan)
     errors: list[SpectrumError | None] = [None] * n
-    end = rel[:, -1]
+    bulk = m - stray_ends(rel)[1]  # each row's data end there: strays are no post-edge
+    end = rel[np.arange(n), bulk - 1]
     for i in np.flatnonzero(end < params.min_post_edge).tolist():
         errors[i] = SpectrumError(
             "no_post_edge",
@@ -257,11 +260,11 @@ def normalize_larch_batch(
     if not usable.any():
         return np.full((n, m), np.nan), steps, errors, np.zeros(0, dtype=int)
     live = _pick(usable)
-    r_live = rel[live]
-    norm1, norm2, nnorm = _ranges(r_live, params)
+    r_live, b_live = rel[live], bulk[live]
+    norm1, norm2, nnorm = _ranges(r_live, params, end[live])
     c = _count_le(r_live, np.stack((_below(np.zeros(len(norm1))), norm1, _below(norm2)), axis=1))
     ie0 = _nearest(r_live, np.zeros(len(norm1)), c[:, 0])
-    p1 = np.minimum(np.maximum(c[:, 1] - 1, 0), m - 3)
+    p1 = np.minimum(np.maximum(c[:, 1] - 1, 0), b_live - 3)
     p2 = _nearest(r_live, norm2, c[:, 2])
     few = p2 - p1 < 2
     p1 = np.where(few, p1 - 2, p1)
@@ -282,7 +285,18 @@ def normalize_larch_batch(
     rows = slice(None) if idx.size == n else idx
     calc = _calculated(rel[rows], mu[rows], params, [declared[i] for i in idx.tolist()])
     step, y_fit, bad = _fit_rows(
-        axes[rows], rel[rows], mu[rows], e0[rows], params, calc, tail_width, ie0, nnorm, p1, p2
+        axes[rows],
+        rel[rows],
+        mu[rows],
+        e0[rows],
+        params,
+        calc,
+        tail_width,
+        ie0,
+        nnorm,
+        p1,
+        p2,
+        bulk[idx],
     )
     steps[rows] = step
     if idx.size == n:
@@ -309,11 +323,16 @@ def _calculated(
     """``process.is_calculated`` of every row: declared, else a late start from near zero."""
     calc = np.array([bool(d) for d in declared], dtype=bool)
     undeclared = np.array([d is None for d in declared], dtype=bool)
-    rows, lead = np.arange(mu.shape[0]), leading_strays(rel)  # where each row's data start
+    rows, (lead, trail) = np.arange(mu.shape[0]), stray_ends(rel)  # the rows' bulk, no strays
     first = mu[rows, lead]
     maybe = undeclared & (rel[rows, lead] > params.calc_start) & (first >= 0.0)
     if maybe.any():
-        top = mu[maybe].max(axis=1)
+        if lead.any() or trail.any():
+            cols = np.arange(mu.shape[1])
+            bulk = (cols >= lead[maybe, None]) & (cols < (mu.shape[1] - trail)[maybe, None])
+            top = np.where(bulk, mu[maybe], -np.inf).max(axis=1)
+        else:
+            top = mu[maybe].max(axis=1)
         calc[maybe] = first[maybe] <= params.calc_floor * top
     return calc
 
@@ -330,8 +349,10 @@ def _fit_rows(
     nnorm: np.ndarray,
     p1: np.ndarray,
     p2: np.ndarray,
+    bulk: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, list[float | None]]:
-    """``edge_fit`` and the step checks of rows that passed the range checks.
+    """``edge_fit`` and the step checks of rows that passed the range checks (each row's
+    data, its strays left out, ending before column ``bulk``).
 
     Returns (steps, y, per row None or the failure: 0.0 for a step that is not positive,
     else the largest |y| in the model window beyond ``max_norm``).
@@ -382,6 +403,7 @@ def _fit_rows(
     np.subtract(mu, y, out=y)
     y /= np.where(positive, step, 1.0)[:, None]
     win = _count_le(axes, np.stack((_below(e0 + params.window_start), e0 + params.window_stop), 1))
+    win[:, 1] = np.minimum(win[:, 1], bulk)
     worst = np.zeros(k)
     if int(win[:, 1].max()) > int(win[:, 0].min()):
         wcols, wmask = _columns(win[:, 0], win[:, 1])

@@ -18,7 +18,7 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
-from xasflow.spectra.norm import edge_fit, leading_strays
+from xasflow.spectra.norm import edge_fit, leading_strays, stray_ends
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 
@@ -168,8 +168,9 @@ def is_calculated(spectrum: Spectrum, e0: float, params: PrepParams) -> bool:
     declared = spectrum.meta.get("calculated")
     if declared is not None:
         return bool(declared)
-    s = int(leading_strays(spectrum.energy)[0])  # where the data start: not at a stray point
-    first, top = float(spectrum.mu[s]), float(spectrum.mu.max())
+    lead, trail = stray_ends(spectrum.energy)  # the scan's bulk: not its stray points
+    s, end = int(lead[0]), spectrum.energy.size - int(trail[0])
+    first, top = float(spectrum.mu[s]), float(spectrum.mu[s:end].max())
     starts_late = spectrum.energy[s] - e0 > params.calc_start
     return bool(starts_late and 0.0 <= first <= params.calc_floor * top)
 
@@ -189,7 +190,8 @@ def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.nda
 
 
 def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
-    end = float(spectrum.energy[-1] - e0)
+    last = spectrum.energy.size - int(stray_ends(spectrum.energy)[1][0])  # past the bulk: strays
+    end = float(spectrum.energy[last - 1] - e0)
     if end < params.min_post_edge:
         raise SpectrumError(
             "no_post_edge",
@@ -219,7 +221,7 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
         raise SpectrumError("edge_step", f"edge step {fit.step:.3g} is not positive ({where})")
     y = sub / fit.step
     lo = int(np.searchsorted(spectrum.energy, e0 + params.window_start))
-    hi = int(np.searchsorted(spectrum.energy, e0 + params.window_stop, side="right"))
+    hi = min(int(np.searchsorted(spectrum.energy, e0 + params.window_stop, side="right")), last)
     worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
     if worst > params.max_norm:
         raise SpectrumError("edge_step", undetermined_step(worst, fit.step, params, where))
@@ -307,7 +309,14 @@ def undetermined_step(worst: float, step: float, params: PrepParams, where: str 
 
 
 def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple[np.ndarray, float]:
-    """Linear interpolation onto the model grid; ends held constant up to ``max_extrapolation``."""
+    """Linear interpolation onto the model grid; ends held constant up to ``max_extrapolation``.
+
+    The scan's bulk is gridded: points :func:`~xasflow.spectra.norm.stray_ends` sets apart
+    neither cover the window nor are interpolated towards (a stray keV out is no data there).
+    """
+    lead, trail = stray_ends(energy_rel)
+    bulk = slice(int(lead[0]), energy_rel.size - int(trail[0]))
+    energy_rel, y = energy_rel[bulk], y[bulk]
     grid = params.grid
     below = max(0.0, energy_rel[0] - grid[0])
     above = max(0.0, grid[-1] - energy_rel[-1])
