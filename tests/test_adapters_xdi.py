@@ -207,6 +207,56 @@ def test_two_column_errors(tmp_path: Path, text: str, message: str) -> None:
         read_two_column(write(tmp_path / "x.txt", text))
 
 
+@pytest.mark.parametrize(
+    ("header", "channels", "want"),
+    [
+        ("energy i0 itrans", (I0, IT), np.log(I0 / IT)),  # i0 was taken for mu
+        ("Energy (eV),I0,It", (I0, IT), np.log(I0 / IT)),  # units; "it" for itrans
+        ("energy\ti0\tifluor", (I0, IT), IT / I0),  # fluorescence
+        ("E;mu(E);i0", (IT, I0), IT),  # mu named, an extra channel beside it
+        ("# energy i0 itrans irefer", (I0, IT, IR), np.log(I0 / IT)),  # a commented label line
+        ("#  omega  e  k  mu  mu0  chi  @#", (IT, I0, IR, IT, IR), IR),  # FEFF's xmu.dat
+    ],
+)
+def test_two_column_header_names_the_columns(
+    tmp_path: Path, header: str, channels: tuple[np.ndarray, ...], want: np.ndarray
+) -> None:
+    """A header naming the columns says which is mu: energy + mu, or i0 + itrans/it
+    (ln(i0/it)), or i0 + ifluor (ifluor/i0), as the XDI reader takes them. The reader took
+    the second column for mu whatever its name (i0, or FEFF's relative energy e)."""
+    sep = ";" if ";" in header else "\t" if "\t" in header else "," if "," in header else " "
+    rows = table(ENERGY, *channels).replace(" ", sep)
+    s = read_two_column(write(tmp_path / "named.txt", header + "\n" + rows), element="Cu")
+    np.testing.assert_array_equal(s.energy, ENERGY)
+    np.testing.assert_allclose(s.mu, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("header", "names"),
+    [
+        ("energy i0 irefer", "['energy', 'i0', 'irefer']"),  # no signal beside i0
+        ("energy,intensity", "['energy', 'intensity']"),  # a name that is not mu
+        ("x y", "['x', 'y']"),  # no energy named
+    ],
+)
+def test_two_column_header_that_does_not_say_what_mu_is_is_refused(
+    tmp_path: Path, header: str, names: str
+) -> None:
+    """Names that do not say what mu is are refused, naming them (the second column was
+    taken for mu, and i0 refused later as a misleading "edge step is not positive")."""
+    path = write(tmp_path / "unnamed.txt", header + "\n" + table(ENERGY, I0, IT))
+    with pytest.raises(ColumnFileError, match="does not say what mu is") as err:
+        read_two_column(path, element="Cu")
+    assert names in str(err.value)
+
+
+def test_two_column_without_a_header_is_read_by_position(tmp_path: Path) -> None:
+    """No header (or a comment that names no columns): energy and mu are columns 1 and 2."""
+    text = "# measured at 13 K\n# two runs merged\n" + table(ENERGY, IT, I0)
+    s = read_two_column(write(tmp_path / "plain.txt", text))
+    np.testing.assert_array_equal(s.mu, IT)
+
+
 def test_read_spectrum_file_dispatches_on_content(tmp_path: Path, cu_xdi: Path) -> None:
     plain = write(tmp_path / "plain.xdi", "8960 0.1\n8970 0.2\n8980 0.9\n")  # name lies
     assert read_spectrum_file(plain, element="Cu").meta["name"] == "plain"

@@ -96,6 +96,30 @@ def test_stray_zero_row_does_not_silently_change_the_answer(
         assert b["ood_score"] == pytest.approx(a["ood_score"], rel=1e-3)
 
 
+def test_named_channel_columns_are_predicted_as_the_xdi_file(cuo: Path, tmp_path: Path) -> None:
+    """A text file headed 'energy i0 itrans irefer' (CuO's channels, no XDI header): mu is
+    ln(i0/itrans), as from the XDI file. The reader took i0 for mu and the file was refused
+    as "edge_step: edge step ... is not positive", a reason that does not say why."""
+    from xasflow.adapters.xdi import read_xdi
+
+    x = read_xdi(cuo)
+    named = tmp_path / "cuo_channels.txt"
+    rows = "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in x.data)
+    named.write_text("energy i0 itrans irefer\n" + rows)
+    rc, out = _predict(tmp_path, cuo, named)
+    assert rc == 0, out[str(named)]
+    a, b = out[str(cuo)], out[str(named)]
+    assert b["tasks"]["cn"]["value"] == a["tasks"]["cn"]["value"]
+    assert b["e0"] == pytest.approx(a["e0"], abs=0.01)
+    assert b["ood_score"] == pytest.approx(a["ood_score"], rel=1e-3)
+    unnamed = tmp_path / "cuo_counts.txt"
+    unnamed.write_text("energy i0 counts\n" + rows)
+    rc, out = _predict(tmp_path, unnamed)
+    assert rc == 1
+    assert out[str(unnamed)]["error"] == "ColumnFileError"
+    assert "['energy', 'i0', 'counts']" in out[str(unnamed)]["detail"]
+
+
 # --- xasflow predict: XDI -------------------------------------------------------------------
 
 

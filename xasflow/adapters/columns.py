@@ -3,18 +3,25 @@
 The text is UTF-8, with or without a byte-order mark (Notepad's and Excel's "CSV UTF-8" write
 one; read as data it would glue onto the first number and cost that row). Comment lines
 start with ``#``; values may be separated by whitespace, commas or semicolons
-(with semicolons, or numbers like ``8979,5``, commas are decimal commas);
-one non-numeric header row (``energy,mu``) at the top is allowed. Extra columns are ignored.
+(with semicolons, or numbers like ``8979,5``, commas are decimal commas).
+One non-numeric header row at the top names the columns (so may a comment line just above
+the data that names each column, the first an energy, as XDI's label line and FEFF's
+``xmu.dat`` do): mu is then taken by name, as the XDI reader takes it (i0 and itrans or it:
+ln(i0/it); i0 and ifluor: ifluor/i0; else a mu column), and names that do not say what mu
+is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
+columns are ignored.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
+from xasflow.spectra.channels import mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
 
 
@@ -48,43 +55,115 @@ def _split(line: str, decimal_commas: bool) -> list[str]:
     return line.replace(",", " ").split()
 
 
+Layout = Literal["transmission", "fluorescence", "mu"]  # how mu comes from the columns
+
+#: Column names a header may give (lower case, a bracketed unit and punctuation dropped:
+#: "Energy (eV)" is energy, "mu(E)" mu, "I_0" i0), in the order they are preferred.
+_ENERGY = ("energy", "omega", "e", "ev", "en", "enrg")
+_MU = ("mutrans", "mufluor", "mu", "xmu", "absorption", "absorbance", "norm", "flat")
+_I0 = ("i0", "io")
+_ITRANS = ("itrans", "it")
+_IFLUOR = ("ifluor", "if")
+_NAMES_HELP = (
+    "name the columns energy and mu, or energy, i0 and itrans (or it), or energy, i0 and "
+    "ifluor; or start the line with '#' to read energy and mu from columns 1 and 2"
+)
+
+
+def _name(token: str) -> str:
+    """A header token as a column name: lower case, no bracketed unit nor ``/eV``, letters
+    and digits only ("" for a token that is only a unit or punctuation, as ``(eV)``)."""
+    bare = re.sub(r"[(\[{].*?[)\]}]", "", token).lower().strip()
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"\s*/\s*k?ev$", "", bare))
+
+
+def _header_names(line: str, decimal_commas: bool) -> list[str]:
+    """The column names a header line gives: fields separated by ``;``, tabs or (without
+    decimal commas) commas when it has any, else by whitespace; units on their own dropped."""
+    body = line.lstrip("#").strip()
+    seps = ";\t" if decimal_commas else ";\t,"
+    fields = re.split(f"[{seps}]", body) if any(c in body for c in seps) else body.split()
+    return [n for n in map(_name, fields) if n]
+
+
+def _first(names: list[str], wanted: tuple[str, ...]) -> int | None:
+    """Index of the first column named one of ``wanted`` (in ``wanted``'s order), or None."""
+    for name in wanted:
+        if name in names:
+            return names.index(name)
+    return None
+
+
+def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
+    """Which columns a header's ``names`` say hold (energy, mu) or (energy, i0, signal), and
+    how mu comes from them; ColumnFileError, naming them, when they do not say."""
+    energy = _first(names, _ENERGY)
+    i0, itrans, ifluor = _first(names, _I0), _first(names, _ITRANS), _first(names, _IFLUOR)
+    mu = _first(names, _MU)
+    if energy is not None:
+        if i0 is not None and itrans is not None:
+            return (energy, i0, itrans), "transmission"
+        if i0 is not None and ifluor is not None:
+            return (energy, i0, ifluor), "fluorescence"
+        if mu is not None:
+            return (energy, mu), "mu"
+    raise ColumnFileError(
+        f"{path}: the header names the columns {names}, which does not say what mu is "
+        f"({_NAMES_HELP})"
+    )
+
+
 def read_two_column(path: str | Path, element: str | None = None, edge: str = "K") -> Spectrum:
-    """Read energy (eV) and mu from the first two columns of a text file as a Spectrum."""
+    """Read energy (eV) and mu from a text file as a Spectrum: the columns a header names
+    (see the module docstring), else the first two."""
     path = Path(path)
     text = path.read_bytes().decode("utf-8-sig", errors="replace")  # -sig: drop a BOM
-    energy: list[float] = []
-    mu: list[float] = []
-    header_allowed = True
-    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
-    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    numbered = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
+    numbered = [(n, line) for n, line in numbered if line]
+    lines = [(n, line) for n, line in numbered if not line.startswith("#")]
     commas = _decimal_commas([line for _, line in lines])
+    names: list[str] | None = None
+    if lines:
+        try:
+            [float(t) for t in _split(lines[0][1], commas)[:2]]
+        except ValueError:  # the one header row allowed
+            names = _header_names(lines[0][1], commas)
+            lines = lines[1:]
+    if not names and lines:  # a comment naming every column of the data, energy first
+        above = [line for n, line in numbered if n < lines[0][0] and line.startswith("#")]
+        labels = _header_names(above[-1], commas) if above else []
+        width = len(_split(lines[0][1], commas))
+        if len(labels) == width and labels[0] in _ENERGY:
+            names = labels
+    cols, mode = _layout(path, names) if names else ((0, 1), "mu")  # no names: by position
+    expected = " and ".join(names[c] for c in cols) if names else "energy and mu"
+    rows: list[list[float]] = []
     for lineno, line in lines:
         tokens = _split(line, commas)
+        if len(tokens) <= max(cols):
+            raise ColumnFileError(f"{path}:{lineno}: only {len(tokens)} column(s), need {expected}")
         try:
-            values = [float(t) for t in tokens[:2]]
+            rows.append([float(tokens[c]) for c in cols])
         except ValueError:
-            if header_allowed:
-                header_allowed = False
-                continue
             raise ColumnFileError(
-                f"{path}:{lineno}: not numeric: {line[:60]!r} (expected energy and mu columns)"
+                f"{path}:{lineno}: not numeric: {line[:60]!r} (expected {expected} columns)"
             ) from None
-        header_allowed = False
-        if len(values) < 2:
-            raise ColumnFileError(
-                f"{path}:{lineno}: only {len(values)} column(s), need energy and mu"
-            )
-        energy.append(values[0])
-        mu.append(values[1])
-    if not energy:
+    if not rows:
         raise ColumnFileError(f"{path}: no numeric data rows")
-    return Spectrum(
-        energy=np.asarray(energy),
-        mu=np.asarray(mu),
-        element=element,
-        edge=edge,
-        meta={"name": path.stem, "source": str(path)},
-    )
+    data = np.asarray(rows)
+    meta: dict[str, object] = {"name": path.stem, "source": str(path)}
+    mu = data[:, 1]
+    if names:
+        meta["mu_from"] = names[cols[1]]
+    if mode != "mu" and names:
+        i0, signal = names[cols[1]], names[cols[2]]
+        try:
+            mu = mu_from_channels(mode, data[:, 1], data[:, 2], names=(i0, signal))
+        except SpectrumError as exc:
+            raise SpectrumError(exc.reason, f"{path}: {exc.message}") from None
+        meta["mode"] = mode
+        meta["mu_from"] = f"ln({i0}/{signal})" if mode == "transmission" else f"{signal}/{i0}"
+    return Spectrum(energy=data[:, 0], mu=mu, element=element, edge=edge, meta=meta)
 
 
 def is_xdi(path: str | Path) -> bool:
