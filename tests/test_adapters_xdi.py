@@ -312,21 +312,44 @@ def test_every_library_file_reads(xdi_library: Path) -> None:
     assert modes == {"transmission", "fluorescence", "mu"}
 
 
-def test_herfd_is_declared_by_header_comment_or_name(tmp_path: Path, cu_xdi: Path) -> None:
+@pytest.mark.parametrize(
+    ("where", "text", "herfd"),
+    [
+        ("comment", "compare with the HERFD data of the same sample", False),
+        ("comment", "Cu K-edge HERFD, Kalpha1 analyser", False),  # free text: no declaration
+        ("field", "# Sample.name: CuO, measured for a HERFD comparison", False),
+        ("field", "# Beamline.notes: HERFD spectrometer parked", False),
+        ("field", "# Detector.fluor: High Energy Resolution Fluorescence analyser", True),
+        ("field", "# Detector.herfd: bent Laue analyzer, Si(331), Pilatus 100K", True),  # BLA's
+        ("field", "# Scan.mode: HERFD", True),
+        ("field", "# Detector.if: Vortex SDD, not HERFD", False),
+        ("field", "# Detector.herfd: none", False),
+    ],
+)
+def test_herfd_is_declared_by_a_detector_or_mode_field(
+    tmp_path: Path, where: str, text: str, herfd: bool
+) -> None:
+    """HERFD is declared where XDI describes the detection: a ``Detector.*`` field (BLA, the
+    HERFD software, writes ``Detector.herfd: <analyser>``) or a ``*.mode`` field. Any mention
+    anywhere made a spectrum HERFD (broadened: E0 +6.7 eV, another CN): a comment saying
+    "compare with the HERFD data", a sample name."""
+    if where == "comment":
+        header = HEADER.replace("a free comment line: with a colon", text)
+    else:
+        header = HEADER.replace("# ///", f"{text}\n# ///")
+    x = read_xdi(write(tmp_path / "CuO.xdi", header + table(ENERGY, I0, IT, IR)))
+    assert x.herfd is herfd
+    assert xdi_to_spectrum(x).meta.get("herfd", False) is herfd
+
+
+def test_herfd_is_not_declared_by_a_file_name(tmp_path: Path, cu_xdi: Path) -> None:
+    """A file's name is no part of its header: ``Cu2O_herfd_rt.xdi`` (or a copy named for a
+    comparison with HERFD data) is conventional unless a field says otherwise."""
     x = read_xdi(cu_xdi)
     assert x.comments == ("a free comment line: with a colon",)
     assert not x.herfd and "herfd" not in xdi_to_spectrum(x).meta
-    by_comment = HEADER.replace("a free comment line", "Cu K-edge HERFD, Kalpha1 analyser")
-    path = write(tmp_path / "a.xdi", by_comment + table(ENERGY, I0, IT, IR))
-    assert xdi_to_spectrum(read_xdi(path)).meta["herfd"] is True
-    by_field = HEADER.replace(
-        "# ///", "# Detector.fluor: High Energy Resolution Fluorescence analyser\n# ///"
-    )
-    assert read_xdi(write(tmp_path / "b.xdi", by_field + table(ENERGY, I0, IT, IR))).herfd
     named = write(tmp_path / "Cu2O_herfd_rt.xdi", HEADER + table(ENERGY, I0, IT, IR))
-    assert read_xdi(named).herfd
-    denied = HEADER.replace("a free comment line", "conventional transmission, not HERFD")
-    assert not read_xdi(write(tmp_path / "c.xdi", denied + table(ENERGY, I0, IT, IR))).herfd
+    assert not read_xdi(named).herfd
 
 
 def test_mu_comes_from_mu_from_channels(cu_xdi: Path) -> None:

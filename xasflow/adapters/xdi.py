@@ -27,14 +27,18 @@ _COLUMN_FIELD = re.compile(r"^column\.(\d+)$", re.IGNORECASE)
 _MU_COLUMNS = ("mutrans", "mufluor", "mu")
 MODES = ("auto", "transmission", "fluorescence", "mu")
 _HERFD = re.compile(r"herfd|high[\s_-]*energy[\s_-]*resolution[\s_-]*fluorescence", re.IGNORECASE)
-#: "not HERFD", "non-HERFD", "no HERFD": a text that says the scan is not one. The negation
-#: must not follow a letter ("piano HERFD" is no denial) but may follow "_", a digit or
-#: anything else: a file name such as ``CuO_non-herfd.xdi`` (``\b`` never matches after "_",
-#: a word character, so the name read as a HERFD declaration).
+#: "not HERFD", "non-HERFD", "no HERFD": a field value that says the scan is not one. The
+#: negation must not follow a letter ("piano HERFD" is no denial) but may follow "_", a digit
+#: or anything else (``\b`` never matches after "_", a word character: ``Vortex_non-HERFD``
+#: read as a declaration).
 _NOT_HERFD = re.compile(
     r"(?<![a-z])(?:not|non|no)[\s_-]*(?:herfd|high[\s_-]*energy[\s_-]*resolution)",
     re.IGNORECASE,
 )
+
+
+#: Values of a HERFD-naming field that declare nothing (XDI: an empty value is an empty string).
+_NO_VALUE = ("", "none", "no", "false", "n/a", "0")
 
 
 class XdiError(ValueError):
@@ -54,12 +58,22 @@ class XdiFile:
 
     @property
     def herfd(self) -> bool:
-        """Whether the file declares HERFD: "HERFD" or "high energy resolution fluorescence"
-        in a header value, a comment or the file name (no fixed XDI field exists for it),
-        unless that text says it is not ("not HERFD", "non-HERFD"). ``xasflow predict
-        --no-herfd`` overrides it."""
-        texts = (*self.fields.values(), *self.comments, Path(self.path).name)
-        return any(_HERFD.search(t) and not _NOT_HERFD.search(t) for t in texts)
+        """Whether the header declares HERFD where XDI describes the detection: a field of
+        the ``Detector`` namespace or a ``mode`` field (``Scan.mode``) whose tag or value
+        says "HERFD" or "high energy resolution fluorescence" (BLA, the HERFD software,
+        writes ``Detector.herfd: <analyser>``), unless the value says it is not ("not
+        HERFD", "non-HERFD") or is empty or "none". XDI has no fixed field for it; comments,
+        other fields and the file name are free text ("compare with the HERFD data") and
+        declare nothing. ``xasflow predict --herfd/--no-herfd`` overrides it."""
+        for key, value in self.fields.items():
+            namespace, _, tag = key.lower().partition(".")
+            if namespace != "detector" and tag != "mode":
+                continue
+            if value.strip().lower() in _NO_VALUE or _NOT_HERFD.search(value):
+                continue
+            if _HERFD.search(f"{tag} {value}"):
+                return True
+        return False
 
     def field(self, name: str, default: str | None = None) -> str | None:
         """Value of a header field, matching ``Namespace.tag`` case-insensitively."""
