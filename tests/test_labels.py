@@ -275,6 +275,27 @@ def test_arrays_round_trip(tmp_path) -> None:
     assert label_cache.labels_from_arrays(label_cache.labels_to_arrays({})) == {}
 
 
+def test_a_cache_of_other_package_versions_is_not_read(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache file records the pymatgen, scipy and spglib versions that labelled it; read
+    under other versions it is refused (a warning, then labelled again), not reused."""
+    import importlib.metadata
+
+    labels = {("mp-1", 0): _site(cn=[0, 0, 0, 1.0], motif={9: 0.7})}
+    path = tmp_path / "labels.npz"
+    label_cache.write_cache(path, labels, {("mp-1", 0): 2})
+    cached = label_cache.read_cache(path)
+    assert cached is not None and cached[1] == {("mp-1", 0): 2}
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.0.1" if name == "pymatgen" else real(name)
+    )
+    assert label_cache.label_dependencies()["pymatgen"] == "0.0.1"
+    with pytest.warns(RuntimeWarning, match="pymatgen="):
+        assert label_cache.read_cache(path) is None
+
+
 def test_a_structure_spglib_would_crash_on_is_a_bad_structure_failure() -> None:
     """NaN in a POSCAR (a relaxation that blew up) parses in pymatgen, and spglib under
     BVAnalyzer then kills the process (SIGSEGV): such a structure, or a flat cell, is a

@@ -177,6 +177,37 @@ def test_a_damaged_label_cache_is_rebuilt(tree: Path, cache: Path, damage: str) 
     np.testing.assert_array_equal(again.dominant_cn, first.dominant_cn)
 
 
+def test_labels_of_another_pymatgen_are_not_reused(
+    tree: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The label cache was keyed on the input and LABELS_SCHEMA only: labels CrystalNN and
+    # BVAnalyzer gave under another pymatgen (or multiplicities under another spglib) were
+    # reused silently after an upgrade. Expected: the same versions reuse the cache, another
+    # version labels again (into its own file: the old one still serves its version).
+    import importlib.metadata
+
+    real_labels, real_version = D.compute_labels, importlib.metadata.version
+    calls: list[int] = []
+
+    def counted(jobs, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(jobs))
+        return real_labels(jobs, **kw)
+
+    monkeypatch.setattr(D, "compute_labels", counted)
+    first = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    assert calls == [15]  # the second build read the cache
+    for builds, package in enumerate(("pymatgen", "spglib"), start=2):
+        other = {package: "0.0.1"}
+        monkeypatch.setattr(
+            importlib.metadata, "version", lambda name, o=other: o.get(name) or real_version(name)
+        )
+        again = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+        assert calls == [15] * builds, (package, calls)  # every material labelled again
+        np.testing.assert_array_equal(again.dominant_cn, first.dominant_cn)
+    assert len(list(cache.glob("labels-*.npz"))) == 3
+
+
 def test_a_lost_worker_is_not_cached_as_the_sites_label(
     tree: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -132,8 +132,11 @@ def fingerprint_path(path: Path) -> str:
 
 
 def label_cache_path(fingerprint: str) -> Path:
-    """Where the labels of a dataset with this fingerprint are cached."""
-    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    """Where the labels of a dataset with this fingerprint are cached: keyed on the input, the
+    label schema and the versions of the packages that compute them (another pymatgen labels
+    again, into a file of its own)."""
+    versions = label_cache.label_dependencies()
+    key = hashlib.sha256(repr((fingerprint, sorted(versions.items()))).encode()).hexdigest()[:16]
     return paths.cache_dir() / f"labels-v{L.LABELS_SCHEMA}-{key}.npz"
 
 

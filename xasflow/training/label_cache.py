@@ -1,7 +1,9 @@
 """The on-disk label cache: site labels as plain arrays in a compressed .npz (no pickle).
 
 Versioned by :data:`~xasflow.training.labels.LABELS_SCHEMA` and checked against the motif vocabulary, so a cache
-written by other label code is refused rather than misread. A cache that cannot be read
+written by other label code is refused rather than misread; keyed on the versions of the
+packages that compute the labels (:func:`label_dependencies`), so labels of another pymatgen
+are computed again rather than reused. A cache that cannot be read
 (an empty, truncated or corrupted file) is warned about and rebuilt, never fatal; failures
 of the run rather than of the structure (:data:`TRANSIENT_REASONS`) are never cached, so
 the next build labels those sites again; every writer writes its own temporary file and
@@ -11,6 +13,7 @@ renames it into place, so builds of one tree at once neither crash nor read half
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import tempfile
 import warnings
@@ -33,7 +36,9 @@ from xasflow.training.labels import (
 
 __all__ = [
     "LABELS_SCHEMA",
+    "LABEL_PACKAGES",
     "TRANSIENT_REASONS",
+    "label_dependencies",
     "labels_from_arrays",
     "labels_to_arrays",
     "load_labels",
@@ -41,6 +46,24 @@ __all__ = [
     "save_labels",
     "write_cache",
 ]
+
+#: Packages whose version the cached labels depend on: pymatgen (CrystalNN, the order
+#: parameters, BVAnalyzer), scipy (the Voronoi tessellation under CrystalNN) and spglib (the
+#: site multiplicities cached beside the labels).
+LABEL_PACKAGES = ("pymatgen", "scipy", "spglib")
+
+
+def label_dependencies() -> dict[str, str]:
+    """The installed version of each of :data:`LABEL_PACKAGES` ("absent" when not installed):
+    what, with the input and :data:`LABELS_SCHEMA`, a cache of labels is keyed on."""
+    versions = {}
+    for package in LABEL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
 
 #: Failure reasons of the run, not of the structure (a dask worker killed or lost): not cached.
 TRANSIENT_REASONS = frozenset({"worker_lost"})
@@ -156,12 +179,18 @@ def load_labels(path: str | Path) -> dict[tuple[str, int], LabelResult]:
 
 def read_cache(path: Path) -> Cached | None:
     """The labels and multiplicities cached at ``path``; None when there is no file, or a file
-    that cannot be used (other label code, or damaged: warned, then rebuilt by the caller)."""
+    that cannot be used (other label code or package versions, or damaged: warned, then
+    rebuilt by the caller)."""
     if not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+        written = [str(v) for v in np.asarray(arrays["dependencies"]).reshape(-1)]
+        if written != _dependency_strings():
+            raise ValueError(
+                f"labels computed with {written}, this build has {_dependency_strings()}"
+            )
         labels = labels_from_arrays(arrays)
         mult = {
             (str(m), int(s)): int(k)
@@ -178,6 +207,11 @@ def read_cache(path: Path) -> Cached | None:
         )
         return None
     return labels, mult
+
+
+def _dependency_strings() -> list[str]:
+    """:func:`label_dependencies` as ``package=version`` strings, as a cache file records them."""
+    return [f"{k}={v}" for k, v in label_dependencies().items()]
 
 
 def write_cache(
@@ -197,6 +231,7 @@ def write_cache(
         if not (isinstance(item, LabelFailure) and item.reason in TRANSIENT_REASONS)
     }
     arrays = labels_to_arrays(kept)
+    arrays["dependencies"] = np.array(_dependency_strings(), dtype=str)
     arrays["multiplicity"] = np.array(
         [
             mult[(str(m), int(s))]
