@@ -178,6 +178,22 @@ def test_tar_tree_same_as_directory(tmp_path: Path) -> None:
     check_tree(read_feff_tree(archive), "FEFF/")
 
 
+def test_the_omnixas_layout_is_recognised_not_a_path_with_feff_in_it(tmp_path: Path) -> None:
+    """OmniXAS lays its materials out as ``FEFF/<El>/<mp-id>`` (its citation is owed by what is
+    trained on them): packed, extracted, or read from its ``FEFF`` or ``FEFF/Cu`` folder. A
+    tree elsewhere is not OmniXAS's, "feff" in its path or not (``xasflow train`` wrote the
+    OmniXAS citation into any bundle whose --data path held "feff")."""
+    files = tree_files()
+    assert read_feff_tree(write_tar(tmp_path / "omnixas.tar.gz", files)).omnixas
+    root = write_dir(tmp_path / "x", files)
+    assert read_feff_tree(root).omnixas and read_feff_tree(root / "Cu").omnixas
+    mine = {f"my-feff-runs/{k.removeprefix('Cu/')}": v for k, v in files.items()}
+    assert not read_feff_tree(write_tar(tmp_path / "feff-runs.tar.gz", mine)).omnixas
+    assert not read_feff_tree(write_dir(tmp_path / "feff", mine)).omnixas
+    other_ids = {k.replace("mp-", "run-"): v for k, v in files.items()}
+    assert not read_feff_tree(write_dir(tmp_path / "y", other_ids)).omnixas
+
+
 def test_issue_details_say_what_is_wrong(tmp_path: Path) -> None:
     tree = read_feff_tree(write_tar(tmp_path / "t.tgz", tree_files()))
     detail = {(i.item, i.reason): i.detail for i in tree.issues}
@@ -270,6 +286,7 @@ def test_parse_xmu_reads_edge_and_columns() -> None:
 @pytest.mark.shared_data
 def test_real_cu_archive(cu_archive: Path) -> None:
     tree = read_feff_tree(cu_archive, element="Cu")
+    assert tree.omnixas
     # 2303 material dirs (plus report.json and writer_metadata.json at the same level):
     # 107 hold only a POSCAR (FEFF failed, listed in report.json) and mp-1101124 has two
     # site dirs whose runs crashed before writing xmu.dat.

@@ -330,6 +330,29 @@ def test_cli_train_reports_an_empty_split_part_as_an_error_not_a_traceback(
     assert "--split-by material" in capsys.readouterr().err
 
 
+def test_the_omnixas_citation_is_owed_by_the_omnixas_tree_only(
+    tree: Path, tmp_path: Path, cache: Path
+) -> None:
+    # cmd_train wrote the OmniXAS citation into the manifest of any bundle whose --data path
+    # held "feff" (this synthetic tree's does), and every evaluation report printed it.
+    # Expected: only data laid out as the OmniXAS tree (FEFF/<El>/<mp-id>) owe it.
+    from xasflow.models.bundle import verify_bundle
+
+    out = tmp_path / "cu-k"
+    rc = main(
+        ["train", "--data", str(tree), "--out", str(out), "--jobs", "1", "--estimators", "4",
+         "--split-by", "material"]
+    )  # fmt: skip
+    assert rc == 0 and "feff" in str(tree)
+    assert verify_bundle(out).training["citation"] == ""
+    assert build_feff_dataset(tree, "Cu", progress=False).citation == ""
+    omnixas = tmp_path / "omnixas" / "FEFF" / "Cu"
+    for k, material in enumerate(sorted(tree.iterdir())):
+        shutil.copytree(material, omnixas / f"mp-{1000 + k}")
+    citation = build_feff_dataset(omnixas.parents[1], "Cu", progress=False).citation
+    assert "OmniXAS" in citation and "Cu K-edge" in citation
+
+
 def test_cli_train_on_a_set_without_valence_labels_is_a_clear_error(
     tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -85,7 +85,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from xasflow.models.bundle_write import check_replaceable
     from xasflow.training.bundle_export import export_bundle
     from xasflow.training.fit import TrainConfig, TrainError, train
-    from xasflow.training.report import CITATION
 
     t0 = time.perf_counter()
     try:  # before the training, not after it: --out is replaced whole
@@ -114,9 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t_fit = time.perf_counter()
     try:
         result = train(ds, cfg, log=print)
-        out = export_bundle(
-            result, args.out, citation=CITATION if "feff" in str(args.data).lower() else ""
-        )
+        out = export_bundle(result, args.out, citation=ds.citation)  # the OmniXAS tree's
     except TrainError as exc:
         raise CliError(str(exc)) from None
     size = sum(p.stat().st_size for p in out.iterdir())

@@ -45,6 +45,9 @@ from xasflow.spectra.core import Spectrum
 
 #: Directory that holds one sub-directory per absorbing site.
 XANES_DIR = "FEFF-XANES"
+#: A material of the OmniXAS data set: ``FEFF/<El>/<Materials Project id>`` below its root
+#: (the archive's own layout, ``FEFF/Cu/mp-1036393/FEFF-XANES/015_Cu/xmu.dat``; mvc- ids too).
+_OMNIXAS_ID = re.compile(r"^(?:mp|mvc)-\d+$")
 
 _SITE_DIR = re.compile(r"^(\d+)_([A-Za-z]{1,2})$")
 
@@ -103,6 +106,8 @@ class FeffTree:
 
     materials: list[FeffMaterial] = field(default_factory=list)
     issues: list[ReadIssue] = field(default_factory=list)
+    #: whether any usable material lies where the OmniXAS data set puts one (its citation)
+    omnixas: bool = False
 
     @property
     def n_sites(self) -> int:
@@ -157,8 +162,11 @@ class _MaterialRaw:
 class _Collector:
     """Accumulates members of a tree in any order; :meth:`finish` builds the FeffTree."""
 
-    def __init__(self, root_name: str, element: str | None, limit: int | None) -> None:
+    def __init__(
+        self, root_name: str, element: str | None, limit: int | None, root: tuple[str, ...] = ()
+    ) -> None:
         self.root_name = root_name
+        self.root = root  # a directory's own path, above the members' parts
         self.element = element.strip().capitalize() if element else None
         self.limit = limit
         self.materials: dict[tuple[str, ...], _MaterialRaw] = {}
@@ -243,6 +251,7 @@ class _Collector:
             material = self._finish_material(raw, mid, where, tree.issues)
             if material is not None:
                 tree.materials.append(material)
+                tree.omnixas |= _omnixas_layout((*self.root, *key), material)
         tree.issues.sort(key=lambda i: (i.item, i.reason))
         return tree
 
@@ -336,6 +345,27 @@ class _Collector:
         )
 
 
+def omnixas_citation(element: str) -> str:
+    """The citation the OmniXAS FEFF spectra ask for (its licence: attribution), for
+    ``element``'s K edge: owed by a bundle trained on them, and only by such a bundle."""
+    return (
+        f"Training data: FEFF 9 {element} K-edge XANES from the OmniXAS project (BSD-3-Clause) "
+        "computed on Materials Project structures (CC-BY 4.0; Jain et al., APL Mater. 1, "
+        "011002 (2013))."
+    )
+
+
+def _omnixas_layout(parts: tuple[str, ...], material: FeffMaterial) -> bool:
+    """Whether a material at ``parts`` lies as in the OmniXAS data set: ``FEFF/<El>/<MP id>``,
+    ``<El>`` its absorbers' element (not just any path with "feff" in it)."""
+    return (
+        len(parts) >= 3
+        and parts[-3] == "FEFF"
+        and bool(_OMNIXAS_ID.match(parts[-1]))
+        and all(site.element == parts[-2] for site in material.sites)
+    )
+
+
 def is_tree_archive(path: Path) -> bool:
     """Whether ``path`` names a FEFF tree packed as an archive (.tar.gz / .tgz)."""
     name = path.name.lower()
@@ -415,7 +445,8 @@ def read_feff_tree(
     if not path.exists():
         raise FileNotFoundError(f"no FEFF tree at {path}")
     root_name = path.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
-    collector = _Collector(root_name, element, limit)
+    root = path.resolve().parts if path.is_dir() else ()
+    collector = _Collector(root_name, element, limit, root)
     if path.is_dir():
         _read_dir(path, collector, progress)
     elif is_tree_archive(path):

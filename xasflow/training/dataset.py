@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from xasflow import paths
-from xasflow.adapters.feff import ReadIssue, is_tree_archive, read_feff_tree
+from xasflow.adapters.feff import ReadIssue, is_tree_archive, omnixas_citation, read_feff_tree
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.training import label_average as LA
 from xasflow.training import label_cache
@@ -67,6 +67,8 @@ class Dataset:
     issues: list[ReadIssue] = field(default_factory=list)
     # measured references: nothing in them was trained on, whatever their names
     measured: bool = False
+    # what the data ask to be cited with: the OmniXAS data set's, laid out as its tree
+    citation: str = ""
 
     def __len__(self) -> int:
         return len(self.spectra)
@@ -109,6 +111,7 @@ class Dataset:
             formula=self.formula[rows],
             issues=list(self.issues),
             measured=self.measured,
+            citation=self.citation,
         )
 
 
@@ -220,7 +223,9 @@ def build_feff_dataset(
     edges = sorted({str(row[3].edge) for row in rows})
     if len(edges) != 1:  # one bundle is for one edge: K and L3 runs do not mix
         raise DatasetError(f"{path} mixes {element} edges {edges}: build one dataset per edge")
-    return _assemble(element, edges[0], str(path), fingerprint, rows, issues)
+    ds = _assemble(element, edges[0], str(path), fingerprint, rows, issues)
+    ds.citation = omnixas_citation(element) if tree.omnixas else ""
+    return ds
 
 
 def build_mp_dataset(

@@ -10,11 +10,6 @@ import numpy as np
 from xasflow.models.bundle import Manifest
 from xasflow.training.evaluate import Evaluation
 
-CITATION = (
-    "Training data: FEFF 9 Cu K-edge XANES from the OmniXAS project (BSD-3-Clause) computed on "
-    "Materials Project structures (CC-BY 4.0; Jain et al., APL Mater. 1, 011002 (2013))."
-)
-
 _LABELS = {
     "cn": "coordination number",
     "environment": "CN-motif label",
@@ -181,7 +176,8 @@ def write_report(out: str | Path, ev: Evaluation, manifest: Manifest) -> Path:
             "Items not scored, by reason: "
             + ", ".join(f"{k} {v}" for k, v in sorted(ev.issues.items())),
         ]
-    lines += ["", CITATION, ""]
+    citation = str(manifest.training.get("citation") or "")  # its training data's, if owed
+    lines += ["", citation, ""] if citation else [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
