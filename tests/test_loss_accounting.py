@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from event_model import compose_run, pack_event_page
 
+from xasflow.adapters.input_drops import DropLedger
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.stop_claims import MAX_STOP_MISSING
 from xasflow.adapters.wire import encode_message
@@ -189,7 +190,13 @@ class Daemon0MQ:
     receive step driven here, one message at a time), the processor ``build_processor``
     wires, a pipeline with no bundle, and the view ``/health`` and ``/metrics`` read."""
 
-    def __init__(self, tmp_path: Path, overflow: str, queue_size: int = 2) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        overflow: str,
+        queue_size: int = 2,
+        interrupted: InterruptedRuns | None = None,
+    ) -> None:
         self.config = DaemonConfig(
             storage={"directory": str(tmp_path / "store")},  # type: ignore[arg-type]
             input={"overflow": overflow, "queue_size": queue_size},  # type: ignore[arg-type]
@@ -197,7 +204,12 @@ class Daemon0MQ:
         tmp_path.mkdir(exist_ok=True)
         pipeline, self.counters = analysis(tmp_path)
         self.source = ZmqDocumentSource(ZmqInputConfig(queue_size=queue_size, overflow=overflow))
-        self.parts = Parts(source=self.source, assembler=RunAssembler(), pipeline=pipeline)
+        self.parts = Parts(
+            source=self.source,
+            assembler=RunAssembler(),
+            pipeline=pipeline,
+            interrupted=interrupted,
+        )
         self.status = DaemonStatus(self.config, self.counters, self.parts)
         self.docs: list[tuple[str, dict]] = []
         self.proc = build_processor(
@@ -345,6 +357,97 @@ def test_a_gap_the_input_did_not_make_is_still_a_seq_gap(
         d.turn()
     assert d.stop_doc()["raw_missing_events"] == 2
     assert_lost_once(d, overflow=1, seq_gap=1)
+
+
+class _LeftOpen(_Store):
+    """A store holding one analysis run a killed daemon left open: ``rows`` results stored
+    of raw run ``raw_uid`` (seq_nums 1..rows)."""
+
+    def __init__(self, raw_uid: str, rows: int) -> None:
+        super().__init__()
+        self.info = {
+            "raw_uid": raw_uid,
+            "start": {"uid": "analysis-" + raw_uid},
+            "descriptor": {"name": "primary"},
+            "rows": rows,
+            "spectra": rows,
+            "n_ok": rows,
+            "n_rejected": 0,
+            "max_seq": rows,
+        }
+
+    def unfinished_runs(self) -> list[dict]:
+        return [self.info]
+
+
+def test_an_interrupted_runs_event_the_input_queue_dropped_is_lost_once(
+    tmp_path: Path,
+) -> None:
+    """A killed daemon stored events 1-2 of a 6-event run; its successor receives 3-6 (it
+    never saw the run's descriptor) and its full input queue drops event 5. Before: event 5
+    was counted as ``overflow`` and again in the run's ``interrupted`` count (6 - 2 stored):
+    5 events lost in /health and /metrics for 4. Now it is ``overflow`` only, like a drop of
+    a run the daemon follows, and the interrupted stop says it was dropped here."""
+    uid, docs = step_run(6, num_events={"primary": 6})
+    _start, _desc, _e1, _e2, e3, e4, e5, e6, stop = docs
+    interrupted = InterruptedRuns(_LeftOpen(uid, rows=2))
+    assert interrupted.find() == 1
+    d = Daemon0MQ(tmp_path, "drop_newest", interrupted=interrupted)
+    try:
+        for batch in ((e3, e4, e5), (e6, stop)):  # e5 does not fit
+            d.receive(*batch)
+            d.turn()
+    finally:
+        d.source.close()
+    assert d.source.stats()["dropped_overflow_events"] == 1
+    by_cause, total, metrics = d.lost()
+    assert by_cause == {"overflow": 1, "interrupted": 3} and total == 4
+    assert 'xasflow_events_lost_total{cause="overflow"} 1.0' in metrics
+    assert 'xasflow_events_lost_total{cause="interrupted"} 3.0' in metrics
+    stop_doc = d.stop_doc()
+    assert stop_doc["interrupted"] is True and stop_doc["raw_missing_events"] == 4
+    assert stop_doc["raw_dropped_events"] == 1
+
+
+def test_a_drop_of_a_run_this_daemon_follows_stays_off_an_interrupted_runs_count(
+    tmp_path: Path,
+) -> None:
+    """Run S starts on the new daemon while run R, left open by the killed one (event 1
+    stored), still streams. S's event 2, dropped by the full input queue, has a seq_num R
+    counts missing, but its descriptor was queued here: it is S's (``overflow`` once, in S's
+    stop), not taken off R's ``interrupted`` count."""
+    r_uid, r_docs = step_run(3, num_events={"primary": 3})
+    _, s_docs = step_run(3, num_events={"primary": 3})
+    r2, r3, r_stop = r_docs[3:]
+    s_start, s_desc, s1, s2, s3, s_stop = s_docs
+    interrupted = InterruptedRuns(_LeftOpen(r_uid, rows=1))
+    interrupted.find()
+    d = Daemon0MQ(tmp_path, "drop_newest", interrupted=interrupted)
+    try:
+        for batch in ((s_start, s_desc), (r2, s1, s2), (r3, r_stop), (s3, s_stop)):
+            d.receive(*batch)  # s2 does not fit
+            d.turn()
+    finally:
+        d.source.close()
+    r_doc, s_doc = [doc for name, doc in d.docs if name == "stop"]
+    assert (r_doc["raw_missing_events"], r_doc["raw_dropped_events"]) == (2, 0)
+    assert (s_doc["raw_missing_events"], s_doc["raw_dropped_events"]) == (1, 1)
+    by_cause, total, _ = d.lost()
+    assert by_cause == {"overflow": 1, "interrupted": 2} and total == 3
+
+
+def test_the_ledger_tells_rows_of_descriptors_never_queued() -> None:
+    """Rows of a descriptor the input queued go to the assembler only; those of one never
+    queued, or evicted before them (``drop_oldest``), are unseen too."""
+    ledger = DropLedger()
+    ledger.queued("descriptor", {"uid": "d1"})
+    ledger.record("event", {"descriptor": "d1", "seq_num": 4})
+    ledger.record("event", {"descriptor": "d2", "seq_num": 5})
+    ledger.record("descriptor", {"uid": "d1"})  # evicted
+    ledger.record("event_page", {"descriptor": "d1", "seq_num": [6, 7]})
+    assert ledger.take() == [("d1", [4]), ("d2", [5]), ("d1", [6, 7])]
+    assert ledger.take_unseen() == [("d2", [5]), ("d1", [6, 7])]
+    assert ledger.take_unseen() == []
 
 
 # --------------------------------------------------------------------------- 3. raw scan_id

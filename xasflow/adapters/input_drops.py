@@ -11,18 +11,27 @@ the input made from those the bus made.
 ``overflow`` counts event rows (an ``event`` is one, an ``event_page`` its rows, of any
 stream); other documents dropped (a start, a descriptor, a resource) are no events: they
 are counted by the input as documents (``xasflow_input_dropped_total{cause="overflow"}``).
+
+Rows whose descriptor this input never queued (:meth:`DropLedger.queued`; a descriptor
+precedes its events, so this is known when the row is dropped) belong to a run the daemon
+cannot follow, typically one a killed predecessor left open: they are also kept apart
+(:meth:`DropLedger.take_unseen`) for :class:`~xasflow.adapters.recovery.InterruptedRuns`,
+whose ``interrupted`` count (raw events - results stored) must not count them again.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
-__all__ = ["MAX_RECORDS", "DropLedger", "event_rows"]
+__all__ = ["KNOWN_DESCRIPTORS", "MAX_RECORDS", "DropLedger", "event_rows"]
 
 #: Dropped documents whose rows wait for :meth:`DropLedger.take` at most: it is emptied
 #: every turn of the processing thread, so this is reached only if that thread is stuck.
 MAX_RECORDS = 100_000
+#: Descriptor uids queued that the ledger remembers (the most recent), to tell unseen rows.
+KNOWN_DESCRIPTORS = 10_000
 
 
 def event_rows(name: str, doc: dict[str, Any]) -> tuple[Any, list[Any]] | None:
@@ -46,7 +55,21 @@ class DropLedger:
     def __init__(self, most: int = MAX_RECORDS) -> None:
         self.most = most
         self._records: list[tuple[Any, list[Any]]] = []
+        self._unseen: list[tuple[Any, list[Any]]] = []
+        self._queued: OrderedDict[Any, None] = OrderedDict()  # descriptor uids queued
         self._lock = threading.Lock()
+
+    def queued(self, name: str, doc: dict[str, Any]) -> None:
+        """A document the input queued: a descriptor's uid is remembered, so that the rows
+        dropped later are told apart from those of descriptors never queued (unseen)."""
+        if name != "descriptor":
+            return
+        uid = doc.get("uid")
+        if isinstance(uid, str):
+            with self._lock:
+                self._queued[uid] = None
+                while len(self._queued) > KNOWN_DESCRIPTORS:
+                    self._queued.popitem(last=False)
 
     def record(self, name: str, doc: dict[str, Any]) -> dict[str, int]:
         """Remember a dropped document's event rows; return what to add to the input's
@@ -54,6 +77,9 @@ class DropLedger:
         ``dropped_unattributed`` (rows not remembered: the ledger is full, so they may be
         counted as ``seq_gap`` too)."""
         counts = {"dropped_overflow": 1}
+        if name == "descriptor":  # evicted after it was queued: its rows are unseen now
+            with self._lock:
+                self._queued.pop(doc.get("uid"), None)
         rows = event_rows(name, doc)
         if rows is not None:
             counts["dropped_overflow_events"] = len(rows[1])
@@ -62,10 +88,20 @@ class DropLedger:
                     self._records.append(rows)
                 else:
                     counts["dropped_unattributed"] = len(rows[1])
+                unseen = not isinstance(rows[0], str) or rows[0] not in self._queued
+                if unseen and len(self._unseen) < self.most:
+                    self._unseen.append(rows)
         return counts
 
     def take(self) -> list[tuple[Any, list[Any]]]:
         """The rows recorded since the last call, oldest first."""
         with self._lock:
             records, self._records = self._records, []
+        return records
+
+    def take_unseen(self) -> list[tuple[Any, list[Any]]]:
+        """The rows recorded since the last call whose descriptor this input never queued
+        (they are in :meth:`take` too), oldest first."""
+        with self._lock:
+            records, self._unseen = self._unseen, []
         return records

@@ -10,6 +10,17 @@ spectra stored; a count that is not one, or that claims more than
 left unknown), after ``timeout_s`` without it, or at shutdown. The stop (``exit_status``
 "fail", ``reason`` "interrupted: ...", ``interrupted: true``) is recorded in the store and
 returned for publication under the analysis run's original start uid.
+
+The raw run's events that reach this daemon have a descriptor it never saw. Those its input
+queue dropped are lost as ``overflow`` already, so the stop's ``raw_dropped_events`` says how
+many of ``raw_missing_events`` they are, and the ``interrupted`` count leaves them out (as
+``seq_gap`` does for a run the daemon follows). The input cannot tell which run such a row
+belongs to, nor its stream (an event names its descriptor only): :meth:`InterruptedRuns.dropped`
+keeps them, and a run's stop takes those whose seq_num it counts missing (above the last
+stored, up to its ``num_events``), at most that many. So a row of another stream in that
+range (a baseline reading), or of another run left open, can be taken instead of one of the
+run's own: the stop's ``raw_dropped_events`` is then off by it, and the ``interrupted`` count
+too unless another run's stop takes the row it left.
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ import time
 import uuid
 from typing import Any
 
-from xasflow.adapters.stop_claims import claimed_missing, stop_event_count
+from xasflow.adapters.input_drops import MAX_RECORDS
+from xasflow.adapters.stop_claims import claimed_missing, int64_or_none, stop_event_count
 
 __all__ = ["InterruptedRuns"]
 
@@ -38,6 +50,7 @@ class InterruptedRuns:
         self.timeout_s = float(timeout_s)
         self._open: dict[str, dict[str, Any]] = {}  # raw uid -> store's info on the run
         self._closed: list[dict[str, Any]] = []
+        self._dropped: list[int] = []  # seq_nums of unseen rows the input dropped
         self._lock = threading.Lock()
         self._found_at = time.monotonic()
 
@@ -71,6 +84,29 @@ class InterruptedRuns:
             )
         return info is not None
 
+    def dropped(self, rows: list[tuple[Any, list[Any]]]) -> None:
+        """Event rows the input dropped whose descriptor it never queued
+        (``ZmqDocumentSource.unseen_drops``), kept while a run is open (see the module
+        docstring); at most ``MAX_RECORDS``."""
+        if not self._open:
+            self._dropped.clear()
+            return
+        seqs = [int64_or_none(seq) for _, row in rows for seq in row]
+        self._dropped.extend(s for s in seqs if s is not None)
+        del self._dropped[MAX_RECORDS:]
+
+    def _take_dropped(self, after: int, upto: int, most: int) -> int:
+        """Forget up to ``most`` dropped rows with ``after < seq_num <= upto``; how many."""
+        kept: list[int] = []
+        taken = 0
+        for seq in self._dropped:
+            if taken < most and after < seq <= upto:
+                taken += 1
+            else:
+                kept.append(seq)
+        self._dropped = kept
+        return taken
+
     def expired(self, now: float | None = None) -> list[str]:
         """Raw uids whose stop did not come within ``timeout_s`` of the restart."""
         now = time.monotonic() if now is None else now
@@ -86,13 +122,14 @@ class InterruptedRuns:
         """Close one run: record its stop in the store, return it (None if not ours).
 
         With the raw run's stop, ``raw_missing_events`` is its event count minus the spectra
-        stored; without it the count is unknown (None).
+        stored, and ``raw_dropped_events`` how many of them this daemon's input dropped;
+        without it both are unknown (None).
         """
         info = self._open.pop(raw_uid, None)
         if info is None:
             return None
         start = info["start"]
-        raw_total, missing, refusal = None, None, None
+        raw_total, missing, refusal, dropped = None, None, None, None
         raw_status = "timeout" if raw_stop is None else str(raw_stop.get("exit_status", "fail"))
         if raw_stop is not None:  # a count only if it is one, and a plausible one
             raw_total, refusal = stop_event_count(raw_stop, self.stream)
@@ -101,11 +138,14 @@ class InterruptedRuns:
             if refusal is not None:
                 raw_total = missing = None
                 logger.warning("raw run %s: %s", raw_uid, refusal)
+        if raw_total is not None and missing is not None:
+            dropped = self._take_dropped(int(info.get("max_seq", 0)), raw_total, missing)
         seen = "unknown" if raw_total is None else str(raw_total)
         reason = (
             f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "
             f"raw spectra have stored results"
             + ("" if missing is None else f", {missing} were not analysed")
+            + (f" ({dropped} of them dropped by the input queue)" if dropped else "")
             + (f" ({why})" if why else "")
             + (f"; {refusal}" if refusal else "")
         )
@@ -122,6 +162,7 @@ class InterruptedRuns:
             "n_rejected": info["n_rejected"],
             "raw_seq_gaps": None if missing is None else int(missing > 0),
             "raw_missing_events": missing,
+            "raw_dropped_events": dropped,
             "interrupted": True,
         }
         logger.warning("raw run %s: %s", raw_uid, reason)

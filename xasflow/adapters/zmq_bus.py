@@ -29,7 +29,8 @@ see :mod:`xasflow.adapters.input_drops`), ``dropped_on_close``, ``backpressure_w
 ``decoded == delivered + dropped_overflow + dropped_on_close + queue_depth``.
 
 Dropped events wait in ``dropped_events()`` for the processing thread, so that each is lost
-once (``overflow``), not again as a gap in its run (``seq_gap``).
+once (``overflow``), not again as a gap in its run (``seq_gap``); those of descriptors never
+queued here also in ``unseen_drops()``, not to be counted again as ``interrupted``.
 """
 
 from __future__ import annotations
@@ -270,6 +271,11 @@ class ZmqDocumentSource:
         ``(descriptor uid, seq_nums)`` per document, as sent (unchecked)."""
         return self._dropped.take()
 
+    def unseen_drops(self) -> list[tuple[Any, list[Any]]]:
+        """Of those, the rows whose descriptor this input never queued (a run a killed
+        predecessor followed: :class:`~xasflow.adapters.recovery.InterruptedRuns`)."""
+        return self._dropped.take_unseen()
+
     def stats(self) -> dict[str, int]:
         """Snapshot of all counters plus the ``queue_depth`` gauge."""
         snap = self._counters.snapshot()
@@ -343,6 +349,7 @@ class ZmqDocumentSource:
         self._counters.add(counts)  # received before a full queue holds it back
         if self._enqueue((name, doc)):
             self._counters.inc("enqueued")
+            self._dropped.queued(name, doc)  # a descriptor: its events' drops are not unseen
 
     def _count_decode_error(self, reason: str, text: str) -> None:
         self._counters.inc("decode_errors")

@@ -42,7 +42,7 @@ prediction carries the out-of-domain flag (a subset of ``spectra_analysed``);
 ``events_lost`` counts raw events that never reached the analysis, once each, by cause:
 ``seq_gap`` (missing from a run's sequence or its stop's ``num_events``, except those the
 input queue dropped), ``overflow`` (event rows dropped by a full input queue), ``interrupted``
-(received by a daemon that was killed).
+(of a run a killed daemon left open, not stored; again except those the input queue dropped).
 """
 
 from __future__ import annotations

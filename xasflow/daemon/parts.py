@@ -246,6 +246,7 @@ def build_processor(
     proc.store_sink = p.writer
     # 0MQ's overflow policy may drop events: each is lost once (not again as a seq_gap)
     proc.input_dropped = getattr(p.source, "dropped_events", None)
+    proc.input_unseen = getattr(p.source, "unseen_drops", None)  # nor as interrupted
     at_raw_start: list[Callable[[str], None]] = []
     store = p.store
     if store is not None:  # the analysis table made at the raw start, not the first result

@@ -34,7 +34,9 @@ after the turn ``on_processed()`` says that every document taken so far has gone
 sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka) resumes
 it: the run is analysed anew and the store skips the rows it holds. The events the 0MQ
 input's overflow policy dropped (``input_dropped()``) go to the assembler at the start of each
-turn, so each is lost once (``overflow``), not again as a gap in its run (``seq_gap``).
+turn, so each is lost once (``overflow``), not again as a gap in its run (``seq_gap``); those
+of descriptors the input never queued (``input_unseen()``) to the interrupted runs, not to be
+counted again as ``interrupted``.
 
 With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
 batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
@@ -119,6 +121,9 @@ class Processor:
         #: Event rows the input queue dropped since asked, ``[(descriptor uid, seq_nums)]``
         #: (``ZmqDocumentSource.dropped_events``): asked each turn, see :meth:`_input_drops`.
         self.input_dropped: Callable[[], list[tuple[Any, list[Any]]]] | None = None
+        #: Of those, the rows of descriptors the input never queued
+        #: (``ZmqDocumentSource.unseen_drops``), for the interrupted runs' count.
+        self.input_unseen: Callable[[], list[tuple[Any, list[Any]]]] | None = None
         self.internal_errors = 0
         #: Batches begun and not yet ended: at most one in flight with a preparation process.
         self._pending: deque[Batch] = deque()
@@ -208,6 +213,10 @@ class Processor:
         if self.input_dropped is not None:
             for descriptor, seqs in self.input_dropped():
                 self.assembler.dropped(descriptor, seqs)
+        if self.input_unseen is not None:  # rows of runs a killed predecessor followed
+            unseen = self.input_unseen()
+            if self.interrupted is not None:
+                self.interrupted.dropped(unseen)
 
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
         outputs: list[Output] = []
@@ -301,11 +310,12 @@ class Processor:
         self._complete(0)  # the run's last results go out before its stop
         stop = self.interrupted.close(raw_uid, raw_stop, why)
         self.counters.run_closed("interrupted")
-        missing = stop.get("raw_missing_events") if stop is not None else None
-        if isinstance(missing, int):
-            self.counters.lost("interrupted", missing)
-        if stop is not None:  # already in the store: to the bus and the listeners only
-            self.emit("stop", stop, store=False)
+        if stop is None:
+            return
+        missing = stop.get("raw_missing_events")
+        if isinstance(missing, int):  # those the input dropped are lost as overflow already
+            self.counters.lost("interrupted", missing - (stop.get("raw_dropped_events") or 0))
+        self.emit("stop", stop, store=False)  # already in the store: to the bus and listeners
 
     def analyse(self, outputs: list[Output]) -> None:
         """Pipeline over one batch of assembler outputs, then every sink in order (with a
