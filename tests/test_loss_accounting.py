@@ -450,6 +450,29 @@ def test_the_ledger_tells_rows_of_descriptors_never_queued() -> None:
     assert ledger.take_unseen() == []
 
 
+def test_an_event_dropped_at_close_under_block_is_lost_once(tmp_path: Path) -> None:
+    """Under ``overflow: block`` the receive thread holds a page of 2 events while the queue
+    is full; the input closes and drops it (``dropped_on_close``). Before: /health and
+    /metrics counted 0 events lost. Now its rows are lost as ``on_close``, once: the runs
+    closed at shutdown do not count them again."""
+    _, docs = step_run(4)
+    start, desc, e1, e2, e3, e4, _stop = docs
+    d = Daemon0MQ(tmp_path, "block")
+    d.receive(start, desc)
+    d.turn()
+    d.receive(e1, e2)  # the queue (2) is full
+    d.source.close()  # stop receiving: what the thread holds cannot be queued any more
+    d.receive(("event_page", pack_event_page(e3[1], e4[1])))
+    stats = d.source.stats()
+    assert (stats["dropped_on_close"], stats["dropped_overflow"]) == (1, 0)
+    d.proc.drain.set()
+    d.proc.run()  # the queue's documents, then the shutdown: the run closes (abort)
+    by_cause, total, metrics = d.lost()
+    assert by_cause == {"on_close": 2} and total == 2
+    assert 'xasflow_events_lost_total{cause="on_close"} 2.0' in metrics
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in metrics
+
+
 # --------------------------------------------------------------------------- 3. raw scan_id
 
 

@@ -17,6 +17,11 @@ precedes its events, so this is known when the row is dropped) belong to a run t
 cannot follow, typically one a killed predecessor left open: they are also kept apart
 (:meth:`DropLedger.take_unseen`) for :class:`~xasflow.adapters.recovery.InterruptedRuns`,
 whose ``interrupted`` count (raw events - results stored) must not count them again.
+
+Under ``input.overflow: block`` nothing is dropped while the input runs, but the document
+the receive thread holds for a full queue when the input closes is (``dropped_on_close``):
+:func:`dropped_at_close` counts its event rows too, lost as ``on_close``. Nothing is
+received after it, so no run of the daemon can count them again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["KNOWN_DESCRIPTORS", "MAX_RECORDS", "DropLedger", "event_rows"]
+__all__ = ["KNOWN_DESCRIPTORS", "MAX_RECORDS", "DropLedger", "dropped_at_close", "event_rows"]
 
 #: Dropped documents whose rows wait for :meth:`DropLedger.take` at most: it is emptied
 #: every turn of the processing thread, so this is reached only if that thread is stuck.
@@ -47,6 +52,13 @@ def event_rows(name: str, doc: dict[str, Any]) -> tuple[Any, list[Any]] | None:
     except TypeError:
         rows = []
     return doc.get("descriptor"), rows
+
+
+def dropped_at_close(name: str, doc: dict[str, Any]) -> dict[str, int]:
+    """What to add to the input's counters for a document dropped at close:
+    ``dropped_on_close`` (1) and ``dropped_on_close_events`` (its event rows)."""
+    rows = event_rows(name, doc)
+    return {"dropped_on_close": 1, "dropped_on_close_events": len(rows[1]) if rows else 0}
 
 
 class DropLedger:

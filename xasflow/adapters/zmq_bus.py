@@ -22,7 +22,8 @@ Counters (``stats()``): ``received`` (messages off the socket), ``bytes_received
 ``ignored``, ``decoded``, ``decode_errors`` and ``decode_errors.<reason>``,
 ``documents.<name>``, ``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``
 (documents), ``dropped_overflow_events`` and ``dropped_unattributed`` (their event rows,
-see :mod:`xasflow.adapters.input_drops`), ``dropped_on_close``, ``backpressure_waits``
+see :mod:`xasflow.adapters.input_drops`), ``dropped_on_close`` and ``dropped_on_close_events``
+(the document ``block`` held when the input closed, and its event rows), ``backpressure_waits``
 (messages that had to wait for room under ``block``), ``receive_errors``, and the gauge
 ``queue_depth``. Once quiescent,
 ``received == ignored + decoded + decode_errors`` and
@@ -45,7 +46,7 @@ from typing import Any
 
 import zmq
 
-from xasflow.adapters.input_drops import DropLedger
+from xasflow.adapters.input_drops import DropLedger, dropped_at_close
 from xasflow.adapters.wire import (
     DECODE_ERROR_REASONS,
     DOCUMENT_NAMES,
@@ -79,6 +80,7 @@ _COUNTERS: tuple[str, ...] = (
     "dropped_overflow_events",
     "dropped_unattributed",
     "dropped_on_close",
+    "dropped_on_close_events",
     "backpressure_waits",
     "receive_errors",
     *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
@@ -373,7 +375,7 @@ class ZmqDocumentSource:
                         waited = True
                         self._counters.inc("backpressure_waits")
                     if self._stop.is_set():
-                        self._counters.inc("dropped_on_close")
+                        self._counters.add(dropped_at_close(*item))
                         return False
         elif policy == "drop_newest":
             try:

@@ -43,7 +43,9 @@ prediction carries the out-of-domain flag (a subset of ``spectra_analysed``);
 ``events_lost`` counts raw events that never reached the analysis, once each, by cause:
 ``seq_gap`` (missing from a run's sequence or its stop's ``num_events``, except those the
 input queue dropped), ``overflow`` (event rows dropped by a full input queue), ``interrupted``
-(of a run a killed daemon left open, not stored; again except those the input queue dropped).
+(of a run a killed daemon left open, not stored; again except those the input queue dropped),
+``on_close`` (event rows the 0MQ input held for a full queue under ``block`` when it closed;
+a Kafka input's are not lost: uncommitted, they are delivered again).
 """
 
 from __future__ import annotations

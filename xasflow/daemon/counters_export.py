@@ -30,7 +30,7 @@ GAUGE_HELP: dict[str, str] = {
 }
 
 #: Why raw events can be lost (``Counters.lost``), each exported from 0.
-LOSS_CAUSES: tuple[str, ...] = ("seq_gap", "overflow", "interrupted")
+LOSS_CAUSES: tuple[str, ...] = ("seq_gap", "overflow", "interrupted", "on_close")
 #: Why a bundle can be refused, each exported from 0.
 REFUSAL_REASONS: tuple[str, ...] = tuple(INTEGRITY_REASONS)
 

@@ -104,6 +104,7 @@ class DaemonStatus:
         )
         # events (an event page's rows), not documents: xasflow.adapters.input_drops
         self.counters.sync_lost("overflow", src.get("dropped_overflow_events", 0))
+        self.counters.sync_lost("on_close", src.get("dropped_on_close_events", 0))  # 0MQ's
         self.counters.set_gauge("queue_depth", src.get("queue_depth", 0))
         source = self.parts.source
         if self.config.input.kind == "kafka" and source is not None:
