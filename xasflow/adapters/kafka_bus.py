@@ -27,6 +27,7 @@ __all__ = [
     "KafkaInputSettings",
     "KafkaOutputSettings",
     "RunKeys",
+    "decode_counted",
     "decode_kafka_value",
     "encode_kafka_value",
 ]
@@ -62,6 +63,27 @@ def decode_kafka_value(value: bytes | None) -> tuple[str, dict[str, Any]]:
     if not isinstance(doc, dict):
         raise WireError("not_a_dict", f"body decoded to {type(doc).__name__}")
     return name, doc
+
+
+def decode_counted(
+    value: bytes | None,
+) -> tuple[str | None, dict[str, Any], dict[str, int], str | None]:
+    """One message value decoded, and what it adds to the input's counters:
+    ``(name, doc, counts, error)``. ``counts``: ``received``, ``bytes_received``, then
+    ``decoded`` and ``documents.<name>``, or ``decode_errors`` and ``decode_errors.<reason>``
+    (``internal``: a decoder bug); undecodable, ``name`` is None and ``error`` says why."""
+    counts = {"received": 1, "bytes_received": len(value or b"")}
+    try:
+        name, doc = decode_kafka_value(value)
+    except WireError as exc:
+        reason, error = exc.reason, str(exc)
+    except Exception as exc:  # a decoder bug must not stop the receive thread
+        reason, error = "internal", f"{type(exc).__name__}: {exc}"
+    else:
+        counts.update({"decoded": 1, f"documents.{name}": 1})
+        return name, doc, counts, None
+    counts.update({"decode_errors": 1, f"decode_errors.{reason}": 1})
+    return None, {}, counts, error
 
 
 class RunKeys:

@@ -3,7 +3,7 @@
 :class:`KafkaDocumentSource` has the 0MQ source's interface (``start``, ``get(timeout)``,
 ``close``, ``stats``, ``ready``, ``last_error``): a receive thread polls a confluent-kafka
 consumer (``enable.auto.commit=false``, cooperative-sticky assignment), decodes each value
-in bluesky-kafka's format (:func:`~xasflow.adapters.kafka_bus.decode_kafka_value`) and
+in bluesky-kafka's format (:func:`~xasflow.adapters.kafka_bus.decode_counted`) and
 puts it on a bounded queue; when the queue is full it stops polling (Kafka keeps the rest).
 
 Commit rule (at-least-once). The processing thread calls :meth:`mark_processed` after each
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_kafka_value
+from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_counted
 from xasflow.adapters.kafka_offsets import (
     INPUT_COUNTERS,
     TP,
@@ -42,7 +42,6 @@ from xasflow.adapters.kafka_offsets import (
     broker_lag,
     committed_offsets,
 )
-from xasflow.adapters.wire import WireError
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
 
@@ -315,24 +314,15 @@ class KafkaDocumentSource:
             self.last_error = str(err)
             logger.warning("Kafka consumer error: %s", err)
             return
-        value = msg.value()
-        self._count("received")
-        self._count("bytes_received", len(value or b""))
-        name: str | None
-        try:
-            name, doc = decode_kafka_value(value)
-        except WireError as exc:
-            self._decode_error(exc.reason, str(exc), msg)
-            name, doc = None, {}
-        except Exception as exc:
-            self._decode_error("internal", f"{type(exc).__name__}: {exc}", msg)
-            name, doc = None, {}
-        else:
-            self._count("decoded")
-            self._count(f"documents.{name}")
+        name, doc, counts, error = decode_counted(msg.value())
         tp = (msg.topic(), msg.partition())
         with self._lock:
+            for key, n in counts.items():
+                self._counts[key] = self._counts.get(key, 0) + n
             gen = self._offsets.gen.get(tp, -1)
+        if error is not None:
+            self.last_error = error
+            logger.warning("undecodable Kafka message %s[%s]@%s: %s", *tp, msg.offset(), error)
         # an undecodable message is queued too, so that its offset is processed (and
         # committed, and not lag) once everything before it is, never ahead of them
         item = _Item(name, doc, tp, msg.offset(), gen)
@@ -346,18 +336,6 @@ class KafkaDocumentSource:
                 self._serve_commit(self._consumer)  # keep committing while we wait
         if name is not None:
             self._count("dropped_on_close")
-
-    def _decode_error(self, reason: str, text: str, msg: Any) -> None:
-        self._count("decode_errors")
-        self._count(f"decode_errors.{reason}")
-        self.last_error = text
-        logger.warning(
-            "undecodable Kafka message %s[%s]@%s: %s",
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            text,
-        )
 
     def _update_lag(self, consumer: Any) -> None:
         with self._lock:
