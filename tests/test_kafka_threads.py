@@ -184,3 +184,30 @@ def test_a_start_that_times_out_still_closes_its_consumer(
     consumer = wait_for(lambda: watched and watched[0], "the consumer created", 30)
     wait_for(lambda: consumer.closed_by, "the late consumer closed", 10)
     assert consumer.overlaps == []
+
+
+def test_a_start_that_times_out_returns_within_its_timeout(
+    broker: Broker, watched: list[WatchedConsumer]
+) -> None:
+    """``start(timeout=0.3)`` while the consumer takes 4 s to be created. Before: it raised
+    only after ``close()`` had joined the receive thread for up to 5 s more (about 4 s here,
+    5.3 s with a slower consumer). Now it raises within its timeout (plus a bounded 0.5 s
+    here), and the receive thread closes the late consumer itself, one thread at a time."""
+    topic = f"th-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 1)
+    WatchedConsumer.create_delay_s = 4.0
+    settings = KafkaInputSettings(
+        bootstrap_servers=broker.bootstrap,
+        topics=(topic,),
+        group_id=uuid.uuid4().hex,
+        consumer={"logger": LOG},
+    )
+    source = KafkaDocumentSource(settings)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+        source.start(timeout=0.3)
+    took = time.monotonic() - began
+    assert 0.3 <= took < 0.8, f"start(timeout=0.3) took {took:.2f} s"
+    consumer = wait_for(lambda: watched and watched[0], "the consumer created", 30)
+    wait_for(lambda: consumer.closed_by, "the late consumer closed", 15)
+    assert consumer.closed_by == "xasflow-kafka-in" and consumer.overlaps == []

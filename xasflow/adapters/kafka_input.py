@@ -101,18 +101,23 @@ class KafkaDocumentSource:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> None:
-        """Create the consumer and subscribe; raise RuntimeError/TimeoutError if that fails."""
+        """Create the consumer and subscribe; raise RuntimeError/TimeoutError if that fails.
+
+        Returns or raises within ``timeout`` plus the few milliseconds of a thread start and
+        of taking a lock: a failed start does not wait for the receive thread (a consumer it
+        makes after all is closed by that thread itself, see :meth:`finish`).
+        """
         if self._thread is not None or self._closed:
             raise RuntimeError("KafkaDocumentSource can be started once")
         self._thread = threading.Thread(target=self._run, name="xasflow-kafka-in", daemon=True)
         self._thread.start()
         if not self._setup_done.wait(timeout):
-            self.close()
+            self.close(timeout=0)  # no join: the thread may be making the consumer still
             self.finish(0)  # a consumer made after all is closed, by the receive thread
             raise TimeoutError(f"Kafka consumer not subscribed within {timeout}s")
         if self._setup_error is not None:
             err = self._setup_error
-            self.close()
+            self.close(timeout=0)  # the thread has ended, or is about to: it holds nothing
             self.finish(0)
             raise RuntimeError(f"Kafka consumer could not subscribe: {err}") from err
         self._committer = threading.Thread(
