@@ -42,7 +42,7 @@ from typing import Any, TextIO
 
 from xasflow import paths
 from xasflow.adapters.probes import PROBE_KEY
-from xasflow.sim.demo_printer import Printer, format_result, say
+from xasflow.sim.demo_printer import Printer, format_counts, format_result, say
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
 
@@ -321,15 +321,9 @@ def run_demo(
         "counters": daemon.counters.snapshot() if daemon is not None else {},
         "beamline_exit": proc.returncode if proc is not None else None,
     }
-    c = summary["counters"]
-    if c:
+    if summary["counters"]:
         print(
-            f"done: {c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
-            f"{c['spectra_rejected']} rejected {c['rejected'] or ''}; "
-            f"latency p50 {c['latency']['p50_ms'] or 0:.1f} ms, "
-            f"p99 {c['latency']['p99_ms'] or 0:.1f} ms; results in {store}",
-            file=out,
-            flush=True,
+            f"done: {format_counts(summary['counters'])}; results in {store}", file=out, flush=True
         )
     return summary
 

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
 
-__all__ = ["Printer", "format_result", "say"]
+__all__ = ["Printer", "format_counts", "format_result", "say"]
 
 #: One line at a time on the demo's output: the beamline relay and the result printer are two
 #: threads, and ``print`` writes a line and its newline separately, so lines could run together.
@@ -56,6 +56,16 @@ def format_result(doc: dict[str, Any], label: str = "") -> str:
         parts.append(f"{d['latency_ms']:.1f} ms")
     flags = f" [{d['flags']}]" if d.get("flags") else ""
     return f"{head}: " + ", ".join(parts) + flags
+
+
+def format_counts(c: dict[str, Any]) -> str:
+    """The demo's last line: the daemon's counters (``Counters.snapshot()``) and latency."""
+    return (
+        f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
+        f"{c['spectra_rejected']} rejected {c['rejected'] or ''}; "
+        f"latency p50 {c['latency']['p50_ms'] or 0:.1f} ms, "
+        f"p99 {c['latency']['p99_ms'] or 0:.1f} ms"
+    )
 
 
 def _finite(value: Any) -> bool:
