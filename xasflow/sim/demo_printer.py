@@ -59,11 +59,22 @@ def format_result(doc: dict[str, Any], label: str = "") -> str:
 
 
 def format_counts(c: dict[str, Any]) -> str:
-    """The demo's last line: the daemon's counters (``Counters.snapshot()``) and latency."""
-    return (
+    """The demo's last line: the daemon's counters (``Counters.snapshot()``) and latency.
+
+    Spectra received = analysed + rejected by the analysis; what the assembler rejected
+    before it (a scan cut by Ctrl-C: ``missing_stop``) was never received, so it is told
+    apart, as ``Counters.summary`` does.
+    """
+    stages = c.get("rejected_by_stage", {})
+    analysis, before = stages.get("analysis", {}), stages.get("assembly", {})
+    line = (
         f"{c['spectra_received']} spectra received, {c['spectra_analysed']} analysed, "
-        f"{c['spectra_rejected']} rejected {c['rejected'] or ''}; "
-        f"latency p50 {c['latency']['p50_ms'] or 0:.1f} ms, "
+        f"{sum(analysis.values())} rejected {analysis or ''}"
+    ).rstrip()
+    if before:
+        line += f"; {sum(before.values())} rejected before the analysis {before}"
+    return (
+        f"{line}; latency p50 {c['latency']['p50_ms'] or 0:.1f} ms, "
         f"p99 {c['latency']['p99_ms'] or 0:.1f} ms"
     )
 
