@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import analysis_run_docs, free_port
+from helpers import analysis_run_docs, free_port, wait_for
 from pydantic import ValidationError
 
 from xasflow.adapters.queueserver import (
@@ -199,6 +199,9 @@ def test_a_raw_run_gets_its_plan_once_and_only_after_a_successful_stop() -> None
 
 
 def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
+    """A refused try frees the rate slot: the next run's plan goes in while the refused one
+    waits for its retry, which goes in after it."""
+
     class Refusing(FakeApi):
         def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
             if not self.items and not getattr(self, "refused", False):
@@ -207,17 +210,75 @@ def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
             return super().item_add(item, user, user_group)
 
     fake = Refusing()
-    cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, min_interval_s=3600.0)
+    cfg = QueueServerConfig(
+        enabled=True, zmq_public_key="x" * 40, min_interval_s=3600.0, retry_backoff_s=1.0
+    )
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
     try:
-        for raw in ("raw-1", "raw-2"):
-            for name, doc in _docs(False, raw):
-                sub(name, doc)
-            assert sub.join(5.0)
-        assert sub.stats["failed"] == 1 and sub.stats["skipped_rate"] == 0
-        assert [i["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] for i in fake.items] == ["raw-2"]
+        for name, doc in _docs(False, "raw-1"):
+            sub(name, doc)
+        wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's refusal")
+        for name, doc in _docs(False, "raw-2"):
+            sub(name, doc)
+        assert sub.join(10.0)
+        assert sub.stats["skipped_rate"] == 0 and sub.stats["retried"] == 1
+        queued = [i["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] for i in fake.items]
+        assert queued == ["raw-2", "raw-1"]
     finally:
         sub.close()
+
+
+def test_a_try_whose_reply_was_lost_is_not_queued_twice() -> None:
+    """The server took the plan but its reply never came (a timeout): the retry finds the
+    plan in the queue (by ``md.xasflow``) and queues nothing more."""
+
+    class LostReply(FakeApi):
+        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+            super().item_add(item, user, user_group)
+            if len(self.items) == 1:
+                raise TimeoutError("no reply from the RE Manager")
+            return {"success": True, "msg": "", "item": item}
+
+        def queue_get(self, **kwargs: Any) -> dict[str, Any]:
+            return {"success": True, "items": [i["item"] for i in self.items]}
+
+        def history_get(self, **kwargs: Any) -> dict[str, Any]:
+            return {"success": True, "items": []}
+
+    fake = LostReply()
+    cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, retry_backoff_s=0.05)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for name, doc in _docs(False, "raw-lost"):
+            sub(name, doc)
+        assert sub.join(10.0)
+        assert len(fake.items) == 1 and sub.stats["retried"] == 1
+        assert sub.stats["skipped_repeat"] == 1 and sub.stats["gave_up"] == 0
+    finally:
+        sub.close()
+
+
+def test_close_does_not_wait_for_a_retry() -> None:
+    """A retry waiting its backoff when close() begins is dropped (counted), close returns
+    without waiting for it, and the worker that would send it has ended."""
+
+    class Down(FakeApi):
+        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+            self.items.append({"item": item, "user": user, "user_group": user_group})
+            raise ConnectionError("RE Manager unreachable")
+
+    fake = Down()
+    cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, retry_backoff_s=60.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    assert sub.enqueue(REC, "raw-down")
+    wait_for(lambda: sub.stats["failed"] == 1, what="the first try")
+    worker = sub._worker
+    assert worker is not None
+    began = time.monotonic()
+    sub.close(timeout=5.0)
+    assert time.monotonic() - began < 4.0 and not worker.is_alive()
+    assert len(fake.items) == 1 and sub.stats["retried"] == 0
+    assert sub.stats["dropped_closed"] == 1 and sub.stats["gave_up"] == 0
 
 
 # --------------------------------------------------------------------------- real server
@@ -475,3 +536,56 @@ def test_wrong_key_gets_no_answer(re_manager: dict[str, Any]) -> None:
     with QueueServerSubmitter(cfg) as sub, pytest.raises(QueueServerError):
         sub.submit(REC)
     assert len(re_manager["api"].queue_get()["items"]) == before
+
+
+def _ours(api: Any, raw_uid: str) -> list[dict[str, Any]]:
+    """The items of the real queue that xasflow queued for ``raw_uid``."""
+    items = api.queue_get()["items"]
+    return [
+        i for i in items if i["kwargs"].get("md", {}).get("xasflow", {}).get("raw_uid") == raw_uid
+    ]
+
+
+def test_a_plan_the_server_refused_goes_in_once_it_accepts(re_manager: dict[str, Any]) -> None:
+    """An operator locks the queue (the RE Manager refuses every item_add without the key):
+    the run's plan is tried again after a backoff and goes in once the lock is lifted, once
+    (the try that was refused counts in ``failed``, the one that went in in ``retried``)."""
+    api = re_manager["api"]
+    api.queue_clear()
+    cfg = _real_queue(re_manager, ["det1"])
+    lock_key = "xasflow-test-lock"
+    api.lock_queue(lock_key, note="operator at work", user="operator")
+    try:
+        with QueueServerSubmitter(cfg) as sub:
+            for name, doc in _docs(False, "raw-locked"):
+                sub(name, doc)
+            wait_for(lambda: sub.stats["failed"] == 1, what="the refusal of the locked queue")
+            assert "lock" in sub.last_error.lower() and _ours(api, "raw-locked") == []
+            api.unlock(lock_key)
+            lock_key = ""
+            wait_for(lambda: _ours(api, "raw-locked"), what="raw-locked's plan in the queue")
+            assert sub.join(10.0)
+            assert sub.stats["submitted"] == 1 and sub.stats["retried"] == 1
+        assert len(_ours(api, "raw-locked")) == 1
+    finally:
+        if lock_key:
+            api.unlock(lock_key)
+
+
+def test_an_unreachable_server_is_given_up_after_the_retries(re_manager: dict[str, Any]) -> None:
+    """Nothing answers at the configured address: the plan is tried 1 + ``retries`` times,
+    then given up (``gave_up``), and the submitter is idle again."""
+    cfg = _real_queue(re_manager, ["det1"]).model_copy(
+        update={
+            "zmq_control_addr": f"tcp://127.0.0.1:{free_port()}",
+            "timeout_s": 0.3,
+            "retries": 2,
+            "retry_backoff_s": 0.05,
+        }
+    )
+    with QueueServerSubmitter(cfg) as sub:
+        assert sub.enqueue(REC, "raw-unreachable")
+        assert sub.join(20.0)
+        assert sub.stats["failed"] == 3 and sub.stats["retried"] == 2
+        assert sub.stats["gave_up"] == 1 and sub.stats["submitted"] == 0
+    assert _ours(re_manager["api"], "raw-unreachable") == []

@@ -29,7 +29,12 @@ asked for an item whose ``md.xasflow`` names the same raw run and submission (a 
 redelivery after a restart finds its plan there). Not covered: a plan an operator removed
 from the queue (it is in neither) or a history cleared before the replay.
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
-at most one per ``min_interval_s``.
+at most one per ``min_interval_s``. A submission the server refused or could not take is
+tried again ``retries`` times (``retried``), after ``retry_backoff_s``, then twice as long
+each time, then given up (``gave_up``); each try asks the queue and history first, so a try
+whose reply was lost after the server took the plan queues nothing twice. Retries wait beside
+the queue, never in front of it (a new run's plan is not held back), and close() does not wait
+for them: those still waiting are dropped (``dropped_closed``).
 
 Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server side needs
 ``bluesky-queueserver`` and Redis).
@@ -38,8 +43,9 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -47,6 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -59,7 +66,7 @@ from xasflow.adapters.queueserver_plan import (
     xas_regions_scan,
 )
 from xasflow.adapters.queueserver_plan import decode as _decode
-from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
+from xasflow.adapters.routing import SafeRouter, stream_factory
 
 __all__ = [
     "MAX_PLAN_POINTS",
@@ -77,6 +84,10 @@ logger = logging.getLogger(__name__)
 
 class QueueServerError(RuntimeError):
     """The queueserver refused a request or could not be reached."""
+
+
+#: A background submission: (recommendation, raw uid, rescan only).
+_Job = tuple[dict[str, Any], str | None, bool]
 
 
 # --------------------------------------------------------------------------- the client
@@ -98,9 +109,11 @@ class QueueServerSubmitter:
         self._api: Any = None
         self._clock = clock
         self._last_submit = -float("inf")
-        self._queue: queue.Queue[tuple[dict[str, Any], str | None, bool] | None] = queue.Queue(
-            self.config.max_pending
-        )
+        self._queue: queue.Queue[_Job | None] = queue.Queue(self.config.max_pending)
+        #: Failed submissions to try again: (due, on time.monotonic; order; tries made; job)
+        self._retry: list[tuple[float, int, int, _Job]] = []
+        self._retry_order = itertools.count()
+        self._retrying = 0  # retries waiting or under way (join waits for them too)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         #: Held while a request is with the server; ``close`` takes it once ``_closed`` is set,
@@ -109,12 +122,14 @@ class QueueServerSubmitter:
         self._closing = False  # close() has begun: nothing new is accepted
         self._closed = False  # close() has given up on what is queued: nothing more is sent
         self._router = SafeRouter(
-            [stream_factory({}, on_run=lambda start: [_RunFollower(self, start)])],
+            [stream_factory({}, on_run=lambda start: [RunFollower(self, start)])],
             "queueserver submitter",
         )
         self.stats: dict[str, int] = {
             "submitted": 0,
-            "failed": 0,
+            "failed": 0,  # tries the server refused or could not take
+            "retried": 0,  # tries after a failed one
+            "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,
             "skipped_certain": 0,
             "skipped_rate": 0,
@@ -232,6 +247,10 @@ class QueueServerSubmitter:
                 break
             self.stats["dropped_closed"] += job is not None
             self._queue.task_done()
+        with self._lock:  # retries still waiting for their turn
+            self.stats["dropped_closed"] += len(self._retry)
+            self._retrying -= len(self._retry)
+            self._retry.clear()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)  # wakes a worker still waiting for a job
         self._worker = None
@@ -256,8 +275,9 @@ class QueueServerSubmitter:
         raw_uid: str | None = None,
         rescan_only: bool = False,
     ) -> bool:
-        """Submit in the background (rate-limited); False when disabled, certain, already
-        queued for this raw run, limited or full."""
+        """Submit in the background (rate-limited; a failed try is tried again, see the
+        module); False when disabled, certain, already queued for this raw run, limited or
+        full."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -300,29 +320,94 @@ class QueueServerSubmitter:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            job, tries = self._next_job()
             try:
                 if job is None:
                     return
                 if self._closed:  # close() gave up on what is queued
                     self.stats["dropped_closed"] += 1
                     continue
-                rec, raw_uid, rescan_only = job
-                if self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only) is None:
-                    self._last_submit = -float("inf")  # already there: the slot is free again
-            except (QueueServerError, ValueError) as exc:
-                self._last_submit = -float("inf")  # nothing went in: the slot is free again
-                logger.warning("queueserver submission failed: %s", exc)
-            except Exception:
-                self._last_submit = -float("inf")
-                logger.exception("queueserver submission failed")
+                self._try(job, tries)
             finally:
-                self._queue.task_done()
+                if tries == 0:
+                    self._queue.task_done()
+                else:
+                    with self._lock:
+                        self._retrying -= 1
+
+    def _next_job(self) -> tuple[_Job | None, int]:
+        """The next submission and the tries it had: a retry that is due, else the next
+        queued job (waited for until the earliest retry is due)."""
+        while True:
+            with self._lock:
+                wait = None
+                if self._retry:
+                    wait = self._retry[0][0] - time.monotonic()
+                    if wait <= 0:
+                        _, _, tries, job = heapq.heappop(self._retry)
+                        return job, tries
+            try:
+                return self._queue.get(timeout=wait), 0
+            except queue.Empty:
+                continue
+
+    def _try(self, job: _Job, tries: int) -> None:
+        """One try of a background submission; a failed one goes to :meth:`_again`. Only a
+        first try frees the rate slot its enqueue reserved (a retry holds none)."""
+        rec, raw_uid, rescan_only = job
+        first = tries == 0
+        self.stats["retried"] += not first
+        try:
+            if self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only) is None and first:
+                self._last_submit = -float("inf")  # already there: the slot is free again
+        except QueueServerError as exc:
+            if first:
+                self._last_submit = -float("inf")  # nothing went in: the slot is free again
+            self._again(job, tries + 1, exc)
+        except ValueError as exc:  # a plan no server takes: never tried again
+            if first:
+                self._last_submit = -float("inf")
+            logger.warning("queueserver submission refused: %s", exc)
+        except Exception:
+            if first:
+                self._last_submit = -float("inf")
+            logger.exception("queueserver submission failed")
+
+    def _again(self, job: _Job, tries: int, exc: Exception) -> None:
+        """Schedule the next try of a submission that failed its ``tries``-th try, after
+        ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
+        ``max_pending`` retries wait; dropped once close has begun."""
+        cfg, raw_uid = self.config, job[1]
+        with self._lock:
+            if self._closing:
+                self.stats["dropped_closed"] += 1
+                wait = None
+            elif tries > cfg.retries or len(self._retry) >= cfg.max_pending:
+                self.stats["gave_up"] += 1
+                wait = None
+            else:
+                wait = cfg.retry_backoff_s * 2 ** (tries - 1)
+                due = time.monotonic() + wait
+                heapq.heappush(self._retry, (due, next(self._retry_order), tries, job))
+                self._retrying += 1
+        if wait is not None:
+            logger.warning(
+                "queueserver submission of run %r failed (try %d), again in %.1f s: %s",
+                raw_uid,
+                tries,
+                wait,
+                exc,
+            )
+        elif not self._closing:
+            logger.error(
+                "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
+            )
 
     def join(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued submission is done (tests); False on timeout."""
+        """Wait until every queued submission, and every retry, is done (tests); False on
+        timeout."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
+        while self._queue.unfinished_tasks or self._retrying:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
@@ -338,63 +423,6 @@ class QueueServerSubmitter:
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
 _REMEMBERED = 4096
-
-
-class _RunFollower(SinkRouter):
-    """One analysis run: keeps its latest advice and the index of its latest out-of-domain
-    answer, and submits the advice at the run's stop (``submit_on: run_end``) or each rescan
-    as it comes (``submit_on: rescan``).
-
-    Advice is throttled, and a batch's documents come paged per stream (its answers before
-    its advice), so out-of-domain answers are compared with the advice by spectrum index: a
-    run with an answer out of domain after its last advice gets no plan, whatever that
-    advice says (an index missing from either counts as after).
-    """
-
-    def __init__(self, submitter: QueueServerSubmitter, start: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.submitter = submitter
-        self.raw_uid = str(start.get("raw_uid") or "")
-        self.streams: dict[str, str] = {}  # descriptor uid -> stream name
-        self.latest: dict[str, Any] | None = None
-        self.latest_index = -math.inf
-        self.last_ood = -math.inf  # index of the latest out-of-domain answer
-
-    def descriptor(self, doc: Any) -> Any:
-        self.streams[str(doc.get("uid"))] = str(doc.get("name"))
-
-    def event(self, doc: Any) -> Any:
-        stream = self.streams.get(str(doc.get("descriptor")))
-        data = dict(doc.get("data") or {})
-        if stream == "primary":
-            if data.get("status") == "ok" and data.get("out_of_domain"):
-                self.last_ood = max(self.last_ood, _index(data, math.inf))
-            return
-        if stream != "recommendations":
-            return
-        self.latest, self.latest_index = data, _index(data, -math.inf)
-        if self.submitter.config.submit_on == "rescan" and data.get("rescan"):
-            if data.get("out_of_domain"):
-                self.submitter.stats["skipped_out_of_domain"] += 1
-                return
-            self.submitter.enqueue(data, self.raw_uid, rescan_only=True)
-
-    def stop(self, doc: Any) -> Any:
-        if self.latest is None or self.submitter.config.submit_on != "run_end":
-            return
-        if doc.get("exit_status") != "success":  # aborted, failed, or ended by a shutdown
-            self.submitter.stats["skipped_not_success"] += 1
-            return
-        if self.latest.get("out_of_domain") or self.last_ood > self.latest_index:
-            self.submitter.stats["skipped_out_of_domain"] += 1  # an answer not to be trusted
-            return
-        self.submitter.enqueue(self.latest, self.raw_uid)
-
-
-def _index(data: Mapping[str, Any], missing: float) -> float:
-    """The spectrum index of an event's data (``missing`` when it has none)."""
-    value = data.get("index")
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else missing
 
 
 def _make_api(config: QueueServerConfig) -> Any:

@@ -65,6 +65,10 @@ class QueueServerConfig(BaseModel):
     min_interval_s: float = Field(30.0, ge=0)
     timeout_s: float = Field(5.0, gt=0)
     max_pending: int = Field(8, ge=1)
+    #: Tries after a submission the server refused or could not take (0: none), each after
+    #: twice the last wait (``retry_backoff_s``, then 2x, 4x...); then the plan is given up.
+    retries: int = Field(3, ge=0, le=10)
+    retry_backoff_s: float = Field(2.0, gt=0, le=300)
     max_points: int = Field(MAX_PLAN_POINTS, ge=1, le=MAX_PLAN_POINTS)
 
     @field_validator("extra_kwargs")
