@@ -154,6 +154,62 @@ def test_the_advice_pvs_follow_the_current_run_only() -> None:
         ioc.stop()
 
 
+def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
+    tmp_path: Path,
+) -> None:
+    """A raw start the assembler refuses (``duplicate_start``: a run still open, or one closed
+    and seen again) opens no run and scans nothing: it must not take ADVICE_UID over from the
+    run under way, nor clear that run's STOP_EARLY. A start that opens a run still does."""
+    import json
+
+    from helpers import analysis_run_docs, processor_parts
+    from test_feedback_safety import _ioc
+
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_processor
+
+    def start(uid: str) -> tuple[str, dict[str, Any]]:
+        return "start", {"uid": uid, "time": 1.0, "scan_id": 1, "plan_name": "fly"}
+
+    ioc = _ioc()
+    group = ioc.group
+    try:
+        proc = build_processor(
+            processor_parts(ioc, _pipeline(tmp_path)),
+            DaemonConfig(),
+            Counters(),
+            [ioc],
+            lambda: None,
+        )  # type: ignore[arg-type]
+        closed = (
+            "stop",
+            {"uid": "s-C", "run_start": "raw-C", "time": 2.0, "exit_status": "success"},
+        )
+        proc._turn([start("raw-A"), start("raw-C"), closed, start("raw-B")], check=False)
+        proc._complete(0)
+        advice = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}
+        for name, doc in analysis_run_docs([("recommendations", advice)], "raw-B")[:-1]:
+            ioc(name, doc)  # run B, under way, is sure: STOP_EARLY 1
+        ioc.flush()
+        assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1)
+        for refused in ("raw-A", "raw-C"):  # A is open, C closed: each start is refused
+            proc._turn([start(refused)], check=False)
+            proc._complete(0)
+            ioc.flush()
+            uid, stop = group.advice_uid.value, group.stop_early.value
+            assert (uid, stop) == ("raw-B", 1), (
+                f"the refused start of {refused} took the advice PVs over from raw-B: "
+                f"ADVICE_UID={uid!r} STOP_EARLY={stop}"
+            )
+        proc._turn([start("raw-D")], check=False)  # a new run: its start takes them over
+        proc._complete(0)
+        ioc.flush()
+        assert (group.advice_uid.value, group.stop_early.value) == ("raw-D", 0)
+    finally:
+        ioc.stop()
+
+
 # --------------------------------------------------------------------------- adaptive agent
 
 

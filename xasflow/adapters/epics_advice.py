@@ -2,13 +2,16 @@
 
 The advice PVs speak of the scan under way: ``ADVICE_UID`` names its raw run. Two signals
 say that a run starts. The daemon's raw-start hook (:meth:`AdviceRuns.raw_start`) comes as the
-raw start document is *read*; the analysis run's start (:meth:`AdviceRuns.analysis_start`) comes
-with the run's first result, after its spectra were *analysed*, which may be a turn (or a
-batch in the preparation process) later. So the last advice of run A, and even A's analysis
-start, can reach the IOC after run B's raw start: written, they would set ``STOP_EARLY`` from
-A's certainty while B scans. :class:`AdviceRuns` keeps the order straight:
+raw start document is *read*, once the assembler has opened its run (a start it refused, of
+a run open or closed already, scans nothing new and never comes here); the analysis run's
+start (:meth:`AdviceRuns.analysis_start`) comes with the run's first result, after its
+spectra were *analysed*, which may be a turn (or a batch in the preparation process) later.
+So the last advice of run A, and even A's analysis start, can reach the IOC after run B's
+raw start: written, they would set ``STOP_EARLY`` from A's certainty while B scans.
+:class:`AdviceRuns` keeps the order straight:
 
-* a raw start makes its run the current one (always: a replayed run scans again);
+* a raw start makes its run the current one (always: a run replayed from its start, e.g.
+  after a Kafka hand-over, scans again);
 * an analysis start of a run whose raw start the hook announced is that run's own: the
   advice is cleared again if it is still the current one, ignored if a later raw start came
   since; an analysis start the hook never announced (an IOC fed analysis documents only)
@@ -31,7 +34,7 @@ class AdviceRuns:
 
     def __init__(self, remember: int = 1024) -> None:
         """``remember``: raw starts announced by the hook and kept until their analysis
-        start (a start the assembler refused never gets one; the oldest are forgotten)."""
+        start (a run that never gets one is forgotten, oldest first)."""
         self.current: str | None = None
         self.remember = remember
         self._announced: OrderedDict[str, None] = OrderedDict()

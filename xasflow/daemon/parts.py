@@ -253,7 +253,7 @@ def build_processor(
         table = {"name": ANALYSIS_STREAM, "data_keys": DATA_KEYS}
         at_raw_start.append(lambda uid: store.prepare_run(uid, table))
     if p.ioc is not None:  # the last run's advice (STOP_EARLY) goes before this one scans
-        at_raw_start.append(p.ioc.raw_run_started)
+        at_raw_start.append(p.ioc.raw_run_started)  # (a refused start never gets here)
     if at_raw_start:
 
         def raw_start(doc: dict[str, Any]) -> None:

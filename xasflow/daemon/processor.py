@@ -109,7 +109,8 @@ class Processor:
         self.sinks: list[Sink] = []
         #: Called after each turn: every document taken so far went to the sinks.
         self.on_processed: Callable[[], None] | None = None
-        #: Told of every raw run start (not probes), e.g. to make its analysis table ahead.
+        #: Told of every raw start that opened a run (not probes, not starts the assembler
+        #: refused), e.g. to make its analysis table ahead or to give it the advice PVs.
         self.on_raw_start: Callable[[dict[str, Any]], None] | None = None
         #: Runs handed over, ``[(raw uid, reason)]``: asked before each start and after each
         #: turn's documents (see :meth:`_handed_over`).
@@ -267,18 +268,27 @@ class Processor:
         uid = doc.get("uid") if name == "start" and is_doc else None
         if isinstance(uid, str) and self.interrupted:
             self.interrupted.resume(uid)  # redelivered from its start
-        if name == "start" and self.on_raw_start is not None and is_doc:
-            try:
-                self.on_raw_start(doc)
-            except Exception:  # only an optimisation: the run opens without it
-                logger.exception("preparing the analysis of run %r failed", uid)
         run_start = doc.get("run_start") if name == "stop" and is_doc else None
         if isinstance(run_start, str) and self.interrupted and self.interrupted.owns(run_start):
             self._close_interrupted(run_start, raw_stop=doc)
             return []
         if isinstance(uid, str):  # a replay finds its run closed
             outputs.extend(self._handed_over(uid))
-        return self.assembler.feed(name, doc)  # refuses what is not a document, with a reason
+        was_open = isinstance(uid, str) and self.assembler.is_open(uid)
+        fed = self.assembler.feed(name, doc)  # refuses what is not a document, with a reason
+        if isinstance(uid, str) and not was_open and self.assembler.is_open(uid):
+            self._raw_started(uid, doc)
+        return fed
+
+    def _raw_started(self, uid: str, doc: dict[str, Any]) -> None:
+        """Tell :attr:`on_raw_start` of a start that opened a run: only then, since a start
+        the assembler refused (a run open or closed already) scans nothing new."""
+        if self.on_raw_start is None:
+            return
+        try:
+            self.on_raw_start(doc)
+        except Exception:  # only an optimisation: the run is open without it
+            logger.exception("preparing the analysis of run %r failed", uid)
 
     def _finish(self) -> None:
         self._complete(0)
