@@ -281,6 +281,27 @@ def test_close_does_not_wait_for_a_retry() -> None:
     assert sub.stats["dropped_closed"] == 1 and sub.stats["gave_up"] == 0
 
 
+def test_the_memory_of_queued_plans_is_bounded_and_reads_past_a_torn_line(
+    tmp_path: Path,
+) -> None:
+    """The newest ``limit`` keys are kept; the file is rewritten at twice the limit; a line
+    torn by a crash is skipped and the next one still reads back after a restart."""
+    from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
+
+    path = tmp_path / "store" / SUBMITTED_FILE
+    memory = SubmittedRuns(path, limit=3)
+    for i in range(6):
+        memory.add((f"raw-{i}", "run_end"))
+    newest = [(f"raw-{i}", "run_end") for i in (3, 4, 5)]
+    assert memory.keys() == newest and len(path.read_text().splitlines()) == 3
+    with path.open("a") as f:
+        f.write('["raw-torn", "run_e')  # the process died while writing
+    again = SubmittedRuns(path, limit=3)
+    assert again.keys() == newest
+    again.add(("raw-6", "rescan edge"))
+    assert SubmittedRuns(path, limit=3).keys() == [*newest[1:], ("raw-6", "rescan edge")]
+
+
 # --------------------------------------------------------------------------- real server
 
 
@@ -589,3 +610,33 @@ def test_an_unreachable_server_is_given_up_after_the_retries(re_manager: dict[st
         assert sub.stats["failed"] == 3 and sub.stats["retried"] == 2
         assert sub.stats["gave_up"] == 1 and sub.stats["submitted"] == 0
     assert _ours(re_manager["api"], "raw-unreachable") == []
+
+
+def test_a_plan_an_operator_removed_is_not_queued_again_after_a_restart(
+    re_manager: dict[str, Any], tmp_path: Path
+) -> None:
+    """The daemon queues a run's plan, an operator removes it from the queue (it is then in
+    neither queue nor history), and the daemon restarts: Kafka replays the run, whose plan
+    must not come back (the daemon remembers it beside its store)."""
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.parts import build_feedback
+
+    api = re_manager["api"]
+    api.queue_clear()
+    cfg = DaemonConfig(
+        storage={"directory": tmp_path / "store"},
+        queueserver=_real_queue(re_manager, ["det1"]).model_dump(),
+    )
+    for process in ("the daemon", "the daemon restarted"):
+        _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
+        assert sub is not None
+        with sub:
+            for name, doc in _docs(False, "raw-removed"):
+                sub(name, doc)
+            assert sub.join(10.0)
+        queued = _ours(api, "raw-removed")
+        if process == "the daemon":
+            assert len(queued) == 1
+            assert api.item_remove(uid=queued[0]["item_uid"])["success"]  # the operator
+    uids = [item["item_uid"] for item in queued]
+    assert uids == [], f"raw-removed's plan was queued again after the restart: {uids}"

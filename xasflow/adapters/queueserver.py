@@ -26,8 +26,11 @@ follows an out-of-domain answer, or is older than one (advice is throttled), is 
 a guess. A raw run gets its plan once, however often its analysis is replayed: this process
 remembers what it queued, and before each submission the queueserver's queue and history are
 asked for an item whose ``md.xasflow`` names the same raw run and submission (a Kafka
-redelivery after a restart finds its plan there). Not covered: a plan an operator removed
-from the queue (it is in neither) or a history cleared before the replay.
+redelivery after a restart finds its plan there). With ``memory`` (the daemon's: a file
+beside its store) what the server took is also remembered across restarts, so a plan an
+operator removed from the queue, or one of a history cleared before the replay, is not
+queued again; a run replayed by another daemon (a Kafka partition moved) has only the
+server's record.
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
 at most one per ``min_interval_s``. A submission the server refused or could not take is
 tried again ``retries`` times (``retried``), after ``retry_backoff_s``, then twice as long
@@ -51,9 +54,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from xasflow.adapters.queueserver_follow import RunFollower
+from xasflow.adapters.queueserver_memory import SubmittedRuns
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -102,9 +107,13 @@ class QueueServerSubmitter:
         *,
         api_factory: Callable[[QueueServerConfig], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        memory: Path | None = None,
     ) -> None:
-        """``api_factory`` builds the REManagerAPI (tests may inject one); default: the real one."""
+        """``api_factory`` builds the REManagerAPI (tests may inject one); default: the real one.
+        ``memory``: the file the queued plans are remembered in across restarts
+        (:mod:`~xasflow.adapters.queueserver_memory`; None: in this process only)."""
         self.config = config or QueueServerConfig()
+        self._memory = SubmittedRuns(memory)
         self._api_factory = api_factory or _make_api
         self._api: Any = None
         self._clock = clock
@@ -166,19 +175,23 @@ class QueueServerSubmitter:
         raw_uid: str | None = None,
         rescan_only: bool = False,
     ) -> dict[str, Any] | None:
-        """Add one recommendation to the queue now; None when disabled, or when the
-        queueserver's queue or history already holds this raw run's plan (see
-        :meth:`_on_server`). Raises QueueServerError."""
+        """Add one recommendation to the queue now; None when disabled, or when this raw run's
+        plan was queued: remembered here (``memory``), or held by the queueserver's queue or
+        history (see :meth:`_on_server`). Raises QueueServerError."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
         item = plan_item(self.config, recommendation, raw_uid=raw_uid, rescan_only=rescan_only)
         key = item_key(item) if raw_uid else None
+        if key is not None and key in self._memory:
+            self.stats["skipped_repeat"] += 1
+            return None
         try:
             with self._send_lock:  # close() waits for this request, and none starts after it
                 api = self.api()
                 if key is not None and self._on_server(api, key):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
+                    self._memory.add(key)
                     return None
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
         except QueueServerError:
@@ -192,6 +205,8 @@ class QueueServerSubmitter:
             self.last_error = str(reply.get("msg", ""))
             raise QueueServerError(f"queueserver refused the plan: {reply.get('msg')}")
         self.stats["submitted"] += 1
+        if key is not None:
+            self._memory.add(key)
         self._last_submit = self._clock()
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})
         del self.submitted[:-100]
@@ -291,7 +306,7 @@ class QueueServerSubmitter:
         key = None
         if raw_uid:
             key = submission_key(raw_uid, rec, rescan_only)
-            if key in self._queued:
+            if key in self._queued or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
         if self._clock() - self._last_submit < self.config.min_interval_s:

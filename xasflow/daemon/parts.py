@@ -212,8 +212,11 @@ def build_feedback(cfg: DaemonConfig, registry: ModelRegistry) -> tuple[Any, Any
             registry.on_serving(ioc.set_model_ok)
         if cfg.queueserver.enabled:
             from xasflow.adapters.queueserver import QueueServerSubmitter
+            from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
 
-            submitter = QueueServerSubmitter(cfg.queueserver)
+            # the queued plans remembered across restarts, beside the store (one daemon a store)
+            memory = cfg.storage.directory / SUBMITTED_FILE if cfg.storage.enabled else None
+            submitter = QueueServerSubmitter(cfg.queueserver, memory=memory)
     except BaseException:
         if ioc is not None:  # started above, and nobody else holds it yet
             ioc.stop()
