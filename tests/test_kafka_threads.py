@@ -163,22 +163,27 @@ def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
     assert _committed(broker, topic, group) == 2  # the last commit was still made
 
 
-def test_a_start_that_times_out_still_closes_its_consumer(
-    broker: Broker, watched: list[WatchedConsumer]
-) -> None:
-    """A consumer created after ``start()`` gave up waiting for it joins the group all the
-    same: it must be closed (by whichever thread has it then, one at a time), not left a
-    member that holds partitions it never reads (before: nobody closed it)."""
+def _slow_consumer_source(broker: Broker, create_delay_s: float) -> KafkaDocumentSource:
+    """An input on a fresh one-partition topic whose consumer takes this long to be made."""
     topic = f"th-{uuid.uuid4().hex[:6]}"
     broker.create_topic(topic, 1)
-    WatchedConsumer.create_delay_s = 1.0
+    WatchedConsumer.create_delay_s = create_delay_s
     settings = KafkaInputSettings(
         bootstrap_servers=broker.bootstrap,
         topics=(topic,),
         group_id=uuid.uuid4().hex,
         consumer={"logger": LOG},
     )
-    source = KafkaDocumentSource(settings)
+    return KafkaDocumentSource(settings)
+
+
+def test_a_start_that_times_out_still_closes_its_consumer(
+    broker: Broker, watched: list[WatchedConsumer]
+) -> None:
+    """A consumer created after ``start()`` gave up waiting for it joins the group all the
+    same: it must be closed (by whichever thread has it then, one at a time), not left a
+    member that holds partitions it never reads (before: nobody closed it)."""
+    source = _slow_consumer_source(broker, create_delay_s=1.0)
     with pytest.raises(TimeoutError):
         source.start(timeout=0.2)
     consumer = wait_for(lambda: watched and watched[0], "the consumer created", 30)
@@ -193,16 +198,7 @@ def test_a_start_that_times_out_returns_within_its_timeout(
     only after ``close()`` had joined the receive thread for up to 5 s more (about 4 s here,
     5.3 s with a slower consumer). Now it raises within its timeout (plus a bounded 0.5 s
     here), and the receive thread closes the late consumer itself, one thread at a time."""
-    topic = f"th-{uuid.uuid4().hex[:6]}"
-    broker.create_topic(topic, 1)
-    WatchedConsumer.create_delay_s = 4.0
-    settings = KafkaInputSettings(
-        bootstrap_servers=broker.bootstrap,
-        topics=(topic,),
-        group_id=uuid.uuid4().hex,
-        consumer={"logger": LOG},
-    )
-    source = KafkaDocumentSource(settings)
+    source = _slow_consumer_source(broker, create_delay_s=4.0)
     began = time.monotonic()
     with pytest.raises(TimeoutError, match=r"within 0\.3s"):
         source.start(timeout=0.3)
