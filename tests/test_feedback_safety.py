@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -288,12 +289,15 @@ def test_nothing_is_submitted_after_close_returns() -> None:
 
     cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0, max_pending=2)
     sub = QueueServerSubmitter(cfg, api_factory=factory)
+    before = set(threading.enumerate())
     for i in range(3):
         assert sub.enqueue(REC, f"raw-{i}")
         time.sleep(0.02)
+    (worker,) = [t for t in threading.enumerate() if t not in before]  # the submitter's
     sub.close(timeout=0.1)
     closed_at = time.monotonic()
-    time.sleep(2.0)
+    worker.join(10.0)  # it ends after the request it was in; nothing else submits
+    assert not worker.is_alive(), "the submitter's worker still runs 10 s after close"
     late = [ts for api in made for ts, _ in api.items if ts > closed_at]
     assert not late, f"{len(late)} plan(s) submitted after close returned ({len(made)} clients)"
 
