@@ -131,6 +131,25 @@ def test_sparse_post_edge_falls_back_like_edge_fit(params: PrepParams) -> None:
     assert _compare(late, mu, window, shifts, metas) == ["no_pre_edge"] * 3
 
 
+def _same_without_strays(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    padded: np.ndarray,
+    pad_mu: np.ndarray,
+    params: PrepParams,
+    metas: list[dict[str, Any]],
+) -> None:
+    """The rows with stray points are prepared by both paths, and each as the same row
+    without them (step, model input and extrapolation)."""
+    assert _compare(padded, pad_mu, params, metas=metas) == ["ok"] * 3
+    for row, plain in zip(pad_mu, mu, strict=True):
+        got = prepare(Spectrum(padded, row, "Cu"), params)
+        want = prepare(Spectrum(energy, plain, "Cu"), params)
+        assert got.edge_step == want.edge_step
+        np.testing.assert_array_equal(got.y, want.y)
+        assert got.extrapolated == want.extrapolated
+
+
 @pytest.mark.parametrize("params", RULES, ids=RULE_IDS)
 def test_stray_leading_points_are_not_the_pre_edge(params: PrepParams) -> None:
     """A "0 0" row (and one at 1 eV) before a scan: no pre-edge, no start of the data. Both
@@ -142,12 +161,7 @@ def test_stray_leading_points_are_not_the_pre_edge(params: PrepParams) -> None:
     for strays in ([0.0], [0.0, 1.0]):
         padded = np.concatenate((strays, energy))
         pad_mu = np.hstack([np.zeros((3, len(strays))), mu])
-        assert _compare(padded, pad_mu, params, metas=metas) == ["ok"] * 3
-        for row, plain in zip(pad_mu, mu, strict=True):
-            got = prepare(Spectrum(padded, row, "Cu"), params)
-            want = prepare(Spectrum(energy, plain, "Cu"), params)
-            assert got.edge_step == want.edge_step
-            np.testing.assert_array_equal(got.y, want.y)
+        _same_without_strays(energy, mu, padded, pad_mu, params, metas)
     cut = np.concatenate(([0.0], energy[energy > CU_K - 4]))
     cut_mu = np.hstack([np.zeros((3, 1)), mu[:, energy > CU_K - 4]])
     measured = [{"calculated": False} for _ in range(3)]
@@ -168,13 +182,7 @@ def test_stray_trailing_points_are_not_the_post_edge(params: PrepParams) -> None
     for lead, trail in (([], [20000.0]), ([], [20000.0, 20001.0]), ([0.0], [20000.0])):
         padded = np.concatenate((lead, energy, trail))
         pad_mu = np.hstack([np.zeros((3, len(lead))), mu, np.zeros((3, len(trail)))])
-        assert _compare(padded, pad_mu, params, metas=metas) == ["ok"] * 3
-        for row, plain in zip(pad_mu, mu, strict=True):
-            got = prepare(Spectrum(padded, row, "Cu"), params)
-            want = prepare(Spectrum(energy, plain, "Cu"), params)
-            assert got.edge_step == want.edge_step
-            np.testing.assert_array_equal(got.y, want.y)
-            assert got.extrapolated == want.extrapolated
+        _same_without_strays(energy, mu, padded, pad_mu, params, metas)
     short = energy <= CU_K + 35.0
     cut = np.concatenate((energy[short], [20000.0]))
     cut_mu = np.hstack([mu[:, short], np.zeros((3, 1))])
