@@ -637,3 +637,31 @@ def test_bound_publisher_feeds_source_directly(closing) -> None:
     assert decode_message(encode_message("start", {"uid": "r1"}, b"xas"), b"xas")[1] == {
         "uid": "r1"
     }
+
+
+def test_a_start_that_times_out_returns_within_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receive thread slow to make its socket (1.5 s here): ``start(timeout=0.2)`` raises
+    within its timeout, not after ``close()`` joined that thread for up to 5 s more; the
+    thread then ends by itself and terminates the context the source made."""
+    import xasflow.adapters.zmq_bus as zmq_bus
+
+    class SlowContext(zmq.Context):  # type: ignore[misc,type-arg]
+        def socket(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(1.5)
+            return super().socket(*args, **kwargs)
+
+    monkeypatch.setattr(zmq_bus.zmq, "Context", SlowContext)
+    source = ZmqDocumentSource(ZmqInputConfig(address="tcp://127.0.0.1:1"))
+    context = source._context
+    assert isinstance(context, SlowContext)
+    threads = set(threading.enumerate())
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"within 0\.2s"):
+        source.start(timeout=0.2)
+    took = time.monotonic() - began
+    assert took < 0.7, f"start(timeout=0.2) took {took:.2f} s"
+    (receiver,) = [t for t in threading.enumerate() if t not in threads]
+    wait_for(lambda: not receiver.is_alive(), "the receive thread ended", 10)
+    assert context.closed, "the receive thread left the source's context open"

@@ -189,6 +189,7 @@ class ZmqDocumentSource:
         self._setup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._term_lock = threading.Lock()
         self._warned: set[str] = set()
         self._ignored_topics = cfg.ignored_topics
         self._dropped = DropLedger()
@@ -201,24 +202,29 @@ class ZmqDocumentSource:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 5.0) -> None:
-        """Start the receive thread and wait until its socket is connected; raise if that fails."""
+        """Start the receive thread and wait until its socket is connected; raise if that fails.
+
+        Returns or raises within ``timeout`` plus a thread start: a failed start does not wait
+        for the receive thread (one still setting up its socket ends by itself, and closes
+        what it made, including the context the source owns).
+        """
         if self._thread is not None or self._closed:
             raise RuntimeError("ZmqDocumentSource can be started once")
         self._thread = threading.Thread(target=self._run, name="xasflow-zmq-in", daemon=True)
         self._thread.start()
         if not self._setup_done.wait(timeout):
-            self.close()
+            self.close(timeout=0)  # no join: the thread may be making its socket still
             raise TimeoutError(f"0MQ input did not connect to {self._address} within {timeout}s")
         if self._setup_error is not None:
             err = self._setup_error
-            self.close()
+            self.close(timeout=1.0)  # the thread has ended, or is returning
             raise RuntimeError(f"0MQ input could not connect to {self._address}: {err}") from err
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop receiving and join the thread; return True if it ended within ``timeout``.
 
         Documents already queued stay readable with ``get``. Never blocks past ``timeout``:
-        if the thread did not end, the owned context is left for the garbage collector.
+        if the thread did not end, it terminates the owned context itself once it does.
         """
         self._stop.set()
         self._closed = True
@@ -226,11 +232,18 @@ class ZmqDocumentSource:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             joined = not self._thread.is_alive()
-        if self._own_context and joined and not self._context.closed:
-            self._context.term()  # the socket is closed by now, so term() returns at once
-        elif not joined:
+        if joined:
+            self._term_context()
+        elif timeout > 0:
             logger.warning("0MQ input thread did not stop within %.1fs", timeout)
         return joined
+
+    def _term_context(self) -> None:
+        """Terminate the owned context once no socket of it is open (by close, or by the
+        receive thread on its way out after a close that did not wait for it)."""
+        with self._term_lock:
+            if self._own_context and not self._context.closed:
+                self._context.term()  # the socket is closed by now, so term() returns at once
 
     def __enter__(self) -> ZmqDocumentSource:
         self.start()
@@ -311,6 +324,8 @@ class ZmqDocumentSource:
             self._receive_loop(sock)
         finally:
             sock.close(linger=0)
+            if self._closed:  # a close that did not wait for this thread left the context
+                self._term_context()
 
     def _receive_loop(self, sock: zmq.Socket) -> None:
         # A blocking receive bounded by RCVTIMEO instead of poll + non-blocking receives: one
