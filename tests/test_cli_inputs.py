@@ -230,3 +230,13 @@ def test_train_refuses_an_out_folder_that_is_not_a_bundle_before_training(
     assert rc == 2
     assert "--out" in capsys.readouterr().err  # refused for --out, before the missing data
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_train_refuses_an_unknown_network_device_before_reading_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "b"), "--device", "tpu"]
+    )
+    assert rc == 2
+    assert "--device" in capsys.readouterr().err

@@ -13,7 +13,9 @@ from xasflow.training.nn import (  # noqa: E402
     TaskTarget,
     choose_snapshots,
     fit_network_ensemble,
+    resolve_device,
 )
+from xasflow.training.nn_augment import BatchAugmenter, NetAugment  # noqa: E402
 
 N, WIDTH = 240, 242
 TRAIN, VAL, TEST = np.arange(0, 160), np.arange(160, 200), np.arange(200, 240)
@@ -310,3 +312,73 @@ def test_bad_input_is_rejected() -> None:
         fit_network_ensemble(x, {"embedding": targets["cn"]}, TRAIN, VAL, _cfg())
     with pytest.raises(ValueError, match="validation rows"):
         fit_network_ensemble(x, targets, TRAIN, np.array([], int), _cfg())
+
+
+# Where networks train: the device is resolved strictly and recorded per member; a GPU run
+# sees the same batches and augmentation draws as a CPU run (the GPU tests run only where torch
+# sees a CUDA device; nothing else depends on one).
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="torch sees no CUDA GPU on this machine")
+GRID = np.linspace(-3.5, 116.5, 240)
+
+
+def test_devices_are_resolved_strictly() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if GPU else "cpu")
+    for bad in ("tpu", "gpu0", ""):
+        with pytest.raises(ValueError, match="device"):
+            resolve_device(bad)
+    if not GPU:  # never a silent fall-back to the CPU when a GPU was asked for
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_each_member_records_where_it_trained() -> None:
+    x, targets = _data()
+    ens = fit_network_ensemble(
+        x, targets, TRAIN, VAL, _cfg(max_epochs=2), log=lambda _: None, device="cpu"
+    )
+    assert [m["device"] for m in ens.members_info] == ["cpu", "cpu"]
+
+
+@needs_gpu
+def test_gpu_augmentation_draws_what_the_cpu_draws() -> None:
+    recipe = NetAugment(
+        p=0.7,
+        shift_ev=1.0,
+        gauss_fwhm_ev=2.0,
+        lorentz_fwhm_ev=1.0,
+        scale_sigma=0.06,
+        noise_sigma=0.005,
+    )
+    x = torch.from_numpy(_data()[0][:64])
+    cpu = BatchAugmenter(recipe, GRID)(x, torch.Generator().manual_seed(3))
+    gpu = BatchAugmenter(recipe, GRID).to(torch.device("cuda"))(
+        x.cuda(), torch.Generator().manual_seed(3)
+    )
+    assert gpu.device.type == "cuda"
+    np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-5)
+
+
+@needs_gpu
+def test_a_gpu_member_trains_as_the_cpu_member_and_comes_back_to_the_cpu() -> None:
+    """Without dropout (whose masks come from each device's own generator) a GPU member sees
+    the same batches and draws as the CPU one: the same predictions within float noise."""
+    x, targets = _data()
+    cfg = _cfg(
+        members=1,
+        max_epochs=4,
+        dropout=0.0,
+        augment=NetAugment(p=0.5, shift_ev=1.0, noise_sigma=0.005),
+    )
+    cpu = fit_network_ensemble(x, targets, TRAIN, VAL, cfg, log=lambda _: None, grid=GRID)
+    gpu = fit_network_ensemble(
+        x, targets, TRAIN, VAL, cfg, log=lambda _: None, grid=GRID, device="cuda"
+    )
+    assert gpu.members_info[0]["device"].startswith("cuda:")
+    assert {p.device.type for p in gpu.module.parameters()} == {"cpu"}
+    assert {b.device.type for b in gpu.module.buffers()} == {"cpu"}
+    a, b = cpu.predict(x), gpu.predict(x)
+    for task in a:
+        np.testing.assert_allclose(b[task], a[task], atol=2e-3, err_msg=task)
+    assert len(gpu.to_onnx()) > 0

@@ -91,8 +91,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_replaceable(args.out)
     except BundleError as exc:
         raise CliError(f"--out: {exc}") from None
+    if args.device != "cpu":  # before the labelling, which takes minutes
+        try:
+            from xasflow.training.nn import resolve_device
+
+            resolve_device(args.device)
+        except (ImportError, ValueError) as exc:
+            raise CliError(f"--device: {exc}") from None
     ds = _load_dataset(args.data, args.element, args.jobs)
-    cfg = TrainConfig(n_jobs=args.jobs, split_by=args.split_by)
+    cfg = TrainConfig(n_jobs=args.jobs, split_by=args.split_by, network_device=args.device)
     if args.estimators:
         cfg = cfg.model_copy(update={"n_estimators": args.estimators})
     if args.window or args.points:
@@ -373,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="formula",
         help="what no two split parts share (default formula: duplicate entries and "
         "polymorphs of one composition are never scored as unseen)",
+    )
+    t.add_argument(
+        "--device",
+        default="cpu",
+        help="where the networks train: cpu (default), cuda[:N], or auto (a GPU if present)",
     )
     t.add_argument("--json", help="write training figures here")
     t.set_defaults(func=cmd_train)

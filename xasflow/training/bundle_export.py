@@ -35,6 +35,7 @@ MEMBER_KEYS = (
     "best_val_error",
     "snapshots",
     "seconds",
+    "device",  # what the seconds were measured on
 )
 
 TASK_TARGETS = {

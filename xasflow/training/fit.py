@@ -120,6 +120,9 @@ class TrainConfig(BaseModel):
     # torch threads per network fit: on 2 cores one thread trained the Cu ensembles in 685 s,
     # two threads in 1,206 s (bench/nn.py), so one it is
     network_threads: int = 1
+    # where the networks train: "cpu", "cuda[:N]" or "auto" (a GPU when torch sees one). The
+    # bundle never depends on it; only the time to train does (bench/nn.py --devices)
+    network_device: str = "cpu"
     network_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # on-the-fly augmentation of every network's training batches, chosen on the measured Cu
     # references (bench/transfer.py): with it the MLP ensemble calls measured CuO and azurite

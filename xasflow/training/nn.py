@@ -1,4 +1,8 @@
-"""Small multi-task neural networks (MLP or 1-D CNN) trained as a deep ensemble on CPU.
+"""Small multi-task neural networks (MLP or 1-D CNN) trained as a deep ensemble.
+
+Training runs on the CPU by default; ``device="cuda"`` (or ``"auto"``) trains on a GPU where
+one is at hand, with the same random streams, and the fitted modules always come back to the CPU
+(export and serving never need a GPU).
 
 Every network takes exactly the bundle input ``x`` (the gridded normalised spectrum plus its
 scalar columns, see :func:`xasflow.spectra.model_input`), so clipping, the derivative and the
@@ -30,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import functional as F
 
 from xasflow.training.nn_augment import BatchAugmenter, NetAugment
+from xasflow.training.nn_device import device_name, resolve_device
 from xasflow.training.nn_export import ensemble_to_onnx
 from xasflow.training.nn_graph import EnsembleModule, Member, MultiTaskNet, NetTask
 
@@ -39,6 +44,7 @@ __all__ = [
     "NetworkEnsemble",
     "TaskTarget",
     "fit_network_ensemble",
+    "resolve_device",
     "targets_from_tuples",
 ]
 
@@ -180,6 +186,12 @@ class _Encoded:
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
 
+    def to(self, device: torch.device) -> _Encoded:
+        """The same targets with their tensors on ``device``."""
+        return _Encoded(
+            self.y.to(device), self.valid.to(device), self.weight.to(device), self.mean, self.scale
+        )
+
 
 def _encode(name: str, tt: TaskTarget, spec: NetTask, fit_rows: np.ndarray) -> _Encoded:
     """Targets as tensors; regression targets standardised on the rows trained on."""
@@ -306,11 +318,19 @@ def _train_member(
     val_rows: np.ndarray,
     cfg: NetConfig,
     augmenter: BatchAugmenter | None = None,
+    xd: torch.Tensor | None = None,
 ) -> tuple[Member, dict[str, Any]]:
+    """One member trained on ``xd`` (``x`` on the training device; ``x`` itself when None).
+
+    Shuffles and augmentation draws come from one CPU generator seeded with ``seed + k``, so a
+    member sees the same batches on every device; only the arithmetic differs.
+    """
     seed = cfg.seed + k
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    xd = x if xd is None else xd
+    dev = xd.device
     net = MultiTaskNet(cfg, x.shape[1], specs)
     _input_stats(net, x[torch.from_numpy(train_rows)])
     for t in net.heads:
@@ -318,6 +338,7 @@ def _train_member(
         if enc[t].mean is not None:
             head.y_mean.copy_(torch.from_numpy(enc[t].mean).float())
             head.y_scale.copy_(torch.from_numpy(enc[t].scale).float())
+    net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.max_epochs)
@@ -325,7 +346,7 @@ def _train_member(
         else None
     )
     tr = torch.from_numpy(train_rows)
-    va = torch.from_numpy(val_rows)
+    va = torch.from_numpy(val_rows).to(dev)
     best: dict[str, tuple[float, int]] = {t: (float("inf"), -1) for t in specs}
     states: list[dict[str, torch.Tensor]] = []
     history: dict[str, list[float]] = {t: [] for t in specs}
@@ -333,10 +354,11 @@ def _train_member(
     epoch = 0
     for epoch in range(cfg.max_epochs):
         net.train()
-        for chunk in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
-            if len(chunk) < 2:
+        for rows in tr[torch.randperm(len(tr), generator=gen)].split(cfg.batch_size):
+            if len(rows) < 2:
                 continue
-            xb = x[chunk] if augmenter is None else augmenter(x[chunk], gen)
+            chunk = rows.to(dev, non_blocking=True)
+            xb = xd[chunk] if augmenter is None else augmenter(xd[chunk], gen)
             out = net(xb)
             batch_loss = sum(
                 _task_loss(specs[t].kind, out[t], enc[t], chunk, cfg.huber) for t in specs
@@ -349,7 +371,7 @@ def _train_member(
             sched.step()
         net.eval()
         with torch.no_grad():
-            out = net(x[va])
+            out = net(xd[va])
             loss = {
                 t: float(_task_loss(specs[t].kind, out[t], enc[t], va, cfg.huber)) for t in specs
             }
@@ -379,6 +401,7 @@ def _train_member(
         "best_val_loss": {t: losses[t][e] for t, e in chosen.items()},
         "best_val_error": {t: history[t][e] for t, e in chosen.items()},
         "snapshots": len(snapshots),
+        "device": device_name(dev),
         "val_loss": losses,  # per task, per epoch: masked validation loss, as trained
         "val_history": history,  # per task, per epoch: what the stopping rule watched
         "seconds": round(time.perf_counter() - t0, 2),
@@ -394,13 +417,17 @@ def fit_network_ensemble(
     config: NetConfig,
     log: Callable[[str], Any] = print,
     grid: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> NetworkEnsemble:
     """Train ``config.members`` multi-task networks on ``train_rows``, early-stopped on ``val_rows``.
 
     ``x`` is the bundle model input (n, width) for all rows; ``targets`` give per task the
     target and validity of every row. Rows without a valid target are masked out of the loss.
     ``grid`` (energies of the spectrum columns of ``x``) is needed when ``config.augment`` is on.
+    ``device`` is where the arithmetic runs (:func:`resolve_device`); the returned ensemble
+    lives on the CPU whatever it was.
     """
+    dev = resolve_device(device)
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] <= config.n_scalars + 2:
         raise ValueError(f"x must be (n, width) model input, got shape {x.shape}")
@@ -415,7 +442,7 @@ def fit_network_ensemble(
     if config.augment.active:
         if grid is None or np.size(grid) != x.shape[1] - config.n_scalars:
             raise ValueError("augmentation needs the grid of the spectrum columns of x")
-        augmenter = BatchAugmenter(config.augment, grid, config.n_scalars)
+        augmenter = BatchAugmenter(config.augment, grid, config.n_scalars).to(dev)
     fit_rows = np.concatenate([train_rows, val_rows])
     specs = _task_specs(targets, fit_rows)
     enc = {t: _encode(t, targets[t], specs[t], train_rows) for t in specs}
@@ -423,12 +450,16 @@ def fit_network_ensemble(
         if not enc[t].valid[torch.from_numpy(train_rows)].any():
             raise ValueError(f"task {t!r} has no valid training rows")
     xt = torch.from_numpy(np.nan_to_num(x).astype(np.float32))
+    xd = xt.to(dev)
+    enc_d = {t: e.to(dev) for t, e in enc.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     members, info = [], []
     try:
         for k in range(config.members):
-            member, mi = _train_member(k, xt, enc, specs, train_rows, val_rows, config, augmenter)
+            member, mi = _train_member(
+                k, xt, enc_d, specs, train_rows, val_rows, config, augmenter, xd
+            )
             members.append(member)
             info.append(mi)
             log(

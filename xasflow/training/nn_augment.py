@@ -65,6 +65,13 @@ class BatchAugmenter:
         self.half = max(1, math.ceil(KERNEL_HALF_WIDTH_EV / self.step))
         self.offsets = torch.arange(-self.half, self.half + 1, dtype=torch.float32) * self.step
 
+    def to(self, device: torch.device) -> BatchAugmenter:
+        """Keep the grid and kernel offsets on ``device`` (where the batches are); the random
+        draws stay on the caller's CPU generator, so every device sees the same augmentation."""
+        self.grid = self.grid.to(device)
+        self.offsets = self.offsets.to(device)
+        return self
+
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """A new batch: the chosen rows augmented, the others as they were."""
         r = self.recipe
@@ -72,15 +79,17 @@ class BatchAugmenter:
             return x
         n = x.shape[0]
         y = x[:, : self.n_points]
+        dev = x.device
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
-            return lo + (hi - lo) * torch.rand(n, generator=gen)
+            return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)
 
-        pick = torch.rand(n, generator=gen) < r.p
+        pick = (torch.rand(n, generator=gen) < r.p).to(dev)
         out = y
         if r.shift_ev > 0 or r.stretch > 0:
-            shift = uniform(-r.shift_ev, r.shift_ev) if r.shift_ev > 0 else torch.zeros(n)
-            factor = uniform(1 - r.stretch, 1 + r.stretch) if r.stretch > 0 else torch.ones(n)
+            fixed = torch.zeros(n, device=dev)
+            shift = uniform(-r.shift_ev, r.shift_ev) if r.shift_ev > 0 else fixed
+            factor = uniform(1 - r.stretch, 1 + r.stretch) if r.stretch > 0 else fixed + 1
             out = self._shift(out, shift, factor)
         if r.gauss_fwhm_ev > 0:
             sigma = uniform(0.0, r.gauss_fwhm_ev) / (2 * math.sqrt(2 * math.log(2)))
@@ -90,9 +99,9 @@ class BatchAugmenter:
             gamma = (uniform(0.0, r.lorentz_fwhm_ev) / 2).clamp_min(1e-3)[:, None]
             out = self._convolve(out, gamma / (self.offsets[None, :] ** 2 + gamma**2))
         if r.scale_sigma > 0:
-            out = out * (1 + r.scale_sigma * torch.randn(n, 1, generator=gen))
+            out = out * (1 + r.scale_sigma * torch.randn(n, 1, generator=gen).to(dev))
         if r.noise_sigma > 0:
-            out = out + r.noise_sigma * torch.randn(out.shape, generator=gen)
+            out = out + r.noise_sigma * torch.randn(out.shape, generator=gen).to(dev)
         y_new = torch.where(pick[:, None], out, y)
         if self.n_scalars == 0:
             return y_new

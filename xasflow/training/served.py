@@ -83,6 +83,7 @@ def fit_networks(result: Any, targets: Targets, x: np.ndarray, log: Any) -> dict
             net_cfg,
             log=log,
             grid=cfg.prep.grid,
+            device=cfg.network_device,
         )
         result.timings[f"networks_{arch}"] = time.perf_counter() - t0
         log(f"{arch}: {net_cfg.members} members in {result.timings[f'networks_{arch}']:.0f} s")
