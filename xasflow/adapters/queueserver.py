@@ -32,7 +32,10 @@ operator removed from the queue, or one of a history cleared before the replay, 
 queued again; a run replayed by another daemon (a Kafka partition moved) has only the
 server's record.
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
-at most one per ``min_interval_s``. A submission the server refused or could not take is
+at most one plan per ``min_interval_s`` reaches the queue: only a plan the server took holds
+the rate (a try that failed, or found its plan already there, holds nothing), and a run's
+advice that comes while a try is with the server waits for its outcome (``skipped_rate``
+once that plan went in). A submission the server refused or could not take is
 tried again ``retries`` times (``retried``), after ``retry_backoff_s``, then twice as long
 each time, then given up (``gave_up``); each try asks the queue and history first, so a try
 whose reply was lost after the server took the plan queues nothing twice. Retries wait beside
@@ -117,7 +120,7 @@ class QueueServerSubmitter:
         self._api_factory = api_factory or _make_api
         self._api: Any = None
         self._clock = clock
-        self._last_submit = -float("inf")
+        self._last_submit = -float("inf")  # when the server last took a plan (the rate)
         self._queue: queue.Queue[_Job | None] = queue.Queue(self.config.max_pending)
         #: Failed submissions to try again: (due, on time.monotonic; order; tries made; job)
         self._retry: list[tuple[float, int, int, _Job]] = []
@@ -291,8 +294,9 @@ class QueueServerSubmitter:
         rescan_only: bool = False,
     ) -> bool:
         """Submit in the background (rate-limited; a failed try is tried again, see the
-        module); False when disabled, certain, already queued for this raw run, limited or
-        full."""
+        module); False when disabled, certain, already queued for this raw run, limited (a
+        plan went in within ``min_interval_s``) or full. A plan accepted while another one's
+        try is under way is rate-limited when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -309,7 +313,7 @@ class QueueServerSubmitter:
             if key in self._queued or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
-        if self._clock() - self._last_submit < self.config.min_interval_s:
+        if self._rate_limited():
             self.stats["skipped_rate"] += 1
             return False
         self._ensure_worker()
@@ -318,12 +322,17 @@ class QueueServerSubmitter:
         except queue.Full:
             self.stats["dropped_full"] += 1
             return False
-        self._last_submit = self._clock()  # reserve the slot now; the worker submits soon
         if key is not None:
-            self._queued[key] = None
-            while len(self._queued) > _REMEMBERED:
-                self._queued.popitem(last=False)
+            with self._lock:
+                self._queued[key] = None
+                while len(self._queued) > _REMEMBERED:
+                    self._queued.popitem(last=False)
         return True
+
+    def _rate_limited(self) -> bool:
+        """Whether the server took a plan less than ``min_interval_s`` ago (a try that
+        failed or found its plan already there holds no slot)."""
+        return self._clock() - self._last_submit < self.config.min_interval_s
 
     def _ensure_worker(self) -> None:
         with self._lock:
@@ -367,25 +376,24 @@ class QueueServerSubmitter:
                 continue
 
     def _try(self, job: _Job, tries: int) -> None:
-        """One try of a background submission; a failed one goes to :meth:`_again`. Only a
-        first try frees the rate slot its enqueue reserved (a retry holds none)."""
+        """One try of a background submission; a failed one goes to :meth:`_again`. A first
+        try is checked against the rate again: a plan that went in since its enqueue (one
+        whose try was under way then) holds the slot. A retry is not rate-limited."""
         rec, raw_uid, rescan_only = job
-        first = tries == 0
-        self.stats["retried"] += not first
+        if tries == 0 and self._rate_limited():
+            self.stats["skipped_rate"] += 1
+            if raw_uid:  # not queued after all: as if refused at enqueue
+                with self._lock:
+                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
+            return
+        self.stats["retried"] += tries > 0
         try:
-            if self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only) is None and first:
-                self._last_submit = -float("inf")  # already there: the slot is free again
+            self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only)
         except QueueServerError as exc:
-            if first:
-                self._last_submit = -float("inf")  # nothing went in: the slot is free again
             self._again(job, tries + 1, exc)
         except ValueError as exc:  # a plan no server takes: never tried again
-            if first:
-                self._last_submit = -float("inf")
             logger.warning("queueserver submission refused: %s", exc)
         except Exception:
-            if first:
-                self._last_submit = -float("inf")
             logger.exception("queueserver submission failed")
 
     def _again(self, job: _Job, tries: int, exc: Exception) -> None:
