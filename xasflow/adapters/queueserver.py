@@ -15,7 +15,8 @@ which a beamline profile imports from here) with kwargs ``detectors``, ``motor``
 ``regions`` (``[[start, stop, step, dwell], ...]``, eV / s) and ``md`` (the raw run's uid,
 the bundle, E0, why); the settings, the plan and the queue item are
 :mod:`xasflow.adapters.queueserver_plan`'s (re-exported here), which refuses regions no
-beamline should run and ``extra_kwargs`` that would replace the recommended scan.
+beamline should run and ``extra_kwargs`` that would replace the recommended scan; the client
+is :mod:`xasflow.adapters.queueserver_client`'s.
 :class:`QueueServerSubmitter` is also a document callback: it keeps
 each analysis run's latest ``recommendations`` event and, when the run stops with
 ``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
@@ -60,6 +61,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
 from xasflow.adapters.queueserver_plan import (
@@ -69,7 +71,6 @@ from xasflow.adapters.queueserver_plan import (
     item_key,
     plan_item,
     region_points,
-    secret,
     submission_key,
     xas_regions_scan,
 )
@@ -88,10 +89,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class QueueServerError(RuntimeError):
-    """The queueserver refused a request or could not be reached."""
 
 
 #: A background submission: (recommendation, raw uid, rescan only).
@@ -117,7 +114,7 @@ class QueueServerSubmitter:
         (:mod:`~xasflow.adapters.queueserver_memory`; None: in this process only)."""
         self.config = config or QueueServerConfig()
         self._memory = SubmittedRuns(memory)
-        self._api_factory = api_factory or _make_api
+        self._api_factory = api_factory or make_api
         self._api: Any = None
         self._clock = clock
         self._last_submit = -float("inf")  # when the server last took a plan (the rate)
@@ -180,7 +177,8 @@ class QueueServerSubmitter:
     ) -> dict[str, Any] | None:
         """Add one recommendation to the queue now; None when disabled, or when this raw run's
         plan was queued: remembered here (``memory``), or held by the queueserver's queue or
-        history (see :meth:`_on_server`). Raises QueueServerError."""
+        history (:func:`~xasflow.adapters.queueserver_client.on_server`). Raises
+        QueueServerError."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
@@ -192,7 +190,7 @@ class QueueServerSubmitter:
         try:
             with self._send_lock:  # close() waits for this request, and none starts after it
                 api = self.api()
-                if key is not None and self._on_server(api, key):
+                if key is not None and on_server(api, key):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
                     self._memory.add(key)
                     return None
@@ -214,29 +212,6 @@ class QueueServerSubmitter:
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})
         del self.submitted[:-100]
         return dict(reply) if isinstance(reply, Mapping) else {"reply": reply}
-
-    def _on_server(self, api: Any, key: tuple[str, str]) -> bool:
-        """Whether the queueserver's queue (its running item included) or history holds an
-        item xasflow queued for ``key`` (:func:`~xasflow.adapters.queueserver_plan.item_key`).
-
-        The memory of queued runs dies with the process, and Kafka redelivers after a restart
-        what was not committed: the server's own record is what outlives the daemon. A reply
-        that is no success raises (nothing is queued while it cannot be checked); a client
-        without ``queue_get``/``history_get`` (a test double) is not asked.
-        """
-        items: list[Any] = []
-        for name in ("queue_get", "history_get"):
-            get = getattr(api, name, None)
-            if get is None:
-                return False
-            reply = get(reload=True)
-            if not isinstance(reply, Mapping) or reply.get("success") is False:
-                msg = reply.get("msg") if isinstance(reply, Mapping) else reply
-                raise QueueServerError(f"queueserver {name} failed: {msg}")
-            items.extend(reply.get("items") or [])
-            if reply.get("running_item"):
-                items.append(reply["running_item"])
-        return any(item_key(item) == key for item in items)
 
     def close(self, timeout: float = 10.0) -> None:
         """Submit what is queued within ``timeout``, then stop: once close returns, nothing
@@ -446,30 +421,3 @@ class QueueServerSubmitter:
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
 _REMEMBERED = 4096
-
-
-def _make_api(config: QueueServerConfig) -> Any:
-    """The bluesky-queueserver-api client for the configured transport and credential."""
-    try:
-        if config.transport == "zmq":
-            from bluesky_queueserver_api.zmq import REManagerAPI
-        else:
-            from bluesky_queueserver_api.http import REManagerAPI
-    except ImportError as exc:
-        raise QueueServerError(
-            "bluesky-queueserver-api is not installed (pip install 'xasflow[queueserver]')"
-        ) from exc
-    if config.transport == "zmq":
-        return REManagerAPI(
-            zmq_control_addr=config.zmq_control_addr,
-            zmq_info_addr=config.zmq_info_addr,
-            zmq_public_key=secret(config.zmq_public_key),
-            timeout_recv=config.timeout_s,
-            timeout_send=config.timeout_s,
-        )
-    api = REManagerAPI(http_server_uri=config.http_server_uri, timeout=config.timeout_s)
-    if config.api_key is not None:
-        api.set_authorization_key(api_key=secret(config.api_key))
-    else:
-        api.set_authorization_key(token=secret(config.token))
-    return api
