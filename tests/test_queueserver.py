@@ -640,3 +640,44 @@ def test_a_plan_an_operator_removed_is_not_queued_again_after_a_restart(
             assert api.item_remove(uid=queued[0]["item_uid"])["success"]  # the operator
     uids = [item["item_uid"] for item in queued]
     assert uids == [], f"raw-removed's plan was queued again after the restart: {uids}"
+
+
+def test_a_plan_given_up_lands_in_the_real_queue_after_a_restart(
+    re_manager: dict[str, Any], tmp_path: Path
+) -> None:
+    """The daemon cannot reach the RE Manager and gives the run's plan up (remembered beside
+    its store); restarted with the server reachable, it tries the plan again once it runs and
+    the plan lands in the queue; a third start tries nothing (the plan went in)."""
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.parts import build_feedback
+
+    api = re_manager["api"]
+    api.queue_clear()
+    good = _real_queue(re_manager, ["det1"])
+    down = good.model_copy(
+        update={
+            "zmq_control_addr": f"tcp://127.0.0.1:{free_port()}",
+            "timeout_s": 0.3,
+            "retries": 0,
+        }
+    )
+
+    def daemon(settings: QueueServerConfig) -> QueueServerSubmitter:
+        cfg = DaemonConfig(
+            storage={"directory": tmp_path / "store"}, queueserver=settings.model_dump()
+        )
+        _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
+        assert sub is not None
+        return sub
+
+    with daemon(down) as sub:
+        for name, doc in _docs(False, "raw-given-up"):
+            sub(name, doc)
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1
+    tried = []
+    for _restart in range(2):
+        with daemon(good) as sub:
+            tried.append(sub.retry_given_up())
+            assert sub.join(10.0)
+    assert tried == [1, 0]
+    assert len(_ours(api, "raw-given-up")) == 1

@@ -5,12 +5,14 @@ the memory's record is durable before a submission counts as done; one daemon a 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_feedback_safety import REC, ZMQ_KEY, FakeApi
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
 
 def _raw_uid(item: dict[str, Any]) -> str:
@@ -63,3 +65,171 @@ def test_only_a_plan_that_reached_the_queue_counts_against_the_rate(outcome: str
         assert not sub.enqueue(REC, "raw-3") and sub.stats["skipped_rate"] == skipped + 1
     finally:
         sub.close()
+
+
+# --------------------------------------------------------------------------- plans given up
+
+
+class _Down(FakeApi):
+    """An RE Manager that cannot be reached: every item_add fails."""
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        raise ConnectionError("RE Manager unreachable")
+
+
+def _config(**knobs: Any) -> QueueServerConfig:
+    """Enabled, no rate limit, quick retries: one retry after 50 ms, then given up."""
+    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
+    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
+
+
+def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
+    """A daemon's submitter (its memory beside the store), as after a (re)start."""
+    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
+
+
+def _give_up(cfg: QueueServerConfig, path: Path, raw_uid: str = "raw-1") -> None:
+    """A daemon whose RE Manager is down gives the run's plan up, then stops."""
+    sub = _daemon(cfg, _Down(), path)
+    try:
+        assert sub.enqueue(REC, raw_uid)
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1
+    finally:
+        sub.close()
+
+
+def test_a_plan_given_up_is_tried_again_after_a_restart(tmp_path: Path) -> None:
+    """The RE Manager was down and the run's plan was given up; the daemon restarts with the
+    server back, and no replay comes (Kafka committed the run). The restarted daemon tries
+    the plan again and it goes in, once: a third daemon (the operator has removed the plan)
+    neither revives it nor queues it for a replay of the run."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = _config()
+    _give_up(cfg, path)
+    fake = FakeApi()
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.retry_given_up() == 1
+        assert sub.join(10.0)
+        assert [_raw_uid(item) for _, item in fake.items] == ["raw-1"]
+        assert sub.stats["revived"] == 1 and sub.stats["submitted"] == 1
+    finally:
+        sub.close()
+    removed = FakeApi()  # the operator removed the plan: the server holds nothing
+    sub = _daemon(cfg, removed, path)
+    try:
+        assert sub.retry_given_up() == 0
+        assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+        assert sub.join(10.0) and removed.items == []
+    finally:
+        sub.close()
+
+
+def test_a_plan_given_up_is_tried_again_in_a_bounded_number_of_restarts(tmp_path: Path) -> None:
+    """``restart_retries: 1``: the first restart tries the plan again (the server still
+    down: given up again), the second does not; ``restart_retries: 0`` never does."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = _config(restart_retries=1)
+    _give_up(cfg, path)
+    sub = _daemon(cfg, _Down(), path)
+    try:
+        assert sub.retry_given_up() == 1
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1
+    finally:
+        sub.close()
+    fake = FakeApi()
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.retry_given_up() == 0 and sub.join(10.0) and fake.items == []
+    finally:
+        sub.close()
+    _give_up(cfg, path, "raw-2")
+    sub = _daemon(cfg.model_copy(update={"restart_retries": 0}), fake, path)
+    try:
+        assert sub.retry_given_up() == 0 and sub.join(10.0) and fake.items == []
+    finally:
+        sub.close()
+
+
+def test_a_plan_given_up_long_ago_is_not_tried_again(tmp_path: Path) -> None:
+    """A plan given up more than ``given_up_max_age_s`` before the restart is forgotten: the
+    sample in the beam has likely changed since."""
+    path = tmp_path / SUBMITTED_FILE
+    now = [1_000_000.0]
+    memory = SubmittedRuns(path, wall=lambda: now[0])
+    memory.give_up(("raw-1", "run_end"), {"regions": REC["regions"]}, False)
+    memory.give_up(("raw-2", "run_end"), {"regions": REC["regions"]}, False)
+    del memory
+    now[0] += 600.0
+    memory = SubmittedRuns(path, wall=lambda: now[0])
+    assert [p.key for p in memory.revive(rounds=1, max_age_s=900.0, most=8)] == [
+        ("raw-1", "run_end"),
+        ("raw-2", "run_end"),
+    ]
+    del memory
+    now[0] += 901.0  # the revived ones were not given up again: their date stands
+    memory = SubmittedRuns(path, wall=lambda: now[0])
+    assert memory.revive(rounds=5, max_age_s=900.0, most=8) == []
+    del memory
+    forgotten = SubmittedRuns(path, wall=lambda: now[0])  # for good: not in the file any more
+    assert forgotten.given_up() == [] and forgotten.revive(5, 1e9, 8) == []
+
+
+def test_a_given_up_plan_the_server_took_is_not_queued_twice(tmp_path: Path) -> None:
+    """The server took the plan but its reply never came, and the only try was given up: the
+    restarted daemon finds the plan in the queue and queues nothing more."""
+
+    class LostReply(FakeApi):
+        lost = True
+
+        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+            reply = super().item_add(item, user, user_group)
+            if self.lost:
+                raise TimeoutError("no reply from the RE Manager")
+            return reply
+
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = _config(retries=0)
+    fake = LostReply()
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1 and len(fake.items) == 1
+    finally:
+        sub.close()
+    fake.lost = False
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.retry_given_up() == 1
+        assert sub.join(10.0) and sub.stats["skipped_repeat"] == 1
+        assert len(fake.items) == 1, "the plan the server took was queued again"
+    finally:
+        sub.close()
+
+
+def test_the_daemon_tries_the_given_up_plans_again_once_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon.start asks its submitter to try the last daemon's given-up plans, once, after
+    every part has started (a daemon that fails to start submits nothing)."""
+    from helpers import free_port
+
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.service import Daemon
+
+    calls: list[int] = []
+    monkeypatch.setattr(QueueServerSubmitter, "retry_given_up", lambda self: calls.append(1) or 0)
+    cfg = DaemonConfig(
+        input={"address": f"tcp://127.0.0.1:{free_port()}"},
+        http={"enabled": False},
+        output={"enabled": False},
+        storage={"enabled": False},  # quick: no store (a memory or not, start asks)
+        models={"directory": str(tmp_path)},
+        queueserver=_config().model_dump(),
+    )
+    daemon = Daemon(cfg)
+    try:
+        daemon.start(timeout=20)
+        assert calls == [1]
+    finally:
+        daemon.stop(timeout=10)

@@ -31,7 +31,11 @@ redelivery after a restart finds its plan there). With ``memory`` (the daemon's:
 beside its store) what the server took is also remembered across restarts, so a plan an
 operator removed from the queue, or one of a history cleared before the replay, is not
 queued again; a run replayed by another daemon (a Kafka partition moved) has only the
-server's record.
+server's record. A plan given up is remembered there apart (with what rebuilds it), and
+:meth:`QueueServerSubmitter.retry_given_up` (the daemon calls it once it runs) tries the
+previous daemon's again: in at most ``restart_retries`` restarts, if given up less than
+``given_up_max_age_s`` ago, as retries (``revived``); one the server holds by then is not
+queued twice.
 Submissions run on a worker thread, so the daemon's publishing never waits on the network;
 at most one plan per ``min_interval_s`` reaches the queue: only a plan the server took holds
 the rate (a try that failed, or found its plan already there, holds nothing), and a run's
@@ -147,6 +151,7 @@ class QueueServerSubmitter:
             "skipped_repeat": 0,
             "dropped_full": 0,
             "dropped_closed": 0,
+            "revived": 0,  # plans a previous daemon gave up, tried again (retry_given_up)
         }
         #: (raw uid, what) already queued: "run_end", or "rescan <region>" (the newest kept)
         self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -212,6 +217,28 @@ class QueueServerSubmitter:
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})
         del self.submitted[:-100]
         return dict(reply) if isinstance(reply, Mapping) else {"reply": reply}
+
+    def retry_given_up(self) -> int:
+        """Try again, as retries, the plans the previous daemon gave up (remembered in
+        ``memory``; see the module for which); the number scheduled. Once a process: the
+        daemon calls it when it runs, not at construction, so a daemon that fails to start
+        submits nothing."""
+        if not self.enabled or self._closing:
+            return 0
+        cfg = self.config
+        plans = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
+        now = time.monotonic()
+        with self._lock:
+            for plan in plans:
+                job: _Job = (plan.rec, plan.key[0], plan.rescan_only)
+                self._queued[plan.key] = None
+                heapq.heappush(self._retry, (now, next(self._retry_order), 1, job))
+                self._retrying += 1
+        self.stats["revived"] += len(plans)
+        if plans:
+            logger.info("trying again %d queueserver plans given up before a restart", len(plans))
+            self._ensure_worker()
+        return len(plans)
 
     def close(self, timeout: float = 10.0) -> None:
         """Submit what is queued within ``timeout``, then stop: once close returns, nothing
@@ -376,13 +403,14 @@ class QueueServerSubmitter:
         ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
         ``max_pending`` retries wait; dropped once close has begun."""
         cfg, raw_uid = self.config, job[1]
+        given_up = False
         with self._lock:
             if self._closing:
                 self.stats["dropped_closed"] += 1
                 wait = None
             elif tries > cfg.retries or len(self._retry) >= cfg.max_pending:
                 self.stats["gave_up"] += 1
-                wait = None
+                wait, given_up = None, True
             else:
                 wait = cfg.retry_backoff_s * 2 ** (tries - 1)
                 due = time.monotonic() + wait
@@ -396,10 +424,14 @@ class QueueServerSubmitter:
                 wait,
                 exc,
             )
-        elif not self._closing:
+        elif given_up:
             logger.error(
                 "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
             )
+            if raw_uid:  # a restarted daemon may try it again (retry_given_up)
+                rec, _, rescan_only = job
+                key = submission_key(raw_uid, rec, rescan_only)
+                self._memory.give_up(key, _plan_fields(rec), rescan_only)
 
     def join(self, timeout: float = 10.0) -> bool:
         """Wait until every queued submission, and every retry, is done (tests); False on
@@ -421,3 +453,10 @@ class QueueServerSubmitter:
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
 _REMEMBERED = 4096
+
+
+def _plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a decoded recommendation :func:`plan_item` and :func:`submission_key` read:
+    what a given-up plan is remembered by, to be rebuilt after a restart."""
+    keys = ("regions", "rescan", "e0", "uncertainty", "bundle_id")
+    return {key: rec[key] for key in keys if key in rec}

@@ -69,6 +69,11 @@ class QueueServerConfig(BaseModel):
     #: twice the last wait (``retry_backoff_s``, then 2x, 4x...); then the plan is given up.
     retries: int = Field(3, ge=0, le=10)
     retry_backoff_s: float = Field(2.0, gt=0, le=300)
+    #: Restarts of the daemon in which a plan given up (beside the store) is tried again
+    #: (0: never), while it was given up less than ``given_up_max_age_s`` ago: an older plan
+    #: would scan whatever sample is in the beam by now.
+    restart_retries: int = Field(1, ge=0, le=10)
+    given_up_max_age_s: float = Field(900.0, gt=0)
     max_points: int = Field(MAX_PLAN_POINTS, ge=1, le=MAX_PLAN_POINTS)
 
     @field_validator("extra_kwargs")

@@ -141,6 +141,8 @@ class Daemon:
                 p.http.start(timeout)
             except OSError as exc:
                 raise DaemonError(str(exc)) from None
+        if p.submitter is not None:  # started: the plans the last daemon gave up, once more
+            p.submitter.retry_given_up()
 
     def _durable(self, timeout: float) -> bool:
         """Everything handed to the sinks so far is committed in the store and, with a
