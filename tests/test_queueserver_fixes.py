@@ -4,6 +4,7 @@ the memory's record is durable before a submission counts as done; one daemon a 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,11 @@ from typing import Any
 import pytest
 from test_feedback_safety import REC, ZMQ_KEY, FakeApi
 
-from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver import (
+    QueueServerConfig,
+    QueueServerError,
+    QueueServerSubmitter,
+)
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
 
@@ -233,3 +238,72 @@ def test_the_daemon_tries_the_given_up_plans_again_once_it_runs(
         assert calls == [1]
     finally:
         daemon.stop(timeout=10)
+
+
+# --------------------------------------------------------------------------- durable memory
+
+
+class _Disk:
+    """What a crash would leave of the files fsync'd so far: each file's text at its last
+    fsync, and the directories fsync'd (a new file's name is durable once its directory is)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.files: dict[Path, str] = {}
+        self.dirs: list[Path] = []
+        fsync = os.fsync
+
+        def recording(fd: int) -> None:
+            fsync(fd)
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.is_dir():
+                self.dirs.append(path)
+            else:
+                self.files[path] = path.read_text(encoding="utf-8")
+
+        monkeypatch.setattr(os, "fsync", recording)
+
+    def restart(self, path: Path, into: Path) -> SubmittedRuns:
+        """The memory a daemon reads after a crash now: ``path``'s durable text, in ``into``."""
+        into.mkdir(parents=True, exist_ok=True)
+        durable = self.files.get(path, "") if path.parent in self.dirs else ""
+        (into / path.name).write_text(durable, encoding="utf-8")
+        return SubmittedRuns(into / path.name)
+
+
+def test_the_record_of_a_submission_is_durable_before_it_counts_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash while the server takes the plan leaves the intent on disk: the next daemon
+    holds the plan as possibly queued and never queues it again (at most once), and says so;
+    a crash once submit returned leaves it queued; a refused try leaves it not queued (a
+    replay submits it)."""
+    disk = _Disk(monkeypatch)
+    path = tmp_path / "store" / SUBMITTED_FILE
+    key = ("raw-1", "run_end")
+    seen: dict[str, SubmittedRuns] = {}
+
+    class Crashing(FakeApi):
+        """Records what a crash at the moment the server takes the plan would leave."""
+
+        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+            seen[_raw_uid(item)] = disk.restart(path, tmp_path / f"crash-{len(seen)}")
+            if _raw_uid(item) == "raw-2":
+                return {"success": False, "msg": "RE Manager busy"}
+            return super().item_add(item, user, user_group)
+
+    cfg = _config()
+    sub = _daemon(cfg, Crashing(), path)
+    try:
+        assert sub.submit(REC, raw_uid="raw-1") is not None
+        done = disk.restart(path, tmp_path / "crash-after")
+        with pytest.raises(QueueServerError):
+            sub.submit(REC, raw_uid="raw-2")
+        refused = disk.restart(path, tmp_path / "crash-refused")
+    finally:
+        sub.close()
+    assert key in seen["raw-1"], "a crash while the server took the plan lost its record"
+    assert key in done, "a crash after the submission returned lost its record"
+    assert ("raw-2", "run_end") not in refused
+    with caplog.at_level("WARNING", logger="xasflow.adapters.queueserver_memory"):
+        SubmittedRuns(tmp_path / "crash-0" / SUBMITTED_FILE)
+    assert "raw-1" in caplog.text and "not queued again" in caplog.text

@@ -199,19 +199,25 @@ class QueueServerSubmitter:
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
                     self._memory.add(key)
                     return None
+                if key is not None:  # on disk before the server may take it (see memory)
+                    self._memory.sending(key)
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
-        except QueueServerError:
-            raise
         except Exception as exc:
+            if key is not None:  # the try it announced, if any, queued nothing (or is lost)
+                self._memory.failed(key)
+            if isinstance(exc, QueueServerError):
+                raise
             self.stats["failed"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             raise QueueServerError(f"queueserver refused or unreachable: {exc}") from exc
         if isinstance(reply, Mapping) and reply.get("success") is False:
             self.stats["failed"] += 1
             self.last_error = str(reply.get("msg", ""))
+            if key is not None:
+                self._memory.failed(key)
             raise QueueServerError(f"queueserver refused the plan: {reply.get('msg')}")
         self.stats["submitted"] += 1
-        if key is not None:
+        if key is not None:  # on disk before the submission counts as done
             self._memory.add(key)
         self._last_submit = self._clock()
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})

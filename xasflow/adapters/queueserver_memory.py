@@ -18,6 +18,24 @@ the next daemon may try it again (:meth:`SubmittedRuns.revive`), a bounded numbe
 beam now). A later ``[raw_uid, what]`` line (the plan went in, or was found on the server)
 supersedes it; the submitter asks the server's queue and history before each try, so a plan
 whose last reply was lost after the server took it is not queued twice.
+
+Durable, and in this order. Each line is flushed and ``os.fsync``'d before the call that
+writes it returns (and the directory once the file is made, or rewritten): the submitter
+records its intent (``{"sending": [raw_uid, what]}``, :meth:`SubmittedRuns.sending`)
+before the request that may queue the plan, then the outcome: ``[raw_uid, what]`` (taken,
+:meth:`~SubmittedRuns.add`) before the submission counts as done, or ``{"failed": [raw_uid,
+what]}`` (:meth:`~SubmittedRuns.failed`: refused, or no reply) before it is tried again. So a
+crash leaves, for the plan being submitted:
+
+* before the intent is on disk: nothing; the plan was not sent (a replay queues it);
+* after the intent, before the outcome: the plan *in doubt*, whether or not the server took
+  it. The next daemon holds it as queued, so it is never queued twice (at most once: a plan
+  the server never got is lost), and logs it for an operator to check;
+* after the outcome: queued, or not queued (a replay queues it; a plan whose reply was lost
+  after the server took it is found in the server's queue or history first).
+
+A write that fails is logged and the plan is sent all the same: the server's record stays
+the first check, and a daemon whose disk fails has its store to worry about first.
 """
 
 from __future__ import annotations
@@ -85,6 +103,7 @@ class SubmittedRuns:
         #: Plans given up, not queued since, the newest ``limit // 2`` (keyed like _keys)
         self._given_up: OrderedDict[Key, GivenUp] = OrderedDict()
         self._revivable: set[Key] = set()  # read from the file: a previous daemon's
+        self._sending: set[Key] = set()  # intents this process recorded, no outcome yet
         self._lines = 0  # lines in the file: rewritten at twice the limit
         self._torn = False  # the file ends in a torn line: the next one starts a new line
         self._lock = threading.Lock()
@@ -106,12 +125,28 @@ class SubmittedRuns:
             return list(self._given_up.values())
 
     def add(self, key: tuple[str, str]) -> None:
-        """Remember that ``key``'s plan is queued (appended to the file at once)."""
+        """Remember that ``key``'s plan is queued (on disk when this returns)."""
         with self._lock:
+            self._sending.discard(key)
             if key in self._keys:
                 return
             self._keep(key)
             self._append(json.dumps(list(key)), key)
+
+    def sending(self, key: Key) -> None:
+        """Record, on disk before this returns, that ``key``'s plan is about to be sent: a
+        crash before its outcome leaves it in doubt, held as queued (see the module)."""
+        with self._lock:
+            self._sending.add(key)
+            self._append(json.dumps({"sending": list(key)}), key)
+
+    def failed(self, key: Key) -> None:
+        """Record, on disk before this returns, that the try :meth:`sending` announced did
+        not queue ``key``'s plan (refused, or no reply came)."""
+        with self._lock:
+            if key in self._sending:
+                self._sending.discard(key)
+                self._append(json.dumps({"failed": list(key)}), key)
 
     def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> None:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
@@ -170,7 +205,9 @@ class SubmittedRuns:
             return out[::-1]
 
     def _append(self, line: str, key: Key) -> None:
-        """One line at the end of the file (or the file rewritten at twice the limit)."""
+        """One line at the end of the file (or the file rewritten at twice the limit), on
+        disk before this returns: flushed, fsync'd, and its directory fsync'd when the file
+        is new."""
         if self.path is None:
             return
         try:
@@ -178,8 +215,13 @@ class SubmittedRuns:
             if self._lines + 1 >= 2 * self.limit:
                 self._rewrite(self.path)
             else:
+                new = not self.path.exists()
                 with self.path.open("a", encoding="utf-8") as f:
                     f.write("\n" * self._torn + line + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                if new:
+                    _fsync_dir(self.path.parent)
                 self._lines += 1
                 self._torn = False
         except OSError as exc:
@@ -212,30 +254,63 @@ class SubmittedRuns:
         lines = text.splitlines()
         self._lines = len(lines)
         self._torn = bool(text) and not text.endswith("\n")
+        doubt: dict[Key, None] = {}  # intents without an outcome after them
         for line in lines:
             try:
                 value = json.loads(line)
             except ValueError:
                 continue  # a line torn by a crash
-            if isinstance(value, dict):
-                entry = _given_up(value)
-                if entry is not None and entry.key not in self._keys:
-                    self._keep_given_up(entry)
+            if not isinstance(value, dict):
+                key = _key(value)
+                if key is not None:
+                    self._keep(key)
+                    doubt.pop(key, None)
                 continue
-            key = _key(value)
-            if key is not None:
-                self._keep(key)
+            entry = _given_up(value)
+            if entry is not None:
+                doubt.pop(entry.key, None)
+                if entry.key not in self._keys:
+                    self._keep_given_up(entry)
+            elif (key := _key(value.get("sending"))) is not None:
+                doubt[key] = None
+            elif (key := _key(value.get("failed"))) is not None:
+                doubt.pop(key, None)
+        for key in doubt:  # at most once: the server may have it, an operator may have not
+            self._keep(key)
+        if doubt:
+            logger.warning(
+                "%d queueserver plans were being sent when the last daemon stopped; whether "
+                "the server took them is not known, and they are not queued again (check the "
+                "queue): %s",
+                len(doubt),
+                ", ".join(f"{what} of run {raw_uid!r}" for raw_uid, what in doubt),
+            )
         self._revivable = set(self._given_up)
 
     def _rewrite(self, path: Path) -> None:
-        """The file anew with the remembered keys only (atomically: a crash keeps the old)."""
+        """The file anew with what is remembered: the keys, the plans given up and this
+        process's intents (atomically and durably: a crash keeps the old file or the new)."""
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(list(key)) + "\n" for key in self._keys)
             f.writelines(entry.line() + "\n" for entry in self._given_up.values())
+            f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-        self._lines = len(self._keys) + len(self._given_up)
+        _fsync_dir(path.parent)
+        self._lines = len(self._keys) + len(self._given_up) + len(self._sending)
         self._torn = False
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a file's creation or renaming in ``directory`` durable (POSIX: fsync the
+    directory)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _key(value: Any) -> Key | None:
