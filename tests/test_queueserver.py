@@ -285,7 +285,8 @@ def test_the_memory_of_queued_plans_is_bounded_and_reads_past_a_torn_line(
     tmp_path: Path,
 ) -> None:
     """The newest ``limit`` keys are kept; the file is rewritten at twice the limit; a line
-    torn by a crash is skipped and the next one still reads back after a restart."""
+    torn by a crash is skipped and the next one still reads back after a restart (each
+    memory closed before the next opens the file: one holder at a time)."""
     from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
     path = tmp_path / "store" / SUBMITTED_FILE
@@ -294,12 +295,15 @@ def test_the_memory_of_queued_plans_is_bounded_and_reads_past_a_torn_line(
         memory.add((f"raw-{i}", "run_end"))
     newest = [(f"raw-{i}", "run_end") for i in (3, 4, 5)]
     assert memory.keys() == newest and len(path.read_text().splitlines()) == 3
+    memory.close()
     with path.open("a") as f:
         f.write('["raw-torn", "run_e')  # the process died while writing
     again = SubmittedRuns(path, limit=3)
     assert again.keys() == newest
     again.add(("raw-6", "rescan edge"))
-    assert SubmittedRuns(path, limit=3).keys() == [*newest[1:], ("raw-6", "rescan edge")]
+    again.close()
+    with SubmittedRuns(path, limit=3) as last:
+        assert last.keys() == [*newest[1:], ("raw-6", "rescan edge")]
 
 
 # --------------------------------------------------------------------------- real server

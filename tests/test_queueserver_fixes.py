@@ -5,6 +5,8 @@ the memory's record is durable before a submission counts as done; one daemon a 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from xasflow.adapters.queueserver import (
     QueueServerSubmitter,
 )
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _raw_uid(item: dict[str, Any]) -> str:
@@ -164,20 +168,20 @@ def test_a_plan_given_up_long_ago_is_not_tried_again(tmp_path: Path) -> None:
     memory = SubmittedRuns(path, wall=lambda: now[0])
     memory.give_up(("raw-1", "run_end"), {"regions": REC["regions"]}, False)
     memory.give_up(("raw-2", "run_end"), {"regions": REC["regions"]}, False)
-    del memory
+    memory.close()
     now[0] += 600.0
     memory = SubmittedRuns(path, wall=lambda: now[0])
     assert [p.key for p in memory.revive(rounds=1, max_age_s=900.0, most=8)] == [
         ("raw-1", "run_end"),
         ("raw-2", "run_end"),
     ]
-    del memory
+    memory.close()
     now[0] += 901.0  # the revived ones were not given up again: their date stands
     memory = SubmittedRuns(path, wall=lambda: now[0])
     assert memory.revive(rounds=5, max_age_s=900.0, most=8) == []
-    del memory
-    forgotten = SubmittedRuns(path, wall=lambda: now[0])  # for good: not in the file any more
-    assert forgotten.given_up() == [] and forgotten.revive(5, 1e9, 8) == []
+    memory.close()
+    with SubmittedRuns(path, wall=lambda: now[0]) as forgotten:  # for good: not in the file
+        assert forgotten.given_up() == [] and forgotten.revive(5, 1e9, 8) == []
 
 
 def test_a_given_up_plan_the_server_took_is_not_queued_twice(tmp_path: Path) -> None:
@@ -262,12 +266,14 @@ class _Disk:
 
         monkeypatch.setattr(os, "fsync", recording)
 
-    def restart(self, path: Path, into: Path) -> SubmittedRuns:
-        """The memory a daemon reads after a crash now: ``path``'s durable text, in ``into``."""
+    def restart(self, path: Path, into: Path) -> set[tuple[str, str]]:
+        """What a daemon holds as queued after a crash now (``path``'s durable text, copied
+        into ``into``)."""
         into.mkdir(parents=True, exist_ok=True)
         durable = self.files.get(path, "") if path.parent in self.dirs else ""
         (into / path.name).write_text(durable, encoding="utf-8")
-        return SubmittedRuns(into / path.name)
+        with SubmittedRuns(into / path.name) as memory:
+            return set(memory.keys())
 
 
 def test_the_record_of_a_submission_is_durable_before_it_counts_as_done(
@@ -280,7 +286,7 @@ def test_the_record_of_a_submission_is_durable_before_it_counts_as_done(
     disk = _Disk(monkeypatch)
     path = tmp_path / "store" / SUBMITTED_FILE
     key = ("raw-1", "run_end")
-    seen: dict[str, SubmittedRuns] = {}
+    seen: dict[str, set[tuple[str, str]]] = {}
 
     class Crashing(FakeApi):
         """Records what a crash at the moment the server takes the plan would leave."""
@@ -305,5 +311,49 @@ def test_the_record_of_a_submission_is_durable_before_it_counts_as_done(
     assert key in done, "a crash after the submission returned lost its record"
     assert ("raw-2", "run_end") not in refused
     with caplog.at_level("WARNING", logger="xasflow.adapters.queueserver_memory"):
-        SubmittedRuns(tmp_path / "crash-0" / SUBMITTED_FILE)
+        SubmittedRuns(tmp_path / "crash-0" / SUBMITTED_FILE).close()
     assert "raw-1" in caplog.text and "not queued again" in caplog.text
+
+
+# --------------------------------------------------------------------------- one daemon a memory
+
+
+def test_a_second_daemon_on_the_same_memory_refuses_to_start(tmp_path: Path) -> None:
+    """Two daemons on one store directory would both check the memory, find a run's plan
+    missing and both queue it. The second refuses to start, naming the file and the first
+    daemon's pid, before it reads or sends anything; once the first is gone (even killed),
+    a daemon starts there again. In one process the same file is refused while open."""
+    from xasflow.adapters.queueserver_memory import MemoryInUseError
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.parts import build_feedback
+
+    store = tmp_path / "store"
+    path = store / SUBMITTED_FILE
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path\n"
+            "from xasflow.adapters.queueserver_memory import SubmittedRuns\n"
+            f"memory = SubmittedRuns(Path({str(path)!r}))\n"
+            "print('ready', flush=True); sys.stdin.read()",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        cfg = DaemonConfig(storage={"directory": store}, queueserver=_config().model_dump())
+        with pytest.raises(MemoryInUseError, match=rf"{SUBMITTED_FILE}.*pid {holder.pid}"):
+            build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
+    finally:
+        holder.kill()
+        holder.wait(10.0)
+    _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]
+    assert sub is not None
+    with sub, pytest.raises(MemoryInUseError, match="already open in this process"):
+        QueueServerSubmitter(_config(), memory=path)
+    QueueServerSubmitter(_config(), memory=path).close()  # closed: free again

@@ -115,7 +115,8 @@ class QueueServerSubmitter:
     ) -> None:
         """``api_factory`` builds the REManagerAPI (tests may inject one); default: the real one.
         ``memory``: the file the queued plans are remembered in across restarts
-        (:mod:`~xasflow.adapters.queueserver_memory`; None: in this process only)."""
+        (:mod:`~xasflow.adapters.queueserver_memory`; None: in this process only), held
+        until :meth:`close`: ``MemoryInUseError`` when another daemon holds it."""
         self.config = config or QueueServerConfig()
         self._memory = SubmittedRuns(memory)
         self._api_factory = api_factory or make_api
@@ -286,6 +287,7 @@ class QueueServerSubmitter:
             except Exception:
                 logger.exception("closing the queueserver client failed")
             self._api = None
+        self._memory.close()  # the next daemon may take the file
 
     def __enter__(self) -> QueueServerSubmitter:
         return self

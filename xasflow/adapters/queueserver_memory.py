@@ -36,10 +36,22 @@ crash leaves, for the plan being submitted:
 
 A write that fails is logged and the plan is sent all the same: the server's record stays
 the first check, and a daemon whose disk fails has its store to worry about first.
+
+One daemon a file. Two daemons on one store directory would each check the memory, find a
+run's plan missing and both queue it (and both try the plans given up). Locking each
+check-and-record would make the file safe but not the daemons: they would still analyse the
+same runs into one store, which the store refuses to a second writer anyway. So, as the
+store does, :class:`SubmittedRuns` holds an exclusive ``flock`` on ``<file>.lock`` (beside
+it, never replaced) from before it reads the file until :meth:`~SubmittedRuns.close`, and a
+second daemon refuses to start (:class:`MemoryInUseError`, naming the file and the pid that
+holds it) before it reads or sends anything. The kernel drops the lock when its process
+ends, even by SIGKILL: there is no stale lock to clear.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -51,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUBMITTED_FILE", "GivenUp", "SubmittedRuns"]
+__all__ = ["SUBMITTED_FILE", "GivenUp", "MemoryInUseError", "SubmittedRuns"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +72,14 @@ SUBMITTED_FILE = "queueserver-submitted.jsonl"
 
 #: A submission key: ``(raw uid, what)``.
 Key = tuple[str, str]
+
+#: The memory files open in this process (a second one is refused with a message saying so).
+_OPEN: set[Path] = set()
+_OPEN_LOCK = threading.Lock()
+
+
+class MemoryInUseError(RuntimeError):
+    """The memory file is held by another daemon (or already open in this process)."""
 
 
 @dataclass
@@ -94,8 +114,9 @@ class SubmittedRuns:
     def __init__(
         self, path: Path | None, limit: int = 4096, wall: Callable[[], float] = time.time
     ) -> None:
-        """Read what ``path`` holds (nothing if it does not exist); ``wall`` dates the plans
-        given up (a clock that outlives the process)."""
+        """Lock ``path`` for this process (:class:`MemoryInUseError` when another holds it;
+        see the module), then read what it holds (nothing if it does not exist); ``wall``
+        dates the plans given up (a clock that outlives the process)."""
         self.path = path
         self.limit = limit
         self._wall = wall
@@ -107,8 +128,28 @@ class SubmittedRuns:
         self._lines = 0  # lines in the file: rewritten at twice the limit
         self._torn = False  # the file ends in a torn line: the next one starts a new line
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._closed = False
         if path is not None:
+            self._lock_fd = _hold(path)
             self._read(path)
+
+    def close(self) -> None:
+        """Release the file for another daemon; nothing more is written (a plan sent after
+        this stays in doubt in the file: never queued twice). Idempotent."""
+        with self._lock:
+            self._closed = True
+            if self._lock_fd is not None and self.path is not None:
+                with _OPEN_LOCK:
+                    _OPEN.discard(self.path.resolve())
+                os.close(self._lock_fd)  # drops the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> SubmittedRuns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def keys(self) -> list[tuple[str, str]]:
         """The remembered keys, oldest first."""
@@ -210,6 +251,9 @@ class SubmittedRuns:
         is new."""
         if self.path is None:
             return
+        if self._closed:
+            logger.warning("not remembered (the memory is closed): %s", line)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._lines + 1 >= 2 * self.limit:
@@ -301,6 +345,36 @@ class SubmittedRuns:
         _fsync_dir(path.parent)
         self._lines = len(self._keys) + len(self._given_up) + len(self._sending)
         self._torn = False
+
+
+def _hold(path: Path) -> int:
+    """An exclusive flock on ``path``'s lock file, for this process's life or until closed
+    (the returned descriptor); :class:`MemoryInUseError` when another holds it."""
+    key = path.resolve()
+    with _OPEN_LOCK:
+        if key in _OPEN:
+            raise MemoryInUseError(
+                f"{path} is already open in this process (one queueserver submitter a file)"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise MemoryInUseError(
+                f"{path} is held by another xasflow daemon (pid {holder or '?'}): two daemons "
+                "on one store directory would both queue the same plans; give each its own "
+                "storage.directory (the lock goes when that process ends, even killed)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _OPEN.add(key)
+        return fd
 
 
 def _fsync_dir(directory: Path) -> None:
