@@ -37,6 +37,7 @@ from helpers import (
     publish,
     step_scan,
     transmission,
+    wait_for,
 )
 
 from xasflow import paths
@@ -280,3 +281,52 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
     assert not problems, problems
     # everything the page loaded came from the daemon itself
     assert requests and all(u.startswith(base + "/") for u in requests), requests
+
+
+def _health_rows(page: Any) -> dict[str, str]:
+    """The page's health table as label -> shown value."""
+    rows = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#health-table tr'))"
+        ".map(tr => Array.from(tr.cells).map(td => td.textContent))"
+    )
+    return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def test_health_table_tells_the_stages_rejections_apart(beamline: Harness, browser: Any) -> None:
+    """Before: the page's "spectra rejected" showed ``/health``'s ``spectra_rejected``, the
+    sum of both stages, so a malformed document (refused by the assembler, never a spectrum)
+    read as a rejected spectrum. Now the row shows the spectra the analysis rejected
+    (received = analysed + those) and the assembly's rejections have a row of their own."""
+    d, pub = beamline.daemon, beamline.pub
+    assert d.http_url is not None
+
+    def per_stage() -> dict[str, int]:  # from the counts by stage and reason
+        by_reason = d.counters.snapshot()["rejected_by_stage"]
+        return {s: sum(by_reason.get(s, {}).values()) for s in ("analysis", "assembly")}
+
+    before = per_stage()["assembly"]
+    pub("start", {"time": 1.0})  # no uid: the assembler rejects it (malformed_document)
+
+    def counted() -> dict[str, int] | None:
+        stages = per_stage()
+        return stages if stages["assembly"] > before else None
+
+    stages = wait_for(counted, "the malformed start to be rejected in assembly")
+    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    try:
+        page.goto(d.http_url + "/", wait_until="load")
+        page.wait_for_function(
+            "n => { const h = window.xasflow.state && window.xasflow.state.health;"
+            " return h && h.rejected_total === n; }",
+            arg=stages["analysis"] + stages["assembly"],
+            timeout=TIMEOUT_MS,
+        )
+        drawn(page)
+        shown = _health_rows(page)
+    finally:
+        page.close()
+    # the row that says "spectra rejected" counts the spectra, not the documents refused
+    spectra = [v for label, v in shown.items() if label.startswith("spectra rejected")]
+    assert spectra == [str(stages["analysis"])], shown
+    assert shown["spectra rejected by the analysis"] == str(stages["analysis"])
+    assert shown["rejected before the analysis (assembly)"] == str(stages["assembly"])

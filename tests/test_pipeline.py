@@ -355,8 +355,10 @@ def test_rejections_have_reasons_and_are_counted(pipeline: Pipeline, counters: C
             "unknown_element": 1,
         }
     }
-    # every spectrum received is accounted for exactly once
-    assert snap["spectra_received"] == snap["spectra_analysed"] + snap["spectra_rejected"]
+    # every spectrum received is accounted for exactly once, by the analysis
+    rejected = snap["spectra_rejected_by_stage"]
+    assert rejected == {"analysis": 7, "assembly": 0} and snap["spectra_rejected"] == 7
+    assert snap["spectra_received"] == snap["spectra_analysed"] + rejected["analysis"]
 
 
 def test_assembly_rejections_and_run_ends(pipeline: Pipeline, counters: Counters) -> None:

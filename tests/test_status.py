@@ -112,3 +112,35 @@ def test_a_stalled_store_does_not_hold_the_event_loop(tmp_path: Path) -> None:
             waiting.join(10)
             assert answered, f"{slow_path} held the event loop"
             assert codes == {slow_path: code, "/livez": 200, "/readyz": 503}
+
+
+def test_health_tells_rejections_at_assembly_from_those_at_analysis(tmp_path: Path) -> None:
+    """Before: /health gave ``spectra_rejected`` only as the sum of both stages, so an
+    operator could not tell documents the assembler refused (malformed, of an unknown run,
+    never a spectrum handed on) from spectra the analysis rejected. Now the total stays and
+    ``spectra_rejected_by_stage`` gives each stage's, both from 0; received spectra are
+    analysed or rejected by the analysis, never by the assembly."""
+    from xasflow.daemon.dashboard_views import health_view
+    from xasflow.daemon.pipeline import known_rejections
+
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    counters = Counters(rejections=known_rejections())
+    status = DaemonStatus(config, counters, Parts())
+    fresh = status.health()["counters"]
+    assert fresh["spectra_rejected"] == 0
+    assert fresh["spectra_rejected_by_stage"] == {"analysis": 0, "assembly": 0}
+
+    counters.reject("malformed_document", stage="assembly", n=2)
+    counters.reject("unknown_run", stage="assembly")
+    counters.spectrum_received(3)
+    counters.spectrum_analysed(2)
+    counters.reject("no_model")  # stage "analysis"
+    c = status.health()["counters"]
+    assert c["spectra_rejected"] == 4  # the total, as before
+    assert c["spectra_rejected_by_stage"] == {"analysis": 1, "assembly": 3}
+    by_stage = c["spectra_rejected_by_stage"]
+    assert c["spectra_received"] == c["spectra_analysed"] + by_stage["analysis"]
+    # the dashboard's health numbers carry the same split beside the total
+    view = health_view(status.health())
+    assert view["rejected_total"] == 4
+    assert view["rejected_per_stage"] == {"analysis": 1, "assembly": 3}

@@ -37,9 +37,12 @@ shows in ``increase()``, so the alert rules would miss the first one.
 ``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in
 ``spectra_received`` and then exactly once in ``spectra_analysed`` or in
-``rejected[("analysis", reason)]``. ``out_of_domain`` counts the analysed spectra whose
-prediction carries the out-of-domain flag (a subset of ``spectra_analysed``);
-``herfd_suspected`` those of them that look like undeclared HERFD (a subset of that).
+``rejected[("analysis", reason)]``. The snapshot (``/health``) gives ``spectra_rejected``, all
+rejections of both stages, and ``spectra_rejected_by_stage``, each stage's (both from 0), so
+``spectra_received == spectra_analysed + spectra_rejected_by_stage["analysis"]``.
+``out_of_domain`` counts the analysed spectra whose prediction carries the out-of-domain
+flag (a subset of ``spectra_analysed``); ``herfd_suspected`` those of them that look like
+undeclared HERFD (a subset of that).
 ``events_lost`` counts raw events that never reached the analysis, once each, by cause:
 ``seq_gap`` (missing from a run's sequence or its stop's ``num_events``, except those the
 input queue dropped), ``overflow`` (event rows dropped by a full input queue), ``interrupted``
@@ -59,7 +62,16 @@ from typing import Any
 
 from xasflow.daemon.counters_export import register_prometheus
 
-__all__ = ["KAFKA_COUNTERS", "LATENCY_BUCKETS", "Counters", "register_prometheus"]
+__all__ = [
+    "KAFKA_COUNTERS",
+    "LATENCY_BUCKETS",
+    "REJECTION_STAGES",
+    "Counters",
+    "register_prometheus",
+]
+
+#: Where a rejection is counted: the assembler (documents, runs) or the analysis (spectra).
+REJECTION_STAGES: tuple[str, ...] = ("assembly", "analysis")
 
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
 KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures", "commits_held")
@@ -279,13 +291,16 @@ class Counters:
             recent = sorted(self._recent)
             by_stage: dict[str, dict[str, int]] = {}
             by_reason: dict[str, int] = {}
+            stage_totals = dict.fromkeys(sorted(REJECTION_STAGES), 0)
             for (stage, reason), n in sorted(self.rejected.items()):
                 by_stage.setdefault(stage, {})[reason] = n
                 by_reason[reason] = by_reason.get(reason, 0) + n
+                stage_totals[stage] = stage_totals.get(stage, 0) + n
             snap: dict[str, Any] = {
                 "spectra_received": self.spectra_received,
                 "spectra_analysed": self.spectra_analysed,
-                "spectra_rejected": sum(self.rejected.values()),
+                "spectra_rejected": sum(self.rejected.values()),  # both stages
+                "spectra_rejected_by_stage": stage_totals,
                 "out_of_domain": self.out_of_domain,
                 "herfd_suspected": self.herfd_suspected,
                 "events_lost": dict(sorted(self.events_lost.items())),

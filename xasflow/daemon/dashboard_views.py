@@ -327,7 +327,8 @@ def health_view(h: dict[str, Any]) -> dict[str, Any]:
         "open_runs": h.get("open_runs"),
         "received": c.get("spectra_received"),
         "analysed": c.get("spectra_analysed"),
-        "rejected_total": c.get("spectra_rejected"),
+        "rejected_total": c.get("spectra_rejected"),  # both stages
+        "rejected_per_stage": c.get("spectra_rejected_by_stage", {}),
         "out_of_domain": c.get("out_of_domain"),
         "events_lost": c.get("events_lost", {}),
         "events_lost_total": c.get("events_lost_total"),

@@ -474,7 +474,11 @@
     $("health-info").textContent = `xasflow ${h.version} · up ${fmt(h.uptime_s / 60, 1)} min`;
     const d = state.dashboard || {};
     rows($("health-table"), null, [
-      ["spectra analysed", h.analysed], ["spectra rejected", h.rejected_total],
+      // received = analysed + rejected by the analysis; the assembler refuses documents
+      // and runs before that (rejected_total, the sum of both, is no count of spectra)
+      ["spectra analysed", h.analysed],
+      ["spectra rejected by the analysis", (h.rejected_per_stage || {}).analysis ?? "–"],
+      ["rejected before the analysis (assembly)", (h.rejected_per_stage || {}).assembly ?? "–"],
       ["analysed / s", r.analysed_per_s === null ? "–" : fmt(r.analysed_per_s, 1)],
       ["documents in / s", r.documents_per_s === null ? "–" : fmt(r.documents_per_s, 0)],
       ["queue depth", h.queue_depth], ["open runs", h.open_runs],
