@@ -6,18 +6,21 @@ Each test failed before its fix (the docstring says what the code did then)."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from event_model import compose_run, pack_event_page
+from helpers import wait_for
 
 from xasflow.adapters.input_drops import DropLedger
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.stop_claims import MAX_STOP_MISSING
 from xasflow.adapters.wire import encode_message
-from xasflow.adapters.zmq_bus import ZmqDocumentSource, ZmqInputConfig
+from xasflow.adapters.zmq_bus import ZmqDocumentPublisher, ZmqDocumentSource, ZmqInputConfig
 from xasflow.daemon.assembly import Rejected, RunAssembler, RunClosed
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters, register_prometheus
@@ -187,8 +190,9 @@ def test_a_refused_num_events_reaches_no_loss_counter_nor_the_analysis_stop(
 
 class Daemon0MQ:
     """The daemon's input-to-analysis chain without its threads: a real 0MQ source (its
-    receive step driven here, one message at a time), the processor ``build_processor``
-    wires, a pipeline with no bundle, and the view ``/health`` and ``/metrics`` read."""
+    receive step driven here, one message at a time, unless ``source`` is one started on a
+    socket), the processor ``build_processor`` wires, a pipeline with no bundle, and the view
+    ``/health`` and ``/metrics`` read."""
 
     def __init__(
         self,
@@ -196,6 +200,7 @@ class Daemon0MQ:
         overflow: str,
         queue_size: int = 2,
         interrupted: InterruptedRuns | None = None,
+        source: ZmqDocumentSource | None = None,
     ) -> None:
         self.config = DaemonConfig(
             storage={"directory": str(tmp_path / "store")},  # type: ignore[arg-type]
@@ -203,7 +208,9 @@ class Daemon0MQ:
         )
         tmp_path.mkdir(exist_ok=True)
         pipeline, self.counters = analysis(tmp_path)
-        self.source = ZmqDocumentSource(ZmqInputConfig(queue_size=queue_size, overflow=overflow))
+        if source is None:
+            source = ZmqDocumentSource(ZmqInputConfig(queue_size=queue_size, overflow=overflow))
+        self.source = source
         self.parts = Parts(
             source=self.source,
             assembler=RunAssembler(),
@@ -471,6 +478,83 @@ def test_an_event_dropped_at_close_under_block_is_lost_once(tmp_path: Path) -> N
     assert by_cause == {"on_close": 2} and total == 2
     assert 'xasflow_events_lost_total{cause="on_close"} 2.0' in metrics
     assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in metrics
+
+
+def test_events_left_in_the_socket_at_close_are_lost_as_on_close(tmp_path: Path) -> None:
+    """Under ``overflow: block`` the queue (2) is full, the receive thread holds event 1 and
+    events 2-4 and the stop wait in its 0MQ socket when the input closes. Before: only the
+    held event was counted (``on_close`` 1); what the socket held was lost uncounted. Now
+    the thread takes those off the socket too: no room, so each is dropped on close and its
+    rows are lost as ``on_close``, once (the run closed at shutdown does not count them)."""
+    ctx = zmq.Context()
+    address = f"inproc://left-at-close-{uuid.uuid4().hex}"
+    pub = ZmqDocumentPublisher(address, bind=True, context=ctx)
+    source = ZmqDocumentSource(
+        ZmqInputConfig(address=address, queue_size=2, overflow="block"), context=ctx
+    )
+    try:
+        source.start()
+        _warm_up(source, pub)
+        before = source.stats()
+        _, docs = step_run(4)
+        for name, doc in docs:  # inproc: each is in the source's socket once sent
+            pub(name, doc)
+        wait_for(lambda: source.stats()["backpressure_waits"] > before["backpressure_waits"])
+        d = Daemon0MQ(tmp_path, "block", source=source)
+        assert source.close()
+        stats = source.stats()
+        assert stats["received"] - before["received"] == len(docs)  # nothing left uncounted
+        assert (stats["dropped_on_close"], stats["dropped_on_close_events"]) == (5, 4)
+        assert stats["decoded"] == stats["delivered"] + stats["dropped_on_close"] + 2
+        d.proc.drain.set()
+        d.proc.run()  # start and descriptor, then the shutdown: the run closes (abort)
+        by_cause, total, metrics = d.lost()
+        assert by_cause == {"on_close": 4} and total == 4
+        assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in metrics
+    finally:
+        source.close()
+        pub.close()
+        ctx.term()
+
+
+def test_nothing_is_queued_after_a_drop_at_close(tmp_path: Path) -> None:
+    """Closing under ``block``, event 1 finds the queue full and is dropped; the processing
+    thread then makes room, but events 2-3 and the stop, taken off the socket after it, are
+    dropped too: queued, they would leave a hole at event 1 that the run counts again as
+    ``seq_gap`` (its stop says 3 events). Each row is lost once, as ``on_close``."""
+    _, docs = step_run(3)
+    start, desc, e1, e2, e3, stop = docs
+    d = Daemon0MQ(tmp_path, "block")
+    d.receive(start, desc)  # the queue (2) is full
+    d.source.close()
+    d.receive(e1)  # no room, and the input no longer waits for it: dropped on close
+    d.turn()  # start and descriptor taken: room again
+    d.receive(e2, e3, stop)
+    stats = d.source.stats()
+    assert (stats["dropped_on_close"], stats["dropped_on_close_events"]) == (4, 3)
+    assert stats["queue_depth"] == 0
+    d.proc.drain.set()
+    d.proc.run()
+    by_cause, total, metrics = d.lost()
+    assert by_cause == {"on_close": 3} and total == 3
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in metrics
+
+
+def _warm_up(source: ZmqDocumentSource, pub: ZmqDocumentPublisher) -> None:
+    """Probe documents until one arrives (0MQ's slow joiner), then a fence; every document
+    read up to the fence, so the queue is empty and what follows arrives in order."""
+    token = uuid.uuid4().hex
+    wait_for(
+        lambda: pub("start", {"uid": token, "time": 0.0}) or source.get(timeout=0.05),
+        "a probe to arrive",
+    )
+    pub("start", {"uid": f"fence-{token}", "time": 0.0})
+    wait_for(
+        lambda: (
+            (item := source.get(timeout=0.05)) is not None and item[1]["uid"] == f"fence-{token}"
+        ),
+        "the fence to arrive",
+    )
 
 
 # --------------------------------------------------------------------------- 3. raw scan_id

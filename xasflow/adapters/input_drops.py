@@ -19,9 +19,10 @@ cannot follow, typically one a killed predecessor left open: they are also kept 
 whose ``interrupted`` count (raw events - results stored) must not count them again.
 
 Under ``input.overflow: block`` nothing is dropped while the input runs, but the document
-the receive thread holds for a full queue when the input closes is (``dropped_on_close``):
-:func:`dropped_at_close` counts its event rows too, lost as ``on_close``. Nothing is
-received after it, so no run of the daemon can count them again.
+the receive thread holds for a full queue when the input closes is (``dropped_on_close``),
+and so is each it then takes off its socket that finds the queue full or comes after such a
+drop: :func:`dropped_at_close` counts their event rows too, lost as ``on_close``. Nothing is
+queued after the first, so no run of the daemon can count them again.
 """
 
 from __future__ import annotations

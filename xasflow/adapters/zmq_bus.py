@@ -3,6 +3,7 @@
 ``ZmqDocumentSource`` is our own SUB consumer (not ``RemoteDispatcher``, which drops messages
 under a slow callback): a receive thread that only receives, decodes (``xasflow.adapters.wire``)
 and enqueues into a bounded queue with an explicit overflow policy, counting every outcome.
+Its settings (:class:`ZmqInputConfig`) are in :mod:`xasflow.adapters.zmq_config`, named here too.
 
 Overflow policies (``ZmqInputConfig.overflow``):
 
@@ -18,12 +19,21 @@ itself through the same proxy (the daemon's analysis runs). Messages published u
 ``ignore_prefixes`` are dropped before decoding and counted as ``ignored``: they are neither
 documents nor decode errors.
 
+Closing (``close()``): the receive thread stops receiving, then takes off its socket what 0MQ
+still holds for it (at most ``rcvhwm`` messages; :data:`DRAIN_MOST` when that is 0) before
+the socket closes with it, each counted as received and decoded as any other. Nothing waits
+for room any more, whatever the policy: a document is queued if it fits, none was dropped
+before it and ``close()`` is still waiting for the thread, else it is dropped
+(``dropped_on_close``, its event rows lost as ``on_close``). What 0MQ handed this socket is
+never lost uncounted; what a publisher sends after that is dropped by its PUB side.
+
 Counters (``stats()``): ``received`` (messages off the socket), ``bytes_received``,
 ``ignored``, ``decoded``, ``decode_errors`` and ``decode_errors.<reason>``,
 ``documents.<name>``, ``enqueued``, ``delivered`` (returned by ``get``), ``dropped_overflow``
 (documents), ``dropped_overflow_events`` and ``dropped_unattributed`` (their event rows,
 see :mod:`xasflow.adapters.input_drops`), ``dropped_on_close`` and ``dropped_on_close_events``
-(the document ``block`` held when the input closed, and its event rows), ``backpressure_waits``
+(documents not queued once the input closed: the one ``block`` held, those taken off the
+socket then; and their event rows), ``backpressure_waits``
 (messages that had to wait for room under ``block``), ``receive_errors``, and the gauge
 ``queue_depth``. Once quiescent,
 ``received == ignored + decoded + decode_errors`` and
@@ -41,7 +51,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -55,8 +64,15 @@ from xasflow.adapters.wire import (
     decode_message,
     encode_message,
 )
+from xasflow.adapters.zmq_config import (
+    OVERFLOW_POLICIES,
+    ZmqInputConfig,
+    check_prefix,
+    normalize_address,
+)
 
 __all__ = [
+    "DRAIN_MOST",
     "OVERFLOW_POLICIES",
     "ZmqDocumentPublisher",
     "ZmqDocumentSource",
@@ -66,7 +82,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_newest", "drop_oldest")
+#: Messages taken off the socket at close when ``rcvhwm`` is 0 (0MQ's buffer unbounded): a
+#: bound, so that a publisher faster than the decoding cannot keep a closing input open.
+DRAIN_MOST = 1_000_000
 
 _COUNTERS: tuple[str, ...] = (
     "received",
@@ -86,66 +104,6 @@ _COUNTERS: tuple[str, ...] = (
     *(f"decode_errors.{r}" for r in (*DECODE_ERROR_REASONS, "internal")),
     *(f"documents.{n}" for n in sorted(DOCUMENT_NAMES)),
 )
-
-
-def normalize_address(address: str) -> str:
-    """Add ``tcp://`` to a bare ``host:port`` (bluesky accepts both spellings)."""
-    return address if "://" in address else f"tcp://{address}"
-
-
-def _check_prefix(prefix: bytes) -> None:
-    if not isinstance(prefix, bytes) or b" " in prefix:
-        raise ValueError(f"prefix must be bytes without b' ', got {prefix!r}")
-
-
-@dataclass(frozen=True)
-class ZmqInputConfig:
-    """Settings of one SUB input; ``address`` is the proxy's *out* side (bluesky: 5578)."""
-
-    address: str = "tcp://127.0.0.1:5578"
-    prefix: bytes = b""  # b"" accepts every publisher, like RemoteDispatcher
-    rcvhwm: int = 100_000  # messages 0MQ may buffer in our SUB socket
-    queue_size: int = 10_000  # decoded documents waiting for the consumer
-    overflow: str = "block"  # one of OVERFLOW_POLICIES
-    formats: tuple[str, ...] = FORMATS  # body formats accepted (drop "pickle" to refuse it)
-    max_message_bytes: int = -1  # ZMQ_MAXMSGSIZE; -1 = no limit
-    poll_interval_s: float = 0.05  # upper bound on how long close() waits for the thread
-    # Publisher prefixes whose messages are dropped before decoding (counted as "ignored"),
-    # e.g. one's own output when subscribed to everything; each non-empty, not ``prefix``.
-    ignore_prefixes: tuple[bytes, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_prefix(self.prefix)
-        if isinstance(self.ignore_prefixes, bytes | str):
-            raise ValueError("ignore_prefixes must be a tuple of bytes prefixes")
-        object.__setattr__(self, "ignore_prefixes", tuple(self.ignore_prefixes))
-        for p in self.ignore_prefixes:
-            _check_prefix(p)
-            if not p:
-                raise ValueError("ignore_prefixes entries must be non-empty")
-            if p == self.prefix:
-                raise ValueError(f"prefix {p!r} is both subscribed to and ignored")
-        if self.overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
-        if self.queue_size < 1:
-            raise ValueError("queue_size must be >= 1")
-        if self.rcvhwm < 0:
-            raise ValueError("rcvhwm must be >= 0 (0 = unlimited)")
-        unknown = set(self.formats) - set(FORMATS)
-        if unknown or not self.formats:
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}")
-        if self.poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be > 0")
-
-    @property
-    def topic(self) -> bytes:
-        """0MQ SUBSCRIBE filter: ``prefix + b" "`` (exact prefix match), or b"" for all."""
-        return self.prefix + b" " if self.prefix else b""
-
-    @property
-    def ignored_topics(self) -> tuple[bytes, ...]:
-        """Frame starts that mark an ignored message: ``p + b" "`` per ignored prefix."""
-        return tuple(p + b" " for p in self.ignore_prefixes)
 
 
 class _Counters:
@@ -193,6 +151,8 @@ class ZmqDocumentSource:
         self._warned: set[str] = set()
         self._ignored_topics = cfg.ignored_topics
         self._dropped = DropLedger()
+        self._dropped_at_close = False  # closing: a document was not queued, none will be
+        self._close_lock = threading.Lock()  # orders queuing at close against close() giving up
         #: Set once the SUB socket is subscribed and connected (delivery may still lag:
         #: 0MQ's slow-joiner means a publisher should not assume we are seen yet).
         self.ready = threading.Event()
@@ -223,8 +183,11 @@ class ZmqDocumentSource:
     def close(self, timeout: float = 5.0) -> bool:
         """Stop receiving and join the thread; return True if it ended within ``timeout``.
 
-        Documents already queued stay readable with ``get``. Never blocks past ``timeout``:
-        if the thread did not end, it terminates the owned context itself once it does.
+        The thread first takes what 0MQ still holds for its socket (queued while there is
+        room, else counted ``dropped_on_close``: module docstring). Documents queued stay
+        readable with ``get``. Never blocks past ``timeout``: if the thread did not end, it
+        queues nothing more (each document it still takes is dropped on close) and
+        terminates the owned context itself once it ends.
         """
         self._stop.set()
         self._closed = True
@@ -234,9 +197,12 @@ class ZmqDocumentSource:
             joined = not self._thread.is_alive()
         if joined:
             self._term_context()
-        elif timeout > 0:
+            return True
+        with self._close_lock:  # nobody may take what it queues after this returns
+            self._dropped_at_close = True
+        if timeout > 0:
             logger.warning("0MQ input thread did not stop within %.1fs", timeout)
-        return joined
+        return False
 
     def _term_context(self) -> None:
         """Terminate the owned context once no socket of it is open (by close, or by the
@@ -344,6 +310,22 @@ class ZmqDocumentSource:
                 self._stop.wait(self.cfg.poll_interval_s)
                 continue
             self._handle(frames)
+        self._drain(sock)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Closing: take what 0MQ still holds for ``sock`` the counted way before it closes
+        with it (module docstring); what comes meanwhile is taken too, up to the bound."""
+        most = self.cfg.rcvhwm or DRAIN_MOST
+        for _ in range(most):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return  # nothing more held
+            except zmq.ZMQError as exc:  # the context was terminated: nothing can be read
+                logger.warning("0MQ input %s: cannot read what is left: %s", self._address, exc)
+                return
+            self._handle(frames)
+        logger.warning("0MQ input %s: stopped reading at close after %d", self._address, most)
 
     def _handle(self, frames: list[bytes]) -> None:
         counts = {"received": 1, "bytes_received": sum(len(f) for f in frames)}
@@ -379,6 +361,8 @@ class ZmqDocumentSource:
     def _enqueue(self, item: tuple[str, dict[str, Any]]) -> bool:
         """Queue ``item`` by the overflow policy; False when it was dropped."""
         policy = self.cfg.overflow
+        if self._stop.is_set():
+            return self._enqueue_closing(item)
         if policy == "block":
             waited = False
             while True:
@@ -390,7 +374,7 @@ class ZmqDocumentSource:
                         waited = True
                         self._counters.inc("backpressure_waits")
                     if self._stop.is_set():
-                        self._counters.add(dropped_at_close(*item))
+                        self._drop_at_close(item)
                         return False
         elif policy == "drop_newest":
             try:
@@ -410,6 +394,25 @@ class ZmqDocumentSource:
                         continue
                     self._dropped_overflow(evicted)
         return True
+
+    def _enqueue_closing(self, item: tuple[str, dict[str, Any]]) -> bool:
+        """Closing, by any policy: queue ``item`` if it fits, none was dropped at close before
+        it and ``close()`` still waits for this thread; else it is dropped on close."""
+        with self._close_lock:
+            if not self._dropped_at_close:
+                try:
+                    self._queue.put_nowait(item)
+                    return True
+                except queue.Full:
+                    pass
+            self._drop_at_close(item)
+            return False
+
+    def _drop_at_close(self, item: tuple[str, dict[str, Any]]) -> None:
+        """Count a document not queued once closing; none is queued after it, so no run sees
+        a hole where it was (its rows are lost once, as ``on_close``)."""
+        self._dropped_at_close = True
+        self._counters.add(dropped_at_close(*item))
 
     def _dropped_overflow(self, item: tuple[str, dict[str, Any]]) -> None:
         """Count a document the overflow policy dropped; remember its event rows."""
@@ -435,7 +438,7 @@ class ZmqDocumentPublisher:
         linger_ms: int = 1000,
         context: zmq.Context | None = None,
     ) -> None:
-        _check_prefix(prefix)
+        check_prefix(prefix)
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         self.prefix = prefix

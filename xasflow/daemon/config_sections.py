@@ -85,8 +85,8 @@ class InputConfig(_Section):
         return tuple(dict.fromkeys(value))
 
     def to_zmq(self) -> Any:
-        """The adapter's :class:`~xasflow.adapters.zmq_bus.ZmqInputConfig`."""
-        from xasflow.adapters.zmq_bus import ZmqInputConfig
+        """The adapter's :class:`~xasflow.adapters.zmq_config.ZmqInputConfig`."""
+        from xasflow.adapters.zmq_config import ZmqInputConfig
 
         return ZmqInputConfig(
             address=self.address,

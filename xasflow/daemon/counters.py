@@ -47,8 +47,9 @@ undeclared HERFD (a subset of that).
 ``seq_gap`` (missing from a run's sequence or its stop's ``num_events``, except those the
 input queue dropped), ``overflow`` (event rows dropped by a full input queue), ``interrupted``
 (of a run a killed daemon left open, not stored; again except those the input queue dropped),
-``on_close`` (event rows the 0MQ input held for a full queue under ``block`` when it closed;
-a Kafka input's are not lost: uncommitted, they are delivered again).
+``on_close`` (event rows the 0MQ input could not queue under ``block`` once it closed: the
+one it held for a full queue, and those still in its socket then that found no room; a Kafka
+input's are not lost: uncommitted, they are delivered again).
 """
 
 from __future__ import annotations
