@@ -11,7 +11,9 @@ What runs, and who stops it:
 * a subscriber on the analysis prefix that prints one line per analysed spectrum.
 
 Ctrl-C or SIGTERM (or ``--scans N`` / ``--duration S``) stops the beamline after its current
-scan, lets the daemon finish what it holds, and stops everything this command started.
+scan, lets the daemon finish what it holds, and stops everything this command started. The
+printer stops after the daemon: the answers the daemon gives as it stops (the runs it closes
+then, a scan cut short) are printed too.
 
 The beamline subprocess warms up 0MQ (slow joiner) by publishing probe runs until the
 daemon's ``/health`` lists the probe token, then prints one JSON line per run it starts
@@ -48,6 +50,8 @@ __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_de
 
 #: How long the demo waits for the last results after the beamline has finished.
 _DRAIN_TIMEOUT_S = 30.0
+#: How long the printer waits, once the daemon has stopped, for what it published last.
+_PRINT_TIMEOUT_S = 10.0
 _ANALYSIS_PREFIX = "xasflow-analysis"
 
 
@@ -115,6 +119,16 @@ def _read_beamline(
     thread = threading.Thread(target=pump, name="xasflow-demo-beamline", daemon=True)
     thread.start()
     return thread
+
+
+def _finish_printing(printer: Printer, daemon: Callable[[], Any], out: TextIO) -> None:
+    """Stop ``printer`` once it has printed all that the stopped ``daemon()`` (None when none
+    was made) published, runs it closed as it stopped included; say what never came."""
+    made = daemon()
+    sent = made.view.output_stats().get("sent", 0) if made is not None else 0
+    missing = printer.finish(sent, _PRINT_TIMEOUT_S)
+    if missing:
+        say(out, f"{missing} analysis documents the daemon published did not arrive to print")
 
 
 def _stop_process(proc: subprocess.Popen[str], timeout: float) -> None:
@@ -222,6 +236,15 @@ def run_demo(
             file=out,
             flush=True,
         )
+        # the printer first: stopped after the daemon, it prints what the daemon gives last
+        source = ZmqDocumentSource(
+            ZmqInputConfig(address=proxy.out_address, prefix=_ANALYSIS_PREFIX.encode())
+        )
+        source.start()
+        started.append(source.close)
+        printer = Printer(source, out)
+        printer.start()
+        started.append(functools.partial(_finish_printing, printer, lambda: daemon, out))
         config = DaemonConfig().with_updates(
             {
                 "input": {"address": proxy.out_address},
@@ -248,15 +271,6 @@ def run_demo(
             file=out,
             flush=True,
         )
-
-        source = ZmqDocumentSource(
-            ZmqInputConfig(address=proxy.out_address, prefix=_ANALYSIS_PREFIX.encode())
-        )
-        source.start()
-        started.append(source.close)
-        printer = Printer(source, out)
-        printer.start()
-        started.append(printer.stop)
 
         cmd = [
             sys.executable,

@@ -105,6 +105,7 @@ class Printer:
         self.finished = 0
         self.analysed = 0
         self.rejected = 0
+        self.documents = 0  # documents taken from the source (each printed, or not to print)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Condition(self._lock)
@@ -139,6 +140,7 @@ class Printer:
             name, doc = item
             with self._lock:
                 self._router(name, doc)
+                self.documents += 1
                 self._changed.notify_all()
 
     def wait_finished(self, n: int, timeout: float) -> bool:
@@ -152,7 +154,19 @@ class Printer:
                 self._changed.wait(min(left, 0.2))
         return True
 
+    def finish(self, sent: int, timeout: float) -> int:
+        """Print until ``sent`` documents (all the stopped daemon published) are taken, or
+        ``timeout`` passes; then stop. Returns how many never came (0: all printed)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.documents < sent and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(min(left, 0.2))
+            missing = max(0, sent - self.documents)
+        self.stop()
+        return missing
+
     def stop(self) -> None:
+        """Stop taking documents (what the source still holds is not printed)."""
         self._stop.set()
         self._thread.join(5.0)
 
