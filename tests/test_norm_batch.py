@@ -198,6 +198,29 @@ def test_stray_trailing_points_are_not_the_post_edge(params: PrepParams) -> None
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=IDS)
+def test_absurd_values_are_left_out_by_both_paths(params: PrepParams) -> None:
+    """Rows with glitches of 1e6 or a dropout to -20 at the ordinary spacing of their
+    post-edge range, or with absurd pre-edge points, each row shifted: the batch leaves out
+    the points the per-row fit leaves out (it remakes the sums of those rows), and every
+    step is the clean row's to 0.1 % (a glitch of 1e6 set the step alone)."""
+    energy = np.linspace(8800.0, 9400.0, 1000)
+    clean = np.array([_edge(energy, CU_K + d, i) for i, d in enumerate((-2.0, 0.0, 3.0, 1.0))])
+    mu = clean.copy()
+    at = {e: int(np.searchsorted(energy, CU_K + e)) for e in (-150, -55, 200, 201, 250)}
+    mu[0, at[200]] = 1e6
+    mu[1, [at[200], at[201]]] = 1e6, -20.0  # two side by side
+    mu[1, at[250]] = -20.0
+    mu[2, [at[-150], at[-55]]] = -5.0, 1e6  # one in the default and one in the custom range
+    mu[3, [at[-150], at[-55], at[250]]] = 1e6, -5.0, 1e6
+    shifts = np.array([0.0, 1.3, -2.2, 0.7])
+    assert _compare(energy, mu, params, shifts) == ["ok"] * 4
+    for row, plain, s in zip(mu, clean, shifts, strict=True):
+        got = prepare(Spectrum(energy + s, row, "Cu"), params).edge_step
+        want = prepare(Spectrum(energy + s, plain, "Cu"), params).edge_step
+        assert got == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=IDS)
 def test_calculated_rows(params: PrepParams) -> None:
     """FEFF-like rows (no background, starting 15 eV below the edge from near zero) are
     calculations unless declared otherwise; the same rows on a background are measured."""

@@ -11,6 +11,7 @@ import pytest
 
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, find_e0, normalize, prepare
+from xasflow.spectra import norm as norm_module
 
 # E0 and edge step from Larch ``pre_edge`` with its defaults (xraylarch 2026.3.1), on the mu
 # that xasflow's XDI adapter computes (``mu_from_channels``), recorded 2026-11-25. The last
@@ -86,6 +87,64 @@ def test_short_feff_like_spectrum_recovers_the_step() -> None:
     measured = prepare(Spectrum(long, mu, "Cu"), prep, e0=e0)
     assert measured.edge_step == pytest.approx(2.4, rel=0.01)
     np.testing.assert_allclose(measured.y, got.y, atol=0.01)
+
+
+#: (E0-relative eV, value) of absurd points put into a scan at its ordinary spacing: a
+#: glitch and a dropout in the post-edge range, the same in the pre-edge range
+ABSURD = [(200.0, 1e6), (300.0, -20.0), (-150.0, 1e6), (-120.0, -5.0)]
+
+
+@pytest.mark.parametrize("params", [EXACT, PrepParams()], ids=["larch-exact", "default"])
+def test_absurd_values_do_not_set_the_step(params: PrepParams) -> None:
+    """One absurd value in the post- or the pre-edge range is left out of the fits: the step
+    is the clean scan's 0.82 (a 1e6 glitch made it 6150 in the post-edge, -2.4e4 in the
+    pre-edge; a -5 in the pre-edge 1.71, a -20 in the post-edge 0.84). Two, and both ranges
+    at once, too."""
+    e0 = 8980.0
+    energy = np.arange(e0 - 200, e0 + 800, 2.0)
+    mu = 1.7 - 2.0e-4 * (energy - e0) + arctan_edge(energy, e0, 0.83)
+    measured = {"calculated": False}
+    clean = normalize(Spectrum(energy, mu, "Cu", meta=measured), e0, params)[1]
+    index = {at: int(np.searchsorted(energy, e0 + at)) for at, _ in ABSURD}
+    for points in [[p] for p in ABSURD] + [ABSURD[:2], ABSURD[1:3]]:
+        glitched = mu.copy()
+        for at, value in points:
+            glitched[index[at]] = value
+        got = normalize(Spectrum(energy, glitched, "Cu", meta=measured), e0, params)[1]
+        assert got == pytest.approx(clean, rel=1e-3), points
+
+
+def test_absurd_values_in_a_library_scan(xdi_library: Path) -> None:
+    """Cu foil with a glitch of 1e6 or a dropout to -20 at E0+300 eV, or a -5 at E0-150 eV,
+    keeps its step (was 6050, 2.65 and 3.48 instead of 2.775); no point of any scan of the
+    library is absurd (screening changes no step there)."""
+    spectrum = xdi_to_spectrum(read_xdi(xdi_library / "Cu/cu_metal_rt.xdi"))
+    e0 = find_e0(spectrum)
+    clean = normalize(spectrum, e0, PrepParams())[1]
+    for at, value in ((300.0, 1e6), (300.0, -20.0), (-150.0, -5.0)):
+        mu = spectrum.mu.copy()
+        mu[int(np.searchsorted(spectrum.energy, e0 + at))] = value
+        got = normalize(spectrum.with_(mu=mu), e0, PrepParams())[1]
+        assert got == pytest.approx(clean, rel=1e-3), (at, value)
+
+
+def test_no_point_of_the_library_is_absurd(
+    xdi_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every scan of the shared XAS Data Library gets the same step with the screening for
+    absurd values as without it, to the last bit: its thresholds leave clean data alone."""
+    steps = {}
+    for path in sorted(xdi_library.glob("*/*.xdi")):
+        try:
+            spectrum = xdi_to_spectrum(read_xdi(path))
+            e0 = find_e0(spectrum)
+            steps[path] = (spectrum, e0, normalize(spectrum, e0, PrepParams())[1])
+        except (SpectrumError, ValueError):
+            continue
+    assert len(steps) > 200
+    monkeypatch.setattr(norm_module, "absurd_points", lambda *args: (None, None))
+    for path, (spectrum, e0, step) in steps.items():
+        assert normalize(spectrum, e0, PrepParams())[1] == step, path
 
 
 def test_calculated_is_declared_or_inferred() -> None:

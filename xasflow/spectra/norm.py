@@ -13,6 +13,8 @@ spectra is 2.5-7.6 % of the step: the Lorentzian tail of the edge itself, which 
 pre-edge line far below E0 does not remove.) Optionally (``tail_width``) the edge's own
 arctan shape is taken out of both fits, and the post-edge fit can weigh energy rather than
 points; with neither, the step is Larch's to 0.01 % (median over the shared library).
+Absurd values in either range (a glitch of 1e6, a dropout: :mod:`xasflow.spectra.outliers`)
+are left out of the fits; Larch fits them, and one sets its step.
 Written here rather than imported so the daemon needs no Larch; about 30x faster.
 """
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from xasflow.spectra.outliers import absurd_points
 
 Weighting = Literal["points", "energy"]
 
@@ -205,7 +209,8 @@ def edge_fit(
 
     The pre-edge range (``pre1`` given or not) starts no lower than the scan's bulk, and the
     post-edge range ends with it: points :func:`stray_ends` sets apart are left out of the
-    fits (and still subtracted from).
+    fits (and still subtracted from), as are absurd values within the ranges
+    (:func:`~xasflow.spectra.outliers.absurd_points`).
 
     ``weighting="points"`` fits the data points as Larch does; ``"energy"`` weighs each
     post-edge point by the energy it spans, so the step does not depend on the sampling.
@@ -227,15 +232,13 @@ def edge_fit(
         pre2 = 0.5 * pre1
     if pre1 > pre2:
         pre1, pre2 = pre2, pre1
+    q1 = q2 = npre = 0
     if calculated:
         pre1 = pre2 = float(rel[0])
-        background: np.ndarray | float = 0.0
-        npre = 0
     else:
         q1, q2 = _index_of(rel, pre1), _index_nearest(rel, pre2)
         npre = 1 if _index_of(rel, pre2) - q1 >= 3 else 0
         q2 = max(q2, q1 + 1) if npre == 0 else max(q2, min(n, q1 + 2))
-        background = _background(rel, mu, q1, q2, npre)
     norm1, norm2, nnorm = default_ranges(rel[:end], norm1, norm2, nnorm)
     p1, p2 = _index_of(rel, norm1), _index_nearest(rel[:end], norm2)
     p1 = min(p1, end - 3)
@@ -243,7 +246,14 @@ def edge_fit(
         p1, nnorm = p1 - 2, 0
     elif p2 - p1 < 5:
         nnorm = min(1, nnorm)
+    # absurd values (a glitch of 1e6, a dropout) are left out of both fits
+    keep_pre, keep_post = absurd_points(rel, mu, None if calculated else (q1, q2), (p1, p2))
+    background: np.ndarray | float = (
+        0.0 if calculated else _background(rel, mu, q1, q2, npre, keep_pre)
+    )
     x, y = rel[p1:p2], (mu - background)[p1:p2]
+    if keep_post is not None:
+        x, y = x[keep_post], y[keep_post]
     w = _energy_weights(x) if weighting == "energy" and x.size > 1 else None
     if not (tail_width and tail_width > 0):
         step = _at_zero(x, y[:, None], nnorm, w)[0]
@@ -256,7 +266,7 @@ def edge_fit(
     first, shape = _at_zero(x, np.column_stack((y, approach)), nnorm, w)
     step = first * (1.0 - shape)
     if not calculated and step > 0:
-        xp = rel[q1:q2]
+        xp = rel[q1:q2] if keep_pre is None else rel[q1:q2][keep_pre]
         tail = step * (0.5 + np.arctan(xp / half) / np.pi)
         if npre == 0:
             shift = float(tail.sum()) / tail.size
@@ -297,10 +307,15 @@ def _at_zero(x: np.ndarray, ys: np.ndarray, degree: int, w: np.ndarray | None = 
     return np.array([at**i for i in range(degree + 1)]) @ coef
 
 
-def _background(rel: np.ndarray, mu: np.ndarray, q1: int, q2: int, npre: int) -> Any:
-    """The pre-edge line through ``mu[q1:q2]`` evaluated on ``rel`` (a constant if npre=0)."""
-    y = mu[q1:q2]
+def _background(
+    rel: np.ndarray, mu: np.ndarray, q1: int, q2: int, npre: int, keep: np.ndarray | None = None
+) -> Any:
+    """The pre-edge line through ``mu[q1:q2]`` (its points ``keep``, None: all) evaluated on
+    ``rel`` (a constant if npre=0)."""
+    x, y = rel[q1:q2], mu[q1:q2]
+    if keep is not None:
+        x, y = x[keep], y[keep]
     if npre == 0:
         return float(y.sum()) / y.size
-    value, slope, centre = _line(rel[q1:q2], y)
+    value, slope, centre = _line(x, y)
     return value + slope * (rel - centre)

@@ -6,7 +6,9 @@ n rows on one axis shifted per row (alignment) whose ranges and indices differ w
 E0 and shift: every index is one ``searchsorted`` on the shared axis checked against the
 row itself; the pre-edge lines are masked sums over the few columns any row uses; the
 post-edge power sums are prefix sums and matrix products on one shared coordinate, and the
-small normal equations are solved as one stack. The results equal the per-row function's to
+small normal equations are solved as one stack; rows that leave absurd values out
+(:func:`~xasflow.spectra.outliers.absurd_rows`, the points ``edge_fit`` leaves out) have
+their post-edge sums made anew. The results equal the per-row function's to
 rounding (``tests/test_norm_batch.py``). Rows it cannot reproduce (a user-set post-edge
 range below the data's second point) are handed back to the per-row function.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 from xasflow.spectra.core import SpectrumError
 from xasflow.spectra.norm import leading_strays, stray_ends
+from xasflow.spectra.outliers import absurd_rows
 from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
 
 __all__ = ["normalize_larch_batch"]
@@ -152,6 +155,7 @@ def _post_edge(
     degree: np.ndarray,
     energy_weights: bool,
     half_width: float | None,
+    keep: tuple[slice, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``norm._at_zero`` of each row's ``mu - a - b (rel - c)`` on ``[p1, p2)`` (and, with
     ``half_width``, of ``arctan(rel / half_width)``): (the fit's value at 0, the arctan fit's
@@ -160,7 +164,9 @@ def _post_edge(
     Row i's x is a shift ``o[i]`` of row 0's: every power sum is a difference of prefix sums,
     or a matrix product of the rows' data, with powers of one shared, scaled coordinate ``u``
     (a least-squares polynomial is the same in any affine coordinate); the trapezoid ends are
-    corrected per row.
+    corrected per row. Rows with points left out (``keep``: a mask over the columns
+    ``p1.min()..p2.max()``, False where a point is absurd) have their sums made anew from
+    the points they keep (:func:`_kept_sums`).
     """
     k, m = rel.shape
     rows = np.arange(k)
@@ -176,7 +182,8 @@ def _post_edge(
         lo, hi = max(pa - 1, 0), min(pb + 1, m)
         h[:] = 0.0
         h[lo + 1 - pa : hi - 1 - pa] = 0.5 * (rel[0, lo + 2 : hi] - rel[0, lo : hi - 2])
-    vand = _vander(u, powers) * h[:, None]
+    plain = _vander(u, powers)
+    vand = plain * h[:, None]
     prefix = np.zeros((pb - pa + 1, powers))
     np.cumsum(vand, axis=0, out=prefix[1:])
     sums = prefix[p2 - pa] - prefix[p1 - pa]  # (k, powers): sum of w u^j over each row's range
@@ -201,6 +208,8 @@ def _post_edge(
                 at_end.append(np.arctan(rel[rows, col] / half_width))
             for d_sum, y_end in zip(data, at_end, strict=True):
                 d_sum += (delta * y_end)[:, None] * uj[:, : top + 1]
+    if keep is not None:
+        _kept_sums(rel, mu, keep[1], p1, p2, plain, sums, data, energy_weights, half_width)
     a, b, c = line  # data[0] becomes the sums of w u^j (mu - a - b (x - c)), x = s u + ref + o
     low_sums = sums[:, : top + 1]
     wx = scale * sums[:, 1 : top + 2] + (ref + o)[:, None] * low_sums
@@ -218,6 +227,48 @@ def _post_edge(
         for j in range(len(data)):
             out[j][g] = value[:, j]
     return out[0], (out[1] if half_width is not None else None), centre
+
+
+def _kept_sums(
+    rel: np.ndarray,
+    mu: np.ndarray,
+    keep: np.ndarray,
+    p1: np.ndarray,
+    p2: np.ndarray,
+    plain: np.ndarray,
+    sums: np.ndarray,
+    data: list[np.ndarray],
+    energy_weights: bool,
+    half_width: float | None,
+) -> None:
+    """Remake, in place, the power sums ``sums`` and ``data`` (of mu, and of the arctan) of
+    the rows that leave points out (``keep`` False), from the points each keeps: weights 1,
+    or the trapezoids of the kept energies (``norm._energy_weights`` of them), as ``plain``
+    (the powers of the shared coordinate, ``p1.min()..p2.max()``) weighs them."""
+    g = np.flatnonzero(~keep.all(axis=1))
+    pa, pb = int(p1.min()), int(p2.max())
+    cols = np.arange(pb - pa)
+    kept = keep[g] & (cols >= (p1[g] - pa)[:, None]) & (cols < (p2[g] - pa)[:, None])
+    x = rel[g, pa:pb]
+    if energy_weights:
+        width = cols.size
+        prev = np.maximum.accumulate(np.where(kept, cols, -1), axis=1)
+        after = np.minimum.accumulate(np.where(kept, cols, width)[:, ::-1], axis=1)[:, ::-1]
+        before = np.hstack((np.full((g.size, 1), -1), prev[:, :-1]))  # the kept point before
+        nxt = np.hstack((after[:, 1:], np.full((g.size, 1), width)))  # and after each column
+        rows = np.arange(g.size)[:, None]
+        lo = np.where(before >= 0, x[rows, np.maximum(before, 0)], x)
+        hi = np.where(nxt < width, x[rows, np.minimum(nxt, width - 1)], x)
+        w = 0.5 * (hi - lo)
+        w[(before < 0) & (nxt >= width)] = 1.0  # a single point (no trapezoid) weighs 1
+        w = np.where(kept, w, 0.0)
+    else:
+        w = kept.astype(np.float64)
+    top = data[0].shape[1]
+    sums[g] = w @ plain
+    data[0][g] = (w * mu[g, pa:pb]) @ plain[:, :top]
+    if half_width is not None:
+        data[1][g] = (w * np.arctan(x / half_width)) @ plain[:, :top]
 
 
 def normalize_larch_batch(
@@ -361,10 +412,19 @@ def _fit_rows(
     # the background a + b (rel - c) per row: b = 0 for a constant, all 0 for a calculation
     a, b, c = np.zeros(k), np.zeros(k), np.zeros(k)
     meas = _pick(~calc)
+    pre: tuple[np.ndarray, np.ndarray] | None = None
     if not calc.all():
         q1, q2, npre = _pre_ranges(rel[meas], params, ie0[meas])
+        pre = (q1, q2)
+    # absurd values (a glitch of 1e6, a dropout) are left out of both fits, as edge_fit does
+    keep_pre, keep_post = absurd_rows(rel, mu, pre, ~calc, (p1, p2))
+    if pre is not None:
         qcols, qmask = _columns(q1, q2)
-        xq, count = rel[meas, qcols], q2 - q1
+        count = q2 - q1
+        if keep_pre is not None:  # the same columns: q1.min() to q2.max()
+            qmask *= keep_pre[1]
+            count = qmask.sum(axis=1)
+        xq = rel[meas, qcols]
         cq = _rowsum(xq, qmask) / count
         tq = (xq - cq[:, None]) * qmask
         tt = _rowsum(tq, tq)
@@ -376,16 +436,18 @@ def _fit_rows(
         c[meas] = np.where(npre == 1, cq, 0.0)
     # the post-edge polynomial at 0
     size = p2 - p1
+    if keep_post is not None:
+        size = size - np.count_nonzero(~keep_post[1], axis=1)
     degree = np.where(size <= nnorm, 0, nnorm)
     hw = 0.5 * tail_width if tail_width is not None and tail_width > 0 else None
     first, arc, centre = _post_edge(
-        rel, mu, (a, b, c), p1, p2, degree, params.weighting == "energy", hw
+        rel, mu, (a, b, c), p1, p2, degree, params.weighting == "energy", hw, keep_post
     )
     if hw is None or arc is None:
         step = first
     else:  # the edge's own arctan taken out of both fits, as edge_fit does
         step = first * (1.0 - (arc / np.pi - 0.5))
-        if not calc.all():
+        if pre is not None:
             fix = step[meas] > 0
             f = _pick(fix)
             fr = np.arange(k)[meas][f]
