@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tests.synthetic_feff import model_mu
+from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
 from xasflow.spectra import (
     PrepParams,
     Spectrum,
@@ -22,6 +25,7 @@ from xasflow.spectra.batch import (
     has_edge_batch,
     prepare_batch,
 )
+from xasflow.spectra.e0 import scan_points
 from xasflow.spectra.quality import has_edge
 
 CU_K = 8979.0
@@ -236,3 +240,57 @@ def test_e0_of_an_edge_between_two_distant_points_is_the_centre_of_the_jump() ->
     np.testing.assert_allclose(e0, 8980.0, atol=0.06)
     for i in range(5):
         assert e0[i] == find_e0(Spectrum(energy, mu[i], "Cu", "K"), 40.0)
+
+
+def test_a_lone_spike_is_not_the_edge() -> None:
+    """A glitch of 1e6, a jump to 5 or a dropout to -5 at one point within the E0 search
+    window (two in a row, the dropout beside a 1e6 one point on) is no edge: each row gets
+    its clean E0 (the spike's flank was E0, 20-35 eV off), in a batch as alone, bit for bit."""
+    energy, clean = fly_page(n=7)
+    shifts = np.array([0.0, 1.0, -2.5, 3.3, 0.0, -1.2, 0.7])
+    pairs = zip(shifts, clean, strict=True)
+    want = [find_e0(Spectrum(energy + s, row, "Cu", "K")) for s, row in pairs]
+    mu = clean.copy()
+    at = {e: int(np.searchsorted(energy, CU_K + e)) for e in (-30, 20, 25, 35)}
+    mu[0, at[-30]] = 1e6
+    mu[1, at[20]] = 1e6
+    mu[2, at[-30]] = -5.0
+    mu[3, at[25]] = 5.0
+    mu[4, [at[-30], at[35]]] = -5.0, 1e6  # two, far apart
+    mu[5, [at[20], at[20] + 2]] = 1e6, -5.0  # the dropout is no spike until the 1e6 goes
+    mu[6, [at[-30], at[20]]] = 1e6, 1e6  # two alike: neither widens the span for the other
+    e0, errors = find_e0_batch(energy, mu, "Cu", "K", 40.0, shifts)
+    assert errors == [None] * 7
+    for i in range(7):
+        alone = find_e0(Spectrum(energy + shifts[i], mu[i], "Cu", "K"))
+        assert alone == pytest.approx(want[i], abs=1e-9), i
+        assert e0[i] == alone
+    # without an element the whole scan is searched: a spike anywhere is none, and a
+    # "0 0" row before the scan (a stray) no part of it
+    e0, errors = find_e0_batch(energy, mu[:5], None)
+    bare = find_e0(Spectrum(energy, clean[0], None))
+    assert e0.tolist() == [find_e0(Spectrum(energy, row, None)) for row in mu[:5]]
+    np.testing.assert_allclose(e0, [find_e0(Spectrum(energy, row, None)) for row in clean[:5]])
+    padded = Spectrum(np.r_[0.0, energy], np.r_[0.0, clean[0]], None)
+    assert find_e0(padded) == bare
+
+
+def test_a_lone_spike_in_a_library_scan_is_not_the_edge(xdi_library: Path) -> None:
+    """Cu foil (10 eV steps below the edge) with a 1e6 or a -5 at E0-30 eV, a 1e6 at E0+20
+    eV or a 5 at E0+25 eV keeps its E0 8980.54 eV (was 8954.0, 8959.3, 9000.5, 9005.3); no
+    scan of the library has a lone spike or a stray point for the search to leave out."""
+    spectrum = xdi_to_spectrum(read_xdi(xdi_library / "Cu/cu_metal_rt.xdi"))
+    want = find_e0(spectrum)
+    assert want == pytest.approx(8980.54, abs=0.01)
+    for at, value in ((-30.0, 1e6), (-30.0, -5.0), (20.0, 1e6), (25.0, 5.0)):
+        mu = spectrum.mu.copy()
+        mu[int(np.searchsorted(spectrum.energy, want + at))] = value
+        assert find_e0(spectrum.with_(mu=mu)) == want, (at, value)
+        assert find_e0_batch(spectrum.energy, mu[None, :], "Cu")[0][0] == want
+    for path in sorted(xdi_library.glob("*/*.xdi")):
+        try:
+            scan = xdi_to_spectrum(read_xdi(path))
+        except (SpectrumError, ValueError):
+            continue
+        bulk, keep = scan_points(scan.energy, scan.mu[None, :])
+        assert bulk == slice(0, scan.energy.size) and keep is None, path

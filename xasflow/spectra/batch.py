@@ -27,6 +27,7 @@ from xasflow.spectra.e0 import (
     E0_STEP,
     e0_rows_why,
     on_grid,
+    scan_points,
     search_window,
     window_error,
 )
@@ -98,7 +99,9 @@ def find_e0_batch(
     search windows coincide (with a tabulated edge and ``search``: all of a fly-scan page
     whose data cover the edge +- ``search``; without one, rows of equal shift) go through
     :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
-    bit as each spectrum alone, which is how training's spectra get theirs.
+    bit as each spectrum alone, which is how training's spectra get theirs. Stray points
+    and each row's lone spikes are left out as ``find_e0`` leaves them out
+    (:func:`~xasflow.spectra.e0.scan_points`).
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
@@ -106,8 +109,19 @@ def find_e0_batch(
     s = np.zeros(n) if shifts is None else np.asarray(shifts, dtype=np.float64)
     e0 = np.full(n, np.nan)
     errors = _row_errors(n)
+    bulk, keep = scan_points(energy, mu)  # as find_e0: no strays, no lone spikes
+    energy, mu = energy[bulk], mu[:, bulk]
+    first, last = np.zeros(n, dtype=int), np.full(n, energy.size - 1)
+    if keep is not None:  # a spike at an end of the scan: the row's data end before it
+        first, last = keep.argmax(axis=1), energy.size - 1 - keep[:, ::-1].argmax(axis=1)
+
+    def axis(i: int) -> np.ndarray:
+        """Row i's energies, as its spectrum alone searches them."""
+        own = energy + s[i]
+        return own if keep is None else own[keep[i]]
+
     tab = search_window(energy, element, edge, search)[2]
-    los, his = energy[0] + s, energy[-1] + s  # each row's own data range, as alone
+    los, his = energy[first] + s, energy[last] + s  # each row's own data range, as alone
     if tab is not None:
         los, his = np.maximum(los, tab - search), np.minimum(his, tab + search)
     groups: dict[tuple[float, float], list[int]] = {}
@@ -115,14 +129,15 @@ def find_e0_batch(
         groups.setdefault(window, []).append(i)
     for (a, b), members in groups.items():
         rows = np.asarray(members)
-        error = window_error(energy + s[rows[0]], a, b, element, edge, tab)
+        error = window_error(axis(members[0]), a, b, element, edge, tab)
         if error is not None:
             for i in members:  # the detail names each row's own data range
-                errors[i] = window_error(energy + s[i], a, b, element, edge, tab)
+                errors[i] = window_error(axis(i), a, b, element, edge, tab)
             continue
         grid = np.arange(a, b, E0_STEP)
-        cut = a > energy[0] + s[rows[0]]  # the window starts at E0 - search, not at the data
-        found, why = e0_rows_why(grid, on_grid(grid, energy, mu[rows], s[rows]), low_border=cut)
+        cut = a > energy[first[rows[0]]] + s[rows[0]]  # the window starts at E0 - search
+        m = on_grid(grid, energy, mu[rows], s[rows], None if keep is None else keep[rows])
+        found, why = e0_rows_why(grid, m, low_border=cut)
         e0[rows] = found
         for k, reason in enumerate(why):
             if reason is not None:

@@ -6,7 +6,8 @@ derivative's maximum, refined by a parabola through its neighbours (where the da
 lie eV apart across the edge and the derivative has a flat top: its centre). Training's single
 spectra and the daemon's fly-scan stacks run the same row-wise code (:func:`e0_rows`): a row's
 E0 does not depend on the rows beside it, to the last bit, and a stack costs a few numpy calls
-instead of some twenty per spectrum.
+instead of some twenty per spectrum. Points apart from the scan, in energy (strays) or in
+mu (a lone spike), are left out first: their flanks are steeper than any edge.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.norm import bulk_of
+from xasflow.spectra.outliers import lone_spikes
 
 __all__ = [
     "AT_BORDER",
@@ -31,6 +34,7 @@ __all__ = [
     "find_e0",
     "no_edge_detail",
     "on_grid",
+    "scan_points",
     "search_window",
     "smoothed_derivative",
     "window_error",
@@ -64,17 +68,26 @@ SHORT_OF_EDGE = 10.0
 
 
 def on_grid(
-    grid: np.ndarray, energy: np.ndarray, mu: np.ndarray, shifts: np.ndarray | None = None
+    grid: np.ndarray,
+    energy: np.ndarray,
+    mu: np.ndarray,
+    shifts: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows of ``mu`` (n, m) linearly interpolated onto ``grid`` (``np.interp`` per row).
 
     Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing), as the spectrum
     alone would (its axis is that sum), so each row's values do not depend on the others.
+    ``keep`` (n, m): the points each row is interpolated through (None: all).
     """
     mu = np.atleast_2d(mu)
     out = np.empty((mu.shape[0], grid.size))
     for i in range(mu.shape[0]):
-        out[i] = np.interp(grid, energy if shifts is None else energy + shifts[i], mu[i])
+        axis = energy if shifts is None else energy + shifts[i]
+        if keep is None or keep[i].all():
+            out[i] = np.interp(grid, axis, mu[i])
+        else:
+            out[i] = np.interp(grid, axis[keep[i]], mu[i][keep[i]])
     return out
 
 
@@ -220,12 +233,31 @@ def search_window(
     return max(lo, tab - search), min(hi, tab + search), tab
 
 
+def scan_points(energy: np.ndarray, mu: np.ndarray) -> tuple[slice, np.ndarray | None]:
+    """The points of rows ``mu`` (n, m) on ``energy`` that the E0 search uses: (the columns
+    of the scan's bulk, None or per row a mask over them that leaves out lone spikes).
+
+    As the normalisation sets them apart, the points :func:`~xasflow.spectra.norm.stray_ends`
+    finds at odd energies are no data, and a lone spike in mu
+    (:func:`~xasflow.spectra.outliers.lone_spikes`) is none either: the steep flanks of
+    either passed for the edge. A scan without them keeps every point (the same E0).
+    """
+    bulk = bulk_of(energy)
+    return bulk, lone_spikes(mu[:, bulk])
+
+
 def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
     """E0 as the steepest point of the smoothed edge, refined to sub-grid precision.
 
     The spectrum is put on a uniform 0.1 eV grid and smoothed (sigma 0.5 eV) so that
     irregular FEFF grids and measured noise give the same answer. With a known element the
-    search is restricted to the tabulated edge +-``search`` eV.
+    search is restricted to the tabulated edge +-``search`` eV. Stray points and lone
+    spikes are left out (:func:`scan_points`).
     """
-    lo, hi, tab = search_window(spectrum.energy, spectrum.element, spectrum.edge, search)
-    return e0_in_window(spectrum.energy, spectrum.mu, lo, hi, spectrum.element, spectrum.edge, tab)
+    energy, mu = spectrum.energy, spectrum.mu
+    bulk, keep = scan_points(energy, mu[None, :])
+    energy, mu = energy[bulk], mu[bulk]
+    if keep is not None:
+        energy, mu = energy[keep[0]], mu[keep[0]]
+    lo, hi, tab = search_window(energy, spectrum.element, spectrum.edge, search)
+    return e0_in_window(energy, mu, lo, hi, spectrum.element, spectrum.edge, tab)

@@ -117,6 +117,13 @@ def _apart(r: np.ndarray, other: np.ndarray, from_end: bool) -> np.ndarray:
     return count
 
 
+def bulk_of(energy: np.ndarray) -> slice:
+    """The columns of one scan's bulk (ascending ``energy``, (m,)): its points but those
+    :func:`stray_ends` sets apart at either end."""
+    lead, trail = _stray_ends_1d(energy)
+    return slice(lead, energy.size - trail)
+
+
 def leading_strays(rel: np.ndarray) -> np.ndarray:
     """Per row of ``rel``, how many first points :func:`stray_ends` sets apart (no pre-edge)."""
     return stray_ends(rel)[0]

@@ -15,7 +15,9 @@ post-edge 1.17 on a weak Fe edge, else 0.57), so their results do not change. Ra
 fewer than :data:`MIN_SCREENED` points are not screened.
 
 :func:`absurd_points` screens one spectrum; :func:`absurd_rows` the rows of a batch, each
-on its own ranges, with the same arithmetic (the same points go).
+on its own ranges, with the same arithmetic (the same points go). :func:`lone_spikes` finds,
+for the E0 search, single points further from their neighbours than the rest of the scan
+spans.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "MAX_SPIKES",
     "MIN_SCREENED",
     "OUTLIER_MADS",
     "OUTLIER_STEPS",
     "OUTLIER_STEPS_PRE",
     "absurd_points",
     "absurd_rows",
+    "lone_spikes",
 ]
 
 #: A residual this many robust edge steps from its range's resistant line may be absurd:
@@ -289,3 +293,62 @@ def absurd_rows(
             mask[rows] = some
             keep_pre = (slice(qa, qb), mask[measured])
     return keep_pre, (None if keep_post is None else (slice(pa, pb), keep_post))
+
+
+#: At most this many lone spikes are set apart from a scan (rounds of :func:`lone_spikes`).
+MAX_SPIKES = 3
+
+
+def lone_spikes(mu: np.ndarray) -> np.ndarray | None:
+    """Which points of each row of ``mu`` (n, m) the E0 search keeps: False at a lone spike,
+    an inner point further from both its neighbours (above both, or below both) than the
+    rest of the row spans. None: no row has one.
+
+    The rest leaves out the points lying out at least half as far as the farthest one (so
+    two spikes do not hide each other); after a spike goes, the next round looks again (a
+    dropout beside a 1e6), :data:`MAX_SPIKES` rounds. A spike is to mu what
+    :func:`~xasflow.spectra.norm.stray_ends` finds in energy: a point apart from the scan
+    by more than the scan's extent, whose steep flanks passed for the edge (a 1e6 at E0-30
+    eV set Cu foil's E0 there). An end point has one neighbour: its step cannot be told
+    from a scan starting or ending on the edge, and is kept. No scan of the shared XAS Data
+    Library nor any shared Cu FEFF spectrum has a lone spike (largest: a white line on one
+    point, 0.50 of the rest's span, in SrCO3 at 12 K; FEFF 0.09).
+    """
+    n, m = mu.shape
+    if m < 5:
+        return None
+    # a spike lies further from its neighbours than the ends lie apart, and no point
+    # further from a neighbour than the longest step: most rows are decided here
+    if n == 1:  # one spectrum: the same test on Python floats
+        doubt = [0] if np.abs(np.diff(mu[0])).max() > abs(mu.item(-1) - mu.item(0)) else []
+    else:
+        longest = np.abs(mu[:, 1:] - mu[:, :-1]).max(axis=1)
+        doubt = np.flatnonzero(longest > np.abs(mu[:, -1] - mu[:, 0])).tolist()
+    keep = None
+    for r in doubt:
+        row = _spikes_1d(mu[r])
+        if row is not None:
+            keep = np.ones((n, m), dtype=bool) if keep is None else keep
+            keep[r] = row
+    return keep
+
+
+def _spikes_1d(v: np.ndarray) -> np.ndarray | None:
+    """:func:`lone_spikes` of one row ``v`` (None: it has none)."""
+    keep = np.ones(v.size, dtype=bool)
+    for _ in range(MAX_SPIKES):
+        at = np.flatnonzero(keep)
+        w = v[at]
+        d = w[1:] - w[:-1]
+        away = np.maximum(np.minimum(d[:-1], -d[1:]), np.minimum(-d[:-1], d[1:]))
+        top = away.max()
+        if not top > 0:
+            break
+        out = away >= 0.5 * top  # left out of the span: the spikes, and points near as far
+        rest = np.ones(w.size, dtype=bool)
+        rest[1:-1] = ~out
+        spike = out & (away > w[rest].max() - w[rest].min())
+        if not spike.any():
+            break
+        keep[at[1:-1][spike]] = False
+    return None if keep.all() else keep
