@@ -257,6 +257,50 @@ def test_two_column_without_a_header_is_read_by_position(tmp_path: Path) -> None
     np.testing.assert_array_equal(s.mu, IT)
 
 
+@pytest.mark.parametrize(
+    ("header", "sep", "element"),
+    [
+        ("energy (keV) mu", " ", None),  # the unit on its own after a space
+        ("Energy [keV],mu", ",", None),
+        ("E/keV;mu", ";", None),
+        ("energy_keV\tmu", "\t", None),
+        ("keV mu", " ", None),
+        ("# energy mu", " ", "Cu"),  # no unit: the declared Cu K edge lies in the values x 1000
+        ("", " ", "cu"),  # no header at all
+    ],
+)
+def test_two_column_energies_in_kev_are_converted(
+    tmp_path: Path, header: str, sep: str, element: str | None
+) -> None:
+    """Energies in keV, said by the header's unit or by the values for the declared edge,
+    are read in eV (they were read as eV: Cu's edge at "8.98 eV"); the spectrum says so."""
+    rows = table(ENERGY / 1000.0, IT).replace(" ", sep)
+    text = (header + "\n" if header else "") + rows
+    s = read_two_column(write(tmp_path / "kev.txt", text), element=element)
+    np.testing.assert_allclose(s.energy, ENERGY, rtol=1e-12)
+    np.testing.assert_array_equal(s.mu, IT)
+    assert str(s.meta["energy_unit"]).startswith("keV")
+    assert "energy_unit" not in read_two_column(write(tmp_path / "ev.txt", table(ENERGY, IT))).meta
+
+
+@pytest.mark.parametrize(
+    ("element", "message"),
+    [
+        (None, "no element was given"),
+        ("Fe", "do not hold the Fe K edge at 7112.0 eV"),  # keV, but not of the declared edge
+    ],
+)
+def test_two_column_energies_that_may_be_kev_are_refused(
+    tmp_path: Path, element: str | None, message: str
+) -> None:
+    """Energies of a few "eV" with no unit lie below every edge: without a declared edge
+    they may only be keV, and they are refused with the remedy, never read as eV."""
+    path = write(tmp_path / "kev.txt", table(ENERGY / 1000.0, IT))
+    with pytest.raises(ColumnFileError, match=message) as err:
+        read_two_column(path, element=element)
+    assert "energy (keV)" in str(err.value)
+
+
 def test_read_spectrum_file_dispatches_on_content(tmp_path: Path, cu_xdi: Path) -> None:
     plain = write(tmp_path / "plain.xdi", "8960 0.1\n8970 0.2\n8980 0.9\n")  # name lies
     assert read_spectrum_file(plain, element="Cu").meta["name"] == "plain"

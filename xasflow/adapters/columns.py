@@ -1,4 +1,4 @@
-"""Plain-text spectra: two (or more) numeric columns, energy in eV then mu; and a dispatcher.
+"""Plain-text spectra: two (or more) numeric columns, energy (eV or keV) then mu; a dispatcher.
 
 The text is UTF-8, with or without a byte-order mark (Notepad's and Excel's "CSV UTF-8" write
 one; read as data it would glue onto the first number and cost that row). Comment lines
@@ -9,7 +9,9 @@ the data that names each column, the first an energy, as XDI's label line and FE
 ``xmu.dat`` do): mu is then taken by name, as the XDI reader takes it (i0 and itrans or it:
 ln(i0/it); i0 and ifluor: ifluor/i0; else a mu column), and names that do not say what mu
 is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
-columns are ignored.
+columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
+(keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
+their range times 1000; below 200 without that they are refused, never read as eV.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
 from xasflow.spectra.channels import mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.edges import edge_energy
 
 
 class ColumnFileError(ValueError):
@@ -59,7 +62,7 @@ Layout = Literal["transmission", "fluorescence", "mu"]  # how mu comes from the 
 
 #: Column names a header may give (lower case, a bracketed unit and punctuation dropped:
 #: "Energy (eV)" is energy, "mu(E)" mu, "I_0" i0), in the order they are preferred.
-_ENERGY = ("energy", "omega", "e", "ev", "en", "enrg")
+_ENERGY = ("energy", "omega", "e", "ev", "en", "enrg", "kev")
 _MU = ("mutrans", "mufluor", "mu", "xmu", "absorption", "absorbance", "norm", "flat")
 _I0 = ("i0", "io")
 _ITRANS = ("itrans", "it")
@@ -70,20 +73,54 @@ _NAMES_HELP = (
 )
 
 
+#: Energy units a header may give (lower case, letters only), as factors to eV.
+_EV_PER_UNIT = {
+    "ev": 1.0,
+    "electronvolt": 1.0,
+    "electronvolts": 1.0,
+    "kev": 1000.0,
+    "kiloelectronvolt": 1000.0,
+    "kiloelectronvolts": 1000.0,
+}
+#: Positive energies all below this are no scan of an edge xasflow tabulates in eV (the
+#: lowest is Na K, 1,071 eV), while in keV they span every hard X-ray edge: such a column
+#: without a unit is read as keV when the declared edge lies in its range times 1000, and
+#: refused otherwise (it was read as eV, and E0 "found" at 9 eV).
+KEV_BELOW = 200.0
+
+
 def _name(token: str) -> str:
-    """A header token as a column name: lower case, no bracketed unit nor ``/eV``, letters
-    and digits only ("" for a token that is only a unit or punctuation, as ``(eV)``)."""
+    """A header token as a column name: lower case, no bracketed unit nor ``/eV`` (``_keV``),
+    letters and digits only ("" for a token that is only a unit or punctuation, as ``(eV)``)."""
     bare = re.sub(r"[(\[{].*?[)\]}]", "", token).lower().strip()
-    return re.sub(r"[^a-z0-9]", "", re.sub(r"\s*/\s*k?ev$", "", bare))
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"\s*[/_-]\s*k?ev$", "", bare))
 
 
-def _header_names(line: str, decimal_commas: bool) -> list[str]:
-    """The column names a header line gives: fields separated by ``;``, tabs or (without
-    decimal commas) commas when it has any, else by whitespace; units on their own dropped."""
+def _unit(token: str) -> str:
+    """The energy unit a header token gives (a key of ``_EV_PER_UNIT``, or ""): bracketed
+    ("Energy (keV)", "E [eV]"), after ``/``, ``_`` or ``-`` ("E/keV", "energy_keV"), or the
+    token itself ("keV")."""
+    low = token.lower().strip()
+    found = re.search(r"[(\[{](.*?)[)\]}]", low) or re.search(r"[/_-]\s*([a-z]+)$", low)
+    unit = re.sub(r"[^a-z]", "", found.group(1) if found else low)
+    return unit if unit in _EV_PER_UNIT else ""
+
+
+def _header_fields(line: str, decimal_commas: bool) -> list[tuple[str, str]]:
+    """(name, energy unit or "") of each column a header line names: fields separated by
+    ``;``, tabs or (without decimal commas) commas when it has any, else by whitespace; a
+    unit on its own (``Energy (keV)`` split at the space) belongs to the name before it."""
     body = line.lstrip("#").strip()
     seps = ";\t" if decimal_commas else ";\t,"
     fields = re.split(f"[{seps}]", body) if any(c in body for c in seps) else body.split()
-    return [n for n in map(_name, fields) if n]
+    out: list[tuple[str, str]] = []
+    for field in fields:
+        name, unit = _name(field), _unit(field)
+        if name:
+            out.append((name, unit))
+        elif unit and out and not out[-1][1]:
+            out[-1] = (out[-1][0], unit)
+    return out
 
 
 def _first(names: list[str], wanted: tuple[str, ...]) -> int | None:
@@ -114,27 +151,28 @@ def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
 
 
 def read_two_column(path: str | Path, element: str | None = None, edge: str = "K") -> Spectrum:
-    """Read energy (eV) and mu from a text file as a Spectrum: the columns a header names
-    (see the module docstring), else the first two."""
+    """Read energy (in eV: keV converted) and mu from a text file as a Spectrum: the columns
+    a header names (see the module docstring), else the first two."""
     path = Path(path)
     text = path.read_bytes().decode("utf-8-sig", errors="replace")  # -sig: drop a BOM
     numbered = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
     numbered = [(n, line) for n, line in numbered if line]
     lines = [(n, line) for n, line in numbered if not line.startswith("#")]
     commas = _decimal_commas([line for _, line in lines])
-    names: list[str] | None = None
+    fields: list[tuple[str, str]] = []
     if lines:
         try:
             [float(t) for t in _split(lines[0][1], commas)[:2]]
         except ValueError:  # the one header row allowed
-            names = _header_names(lines[0][1], commas)
+            fields = _header_fields(lines[0][1], commas)
             lines = lines[1:]
-    if not names and lines:  # a comment naming every column of the data, energy first
+    if not fields and lines:  # a comment naming every column of the data, energy first
         above = [line for n, line in numbered if n < lines[0][0] and line.startswith("#")]
-        labels = _header_names(above[-1], commas) if above else []
+        labels = _header_fields(above[-1], commas) if above else []
         width = len(_split(lines[0][1], commas))
-        if len(labels) == width and labels[0] in _ENERGY:
-            names = labels
+        if len(labels) == width and labels[0][0] in _ENERGY:
+            fields = labels
+    names = [name for name, _ in fields] or None
     cols, mode = _layout(path, names) if names else ((0, 1), "mu")  # no names: by position
     expected = " and ".join(names[c] for c in cols) if names else "energy and mu"
     rows: list[list[float]] = []
@@ -152,6 +190,10 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
         raise ColumnFileError(f"{path}: no numeric data rows")
     data = np.asarray(rows)
     meta: dict[str, object] = {"name": path.stem, "source": str(path)}
+    unit = fields[cols[0]][1] if fields else ""
+    energy, how = _energy_ev(path, data[:, 0], unit, element, edge)
+    if how is not None:
+        meta["energy_unit"] = how
     mu = data[:, 1]
     if names:
         meta["mu_from"] = names[cols[1]]
@@ -163,7 +205,42 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
             raise SpectrumError(exc.reason, f"{path}: {exc.message}") from None
         meta["mode"] = mode
         meta["mu_from"] = f"ln({i0}/{signal})" if mode == "transmission" else f"{signal}/{i0}"
-    return Spectrum(energy=data[:, 0], mu=mu, element=element, edge=edge, meta=meta)
+    return Spectrum(energy=energy, mu=mu, element=element, edge=edge, meta=meta)
+
+
+def _energy_ev(
+    path: Path, values: np.ndarray, unit: str, element: str | None, edge: str
+) -> tuple[np.ndarray, str | None]:
+    """The energy column in eV, and what said its unit was not eV (None: read as eV).
+
+    The header's unit when it gives one; else values all in (0, :data:`KEV_BELOW`) are keV
+    if the declared element's edge lies in their range times 1000, and refused otherwise:
+    keV is never read as eV.
+    """
+    if unit:
+        factor = _EV_PER_UNIT[unit]
+        return (values, None) if factor == 1.0 else (values * factor, "keV (the header's unit)")
+    lo, hi = float(values.min()), float(values.max())
+    if not (lo > 0.0 and hi < KEV_BELOW):
+        return values, None
+    element = element.strip().capitalize() if element is not None else None
+    edge = edge.strip().upper()
+    try:
+        tab = edge_energy(element, edge) if element is not None else None
+    except KeyError:
+        tab = None
+    if tab is not None and lo * 1000.0 <= tab <= hi * 1000.0:
+        return values * 1000.0, f"keV (the {element} {edge} edge lies in the values x 1000)"
+    why = (
+        f"read as keV they do not hold the {element} {edge} edge at {tab:.1f} eV either"
+        if tab is not None
+        else "keV? no element was given to tell"
+    )
+    raise ColumnFileError(
+        f"{path}: energies {lo:g} to {hi:g} with no unit in the header: in eV they lie below "
+        f"every tabulated edge (Na K, 1071 eV); {why}. Name the unit in the header (energy "
+        "(keV), or energy (eV)) or give the element"
+    )
 
 
 def is_xdi(path: str | Path) -> bool:
