@@ -45,7 +45,10 @@ tried again ``retries`` times (``retried``), after ``retry_backoff_s``, then twi
 each time, then given up (``gave_up``); each try asks the queue and history first, so a try
 whose reply was lost after the server took the plan queues nothing twice. Retries wait beside
 the queue, never in front of it (a new run's plan is not held back), and close() does not wait
-for them: those still waiting are dropped (``dropped_closed``).
+for them: those still waiting, and the plans still queued when its timeout ends, are dropped
+(``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
+plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the server took
+meanwhile is found there first).
 
 Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server side needs
 ``bluesky-queueserver`` and Redis).
@@ -251,9 +254,11 @@ class QueueServerSubmitter:
         """Submit what is queued within ``timeout``, then stop: once close returns, nothing
         more reaches the queueserver.
 
-        What is still queued at ``timeout`` is dropped (``dropped_closed``); a request already
-        with the server is waited for (each ends within the client's ``timeout_s``), and no
-        new client is made. Nothing is accepted once close has begun.
+        What is still queued at ``timeout``, and every retry still waiting, is dropped
+        (``dropped_closed``) and remembered as given up, for the next daemon to try again
+        (:meth:`retry_given_up`); a request already with the server is waited for (each ends
+        within the client's ``timeout_s``), and no new client is made. Nothing is accepted
+        once close has begun.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True
@@ -263,7 +268,8 @@ class QueueServerSubmitter:
                 self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
             worker.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
-        if self._send_lock.acquire(timeout=self.config.timeout_s + 1.0):
+        ended = self._send_lock.acquire(timeout=self.config.timeout_s + 1.0)
+        if ended:
             self._send_lock.release()  # the request in flight, if any, has ended
         else:  # a client that ignores its own timeout: nothing can recall that request
             logger.error("a queueserver request is still in flight %.0f s after close", timeout)
@@ -272,14 +278,19 @@ class QueueServerSubmitter:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self.stats["dropped_closed"] += job is not None
+            if job is not None:
+                self._give_up(job, "dropped_closed")
             self._queue.task_done()
         with self._lock:  # retries still waiting for their turn
-            self.stats["dropped_closed"] += len(self._retry)
+            waiting = [job for _, _, _, job in self._retry]
             self._retrying -= len(self._retry)
             self._retry.clear()
+        for job in waiting:
+            self._give_up(job, "dropped_closed")
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)  # wakes a worker still waiting for a job
+        if ended and worker is not None:  # nothing more to send: it records its last outcome
+            worker.join(5.0)
         self._worker = None
         if self._api is not None:
             try:
@@ -359,7 +370,7 @@ class QueueServerSubmitter:
                 if job is None:
                     return
                 if self._closed:  # close() gave up on what is queued
-                    self.stats["dropped_closed"] += 1
+                    self._give_up(job, "dropped_closed")
                     continue
                 self._try(job, tries)
             finally:
@@ -409,22 +420,25 @@ class QueueServerSubmitter:
     def _again(self, job: _Job, tries: int, exc: Exception) -> None:
         """Schedule the next try of a submission that failed its ``tries``-th try, after
         ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
-        ``max_pending`` retries wait; dropped once close has begun."""
+        ``max_pending`` retries wait; dropped (and remembered as given up) once close has
+        begun."""
         cfg, raw_uid = self.config, job[1]
-        given_up = False
         with self._lock:
-            if self._closing:
-                self.stats["dropped_closed"] += 1
-                wait = None
-            elif tries > cfg.retries or len(self._retry) >= cfg.max_pending:
-                self.stats["gave_up"] += 1
-                wait, given_up = None, True
-            else:
+            closing = self._closing
+            given_up = not closing and (tries > cfg.retries or len(self._retry) >= cfg.max_pending)
+            if not closing and not given_up:
                 wait = cfg.retry_backoff_s * 2 ** (tries - 1)
                 due = time.monotonic() + wait
                 heapq.heappush(self._retry, (due, next(self._retry_order), tries, job))
                 self._retrying += 1
-        if wait is not None:
+        if closing:
+            self._give_up(job, "dropped_closed")
+        elif given_up:
+            logger.error(
+                "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
+            )
+            self._give_up(job)
+        else:
             logger.warning(
                 "queueserver submission of run %r failed (try %d), again in %.1f s: %s",
                 raw_uid,
@@ -432,14 +446,15 @@ class QueueServerSubmitter:
                 wait,
                 exc,
             )
-        elif given_up:
-            logger.error(
-                "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
-            )
-            if raw_uid:  # a restarted daemon may try it again (retry_given_up)
-                rec, _, rescan_only = job
-                key = submission_key(raw_uid, rec, rescan_only)
-                self._memory.give_up(key, _plan_fields(rec), rescan_only)
+
+    def _give_up(self, job: _Job, counter: str = "gave_up") -> None:
+        """Count a submission given up (``dropped_closed``: by close) and remember its run's
+        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up)."""
+        self.stats[counter] += 1
+        rec, raw_uid, rescan_only = job
+        if raw_uid:
+            key = submission_key(raw_uid, rec, rescan_only)
+            self._memory.give_up(key, _plan_fields(rec), rescan_only)
 
     def join(self, timeout: float = 10.0) -> bool:
         """Wait until every queued submission, and every retry, is done (tests); False on

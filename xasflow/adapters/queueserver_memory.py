@@ -10,8 +10,8 @@ line, appended, rewritten once it holds twice the limit. A missing, unreadable o
 is read as far as it goes and a failed write is logged: the server's own record stays the
 first check, this one only covers what it has forgotten.
 
-A plan given up (its tries all failed, so it reached no queue as far as the server said) is
-recorded apart, with what rebuilds it: ``{"gave_up": [raw_uid, what], "rec": {...},
+A plan given up (its tries all failed, so it reached no queue as far as the server said, or
+the daemon stopped before its next try) is recorded apart, with what rebuilds it: ``{"gave_up": [raw_uid, what], "rec": {...},
 "rescan_only": false, "at": <time.time()>, "rounds": 0}``. It does not count as queued, and
 the next daemon may try it again (:meth:`SubmittedRuns.revive`), a bounded number of restarts
 (``rounds``) and only while it is recent (a stale plan would scan whatever sample is in the

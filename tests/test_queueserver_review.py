@@ -1,0 +1,112 @@
+"""The queueserver submitter loses no plan it could not send: plans dropped at close are given
+up for the next daemon to try again."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_for
+from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+
+from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
+
+
+def _raw_uid(item: dict[str, Any]) -> str:
+    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
+
+
+def _config(**knobs: Any) -> QueueServerConfig:
+    """Enabled, no rate limit, quick retries."""
+    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
+    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
+
+
+def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
+    """A daemon's submitter (its memory beside the store), as after a (re)start."""
+    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
+
+
+def _queued(api: FakeApi) -> list[str]:
+    return [_raw_uid(item) for _, item in api.items]
+
+
+# --------------------------------------------------------------------------- dropped at close
+
+
+class _ShuttingDown(FakeApi):
+    """raw-1 cannot reach the RE Manager; raw-2's request is held until ``release``, then the
+    server takes the plan and its reply comes, or is lost (``outcome``); all goes in once
+    ``up``."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__()
+        self.outcome = outcome
+        self.up = False
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if self.up:
+            return super().item_add(item, user, user_group)
+        if _raw_uid(item) == "raw-1":
+            raise ConnectionError("RE Manager unreachable")
+        self.sending.set()
+        assert self.release.wait(20.0)
+        reply = super().item_add(item, user, user_group)
+        if self.outcome == "lost":
+            raise TimeoutError("no reply from the RE Manager")
+        return reply
+
+
+@pytest.mark.parametrize("outcome", ["taken", "lost"])
+def test_plans_dropped_at_close_are_tried_again_by_the_next_daemon(
+    tmp_path: Path, outcome: str
+) -> None:
+    """At shutdown raw-1's retry waits its backoff, raw-2's request is with the server and
+    raw-3 is queued behind it: close gives up on raw-1 and raw-3 (``dropped_closed``), and
+    on raw-2 too if its reply is lost. The next daemon tries each of those again once it
+    runs, and queues none twice: raw-2 the server took, whether its reply came or not."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = _config(retry_backoff_s=60.0)
+    fake = _ShuttingDown(outcome)
+    sub = _daemon(cfg, fake, path)
+    closing = threading.Thread(target=sub.close, kwargs={"timeout": 0.1})
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's first try")
+        assert sub.enqueue(REC, "raw-2")
+        assert fake.sending.wait(10.0), "raw-2's try never reached the server"
+        assert sub.enqueue(REC, "raw-3")
+        closing.start()
+        wait_for(lambda: sub._closed, what="close to give up on what is queued")
+    finally:
+        fake.release.set()
+        closing.join(20.0)
+    assert not closing.is_alive()
+    assert _queued(fake) == ["raw-2"]
+    dropped = 3 if outcome == "lost" else 2
+    assert sub.stats["dropped_closed"] == dropped
+    with SubmittedRuns(path) as memory:
+        given_up = sorted(plan.key[0] for plan in memory.given_up())
+        assert given_up == (
+            ["raw-1", "raw-2", "raw-3"] if outcome == "lost" else ["raw-1", "raw-3"]
+        )
+    fake.up = True
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.retry_given_up() == dropped
+        assert sub.join(10.0)
+        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sub.stats["skipped_repeat"] == dropped - 2  # raw-2, found in the queue
+    finally:
+        sub.close()
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.retry_given_up() == 0 and sub.join(10.0)
+        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+    finally:
+        sub.close()
