@@ -200,18 +200,22 @@ def test_a_raw_run_gets_its_plan_once_and_only_after_a_successful_stop() -> None
 
 def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
     """A refused try frees the rate slot: the next run's plan goes in while the refused one
-    waits for its retry, which goes in after it."""
+    waits for its retry, which goes in after it once the slot is free again (a retry waits
+    for its slot in the rate, it is not dropped)."""
 
     class Refusing(FakeApi):
         def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
             if not self.items and not getattr(self, "refused", False):
                 self.refused = True
                 return {"success": False, "msg": "RE Manager busy"}
+            taken.append(time.monotonic())
             return super().item_add(item, user, user_group)
 
+    taken: list[float] = []
     fake = Refusing()
+    interval = 1.5
     cfg = QueueServerConfig(
-        enabled=True, zmq_public_key="x" * 40, min_interval_s=3600.0, retry_backoff_s=1.0
+        enabled=True, zmq_public_key="x" * 40, min_interval_s=interval, retry_backoff_s=1.0
     )
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
     try:
@@ -224,6 +228,7 @@ def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
         assert sub.stats["skipped_rate"] == 0 and sub.stats["retried"] == 1
         queued = [i["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] for i in fake.items]
         assert queued == ["raw-2", "raw-1"]
+        assert taken[1] - taken[0] >= interval, "raw-1's retry did not wait for its slot"
     finally:
         sub.close()
 

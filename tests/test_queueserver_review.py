@@ -1,8 +1,10 @@
-"""The queueserver submitter loses no plan it could not send: plans dropped at close are given
-up for the next daemon to try again."""
+"""The queueserver submitter loses no plan it could not send and floods no queue: plans dropped
+at close are given up for the next daemon to try again; one rate holds for every path that
+queues a plan, retries and revived plans waiting for their slot."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,5 +110,94 @@ def test_plans_dropped_at_close_are_tried_again_by_the_next_daemon(
     try:
         assert sub.retry_given_up() == 0 and sub.join(10.0)
         assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+    finally:
+        sub.close()
+
+
+# --------------------------------------------------------------------------- one rate
+
+
+def _spacing(api: FakeApi) -> list[float]:
+    """Seconds between the plans the server took, in order."""
+    times = [at for at, _ in api.items]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_a_synchronous_submission_keeps_the_rate() -> None:
+    """``submit`` puts a plan in the queue as the worker does, so it keeps the same rate: a
+    second plan within ``min_interval_s`` of one the server took is not sent
+    (``skipped_rate``), whichever path sent the first."""
+    fake = FakeApi()
+    sub = QueueServerSubmitter(_config(min_interval_s=3600.0), api_factory=lambda _: fake)
+    try:
+        assert sub.submit(REC, raw_uid="raw-1") is not None
+        assert sub.submit(REC, raw_uid="raw-2") is None
+        assert _queued(fake) == ["raw-1"] and sub.stats["skipped_rate"] == 1
+    finally:
+        sub.close()
+    fake = FakeApi()
+    sub = QueueServerSubmitter(_config(min_interval_s=3600.0), api_factory=lambda _: fake)
+    try:
+        assert sub.enqueue(REC, "raw-3") and sub.join(10.0)
+        assert sub.submit(REC, raw_uid="raw-4") is None
+        assert _queued(fake) == ["raw-3"] and sub.stats["skipped_rate"] == 1
+    finally:
+        sub.close()
+
+
+class _Outage(FakeApi):
+    """An RE Manager that cannot be reached until ``up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if not self.up.is_set():
+            raise ConnectionError("RE Manager unreachable")
+        return super().item_add(item, user, user_group)
+
+
+def test_retries_after_an_outage_wait_for_their_slot() -> None:
+    """Three runs' plans fail while the RE Manager is down (a failed try holds no slot, so
+    all three are accepted); once it is back their retries come due together. They go in
+    one per ``min_interval_s``, none dropped by the rate, none given up."""
+    interval = 0.4
+    fake = _Outage()
+    cfg = _config(min_interval_s=interval, retries=5, retry_backoff_s=0.1)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for i in (1, 2, 3):
+            assert sub.enqueue(REC, f"raw-{i}")
+        wait_for(lambda: sub.stats["failed"] >= 3, what="the three first tries")
+        fake.up.set()
+        assert sub.join(20.0)
+        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sub.stats["gave_up"] == 0 and sub.stats["skipped_rate"] == 0
+        assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
+    finally:
+        sub.close()
+
+
+def test_plans_revived_after_a_restart_keep_the_rate(tmp_path: Path) -> None:
+    """A restart after an outage revives the plans the last daemon gave up: they go in one
+    per ``min_interval_s``, not as a burst of up to ``max_pending``."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    down = _Outage()
+    sub = _daemon(_config(retries=0), down, path)
+    try:
+        for i in (1, 2, 3):
+            assert sub.enqueue(REC, f"raw-{i}")
+        assert sub.join(10.0) and sub.stats["gave_up"] == 3
+    finally:
+        sub.close()
+    interval = 0.4
+    fake = FakeApi()
+    sub = _daemon(_config(min_interval_s=interval), fake, path)
+    try:
+        assert sub.retry_given_up() == 3
+        assert sub.join(20.0)
+        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
     finally:
         sub.close()

@@ -36,16 +36,18 @@ server's record. A plan given up is remembered there apart (with what rebuilds i
 previous daemon's again: in at most ``restart_retries`` restarts, if given up less than
 ``given_up_max_age_s`` ago, as retries (``revived``); one the server holds by then is not
 queued twice.
-Submissions run on a worker thread, so the daemon's publishing never waits on the network;
-at most one plan per ``min_interval_s`` reaches the queue: only a plan the server took holds
-the rate (a try that failed, or found its plan already there, holds nothing), and a run's
-advice that comes while a try is with the server waits for its outcome (``skipped_rate``
-once that plan went in). A submission the server refused or could not take is
-tried again ``retries`` times (``retried``), after ``retry_backoff_s``, then twice as long
-each time, then given up (``gave_up``); each try asks the queue and history first, so a try
-whose reply was lost after the server took the plan queues nothing twice. Retries wait beside
-the queue, never in front of it (a new run's plan is not held back), and close() does not wait
-for them: those still waiting, and the plans still queued when its timeout ends, are dropped
+Submissions run on a worker thread, so the daemon's publishing never waits on the network.
+One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
+try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
+per ``min_interval_s``, a slot held only by a plan the server took. A run's new plan that
+finds it held is not sent (``skipped_rate``; one whose advice came while a try was with the
+server, once that plan went in); a retry or a revived plan waits for its slot instead. A
+submission the server refused or could not take is tried again ``retries`` times
+(``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
+(``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
+the server took the plan queues nothing twice. Retries wait beside the queue, never in front
+of it (a new run's plan ready at the same time goes first), and close() does not wait for
+them: those still waiting, and the plans still queued when its timeout ends, are dropped
 (``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
 plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the server took
 meanwhile is found there first).
@@ -57,8 +59,6 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import queue
 import threading
@@ -71,6 +71,7 @@ from typing import Any
 from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
+from xasflow.adapters.queueserver_pending import Job, RateSlot, Retries, next_job
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -98,10 +99,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-#: A background submission: (recommendation, raw uid, rescan only).
-_Job = tuple[dict[str, Any], str | None, bool]
-
-
 # --------------------------------------------------------------------------- the client
 
 
@@ -124,13 +121,9 @@ class QueueServerSubmitter:
         self._memory = SubmittedRuns(memory)
         self._api_factory = api_factory or make_api
         self._api: Any = None
-        self._clock = clock
-        self._last_submit = -float("inf")  # when the server last took a plan (the rate)
-        self._queue: queue.Queue[_Job | None] = queue.Queue(self.config.max_pending)
-        #: Failed submissions to try again: (due, on time.monotonic; order; tries made; job)
-        self._retry: list[tuple[float, int, int, _Job]] = []
-        self._retry_order = itertools.count()
-        self._retrying = 0  # retries waiting or under way (join waits for them too)
+        self._rate = RateSlot(self.config, clock)  # one rate, whichever path sends a plan
+        self._queue: queue.Queue[Job | None] = queue.Queue(self.config.max_pending)
+        self._retry = Retries()  # failed submissions to try again (join waits for them too)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         #: Held while a request is with the server; ``close`` takes it once ``_closed`` is set,
@@ -184,10 +177,26 @@ class QueueServerSubmitter:
         raw_uid: str | None = None,
         rescan_only: bool = False,
     ) -> dict[str, Any] | None:
-        """Add one recommendation to the queue now; None when disabled, or when this raw run's
-        plan was queued: remembered here (``memory``), or held by the queueserver's queue or
-        history (:func:`~xasflow.adapters.queueserver_client.on_server`). Raises
-        QueueServerError."""
+        """Add one recommendation to the queue now; None when disabled, when a plan went in
+        less than ``min_interval_s`` ago (``skipped_rate``: the one rate, see
+        :mod:`~xasflow.adapters.queueserver_pending`), or when this raw run's plan was
+        queued: remembered here (``memory``), or held by the queueserver's queue or history
+        (:func:`~xasflow.adapters.queueserver_client.on_server`). Raises QueueServerError."""
+        reply = self._send(recommendation, raw_uid, rescan_only)
+        if reply is _LIMITED:
+            self.stats["skipped_rate"] += 1
+            return None
+        return reply
+
+    def _send(
+        self,
+        recommendation: Mapping[str, Any],
+        raw_uid: str | None,
+        rescan_only: bool,
+        tries: int = 0,
+    ) -> Any:
+        """One try of :meth:`submit` (``tries`` made before it): the server's reply, None, or
+        ``_LIMITED`` when the rate slot is held (nothing was sent)."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
@@ -199,6 +208,9 @@ class QueueServerSubmitter:
         try:
             with self._send_lock:  # close() waits for this request, and none starts after it
                 api = self.api()
+                if self._rate.limited():  # checked and taken under the lock: one rate
+                    return _LIMITED
+                self.stats["retried"] += tries > 0
                 if key is not None and on_server(api, key):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
                     self._memory.add(key)
@@ -206,6 +218,8 @@ class QueueServerSubmitter:
                 if key is not None:  # on disk before the server may take it (see memory)
                     self._memory.sending(key)
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
+                if not isinstance(reply, Mapping) or reply.get("success") is not False:
+                    self._rate.take()
         except Exception as exc:
             if key is not None:  # the try it announced, if any, queued nothing (or is lost)
                 self._memory.failed(key)
@@ -223,7 +237,6 @@ class QueueServerSubmitter:
         self.stats["submitted"] += 1
         if key is not None:  # on disk before the submission counts as done
             self._memory.add(key)
-        self._last_submit = self._clock()
         self.submitted.append(dict(reply) if isinstance(reply, Mapping) else {"reply": reply})
         del self.submitted[:-100]
         return dict(reply) if isinstance(reply, Mapping) else {"reply": reply}
@@ -237,13 +250,10 @@ class QueueServerSubmitter:
             return 0
         cfg = self.config
         plans = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
-        now = time.monotonic()
         with self._lock:
-            for plan in plans:
-                job: _Job = (plan.rec, plan.key[0], plan.rescan_only)
+            for plan in plans:  # as retries: each waits for its slot in the rate
                 self._queued[plan.key] = None
-                heapq.heappush(self._retry, (now, next(self._retry_order), 1, job))
-                self._retrying += 1
+                self._retry.push((plan.rec, plan.key[0], plan.rescan_only), 1)
         self.stats["revived"] += len(plans)
         if plans:
             logger.info("trying again %d queueserver plans given up before a restart", len(plans))
@@ -281,10 +291,8 @@ class QueueServerSubmitter:
             if job is not None:
                 self._give_up(job, "dropped_closed")
             self._queue.task_done()
-        with self._lock:  # retries still waiting for their turn
-            waiting = [job for _, _, _, job in self._retry]
-            self._retrying -= len(self._retry)
-            self._retry.clear()
+        with self._lock:  # retries still waiting (none pushed after: _closing is set)
+            waiting = self._retry.clear()
         for job in waiting:
             self._give_up(job, "dropped_closed")
         with contextlib.suppress(queue.Full):
@@ -334,7 +342,7 @@ class QueueServerSubmitter:
             if key in self._queued or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
-        if self._rate_limited():
+        if self._rate.limited():
             self.stats["skipped_rate"] += 1
             return False
         self._ensure_worker()
@@ -350,11 +358,6 @@ class QueueServerSubmitter:
                     self._queued.popitem(last=False)
         return True
 
-    def _rate_limited(self) -> bool:
-        """Whether the server took a plan less than ``min_interval_s`` ago (a try that
-        failed or found its plan already there holds no slot)."""
-        return self._clock() - self._last_submit < self.config.min_interval_s
-
     def _ensure_worker(self) -> None:
         with self._lock:
             if self._worker is None or not self._worker.is_alive():
@@ -365,7 +368,7 @@ class QueueServerSubmitter:
 
     def _work(self) -> None:
         while True:
-            job, tries = self._next_job()
+            job, tries = next_job(self._queue, self._retry, self._rate)
             try:
                 if job is None:
                     return
@@ -377,47 +380,38 @@ class QueueServerSubmitter:
                 if tries == 0:
                     self._queue.task_done()
                 else:
-                    with self._lock:
-                        self._retrying -= 1
+                    self._retry.done()
 
-    def _next_job(self) -> tuple[_Job | None, int]:
-        """The next submission and the tries it had: a retry that is due, else the next
-        queued job (waited for until the earliest retry is due)."""
-        while True:
-            with self._lock:
-                wait = None
-                if self._retry:
-                    wait = self._retry[0][0] - time.monotonic()
-                    if wait <= 0:
-                        _, _, tries, job = heapq.heappop(self._retry)
-                        return job, tries
-            try:
-                return self._queue.get(timeout=wait), 0
-            except queue.Empty:
-                continue
-
-    def _try(self, job: _Job, tries: int) -> None:
+    def _try(self, job: Job, tries: int) -> None:
         """One try of a background submission; a failed one goes to :meth:`_again`. A first
-        try is checked against the rate again: a plan that went in since its enqueue (one
-        whose try was under way then) holds the slot. A retry is not rate-limited."""
+        try the rate holds back is not sent (``skipped_rate``: a plan went in since its
+        enqueue, one whose try was under way then); a retry waits for its slot."""
         rec, raw_uid, rescan_only = job
-        if tries == 0 and self._rate_limited():
-            self.stats["skipped_rate"] += 1
-            if raw_uid:  # not queued after all: as if refused at enqueue
-                with self._lock:
-                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
-            return
-        self.stats["retried"] += tries > 0
         try:
-            self.submit(rec, raw_uid=raw_uid, rescan_only=rescan_only)
+            reply = self._send(rec, raw_uid, rescan_only, tries)
         except QueueServerError as exc:
             self._again(job, tries + 1, exc)
         except ValueError as exc:  # a plan no server takes: never tried again
             logger.warning("queueserver submission refused: %s", exc)
         except Exception:
             logger.exception("queueserver submission failed")
+        else:
+            if reply is not _LIMITED:
+                return
+            if tries:  # waits beside the queue for its slot (next_job waits for it)
+                with self._lock:
+                    closing = self._closing
+                    if not closing:
+                        self._retry.push(job, tries)
+                if closing:
+                    self._give_up(job, "dropped_closed")
+                return
+            self.stats["skipped_rate"] += 1
+            if raw_uid:  # not queued after all: as if refused at enqueue
+                with self._lock:
+                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
 
-    def _again(self, job: _Job, tries: int, exc: Exception) -> None:
+    def _again(self, job: Job, tries: int, exc: Exception) -> None:
         """Schedule the next try of a submission that failed its ``tries``-th try, after
         ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
         ``max_pending`` retries wait; dropped (and remembered as given up) once close has
@@ -428,9 +422,7 @@ class QueueServerSubmitter:
             given_up = not closing and (tries > cfg.retries or len(self._retry) >= cfg.max_pending)
             if not closing and not given_up:
                 wait = cfg.retry_backoff_s * 2 ** (tries - 1)
-                due = time.monotonic() + wait
-                heapq.heappush(self._retry, (due, next(self._retry_order), tries, job))
-                self._retrying += 1
+                self._retry.push(job, tries, wait)
         if closing:
             self._give_up(job, "dropped_closed")
         elif given_up:
@@ -447,7 +439,7 @@ class QueueServerSubmitter:
                 exc,
             )
 
-    def _give_up(self, job: _Job, counter: str = "gave_up") -> None:
+    def _give_up(self, job: Job, counter: str = "gave_up") -> None:
         """Count a submission given up (``dropped_closed``: by close) and remember its run's
         plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up)."""
         self.stats[counter] += 1
@@ -460,7 +452,7 @@ class QueueServerSubmitter:
         """Wait until every queued submission, and every retry, is done (tests); False on
         timeout."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks or self._retrying:
+        while self._queue.unfinished_tasks or self._retry.unfinished:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
@@ -476,6 +468,9 @@ class QueueServerSubmitter:
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
 _REMEMBERED = 4096
+
+#: What a try returns when the rate held it back: nothing was sent.
+_LIMITED = object()
 
 
 def _plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""When the queueserver submitter may send a plan: one rate for every path, and the retries
+waiting their turn.
+
+The rate protects the beamline's queue from a flood of plans: :class:`RateSlot` lets at most
+one plan per ``min_interval_s`` reach the queue, whichever path sends it (the synchronous
+``submit``, a run's first try, a retry, a plan revived after a restart). Only a plan the
+server took holds the slot; a try that failed, or found its plan already there, holds
+nothing. A run's new plan that finds the slot held is not sent (``skipped_rate``): newer
+advice will come. A retry is the plan of a run whose advice will not come again, so it is
+never dropped for the rate: :class:`Retries` keeps it until its backoff has passed *and*
+the slot is free (after an outage, or a restart that revives plans, they go in one per
+``min_interval_s``, not as a burst of up to ``max_pending``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from xasflow.adapters.queueserver_plan import QueueServerConfig
+
+__all__ = ["Job", "RateSlot", "Retries", "next_job"]
+
+#: A background submission: (recommendation, raw uid, rescan only).
+Job = tuple[dict[str, Any], str | None, bool]
+
+
+class RateSlot:
+    """When the server last took a plan, and how long until the next one may go."""
+
+    def __init__(self, config: QueueServerConfig, clock: Callable[[], float]) -> None:
+        """``config.min_interval_s`` is read at each check; ``clock`` counts seconds."""
+        self._config = config
+        self._clock = clock
+        self._taken = -float("inf")  # when the server last took a plan
+
+    def wait(self) -> float:
+        """Seconds until the next plan may go (0: now)."""
+        return max(0.0, self._taken + self._config.min_interval_s - self._clock())
+
+    def limited(self) -> bool:
+        """Whether the server took a plan less than ``min_interval_s`` ago."""
+        return self.wait() > 0.0
+
+    def take(self) -> None:
+        """The server took a plan now: the slot is held for ``min_interval_s``."""
+        self._taken = self._clock()
+
+
+class Retries:
+    """Failed submissions waiting for their next try, the earliest due first (thread-safe).
+
+    Each is due once its backoff (on ``time.monotonic``) has passed and the rate slot is free.
+    Like a ``queue.Queue``, it counts the retries not yet done (waiting, or under way until
+    :meth:`done`), so that the submitter's ``join`` can wait for them.
+    """
+
+    def __init__(self) -> None:
+        #: (due, on time.monotonic; order; tries made; job)
+        self._heap: list[tuple[float, int, int, Job]] = []
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self.unfinished = 0  # retries waiting or under way
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._heap)
+
+    def push(self, job: Job, tries: int, after: float = 0.0) -> None:
+        """Wait ``job`` (``tries`` made so far) for at least ``after`` seconds."""
+        with self._lock:
+            due = time.monotonic() + after
+            heapq.heappush(self._heap, (due, next(self._order), tries, job))
+            self.unfinished += 1
+
+    def done(self) -> None:
+        """A retry :meth:`pop` returned is over (sent, given up, or pushed again)."""
+        with self._lock:
+            self.unfinished -= 1
+
+    def due_in(self, slot: float) -> float | None:
+        """Seconds until the earliest may go: its backoff over, and ``slot`` (the rate's wait)
+        passed; None when none waits."""
+        with self._lock:
+            if not self._heap:
+                return None
+            return max(self._heap[0][0] - time.monotonic(), slot)
+
+    def pop(self) -> tuple[Job, int] | None:
+        """The earliest retry and the tries it had (None when none waits)."""
+        with self._lock:
+            if not self._heap:
+                return None
+            _, _, tries, job = heapq.heappop(self._heap)
+            return job, tries
+
+    def clear(self) -> list[Job]:
+        """Every retry still waiting, now forgotten here (and done)."""
+        with self._lock:
+            jobs = [job for _, _, _, job in self._heap]
+            self._heap.clear()
+            self.unfinished -= len(jobs)
+            return jobs
+
+
+def next_job(
+    jobs: queue.Queue[Job | None], retries: Retries, rate: RateSlot
+) -> tuple[Job | None, int]:
+    """The next submission and the tries it had: the next of ``jobs`` (new runs' plans;
+    None: stop), else a retry once its backoff is over and the rate slot free. A new run's
+    plan ready as well goes first: retries wait beside the queue, never in front of it."""
+    while True:
+        wait = retries.due_in(rate.wait())
+        if wait is not None and wait <= 0 and jobs.empty():
+            retry = retries.pop()
+            if retry is not None:
+                return retry
+            continue
+        try:
+            return jobs.get(timeout=None if wait is None else max(0.0, wait)), 0
+        except queue.Empty:
+            continue
