@@ -1,6 +1,7 @@
 """The queueserver submitter loses no plan it could not send and floods no queue: plans dropped
 at close are given up for the next daemon to try again; one rate holds for every path that
-queues a plan, retries and revived plans waiting for their slot."""
+queues a plan, retries and revived plans waiting for their slot; a plan given up does not
+keep a later replay of its run from trying it again."""
 
 from __future__ import annotations
 
@@ -199,5 +200,72 @@ def test_plans_revived_after_a_restart_keep_the_rate(tmp_path: Path) -> None:
         assert sub.join(20.0)
         assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
         assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
+    finally:
+        sub.close()
+
+
+# --------------------------------------------------------------------------- a replay
+
+
+class _LostThenDown(FakeApi):
+    """Takes the first plan but its reply is lost, then cannot be reached until ``up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if not self.items:
+            super().item_add(item, user, user_group)
+            raise TimeoutError("no reply from the RE Manager")
+        return super().item_add(item, user, user_group)
+
+    def queue_get(self, **kwargs: Any) -> dict[str, Any]:
+        if self.items and not self.up:
+            raise ConnectionError("RE Manager unreachable")
+        return super().queue_get(**kwargs)
+
+
+def test_a_replay_tries_a_plan_given_up_in_this_process_again(tmp_path: Path) -> None:
+    """raw-1's plan is given up while the RE Manager is down; Kafka redelivers the run in the
+    same process. The replay tries the plan again with its own bounded tries (given up again
+    while the server is still down), and it goes in once the server is back; later replays
+    queue nothing more, nor does the next daemon."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    down = _Outage()
+    sub = _daemon(_config(retries=1), down, path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1 and sub.stats["failed"] == 2
+        assert sub.enqueue(REC, "raw-1"), "the replay was skipped as a repeat"
+        assert sub.join(10.0) and sub.stats["gave_up"] == 2 and sub.stats["failed"] == 4
+        down.up.set()
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0)
+        assert _queued(down) == ["raw-1"] and sub.stats["submitted"] == 1
+        assert not sub.enqueue(REC, "raw-1") and sub.join(10.0)
+        assert _queued(down) == ["raw-1"] and sub.stats["skipped_repeat"] == 1
+    finally:
+        sub.close()
+    sub = _daemon(_config(), down, path)
+    try:
+        assert sub.retry_given_up() == 0 and not sub.enqueue(REC, "raw-1")
+        assert sub.join(10.0) and _queued(down) == ["raw-1"]
+    finally:
+        sub.close()
+
+
+def test_a_replay_never_queues_twice_a_given_up_plan_the_server_took() -> None:
+    """The server took raw-1's plan but its reply was lost, and the retry could not reach it:
+    given up. A replay of the run, once the server is back, finds the plan in the queue and
+    queues nothing more."""
+    fake = _LostThenDown()
+    sub = QueueServerSubmitter(_config(retries=1), api_factory=lambda _: fake)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1
+        fake.up = True
+        assert sub.enqueue(REC, "raw-1"), "the replay was skipped as a repeat"
+        assert sub.join(10.0) and sub.stats["skipped_repeat"] == 1
+        assert _queued(fake) == ["raw-1"], "the plan the server took was queued twice"
     finally:
         sub.close()

@@ -35,7 +35,9 @@ server's record. A plan given up is remembered there apart (with what rebuilds i
 :meth:`QueueServerSubmitter.retry_given_up` (the daemon calls it once it runs) tries the
 previous daemon's again: in at most ``restart_retries`` restarts, if given up less than
 ``given_up_max_age_s`` ago, as retries (``revived``); one the server holds by then is not
-queued twice.
+queued twice. A plan given up is not held as queued: a later replay of its run, in this
+process as after a restart, tries it again with its own ``retries`` (the server's queue and
+history asked first).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network.
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
 try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
@@ -441,11 +443,14 @@ class QueueServerSubmitter:
 
     def _give_up(self, job: Job, counter: str = "gave_up") -> None:
         """Count a submission given up (``dropped_closed``: by close) and remember its run's
-        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up)."""
+        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
+        and so may a later replay of the run in this one (no longer held as queued here)."""
         self.stats[counter] += 1
         rec, raw_uid, rescan_only = job
         if raw_uid:
             key = submission_key(raw_uid, rec, rescan_only)
+            with self._lock:
+                self._queued.pop(key, None)
             self._memory.give_up(key, _plan_fields(rec), rescan_only)
 
     def join(self, timeout: float = 10.0) -> bool:
