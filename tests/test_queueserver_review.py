@@ -269,3 +269,24 @@ def test_a_replay_never_queues_twice_a_given_up_plan_the_server_took() -> None:
         assert _queued(fake) == ["raw-1"], "the plan the server took was queued twice"
     finally:
         sub.close()
+
+
+def test_plans_revived_while_the_worker_idles_are_sent(tmp_path: Path) -> None:
+    """A replayed run's plan can go in before the daemon calls ``retry_given_up`` (its input
+    starts first): the worker then idles, waiting for the next run's plan. The revived plans
+    wake it and go in without waiting for that."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    sub = _daemon(_config(retries=0), _Outage(), path)
+    try:
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
+    finally:
+        sub.close()
+    fake = FakeApi()
+    sub = _daemon(_config(), fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-2") and sub.join(10.0)
+        assert sub.retry_given_up() == 1
+        assert sub.join(10.0), "the revived plan waits for the next run's plan"
+        assert _queued(fake) == ["raw-2", "raw-1"]
+    finally:
+        sub.close()

@@ -73,7 +73,7 @@ from typing import Any
 from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import Job, RateSlot, Retries, next_job
+from xasflow.adapters.queueserver_pending import WAKE, Job, RateSlot, Retries, next_job, wake
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -260,6 +260,7 @@ class QueueServerSubmitter:
         if plans:
             logger.info("trying again %d queueserver plans given up before a restart", len(plans))
             self._ensure_worker()
+            wake(self._queue)  # a worker already waiting for a run's plan looks at them now
         return len(plans)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -290,7 +291,7 @@ class QueueServerSubmitter:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if job is not None and job is not WAKE:
                 self._give_up(job, "dropped_closed")
             self._queue.task_done()
         with self._lock:  # retries still waiting (none pushed after: _closing is set)

@@ -14,6 +14,7 @@ the slot is free (after an outage, or a restart that revives plans, they go in o
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import queue
@@ -24,10 +25,14 @@ from typing import Any
 
 from xasflow.adapters.queueserver_plan import QueueServerConfig
 
-__all__ = ["Job", "RateSlot", "Retries", "next_job"]
+__all__ = ["WAKE", "Job", "RateSlot", "Retries", "next_job", "wake"]
 
 #: A background submission: (recommendation, raw uid, rescan only).
 Job = tuple[dict[str, Any], str | None, bool]
+
+#: Not a submission: put in the jobs queue (compared by identity) to wake a worker waiting
+#: there, when a retry was pushed from another thread (:func:`wake`).
+WAKE: Job = ({}, None, False)
 
 
 class RateSlot:
@@ -122,6 +127,17 @@ def next_job(
                 return retry
             continue
         try:
-            return jobs.get(timeout=None if wait is None else max(0.0, wait)), 0
+            job = jobs.get(timeout=None if wait is None else max(0.0, wait))
         except queue.Empty:
             continue
+        if job is WAKE:  # look at the retries again
+            jobs.task_done()
+            continue
+        return job, 0
+
+
+def wake(jobs: queue.Queue[Job | None]) -> None:
+    """Wake a worker waiting in :func:`next_job` for a new run's plan, so that it sees the
+    retries pushed meanwhile by another thread (a full queue: it is not waiting)."""
+    with contextlib.suppress(queue.Full):
+        jobs.put_nowait(WAKE)
