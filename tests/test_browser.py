@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -330,3 +331,53 @@ def test_health_table_tells_the_stages_rejections_apart(beamline: Harness, brows
     assert spectra == [str(stages["analysis"])], shown
     assert shown["spectra rejected by the analysis"] == str(stages["analysis"])
     assert shown["rejected before the analysis (assembly)"] == str(stages["assembly"])
+
+
+def test_rejected_per_second_counts_the_spectra_the_analysis_rejected(
+    beamline: Harness, browser: Any
+) -> None:
+    """Before: the "rejected/s" shown beside "spectra/s" was the rate of all rejections, so
+    documents the assembler refused (never spectra) read as rejected spectra. Now it is the
+    analysis's rate, and the assembly's is shown apart, labelled."""
+    d, pub = beamline.daemon, beamline.pub
+    assert d.http_url is not None
+    n_malformed = 10
+
+    def stages() -> dict[str, int]:
+        return d.counters.snapshot()["spectra_rejected_by_stage"]
+
+    before = stages()
+    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    try:
+        page.goto(d.http_url + "/", wait_until="load")
+        page.wait_for_function(
+            "() => document.getElementById('rates').textContent !== ''", timeout=TIMEOUT_MS
+        )
+        for _ in range(n_malformed):
+            pub("start", {"time": 1.0})  # no uid: rejected by the assembler, never a spectrum
+        target = before["assembly"] + n_malformed
+        wait_for(lambda: stages()["assembly"] >= target, "the malformed starts to be rejected")
+        # a state whose counters include them all, then the next one (sampled after them)
+        version = page.wait_for_function(
+            "n => { const s = window.xasflow.state;"
+            " return s && s.health && s.health.rejected_per_stage.assembly >= n && s.version; }",
+            arg=target,
+            timeout=TIMEOUT_MS,
+        ).json_value()
+        page.wait_for_function(
+            "v => window.xasflow.state.version > v", arg=version, timeout=TIMEOUT_MS
+        )
+        drawn(page)
+        pill = page.text_content("#rates") or ""
+        shown = _health_rows(page)
+    finally:
+        page.close()
+    assert stages()["analysis"] == before["analysis"]  # no spectrum was rejected meanwhile
+    m = re.fullmatch(
+        r"([\d.]+) spectra/s · ([\d.]+) rejected/s · ([\d.]+) rejected in assembly/s", pill
+    )
+    assert m, pill
+    assert m.group(2) == "0.0"  # the assembler's refusals are not rejected spectra
+    assert float(m.group(3)) > 0
+    assert shown["rejected by the analysis / s"] == "0.0"
+    assert shown["rejected in assembly / s"] == m.group(3)

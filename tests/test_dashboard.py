@@ -487,3 +487,41 @@ def test_readyz_says_not_ready_before_the_daemon_is() -> None:
     assert client.get("/readyz").json() == {"ready": True}
     Starting.counters.set_model("Cu", "K", None)  # its bundle withdrawn: not ready again
     assert client.get("/readyz").status_code == 503
+
+
+def test_rejection_rates_are_split_by_stage() -> None:
+    """Before: ``rates.rejected_per_s``, shown as "rejected/s" beside "spectra/s", counted the
+    assembler's refused documents with the spectra the analysis rejected. Now each stage has
+    its own rate: the analysis's (spectra) and the assembly's (documents and runs)."""
+    from xasflow.daemon.counters import Counters
+
+    now = [100.0]
+
+    class Running:  # the members of a DaemonView the dashboard reads
+        counters = Counters()
+        delivered = 0
+
+        def input_stats(self) -> dict[str, int]:
+            return {"delivered": self.delivered}
+
+        def health(self) -> dict[str, Any]:
+            return {"counters": self.counters.snapshot()}
+
+    view = Running()
+    dashboard = Dashboard(view, rate_hz=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    dashboard.tick(build=True)
+    view.counters.spectrum_analysed(8)
+    view.counters.reject("weak_edge", stage="analysis", n=2)
+    view.counters.reject("malformed_document", stage="assembly", n=10)
+    view.delivered = 40
+    now[0] += 2.0
+    dashboard.tick(build=True)
+    _, text = dashboard.message()
+    assert json.loads(text)["rates"] == {
+        "analysed_per_s": 4.0,
+        "analysis_rejected_per_s": 1.0,  # spectra: what "rejected/s" beside "spectra/s" means
+        "assembly_rejected_per_s": 5.0,  # documents and runs, never spectra
+        "documents_per_s": 20.0,
+    }
+    health = json.loads(text)["health"]
+    assert health["rejected_per_stage"] == {"analysis": 2, "assembly": 10}

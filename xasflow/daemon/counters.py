@@ -269,9 +269,17 @@ class Counters:
 
     @property
     def rejected_total(self) -> int:
-        """All rejections, both stages."""
+        """All rejections, both stages (documents and runs as well as spectra: no spectra count)."""
         with self._lock:
             return sum(self.rejected.values())
+
+    def rejected_per_stage(self) -> dict[str, int]:
+        """Each stage's rejections (every stage from 0), so spectra and documents stay apart."""
+        totals = dict.fromkeys(REJECTION_STAGES, 0)
+        with self._lock:
+            for (stage, _), n in self.rejected.items():
+                totals[stage] = totals.get(stage, 0) + n
+        return totals
 
     def summary(self) -> str:
         """One line for the log: the pipeline's spectra (received = analysed + rejected there),

@@ -10,7 +10,9 @@ with :func:`xasflow.daemon.recommend.region_shares`); the prediction with its un
 of the regressors) and the ranked motifs, and an OUT OF DOMAIN banner over it when the
 bundle flags the spectrum as unlike its training data; the current
 run's predictions over time (quick-XAS runs); the latest recommendation; and the daemon's
-health (rates, rejects by reason, queue depth, models and their metrics).
+health (rates, the rejections by stage and reason, queue depth, models and their metrics).
+The rates keep the stages apart: "rejected/s" beside "spectra/s" is the spectra the analysis
+rejected; the documents and runs the assembler refused have a rate of their own.
 
 Throttling, so a 500 spectra/s stream freezes neither the daemon nor the browser:
 
@@ -63,6 +65,13 @@ _RUNS_SHOWN = 8
 _HEALTH_EVERY_S = 1.0
 _KEEPALIVE_S = 15.0
 _RATE_WINDOW_S = 5.0
+#: The rates sent to the page, in the order of a rate sample's counts (after its time).
+_RATE_NAMES = (
+    "analysed_per_s",
+    "analysis_rejected_per_s",  # spectra the analysis rejected
+    "assembly_rejected_per_s",  # documents and runs the assembler refused (no spectra)
+    "documents_per_s",
+)
 
 
 class Dashboard:
@@ -115,7 +124,7 @@ class Dashboard:
         self._regions_cache: dict[str, dict[str, Any]] = {}
         self._health: dict[str, Any] | None = None
         self._next_health = 0.0
-        self._rate_samples: deque[tuple[float, int, int, int]] = deque()
+        self._rate_samples: deque[tuple[float, int, int, int, int]] = deque()
         self._dirty = True
         self._out: tuple[int, str | None] = (0, None)  # (version, message), swapped whole
         self._built_at = -math.inf
@@ -237,21 +246,21 @@ class Dashboard:
             return
         c = d.counters
         delivered = d.input_stats().get("delivered", 0)
+        stages = c.rejected_per_stage()
         now = self.clock()
-        self._rate_samples.append((now, c.spectra_analysed, c.rejected_total, delivered))
+        sample = (now, c.spectra_analysed, stages["analysis"], stages["assembly"], delivered)
+        self._rate_samples.append(sample)
         while len(self._rate_samples) > 2 and now - self._rate_samples[0][0] > _RATE_WINDOW_S:
             self._rate_samples.popleft()
 
     def _rates(self) -> dict[str, float | None]:
+        """Per-second rates over the last few seconds; the rejections by stage, apart: the
+        analysis's are spectra, the assembly's documents and runs refused before it."""
         s = self._rate_samples
         if len(s) < 2 or s[-1][0] <= s[0][0]:
-            return {"analysed_per_s": None, "rejected_per_s": None, "documents_per_s": None}
+            return dict.fromkeys(_RATE_NAMES)
         dt = s[-1][0] - s[0][0]
-        return {
-            "analysed_per_s": (s[-1][1] - s[0][1]) / dt,
-            "rejected_per_s": (s[-1][2] - s[0][2]) / dt,
-            "documents_per_s": (s[-1][3] - s[0][3]) / dt,
-        }
+        return {name: (s[-1][i] - s[0][i]) / dt for i, name in enumerate(_RATE_NAMES, start=1)}
 
     # ------------------------------------------------------------------ views
 

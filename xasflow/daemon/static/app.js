@@ -467,8 +467,14 @@
       ready.textContent = h.ready ? "daemon ready" : "daemon not ready";
       ready.className = "pill " + (h.ready ? "ok" : "bad");
     }
+    // "rejected/s" beside "spectra/s" is the spectra the analysis rejected; what the
+    // assembler refused (documents, runs: no spectra) is shown apart, when there is any
+    const perS = (v, digits) => (v === null || v === undefined ? "–" : fmt(v, digits));
     $("rates").textContent = r.analysed_per_s !== null && r.analysed_per_s !== undefined
-      ? `${fmt(r.analysed_per_s, 1)} spectra/s · ${fmt(r.rejected_per_s, 1)} rejected/s` : "";
+      ? `${fmt(r.analysed_per_s, 1)} spectra/s · ${fmt(r.analysis_rejected_per_s, 1)} rejected/s` +
+        (r.assembly_rejected_per_s > 0
+          ? ` · ${fmt(r.assembly_rejected_per_s, 1)} rejected in assembly/s` : "")
+      : "";
     if (!h) return;
     const lat = h.latency || {};
     $("health-info").textContent = `xasflow ${h.version} · up ${fmt(h.uptime_s / 60, 1)} min`;
@@ -479,8 +485,10 @@
       ["spectra analysed", h.analysed],
       ["spectra rejected by the analysis", (h.rejected_per_stage || {}).analysis ?? "–"],
       ["rejected before the analysis (assembly)", (h.rejected_per_stage || {}).assembly ?? "–"],
-      ["analysed / s", r.analysed_per_s === null ? "–" : fmt(r.analysed_per_s, 1)],
-      ["documents in / s", r.documents_per_s === null ? "–" : fmt(r.documents_per_s, 0)],
+      ["analysed / s", perS(r.analysed_per_s, 1)],
+      ["rejected by the analysis / s", perS(r.analysis_rejected_per_s, 1)],
+      ["rejected in assembly / s", perS(r.assembly_rejected_per_s, 1)],
+      ["documents in / s", perS(r.documents_per_s, 0)],
       ["queue depth", h.queue_depth], ["open runs", h.open_runs],
       ["latency p50 / p99", `${fmt(lat.p50_ms, 1)} / ${fmt(lat.p99_ms, 1)} ms`],
       ["input dropped (overflow)", (h.input || {}).dropped_overflow || 0],
