@@ -697,6 +697,16 @@ class HeldSource:
 
         self._monkeypatch.setattr(self._module, "decode_message", held)
 
+    def hold_with_events(self, n: int) -> dict[str, int]:
+        """Publish ``n`` events with the thread held decoding the first (the rest wait in the
+        socket); the source's stats before them."""
+        before = self.source.stats()
+        self.hold()
+        for i in range(n):
+            self.pub("event", {"uid": f"e{i}", "seq_num": i})
+        assert self.decoding.wait(DEADLINE_S)  # e0 is being decoded; e1.. wait in the socket
+        return before
+
     def close(self) -> None:
         self.release.set()
         self.source.close()
@@ -713,12 +723,8 @@ def test_documents_left_in_the_socket_at_close_are_queued(monkeypatch: pytest.Mo
     held = HeldSource(monkeypatch, queue_size=100)
     try:
         source = held.source
-        before = source.stats()
-        held.hold()
         n = 20
-        for i in range(n):
-            held.pub("event", {"uid": f"e{i}", "seq_num": i})
-        assert held.decoding.wait(DEADLINE_S)  # e0 is being decoded; e1.. wait in the socket
+        before = held.hold_with_events(n)
         closer = threading.Thread(target=source.close)
         closer.start()
         wait_for(lambda: source.closed, "close() to have begun")
@@ -747,12 +753,8 @@ def test_a_close_that_gives_up_on_the_thread_leaves_nothing_queued_after_it(
     held = HeldSource(monkeypatch, queue_size=100)
     try:
         source = held.source
-        before = source.stats()
-        held.hold()
         n = 20
-        for i in range(n):
-            held.pub("event", {"uid": f"e{i}", "seq_num": i})
-        assert held.decoding.wait(DEADLINE_S)
+        before = held.hold_with_events(n)
         assert source.close(timeout=0.2) is False  # the thread is still decoding e0
         held.release.set()
         wait_for(
