@@ -19,6 +19,7 @@ from xasflow.adapters.columns import read_spectrum_file
 from xasflow.adapters.xdi import XdiError
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, mu_from_channels, prepare
 from xasflow.spectra.batch import prepare_batch
+from xasflow.spectra.e0 import find_e0
 
 LARCH = PrepParams()
 
@@ -167,3 +168,19 @@ def test_an_edge_outside_the_search_window_is_not_pinned_to_its_border(
     except SpectrumError:
         return
     assert got.e0 == pytest.approx(true_e0, abs=2.0)
+
+
+def test_a_scan_too_narrow_for_e0_says_so_without_an_element() -> None:
+    """Before: a scan under 2 eV wide with no element was refused as "no data near the None K
+    edge". The reason now names the span and what E0 needs, and names no element it lacks;
+    with an element whose edge the data reach, the edge is named."""
+    energy = np.linspace(8979.0, 8980.5, 16)
+    mu = np.linspace(0.0, 1.0, 16)
+    with pytest.raises(SpectrumError) as bare:
+        find_e0(Spectrum(energy, mu, None, "K"))
+    assert bare.value.reason == "no_edge"
+    assert "None" not in str(bare.value)
+    assert "1.5 eV" in str(bare.value) and "at least 2 eV" in str(bare.value)
+    with pytest.raises(SpectrumError) as named:
+        find_e0(Spectrum(energy, mu, "Cu", "K"))
+    assert "Cu K edge" in str(named.value) and "None" not in str(named.value)

@@ -186,7 +186,10 @@ def window_error(
         return None
     if tab is not None:
         return SpectrumError("no_edge", no_edge_detail(energy, tab, element, edge))
-    return SpectrumError("no_edge", f"no data near the {element} {edge} edge")
+    near = f" near the {element} {edge} edge" if element else ""
+    return SpectrumError(
+        "no_edge", f"only {hi - lo:.3g} eV of data{near} to look for E0 in (at least 2 eV needed)"
+    )
 
 
 NEVER_RISES = "mu never rises: no absorption edge found"
