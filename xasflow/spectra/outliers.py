@@ -54,15 +54,20 @@ def _median(v: np.ndarray) -> float:
     return 0.5 * (s.item((n - 1) // 2) + s.item(n // 2))
 
 
+def _x_halves(x: np.ndarray) -> tuple[int, float, float]:
+    """(h, xa, xb): the size of the first and the last half of ``x`` (ascending) and the
+    median x of each (:func:`_halves` of one row)."""
+    n = x.size
+    h = n // 2
+    i, j = (h - 1) // 2, h // 2
+    return h, 0.5 * (x.item(i) + x.item(j)), 0.5 * (x.item(n - h + i) + x.item(n - h + j))
+
+
 def _resistant(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """(ya, slope, xa, level): the line ``ya + slope (x - xa)`` through the medians of the
     first and the last half of (x, y) (x ascending), and its mean level ``(ya + yb) / 2``."""
-    n = y.size
-    h = n // 2
-    i, j = (h - 1) // 2, h // 2
-    xa = 0.5 * (x.item(i) + x.item(j))
-    xb = 0.5 * (x.item(n - h + i) + x.item(n - h + j))
-    ya, yb = _median(y[:h]), _median(y[n - h :])
+    h, xa, xb = _x_halves(x)
+    ya, yb = _median(y[:h]), _median(y[y.size - h :])
     return ya, (yb - ya) / (xb - xa), xa, 0.5 * (ya + yb)
 
 
@@ -70,12 +75,8 @@ def _reach(x: np.ndarray) -> float:
     """A bound on |residual| / (max y - min y) for :func:`_resistant`'s line of any y on
     ``x``: the halves' medians lie within the values, and the line reaches the ends of the
     range from the first one at a slope of at most their span over ``xb - xa``."""
-    n = x.size
-    h = n // 2
-    i, j = (h - 1) // 2, h // 2
-    xa = 0.5 * (x.item(i) + x.item(j))
-    xb = 0.5 * (x.item(n - h + i) + x.item(n - h + j))
-    return 1.0 + max(xa - x.item(0), x.item(n - 1) - xa) / (xb - xa)
+    _, xa, xb = _x_halves(x)
+    return 1.0 + max(xa - x.item(0), x.item(x.size - 1) - xa) / (xb - xa)
 
 
 #: The bounds decide only with this much room (rounding of the residuals).
