@@ -240,3 +240,22 @@ def test_train_refuses_an_unknown_network_device_before_reading_data(
     )
     assert rc == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """``python -m xasflow`` is the console script: the same parser, and its exit status."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run(
+        [sys.executable, "-m", "xasflow", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: xasflow ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "xasflow", "predict", "/nonexistent/scan.xdi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1, bad.stderr  # the per-file failure status, passed through
+    assert "1 of 1 files could not be predicted" in bad.stdout + bad.stderr
