@@ -12,19 +12,26 @@ raw start: written, they would set ``STOP_EARLY`` from A's certainty while B sca
 
 * a raw start makes its run the current one (always: a run replayed from its start, e.g.
   after a Kafka hand-over, scans again);
-* an analysis start of a run whose raw start the hook announced is that run's own: the
-  advice is cleared again if it is still the current one, ignored if a later raw start came
-  since; an analysis start the hook never announced (an IOC fed analysis documents only)
-  makes its run the current one;
+* with the hook on (it has announced a raw start), an analysis start is that of a run the
+  hook announced: every run the daemon analyses was opened by the assembler, which tells
+  the hook first. Of the current run, it clears the advice again; of any other run, a later
+  raw start came since, and it is ignored (so is the start of a run that scans nothing: one
+  closed without its raw start read here). Without the hook (an IOC fed analysis documents
+  only), an analysis start makes its run the current one;
 * advice, and the withdrawal of ``STOP_EARLY`` after a rejected spectrum, are written only
   for the current run.
+
+Nothing is kept per run, so no run is ever forgotten: the current uid and whether the hook
+is on answer every question. (A map of the runs announced and not yet analysed, trimmed to
+its newest 1,024, forgot a run still waiting for its analysis start; its start then read as
+one the hook never announced, and took the advice PVs from the run scanning.) Nor is this
+event-model's ``RunRouter``: the IOC sees the raw runs by their uid only (the hook), not by
+their documents, and the analysis runs are followed by the IOC's own router already.
 
 Not thread-safe: the IOC holds its lock around each decision and the write it leads to.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 __all__ = ["AdviceRuns"]
 
@@ -32,26 +39,21 @@ __all__ = ["AdviceRuns"]
 class AdviceRuns:
     """The raw run the advice PVs belong to, and which advice may be written (see module)."""
 
-    def __init__(self, remember: int = 1024) -> None:
-        """``remember``: raw starts announced by the hook and kept until their analysis
-        start (a run that never gets one is forgotten, oldest first)."""
+    def __init__(self) -> None:
         self.current: str | None = None
-        self.remember = remember
-        self._announced: OrderedDict[str, None] = OrderedDict()
+        #: Whether the raw-start hook has announced a run: then every analysis start is of
+        #: a run it announced (see module).
+        self.hooked = False
 
     def raw_start(self, raw_uid: str) -> None:
         """The raw run starts scanning: its advice is the one shown from now on."""
         self.current = raw_uid
-        self._announced[raw_uid] = None
-        self._announced.move_to_end(raw_uid)
-        while len(self._announced) > self.remember:
-            self._announced.popitem(last=False)
+        self.hooked = True
 
     def analysis_start(self, raw_uid: str) -> bool:
         """The analysis run of ``raw_uid`` starts; True when the advice PVs are to be cleared
         for it (it is the current run), False when a later raw start came since."""
-        if raw_uid in self._announced:  # the hook announced it: its own start, come later
-            del self._announced[raw_uid]
+        if self.hooked:  # its raw start was announced: its own start, come later
             return raw_uid == self.current
         self.current = raw_uid
         return True
