@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 from xasflow import paths
 from xasflow.adapters.probes import PROBE_KEY
-from xasflow.sim.demo_printer import Printer, format_counts, format_result, say
+from xasflow.sim.demo_printer import LastDocument, Printer, format_counts, format_result, say
 
 __all__ = ["DemoError", "beamline_main", "find_bundle", "format_result", "run_demo"]
 
@@ -121,12 +121,15 @@ def _read_beamline(
     return thread
 
 
-def _finish_printing(printer: Printer, daemon: Callable[[], Any], out: TextIO) -> None:
+def _finish_printing(
+    printer: Printer, daemon: Callable[[], Any], last: LastDocument, out: TextIO
+) -> None:
     """Stop ``printer`` once it has printed all that the stopped ``daemon()`` (None when none
-    was made) published, runs it closed as it stopped included; say what never came."""
+    was made) published, runs it closed as it stopped included (``last``: its last document);
+    say what never came."""
     made = daemon()
     sent = made.view.output_stats().get("sent", 0) if made is not None else 0
-    missing = printer.finish(sent, _PRINT_TIMEOUT_S)
+    missing = printer.finish(sent, _PRINT_TIMEOUT_S, last.uid)
     if missing:
         say(out, f"{missing} analysis documents the daemon published did not arrive to print")
 
@@ -244,7 +247,8 @@ def run_demo(
         started.append(source.close)
         printer = Printer(source, out)
         printer.start()
-        started.append(functools.partial(_finish_printing, printer, lambda: daemon, out))
+        last = LastDocument()  # the daemon's last document: the printer's drain ends there
+        started.append(functools.partial(_finish_printing, printer, lambda: daemon, last, out))
         config = DaemonConfig().with_updates(
             {
                 "input": {"address": proxy.out_address},
@@ -256,6 +260,7 @@ def run_demo(
             }
         )
         daemon = Daemon(config)
+        daemon.add_listener(last)
         try:
             daemon.start()
         except DaemonError as exc:

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from xasflow.adapters.routing import SafeRouter, SinkRouter, stream_factory
 
-__all__ = ["Printer", "format_counts", "format_result", "say"]
+__all__ = ["LastDocument", "Printer", "format_counts", "format_result", "say"]
 
 #: One line at a time on the demo's output: the beamline relay and the result printer are two
 #: threads, and ``print`` writes a line and its newline separately, so lines could run together.
@@ -106,6 +106,7 @@ class Printer:
         self.analysed = 0
         self.rejected = 0
         self.documents = 0  # documents taken from the source (each printed, or not to print)
+        self.last: str | None = None  # the uid of the last document taken
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._changed = threading.Condition(self._lock)
@@ -141,6 +142,7 @@ class Printer:
             with self._lock:
                 self._router(name, doc)
                 self.documents += 1
+                self.last = doc.get("uid") if isinstance(doc, dict) else None
                 self._changed.notify_all()
 
     def wait_finished(self, n: int, timeout: float) -> bool:
@@ -154,12 +156,21 @@ class Printer:
                 self._changed.wait(min(left, 0.2))
         return True
 
-    def finish(self, sent: int, timeout: float) -> int:
-        """Print until ``sent`` documents (all the stopped daemon published) are taken, or
-        ``timeout`` passes; then stop. Returns how many never came (0: all printed)."""
+    def finish(self, sent: int, timeout: float, last: str | None = None) -> int:
+        """Print until all the stopped daemon published is taken, or ``timeout`` passes; then
+        stop. Returns how many of its ``sent`` documents never came (0: all printed).
+
+        All came once ``sent`` are taken, or once ``last`` (the uid of the daemon's last
+        document) is: the bus keeps the order, and what it loses before the subscription
+        reaches the publisher are the first ones, which no wait brings.
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self.documents < sent and (left := deadline - time.monotonic()) > 0:
+            while (
+                self.documents < sent
+                and (last is None or self.last != last)
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 self._changed.wait(min(left, 0.2))
             missing = max(0, sent - self.documents)
         self.stop()
@@ -169,6 +180,17 @@ class Printer:
         """Stop taking documents (what the source still holds is not printed)."""
         self._stop.set()
         self._thread.join(5.0)
+
+
+class LastDocument:
+    """A daemon listener: the uid of the last analysis document it published (for
+    :meth:`Printer.finish`; every listener sees them in the order they go to the bus)."""
+
+    def __init__(self) -> None:
+        self.uid: str | None = None
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.uid = doc.get("uid")
 
 
 class _RunPrinter(SinkRouter):
