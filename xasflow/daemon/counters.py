@@ -267,12 +267,6 @@ class Counters:
         """Expose these counters in a prometheus_client registry; see :func:`register_prometheus`."""
         return register_prometheus(self, registry)
 
-    @property
-    def rejected_total(self) -> int:
-        """All rejections, both stages (documents and runs as well as spectra: no spectra count)."""
-        with self._lock:
-            return sum(self.rejected.values())
-
     def rejected_per_stage(self) -> dict[str, int]:
         """Each stage's rejections (every stage from 0), so spectra and documents stay apart."""
         totals = dict.fromkeys(REJECTION_STAGES, 0)
