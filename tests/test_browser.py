@@ -42,6 +42,7 @@ from helpers import (
 )
 
 from xasflow import paths
+from xasflow.daemon.dashboard_routes import STATIC_DIR
 from xasflow.models.predictor import HERFD_SUSPECTED, OUT_OF_DOMAIN
 
 try:
@@ -97,6 +98,35 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
+def open_page(browser: Any, base: str) -> tuple[Any, list[str], list[str]]:
+    """A new tab on the dashboard, loaded, with the URLs it requested and its problems: console
+    errors, uncaught exceptions, requests that failed or were refused, and a script that came
+    as anything but JavaScript (a browser will not run such an ES module)."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    requests: list[str] = []
+    problems: list[str] = []
+
+    def answered(r: Any) -> None:
+        if r.status >= 400:
+            problems.append(f"{r.status} {r.url}")
+        elif r.request.resource_type == "script":
+            kind = r.headers.get("content-type", "")
+            if not kind.startswith("text/javascript"):
+                problems.append(f"{r.url} came as {kind!r}")
+
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("requestfailed", lambda r: problems.append(f"{r.url} failed: {r.failure}"))
+    page.on("response", answered)
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(base + "/", wait_until="load")
+    # the modules ran: the entry's state object is there, the stream connected
+    page.wait_for_function(
+        "() => window.xasflow !== undefined && window.xasflow.messages > 0", timeout=TIMEOUT_MS
+    )
+    return page, requests, problems
+
+
 def drawn(page: Any) -> None:
     """Wait until the page has drawn the state it holds (on the next animation frame)."""
     page.wait_for_function(
@@ -116,14 +146,8 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
     step_event = beamline.results.wait([step_uid])[step_uid]["events"][0]
     assert step_event["status"] == "ok"
 
-    page = browser.new_page(viewport={"width": 1600, "height": 1150})
-    requests: list[str] = []
-    problems: list[str] = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(str(e)))
+    page, requests, problems = open_page(browser, base)
     try:
-        page.goto(base + "/", wait_until="load")
         # the page loads and shows the step scan's prediction
         page.wait_for_function(
             "uid => document.getElementById('run-uid').textContent === uid.slice(0, 8)"
@@ -158,7 +182,9 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             transmission(fly_e, shift=-0.5, kind=("CuO", "Cu2O")[i % 2], seed=i)
             for i in range(FLY_SPECTRA)
         ]
-        fly_uid, fly_docs = fly_scan(fly_e, spectra, {"sample_name": "CuO/Cu2O mixture"})
+        # markup in document data (it comes from the network) is shown as text, never parsed
+        sample = 'CuO/Cu2O <img src=x onerror="window.xasflowHacked = 1"> mixture'
+        fly_uid, fly_docs = fly_scan(fly_e, spectra, {"sample_name": sample})
         publish(pub, fly_docs)
         fly_events = beamline.results.wait([fly_uid])[fly_uid]["events"]
         page.wait_for_function(
@@ -172,6 +198,10 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         drawn(page)
         info = page.text_content("#run-info") or ""
         assert info.startswith("fly scan") and f"{FLY_SPECTRA} analysed, 0 rejected" in info
+        assert f"fly scan of {sample} · " in info
+        assert page.locator("#runs-table tr").nth(1).locator("td").nth(2).text_content() == sample
+        assert page.locator("main img").count() == 0
+        assert page.evaluate("window.xasflowHacked") is None
         assert page.text_content("#cn-value") == str(fly_events[-1]["cn"])
         # the tiny bundle's distance interval is unbounded (too few calibration rows)
         assert (page.text_content("#distance-value") or "").endswith("(90 %: unbounded)")
@@ -280,8 +310,10 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
     finally:
         page.close()
     assert not problems, problems
-    # everything the page loaded came from the daemon itself
+    # everything the page loaded came from the daemon itself, every module of it among them
     assert requests and all(u.startswith(base + "/") for u in requests), requests
+    scripts = {u.removeprefix(base + "/static/") for u in requests if u.endswith(".js")}
+    assert scripts == {p.name for p in STATIC_DIR.glob("*.js")}
 
 
 def _health_rows(page: Any) -> dict[str, str]:
@@ -313,9 +345,8 @@ def test_health_table_tells_the_stages_rejections_apart(beamline: Harness, brows
         return stages if stages["assembly"] > before else None
 
     stages = wait_for(counted, "the malformed start to be rejected in assembly")
-    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    page, _, problems = open_page(browser, d.http_url)
     try:
-        page.goto(d.http_url + "/", wait_until="load")
         page.wait_for_function(
             "n => { const h = window.xasflow.state && window.xasflow.state.health;"
             " return h && h.rejected_total === n; }",
@@ -326,6 +357,7 @@ def test_health_table_tells_the_stages_rejections_apart(beamline: Harness, brows
         shown = _health_rows(page)
     finally:
         page.close()
+    assert not problems, problems
     # the row that says "spectra rejected" counts the spectra, not the documents refused
     spectra = [v for label, v in shown.items() if label.startswith("spectra rejected")]
     assert spectra == [str(stages["analysis"])], shown
@@ -347,9 +379,8 @@ def test_rejected_per_second_counts_the_spectra_the_analysis_rejected(
         return d.counters.snapshot()["spectra_rejected_by_stage"]
 
     before = stages()
-    page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    page, _, problems = open_page(browser, d.http_url)
     try:
-        page.goto(d.http_url + "/", wait_until="load")
         page.wait_for_function(
             "() => document.getElementById('rates').textContent !== ''", timeout=TIMEOUT_MS
         )
@@ -372,6 +403,7 @@ def test_rejected_per_second_counts_the_spectra_the_analysis_rejected(
         shown = _health_rows(page)
     finally:
         page.close()
+    assert not problems, problems
     assert stages()["analysis"] == before["analysis"]  # no spectrum was rejected meanwhile
     m = re.fullmatch(
         r"([\d.]+) spectra/s · ([\d.]+) rejected/s · ([\d.]+) rejected in assembly/s", pill

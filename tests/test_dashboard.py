@@ -133,6 +133,29 @@ def dash(
 # --------------------------------------------------------------------------- tests
 
 
+#: What a script imports from the page's other modules: ``import ... from "./x.js"``.
+_IMPORT = re.compile(r'^import\b[^;]*?\bfrom "\./([^"]+)";', re.MULTILINE)
+
+
+def module_graph(base: str, query: str = "") -> dict[str, tuple[str, str]]:
+    """The page's scripts, from its entry module along their imports: name -> (content type,
+    text); each must answer 200 and ask for the next with ``query`` (the access token)."""
+    found: dict[str, tuple[str, str]] = {}
+    todo = ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        status, headers, body = http_get(f"{base}/static/{name}{query}")
+        assert status == 200, name
+        text = body.decode()
+        found[name] = (headers["content-type"], text)
+        for spec in _IMPORT.findall(text):
+            assert spec.endswith(".js" + query), (name, spec)  # the token travels on
+            todo.append(spec.removesuffix(query))
+    return found
+
+
 def test_page_and_assets_are_served_locally(dash: Harness) -> None:
     base = dash.daemon.http_url
     assert base is not None and base.startswith("http://127.0.0.1:")
@@ -143,20 +166,68 @@ def test_page_and_assets_are_served_locally(dash: Harness) -> None:
     html = page.decode()
     assets = re.findall(r'(?:src|href)="(static/[^"]+)"', html)
     assert sorted(assets) == ["static/app.js", "static/style.css"]
-    bodies = {"/": html}
-    for asset in assets:
-        status, headers, body = http_get(f"{base}/{asset}")
-        assert status == 200, asset
-        bodies[asset] = body.decode()
-    assert "javascript" in http_get(f"{base}/static/app.js")[1]["content-type"]
-    # every file of the page is in the package and nothing refers to another host
+    assert '<script type="module" src="static/app.js">' in html  # ES modules, no bundler
+    status, headers, css = http_get(f"{base}/static/style.css")
+    assert status == 200 and headers["content-type"].startswith("text/css")
+    scripts = module_graph(base)
+    # browsers load a module only when it comes as JavaScript
+    assert {n: t for n, (t, _) in scripts.items()} == dict.fromkeys(
+        scripts, "text/javascript; charset=utf-8"
+    )
+    bodies = {"/": html, "static/style.css": css.decode()}
+    bodies.update({f"static/{n}": text for n, (_, text) in scripts.items()})
+    # every file of the page is in the package, reached from the page, and nothing refers
+    # to another host
     on_disk = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
-    assert on_disk == ["app.js", "index.html", "style.css"]
+    assert on_disk == sorted(["index.html", "style.css", *scripts])
     for name, text in bodies.items():
         assert not re.search(r"https?://", text), f"{name} refers to a URL"
         assert "//cdn" not in text and "@import" not in text, name
-    assert 'new EventSource("events"' in bodies["static/app.js"]
-    assert http_get(f"{base}/static/../config.py")[0] == 404
+        assert "{{" not in text, name  # every placeholder filled in
+    assert sum('new EventSource("events"' in t for t in bodies.values()) == 1
+    for path in (
+        "/static/../config.py",
+        "/static/..%2Fconfig.py",
+        "/static/%2e%2e/config.py",
+        "/static/..%2F..%2Fpaths.py",
+        "/static/nothing.js",
+        "/static/..%2Fdashboard_routes.py",  # the folder above
+        "/static/.hidden.js",
+    ):
+        assert http_get(base + path)[0] == 404, path
+
+
+def test_scripts_are_javascript_whatever_the_platform_maps_js_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the scripts' type was the platform's guess for ``.js`` (Windows registries often
+    say ``text/plain``), and a browser refuses an ES module served so. Now it is said."""
+    import mimetypes
+
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.dashboard_routes import install_dashboard
+
+    class Quiet:  # the members of a DaemonView the dashboard's routes read
+        counters = Counters()
+
+    mimetypes.guess_type("app.js")  # the table read, so the change below is the one used
+    monkeypatch.setitem(mimetypes.types_map, ".js", "text/plain")
+    app = Starlette()
+    dash = install_dashboard(app, Quiet())  # type: ignore[arg-type]
+    try:
+        client = TestClient(app)
+        scripts = sorted(p.name for p in STATIC_DIR.glob("*.js"))
+        assert "app.js" in scripts
+        for name in scripts:
+            response = client.get(f"/static/{name}")
+            assert response.status_code == 200, name
+            assert response.headers["content-type"] == "text/javascript; charset=utf-8", name
+            assert response.headers["x-content-type-options"] == "nosniff", name
+    finally:
+        dash.stop()
 
 
 def test_sse_pushes_the_prediction_and_spectrum_after_a_scan(dash: Harness) -> None:
@@ -363,7 +434,10 @@ def test_token_is_required_when_bound_beyond_loopback(
         status, _, page = http_get(url + "/" + q)
         assert status == 200
         assert f'src="static/app.js{q}"' in page.decode()  # the page's assets carry the token
-        assert http_get(f"{url}/static/app.js{q}")[0] == 200
+        scripts = module_graph(url, q)  # ... and so do the modules' imports of each other
+        assert len(scripts) > 1
+        for name in scripts:
+            assert http_get(f"{url}/static/{name}")[0] == 401, name
         auth = {"Authorization": f"Bearer {token}"}
         assert http_get(url + "/api/state", auth)[0] == 200
         assert http_get(url + "/metrics", auth)[0] == 200

@@ -1,7 +1,8 @@
 """The dashboard's routes on the daemon's Starlette app (:func:`install_dashboard`)::
 
     GET /              the page (``static/index.html``; every asset local, no CDN)
-    GET /static/...    its script and style sheet
+    GET /static/x.js   its scripts, ES modules (their imports carry the page's ``?token=``)
+    GET /static/...    its style sheet
     GET /api/state     the current state as one JSON object
     GET /events        server-sent events: ``event: state`` with that JSON, pushed on change
     GET /api/dashboard the dashboard's own counters (documents, dropped, messages, clients)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,11 +56,35 @@ _SECURITY_HEADERS = {
 }
 
 
+#: A script's name under ``/static`` (no dots, no slashes: nothing outside the folder).
+_SCRIPT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+#: Said, not guessed from the platform's table (Windows often maps ``.js`` to text/plain,
+#: and a browser refuses an ES module served so); never sniffed as anything else.
+_SCRIPT_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+def _query(token: str | None) -> str:
+    """``?token=...`` (percent-encoded: safe in a URL, an HTML attribute, a JS string) or ``""``."""
+    return "?token=" + urllib.parse.quote(token, safe="") if token else ""
+
+
 def _index_html(token: str | None) -> str:
     """The page, its asset URLs carrying ``?token=`` when the request came with one."""
     text = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-    query = "?token=" + urllib.parse.quote(token, safe="") if token else ""
-    return text.replace("{{query}}", html.escape(query, quote=True))
+    return text.replace("{{query}}", html.escape(_query(token), quote=True))
+
+
+def _script(name: str, token: str | None) -> str | None:
+    """The module ``static/<name>.js``, its imports carrying ``?token=`` as the page's assets
+    do (a module's imports drop the query of its own URL); None if there is no such file."""
+    if not _SCRIPT_NAME.fullmatch(name):
+        return None
+    try:
+        text = (STATIC_DIR / f"{name}.js").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return text.replace("{{query}}", _query(token))
 
 
 def install_dashboard(
@@ -83,6 +109,12 @@ def install_dashboard(
             )
         return HTMLResponse(page, headers=_SECURITY_HEADERS)
 
+    async def script(request: Request) -> Response:
+        text = _script(request.path_params["name"], request.query_params.get("token"))
+        if text is None:
+            return PlainTextResponse("Not Found", status_code=404)
+        return Response(text, media_type="text/javascript", headers=_SCRIPT_HEADERS)
+
     async def state(request: Request) -> Response:
         _version, body = await asyncio.to_thread(dash.message)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
@@ -100,6 +132,7 @@ def install_dashboard(
             Route("/api/state", state, methods=["GET"]),
             Route("/api/dashboard", stats, methods=["GET"]),
             Route("/events", limit.wrap(events), methods=["GET"]),
+            Route("/static/{name}.js", script, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         ]
     )
