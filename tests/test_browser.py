@@ -291,7 +291,8 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             "flags": "foil_misaligned",
             "latency_ms": 987.0,
         }
-        for name, doc in analysis_run_docs([("primary", refused)], "refused-run"):
+        *going, stop = analysis_run_docs([("primary", refused)], "refused-run")
+        for name, doc in going:  # its stop comes later
             dashboard.listener(name, doc)
         page.wait_for_function(
             "() => document.getElementById('run-uid').textContent === 'refused-'",
@@ -307,6 +308,16 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert stale.startswith(f"from an earlier run ({latest.raw_uid[:8]})")
         assert "run refused- has no answer yet, 1 rejected (last: weak_edge)" in stale
         assert "stale" in (page.get_attribute("#prediction-card", "class") or "")
+        # once that run has ended the card no longer says an answer may yet come
+        dashboard.listener(*stop)
+        page.wait_for_function(
+            "() => window.xasflow.state.run.exit_status === 'success'", timeout=TIMEOUT_MS
+        )
+        drawn(page)
+        assert page.text_content("#pred-stale") == (
+            f"from an earlier run ({latest.raw_uid[:8]}): "
+            "run refused- ended with no answer, 1 rejected (last: weak_edge)"
+        )
     finally:
         page.close()
     assert not problems, problems

@@ -63,14 +63,16 @@ function renderDoubt(pred, last) {
 }
 
 // the answer shown is an earlier run's while the current run has none yet (say, every
-// spectrum of it rejected): say so over it, so no one reads it as the current sample's
+// spectrum of it rejected): say so over it, so no one reads it as the current sample's;
+// once that run has ended, no answer is to come from it, and the note says so
 function renderStale(state) {
   const pred = state.prediction, run = state.run, rej = state.last_rejection;
   const stale = !!(pred && run && run.raw_uid !== pred.raw_uid && !run.n_ok);
   const note = $("pred-stale");
   note.hidden = !stale;
   note.textContent = !stale ? "" :
-    `from an earlier run (${short(pred.raw_uid)}): run ${short(run.raw_uid)} has no answer yet` +
+    `from an earlier run (${short(pred.raw_uid)}): run ${short(run.raw_uid)} ` +
+    (run.exit_status ? "ended with no answer" : "has no answer yet") +
     (run.n_rejected ? `, ${run.n_rejected} rejected` +
       (rej && rej.raw_uid === run.raw_uid ? ` (last: ${rej.reason})` : "") : "");
   $("prediction-card").classList.toggle("stale", stale);
