@@ -424,3 +424,44 @@ def test_rejected_per_second_counts_the_spectra_the_analysis_rejected(
     assert float(m.group(3)) > 0
     assert shown["rejected by the analysis / s"] == "0.0"
     assert shown["rejected in assembly / s"] == m.group(3)
+
+
+def test_ready_pill_does_not_outlive_the_health_report(beamline: Harness, browser: Any) -> None:
+    """Before: when the daemon's health report failed (the state's ``health`` null), the page
+    kept showing the last report's "daemon ready" and its tables, as if current. Now it says
+    the health is unknown and shows no numbers it no longer has."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    dashboard = d.parts.app.state.dashboard
+    real = dashboard.view
+
+    class Failing:  # the daemon's view, but its health report fails
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def health(self) -> dict[str, Any]:
+            raise RuntimeError("no health report (test)")
+
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        page.wait_for_function(
+            "() => document.getElementById('ready').textContent === 'daemon ready'",
+            timeout=TIMEOUT_MS,
+        )
+        assert page.locator("#health-table tr").count() > 0
+        dashboard.view = Failing()
+        page.wait_for_function("() => window.xasflow.state.health === null", timeout=TIMEOUT_MS)
+        drawn(page)
+        pill = page.text_content("#ready")
+        pill_class = page.get_attribute("#ready", "class")
+        info = page.text_content("#health-info")
+        shown = _health_rows(page)
+        models = page.locator("#models-table td").count()
+        reasons = page.locator("#reject-table td").count()
+    finally:
+        dashboard.view = real
+        page.close()
+    assert not problems, problems
+    assert (pill, pill_class) == ("daemon health unknown", "pill warn")
+    assert info == "no health report (see the daemon's log)"
+    assert shown == {} and models == reasons == 0

@@ -1,15 +1,15 @@
 // The daemon's health: the ready pill, the rates, the counts table, the rejections by stage
 // and reason, and the models in service with their held-out metrics.
 
-import { $, fmt, rows } from "./format.js{{query}}";
+import { $, clear, fmt, rows } from "./format.js{{query}}";
 
 export function renderHealth(state) {
   const h = state.health, r = state.rates || {};
   const ready = $("ready");
-  if (h) {
-    ready.textContent = h.ready ? "daemon ready" : "daemon not ready";
-    ready.className = "pill " + (h.ready ? "ok" : "bad");
-  }
+  // no report (the daemon's health() failed): the last one's "ready" and numbers would pass
+  // for current ones, so none are shown
+  ready.textContent = !h ? "daemon health unknown" : h.ready ? "daemon ready" : "daemon not ready";
+  ready.className = "pill " + (!h ? "warn" : h.ready ? "ok" : "bad");
   // "rejected/s" beside "spectra/s" is the spectra the analysis rejected; what the
   // assembler refused (documents, runs: no spectra) is shown apart, when there is any
   const perS = (v, digits) => (v === null || v === undefined ? "–" : fmt(v, digits));
@@ -18,7 +18,11 @@ export function renderHealth(state) {
       (r.assembly_rejected_per_s > 0
         ? ` · ${fmt(r.assembly_rejected_per_s, 1)} rejected in assembly/s` : "")
     : "";
-  if (!h) return;
+  if (!h) {
+    $("health-info").textContent = "no health report (see the daemon's log)";
+    ["health-table", "reject-table", "models-table"].forEach((id) => clear($(id)));
+    return;
+  }
   const lat = h.latency || {};
   $("health-info").textContent = `xasflow ${h.version} · up ${fmt(h.uptime_s / 60, 1)} min`;
   const d = state.dashboard || {};
