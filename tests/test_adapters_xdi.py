@@ -141,6 +141,48 @@ def test_kev_energy_is_converted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("header", "element"),
+    [
+        (HEADER.replace("Column.1: energy eV", "Column.1: energy"), None),
+        ("\n".join(line for line in HEADER.splitlines() if "Column." not in line) + "\n", None),
+        (HEADER.replace("Column.1: energy eV", "Column.1: energy").replace("Cu\n", "\n"), "Cu"),
+    ],
+)
+def test_xdi_energy_without_unit_is_read_as_the_column_reader_reads_it(
+    tmp_path: Path, header: str, element: str | None
+) -> None:
+    """An XDI energy column that declares no unit (a Column.1 field without one, or only
+    the label line) over keV values holding the declared edge x 1000 is keV, as the column
+    reader decides (it was read as eV: Cu's edge at "8.98 eV")."""
+    path = write(tmp_path / "kev.xdi", header + table(ENERGY / 1000.0, I0, IT, IR))
+    s = read_spectrum_file(path, element=element)
+    np.testing.assert_allclose(s.energy, ENERGY, rtol=1e-12)
+    assert str(s.meta["energy_unit"]).startswith("keV")
+    ev = read_spectrum_file(write(tmp_path / "ev.xdi", header + table(ENERGY, I0, IT, IR)))
+    np.testing.assert_array_equal(ev.energy, ENERGY)  # eV values stay eV
+    assert "energy_unit" not in ev.meta
+
+
+@pytest.mark.parametrize(
+    ("symbol", "message"),
+    [("", "no element was given"), ("Fe", "do not hold the Fe K edge at 7112.0 eV")],
+)
+def test_xdi_energy_without_unit_that_may_be_kev_is_refused(
+    tmp_path: Path, symbol: str, message: str
+) -> None:
+    """Energies of a few "eV" with no unit and no edge they hold x 1000 are refused, naming
+    the file and the remedy, as by the column reader: never read as eV."""
+    header = HEADER.replace("Column.1: energy eV", "Column.1: energy")
+    header = header.replace("Element.symbol: Cu", f"Element.symbol: {symbol}")
+    path = write(tmp_path / "kev.xdi", header + table(ENERGY / 1000.0, I0, IT, IR))
+    with pytest.raises(SpectrumError, match=message) as err:
+        xdi_to_spectrum(read_xdi(path))
+    assert err.value.reason == "units"
+    assert str(path) in str(err.value)
+    assert "energy keV" in str(err.value)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("energy mu\n1 2\n", "not an XDI file"),

@@ -22,10 +22,10 @@ from typing import Literal
 
 import numpy as np
 
+from xasflow.adapters.energy_units import EV_PER_UNIT, energy_in_ev
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
 from xasflow.spectra.channels import mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
-from xasflow.spectra.edges import edge_energy
 
 
 class ColumnFileError(ValueError):
@@ -73,22 +73,6 @@ _NAMES_HELP = (
 )
 
 
-#: Energy units a header may give (lower case, letters only), as factors to eV.
-_EV_PER_UNIT = {
-    "ev": 1.0,
-    "electronvolt": 1.0,
-    "electronvolts": 1.0,
-    "kev": 1000.0,
-    "kiloelectronvolt": 1000.0,
-    "kiloelectronvolts": 1000.0,
-}
-#: Positive energies all below this are no scan of an edge xasflow tabulates in eV (the
-#: lowest is Na K, 1,071 eV), while in keV they span every hard X-ray edge: such a column
-#: without a unit is read as keV when the declared edge lies in its range times 1000, and
-#: refused otherwise (it was read as eV, and E0 "found" at 9 eV).
-KEV_BELOW = 200.0
-
-
 def _name(token: str) -> str:
     """A header token as a column name: lower case, no bracketed unit nor ``/eV`` (``_keV``),
     letters and digits only ("" for a token that is only a unit or punctuation, as ``(eV)``)."""
@@ -97,13 +81,13 @@ def _name(token: str) -> str:
 
 
 def _unit(token: str) -> str:
-    """The energy unit a header token gives (a key of ``_EV_PER_UNIT``, or ""): bracketed
+    """The energy unit a header token gives (a key of ``EV_PER_UNIT``, or ""): bracketed
     ("Energy (keV)", "E [eV]"), after ``/``, ``_`` or ``-`` ("E/keV", "energy_keV"), or the
     token itself ("keV")."""
     low = token.lower().strip()
     found = re.search(r"[(\[{](.*?)[)\]}]", low) or re.search(r"[/_-]\s*([a-z]+)$", low)
     unit = re.sub(r"[^a-z]", "", found.group(1) if found else low)
-    return unit if unit in _EV_PER_UNIT else ""
+    return unit if unit in EV_PER_UNIT else ""
 
 
 def _header_fields(line: str, decimal_commas: bool) -> list[tuple[str, str]]:
@@ -211,36 +195,13 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
 def _energy_ev(
     path: Path, values: np.ndarray, unit: str, element: str | None, edge: str
 ) -> tuple[np.ndarray, str | None]:
-    """The energy column in eV, and what said its unit was not eV (None: read as eV).
-
-    The header's unit when it gives one; else values all in (0, :data:`KEV_BELOW`) are keV
-    if the declared element's edge lies in their range times 1000, and refused otherwise:
-    keV is never read as eV.
-    """
-    if unit:
-        factor = _EV_PER_UNIT[unit]
-        return (values, None) if factor == 1.0 else (values * factor, "keV (the header's unit)")
-    lo, hi = float(values.min()), float(values.max())
-    if not (lo > 0.0 and hi < KEV_BELOW):
-        return values, None
-    element = element.strip().capitalize() if element is not None else None
-    edge = edge.strip().upper()
+    """The energy column in eV, and what said its unit was not eV (None: read as eV), by
+    :func:`~xasflow.adapters.energy_units.energy_in_ev` (keV is never read as eV)."""
+    remedy = "Name the unit in the header (energy (keV), or energy (eV)) or give the element"
     try:
-        tab = edge_energy(element, edge) if element is not None else None
-    except KeyError:
-        tab = None
-    if tab is not None and lo * 1000.0 <= tab <= hi * 1000.0:
-        return values * 1000.0, f"keV (the {element} {edge} edge lies in the values x 1000)"
-    why = (
-        f"read as keV they do not hold the {element} {edge} edge at {tab:.1f} eV either"
-        if tab is not None
-        else "keV? no element was given to tell"
-    )
-    raise ColumnFileError(
-        f"{path}: energies {lo:g} to {hi:g} with no unit in the header: in eV they lie below "
-        f"every tabulated edge (Na K, 1071 eV); {why}. Name the unit in the header (energy "
-        "(keV), or energy (eV)) or give the element"
-    )
+        return energy_in_ev(str(path), values, unit, element, edge, remedy)
+    except SpectrumError as exc:
+        raise ColumnFileError(exc.message) from None
 
 
 def is_xdi(path: str | Path) -> bool:
@@ -261,7 +222,7 @@ def read_spectrum_file(path: str | Path, element: str | None = None) -> Spectrum
     """
     if not is_xdi(path):
         return read_two_column(path, element=element)
-    spectrum = xdi_to_spectrum(read_xdi(path))
+    spectrum = xdi_to_spectrum(read_xdi(path), element=element)
     if element is None:
         return spectrum
     wanted = element.strip().capitalize()

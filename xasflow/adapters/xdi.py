@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xasflow.adapters.energy_units import EV_PER_UNIT, energy_in_ev
 from xasflow.spectra.channels import Mode, mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
 
@@ -106,15 +107,25 @@ class XdiFile:
             raise KeyError(f"{self.path}: no column {name!r}; columns are {self.columns}")
         return self.data[:, self.columns.index(key)]
 
-    def energy_ev(self) -> np.ndarray:
+    def energy_ev(self, element: str | None = None) -> np.ndarray:
         """The energy column in eV (converts keV, and mono angles in degrees via d-spacing)."""
+        return self.energy_unit(element)[0]
+
+    def energy_unit(self, element: str | None = None) -> tuple[np.ndarray, str | None]:
+        """The energy column in eV, and what said its unit was not eV (None: it is eV).
+
+        A column that declares no unit is read by the column reader's rule
+        (:func:`~xasflow.adapters.energy_units.energy_in_ev`): values that may only be keV
+        are keV where the file's edge (else ``element``'s) lies in them times 1000, and
+        refused otherwise, never read as eV.
+        """
         idx = self.columns.index("energy") if "energy" in self.columns else 0
         values = self.data[:, idx]
         unit = self.units[idx].lower() if idx < len(self.units) else ""
-        if unit in ("", "ev"):
-            return values
-        if unit == "kev":
-            return values * 1000.0
+        if unit in ("", *EV_PER_UNIT):
+            remedy = "Name the unit in the Column field (energy keV, or energy eV) or the element"
+            found = self.element or element
+            return energy_in_ev(self.path, values, unit, found, self.edge, remedy)
         if unit in ("deg", "degree", "degrees"):
             dspacing = self.field("Mono.d_spacing")
             try:
@@ -123,7 +134,8 @@ class XdiFile:
                 raise SpectrumError(
                     "units", f"{self.path}: energy in degrees but no usable Mono.d_spacing"
                 ) from None
-            return HC_EV_ANGSTROM / (2.0 * d * np.sin(np.radians(values)))
+            energy = HC_EV_ANGSTROM / (2.0 * d * np.sin(np.radians(values)))
+            return energy, "degrees (the header's unit, by Mono.d_spacing)"
         raise SpectrumError("units", f"{self.path}: energy unit {unit!r} is not eV/keV/degrees")
 
 
@@ -299,17 +311,18 @@ def _reference(x: XdiFile) -> np.ndarray | None:
     return None
 
 
-def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
+def xdi_to_spectrum(x: XdiFile, mode: str = "auto", element: str | None = None) -> Spectrum:
     """Compute mu(E) from an XDI file's channels as a :class:`Spectrum`.
 
     ``auto`` prefers transmission ln(i0/itrans), then fluorescence ifluor/i0, then a stored
     mutrans/mufluor/mu column. The reference channel, when present, goes to
-    ``meta["reference_mu"]`` (aligned with the sorted energies).
+    ``meta["reference_mu"]`` (aligned with the sorted energies). ``element`` (the caller's,
+    for a file that names none) only tells keV from eV (:meth:`XdiFile.energy_unit`).
     """
     chosen = _pick_mode(x, mode)
     mu, origin = _mu(x, chosen)
     reference = _reference(x)
-    energy = x.energy_ev()
+    energy, how = x.energy_unit(element)
     if not np.all(np.isfinite(energy)):  # the sort below would drop them without a word
         bad = int(np.sum(~np.isfinite(energy)))
         raise SpectrumError("not_finite", f"{bad} energies are NaN or infinite")
@@ -330,6 +343,8 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto") -> Spectrum:
     sample = x.field("Sample.formula") or x.field("Sample.name")
     if sample:
         meta["sample"] = sample
+    if how is not None:
+        meta["energy_unit"] = how  # what said the energies were not eV
     if reference is not None:
         meta["reference_mu"] = reference[order][keep]
     if x.herfd:

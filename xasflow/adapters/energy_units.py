@@ -1,0 +1,68 @@
+"""The unit of a file's energy column: one rule for the XDI and the plain column readers.
+
+Energies are eV, or keV where the header's unit says so or, with no unit, where all lie
+below :data:`KEV_BELOW` and the declared edge lies in their range times 1000; below it
+without that they are refused, never read as eV.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xasflow.spectra.core import SpectrumError
+from xasflow.spectra.edges import edge_energy
+
+#: Energy units a header may give (lower case, letters only), as factors to eV.
+EV_PER_UNIT = {
+    "ev": 1.0,
+    "electronvolt": 1.0,
+    "electronvolts": 1.0,
+    "kev": 1000.0,
+    "kiloelectronvolt": 1000.0,
+    "kiloelectronvolts": 1000.0,
+}
+#: Positive energies all below this are no scan of an edge xasflow tabulates in eV (the
+#: lowest is Na K, 1,071 eV), while in keV they span every hard X-ray edge: such a column
+#: without a unit is read as keV when the declared edge lies in its range times 1000, and
+#: refused otherwise (it was read as eV, and E0 "found" at 9 eV).
+KEV_BELOW = 200.0
+
+
+def energy_in_ev(
+    source: str,
+    values: np.ndarray,
+    unit: str,
+    element: str | None,
+    edge: str,
+    remedy: str,
+) -> tuple[np.ndarray, str | None]:
+    """The energy column ``values`` in eV, and what said its unit was not eV (None: eV).
+
+    ``unit`` is a key of :data:`EV_PER_UNIT` or "" (none declared). SpectrumError
+    ``units`` naming ``source`` (and ending with ``remedy``, what the file should say) for
+    values that may only be keV with no edge to tell.
+    """
+    if unit:
+        factor = EV_PER_UNIT[unit]
+        return (values, None) if factor == 1.0 else (values * factor, "keV (the header's unit)")
+    lo, hi = float(values.min()), float(values.max())
+    if not (lo > 0.0 and hi < KEV_BELOW):
+        return values, None
+    element = element.strip().capitalize() if element is not None else None
+    edge = edge.strip().upper()
+    try:
+        tab = edge_energy(element, edge) if element is not None else None
+    except KeyError:
+        tab = None
+    if tab is not None and lo * 1000.0 <= tab <= hi * 1000.0:
+        return values * 1000.0, f"keV (the {element} {edge} edge lies in the values x 1000)"
+    why = (
+        f"read as keV they do not hold the {element} {edge} edge at {tab:.1f} eV either"
+        if tab is not None
+        else "keV? no element was given to tell"
+    )
+    raise SpectrumError(
+        "units",
+        f"{source}: energies {lo:g} to {hi:g} with no unit in the header: in eV they lie "
+        f"below every tabulated edge (Na K, 1071 eV); {why}. {remedy}",
+    )
