@@ -343,6 +343,39 @@ def test_two_column_energies_that_may_be_kev_are_refused(
     assert "energy (keV)" in str(err.value)
 
 
+def test_xdi_declared_ev_over_kev_values_is_refused(tmp_path: Path) -> None:
+    """A file that says eV (``Column.1: energy eV``) over values that can only be keV
+    (8.96 to 9: below every tabulated edge) contradicts itself: refused naming the file,
+    the declared unit and the values, not converted (it was read as eV: E0 near 9 eV)."""
+    path = write(tmp_path / "says_ev.xdi", HEADER + table(ENERGY / 1000.0, I0, IT, IR))
+    with pytest.raises(SpectrumError) as err:
+        xdi_to_spectrum(read_xdi(path))
+    assert err.value.reason == "units"
+    assert str(path) in str(err.value)
+    assert "declared 'eV'" in str(err.value)
+    assert "8.96 to 9" in str(err.value)
+
+
+@pytest.mark.parametrize("header", ["Energy (eV),mu", "E/eV;mu", "# energy_eV mu"])
+def test_two_column_declared_ev_over_kev_values_is_refused(tmp_path: Path, header: str) -> None:
+    """A column header saying eV over values that can only be keV is refused, naming the
+    file, the declared unit and the values, even with an element whose edge they hold x
+    1000: the file contradicts itself and the reader does not pick a side."""
+    sep = ";" if ";" in header else "," if "," in header else " "
+    path = write(
+        tmp_path / "says_ev.txt", header + "\n" + table(ENERGY / 1000.0, IT).replace(" ", sep)
+    )
+    with pytest.raises(ColumnFileError) as err:
+        read_two_column(path, element="Cu")
+    assert str(path) in str(err.value)
+    assert "declared 'eV'" in str(err.value)
+    assert "8.96 to 9" in str(err.value)
+    s = read_two_column(
+        write(tmp_path / "ev.txt", header + "\n" + table(ENERGY, IT).replace(" ", sep))
+    )
+    np.testing.assert_array_equal(s.energy, ENERGY)
+
+
 def test_read_spectrum_file_dispatches_on_content(tmp_path: Path, cu_xdi: Path) -> None:
     plain = write(tmp_path / "plain.xdi", "8960 0.1\n8970 0.2\n8980 0.9\n")  # name lies
     assert read_spectrum_file(plain, element="Cu").meta["name"] == "plain"

@@ -11,7 +11,8 @@ ln(i0/it); i0 and ifluor: ifluor/i0; else a mu column), and names that do not sa
 is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
 columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
 (keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
-their range times 1000; below 200 without that they are refused, never read as eV.
+their range times 1000; below 200 without that, or under an eV unit (the file contradicts
+itself), they are refused, never read as eV (:mod:`xasflow.adapters.energy_units`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Energies are eV, or keV where the header's unit says so or, with no unit, where all lie
 below :data:`KEV_BELOW` and the declared edge lies in their range times 1000; below it
-without that they are refused, never read as eV.
+without that, or with an eV unit declared, they are refused, never read as eV.
 """
 
 from __future__ import annotations
@@ -39,14 +39,24 @@ def energy_in_ev(
     """The energy column ``values`` in eV, and what said its unit was not eV (None: eV).
 
     ``unit`` is a key of :data:`EV_PER_UNIT` or "" (none declared). SpectrumError
-    ``units`` naming ``source`` (and ending with ``remedy``, what the file should say) for
-    values that may only be keV with no edge to tell.
+    ``units`` naming ``source`` for values that may only be keV with no edge to tell (ending
+    with ``remedy``, what the file should say), or with an eV unit declared over them.
     """
+    lo, hi = float(values.min()), float(values.max())
+    below = lo > 0.0 and hi < KEV_BELOW
     if unit:
         factor = EV_PER_UNIT[unit]
-        return (values, None) if factor == 1.0 else (values * factor, "keV (the header's unit)")
-    lo, hi = float(values.min()), float(values.max())
-    if not (lo > 0.0 and hi < KEV_BELOW):
+        if factor != 1.0:
+            return values * factor, "keV (the header's unit)"
+        if below:  # eV said of keV values: the file contradicts itself, no side is picked
+            raise SpectrumError(
+                "units",
+                f"{source}: energies {lo:g} to {hi:g} declared 'eV' lie below every "
+                "tabulated edge (Na K, 1071 eV): they can only be keV, which the file "
+                "contradicts. Correct the unit the file declares",
+            )
+        return values, None
+    if not below:
         return values, None
     element = element.strip().capitalize() if element is not None else None
     edge = edge.strip().upper()
