@@ -399,3 +399,31 @@ def test_a_declared_herfd_width_outside_the_range_is_refused(fwhm: float) -> Non
     with pytest.raises(ValueError, match="HERFD FWHM"):
         AnalysisConfig(herfd=fwhm)
     assert check_fwhm(FWHM_RANGE[0]) == 0.2 and check_fwhm(1.02) == 1.02
+
+
+def test_prepare_sets_the_stray_ends_apart_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare() finds a measured scan's stray end points once and hands the bulk to the E0
+    search, the calculation guess, the pre-edge start check, the fits and the gridding
+    (each found them again: about 6 times per spectrum); the strays still stay out of all."""
+    import xasflow.spectra.norm as norm
+
+    clean = edge_spectrum(pre=(0.3, 1e-4))
+    stray = clean.with_(
+        energy=np.concatenate(([0.0], clean.energy)),  # a trailing "0 0" row, sorted first
+        mu=np.concatenate(([0.0], clean.mu)),
+        meta={"calculated": False},
+    )
+    calls: list[int] = []
+    real = norm._stray_ends_1d
+
+    def counted(rel: np.ndarray) -> tuple[int, int]:
+        calls.append(rel.size)
+        return real(rel)
+
+    monkeypatch.setattr(norm, "_stray_ends_1d", counted)
+    params = PrepParams()
+    got = prepare(stray, params)
+    assert calls == [stray.energy.size]
+    want = prepare(clean.with_(meta={"calculated": False}), params)
+    assert got.e0 == want.e0
+    np.testing.assert_allclose(got.y, want.y, rtol=0, atol=1e-12)

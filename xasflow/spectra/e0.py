@@ -236,7 +236,9 @@ def search_window(
     return max(lo, tab - search), min(hi, tab + search), tab
 
 
-def scan_points(energy: np.ndarray, mu: np.ndarray) -> tuple[slice, np.ndarray | None]:
+def scan_points(
+    energy: np.ndarray, mu: np.ndarray, bulk: slice | None = None
+) -> tuple[slice, np.ndarray | None]:
     """The points of rows ``mu`` (n, m) on ``energy`` that the E0 search uses: (the columns
     of the scan's bulk, None or per row a mask over them that leaves out lone spikes).
 
@@ -244,21 +246,22 @@ def scan_points(energy: np.ndarray, mu: np.ndarray) -> tuple[slice, np.ndarray |
     finds at odd energies are no data, and a lone spike in mu
     (:func:`~xasflow.spectra.outliers.lone_spikes`) is none either: the steep flanks of
     either passed for the edge. A scan without them keeps every point (the same E0).
+    ``bulk``: the scan's bulk when the caller has it (None: found here).
     """
-    bulk = bulk_of(energy)
+    bulk = bulk_of(energy) if bulk is None else bulk
     return bulk, lone_spikes(mu[:, bulk])
 
 
-def find_e0(spectrum: Spectrum, search: float = 40.0) -> float:
+def find_e0(spectrum: Spectrum, search: float = 40.0, bulk: slice | None = None) -> float:
     """E0 as the steepest point of the smoothed edge, refined to sub-grid precision.
 
     The spectrum is put on a uniform 0.1 eV grid and smoothed (sigma 0.5 eV) so that
     irregular FEFF grids and measured noise give the same answer. With a known element the
     search is restricted to the tabulated edge +-``search`` eV. Stray points and lone
-    spikes are left out (:func:`scan_points`).
+    spikes are left out (:func:`scan_points`; ``bulk``: the scan's bulk when known).
     """
     energy, mu = spectrum.energy, spectrum.mu
-    bulk, keep = scan_points(energy, mu[None, :])
+    bulk, keep = scan_points(energy, mu[None, :], bulk)
     energy, mu = energy[bulk], mu[bulk]
     if keep is not None:
         energy, mu = energy[keep[0]], mu[keep[0]]

@@ -211,6 +211,7 @@ def edge_fit(
     calculated: bool = False,
     weighting: Weighting = "points",
     tail_width: float | None = None,
+    bulk: slice | None = None,
 ) -> tuple[np.ndarray, EdgeFit]:
     """Return (mu minus the pre-edge, the fit); the edge step is the post-edge fit at E0.
 
@@ -225,12 +226,13 @@ def edge_fit(
     from the pre-edge data before the line is fitted, with the step of a first pass: a
     calculation keeps that tail (nothing is subtracted from it), and a line through it
     tilts a short scan's post-edge by several % (Larch does not correct it). The step may
-    come out zero or negative; the caller decides what to do with that.
+    come out zero or negative; the caller decides what to do with that. ``bulk``: the
+    scan's bulk (:func:`bulk_of`) when the caller has it, None: found here.
     """
     rel = energy - e0
     n = rel.size
-    lead, trail = stray_ends(rel)
-    s, end = int(lead[0]), n - int(trail[0])  # the bulk: strays are no pre- or post-edge
+    bulk = bulk_of(rel) if bulk is None else bulk
+    s, end = bulk.indices(n)[:2]  # the bulk: strays are no pre- or post-edge
     ie0 = _index_nearest(rel, 0.0) - s
     if pre1 is None:
         pre1 = (5.0 * round(rel[s + 1] / 5.0)) if ie0 > 20 else (2.0 * round(rel[s + 1] / 2.0))

@@ -18,7 +18,7 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
-from xasflow.spectra.norm import edge_fit, leading_strays, stray_ends
+from xasflow.spectra.norm import bulk_of, edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
 
 
@@ -158,24 +158,29 @@ def _uniform(rel: np.ndarray, mu: np.ndarray, mask: np.ndarray) -> tuple[np.ndar
     return x, np.interp(x, rel, mu)
 
 
-def is_calculated(spectrum: Spectrum, e0: float, params: PrepParams) -> bool:
+def is_calculated(
+    spectrum: Spectrum, e0: float, params: PrepParams, bulk: slice | None = None
+) -> bool:
     """Whether a spectrum is a calculation (no pre-edge, no background): ``meta['calculated']``
     if set, else whether it starts above E0 + ``calc_start`` from a near-zero first value.
 
     The 4,831 shared Cu FEFF spectra start 3.4-24.6 eV below E0 with a first value of
     1-6 % of their maximum; measured scans that close to the edge mostly sit on a background.
+    ``bulk``: the scan's bulk (:func:`~xasflow.spectra.norm.bulk_of`), None: found here.
     """
     declared = spectrum.meta.get("calculated")
     if declared is not None:
         return bool(declared)
-    lead, trail = stray_ends(spectrum.energy)  # the scan's bulk: not its stray points
-    s, end = int(lead[0]), spectrum.energy.size - int(trail[0])
+    bulk = bulk_of(spectrum.energy) if bulk is None else bulk  # not its stray points
+    s, end = bulk.indices(spectrum.energy.size)[:2]
     first, top = float(spectrum.mu[s]), float(spectrum.mu[s:end].max())
     starts_late = spectrum.energy[s] - e0 > params.calc_start
     return bool(starts_late and 0.0 <= first <= params.calc_floor * top)
 
 
-def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
+def normalize(
+    spectrum: Spectrum, e0: float, params: PrepParams, bulk: slice | None = None
+) -> tuple[np.ndarray, float]:
     """Return (normalised mu on the spectrum's own energies, edge step).
 
     ``edge_step``: the pre-edge background is subtracted and the result divided by the
@@ -183,14 +188,18 @@ def normalize(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.nda
     see :class:`PrepParams`). ``max``: divided by the maximum within the model window
     (Zheng et al.). SpectrumError ``edge_step`` when the step is not positive or the
     normalised spectrum leaves +-``max_norm`` in the window (an undetermined step).
+    ``bulk``: the scan's bulk (:func:`~xasflow.spectra.norm.bulk_of`), None: found here.
     """
     if params.method == "larch" and params.normalization == "edge_step":
-        return _normalize_larch(spectrum, e0, params)
+        bulk = bulk_of(spectrum.energy) if bulk is None else bulk
+        return _normalize_larch(spectrum, e0, params, bulk)
     return _normalize_legacy(spectrum, e0, params)
 
 
-def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple[np.ndarray, float]:
-    last = spectrum.energy.size - int(stray_ends(spectrum.energy)[1][0])  # past the bulk: strays
+def _normalize_larch(
+    spectrum: Spectrum, e0: float, params: PrepParams, bulk: slice
+) -> tuple[np.ndarray, float]:
+    lead, last = bulk.indices(spectrum.energy.size)[:2]  # past the bulk: strays
     end = float(spectrum.energy[last - 1] - e0)
     if end < params.min_post_edge:
         raise SpectrumError(
@@ -198,9 +207,9 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
             f"data end at E0{end:+.1f} eV, below E0{params.min_post_edge:+g} eV: "
             "cannot find the edge step",
         )
-    calculated = is_calculated(spectrum, e0, params)
+    calculated = is_calculated(spectrum, e0, params, bulk)
     if spectrum.meta.get("calculated") is False:
-        (why,) = measured_start_why((spectrum.energy - e0)[None, :])
+        (why,) = measured_start_why((spectrum.energy - e0)[None, :], lead)
         if why is not None:
             raise SpectrumError("no_pre_edge", why)
     sub, fit = edge_fit(
@@ -215,6 +224,7 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
         calculated=calculated,
         weighting=params.weighting,
         tail_width=core_hole_width(spectrum.element, spectrum.edge) if params.edge_tail else None,
+        bulk=bulk,
     )
     where = f"post-edge E0{fit.norm1:+g}..{fit.norm2:+g} eV, degree {fit.nnorm}"
     if not fit.step > 0:
@@ -241,13 +251,13 @@ def _normalize_larch(spectrum: Spectrum, e0: float, params: PrepParams) -> tuple
 MIN_PRE_EDGE = 15.0
 
 
-def measured_start_why(rel: np.ndarray) -> list[str | None]:
+def measured_start_why(rel: np.ndarray, lead: int | None = None) -> list[str | None]:
     """Per row of a measured spectrum on ``rel`` (energies minus E0, rows of one axis
     shifted: (n, m) ascending), why its data do not start on a pre-edge (None where they
     do): fewer than :data:`MIN_PRE_EDGE` eV below E0. The data start at the scan's bulk
     (row 0's :func:`~xasflow.spectra.norm.leading_strays` left out, as the pre-edge fit leaves
-    them out): a stray point far below E0 is no pre-edge."""
-    s = int(leading_strays(rel[0])[0])
+    them out; ``lead``: their number when known): a stray point far below E0 is no pre-edge."""
+    s = int(leading_strays(rel[0])[0]) if lead is None else lead
     start = rel[:, s]
     return [no_pre_edge(float(x)) if x > -MIN_PRE_EDGE else None for x in start.tolist()]
 
@@ -308,14 +318,16 @@ def undetermined_step(worst: float, step: float, params: PrepParams, where: str 
     )
 
 
-def resample(energy_rel: np.ndarray, y: np.ndarray, params: PrepParams) -> tuple[np.ndarray, float]:
+def resample(
+    energy_rel: np.ndarray, y: np.ndarray, params: PrepParams, bulk: slice | None = None
+) -> tuple[np.ndarray, float]:
     """Linear interpolation onto the model grid; ends held constant up to ``max_extrapolation``.
 
     The scan's bulk is gridded: points :func:`~xasflow.spectra.norm.stray_ends` sets apart
     neither cover the window nor are interpolated towards (a stray keV out is no data there).
+    ``bulk``: the scan's bulk (:func:`~xasflow.spectra.norm.bulk_of`), None: found here.
     """
-    lead, trail = stray_ends(energy_rel)
-    bulk = slice(int(lead[0]), energy_rel.size - int(trail[0]))
+    bulk = bulk_of(energy_rel) if bulk is None else bulk
     energy_rel, y = energy_rel[bulk], y[bulk]
     grid = params.grid
     below = max(0.0, energy_rel[0] - grid[0])
@@ -360,15 +372,16 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     fwhm = herfd_width(spectrum)
     if fwhm is not None:
         spectrum = broaden(spectrum, fwhm)
+    bulk = bulk_of(spectrum.energy)  # once: the E0 search, the fits and the gridding use it
     if e0 is None:
-        e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search)
-    y, step = normalize(spectrum, e0, params)
+        e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search, bulk)
+    y, step = normalize(spectrum, e0, params, bulk)
     rel = spectrum.energy - e0
     snr = float(edge_snr_rows(rel, measured.mu, np.array([step]))[0])  # broaden keeps the axis
     weak = weak_edge(snr, step, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("weak_edge", weak)
-    grid_y, extrapolated = resample(rel, y, params)
+    grid_y, extrapolated = resample(rel, y, params, bulk)
     return Prepared(
         y=grid_y, e0=float(e0), edge_step=step, extrapolated=extrapolated, spectrum=spectrum
     )
