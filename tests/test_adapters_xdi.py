@@ -492,3 +492,30 @@ def test_nan_energies_are_refused_not_dropped(tmp_path: Path) -> None:
     with pytest.raises(SpectrumError) as err:
         xdi_to_spectrum(read_xdi(path))
     assert err.value.reason == "not_finite" and "2 energies" in str(err.value)
+
+
+def test_declared_kev_over_ev_values_is_refused(tmp_path: Path) -> None:
+    """The mirror case: keV said of values that can only be eV (8960 to 9000 keV is far above
+    every absorption edge) is refused naming the file, the unit and the values, in both
+    readers (it was multiplied by 1000: E0 near 9 MeV)."""
+    xdi = write(
+        tmp_path / "says_kev.xdi",
+        HEADER.replace("Column.1: energy eV", "Column.1: energy keV") + table(ENERGY, I0, IT, IR),
+    )
+    with pytest.raises(SpectrumError) as err:
+        xdi_to_spectrum(read_xdi(xdi))
+    assert err.value.reason == "units"
+    assert str(xdi) in str(err.value) and "declared 'keV'" in str(err.value)
+    assert "8960 to 9000" in str(err.value)
+    two = write(
+        tmp_path / "says_kev.txt", "Energy (keV),mu\n" + table(ENERGY, IT).replace(" ", ",")
+    )
+    with pytest.raises(ColumnFileError) as col:
+        read_two_column(two, element="Cu")
+    assert str(two) in str(col.value) and "declared 'keV'" in str(col.value)
+    s = read_two_column(
+        write(
+            tmp_path / "kev.txt", "Energy (keV),mu\n" + table(ENERGY / 1000, IT).replace(" ", ",")
+        )
+    )
+    np.testing.assert_allclose(s.energy, ENERGY)

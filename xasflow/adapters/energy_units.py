@@ -2,7 +2,8 @@
 
 Energies are eV, or keV where the header's unit says so or, with no unit, where all lie
 below :data:`KEV_BELOW` and the declared edge lies in their range times 1000; below it
-without that, or with an eV unit declared, they are refused, never read as eV.
+without that, or with an eV unit declared, they are refused, never read as eV; so are
+values declared keV that can only be eV (above :data:`KEV_ABOVE`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ EV_PER_UNIT = {
 #: without a unit is read as keV when the declared edge lies in its range times 1000, and
 #: refused otherwise (it was read as eV, and E0 "found" at 9 eV).
 KEV_BELOW = 200.0
+#: Energies declared keV all above this lie past every K edge (uranium's, 115.6 keV) with
+#: room to spare: such a column can only be eV, and is refused (it was multiplied by 1000).
+KEV_ABOVE = 200.0
 
 
 def energy_in_ev(
@@ -47,6 +51,13 @@ def energy_in_ev(
     if unit:
         factor = EV_PER_UNIT[unit]
         if factor != 1.0:
+            if lo > KEV_ABOVE:  # keV said of eV values: as contradictory, as refused
+                raise SpectrumError(
+                    "units",
+                    f"{source}: energies {lo:g} to {hi:g} declared 'keV' lie above "
+                    f"{KEV_ABOVE:g} keV, past every absorption edge: they can only be eV, which "
+                    "the file contradicts. Correct the unit the file declares",
+                )
             return values * factor, "keV (the header's unit)"
         if below:  # eV said of keV values: the file contradicts itself, no side is picked
             raise SpectrumError(
