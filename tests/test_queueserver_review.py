@@ -180,6 +180,32 @@ def test_retries_after_an_outage_wait_for_their_slot() -> None:
         sub.close()
 
 
+def test_a_new_plan_waits_behind_the_retries_of_an_outage() -> None:
+    """Three runs' plans fail while the RE Manager is down; once it is back their retries go
+    in one per ``min_interval_s``. A new run's plan that comes while they hold the slot is
+    not skipped for the rate (it is the plan of a run whose advice will not come again): it
+    waits its turn behind them (``waited_rate``) and goes in, at the same rate."""
+    interval = 0.8
+    fake = _Outage()
+    cfg = _config(min_interval_s=interval, retries=5, retry_backoff_s=0.05)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for i in (1, 2, 3):
+            assert sub.enqueue(REC, f"raw-{i}")
+        wait_for(lambda: sub.stats["failed"] >= 3, what="the three first tries")
+        fake.up.set()
+        wait_for(lambda: fake.items, what="the first retry in the queue")
+        assert sub.enqueue(REC, "raw-new"), "the new run's plan was skipped for the rate"
+        assert sub.join(20.0)
+        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3", "raw-new"]
+        assert _queued(fake)[0] != "raw-new"
+        assert sub.stats["skipped_rate"] == 0 and sub.stats["waited_rate"] == 1
+        assert sub.stats["gave_up"] == 0 and sub.stats["submitted"] == 4
+        assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
+    finally:
+        sub.close()
+
+
 def test_plans_revived_after_a_restart_keep_the_rate(tmp_path: Path) -> None:
     """A restart after an outage revives the plans the last daemon gave up: they go in one
     per ``min_interval_s``, not as a burst of up to ``max_pending``."""

@@ -42,8 +42,11 @@ Submissions run on a worker thread, so the daemon's publishing never waits on th
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
 try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
 per ``min_interval_s``, a slot held only by a plan the server took. A run's new plan that
-finds it held is not sent (``skipped_rate``; one whose advice came while a try was with the
-server, once that plan went in); a retry or a revived plan waits for its slot instead. A
+finds it held by another new plan is not sent (``skipped_rate``; one whose advice came while
+a try was with the server, once that plan went in); a retry or a revived plan waits for its
+slot instead, and so does a new plan that finds a retry holding the slot or retries waiting
+for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
+remembered, ``dropped_full``). A
 submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
 (``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
@@ -73,7 +76,7 @@ from typing import Any
 from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import WAKE, Job, RateSlot, Retries, next_job, wake
+from xasflow.adapters.queueserver_pending import WAKE, Job, RateSlot, Retries, wake
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -81,10 +84,9 @@ from xasflow.adapters.queueserver_plan import (
     item_key,
     plan_item,
     region_points,
-    submission_key,
     xas_regions_scan,
 )
-from xasflow.adapters.queueserver_plan import decode as _decode
+from xasflow.adapters.queueserver_worker import LIMITED, Background
 from xasflow.adapters.routing import SafeRouter, stream_factory
 
 __all__ = [
@@ -104,8 +106,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- the client
 
 
-class QueueServerSubmitter:
-    """Adds recommended scans to the queue (a no-op unless the config enables it)."""
+class QueueServerSubmitter(Background):
+    """Adds recommended scans to the queue (a no-op unless the config enables it); the
+    background half (enqueue, the worker, retries) is :class:`~.queueserver_worker.Background`'s."""
 
     def __init__(
         self,
@@ -145,6 +148,7 @@ class QueueServerSubmitter:
             "skipped_disabled": 0,
             "skipped_certain": 0,
             "skipped_rate": 0,
+            "waited_rate": 0,  # new plans that waited behind retries for the rate slot
             "skipped_not_success": 0,
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
@@ -156,11 +160,6 @@ class QueueServerSubmitter:
         self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.last_error: str = ""
         self.submitted: list[dict[str, Any]] = []  # server replies, newest last (at most 100)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether anything will be submitted."""
-        return self.config.enabled
 
     # ------------------------------------------------------------------ synchronous API
 
@@ -185,7 +184,7 @@ class QueueServerSubmitter:
         queued: remembered here (``memory``), or held by the queueserver's queue or history
         (:func:`~xasflow.adapters.queueserver_client.on_server`). Raises QueueServerError."""
         reply = self._send(recommendation, raw_uid, rescan_only)
-        if reply is _LIMITED:
+        if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None
         return reply
@@ -198,7 +197,7 @@ class QueueServerSubmitter:
         tries: int = 0,
     ) -> Any:
         """One try of :meth:`submit` (``tries`` made before it): the server's reply, None, or
-        ``_LIMITED`` when the rate slot is held (nothing was sent)."""
+        ``LIMITED`` when the rate slot is held (nothing was sent)."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
@@ -211,7 +210,7 @@ class QueueServerSubmitter:
             with self._send_lock:  # close() waits for this request, and none starts after it
                 api = self.api()
                 if self._rate.limited():  # checked and taken under the lock: one rate
-                    return _LIMITED
+                    return LIMITED
                 self.stats["retried"] += tries > 0
                 if key is not None and on_server(api, key):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
@@ -221,7 +220,7 @@ class QueueServerSubmitter:
                     self._memory.sending(key)
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
                 if not isinstance(reply, Mapping) or reply.get("success") is not False:
-                    self._rate.take()
+                    self._rate.take(retry=tries > 0)
         except Exception as exc:
             if key is not None:  # the try it announced, if any, queued nothing (or is lost)
                 self._memory.failed(key)
@@ -317,170 +316,9 @@ class QueueServerSubmitter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ background
-
-    def enqueue(
-        self,
-        recommendation: Mapping[str, Any],
-        raw_uid: str | None = None,
-        rescan_only: bool = False,
-    ) -> bool:
-        """Submit in the background (rate-limited; a failed try is tried again, see the
-        module); False when disabled, certain, already queued for this raw run, limited (a
-        plan went in within ``min_interval_s``) or full. A plan accepted while another one's
-        try is under way is rate-limited when its turn comes if that one went in."""
-        if not self.enabled:
-            self.stats["skipped_disabled"] += 1
-            return False
-        if self._closing:
-            self.stats["dropped_closed"] += 1
-            return False
-        rec = _decode(recommendation)
-        if rec.get("stop_early") and not rescan_only:
-            self.stats["skipped_certain"] += 1
-            return False
-        key = None
-        if raw_uid:
-            key = submission_key(raw_uid, rec, rescan_only)
-            if key in self._queued or key in self._memory:
-                self.stats["skipped_repeat"] += 1
-                return False
-        if self._rate.limited():
-            self.stats["skipped_rate"] += 1
-            return False
-        self._ensure_worker()
-        try:
-            self._queue.put_nowait((rec, raw_uid, rescan_only))
-        except queue.Full:
-            self.stats["dropped_full"] += 1
-            return False
-        if key is not None:
-            with self._lock:
-                self._queued[key] = None
-                while len(self._queued) > _REMEMBERED:
-                    self._queued.popitem(last=False)
-        return True
-
-    def _ensure_worker(self) -> None:
-        with self._lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._work, name="xasflow-queueserver", daemon=True
-                )
-                self._worker.start()
-
-    def _work(self) -> None:
-        while True:
-            job, tries = next_job(self._queue, self._retry, self._rate)
-            try:
-                if job is None:
-                    return
-                if self._closed:  # close() gave up on what is queued
-                    self._give_up(job, "dropped_closed")
-                    continue
-                self._try(job, tries)
-            finally:
-                if tries == 0:
-                    self._queue.task_done()
-                else:
-                    self._retry.done()
-
-    def _try(self, job: Job, tries: int) -> None:
-        """One try of a background submission; a failed one goes to :meth:`_again`. A first
-        try the rate holds back is not sent (``skipped_rate``: a plan went in since its
-        enqueue, one whose try was under way then); a retry waits for its slot."""
-        rec, raw_uid, rescan_only = job
-        try:
-            reply = self._send(rec, raw_uid, rescan_only, tries)
-        except QueueServerError as exc:
-            self._again(job, tries + 1, exc)
-        except ValueError as exc:  # a plan no server takes: never tried again
-            logger.warning("queueserver submission refused: %s", exc)
-        except Exception:
-            logger.exception("queueserver submission failed")
-        else:
-            if reply is not _LIMITED:
-                return
-            if tries:  # waits beside the queue for its slot (next_job waits for it)
-                with self._lock:
-                    closing = self._closing
-                    if not closing:
-                        self._retry.push(job, tries)
-                if closing:
-                    self._give_up(job, "dropped_closed")
-                return
-            self.stats["skipped_rate"] += 1
-            if raw_uid:  # not queued after all: as if refused at enqueue
-                with self._lock:
-                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
-
-    def _again(self, job: Job, tries: int, exc: Exception) -> None:
-        """Schedule the next try of a submission that failed its ``tries``-th try, after
-        ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
-        ``max_pending`` retries wait; dropped (and remembered as given up) once close has
-        begun."""
-        cfg, raw_uid = self.config, job[1]
-        with self._lock:
-            closing = self._closing
-            given_up = not closing and (tries > cfg.retries or len(self._retry) >= cfg.max_pending)
-            if not closing and not given_up:
-                wait = cfg.retry_backoff_s * 2 ** (tries - 1)
-                self._retry.push(job, tries, wait)
-        if closing:
-            self._give_up(job, "dropped_closed")
-        elif given_up:
-            logger.error(
-                "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
-            )
-            self._give_up(job)
-        else:
-            logger.warning(
-                "queueserver submission of run %r failed (try %d), again in %.1f s: %s",
-                raw_uid,
-                tries,
-                wait,
-                exc,
-            )
-
-    def _give_up(self, job: Job, counter: str = "gave_up") -> None:
-        """Count a submission given up (``dropped_closed``: by close) and remember its run's
-        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
-        and so may a later replay of the run in this one (no longer held as queued here)."""
-        self.stats[counter] += 1
-        rec, raw_uid, rescan_only = job
-        if raw_uid:
-            key = submission_key(raw_uid, rec, rescan_only)
-            with self._lock:
-                self._queued.pop(key, None)
-            self._memory.give_up(key, _plan_fields(rec), rescan_only)
-
-    def join(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued submission, and every retry, is done (tests); False on
-        timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks or self._retry.unfinished:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
     # ------------------------------------------------------------------ documents
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         """Follow analysis runs; submit their advice at the stop (or each rescan)."""
         if self.enabled:
             self._router(name, doc)
-
-
-#: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
-_REMEMBERED = 4096
-
-#: What a try returns when the rate held it back: nothing was sent.
-_LIMITED = object()
-
-
-def _plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a decoded recommendation :func:`plan_item` and :func:`submission_key` read:
-    what a given-up plan is remembered by, to be rebuilt after a restart."""
-    keys = ("regions", "rescan", "e0", "uncertainty", "bundle_id")
-    return {key: rec[key] for key in keys if key in rec}

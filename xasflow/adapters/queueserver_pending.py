@@ -5,11 +5,14 @@ The rate protects the beamline's queue from a flood of plans: :class:`RateSlot` 
 one plan per ``min_interval_s`` reach the queue, whichever path sends it (the synchronous
 ``submit``, a run's first try, a retry, a plan revived after a restart). Only a plan the
 server took holds the slot; a try that failed, or found its plan already there, holds
-nothing. A run's new plan that finds the slot held is not sent (``skipped_rate``): newer
-advice will come. A retry is the plan of a run whose advice will not come again, so it is
-never dropped for the rate: :class:`Retries` keeps it until its backoff has passed *and*
-the slot is free (after an outage, or a restart that revives plans, they go in one per
-``min_interval_s``, not as a burst of up to ``max_pending``).
+nothing. A run's new plan that finds the slot held by another new plan is not sent
+(``skipped_rate``): the rate is what keeps a flood of runs from flooding the queue. A retry
+is the plan of a run whose advice will not come again, so it is never dropped for the rate:
+:class:`Retries` keeps it until its backoff has passed *and* the slot is free (after an
+outage, or a restart that revives plans, they go in one per ``min_interval_s``, not as a
+burst of up to ``max_pending``). Nor is a new plan dropped because those retries hold the
+slot (:func:`backlog`): one that comes while a retry holds it, or while retries wait for it,
+waits its turn in the same line (``waited_rate``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from xasflow.adapters.queueserver_plan import QueueServerConfig
 
-__all__ = ["WAKE", "Job", "RateSlot", "Retries", "next_job", "wake"]
+__all__ = ["WAKE", "Job", "RateSlot", "Retries", "backlog", "next_job", "wake"]
 
 #: A background submission: (recommendation, raw uid, rescan only).
 Job = tuple[dict[str, Any], str | None, bool]
@@ -43,6 +46,7 @@ class RateSlot:
         self._config = config
         self._clock = clock
         self._taken = -float("inf")  # when the server last took a plan
+        self.by_retry = False  # whether that plan was a retry (or a revived plan)
 
     def wait(self) -> float:
         """Seconds until the next plan may go (0: now)."""
@@ -52,13 +56,16 @@ class RateSlot:
         """Whether the server took a plan less than ``min_interval_s`` ago."""
         return self.wait() > 0.0
 
-    def take(self) -> None:
-        """The server took a plan now: the slot is held for ``min_interval_s``."""
+    def take(self, retry: bool = False) -> None:
+        """The server took a plan now (``retry``: a retry's): the slot is held for
+        ``min_interval_s``."""
         self._taken = self._clock()
+        self.by_retry = retry
 
 
 class Retries:
-    """Failed submissions waiting for their next try, the earliest due first (thread-safe).
+    """Failed submissions waiting for their next try, the earliest due first (thread-safe);
+    also new runs' plans waiting their turn behind them (pushed with no tries made).
 
     Each is due once its backoff (on ``time.monotonic``) has passed and the rate slot is free.
     Like a ``queue.Queue``, it counts the retries not yet done (waiting, or under way until
@@ -96,6 +103,11 @@ class Retries:
                 return None
             return max(self._heap[0][0] - time.monotonic(), slot)
 
+    def due(self) -> bool:
+        """Whether one waits whose backoff is over (it waits for the rate slot only)."""
+        with self._lock:
+            return bool(self._heap) and self._heap[0][0] <= time.monotonic()
+
     def pop(self) -> tuple[Job, int] | None:
         """The earliest retry and the tries it had (None when none waits)."""
         with self._lock:
@@ -113,18 +125,25 @@ class Retries:
             return jobs
 
 
+def backlog(retries: Retries, rate: RateSlot) -> bool:
+    """Whether a new run's plan that finds the slot held waits its turn instead of being
+    skipped: a retry holds the slot, or retries wait for it."""
+    return rate.by_retry or retries.due()
+
+
 def next_job(
     jobs: queue.Queue[Job | None], retries: Retries, rate: RateSlot
-) -> tuple[Job | None, int]:
-    """The next submission and the tries it had: the next of ``jobs`` (new runs' plans;
-    None: stop), else a retry once its backoff is over and the rate slot free. A new run's
-    plan ready as well goes first: retries wait beside the queue, never in front of it."""
+) -> tuple[Job | None, int, bool]:
+    """The next submission, the tries it had, and whether it came from ``retries``: the
+    next of ``jobs`` (new runs' plans; None: stop), else one of ``retries`` once its backoff
+    is over and the rate slot free. A new run's plan ready as well goes first: retries wait
+    beside the queue, never in front of it."""
     while True:
         wait = retries.due_in(rate.wait())
         if wait is not None and wait <= 0 and jobs.empty():
             retry = retries.pop()
             if retry is not None:
-                return retry
+                return (*retry, True)
             continue
         try:
             job = jobs.get(timeout=None if wait is None else max(0.0, wait))
@@ -133,7 +152,7 @@ def next_job(
         if job is WAKE:  # look at the retries again
             jobs.task_done()
             continue
-        return job, 0
+        return job, 0, False
 
 
 def wake(jobs: queue.Queue[Job | None]) -> None:

@@ -1,0 +1,231 @@
+"""The background side of the queueserver submitter: a run's plan accepted, tried on a worker
+thread, tried again, or given up.
+
+:class:`Background` is the half of
+:class:`~xasflow.adapters.queueserver.QueueServerSubmitter` that runs off the daemon's
+publishing thread: :meth:`~Background.enqueue` accepts a run's plan, one worker thread tries
+it (the submitter's one try, under its one rate, see
+:mod:`~xasflow.adapters.queueserver_pending`), a failed try waits its backoff for the next,
+and a plan whose tries are spent, or that close drops, is given up and remembered for the
+next daemon. The rules are the submitter's (:mod:`xasflow.adapters.queueserver`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from xasflow.adapters.queueserver_client import QueueServerError
+from xasflow.adapters.queueserver_memory import SubmittedRuns
+from xasflow.adapters.queueserver_pending import Job, RateSlot, Retries, backlog, next_job
+from xasflow.adapters.queueserver_plan import QueueServerConfig, submission_key
+from xasflow.adapters.queueserver_plan import decode as _decode
+
+__all__ = ["LIMITED", "Background"]
+
+logger = logging.getLogger(__name__)
+
+#: What a try returns when the rate held it back: nothing was sent.
+LIMITED = object()
+
+#: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
+_REMEMBERED = 4096
+
+
+class Background:
+    """Background submission for :class:`~xasflow.adapters.queueserver.QueueServerSubmitter`
+    (which sets these attributes and makes the one try, :meth:`_send`)."""
+
+    config: QueueServerConfig
+    stats: dict[str, int]
+    _memory: SubmittedRuns
+    _rate: RateSlot
+    _queue: queue.Queue[Job | None]
+    _retry: Retries
+    _worker: threading.Thread | None
+    _lock: threading.Lock
+    _closing: bool
+    _closed: bool
+    _queued: OrderedDict[tuple[str, str], None]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything will be submitted."""
+        return self.config.enabled
+
+    def _send(
+        self, recommendation: Mapping[str, Any], raw_uid: str | None, rescan_only: bool, tries: int
+    ) -> Any:
+        """One try (the submitter's)."""
+        raise NotImplementedError
+
+    def enqueue(
+        self,
+        recommendation: Mapping[str, Any],
+        raw_uid: str | None = None,
+        rescan_only: bool = False,
+    ) -> bool:
+        """Submit in the background (rate-limited; a failed try is tried again, see the
+        module); False when disabled, certain, already queued for this raw run, limited (a
+        new plan went in within ``min_interval_s``: one behind retries waits its turn) or
+        full. A plan accepted while another one's try is under way is rate-limited when its
+        turn comes if that one went in."""
+        if not self.enabled:
+            self.stats["skipped_disabled"] += 1
+            return False
+        if self._closing:
+            self.stats["dropped_closed"] += 1
+            return False
+        rec = _decode(recommendation)
+        if rec.get("stop_early") and not rescan_only:
+            self.stats["skipped_certain"] += 1
+            return False
+        key = None
+        if raw_uid:
+            key = submission_key(raw_uid, rec, rescan_only)
+            if key in self._queued or key in self._memory:
+                self.stats["skipped_repeat"] += 1
+                return False
+        if self._rate.limited() and not backlog(self._retry, self._rate):
+            self.stats["skipped_rate"] += 1
+            return False
+        self._ensure_worker()
+        try:
+            self._queue.put_nowait((rec, raw_uid, rescan_only))
+        except queue.Full:
+            self.stats["dropped_full"] += 1
+            return False
+        if key is not None:
+            with self._lock:
+                self._queued[key] = None
+                while len(self._queued) > _REMEMBERED:
+                    self._queued.popitem(last=False)
+        return True
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=self._work, name="xasflow-queueserver", daemon=True
+                )
+                self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job, tries, waited = next_job(self._queue, self._retry, self._rate)
+            try:
+                if job is None:
+                    return
+                if self._closed:  # close() gave up on what is queued
+                    self._give_up(job, "dropped_closed")
+                    continue
+                self._try(job, tries, waited)
+            finally:
+                if waited:
+                    self._retry.done()
+                else:
+                    self._queue.task_done()
+
+    def _try(self, job: Job, tries: int, waited: bool = False) -> None:
+        """One try of a background submission (``waited``: it waited its turn in the line of
+        retries); a failed one goes to :meth:`_again`. A first try the rate holds back is not
+        sent (``skipped_rate``: a new plan went in since its enqueue, one whose try was under
+        way then); a retry, or a plan behind retries, waits for its slot (:meth:`_wait_turn`)."""
+        rec, raw_uid, rescan_only = job
+        try:
+            reply = self._send(rec, raw_uid, rescan_only, tries)
+        except QueueServerError as exc:
+            self._again(job, tries + 1, exc)
+        except ValueError as exc:  # a plan no server takes: never tried again
+            logger.warning("queueserver submission refused: %s", exc)
+        except Exception:
+            logger.exception("queueserver submission failed")
+        else:
+            if reply is not LIMITED:
+                return
+            if tries or waited or backlog(self._retry, self._rate):
+                self._wait_turn(job, tries, new=not (tries or waited))
+                return
+            self.stats["skipped_rate"] += 1
+            if raw_uid:  # not queued after all: as if refused at enqueue
+                with self._lock:
+                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
+
+    def _wait_turn(self, job: Job, tries: int, new: bool) -> None:
+        """Wait ``job`` beside the queue for its slot in the rate (:func:`next_job` waits for
+        it); ``new``: a new run's plan behind retries (``waited_rate``), given up (and
+        remembered, ``dropped_full``) while ``max_pending`` wait already."""
+        with self._lock:
+            closing = self._closing
+            full = new and len(self._retry) >= self.config.max_pending
+            if not closing and not full:
+                self._retry.push(job, tries)
+        if closing:
+            self._give_up(job, "dropped_closed")
+        elif full:
+            logger.error("queueserver plan of run %r given up: too many wait for the rate", job[1])
+            self._give_up(job, "dropped_full")
+        elif new:
+            self.stats["waited_rate"] += 1
+
+    def _again(self, job: Job, tries: int, exc: Exception) -> None:
+        """Schedule the next try of a submission that failed its ``tries``-th try, after
+        ``retry_backoff_s * 2**(tries - 1)``; given up after ``retries`` retries or while
+        ``max_pending`` retries wait; dropped (and remembered as given up) once close has
+        begun."""
+        cfg, raw_uid = self.config, job[1]
+        with self._lock:
+            closing = self._closing
+            given_up = not closing and (tries > cfg.retries or len(self._retry) >= cfg.max_pending)
+            if not closing and not given_up:
+                wait = cfg.retry_backoff_s * 2 ** (tries - 1)
+                self._retry.push(job, tries, wait)
+        if closing:
+            self._give_up(job, "dropped_closed")
+        elif given_up:
+            logger.error(
+                "queueserver submission of run %r given up after %d tries: %s", raw_uid, tries, exc
+            )
+            self._give_up(job)
+        else:
+            logger.warning(
+                "queueserver submission of run %r failed (try %d), again in %.1f s: %s",
+                raw_uid,
+                tries,
+                wait,
+                exc,
+            )
+
+    def _give_up(self, job: Job, counter: str = "gave_up") -> None:
+        """Count a submission given up (``dropped_closed``: by close) and remember its run's
+        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
+        and so may a later replay of the run in this one (no longer held as queued here)."""
+        self.stats[counter] += 1
+        rec, raw_uid, rescan_only = job
+        if raw_uid:
+            key = submission_key(raw_uid, rec, rescan_only)
+            with self._lock:
+                self._queued.pop(key, None)
+            self._memory.give_up(key, _plan_fields(rec), rescan_only)
+
+    def join(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued submission, and every retry, is done (tests); False on
+        timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks or self._retry.unfinished:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+
+def _plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a decoded recommendation :func:`plan_item` and :func:`submission_key` read:
+    what a given-up plan is remembered by, to be rebuilt after a restart."""
+    keys = ("regions", "rescan", "e0", "uncertainty", "bundle_id")
+    return {key: rec[key] for key in keys if key in rec}
