@@ -52,8 +52,8 @@ submission the server refused or could not take is tried again ``retries`` times
 (``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
 the server took the plan queues nothing twice. Retries wait beside the queue, never in front
 of it (a new run's plan ready at the same time goes first), and close() does not wait for
-them: those still waiting, and the plans still queued when its timeout ends, are dropped
-(``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
+them: those still waiting, the plans still queued when its timeout ends, and those that
+come while it lasts, are dropped (``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
 plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the server took
 meanwhile is found there first).
 
@@ -269,8 +269,9 @@ class QueueServerSubmitter(Background):
         What is still queued at ``timeout``, and every retry still waiting, is dropped
         (``dropped_closed``) and remembered as given up, for the next daemon to try again
         (:meth:`retry_given_up`); a request already with the server is waited for (each ends
-        within the client's ``timeout_s``), and no new client is made. Nothing is accepted
-        once close has begun.
+        within the client's ``timeout_s``), and no new client is made. Nothing is sent that
+        comes once close has begun: a run's plan then is dropped and remembered the same way
+        (the daemon closes the submitter last, so the last runs' plans may come meanwhile).
         """
         deadline = time.monotonic() + max(0.0, timeout)
         self._closing = True

@@ -71,15 +71,13 @@ class Background:
         rescan_only: bool = False,
     ) -> bool:
         """Submit in the background (rate-limited; a failed try is tried again, see the
-        module); False when disabled, certain, already queued for this raw run, limited (a
-        new plan went in within ``min_interval_s``: one behind retries waits its turn) or
-        full. A plan accepted while another one's try is under way is rate-limited when its
-        turn comes if that one went in."""
+        module); False when disabled, certain, already queued for this raw run, once close
+        has begun (``dropped_closed``: remembered as given up, like the plans close drops),
+        limited (a new plan went in within ``min_interval_s``: one behind retries waits its
+        turn) or full. A plan accepted while another one's try is under way is rate-limited
+        when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
-            return False
-        if self._closing:
-            self.stats["dropped_closed"] += 1
             return False
         rec = _decode(recommendation)
         if rec.get("stop_early") and not rescan_only:
@@ -91,6 +89,9 @@ class Background:
             if key in self._queued or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
+        if self._closing:  # remembered like the plans close drops: the next daemon tries it
+            self._give_up((rec, raw_uid, rescan_only), "dropped_closed")
+            return False
         if self._rate.limited() and not backlog(self._retry, self._rate):
             self.stats["skipped_rate"] += 1
             return False

@@ -1,0 +1,82 @@
+"""The queueserver submitter's outcomes at its edges: a plan arriving while close drains is
+remembered, a lost reply is its own outcome, a given-up run's replays are capped, the wake-up
+marker takes no pending place, and the rate holds across a restart."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from helpers import wait_for
+from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+
+from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
+
+
+def _raw_uid(item: dict[str, Any]) -> str:
+    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
+
+
+def _config(**knobs: Any) -> QueueServerConfig:
+    """Enabled, no rate limit, quick retries."""
+    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
+    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
+
+
+def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
+    """A daemon's submitter (its memory beside the store), as after a (re)start."""
+    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
+
+
+def _queued(api: FakeApi) -> list[str]:
+    return [_raw_uid(item) for _, item in api.items]
+
+
+class _Held(FakeApi):
+    """Holds raw-1's item_add until ``release``, then takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if _raw_uid(item) == "raw-1":
+            self.sending.set()
+            assert self.release.wait(20.0)
+        return super().item_add(item, user, user_group)
+
+
+# --------------------------------------------------------------------------- close
+
+
+def test_a_plan_arriving_while_close_drains_is_remembered(tmp_path: Path) -> None:
+    """close has begun (it waits for raw-1's request, with the server) when a run's plan
+    comes (the daemon closes the submitter last): it is not sent, counted in
+    ``dropped_closed`` and remembered as given up, like the plans close drops, so the next
+    daemon tries it again."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = _Held()
+    sub = _daemon(_config(), fake, path)
+    closing = threading.Thread(target=sub.close, kwargs={"timeout": 0.1})
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        closing.start()
+        wait_for(lambda: sub._closing, what="close to begin")
+        assert not sub.enqueue(REC, "raw-late")
+        assert sub.stats["dropped_closed"] == 1
+    finally:
+        fake.release.set()
+        closing.join(20.0)
+    assert not closing.is_alive() and _queued(fake) == ["raw-1"]
+    with SubmittedRuns(path) as memory:
+        assert [plan.key for plan in memory.given_up()] == [("raw-late", "run_end")]
+    sub = _daemon(_config(), fake, path)
+    try:
+        assert sub.retry_given_up() == 1 and sub.join(10.0)
+        assert _queued(fake) == ["raw-1", "raw-late"]
+    finally:
+        sub.close()
