@@ -80,3 +80,58 @@ def test_a_plan_arriving_while_close_drains_is_remembered(tmp_path: Path) -> Non
         assert _queued(fake) == ["raw-1", "raw-late"]
     finally:
         sub.close()
+
+
+# --------------------------------------------------------------------------- a lost reply
+
+
+class _LostReply(FakeApi):
+    """Takes each plan, but its reply never comes (a timeout) while ``lost``."""
+
+    lost = True
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        reply = super().item_add(item, user, user_group)
+        if self.lost:
+            raise TimeoutError("Request timeout: no reply from the RE Manager")
+        return reply
+
+
+def test_a_lost_reply_then_a_crash_is_not_queued_again_once_removed(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """The server took raw-1's plan but its reply was lost; the daemon dies before its retry
+    and an operator removes the plan from the queue. The run's replay in the next daemon
+    finds the plan in neither queue nor history: it may have been removed, so it is not
+    queued again but given up for good (``abandoned_lost_reply``, logged, remembered: a
+    later replay is a repeat)."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = _LostReply()
+    sub = _daemon(_config(retry_backoff_s=60.0), fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's lost reply")
+        assert sub.stats["lost_reply"] == 1 and _queued(fake) == ["raw-1"]
+        sub._memory.close()  # the daemon dies: what is on disk is all the next one has
+        fake.items.clear()  # the operator removes the plan from the queue
+        fake.lost = False
+        nxt = _daemon(_config(), fake, path)
+        try:
+            with caplog.at_level("ERROR", logger="xasflow.adapters.queueserver"):
+                assert nxt.enqueue(REC, "raw-1")  # Kafka replays the run
+                assert nxt.join(10.0)
+            assert _queued(fake) == [], "a plan an operator may have removed was queued again"
+            assert nxt.stats["abandoned_lost_reply"] == 1 and nxt.stats["submitted"] == 0
+            logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert any("raw-1" in m and "given up for good" in m for m in logged), logged
+        finally:
+            nxt.close()
+    finally:
+        sub.close()
+    sub = _daemon(_config(), fake, path)
+    try:
+        assert sub.retry_given_up() == 0
+        assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+        assert sub.join(10.0) and _queued(fake) == []
+    finally:
+        sub.close()

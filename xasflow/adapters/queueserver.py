@@ -50,7 +50,13 @@ remembered, ``dropped_full``). A
 submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
 (``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
-the server took the plan queues nothing twice. Retries wait beside the queue, never in front
+the server took the plan queues nothing twice. A lost reply (the request timed out after the
+server answered those questions: ``lost_reply``) is its own outcome in the memory: when a
+later daemon tries that plan (a replay, a revived plan) and finds it in neither queue nor
+history, it does not add it (``abandoned_lost_reply``, logged, given up for good): the server
+may have taken it and an operator removed it since, and re-adding a plan an operator removed
+is worse than not adding one the server never got. This daemon's own retries, seconds after
+the lost reply, still add a plan found in neither. Retries wait beside the queue, never in front
 of it (a new run's plan ready at the same time goes first), and close() does not wait for
 them: those still waiting, the plans still queued when its timeout ends, and those that
 come while it lasts, are dropped (``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
@@ -143,6 +149,8 @@ class QueueServerSubmitter(Background):
         self.stats: dict[str, int] = {
             "submitted": 0,
             "failed": 0,  # tries the server refused or could not take
+            "lost_reply": 0,  # of those, tries whose reply never came (it may have taken them)
+            "abandoned_lost_reply": 0,  # plans whose reply a previous daemon lost: not re-added
             "retried": 0,  # tries after a failed one
             "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,
@@ -206,6 +214,7 @@ class QueueServerSubmitter(Background):
         if key is not None and key in self._memory:
             self.stats["skipped_repeat"] += 1
             return None
+        asked = False  # item_add was called: a timeout then is a lost reply
         try:
             with self._send_lock:  # close() waits for this request, and none starts after it
                 api = self.api()
@@ -216,17 +225,23 @@ class QueueServerSubmitter(Background):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
                     self._memory.add(key)
                     return None
+                if key is not None and self._memory.lost_before(key):  # maybe removed since
+                    self._abandon(key, "lost_reply")
+                    return None
                 if key is not None:  # on disk before the server may take it (see memory)
                     self._memory.sending(key)
+                asked = True
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
                 if not isinstance(reply, Mapping) or reply.get("success") is not False:
                     self._rate.take(retry=tries > 0)
         except Exception as exc:
+            lost = asked and isinstance(exc, TimeoutError)  # the server may have taken it
             if key is not None:  # the try it announced, if any, queued nothing (or is lost)
-                self._memory.failed(key)
+                (self._memory.lost_reply if lost else self._memory.failed)(key)
             if isinstance(exc, QueueServerError):
                 raise
             self.stats["failed"] += 1
+            self.stats["lost_reply"] += lost
             self.last_error = f"{type(exc).__name__}: {exc}"
             raise QueueServerError(f"queueserver refused or unreachable: {exc}") from exc
         if isinstance(reply, Mapping) and reply.get("success") is False:

@@ -23,16 +23,24 @@ Durable, and in this order. Each line is flushed and ``os.fsync``'d before the c
 writes it returns (and the directory once the file is made, or rewritten): the submitter
 records its intent (``{"sending": [raw_uid, what]}``, :meth:`SubmittedRuns.sending`)
 before the request that may queue the plan, then the outcome: ``[raw_uid, what]`` (taken,
-:meth:`~SubmittedRuns.add`) before the submission counts as done, or ``{"failed": [raw_uid,
-what]}`` (:meth:`~SubmittedRuns.failed`: refused, or no reply) before it is tried again. So a
-crash leaves, for the plan being submitted:
+:meth:`~SubmittedRuns.add`) before the submission counts as done, ``{"failed": [raw_uid,
+what]}`` (:meth:`~SubmittedRuns.failed`: refused, or not reached) or ``{"lost_reply":
+[raw_uid, what]}`` (:meth:`~SubmittedRuns.lost_reply`: the request timed out, the server may
+have taken the plan) before it is tried again. So a crash leaves, for the plan being
+submitted:
 
 * before the intent is on disk: nothing; the plan was not sent (a replay queues it);
 * after the intent, before the outcome: the plan *in doubt*, whether or not the server took
   it. The next daemon holds it as queued, so it is never queued twice (at most once: a plan
   the server never got is lost), and logs it for an operator to check;
-* after the outcome: queued, or not queued (a replay queues it; a plan whose reply was lost
-  after the server took it is found in the server's queue or history first).
+* after the outcome: queued, or not queued (a replay queues it), or its reply lost. A plan
+  whose reply a previous daemon lost is not queued again on the word of the server alone
+  (:meth:`~SubmittedRuns.lost_before`): found in its queue or history it was taken, and in
+  neither it may have been taken and removed by an operator since, so the submitter gives
+  it up for good (:meth:`~SubmittedRuns.abandon`, ``{"abandoned": [raw_uid, what],
+  "reason": "lost_reply"}``): re-adding a plan an operator removed is worse than not adding
+  one the server never got. A later try in the daemon that lost the reply (its retries,
+  seconds later) still asks the server and sends the plan when it is in neither.
 
 A write that fails is logged and the plan is sent all the same: the server's record stays
 the first check, and a daemon whose disk fails has its store to worry about first.
@@ -58,7 +66,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +133,10 @@ class SubmittedRuns:
         self._given_up: OrderedDict[Key, GivenUp] = OrderedDict()
         self._revivable: set[Key] = set()  # read from the file: a previous daemon's
         self._sending: set[Key] = set()  # intents this process recorded, no outcome yet
+        self._lost: set[Key] = set()  # tries whose reply was lost, not settled since
+        self._lost_before: set[Key] = set()  # those of them a previous daemon's
+        #: Plans given up for good (never sent again), with why, the newest ``limit``
+        self._abandoned: OrderedDict[Key, str] = OrderedDict()
         self._lines = 0  # lines in the file: rewritten at twice the limit
         self._torn = False  # the file ends in a torn line: the next one starts a new line
         self._lock = threading.Lock()
@@ -157,8 +169,9 @@ class SubmittedRuns:
             return list(self._keys)
 
     def __contains__(self, key: object) -> bool:
+        """Whether ``key``'s plan is queued, or given up for good: not to be sent again."""
         with self._lock:
-            return key in self._keys
+            return key in self._keys or key in self._abandoned
 
     def given_up(self) -> list[GivenUp]:
         """The plans given up and not queued since, oldest first."""
@@ -189,12 +202,37 @@ class SubmittedRuns:
                 self._sending.discard(key)
                 self._append(json.dumps({"failed": list(key)}), key)
 
+    def lost_reply(self, key: Key) -> None:
+        """Record, on disk before this returns, that the try :meth:`sending` announced got no
+        reply: the server may have taken ``key``'s plan (see the module)."""
+        with self._lock:
+            if key in self._sending:
+                self._sending.discard(key)
+                self._lost.add(key)
+                self._append(json.dumps({"lost_reply": list(key)}), key)
+
+    def lost_before(self, key: Key) -> bool:
+        """Whether a previous daemon's last try of ``key``'s plan lost its reply (nothing
+        settled it since)."""
+        with self._lock:
+            return key in self._lost_before
+
+    def abandon(self, key: Key, reason: str) -> None:
+        """Give ``key``'s plan up for good (``reason``), on disk before this returns: it is
+        neither revived nor sent for a replay again."""
+        with self._lock:
+            self._forget(key)
+            self._abandoned[key] = reason
+            while len(self._abandoned) > self.limit:
+                self._abandoned.popitem(last=False)
+            self._append(_abandoned_line(key, reason), key)
+
     def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> None:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
         recommendation) to rebuild it. One given up again after :meth:`revive` keeps its
         line (its date, and the restart it was tried in, are recorded already)."""
         with self._lock:
-            if key in self._keys or key in self._given_up:
+            if key in self._keys or key in self._given_up or key in self._abandoned:
                 return
             entry = GivenUp(key, rec, rescan_only, self._wall())
             try:
@@ -278,8 +316,14 @@ class SubmittedRuns:
         self._keys.move_to_end(key)
         while len(self._keys) > self.limit:
             self._keys.popitem(last=False)
+        self._forget(key)
+
+    def _forget(self, key: Key) -> None:
+        """``key``'s plan is settled: no longer given up, nor in doubt for a lost reply."""
         self._given_up.pop(key, None)
         self._revivable.discard(key)
+        self._lost.discard(key)
+        self._lost_before.discard(key)
 
     def _keep_given_up(self, entry: GivenUp) -> None:
         self._given_up[entry.key] = entry
@@ -299,6 +343,7 @@ class SubmittedRuns:
         self._lines = len(lines)
         self._torn = bool(text) and not text.endswith("\n")
         doubt: dict[Key, None] = {}  # intents without an outcome after them
+        lost: dict[Key, None] = {}  # lost replies without a settled outcome after them
         for line in lines:
             try:
                 value = json.loads(line)
@@ -309,16 +354,26 @@ class SubmittedRuns:
                 if key is not None:
                     self._keep(key)
                     doubt.pop(key, None)
+                    lost.pop(key, None)
                 continue
             entry = _given_up(value)
             if entry is not None:
                 doubt.pop(entry.key, None)
-                if entry.key not in self._keys:
+                if entry.key not in self._keys and entry.key not in self._abandoned:
                     self._keep_given_up(entry)
             elif (key := _key(value.get("sending"))) is not None:
                 doubt[key] = None
             elif (key := _key(value.get("failed"))) is not None:
                 doubt.pop(key, None)
+                lost.pop(key, None)
+            elif (key := _key(value.get("lost_reply"))) is not None:
+                doubt.pop(key, None)
+                lost[key] = None
+            elif (key := _key(value.get("abandoned"))) is not None:
+                doubt.pop(key, None)
+                lost.pop(key, None)
+                self._given_up.pop(key, None)
+                self._abandoned[key] = str(value.get("reason", ""))
         for key in doubt:  # at most once: the server may have it, an operator may have not
             self._keep(key)
         if doubt:
@@ -330,6 +385,10 @@ class SubmittedRuns:
                 ", ".join(f"{what} of run {raw_uid!r}" for raw_uid, what in doubt),
             )
         self._revivable = set(self._given_up)
+        self._lost = {key for key in lost if key not in self._keys}
+        self._lost_before = set(self._lost)
+        while len(self._abandoned) > self.limit:
+            self._abandoned.popitem(last=False)
 
     def _rewrite(self, path: Path) -> None:
         """The file anew with what is remembered: the keys, the plans given up and this
@@ -339,11 +398,14 @@ class SubmittedRuns:
             f.writelines(json.dumps(list(key)) + "\n" for key in self._keys)
             f.writelines(entry.line() + "\n" for entry in self._given_up.values())
             f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
+            f.writelines(json.dumps({"lost_reply": list(key)}) + "\n" for key in self._lost)
+            f.writelines(_abandoned_line(*entry) + "\n" for entry in self._abandoned.items())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        self._lines = len(self._keys) + len(self._given_up) + len(self._sending)
+        held: list[Sized] = [self._keys, self._given_up, self._sending, self._lost, self._abandoned]
+        self._lines = sum(len(lines) for lines in held)
         self._torn = False
 
 
@@ -392,6 +454,11 @@ def _key(value: Any) -> Key | None:
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
         return value[0], value[1]
     return None
+
+
+def _abandoned_line(key: Key, reason: str) -> str:
+    """The line of a plan given up for good."""
+    return json.dumps({"abandoned": list(key), "reason": reason})
 
 
 def _given_up(value: dict[str, Any]) -> GivenUp | None:

@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 #: What a try returns when the rate held it back: nothing was sent.
 LIMITED = object()
 
+#: Why a plan is given up for good, by reason (the log says it).
+_WHY = {
+    "lost_reply": "a previous daemon lost the reply to its last try, and the server holds it "
+    "in neither queue nor history: it may have been taken and removed by an operator, and is "
+    "not queued again (check the queue)",
+}
+
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
 _REMEMBERED = 4096
 
@@ -213,6 +220,14 @@ class Background:
             with self._lock:
                 self._queued.pop(key, None)
             self._memory.give_up(key, _plan_fields(rec), rescan_only)
+
+    def _abandon(self, key: tuple[str, str], reason: str) -> None:
+        """Give ``key``'s plan up for good (``abandoned_<reason>``, logged, remembered): it is
+        neither revived nor sent for a replay of its run again."""
+        self.stats[f"abandoned_{reason}"] += 1
+        why = _WHY[reason]
+        logger.error("the queueserver plan %r of run %r is given up for good: %s", *key[::-1], why)
+        self._memory.abandon(key, reason)
 
     def join(self, timeout: float = 10.0) -> bool:
         """Wait until every queued submission, and every retry, is done (tests); False on
