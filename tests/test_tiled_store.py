@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -168,6 +171,36 @@ def test_one_writer_per_store_directory(tmp_path: Path) -> None:
         pytest.raises(StoreError, match="already open in this process"),
     ):
         AnalysisStore(tmp_path / "s")
+
+
+def test_a_second_process_on_a_store_directory_is_refused_naming_its_pid(tmp_path: Path) -> None:
+    """Another process writes the store (its flock on ``.writer.lock``): opening it here is
+    refused with the holder's pid, so an operator knows which process to stop; once that
+    process is gone (even killed) the store opens here."""
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path\n"
+            "from xasflow.adapters.tiled_store import AnalysisStore\n"
+            f"store = AnalysisStore(Path({str(tmp_path / 's')!r}))\n"
+            "print('ready', flush=True); sys.stdin.read()",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        with pytest.raises(StoreError, match=rf"another process \(pid {holder.pid}\)"):
+            AnalysisStore(tmp_path / "s")
+    finally:
+        holder.kill()
+        holder.wait(10.0)
+    AnalysisStore(tmp_path / "s").close()
 
 
 def test_a_table_prepared_at_the_raw_start_is_adopted_by_the_run(

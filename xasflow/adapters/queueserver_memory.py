@@ -58,8 +58,6 @@ ends, even by SIGKILL: there is no stale lock to clear.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -70,6 +68,8 @@ from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from xasflow.adapters.file_lock import HeldElsewhere, hold, release
 
 __all__ = ["SUBMITTED_FILE", "GivenUp", "MemoryInUseError", "SubmittedRuns"]
 
@@ -154,7 +154,7 @@ class SubmittedRuns:
             if self._lock_fd is not None and self.path is not None:
                 with _OPEN_LOCK:
                     _OPEN.discard(self.path.resolve())
-                os.close(self._lock_fd)  # drops the flock
+                release(self._lock_fd)
                 self._lock_fd = None
 
     def __enter__(self) -> SubmittedRuns:
@@ -410,8 +410,9 @@ class SubmittedRuns:
 
 
 def _hold(path: Path) -> int:
-    """An exclusive flock on ``path``'s lock file, for this process's life or until closed
-    (the returned descriptor); :class:`MemoryInUseError` when another holds it."""
+    """An exclusive flock on ``path``'s lock file (:mod:`~xasflow.adapters.file_lock`), for
+    this process's life or until closed (the returned descriptor); :class:`MemoryInUseError`
+    when another holds it."""
     key = path.resolve()
     with _OPEN_LOCK:
         if key in _OPEN:
@@ -419,22 +420,14 @@ def _hold(path: Path) -> int:
                 f"{path} is already open in this process (one queueserver submitter a file)"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = path.with_name(path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
+            fd = hold(path.with_name(path.name + ".lock"))
+        except HeldElsewhere as held:
             raise MemoryInUseError(
-                f"{path} is held by another xasflow daemon (pid {holder or '?'}): two daemons "
+                f"{path} is held by another xasflow daemon (pid {held.pid}): two daemons "
                 "on one store directory would both queue the same plans; give each its own "
                 "storage.directory (the lock goes when that process ends, even killed)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         _OPEN.add(key)
         return fd
 

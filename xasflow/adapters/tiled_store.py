@@ -52,9 +52,7 @@ is restarted by the writer thread, which then replays the journal into it the sa
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -64,6 +62,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xasflow.adapters.catalog_supervisor import CatalogSupervisor
+from xasflow.adapters.file_lock import HeldElsewhere, hold, release
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
@@ -473,16 +472,13 @@ class AnalysisStore(WriterThread):
             raise StoreError("the analysis store is closed")
 
     def _acquire_lock(self) -> int:
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            return hold(self.directory / LOCK_FILE)
+        except HeldElsewhere as held:
             raise StoreError(
-                f"{self.directory} is being written by another process "
+                f"{self.directory} is being written by another process (pid {held.pid}) "
                 "(the lock is released when that process exits, even by SIGKILL)"
             ) from None
-        return fd
 
     def _release(self) -> None:
         if self._serving is not None:
@@ -492,5 +488,5 @@ class AnalysisStore(WriterThread):
             if OPEN_STORES.get(self.directory) is self:
                 del OPEN_STORES[self.directory]
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # drops the flock
+            release(self._lock_fd)
             self._lock_fd = None
