@@ -135,3 +135,44 @@ def test_a_lost_reply_then_a_crash_is_not_queued_again_once_removed(
         assert sub.join(10.0) and _queued(fake) == []
     finally:
         sub.close()
+
+
+# --------------------------------------------------------------------------- replays
+
+
+class _Down(FakeApi):
+    """An RE Manager that refuses every plan."""
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        return {"success": False, "msg": "RE Manager busy"}
+
+
+def test_the_replays_of_a_given_up_run_are_capped(tmp_path: Path) -> None:
+    """A plan given up is tried again when its run is replayed, each time with its own
+    retries, but only ``given_up_replays`` times (2 by default): at the next replay it is
+    given up for good (``abandoned_replays``), remembered so, and neither tried for a later
+    replay nor revived by the next daemon."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    down = _Down()
+    sub = _daemon(_config(retries=0), down, path)
+    try:
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
+        replays = 0
+        for _ in range(6):  # Kafka redelivers the run again and again
+            if not sub.enqueue(REC, "raw-1"):
+                break
+            assert sub.join(10.0)
+            replays += 1
+        assert replays == 2, f"{replays} replays tried the given-up plan again"
+        assert sub.config.given_up_replays == 2
+        assert sub.stats["failed"] == 3 and sub.stats["abandoned_replays"] == 1
+        assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+    finally:
+        sub.close()
+    fake = FakeApi()
+    sub = _daemon(_config(), fake, path)
+    try:
+        assert sub.retry_given_up() == 0 and not sub.enqueue(REC, "raw-1")
+        assert sub.join(10.0) and fake.items == []
+    finally:
+        sub.close()

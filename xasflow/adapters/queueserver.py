@@ -37,7 +37,8 @@ previous daemon's again: in at most ``restart_retries`` restarts, if given up le
 ``given_up_max_age_s`` ago, as retries (``revived``); one the server holds by then is not
 queued twice. A plan given up is not held as queued: a later replay of its run, in this
 process as after a restart, tries it again with its own ``retries`` (the server's queue and
-history asked first).
+history asked first), for at most ``given_up_replays`` replays; at the next it is given up
+for good (``abandoned_replays``, logged and remembered).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network.
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
 try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
@@ -151,6 +152,7 @@ class QueueServerSubmitter(Background):
             "failed": 0,  # tries the server refused or could not take
             "lost_reply": 0,  # of those, tries whose reply never came (it may have taken them)
             "abandoned_lost_reply": 0,  # plans whose reply a previous daemon lost: not re-added
+            "abandoned_replays": 0,  # plans given up, tried for given_up_replays replays already
             "retried": 0,  # tries after a failed one
             "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,

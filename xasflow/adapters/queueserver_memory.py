@@ -11,8 +11,10 @@ is read as far as it goes and a failed write is logged: the server's own record 
 first check, this one only covers what it has forgotten.
 
 A plan given up (its tries all failed, so it reached no queue as far as the server said, or
-the daemon stopped before its next try) is recorded apart, with what rebuilds it: ``{"gave_up": [raw_uid, what], "rec": {...},
-"rescan_only": false, "at": <time.time()>, "rounds": 0}``. It does not count as queued, and
+the daemon stopped before its next try) is recorded apart, with what rebuilds it:
+``{"gave_up": [raw_uid, what], "rec": {...}, "rescan_only": false, "at": <time.time()>,
+"rounds": 0, "replays": 0}`` (a later line of the same plan, with more rounds or replays,
+replaces it). It does not count as queued, and
 the next daemon may try it again (:meth:`SubmittedRuns.revive`), a bounded number of restarts
 (``rounds``) and only while it is recent (a stale plan would scan whatever sample is in the
 beam now). A later ``[raw_uid, what]`` line (the plan went in, or was found on the server)
@@ -92,14 +94,16 @@ class MemoryInUseError(RuntimeError):
 
 @dataclass
 class GivenUp:
-    """A plan whose tries all failed: what rebuilds it, when it was given up (``time.time``)
-    and in how many restarts it was tried again since (``rounds``)."""
+    """A plan whose tries all failed: what rebuilds it, when it was given up (``time.time``),
+    in how many restarts it was tried again since (``rounds``) and for how many replays of
+    its run (``replays``)."""
 
     key: Key
     rec: dict[str, Any]
     rescan_only: bool
     at: float
     rounds: int = 0
+    replays: int = 0
 
     def line(self) -> str:
         """Its line in the file."""
@@ -110,6 +114,7 @@ class GivenUp:
                 "rescan_only": self.rescan_only,
                 "at": self.at,
                 "rounds": self.rounds,
+                "replays": self.replays,
             },
             default=_plain,
         )
@@ -242,6 +247,22 @@ class SubmittedRuns:
                 return
             self._keep_given_up(entry)
             self._append(line, key)
+
+    def replays(self, key: Key) -> int | None:
+        """For how many replays of its run ``key``'s plan given up was tried again (None: it
+        is not given up)."""
+        with self._lock:
+            entry = self._given_up.get(key)
+            return None if entry is None else entry.replays
+
+    def replayed(self, key: Key) -> None:
+        """Record, on disk before this returns, that a replay of its run tries ``key``'s plan
+        given up again."""
+        with self._lock:
+            entry = self._given_up.get(key)
+            if entry is not None:
+                entry.replays += 1
+                self._append(entry.line(), key)
 
     def revive(self, rounds: int, max_age_s: float, most: int) -> list[GivenUp]:
         """The plans a previous daemon gave up, to try again once in this one: tried in fewer
@@ -457,12 +478,12 @@ def _abandoned_line(key: Key, reason: str) -> str:
 def _given_up(value: dict[str, Any]) -> GivenUp | None:
     """The given-up plan a line's object holds (None: not one, or not ours)."""
     key, rec = _key(value.get("gave_up")), value.get("rec")
-    at, rounds = value.get("at"), value.get("rounds", 0)
+    at, rounds, replays = value.get("at"), value.get("rounds", 0), value.get("replays", 0)
     if key is None or not isinstance(rec, dict) or not isinstance(at, int | float):
         return None
-    if not isinstance(rounds, int) or isinstance(rounds, bool):
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (rounds, replays)):
         return None
-    return GivenUp(key, rec, bool(value.get("rescan_only")), float(at), rounds)
+    return GivenUp(key, rec, bool(value.get("rescan_only")), float(at), rounds, replays)
 
 
 def _plain(value: Any) -> Any:

@@ -74,6 +74,9 @@ class QueueServerConfig(BaseModel):
     #: would scan whatever sample is in the beam by now.
     restart_retries: int = Field(1, ge=0, le=10)
     given_up_max_age_s: float = Field(900.0, gt=0)
+    #: Replays of a run (Kafka redelivers it) in which its plan given up is tried again, each
+    #: with its own ``retries``; at the next one it is given up for good (0: never tried).
+    given_up_replays: int = Field(2, ge=0, le=10)
     max_points: int = Field(MAX_PLAN_POINTS, ge=1, le=MAX_PLAN_POINTS)
 
     @field_validator("extra_kwargs")

@@ -38,6 +38,7 @@ _WHY = {
     "lost_reply": "a previous daemon lost the reply to its last try, and the server holds it "
     "in neither queue nor history: it may have been taken and removed by an operator, and is "
     "not queued again (check the queue)",
+    "replays": "it was tried again for given_up_replays replays of its run already",
 }
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
@@ -101,6 +102,8 @@ class Background:
             return False
         if self._rate.limited() and not backlog(self._retry, self._rate):
             self.stats["skipped_rate"] += 1
+            return False
+        if key is not None and not self._replay(key):
             return False
         self._ensure_worker()
         try:
@@ -220,6 +223,19 @@ class Background:
             with self._lock:
                 self._queued.pop(key, None)
             self._memory.give_up(key, _plan_fields(rec), rescan_only)
+
+    def _replay(self, key: tuple[str, str]) -> bool:
+        """Whether this run's plan may be tried: not given up, or given up and tried again
+        for fewer than ``given_up_replays`` replays of its run (this one counted); else it
+        is given up for good (``abandoned_replays``)."""
+        replays = self._memory.replays(key)
+        if replays is None:
+            return True
+        if replays >= self.config.given_up_replays:
+            self._abandon(key, "replays")
+            return False
+        self._memory.replayed(key)
+        return True
 
     def _abandon(self, key: tuple[str, str], reason: str) -> None:
         """Give ``key``'s plan up for good (``abandoned_<reason>``, logged, remembered): it is
