@@ -176,3 +176,32 @@ def test_the_replays_of_a_given_up_run_are_capped(tmp_path: Path) -> None:
         assert sub.join(10.0) and fake.items == []
     finally:
         sub.close()
+
+
+# --------------------------------------------------------------------------- max_pending
+
+
+def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
+    """``max_pending: 1``: raw-1's request is with the server when the plans the last
+    daemon gave up are revived, which wakes the worker with a marker in its queue. The next
+    run's plan still finds its one place: the marker is not a plan."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    sub = _daemon(_config(retries=0), _Down(), path)
+    try:
+        assert sub.enqueue(REC, "raw-0") and sub.join(10.0) and sub.stats["gave_up"] == 1
+    finally:
+        sub.close()
+    fake = _Held()
+    sub = _daemon(_config(max_pending=1), fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        assert sub.retry_given_up() == 1
+        assert sub.enqueue(REC, "raw-2"), "the wake-up marker took raw-2's place"
+        assert sub.stats["dropped_full"] == 0
+        fake.release.set()
+        assert sub.join(10.0)
+        assert sorted(_queued(fake)) == ["raw-0", "raw-1", "raw-2"]
+    finally:
+        fake.release.set()
+        sub.close()

@@ -70,7 +70,6 @@ Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -83,7 +82,7 @@ from typing import Any
 from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import WAKE, Job, RateSlot, Retries, wake
+from xasflow.adapters.queueserver_pending import WAKE, Jobs, RateSlot, Retries, wake
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -134,7 +133,7 @@ class QueueServerSubmitter(Background):
         self._api_factory = api_factory or make_api
         self._api: Any = None
         self._rate = RateSlot(self.config, clock)  # one rate, whichever path sends a plan
-        self._queue: queue.Queue[Job | None] = queue.Queue(self.config.max_pending)
+        self._queue = Jobs(self.config.max_pending)  # the wake-up marker takes no place
         self._retry = Retries()  # failed submissions to try again (join waits for them too)
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -294,8 +293,7 @@ class QueueServerSubmitter(Background):
         self._closing = True
         worker = self._worker
         if worker is not None and worker.is_alive():
-            with contextlib.suppress(queue.Full):  # full: the worker sees _closed instead
-                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            self._queue.put_nowait(None)  # no plan's place: never full
             worker.join(max(0.0, deadline - time.monotonic()))
         self._closed = True
         ended = self._send_lock.acquire(timeout=self.config.timeout_s + 1.0)
@@ -315,8 +313,7 @@ class QueueServerSubmitter(Background):
             waiting = self._retry.clear()
         for job in waiting:
             self._give_up(job, "dropped_closed")
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)  # wakes a worker still waiting for a job
+        self._queue.put_nowait(None)  # wakes a worker still waiting for a job
         if ended and worker is not None:  # nothing more to send: it records its last outcome
             worker.join(5.0)
         self._worker = None

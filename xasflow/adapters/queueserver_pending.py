@@ -28,7 +28,7 @@ from typing import Any
 
 from xasflow.adapters.queueserver_plan import QueueServerConfig
 
-__all__ = ["WAKE", "Job", "RateSlot", "Retries", "backlog", "next_job", "wake"]
+__all__ = ["WAKE", "Job", "Jobs", "RateSlot", "Retries", "backlog", "next_job", "wake"]
 
 #: A background submission: (recommendation, raw uid, rescan only).
 Job = tuple[dict[str, Any], str | None, bool]
@@ -36,6 +36,31 @@ Job = tuple[dict[str, Any], str | None, bool]
 #: Not a submission: put in the jobs queue (compared by identity) to wake a worker waiting
 #: there, when a retry was pushed from another thread (:func:`wake`).
 WAKE: Job = ({}, None, False)
+
+
+class Jobs(queue.Queue[Job | None]):
+    """New runs' plans for the worker, at most ``most`` waiting: the wake-up marker
+    (:data:`WAKE`) and the stop (None) are not plans and take no place."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()  # unbounded: offer() bounds the plans
+        self.most = most
+        self.plans = 0  # plans in it (under self.mutex)
+
+    def offer(self, job: Job) -> bool:
+        """Put a run's plan in, unless ``most`` wait already (False)."""
+        with self.mutex:
+            if self.plans >= self.most:
+                return False
+            self.plans += 1
+        self.put_nowait(job)
+        return True
+
+    def _get(self) -> Job | None:  # called under self.mutex
+        item = super()._get()
+        if item is not None and item is not WAKE:
+            self.plans -= 1
+        return item
 
 
 class RateSlot:
@@ -157,6 +182,7 @@ def next_job(
 
 def wake(jobs: queue.Queue[Job | None]) -> None:
     """Wake a worker waiting in :func:`next_job` for a new run's plan, so that it sees the
-    retries pushed meanwhile by another thread (a full queue: it is not waiting)."""
+    retries pushed meanwhile by another thread (a full queue: it is not waiting; in
+    :class:`Jobs` the marker takes no plan's place)."""
     with contextlib.suppress(queue.Full):
         jobs.put_nowait(WAKE)

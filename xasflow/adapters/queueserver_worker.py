@@ -13,7 +13,6 @@ next daemon. The rules are the submitter's (:mod:`xasflow.adapters.queueserver`)
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +21,7 @@ from typing import Any
 
 from xasflow.adapters.queueserver_client import QueueServerError
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import Job, RateSlot, Retries, backlog, next_job
+from xasflow.adapters.queueserver_pending import Job, Jobs, RateSlot, Retries, backlog, next_job
 from xasflow.adapters.queueserver_plan import QueueServerConfig, submission_key
 from xasflow.adapters.queueserver_plan import decode as _decode
 
@@ -53,7 +52,7 @@ class Background:
     stats: dict[str, int]
     _memory: SubmittedRuns
     _rate: RateSlot
-    _queue: queue.Queue[Job | None]
+    _queue: Jobs
     _retry: Retries
     _worker: threading.Thread | None
     _lock: threading.Lock
@@ -106,9 +105,7 @@ class Background:
         if key is not None and not self._replay(key):
             return False
         self._ensure_worker()
-        try:
-            self._queue.put_nowait((rec, raw_uid, rescan_only))
-        except queue.Full:
+        if not self._queue.offer((rec, raw_uid, rescan_only)):  # max_pending wait already
             self.stats["dropped_full"] += 1
             return False
         if key is not None:
