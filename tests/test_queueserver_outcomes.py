@@ -205,3 +205,34 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
     finally:
         fake.release.set()
         sub.close()
+
+
+# --------------------------------------------------------------------------- the rate, restarted
+
+
+def test_the_rate_holds_across_a_restart(tmp_path: Path) -> None:
+    """A plan went in, and the daemon restarts at once: the restarted daemon keeps the rate
+    the last one started (the memory records when the server last took a plan), so a run's
+    new plan within ``min_interval_s`` is not sent (``skipped_rate``), by either path."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = FakeApi()
+    cfg = _config(min_interval_s=3600.0)
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and _queued(fake) == ["raw-1"]
+    finally:
+        sub.close()
+    sub = _daemon(cfg, fake, path)
+    try:
+        assert not sub.enqueue(REC, "raw-2"), "the restarted daemon burst past the rate"
+        assert sub.submit(REC, raw_uid="raw-3") is None
+        assert sub.join(10.0) and _queued(fake) == ["raw-1"]
+        assert sub.stats["skipped_rate"] == 2
+    finally:
+        sub.close()
+    sub = _daemon(cfg.model_copy(update={"min_interval_s": 0.0}), fake, path)
+    try:  # the rate is the configured one: a shorter interval has passed
+        assert sub.enqueue(REC, "raw-2") and sub.join(10.0)
+        assert _queued(fake) == ["raw-1", "raw-2"]
+    finally:
+        sub.close()

@@ -42,7 +42,8 @@ for good (``abandoned_replays``, logged and remembered).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network.
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
 try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
-per ``min_interval_s``, a slot held only by a plan the server took. A run's new plan that
+per ``min_interval_s``, a slot held only by a plan the server took (with ``memory``, across
+a restart too: the memory keeps when the server last took one). A run's new plan that
 finds it held by another new plan is not sent (``skipped_rate``; one whose advice came while
 a try was with the server, once that plan went in); a retry or a revived plan waits for its
 slot instead, and so does a new plan that finds a retry holding the slot or retries waiting
@@ -132,7 +133,8 @@ class QueueServerSubmitter(Background):
         self._memory = SubmittedRuns(memory)
         self._api_factory = api_factory or make_api
         self._api: Any = None
-        self._rate = RateSlot(self.config, clock)  # one rate, whichever path sends a plan
+        #: One rate, whichever path sends a plan, and across restarts (kept in the memory)
+        self._rate = RateSlot(self.config, clock, self._memory.slot_age())
         self._queue = Jobs(self.config.max_pending)  # the wake-up marker takes no place
         self._retry = Retries()  # failed submissions to try again (join waits for them too)
         self._worker: threading.Thread | None = None
@@ -235,6 +237,7 @@ class QueueServerSubmitter(Background):
                 reply = api.item_add(item, user=self.config.user, user_group=self.config.user_group)
                 if not isinstance(reply, Mapping) or reply.get("success") is not False:
                     self._rate.take(retry=tries > 0)
+                    self._memory.took()  # on disk: the next daemon keeps the rate
         except Exception as exc:
             lost = asked and isinstance(exc, TimeoutError)  # the server may have taken it
             if key is not None:  # the try it announced, if any, queued nothing (or is lost)

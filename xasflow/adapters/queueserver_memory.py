@@ -21,6 +21,11 @@ beam now). A later ``[raw_uid, what]`` line (the plan went in, or was found on t
 supersedes it; the submitter asks the server's queue and history before each try, so a plan
 whose last reply was lost after the server took it is not queued twice.
 
+The rate is kept too: ``{"slot": <time.time()>}`` each time the server takes a plan
+(:meth:`SubmittedRuns.took`), so a restarted daemon holds the slot the last one took
+(:meth:`~SubmittedRuns.slot_age`) instead of sending at once. The lines' formats are
+:mod:`~xasflow.adapters.queueserver_records`'.
+
 Durable, and in this order. Each line is flushed and ``os.fsync``'d before the call that
 writes it returns (and the directory once the file is made, or rewritten): the submitter
 records its intent (``{"sending": [raw_uid, what]}``, :meth:`SubmittedRuns.sending`)
@@ -62,16 +67,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sized
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.queueserver_records import (
+    GivenUp,
+    Key,
+    abandoned_line,
+    fsync_dir,
+    given_up_of,
+    key_of,
+    slot_line,
+)
 
 __all__ = ["SUBMITTED_FILE", "GivenUp", "MemoryInUseError", "SubmittedRuns"]
 
@@ -80,9 +94,6 @@ logger = logging.getLogger(__name__)
 #: The file's name in the store's directory (``storage.directory``).
 SUBMITTED_FILE = "queueserver-submitted.jsonl"
 
-#: A submission key: ``(raw uid, what)``.
-Key = tuple[str, str]
-
 #: The memory files open in this process (a second one is refused with a message saying so).
 _OPEN: set[Path] = set()
 _OPEN_LOCK = threading.Lock()
@@ -90,34 +101,6 @@ _OPEN_LOCK = threading.Lock()
 
 class MemoryInUseError(RuntimeError):
     """The memory file is held by another daemon (or already open in this process)."""
-
-
-@dataclass
-class GivenUp:
-    """A plan whose tries all failed: what rebuilds it, when it was given up (``time.time``),
-    in how many restarts it was tried again since (``rounds``) and for how many replays of
-    its run (``replays``)."""
-
-    key: Key
-    rec: dict[str, Any]
-    rescan_only: bool
-    at: float
-    rounds: int = 0
-    replays: int = 0
-
-    def line(self) -> str:
-        """Its line in the file."""
-        return json.dumps(
-            {
-                "gave_up": list(self.key),
-                "rec": self.rec,
-                "rescan_only": self.rescan_only,
-                "at": self.at,
-                "rounds": self.rounds,
-                "replays": self.replays,
-            },
-            default=_plain,
-        )
 
 
 class SubmittedRuns:
@@ -142,6 +125,7 @@ class SubmittedRuns:
         self._lost_before: set[Key] = set()  # those of them a previous daemon's
         #: Plans given up for good (never sent again), with why, the newest ``limit``
         self._abandoned: OrderedDict[Key, str] = OrderedDict()
+        self._slot: float | None = None  # when the server last took a plan (wall clock)
         self._lines = 0  # lines in the file: rewritten at twice the limit
         self._torn = False  # the file ends in a torn line: the next one starts a new line
         self._lock = threading.Lock()
@@ -207,6 +191,19 @@ class SubmittedRuns:
                 self._sending.discard(key)
                 self._append(json.dumps({"failed": list(key)}), key)
 
+    def took(self) -> None:
+        """Record, on disk before this returns, that the server took a plan now: the rate's
+        slot, for the next daemon to keep (:meth:`slot_age`)."""
+        with self._lock:
+            self._slot = self._wall()
+            self._append(slot_line(self._slot), None)
+
+    def slot_age(self) -> float | None:
+        """Seconds since the server last took a plan, as remembered (None: never; 0 for a
+        time ahead of the clock, which went back)."""
+        with self._lock:
+            return None if self._slot is None else max(0.0, self._wall() - self._slot)
+
     def lost_reply(self, key: Key) -> None:
         """Record, on disk before this returns, that the try :meth:`sending` announced got no
         reply: the server may have taken ``key``'s plan (see the module)."""
@@ -230,7 +227,7 @@ class SubmittedRuns:
             self._abandoned[key] = reason
             while len(self._abandoned) > self.limit:
                 self._abandoned.popitem(last=False)
-            self._append(_abandoned_line(key, reason), key)
+            self._append(abandoned_line(key, reason), key)
 
     def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> None:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
@@ -304,7 +301,7 @@ class SubmittedRuns:
                     self._append(entry.line(), entry.key)
             return out[::-1]
 
-    def _append(self, line: str, key: Key) -> None:
+    def _append(self, line: str, key: Key | None) -> None:
         """One line at the end of the file (or the file rewritten at twice the limit), on
         disk before this returns: flushed, fsync'd, and its directory fsync'd when the file
         is new."""
@@ -324,13 +321,12 @@ class SubmittedRuns:
                     f.flush()
                     os.fsync(f.fileno())
                 if new:
-                    _fsync_dir(self.path.parent)
+                    fsync_dir(self.path.parent)
                 self._lines += 1
                 self._torn = False
         except OSError as exc:
-            logger.warning(
-                "cannot remember the queued plan of %r in %s: %s", key[0], self.path, exc
-            )
+            what = "when a plan last went in" if key is None else f"the plan of {key[0]!r}"
+            logger.warning("cannot remember %s in %s: %s", what, self.path, exc)
 
     def _keep(self, key: tuple[str, str]) -> None:
         self._keys[key] = None
@@ -371,26 +367,28 @@ class SubmittedRuns:
             except ValueError:
                 continue  # a line torn by a crash
             if not isinstance(value, dict):
-                key = _key(value)
+                key = key_of(value)
                 if key is not None:
                     self._keep(key)
                     doubt.pop(key, None)
                     lost.pop(key, None)
                 continue
-            entry = _given_up(value)
+            entry = given_up_of(value)
             if entry is not None:
                 doubt.pop(entry.key, None)
                 if entry.key not in self._keys and entry.key not in self._abandoned:
                     self._keep_given_up(entry)
-            elif (key := _key(value.get("sending"))) is not None:
+            elif (key := key_of(value.get("sending"))) is not None:
                 doubt[key] = None
-            elif (key := _key(value.get("failed"))) is not None:
+            elif (key := key_of(value.get("failed"))) is not None:
                 doubt.pop(key, None)
                 lost.pop(key, None)
-            elif (key := _key(value.get("lost_reply"))) is not None:
+            elif (key := key_of(value.get("lost_reply"))) is not None:
                 doubt.pop(key, None)
                 lost[key] = None
-            elif (key := _key(value.get("abandoned"))) is not None:
+            elif isinstance(at := value.get("slot"), int | float) and not isinstance(at, bool):
+                self._slot = max(float(at), self._slot or -math.inf)
+            elif (key := key_of(value.get("abandoned"))) is not None:
                 doubt.pop(key, None)
                 lost.pop(key, None)
                 self._given_up.pop(key, None)
@@ -420,13 +418,14 @@ class SubmittedRuns:
             f.writelines(entry.line() + "\n" for entry in self._given_up.values())
             f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
             f.writelines(json.dumps({"lost_reply": list(key)}) + "\n" for key in self._lost)
-            f.writelines(_abandoned_line(*entry) + "\n" for entry in self._abandoned.items())
+            f.writelines(abandoned_line(*entry) + "\n" for entry in self._abandoned.items())
+            f.write("" if self._slot is None else slot_line(self._slot) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         held: list[Sized] = [self._keys, self._given_up, self._sending, self._lost, self._abandoned]
-        self._lines = sum(len(lines) for lines in held)
+        self._lines = sum(len(lines) for lines in held) + (self._slot is not None)
         self._torn = False
 
 
@@ -451,44 +450,3 @@ def _hold(path: Path) -> int:
             ) from None
         _OPEN.add(key)
         return fd
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a file's creation or renaming in ``directory`` durable (POSIX: fsync the
-    directory)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _key(value: Any) -> Key | None:
-    """The submission key a line's ``[raw_uid, what]`` holds (None: not one)."""
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return value[0], value[1]
-    return None
-
-
-def _abandoned_line(key: Key, reason: str) -> str:
-    """The line of a plan given up for good."""
-    return json.dumps({"abandoned": list(key), "reason": reason})
-
-
-def _given_up(value: dict[str, Any]) -> GivenUp | None:
-    """The given-up plan a line's object holds (None: not one, or not ours)."""
-    key, rec = _key(value.get("gave_up")), value.get("rec")
-    at, rounds, replays = value.get("at"), value.get("rounds", 0), value.get("replays", 0)
-    if key is None or not isinstance(rec, dict) or not isinstance(at, int | float):
-        return None
-    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (rounds, replays)):
-        return None
-    return GivenUp(key, rec, bool(value.get("rescan_only")), float(at), rounds, replays)
-
-
-def _plain(value: Any) -> Any:
-    """A number JSON can write for a numpy scalar (``TypeError`` for anything else)."""
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
-    raise TypeError(f"{type(value).__name__} is not JSON")

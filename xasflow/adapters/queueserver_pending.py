@@ -66,11 +66,15 @@ class Jobs(queue.Queue[Job | None]):
 class RateSlot:
     """When the server last took a plan, and how long until the next one may go."""
 
-    def __init__(self, config: QueueServerConfig, clock: Callable[[], float]) -> None:
-        """``config.min_interval_s`` is read at each check; ``clock`` counts seconds."""
+    def __init__(
+        self, config: QueueServerConfig, clock: Callable[[], float], age: float | None = None
+    ) -> None:
+        """``config.min_interval_s`` is read at each check; ``clock`` counts seconds;
+        ``age``: seconds since the server last took a plan (a previous daemon's, remembered;
+        None: none), so that a restart keeps the rate."""
         self._config = config
         self._clock = clock
-        self._taken = -float("inf")  # when the server last took a plan
+        self._taken = -float("inf") if age is None else clock() - age  # the last plan taken
         self.by_retry = False  # whether that plan was a retry (or a revived plan)
 
     def wait(self) -> float:
