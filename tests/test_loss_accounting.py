@@ -6,6 +6,7 @@ Each test failed before its fix (the docstring says what the code did then)."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -352,6 +353,51 @@ def test_a_drop_before_its_descriptor_is_processed_is_still_counted_once(
     assert_lost_once(d, overflow=1)
 
 
+def test_a_waiting_descriptors_drop_outlives_drops_of_descriptors_never_queued(
+    make_daemon: Callable[[str], Daemon0MQ],
+) -> None:
+    """S's first event is dropped while S's descriptor waits in the queue, then events of
+    10,000 descriptors this input never queued (runs it cannot follow). Before: the
+    assembler kept drops of descriptors not fed yet in a map trimmed to 10,000 entries
+    oldest-first, so S's went before S's descriptor came, and its event was lost twice
+    (``overflow``, then ``seq_gap``)."""
+    _, docs = step_run(3, num_events={"primary": 3})
+    start, desc, e1, e2, e3, stop = docs
+    strays = [("event", {**e2[1], "descriptor": f"never-queued-{i}"}) for i in range(10_000)]
+    d = make_daemon("drop_newest")
+    d.receive(start, desc, e1, *strays)  # e1 and the strays do not fit
+    d.turn()
+    for batch in ((e2, e3), (stop,)):
+        d.receive(*batch)
+        d.turn()
+    assert d.stop_doc()["raw_missing_events"] == 1
+    assert_lost_once(d, overflow=10_001)
+
+
+def test_drops_held_for_a_waiting_descriptor_live_as_long_as_its_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Drops held for descriptors not fed yet: a run open here keeps its own past the
+    bound, a run that closed takes its own with it, and past the bound the oldest of runs
+    not open here are forgotten, counted and logged."""
+    uid, docs = step_run(3, num_events={"primary": 3})
+    start, desc, _, e2, e3, stop = docs
+    gone_uid, (gone_start, gone_desc, _, gone_stop) = step_run(1)
+    asm = RunAssembler()
+    feed(asm, [start, gone_start])
+    asm.dropped(gone_desc[1]["uid"], [1, 2, 3, 4, 5], gone_uid)  # its descriptor never comes
+    asm.dropped(desc[1]["uid"], [1], uid)  # it waits in the queue
+    feed(asm, [gone_stop])
+    with caplog.at_level(logging.WARNING, logger="xasflow.daemon.assembly"):
+        for i in range(10_001):  # runs whose start is not fed (yet)
+            asm.dropped(f"d{i}", [7], f"not-started-{i}")
+    assert asm.early_drops_forgotten == 2  # d0 and d1, not the 5 rows of the closed run
+    forgotten = [r.getMessage() for r in caplog.records if "forgot" in r.getMessage()]
+    assert len(forgotten) == 2 and "descriptor d0 (run not-started-0" in forgotten[0]
+    (closed,) = [o for o in feed(asm, [desc, e2, e3, stop]) if isinstance(o, RunClosed)]
+    assert (closed.missing_events, closed.dropped_events) == (1, 1)
+
+
 def test_a_gap_the_input_did_not_make_is_still_a_seq_gap(
     make_daemon: Callable[[str], Daemon0MQ],
 ) -> None:
@@ -445,14 +491,15 @@ def test_a_drop_of_a_run_this_daemon_follows_stays_off_an_interrupted_runs_count
 
 def test_the_ledger_tells_rows_of_descriptors_never_queued() -> None:
     """Rows of a descriptor the input queued go to the assembler only; those of one never
-    queued, or evicted before them (``drop_oldest``), are unseen too."""
+    queued, or evicted before them (``drop_oldest``), are unseen too. The assembler's rows
+    carry the run each descriptor was queued for, None for the unseen."""
     ledger = DropLedger()
-    ledger.queued("descriptor", {"uid": "d1"})
+    ledger.queued("descriptor", {"uid": "d1", "run_start": "r1"})
     ledger.record("event", {"descriptor": "d1", "seq_num": 4})
     ledger.record("event", {"descriptor": "d2", "seq_num": 5})
     ledger.record("descriptor", {"uid": "d1"})  # evicted
     ledger.record("event_page", {"descriptor": "d1", "seq_num": [6, 7]})
-    assert ledger.take() == [("d1", [4]), ("d2", [5]), ("d1", [6, 7])]
+    assert ledger.take() == [("d1", [4], "r1"), ("d2", [5], None), ("d1", [6, 7], None)]
     assert ledger.take_unseen() == [("d2", [5]), ("d1", [6, 7])]
     assert ledger.take_unseen() == []
 

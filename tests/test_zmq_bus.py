@@ -486,7 +486,7 @@ def test_drop_policies_count_exactly(proxy, closing, policy: str) -> None:
     assert after["queue_depth"] == 0 and after["backpressure_waits"] == 0
     # each dropped event is one lost event row, and which one waits for the processing thread
     assert delta(after, before, "dropped_overflow_events") == n - 4
-    lost = [seq for _, seqs in source.dropped_events() for seq in seqs]
+    lost = [seq for _, seqs, _ in source.dropped_events() for seq in seqs]
     assert sorted(lost) == sorted(set(range(n)) - set(seqs)) and source.dropped_events() == []
 
 

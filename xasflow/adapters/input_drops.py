@@ -6,7 +6,9 @@ last event, told by the stop's ``num_events``) must not count it again as ``seq_
 receive thread records each dropped event's descriptor uid and seq_num here; the
 processing thread takes them every turn (:meth:`DropLedger.take`) and hands them to the
 assembler (:meth:`~xasflow.daemon.assembly.RunAssembler.dropped`), which tells the holes
-the input made from those the bus made.
+the input made from those the bus made. Each row carries the run its descriptor was queued
+for (None if it was never queued, or evicted), so the assembler can tie a drop whose descriptor it has not
+taken yet to that run's lifetime.
 
 ``overflow`` counts event rows (an ``event`` is one, an ``event_page`` its rows, of any
 stream); other documents dropped (a start, a descriptor, a resource) are no events: they
@@ -67,9 +69,9 @@ class DropLedger:
 
     def __init__(self, most: int = MAX_RECORDS) -> None:
         self.most = most
-        self._records: list[tuple[Any, list[Any]]] = []
+        self._records: list[tuple[Any, list[Any], str | None]] = []
         self._unseen: list[tuple[Any, list[Any]]] = []
-        self._queued: OrderedDict[Any, None] = OrderedDict()  # descriptor uids queued
+        self._queued: OrderedDict[Any, str | None] = OrderedDict()  # descriptor uid -> run
         self._lock = threading.Lock()
 
     def queued(self, name: str, doc: dict[str, Any]) -> None:
@@ -77,10 +79,10 @@ class DropLedger:
         dropped later are told apart from those of descriptors never queued (unseen)."""
         if name != "descriptor":
             return
-        uid = doc.get("uid")
+        uid, run = doc.get("uid"), doc.get("run_start")
         if isinstance(uid, str):
             with self._lock:
-                self._queued[uid] = None
+                self._queued[uid] = run if isinstance(run, str) else None
                 while len(self._queued) > KNOWN_DESCRIPTORS:
                     self._queued.popitem(last=False)
 
@@ -97,17 +99,18 @@ class DropLedger:
         if rows is not None:
             counts["dropped_overflow_events"] = len(rows[1])
             with self._lock:
+                unseen = not isinstance(rows[0], str) or rows[0] not in self._queued
                 if len(self._records) < self.most:
-                    self._records.append(rows)
+                    self._records.append((*rows, None if unseen else self._queued[rows[0]]))
                 else:
                     counts["dropped_unattributed"] = len(rows[1])
-                unseen = not isinstance(rows[0], str) or rows[0] not in self._queued
                 if unseen and len(self._unseen) < self.most:
                     self._unseen.append(rows)
         return counts
 
-    def take(self) -> list[tuple[Any, list[Any]]]:
-        """The rows recorded since the last call, oldest first."""
+    def take(self) -> list[tuple[Any, list[Any], str | None]]:
+        """The rows recorded since the last call, oldest first: ``(descriptor uid, seq_nums,
+        run uid the descriptor was queued for, None if this input does not queue it)``."""
         with self._lock:
             records, self._records = self._records, []
         return records

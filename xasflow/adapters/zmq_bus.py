@@ -247,9 +247,9 @@ class ZmqDocumentSource:
             self._counters.inc("delivered")
             return item
 
-    def dropped_events(self) -> list[tuple[Any, list[Any]]]:
+    def dropped_events(self) -> list[tuple[Any, list[Any], str | None]]:
         """Event rows the overflow policy dropped since the last call, oldest first:
-        ``(descriptor uid, seq_nums)`` per document, as sent (unchecked)."""
+        ``(descriptor uid, seq_nums, its run or None)`` per document (``DropLedger.take``)."""
         return self._dropped.take()
 
     def unseen_drops(self) -> list[tuple[Any, list[Any]]]:

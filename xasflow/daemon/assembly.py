@@ -53,6 +53,7 @@ every point has.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -108,6 +109,8 @@ _PASSIVE = frozenset(
 )
 _MEMORY = 10_000  # closed run / descriptor uids remembered, to tell late documents apart
 
+logger = logging.getLogger(__name__)
+
 
 def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value)
@@ -136,8 +139,12 @@ class RunAssembler:
         self._descriptors: dict[str, _Run] = {}
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
-        #: input-queue drops of descriptors not fed yet (still queued): applied when they are
-        self._early_drops: OrderedDict[str, list[Any]] = OrderedDict()
+        #: input-queue drops of descriptors not fed yet (still queued): descriptor uid ->
+        #: (the run it was queued for, seq_nums); see :meth:`dropped`
+        self._early_drops: OrderedDict[str, tuple[str, list[Any]]] = OrderedDict()
+        self._early_runs: dict[str, set[str]] = {}  # run uid -> its descriptors held there
+        #: Rows of such drops forgotten for want of room (see :meth:`dropped`).
+        self.early_drops_forgotten = 0
         self._router = make_run_router([self._factory])
 
     @property
@@ -176,20 +183,62 @@ class RunAssembler:
         self._out = []
         return out
 
-    def dropped(self, descriptor: Any, seqs: list[Any]) -> None:
+    def dropped(self, descriptor: Any, seqs: list[Any], run_start: str | None) -> None:
         """Event rows the input queue dropped (``ZmqDocumentSource.dropped_events``): their
         holes in the run's sequence count in ``RunClosed.dropped_events`` too, so the loss
-        is counted once (``overflow``), not again as ``seq_gap``. A descriptor not fed yet
-        (it waits in the queue) keeps them until it comes (at most ``_MEMORY`` of them)."""
+        is counted once (``overflow``), not again as ``seq_gap``.
+
+        A descriptor not fed yet waits in the queue: its rows are held until it is fed (or
+        refused), or until ``run_start``, the run the input queued it for, closes here
+        (then it could only come late). ``run_start`` None: the input does not queue it
+        (never did, or evicted it), so it never comes and nothing is held. Past ``_MEMORY``
+        descriptors held, the oldest of runs not open here (their start still queued, or
+        lost) are forgotten, counted in ``early_drops_forgotten`` and logged; a run open
+        here keeps its own until it closes."""
         if not _is_str(descriptor) or descriptor in self._closed_descriptors:
             return
         run = self._descriptors.get(descriptor)
         if run is not None:
             run.dropped(descriptor, seqs)
-        else:
-            self._early_drops.setdefault(descriptor, []).extend(seqs)
-            while len(self._early_drops) > _MEMORY:
-                self._early_drops.popitem(last=False)
+        elif _is_str(run_start) and run_start not in self._closed_runs:
+            held = self._early_drops.get(descriptor)
+            if held is not None:
+                held[1].extend(seqs)
+                return
+            self._early_drops[descriptor] = (run_start, list(seqs))
+            self._early_runs.setdefault(run_start, set()).add(descriptor)
+            if len(self._early_drops) > _MEMORY:
+                self._forget_early_drop()
+
+    def _forget_early_drop(self) -> None:
+        """Forget the oldest held drop of a run not open here (none if all runs are open)."""
+        desc = next((d for d, (r, _) in self._early_drops.items() if r not in self._runs), None)
+        if desc is None:
+            return
+        run_uid = self._early_drops[desc][0]
+        seqs = self._early_drop(desc) or []
+        self.early_drops_forgotten += len(seqs)
+        logger.warning(
+            "forgot %d input-queue drop(s) of descriptor %s (run %s, not open here): over %d "
+            "descriptors held; if it still comes they count as seq_gap too",
+            len(seqs),
+            desc,
+            run_uid,
+            _MEMORY,
+        )
+
+    def _early_drop(self, descriptor: str) -> list[Any] | None:
+        """Take the drops held for a descriptor not fed until now (None if none)."""
+        held = self._early_drops.pop(descriptor, None)
+        if held is None:
+            return None
+        run_uid, seqs = held
+        descs = self._early_runs.get(run_uid)
+        if descs is not None:
+            descs.discard(descriptor)
+            if not descs:
+                del self._early_runs[run_uid]
+        return seqs
 
     def check_timeouts(self, now: float | None = None) -> list[Output]:
         """Close runs with no document for longer than ``run_timeout`` (exit_status "timeout")."""
@@ -271,6 +320,7 @@ class RunAssembler:
 
     def _descriptor(self, doc: Mapping) -> None:
         uid, run_uid = doc.get("uid"), doc.get("run_start")
+        early = self._early_drop(uid) if _is_str(uid) else None  # refused: let go too
         if not _is_str(uid) or not _is_str(run_uid):
             raise _Bad("malformed_document", "descriptor needs string uid and run_start")
         run = self._run_for(run_uid, "descriptor")
@@ -280,7 +330,6 @@ class RunAssembler:
             raise _Bad("malformed_document", f"descriptor {uid} seen before")
         run.last_seen = self._now
         self._descriptors[uid] = run
-        early = self._early_drops.pop(uid, None)
         self._router("descriptor", cast(dict, doc))
         if early:
             run.dropped(uid, early)
@@ -341,6 +390,8 @@ class RunAssembler:
         """Drop a closed run here and in the RunRouter; remember its uids for late documents."""
         self._runs.pop(run.uid, None)
         self._remember(self._closed_runs, run.uid, status)
+        for desc in list(self._early_runs.get(run.uid, ())):  # never fed: it would be late
+            self._early_drop(desc)
         for desc in (*run.streams, *run.ignored):
             self._descriptors.pop(desc, None)
             self._remember(self._closed_descriptors, desc, run.uid)

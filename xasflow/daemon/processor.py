@@ -119,9 +119,10 @@ class Processor:
         #: Told the raw uids of runs closed by their run timeout, and of starts that opened no
         #: run (probes, refused starts): no stop will close them (see :meth:`_unopened`).
         self.runs_ended: Callable[[list[str]], None] | None = None
-        #: Event rows the input queue dropped since asked, ``[(descriptor uid, seq_nums)]``
-        #: (``ZmqDocumentSource.dropped_events``): asked each turn, see :meth:`_input_drops`.
-        self.input_dropped: Callable[[], list[tuple[Any, list[Any]]]] | None = None
+        #: Event rows the input queue dropped since asked, ``[(descriptor uid, seq_nums,
+        #: run uid or None)]`` (``ZmqDocumentSource.dropped_events``): asked each turn, see
+        #: :meth:`_input_drops`.
+        self.input_dropped: Callable[[], list[tuple[Any, list[Any], str | None]]] | None = None
         #: Of those, the rows of descriptors the input never queued
         #: (``ZmqDocumentSource.unseen_drops``), for the interrupted runs' count.
         self.input_unseen: Callable[[], list[tuple[Any, list[Any]]]] | None = None
@@ -212,8 +213,8 @@ class Processor:
         runs: a drop is recorded before any later document is queued, so every drop of a
         run's events is known once its stop (or timeout) is taken from the queue."""
         if self.input_dropped is not None:
-            for descriptor, seqs in self.input_dropped():
-                self.assembler.dropped(descriptor, seqs)
+            for descriptor, seqs, run_start in self.input_dropped():
+                self.assembler.dropped(descriptor, seqs, run_start)
         if self.input_unseen is not None:  # rows of runs a killed predecessor followed
             unseen = self.input_unseen()
             if self.interrupted is not None:
