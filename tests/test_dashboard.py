@@ -386,6 +386,46 @@ def test_dashboard_digest_bounds_memory() -> None:
     assert [r["raw_uid"] for r in state["runs"]][:2] == ["r24", "r23"]
 
 
+def test_a_run_still_open_stays_on_show_while_closed_ones_are_trimmed() -> None:
+    """Before: the runs on show were trimmed to the last 20 started, oldest first, open or
+    not: a run still scanning when 20 shorter ones had started after it was dropped, and
+    its later spectra were ignored ("no longer on show")."""
+    dashboard = Dashboard(None, rate_hz=10.0)
+    start, desc, e0, e1, e2, stop = burst_docs(3, "scanning")
+    for name, doc in (start, desc, e0):
+        dashboard.listener(name, doc)
+    for i in range(25):  # runs that start and end while it scans
+        for name, doc in burst_docs(1, f"r{i}"):
+            dashboard.listener(name, doc)
+    for name, doc in (e1, e2):
+        dashboard.listener(name, doc)
+    _, text = dashboard.message()
+    run = json.loads(text)["run"]
+    assert (run["raw_uid"], run["n_ok"]) == ("scanning", 3)
+    assert len(dashboard._runs) == 20 and "r5" not in dashboard._runs and "r6" in dashboard._runs
+    dashboard.listener(*stop)  # closed now: the oldest, so the first to go
+    for name, doc in burst_docs(1, "next"):
+        dashboard.listener(name, doc)
+    dashboard.tick(build=False)
+    assert len(dashboard._runs) == 20 and "scanning" not in dashboard._runs
+
+
+def test_runs_whose_stop_never_comes_are_bounded_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Runs kept open for want of their stop (lost in the inbox) stay bounded: past 200,
+    the oldest leaves, logged."""
+    dashboard = Dashboard(None, rate_hz=10.0)
+    for i in range(201):
+        start, desc = burst_docs(1, f"open{i}")[:2]
+        dashboard.listener(*start)
+        dashboard.listener(*desc)
+    with caplog.at_level("WARNING", logger="xasflow.daemon.dashboard"):
+        dashboard.tick(build=False)
+    assert len(dashboard._runs) == 200 and "open0" not in dashboard._runs
+    assert "open1" in dashboard._runs and "run open0, with no stop seen" in caplog.text
+
+
 def test_token_is_required_when_bound_beyond_loopback(
     models_dir: Path,
     proxy: LoopbackProxy,

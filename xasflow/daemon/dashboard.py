@@ -61,6 +61,7 @@ __all__ = ["Dashboard"]
 logger = logging.getLogger(__name__)
 
 _RUNS_KEPT = 20
+_OPEN_RUNS_KEPT = 200  # runs on show with no stop seen (a stop lost in the inbox) at most
 _RUNS_SHOWN = 8
 _HEALTH_EVERY_S = 1.0
 _KEEPALIVE_S = 15.0
@@ -102,7 +103,8 @@ class Dashboard:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self._runs: OrderedDict[str, RunView] = OrderedDict()  # the last _RUNS_KEPT, for display
+        self._runs: OrderedDict[str, RunView] = OrderedDict()  # for display: see _trim_runs
+        self._open_runs: OrderedDict[str, None] = OrderedDict()  # raw uids of those not stopped
         self._router = SafeRouter(
             [
                 stream_factory(
@@ -217,7 +219,7 @@ class Dashboard:
         self._router(name, doc)
 
     def _run_started(self, start: dict[str, Any]) -> list[Any]:
-        """A new analysis run on show (the oldest beyond ``_RUNS_KEPT`` leave the table)."""
+        """A new analysis run on show, open until its stop (see :meth:`_trim_runs`)."""
         raw_uid = str(start.get("raw_uid") or start.get("uid"))
         sample = start.get("raw_sample_name")
         run = RunView(
@@ -233,9 +235,29 @@ class Dashboard:
         )
         self._runs[raw_uid] = run
         self._runs.move_to_end(raw_uid)
-        while len(self._runs) > _RUNS_KEPT:
-            self._runs.popitem(last=False)
-        return []
+        self._open_runs[raw_uid] = None
+        self._open_runs.move_to_end(raw_uid)
+        self._trim_runs()
+
+        def stopped(name: str, doc: dict[str, Any]) -> None:
+            if name == "stop" and self._runs.get(raw_uid) is run:
+                self._open_runs.pop(raw_uid, None)
+
+        return [stopped]
+
+    def _trim_runs(self) -> None:
+        """Past ``_RUNS_KEPT`` runs on show, the oldest closed ones leave: a run still open
+        (scanning) stays however many start after it, up to ``_OPEN_RUNS_KEPT`` of them
+        (beyond, the oldest open ones leave, logged: their stop was lost)."""
+        while len(self._open_runs) > _OPEN_RUNS_KEPT:
+            raw_uid, _ = self._open_runs.popitem(last=False)
+            self._runs.pop(raw_uid, None)
+            logger.warning("dashboard: run %s, with no stop seen, leaves the table", raw_uid)
+        excess = len(self._runs) - _RUNS_KEPT
+        if excess > 0:
+            closed = [uid for uid in self._runs if uid not in self._open_runs][:excess]
+            for raw_uid in closed:
+                del self._runs[raw_uid]
 
     def _run_of(self, start: dict[str, Any]) -> RunView | None:
         return self._runs.get(str(start.get("raw_uid") or start.get("uid")))
