@@ -210,6 +210,58 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
         ioc.stop()
 
 
+def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_them(
+    tmp_path: Path,
+) -> None:
+    """Malformed raw starts (no uid, an empty or non-string one, not a mapping) are refused
+    by the assembler and leave ADVICE_UID and STOP_EARLY to the run under way. A start for an
+    element no bundle serves is not refused at the start (its run opens; its spectra are
+    rejected ``no_model``): a new scan is under way, so it takes them over."""
+    import json
+
+    from helpers import analysis_run_docs, processor_parts
+    from test_feedback_safety import _ioc
+
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_processor
+
+    def start(uid: Any, **more: Any) -> tuple[str, Any]:
+        return "start", {"uid": uid, "time": 1.0, "scan_id": 1, "plan_name": "fly", **more}
+
+    ioc = _ioc()
+    group = ioc.group
+    try:
+        parts = processor_parts(ioc, _pipeline(tmp_path))
+        proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
+        proc._turn([start("raw-B", element="Cu", edge="K")], check=False)
+        proc._complete(0)
+        advice = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}
+        for name, doc in analysis_run_docs([("recommendations", advice)], "raw-B")[:-1]:
+            ioc(name, doc)  # run B, under way, is sure: STOP_EARLY 1
+        ioc.flush()
+        assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1)
+        malformed = [
+            ("start", {"time": 1.0, "scan_id": 2}),
+            start(""),
+            start(7),
+            ("start", ["raw-X", 1.0]),
+        ]
+        for refused in malformed:
+            proc._turn([refused], check=False)
+            proc._complete(0)
+            ioc.flush()
+            assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1), refused
+        assert parts.assembler.open_runs == 1
+        proc._turn([start("raw-Fe", element="Fe", edge="K")], check=False)  # no Fe bundle
+        proc._complete(0)
+        ioc.flush()
+        assert (group.advice_uid.value, group.stop_early.value) == ("raw-Fe", 0)
+        assert parts.assembler.open_runs == 2
+    finally:
+        ioc.stop()
+
+
 # --------------------------------------------------------------------------- adaptive agent
 
 
