@@ -19,7 +19,7 @@ from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import bulk_of, edge_fit, leading_strays
-from xasflow.spectra.quality import edge_snr_rows, weak_edge
+from xasflow.spectra.quality import edge_snr, weak_edge
 
 
 class PrepParams(BaseModel):
@@ -377,7 +377,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search, bulk)
     y, step = normalize(spectrum, e0, params, bulk)
     rel = spectrum.energy - e0
-    snr = float(edge_snr_rows(rel, measured.mu, np.array([step]))[0])  # broaden keeps the axis
+    snr = edge_snr(rel, measured.mu, step)  # broaden keeps the axis
     weak = weak_edge(snr, step, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("weak_edge", weak)

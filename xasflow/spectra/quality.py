@@ -15,7 +15,7 @@ from scipy.ndimage import correlate1d
 from xasflow.spectra.core import Spectrum
 from xasflow.spectra.e0 import E0_STEP, TIE, on_grid, smoothed_derivative
 
-__all__ = ["e0_ambiguity", "edge_snr_rows", "estimate_noise", "has_edge", "weak_edge"]
+__all__ = ["e0_ambiguity", "edge_snr", "edge_snr_rows", "estimate_noise", "has_edge", "weak_edge"]
 
 #: 7-point quadratic Savitzky-Golay smoothing coefficients.
 _SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
@@ -164,6 +164,36 @@ def edge_snr_rows(rel: np.ndarray, mu: np.ndarray, steps: np.ndarray) -> np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):
         out[measured] = np.asarray(steps, dtype=np.float64)[measured] / noise[measured]
     return out
+
+
+def edge_snr(rel: np.ndarray, mu: np.ndarray, step: float) -> float:
+    """:func:`edge_snr_rows` of one spectrum (``rel``, ``mu`` (m,), float64), the same number
+    on its one row: each window's residuals are those its span holds (its centres are
+    ascending, so all lie in the window), and their median is the middle of their sort."""
+    if mu.size < 7:
+        return math.nan
+    centres = rel[3:-3]
+    spans = []
+    for lo, hi in NOISE_WINDOWS:
+        a, b = int(centres.searchsorted(lo)), int(centres.searchsorted(hi, side="right"))
+        if b - a >= 7:
+            spans.append((a, b))
+    if not spans:
+        return math.nan
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    smooth = correlate1d(mu[first : last + 6], _SG7)[3:-3]
+    size = np.abs(mu[first + 3 : last + 3] - smooth)
+    noise = math.inf
+    for a, b in spans:
+        ordered = np.sort(size[a - first : b - first])
+        middle = 0.5 * (ordered.item((b - a - 1) // 2) + ordered.item((b - a) // 2))
+        sigma = 1.4826 * middle / math.sqrt(1.0 - _SG7[3])
+        noise = sigma if sigma < noise or sigma != sigma else noise  # np.minimum's NaN too
+    if not math.isfinite(noise):
+        return math.nan
+    if noise > 0:
+        return float(step / noise)
+    return math.nan if not step or step != step else math.copysign(math.inf, step)  # x / 0.0
 
 
 def _row_medians(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
