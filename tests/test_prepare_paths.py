@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from tests.synthetic_feff import model_mu
+from xasflow.spectra.e0 import E0_STEP, e0_in_window, e0_rows_why, on_grid
+from xasflow.spectra.outliers import lone_spikes
 from xasflow.spectra.quality import edge_snr, edge_snr_rows
 
 CU_K = 8979.0
@@ -43,3 +45,28 @@ def test_edge_snr_of_one_spectrum_is_its_row_of_edge_snr_rows(step: float) -> No
         for shift in (0.0, 25.0, -12.3):
             want = float(edge_snr_rows(rel - shift, mu, np.array([step]))[0])
             assert _same(edge_snr(rel - shift, mu, step), want), (rel.size, shift, step)
+
+
+def test_e0_in_window_is_e0_rows_why_of_the_row_on_grid() -> None:
+    """The one spectrum's E0 interpolates its row directly, as :func:`on_grid` does."""
+    for rel, mu in _scans()[:3]:
+        energy = rel + CU_K
+        for lo, hi in ((energy[0], energy[-1]), (CU_K - 40.0, CU_K + 40.0)):
+            lo, hi = max(lo, energy[0]), min(hi, energy[-1])
+            grid = np.arange(lo, hi, E0_STEP)
+            found, _ = e0_rows_why(grid, on_grid(grid, energy, mu), low_border=lo > energy[0])
+            assert e0_in_window(energy, mu, lo, hi, "Cu", "K", CU_K) == found[0]
+
+
+def test_lone_spikes_of_one_row_decide_as_the_rows_of_a_page() -> None:
+    """The one-row test of :func:`lone_spikes` (a spike or none) is the page's, row by row."""
+    rng = np.random.default_rng(3)
+    for _, mu in _scans()[:3]:
+        spiked = mu.copy()
+        spiked[rng.integers(2, mu.size - 2)] = 1e6
+        for row in (mu, spiked, mu[::-1]):
+            page = lone_spikes(np.vstack([row, mu]))
+            one = lone_spikes(row[None, :])
+            assert (one is None) == (page is None or page[0].all())
+            if one is not None:
+                assert page is not None and np.array_equal(one[0], page[0])

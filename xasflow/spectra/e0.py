@@ -93,7 +93,8 @@ def on_grid(
 
 def smoothed_derivative(m: np.ndarray) -> np.ndarray:
     """d mu / dE of rows on the 0.1 eV grid, smoothed by the 0.5 eV Gaussian (per row)."""
-    return correlate1d(np.atleast_2d(m), _DERIVATIVE, axis=1, mode="nearest")
+    m = m if m.ndim == 2 else np.atleast_2d(m)
+    return correlate1d(m, _DERIVATIVE, axis=1, mode="nearest")
 
 
 def _plateau(row: np.ndarray, i: int, top: float) -> tuple[int, int]:
@@ -136,7 +137,7 @@ def e0_rows_why(
         border = (_MARGIN, size - 1 - _MARGIN) if low_border else (size - 1 - _MARGIN,)
     out = np.full(d.shape[0], np.nan)
     why: list[str | None] = [None] * d.shape[0]
-    for r, i in enumerate(np.argmax(d, axis=1).tolist()):
+    for r, i in enumerate(d.argmax(axis=1).tolist()):
         row = d[r]
         top = float(row[i])
         if not (math.isfinite(top) and top > 0):
@@ -215,7 +216,8 @@ def e0_in_window(
     if error is not None:
         raise error
     grid = np.arange(lo, hi, E0_STEP)
-    found, why = e0_rows_why(grid, on_grid(grid, energy, mu), low_border=lo > energy[0])
+    row = np.interp(grid, energy, mu)[None, :]  # on_grid of the one row
+    found, why = e0_rows_why(grid, row, low_border=lo > energy[0])
     if why[0] is not None:
         raise SpectrumError("no_edge", why[0])
     return float(found[0])

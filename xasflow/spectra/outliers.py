@@ -321,7 +321,8 @@ def lone_spikes(mu: np.ndarray) -> np.ndarray | None:
     # a spike lies further from its neighbours than the ends lie apart, and no point
     # further from a neighbour than the longest step: most rows are decided here
     if n == 1:  # one spectrum: the same test on Python floats
-        doubt = [0] if np.abs(np.diff(mu[0])).max() > abs(mu.item(-1) - mu.item(0)) else []
+        v = mu[0]
+        doubt = [0] if np.abs(v[1:] - v[:-1]).max() > abs(mu.item(-1) - mu.item(0)) else []
     else:
         longest = np.abs(mu[:, 1:] - mu[:, :-1]).max(axis=1)
         doubt = np.flatnonzero(longest > np.abs(mu[:, -1] - mu[:, 0])).tolist()
