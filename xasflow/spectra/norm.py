@@ -169,8 +169,8 @@ def _energy_weights(x: np.ndarray) -> np.ndarray:
     """Trapezoid weights: a weighted fit then weighs energy, not points (sampling-free)."""
     w = np.empty_like(x)
     w[1:-1] = 0.5 * (x[2:] - x[:-2])
-    w[0] = 0.5 * (x[1] - x[0])
-    w[-1] = 0.5 * (x[-1] - x[-2])
+    w[0] = 0.5 * (x.item(1) - x.item(0))
+    w[-1] = 0.5 * (x.item(-1) - x.item(-2))
     return w
 
 
@@ -260,7 +260,9 @@ def edge_fit(
     background: np.ndarray | float = (
         0.0 if calculated else _background(rel, mu, q1, q2, npre, keep_pre)
     )
-    x, y = rel[p1:p2], (mu - background)[p1:p2]
+    # (mu - background)[p1:p2], on those points only
+    below = background[p1:p2] if isinstance(background, np.ndarray) else background
+    x, y = rel[p1:p2], mu[p1:p2] - below
     if keep_post is not None:
         x, y = x[keep_post], y[keep_post]
     w = _energy_weights(x) if weighting == "energy" and x.size > 1 else None
@@ -272,7 +274,9 @@ def edge_fit(
     # differently from a long one; below E0 its 1/E tail tilts a short pre-edge line.
     half = 0.5 * tail_width
     approach = np.arctan(x / half) / np.pi - 0.5
-    first, shape = _at_zero(x, np.column_stack((y, approach)), nnorm, w)
+    ys = np.empty((x.size, 2))  # np.column_stack((y, approach))
+    ys[:, 0], ys[:, 1] = y, approach
+    first, shape = _at_zero(x, ys, nnorm, w)
     step = first * (1.0 - shape)
     if not calculated and step > 0:
         xp = rel[q1:q2] if keep_pre is None else rel[q1:q2][keep_pre]
@@ -303,14 +307,14 @@ def _at_zero(x: np.ndarray, ys: np.ndarray, degree: int, w: np.ndarray | None = 
     if degree == 0 or n <= degree:
         return wys.sum(axis=0) / total
     centre = float(w @ x) / total
-    scale = float(max(x[-1] - centre, centre - x[0])) or 1.0
+    scale = max(x.item(-1) - centre, centre - x.item(0)) or 1.0
     t = (x - centre) / scale
     powers = [t]
     for _ in range(2 * degree - 1):
         powers.append(powers[-1] * t)
     sums = [total] + [float(w @ p) for p in powers]
     gram = np.array([sums[i : i + degree + 1] for i in range(degree + 1)])
-    rhs = np.vstack([wys.sum(axis=0)] + [powers[i] @ wys for i in range(degree)])
+    rhs = np.array([wys.sum(axis=0)] + [powers[i] @ wys for i in range(degree)])
     coef = np.linalg.solve(gram, rhs)
     at = -centre / scale
     return np.array([at**i for i in range(degree + 1)]) @ coef

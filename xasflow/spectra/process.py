@@ -18,7 +18,7 @@ from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.herfd import broaden, herfd_width
-from xasflow.spectra.norm import bulk_of, edge_fit, leading_strays
+from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr, weak_edge
 
 
@@ -208,8 +208,8 @@ def _normalize_larch(
             "cannot find the edge step",
         )
     calculated = is_calculated(spectrum, e0, params, bulk)
-    if spectrum.meta.get("calculated") is False:
-        (why,) = measured_start_why((spectrum.energy - e0)[None, :], lead)
+    if spectrum.meta.get("calculated") is False:  # (its data's start: the one rel it reads)
+        (why,) = measured_start_why((spectrum.energy[lead : lead + 1] - e0)[None, :], 0)
         if why is not None:
             raise SpectrumError("no_pre_edge", why)
     sub, fit = edge_fit(
@@ -226,16 +226,22 @@ def _normalize_larch(
         tail_width=core_hole_width(spectrum.element, spectrum.edge) if params.edge_tail else None,
         bulk=bulk,
     )
-    where = f"post-edge E0{fit.norm1:+g}..{fit.norm2:+g} eV, degree {fit.nnorm}"
     if not fit.step > 0:
-        raise SpectrumError("edge_step", f"edge step {fit.step:.3g} is not positive ({where})")
+        raise SpectrumError(
+            "edge_step", f"edge step {fit.step:.3g} is not positive ({_where(fit)})"
+        )
     y = sub / fit.step
-    lo = int(np.searchsorted(spectrum.energy, e0 + params.window_start))
-    hi = min(int(np.searchsorted(spectrum.energy, e0 + params.window_stop, side="right")), last)
+    lo = int(spectrum.energy.searchsorted(e0 + params.window_start))
+    hi = min(int(spectrum.energy.searchsorted(e0 + params.window_stop, side="right")), last)
     worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
     if worst > params.max_norm:
-        raise SpectrumError("edge_step", undetermined_step(worst, fit.step, params, where))
+        raise SpectrumError("edge_step", undetermined_step(worst, fit.step, params, _where(fit)))
     return y, fit.step
+
+
+def _where(fit: EdgeFit) -> str:
+    """The post-edge fit a refused step came from, for its message."""
+    return f"post-edge E0{fit.norm1:+g}..{fit.norm2:+g} eV, degree {fit.nnorm}"
 
 
 #: eV of data a spectrum declared measured (``meta["calculated"] is False``: XDI files, and
