@@ -11,6 +11,7 @@ import pytest
 from tests.synthetic_feff import model_mu
 from xasflow.spectra.e0 import E0_STEP, e0_in_window, e0_rows_why, on_grid
 from xasflow.spectra.outliers import lone_spikes
+from xasflow.spectra.process import points_within
 from xasflow.spectra.quality import edge_snr, edge_snr_rows
 
 CU_K = 8979.0
@@ -70,3 +71,16 @@ def test_lone_spikes_of_one_row_decide_as_the_rows_of_a_page() -> None:
             assert (one is None) == (page is None or page[0].all())
             if one is not None:
                 assert page is not None and np.array_equal(one[0], page[0])
+
+
+def test_points_within_counts_as_the_mask_does() -> None:
+    """The window's point count by binary search is the count of the two comparisons,
+    bounds on data points, between them, outside the data and crossed included."""
+    rng = np.random.default_rng(5)
+    for rel, _ in _scans():
+        bounds = [rel[0], rel[-1], rel[len(rel) // 2], rel[0] - 1.0, rel[-1] + 1.0]
+        bounds += rng.uniform(rel[0] - 20.0, rel[-1] + 20.0, 20).tolist()
+        for lo in bounds:
+            for hi in bounds:
+                want = int(np.count_nonzero((rel >= lo) & (rel <= hi)))
+                assert points_within(rel, float(lo), float(hi)) == want

@@ -336,21 +336,28 @@ def resample(
     bulk = bulk_of(energy_rel) if bulk is None else bulk
     energy_rel, y = energy_rel[bulk], y[bulk]
     grid = params.grid
-    below = max(0.0, energy_rel[0] - grid[0])
-    above = max(0.0, grid[-1] - energy_rel[-1])
+    first, last = energy_rel.item(0), energy_rel.item(-1)
+    below = max(0.0, first - grid.item(0))
+    above = max(0.0, grid.item(-1) - last)
     outside = max(below, above)
     if outside > params.max_extrapolation + 1e-9:
         side = "start" if below >= above else "end"
         raise SpectrumError(
             "window",
-            f"data cover E0{energy_rel[0]:+.1f} to E0{energy_rel[-1]:+.1f} eV but the model window "
+            f"data cover E0{first:+.1f} to E0{last:+.1f} eV but the model window "
             f"{side} needs E0{(grid[0] if side == 'start' else grid[-1]):+.1f} eV "
             f"({outside:.1f} eV beyond the data; at most {params.max_extrapolation:g} allowed)",
         )
-    inside = int(np.count_nonzero((energy_rel >= grid[0]) & (energy_rel <= grid[-1])))
+    inside = points_within(energy_rel, grid.item(0), grid.item(-1))
     if inside < MIN_WINDOW_POINTS:
         raise SpectrumError("window", sparse_window(inside, grid))
     return np.interp(grid, energy_rel, y), below + above
+
+
+def points_within(energy: np.ndarray, lo: float, hi: float) -> int:
+    """How many of ``energy`` (strictly increasing) lie in ``[lo, hi]``: the count of
+    ``(energy >= lo) & (energy <= hi)``, by two binary searches."""
+    return max(int(energy.searchsorted(hi, side="right")) - int(energy.searchsorted(lo)), 0)
 
 
 #: Data points a spectrum needs inside the model window: fewer, and its model input is a few
