@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from feedback_helpers import advice_pipeline, demo_scan
 from helpers import unpaged
-from test_feedback_safety import _pipeline, _scan
 
 # --------------------------------------------------------------------------- pipeline
 
@@ -27,13 +27,13 @@ def test_throttled_advice_goes_out_at_once_when_the_answer_enters_or_leaves_the_
     answer is (the queueserver never plans from out-of-domain advice)."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
 
-    pipe = _pipeline(tmp_path, interval=3600.0)
+    pipe = advice_pipeline(tmp_path, interval=3600.0)
     outputs = [
         RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
-        _scan("raw-1", 0, "CuO", 0),  # in domain: the run's first advice
-        _scan("raw-1", 1, "CuCl", 1),  # out of domain: advice at once
-        _scan("raw-1", 2, "CuCl", 2),  # still out: throttled
-        _scan("raw-1", 3, "CuO", 3),  # back in domain: advice at once
+        demo_scan("raw-1", 0, "CuO", 0),  # in domain: the run's first advice
+        demo_scan("raw-1", 1, "CuCl", 1),  # out of domain: advice at once
+        demo_scan("raw-1", 2, "CuCl", 2),  # still out: throttled
+        demo_scan("raw-1", 3, "CuO", 3),  # back in domain: advice at once
         RunClosed("raw-1", "success", "", 4, 0, 0),
     ]
     rows = _advice_rows(unpaged(pipe.handle_batch(outputs)))
@@ -49,8 +49,8 @@ def test_the_submitter_compares_answers_and_advice_by_index() -> None:
     (which followed an in-domain one) leaves the plan; one after it withholds the plan."""
     import json
 
+    from feedback_helpers import REC, ZMQ_KEY, FakeApi
     from helpers import analysis_run_docs
-    from test_feedback_safety import REC, ZMQ_KEY, FakeApi
 
     from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
 
@@ -78,7 +78,7 @@ def test_the_submitter_compares_answers_and_advice_by_index() -> None:
 def test_close_still_submits_what_is_queued_within_its_timeout() -> None:
     """close() submits the queue's plans while its timeout lasts (a daemon's shutdown does not
     lose a run's plan to a quick server), then refuses anything new."""
-    from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+    from feedback_helpers import REC, ZMQ_KEY, FakeApi
 
     from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
 
@@ -103,15 +103,15 @@ def test_the_advice_pvs_follow_the_current_run_only() -> None:
     import json
 
     from caproto import AlarmSeverity
+    from feedback_helpers import advice_ioc
     from helpers import analysis_run_docs
-    from test_feedback_safety import _ioc
 
     def advice(stop: bool, ood: bool = False) -> dict[str, Any]:
         return {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": stop, "out_of_domain": ood}
 
     ok = {"status": "ok", "cn": 4}
     rejected = {"status": "rejected", "reason": "no_edge"}
-    ioc = _ioc()
+    ioc = advice_ioc()
     group = ioc.group
     try:
         ioc.raw_run_started("raw-A")
@@ -162,8 +162,8 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
     run under way, nor clear that run's STOP_EARLY. A start that opens a run still does."""
     import json
 
+    from feedback_helpers import advice_ioc
     from helpers import analysis_run_docs, processor_parts
-    from test_feedback_safety import _ioc
 
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
@@ -172,11 +172,11 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
     def start(uid: str) -> tuple[str, dict[str, Any]]:
         return "start", {"uid": uid, "time": 1.0, "scan_id": 1, "plan_name": "fly"}
 
-    ioc = _ioc()
+    ioc = advice_ioc()
     group = ioc.group
     try:
         proc = build_processor(
-            processor_parts(ioc, _pipeline(tmp_path)),
+            processor_parts(ioc, advice_pipeline(tmp_path)),
             DaemonConfig(),
             Counters(),
             [ioc],
@@ -269,12 +269,12 @@ def test_the_adaptive_agent_stops_when_no_energy_gives_a_valid_outcome() -> None
     """No beam (I0 = 0 everywhere): each energy is asked max_tries times, then the agent stops
     and says why, instead of asking for ever."""
     import numpy as np
-    from test_feedback_safety import _FakePredictor
+    from feedback_helpers import FakePredictor
 
     from xasflow.daemon.adaptive import RecommenderOptimizer
 
     energies = np.linspace(8800.0, 9100.0, 20)
-    opt = RecommenderOptimizer(_FakePredictor(), initial_energies=energies, max_tries=2)
+    opt = RecommenderOptimizer(FakePredictor(), initial_energies=energies, max_tries=2)
     asked = 0
     for _ in range(50):
         batch = opt.suggest(64)
@@ -291,12 +291,12 @@ def test_an_outcome_that_never_comes_back_is_given_up_too() -> None:
     """An energy handed out max_tries times whose outcome never arrives is given up: the pass
     finishes without it and the next pass begins."""
     import numpy as np
-    from test_feedback_safety import _FakePredictor
+    from feedback_helpers import FakePredictor
 
     from xasflow.daemon.adaptive import RecommenderOptimizer
 
     energies = np.linspace(8800.0, 9100.0, 20)
-    opt = RecommenderOptimizer(_FakePredictor(), initial_energies=energies, max_tries=3)
+    opt = RecommenderOptimizer(FakePredictor(), initial_energies=energies, max_tries=3)
     lost = float(energies[5])
     for _ in range(10):
         if len(opt.passes) > 1 or opt.should_stop()[0]:

@@ -3,20 +3,26 @@ EPICS advice PVs): each test fails on the reviewed code and says what it should 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from helpers import analysis_run_docs, fly_scan, free_port, processor_parts, unpaged
+from feedback_helpers import (
+    REC,
+    ZMQ_KEY,
+    FakeApi,
+    FakePredictor,
+    advice_ioc,
+    advice_pipeline,
+    demo_scan,
+)
+from helpers import analysis_run_docs, fly_scan, processor_parts, unpaged
 from pydantic import ValidationError
-from test_recommend import SURE, VAL_SURE, demo_channels, manifest, prediction
+from recommend_helpers import SURE, VAL_SURE, demo_channels, manifest, prediction
 
 from xasflow.adapters.queueserver import (
     QueueServerConfig,
@@ -25,78 +31,6 @@ from xasflow.adapters.queueserver import (
     region_points,
 )
 from xasflow.daemon.recommend import RecommenderConfig
-from xasflow.spectra import SpectrumError
-
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "models" / "cu-k"
-ZMQ_KEY = "x" * 40
-REC = {
-    "regions": [
-        {"name": "edge", "start": 8978.0, "stop": 8990.0, "step": 0.5, "dwell": 2.0, "reason": ""}
-    ],
-    "rescan": None,
-    "stop_early": False,
-    "e0": 8983.5,
-    "uncertainty": 0.4,
-    "bundle_id": "cu-k-test",
-}
-
-
-class FakeApi:
-    def __init__(self, delay: float = 0.0) -> None:
-        self.items: list[tuple[float, dict[str, Any]]] = []
-        self.delay = delay
-        self.closed = False
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        time.sleep(self.delay)
-        self.items.append((time.monotonic(), item))
-        return {"success": True, "msg": "", "item": dict(item, item_uid=f"u{len(self.items)}")}
-
-    def queue_get(self, **kwargs: Any) -> dict[str, Any]:  # REManagerAPI.queue_get
-        return {"success": True, "items": [item for _, item in self.items], "running_item": {}}
-
-    def history_get(self, **kwargs: Any) -> dict[str, Any]:  # REManagerAPI.history_get
-        return {"success": True, "items": []}
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def _pipeline(tmp_path: Path, interval: float = 0.0, **knobs: Any) -> Any:
-    from xasflow.daemon.counters import Counters
-    from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.registry import ModelRegistry
-
-    if not (BUNDLE / "manifest.json").is_file():
-        pytest.skip("the shipped Cu K bundle is not here")
-    shutil.copytree(BUNDLE, tmp_path / "models" / "cu-k")
-    counters = Counters()
-    cfg = RecommenderConfig(stop_count=2, stop_probability=0.05, **knobs)
-    return Pipeline(
-        ModelRegistry(tmp_path / "models", counters),
-        counters,
-        recommend=cfg,
-        recommend_interval_s=interval,
-    )
-
-
-def _scan(raw_uid: str, i: int, name: str, seed: int, flat: bool = False) -> Any:
-    from xasflow.daemon.assembly import ScanSpectrum, SpectrumReady
-
-    energy, chans = demo_channels(name, seed=seed)
-    if flat:  # nothing in the beam: no edge, rejected
-        chans = {"i0": chans["i0"], "it": chans["i0"] * math.exp(-0.3)}
-    return SpectrumReady(
-        ScanSpectrum(raw_uid, i, energy, chans, "Cu", "K", "transmission", (i + 1,), 1.0, 0.0)
-    )
-
-
-def _ioc() -> Any:
-    from xasflow.adapters.epics_ioc import XasIoc
-
-    return XasIoc("REVFB:", host="127.0.0.1", port=free_port(), beacon_port=free_port()).start()
-
 
 # --------------------------------------------------------------------------- EPICS advice PVs
 
@@ -117,7 +51,7 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
     from xasflow.daemon.counters import Counters
     from xasflow.daemon.parts import build_processor
 
-    pipe = _pipeline(tmp_path)
+    pipe = advice_pipeline(tmp_path)
 
     def channels(seed: int) -> dict[str, np.ndarray]:
         _, c = demo_channels("CuO", seed)
@@ -126,7 +60,7 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
     energy = demo_channels("CuO", 0)[0]
     _, run_a = fly_scan(energy, [channels(s) for s in (2, 3, 4)])  # CuO: cn {4} each time
     uid_b, run_b = fly_scan(energy, [channels(0)])
-    ioc = _ioc()
+    ioc = advice_ioc()
     try:
         parts = processor_parts(ioc, pipe)  # what the processor is built from, as the daemon does
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
@@ -155,14 +89,14 @@ def test_stop_early_is_withdrawn_when_the_next_spectrum_is_rejected(tmp_path: Pa
     rejection (cleared by the IOC, or an advice event that says the decision turned)."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
 
-    pipe = _pipeline(tmp_path)
+    pipe = advice_pipeline(tmp_path)
     outputs = [
         RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
-        _scan("raw-1", 0, "CuO", 2),
-        _scan("raw-1", 1, "CuO", 3),
-        _scan("raw-1", 2, "CuO", 4, flat=True),
+        demo_scan("raw-1", 0, "CuO", 2),
+        demo_scan("raw-1", 1, "CuO", 3),
+        demo_scan("raw-1", 2, "CuO", 4, flat=True),
     ]
-    ioc = _ioc()
+    ioc = advice_ioc()
     try:
         for name, doc in pipe.handle_batch(outputs[:3]):
             ioc(name, doc)
@@ -192,7 +126,7 @@ def test_advice_that_follows_an_out_of_domain_answer_is_not_shown_as_actionable(
         "out_of_domain": True,
     }
     ood_answer = {"status": "ok", "cn": 4, "out_of_domain": True, "ood_score": 9.0}
-    ioc = _ioc()
+    ioc = advice_ioc()
     try:
         for name, doc in analysis_run_docs(
             [("primary", ood_answer), ("recommendations", advice)], raw_uid="raw-ood"
@@ -220,11 +154,11 @@ def test_advice_older_than_the_runs_out_of_domain_answers_is_not_queued(tmp_path
     Expected: no plan for a run whose latest answer is out of domain."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
 
-    pipe = _pipeline(tmp_path, interval=3600.0)
+    pipe = advice_pipeline(tmp_path, interval=3600.0)
     outputs = [
         RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
-        _scan("raw-1", 0, "CuO", 0),  # in domain
-        *(_scan("raw-1", i, "CuCl", i) for i in (1, 2, 3)),  # out of domain (README)
+        demo_scan("raw-1", 0, "CuO", 0),  # in domain
+        *(demo_scan("raw-1", i, "CuCl", i) for i in (1, 2, 3)),  # out of domain (README)
         RunClosed("raw-1", "success", "", 4, 0, 0),
     ]
     docs = unpaged(pipe.handle_batch(outputs))
@@ -360,23 +294,6 @@ def test_recommender_config_refuses_values_that_break_the_advice(knobs: dict[str
 # --------------------------------------------------------------------------- adaptive agent
 
 
-class _FakePredictor:
-    """Predicts cn {4} (a single-value 90 % set) for each pass; ``fail`` passes raise."""
-
-    def __init__(self, fail: set[int] = frozenset()) -> None:  # type: ignore[assignment]
-        self.manifest = manifest()
-        self.calls = 0
-        self.fail = fail
-
-    def predict(self, spectrum: Any) -> Any:
-        self.calls += 1
-        if self.calls in self.fail:
-            raise SpectrumError("no_edge", "no edge in this pass")
-        p = prediction(SURE, VAL_SURE)
-        cn = dataclasses.replace(p.results["cn"], prediction_set=[4])
-        return dataclasses.replace(p, results={**p.results, "cn": cn})
-
-
 def test_the_adaptive_agent_ends_when_one_energy_never_gives_a_valid_outcome() -> None:
     """adaptive.py:180: a pass completes only when every energy has a finite mu; an outcome
     that is not one (I0 = 0: a beam dump, a shutter, a detector dropout at that energy;
@@ -387,7 +304,7 @@ def test_the_adaptive_agent_ends_when_one_energy_never_gives_a_valid_outcome() -
     from xasflow.daemon.adaptive import RecommenderOptimizer
 
     energies = np.linspace(8800.0, 9100.0, 50)
-    opt = RecommenderOptimizer(_FakePredictor(), initial_energies=energies, max_passes=3)
+    opt = RecommenderOptimizer(FakePredictor(), initial_energies=energies, max_passes=3)
     dead = float(energies[10])
     for _ in range(200):
         if opt.should_stop()[0]:
@@ -411,7 +328,7 @@ def test_the_adaptive_agent_does_not_stop_early_across_a_failed_pass() -> None:
 
     energies = np.linspace(8800.0, 9100.0, 50)
     opt = RecommenderOptimizer(
-        _FakePredictor(fail={2}), RecommenderConfig(stop_count=2), initial_energies=energies
+        FakePredictor(fail={2}), RecommenderConfig(stop_count=2), initial_energies=energies
     )
     for _ in range(3):  # pass 0 predicted, pass 1 refused, pass 2 predicted
         if opt.should_stop()[0]:
@@ -432,12 +349,12 @@ def test_a_spectrum_rejected_in_assembly_also_breaks_the_row(tmp_path: Path) -> 
     from xasflow.daemon.assembly import RunClosed, RunOpened
     from xasflow.daemon.outputs import Rejected
 
-    pipe = _pipeline(tmp_path)
+    pipe = advice_pipeline(tmp_path)
     outputs = [
         RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
-        _scan("raw-1", 0, "CuO", 2),
+        demo_scan("raw-1", 0, "CuO", 2),
         Rejected("raw-1", 1, "length_mismatch", "energy has 2000 points, {'it': 1999}"),
-        _scan("raw-1", 2, "CuO", 3),
+        demo_scan("raw-1", 2, "CuO", 3),
         RunClosed("raw-1", "success", "", 3, 0, 0),
     ]
     docs = unpaged(pipe.handle_batch(outputs))

@@ -17,44 +17,18 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from event_model import DocumentNames, compose_run, schema_validators
-from helpers import raw_uids, unpaged
-from synthetic_feff import model_mu
+from helpers import raw_uids
+from pipeline_helpers import KINDS, T0, channels, events, opened, redeploy, scan
 
-from xasflow.daemon.assembly import (
-    Rejected,
-    RunAssembler,
-    RunClosed,
-    RunOpened,
-    ScanSpectrum,
-    SpectrumReady,
-)
+from xasflow.daemon.assembly import Rejected, RunAssembler, RunClosed
 from xasflow.daemon.counters import Counters, register_prometheus
 from xasflow.daemon.documents import CODE_VERSION, DATA_KEYS
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.bundle import read_manifest
-from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import OUT_OF_DOMAIN, Predictor
-from xasflow.spectra import Spectrum, edge_energy
-
-T0 = 1_700_000_000.0  # event time of every hand-made spectrum (epoch s)
-
-# name: (edge shift from 8980 eV, white-line height, width, NN distance, expected CN)
-KINDS = {
-    "Cu2O": (0.0, 0.6, 3.0, 4.27 * np.sqrt(3) / 4, 2),
-    "CuCl": (1.5, 1.0, 4.0, 5.41 * np.sqrt(3) / 4, 4),
-    "CuO": (4.0, 1.6, 6.0, 4.20 * 0.5, 6),
-}
-
+from xasflow.spectra import Spectrum
 
 # --------------------------------------------------------------------------- bundle
-
-
-def redeploy(src: Path, dest: Path, bundle_id: str) -> Path:
-    """Write a copy of bundle ``src`` at ``dest`` under a new bundle id (atomically)."""
-    manifest = read_manifest(src).model_copy(update={"bundle_id": bundle_id})
-    files = {name: (src / name).read_bytes() for name in manifest.files}
-    return write_bundle(dest, manifest, files)
 
 
 @pytest.fixture(scope="module")
@@ -96,68 +70,6 @@ def pipeline(registry: ModelRegistry, counters: Counters) -> Pipeline:
 # --------------------------------------------------------------------------- spectra
 
 
-def channels(
-    kind: str,
-    *,
-    offset: float = 0.0,
-    lo: float = 8940.0,
-    hi: float = 9120.0,
-    n: int = 600,
-    reference: bool = True,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Measured energy and I0/It(/Ir) of a synthetic sample and a Cu foil.
-
-    The monochromator reads ``offset`` eV low: the true energy is ``energy + offset``, so
-    reference-foil alignment must find a shift of ``+offset``.
-    """
-    shift, height, width, nn, _ = KINDS[kind]
-    true = np.linspace(lo, hi, n)
-    mu_sample = model_mu(true, 8980.0 + shift, height, width, nn)
-    mu_foil = model_mu(true, edge_energy("Cu"), 0.0, 1.0, 2.55)
-    i0 = 1.0e5 * (1.0 + 0.02 * np.sin(true / 25.0))
-    it = i0 * np.exp(-(0.3 + mu_sample))
-    chans = {"i0": i0, "it": it}
-    if reference:
-        chans["ir"] = it * np.exp(-(0.2 + 0.8 * mu_foil))
-    return true - offset, chans
-
-
-def scan(
-    raw_uid: str,
-    index: int,
-    kind: str = "CuCl",
-    *,
-    element: str | None = "Cu",
-    edge: str | None = "K",
-    mode: str = "transmission",
-    flags: tuple[str, ...] = (),
-    energy: np.ndarray | None = None,
-    chans: dict[str, np.ndarray] | None = None,
-    **kw: Any,
-) -> SpectrumReady:
-    if energy is None or chans is None:
-        energy, chans = channels(kind, **kw)
-    return SpectrumReady(
-        ScanSpectrum(
-            raw_uid=raw_uid,
-            index=index,
-            energy=energy,
-            channels=chans,
-            element=element,
-            edge=edge,
-            mode=mode,
-            seq_nums=(index + 1,),
-            event_time=T0,
-            received=0.0,
-            flags=flags,
-        )
-    )
-
-
-def opened(raw_uid: str, kind: str = "fly", **md: Any) -> RunOpened:
-    return RunOpened(raw_uid, {"uid": raw_uid, "time": T0, "scan_id": 7, **md}, kind)
-
-
 def closed(raw_uid: str, status: str = "success", reason: str = "", n: int = 1) -> RunClosed:
     return RunClosed(raw_uid, status, reason, n, 0, 0)  # type: ignore[arg-type]
 
@@ -176,10 +88,6 @@ def validate(docs: list[tuple[str, dict]]) -> None:
             assert set(doc["data"]) == set(DATA_KEYS) == set(doc["timestamps"])
     # the stream is a well-formed run: start, descriptor, events, stop
     json.dumps([d for _, d in docs])  # plain data, publishable as JSON / msgpack
-
-
-def events(docs: list[tuple[str, dict]]) -> list[dict[str, Any]]:
-    return [d["data"] for n, d in unpaged(docs) if n == "event"]
 
 
 def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:

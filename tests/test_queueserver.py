@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import analysis_run_docs, wait_for
+from helpers import wait_for
 from pydantic import ValidationError
+from queueserver_helpers import REC, ROWS, advice_run_docs
 
 from xasflow.adapters.queueserver import (
     QueueServerConfig,
@@ -19,34 +20,6 @@ from xasflow.adapters.queueserver import (
     plan_item,
     region_points,
 )
-
-REC = {
-    "regions": [
-        {
-            "name": "pre-edge",
-            "start": 8978.0,
-            "stop": 8990.0,
-            "step": 0.5,
-            "dwell": 2.0,
-            "reason": "importance 1.00, mostly for cn",
-        },
-        {
-            "name": "beyond",
-            "start": 9020.0,
-            "stop": 9100.0,
-            "step": 2.0,
-            "dwell": 0.5,
-            "reason": "importance 0.20",
-        },
-    ],
-    "rescan": None,
-    "stop_early": False,
-    "e0": 8983.5,
-    "uncertainty": 0.4,
-    "bundle_id": "cu-k-test",
-}
-ROWS = [[8978.0, 8990.0, 0.5, 2.0], [9020.0, 9100.0, 2.0, 0.5]]
-
 
 # --------------------------------------------------------------------------- no server
 
@@ -114,23 +87,6 @@ class FakeApi:
         self.closed = True
 
 
-def _docs(
-    stop_early: bool, raw_uid: str = "raw-1", exit_status: str = "success", rescan: str = ""
-) -> list[tuple[str, dict[str, Any]]]:
-    row = {
-        "regions": json.dumps(REC["regions"]),
-        "rescan": rescan,
-        "stop_early": stop_early,
-        "e0": 8983.5,
-        "bundle_id": "cu-k-test",
-    }
-    return analysis_run_docs(
-        [("primary", {"status": "ok"}), ("recommendations", row)],
-        raw_uid,
-        stop={"exit_status": exit_status},
-    )
-
-
 def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
     fake = FakeApi()
     now = [100.0]
@@ -143,7 +99,7 @@ def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
     )
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: now[0])
     try:
-        for name, doc in _docs(stop_early=False):
+        for name, doc in advice_run_docs(stop_early=False):
             sub(name, doc)
         assert sub.join(5.0)
         assert len(fake.items) == 1
@@ -151,11 +107,11 @@ def test_document_callback_submits_at_run_end_and_rate_limits() -> None:
         assert added["user"] == "xasflow" and added["user_group"] == "primary"
         assert added["item"]["kwargs"]["regions"] == ROWS
         assert added["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1"
-        for name, doc in _docs(False, "raw-2"):  # a second run within 30 s: rate-limited
+        for name, doc in advice_run_docs(False, "raw-2"):  # a second run within 30 s: rate-limited
             sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_rate"] == 1
         now[0] += 31.0
-        for name, doc in _docs(True, "raw-3"):  # certain answer: nothing to measure
+        for name, doc in advice_run_docs(True, "raw-3"):  # certain answer: nothing to measure
             sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_certain"] == 1
     finally:
@@ -172,16 +128,16 @@ def test_a_raw_run_gets_its_plan_once_and_only_after_a_successful_stop() -> None
     rescan = json.dumps(dict(REC["regions"][0], dwell=6.0))
     try:
         for status in ("abort", "fail"):
-            for name, doc in _docs(False, "raw-A", exit_status=status):
+            for name, doc in advice_run_docs(False, "raw-A", exit_status=status):
                 sub(name, doc)
         assert sub.join(5.0) and fake.items == [] and sub.stats["skipped_not_success"] == 2
         for _ in range(2):  # the run's own stop, then its replay
-            for name, doc in _docs(False, "raw-A"):
+            for name, doc in advice_run_docs(False, "raw-A"):
                 sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 1 and sub.stats["skipped_repeat"] == 1
         sub.config.submit_on = "rescan"
         for _ in range(3):  # the same region advised for rescan by three spectra
-            for name, doc in _docs(False, "raw-B", rescan=rescan):
+            for name, doc in advice_run_docs(False, "raw-B", rescan=rescan):
                 sub(name, doc)
         assert sub.join(5.0) and len(fake.items) == 2 and sub.stats["skipped_repeat"] == 3
         assert fake.items[1]["item"]["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-B"
@@ -210,10 +166,10 @@ def test_a_failed_submission_does_not_hold_back_the_next_run() -> None:
     )
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
     try:
-        for name, doc in _docs(False, "raw-1"):
+        for name, doc in advice_run_docs(False, "raw-1"):
             sub(name, doc)
         wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's refusal")
-        for name, doc in _docs(False, "raw-2"):
+        for name, doc in advice_run_docs(False, "raw-2"):
             sub(name, doc)
         assert sub.join(10.0)
         assert sub.stats["skipped_rate"] == 0 and sub.stats["retried"] == 1
@@ -245,7 +201,7 @@ def test_a_try_whose_reply_was_lost_is_not_queued_twice() -> None:
     cfg = QueueServerConfig(enabled=True, zmq_public_key="x" * 40, retry_backoff_s=0.05)
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
     try:
-        for name, doc in _docs(False, "raw-lost"):
+        for name, doc in advice_run_docs(False, "raw-lost"):
             sub(name, doc)
         assert sub.join(10.0)
         assert len(fake.items) == 1 and sub.stats["retried"] == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_feedback_safety import REC, ZMQ_KEY, FakeApi
+from feedback_helpers import REC, ZMQ_KEY, FakeApi
 
 from xasflow.adapters.queueserver import (
     QueueServerConfig,

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from feedback_helpers import REC, ZMQ_KEY, FakeApi
 from helpers import wait_for
-from test_feedback_safety import REC, ZMQ_KEY, FakeApi
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns

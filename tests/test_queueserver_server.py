@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from helpers import free_port, wait_for
-from test_queueserver import REC, ROWS, _docs
+from queueserver_helpers import REC, ROWS, advice_run_docs
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerError, QueueServerSubmitter
 
@@ -297,7 +297,7 @@ def test_a_plan_the_server_refused_goes_in_once_it_accepts(re_manager: dict[str,
     api.lock_queue(lock_key, note="operator at work", user="operator")
     try:
         with QueueServerSubmitter(cfg) as sub:
-            for name, doc in _docs(False, "raw-locked"):
+            for name, doc in advice_run_docs(False, "raw-locked"):
                 sub(name, doc)
             wait_for(lambda: sub.stats["failed"] == 1, what="the refusal of the locked queue")
             assert "lock" in sub.last_error.lower() and _ours(api, "raw-locked") == []
@@ -350,7 +350,7 @@ def test_a_plan_an_operator_removed_is_not_queued_again_after_a_restart(
         _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
         assert sub is not None
         with sub:
-            for name, doc in _docs(False, "raw-removed"):
+            for name, doc in advice_run_docs(False, "raw-removed"):
                 sub(name, doc)
             assert sub.join(10.0)
         queued = _ours(api, "raw-removed")
@@ -390,7 +390,7 @@ def test_a_plan_given_up_lands_in_the_real_queue_after_a_restart(
         return sub
 
     with daemon(down) as sub:
-        for name, doc in _docs(False, "raw-given-up"):
+        for name, doc in advice_run_docs(False, "raw-given-up"):
             sub(name, doc)
         assert sub.join(10.0) and sub.stats["gave_up"] == 1
     tried = []

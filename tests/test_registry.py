@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from test_pipeline import channels, events, opened, redeploy, scan
+from pipeline_helpers import channels, events, opened, redeploy, scan
 
 import xasflow.daemon.registry_events as registry_events
 from xasflow.daemon.counters import Counters
