@@ -1,0 +1,95 @@
+"""Analysis-run documents for the tests: composed with event-model, unpacked from pages, and
+traced back to the raw run each belongs to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from event_model import compose_run, unpack_event_page
+
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+_KEY = {"source": "test", "dtype": "number", "shape": []}
+
+
+def analysis_run_docs(
+    events: Sequence[tuple[str, Mapping[str, Any]]],
+    raw_uid: str = "raw-run-7",
+    metadata: Mapping[str, Any] | None = None,
+    stop: Mapping[str, Any] | None = None,
+) -> Docs:
+    """An analysis run composed with event-model: start, one descriptor per stream named in
+    ``events`` (``primary`` first), the events (``(stream, data)``) in order, and the stop.
+
+    Each stream's data keys are the union of its events' keys (absent values None);
+    ``stop`` adds fields to the stop document (e.g. ``exit_status``, ``raw_missing_events``).
+    """
+    run = compose_run(metadata={"analysis": "xasflow", "raw_uid": raw_uid, **(metadata or {})})
+    keys: dict[str, list[str]] = {"primary": []}
+    for stream, data in events:
+        known = keys.setdefault(stream, [])
+        known.extend(k for k in data if k not in known)
+    docs: Docs = [("start", dict(run.start_doc))]
+    composers = {}
+    for stream, names in keys.items():
+        desc = run.compose_descriptor(name=stream, data_keys=dict.fromkeys(names, _KEY))
+        composers[stream] = desc.compose_event
+        docs.append(("descriptor", dict(desc.descriptor_doc)))
+    for stream, data in events:
+        row = {k: data.get(k) for k in keys[stream]}
+        docs.append(
+            ("event", dict(composers[stream](data=row, timestamps=dict.fromkeys(row, 0.0))))
+        )
+    stop = dict(stop or {})
+    exit_status = stop.pop("exit_status", "success")
+    docs.append(("stop", {**run.compose_stop(exit_status=exit_status), **stop}))
+    return docs
+
+
+def unpaged(docs: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``docs`` with each event page unpacked into its events (the daemon pages a batch)."""
+    out: list[tuple[str, Any]] = []
+    for name, doc in docs:
+        if name == "event_page":
+            out.extend(("event", e) for e in unpack_event_page(doc))
+        else:
+            out.append((name, doc))
+    return out
+
+
+def raw_uids(docs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str | None]:
+    """The raw run uid each analysis document belongs to (None for a run never started)."""
+    by_start: dict[str, str] = {}
+    by_descriptor: dict[str, str] = {}
+    out: list[str | None] = []
+    for name, doc in docs:
+        if name == "start":
+            by_start[doc["uid"]] = doc["raw_uid"]
+            out.append(doc["raw_uid"])
+        elif name in ("descriptor", "stop"):
+            raw = by_start.get(doc["run_start"])
+            if name == "descriptor" and raw is not None:
+                by_descriptor[doc["uid"]] = raw
+            out.append(raw)
+        else:
+            out.append(by_descriptor.get(doc["descriptor"]))
+    return out
+
+
+def burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
+    """An analysis run as the daemon emits it: start, descriptor, ``n`` events, stop."""
+    rows = [
+        {
+            "index": i,
+            "status": "ok",
+            "cn": 2 + 2 * (i % 2),
+            "cn_probability": 0.5 + 0.4 * (i % 2),
+            "distance": 1.8 + 1e-4 * i,
+            "charge": 1.0,
+            "valence": 1,
+        }
+        for i in range(n)
+    ]
+    return analysis_run_docs([("primary", r) for r in rows], uid, {"scan_kind": "fly"})
