@@ -198,13 +198,78 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.retry_given_up() == 1
         assert sub.enqueue(REC, "raw-2"), "the wake-up marker took raw-2's place"
-        assert sub.stats["dropped_full"] == 0
+        assert sub.stats["dropped_queue_full"] == 0
         fake.release.set()
         assert sub.join(10.0)
         assert sorted(_queued(fake)) == ["raw-0", "raw-1", "raw-2"]
     finally:
         fake.release.set()
         sub.close()
+
+
+def test_a_plan_refused_at_a_full_queue_is_counted_apart_from_one_given_up(
+    tmp_path: Path,
+) -> None:
+    """``max_pending: 1``, raw-1's request with the server and raw-2 queued: raw-3 finds the
+    queue full and is refused at enqueue, not remembered (``dropped_queue_full``: the plan is
+    lost unless its run is replayed), which no other counter says."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = _Held()
+    sub = _daemon(_config(max_pending=1), fake, path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        assert sub.enqueue(REC, "raw-2")
+        assert not sub.enqueue(REC, "raw-3")
+        assert sub.stats["dropped_queue_full"] == 1 and sub.stats["gave_up_waiting_full"] == 0
+        fake.release.set()
+        assert sub.join(10.0) and _queued(fake) == ["raw-1", "raw-2"]
+    finally:
+        fake.release.set()
+        sub.close()
+    with SubmittedRuns(path) as memory:
+        assert memory.given_up() == []
+
+
+class _Recovered(FakeApi):
+    """Cannot be reached until ``up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if not self.up.is_set():
+            raise ConnectionError("RE Manager unreachable")
+        return super().item_add(item, user, user_group)
+
+
+def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remembered(
+    tmp_path: Path,
+) -> None:
+    """``max_pending: 1``: raw-1's retry went in and holds the rate slot (the clock stands
+    still), so raw-2's new plan waits its turn behind it (``waited_rate``); raw-3's finds
+    that line full and is given up and remembered (``gave_up_waiting_full``), the next daemon
+    tries it again: counted apart from a plan refused at a full queue."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = _Recovered()
+    cfg = _config(max_pending=1, min_interval_s=100.0, retries=5)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: 0.0, memory=path)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's first try")
+        fake.up.set()
+        wait_for(lambda: _queued(fake) == ["raw-1"], what="raw-1's retry in the queue")
+        assert sub.enqueue(REC, "raw-2")
+        wait_for(lambda: sub.stats["waited_rate"] == 1, what="raw-2 waiting for the rate")
+        assert sub.enqueue(REC, "raw-3")  # accepted; given up when its turn finds the line full
+        wait_for(lambda: sub.stats["gave_up_waiting_full"] == 1, what="raw-3 given up")
+        assert sub.stats["dropped_queue_full"] == 0 and sub.stats["gave_up"] == 0
+    finally:
+        sub.close()
+    assert _queued(fake) == ["raw-1"]
+    with SubmittedRuns(path) as memory:  # raw-2 dropped by close, raw-3 given up: both kept
+        assert sorted(plan.key[0] for plan in memory.given_up()) == ["raw-2", "raw-3"]
 
 
 # --------------------------------------------------------------------------- the rate, restarted

@@ -48,7 +48,9 @@ finds it held by another new plan is not sent (``skipped_rate``; one whose advic
 a try was with the server, once that plan went in); a retry or a revived plan waits for its
 slot instead, and so does a new plan that finds a retry holding the slot or retries waiting
 for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
-remembered, ``dropped_full``). A
+remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans
+already queued is refused at enqueue and not remembered (``dropped_queue_full``: lost,
+unless its run is replayed). A
 submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
 (``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
@@ -163,7 +165,8 @@ class QueueServerSubmitter(Background):
             "skipped_not_success": 0,
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
-            "dropped_full": 0,
+            "dropped_queue_full": 0,  # new plans refused at enqueue (max_pending queued): lost
+            "gave_up_waiting_full": 0,  # new plans given up (max_pending wait): remembered
             "dropped_closed": 0,
             "revived": 0,  # plans a previous daemon gave up, tried again (retry_given_up)
         }

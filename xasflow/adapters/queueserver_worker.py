@@ -81,7 +81,7 @@ class Background:
         module); False when disabled, certain, already queued for this raw run, once close
         has begun (``dropped_closed``: remembered as given up, like the plans close drops),
         limited (a new plan went in within ``min_interval_s``: one behind retries waits its
-        turn) or full. A plan accepted while another one's try is under way is rate-limited
+        turn) or full (``dropped_queue_full``: not remembered). A plan accepted while another one's try is under way is rate-limited
         when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
@@ -106,7 +106,7 @@ class Background:
             return False
         self._ensure_worker()
         if not self._queue.offer((rec, raw_uid, rescan_only)):  # max_pending wait already
-            self.stats["dropped_full"] += 1
+            self.stats["dropped_queue_full"] += 1  # not remembered: lost unless replayed
             return False
         if key is not None:
             with self._lock:
@@ -167,7 +167,7 @@ class Background:
     def _wait_turn(self, job: Job, tries: int, new: bool) -> None:
         """Wait ``job`` beside the queue for its slot in the rate (:func:`next_job` waits for
         it); ``new``: a new run's plan behind retries (``waited_rate``), given up (and
-        remembered, ``dropped_full``) while ``max_pending`` wait already."""
+        remembered, ``gave_up_waiting_full``) while ``max_pending`` wait already."""
         with self._lock:
             closing = self._closing
             full = new and len(self._retry) >= self.config.max_pending
@@ -177,7 +177,7 @@ class Background:
             self._give_up(job, "dropped_closed")
         elif full:
             logger.error("queueserver plan of run %r given up: too many wait for the rate", job[1])
-            self._give_up(job, "dropped_full")
+            self._give_up(job, "gave_up_waiting_full")
         elif new:
             self.stats["waited_rate"] += 1
 
