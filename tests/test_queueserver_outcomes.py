@@ -11,7 +11,11 @@ from typing import Any
 from feedback_helpers import REC, ZMQ_KEY, FakeApi
 from helpers import wait_for
 
-from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver import (
+    QueueServerConfig,
+    QueueServerError,
+    QueueServerSubmitter,
+)
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
 
@@ -174,6 +178,35 @@ def test_the_replays_of_a_given_up_run_are_capped(tmp_path: Path) -> None:
     try:
         assert sub.retry_given_up() == 0 and not sub.enqueue(REC, "raw-1")
         assert sub.join(10.0) and fake.items == []
+    finally:
+        sub.close()
+
+
+def test_submit_tries_a_given_up_plan_for_as_few_replays(tmp_path: Path) -> None:
+    """``submit()`` called for a run whose plan was given up is a replay like an enqueue: it
+    tries the plan again for at most ``given_up_replays`` calls, then gives it up for good
+    (``abandoned_replays``), and neither path nor the next daemon sends it after that."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    sub = _daemon(_config(retries=0), _Down(), path)
+    try:
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
+        tries = 0
+        for _ in range(6):  # an operator's script submits the run's plan again and again
+            try:
+                if sub.submit(REC, raw_uid="raw-1") is None:
+                    break
+            except QueueServerError:
+                tries += 1
+        assert tries == sub.config.given_up_replays == 2, f"{tries} submit() calls sent it"
+        assert sub.stats["failed"] == 3 and sub.stats["abandoned_replays"] == 1
+        assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+    finally:
+        sub.close()
+    fake = FakeApi()
+    sub = _daemon(_config(), fake, path)
+    try:
+        assert sub.retry_given_up() == 0 and sub.submit(REC, raw_uid="raw-1") is None
+        assert fake.items == []
     finally:
         sub.close()
 

@@ -37,7 +37,8 @@ previous daemon's again: in at most ``restart_retries`` restarts, if given up le
 ``given_up_max_age_s`` ago, as retries (``revived``); one the server holds by then is not
 queued twice. A plan given up is not held as queued: a later replay of its run, in this
 process as after a restart, tries it again with its own ``retries`` (the server's queue and
-history asked first), for at most ``given_up_replays`` replays; at the next it is given up
+history asked first), for at most ``given_up_replays`` replays (a call of
+:meth:`~QueueServerSubmitter.submit` for its run counts as one); at the next it is given up
 for good (``abandoned_replays``, logged and remembered).
 Submissions run on a worker thread, so the daemon's publishing never waits on the network.
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
@@ -196,8 +197,10 @@ class QueueServerSubmitter(Background):
         less than ``min_interval_s`` ago (``skipped_rate``: the one rate, see
         :mod:`~xasflow.adapters.queueserver_pending`), or when this raw run's plan was
         queued: remembered here (``memory``), or held by the queueserver's queue or history
-        (:func:`~xasflow.adapters.queueserver_client.on_server`). Raises QueueServerError."""
-        reply = self._send(recommendation, raw_uid, rescan_only)
+        (:func:`~xasflow.adapters.queueserver_client.on_server`). A plan given up is tried
+        again like a replay of its run, for at most ``given_up_replays`` calls, then given up
+        for good (``abandoned_replays``; None). Raises QueueServerError."""
+        reply = self._send(recommendation, raw_uid, rescan_only, replay=True)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None
@@ -209,9 +212,13 @@ class QueueServerSubmitter(Background):
         raw_uid: str | None,
         rescan_only: bool,
         tries: int = 0,
+        *,
+        replay: bool = False,
     ) -> Any:
         """One try of :meth:`submit` (``tries`` made before it): the server's reply, None, or
-        ``LIMITED`` when the rate slot is held (nothing was sent)."""
+        ``LIMITED`` when the rate slot is held (nothing was sent). ``replay``: a given-up
+        plan's try counts as a replay of its run (:meth:`submit`'s; ``enqueue`` counts its
+        own, once for all its tries)."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
@@ -226,6 +233,8 @@ class QueueServerSubmitter(Background):
                 api = self.api()
                 if self._rate.limited():  # checked and taken under the lock: one rate
                     return LIMITED
+                if replay and key is not None and not self._replay(key):
+                    return None  # given up for good (abandoned_replays)
                 self.stats["retried"] += tries > 0
                 if key is not None and on_server(api, key):
                     self.stats["skipped_repeat"] += 1  # queued by this daemon before a restart
