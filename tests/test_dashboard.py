@@ -197,6 +197,29 @@ def test_page_and_assets_are_served_locally(dash: Harness) -> None:
         assert http_get(base + path)[0] == 404, path
 
 
+#: A name a module exports: ``export function f``, ``export const C``.
+_EXPORT = re.compile(
+    r"^export (?:async )?(?:function|const|let|class) ([A-Za-z_$][\w$]*)", re.MULTILINE
+)
+#: The names an ``import { a, b } from "./x.js"`` takes.
+_IMPORTED = re.compile(r'^import \{([^}]*)\} from "\./', re.MULTILINE)
+
+
+def test_every_name_a_script_exports_is_imported() -> None:
+    """Before: plot.js exported ``TASK_COLORS``, which no module used (left over from the
+    split of app.js). Now every exported name is imported by another of the page's modules."""
+    texts = {p.name: p.read_text(encoding="utf-8") for p in STATIC_DIR.glob("*.js")}
+    imported = {
+        name.strip()
+        for text in texts.values()
+        for names in _IMPORTED.findall(text)
+        for name in names.split(",")
+    }
+    exported = {f"{n}: {name}" for n, text in texts.items() for name in _EXPORT.findall(text)}
+    assert exported and imported
+    assert sorted(e for e in exported if e.split(": ")[1] not in imported) == []
+
+
 def test_scripts_are_javascript_whatever_the_platform_maps_js_to(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

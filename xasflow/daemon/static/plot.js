@@ -5,8 +5,6 @@ export const COLORS = {
   line: "#5fb3f9", line2: "#f9a85f", grid: "#2b3442", axis: "#8b97a6", text: "#dbe2ea",
   e0: "#ef6b6b", window: "rgba(95,179,249,0.08)", region: [249, 168, 95], ok: "#5fd38d",
 };
-export const TASK_COLORS = { cn: "#5fb3f9", environment: "#b48ef7", motifs: "#b48ef7",
-  valence: "#5fd38d", distance: "#f9a85f", charge: "#f2c14e" };
 
 function niceTicks(lo, hi, n) {
   const span = hi - lo;
