@@ -465,3 +465,29 @@ def test_ready_pill_does_not_outlive_the_health_report(beamline: Harness, browse
     assert (pill, pill_class) == ("daemon health unknown", "pill warn")
     assert info == "no health report (see the daemon's log)"
     assert shown == {} and models == reasons == 0
+
+
+def test_update_age_is_whole_seconds_then_whole_minutes(beamline: Harness, browser: Any) -> None:
+    """Before: the age beside "updated" was rounded, so 90 s read "2 min ago" and 59.6 s
+    "60 s ago". Now it is floored: seconds below two minutes, then whole minutes."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        shown = page.evaluate(
+            "() => import('./static/format.js').then(({ ago }) =>"
+            " [0.4, 1, 59.6, 90, 119.9, 120, 150, 3599].map(ago))"
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    assert shown == [
+        "just now",
+        "1 s ago",
+        "59 s ago",
+        "90 s ago",
+        "119 s ago",
+        "2 min ago",
+        "2 min ago",
+        "59 min ago",
+    ]

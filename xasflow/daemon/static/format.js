@@ -31,8 +31,9 @@ export function rows(table, header, body) {
     table.appendChild(tr);
   });
 }
+// floored, never rounded up (90 s is not "2 min ago"): seconds below two minutes, then minutes
 export function ago(seconds) {
   if (seconds < 1) return "just now";
-  if (seconds < 90) return seconds.toFixed(0) + " s ago";
-  return (seconds / 60).toFixed(0) + " min ago";
+  if (seconds < 120) return Math.floor(seconds) + " s ago";
+  return Math.floor(seconds / 60) + " min ago";
 }
