@@ -160,6 +160,13 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert page.text_content("#conn") == "live"
         assert "step scan" in (page.text_content("#run-info") or "")
         assert page.locator("#cn-bars .bar").count() >= 2  # class probabilities drawn
+        # the valence's bars are labelled as the valence is shown, signed ("+2", not "2")
+        classes = page.evaluate(
+            "Object.keys(window.xasflow.state.prediction.tasks.valence.probabilities)"
+        )
+        labels = page.locator("#valence-bars .bar > span:first-child").all_text_contents()
+        assert len(classes) >= 2 and labels == [c if int(c) <= 0 else f"+{c}" for c in classes]
+        assert page.text_content("#valence-value") in labels
         assert page.locator("#motifs li").count() >= 1
         assert "±" in (page.text_content("#distance-value") or "")
         assert page.locator("#models-table td").first.text_content()

@@ -4,12 +4,13 @@
 
 import { $, clear, el, fmt, pct, short } from "./format.js{{query}}";
 
-function bars(box, probabilities, top) {
+// one bar per class; label: how a class is written (the valence's signed, as its value)
+function bars(box, probabilities, top, label = String) {
   clear(box);
   if (!probabilities) return;
-  Object.entries(probabilities).forEach(([label, p]) => {
-    const row = el("div", "bar" + (String(label) === String(top) ? " top" : ""));
-    row.appendChild(el("span", null, label));
+  Object.entries(probabilities).forEach(([cls, p]) => {
+    const row = el("div", "bar" + (String(cls) === String(top) ? " top" : ""));
+    row.appendChild(el("span", null, label(cls)));
     const track = el("span", "track");
     const fill = el("span", "fill");
     fill.style.width = (100 * Math.max(0, Math.min(1, p))).toFixed(1) + "%";
@@ -120,12 +121,12 @@ export function renderPrediction(state) {
     motifs.appendChild(li);
   });
   const val = t.valence;
-  $("valence-value").textContent = val ? (val.value > 0 ? "+" : "") + val.value : "–";
+  const signed = (v) => (Number(v) > 0 ? "+" : "") + v;  // a class key is a string: "2"
+  $("valence-value").textContent = val ? signed(val.value) : "–";
   $("valence-p").textContent = val && val.confidence !== undefined ? "p " + pct(val.confidence) : "";
-  const signed = (v) => (v > 0 ? "+" : "") + v;
   $("valence-set").textContent = val && val.prediction_set
     ? `${level(val)} set ${setList(val.prediction_set.map(signed))}` : "";
-  bars($("valence-bars"), val && val.probabilities, val && val.value);
+  bars($("valence-bars"), val && val.probabilities, val && val.value, signed);
   const dist = t.distance, charge = t.charge;
   const interval = (t, digits) => !t ? "" : t.interval
     ? ` (${level(t)}: ${fmt(t.interval[0], digits)}–${fmt(t.interval[1], digits)})`
