@@ -46,7 +46,7 @@ from xasflow.daemon.dashboard_routes import STATIC_DIR
 from xasflow.models.predictor import HERFD_SUSPECTED, OUT_OF_DOMAIN
 
 try:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 
@@ -98,11 +98,16 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def open_page(browser: Any, base: str) -> tuple[Any, list[str], list[str]]:
+def open_page(
+    browser: Any, base: str, routes: dict[str, Any] | None = None
+) -> tuple[Any, list[str], list[str]]:
     """A new tab on the dashboard, loaded, with the URLs it requested and its problems: console
     errors, uncaught exceptions, requests that failed or were refused, and a script that came
-    as anything but JavaScript (a browser will not run such an ES module)."""
+    as anything but JavaScript (a browser will not run such an ES module). ``routes``: URL
+    pattern -> playwright route handler, in place before the page loads."""
     page = browser.new_page(viewport={"width": 1600, "height": 1150})
+    for pattern, handler in (routes or {}).items():
+        page.route(pattern, handler)
     requests: list[str] = []
     problems: list[str] = []
 
@@ -498,3 +503,65 @@ def test_update_age_is_whole_seconds_then_whole_minutes(beamline: Harness, brows
         "2 min ago",
         "59 min ago",
     ]
+
+
+def test_page_reconnects_after_the_event_stream_is_refused(beamline: Harness, browser: Any) -> None:
+    """Before: once ``/events`` answered an HTTP error (a 503 at ``http.max_sse_clients``),
+    the browser closed the stream for good: the page said "disconnected", never tried again,
+    and went on showing the last state as if current. Now it tries again after 1 s, doubling
+    up to 30 s, says when, marks what it shows as not live, and is live once admitted."""
+    d = beamline.daemon
+    base = d.http_url
+    assert base is not None
+    dashboard, limit = d.parts.app.state.dashboard, d.parts.app.state.sse_limit
+    maximum, refused = limit.maximum, limit.refused
+    streams = 0
+
+    def events(route: Any) -> None:
+        # the page's first stream sends the daemon's state and ends, as all do when the
+        # daemon stops; its later ones go to the daemon
+        nonlocal streams
+        streams += 1
+        if streams > 1:
+            route.fallback()
+            return
+        version, body = dashboard.message()
+        text = f"retry: 2000\n\nid: {version}\nevent: state\ndata: {body}\n\n"
+        route.fulfill(status=200, content_type="text/event-stream", body=text)
+
+    limit.maximum = 0  # no room: every stream the daemon is asked for is answered 503
+    try:
+        page, _, problems = open_page(browser, base, {"**/events*": events})
+        try:
+            # (a playwright wait: route handlers run only while playwright waits)
+            with page.expect_response(
+                lambda r: r.url.startswith(base + "/events") and r.status == 503,
+                timeout=TIMEOUT_MS,
+            ):
+                pass
+            assert limit.refused > refused
+            # refused, the page goes on trying and marks the state it shows as not live
+            expect(page.locator("#conn")).to_have_text(
+                re.compile(r"reconnecting in \d+ s"), timeout=TIMEOUT_MS
+            )
+            expect(page.locator("body")).to_have_class("stale", timeout=TIMEOUT_MS)
+            expect(page.locator("#conn-stale")).to_be_visible()
+            assert (page.text_content("#conn-stale") or "").startswith("not live: ")
+            assert page.locator("#health-table tr").count() > 0  # the last state, still shown
+            assert page.evaluate("window.xasflow.messages") == 1
+            limit.maximum = maximum  # room again: the page's next try is admitted
+            page.wait_for_function(
+                "() => window.xasflow.messages > 1"
+                " && document.getElementById('conn').textContent === 'live'",
+                timeout=TIMEOUT_MS,
+            )
+            drawn(page)
+            assert not page.is_visible("#conn-stale")
+            assert "stale" not in (page.get_attribute("body", "class") or "")
+            assert streams >= 3  # a try after the refused one
+        finally:
+            page.close()
+    finally:
+        limit.maximum = maximum
+    # what went wrong on the page was the refused streams, and only that
+    assert problems and all("/events" in p or "503" in p for p in problems), problems

@@ -1,11 +1,20 @@
 // The connection to the daemon: server-sent events (`state`, the whole state as JSON) on the
 // page's own token, the connection pill, and how long ago the last state came.
+// The browser retries a dropped event stream by itself, but gives up for good once a try is
+// answered an HTTP error (a 503 when the daemon's stream limit is reached, a proxy's 502
+// while the daemon restarts): here any failure closes the stream and a new one is tried after
+// 1 s, doubling up to 30 s, back to 1 s once a state comes. Meanwhile the pill says when, and
+// the last state stays shown, marked as not live (and how old).
 
 import { $, ago } from "./format.js{{query}}";
 
 const token = new URLSearchParams(window.location.search).get("token");
 const query = token ? "?token=" + encodeURIComponent(token) : "";
+const FIRST_RETRY_S = 1, MAX_RETRY_S = 30;
 let lastMessageAt = null;
+let live = false;  // a stream is open and has sent a state
+let retryS = FIRST_RETRY_S;  // the wait before the next try after a failure
+let retryAt = null;  // when the next try is due (ms), while waiting for it
 
 function setConn(text, cls) {
   const c = $("conn");
@@ -13,12 +22,37 @@ function setConn(text, cls) {
   c.className = "pill " + cls;
 }
 
+// the page is live, or shows the last state it got as what it is: not live, and how old
+function showStale(stale) {
+  const marked = stale && lastMessageAt !== null;  // nothing shown yet: nothing to mark
+  document.body.classList.toggle("stale", marked);
+  const note = $("conn-stale");
+  note.hidden = !marked;
+  note.textContent = marked ? "not live: the daemon's stream is down; what is shown is its " +
+    "last state, received " + ago((Date.now() - lastMessageAt) / 1000) + ", and may be out of date" : "";
+}
+
+function tick() {
+  if (lastMessageAt !== null) $("age").textContent = "updated " + ago((Date.now() - lastMessageAt) / 1000);
+  if (retryAt !== null) {
+    setConn(`reconnecting in ${Math.max(1, Math.ceil((retryAt - Date.now()) / 1000))} s`, "warn");
+  }
+  if (!live) showStale(true);
+}
+
 // app: the page's state object (state, messages, source); changed: called on each new state
 export function connect(app, changed) {
+  retryAt = null;
   const source = new EventSource("events" + query);
-  source.addEventListener("open", () => setConn("live", "ok"));
-  source.addEventListener("error", () => setConn(
-    source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…", "warn"));
+  source.addEventListener("error", () => {
+    if (app.source !== source) return;  // an earlier stream's
+    source.close();  // the browser's own retry stops at an HTTP error: ours goes on
+    live = false;
+    retryAt = Date.now() + 1000 * retryS;
+    setTimeout(() => connect(app, changed), 1000 * retryS);
+    retryS = Math.min(2 * retryS, MAX_RETRY_S);
+    tick();
+  });
   source.addEventListener("state", (ev) => {
     try {
       app.state = JSON.parse(ev.data);
@@ -27,12 +61,14 @@ export function connect(app, changed) {
     }
     app.messages += 1;
     lastMessageAt = Date.now();
+    retryS = FIRST_RETRY_S;
+    live = true;
     setConn("live", "ok");
+    showStale(false);
     changed();
   });
+  if (app.source) setConn("reconnecting…", "warn");
   app.source = source;
 }
 
-setInterval(() => {
-  if (lastMessageAt !== null) $("age").textContent = "updated " + ago((Date.now() - lastMessageAt) / 1000);
-}, 1000);
+setInterval(tick, 1000);
