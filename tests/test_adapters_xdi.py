@@ -519,3 +519,46 @@ def test_declared_kev_over_ev_values_is_refused(tmp_path: Path) -> None:
         )
     )
     np.testing.assert_allclose(s.energy, ENERGY)
+
+
+EDGE_SCAN = np.arange(8880.0, 9605.0, 5.0)  # a Cu K scan, eV
+EDGE_MU = 0.2 + 0.0001 * (EDGE_SCAN - 8880.0) + np.arctan((EDGE_SCAN - 8980.0) / 4.0) / np.pi
+
+
+@pytest.mark.parametrize("end", [0, -1])
+@pytest.mark.parametrize("reader", ["xdi", "columns"])
+def test_kev_column_without_unit_padded_with_zeros_is_read_as_kev(
+    tmp_path: Path, reader: str, end: int
+) -> None:
+    """A keV column with no unit whose first or last row is a DAQ's padding (``0 0``) is
+    keV by its bulk (8.88 to 9.6), the padding set apart as the spectra code sets apart
+    stray ends: it was read as eV (0 to 9.6) and refused as ``no_edge`` at "9.6 eV"."""
+    at = 0 if end == 0 else EDGE_SCAN.size
+    energy, mu = np.insert(EDGE_SCAN / 1000.0, at, 0.0), np.insert(EDGE_MU, at, 0.0)
+    if reader == "xdi":
+        head = "# XDI/1.0\n# Column.1: energy\n# Column.2: mutrans\n# Element.symbol: Cu\n#---\n"
+        path = write(tmp_path / "padded.xdi", head + table(energy, mu))
+    else:
+        path = write(tmp_path / "padded.txt", "# energy mu\n" + table(energy, mu))
+    s = read_spectrum_file(path, element="Cu")
+    assert str(s.meta["energy_unit"]).startswith("keV (the Cu K edge")
+    np.testing.assert_allclose(s.energy, np.insert(EDGE_SCAN, 0, 0.0), rtol=1e-12)
+    np.testing.assert_array_equal(s.mu, np.insert(EDGE_MU, 0, 0.0))
+    from xasflow.spectra import PrepParams, prepare
+
+    assert abs(prepare(s, PrepParams()).e0 - 8980.0) < 5.0  # the padding is no pre-edge
+
+
+def test_kev_column_padded_with_zeros_is_refused_with_the_units_message(tmp_path: Path) -> None:
+    """Padded keV values with no edge to tell, or declared eV, are refused as ``units`` on
+    their bulk's range, as unpadded ones are (they were read as eV from 0)."""
+    energy, mu = np.insert(EDGE_SCAN / 1000.0, 0, 0.0), np.insert(EDGE_MU, 0, 0.0)
+    plain = write(tmp_path / "padded.txt", "# energy mu\n" + table(energy, mu))
+    with pytest.raises(ColumnFileError, match="no element was given") as err:
+        read_two_column(plain)
+    assert "energies 8.88 to 9.6 with no unit" in str(err.value)
+    head = "# XDI/1.0\n# Column.1: energy eV\n# Column.2: mutrans\n# Element.symbol: Cu\n#---\n"
+    says_ev = write(tmp_path / "says_ev.xdi", head + table(energy, mu))
+    with pytest.raises(SpectrumError, match="declared 'eV'") as xdi:
+        xdi_to_spectrum(read_xdi(says_ev))
+    assert xdi.value.reason == "units" and "8.88 to 9.6" in str(xdi.value)

@@ -3,7 +3,9 @@
 Energies are eV, or keV where the header's unit says so or, with no unit, where all lie
 below :data:`KEV_BELOW` and the declared edge lies in their range times 1000; below it
 without that, or with an eV unit declared, they are refused, never read as eV; so are
-values declared keV that can only be eV (above :data:`KEV_ABOVE`).
+values declared keV that can only be eV (above :data:`KEV_ABOVE`). Each rule reads the
+column's bulk: end values :func:`~xasflow.spectra.norm.stray_ends` sets apart (a DAQ's
+``0 0`` padding row) decide nothing, and are left to the spectra code as stray ends.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 
 from xasflow.spectra.core import SpectrumError
 from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.norm import bulk_of
 
 #: Energy units a header may give (lower case, letters only), as factors to eV.
 EV_PER_UNIT = {
@@ -45,8 +48,11 @@ def energy_in_ev(
     ``unit`` is a key of :data:`EV_PER_UNIT` or "" (none declared). SpectrumError
     ``units`` naming ``source`` for values that may only be keV with no edge to tell (ending
     with ``remedy``, what the file should say), or with an eV unit declared over them.
+    The ranges are the bulk's (a keV column padded with ``0 0`` is keV, not eV from 0).
     """
-    lo, hi = float(values.min()), float(values.max())
+    ordered = np.sort(values)  # in either order a padding row sorts to an end
+    bulk = ordered[bulk_of(ordered)]  # shift- and scale-invariant: keV as eV
+    lo, hi = float(bulk.min()), float(bulk.max())
     below = lo > 0.0 and hi < KEV_BELOW
     if unit:
         factor = EV_PER_UNIT[unit]
