@@ -398,6 +398,30 @@ def test_drops_held_for_a_waiting_descriptor_live_as_long_as_its_run(
     assert (closed.missing_events, closed.dropped_events) == (1, 1)
 
 
+def test_forgotten_drop_records_reach_metrics_and_health(tmp_path: Path) -> None:
+    """Before: rows of input-queue drops the assembler forgot past its bound were counted in
+    ``RunAssembler.early_drops_forgotten`` and only logged. They are no lost event (each is
+    in ``events_lost{cause="overflow"}`` already) but a lost reason: if their run still
+    comes, their holes count as ``seq_gap`` too. Now /metrics and /health say how many,
+    from 0, under a name that says what was forgotten."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    asm = RunAssembler()
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    status = DaemonStatus(config, Counters(), Parts(assembler=asm))
+    reg = CollectorRegistry()
+    register_prometheus(status.counters, reg)
+    status.sync_stats()
+    assert "xasflow_drop_records_forgotten_total 0.0" in generate_latest(reg).decode()
+    for i in range(10_001):  # runs whose start is not fed (yet): the oldest is forgotten
+        asm.dropped(f"d{i}", [7, 8, 9], f"not-started-{i}")
+    assert asm.early_drops_forgotten == 3
+    assert status.health()["counters"]["drop_records_forgotten"] == 3
+    text = generate_latest(reg).decode()
+    assert "xasflow_drop_records_forgotten_total 3.0" in text
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in text  # no event counted lost
+
+
 def test_a_gap_the_input_did_not_make_is_still_a_seq_gap(
     make_daemon: Callable[[str], Daemon0MQ],
 ) -> None:

@@ -143,7 +143,8 @@ class RunAssembler:
         #: (the run it was queued for, seq_nums); see :meth:`dropped`
         self._early_drops: OrderedDict[str, tuple[str, list[Any]]] = OrderedDict()
         self._early_runs: dict[str, set[str]] = {}  # run uid -> its descriptors held there
-        #: Rows of such drops forgotten for want of room (see :meth:`dropped`).
+        #: Rows of such drops forgotten for want of room (see :meth:`dropped`); exported as
+        #: ``xasflow_drop_records_forgotten_total`` (a loss's cause forgotten, not a loss).
         self.early_drops_forgotten = 0
         self._router = make_run_router([self._factory])
 
@@ -193,8 +194,8 @@ class RunAssembler:
         (then it could only come late). ``run_start`` None: the input does not queue it
         (never did, or evicted it), so it never comes and nothing is held. Past ``_MEMORY``
         descriptors held, the oldest of runs not open here (their start still queued, or
-        lost) are forgotten, counted in ``early_drops_forgotten`` and logged; a run open
-        here keeps its own until it closes."""
+        lost) are forgotten, counted in ``early_drops_forgotten`` (/metrics) and logged; a
+        run open here keeps its own until it closes."""
         if not _is_str(descriptor) or descriptor in self._closed_descriptors:
             return
         run = self._descriptors.get(descriptor)

@@ -11,6 +11,7 @@ maps 1:1 to a Prometheus metric:
 ``out_of_domain``                     ``xasflow_spectra_out_of_domain_total``
 ``herfd_suspected``                   ``xasflow_spectra_herfd_suspected_total``
 ``events_lost[cause]``                ``xasflow_events_lost_total{cause}``
+``drop_records_forgotten``            ``xasflow_drop_records_forgotten_total``
 ``rejected[(stage, reason)]``         ``xasflow_spectra_rejected_total{stage, reason}``
 ``decode_errors[reason]``             ``xasflow_decode_errors_total{reason}``
 ``runs_opened``                       ``xasflow_runs_opened_total``
@@ -50,6 +51,10 @@ input queue dropped), ``overflow`` (event rows dropped by a full input queue), `
 ``on_close`` (event rows the 0MQ input could not queue under ``block`` once it closed: the
 one it held for a full queue, and those still in its socket then that found no room; a Kafka
 input's are not lost: uncommitted, they are delivered again).
+``drop_records_forgotten`` counts no lost event: rows of ``overflow`` drops whose record the
+assembler forgot past its bound (``RunAssembler.early_drops_forgotten``, drops of runs not
+open there); if their run still comes, their holes count as ``seq_gap`` as well, so it
+bounds how far ``seq_gap`` may count ``overflow`` losses twice.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Counters:
         self.out_of_domain = 0
         self.herfd_suspected = 0
         self.events_lost: dict[str, int] = {}
+        self.drop_records_forgotten = 0  # overflow rows whose cause may count twice
         self.rejected: dict[tuple[str, str], int] = {}
         self.decode_errors: dict[str, int] = {}
         self.runs_opened = 0
@@ -163,6 +169,11 @@ class Counters:
         with self._lock:
             if total > self.events_lost.get(cause, 0):
                 self.events_lost[cause] = int(total)
+
+    def sync_drop_records_forgotten(self, total: int) -> None:
+        """Take the assembler's cumulative count of forgotten drop rows (never lowered)."""
+        with self._lock:
+            self.drop_records_forgotten = max(self.drop_records_forgotten, int(total))
 
     def reject(self, reason: str, stage: str = "analysis", n: int = 1) -> None:
         """Something rejected with a reason, at "assembly" or "analysis"."""
@@ -308,6 +319,7 @@ class Counters:
                 "herfd_suspected": self.herfd_suspected,
                 "events_lost": dict(sorted(self.events_lost.items())),
                 "events_lost_total": sum(self.events_lost.values()),
+                "drop_records_forgotten": self.drop_records_forgotten,
                 "rejected": by_reason,
                 "rejected_by_stage": by_stage,
                 "decode_errors": dict(sorted(self.decode_errors.items())),

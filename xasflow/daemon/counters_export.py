@@ -66,6 +66,7 @@ class _Collector:
         with c._lock:
             received, analysed = c.spectra_received, c.spectra_analysed
             ood, lost = c.out_of_domain, dict(c.events_lost)
+            forgotten = c.drop_records_forgotten
             herfd = c.herfd_suspected
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
@@ -99,6 +100,13 @@ class _Collector:
         count = CounterMetricFamily
         yield _by_label(
             count, "events_lost", "Raw events that never reached the analysis", ["cause"], lost
+        )
+        yield CounterMetricFamily(
+            "xasflow_drop_records_forgotten",
+            "Event rows dropped by a full input queue (in events_lost cause overflow) whose "
+            "drop record the assembler forgot past its bound: no event lost by it, but if "
+            "their run still comes they count as seq_gap too",
+            value=forgotten,
         )
         yield _by_label(
             count,

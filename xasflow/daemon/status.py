@@ -110,6 +110,9 @@ class DaemonStatus:
         if self.config.input.kind == "kafka" and source is not None:
             self.counters.sync_kafka(src, source.lag(), held=source.commit_hold() is not None)
         self.counters.set_gauge("open_runs", self.open_runs)
+        assembler = self.parts.assembler  # its forgotten drop rows: a loss's cause unknown
+        if assembler is not None:
+            self.counters.sync_drop_records_forgotten(assembler.early_drops_forgotten)
         store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))
