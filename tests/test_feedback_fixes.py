@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from feedback_helpers import advice_pipeline, demo_scan
+from feedback_helpers import advice_ioc, advice_pipeline, demo_scan
 from helpers import unpaged
 
 # --------------------------------------------------------------------------- pipeline
@@ -220,7 +220,6 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
     import json
 
     from helpers import analysis_run_docs, processor_parts
-    from test_feedback_safety import _ioc
 
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
@@ -229,10 +228,10 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
     def start(uid: Any, **more: Any) -> tuple[str, Any]:
         return "start", {"uid": uid, "time": 1.0, "scan_id": 1, "plan_name": "fly", **more}
 
-    ioc = _ioc()
+    ioc = advice_ioc()
     group = ioc.group
     try:
-        parts = processor_parts(ioc, _pipeline(tmp_path))
+        parts = processor_parts(ioc, advice_pipeline(tmp_path))
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
         proc._turn([start("raw-B", element="Cu", edge="K")], check=False)
         proc._complete(0)
