@@ -31,7 +31,8 @@ writes it returns (and the directory once the file is made, or rewritten): the s
 records its intent (``{"sending": [raw_uid, what]}``, :meth:`SubmittedRuns.sending`)
 before the request that may queue the plan, then the outcome: ``[raw_uid, what]`` (taken,
 :meth:`~SubmittedRuns.add`) before the submission counts as done, ``{"failed": [raw_uid,
-what]}`` (:meth:`~SubmittedRuns.failed`: refused, or not reached) or ``{"lost_reply":
+what]}`` (:meth:`~SubmittedRuns.failed`: refused, or not reached; it settles a lost reply
+before it) or ``{"lost_reply":
 [raw_uid, what]}`` (:meth:`~SubmittedRuns.lost_reply`: the request timed out, the server may
 have taken the plan) before it is tried again. So a crash leaves, for the plan being
 submitted:
@@ -185,10 +186,14 @@ class SubmittedRuns:
 
     def failed(self, key: Key) -> None:
         """Record, on disk before this returns, that the try :meth:`sending` announced did
-        not queue ``key``'s plan (refused, or no reply came)."""
+        not queue ``key``'s plan (refused, or the server was not reached). It settles a lost
+        reply before it, as the file's reader does: that try asked the server's queue and
+        history first and found the plan in neither."""
         with self._lock:
             if key in self._sending:
                 self._sending.discard(key)
+                self._lost.discard(key)
+                self._lost_before.discard(key)
                 self._append(json.dumps({"failed": list(key)}), key)
 
     def took(self) -> None:
@@ -416,8 +421,9 @@ class SubmittedRuns:
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(list(key)) + "\n" for key in self._keys)
             f.writelines(entry.line() + "\n" for entry in self._given_up.values())
-            f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
+            # lost replies before intents: a retry in flight after a lost reply stays in doubt
             f.writelines(json.dumps({"lost_reply": list(key)}) + "\n" for key in self._lost)
+            f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
             f.writelines(abandoned_line(*entry) + "\n" for entry in self._abandoned.items())
             f.write("" if self._slot is None else slot_line(self._slot) + "\n")
             f.flush()
