@@ -305,8 +305,9 @@ class QueueServerSubmitter(Background):
         (the daemon closes the submitter last, so the last runs' plans may come meanwhile).
         """
         deadline = time.monotonic() + max(0.0, timeout)
-        self._closing = True
-        worker = self._worker
+        with self._lock:  # enqueue looks and offers under it: no plan or worker after this
+            self._closing = True
+            worker = self._worker
         if worker is not None and worker.is_alive():
             self._queue.put_nowait(None)  # no plan's place: never full
             worker.join(max(0.0, deadline - time.monotonic()))

@@ -96,32 +96,49 @@ class Background:
             if key in self._queued or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
+        job = (rec, raw_uid, rescan_only)
         if self._closing:  # remembered like the plans close drops: the next daemon tries it
-            self._give_up((rec, raw_uid, rescan_only), "dropped_closed")
+            self._give_up(job, "dropped_closed")
             return False
         if self._rate.limited() and not backlog(self._retry, self._rate):
             self.stats["skipped_rate"] += 1
             return False
         if key is not None and not self._replay(key):
             return False
-        self._ensure_worker()
-        if not self._queue.offer((rec, raw_uid, rescan_only)):  # max_pending wait already
+        with self._lock:  # close sets _closing under it: a plan offered here is close's to drain
+            closing = self._closing
+            offered = not closing and self._offer(job, key)
+        if closing:  # close began since the look above
+            self._give_up(job, "dropped_closed")
+            return False
+        if not offered:  # max_pending wait already
             self.stats["dropped_queue_full"] += 1  # not remembered: lost unless replayed
             return False
+        return True
+
+    def _offer(self, job: Job, key: tuple[str, str] | None) -> bool:
+        """Put ``job`` in the queue for the worker (started if need be), unless full; called
+        under ``_lock``."""
+        self._start_worker()
+        if not self._queue.offer(job):
+            return False
         if key is not None:
-            with self._lock:
-                self._queued[key] = None
-                while len(self._queued) > _REMEMBERED:
-                    self._queued.popitem(last=False)
+            self._queued[key] = None
+            while len(self._queued) > _REMEMBERED:
+                self._queued.popitem(last=False)
         return True
 
     def _ensure_worker(self) -> None:
         with self._lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._work, name="xasflow-queueserver", daemon=True
-                )
-                self._worker.start()
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        """A worker thread, unless one runs (called under ``_lock``)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(
+                target=self._work, name="xasflow-queueserver", daemon=True
+            )
+            self._worker.start()
 
     def _work(self) -> None:
         while True:
