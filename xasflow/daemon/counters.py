@@ -28,6 +28,7 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka["commits_held"]``             ``xasflow_kafka_commits_held_total`` (store refused)
 ``kafka_held``                        ``xasflow_kafka_commit_hold`` (1 while held)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
+``queueserver[outcome]``              ``xasflow_queueserver_plans_total{outcome}``
 ====================================  ==================================================
 
 The six Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
@@ -129,6 +130,7 @@ class Counters:
         self.kafka: dict[str, int] = dict.fromkeys(KAFKA_COUNTERS, 0)
         self.kafka_lag: dict[tuple[str, str], int] = {}
         self.kafka_held = False  # the Kafka input holds its offset commits
+        self.queueserver: dict[str, int] = {}  # the queueserver submitter's stats
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -239,6 +241,13 @@ class Counters:
                 self.kafka[name] = max(self.kafka[name], int(stats.get(name, 0)))
             self.kafka_lag = {(t, str(p)): int(n) for (t, p), n in lag.items()}
             self.kafka_held = held
+
+    def sync_queueserver(self, stats: Mapping[str, int]) -> None:
+        """Take the queueserver submitter's cumulative counts by outcome (its ``stats``:
+        every outcome from 0 once it runs)."""
+        with self._lock:
+            for name, n in stats.items():
+                self.queueserver[name] = max(self.queueserver.get(name, 0), int(n))
 
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge exported as ``xasflow_<name>{labels}`` (e.g. ``queue_depth``)."""

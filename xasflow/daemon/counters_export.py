@@ -76,6 +76,7 @@ class _Collector:
             models = dict(c.models)
             gauges = dict(c.gauges)
             kafka, kafka_lag, kafka_held = dict(c.kafka), dict(c.kafka_lag), c.kafka_held
+            queueserver = dict(c.queueserver)
         # known causes and reasons start at 0 (see the module docstring)
         lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
@@ -179,6 +180,14 @@ class _Collector:
             "Messages on the broker not yet processed by this daemon, per assigned partition",
             ["topic", "partition"],
             kafka_lag,
+        )
+        yield _by_label(
+            count,
+            "queueserver_plans",
+            "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
+            "retried count tries): dropped_queue_full and abandoned_* are plans lost",
+            ["outcome"],
+            queueserver,
         )
 
 

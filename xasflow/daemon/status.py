@@ -113,6 +113,8 @@ class DaemonStatus:
         assembler = self.parts.assembler  # its forgotten drop rows: a loss's cause unknown
         if assembler is not None:
             self.counters.sync_drop_records_forgotten(assembler.early_drops_forgotten)
+        if self.parts.submitter is not None:  # its plans by outcome, lost ones included
+            self.counters.sync_queueserver(self.parts.submitter.stats)
         store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))

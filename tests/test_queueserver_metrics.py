@@ -1,0 +1,74 @@
+"""The queueserver submitter's outcomes on /metrics, for alerting on plans lost."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from feedback_helpers import REC, ZMQ_KEY, FakeApi
+
+from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.parts import Parts
+from xasflow.daemon.status import DaemonStatus
+
+
+class _Held(FakeApi):
+    """Holds raw-1's item_add until ``release``, then takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if item["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1":
+            self.sending.set()
+            assert self.release.wait(20.0)
+        return super().item_add(item, user, user_group)
+
+
+def _plans(text: str) -> dict[str, float]:
+    """``xasflow_queueserver_plans_total`` by outcome, from a /metrics page."""
+    pattern = r'^xasflow_queueserver_plans_total\{outcome="(\w+)"\} (\S+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
+
+
+def test_the_queueserver_outcomes_reach_metrics_lost_plans_included(tmp_path: Path) -> None:
+    """Before: the submitter's stats reached only /health, so a plan lost (refused at a full
+    queue, given up for good) was invisible to Prometheus. Now /metrics counts the plans by
+    outcome in ``xasflow_queueserver_plans_total{outcome}``, every outcome from 0."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.http import create_app
+
+    cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
+    fake = _Held()
+    sub = QueueServerSubmitter(
+        cfg.model_copy(update={"max_pending": 1}),
+        api_factory=lambda _: fake,
+        memory=tmp_path / SUBMITTED_FILE,
+    )
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    status = DaemonStatus(config, Counters(), Parts(submitter=sub))
+    try:
+        with TestClient(create_app(status)) as client:
+            plans = _plans(client.get("/metrics").text)
+            assert plans == dict.fromkeys(sub.stats, 0.0) and "dropped_queue_full" in plans
+            assert sub.enqueue(REC, "raw-1")
+            assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+            assert sub.enqueue(REC, "raw-2")
+            assert not sub.enqueue(REC, "raw-3")  # the queue is full: lost
+            fake.release.set()
+            assert sub.join(10.0)
+            plans = _plans(client.get("/metrics").text)
+        assert plans["submitted"] == 2 and plans["dropped_queue_full"] == 1
+        assert plans["gave_up"] == 0 and plans["abandoned_lost_reply"] == 0
+        assert plans == {k: float(v) for k, v in sub.stats.items()}
+    finally:
+        fake.release.set()
+        sub.close()
