@@ -1,12 +1,14 @@
-"""What the feedback tests share: a queueserver test double (timed ``item_add``), a one-region
-recommendation and a credential, a pipeline that recommends from the shipped Cu K bundle,
-demo spectra as assembled scans, a started advice IOC and a fixed-answer predictor."""
+"""What the feedback tests share: queueserver test doubles (timed ``item_add``, one that holds
+a run's), a one-region recommendation and a credential, a pipeline that recommends from the
+shipped Cu K bundle, demo spectra as assembled scans, a started advice IOC and a
+fixed-answer predictor."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,22 @@ class FakeApi:
 
     def close(self) -> None:
         self.closed = True
+
+
+class HeldApi(FakeApi):
+    """Holds ``held``'s ``item_add`` (``sending`` set) until ``release``, then takes it."""
+
+    def __init__(self, held: str = "raw-1") -> None:
+        super().__init__()
+        self.held = held
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if item["kwargs"]["md"]["xasflow"]["raw_uid"] == self.held:
+            self.sending.set()
+            assert self.release.wait(20.0)
+        return super().item_add(item, user, user_group)
 
 
 def advice_pipeline(tmp_path: Path, interval: float = 0.0, **knobs: Any) -> Any:

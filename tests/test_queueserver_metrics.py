@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
-from typing import Any
 
-from feedback_helpers import REC, ZMQ_KEY, FakeApi
+from feedback_helpers import REC, ZMQ_KEY, HeldApi
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
@@ -15,21 +13,6 @@ from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.parts import Parts
 from xasflow.daemon.status import DaemonStatus
-
-
-class _Held(FakeApi):
-    """Holds raw-1's item_add until ``release``, then takes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sending = threading.Event()
-        self.release = threading.Event()
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        if item["kwargs"]["md"]["xasflow"]["raw_uid"] == "raw-1":
-            self.sending.set()
-            assert self.release.wait(20.0)
-        return super().item_add(item, user, user_group)
 
 
 def _plans(text: str) -> dict[str, float]:
@@ -47,7 +30,7 @@ def test_the_queueserver_outcomes_reach_metrics_lost_plans_included(tmp_path: Pa
     from xasflow.daemon.http import create_app
 
     cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
-    fake = _Held()
+    fake = HeldApi()
     sub = QueueServerSubmitter(
         cfg.model_copy(update={"max_pending": 1}),
         api_factory=lambda _: fake,

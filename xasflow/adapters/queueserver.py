@@ -200,7 +200,7 @@ class QueueServerSubmitter(Background):
         (:func:`~xasflow.adapters.queueserver_client.on_server`). A plan given up is tried
         again like a replay of its run, for at most ``given_up_replays`` calls, then given up
         for good (``abandoned_replays``; None). Raises QueueServerError."""
-        reply = self._send(recommendation, raw_uid, rescan_only, replay=True)
+        reply = self._send(recommendation, raw_uid, rescan_only)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None
@@ -212,13 +212,11 @@ class QueueServerSubmitter(Background):
         raw_uid: str | None,
         rescan_only: bool,
         tries: int = 0,
-        *,
-        replay: bool = False,
     ) -> Any:
         """One try of :meth:`submit` (``tries`` made before it): the server's reply, None, or
-        ``LIMITED`` when the rate slot is held (nothing was sent). ``replay``: a given-up
-        plan's try counts as a replay of its run (:meth:`submit`'s; ``enqueue`` counts its
-        own, once for all its tries)."""
+        ``LIMITED`` when the rate slot is held (nothing was sent). A given-up plan's first
+        try (``tries`` 0, not held back by the rate) counts as a replay of its run, once for
+        all its tries (a revived plan's are retries: no replay)."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return None
@@ -233,7 +231,7 @@ class QueueServerSubmitter(Background):
                 api = self.api()
                 if self._rate.limited():  # checked and taken under the lock: one rate
                     return LIMITED
-                if replay and key is not None and not self._replay(key):
+                if not tries and key is not None and not self._replay(key):
                     return None  # given up for good (abandoned_replays)
                 self.stats["retried"] += tries > 0
                 if key is not None and on_server(api, key):

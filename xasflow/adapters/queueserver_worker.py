@@ -103,7 +103,7 @@ class Background:
         if self._rate.limited() and not backlog(self._retry, self._rate):
             self.stats["skipped_rate"] += 1
             return False
-        if key is not None and not self._replay(key):
+        if key is not None and self._spent(key):  # a replay counts at its first try
             return False
         with self._lock:  # close sets _closing under it: a plan offered here is close's to drain
             closing = self._closing
@@ -238,17 +238,21 @@ class Background:
                 self._queued.pop(key, None)
             self._memory.give_up(key, _plan_fields(rec), rescan_only)
 
-    def _replay(self, key: tuple[str, str]) -> bool:
-        """Whether this run's plan may be tried: not given up, or given up and tried again
-        for fewer than ``given_up_replays`` replays of its run (this one counted); else it
-        is given up for good (``abandoned_replays``)."""
+    def _spent(self, key: tuple[str, str]) -> bool:
+        """Whether this run's plan, given up, was tried again for ``given_up_replays``
+        replays of its run already: then it is given up for good (``abandoned_replays``)."""
         replays = self._memory.replays(key)
-        if replays is None:
-            return True
-        if replays >= self.config.given_up_replays:
-            self._abandon(key, "replays")
+        if replays is None or replays < self.config.given_up_replays:
             return False
-        self._memory.replayed(key)
+        self._abandon(key, "replays")
+        return True
+
+    def _replay(self, key: tuple[str, str]) -> bool:
+        """At a plan's first try: whether it may be tried (not :meth:`_spent`), a replay of
+        a plan given up counted (on disk) when so."""
+        if self._spent(key):
+            return False
+        self._memory.replayed(key)  # nothing when the plan is not given up
         return True
 
     def _abandon(self, key: tuple[str, str], reason: str) -> None:
