@@ -106,3 +106,83 @@ def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path
     for path in paths:
         with SubmittedRuns(path) as memory:
             assert memory.replays(key) == 0
+
+
+_STATUS = {"success": True, "msg": "", "items": [], "running_item": {}}
+
+
+def _http_api(item_add_raises: type[Exception]) -> Any:
+    """bluesky-queueserver-api's HTTP client whose transport answers every request (empty
+    queue and history) but ``item_add``, which raises ``item_add_raises`` (an httpx one)."""
+    import httpx
+    from bluesky_queueserver_api.http import REManagerAPI
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/queue/item/add"):
+            raise item_add_raises("timed out", request=request)
+        return httpx.Response(200, json={**_STATUS, "plan_queue_uid": "q", "plan_history_uid": "h"})
+
+    api = REManagerAPI(http_server_uri="http://qs.test")
+    api._client = httpx.Client(base_url="http://qs.test", transport=httpx.MockTransport(answer))
+    return api
+
+
+def _zmq_api(unsent: bool) -> Any:
+    """bluesky-queueserver-api's 0MQ client (nothing listens at its address: a request times
+    out waiting for the reply), its queue and history answered empty; ``unsent``: the socket
+    does not take ``item_add``'s message (``zmq.Again``, as on a send timeout)."""
+    import zmq
+    from bluesky_queueserver_api.zmq import REManagerAPI
+    from helpers import free_port
+
+    api = REManagerAPI(
+        zmq_control_addr=f"tcp://127.0.0.1:{free_port()}", timeout_recv=0.2, timeout_send=0.2
+    )
+    client = api._client
+    communicate = client._zmq_communicate
+
+    def talk(msg_out: dict[str, Any], *, cb: Any, timeout: Any) -> Any:
+        if msg_out["method"] != "queue_item_add":
+            return {**_STATUS, "plan_queue_uid": "q", "plan_history_uid": "h"}
+        if unsent:
+            raise zmq.Again()
+        return communicate(msg_out, cb=cb, timeout=timeout)
+
+    client._zmq_communicate = talk
+    return api
+
+
+def test_a_timeout_is_a_lost_reply_only_where_the_request_may_have_reached_the_server(
+    tmp_path: Path,
+) -> None:
+    """The client raises ``RequestTimeoutError`` (a ``TimeoutError``) for every timeout.
+    Connecting, or waiting for a pooled connection (httpx ``ConnectTimeout``,
+    ``PoolTimeout``), or a 0MQ message the socket did not take (``zmq.Again``), never
+    reached the server: a failed try, which the next daemon's replay sends. Waiting for the
+    reply (httpx ``ReadTimeout``, a 0MQ receive timeout) may follow a plan the server took:
+    a lost reply (before, all five were)."""
+    import httpx
+    import pytest
+
+    from xasflow.adapters.queueserver import QueueServerError
+
+    cases = [
+        ("connect", lambda: _http_api(httpx.ConnectTimeout), False),
+        ("pool", lambda: _http_api(httpx.PoolTimeout), False),
+        ("read", lambda: _http_api(httpx.ReadTimeout), True),
+        ("zmq_send", lambda: _zmq_api(unsent=True), False),
+        ("zmq_receive", lambda: _zmq_api(unsent=False), True),
+    ]
+    for name, make, lost in cases:
+        path = tmp_path / name / SUBMITTED_FILE
+        api = make()
+        sub = QueueServerSubmitter(_config(), api_factory=lambda _, api=api: api, memory=path)
+        try:
+            with pytest.raises(QueueServerError) as raised:
+                sub.submit(REC, raw_uid="raw-1")
+            assert isinstance(raised.value.__cause__, TimeoutError), name
+            assert (sub.stats["failed"], sub.stats["lost_reply"]) == (1, int(lost)), name
+        finally:
+            sub.close()
+        with SubmittedRuns(path) as memory:
+            assert memory.lost_before(("raw-1", "run_end")) is lost, name

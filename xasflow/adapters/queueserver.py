@@ -56,7 +56,8 @@ submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
 (``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
 the server took the plan queues nothing twice. A lost reply (the request timed out after the
-server answered those questions: ``lost_reply``) is its own outcome in the memory: when a
+server answered those questions, in a way that may have reached it, not while connecting:
+:func:`~xasflow.adapters.queueserver_client.may_have_reached`; ``lost_reply``) is its own outcome in the memory: when a
 later daemon tries that plan (a replay, a revived plan) and finds it in neither queue nor
 history, it does not add it (``abandoned_lost_reply``, logged, given up for good): the server
 may have taken it and an operator removed it since, and re-adding a plan an operator removed
@@ -83,7 +84,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from xasflow.adapters.queueserver_client import QueueServerError, make_api, on_server
+from xasflow.adapters.queueserver_client import (
+    QueueServerError,
+    make_api,
+    may_have_reached,
+    on_server,
+)
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
 from xasflow.adapters.queueserver_pending import WAKE, Jobs, RateSlot, Retries, wake
@@ -249,7 +255,7 @@ class QueueServerSubmitter(Background):
                     self._rate.take(retry=tries > 0)
                     self._memory.took()  # on disk: the next daemon keeps the rate
         except Exception as exc:
-            lost = asked and isinstance(exc, TimeoutError)  # the server may have taken it
+            lost = asked and may_have_reached(exc)  # a timeout: the server may have taken it
             if key is not None:  # the try it announced, if any, queued nothing (or is lost)
                 (self._memory.lost_reply if lost else self._memory.failed)(key)
             if isinstance(exc, QueueServerError):

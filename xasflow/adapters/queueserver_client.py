@@ -3,7 +3,8 @@ the server already holds a plan.
 
 :func:`make_api` builds the bluesky-queueserver-api client for the configured transport and
 credential; :func:`on_server` asks the server's queue and history for the item xasflow
-queued for a submission key. :mod:`xasflow.adapters.queueserver` re-exports
+queued for a submission key; :func:`may_have_reached` tells a timeout that may follow a plan
+the server took (a lost reply) from one of a request that never reached it. :mod:`xasflow.adapters.queueserver` re-exports
 :class:`QueueServerError`.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from xasflow.adapters.queueserver_plan import QueueServerConfig, item_key, secret
 
-__all__ = ["QueueServerError", "make_api", "on_server"]
+__all__ = ["QueueServerError", "make_api", "may_have_reached", "on_server"]
 
 
 class QueueServerError(RuntimeError):
@@ -43,6 +44,40 @@ def on_server(api: Any, key: tuple[str, str]) -> bool:
         if reply.get("running_item"):
             items.append(reply["running_item"])
     return any(item_key(item) == key for item in items)
+
+
+def may_have_reached(exc: BaseException) -> bool:
+    """Whether the request that raised ``exc`` may have reached the server although no reply
+    came: a timeout (the client's ``RequestTimeoutError`` is a ``TimeoutError``) other than
+    one that never sent it. Over HTTP the client raises it ``from`` httpx's timeout: a
+    ``ConnectTimeout`` or ``PoolTimeout`` (no connection to send on) never reached the
+    server, a ``ReadTimeout`` or ``WriteTimeout`` may have. Over 0MQ a ``zmq.Again`` in the
+    chain is a message the socket did not take; a receive timeout may follow a request the
+    server took (a REQ socket queues the message for a server not up yet, so that one
+    cannot be told apart: taken as maybe reached)."""
+    if not isinstance(exc, TimeoutError):
+        return False
+    unsent = _unsent_errors()
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, unsent):
+            return False
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return True
+
+
+def _unsent_errors() -> tuple[type[BaseException], ...]:
+    """The client library's errors of a request that was never sent (those installed)."""
+    import zmq
+
+    errors: list[type[BaseException]] = [zmq.Again]
+    try:
+        import httpx
+    except ImportError:  # the 0MQ transport only
+        return tuple(errors)
+    return (*errors, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def make_api(config: QueueServerConfig) -> Any:
