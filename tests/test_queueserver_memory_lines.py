@@ -3,7 +3,13 @@ plan is the same whether it was appended line by line or rewritten at twice the 
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
@@ -49,3 +55,59 @@ def test_a_retry_in_flight_after_a_lost_reply_stays_in_doubt_in_a_rewritten_file
         with SubmittedRuns(path) as nxt:
             assert K in nxt, f"limit {limit}: {path.read_text()}"
             assert not nxt.lost_before(K)
+
+
+#: The release before the memory knew lost replies and plans given up for good.
+OLD_RELEASE = "d944cd9"
+
+
+def _old_memory(tmp_path: Path) -> Any:
+    """The previous release's ``queueserver_memory`` module (from git), as a rolled-back
+    daemon reads the file."""
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(
+        ["git", "-C", str(root), "show", f"{OLD_RELEASE}:xasflow/adapters/queueserver_memory.py"],
+        capture_output=True,
+        text=True,
+    )
+    if shown.returncode != 0:
+        pytest.skip(f"release {OLD_RELEASE} not in this checkout: {shown.stderr.strip()}")
+    source = tmp_path / "old_queueserver_memory.py"
+    source.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location("old_queueserver_memory", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_a_plan_given_up_for_good_stays_so_for_the_previous_release(tmp_path: Path) -> None:
+    """A plan given up (its reply lost), then given up for good by the next daemon: the
+    previous release, rolled back onto the same file, skips the ``abandoned`` line it does
+    not know. Before, it kept the earlier ``gave_up`` line and revived the plan (re-adding
+    one an operator may have removed) and a replay sent it. Now the plan's key is written
+    before the ``abandoned`` line (read by the old release as queued: never sent again), in
+    the file appended to as in one rewritten; the new release still reads it abandoned."""
+    old = _old_memory(tmp_path)
+    for limit in (4096, 3):  # appended; rewritten at 6 lines
+        path = tmp_path / str(limit) / SUBMITTED_FILE
+        with SubmittedRuns(path, limit=limit) as memory:
+            memory.sending(K)
+            memory.lost_reply(K)
+            memory.give_up(K, {"regions": []}, False)
+        with SubmittedRuns(path, limit=limit) as memory:
+            assert memory.lost_before(K)
+            memory.abandon(K, "lost_reply")
+            memory.took()
+            memory.took()
+        assert ('"sending"' in path.read_text()) == (limit == 4096)  # rewritten, or not
+        with SubmittedRuns(path) as new:
+            assert K in new and new.keys() == [] and new.given_up() == []
+            assert not new.lost_before(K)
+        with old.SubmittedRuns(path) as rolled_back:
+            assert [g.key for g in rolled_back.revive(10, 900.0, 10)] == [], limit
+            assert K in rolled_back, f"limit {limit}: a replay would send it"

@@ -46,7 +46,8 @@ submitted:
   (:meth:`~SubmittedRuns.lost_before`): found in its queue or history it was taken, and in
   neither it may have been taken and removed by an operator since, so the submitter gives
   it up for good (:meth:`~SubmittedRuns.abandon`, ``{"abandoned": [raw_uid, what],
-  "reason": "lost_reply"}``): re-adding a plan an operator removed is worse than not adding
+  "reason": "lost_reply"}`` after a ``[raw_uid, what]`` line, so the previous release,
+  which skips the first, holds the plan as queued after a rollback rather than reviving it): re-adding a plan an operator removed is worse than not adding
   one the server never got. A later try in the daemon that lost the reply (its retries,
   seconds later) still asks the server and sends the plan when it is in neither.
 
@@ -81,7 +82,7 @@ from xasflow.adapters.file_lock import HeldElsewhere, hold, release
 from xasflow.adapters.queueserver_records import (
     GivenUp,
     Key,
-    abandoned_line,
+    abandoned_lines,
     fsync_dir,
     given_up_of,
     key_of,
@@ -232,7 +233,7 @@ class SubmittedRuns:
             self._abandoned[key] = reason
             while len(self._abandoned) > self.limit:
                 self._abandoned.popitem(last=False)
-            self._append(abandoned_line(key, reason), key)
+            self._append(abandoned_lines(key, reason), key)
 
     def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> None:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
@@ -327,7 +328,7 @@ class SubmittedRuns:
                     os.fsync(f.fileno())
                 if new:
                     fsync_dir(self.path.parent)
-                self._lines += 1
+                self._lines += line.count("\n") + 1
                 self._torn = False
         except OSError as exc:
             what = "when a plan last went in" if key is None else f"the plan of {key[0]!r}"
@@ -397,6 +398,7 @@ class SubmittedRuns:
                 doubt.pop(key, None)
                 lost.pop(key, None)
                 self._given_up.pop(key, None)
+                self._keys.pop(key, None)  # the line before it, for the previous release
                 self._abandoned[key] = str(value.get("reason", ""))
         for key in doubt:  # at most once: the server may have it, an operator may have not
             self._keep(key)
@@ -424,14 +426,14 @@ class SubmittedRuns:
             # lost replies before intents: a retry in flight after a lost reply stays in doubt
             f.writelines(json.dumps({"lost_reply": list(key)}) + "\n" for key in self._lost)
             f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
-            f.writelines(abandoned_line(*entry) + "\n" for entry in self._abandoned.items())
+            f.writelines(abandoned_lines(*entry) + "\n" for entry in self._abandoned.items())
             f.write("" if self._slot is None else slot_line(self._slot) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
         held: list[Sized] = [self._keys, self._given_up, self._sending, self._lost, self._abandoned]
-        self._lines = sum(len(lines) for lines in held) + (self._slot is not None)
+        self._lines = sum(map(len, held)) + len(self._abandoned) + (self._slot is not None)
         self._torn = False
 
 

@@ -4,7 +4,8 @@ each record holds, written and read back.
 One JSON value a line: ``[raw_uid, what]`` (the plan is queued), ``{"sending": key}`` (a
 try about to be sent), ``{"failed": key}`` and ``{"lost_reply": key}`` (its outcome when the
 plan did not go in, or its reply never came), ``{"gave_up": key, ...}`` (:class:`GivenUp`),
-``{"abandoned": key, "reason": ...}`` (given up for good) and ``{"slot": at}`` (when the
+``{"abandoned": key, "reason": ...}`` (given up for good, after the key's own line, see
+:func:`abandoned_lines`) and ``{"slot": at}`` (when the
 server last took a plan: the rate, kept across a restart). A line that is none of them (torn
 by a crash, or written by a later version) is skipped by the reader.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GivenUp", "Key", "abandoned_line", "fsync_dir", "given_up_of", "key_of", "slot_line"]
+__all__ = ["GivenUp", "Key", "abandoned_lines", "fsync_dir", "given_up_of", "key_of", "slot_line"]
 
 #: A submission key: ``(raw uid, what)``.
 Key = tuple[str, str]
@@ -68,9 +69,13 @@ def key_of(value: Any) -> Key | None:
     return None
 
 
-def abandoned_line(key: Key, reason: str) -> str:
-    """The line of a plan given up for good."""
-    return json.dumps({"abandoned": list(key), "reason": reason})
+def abandoned_lines(key: Key, reason: str) -> str:
+    """The two lines of a plan given up for good: its key, then ``{"abandoned": key}``. The
+    key comes first for the release before (``d944cd9``), which skips the ``abandoned``
+    line: without the key it kept the plan's earlier ``gave_up`` line and revived it after a
+    rollback; with it, it holds the plan as queued and never sends it. This reader reads
+    the pair as abandoned, not queued."""
+    return json.dumps(list(key)) + "\n" + json.dumps({"abandoned": list(key), "reason": reason})
 
 
 def given_up_of(value: dict[str, Any]) -> GivenUp | None:
