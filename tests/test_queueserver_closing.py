@@ -186,3 +186,30 @@ def test_a_timeout_is_a_lost_reply_only_where_the_request_may_have_reached_the_s
             sub.close()
         with SubmittedRuns(path) as memory:
             assert memory.lost_before(("raw-1", "run_end")) is lost, name
+
+
+def test_plans_revived_while_close_runs_to_its_end_are_counted_dropped(tmp_path: Path) -> None:
+    """retry_given_up has found the submitter open when close (the daemon's shutdown, on
+    another thread) runs to its end: the plans it revived are not scheduled (0), counted
+    ``dropped_closed`` rather than ``revived``, and left waiting in no retry queue nor for a
+    worker started after close (before, they waited after close: neither sent nor counted)."""
+    path = tmp_path / SUBMITTED_FILE
+    keys = [submission_key(f"raw-{i}", decode(REC), False) for i in (1, 2)]
+    with SubmittedRuns(path) as memory:  # a previous daemon gave both plans up
+        for key in keys:
+            memory.give_up(key, {"regions": REC["regions"]}, False)
+    api = FakeApi()
+    sub = QueueServerSubmitter(_config(), api_factory=lambda _: api, memory=path)
+    revive = sub._memory.revive
+
+    def revive_then_close(*args: Any) -> Any:  # runs after retry_given_up's look at _closing
+        plans = revive(*args)
+        sub.close(timeout=1.0)
+        return plans
+
+    sub._memory.revive = revive_then_close  # type: ignore[method-assign]
+    assert sub.retry_given_up() == 0
+    assert sub.stats["dropped_closed"] == 2 and sub.stats["revived"] == 0
+    assert len(sub._retry) == 0 and sub._retry.unfinished == 0
+    assert sub._worker is None, "a worker started after close"
+    assert not sub._queued and api.items == []

@@ -281,19 +281,27 @@ class QueueServerSubmitter(Background):
         """Try again, as retries, the plans the previous daemon gave up (remembered in
         ``memory``; see the module for which); the number scheduled. Once a process: the
         daemon calls it when it runs, not at construction, so a daemon that fails to start
-        submits nothing."""
+        submits nothing. Once close has begun, none is: each is dropped (``dropped_closed``)."""
         if not self.enabled or self._closing:
             return 0
         cfg = self.config
         plans = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
-        with self._lock:
-            for plan in plans:  # as retries: each waits for its slot in the rate
-                self._queued[plan.key] = None
-                self._retry.push((plan.rec, plan.key[0], plan.rescan_only), 1)
+        jobs = [(plan.rec, plan.key[0], plan.rescan_only) for plan in plans]
+        with self._lock:  # close sets _closing under it: a retry pushed here is close's to drop
+            closing = self._closing
+            if not closing:
+                for plan, job in zip(plans, jobs, strict=True):
+                    self._queued[plan.key] = None
+                    self._retry.push(job, 1)  # as a retry: it waits for its slot in the rate
+                if jobs:
+                    self._start_worker()
+        if closing:  # close began since the look above
+            for job in jobs:
+                self._give_up(job, "dropped_closed")
+            return 0
         self.stats["revived"] += len(plans)
         if plans:
             logger.info("trying again %d queueserver plans given up before a restart", len(plans))
-            self._ensure_worker()
             wake(self._queue)  # a worker already waiting for a run's plan looks at them now
         return len(plans)
 

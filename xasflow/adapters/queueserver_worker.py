@@ -128,10 +128,6 @@ class Background:
                 self._queued.popitem(last=False)
         return True
 
-    def _ensure_worker(self) -> None:
-        with self._lock:
-            self._start_worker()
-
     def _start_worker(self) -> None:
         """A worker thread, unless one runs (called under ``_lock``)."""
         if self._worker is None or not self._worker.is_alive():
