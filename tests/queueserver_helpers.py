@@ -1,12 +1,19 @@
 """What the queueserver tests with and without a server share: a two-region recommendation,
-its plan rows, and an analysis run that carries it as a ``recommendations`` row."""
+its plan rows, and an analysis run that carries it as a ``recommendations`` row; and, for
+the submitter's tests, a quick configuration, a daemon's submitter, the runs a fake
+queueserver took, fakes that are down or lose their reply, and a plan given up."""
 
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
 from typing import Any
 
+from feedback_helpers import ZMQ_KEY, FakeApi
 from helpers import analysis_run_docs
+
+from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
 
 REC = {
     "regions": [
@@ -51,3 +58,61 @@ def advice_run_docs(
         raw_uid,
         stop={"exit_status": exit_status},
     )
+
+
+def item_raw_uid(item: dict[str, Any]) -> str:
+    """The raw run a plan item was made for."""
+    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
+
+
+def quick_config(**knobs: Any) -> QueueServerConfig:
+    """Enabled, no rate limit, quick retries: one retry after 50 ms, then given up."""
+    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
+    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
+
+
+def daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
+    """A daemon's submitter (its memory beside the store), as after a (re)start."""
+    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
+
+
+def queued_runs(api: FakeApi) -> list[str]:
+    """The raw runs whose plans ``api`` took, in order."""
+    return [item_raw_uid(item) for _, item in api.items]
+
+
+class OutageApi(FakeApi):
+    """An RE Manager that cannot be reached until ``up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if not self.up.is_set():
+            raise ConnectionError("RE Manager unreachable")
+        return super().item_add(item, user, user_group)
+
+
+def give_up_plan(
+    cfg: QueueServerConfig, path: Path, rec: dict[str, Any], raw_uid: str = "raw-1"
+) -> None:
+    """A daemon whose RE Manager is down gives the run's plan (``rec``) up, then stops."""
+    sub = daemon(cfg, OutageApi(), path)
+    try:
+        assert sub.enqueue(rec, raw_uid)
+        assert sub.join(10.0) and sub.stats["gave_up"] == 1
+    finally:
+        sub.close()
+
+
+class LostReplyApi(FakeApi):
+    """Takes each plan, but its reply never comes (a timeout) while ``lost``."""
+
+    lost = True
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        reply = super().item_add(item, user, user_group)
+        if self.lost:
+            raise TimeoutError("Request timeout: no reply from the RE Manager")
+        return reply

@@ -7,17 +7,12 @@ import queue
 from pathlib import Path
 from typing import Any
 
-from feedback_helpers import REC, ZMQ_KEY, FakeApi, HeldApi
+from feedback_helpers import REC, FakeApi, HeldApi
+from queueserver_helpers import quick_config
 
-from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver import QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 from xasflow.adapters.queueserver_plan import decode, submission_key
-
-
-def _config(**knobs: Any) -> QueueServerConfig:
-    """Enabled, no rate limit, quick retries."""
-    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
-    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
 
 
 def _jobs_left(sub: QueueServerSubmitter) -> list[Any]:
@@ -41,7 +36,7 @@ def test_a_plan_enqueued_while_close_runs_to_its_end_is_counted_dropped(
     is logged as not remembered rather than written to a file the next daemon may hold."""
     api = FakeApi()
     sub = QueueServerSubmitter(
-        _config(), api_factory=lambda _: api, memory=tmp_path / SUBMITTED_FILE
+        quick_config(), api_factory=lambda _: api, memory=tmp_path / SUBMITTED_FILE
     )
     assert sub.enqueue(REC, "raw-1") and sub.join(5.0)  # a worker exists
     limited = sub._rate.limited
@@ -74,7 +69,7 @@ def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path
             memory.give_up(key, {"regions": REC["regions"]}, False)
     path = paths[0]
     fake = HeldApi()
-    sub = QueueServerSubmitter(_config(max_pending=1), api_factory=lambda _: fake, memory=path)
+    sub = QueueServerSubmitter(quick_config(max_pending=1), api_factory=lambda _: fake, memory=path)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
@@ -90,7 +85,7 @@ def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path
     path = paths[1]  # a daemon whose rate is free
     fake = HeldApi("raw-4")
     sub = QueueServerSubmitter(
-        _config(min_interval_s=3600.0), api_factory=lambda _: fake, memory=path
+        quick_config(min_interval_s=3600.0), api_factory=lambda _: fake, memory=path
     )
     try:
         assert sub.enqueue(REC, "raw-4")
@@ -176,7 +171,7 @@ def test_a_timeout_is_a_lost_reply_only_where_the_request_may_have_reached_the_s
     for name, make, lost in cases:
         path = tmp_path / name / SUBMITTED_FILE
         api = make()
-        sub = QueueServerSubmitter(_config(), api_factory=lambda _, api=api: api, memory=path)
+        sub = QueueServerSubmitter(quick_config(), api_factory=lambda _, api=api: api, memory=path)
         try:
             with pytest.raises(QueueServerError) as raised:
                 sub.submit(REC, raw_uid="raw-1")
@@ -199,7 +194,7 @@ def test_plans_revived_while_close_runs_to_its_end_are_counted_dropped(tmp_path:
         for key in keys:
             memory.give_up(key, {"regions": REC["regions"]}, False)
     api = FakeApi()
-    sub = QueueServerSubmitter(_config(), api_factory=lambda _: api, memory=path)
+    sub = QueueServerSubmitter(quick_config(), api_factory=lambda _: api, memory=path)
     revive = sub._memory.revive
 
     def revive_then_close(*args: Any) -> Any:  # runs after retry_given_up's look at _closing

@@ -13,6 +13,15 @@ from typing import Any
 
 import pytest
 from feedback_helpers import REC, ZMQ_KEY, FakeApi
+from queueserver_helpers import (
+    LostReplyApi,
+    OutageApi,
+    daemon,
+    give_up_plan,
+    item_raw_uid,
+    queued_runs,
+    quick_config,
+)
 
 from xasflow.adapters.queueserver import (
     QueueServerConfig,
@@ -22,10 +31,6 @@ from xasflow.adapters.queueserver import (
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _raw_uid(item: dict[str, Any]) -> str:
-    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
 
 
 # --------------------------------------------------------------------------- the rate
@@ -41,7 +46,7 @@ class _Held(FakeApi):
         self.release = threading.Event()
 
     def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        if _raw_uid(item) == "raw-1":
+        if item_raw_uid(item) == "raw-1":
             self.sending.set()
             self.release.wait(10.0)
             if self.outcome == "refused":
@@ -64,7 +69,7 @@ def test_only_a_plan_that_reached_the_queue_counts_against_the_rate(outcome: str
         sub.enqueue(REC, "raw-2")  # raw-1's outcome is not known yet
         fake.release.set()
         assert sub.join(10.0)
-        queued = [_raw_uid(item) for _, item in fake.items]
+        queued = queued_runs(fake)
         if outcome == "refused":
             assert queued == ["raw-2"], f"queued {queued}: raw-1's refused try held the slot"
             assert sub.stats["skipped_rate"] == 0 and sub.stats["gave_up"] == 1
@@ -79,53 +84,25 @@ def test_only_a_plan_that_reached_the_queue_counts_against_the_rate(outcome: str
 # --------------------------------------------------------------------------- plans given up
 
 
-class _Down(FakeApi):
-    """An RE Manager that cannot be reached: every item_add fails."""
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        raise ConnectionError("RE Manager unreachable")
-
-
-def _config(**knobs: Any) -> QueueServerConfig:
-    """Enabled, no rate limit, quick retries: one retry after 50 ms, then given up."""
-    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
-    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
-
-
-def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
-    """A daemon's submitter (its memory beside the store), as after a (re)start."""
-    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
-
-
-def _give_up(cfg: QueueServerConfig, path: Path, raw_uid: str = "raw-1") -> None:
-    """A daemon whose RE Manager is down gives the run's plan up, then stops."""
-    sub = _daemon(cfg, _Down(), path)
-    try:
-        assert sub.enqueue(REC, raw_uid)
-        assert sub.join(10.0) and sub.stats["gave_up"] == 1
-    finally:
-        sub.close()
-
-
 def test_a_plan_given_up_is_tried_again_after_a_restart(tmp_path: Path) -> None:
     """The RE Manager was down and the run's plan was given up; the daemon restarts with the
     server back, and no replay comes (Kafka committed the run). The restarted daemon tries
     the plan again and it goes in, once: a third daemon (the operator has removed the plan)
     neither revives it nor queues it for a replay of the run."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    cfg = _config()
-    _give_up(cfg, path)
+    cfg = quick_config()
+    give_up_plan(cfg, path, REC)
     fake = FakeApi()
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.retry_given_up() == 1
         assert sub.join(10.0)
-        assert [_raw_uid(item) for _, item in fake.items] == ["raw-1"]
+        assert queued_runs(fake) == ["raw-1"]
         assert sub.stats["revived"] == 1 and sub.stats["submitted"] == 1
     finally:
         sub.close()
     removed = FakeApi()  # the operator removed the plan: the server holds nothing
-    sub = _daemon(cfg, removed, path)
+    sub = daemon(cfg, removed, path)
     try:
         assert sub.retry_given_up() == 0
         assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
@@ -138,22 +115,22 @@ def test_a_plan_given_up_is_tried_again_in_a_bounded_number_of_restarts(tmp_path
     """``restart_retries: 1``: the first restart tries the plan again (the server still
     down: given up again), the second does not; ``restart_retries: 0`` never does."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    cfg = _config(restart_retries=1)
-    _give_up(cfg, path)
-    sub = _daemon(cfg, _Down(), path)
+    cfg = quick_config(restart_retries=1)
+    give_up_plan(cfg, path, REC)
+    sub = daemon(cfg, OutageApi(), path)
     try:
         assert sub.retry_given_up() == 1
         assert sub.join(10.0) and sub.stats["gave_up"] == 1
     finally:
         sub.close()
     fake = FakeApi()
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.retry_given_up() == 0 and sub.join(10.0) and fake.items == []
     finally:
         sub.close()
-    _give_up(cfg, path, "raw-2")
-    sub = _daemon(cfg.model_copy(update={"restart_retries": 0}), fake, path)
+    give_up_plan(cfg, path, REC, "raw-2")
+    sub = daemon(cfg.model_copy(update={"restart_retries": 0}), fake, path)
     try:
         assert sub.retry_given_up() == 0 and sub.join(10.0) and fake.items == []
     finally:
@@ -188,26 +165,17 @@ def test_a_given_up_plan_the_server_took_is_not_queued_twice(tmp_path: Path) -> 
     """The server took the plan but its reply never came, and the only try was given up: the
     restarted daemon finds the plan in the queue and queues nothing more."""
 
-    class LostReply(FakeApi):
-        lost = True
-
-        def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-            reply = super().item_add(item, user, user_group)
-            if self.lost:
-                raise TimeoutError("no reply from the RE Manager")
-            return reply
-
     path = tmp_path / "store" / SUBMITTED_FILE
-    cfg = _config(retries=0)
-    fake = LostReply()
-    sub = _daemon(cfg, fake, path)
+    cfg = quick_config(retries=0)
+    fake = LostReplyApi()
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert sub.join(10.0) and sub.stats["gave_up"] == 1 and len(fake.items) == 1
     finally:
         sub.close()
     fake.lost = False
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.retry_given_up() == 1
         assert sub.join(10.0) and sub.stats["skipped_repeat"] == 1
@@ -234,7 +202,7 @@ def test_the_daemon_tries_the_given_up_plans_again_once_it_runs(
         output={"enabled": False},
         storage={"enabled": False},  # quick: no store (a memory or not, start asks)
         models={"directory": str(tmp_path)},
-        queueserver=_config().model_dump(),
+        queueserver=quick_config().model_dump(),
     )
     daemon = Daemon(cfg)
     try:
@@ -292,13 +260,13 @@ def test_the_record_of_a_submission_is_durable_before_it_counts_as_done(
         """Records what a crash at the moment the server takes the plan would leave."""
 
         def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-            seen[_raw_uid(item)] = disk.restart(path, tmp_path / f"crash-{len(seen)}")
-            if _raw_uid(item) == "raw-2":
+            seen[item_raw_uid(item)] = disk.restart(path, tmp_path / f"crash-{len(seen)}")
+            if item_raw_uid(item) == "raw-2":
                 return {"success": False, "msg": "RE Manager busy"}
             return super().item_add(item, user, user_group)
 
-    cfg = _config()
-    sub = _daemon(cfg, Crashing(), path)
+    cfg = quick_config()
+    sub = daemon(cfg, Crashing(), path)
     try:
         assert sub.submit(REC, raw_uid="raw-1") is not None
         done = disk.restart(path, tmp_path / "crash-after")
@@ -346,7 +314,7 @@ def test_a_second_daemon_on_the_same_memory_refuses_to_start(tmp_path: Path) -> 
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-        cfg = DaemonConfig(storage={"directory": store}, queueserver=_config().model_dump())
+        cfg = DaemonConfig(storage={"directory": store}, queueserver=quick_config().model_dump())
         with pytest.raises(MemoryInUseError, match=rf"{SUBMITTED_FILE}.*pid {holder.pid}"):
             build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
     finally:
@@ -355,5 +323,5 @@ def test_a_second_daemon_on_the_same_memory_refuses_to_start(tmp_path: Path) -> 
     _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]
     assert sub is not None
     with sub, pytest.raises(MemoryInUseError, match="already open in this process"):
-        QueueServerSubmitter(_config(), memory=path)
-    QueueServerSubmitter(_config(), memory=path).close()  # closed: free again
+        QueueServerSubmitter(quick_config(), memory=path)
+    QueueServerSubmitter(quick_config(), memory=path).close()  # closed: free again

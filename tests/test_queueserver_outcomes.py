@@ -5,53 +5,23 @@ marker takes no pending place, and the rate holds across a restart."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from feedback_helpers import REC, ZMQ_KEY, FakeApi
+from feedback_helpers import REC, FakeApi, HeldApi
 from helpers import wait_for
-
-from xasflow.adapters.queueserver import (
-    QueueServerConfig,
-    QueueServerError,
-    QueueServerSubmitter,
+from queueserver_helpers import (
+    LostReplyApi,
+    OutageApi,
+    daemon,
+    give_up_plan,
+    queued_runs,
+    quick_config,
 )
+
+from xasflow.adapters.queueserver import QueueServerError, QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
-
-
-def _raw_uid(item: dict[str, Any]) -> str:
-    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
-
-
-def _config(**knobs: Any) -> QueueServerConfig:
-    """Enabled, no rate limit, quick retries."""
-    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
-    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
-
-
-def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
-    """A daemon's submitter (its memory beside the store), as after a (re)start."""
-    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
-
-
-def _queued(api: FakeApi) -> list[str]:
-    return [_raw_uid(item) for _, item in api.items]
-
-
-class _Held(FakeApi):
-    """Holds raw-1's item_add until ``release``, then takes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sending = threading.Event()
-        self.release = threading.Event()
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        if _raw_uid(item) == "raw-1":
-            self.sending.set()
-            assert self.release.wait(20.0)
-        return super().item_add(item, user, user_group)
-
 
 # --------------------------------------------------------------------------- close
 
@@ -62,8 +32,8 @@ def test_a_plan_arriving_while_close_drains_is_remembered(tmp_path: Path) -> Non
     ``dropped_closed`` and remembered as given up, like the plans close drops, so the next
     daemon tries it again."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    fake = _Held()
-    sub = _daemon(_config(), fake, path)
+    fake = HeldApi()
+    sub = daemon(quick_config(), fake, path)
     closing = threading.Thread(target=sub.close, kwargs={"timeout": 0.1})
     try:
         assert sub.enqueue(REC, "raw-1")
@@ -75,30 +45,18 @@ def test_a_plan_arriving_while_close_drains_is_remembered(tmp_path: Path) -> Non
     finally:
         fake.release.set()
         closing.join(20.0)
-    assert not closing.is_alive() and _queued(fake) == ["raw-1"]
+    assert not closing.is_alive() and queued_runs(fake) == ["raw-1"]
     with SubmittedRuns(path) as memory:
         assert [plan.key for plan in memory.given_up()] == [("raw-late", "run_end")]
-    sub = _daemon(_config(), fake, path)
+    sub = daemon(quick_config(), fake, path)
     try:
         assert sub.retry_given_up() == 1 and sub.join(10.0)
-        assert _queued(fake) == ["raw-1", "raw-late"]
+        assert queued_runs(fake) == ["raw-1", "raw-late"]
     finally:
         sub.close()
 
 
 # --------------------------------------------------------------------------- a lost reply
-
-
-class _LostReply(FakeApi):
-    """Takes each plan, but its reply never comes (a timeout) while ``lost``."""
-
-    lost = True
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        reply = super().item_add(item, user, user_group)
-        if self.lost:
-            raise TimeoutError("Request timeout: no reply from the RE Manager")
-        return reply
 
 
 def test_a_lost_reply_then_a_crash_is_not_queued_again_once_removed(
@@ -110,21 +68,21 @@ def test_a_lost_reply_then_a_crash_is_not_queued_again_once_removed(
     queued again but given up for good (``abandoned_lost_reply``, logged, remembered: a
     later replay is a repeat)."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    fake = _LostReply()
-    sub = _daemon(_config(retry_backoff_s=60.0), fake, path)
+    fake = LostReplyApi()
+    sub = daemon(quick_config(retry_backoff_s=60.0), fake, path)
     try:
         assert sub.enqueue(REC, "raw-1")
         wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's lost reply")
-        assert sub.stats["lost_reply"] == 1 and _queued(fake) == ["raw-1"]
+        assert sub.stats["lost_reply"] == 1 and queued_runs(fake) == ["raw-1"]
         sub._memory.close()  # the daemon dies: what is on disk is all the next one has
         fake.items.clear()  # the operator removes the plan from the queue
         fake.lost = False
-        nxt = _daemon(_config(), fake, path)
+        nxt = daemon(quick_config(), fake, path)
         try:
             with caplog.at_level("ERROR", logger="xasflow.adapters.queueserver"):
                 assert nxt.enqueue(REC, "raw-1")  # Kafka replays the run
                 assert nxt.join(10.0)
-            assert _queued(fake) == [], "a plan an operator may have removed was queued again"
+            assert queued_runs(fake) == [], "a plan an operator may have removed was queued again"
             assert nxt.stats["abandoned_lost_reply"] == 1 and nxt.stats["submitted"] == 0
             logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
             assert any("raw-1" in m and "given up for good" in m for m in logged), logged
@@ -132,11 +90,11 @@ def test_a_lost_reply_then_a_crash_is_not_queued_again_once_removed(
             nxt.close()
     finally:
         sub.close()
-    sub = _daemon(_config(), fake, path)
+    sub = daemon(quick_config(), fake, path)
     try:
         assert sub.retry_given_up() == 0
         assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
-        assert sub.join(10.0) and _queued(fake) == []
+        assert sub.join(10.0) and queued_runs(fake) == []
     finally:
         sub.close()
 
@@ -151,64 +109,60 @@ class _Down(FakeApi):
         return {"success": False, "msg": "RE Manager busy"}
 
 
-def test_the_replays_of_a_given_up_run_are_capped(tmp_path: Path) -> None:
-    """A plan given up is tried again when its run is replayed, each time with its own
-    retries, but only ``given_up_replays`` times (2 by default): at the next replay it is
-    given up for good (``abandoned_replays``), remembered so, and neither tried for a later
-    replay nor revived by the next daemon."""
-    path = tmp_path / "store" / SUBMITTED_FILE
-    down = _Down()
-    sub = _daemon(_config(retries=0), down, path)
+def _replayed_until_spent(path: Path, replay: Callable[[QueueServerSubmitter], bool]) -> None:
+    """raw-1's plan given up (its RE Manager refuses it), then ``replay`` again and again
+    (True: the plan was tried): it is tried for ``given_up_replays`` (2) replays, then given
+    up for good (``abandoned_replays``), and neither replayed nor revived by the next
+    daemon."""
+    sub = daemon(quick_config(retries=0), _Down(), path)
     try:
         assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
-        replays = 0
-        for _ in range(6):  # Kafka redelivers the run again and again
-            if not sub.enqueue(REC, "raw-1"):
+        tries = 0
+        for _ in range(6):
+            if not replay(sub):
                 break
-            assert sub.join(10.0)
-            replays += 1
-        assert replays == 2, f"{replays} replays tried the given-up plan again"
-        assert sub.config.given_up_replays == 2
+            tries += 1
+        assert tries == sub.config.given_up_replays == 2, f"{tries} replays tried it again"
         assert sub.stats["failed"] == 3 and sub.stats["abandoned_replays"] == 1
         assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
     finally:
         sub.close()
     fake = FakeApi()
-    sub = _daemon(_config(), fake, path)
+    sub = daemon(quick_config(), fake, path)
     try:
-        assert sub.retry_given_up() == 0 and not sub.enqueue(REC, "raw-1")
+        assert sub.retry_given_up() == 0 and not replay(sub)
         assert sub.join(10.0) and fake.items == []
     finally:
         sub.close()
+
+
+def test_the_replays_of_a_given_up_run_are_capped(tmp_path: Path) -> None:
+    """A plan given up is tried again when its run is replayed, each time with its own
+    retries, but only ``given_up_replays`` times (2 by default): at the next replay it is
+    given up for good (``abandoned_replays``), remembered so, and neither tried for a later
+    replay nor revived by the next daemon."""
+
+    def redelivered(sub: QueueServerSubmitter) -> bool:  # Kafka redelivers the run
+        if not sub.enqueue(REC, "raw-1"):
+            return False
+        assert sub.join(10.0)
+        return True
+
+    _replayed_until_spent(tmp_path / "store" / SUBMITTED_FILE, redelivered)
 
 
 def test_submit_tries_a_given_up_plan_for_as_few_replays(tmp_path: Path) -> None:
     """``submit()`` called for a run whose plan was given up is a replay like an enqueue: it
     tries the plan again for at most ``given_up_replays`` calls, then gives it up for good
     (``abandoned_replays``), and neither path nor the next daemon sends it after that."""
-    path = tmp_path / "store" / SUBMITTED_FILE
-    sub = _daemon(_config(retries=0), _Down(), path)
-    try:
-        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
-        tries = 0
-        for _ in range(6):  # an operator's script submits the run's plan again and again
-            try:
-                if sub.submit(REC, raw_uid="raw-1") is None:
-                    break
-            except QueueServerError:
-                tries += 1
-        assert tries == sub.config.given_up_replays == 2, f"{tries} submit() calls sent it"
-        assert sub.stats["failed"] == 3 and sub.stats["abandoned_replays"] == 1
-        assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
-    finally:
-        sub.close()
-    fake = FakeApi()
-    sub = _daemon(_config(), fake, path)
-    try:
-        assert sub.retry_given_up() == 0 and sub.submit(REC, raw_uid="raw-1") is None
-        assert fake.items == []
-    finally:
-        sub.close()
+
+    def submitted(sub: QueueServerSubmitter) -> bool:  # an operator's script submits it
+        try:
+            return sub.submit(REC, raw_uid="raw-1") is not None
+        except QueueServerError:
+            return True
+
+    _replayed_until_spent(tmp_path / "store" / SUBMITTED_FILE, submitted)
 
 
 # --------------------------------------------------------------------------- max_pending
@@ -219,13 +173,9 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
     daemon gave up are revived, which wakes the worker with a marker in its queue. The next
     run's plan still finds its one place: the marker is not a plan."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    sub = _daemon(_config(retries=0), _Down(), path)
-    try:
-        assert sub.enqueue(REC, "raw-0") and sub.join(10.0) and sub.stats["gave_up"] == 1
-    finally:
-        sub.close()
-    fake = _Held()
-    sub = _daemon(_config(max_pending=1), fake, path)
+    give_up_plan(quick_config(retries=0), path, REC, "raw-0")
+    fake = HeldApi()
+    sub = daemon(quick_config(max_pending=1), fake, path)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
@@ -234,7 +184,7 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
         assert sub.stats["dropped_queue_full"] == 0
         fake.release.set()
         assert sub.join(10.0)
-        assert sorted(_queued(fake)) == ["raw-0", "raw-1", "raw-2"]
+        assert sorted(queued_runs(fake)) == ["raw-0", "raw-1", "raw-2"]
     finally:
         fake.release.set()
         sub.close()
@@ -247,8 +197,8 @@ def test_a_plan_refused_at_a_full_queue_is_counted_apart_from_one_given_up(
     queue full and is refused at enqueue, not remembered (``dropped_queue_full``: the plan is
     lost unless its run is replayed), which no other counter says."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    fake = _Held()
-    sub = _daemon(_config(max_pending=1), fake, path)
+    fake = HeldApi()
+    sub = daemon(quick_config(max_pending=1), fake, path)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
@@ -256,25 +206,12 @@ def test_a_plan_refused_at_a_full_queue_is_counted_apart_from_one_given_up(
         assert not sub.enqueue(REC, "raw-3")
         assert sub.stats["dropped_queue_full"] == 1 and sub.stats["gave_up_waiting_full"] == 0
         fake.release.set()
-        assert sub.join(10.0) and _queued(fake) == ["raw-1", "raw-2"]
+        assert sub.join(10.0) and queued_runs(fake) == ["raw-1", "raw-2"]
     finally:
         fake.release.set()
         sub.close()
     with SubmittedRuns(path) as memory:
         assert memory.given_up() == []
-
-
-class _Recovered(FakeApi):
-    """Cannot be reached until ``up``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = threading.Event()
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        if not self.up.is_set():
-            raise ConnectionError("RE Manager unreachable")
-        return super().item_add(item, user, user_group)
 
 
 def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remembered(
@@ -285,14 +222,14 @@ def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remem
     that line full and is given up and remembered (``gave_up_waiting_full``), the next daemon
     tries it again: counted apart from a plan refused at a full queue."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    fake = _Recovered()
-    cfg = _config(max_pending=1, min_interval_s=100.0, retries=5)
+    fake = OutageApi()
+    cfg = quick_config(max_pending=1, min_interval_s=100.0, retries=5)
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: 0.0, memory=path)
     try:
         assert sub.enqueue(REC, "raw-1")
         wait_for(lambda: sub.stats["failed"] == 1, what="raw-1's first try")
         fake.up.set()
-        wait_for(lambda: _queued(fake) == ["raw-1"], what="raw-1's retry in the queue")
+        wait_for(lambda: queued_runs(fake) == ["raw-1"], what="raw-1's retry in the queue")
         assert sub.enqueue(REC, "raw-2")
         wait_for(lambda: sub.stats["waited_rate"] == 1, what="raw-2 waiting for the rate")
         assert sub.enqueue(REC, "raw-3")  # accepted; given up when its turn finds the line full
@@ -300,7 +237,7 @@ def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remem
         assert sub.stats["dropped_queue_full"] == 0 and sub.stats["gave_up"] == 0
     finally:
         sub.close()
-    assert _queued(fake) == ["raw-1"]
+    assert queued_runs(fake) == ["raw-1"]
     with SubmittedRuns(path) as memory:  # raw-2 dropped by close, raw-3 given up: both kept
         assert sorted(plan.key[0] for plan in memory.given_up()) == ["raw-2", "raw-3"]
 
@@ -314,23 +251,23 @@ def test_the_rate_holds_across_a_restart(tmp_path: Path) -> None:
     new plan within ``min_interval_s`` is not sent (``skipped_rate``), by either path."""
     path = tmp_path / "store" / SUBMITTED_FILE
     fake = FakeApi()
-    cfg = _config(min_interval_s=3600.0)
-    sub = _daemon(cfg, fake, path)
+    cfg = quick_config(min_interval_s=3600.0)
+    sub = daemon(cfg, fake, path)
     try:
-        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and _queued(fake) == ["raw-1"]
+        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and queued_runs(fake) == ["raw-1"]
     finally:
         sub.close()
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert not sub.enqueue(REC, "raw-2"), "the restarted daemon burst past the rate"
         assert sub.submit(REC, raw_uid="raw-3") is None
-        assert sub.join(10.0) and _queued(fake) == ["raw-1"]
+        assert sub.join(10.0) and queued_runs(fake) == ["raw-1"]
         assert sub.stats["skipped_rate"] == 2
     finally:
         sub.close()
-    sub = _daemon(cfg.model_copy(update={"min_interval_s": 0.0}), fake, path)
+    sub = daemon(cfg.model_copy(update={"min_interval_s": 0.0}), fake, path)
     try:  # the rate is the configured one: a shorter interval has passed
         assert sub.enqueue(REC, "raw-2") and sub.join(10.0)
-        assert _queued(fake) == ["raw-1", "raw-2"]
+        assert queued_runs(fake) == ["raw-1", "raw-2"]
     finally:
         sub.close()

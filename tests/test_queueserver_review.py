@@ -7,35 +7,25 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from feedback_helpers import REC, ZMQ_KEY, FakeApi
+from feedback_helpers import REC, FakeApi
 from helpers import wait_for
+from queueserver_helpers import (
+    OutageApi,
+    daemon,
+    give_up_plan,
+    item_raw_uid,
+    queued_runs,
+    quick_config,
+)
 
-from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver import QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
-
-
-def _raw_uid(item: dict[str, Any]) -> str:
-    return str(item["kwargs"]["md"]["xasflow"]["raw_uid"])
-
-
-def _config(**knobs: Any) -> QueueServerConfig:
-    """Enabled, no rate limit, quick retries."""
-    settings: dict[str, Any] = {"min_interval_s": 0.0, "retries": 1, "retry_backoff_s": 0.05}
-    return QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, **{**settings, **knobs})
-
-
-def _daemon(cfg: QueueServerConfig, api: FakeApi, path: Path) -> QueueServerSubmitter:
-    """A daemon's submitter (its memory beside the store), as after a (re)start."""
-    return QueueServerSubmitter(cfg, api_factory=lambda _: api, memory=path)
-
-
-def _queued(api: FakeApi) -> list[str]:
-    return [_raw_uid(item) for _, item in api.items]
-
 
 # --------------------------------------------------------------------------- dropped at close
 
@@ -55,7 +45,7 @@ class _ShuttingDown(FakeApi):
     def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
         if self.up:
             return super().item_add(item, user, user_group)
-        if _raw_uid(item) == "raw-1":
+        if item_raw_uid(item) == "raw-1":
             raise ConnectionError("RE Manager unreachable")
         self.sending.set()
         assert self.release.wait(20.0)
@@ -74,9 +64,9 @@ def test_plans_dropped_at_close_are_tried_again_by_the_next_daemon(
     on raw-2 too if its reply is lost. The next daemon tries each of those again once it
     runs, and queues none twice: raw-2 the server took, whether its reply came or not."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    cfg = _config(retry_backoff_s=60.0)
+    cfg = quick_config(retry_backoff_s=60.0)
     fake = _ShuttingDown(outcome)
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     closing = threading.Thread(target=sub.close, kwargs={"timeout": 0.1})
     try:
         assert sub.enqueue(REC, "raw-1")
@@ -90,7 +80,7 @@ def test_plans_dropped_at_close_are_tried_again_by_the_next_daemon(
         fake.release.set()
         closing.join(20.0)
     assert not closing.is_alive()
-    assert _queued(fake) == ["raw-2"]
+    assert queued_runs(fake) == ["raw-2"]
     dropped = 3 if outcome == "lost" else 2
     assert sub.stats["dropped_closed"] == dropped
     with SubmittedRuns(path) as memory:
@@ -99,18 +89,18 @@ def test_plans_dropped_at_close_are_tried_again_by_the_next_daemon(
             ["raw-1", "raw-2", "raw-3"] if outcome == "lost" else ["raw-1", "raw-3"]
         )
     fake.up = True
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.retry_given_up() == dropped
         assert sub.join(10.0)
-        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sorted(queued_runs(fake)) == ["raw-1", "raw-2", "raw-3"]
         assert sub.stats["skipped_repeat"] == dropped - 2  # raw-2, found in the queue
     finally:
         sub.close()
-    sub = _daemon(cfg, fake, path)
+    sub = daemon(cfg, fake, path)
     try:
         assert sub.retry_given_up() == 0 and sub.join(10.0)
-        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sorted(queued_runs(fake)) == ["raw-1", "raw-2", "raw-3"]
     finally:
         sub.close()
 
@@ -129,34 +119,40 @@ def test_a_synchronous_submission_keeps_the_rate() -> None:
     second plan within ``min_interval_s`` of one the server took is not sent
     (``skipped_rate``), whichever path sent the first."""
     fake = FakeApi()
-    sub = QueueServerSubmitter(_config(min_interval_s=3600.0), api_factory=lambda _: fake)
+    sub = QueueServerSubmitter(quick_config(min_interval_s=3600.0), api_factory=lambda _: fake)
     try:
         assert sub.submit(REC, raw_uid="raw-1") is not None
         assert sub.submit(REC, raw_uid="raw-2") is None
-        assert _queued(fake) == ["raw-1"] and sub.stats["skipped_rate"] == 1
+        assert queued_runs(fake) == ["raw-1"] and sub.stats["skipped_rate"] == 1
     finally:
         sub.close()
     fake = FakeApi()
-    sub = QueueServerSubmitter(_config(min_interval_s=3600.0), api_factory=lambda _: fake)
+    sub = QueueServerSubmitter(quick_config(min_interval_s=3600.0), api_factory=lambda _: fake)
     try:
         assert sub.enqueue(REC, "raw-3") and sub.join(10.0)
         assert sub.submit(REC, raw_uid="raw-4") is None
-        assert _queued(fake) == ["raw-3"] and sub.stats["skipped_rate"] == 1
+        assert queued_runs(fake) == ["raw-3"] and sub.stats["skipped_rate"] == 1
     finally:
         sub.close()
 
 
-class _Outage(FakeApi):
-    """An RE Manager that cannot be reached until ``up``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = threading.Event()
-
-    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
-        if not self.up.is_set():
-            raise ConnectionError("RE Manager unreachable")
-        return super().item_add(item, user, user_group)
+@contextmanager
+def _after_an_outage(
+    interval: float, retry_backoff_s: float
+) -> Iterator[tuple[OutageApi, QueueServerSubmitter]]:
+    """Three runs' plans failed while the RE Manager was down, which is now back: their
+    retries (5 each, one plan per ``interval``) are due; the submitter is closed after."""
+    fake = OutageApi()
+    cfg = quick_config(min_interval_s=interval, retries=5, retry_backoff_s=retry_backoff_s)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
+    try:
+        for i in (1, 2, 3):
+            assert sub.enqueue(REC, f"raw-{i}")
+        wait_for(lambda: sub.stats["failed"] >= 3, what="the three first tries")
+        fake.up.set()
+        yield fake, sub
+    finally:
+        sub.close()
 
 
 def test_retries_after_an_outage_wait_for_their_slot() -> None:
@@ -164,20 +160,11 @@ def test_retries_after_an_outage_wait_for_their_slot() -> None:
     all three are accepted); once it is back their retries come due together. They go in
     one per ``min_interval_s``, none dropped by the rate, none given up."""
     interval = 0.4
-    fake = _Outage()
-    cfg = _config(min_interval_s=interval, retries=5, retry_backoff_s=0.1)
-    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
-    try:
-        for i in (1, 2, 3):
-            assert sub.enqueue(REC, f"raw-{i}")
-        wait_for(lambda: sub.stats["failed"] >= 3, what="the three first tries")
-        fake.up.set()
+    with _after_an_outage(interval, retry_backoff_s=0.1) as (fake, sub):
         assert sub.join(20.0)
-        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sorted(queued_runs(fake)) == ["raw-1", "raw-2", "raw-3"]
         assert sub.stats["gave_up"] == 0 and sub.stats["skipped_rate"] == 0
         assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
-    finally:
-        sub.close()
 
 
 def test_a_new_plan_waits_behind_the_retries_of_an_outage() -> None:
@@ -186,32 +173,23 @@ def test_a_new_plan_waits_behind_the_retries_of_an_outage() -> None:
     not skipped for the rate (it is the plan of a run whose advice will not come again): it
     waits its turn behind them (``waited_rate``) and goes in, at the same rate."""
     interval = 0.8
-    fake = _Outage()
-    cfg = _config(min_interval_s=interval, retries=5, retry_backoff_s=0.05)
-    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake)
-    try:
-        for i in (1, 2, 3):
-            assert sub.enqueue(REC, f"raw-{i}")
-        wait_for(lambda: sub.stats["failed"] >= 3, what="the three first tries")
-        fake.up.set()
+    with _after_an_outage(interval, retry_backoff_s=0.05) as (fake, sub):
         wait_for(lambda: fake.items, what="the first retry in the queue")
         assert sub.enqueue(REC, "raw-new"), "the new run's plan was skipped for the rate"
         assert sub.join(20.0)
-        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3", "raw-new"]
-        assert _queued(fake)[0] != "raw-new"
+        assert sorted(queued_runs(fake)) == ["raw-1", "raw-2", "raw-3", "raw-new"]
+        assert queued_runs(fake)[0] != "raw-new"
         assert sub.stats["skipped_rate"] == 0 and sub.stats["waited_rate"] == 1
         assert sub.stats["gave_up"] == 0 and sub.stats["submitted"] == 4
         assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
-    finally:
-        sub.close()
 
 
 def test_plans_revived_after_a_restart_keep_the_rate(tmp_path: Path) -> None:
     """A restart after an outage revives the plans the last daemon gave up: they go in one
     per ``min_interval_s``, not as a burst of up to ``max_pending``."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    down = _Outage()
-    sub = _daemon(_config(retries=0), down, path)
+    down = OutageApi()
+    sub = daemon(quick_config(retries=0), down, path)
     try:
         for i in (1, 2, 3):
             assert sub.enqueue(REC, f"raw-{i}")
@@ -220,11 +198,11 @@ def test_plans_revived_after_a_restart_keep_the_rate(tmp_path: Path) -> None:
         sub.close()
     interval = 0.4
     fake = FakeApi()
-    sub = _daemon(_config(min_interval_s=interval), fake, path)
+    sub = daemon(quick_config(min_interval_s=interval), fake, path)
     try:
         assert sub.retry_given_up() == 3
         assert sub.join(20.0)
-        assert sorted(_queued(fake)) == ["raw-1", "raw-2", "raw-3"]
+        assert sorted(queued_runs(fake)) == ["raw-1", "raw-2", "raw-3"]
         assert min(_spacing(fake)) >= interval, f"a burst: {_spacing(fake)}"
     finally:
         sub.close()
@@ -258,8 +236,8 @@ def test_a_replay_tries_a_plan_given_up_in_this_process_again(tmp_path: Path) ->
     while the server is still down), and it goes in once the server is back; later replays
     queue nothing more, nor does the next daemon."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    down = _Outage()
-    sub = _daemon(_config(retries=1), down, path)
+    down = OutageApi()
+    sub = daemon(quick_config(retries=1), down, path)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert sub.join(10.0) and sub.stats["gave_up"] == 1 and sub.stats["failed"] == 2
@@ -267,15 +245,15 @@ def test_a_replay_tries_a_plan_given_up_in_this_process_again(tmp_path: Path) ->
         assert sub.join(10.0) and sub.stats["gave_up"] == 2 and sub.stats["failed"] == 4
         down.up.set()
         assert sub.enqueue(REC, "raw-1") and sub.join(10.0)
-        assert _queued(down) == ["raw-1"] and sub.stats["submitted"] == 1
+        assert queued_runs(down) == ["raw-1"] and sub.stats["submitted"] == 1
         assert not sub.enqueue(REC, "raw-1") and sub.join(10.0)
-        assert _queued(down) == ["raw-1"] and sub.stats["skipped_repeat"] == 1
+        assert queued_runs(down) == ["raw-1"] and sub.stats["skipped_repeat"] == 1
     finally:
         sub.close()
-    sub = _daemon(_config(), down, path)
+    sub = daemon(quick_config(), down, path)
     try:
         assert sub.retry_given_up() == 0 and not sub.enqueue(REC, "raw-1")
-        assert sub.join(10.0) and _queued(down) == ["raw-1"]
+        assert sub.join(10.0) and queued_runs(down) == ["raw-1"]
     finally:
         sub.close()
 
@@ -285,14 +263,14 @@ def test_a_replay_never_queues_twice_a_given_up_plan_the_server_took() -> None:
     given up. A replay of the run, once the server is back, finds the plan in the queue and
     queues nothing more."""
     fake = _LostThenDown()
-    sub = QueueServerSubmitter(_config(retries=1), api_factory=lambda _: fake)
+    sub = QueueServerSubmitter(quick_config(retries=1), api_factory=lambda _: fake)
     try:
         assert sub.enqueue(REC, "raw-1")
         assert sub.join(10.0) and sub.stats["gave_up"] == 1
         fake.up = True
         assert sub.enqueue(REC, "raw-1"), "the replay was skipped as a repeat"
         assert sub.join(10.0) and sub.stats["skipped_repeat"] == 1
-        assert _queued(fake) == ["raw-1"], "the plan the server took was queued twice"
+        assert queued_runs(fake) == ["raw-1"], "the plan the server took was queued twice"
     finally:
         sub.close()
 
@@ -302,17 +280,13 @@ def test_plans_revived_while_the_worker_idles_are_sent(tmp_path: Path) -> None:
     starts first): the worker then idles, waiting for the next run's plan. The revived plans
     wake it and go in without waiting for that."""
     path = tmp_path / "store" / SUBMITTED_FILE
-    sub = _daemon(_config(retries=0), _Outage(), path)
-    try:
-        assert sub.enqueue(REC, "raw-1") and sub.join(10.0) and sub.stats["gave_up"] == 1
-    finally:
-        sub.close()
+    give_up_plan(quick_config(retries=0), path, REC)
     fake = FakeApi()
-    sub = _daemon(_config(), fake, path)
+    sub = daemon(quick_config(), fake, path)
     try:
         assert sub.enqueue(REC, "raw-2") and sub.join(10.0)
         assert sub.retry_given_up() == 1
         assert sub.join(10.0), "the revived plan waits for the next run's plan"
-        assert _queued(fake) == ["raw-2", "raw-1"]
+        assert queued_runs(fake) == ["raw-2", "raw-1"]
     finally:
         sub.close()
