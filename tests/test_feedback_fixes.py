@@ -3,6 +3,7 @@ what each fix must also do, or must not break."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +161,9 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
     """A raw start the assembler refuses (``duplicate_start``: a run still open, or one closed
     and seen again) opens no run and scans nothing: it must not take ADVICE_UID over from the
     run under way, nor clear that run's STOP_EARLY. A start that opens a run still does."""
-    import json
 
     from feedback_helpers import advice_ioc
-    from helpers import analysis_run_docs, processor_parts
+    from helpers import processor_parts
 
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
@@ -188,11 +188,7 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
         )
         proc._turn([start("raw-A"), start("raw-C"), closed, start("raw-B")], check=False)
         proc._complete(0)
-        advice = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}
-        for name, doc in analysis_run_docs([("recommendations", advice)], "raw-B")[:-1]:
-            ioc(name, doc)  # run B, under way, is sure: STOP_EARLY 1
-        ioc.flush()
-        assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1)
+        _run_b_is_sure(ioc)
         for refused in ("raw-A", "raw-C"):  # A is open, C closed: each start is refused
             proc._turn([start(refused)], check=False)
             proc._complete(0)
@@ -217,9 +213,8 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
     by the assembler and leave ADVICE_UID and STOP_EARLY to the run under way. A start for an
     element no bundle serves is not refused at the start (its run opens; its spectra are
     rejected ``no_model``): a new scan is under way, so it takes them over."""
-    import json
 
-    from helpers import analysis_run_docs, processor_parts
+    from helpers import processor_parts
 
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.counters import Counters
@@ -235,11 +230,7 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
         proc._turn([start("raw-B", element="Cu", edge="K")], check=False)
         proc._complete(0)
-        advice = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}
-        for name, doc in analysis_run_docs([("recommendations", advice)], "raw-B")[:-1]:
-            ioc(name, doc)  # run B, under way, is sure: STOP_EARLY 1
-        ioc.flush()
-        assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1)
+        _run_b_is_sure(ioc)
         malformed = [
             ("start", {"time": 1.0, "scan_id": 2}),
             start(""),
@@ -305,3 +296,14 @@ def test_an_outcome_that_never_comes_back_is_given_up_too() -> None:
     first = opt.passes[0]
     assert first.given_up == {5} and first.tries[5] == 3 and first.prediction is not None
     assert first.energies.size - len(first.mu) == 1  # the pass was predicted without it
+
+
+def _run_b_is_sure(ioc: Any) -> None:
+    """Run raw-B, under way, sends advice that is sure: the IOC shows it, STOP_EARLY 1."""
+    from helpers import analysis_run_docs
+
+    advice = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True}
+    for name, doc in analysis_run_docs([("recommendations", advice)], "raw-B")[:-1]:
+        ioc(name, doc)
+    ioc.flush()
+    assert (ioc.group.advice_uid.value, ioc.group.stop_early.value) == ("raw-B", 1)
