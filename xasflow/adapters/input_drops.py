@@ -1,14 +1,14 @@
 """Which raw events an input's overflow policy dropped, kept for the processing thread.
 
-A raw event dropped by a full input queue (``input.overflow: drop_newest | drop_oldest``)
-is lost once, as ``overflow``; the hole it leaves in its run's sequence (or after its run's
+A raw event dropped by a full input queue (``input.overflow: drop_newest | drop_oldest``) is
+lost once, as ``overflow``; the hole it leaves in its run's sequence (or after its run's
 last event, told by the stop's ``num_events``) must not count it again as ``seq_gap``. The
-receive thread records each dropped event's descriptor uid and seq_num here; the
-processing thread takes them every turn (:meth:`DropLedger.take`) and hands them to the
-assembler (:meth:`~xasflow.daemon.assembly.RunAssembler.dropped`), which tells the holes
-the input made from those the bus made. Each row carries the run its descriptor was queued
-for (None if it was never queued, or evicted), so the assembler can tie a drop whose descriptor it has not
-taken yet to that run's lifetime.
+receive thread records each dropped event's descriptor uid and seq_num here; the processing
+thread takes them every turn (:meth:`DropLedger.take`) and hands them to the assembler
+(:meth:`~xasflow.daemon.assembly.RunAssembler.dropped`), which tells the holes the input
+made from those the bus made. Each row carries the run its descriptor was queued for (None
+if it was never queued, or evicted), so the assembler can tie a drop whose descriptor it has
+not taken yet to that run's lifetime.
 
 ``overflow`` counts event rows (an ``event`` is one, an ``event_page`` its rows, of any
 stream); other documents dropped (a start, a descriptor, a resource) are no events: they

@@ -17,12 +17,13 @@ the bundle, E0, why); the settings, the plan and the queue item are
 :mod:`xasflow.adapters.queueserver_plan`'s (re-exported here), which refuses regions no
 beamline should run and ``extra_kwargs`` that would replace the recommended scan; the client
 is :mod:`xasflow.adapters.queueserver_client`'s.
-:class:`QueueServerSubmitter` is also a document callback: it keeps
-each analysis run's latest ``recommendations`` event and, when the run stops with
-``exit_status: success``, queues its advice (``submit_on: run_end``; nothing when the answer
-was already certain, nor for a run aborted, failed or closed by a daemon's shutdown) or, with
-``submit_on: rescan``, only recommended rescans, each region once per run. Advice that
-follows an out-of-domain answer, or is older than one (advice is throttled), is never queued
+
+:class:`QueueServerSubmitter` is also a document callback: it keeps each analysis run's
+latest ``recommendations`` event and, when the run stops with ``exit_status: success``,
+queues its advice (``submit_on: run_end``; nothing when the answer was already certain, nor
+for a run aborted, failed or closed by a daemon's shutdown) or, with ``submit_on: rescan``,
+only recommended rescans, each region once per run. Advice that follows an out-of-domain
+answer, or is older than one (advice is throttled), is never queued
 (``skipped_out_of_domain``): the sample is not what the bundle knows, and a plan would chase
 a guess. A raw run gets its plan once, however often its analysis is replayed: this process
 remembers what it queued, and before each submission the queueserver's queue and history are
@@ -40,34 +41,37 @@ process as after a restart, tries it again with its own ``retries`` (the server'
 history asked first), for at most ``given_up_replays`` replays (a call of
 :meth:`~QueueServerSubmitter.submit` for its run counts as one); at the next it is given up
 for good (``abandoned_replays``, logged and remembered).
+
 Submissions run on a worker thread, so the daemon's publishing never waits on the network.
 One rate holds whichever path queues a plan (:meth:`~QueueServerSubmitter.submit`, a first
-try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one plan
-per ``min_interval_s``, a slot held only by a plan the server took (with ``memory``, across
-a restart too: the memory keeps when the server last took one). A run's new plan that
+try, a retry, a revived plan; :mod:`~xasflow.adapters.queueserver_pending`): at most one
+plan per ``min_interval_s``, a slot held only by a plan the server took (with ``memory``,
+across a restart too: the memory keeps when the server last took one). A run's new plan that
 finds it held by another new plan is not sent (``skipped_rate``; one whose advice came while
 a try was with the server, once that plan went in); a retry or a revived plan waits for its
 slot instead, and so does a new plan that finds a retry holding the slot or retries waiting
 for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
-remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans
-already queued is refused at enqueue and not remembered (``dropped_queue_full``: lost,
-unless its run is replayed). A
-submission the server refused or could not take is tried again ``retries`` times
+remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans already
+queued is refused at enqueue and not remembered (``dropped_queue_full``: lost, unless its
+run is replayed).
+
+A submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
-(``gave_up``); each try asks the queue and history first, so a try whose reply was lost after
-the server took the plan queues nothing twice. A lost reply (the request timed out after the
-server answered those questions, in a way that may have reached it, not while connecting:
-:func:`~xasflow.adapters.queueserver_client.may_have_reached`; ``lost_reply``) is its own outcome in the memory: when a
-later daemon tries that plan (a replay, a revived plan) and finds it in neither queue nor
-history, it does not add it (``abandoned_lost_reply``, logged, given up for good): the server
-may have taken it and an operator removed it since, and re-adding a plan an operator removed
-is worse than not adding one the server never got. This daemon's own retries, seconds after
-the lost reply, still add a plan found in neither. Retries wait beside the queue, never in front
-of it (a new run's plan ready at the same time goes first), and close() does not wait for
-them: those still waiting, the plans still queued when its timeout ends, and those that
-come while it lasts, are dropped (``dropped_closed``) and remembered as given up, so the next daemon tries them again like any
-plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the server took
-meanwhile is found there first).
+(``gave_up``); each try asks the queue and history first, so a try whose reply was lost
+after the server took the plan queues nothing twice. A lost reply (the request timed out
+after the server answered those questions, in a way that may have reached it, not while
+connecting: :func:`~xasflow.adapters.queueserver_client.may_have_reached`; ``lost_reply``)
+is its own outcome in the memory: when a later daemon tries that plan (a replay, a revived
+plan) and finds it in neither queue nor history, it does not add it
+(``abandoned_lost_reply``, logged, given up for good): the server may have taken it and an
+operator removed it since, and re-adding a plan an operator removed is worse than not adding
+one the server never got. This daemon's own retries, seconds after the lost reply, still add
+a plan found in neither. Retries wait beside the queue, never in front of it (a new run's
+plan ready at the same time goes first), and close() does not wait for them: those still
+waiting, the plans still queued when its timeout ends, and those that come while it lasts,
+are dropped (``dropped_closed``) and remembered as given up, so the next daemon tries them
+again like any plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the
+server took meanwhile is found there first).
 
 Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server side needs
 ``bluesky-queueserver`` and Redis).

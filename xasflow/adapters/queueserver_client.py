@@ -4,8 +4,8 @@ the server already holds a plan.
 :func:`make_api` builds the bluesky-queueserver-api client for the configured transport and
 credential; :func:`on_server` asks the server's queue and history for the item xasflow
 queued for a submission key; :func:`may_have_reached` tells a timeout that may follow a plan
-the server took (a lost reply) from one of a request that never reached it. :mod:`xasflow.adapters.queueserver` re-exports
-:class:`QueueServerError`.
+the server took (a lost reply) from one of a request that never reached it.
+:mod:`xasflow.adapters.queueserver` re-exports :class:`QueueServerError`.
 """
 
 from __future__ import annotations

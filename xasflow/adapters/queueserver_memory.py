@@ -44,12 +44,13 @@ submitted:
 * after the outcome: queued, or not queued (a replay queues it), or its reply lost. A plan
   whose reply a previous daemon lost is not queued again on the word of the server alone
   (:meth:`~SubmittedRuns.lost_before`): found in its queue or history it was taken, and in
-  neither it may have been taken and removed by an operator since, so the submitter gives
-  it up for good (:meth:`~SubmittedRuns.abandon`, ``{"abandoned": [raw_uid, what],
-  "reason": "lost_reply"}`` after a ``[raw_uid, what]`` line, so the previous release,
-  which skips the first, holds the plan as queued after a rollback rather than reviving it): re-adding a plan an operator removed is worse than not adding
-  one the server never got. A later try in the daemon that lost the reply (its retries,
-  seconds later) still asks the server and sends the plan when it is in neither.
+  neither it may have been taken and removed by an operator since, so the submitter gives it
+  up for good (:meth:`~SubmittedRuns.abandon`, ``{"abandoned": [raw_uid, what], "reason":
+  "lost_reply"}`` after a ``[raw_uid, what]`` line, so the previous release, which skips the
+  first, holds the plan as queued after a rollback rather than reviving it): re-adding a
+  plan an operator removed is worse than not adding one the server never got. A later try in
+  the daemon that lost the reply (its retries, seconds later) still asks the server and
+  sends the plan when it is in neither.
 
 A write that fails is logged and the plan is sent all the same: the server's record stays
 the first check, and a daemon whose disk fails has its store to worry about first.

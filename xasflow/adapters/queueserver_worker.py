@@ -81,8 +81,9 @@ class Background:
         module); False when disabled, certain, already queued for this raw run, once close
         has begun (``dropped_closed``: remembered as given up, like the plans close drops),
         limited (a new plan went in within ``min_interval_s``: one behind retries waits its
-        turn) or full (``dropped_queue_full``: not remembered). A plan accepted while another one's try is under way is rate-limited
-        when its turn comes if that one went in."""
+        turn) or full (``dropped_queue_full``: not remembered). A plan accepted while
+        another one's try is under way is rate-limited when its turn comes if that one went
+        in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
