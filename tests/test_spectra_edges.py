@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_adapters_xdi import ENERGY, HEADER, I0, IR, IT, table
+from xdi_helpers import ENERGY, HEADER, I0, IR, IT, table
 
 from xasflow.adapters.columns import read_spectrum_file
 from xasflow.adapters.xdi import XdiError
