@@ -433,6 +433,22 @@ def test_a_run_still_open_stays_on_show_while_closed_ones_are_trimmed() -> None:
     assert len(dashboard._runs) == 20 and "scanning" not in dashboard._runs
 
 
+def test_the_runs_table_keeps_a_run_still_scanning_among_the_eight_shown() -> None:
+    """Before: the table showed the last 8 runs started, so a run still scanning left it
+    once 8 shorter runs had started after it (kept, and its panel live, but gone from the
+    list). Now it takes the place of the oldest closed run shown, newest first still."""
+    dashboard = Dashboard(None, rate_hz=10.0)
+    start, desc, e0 = burst_docs(3, "scanning")[:3]
+    for name, doc in (start, desc, e0):
+        dashboard.listener(name, doc)
+    for i in range(10):  # runs that start and end while it scans
+        for name, doc in burst_docs(1, f"r{i}"):
+            dashboard.listener(name, doc)
+    _, text = dashboard.message()
+    shown = [r["raw_uid"] for r in json.loads(text)["runs"]]
+    assert shown == ["r9", "r8", "r7", "r6", "r5", "r4", "r3", "scanning"]
+
+
 def test_runs_whose_stop_never_comes_are_bounded_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

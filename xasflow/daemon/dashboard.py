@@ -259,6 +259,20 @@ class Dashboard:
             for raw_uid in closed:
                 del self._runs[raw_uid]
 
+    def _shown_runs(self) -> list[RunView]:
+        """The runs for the table, newest first: the last ``_RUNS_SHOWN`` started, where a
+        run still open but older takes the place of the oldest closed one (a run scanning
+        never leaves the table while shorter ones come and go)."""
+        newest = list(self._runs.items())[::-1]
+        shown = newest[:_RUNS_SHOWN]
+        for item in (i for i in newest[_RUNS_SHOWN:] if i[0] in self._open_runs):
+            closed = [k for k, (uid, _) in enumerate(shown) if uid not in self._open_runs]
+            if not closed:
+                break
+            del shown[closed[-1]]
+            shown.append(item)
+        return [run for _, run in shown]
+
     def _run_of(self, start: dict[str, Any]) -> RunView | None:
         return self._runs.get(str(start.get("raw_uid") or start.get("uid")))
 
@@ -297,7 +311,7 @@ class Dashboard:
 
     def _state(self, version: int) -> dict[str, Any]:
         run = self._current
-        runs = list(self._runs.values())[-_RUNS_SHOWN:][::-1]
+        runs = self._shown_runs()
         last = run.last if run is not None else None
         state = {
             "version": version,
