@@ -479,16 +479,19 @@ def test_ready_pill_does_not_outlive_the_health_report(beamline: Harness, browse
     assert shown == {} and models == reasons == 0
 
 
-def test_update_age_is_whole_seconds_then_whole_minutes(beamline: Harness, browser: Any) -> None:
+def test_update_age_is_whole_seconds_then_minutes_then_hours(
+    beamline: Harness, browser: Any
+) -> None:
     """Before: the age beside "updated" was rounded, so 90 s read "2 min ago" and 59.6 s
-    "60 s ago". Now it is floored: seconds below two minutes, then whole minutes."""
+    "60 s ago". Now it is floored: seconds below two minutes, whole minutes below two hours
+    (a page left overnight read "900 min ago"), then whole hours."""
     d = beamline.daemon
     assert d.http_url is not None
     page, _, problems = open_page(browser, d.http_url)
     try:
         shown = page.evaluate(
             "() => import('./static/format.js').then(({ ago }) =>"
-            " [0.4, 1, 59.6, 90, 119.9, 120, 150, 3599].map(ago))"
+            " [0.4, 1, 59.6, 90, 119.9, 120, 150, 3599, 7199, 7200, 90000].map(ago))"
         )
     finally:
         page.close()
@@ -502,6 +505,9 @@ def test_update_age_is_whole_seconds_then_whole_minutes(beamline: Harness, brows
         "2 min ago",
         "2 min ago",
         "59 min ago",
+        "119 min ago",
+        "2 h ago",
+        "25 h ago",
     ]
 
 

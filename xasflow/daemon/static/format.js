@@ -32,8 +32,10 @@ export function rows(table, header, body) {
   });
 }
 // floored, never rounded up (90 s is not "2 min ago"): seconds below two minutes, then minutes
+// below two hours, then hours
 export function ago(seconds) {
   if (seconds < 1) return "just now";
   if (seconds < 120) return Math.floor(seconds) + " s ago";
-  return Math.floor(seconds / 60) + " min ago";
+  if (seconds < 7200) return Math.floor(seconds / 60) + " min ago";
+  return Math.floor(seconds / 3600) + " h ago";
 }
