@@ -19,7 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "fly_scan",
     "free_port",
     "get",
+    "held_elsewhere",
     "processor_parts",
     "publish",
     "raw_uids",
@@ -133,3 +135,29 @@ def serve_subprocess(
 
     wait_for(ready, "the daemon to become ready", timeout=timeout)
     return proc
+
+
+@contextmanager
+def held_elsewhere(setup: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process that runs ``setup`` (Python that opens what holds a lock, e.g. a
+    store) and keeps it open: yielded once it is ready, killed (as a crash would) at exit."""
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from pathlib import Path\n{setup}\n"
+            "print('ready', flush=True); sys.stdin.read()",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10.0)

@@ -5,14 +5,13 @@ the memory's record is durable before a submission counts as done; one daemon a 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from feedback_helpers import REC, ZMQ_KEY, FakeApi
+from helpers import held_elsewhere
 from queueserver_helpers import (
     LostReplyApi,
     OutageApi,
@@ -29,9 +28,6 @@ from xasflow.adapters.queueserver import (
     QueueServerSubmitter,
 )
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # --------------------------------------------------------------------------- the rate
 
@@ -297,29 +293,16 @@ def test_a_second_daemon_on_the_same_memory_refuses_to_start(tmp_path: Path) -> 
 
     store = tmp_path / "store"
     path = store / SUBMITTED_FILE
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path\n"
-            "from xasflow.adapters.queueserver_memory import SubmittedRuns\n"
-            f"memory = SubmittedRuns(Path({str(path)!r}))\n"
-            "print('ready', flush=True); sys.stdin.read()",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    setup = (
+        "from xasflow.adapters.queueserver_memory import SubmittedRuns\n"
+        f"memory = SubmittedRuns(Path({str(path)!r}))"
     )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-        cfg = DaemonConfig(storage={"directory": store}, queueserver=quick_config().model_dump())
-        with pytest.raises(MemoryInUseError, match=rf"{SUBMITTED_FILE}.*pid {holder.pid}"):
-            build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
-    finally:
-        holder.kill()
-        holder.wait(10.0)
+    cfg = DaemonConfig(storage={"directory": store}, queueserver=quick_config().model_dump())
+    with (
+        held_elsewhere(setup) as holder,
+        pytest.raises(MemoryInUseError, match=rf"{SUBMITTED_FILE}.*pid {holder.pid}"),
+    ):
+        build_feedback(cfg, None)  # type: ignore[arg-type]  # no IOC: no registry
     _, sub = build_feedback(cfg, None)  # type: ignore[arg-type]
     assert sub is not None
     with sub, pytest.raises(MemoryInUseError, match="already open in this process"):

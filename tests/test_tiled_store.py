@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +12,7 @@ import pytest
 pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
+from helpers import held_elsewhere
 from helpers import store_row as _row
 
 from xasflow.adapters.tiled_store import AnalysisStore, StoreError, read_analysis
@@ -177,29 +175,15 @@ def test_a_second_process_on_a_store_directory_is_refused_naming_its_pid(tmp_pat
     """Another process writes the store (its flock on ``.writer.lock``): opening it here is
     refused with the holder's pid, so an operator knows which process to stop; once that
     process is gone (even killed) the store opens here."""
-    root = Path(__file__).resolve().parents[1]
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path\n"
-            "from xasflow.adapters.tiled_store import AnalysisStore\n"
-            f"store = AnalysisStore(Path({str(tmp_path / 's')!r}))\n"
-            "print('ready', flush=True); sys.stdin.read()",
-        ],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    setup = (
+        "from xasflow.adapters.tiled_store import AnalysisStore\n"
+        f"store = AnalysisStore(Path({str(tmp_path / 's')!r}))"
     )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-        with pytest.raises(StoreError, match=rf"another process \(pid {holder.pid}\)"):
-            AnalysisStore(tmp_path / "s")
-    finally:
-        holder.kill()
-        holder.wait(10.0)
+    with (
+        held_elsewhere(setup) as holder,
+        pytest.raises(StoreError, match=rf"another process \(pid {holder.pid}\)"),
+    ):
+        AnalysisStore(tmp_path / "s")
     AnalysisStore(tmp_path / "s").close()
 
 
