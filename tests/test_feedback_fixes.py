@@ -37,8 +37,39 @@ def test_throttled_advice_goes_out_at_once_when_the_answer_enters_or_leaves_the_
         demo_scan("raw-1", 3, "CuO", 3),  # back in domain: advice at once
         RunClosed("raw-1", "success", "", 4, 0, 0),
     ]
-    rows = _advice_rows(unpaged(pipe.handle_batch(outputs)))
+    docs = [doc for out in outputs for doc in pipe.handle_batch([out])]  # a batch each
+    rows = _advice_rows(unpaged(docs))
     assert [(r["index"], r["out_of_domain"]) for r in rows] == [(0, False), (1, True), (3, False)]
+    assert pipe.counters.snapshot()["advice_superseded"] == 0
+
+
+def test_throttled_advice_due_in_one_batch_keeps_the_runs_first_and_newest(
+    tmp_path: Path,
+) -> None:
+    """Spectra in and out of domain in one batch (a fly scan at 1,000/s): of the advice they
+    made due, a run's first and its newest are computed, the flips between them superseded
+    (published in the same instant, they told no one anything) and counted on /metrics."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from xasflow.daemon.assembly import RunClosed, RunOpened
+    from xasflow.daemon.counters import register_prometheus
+
+    pipe = advice_pipeline(tmp_path, interval=3600.0)
+    names = ["CuO", "CuCl", "CuO", "CuCl", "CuO", "CuCl"]  # each one a flip after the first
+    outputs = [
+        RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
+        *(demo_scan("raw-1", i, name, i) for i, name in enumerate(names)),
+        RunClosed("raw-1", "success", "", len(names), 0, 0),
+    ]
+    docs = unpaged(pipe.handle_batch(outputs))
+    answers = [d["data"] for _, d in docs if "out_of_domain" in d.get("data", {})]
+    assert [a["out_of_domain"] for a in answers if "cn" in a] == [False, True] * 3
+    rows = _advice_rows(docs)
+    assert [(r["index"], r["out_of_domain"]) for r in rows] == [(0, False), (5, True)]
+    assert pipe.counters.snapshot()["advice_superseded"] == 4
+    reg = CollectorRegistry()
+    register_prometheus(pipe.counters, reg)
+    assert "xasflow_advice_superseded_total 4.0" in generate_latest(reg).decode()
 
 
 # --------------------------------------------------------------------------- queueserver

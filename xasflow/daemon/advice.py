@@ -27,6 +27,7 @@ from xasflow.daemon.recommend import (
 
 if TYPE_CHECKING:
     from xasflow.daemon.batch_prep import Work
+    from xasflow.daemon.counters import Counters
     from xasflow.models.bundle import Manifest
     from xasflow.models.predictor import Prediction
     from xasflow.spectra import Spectrum
@@ -46,17 +47,23 @@ class _Due:
     history: list[Prediction]  # the run's recent predictions at this spectrum (a copy)
     spectrum: Spectrum | None
     out_of_domain: bool
+    keep: bool  # the run's first advice or a turn of stop-early: never superseded
 
 
 class RunAdvice:
     """Per-run advice state of the pipeline (one caller thread, like the pipeline)."""
 
-    def __init__(self, config: RecommenderConfig, interval_s: float = 0.0) -> None:
-        """``interval_s``: at most one advice per run in this many seconds (see the module)."""
+    def __init__(
+        self, config: RecommenderConfig, interval_s: float = 0.0, counters: Counters | None = None
+    ) -> None:
+        """``interval_s``: at most one advice per run in this many seconds (see the module;
+        0: advice after every analysed spectrum, none superseded). ``counters``: where
+        superseded advice is counted."""
         if interval_s < 0:
             raise ValueError("recommend_interval_s must be >= 0")
         self.tracker = RecommendationTracker(config)
         self.interval_s = float(interval_s)
+        self.counters = counters
         #: raw uid -> (monotonic time the next advice is due, its last advice out of domain)
         self._advised: dict[str, tuple[float, bool]] = {}
         self._due: list[_Due] = []
@@ -71,15 +78,25 @@ class RunAdvice:
         try:
             history = tracker.observe(raw_uid, pred)
             now = time.monotonic()
+            first = raw_uid not in self._advised
             due, ood = self._advised.get(raw_uid, (now, False))
             throttled = now < due and ood == pred.out_of_domain
-            if throttled and not tracker.turns(raw_uid, manifest, history):
+            turn = tracker.turns(raw_uid, manifest, history)
+            if throttled and not turn:
                 return
             tracker.decided(raw_uid, manifest, history)  # the next spectrum's "turns" sees it
             self._advised[raw_uid] = (now + self.interval_s, pred.out_of_domain)
             spectrum = work.prepared.spectrum if work.prepared is not None else None
             self._due.append(
-                _Due(run, work.scan.index, manifest, list(history), spectrum, pred.out_of_domain)
+                _Due(
+                    run,
+                    work.scan.index,
+                    manifest,
+                    list(history),
+                    spectrum,
+                    pred.out_of_domain,
+                    keep=first or turn,
+                )
             )
         except Exception:
             logger.exception("recommendation failed for %s/%s", raw_uid, work.scan.index)
@@ -97,6 +114,8 @@ class RunAdvice:
             if not due:
                 return []
             self._due = [d for d in self._due if d.run.raw_uid != raw_uid]
+        if self.interval_s > 0:
+            due = self._newest(due)
         docs: list[Doc] = []
         for d in due:
             try:
@@ -107,6 +126,22 @@ class RunAdvice:
             except Exception:  # advice is optional; the prediction is already recorded
                 logger.exception("recommendation failed for %s/%s", d.run.raw_uid, d.index)
         return docs
+
+    def _newest(self, due: list[_Due]) -> list[_Due]:
+        """``due`` without the advice a later one of the same run supersedes (see the module)."""
+        later: set[str] = set()
+        kept: list[_Due] = []
+        for d in reversed(due):
+            if d.keep or d.run.raw_uid not in later:
+                kept.append(d)
+            later.add(d.run.raw_uid)
+        superseded = len(due) - len(kept)
+        if superseded:
+            logger.debug("%d advice superseded by newer advice of the same run", superseded)
+            if self.counters is not None:
+                self.counters.advice_superseded(superseded)
+        kept.reverse()
+        return kept
 
     def close(self, raw_uid: str) -> list[Doc]:
         """A run closes: the documents of its advice still due, and the run forgotten."""

@@ -12,6 +12,7 @@ maps 1:1 to a Prometheus metric:
 ``herfd_suspected``                   ``xasflow_spectra_herfd_suspected_total``
 ``events_lost[cause]``                ``xasflow_events_lost_total{cause}``
 ``drop_records_forgotten``            ``xasflow_drop_records_forgotten_total``
+``superseded_advice``                 ``xasflow_advice_superseded_total``
 ``rejected[(stage, reason)]``         ``xasflow_spectra_rejected_total{stage, reason}``
 ``decode_errors[reason]``             ``xasflow_decode_errors_total{reason}``
 ``runs_opened``                       ``xasflow_runs_opened_total``
@@ -56,6 +57,9 @@ input's are not lost: uncommitted, they are delivered again).
 assembler forgot past its bound (``RunAssembler.early_drops_forgotten``, drops of runs not
 open there); if their run still comes, their holes count as ``seq_gap`` as well, so it
 bounds how far ``seq_gap`` may count ``overflow`` losses twice.
+``superseded_advice`` counts no lost result either: throttled advice (``recommend.interval_s``)
+that a newer advice of the same run, due in the same batch, replaced before either was
+computed (:mod:`xasflow.daemon.advice`).
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class Counters:
         self.herfd_suspected = 0
         self.events_lost: dict[str, int] = {}
         self.drop_records_forgotten = 0  # overflow rows whose cause may count twice
+        self.superseded_advice = 0  # throttled advice replaced by a newer one of its run
         self.rejected: dict[tuple[str, str], int] = {}
         self.decode_errors: dict[str, int] = {}
         self.runs_opened = 0
@@ -176,6 +181,11 @@ class Counters:
         """Take the assembler's cumulative count of forgotten drop rows (never lowered)."""
         with self._lock:
             self.drop_records_forgotten = max(self.drop_records_forgotten, int(total))
+
+    def advice_superseded(self, n: int = 1) -> None:
+        """Throttled advice replaced by newer advice of its run before it was computed."""
+        with self._lock:
+            self.superseded_advice += n
 
     def reject(self, reason: str, stage: str = "analysis", n: int = 1) -> None:
         """Something rejected with a reason, at "assembly" or "analysis"."""
@@ -329,6 +339,7 @@ class Counters:
                 "events_lost": dict(sorted(self.events_lost.items())),
                 "events_lost_total": sum(self.events_lost.values()),
                 "drop_records_forgotten": self.drop_records_forgotten,
+                "advice_superseded": self.superseded_advice,
                 "rejected": by_reason,
                 "rejected_by_stage": by_stage,
                 "decode_errors": dict(sorted(self.decode_errors.items())),

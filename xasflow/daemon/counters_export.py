@@ -66,7 +66,7 @@ class _Collector:
         with c._lock:
             received, analysed = c.spectra_received, c.spectra_analysed
             ood, lost = c.out_of_domain, dict(c.events_lost)
-            forgotten = c.drop_records_forgotten
+            forgotten, superseded = c.drop_records_forgotten, c.superseded_advice
             herfd = c.herfd_suspected
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
@@ -108,6 +108,12 @@ class _Collector:
             "drop record the assembler forgot past its bound: no event lost by it, but if "
             "their run still comes they count as seq_gap too",
             value=forgotten,
+        )
+        yield CounterMetricFamily(
+            "xasflow_advice_superseded",
+            "Throttled recommendations replaced by a newer one of the same run due in the same "
+            "batch (not computed; each stop-early turn and a run's first and last still go out)",
+            value=superseded,
         )
         yield _by_label(
             count,

@@ -199,7 +199,11 @@ class Pipeline:
         if recommend_interval_s < 0:
             raise ValueError("recommend_interval_s must be >= 0")
         #: the advice after analysed spectra (None: off); see :mod:`xasflow.daemon.advice`
-        self.advice = RunAdvice(recommend, recommend_interval_s) if recommend is not None else None
+        self.advice = (
+            RunAdvice(recommend, recommend_interval_s, self.counters)
+            if recommend is not None
+            else None
+        )
         self._runs: dict[str, AnalysisRun] = {}
         self.declared = {"herfd": herfd, "calculated": calculated}
         self._declared: dict[str, dict[str, Any]] = {}  # raw uid -> what its start declares
