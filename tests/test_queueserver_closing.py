@@ -59,7 +59,7 @@ def test_a_plan_enqueued_while_close_runs_to_its_end_is_counted_dropped(
 
 def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path) -> None:
     """raw-3's plan was given up by a previous daemon. Its run's replay is refused at a
-    full queue (``dropped_queue_full``), and the next one's first try is held back by the
+    full queue (``gave_up_queue_full``), and the next one's first try is held back by the
     rate (``skipped_rate``: raw-4 went in meanwhile, in another daemon): neither tried it, so neither uses up
     one of its ``given_up_replays`` (before, both did, at enqueue)."""
     key = submission_key("raw-3", decode(REC), False)
@@ -75,7 +75,7 @@ def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.enqueue(REC, "raw-2")
         assert not sub.enqueue(REC, "raw-3")  # the queue is full
-        assert sub.stats["dropped_queue_full"] == 1
+        assert sub.stats["gave_up_queue_full"] == 1
         assert sub._memory.replays(key) == 0
         fake.release.set()
         assert sub.join(10.0)

@@ -111,3 +111,19 @@ def test_a_plan_given_up_for_good_stays_so_for_the_previous_release(tmp_path: Pa
         with old.SubmittedRuns(path) as rolled_back:
             assert [g.key for g in rolled_back.revive(10, 900.0, 10)] == [], limit
             assert K in rolled_back, f"limit {limit}: a replay would send it"
+
+
+def test_plans_given_up_without_end_keep_the_memory_and_its_file_bounded(tmp_path: Path) -> None:
+    """A submission queue full for hours gives up (and remembers) a plan per run: the memory
+    keeps the newest ``limit // 2`` of them, and its file, rewritten at twice the limit,
+    never grows past that, however many come; the next daemon reads the newest back."""
+    path = tmp_path / SUBMITTED_FILE
+    limit = 6
+    with SubmittedRuns(path, limit=limit) as memory:
+        for i in range(200):
+            memory.give_up((f"raw-{i}", "run_end"), {"regions": []}, False)
+            assert len(path.read_text().splitlines()) < 2 * limit
+        newest = [(f"raw-{i}", "run_end") for i in range(197, 200)]
+        assert [plan.key for plan in memory.given_up()] == newest
+    with SubmittedRuns(path, limit=limit) as memory:
+        assert [plan.key for plan in memory.given_up()] == newest

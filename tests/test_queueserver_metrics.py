@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from deploy_files import alert_rules
 from feedback_helpers import REC, ZMQ_KEY, HeldApi
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
@@ -22,9 +23,10 @@ def _plans(text: str) -> dict[str, float]:
 
 
 def test_the_queueserver_outcomes_reach_metrics_lost_plans_included(tmp_path: Path) -> None:
-    """Before: the submitter's stats reached only /health, so a plan lost (refused at a full
-    queue, given up for good) was invisible to Prometheus. Now /metrics counts the plans by
-    outcome in ``xasflow_queueserver_plans_total{outcome}``, every outcome from 0."""
+    """Before: the submitter's stats reached only /health, so a plan lost (given up for good)
+    or given up (refused at a full queue) was invisible to Prometheus. Now /metrics counts
+    the plans by outcome in ``xasflow_queueserver_plans_total{outcome}``, every outcome
+    from 0."""
     from starlette.testclient import TestClient
 
     from xasflow.daemon.http import create_app
@@ -41,17 +43,31 @@ def test_the_queueserver_outcomes_reach_metrics_lost_plans_included(tmp_path: Pa
     try:
         with TestClient(create_app(status)) as client:
             plans = _plans(client.get("/metrics").text)
-            assert plans == dict.fromkeys(sub.stats, 0.0) and "dropped_queue_full" in plans
+            assert plans == dict.fromkeys(sub.stats, 0.0) and "gave_up_queue_full" in plans
             assert sub.enqueue(REC, "raw-1")
             assert fake.sending.wait(10.0), "raw-1's try never reached the server"
             assert sub.enqueue(REC, "raw-2")
-            assert not sub.enqueue(REC, "raw-3")  # the queue is full: lost
+            assert not sub.enqueue(REC, "raw-3")  # the queue is full: given up
             fake.release.set()
             assert sub.join(10.0)
             plans = _plans(client.get("/metrics").text)
-        assert plans["submitted"] == 2 and plans["dropped_queue_full"] == 1
+        assert plans["submitted"] == 2 and plans["gave_up_queue_full"] == 1
         assert plans["gave_up"] == 0 and plans["abandoned_lost_reply"] == 0
         assert plans == {k: float(v) for k, v in sub.stats.items()}
     finally:
         fake.release.set()
         sub.close()
+
+
+def test_every_outcome_the_alerts_name_is_one_the_submitter_counts() -> None:
+    """The alert rules select ``xasflow_queueserver_plans_total`` by outcome: each outcome
+    they name (a regex's plain alternatives; ``abandoned_.*`` matches some) is one the
+    submitter counts, so a renamed outcome cannot leave an alert that never fires."""
+    sub = QueueServerSubmitter(QueueServerConfig())
+    pattern = r'xasflow_queueserver_plans_total\{[^}]*outcome=~?"([^"]+)"'
+    named = [m for rule in alert_rules() for m in re.findall(pattern, rule["expr"])]
+    assert named, "no alert selects the queueserver plans by outcome"
+    for regex in named:
+        for alternative in regex.split("|"):
+            matches = [k for k in sub.stats if re.fullmatch(alternative, k)]
+            assert matches, f"the alerts name the outcome {alternative!r}, never counted"

@@ -181,7 +181,7 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.retry_given_up() == 1
         assert sub.enqueue(REC, "raw-2"), "the wake-up marker took raw-2's place"
-        assert sub.stats["dropped_queue_full"] == 0
+        assert sub.stats["gave_up_queue_full"] == 0
         fake.release.set()
         assert sub.join(10.0)
         assert sorted(queued_runs(fake)) == ["raw-0", "raw-1", "raw-2"]
@@ -190,12 +190,14 @@ def test_the_wake_up_marker_takes_no_pending_place(tmp_path: Path) -> None:
         sub.close()
 
 
-def test_a_plan_refused_at_a_full_queue_is_counted_apart_from_one_given_up(
+def test_a_plan_refused_at_a_full_queue_is_remembered_for_the_next_daemon(
     tmp_path: Path,
 ) -> None:
     """``max_pending: 1``, raw-1's request with the server and raw-2 queued: raw-3 finds the
-    queue full and is refused at enqueue, not remembered (``dropped_queue_full``: the plan is
-    lost unless its run is replayed), which no other counter says."""
+    queue full and is refused at enqueue (``gave_up_queue_full``, counted apart from the
+    other plans given up). Before, it was not remembered: lost unless its run was replayed,
+    while a plan dropped at close is. Now it is remembered as given up, and the next daemon
+    tries it again (``revived``)."""
     path = tmp_path / "store" / SUBMITTED_FILE
     fake = HeldApi()
     sub = daemon(quick_config(max_pending=1), fake, path)
@@ -204,14 +206,21 @@ def test_a_plan_refused_at_a_full_queue_is_counted_apart_from_one_given_up(
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.enqueue(REC, "raw-2")
         assert not sub.enqueue(REC, "raw-3")
-        assert sub.stats["dropped_queue_full"] == 1 and sub.stats["gave_up_waiting_full"] == 0
+        assert sub.stats["gave_up_queue_full"] == 1
+        assert sub.stats["gave_up_waiting_full"] == 0 and sub.stats["gave_up"] == 0
         fake.release.set()
         assert sub.join(10.0) and queued_runs(fake) == ["raw-1", "raw-2"]
     finally:
         fake.release.set()
         sub.close()
     with SubmittedRuns(path) as memory:
-        assert memory.given_up() == []
+        assert [plan.key for plan in memory.given_up()] == [("raw-3", "run_end")]
+    sub = daemon(quick_config(), fake, path)
+    try:
+        assert sub.retry_given_up() == 1 and sub.join(10.0)
+        assert queued_runs(fake) == ["raw-1", "raw-2", "raw-3"]
+    finally:
+        sub.close()
 
 
 def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remembered(
@@ -234,7 +243,7 @@ def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remem
         wait_for(lambda: sub.stats["waited_rate"] == 1, what="raw-2 waiting for the rate")
         assert sub.enqueue(REC, "raw-3")  # accepted; given up when its turn finds the line full
         wait_for(lambda: sub.stats["gave_up_waiting_full"] == 1, what="raw-3 given up")
-        assert sub.stats["dropped_queue_full"] == 0 and sub.stats["gave_up"] == 0
+        assert sub.stats["gave_up_queue_full"] == 0 and sub.stats["gave_up"] == 0
     finally:
         sub.close()
     assert queued_runs(fake) == ["raw-1"]

@@ -52,8 +52,10 @@ a try was with the server, once that plan went in); a retry or a revived plan wa
 slot instead, and so does a new plan that finds a retry holding the slot or retries waiting
 for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
 remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans already
-queued is refused at enqueue and not remembered (``dropped_queue_full``: lost, unless its
-run is replayed).
+queued is refused at enqueue and remembered as given up the same way
+(``gave_up_queue_full``): a replay of its run or the next daemon tries it again. The memory
+keeps the newest plans given up and rewrites its file at twice its limit
+(:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours bounds both.
 
 A submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
@@ -176,7 +178,7 @@ class QueueServerSubmitter(Background):
             "skipped_not_success": 0,
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
-            "dropped_queue_full": 0,  # new plans refused at enqueue (max_pending queued): lost
+            "gave_up_queue_full": 0,  # new plans refused at enqueue (max_pending queued): remembered
             "gave_up_waiting_full": 0,  # new plans given up (max_pending wait): remembered
             "dropped_closed": 0,
             "revived": 0,  # plans a previous daemon gave up, tried again (retry_given_up)

@@ -81,9 +81,9 @@ class Background:
         module); False when disabled, certain, already queued for this raw run, once close
         has begun (``dropped_closed``: remembered as given up, like the plans close drops),
         limited (a new plan went in within ``min_interval_s``: one behind retries waits its
-        turn) or full (``dropped_queue_full``: not remembered). A plan accepted while
-        another one's try is under way is rate-limited when its turn comes if that one went
-        in."""
+        turn) or full (``gave_up_queue_full``: remembered as given up too, for a replay of
+        its run or the next daemon to try again). A plan accepted while another one's try is
+        under way is rate-limited when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -112,8 +112,8 @@ class Background:
         if closing:  # close began since the look above
             self._give_up(job, "dropped_closed")
             return False
-        if not offered:  # max_pending wait already
-            self.stats["dropped_queue_full"] += 1  # not remembered: lost unless replayed
+        if not offered:  # max_pending wait already: remembered, as a plan close drops
+            self._give_up(job, "gave_up_queue_full")
             return False
         return True
 
@@ -224,8 +224,8 @@ class Background:
             )
 
     def _give_up(self, job: Job, counter: str = "gave_up") -> None:
-        """Count a submission given up (``dropped_closed``: by close) and remember its run's
-        plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
+        """Count a submission given up (``dropped_closed``: by close; ``gave_up_queue_full``,
+        ``gave_up_waiting_full``: no place to wait) and remember its run's plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
         and so may a later replay of the run in this one (no longer held as queued here)."""
         self.stats[counter] += 1
         rec, raw_uid, rescan_only = job

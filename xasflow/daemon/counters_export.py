@@ -191,7 +191,7 @@ class _Collector:
             count,
             "queueserver_plans",
             "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
-            "retried count tries): dropped_queue_full and abandoned_* are plans lost",
+            "retried count tries): abandoned_* are plans lost",
             ["outcome"],
             queueserver,
         )
