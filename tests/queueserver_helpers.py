@@ -1,7 +1,8 @@
 """What the queueserver tests with and without a server share: a two-region recommendation,
 its plan rows, and an analysis run that carries it as a ``recommendations`` row; and, for
 the submitter's tests, a quick configuration, a daemon's submitter, the runs a fake
-queueserver took, fakes that are down or lose their reply, and a plan given up."""
+queueserver took, fakes that are down, lose their reply or cannot be asked what they hold,
+and a plan given up."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from feedback_helpers import ZMQ_KEY, FakeApi
+from feedback_helpers import ZMQ_KEY, FakeApi, HeldApi
 from helpers import analysis_run_docs
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
@@ -116,3 +117,12 @@ class LostReplyApi(FakeApi):
         if self.lost:
             raise TimeoutError("Request timeout: no reply from the RE Manager")
         return reply
+
+
+class UnaskedApi(HeldApi):
+    """A :class:`HeldApi` that cannot say what its queue and history hold (no ``queue_get``
+    nor ``history_get``: the submitter does not ask), so that only the submitter's own
+    record can keep a run's plan from going in twice."""
+
+    queue_get = None  # type: ignore[assignment]
+    history_get = None  # type: ignore[assignment]

@@ -103,9 +103,11 @@ from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
     QueueServerConfig,
+    decode,
     item_key,
     plan_item,
     region_points,
+    submission_key,
     xas_regions_scan,
 )
 from xasflow.adapters.queueserver_worker import LIMITED, Background
@@ -208,11 +210,28 @@ class QueueServerSubmitter(Background):
         """Add one recommendation to the queue now; None when disabled, when a plan went in
         less than ``min_interval_s`` ago (``skipped_rate``: the one rate, see
         :mod:`~xasflow.adapters.queueserver_pending`), or when this raw run's plan was
-        queued: remembered here (``memory``), or held by the queueserver's queue or history
-        (:func:`~xasflow.adapters.queueserver_client.on_server`). A plan given up is tried
-        again like a replay of its run, for at most ``given_up_replays`` calls, then given up
-        for good (``abandoned_replays``; None). Raises QueueServerError."""
-        reply = self._send(recommendation, raw_uid, rescan_only)
+        queued (``skipped_repeat``): held by this process (queued in the background, under
+        way, waiting for a retry, or sent), remembered here (``memory``), or held by the
+        queueserver's queue or history
+        (:func:`~xasflow.adapters.queueserver_client.on_server`). While it is sent, the run's
+        plan is held as queued: the background queue does not take it too. A plan given up is
+        tried again like a replay of its run, for at most ``given_up_replays`` calls, then
+        given up for good (``abandoned_replays``; None). Raises QueueServerError."""
+        key = None
+        if self.enabled and raw_uid:
+            key = submission_key(raw_uid, decode(recommendation), rescan_only)
+            with self._lock:  # looked at and taken at once: enqueue looks under it too
+                if key in self._queued:
+                    self.stats["skipped_repeat"] += 1
+                    return None
+                self._hold(key)
+        reply: Any = None
+        try:
+            reply = self._send(recommendation, raw_uid, rescan_only)
+        finally:
+            if key is not None and not isinstance(reply, dict):  # not sent: not held
+                with self._lock:
+                    self._queued.pop(key, None)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None

@@ -108,7 +108,11 @@ class Background:
             return False
         with self._lock:  # close sets _closing under it: a plan offered here is close's to drain
             closing = self._closing
-            offered = not closing and self._offer(job, key)
+            repeat = key is not None and key in self._queued  # submit() took it since
+            offered = not closing and not repeat and self._offer(job, key)
+        if repeat:  # held by submit(), whose outcome settles it
+            self.stats["skipped_repeat"] += 1
+            return False
         if closing:  # close began since the look above
             self._give_up(job, "dropped_closed")
             return False
@@ -124,10 +128,15 @@ class Background:
         if not self._queue.offer(job):
             return False
         if key is not None:
-            self._queued[key] = None
-            while len(self._queued) > _REMEMBERED:
-                self._queued.popitem(last=False)
+            self._hold(key)
         return True
+
+    def _hold(self, key: tuple[str, str]) -> None:
+        """Hold ``key``'s plan as queued by this process, so that neither path sends it
+        again (called under ``_lock``): the newest ``_REMEMBERED`` are kept."""
+        self._queued[key] = None
+        while len(self._queued) > _REMEMBERED:
+            self._queued.popitem(last=False)
 
     def _start_worker(self) -> None:
         """A worker thread, unless one runs (called under ``_lock``)."""
