@@ -1,15 +1,17 @@
 """A run's plan this process holds queued, under way or waiting for a retry is not sent again
-by another path: ``submit()`` and the background queue see each other's plans, without the
-server's record (a fake that cannot be asked)."""
+by another path, nor by a replay once many newer runs came: ``submit()`` and the background
+queue see each other's plans, without the server's record (a fake that cannot be asked)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
+import pytest
 from feedback_helpers import REC
 from queueserver_helpers import UnaskedApi, queued_runs, quick_config
 
+from xasflow.adapters import queueserver_worker
 from xasflow.adapters.queueserver import QueueServerSubmitter
 
 
@@ -60,4 +62,29 @@ def test_a_run_whose_plan_submit_is_sending_is_not_queued_in_the_background() ->
     finally:
         fake.release.set()
         script.join(20.0)
+        sub.close()
+
+
+def test_a_run_whose_plan_is_under_way_stays_held_past_the_count_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runs held as queued are trimmed to the newest ``_REMEMBERED`` (here 2). raw-1's
+    plan is with the server when raw-2's and raw-3's are queued behind it. Before, the
+    trim dropped raw-1 while it was under way, and its run's replay was queued again and
+    sent twice. Now only settled runs are trimmed: the replay is skipped."""
+    monkeypatch.setattr(queueserver_worker, "_REMEMBERED", 2)
+    fake = UnaskedApi()
+    sub = QueueServerSubmitter(quick_config(), api_factory=lambda _: fake)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        assert sub.enqueue(REC, "raw-2") and sub.enqueue(REC, "raw-3")
+        assert not sub.enqueue(REC, "raw-1"), "raw-1's replay was queued while it was sent"
+        assert not sub.enqueue(REC, "raw-2"), "raw-2's replay was queued while it waited"
+        fake.release.set()
+        assert sub.join(10.0) and queued_runs(fake) == ["raw-1", "raw-2", "raw-3"]
+        assert sub.enqueue(REC, "raw-4") and sub.join(10.0)
+        assert len(sub._queued) == 2, "settled runs are trimmed as before"
+    finally:
+        fake.release.set()
         sub.close()

@@ -185,8 +185,9 @@ class QueueServerSubmitter(Background):
             "dropped_closed": 0,
             "revived": 0,  # plans a previous daemon gave up, tried again (retry_given_up)
         }
-        #: (raw uid, what) already queued: "run_end", or "rescan <region>" (the newest kept)
-        self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: (raw uid, what) held as queued ("run_end", or "rescan <region>"): whether settled
+        #: (the newest settled kept, and every one still queued, under way or to retry)
+        self._queued: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self.last_error: str = ""
         self.submitted: list[dict[str, Any]] = []  # server replies, newest last (at most 100)
 
@@ -229,9 +230,12 @@ class QueueServerSubmitter(Background):
         try:
             reply = self._send(recommendation, raw_uid, rescan_only)
         finally:
-            if key is not None and not isinstance(reply, dict):  # not sent: not held
+            if key is not None:  # sent: held (and settled); else not held
                 with self._lock:
-                    self._queued.pop(key, None)
+                    if isinstance(reply, dict):
+                        self._queued[key] = True
+                    else:
+                        self._queued.pop(key, None)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None
@@ -316,7 +320,7 @@ class QueueServerSubmitter(Background):
             closing = self._closing
             if not closing:
                 for plan, job in zip(plans, jobs, strict=True):
-                    self._queued[plan.key] = None
+                    self._hold(plan.key)
                     self._retry.push(job, 1)  # as a retry: it waits for its slot in the rate
                 if jobs:
                     self._start_worker()

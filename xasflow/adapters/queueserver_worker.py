@@ -40,7 +40,9 @@ _WHY = {
     "replays": "it was tried again for given_up_replays replays of its run already",
 }
 
-#: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again.
+#: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again:
+#: the newest settled ones (sent, found queued, or refused for good) are kept; those still
+#: queued, under way or waiting for a retry are never trimmed (``max_pending`` bounds them).
 _REMEMBERED = 4096
 
 
@@ -58,7 +60,7 @@ class Background:
     _lock: threading.Lock
     _closing: bool
     _closed: bool
-    _queued: OrderedDict[tuple[str, str], None]
+    _queued: OrderedDict[tuple[str, str], bool]  # key: settled (False: queued, under way)
 
     @property
     def enabled(self) -> bool:
@@ -133,10 +135,29 @@ class Background:
 
     def _hold(self, key: tuple[str, str]) -> None:
         """Hold ``key``'s plan as queued by this process, so that neither path sends it
-        again (called under ``_lock``): the newest ``_REMEMBERED`` are kept."""
-        self._queued[key] = None
-        while len(self._queued) > _REMEMBERED:
-            self._queued.popitem(last=False)
+        again (called under ``_lock``), until it is settled (:meth:`_settle`) or given up.
+        Past ``_REMEMBERED``, the oldest settled plans are forgotten, never one still queued,
+        under way or waiting for a retry: a replay of its run would queue it a second time."""
+        self._queued[key] = False
+        excess = len(self._queued) - _REMEMBERED
+        settled: list[tuple[str, str]] = []
+        for held, done in self._queued.items():
+            if len(settled) >= excess:
+                break
+            if done:
+                settled.append(held)
+        for held in settled:
+            del self._queued[held]
+
+    def _settle(self, job: Job) -> None:
+        """``job``'s plan has its outcome (sent, found queued, or refused for good): still
+        held as queued, it may be trimmed now (:meth:`_hold`)."""
+        rec, raw_uid, rescan_only = job
+        if raw_uid:
+            key = submission_key(raw_uid, rec, rescan_only)
+            with self._lock:
+                if key in self._queued:
+                    self._queued[key] = True
 
     def _start_worker(self) -> None:
         """A worker thread, unless one runs (called under ``_lock``)."""
@@ -174,10 +195,13 @@ class Background:
             self._again(job, tries + 1, exc)
         except ValueError as exc:  # a plan no server takes: never tried again
             logger.warning("queueserver submission refused: %s", exc)
+            self._settle(job)
         except Exception:
             logger.exception("queueserver submission failed")
+            self._settle(job)
         else:
             if reply is not LIMITED:
+                self._settle(job)
                 return
             if tries or waited or backlog(self._retry, self._rate):
                 self._wait_turn(job, tries, new=not (tries or waited))
