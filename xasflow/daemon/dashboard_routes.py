@@ -2,12 +2,14 @@
 
     GET /              the page (``static/index.html``; every asset local, no CDN)
     GET /static/x.js   its scripts, ES modules (their imports carry the page's ``?token=``)
-    GET /static/...    its style sheet
+    GET /static/x.css  its style sheet
     GET /api/state     the current state as one JSON object
     GET /events        server-sent events: ``event: state`` with that JSON, pushed on change
     GET /api/dashboard the dashboard's own counters (documents, dropped, messages, clients)
 
-The page is read-only; access control (loopback by default, ``http.token`` otherwise) is
+No folder is served: each file answers at its own name only, through the route that fills
+its placeholders (a folder's server resolved ``/static/..%2Fstatic%2Fapp.js`` inside it and
+served the template, its imports without the token). The page is read-only; access control (loopback by default, ``http.token`` otherwise) is
 the app's :class:`xasflow.daemon.http.TokenAuth`. What the page shows, and how the state it
 reads is built and throttled: :mod:`xasflow.daemon.dashboard`.
 """
@@ -29,8 +31,7 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route
 
 from xasflow.daemon.dashboard import Dashboard
 from xasflow.daemon.limits import StreamLimit
@@ -56,11 +57,13 @@ _SECURITY_HEADERS = {
 }
 
 
-#: A script's name under ``/static`` (no dots, no slashes: nothing outside the folder).
-_SCRIPT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+#: A script's or style sheet's name under ``/static``, its suffix apart (no dots, no slashes:
+#: nothing outside the folder, and one spelling a file).
+_ASSET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 #: Said, not guessed from the platform's table (Windows often maps ``.js`` to text/plain,
-#: and a browser refuses an ES module served so); never sniffed as anything else.
+#: and a browser refuses an ES module served so); never sniffed as anything else (the style
+#: sheet's too).
 _SCRIPT_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
@@ -75,16 +78,22 @@ def _index_html(token: str | None) -> str:
     return text.replace("{{query}}", html.escape(_query(token), quote=True))
 
 
+def _asset(name: str, suffix: str) -> str | None:
+    """The text of ``static/<name><suffix>``; None if there is no such file (or ``name`` is
+    no plain name)."""
+    if not _ASSET_NAME.fullmatch(name):
+        return None
+    try:
+        return (STATIC_DIR / f"{name}{suffix}").read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
 def _script(name: str, token: str | None) -> str | None:
     """The module ``static/<name>.js``, its imports carrying ``?token=`` as the page's assets
     do (a module's imports drop the query of its own URL); None if there is no such file."""
-    if not _SCRIPT_NAME.fullmatch(name):
-        return None
-    try:
-        text = (STATIC_DIR / f"{name}.js").read_text(encoding="utf-8")
-    except OSError:
-        return None
-    return text.replace("{{query}}", _query(token))
+    text = _asset(name, ".js")
+    return None if text is None else text.replace("{{query}}", _query(token))
 
 
 def install_dashboard(
@@ -115,6 +124,12 @@ def install_dashboard(
             return PlainTextResponse("Not Found", status_code=404)
         return Response(text, media_type="text/javascript", headers=_SCRIPT_HEADERS)
 
+    async def style(request: Request) -> Response:
+        text = _asset(request.path_params["name"], ".css")
+        if text is None:
+            return PlainTextResponse("Not Found", status_code=404)
+        return Response(text, media_type="text/css", headers=_SCRIPT_HEADERS)
+
     async def state(request: Request) -> Response:
         _version, body = await asyncio.to_thread(dash.message)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
@@ -133,7 +148,7 @@ def install_dashboard(
             Route("/api/dashboard", stats, methods=["GET"]),
             Route("/events", limit.wrap(events), methods=["GET"]),
             Route("/static/{name}.js", script, methods=["GET"]),
-            Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+            Route("/static/{name}.css", style, methods=["GET"]),
         ]
     )
     app.state.dashboard = dash
