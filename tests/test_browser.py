@@ -571,3 +571,69 @@ def test_page_reconnects_after_the_event_stream_is_refused(beamline: Harness, br
         limit.maximum = maximum
     # what went wrong on the page was the refused streams, and only that
     assert problems and all("/events" in p or "503" in p for p in problems), problems
+
+
+#: The prediction card's fields that only a prediction fills (``renderPrediction``).
+_PREDICTION_ONLY = (
+    "pred-where", "cn-bars", "environment-set", "motifs", "valence-value", "valence-p",
+    "valence-set", "valence-bars", "distance-value", "charge-value", "e0-value", "pred-flags",
+)  # fmt: skip
+
+
+def test_a_state_without_a_prediction_clears_the_card(beamline: Harness, browser: Any) -> None:
+    """Before: a state without a prediction (an older pipeline's shape, or a restarted daemon
+    before its first answer) left the last prediction's motifs, valence, distance, charge,
+    E0 and bars on the card, beside the CN its published event gave. Now the card shows only
+    what the state says: the event's CN and motif, or nothing."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    pred = {
+        "raw_uid": "run-a",
+        "index": 3,
+        "e0": 8983.2,
+        "environment": "O4",
+        "motifs": [["square planar", 0.9], ["tetrahedral", 0.1]],
+        "flags": ["noisy"],
+        "tasks": {
+            "cn": {"value": 4, "confidence": 0.9, "probabilities": {"4": 0.9, "6": 0.1}},
+            "environment": {"value": "O4", "prediction_set": ["O4"]},
+            "valence": {
+                "value": "2",
+                "confidence": 0.8,
+                "probabilities": {"2": 0.8, "1": 0.2},
+                "prediction_set": ["2"],
+            },
+            "distance": {"value": 1.95, "uncertainty": 0.02},
+            "charge": {"value": 1.1, "uncertainty": 0.1},
+        },
+    }
+    last = {"index": 0, "status": "ok", "cn": 6, "cn_probability": 0.7, "motif": "octahedral"}
+    states = [
+        {"prediction": pred, "run": {"raw_uid": "run-a", "n_ok": 1}, "last_rejection": None},
+        {"prediction": None, "run": {"raw_uid": "run-b", "last": last, "n_ok": 1}},
+        {"prediction": None, "run": None, "last_rejection": None},
+    ]
+    page, _, problems = open_page(browser, d.http_url)
+    try:  # the three rendered at once: no state from the stream in between
+        shown = page.evaluate(
+            """([states, ids]) => import('./static/prediction.js').then(({ renderPrediction }) =>
+                 states.map((state) => {
+                   renderPrediction(state);
+                   return Object.fromEntries(
+                     ids.map((id) => [id, document.getElementById(id).textContent]));
+                 }))""",
+            [states, [*_PREDICTION_ONLY, "cn-value", "cn-p", "environment"]],
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    assert all(shown[0][name] for name in _PREDICTION_ONLY), shown[0]
+    assert {name: shown[1][name] for name in _PREDICTION_ONLY} == dict.fromkeys(
+        _PREDICTION_ONLY, ""
+    )
+    assert (shown[1]["cn-value"], shown[1]["cn-p"], shown[1]["environment"]) == (
+        "6",
+        "p 70 %",
+        "octahedral",
+    )
+    assert set(shown[2].values()) == {""}, shown[2]

@@ -79,6 +79,18 @@ function renderStale(state) {
   $("prediction-card").classList.toggle("stale", stale);
 }
 
+// the fields only a prediction fills, blank as the page starts (the OOD banner, the CN's set
+// and the stale note are renderDoubt's and renderStale's, the last rejection the caller's)
+const TEXTS = ["pred-where", "cn-value", "cn-p", "environment", "environment-set",
+  "valence-value", "valence-p", "valence-set", "distance-value", "charge-value", "e0-value",
+  "pred-flags"];
+const BOXES = ["cn-bars", "motifs", "valence-bars"];
+
+function clearCard() {
+  TEXTS.forEach((id) => { $(id).textContent = ""; });
+  BOXES.forEach((id) => clear($(id)));
+}
+
 export function renderPrediction(state) {
   const pred = state.prediction;
   const last = ownRow(state);
@@ -89,7 +101,9 @@ export function renderPrediction(state) {
     ? `last rejection: run ${short(rej.raw_uid)} #${rej.index}: ${rej.reason}${rej.detail ? " — " + rej.detail : ""}`
     : "";
   if (!pred) {
-    // no spectrum arrays (e.g. an older pipeline): fall back on the published event
+    // no prediction (an older pipeline's state, a restarted daemon's before its first
+    // answer): nothing of an earlier one stays, only what the published event says
+    clearCard();
     if (last && last.status === "ok") {
       $("cn-value").textContent = fmt(last.cn, 0);
       $("cn-p").textContent = "p " + pct(last.cn_probability);
