@@ -9,9 +9,10 @@
 
 No folder is served: each file answers at its own name only, through the route that fills
 its placeholders (a folder's server resolved ``/static/..%2Fstatic%2Fapp.js`` inside it and
-served the template, its imports without the token). The page is read-only; access control (loopback by default, ``http.token`` otherwise) is
-the app's :class:`xasflow.daemon.http.TokenAuth`. What the page shows, and how the state it
-reads is built and throttled: :mod:`xasflow.daemon.dashboard`.
+served the template, its imports without the token). The page is read-only; access control
+(loopback by default, ``http.token`` otherwise) is the app's
+:class:`xasflow.daemon.http.TokenAuth`. What the page shows, and how the state it reads is
+built and throttled: :mod:`xasflow.daemon.dashboard`.
 """
 
 from __future__ import annotations
