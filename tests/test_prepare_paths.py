@@ -10,7 +10,7 @@ import pytest
 
 from tests.synthetic_feff import model_mu
 from xasflow.spectra.e0 import E0_STEP, e0_in_window, e0_rows_why, on_grid
-from xasflow.spectra.outliers import lone_spikes
+from xasflow.spectra.outliers import MAX_SPIKES, _spikes_1d, lone_spikes
 from xasflow.spectra.process import points_within
 from xasflow.spectra.quality import edge_snr, edge_snr_rows
 
@@ -71,6 +71,51 @@ def test_lone_spikes_of_one_row_decide_as_the_rows_of_a_page() -> None:
             assert (one is None) == (page is None or page[0].all())
             if one is not None:
                 assert page is not None and np.array_equal(one[0], page[0])
+
+
+def _spikes_every_round(v: np.ndarray) -> np.ndarray | None:
+    """``outliers._spikes_1d`` without its early stop: each round measures the rest's span."""
+    keep = np.ones(v.size, dtype=bool)
+    for _ in range(MAX_SPIKES):
+        at = np.flatnonzero(keep)
+        w = v[at]
+        d = w[1:] - w[:-1]
+        away = np.maximum(np.minimum(d[:-1], -d[1:]), np.minimum(-d[:-1], d[1:]))
+        top = away.max()
+        if not top > 0:
+            break
+        out = away >= 0.5 * top
+        rest = np.ones(w.size, dtype=bool)
+        rest[1:-1] = ~out
+        spike = out & (away > w[rest].max() - w[rest].min())
+        if not spike.any():
+            break
+        keep[at[1:-1][spike]] = False
+    return None if keep.all() else keep
+
+
+def test_spikes_stop_early_where_the_ends_span_every_point() -> None:
+    """The early stop (no point further out than the ends span) finds the spikes each full
+    round finds: edges, noise, one to four spikes and dropouts, NaN."""
+    rng = np.random.default_rng(11)
+    rows = [mu for _, mu in _scans()]
+    for _ in range(300):
+        mu = rows[int(rng.integers(3))].copy()
+        for _ in range(int(rng.integers(0, 5))):
+            j = int(rng.integers(0, mu.size))
+            mu[j] = rng.choice([1e6, -1e3, mu[j] + rng.uniform(-3, 3), np.nan])
+        rows.append(mu)
+        rows.append(rng.standard_normal(int(rng.integers(12, 30))))
+    for v in rows:
+        want, got = _spikes_every_round(v), _spikes_1d(v)
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert np.array_equal(got, want)
+    # a short row may lose so many points that a round has none to measure: both raise
+    with pytest.raises(ValueError):
+        _spikes_every_round(np.array([0.0, 9.0, 0.0, 9.0, 0.0]))
+    with pytest.raises(ValueError):
+        _spikes_1d(np.array([0.0, 9.0, 0.0, 9.0, 0.0]))
 
 
 def test_points_within_counts_as_the_mask_does() -> None:
