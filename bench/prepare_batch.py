@@ -4,11 +4,13 @@
 A fly-scan page of 1,000-point measured-like Cu K spectra (sloping background, noise, E0
 spread over 10 eV, each row with its own alignment shift) is prepared with the shipped
 bundle's ``prep`` (``models/cu-k/manifest.json``: ``method: larch``) in batches of 1, 2, 4, 8
-and 64 rows. The baseline runs in the same process: ``prepare_batch`` with every row handed
-to the single-spectrum ``normalize`` (exactly the code path before the batched
-normalisation); also timed: the batched normalisation however few the rows
-(``LARCH_MIN_ROWS`` = 1, which shows where that threshold belongs) and, for reference,
-``prepare`` row by row. Samples of the variants are interleaved; each figure is the best
+and 64 rows. ``batched`` is ``prepare_batch`` as shipped (below ``BATCH_MIN_ROWS`` rows it
+hands each row to ``prepare``). The baseline runs in the same process: the matrix path with
+every row handed to the single-spectrum ``normalize`` (exactly the code path before the
+batched normalisation); also timed: the matrix path however few the rows
+(``BATCH_MIN_ROWS`` = 1, which shows where that threshold belongs), with the batched
+normalisation however few the rows too (``LARCH_MIN_ROWS`` = 1, the same for that one) and,
+for reference, ``prepare`` row by row. Samples of the variants are interleaved; each figure is the best
 (and the median) of ``--samples`` samples of about ``--sample-s`` seconds. The largest
 differences of y and of the edge step between the batched and the baseline path are recorded.
 
@@ -82,16 +84,21 @@ def _variants(
     def batched() -> list[Prepared | SpectrumError]:
         return prepare_batch(energy, mu, params, "Cu", "K", shifts=shifts)
 
+    def matrix() -> list[Prepared | SpectrumError]:  # however few the rows
+        with mock.patch.object(batch_module, "BATCH_MIN_ROWS", 1):
+            return batched()
+
     def forced() -> list[Prepared | SpectrumError]:
         with mock.patch.object(batch_module, "LARCH_MIN_ROWS", 1):
-            return batched()
+            return matrix()
 
     def baseline() -> list[Prepared | SpectrumError]:
         with mock.patch.object(batch_module, "normalize_larch_batch", _per_row_norm):
-            return batched()
+            return matrix()
 
     return {
         "batched": batched,
+        "matrix_without_batch_threshold": matrix,
         "batched_without_row_threshold": forced,
         "baseline_per_row_normalize": baseline,
         "prepare_row_by_row": lambda: _row_by_row(energy, mu, params, shifts),

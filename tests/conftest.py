@@ -94,6 +94,16 @@ def _tiny_bundle(
     return export_bundle(train(ds, cfg, log=lambda *_: None), out)
 
 
+@pytest.fixture
+def matrix_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prepare_batch`` runs its matrix path however few the rows (a stack below
+    ``BATCH_MIN_ROWS`` goes to ``prepare`` row by row): for the tests that hold that path
+    to ``prepare`` with small pages."""
+    from xasflow.spectra import batch
+
+    monkeypatch.setattr(batch, "BATCH_MIN_ROWS", 1)
+
+
 @pytest.fixture(scope="module")
 def models_dir(tiny_cu_bundle: Path) -> Path:
     """A models/ directory holding the session's tiny Cu K bundle (read-only here)."""

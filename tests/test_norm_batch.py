@@ -15,6 +15,8 @@ from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.spectra import batch as batch_module
 from xasflow.spectra.batch import prepare_batch
 
+pytestmark = pytest.mark.usefixtures("matrix_rows")  # the matrix path, small pages too
+
 CU_K = 8979.0
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "cu-k" / "manifest.json"
 SHIPPED = PrepParams.model_validate(json.loads(MANIFEST.read_text())["prep"])

@@ -129,3 +129,68 @@ def test_points_within_counts_as_the_mask_does() -> None:
             for hi in bounds:
                 want = int(np.count_nonzero((rel >= lo) & (rel <= hi)))
                 assert points_within(rel, float(lo), float(hi)) == want
+
+
+def test_a_stack_of_few_rows_is_prepared_by_prepare_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below ``BATCH_MIN_ROWS`` checked rows, ``prepare_batch`` hands each row to ``prepare``
+    (faster there): its results are ``prepare``'s to the last bit, refusals included; from
+    ``BATCH_MIN_ROWS`` rows on the matrix path runs, agreeing to rounding."""
+    from xasflow.spectra import Prepared, PrepParams, Spectrum, SpectrumError, batch, prepare
+
+    rng = np.random.default_rng(3)
+    energy = np.linspace(8800.0, 9400.0, 1000)
+    rows = [
+        0.4 + 2e-4 * (energy - 8800) + model_mu(energy, CU_K + rng.uniform(-3, 3), 1.3, 4.0, 2.0)
+        for _ in range(batch.BATCH_MIN_ROWS)
+    ]
+    rows[1] = np.linspace(2.0, 1.0, energy.size)  # falls throughout: refused
+    mu = np.array(rows) + 3e-3 * rng.standard_normal((len(rows), energy.size))
+    shifts = rng.uniform(-3.0, 3.0, len(rows))
+    params = PrepParams()
+
+    def alone(i: int) -> Prepared | SpectrumError:
+        try:
+            return prepare(Spectrum(energy + shifts[i], mu[i], "Cu", "K"), params)
+        except SpectrumError as exc:
+            return exc
+
+    matrix_calls: list[int] = []
+    real = batch._prepare_fast
+
+    def counting(*args: object, **kwargs: object) -> object:
+        matrix_calls.append(len(args[1]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch, "_prepare_fast", counting)
+    few = batch.BATCH_MIN_ROWS - 1
+    got = batch.prepare_batch(energy, mu[:few], params, "Cu", "K", shifts=shifts[:few])
+    assert matrix_calls == []
+    for i, res in enumerate(got):
+        want = alone(i)
+        if isinstance(want, SpectrumError):
+            assert isinstance(res, SpectrumError) and (res.reason, res.message) == (
+                want.reason,
+                want.message,
+            )
+            continue
+        assert isinstance(res, Prepared)
+        assert res.y.tobytes() == want.y.tobytes()
+        assert (res.e0, res.edge_step, res.extrapolated) == (
+            want.e0,
+            want.edge_step,
+            want.extrapolated,
+        )
+    assert (
+        isinstance(got[1], SpectrumError) and sum(isinstance(r, Prepared) for r in got) == few - 1
+    )
+    full = batch.prepare_batch(energy, mu, params, "Cu", "K", shifts=shifts)
+    assert matrix_calls == [batch.BATCH_MIN_ROWS]
+    for i, res in enumerate(full):
+        want = alone(i)
+        if isinstance(want, SpectrumError):
+            assert isinstance(res, SpectrumError) and res.reason == want.reason
+        else:
+            assert isinstance(res, Prepared)
+            np.testing.assert_allclose(res.y, want.y, rtol=0, atol=1e-12)

@@ -28,6 +28,8 @@ from xasflow.spectra.batch import (
 from xasflow.spectra.e0 import scan_points
 from xasflow.spectra.quality import has_edge
 
+pytestmark = pytest.mark.usefixtures("matrix_rows")  # the matrix path, small pages too
+
 CU_K = 8979.0
 LEGACY = PrepParams(method="legacy", window_stop=116.5, n_points=240)
 LARCH = PrepParams()

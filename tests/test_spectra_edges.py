@@ -21,6 +21,8 @@ from xasflow.spectra import PrepParams, Spectrum, SpectrumError, mu_from_channel
 from xasflow.spectra.batch import prepare_batch
 from xasflow.spectra.e0 import find_e0
 
+pytestmark = pytest.mark.usefixtures("matrix_rows")  # the matrix path, small pages too
+
 LARCH = PrepParams()
 
 
