@@ -53,9 +53,24 @@ slot instead, and so does a new plan that finds a retry holding the slot or retr
 for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
 remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans already
 queued is refused at enqueue and remembered as given up the same way
-(``gave_up_queue_full``): a replay of its run or the next daemon tries it again. The memory
-keeps the newest plans given up and rewrites its file at twice its limit
-(:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours bounds both.
+(``gave_up_queue_full``): a replay of its run or the next daemon tries it again, and so does
+this daemon, running on. The memory keeps the newest plans given up and rewrites its file
+at twice its limit (:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours
+bounds both.
+
+A plan given up while the daemon runs on (``gave_up``, ``gave_up_queue_full``,
+``gave_up_waiting_full``; not one close drops) is tried again by it, as a replay of its run
+(``revived``), once ``given_up_retry_s`` (60 s; never sooner than the retry backoff's next
+step, ``retry_backoff_s * 2**retries``) has passed since it was last given up and there is
+room: no new run's plan queued and fewer than ``max_pending`` retries waiting (else it waits
+``given_up_retry_s`` more). It waits for its slot in the rate like a retry, with its own
+``retries``; a plan held as queued (a replay of its run or ``submit`` tries it) is left to
+that path, and the server's queue and history are asked first. Each round counts as one of
+its ``given_up_replays`` and it is given up again only once its tries, each after its
+backoff, failed, so a server down for good costs a plan at most ``given_up_replays`` more
+rounds, no busy loop; past them, or ``given_up_max_age_s`` after it was first given up, it
+is left given up (a replay of its run, or a restart, may try it). ``join`` does not wait for
+these rounds.
 
 A submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
@@ -98,7 +113,7 @@ from xasflow.adapters.queueserver_client import (
 )
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import WAKE, Jobs, RateSlot, Retries, wake
+from xasflow.adapters.queueserver_pending import WAKE, Deferred, Jobs, RateSlot, Retries, wake
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -154,6 +169,8 @@ class QueueServerSubmitter(Background):
         self._rate = RateSlot(self.config, clock, self._memory.slot_age())
         self._queue = Jobs(self.config.max_pending)  # the wake-up marker takes no place
         self._retry = Retries()  # failed submissions to try again (join waits for them too)
+        #: plans given up here, tried again once given_up_retry_s has passed (join does not wait)
+        self._deferred = Deferred(clock, max(1, self._memory.limit // 2))
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         #: Held while a request is with the server; ``close`` takes it once ``_closed`` is set,
@@ -183,7 +200,7 @@ class QueueServerSubmitter(Background):
             "gave_up_queue_full": 0,  # new plans refused at enqueue (max_pending queued): remembered
             "gave_up_waiting_full": 0,  # new plans given up (max_pending wait): remembered
             "dropped_closed": 0,
-            "revived": 0,  # plans a previous daemon gave up, tried again (retry_given_up)
+            "revived": 0,  # plans given up, tried again (retry_given_up, or given_up_retry_s)
         }
         #: (raw uid, what) held as queued ("run_end", or "rescan <region>"): whether settled
         #: (the newest settled kept, and every one still queued, under way or to retry)

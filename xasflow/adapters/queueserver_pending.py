@@ -13,6 +13,13 @@ outage, or a restart that revives plans, they go in one per ``min_interval_s``, 
 burst of up to ``max_pending``). Nor is a new plan dropped because those retries hold the
 slot (:func:`backlog`): one that comes while a retry holds it, or while retries wait for it,
 waits its turn in the same line (``waited_rate``).
+
+A plan given up (its retries spent, or no room to wait) is tried again by the daemon running
+on: :class:`Deferred` keeps when each may be, and :func:`next_job` wakes for it, so that the
+submitter pushes it among the retries (where it waits for its slot like them). Each waits
+``given_up_retry_s`` from its last give-up, never a busy loop: a plan is given up again only
+after tries that each waited their backoff, and the submitter tries one again for at most
+``given_up_replays`` rounds.
 """
 
 from __future__ import annotations
@@ -23,12 +30,23 @@ import itertools
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from xasflow.adapters.queueserver_plan import QueueServerConfig
 
-__all__ = ["WAKE", "Job", "Jobs", "RateSlot", "Retries", "backlog", "next_job", "wake"]
+__all__ = [
+    "WAKE",
+    "Deferred",
+    "Job",
+    "Jobs",
+    "RateSlot",
+    "Retries",
+    "backlog",
+    "next_job",
+    "wake",
+]
 
 #: A background submission: (recommendation, raw uid, rescan only).
 Job = tuple[dict[str, Any], str | None, bool]
@@ -154,6 +172,52 @@ class Retries:
             return jobs
 
 
+class Deferred:
+    """Plans given up in this process, each with when it may be tried again (on the
+    submitter's clock), the newest ``most`` (thread-safe). Each is set ``after`` seconds
+    from now, one ``after`` for all: they come due in the order they were set."""
+
+    def __init__(self, clock: Callable[[], float], most: int) -> None:
+        self._clock = clock
+        self._most = most
+        self._due: OrderedDict[tuple[str, str], tuple[float, Job]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._due)
+
+    def add(self, key: tuple[str, str], job: Job, after: float) -> None:
+        """``key``'s plan (``job``) may be tried again in ``after`` seconds (a later
+        :meth:`add` of the same plan replaces it); past ``most``, the oldest is forgotten
+        here (still given up in the memory, for a replay or the next daemon)."""
+        with self._lock:
+            self._due.pop(key, None)
+            self._due[key] = (self._clock() + after, job)
+            while len(self._due) > self._most:
+                self._due.popitem(last=False)
+
+    def due_in(self) -> float | None:
+        """Seconds until the first may be tried again (None: none waits)."""
+        with self._lock:
+            if not self._due:
+                return None
+            at, _ = next(iter(self._due.values()))
+            return at - self._clock()
+
+    def take_due(self) -> list[tuple[tuple[str, str], Job]]:
+        """The plans whose wait is over, the oldest first, now forgotten here."""
+        with self._lock:
+            now, out = self._clock(), list[tuple[tuple[str, str], Job]]()
+            while self._due:
+                key, (at, job) = next(iter(self._due.items()))
+                if at > now:
+                    break
+                del self._due[key]
+                out.append((key, job))
+            return out
+
+
 def backlog(retries: Retries, rate: RateSlot) -> bool:
     """Whether a new run's plan that finds the slot held waits its turn instead of being
     skipped: a retry holds the slot, or retries wait for it."""
@@ -161,19 +225,27 @@ def backlog(retries: Retries, rate: RateSlot) -> bool:
 
 
 def next_job(
-    jobs: queue.Queue[Job | None], retries: Retries, rate: RateSlot
+    jobs: queue.Queue[Job | None],
+    retries: Retries,
+    rate: RateSlot,
+    deferred: Callable[[], float | None] | None = None,
 ) -> tuple[Job | None, int, bool]:
     """The next submission, the tries it had, and whether it came from ``retries``: the
     next of ``jobs`` (new runs' plans; None: stop), else one of ``retries`` once its backoff
     is over and the rate slot free. A new run's plan ready as well goes first: retries wait
-    beside the queue, never in front of it."""
+    beside the queue, never in front of it. ``deferred`` is called at each look (it pushes
+    the plans given up whose wait is over among the retries) and says in how many seconds
+    to look again (None: no plan given up waits; it never says 0 twice for the same plan)."""
     while True:
+        again = deferred() if deferred is not None else None
         wait = retries.due_in(rate.wait())
         if wait is not None and wait <= 0 and jobs.empty():
             retry = retries.pop()
             if retry is not None:
                 return (*retry, True)
             continue
+        if again is not None:  # wake for the next plan given up, a retry's wait aside
+            wait = again if wait is None else min(wait, again)
         try:
             job = jobs.get(timeout=None if wait is None else max(0.0, wait))
         except queue.Empty:

@@ -77,6 +77,10 @@ class QueueServerConfig(BaseModel):
     #: Replays of a run (Kafka redelivers it) in which its plan given up is tried again, each
     #: with its own ``retries``; at the next one it is given up for good (0: never tried).
     given_up_replays: int = Field(2, ge=0, le=10)
+    #: Seconds after a plan is given up (its retries spent, or no room to wait) before the
+    #: daemon, running on, tries it again as a replay of its run (within given_up_replays and
+    #: given_up_max_age_s), never sooner than the retry backoff's next step (0: never).
+    given_up_retry_s: float = Field(60.0, ge=0)
     max_points: int = Field(MAX_PLAN_POINTS, ge=1, le=MAX_PLAN_POINTS)
 
     @field_validator("extra_kwargs")

@@ -7,7 +7,9 @@ publishing thread: :meth:`~Background.enqueue` accepts a run's plan, one worker 
 it (the submitter's one try, under its one rate, see
 :mod:`~xasflow.adapters.queueserver_pending`), a failed try waits its backoff for the next,
 and a plan whose tries are spent, or that close drops, is given up and remembered for the
-next daemon. The rules are the submitter's (:mod:`xasflow.adapters.queueserver`).
+next daemon. One given up while the daemon runs on is tried again by it
+(:meth:`~Background._try_deferred`) once ``given_up_retry_s`` has passed and there is room.
+The rules are the submitter's (:mod:`xasflow.adapters.queueserver`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from typing import Any
 
 from xasflow.adapters.queueserver_client import QueueServerError
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import Job, Jobs, RateSlot, Retries, backlog, next_job
+from xasflow.adapters.queueserver_pending import (
+    Deferred,
+    Job,
+    Jobs,
+    RateSlot,
+    Retries,
+    backlog,
+    next_job,
+)
 from xasflow.adapters.queueserver_plan import QueueServerConfig, submission_key
 from xasflow.adapters.queueserver_plan import decode as _decode
 
@@ -56,6 +66,7 @@ class Background:
     _rate: RateSlot
     _queue: Jobs
     _retry: Retries
+    _deferred: Deferred  # plans given up here, and when each may be tried again
     _worker: threading.Thread | None
     _lock: threading.Lock
     _closing: bool
@@ -169,7 +180,7 @@ class Background:
 
     def _work(self) -> None:
         while True:
-            job, tries, waited = next_job(self._queue, self._retry, self._rate)
+            job, tries, waited = next_job(self._queue, self._retry, self._rate, self._try_deferred)
             try:
                 if job is None:
                     return
@@ -258,8 +269,12 @@ class Background:
 
     def _give_up(self, job: Job, counter: str = "gave_up") -> None:
         """Count a submission given up (``dropped_closed``: by close; ``gave_up_queue_full``,
-        ``gave_up_waiting_full``: no place to wait) and remember its run's plan, with what rebuilds it: a restarted daemon may try it again (retry_given_up),
-        and so may a later replay of the run in this one (no longer held as queued here)."""
+        ``gave_up_waiting_full``: no place to wait) and remember its run's plan, with what
+        rebuilds it: a restarted daemon may try it again (retry_given_up), and so may a
+        later replay of the run in this one (no longer held as queued here), and, unless
+        close dropped it, this daemon once ``given_up_retry_s`` has passed
+        (:meth:`_try_deferred`: never sooner than the retry backoff's next step). Called on
+        the worker, or by enqueue while the queue is full: the worker looks at it next."""
         self.stats[counter] += 1
         rec, raw_uid, rescan_only = job
         if raw_uid:
@@ -267,6 +282,48 @@ class Background:
             with self._lock:
                 self._queued.pop(key, None)
             self._memory.give_up(key, _plan_fields(rec), rescan_only)
+            cfg = self.config
+            if counter != "dropped_closed" and cfg.given_up_retry_s > 0:
+                after = max(cfg.given_up_retry_s, cfg.retry_backoff_s * 2**cfg.retries)
+                self._deferred.add(key, job, after)
+
+    def _try_deferred(self) -> float | None:
+        """Try again the plans given up here whose wait is over (the worker calls it at each
+        look, :func:`~.queueserver_pending.next_job`), as replays of their runs: each pushed
+        among the retries (``revived``), where it waits for its slot in the rate, and its
+        first try counts as a replay (:meth:`_replay`). One is not tried again while held as
+        queued (a replay of its run, or ``submit``, tries it), once queued or given up for
+        good, nor past ``given_up_replays`` replays or ``given_up_max_age_s``
+        (:meth:`~.queueserver_memory.SubmittedRuns.retryable`: it stays given up, for a
+        replay or a restart); one that finds a new run's plan queued, or ``max_pending``
+        retries waiting, waits ``given_up_retry_s`` more. Seconds until the next is due."""
+        cfg, due = self.config, self._deferred.take_due()
+        if not due:
+            return self._deferred.due_in()
+        later: list[tuple[tuple[str, str], Job]] = []
+        tried = 0
+        with self._lock:  # close sets _closing under it: nothing is pushed after close drains
+            if self._closing:
+                return None
+            room = cfg.max_pending - len(self._retry)
+            for key, job in due:
+                if key in self._queued or key in self._memory:
+                    continue  # held by another path, or settled since
+                if not self._memory.retryable(key, cfg.given_up_replays, cfg.given_up_max_age_s):
+                    continue
+                if room <= 0 or self._queue.plans:
+                    later.append((key, job))
+                    continue
+                self._hold(key)
+                self._retry.push(job, 0)  # tries 0: its first try counts as a replay
+                room -= 1
+                tried += 1
+        for key, job in later:
+            self._deferred.add(key, job, cfg.given_up_retry_s)
+        self.stats["revived"] += tried
+        if tried:
+            logger.info("trying again %d queueserver plans given up in this daemon", tried)
+        return self._deferred.due_in()
 
     def _spent(self, key: tuple[str, str]) -> bool:
         """Whether this run's plan, given up, was tried again for ``given_up_replays``
