@@ -127,3 +127,63 @@ def test_plans_given_up_without_end_keep_the_memory_and_its_file_bounded(tmp_pat
         assert [plan.key for plan in memory.given_up()] == newest
     with SubmittedRuns(path, limit=limit) as memory:
         assert [plan.key for plan in memory.given_up()] == newest
+
+
+def test_a_file_full_of_plans_given_up_for_good_is_not_rewritten_at_each_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory holds its ``limit`` keys, ``limit // 2`` plans given up and ``limit // 2``
+    given up for good (two lines each): what a rewrite writes is past twice the limit, the
+    rewrite's trigger. Before, every later line rewrote (and fsync'd) the whole file anew;
+    now the next rewrite waits for the file to double: one rewrite per as many lines as it
+    wrote (21 here), so 100 lines cost at most six rewrites, not 100. All
+    that is kept reads back the same, for this release and (given up for good as queued,
+    never sent again) for the previous one."""
+    old = _old_memory(tmp_path)
+    rewrites = [0]
+    rewrite = SubmittedRuns._rewrite
+
+    def counted(self: SubmittedRuns, path: Path) -> None:
+        rewrites[0] += 1
+        rewrite(self, path)
+
+    monkeypatch.setattr(SubmittedRuns, "_rewrite", counted)
+    limit, path = 8, tmp_path / SUBMITTED_FILE
+    queued = [(f"raw-{i}", "run_end") for i in range(limit)]
+    given_up = [(f"gave-{i}", "run_end") for i in range(limit // 2)]
+    lost = [(f"lost-{i}", "run_end") for i in range(limit // 2)]
+    with SubmittedRuns(path, limit=limit) as memory:
+        for key in queued:
+            memory.add(key)
+        for key in given_up:
+            memory.give_up(key, {"regions": []}, False)
+        for key in lost:
+            memory.abandon(key, "replays")
+        rewrites[0] = 0
+        for _ in range(100):
+            memory.took()
+        assert rewrites[0] <= 6, f"{rewrites[0]} rewrites for 100 lines"
+        assert len(path.read_text().splitlines()) < 2 * 21
+    with SubmittedRuns(path, limit=limit) as memory:
+        assert memory.keys() == queued
+        assert [plan.key for plan in memory.given_up()] == given_up
+        assert all(key in memory for key in lost) and memory.slot_age() is not None
+    with old.SubmittedRuns(path, limit=limit) as rolled_back:
+        assert [g.key for g in rolled_back.revive(10, 900.0, 10)] == given_up
+        assert all(key in rolled_back for key in lost)
+
+
+def test_a_plan_given_up_for_good_takes_no_queued_plan_out_of_the_memory(tmp_path: Path) -> None:
+    """The memory holds ``limit`` keys when a plan is given up for good. Its two lines (its
+    key, for the previous release, then ``abandoned``) are read as abandoned; before, the
+    reader held the key as queued first and, past ``limit``, forgot the oldest queued plan,
+    which a replay of its run then queued again (the server's queue and history aside)."""
+    path, limit = tmp_path / SUBMITTED_FILE, 4
+    queued, lost = [(f"queued-{i}", "run_end") for i in range(limit)], ("lost", "run_end")
+    with SubmittedRuns(path, limit=limit) as memory:
+        for key in queued:
+            memory.add(key)
+        memory.abandon(lost, "replays")
+        assert memory.keys() == queued
+    with SubmittedRuns(path, limit=limit) as memory:
+        assert memory.keys() == queued and lost in memory

@@ -55,8 +55,8 @@ remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` p
 queued is refused at enqueue and remembered as given up the same way
 (``gave_up_queue_full``): a replay of its run or the next daemon tries it again, and so does
 this daemon, running on. The memory keeps the newest plans given up and rewrites its file
-at twice its limit (:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours
-bounds both.
+at twice its limit, or twice what its last rewrite kept if more
+(:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours bounds both.
 
 A plan given up while the daemon runs on (``gave_up``, ``gave_up_queue_full``,
 ``gave_up_waiting_full``; not one close drops) is tried again by it, as a replay of its run

@@ -6,7 +6,10 @@ queue is in neither, nor is one whose history was cleared: after a restart, a ru
 replays would be queued again. :class:`SubmittedRuns` keeps the submission keys (``(raw uid,
 what)``, :func:`~xasflow.adapters.queueserver_plan.submission_key`) of the plans the server
 took or already held, the newest ``limit``, in a JSON-lines file: one ``[raw_uid, what]`` a
-line, appended, rewritten once it holds twice the limit. A missing, unreadable or torn file
+line, appended, rewritten with what is kept once it holds twice the limit or, if more, twice
+what the last rewrite wrote (what is kept may pass twice the limit: ``limit`` keys, ``limit
+// 2`` plans given up and two lines for each of ``limit`` given up for good; the trigger
+leaving no room would rewrite the whole file at each line). A missing, unreadable or torn file
 is read as far as it goes and a failed write is logged: the server's own record stays the
 first check, this one only covers what it has forgotten.
 
@@ -129,7 +132,8 @@ class SubmittedRuns:
         #: Plans given up for good (never sent again), with why, the newest ``limit``
         self._abandoned: OrderedDict[Key, str] = OrderedDict()
         self._slot: float | None = None  # when the server last took a plan (wall clock)
-        self._lines = 0  # lines in the file: rewritten at twice the limit
+        self._lines = 0  # lines in the file: rewritten at twice the limit, or twice _kept
+        self._kept = 0  # lines the last rewrite wrote (0: none in this process)
         self._torn = False  # the file ends in a torn line: the next one starts a new line
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -320,7 +324,8 @@ class SubmittedRuns:
             return out[::-1]
 
     def _append(self, line: str, key: Key | None) -> None:
-        """One line at the end of the file (or the file rewritten at twice the limit), on
+        """One line at the end of the file (or the file rewritten, at twice the limit or twice
+        what the last rewrite wrote, whichever is more: amortised, a line costs a few), on
         disk before this returns: flushed, fsync'd, and its directory fsync'd when the file
         is new."""
         if self.path is None:
@@ -330,7 +335,7 @@ class SubmittedRuns:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._lines + 1 >= 2 * self.limit:
+            if self._lines + 1 >= 2 * max(self.limit, self._kept):
                 self._rewrite(self.path)
             else:
                 new = not self.path.exists()
@@ -346,10 +351,13 @@ class SubmittedRuns:
             what = "when a plan last went in" if key is None else f"the plan of {key[0]!r}"
             logger.warning("cannot remember %s in %s: %s", what, self.path, exc)
 
-    def _keep(self, key: tuple[str, str]) -> None:
+    def _keep(self, key: tuple[str, str], trim: bool = True) -> None:
+        """Hold ``key`` as queued, the newest; past ``limit`` the oldest is forgotten
+        (``trim``; the reader trims once read: a plan given up for good has its key line
+        before its ``abandoned`` line, which takes the key out again)."""
         self._keys[key] = None
         self._keys.move_to_end(key)
-        while len(self._keys) > self.limit:
+        while trim and len(self._keys) > self.limit:
             self._keys.popitem(last=False)
         self._forget(key)
 
@@ -387,7 +395,7 @@ class SubmittedRuns:
             if not isinstance(value, dict):
                 key = key_of(value)
                 if key is not None:
-                    self._keep(key)
+                    self._keep(key, trim=False)
                     doubt.pop(key, None)
                     lost.pop(key, None)
                 continue
@@ -413,7 +421,9 @@ class SubmittedRuns:
                 self._keys.pop(key, None)  # the line before it, for the previous release
                 self._abandoned[key] = str(value.get("reason", ""))
         for key in doubt:  # at most once: the server may have it, an operator may have not
-            self._keep(key)
+            self._keep(key, trim=False)
+        while len(self._keys) > self.limit:
+            self._keys.popitem(last=False)
         if doubt:
             logger.warning(
                 "%d queueserver plans were being sent when the last daemon stopped; whether "
@@ -446,6 +456,7 @@ class SubmittedRuns:
         fsync_dir(path.parent)
         held: list[Sized] = [self._keys, self._given_up, self._sending, self._lost, self._abandoned]
         self._lines = sum(map(len, held)) + len(self._abandoned) + (self._slot is not None)
+        self._kept = self._lines
         self._torn = False
 
 
