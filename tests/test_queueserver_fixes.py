@@ -180,6 +180,47 @@ def test_a_given_up_plan_the_server_took_is_not_queued_twice(tmp_path: Path) -> 
         sub.close()
 
 
+@pytest.mark.parametrize("outcome", ["refused", "taken"])
+def test_a_given_up_plan_submit_is_sending_is_not_revived_beside_it(
+    tmp_path: Path, outcome: str
+) -> None:
+    """The last daemon gave raw-1's plan up; in this one, ``submit()`` for raw-1 (a replay)
+    is with the server when the daemon asks for the given-up plans to be tried again.
+    Before, ``retry_given_up`` held the plan a second time and pushed it as a retry: tried
+    by both paths, and, once submit's refused try let go of the hold, by any replay
+    beside them. Now a plan held as queued is left to the path holding it: revived 0, one
+    try; refused, the plan is not held (a replay may try it again)."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = quick_config(retries=0)
+    give_up_plan(cfg, path, REC)
+    fake = _Held(outcome)
+    sub = daemon(cfg, fake, path)
+    errors: list[Exception] = []
+
+    def replay() -> None:
+        try:
+            sub.submit(REC, raw_uid="raw-1")
+        except QueueServerError as exc:
+            errors.append(exc)
+
+    sending = threading.Thread(target=replay)
+    try:
+        sending.start()
+        assert fake.sending.wait(10.0), "submit's try never reached the server"
+        assert sub.retry_given_up() == 0, "a plan submit() is sending was revived beside it"
+        fake.release.set()
+        sending.join(10.0)
+        assert not sending.is_alive() and sub.join(10.0)
+        assert sub.stats["revived"] == 0 and sub.stats["failed"] == (outcome == "refused")
+        assert len(errors) == (outcome == "refused")
+        assert queued_runs(fake) == ([] if outcome == "refused" else ["raw-1"])
+        replayed = sub.enqueue(REC, "raw-1")  # taken: a repeat; refused: tried again
+        assert replayed == (outcome == "refused") and sub.join(10.0)
+    finally:
+        fake.release.set()
+        sub.close()
+
+
 def test_the_daemon_tries_the_given_up_plans_again_once_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -327,13 +327,17 @@ class QueueServerSubmitter(Background):
         """Try again, as retries, the plans the previous daemon gave up (remembered in
         ``memory``; see the module for which); the number scheduled. Once a process: the
         daemon calls it when it runs, not at construction, so a daemon that fails to start
-        submits nothing. Once close has begun, none is: each is dropped (``dropped_closed``)."""
+        submits nothing. Once close has begun, none is: each is dropped (``dropped_closed``).
+        One held as queued meanwhile (``submit`` is sending it, as a replay of its run) is
+        left to that path: scheduled too, it would be tried twice, and the hold let go by a
+        refused ``submit`` would let a replay queue it a third time."""
         if not self.enabled or self._closing:
             return 0
         cfg = self.config
-        plans = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
-        jobs = [(plan.rec, plan.key[0], plan.rescan_only) for plan in plans]
+        given_up = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
         with self._lock:  # close sets _closing under it: a retry pushed here is close's to drop
+            plans = [plan for plan in given_up if plan.key not in self._queued]
+            jobs = [(plan.rec, plan.key[0], plan.rescan_only) for plan in plans]
             closing = self._closing
             if not closing:
                 for plan, job in zip(plans, jobs, strict=True):
