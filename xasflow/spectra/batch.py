@@ -57,9 +57,10 @@ LARCH_MIN_ROWS = 5
 
 #: Fewer checked rows than this are each prepared by :func:`prepare` itself: the matrix
 #: path's fixed cost (the E0 rows, the edge-to-noise rows, the window masks) pays only from
-#: about 8 rows on. A lone 1,000-point spectrum took 1.07 ms on it against 0.48 ms by
-#: ``prepare`` (1-3 rows: 2.2-1.2x; 8 rows: even), the quick-XAS case of a spectrum at a time
-#: (``bench/prepare_batch.py``). The two paths agree to rounding (1e-16 in y), not bit for bit.
+#: about 8 rows on: per 1,000-point spectrum, 2 rows took 402 us on it against 267 us by
+#: ``prepare``, 4 rows 310 against 262, 8 rows even (``bench/prepare_batch.py``). The daemon
+#: makes such stacks between a spectrum at a time (a group of one, prepared alone anyway) and
+#: its full batches. The two paths agree to rounding (1e-16 in y), not bit for bit.
 BATCH_MIN_ROWS = 8
 
 
