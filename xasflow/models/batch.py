@@ -8,14 +8,20 @@ both go through here, so the figures a bundle reports are those it serves.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
+from xasflow.models.plan import (
+    DecodePlan,
+    block_probabilities,
+    class_labels,
+    cn_tables,
+    plan_for,
+    typed,
+)
 from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import (
     combined_ood,
@@ -25,13 +31,6 @@ from xasflow.models.uncertainty import (
     spread_score,
     tempered,
 )
-
-_CN_OF_LABEL = re.compile(r"^CN(\d+)-")
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python scalars (for JSON and equality)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass
@@ -54,6 +53,8 @@ class TaskArrays:
     #: Rows with no answer consistent with the CN answer (no CN-motif label of that CN): their
     #: value is None; probabilities, sets and scores stay as calibrated.
     blank: np.ndarray | None = None
+    #: classifiers: the labels and their text keys, when the decoder has them at hand
+    names: tuple[tuple[Any, ...], tuple[str, ...]] | None = None
 
     def point(self) -> np.ndarray:
         """The point prediction per row: class labels (None where blank), values, or the
@@ -85,7 +86,7 @@ class TaskArrays:
 
     def _classifier_rows(self) -> list[TaskResult]:
         assert self.index is not None and self.probabilities is not None
-        labels, keys = _labels(_typed(self.spec.classes))
+        labels, keys = self.names or class_labels(typed(self.spec.classes))
         chosen = self.index.tolist()
         if self.blank is not None and self.blank.any():  # None: one past the labels
             labels = (*labels, None)
@@ -180,54 +181,9 @@ def decode_task(spec: TaskSpec, raw: dict[str, dict[str, np.ndarray]], n: int) -
     return TaskArrays(spec, values=mean)
 
 
-def _typed(classes: list[Any] | None) -> tuple[tuple[type, Any], ...]:
-    """A class list as a cache key: (4, 6) and (4.0, 6.0) are equal tuples, not equal lists
-    of labels ("4" against "4.0"), so each class goes with its type."""
-    return tuple((type(c), c) for c in classes or ())
-
-
-@lru_cache(maxsize=64)
-def _labels(classes: tuple[tuple[type, Any], ...]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
-    """A class list as Python scalars and as text keys, worked out once per list (the
-    decoder needs both for every batch)."""
-    labels = tuple(_plain(c) for _, c in classes)
-    return labels, tuple(str(c) for c in labels)
-
-
-@lru_cache(maxsize=64)
-def _class_ints(classes: tuple[Any, ...]) -> np.ndarray:
-    """A CN class list as integers, parsed once per list."""
-    arr = np.asarray([_plain(c) for c in classes]).astype(np.int64)
-    arr.setflags(write=False)  # shared between calls
-    return arr
-
-
-@lru_cache(maxsize=64)
-def _label_cns(labels: tuple[str, ...]) -> np.ndarray:
-    """The CN each ``CN<k>-motif`` label names (-1 for none); parsed once per class list."""
-    out = []
-    for label in labels:
-        match = _CN_OF_LABEL.match(label)
-        out.append(int(match.group(1)) if match else -1)
-    arr = np.array(out, dtype=np.int64)
-    arr.setflags(write=False)  # shared between calls
-    return arr
-
-
-@lru_cache(maxsize=64)
-def _tables(
-    env_classes: tuple[tuple[type, Any], ...], cn_classes: tuple[Any, ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CN of each CN-motif label, the CN classes as integers, and which label goes with
-    which CN class ((labels, CN classes) bool), worked out once per pair of class lists."""
-    env_cn = _label_cns(_labels(env_classes)[1])
-    cn_ints = _class_ints(cn_classes)
-    of_class = env_cn[:, None] == cn_ints[None, :]
-    of_class.setflags(write=False)  # shared between calls
-    return env_cn, cn_ints, of_class
-
-
-def make_consistent(tasks: dict[str, TaskArrays]) -> None:
+def make_consistent(
+    tasks: dict[str, TaskArrays], tables: tuple[np.ndarray, ...] | None = None
+) -> None:
     """The CN-motif label (and the motif ranking's head) follow the CN answer.
 
     CN is the better-measured task, so it decides; the environment answer becomes its most
@@ -240,11 +196,14 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
     each other (a row whose CN set has no motif label keeps its calibrated set). On the Cu
     test split this left 2.3 labels of 2.7 and the motif set's coverage at 0.886 (0.917 before):
     with the CN set's 90 %, the two hold together at least 80 % of the time (union bound).
+    ``tables``: :func:`~xasflow.models.plan.cn_tables` of the two tasks, if at hand.
     """
     cn, env = tasks.get("cn"), tasks.get("environment")
     if cn is None or env is None or env.probabilities is None or cn.index is None:
         return
-    env_cn, cn_classes, of_class = _tables(_typed(env.spec.classes), tuple(cn.spec.classes or ()))
+    env_cn, cn_classes, of_class = tables or cn_tables(
+        typed(env.spec.classes), tuple(cn.spec.classes or ())
+    )
     cn_values = cn_classes[cn.index]
     allowed = env_cn[None, :] == cn_values[:, None]
     masked = np.where(allowed, env.probabilities, -1.0)
@@ -265,14 +224,57 @@ def make_consistent(tasks: dict[str, TaskArrays]) -> None:
         motifs.blank = env.blank
 
 
+def block_arrays(
+    plan: DecodePlan, raw: dict[str, dict[str, np.ndarray]], n: int
+) -> dict[str, TaskArrays] | None:
+    """The plan's block classifiers decoded together (see :mod:`xasflow.models.plan`): what
+    :func:`decode_task` gives each, or None where that must decide (a missing output, a
+    probability not finite)."""
+    found = block_probabilities(plan, raw, n)
+    if found is None:
+        return None
+    probs, spans = found
+    qhats = plan.columns(tuple(b - a for a, b in spans))[2]
+    lac = (1.0 - probs) <= qhats if any(t.conformal is not None for t in plan.block) else None
+    rows = np.arange(n)
+    out = {}
+    for t, (a, b) in zip(plan.block, spans, strict=True):
+        p = probs[:, a:b]
+        top = np.argmax(p, axis=1)
+        sets = None
+        if t.conformal is not None and lac is not None:
+            if t.conformal.method == "lac":
+                sets = lac[:, a:b]
+                sets[rows, top] = True
+            else:
+                sets = set_mask(np.ascontiguousarray(p), t.conformal.qhat, t.conformal.method, top)
+        out[t.name] = TaskArrays(
+            t.spec, p, index=top, probabilities=p, sets=sets, names=(t.labels, t.keys)
+        )
+    return out
+
+
+def batch_size(raw: dict[str, dict[str, np.ndarray]]) -> int:
+    """The rows in a batch of graph outputs (its first output's)."""
+    first = next(iter(raw.values()))
+    return int(next(iter(first.values())).shape[0])
+
+
 def decode_batch(
     manifest: Manifest, raw: dict[str, dict[str, np.ndarray]]
 ) -> tuple[dict[str, TaskArrays], np.ndarray | None]:
     """Every task of ``manifest`` decoded from ``raw`` (file -> output -> array), and OOD scores."""
-    first = next(iter(raw.values()))
-    n = int(next(iter(first.values())).shape[0])
-    tasks = {name: decode_task(spec, raw, n) for name, spec in manifest.tasks.items()}
-    make_consistent(tasks)
+    n = batch_size(raw)
+    plan = plan_for(manifest)
+    block = block_arrays(plan, raw, n)
+    if block is None:  # task by task, as its checks raise
+        tasks = {name: decode_task(spec, raw, n) for name, spec in manifest.tasks.items()}
+    else:
+        tasks = {
+            name: block[name] if name in block else decode_task(spec, raw, n)
+            for name, spec in manifest.tasks.items()
+        }
+    make_consistent(tasks, plan.tables)
     ood = None
     spec = manifest.ood
     if spec is not None:
