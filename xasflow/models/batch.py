@@ -118,10 +118,12 @@ class TaskArrays:
         leads = self.lead if self.lead is not None else [None] * len(rows)
         blank = self.blank.tolist() if self.blank is not None else [False] * len(rows)
         position = {name: k for k, name in enumerate(names)}
+        unique = len(position) == len(names)  # then a lead already first stays as it is
         out = []
         for row, order, kept, lead, none in zip(rows, orders, n_kept, leads, blank, strict=True):
             ranking = [(names[k], row[k]) for k in order[:kept]]
-            if lead is not None and lead in position:
+            first = unique and ranking and ranking[0][0] == lead
+            if lead is not None and lead in position and not first:
                 ranking = [(lead, row[position[lead]])] + [r for r in ranking if r[0] != lead]
             top = None if none else ranking[0][0] if ranking else names[order[0]]
             out.append(task_result(top, ranking=ranking))
