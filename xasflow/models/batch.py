@@ -16,7 +16,6 @@ import numpy as np
 from xasflow.models.bundle import ConformalSpec, Manifest, TaskSpec
 from xasflow.models.plan import (
     DecodePlan,
-    block_probabilities,
     class_labels,
     cn_tables,
     plan_for,
@@ -24,6 +23,7 @@ from xasflow.models.plan import (
 )
 from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import (
+    PROB_EPS,
     combined_ood,
     intervals,
     is_unbounded,
@@ -224,6 +224,55 @@ def make_consistent(
     if motifs is not None:
         motifs.lead = [None if label is None else str(label) for label in env.point()]
         motifs.blank = env.blank
+
+
+def block_probabilities(
+    plan: DecodePlan, raw: dict[str, dict[str, np.ndarray]], n: int
+) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+    """The block tasks' calibrated probabilities side by side ((n, sum of K)) and each task's
+    columns; None where an output is missing or a probability is not finite (decoding task by
+    task then raises as it always did, the first task's error first).
+
+    Each step is :func:`decode_task`'s on the same numbers: clipped at zero, rows normalised,
+    then ``softmax(log(p + eps) / T)``; elementwise steps once for all tasks, row sums and
+    maxima per task on its own columns (numpy sums a row's columns the same way whatever
+    surrounds them, so every figure is the one task-by-task decoding gives).
+    """
+    if not plan.block:
+        return None
+    try:
+        parts = [
+            np.reshape(raw[t.members[0].file][t.members[0].output], (n, -1))
+            if len(t.members) == 1
+            else member_mean(raw, t.spec, n)
+            for t in plan.block
+        ]
+    except KeyError:
+        return None
+    widths = tuple(p.shape[1] for p in parts)
+    if 0 in widths:
+        return None
+    starts, temps, _, seg = plan.columns(widths)
+    probs = np.concatenate(parts, axis=1, dtype=np.float64)  # float32 to float64: exact
+    np.maximum(probs, 0.0, out=probs)  # np.clip(p, 0.0, None) is this call
+    spans = []
+    a = 0
+    for w in widths:
+        spans.append((a, a + w))
+        p = probs[:, a : a + w]
+        p /= np.maximum(np.add.reduce(p, axis=1, keepdims=True), 1e-12)
+        a += w
+    if not np.isfinite(probs).all():
+        return None
+    logits = probs + PROB_EPS
+    np.log(logits, out=logits)
+    logits /= temps
+    logits -= np.maximum.reduceat(logits, starts, axis=1)[:, seg]  # maxima are exact
+    e = np.exp(logits, out=logits)
+    for a, b in spans:
+        p = e[:, a:b]
+        p /= np.add.reduce(p, axis=1, keepdims=True)
+    return e, spans
 
 
 def block_arrays(

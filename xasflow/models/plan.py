@@ -1,11 +1,10 @@
-"""A manifest's decoding worked out once, and its calibrated classifiers decoded as one block.
+"""A manifest's decoding worked out once: its constants, and which tasks decode as one block.
 
 The daemon decodes batches of one spectrum as often as of 64, where numpy's overhead per call
 is most of the time. So the constants (class labels and their text keys, the CN tables,
 temperatures and set thresholds per column) are derived once per manifest, and the tempered
-classifiers are calibrated together as one (n, sum of K) array: elementwise steps once for all
-tasks, row sums and maxima per task on its own columns. numpy sums a row's columns the same
-way whatever surrounds them, so every figure is the one task-by-task decoding gives.
+classifiers are calibrated together as one (n, sum of K) array
+(:func:`~xasflow.models.batch.block_probabilities`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.bundle import ConformalSpec, Manifest, MemberSpec, TaskSpec
-from xasflow.models.uncertainty import PROB_EPS
 
 _CN_OF_LABEL = re.compile(r"^CN(\d+)-")
 
@@ -176,52 +174,3 @@ def plan_for(manifest: Manifest) -> DecodePlan:
             _PLANS.clear()
         plan = _PLANS[id(manifest)] = DecodePlan(manifest)
     return plan
-
-
-def block_probabilities(
-    plan: DecodePlan, raw: dict[str, dict[str, np.ndarray]], n: int
-) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
-    """The block tasks' calibrated probabilities side by side ((n, sum of K)) and each task's
-    columns; None where an output is missing or a probability is not finite (decoding task by
-    task then raises as it always did, the first task's error first).
-
-    Each step is :func:`~xasflow.models.batch.decode_task`'s on the same numbers: clipped at
-    zero, rows normalised, then ``softmax(log(p + eps) / T)``.
-    """
-    from xasflow.models.batch import member_mean  # batch imports this module
-
-    if not plan.block:
-        return None
-    try:
-        parts = [
-            np.reshape(raw[t.members[0].file][t.members[0].output], (n, -1))
-            if len(t.members) == 1
-            else member_mean(raw, t.spec, n)
-            for t in plan.block
-        ]
-    except KeyError:
-        return None
-    widths = tuple(p.shape[1] for p in parts)
-    if 0 in widths:
-        return None
-    starts, temps, _, seg = plan.columns(widths)
-    probs = np.concatenate(parts, axis=1, dtype=np.float64)  # float32 to float64: exact
-    np.maximum(probs, 0.0, out=probs)  # np.clip(p, 0.0, None) is this call
-    spans = []
-    a = 0
-    for w in widths:
-        spans.append((a, a + w))
-        p = probs[:, a : a + w]
-        p /= np.maximum(np.add.reduce(p, axis=1, keepdims=True), 1e-12)
-        a += w
-    if not np.isfinite(probs).all():
-        return None
-    logits = probs + PROB_EPS
-    np.log(logits, out=logits)
-    logits /= temps
-    logits -= np.maximum.reduceat(logits, starts, axis=1)[:, seg]  # maxima are exact
-    e = np.exp(logits, out=logits)
-    for a, b in spans:
-        p = e[:, a:b]
-        p /= np.add.reduce(p, axis=1, keepdims=True)
-    return e, spans

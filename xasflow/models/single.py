@@ -3,7 +3,7 @@
 For one row numpy's overhead per call is most of the decoder's time, and most steps are a
 comparison, an addition or a product per class: on Python floats they are the same IEEE
 operations and give the same bits. Logarithms, exponentials and row sums stay in numpy
-(:func:`~xasflow.models.plan.block_probabilities`, the code every batch goes through).
+(:func:`~xasflow.models.batch.block_probabilities`, the code every batch goes through).
 Anything unusual (a NaN score, an invalid spread, a missing output, a manifest the plan does
 not cover) goes back to the general path, :func:`~xasflow.models.batch.decode_batch`, which
 answers or raises as it always did.
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.models.batch import member_mean, member_spread
+from xasflow.models.batch import block_probabilities, member_mean, member_spread
 from xasflow.models.bundle import MemberSpec, TaskSpec
-from xasflow.models.plan import DecodePlan, block_probabilities
+from xasflow.models.plan import DecodePlan
 from xasflow.models.results import TaskResult, task_result
 from xasflow.models.uncertainty import combined_ood, is_unbounded, spread_score
 
