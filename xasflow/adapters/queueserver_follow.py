@@ -3,7 +3,9 @@
 :class:`RunFollower` follows one analysis run for
 :class:`~xasflow.adapters.queueserver.QueueServerSubmitter` and hands it the advice to queue:
 the run's last advice at a successful stop, or each rescan as it comes, never advice that
-follows an out-of-domain answer.
+follows an out-of-domain answer. Rescans come with the advice the daemon publishes: a
+spectrum throttled, or its advice superseded by a newer one of the run in the same batch
+(:mod:`xasflow.daemon.advice`), is not looked at for one.
 """
 
 from __future__ import annotations
