@@ -187,3 +187,22 @@ def test_a_plan_given_up_for_good_takes_no_queued_plan_out_of_the_memory(tmp_pat
         assert memory.keys() == queued
     with SubmittedRuns(path, limit=limit) as memory:
         assert memory.keys() == queued and lost in memory
+
+
+def test_a_plan_given_up_after_its_key_was_trimmed_is_read_back_given_up(tmp_path: Path) -> None:
+    """``limit: 4``: raw-1's plan is queued, four newer ones push its key out of the held
+    ones (its line stays in the file), then a replay of raw-1 is given up. The next daemon
+    reads raw-1 given up, to try again: the key line before the give-up is stale (a plan
+    held as queued is never given up), not a reason to skip the give-up."""
+    path = tmp_path / SUBMITTED_FILE
+    with SubmittedRuns(path, limit=4) as memory:
+        memory.add(K)
+        for i in range(4):
+            memory.add((f"raw-{i + 2}", "run_end"))
+        assert K not in memory
+        memory.give_up(K, {"regions": []}, False)
+        assert [entry.key for entry in memory.given_up()] == [K]
+    with SubmittedRuns(path, limit=4) as nxt:
+        assert [entry.key for entry in nxt.given_up()] == [K], path.read_text()
+        assert K not in nxt
+        assert [entry.key for entry in nxt.revive(2, 900.0, 10)] == [K]

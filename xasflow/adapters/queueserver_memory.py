@@ -402,7 +402,10 @@ class SubmittedRuns:
             entry = given_up_of(value)
             if entry is not None:
                 doubt.pop(entry.key, None)
-                if entry.key not in self._keys and entry.key not in self._abandoned:
+                # a key line before it is stale: a plan held as queued is never given up
+                # (its key was trimmed from the held ones, its line left in the file)
+                self._keys.pop(entry.key, None)
+                if entry.key not in self._abandoned:
                     self._keep_given_up(entry)
             elif (key := key_of(value.get("sending"))) is not None:
                 doubt[key] = None
