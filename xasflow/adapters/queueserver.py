@@ -65,12 +65,12 @@ step, ``retry_backoff_s * 2**retries``) has passed since it was last given up an
 room: no new run's plan queued and fewer than ``max_pending`` retries waiting (else it waits
 ``given_up_retry_s`` more). It waits for its slot in the rate like a retry, with its own
 ``retries``; a plan held as queued (a replay of its run or ``submit`` tries it) is left to
-that path, and the server's queue and history are asked first. Each round counts as one of
-its ``given_up_replays`` and it is given up again only once its tries, each after its
-backoff, failed, so a server down for good costs a plan at most ``given_up_replays`` more
-rounds, no busy loop; past them, or ``given_up_max_age_s`` after it was first given up, it
-is left given up (a replay of its run, or a restart, may try it). ``join`` does not wait for
-these rounds.
+that path (one ``submit`` fails to send is given up again, not dropped), and the server's
+queue and history are asked first. Each round counts as one of its ``given_up_replays``
+and it is given up again only once its tries, each after its backoff, failed, so a server
+down for good costs a plan at most ``given_up_replays`` more rounds, no busy loop; past
+them, or ``given_up_max_age_s`` after it was first given up, it is left given up (a
+replay of its run, or a restart, may try it). ``join`` does not wait for these rounds.
 
 A submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
@@ -205,6 +205,7 @@ class QueueServerSubmitter(Background):
         #: (raw uid, what) held as queued ("run_end", or "rescan <region>"): whether settled
         #: (the newest settled kept, and every one still queued, under way or to retry)
         self._queued: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._submitting: dict[tuple[str, str], bool] = {}  # submit()'s: wanted meanwhile
         self.last_error: str = ""
         self.submitted: list[dict[str, Any]] = []  # server replies, newest last (at most 100)
 
@@ -232,27 +233,32 @@ class QueueServerSubmitter(Background):
         way, waiting for a retry, or sent), remembered here (``memory``), or held by the
         queueserver's queue or history
         (:func:`~xasflow.adapters.queueserver_client.on_server`). While it is sent, the run's
-        plan is held as queued: the background queue does not take it too. A plan given up is
+        plan is held as queued: the background queue does not take it too (nor a retry of
+        it given up); if this try fails or the rate holds it back, a plan another path
+        wanted meanwhile is given up (``gave_up``), to be tried again. A plan given up is
         tried again like a replay of its run, for at most ``given_up_replays`` calls, then
         given up for good (``abandoned_replays``; None). Raises QueueServerError."""
-        key = None
+        key, job = None, None
         if self.enabled and raw_uid:
-            key = submission_key(raw_uid, decode(recommendation), rescan_only)
+            job = (decode(recommendation), raw_uid, rescan_only)
+            key = submission_key(raw_uid, job[0], rescan_only)
             with self._lock:  # looked at and taken at once: enqueue looks under it too
-                if key in self._queued:
+                if self._held(key):
                     self.stats["skipped_repeat"] += 1
                     return None
                 self._hold(key)
+                self._submitting[key] = False  # another path wanting it marks it (_held)
         reply: Any = None
+        failed = False  # refused, or not reached: not sent
         try:
             reply = self._send(recommendation, raw_uid, rescan_only)
+        except QueueServerError:
+            failed = True
+            raise
         finally:
-            if key is not None:  # sent: held (and settled); else not held
-                with self._lock:
-                    if isinstance(reply, dict):
-                        self._queued[key] = True
-                    else:
-                        self._queued.pop(key, None)
+            if key is not None and job is not None:  # held and settled, let go, or given up
+                unsent = failed or reply is LIMITED
+                self._let_go(key, job, sent=isinstance(reply, dict), unsent=unsent)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None
@@ -336,7 +342,7 @@ class QueueServerSubmitter(Background):
         cfg = self.config
         given_up = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
         with self._lock:  # close sets _closing under it: a retry pushed here is close's to drop
-            plans = [plan for plan in given_up if plan.key not in self._queued]
+            plans = [plan for plan in given_up if not self._held(plan.key)]
             jobs = [(plan.rec, plan.key[0], plan.rescan_only) for plan in plans]
             closing = self._closing
             if not closing:

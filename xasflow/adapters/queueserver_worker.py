@@ -31,6 +31,7 @@ from xasflow.adapters.queueserver_pending import (
     Retries,
     backlog,
     next_job,
+    wake,
 )
 from xasflow.adapters.queueserver_plan import QueueServerConfig, submission_key
 from xasflow.adapters.queueserver_plan import decode as _decode
@@ -72,6 +73,8 @@ class Background:
     _closing: bool
     _closed: bool
     _queued: OrderedDict[tuple[str, str], bool]  # key: settled (False: queued, under way)
+    #: keys submit() holds while it sends: whether another path wanted the plan meanwhile
+    _submitting: dict[tuple[str, str], bool]
 
     @property
     def enabled(self) -> bool:
@@ -107,7 +110,9 @@ class Background:
         key = None
         if raw_uid:
             key = submission_key(raw_uid, rec, rescan_only)
-            if key in self._queued or key in self._memory:
+            with self._lock:
+                held = self._held(key)
+            if held or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
         job = (rec, raw_uid, rescan_only)
@@ -121,7 +126,7 @@ class Background:
             return False
         with self._lock:  # close sets _closing under it: a plan offered here is close's to drain
             closing = self._closing
-            repeat = key is not None and key in self._queued  # submit() took it since
+            repeat = key is not None and self._held(key)  # submit() took it since
             offered = not closing and not repeat and self._offer(job, key)
         if repeat:  # held by submit(), whose outcome settles it
             self.stats["skipped_repeat"] += 1
@@ -143,6 +148,36 @@ class Background:
         if key is not None:
             self._hold(key)
         return True
+
+    def _held(self, key: tuple[str, str]) -> bool:
+        """Whether ``key``'s plan is held as queued here, so that the path asking leaves it to
+        the one holding it (called under ``_lock``). One that :meth:`submit` holds is marked
+        wanted: if its try does not send the plan, it gives the plan up (:meth:`_let_go`)
+        rather than let go of it, so the plan the asking path left to it is not lost."""
+        if key in self._submitting:
+            self._submitting[key] = True
+        return key in self._queued
+
+    def _let_go(self, key: tuple[str, str], job: Job, sent: bool, unsent: bool) -> None:
+        """:meth:`submit`'s try of ``job`` is over: ``sent`` (still held, settled), or
+        ``unsent`` (it failed, or the rate held it back), or neither (found queued, given up
+        for good, or a plan no server takes: settled elsewhere). A plan unsent that another
+        path wanted meanwhile (:meth:`_held`) is given up (``gave_up``: remembered, and tried
+        again after ``given_up_retry_s``); otherwise it is no longer held here."""
+        with self._lock:
+            handed = unsent and self._submitting.pop(key, False)
+            self._submitting.pop(key, None)
+            if sent:
+                self._queued[key] = True
+            elif not handed:
+                self._queued.pop(key, None)
+        if handed:  # still held until _give_up lets go of it: no path takes it meanwhile
+            logger.error("queueserver plan of run %r given up: submit() did not send it", key[0])
+            self._give_up(job)
+            with self._lock:  # a worker, looking at it once due (none is after close)
+                if not self._closing:
+                    self._start_worker()
+            wake(self._queue)
 
     def _hold(self, key: tuple[str, str]) -> None:
         """Hold ``key``'s plan as queued by this process, so that neither path sends it
@@ -307,7 +342,7 @@ class Background:
                 return None
             room = cfg.max_pending - len(self._retry)
             for key, job in due:
-                if key in self._queued or key in self._memory:
+                if self._held(key) or key in self._memory:
                     continue  # held by another path, or settled since
                 if not self._memory.retryable(key, cfg.given_up_replays, cfg.given_up_max_age_s):
                     continue

@@ -1,0 +1,91 @@
+"""The running daemon's retries of plans given up: a plan another path wanted while
+``submit()`` held it is not lost when that ``submit()`` fails, and no plan is dropped
+from those retries without a count."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from feedback_helpers import REC
+from helpers import wait_for
+from queueserver_helpers import (
+    OutageApi,
+    daemon,
+    give_up_plan,
+    item_raw_uid,
+    queued_runs,
+    quick_config,
+)
+
+from xasflow.adapters.queueserver import QueueServerError
+from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
+
+K = ("raw-1", "run_end")
+
+
+class _HeldOutage(OutageApi):
+    """An RE Manager that cannot be reached until ``up``; raw-1's try while it is down is
+    held (``sending`` set) until ``release``, then fails like the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def item_add(self, item: dict[str, Any], user: str, user_group: str) -> dict[str, Any]:
+        if not self.up.is_set() and item_raw_uid(item) == "raw-1":
+            self.sending.set()
+            assert self.release.wait(20.0)
+        return super().item_add(item, user, user_group)
+
+
+@pytest.mark.parametrize("wanted_by", ["run_stop", "retry_given_up"])
+def test_a_plan_wanted_while_a_failing_submit_held_it_is_given_up_not_lost(
+    tmp_path: Path, wanted_by: str
+) -> None:
+    """The RE Manager is down and ``submit()`` for raw-1 is with it when another path wants
+    raw-1's plan: the run's stop (its enqueue is refused, ``skipped_repeat``) or, after a
+    restart, ``retry_given_up`` (it leaves the plan to ``submit()``, its round used).
+    ``submit()``'s try then fails. Before, it only let go of the plan: nothing gave it up
+    or tried it again, and the running daemon never queued it. Now the plan another path
+    wanted is given up (remembered, ``gave_up``) and the running daemon tries it again
+    after ``given_up_retry_s``: with the server back, it goes in, once."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = quick_config(retries=0, given_up_retry_s=0.05)
+    if wanted_by == "retry_given_up":
+        give_up_plan(cfg, path, REC)
+    fake = _HeldOutage()
+    sub = daemon(cfg, fake, path)
+    errors: list[Exception] = []
+
+    def script() -> None:
+        try:
+            sub.submit(REC, raw_uid="raw-1")
+        except QueueServerError as exc:
+            errors.append(exc)
+
+    sending = threading.Thread(target=script)
+    try:
+        sending.start()
+        assert fake.sending.wait(10.0), "submit()'s try never reached the server"
+        if wanted_by == "run_stop":
+            assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+        else:
+            assert sub.retry_given_up() == 0
+        gave_up = sub.stats["gave_up"]
+        fake.release.set()
+        sending.join(20.0)
+        assert not sending.is_alive() and len(errors) == 1
+        assert [plan.key for plan in sub._memory.given_up()] == [K], "raw-1's plan was lost"
+        assert len(sub._deferred) == 1 and sub.stats["gave_up"] == gave_up + 1
+        fake.up.set()
+        wait_for(lambda: queued_runs(fake) == ["raw-1"], what="raw-1 tried again")
+        assert sub.join(10.0) and sub._memory.given_up() == [] and K in sub._memory
+    finally:
+        fake.release.set()
+        sending.join(20.0)
+        sub.close()
+    assert queued_runs(fake) == ["raw-1"]
