@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from feedback_helpers import REC, HeldApi
 from helpers import wait_for
 from queueserver_helpers import OutageApi, daemon, queued_runs, quick_config
@@ -44,31 +45,35 @@ def test_a_down_server_gets_a_plan_given_up_only_given_up_replays_more_times(
 ) -> None:
     """The RE Manager stays down: the running daemon tries raw-1's plan again after each
     give-up, each time as a replay of its run with its own retries, for
-    ``given_up_replays`` (2) rounds only: then it stops (no loop on a down server) and the
-    plan stays given up, for a replay of its run (which gives it up for good) or a restart."""
+    ``given_up_replays`` (2) rounds only: then it stops (no loop on a down server). Before,
+    the plan was then dropped from the daemon's retries without a count or a log (the
+    alert on plans lost never fired); now it is given up for good (``abandoned_replays``,
+    logged, remembered), as the next replay of its run would have."""
     path = tmp_path / "store" / SUBMITTED_FILE
     fake = OutageApi()
     cfg = quick_config(given_up_retry_s=0.05)
     sub = daemon(cfg, fake, path)
     try:
         assert sub.enqueue(REC, "raw-1")
-        wait_for(lambda: sub.stats["gave_up"] == 3, what="raw-1 given up three times")
-        wait_for(lambda: sub._deferred.due_in() is None, what="nothing more to try again")
-        assert sub.join(10.0)
+        wait_for(lambda: sub.stats["abandoned_replays"] == 1, what="raw-1 given up for good")
+        assert sub.join(10.0) and len(sub._deferred) == 0
         tries = (1 + cfg.retries) * (1 + cfg.given_up_replays)
         assert sub.stats["failed"] == tries and sub.stats["gave_up"] == 3
         assert sub.stats["revived"] == cfg.given_up_replays
-        assert sub.stats["abandoned_replays"] == 0
-        assert sub._memory.replays(K) == cfg.given_up_replays
+        assert sub._memory.given_up() == [] and K in sub._memory
     finally:
         sub.close()
-    with SubmittedRuns(path) as memory:  # given up for now, not for good
-        assert [plan.key for plan in memory.given_up()] == [K] and K not in memory
+    with SubmittedRuns(path) as memory:  # given up for good: neither revived nor replayed
+        assert memory.given_up() == [] and K in memory
 
 
-def test_a_plan_given_up_too_long_ago_is_not_tried_again_while_running(tmp_path: Path) -> None:
+def test_a_plan_given_up_too_long_ago_is_not_tried_again_while_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A plan given up more than ``given_up_max_age_s`` ago is not tried again by the
-    running daemon either: the sample in the beam has likely changed since."""
+    running daemon either: the sample in the beam has likely changed since. Before, it was
+    dropped from the daemon's retries without a count or a log; now it is given up for good
+    (``abandoned_expired``, logged at ERROR with its run: the alert on plans lost fires)."""
     path = tmp_path / "store" / SUBMITTED_FILE
     fake = OutageApi()
     sub = daemon(quick_config(given_up_retry_s=0.05, given_up_max_age_s=0.01), fake, path)
@@ -76,10 +81,13 @@ def test_a_plan_given_up_too_long_ago_is_not_tried_again_while_running(tmp_path:
         assert sub.enqueue(REC, "raw-1")
         wait_for(lambda: sub.stats["gave_up"] == 1, what="raw-1 given up")
         fake.up.set()
-        wait_for(lambda: sub._deferred.due_in() is None, what="the look at raw-1's plan")
+        wait_for(lambda: sub.stats["abandoned_expired"] == 1, what="raw-1 given up for good")
         assert sub.join(10.0) and sub.stats["revived"] == 0 and fake.items == []
+        assert K in sub._memory and sub._memory.given_up() == []
     finally:
         sub.close()
+    lost = [r for r in caplog.records if r.levelname == "ERROR" and "for good" in r.message]
+    assert len(lost) == 1 and "raw-1" in lost[0].getMessage()
 
 
 def test_a_plan_refused_at_a_full_queue_is_tried_again_once_there_is_room(

@@ -71,3 +71,17 @@ def test_every_outcome_the_alerts_name_is_one_the_submitter_counts() -> None:
         for alternative in regex.split("|"):
             matches = [k for k in sub.stats if re.fullmatch(alternative, k)]
             assert matches, f"the alerts name the outcome {alternative!r}, never counted"
+
+
+def test_every_plan_lost_is_one_the_plans_lost_alert_selects() -> None:
+    """Each way a plan is given up for good (``abandoned_*``: a lost reply, its replays
+    spent, too old for the running daemon to try again) is counted from 0 and selected by
+    ``XasflowQueueserverPlansLost``. Before, a plan whose rounds or age ran out in the
+    running daemon's retries was dropped without a count: the alert never fired."""
+    sub = QueueServerSubmitter(QueueServerConfig())
+    lost = [outcome for outcome in sub.stats if outcome.startswith("abandoned_")]
+    assert {"abandoned_lost_reply", "abandoned_replays", "abandoned_expired"} <= set(lost)
+    assert all(sub.stats[outcome] == 0 for outcome in lost)
+    (rule,) = [rule for rule in alert_rules() if rule["alert"] == "XasflowQueueserverPlansLost"]
+    (regex,) = re.findall(r'outcome=~"([^"]+)"', rule["expr"])
+    assert all(re.fullmatch(regex, outcome) for outcome in lost)

@@ -69,8 +69,11 @@ that path (one ``submit`` fails to send is given up again, not dropped), and the
 queue and history are asked first. Each round counts as one of its ``given_up_replays``
 and it is given up again only once its tries, each after its backoff, failed, so a server
 down for good costs a plan at most ``given_up_replays`` more rounds, no busy loop; past
-them, or ``given_up_max_age_s`` after it was first given up, it is left given up (a
-replay of its run, or a restart, may try it). ``join`` does not wait for these rounds.
+them, or ``given_up_max_age_s`` after it was first given up, it is given up for good
+(``abandoned_replays``, ``abandoned_expired``: logged at ERROR with its run, remembered),
+as a replay of its run would. ``gave_up`` counts each round's give-up (a plan counts 1 +
+``given_up_replays`` times at most) and ``revived`` each round. ``join`` does not wait for
+these rounds.
 
 A submission the server refused or could not take is tried again ``retries`` times
 (``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
@@ -188,6 +191,7 @@ class QueueServerSubmitter(Background):
             "lost_reply": 0,  # of those, tries whose reply never came (it may have taken them)
             "abandoned_lost_reply": 0,  # plans whose reply a previous daemon lost: not re-added
             "abandoned_replays": 0,  # plans given up, tried for given_up_replays replays already
+            "abandoned_expired": 0,  # plans given up, too old to try again (given_up_max_age_s)
             "retried": 0,  # tries after a failed one
             "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,

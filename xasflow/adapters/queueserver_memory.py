@@ -272,16 +272,19 @@ class SubmittedRuns:
                 entry.replays += 1
                 self._append(entry.line(), key)
 
-    def retryable(self, key: Key, replays: int, max_age_s: float) -> bool:
-        """Whether the daemon running on may try ``key``'s plan again: given up and not
-        queued since (nor given up for good), not a previous daemon's still waiting for
-        :meth:`revive`, tried again for fewer than ``replays`` replays of its run and given
-        up (first) less than ``max_age_s`` ago."""
+    def retry_spent(self, key: Key, replays: int, max_age_s: float) -> str | None:
+        """Whether the daemon running on may try ``key``'s plan again: None when it may
+        (given up and not queued since, nor given up for good, not a previous daemon's still
+        waiting for :meth:`revive`, tried again for fewer than ``replays`` replays of its run
+        and given up, first, less than ``max_age_s`` ago); else why not: ``"replays"`` or
+        ``"expired"`` (spent: to give up for good), ``""`` (not given up, or waiting)."""
         with self._lock:
             entry = self._given_up.get(key)
             if entry is None or key in self._revivable:
-                return False
-            return entry.replays < replays and self._wall() - entry.at < max_age_s
+                return ""
+            if entry.replays >= replays:
+                return "replays"
+            return "expired" if self._wall() - entry.at >= max_age_s else None
 
     def revive(self, rounds: int, max_age_s: float, most: int) -> list[GivenUp]:
         """The plans a previous daemon gave up, to try again once in this one: tried in fewer

@@ -49,6 +49,8 @@ _WHY = {
     "in neither queue nor history: it may have been taken and removed by an operator, and is "
     "not queued again (check the queue)",
     "replays": "it was tried again for given_up_replays replays of its run already",
+    "expired": "it was first given up more than given_up_max_age_s ago: the sample in the "
+    "beam has likely changed since",
 }
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again:
@@ -327,15 +329,18 @@ class Background:
         look, :func:`~.queueserver_pending.next_job`), as replays of their runs: each pushed
         among the retries (``revived``), where it waits for its slot in the rate, and its
         first try counts as a replay (:meth:`_replay`). One is not tried again while held as
-        queued (a replay of its run, or ``submit``, tries it), once queued or given up for
-        good, nor past ``given_up_replays`` replays or ``given_up_max_age_s``
-        (:meth:`~.queueserver_memory.SubmittedRuns.retryable`: it stays given up, for a
-        replay or a restart); one that finds a new run's plan queued, or ``max_pending``
-        retries waiting, waits ``given_up_retry_s`` more. Seconds until the next is due."""
+        queued (a replay of its run, or ``submit``, tries it: one ``submit`` fails to send is
+        given up again, :meth:`_let_go`), once queued or given up for good; one tried for
+        ``given_up_replays`` replays already, or first given up more than
+        ``given_up_max_age_s`` ago, is given up for good (``abandoned_replays``,
+        ``abandoned_expired``: logged, remembered, not dropped unseen); one that finds a new
+        run's plan queued, or ``max_pending`` retries waiting, waits ``given_up_retry_s``
+        more. Seconds until the next is due."""
         cfg, due = self.config, self._deferred.take_due()
         if not due:
             return self._deferred.due_in()
         later: list[tuple[tuple[str, str], Job]] = []
+        spent: list[tuple[tuple[str, str], str]] = []
         tried = 0
         with self._lock:  # close sets _closing under it: nothing is pushed after close drains
             if self._closing:
@@ -344,7 +349,10 @@ class Background:
             for key, job in due:
                 if self._held(key) or key in self._memory:
                     continue  # held by another path, or settled since
-                if not self._memory.retryable(key, cfg.given_up_replays, cfg.given_up_max_age_s):
+                why = self._memory.retry_spent(key, cfg.given_up_replays, cfg.given_up_max_age_s)
+                if why is not None:
+                    if why:
+                        spent.append((key, why))
                     continue
                 if room <= 0 or self._queue.plans:
                     later.append((key, job))
@@ -355,6 +363,8 @@ class Background:
                 tried += 1
         for key, job in later:
             self._deferred.add(key, job, cfg.given_up_retry_s)
+        for key, why in spent:
+            self._abandon(key, why)
         self.stats["revived"] += tried
         if tried:
             logger.info("trying again %d queueserver plans given up in this daemon", tried)

@@ -191,7 +191,8 @@ class _Collector:
             count,
             "queueserver_plans",
             "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
-            "retried count tries): abandoned_* are plans lost",
+            "retried count tries, gave_up* give-ups: a plan tried again counts once a round, "
+            "revived counts rounds): abandoned_* are plans lost",
             ["outcome"],
             queueserver,
         )
