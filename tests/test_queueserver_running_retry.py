@@ -22,6 +22,7 @@ from queueserver_helpers import (
 
 from xasflow.adapters.queueserver import QueueServerError
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
+from xasflow.adapters.queueserver_pending import Deferred, Job
 
 K = ("raw-1", "run_end")
 
@@ -89,3 +90,40 @@ def test_a_plan_wanted_while_a_failing_submit_held_it_is_given_up_not_lost(
         sending.join(20.0)
         sub.close()
     assert queued_runs(fake) == ["raw-1"]
+
+
+def test_a_plan_given_up_comes_due_at_its_time_whatever_was_given_up_before_it() -> None:
+    """A plan whose retries were spent waits ``max(given_up_retry_s, retry_backoff_s *
+    2**retries)`` before it is tried again, one put back for room ``given_up_retry_s``:
+    the waits differ, so a plan set later may come due first. Before, :class:`Deferred`
+    kept them in the order they were set and stopped at the first not due: raw-2's plan,
+    due at 10 s, waited behind raw-1's, due at 100 s. Now each comes due at its time, the
+    earliest first."""
+    now = [0.0]
+    deferred = Deferred(lambda: now[0], most=8)
+    job: Job = ({}, None, False)
+    deferred.add(("raw-1", "run_end"), job, 100.0)
+    deferred.add(("raw-2", "run_end"), job, 10.0)
+    deferred.add(("raw-3", "run_end"), job, 5.0)
+    deferred.add(("raw-1", "run_end"), job, 50.0)  # set again: its earlier time is gone
+    assert deferred.due_in() == 5.0 and len(deferred) == 3
+    now[0] = 10.0
+    assert [key for key, _ in deferred.take_due()] == [("raw-3", "run_end"), ("raw-2", "run_end")]
+    assert deferred.due_in() == 40.0 and deferred.take_due() == []
+    now[0] = 50.0
+    assert [key for key, _ in deferred.take_due()] == [("raw-1", "run_end")]
+    assert deferred.due_in() is None and len(deferred) == 0
+
+
+def test_the_plans_given_up_past_most_forget_the_oldest_set() -> None:
+    """Past ``most``, the plan set longest ago is forgotten here, whatever its time (it stays
+    given up in the memory, for a replay or the next daemon)."""
+    now = [0.0]
+    deferred = Deferred(lambda: now[0], most=2)
+    job: Job = ({}, None, False)
+    deferred.add(("raw-1", "run_end"), job, 1.0)
+    deferred.add(("raw-2", "run_end"), job, 30.0)
+    deferred.add(("raw-3", "run_end"), job, 20.0)
+    assert len(deferred) == 2 and deferred.due_in() == 20.0
+    now[0] = 30.0
+    assert [key for key, _ in deferred.take_due()] == [("raw-3", "run_end"), ("raw-2", "run_end")]

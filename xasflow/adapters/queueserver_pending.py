@@ -16,8 +16,9 @@ waits its turn in the same line (``waited_rate``).
 
 A plan given up (its retries spent, or no room to wait) is tried again by the daemon running
 on: :class:`Deferred` keeps when each may be, and :func:`next_job` wakes for it, so that the
-submitter pushes it among the retries (where it waits for its slot like them). Each waits
-``given_up_retry_s`` from its last give-up, never a busy loop: a plan is given up again only
+submitter pushes it among the retries (where it waits for its slot like them), the earliest
+due first. Each waits ``given_up_retry_s`` from its last give-up (after its retries, at
+least the backoff's next step), never a busy loop: a plan is given up again only
 after tries that each waited their backoff, and the submitter tries one again for at most
 ``given_up_replays`` rounds.
 """
@@ -174,13 +175,18 @@ class Retries:
 
 class Deferred:
     """Plans given up in this process, each with when it may be tried again (on the
-    submitter's clock), the newest ``most`` (thread-safe). Each is set ``after`` seconds
-    from now, one ``after`` for all: they come due in the order they were set."""
+    submitter's clock), the newest ``most`` set (thread-safe). Their waits differ (a plan
+    whose retries were spent waits at least the backoff's next step, one put back for room
+    ``given_up_retry_s``), so they come due by their time, kept in a heap: not in the order
+    they were set."""
 
     def __init__(self, clock: Callable[[], float], most: int) -> None:
         self._clock = clock
         self._most = most
-        self._due: OrderedDict[tuple[str, str], tuple[float, Job]] = OrderedDict()
+        #: key: (when due, the add that set it, job), the oldest set first (forgotten first)
+        self._due: OrderedDict[tuple[str, str], tuple[float, int, Job]] = OrderedDict()
+        self._heap: list[tuple[float, int, tuple[str, str]]] = []  # stale rows skipped
+        self._order = itertools.count()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -189,32 +195,43 @@ class Deferred:
 
     def add(self, key: tuple[str, str], job: Job, after: float) -> None:
         """``key``'s plan (``job``) may be tried again in ``after`` seconds (a later
-        :meth:`add` of the same plan replaces it); past ``most``, the oldest is forgotten
-        here (still given up in the memory, for a replay or the next daemon)."""
+        :meth:`add` of the same plan replaces it); past ``most``, the one set longest ago is
+        forgotten here (still given up in the memory, for a replay or the next daemon)."""
         with self._lock:
+            at, order = self._clock() + after, next(self._order)
             self._due.pop(key, None)
-            self._due[key] = (self._clock() + after, job)
+            self._due[key] = (at, order, job)
+            heapq.heappush(self._heap, (at, order, key))
             while len(self._due) > self._most:
                 self._due.popitem(last=False)
+            if len(self._heap) > 2 * len(self._due) + 16:  # bounded: the stale rows dropped
+                self._heap = [(at, order, key) for key, (at, order, _) in self._due.items()]
+                heapq.heapify(self._heap)
+
+    def _first(self) -> tuple[float, int, tuple[str, str]] | None:
+        """The earliest due (called under the lock), stale rows (replaced or forgotten)
+        dropped from the heap's top."""
+        while self._heap:
+            _, order, key = self._heap[0]
+            held = self._due.get(key)
+            if held is not None and held[1] == order:
+                return self._heap[0]
+            heapq.heappop(self._heap)
+        return None
 
     def due_in(self) -> float | None:
-        """Seconds until the first may be tried again (None: none waits)."""
+        """Seconds until the earliest may be tried again (None: none waits)."""
         with self._lock:
-            if not self._due:
-                return None
-            at, _ = next(iter(self._due.values()))
-            return at - self._clock()
+            first = self._first()
+            return None if first is None else first[0] - self._clock()
 
     def take_due(self) -> list[tuple[tuple[str, str], Job]]:
-        """The plans whose wait is over, the oldest first, now forgotten here."""
+        """The plans whose wait is over, the earliest due first, now forgotten here."""
         with self._lock:
             now, out = self._clock(), list[tuple[tuple[str, str], Job]]()
-            while self._due:
-                key, (at, job) = next(iter(self._due.items()))
-                if at > now:
-                    break
-                del self._due[key]
-                out.append((key, job))
+            while (first := self._first()) is not None and first[0] <= now:
+                heapq.heappop(self._heap)
+                out.append((first[2], self._due.pop(first[2])[2]))
             return out
 
 
