@@ -81,6 +81,7 @@ def test_a_plan_given_up_too_long_ago_is_not_tried_again_while_running(
         assert sub.enqueue(REC, "raw-1")
         wait_for(lambda: sub.stats["gave_up"] == 1, what="raw-1 given up")
         fake.up.set()
+        # the count that follows the age check, not the wait's end: it fails if the check does
         wait_for(lambda: sub.stats["abandoned_expired"] == 1, what="raw-1 given up for good")
         assert sub.join(10.0) and sub.stats["revived"] == 0 and fake.items == []
         assert K in sub._memory and sub._memory.given_up() == []
@@ -127,7 +128,9 @@ def test_a_plan_tried_again_while_running_waits_for_its_slot_in_the_rate(tmp_pat
     sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: now[0], memory=path)
     try:
         assert sub.enqueue(REC, "raw-1")
-        wait_for(lambda: sub.stats["gave_up"] == 1, what="raw-1 given up")
+        # the count comes before the plan is remembered and set to wait: wait for the wait
+        wait_for(lambda: len(sub._deferred) == 1, what="raw-1 given up, to try again")
+        assert sub.stats["gave_up"] == 1
         fake.up.set()
         assert sub.submit(REC, raw_uid="raw-2") is not None
         now[0] = 50.0  # raw-1's wait is over, raw-2's slot is not
