@@ -20,9 +20,9 @@ from queueserver_helpers import (
     quick_config,
 )
 
-from xasflow.adapters.queueserver import QueueServerError
+from xasflow.adapters.queueserver import QueueServerError, QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
-from xasflow.adapters.queueserver_pending import Deferred, Job
+from xasflow.adapters.queueserver_pending import Deferred, Job, wake
 
 K = ("raw-1", "run_end")
 
@@ -127,3 +127,46 @@ def test_the_plans_given_up_past_most_forget_the_oldest_set() -> None:
     assert len(deferred) == 2 and deferred.due_in() == 20.0
     now[0] = 30.0
     assert [key for key, _ in deferred.take_due()] == [("raw-3", "run_end"), ("raw-2", "run_end")]
+
+
+def test_an_error_while_looking_at_the_plans_given_up_leaves_the_worker_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submitter's clock moves only when the test moves it. raw-1's and raw-2's plans
+    are given up in an outage (due again at 10 s and 15 s); the look at raw-1's raises.
+    Before, the error ended the worker thread (the look runs in its wait for the next job),
+    so nothing tried raw-2's plan again until a new run's plan came. Now the error is logged
+    and counted (``deferred_errors``) and the worker goes on: raw-2's plan goes in."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = OutageApi()
+    now = [0.0]
+    cfg = quick_config(retries=0, given_up_retry_s=10.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: now[0], memory=path)
+    spent = sub._memory.retry_spent
+    looks: list[tuple[str, str]] = []
+
+    def broken(key: tuple[str, str], replays: int, max_age_s: float) -> str | None:
+        looks.append(key)
+        if len(looks) == 1:
+            raise RuntimeError("injected")
+        return spent(key, replays, max_age_s)
+
+    monkeypatch.setattr(sub._memory, "retry_spent", broken)
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        wait_for(lambda: len(sub._deferred) == 1, what="raw-1 given up, to try again")
+        now[0] = 5.0
+        assert sub.enqueue(REC, "raw-2")
+        wait_for(lambda: len(sub._deferred) == 2, what="raw-2 given up, to try again")
+        fake.up.set()
+        now[0] = 10.0
+        wake(sub._queue)
+        wait_for(lambda: sub.stats["deferred_errors"] == 1, what="the look at raw-1's plan")
+        assert looks == [K] and sub.stats["revived"] == 0
+        now[0] = 15.0
+        wake(sub._queue)
+        wait_for(lambda: queued_runs(fake) == ["raw-2"], what="raw-2 tried again")
+        assert sub.join(10.0) and sub.stats["revived"] == 1
+        assert [plan.key for plan in sub._memory.given_up()] == [K]  # for a replay, a restart
+    finally:
+        sub.close()

@@ -217,7 +217,7 @@ class Background:
 
     def _work(self) -> None:
         while True:
-            job, tries, waited = next_job(self._queue, self._retry, self._rate, self._try_deferred)
+            job, tries, waited = next_job(self._queue, self._retry, self._rate, self._look)
             try:
                 if job is None:
                     return
@@ -323,6 +323,21 @@ class Background:
             if counter != "dropped_closed" and cfg.given_up_retry_s > 0:
                 after = max(cfg.given_up_retry_s, cfg.retry_backoff_s * 2**cfg.retries)
                 self._deferred.add(key, job, after)
+
+    def _look(self) -> float | None:
+        """:meth:`_try_deferred`, which runs in the worker's wait for its next job: an error
+        there is logged and counted (``deferred_errors``) instead of ending the worker (the
+        plans it was looking at stay given up in the memory, for a replay or a restart)."""
+        try:
+            return self._try_deferred()
+        except Exception:
+            self.stats["deferred_errors"] += 1
+            logger.exception("trying again the queueserver plans given up in this daemon failed")
+        try:
+            return self._deferred.due_in()
+        except Exception:  # no wake for them: the next run's plan looks again
+            logger.exception("the queueserver plans given up in this daemon are not looked at")
+            return None
 
     def _try_deferred(self) -> float | None:
         """Try again the plans given up here whose wait is over (the worker calls it at each

@@ -192,7 +192,8 @@ class _Collector:
             "queueserver_plans",
             "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
             "retried count tries, gave_up* give-ups: a plan tried again counts once a round, "
-            "revived counts rounds): abandoned_* are plans lost",
+            "revived counts rounds, deferred_errors failed looks at them): abandoned_* are "
+            "plans lost",
             ["outcome"],
             queueserver,
         )
