@@ -4,6 +4,7 @@ from those retries without a count."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 from typing import Any
@@ -168,5 +169,26 @@ def test_an_error_while_looking_at_the_plans_given_up_leaves_the_worker_running(
         wait_for(lambda: queued_runs(fake) == ["raw-2"], what="raw-2 tried again")
         assert sub.join(10.0) and sub.stats["revived"] == 1
         assert [plan.key for plan in sub._memory.given_up()] == [K]  # for a replay, a restart
+    finally:
+        sub.close()
+
+
+def test_a_plan_whose_background_try_raised_is_not_held_as_sent() -> None:
+    """raw-1's plan asks for more points than any beamline should run: its background try
+    raises ``ValueError`` before anything is sent. Before, the run's plan was then held as
+    queued, settled, so ``submit()`` for raw-1 answered ``skipped_repeat`` (None) for a
+    plan that never reached the server. Now it is not held: ``submit()`` raises the
+    ``ValueError`` that says why, and nothing is sent."""
+    rec = copy.deepcopy(REC)
+    rec["regions"][0]["step"] = 0.001  # 12 eV: 12,000 points
+    fake = OutageApi()
+    fake.up.set()
+    sub = QueueServerSubmitter(quick_config(), api_factory=lambda _: fake)
+    try:
+        assert sub.enqueue(rec, "raw-1") and sub.join(10.0)
+        assert K not in sub._queued
+        with pytest.raises(ValueError, match="points"):
+            sub.submit(rec, raw_uid="raw-1")
+        assert sub.stats["skipped_repeat"] == 0 and fake.items == []
     finally:
         sub.close()

@@ -54,7 +54,7 @@ _WHY = {
 }
 
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again:
-#: the newest settled ones (sent, found queued, or refused for good) are kept; those still
+#: the newest settled ones (sent, found queued, or given up for good) are kept; those still
 #: queued, under way or waiting for a retry are never trimmed (``max_pending`` bounds them).
 _REMEMBERED = 4096
 
@@ -198,7 +198,7 @@ class Background:
             del self._queued[held]
 
     def _settle(self, job: Job) -> None:
-        """``job``'s plan has its outcome (sent, found queued, or refused for good): still
+        """``job``'s plan has its outcome (sent, found queued, or given up for good): still
         held as queued, it may be trimmed now (:meth:`_hold`)."""
         rec, raw_uid, rescan_only = job
         if raw_uid:
@@ -206,6 +206,15 @@ class Background:
             with self._lock:
                 if key in self._queued:
                     self._queued[key] = True
+
+    def _unhold(self, job: Job) -> None:
+        """``job``'s plan was not sent, and this path tries it no more: no longer held as
+        queued, so that a replay of its run, or ``submit``, may (held as settled, it would
+        be skipped as a repeat of a plan that never reached the server)."""
+        rec, raw_uid, rescan_only = job
+        if raw_uid:
+            with self._lock:
+                self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
 
     def _start_worker(self) -> None:
         """A worker thread, unless one runs (called under ``_lock``)."""
@@ -241,12 +250,12 @@ class Background:
             reply = self._send(rec, raw_uid, rescan_only, tries)
         except QueueServerError as exc:
             self._again(job, tries + 1, exc)
-        except ValueError as exc:  # a plan no server takes: never tried again
+        except ValueError as exc:  # a plan no server takes: not tried again, nor held as sent
             logger.warning("queueserver submission refused: %s", exc)
-            self._settle(job)
+            self._unhold(job)
         except Exception:
             logger.exception("queueserver submission failed")
-            self._settle(job)
+            self._unhold(job)
         else:
             if reply is not LIMITED:
                 self._settle(job)
@@ -255,9 +264,7 @@ class Background:
                 self._wait_turn(job, tries, new=not (tries or waited))
                 return
             self.stats["skipped_rate"] += 1
-            if raw_uid:  # not queued after all: as if refused at enqueue
-                with self._lock:
-                    self._queued.pop(submission_key(raw_uid, rec, rescan_only), None)
+            self._unhold(job)  # not queued after all: as if refused at enqueue
 
     def _wait_turn(self, job: Job, tries: int, new: bool) -> None:
         """Wait ``job`` beside the queue for its slot in the rate (:func:`next_job` waits for
