@@ -2,7 +2,7 @@
 its plan rows, and an analysis run that carries it as a ``recommendations`` row; and, for
 the submitter's tests, a quick configuration, a daemon's submitter, the runs a fake
 queueserver took, fakes that are down, lose their reply or cannot be asked what they hold,
-and a plan given up."""
+a plan given up, and a script's ``submit()`` on a thread of its own."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from feedback_helpers import ZMQ_KEY, FakeApi, HeldApi
 from helpers import analysis_run_docs
 
 from xasflow.adapters.queueserver import QueueServerConfig, QueueServerSubmitter
+from xasflow.adapters.queueserver_client import QueueServerError
 
 REC = {
     "regions": [
@@ -126,3 +127,19 @@ class UnaskedApi(HeldApi):
 
     queue_get = None  # type: ignore[assignment]
     history_get = None  # type: ignore[assignment]
+
+
+def submit_on_a_thread(
+    sub: QueueServerSubmitter, rec: dict[str, Any], raw_uid: str = "raw-1"
+) -> tuple[threading.Thread, list[QueueServerError]]:
+    """An operator's script calling ``sub.submit(rec)`` for ``raw_uid`` on a thread of its
+    own (not started), and the QueueServerError it raised, once it did."""
+    errors: list[QueueServerError] = []
+
+    def script() -> None:
+        try:
+            sub.submit(rec, raw_uid=raw_uid)
+        except QueueServerError as exc:
+            errors.append(exc)
+
+    return threading.Thread(target=script), errors

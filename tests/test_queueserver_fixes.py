@@ -20,6 +20,7 @@ from queueserver_helpers import (
     item_raw_uid,
     queued_runs,
     quick_config,
+    submit_on_a_thread,
 )
 
 from xasflow.adapters.queueserver import (
@@ -195,15 +196,7 @@ def test_a_given_up_plan_submit_is_sending_is_not_revived_beside_it(
     give_up_plan(cfg, path, REC)
     fake = _Held(outcome)
     sub = daemon(cfg, fake, path)
-    errors: list[Exception] = []
-
-    def replay() -> None:
-        try:
-            sub.submit(REC, raw_uid="raw-1")
-        except QueueServerError as exc:
-            errors.append(exc)
-
-    sending = threading.Thread(target=replay)
+    sending, errors = submit_on_a_thread(sub, REC)
     try:
         sending.start()
         assert fake.sending.wait(10.0), "submit's try never reached the server"

@@ -19,9 +19,10 @@ from queueserver_helpers import (
     item_raw_uid,
     queued_runs,
     quick_config,
+    submit_on_a_thread,
 )
 
-from xasflow.adapters.queueserver import QueueServerError, QueueServerSubmitter
+from xasflow.adapters.queueserver import QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE
 from xasflow.adapters.queueserver_pending import Deferred, Job, wake
 
@@ -61,15 +62,7 @@ def test_a_plan_wanted_while_a_failing_submit_held_it_is_given_up_not_lost(
         give_up_plan(cfg, path, REC)
     fake = _HeldOutage()
     sub = daemon(cfg, fake, path)
-    errors: list[Exception] = []
-
-    def script() -> None:
-        try:
-            sub.submit(REC, raw_uid="raw-1")
-        except QueueServerError as exc:
-            errors.append(exc)
-
-    sending = threading.Thread(target=script)
+    sending, errors = submit_on_a_thread(sub, REC)
     try:
         sending.start()
         assert fake.sending.wait(10.0), "submit()'s try never reached the server"
