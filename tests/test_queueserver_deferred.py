@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from feedback_helpers import REC, HeldApi
 from helpers import wait_for
-from queueserver_helpers import OutageApi, daemon, queued_runs, quick_config
+from queueserver_helpers import OutageApi, daemon, give_up_plan, queued_runs, quick_config
 
 from xasflow.adapters.queueserver import QueueServerSubmitter
 from xasflow.adapters.queueserver_memory import SUBMITTED_FILE, SubmittedRuns
@@ -143,3 +143,28 @@ def test_a_plan_tried_again_while_running_waits_for_its_slot_in_the_rate(tmp_pat
         assert sub.join(10.0) and sub.stats["submitted"] == 2
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize(
+    ("knobs", "outcome"),
+    [
+        ({"given_up_max_age_s": 1e-3}, "abandoned_expired"),
+        ({"restart_retries": 0}, "abandoned_restarts"),
+    ],
+)
+def test_a_plan_a_restart_will_not_try_again_is_counted_lost(
+    tmp_path: Path, knobs: dict[str, float], outcome: str
+) -> None:
+    """The last daemon gave raw-1's plan up; this one finds it too old, or tried in its
+    restarts already. Before, the plan was forgotten with a warning in the log only: no
+    count, so the plans-lost alert never saw it. Now it is counted given up for good."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    give_up_plan(quick_config(), path, REC)
+    sub = daemon(quick_config(**knobs), OutageApi(), path)
+    try:
+        assert sub.retry_given_up() == 0
+        assert sub.stats[outcome] == 1 and sub.stats["revived"] == 0
+    finally:
+        sub.close()
+    with SubmittedRuns(path) as nxt:
+        assert nxt.given_up() == []

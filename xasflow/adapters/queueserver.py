@@ -192,6 +192,8 @@ class QueueServerSubmitter(Background):
             "abandoned_lost_reply": 0,  # plans whose reply a previous daemon lost: not re-added
             "abandoned_replays": 0,  # plans given up, tried for given_up_replays replays already
             "abandoned_expired": 0,  # plans given up, too old to try again (given_up_max_age_s)
+            "abandoned_restarts": 0,  # previous daemon's, tried in restart_retries restarts
+            "abandoned_crowded": 0,  # previous daemon's, past the max_pending newest revived
             "retried": 0,  # tries after a failed one
             "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,
@@ -346,6 +348,9 @@ class QueueServerSubmitter(Background):
             return 0
         cfg = self.config
         given_up = self._memory.revive(cfg.restart_retries, cfg.given_up_max_age_s, cfg.max_pending)
+        for why, n in self._memory.forgotten.items():  # no daemon tries these: lost, counted
+            self.stats[f"abandoned_{why}"] += n
+        self._memory.forgotten.clear()
         with self._lock:  # close sets _closing under it: a retry pushed here is close's to drop
             plans = [plan for plan in given_up if not self._held(plan.key)]
             jobs = [(plan.rec, plan.key[0], plan.rescan_only) for plan in plans]

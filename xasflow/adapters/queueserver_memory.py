@@ -125,6 +125,8 @@ class SubmittedRuns:
         self._keys: OrderedDict[tuple[str, str], None] = OrderedDict()
         #: Plans given up, not queued since, the newest ``limit // 2`` (keyed like _keys)
         self._given_up: OrderedDict[Key, GivenUp] = OrderedDict()
+        #: plans :meth:`revive` forgot, by why ("restarts", "expired", "crowded")
+        self.forgotten: dict[str, int] = {}
         self._revivable: set[Key] = set()  # read from the file: a previous daemon's
         self._sending: set[Key] = set()  # intents this process recorded, no outcome yet
         self._lost: set[Key] = set()  # tries whose reply was lost, not settled since
@@ -291,7 +293,7 @@ class SubmittedRuns:
         than ``rounds`` restarts so far and given up less than ``max_age_s`` ago, the newest
         ``most``, oldest first. Each is recorded as tried once more before it is returned, so
         a daemon that dies while trying does not try it for ever; the rest are forgotten
-        (logged). Only the first call returns any (a plan this daemon gave up waits for the
+        (logged, and counted in :attr:`forgotten` by why). Only the first call returns any (a plan this daemon gave up waits for the
         next daemon)."""
         with self._lock:
             now, out, forgot = self._wall(), list[GivenUp](), False
@@ -301,14 +303,17 @@ class SubmittedRuns:
                 entry = self._given_up[key]
                 if entry.rounds >= rounds:
                     why = f"tried again in {entry.rounds} restarts (restart_retries {rounds})"
+                    self.forgotten["restarts"] = self.forgotten.get("restarts", 0) + 1
                 elif now - entry.at > max_age_s:
                     why = f"given up {now - entry.at:.0f} s ago (more than {max_age_s:g} s)"
+                    self.forgotten["expired"] = self.forgotten.get("expired", 0) + 1
                 elif len(out) >= most:
                     why = f"the {most} newer ones are tried"
+                    self.forgotten["crowded"] = self.forgotten.get("crowded", 0) + 1
                 else:
                     out.append(entry)
                     continue
-                logger.warning(
+                logger.error(
                     "the queueserver plan %r of run %r is not tried again: %s", key[1], key[0], why
                 )
                 del self._given_up[key]
