@@ -326,11 +326,19 @@ def decode_batch(
             for name, spec in manifest.tasks.items()
         }
     make_consistent(tasks, plan.tables)
-    ood = None
+    return tasks, ood_scores(manifest, raw, n)
+
+
+def ood_scores(
+    manifest: Manifest, raw: dict[str, dict[str, np.ndarray]], n: int
+) -> np.ndarray | None:
+    """The batch's out-of-domain scores (n,), combined with the ensemble's spread where the
+    bundle says so; None for a bundle without an OOD graph."""
     spec = manifest.ood
-    if spec is not None:
-        ood = np.asarray(raw[spec.file][spec.output], dtype=np.float64).reshape(n)
-        if spec.spread is not None and spec.recon_scale is not None:
-            spread = spread_score([raw[f][o] for f, o in spec.spread.outputs])
-            ood = combined_ood(ood, spec.recon_scale, spread, spec.spread.scale)
-    return tasks, ood
+    if spec is None:
+        return None
+    ood = np.asarray(raw[spec.file][spec.output], dtype=np.float64).reshape(n)
+    if spec.spread is not None and spec.recon_scale is not None:
+        spread = spread_score([raw[f][o] for f, o in spec.spread.outputs])
+        ood = combined_ood(ood, spec.recon_scale, spread, spec.spread.scale)
+    return ood

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.models.batch import block_probabilities, member_mean, member_spread
+from xasflow.models.batch import block_probabilities, member_mean, member_spread, ood_scores
 from xasflow.models.bundle import MemberSpec, TaskSpec
 from xasflow.models.plan import DecodePlan
 from xasflow.models.results import TaskResult, task_result
-from xasflow.models.uncertainty import combined_ood, is_unbounded, spread_score
+from xasflow.models.uncertainty import is_unbounded
 
 Raw = dict[str, dict[str, np.ndarray]]
 _INF = math.inf
@@ -218,11 +218,5 @@ def _ranking(g: _Ranking, raw: Raw, lead: str | None, blank: bool) -> TaskResult
 
 def _ood(plan: DecodePlan, raw: Raw) -> float | None:
     """The batch of one's OOD score, as :func:`~xasflow.models.batch.decode_batch` makes it."""
-    spec = plan.manifest.ood
-    if spec is None:
-        return None
-    ood = np.asarray(raw[spec.file][spec.output], dtype=np.float64).reshape(1)
-    if spec.spread is not None and spec.recon_scale is not None:
-        spread = spread_score([raw[f][o] for f, o in spec.spread.outputs])
-        ood = combined_ood(ood, spec.recon_scale, spread, spec.spread.scale)
-    return float(ood.tolist()[0])
+    ood = ood_scores(plan.manifest, raw, 1)
+    return None if ood is None else float(ood.tolist()[0])
