@@ -177,16 +177,15 @@ class Deferred:
     """Plans given up in this process, each with when it may be tried again (on the
     submitter's clock), the newest ``most`` set (thread-safe). Their waits differ (a plan
     whose retries were spent waits at least the backoff's next step, one put back for room
-    ``given_up_retry_s``), so they come due by their time, kept in a heap: not in the order
-    they were set."""
+    ``given_up_retry_s``), so they come due by their time, not in the order they were set.
+    At most ``most`` (half the memory's limit), looked at once per worker turn at plan
+    rates: each look scans them."""
 
     def __init__(self, clock: Callable[[], float], most: int) -> None:
         self._clock = clock
         self._most = most
-        #: key: (when due, the add that set it, job), the oldest set first (forgotten first)
-        self._due: OrderedDict[tuple[str, str], tuple[float, int, Job]] = OrderedDict()
-        self._heap: list[tuple[float, int, tuple[str, str]]] = []  # stale rows skipped
-        self._order = itertools.count()
+        #: key: (when due, job), the oldest set first (forgotten first)
+        self._due: OrderedDict[tuple[str, str], tuple[float, Job]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -198,41 +197,26 @@ class Deferred:
         :meth:`add` of the same plan replaces it); past ``most``, the one set longest ago is
         forgotten here (still given up in the memory, for a replay or the next daemon)."""
         with self._lock:
-            at, order = self._clock() + after, next(self._order)
             self._due.pop(key, None)
-            self._due[key] = (at, order, job)
-            heapq.heappush(self._heap, (at, order, key))
+            self._due[key] = (self._clock() + after, job)
             while len(self._due) > self._most:
                 self._due.popitem(last=False)
-            if len(self._heap) > 2 * len(self._due) + 16:  # bounded: the stale rows dropped
-                self._heap = [(at, order, key) for key, (at, order, _) in self._due.items()]
-                heapq.heapify(self._heap)
-
-    def _first(self) -> tuple[float, int, tuple[str, str]] | None:
-        """The earliest due (called under the lock), stale rows (replaced or forgotten)
-        dropped from the heap's top."""
-        while self._heap:
-            _, order, key = self._heap[0]
-            held = self._due.get(key)
-            if held is not None and held[1] == order:
-                return self._heap[0]
-            heapq.heappop(self._heap)
-        return None
 
     def due_in(self) -> float | None:
         """Seconds until the earliest may be tried again (None: none waits)."""
         with self._lock:
-            first = self._first()
-            return None if first is None else first[0] - self._clock()
+            if not self._due:
+                return None
+            return min(at for at, _ in self._due.values()) - self._clock()
 
     def take_due(self) -> list[tuple[tuple[str, str], Job]]:
         """The plans whose wait is over, the earliest due first, now forgotten here."""
         with self._lock:
-            now, out = self._clock(), list[tuple[tuple[str, str], Job]]()
-            while (first := self._first()) is not None and first[0] <= now:
-                heapq.heappop(self._heap)
-                out.append((first[2], self._due.pop(first[2])[2]))
-            return out
+            now = self._clock()
+            due = sorted(
+                ((at, k, key) for k, (key, (at, _)) in enumerate(self._due.items()) if at <= now)
+            )
+            return [(key, self._due.pop(key)[1]) for _, _, key in due]
 
 
 def backlog(retries: Retries, rate: RateSlot) -> bool:
