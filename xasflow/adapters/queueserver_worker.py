@@ -167,8 +167,7 @@ class Background:
         path wanted meanwhile (:meth:`_held`) is given up (``gave_up``: remembered, and tried
         again after ``given_up_retry_s``); otherwise it is no longer held here."""
         with self._lock:
-            handed = unsent and self._submitting.pop(key, False)
-            self._submitting.pop(key, None)
+            handed = self._submitting.pop(key, False) and unsent
             if sent:
                 self._queued[key] = True
             elif not handed:
@@ -340,11 +339,7 @@ class Background:
         except Exception:
             self.stats["deferred_errors"] += 1
             logger.exception("trying again the queueserver plans given up in this daemon failed")
-        try:
-            return self._deferred.due_in()
-        except Exception:  # no wake for them: the next run's plan looks again
-            logger.exception("the queueserver plans given up in this daemon are not looked at")
-            return None
+        return self._deferred.due_in()
 
     def _try_deferred(self) -> float | None:
         """Try again the plans given up here whose wait is over (the worker calls it at each
