@@ -189,6 +189,27 @@ def test_evaluate_table_with_no_preparable_spectrum_is_a_clean_error(
     assert _evaluate(tmp_path, _table(tmp_path, [f"{flat},Cu,4,,,"]))[0] == 2
 
 
+def test_evaluate_names_each_reference_its_preparation_refused(
+    cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table of CuO and a flat line: the flat one is refused by preparation and only
+    counted (``issues: {no_edge: 1}``), so the user cannot tell which reference was left
+    out. Expected: its file and reason printed, as for rows the table reader skips."""
+    flat = tmp_path / "flat.txt"
+    energy = np.arange(8800.0, 9300.0, 1.0)
+    np.savetxt(flat, np.column_stack([energy, np.ones_like(energy)]))
+    table = _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96", f"{flat},Cu,4,,,"])
+    capsys.readouterr()
+    rc, out = _evaluate(tmp_path, table)
+    assert rc == 0
+    report = _strict_json(out.read_text())
+    assert report["n_spectra"] == 1
+    (reason,) = report["issues"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(printed) == 1, printed
+    assert str(flat) in printed[0] and reason in printed[0]
+
+
 def test_evaluate_non_utf8_table_is_a_clean_error(cuo: Path, tmp_path: Path) -> None:
     """A Latin-1 table (a Windows spreadsheet, an accented sample name): UnicodeDecodeError
     traceback from csv.DictReader. Expected: read it, or 'xasflow: error' and exit 2."""

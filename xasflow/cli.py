@@ -148,7 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     Data of another element than the bundle's, or of which nothing can be scored, are the
     user's to fix: exit 2 with a message, as for data that cannot be read. A reference
-    table's skipped rows are listed with their reasons (they are few, and each one matters).
+    table's skipped rows, unread or refused by the bundle's preparation, are listed with
+    their reasons (they are few, and each one matters).
     """
     from xasflow.models.bundle import BundleError
     from xasflow.models.predictor import Predictor
@@ -171,6 +172,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ev = evaluate_bundle(predictor, ds)
     except NoTestRows as exc:
         raise CliError(f"{args.data}: {exc}") from None
+    if ds.measured:
+        for issue in ev.unprepared:
+            print(f"  skipped {issue.item}: {issue.reason}: {issue.detail}")
     print(f"scored the {ev.scope}: {ev.n_spectra} spectra of {ev.n_materials} materials")
     payload = ev.to_json(predictor.manifest)
     for name, m in ev.tasks.items():

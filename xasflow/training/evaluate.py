@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from xasflow.adapters.feff import ReadIssue
 from xasflow.models.batch import TaskArrays
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
@@ -39,6 +40,8 @@ class Evaluation:
     material_average: dict[str, dict[str, Any]] = field(default_factory=dict)
     issues: dict[str, int] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
+    #: spectra the bundle's preparation refused, each with its reason (``issues`` counts them)
+    unprepared: list[ReadIssue] = field(default_factory=list)
 
     def to_json(self, manifest: Manifest) -> dict[str, Any]:
         """The JSON written by ``xasflow evaluate --json``."""
@@ -358,6 +361,7 @@ def evaluate_bundle(
         truths=truths,
         issues=issues,
         ood=ood,
+        unprepared=list(g.issues),
     )
     if same:
         # what an experiment measures: the site average of a whole material
