@@ -336,6 +336,25 @@ def test_evaluate_keeps_to_the_bundles_test_materials_on_other_copies_of_the_dat
     assert "ambiguous_label_fraction" not in external.tasks["cn"]
 
 
+def test_material_average_counts_the_materials_each_task_scored(dataset, bundle: Path) -> None:  # type: ignore[no-untyped-def]
+    """A test material without a valence label is not scored for valence in the site
+    average, yet ``n_materials`` said every material for every task (394 for the Cu
+    bundle's valence, scored on 326). Expected: each task's count of what it scored."""
+    from xasflow.models.predictor import Predictor
+    from xasflow.training.evaluate import evaluate_bundle
+
+    predictor = Predictor(bundle)
+    test = trained_test_rows(predictor, dataset)
+    unlabelled = dataset.material_id[test][0]
+    valence = np.where(dataset.material_id == unlabelled, np.nan, dataset.valence)
+    ev = evaluate_bundle(predictor, dataclasses.replace(dataset, valence=valence))
+    n = np.unique(dataset.material_id[test]).size
+    assert ev.material_average["cn"]["n_materials"] == n
+    assert ev.material_average["valence"]["n_materials"] == n - 1
+    for metrics in ev.material_average.values():
+        assert metrics["n_materials"] == metrics["n_test"]
+
+
 def trained_test_rows(predictor: Predictor, dataset) -> np.ndarray:  # type: ignore[no-untyped-def]
     from xasflow.training.split import split_dataset
 

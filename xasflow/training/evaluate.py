@@ -375,8 +375,8 @@ def evaluate_bundle(
                 joined, np.arange(len(avg_ds)), np.arange(len(avg_ds), len(joined)), avg_pred, m
             )
             _merge_environment(ev.material_average)
-            for metrics in ev.material_average.values():
-                metrics["n_materials"] = len(avg_ds)
+            for metrics in ev.material_average.values():  # a row per material it scored
+                metrics["n_materials"] = metrics.get("n_test", len(avg_ds))
     return ev
 
 
