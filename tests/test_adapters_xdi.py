@@ -262,6 +262,24 @@ def test_two_column_header_that_does_not_say_what_mu_is_is_refused(
     assert names in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "comments",
+    [
+        "# energy i0 itrans irefer\n# measured at 13 K\n",  # a note between it and the data
+        "# energy i0 itrans irefer\n# ------\n",  # Athena's rule line below the labels
+        "# sample CuO\n# energy i0 itrans irefer\n# two runs merged\n",
+    ],
+)
+def test_a_label_line_above_other_comments_names_the_columns(tmp_path: Path, comments: str) -> None:
+    """A comment line naming every column, energy first, and what mu is, is the header
+    also with other comments between it and the data: mu is ln(i0/itrans). Only the line
+    just above the data counted: i0 was read as mu, and refused as "mu never rises"."""
+    text = comments + table(ENERGY, I0, IT, IR)
+    s = read_two_column(write(tmp_path / "labels.txt", text), element="Cu")
+    np.testing.assert_allclose(s.mu, np.log(I0 / IT), rtol=1e-12)
+    assert s.meta["mu_from"] == "ln(i0/itrans)"
+
+
 def test_two_column_without_a_header_is_read_by_position(tmp_path: Path) -> None:
     """No header (or a comment that names no columns): energy and mu are columns 1 and 2."""
     text = "# measured at 13 K\n# two runs merged\n" + table(ENERGY, IT, I0)

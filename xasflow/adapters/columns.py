@@ -6,9 +6,9 @@ start with ``#``; values may be separated by whitespace, commas or semicolons
 (with semicolons, or numbers like ``8979,5``, commas are decimal commas).
 One non-numeric header row at the top names the columns (so may a comment line just above
 the data that names each column, the first an energy, as XDI's label line and FEFF's
-``xmu.dat`` do): mu is then taken by name, as the XDI reader takes it (i0 and itrans or it:
-ln(i0/it); i0 and ifluor: ifluor/i0; else a mu column), and names that do not say what mu
-is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
+``xmu.dat`` do, or one further up that also says what mu is): mu is then taken by name, as
+the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and ifluor: ifluor/i0; else a
+mu column), and names that do not say what mu is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
 columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
 (keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
 their range times 1000; below 200 without that, or under an eV unit (the file contradicts
@@ -116,9 +116,9 @@ def _first(names: list[str], wanted: tuple[str, ...]) -> int | None:
     return None
 
 
-def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
-    """Which columns a header's ``names`` say hold (energy, mu) or (energy, i0, signal), and
-    how mu comes from them; ColumnFileError, naming them, when they do not say."""
+def _says(names: list[str]) -> tuple[tuple[int, ...], Layout] | None:
+    """Which columns ``names`` say hold (energy, mu) or (energy, i0, signal), and how mu
+    comes from them; None when they do not say."""
     energy = _first(names, _ENERGY)
     i0, itrans, ifluor = _first(names, _I0), _first(names, _ITRANS), _first(names, _IFLUOR)
     mu = _first(names, _MU)
@@ -129,10 +129,33 @@ def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
             return (energy, i0, ifluor), "fluorescence"
         if mu is not None:
             return (energy, mu), "mu"
+    return None
+
+
+def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
+    """:func:`_says` of a header's ``names``; ColumnFileError, naming them, when they do not
+    say what mu is."""
+    found = _says(names)
+    if found is not None:
+        return found
     raise ColumnFileError(
         f"{path}: the header names the columns {names}, which does not say what mu is "
         f"({_NAMES_HELP})"
     )
+
+
+def _label_line(comments: list[str], width: int, decimal_commas: bool) -> list[tuple[str, str]]:
+    """The columns a comment line above the data names ([]: none does): the line just above
+    when it names all ``width`` columns, energy first; else the last line further up that
+    does and says what mu is (:func:`_says`). A note or a rule line (Athena's ``# ---``)
+    may lie between the labels and the data: the file was read by position, i0 as mu."""
+    for k, line in enumerate(reversed(comments)):
+        labels = _header_fields(line, decimal_commas)
+        if len(labels) != width or labels[0][0] not in _ENERGY:
+            continue
+        if k == 0 or _says([name for name, _ in labels]) is not None:
+            return labels
+    return []
 
 
 def read_two_column(path: str | Path, element: str | None = None, edge: str = "K") -> Spectrum:
@@ -153,10 +176,7 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
             lines = lines[1:]
     if not fields and lines:  # a comment naming every column of the data, energy first
         above = [line for n, line in numbered if n < lines[0][0] and line.startswith("#")]
-        labels = _header_fields(above[-1], commas) if above else []
-        width = len(_split(lines[0][1], commas))
-        if len(labels) == width and labels[0][0] in _ENERGY:
-            fields = labels
+        fields = _label_line(above, len(_split(lines[0][1], commas)), commas)
     names = [name for name, _ in fields] or None
     cols, mode = _layout(path, names) if names else ((0, 1), "mu")  # no names: by position
     expected = " and ".join(names[c] for c in cols) if names else "energy and mu"
