@@ -431,6 +431,10 @@ def test_every_library_file_reads(xdi_library: Path) -> None:
         ("field", "# Scan.mode: HERFD", True),
         ("field", "# Detector.if: Vortex SDD, not HERFD", False),
         ("field", "# Detector.herfd: none", False),
+        # an ion chamber's description: the HERFD analyser is the fluorescence detector
+        ("field", "# Detector.I0: 10 cm N2 ion chamber, HERFD analysers parked", False),
+        ("field", "# Detector.itrans: ion chamber (see the HERFD run for If)", False),
+        ("field", "# Detector.irefer: Cu foil, as in the HERFD scans", False),
     ],
 )
 def test_herfd_is_declared_by_a_detector_or_mode_field(
@@ -439,7 +443,8 @@ def test_herfd_is_declared_by_a_detector_or_mode_field(
     """HERFD is declared where XDI describes the detection: a ``Detector.*`` field (BLA, the
     HERFD software, writes ``Detector.herfd: <analyser>``) or a ``*.mode`` field. Any mention
     anywhere made a spectrum HERFD (broadened: E0 +6.7 eV, another CN): a comment saying
-    "compare with the HERFD data", a sample name."""
+    "compare with the HERFD data", a sample name, and still the description of an ion
+    chamber (``Detector.I0``, ``.itrans``, ``.irefer``) mentioning HERFD in passing."""
     if where == "comment":
         header = HEADER.replace("a free comment line: with a colon", text)
     else:

@@ -38,6 +38,11 @@ _NOT_HERFD = re.compile(
 )
 
 
+#: ``Detector`` tags of the incident, transmitted and reference channels: ion chambers, whose
+#: description declares nothing ("I0: ion chamber, HERFD analysers parked" is prose); the
+#: HERFD analyser is the fluorescence detector.
+_CHAMBERS = ("i0", "io", "itrans", "it", "irefer", "iref", "ir")
+
 #: Values of a HERFD-naming field that declare nothing (XDI: an empty value is an empty string).
 _NO_VALUE = ("", "none", "no", "false", "n/a", "0")
 
@@ -64,11 +69,12 @@ class XdiFile:
         says "HERFD" or "high energy resolution fluorescence" (BLA, the HERFD software,
         writes ``Detector.herfd: <analyser>``), unless the value says it is not ("not
         HERFD", "non-HERFD") or is empty or "none". XDI has no fixed field for it; comments,
-        other fields and the file name are free text ("compare with the HERFD data") and
-        declare nothing. ``xasflow predict --herfd/--no-herfd`` overrides it."""
+        other fields, an ion chamber's ``Detector`` field (:data:`_CHAMBERS`) and the file
+        name are free text ("compare with the HERFD data") and declare nothing.
+        ``xasflow predict --herfd/--no-herfd`` overrides it."""
         for key, value in self.fields.items():
             namespace, _, tag = key.lower().partition(".")
-            if namespace != "detector" and tag != "mode":
+            if (namespace != "detector" or tag in _CHAMBERS) and tag != "mode":
                 continue
             if value.strip().lower() in _NO_VALUE or _NOT_HERFD.search(value):
                 continue
