@@ -81,6 +81,8 @@ class BatchAnswers:
     point: dict[str, np.ndarray]
     tasks: dict[str, TaskArrays]
     ood: np.ndarray | None
+    #: per multi-output task, the rows served no top label (no motif of the CN answered)
+    no_top: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> BatchAnswers:
@@ -91,18 +93,21 @@ def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> Ba
         parts.append(predictor.infer(model_input(y[start : start + batch], m.features, m.prep)))
     tasks = {name: _concat_arrays([p[0][name] for p in parts]) for name in m.tasks}
     point: dict[str, np.ndarray] = {}
+    no_top: dict[str, np.ndarray] = {}
     for name, arr in tasks.items():
         if arr.spec.kind == "multi_regressor":
             full = np.zeros((len(arr.values), len(MOTIF_NAMES)))
             full[:, [MOTIF_NAMES.index(o) for o in arr.spec.outputs or []]] = arr.values
             _lift_lead(full, arr.lead, arr.spec.outputs or [], arr.spec.threshold)
             point[name] = full
+            if arr.blank is not None:
+                no_top[name] = arr.blank
         else:
             point[name] = arr.point()
             if arr.blank is not None and arr.blank.any():  # scored as a miss, sortable
                 point[name][arr.blank] = NO_ANSWER
     oods = [p[1] for p in parts if p[1] is not None]
-    return BatchAnswers(point, tasks, np.concatenate(oods) if oods else None)
+    return BatchAnswers(point, tasks, np.concatenate(oods) if oods else None, no_top)
 
 
 def _lift_lead(
@@ -159,8 +164,10 @@ def uncertainty_metrics(
             classes = [str(c) for c in arr.spec.classes or []]
             y_index = np.array([classes.index(str(t)) if str(t) in classes else -1 for t in truth])
             known = y_index >= 0  # a class the model never saw is a miss for every set
-            if known.any():
-                entry["ece"] = C.ece(arr.probabilities[keep][known], y_index[known])
+            # ... and a wrong answer for ECE: a column of its own that no row puts weight on
+            probs = arr.probabilities[keep]
+            unseen = np.hstack([probs, np.zeros((len(probs), 1))])
+            entry["ece"] = C.ece(unseen, np.where(known, y_index, probs.shape[1]))
             if arr.sets is not None:
                 sets = arr.sets[keep]
                 hit = np.zeros(len(y_index), bool)
@@ -183,11 +190,13 @@ def _score(
     train_rows: np.ndarray | None,
     pred: dict[str, np.ndarray],
     manifest: Manifest,
+    no_top: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Metrics of ``pred`` (aligned to ``rows``) against the labels; baselines from
     ``train_rows``, or without them the trivial answers the bundle recorded from its own
     training rows (``training.baselines``; a bundle without them: the scored rows' own,
-    a hindsight baseline); motif rankings cut where ``manifest``'s bundle cuts them."""
+    a hindsight baseline); motif rankings cut where ``manifest``'s bundle cuts them, and
+    rows of ``no_top`` (aligned to ``rows``) served no top motif."""
     targets = task_targets(ds, np.arange(len(ds)))
     recorded = manifest.training.get("baselines") or {}
     tasks: dict[str, dict[str, Any]] = {}
@@ -211,6 +220,7 @@ def _score(
             target[base_rows],
             spec.threshold if spec is not None else None,
             trivial=trivial,
+            no_top=no_top[name][keep] if no_top and name in no_top else None,
         )
         tasks[name]["baseline_from"] = (
             "training rows" if train_rows is not None or trivial is not None else "scored rows"
@@ -324,7 +334,7 @@ def evaluate_bundle(
     else:
         rows, train_rows = np.arange(len(sub)), None
     answers = predict_arrays(predictor, g.y[rows])
-    tasks, preds, truths = _score(sub, rows, train_rows, answers.point, m)
+    tasks, preds, truths = _score(sub, rows, train_rows, answers.point, m, answers.no_top)
     _merge_environment(tasks)
     targets = task_targets(sub, rows)
     if "cn" in tasks and not ds.measured:  # CrystalNN weights: computed data only
@@ -368,11 +378,16 @@ def evaluate_bundle(
         test_g = Gridded(g.y[rows], g.e0[rows], g.rows[rows], [])
         avg_y, avg_ds = material_average(ds, test_g)
         if len(avg_ds):
-            avg_pred = predict_arrays(predictor, avg_y).point
+            avg = predict_arrays(predictor, avg_y)
             base = ds.subset(g.rows[train_rows])
             joined = _concat(avg_ds, base)
             ev.material_average, _, _ = _score(
-                joined, np.arange(len(avg_ds)), np.arange(len(avg_ds), len(joined)), avg_pred, m
+                joined,
+                np.arange(len(avg_ds)),
+                np.arange(len(avg_ds), len(joined)),
+                avg.point,
+                m,
+                avg.no_top,
             )
             _merge_environment(ev.material_average)
             for metrics in ev.material_average.values():  # a row per material it scored

@@ -42,6 +42,7 @@ def evaluate_task(
     y_train: np.ndarray | None,
     set_threshold: float | None = None,
     trivial: dict[str, Any] | None = None,
+    no_top: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Held-out metrics of one task, with the baseline each must beat.
 
@@ -51,7 +52,8 @@ def evaluate_task(
     the daemon serves uncut, is cut at the label threshold here, and every exported bundle sets
     it); the labels' own sets are always cut at ``labels.MOTIF_THRESHOLD``, their definition.
     A predicted ranking keeps its top motif even below the cut (the daemon's too, when it has a
-    CN-led head).
+    CN-led head). ``no_top``: motif rows the bundle serves no top motif for (no motif of the
+    CN answered), misses for top-1 whatever the scores.
     """
     if trivial is None:
         if y_train is None:
@@ -60,7 +62,9 @@ def evaluate_task(
     n = len(y_test)
     if name == "motifs":
         true_top = [MOTIF_NAMES[i] for i in np.argmax(y_test, axis=1)]
-        pred_top = [MOTIF_NAMES[i] for i in np.argmax(pred, axis=1)]
+        pred_top: list[str | None] = [MOTIF_NAMES[i] for i in np.argmax(pred, axis=1)]
+        if no_top is not None:
+            pred_top = [None if blank else top for top, blank in zip(pred_top, no_top, strict=True)]
         true_sets = M.ranking_from_scores(y_test, MOTIF_NAMES, L.MOTIF_THRESHOLD)
         cut = L.MOTIF_THRESHOLD if set_threshold is None else set_threshold
         pred_sets = M.ranking_from_scores(pred, MOTIF_NAMES, cut)
