@@ -680,3 +680,54 @@ def test_the_store_keeps_a_run_whose_raw_scan_id_is_beyond_int64(tmp_path: Path)
         assert store.flush(timeout=60)
         stats = store.stats()
     assert (stats["stored"], stats["errors"]) == (1, 0)
+
+
+def test_drops_held_for_a_run_whose_start_never_comes_are_given_up_after_start_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run R's start was lost upstream; its descriptor is queued (and refused here as
+    ``unknown_run``) and its events 1-3 dropped by the full input queue. Before: the
+    assembler held their record for R, which never opens here, until 10,000 descriptors
+    had been held after it. Now a run's held drops wait ``start_wait`` (the run timeout by
+    default) on the assembler's clock for its start, then are given up: logged with the
+    reason and counted in /health and /metrics (``drop_records_forgotten``: their events
+    are lost as ``overflow`` already, so ``events_lost`` does not count them again). A run
+    open here keeps its own until it closes."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    now = [0.0]
+    asm = RunAssembler(run_timeout=600.0, clock=lambda: now[0], start_wait=60.0)
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    status = DaemonStatus(config, Counters(), Parts(assembler=asm))
+    reg = CollectorRegistry()
+    register_prometheus(status.counters, reg)
+    status.counters.sync_lost("overflow", 4)  # what the input counted for the rows below
+    lost_uid, lost_docs = step_run(3)
+    open_uid, open_docs = step_run(2)
+    (refused,) = asm.feed(*lost_docs[1])  # R's descriptor, its start never seen
+    assert isinstance(refused, Rejected) and refused.reason == "unknown_run"
+    asm.dropped(lost_docs[1][1]["uid"], [1, 2, 3], lost_uid)
+    feed(asm, open_docs[:1])  # S is open here; its descriptor still waits in the queue
+    asm.dropped(open_docs[1][1]["uid"], [1], open_uid)
+    now[0] = 60.0
+    asm.check_timeouts()
+    assert (asm.drops_held, asm.early_drops_forgotten) == (4, 0)  # not yet
+    now[0] = 61.0
+    with caplog.at_level(logging.WARNING, logger="xasflow.daemon.assembly"):
+        asm.check_timeouts()
+    assert (asm.drops_held, asm.early_drops_forgotten) == (1, 3)  # S keeps its own
+    (log,) = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
+    assert "did not come within 60 s" in log and lost_uid in log
+    assert status.health()["counters"]["drop_records_forgotten"] == 3
+    text = generate_latest(reg).decode()
+    assert "xasflow_drop_records_forgotten_total 3.0" in text
+    assert 'xasflow_events_lost_total{cause="overflow"} 4.0' in text  # once, not again
+    s_desc, _, s_e2, s_stop = open_docs[1:]  # its event 1 was the one dropped
+    (closed,) = [o for o in feed(asm, [s_desc, s_e2, s_stop]) if isinstance(o, RunClosed)]
+    assert (closed.missing_events, closed.dropped_events) == (1, 1)  # S's own drop kept
+
+
+def test_the_start_wait_defaults_to_the_run_timeout() -> None:
+    assert RunAssembler(run_timeout=42.0).start_wait == 42.0
+    with pytest.raises(ValueError, match="start_wait"):
+        RunAssembler(start_wait=0)

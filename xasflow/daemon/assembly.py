@@ -127,11 +127,17 @@ class RunAssembler:
         channels: ChannelMap | None = None,
         run_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        start_wait: float | None = None,
     ) -> None:
+        """``start_wait``: how long input-queue drops held for a run not open here wait for
+        its start (see :meth:`dropped`); ``run_timeout`` when None."""
         if run_timeout <= 0:
             raise ValueError("run_timeout must be > 0")
         self.channels = channels if channels is not None else ChannelMap()
         self.run_timeout = float(run_timeout)
+        self.start_wait = self.run_timeout if start_wait is None else float(start_wait)
+        if self.start_wait <= 0:
+            raise ValueError("start_wait must be > 0")
         self.clock = clock
         self._now = clock()
         self._out: list[Output] = []
@@ -140,13 +146,20 @@ class RunAssembler:
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
         #: input-queue drops of descriptors not fed yet (still queued): descriptor uid ->
-        #: (the run it was queued for, seq_nums); see :meth:`dropped`
-        self._early_drops: OrderedDict[str, tuple[str, list[Any]]] = OrderedDict()
+        #: (the run it was queued for, seq_nums, when first held); see :meth:`dropped`
+        self._early_drops: OrderedDict[str, tuple[str, list[Any], float]] = OrderedDict()
         self._early_runs: dict[str, set[str]] = {}  # run uid -> its descriptors held there
-        #: Rows of such drops forgotten for want of room (see :meth:`dropped`); exported as
+        #: Rows of such drops forgotten for want of room, or given up when their run's start
+        #: did not come within ``start_wait`` (see :meth:`dropped`); exported as
         #: ``xasflow_drop_records_forgotten_total`` (a loss's cause forgotten, not a loss).
         self.early_drops_forgotten = 0
         self._router = make_run_router([self._factory])
+
+    @property
+    def drops_held(self) -> int:
+        """Event rows of input-queue drops held for descriptors not fed yet (see
+        :meth:`dropped`)."""
+        return sum(len(seqs) for _, seqs, _ in self._early_drops.values())
 
     @property
     def open_runs(self) -> int:
@@ -192,10 +205,14 @@ class RunAssembler:
         A descriptor not fed yet waits in the queue: its rows are held until it is fed (or
         refused), or until ``run_start``, the run the input queued it for, closes here
         (then it could only come late). ``run_start`` None: the input does not queue it
-        (never did, or evicted it), so it never comes and nothing is held. Past ``_MEMORY``
-        descriptors held, the oldest of runs not open here (their start still queued, or
-        lost) are forgotten, counted in ``early_drops_forgotten`` (/metrics) and logged; a
-        run open here keeps its own until it closes."""
+        (never did, or evicted it), so it never comes and nothing is held. A run open here
+        keeps its own until it closes; those of a run not open here (its start still
+        queued, or lost: its descriptor then refused as ``unknown_run``) are given up by
+        :meth:`check_timeouts` once held ``start_wait`` without its start opening the run,
+        and past ``_MEMORY`` descriptors held the oldest go at once. Either way their rows
+        are counted in ``early_drops_forgotten`` (/metrics) and logged: they are lost as
+        ``overflow`` already, and only if their run still comes do they count as
+        ``seq_gap`` too."""
         if not _is_str(descriptor) or descriptor in self._closed_descriptors:
             return
         run = self._descriptors.get(descriptor)
@@ -206,14 +223,14 @@ class RunAssembler:
             if held is not None:
                 held[1].extend(seqs)
                 return
-            self._early_drops[descriptor] = (run_start, list(seqs))
+            self._early_drops[descriptor] = (run_start, list(seqs), self.clock())
             self._early_runs.setdefault(run_start, set()).add(descriptor)
             if len(self._early_drops) > _MEMORY:
                 self._forget_early_drop()
 
     def _forget_early_drop(self) -> None:
         """Forget the oldest held drop of a run not open here (none if all runs are open)."""
-        desc = next((d for d, (r, _) in self._early_drops.items() if r not in self._runs), None)
+        desc = next((d for d, (r, *_) in self._early_drops.items() if r not in self._runs), None)
         if desc is None:
             return
         run_uid = self._early_drops[desc][0]
@@ -233,7 +250,7 @@ class RunAssembler:
         held = self._early_drops.pop(descriptor, None)
         if held is None:
             return None
-        run_uid, seqs = held
+        run_uid, seqs, _ = held
         descs = self._early_runs.get(run_uid)
         if descs is not None:
             descs.discard(descriptor)
@@ -250,8 +267,33 @@ class RunAssembler:
             idle = self._now - run.last_seen
             if idle > self.run_timeout:
                 run.abandon("timeout", f"no document for {idle:.1f} s")
+        self._give_up_early_drops()
         self._out = []
         return out
+
+    def _give_up_early_drops(self) -> None:
+        """Forget the drops held ``start_wait`` for runs not open here: their start never
+        came (lost upstream, or dropped by the input), so nothing would ever take them."""
+        due = []
+        for desc, (run_uid, _, since) in self._early_drops.items():  # oldest first
+            if self._now - since <= self.start_wait:
+                break
+            if run_uid not in self._runs:
+                due.append((desc, run_uid))
+        rows = 0
+        for desc, _ in due:
+            rows += len(self._early_drop(desc) or [])
+        if not due:
+            return
+        self.early_drops_forgotten += rows
+        logger.warning(
+            "gave up %d input-queue drop(s) of %d descriptor(s) whose run's start did not "
+            "come within %.0f s (runs %s); if it still comes they count as seq_gap too",
+            rows,
+            len(due),
+            self.start_wait,
+            ", ".join(sorted({r for _, r in due})[:5]),
+        )
 
     def abandon(self, raw_uid: str, reason: str, *, replayable: bool = False) -> list[Output]:
         """Close one open run without its stop (exit_status "abort"); nothing if not open.

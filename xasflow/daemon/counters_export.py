@@ -105,8 +105,9 @@ class _Collector:
         yield CounterMetricFamily(
             "xasflow_drop_records_forgotten",
             "Event rows dropped by a full input queue (in events_lost cause overflow) whose "
-            "drop record the assembler forgot past its bound: no event lost by it, but if "
-            "their run still comes they count as seq_gap too",
+            "drop record the assembler forgot past its bound, or gave up when their run's "
+            "start did not come within the run timeout: no event lost by it, but if their "
+            "run still comes they count as seq_gap too",
             value=forgotten,
         )
         yield CounterMetricFamily(
