@@ -682,6 +682,35 @@ def test_the_store_keeps_a_run_whose_raw_scan_id_is_beyond_int64(tmp_path: Path)
     assert (stats["stored"], stats["errors"]) == (1, 0)
 
 
+def test_a_dropped_event_of_an_interrupted_runs_descriptor_queued_here_is_lost_once(
+    tmp_path: Path,
+) -> None:
+    """The killed daemon saw run R's start (its table made ahead, nothing stored); R's
+    descriptor reaches the successor, which queues it (the assembler refuses it: its run
+    never started here), and its full input queue drops event 2. Before: the row was tied
+    to R by the input, so the assembler held it (for a run that never opens there, until
+    its 10,000-descriptor bound) and the interrupted runs never saw it: counted ``overflow``
+    and again in R's ``interrupted`` count (3 - 0 stored), 4 events lost for 3."""
+    uid, docs = step_run(3, num_events={"primary": 3})
+    _start, desc, e1, e2, e3, stop = docs
+    interrupted = InterruptedRuns(_LeftOpen(uid, rows=0))
+    assert interrupted.find() == 1
+    d = Daemon0MQ(tmp_path, "drop_newest", interrupted=interrupted)
+    try:
+        for batch in ((desc, e1, e2), (e3, stop)):  # e2 does not fit
+            d.receive(*batch)
+            d.turn()
+    finally:
+        d.source.close()
+    assert d.source.stats()["dropped_overflow_events"] == 1
+    stop_doc = d.stop_doc()
+    assert (stop_doc["raw_missing_events"], stop_doc["raw_dropped_events"]) == (3, 1)
+    by_cause, total, metrics = d.lost()
+    assert by_cause == {"overflow": 1, "interrupted": 2} and total == 3
+    assert 'xasflow_events_lost_total{cause="interrupted"} 2.0' in metrics
+    assert d.parts.assembler is not None and d.parts.assembler.drops_held == 0
+
+
 def test_drops_held_for_a_run_whose_start_never_comes_are_given_up_after_start_wait(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,7 +18,9 @@ Rows whose descriptor this input never queued (:meth:`DropLedger.queued`; a desc
 precedes its events, so this is known when the row is dropped) belong to a run the daemon
 cannot follow, typically one a killed predecessor left open: they are also kept apart
 (:meth:`DropLedger.take_unseen`) for :class:`~xasflow.adapters.recovery.InterruptedRuns`,
-whose ``interrupted`` count (raw events - results stored) must not count them again.
+whose ``interrupted`` count (raw events - results stored) must not count them again. Rows
+of a descriptor queued for such a run (it came after the restart) are told by their run
+(:meth:`InterruptedRuns.owns`) and go there too, by the processor.
 
 Under ``input.overflow: block`` nothing is dropped while the input runs, but the document
 the receive thread holds for a full queue when the input closes is (``dropped_on_close``),

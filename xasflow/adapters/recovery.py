@@ -11,8 +11,10 @@ left unknown), after ``timeout_s`` without it, or at shutdown. The stop (``exit_
 "fail", ``reason`` "interrupted: ...", ``interrupted: true``) is recorded in the store and
 returned for publication under the analysis run's original start uid.
 
-The raw run's events that reach this daemon have a descriptor it never saw. Those its input
-queue dropped are lost as ``overflow`` already, so the stop's ``raw_dropped_events`` says how
+The raw run's events that reach this daemon have a descriptor it never saw (or one it
+queued and the assembler refused, the run never started here: a descriptor that came after
+the restart; the processor gives this daemon's rows of such a run here, not to the
+assembler). Those its input queue dropped are lost as ``overflow`` already, so the stop's ``raw_dropped_events`` says how
 many of ``raw_missing_events`` they are, and the ``interrupted`` count leaves them out (as
 ``seq_gap`` does for a run the daemon follows). The input cannot tell which run such a row
 belongs to, nor its stream (an event names its descriptor only): :meth:`InterruptedRuns.dropped`

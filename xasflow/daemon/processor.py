@@ -35,8 +35,9 @@ sinks. A raw start of a run a killed predecessor left open (redelivered by Kafka
 it: the run is analysed anew and the store skips the rows it holds. The events the 0MQ
 input's overflow policy dropped (``input_dropped()``) go to the assembler at the start of each
 turn, so each is lost once (``overflow``), not again as a gap in its run (``seq_gap``); those
-of descriptors the input never queued (``input_unseen()``) to the interrupted runs, not to be
-counted again as ``interrupted``.
+of descriptors the input never queued (``input_unseen()``), or queued for a run a killed
+predecessor left open (its descriptor came after the restart), to the interrupted runs, not
+to be counted again as ``interrupted``.
 
 With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
 batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
@@ -211,14 +212,21 @@ class Processor:
     def _input_drops(self) -> None:
         """Tell the assembler which events the input queue dropped, before it closes their
         runs: a drop is recorded before any later document is queued, so every drop of a
-        run's events is known once its stop (or timeout) is taken from the queue."""
+        run's events is known once its stop (or timeout) is taken from the queue. Rows of a
+        run a killed predecessor left open go to :attr:`interrupted` instead, whether this
+        input queued their descriptor or not: that run never opens in the assembler."""
+        theirs: list[tuple[Any, list[Any]]] = []  # rows of runs a killed predecessor followed
         if self.input_dropped is not None:
+            interrupted = self.interrupted
             for descriptor, seqs, run_start in self.input_dropped():
-                self.assembler.dropped(descriptor, seqs, run_start)
-        if self.input_unseen is not None:  # rows of runs a killed predecessor followed
-            unseen = self.input_unseen()
-            if self.interrupted is not None:
-                self.interrupted.dropped(unseen)
+                if interrupted and interrupted.owns(run_start):  # a descriptor queued here
+                    theirs.append((descriptor, seqs))  # of such a run: it never opens here
+                else:
+                    self.assembler.dropped(descriptor, seqs, run_start)
+        if self.input_unseen is not None:  # and those of descriptors never queued here
+            theirs.extend(self.input_unseen())
+        if self.interrupted is not None:
+            self.interrupted.dropped(theirs)
 
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
         outputs: list[Output] = []
