@@ -269,3 +269,28 @@ def test_a_duplicate_raw_start_keeps_a_finished_runs_stop(tmp_path: Path) -> Non
         store.open_run("R", {"uid": "a2"}, DESCRIPTOR)  # opened again: the old stop goes
         assert store.flush(30)
         assert read_analysis(store, "R")[0]["stop"] is None
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_a_replayed_runs_stored_start_is_the_copy_whose_stop_closes_it(
+    tmp_path: Path, journal: bool
+) -> None:
+    """Raw run R is analysed twice (a Kafka partition handed over and back: copy a1 stored
+    rows 1-2 and was closed, copy a2 is the replay), with no table made ahead for a2 (its
+    ``prepare_run`` failed, or came past the prepared runs' bound). The store keeps each
+    result once, keyed on (raw uid, seq_num), in one container per raw run. Before: the
+    reopened container kept a1's start, so a2's stop (run_start a2) was stored beside the
+    start of another analysis run, and a2's results were listed under a1's uid; with a
+    table made ahead, a2's start was written. Now both paths store a2's start with a2's stop."""
+    with AnalysisStore(tmp_path / "s", journal=journal) as store:
+        store.open_run("R", {"uid": "a1"}, DESCRIPTOR)
+        store.add_events("R", [_row(1), _row(2)])
+        store.close_run("R", {"uid": "stop-1", "run_start": "a1", "exit_status": "abort"})
+        store.open_run("R", {"uid": "a2"}, DESCRIPTOR)
+        store.add_events("R", [_row(s) for s in (1, 2, 3, 4)])
+        store.close_run("R", {"uid": "stop-2", "run_start": "a2", "exit_status": "success"})
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        assert (meta["start"]["uid"], meta["stop"]["run_start"]) == ("a2", "a2")
+        assert sorted(int(s) for s in frame["seq_num"]) == [1, 2, 3, 4]
+        assert store.stats()["duplicates"] == 2

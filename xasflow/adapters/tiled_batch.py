@@ -63,8 +63,8 @@ def attach_run(root: Any, run: _Run, *, reopen: bool = False) -> None:
         if exc.response.status_code != 409:
             raise
         node = root[run.raw_uid]  # reopened: after a restart, or replayed after a hand-over
-        if node.metadata.get("start") is None and run.metadata.get("start") is not None:
-            run.start_due = True  # made ahead of its run (prepare_run): the start still to write
+        if _start_due(node.metadata.get("start"), run.metadata.get("start"), reopen):
+            run.start_due = True
     if not created and run.stream in node:
         table = node[run.stream]
         stored = table.structure().arrow_schema_decoded
@@ -92,6 +92,15 @@ def attach_run(root: Any, run: _Run, *, reopen: bool = False) -> None:
     run.node = node
     if reopen and not created:
         clear_stop(node)
+
+
+def _start_due(stored: Any, start: dict[str, Any] | None, reopen: bool) -> bool:
+    """Whether an existing node's start is to be written: it has none (made ahead of its
+    run, ``prepare_run``), or the run is opened for another analysis copy (a replay: its
+    stop will be this copy's, so its start must be too; the rows stay one per seq_num)."""
+    if start is None:
+        return False
+    return stored is None or (reopen and stored.get("uid") != start.get("uid"))
 
 
 def clear_stop(node: Any) -> None:

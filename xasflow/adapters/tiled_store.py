@@ -39,9 +39,9 @@ row was refused anyway, nobody waits any more (what follows a refused row is red
 after a restart anyway, and a long block would only stall the input).
 Control calls are never dropped.
 
-Restart. ``seq_num`` is the per-run idempotency key (:func:`~xasflow.adapters.tiled_batch.split_fresh`): reopening an existing raw_uid leaves the
-container's metadata untouched, appends to the existing table, and a row whose ``seq_num`` is
-already stored is acknowledged without being written again (counted in ``duplicates``).
+Restart. ``seq_num`` is the per-run idempotency key (:func:`~xasflow.adapters.tiled_batch.split_fresh`): reopening a raw_uid appends to its table, a
+row whose ``seq_num`` is stored is acknowledged, not written again (``duplicates``), and the
+start becomes the reopening copy's (a replay's, so that it and its stop are one run's).
 A process killed while runs were open leaves them with ``stop: None``; the next process finds
 them with :meth:`AnalysisStore.unfinished_runs` (what each holds) and records their end with
 :meth:`AnalysisStore.finish_run`. A catalog child process (``catalog_process=True``) that dies
