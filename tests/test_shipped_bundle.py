@@ -300,6 +300,38 @@ def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     assert plain.endswith("CN4-tetrahedral 0.20)")
 
 
+def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
+    """The CN-motif set is cut to labels of the CN set (make_consistent), which took its
+    test coverage from 0.917 to 0.886; ``xasflow predict`` and the dashboard still called it
+    a 90 % set. Expected: the measured coverage the manifest records for it, and the
+    conformal target for the sets the decoder leaves as calibrated."""
+    from types import SimpleNamespace
+
+    from xasflow.cli import _describe
+    from xasflow.daemon.dashboard_views import latest_views
+    from xasflow.sim.references import demo_spectra
+
+    predictor = Predictor(BUNDLE)
+    manifest = predictor.manifest
+    measured = manifest.tasks["environment"].metrics["set_coverage"]
+    assert measured < 0.895  # rounds below the 90 % target
+    assert manifest.set_coverage("environment") == measured
+    assert manifest.set_coverage("cn") == pytest.approx(0.9)
+    prep = predictor.prepare(demo_spectra(["CuO"])[0])
+    (pred,) = predictor.predict_prepared([prep])
+    lines = _describe(pred, manifest)
+    (env,) = [x for x in lines if x.lstrip().startswith("environment")]
+    assert f"{measured:.0%} set {{" in env and "90% set" not in env
+    (cn,) = [x for x in lines if x.lstrip().startswith("cn ")]
+    assert "90% set {" in cn
+    latest = SimpleNamespace(
+        prepared=prep, prediction=pred, manifest=manifest, raw_uid="r", index=0, energy_shift=0
+    )
+    _, view = latest_views(latest, {})
+    assert view["tasks"]["environment"]["coverage"] == measured
+    assert view["tasks"]["cn"]["coverage"] == pytest.approx(0.9)
+
+
 def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     """A bundle calibrated on too few rows for its coverage records the quantile as 1e6 (JSON
     has no infinity). Its intervals decode as infinite, not +-1e6 around the value: ``xasflow

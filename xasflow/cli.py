@@ -203,8 +203,8 @@ def _describe(pred: Any, manifest: Any) -> list[str]:
         )
 
     def doubt(name: str, what: str) -> str:
-        conf = manifest.tasks[name].conformal if name in manifest.tasks else None
-        level = f"{1 - conf.alpha:.0%}" if conf is not None else "conformal"
+        coverage = manifest.set_coverage(name)
+        level = f"{coverage:.0%}" if coverage is not None else "conformal"
         return f"{level} {what}" + (" (void: out of domain)" if pred.out_of_domain else "")
 
     cn = pred.results.get("cn")

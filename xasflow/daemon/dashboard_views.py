@@ -278,13 +278,13 @@ def latest_views(
             entry["n_ranked"] = len(r.ranking)
         if r.prediction_set is not None:
             entry["prediction_set"] = list(r.prediction_set)
-        conf = spec_t.conformal if spec_t is not None else None
+        coverage = manifest.set_coverage(name)
         if r.unbounded:  # no finite bound was fitted
             entry["interval_unbounded"] = True
         elif r.interval is not None:
             entry["interval"] = [r.interval[0], r.interval[1]]
-        if conf is not None:
-            entry["coverage"] = 1.0 - conf.alpha
+        if coverage is not None:
+            entry["coverage"] = coverage
         if spec_t is not None:
             entry["metrics"] = dict(spec_t.metrics)
             entry["unit"] = spec_t.unit

@@ -180,6 +180,19 @@ class Manifest(BaseModel):
     ood: OodSpec | None = None
     files: dict[str, str] = Field(default_factory=dict, description="file -> sha256")
 
+    def set_coverage(self, name: str) -> float | None:
+        """The coverage task ``name``'s sets or intervals hold as served (None: uncalibrated):
+        the conformal target, except for the CN-motif label, whose set the decoder cuts to
+        labels of the CN set (:func:`~xasflow.models.batch.make_consistent`): its test-split
+        coverage where the manifest records it (0.886 on the Cu bundle, against 0.9)."""
+        task = self.tasks.get(name)
+        if task is None or task.conformal is None:
+            return None
+        measured = task.metrics.get("set_coverage")
+        if name == "environment" and "cn" in self.tasks and isinstance(measured, float):
+            return measured
+        return 1.0 - task.conformal.alpha
+
     def graph_files(self) -> set[str]:
         """Every ONNX graph the tasks and the out-of-domain scorer read."""
         return set(self.served_outputs())

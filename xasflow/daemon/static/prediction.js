@@ -40,7 +40,7 @@ function flagsOf(pred, last) {
     last && last.flags ? String(last.flags).split(",").filter(Boolean) : []);
 }
 
-// the conformal coverage a bundle's sets and intervals were fitted for (90 % before it said)
+// the coverage a task's sets and intervals hold as served (Manifest.set_coverage; 90 % before it said)
 const level = (t) => `${Math.round(100 * ((t && t.coverage) ?? 0.9))} %`;
 
 function renderDoubt(pred, last) {
