@@ -10,8 +10,9 @@ line, appended, rewritten with what is kept once it holds twice the limit or, if
 what the last rewrite wrote (what is kept may pass twice the limit: ``limit`` keys, ``limit
 // 2`` plans given up and two lines for each of ``limit`` given up for good; the trigger
 leaving no room would rewrite the whole file at each line). A missing, unreadable or torn file
-is read as far as it goes and a failed write is logged: the server's own record stays the
-first check, this one only covers what it has forgotten.
+is read as far as it goes (:mod:`~xasflow.adapters.queueserver_recall` reads it) and a failed
+write is logged: the server's own record stays the first check, this one only covers what it
+has forgotten.
 
 A plan given up (its tries all failed, so it reached no queue as far as the server said, or
 the daemon stopped before its next try) is recorded apart, with what rebuilds it:
@@ -73,7 +74,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -83,13 +83,12 @@ from pathlib import Path
 from typing import Any
 
 from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.queueserver_recall import recall
 from xasflow.adapters.queueserver_records import (
     GivenUp,
     Key,
     abandoned_lines,
     fsync_dir,
-    given_up_of,
-    key_of,
     slot_line,
 )
 
@@ -383,71 +382,25 @@ class SubmittedRuns:
             self._revivable.discard(self._given_up.popitem(last=False)[0])
 
     def _read(self, path: Path) -> None:
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+        """Hold what ``path`` holds (:func:`~.queueserver_recall.recall`), logging a file
+        that cannot be read and the plans left in doubt."""
+        got = recall(path, self.limit)
+        if got.error is not None:
+            logger.warning("cannot read the queued plans remembered in %s: %s", path, got.error)
             return
-        except OSError as exc:
-            logger.warning("cannot read the queued plans remembered in %s: %s", path, exc)
-            return
-        lines = text.splitlines()
-        self._lines = len(lines)
-        self._torn = bool(text) and not text.endswith("\n")
-        doubt: dict[Key, None] = {}  # intents without an outcome after them
-        lost: dict[Key, None] = {}  # lost replies without a settled outcome after them
-        for line in lines:
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a crash
-            if not isinstance(value, dict):
-                key = key_of(value)
-                if key is not None:
-                    self._keep(key, trim=False)
-                    doubt.pop(key, None)
-                    lost.pop(key, None)
-                continue
-            entry = given_up_of(value)
-            if entry is not None:
-                doubt.pop(entry.key, None)
-                # a key line before it is stale: a plan held as queued is never given up
-                # (its key was trimmed from the held ones, its line left in the file)
-                self._keys.pop(entry.key, None)
-                if entry.key not in self._abandoned:
-                    self._keep_given_up(entry)
-            elif (key := key_of(value.get("sending"))) is not None:
-                doubt[key] = None
-            elif (key := key_of(value.get("failed"))) is not None:
-                doubt.pop(key, None)
-                lost.pop(key, None)
-            elif (key := key_of(value.get("lost_reply"))) is not None:
-                doubt.pop(key, None)
-                lost[key] = None
-            elif isinstance(at := value.get("slot"), int | float) and not isinstance(at, bool):
-                self._slot = max(float(at), self._slot or -math.inf)
-            elif (key := key_of(value.get("abandoned"))) is not None:
-                doubt.pop(key, None)
-                lost.pop(key, None)
-                self._given_up.pop(key, None)
-                self._keys.pop(key, None)  # the line before it, for the previous release
-                self._abandoned[key] = str(value.get("reason", ""))
-        for key in doubt:  # at most once: the server may have it, an operator may have not
-            self._keep(key, trim=False)
-        while len(self._keys) > self.limit:
-            self._keys.popitem(last=False)
-        if doubt:
+        self._keys, self._given_up, self._abandoned = got.keys, got.given_up, got.abandoned
+        self._slot, self._lines, self._torn = got.slot, got.lines, got.torn
+        if got.doubt:
             logger.warning(
                 "%d queueserver plans were being sent when the last daemon stopped; whether "
                 "the server took them is not known, and they are not queued again (check the "
                 "queue): %s",
-                len(doubt),
-                ", ".join(f"{what} of run {raw_uid!r}" for raw_uid, what in doubt),
+                len(got.doubt),
+                ", ".join(f"{what} of run {raw_uid!r}" for raw_uid, what in got.doubt),
             )
         self._revivable = set(self._given_up)
-        self._lost = {key for key in lost if key not in self._keys}
+        self._lost = got.lost
         self._lost_before = set(self._lost)
-        while len(self._abandoned) > self.limit:
-            self._abandoned.popitem(last=False)
 
     def _rewrite(self, path: Path) -> None:
         """The file anew with what is remembered: the keys, the plans given up and this
