@@ -85,3 +85,39 @@ def test_every_plan_lost_is_one_the_plans_lost_alert_selects() -> None:
     (rule,) = [rule for rule in alert_rules() if rule["alert"] == "XasflowQueueserverPlansLost"]
     (regex,) = re.findall(r'outcome=~"([^"]+)"', rule["expr"])
     assert all(re.fullmatch(regex, outcome) for outcome in lost)
+
+
+def test_errors_looking_at_plans_given_up_are_their_own_metric_not_a_plan_outcome(
+    tmp_path: Path,
+) -> None:
+    """An error while the worker looks at the plans given up (to try them again) counts no
+    plan. Before, it was exported as ``xasflow_queueserver_plans_total{outcome=
+    "deferred_errors"}`` beside the plans' outcomes, and /health listed it among the plans'
+    stats. Now it is ``xasflow_queueserver_deferred_errors_total`` and /health's
+    ``feedback.queueserver.deferred_errors``, and no plan outcome."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.http import create_app
+
+    cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: HeldApi())
+
+    def broken() -> float | None:
+        raise RuntimeError("injected")
+
+    sub._try_deferred = broken  # type: ignore[method-assign]
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    status = DaemonStatus(config, Counters(), Parts(submitter=sub))
+    try:
+        with TestClient(create_app(status)) as client:
+            text = client.get("/metrics").text
+            assert re.search(r"^xasflow_queueserver_deferred_errors_total 0\.0$", text, re.M)
+            sub._look()
+            sub._look()
+            text = client.get("/metrics").text
+            health = client.get("/health").json()["feedback"]["queueserver"]
+        assert re.search(r"^xasflow_queueserver_deferred_errors_total 2\.0$", text, re.M), text
+        assert "deferred_errors" not in _plans(text)
+        assert health["deferred_errors"] == 2 and "deferred_errors" not in health["stats"]
+    finally:
+        sub.close()

@@ -155,7 +155,7 @@ def test_an_error_while_looking_at_the_plans_given_up_leaves_the_worker_running(
         fake.up.set()
         now[0] = 10.0
         wake(sub._queue)
-        wait_for(lambda: sub.stats["deferred_errors"] == 1, what="the look at raw-1's plan")
+        wait_for(lambda: sub.deferred_errors == 1, what="the look at raw-1's plan")
         assert looks == [K] and sub.stats["revived"] == 0
         now[0] = 15.0
         wake(sub._queue)

@@ -207,8 +207,10 @@ class QueueServerSubmitter(Background):
             "gave_up_waiting_full": 0,  # new plans given up (max_pending wait): remembered
             "dropped_closed": 0,
             "revived": 0,  # plans given up, tried again (retry_given_up, or given_up_retry_s)
-            "deferred_errors": 0,  # looks at the plans given up to try again that failed (logged)
         }
+        #: looks at the plans given up, to try them again, that failed (logged): no plan's
+        #: outcome, so not in ``stats`` (its own metric and /health key)
+        self.deferred_errors = 0
         #: (raw uid, what) held as queued ("run_end", or "rescan <region>"): whether settled
         #: (the newest settled kept, and every one still queued, under way or to retry)
         self._queued: OrderedDict[tuple[str, str], bool] = OrderedDict()

@@ -65,6 +65,7 @@ class Background:
 
     config: QueueServerConfig
     stats: dict[str, int]
+    deferred_errors: int  # failed looks at the plans given up (no plan's outcome)
     _memory: SubmittedRuns
     _rate: RateSlot
     _queue: Jobs
@@ -337,7 +338,7 @@ class Background:
         try:
             return self._try_deferred()
         except Exception:
-            self.stats["deferred_errors"] += 1
+            self.deferred_errors += 1  # only the worker looks: no lock
             logger.exception("trying again the queueserver plans given up in this daemon failed")
         return self._deferred.due_in()
 

@@ -30,6 +30,7 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka_held``                        ``xasflow_kafka_commit_hold`` (1 while held)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ``queueserver[outcome]``              ``xasflow_queueserver_plans_total{outcome}``
+``queueserver_deferred_errors``       ``xasflow_queueserver_deferred_errors_total``
 ====================================  ==================================================
 
 The six Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
@@ -137,6 +138,7 @@ class Counters:
         self.kafka_lag: dict[tuple[str, str], int] = {}
         self.kafka_held = False  # the Kafka input holds its offset commits
         self.queueserver: dict[str, int] = {}  # the queueserver submitter's stats
+        self.queueserver_deferred_errors = 0  # its failed looks at the plans given up
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -253,12 +255,16 @@ class Counters:
             self.kafka_lag = {(t, str(p)): int(n) for (t, p), n in lag.items()}
             self.kafka_held = held
 
-    def sync_queueserver(self, stats: Mapping[str, int]) -> None:
+    def sync_queueserver(self, stats: Mapping[str, int], deferred_errors: int = 0) -> None:
         """Take the queueserver submitter's cumulative counts by outcome (its ``stats``:
-        every outcome from 0 once it runs)."""
+        every outcome from 0 once it runs) and its failed looks at the plans given up
+        (``deferred_errors``: no plan's outcome, so apart)."""
         with self._lock:
             for name, n in stats.items():
                 self.queueserver[name] = max(self.queueserver.get(name, 0), int(n))
+            self.queueserver_deferred_errors = max(
+                self.queueserver_deferred_errors, int(deferred_errors)
+            )
 
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge exported as ``xasflow_<name>{labels}`` (e.g. ``queue_depth``)."""

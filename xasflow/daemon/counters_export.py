@@ -77,6 +77,7 @@ class _Collector:
             gauges = dict(c.gauges)
             kafka, kafka_lag, kafka_held = dict(c.kafka), dict(c.kafka_lag), c.kafka_held
             queueserver = dict(c.queueserver)
+            deferred_errors = c.queueserver_deferred_errors
         # known causes and reasons start at 0 (see the module docstring)
         lost = {**dict.fromkeys(LOSS_CAUSES, 0), **lost}
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
@@ -193,10 +194,15 @@ class _Collector:
             "queueserver_plans",
             "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
             "retried count tries, gave_up* give-ups: a plan tried again counts once a round, "
-            "revived counts rounds, deferred_errors failed looks at them): abandoned_* are "
-            "plans lost",
+            "revived counts rounds): abandoned_* are plans lost",
             ["outcome"],
             queueserver,
+        )
+        yield CounterMetricFamily(
+            "xasflow_queueserver_deferred_errors",
+            "Errors while the queueserver submitter looked at the plans given up to try them "
+            "again (logged; those plans stay remembered, for a replay or a restart): no plan",
+            value=deferred_errors,
         )
 
 

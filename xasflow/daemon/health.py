@@ -23,7 +23,11 @@ def feedback_health(config: DaemonConfig, ioc: Any, submitter: Any) -> dict[str,
         },
         "queueserver": None
         if submitter is None
-        else {"stats": dict(submitter.stats), "last_error": submitter.last_error},
+        else {
+            "stats": dict(submitter.stats),
+            "deferred_errors": submitter.deferred_errors,
+            "last_error": submitter.last_error,
+        },
     }
 
 

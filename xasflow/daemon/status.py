@@ -114,7 +114,8 @@ class DaemonStatus:
         if assembler is not None:
             self.counters.sync_drop_records_forgotten(assembler.early_drops_forgotten)
         if self.parts.submitter is not None:  # its plans by outcome, lost ones included
-            self.counters.sync_queueserver(self.parts.submitter.stats)
+            submitter = self.parts.submitter
+            self.counters.sync_queueserver(submitter.stats, submitter.deferred_errors)
         store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))
