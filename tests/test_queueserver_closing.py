@@ -75,10 +75,10 @@ def test_a_replay_of_a_given_up_plan_counts_only_once_it_is_tried(tmp_path: Path
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.enqueue(REC, "raw-2")
         assert not sub.enqueue(REC, "raw-3")  # the queue is full
+        fake.release.set()
+        assert sub.join(10.0)  # raw-3 given up by the worker (counted once remembered)
         assert sub.stats["gave_up_queue_full"] == 1
         assert sub._memory.replays(key) == 0
-        fake.release.set()
-        assert sub.join(10.0)
     finally:
         fake.release.set()
         sub.close()

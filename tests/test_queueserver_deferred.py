@@ -104,9 +104,10 @@ def test_a_plan_refused_at_a_full_queue_is_tried_again_once_there_is_room(
         assert sub.enqueue(REC, "raw-1")
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.enqueue(REC, "raw-2")
-        assert not sub.enqueue(REC, "raw-3") and sub.stats["gave_up_queue_full"] == 1
-        fake.release.set()
+        assert not sub.enqueue(REC, "raw-3")
+        fake.release.set()  # the worker gives raw-3 up (counted once remembered)
         wait_for(lambda: len(fake.items) == 3, what="raw-3 tried again")
+        assert sub.stats["gave_up_queue_full"] == 1
         assert sub.join(10.0)
         assert queued_runs(fake) == ["raw-1", "raw-2", "raw-3"]
         assert sub.stats["revived"] == 1 and sub._memory.given_up() == []

@@ -206,10 +206,10 @@ def test_a_plan_refused_at_a_full_queue_is_remembered_for_the_next_daemon(
         assert fake.sending.wait(10.0), "raw-1's try never reached the server"
         assert sub.enqueue(REC, "raw-2")
         assert not sub.enqueue(REC, "raw-3")
-        assert sub.stats["gave_up_queue_full"] == 1
-        assert sub.stats["gave_up_waiting_full"] == 0 and sub.stats["gave_up"] == 0
         fake.release.set()
         assert sub.join(10.0) and queued_runs(fake) == ["raw-1", "raw-2"]
+        assert sub.stats["gave_up_queue_full"] == 1  # by the worker, once remembered
+        assert sub.stats["gave_up_waiting_full"] == 0 and sub.stats["gave_up"] == 0
     finally:
         fake.release.set()
         sub.close()
@@ -221,6 +221,68 @@ def test_a_plan_refused_at_a_full_queue_is_remembered_for_the_next_daemon(
         assert queued_runs(fake) == ["raw-1", "raw-2", "raw-3"]
     finally:
         sub.close()
+
+
+def test_a_plan_refused_at_a_full_queue_is_written_by_the_worker_then_counted(
+    tmp_path: Path,
+) -> None:
+    """``enqueue`` runs on the daemon's processing thread, which must never wait on disk.
+    ``max_pending: 1``, raw-1's request with the server and raw-2 queued: raw-3 is refused
+    at a full queue. Before, its ``gave_up`` line was appended and fsync'd by ``enqueue``,
+    on the calling thread, after it was counted. Now the worker thread writes it, and counts
+    it (``gave_up_queue_full``) only once the line is on disk."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = HeldApi()
+    sub = daemon(quick_config(max_pending=1), fake, path)
+    append = sub._memory._append
+    writes: list[tuple[str, int]] = []  # (thread, gave_up_queue_full then) per gave_up line
+
+    def recorded(line: str, key: tuple[str, str] | None) -> None:
+        append(line, key)
+        if '"gave_up"' in line:
+            writes.append((threading.current_thread().name, sub.stats["gave_up_queue_full"]))
+
+    sub._memory._append = recorded  # type: ignore[method-assign]
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        assert sub.enqueue(REC, "raw-2")
+        assert not sub.enqueue(REC, "raw-3")
+        fake.release.set()
+        assert sub.join(10.0) and queued_runs(fake) == ["raw-1", "raw-2"]
+        assert writes == [("xasflow-queueserver", 0)]
+        assert sub.stats["gave_up_queue_full"] == 1
+    finally:
+        fake.release.set()
+        sub.close()
+    with SubmittedRuns(path) as memory:
+        assert [plan.key for plan in memory.given_up()] == [("raw-3", "run_end")]
+
+
+def test_a_plan_refused_at_a_full_queue_just_before_close_is_still_remembered(
+    tmp_path: Path,
+) -> None:
+    """raw-3 is refused at a full queue (handed to the worker to give up) while raw-1's
+    request is with the server, and close begins before the worker is free: raw-3 is still
+    remembered as given up and counted (by the worker or by close), not lost with the
+    hand-over."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = HeldApi()
+    sub = daemon(quick_config(max_pending=1), fake, path)
+    closing = threading.Thread(target=sub.close, kwargs={"timeout": 0.1})
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        assert sub.enqueue(REC, "raw-2")
+        assert not sub.enqueue(REC, "raw-3")
+        closing.start()
+        wait_for(lambda: sub._closed, what="close giving up on what is queued")
+    finally:
+        fake.release.set()
+        closing.join(20.0)
+    assert sub.stats["gave_up_queue_full"] == 1 and sub.stats["dropped_closed"] == 1
+    with SubmittedRuns(path) as memory:
+        assert {plan.key[0] for plan in memory.given_up()} == {"raw-2", "raw-3"}
 
 
 def test_a_plan_given_up_behind_a_full_line_of_waiting_plans_is_counted_as_remembered(

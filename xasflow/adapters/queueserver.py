@@ -53,8 +53,9 @@ slot instead, and so does a new plan that finds a retry holding the slot or retr
 for it (``waited_rate``; at most ``max_pending`` wait, beyond that it is given up and
 remembered, ``gave_up_waiting_full``). A run's plan that finds ``max_pending`` plans already
 queued is refused at enqueue and remembered as given up the same way
-(``gave_up_queue_full``): a replay of its run or the next daemon tries it again, and so does
-this daemon, running on. The memory keeps the newest plans given up and rewrites its file
+(``gave_up_queue_full``; the worker thread writes it to the memory, then counts it: the
+daemon's processing thread, which calls ``enqueue``, never waits on disk): a replay of its
+run or the next daemon tries it again, and so does this daemon, running on. The memory keeps the newest plans given up and rewrites its file
 at twice its limit, or twice what its last rewrite kept if more
 (:mod:`~xasflow.adapters.queueserver_memory`), so a queue full for hours bounds both.
 
@@ -116,7 +117,15 @@ from xasflow.adapters.queueserver_client import (
 )
 from xasflow.adapters.queueserver_follow import RunFollower
 from xasflow.adapters.queueserver_memory import SubmittedRuns
-from xasflow.adapters.queueserver_pending import WAKE, Deferred, Jobs, RateSlot, Retries, wake
+from xasflow.adapters.queueserver_pending import (
+    WAKE,
+    Deferred,
+    GiveUps,
+    Jobs,
+    RateSlot,
+    Retries,
+    wake,
+)
 from xasflow.adapters.queueserver_plan import (
     MAX_PLAN_POINTS,
     RESERVED_KWARGS,
@@ -174,6 +183,7 @@ class QueueServerSubmitter(Background):
         self._retry = Retries()  # failed submissions to try again (join waits for them too)
         #: plans given up here, tried again once given_up_retry_s has passed (join does not wait)
         self._deferred = Deferred(clock, max(1, self._memory.limit // 2))
+        self._give_ups = GiveUps()  # plans enqueue refused (full), for the worker to give up
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         #: Held while a request is with the server; ``close`` takes it once ``_closed`` is set,
@@ -405,6 +415,7 @@ class QueueServerSubmitter(Background):
             if job is not None and job is not WAKE:
                 self._give_up(job, "dropped_closed")
             self._queue.task_done()
+        self._hand_over()  # plans refused at a full queue the worker did not give up yet
         with self._lock:  # retries still waiting (none pushed after: _closing is set)
             waiting = self._retry.clear()
         for job in waiting:

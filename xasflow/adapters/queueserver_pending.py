@@ -31,7 +31,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +40,7 @@ from xasflow.adapters.queueserver_plan import QueueServerConfig
 __all__ = [
     "WAKE",
     "Deferred",
+    "GiveUps",
     "Job",
     "Jobs",
     "RateSlot",
@@ -171,6 +172,33 @@ class Retries:
             self._heap.clear()
             self.unfinished -= len(jobs)
             return jobs
+
+
+class GiveUps:
+    """Plans refused where no thread may wait on disk (a full queue, at ``enqueue`` on the
+    daemon's processing thread), handed to the worker to be given up: remembered, then
+    counted (thread-safe). Like :class:`Retries` it counts those not yet done, for ``join``."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[tuple[Job, str]] = deque()
+        self._lock = threading.Lock()
+        self.unfinished = 0  # handed over, not yet given up
+
+    def put(self, job: Job, counter: str) -> None:
+        """Hand ``job`` over, to be given up and counted in ``counter``."""
+        with self._lock:
+            self._jobs.append((job, counter))
+            self.unfinished += 1
+
+    def take(self) -> tuple[Job, str] | None:
+        """The oldest handed over (None: none); :meth:`done` once it is given up."""
+        with self._lock:
+            return self._jobs.popleft() if self._jobs else None
+
+    def done(self) -> None:
+        """One :meth:`take` returned is given up."""
+        with self._lock:
+            self.unfinished -= 1
 
 
 class Deferred:

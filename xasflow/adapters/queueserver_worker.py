@@ -25,6 +25,7 @@ from xasflow.adapters.queueserver_client import QueueServerError
 from xasflow.adapters.queueserver_memory import SubmittedRuns
 from xasflow.adapters.queueserver_pending import (
     Deferred,
+    GiveUps,
     Job,
     Jobs,
     RateSlot,
@@ -71,6 +72,7 @@ class Background:
     _queue: Jobs
     _retry: Retries
     _deferred: Deferred  # plans given up here, and when each may be tried again
+    _give_ups: GiveUps  # plans enqueue refused, for the worker to give up (off its thread)
     _worker: threading.Thread | None
     _lock: threading.Lock
     _closing: bool
@@ -101,8 +103,10 @@ class Background:
         has begun (``dropped_closed``: remembered as given up, like the plans close drops),
         limited (a new plan went in within ``min_interval_s``: one behind retries waits its
         turn) or full (``gave_up_queue_full``: remembered as given up too, for a replay of
-        its run or the next daemon to try again). A plan accepted while another one's try is
-        under way is rate-limited when its turn comes if that one went in."""
+        its run or the next daemon to try again; by the worker, since this runs on the
+        daemon's processing thread, which never waits on disk: held as queued until then,
+        counted once remembered). A plan accepted while another one's try is under way is
+        rate-limited when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -131,14 +135,19 @@ class Background:
             closing = self._closing
             repeat = key is not None and self._held(key)  # submit() took it since
             offered = not closing and not repeat and self._offer(job, key)
+            full = not closing and not repeat and not offered
+            if full:  # max_pending wait already: the worker (started by _offer) gives it up
+                if key is not None:
+                    self._hold(key)  # until given up: no replay offers it meanwhile
+                self._give_ups.put(job, "gave_up_queue_full")
         if repeat:  # held by submit(), whose outcome settles it
             self.stats["skipped_repeat"] += 1
             return False
         if closing:  # close began since the look above
             self._give_up(job, "dropped_closed")
             return False
-        if not offered:  # max_pending wait already: remembered, as a plan close drops
-            self._give_up(job, "gave_up_queue_full")
+        if full:  # remembered there, as a plan close drops, then counted
+            wake(self._queue)
             return False
         return True
 
@@ -318,8 +327,9 @@ class Background:
         later replay of the run in this one (no longer held as queued here), and, unless
         close dropped it, this daemon once ``given_up_retry_s`` has passed
         (:meth:`_try_deferred`: never sooner than the retry backoff's next step). Called on
-        the worker, or by enqueue while the queue is full: the worker looks at it next."""
-        self.stats[counter] += 1
+        the worker (a plan enqueue refused at a full queue too, :meth:`_hand_over`), by
+        ``submit`` and by close. Counted once remembered (on disk): a daemon that dies
+        between the two has reported nothing it did not keep."""
         rec, raw_uid, rescan_only = job
         if raw_uid:
             key = submission_key(raw_uid, rec, rescan_only)
@@ -330,11 +340,26 @@ class Background:
             if counter != "dropped_closed" and cfg.given_up_retry_s > 0:
                 after = max(cfg.given_up_retry_s, cfg.retry_backoff_s * 2**cfg.retries)
                 self._deferred.add(key, job, after)
+        self.stats[counter] += 1
+
+    def _hand_over(self) -> None:
+        """Give up the plans :meth:`enqueue` refused at a full queue (on the worker, which
+        calls this at each look; close, for those it did not reach): their lines are
+        fsync'd here, never on the daemon's processing thread."""
+        while (handed := self._give_ups.take()) is not None:
+            try:
+                self._give_up(*handed)
+            except Exception:
+                logger.exception("giving up the queueserver plan of run %r failed", handed[0][1])
+            finally:
+                self._give_ups.done()
 
     def _look(self) -> float | None:
         """:meth:`_try_deferred`, which runs in the worker's wait for its next job: an error
         there is logged and counted (``deferred_errors``) instead of ending the worker (the
-        plans it was looking at stay given up in the memory, for a replay or a restart)."""
+        plans it was looking at stay given up in the memory, for a replay or a restart).
+        The plans enqueue handed over are given up first (:meth:`_hand_over`)."""
+        self._hand_over()
         try:
             return self._try_deferred()
         except Exception:
@@ -417,7 +442,7 @@ class Background:
         """Wait until every queued submission, and every retry, is done (tests); False on
         timeout."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks or self._retry.unfinished:
+        while self._queue.unfinished_tasks or self._retry.unfinished or self._give_ups.unfinished:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
