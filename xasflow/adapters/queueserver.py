@@ -204,6 +204,7 @@ class QueueServerSubmitter(Background):
             "abandoned_expired": 0,  # plans given up, too old to try again (given_up_max_age_s)
             "abandoned_restarts": 0,  # previous daemon's, tried in restart_retries restarts
             "abandoned_crowded": 0,  # previous daemon's, past the max_pending newest revived
+            "abandoned_not_json": 0,  # plans JSON cannot write (numpy made plain): not sent
             "retried": 0,  # tries after a failed one
             "gave_up": 0,  # submissions that failed their last try
             "skipped_disabled": 0,

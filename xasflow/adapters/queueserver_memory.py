@@ -241,21 +241,23 @@ class SubmittedRuns:
                 self._abandoned.popitem(last=False)
             self._append(abandoned_lines(key, reason), key)
 
-    def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> None:
+    def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> bool:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
-        recommendation) to rebuild it. One given up again after :meth:`revive` keeps its
+        recommendation) to rebuild it; False when ``rec`` is not JSON (nothing remembered:
+        the caller counts the plan lost). One given up again after :meth:`revive` keeps its
         line (its date, and the restart it was tried in, are recorded already)."""
         with self._lock:
             if key in self._keys or key in self._given_up or key in self._abandoned:
-                return
+                return True
             entry = GivenUp(key, rec, rescan_only, self._wall())
             try:
                 line = entry.line()
             except (TypeError, ValueError) as exc:  # not JSON: it cannot be rebuilt later
                 logger.warning("cannot remember the given-up plan of %r: %s", key[0], exc)
-                return
+                return False
             self._keep_given_up(entry)
             self._append(line, key)
+            return True
 
     def replays(self, key: Key) -> int | None:
         """For how many replays of its run ``key``'s plan given up was tried again (None: it

@@ -24,12 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 __all__ = [
     "MAX_PLAN_POINTS",
+    "PLAN_FIELDS",
     "RESERVED_KWARGS",
     "QueueServerConfig",
     "item_key",
+    "plain",
+    "plan_fields",
     "plan_item",
     "region_points",
     "submission_key",
+    "unwritable",
     "xas_regions_scan",
 ]
 
@@ -211,10 +215,13 @@ def plan_item(
 
     ``rescan_only`` submits just the recommended rescan region. ``md.xasflow`` names the raw
     run and the submission (:func:`submission_key`), which :func:`item_key` reads back from
-    the server's queue and history. ``ValueError`` for a recommendation without regions or
-    with regions :func:`region_points` refuses.
+    the server's queue and history. ``ValueError`` for a recommendation without regions,
+    with regions :func:`region_points` refuses, or JSON cannot write (:func:`unwritable`).
     """
     rec = decode(recommendation)
+    why = unwritable(rec)
+    if why is not None:
+        raise ValueError(why)
     regions = rec.get("regions") or []
     if rescan_only:
         if not rec.get("rescan"):
@@ -274,9 +281,42 @@ def item_key(item: Any) -> tuple[str, str] | None:
     return (raw_uid, what) if what else None
 
 
+#: What of a decoded recommendation :func:`plan_item` and :func:`submission_key` read: what
+#: a plan given up is remembered by, to be rebuilt after a restart.
+PLAN_FIELDS = ("regions", "rescan", "e0", "uncertainty", "bundle_id")
+
+
+def plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`PLAN_FIELDS` ``rec`` has."""
+    return {key: rec[key] for key in PLAN_FIELDS if key in rec}
+
+
+def unwritable(rec: Mapping[str, Any]) -> str | None:
+    """Why JSON cannot write what a plan of the decoded ``rec`` carries (None: it can): no
+    queueserver client could send that plan, nor the memory keep it."""
+    try:
+        json.dumps(plan_fields(rec))
+    except (TypeError, ValueError) as exc:
+        return f"the recommendation is not JSON: {exc}"
+    return None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays (anything with ``tolist``, an event's data
+    may hold them) as plain Python, in mappings, lists and tuples too (as dicts and lists):
+    what JSON writes, for the server and the memory. Anything else is left as it is."""
+    if isinstance(value, Mapping):
+        return {key: plain(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # np.float64 and np.str_ too: float, str
+    return tolist() if callable(tolist) else value
+
+
 def decode(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """A recommendation dict with JSON-string fields (stream rows) decoded."""
-    out = dict(rec)
+    """A recommendation dict with JSON-string fields (stream rows) decoded, and numpy
+    values plain Python (:func:`plain`)."""
+    out = {key: plain(value) for key, value in rec.items()}
     for key in ("regions", "rescan"):
         value = out.get(key)
         if isinstance(value, str):

@@ -34,7 +34,12 @@ from xasflow.adapters.queueserver_pending import (
     next_job,
     wake,
 )
-from xasflow.adapters.queueserver_plan import QueueServerConfig, submission_key
+from xasflow.adapters.queueserver_plan import (
+    QueueServerConfig,
+    plan_fields,
+    submission_key,
+    unwritable,
+)
 from xasflow.adapters.queueserver_plan import decode as _decode
 
 __all__ = ["LIMITED", "Background"]
@@ -102,11 +107,12 @@ class Background:
         module); False when disabled, certain, already queued for this raw run, once close
         has begun (``dropped_closed``: remembered as given up, like the plans close drops),
         limited (a new plan went in within ``min_interval_s``: one behind retries waits its
-        turn) or full (``gave_up_queue_full``: remembered as given up too, for a replay of
-        its run or the next daemon to try again; by the worker, since this runs on the
-        daemon's processing thread, which never waits on disk: held as queued until then,
-        counted once remembered). A plan accepted while another one's try is under way is
-        rate-limited when its turn comes if that one went in."""
+        turn), not JSON (``abandoned_not_json``, logged: what the plan carries is no JSON
+        once numpy values are plain) or full (``gave_up_queue_full``: remembered as given
+        up too, for a replay of its run or the next daemon to try again; by the worker,
+        since this runs on the daemon's processing thread, which never waits on disk: held
+        as queued until then, counted once remembered). A plan accepted while another one's
+        try is under way is rate-limited when its turn comes if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -122,6 +128,10 @@ class Background:
             if held or key in self._memory:
                 self.stats["skipped_repeat"] += 1
                 return False
+        why = unwritable(rec)  # numpy values are plain already (decode)
+        if why is not None:  # no client could send it, nor the memory keep it
+            self._not_json(raw_uid, why)
+            return False
         job = (rec, raw_uid, rescan_only)
         if self._closing:  # remembered like the plans close drops: the next daemon tries it
             self._give_up(job, "dropped_closed")
@@ -335,12 +345,20 @@ class Background:
             key = submission_key(raw_uid, rec, rescan_only)
             with self._lock:
                 self._queued.pop(key, None)
-            self._memory.give_up(key, _plan_fields(rec), rescan_only)
+            if not self._memory.give_up(key, plan_fields(rec), rescan_only):
+                self._not_json(raw_uid, "it cannot be remembered as given up (not JSON)")
+                return
             cfg = self.config
             if counter != "dropped_closed" and cfg.given_up_retry_s > 0:
                 after = max(cfg.given_up_retry_s, cfg.retry_backoff_s * 2**cfg.retries)
                 self._deferred.add(key, job, after)
         self.stats[counter] += 1
+
+    def _not_json(self, raw_uid: str | None, why: str) -> None:
+        """A plan JSON cannot write is lost: counted (``abandoned_not_json``, which the
+        plans-lost alert selects) and logged at ERROR with its run, never dropped unseen."""
+        self.stats["abandoned_not_json"] += 1
+        logger.error("the queueserver plan of run %r is given up for good: %s", raw_uid, why)
 
     def _hand_over(self) -> None:
         """Give up the plans :meth:`enqueue` refused at a full queue (on the worker, which
@@ -447,10 +465,3 @@ class Background:
                 return False
             time.sleep(0.02)
         return True
-
-
-def _plan_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a decoded recommendation :func:`plan_item` and :func:`submission_key` read:
-    what a given-up plan is remembered by, to be rebuilt after a restart."""
-    keys = ("regions", "rescan", "e0", "uncertainty", "bundle_id")
-    return {key: rec[key] for key in keys if key in rec}
