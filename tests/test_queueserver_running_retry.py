@@ -185,3 +185,49 @@ def test_a_plan_whose_background_try_raised_is_not_held_as_sent() -> None:
         assert sub.stats["skipped_repeat"] == 0 and fake.items == []
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize("wanted_by", ["run_stop", "retry_given_up"])
+def test_a_plan_the_rate_held_back_while_submit_held_it_waits_for_its_slot_not_given_up(
+    tmp_path: Path, wanted_by: str
+) -> None:
+    """The submitter's clock moves only when the test moves it. raw-0's plan went in (the
+    slot held for ``min_interval_s``); ``submit()`` for raw-1 holds raw-1's plan when another
+    path wants it (the run's stop, or ``retry_given_up`` after a restart), and the rate holds
+    ``submit()``'s try back: nothing was sent, nothing failed. Before, the plan was given up
+    (``gave_up``, logged at ERROR, remembered) and tried again only after
+    ``given_up_retry_s``, as one of its ``given_up_replays``. Now it waits for its slot
+    (``waited_rate``), goes in once the interval has passed, and nothing is given up."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = quick_config(min_interval_s=100.0, given_up_retry_s=1000.0)
+    if wanted_by == "retry_given_up":
+        give_up_plan(cfg, path, REC)
+    fake = OutageApi()
+    fake.up.set()
+    now = [0.0]
+    sub = QueueServerSubmitter(cfg, api_factory=lambda _: fake, clock=lambda: now[0], memory=path)
+    limited = sub._rate.limited
+    wanted: list[object] = []
+
+    def wanted_then_limited() -> bool:  # submit()'s look at the rate, raw-1 held
+        if not wanted:
+            if wanted_by == "run_stop":
+                wanted.append(sub.enqueue(REC, "raw-1"))
+            else:
+                wanted.append(sub.retry_given_up())
+        return limited()
+
+    try:
+        assert sub.submit(REC, raw_uid="raw-0") is not None  # the slot is held
+        sub._rate.limited = wanted_then_limited  # type: ignore[method-assign]
+        assert sub.submit(REC, raw_uid="raw-1") is None and sub.stats["skipped_rate"] == 1
+        assert wanted == [False] if wanted_by == "run_stop" else wanted == [0]
+        assert sub.stats["gave_up"] == 0 and sub.stats["waited_rate"] == 1
+        given_up = [plan.key for plan in sub._memory.given_up()]  # the previous daemon's
+        assert given_up == ([] if wanted_by == "run_stop" else [K])
+        now[0] = 100.0
+        wake(sub._queue)
+        wait_for(lambda: queued_runs(fake) == ["raw-0", "raw-1"], what="raw-1 in its slot")
+        assert sub.join(10.0) and sub.stats["gave_up"] == 0 and K in sub._memory
+    finally:
+        sub.close()

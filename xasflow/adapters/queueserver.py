@@ -210,7 +210,8 @@ class QueueServerSubmitter(Background):
             "skipped_disabled": 0,
             "skipped_certain": 0,
             "skipped_rate": 0,
-            "waited_rate": 0,  # new plans that waited behind retries for the rate slot
+            "waited_rate": 0,  # new plans that waited for the rate slot (behind retries, or
+            # wanted while a submit() the rate held back held them)
             "skipped_not_success": 0,
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
@@ -254,8 +255,9 @@ class QueueServerSubmitter(Background):
         queueserver's queue or history
         (:func:`~xasflow.adapters.queueserver_client.on_server`). While it is sent, the run's
         plan is held as queued: the background queue does not take it too (nor a retry of
-        it given up); if this try fails or the rate holds it back, a plan another path
-        wanted meanwhile is given up (``gave_up``), to be tried again. A plan given up is
+        it given up); if this try fails, a plan another path wanted meanwhile is given up
+        (``gave_up``), to be tried again, and if the rate holds it back, that plan waits for
+        its slot (``waited_rate``; not given up: nothing failed). A plan given up is
         tried again like a replay of its run, for at most ``given_up_replays`` calls, then
         given up for good (``abandoned_replays``; None). Raises QueueServerError."""
         key, job = None, None
@@ -276,9 +278,9 @@ class QueueServerSubmitter(Background):
             failed = True
             raise
         finally:
-            if key is not None and job is not None:  # held and settled, let go, or given up
-                unsent = failed or reply is LIMITED
-                self._let_go(key, job, sent=isinstance(reply, dict), unsent=unsent)
+            if key is not None and job is not None:  # held and settled, let go, or handed on
+                sent = isinstance(reply, dict)
+                self._let_go(key, job, sent=sent, failed=failed, limited=reply is LIMITED)
         if reply is LIMITED:
             self.stats["skipped_rate"] += 1
             return None

@@ -180,25 +180,34 @@ class Background:
             self._submitting[key] = True
         return key in self._queued
 
-    def _let_go(self, key: tuple[str, str], job: Job, sent: bool, unsent: bool) -> None:
-        """:meth:`submit`'s try of ``job`` is over: ``sent`` (still held, settled), or
-        ``unsent`` (it failed, or the rate held it back), or neither (found queued, given up
-        for good, or a plan no server takes: settled elsewhere). A plan unsent that another
-        path wanted meanwhile (:meth:`_held`) is given up (``gave_up``: remembered, and tried
-        again after ``given_up_retry_s``); otherwise it is no longer held here."""
+    def _let_go(
+        self, key: tuple[str, str], job: Job, sent: bool, failed: bool, limited: bool
+    ) -> None:
+        """:meth:`submit`'s try of ``job`` is over: ``sent`` (still held, settled),
+        ``failed``, ``limited`` (the rate held it back: nothing was sent), or none of them
+        (found queued, given up for good, or a plan no server takes: settled elsewhere). A
+        plan another path wanted meanwhile (:meth:`_held`) is not dropped: one that failed
+        is given up (``gave_up``: remembered, and tried again after ``given_up_retry_s``),
+        one the rate held back waits for its slot among the retries, as a plan the rate
+        holds back behind retries does (:meth:`_wait_turn`, ``waited_rate``: no give-up);
+        otherwise it is no longer held here."""
         with self._lock:
-            handed = self._submitting.pop(key, False) and unsent
+            wanted = self._submitting.pop(key, False) and (failed or limited)
             if sent:
                 self._queued[key] = True
-            elif not handed:
+            elif not wanted:
                 self._queued.pop(key, None)
-        if handed:  # still held until _give_up lets go of it: no path takes it meanwhile
+        if not wanted:
+            return
+        if failed:  # still held until _give_up lets go of it: no path takes it meanwhile
             logger.error("queueserver plan of run %r given up: submit() did not send it", key[0])
             self._give_up(job)
-            with self._lock:  # a worker, looking at it once due (none is after close)
-                if not self._closing:
-                    self._start_worker()
-            wake(self._queue)
+        else:  # still held: its first try (tries 0) counts as a replay, as any first try
+            self._wait_turn(job, 0, new=True)
+        with self._lock:  # a worker, to look at it (none is after close)
+            if not self._closing:
+                self._start_worker()
+        wake(self._queue)
 
     def _hold(self, key: tuple[str, str]) -> None:
         """Hold ``key``'s plan as queued by this process, so that neither path sends it
