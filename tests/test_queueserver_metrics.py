@@ -121,3 +121,40 @@ def test_errors_looking_at_plans_given_up_are_their_own_metric_not_a_plan_outcom
         assert health["deferred_errors"] == 2 and "deferred_errors" not in health["stats"]
     finally:
         sub.close()
+
+
+def test_the_plans_deferred_alert_says_give_ups_as_gave_up_counts_them(tmp_path: Path) -> None:
+    """One plan, the RE Manager down (the submitter's clock moves only when the test moves
+    it): given up, tried again by the running daemon after ``given_up_retry_s``, given up
+    again. ``gave_up`` is 2 for that one plan (it counts give-up rounds). Before,
+    ``XasflowQueueserverPlansDeferred``'s summary read "2 queueserver plans not queued";
+    now it says give-ups, and its description that a plan counts once a round."""
+    from helpers import wait_for
+    from queueserver_helpers import OutageApi, quick_config
+
+    from xasflow.adapters.queueserver_pending import wake
+
+    path = tmp_path / "store" / SUBMITTED_FILE
+    now = [0.0]
+    cfg = quick_config(retries=0, given_up_retry_s=5.0)
+    sub = QueueServerSubmitter(
+        cfg, api_factory=lambda _: OutageApi(), clock=lambda: now[0], memory=path
+    )
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        wait_for(lambda: sub.stats["gave_up"] == 1, what="raw-1 given up")
+        now[0] = 5.0
+        wake(sub._queue)
+        wait_for(lambda: sub.stats["gave_up"] == 2, what="raw-1 given up again")
+        assert sub.join(10.0)
+        plans = {plan.key[0] for plan in sub._memory.given_up()}
+    finally:
+        sub.close()
+    assert plans == {"raw-1"} and sub.stats["revived"] == 1
+    (rule,) = [r for r in alert_rules() if r["alert"] == "XasflowQueueserverPlansDeferred"]
+    labels = {"{{ $labels.outcome }}": "gave_up", "{{ $labels.instance }}": "d2:8620"}
+    summary = rule["annotations"]["summary"].replace("{{ $value }}", str(sub.stats["gave_up"]))
+    for field, value in labels.items():
+        summary = summary.replace(field, value)
+    assert summary == "2 queueserver plan give-ups (gave_up) on d2:8620"
+    assert "once a round" in rule["annotations"]["description"]
