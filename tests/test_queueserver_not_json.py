@@ -92,3 +92,28 @@ def test_a_plan_json_cannot_write_is_refused_counted_and_logged(
         sub.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("raw-1" in m and "JSON" in m for m in errors), errors
+
+
+def test_a_plan_no_server_takes_is_counted_at_each_replay_and_sends_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plan whose regions no beamline should run (more than ``max_points`` points) is
+    refused before anything is sent, at each replay of its run: one local refusal a replay,
+    no retry, no request, nothing remembered (a later ``max_points`` may take it). Before,
+    that refusal was only a warning, counted nowhere. Now each is ``refused_invalid``."""
+    rec = copy.deepcopy(REC)
+    rec["regions"][0]["step"] = 1e-6
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = FakeApi()
+    sub = daemon(quick_config(), fake, path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="xasflow.adapters.queueserver_worker"):
+            for _ in range(3):  # the run's stop, then two replays
+                assert sub.enqueue(rec, "raw-1") and sub.join(10.0)
+        assert sub.stats["refused_invalid"] == 3 and fake.items == []
+        assert sub.stats["retried"] == 0 and sub.stats["gave_up"] == 0
+    finally:
+        sub.close()
+    assert sum("more than 5000 points" in r.getMessage() for r in caplog.records) == 3
+    with SubmittedRuns(path) as memory:
+        assert memory.given_up() == [] and memory.keys() == []

@@ -215,6 +215,7 @@ class QueueServerSubmitter(Background):
             "skipped_not_success": 0,
             "skipped_out_of_domain": 0,
             "skipped_repeat": 0,
+            "refused_invalid": 0,  # background tries of plans no server takes (regions refused)
             "gave_up_queue_full": 0,  # new plans refused at enqueue (max_pending queued): remembered
             "gave_up_waiting_full": 0,  # new plans given up (max_pending wait): remembered
             "dropped_closed": 0,

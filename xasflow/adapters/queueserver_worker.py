@@ -279,6 +279,7 @@ class Background:
         except QueueServerError as exc:
             self._again(job, tries + 1, exc)
         except ValueError as exc:  # a plan no server takes: not tried again, nor held as sent
+            self.stats["refused_invalid"] += 1  # once a replay of its run: nothing is sent
             logger.warning("queueserver submission refused: %s", exc)
             self._unhold(job)
         except Exception:
