@@ -206,3 +206,25 @@ def test_a_plan_given_up_after_its_key_was_trimmed_is_read_back_given_up(tmp_pat
         assert [entry.key for entry in nxt.given_up()] == [K], path.read_text()
         assert K not in nxt
         assert [entry.key for entry in nxt.revive(2, 900.0, 10)] == [K]
+
+
+def test_the_memory_file_is_rewritten_by_twice_its_worst_kept_size(tmp_path: Path) -> None:
+    """What the memory keeps at most, for ``limit``: ``limit`` keys, ``limit // 2`` plans
+    given up, two lines for each of ``limit`` given up for good, and the slot: 29 lines for
+    8 (14,337 for the default 4,096). Full of those, the file grows to twice that, 58 lines
+    (28,674), then is rewritten to what is kept: bounded, amortised (the bound in the
+    module's docstring and the README)."""
+    path = tmp_path / SUBMITTED_FILE
+    with SubmittedRuns(path, limit=8) as memory:
+        for i in range(8):
+            memory.abandon((f"lost-{i}", "run_end"), "replays")
+            memory.add((f"raw-{i}", "run_end"))
+        for i in range(4):
+            memory.give_up((f"given-{i}", "run_end"), {"regions": []}, False)
+        most = 0
+        for _ in range(200):
+            memory.took()
+            most = max(most, len(path.read_text().splitlines()))
+    kept = 8 + 8 // 2 + 2 * 8 + 1
+    assert kept == 29 and most == 2 * kept - 1
+    assert len(path.read_text().splitlines()) <= 2 * kept

@@ -9,10 +9,12 @@ took or already held, the newest ``limit``, in a JSON-lines file: one ``[raw_uid
 line, appended, rewritten with what is kept once it holds twice the limit or, if more, twice
 what the last rewrite wrote (what is kept may pass twice the limit: ``limit`` keys, ``limit
 // 2`` plans given up and two lines for each of ``limit`` given up for good; the trigger
-leaving no room would rewrite the whole file at each line). A missing, unreadable or torn file
-is read as far as it goes (:mod:`~xasflow.adapters.queueserver_recall` reads it) and a failed
-write is logged: the server's own record stays the first check, this one only covers what it
-has forgotten.
+leaving no room would rewrite the whole file at each line). So the file holds at most twice
+that, about 28,700 lines for the default 4,096 (2 x 14,337, plus intents and lost replies in
+flight: a few MB, read once at start), each line costing a few writes amortised. A missing,
+unreadable or torn file is read as far as it goes (:mod:`~xasflow.adapters.queueserver_recall`
+reads it) and a failed write is logged: the server's own record stays the first check, this
+one only covers what it has forgotten.
 
 A plan given up (its tries all failed, so it reached no queue as far as the server said, or
 the daemon stopped before its next try) is recorded apart, with what rebuilds it:
