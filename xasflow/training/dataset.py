@@ -201,6 +201,7 @@ def build_feff_dataset(
         n_abs = S.element_count(material.poscar, element)
         formula = S.poscar_formula(material.poscar)
         covered = sum(mult.get((material.material_id, s.site_index), 1) for s in material.sites)
+        kept: list[tuple] = []
         for site in material.sites:
             key = (material.material_id, site.site_index)
             item = labels.get(key)
@@ -214,8 +215,10 @@ def build_feff_dataset(
             except SpectrumError as exc:
                 issues.append(ReadIssue(site.source, exc.reason, exc.message))
                 continue
-            complete = covered == n_abs and n_abs > 0
-            rows.append((key, mult.get(key, 1), complete, spectrum, item, formula))
+            kept.append((key, mult.get(key, 1), spectrum, item, formula))
+        # whole only when its sites cover every absorber and none was lost to a label or read
+        complete = covered == n_abs and n_abs > 0 and len(kept) == len(material.sites)
+        rows.extend((key, m, complete, *rest) for key, m, *rest in kept)
     if not rows:
         raise DatasetError(
             f"no usable labelled {element} sites in {path}: {Counter(i.reason for i in issues)}"
@@ -395,15 +398,16 @@ def grid_dataset(ds: Dataset, prep: PrepParams) -> Gridded:
 def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:
     """Site-averaged spectra and labels per material (weights: multiplicities).
 
-    Only materials whose computed sites cover all their absorbing sites are averaged, since an
-    experiment measures every site. Returns the averaged grid rows and a per-material Dataset
-    (its ``spectra`` are the first site's, kept for provenance only).
+    Only complete materials with every row of ``ds`` among ``g.rows`` are averaged (a site the
+    preparation refused leaves a part), since an experiment measures every site. Returns the
+    averaged grid rows and a per-material Dataset (``spectra``: the first site's, provenance).
     """
     sub = ds.subset(g.rows)
+    sites = Counter(ds.material_id.tolist())
     out_y, rows = [], []
     for mid in np.unique(sub.material_id):
         idx = np.flatnonzero(sub.material_id == mid)
-        if not sub.complete[idx].all():
+        if not sub.complete[idx].all() or len(idx) != sites[mid]:
             continue
         w = sub.multiplicity[idx].astype(float)
         avg = LA.average_labels(
