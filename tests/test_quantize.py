@@ -103,3 +103,95 @@ def test_reexport_refuses_what_it_cannot_read(
     with pytest.raises(ValueError, match="re-export the float bundle"):
         reexport_bundle(int8, tmp_path / "again", log=lambda _: None)
     assert not (tmp_path / "again").exists()
+
+
+@pytest.fixture(scope="module")
+def spread_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny MLP-serving Cu bundle whose out-of-domain score reads the CN networks' spread
+    (``ood_spread``, no ligand score), its training tree and its label cache."""
+    from synthetic_feff import write_tree
+
+    from xasflow.training.bundle_export import export_bundle
+    from xasflow.training.dataset import build_feff_dataset
+    from xasflow.training.fit import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("spread")
+    tree = write_tree(base / "feff", per_type=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(base / "cache"))
+        ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+    small_mlp = {"members": 2, "hidden": [32, 32], "max_epochs": 30, "patience": 10}
+    cfg = TrainConfig(
+        n_estimators=12,
+        n_jobs=1,
+        test_fraction=0.3,
+        val_fraction=0.15,
+        split_by="material",
+        networks=("mlp",),
+        network_overrides={"mlp": small_mlp},
+        ood_ligand=False,
+        ood_spread=True,
+        serve_tolerance=0.5,  # the MLP serves CN, so its spread joins the score
+    )
+    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
+    bundle = export_bundle(train(ds, cfg, log=lambda *_: None), base / "models" / "cu-k")
+    return bundle, tree, base / "cache"
+
+
+def test_spread_score_is_refitted_on_the_int8_graphs(
+    spread_bundle: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spread score reads ``cn_std``, an output of the quantised graph: its scale and
+    threshold stayed the float graph's while the validation scores moved (by up to 0.0086 on
+    the review's tree). Expected: fitted again on the int8 graphs as training fits them."""
+    from xasflow.models.bundle import read_manifest, verify_bundle
+    from xasflow.models.bundle_write import write_bundle
+    from xasflow.models.predictor import Predictor
+    from xasflow.models.uncertainty import spread_score
+    from xasflow.training.ood import fit_spread_ood
+    from xasflow.training.quantize import quantize_bundle
+    from xasflow.training.rebuild import rebuild
+
+    src, tree, cache = spread_bundle
+    monkeypatch.setenv("XASFLOW_CACHE", str(cache))
+    before = verify_bundle(src)
+    assert before.ood is not None and before.ood.spread is not None
+    out = quantize_bundle(src, tmp_path / "q", data=tree, log=lambda _: None)
+    after = verify_bundle(out)
+    ood = after.ood
+    assert ood is not None and ood.spread is not None and ood.recon_scale is not None
+    assert ood.spread.outputs == before.ood.spread.outputs
+    rebuilt = rebuild(before, tree)
+    x = rebuilt.inputs("val").astype(np.float32)
+    raw = Predictor(out).run(x)
+    fraction = float(before.ood.details["flag_fraction"])
+    fitted = fit_spread_ood(
+        ood.spread.outputs,
+        raw[ood.file][ood.output],
+        spread_score([raw[f][o] for f, o in ood.spread.outputs]),
+        fraction,
+    )
+    assert ood.spread.scale == pytest.approx(fitted.spread_scale, rel=1e-6)
+    assert ood.threshold == pytest.approx(fitted.threshold, rel=1e-6)
+    assert ood.recon_scale == pytest.approx(fitted.recon_scale, rel=1e-6)
+    assert ood.spread.scale != before.ood.spread.scale  # the int8 cn_std differs
+    # what the daemon computes from the int8 graphs flags validation as training's fit says
+    scores = Predictor(out).infer(x)[1]
+    assert scores is not None
+    flagged = float(np.mean(scores > ood.threshold))
+    assert flagged == ood.details["val_flagged_fraction"] == fitted.stats["val_flagged_fraction"]
+    assert flagged <= fraction
+    test_scores = Predictor(out).infer(rebuilt.inputs("test").astype(np.float32))[1]
+    assert test_scores is not None
+    test_flagged = float(np.mean(test_scores > ood.threshold))
+    assert ood.details["test_flagged_fraction"] == pytest.approx(test_flagged)
+    # a recorded spread scale the float graphs do not give back: refused, nothing written
+    manifest = read_manifest(src)
+    assert manifest.ood is not None and manifest.ood.spread is not None
+    wrong = manifest.ood.spread.model_copy(update={"scale": manifest.ood.spread.scale * 2})
+    bad_ood = manifest.ood.model_copy(update={"spread": wrong})
+    files = {name: (src / name).read_bytes() for name in manifest.files}
+    bad = write_bundle(tmp_path / "bad", manifest.model_copy(update={"ood": bad_ood}), files)
+    with pytest.raises(ValueError, match="not the data or code"):
+        quantize_bundle(bad, tmp_path / "out", data=tree, log=lambda _: None)
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,10 @@ from 5.5 to 1.5 MB, so one spectrum reads a quarter of the bytes and a batch run
 dot products (measured in ``bench/predict.py``). The temperatures and conformal quantiles a
 bundle carries were fitted on the float graph's validation outputs; they are fitted again on
 the int8 graph's, so the calibration and coverage it reports are those of the graph it runs.
-Tree graphs and the out-of-domain graph are left as they are. The manifest records, per graph,
-the sizes and how closely int8 follows float32 on the validation rows.
+An out-of-domain score that reads the networks' spread (``ood.spread``) has its scales and
+threshold fitted again on the int8 graphs' outputs likewise. Tree graphs and the out-of-domain
+graph are left as they are. The manifest records, per graph, the sizes and how closely int8
+follows float32 on the validation rows.
 
     python -m xasflow.training.quantize models/cu-k
 """
@@ -24,10 +26,12 @@ from typing import Any
 import numpy as np
 
 from xasflow.models.batch import member_mean, member_spread
-from xasflow.models.bundle import Manifest, TaskSpec
+from xasflow.models.bundle import Manifest, OodSpec, TaskSpec
 from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import Predictor
+from xasflow.models.uncertainty import spread_score
 from xasflow.training.fit import task_targets
+from xasflow.training.ood import fit_spread_ood
 from xasflow.training.rebuild import open_for_rewrite, rebuild, rewrite_main
 from xasflow.training.select import BaseOutputs, calibrate_outputs
 from xasflow.training.served_metrics import with_served_metrics
@@ -124,7 +128,54 @@ def recalibrate(
     return specs
 
 
-def _check_reproduced(manifest: Manifest, refitted: dict[str, TaskSpec]) -> None:
+def _spread_inputs(
+    ood: OodSpec, raw: dict[str, dict[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two signals of a spread-combined score on a batch: graph score and summed spread."""
+    assert ood.spread is not None
+    recon = np.asarray(raw[ood.file][ood.output], dtype=np.float64).reshape(-1)
+    return recon, spread_score([raw[f][o] for f, o in ood.spread.outputs])
+
+
+def refit_spread(
+    ood: OodSpec,
+    raw_val: dict[str, dict[str, np.ndarray]],
+    raw_test: dict[str, dict[str, np.ndarray]] | None = None,
+) -> OodSpec:
+    """``ood``'s spread-combined score with scales and threshold fitted again on ``raw_val``
+    as training fits them (:func:`fit_spread_ood`), its test flag rate from ``raw_test``."""
+    assert ood.spread is not None
+    fraction = float(ood.details["flag_fraction"])
+    fitted = fit_spread_ood(ood.spread.outputs, *_spread_inputs(ood, raw_val), fraction)
+    stats = dict(fitted.stats)
+    if raw_test is not None:
+        flags = fitted.score(*_spread_inputs(ood, raw_test)) > fitted.threshold
+        stats["test_flagged_fraction"] = float(np.mean(flags))
+    return ood.model_copy(
+        update={
+            "threshold": fitted.threshold,
+            "recon_scale": fitted.recon_scale,
+            "spread": ood.spread.model_copy(update={"scale": fitted.spread_scale}),
+            "details": {**ood.details, **stats},
+        }
+    )
+
+
+def _agree(name: str, pairs: list[tuple[float | None, float | None]]) -> None:
+    """Each recorded value (first) is given back by the refit (second) to 1e-3, or refused."""
+    for was, now in pairs:
+        if (was is None) != (now is None) or (
+            was is not None and now is not None and abs(now - was) > 1e-3 * abs(was)
+        ):
+            raise ValueError(
+                f"{name}: refitting the float graphs gives {now}, the bundle records {was}: "
+                "not the data or code the bundle was made with"
+            )
+
+
+def _check_reproduced(
+    manifest: Manifest, refitted: dict[str, TaskSpec], ood: OodSpec | None = None
+) -> None:
     """The float graphs' refit must give the recorded calibration (to 1e-3), or the data or
     code differ from the bundle's and a refit on the int8 graphs would mean nothing."""
     for name, spec in refitted.items():
@@ -132,14 +183,11 @@ def _check_reproduced(manifest: Manifest, refitted: dict[str, TaskSpec]) -> None
         pairs = [(old.temperature, spec.temperature)]
         if old.conformal is not None and spec.conformal is not None:
             pairs.append((old.conformal.qhat, spec.conformal.qhat))
-        for was, now in pairs:
-            if (was is None) != (now is None) or (
-                was is not None and now is not None and abs(now - was) > 1e-3 * abs(was)
-            ):
-                raise ValueError(
-                    f"{name}: refitting the float graphs gives {now}, the bundle records {was}: "
-                    "not the data or code the bundle was made with"
-                )
+        _agree(name, pairs)
+    was = manifest.ood
+    if ood is not None and was is not None and was.spread is not None and ood.spread is not None:
+        scales = [(was.recon_scale, ood.recon_scale), (was.spread.scale, ood.spread.scale)]
+        _agree("ood", [(was.threshold, ood.threshold), *scales])
 
 
 def quantize_bundle(
@@ -170,15 +218,24 @@ def quantize_bundle(
         float_bytes = len(files[name])
         files[name] = quantize_graph(files[name])
         record[name] = {"bytes_float32": float_bytes, "bytes_int8": len(files[name])}
+    ood = manifest.ood
+    spread = ood if ood is not None and ood.spread is not None else None
     with tempfile.TemporaryDirectory() as tmp:  # the new graphs, verified like any bundle
         draft = write_bundle(Path(tmp) / "draft", manifest, files)
         after = Predictor(draft).run(x_val)
+        if spread is not None:  # the spread score reads the int8 graphs: refitted on them
+            test = Predictor(draft).run(rebuilt.inputs("test").astype(np.float32))
+            ood = refit_spread(spread, after, test)
     outputs = sorted({m.output for s in manifest.tasks.values() for m in s.graph_members()})
     for name in nets:
         mine = [o for o in outputs if o in before[name]]
         record[name]["validation_agreement"] = agreement(before[name], after[name], mine)
     targets = task_targets(rebuilt.dataset, rebuilt.parts["val"])
-    _check_reproduced(manifest, recalibrate(manifest, before, targets))
+    _check_reproduced(
+        manifest,
+        recalibrate(manifest, before, targets),
+        refit_spread(spread, before) if spread is not None else None,
+    )
     tasks = recalibrate(manifest, after, targets)
     for name, spec in tasks.items():
         members = [
@@ -189,18 +246,19 @@ def quantize_bundle(
         old, new = manifest.tasks[name], tasks[name]
         if new.conformal is not None and old.conformal is not None:
             log(f"{name}: qhat {old.conformal.qhat:.4g} -> {new.conformal.qhat:.4g}")
-    training = {
-        **manifest.training,
-        "quantization": {
-            "method": METHOD,
-            "graphs": record,
-            "calibration": "refitted on the int8 graphs' validation outputs",
-            "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        },
+    quantization = {
+        "method": METHOD,
+        "graphs": record,
+        "calibration": "refitted on the int8 graphs' validation outputs",
+        "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
+    if spread is not None and ood is not None:
+        quantization["ood"] = "spread scale and threshold refitted on the int8 graphs' outputs"
+        log(f"ood: threshold {spread.threshold:.4g} -> {ood.threshold:.4g}")
+    training = {**manifest.training, "quantization": quantization}
     for name, rec in record.items():
         log(f"{name}: {rec['bytes_float32']} -> {rec['bytes_int8']} bytes")
-    quantised = manifest.model_copy(update={"tasks": tasks, "training": training})
+    quantised = manifest.model_copy(update={"tasks": tasks, "ood": ood, "training": training})
     return write_bundle(
         bundle if out is None else out,
         with_served_metrics(quantised, files, rebuilt.dataset, log),  # the int8 graphs' figures
