@@ -6,7 +6,9 @@ start with ``#``; values may be separated by whitespace, commas or semicolons
 (with semicolons, or numbers like ``8979,5``, commas are decimal commas).
 One non-numeric header row at the top names the columns (so may a comment line just above
 the data that names each column, the first an energy, as XDI's label line and FEFF's
-``xmu.dat`` do, or one further up that also says what mu is): mu is then taken by name, as
+``xmu.dat`` do, or one further up that also says what mu is, or XDI-style ``Column.N`` lines;
+a label line may start with a word and a colon, ``# columns: energy i0 it``): mu is then taken
+by name, as
 the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and ifluor: ifluor/i0; else a
 mu column), and names that do not say what mu is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
 columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
@@ -144,17 +146,42 @@ def _layout(path: Path, names: list[str]) -> tuple[tuple[int, ...], Layout]:
     )
 
 
+#: XDI's column lines (``# Column.2: i0``, or ``=``), also outside an XDI file
+_COLUMN_LINE = re.compile(r"^#\s*column\.(\d+)\s*[:=]\s*(.+)$", re.IGNORECASE)
+#: a word or two and a colon before a label line's names (``# columns: energy i0 itrans``)
+_LABEL_PREFIX = re.compile(r"^#?\s*[A-Za-z][A-Za-z ]{0,20}:\s*")
+
+
+def _column_lines(comments: list[str], width: int, decimal_commas: bool) -> list[tuple[str, str]]:
+    """The columns ``Column.N`` comment lines name, when they name 1..``width`` ([]: not)."""
+    named: dict[int, tuple[str, str]] = {}
+    for line in comments:
+        found = _COLUMN_LINE.match(line)
+        if found is not None:
+            fields = _header_fields(found.group(2), decimal_commas)
+            if fields:
+                named[int(found.group(1))] = fields[0]
+    if sorted(named) != list(range(1, width + 1)):
+        return []
+    return [named[k] for k in range(1, width + 1)]
+
+
 def _label_line(comments: list[str], width: int, decimal_commas: bool) -> list[tuple[str, str]]:
     """The columns a comment line above the data names ([]: none does): the line just above
     when it names all ``width`` columns, energy first; else the last line further up that
-    does and says what mu is (:func:`_says`). A note or a rule line (Athena's ``# ---``)
+    does and says what mu is (:func:`_says`), or ``Column.N`` lines that do. A label line may
+    start with a word and a colon (``# columns:``). A note or a rule line (Athena's ``# ---``)
     may lie between the labels and the data: the file was read by position, i0 as mu."""
     for k, line in enumerate(reversed(comments)):
-        labels = _header_fields(line, decimal_commas)
-        if len(labels) != width or labels[0][0] not in _ENERGY:
-            continue
-        if k == 0 or _says([name for name, _ in labels]) is not None:
-            return labels
+        for text in dict.fromkeys([line, _LABEL_PREFIX.sub("", line, count=1)]):
+            labels = _header_fields(text, decimal_commas)
+            if len(labels) != width or labels[0][0] not in _ENERGY:
+                continue
+            if k == 0 or _says([name for name, _ in labels]) is not None:
+                return labels
+    labels = _column_lines(comments, width, decimal_commas)
+    if labels and labels[0][0] in _ENERGY and _says([name for name, _ in labels]) is not None:
+        return labels
     return []
 
 
