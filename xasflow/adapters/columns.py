@@ -6,11 +6,11 @@ start with ``#``; values may be separated by whitespace, commas or semicolons
 (with semicolons, or numbers like ``8979,5``, commas are decimal commas).
 One non-numeric header row at the top names the columns (so may a comment line just above
 the data that names each column, the first an energy, as XDI's label line and FEFF's
-``xmu.dat`` do, or one further up that also says what mu is, or XDI-style ``Column.N`` lines;
-a label line may start with a word and a colon, ``# columns: energy i0 it``): mu is then taken
-by name, as
-the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and ifluor: ifluor/i0; else a
-mu column), and names that do not say what mu is are refused with the names found. Without one, energy and mu are columns 1 and 2; extra
+``xmu.dat`` do, or one further up that also says what mu is, or XDI-style ``Column.N``
+lines; a label line may start with a word and a colon, ``# columns: energy i0 it``): mu is
+then taken by name, as the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and
+ifluor: ifluor/i0; else a mu column), and names that do not say what mu is are refused
+with the names found. Without one, energy and mu are columns 1 and 2; extra
 columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
 (keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
 their range times 1000; below 200 without that, or under an eV unit (the file contradicts
