@@ -401,6 +401,11 @@ def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:
     Only complete materials with every row of ``ds`` among ``g.rows`` are averaged (a site the
     preparation refused leaves a part), since an experiment measures every site. Returns the
     averaged grid rows and a per-material Dataset (``spectra``: the first site's, provenance).
+    The sites are averaged on the model grid, each relative to its own E0, not summed on
+    absolute energy as a measurement is: FEFF's absolute energies scatter by several eV
+    between runs (site E0s of one material differ by a median 1.65 eV on the Cu test split),
+    and summing on them changed 35 of 394 test materials' CN answers (accuracy 0.777 against
+    0.784), so this figure reads FEFF's edge-aligned sites, not an experiment's blend.
     """
     sub = ds.subset(g.rows)
     sites = Counter(ds.material_id.tolist())
