@@ -48,7 +48,7 @@ from xasflow.daemon.recommend import (
 )
 from xasflow.models.bundle import verify_bundle
 from xasflow.models.predictor import OUT_OF_DOMAIN, Prediction
-from xasflow.spectra import Spectrum, edge_energy, find_e0
+from xasflow.spectra import Spectrum, align, edge_energy, find_e0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -301,6 +301,35 @@ def test_rescan_of_a_noisy_important_region() -> None:
     assert rec.noise["pre-edge"] < 0.01
     quiet = Spectrum(energy, smooth_mu(energy, e0), "Cu", "K")
     assert Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), quiet).rescan is None
+
+
+@pytest.mark.parametrize("shift", [4.0, -6.0])
+def test_regions_are_on_the_recorded_axis_the_monochromator_drives(shift: float) -> None:
+    """The daemon analyses a spectrum aligned to its reference foil (energy + shift), but a
+    recommended scan is driven on the monochromator's own, recorded axis: regions, the
+    rescan and E0 were published in the aligned frame, every region off by the shift (a
+    mono reading 6 eV low: the next scan was cut short of the model window). Expected: the
+    same regions as for the spectrum recorded on a true axis, and noise measured as before."""
+    e0 = 8985.0
+    rng = np.random.default_rng(3)
+    energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
+    mu = smooth_mu(energy, e0)
+    main = (energy >= e0 + 11.5) & (energy <= e0 + 26.5)
+    mu[main] += rng.normal(0.0, 0.05, int(main.sum()))
+    cfg = RecommenderConfig(noise_threshold=0.02)
+    true = Recommender(manifest(), cfg).recommend(
+        prediction(SURE, VAL_SURE, e0=e0), Spectrum(energy, mu, "Cu", "K")
+    )
+    recorded = Spectrum(energy - shift, mu, "Cu", "K")  # the mono reads shift eV low
+    aligned = align(recorded, shift)  # as the daemon analyses it
+    got = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE, e0=e0), aligned)
+    assert [r.name for r in got.regions] == [r.name for r in true.regions]
+    want = [(r.start - shift, r.stop - shift, r.step) for r in true.regions]
+    np.testing.assert_allclose([(r.start, r.stop, r.step) for r in got.regions], want, atol=2e-3)
+    assert got.e0 == pytest.approx(e0 - shift)
+    assert got.rescan is not None and true.rescan is not None
+    assert got.rescan.start == pytest.approx(true.rescan.start - shift)
+    assert got.noise == pytest.approx(true.noise)
 
 
 def test_the_run_collector_keeps_a_bounded_number_of_unevaluated_runs() -> None:

@@ -75,6 +75,7 @@ from xasflow.daemon.recommend_docs import (
     recommendation_row,
     waveform_regions,
 )
+from xasflow.daemon.recommend_grid import finest_step, k_pieces, moved_region, tidy_region
 from xasflow.daemon.recommend_types import (
     Recommendation,
     RecommenderConfig,
@@ -99,6 +100,7 @@ __all__ = [
     "cn_uncertainty",
     "e0_ambiguity",
     "estimate_noise",
+    "finest_step",
     "k_pieces",
     "parse_recommendation_row",
     "recommendation_docs",
@@ -110,7 +112,6 @@ __all__ = [
 
 _PRE_EDGE_NAME = "pre-edge line"
 _APPROACH_NAME = "approach"
-_EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
 
 
 # --------------------------------------------------------------------------- recommender
@@ -172,6 +173,10 @@ class Recommender:
     ) -> Recommendation:
         """The next scan after ``prediction`` of ``spectrum`` (the measured mu on absolute eV).
 
+        Its regions, rescan and E0 are on the axis the scan was recorded on, the one the
+        monochromator drives: for a spectrum the daemon aligned to its reference foil
+        (``meta["energy_shift"]``), the aligned values minus that shift.
+
         ``history`` is the run's predictions so far, oldest first, ending with ``prediction``
         (stop-early looks at its last ``stop_count``). With no prediction, the prior advice
         from the importances alone, centred on :meth:`prior_e0`.
@@ -213,7 +218,7 @@ class Recommender:
                 if a < cfg.edge_window[1] and b > cfg.edge_window[0]:
                     step = min(step, cfg.steps()[1])
                 label = name if k == 0 else f"{name} ({k + 1}/{len(pieces)})"
-                regions.append(_region(label, e0 + a, e0 + b, step, dwell, why, w))
+                regions.append(tidy_region(label, e0 + a, e0 + b, step, dwell, why, w))
             own = regions[-len(pieces) :]
             points = sum(r.n_points for r in own) - (len(own) - 1)  # shared piece ends once
             start, stop = own[0].start, own[-1].stop
@@ -225,7 +230,7 @@ class Recommender:
         support: list[Region] = []
         if pre_hi < first:
             support.append(
-                _region(
+                tidy_region(
                     _PRE_EDGE_NAME,
                     e0 + pre_lo,
                     e0 + pre_hi,
@@ -236,7 +241,7 @@ class Recommender:
                 )
             )
             support.append(
-                _region(
+                tidy_region(
                     _APPROACH_NAME,
                     e0 + pre_hi,
                     e0 + first,
@@ -280,6 +285,13 @@ class Recommender:
                     )
 
         stop, stop_reason = self.settles(prediction, history)
+        # on the recorded axis the monochromator drives: the analysis saw ``spectrum`` aligned
+        # to its reference foil (energy + shift); noise was measured there, on the same frame
+        shift = float(spectrum.meta.get("energy_shift", 0.0)) if spectrum is not None else 0.0
+        if shift:
+            regions = [moved_region(r, -shift) for r in regions]
+            rescan = None if rescan is None else moved_region(rescan, -shift)
+            e0 -= shift
         return Recommendation(
             regions=regions,
             stop_early=stop,
@@ -346,59 +358,6 @@ class Recommender:
             f"cn {cn} with probability >= {min(confs):.2f} "
             f"(>= {cfg.stop_probability:g}) in the last {cfg.stop_count} spectra"
         )
-
-
-def finest_step(rel: float, config: RecommenderConfig) -> float:
-    """The finest useful step (eV) at ``rel`` eV above E0: fine_step, or constant k steps."""
-    fine = config.steps()[0]
-    if rel <= 0 or config.k_step <= 0:
-        return fine
-    k = math.sqrt(rel / _EV_PER_K2)
-    return max(fine, 2.0 * _EV_PER_K2 * k * config.k_step)
-
-
-def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[float, float]]:
-    """``lo..hi`` (eV above E0) cut where the finest step has grown by ``piece_growth``.
-
-    Above the fine-step floor the finest step grows as sqrt(E - E0) (constant steps in k),
-    so a piece ends where E - E0 has grown by ``piece_growth ** 2``: far above the edge a
-    region is measured on the coarser grid its features allow, not at the step of its start.
-    No piece is narrower than the fine step (a fine step and a coarse ``k_step`` put the floor
-    within meV of E0, where pieces would round to nothing).
-    """
-    g2 = config.piece_growth**2
-    fine = config.steps()[0]
-    floor = math.inf
-    if config.k_step > 0:
-        floor = _EV_PER_K2 * (fine / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
-    pieces: list[tuple[float, float]] = []
-    a = lo
-    while g2 > 1.0:
-        b = floor if a < floor else a * g2  # the fine-step floor is one piece
-        b = max(b, a + fine)
-        if b >= hi or hi - b < 0.5 * (b - a):  # a short tail joins the piece before it
-            break
-        pieces.append((a, b))
-        a = b
-    pieces.append((a, hi))
-    return pieces
-
-
-def _region(
-    name: str, start: float, stop: float, step: float, dwell: float, reason: str, w: float
-) -> Region:
-    """A region with tidy numbers: the step shrunk so it divides the span evenly."""
-    start, stop = round(start, 3), round(stop, 3)
-    n = max(1, math.ceil((stop - start) / step - 1e-3))
-    return Region(
-        name=name,
-        start=start,
-        stop=stop,
-        step=round((stop - start) / n, 6),
-        dwell=round(dwell, 4),
-        reason=reason,
-        importance=round(float(w), 4),
-    )
 
 
 # --------------------------------------------------------------------------- per-run state

@@ -1,0 +1,74 @@
+"""The grid a recommended region is measured on: steps constant in photoelectron wavenumber
+above the edge, regions cut into k pieces, tidy numbers, and regions moved between energy
+frames (see :mod:`xasflow.daemon.recommend`, which places them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from xasflow.daemon.recommend_types import RecommenderConfig, Region
+
+__all__ = ["finest_step", "k_pieces", "moved_region", "tidy_region"]
+
+_EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
+
+
+def finest_step(rel: float, config: RecommenderConfig) -> float:
+    """The finest useful step (eV) at ``rel`` eV above E0: fine_step, or constant k steps."""
+    fine = config.steps()[0]
+    if rel <= 0 or config.k_step <= 0:
+        return fine
+    k = math.sqrt(rel / _EV_PER_K2)
+    return max(fine, 2.0 * _EV_PER_K2 * k * config.k_step)
+
+
+def k_pieces(lo: float, hi: float, config: RecommenderConfig) -> list[tuple[float, float]]:
+    """``lo..hi`` (eV above E0) cut where the finest step has grown by ``piece_growth``.
+
+    Above the fine-step floor the finest step grows as sqrt(E - E0) (constant steps in k),
+    so a piece ends where E - E0 has grown by ``piece_growth ** 2``: far above the edge a
+    region is measured on the coarser grid its features allow, not at the step of its start.
+    No piece is narrower than the fine step (a fine step and a coarse ``k_step`` put the floor
+    within meV of E0, where pieces would round to nothing).
+    """
+    g2 = config.piece_growth**2
+    fine = config.steps()[0]
+    floor = math.inf
+    if config.k_step > 0:
+        floor = _EV_PER_K2 * (fine / (2.0 * _EV_PER_K2 * config.k_step)) ** 2
+    pieces: list[tuple[float, float]] = []
+    a = lo
+    while g2 > 1.0:
+        b = floor if a < floor else a * g2  # the fine-step floor is one piece
+        b = max(b, a + fine)
+        if b >= hi or hi - b < 0.5 * (b - a):  # a short tail joins the piece before it
+            break
+        pieces.append((a, b))
+        a = b
+    pieces.append((a, hi))
+    return pieces
+
+
+def moved_region(region: Region, by: float) -> Region:
+    """``region`` moved ``by`` eV (its step, dwell and reason as they were)."""
+    return dataclasses.replace(
+        region, start=round(region.start + by, 3), stop=round(region.stop + by, 3)
+    )
+
+
+def tidy_region(
+    name: str, start: float, stop: float, step: float, dwell: float, reason: str, w: float
+) -> Region:
+    """A region with tidy numbers: the step shrunk so it divides the span evenly."""
+    start, stop = round(start, 3), round(stop, 3)
+    n = max(1, math.ceil((stop - start) / step - 1e-3))
+    return Region(
+        name=name,
+        start=start,
+        stop=stop,
+        step=round((stop - start) / n, 6),
+        dwell=round(dwell, 4),
+        reason=reason,
+        importance=round(float(w), 4),
+    )
