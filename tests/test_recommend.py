@@ -236,6 +236,12 @@ def test_stop_early_on_single_value_conformal_sets() -> None:
     assert not rec.recommend(likely, history=[six, likely, likely]).stop_early
     open_set = with_set({"2": 0.05, "4": 0.55, "6": 0.4}, [4, 6])
     assert not rec.recommend(likely, history=[open_set, likely, likely]).stop_early
+    # a flat answer (a mixed-phase sample) whose set is single only because its top class is
+    # always kept: p 0.34 is no certainty, whatever the set (it stopped before)
+    flat = with_set({"2": 0.34, "4": 0.33, "6": 0.33}, [2])
+    assert not rec.recommend(flat, history=[flat, flat, flat]).stop_early
+    floor = Recommender(manifest(), RecommenderConfig(stop_count=3, stop_set_probability=0.3))
+    assert floor.recommend(flat, history=[flat, flat, flat]).stop_early
 
 
 def test_the_tracker_says_when_stop_early_turns_and_a_rejection_restarts_the_row() -> None:

@@ -36,8 +36,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
 3. **Support regions** the preprocessing needs, importance 0: the pre-edge line
    (``prep.pre_edge``, ``pre_edge_step``) and the approach to the window (``approach_step``).
 4. **Stop early** when the last ``stop_count`` (2) spectra of the run have the same
-   single-value 90 % conformal cn set (a bundle without sets: the same cn with probability
-   at least ``stop_probability``), never out of domain.
+   single-value 90 % conformal cn set, each with a cn probability of at least
+   ``stop_set_probability`` (a bundle without sets: the same cn with probability at least
+   ``stop_probability``), never out of domain.
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
    exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
    local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
@@ -322,7 +323,9 @@ class Recommender:
         """Whether the last ``stop_count`` spectra settle the cn answer.
 
         With a calibrated bundle (conformal sets), when each of them has the same single-value
-        90 % set: the answer then holds with the bundle's coverage. Without sets, when they
+        set and a cn probability of at least ``stop_set_probability``: the answer then holds
+        with the bundle's coverage (a set always keeps its top class, so a flat answer can be
+        a single-value set too). Without sets, when they
         agree on cn with probability >= ``stop_probability``. Never for a spectrum out of the
         bundle's domain (its probabilities mean nothing).
         """
@@ -346,8 +349,13 @@ class Recommender:
             assert first is not None
             if len(first) != 1 or any(s != first for s in sets):
                 return False, ""
+            least = min(r.confidence or 0.0 for r in results)
+            if least < cfg.stop_set_probability:  # single only because its top is kept
+                return False, ""
+            coverage = self.manifest.set_coverage("cn") or 0.9
             return True, (
-                f"cn {first[0]}: a single-value 90 % set in the last {cfg.stop_count} spectra"
+                f"cn {first[0]}: a single-value {round(100 * coverage)} % set (probability >= "
+                f"{least:.2f}) in the last {cfg.stop_count} spectra"
             )
         values = {str(r.value) for r in results}
         confs = [r.confidence or 0.0 for r in results]

@@ -118,6 +118,10 @@ class RecommenderConfig(BaseModel):
         }
     )
     stop_probability: float = Field(0.9, gt=0, le=1)
+    #: With conformal sets, the least calibrated cn probability each of the spectra must
+    #: also have: a set is never empty, so a flat answer (p 0.23 of a mixed-phase sample)
+    #: can be a single-value set without being sure of anything.
+    stop_set_probability: float = Field(0.5, gt=0, le=1)
     stop_count: int = Field(2, ge=1, description="spectra in a row that must agree")
     rescan_importance: float = Field(0.5, ge=0, le=1)
     noise_threshold: float = Field(
