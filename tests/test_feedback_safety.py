@@ -270,6 +270,18 @@ def test_extra_kwargs_cannot_replace_the_recommended_scan() -> None:
         )
 
 
+def test_extra_kwargs_need_a_plan_that_takes_them() -> None:
+    """The packaged plan ``xas_regions_scan(detectors, motor, regions, md=None)`` takes no
+    other argument, yet ``extra_kwargs: {sample_name: CuO}`` was accepted with it: every plan
+    then failed in the RE Manager (TypeError: unexpected keyword argument), was retried and
+    given up. Expected: refused when the configuration loads, naming the plan; a plan of the
+    beamline's own (``plan_name``) may take them."""
+    with pytest.raises(ValidationError, match="xas_regions_scan"):
+        QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, extra_kwargs={"sample": "CuO"})
+    own = QueueServerConfig(plan_name="sample_scan", extra_kwargs={"sample": "CuO"})
+    assert own.extra_kwargs == {"sample": "CuO"}
+
+
 @pytest.mark.parametrize(
     "knobs",
     [{"dwell": math.inf}, {"e0_margin": math.inf}, {"fine_step": 1e-4}],

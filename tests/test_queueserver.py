@@ -50,9 +50,11 @@ def test_enabled_without_credentials_is_refused() -> None:
 
 
 def test_plan_item_and_points() -> None:
-    cfg = QueueServerConfig(detectors=["det1"], motor="motor", extra_kwargs={"sample": "CuO"})
+    cfg = QueueServerConfig(
+        plan_name="sample_scan", detectors=["det1"], motor="motor", extra_kwargs={"sample": "CuO"}
+    )
     item = plan_item(cfg, REC, raw_uid="raw-1")
-    assert item["name"] == "xas_regions_scan" and item["item_type"] == "plan"
+    assert item["name"] == "sample_scan" and item["item_type"] == "plan"
     assert item["kwargs"]["regions"] == ROWS
     assert item["kwargs"]["detectors"] == ["det1"] and item["kwargs"]["motor"] == "motor"
     assert item["kwargs"]["sample"] == "CuO"

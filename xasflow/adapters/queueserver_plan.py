@@ -9,8 +9,9 @@ Nothing unsafe reaches the queue: :func:`region_points`, the one check of the pl
 (run by :func:`plan_item` before the server sees the item, and by the plan itself in the RE
 worker), refuses non-finite numbers, energies that are not positive and a scan of more than
 :data:`MAX_PLAN_POINTS` points (``max_points`` may lower it) with a ``ValueError`` that says
-why. ``extra_kwargs`` may add plan arguments but never replace the recommended scan: a key
-of :data:`RESERVED_KWARGS` is refused when the configuration loads.
+why. ``extra_kwargs`` may add arguments to a plan of the beamline's own (``plan_name``; the
+packaged ``xas_regions_scan`` takes none) but never replace the recommended scan: a key of
+:data:`RESERVED_KWARGS`, or any with the packaged plan, is refused when the configuration loads.
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ class QueueServerConfig(BaseModel):
                 f"{', '.join(RESERVED_KWARGS)} (use detectors and motor for those two)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _extra_kwargs_taken(self) -> QueueServerConfig:
+        if self.extra_kwargs and self.plan_name == "xas_regions_scan":
+            raise ValueError(
+                f"extra_kwargs {sorted(self.extra_kwargs)} need a plan that takes them: "
+                "xas_regions_scan takes only detectors, motor, regions and md (set plan_name "
+                "to a plan of the beamline's own, or drop extra_kwargs)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _credentials(self) -> QueueServerConfig:
