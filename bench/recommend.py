@@ -15,7 +15,9 @@ background; a fresh seed per repeat) as a quick-XAS run of up to ``--spectra`` s
   region's dwell), and the run ends as soon as it says ``stop_early``.
 * **prior_first** (beside it, not the target's figure): the same, but the first spectrum on
   the recommender's prior advice (the tabulated edge +- ``prior_e0_margin``, before any
-  prediction), as the adaptive agent :class:`~xasflow.daemon.adaptive.AdaptiveXAS` starts.
+  prediction), as the adaptive agent :class:`~xasflow.daemon.adaptive.RecommenderOptimizer`
+  starts (timed with the recommended dwells, which that agent hands to an acquisition plan
+  through ``dwells()``; bluesky-adaptive's ``default_acquire`` counts every point alike).
 
 The answer of a run is the dominant coordination number of the summed cn probabilities of
 its spectra (a soft vote); accuracy is against the compound's known CN. Points are energy
@@ -182,7 +184,7 @@ def run_recommended(
 ) -> RunResult:
     """First spectrum on the full grid (``first="full"``) or on the recommender's prior advice
     (``"prior"``: around the tabulated edge, before any prediction, as the adaptive agent
-    :class:`~xasflow.daemon.adaptive.AdaptiveXAS` starts), then what the recommender asks
+    :class:`~xasflow.daemon.adaptive.RecommenderOptimizer` starts), then what the recommender asks
     for, until stop_early."""
     rng = np.random.default_rng(seed)
     tracker = RecommendationTracker(config)

@@ -634,11 +634,13 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
     else:
         assert isinstance(opt, Optimizer) and isinstance(opt, SupportsStoppingCriteria)
     measured = 0
+    handed_out: list[dict[str, Any]] = []
     for _ in range(100):
         if opt.should_stop()[0]:
             break
         batch = opt.suggest(64)
         assert batch and all("_id" in s and "energy" in s for s in batch)
+        handed_out += [{**s, "dwell": d} for s, d in zip(batch, opt.dwells(batch), strict=True)]
         i0, it = counts(np.array([s["energy"] for s in batch]))
         opt.ingest(
             [{"_id": s["_id"], "I0": a, "It": b} for s, a, b in zip(batch, i0, it, strict=True)]
@@ -656,6 +658,11 @@ def test_adaptive_optimizer_loop(bundle: Path) -> None:
     handed = second.energies[second.order[0]]
     assert top.start - 1e-6 <= handed <= top.stop + 1e-6
     assert measured == first.energies.size + second.energies.size
+    # each point's dwell as the recommendation set it (importance, an uncertain answer, a
+    # rescan), for an acquisition plan that sets the counting time: it was dropped
+    dwell = {round(s["energy"], 6): s["dwell"] for s in handed_out[first.energies.size :]}
+    want = dict(zip(np.round(second.energies, 6).tolist(), second.dwells.tolist(), strict=True))
+    assert dwell == want and len(set(want.values())) > 1
     assert opt.suggest(5) == []
     (best,) = opt.get_best_points()
     assert best[0] == "pass-1" and best[2]["tasks"]["cn"]["value"] is not None

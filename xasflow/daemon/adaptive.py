@@ -194,7 +194,8 @@ class RecommenderOptimizer:
     # ------------------------------------------------------------------ bluesky-adaptive 1.0
 
     def suggest(self, num_points: int | None = None) -> list[dict[str, Any]]:
-        """Up to ``num_points`` (default 1) unmeasured energies of the current pass."""
+        """Up to ``num_points`` (default 1) unmeasured energies of the current pass (their
+        dwells: :meth:`dwells`)."""
         if self._stop[0]:
             return []
         n = 1 if num_points is None else int(num_points)
@@ -223,6 +224,18 @@ class RecommenderOptimizer:
             _id = next(self._ids)
             self._by_id[_id] = (p.number, i)
             out.append({self.actuator: float(p.energies[i]), ID_KEY: _id})
+        return out
+
+    def dwells(self, suggestions: Sequence[Mapping[str, Any]]) -> list[float]:
+        """The counting time (s) the recommendation set for each suggested point (importance,
+        an uncertain answer, a rescan), for an acquisition plan that sets the detectors' count
+        time per point. bluesky-adaptive's ``default_acquire`` moves only the actuators, so
+        with it every point is counted alike, rescans included (a dwell cannot ride in the
+        suggestion: it routes the scan over every float a suggestion holds)."""
+        out = []
+        for s in suggestions:
+            number, i = self._by_id[s[ID_KEY]]
+            out.append(float(self.passes[number].dwells[i]))
         return out
 
     def register_suggestions(self, suggestions: Sequence[Mapping[str, Any]]) -> list[dict]:
