@@ -282,13 +282,20 @@ def test_noise_estimate_recovers_white_noise() -> None:
     assert estimate_noise(energy, clean, 9000.0, 9001.0, 1.0) is None  # < 7 points
 
 
-def test_rescan_of_a_noisy_important_region() -> None:
-    e0 = 8985.0
+def noisy_main_peak(e0: float) -> tuple[np.ndarray, np.ndarray]:
+    """(energy, mu) of a smooth edge at ``e0`` with white noise (5 % of the step) over the
+    main peak only."""
     rng = np.random.default_rng(3)
     energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
     mu = smooth_mu(energy, e0)
     main = (energy >= e0 + 11.5) & (energy <= e0 + 26.5)
     mu[main] += rng.normal(0.0, 0.05, int(main.sum()))
+    return energy, mu
+
+
+def test_rescan_of_a_noisy_important_region() -> None:
+    e0 = 8985.0
+    energy, mu = noisy_main_peak(e0)
     spectrum = Spectrum(energy, mu, "Cu", "K")
     cfg = RecommenderConfig(noise_threshold=0.02, max_rescan_factor=4.0)
     rec = Recommender(manifest(), cfg).recommend(prediction(SURE, VAL_SURE), spectrum)
@@ -317,11 +324,7 @@ def test_regions_are_on_the_recorded_axis_the_monochromator_drives(shift: float)
     mono reading 6 eV low: the next scan was cut short of the model window). Expected: the
     same regions as for the spectrum recorded on a true axis, and noise measured as before."""
     e0 = 8985.0
-    rng = np.random.default_rng(3)
-    energy = np.arange(e0 - 160.0, e0 + 130.0, 0.3)
-    mu = smooth_mu(energy, e0)
-    main = (energy >= e0 + 11.5) & (energy <= e0 + 26.5)
-    mu[main] += rng.normal(0.0, 0.05, int(main.sum()))
+    energy, mu = noisy_main_peak(e0)
     cfg = RecommenderConfig(noise_threshold=0.02)
     true = Recommender(manifest(), cfg).recommend(
         prediction(SURE, VAL_SURE, e0=e0), Spectrum(energy, mu, "Cu", "K")
