@@ -264,6 +264,18 @@ def test_the_tracker_says_when_stop_early_turns_and_a_rejection_restarts_the_row
     assert tracker.open_runs == []
 
 
+def test_the_tracker_forgets_a_runs_decision_with_its_history() -> None:
+    """Runs never closed (a daemon that missed their stops) are dropped past ``max_runs``
+    from the history, but their last stop-early decision stayed, one entry per run for
+    good. Expected: both go together."""
+    tracker = RecommendationTracker(RecommenderConfig(stop_count=1), max_runs=4)
+    m, sure = manifest(), prediction(SURE, VAL_SURE)
+    for k in range(50):
+        tracker.recommend_observed(f"r{k}", m, tracker.observe(f"r{k}", sure))
+    assert len(tracker.open_runs) == 4
+    assert len(tracker._said) <= 4
+
+
 def smooth_mu(energy: np.ndarray, e0: float) -> np.ndarray:
     x = energy - e0
     return 0.5 + np.arctan(x / 1.5) / np.pi + 0.3 * np.exp(-0.5 * ((x - 18.0) / 5.0) ** 2)

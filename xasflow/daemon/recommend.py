@@ -212,7 +212,8 @@ class Recommender:
                 why += f", mostly for {drivers[name]}"
             if unsure and w >= 0.5:
                 dwell *= cfg.uncertain_dwell_factor
-                why += f"; answer uncertain ({u_cn:.2f}): longer dwell"
+                # u_cn is 1 - (p1 - p2), not the published uncertainty (1 - p1): say which
+                why += f"; cn answer uncertain (top two {1 - u_cn:.2f} apart): longer dwell"
             pieces = k_pieces(lo, hi, cfg)
             for k, (a, b) in enumerate(pieces):
                 step = finest_step(a, cfg) * cfg.coarse_factor ** (1.0 - w)
@@ -440,7 +441,9 @@ class RecommendationTracker:
         hist = self._history.get(run_key)
         if hist is None:
             if len(self._history) >= self.max_runs:
-                self._history.pop(next(iter(self._history)))
+                oldest = next(iter(self._history))
+                self._history.pop(oldest)
+                self._said.pop(oldest, None)
             hist = self._history[run_key] = []
         if hist and hist[-1].bundle_id != prediction.bundle_id:
             hist.clear()  # a redeployed model starts the agreement count afresh
