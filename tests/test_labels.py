@@ -314,3 +314,68 @@ def test_a_structure_spglib_would_crash_on_is_a_bad_structure_failure() -> None:
         _, _, res, mult = _material_job(("m", text, (0, 1)))
         assert [r.reason for r in res] == ["bad_structure"] * 2  # type: ignore[union-attr]
         assert why in res[0].detail and mult == {}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("where", ["crystalnn", "valence"])
+def test_running_out_of_memory_is_not_a_cached_label_failure(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError while labelling (a worker short of memory) became a ``crystalnn_error``
+    or ``label_error`` failure, which the label cache keeps for good, so the site was never
+    labelled again. Expected: it propagates, and the dask job counts the material's sites
+    ``worker_lost``, labelled again at the next build."""
+    from pymatgen.analysis import bond_valence, local_env
+    from pymatgen.io.vasp import Poscar
+
+    from xasflow.training.label_jobs import _material_job, compute_labels
+
+    def out_of_memory(*_: object, **__: object) -> None:
+        raise MemoryError
+
+    if where == "crystalnn":
+        monkeypatch.setattr(local_env.CrystalNN, "get_nn_data", out_of_memory)
+    else:
+        monkeypatch.setattr(bond_valence.BVAnalyzer, "get_valences", out_of_memory)
+    with pytest.raises(MemoryError):
+        L.label_sites(_cuo4(), [0, 1], "m")
+    with pytest.raises(MemoryError):
+        _material_job(("m", Poscar(_cuo4()).get_str(), (0, 1)))
+    labels, _ = compute_labels([("m", Poscar(_cuo4()).get_str(), (0, 1))], 1, progress=False)
+    assert [r.reason for r in labels.values()] == ["worker_lost"] * 2  # type: ignore[union-attr]
+
+
+#: Per LABELS_SCHEMA, the digest of the code whose output the label cache keeps (labels,
+#: multiplicities, failures), docstrings and formatting aside: see the test below.
+LABEL_CODE = {1: "ed13cfef4c69803b"}
+
+
+def test_label_code_that_a_cache_keeps_is_versioned() -> None:
+    """The label cache is keyed on the data, the package versions and ``LABELS_SCHEMA``, a
+    number bumped by hand: a change to how labels are computed that forgot the bump would
+    serve labels of the old code from every cache. This fails on any change to that code;
+    if it can change a label, a multiplicity or a failure, bump ``LABELS_SCHEMA`` (caches
+    are then rebuilt, about 10 minutes for the Cu set) and record the new digest under it;
+    if it cannot, record the new digest under the same schema."""
+    import ast
+    import hashlib
+    import inspect
+
+    from xasflow.training import label_jobs
+
+    digest = hashlib.sha256()
+    for module in (L, LA, label_jobs):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    assert LABEL_CODE.get(L.LABELS_SCHEMA) == digest.hexdigest()[:16], (
+        f"label code changed: digest {digest.hexdigest()[:16]} (see this test's docstring)"
+    )

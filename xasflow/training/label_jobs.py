@@ -56,6 +56,8 @@ def _material_job(
         )
     try:
         results = L.label_sites(structure, sites, material_id)
+    except MemoryError:  # the worker's trouble: the job counts the sites worker_lost (uncached)
+        raise
     except Exception as exc:
         results = [L.LabelFailure(material_id, i, "label_error", str(exc)) for i in sites]
     return material_id, sites, results, LA.site_multiplicities(structure, sites)
@@ -71,7 +73,8 @@ def compute_labels(
 
     Tasks run on ``scheduler`` (or ``$XASFLOW_SCHEDULER``), else on a LocalCluster of
     ``n_jobs`` workers; with ``n_jobs=1`` and no scheduler they run inline. A task whose
-    worker dies gives ``worker_lost`` failures for its sites instead of stopping the job.
+    worker dies, or runs out of memory, gives ``worker_lost`` failures for its sites (never
+    cached: labelled again at the next build) instead of stopping the job.
     """
     from xasflow.training.cluster import dask_client, scheduler_address
 
@@ -87,7 +90,11 @@ def compute_labels(
     try:
         if scheduler_address(scheduler) is None and (n_jobs <= 1 or len(jobs) <= 1):
             for job in jobs:
-                keep(*_material_job(job))
+                try:
+                    keep(*_material_job(job))
+                except MemoryError as exc:  # as a worker lost to it: labelled again next time
+                    lost = L.LabelFailure(job[0], 0, "worker_lost", repr(exc)[:500])
+                    keep(job[0], job[2], [replace(lost, site_index=s) for s in job[2]], {})
                 bar.update(1)
             return labels, mult
         from distributed import as_completed

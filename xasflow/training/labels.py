@@ -305,6 +305,8 @@ def _valences(structure: Structure) -> tuple[list[int] | None, str]:
         return [0] * len(structure), ""  # an element is neutral; BVAnalyzer cannot say so
     try:
         vals = BVAnalyzer().get_valences(structure)
+    except MemoryError:  # the worker's, not the structure's: label it again (worker_lost)
+        raise
     except Exception as exc:
         return None, f"valence: {type(exc).__name__}: {exc}"
     return [int(v) for v in vals], ""
@@ -360,6 +362,8 @@ def label_sites(
                 continue
             try:
                 nn_data = cnn.get_nn_data(structure, n)
+            except MemoryError:  # not the site's failure: nothing cached, labelled again
+                raise
             except Exception as exc:
                 results.append(
                     LabelFailure(material_id, n, "crystalnn_error", f"{type(exc).__name__}: {exc}")
@@ -378,6 +382,8 @@ def label_sites(
                 if valence_note:
                     notes.append(valence_note)
                 bvs = _bvs(structure, n, notes)
+            except MemoryError:
+                raise
             except Exception as exc:
                 results.append(
                     LabelFailure(material_id, n, "label_error", f"{type(exc).__name__}: {exc}")
