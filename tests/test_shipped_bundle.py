@@ -284,7 +284,7 @@ def test_predict_hints_at_undeclared_herfd(
 def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     """The motif ranking leads with the motif of the CN answered (make_consistent), even one
     its regressor scores low; ``xasflow predict`` says so instead of showing 0.00 first bare."""
-    from xasflow.cli import _describe
+    from xasflow.cli_text import describe_prediction
     from xasflow.models.results import Prediction, task_result
 
     manifest = verify_bundle(BUNDLE)
@@ -292,7 +292,7 @@ def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     def motif_line(ranking: list[tuple[str, float]]) -> str:
         results = {"cn": task_result(1), "motifs": task_result(ranking[0][0], ranking=ranking)}
         pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
-        return next(line for line in _describe(pred, manifest) if "motifs" in line)
+        return next(line for line in describe_prediction(pred, manifest) if "motifs" in line)
 
     led = motif_line([("CN1-single bond", 0.0), ("CN12-cuboctahedral", 0.24)])
     assert led.endswith("CN12-cuboctahedral 0.24; led by the motif of CN 1)")
@@ -307,7 +307,7 @@ def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
     conformal target for the sets the decoder leaves as calibrated."""
     from types import SimpleNamespace
 
-    from xasflow.cli import _describe
+    from xasflow.cli_text import describe_prediction
     from xasflow.daemon.dashboard_views import latest_views
     from xasflow.sim.references import demo_spectra
 
@@ -319,7 +319,7 @@ def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
     assert manifest.set_coverage("cn") == pytest.approx(0.9)
     prep = predictor.prepare(demo_spectra(["CuO"])[0])
     (pred,) = predictor.predict_prepared([prep])
-    lines = _describe(pred, manifest)
+    lines = describe_prediction(pred, manifest)
     (env,) = [x for x in lines if x.lstrip().startswith("environment")]
     assert f"{measured:.0%} set {{" in env and "90% set" not in env
     (cn,) = [x for x in lines if x.lstrip().startswith("cn ")]
@@ -332,6 +332,28 @@ def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
     assert view["tasks"]["cn"]["coverage"] == pytest.approx(0.9)
 
 
+def test_predict_says_why_a_less_probable_cn_motif_label_is_the_answer() -> None:
+    """The CN-motif answer is the most probable label of the CN answered (make_consistent),
+    not always the most probable label (34 Cu test rows); ``xasflow predict`` showed the
+    probabilities with a less probable answer and no word why, as it says for the ranking."""
+    from xasflow.cli_text import describe_prediction
+    from xasflow.models.results import Prediction, task_result
+
+    manifest = verify_bundle(BUNDLE)
+
+    def env_line(value: str, probs: dict[str, float]) -> str:
+        results = {"cn": task_result(4), "environment": task_result(value, probs)}
+        pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
+        return next(
+            x for x in describe_prediction(pred, manifest) if x.lstrip().startswith("environment")
+        )
+
+    led = env_line("CN4-tetrahedral", {"CN6-octahedral": 0.6, "CN4-tetrahedral": 0.3})
+    assert "CN6-octahedral: 0.60, CN4-tetrahedral: 0.30; the most probable of CN 4)" in led
+    plain = env_line("CN4-tetrahedral", {"CN4-tetrahedral": 0.7, "CN6-octahedral": 0.3})
+    assert "most probable of CN" not in plain
+
+
 def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     """A bundle calibrated on too few rows for its coverage records the quantile as 1e6 (JSON
     has no infinity). Its intervals decode as infinite, not +-1e6 around the value: ``xasflow
@@ -340,7 +362,8 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     import json
     import math
 
-    from xasflow.cli import _as_json, _describe
+    from xasflow.cli import _as_json
+    from xasflow.cli_text import describe_prediction
     from xasflow.daemon.documents import uncertainty_fields
     from xasflow.sim.references import demo_spectra
 
@@ -348,7 +371,7 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     prepared = [predictor.prepare(s) for s in demo_spectra(["CuO"])]
     raw = predictor.run(predictor.model_input(prepared))
     (bounded,) = predictor.predictions(prepared, raw)
-    (line,) = [x for x in _describe(bounded, predictor.manifest) if "distance" in x]
+    (line,) = [x for x in describe_prediction(bounded, predictor.manifest) if "distance" in x]
     lo, hi = bounded.results["distance"].interval  # type: ignore[misc]
     assert line.endswith(f"90% interval [{lo:.3f}, {hi:.3f}]") and 0 < lo < hi < 5
     manifest = predictor.manifest
@@ -358,7 +381,7 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     predictor.manifest = manifest.model_copy(update={"tasks": {**manifest.tasks, "distance": wide}})
     (pred,) = predictor.predictions(prepared, raw)
     assert pred.results["distance"].interval == (-math.inf, math.inf)
-    (line,) = [x for x in _describe(pred, predictor.manifest) if "distance" in x]
+    (line,) = [x for x in describe_prediction(pred, predictor.manifest) if "distance" in x]
     assert line.endswith("90% interval unbounded (the bundle's calibration gives no finite bound)")
     entry = _as_json(pred)["tasks"]["distance"]
     assert entry["interval"] is None and entry["interval_unbounded"] is True

@@ -186,64 +186,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-#: How ``predict`` writes a manifest's units (others as they are).
-UNIT_SYMBOLS = {"angstrom": "Å"}
-
-
-def _describe(pred: Any, manifest: Any) -> list[str]:
-    """Human-readable lines of a prediction: each answer with its doubt (the conformal
-    coverage is the bundle's, and holds only in domain: out of domain the sets are marked)."""
-
-    lines = []
-    if pred.out_of_domain:
-        lines.append(
-            f"  OUT OF DOMAIN (score {pred.ood_score:.3g}, threshold "
-            f"{manifest.ood.threshold:.3g}): unlike anything this bundle was trained on; the "
-            "answers below are guesses, and their sets and intervals cover nothing"
-        )
-
-    def doubt(name: str, what: str) -> str:
-        coverage = manifest.set_coverage(name)
-        level = f"{coverage:.0%}" if coverage is not None else "conformal"
-        return f"{level} {what}" + (" (void: out of domain)" if pred.out_of_domain else "")
-
-    cn = pred.results.get("cn")
-    for name, res in pred.results.items():
-        value = res.value
-        if value is None:  # a CN-motif task where the bundle knows no motif of the CN answered
-            value = f"- (no motif of CN {cn.value if cn is not None else '?'} in this bundle)"
-        if res.probabilities is not None:
-            top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
-            chosen = (
-                f"  {doubt(name, 'set')} {{{', '.join(map(str, res.prediction_set))}}}"
-                if res.prediction_set is not None
-                else ""
-            )
-            lines.append(f"  {name:12s} {value}  ({probs}){chosen}")
-        elif res.ranking is not None:
-            rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
-            if res.ranking and res.ranking[0][1] < max(v for _, v in res.ranking):
-                # make_consistent: the ranking's head is the motif of the CN answered
-                rank += f"; led by the motif of CN {cn.value if cn is not None else '?'}"
-            lines.append(f"  {name:12s} {value}  (ranking: {rank})")
-        else:
-            spec = manifest.tasks.get(name)
-            unit = f" {UNIT_SYMBOLS.get(spec.unit, spec.unit)}" if spec and spec.unit else ""
-            span = ""
-            if res.interval is not None:
-                bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
-                if res.unbounded:
-                    bounds = "unbounded (the bundle's calibration gives no finite bound)"
-                span = f"  {doubt(name, 'interval')} {bounds}"
-            lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
-    return lines
-
-
 def _as_json(pred: Any) -> dict[str, Any]:
     """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict` (an unbounded
-    interval as ``null`` with ``interval_unbounded: true``, as ``_describe`` says
-    "unbounded")."""
+    interval as ``null`` with ``interval_unbounded: true``, as
+    :func:`~xasflow.cli_text.describe_prediction` says "unbounded")."""
     return pred.to_dict()
 
 
@@ -268,6 +214,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict measured spectra (XDI or two columns) with a bundle."""
     from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
     from xasflow.adapters.xdi import XdiError
+    from xasflow.cli_text import describe_prediction
     from xasflow.models.bundle import BundleError
     from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
@@ -303,7 +250,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif HERFD_SUSPECTED in pred.flags:
             print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
             print("  rerun with --herfd")
-        print("\n".join(_describe(pred, predictor.manifest)))
+        print("\n".join(describe_prediction(pred, predictor.manifest)))
         results[name] = {**_as_json(pred), "herfd": herfd}
     _write_json(args.json, results)
     if failed:  # a script over many files must see that some were not predicted

@@ -1,0 +1,64 @@
+"""``xasflow predict``'s text: each answer of a prediction with its doubt, in an operator's
+words (the CN-motif answer and the motif ranking say when the CN answer led them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["UNIT_SYMBOLS", "describe_prediction"]
+
+#: How ``predict`` writes a manifest's units (others as they are).
+UNIT_SYMBOLS = {"angstrom": "Å"}
+
+
+def describe_prediction(pred: Any, manifest: Any) -> list[str]:
+    """Human-readable lines of a prediction: each answer with its doubt (the conformal
+    coverage is the bundle's, and holds only in domain: out of domain the sets are marked)."""
+
+    lines = []
+    if pred.out_of_domain:
+        lines.append(
+            f"  OUT OF DOMAIN (score {pred.ood_score:.3g}, threshold "
+            f"{manifest.ood.threshold:.3g}): unlike anything this bundle was trained on; the "
+            "answers below are guesses, and their sets and intervals cover nothing"
+        )
+
+    def doubt(name: str, what: str) -> str:
+        coverage = manifest.set_coverage(name)
+        level = f"{coverage:.0%}" if coverage is not None else "conformal"
+        return f"{level} {what}" + (" (void: out of domain)" if pred.out_of_domain else "")
+
+    cn = pred.results.get("cn")
+    cn_said = cn.value if cn is not None else "?"
+    for name, res in pred.results.items():
+        value = res.value
+        if value is None:  # a CN-motif task where the bundle knows no motif of the CN answered
+            value = f"- (no motif of CN {cn_said} in this bundle)"
+        if res.probabilities is not None:
+            top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
+            if name == "environment" and res.value is not None and top[0][0] != str(res.value):
+                probs += f"; the most probable of CN {cn_said}"
+            chosen = (
+                f"  {doubt(name, 'set')} {{{', '.join(map(str, res.prediction_set))}}}"
+                if res.prediction_set is not None
+                else ""
+            )
+            lines.append(f"  {name:12s} {value}  ({probs}){chosen}")
+        elif res.ranking is not None:
+            rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
+            if res.ranking and res.ranking[0][1] < max(v for _, v in res.ranking):
+                # make_consistent: the ranking's head is the motif of the CN answered
+                rank += f"; led by the motif of CN {cn_said}"
+            lines.append(f"  {name:12s} {value}  (ranking: {rank})")
+        else:
+            spec = manifest.tasks.get(name)
+            unit = f" {UNIT_SYMBOLS.get(spec.unit, spec.unit)}" if spec and spec.unit else ""
+            span = ""
+            if res.interval is not None:
+                bounds = f"[{res.interval[0]:.3f}, {res.interval[1]:.3f}]"
+                if res.unbounded:
+                    bounds = "unbounded (the bundle's calibration gives no finite bound)"
+                span = f"  {doubt(name, 'interval')} {bounds}"
+            lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
+    return lines
