@@ -207,6 +207,54 @@ def test_generate_writes_a_tree_that_reads_back_and_resumes(tmp_path, client):
         generate(root, "Cu", out, "standard", runner=fake_runner, progress=False, client=client)
 
 
+#: set when a fast and when a standard preset's task starts (stamping_runner)
+_FAST_STARTED, _STANDARD_STARTED = threading.Event(), threading.Event()
+
+
+def stamping_runner(feff_inp: str, work_dir: Path) -> str:
+    """Writes the FMS card it was given into xmu.dat; a fast run's task waits for a standard's."""
+    fms = next(line.split()[1] for line in feff_inp.splitlines() if line.startswith("FMS"))
+    if fms == "4":
+        _FAST_STARTED.set()
+        _STANDARD_STARTED.wait(timeout=60)  # a safety net only: the standard run's task sets it
+    else:
+        _STANDARD_STARTED.set()
+    energy = np.arange(8320.0, 8470.0, 0.5)
+    mu = model_mu(energy, 8333.0, 1.0, 3.0, 1.9)
+    rows = np.column_stack([energy, energy - 8333.0, energy * 0, mu, mu * 0 + 1, mu - 1])
+    text = "\n".join(" ".join(f"{v:.6f}" for v in row) for row in rows)
+    (work_dir / "xmu.dat").write_text(f"# FMS {fms}\n" + XMU_HEADER + text + "\n")
+    return f"fake FEFF, FMS {fms}\n"
+
+
+def test_two_runs_on_one_scheduler_get_their_own_results(tmp_path, client):
+    """Two trees of one material with other presets, generated at once on one scheduler (as
+    a shared ``$XASFLOW_SCHEDULER`` allows): each site's task is its own, not the other's."""
+    root = tmp_path / "in"
+    root.mkdir()
+    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
+    _FAST_STARTED.clear()
+    _STANDARD_STARTED.clear()
+    reports = {}
+
+    def run(preset: str) -> None:
+        reports[preset] = generate(
+            root, "Cu", tmp_path / preset, preset, runner=stamping_runner, progress=False,
+            client=client,
+        )  # fmt: skip
+
+    first = threading.Thread(target=run, args=("fast",))
+    first.start()
+    assert _FAST_STARTED.wait(timeout=60)  # the fast run's task is running on the cluster
+    run("standard")
+    first.join()
+    for preset, fms in (("fast", "4"), ("standard", "6")):
+        site = tmp_path / preset / "Cu2O/FEFF-XANES/000_Cu"
+        assert reports[preset].computed == 1
+        assert f"FMS {fms} 0" in (site / "feff.inp").read_text()
+        assert (site / "xmu.dat").read_text().startswith(f"# FMS {fms}\n")
+
+
 def test_generated_tree_builds_a_dataset_with_the_same_multiplicities(tmp_path, monkeypatch):
     from xasflow.training.dataset import build_feff_dataset
 

@@ -18,6 +18,7 @@ Default preset: ``standard`` (see ``bench/generate.py`` for cost against quality
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -348,12 +349,13 @@ def generate(
     params = get_preset(preset)
     element, edge, out = element.strip().capitalize(), edge.strip().upper(), Path(out)
     record = _load_record(out, params, element, edge)
+    code = _code_versions(runner)
     record.update(
         schema=SCHEMA,
         element=element,
         edge=edge,
         preset={"name": params.name, "params": params.to_dict()},
-        code=_code_versions(runner),
+        code=code,
     )
     inputs, failures, without = read_structures(structures, element=element, limit=limit)
     report = GenerationReport(out=out, preset=params.name, failures=failures, not_absorbing=without)
@@ -371,7 +373,9 @@ def generate(
         )  # fmt: skip
         with dask_client(scheduler, workers) if client is None else nullcontext(client) as cl:
             futures = [
-                cl.submit(run_site, t, params, runner, pure=False, key=f"feff-{t.site_dir}")
+                cl.submit(
+                    run_site, t, params, runner, pure=False, key=task_key(t, params, out, code)
+                )
                 for t in tasks
             ]
             by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
@@ -391,6 +395,24 @@ def generate(
     report.wall_seconds = time.perf_counter() - t0
     _save_record(out, record, report)
     return report
+
+
+def task_key(task: SiteTask, preset: FeffPreset, out: Path, code: dict[str, str]) -> str:
+    """The dask key of ``task``: its site directory and a hash of everything it computes from.
+
+    A scheduler hands a submit of a key it already holds the result of that key, so on one
+    shared scheduler (``$XASFLOW_SCHEDULER``) two runs must not share a key unless they compute
+    the same thing into the same place: the hash covers the structure, absorber, edge, preset
+    parameters, the code that runs FEFF and the absolute output directory.
+    """
+    what = {
+        "task": asdict(task),
+        "preset": preset.to_dict(),
+        "code": code,
+        "out": str(out.resolve()),
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return f"feff-{task.site_dir}-{digest}"
 
 
 def _record_outcome(out: Path, outcome: SiteOutcome, report: GenerationReport) -> None:
