@@ -255,6 +255,47 @@ def test_two_runs_on_one_scheduler_get_their_own_results(tmp_path, client):
         assert (site / "xmu.dat").read_text().startswith(f"# FMS {fms}\n")
 
 
+def test_a_structure_spglib_would_crash_on_is_skipped_as_a_bad_structure(
+    tmp_path, client, monkeypatch
+):
+    """NaN in a POSCAR (a relaxation that blew up) parses in pymatgen, and spglib under the
+    unique sites then kills the process (SIGSEGV): such a structure is a ``bad_structure``
+    failure, and the other structures are generated."""
+    from pymatgen.io.vasp import Poscar
+
+    from xasflow.training import generate as G
+
+    def finite_only(structure, element):  # stands in for spglib's crash, which kills pytest
+        assert np.isfinite(structure.lattice.matrix).all(), "non-finite lattice reached spglib"
+        assert np.isfinite(structure.frac_coords).all(), "non-finite coordinates reached spglib"
+        return unique_sites(structure, element)
+
+    monkeypatch.setattr(G, "unique_sites", finite_only)
+    root = tmp_path / "in"
+    root.mkdir()
+    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
+    lines = Poscar(cu2o_cuprite()).get_str().splitlines()
+    for name, text in (
+        ("nan_cell", [*lines[:4], "0.0 0.0 NaN", *lines[5:]]),
+        ("nan_site", [*lines[:-1], "0.5 NaN 0.5 O"]),
+    ):
+        (root / name).mkdir()
+        (root / name / "POSCAR").write_text("\n".join(text) + "\n")
+    out = tmp_path / "tree"
+    report = generate(root, "Cu", out, "fast", runner=fake_runner, progress=False, client=client)
+    assert report.n_materials == 1 and report.computed == 1
+    assert report.failure_counts() == {"bad_structure": 2}
+    saved = json.loads((out / "failures.json").read_text())["failures"]
+    assert {(f["item"], f["reason"]) for f in saved} == {
+        ("nan_cell", "bad_structure"),
+        ("nan_site", "bad_structure"),
+    }
+    assert any("lattice is not finite" in f["detail"] for f in saved)
+    assert any("coordinates are not finite" in f["detail"] for f in saved)
+    assert list(generation_record(out)["materials"]) == ["Cu2O"]
+    assert not (out / "nan_cell").exists()  # no POSCAR of a structure that was not planned
+
+
 def test_generated_tree_builds_a_dataset_with_the_same_multiplicities(tmp_path, monkeypatch):
     from xasflow.training.dataset import build_feff_dataset
 

@@ -268,10 +268,14 @@ def plan_sites(
 ) -> tuple[list[SiteTask], int, list[Failure]]:
     """Write each POSCAR, list the unique sites in ``record`` and return the sites to run.
 
-    Returns the tasks, the number of sites already complete, and failures (a POSCAR that
-    differs from the one already in the tree: its sites' indices would not match).
+    Returns the tasks, the number of sites already complete, and failures: a POSCAR that
+    differs from the one already in the tree (its sites' indices would not match), or a
+    structure spglib would crash this process on (``bad_structure``: NaN lattice or
+    coordinates, no volume), which is left out before its POSCAR is written.
     """
     from pymatgen.core import Structure
+
+    from xasflow.training.label_jobs import unusable_structure
 
     tasks: list[SiteTask] = []
     done = 0
@@ -282,8 +286,12 @@ def plan_sites(
             detail = f"{item.source} differs from {poscar_path}; remove that material to redo it"
             failures.append(Failure(item.material_id, "structure_changed", detail))
             continue
-        _write_text(poscar_path, item.poscar)
         structure = Structure.from_str(item.poscar, fmt="poscar")
+        why = unusable_structure(structure)
+        if why:  # spglib (unique_sites) does not raise on these: it kills the process
+            failures.append(Failure(item.material_id, "bad_structure", f"{item.source}: {why}"))
+            continue
+        _write_text(poscar_path, item.poscar)
         sites, symprec = unique_sites(structure, element)
         before = record["materials"].get(item.material_id, {}).get("sites", {})
         record["materials"][item.material_id] = {
