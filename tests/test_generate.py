@@ -296,6 +296,40 @@ def test_a_structure_spglib_would_crash_on_is_skipped_as_a_bad_structure(
     assert not (out / "nan_cell").exists()  # no POSCAR of a structure that was not planned
 
 
+def test_resume_under_other_code_versions_is_refused(tmp_path, client, monkeypatch):
+    """A tree records the code that computed it (pymatgen writes the cards, feff10-rs runs
+    FEFF): resuming it under other versions would mix spectra under one record, so it is
+    refused and the tree is left as it was."""
+    import importlib.metadata
+
+    root = tmp_path / "in"
+    root.mkdir()
+    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
+    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    out = tmp_path / "tree"
+    kw = {"runner": fake_runner, "progress": False, "client": client}
+    first = generate(root, "Cu", out, "fast", limit=1, **kw)
+    assert first.computed == 1
+    before = (out / "generation.json").read_text()
+    code = json.loads(before)["code"]
+    assert code["runner"] == "fake_runner" and code["pymatgen"] != "2099.1.1"
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "2099.1.1" if name == "pymatgen" else real_version(name),
+    )
+    CALLS.clear()
+    with pytest.raises(ValueError, match=r"pymatgen .*2099\.1\.1"):
+        generate(root, "Cu", out, "fast", **kw)
+    assert CALLS == [] and not (out / "spinel").exists()
+    assert (out / "generation.json").read_text() == before
+    monkeypatch.undo()
+    again = generate(root, "Cu", out, "fast", **kw)  # the versions it was made with resume it
+    assert again.computed == 2 and again.skipped_complete == 1
+
+
 def test_generated_tree_builds_a_dataset_with_the_same_multiplicities(tmp_path, monkeypatch):
     from xasflow.training.dataset import build_feff_dataset
 

@@ -12,7 +12,8 @@ site's ``feff.inp`` with a named :mod:`~xasflow.training.feff_inputs` preset, ru
     TREE/<material>/FEFF-XANES/NNN_<El>/{feff.inp, feff.out, xmu.dat}
 
 Workers return the files' text and the client writes them, so a remote cluster needs no
-shared file system. A site whose ``xmu.dat`` parses completely is skipped on a re-run.
+shared file system. A site whose ``xmu.dat`` parses completely is skipped on a re-run, which
+must use the preset and the code versions (pymatgen, feff10-rs) the tree records.
 Default preset: ``standard`` (see ``bench/generate.py`` for cost against quality).
 """
 
@@ -248,8 +249,15 @@ def generation_record(tree: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _load_record(out: Path, preset: FeffPreset, element: str, edge: str) -> dict[str, Any]:
-    """The tree's generation record; a ValueError if it was made with other settings."""
+def _load_record(
+    out: Path, preset: FeffPreset, element: str, edge: str, code: dict[str, str]
+) -> dict[str, Any]:
+    """The tree's generation record; a ValueError if it was made with other settings or code.
+
+    The record names one preset and one set of code versions for every site of the tree, so
+    a resume under other versions (a newer pymatgen writes other cards, a newer FEFF other
+    spectra) is refused rather than recorded as if the earlier sites came from it too.
+    """
     path = out / GENERATION_FILE
     if not path.exists():
         return {"materials": {}}
@@ -259,6 +267,17 @@ def _load_record(out: Path, preset: FeffPreset, element: str, edge: str) -> dict
         raise ValueError(
             f"{out} was generated for {theirs[0]} {theirs[1]} with preset "
             f"{record.get('preset', {}).get('name')!r}; use another --out to change settings"
+        )
+    made_with = record.get("code") or {}
+    if made_with != code:
+        differ = ", ".join(
+            f"{k} {made_with.get(k, 'unrecorded')} (now {code.get(k, 'absent')})"
+            for k in sorted(made_with.keys() | code.keys())
+            if made_with.get(k) != code.get(k)
+        )
+        raise ValueError(
+            f"{out} was generated with other code: {differ}; resume it with the versions it "
+            "was made with, or use another --out"
         )
     return record
 
@@ -346,8 +365,9 @@ def generate(
     """Compute the spectra of every unique ``element`` site of ``structures`` into ``out``.
 
     Runs one dask task per site on ``client``, or on :func:`~xasflow.training.cluster.dask_client`
-    (``scheduler`` address, else a LocalCluster of ``workers``). Completed sites are skipped;
-    failures are counted, kept in ``failures.json`` and returned; ``runner`` replaces FEFF10.
+    (``scheduler`` address, else a LocalCluster of ``workers``). Completed sites are skipped (a
+    tree made with another preset or other code versions is refused); failures are counted,
+    kept in ``failures.json`` and returned; ``runner`` replaces FEFF10.
     """
     from tqdm import tqdm
 
@@ -356,8 +376,8 @@ def generate(
     t0 = time.perf_counter()
     params = get_preset(preset)
     element, edge, out = element.strip().capitalize(), edge.strip().upper(), Path(out)
-    record = _load_record(out, params, element, edge)
     code = _code_versions(runner)
+    record = _load_record(out, params, element, edge, code)
     record.update(
         schema=SCHEMA,
         element=element,
