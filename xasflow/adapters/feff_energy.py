@@ -89,7 +89,8 @@ def parse_xmu_energies(raw: bytes | str, omega: np.ndarray, e: np.ndarray) -> Fe
 def parse_feff_out(raw: bytes | str) -> dict[str, float | bool]:
     """From ``feff.out``: the absorber's (potential 0) last SCF charge transfer and convergence.
 
-    Keys: ``absorber_charge`` (electrons lost, NaN when absent), ``scf_converged``,
+    Keys: ``absorber_charge`` (FEFF's sign: electrons gained, so a cation is negative, e.g.
+    Cu -0.480 and O +0.315 in mp-1203515; NaN when absent), ``scf_converged``,
     ``scf_fermi_level`` (the last ``New Fermi level``, NaN when absent).
     """
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw

@@ -2,11 +2,12 @@
 
 A :class:`FeffPreset` fixes the knobs that set cost and quality (cluster, SCF and FMS radii,
 LDOS, core hole, energy grid); its name and full parameters are recorded in every generated
-tree. ``converged`` reproduces the cards of the shared Cu set (Lightshow's FEFF defaults as
-written into its ``feff.inp`` files: SCF 7 Å, FMS 9 Å, cluster 10 Å, RPA core hole, k grid to
-6 Å⁻¹), so spectra of a new element are computed like the Cu training data. The ``feff.inp``
-cards are written by pymatgen's :class:`~pymatgen.io.feff.sets.MPXANESSet` (the same writer
-Lightshow uses), with the preset's tags.
+tree. ``converged`` has the shared Cu set's SCF (7 Å, 100 iterations, mixing 0.2, nmix 3),
+FMS (9 Å), COREHOLE RPA, EXCHANGE and S02 cards (Lightshow's FEFF defaults, as in its
+``feff.inp`` files) but not all of its cards: its cluster reaches 10 Å (the shared files'
+ATOMS about 9.0 Å) and it writes ``XANES 6 0.04 0.1`` with a k grid to 6 Å⁻¹ (theirs:
+``XANES 4 0.04 0.1``). The ``feff.inp`` cards are written by pymatgen's
+:class:`~pymatgen.io.feff.sets.MPXANESSet` (the writer Lightshow uses), with the preset's tags.
 """
 
 from __future__ import annotations
