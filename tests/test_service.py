@@ -254,6 +254,23 @@ def test_unsigned_bundle_refused_when_signatures_are_required(
         d.stop()
 
 
+@pytest.mark.parametrize("where", ["below_a_file", "a_file"])
+def test_serve_check_warns_of_a_store_path_through_a_file(tmp_path: Path, where: str) -> None:
+    """A store directory below a regular file (or the file itself) passed ``--check``, whose
+    only test was a writable nearest existing ancestor: the daemon then refused to start
+    ("Not a directory"). Expected: the warning ``--check`` gives a store it cannot create."""
+    from xasflow.daemon.commands import check_paths
+    from xasflow.daemon.config import DaemonConfig
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    store = afile / "sub" if where == "below_a_file" else afile
+    config = DaemonConfig.model_validate({"storage": {"directory": str(store)}})
+    assert any("cannot be created or written" in w for w in check_paths(config))
+    fine = DaemonConfig.model_validate({"storage": {"directory": str(tmp_path / "new" / "s")}})
+    assert not any("storage" in w for w in check_paths(fine))
+
+
 def test_serve_check_prints_effective_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

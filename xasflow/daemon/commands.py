@@ -44,7 +44,8 @@ def check_paths(config: Any) -> list[str]:
     if config.storage.enabled:
         store = Path(config.storage.directory).absolute()
         parent = next((p for p in (store, *store.parents) if p.exists()), None)
-        if parent is None or not os.access(parent, os.W_OK):
+        # a file on the way (the store itself, or above it) is "Not a directory" at start
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             out.append(f"storage.directory {store} cannot be created or written here")
     return out
 
