@@ -86,6 +86,11 @@ def compute_labels(
             labels[(mid, site)] = item
             mult[(mid, site)] = m.get(site, 1)
 
+    def lose(mid: str, sites: tuple[int, ...], exc: BaseException) -> None:
+        """The material's sites as ``worker_lost`` (never cached)."""
+        lost = L.LabelFailure(mid, 0, "worker_lost", repr(exc)[:500])
+        keep(mid, sites, [replace(lost, site_index=s) for s in sites], {})
+
     bar = tqdm(total=len(jobs), desc="labels", unit="material", disable=not progress)
     try:
         if scheduler_address(scheduler) is None and (n_jobs <= 1 or len(jobs) <= 1):
@@ -93,8 +98,7 @@ def compute_labels(
                 try:
                     keep(*_material_job(job))
                 except MemoryError as exc:  # as a worker lost to it: labelled again next time
-                    lost = L.LabelFailure(job[0], 0, "worker_lost", repr(exc)[:500])
-                    keep(job[0], job[2], [replace(lost, site_index=s) for s in job[2]], {})
+                    lose(job[0], job[2], exc)
                 bar.update(1)
             return labels, mult
         from distributed import as_completed
@@ -110,8 +114,7 @@ def compute_labels(
                 try:
                     keep(*future.result())
                 except Exception as exc:  # the worker died (KilledWorker) or was lost
-                    lost = L.LabelFailure(mid, 0, "worker_lost", repr(exc)[:500])
-                    keep(mid, sites, [replace(lost, site_index=s) for s in sites], {})
+                    lose(mid, sites, exc)
                 bar.update(1)
     finally:
         bar.close()
