@@ -219,6 +219,53 @@ def test_stop_early_never_out_of_domain_nor_with_an_open_conformal_set() -> None
     assert rec.recommend(narrow, history=[sure, sure, narrow]).stop_early
 
 
+#: Flags of a spectrum whose data are incomplete or whose energy scale is unchecked
+INCOMPLETE = [
+    "seq_gap",
+    "points_rejected",
+    "points_dropped",
+    "nonfinite_dropped",
+    "align_failed",
+    "align_out_of_range",
+    "extrapolated_4.0eV",
+]
+
+
+@pytest.mark.parametrize("flag", INCOMPLETE)
+def test_stop_early_is_withheld_on_incomplete_data(flag: str) -> None:
+    """A certain answer from a spectrum with events missing, points refused, the model
+    window extrapolated or the foil alignment failed rests on data the model did not see
+    whole: stop-early waits, and its reason names the flag, whichever spectrum of the row
+    carries it."""
+    rec = Recommender(manifest(), RecommenderConfig(stop_count=2, stop_probability=0.9))
+    sure = prediction(SURE, VAL_SURE)
+    assert rec.recommend(sure, history=[sure, sure]).stop_early
+    flagged = dataclasses.replace(sure, flags=["seq_disorder", flag])
+    out = rec.recommend(flagged, history=[sure, flagged])
+    assert not out.stop_early
+    assert out.stop_reason.startswith(f"withheld by {flag} in this spectrum")
+    out = rec.recommend(sure, history=[flagged, sure])
+    assert not out.stop_early
+    assert out.stop_reason.startswith(f"withheld by {flag} in the spectrum 1 before")
+    assert rec.recommend(sure, history=[flagged, sure, sure]).stop_early  # out of the row
+    # an answer that would not settle anyway says nothing of the flag
+    unsure = dataclasses.replace(prediction(UNSURE, VAL_SURE), flags=[flag])
+    assert rec.recommend(unsure, history=[unsure, unsure]).stop_reason == ""
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["seq_disorder", "points_retaken", "channel_dropped", "no_reference", "element_inferred"],
+)
+def test_stop_early_is_not_withheld_by_flags_of_complete_data(flag: str) -> None:
+    """Events out of order, a re-taken point, a dropped optional channel, no foil at all:
+    the spectrum is whole, and stop-early comes as without the flag."""
+    rec = Recommender(manifest(), RecommenderConfig(stop_count=2, stop_probability=0.9))
+    flagged = dataclasses.replace(prediction(SURE, VAL_SURE), flags=[flag])
+    out = rec.recommend(flagged, history=[flagged, flagged])
+    assert out.stop_early and out.stop_reason.startswith("cn 4")
+
+
 def test_stop_early_on_single_value_conformal_sets() -> None:
     """With a calibrated bundle the rule is the 90 % set: the same single value three times,
     whatever the top probability; two values in a set, or sets that disagree, keep going."""
@@ -562,45 +609,64 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     ]
 
 
+def cuo_run(flat: int | None = None, flags: dict[int, tuple[str, ...]] | None = None) -> list[Any]:
+    """Six fly-scan spectra of demo CuO in one raw run: ``flat`` has no sample in the beam
+    (no edge: rejected), ``flags`` are the assembler's for the spectra they name."""
+    from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
+
+    out: list[Any] = [RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")]
+    for i in range(6):
+        energy, chans = demo_channels("CuO", seed=i)
+        if i == flat:
+            chans = {"i0": chans["i0"], "it": chans["i0"] * math.exp(-0.3)}
+        scan = ScanSpectrum(
+            "raw-1",
+            i,
+            energy,
+            chans,
+            "Cu",
+            "K",
+            "transmission",
+            (i + 1,),
+            1.0,
+            0.0,
+            (flags or {}).get(i, ()),
+        )
+        out.append(SpectrumReady(scan))
+    out.append(RunClosed("raw-1", "success", "", 6, 0, 0))
+    return out
+
+
+def run_advice(models: Path, outputs: list[Any], interval: float = 0.0) -> list[dict[str, Any]]:
+    """The ``recommendations`` events' data of ``outputs`` through a pipeline (stop after two
+    spectra in a row at cn probability 0.5)."""
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.registry import ModelRegistry
+
+    pipe = Pipeline(
+        ModelRegistry(models, Counters()),
+        recommend=RecommenderConfig(stop_count=2, stop_probability=0.5),
+        recommend_interval_s=interval,
+    )
+    docs = unpaged(pipe.handle_batch(outputs))
+    names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    return [
+        d["data"] for n, d in docs if n == "event" and names[d["descriptor"]] == "recommendations"
+    ]
+
+
 def test_a_throttled_pipeline_still_sends_every_turn_of_stop_early(
     bundle: Path, tmp_path: Path
 ) -> None:
     """With ``recommend_interval_s`` the advice of a run comes at its first spectrum and at
     every spectrum where stop-early turns (as advice on every spectrum shows it), never
     hidden until the run ends; a rejected spectrum breaks the spectra "in a row"."""
-    from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
-    from xasflow.daemon.counters import Counters
-    from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.registry import ModelRegistry
-
     shutil.copytree(bundle, tmp_path / "models" / "cu-k")
 
-    def run(flat: int | None = None) -> list[Any]:
-        out: list[Any] = [RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")]
-        for i in range(6):
-            energy, chans = demo_channels("CuO", seed=i)
-            if i == flat:  # no sample in the beam: no edge, rejected
-                chans = {"i0": chans["i0"], "it": chans["i0"] * math.exp(-0.3)}
-            scan = ScanSpectrum(
-                "raw-1", i, energy, chans, "Cu", "K", "transmission", (i + 1,), 1.0, 0.0
-            )
-            out.append(SpectrumReady(scan))
-        out.append(RunClosed("raw-1", "success", "", 6, 0, 0))
-        return out
-
     def advice(interval: float, flat: int | None = None) -> list[tuple[int, bool]]:
-        pipe = Pipeline(
-            ModelRegistry(tmp_path / "models", Counters()),
-            recommend=RecommenderConfig(stop_count=2, stop_probability=0.5),
-            recommend_interval_s=interval,
-        )
-        docs = unpaged(pipe.handle_batch(run(flat)))
-        names = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-        return [
-            (d["data"]["index"], bool(d["data"]["stop_early"]))
-            for n, d in docs
-            if n == "event" and names[d["descriptor"]] == "recommendations"
-        ]
+        rows = run_advice(tmp_path / "models", cuo_run(flat), interval)
+        return [(r["index"], bool(r["stop_early"])) for r in rows]
 
     every = advice(0.0)
     assert len(every) == 6 and any(stop for _, stop in every)  # CuO settles within the run
@@ -609,6 +675,31 @@ def test_a_throttled_pipeline_still_sends_every_turn_of_stop_early(
     broken = advice(0.0, flat=3)  # ok, ok, ok, rejected, ok, ok
     assert [i for i, _ in broken] == [0, 1, 2, 4, 5]
     assert dict(broken)[4] is False  # one spectrum since the rejection: not yet a row
+
+
+def test_the_daemon_withholds_stop_early_on_a_spectrum_with_events_missing(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The assembler's flags are the spectrum's, not the prediction's: a ``seq_gap`` (events
+    before it went missing) withholds stop-early there and while it is in the row, and the
+    advice says so; before and after it, the advice is as without the flag."""
+    shutil.copytree(bundle, tmp_path / "models" / "cu-k")
+    models = tmp_path / "models"
+    plain = run_advice(models, cuo_run())
+    k = next(i for i, r in enumerate(plain) if r["stop_early"])  # CuO settles within the run
+    assert 1 <= k <= 4
+    gap = run_advice(models, cuo_run(flags={k: ("seq_gap",)}))
+    assert [r["index"] for r in gap] == list(range(6))
+    assert not gap[k]["stop_early"]
+    assert gap[k]["stop_reason"].startswith("withheld by seq_gap in this spectrum")
+    assert not gap[k + 1]["stop_early"]
+    if plain[k + 1]["stop_early"]:
+        assert gap[k + 1]["stop_reason"].startswith("withheld by seq_gap in the spectrum 1 before")
+    for i in [*range(k), *range(k + 2, 6)]:
+        assert (gap[i]["stop_early"], gap[i]["stop_reason"]) == (
+            plain[i]["stop_early"],
+            plain[i]["stop_reason"],
+        )
 
 
 def measure_demo(name: str, seed: int) -> Any:

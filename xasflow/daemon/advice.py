@@ -22,6 +22,7 @@ spectrum's. Superseded advice is counted (``xasflow_advice_superseded_total``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class RunAdvice:
             return
         tracker, manifest, raw_uid = self.tracker, predictor.manifest, run.raw_uid
         try:
+            if work.flags:  # the spectrum's own (seq_gap, align_failed, ...): stop-early reads them
+                pred = dataclasses.replace(pred, flags=[*work.flags, *pred.flags])
             history = tracker.observe(raw_uid, pred)
             now = time.monotonic()
             first = raw_uid not in self._advised

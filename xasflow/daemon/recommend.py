@@ -38,7 +38,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
 4. **Stop early** when the last ``stop_count`` (2) spectra of the run have the same
    single-value 90 % conformal cn set, each with a cn probability of at least
    ``stop_set_probability`` (a bundle without sets: the same cn with probability at least
-   ``stop_probability``), never out of domain.
+   ``stop_probability``), never out of domain, and none of them with incomplete data or an
+   unchecked energy scale (:data:`~xasflow.daemon.recommend_types.STOP_WITHHOLDING_FLAGS`:
+   ``seq_gap``, ``extrapolated_*``, ``align_failed``, ...; the reason names the flag).
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
    exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
    local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
@@ -84,6 +86,7 @@ from xasflow.daemon.recommend_types import (
     cn_uncertainty,
     region_shares,
     task_uncertainty,
+    withheld_by,
 )
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Prediction
@@ -328,16 +331,32 @@ class Recommender:
         with the bundle's coverage (a set always keeps its top class, so a flat answer can be
         a single-value set too). Without sets, when they
         agree on cn with probability >= ``stop_probability``. Never for a spectrum out of the
-        bundle's domain (its probabilities mean nothing).
+        bundle's domain (its probabilities mean nothing), and withheld, saying why, where one
+        of them has incomplete data (:func:`~xasflow.daemon.recommend_types.withheld_by`).
         """
+        stop, reason = self._agree(prediction, history)
+        if not stop or prediction is None:
+            return stop, reason
+        held = withheld_by(self._recent(prediction, history))
+        return (False, f"{held}; otherwise {reason}: keep measuring") if held else (True, reason)
+
+    def _recent(self, prediction: Prediction, history: Sequence[Prediction]) -> list[Prediction]:
+        """The last ``stop_count`` spectra of the run, ending with ``prediction``."""
+        recent = list(history)[-self.config.stop_count :]
+        if not recent or recent[-1] is not prediction:
+            recent = [*recent, prediction][-self.config.stop_count :]
+        return recent
+
+    def _agree(
+        self, prediction: Prediction | None, history: Sequence[Prediction]
+    ) -> tuple[bool, str]:
+        """:meth:`settles`, whatever the spectra's quality flags."""
         cfg = self.config
         if prediction is None or "cn" not in prediction.results:
             return False, ""
         if prediction.out_of_domain:
             return False, "out_of_domain: the answer is not to be trusted, keep measuring"
-        recent = list(history)[-cfg.stop_count :]
-        if not recent or recent[-1] is not prediction:
-            recent = [*recent, prediction][-cfg.stop_count :]
+        recent = self._recent(prediction, history)
         if len(recent) < cfg.stop_count or any(p.out_of_domain for p in recent):
             return False, ""
         results = [p.results["cn"] for p in recent if "cn" in p.results]

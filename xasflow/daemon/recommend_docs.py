@@ -35,7 +35,9 @@ RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
     "n_points": data_key("integer", "distinct energies of the recommended scan"),
     "scan_time": data_key("number", "counting time of the recommended scan", "s"),
     "stop_early": data_key("boolean", "the answer is already certain: the scan may stop"),
-    "stop_reason": data_key("string", "why stopping early is safe ('' when not)"),
+    "stop_reason": data_key(
+        "string", "why stopping early is safe, or why it is withheld ('' when neither)"
+    ),
     "rescan": data_key("string", "JSON region to measure again with a longer dwell ('' for none)"),
     "noise": data_key("string", "JSON object: region -> noise as a fraction of the edge step"),
     "uncertainty": data_key("number", "1 - probability of the predicted coordination number"),

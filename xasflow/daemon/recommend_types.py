@@ -23,6 +23,7 @@ __all__ = [
     "cn_uncertainty",
     "region_shares",
     "task_uncertainty",
+    "withheld_by",
 ]
 
 
@@ -41,6 +42,20 @@ MAX_DWELL = 600.0
 MAX_MARGIN = 200.0
 #: The largest factor (coarse_factor, uncertain_dwell_factor, max_rescan_factor, piece_growth).
 MAX_FACTOR = 20.0
+#: Quality flags that withhold stop-early, with what they say: the spectrum's data are
+#: incomplete (the model saw it in part) or its energy scale went unchecked against the foil,
+#: so a certain answer from it may not hold. Others (``seq_disorder``, ``points_retaken``,
+#: ``channel_dropped``, ``no_reference``, ...) leave the data whole. ``extrapolated`` stands
+#: for the predictor's ``extrapolated_<eV>eV``.
+STOP_WITHHOLDING_FLAGS: dict[str, str] = {
+    "seq_gap": "events of the run went missing",
+    "points_rejected": "points of the scan were refused",
+    "points_dropped": "points past the step-scan limit were not analysed",
+    "nonfinite_dropped": "points with non-finite values were dropped",
+    "align_failed": "the reference foil showed no edge: not aligned",
+    "align_out_of_range": "the foil's shift was out of range: not aligned",
+    "extrapolated": "the data end short of the model window, extrapolated there",
+}
 
 
 class RecommenderConfig(BaseModel):
@@ -335,3 +350,18 @@ def cn_uncertainty(prediction: Prediction | None) -> float:
         return 1.0
     conf = prediction.results["cn"].confidence
     return 1.0 if conf is None else float(1.0 - conf)
+
+
+def withheld_by(recent: Sequence[Prediction]) -> str:
+    """Why stop-early is withheld after ``recent`` (the spectra in a row, newest last; their
+    flags include the spectrum's own), naming the newest :data:`STOP_WITHHOLDING_FLAGS`
+    flag; '' when none is there."""
+    for back, pred in enumerate(reversed(recent)):
+        for flag in pred.flags:
+            why = STOP_WITHHOLDING_FLAGS.get(
+                "extrapolated" if flag.startswith("extrapolated_") else flag
+            )
+            if why is not None:
+                where = "this spectrum" if back == 0 else f"the spectrum {back} before"
+                return f"withheld by {flag} in {where} ({why})"
+    return ""
