@@ -281,6 +281,47 @@ def test_predict_hints_at_undeclared_herfd(
     assert out[True][str(files[("conv", "CuCl")])]["error"] == "edge_step"
 
 
+def test_predict_json_marks_each_answer_of_an_out_of_domain_spectrum(tmp_path: Path) -> None:
+    """``predict --json`` of the demo chloride (out of domain) keeps every task's set and
+    interval, but a reader of one task's entry could not tell they cover nothing: only the
+    top-level flags said so. Each task says ``out_of_domain`` as the analysis event does
+    (its sets kept beside ``out_of_domain: true``); the oxide's tasks say false."""
+    import json
+
+    from xasflow.cli import main
+    from xasflow.daemon.documents import ok_row
+    from xasflow.sim.feff_demo import load_demo_spectra
+
+    demos = {d.name: d for d in load_demo_spectra()}
+    files = {}
+    for name in ("CuCl", "CuO"):
+        files[name] = path = tmp_path / f"{name}.txt"
+        np.savetxt(path, np.column_stack([demos[name].energy, demos[name].mu]))
+    report = tmp_path / "pred.json"
+    assert (
+        main(["predict", "--bundle", str(BUNDLE), *map(str, files.values()), "--json", str(report)])
+        == 0
+    )
+    out = json.loads(report.read_text())
+    chloride, oxide = out[str(files["CuCl"])], out[str(files["CuO"])]
+    assert "out_of_domain" in chloride["flags"] and "out_of_domain" not in oxide["flags"]
+    assert chloride["out_of_domain"] is True and oxide["out_of_domain"] is False
+    assert chloride["tasks"]["cn"]["prediction_set"]  # the data stay
+    assert chloride["tasks"]["distance"]["interval"] is not None
+    for entry in chloride["tasks"].values():
+        assert entry["out_of_domain"] is True
+    for entry in oxide["tasks"].values():
+        assert entry["out_of_domain"] is False
+    # as the daemon's event of the same spectrum says it
+    predictor = Predictor(BUNDLE)
+    for name in files:
+        pred = predictor.predict(demos[name].to_spectrum())
+        row = ok_row(0, pred)
+        entry = out[str(files[name])]["tasks"]["cn"]
+        assert row["out_of_domain"] is entry["out_of_domain"]
+        assert row["cn_set"] == ",".join(map(str, entry["prediction_set"]))
+
+
 def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     """The motif ranking leads with the motif of the CN answered (make_consistent), even one
     its regressor scores low; ``xasflow predict`` says so instead of showing 0.00 first bare."""

@@ -189,8 +189,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _as_json(pred: Any) -> dict[str, Any]:
     """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict` (an unbounded
     interval as ``null`` with ``interval_unbounded: true``, as
-    :func:`~xasflow.cli_text.describe_prediction` says "unbounded")."""
-    return pred.to_dict()
+    :func:`~xasflow.cli_text.describe_prediction` says "unbounded"), and ``out_of_domain``
+    on it and on each task, as the analysis event says it: out of domain a task's set and
+    interval are kept but cover nothing (the text marks them void)."""
+    out = pred.to_dict()
+    ood = bool(pred.out_of_domain)
+    for entry in out["tasks"].values():
+        entry["out_of_domain"] = ood
+    return {**out, "out_of_domain": ood}
 
 
 def _fwhm(text: str) -> float:
