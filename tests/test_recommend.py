@@ -400,6 +400,49 @@ def test_regions_are_on_the_recorded_axis_the_monochromator_drives(shift: float)
     assert got.noise == pytest.approx(true.noise)
 
 
+def test_regions_are_kept_within_the_monochromators_range() -> None:
+    """Nothing held a recommended region to what the monochromator can reach (a plan past
+    its limit fails in the RE Manager). With ``mono_range``, on the recorded axis the mono
+    drives, a region reaching out of it is clipped to it and one wholly outside is dropped,
+    each saying so (the event lists the dropped ones); unset, nothing changes."""
+    e0, shift = 8985.0, 4.0
+    energy, mu = noisy_main_peak(e0)
+    aligned = align(Spectrum(energy - shift, mu, "Cu", "K"), shift)  # the mono reads 4 eV low
+    pred = prediction(SURE, VAL_SURE, e0=e0)
+    free = Recommender(manifest(), RecommenderConfig(noise_threshold=0.02)).recommend(pred, aligned)
+    lo, hi = 8900.0, 9005.0
+    cfg = RecommenderConfig(noise_threshold=0.02, mono_range=(lo, hi))
+    got = Recommender(manifest(), cfg).recommend(pred, aligned)
+    note = f"clipped to the monochromator's range {lo:g}-{hi:g} eV"
+    kept, dropped = {r.name: r for r in got.regions}, {r.name: r for r in got.dropped}
+    assert sorted([*kept, *dropped]) == sorted(r.name for r in free.regions)
+    for r in free.regions:
+        if r.stop <= lo or r.start >= hi:
+            assert "outside the monochromator's range" in dropped[r.name].reason
+        elif r.start < lo or r.stop > hi:
+            g = kept[r.name]
+            assert (g.start, g.stop) == (max(r.start, lo), min(r.stop, hi)) and note in g.reason
+            assert g.step <= r.step and g.dwell == r.dwell
+        else:
+            assert kept[r.name] == r
+    # the pre-edge line starts at the range, the main peak ends at it, all above it is dropped
+    assert kept["pre-edge line"].start == lo and kept["main peak"].stop == hi
+    assert {"post-peak", "beyond"} <= set(dropped)
+    e = got.energies()
+    assert e.min() == lo and e.max() == hi and got.n_points < free.n_points
+    assert free.rescan is not None and free.rescan.stop > hi
+    assert got.rescan is not None and got.rescan.stop == hi and note in got.rescan.reason
+    back = parse_recommendation_row(json.loads(json.dumps(recommendation_row(0, got))))
+    assert [d["name"] for d in back["dropped"]] == list(dropped)
+    assert free.dropped == [] and recommendation_row(0, free)["dropped"] == "[]"
+    with pytest.raises(ValueError, match="mono_range"):
+        RecommenderConfig(mono_range=(hi, lo))
+    from xasflow.daemon.config_sections import RecommendConfig
+
+    section = RecommendConfig.model_validate({"recommender": {"mono_range": [lo, hi]}})
+    assert section.recommender.mono_range == (lo, hi)
+
+
 def test_the_run_collector_keeps_a_bounded_number_of_unevaluated_runs() -> None:
     """Acquisition runs no plan evaluates (an aborted plan) are not kept for ever."""
     from event_model import compose_run

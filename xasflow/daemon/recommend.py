@@ -32,7 +32,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    ``uncertain_dwell_factor`` times that dwell. Around E0 (``edge_window``) the step never
    exceeds ``edge_max_step``, because E0 fixes the model grid. Regions are clipped to the
    model window (``prep.window_start`` .. ``prep.window_stop``) widened by ``e0_margin``;
-   nothing beyond the window is recommended, since the model never sees it.
+   nothing beyond the window is recommended, since the model never sees it. With
+   ``mono_range`` every region, on the axis the monochromator drives, is clipped to what it
+   reaches, and one wholly outside is dropped (``Recommendation.dropped``, saying so).
 3. **Support regions** the preprocessing needs, importance 0: the pre-edge line
    (``prep.pre_edge``, ``pre_edge_step``) and the approach to the window (``approach_step``).
 4. **Stop early** when the last ``stop_count`` (2) spectra of the run have the same
@@ -78,7 +80,13 @@ from xasflow.daemon.recommend_docs import (
     recommendation_row,
     waveform_regions,
 )
-from xasflow.daemon.recommend_grid import finest_step, k_pieces, moved_region, tidy_region
+from xasflow.daemon.recommend_grid import (
+    finest_step,
+    k_pieces,
+    moved_region,
+    tidy_region,
+    within_range,
+)
 from xasflow.daemon.recommend_types import (
     Recommendation,
     RecommenderConfig,
@@ -297,6 +305,9 @@ class Recommender:
             regions = [moved_region(r, -shift) for r in regions]
             rescan = None if rescan is None else moved_region(rescan, -shift)
             e0 -= shift
+        dropped: list[Region] = []
+        if cfg.mono_range is not None:  # what the monochromator reaches, on the axis it drives
+            regions, rescan, dropped = within_range(regions, rescan, *cfg.mono_range)
         return Recommendation(
             regions=regions,
             stop_early=stop,
@@ -308,6 +319,7 @@ class Recommender:
             edge=m.edge,
             bundle_id=m.bundle_id,
             noise=noise,
+            dropped=dropped,
         )
 
     def prior_e0(self, spectrum: Spectrum | None = None) -> float:

@@ -40,6 +40,9 @@ RECOMMENDATION_KEYS: dict[str, dict[str, Any]] = {
     ),
     "rescan": data_key("string", "JSON region to measure again with a longer dwell ('' for none)"),
     "noise": data_key("string", "JSON object: region -> noise as a fraction of the edge step"),
+    "dropped": data_key(
+        "string", "JSON list of the regions outside the monochromator's range, as in regions"
+    ),
     "uncertainty": data_key("number", "1 - probability of the predicted coordination number"),
     "e0": data_key("number", "E0 the regions are placed around", "eV"),
     "bundle_id": data_key("string", "model bundle whose importances were used"),
@@ -64,6 +67,7 @@ def recommendation_row(
         "stop_reason": rec.stop_reason,
         "rescan": "" if rec.rescan is None else json.dumps(rec.rescan.to_dict()),
         "noise": json.dumps(rec.noise),
+        "dropped": json.dumps([r.to_dict() for r in rec.dropped]),
         "uncertainty": float(rec.uncertainty),
         "e0": float(rec.e0),
         "bundle_id": rec.bundle_id,
@@ -87,7 +91,7 @@ def recommendation_docs(
 def parse_recommendation_row(data: Mapping[str, Any]) -> dict[str, Any]:
     """Decode a ``recommendations`` event's data back into plain structures."""
     out = dict(data)
-    for key in ("regions", "waveform", "noise"):
+    for key in ("regions", "waveform", "noise", "dropped"):
         value = out.get(key)
         if isinstance(value, str) and value:
             out[key] = json.loads(value)

@@ -1,6 +1,7 @@
 """The grid a recommended region is measured on: steps constant in photoelectron wavenumber
-above the edge, regions cut into k pieces, tidy numbers, and regions moved between energy
-frames (see :mod:`xasflow.daemon.recommend`, which places them)."""
+above the edge, regions cut into k pieces, tidy numbers, regions moved between energy
+frames and held to the monochromator's range (see :mod:`xasflow.daemon.recommend`, which
+places them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import math
 
 from xasflow.daemon.recommend_types import RecommenderConfig, Region
 
-__all__ = ["finest_step", "k_pieces", "moved_region", "tidy_region"]
+__all__ = [
+    "clipped_region",
+    "finest_step",
+    "k_pieces",
+    "moved_region",
+    "tidy_region",
+    "within_range",
+]
 
 _EV_PER_K2 = 3.80998  # hbar^2 / 2 m_e in eV * angstrom^2: E = 3.81 k^2
 
@@ -55,6 +63,37 @@ def moved_region(region: Region, by: float) -> Region:
     return dataclasses.replace(
         region, start=round(region.start + by, 3), stop=round(region.stop + by, 3)
     )
+
+
+def clipped_region(region: Region, lo: float, hi: float) -> tuple[Region, bool]:
+    """``region`` within the monochromator's range ``lo..hi`` eV: (as it was, True) inside,
+    (clipped on a tidy grid, True) reaching out, (with the reason why, False) wholly outside
+    (or within a meV of it: regions are written to the meV, rounded inwards here)."""
+    where = f"the monochromator's range {lo:g}-{hi:g} eV"
+    start = max(region.start, math.ceil(lo * 1e3) / 1e3)
+    stop = min(region.stop, math.floor(hi * 1e3) / 1e3)
+    if stop - start < 1e-3:
+        return dataclasses.replace(
+            region, reason=f"{region.reason}; outside {where}: dropped"
+        ), False
+    if (start, stop) == (region.start, region.stop):
+        return region, True
+    why = f"{region.reason}; clipped to {where}"
+    return tidy_region(
+        region.name, start, stop, region.step, region.dwell, why, region.importance
+    ), True
+
+
+def within_range(
+    regions: list[Region], rescan: Region | None, lo: float, hi: float
+) -> tuple[list[Region], Region | None, list[Region]]:
+    """(regions, rescan, dropped regions) held to the monochromator's range ``lo..hi`` eV
+    (:func:`clipped_region`); a rescan wholly outside is None."""
+    clipped = [clipped_region(r, lo, hi) for r in regions]
+    if rescan is not None:
+        rescan, inside = clipped_region(rescan, lo, hi)
+        rescan = rescan if inside else None
+    return [r for r, ok in clipped if ok], rescan, [r for r, ok in clipped if not ok]
 
 
 def tidy_region(

@@ -66,8 +66,9 @@ class RecommenderConfig(BaseModel):
     per spectrum while no advice goes out): every number must be finite; steps lie within
     :data:`MIN_STEP` .. :data:`MAX_STEP` eV, ``k_step`` at most 0.2 1/angstrom,
     the dwell at most :data:`MAX_DWELL` s, margins and windows within :data:`MAX_MARGIN` eV of
-    E0, factors at most :data:`MAX_FACTOR`, and ``piece_growth`` is 1 (off) or at least 1.05
-    (finer cuts split a region into hundreds).
+    E0, factors at most :data:`MAX_FACTOR`, ``piece_growth`` is 1 (off) or at least 1.05
+    (finer cuts split a region into hundreds), and ``mono_range`` is (low, high) with
+    0 <= low < high.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -143,6 +144,11 @@ class RecommenderConfig(BaseModel):
         0.02, gt=0, le=1, description="noise / edge step that asks a rescan"
     )
     max_rescan_factor: float = Field(4.0, ge=1, le=MAX_FACTOR)
+    mono_range: tuple[float, float] | None = Field(
+        None,
+        description="eV (low, high) the monochromator reaches, on the axis it drives: regions"
+        " are clipped to it, those wholly outside dropped; None: no limit",
+    )
 
     def for_edge(self, element: str | None, edge: str) -> RecommenderConfig:
         """This config with the steps left open (None) set for ``element``'s ``edge``.
@@ -174,6 +180,8 @@ class RecommenderConfig(BaseModel):
             raise ValueError(f"edge_window must lie within {MAX_MARGIN:g} eV of E0")
         if 1 < self.piece_growth < 1.05:
             raise ValueError("piece_growth must be 1 (no cuts) or 1.05 .. 20")
+        if self.mono_range is not None and not 0 <= self.mono_range[0] < self.mono_range[1]:
+            raise ValueError("mono_range must be (low, high) eV with 0 <= low < high")
         bad = sorted(k for k, w in self.task_weights.items() if w < 0)
         if bad:
             raise ValueError(f"task_weights must be >= 0 ({', '.join(bad)} is not)")
@@ -236,6 +244,8 @@ class Recommendation:
     edge: str
     bundle_id: str
     noise: dict[str, float] = field(default_factory=dict)
+    #: regions wholly outside the monochromator's range, not measured (each says so)
+    dropped: list[Region] = field(default_factory=list)
 
     @cached_property
     def _scan(self) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +296,7 @@ class Recommendation:
             "edge": self.edge,
             "bundle_id": self.bundle_id,
             "noise": dict(self.noise),
+            "dropped": [r.to_dict() for r in self.dropped],
             "n_points": self.n_points,
             "time": self.time,
         }
