@@ -231,3 +231,49 @@ def test_a_plan_the_rate_held_back_while_submit_held_it_waits_for_its_slot_not_g
         assert sub.join(10.0) and sub.stats["gave_up"] == 0 and K in sub._memory
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize("wanted_by", ["run_stop", "retry_given_up"])
+@pytest.mark.parametrize("comes_back", [False, True])
+def test_a_plan_wanted_while_a_failing_submit_held_it_gets_its_retries(
+    tmp_path: Path, wanted_by: str, comes_back: bool
+) -> None:
+    """As above, with ``retries`` 2: ``submit()``'s try of raw-1's plan fails while another
+    path wants the plan. Before, that one try gave the plan up (``gave_up``, no retry): a
+    server back a second later had to wait ``given_up_retry_s`` (here never) for it. Now
+    ``submit()``'s try counts as the plan's first, and it is retried after the backoff
+    (``retried``): with the server back it goes in at the first retry, nothing given up;
+    with the server down, after both retries failed, it is given up once."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    cfg = quick_config(retries=2, given_up_retry_s=0.0)
+    if wanted_by == "retry_given_up":
+        give_up_plan(cfg, path, REC)
+    fake = _HeldOutage()
+    sub = daemon(cfg, fake, path)
+    sending, errors = submit_on_a_thread(sub, REC)
+    try:
+        sending.start()
+        assert fake.sending.wait(10.0), "submit()'s try never reached the server"
+        if wanted_by == "run_stop":
+            assert not sub.enqueue(REC, "raw-1") and sub.stats["skipped_repeat"] == 1
+        else:
+            assert sub.retry_given_up() == 0
+        fake.release.set()
+        sending.join(20.0)
+        assert not sending.is_alive() and len(errors) == 1
+        if comes_back:
+            fake.up.set()
+            wait_for(lambda: queued_runs(fake) == ["raw-1"], what="raw-1 at its retry")
+            assert sub.join(10.0) and K in sub._memory and sub._memory.given_up() == []
+            assert sub.stats["gave_up"] == 0 and sub.stats["retried"] == 1
+            assert sub.stats["failed"] == 1 and sub.stats["submitted"] == 1
+        else:
+            wait_for(lambda: sub.stats["gave_up"] == 1, what="raw-1 given up")
+            assert sub.join(10.0) and sub.stats["retried"] == 2 and sub.stats["failed"] == 3
+            assert [plan.key for plan in sub._memory.given_up()] == [K]
+            assert K not in sub._queued, "a plan given up is still held as queued"
+    finally:
+        fake.release.set()
+        sending.join(20.0)
+        sub.close()
+    assert queued_runs(fake) == (["raw-1"] if comes_back else [])

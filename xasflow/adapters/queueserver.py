@@ -66,7 +66,7 @@ step, ``retry_backoff_s * 2**retries``) has passed since it was last given up an
 room: no new run's plan queued and fewer than ``max_pending`` retries waiting (else it waits
 ``given_up_retry_s`` more). It waits for its slot in the rate like a retry, with its own
 ``retries``; a plan held as queued (a replay of its run or ``submit`` tries it) is left to
-that path (one ``submit`` fails to send is given up again, not dropped), and the server's
+that path (one ``submit`` fails to send is retried, not dropped), and the server's
 queue and history are asked first. Each round counts as one of its ``given_up_replays``
 and it is given up again only once its tries, each after its backoff, failed, so a server
 down for good costs a plan at most ``given_up_replays`` more rounds, no busy loop; past
@@ -76,12 +76,13 @@ as a replay of its run would. ``gave_up`` counts each round's give-up (a plan co
 ``given_up_replays`` times at most) and ``revived`` each round. ``join`` does not wait for
 these rounds.
 
-A submission the server refused or could not take is tried again ``retries`` times
-(``retried``), after ``retry_backoff_s``, then twice as long each time, then given up
-(``gave_up``); each try asks the queue and history first, so a try whose reply was lost
-after the server took the plan queues nothing twice. A lost reply (the request timed out
-after the server answered those questions, in a way that may have reached it, not while
-connecting: :func:`~xasflow.adapters.queueserver_client.may_have_reached`; ``lost_reply``)
+A submission the server refused or could not take (in the background, or one ``submit``
+sent while another path wanted its plan: ``submit`` raises all the same) is tried again
+``retries`` times (``retried``), after ``retry_backoff_s``, then twice as long each time,
+then given up (``gave_up``); each try asks the queue and history first, so a try whose
+reply was lost after the server took the plan queues nothing twice. A lost reply (the
+request timed out after the server answered those questions, in a way that may have reached
+it, not while connecting: :func:`~xasflow.adapters.queueserver_client.may_have_reached`; ``lost_reply``)
 is its own outcome in the memory: when a later daemon tries that plan (a replay, a revived
 plan) and finds it in neither queue nor history, it does not add it
 (``abandoned_lost_reply``, logged, given up for good): the server may have taken it and an
@@ -256,8 +257,9 @@ class QueueServerSubmitter(Background):
         queueserver's queue or history
         (:func:`~xasflow.adapters.queueserver_client.on_server`). While it is sent, the run's
         plan is held as queued: the background queue does not take it too (nor a retry of
-        it given up); if this try fails, a plan another path wanted meanwhile is given up
-        (``gave_up``), to be tried again, and if the rate holds it back, that plan waits for
+        it given up); if this try fails, a plan another path wanted meanwhile is retried
+        as a background plan is, this try its first (``retries`` more after the backoff,
+        ``retried``, then ``gave_up``), and if the rate holds it back, that plan waits for
         its slot (``waited_rate``; not given up: nothing failed). A plan given up is
         tried again like a replay of its run, for at most ``given_up_replays`` calls, then
         given up for good (``abandoned_replays``; None). Raises QueueServerError."""
@@ -272,11 +274,11 @@ class QueueServerSubmitter(Background):
                 self._hold(key)
                 self._submitting[key] = False  # another path wanting it marks it (_held)
         reply: Any = None
-        failed = False  # refused, or not reached: not sent
+        failed: QueueServerError | None = None  # refused, or not reached: not sent
         try:
             reply = self._send(recommendation, raw_uid, rescan_only)
-        except QueueServerError:
-            failed = True
+        except QueueServerError as exc:
+            failed = exc
             raise
         finally:
             if key is not None and job is not None:  # held and settled, let go, or handed on

@@ -181,27 +181,32 @@ class Background:
         return key in self._queued
 
     def _let_go(
-        self, key: tuple[str, str], job: Job, sent: bool, failed: bool, limited: bool
+        self,
+        key: tuple[str, str],
+        job: Job,
+        sent: bool,
+        failed: QueueServerError | None,
+        limited: bool,
     ) -> None:
         """:meth:`submit`'s try of ``job`` is over: ``sent`` (still held, settled),
-        ``failed``, ``limited`` (the rate held it back: nothing was sent), or none of them
-        (found queued, given up for good, or a plan no server takes: settled elsewhere). A
-        plan another path wanted meanwhile (:meth:`_held`) is not dropped: one that failed
-        is given up (``gave_up``: remembered, and tried again after ``given_up_retry_s``),
+        ``failed`` (with this error), ``limited`` (the rate held it back: nothing was sent),
+        or none of them (found queued, given up for good, or a plan no server takes: settled
+        elsewhere). A plan another path wanted meanwhile (:meth:`_held`) is not dropped: one
+        that failed is retried as the worker retries its own, that try its first
+        (:meth:`_again`: ``retries`` more after the backoff, then given up, ``gave_up``),
         one the rate held back waits for its slot among the retries, as a plan the rate
         holds back behind retries does (:meth:`_wait_turn`, ``waited_rate``: no give-up);
         otherwise it is no longer held here."""
         with self._lock:
-            wanted = self._submitting.pop(key, False) and (failed or limited)
+            wanted = self._submitting.pop(key, False) and (failed is not None or limited)
             if sent:
                 self._queued[key] = True
             elif not wanted:
                 self._queued.pop(key, None)
         if not wanted:
             return
-        if failed:  # still held until _give_up lets go of it: no path takes it meanwhile
-            logger.error("queueserver plan of run %r given up: submit() did not send it", key[0])
-            self._give_up(job)
+        if failed is not None:  # still held while it waits: no path takes it meanwhile
+            self._again(job, 1, failed)
         else:  # still held: its first try (tries 0) counts as a replay, as any first try
             self._wait_turn(job, 0, new=True)
         with self._lock:  # a worker, to look at it (none is after close)
@@ -401,7 +406,7 @@ class Background:
         among the retries (``revived``), where it waits for its slot in the rate, and its
         first try counts as a replay (:meth:`_replay`). One is not tried again while held as
         queued (a replay of its run, or ``submit``, tries it: one ``submit`` fails to send is
-        given up again, :meth:`_let_go`), once queued or given up for good; one tried for
+        retried, :meth:`_let_go`), once queued or given up for good; one tried for
         ``given_up_replays`` replays already, or first given up more than
         ``given_up_max_age_s`` ago, is given up for good (``abandoned_replays``,
         ``abandoned_expired``: logged, remembered, not dropped unseen); one that finds a new
