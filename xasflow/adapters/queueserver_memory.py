@@ -58,8 +58,15 @@ submitted:
   the daemon that lost the reply (its retries, seconds later) still asks the server and
   sends the plan when it is in neither.
 
-A write that fails is logged and the plan is sent all the same: the server's record stays
-the first check, and a daemon whose disk fails has its store to worry about first.
+A write that fails is logged (the next rewrites the file with all that is kept) and the
+plan is sent all the same: the server's record stays the first check, and a daemon whose
+disk fails has its store to worry about first.
+
+No look waits on the disk. The lock on what is remembered is never held across a write: a
+change is made under it and its line recorded, then written, one writer at a time, in the
+order recorded (:mod:`~xasflow.adapters.queueserver_journal`), before the call returns. So
+the daemon's processing thread, whose ``enqueue`` looks here, never waits for the worker's
+fsync.
 
 One daemon a file. Two daemons on one store directory would each check the memory, find a
 run's plan missing and both queue it (and both try the plans given up). Locking each
@@ -68,7 +75,7 @@ same runs into one store, which the store refuses to a second writer anyway. So,
 store does, :class:`SubmittedRuns` holds an exclusive ``flock`` on ``<file>.lock`` (beside
 it, never replaced) from before it reads the file until :meth:`~SubmittedRuns.close`, and a
 second daemon refuses to start (:class:`MemoryInUseError`, naming the file and the pid that
-holds it) before it reads or sends anything. The kernel drops the lock when its process
+holds it, :func:`~.queueserver_journal.hold_file`) before it reads or sends anything. The kernel drops the lock when its process
 ends, even by SIGKILL: there is no stale lock to clear.
 """
 
@@ -76,23 +83,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.queueserver_journal import Journal, MemoryInUseError, hold_file, let_go
 from xasflow.adapters.queueserver_recall import recall
-from xasflow.adapters.queueserver_records import (
-    GivenUp,
-    Key,
-    abandoned_lines,
-    fsync_dir,
-    slot_line,
-)
+from xasflow.adapters.queueserver_records import GivenUp, Key, abandoned_lines, slot_line
 
 __all__ = ["SUBMITTED_FILE", "GivenUp", "MemoryInUseError", "SubmittedRuns"]
 
@@ -100,14 +101,6 @@ logger = logging.getLogger(__name__)
 
 #: The file's name in the store's directory (``storage.directory``).
 SUBMITTED_FILE = "queueserver-submitted.jsonl"
-
-#: The memory files open in this process (a second one is refused with a message saying so).
-_OPEN: set[Path] = set()
-_OPEN_LOCK = threading.Lock()
-
-
-class MemoryInUseError(RuntimeError):
-    """The memory file is held by another daemon (or already open in this process)."""
 
 
 class SubmittedRuns:
@@ -135,25 +128,30 @@ class SubmittedRuns:
         #: Plans given up for good (never sent again), with why, the newest ``limit``
         self._abandoned: OrderedDict[Key, str] = OrderedDict()
         self._slot: float | None = None  # when the server last took a plan (wall clock)
-        self._lines = 0  # lines in the file: rewritten at twice the limit, or twice _kept
-        self._kept = 0  # lines the last rewrite wrote (0: none in this process)
-        self._torn = False  # the file ends in a torn line: the next one starts a new line
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # what is remembered: never held across a write
+        self._journal: Journal | None = None  # the file's writes (see queueserver_journal)
         self._lock_fd: int | None = None
         self._closed = False
         if path is not None:
-            self._lock_fd = _hold(path)
+            self._lock_fd = hold_file(path)
+            self._journal = Journal(path, limit)
             self._read(path)
 
     def close(self) -> None:
         """Release the file for another daemon; nothing more is written (a plan sent after
-        this stays in doubt in the file: never queued twice). Idempotent."""
-        with self._lock:
-            self._closed = True
-            if self._lock_fd is not None and self.path is not None:
-                with _OPEN_LOCK:
-                    _OPEN.discard(self.path.resolve())
-                release(self._lock_fd)
+        this stays in doubt in the file: never queued twice). The lines recorded before
+        are written first. Idempotent."""
+        journal = self._journal
+        if journal is None:
+            with self._lock:
+                self._closed = True
+            return
+        with journal.io:
+            with self._lock:
+                self._closed = True
+            if self._lock_fd is not None:
+                self._drain(journal)
+                let_go(journal.path, self._lock_fd)
                 self._lock_fd = None
 
     def __enter__(self) -> SubmittedRuns:
@@ -179,7 +177,7 @@ class SubmittedRuns:
 
     def add(self, key: tuple[str, str]) -> None:
         """Remember that ``key``'s plan is queued (on disk when this returns)."""
-        with self._lock:
+        with self._change():
             self._sending.discard(key)
             if key in self._keys:
                 return
@@ -189,7 +187,7 @@ class SubmittedRuns:
     def sending(self, key: Key) -> None:
         """Record, on disk before this returns, that ``key``'s plan is about to be sent: a
         crash before its outcome leaves it in doubt, held as queued (see the module)."""
-        with self._lock:
+        with self._change():
             self._sending.add(key)
             self._append(json.dumps({"sending": list(key)}), key)
 
@@ -198,7 +196,7 @@ class SubmittedRuns:
         not queue ``key``'s plan (refused, or the server was not reached). It settles a lost
         reply before it, as the file's reader does: that try asked the server's queue and
         history first and found the plan in neither."""
-        with self._lock:
+        with self._change():
             if key in self._sending:
                 self._sending.discard(key)
                 self._lost.discard(key)
@@ -208,7 +206,7 @@ class SubmittedRuns:
     def took(self) -> None:
         """Record, on disk before this returns, that the server took a plan now: the rate's
         slot, for the next daemon to keep (:meth:`slot_age`)."""
-        with self._lock:
+        with self._change():
             self._slot = self._wall()
             self._append(slot_line(self._slot), None)
 
@@ -221,7 +219,7 @@ class SubmittedRuns:
     def lost_reply(self, key: Key) -> None:
         """Record, on disk before this returns, that the try :meth:`sending` announced got no
         reply: the server may have taken ``key``'s plan (see the module)."""
-        with self._lock:
+        with self._change():
             if key in self._sending:
                 self._sending.discard(key)
                 self._lost.add(key)
@@ -236,7 +234,7 @@ class SubmittedRuns:
     def abandon(self, key: Key, reason: str) -> None:
         """Give ``key``'s plan up for good (``reason``), on disk before this returns: it is
         neither revived nor sent for a replay again."""
-        with self._lock:
+        with self._change():
             self._forget(key)
             self._abandoned[key] = reason
             while len(self._abandoned) > self.limit:
@@ -248,7 +246,7 @@ class SubmittedRuns:
         recommendation) to rebuild it; False when ``rec`` is not JSON (nothing remembered:
         the caller counts the plan lost). One given up again after :meth:`revive` keeps its
         line (its date, and the restart it was tried in, are recorded already)."""
-        with self._lock:
+        with self._change():
             if key in self._keys or key in self._given_up or key in self._abandoned:
                 return True
             entry = GivenUp(key, rec, rescan_only, self._wall())
@@ -271,7 +269,7 @@ class SubmittedRuns:
     def replayed(self, key: Key) -> None:
         """Record, on disk before this returns, that a replay of its run tries ``key``'s plan
         given up again."""
-        with self._lock:
+        with self._change():
             entry = self._given_up.get(key)
             if entry is not None:
                 entry.replays += 1
@@ -298,7 +296,7 @@ class SubmittedRuns:
         a daemon that dies while trying does not try it for ever; the rest are forgotten
         (logged, and counted in :attr:`forgotten` by why). Only the first call returns any (a plan this daemon gave up waits for the
         next daemon)."""
-        with self._lock:
+        with self._change():
             now, out, forgot = self._wall(), list[GivenUp](), False
             for key in list(reversed(self._given_up)):
                 if key not in self._revivable:
@@ -324,43 +322,63 @@ class SubmittedRuns:
             self._revivable.clear()
             for entry in out:
                 entry.rounds += 1
-            if forgot and self.path is not None:  # the file anew, without the forgotten ones
-                try:
-                    self._rewrite(self.path)
-                except OSError as exc:
-                    logger.warning("cannot rewrite %s: %s", self.path, exc)
+            if forgot and self._journal is not None:  # the file anew, without the forgotten
+                self._journal.anew = True
             else:
                 for entry in reversed(out):
                     self._append(entry.line(), entry.key)
             return out[::-1]
 
+    @contextmanager
+    def _change(self) -> Iterator[None]:
+        """Change what is remembered under the lock, then write the lines recorded
+        (:meth:`_write`), outside it: on disk before the change's call returns."""
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._write()
+
     def _append(self, line: str, key: Key | None) -> None:
-        """One line at the end of the file (or the file rewritten, at twice the limit or twice
-        what the last rewrite wrote, whichever is more: amortised, a line costs a few), on
-        disk before this returns: flushed, fsync'd, and its directory fsync'd when the file
-        is new."""
-        if self.path is None:
+        """Record one line for the end of the file (called under the lock; written by
+        :meth:`_write`)."""
+        if self._journal is None:
             return
         if self._closed:
             logger.warning("not remembered (the memory is closed): %s", line)
             return
+        self._journal.pending.append((line, key))
+
+    def _write(self) -> None:
+        """Write the lines recorded so far, this thread's among them: on disk when this
+        returns (one writer at a time, never under the lock, see
+        :mod:`~.queueserver_journal`)."""
+        if self._journal is not None:
+            with self._journal.io:
+                self._drain(self._journal)
+
+    def _drain(self, journal: Journal) -> None:
+        """Append the lines recorded, or rewrite the file (:meth:`_rewrite`) when due
+        (holding ``journal.io``). A failed write is logged, and the next rewrites the file
+        with all that is kept."""
+        with self._lock:
+            batch, journal.pending = journal.pending, []
+            if not batch and not journal.anew:
+                return
+            rewrite = journal.due(sum(line.count("\n") + 1 for line, _ in batch))
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._lines + 1 >= 2 * max(self.limit, self._kept):
-                self._rewrite(self.path)
-            else:
-                new = not self.path.exists()
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write("\n" * self._torn + line + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                if new:
-                    fsync_dir(self.path.parent)
-                self._lines += line.count("\n") + 1
-                self._torn = False
+            if rewrite:
+                self._rewrite(journal.path)
+            elif batch:
+                journal.append([line for line, _ in batch])
         except OSError as exc:
-            what = "when a plan last went in" if key is None else f"the plan of {key[0]!r}"
-            logger.warning("cannot remember %s in %s: %s", what, self.path, exc)
+            with self._lock:
+                journal.anew = True
+            what = [
+                "when a plan last went in" if key is None else f"the plan of {key[0]!r}"
+                for _, key in batch
+            ]
+            logger.warning("cannot remember %s in %s: %s", ", ".join(what) or "it", self.path, exc)
 
     def _keep(self, key: tuple[str, str], trim: bool = True) -> None:
         """Hold ``key`` as queued, the newest; past ``limit`` the oldest is forgotten
@@ -393,7 +411,9 @@ class SubmittedRuns:
             logger.warning("cannot read the queued plans remembered in %s: %s", path, got.error)
             return
         self._keys, self._given_up, self._abandoned = got.keys, got.given_up, got.abandoned
-        self._slot, self._lines, self._torn = got.slot, got.lines, got.torn
+        self._slot = got.slot
+        if self._journal is not None:
+            self._journal.lines, self._journal.torn = got.lines, got.torn
         if got.doubt:
             logger.warning(
                 "%d queueserver plans were being sent when the last daemon stopped; whether "
@@ -408,44 +428,19 @@ class SubmittedRuns:
 
     def _rewrite(self, path: Path) -> None:
         """The file anew with what is remembered: the keys, the plans given up and this
-        process's intents (atomically and durably: a crash keeps the old file or the new)."""
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(list(key)) + "\n" for key in self._keys)
-            f.writelines(entry.line() + "\n" for entry in self._given_up.values())
+        process's intents (atomically and durably: a crash keeps the old file or the new).
+        Called holding the journal's ``io``; what is remembered is read under the lock, with
+        the lines recorded so far, which it holds already."""
+        journal = self._journal
+        assert journal is not None and path == journal.path
+        with self._lock:
+            lines = [json.dumps(list(key)) for key in self._keys]
+            lines += [entry.line() for entry in self._given_up.values()]
             # lost replies before intents: a retry in flight after a lost reply stays in doubt
-            f.writelines(json.dumps({"lost_reply": list(key)}) + "\n" for key in self._lost)
-            f.writelines(json.dumps({"sending": list(key)}) + "\n" for key in self._sending)
-            f.writelines(abandoned_lines(*entry) + "\n" for entry in self._abandoned.items())
-            f.write("" if self._slot is None else slot_line(self._slot) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        held: list[Sized] = [self._keys, self._given_up, self._sending, self._lost, self._abandoned]
-        self._lines = sum(map(len, held)) + len(self._abandoned) + (self._slot is not None)
-        self._kept = self._lines
-        self._torn = False
-
-
-def _hold(path: Path) -> int:
-    """An exclusive flock on ``path``'s lock file (:mod:`~xasflow.adapters.file_lock`), for
-    this process's life or until closed (the returned descriptor); :class:`MemoryInUseError`
-    when another holds it."""
-    key = path.resolve()
-    with _OPEN_LOCK:
-        if key in _OPEN:
-            raise MemoryInUseError(
-                f"{path} is already open in this process (one queueserver submitter a file)"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = hold(path.with_name(path.name + ".lock"))
-        except HeldElsewhere as held:
-            raise MemoryInUseError(
-                f"{path} is held by another xasflow daemon (pid {held.pid}): two daemons "
-                "on one store directory would both queue the same plans; give each its own "
-                "storage.directory (the lock goes when that process ends, even killed)"
-            ) from None
-        _OPEN.add(key)
-        return fd
+            lines += [json.dumps({"lost_reply": list(key)}) for key in self._lost]
+            lines += [json.dumps({"sending": list(key)}) for key in self._sending]
+            lines += [abandoned_lines(*entry) for entry in self._abandoned.items()]
+            lines += [] if self._slot is None else [slot_line(self._slot)]
+            journal.pending.clear()
+            journal.anew = False
+        journal.replace(lines)
