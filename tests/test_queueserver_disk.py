@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from feedback_helpers import REC, FakeApi
+from feedback_helpers import REC, FakeApi, HeldApi
 from helpers import wait_for
 from queueserver_helpers import daemon, queued_runs, quick_config
 
@@ -153,3 +153,78 @@ def test_a_line_whose_write_failed_is_on_disk_after_the_next_write(
         memory.add(K2)
     with SubmittedRuns(path) as memory:
         assert memory.keys() == [K1, K2] and memory.slot_age() is not None
+
+
+class _FsyncThreads:
+    """The threads that called ``os.fsync``, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: list[threading.Thread] = []
+        fsync = os.fsync
+
+        def recording(fd: int) -> None:
+            self.threads.append(threading.current_thread())
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording)
+
+
+def test_a_replay_of_a_plan_whose_replays_are_spent_writes_nothing_on_the_processing_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """raw-1's plan was given up and tried again for its ``given_up_replays`` (2) replays:
+    the next replay gives it up for good. Before, the processing thread (this one) wrote and
+    fsync'd its ``abandoned`` line in ``enqueue``; now the worker writes it. It is counted at
+    once (``abandoned_replays``), and a further replay is a repeat, counted nowhere else."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    with SubmittedRuns(path) as memory:
+        memory.give_up(K1, {"regions": REC["regions"]}, False)
+        memory.replayed(K1)
+        memory.replayed(K1)
+    fake = FakeApi()
+    sub = daemon(quick_config(), fake, path)
+    disk = _FsyncThreads(monkeypatch)
+    try:
+        assert not sub.enqueue(REC, "raw-1")
+        assert sub.stats["abandoned_replays"] == 1
+        wait_for(lambda: '"abandoned"' in path.read_text(), what="raw-1 given up for good")
+        assert not sub.enqueue(REC, "raw-1")
+        assert sub.stats["abandoned_replays"] == 1 and sub.stats["skipped_repeat"] == 1
+        assert disk.threads and threading.current_thread() not in disk.threads
+    finally:
+        sub.close()
+    assert fake.items == []
+    with SubmittedRuns(path) as memory:
+        assert K1 in memory and memory.given_up() == []
+
+
+def test_a_plan_enqueued_while_close_runs_is_remembered_off_the_processing_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """raw-1's request is with the server when close begins (the daemon's shutdown, on
+    another thread); the processing thread (this one) then enqueues raw-2's plan. Before,
+    ``enqueue`` wrote and fsync'd raw-2's ``gave_up`` line itself; now it is counted
+    (``dropped_closed``) and close writes it before it lets go of the memory: the next
+    daemon finds it given up."""
+    path = tmp_path / "store" / SUBMITTED_FILE
+    fake = HeldApi()
+    sub = daemon(quick_config(), fake, path)
+    disk = _FsyncThreads(monkeypatch)
+    closer = threading.Thread(target=lambda: sub.close(timeout=10.0))
+    try:
+        assert sub.enqueue(REC, "raw-1")
+        assert fake.sending.wait(10.0), "raw-1's try never reached the server"
+        closer.start()
+        wait_for(lambda: sub._closing, what="close begun")
+        assert not sub.enqueue(REC, "raw-2") and sub.stats["dropped_closed"] == 1
+        on_this_thread = threading.current_thread() in disk.threads
+        fake.release.set()
+        closer.join(20.0)
+        assert not closer.is_alive()
+        assert not on_this_thread, "enqueue wrote to disk on the processing thread"
+    finally:
+        fake.release.set()
+        closer.join(20.0)
+    assert queued_runs(fake) == ["raw-1"] and sub.stats["dropped_closed"] == 1
+    with SubmittedRuns(path) as memory:
+        assert [plan.key for plan in memory.given_up()] == [K2] and K1 in memory

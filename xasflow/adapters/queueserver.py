@@ -90,10 +90,11 @@ operator removed it since, and re-adding a plan an operator removed is worse tha
 one the server never got. This daemon's own retries, seconds after the lost reply, still add
 a plan found in neither. Retries wait beside the queue, never in front of it (a new run's
 plan ready at the same time goes first), and close() does not wait for them: those still
-waiting, the plans still queued when its timeout ends, and those that come while it lasts,
-are dropped (``dropped_closed``) and remembered as given up, so the next daemon tries them
-again like any plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the
-server took meanwhile is found there first).
+waiting, the plans still queued when its timeout ends, and those that come while it lasts
+(written by close, not by the processing thread that brought them), are dropped
+(``dropped_closed``) and remembered as given up, so the next daemon tries them again like
+any plan given up (within ``restart_retries`` and ``given_up_max_age_s``; one the server
+took meanwhile is found there first).
 
 Install with the ``queueserver`` extra (``bluesky-queueserver-api``; the server side needs
 ``bluesky-queueserver`` and Redis).

@@ -231,22 +231,24 @@ class SubmittedRuns:
         with self._lock:
             return key in self._lost_before
 
-    def abandon(self, key: Key, reason: str) -> None:
-        """Give ``key``'s plan up for good (``reason``), on disk before this returns: it is
-        neither revived nor sent for a replay again."""
-        with self._change():
+    def abandon(self, key: Key, reason: str, wait: bool = True) -> None:
+        """Give ``key``'s plan up for good (``reason``), on disk before this returns (not
+        ``wait``: recorded, for the next :meth:`write`): it is neither revived nor sent for a
+        replay again."""
+        with self._change(wait):
             self._forget(key)
             self._abandoned[key] = reason
             while len(self._abandoned) > self.limit:
                 self._abandoned.popitem(last=False)
             self._append(abandoned_lines(key, reason), key)
 
-    def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool) -> bool:
+    def give_up(self, key: Key, rec: dict[str, Any], rescan_only: bool, wait: bool = True) -> bool:
         """Remember that ``key``'s plan was given up, with ``rec`` (a JSON-able
-        recommendation) to rebuild it; False when ``rec`` is not JSON (nothing remembered:
+        recommendation) to rebuild it, on disk before this returns (not ``wait``: recorded,
+        for the next :meth:`write`); False when ``rec`` is not JSON (nothing remembered:
         the caller counts the plan lost). One given up again after :meth:`revive` keeps its
         line (its date, and the restart it was tried in, are recorded already)."""
-        with self._change():
+        with self._change(wait):
             if key in self._keys or key in self._given_up or key in self._abandoned:
                 return True
             entry = GivenUp(key, rec, rescan_only, self._wall())
@@ -330,18 +332,19 @@ class SubmittedRuns:
             return out[::-1]
 
     @contextmanager
-    def _change(self) -> Iterator[None]:
-        """Change what is remembered under the lock, then write the lines recorded
-        (:meth:`_write`), outside it: on disk before the change's call returns."""
+    def _change(self, wait: bool = True) -> Iterator[None]:
+        """Change what is remembered under the lock, then (``wait``) write the lines
+        recorded (:meth:`write`), outside it: on disk before the change's call returns."""
         try:
             with self._lock:
                 yield
         finally:
-            self._write()
+            if wait:
+                self.write()
 
     def _append(self, line: str, key: Key | None) -> None:
         """Record one line for the end of the file (called under the lock; written by
-        :meth:`_write`)."""
+        :meth:`write`)."""
         if self._journal is None:
             return
         if self._closed:
@@ -349,10 +352,10 @@ class SubmittedRuns:
             return
         self._journal.pending.append((line, key))
 
-    def _write(self) -> None:
+    def write(self) -> None:
         """Write the lines recorded so far, this thread's among them: on disk when this
         returns (one writer at a time, never under the lock, see
-        :mod:`~.queueserver_journal`)."""
+        :mod:`~.queueserver_journal`); :meth:`close` writes those left."""
         if self._journal is not None:
             with self._journal.io:
                 self._drain(self._journal)

@@ -105,14 +105,16 @@ class Background:
     ) -> bool:
         """Submit in the background (rate-limited; a failed try is tried again, see the
         module); False when disabled, certain, already queued for this raw run, once close
-        has begun (``dropped_closed``: remembered as given up, like the plans close drops),
-        limited (a new plan went in within ``min_interval_s``: one behind retries waits its
-        turn), not JSON (``abandoned_not_json``, logged: what the plan carries is no JSON
+        has begun (``dropped_closed``: remembered as given up, like the plans close drops,
+        written by close), limited (a new plan went in within ``min_interval_s``: one behind
+        retries waits its turn), its replays spent (``abandoned_replays``: written by the
+        worker), not JSON (``abandoned_not_json``, logged: what the plan carries is no JSON
         once numpy values are plain) or full (``gave_up_queue_full``: remembered as given
-        up too, for a replay of its run or the next daemon to try again; by the worker,
-        since this runs on the daemon's processing thread, which never waits on disk: held
-        as queued until then, counted once remembered). A plan accepted while another one's
-        try is under way is rate-limited when its turn comes if that one went in."""
+        up too, for a replay of its run or the next daemon to try again, by the worker: held
+        as queued until then, counted once remembered). This runs on the daemon's
+        processing thread, which never waits on disk: it writes nothing itself. A plan
+        accepted while another one's try is under way is rate-limited when its turn comes
+        if that one went in."""
         if not self.enabled:
             self.stats["skipped_disabled"] += 1
             return False
@@ -134,12 +136,16 @@ class Background:
             return False
         job = (rec, raw_uid, rescan_only)
         if self._closing:  # remembered like the plans close drops: the next daemon tries it
-            self._give_up(job, "dropped_closed")
+            self._give_up(job, "dropped_closed", wait=False)  # written by close
             return False
         if self._rate.limited() and not backlog(self._retry, self._rate):
             self.stats["skipped_rate"] += 1
             return False
-        if key is not None and self._spent(key):  # a replay counts at its first try
+        if key is not None and self._spent(key, wait=False):  # a replay counts at its first try
+            with self._lock:  # its line is the worker's to write (close's, once it has begun)
+                if not self._closing:
+                    self._start_worker()
+                    wake(self._queue)
             return False
         with self._lock:  # close sets _closing under it: a plan offered here is close's to drain
             closing = self._closing
@@ -154,7 +160,7 @@ class Background:
             self.stats["skipped_repeat"] += 1
             return False
         if closing:  # close began since the look above
-            self._give_up(job, "dropped_closed")
+            self._give_up(job, "dropped_closed", wait=False)
             return False
         if full:  # remembered there, as a plan close drops, then counted
             wake(self._queue)
@@ -345,7 +351,7 @@ class Background:
                 exc,
             )
 
-    def _give_up(self, job: Job, counter: str = "gave_up") -> None:
+    def _give_up(self, job: Job, counter: str = "gave_up", wait: bool = True) -> None:
         """Count a submission given up (``dropped_closed``: by close; ``gave_up_queue_full``,
         ``gave_up_waiting_full``: no place to wait) and remember its run's plan, with what
         rebuilds it: a restarted daemon may try it again (retry_given_up), and so may a
@@ -354,13 +360,15 @@ class Background:
         (:meth:`_try_deferred`: never sooner than the retry backoff's next step). Called on
         the worker (a plan enqueue refused at a full queue too, :meth:`_hand_over`), by
         ``submit`` and by close. Counted once remembered (on disk): a daemon that dies
-        between the two has reported nothing it did not keep."""
+        between the two has reported nothing it did not keep; but not ``wait`` (a plan
+        enqueue drops once close has begun: the daemon's processing thread never waits on
+        disk), counted once recorded, for close to write before it lets go of the memory."""
         rec, raw_uid, rescan_only = job
         if raw_uid:
             key = submission_key(raw_uid, rec, rescan_only)
             with self._lock:
                 self._queued.pop(key, None)
-            if not self._memory.give_up(key, plan_fields(rec), rescan_only):
+            if not self._memory.give_up(key, plan_fields(rec), rescan_only, wait=wait):
                 self._not_json(raw_uid, "it cannot be remembered as given up (not JSON)")
                 return
             cfg = self.config
@@ -377,8 +385,9 @@ class Background:
 
     def _hand_over(self) -> None:
         """Give up the plans :meth:`enqueue` refused at a full queue (on the worker, which
-        calls this at each look; close, for those it did not reach): their lines are
-        fsync'd here, never on the daemon's processing thread."""
+        calls this at each look; close, for those it did not reach), and write the lines it
+        recorded without waiting (plans given up for good): fsync'd here, never on the
+        daemon's processing thread."""
         while (handed := self._give_ups.take()) is not None:
             try:
                 self._give_up(*handed)
@@ -386,6 +395,7 @@ class Background:
                 logger.exception("giving up the queueserver plan of run %r failed", handed[0][1])
             finally:
                 self._give_ups.done()
+        self._memory.write()
 
     def _look(self) -> float | None:
         """:meth:`_try_deferred`, which runs in the worker's wait for its next job: an error
@@ -446,13 +456,14 @@ class Background:
             logger.info("trying again %d queueserver plans given up in this daemon", tried)
         return self._deferred.due_in()
 
-    def _spent(self, key: tuple[str, str]) -> bool:
+    def _spent(self, key: tuple[str, str], wait: bool = True) -> bool:
         """Whether this run's plan, given up, was tried again for ``given_up_replays``
-        replays of its run already: then it is given up for good (``abandoned_replays``)."""
+        replays of its run already: then it is given up for good (``abandoned_replays``;
+        not ``wait``: recorded, for the worker to write)."""
         replays = self._memory.replays(key)
         if replays is None or replays < self.config.given_up_replays:
             return False
-        self._abandon(key, "replays")
+        self._abandon(key, "replays", wait)
         return True
 
     def _replay(self, key: tuple[str, str]) -> bool:
@@ -463,13 +474,14 @@ class Background:
         self._memory.replayed(key)  # nothing when the plan is not given up
         return True
 
-    def _abandon(self, key: tuple[str, str], reason: str) -> None:
-        """Give ``key``'s plan up for good (``abandoned_<reason>``, logged, remembered): it is
-        neither revived nor sent for a replay of its run again."""
+    def _abandon(self, key: tuple[str, str], reason: str, wait: bool = True) -> None:
+        """Give ``key``'s plan up for good (``abandoned_<reason>``, logged, remembered: on
+        disk when this returns if ``wait``): it is neither revived nor sent for a replay of
+        its run again."""
         self.stats[f"abandoned_{reason}"] += 1
         why = _WHY[reason]
         logger.error("the queueserver plan %r of run %r is given up for good: %s", *key[::-1], why)
-        self._memory.abandon(key, reason)
+        self._memory.abandon(key, reason, wait)
 
     def join(self, timeout: float = 10.0) -> bool:
         """Wait until every queued submission, and every retry, is done (tests); False on
