@@ -158,3 +158,25 @@ def test_the_plans_deferred_alert_says_give_ups_as_gave_up_counts_them(tmp_path:
         summary = summary.replace(field, value)
     assert summary == "2 queueserver plan give-ups (gave_up) on d2:8620"
     assert "once a round" in rule["annotations"]["description"]
+
+
+def test_a_plan_no_server_takes_fires_its_own_alert() -> None:
+    """A run's plan whose regions no beamline should run is refused before it is sent
+    (``refused_invalid``, exported as ``xasflow_queueserver_plans_total{outcome=
+    "refused_invalid"}``): not retried, not remembered, so that scan is not queued. Before,
+    no alert rule selected that outcome (only ``abandoned_*`` and ``gave_up*``): a bundle
+    whose advice no server takes went unseen. Now ``XasflowQueueserverPlansRefused`` does,
+    and only it."""
+    sub = QueueServerSubmitter(QueueServerConfig())
+    assert sub.stats["refused_invalid"] == 0
+    pattern = r'xasflow_queueserver_plans_total\{[^}]*outcome=~?"([^"]+)"'
+    selecting = [
+        rule["alert"]
+        for rule in alert_rules()
+        for regex in re.findall(pattern, rule["expr"])
+        if any(re.fullmatch(alternative, "refused_invalid") for alternative in regex.split("|"))
+    ]
+    assert selecting == ["XasflowQueueserverPlansRefused"]
+    (rule,) = [r for r in alert_rules() if r["alert"] == "XasflowQueueserverPlansRefused"]
+    assert rule["labels"]["severity"] == "warning"
+    assert "{{ $labels.instance }}" in rule["annotations"]["summary"]

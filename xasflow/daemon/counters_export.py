@@ -194,7 +194,8 @@ class _Collector:
             "queueserver_plans",
             "Queueserver plans by outcome (the submitter's counts; failed, lost_reply and "
             "retried count tries, gave_up* give-ups: a plan tried again counts once a round, "
-            "revived counts rounds): abandoned_* are plans lost",
+            "revived counts rounds): abandoned_* are plans lost, refused_invalid tries of "
+            "plans no server takes (not sent, not remembered)",
             ["outcome"],
             queueserver,
         )
