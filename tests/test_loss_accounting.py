@@ -760,3 +760,79 @@ def test_the_start_wait_defaults_to_the_run_timeout() -> None:
     assert RunAssembler(run_timeout=42.0).start_wait == 42.0
     with pytest.raises(ValueError, match="start_wait"):
         RunAssembler(start_wait=0)
+
+
+class _TwoLeftOpen(_LeftOpen):
+    """A store holding two analysis runs a killed daemon left open (see :class:`_LeftOpen`)."""
+
+    def __init__(self, first: _LeftOpen, second: _LeftOpen) -> None:
+        super().__init__(first.info["raw_uid"], first.info["rows"])
+        self.second = second.info
+
+    def unfinished_runs(self) -> list[dict]:
+        return [self.info, self.second]
+
+
+@pytest.mark.parametrize("backlog", [False, True], ids=["same_turn", "turn_before"])
+def test_a_drop_of_a_resumed_run_is_its_own(tmp_path: Path, backlog: bool) -> None:
+    """Runs R and Q were left open by a killed daemon (nothing stored). R is delivered again
+    from its start, and its event 1 is dropped by the full input queue while its start and
+    descriptor wait there; the processor takes the drop in the turn that feeds R's start,
+    or (``backlog``: the queue holds more than a turn takes) in a turn before it. Before:
+    the drop was handed out while R was still left open, so it went to the interrupted
+    runs: R's stop counted it again as ``seq_gap`` (2 events lost for 1), and Q's stop,
+    whose seq_nums 1-2 are missing, took it as its own input drop (Q's ``interrupted``
+    count 1 for 2). Now R's start takes it back: ``overflow`` once, in R's stop."""
+    r_uid, r_docs = step_run(3, num_events={"primary": 3})
+    q_uid, q_docs = step_run(2, num_events={"primary": 2})
+    r_start, r_desc, r1, r2, r3, r_stop = r_docs
+    q_stop = q_docs[-1]
+    store = _TwoLeftOpen(_LeftOpen(r_uid, rows=0), _LeftOpen(q_uid, rows=0))
+    interrupted = InterruptedRuns(store)
+    assert interrupted.find() == 2
+    d = Daemon0MQ(tmp_path, "drop_newest", interrupted=interrupted)
+    try:
+        d.receive(r_start, r_desc, r1)  # r1 does not fit
+        if backlog:
+            d.proc._turn([], check=False)  # the drops are taken, R's start still queued
+        d.turn()
+        for batch in ((r2, r3), (r_stop,), (q_stop,)):
+            d.receive(*batch)
+            d.turn()
+    finally:
+        d.source.close()
+    assert d.source.stats()["dropped_overflow_events"] == 1
+    r_doc, q_doc = [doc for name, doc in d.docs if name == "stop"]
+    assert (r_doc["raw_missing_events"], r_doc["raw_dropped_events"]) == (1, 1)
+    assert q_doc["interrupted"] is True
+    assert (q_doc["raw_missing_events"], q_doc["raw_dropped_events"]) == (2, 0)
+    by_cause, total, metrics = d.lost()
+    assert by_cause == {"overflow": 1, "interrupted": 2} and total == 3
+    assert 'xasflow_events_lost_total{cause="seq_gap"} 0.0' in metrics
+
+
+def test_a_drop_queued_for_one_interrupted_run_stays_off_anothers_stop(tmp_path: Path) -> None:
+    """Runs R and Q were left open by a killed daemon (nothing stored). R's descriptor is
+    queued here (refused: R never started here) and its event 2 dropped by the full input
+    queue. Before: Q's stop, which comes first and counts its seq_nums 1-2 missing, took
+    the row as its own input drop (``raw_dropped_events`` 1, R's 0): the input had tied
+    the row to R, and that was thrown away. Now Q takes only its own rows and those of no
+    known run, and R's stop says the drop."""
+    r_uid, r_docs = step_run(3, num_events={"primary": 3})
+    q_uid, q_docs = step_run(2, num_events={"primary": 2})
+    _start, r_desc, r1, r2, r3, r_stop = r_docs
+    store = _TwoLeftOpen(_LeftOpen(r_uid, rows=0), _LeftOpen(q_uid, rows=0))
+    interrupted = InterruptedRuns(store)
+    assert interrupted.find() == 2
+    d = Daemon0MQ(tmp_path, "drop_newest", interrupted=interrupted)
+    try:
+        for batch in ((r_desc, r1, r2), (q_docs[-1],), (r3, r_stop)):  # r2 does not fit
+            d.receive(*batch)
+            d.turn()
+    finally:
+        d.source.close()
+    q_doc, r_doc = [doc for name, doc in d.docs if name == "stop"]
+    assert (q_doc["raw_missing_events"], q_doc["raw_dropped_events"]) == (2, 0)
+    assert (r_doc["raw_missing_events"], r_doc["raw_dropped_events"]) == (3, 1)
+    by_cause, total, _ = d.lost()
+    assert by_cause == {"overflow": 1, "interrupted": 4} and total == 5

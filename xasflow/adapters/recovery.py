@@ -14,15 +14,19 @@ returned for publication under the analysis run's original start uid.
 The raw run's events that reach this daemon have a descriptor it never saw (or one it
 queued and the assembler refused, the run never started here: a descriptor that came after
 the restart; the processor gives this daemon's rows of such a run here, not to the
-assembler). Those its input queue dropped are lost as ``overflow`` already, so the stop's ``raw_dropped_events`` says how
-many of ``raw_missing_events`` they are, and the ``interrupted`` count leaves them out (as
-``seq_gap`` does for a run the daemon follows). The input cannot tell which run such a row
-belongs to, nor its stream (an event names its descriptor only): :meth:`InterruptedRuns.dropped`
-keeps them, and a run's stop takes those whose seq_num it counts missing (above the last
-stored, up to its ``num_events``), at most that many. So a row of another stream in that
-range (a baseline reading), or of another run left open, can be taken instead of one of the
-run's own: the stop's ``raw_dropped_events`` is then off by it, and the ``interrupted`` count
-too unless another run's stop takes the row it left.
+assembler). Those its input queue dropped are lost as ``overflow`` already, so the stop's
+``raw_dropped_events`` says how many of ``raw_missing_events`` they are, and the
+``interrupted`` count leaves them out (as ``seq_gap`` does for a run the daemon follows).
+:meth:`InterruptedRuns.dropped` keeps them, and a run's stop takes those whose seq_num it
+counts missing (above the last stored, up to its ``num_events``), at most that many, of its
+own rows (their descriptor queued for it here) and of those whose run the input cannot tell
+(a descriptor never queued here; an event names its descriptor only). So a row of another
+stream in that range (a baseline reading), or an unqueued one of another run left open, can
+be taken instead of one of the run's own: the stop's ``raw_dropped_events`` is then off by
+it, and the ``interrupted`` count too unless another run's stop takes the row it left. A run
+delivered again from its start (:meth:`InterruptedRuns.resume`) gives its own rows back
+(:meth:`InterruptedRuns.take_rows`): the processor hands them to the assembler, which now
+follows the run.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ class InterruptedRuns:
         self.timeout_s = float(timeout_s)
         self._open: dict[str, dict[str, Any]] = {}  # raw uid -> store's info on the run
         self._closed: list[dict[str, Any]] = []
-        self._dropped: list[int] = []  # seq_nums of unseen rows the input dropped
+        #: rows the input dropped: (run uid their descriptor was queued for or None,
+        #: descriptor uid, seq_num)
+        self._dropped: list[tuple[str | None, Any, int]] = []
         self._lock = threading.Lock()
         self._found_at = time.monotonic()
 
@@ -86,26 +92,43 @@ class InterruptedRuns:
             )
         return info is not None
 
-    def dropped(self, rows: list[tuple[Any, list[Any]]]) -> None:
-        """Event rows the input dropped whose descriptor it never queued
-        (``ZmqDocumentSource.unseen_drops``), kept while a run is open (see the module
-        docstring); at most ``MAX_RECORDS``."""
+    def dropped(self, rows: list[tuple[Any, list[Any], str | None]]) -> None:
+        """Event rows the input dropped, ``(descriptor uid, seq_nums, the run it was queued
+        for, or None: never queued here)``, of runs left open or unknown, kept while a run is
+        open (see the module docstring); at most ``MAX_RECORDS``."""
         if not self._open:
             self._dropped.clear()
             return
-        seqs = [int64_or_none(seq) for _, row in rows for seq in row]
-        self._dropped.extend(s for s in seqs if s is not None)
+        for desc, row, run in rows:
+            owner = run if isinstance(run, str) else None
+            seqs = (int64_or_none(seq) for seq in row)
+            self._dropped.extend((owner, desc, s) for s in seqs if s is not None)
         del self._dropped[MAX_RECORDS:]
 
-    def _take_dropped(self, after: int, upto: int, most: int) -> int:
-        """Forget up to ``most`` dropped rows with ``after < seq_num <= upto``; how many."""
-        kept: list[int] = []
+    def take_rows(self, raw_uid: str) -> list[tuple[Any, list[int]]]:
+        """Forget the rows kept as ``raw_uid``'s, ``[(descriptor uid, seq_nums)]``: a run
+        delivered again is followed by the assembler, which counts its drops from now on."""
+        rows: dict[Any, list[int]] = {}
+        kept = []
+        for row in self._dropped:
+            if row[0] == raw_uid:
+                rows.setdefault(row[1], []).append(row[2])
+            else:
+                kept.append(row)
+        self._dropped = kept
+        return list(rows.items())
+
+    def _take_dropped(self, raw_uid: str, after: int, upto: int, most: int) -> int:
+        """Forget up to ``most`` rows of ``raw_uid`` or of no known run with ``after <
+        seq_num <= upto``; how many."""
+        kept: list[tuple[str | None, Any, int]] = []
         taken = 0
-        for seq in self._dropped:
-            if taken < most and after < seq <= upto:
+        for row in self._dropped:
+            run, _, seq = row
+            if taken < most and run in (None, raw_uid) and after < seq <= upto:
                 taken += 1
             else:
-                kept.append(seq)
+                kept.append(row)
         self._dropped = kept
         return taken
 
@@ -141,7 +164,8 @@ class InterruptedRuns:
                 raw_total = missing = None
                 logger.warning("raw run %s: %s", raw_uid, refusal)
         if raw_total is not None and missing is not None:
-            dropped = self._take_dropped(int(info.get("max_seq", 0)), raw_total, missing)
+            dropped = self._take_dropped(raw_uid, int(info.get("max_seq", 0)), raw_total, missing)
+        self.take_rows(raw_uid)  # the rest of its own: no other run may take them
         seen = "unknown" if raw_total is None else str(raw_total)
         reason = (
             f"interrupted: the daemon restarted during this run; {info['spectra']} of {seen} "

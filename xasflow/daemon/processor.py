@@ -37,7 +37,8 @@ input's overflow policy dropped (``input_dropped()``) go to the assembler at the
 turn, so each is lost once (``overflow``), not again as a gap in its run (``seq_gap``); those
 of descriptors the input never queued (``input_unseen()``), or queued for a run a killed
 predecessor left open (its descriptor came after the restart), to the interrupted runs, not
-to be counted again as ``interrupted``.
+to be counted again as ``interrupted``. When such a run's start comes again (it resumes),
+the interrupted runs give its rows back and the assembler holds them for it.
 
 With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
 batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
@@ -214,17 +215,18 @@ class Processor:
         runs: a drop is recorded before any later document is queued, so every drop of a
         run's events is known once its stop (or timeout) is taken from the queue. Rows of a
         run a killed predecessor left open go to :attr:`interrupted` instead, whether this
-        input queued their descriptor or not: that run never opens in the assembler."""
-        theirs: list[tuple[Any, list[Any]]] = []  # rows of runs a killed predecessor followed
+        input queued their descriptor or not: that run never opens in the assembler, unless
+        its start comes again (then :meth:`_feed` hands them back to the assembler)."""
+        theirs: list[tuple[Any, list[Any], str | None]] = []  # a killed predecessor's runs'
         if self.input_dropped is not None:
             interrupted = self.interrupted
             for descriptor, seqs, run_start in self.input_dropped():
                 if interrupted and interrupted.owns(run_start):  # a descriptor queued here
-                    theirs.append((descriptor, seqs))  # of such a run: it never opens here
+                    theirs.append((descriptor, seqs, run_start))  # of such a run (see _feed)
                 else:
                     self.assembler.dropped(descriptor, seqs, run_start)
         if self.input_unseen is not None:  # and those of descriptors never queued here
-            theirs.extend(self.input_unseen())
+            theirs.extend((descriptor, seqs, None) for descriptor, seqs in self.input_unseen())
         if self.interrupted is not None:
             self.interrupted.dropped(theirs)
 
@@ -275,8 +277,9 @@ class Processor:
             return []  # a warm-up probe run: remembered for /health, never analysed
         is_doc = isinstance(doc, dict)
         uid = doc.get("uid") if name == "start" and is_doc else None
-        if isinstance(uid, str) and self.interrupted:
-            self.interrupted.resume(uid)  # redelivered from its start
+        if isinstance(uid, str) and self.interrupted and self.interrupted.resume(uid):
+            for descriptor, seqs in self.interrupted.take_rows(uid):  # redelivered from its
+                self.assembler.dropped(descriptor, seqs, uid)  # start: its drops are its own
         run_start = doc.get("run_start") if name == "stop" and is_doc else None
         if isinstance(run_start, str) and self.interrupted and self.interrupted.owns(run_start):
             self._close_interrupted(run_start, raw_stop=doc)
