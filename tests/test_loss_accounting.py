@@ -836,3 +836,41 @@ def test_a_drop_queued_for_one_interrupted_run_stays_off_anothers_stop(tmp_path:
     assert (r_doc["raw_missing_events"], r_doc["raw_dropped_events"]) == (3, 1)
     by_cause, total, _ = d.lost()
     assert by_cause == {"overflow": 1, "interrupted": 4} and total == 5
+
+
+def test_a_flood_of_drops_held_for_a_run_not_open_is_capped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Run F's start was lost upstream (its descriptor refused as ``unknown_run``) and the
+    full input queue drops its events by the page: 1.5 million rows in one ``start_wait``.
+    Before: the assembler held every row for F until ``start_wait`` was up (no row cap:
+    memory grew with the flood). Now it holds 1,000,000 rows in all at most (about one step
+    run's ``MAX_STEP_POINTS`` in memory); past that it forgets the largest record of a run
+    not open here, counted in ``drop_records_forgotten`` and logged. Runs S (open, its
+    descriptor still queued) and T (its start still queued) keep their one row each, and
+    close with it counted once."""
+    s_uid, s_docs = step_run(3, num_events={"primary": 3})
+    t_uid, t_docs = step_run(3, num_events={"primary": 3})
+    f_uid, f_docs = step_run(1)
+    asm = RunAssembler()
+    (refused,) = asm.feed(*f_docs[1])  # F's descriptor, its start never seen
+    assert isinstance(refused, Rejected) and refused.reason == "unknown_run"
+    feed(asm, s_docs[:1])
+    asm.dropped(s_docs[1][1]["uid"], [1], s_uid)
+    asm.dropped(t_docs[1][1]["uid"], [1], t_uid)
+    page = list(range(1, 10_001))
+    with caplog.at_level(logging.WARNING, logger="xasflow.daemon.assembly"):
+        for _ in range(150):
+            asm.dropped(f_docs[1][1]["uid"], page, f_uid)
+    assert asm.drops_held <= 1_000_000
+    assert (asm.drops_held, asm.early_drops_forgotten) == (500_002, 1_000_000)
+    (log,) = [r.getMessage() for r in caplog.records if "1000000 rows held" in r.getMessage()]
+    assert "forgot 1000000 input-queue drop(s)" in log and f_uid in log
+    t_start, t_desc, _, t2, t3, t_stop = t_docs
+    _, s_desc, _, s2, s3, s_stop = s_docs  # event 1 of each was dropped
+    out = feed(asm, [t_start, t_desc, s_desc, t2, s2, t3, s3, t_stop, s_stop])
+    closed = [
+        (o.raw_uid, o.missing_events, o.dropped_events) for o in out if isinstance(o, RunClosed)
+    ]
+    assert closed == [(t_uid, 1, 1), (s_uid, 1, 1)]
+    assert asm.drops_held == 500_000  # F's, until start_wait gives them up

@@ -53,13 +53,13 @@ every point has.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard, cast
 
 from xasflow.adapters.routing import make_run_router, page_of
+from xasflow.daemon.assembly_drops import _Held
 from xasflow.daemon.assembly_run import _Run
 from xasflow.daemon.assembly_stream import _Bad
 from xasflow.daemon.channels import ChannelMap
@@ -109,8 +109,6 @@ _PASSIVE = frozenset(
 )
 _MEMORY = 10_000  # closed run / descriptor uids remembered, to tell late documents apart
 
-logger = logging.getLogger(__name__)
-
 
 def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value)
@@ -145,21 +143,22 @@ class RunAssembler:
         self._descriptors: dict[str, _Run] = {}
         self._closed_runs: OrderedDict[str, str] = OrderedDict()
         self._closed_descriptors: OrderedDict[str, str] = OrderedDict()
-        #: input-queue drops of descriptors not fed yet (still queued): descriptor uid ->
-        #: (the run it was queued for, seq_nums, when first held); see :meth:`dropped`
-        self._early_drops: OrderedDict[str, tuple[str, list[Any], float]] = OrderedDict()
-        self._early_runs: dict[str, set[str]] = {}  # run uid -> its descriptors held there
-        #: Rows of such drops forgotten for want of room, or given up when their run's start
-        #: did not come within ``start_wait`` (see :meth:`dropped`); exported as
-        #: ``xasflow_drop_records_forgotten_total`` (a loss's cause forgotten, not a loss).
-        self.early_drops_forgotten = 0
+        #: input-queue drops of descriptors not fed yet (still queued); see :meth:`dropped`
+        self._early = _Held(_MEMORY)
         self._router = make_run_router([self._factory])
+
+    @property
+    def early_drops_forgotten(self) -> int:
+        """Rows of input-queue drops held here that were forgotten for want of room, or given
+        up when their run's start did not come within ``start_wait`` (see :meth:`dropped`);
+        exported as ``xasflow_drop_records_forgotten_total`` (a loss's cause, not a loss)."""
+        return self._early.forgotten
 
     @property
     def drops_held(self) -> int:
         """Event rows of input-queue drops held for descriptors not fed yet (see
         :meth:`dropped`)."""
-        return sum(len(seqs) for _, seqs, _ in self._early_drops.values())
+        return self._early.rows
 
     @property
     def open_runs(self) -> int:
@@ -208,55 +207,19 @@ class RunAssembler:
         (never did, or evicted it), so it never comes and nothing is held. A run open here
         keeps its own until it closes; those of a run not open here (its start still
         queued, or lost: its descriptor then refused as ``unknown_run``) are given up by
-        :meth:`check_timeouts` once held ``start_wait`` without its start opening the run,
-        and past ``_MEMORY`` descriptors held the oldest go at once. Either way their rows
-        are counted in ``early_drops_forgotten`` (/metrics) and logged: they are lost as
-        ``overflow`` already, and only if their run still comes do they count as
-        ``seq_gap`` too."""
+        :meth:`check_timeouts` once held ``start_wait`` without its start opening the run;
+        past ``_MEMORY`` descriptors held the oldest of them goes at once, and past
+        :data:`~xasflow.daemon.assembly_drops.ROWS_HELD` rows held (a flood of one run's
+        drops) the largest. Either way their rows are counted in ``early_drops_forgotten``
+        (/metrics) and logged: they are lost as ``overflow`` already, and only if their run
+        still comes do they count as ``seq_gap`` too."""
         if not _is_str(descriptor) or descriptor in self._closed_descriptors:
             return
         run = self._descriptors.get(descriptor)
         if run is not None:
             run.dropped(descriptor, seqs)
         elif _is_str(run_start) and run_start not in self._closed_runs:
-            held = self._early_drops.get(descriptor)
-            if held is not None:
-                held[1].extend(seqs)
-                return
-            self._early_drops[descriptor] = (run_start, list(seqs), self.clock())
-            self._early_runs.setdefault(run_start, set()).add(descriptor)
-            if len(self._early_drops) > _MEMORY:
-                self._forget_early_drop()
-
-    def _forget_early_drop(self) -> None:
-        """Forget the oldest held drop of a run not open here (none if all runs are open)."""
-        desc = next((d for d, (r, *_) in self._early_drops.items() if r not in self._runs), None)
-        if desc is None:
-            return
-        run_uid = self._early_drops[desc][0]
-        seqs = self._early_drop(desc) or []
-        self.early_drops_forgotten += len(seqs)
-        logger.warning(
-            "forgot %d input-queue drop(s) of descriptor %s (run %s, not open here): over %d "
-            "descriptors held; if it still comes they count as seq_gap too",
-            len(seqs),
-            desc,
-            run_uid,
-            _MEMORY,
-        )
-
-    def _early_drop(self, descriptor: str) -> list[Any] | None:
-        """Take the drops held for a descriptor not fed until now (None if none)."""
-        held = self._early_drops.pop(descriptor, None)
-        if held is None:
-            return None
-        run_uid, seqs, _ = held
-        descs = self._early_runs.get(run_uid)
-        if descs is not None:
-            descs.discard(descriptor)
-            if not descs:
-                del self._early_runs[run_uid]
-        return seqs
+            self._early.add(descriptor, run_start, seqs, self.clock(), self.is_open)
 
     def check_timeouts(self, now: float | None = None) -> list[Output]:
         """Close runs with no document for longer than ``run_timeout`` (exit_status "timeout")."""
@@ -267,33 +230,9 @@ class RunAssembler:
             idle = self._now - run.last_seen
             if idle > self.run_timeout:
                 run.abandon("timeout", f"no document for {idle:.1f} s")
-        self._give_up_early_drops()
+        self._early.give_up(self._now, self.start_wait, self.is_open)
         self._out = []
         return out
-
-    def _give_up_early_drops(self) -> None:
-        """Forget the drops held ``start_wait`` for runs not open here: their start never
-        came (lost upstream, or dropped by the input), so nothing would ever take them."""
-        due = []
-        for desc, (run_uid, _, since) in self._early_drops.items():  # oldest first
-            if self._now - since <= self.start_wait:
-                break
-            if run_uid not in self._runs:
-                due.append((desc, run_uid))
-        rows = 0
-        for desc, _ in due:
-            rows += len(self._early_drop(desc) or [])
-        if not due:
-            return
-        self.early_drops_forgotten += rows
-        logger.warning(
-            "gave up %d input-queue drop(s) of %d descriptor(s) whose run's start did not "
-            "come within %.0f s (runs %s); if it still comes they count as seq_gap too",
-            rows,
-            len(due),
-            self.start_wait,
-            ", ".join(sorted({r for _, r in due})[:5]),
-        )
 
     def abandon(self, raw_uid: str, reason: str, *, replayable: bool = False) -> list[Output]:
         """Close one open run without its stop (exit_status "abort"); nothing if not open.
@@ -363,7 +302,7 @@ class RunAssembler:
 
     def _descriptor(self, doc: Mapping) -> None:
         uid, run_uid = doc.get("uid"), doc.get("run_start")
-        early = self._early_drop(uid) if _is_str(uid) else None  # refused: let go too
+        early = self._early.take(uid) if _is_str(uid) else None  # refused: let go too
         if not _is_str(uid) or not _is_str(run_uid):
             raise _Bad("malformed_document", "descriptor needs string uid and run_start")
         run = self._run_for(run_uid, "descriptor")
@@ -433,8 +372,7 @@ class RunAssembler:
         """Drop a closed run here and in the RunRouter; remember its uids for late documents."""
         self._runs.pop(run.uid, None)
         self._remember(self._closed_runs, run.uid, status)
-        for desc in list(self._early_runs.get(run.uid, ())):  # never fed: it would be late
-            self._early_drop(desc)
+        self._early.take_run(run.uid)  # never fed: it would be late
         for desc in (*run.streams, *run.ignored):
             self._descriptors.pop(desc, None)
             self._remember(self._closed_descriptors, desc, run.uid)

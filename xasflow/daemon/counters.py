@@ -55,10 +55,10 @@ input queue dropped), ``overflow`` (event rows dropped by a full input queue), `
 one it held for a full queue, and those still in its socket then that found no room; a Kafka
 input's are not lost: uncommitted, they are delivered again).
 ``drop_records_forgotten`` counts no lost event: rows of ``overflow`` drops whose record the
-assembler forgot past its bound or gave up when their run's start did not come within
-``analysis.run_timeout_s`` (``RunAssembler.early_drops_forgotten``, drops of runs not open
-there); if their run still comes, their holes count as ``seq_gap`` as well, so it bounds
-how far ``seq_gap`` may count ``overflow`` losses twice.
+assembler forgot past its bounds (descriptors, rows held) or gave up when their run's start
+did not come within ``analysis.run_timeout_s`` (``RunAssembler.early_drops_forgotten``,
+drops of runs not open there); if their run still comes, their holes count as ``seq_gap``
+as well, so it bounds how far ``seq_gap`` may count ``overflow`` losses twice.
 ``superseded_advice`` counts no lost result either: throttled advice (``recommend.interval_s``)
 that a newer advice of the same run, due in the same batch, replaced before either was
 computed (:mod:`xasflow.daemon.advice`).
