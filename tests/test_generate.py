@@ -330,6 +330,76 @@ def test_resume_under_other_code_versions_is_refused(tmp_path, client, monkeypat
     assert again.computed == 2 and again.skipped_complete == 1
 
 
+@pytest.mark.parametrize(
+    "wording",
+    [
+        "the shared Cu set's cards (Lightshow defaults): SCF 7 Å, FMS 9 Å, 10 Å",  # the old text
+        "an earlier wording of this preset",
+    ],
+)
+def test_a_tree_resumes_across_a_reworded_preset_description(tmp_path, client, wording):
+    """A preset's description is words about its physics, not physics: a tree written under
+    another wording of it (the ``converged`` preset's until its text was made true) resumes,
+    and its record takes the current wording. Before: the description was compared with
+    the rest of the parameters, so the tree was refused ("generated ... with preset
+    'converged'; use another --out") though every card would be the same. A parameter that
+    changes the cards is still refused."""
+    root = tmp_path / "in"
+    root.mkdir()
+    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
+    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    out = tmp_path / "tree"
+    kw = {"runner": fake_runner, "progress": False, "client": client}
+    assert generate(root, "Cu", out, "converged", limit=1, **kw).computed == 1
+    path = out / "generation.json"
+    record = json.loads(path.read_text())
+    record["preset"]["params"]["description"] = wording
+    path.write_text(json.dumps(record))
+    again = generate(root, "Cu", out, "converged", **kw)
+    assert (again.skipped_complete, again.computed) == (1, 2)
+    assert generation_record(out)["preset"]["params"] == PRESETS["converged"].to_dict()
+    record = json.loads(path.read_text())
+    record["preset"]["params"]["fms_radius"] = 8.0  # other physics under the same name
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="preset 'converged'"):
+        generate(root, "Cu", out, "converged", **kw)
+
+
+def _cards(text: str) -> dict[str, str]:
+    """A ``feff.inp``'s one-line cards, numbers as floats (pymatgen writes 7 or 7.0)."""
+
+    def norm(word: str) -> str:
+        try:
+            return f"{float(word):g}"
+        except ValueError:
+            return word
+
+    cards = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0].isupper() and words[0] != "TITLE":
+            cards[words[0]] = " ".join(norm(w) for w in words[1:])
+    return cards
+
+
+def test_the_converged_preset_has_the_cu_sets_scf_and_fms_cards_but_not_its_xanes():
+    """What the ``converged`` preset's description and the module docstring say of the
+    shared Cu set (its ``feff.inp`` files, written by Lightshow): the same SCF, FMS, core
+    hole, exchange and S02 cards, but ``XANES 6`` (theirs ``XANES 4``)."""
+    from xasflow.paths import cu_feff_archive
+
+    archive = cu_feff_archive()
+    if not archive.is_file():
+        pytest.skip(f"no shared Cu FEFF set at {archive}")
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar if m.name.endswith("/feff.inp"))
+        theirs = _cards(tar.extractfile(member).read().decode())
+    ours = _cards(feff_input(cu2o_cuprite(), 0, PRESETS["converged"]))
+    for card in ("SCF", "FMS", "COREHOLE", "EXCHANGE", "S02", "EGRID", "RPATH", "CONTROL"):
+        assert ours[card] == theirs[card], card
+    assert (ours["XANES"], theirs["XANES"]) == ("6 0.04 0.1", "4 0.04 0.1")
+
+
 def test_generated_tree_builds_a_dataset_with_the_same_multiplicities(tmp_path, monkeypatch):
     from xasflow.training.dataset import build_feff_dataset
 

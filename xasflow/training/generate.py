@@ -256,14 +256,19 @@ def _load_record(
 
     The record names one preset and one set of code versions for every site of the tree, so
     a resume under other versions (a newer pymatgen writes other cards, a newer FEFF other
-    spectra) is refused rather than recorded as if the earlier sites came from it too.
+    spectra) is refused rather than recorded as if the earlier sites came from it too. The
+    preset's description is not compared (a tree written before it was reworded resumes,
+    and the record takes the current words); every other parameter is.
     """
     path = out / GENERATION_FILE
     if not path.exists():
         return {"materials": {}}
     record = json.loads(path.read_text(encoding="utf-8"))
-    theirs = (record.get("element"), record.get("edge"), record.get("preset", {}).get("params"))
-    if theirs != (element, edge, preset.to_dict()):
+    params = record.get("preset", {}).get("params")
+    if isinstance(params, dict):  # its description may be worded otherwise: not compared
+        params = {k: v for k, v in params.items() if k != "description"}
+    theirs = (record.get("element"), record.get("edge"), params)
+    if theirs != (element, edge, preset.settings()):
         raise ValueError(
             f"{out} was generated for {theirs[0]} {theirs[1]} with preset "
             f"{record.get('preset', {}).get('name')!r}; use another --out to change settings"
@@ -435,7 +440,7 @@ def task_key(task: SiteTask, preset: FeffPreset, out: Path, code: dict[str, str]
     """
     what = {
         "task": asdict(task),
-        "preset": preset.to_dict(),
+        "preset": preset.settings(),
         "code": code,
         "out": str(out.resolve()),
     }
