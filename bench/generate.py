@@ -12,7 +12,11 @@
 * ``estimate``: a full element (``--estimate-sites``) on clusters of N cores.
 
 The work directory keeps the trees: a re-run reuses finished sites (their recorded seconds,
-marked ``reused``). Timings on a shared machine carry its load average, recorded here.
+marked ``reused``). A tree ``generate`` would refuse to resume (made with other code versions
+or preset parameters, e.g. before an upgrade) is kept, and the preset runs in a tree beside
+it keyed by this code and preset; ``trees`` says for each preset which tree ran and how
+(``new``, ``resumed``, ``keyed`` with the refusal, ``fresh``). Timings on a shared machine
+carry its load average, recorded here.
 
     .venv/bin/python bench/generate.py --json bench/results/generate.json
 """
@@ -20,6 +24,7 @@ marked ``reused``). Timings on a shared machine carry its load average, recorded
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -37,7 +42,7 @@ from xasflow.spectra import prepare
 from xasflow.training.cluster import dask_client
 from xasflow.training.feff_inputs import PRESETS
 from xasflow.training.fit import TrainConfig
-from xasflow.training.generate import GENERATION_FILE, generate
+from xasflow.training.generate import GENERATION_FILE, code_versions, generate, resume_refusal
 
 NIO_A = 4.177  # Å, rock-salt NiO at room temperature
 
@@ -69,6 +74,31 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 1) if values else None
 
 
+def preset_tree(work: Path, name: str) -> tuple[Path, dict[str, str]]:
+    """The tree preset ``name``'s NiO site is generated into, and how it was chosen.
+
+    ``work/presets/NAME`` unless ``generate`` would refuse to resume it: then
+    ``work/presets/NAME-KEY``, KEY a digest of this code's versions and the preset's
+    parameters (the refused tree is kept for the code that made it); that one is started
+    afresh only if it too would be refused (its record edited or unreadable).
+    """
+    tree = work / "presets" / name
+    why = resume_refusal(tree, "Ni", name)
+    if why is None:
+        how = "resumed" if (tree / GENERATION_FILE).exists() else "new"
+        return tree, {"tree": str(tree), "how": how}
+    what = {"code": code_versions(None), "preset": PRESETS[name].settings()}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    keyed = tree.with_name(f"{name}-{key}")
+    said = {"tree": str(keyed), "how": "keyed", "why": why}
+    if (keyed / GENERATION_FILE).exists():
+        if resume_refusal(keyed, "Ni", name) is None:
+            return keyed, {**said, "how": "keyed, resumed"}
+        shutil.rmtree(keyed)  # the bench's own tree, not as it made it
+        return keyed, {**said, "how": "fresh"}
+    return keyed, said
+
+
 def presets(work: Path, names: list[str]) -> dict[str, Any]:
     """Cost per site and quality against the most converged preset that completed."""
     structures = _nio(work / "structures" / "nio", (1.0,))
@@ -76,11 +106,14 @@ def presets(work: Path, names: list[str]) -> dict[str, Any]:
     prep = TrainConfig().prep
     prepared = {}
     for name in names:
-        tree = work / "presets" / name
+        tree, chosen = preset_tree(work, name)
+        if chosen["how"] not in ("new", "resumed"):
+            print(f"preset {name}: {chosen['how']} tree {tree}; {chosen.get('why', '')}")
         t0 = time.perf_counter()
         report = generate(structures, "Ni", tree, name, workers=1, progress=False)
         out[name] = {
             "params": PRESETS[name].to_dict(),
+            "tree": chosen,
             "seconds_per_site": _mean(_site_seconds(tree)),
             "cpu_seconds_per_site": _mean(_site_seconds(tree, "cpu_seconds")),
             "reused": report.computed == 0 and report.skipped_complete > 0,
@@ -192,6 +225,7 @@ def main() -> int:
         "structure": f"NiO rock salt a={NIO_A} A, Ni K edge, one unique site (multiplicity 4)",
     }
     result["presets"] = presets(work, names)
+    result["trees"] = {n: v["tree"] for n, v in result["presets"].items()}
     result["seconds_per_site"] = {n: v["seconds_per_site"] for n, v in result["presets"].items()}
     result["cpu_seconds_per_site"] = {
         n: v["cpu_seconds_per_site"] for n, v in result["presets"].items()

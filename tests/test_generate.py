@@ -484,3 +484,55 @@ def test_real_feff10_run_of_a_tiny_cluster():
     assert 0.5 < np.median(mu[-20:]) < 1.5  # FEFF normalises to an edge step of about one
     assert "FEFF 10" in outcome.files["feff.out"]
     assert outcome.cpu_seconds > 0  # FEFF's stage processes, counted once they exit
+
+
+def _bench_generate():
+    """bench/generate.py as a module (the bench is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_keys_a_tree_by_code_when_its_own_would_be_refused(tmp_path):
+    """bench/generate.py keeps its trees under ``--work`` and resumes them; after an upgrade
+    ``generate`` refuses a tree made with other code versions. Before: the bench raised that
+    ValueError (``presets`` never got past it). Now it resumes its tree when it can, and
+    otherwise generates into a tree beside it keyed by the code versions and preset (the
+    refused one kept), and says which it did and why."""
+    from xasflow.training.generate import code_versions
+
+    bench = _bench_generate()
+    work = tmp_path / "work"
+    base = work / "presets" / "fast"
+    assert bench.preset_tree(work, "fast") == (base, {"tree": str(base), "how": "new"})
+
+    def record(tree: Path, **code: str) -> None:
+        tree.mkdir(parents=True, exist_ok=True)
+        made = {
+            "element": "Ni",
+            "edge": "K",
+            "preset": {"name": "fast", "params": PRESETS["fast"].to_dict()},
+            "code": {**code_versions(None), **code},
+            "materials": {},
+        }
+        (tree / "generation.json").write_text(json.dumps(made))
+
+    record(base)
+    assert bench.preset_tree(work, "fast") == (base, {"tree": str(base), "how": "resumed"})
+    record(base, pymatgen="2000.1.1")  # made before an upgrade
+    before = (base / "generation.json").read_text()
+    keyed, said = bench.preset_tree(work, "fast")
+    assert keyed.parent == base.parent and keyed.name.startswith("fast-") and keyed != base
+    assert (said["tree"], said["how"]) == (str(keyed), "keyed")
+    assert "other code: pymatgen 2000.1.1" in said["why"] and str(base) in said["why"]
+    assert (base / "generation.json").read_text() == before  # the refused tree is kept
+    record(keyed)  # the keyed tree, made by the run before: resumed by the next
+    assert bench.preset_tree(work, "fast") == (keyed, {**said, "how": "keyed, resumed"})
+    record(keyed, pymatgen="2000.1.1")  # cannot happen unless edited: started afresh
+    again, said = bench.preset_tree(work, "fast")
+    assert again == keyed and said["how"] == "fresh" and not keyed.exists()

@@ -287,6 +287,21 @@ def _load_record(
     return record
 
 
+def resume_refusal(
+    out: str | Path, element: str, preset: str = DEFAULT_PRESET, edge: str = "K",
+    runner: Runner | None = None,
+) -> str | None:  # fmt: skip
+    """Why :func:`generate` would refuse to go on with the tree at ``out`` (made with other
+    settings or code versions, or an unreadable record), or None: no tree yet, or one it
+    resumes. Reads only; for callers that pick another tree instead of failing (the bench)."""
+    norm = element.strip().capitalize(), edge.strip().upper()
+    try:
+        _load_record(Path(out), get_preset(preset), *norm, code_versions(runner))
+    except ValueError as exc:  # json's decode error is one too
+        return str(exc)
+    return None
+
+
 def plan_sites(
     structures: list[InputStructure], element: str, edge: str, out: Path, record: dict[str, Any]
 ) -> tuple[list[SiteTask], int, list[Failure]]:
@@ -381,7 +396,7 @@ def generate(
     t0 = time.perf_counter()
     params = get_preset(preset)
     element, edge, out = element.strip().capitalize(), edge.strip().upper(), Path(out)
-    code = _code_versions(runner)
+    code = code_versions(runner)
     record = _load_record(out, params, element, edge, code)
     record.update(
         schema=SCHEMA,
@@ -460,7 +475,7 @@ def _record_outcome(out: Path, outcome: SiteOutcome, report: GenerationReport) -
     write_outcome(out, outcome)
 
 
-def _code_versions(runner: Runner | None) -> dict[str, str]:
+def code_versions(runner: Runner | None) -> dict[str, str]:
     """Versions of the code that computes the spectra (for the generation record)."""
     from importlib.metadata import PackageNotFoundError, version
 
