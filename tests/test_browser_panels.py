@@ -1,0 +1,351 @@
+"""The dashboard's panels in a real browser (:mod:`browser_page`), each against the state it
+is given: the health table and its rates, the ready pill, the update's age, the event
+stream's reconnection, the prediction card, and the recommendation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from browser_page import BROWSER_MARKS, TIMEOUT_MS, chromium, drawn, open_page
+from helpers import (
+    Harness,
+    LoopbackProxy,
+    daemon_config,
+    wait_for,
+)
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # pragma: no cover - depends on the machine (BROWSER_MARKS skips)
+    expect = None
+
+pytestmark = BROWSER_MARKS
+
+
+@pytest.fixture(scope="module")
+def beamline(
+    models_dir: Path,
+    shared_proxy: LoopbackProxy,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Harness]:
+    """The daemon with its dashboard, a publisher and a results subscriber, warmed up."""
+    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless chromium (the system one), closed after the module."""
+    with chromium() as b:
+        yield b
+
+
+def _health_rows(page: Any) -> dict[str, str]:
+    """The page's health table as label -> shown value."""
+    rows = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#health-table tr'))"
+        ".map(tr => Array.from(tr.cells).map(td => td.textContent))"
+    )
+    return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def test_health_table_tells_the_stages_rejections_apart(beamline: Harness, browser: Any) -> None:
+    """Before: the page's "spectra rejected" showed ``/health``'s ``spectra_rejected``, the
+    sum of both stages, so a malformed document (refused by the assembler, never a spectrum)
+    read as a rejected spectrum. Now the row shows the spectra the analysis rejected
+    (received = analysed + those) and the assembly's rejections have a row of their own."""
+    d, pub = beamline.daemon, beamline.pub
+    assert d.http_url is not None
+
+    def per_stage() -> dict[str, int]:  # from the counts by stage and reason
+        by_reason = d.counters.snapshot()["rejected_by_stage"]
+        return {s: sum(by_reason.get(s, {}).values()) for s in ("analysis", "assembly")}
+
+    before = per_stage()["assembly"]
+    pub("start", {"time": 1.0})  # no uid: the assembler rejects it (malformed_document)
+
+    def counted() -> dict[str, int] | None:
+        stages = per_stage()
+        return stages if stages["assembly"] > before else None
+
+    stages = wait_for(counted, "the malformed start to be rejected in assembly")
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        page.wait_for_function(
+            "n => { const h = window.xasflow.state && window.xasflow.state.health;"
+            " return h && h.rejected_total === n; }",
+            arg=stages["analysis"] + stages["assembly"],
+            timeout=TIMEOUT_MS,
+        )
+        drawn(page)
+        shown = _health_rows(page)
+    finally:
+        page.close()
+    assert not problems, problems
+    # the row that says "spectra rejected" counts the spectra, not the documents refused
+    spectra = [v for label, v in shown.items() if label.startswith("spectra rejected")]
+    assert spectra == [str(stages["analysis"])], shown
+    assert shown["spectra rejected by the analysis"] == str(stages["analysis"])
+    assert shown["rejected before the analysis (assembly)"] == str(stages["assembly"])
+
+
+def test_rejected_per_second_counts_the_spectra_the_analysis_rejected(
+    beamline: Harness, browser: Any
+) -> None:
+    """Before: the "rejected/s" shown beside "spectra/s" was the rate of all rejections, so
+    documents the assembler refused (never spectra) read as rejected spectra. Now it is the
+    analysis's rate, and the assembly's is shown apart, labelled."""
+    d, pub = beamline.daemon, beamline.pub
+    assert d.http_url is not None
+    n_malformed = 10
+
+    def stages() -> dict[str, int]:
+        return d.counters.snapshot()["spectra_rejected_by_stage"]
+
+    before = stages()
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        page.wait_for_function(
+            "() => document.getElementById('rates').textContent !== ''", timeout=TIMEOUT_MS
+        )
+        for _ in range(n_malformed):
+            pub("start", {"time": 1.0})  # no uid: rejected by the assembler, never a spectrum
+        target = before["assembly"] + n_malformed
+        wait_for(lambda: stages()["assembly"] >= target, "the malformed starts to be rejected")
+        # a state whose counters include them all, then the next one (sampled after them)
+        version = page.wait_for_function(
+            "n => { const s = window.xasflow.state;"
+            " return s && s.health && s.health.rejected_per_stage.assembly >= n && s.version; }",
+            arg=target,
+            timeout=TIMEOUT_MS,
+        ).json_value()
+        page.wait_for_function(
+            "v => window.xasflow.state.version > v", arg=version, timeout=TIMEOUT_MS
+        )
+        drawn(page)
+        pill = page.text_content("#rates") or ""
+        shown = _health_rows(page)
+    finally:
+        page.close()
+    assert not problems, problems
+    assert stages()["analysis"] == before["analysis"]  # no spectrum was rejected meanwhile
+    m = re.fullmatch(
+        r"([\d.]+) spectra/s · ([\d.]+) rejected/s · ([\d.]+) rejected in assembly/s", pill
+    )
+    assert m, pill
+    assert m.group(2) == "0.0"  # the assembler's refusals are not rejected spectra
+    assert float(m.group(3)) > 0
+    assert shown["rejected by the analysis / s"] == "0.0"
+    assert shown["rejected in assembly / s"] == m.group(3)
+
+
+def test_ready_pill_does_not_outlive_the_health_report(beamline: Harness, browser: Any) -> None:
+    """Before: when the daemon's health report failed (the state's ``health`` null), the page
+    kept showing the last report's "daemon ready" and its tables, as if current. Now it says
+    the health is unknown and shows no numbers it no longer has."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    dashboard = d.parts.app.state.dashboard
+    real = dashboard.view
+
+    class Failing:  # the daemon's view, but its health report fails
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def health(self) -> dict[str, Any]:
+            raise RuntimeError("no health report (test)")
+
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        page.wait_for_function(
+            "() => document.getElementById('ready').textContent === 'daemon ready'",
+            timeout=TIMEOUT_MS,
+        )
+        assert page.locator("#health-table tr").count() > 0
+        dashboard.view = Failing()
+        page.wait_for_function("() => window.xasflow.state.health === null", timeout=TIMEOUT_MS)
+        drawn(page)
+        pill = page.text_content("#ready")
+        pill_class = page.get_attribute("#ready", "class")
+        info = page.text_content("#health-info")
+        shown = _health_rows(page)
+        models = page.locator("#models-table td").count()
+        reasons = page.locator("#reject-table td").count()
+    finally:
+        dashboard.view = real
+        page.close()
+    assert not problems, problems
+    assert (pill, pill_class) == ("daemon health unknown", "pill warn")
+    assert info == "no health report (see the daemon's log)"
+    assert shown == {} and models == reasons == 0
+
+
+def test_update_age_is_whole_seconds_then_minutes_then_hours(
+    beamline: Harness, browser: Any
+) -> None:
+    """Before: the age beside "updated" was rounded, so 90 s read "2 min ago" and 59.6 s
+    "60 s ago". Now it is floored: seconds below two minutes, whole minutes below two hours
+    (a page left overnight read "900 min ago"), then whole hours."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        shown = page.evaluate(
+            "() => import('./static/format.js').then(({ ago }) =>"
+            " [0.4, 1, 59.6, 90, 119.9, 120, 150, 3599, 7199, 7200, 90000].map(ago))"
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    assert shown == [
+        "just now",
+        "1 s ago",
+        "59 s ago",
+        "90 s ago",
+        "119 s ago",
+        "2 min ago",
+        "2 min ago",
+        "59 min ago",
+        "119 min ago",
+        "2 h ago",
+        "25 h ago",
+    ]
+
+
+def test_page_reconnects_after_the_event_stream_is_refused(beamline: Harness, browser: Any) -> None:
+    """Before: once ``/events`` answered an HTTP error (a 503 at ``http.max_sse_clients``),
+    the browser closed the stream for good: the page said "disconnected", never tried again,
+    and went on showing the last state as if current. Now it tries again after 1 s, doubling
+    up to 30 s, says when, marks what it shows as not live, and is live once admitted."""
+    d = beamline.daemon
+    base = d.http_url
+    assert base is not None
+    dashboard, limit = d.parts.app.state.dashboard, d.parts.app.state.sse_limit
+    maximum, refused = limit.maximum, limit.refused
+    streams = 0
+
+    def events(route: Any) -> None:
+        # the page's first stream sends the daemon's state and ends, as all do when the
+        # daemon stops; its later ones go to the daemon
+        nonlocal streams
+        streams += 1
+        if streams > 1:
+            route.fallback()
+            return
+        version, body = dashboard.message()
+        text = f"retry: 2000\n\nid: {version}\nevent: state\ndata: {body}\n\n"
+        route.fulfill(status=200, content_type="text/event-stream", body=text)
+
+    limit.maximum = 0  # no room: every stream the daemon is asked for is answered 503
+    try:
+        page, _, problems = open_page(browser, base, {"**/events*": events})
+        try:
+            # (a playwright wait: route handlers run only while playwright waits)
+            with page.expect_response(
+                lambda r: r.url.startswith(base + "/events") and r.status == 503,
+                timeout=TIMEOUT_MS,
+            ):
+                pass
+            assert limit.refused > refused
+            # refused, the page goes on trying and marks the state it shows as not live
+            expect(page.locator("#conn")).to_have_text(
+                re.compile(r"reconnecting in \d+ s"), timeout=TIMEOUT_MS
+            )
+            expect(page.locator("body")).to_have_class("stale", timeout=TIMEOUT_MS)
+            expect(page.locator("#conn-stale")).to_be_visible()
+            assert (page.text_content("#conn-stale") or "").startswith("not live: ")
+            assert page.locator("#health-table tr").count() > 0  # the last state, still shown
+            assert page.evaluate("window.xasflow.messages") == 1
+            limit.maximum = maximum  # room again: the page's next try is admitted
+            page.wait_for_function(
+                "() => window.xasflow.messages > 1"
+                " && document.getElementById('conn').textContent === 'live'",
+                timeout=TIMEOUT_MS,
+            )
+            drawn(page)
+            assert not page.is_visible("#conn-stale")
+            assert "stale" not in (page.get_attribute("body", "class") or "")
+            assert streams >= 3  # a try after the refused one
+        finally:
+            page.close()
+    finally:
+        limit.maximum = maximum
+    # what went wrong on the page was the refused streams, and only that
+    assert problems and all("/events" in p or "503" in p for p in problems), problems
+
+
+#: The prediction card's fields that only a prediction fills (``renderPrediction``).
+_PREDICTION_ONLY = (
+    "pred-where", "cn-bars", "environment-set", "motifs", "valence-value", "valence-p",
+    "valence-set", "valence-bars", "distance-value", "charge-value", "e0-value", "pred-flags",
+)  # fmt: skip
+
+
+def test_a_state_without_a_prediction_clears_the_card(beamline: Harness, browser: Any) -> None:
+    """Before: a state without a prediction (an older pipeline's shape, or a restarted daemon
+    before its first answer) left the last prediction's motifs, valence, distance, charge,
+    E0 and bars on the card, beside the CN its published event gave. Now the card shows only
+    what the state says: the event's CN and motif, or nothing."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    pred = {
+        "raw_uid": "run-a",
+        "index": 3,
+        "e0": 8983.2,
+        "environment": "O4",
+        "motifs": [["square planar", 0.9], ["tetrahedral", 0.1]],
+        "flags": ["noisy"],
+        "tasks": {
+            "cn": {"value": 4, "confidence": 0.9, "probabilities": {"4": 0.9, "6": 0.1}},
+            "environment": {"value": "O4", "prediction_set": ["O4"]},
+            "valence": {
+                "value": "2",
+                "confidence": 0.8,
+                "probabilities": {"2": 0.8, "1": 0.2},
+                "prediction_set": ["2"],
+            },
+            "distance": {"value": 1.95, "uncertainty": 0.02},
+            "charge": {"value": 1.1, "uncertainty": 0.1},
+        },
+    }
+    last = {"index": 0, "status": "ok", "cn": 6, "cn_probability": 0.7, "motif": "octahedral"}
+    states = [
+        {"prediction": pred, "run": {"raw_uid": "run-a", "n_ok": 1}, "last_rejection": None},
+        {"prediction": None, "run": {"raw_uid": "run-b", "last": last, "n_ok": 1}},
+        {"prediction": None, "run": None, "last_rejection": None},
+    ]
+    page, _, problems = open_page(browser, d.http_url)
+    try:  # the three rendered at once: no state from the stream in between
+        shown = page.evaluate(
+            """([states, ids]) => import('./static/prediction.js').then(({ renderPrediction }) =>
+                 states.map((state) => {
+                   renderPrediction(state);
+                   return Object.fromEntries(
+                     ids.map((id) => [id, document.getElementById(id).textContent]));
+                 }))""",
+            [states, [*_PREDICTION_ONLY, "cn-value", "cn-p", "environment"]],
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    assert all(shown[0][name] for name in _PREDICTION_ONLY), shown[0]
+    assert {name: shown[1][name] for name in _PREDICTION_ONLY} == dict.fromkeys(
+        _PREDICTION_ONLY, ""
+    )
+    assert (shown[1]["cn-value"], shown[1]["cn-p"], shown[1]["environment"]) == (
+        "6",
+        "p 70 %",
+        "octahedral",
+    )
+    assert set(shown[2].values()) == {""}, shown[2]
