@@ -349,3 +349,49 @@ def test_a_state_without_a_prediction_clears_the_card(beamline: Harness, browser
         "octahedral",
     )
     assert set(shown[2].values()) == {""}, shown[2]
+
+
+def test_the_recommendation_says_why_it_does_not_stop_and_what_it_leaves_out(
+    beamline: Harness, browser: Any
+) -> None:
+    """Before: the panel said nothing when stop-early was withheld (its reason shown only with
+    ``stop_early``) and left out the regions dropped outside the monochromator's range. Now
+    a withheld stop reads "not stopping: <why>", and each dropped region is a row marked
+    "(not measured)" with its reason."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    edge = {"name": "edge", "start": 8970.0, "stop": 9000.0, "step": 0.5, "dwell": 1.0}
+    gone = {**edge, "name": "exafs", "start": 9100.0, "stop": 9400.0, "reason": "outside: dropped"}
+    why = "withheld by seq_gap in this spectrum (events of the run went missing)"
+    rec = {
+        "index": 3, "n_points": 61, "scan_time": 61.0, "stop_early": False,
+        "stop_reason": why, "regions": [edge], "rescan": None, "dropped": [gone],
+    }  # fmt: skip
+    states = [
+        {"run": {"recommendation": rec}},
+        {"run": {"recommendation": {**rec, "stop_early": True, "stop_reason": "cn 4 twice"}}},
+        {"run": {"recommendation": {**rec, "stop_reason": "", "dropped": []}}},
+    ]
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        shown = page.evaluate(
+            """(states) => import('./static/run.js').then(({ renderRecommendation }) =>
+                 states.map((state) => {
+                   renderRecommendation(state);
+                   return [document.getElementById('rec-info').textContent,
+                           Array.from(document.querySelectorAll('#rec-table tr'))
+                             .map((tr) => Array.from(tr.cells).map((td) => td.textContent))];
+                 }))""",
+            states,
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    (info, table), (info_stop, _), (info_plain, table_plain) = shown
+    assert info == f"after #3 · 61 points, 61 s · not stopping: {why}"
+    assert info_stop.endswith(" · STOP EARLY: cn 4 twice")
+    assert info_plain == "after #3 · 61 points, 61 s"
+    names = [row[0] for row in table[1:]]
+    assert names == ["edge", "exafs (not measured)"]
+    assert table[-1][-1] == "outside: dropped"
+    assert [row[0] for row in table_plain[1:]] == ["edge"]

@@ -371,4 +371,5 @@ def recommendation_view(data: dict[str, Any] | None) -> dict[str, Any] | None:
     out["uncertainty"] = data.get("uncertainty")
     out["regions"] = json_loads(data.get("regions")) or []
     out["rescan"] = json_loads(data.get("rescan"))
+    out["dropped"] = json_loads(data.get("dropped")) or []  # outside the monochromator's range
     return out

@@ -58,11 +58,15 @@ export function renderRecommendation(state) {
     clear($("rec-table"));
     return;
   }
+  // a stop reason without stop_early says why stopping was withheld (seq_gap, align_failed, ...)
+  const stop = rec.stop_early ? ` · STOP EARLY: ${rec.stop_reason}`
+    : rec.stop_reason ? ` · not stopping: ${rec.stop_reason}` : "";
   $("rec-info").textContent = `after #${rec.index} · ${rec.n_points} points, ${fmt(rec.scan_time, 0)} s` +
-    (rec.stop_early ? ` · STOP EARLY: ${rec.stop_reason}` : "") +
-    (rec.rescan ? ` · rescan ${rec.rescan.name || ""}` : "");
+    stop + (rec.rescan ? ` · rescan ${rec.rescan.name || ""}` : "");
+  const row = (r, name) => [name, r.start, r.stop, r.step, r.dwell, r.reason || ""];
   rows($("rec-table"), ["region", "from (eV)", "to (eV)", "step", "dwell (s)", "why"],
-    (rec.regions || []).map((r) => [r.name || "", r.start, r.stop, r.step, r.dwell, r.reason || ""]));
+    (rec.regions || []).map((r) => row(r, r.name || ""))
+      .concat((rec.dropped || []).map((r) => row(r, `${r.name || ""} (not measured)`))));
 }
 
 export function renderRuns(state) {
