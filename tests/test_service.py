@@ -500,6 +500,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert float(lines["xasflow_store_journal_rows"]) == d.view.store_stats()["journal_rows"] == 0
     assert float(lines["xasflow_output_held"]) == d.view.output_stats()["after_store.held"] == 0
     assert float(lines["xasflow_up"]) == 1.0
+    assert float(lines["xasflow_internal_errors_total"]) == health["internal_errors"] == 0
     # every decode error and rejection the counters hold is exported with its labels
     for reason, n in snap["decode_errors"].items():
         assert float(lines[f'xasflow_decode_errors_total{{reason="{reason}"}}']) == n
@@ -516,6 +517,23 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
         key = f'xasflow_decode_errors_total{{reason="{reason}"}}'
         assert float(lines[key]) == snap["decode_errors"].get(reason, 0)
     assert get(f"{d.http_url}/nothing")[0] == 404
+
+
+def test_an_internal_error_is_on_metrics(harness: Harness) -> None:
+    """A document the processing loop dropped on an unexpected error (counted by
+    ``Processor``) is exported as ``xasflow_internal_errors_total`` for an alert to see;
+    before, only /health said so."""
+    d = harness.daemon
+    proc = d.parts.processor
+    assert proc is not None
+    before = proc.internal_errors
+    proc.internal_errors += 1  # as Processor.run counts a turn that raised
+    try:
+        text = get(f"{d.http_url}/metrics")[1].decode()
+        found = [ln for ln in text.splitlines() if ln.startswith("xasflow_internal_errors_total ")]
+        assert found == [f"xasflow_internal_errors_total {float(before + 1)}"]
+    finally:
+        proc.internal_errors -= 1
 
 
 def test_lost_events_are_visible_in_the_stop_health_and_metrics(harness: Harness) -> None:

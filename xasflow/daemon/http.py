@@ -126,6 +126,11 @@ class AdapterCollector:
                 "time results waited for room in the full store, in all",
                 value=store.get("full_wait_ms", 0) / 1e3,
             )
+        yield CounterMetricFamily(  # a bug that drops documents: only /health said so
+            "xasflow_internal_errors",
+            "documents and batches the processing loop dropped on an unexpected error",
+            value=d.internal_errors,
+        )
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 

@@ -55,6 +55,12 @@ class DaemonStatus:
         return assembler.open_runs if assembler is not None else 0
 
     @property
+    def internal_errors(self) -> int:
+        """Documents and batches the processing loop dropped on an unexpected error."""
+        processor = self.parts.processor
+        return processor.internal_errors if processor is not None else 0
+
+    @property
     def echo_dropped(self) -> int:
         """Own analysis messages dropped at the input (empty input prefix)."""
         return self.input_stats().get("ignored", 0)
@@ -173,7 +179,7 @@ class DaemonStatus:
             ),
             "feedback": feedback_health(config, parts.ioc, parts.submitter),
             "limits": {**self.limits(), "token_min_length": config.http.token_min_length},
-            "internal_errors": parts.processor.internal_errors if parts.processor else 0,
+            "internal_errors": self.internal_errors,
             # analysis.prep_process: the child's pid, jobs, fallbacks to the thread, restarts
             "prep_process": (
                 parts.pipeline.worker.health()

@@ -38,6 +38,11 @@ class DaemonView(Protocol):
         """Own analysis messages dropped at the input."""
         ...
 
+    @property
+    def internal_errors(self) -> int:
+        """Documents and batches dropped by an unexpected error in the processing loop."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """Readiness, counters, models and adapter state, JSON-ready."""
         ...
