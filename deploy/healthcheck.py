@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Exit 0 when the xasflow daemon's ``/health`` answers 200 (ready), else 1, saying why.
 
-Used by the image's HEALTHCHECK and the Kubernetes probes: the token comes from the
+Used by the image's HEALTHCHECK (the Kubernetes probes read the open ``/livez`` and
+``/readyz`` instead): the token comes from the
 environment (``XASFLOW__HTTP__TOKEN``, as the daemon reads it), so it never appears on a
 command line or in a manifest. Standard library only.
 

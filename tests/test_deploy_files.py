@@ -184,3 +184,25 @@ def test_grafana_dashboard_layout() -> None:
         "kafka",
     ):
         assert topic in titles, topic
+
+
+def test_the_rejection_reasons_an_alert_names_are_ones_the_daemon_gives() -> None:
+    """An alert's runbook naming reasons to look for ("by reason (...)") names real ones: it
+    said edge, noise and channels, which no stage gives (no_edge, weak_edge, bad_channel)."""
+    from xasflow.daemon.pipeline import known_rejections
+
+    known = {reason for _, reason in known_rejections()}
+    rules = [
+        r for g in load_yaml(DEPLOY / "prometheus" / "alerts.yml")["groups"] for r in g["rules"]
+    ]
+    named = {
+        (rule["alert"], word.strip().rstrip("."))
+        for rule in rules
+        for listed in re.findall(
+            r"by reason \(([^)]*)\)", rule["annotations"].get("description", "")
+        )
+        for word in listed.split(",")
+        if word.strip().strip(".")
+    }
+    assert named, "no alert names rejection reasons: the check checks nothing"
+    assert {(alert, word) for alert, word in named if word not in known} == set()
