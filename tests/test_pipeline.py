@@ -787,3 +787,25 @@ def test_a_failing_hint_or_dashboard_copy_never_costs_the_batch_its_documents(
     )
     assert [n for n, _ in docs] == ["start", "descriptor", "event_page", "stop"]
     assert [e["status"] for e in events(docs)] == ["ok", "ok"]
+
+
+def test_an_exafs_scan_without_an_element_is_read_by_the_edge_its_mu_jumps_at(
+    pipeline: Pipeline,
+) -> None:
+    """A start naming no element: the element is the tabulated edge mu jumps across, not the
+    one nearest a quarter of the range. An EXAFS scan 8786-11300 eV of Cu holds Cu K near its
+    start and Hf L3 (9561 eV) nearer the quarter: before, it was taken for Hf L3 and refused
+    no_model; now it is analysed as Cu K, flagged element_inferred."""
+    from scan_helpers import step_scan, transmission
+
+    energy = np.concatenate((np.arange(8786.0, 8960.0, 5.0), np.arange(8960.0, 9040.0, 0.5),
+                             np.arange(9040.0, 11300.0, 5.0)))  # fmt: skip
+    ch = transmission(energy, seed=7)
+    _, docs = step_scan(energy, ch, {"element": None, "edge": None})
+    asm = RunAssembler()
+    out: list[tuple[str, dict]] = []
+    for name, doc in docs:
+        out.extend(pipeline.handle_batch(asm.feed(name, doc)))
+    (row,) = events(out)
+    assert (row["status"], row["reason"], row["element"]) == ("ok", "", "Cu"), row
+    assert "element_inferred" in row["flags"]

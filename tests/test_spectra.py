@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -262,6 +264,33 @@ def test_channels_and_reference_alignment() -> None:
     moved = align(edge_spectrum(e0=8980.0), shift)
     assert find_e0(moved) == pytest.approx(8983.9, abs=0.15)
     assert moved.meta["energy_shift"] == pytest.approx(shift)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Cu/cu_metal_10K.xdi", ("Cu", "K")),  # 8786-11362 eV: the range rule said Hf L3
+        ("As/as2o3_100K_scan1.xdi", ("As", "K")),  # every As K scan was Au L3
+        ("Fe/Fe2O3_rt_01.xdi", ("Fe", "K")),
+        ("Pt/" + "*", ("Pt", "L3")),
+        ("W/" + "*", ("W", "L3")),
+    ],
+)
+def test_infer_edge_from_data_on_measured_scans(
+    xdi_library: Path, name: str, expected: tuple[str, str]
+) -> None:
+    """The element and edge of a measured scan, from where its mu jumps across a tabulated
+    edge, is the file's own (Element.symbol / Element.edge): the range rule was wrong for 62
+    of the library's 272 scans, EXAFS scans above all."""
+    from xasflow.adapters.columns import read_spectrum_file
+    from xasflow.adapters.xdi import read_xdi
+    from xasflow.spectra import infer_edge_from_data
+
+    path = next(iter(sorted(xdi_library.glob(name))))
+    fields = {k.lower(): v.strip() for k, v in read_xdi(path).fields.items()}
+    s = read_spectrum_file(path)
+    assert (fields["element.symbol"], fields["element.edge"]) == expected
+    assert infer_edge_from_data(s.energy, s.mu) == expected
 
 
 def test_infer_edge_from_energy_range() -> None:

@@ -32,6 +32,7 @@ from xasflow.spectra import (
     alignment_shift,
     edge_energy,
     infer_edge,
+    infer_edge_from_data,
     mu_from_channels,
 )
 from xasflow.spectra import align as shift_spectrum
@@ -86,6 +87,24 @@ def start_work(
     return work
 
 
+def _guess_edge(energy: np.ndarray, scan: Any) -> tuple[str, str] | None:
+    """The element and edge of a scan whose start names none: where mu jumps across a
+    tabulated edge (:func:`infer_edge_from_data`), or, where mu cannot be had from its
+    channels, from the energy range alone (:func:`infer_edge`)."""
+    signal = {"transmission": "it", "fluorescence": "if"}.get(scan.mode)
+    ch = scan.channels
+    if signal is not None and "i0" in ch and signal in ch:
+        with np.errstate(all="ignore"):
+            try:
+                return infer_edge_from_data(
+                    energy, mu_from_channels(scan.mode, ch["i0"], ch[signal])
+                )
+            except (SpectrumError, ValueError):
+                pass  # the checks after the guess say what is wrong with the channels
+    finite = energy[np.isfinite(energy)]
+    return infer_edge(float(finite.min()), float(finite.max()))
+
+
 def _start_into(work: Work, registry: ModelRegistry, herfd: Any, calculated: Any) -> None:
     scan = work.scan
     energy = np.asarray(scan.energy, dtype=np.float64)
@@ -94,7 +113,7 @@ def _start_into(work: Work, registry: ModelRegistry, herfd: Any, calculated: Any
     element, edge = scan.element, scan.edge
     if element is None:
         finite = energy[np.isfinite(energy)]
-        guess = infer_edge(float(finite.min()), float(finite.max())) if finite.size else None
+        guess = _guess_edge(energy, scan) if finite.size else None
         if guess is None:
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0, 0)
             raise SpectrumError(

@@ -10,8 +10,10 @@ there while the caller assembles the next batch; batches end in the order they b
 
 For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_prep`'s:
 
-1. element/edge from the spectrum (the raw start document), else inferred from the energy
-   range with :func:`xasflow.spectra.infer_edge` (flag ``element_inferred``); nothing
+1. element/edge from the spectrum (the raw start document), else the tabulated edge in
+   range that mu jumps across (:func:`xasflow.spectra.infer_edge_from_data`; from the energy
+   range alone, :func:`~xasflow.spectra.infer_edge`, where the channels give no mu) (flag
+   ``element_inferred``); nothing
    tabulated in range is ``unknown_element``. An edge missing next to a known element is
    taken from the inference when it names that element, else "K".
 2. the registry's predictor for it, captured once, so a swap never splits a spectrum

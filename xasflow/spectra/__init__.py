@@ -7,7 +7,7 @@ imports nothing from ``xasflow.training``, ``xasflow.daemon`` or ``xasflow.adapt
 from xasflow.spectra.augment import AugmentParams, augment_grid
 from xasflow.spectra.channels import align, alignment_shift, mu_from_channels
 from xasflow.spectra.core import Spectrum, SpectrumError
-from xasflow.spectra.edges import edge_energy, infer_edge
+from xasflow.spectra.edges import edge_energy, infer_edge, infer_edge_from_data
 from xasflow.spectra.features import (
     FeatureSpec,
     feature_energies,
@@ -50,6 +50,7 @@ __all__ = [
     "herfd_fwhm",
     "herfd_width",
     "infer_edge",
+    "infer_edge_from_data",
     "is_calculated",
     "linear_matrix",
     "match_broadening",
