@@ -809,3 +809,24 @@ def test_an_exafs_scan_without_an_element_is_read_by_the_edge_its_mu_jumps_at(
     (row,) = events(out)
     assert (row["status"], row["reason"], row["element"]) == ("ok", "", "Cu"), row
     assert "element_inferred" in row["flags"]
+
+
+def test_a_scan_in_kev_without_an_element_is_refused_with_the_unit_named(
+    pipeline: Pipeline,
+) -> None:
+    """Energies in keV and no element in the start: refused unknown_element, and the detail
+    says the edge lies in the range times 1000 (as it does with the element given); before it
+    said only "no tabulated edge inside 9-9 eV"."""
+    from scan_helpers import STEP_GRID, step_scan, transmission
+
+    _, docs = step_scan(
+        STEP_GRID / 1000.0, transmission(STEP_GRID), {"element": None, "edge": None}
+    )
+    asm = RunAssembler()
+    out: list[tuple[str, dict]] = []
+    for name, doc in docs:
+        out.extend(pipeline.handle_batch(asm.feed(name, doc)))
+    (row,) = events(out)
+    assert (row["status"], row["reason"]) == ("rejected", "unknown_element")
+    assert row["detail"].endswith("(energies in keV? an edge lies in their range times 1000)")
+    assert "8.8-9.396 eV" in row["detail"]

@@ -116,10 +116,12 @@ def _start_into(work: Work, registry: ModelRegistry, herfd: Any, calculated: Any
         guess = _guess_edge(energy, scan) if finite.size else None
         if guess is None:
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0, 0)
+            kev = lo > 0 and infer_edge(lo * 1000, hi * 1000) is not None
             raise SpectrumError(
                 "unknown_element",
                 f"no element in the start document and no tabulated edge inside "
-                f"{lo:.0f}-{hi:.0f} eV",
+                f"{lo:.6g}-{hi:.6g} eV"
+                + (" (energies in keV? an edge lies in their range times 1000)" if kev else ""),
             )
         element = guess[0]
         edge = edge or guess[1]
