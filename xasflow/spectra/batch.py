@@ -17,6 +17,7 @@ fewer than :data:`BATCH_MIN_ROWS` rows is prepared row by row, where that is fas
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -178,12 +179,13 @@ def has_edge_batch(
     safe_pre, safe_post = np.maximum(n_pre, 1), np.maximum(n_post, 1)
     jump = (ref_mu * post).sum(axis=1) / safe_post - (ref_mu * pre).sum(axis=1) / safe_pre
     pairs = pre[:, 1:] & pre[:, :-1]  # the pre-edge points are contiguous: their diffs
-    d = np.diff(ref_mu, axis=1)
-    n_d = np.maximum(pairs.sum(axis=1), 1)
-    mean_d = (d * pairs).sum(axis=1) / n_d
-    var = (((d - mean_d[:, None]) ** 2) * pairs).sum(axis=1) / n_d
-    noise = np.sqrt(var) / math.sqrt(2.0)
-    return np.asarray(enough & (jump > 10.0 * noise) & (jump > 0))
+    d = np.where(pairs, np.diff(ref_mu, axis=1), np.nan)
+    with warnings.catch_warnings():  # a row without pairs: NaN noise, refused by enough
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dev = np.abs(d - np.nanmedian(d, axis=1, keepdims=True))
+        noise = 1.4826 * np.nanmedian(dev, axis=1) / math.sqrt(2.0)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(enough & (jump > 10.0 * noise) & (jump > 0))
 
 
 def _trusted(
