@@ -1,13 +1,15 @@
-"""Shared pytest fixtures: locations of the shared data (skipping clearly when absent), and
-one tiny Cu K bundle trained from the synthetic FEFF tree once per session."""
+"""Shared pytest fixtures: locations of the shared data (skipping clearly when absent), one
+tiny Cu K bundle trained from the synthetic FEFF tree once per session, and the browser
+tests' daemon and chromium."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import LoopbackProxy
+from helpers import Harness, LoopbackProxy, daemon_config
 from kafka_broker import Broker, BrokerUnavailable
 
 from xasflow import paths
@@ -135,3 +137,24 @@ def broker() -> Iterator[Broker]:
         pytest.skip(f"no Kafka-protocol broker: {exc}")
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module")
+def beamline(
+    models_dir: Path, shared_proxy: LoopbackProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Harness]:
+    """The browser tests' daemon with its dashboard, a publisher and a results subscriber,
+    warmed up (one per test module)."""
+    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless chromium (the system one, :mod:`browser_page`), closed after the module."""
+    from browser_page import chromium
+
+    with chromium() as b:
+        yield b

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,14 +18,12 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from browser_page import BROWSER_MARKS, TIMEOUT_MS, chromium, drawn, open_page
+from browser_page import BROWSER_MARKS, TIMEOUT_MS, drawn, open_page
 from helpers import (
     STEP_GRID,
     Harness,
-    LoopbackProxy,
     analysis_run_docs,
     burst_docs,
-    daemon_config,
     fly_scan,
     publish,
     step_scan,
@@ -42,26 +38,6 @@ ARTIFACTS = paths.REPO_ROOT / "test-artifacts"
 FLY_SPECTRA = 5
 
 pytestmark = BROWSER_MARKS
-
-
-@pytest.fixture(scope="module")
-def beamline(
-    models_dir: Path,
-    shared_proxy: LoopbackProxy,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Harness]:
-    """The daemon with its dashboard, a publisher and a results subscriber, warmed up."""
-    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
-    h = Harness(cfg, shared_proxy)
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless chromium (the system one), closed after the module."""
-    with chromium() as b:
-        yield b
 
 
 def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, browser: Any) -> None:

@@ -6,8 +6,6 @@ stream's reconnection, the prediction card, and the recommendation.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +13,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
-from browser_page import BROWSER_MARKS, TIMEOUT_MS, chromium, drawn, open_page
+from browser_page import BROWSER_MARKS, TIMEOUT_MS, drawn, open_page
 from helpers import (
     Harness,
-    LoopbackProxy,
-    daemon_config,
     wait_for,
 )
 
@@ -29,26 +25,6 @@ except ImportError:  # pragma: no cover - depends on the machine (BROWSER_MARKS 
     expect = None
 
 pytestmark = BROWSER_MARKS
-
-
-@pytest.fixture(scope="module")
-def beamline(
-    models_dir: Path,
-    shared_proxy: LoopbackProxy,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Harness]:
-    """The daemon with its dashboard, a publisher and a results subscriber, warmed up."""
-    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
-    h = Harness(cfg, shared_proxy)
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless chromium (the system one), closed after the module."""
-    with chromium() as b:
-        yield b
 
 
 def _health_rows(page: Any) -> dict[str, str]:
