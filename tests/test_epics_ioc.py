@@ -275,7 +275,7 @@ def test_an_answer_never_keeps_an_older_value_and_a_doubtful_one_is_in_alarm(
     ioc_env: dict[str, Any],
 ) -> None:
     """A value the answer lacks is its placeholder in INVALID alarm (not the last answer's);
-    an out-of-domain answer puts every answer PV in MAJOR alarm beside OOD."""
+    an out-of-domain answer puts every answer PV, CN_SET, OOD and OOD_SCORE in MAJOR alarm."""
     from caproto import AlarmSeverity
 
     ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
@@ -303,6 +303,18 @@ def test_an_answer_never_keeps_an_older_value_and_a_doubtful_one_is_in_alarm(
         ioc(name, doc)
     wait_for(lambda: read(cn) == 2, what="the out-of-domain answer")
     assert severity(cn) == severity(valence) == AlarmSeverity.MAJOR_ALARM
+    # the set and the out-of-domain PVs beside them too (a panel showed the set green beside a
+    # red CN), and all back to no alarm with the next answer in domain
+    cn_set, ood, score = ctx.get_pvs(
+        ioc.pv("cn_set"), ioc.pv("ood"), ioc.pv("ood_score"), timeout=5.0
+    )
+    assert read(ood) == 1
+    assert [severity(pv) for pv in (cn_set, ood, score)] == [AlarmSeverity.MAJOR_ALARM] * 3
+    for name, doc in analysis_run_docs([("primary", {**full, "cn": 5})], raw_uid="raw-D"):
+        ioc(name, doc)
+    wait_for(lambda: read(cn) == 5, what="the answer in domain")
+    assert read(ood) == 0
+    assert [severity(pv) for pv in (cn, cn_set, ood, score)] == [AlarmSeverity.NO_ALARM] * 4
 
 
 def test_advice_belongs_to_its_run_and_is_not_an_answer(ioc_env: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from xasflow.adapters.epics_advice import AdviceRuns
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
     ANSWER_PVS,
+    DOUBT_PVS,
     HEARTBEAT_PERIOD,
     MAX_REGIONS,
     NO_ADVICE,
@@ -403,6 +404,8 @@ class XasIoc:
             alarm: dict[str, Any] = {}
             if attr in ADVICE_KEYS and advice_doubt is not None:
                 alarm = _MAJOR if advice_doubt else _NO_ALARM
+            if attr in DOUBT_PVS and "ood" in values:  # an answer: its doubt, or none
+                alarm = _MAJOR if doubt else _NO_ALARM
             if attr in ANSWER_PVS:
                 if value is UNDEFINED:
                     value = ANSWER_PVS[attr]

@@ -43,7 +43,8 @@ Every answer writes all the answer PVs (:data:`ANSWER_PVS`), with EPICS alarms a
 shows: a value the answer lacks (a bundle without that head, a regressor output that is not
 finite) is written as its placeholder (0 or NaN) with an ``INVALID`` alarm, never left at an
 older answer's; an answer out of the bundle's domain carries a ``MAJOR`` alarm on each of
-them, so an operator's panel shows it red beside ``OOD``.
+them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE`` (:data:`DOUBT_PVS`), so an operator's panel
+shows the whole answer red, never a green set beside a red CN.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from caproto.server import PVGroup, pvproperty
 __all__ = [
     "ADVICE_KEYS",
     "ANSWER_PVS",
+    "DOUBT_PVS",
     "HEARTBEAT_PERIOD",
     "MAX_REGIONS",
     "NO_ADVICE",
@@ -86,6 +88,9 @@ ANSWER_PVS: dict[str, Any] = {
     "valence": 0,
     "e0": math.nan,
 }
+
+#: PVs beside the answer that share its out-of-domain alarm (each written with every answer).
+DOUBT_PVS = frozenset({"cn_set", "ood", "ood_score"})
 
 
 class _Undefined:
@@ -118,10 +123,19 @@ class XasPVGroup(PVGroup):
         doc="1 - top cn probability",
     )
     cn_set = pvproperty(
-        value="", name="CN_SET", dtype=ChannelType.STRING, read_only=True, doc="90% CN set"
+        value="",
+        name="CN_SET",
+        dtype=ChannelType.STRING,
+        read_only=True,
+        alarm_group="cn_set",
+        doc="90% CN set",
     )
-    ood = pvproperty(value=0, name="OOD", read_only=True, doc="1: out of domain, do not trust")
-    ood_score = pvproperty(value=math.nan, name="OOD_SCORE", read_only=True, precision=3)
+    ood = pvproperty(
+        value=0, name="OOD", read_only=True, alarm_group="ood", doc="1: out of domain, do not trust"
+    )
+    ood_score = pvproperty(
+        value=math.nan, name="OOD_SCORE", read_only=True, precision=3, alarm_group="ood_score"
+    )
     motif = pvproperty(
         value="",
         name="MOTIF",
