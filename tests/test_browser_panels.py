@@ -371,3 +371,35 @@ def test_the_recommendation_says_why_it_does_not_stop_and_what_it_leaves_out(
     assert names == ["edge", "exafs (not measured)"]
     assert table[-1][-1] == "outside: dropped"
     assert [row[0] for row in table_plain[1:]] == ["edge"]
+
+
+def test_the_ready_pill_says_when_no_model_serves(beamline: Harness, browser: Any) -> None:
+    """Before: a daemon whose every bundle was refused showed a green "daemon ready" while it
+    rejected every spectrum no_model (/readyz said 503). Now the pill is amber, "daemon ready ·
+    no model"; serving, it is the green "daemon ready"."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    states = [
+        {"health": {"ready": True, "serving": False, "uptime_s": 1.0}},
+        {"health": {"ready": True, "serving": True, "uptime_s": 1.0}},
+        {"health": {"ready": False, "serving": False, "uptime_s": 1.0}},
+    ]
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        shown = page.evaluate(
+            """(states) => import('./static/health.js').then(({ renderHealth }) =>
+                 states.map((state) => {
+                   try { renderHealth(state); } catch (e) { /* tables need more than this */ }
+                   const pill = document.getElementById('ready');
+                   return [pill.textContent, pill.className];
+                 }))""",
+            states,
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    assert shown == [
+        ["daemon ready · no model", "pill warn"],
+        ["daemon ready", "pill ok"],
+        ["daemon not ready", "pill bad"],
+    ]

@@ -34,3 +34,12 @@ def test_an_event_from_before_dropped_existed_has_none() -> None:
     """A recommendations event without the key (an older daemon's, read back) drops nothing."""
     view = recommendation_view({"index": 0, "regions": "[]", "rescan": ""})
     assert view is not None and view["dropped"] == []
+
+
+def test_the_health_view_says_whether_a_bundle_serves() -> None:
+    """The page's health view carries /health's ``serving`` beside ``ready``: a daemon whose
+    bundles were all refused is ready (it runs on) but serves nothing."""
+    from xasflow.daemon.dashboard_views import health_view
+
+    view = health_view({"ready": True, "serving": False, "counters": {}})
+    assert (view["ready"], view["serving"]) == (True, False)

@@ -461,7 +461,7 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert status == 200
     health = json.loads(body)
     snap = d.counters.snapshot()
-    assert health["ready"] is True and health["uptime_s"] > 0
+    assert health["ready"] is True and health["serving"] is True and health["uptime_s"] > 0
     assert health["counters"]["spectra_analysed"] == snap["spectra_analysed"] >= 1
     assert health["models"][0]["element"] == "Cu" and health["models"][0]["edge"] == "K"
     assert health["queue_depth"] == 0

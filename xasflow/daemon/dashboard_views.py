@@ -321,6 +321,7 @@ def health_view(h: dict[str, Any]) -> dict[str, Any]:
     inp, out, store = h.get("input", {}), h.get("output", {}), h.get("store", {})
     return {
         "ready": h.get("ready"),
+        "serving": h.get("serving"),
         "version": h.get("version"),
         "uptime_s": h.get("uptime_s"),
         "queue_depth": h.get("queue_depth"),

@@ -148,6 +148,9 @@ class DaemonStatus:
         counters = self.counters.snapshot()
         return {
             "ready": self.ready,
+            # ready and a bundle loaded: what /readyz answers (ready alone means started; a
+            # daemon whose bundles were all refused runs on, rejecting every spectrum no_model)
+            "serving": self.ready and bool(counters["models"]),
             "version": __version__,
             "uptime_s": round(self.uptime, 3),
             "queue_depth": src.get("queue_depth", 0),

@@ -8,8 +8,11 @@ export function renderHealth(state) {
   const ready = $("ready");
   // no report (the daemon's health() failed): the last one's "ready" and numbers would pass
   // for current ones, so none are shown
-  ready.textContent = !h ? "daemon health unknown" : h.ready ? "daemon ready" : "daemon not ready";
-  ready.className = "pill " + (!h ? "warn" : h.ready ? "ok" : "bad");
+  // ready but serving no bundle: every spectrum is rejected no_model, so not a green "ready"
+  const idle = h && h.ready && h.serving === false;
+  ready.textContent = !h ? "daemon health unknown" : idle ? "daemon ready · no model"
+    : h.ready ? "daemon ready" : "daemon not ready";
+  ready.className = "pill " + (!h || idle ? "warn" : h.ready ? "ok" : "bad");
   // "rejected/s" beside "spectra/s" is the spectra the analysis rejected; what the
   // assembler refused (documents, runs: no spectra) is shown apart, when there is any
   const perS = (v, digits) => (v === null || v === undefined ? "–" : fmt(v, digits));
