@@ -43,3 +43,17 @@ def test_the_health_view_says_whether_a_bundle_serves() -> None:
 
     view = health_view({"ready": True, "serving": False, "counters": {}})
     assert (view["ready"], view["serving"]) == (True, False)
+
+
+def test_the_run_history_marks_out_of_domain_answers() -> None:
+    """The run's history keeps, per spectrum, whether its answer was out of domain (the page
+    draws those apart); before, its CN looked like a trusted one. Rejected spectra have no
+    answer to mark (null)."""
+    from xasflow.daemon.dashboard_views import RunView
+
+    run = RunView(raw_uid="raw-1")
+    for i, (status, ood) in enumerate([("ok", False), ("ok", True), ("rejected", False)]):
+        run.add({"status": status, "index": i, "cn": 4, "out_of_domain": ood}, float(i))
+    history = run.history()
+    assert history["out_of_domain"] == [0.0, 1.0, None]
+    assert history["cn"] == [4.0, 4.0, 4.0]

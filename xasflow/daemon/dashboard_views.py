@@ -41,6 +41,7 @@ _COLUMNS = (
     "distance",
     "charge",
     "e0",
+    "out_of_domain",  # 1 out of domain, 0 in, NaN no answer (binned: the fraction out)
 )
 
 
@@ -138,6 +139,7 @@ class RunView:
             nan_number(data.get("distance")),
             nan_number(data.get("charge")),
             nan_number(data.get("e0")),
+            (1.0 if data.get("out_of_domain") else 0.0) if ok else math.nan,
         )
         if self.n == self.data.shape[0]:  # grow geometrically up to the cap
             grown = np.empty((min(2 * self.n, _HISTORY_POINTS), len(_COLUMNS)))

@@ -25,9 +25,14 @@ export function renderRun(state) {
     : (run.kind === "step" ? "step scan: one spectrum per run (history shows quick-XAS runs)" : "");
   const dist = state.prediction && state.prediction.tasks && state.prediction.tasks.distance;
   const mae = dist && dist.uncertainty;
+  // answers out of the bundle's domain (a bin mostly out of it) drawn apart, in the alarm
+  // colour, so a guess never reads as a trusted CN
+  const out = (i) => (h.out_of_domain || [])[i] >= 0.5;
+  const cn = h.cn || [];
   plot($("hist-cn"), {
     series: [
-      { x: x, y: h.cn, dots: 3, color: COLORS.line, alpha: h.cn_probability },
+      { x: x, y: cn.map((v, i) => (out(i) ? null : v)), dots: 3, color: COLORS.line, alpha: h.cn_probability },
+      { x: x, y: cn.map((v, i) => (out(i) ? v : null)), dots: 3, color: COLORS.e0 },
     ],
     xlabel: "spectrum #", ylabel: "CN", empty: "no spectra yet",
     xrange: x.length === 1 ? [x[0] - 1, x[0] + 1] : undefined,
