@@ -597,17 +597,28 @@ def deploy(bundle: Path, models: Path, daemon: Daemon) -> None:
 
 
 def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_path: Path) -> None:
+    """A daemon on an empty models directory runs on (/health ready: started) but serves
+    nothing (/health serving false, /readyz 503: every spectrum no_model) until a bundle is
+    deployed; /health once said only ready, true throughout."""
+
+    def serving(url: str) -> tuple[bool, bool, int]:
+        health = json.loads(get(f"{url}/health")[1])
+        return health["ready"], health["serving"], get(f"{url}/readyz")[0]
 
     empty = tmp_path / "models"
     empty.mkdir()
     cfg = daemon_config(empty, proxy, tmp_path / "store")
     h = Harness(cfg, proxy)
     try:
+        url = h.daemon.http_url
+        assert url is not None
         assert h.daemon.view.models() == []
+        assert serving(url) == (True, False, 503)
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         assert h.results.wait([uid])[uid]["events"][0]["reason"] == "no_model"
         deploy(models_dir / "cu-k", empty, h.daemon)
+        assert serving(url) == (True, True, 200)
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID))
         publish(h.pub, docs)
         assert h.results.wait([uid])[uid]["events"][0]["status"] == "ok"
