@@ -403,3 +403,49 @@ def test_the_ready_pill_says_when_no_model_serves(beamline: Harness, browser: An
         ["daemon ready", "pill ok"],
         ["daemon not ready", "pill bad"],
     ]
+
+
+def test_the_run_history_draws_out_of_domain_answers_apart(beamline: Harness, browser: Any) -> None:
+    """Out-of-domain answers in the run's history are dots in the alarm colour on each of the
+    CN, distance and charge plots, and only they are. Before: the distance and charge lines
+    drew them as trusted values (the CN plot alone had them apart)."""
+    d = beamline.daemon
+    assert d.http_url is not None
+    history = {
+        "index": [0, 1, 2, 3],
+        "cn": [4.0, 4.0, 12.0, 12.0],
+        "cn_probability": [0.97] * 4,
+        "distance": [1.95, 1.95, 2.55, 2.55],
+        "charge": [1.1, 1.1, 0.1, 0.1],
+        "valence": [2.0, 2.0, 0.0, 0.0],
+    }
+
+    def state(ood: list[float]) -> dict[str, Any]:
+        run = {"raw_uid": "raw-1", "kind": "fly", "n_ok": 4, "n_rejected": 0}
+        return {"run": {**run, "history": {**history, "out_of_domain": ood}}}
+
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        # rendered and read in one task, so the page's own state cannot draw in between
+        red = page.evaluate(
+            """(states) => import('./static/run.js').then(({ renderRun }) =>
+                 states.map((state) => {
+                   renderRun(state);
+                   return ['hist-cn', 'hist-distance', 'hist-charge'].map((id) => {
+                     const c = document.getElementById(id);
+                     const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                     let n = 0;  // the alarm colour, COLORS.e0 #ef6b6b, opaque
+                     for (let i = 0; i < px.length; i += 4) {
+                       if (px[i] === 239 && px[i + 1] === 107 && px[i + 2] === 107) n++;
+                     }
+                     return n;
+                   });
+                 }))""",
+            [state([0.0, 0.0, 1.0, 1.0]), state([0.0, 0.0, 0.0, 0.0])],
+        )
+    finally:
+        page.close()
+    assert not problems, problems
+    flagged, trusted = red
+    assert all(n > 0 for n in flagged), flagged
+    assert trusted == [0, 0, 0]

@@ -26,13 +26,14 @@ export function renderRun(state) {
   const dist = state.prediction && state.prediction.tasks && state.prediction.tasks.distance;
   const mae = dist && dist.uncertainty;
   // answers out of the bundle's domain (a bin mostly out of it) drawn apart, in the alarm
-  // colour, so a guess never reads as a trusted CN
+  // colour, so a guess never reads as a trusted CN, distance or charge
   const out = (i) => (h.out_of_domain || [])[i] >= 0.5;
   const cn = h.cn || [];
+  const outDots = (y) => ({ x: x, y: x.map((_, i) => (out(i) && y && y[i] !== undefined ? y[i] : null)), dots: 3, color: COLORS.e0 });
   plot($("hist-cn"), {
     series: [
       { x: x, y: cn.map((v, i) => (out(i) ? null : v)), dots: 3, color: COLORS.line, alpha: h.cn_probability },
-      { x: x, y: cn.map((v, i) => (out(i) ? v : null)), dots: 3, color: COLORS.e0 },
+      outDots(cn),
     ],
     xlabel: "spectrum #", ylabel: "CN", empty: "no spectra yet",
     xrange: x.length === 1 ? [x[0] - 1, x[0] + 1] : undefined,
@@ -42,6 +43,7 @@ export function renderRun(state) {
     distSeries.push({ x: x, y: h.distance.map((d) => (d === null ? null : d + mae)), color: "#6b5640", width: 1, dash: [3, 3] });
     distSeries.push({ x: x, y: h.distance.map((d) => (d === null ? null : d - mae)), color: "#6b5640", width: 1, dash: [3, 3] });
   }
+  distSeries.push(outDots(h.distance));
   plot($("hist-distance"), {
     series: distSeries, xlabel: "spectrum #", ylabel: "Å", empty: "no spectra yet",
     xrange: x.length === 1 ? [x[0] - 1, x[0] + 1] : undefined,
@@ -50,6 +52,7 @@ export function renderRun(state) {
     series: [
       { x: x, y: h.charge, color: "#f2c14e", width: 2, dots: x.length < 3 ? 3 : 0 },
       { x: x, y: h.valence, color: COLORS.ok, width: 1, dash: [4, 3], dots: x.length < 3 ? 2 : 0 },
+      outDots(h.charge),
     ],
     xlabel: "spectrum #", ylabel: "e", empty: "no spectra yet",
     xrange: x.length === 1 ? [x[0] - 1, x[0] + 1] : undefined,
