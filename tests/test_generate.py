@@ -62,6 +62,14 @@ def _spinel_all_cu():
     return s
 
 
+def _cuprite_and_spinel(root: Path) -> Path:
+    """``root`` made, holding Cu2O and the all-Cu spinel as CIFs."""
+    root.mkdir()
+    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
+    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    return root
+
+
 def _write_structures(root: Path) -> Path:
     from pymatgen.core import Lattice, Structure
 
@@ -302,10 +310,7 @@ def test_resume_under_other_code_versions_is_refused(tmp_path, client, monkeypat
     refused and the tree is left as it was."""
     import importlib.metadata
 
-    root = tmp_path / "in"
-    root.mkdir()
-    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
-    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    root = _cuprite_and_spinel(tmp_path / "in")
     out = tmp_path / "tree"
     kw = {"runner": fake_runner, "progress": False, "client": client}
     first = generate(root, "Cu", out, "fast", limit=1, **kw)
@@ -344,10 +349,7 @@ def test_a_tree_resumes_across_a_reworded_preset_description(tmp_path, client, w
     the rest of the parameters, so the tree was refused ("generated ... with preset
     'converged'; use another --out") though every card would be the same. A parameter that
     changes the cards is still refused."""
-    root = tmp_path / "in"
-    root.mkdir()
-    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
-    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    root = _cuprite_and_spinel(tmp_path / "in")
     out = tmp_path / "tree"
     kw = {"runner": fake_runner, "progress": False, "client": client}
     assert generate(root, "Cu", out, "converged", limit=1, **kw).computed == 1
@@ -404,10 +406,7 @@ def test_generated_tree_builds_a_dataset_with_the_same_multiplicities(tmp_path, 
     from xasflow.training.dataset import build_feff_dataset
 
     monkeypatch.setenv("XASFLOW_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "in"
-    root.mkdir()
-    cu2o_cuprite().to(filename=str(root / "Cu2O.cif"))
-    _spinel_all_cu().to(filename=str(root / "spinel.cif"))
+    root = _cuprite_and_spinel(tmp_path / "in")
     out = tmp_path / "tree"
     generate(root, "Cu", out, "fast", runner=fake_runner, progress=False, workers=1)
     ds = build_feff_dataset(out, "Cu", n_jobs=1, progress=False)
