@@ -1,5 +1,5 @@
 """The dashboard in a real browser (:mod:`browser_page`): a daemon (tiny synthetic Cu K
-bundle of ``test_service``) on a loopback 0MQ forwarder; a publisher sends a step scan, the
+bundle of ``conftest``) on a loopback 0MQ forwarder; a publisher sends a step scan, the
 page is opened, then a fly (quick-XAS) scan arrives: the page must show the prediction and
 follow the new run. A screenshot is kept in ``test-artifacts/dashboard.png`` (git-ignored).
 The page's panels one by one are in ``test_browser_panels``.

@@ -1,7 +1,7 @@
 """End to end on loopback: bluesky's real 0MQ proxy, a real RunEngine in a subprocess (the
 simulated beamline), the daemon, and the embedded tiled catalog, driven by ``xasflow demo``.
 
-The model is the tiny synthetic Cu K bundle of ``test_service`` (trained here, seconds), so
+The model is the tiny synthetic Cu K bundle of ``conftest`` (trained here, seconds), so
 the predictions are not judged, only that every spectrum went the whole way.
 """
 
@@ -105,7 +105,7 @@ def test_demo_streams_a_step_and_a_fly_scan_end_to_end(
         n = 1 if info["scan"] == "step" else FLY_SPECTRA
         assert rows["index"].tolist() == list(range(n))
         assert set(rows["status"]) == {"ok"} and rows["cn"].notna().all()
-        # (foil alignment is covered by test_service: the FEFF demo spectra start above the
+        # (foil alignment is covered by test_service_daemon: the FEFF demo spectra start above the
         # Cu foil's edge, so here it is flagged align_failed and the spectrum used unaligned)
         assert rows["e0"].between(8970.0, 9010.0).all()
 

@@ -1,0 +1,242 @@
+"""The daemon's configuration: file, environment, errors naming the setting, serve --check."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+
+from helpers import free_port
+
+from xasflow.daemon.commands import add_commands
+from xasflow.daemon.config import ConfigError, DaemonConfig, env_overrides, load_config
+from xasflow.sim.commands import add_demo_command
+
+
+def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "xasflow.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        "input:\n  address: 10.0.0.5:5578\n  prefix: raw\n  overflow: drop_oldest\n"
+        "channels:\n  i0: ion0\n  it: [ion1, It]\n  if: [pips]\n  mode: transmission\n"
+        "storage:\n  directory: results\n"
+        "models:\n"  # an empty section is allowed
+    )
+    env = {
+        "XASFLOW__INPUT__ADDRESS": "tcp://beamline:5578",
+        "XASFLOW__HTTP__PORT": "9001",
+        "XASFLOW__INPUT__FORMATS": "[msgpack]",
+        "XASFLOW__ANALYSIS__ELEMENT": "cu",
+        "XASFLOW__OUTPUT__PREFIX": "123",  # kept as text, never read as a number
+        "XASFLOW_SHARED_DATA": "/elsewhere",  # single underscore: not ours
+    }
+    cfg = load_config(path, env)
+    assert cfg.input.address == "tcp://beamline:5578"
+    assert cfg.input.prefix == "raw" and cfg.input.overflow == "drop_oldest"
+    assert cfg.input.formats == ("msgpack",)
+    assert cfg.http.port == 9001 and cfg.http.host == "127.0.0.1"
+    assert cfg.analysis.element == "Cu" and cfg.analysis.prefer == "start"
+    assert cfg.output.prefix == "123"
+    assert cfg.storage.directory == path.parent / "results"  # relative to the file
+    assert cfg.models.directory.name == "models"
+    zin = cfg.input.to_zmq()
+    assert (zin.address, zin.prefix, zin.formats) == ("tcp://beamline:5578", b"raw", ("msgpack",))
+    cmap = cfg.channels.to_channel_map()
+    assert cmap.i0 == ("ion0",) and cmap.it == ("ion1", "It") and cmap.if_ == ("pips",)
+    assert cmap.mode == "transmission" and cmap.energy[0] == "energy"
+    defaults = load_config(None, {})
+    assert defaults.input.address == "tcp://127.0.0.1:5578"
+    assert defaults.output.address == "tcp://127.0.0.1:5577"
+    assert defaults.storage.enabled and defaults.analysis.run_timeout_s == 60.0
+    assert env_overrides({"XASFLOW__ANALYSIS__EDGE": "null"}) == {"analysis": {"edge": None}}
+    kafka_env = {
+        "XASFLOW__INPUT__KIND": "kafka",
+        "XASFLOW__INPUT__KAFKA__BOOTSTRAP_SERVERS": "broker:9092",
+        "XASFLOW__INPUT__KAFKA__GROUP_ID": "7",  # text, not the number 7
+    }
+    kafka = load_config(None, kafka_env)
+    assert (kafka.input.kind, kafka.input.kafka.bootstrap_servers) == ("kafka", "broker:9092")
+    assert kafka.input.kafka.group_id == "7" and kafka.input.kafka.session_timeout_ms == 6000
+    with pytest.raises(ConfigError, match="SECTION__SUB__KEY"):
+        env_overrides({"XASFLOW__INPUT__KAFKA__CONSUMER__X": "1"})
+    # a mapping (librdkafka settings) is written in braces; without them it stays text
+    kafka_env["XASFLOW__INPUT__KAFKA__CONSUMER"] = "{security.protocol: SSL, fetch.wait.max.ms: 5}"
+    kafka = load_config(None, kafka_env)
+    assert kafka.input.kafka.consumer == {"security.protocol": "SSL", "fetch.wait.max.ms": 5}
+    assert env_overrides({"XASFLOW__INPUT__PLAN": "a: b"}) == {"input": {"plan": "a: b"}}
+    with pytest.raises(ConfigError, match="XASFLOW__OUTPUT__KAFKA__PRODUCER: not a YAML mapping"):
+        env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
+
+
+def test_example_config_documents_the_defaults() -> None:
+    from xasflow import paths
+
+    example = paths.REPO_ROOT / "examples" / "xasflow.yaml"
+    cfg = load_config(example, {})
+    assert cfg.models.directory == paths.REPO_ROOT / "models"
+    assert cfg.storage.directory == example.parent / "xasflow-store"
+    defaults = DaemonConfig()
+    for section in (
+        "input",
+        "channels",
+        "analysis",
+        "output",
+        "http",
+        "recommend",
+        "epics",
+        "queueserver",
+    ):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    assert cfg.models == defaults.models
+    assert cfg.storage.model_dump(exclude={"directory"}) == defaults.storage.model_dump(
+        exclude={"directory"}
+    )
+
+
+def test_config_errors_name_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("input:\n  adress: x\n  overflow: wait\nhttp:\n  port: 70000\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    text = str(err.value)
+    assert str(path) in text
+    assert "input.adress: unknown setting" in text
+    assert "input.overflow" in text and "'wait'" in text
+    assert "http.port" in text
+    with pytest.raises(ConfigError, match=r"XASFLOW__HTTP__PORT.*\n.*http\.port"):
+        load_config(None, {"XASFLOW__HTTP__PORT": "eighty"})
+    with pytest.raises(ConfigError, match="XASFLOW__SECTION__KEY"):
+        load_config(None, {"XASFLOW__PORT": "1"})
+    with pytest.raises(ConfigError, match="analyse its own results"):
+        load_config(None, {"XASFLOW__INPUT__PREFIX": "a", "XASFLOW__OUTPUT__PREFIX": "a"})
+    with pytest.raises(ConfigError, match="prefix must not contain spaces"):
+        load_config(None, {"XASFLOW__INPUT__PREFIX": "a b"})
+    with pytest.raises(ConfigError, match="not an element symbol"):
+        load_config(None, {"XASFLOW__ANALYSIS__ELEMENT": "Copper"})
+    with pytest.raises(ConfigError, match=r"analysis\.herfd: .*FWHM in eV"):
+        load_config(None, {"XASFLOW__ANALYSIS__HERFD": "-1"})
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "1.2"}).analysis.herfd == 1.2
+    assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": "true"}).analysis.herfd is True
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "missing.yaml", {})
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "list.yaml", {})
+    (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(tmp_path / "broken.yaml", {})
+    # one line, naming the file and where, not PyYAML's "<unicode string>"
+    text = str(err.value)
+    assert "\n" not in text and "<unicode string>" not in text
+    assert text.startswith(f"{tmp_path / 'broken.yaml'}:2:1: not valid YAML: expected")
+    assert text.endswith("(while parsing a flow sequence from line 1)")
+
+
+def test_bundle_integrity_settings(tmp_path: Path) -> None:
+    """models.require_digest / require_signature / trusted_keys: defaults, paths relative to
+    the file, a key that is not a public key and signatures without keys are errors."""
+    from xasflow.models.integrity import generate_keypair
+
+    private, public = generate_keypair()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "facility.pub").write_bytes(public)
+    (tmp_path / "keys" / "facility.key").write_bytes(private)
+    defaults = DaemonConfig().models
+    assert (defaults.require_digest, defaults.require_signature) == (True, False)
+    assert defaults.trusted_keys == ()
+    path = tmp_path / "xasflow.yaml"
+    path.write_text("models:\n  require_signature: true\n  trusted_keys: [keys/facility.pub]\n")
+    cfg = load_config(path, {})
+    assert cfg.models.trusted_keys == (tmp_path / "keys" / "facility.pub",)
+    assert cfg.models.require_signature and cfg.models.require_digest
+    one = load_config(None, {"XASFLOW__MODELS__TRUSTED_KEYS": str(tmp_path / "keys/facility.pub")})
+    assert one.models.trusted_keys == (tmp_path / "keys" / "facility.pub",)
+    with pytest.raises(ConfigError, match=r"models: .*require_signature: true needs"):
+        load_config(None, {"XASFLOW__MODELS__REQUIRE_SIGNATURE": "true"})
+    path.write_text("models:\n  trusted_keys: [keys/facility.key]\n")  # the private half
+    with pytest.raises(ConfigError, match=r"models\.trusted_keys: .*facility\.key: not a"):
+        load_config(path, {})
+    path.write_text("models:\n  trusted_keys: [keys/missing.pub]\n")
+    with pytest.raises(ConfigError, match=r"missing\.pub: not a readable Ed25519 public key"):
+        load_config(path, {})
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "a_file"])
+def test_serve_check_warns_of_a_store_path_through_a_file(tmp_path: Path, where: str) -> None:
+    """A store directory below a regular file (or the file itself) passed ``--check``, whose
+    only test was a writable nearest existing ancestor: the daemon then refused to start
+    ("Not a directory"). Expected: the warning ``--check`` gives a store it cannot create."""
+    from xasflow.daemon.commands import check_paths
+    from xasflow.daemon.config import DaemonConfig
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    store = afile / "sub" if where == "below_a_file" else afile
+    config = DaemonConfig.model_validate({"storage": {"directory": str(store)}})
+    assert any("cannot be created or written" in w for w in check_paths(config))
+    fine = DaemonConfig.model_validate({"storage": {"directory": str(tmp_path / "new" / "s")}})
+    assert not any("storage" in w for w in check_paths(fine))
+
+
+def test_serve_check_prints_effective_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    path = tmp_path / "x.yaml"
+    port = free_port()
+    path.write_text(f"http:\n  port: {port}\n")
+    monkeypatch.setenv("XASFLOW__OUTPUT__ENABLED", "false")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_commands(sub)
+    add_demo_command(sub)
+    args = parser.parse_args(["serve", "--config", str(path), "--check"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    shown = json.loads(captured.out)
+    assert shown["http"]["port"] == port and shown["output"]["enabled"] is False
+    assert shown["channels"]["if"][0] == "If"
+    assert "warning" not in captured.err  # the repository's models/ holds the Cu bundle
+    # a models directory that is not there passes the schema, but --check says what follows
+    monkeypatch.setenv("XASFLOW__MODELS__DIRECTORY", str(tmp_path / "no-models"))
+    assert args.func(args) == 0
+    assert "no-models does not exist: every spectrum would be rejected" in capsys.readouterr().err
+    # so do a taken HTTP port and an EPICS prefix that another IOC serves
+    from xasflow.adapters.epics_ioc import XasIoc
+
+    ca_port = free_port()
+    monkeypatch.setenv("XASFLOW__EPICS__ENABLED", "true")
+    monkeypatch.setenv("XASFLOW__EPICS__PORT", str(ca_port))
+    with socket.socket() as taken, XasIoc("XAS:", port=ca_port, beacon_port=free_port()) as ioc:
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        assert args.func(args) == 0
+        err, served = capsys.readouterr().err, f"127.0.0.1:{ioc.tcp_port}"
+    assert f"warning: http 127.0.0.1:{port}: Address already in use" in err
+    assert f"warning: epics: XAS:BUNDLE_ID is already served by {served} (an IOC" in err
+    args = parser.parse_args(["demo", "--scans", "2", "--fly"])
+    assert (args.scans, args.fly, args.duration) == (2, True, 0.0)
+    for bad in (["--fly-spectra", "0"], ["--scans", "-1"], ["--duration", "-5"]):
+        with pytest.raises(SystemExit):  # a usage error naming the argument, no traceback
+            parser.parse_args(["demo", *bad])
+    assert "--fly-spectra: 0 is below 1" in capsys.readouterr().err
+
+
+def test_queueserver_needs_credentials_to_be_enabled() -> None:
+    with pytest.raises(ConfigError, match=r"queueserver.*zmq_public_key"):
+        load_config(None, {"XASFLOW__QUEUESERVER__ENABLED": "true"})
+    env = {
+        "XASFLOW__QUEUESERVER__ENABLED": "true",
+        "XASFLOW__QUEUESERVER__TRANSPORT": "http",
+        "XASFLOW__QUEUESERVER__API_KEY": "0123",
+    }
+    cfg = load_config(None, env)
+    assert cfg.queueserver.enabled and cfg.queueserver.api_key is not None
+    assert cfg.queueserver.api_key.get_secret_value() == "0123"  # text, not the number 123
+    assert "0123" not in cfg.model_dump_json()  # never shown by serve --check
