@@ -1,18 +1,25 @@
 """Shared pytest fixtures: locations of the shared data (skipping clearly when absent), one
-tiny Cu K bundle trained from the synthetic FEFF tree once per session, and the browser
-tests' daemon and chromium."""
+tiny Cu K bundle trained from the synthetic FEFF tree once per session, the browser tests'
+daemon and chromium; the pipeline tests' registry and pipeline over a copy of the tiny
+bundle."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from helpers import Harness, LoopbackProxy, daemon_config
 from kafka_broker import Broker, BrokerUnavailable
 
 from xasflow import paths
+
+if TYPE_CHECKING:
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.pipeline import Pipeline
+    from xasflow.daemon.registry import ModelRegistry
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +165,37 @@ def browser() -> Iterator[Any]:
 
     with chromium() as b:
         yield b
+
+
+# --------------------------------------------------------------------------- the pipeline
+# tests (test_pipeline_*.py): a registry over a copy of the tiny Cu K bundle, and a pipeline
+# that validates its documents, on a clock that stands 4 ms after the spectra's event time
+
+
+@pytest.fixture
+def model_dir(tiny_cu_bundle: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_cu_bundle, tmp_path / "models" / "cu-k")
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def counters() -> Counters:
+    from xasflow.daemon.counters import Counters
+
+    return Counters()
+
+
+@pytest.fixture
+def registry(model_dir: Path, counters: Counters) -> ModelRegistry:
+    from xasflow.daemon.registry import ModelRegistry
+
+    return ModelRegistry(model_dir, counters)
+
+
+@pytest.fixture
+def pipeline(registry: ModelRegistry, counters: Counters) -> Pipeline:
+    from pipeline_helpers import T0, Clock
+
+    from xasflow.daemon.pipeline import Pipeline
+
+    return Pipeline(registry, counters, validate=True, clock=Clock(T0 + 0.004))

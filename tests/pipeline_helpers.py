@@ -1,9 +1,10 @@
 """What the pipeline and registry tests share: synthetic Cu scans (a sample and a foil) as
-assembled spectra, a run's opening, the events of its documents, and a bundle redeployed
-under a new id."""
+assembled spectra, a run's opening and closing, the events of its documents (validated, and
+the one document of a name), a bundle redeployed under a new id, and a clock that stands still."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 from helpers import unpaged
 from synthetic_feff import model_mu
 
-from xasflow.daemon.assembly import RunOpened, ScanSpectrum, SpectrumReady
+from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
 from xasflow.models.bundle import read_manifest
 from xasflow.models.bundle_write import write_bundle
 from xasflow.spectra import edge_energy
@@ -98,3 +99,42 @@ def opened(raw_uid: str, kind: str = "fly", **md: Any) -> RunOpened:
 
 def events(docs: list[tuple[str, dict]]) -> list[dict[str, Any]]:
     return [d["data"] for n, d in unpaged(docs) if n == "event"]
+
+
+class Clock:
+    """A wall clock that reads ``t``."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def closed(raw_uid: str, status: str = "success", reason: str = "", n: int = 1) -> RunClosed:
+    return RunClosed(raw_uid, status, reason, n, 0, 0)  # type: ignore[arg-type]
+
+
+def validate(docs: list[tuple[str, dict]]) -> None:
+    from event_model import DocumentNames, schema_validators
+
+    from xasflow.daemon.documents import DATA_KEYS
+
+    names = {
+        "start": DocumentNames.start,
+        "descriptor": DocumentNames.descriptor,
+        "event": DocumentNames.event,
+        "event_page": DocumentNames.event_page,
+        "stop": DocumentNames.stop,
+    }
+    for name, doc in docs:
+        schema_validators[names[name]].validate(doc)
+        if name in ("event", "event_page"):
+            assert set(doc["data"]) == set(DATA_KEYS) == set(doc["timestamps"])
+    # the stream is a well-formed run: start, descriptor, events, stop
+    json.dumps([d for _, d in docs])  # plain data, publishable as JSON / msgpack
+
+
+def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:
+    (doc,) = [d for n, d in docs if n == name]
+    return doc
