@@ -1,11 +1,12 @@
 """Hand-made recommender inputs shared by the recommendation and feedback tests: a Cu K
 manifest with known region importances, predictions of chosen certainty, and transmission
-counts of a packaged FEFF demo spectrum."""
+counts of a packaged FEFF demo spectrum; and the pieces a recommended region was cut into."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from xasflow.daemon.recommend import Recommendation, Region
 from xasflow.models.bundle import Manifest, TaskSpec
 from xasflow.models.predictor import Prediction, TaskResult
 from xasflow.spectra import FeatureSpec, PrepParams
@@ -115,3 +116,11 @@ def demo_channels(name: str, seed: int = 0) -> tuple[np.ndarray, dict[str, np.nd
     i0 = rng.poisson(1e6, energy.size).astype(float)
     it = rng.poisson(1e6 * np.exp(-(0.3 + mu))).astype(float)
     return energy, {"i0": i0, "it": it}
+
+
+def pieces(rec: Recommendation, name: str) -> list[Region]:
+    """The pieces a model region was cut into, in energy order."""
+    return sorted(
+        (r for r in rec.regions if r.name == name or r.name.startswith(f"{name} (")),
+        key=lambda r: r.start,
+    )
