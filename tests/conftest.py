@@ -1,12 +1,13 @@
 """Shared pytest fixtures: locations of the shared data (skipping clearly when absent), one
 tiny Cu K bundle trained from the synthetic FEFF tree once per session, the browser tests'
 daemon and chromium; the pipeline tests' registry and pipeline over a copy of the tiny
-bundle."""
+bundle; the 0MQ input tests' teardown (``closing``)."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,3 +200,23 @@ def pipeline(registry: ModelRegistry, counters: Counters) -> Pipeline:
     from xasflow.daemon.pipeline import Pipeline
 
     return Pipeline(registry, counters, validate=True, clock=Clock(T0 + 0.004))
+
+
+# --------------------------------------------------------------------------- the 0MQ input
+# tests (test_zmq_bus_*.py)
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[[Any], Any]]:
+    """Register sources/publishers for teardown; asserts sources' threads really ended."""
+    from xasflow.adapters.zmq_bus import ZmqDocumentSource
+
+    objs: list[Any] = []
+    yield lambda obj: objs.append(obj) or obj
+    for obj in reversed(objs):
+        if isinstance(obj, ZmqDocumentSource):
+            assert obj.close(timeout=5.0)
+        else:
+            obj.close()
+    alive = [t.name for t in threading.enumerate() if t.name == "xasflow-zmq-in"]
+    assert alive == []
