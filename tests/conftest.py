@@ -1,7 +1,7 @@
 """Shared pytest fixtures: locations of the shared data (skipping clearly when absent), one
 tiny Cu K bundle trained from the synthetic FEFF tree once per session, the browser tests'
 daemon and chromium; the pipeline tests' registry and pipeline over a copy of the tiny
-bundle; the 0MQ input tests' teardown (``closing``)."""
+bundle; the 0MQ input tests' teardown (``closing``); the dashboard tests' daemon (``dash``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from dashboard_helpers import RATE_HZ
 from helpers import Harness, LoopbackProxy, daemon_config
 from kafka_broker import Broker, BrokerUnavailable
 
@@ -220,3 +221,21 @@ def closing() -> Iterator[Callable[[Any], Any]]:
             obj.close()
     alive = [t.name for t in threading.enumerate() if t.name == "xasflow-zmq-in"]
     assert alive == []
+
+
+# --------------------------------------------------------------------------- the dashboard
+# tests (test_dashboard_*.py)
+
+
+@pytest.fixture(scope="module")
+def dash(
+    models_dir: Path,
+    shared_proxy: LoopbackProxy,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Harness]:
+    """A started daemon (dashboard on, default loopback host, no token), warmed up."""
+    cfg = daemon_config(models_dir, shared_proxy, tmp_path_factory.mktemp("store"))
+    cfg = cfg.with_updates({"http": {"dashboard_rate_hz": RATE_HZ}})
+    h = Harness(cfg, shared_proxy)
+    yield h
+    h.close()
