@@ -1,7 +1,9 @@
 """Shared pytest fixtures: locations of the shared data (skipping clearly when absent), one
 tiny Cu K bundle trained from the synthetic FEFF tree once per session, the browser tests'
 daemon and chromium; the pipeline tests' registry and pipeline over a copy of the tiny
-bundle; the 0MQ input tests' teardown (``closing``); the dashboard tests' daemon (``dash``)."""
+bundle; the 0MQ input tests' teardown (``closing``); the dashboard tests' daemon (``dash``);
+the training tests' synthetic tree, its dataset, the model trained on it and its bundle, each
+made once per session."""
 
 from __future__ import annotations
 
@@ -239,3 +241,44 @@ def dash(
     h = Harness(cfg, shared_proxy)
     yield h
     h.close()
+
+
+# --------------------------------------------------------------------------- the training
+# tests (test_training_*.py): made once per session (the dataset takes some 20 s)
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from synthetic_feff import write_tree
+
+    return write_tree(tmp_path_factory.mktemp("feff"), per_type=8)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def dataset(tree: Path, cache: Path):  # type: ignore[no-untyped-def]
+    from xasflow.training.dataset import build_feff_dataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(cache))
+        return build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained(dataset):  # type: ignore[no-untyped-def]
+    from synthetic_feff import small_config
+
+    from xasflow.training.fit import train
+
+    return train(dataset, small_config(), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def bundle(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xasflow.training.bundle_export import export_bundle
+
+    return export_bundle(trained, tmp_path_factory.mktemp("b") / "cu-k")

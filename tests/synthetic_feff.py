@@ -4,14 +4,18 @@ Three real structure types with Cu in different environments (cuprite Cu2O: CN 2
 zincblende CuCl: CN 4 tetrahedral, rocksalt CuO: CN 6 octahedral), each at a few lattice
 scalings. The ``xmu.dat`` spectra are model curves whose white line, edge position and
 oscillation period depend on the environment, so a model can learn them and a test can fail
-if the pipeline scrambles rows, labels or features.
+if the pipeline scrambles rows, labels or features. ``small_config`` trains on it in seconds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from xasflow.training.fit import TrainConfig
 
 PROTOTYPES = {
     # name: (space group, a (Å), species, coords, edge shift eV, white-line height, width eV)
@@ -120,3 +124,20 @@ def write_tree(
         good = (base / "syn-CuO-0" / "FEFF-XANES" / site_dir / "xmu.dat").read_text()
         (junk / "xmu.dat").write_text(good)
     return base
+
+
+def small_config() -> TrainConfig:
+    from xasflow.training.fit import TrainConfig
+
+    small = {"members": 2, "max_epochs": 30, "patience": 10}
+    cfg = TrainConfig(
+        n_estimators=12,
+        n_jobs=1,
+        test_fraction=0.3,
+        val_fraction=0.15,
+        split_by="material",  # the synthetic tree's 24 materials have three formulas
+        networks=("mlp", "cnn"),
+        network_overrides={"mlp": {**small, "hidden": [32, 32]}, "cnn": small},
+        ood_spread=True,
+    )
+    return cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"copies": 1})})
