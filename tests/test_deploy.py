@@ -232,7 +232,8 @@ def test_healthcheck_script_reads_the_token_from_the_environment(
 
 def test_serve_tells_systemd_ready_and_stopping(tmp_path: Path) -> None:
     """``xasflow serve`` under ``Type=notify``: READY=1 on the unit's socket once /health says
-    ready, STOPPING=1 on SIGTERM, then a clean exit."""
+    ready, STOPPING=1 on SIGTERM, then a clean exit. With no bundle, the k8s startup and
+    liveness probes' paths answer 200 (readiness's 503)."""
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -262,6 +263,11 @@ def test_serve_tells_systemd_ready_and_stopping(tmp_path: Path) -> None:
         ready = sock.recv(4096).decode()
         assert ready.splitlines()[0] == "READY=1", ready
         assert (daemon_health(port) or {}).get("ready") is True  # ready means ready
+        # no bundle serves (the models directory is empty): the k8s startup and liveness
+        # probes must pass, or the kubelet restart-loops a daemon that runs on rejecting
+        # no_model (XasflowNoModelLoaded could never fire); only readiness keeps it out
+        answers = {name: _http_status(port, path) for name, path in _k8s_probe_paths().items()}
+        assert answers == {"startupProbe": 200, "livenessProbe": 200, "readinessProbe": 503}
         proc.send_signal(signal.SIGTERM)
         assert sock.recv(4096).decode() == "STOPPING=1"
         assert proc.wait(timeout=60) == 0
@@ -275,6 +281,25 @@ def test_serve_tells_systemd_ready_and_stopping(tmp_path: Path) -> None:
 
     assert sd_notify("READY=1", env={}) is False
     assert sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "absent")}) is False
+
+
+def _k8s_probe_paths() -> dict[str, str]:
+    """deploy/k8s/deployment.yaml's probe paths, by probe."""
+    pod = load_yaml(DEPLOY / "k8s" / "deployment.yaml")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return {p: container[p]["httpGet"]["path"] for p in container if p.endswith("Probe")}
+
+
+def _http_status(port: int, path: str) -> int:
+    """The HTTP status a local daemon answers ``path`` with, without a token (as kubelet)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_tiled_serve_catalog_serves_the_store_read_only(
