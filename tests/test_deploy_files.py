@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_files import DEPLOY, TOKEN, dashboard, env_file, load_yaml, unit_file
+from deploy_files import DEPLOY, TOKEN, alert_rules, dashboard, env_file, load_yaml, unit_file
 
 from xasflow import paths
 from xasflow.daemon.config import ConfigError, env_overrides, load_config
@@ -206,3 +206,19 @@ def test_the_rejection_reasons_an_alert_names_are_ones_the_daemon_gives() -> Non
     }
     assert named, "no alert names rejection reasons: the check checks nothing"
     assert {(alert, word) for alert, word in named if word not in known} == set()
+
+
+def test_the_assembly_alert_covers_every_refusal_but_the_normal_ones() -> None:
+    """XasflowAssemblyRejecting lists assembly reasons by name: each is one the assembler
+    gives, and every other is one normal operation makes (a Kafka redelivery, a scan the user
+    aborted, a run open at a stop), so a reason added to the assembler is either alerted on or
+    named here as normal (a name spelled wrong, or a new refusal, was silently unwatched)."""
+    from xasflow.daemon.assembly import REASONS
+
+    (rule,) = [r for r in alert_rules() if r["alert"] == "XasflowAssemblyRejecting"]
+    (listed,) = re.findall(r'stage="assembly", reason=~"([^"]+)"', rule["expr"])
+    alerted = set(listed.split("|"))
+    assert alerted <= REASONS, sorted(alerted - REASONS)
+    normal = {"duplicate_start", "duplicate_event", "late_document"}  # Kafka redelivers
+    normal |= {"incomplete_run", "missing_stop"}  # aborted; open when the daemon stopped
+    assert REASONS - alerted == normal
