@@ -222,3 +222,18 @@ def test_the_assembly_alert_covers_every_refusal_but_the_normal_ones() -> None:
     normal = {"duplicate_start", "duplicate_event", "late_document"}  # Kafka redelivers
     normal |= {"incomplete_run", "missing_stop"}  # aborted; open when the daemon stopped
     assert REASONS - alerted == normal
+
+
+def test_the_loss_panel_shows_documents_dropped_on_an_internal_error() -> None:
+    """Grafana's loss panel draws what the processing loop dropped on an unexpected error
+    (xasflow_internal_errors_total, alerted on by XasflowInternalErrors) beside the events,
+    input documents and store rows lost: a bug dropping documents is loss too."""
+    (panel,) = [p for p in dashboard()["panels"] if p["title"].startswith("Loss by cause")]
+    exprs = " ".join(t["expr"] for t in panel["targets"])
+    for metric in (
+        "xasflow_events_lost_total",
+        "xasflow_input_dropped_total",
+        "xasflow_store_rows_total",
+        "xasflow_internal_errors_total",
+    ):
+        assert metric in exprs, metric
