@@ -185,7 +185,9 @@ class XasPVGroup(PVGroup):
 
     @heartbeat.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
     async def heartbeat(self, instance: Any, async_lib: Any) -> None:
-        """Count up while the IOC's loop is alive (a stuck daemon stops the count)."""
+        """Count up while the IOC's own loop is alive. It runs in the IOC's thread, so a
+        stalled analysis or a silent input does not stop the count (``UPDATES`` counts
+        answers)."""
         await instance.write((instance.value + 1) % 2_000_000_000)
 
 
