@@ -76,6 +76,10 @@ def test_unsigned_bundle_refused_when_signatures_are_required(
         assert health["counters"]["model_refused_by_reason"] == {"signature_missing": 1}
         text = get(f"{d.http_url}/metrics")[1].decode()
         assert 'xasflow_model_refused_total{reason="signature_missing"} 1.0' in text
+        # and the refusal that holds now, for an alert that lasts while the bundle stays
+        assert (
+            'xasflow_model_refused_current{directory="cu-k",reason="signature_missing"} 1.0' in text
+        )
         assert "xasflow_model_refusals" not in text  # the labelled counter replaces the gauge
     finally:
         d.stop()

@@ -131,6 +131,14 @@ class AdapterCollector:
             "documents and batches the processing loop dropped on an unexpected error",
             value=d.internal_errors,
         )
+        refused = GaugeMetricFamily(  # lasts while the bundle stays: the refusal counter
+            "xasflow_model_refused_current",  # moved once, maybe before the first scrape
+            "bundle directories refused now (1 each), by directory and reason",
+            labels=["directory", "reason"],
+        )
+        for name, reason in d.models_refused_now().items():
+            refused.add_metric([name, reason], 1)
+        yield refused
         yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 

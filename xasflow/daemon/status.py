@@ -70,6 +70,12 @@ class DaemonStatus:
         registry = self.parts.registry
         return registry.models() if registry is not None else []
 
+    def models_refused_now(self) -> dict[str, str]:
+        """Bundle directories refused now (``ModelRegistry.refusals``), with their reason."""
+        registry = self.parts.registry
+        refusals = registry.refusals() if registry is not None else {}
+        return {name: r.reason for name, r in sorted(refusals.items())}
+
     def input_stats(self) -> dict[str, int]:
         """The input's counters and queue depth."""
         source = self.parts.source

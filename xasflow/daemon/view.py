@@ -62,3 +62,7 @@ class DaemonView(Protocol):
     def store_stats(self) -> dict[str, int]:
         """The store's counters (empty when storage is off)."""
         ...
+
+    def models_refused_now(self) -> dict[str, str]:
+        """Bundle directories refused now, with their reason code."""
+        ...
