@@ -182,14 +182,19 @@ def _stored_stop(store: Path, uid: str) -> bool:
         return False
 
 
-def _exported(daemon: Harness) -> set[str]:
+def _metrics_text(daemon: Harness) -> str:
+    """The daemon's /metrics, read with its token."""
     import urllib.request
 
     req = urllib.request.Request(
         f"{daemon.daemon.http_url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
+        return resp.read().decode()
+
+
+def _exported(daemon: Harness) -> set[str]:
+    text = _metrics_text(daemon)
     names: set[str] = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -369,3 +374,57 @@ def _answers(url: str) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+def test_a_scan_the_channel_map_refuses_fires_an_alert(
+    daemon: tuple[Harness, str], tmp_path: Path
+) -> None:
+    """A step scan whose I0 channel the channel map does not know (a renamed detector) is
+    refused before the analysis; the series the daemon exports for it, fed to the alert rules
+    as a count that rose (promtool), fire XasflowAssemblyRejecting with its reason: the rule
+    reads the labels the daemon gives (no alert saw such a scan before; from a review)."""
+    h = daemon[0]
+    channels = transmission(STEP_GRID)
+    renamed = {("mon" if k == "I0" else k): v for k, v in channels.items()}
+    assert renamed.keys() != channels.keys()
+    publish(h.pub, step_scan(STEP_GRID, renamed, {"sample_name": "CuO"})[1])
+    wanted = re.compile(r'^xasflow_spectra_rejected_total\{([^}]*stage="assembly"[^}]*)\} (\S+)$')
+
+    def refused() -> dict[str, float]:
+        found = (wanted.match(line) for line in _metrics_text(h).splitlines())
+        return {m[1]: float(m[2]) for m in found if m}
+
+    wait_for(lambda: any(v > 0 for v in refused().values()), "an assembly refusal on /metrics")
+    series = [
+        {
+            "series": f'xasflow_spectra_rejected_total{{{labels}, job="xasflow", instance="d1"}}',
+            "values": f"0x10 {value}x20",  # the count the scan made, after 10 minutes at 0
+        }
+        for labels, value in refused().items()
+    ]
+    firing = 'ALERTS{alertname="XasflowAssemblyRejecting", alertstate="firing"}'
+    test = {
+        "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": f"count by (reason) ({firing})",
+                        "eval_time": "15m",
+                        "exp_samples": [{"labels": '{reason="missing_channel"}', "value": 1}],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "scraped_test.yml").write_text(yaml.safe_dump(test))
+    res = subprocess.run(
+        [tool("promtool"), "test", "rules", str(tmp_path / "scraped_test.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
