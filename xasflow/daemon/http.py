@@ -139,7 +139,11 @@ class AdapterCollector:
         for name, reason in d.models_refused_now().items():
             refused.add_metric([name, reason], 1)
         yield refused
-        yield GaugeMetricFamily("xasflow_up", "1 while the daemon is ready", value=int(d.ready))
+        yield GaugeMetricFamily(
+            "xasflow_up",
+            "1 once started (a bundle serving or not: xasflow_model_info), 0 while stopping",
+            value=int(d.ready),
+        )
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
 
 
