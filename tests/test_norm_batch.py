@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic_feff import model_mu
-from xasflow.spectra import PrepParams, Spectrum, SpectrumError, prepare
+from xasflow.spectra import PrepParams, Spectrum, SpectrumError, edge_energy, prepare
 from xasflow.spectra import batch as batch_module
 from xasflow.spectra.batch import prepare_batch
 
@@ -312,7 +312,7 @@ def test_rows_off_the_shared_axis_are_left_to_the_per_row_function() -> None:
     mu = np.array([_edge(axes[i], CU_K, i) for i in range(3)])
     e0 = np.full(3, CU_K)
     y, steps, errors, deferred = normalize_larch_batch(
-        axes, axes - e0[:, None], mu, e0, DEFAULT, [None] * 3, 1.55
+        axes, axes - e0[:, None], mu, e0, DEFAULT, [None] * 3, 1.55, edge_energy("Cu")
     )
     assert deferred.tolist() == [2] and errors == [None] * 3
     for i in (0, 1):
@@ -359,8 +359,9 @@ def test_random_pages_match_normalize_row_by_row() -> None:
         params = DEFAULT.model_copy(update=update)
         declared = [None if rng.random() < 0.7 else bool(rng.random() < 0.5) for _ in range(n)]
         axes = energy[None, :] + shifts[:, None]
+        tail = 1.55 if params.edge_tail else None
         y, steps, errors, deferred = normalize_larch_batch(
-            axes, axes - e0[:, None], mu, e0, params, declared, 1.55 if params.edge_tail else None
+            axes, axes - e0[:, None], mu, e0, params, declared, tail, edge_energy("Cu")
         )
         for i in sorted(set(range(n)) - set(deferred.tolist())):
             meta = {} if declared[i] is None else {"calculated": declared[i]}

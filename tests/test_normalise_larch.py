@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
-from xasflow.spectra import PrepParams, Spectrum, SpectrumError, find_e0, normalize, prepare
+from xasflow.spectra import (
+    PrepParams,
+    Spectrum,
+    SpectrumError,
+    edge_energy,
+    find_e0,
+    normalize,
+    prepare,
+)
 from xasflow.spectra import norm as norm_module
 
 # E0 and edge step from Larch ``pre_edge`` with its defaults (xraylarch 2026.3.1), on the mu
@@ -163,7 +171,9 @@ def test_calculated_is_declared_or_inferred() -> None:
     with pytest.raises(SpectrumError) as err:
         normalize(declared, e0, PrepParams())
     assert err.value.reason == "no_pre_edge"
-    # ... and with 15 eV it is normalised as the same scan on a background, undeclared
+    # ... and with 15 eV (below E0, and below the tabulated edge: E0 on it here) it is
+    # normalised as the same scan on a background, undeclared
+    e0 = edge_energy("Cu")
     longer = np.arange(e0 - 15, e0 + 120, 0.25)
     edge = arctan_edge(longer, e0, 1.0, wiggle=0.0)
     declared = Spectrum(longer, edge, "Cu", meta={"calculated": False})

@@ -148,8 +148,8 @@ class AnalysisConfig(_Section):
     ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
     neither, the pipeline infers them from the energy range (tabulated edge energies).
     ``herfd`` and ``calculated`` (FEFF replays; default false: measured scans, which need
-    15 eV below E0, else ``no_pre_edge``: one starting at its edge gave an E0 11 eV too
-    high) say what the spectra are; a start document's own key wins (null or "" declares
+    15 eV below E0 and below the tabulated edge, else ``no_pre_edge``: one starting at its
+    edge gave an E0 11 eV too high) say what the spectra are; a start document's own key wins (null or "" declares
     nothing; "true", "false" and numbers as text are read as such).
     ``batching``: how long the processing thread may wait for more documents under load
     (:class:`~xasflow.daemon.batching.BatchPolicy`). ``prep_process``: the heavy numbers of

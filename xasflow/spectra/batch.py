@@ -43,6 +43,7 @@ from xasflow.spectra.process import (
     normalize,
     prepare,
     sparse_window,
+    tabulated_edge,
     undetermined_step,
 )
 from xasflow.spectra.quality import edge_snr_rows, weak_edge
@@ -416,7 +417,14 @@ def _prepare_fast(
         tail = core_hole_width(element, edge) if params.edge_tail else None
         declared = [metas[i].get("calculated") for i in live.tolist()]
         y, steps, norm_errors, deferred = normalize_larch_batch(
-            axes[live], rel, mu[live], e0[live], params, declared, tail
+            axes[live],
+            rel,
+            mu[live],
+            e0[live],
+            params,
+            declared,
+            tail,
+            tabulated_edge(element, edge),
         )
         per_row = deferred.tolist()
     else:  # "max", or a few larch rows

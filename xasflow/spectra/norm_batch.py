@@ -279,11 +279,13 @@ def normalize_larch_batch(
     params: PrepParams,
     declared: Sequence[object],
     tail_width: float | None,
+    tab: float | None,
 ) -> tuple[np.ndarray, np.ndarray, list[SpectrumError | None], np.ndarray]:
     """Larch-convention ``normalize`` of every row of ``mu`` on ``axes`` (``rel = axes - e0``).
 
     The rows are one axis shifted (``rel[i] = energy + shift[i] - e0[i]``, as in
-    ``prepare_batch``); ``declared[i]`` is row i's ``meta.get("calculated")``. Returns (y on
+    ``prepare_batch``); ``declared[i]`` is row i's ``meta.get("calculated")``; ``tab`` the
+    tabulated edge (eV) a measured row must start below too. Returns (y on
     the rows' axes, steps, per-row SpectrumError or None, indices of rows left to the
     per-row function).
     """
@@ -302,7 +304,8 @@ def normalize_larch_batch(
     late = np.zeros(n, dtype=bool)
     if measured.any():
         at = np.flatnonzero(measured)
-        for i, why in zip(at.tolist(), measured_start_why(rel[at]), strict=True):
+        tab_rel = None if tab is None else tab - e0[at]  # on each row's (aligned) axis
+        for i, why in zip(at.tolist(), measured_start_why(rel[at], None, tab_rel), strict=True):
             if why is not None:
                 late[i] = True
                 if end[i] >= params.min_post_edge:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
-from xasflow.spectra.edges import core_hole_width
+from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr, weak_edge
@@ -209,7 +209,12 @@ def _normalize_larch(
         )
     calculated = is_calculated(spectrum, e0, params, bulk)
     if spectrum.meta.get("calculated") is False:  # (its data's start: the one rel it reads)
-        (why,) = measured_start_why((spectrum.energy[lead : lead + 1] - e0)[None, :], 0)
+        tab = tabulated_edge(spectrum.element, spectrum.edge)
+        (why,) = measured_start_why(
+            (spectrum.energy[lead : lead + 1] - e0)[None, :],
+            0,
+            None if tab is None else np.array([tab - e0]),
+        )
         if why is not None:
             raise SpectrumError("no_pre_edge", why)
     sub, fit = edge_fit(
@@ -246,10 +251,15 @@ def _where(fit: EdgeFit) -> str:
 
 #: eV of data a spectrum declared measured (``meta["calculated"] is False``: XDI files, and
 #: the daemon's spectra unless ``analysis.calculated`` or the run's start says otherwise)
-#: needs below E0: a scan that starts later has no pre-edge to subtract, and its "E0" may be
-#: a rise after the edge. The library's Cu foil cut to start at its edge gave an E0 10.8 eV
-#: too high (10.3 eV cut 0.5 eV later), cut 5 eV above it 11 eV too high: 10 eV let the
-#: first through. Every XDI file of the shared library starts 18.9 eV or more below E0.
+#: needs below E0, and below its tabulated edge: a scan that starts later has no pre-edge to
+#: subtract, and its "E0" may be a rise after the edge. The library's Cu foil cut to start
+#: at its edge gave an E0 10.8 eV too high (10.3 eV cut 0.5 eV later), cut 5 eV above it
+#: 11 eV too high: 10 eV let the first through. Cut 6-20 eV above the edge, E0 lands 25-40
+#: eV up on a post-edge rise and the data start "far below E0" (Fe foil cut at 7130.9 eV:
+#: E0 7147.0): the tabulated edge, on the axis prepared (aligned where a foil shift was
+#: applied), does not move with the search. Every XDI file of the shared library starts
+#: 18.9 eV or more below E0 and 19.0 eV or more below its tabulated edge (scans are
+#: planned around the tabulated edge on the monochromator's own axis).
 #: (A test of how steeply the data rise at their start caught the cut at the edge but
 #: not 0.5 eV later, and refused 2.5 % of flat pre-edges with 10 % point noise: dropped.)
 #: Undeclared spectra (two-column files) are left to ``is_calculated``: its guess can take a
@@ -257,22 +267,53 @@ def _where(fit: EdgeFit) -> str:
 MIN_PRE_EDGE = 15.0
 
 
-def measured_start_why(rel: np.ndarray, lead: int | None = None) -> list[str | None]:
+def tabulated_edge(element: str | None, edge: str | None) -> float | None:
+    """The tabulated energy of ``element``'s ``edge`` (eV), None where none is tabulated:
+    what a measured scan's start is also held to (:func:`measured_start_why`)."""
+    if element is None or edge is None:
+        return None
+    try:
+        return edge_energy(element, edge)
+    except KeyError:
+        return None
+
+
+def measured_start_why(
+    rel: np.ndarray, lead: int | None = None, tab: np.ndarray | None = None
+) -> list[str | None]:
     """Per row of a measured spectrum on ``rel`` (energies minus E0, rows of one axis
     shifted: (n, m) ascending), why its data do not start on a pre-edge (None where they
-    do): fewer than :data:`MIN_PRE_EDGE` eV below E0. The data start at the scan's bulk
-    (row 0's :func:`~xasflow.spectra.norm.leading_strays` left out, as the pre-edge fit leaves
-    them out; ``lead``: their number when known): a stray point far below E0 is no pre-edge."""
+    do): fewer than :data:`MIN_PRE_EDGE` eV below E0, or (``tab``: each row's tabulated
+    edge minus its E0, (n,)) below the tabulated edge, which a found E0 on a post-edge rise
+    cannot move. The data start at the scan's bulk (row 0's
+    :func:`~xasflow.spectra.norm.leading_strays` left out, as the pre-edge fit leaves them
+    out; ``lead``: their number when known): a stray point far below E0 is no pre-edge."""
     s = int(leading_strays(rel[0])[0]) if lead is None else lead
     start = rel[:, s]
-    return [no_pre_edge(float(x)) if x > -MIN_PRE_EDGE else None for x in start.tolist()]
+    out = [no_pre_edge(float(x)) if x > -MIN_PRE_EDGE else None for x in start.tolist()]
+    if tab is not None:
+        above = (start - tab).tolist()
+        for i, x in enumerate(above):
+            if out[i] is None and x > -MIN_PRE_EDGE:
+                out[i] = no_pre_edge(float(start[i]), x)
+    return out
 
 
-def no_pre_edge(start: float) -> str:
-    """Why a measured spectrum whose data start at E0 + ``start`` eV is refused."""
+def no_pre_edge(start: float, from_tab: float | None = None) -> str:
+    """Why a measured spectrum whose data start at E0 + ``start`` eV (``from_tab``: and at
+    the tabulated edge + this) is refused."""
+    if from_tab is None:
+        return (
+            f"data start at E0{start:+.1f} eV: a measured scan needs {MIN_PRE_EDGE:g} eV or "
+            "more below the edge (its pre-edge); one that starts later may not hold the edge "
+            "at all"
+        )
+    side = "above" if from_tab >= 0 else "below"
     return (
-        f"data start at E0{start:+.1f} eV: a measured scan needs {MIN_PRE_EDGE:g} eV or more "
-        "below the edge (its pre-edge); one that starts later may not hold the edge at all"
+        f"data start {abs(from_tab):.1f} eV {side} the tabulated edge (E0 found "
+        f"{from_tab - start:+.1f} eV from it, on what may be a rise after the edge): a "
+        f"measured scan needs {MIN_PRE_EDGE:g} eV or more below the edge (its pre-edge); one "
+        "that starts later may not hold the edge at all"
     )
 
 
