@@ -193,6 +193,7 @@ INCOMPLETE = [
     "points_rejected",
     "points_dropped",
     "nonfinite_dropped",
+    "glitch_interpolated",
     "align_failed",
     "align_out_of_range",
     "extrapolated_4.0eV",

@@ -281,6 +281,8 @@ class Pipeline:
         for w in works.values():
             if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
                 w.flags.append("herfd_broadened")
+            if w.prepared is not None and w.prepared.spectrum.meta.get("glitches_interpolated"):
+                w.flags.append("glitch_interpolated")  # withholds stop-early
         self._predict([w for w in works.values() if w.reason is None and w.prediction is None])
         try:  # a hint, and the dashboard's copy below, must never cost the batch its documents
             self.herfd_hints.apply(works.values())

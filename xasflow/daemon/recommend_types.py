@@ -52,6 +52,7 @@ STOP_WITHHOLDING_FLAGS: dict[str, str] = {
     "points_rejected": "points of the scan were refused",
     "points_dropped": "points past the step-scan limit were not analysed",
     "nonfinite_dropped": "points with non-finite values were dropped",
+    "glitch_interpolated": "a glitch in the model window was interpolated across",
     "align_failed": "the reference foil showed no edge: not aligned",
     "align_out_of_range": "the foil's shift was out of range: not aligned",
     "extrapolated": "the data end short of the model window, extrapolated there",

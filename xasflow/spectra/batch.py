@@ -34,6 +34,7 @@ from xasflow.spectra.e0 import (
     window_error,
 )
 from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.glitches import WindowGlitch
 from xasflow.spectra.norm import stray_ends
 from xasflow.spectra.norm_batch import normalize_larch_batch
 from xasflow.spectra.process import (
@@ -367,9 +368,10 @@ def prepare_batch(
     for i in slow:  # the single-spectrum path does the checks and the HERFD broadening
         try:
             spectrum = Spectrum(energy + s[i], mu[i], element, edge, meta=meta_list[i])
-            out[i] = prepare(spectrum, params)
         except SpectrumError as exc:
             out[i] = exc
+            continue
+        out[i] = _prepare_one(spectrum, params)
     if fast:
         idx = np.asarray(fast)
         for i, res in zip(
@@ -382,6 +384,14 @@ def prepare_batch(
             out[i] = res
     assert all(r is not None for r in out)
     return out  # type: ignore[return-value]
+
+
+def _prepare_one(spectrum: Spectrum, params: PrepParams) -> Result:
+    """:func:`~xasflow.spectra.process.prepare`, its SpectrumError returned."""
+    try:
+        return prepare(spectrum, params)
+    except SpectrumError as exc:
+        return exc
 
 
 def _prepare_fast(
@@ -429,12 +439,15 @@ def _prepare_fast(
         per_row = deferred.tolist()
     else:  # "max", or a few larch rows
         per_row = list(range(live.size))
+    redo: list[int] = []  # rows with a glitch in the window: prepare repairs them
     for r in per_row:
         row = int(live[r])
         try:
             y[r], steps[r] = normalize(spectra[row], float(e0[row]), params)
         except SpectrumError as exc:
             norm_errors[r] = exc
+            if isinstance(exc, WindowGlitch):
+                redo.append(row)
     snr = edge_snr_rows(rel, mu[live], steps)
     for r in range(live.size):
         weak = (
@@ -459,7 +472,9 @@ def _prepare_fast(
     with np.errstate(invalid="ignore"):
         gridded = _interp_rows(query, energy, rel, y, d)
     for r, i in enumerate(live.tolist()):
-        if norm_errors[r] is not None:
+        if i in redo:
+            res[i] = _prepare_one(spectra[i], params)
+        elif norm_errors[r] is not None:
             res[i] = norm_errors[r]
         elif outside[r] > params.max_extrapolation + 1e-9:
             side = "start" if below[r] >= above[r] else "end"

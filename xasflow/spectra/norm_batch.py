@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import SpectrumError
+from xasflow.spectra.glitches import spike_rows
 from xasflow.spectra.norm import leading_strays, stray_ends
 from xasflow.spectra.outliers import absurd_rows
 from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
@@ -338,7 +339,7 @@ def normalize_larch_batch(
         return np.full((n, m), np.nan), steps, errors, defer
     rows = slice(None) if idx.size == n else idx
     calc = _calculated(rel[rows], mu[rows], params, [declared[i] for i in idx.tolist()])
-    step, y_fit, bad = _fit_rows(
+    step, y_fit, bad, spiky = _fit_rows(
         axes[rows],
         rel[rows],
         mu[rows],
@@ -352,6 +353,8 @@ def normalize_larch_batch(
         p2,
         bulk[idx],
     )
+    if spiky.any():  # the per-row function finds the glitches and says so (prepare: repairs)
+        defer, step = np.concatenate((defer, idx[spiky])), np.where(spiky, np.nan, step)
     steps[rows] = step
     if idx.size == n:
         y = y_fit
@@ -404,12 +407,13 @@ def _fit_rows(
     p1: np.ndarray,
     p2: np.ndarray,
     bulk: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, list[float | None]]:
+) -> tuple[np.ndarray, np.ndarray, list[float | None], np.ndarray]:
     """``edge_fit`` and the step checks of rows that passed the range checks (each row's
     data, its strays left out, ending before column ``bulk``).
 
     Returns (steps, y, per row None or the failure: 0.0 for a step that is not positive,
-    else the largest |y| in the model window beyond ``max_norm``).
+    else the largest |y| in the model window beyond ``max_norm``; the rows that may hold a
+    glitch in the window, :func:`~xasflow.spectra.glitches.spike_rows`).
     """
     k = mu.shape[0]
     # the background a + b (rel - c) per row: b = 0 for a constant, all 0 for a calculation
@@ -470,10 +474,12 @@ def _fit_rows(
     win = _count_le(axes, np.stack((_below(e0 + params.window_start), e0 + params.window_stop), 1))
     win[:, 1] = np.minimum(win[:, 1], bulk)
     worst = np.zeros(k)
+    spiky = np.zeros(k, dtype=bool)
     if int(win[:, 1].max()) > int(win[:, 0].min()):
         wcols, wmask = _columns(win[:, 0], win[:, 1])
         worst = np.where(wmask > 0, np.abs(y[:, wcols]), 0.0).max(axis=1)
+        spiky = positive & spike_rows(rel, y, win[:, 0], np.minimum(win[:, 1], bulk - 1))
     bad: list[float | None] = [None] * k
-    for r in np.flatnonzero(~positive | (worst > params.max_norm)).tolist():
+    for r in np.flatnonzero(~positive | (worst > params.max_norm) & ~spiky).tolist():
         bad[r] = 0.0 if not positive[r] else float(worst[r])
-    return step, y, bad
+    return step, y, bad, spiky

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width, edge_energy
+from xasflow.spectra.glitches import WindowGlitch, glitch_message, interpolate_over, window_spikes
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr, weak_edge
@@ -238,6 +239,11 @@ def _normalize_larch(
     y = sub / fit.step
     lo = int(spectrum.energy.searchsorted(e0 + params.window_start))
     hi = min(int(spectrum.energy.searchsorted(e0 + params.window_stop, side="right")), last)
+    found = window_spikes(spectrum.energy, y, max(lo, lead + 1), min(hi, last - 1))
+    if found:  # before max_norm: a glitch is no undetermined step (prepare repairs it)
+        glitch = WindowGlitch("edge_step", glitch_message(spectrum.energy, found))
+        glitch.at = tuple(j for j, _ in found)
+        raise glitch
     worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
     if worst > params.max_norm:
         raise SpectrumError("edge_step", undetermined_step(worst, fit.step, params, _where(fit)))
@@ -415,21 +421,39 @@ def sparse_window(inside: int, grid: np.ndarray) -> str:
     )
 
 
+def _deglitched(spectrum: Spectrum, at: tuple[int, ...]) -> Spectrum:
+    """``spectrum`` with the points ``at`` interpolated across, their energies recorded in
+    ``meta["glitches_interpolated"]`` (:mod:`~xasflow.spectra.glitches`)."""
+    meta = dict(spectrum.meta)
+    done = list(meta.get("glitches_interpolated", []))
+    meta["glitches_interpolated"] = done + [float(spectrum.energy[j]) for j in at]
+    return spectrum.with_(mu=interpolate_over(spectrum.energy, spectrum.mu, at), meta=meta)
+
+
 def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
     """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation.
 
     A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
     broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
     A step under ``params.min_edge_snr`` times the measured point noise raises ``weak_edge``.
+    Lone glitches in the model window are interpolated across (``Prepared.spectrum.meta
+    ["glitches_interpolated"]``: their energies; :mod:`~xasflow.spectra.glitches`).
     """
     measured = spectrum  # its point noise: broadening would smooth the noise away
     fwhm = herfd_width(spectrum)
     if fwhm is not None:
         spectrum = broaden(spectrum, fwhm)
     bulk = bulk_of(spectrum.energy)  # once: the E0 search, the fits and the gridding use it
+    search = e0 is None and spectrum.e0 is None
     if e0 is None:
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search, bulk)
-    y, step = normalize(spectrum, e0, params, bulk)
+    try:
+        y, step = normalize(spectrum, e0, params, bulk)
+    except WindowGlitch as glitch:  # interpolated across, recorded; E0 found anew without it
+        spectrum, measured = (_deglitched(s, glitch.at) for s in (spectrum, measured))
+        if search:
+            e0 = find_e0(spectrum, params.e0_search, bulk)
+        y, step = normalize(spectrum, e0, params, bulk)
     rel = spectrum.energy - e0
     snr = edge_snr(rel, measured.mu, step)  # broaden keeps the axis
     weak = weak_edge(snr, step, params.min_edge_snr)

@@ -1,0 +1,123 @@
+"""Lone glitches inside the model window, found on the normalised spectrum before the
+``max_norm`` test: one point far off the line through its two neighbours (a monochromator
+glitch, an I0 dropout in fluorescence).
+
+:func:`~xasflow.spectra.process.prepare` interpolates across them and records their energies
+in ``meta["glitches_interpolated"]`` (the daemon flags the spectrum ``glitch_interpolated``,
+which withholds stop-early). Before, a glitch of more than ``max_norm`` edge steps refused
+the spectrum as an undetermined edge step (the wrong reason: it sent the operator to the
+post-edge range), and smaller ones went to the model (CuO with 2 and 5 steps at E0+60:
+out of domain, CN 5 -> 4). A monochromator glitch recurs at one energy in every scan of a
+run: refusing it would refuse the whole run, while a point interpolated across leaves the
+model its input less one point, and the flag says so.
+
+A point is a glitch where its excursion from its neighbours' line exceeds both
+:data:`SPIKE_STEPS` edge steps and :data:`~xasflow.spectra.outliers.OUTLIER_MADS` times the
+median excursion of the window (its noise) and of the :data:`NEAR` points on either side
+past its neighbours (a sharp peak over several points is as curved there). Largest excursion in the clean spectra (Cu bundle's
+window, E0-3.5..+116.5 eV): the XAS Data Library's 270 scans 0.83 step (SrCO3 at 12 K,
+a white line on one point; next 0.38, S K jarosite), the 4,831 shared Cu FEFF spectra 0.22:
+none is touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xasflow.spectra.core import SpectrumError
+from xasflow.spectra.outliers import MAX_SPIKES, OUTLIER_MADS
+
+__all__ = [
+    "SPIKE_STEPS",
+    "WindowGlitch",
+    "glitch_message",
+    "interpolate_over",
+    "spike_rows",
+    "window_spikes",
+]
+
+#: Edge steps a point must lie off the line through its neighbours to be a glitch (the
+#: clean spectra's largest: 0.83, a one-point white line).
+SPIKE_STEPS = 1.5
+#: Points on each side of a candidate (past its two neighbours) whose excursions' median is
+#: its surroundings' scale.
+NEAR = 5
+
+
+class WindowGlitch(SpectrumError):
+    """Lone glitches in the model window (``at``: their indices, ``sizes``: their excursions
+    in edge steps): :func:`~xasflow.spectra.process.prepare` interpolates across them."""
+
+    at: tuple[int, ...] = ()
+
+
+def _excursions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``y[j] - `` the line through ``y[j-1]`` and ``y[j+1]`` at ``x[j]``, for the inner
+    points of (x, y) (last axis)."""
+    t = (x[..., 1:-1] - x[..., :-2]) / (x[..., 2:] - x[..., :-2])
+    return y[..., 1:-1] - (y[..., :-2] + t * (y[..., 2:] - y[..., :-2]))
+
+
+def window_spikes(x: np.ndarray, y: np.ndarray, a: int, b: int) -> list[tuple[int, float]]:
+    """The glitches among the points ``a..b-1`` of normalised ``y`` on ``x`` (each with
+    both neighbours in the data: ``a >= 1``, ``b < x.size``), as (index, excursion in edge
+    steps): the largest excursion, if beyond both floors, is one; it is interpolated across
+    and the next round looks again (:data:`~xasflow.spectra.outliers.MAX_SPIKES` rounds)."""
+    if b - a < 3:
+        return []
+    xs, w = x[a - 1 : b + 1], y[a - 1 : b + 1].copy()
+    found: list[tuple[int, float]] = []
+    for _ in range(MAX_SPIKES):
+        e = _excursions(xs, w)
+        dev = np.abs(e)
+        k = int(np.argmax(dev))
+        if not dev[k] > SPIKE_STEPS:
+            break
+        # its surroundings, less the two neighbours it moves: a sharp peak over several
+        # points (a white line) is curved there as much, a glitch stands out of their noise
+        near = np.concatenate(
+            (dev[max(k - 1 - NEAR, 0) : max(k - 1, 0)], dev[k + 2 : k + 2 + NEAR])
+        )
+        local = float(np.median(near)) if near.size else 0.0
+        if not dev[k] > OUTLIER_MADS * max(float(np.median(dev)), local):
+            break
+        found.append((a + k, float(e[k])))
+        w[k + 1] -= e[k]  # on its neighbours' line
+    return sorted(found)
+
+
+def spike_rows(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Which rows of ``y`` (k, m) on ``x`` hold a glitch among their points
+    ``lo[i]..hi[i]-1`` (each with both neighbours in the row), as :func:`window_spikes`
+    finds them: the rows with an excursion beyond :data:`SPIKE_STEPS` (rare) are asked."""
+    k, m = y.shape
+    out = np.zeros(k, dtype=bool)
+    a, b = max(int(lo.min()), 1), min(int(hi.max()), m - 1)
+    if b <= a:
+        return out
+    dev = np.abs(_excursions(x[:, a - 1 : b + 1], y[:, a - 1 : b + 1]))
+    cols = np.arange(a, b)
+    inside = (cols >= lo[:, None]) & (cols < hi[:, None])
+    for r in np.flatnonzero((np.where(inside, dev, 0.0) > SPIKE_STEPS).any(axis=1)).tolist():
+        out[r] = bool(window_spikes(x[r], y[r], max(int(lo[r]), 1), min(int(hi[r]), m - 1)))
+    return out
+
+
+def interpolate_over(x: np.ndarray, v: np.ndarray, at: tuple[int, ...]) -> np.ndarray:
+    """``v`` with the points ``at`` replaced by the line through their nearest neighbours
+    not in ``at`` (a copy)."""
+    out = v.copy()
+    keep = np.ones(v.size, dtype=bool)
+    keep[list(at)] = False
+    out[~keep] = np.interp(x[~keep], x[keep], v[keep])
+    return out
+
+
+def glitch_message(x: np.ndarray, found: list[tuple[int, float]]) -> str:
+    """Why a spectrum with the glitches ``found`` (:func:`window_spikes`) in its model
+    window is not normalised as it is."""
+    where = ", ".join(f"{x[j]:.1f} eV ({abs(e):.3g}x the edge step)" for j, e in found)
+    return (
+        f"{len(found)} point(s) in the model window lie far off their neighbours, a glitch: "
+        f"{where}; prepare interpolates across them"
+    )
