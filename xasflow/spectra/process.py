@@ -20,7 +20,7 @@ from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.glitches import WindowGlitch, glitch_message, interpolate_over, window_spikes
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
-from xasflow.spectra.quality import edge_snr, weak_edge
+from xasflow.spectra.quality import edge_snr, gate_steps, weak_edge
 
 
 class PrepParams(BaseModel):
@@ -435,7 +435,8 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
 
     A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
     broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
-    A step under ``params.min_edge_snr`` times the measured point noise raises ``weak_edge``.
+    A step (:func:`~xasflow.spectra.quality.gate_steps`) under ``params.min_edge_snr`` times
+    the measured point noise raises ``weak_edge``.
     Lone glitches in the model window are interpolated across (``Prepared.spectrum.meta
     ["glitches_interpolated"]``: their energies; :mod:`~xasflow.spectra.glitches`).
     """
@@ -455,8 +456,20 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
             e0 = find_e0(spectrum, params.e0_search, bulk)
         y, step = normalize(spectrum, e0, params, bulk)
     rel = spectrum.energy - e0
-    snr = edge_snr(rel, measured.mu, step)  # broaden keeps the axis
-    weak = weak_edge(snr, step, params.min_edge_snr)
+    tab = tabulated_edge(spectrum.element, spectrum.edge)
+    lead, end = bulk.indices(rel.size)[:2]
+    gate = float(  # the step measured around the tabulated edge, not the fit's at E0
+        gate_steps(
+            spectrum.energy[None, :],
+            measured.mu[None, :],
+            np.array([e0 if tab is None else tab]),
+            np.array([step]),
+            np.array([lead]),
+            np.array([end]),
+        )[0]
+    )
+    snr = edge_snr(rel, measured.mu, gate)  # broaden keeps the axis
+    weak = weak_edge(snr, gate, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("weak_edge", weak)
     grid_y, extrapolated = resample(rel, y, params, bulk)
