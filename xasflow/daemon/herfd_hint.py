@@ -3,9 +3,9 @@
 A beamline that measures HERFD and forgets ``analysis.herfd`` (or the start document's
 ``herfd``) gets every spectrum flagged out of domain, with no clue why. Once per raw run, at
 its first out-of-domain spectrum, :class:`HerfdHints` asks the bundle whether the same
-spectrum broadened as HERFD would be in domain
-(:meth:`~xasflow.models.predictor.Predictor.with_herfd_hint`: one more prediction, once per
-run); if so, that spectrum and the run's later out-of-domain ones carry the flag
+spectrum broadened as HERFD would be in domain, also with its measured point noise put back
+(:meth:`~xasflow.models.predictor.Predictor.with_herfd_hint`: up to four more predictions,
+once per run; a noisy conventional scan is not hinted); if so, that spectrum and the run's later out-of-domain ones carry the flag
 ``herfd_suspected`` beside ``out_of_domain``. It is a hint for the operator, never a change
 of the answer: nothing is broadened unless HERFD is declared.
 """
