@@ -376,3 +376,28 @@ def test_bluesky_adaptive_optimize_plan_drives_the_recommender(bundle: Path) -> 
     assert all(result["predicted"]) and 2 <= len(result["predicted"]) <= 3
     assert 0 < result["passes"][1] <= result["recommended"]
     assert result["runs"] >= 2
+
+
+@pytest.mark.parametrize("herfd", [False, True])
+def test_a_declared_herfd_run_is_advised_rescans_on_its_measured_noise(
+    bundle: Path, tmp_path: Path, herfd: bool
+) -> None:
+    """Demo CuO with point noise of 5 % of its step: the advice measures the noise on the
+    spectrum as recorded, not on the HERFD-broadened one the model read (the broadening
+    smooths the noise to a quarter: no rescan was ever advised to a declared HERFD run)."""
+    from xasflow.daemon.assembly import RunClosed, RunOpened, ScanSpectrum, SpectrumReady
+
+    energy, chans = demo_channels("CuO")
+    mu = np.log(chans["i0"] / chans["it"])
+    mu += np.random.default_rng(5).normal(0.0, 0.05, energy.size)
+    chans["it"] = chans["i0"] * np.exp(-mu)
+    shutil.copytree(bundle, tmp_path / "models" / "cu-k")
+    start = {"uid": "raw-1", "time": 1.0, "herfd": herfd}
+    scan = ScanSpectrum("raw-1", 0, energy, chans, "Cu", "K", "transmission", (1,), 1.0, 0.0)
+    outputs = [RunOpened("raw-1", start, "fly"), SpectrumReady(scan)]
+    (advice,) = run_advice(
+        tmp_path / "models", [*outputs, RunClosed("raw-1", "success", "", 1, 0, 0)]
+    )
+    noise, rescan = json.loads(advice["noise"]), json.loads(advice["rescan"] or "null")
+    assert noise["pre-edge"] == pytest.approx(0.05, rel=0.25)  # the step is ~1: FEFF's mu
+    assert rescan is not None and rescan["name"] == "pre-edge"

@@ -56,6 +56,7 @@ class _Due:
     manifest: Manifest
     history: list[Prediction]  # the run's recent predictions at this spectrum (a copy)
     spectrum: Spectrum | None
+    measured: Spectrum | None  # the same before HERFD broadening: its noise is measured there
     out_of_domain: bool
     keep: bool  # the run's first advice or a turn of stop-early: never superseded
 
@@ -98,14 +99,15 @@ class RunAdvice:
                 return
             tracker.decided(raw_uid, manifest, history)  # the next spectrum's "turns" sees it
             self._advised[raw_uid] = (now + self.interval_s, pred.out_of_domain)
-            spectrum = work.prepared.spectrum if work.prepared is not None else None
+            prepared = work.prepared
             self._due.append(
                 _Due(
                     run,
                     work.scan.index,
                     manifest,
                     list(history),
-                    spectrum,
+                    None if prepared is None else prepared.spectrum,
+                    None if prepared is None else prepared.measured,
                     pred.out_of_domain,
                     keep=first or turn,
                 )
@@ -132,7 +134,7 @@ class RunAdvice:
         for d in due:
             try:
                 rec = self.tracker.recommend_observed(
-                    d.run.raw_uid, d.manifest, d.history, d.spectrum
+                    d.run.raw_uid, d.manifest, d.history, d.spectrum, d.measured
                 )
                 docs.extend(recommendation_docs(d.run, d.index, rec, d.out_of_domain))
             except Exception:  # advice is optional; the prediction is already recorded

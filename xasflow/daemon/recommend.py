@@ -44,9 +44,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    unchecked energy scale (:data:`~xasflow.daemon.recommend_types.STOP_WITHHOLDING_FLAGS`:
    ``seq_gap``, ``extrapolated_*``, ``align_failed``, ...; the reason names the flag).
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
-   exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step around a
-   local quadratic (Savitzky-Golay, 7 points) within the region, corrected for the
-   smoother's own variance. The rescan covers the region with as many points as its grid
+   exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step (of the
+   spectrum as recorded: HERFD broadening would smooth it away) around a local quadratic
+   (Savitzky-Golay, 7 points) within the region, corrected for the smoother's own variance. The rescan covers the region with as many points as its grid
    (its k pieces' mean step, uniform) and raises the dwell by
    ``(noise / noise_threshold) ** 2`` (counting statistics), at most ``max_rescan_factor``.
 
@@ -182,6 +182,7 @@ class Recommender:
         prediction: Prediction | None = None,
         spectrum: Spectrum | None = None,
         history: Sequence[Prediction] = (),
+        measured: Spectrum | None = None,
     ) -> Recommendation:
         """The next scan after ``prediction`` of ``spectrum`` (the measured mu on absolute eV).
 
@@ -191,7 +192,8 @@ class Recommender:
 
         ``history`` is the run's predictions so far, oldest first, ending with ``prediction``
         (stop-early looks at its last ``stop_count``). With no prediction, the prior advice
-        from the importances alone, centred on :meth:`prior_e0`.
+        from the importances alone, centred on :meth:`prior_e0`. ``measured``: ``spectrum``
+        before HERFD broadening, where the rescan's noise is measured (None: ``spectrum``).
         """
         cfg, m = self.config, self.manifest
         prep = m.prep
@@ -269,13 +271,12 @@ class Recommender:
 
         noise: dict[str, float] = {}
         rescan: Region | None = None
-        if spectrum is not None and prediction is not None and prediction.edge_step > 0:
+        noisy = spectrum if measured is None else measured  # broadening smooths the noise away
+        if noisy is not None and prediction is not None and prediction.edge_step > 0:
             for r in sorted(spans, key=lambda r: (-r.importance, r.start)):
                 if r.importance <= 0:
                     continue
-                n = estimate_noise(
-                    spectrum.energy, spectrum.mu, r.start, r.stop, prediction.edge_step
-                )
+                n = estimate_noise(noisy.energy, noisy.mu, r.start, r.stop, prediction.edge_step)
                 if n is None:
                     continue
                 noise[r.name] = n
@@ -440,9 +441,10 @@ class RecommendationTracker:
         manifest: Manifest,
         history: list[Prediction],
         spectrum: Spectrum | None = None,
+        measured: Spectrum | None = None,
     ) -> Recommendation:
         """Recommend after the run's newest prediction, already observed (``history``)."""
-        rec = self.recommender(manifest).recommend(history[-1], spectrum, history)
+        rec = self.recommender(manifest).recommend(history[-1], spectrum, history, measured)
         self._said[run_key] = rec.stop_early
         return rec
 

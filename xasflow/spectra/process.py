@@ -124,6 +124,14 @@ class Prepared:
     edge_step: float
     extrapolated: float  # eV of the grid that lay outside the data
     spectrum: Spectrum
+    #: the spectrum before HERFD broadening (``spectrum`` is the broadened one); None: not
+    #: broadened
+    unbroadened: Spectrum | None = None
+
+    @property
+    def measured(self) -> Spectrum:
+        """The spectrum as recorded (aligned, not broadened): where its point noise is."""
+        return self.spectrum if self.unbroadened is None else self.unbroadened
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray, degree: int) -> Callable[[Any], Any]:
@@ -474,5 +482,10 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         raise SpectrumError("weak_edge", weak)
     grid_y, extrapolated = resample(rel, y, params, bulk)
     return Prepared(
-        y=grid_y, e0=float(e0), edge_step=step, extrapolated=extrapolated, spectrum=spectrum
+        y=grid_y,
+        e0=float(e0),
+        edge_step=step,
+        extrapolated=extrapolated,
+        spectrum=spectrum,
+        unbroadened=None if fwhm is None else measured,
     )
