@@ -45,8 +45,8 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    ``seq_gap``, ``extrapolated_*``, ``align_failed``, ...; the reason names the flag).
 5. **Rescan** the most important region (``w >= rescan_importance``) whose measured noise
    exceeds ``noise_threshold``: the noise is the robust scatter of mu / edge step (of the
-   spectrum as recorded: HERFD broadening would smooth it away) around a local quadratic
-   (Savitzky-Golay, 7 points) within the region, corrected for the smoother's own variance. The rescan covers the region with as many points as its grid
+   spectrum as recorded: HERFD broadening would smooth it away) around local quadratics
+   (7 points, on their energies) within the region, corrected for the fit's own variance. The rescan covers the region with as many points as its grid
    (its k pieces' mean step, uniform) and raises the dwell by
    ``(noise / noise_threshold) ** 2`` (counting statistics), at most ``max_rescan_factor``.
 

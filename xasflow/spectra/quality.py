@@ -29,6 +29,8 @@ __all__ = [
 
 #: 7-point quadratic Savitzky-Golay smoothing coefficients.
 _SG7 = np.array([-2.0, 3.0, 6.0, 7.0, 6.0, 3.0, -2.0]) / 21.0
+#: Offsets of a 7-point window's points, as a column (see :func:`estimate_noise`).
+_WINDOW = np.arange(7)[:, None]
 #: Where :func:`edge_snr_rows` measures the point noise, eV relative to E0: below the edge
 #: and above it, clear of the edge itself; the quieter of the two counts.
 NOISE_WINDOWS = ((-200.0, -15.0), (15.0, 120.0))
@@ -41,9 +43,12 @@ def estimate_noise(
 ) -> float | None:
     """Noise of mu within ``[lo, hi]`` eV as a fraction of ``edge_step`` (None: < 7 points).
 
-    Residuals to a 7-point quadratic Savitzky-Golay smooth, robust scatter (1.4826 MAD),
-    divided by sqrt(1 - c0) (c0 the smoother's central weight) so white noise of standard
-    deviation s gives s.
+    Residuals to a quadratic fitted to each 7 points on their own energies, each divided by
+    sqrt(1 - h) (h the centre point's leverage) so white noise of standard deviation s gives
+    s; robust scatter (1.4826 MAD). On an even grid (steps within 1 %) that is the 7-point
+    Savitzky-Golay smooth (h = 1/3), computed as one; on an uneven one (steps of 0.31/0.61
+    eV in turn, the library's As scans) the index-space smooth read a clean edge's shape as
+    2-4 % of the step.
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.asarray(mu, dtype=np.float64)
@@ -51,11 +56,26 @@ def estimate_noise(
     y = mu[sel]
     if y.size < 7 or not edge_step > 0:
         return None
-    # interior residuals to the 7-point quadratic smooth: y - conv(y, SG coefficients)
-    resid = y[3:-3] - np.convolve(y, _SG7, mode="valid")
-    mad = _median(np.abs(resid - _median(resid)))
-    sigma = 1.4826 * mad / math.sqrt(1.0 - _SG7[3])
-    return sigma / abs(edge_step)
+    x = energy[sel]
+    step = x[1:] - x[:-1]
+    if float(_max(step)) - float(step.min()) <= 0.01 * float(step.min()):
+        # an even grid: the same fit as one convolution (a third of the time)
+        resid = (y[3:-3] - np.convolve(y, _SG7, mode="valid")) / math.sqrt(1.0 - _SG7[3])
+        return 1.4826 * _median(np.abs(resid - _median(resid))) / abs(edge_step)
+    rows = _WINDOW + np.arange(y.size - 6)  # (7, windows): window j holds points j..j+6
+    t = x[rows]
+    t -= t[3]  # energies from the window's centre, in units of its width
+    t /= t[6] - t[0]
+    yw = y[rows]
+    t2 = t * t
+    s1, s2, s3, s4 = t.sum(0), t2.sum(0), (t2 * t).sum(0), (t2 * t2).sum(0)
+    # first row of the normal matrix's inverse (cofactors): the fit at the centre, and its
+    # leverage
+    c0, c1, c2 = s2 * s4 - s3 * s3, s2 * s3 - s1 * s4, s1 * s3 - s2 * s2
+    det = 7.0 * c0 + s1 * c1 + s2 * c2
+    fit = (c0 * yw.sum(0) + c1 * (t * yw).sum(0) + c2 * (t2 * yw).sum(0)) / det
+    resid = (yw[3] - fit) / np.sqrt(1.0 - c0 / det)
+    return 1.4826 * _median(np.abs(resid - _median(resid))) / abs(edge_step)
 
 
 def _median(values: np.ndarray) -> float:
@@ -140,8 +160,8 @@ def edge_snr_rows(rel: np.ndarray, mu: np.ndarray, steps: np.ndarray) -> np.ndar
     """The edge step of each row as a multiple of its point noise (NaN: not measurable).
 
     ``rel`` (n, m): each row's energies relative to its E0, increasing; ``mu`` (n, m) the raw
-    rows; ``steps`` (n,) their edge steps. Noise as in :func:`estimate_noise` (residuals to
-    the 7-point Savitzky-Golay smooth), robust scatter as 1.4826 times the residuals' median
+    rows; ``steps`` (n,) their edge steps. Noise as :func:`estimate_noise` on an even grid
+    (residuals to the 7-point Savitzky-Golay smooth, by index, clear of the edge), robust scatter as 1.4826 times the residuals' median
     size, over the residuals centred in each of :data:`NOISE_WINDOWS` with at least 7 of
     them, the quieter window taken. One code for the single spectrum (n = 1) and a page, so
     both decide alike; 12 us per spectrum in a page of 64.
