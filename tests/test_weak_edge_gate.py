@@ -95,3 +95,24 @@ def test_cuo_with_a_weak_edge_is_refused_and_a_fair_one_kept(xdi_library: Path) 
     assert single == batch and single <= 25
     single, batch = _prepared(cuo, 6.0, range(200))
     assert single == batch and single >= 180
+
+
+def test_a_scan_on_a_monochromator_far_off_is_gated_around_its_e0() -> None:
+    """An unaligned clean scan whose monochromator reads 30 eV low (its edge at tab - 27 eV
+    on the axis prepared): the tabulated edge's windows would lie on its post-edge, so the
+    gate centres on E0 (over GATE_TRUST away) and the spectrum passes with its own step
+    (before gate_centres: ``weak_edge``, a step of -1.8 from a "pre-edge" above the edge)."""
+    e, mu = _edge(0.005, seed=1)
+    keep = (e >= CU - 40.0) & (e <= CU + 140.0)  # a XANES scan, planned on the mono's axis
+    off = Spectrum(e[keep] - 30.0, mu[keep], "Cu", meta={"calculated": False})
+    prepared = prepare(off, PrepParams(min_edge_snr=5.0))
+    assert prepared.e0 == pytest.approx(CU - 27.0, abs=1.5)
+    assert prepared.edge_step == pytest.approx(1.0, abs=0.15)
+    rows = prepare_batch(  # 6 rows: the batched normalisation, not the single path
+        off.energy,
+        np.tile(off.mu, (6, 1)),
+        PrepParams(min_edge_snr=5.0),
+        "Cu",
+        metas=[off.meta] * 6,
+    )
+    assert [getattr(r, "e0", r) for r in rows] == [pytest.approx(prepared.e0)] * 6

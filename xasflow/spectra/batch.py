@@ -47,7 +47,7 @@ from xasflow.spectra.process import (
     tabulated_edge,
     undetermined_step,
 )
-from xasflow.spectra.quality import edge_snr_rows, gate_steps, weak_edge
+from xasflow.spectra.quality import edge_snr_rows, gated_steps, weak_edge
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
 
@@ -450,8 +450,7 @@ def _prepare_fast(
                 redo.append(row)
     lead, trail = stray_ends(rel)  # the bulk is gridded, as process.resample: strays are no data
     tab = tabulated_edge(element, edge)  # the gate's step is measured around it (or E0)
-    centre = e0[live] if tab is None else np.full(live.size, tab)
-    gate = gate_steps(axes[live], mu[live], centre, steps, lead, rel.shape[1] - trail)
+    gate = gated_steps(axes[live], mu[live], e0[live], tab, steps, lead, rel.shape[1] - trail)
     snr = edge_snr_rows(rel, mu[live], gate)
     for r in range(live.size):
         weak = None if norm_errors[r] else weak_edge(snr[r], gate[r], params.min_edge_snr)

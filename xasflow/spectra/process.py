@@ -20,7 +20,7 @@ from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.glitches import WindowGlitch, glitch_message, interpolate_over, window_spikes
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
-from xasflow.spectra.quality import edge_snr, gate_steps, weak_edge
+from xasflow.spectra.quality import edge_snr, gated_steps, weak_edge
 
 
 class PrepParams(BaseModel):
@@ -467,10 +467,11 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     tab = tabulated_edge(spectrum.element, spectrum.edge)
     lead, end = bulk.indices(rel.size)[:2]
     gate = float(  # the step measured around the tabulated edge, not the fit's at E0
-        gate_steps(
+        gated_steps(
             spectrum.energy[None, :],
             measured.mu[None, :],
-            np.array([e0 if tab is None else tab]),
+            np.array([e0]),
+            tab,
             np.array([step]),
             np.array([lead]),
             np.array([end]),

@@ -17,12 +17,14 @@ from xasflow.spectra.e0 import E0_STEP, TIE, smoothed_derivative
 
 __all__ = [
     "GATE_BASELINE",
+    "GATE_TRUST",
     "GATE_WINDOWS",
     "e0_ambiguity",
     "edge_snr",
     "edge_snr_rows",
     "estimate_noise",
     "gate_steps",
+    "gated_steps",
     "has_edge",
     "weak_edge",
 ]
@@ -247,6 +249,39 @@ GATE_WINDOWS = (-12.0, 20.0, 60.0)
 #: eV the pre-edge halves' medians must lie apart for :func:`gate_steps` (else the fitted
 #: step): a scan starting 16 eV below its edge extrapolated a 4 eV slope to 0.66 of its step.
 GATE_BASELINE = 20.0
+
+
+#: eV between E0 and the tabulated edge past which :func:`gated_steps` also measures around
+#: E0: a monochromator that far off (alignment failed or out of range) puts the tabulated
+#: edge's windows on the post-edge; noise-captured E0s on weak edges lay 6-13 eV off.
+GATE_TRUST = 20.0
+
+
+def gated_steps(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    e0: np.ndarray,
+    tab: float | None,
+    steps: np.ndarray,
+    lead: np.ndarray,
+    end: np.ndarray,
+) -> np.ndarray:
+    """:func:`gate_steps` around the tabulated edge ``tab`` (on the axis prepared; E0 where
+    none is tabulated), except for a row whose E0 lies over :data:`GATE_TRUST` eV from it and
+    whose step around E0 is over twice the tabulated edge's: an unaligned scan on a
+    monochromator that far off (30 eV: -1.8 around the edge, +1.0 around E0). A noisy weak
+    edge whose E0 noise carried away keeps the tabulated edge's (its E0 step is inflated
+    less than twice)."""
+    e0 = np.asarray(e0, dtype=np.float64)
+    if tab is None:
+        return gate_steps(energy, mu, e0, steps, lead, end)
+    out = gate_steps(energy, mu, np.full(e0.size, tab), steps, lead, end)
+    far = np.flatnonzero(np.abs(e0 - tab) > GATE_TRUST)
+    if far.size:
+        own = gate_steps(energy[far], mu[far], e0[far], steps[far], lead[far], end[far])
+        moved = own > 2.0 * out[far]
+        out[far[moved]] = own[moved]
+    return out
 
 
 def gate_steps(
