@@ -219,6 +219,32 @@ def test_a_page_on_one_axis_is_prepared_as_one_stack_and_equals_single(
     )
 
 
+def test_a_glitch_in_the_foil_channel_does_not_move_the_shift_stacked_or_alone(
+    registry: ModelRegistry,
+) -> None:
+    """One Ir reading x0.6 (a glitch of 0.4 foil steps) near 8999 eV in every other row: the
+    shift is still the mono's offset and unflagged, in the stack (``stack_job._align``) as
+    one by one (``_align_one``); it was -19 eV, applied, and E0 reported 19 eV low."""
+    axis = np.linspace(8940.0, 9120.0, 600)
+    j = int(np.argmin(np.abs(axis - 8999.0)))
+    outs = []
+    for i, k in enumerate(["CuCl", "CuO", "Cu2O"] * 4):
+        o = 0.5 * (i % 5)
+        _, ch = channels(k, offset=o, lo=8940.0 + o, hi=9120.0 + o)
+        if i % 2:
+            ch["ir"] = ch["ir"].copy()
+            ch["ir"][j] *= 0.6
+        outs.append(scan("raw-g", i, k, energy=axis, chans=ch))
+    batched = Pipeline(registry, Counters(), clock=Clock(T0)).handle_batch([opened("raw-g"), *outs])
+    single = Pipeline(registry, Counters(), clock=Clock(T0))
+    alone = [d for o in [opened("raw-g"), *outs] for d in single.handle(o)]
+    for rows in (events(batched), events(alone)):
+        assert [r["energy_shift"] for r in rows] == pytest.approx(
+            [0.5 * (i % 5) for i in range(12)], abs=0.05
+        )
+        assert not any("align" in r["flags"] for r in rows)
+
+
 def test_a_failing_hint_or_dashboard_copy_never_costs_the_batch_its_documents(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:

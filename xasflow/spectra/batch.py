@@ -27,6 +27,7 @@ import numpy as np
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import (
     E0_STEP,
+    Points,
     e0_rows_why,
     on_grid,
     scan_points,
@@ -104,6 +105,7 @@ def find_e0_batch(
     edge: str = "K",
     search: float = 40.0,
     shifts: np.ndarray | None = None,
+    strict: bool = False,
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
     """:func:`~xasflow.spectra.e0.find_e0` of every row of ``mu`` (NaN + error on failure).
 
@@ -113,7 +115,9 @@ def find_e0_batch(
     :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
     bit as each spectrum alone, which is how training's spectra get theirs. Stray points
     and each row's lone spikes are left out as ``find_e0`` leaves them out
-    (:func:`~xasflow.spectra.e0.scan_points`).
+    (:func:`~xasflow.spectra.e0.scan_points`), and each row's data points judge its maxima as
+    they judge the spectrum's alone (a glitch's flank, :func:`~xasflow.spectra.e0.rises_at`;
+    ``strict`` as ``find_e0``'s).
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
@@ -132,6 +136,14 @@ def find_e0_batch(
         own = energy + s[i]
         return own if keep is None else own[keep[i]]
 
+    def points(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row i's data points (energies, mu), as its spectrum alone holds them."""
+        return axis(i), (mu[i] if keep is None else mu[i][keep[i]])
+
+    def of_group(members: list[int]) -> Points:
+        """The data points of a group's k-th row."""
+        return lambda k: points(members[k])
+
     tab = search_window(energy, element, edge, search)[2]
     los, his = energy[first] + s, energy[last] + s  # each row's own data range, as alone
     if tab is not None:
@@ -149,7 +161,7 @@ def find_e0_batch(
         grid = np.arange(a, b, E0_STEP)
         cut = a > energy[first[rows[0]]] + s[rows[0]]  # the window starts at E0 - search
         m = on_grid(grid, energy, mu[rows], s[rows], None if keep is None else keep[rows])
-        found, why = e0_rows_why(grid, m, low_border=cut)
+        found, why = e0_rows_why(grid, m, cut, of_group(members), strict)
         e0[rows] = found
         for k, reason in enumerate(why):
             if reason is not None:
@@ -160,8 +172,9 @@ def find_e0_batch(
 def alignment_shift_batch(
     energy: np.ndarray, ref_mu: np.ndarray, element: str, edge: str = "K", search: float = 40.0
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
-    """:func:`~xasflow.spectra.channels.alignment_shift` of every reference row (NaN on failure)."""
-    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search)
+    """:func:`~xasflow.spectra.channels.alignment_shift` of every reference row (NaN on failure:
+    also a foil whose steepest rises all stand on single points, strict ``find_e0``)."""
+    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search, strict=True)
     return edge_energy(element, edge) - e0, errors
 
 

@@ -43,11 +43,15 @@ def mu_from_channels(
 def alignment_shift(
     reference: Spectrum, element: str, edge: str = "K", search: float = 40.0
 ) -> float:
-    """eV to add to the energy axis so the reference foil's E0 lands on the tabulated edge."""
+    """eV to add to the energy axis so the reference foil's E0 lands on the tabulated edge.
+
+    SpectrumError ``no_edge`` when the foil's steepest rises all stand on single points
+    (glitches, ``find_e0``'s ``strict``): a foil shifted onto a glitch's flank moved 15-30 eV.
+    """
     from xasflow.spectra.e0 import find_e0
 
     ref = reference.with_(element=element, edge=edge)
-    return edge_energy(element, edge) - find_e0(ref, search)
+    return edge_energy(element, edge) - find_e0(ref, search, strict=True)
 
 
 def align(spectrum: Spectrum, shift: float) -> Spectrum:
