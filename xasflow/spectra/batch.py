@@ -106,6 +106,7 @@ def find_e0_batch(
     search: float = 40.0,
     shifts: np.ndarray | None = None,
     strict: bool = False,
+    foil: bool = False,
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
     """:func:`~xasflow.spectra.e0.find_e0` of every row of ``mu`` (NaN + error on failure).
 
@@ -117,7 +118,7 @@ def find_e0_batch(
     and each row's lone spikes are left out as ``find_e0`` leaves them out
     (:func:`~xasflow.spectra.e0.scan_points`), and each row's data points judge its maxima as
     they judge the spectrum's alone (a glitch's flank, :func:`~xasflow.spectra.e0.rises_at`;
-    ``strict`` as ``find_e0``'s).
+    ``strict``, ``foil`` as ``find_e0``'s).
     """
     energy = np.asarray(energy, dtype=np.float64)
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
@@ -161,7 +162,7 @@ def find_e0_batch(
         grid = np.arange(a, b, E0_STEP)
         cut = a > energy[first[rows[0]]] + s[rows[0]]  # the window starts at E0 - search
         m = on_grid(grid, energy, mu[rows], s[rows], None if keep is None else keep[rows])
-        found, why = e0_rows_why(grid, m, cut, of_group(members), strict)
+        found, why = e0_rows_why(grid, m, cut, of_group(members), strict, foil)
         e0[rows] = found
         for k, reason in enumerate(why):
             if reason is not None:
@@ -174,7 +175,7 @@ def alignment_shift_batch(
 ) -> tuple[np.ndarray, list[SpectrumError | None]]:
     """:func:`~xasflow.spectra.channels.alignment_shift` of every reference row (NaN on failure:
     also a foil whose steepest rises all stand on single points, strict ``find_e0``)."""
-    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search, strict=True)
+    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search, None, True, True)
     return edge_energy(element, edge) - e0, errors
 
 

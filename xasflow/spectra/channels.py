@@ -47,11 +47,14 @@ def alignment_shift(
 
     SpectrumError ``no_edge`` when the foil's steepest rises all stand on single points
     (glitches, ``find_e0``'s ``strict``): a foil shifted onto a glitch's flank moved 15-30 eV.
+    The foil's E0 is its first strong rise (``find_e0``'s ``foil``,
+    :data:`~xasflow.spectra.e0.FOIL_LOWEST`): the tabulated edge is a metal's first inflection,
+    and a noisy Ni or Fe foil's second derivative peak was often the highest.
     """
     from xasflow.spectra.e0 import find_e0
 
     ref = reference.with_(element=element, edge=edge)
-    return edge_energy(element, edge) - find_e0(ref, search, strict=True)
+    return edge_energy(element, edge) - find_e0(ref, search, None, True, True)
 
 
 def align(spectrum: Spectrum, shift: float) -> Spectrum:
