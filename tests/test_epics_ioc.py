@@ -430,3 +430,27 @@ def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
     proc.on_raw_start({"uid": "raw-B", "time": 1.0, "scan_id": 8, "plan_name": "fly"})
     ioc.flush()
     wait_for(lambda: read(advice) == "raw-B" and read(stop) == 0, what="run A's advice cleared")
+
+
+def test_loop_age_reads_the_analysis_loop_and_alarms_on_a_stall(
+    ioc_env: dict[str, Any],
+) -> None:
+    """LOOP_AGE carries what the daemon's loop-age source says (HEARTBEAT counts in the IOC's
+    own thread whatever the analysis does: from a review), in MAJOR alarm above 60 s and back
+    to no alarm once the loop passes again. Before, no PV told a stalled analysis."""
+    from caproto import AlarmSeverity
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    age = [0.3]
+    ioc.group.loop_age_source = lambda: age[0]
+    (pv,) = ctx.get_pvs(ioc.pv("loop_age"), timeout=5.0)
+
+    def reading() -> tuple[float, Any]:
+        got = pv.read(data_type="time")
+        return float(got.data[0]), got.metadata.severity
+
+    wait_for(lambda: reading() == (0.3, AlarmSeverity.NO_ALARM), what="an idle loop's age")
+    age[0] = 75.04  # held 75 s inside one document
+    wait_for(lambda: reading() == (75.0, AlarmSeverity.MAJOR_ALARM), what="a stall in alarm")
+    age[0] = 0.03
+    wait_for(lambda: reading() == (0.0, AlarmSeverity.NO_ALARM), what="the loop passing again")

@@ -23,6 +23,7 @@ PV                  type      meaning
 ``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
 ``XAS:ADVICE_UID``  string    uid of the raw run the three advice PVs above belong to
 ``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
+``XAS:LOOP_AGE``    double    s since the analysis loop's last pass (MAJOR over 60 s)
 ``XAS:MODEL_OK``    long      1: a model is loaded (0 after a spectrum the model failed on)
 ``XAS:UPDATES``     long      number of answers published (advice is not an answer)
 ==================  ========  =====================================================
@@ -35,6 +36,12 @@ is not written (:mod:`xasflow.adapters.epics_advice`). A rejected spectrum of th
 withdraws ``STOP_EARLY`` (the spectra "in a row" start again). Advice that follows an
 out-of-domain answer is withheld: no regions, ``STOP_EARLY`` 0, and the three advice PVs in
 ``MAJOR`` alarm until the next advice or run.
+
+``HEARTBEAT`` counts in the IOC's own thread, whatever the analysis does. ``LOOP_AGE`` is
+the analysis's own sign of life: the daemon's processing loop passes every 50 ms when idle,
+so it reads near 0 on a quiet beamline and grows only while one document or batch holds
+the loop (a hung store, a stuck call); above :data:`LOOP_STALLED_S` it is in ``MAJOR``
+alarm (read every ``HEARTBEAT_PERIOD`` s from :attr:`XasPVGroup.loop_age_source`).
 
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
 out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
@@ -51,10 +58,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from caproto import ChannelType
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 __all__ = [
@@ -62,6 +69,7 @@ __all__ = [
     "ANSWER_PVS",
     "DOUBT_PVS",
     "HEARTBEAT_PERIOD",
+    "LOOP_STALLED_S",
     "MAX_REGIONS",
     "NO_ADVICE",
     "STRING_MAX",
@@ -72,6 +80,9 @@ __all__ = [
 
 #: Seconds between heartbeat increments.
 HEARTBEAT_PERIOD = 1.0
+#: Seconds without a pass of the analysis loop after which ``LOOP_AGE`` is in MAJOR alarm
+#: (as the XasflowProcessingStalled alert).
+LOOP_STALLED_S = 60.0
 #: Regions the waveform can hold (4 numbers each). A recommendation has about 10, some 20
 #: with fine k pieces; 16 used to cut the support regions at the list's end.
 MAX_REGIONS = 64
@@ -182,6 +193,31 @@ class XasPVGroup(PVGroup):
     heartbeat = pvproperty(value=0, name="HEARTBEAT", read_only=True)
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
     updates = pvproperty(value=0, name="UPDATES", read_only=True)
+    loop_age = pvproperty(
+        value=0.0,
+        name="LOOP_AGE",
+        read_only=True,
+        precision=1,
+        units="s",
+        alarm_group="loop_age",
+        doc="seconds since the analysis loop's last pass: a stall grows it",
+    )
+    #: The analysis loop's age in seconds (None: none runs), read by ``LOOP_AGE``'s scan; the
+    #: daemon sets it once its processing loop is built.
+    loop_age_source: Callable[[], float | None] | None = None
+
+    @loop_age.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
+    async def loop_age(self, instance: Any, async_lib: Any) -> None:
+        """Write the loop's age, in MAJOR alarm above :data:`LOOP_STALLED_S`."""
+        age = self.loop_age_source() if self.loop_age_source is not None else None
+        if age is None:
+            return
+        stalled = age > LOOP_STALLED_S
+        severity = AlarmSeverity.MAJOR_ALARM if stalled else AlarmSeverity.NO_ALARM
+        if instance.alarm.severity != severity:  # first, unpublished: the value publishes it
+            status = AlarmStatus.STATE if stalled else AlarmStatus.NO_ALARM
+            await instance.alarm.write(status=status, severity=severity, publish=False)
+        await instance.write(round(age, 1), verify_value=False)
 
     @heartbeat.scan(period=HEARTBEAT_PERIOD)  # type: ignore[no-redef]
     async def heartbeat(self, instance: Any, async_lib: Any) -> None:

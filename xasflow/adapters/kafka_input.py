@@ -97,6 +97,7 @@ class KafkaDocumentSource:
         self.ready = threading.Event()
         #: Text of the most recent decode, consumer or commit error.
         self.last_error: str | None = None
+        self.last_document_at: float | None = None  # monotonic: the last document decoded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -325,6 +326,8 @@ class KafkaDocumentSource:
             for key, n in counts.items():
                 self._counts[key] = self._counts.get(key, 0) + n
             gen = self._offsets.gen.get(tp, -1)
+        if name is not None:
+            self.last_document_at = time.monotonic()  # the input hears documents (/health)
         if error is not None:
             self.last_error = error
             logger.warning("undecodable Kafka message %s[%s]@%s: %s", *tp, msg.offset(), error)

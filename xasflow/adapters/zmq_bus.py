@@ -156,8 +156,8 @@ class ZmqDocumentSource:
         #: Set once the SUB socket is subscribed and connected (delivery may still lag:
         #: 0MQ's slow-joiner means a publisher should not assume we are seen yet).
         self.ready = threading.Event()
-        #: Text of the most recent decode error, for diagnostics.
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the most recent decode error's text
+        self.last_document_at: float | None = None  # monotonic: the last document decoded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -343,8 +343,8 @@ class ZmqDocumentSource:
             self._counters.add(counts)
             self._count_decode_error("internal", f"{type(exc).__name__}: {exc}")
             return
-        counts["decoded"] = 1
-        counts[f"documents.{name}"] = 1
+        counts["decoded"], counts[f"documents.{name}"] = 1, 1
+        self.last_document_at = time.monotonic()  # the input hears documents (/health)
         self._counters.add(counts)  # received before a full queue holds it back
         if self._enqueue((name, doc)):
             self._counters.inc("enqueued")

@@ -34,9 +34,9 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ====================================  ==================================================
 
 The six Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
-every known loss cause, bundle-refusal reason, decode-error reason and (stage, reason) of a
-rejection (``Counters(rejections=...)``), from 0: a series that first appears at 1 never
-shows in ``increase()``, so the alert rules would miss the first one.
+every known loss cause, bundle-refusal reason, decode-error reason, run exit status and
+(stage, reason) of a rejection (``Counters(rejections=...)``), from 0: a series that first
+appears at 1 never shows in ``increase()``, so the alert rules would miss the first one.
 
 ``stage`` is "assembly" (a document or run the assembler rejected) or "analysis" (a
 spectrum the pipeline rejected). Every spectrum the pipeline receives is counted once in

@@ -18,7 +18,7 @@ from xasflow.models.integrity import REASONS as INTEGRITY_REASONS
 if TYPE_CHECKING:
     from xasflow.daemon.counters import Counters
 
-__all__ = ["GAUGE_HELP", "LOSS_CAUSES", "REFUSAL_REASONS", "register_prometheus"]
+__all__ = ["EXIT_STATUSES", "GAUGE_HELP", "LOSS_CAUSES", "REFUSAL_REASONS", "register_prometheus"]
 
 #: What each gauge the daemon sets means, for its ``# HELP`` line (others: their name).
 GAUGE_HELP: dict[str, str] = {
@@ -31,6 +31,8 @@ GAUGE_HELP: dict[str, str] = {
 
 #: Why raw events can be lost (``Counters.lost``), each exported from 0.
 LOSS_CAUSES: tuple[str, ...] = ("seq_gap", "overflow", "interrupted", "on_close")
+#: How a raw run can close (the stop's, the run timeout's, a killed predecessor's), from 0.
+EXIT_STATUSES: tuple[str, ...] = ("success", "abort", "fail", "timeout", "interrupted")
 #: Why a bundle can be refused, each exported from 0.
 REFUSAL_REASONS: tuple[str, ...] = tuple(INTEGRITY_REASONS)
 
@@ -83,6 +85,7 @@ class _Collector:
         refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **refused}
         rejected = {**dict.fromkeys(c.known_rejections, 0), **rejected}
         decode = {**dict.fromkeys(DECODE_ERROR_REASONS, 0), **decode}
+        closed = {**dict.fromkeys(EXIT_STATUSES, 0), **closed}  # timeout: XasflowRunsTimingOut
         yield CounterMetricFamily(
             "xasflow_spectra_received", "Spectra handed to the analysis pipeline", value=received
         )

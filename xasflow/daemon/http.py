@@ -145,6 +145,23 @@ class AdapterCollector:
             value=int(d.ready),
         )
         yield GaugeMetricFamily("xasflow_uptime_seconds", "seconds since start", value=d.uptime)
+        yield from _liveness(d)
+
+
+def _liveness(d: DaemonView) -> Iterator[Any]:
+    """When the processing loop last passed (an idle one passes every 50 ms, so an old one
+    is a stall) and when the input last decoded a document (absent before its first)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    now = time.time()
+    for name, text, age in (
+        ("processing_last_turn", "the processing loop's last pass", d.last_turn_age()),
+        ("input_last_document", "the input's last decoded document", d.last_document_age()),
+    ):
+        family = GaugeMetricFamily(f"xasflow_{name}_timestamp_seconds", f"Unix time of {text}")
+        if age is not None:
+            family.add_metric([], now - age)
+        yield family
 
 
 #: The store's single-valued metrics: (counter?, name, help, its key in the store's stats).

@@ -45,6 +45,10 @@ batch is begun (its stacks sent there) and ended one turn later, or as soon as t
 answered: the thread assembles the next batch meanwhile. Batches end in order, and all of
 them before a stop the thread emits itself, before ``on_processed`` and at the end.
 
+Liveness: :attr:`Processor.last_turn_at` is rebound at the end of every pass of the loop
+(every 50 ms when idle), so its age (``/health`` ``last_turn_age_s``, ``/metrics``, the
+IOC's ``LOOP_AGE``) grows only while a document or a batch holds the thread.
+
 At the end (:meth:`Processor.drain` is set and the queue is empty) it closes every open run
 (``flush_all("shutdown")``: exit_status "abort"), and the interrupted runs still open.
 """
@@ -135,6 +139,10 @@ class Processor:
         self.drain = threading.Event()  # set once nothing more will be queued
         self.clock = LiveClock()
         assembler.clock = self.clock  # run timeouts count live time only (module docstring)
+        #: ``time.monotonic()`` at the end of the loop's last pass. An idle loop passes every
+        #: 50 ms, so its age grows only while one document's handling or one batch's sinks
+        #: hold the thread (a hung store, a stuck call): ``/health`` and ``/metrics`` show it.
+        self.last_turn_at = time.monotonic()
 
     def run(self) -> None:
         """Process until :attr:`drain` is set and the queue is empty, then close everything."""
@@ -159,6 +167,7 @@ class Processor:
             except Exception:  # nothing here should raise; if it does, keep serving
                 self.internal_errors += 1
                 logger.exception("processing a batch of %d documents failed", len(items))
+            self.last_turn_at = time.monotonic()
         self._finish()
 
     def _take(self, most: int) -> list[tuple[str, dict[str, Any]]]:

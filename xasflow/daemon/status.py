@@ -60,6 +60,17 @@ class DaemonStatus:
         processor = self.parts.processor
         return processor.internal_errors if processor is not None else 0
 
+    def last_turn_age(self) -> float | None:
+        """Seconds since the processing loop's last pass (None before it is built). An idle
+        loop passes every 50 ms: a large age means one document or batch holds the thread."""
+        processor = self.parts.processor
+        return None if processor is None else time.monotonic() - processor.last_turn_at
+
+    def last_document_age(self) -> float | None:
+        """Seconds since the input last decoded a document (None before its first)."""
+        at = getattr(self.parts.source, "last_document_at", None)
+        return None if at is None else time.monotonic() - at
+
     @property
     def echo_dropped(self) -> int:
         """Own analysis messages dropped at the input (empty input prefix)."""
@@ -161,6 +172,10 @@ class DaemonStatus:
             "uptime_s": round(self.uptime, 3),
             "queue_depth": src.get("queue_depth", 0),
             "open_runs": self.open_runs,
+            # a stall: documents queued (or a run open) while the loop's last pass gets old;
+            # a silent input: a run open while its last document gets old (run_timeout_s)
+            "last_turn_age_s": _rounded(self.last_turn_age()),
+            "last_document_age_s": _rounded(self.last_document_age()),
             "counters": counters,
             # raw events that never reached the analysis, by cause (also in /metrics)
             "events_lost": {"total": counters["events_lost_total"], **counters["events_lost"]},
@@ -196,3 +211,7 @@ class DaemonStatus:
                 else None
             ),
         }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)

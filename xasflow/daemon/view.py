@@ -43,6 +43,14 @@ class DaemonView(Protocol):
         """Documents and batches dropped by an unexpected error in the processing loop."""
         ...
 
+    def last_turn_age(self) -> float | None:
+        """Seconds since the processing loop's last pass (None before it is built)."""
+        ...
+
+    def last_document_age(self) -> float | None:
+        """Seconds since the input last decoded a document (None before its first)."""
+        ...
+
     def health(self) -> dict[str, Any]:
         """Readiness, counters, models and adapter state, JSON-ready."""
         ...
