@@ -22,6 +22,9 @@ each run open on it is handed over: the new owner analyses the run from its star
 commit never passed it) and this daemon closes its partial copy (exit_status "abort",
 reason ``revoked: ...``, counted in ``runs_handed_over``) via :meth:`abandoned`.
 Lost partitions (session timeout) are handed over without a commit.
+
+A document fetched but left unqueued by a close (it waited for room) is ``released_on_close``,
+not ``dropped_on_close`` (always 0): never taken, never committed, the group delivers it again.
 """
 
 from __future__ import annotations
@@ -269,7 +272,8 @@ class KafkaDocumentSource:
 
         try:
             conf = self.settings.consumer_config()
-            consumer = Consumer({"logger": RDKAFKA_LOG, **conf, "on_commit": self._on_commit})
+            callbacks = {"on_commit": self._on_commit, "error_cb": self._error}
+            consumer = Consumer({"logger": RDKAFKA_LOG, **conf, **callbacks})
             consumer.subscribe(
                 list(self.settings.topics),
                 on_assign=self._on_assign,
@@ -342,8 +346,16 @@ class KafkaDocumentSource:
                 return
             except queue.Full:
                 self._serve_commit(self._consumer)  # keep committing while we wait
-        if name is not None:
-            self._count("dropped_on_close")
+        if name is not None:  # not committed (never taken): the group delivers it again
+            self._count("released_on_close")
+
+    def _error(self, err: Any) -> None:
+        """librdkafka's client errors, served inside ``poll`` (a broker unreachable, all of
+        them down; it keeps reconnecting), counted in ``consumer_errors``: a broker outage
+        was only logged, and showed nowhere (lag and commits just stopped)."""
+        self._count("consumer_errors")
+        self.last_error = f"consumer: {err}"
+        logger.log(logging.ERROR if err.fatal() else logging.DEBUG, "Kafka consumer: %s", err)
 
     def _update_lag(self, consumer: Any) -> None:
         with self._lock:

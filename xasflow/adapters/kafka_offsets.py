@@ -45,7 +45,8 @@ INPUT_COUNTERS: tuple[str, ...] = (
     "delivered",
     "dropped_overflow",  # always 0: a full queue stops polling instead
     "dropped_revoked",
-    "dropped_on_close",
+    "dropped_on_close",  # always 0: what a close leaves unqueued is released, not lost
+    "released_on_close",  # fetched, not queued at close: uncommitted, delivered again
     "consumer_errors",
     "rebalances",
     "partitions_assigned",

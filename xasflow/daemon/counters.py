@@ -27,13 +27,14 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka["commits"]``                  ``xasflow_kafka_commits_total`` (offset commits)
 ``kafka["commit_failures"]``          ``xasflow_kafka_commit_failures_total``
 ``kafka["commits_held"]``             ``xasflow_kafka_commits_held_total`` (store refused)
+``kafka["consumer_errors"]``          ``xasflow_kafka_consumer_errors_total`` (broker down...)
 ``kafka_held``                        ``xasflow_kafka_commit_hold`` (1 while held)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ``queueserver[outcome]``              ``xasflow_queueserver_plans_total{outcome}``
 ``queueserver_deferred_errors``       ``xasflow_queueserver_deferred_errors_total``
 ====================================  ==================================================
 
-The six Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
+The seven Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
 every known loss cause, bundle-refusal reason, decode-error reason, run exit status and
 (stage, reason) of a rejection (``Counters(rejections=...)``), from 0: a series that first
 appears at 1 never shows in ``increase()``, so the alert rules would miss the first one.
@@ -87,7 +88,13 @@ __all__ = [
 REJECTION_STAGES: tuple[str, ...] = ("assembly", "analysis")
 
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
-KAFKA_COUNTERS: tuple[str, ...] = ("rebalances", "commits", "commit_failures", "commits_held")
+KAFKA_COUNTERS: tuple[str, ...] = (
+    "rebalances",
+    "commits",
+    "commit_failures",
+    "commits_held",
+    "consumer_errors",
+)
 
 #: Upper bounds (s) of the end-to-end latency histogram buckets (+Inf is implied).
 LATENCY_BUCKETS: tuple[float, ...] = (

@@ -177,6 +177,8 @@ class _Collector:
             "commit_failures": "Kafka offset commits the broker refused or that failed",
             "commits_held": "Kafka offset commits held back: the store refused results, so "
             "only a restart (redelivery) can bring them",
+            "consumer_errors": "Kafka consumer errors: a broker unreachable (librdkafka's "
+            "client errors, while it reconnects), a fetch error, the receive loop's own",
         }
         for name, text in helps.items():  # every name of KAFKA_COUNTERS
             yield CounterMetricFamily(f"xasflow_kafka_{name}", text, value=kafka.get(name, 0))
