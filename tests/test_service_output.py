@@ -114,6 +114,48 @@ def test_after_store_publishes_nothing_the_store_does_not_hold(
         h.close()
 
 
+def test_a_publisher_refusal_without_the_gate_is_counted_on_metrics(
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``output.after_store: false`` the processing loop hands documents to the
+    publisher itself; one it refuses (raises) is counted as
+    ``xasflow_output_dropped_total{cause="publish_error"}``, as the commit gate's are, so
+    XasflowOutputDropped sees it. Before, it was only logged: the count stayed 0."""
+    from xasflow.adapters.zmq_bus import ZmqDocumentPublisher
+    from xasflow.daemon.http import _output_losses
+
+    cfg = daemon_config(models_dir, proxy, tmp_path / "store").with_updates(
+        {"output": {"after_store": False}}
+    )
+    h = Harness(cfg, proxy)
+    try:
+        assert h.daemon.parts.gate is None
+        daemon_publisher, send = h.daemon.parts.publisher, ZmqDocumentPublisher.__call__
+        refused: list[Any] = []
+
+        def refusing(self: ZmqDocumentPublisher, name: str, doc: dict[str, Any]) -> None:
+            if self is daemon_publisher and name in ("event", "event_page"):
+                refused.append(doc["uid"])
+                raise RuntimeError("the bus refused it")  # a closed socket, an encoding error
+            send(self, name, doc)
+
+        monkeypatch.setattr(ZmqDocumentPublisher, "__call__", refusing)
+        fly_e = np.linspace(8800.0, 9400.0, 600)
+        uid, docs = fly_scan(fly_e, [transmission(fly_e, seed=i) for i in range(3)])
+        publish(h.pub, docs)
+        h.results.wait([uid])  # the run's stop went out
+        dropped = {
+            s.labels["cause"]: s.value
+            for family in _output_losses(h.daemon.view.output_stats())
+            for s in family.samples
+            if s.name == "xasflow_output_dropped_total"
+        }
+        assert refused and dropped["publish_error"] == len(refused)  # pages or events: 1 to 3
+        assert h.results.runs()[uid]["events"] == []  # none of the 3 spectra's results went out
+    finally:
+        h.close()
+
+
 def test_output_losses_are_exported_by_cause() -> None:
     """What the commit gate and a Kafka producer could not publish reaches /metrics."""
     from xasflow.daemon.http import _output_losses

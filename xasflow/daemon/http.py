@@ -209,7 +209,8 @@ def _output_losses(out: dict[str, int]) -> Iterator[Any]:
     fam = CounterMetricFamily(
         "xasflow_output_dropped", "analysis documents never published, by cause", labels=["cause"]
     )
-    fam.add_metric(["publish_error"], out.get("after_store.publish_errors", 0))
+    refused = out.get("after_store.publish_errors", 0) + out.get("publish_errors", 0)
+    fam.add_metric(["publish_error"], refused)  # by the gate's thread, or the loop's
     fam.add_metric(["held_at_close"], out.get("after_store.dropped_on_close", 0))
     fam.add_metric(["delivery_failure"], out.get("delivery_failures", 0))  # Kafka's reports
     yield fam

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from xasflow.daemon.registry import ModelRegistry
 
 __all__ = [
+    "CountedSink",
     "DaemonError",
     "Parts",
     "build_analysis",
@@ -45,6 +46,24 @@ class DaemonError(RuntimeError):
     """The daemon cannot start (a port in use, a locked store, no proxy, ...)."""
 
 
+class CountedSink:
+    """The publisher as the processing loop's sink when no commit gate stands before it
+    (``output.after_store`` off, or no store): a document it refuses (raises) is logged and
+    counted in ``errors`` (``xasflow_output_dropped_total{cause="publish_error"}``, as the
+    gate's are); the loop used to log it only, so XasflowOutputDropped never saw it."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.errors = 0  # written by the processing thread only
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        try:
+            self.sink(name, doc)
+        except Exception:
+            self.errors += 1
+            logger.exception("cannot publish %s document", name)
+
+
 @dataclass
 class Parts:
     """The daemon's parts (None: off, or not built yet). ``Any`` where there are several
@@ -55,6 +74,7 @@ class Parts:
     store: Any = None  # AnalysisStore, when storage is on
     writer: StoreWriter | None = None  # with the store
     gate: CommitGate | None = None  # with output.after_store
+    publish_sink: CountedSink | None = None  # the publisher as the loop's sink, with no gate
     publisher: Any = None  # ZmqDocumentPublisher or KafkaDocumentPublisher
     source: Any = None  # ZmqDocumentSource or KafkaDocumentSource
     assembler: RunAssembler | None = None
@@ -278,7 +298,8 @@ def build_processor(
         proc.runs_ended = p.source.runs_ended
     if p.gate is not None:
         proc.sinks.append(p.gate)  # publishes once the store holds the rows
-    elif p.publisher is not None:
-        proc.sinks.append(p.publisher)
+    elif p.publisher is not None:  # its refusals counted, as the gate's are
+        p.publish_sink = CountedSink(p.publisher)
+        proc.sinks.append(p.publish_sink)
     proc.sinks.extend(listeners)
     return proc

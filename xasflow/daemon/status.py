@@ -98,11 +98,14 @@ class DaemonStatus:
         return output_address(self.config, self.parts.publisher)
 
     def output_stats(self) -> dict[str, int]:
-        """The publisher's counters (and the commit gate's, with ``output.after_store``)."""
+        """The publisher's counters (and the commit gate's, with ``output.after_store``;
+        without it, the documents it refused: ``publish_errors``)."""
         publisher, gate = self.parts.publisher, self.parts.gate
         stats = publisher.stats() if publisher is not None else {}
         if gate is not None:
             stats.update({f"after_store.{k}": v for k, v in gate.stats().items()})
+        if self.parts.publish_sink is not None:  # no gate: the loop hands it documents
+            stats["publish_errors"] = self.parts.publish_sink.errors
         return stats
 
     def store_stats(self) -> dict[str, int]:
