@@ -20,7 +20,8 @@ import numpy as np
 
 from xasflow.models.integrity import MAX_GRAPH_BYTES
 from xasflow.spectra import Prepared, SpectrumError, edge_energy
-from xasflow.spectra.batch import alignment_shift_batch, has_edge_batch, prepare_batch
+from xasflow.spectra.batch import prepare_batch
+from xasflow.spectra.e0_batch import alignment_shift_batch, has_edge_batch
 from xasflow.spectra.process import PrepParams
 
 if TYPE_CHECKING:

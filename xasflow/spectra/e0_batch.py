@@ -1,0 +1,139 @@
+"""The E0 search and the reference foil's checks over many spectra on one energy axis.
+
+:func:`find_e0_batch` gives each row the E0 :func:`~xasflow.spectra.e0.find_e0` gives it
+alone (bit for bit: training's spectra get theirs that way), :func:`alignment_shift_batch` a
+foil's shift as :func:`~xasflow.spectra.channels.alignment_shift`, and :func:`has_edge_batch`
+the foil's edge check as :func:`~xasflow.spectra.quality.has_edge`. Used by
+:func:`~xasflow.spectra.batch.prepare_batch` and the daemon's stacks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from xasflow.spectra.core import SpectrumError
+from xasflow.spectra.e0 import (
+    E0_STEP,
+    Points,
+    e0_rows_why,
+    on_grid,
+    scan_points,
+    search_window,
+    window_error,
+)
+from xasflow.spectra.edges import edge_energy
+
+__all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch"]
+
+
+def _row_errors(n: int) -> list[SpectrumError | None]:
+    return [None] * n
+
+
+def find_e0_batch(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    element: str | None = None,
+    edge: str = "K",
+    search: float = 40.0,
+    shifts: np.ndarray | None = None,
+    strict: bool = False,
+    foil: bool = False,
+) -> tuple[np.ndarray, list[SpectrumError | None]]:
+    """:func:`~xasflow.spectra.e0.find_e0` of every row of ``mu`` (NaN + error on failure).
+
+    Row i lies on ``energy + shifts[i]`` (``energy`` strictly increasing, shared). Rows whose
+    search windows coincide (with a tabulated edge and ``search``: all of a fly-scan page
+    whose data cover the edge +- ``search``; without one, rows of equal shift) go through
+    :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
+    bit as each spectrum alone, which is how training's spectra get theirs. Stray points
+    and each row's lone spikes are left out as ``find_e0`` leaves them out
+    (:func:`~xasflow.spectra.e0.scan_points`), and each row's data points judge its maxima as
+    they judge the spectrum's alone (a glitch's flank, :func:`~xasflow.spectra.e0.rises_at`;
+    ``strict``, ``foil`` as ``find_e0``'s).
+    """
+    energy = np.asarray(energy, dtype=np.float64)
+    mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
+    n = mu.shape[0]
+    s = np.zeros(n) if shifts is None else np.asarray(shifts, dtype=np.float64)
+    e0 = np.full(n, np.nan)
+    errors = _row_errors(n)
+    bulk, keep = scan_points(energy, mu)  # as find_e0: no strays, no lone spikes
+    energy, mu = energy[bulk], mu[:, bulk]
+    first, last = np.zeros(n, dtype=int), np.full(n, energy.size - 1)
+    if keep is not None:  # a spike at an end of the scan: the row's data end before it
+        first, last = keep.argmax(axis=1), energy.size - 1 - keep[:, ::-1].argmax(axis=1)
+
+    def axis(i: int) -> np.ndarray:
+        """Row i's energies, as its spectrum alone searches them."""
+        own = energy + s[i]
+        return own if keep is None else own[keep[i]]
+
+    def points(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row i's data points (energies, mu), as its spectrum alone holds them."""
+        return axis(i), (mu[i] if keep is None else mu[i][keep[i]])
+
+    def of_group(members: list[int]) -> Points:
+        """The data points of a group's k-th row."""
+        return lambda k: points(members[k])
+
+    tab = search_window(energy, element, edge, search)[2]
+    los, his = energy[first] + s, energy[last] + s  # each row's own data range, as alone
+    if tab is not None:
+        los, his = np.maximum(los, tab - search), np.minimum(his, tab + search)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, window in enumerate(zip(los.tolist(), his.tolist(), strict=True)):
+        groups.setdefault(window, []).append(i)
+    for (a, b), members in groups.items():
+        rows = np.asarray(members)
+        error = window_error(axis(members[0]), a, b, element, edge, tab)
+        if error is not None:
+            for i in members:  # the detail names each row's own data range
+                errors[i] = window_error(axis(i), a, b, element, edge, tab)
+            continue
+        grid = np.arange(a, b, E0_STEP)
+        cut = a > energy[first[rows[0]]] + s[rows[0]]  # the window starts at E0 - search
+        m = on_grid(grid, energy, mu[rows], s[rows], None if keep is None else keep[rows])
+        found, why = e0_rows_why(grid, m, cut, of_group(members), strict, foil)
+        e0[rows] = found
+        for k, reason in enumerate(why):
+            if reason is not None:
+                errors[members[k]] = SpectrumError("no_edge", reason)
+    return e0, errors
+
+
+def alignment_shift_batch(
+    energy: np.ndarray, ref_mu: np.ndarray, element: str, edge: str = "K", search: float = 40.0
+) -> tuple[np.ndarray, list[SpectrumError | None]]:
+    """:func:`~xasflow.spectra.channels.alignment_shift` of every reference row (NaN on failure:
+    also a foil whose steepest rises all stand on single points, strict ``find_e0``)."""
+    e0, errors = find_e0_batch(energy, ref_mu, element, edge, search, None, True, True)
+    return edge_energy(element, edge) - e0, errors
+
+
+def has_edge_batch(
+    energy: np.ndarray, ref_mu: np.ndarray, e0: np.ndarray, inner: float = 8.0, outer: float = 40.0
+) -> np.ndarray:
+    """:func:`~xasflow.spectra.quality.has_edge` of every row (its edge at ``e0[i]``)."""
+    energy = np.asarray(energy, dtype=np.float64)
+    ref_mu = np.atleast_2d(np.asarray(ref_mu, dtype=np.float64))
+    e0 = np.asarray(e0, dtype=np.float64)[:, None]
+    e = energy[None, :]
+    with np.errstate(invalid="ignore"):
+        pre = (e >= e0 - outer) & (e <= e0 - inner)
+        post = (e >= e0 + inner) & (e <= e0 + outer)
+    n_pre, n_post = pre.sum(axis=1), post.sum(axis=1)
+    enough = (n_pre >= 3) & (n_post >= 3)
+    safe_pre, safe_post = np.maximum(n_pre, 1), np.maximum(n_post, 1)
+    jump = (ref_mu * post).sum(axis=1) / safe_post - (ref_mu * pre).sum(axis=1) / safe_pre
+    pairs = pre[:, 1:] & pre[:, :-1]  # the pre-edge points are contiguous: their diffs
+    d = np.where(pairs, np.diff(ref_mu, axis=1), np.nan)
+    with warnings.catch_warnings():  # a row without pairs: NaN noise, refused by enough
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dev = np.abs(d - np.nanmedian(d, axis=1, keepdims=True))
+        noise = 1.4826 * np.nanmedian(dev, axis=1) / math.sqrt(2.0)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(enough & (jump > 10.0 * noise) & (jump > 0))
