@@ -24,7 +24,7 @@ PV                  type      meaning
 ``XAS:ADVICE_UID``  string    uid of the raw run the three advice PVs above belong to
 ``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
 ``XAS:LOOP_AGE``    double    s since the analysis loop's last pass (MAJOR over 60 s)
-``XAS:MODEL_OK``    long      1: a model is loaded (0 after a spectrum the model failed on)
+``XAS:MODEL_OK``    long      1: a bundle serves; 0 with none, or no_model/prediction_error
 ``XAS:UPDATES``     long      number of answers published (advice is not an answer)
 ==================  ========  =====================================================
 
@@ -36,6 +36,11 @@ is not written (:mod:`xasflow.adapters.epics_advice`). A rejected spectrum of th
 withdraws ``STOP_EARLY`` (the spectra "in a row" start again). Advice that follows an
 out-of-domain answer is withheld: no regions, ``STOP_EARLY`` 0, and the three advice PVs in
 ``MAJOR`` alarm until the next advice or run.
+
+``MODEL_OK`` follows whether a bundle is served, and drops to 0 for the last spectrum's
+fault too: one no bundle covers (``no_model``: another element, the wrong edge) or one the
+graphs failed on (``prediction_error``), until the next analysed spectrum sets it back to 1.
+So it answers "can the beamline's current spectra be analysed", not only "is a file loaded".
 
 ``HEARTBEAT`` counts in the IOC's own thread, whatever the analysis does. ``LOOP_AGE`` is
 the analysis's own sign of life: the daemon's processing loop passes every 50 ms when idle,
