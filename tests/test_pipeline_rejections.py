@@ -246,3 +246,29 @@ def test_a_scan_in_kev_without_an_element_is_refused_with_the_unit_named(
     assert (row["status"], row["reason"]) == ("rejected", "unknown_element")
     assert row["detail"].endswith("(energies in keV? an edge lies in their range times 1000)")
     assert "8.8-9.396 eV" in row["detail"]
+
+
+def test_a_spectrum_whose_document_fails_is_counted_as_an_internal_error(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while the analysis event of one spectrum is made (its row refused by the run
+    here) loses that document but not the count: received == analysed + rejected holds, the
+    loss reads ``internal_error``, and the rest of the batch is published. Before, the
+    spectrum was counted received and then neither analysed nor rejected."""
+    from xasflow.daemon.documents import AnalysisRun
+
+    real = AnalysisRun.event
+
+    def event(self: AnalysisRun, row: dict) -> list:
+        if row["index"] == 1:
+            raise RuntimeError("a bug in the run's documents")
+        return real(self, row)
+
+    monkeypatch.setattr(AnalysisRun, "event", event)
+    docs = pipeline.handle_batch(
+        [opened("raw-e"), *(scan("raw-e", i, "CuCl") for i in range(3)), closed("raw-e", n=3)]
+    )
+    assert [r["index"] for r in events(docs)] == [0, 2]
+    snap = counters.snapshot()
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (3, 2)
+    assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 1}

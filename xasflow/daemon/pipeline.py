@@ -320,6 +320,9 @@ class Pipeline:
                     logger.error("pipeline got a %s, not an assembly output", type(out).__name__)
             except Exception:  # a bug here must not lose the rest of the batch
                 logger.exception("pipeline failed on %r", out)
+                if i in works:  # not counted yet (_spectrum_docs counts last): lost, seen
+                    self.counters.spectrum_received()
+                    self.counters.reject("internal_error", "analysis")
         docs = paged(docs)
         return docs + self.advise() if advise else docs
 
@@ -382,30 +385,26 @@ class Pipeline:
         return []
 
     def _spectrum_docs(self, work: Work) -> list[Doc]:
+        """The analysis event of one spectrum; it is counted once its row is in the run, so a
+        failure before that leaves it to :meth:`end`'s ``internal_error`` count."""
         scan = work.scan
-        self.counters.spectrum_received()
         run = self._ensure_run(scan.raw_uid)
         now = self.clock()
         latency = now - scan.event_time if math.isfinite(scan.event_time) else None
-        if work.reason is None and work.prediction is not None:
-            pred = work.prediction
+        ok = work.reason is None and work.prediction is not None
+        if ok:
+            assert work.prediction is not None
             row = ok_row(
                 scan.index,
-                pred,
+                work.prediction,
                 energy_shift=work.shift,
-                flags=[*work.flags, *pred.flags],
+                flags=[*work.flags, *work.prediction.flags],
                 latency_ms=None if latency is None else latency * 1e3,
             )
-            self.counters.spectrum_analysed()
-            if pred.out_of_domain:
-                self.counters.spectrum_out_of_domain()
-                if HERFD_SUSPECTED in pred.flags:
-                    self.counters.spectrum_herfd_suspected()
         else:
-            reason = work.reason or "internal_error"
             row = rejected_row(
                 scan.index,
-                reason,
+                work.reason or "internal_error",
                 work.detail,
                 flags=work.flags,
                 element=work.element,
@@ -414,14 +413,27 @@ class Pipeline:
                 energy_shift=work.shift,
                 latency_ms=None if latency is None else latency * 1e3,
             )
-            self.counters.reject(reason, "analysis")
-            if self.advice is not None:  # "in a row" means without one refused
-                self.advice.interrupt(scan.raw_uid)
+        docs = run.event(row)
+        self.counters.spectrum_received()
+        if ok:
+            assert work.prediction is not None
+            self.counters.spectrum_analysed()
+            if work.prediction.out_of_domain:
+                self.counters.spectrum_out_of_domain()
+                if HERFD_SUSPECTED in work.prediction.flags:
+                    self.counters.spectrum_herfd_suspected()
+        else:
+            self.counters.reject(work.reason or "internal_error", "analysis")
         if self.observe_latency and latency is not None:
             self.counters.observe_latency(latency)
-        docs = run.event(row)
-        if self.advice is not None and row["status"] == "ok":
-            self.advice.observe(run, work)
+        if self.advice is not None:
+            try:  # the advice must never cost the spectrum its counted document
+                if ok:
+                    self.advice.observe(run, work)
+                else:  # "in a row" means without one refused
+                    self.advice.interrupt(scan.raw_uid)
+            except Exception:
+                logger.exception("the advice failed on spectrum %d of %s", scan.index, run.raw_uid)
         return docs
 
     def _rejected(self, out: Rejected) -> list[Doc]:
