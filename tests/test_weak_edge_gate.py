@@ -116,3 +116,21 @@ def test_a_scan_on_a_monochromator_far_off_is_gated_around_its_e0() -> None:
         metas=[off.meta] * 6,
     )
     assert [getattr(r, "e0", r) for r in rows] == [pytest.approx(prepared.e0)] * 6
+
+
+@pytest.mark.parametrize(("name", "low"), [("EuO_eu_l3_001", 10.0), ("EuSe_eu_l3_001", 14.0)])
+def test_an_edge_below_the_tabulated_one_is_gated_on_its_own_pre_edge(
+    xdi_library: Path, name: str, low: float
+) -> None:
+    """Eu(II) L3 scans whose monochromator reads ``low`` eV low, no foil: their edge (and
+    white line) then lie 16-20 eV under the tabulated one. The gate's pre-edge ends 12 eV
+    below E0 as well, so the rise is not in it (before: refused ``weak_edge``, "edge step
+    -0.72 is only -6.8e+02 times the point noise" for EuO), single and batch alike."""
+    s = xdi_to_spectrum(read_xdi(xdi_library / "Eu" / f"{name}.xdi"))
+    s = s.with_(energy=s.energy - low)
+    prepared = prepare(s, PrepParams())
+    assert prepared.edge_step > 0
+    rows = prepare_batch(
+        s.energy, np.tile(s.mu, (8, 1)), PrepParams(), "Eu", "L3", metas=[s.meta] * 8
+    )
+    assert [getattr(r, "e0", r) for r in rows] == [pytest.approx(prepared.e0)] * 8

@@ -275,7 +275,10 @@ def gated_steps(
     e0 = np.asarray(e0, dtype=np.float64)
     if tab is None:
         return gate_steps(energy, mu, e0, steps, lead, end)
-    out = gate_steps(energy, mu, np.full(e0.size, tab), steps, lead, end)
+    # the pre-edge ends below E0 too: an edge 10-20 eV under the tabulated one (a reduced
+    # species, a monochromator reading low) put its rise in the window, and the step read
+    # negative (EuO 10 eV low: -0.72, refused weak_edge)
+    out = gate_steps(energy, mu, np.full(e0.size, tab), steps, lead, end, np.minimum(e0, tab))
     far = np.flatnonzero(np.abs(e0 - tab) > GATE_TRUST)
     if far.size:
         own = gate_steps(energy[far], mu[far], e0[far], steps[far], lead[far], end[far])
@@ -291,11 +294,13 @@ def gate_steps(
     steps: np.ndarray,
     lead: np.ndarray,
     end: np.ndarray,
+    pre_centre: np.ndarray | None = None,
 ) -> np.ndarray:
     """The edge step the ``weak_edge`` gate divides, per row of ``mu`` on ``energy`` (n, m,
     each row's bulk ``lead[i]:end[i]``): the median over ``centre`` + 20..60 eV (its
     tabulated edge, on the axis prepared) of mu above the resistant line (medians of halves,
-    as :mod:`~xasflow.spectra.outliers`) of its pre-edge up to ``centre`` - 12 eV; the
+    as :mod:`~xasflow.spectra.outliers`) of its pre-edge up to ``pre_centre`` (default
+    ``centre``) - 12 eV; the
     fitted ``steps`` where a window holds too few points (under 6 and 5) or the pre-edge
     is short (:data:`GATE_BASELINE`).
 
@@ -305,7 +310,8 @@ def gate_steps(
     cols = np.arange(mu.shape[1])
     inside = (cols >= lead[:, None]) & (cols < end[:, None])
     c = centre[:, None]
-    pre = inside & (energy <= c + GATE_WINDOWS[0])
+    pre_c = c if pre_centre is None else np.asarray(pre_centre, dtype=np.float64)[:, None]
+    pre = inside & (energy <= pre_c + GATE_WINDOWS[0])
     post = inside & (energy >= c + GATE_WINDOWS[1]) & (energy <= c + GATE_WINDOWS[2])
     half = pre.sum(axis=1) // 2  # the pre-edge is a run of columns from lead on
     rows = np.flatnonzero((half >= 3) & (post.sum(axis=1) >= 5))
