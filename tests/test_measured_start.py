@@ -1,6 +1,6 @@
 """A measured scan must start on its pre-edge: :data:`~xasflow.spectra.process.MIN_PRE_EDGE`
-eV below the E0 found and below the tabulated edge, on the single path and the batch path
-alike. A scan that starts above its edge puts the E0 search on a later post-edge rise, from
+eV below the E0 found and :data:`~xasflow.spectra.process.MIN_TAB_PRE_EDGE` below the
+tabulated edge, on the single path and the batch path alike. A scan that starts above its edge puts the E0 search on a later post-edge rise, from
 which the data seem to start far enough below "E0"; the tabulated edge does not move."""
 
 from __future__ import annotations
@@ -103,3 +103,24 @@ def test_fe_foil_cut_above_its_edge_is_refused(xdi_library: Path) -> None:
         assert got.reason == "no_pre_edge"
         assert "18.9 eV above the tabulated edge" in got.message
     assert prepare(spectrum, PrepParams()).e0 == pytest.approx(7110.8, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "shift", "from_e0"),
+    [("Mn/Mn2O3_rt_01", 5.0, None), ("Cr/cr2o3_100K_001", 0.0, -30.0)],
+)
+def test_good_scans_near_the_tabulated_edge_are_prepared(
+    xdi_library: Path, name: str, shift: float, from_e0: float | None
+) -> None:
+    """Mn2O3 on a monochromator reading 5 eV high (no foil), and Cr2O3 as a XANES scan from
+    30 eV below its E0 (which its chemical shift puts 10-20 eV above the tabulated edge):
+    both start on a pre-edge, 15 eV or more below E0, and are prepared (before, a 15 eV
+    margin below the tabulated edge refused them ``no_pre_edge``)."""
+    s = xdi_to_spectrum(read_xdi(xdi_library / f"{name}.xdi"))
+    s = s.with_(energy=s.energy + shift)
+    if from_e0 is not None:
+        keep = s.energy >= prepare(s, PrepParams()).e0 + from_e0
+        s = s.with_(energy=s.energy[keep], mu=s.mu[keep])
+    single, batch = _both(s)
+    assert isinstance(single, Prepared), single
+    assert isinstance(batch, Prepared) and batch.e0 == pytest.approx(single.e0)

@@ -148,7 +148,7 @@ class AnalysisConfig(_Section):
     ``element``/``edge`` here; ``prefer: config`` forces these values on every run. With
     neither, the pipeline infers them from the energy range (tabulated edge energies).
     ``herfd`` and ``calculated`` (FEFF replays; default false: measured scans, which need
-    15 eV below E0 and below the tabulated edge, else ``no_pre_edge``: one starting at its
+    15 eV below E0 and 5 eV below the tabulated edge, else ``no_pre_edge``: one starting at its
     edge gave an E0 11 eV too high) say what the spectra are; a start document's own key wins (null or "" declares
     nothing; "true", "false" and numbers as text are read as such).
     ``batching``: how long the processing thread may wait for more documents under load

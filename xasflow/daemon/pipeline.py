@@ -93,7 +93,7 @@ REASONS: frozenset[str] = frozenset(
         "no_edge",  # no absorption edge near the tabulated energy
         "weak_edge",  # an edge step under the bundle's min_edge_snr times the point noise
         "no_post_edge",  # too few points above the edge to normalise
-        "no_pre_edge",  # a measured scan starting under 15 eV below E0 or the tabulated edge
+        "no_pre_edge",  # a measured scan starting under 15 eV below E0 or 5 below its edge
         "window",  # data do not cover the model's energy window
         "prediction_error",  # the ONNX graphs failed on this spectrum
         "edge_step",  # the edge step is not positive / not determined

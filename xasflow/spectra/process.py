@@ -279,6 +279,14 @@ def _where(fit: EdgeFit) -> str:
 #: Undeclared spectra (two-column files) are left to ``is_calculated``: its guess can take a
 #: calculation cropped near its edge for a measurement.
 MIN_PRE_EDGE = 15.0
+#: eV a measured scan's data must start below its tabulated edge (on the axis prepared). A
+#: scan starting above its edge is what this catches; 15 eV, as below E0, also refused good
+#: scans: XANES scans starting 20-30 eV below an E0 that a chemical shift puts 10-20 eV above
+#: the tabulated edge (Cr2O3, Mn and As oxides: 139 of 267 library scans cut to start at
+#: E0-20), and scans on a monochromator reading 4-10 eV high with no foil. At 5 eV the scans
+#: cut to start 0-20 eV above their E0 are refused as at 15 (all but 7 of 2,959, the same
+#: Au/Pb L1 foils with no tabulated edge; 349 accepted with no such rule).
+MIN_TAB_PRE_EDGE = 5.0
 
 
 def tabulated_edge(element: str | None, edge: str | None) -> float | None:
@@ -298,8 +306,8 @@ def measured_start_why(
     """Per row of a measured spectrum on ``rel`` (energies minus E0, rows of one axis
     shifted: (n, m) ascending), why its data do not start on a pre-edge (None where they
     do): fewer than :data:`MIN_PRE_EDGE` eV below E0, or (``tab``: each row's tabulated
-    edge minus its E0, (n,)) below the tabulated edge, which a found E0 on a post-edge rise
-    cannot move. The data start at the scan's bulk (row 0's
+    edge minus its E0, (n,)) fewer than :data:`MIN_TAB_PRE_EDGE` below the tabulated edge,
+    which a found E0 on a post-edge rise cannot move. The data start at the scan's bulk (row 0's
     :func:`~xasflow.spectra.norm.leading_strays` left out, as the pre-edge fit leaves them
     out; ``lead``: their number when known): a stray point far below E0 is no pre-edge."""
     s = int(leading_strays(rel[0])[0]) if lead is None else lead
@@ -308,7 +316,7 @@ def measured_start_why(
     if tab is not None:
         above = (start - tab).tolist()
         for i, x in enumerate(above):
-            if out[i] is None and x > -MIN_PRE_EDGE:
+            if out[i] is None and x > -MIN_TAB_PRE_EDGE:
                 out[i] = no_pre_edge(float(start[i]), x)
     return out
 
@@ -325,9 +333,10 @@ def no_pre_edge(start: float, from_tab: float | None = None) -> str:
     side = "above" if from_tab >= 0 else "below"
     return (
         f"data start {abs(from_tab):.1f} eV {side} the tabulated edge (E0 found "
-        f"{from_tab - start:+.1f} eV from it, on what may be a rise after the edge): a "
-        f"measured scan needs {MIN_PRE_EDGE:g} eV or more below the edge (its pre-edge); one "
-        "that starts later may not hold the edge at all"
+        f"{from_tab - start:+.1f} eV from it, perhaps on a rise after the edge): a measured "
+        f"scan needs to start {MIN_TAB_PRE_EDGE:g} eV or more below the tabulated edge and "
+        f"{MIN_PRE_EDGE:g} eV below E0; if the monochromator reads high, align with a "
+        "reference foil"
     )
 
 
