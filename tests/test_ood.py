@@ -90,10 +90,13 @@ def test_window_and_input_checks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "norm_window"),
-    [(m, None) for m in METHODS] + [("recon", (0, 240)), ("ppca", (0, 240))],
+    ("method", "norm_window", "smooth"),
+    [(m, None, 0.0) for m in METHODS]
+    + [("recon", (0, 240), 0.0), ("ppca", (0, 240), 0.0), ("recon", (0, 240), 4.0)],
 )
-def test_onnx_graph_equals_numpy(method: str, norm_window: tuple[int, int] | None) -> None:
+def test_onnx_graph_equals_numpy(
+    method: str, norm_window: tuple[int, int] | None, smooth: float
+) -> None:
     ort = pytest.importorskip("onnxruntime")
     rng = np.random.default_rng(4)
     scorer = fit_ood(
@@ -103,6 +106,7 @@ def test_onnx_graph_equals_numpy(method: str, norm_window: tuple[int, int] | Non
         n_components=5,
         window=(2, 200),
         norm_window=norm_window,
+        smooth=smooth,
     )
     sess = ort.InferenceSession(scorer.to_onnx(242), providers=["CPUExecutionProvider"])
     t = np.linspace(0, 1, 242)
@@ -133,6 +137,32 @@ def test_runtime_formula_matches_definition() -> None:
     assert np.allclose(plain, ((c0 - c0 @ comps.T @ comps) ** 2).sum(axis=1))
     with pytest.raises(ValueError, match="columns"):
         U.ood_score(x, mean, comps, np.zeros(2), 1.0, (0, 5))
+    k = U.smoothing_matrix(6, 1.5)
+    smoothed = U.ood_score(x, mean, comps, np.zeros(2), 1.0, (1, 7), (0, 8), smoother=k)
+    cs = w @ k.T - mean
+    assert np.allclose(smoothed, ((cs - cs @ comps.T @ comps) ** 2).sum(axis=1))
+
+
+def test_smoothing_keeps_a_level_and_cuts_point_noise() -> None:
+    """Each row of the smoother averages (a flat spectrum stays flat, ends included); white
+    noise through a sigma of 6 columns keeps about 1/sqrt(4 pi 36) of its variance; the
+    scorer records the smoothing and refuses a negative one."""
+    k = U.smoothing_matrix(193, 6.0)
+    assert np.allclose(k.sum(axis=1), 1.0) and np.allclose(np.ones(193) @ k.T, 1.0)
+    noise = np.random.default_rng(0).normal(size=(400, 193))
+    kept = np.var((noise @ k.T)[:, 30:-30]) / np.var(noise)
+    assert kept == pytest.approx(1 / np.sqrt(4 * np.pi * 36), rel=0.15)
+    rng = np.random.default_rng(6)
+    scorer = fit_ood(_spectra(300, rng), _spectra(100, rng), "recon", 5, (2, 200), smooth=6.0)
+    assert scorer.spec()["smooth_columns"] == 6.0
+    assert (
+        "smooth_columns"
+        not in fit_ood(_spectra(300, rng), _spectra(100, rng), "recon", 5, (2, 200)).spec()
+    )
+    with pytest.raises(ValueError, match="smooth"):
+        fit_ood(_spectra(300, rng), _spectra(100, rng), "recon", 5, (2, 200), smooth=-1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        U.smoothing_matrix(10, 0.0)
 
 
 @pytest.mark.shared_data

@@ -80,7 +80,10 @@ def test_bound_for_split_records_its_rule_and_raises_the_threshold_on_grouped_sp
     x = _edge_groups(rng, 300)
     keys = np.repeat(np.arange(300), 4)
     parts = {"train": np.arange(0, 800), "val": np.arange(800, 1000), "test": np.arange(1000, 1200)}
-    fitted = fit_ligand_ood(x[parts["train"]], x[parts["val"]], GRID)
+    # the post-edge unsmoothed: smoothed, these edges' post-edge scores are one per group (their
+    # white noise gone) and the cross-fit under-covers them (3.5 % flagged out of fold, 4.8 %
+    # of fresh splits, 16 of 40 over 5 %); the shipped Cu bundle's test split: 4.4 %
+    fitted = fit_ligand_ood(x[parts["train"]], x[parts["val"]], GRID, postedge_smooth_ev=0.0)
     bound = bound_for_split(fitted, x, keys, parts, confidence=0.9)
     stats = bound.stats
     assert stats["threshold_rule"] == "group bootstrap of cross-fitted scores"

@@ -166,11 +166,11 @@ class Predictor:
         spectrum was not declared HERFD, the same spectrum broadened as HERFD (the element's
         tabulated width) is in domain, and so is that broadened spectrum with the spectrum's
         measured point noise put back (:meth:`_noise_explains`): broadening smooths noise
-        too, and a conventional scan made out of domain by its noise alone (2 % of the step:
+        too, and a conventional scan made out of domain by its noise alone (5 % of the step:
         measured CuO, azurite) is no HERFD one. Costs up to 1 + :data:`HINT_NOISE_DRAWS`
         predictions, out of domain only. On the shipped Cu bundle: the simulated-HERFD demo
-        Cu2O, CuAl2O4 and Cu in MgO get it (also with noise of 0.5 % of the step); measured
-        Cu metal, CuS and Cu2S, the chloride, and noisy conventional oxides do not.
+        Cu2O, CuAl2O4 and Cu in MgO get it (also with noise of 0.5 and 2 % of the step);
+        measured Cu metal, CuS and Cu2S, the chloride, and noisy conventional oxides do not.
         """
         if not prediction.out_of_domain or spectrum.meta.get("herfd"):
             return prediction

@@ -180,6 +180,20 @@ def combined_ood(
     return np.where(np.isfinite(score), score, np.inf)
 
 
+def smoothing_matrix(width: int, sigma: float) -> np.ndarray:
+    """(width, width) Gaussian smoother of standard deviation ``sigma`` columns, each row's
+    weights (cut at 4 sigma, at the ends too) summing to 1; ``w @ K.T`` smooths rows of ``w``.
+
+    Point noise spreads over every direction of a spectrum; the shapes a PCA score models
+    vary over many columns, so a light smoothing removes most of the noise and little else."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    idx = np.arange(width, dtype=np.float64)
+    dist = (idx[:, None] - idx[None, :]) / sigma
+    k = np.where(np.abs(dist) <= 4.0, np.exp(-0.5 * dist * dist), 0.0)
+    return k / k.sum(axis=1, keepdims=True)
+
+
 def ood_score(
     x: np.ndarray,
     mean: np.ndarray,
@@ -188,6 +202,7 @@ def ood_score(
     residual_weight: float,
     window: tuple[int, int] | None = None,
     norm_window: tuple[int, int] | None = None,
+    smoother: np.ndarray | None = None,
 ) -> np.ndarray:
     """Distance of each model input (rows of ``x``) from the training data, one per row.
 
@@ -196,8 +211,9 @@ def ood_score(
     move it); ``z = (w - mean) @ components.T`` (k principal axes); the score is
     ``sum((z * inv_scale)**2) + residual_weight * |w - mean - z @ components|**2``. With
     ``inv_scale`` 1/sqrt(variance) and ``residual_weight`` 0 it is the Mahalanobis distance in
-    PCA space; with ``inv_scale`` 0 the PCA reconstruction error. Rows that cannot be scored
-    (NaN, zero mean) score infinity.
+    PCA space; with ``inv_scale`` 0 the PCA reconstruction error. A ``smoother``
+    (:func:`smoothing_matrix`) replaces ``w`` with ``w @ smoother.T`` first. Rows that cannot
+    be scored (NaN, zero mean) score infinity.
     """
     d = mean.size
     start, stop = window if window is not None else (0, d)
@@ -213,6 +229,8 @@ def ood_score(
     with np.errstate(divide="ignore", invalid="ignore"):
         if norm_window is not None:
             w = w / xs[:, norm_window[0] : norm_window[1]].mean(axis=1, keepdims=True)
+        if smoother is not None:
+            w = w @ smoother.T
         c = w - mean
         z = c @ components.T
         score = np.sum((z * inv_scale) ** 2, axis=1)

@@ -46,6 +46,12 @@ class OodScorer:
     flag_fraction: float
     stats: dict[str, Any] = field(default_factory=dict)
     norm_window: tuple[int, int] | None = None  # columns whose mean divides; None: ``start:stop``
+    smooth: float = 0.0  # Gaussian sigma (columns) the window is smoothed with first; 0: none
+
+    @property
+    def smoother(self) -> np.ndarray | None:
+        """The window's smoothing matrix (:func:`~xasflow.models.uncertainty.smoothing_matrix`)."""
+        return U.smoothing_matrix(self.stop - self.start, self.smooth) if self.smooth > 0 else None
 
     @property
     def _norm(self) -> tuple[int, int]:
@@ -77,6 +83,7 @@ class OodScorer:
             "residual_weight": self.residual_weight,
             "window": (self.start, self.stop),
             "norm_window": self._norm if self.normalise else None,
+            "smoother": self.smoother,
         }
 
     def flags(self, x: np.ndarray) -> np.ndarray:
@@ -93,6 +100,7 @@ class OodScorer:
             "norm_columns": list(self._norm) if self.normalise else None,
             "threshold": self.threshold,
             "flag_fraction": self.flag_fraction,
+            **({"smooth_columns": self.smooth} if self.smooth > 0 else {}),
             **self.stats,
         }
 
@@ -126,8 +134,14 @@ class OodScorer:
                 helper.make_node("ReduceMean", ["n_cols"], ["w_mean"], axes=[1], keepdims=1),
                 helper.make_node("Div", ["w", "w_mean"], ["w_norm"]),
             ]
+        w = "w_norm" if self.normalise else "w"
+        smoother = self.smoother
+        if smoother is not None:
+            inits.append(numpy_helper.from_array(smoother.T.astype(f32), "smooth_t"))
+            nodes.append(helper.make_node("MatMul", [w, "smooth_t"], ["w_smooth"]))
+            w = "w_smooth"
         nodes += [
-            helper.make_node("Sub", ["w_norm" if self.normalise else "w", "pca_mean"], ["c"]),
+            helper.make_node("Sub", [w, "pca_mean"], ["c"]),
             helper.make_node("MatMul", ["c", "pca_axes_t"], ["z"]),
             helper.make_node("Mul", ["z", "inv_scale"], ["zs"]),
             helper.make_node("Mul", ["zs", "zs"], ["zs2"]),
@@ -218,12 +232,15 @@ def energy_window(grid: np.ndarray, lo_ev: float, hi_ev: float) -> tuple[int, in
 
 
 def _window(
-    x: np.ndarray, start: int, stop: int, normalise: bool, norm: tuple[int, int]
+    x: np.ndarray, start: int, stop: int, normalise: bool, norm: tuple[int, int], smooth: float
 ) -> np.ndarray:
-    """Columns ``start:stop``, divided by each row's mean over the ``norm`` columns if asked."""
+    """Columns ``start:stop``, divided by each row's mean over the ``norm`` columns if asked,
+    smoothed with a Gaussian of ``smooth`` columns if positive."""
     w = np.asarray(x, dtype=np.float64)[:, start:stop]
     if normalise:
         w = w / np.asarray(x, dtype=np.float64)[:, norm[0] : norm[1]].mean(axis=1, keepdims=True)
+    if smooth > 0:
+        w = w @ U.smoothing_matrix(stop - start, smooth).T
     return w
 
 
@@ -242,6 +259,7 @@ def fit_ood(
     flag_fraction: float = 0.05,
     norm_window: tuple[int, int] | None = None,
     grid: np.ndarray | None = None,
+    smooth: float = 0.0,
 ) -> OodScorer:
     """Fit the PCA on ``x_train`` and set the threshold on ``x_val`` (held-out, in domain).
 
@@ -249,7 +267,8 @@ def fit_ood(
     with spectra divided by their mean over the whole grid (the chosen scorer); otherwise
     ``normalise`` divides by the mean over ``norm_window`` (default: ``window``). The
     threshold is the smallest validation score such that at most ``flag_fraction`` of the
-    validation rows score above it.
+    validation rows score above it. ``smooth`` (Gaussian sigma in columns, 0: none) smooths
+    the window, training and scored rows alike, so point noise adds little to the score.
     """
     if window is None:
         if grid is None:
@@ -267,7 +286,9 @@ def fit_ood(
     norm = norm_window if norm_window is not None else (start, stop)
     if not 0 <= norm[0] < norm[1] <= np.shape(x_train)[1]:
         raise ValueError(f"norm_window {norm} does not fit inputs of width {np.shape(x_train)[1]}")
-    tr = _window(np.atleast_2d(x_train), start, stop, normalise, norm)
+    if not (math.isfinite(smooth) and smooth >= 0):
+        raise ValueError(f"smooth must be a finite sigma >= 0, got {smooth}")
+    tr = _window(np.atleast_2d(x_train), start, stop, normalise, norm, smooth)
     va = np.atleast_2d(x_val)
     if not np.all(np.isfinite(tr)):
         raise ValueError("training spectra contain NaN/inf (or a zero mean with normalise)")
@@ -299,6 +320,7 @@ def fit_ood(
         math.inf,
         0.0,
         norm_window=norm_window,
+        smooth=float(smooth),
     )
     val_scores = scorer.score(va)
     # the (ceil((1-f) n))-th smallest score: at most a fraction f of validation lies above it

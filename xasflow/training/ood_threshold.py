@@ -103,6 +103,7 @@ def _refit(comp: Component, x_fit: np.ndarray, x_held: np.ndarray) -> Component:
             comp.normalise,
             comp.flag_fraction,
             comp.norm_window,
+            smooth=comp.smooth,
         )
     if isinstance(comp, WhitelineDeficit):
         ratio = WhitelineDeficit(comp.peak, comp.level, 0.0).score(x_fit)

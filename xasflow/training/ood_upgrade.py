@@ -23,7 +23,7 @@ import numpy as np
 from xasflow.models.bundle import Manifest, OodSpec
 from xasflow.models.bundle_write import write_bundle
 from xasflow.training.ood import fit_ood
-from xasflow.training.ood_ligand import METHOD, LigandOod, fit_ligand_ood
+from xasflow.training.ood_ligand import METHOD, POSTEDGE_SMOOTH_EV, LigandOod, fit_ligand_ood
 from xasflow.training.ood_threshold import CONFIDENCE, bound_or_keep
 from xasflow.training.rebuild import bundle_parser, open_for_rewrite, rebuild
 from xasflow.training.split import split_keys
@@ -47,12 +47,14 @@ def fit_for_bundle(
     log: Callable[[str], None] = print,
     flag_fraction: float | None = None,
     confidence: float | None = CONFIDENCE,
+    postedge_smooth_ev: float = POSTEDGE_SMOOTH_EV,
 ) -> tuple[LigandOod, dict[str, np.ndarray]]:
     """The ligand-aware score for ``manifest``'s training data, and that data's model inputs
     by split (``train``, ``val``, ``test``). ``flag_fraction`` of the combined score defaults
     to the reconstruction score's (a ValueError when the validation rows are too few); the
     threshold is bounded at ``confidence`` for a fresh split (:mod:`ood_threshold`) where the
-    split has groups enough, and is validation's split-conformal rank otherwise or for None."""
+    split has groups enough, and is validation's split-conformal rank otherwise or for None.
+    ``postedge_smooth_ev``: the post-edge component's smoothing (Gaussian sigma, eV)."""
     if confidence is not None and not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     recon = _recon_spec(manifest)
@@ -68,6 +70,7 @@ def fit_for_bundle(
         bool(recon["normalise"]),
         float(recon["flag_fraction"]),
         tuple(norm) if norm else None,
+        smooth=float(recon.get("smooth_columns", 0.0)),
     )
     if not math.isclose(base.threshold, float(recon["threshold"]), rel_tol=1e-5):
         raise ValueError(
@@ -75,7 +78,9 @@ def fit_for_bundle(
             f"{float(recon['threshold']):.6g}: not the data or code the bundle was made with"
         )
     fraction = base.flag_fraction if flag_fraction is None else flag_fraction
-    fitted = fit_ligand_ood(xs["train"], xs["val"], manifest.prep.grid, base, fraction)
+    fitted = fit_ligand_ood(
+        xs["train"], xs["val"], manifest.prep.grid, base, fraction, postedge_smooth_ev
+    )
     keys = split_keys(rebuilt.dataset, manifest.training.get("split_by", "material"))
     fitted = bound_or_keep(fitted, rebuilt.x, keys, rebuilt.parts, confidence, log)
     fitted.stats["test_flagged_fraction"] = float(np.mean(fitted.flags(xs["test"])))
@@ -91,11 +96,12 @@ def upgrade_bundle(
     log: Callable[[str], None] = print,
     flag_fraction: float | None = None,
     confidence: float | None = CONFIDENCE,
+    postedge_smooth_ev: float = POSTEDGE_SMOOTH_EV,
 ) -> Path:
     """Write ``bundle`` (to ``out``, default: in place) with the ligand-aware OOD graph."""
     bundle, manifest = open_for_rewrite(bundle, signing_key, "the upgrade")
     assert manifest.ood is not None  # checked by _recon_spec in fit_for_bundle
-    fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction, confidence)
+    fitted, _ = fit_for_bundle(manifest, data, log, flag_fraction, confidence, postedge_smooth_ev)
     files = {name: (bundle / name).read_bytes() for name in manifest.files}
     files[manifest.ood.file] = fitted.to_onnx(manifest.input_width, manifest.input_name)
     details = {
@@ -134,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the threshold from the validation split alone (split-conformal rank)",
     )
+    ap.add_argument(
+        "--postedge-smooth",
+        type=float,
+        default=POSTEDGE_SMOOTH_EV,
+        help="Gaussian sigma (eV) smoothing the post-edge window before its reconstruction, "
+        f"so point noise counts little; 0: none (default {POSTEDGE_SMOOTH_EV})",
+    )
     args = ap.parse_args(argv)
     path = upgrade_bundle(
         args.bundle,
@@ -142,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.signing_key,
         flag_fraction=args.flag_fraction,
         confidence=None if args.validation_only else args.confidence,
+        postedge_smooth_ev=args.postedge_smooth,
     )
     print(f"wrote {path}")
     return 0
