@@ -107,6 +107,30 @@ def test_rises_at_tells_an_edge_from_a_glitchs_flank() -> None:
     assert not rises_at(energy, dip, float(energy[j]) + 0.4)  # the dip's rising flank
 
 
+def _pre_edge_peak(energy: np.ndarray) -> np.ndarray:
+    """A Cr(VI)-like mu: a sharp pre-edge peak (Gaussian, sigma 0.6 eV, 0.8 of the step) 4 eV
+    above the tabulated Cr K edge, the main edge (step 1) 16 eV above that."""
+    tab = edge_energy("Cr")
+    peak = 0.8 * np.exp(-0.5 * ((energy - tab - 4.0) / 0.6) ** 2)
+    return 0.1 + np.arctan((energy - tab - 20.0) / 1.5) / np.pi + 0.5 + peak
+
+
+@pytest.mark.parametrize("spacing", [1.5, 2.0])
+def test_a_coarse_scan_keeps_its_one_point_pre_edge_peak(spacing: float) -> None:
+    """Sampled every ``spacing`` eV, the pre-edge peak is one point high, as a glitch would be,
+    and no test tells them apart: a scan that coarse keeps the steepest rise (COARSE), E0 on
+    the peak's rise as at 0.25 eV, singly and in a stack (it moved 13-15 eV to the main edge).
+    """
+    fine = np.arange(5900.0, 6200.0, 0.25)
+    e0_fine = find_e0(Spectrum(fine, _pre_edge_peak(fine), "Cr"))
+    assert e0_fine == pytest.approx(edge_energy("Cr") + 3.4, abs=0.2)
+    energy = edge_energy("Cr") + 4.0 + spacing * np.arange(-60.0, 130.0)  # a point on the peak
+    mu = _pre_edge_peak(energy)
+    assert find_e0(Spectrum(energy, mu, "Cr")) == pytest.approx(e0_fine, abs=1.0)
+    e0, errors = find_e0_batch(energy, np.vstack([mu, mu]), "Cr", "K", 40.0)
+    assert errors == [None, None] and e0.tolist() == [find_e0(Spectrum(energy, mu, "Cr"))] * 2
+
+
 # --- the review's measured cases -----------------------------------------------------------
 
 
@@ -150,3 +174,15 @@ def test_cu2s_reference_with_a_glitch_at_e0_plus_15_aligns_as_clean(xdi_library:
     shifts, errors = alignment_shift_batch(ref.energy, np.vstack([mu, ref.mu]), "Cu", "K")
     assert errors == [None, None]
     assert shifts == pytest.approx([clean, clean], abs=1.0)
+
+
+@pytest.mark.shared_data
+def test_a_decimated_cr_vi_scan_keeps_its_e0_on_the_pre_edge_peak(xdi_library: Path) -> None:
+    """K2Cr2O7 (library, 0.5 eV steps) and every 3rd or 4th point of it (1.5, 2 eV): E0 on
+    the pre-edge peak, within 0.5 eV of the full scan's 5994.4 (it was 6009.8 and 6008.6:
+    the peak, one point on such steps, taken for a glitch; review s39 finding 10)."""
+    s = read_spectrum_file(xdi_library / "Cr" / "k2cr2o7_rt_001.xdi")
+    full = find_e0(s)
+    assert full == pytest.approx(5994.4, abs=0.2)
+    for k in (3, 4):
+        assert find_e0(s.with_(energy=s.energy[::k], mu=s.mu[::k])) == pytest.approx(full, abs=0.5)
