@@ -50,3 +50,42 @@ def test_a_sharp_white_line_sampled_coarsely_is_no_glitch(
         assert "glitches_interpolated" not in got.spectrum.meta
         assert np.array_equal(got.spectrum.mu, spectrum.mu)  # its white line as measured
         assert got.e0 == pytest.approx(prepare(full, P0).e0, abs=0.1)
+
+
+def _cuo(xdi_library: Path) -> tuple[Spectrum, Prepared]:
+    spectrum = xdi_to_spectrum(read_xdi(xdi_library / "Cu" / "CuO_tenorite_13K_01.xdi"))
+    return spectrum, prepare(spectrum, SHIPPED)
+
+
+def _raised(spectrum: Spectrum, at: list[int], size: float, step: float) -> Spectrum:
+    mu = spectrum.mu.copy()
+    mu[at] += size * step
+    return spectrum.with_(mu=mu)
+
+
+def _repaired(got: Prepared | SpectrumError, clean: Prepared, energies: list[float]) -> None:
+    assert isinstance(got, Prepared), got
+    assert got.spectrum.meta["glitches_interpolated"] == pytest.approx(energies, abs=1e-6)
+    assert got.e0 == pytest.approx(clean.e0, abs=0.05)
+    assert float(np.abs(got.y - clean.y).max()) < 0.05
+
+
+@pytest.mark.parametrize("end", ["stop", "start"])
+def test_a_glitch_one_point_past_the_window_is_the_one_repaired(
+    xdi_library: Path, end: str
+) -> None:
+    """CuO, the Cu bundle's window E0-3.5..E0+116.5: +5 steps on the first point past its
+    end (9101.16 eV, which feeds the grid's last point) or +3 on the last point below its
+    start (8979.68 eV). Before, the good neighbour inside was interpolated and reported
+    (9099.75) with the grid's end at 4.3 (clean 0.99), and below the start the spectrum was
+    refused ``edge_step``."""
+    spectrum, clean = _cuo(xdi_library)
+    if end == "stop":
+        j = int(spectrum.energy.searchsorted(clean.e0 + SHIPPED.window_stop, side="right"))
+        size = 5.0
+    else:
+        j = int(spectrum.energy.searchsorted(clean.e0 + SHIPPED.window_start)) - 1
+        size = 3.0
+    glitched = _raised(spectrum, [j], size, clean.edge_step)
+    for got in _both(glitched, SHIPPED):
+        _repaired(got, clean, [float(spectrum.energy[j])])

@@ -247,7 +247,8 @@ def _normalize_larch(
     y = sub / fit.step
     lo = int(spectrum.energy.searchsorted(e0 + params.window_start))
     hi = min(int(spectrum.energy.searchsorted(e0 + params.window_stop, side="right")), last)
-    found = window_spikes(spectrum.energy, y, max(lo, lead + 1), min(hi, last - 1), e0)
+    # the window's points and the first past each end (which feeds the grid's end)
+    found = window_spikes(spectrum.energy, y, max(lo - 1, lead + 1), min(hi + 1, last - 1), e0)
     if found:  # before max_norm: a glitch is no undetermined step (prepare repairs it)
         glitch = WindowGlitch("edge_step", glitch_message(spectrum.energy, found))
         glitch.at = tuple(j for j, _ in found)
