@@ -89,3 +89,13 @@ def test_a_glitch_one_point_past_the_window_is_the_one_repaired(
     glitched = _raised(spectrum, [j], size, clean.edge_step)
     for got in _both(glitched, SHIPPED):
         _repaired(got, clean, [float(spectrum.energy[j])])
+
+
+def test_two_adjacent_glitches_are_recorded_once_each(xdi_library: Path) -> None:
+    """CuO with two adjacent points +5 steps at E0+60: both interpolated, each energy
+    recorded once (before: [9043.778, 9043.778, 9044.76], which the daemon counted as 3)."""
+    spectrum, clean = _cuo(xdi_library)
+    j = int(np.argmin(np.abs(spectrum.energy - (clean.e0 + 60.0))))
+    glitched = _raised(spectrum, [j, j + 1], 5.0, clean.edge_step)
+    for got in _both(glitched, SHIPPED):
+        _repaired(got, clean, [float(spectrum.energy[j]), float(spectrum.energy[j + 1])])
