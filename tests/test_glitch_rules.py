@@ -99,3 +99,30 @@ def test_two_adjacent_glitches_are_recorded_once_each(xdi_library: Path) -> None
     glitched = _raised(spectrum, [j, j + 1], 5.0, clean.edge_step)
     for got in _both(glitched, SHIPPED):
         _repaired(got, clean, [float(spectrum.energy[j]), float(spectrum.energy[j + 1])])
+
+
+def test_many_glitches_are_all_repaired_up_to_the_cap_then_refused_by_count(
+    xdi_library: Path,
+) -> None:
+    """CuO with +3-step glitches every 25 eV from E0+20 (4 of them) or every 11 eV (9):
+    before, 4 were refused ``edge_step`` with "1 point(s) ... a glitch: 9004.0 eV ...;
+    prepare interpolates across them". Now 4 are interpolated and recorded; 9, over
+    :data:`~xasflow.spectra.glitches.MAX_GLITCHES`, are refused ``glitches`` with every one
+    counted and no promise of a repair."""
+    spectrum, clean = _cuo(xdi_library)
+    e = spectrum.energy
+
+    def at(offsets: list[float]) -> list[int]:
+        return [int(np.argmin(np.abs(e - (clean.e0 + o)))) for o in offsets]
+
+    four = at([20.0, 45.0, 70.0, 95.0])
+    for got in _both(_raised(spectrum, four, 3.0, clean.edge_step), SHIPPED):
+        _repaired(got, clean, [float(e[j]) for j in four])
+    nine = at([20.0 + 11.0 * i for i in range(9)])
+    assert len(set(nine)) == 9
+    for got in _both(_raised(spectrum, nine, 3.0, clean.edge_step), SHIPPED):
+        assert isinstance(got, SpectrumError), got
+        assert got.reason == "glitches"
+        assert got.message.startswith("9 points")
+        assert all(f"{e[j]:.1f} eV" in got.message for j in nine)
+        assert "interpolates" not in got.message

@@ -97,6 +97,7 @@ REASONS: frozenset[str] = frozenset(
         "window",  # data do not cover the model's energy window
         "prediction_error",  # the ONNX graphs failed on this spectrum
         "edge_step",  # the edge step is not positive / not determined
+        "glitches",  # more glitches in the model window than prepare interpolates across (8)
         "herfd_width",  # HERFD declared, but no tabulated width for the element: give the FWHM
         "bad_broadening",  # a HERFD width that is no number of eV within 0.2..50
         "bad_declaration",  # a start's ``calculated`` that is neither true, false nor null

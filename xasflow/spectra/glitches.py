@@ -30,17 +30,24 @@ points unless each stands out of its neighbours' line by itself (two adjacent +2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 
-from xasflow.spectra.core import SpectrumError
-from xasflow.spectra.outliers import MAX_SPIKES, OUTLIER_MADS
+from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.outliers import OUTLIER_MADS
 
 __all__ = [
     "EDGE",
+    "MAX_GLITCHES",
+    "REPAIRS",
     "SPIKE_STEPS",
     "WindowGlitch",
+    "deglitched",
     "glitch_message",
     "interpolate_over",
+    "repaired",
     "spike_rows",
     "window_spikes",
 ]
@@ -53,16 +60,23 @@ SPIKE_STEPS = 1.5
 #: The library's 272 scans at their own sampling and every 2nd..6th point (0.3-7 eV steps)
 #: hold every excursion over 1 step within E0-0.6..E0+6.8 (glitch/whiteline_where.out).
 EDGE = (-3.0, 15.0)
+#: Glitches interpolated across at most: a spectrum with more is refused ``glitches`` (a
+#: scan that broken is no measurement to repair).
+MAX_GLITCHES = 8
+#: Times :func:`repaired` interpolates and looks again (E0 found anew may shift the window).
+REPAIRS = 3
+#: Rounds of one search: enough to count every glitch of a spectrum far over the cap.
+_ROUNDS = 4 * MAX_GLITCHES
 #: Points on each side of a candidate (past its two neighbours) whose excursions' median is
 #: its surroundings' scale.
 NEAR = 5
 
 
 class WindowGlitch(SpectrumError):
-    """Lone glitches in the model window (``at``: their indices, ``sizes``: their excursions
-    in edge steps): :func:`~xasflow.spectra.process.prepare` interpolates across them."""
+    """Lone glitches in the model window (``found``: their indices and excursions in edge
+    steps): :func:`~xasflow.spectra.process.prepare` interpolates across them."""
 
-    at: tuple[int, ...] = ()
+    found: tuple[tuple[int, float], ...] = ()
 
 
 def _excursions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -77,15 +91,15 @@ def window_spikes(
 ) -> list[tuple[int, float]]:
     """The glitches among the points ``a..b-1`` of normalised ``y`` on ``x`` (each with
     both neighbours in the data: ``a >= 1``, ``b < x.size``), as (index, excursion in edge
-    steps): the largest excursion, if beyond both floors, is one; it is interpolated across
-    and the next round looks again (:data:`~xasflow.spectra.outliers.MAX_SPIKES` rounds).
+    steps): the largest excursion, if beyond both floors, is one; it is set on its
+    neighbours' line and the next round looks again, until none is left (or many rounds).
     Points within :data:`EDGE` of ``e0`` are not judged."""
     if b - a < 3:
         return []
     xs, w = x[a - 1 : b + 1], y[a - 1 : b + 1].copy()
     judged = ~((xs[1:-1] >= e0 + EDGE[0]) & (xs[1:-1] <= e0 + EDGE[1]))
     found: dict[int, float] = {}
-    for _ in range(MAX_SPIKES):
+    for _ in range(_ROUNDS):
         e = _excursions(xs, w)
         dev = np.abs(e)
         k = int(np.argmax(np.where(judged, dev, 0.0)))
@@ -134,8 +148,47 @@ def interpolate_over(x: np.ndarray, v: np.ndarray, at: tuple[int, ...]) -> np.nd
 def glitch_message(x: np.ndarray, found: list[tuple[int, float]]) -> str:
     """Why a spectrum with the glitches ``found`` (:func:`window_spikes`) in its model
     window is not normalised as it is."""
-    where = ", ".join(f"{x[j]:.1f} eV ({abs(e):.3g}x the edge step)" for j, e in found)
     return (
         f"{len(found)} point(s) in the model window lie far off their neighbours, a glitch: "
-        f"{where}; prepare interpolates across them"
+        f"{_where(x, found)}; normalize does not repair them (prepare interpolates across up "
+        f"to {MAX_GLITCHES})"
+    )
+
+
+def _where(x: np.ndarray, found: list[tuple[int, float]]) -> str:
+    return ", ".join(f"{x[j]:.1f} eV ({abs(e):.3g}x the edge step)" for j, e in found)
+
+
+def deglitched(spectrum: Spectrum, at: list[int]) -> Spectrum:
+    """``spectrum`` with the points ``at`` interpolated across, their energies recorded in
+    ``meta["glitches_interpolated"]``."""
+    meta = dict(spectrum.meta)
+    meta["glitches_interpolated"] = [float(spectrum.energy[j]) for j in at]
+    return spectrum.with_(mu=interpolate_over(spectrum.energy, spectrum.mu, tuple(at)), meta=meta)
+
+
+R = TypeVar("R")
+
+
+def repaired(spectrum: Spectrum, attempt: Callable[[Spectrum], R]) -> tuple[Spectrum, R]:
+    """``attempt(spectrum)`` (E0 and :func:`~xasflow.spectra.process.normalize`), or where it
+    raises :class:`WindowGlitch`, ``attempt`` of the spectrum with every glitch found so far
+    interpolated across (:func:`deglitched`), until none is new (:data:`REPAIRS` times).
+    SpectrumError ``glitches`` over :data:`MAX_GLITCHES` points, or still more after that."""
+    found: dict[int, float] = {}
+    current = spectrum
+    for _ in range(REPAIRS + 1):
+        try:
+            return current, attempt(current)
+        except WindowGlitch as glitch:
+            found.update((j, e) for j, e in glitch.found if j not in found)
+            if len(found) > MAX_GLITCHES:
+                break
+            current = deglitched(spectrum, sorted(found))
+    many = sorted(found.items())
+    raise SpectrumError(
+        "glitches",
+        f"{len(many)} points lie far off their neighbours (glitches): {_where(spectrum.energy, many)}; "
+        f"over {MAX_GLITCHES} or found anew after {REPAIRS} repairs: not interpolated, "
+        "the spectrum is refused (deglitch it or rescan)",
     )

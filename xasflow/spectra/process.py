@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width, edge_energy
-from xasflow.spectra.glitches import WindowGlitch, glitch_message, interpolate_over, window_spikes
+from xasflow.spectra.glitches import (
+    WindowGlitch,
+    deglitched,
+    glitch_message,
+    repaired,
+    window_spikes,
+)
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit, leading_strays
 from xasflow.spectra.quality import edge_snr, gated_steps, weak_edge
@@ -251,7 +257,7 @@ def _normalize_larch(
     found = window_spikes(spectrum.energy, y, max(lo - 1, lead + 1), min(hi + 1, last - 1), e0)
     if found:  # before max_norm: a glitch is no undetermined step (prepare repairs it)
         glitch = WindowGlitch("edge_step", glitch_message(spectrum.energy, found))
-        glitch.at = tuple(j for j, _ in found)
+        glitch.found = tuple(found)
         raise glitch
     worst = float(np.abs(y[lo:hi]).max()) if hi > lo else 0.0
     if worst > params.max_norm:
@@ -439,15 +445,6 @@ def sparse_window(inside: int, grid: np.ndarray) -> str:
     )
 
 
-def _deglitched(spectrum: Spectrum, at: tuple[int, ...]) -> Spectrum:
-    """``spectrum`` with the points ``at`` interpolated across, their energies recorded in
-    ``meta["glitches_interpolated"]`` (:mod:`~xasflow.spectra.glitches`)."""
-    meta = dict(spectrum.meta)
-    done = list(meta.get("glitches_interpolated", []))
-    meta["glitches_interpolated"] = done + [float(spectrum.energy[j]) for j in at]
-    return spectrum.with_(mu=interpolate_over(spectrum.energy, spectrum.mu, at), meta=meta)
-
-
 def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> Prepared:
     """E0 (unless given), normalisation and resampling: a spectrum ready for featurisation.
 
@@ -466,13 +463,20 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     search = e0 is None and spectrum.e0 is None
     if e0 is None:
         e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search, bulk)
-    try:
-        y, step = normalize(spectrum, e0, params, bulk)
-    except WindowGlitch as glitch:  # interpolated across, recorded; E0 found anew without it
-        spectrum, measured = (_deglitched(s, glitch.at) for s in (spectrum, measured))
-        if search:
-            e0 = find_e0(spectrum, params.e0_search, bulk)
-        y, step = normalize(spectrum, e0, params, bulk)
+    first, given = spectrum, float(e0)
+
+    def attempt(s: Spectrum) -> tuple[float, np.ndarray, float]:  # E0 anew without glitches
+        at = find_e0(s, params.e0_search, bulk) if search and s is not first else given
+        return (at, *normalize(s, at, params, bulk))
+
+    spectrum, (e0, y, step) = repaired(spectrum, attempt)  # glitches interpolated, recorded
+    if spectrum is not first:  # the point noise too (broaden keeps the axis)
+        done = spectrum.meta["glitches_interpolated"]
+        measured = (
+            spectrum
+            if fwhm is None
+            else deglitched(measured, measured.energy.searchsorted(done).tolist())
+        )
     rel = spectrum.energy - e0
     tab = tabulated_edge(spectrum.element, spectrum.edge)
     lead, end = bulk.indices(rel.size)[:2]
