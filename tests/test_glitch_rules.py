@@ -126,3 +126,19 @@ def test_many_glitches_are_all_repaired_up_to_the_cap_then_refused_by_count(
         assert got.message.startswith("9 points")
         assert all(f"{e[j]:.1f} eV" in got.message for j in nine)
         assert "interpolates" not in got.message
+
+
+def test_a_declared_herfd_spectrum_is_repaired_before_its_broadening(xdi_library: Path) -> None:
+    """CuO declared HERFD with one point +5 steps at E0+60: before, the broadening smeared it
+    over several points, no glitch was found, |y - clean| reached 1.94 (CN 4 -> 6, ood 1 ->
+    338). Now it is interpolated on the spectrum as measured, then broadened."""
+    spectrum, _ = _cuo(xdi_library)
+    herfd = spectrum.with_(meta={**spectrum.meta, "herfd": True})
+    clean = prepare(herfd, SHIPPED)
+    assert "glitches_interpolated" not in clean.spectrum.meta
+    j = int(np.argmin(np.abs(spectrum.energy - (clean.e0 + 60.0))))
+    glitched = _raised(herfd, [j], 5.0, clean.edge_step)
+    for got in _both(glitched, SHIPPED):
+        _repaired(got, clean, [float(spectrum.energy[j])])
+        assert got.unbroadened is not None and clean.unbroadened is not None
+        assert got.unbroadened.mu[j] == pytest.approx(clean.unbroadened.mu[j], abs=0.05)

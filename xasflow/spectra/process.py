@@ -19,9 +19,9 @@ from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width, edge_energy
 from xasflow.spectra.glitches import (
     WindowGlitch,
-    deglitched,
     glitch_message,
     repaired,
+    repaired_first,
     window_spikes,
 )
 from xasflow.spectra.herfd import broaden, herfd_width
@@ -453,30 +453,25 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     A step (:func:`~xasflow.spectra.quality.gate_steps`) under ``params.min_edge_snr`` times
     the measured point noise raises ``weak_edge``.
     Lone glitches in the model window are interpolated across (``Prepared.spectrum.meta
-    ["glitches_interpolated"]``: their energies; :mod:`~xasflow.spectra.glitches`).
+    ["glitches_interpolated"]``: their energies; :mod:`~xasflow.spectra.glitches`), a HERFD
+    spectrum's before its broadening.
     """
-    measured = spectrum  # its point noise: broadening would smooth the noise away
     fwhm = herfd_width(spectrum)
-    if fwhm is not None:
-        spectrum = broaden(spectrum, fwhm)
     bulk = bulk_of(spectrum.energy)  # once: the E0 search, the fits and the gridding use it
-    search = e0 is None and spectrum.e0 is None
-    if e0 is None:
-        e0 = spectrum.e0 if spectrum.e0 is not None else find_e0(spectrum, params.e0_search, bulk)
-    first, given = spectrum, float(e0)
+    given = e0 if e0 is not None else spectrum.e0
 
     def attempt(s: Spectrum) -> tuple[float, np.ndarray, float]:  # E0 anew without glitches
-        at = find_e0(s, params.e0_search, bulk) if search and s is not first else given
+        at = find_e0(s, params.e0_search, bulk) if given is None else given
         return (at, *normalize(s, at, params, bulk))
 
+    if fwhm is not None:  # glitches first: the broadening would smear one over its neighbours
+        spectrum = repaired_first(spectrum, attempt)
+    measured = spectrum  # its point noise: broadening would smooth the noise away
+    if fwhm is not None:
+        spectrum = broaden(spectrum, fwhm)
     spectrum, (e0, y, step) = repaired(spectrum, attempt)  # glitches interpolated, recorded
-    if spectrum is not first:  # the point noise too (broaden keeps the axis)
-        done = spectrum.meta["glitches_interpolated"]
-        measured = (
-            spectrum
-            if fwhm is None
-            else deglitched(measured, measured.energy.searchsorted(done).tolist())
-        )
+    if fwhm is None:
+        measured = spectrum
     rel = spectrum.energy - e0
     tab = tabulated_edge(spectrum.element, spectrum.edge)
     lead, end = bulk.indices(rel.size)[:2]
