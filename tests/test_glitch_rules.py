@@ -142,3 +142,17 @@ def test_a_declared_herfd_spectrum_is_repaired_before_its_broadening(xdi_library
         _repaired(got, clean, [float(spectrum.energy[j])])
         assert got.unbroadened is not None and clean.unbroadened is not None
         assert got.unbroadened.mu[j] == pytest.approx(clean.unbroadened.mu[j], abs=0.05)
+
+
+def test_a_glitch_on_the_last_point_just_past_the_window_is_the_one_repaired(
+    xdi_library: Path,
+) -> None:
+    """CuO cut to end on the first point past the window (9101.16 eV, E0+117.3), that point
+    +5 steps: it has no right neighbour, and its good neighbour inside (9099.75) was
+    interpolated and reported while it fed the grid's end (ood 324)."""
+    full, clean_full = _cuo(xdi_library)
+    j = int(full.energy.searchsorted(clean_full.e0 + SHIPPED.window_stop, side="right"))
+    spectrum = full.with_(energy=full.energy[: j + 1], mu=full.mu[: j + 1])
+    clean = prepare(spectrum, SHIPPED)
+    for got in _both(_raised(spectrum, [j], 5.0, clean.edge_step), SHIPPED):
+        _repaired(got, clean, [float(spectrum.energy[j])])

@@ -15,8 +15,9 @@ A point is a glitch where its excursion from its neighbours' line exceeds both
 :data:`SPIKE_STEPS` edge steps and :data:`~xasflow.spectra.outliers.OUTLIER_MADS` times the
 median excursion of the window (its noise) and of the :data:`NEAR` points on either side
 past its neighbours (a sharp peak over several points is as curved there). The window's
-points are judged, and the first point past each end (it feeds the grid's end point), but
-not the edge region :data:`EDGE`. Largest excursion in the clean spectra (Cu bundle's
+points are judged, and the first point past each end (it feeds the grid's end point; where
+it is the data's last, off the line its two inner neighbours extend), but not the edge
+region :data:`EDGE`. Largest excursion in the clean spectra (Cu bundle's
 window, E0-3.5..+116.5 eV): the XAS Data Library's 270 scans 0.83 step (SrCO3 at 12 K,
 a white line on one point; next 0.38, S K jarosite), the 4,831 shared Cu FEFF spectra 0.22:
 none is touched; sampled at every 2nd..6th point (0.6-1.5 eV steps near the edge), white
@@ -88,13 +89,14 @@ def _excursions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def window_spikes(
-    x: np.ndarray, y: np.ndarray, a: int, b: int, e0: float = 0.0
+    x: np.ndarray, y: np.ndarray, a: int, b: int, e0: float = 0.0, last: bool = False
 ) -> list[tuple[int, float]]:
     """The glitches among the points ``a..b-1`` of normalised ``y`` on ``x`` (each with
     both neighbours in the data: ``a >= 1``, ``b < x.size``), as (index, excursion in edge
     steps): the largest excursion, if beyond both floors, is one; it is set on its
     neighbours' line and the next round looks again, until none is left (or many rounds).
-    Points within :data:`EDGE` of ``e0`` are not judged."""
+    Points within :data:`EDGE` of ``e0`` are not judged. ``last``: ``b`` is the data's last
+    point and feeds the grid, judged off the line its two inner neighbours extend."""
     if b - a < 3:
         return []
     xs, w = x[a - 1 : b + 1], y[a - 1 : b + 1].copy()
@@ -114,15 +116,26 @@ def window_spikes(
         local = float(np.median(near)) if near.size else 0.0
         if not dev[k] > OUTLIER_MADS * max(float(np.median(dev)), local):
             break
+        if last and k == e.size - 1 and abs(e[k - 1]) < 0.25 * dev[k]:
+            # not b-1 (a glitch there moves b-2's excursion half as much): b, past it, whose
+            # glitch shows only on b-1
+            t = (xs[-1] - xs[-2]) / (xs[-2] - xs[-3])
+            k, size = e.size, float(w[-1] - w[-2] - t * (w[-2] - w[-3]))
+            found.setdefault(a + k, size)
+            w[-1] -= size
+            continue
         found.setdefault(a + k, float(e[k]))  # once: a neighbour's repair may move it again
         w[k + 1] -= e[k]  # on its neighbours' line
     return sorted(found.items())
 
 
-def spike_rows(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def spike_rows(
+    x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, last: np.ndarray
+) -> np.ndarray:
     """Which rows of ``y`` (k, m) on ``x`` hold a glitch among their points
-    ``lo[i]..hi[i]-1`` (each with both neighbours in the row), as :func:`window_spikes`
-    finds them: the rows with an excursion beyond :data:`SPIKE_STEPS` (rare) are asked."""
+    ``lo[i]..hi[i]-1`` (each with both neighbours in the row; ``last[i]``: and ``hi[i]``, the
+    row's last), as :func:`window_spikes` finds them: the rows with an excursion beyond
+    :data:`SPIKE_STEPS` (rare) are asked."""
     k, m = y.shape
     out = np.zeros(k, dtype=bool)
     a, b = max(int(lo.min()), 1), min(int(hi.max()), m - 1)
@@ -132,7 +145,8 @@ def spike_rows(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
     cols = np.arange(a, b)
     inside = (cols >= lo[:, None]) & (cols < hi[:, None])
     for r in np.flatnonzero((np.where(inside, dev, 0.0) > SPIKE_STEPS).any(axis=1)).tolist():
-        out[r] = bool(window_spikes(x[r], y[r], max(int(lo[r]), 1), min(int(hi[r]), m - 1)))
+        a, b = max(int(lo[r]), 1), min(int(hi[r]), m - 1)
+        out[r] = bool(window_spikes(x[r], y[r], a, b, last=bool(last[r])))
     return out
 
 

@@ -479,7 +479,8 @@ def _fit_rows(
         wcols, wmask = _columns(win[:, 0], win[:, 1])
         worst = np.where(wmask > 0, np.abs(y[:, wcols]), 0.0).max(axis=1)
         # the window's points and the first past each end (which feeds the grid's end)
-        spiky = positive & spike_rows(rel, y, win[:, 0] - 1, np.minimum(win[:, 1] + 1, bulk - 1))
+        ends = np.minimum(win[:, 1] + 1, bulk - 1), win[:, 1] >= bulk - 1
+        spiky = positive & spike_rows(rel, y, win[:, 0] - 1, *ends)
     bad: list[float | None] = [None] * k
     for r in np.flatnonzero(~positive | (worst > params.max_norm) & ~spiky).tolist():
         bad[r] = 0.0 if not positive[r] else float(worst[r])
