@@ -2,9 +2,11 @@
 ``max_norm`` test: one point far off the line through its two neighbours (a monochromator
 glitch, an I0 dropout in fluorescence).
 
-:func:`~xasflow.spectra.process.prepare` interpolates across them and records their energies
-in ``meta["glitches_interpolated"]`` (the daemon flags the spectrum ``glitch_interpolated``,
-which withholds stop-early). Before, a glitch of more than ``max_norm`` edge steps refused
+:func:`~xasflow.spectra.process.prepare` interpolates across them (:func:`repaired`: again
+until none is new; a HERFD spectrum's before its broadening, :func:`repaired_first`) and
+records their energies in ``meta["glitches_interpolated"]`` (the daemon flags the spectrum
+``glitch_interpolated``, which withholds stop-early); over :data:`MAX_GLITCHES` points it
+refuses the spectrum ``glitches``. Before, a glitch of more than ``max_norm`` edge steps refused
 the spectrum as an undetermined edge step (the wrong reason: it sent the operator to the
 post-edge range), and smaller ones went to the model (CuO with 2 and 5 steps at E0+60:
 out of domain, CN 5 -> 4). A monochromator glitch recurs at one energy in every scan of a
