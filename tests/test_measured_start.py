@@ -1,5 +1,5 @@
-"""A measured scan must start on its pre-edge: :data:`~xasflow.spectra.process.MIN_PRE_EDGE`
-eV below the E0 found and :data:`~xasflow.spectra.process.MIN_TAB_PRE_EDGE` below the
+"""A measured scan must start on its pre-edge: :data:`~xasflow.spectra.scan_start.MIN_PRE_EDGE`
+eV below the E0 found and :data:`~xasflow.spectra.scan_start.MIN_TAB_PRE_EDGE` below the
 tabulated edge, on the single path and the batch path alike. A scan that starts above its edge puts the E0 search on a later post-edge rise, from
 which the data seem to start far enough below "E0"; the tabulated edge does not move."""
 

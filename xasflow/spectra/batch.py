@@ -39,10 +39,10 @@ from xasflow.spectra.process import (
     normalize,
     prepare,
     sparse_window,
-    tabulated_edge,
     undetermined_step,
 )
 from xasflow.spectra.quality import edge_snr_rows, gated_steps, weak_edge
+from xasflow.spectra.scan_start import tabulated_edge
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "prepare_batch"]
 

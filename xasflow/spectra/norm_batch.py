@@ -23,7 +23,8 @@ from xasflow.spectra.core import SpectrumError
 from xasflow.spectra.glitches import spike_rows
 from xasflow.spectra.norm import leading_strays, stray_ends
 from xasflow.spectra.outliers import absurd_rows
-from xasflow.spectra.process import PrepParams, measured_start_why, undetermined_step
+from xasflow.spectra.process import PrepParams, undetermined_step
+from xasflow.spectra.scan_start import measured_start_why
 
 __all__ = ["normalize_larch_batch"]
 
