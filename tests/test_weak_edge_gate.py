@@ -134,3 +134,46 @@ def test_an_edge_below_the_tabulated_one_is_gated_on_its_own_pre_edge(
         s.energy, np.tile(s.mu, (8, 1)), PrepParams(), "Eu", "L3", metas=[s.meta] * 8
     )
     assert [getattr(r, "e0", r) for r in rows] == [pytest.approx(prepared.e0)] * 8
+
+
+def _masked_gate(
+    e: np.ndarray, mu: np.ndarray, centre: float, step: float, a: int, b: int, pre_c: float
+) -> float:
+    """:func:`gate_steps` of one row spelled out: boolean windows, ``np.median`` of each."""
+    inside = (np.arange(e.size) >= a) & (np.arange(e.size) < b)
+    pre = inside & (e <= pre_c - 12.0)
+    post = inside & (e >= centre + 20.0) & (e <= centre + 60.0)
+    h = int(pre.sum()) // 2
+    if h < 3 or post.sum() < 5:
+        return step
+    at = np.flatnonzero(pre)
+    xa, xb = float(np.median(e[at[:h]])), float(np.median(e[at[-h:]]))
+    ya, yb = float(np.median(mu[at[:h]])), float(np.median(mu[at[-h:]]))
+    if xb - xa < 20.0:
+        return step
+    return float(np.median(mu[post] - (ya + (yb - ya) / (xb - xa) * (e[post] - xa))))
+
+
+def test_gate_steps_of_a_page_are_each_rows_medians_bit_for_bit() -> None:
+    """Rows on their own shifted axes with their own bulk (``lead``..``end``), some with too
+    short a pre-edge or post-edge: each row's step is the medians of its windows exactly
+    (the page's column ranges: the same order statistics as masked medians of each row)."""
+    rng = np.random.default_rng(3)
+    e = np.sort(CU - 60.0 + np.cumsum(rng.uniform(0.1, 2.5, 200)))
+    n = 24
+    shifts = rng.uniform(-8.0, 8.0, n)
+    axes = e[None, :] + shifts[:, None]
+    mu = np.array([_edge(0.05, seed)[1][: e.size] for seed in range(n)])
+    lead = rng.integers(0, 40, n)
+    end = e.size - rng.integers(0, 120, n)
+    centre = CU + rng.uniform(-10.0, 25.0, n)
+    steps = rng.uniform(0.5, 2.0, n)
+    pre_c = np.minimum(centre, CU + rng.uniform(-25.0, 5.0, n))  # the pre-edge's own end
+    for pre, ends in ((None, centre), (pre_c, pre_c)):
+        got = gate_steps(axes, mu, centre, steps, lead, end, pre)
+        want = [
+            _masked_gate(axes[i], mu[i], centre[i], steps[i], int(lead[i]), int(end[i]), ends[i])
+            for i in range(n)
+        ]
+        assert got.tolist() == want
+        assert 0 < sum(g != s for g, s in zip(got, steps, strict=True)) < n  # both kinds
