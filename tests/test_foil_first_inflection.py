@@ -12,12 +12,14 @@ The first maximum must now also stay one on the derivative smoothed by ``FOIL_WI
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from xasflow.adapters.columns import read_spectrum_file
 from xasflow.spectra import Spectrum, alignment_shift, edge_energy, find_e0
+from xasflow.spectra import e0 as e0_module
 from xasflow.spectra.batch import alignment_shift_batch
 
 NI_K = edge_energy("Ni")
@@ -114,3 +116,32 @@ def test_a_noisy_pb_foil_aligns_on_its_one_broad_rise(xdi_library: Path) -> None
     assert np.abs(single - clean).max() < 3.0
     page, errors = alignment_shift_batch(e, rows, "Pb", "L3")
     assert errors == [None] * 20 and page.tolist() == single.tolist()
+
+
+def test_foil_rows_without_a_lower_maximum_skip_the_search_to_the_same_e0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page of foils with noise: second rises of 0.3-1.2 of the first, 2.5-12 eV up. The rows
+    the page-wide screen (``_lower_maxima``) lets keep their highest maximum get the E0 the
+    per-row search gives every row, bit for bit; the screen leaves rows of both kinds."""
+    energy = np.arange(8250.0, 8650.0, 0.5)
+    rng = np.random.default_rng(7)
+    rows = [
+        _two_rises(energy, second, gap, 1.5) + rng.normal(0.0, 0.004, energy.size)
+        for second in (0.3, 0.5, 0.9, 1.05, 1.2)
+        for gap in (2.5, 6.0, 12.0)
+    ]
+    mu = np.vstack(rows)
+    real = e0_module._lower_maxima
+    screened: list[np.ndarray] = []
+
+    def spy(*args: Any) -> np.ndarray:
+        screened.append(real(*args))
+        return screened[-1]
+
+    monkeypatch.setattr(e0_module, "_lower_maxima", spy)
+    fast, fast_errors = alignment_shift_batch(energy, mu, "Ni", "K")
+    monkeypatch.setattr(e0_module, "_lower_maxima", lambda d, *_: np.ones(d.shape[0], bool))
+    slow, slow_errors = alignment_shift_batch(energy, mu, "Ni", "K")
+    assert fast.tolist() == slow.tolist() and fast_errors == slow_errors == [None] * len(rows)
+    assert 0 < int(np.concatenate(screened).sum()) < len(rows)

@@ -290,6 +290,21 @@ def _lowest_maximum(
     return i
 
 
+def _lower_maxima(d: np.ndarray, at: np.ndarray, border: tuple[int, ...]) -> np.ndarray:
+    """Rows of ``d`` with a maximum (:func:`_maxima`) below column ``at[r]``, not on the
+    ``border``, at least :data:`FOIL_LOWEST` of ``d[r, at[r]]``: where
+    :func:`_lowest_maximum` may find one (others keep ``at``), for all rows at once."""
+    floor = FOIL_LOWEST * d[np.arange(d.shape[0]), at][:, None]
+    peaks = np.zeros(d.shape, dtype=bool)
+    inner = d[:, 1:-1]
+    peaks[:, 1:-1] = (inner > d[:, :-2]) & (inner >= d[:, 2:])
+    if d.shape[1] > 1:
+        peaks[:, 0] = d[:, 0] > d[:, 1]
+    peaks[:, list(border)] = False
+    below = np.arange(d.shape[1]) < at[:, None]
+    return np.asarray((peaks & below & (d >= floor)).any(axis=1))
+
+
 def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
     """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises
     or rises most at the window's upper border (:func:`e0_rows_why`, with no data points: every
@@ -320,6 +335,8 @@ def e0_rows_why(
     highest is kept, or (``strict``, a reference foil) the row has none: :data:`ONE_POINT`.
     ``foil`` (a metal foil, whose tabulated edge is its first inflection): a maximum below the
     one found, at least :data:`FOIL_LOWEST` of it and a peak of its own, the lowest such.
+    A foil row without a maximum below its highest of that height skips the search
+    (:func:`_lower_maxima`, for all rows at once).
     """
     d = smoothed_derivative(m)
     size = grid.size
@@ -330,7 +347,9 @@ def e0_rows_why(
         border = (_MARGIN, size - 1 - _MARGIN) if low_border else (size - 1 - _MARGIN,)
     out = np.full(d.shape[0], np.nan)
     why: list[str | None] = [None] * d.shape[0]
-    for r, i in enumerate(d.argmax(axis=1).tolist()):
+    peak = d.argmax(axis=1)
+    lower = _lower_maxima(d, peak, border) if foil else np.zeros(d.shape[0], dtype=bool)
+    for r, i in enumerate(peak.tolist()):
         row = d[r]
         top = float(row[i])
         if not (math.isfinite(top) and top > 0):
@@ -348,7 +367,7 @@ def e0_rows_why(
         if i in border:
             why[r] = AT_BORDER
             continue
-        if foil:
+        if foil and (lower[r] or i != peak[r]):
             i = _lowest_maximum(row, grid, i, None if points is None else points(r), border)
             top = float(row[i])
         out[r] = float(grid[i])
