@@ -17,7 +17,15 @@ import pytest
 from xasflow.adapters.columns import read_spectrum_file
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, alignment_shift, prepare
 from xasflow.spectra.batch import alignment_shift_batch, find_e0_batch, prepare_batch
-from xasflow.spectra.e0 import ONE_POINT, find_e0, rises_at
+from xasflow.spectra.e0 import (
+    E0_STEP,
+    ONE_POINT,
+    find_e0,
+    on_grid,
+    rises_at,
+    smoothed_derivative,
+)
+from xasflow.spectra.e0_batch import held_rows
 from xasflow.spectra.edges import edge_energy
 
 CU_K = edge_energy("Cu")
@@ -132,6 +140,33 @@ def test_a_coarse_scan_keeps_its_one_point_pre_edge_peak(spacing: float) -> None
 
 
 # --- the review's measured cases -----------------------------------------------------------
+
+
+def test_held_rows_mark_only_maxima_the_rise_test_passes() -> None:
+    """A page of edges (noise 0-3 % of the step, mu offsets 0 and 1e4 steps, own shifts),
+    half with a one-point glitch whose flank is the steepest rise: every row the page-wide
+    bound marks passes :func:`rises_at` at its maximum; it marks every clean row and no
+    glitch's flank, and the page's E0s are each spectrum's own, bit for bit."""
+    energy = np.arange(CU_K - 100.0, CU_K + 200.0, 0.5)
+    rng = np.random.default_rng(4)
+    n = 24
+    shifts = rng.uniform(-3.0, 3.0, n)
+    rows = []
+    for r in range(n):
+        mu = _arctan_edge(energy + shifts[r]) + (1e4 if r % 3 == 0 else 0.0)
+        mu = mu + rng.uniform(0.0, 0.03) * rng.normal(size=energy.size)
+        rows.append(_glitched(energy, mu, CU_K - 15.0, 1.0) if r % 2 else mu)
+    mu = np.array(rows)
+    grid = np.arange(CU_K - 40.0, CU_K + 40.0, E0_STEP)
+    d = smoothed_derivative(on_grid(grid, energy, mu, shifts))
+    peak = d.argmax(axis=1)
+    marked = held_rows(grid, energy, shifts, mu, np.ones(n, dtype=bool))(d, peak)
+    rises = [rises_at(energy + shifts[r], mu[r], float(grid[peak[r]])) for r in range(n)]
+    assert all(rises[r] for r in np.flatnonzero(marked))
+    assert marked[::2].all() and not any(rises[1::2]) and not marked[1::2].any()
+    found, errors = find_e0_batch(energy, mu, "Cu", shifts=shifts)
+    alone = [find_e0(Spectrum(energy + shifts[r], mu[r], "Cu")) for r in range(n)]
+    assert errors == [None] * n and found.tolist() == alone
 
 
 def _step(s: Spectrum, e0: float) -> float:

@@ -123,6 +123,8 @@ FOIL_WIDE_DIP = 0.9
 
 #: where E0 is looked for in the data points: row r's (energies, mu), both increasing in energy
 Points = Callable[[int], tuple[np.ndarray, np.ndarray]]
+#: which rows' derivative maximum (rows, their columns) certainly stands (:func:`e0_rows_why`)
+Held = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def on_grid(
@@ -319,6 +321,7 @@ def e0_rows_why(
     points: Points | None = None,
     strict: bool = False,
     foil: bool = False,
+    held: Held | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """E0 of each row of ``m`` (n, grid.size), values on ``grid``, and per row why there is
     none (NaN): :data:`NEVER_RISES`, or :data:`AT_BORDER` where the steepest rise is at the
@@ -336,7 +339,9 @@ def e0_rows_why(
     ``foil`` (a metal foil, whose tabulated edge is its first inflection): a maximum below the
     one found, at least :data:`FOIL_LOWEST` of it and a peak of its own, the lowest such.
     A foil row without a maximum below its highest of that height skips the search
-    (:func:`_lower_maxima`, for all rows at once).
+    (:func:`_lower_maxima`, for all rows at once). ``held(d, at)``: the rows whose maximum
+    (columns ``at`` of the derivative rows ``d``) :func:`rises_at` passes, found for all rows
+    at once (:func:`~xasflow.spectra.e0_batch.held_rows`): they skip the test.
     """
     d = smoothed_derivative(m)
     size = grid.size
@@ -348,6 +353,7 @@ def e0_rows_why(
     out = np.full(d.shape[0], np.nan)
     why: list[str | None] = [None] * d.shape[0]
     peak = d.argmax(axis=1)
+    sure = np.zeros(d.shape[0], dtype=bool) if held is None else held(d, peak)
     lower = _lower_maxima(d, peak, border) if foil else np.zeros(d.shape[0], dtype=bool)
     for r, i in enumerate(peak.tolist()):
         row = d[r]
@@ -355,7 +361,7 @@ def e0_rows_why(
         if not (math.isfinite(top) and top > 0):
             why[r] = NEVER_RISES
             continue
-        if points is not None:
+        if points is not None and not sure[r]:
             data = points(r)
             if not rises_at(data[0], data[1], float(grid[i])):  # else: the maximum, as ever
                 edge = _edge_maximum(row, grid, data)
