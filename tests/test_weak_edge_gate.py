@@ -177,3 +177,8 @@ def test_gate_steps_of_a_page_are_each_rows_medians_bit_for_bit() -> None:
         ]
         assert got.tolist() == want
         assert 0 < sum(g != s for g, s in zip(got, steps, strict=True)) < n  # both kinds
+        alone = [  # one row at a time: prepare's path (slices and partitions)
+            gate_steps(*(v[i : i + 1] for v in (axes, mu, centre, steps, lead, end, ends)))[0]
+            for i in range(n)
+        ]
+        assert alone == want
