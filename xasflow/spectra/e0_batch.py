@@ -70,17 +70,16 @@ def held_rows(
         m = mu[:, c0:c1]
         a = c0 + np.count_nonzero(e < (at - half)[:, None], axis=1)  # searchsorted's
         b = c0 + np.count_nonzero(e < (at + half)[:, None], axis=1)
-        lo, hi = np.maximum(a - 2, 0), np.minimum(b + 2, count)
-        left, mid, right = e[:, :-2], e[:, 1:-1], e[:, 2:]
-        line = (m[:, :-2] * (right - mid) + m[:, 2:] * (mid - left)) / (right - left)
+        lo, hi = a - 2, b + 2  # the test's window (rows where it meets an end: left to it)
+        de, dm = np.diff(e, axis=1), np.diff(m, axis=1)
+        # each point's distance from its neighbours' line, as the test takes it
+        line = (m[:, :-2] * de[:, 1:] + m[:, 2:] * de[:, :-1]) / (e[:, 2:] - e[:, :-2])
         cols = np.arange(c0 + 1, c1 - 1)
-        inner = (cols >= (lo + 1)[:, None]) & (cols < (hi - 1)[:, None])
+        inner = (cols > lo[:, None]) & (cols < (hi - 1)[:, None])
         pull = np.where(inner, np.abs(m[:, 1:-1] - line), 0.0).max(axis=1)
-        pull = np.where(lo == 0, np.maximum(pull, np.abs(mu[:, 0] - mu[:, 1])), pull)
-        pull = np.where(hi == count, np.maximum(pull, np.abs(mu[:, -1] - mu[:, -2])), pull)
         # |d - the test's derivative|: positions (grid vs at + taps) times the steepest
         # interval, and rounding of sums of |kernel| x |mu| (each row's band, over its window)
-        steep = np.abs(np.diff(m, axis=1) / np.diff(e, axis=1)).max(axis=1)
+        steep = np.abs(dm / de).max(axis=1)
         inner_peak = np.minimum(np.maximum(peak, reach), size - 1 - reach)
         taps = grid[inner_peak[:, None] + offsets] - (grid[inner_peak][:, None] + _TAPS)
         dx = float(np.abs(taps).max()) + 1e-12 * np.abs(at)
@@ -89,7 +88,7 @@ def held_rows(
         with np.errstate(invalid="ignore"):
             sure = _PULL * pull < 0.9 * (1.0 - RISE_FRACTION) * (top - slack)
         inside = (peak >= reach) & (peak <= size - 1 - reach)  # the kernel within the grid
-        return np.asarray(sure & inside & (hi - lo >= 3) & plain)
+        return np.asarray(sure & inside & (lo > 0) & (hi < count) & plain)
 
     return held
 
