@@ -13,7 +13,7 @@ import pytest
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
 from xasflow.spectra import PrepParams, Spectrum, SpectrumError, edge_energy, prepare
 from xasflow.spectra.batch import prepare_batch
-from xasflow.spectra.quality import gate_steps
+from xasflow.spectra.quality import GATE_TRUST, gate_steps, gated_step, gated_steps
 
 CU = edge_energy("Cu")
 
@@ -182,3 +182,26 @@ def test_gate_steps_of_a_page_are_each_rows_medians_bit_for_bit() -> None:
             for i in range(n)
         ]
         assert alone == want
+
+
+def test_one_spectrums_gated_step_is_its_rows_in_a_page() -> None:
+    """``prepare``'s scalar gate (:func:`gated_step`) gives each row what the page's
+    (:func:`gated_steps`) gives it, bit for bit: E0 near the tabulated edge, 10-20 eV under
+    it, and over GATE_TRUST away (measured around E0 as well), with no edge tabulated too."""
+    rng = np.random.default_rng(9)
+    e = np.arange(CU - 120.0, CU + 160.0, 0.7)
+    n = 16
+    shifts = rng.uniform(-30.0, 30.0, n)
+    axes = e[None, :] + shifts[:, None]
+    mu = np.array([_edge(0.05, seed)[1][: e.size] for seed in range(n)])
+    e0 = CU + shifts + rng.uniform(-1.0, 1.0, n)  # each row's edge moves with its axis
+    steps = rng.uniform(0.5, 2.0, n)
+    lead, end = rng.integers(0, 20, n), e.size - rng.integers(0, 20, n)
+    for tab in (CU, None):
+        page = gated_steps(axes, mu, e0, tab, steps, lead, end)
+        alone = [
+            gated_step(axes[i], mu[i], float(e0[i]), tab, float(steps[i]), lead[i], end[i])
+            for i in range(n)
+        ]
+        assert alone == page.tolist() and (page != steps).sum() >= n // 2
+    assert (np.abs(e0 - CU) > GATE_TRUST).sum() >= 4

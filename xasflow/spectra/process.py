@@ -26,7 +26,7 @@ from xasflow.spectra.glitches import (
 )
 from xasflow.spectra.herfd import broaden, herfd_width
 from xasflow.spectra.norm import EdgeFit, bulk_of, edge_fit
-from xasflow.spectra.quality import edge_snr, gated_steps, weak_edge
+from xasflow.spectra.quality import edge_snr, gated_step, weak_edge
 from xasflow.spectra.scan_start import measured_start_why, tabulated_edge
 
 
@@ -400,17 +400,8 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     rel = spectrum.energy - e0
     tab = tabulated_edge(spectrum.element, spectrum.edge)
     lead, end = bulk.indices(rel.size)[:2]
-    gate = float(  # the step measured around the tabulated edge, not the fit's at E0
-        gated_steps(
-            spectrum.energy[None, :],
-            measured.mu[None, :],
-            np.array([e0]),
-            tab,
-            np.array([step]),
-            np.array([lead]),
-            np.array([end]),
-        )[0]
-    )
+    # the step measured around the tabulated edge, not the fit's at E0
+    gate = float(gated_step(spectrum.energy, measured.mu, float(e0), tab, step, lead, end))
     snr = edge_snr(rel, measured.mu, gate)  # broaden keeps the axis
     weak = weak_edge(snr, gate, params.min_edge_snr)
     if weak is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "edge_snr_rows",
     "estimate_noise",
     "gate_steps",
+    "gated_step",
     "gated_steps",
     "has_edge",
     "weak_edge",
@@ -286,6 +287,27 @@ def gated_steps(
         own = gate_steps(energy[far], mu[far], e0[far], steps[far], lead[far], end[far])
         moved = own > 2.0 * out[far]
         out[far[moved]] = own[moved]
+    return out
+
+
+def gated_step(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    e0: float,
+    tab: float | None,
+    step: float,
+    lead: int,
+    end: int,
+) -> float:
+    """:func:`gated_steps` of one spectrum (``prepare``), by :func:`_gate_one`: the same
+    number, without the page's arrays (in about half the time of a (1, m) page)."""
+    if tab is None:
+        return _gate_one(energy, mu, e0, e0, step, lead, end)
+    out = _gate_one(energy, mu, tab, min(e0, tab), step, lead, end)
+    if abs(e0 - tab) > GATE_TRUST:
+        own = _gate_one(energy, mu, e0, e0, step, lead, end)
+        if own > 2.0 * out:
+            out = own
     return out
 
 
