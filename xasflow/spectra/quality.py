@@ -351,14 +351,18 @@ def gate_steps(
     out = np.asarray(steps, dtype=np.float64).copy()
     if not rows.size:
         return out
-    e, y, a, z = energy[rows], mu[rows], lead[rows], stop[rows]
-    h, xa, xb = _halves(e, a, z)
+    a, z = lead[rows], stop[rows]
+    b0, b1 = int(a.min()), int(z.max())  # the pre-edges' columns (copy those alone)
+    a, z = a - b0, z - b0
+    h, xa, xb = _halves(energy[rows, b0:b1], a, z)
+    y = mu[rows, b0:b1]
     ya, yb = _range_medians(y, a, a + h), _range_medians(y, z - h, z)
     lo, hi = p0[rows], p1[rows]
     c0, c1 = int(lo.min()), int(hi.max())
-    line = ya[:, None] + ((yb - ya) / (xb - xa))[:, None] * (e[:, c0:c1] - xa[:, None])
+    e = energy[rows, c0:c1]
+    line = ya[:, None] + ((yb - ya) / (xb - xa))[:, None] * (e - xa[:, None])
     long = xb - xa >= GATE_BASELINE  # a slope over a few eV, taken 50 eV on, is noise
-    out[rows[long]] = _range_medians(y[:, c0:c1] - line, lo - c0, hi - c0)[long]
+    out[rows[long]] = _range_medians(mu[rows, c0:c1] - line, lo - c0, hi - c0)[long]
     return out
 
 
