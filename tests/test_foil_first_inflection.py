@@ -19,7 +19,7 @@ import pytest
 
 from xasflow.adapters.columns import read_spectrum_file
 from xasflow.spectra import Spectrum, alignment_shift, edge_energy, find_e0
-from xasflow.spectra import e0 as e0_module
+from xasflow.spectra import e0_batch as e0_batch_module
 from xasflow.spectra.batch import alignment_shift_batch
 
 NI_K = edge_energy("Ni")
@@ -132,16 +132,16 @@ def test_foil_rows_without_a_lower_maximum_skip_the_search_to_the_same_e0(
         for gap in (2.5, 6.0, 12.0)
     ]
     mu = np.vstack(rows)
-    real = e0_module._lower_maxima
+    real = e0_batch_module._lower_maxima
     screened: list[np.ndarray] = []
 
     def spy(*args: Any) -> np.ndarray:
         screened.append(real(*args))
         return screened[-1]
 
-    monkeypatch.setattr(e0_module, "_lower_maxima", spy)
+    monkeypatch.setattr(e0_batch_module, "_lower_maxima", spy)
     fast, fast_errors = alignment_shift_batch(energy, mu, "Ni", "K")
-    monkeypatch.setattr(e0_module, "_lower_maxima", lambda d, *_: np.ones(d.shape[0], bool))
+    monkeypatch.setattr(e0_batch_module, "_lower_maxima", lambda d, *_: np.ones(d.shape[0], bool))
     slow, slow_errors = alignment_shift_batch(energy, mu, "Ni", "K")
     assert fast.tolist() == slow.tolist() and fast_errors == slow_errors == [None] * len(rows)
     assert 0 < int(np.concatenate(screened).sum()) < len(rows)

@@ -123,8 +123,6 @@ FOIL_WIDE_DIP = 0.9
 
 #: where E0 is looked for in the data points: row r's (energies, mu), both increasing in energy
 Points = Callable[[int], tuple[np.ndarray, np.ndarray]]
-#: which rows' derivative maximum (rows, their columns) certainly stands (:func:`e0_rows_why`)
-Held = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def on_grid(
@@ -292,21 +290,6 @@ def _lowest_maximum(
     return i
 
 
-def _lower_maxima(d: np.ndarray, at: np.ndarray, border: tuple[int, ...]) -> np.ndarray:
-    """Rows of ``d`` with a maximum (:func:`_maxima`) below column ``at[r]``, not on the
-    ``border``, at least :data:`FOIL_LOWEST` of ``d[r, at[r]]``: where
-    :func:`_lowest_maximum` may find one (others keep ``at``), for all rows at once."""
-    floor = FOIL_LOWEST * d[np.arange(d.shape[0]), at][:, None]
-    peaks = np.zeros(d.shape, dtype=bool)
-    inner = d[:, 1:-1]
-    peaks[:, 1:-1] = (inner > d[:, :-2]) & (inner >= d[:, 2:])
-    if d.shape[1] > 1:
-        peaks[:, 0] = d[:, 0] > d[:, 1]
-    peaks[:, list(border)] = False
-    below = np.arange(d.shape[1]) < at[:, None]
-    return np.asarray((peaks & below & (d >= floor)).any(axis=1))
-
-
 def e0_rows(grid: np.ndarray, m: np.ndarray) -> np.ndarray:
     """E0 of each row of ``m`` (n, grid.size), values on ``grid``; NaN where mu never rises
     or rises most at the window's upper border (:func:`e0_rows_why`, with no data points: every
@@ -321,7 +304,7 @@ def e0_rows_why(
     points: Points | None = None,
     strict: bool = False,
     foil: bool = False,
-    held: Held | None = None,
+    screen: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """E0 of each row of ``m`` (n, grid.size), values on ``grid``, and per row why there is
     none (NaN): :data:`NEVER_RISES`, or :data:`AT_BORDER` where the steepest rise is at the
@@ -338,10 +321,7 @@ def e0_rows_why(
     highest is kept, or (``strict``, a reference foil) the row has none: :data:`ONE_POINT`.
     ``foil`` (a metal foil, whose tabulated edge is its first inflection): a maximum below the
     one found, at least :data:`FOIL_LOWEST` of it and a peak of its own, the lowest such.
-    A foil row without a maximum below its highest of that height skips the search
-    (:func:`_lower_maxima`, for all rows at once). ``held(d, at)``: the rows whose maximum
-    (columns ``at`` of the derivative rows ``d``) :func:`rises_at` passes, found for all rows
-    at once (:func:`~xasflow.spectra.e0_batch.held_rows`): they skip the test.
+    ``screen``: rows that pass the test / hold no lower maximum (``e0_batch.page_screen``).
     """
     d = smoothed_derivative(m)
     size = grid.size
@@ -352,9 +332,8 @@ def e0_rows_why(
         border = (_MARGIN, size - 1 - _MARGIN) if low_border else (size - 1 - _MARGIN,)
     out = np.full(d.shape[0], np.nan)
     why: list[str | None] = [None] * d.shape[0]
-    peak = d.argmax(axis=1)
-    sure = np.zeros(d.shape[0], dtype=bool) if held is None else held(d, peak)
-    lower = _lower_maxima(d, peak, border) if foil else np.zeros(d.shape[0], dtype=bool)
+    peak = d.argmax(axis=1)  # without a screen: every row tested, every foil row searched
+    sure, lower = screen(d, peak, border) if screen else (peak < 0, peak >= 0)
     for r, i in enumerate(peak.tolist()):
         row = d[r]
         top = float(row[i])

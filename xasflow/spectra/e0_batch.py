@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,8 +21,8 @@ from xasflow.spectra.e0 import (
     _PULL,
     _TAPS,
     E0_STEP,
+    FOIL_LOWEST,
     RISE_FRACTION,
-    Held,
     Points,
     e0_rows_why,
     on_grid,
@@ -31,7 +32,13 @@ from xasflow.spectra.e0 import (
 )
 from xasflow.spectra.edges import edge_energy
 
-__all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "held_rows"]
+__all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "held_rows", "page_screen"]
+
+#: which rows' derivative maximum (rows, their columns) certainly stands (:func:`held_rows`)
+Held = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: :func:`~xasflow.spectra.e0.e0_rows_why`'s screen: (rows known to pass the rise test, foil
+#: rows that may hold a lower maximum) from the derivative rows, their maxima and the border
+Screen = Callable[[np.ndarray, np.ndarray, tuple[int, ...]], tuple[np.ndarray, np.ndarray]]
 
 
 def _row_errors(n: int) -> list[SpectrumError | None]:
@@ -91,6 +98,34 @@ def held_rows(
         return np.asarray(sure & inside & (lo > 0) & (hi < count) & plain)
 
     return held
+
+
+def _lower_maxima(d: np.ndarray, at: np.ndarray, border: tuple[int, ...]) -> np.ndarray:
+    """Rows of ``d`` with a maximum (as :func:`~xasflow.spectra.e0.e0_rows_why` finds them)
+    below column ``at[r]``, not on the ``border``, at least
+    :data:`~xasflow.spectra.e0.FOIL_LOWEST` of ``d[r, at[r]]``: where a foil's first-rise
+    search may find one (others keep ``at``), for all rows at once."""
+    floor = FOIL_LOWEST * d[np.arange(d.shape[0]), at][:, None]
+    peaks = np.zeros(d.shape, dtype=bool)
+    inner = d[:, 1:-1]
+    peaks[:, 1:-1] = (inner > d[:, :-2]) & (inner >= d[:, 2:])
+    if d.shape[1] > 1:
+        peaks[:, 0] = d[:, 0] > d[:, 1]
+    peaks[:, list(border)] = False
+    below = np.arange(d.shape[1]) < at[:, None]
+    return np.asarray((peaks & below & (d >= floor)).any(axis=1))
+
+
+def page_screen(held: Held, foil: bool) -> Screen:
+    """A page's screen for :func:`~xasflow.spectra.e0.e0_rows_why`: :func:`held_rows`'
+    ``held``, and for a ``foil`` :func:`_lower_maxima` (every row searched otherwise)."""
+
+    def screen(
+        d: np.ndarray, peak: np.ndarray, border: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return held(d, peak), (_lower_maxima(d, peak, border) if foil else peak >= 0)
+
+    return screen
 
 
 def find_e0_batch(
@@ -158,8 +193,8 @@ def find_e0_batch(
         cut = a > energy[first[rows[0]]] + s[rows[0]]  # the window starts at E0 - search
         m = on_grid(grid, energy, mu[rows], s[rows], None if keep is None else keep[rows])
         plain = np.ones(rows.size, dtype=bool) if keep is None else keep[rows].all(axis=1)
-        held = held_rows(grid, energy, s[rows], mu[rows], plain)
-        found, why = e0_rows_why(grid, m, cut, of_group(members), strict, foil, held)
+        screen = page_screen(held_rows(grid, energy, s[rows], mu[rows], plain), foil)
+        found, why = e0_rows_why(grid, m, cut, of_group(members), strict, foil, screen)
         e0[rows] = found
         for k, reason in enumerate(why):
             if reason is not None:
