@@ -25,7 +25,7 @@ from xasflow.spectra.batch import (
     has_edge_batch,
     prepare_batch,
 )
-from xasflow.spectra.e0 import scan_points
+from xasflow.spectra.e0_window import scan_points
 from xasflow.spectra.quality import has_edge
 
 pytestmark = pytest.mark.usefixtures("matrix_rows")  # the matrix path, small pages too

@@ -26,10 +26,8 @@ from xasflow.spectra.e0 import (
     Points,
     e0_rows_why,
     on_grid,
-    scan_points,
-    search_window,
-    window_error,
 )
+from xasflow.spectra.e0_window import scan_points, search_window, window_error
 from xasflow.spectra.edges import edge_energy
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "held_rows", "page_screen"]
@@ -146,7 +144,7 @@ def find_e0_batch(
     :func:`~xasflow.spectra.e0.e0_rows` together: the same E0 to the last
     bit as each spectrum alone, which is how training's spectra get theirs. Stray points
     and each row's lone spikes are left out as ``find_e0`` leaves them out
-    (:func:`~xasflow.spectra.e0.scan_points`), and each row's data points judge its maxima as
+    (:func:`~xasflow.spectra.e0_window.scan_points`), and each row's data points judge its maxima as
     they judge the spectrum's alone (a glitch's flank, :func:`~xasflow.spectra.e0.rises_at`;
     ``strict``, ``foil`` as ``find_e0``'s).
     """
