@@ -9,6 +9,7 @@ if the pipeline scrambles rows, labels or features. ``small_config`` trains on i
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,14 +66,26 @@ def poscar(name: str, scale: float, element: str = "Cu") -> str:
     from pymatgen.core import Lattice, Structure
     from pymatgen.io.vasp import Poscar
 
+    species, frac_coords = _cell(name, element)
+    return Poscar(
+        Structure(Lattice.cubic(PROTOTYPES[name][1] * scale), species, frac_coords)
+    ).get_str()
+
+
+@functools.cache
+def _cell(name: str, element: str) -> tuple[list[str], np.ndarray]:
+    """The prototype's full cubic cell (species, fractional coordinates), expanded from its
+    space group once: a cubic group's orbits in fractional coordinates do not depend on the
+    lattice constant, and pymatgen's SpaceGroup took ~0.7 s per ``from_spacegroup`` call,
+    most of ``write_tree``'s time (the trees and POSCARs are byte for byte as before)."""
+    from pymatgen.core import Lattice, Structure
+
     sg, a, cu_species, coords, *_ = PROTOTYPES[name]
     species = [element if sp == "Cu" else sp for sp in cu_species]
-    lattice = Lattice.cubic(a * scale)
     if sg == "P1":
-        s = Structure(lattice, species, coords)
-    else:
-        s = Structure.from_spacegroup(sg, lattice, species, coords)
-    return Poscar(s).get_str()
+        return species, np.array(coords, dtype=float)
+    s = Structure.from_spacegroup(sg, Lattice.cubic(a), species, coords)
+    return [site.specie.symbol for site in s], s.frac_coords.copy()
 
 
 #: K-edge energies (eV) of the absorbers a synthetic tree can have.
