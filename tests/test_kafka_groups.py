@@ -26,6 +26,7 @@ from kafka_helpers import DEADLINE_S, ENERGY, RawProducer, TopicReader, kafka_co
 from xasflow import paths
 from xasflow.adapters.kafka_bus import KafkaInputSettings
 from xasflow.adapters.kafka_input import KafkaDocumentSource
+from xasflow.adapters.tiled_schema import TABLE_FILES, _serve
 from xasflow.adapters.tiled_store import read_analysis
 from xasflow.daemon.service import Daemon
 
@@ -64,14 +65,24 @@ def test_two_daemons_in_one_group_split_the_runs(broker: Broker, tmp_path: Path)
         for d in daemons:
             d.stop()
         reader.close()
-    held = [{u for u in uids if _stored(tmp_path / f"s{i}", u)} for i in range(2)]
+    held = [_held(tmp_path / f"s{i}", uids) for i in range(2)]
     assert held[0] | held[1] == set(uids) and not held[0] & held[1]  # each by exactly one
     assert len(held[0]) == len(held[1]) == 4 and per_daemon == [4, 4]
 
 
-def _stored(store: Path, uid: str) -> bool:
+def _held(store: Path, uids: list[str]) -> set[str]:
+    """The runs of ``uids`` with rows in ``store``, read through one catalog served once (by
+    directory, ``read_analysis`` serves the catalog anew for each run: ~1 s each)."""
+    uris = [
+        f"{kind}:///{store / name}" for kind, name in TABLE_FILES.items() if (store / name).exists()
+    ]
+    with _serve(store, uris) as root:
+        return {u for u in uids if _stored(root, u)}
+
+
+def _stored(root: Any, uid: str) -> bool:
     try:
-        return len(read_analysis(store, uid)[1]) > 0
+        return len(read_analysis(root, uid)[1]) > 0
     except KeyError:
         return False
 
