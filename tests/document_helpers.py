@@ -1,11 +1,12 @@
 """Analysis-run documents for the tests: composed with event-model, unpacked from pages, and
-traced back to the raw run each belongs to."""
+traced back to the raw run each belongs to, and compared with numpy arrays inside."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from event_model import compose_run, unpack_event_page
 
 Docs = list[tuple[str, dict[str, Any]]]
@@ -100,3 +101,21 @@ def burst_docs(n: int, uid: str) -> list[tuple[str, dict[str, Any]]]:
         for i in range(n)
     ]
     return analysis_run_docs([("primary", r) for r in rows], uid, {"scan_kind": "fly"})
+
+
+def assert_docs_equal(a: Any, b: Any, path: str = "doc") -> None:
+    """Deep equality that compares numpy arrays by dtype, shape and values."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_docs_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_docs_equal(x, y, f"{path}[{i}]")
+    else:
+        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"

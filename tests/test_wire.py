@@ -14,6 +14,7 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 import pytest
+from document_helpers import assert_docs_equal
 
 from xasflow.adapters.wire import (
     DECODE_ERROR_REASONS,
@@ -28,24 +29,6 @@ from xasflow.adapters.wire import (
     restricted_pickle_loads,
     split_message,
 )
-
-
-def assert_docs_equal(a: Any, b: Any, path: str = "doc") -> None:
-    """Deep equality that compares numpy arrays by dtype, shape and values."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), path
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        np.testing.assert_array_equal(a, b, err_msg=path)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            assert_docs_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_docs_equal(x, y, f"{path}[{i}]")
-    else:
-        assert type(a) is type(b) and a == b, f"{path}: {a!r} != {b!r}"
 
 
 def make_run(n_events: int = 3, n_points: int = 400) -> list[tuple[str, dict[str, Any]]]:
