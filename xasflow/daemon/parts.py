@@ -9,7 +9,6 @@ The composition root (:mod:`xasflow.daemon.service`) decides what to build and w
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -278,7 +277,7 @@ def build_processor(
         at_raw_start.append(lambda uid: store.prepare_run(uid, table))
     if p.ioc is not None:  # the last run's advice (STOP_EARLY) goes before this one scans
         at_raw_start.append(p.ioc.raw_run_started)  # (a refused start never gets here)
-        p.ioc.group.loop_age_source = lambda: time.monotonic() - proc.last_turn_at  # LOOP_AGE
+        p.ioc.group.loop_age_source = proc.turn_age  # LOOP_AGE
     if at_raw_start:
 
         def raw_start(doc: dict[str, Any]) -> None:

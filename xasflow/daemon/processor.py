@@ -144,6 +144,10 @@ class Processor:
         #: hold the thread (a hung store, a stuck call): ``/health`` and ``/metrics`` show it.
         self.last_turn_at = time.monotonic()
 
+    def turn_age(self) -> float:
+        """Seconds since the loop's last pass (``/health``, ``/metrics``, the IOC's LOOP_AGE)."""
+        return time.monotonic() - self.last_turn_at
+
     def run(self) -> None:
         """Process until :attr:`drain` is set and the queue is empty, then close everything."""
         a = self.analysis

@@ -64,7 +64,7 @@ class DaemonStatus:
         """Seconds since the processing loop's last pass (None before it is built). An idle
         loop passes every 50 ms: a large age means one document or batch holds the thread."""
         processor = self.parts.processor
-        return None if processor is None else time.monotonic() - processor.last_turn_at
+        return None if processor is None else processor.turn_age()
 
     def last_document_age(self) -> float | None:
         """Seconds since the input last decoded a document (None before its first)."""

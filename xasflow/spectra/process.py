@@ -375,7 +375,7 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
 
     A declared HERFD spectrum (``meta["herfd"]``, see :mod:`xasflow.spectra.herfd`) is first
     broadened to the conventional resolution; ``Prepared.spectrum`` is then the broadened one.
-    A step (:func:`~xasflow.spectra.quality.gate_steps`) under ``params.min_edge_snr`` times
+    A step (:func:`~xasflow.spectra.quality.gated_step`) under ``params.min_edge_snr`` times
     the measured point noise raises ``weak_edge``.
     Lone glitches in the model window are interpolated across (``Prepared.spectrum.meta
     ["glitches_interpolated"]``: their energies; :mod:`~xasflow.spectra.glitches`), a HERFD
@@ -389,13 +389,12 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         at = find_e0(s, params.e0_search, bulk) if given is None else given
         return (at, *normalize(s, at, params, bulk))
 
+    measured: Spectrum | None = None  # its point noise: broadening would smooth it away
     if fwhm is not None:  # glitches first: the broadening would smear one over its neighbours
-        spectrum = repaired_first(spectrum, attempt)
-    measured = spectrum  # its point noise: broadening would smooth the noise away
-    if fwhm is not None:
-        spectrum = broaden(spectrum, fwhm)
+        measured = repaired_first(spectrum, attempt)
+        spectrum = broaden(measured, fwhm)
     spectrum, (e0, y, step) = repaired(spectrum, attempt)  # glitches interpolated, recorded
-    if fwhm is None:
+    if measured is None:
         measured = spectrum
     rel = spectrum.energy - e0
     tab = tabulated_edge(spectrum.element, spectrum.edge)
@@ -413,5 +412,5 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         edge_step=step,
         extrapolated=extrapolated,
         spectrum=spectrum,
-        unbroadened=None if fwhm is None else measured,
+        unbroadened=None if measured is spectrum else measured,
     )
