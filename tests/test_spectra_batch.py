@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from xasflow.spectra.batch import (
     has_edge_batch,
     prepare_batch,
 )
+from xasflow.spectra.e0_batch import _pre_edge_noise
 from xasflow.spectra.e0_window import scan_points
 from xasflow.spectra.quality import has_edge
 
@@ -327,3 +329,37 @@ def test_one_glitch_in_a_foils_pre_edge_does_not_hide_its_edge() -> None:
     single = [has_edge(Spectrum(energy, mu), CU_K) for mu in stack]
     assert single == [True, True, True, False]
     assert has_edge_batch(energy, stack, np.full(4, CU_K)).tolist() == single
+
+
+def test_the_foil_check_of_a_page_is_each_foils_own_at_any_edge_position() -> None:
+    """``has_edge_batch`` takes each row's pre-edge noise from the run of columns its window
+    covers (one sort for the page, not numpy's row-by-row ``nanmedian``): rows whose windows
+    start, end and count differently (E0 near the scan's start: 0-2 pre-edge points; edges
+    of every size against the noise; rounded readings, so the medians meet ties) decide as
+    ``has_edge`` on each alone. A row with a NaN decides False and leaves the others alone."""
+    rng = np.random.default_rng(11)
+    energy = np.unique(np.sort(8930.0 + rng.uniform(0.0, 160.0, 400)))
+    e0 = CU_K + rng.uniform(-50.0, 30.0, 40)
+    e0[:3] = energy[0] + np.array([9.0, 36.0, 39.5])  # windows cut by the scan's start
+    step = rng.choice([0.0, 0.002, 0.02, 1.0], e0.size)
+    noise = rng.uniform(1e-4, 0.01, e0.size)
+    stack = (energy[None, :] > e0[:, None]) * step[:, None] + noise[:, None] * rng.normal(
+        size=(e0.size, energy.size)
+    )
+    stack[::4] = np.round(stack[::4], 3)
+    single = [has_edge(Spectrum(energy, mu), e) for mu, e in zip(stack, e0, strict=True)]
+    assert 5 < sum(single) < e0.size - 5  # both answers are tested
+    assert has_edge_batch(energy, stack, e0).tolist() == single
+    # the noise itself, bit for bit, as has_edge computes it (the decision alone is coarse)
+    pre = (energy >= e0[:, None] - 40.0) & (energy <= e0[:, None] - 8.0)
+    judged = pre.sum(axis=1) >= 3
+    want = []
+    for mu, p in zip(stack[judged], pre[judged], strict=True):
+        d = np.diff(mu[p])
+        want.append(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0))
+    got_noise = _pre_edge_noise(energy, stack, pre, pre.sum(axis=1), judged)
+    assert got_noise[judged].tolist() == want and np.isnan(got_noise[~judged]).all()
+    holed = stack.copy()
+    holed[5, np.searchsorted(energy, e0[5] - 20.0)] = np.nan
+    got = has_edge_batch(energy, holed, e0).tolist()
+    assert got[5] is False and got[:5] + got[6:] == single[:5] + single[6:]

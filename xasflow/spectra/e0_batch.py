@@ -29,6 +29,7 @@ from xasflow.spectra.e0 import (
 )
 from xasflow.spectra.e0_window import scan_points, search_window, window_error
 from xasflow.spectra.edges import edge_energy
+from xasflow.spectra.outliers import range_medians
 
 __all__ = ["alignment_shift_batch", "find_e0_batch", "has_edge_batch", "held_rows", "page_screen"]
 
@@ -224,11 +225,44 @@ def has_edge_batch(
     enough = (n_pre >= 3) & (n_post >= 3)
     safe_pre, safe_post = np.maximum(n_pre, 1), np.maximum(n_post, 1)
     jump = (ref_mu * post).sum(axis=1) / safe_post - (ref_mu * pre).sum(axis=1) / safe_pre
-    pairs = pre[:, 1:] & pre[:, :-1]  # the pre-edge points are contiguous: their diffs
-    d = np.where(pairs, np.diff(ref_mu, axis=1), np.nan)
-    with warnings.catch_warnings():  # a row without pairs: NaN noise, refused by enough
-        warnings.simplefilter("ignore", RuntimeWarning)
-        dev = np.abs(d - np.nanmedian(d, axis=1, keepdims=True))
-        noise = 1.4826 * np.nanmedian(dev, axis=1) / math.sqrt(2.0)
+    noise = _pre_edge_noise(energy, ref_mu, pre, n_pre, enough)
     with np.errstate(invalid="ignore"):
         return np.asarray(enough & (jump > 10.0 * noise) & (jump > 0))
+
+
+def _pre_edge_noise(
+    energy: np.ndarray, ref_mu: np.ndarray, pre: np.ndarray, n_pre: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """Per row, :func:`~xasflow.spectra.quality.has_edge`'s noise: 1.4826 times the median
+    absolute deviation of the differences between neighbouring pre-edge points, over sqrt 2
+    (NaN for rows not in ``rows``, the rows with pre-edge pairs to judge).
+
+    On an increasing axis each row's pre-edge points are one run of columns, so the medians
+    are :func:`~xasflow.spectra.outliers.range_medians` over those runs (one sort of the
+    columns they span); numpy's ``nanmedian`` over masked rows walked them one by one in
+    Python (8.5 % of the daemon's processing thread at 750 spectra/s). Rows with a
+    non-finite value go the masked way, which skips it as the single-spectrum check does not
+    need to: same answers as before either way."""
+    noise = np.full(ref_mu.shape[0], np.nan)
+    d_all = np.diff(ref_mu, axis=1)
+    fast = rows.copy()
+    if not (energy[1:] > energy[:-1]).all():
+        fast[:] = False
+    else:
+        fast &= np.isfinite(ref_mu).all(axis=1)
+    if fast.any():
+        d = d_all[fast]
+        lo = np.argmax(pre[fast], axis=1)  # the run's first column
+        hi = lo + n_pre[fast] - 1  # its pairs: the diffs lo .. lo + n - 2
+        med = range_medians(d, lo, hi)
+        mad = range_medians(np.abs(d - med[:, None]), lo, hi)
+        noise[fast] = 1.4826 * mad / math.sqrt(2.0)
+    slow = rows & ~fast
+    if slow.any():
+        pairs = pre[slow, 1:] & pre[slow, :-1]
+        d = np.where(pairs, d_all[slow], np.nan)
+        with warnings.catch_warnings():  # a row without pairs: NaN noise
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dev = np.abs(d - np.nanmedian(d, axis=1, keepdims=True))
+            noise[slow] = 1.4826 * np.nanmedian(dev, axis=1) / math.sqrt(2.0)
+    return noise

@@ -33,6 +33,7 @@ __all__ = [
     "absurd_points",
     "absurd_rows",
     "lone_spikes",
+    "range_medians",
 ]
 
 #: A residual this many robust edge steps from its range's resistant line may be absurd:
@@ -153,7 +154,7 @@ def _row_reduce(
     return out
 
 
-def _row_medians(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def range_medians(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Per row i, the median of ``block[i, lo[i]:hi[i]]`` (each range non-empty), as
     :func:`_median`: the columns ``min(lo)..max(hi)`` sorted, those outside a row's range
     as +inf (past its values; only the few columns at the ends that some row leaves out)."""
@@ -186,7 +187,7 @@ def _resistant_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_resistant` of each row's ``[lo, hi)`` of the blocks ``x`` and ``y``."""
     h, xa, xb = _halves(x, lo, hi)
-    ya, yb = _row_medians(y, lo, lo + h), _row_medians(y, hi - h, hi)
+    ya, yb = range_medians(y, lo, lo + h), range_medians(y, hi - h, hi)
     return ya, (yb - ya) / (xb - xa), xa, 0.5 * (ya + yb)
 
 
@@ -224,7 +225,7 @@ def _keep_rows(
     if not over.any():
         return None
     g, d = near[over], d[over]
-    bound = np.maximum(OUTLIER_MADS * _row_medians(d, lo[g], hi[g]), floor[g])
+    bound = np.maximum(OUTLIER_MADS * range_medians(d, lo[g], hi[g]), floor[g])
     drop = np.zeros(dev.shape, dtype=bool)
     drop[g] = d > bound[:, None]
     return None if not drop.any() else ~drop
@@ -267,7 +268,7 @@ def absurd_rows(
         if w.size:
             base[w], slope[w], xa[w], _ = _resistant_rows(xq[w], yq[w], qlo[w], qhi[w])
         if nw.size:
-            base[nw] = _row_medians(yq[nw], qlo[nw], qhi[nw])
+            base[nw] = range_medians(yq[nw], qlo[nw], qhi[nw])
         z = _minus_line(z, xp, base, slope, xa)  # a calculation's: 0 + 0 (x - 0) = 0
     low = _row_reduce(z, lo, hi, np.minimum, np.inf)
     span = _row_reduce(z, lo, hi, np.maximum, -np.inf) - low

@@ -14,8 +14,7 @@ from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum
 from xasflow.spectra.e0 import E0_STEP, TIE, smoothed_derivative
-from xasflow.spectra.outliers import _halves
-from xasflow.spectra.outliers import _row_medians as _range_medians
+from xasflow.spectra.outliers import _halves, range_medians
 
 __all__ = [
     "GATE_BASELINE",
@@ -356,13 +355,13 @@ def gate_steps(
     a, z = a - b0, z - b0
     h, xa, xb = _halves(energy[rows, b0:b1], a, z)
     y = mu[rows, b0:b1]
-    ya, yb = _range_medians(y, a, a + h), _range_medians(y, z - h, z)
+    ya, yb = range_medians(y, a, a + h), range_medians(y, z - h, z)
     lo, hi = p0[rows], p1[rows]
     c0, c1 = int(lo.min()), int(hi.max())
     e = energy[rows, c0:c1]
     line = ya[:, None] + ((yb - ya) / (xb - xa))[:, None] * (e - xa[:, None])
     long = xb - xa >= GATE_BASELINE  # a slope over a few eV, taken 50 eV on, is noise
-    out[rows[long]] = _range_medians(mu[rows, c0:c1] - line, lo - c0, hi - c0)[long]
+    out[rows[long]] = range_medians(mu[rows, c0:c1] - line, lo - c0, hi - c0)[long]
     return out
 
 
