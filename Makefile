@@ -29,8 +29,12 @@ setup: $(BIN)/.xasflow-setup
 demo: setup
 	$(BIN)/xasflow demo
 
+# Two workers, each test file whole on one (its module fixtures built once): the suite waits
+# on daemons, brokers and child processes, so two workers gain on a 2-core machine as well.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: setup
 	$(BIN)/ruff check xasflow tests bench

