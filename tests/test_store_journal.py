@@ -294,3 +294,28 @@ def test_a_replayed_runs_stored_start_is_the_copy_whose_stop_closes_it(
         assert (meta["start"]["uid"], meta["stop"]["run_start"]) == ("a2", "a2")
         assert sorted(int(s) for s in frame["seq_num"]) == [1, 2, 3, 4]
         assert store.stats()["duplicates"] == 2
+
+
+def test_the_journal_counts_never_wait_for_a_hung_write(tmp_path: Path) -> None:
+    """A write hung in the kernel (its fsync, a stalled disk) holds the journal's lock and the
+    database's write lock: the counts read for /metrics come anyway, those committed before
+    it (before the fix they waited for the lock, as long as the write hung). A count that
+    cannot start (another stuck on the disk) gives the last counts, marked stale."""
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    journal.open_run("raw", {"uid": "s"}, DESCRIPTOR)
+    journal.add("raw", [_row(1), _row(2)])
+    with journal._lock:  # the hung write: its transaction open, its lock held
+        journal._db.execute("BEGIN")
+        journal._db.execute("DELETE FROM rows")
+        counted: list[dict[str, int]] = []
+        reader = threading.Thread(target=lambda: counted.append(journal.counts()))
+        reader.start()
+        reader.join(10)
+        answered = list(counted)  # while the write hangs
+        journal._db.execute("ROLLBACK")
+    reader.join()
+    assert answered == [{"journal_runs": 1, "journal_rows": 2}]
+    assert journal.counts(stale=True) == {**answered[0], "journal_stale": 0}
+    with journal._counter._lock:  # a count stuck on the disk
+        assert journal.counts(stale=True) == {**answered[0], "journal_stale": 1}
+    journal.close()

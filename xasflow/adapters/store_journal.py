@@ -30,10 +30,12 @@ import numpy as np
 
 from xasflow.adapters.tiled_schema import _seq_key, json_default
 
-__all__ = ["CALLER_CHECKPOINT_PAGES", "JOURNAL_FILE", "Journal", "JournalRun"]
+__all__ = ["CALLER_CHECKPOINT_PAGES", "COUNT_WAIT_S", "JOURNAL_FILE", "Journal", "JournalRun"]
 
 #: The journal's file in the store directory.
 JOURNAL_FILE = "journal.sqlite"
+#: How long a count for monitoring waits for another one in progress (then: the last counts).
+COUNT_WAIT_S = 0.05
 #: The callers' connection checkpoints only past this many log pages (64 MB): the writer's
 #: connection does it long before (see :class:`Journal`).
 CALLER_CHECKPOINT_PAGES = 16384
@@ -113,6 +115,7 @@ class Journal:
         self._db.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
         for statement in _SCHEMA:
             self._db.execute(statement)
+        self._counter = _Counter(self.path)
 
     def open_run(self, raw_uid: str, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
         """Record a run's start and descriptor (a reopened run keeps the first ones, and is
@@ -194,17 +197,61 @@ class Journal:
                 out[uid].rows.append(_unpack(row))
         return list(out.values())
 
-    def counts(self) -> dict[str, int]:
-        """Runs and rows the journal holds now."""
-        with self._lock:
-            (runs,) = self._db.execute("SELECT COUNT(*) FROM runs").fetchone()
-            (rows,) = self._db.execute("SELECT COUNT(*) FROM rows").fetchone()
-        return {"journal_runs": int(runs), "journal_rows": int(rows)}
+    def counts(self, *, stale: bool = False) -> dict[str, int]:
+        """Runs and rows the journal holds now, counted on a connection of its own
+        (:class:`_Counter`: never waiting for this one's writes, for ``/metrics``); with
+        ``stale``, also ``journal_stale``: 1 when they are the last counts, not new ones."""
+        out = self._counter.counts()
+        return out if stale else {k: v for k, v in out.items() if k != "journal_stale"}
 
     def close(self) -> None:
-        """Close the connection (what was committed stays)."""
+        """Close the connections (what was committed stays)."""
         with self._lock:
             self._db.close()
+        self._counter.close()
+
+
+class _Counter:
+    """Counts what the journal holds on a connection of its own: a WAL reader sees the last
+    commit and never waits for a writer, so a journal write hung in the kernel (its fsync, a
+    stalled disk) holding a :class:`Journal`'s lock, or the database's write lock, does not
+    hold a scrape. A count that cannot start within ``wait_s`` (another one stuck reading
+    the disk) gives the last counts, with ``journal_stale`` 1."""
+
+    def __init__(self, path: str | Path, wait_s: float = COUNT_WAIT_S) -> None:
+        self.wait_s = float(wait_s)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA query_only=ON")
+        self._last = {"journal_runs": 0, "journal_rows": 0}
+
+    def counts(self) -> dict[str, int]:
+        """Runs and rows the journal holds (``journal_stale``: 0 counted now, 1 the last)."""
+        if not self._lock.acquire(timeout=self.wait_s):
+            return {**self._last, "journal_stale": 1}
+        try:
+            self._last = _count(self._db)
+        except sqlite3.Error:  # closed, or busy past SQLite's timeout: the last counts
+            return {**self._last, "journal_stale": 1}
+        finally:
+            self._lock.release()
+        return {**self._last, "journal_stale": 0}
+
+    def close(self) -> None:
+        """Close the connection, unless a count is stuck on it (it ends with the process)."""
+        if self._lock.acquire(timeout=self.wait_s):
+            try:
+                self._db.close()
+            finally:
+                self._lock.release()
+
+
+def _count(db: sqlite3.Connection) -> dict[str, int]:
+    """The journal's runs and rows, read in one transaction (both of one commit)."""
+    with _transaction(db):
+        (runs,) = db.execute("SELECT COUNT(*) FROM runs").fetchone()
+        (rows,) = db.execute("SELECT COUNT(*) FROM rows").fetchone()
+    return {"journal_runs": int(runs), "journal_rows": int(rows)}
 
 
 def _dumps(obj: Any) -> str:

@@ -83,7 +83,7 @@ from xasflow.adapters.tiled_schema import (
     run_metadata,
     schema_for_descriptor,
 )
-from xasflow.adapters.tiled_writer import UNJOURNALLED_CLOSE, WriterThread
+from xasflow.adapters.tiled_writer import STATS_WAIT_S, UNJOURNALLED_CLOSE, WriterThread
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
@@ -280,7 +280,7 @@ class AnalysisStore(WriterThread):
             else:
                 room = max(0, min(len(rows), self.max_queue - self._backlog))
             self._counts["dropped"] += len(rows) - room
-            self._backlog += room  # reserved: the journal is written outside the lock
+            self._rows_queued(room)  # reserved: the journal is written outside the lock
         # acknowledged early: the rows now in the journal (not those that will not fit)
         journalled = self._journalled(raw_uid, rows[:room])
         ack = Ack(on_stored, on_lost) if on_stored is not None or on_lost is not None else None
@@ -322,9 +322,8 @@ class AnalysisStore(WriterThread):
 
     @property
     def refused(self) -> int:
-        """Rows refused so far because the store was full (``stats()['dropped']``, cheaply)."""
-        with self._cond:
-            return self._counts["dropped"]
+        """Rows refused so far because the store was full (``stats()['dropped']``, lock-free)."""
+        return self._counts["dropped"]
 
     def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Which of ``rows`` are now in the journal (a journal that fails is logged, and its
@@ -423,18 +422,26 @@ class AnalysisStore(WriterThread):
         duplicates, journalled, replayed, full_waits and full_wait_ms (callers that waited for
         room, and for how long in all); ``catalog_up`` (1 while the catalog answers: its
         child process runs), ``catalog_restarts`` and ``catalog_restart_failures`` (tries
-        that did not bring a dead one back); with the journal, the runs and rows it holds now."""
+        that did not bring a dead one back); ``stalled_ms``, how long rows have waited with
+        none written (0 while none wait); with the journal, the runs and rows it holds now
+        (``journal_stale`` 1: the last counts). Never waits on a hung journal write: the lock
+        if free within ``STATS_WAIT_S``, else each int read whole without it."""
         sup = self._supervisor
-        with self._cond:
+        locked = self._cond.acquire(timeout=STATS_WAIT_S)
+        try:
             out = {"queued": self._backlog, **self._counts}
             out["full_wait_ms"] = round(1e3 * self._full_wait)
+            out["stalled_ms"] = round(1e3 * self._stalled_s())
             out["catalog_up"] = int(not self._closed and self._catalog_up())
             out["catalog_restarts"] = sup.restarts if sup is not None else 0
             out["catalog_restart_failures"] = sup.failures if sup is not None else 0
             journal = None if self._closed else self._journal
+        finally:
+            if locked:
+                self._cond.release()
         if journal is not None:
             with contextlib.suppress(Exception):  # closed meanwhile: the counters alone
-                out.update(journal.counts())
+                out.update(journal.counts(stale=True))
         return out
 
     def client(self) -> Any:

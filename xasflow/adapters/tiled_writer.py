@@ -43,7 +43,7 @@ from xasflow.adapters.tiled_schema import (
 if TYPE_CHECKING:
     from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 
-__all__ = ["UNJOURNALLED_CLOSE", "WriterThread"]
+__all__ = ["STATS_WAIT_S", "UNJOURNALLED_CLOSE", "WriterThread"]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
 
@@ -53,6 +53,9 @@ _MAX_PREPARED = 64
 #: the catalog's process is down (a journalled stop is left to the journal's replay), and
 #: forgets the run's journal record whatever stop it holds.
 UNJOURNALLED_CLOSE = "close_unjournalled"
+#: How long the store's ``stats()`` (read by /metrics) waits for its lock, which a journal
+#: write hung in the kernel may hold (``open_run``), before reading its counters without it.
+STATS_WAIT_S = 0.05
 #: Writes of a made-ahead table's start tried in the writer's turns before the close (each
 #: with the store's retries, ~1.3 s): a start the catalog keeps refusing must not slow every
 #: turn of the only writer.
@@ -69,6 +72,7 @@ class WriterThread:
     _prepared: dict[str, _Run]
     _counts: dict[str, int]
     _backlog: int
+    _progress_at = 0.0  # monotonic: rows last left the backlog, or it filled from empty
     _journal_w: Journal | None  # the writer thread's connection to the journal
     _root: Any
     _columns: dict[str, frozenset[str]]  # runs open on the caller side
@@ -143,7 +147,7 @@ class WriterThread:
             _, raw_uid, row, callback = item[:4]
             if kind == "replay":  # counted as it is taken: a long journal never fills the queue
                 with self._cond:
-                    self._backlog += 1
+                    self._rows_queued(1)
             run = self._runs.get(raw_uid)
             if run is None or run.failed:
                 self._finish_rows(1, errors=1, lost=[callback])
@@ -282,8 +286,7 @@ class WriterThread:
                 )
                 self._count("errors")
         with self._cond:
-            self._backlog -= len(pending)
-            self._room.notify_all()
+            self._rows_left(len(pending))
             self._counts["stored"] += stored
             self._counts["batches"] += 1 if stored else 0
             self._counts["duplicates"] += duplicates
@@ -418,11 +421,30 @@ class WriterThread:
         """``n`` rows leave the backlog without a commit; ``lost``: their acknowledgements,
         told that the rows are given up (rows the journal holds have none: they come back)."""
         with self._cond:
-            self._backlog -= n
-            self._room.notify_all()
+            self._rows_left(n)
             self._counts["errors"] += errors
         if lost:
             acknowledge(lost, lost=True)
+
+    def _rows_queued(self, n: int) -> None:
+        """``n`` rows join the backlog (lock held); the stall clock starts if none waited."""
+        if n and self._backlog == 0:
+            self._progress_at = time.monotonic()
+        self._backlog += n
+
+    def _rows_left(self, n: int) -> None:
+        """``n`` rows leave the backlog, written or given up (lock held): the store moves."""
+        self._backlog -= n
+        self._progress_at = time.monotonic()
+        self._room.notify_all()
+
+    def _stalled_s(self) -> float:
+        """Seconds the backlog has waited since rows last left it, or since it filled from
+        empty (0 while it is empty): a catalog write or a journal fsync hung on this thread
+        shows here, while the queue's size alone looks like a store keeping up."""
+        if self._backlog <= 0:
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
 
     def _count(self, name: str) -> None:
         with self._cond:

@@ -126,6 +126,11 @@ class AdapterCollector:
                 "time results waited for room in the full store, in all",
                 value=store.get("full_wait_ms", 0) / 1e3,
             )
+            yield GaugeMetricFamily(  # a hung catalog write or journal fsync: XasflowStoreStalled
+                "xasflow_store_stalled_seconds",
+                "seconds results have waited for the store with none written (0: none wait)",
+                value=store.get("stalled_ms", 0) / 1e3,
+            )
         yield CounterMetricFamily(  # a bug that drops documents: only /health said so
             "xasflow_internal_errors",
             "documents and batches the processing loop dropped on an unexpected error",
@@ -253,9 +258,9 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
         view.sync_stats()
         return generate_latest(registry)
 
-    # both off the event loop: they read the parts' stats, and the store's journal counts
-    # wait for its lock while the processing thread writes (a stalled disk: seconds), which
-    # would hold /livez, /readyz and the dashboard's stream back with them
+    # both off the event loop: they read the parts' stats (the store's without waiting on a
+    # hung write, AnalysisStore.stats), and a part that blocks anyway must not hold /livez,
+    # /readyz and the dashboard's stream back with them
     async def metrics(request: Request) -> Response:
         body = await asyncio.to_thread(render_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
