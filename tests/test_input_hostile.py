@@ -71,7 +71,7 @@ def turn_as_run_does(proc: Processor, items: list[tuple[str, dict]], check: bool
     try:
         proc._turn(items, check=check)
     except Exception:
-        proc.internal_errors += 1
+        proc.counters.internal_error("processing")
 
 
 # --------------------------------------------------------------------------- 1. unpickler

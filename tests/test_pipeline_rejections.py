@@ -272,3 +272,78 @@ def test_a_spectrum_whose_document_fails_is_counted_as_an_internal_error(
     snap = counters.snapshot()
     assert (snap["spectra_received"], snap["spectra_analysed"]) == (3, 2)
     assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 1}
+
+
+def test_a_run_start_that_fails_is_counted_and_its_spectra_still_analysed(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while a raw run's start is handled is an internal error (``run_start``, in
+    ``xasflow_internal_errors_total``), not only a log line; the run's spectra still go to an
+    analysis run, opened at its first spectrum without the raw start's metadata, and it stops."""
+
+    def broken(self: Pipeline, out: object) -> list:
+        raise RuntimeError("a bug in the run's start")
+
+    monkeypatch.setattr(Pipeline, "_opened", broken)
+    docs = pipeline.handle_batch(
+        [opened("raw-o"), *(scan("raw-o", i, "CuCl") for i in range(2)), closed("raw-o", n=2)]
+    )
+    assert [n for n, _ in docs][:2] == ["start", "descriptor"]
+    start = only(docs, "start")
+    assert (start["raw_uid"], start["scan_kind"], "raw_scan_id" in start) == (
+        "raw-o",
+        "unknown",
+        False,
+    )
+    assert [(r["index"], r["status"]) for r in events(docs)] == [(0, "ok"), (1, "ok")]
+    assert only(docs, "stop")["exit_status"] == "success"
+    snap = counters.snapshot()
+    assert snap["internal_errors"] == {"processing": 0, "run_start": 1, "run_stop": 0}
+    assert (snap["runs_opened"], snap["spectra_received"], snap["spectra_analysed"]) == (1, 2, 2)
+    assert pipeline.open_runs == []
+
+
+@pytest.mark.parametrize("where", ["hint", "stop"])
+def test_a_run_stop_that_fails_is_counted_and_the_run_still_stops(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A bug while a raw run's stop is handled (forgetting its HERFD hint, or composing the
+    analysis stop once) is an internal error (``run_stop``), and the analysis run still
+    stops, "fail" with the error as its reason, and is not held open: a replay of the raw
+    run opens a new one. Before, the run was left without a stop (only logged)."""
+    from xasflow.daemon.documents import AnalysisRun
+    from xasflow.daemon.herfd_hint import HerfdHints
+
+    if where == "hint":
+
+        def forget(self: HerfdHints, raw_uid: str) -> None:
+            raise RuntimeError("a bug in closing the run")
+
+        monkeypatch.setattr(HerfdHints, "forget", forget)
+    else:
+        real = AnalysisRun.close
+        calls: list[str] = []
+
+        def close(self: AnalysisRun, *args: object, **kw: object) -> list:
+            calls.append(self.raw_uid)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in closing the run")
+            return real(self, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(AnalysisRun, "close", close)
+    docs = pipeline.handle_batch(
+        [opened("raw-c"), *(scan("raw-c", i, "CuCl") for i in range(2)), closed("raw-c", n=2)]
+    )
+    validate(docs)
+    assert [r["index"] for r in events(docs)] == [0, 1]
+    stop = only(docs, "stop")
+    assert (stop["exit_status"], stop["raw_exit_status"], stop["n_analysed"]) == (
+        "fail",
+        "success",
+        2,
+    )
+    assert stop["reason"] == "internal_error: RuntimeError: a bug in closing the run"
+    assert pipeline.open_runs == []
+    snap = counters.snapshot()
+    assert snap["internal_errors"] == {"processing": 0, "run_start": 0, "run_stop": 1}
+    assert snap["runs_closed"] == {"success": 1}

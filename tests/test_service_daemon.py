@@ -232,7 +232,9 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
     assert float(lines["xasflow_store_journal_rows"]) == d.view.store_stats()["journal_rows"] == 0
     assert float(lines["xasflow_output_held"]) == d.view.output_stats()["after_store.held"] == 0
     assert float(lines["xasflow_up"]) == 1.0
-    assert float(lines["xasflow_internal_errors_total"]) == health["internal_errors"] == 0
+    for what in ("processing", "run_start", "run_stop"):
+        assert float(lines[f'xasflow_internal_errors_total{{what="{what}"}}']) == 0.0
+    assert health["internal_errors"] == 0
     # every decode error and rejection the counters hold is exported with its labels
     for reason, n in snap["decode_errors"].items():
         assert float(lines[f'xasflow_decode_errors_total{{reason="{reason}"}}']) == n
@@ -252,20 +254,33 @@ def test_metrics_and_health_endpoints(harness: Harness) -> None:
 
 
 def test_an_internal_error_is_on_metrics(harness: Harness) -> None:
-    """A document the processing loop dropped on an unexpected error (counted by
-    ``Processor``) is exported as ``xasflow_internal_errors_total`` for an alert to see;
-    before, only /health said so."""
+    """Unexpected errors (bugs) are exported as ``xasflow_internal_errors_total`` by what they
+    cost, every kind from 0, for an alert to see: a document the processing loop dropped
+    (counted by ``Processor``) and a run's start or stop the pipeline failed on; /health's
+    ``internal_errors`` is their sum. Before, only /health said so."""
     d = harness.daemon
     proc = d.parts.processor
     assert proc is not None
-    before = proc.internal_errors
-    proc.internal_errors += 1  # as Processor.run counts a turn that raised
+    counters = proc.counters
+    before = dict(counters.internal_errors)
+    counters.internal_error("processing")  # as Processor.run counts a turn that raised
+    counters.internal_error("run_stop", 2)  # as Pipeline._closed counts a stop it failed on
     try:
         text = get(f"{d.http_url}/metrics")[1].decode()
-        found = [ln for ln in text.splitlines() if ln.startswith("xasflow_internal_errors_total ")]
-        assert found == [f"xasflow_internal_errors_total {float(before + 1)}"]
+        found = sorted(
+            ln for ln in text.splitlines() if ln.startswith("xasflow_internal_errors_total")
+        )
+        assert found == [
+            f'xasflow_internal_errors_total{{what="processing"}} {float(before["processing"] + 1)}',
+            f'xasflow_internal_errors_total{{what="run_start"}} {float(before["run_start"])}',
+            f'xasflow_internal_errors_total{{what="run_stop"}} {float(before["run_stop"] + 2)}',
+        ]
+        assert proc.internal_errors == before["processing"] + 1
+        health = json.loads(get(f"{d.http_url}/health")[1])
+        assert health["internal_errors"] == sum(before.values()) + 3
+        assert health["counters"]["internal_errors"]["run_stop"] == before["run_stop"] + 2
     finally:
-        proc.internal_errors -= 1
+        counters.internal_errors.update(before)
 
 
 def test_lost_events_are_visible_in_the_stop_health_and_metrics(harness: Harness) -> None:

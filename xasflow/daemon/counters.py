@@ -32,6 +32,7 @@ latency observations                  ``xasflow_latency_seconds`` (histogram)
 ``kafka_lag[(topic, partition)]``     ``xasflow_kafka_consumer_lag{topic, partition}``
 ``queueserver[outcome]``              ``xasflow_queueserver_plans_total{outcome}``
 ``queueserver_deferred_errors``       ``xasflow_queueserver_deferred_errors_total``
+``internal_errors[what]``             ``xasflow_internal_errors_total{what}`` (bugs, see below)
 ====================================  ==================================================
 
 The seven Kafka metrics are always exported (0, no lag samples, with the 0MQ input). So is
@@ -63,6 +64,10 @@ as well, so it bounds how far ``seq_gap`` may count ``overflow`` losses twice.
 ``superseded_advice`` counts no lost result either: throttled advice (``recommend.interval_s``)
 that a newer advice of the same run, due in the same batch, replaced before either was
 computed (:mod:`xasflow.daemon.advice`).
+``internal_errors`` counts unexpected errors (bugs) by what they cost: ``processing``
+(documents and batches the processing loop dropped), ``run_start`` (a raw run's start the
+pipeline failed on: its analysis run opens at its first spectrum, without the start's
+metadata), ``run_stop`` (a raw run's stop it failed on: its analysis run stops "fail").
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from typing import Any
 from xasflow.daemon.counters_export import register_prometheus
 
 __all__ = [
+    "INTERNAL_ERRORS",
     "KAFKA_COUNTERS",
     "LATENCY_BUCKETS",
     "REJECTION_STAGES",
@@ -86,6 +92,9 @@ __all__ = [
 
 #: Where a rejection is counted: the assembler (documents, runs) or the analysis (spectra).
 REJECTION_STAGES: tuple[str, ...] = ("assembly", "analysis")
+
+#: What an unexpected error (a bug) cost, each exported from 0 (see the module docstring).
+INTERNAL_ERRORS: tuple[str, ...] = ("processing", "run_start", "run_stop")
 
 #: The Kafka input's counters exported as ``xasflow_kafka_<name>_total``.
 KAFKA_COUNTERS: tuple[str, ...] = (
@@ -146,6 +155,7 @@ class Counters:
         self.kafka_held = False  # the Kafka input holds its offset commits
         self.queueserver: dict[str, int] = {}  # the queueserver submitter's stats
         self.queueserver_deferred_errors = 0  # its failed looks at the plans given up
+        self.internal_errors: dict[str, int] = dict.fromkeys(INTERNAL_ERRORS, 0)
         # latency: exact cumulative histogram since start, plus the recent window for quantiles
         self._bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
@@ -202,6 +212,11 @@ class Counters:
         with self._lock:
             key = (stage, reason)
             self.rejected[key] = self.rejected.get(key, 0) + n
+
+    def internal_error(self, what: str, n: int = 1) -> None:
+        """An unexpected error (a bug), by what it cost (:data:`INTERNAL_ERRORS`)."""
+        with self._lock:
+            self.internal_errors[what] = self.internal_errors.get(what, 0) + n
 
     def decode_error(self, reason: str, n: int = 1) -> None:
         """Wire messages that could not be decoded (counted by the input adapter)."""
@@ -357,6 +372,7 @@ class Counters:
                 "rejected": by_reason,
                 "rejected_by_stage": by_stage,
                 "decode_errors": dict(sorted(self.decode_errors.items())),
+                "internal_errors": dict(self.internal_errors),
                 "runs_opened": self.runs_opened,
                 "runs_closed": dict(sorted(self.runs_closed.items())),
                 "model_swaps": self.model_swaps,

@@ -72,6 +72,7 @@ class _Collector:
             herfd = c.herfd_suspected
             rejected = dict(c.rejected)
             decode = dict(c.decode_errors)
+            internal = dict(c.internal_errors)  # every kind from 0 (Counters.__init__)
             opened, closed = c.runs_opened, dict(c.runs_closed)
             swaps, refused = c.model_swaps, dict(c.model_refused)
             over_limit = dict(c.limit_refused)
@@ -129,6 +130,15 @@ class _Collector:
         )
         yield _by_label(
             count, "decode_errors", "Wire messages that could not be decoded", ["reason"], decode
+        )
+        yield _by_label(  # a bug that drops documents or a run's start or stop
+            count,
+            "internal_errors",
+            "Unexpected errors (bugs), by what they cost: processing (documents and batches "
+            "the processing loop dropped), run_start (a run analysed without its start's "
+            "metadata), run_stop (a run's analysis stopped fail)",
+            ["what"],
+            internal,
         )
         yield CounterMetricFamily("xasflow_runs_opened", "Raw runs opened", value=opened)
         yield _by_label(

@@ -418,8 +418,10 @@ class AnalysisRun:
         seq_gaps: int = 0,
         missing_events: int = 0,
         dropped_events: int = 0,
+        error: str = "",
     ) -> list[Doc]:
-        """Stop document mirroring the raw run's end (start/descriptor first if none yet)."""
+        """Stop document mirroring the raw run's end (start/descriptor first if none yet);
+        ``error``: the daemon failed closing it (a bug), so it stops "fail" with that reason."""
         if self.stop_doc is not None:
             return []
         docs = self._open(None)
@@ -435,6 +437,9 @@ class AnalysisRun:
             if dropped_events:
                 lost += f", {dropped_events} of them dropped by the input queue"
             reason = f"{lost}); {reason}" if reason else f"{lost})"
+        if error:  # after the partial note, which needs the raw run's own status
+            exit_status = "fail"
+            reason = f"internal_error: {error}; {reason}" if reason else f"internal_error: {error}"
         stop = dict(
             self._bundle.compose_stop(
                 exit_status=exit_status, reason=reason, time=self.clock(), validate=False

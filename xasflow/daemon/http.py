@@ -131,11 +131,6 @@ class AdapterCollector:
                 "seconds results have waited for the store with none written (0: none wait)",
                 value=store.get("stalled_ms", 0) / 1e3,
             )
-        yield CounterMetricFamily(  # a bug that drops documents: only /health said so
-            "xasflow_internal_errors",
-            "documents and batches the processing loop dropped on an unexpected error",
-            value=d.internal_errors,
-        )
         refused = GaugeMetricFamily(  # lasts while the bundle stays: the refusal counter
             "xasflow_model_refused_current",  # moved once, maybe before the first scrape
             "bundle directories refused now (1 each), by directory and reason",

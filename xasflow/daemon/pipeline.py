@@ -43,7 +43,9 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
 
 Every failure is a rejection with its reason: counted in ``Counters`` (stage "analysis")
 and recorded as an event of the run's analysis run. Assembly rejections are counted (stage
-"assembly") and, when they belong to a run being analysed, recorded in it too.
+"assembly") and, when they belong to a run being analysed, recorded in it too. A bug on a
+run's start or stop is counted (``Counters.internal_error``, ``run_start``/``run_stop``): its
+spectra open the run without the start's metadata; a run whose closing failed stops "fail".
 """
 
 from __future__ import annotations
@@ -324,6 +326,8 @@ class Pipeline:
                 if i in works:  # not counted yet (_spectrum_docs counts last): lost, seen
                     self.counters.spectrum_received()
                     self.counters.reject("internal_error", "analysis")
+                elif isinstance(out, RunOpened):  # its first spectrum opens it (_ensure_run)
+                    self.counters.internal_error("run_start")
         docs = paged(docs)
         return docs + self.advise() if advise else docs
 
@@ -452,20 +456,39 @@ class Pipeline:
         return run.event(row)
 
     def _closed(self, out: RunClosed) -> list[Doc]:
+        """The run's last advice and stop; never raises. When something here fails (a bug,
+        counted ``run_stop``) the run is forgotten all the same (a replay opens a new one)
+        and stopped "fail" with the error as its reason."""
         self.counters.run_closed(out.exit_status)
         # the input queue's drops are counted as overflow where they happen: not twice
         self.counters.lost("seq_gap", out.missing_events - out.dropped_events)
-        advice = self.advice.close(out.raw_uid) if self.advice is not None else []
         run = self._runs.pop(out.raw_uid, None)
-        self.herfd_hints.forget(out.raw_uid)
         if run is None:
             logger.warning("raw run %s closed but was never opened here", out.raw_uid)
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
             self.counters.run_opened()
-        return advice + run.close(
+        docs: list[Doc] = []
+        try:
+            self.herfd_hints.forget(out.raw_uid)
+            docs = self.advice.close(out.raw_uid) if self.advice is not None else []
+            return docs + self._stop(run, out)
+        except Exception as exc:
+            logger.exception("closing the analysis run of %s failed", out.raw_uid)
+            self.counters.internal_error("run_stop")
+            error = f"{type(exc).__name__}: {exc}"
+        try:
+            return docs + self._stop(run, out, error)
+        except Exception:
+            logger.exception("the analysis run of %s could not be stopped", out.raw_uid)
+            return docs
+
+    @staticmethod
+    def _stop(run: AnalysisRun, out: RunClosed, error: str = "") -> list[Doc]:
+        return run.close(
             out.exit_status,
             out.reason,
             seq_gaps=out.seq_gaps,
             missing_events=out.missing_events,
             dropped_events=out.dropped_events,
+            error=error,
         )

@@ -132,7 +132,6 @@ class Processor:
         #: Of those, the rows of descriptors the input never queued
         #: (``ZmqDocumentSource.unseen_drops``), for the interrupted runs' count.
         self.input_unseen: Callable[[], list[tuple[Any, list[Any]]]] | None = None
-        self.internal_errors = 0
         #: Batches begun and not yet ended: at most one in flight with a preparation process.
         self._pending: deque[Batch] = deque()
         self.depth = 1 if pipeline.worker is not None else 0
@@ -143,6 +142,12 @@ class Processor:
         #: 50 ms, so its age grows only while one document's handling or one batch's sinks
         #: hold the thread (a hung store, a stuck call): ``/health`` and ``/metrics`` show it.
         self.last_turn_at = time.monotonic()
+
+    @property
+    def internal_errors(self) -> int:
+        """Documents and batches this loop dropped on an unexpected error (a bug): the
+        counters' ``internal_errors["processing"]``."""
+        return self.counters.internal_errors.get("processing", 0)
 
     def turn_age(self) -> float:
         """Seconds since the loop's last pass (``/health``, ``/metrics``, the IOC's LOOP_AGE)."""
@@ -169,7 +174,7 @@ class Processor:
                     next_stats = now + _STATS_INTERVAL_S
                     self.on_tick()
             except Exception:  # nothing here should raise; if it does, keep serving
-                self.internal_errors += 1
+                self.counters.internal_error("processing")
                 logger.exception("processing a batch of %d documents failed", len(items))
             self.last_turn_at = time.monotonic()
         self._finish()
@@ -252,7 +257,7 @@ class Processor:
             try:
                 fed = self._feed(name, doc, outputs)
             except Exception:  # one document's trouble: the turn's others still go on
-                self.internal_errors += 1
+                self.counters.internal_error("processing")
                 logger.exception("handling a %r document failed", name)
                 fed = []
             if name == "start":
@@ -383,7 +388,7 @@ class Processor:
     def _failed(self, outputs: list[Output]) -> None:
         logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
         n = sum(isinstance(o, SpectrumReady) for o in outputs)
-        self.internal_errors += 1
+        self.counters.internal_error("processing")
         if n:
             self.counters.reject("internal_error", stage="analysis", n=n)
 

@@ -56,9 +56,9 @@ class DaemonStatus:
 
     @property
     def internal_errors(self) -> int:
-        """Documents and batches the processing loop dropped on an unexpected error."""
-        processor = self.parts.processor
-        return processor.internal_errors if processor is not None else 0
+        """Unexpected errors (bugs): documents and batches the processing loop dropped, runs
+        whose start or stop the pipeline failed on (by kind: ``counters.internal_errors``)."""
+        return sum(self.counters.internal_errors.values())  # its keys are fixed at start
 
     def last_turn_age(self) -> float | None:
         """Seconds since the processing loop's last pass (None before it is built). An idle

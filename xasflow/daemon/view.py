@@ -40,7 +40,8 @@ class DaemonView(Protocol):
 
     @property
     def internal_errors(self) -> int:
-        """Documents and batches dropped by an unexpected error in the processing loop."""
+        """Unexpected errors (bugs): documents and batches the processing loop dropped, runs
+        whose start or stop the pipeline failed on."""
         ...
 
     def last_turn_age(self) -> float | None:
