@@ -95,6 +95,59 @@ def test_a_broker_outage_counts_consumer_errors_on_metrics() -> None:
         broker.stop()
 
 
+def test_a_broker_outage_logs_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """librdkafka's error lines during an outage (every refused reconnection, ~20 a second
+    on loopback) reach the log once, the first, until the errors stop (the broker back, on
+    its port): one line says so, with how many there were. The error counter still counts
+    every one. Before: one ERROR line per reconnection (scratch outage_logs: 214 in 10 s)."""
+    from xasflow.adapters import kafka_log
+
+    monkeypatch.setattr(kafka_log, "QUIET_S", 3.0)  # the summary interval stays at 60 s
+    try:
+        broker = Broker().start()  # its own: this test stops it
+    except BrokerUnavailable as exc:
+        pytest.skip(f"no Kafka-protocol broker: {exc}")
+    topic = f"outage-log-{uuid.uuid4().hex[:6]}"
+    try:
+        broker.create_topic(topic, 1)
+        _produce(broker, topic, 1)
+        settings = KafkaInputSettings(bootstrap_servers=broker.bootstrap, topics=(topic,))
+        source = KafkaDocumentSource(settings)  # librdkafka's log as the daemon has it
+        source.start()
+    except BaseException:
+        broker.stop()
+        raise
+    caplog.set_level(logging.INFO, logger=kafka_log.RDKAFKA_LOG.name)
+
+    def errors() -> list[str]:
+        records = [r for r in caplog.records if r.name == kafka_log.RDKAFKA_LOG.name]
+        return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+    try:
+        wait_for(lambda: source.get(0.1) is not None, "the document before the outage", 60)
+        caplog.clear()
+        broker.stop()
+        wait_for(lambda: source.stats()["consumer_errors"] >= 40, "errors from the outage", 60)
+        lines = errors()
+        assert len(lines) == 1 and "Connection refused" in lines[0], lines[:5]
+        broker.start()  # on the same port
+        broker.create_topic(topic, 1)  # in-memory storage: gone with the broker
+        ended = wait_for(
+            lambda: [m for m in errors() if m.startswith("librdkafka errors stopped: ")],
+            "the line saying the errors stopped",
+            60,
+        )
+        assert len(ended) == 1 and errors() == [lines[0], ended[0]]
+        assert int(ended[0].split()[3]) >= 20  # "librdkafka errors stopped: N in ...": held back
+        assert source.stats()["consumer_errors"] >= 40
+    finally:
+        source.close()
+        source.finish(0)
+        broker.stop()
+
+
 def test_a_close_leaves_fetched_documents_to_the_group_not_dropped(broker: Broker) -> None:
     """A member whose queue (1 document) is full while it holds the next one closes: that
     document is not queued, and is counted as released (``released_on_close``), not as

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from xasflow.adapters.kafka_log import OutageLog
 from xasflow.adapters.wire import DOCUMENT_NAMES, WireError, decode_msgpack, encode_msgpack
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Where librdkafka's own log lines go (connection losses and the like).
-RDKAFKA_LOG = logging.getLogger("xasflow.kafka.librdkafka")
 _POLL_EVERY = 64  # documents produced between two serves of delivery reports
 
 
@@ -204,11 +203,12 @@ class KafkaDocumentPublisher:
         from confluent_kafka import Producer
 
         self.settings = settings
+        self._log = OutageLog()
         conf: dict[str, Any] = {
             "bootstrap.servers": settings.bootstrap_servers,
             "linger.ms": 2,
             "enable.idempotence": False,
-            "logger": RDKAFKA_LOG,  # librdkafka's log into logging, not onto stderr
+            "logger": self._log,  # librdkafka's log into logging (bounded), not onto stderr
             **settings.producer,
         }
         self._producer = Producer(conf)
@@ -233,6 +233,7 @@ class KafkaDocumentPublisher:
             self._produce(key, value)
             self._stats["sent"] += 1
             self._stats["bytes_sent"] += len(value)
+        self._log.tick()  # an outage of the broker gone quiet: one line says so
 
     def _produce(self, key: str | None, value: bytes) -> None:
         from confluent_kafka import KafkaException

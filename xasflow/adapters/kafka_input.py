@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xasflow.adapters.kafka_bus import RDKAFKA_LOG, KafkaInputSettings, decode_counted
+from xasflow.adapters.kafka_bus import KafkaInputSettings, decode_counted
+from xasflow.adapters.kafka_log import OutageLog
 from xasflow.adapters.kafka_offsets import (
     INPUT_COUNTERS,
     TP,
@@ -81,6 +82,7 @@ class KafkaDocumentSource:
         self.durable = durable if durable is not None else (lambda timeout: True)
         self.hold = hold
         self._held_logged = False
+        self._log = OutageLog()  # librdkafka's log: an outage in a bounded number of lines
         self._queue: queue.Queue[_Item] = queue.Queue(settings.queue_size)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(INPUT_COUNTERS, 0)
@@ -273,7 +275,7 @@ class KafkaDocumentSource:
         try:
             conf = self.settings.consumer_config()
             callbacks = {"on_commit": self._on_commit, "error_cb": self._error}
-            consumer = Consumer({"logger": RDKAFKA_LOG, **conf, **callbacks})
+            consumer = Consumer({"logger": self._log, **conf, **callbacks})
             consumer.subscribe(
                 list(self.settings.topics),
                 on_assign=self._on_assign,
@@ -292,6 +294,7 @@ class KafkaDocumentSource:
             while not self._stop.is_set():
                 try:
                     self._serve_commit(consumer)
+                    self._log.tick()
                     msg = consumer.poll(self.settings.poll_interval_s)
                     if msg is not None:
                         self._handle(msg)
@@ -350,9 +353,8 @@ class KafkaDocumentSource:
             self._count("released_on_close")
 
     def _error(self, err: Any) -> None:
-        """librdkafka's client errors, served inside ``poll`` (a broker unreachable, all of
-        them down; it keeps reconnecting), counted in ``consumer_errors``: a broker outage
-        was only logged, and showed nowhere (lag and commits just stopped)."""
+        """librdkafka's client errors (a broker unreachable: it keeps reconnecting), served
+        in ``poll``: every one counted in ``consumer_errors`` (its log lines: :attr:`_log`)."""
         self._count("consumer_errors")
         self.last_error = f"consumer: {err}"
         logger.log(logging.ERROR if err.fatal() else logging.DEBUG, "Kafka consumer: %s", err)
