@@ -11,9 +11,11 @@ critical alert), although the group delivers them again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -51,6 +53,33 @@ def _source(broker: Broker, topic: str, group: str, queue_size: int = 100) -> Ka
     return KafkaDocumentSource(settings)
 
 
+@contextlib.contextmanager
+def _outage(
+    prefix: str, make: Callable[[Broker, str], KafkaDocumentSource]
+) -> Iterator[tuple[Broker, str, KafkaDocumentSource]]:
+    """A broker of the test's own (the test stops it), a one-partition topic holding one
+    document, and the source ``make`` builds on them, started; closed and stopped after."""
+    try:
+        broker = Broker().start()
+    except BrokerUnavailable as exc:
+        pytest.skip(f"no Kafka-protocol broker: {exc}")
+    topic = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    try:
+        broker.create_topic(topic, 1)
+        _produce(broker, topic, 1)
+        source = make(broker, topic)
+        source.start()
+    except BaseException:
+        broker.stop()
+        raise
+    try:
+        yield broker, topic, source
+    finally:
+        source.close()
+        source.finish(0)
+        broker.stop()
+
+
 def _exported(source: KafkaDocumentSource) -> str:
     """The Kafka series of /metrics, as the daemon folds the input's stats into them."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -67,20 +96,8 @@ def test_a_broker_outage_counts_consumer_errors_on_metrics() -> None:
     reconnection; they are counted in ``consumer_errors``, shown as ``last_error`` and
     exported as ``xasflow_kafka_consumer_errors_total``. Before: 0 errors and no
     ``last_error`` after 30 s of outage (/work/scratch/s39/stall/broker_outage_before.out)."""
-    try:
-        broker = Broker().start()  # its own: this test stops it
-    except BrokerUnavailable as exc:
-        pytest.skip(f"no Kafka-protocol broker: {exc}")
-    topic = f"outage-{uuid.uuid4().hex[:6]}"
-    try:
-        broker.create_topic(topic, 1)
-        _produce(broker, topic, 1)
-        source = _source(broker, topic, uuid.uuid4().hex)
-        source.start()
-    except BaseException:
-        broker.stop()
-        raise
-    try:
+    group = uuid.uuid4().hex
+    with _outage("outage", lambda b, t: _source(b, t, group)) as (broker, _, source):
         wait_for(lambda: source.get(0.1) is not None, "the document before the outage", 60)
         assert source.stats()["consumer_errors"] == 0 and source.last_error is None
         assert "xasflow_kafka_consumer_errors_total 0.0" in _exported(source)
@@ -89,10 +106,6 @@ def test_a_broker_outage_counts_consumer_errors_on_metrics() -> None:
         assert source.last_error is not None and source.last_error.startswith("consumer: ")
         errors = source.stats()["consumer_errors"]
         assert f"xasflow_kafka_consumer_errors_total {float(errors)}" in _exported(source)
-    finally:
-        source.close()
-        source.finish(0)
-        broker.stop()
 
 
 def test_a_broker_outage_logs_a_bounded_number_of_lines(
@@ -105,27 +118,17 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
     from xasflow.adapters import kafka_log
 
     monkeypatch.setattr(kafka_log, "QUIET_S", 3.0)  # the summary interval stays at 60 s
-    try:
-        broker = Broker().start()  # its own: this test stops it
-    except BrokerUnavailable as exc:
-        pytest.skip(f"no Kafka-protocol broker: {exc}")
-    topic = f"outage-log-{uuid.uuid4().hex[:6]}"
-    try:
-        broker.create_topic(topic, 1)
-        _produce(broker, topic, 1)
-        settings = KafkaInputSettings(bootstrap_servers=broker.bootstrap, topics=(topic,))
-        source = KafkaDocumentSource(settings)  # librdkafka's log as the daemon has it
-        source.start()
-    except BaseException:
-        broker.stop()
-        raise
+
+    def daemons(b: Broker, t: str) -> KafkaDocumentSource:  # librdkafka's log as the daemon's
+        return KafkaDocumentSource(KafkaInputSettings(bootstrap_servers=b.bootstrap, topics=(t,)))
+
     caplog.set_level(logging.INFO, logger=kafka_log.RDKAFKA_LOG.name)
 
     def errors() -> list[str]:
         records = [r for r in caplog.records if r.name == kafka_log.RDKAFKA_LOG.name]
         return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
 
-    try:
+    with _outage("outage-log", daemons) as (broker, topic, source):
         wait_for(lambda: source.get(0.1) is not None, "the document before the outage", 60)
         caplog.clear()
         broker.stop()
@@ -142,10 +145,6 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
         assert len(ended) == 1 and errors() == [lines[0], ended[0]]
         assert int(ended[0].split()[3]) >= 20  # "librdkafka errors stopped: N in ...": held back
         assert source.stats()["consumer_errors"] >= 40
-    finally:
-        source.close()
-        source.finish(0)
-        broker.stop()
 
 
 def test_a_close_leaves_fetched_documents_to_the_group_not_dropped(broker: Broker) -> None:
