@@ -8,6 +8,7 @@ start and stop" before its fix (found by a read-only review, shown with these te
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,103 @@ def test_a_start_whose_write_failed_once_is_written_later(
         meta = read_analysis(store, "R")[0]
         counts = Journal(directory / JOURNAL_FILE).counts()
     assert meta["start"] is not None, {"stop": meta["stop"], "journal": counts}
+
+
+def _page(seqs: list[int]) -> dict[str, Any]:
+    """An event page of :data:`DESCRIPTOR` rows, as the daemon's composer sends it."""
+    rows = [_row(seq, motifs=[0.2, 0.3, 0.5]) for seq in seqs]
+    return {
+        "uid": f"ev{seqs[0]}",
+        "descriptor": DESCRIPTOR["uid"],
+        "seq_num": seqs,
+        "time": [row.pop("time") for row in rows],
+        "timestamps": {},
+        "filled": {},
+        "data": {k: [row[k] for row in rows] for k in rows[0] if k != "seq_num"},
+    }
+
+
+def test_a_journal_that_fails_at_open_run_still_stores_the_run(tmp_path: Path) -> None:
+    """A run whose start the journal cannot record (its write lock held past SQLite's 5 s
+    busy timeout: another connection here, the writer thread's hung COMMIT in the daemon)
+    is opened all the same: its rows and its stop reach the catalog, acknowledged by the
+    catalog's commit, not the journal's; the next run is journalled again. Before,
+    ``open_run`` raised: the run never opened and all its rows were counted unstored."""
+    from xasflow.adapters.store_writer import StoreWriter
+
+    directory = tmp_path / "s"
+    stored: list[int] = []
+    with AnalysisStore(directory, journal=True) as store:
+        writer = StoreWriter(store, on_stored=lambda: stored.append(1))
+        other = sqlite3.connect(directory / JOURNAL_FILE, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # holds the journal's write lock past the timeout
+        try:
+            writer("start", {"uid": "a", "raw_uid": "R", "time": 0.0})
+            writer("descriptor", {**DESCRIPTOR, "run_start": "a", "time": 0.0})
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        writer("event_page", _page([1, 2, 3]))
+        writer("stop", {"uid": "z", "run_start": "a", "exit_status": "success", "time": 1.0})
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        journalled = store.stats()["journalled"]
+        left = Journal(directory / JOURNAL_FILE).counts()
+        store.open_run("S", {"uid": "b"}, DESCRIPTOR)  # the journal answers again
+        assert store.add_events("S", [_row(1), _row(2)]) == [True, True]
+        journalled_s = store.stats()["journalled"] - journalled
+        in_journal = {run.raw_uid for run in Journal(directory / JOURNAL_FILE).pending()}
+    assert (writer.unstored, len(stored), journalled) == (0, 3, 0)
+    assert [int(s) for s in frame["seq_num"]] == [1, 2, 3]
+    assert meta["start"]["uid"] == "a" and meta["stop"]["uid"] == "z"
+    assert left == {"journal_runs": 0, "journal_rows": 0}
+    assert journalled_s == 2 and "S" in in_journal
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, raw_uid: str) -> None:
+    """The journal's record of ``raw_uid``'s start fails once, as a write lock held past the
+    busy timeout makes it fail (the INSERT into its runs table raises)."""
+    real = Journal.open_run
+    left = {raw_uid: 1}
+
+    def locked(self: Journal, uid: str, *args: Any) -> None:
+        if left.get(uid):
+            left[uid] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real(self, uid, *args)
+
+    monkeypatch.setattr(Journal, "open_run", locked)
+
+
+def test_a_run_the_journal_could_not_open_is_never_half_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal answers again after the start it could not record: the run's rows are
+    still not journalled (rows without their run's record cannot be replayed, so a row
+    acknowledged from the journal would be lost by a crash) but acknowledged once in the
+    catalog, and a crash leaves nothing of the run to replay: the next start finds it as
+    an unfinished run, with every acknowledged row, as without a journal."""
+    _fail_once(monkeypatch, "R")
+    directory = tmp_path / "s"
+    acked: list[int] = []
+    with AnalysisStore(directory, journal=True, flush_interval=30.0) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        go, busy = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=store._call, args=(lambda: (busy.set(), go.wait(30)), 60))
+        blocker.start()
+        assert busy.wait(10)  # the catalog has not taken the rows yet
+        for seq in (1, 2):
+            assert store.add_event("R", _row(seq), on_stored=lambda s=seq: acked.append(s))
+        early = list(acked)
+        crash_now = Journal(directory / JOURNAL_FILE).pending()  # what a kill would replay
+        go.set()
+        blocker.join()
+        assert store.flush(30)  # the process dies here, with R open
+        committed = list(acked)
+    with AnalysisStore(directory, journal=True) as store:
+        replayed = store.stats()["replayed"]
+        unfinished = [(u["raw_uid"], u["rows"]) for u in store.unfinished_runs()]
+        counts = Journal(directory / JOURNAL_FILE).counts()
+    assert early == [] and [(r.raw_uid, len(r.rows)) for r in crash_now] == []
+    assert committed == [1, 2] and replayed == 0 and unfinished == [("R", 2)]
+    assert counts == {"journal_runs": 0, "journal_rows": 0}

@@ -221,3 +221,45 @@ def test_a_child_that_cannot_start_is_retried_with_growing_delays(
         assert sup.poll(12.0) is None and sup.next_check(12.0) == 16.0
     finally:
         sup.close()
+
+
+def test_a_run_the_journal_could_not_open_waits_for_a_dead_catalog_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the catalog's child is down, what the journal holds is left to its replay and the
+    rest waits in memory. A run whose start the journal could not record (its write lock held
+    past the busy timeout) is in no replay: its open, rows and stop wait in memory like any
+    unjournalled work and reach the new child, each row acknowledged once there. Before,
+    ``open_run`` raised and the run's rows were never taken."""
+    import sqlite3
+
+    from xasflow.adapters.store_journal import Journal
+
+    real = Journal.open_run
+
+    def locked(self: Journal, raw_uid: str, *args: object) -> None:
+        if raw_uid == "run-c":
+            raise sqlite3.OperationalError("database is locked")
+        real(self, raw_uid, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Journal, "open_run", locked)
+    store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)
+    try:
+        (child,) = _catalog_children(os.getpid())
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: store.stats()["catalog_up"] == 0, "the dead catalog reported")
+        acked: list[int] = []
+        store.open_run("run-c", {"uid": "c-start"}, DESCRIPTOR)
+        rows = [store_row(i) for i in (1, 2, 3)]
+        assert store.add_events("run-c", rows, on_stored=lambda: acked.append(1)) == [True] * 3
+        store.close_run("run-c", {"uid": "c-stop", "exit_status": "success"})
+        assert acked == []  # in no journal: acknowledged by the catalog's commit alone
+        wait_for(lambda: store.stats()["catalog_up"] == 1, "the catalog restarted", 30)
+        assert store.flush(timeout=30)
+        stats = store.stats()
+        meta, frame = read_analysis(store, "run-c")
+    finally:
+        store.close()
+    assert len(acked) == 3 and stats["errors"] == 0 and stats["journalled"] == 0
+    assert list(frame["seq_num"]) == [1, 2, 3] and meta["start"]["uid"] == "c-start"
+    assert meta["stop"]["uid"] == "c-stop" and stats["journal_runs"] == 0

@@ -63,6 +63,7 @@ from typing import Any, Literal
 
 from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.journal_fallback import JournalFallback
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
@@ -79,18 +80,22 @@ from xasflow.adapters.tiled_schema import (
     _Run,
     _serve,
     column_types,
-    row_fits,
     run_metadata,
     schema_for_descriptor,
 )
-from xasflow.adapters.tiled_writer import STATS_WAIT_S, UNJOURNALLED_CLOSE, WriterThread
+from xasflow.adapters.tiled_writer import (
+    STATS_WAIT_S,
+    UNJOURNALLED_CLOSE,
+    UNJOURNALLED_OPEN,
+    WriterThread,
+)
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
 logger = logging.getLogger(__name__)
 
 
-class AnalysisStore(WriterThread):
+class AnalysisStore(WriterThread, JournalFallback):
     """Writes analysis runs into an embedded tiled catalog from one background writer thread."""
 
     def __init__(
@@ -140,6 +145,7 @@ class AnalysisStore(WriterThread):
         self._items: deque[tuple[Any, ...]] = deque()
         self._columns: dict[str, frozenset[str]] = {}  # open runs, as seen by callers
         self._types: dict[str, dict[str, tuple[type, ...]]] = {}  # their columns' value types
+        self._unjournalled: set[str] = set()  # open runs whose start the journal lacks
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False
@@ -208,11 +214,11 @@ class AnalysisStore(WriterThread):
         run = _Run(raw_uid, stream, schema, arrays, run_metadata(start_doc, descriptor, stream))
         with self._cond:
             self._check_open()
-            if self._journal is not None:  # its documents first, for a replay
-                self._journal.open_run(raw_uid, start_doc, descriptor)
+            # its documents first, for a replay; one the journal cannot record: unjournalled
+            journalled = self._journal_start(raw_uid, start_doc, descriptor)
             self._columns[raw_uid] = frozenset(schema.names)
             self._types[raw_uid] = column_types(schema, arrays)
-            self._items.append(("open", run))
+            self._items.append(("open" if journalled else UNJOURNALLED_OPEN, run))
             self._cond.notify()
 
     def prepare_run(self, raw_uid: str, descriptor: dict) -> None:
@@ -325,21 +331,6 @@ class AnalysisStore(WriterThread):
         """Rows refused so far because the store was full (``stats()['dropped']``, lock-free)."""
         return self._counts["dropped"]
 
-    def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
-        """Which of ``rows`` are now in the journal (a journal that fails is logged, and its
-        rows are acknowledged by the catalog's commit instead)."""
-        if self._journal is None or not rows:
-            return [False] * len(rows)
-        types = self._types.get(raw_uid, {})
-        fits = [row_fits(row, types) for row in rows]
-        try:
-            done = self._journal.add(raw_uid, [r for r, ok in zip(rows, fits, strict=True) if ok])
-        except Exception:
-            logger.exception("analysis store: journal write failed; waiting for the catalog")
-            return [False] * len(rows)
-        it = iter(done)
-        return [next(it) if ok else False for ok in fits]
-
     def close_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop document in the run's metadata once its queued rows are written."""
         with self._cond:
@@ -352,19 +343,6 @@ class AnalysisStore(WriterThread):
             journalled = self._journal is None or self._journal_stop(raw_uid, stop)
             self._items.append(("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop))
             self._cond.notify()
-
-    def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
-        """Record a run's stop in the journal's record of it (if it has one; lock held), so
-        the writer forgets that record only while it holds this stop; False if the write
-        failed (logged) or there is no journal."""
-        if self._journal is None:
-            return False
-        try:
-            self._journal.close_run(raw_uid, stop)
-        except Exception:
-            logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)
-            return False
-        return True
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Runs stored without a stop (their writer died) and not open here, with their rows.

@@ -43,7 +43,7 @@ from xasflow.adapters.tiled_schema import (
 if TYPE_CHECKING:
     from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 
-__all__ = ["STATS_WAIT_S", "UNJOURNALLED_CLOSE", "WriterThread"]
+__all__ = ["STATS_WAIT_S", "UNJOURNALLED_CLOSE", "UNJOURNALLED_OPEN", "WriterThread"]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
 
@@ -53,6 +53,10 @@ _MAX_PREPARED = 64
 #: the catalog's process is down (a journalled stop is left to the journal's replay), and
 #: forgets the run's journal record whatever stop it holds.
 UNJOURNALLED_CLOSE = "close_unjournalled"
+#: The queue item of a run's open the journal could not record (the run is unjournalled,
+#: :mod:`xasflow.adapters.journal_fallback`): held, like its rows and stop, while the
+#: catalog's process is down, since no replay brings it back.
+UNJOURNALLED_OPEN = "open_unjournalled"
 #: How long the store's ``stats()`` (read by /metrics) waits for its lock, which a journal
 #: write hung in the kernel may hold (``open_run``), before reading its counters without it.
 STATS_WAIT_S = 0.05
@@ -157,7 +161,7 @@ class WriterThread:
             run.pending.append((row, callback))
             if len(run.pending) >= self.batch_size:
                 self._commit(run)
-        elif kind == "open":
+        elif kind in ("open", UNJOURNALLED_OPEN):
             self._open(item[1])
         elif kind == "prepare":
             self._prepare(item[1])
@@ -348,9 +352,14 @@ class WriterThread:
             kind = item[0]
             if kind == "prepare":
                 continue  # best effort
-            elif kind in ("row", "open", "close", UNJOURNALLED_CLOSE, "finish") or (
-                kind == "flush" and self._held
-            ):
+            elif kind in (
+                "row",
+                "open",
+                UNJOURNALLED_OPEN,
+                "close",
+                UNJOURNALLED_CLOSE,
+                "finish",
+            ) or (kind == "flush" and self._held):
                 self._held.append(item)  # a flush waits for what waits before it
             elif kind == "call":
                 item[2]["error"] = StoreError("the catalog's process is not running")
@@ -413,7 +422,7 @@ class WriterThread:
             if item[0] == "flush":
                 item[1].set()
             elif item[0] != "row":  # counted as the rows are: loss is seen in /metrics
-                raw_uid = item[1].raw_uid if item[0] == "open" else item[1]
+                raw_uid = item[1].raw_uid if item[0] in ("open", UNJOURNALLED_OPEN) else item[1]
                 logger.error("analysis store: %s of run %s was not recorded", item[0], raw_uid)
                 self._count("errors")
 

@@ -1,0 +1,82 @@
+"""The caller side's journal writes for :class:`~xasflow.adapters.tiled_store.AnalysisStore`.
+
+Each falls back to the catalog when the journal fails (its write lock held past SQLite's busy
+timeout, a full disk): the call goes on, the failure is logged, and what the journal could
+not record reaches the catalog without its crash protection (rows acknowledged by the
+catalog's commit, a stop held by the writer while the catalog's process is down).
+
+A run whose start the journal could not record is *unjournalled* until it is opened again:
+neither its rows nor its stop are journalled. A row journalled without its run's record
+could not be replayed (a crash would lose it although acknowledged), and a stop without one
+means nothing, so a crash leaves nothing of such a run to replay, never a part of it: the
+rows the catalog committed are found at the next start as an unfinished run
+(:meth:`~xasflow.adapters.tiled_store.AnalysisStore.unfinished_runs`), as without a journal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from xasflow.adapters.store_journal import Journal
+from xasflow.adapters.tiled_schema import row_fits
+
+__all__ = ["JournalFallback"]
+
+logger = logging.getLogger("xasflow.adapters.tiled_store")
+
+
+class JournalFallback:
+    """The journal writes of the store's callers; a mixin only ``AnalysisStore`` uses."""
+
+    _journal: Journal | None
+    _types: dict[str, dict[str, tuple[type, ...]]]  # open runs' column value types
+    _unjournalled: set[str]  # open runs whose start the journal could not record
+
+    def _journal_start(self, raw_uid: str, start_doc: dict, descriptor: dict) -> bool:
+        """Record a run's start and descriptor in the journal (before its rows, for a
+        replay): True if it holds them or there is no journal; False if the write failed
+        (logged): the run is unjournalled until opened again."""
+        if self._journal is None:
+            return True
+        try:
+            self._journal.open_run(raw_uid, start_doc, descriptor)
+        except Exception:
+            logger.exception(
+                "analysis store: journal cannot record the start of %s; its rows and stop "
+                "wait for the catalog (not replayed after a crash)",
+                raw_uid,
+            )
+            self._unjournalled.add(raw_uid)
+            return False
+        self._unjournalled.discard(raw_uid)
+        return True
+
+    def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
+        """Which of ``rows`` are now in the journal (a journal that fails is logged, and its
+        rows are acknowledged by the catalog's commit instead, as are an unjournalled run's)."""
+        if self._journal is None or not rows or raw_uid in self._unjournalled:
+            return [False] * len(rows)
+        types = self._types.get(raw_uid, {})
+        fits = [row_fits(row, types) for row in rows]
+        try:
+            done = self._journal.add(raw_uid, [r for r, ok in zip(rows, fits, strict=True) if ok])
+        except Exception:
+            logger.exception("analysis store: journal write failed; waiting for the catalog")
+            return [False] * len(rows)
+        it = iter(done)
+        return [next(it) if ok else False for ok in fits]
+
+    def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
+        """Record a run's stop in the journal's record of it (if it has one; lock held), so
+        the writer forgets that record only while it holds this stop; False if the write
+        failed (logged), there is no journal, or the run is unjournalled (popped here)."""
+        if self._journal is None or raw_uid in self._unjournalled:
+            self._unjournalled.discard(raw_uid)
+            return False
+        try:
+            self._journal.close_run(raw_uid, stop)
+        except Exception:
+            logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)
+            return False
+        return True
