@@ -259,3 +259,63 @@ def test_a_run_the_journal_could_not_open_is_never_half_replayed(
     assert early == [] and [(r.raw_uid, len(r.rows)) for r in crash_now] == []
     assert committed == [1, 2] and replayed == 0 and unfinished == [("R", 2)]
     assert counts == {"journal_runs": 0, "journal_rows": 0}
+
+
+class _HeldDb:
+    """The callers' journal connection, whose statement starting ``prefix`` waits for
+    ``release`` (a journal write hung in the kernel: its fsync, a stalled disk)."""
+
+    def __init__(self, db: Any, prefix: str) -> None:
+        self.db, self.prefix = db, prefix
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith(self.prefix):
+            self.entered.set()
+            assert self.release.wait(60)
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize(
+    ("call", "prefix"),
+    [
+        (lambda store: store.open_run("S", {"uid": "b"}, DESCRIPTOR), "INSERT INTO runs"),
+        (lambda store: store.close_run("S", {"uid": "z"}), "UPDATE runs SET stop"),
+        (lambda store: store.finish_run("X", {"uid": "z"}), "UPDATE runs SET stop"),
+    ],
+    ids=["open_run", "close_run", "finish_run"],
+)
+def test_a_hung_journal_write_of_a_run_does_not_stop_the_writer(
+    tmp_path: Path, call: Any, prefix: str
+) -> None:
+    """While a run's start or stop hangs in the journal, the writer thread goes on moving the
+    other runs' rows into the catalog (a flush answers). Before, ``open_run``, ``close_run``
+    and ``finish_run`` wrote the journal holding the store's lock, which the writer takes for
+    every batch: it stopped, and so did every caller, flushes included."""
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True, flush_interval=30.0) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        store.open_run("S", {"uid": "s"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+        assert store._journal is not None
+        held = _HeldDb(store._journal._db, prefix)
+        store._journal._db = held
+        hung = threading.Thread(target=call, args=(store,))
+        hung.start()
+        try:
+            assert held.entered.wait(30)
+            flushed: list[bool] = []
+            flusher = threading.Thread(target=lambda: flushed.append(store.flush(30)))
+            flusher.start()
+            flusher.join(20)
+            answered, stored_while_hung = list(flushed), store.stats()["stored"]
+        finally:
+            held.release.set()
+        hung.join(30)
+        flusher.join(30)
+        assert store.flush(30)
+        seqs = _seqs(store, "R")
+    assert (answered, stored_while_hung) == ([True], 2) and seqs == [1, 2]

@@ -47,7 +47,7 @@ _CLIENT_TIMEOUT_S = 3.0
 class _HeldDb:
     """A journal's sqlite3 connection whose next statement starting ``prefix`` waits for
     ``release`` once armed (a write hung in the kernel: its fsync, a stalled disk), with the
-    journal's lock held and, for ``open_run``, the store's."""
+    journal's lock held (and, for ``open_run``, the store's, before it wrote outside it)."""
 
     def __init__(self, db: Any) -> None:
         self.db = db
@@ -98,7 +98,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 def test_monitoring_answers_while_a_journal_write_hangs(harness: Harness) -> None:
     """The processing thread hung in the callers' journal: first in a page's ``COMMIT``
     (the journal's lock held), then in a run's ``open_run`` insert (the store's lock held
-    too). Each time /metrics, /health and /api/state answer within the client's timeout,
+    too, before it wrote outside it). Each time /metrics, /health and /api/state answer within the client's timeout,
     with the store's counters; released, the scans are analysed."""
     h = harness
     store = h.daemon.parts.store

@@ -3,7 +3,9 @@
 Each falls back to the catalog when the journal fails (its write lock held past SQLite's busy
 timeout, a full disk): the call goes on, the failure is logged, and what the journal could
 not record reaches the catalog without its crash protection (rows acknowledged by the
-catalog's commit, a stop held by the writer while the catalog's process is down).
+catalog's commit, a stop held by the writer while the catalog's process is down). Each is
+called outside the store's lock, which the writer thread takes for every batch: a journal
+write hung in the kernel (its fsync, a stalled disk) holds its caller, never the writer.
 
 A run whose start the journal could not record is *unjournalled* until it is opened again:
 neither its rows nor its stop are journalled. A row journalled without its run's record
@@ -68,7 +70,7 @@ class JournalFallback:
         return [next(it) if ok else False for ok in fits]
 
     def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
-        """Record a run's stop in the journal's record of it (if it has one; lock held), so
+        """Record a run's stop in the journal's record of it (if it has one), so
         the writer forgets that record only while it holds this stop; False if the write
         failed (logged), there is no journal, or the run is unjournalled (popped here)."""
         if self._journal is None or raw_uid in self._unjournalled:

@@ -212,12 +212,15 @@ class AnalysisStore(WriterThread, JournalFallback):
         if not isinstance(stream, str) or not _KEY_NAME.match(stream):
             raise ValueError(f"descriptor name {stream!r} is not usable as a tiled key")
         run = _Run(raw_uid, stream, schema, arrays, run_metadata(start_doc, descriptor, stream))
-        with self._cond:
+        with self._cond:  # open for the callers first: a catalog restart meanwhile keeps it so
             self._check_open()
-            # its documents first, for a replay; one the journal cannot record: unjournalled
-            journalled = self._journal_start(raw_uid, start_doc, descriptor)
             self._columns[raw_uid] = frozenset(schema.names)
             self._types[raw_uid] = column_types(schema, arrays)
+        # its documents before its rows, for a replay (one the journal cannot record:
+        # unjournalled), outside the lock: a hung journal write must not stop the writer
+        journalled = self._journal_start(raw_uid, start_doc, descriptor)
+        with self._cond:
+            self._check_open()
             self._items.append(("open" if journalled else UNJOURNALLED_OPEN, run))
             self._cond.notify()
 
@@ -335,12 +338,17 @@ class AnalysisStore(WriterThread, JournalFallback):
         """Record the stop document in the run's metadata once its queued rows are written."""
         with self._cond:
             self._check_open()
+            if raw_uid not in self._columns:
+                raise KeyError(f"analysis run {raw_uid!r} is not open")
+        stop = _plain(dict(stop_doc))
+        # outside the lock, the run still open for the callers (see open_run); a stop the
+        # journal cannot record: the catalog records it, the writer holds it
+        journalled = self._journal is None or self._journal_stop(raw_uid, stop)
+        with self._cond:
+            self._check_open()
             self._types.pop(raw_uid, None)
             if self._columns.pop(raw_uid, None) is None:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
-            stop = _plain(dict(stop_doc))
-            # a stop the journal cannot record: the catalog records it, the writer holds it
-            journalled = self._journal is None or self._journal_stop(raw_uid, stop)
             self._items.append(("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop))
             self._cond.notify()
 
@@ -359,8 +367,11 @@ class AnalysisStore(WriterThread, JournalFallback):
             self._check_open()
             if raw_uid in self._columns:
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
-            stop = _plain(dict(stop_doc))  # journalled: a replayed start keeps its record
-            self._items.append(("finish", raw_uid, stop, self._journal_stop(raw_uid, stop)))
+        stop = _plain(dict(stop_doc))  # journalled (outside the lock): a replayed start keeps
+        journalled = self._journal_stop(raw_uid, stop)  # its record
+        with self._cond:
+            self._check_open()
+            self._items.append(("finish", raw_uid, stop, journalled))
             self._cond.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:

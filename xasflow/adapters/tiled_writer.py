@@ -57,8 +57,8 @@ UNJOURNALLED_CLOSE = "close_unjournalled"
 #: :mod:`xasflow.adapters.journal_fallback`): held, like its rows and stop, while the
 #: catalog's process is down, since no replay brings it back.
 UNJOURNALLED_OPEN = "open_unjournalled"
-#: How long the store's ``stats()`` (read by /metrics) waits for its lock, which a journal
-#: write hung in the kernel may hold (``open_run``), before reading its counters without it.
+#: How long the store's ``stats()`` (read by /metrics) waits for its lock before reading its
+#: counters without it (no journal write is made under it: one hung in the kernel held it).
 STATS_WAIT_S = 0.05
 #: Writes of a made-ahead table's start tried in the writer's turns before the close (each
 #: with the store's retries, ~1.3 s): a start the catalog keeps refusing must not slow every
