@@ -279,8 +279,11 @@ def gated_steps(
     whose step around E0 is over twice the tabulated edge's: an unaligned scan on a
     monochromator that far off (30 eV: -1.8 around the edge, +1.0 around E0). A noisy weak
     edge whose E0 noise carried away keeps the tabulated edge's (its E0 step is inflated
-    less than twice)."""
+    less than twice). One row: :func:`gated_step` (the same number, without the arrays)."""
     e0 = np.asarray(e0, dtype=np.float64)
+    if mu.shape[0] == 1:
+        one = gated_step(energy[0], mu[0], float(e0[0]), tab, float(steps[0]), lead[0], end[0])
+        return np.array([one])
     if tab is None:
         return gate_steps(energy, mu, e0, steps, lead, end)
     # the pre-edge ends below E0 too: an edge 10-20 eV under the tabulated one (a reduced
@@ -338,12 +341,8 @@ def gate_steps(
 
     Each window is a run of columns (the energies increase): medians over column ranges,
     the pre-edge halves' energies read off their middle points: 14 us per spectrum in a page
-    of 64, where masked sorts of whole rows took 63 (the same numbers, bit for bit). One row
-    (``prepare``): :func:`_gate_one`."""
-    if mu.shape[0] == 1:
-        to = float(centre[0] if pre_centre is None else np.asarray(pre_centre).ravel()[0])
-        one = _gate_one(energy[0], mu[0], float(centre[0]), to, float(steps[0]), lead[0], end[0])
-        return np.array([one])
+    of 64, where masked sorts of whole rows took 63 (the same numbers, bit for bit). One
+    spectrum: :func:`_gate_one`, through :func:`gated_step`."""
     c = centre[:, None]
     pre_c = c if pre_centre is None else np.asarray(pre_centre, dtype=np.float64)[:, None]
     # the columns at or below ``pre_centre - 12`` eV, and below ``centre + 20`` / to ``+ 60``
