@@ -9,7 +9,8 @@ its edge check and the bundle's preparation run once over the stack
 single-spectrum path (:func:`finish_one`); so does a group whose batched code raises (a
 bug), so a batch never loses its spectra. The per-spectrum outcome is the same either way:
 flags, shift, prepared spectrum or rejection reason (the parity tests of
-:mod:`xasflow.spectra.batch`).
+:mod:`xasflow.spectra.batch`). The graphs of what was prepared here run batched per
+predictor (:func:`predict_works`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from xasflow.daemon.prep_worker import PrepWorker, Ticket
     from xasflow.daemon.registry import ModelRegistry
 
-__all__ = ["Pending", "Work", "finish_one", "prepare_works", "start_work"]
+__all__ = ["Pending", "Work", "finish_one", "predict_works", "prepare_works", "start_work"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,31 @@ def prepare_works(
     if pending.ticket is None:
         pending.finish(None)
     return pending
+
+
+def predict_works(works: Sequence[Work]) -> None:
+    """Step 5's graphs for prepared works: one ``predict_prepared`` call per predictor; a
+    failing call is retried one by one, so a spectrum the graphs fail on is refused alone
+    (``prediction_error``)."""
+    groups: dict[int, list[Work]] = {}
+    for w in works:
+        groups.setdefault(id(w.predictor), []).append(w)
+    for group in groups.values():
+        predictor = group[0].predictor
+        assert predictor is not None
+        try:
+            preds = predictor.predict_prepared([w.prepared for w in group])  # type: ignore[misc]
+        except Exception:
+            preds = None
+        if preds is not None and len(preds) == len(group):
+            for w, p in zip(group, preds, strict=True):
+                w.prediction = p
+            continue
+        for w in group:
+            try:
+                w.prediction = predictor.predict_prepared([w.prepared])[0]  # type: ignore[list-item]
+            except Exception as exc:
+                w.fail("prediction_error", f"{predictor.bundle_id}: {type(exc).__name__}: {exc}")
 
 
 class Pending:

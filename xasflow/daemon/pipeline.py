@@ -59,7 +59,6 @@ from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.routing import paged
 from xasflow.daemon.advice import RunAdvice
-from xasflow.daemon.assembly import REASONS as ASSEMBLY_REASONS
 from xasflow.daemon.assembly import (
     Output,
     Rejected,
@@ -67,10 +66,11 @@ from xasflow.daemon.assembly import (
     RunOpened,
     SpectrumReady,
 )
-from xasflow.daemon.batch_prep import Pending, Work, prepare_works, start_work
+from xasflow.daemon.batch_prep import Pending, Work, predict_works, prepare_works, start_work
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.herfd_hint import HerfdHints
+from xasflow.daemon.reasons import REASONS, known_rejections
 from xasflow.daemon.recommend import RecommendationTracker, RecommenderConfig
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
@@ -84,29 +84,6 @@ __all__ = ["REASONS", "Batch", "LatestSpectrum", "Pipeline", "known_rejections"]
 
 logger = logging.getLogger(__name__)
 
-#: Rejection reasons the pipeline itself gives (plus any ``SpectrumError.reason``).
-REASONS: frozenset[str] = frozenset(
-    {
-        "unknown_element",  # no element in the start and no tabulated edge in the energy range
-        "no_model",  # no bundle for the element/edge
-        "bad_channel",  # a needed channel is absent, non-positive or of another length
-        "not_finite",  # NaN/inf in mu or energy
-        "too_short",  # fewer than 3 distinct energies
-        "no_edge",  # no absorption edge near the tabulated energy
-        "weak_edge",  # an edge step under the bundle's min_edge_snr times the point noise
-        "no_post_edge",  # too few points above the edge to normalise
-        "no_pre_edge",  # a measured scan starting under 15 eV below E0 or 5 below its edge
-        "window",  # data do not cover the model's energy window
-        "prediction_error",  # the ONNX graphs failed on this spectrum
-        "edge_step",  # the edge step is not positive / not determined
-        "glitches",  # more glitches in the model window than prepare interpolates across (8)
-        "herfd_width",  # HERFD declared, but no tabulated width for the element: give the FWHM
-        "bad_broadening",  # a HERFD width that is no number of eV within 0.2..50
-        "bad_declaration",  # a start's ``calculated`` that is neither true, false nor null
-        "internal_error",  # a bug; the spectrum is recorded, the daemon goes on
-    }
-)
-
 
 def _declarations(start: dict[str, Any]) -> dict[str, Any]:
     """What a raw start declares about its spectra (``herfd``, ``calculated``); a key that
@@ -117,12 +94,6 @@ def _declarations(start: dict[str, Any]) -> dict[str, Any]:
         if declared is not None:
             out[key] = declared
     return out
-
-
-def known_rejections() -> list[tuple[str, str]]:
-    """Every (stage, reason) a rejection is counted under: the assembler's reasons and the
-    pipeline's (the metrics export each from 0)."""
-    return [("assembly", r) for r in ASSEMBLY_REASONS] + [("analysis", r) for r in REASONS]
 
 
 @dataclass(frozen=True)
@@ -286,7 +257,7 @@ class Pipeline:
                 w.flags.append("herfd_broadened")
             if w.prepared is not None and w.prepared.spectrum.meta.get("glitches_interpolated"):
                 w.flags.append("glitch_interpolated")  # withholds stop-early
-        self._predict([w for w in works.values() if w.reason is None and w.prediction is None])
+        predict_works([w for w in works.values() if w.reason is None and w.prediction is None])
         try:  # a hint, and the dashboard's copy below, must never cost the batch its documents
             self.herfd_hints.apply(works.values())
         except Exception:
@@ -342,32 +313,6 @@ class Pipeline:
             self._declared.pop(raw_uid, None)
             docs.extend(self._closed(RunClosed(raw_uid, "abort", reason, 0, 0, 0)))
         return docs
-
-    # ------------------------------------------------------------------ prediction
-
-    def _predict(self, works: list[Work]) -> None:
-        """One ``predict_prepared`` call per predictor; a failing batch is retried one by one."""
-        groups: dict[int, list[Work]] = {}
-        for w in works:
-            groups.setdefault(id(w.predictor), []).append(w)
-        for group in groups.values():
-            predictor = group[0].predictor
-            assert predictor is not None
-            try:
-                preds = predictor.predict_prepared([w.prepared for w in group])  # type: ignore[misc]
-            except Exception:
-                preds = None
-            if preds is not None and len(preds) == len(group):
-                for w, p in zip(group, preds, strict=True):
-                    w.prediction = p
-                continue
-            for w in group:
-                try:
-                    w.prediction = predictor.predict_prepared([w.prepared])[0]  # type: ignore[list-item]
-                except Exception as exc:
-                    w.fail(
-                        "prediction_error", f"{predictor.bundle_id}: {type(exc).__name__}: {exc}"
-                    )
 
     # ------------------------------------------------------------------ documents
 
