@@ -7,7 +7,7 @@ the fast path: spectra of one batch that share an energy axis, element, edge and
 its edge check and the bundle's preparation run once over the stack
 (:mod:`xasflow.spectra.batch`). Everything else, and any group of one, takes the
 single-spectrum path (:func:`finish_one`); so does a group whose batched code raises (a
-bug), so a batch never loses its spectra. The per-spectrum outcome is the same either way:
+bug), and every spectrum of a batch whose grouping raises, so a batch never loses its spectra. The per-spectrum outcome is the same either way:
 flags, shift, prepared spectrum or rejection reason (the parity tests of
 :mod:`xasflow.spectra.batch`). The graphs of what was prepared here run batched per
 predictor (:func:`predict_works`).
@@ -16,7 +16,7 @@ predictor (:func:`predict_works`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,15 @@ if TYPE_CHECKING:
     from xasflow.daemon.prep_worker import PrepWorker, Ticket
     from xasflow.daemon.registry import ModelRegistry
 
-__all__ = ["Pending", "Work", "finish_one", "predict_works", "prepare_works", "start_work"]
+__all__ = [
+    "Pending",
+    "Work",
+    "finish_one",
+    "predict_works",
+    "prepare_batch",
+    "prepare_works",
+    "start_work",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +221,38 @@ def _align_one(
 
 
 def prepare_works(
+    works: Sequence[Work],
+    *,
+    align: bool,
+    max_shift: float,
+    align_search: float,
+    worker: PrepWorker | None = None,
+    on_bug: Callable[[], None] | None = None,
+) -> Pending:
+    """:func:`prepare_batch`, which never raises: a bug in the batch's path (grouping,
+    stacking, the hand-over to the preparation process) prepares the works one by one here,
+    so only a spectrum it fails on alone is refused (``internal_error``); ``on_bug`` is
+    called for each such failure (the daemon counts it)."""
+    kw: dict[str, Any] = {"align": align, "max_shift": max_shift, "align_search": align_search}
+    try:
+        return prepare_batch(works, **kw, worker=worker)
+    except Exception:
+        logger.exception("preparing a batch of %d spectra failed; one by one", len(works))
+        if on_bug is not None:
+            on_bug()
+    for w in works:
+        if w.reason is None and w.prepared is None:
+            try:
+                prepare_batch([w], **kw)
+            except Exception as exc:
+                logger.exception("preparing spectrum %d of %s failed", w.scan.index, w.scan.raw_uid)
+                if on_bug is not None:
+                    on_bug()
+                w.fail("internal_error", f"{type(exc).__name__}: {exc}")
+    return prepare_batch([], **kw)
+
+
+def prepare_batch(
     works: Sequence[Work],
     *,
     align: bool,

@@ -46,6 +46,9 @@ and recorded as an event of the run's analysis run. Assembly rejections are coun
 "assembly") and, when they belong to a run being analysed, recorded in it too. A bug on a
 run's start or stop is counted (``Counters.internal_error``, ``run_start``/``run_stop``): its
 spectra open the run without the start's metadata; a run whose closing failed stops "fail".
+A bug while a batch is begun (counted ``processing``) costs only the spectrum it hit (refused
+``internal_error``) or, on a run's start, that run's spectra until its stop; the rest of the
+batch, other runs' spectra included, is analysed as usual.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from xasflow.daemon.assembly import (
     Rejected,
     RunClosed,
     RunOpened,
+    ScanSpectrum,
     SpectrumReady,
 )
 from xasflow.daemon.batch_prep import Pending, Work, predict_works, prepare_works, start_work
@@ -218,31 +222,53 @@ class Pipeline:
     def begin(self, outputs: Iterable[Output]) -> Batch:
         """Steps 1-5 started for a batch: with a preparation process its stacks are on their
         way there, so the caller may assemble the next batch meanwhile; :meth:`end` it
-        (batches in the order begun)."""
+        (batches in the order begun). Never raises: a bug costs only the spectrum (refused
+        ``internal_error``) or the run (its spectra refused until its stop) it hit."""
         items = list(outputs)
         works: dict[int, Work] = {}
         for i, out in enumerate(items):
-            if isinstance(out, SpectrumReady):
-                scan = out.spectrum
-                d = self._declared.get(scan.raw_uid, self.declared)
-                works[i] = start_work(scan, self.registry, d["herfd"], d["calculated"])
-            elif isinstance(out, RunOpened):  # before its spectra are prepared
-                declared = _declarations(out.start)
-                if declared:
-                    self._declared[out.raw_uid] = self.declared | declared
-            elif isinstance(out, RunClosed):
-                # here, in the outputs' order, not in ``end``: with batches in flight a run
-                # closed in one batch and reopened under its uid in the next (begun before the
-                # first ended) would otherwise lose the new declaration for its later batches
-                self._declared.pop(out.raw_uid, None)
+            try:
+                if isinstance(out, SpectrumReady):
+                    works[i] = self._start(out.spectrum)
+                elif isinstance(out, RunOpened):  # before its spectra are prepared
+                    declared = _declarations(out.start)
+                    if declared:
+                        self._declared[out.raw_uid] = self.declared | declared
+                elif isinstance(out, RunClosed):
+                    # here, in the outputs' order, not in ``end``: with batches in flight a run
+                    # closed in one batch and reopened under its uid in the next (begun before
+                    # the first ended) would otherwise lose the new declaration for its later
+                    # batches
+                    self._declared.pop(out.raw_uid, None)
+            except Exception as exc:  # a bug: only this spectrum, or this run, is lost
+                logger.exception("beginning %r failed", out)
+                self.counters.internal_error("processing")
+                error = f"{type(exc).__name__}: {exc}"
+                if isinstance(out, SpectrumReady):
+                    works[i] = Work(out.spectrum)
+                    works[i].fail("internal_error", error)
+                elif isinstance(out, RunOpened):  # its spectra refused until its stop
+                    self._declared[out.raw_uid] = {**self.declared, "error": error}
         pending = prepare_works(
             list(works.values()),
             align=self.align,
             max_shift=self.max_shift,
             align_search=self.align_search,
             worker=self.worker,
+            on_bug=lambda: self.counters.internal_error("processing"),
         )
         return Batch(items, works, pending)
+
+    def _start(self, scan: ScanSpectrum) -> Work:
+        """Steps 1-3 of one spectrum with its run's declarations; a spectrum of a run whose
+        start failed in :meth:`begin` is refused (analysed without its run's declaration,
+        a HERFD or calculated spectrum's answer could be wrong)."""
+        d = self._declared.get(scan.raw_uid, self.declared)
+        if "error" in d:
+            work = Work(scan, flags=list(scan.flags))
+            work.fail("internal_error", f"its run's start failed: {d['error']}")
+            return work
+        return start_work(scan, self.registry, d["herfd"], d["calculated"])
 
     def end(self, batch: Batch, *, advise: bool = True) -> list[Doc]:
         """The documents of a batch :meth:`begin` started (waits for its preparation).
