@@ -347,3 +347,76 @@ def test_a_run_stop_that_fails_is_counted_and_the_run_still_stops(
     snap = counters.snapshot()
     assert snap["internal_errors"] == {"processing": 0, "run_start": 0, "run_stop": 1}
     assert snap["runs_closed"] == {"success": 1}
+
+
+def _stop_fails_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every analysis run's first ``compose_stop`` raises (a bug in the real close path, after
+    its start and descriptor are composed)."""
+    import event_model
+
+    real = event_model.compose_run
+
+    def compose_run(*args: object, **kw: object) -> object:
+        bundle = real(*args, **kw)  # type: ignore[arg-type]
+        compose_stop, calls = bundle.compose_stop, []
+
+        def failing_stop(*a: object, **k: object) -> object:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the stop")
+            return compose_stop(*a, **k)  # type: ignore[arg-type]
+
+        bundle.compose_stop = failing_stop  # type: ignore[method-assign]
+        return bundle
+
+    monkeypatch.setattr(event_model, "compose_run", compose_run)
+
+
+def test_a_run_without_events_whose_stop_fails_once_still_publishes_a_whole_run(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with no events composes its start and descriptor in ``close``; when the stop then
+    fails (a bug), the retried close publishes them before its stop: a whole run, not a stop
+    whose start never went out (before: ``["stop"]`` alone, its ``run_start`` unknown)."""
+    _stop_fails_once(monkeypatch)
+    docs = pipeline.handle_batch([opened("raw-x"), closed("raw-x", n=0)])
+    assert [n for n, _ in docs] == ["start", "descriptor", "stop"]
+    validate(docs)
+    start, desc, stop = (d for _, d in docs)
+    assert (desc["run_start"], stop["run_start"], start["raw_uid"]) == (
+        start["uid"],
+        start["uid"],
+        "raw-x",
+    )
+    assert (stop["exit_status"], stop["reason"]) == (
+        "fail",
+        "internal_error: RuntimeError: a bug in the stop",
+    )
+    assert counters.snapshot()["internal_errors"]["run_stop"] == 1
+    assert pipeline.open_runs == []
+
+
+def test_a_failed_event_leaves_its_runs_start_to_the_next_document() -> None:
+    """The start and descriptor composed for a run's first event are handed out with the next
+    document of the run that succeeds, when that event fails (a bug, here its clock): never an
+    event or a stop whose start was lost (before: the next event went out alone)."""
+    from xasflow.daemon.documents import AnalysisRun, rejected_row
+
+    calls: list[int] = []
+
+    def clock() -> float:  # the 2nd reading is the first event's own, after the start's
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the clock")
+        return 1.7e9
+
+    run = AnalysisRun("raw-y", {"uid": "raw-y"}, validate=True, clock=clock)
+    with pytest.raises(RuntimeError, match="a bug in the clock"):
+        run.event(rejected_row(0, "no_model"))
+    assert run.started and run.n_rejected == 0
+    docs = run.event(rejected_row(1, "no_model"))
+    assert [n for n, _ in docs] == ["start", "descriptor", "event"]
+    docs += run.close("success")
+    assert [n for n, _ in docs][3:] == ["stop"]
+    validate(docs)
+    assert docs[-1][1]["n_rejected"] == 1

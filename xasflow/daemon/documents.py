@@ -33,9 +33,11 @@ One ``AnalysisRun`` per raw run, composed with ``event_model.compose_run``:
   them, those this daemon's input queue dropped), ``partial``, ``n_duplicate_events``
   (every duplicate raw event; only the first has a rejected row).
 
-Every method returns ``[(name, doc), ...]`` ready to publish, in order. Documents are
-validated against the event-model schemas when ``validate=True`` (tests do; the hot path
-leaves it off, the composition is the same).
+Every method returns ``[(name, doc), ...]`` ready to publish, in order; one that fails (a
+bug) after composing the run's start or a descriptor leaves them to the run's next document
+that succeeds (a retried ``close``: start, descriptor, stop), so no event or stop goes out
+without its start. Documents are validated against the event-model schemas when
+``validate=True`` (tests do; the hot path leaves it off, the composition is the same).
 """
 
 from __future__ import annotations
@@ -298,6 +300,9 @@ class AnalysisRun:
         self._compose_event: Any = None
         self._streams: dict[str, Any] = {}  # extra stream name -> its compose_event
         self.stream_descriptors: dict[str, dict[str, Any]] = {}
+        #: Composed, not handed out yet: a call that failed after composing the run's start
+        #: or a descriptor leaves them to the run's next document (see :meth:`_handed`).
+        self._unsent: list[Doc] = []
 
     @property
     def started(self) -> bool:
@@ -309,10 +314,17 @@ class AnalysisRun:
         """Whether the stop document has been composed."""
         return self.stop_doc is not None
 
-    def _open(self, row: Mapping[str, Any] | None) -> list[Doc]:
-        """Compose start and descriptor, naming the element/edge/bundle of ``row``."""
+    def _handed(self, docs: list[Doc]) -> list[Doc]:
+        """``docs`` after what was composed and not handed out yet (a start, a descriptor),
+        which the caller now publishes: never an event or a stop whose start was lost."""
+        out, self._unsent = [*self._unsent, *docs], []
+        return out
+
+    def _open(self, row: Mapping[str, Any] | None) -> None:
+        """Compose start and descriptor, naming the element/edge/bundle of ``row`` (both
+        handed out with the document that needs them, :meth:`_handed`)."""
         if self.start_doc is not None:
-            return []
+            return
         element = self.element or (row or {}).get("element")
         edge = self.edge or (row or {}).get("edge")
         md: dict[str, Any] = {
@@ -343,7 +355,6 @@ class AnalysisRun:
         from event_model import compose_run  # the daemon extra; config loads without it
 
         self._bundle = compose_run(metadata=md, time=now, validate=self.validate)
-        self.start_doc = dict(self._bundle.start_doc)
         desc = self._bundle.compose_descriptor(
             name=ANALYSIS_STREAM,
             data_keys=DATA_KEYS,
@@ -354,13 +365,14 @@ class AnalysisRun:
         )
         self._compose_event = desc.compose_event
         self.descriptor_doc = dict(desc.descriptor_doc)
-        return [("start", self.start_doc), ("descriptor", self.descriptor_doc)]
+        self.start_doc = dict(self._bundle.start_doc)  # last: a failure above composes anew
+        self._unsent += [("start", self.start_doc), ("descriptor", self.descriptor_doc)]
 
     def event(self, row: Mapping[str, Any]) -> list[Doc]:
         """One event for a result row (see :func:`ok_row` / :func:`rejected_row`)."""
         if self.stop_doc is not None:
             raise RuntimeError(f"analysis run for {self.raw_uid} is closed")
-        docs = self._open(row)
+        self._open(row)
         data = {k: row.get(k) for k in DATA_KEYS}
         now = self.clock()
         event = self._compose_event(
@@ -374,8 +386,7 @@ class AnalysisRun:
         bundle_id = data.get("bundle_id")
         if bundle_id and bundle_id not in self.bundle_ids:
             self.bundle_ids.append(bundle_id)
-        docs.append(("event", dict(event)))
-        return docs
+        return self._handed([("event", dict(event))])
 
     def stream_event(
         self, stream: str, data_keys: Mapping[str, Mapping[str, Any]], row: Mapping[str, Any]
@@ -389,7 +400,7 @@ class AnalysisRun:
             raise RuntimeError(f"analysis run for {self.raw_uid} is closed")
         if stream == ANALYSIS_STREAM:
             raise ValueError(f"use event() for the {ANALYSIS_STREAM!r} stream")
-        docs = self._open(None)
+        self._open(None)
         now = self.clock()
         compose = self._streams.get(stream)
         if compose is None:
@@ -402,13 +413,12 @@ class AnalysisRun:
             )
             compose = self._streams[stream] = desc.compose_event
             self.stream_descriptors[stream] = dict(desc.descriptor_doc)
-            docs.append(("descriptor", self.stream_descriptors[stream]))
+            self._unsent.append(("descriptor", self.stream_descriptors[stream]))
         data = {k: row.get(k) for k in data_keys}
         event = compose(
             data=data, timestamps=dict.fromkeys(data_keys, now), time=now, validate=self.validate
         )
-        docs.append(("event", dict(event)))
-        return docs
+        return self._handed([("event", dict(event))])
 
     def close(
         self,
@@ -424,7 +434,7 @@ class AnalysisRun:
         ``error``: the daemon failed closing it (a bug), so it stops "fail" with that reason."""
         if self.stop_doc is not None:
             return []
-        docs = self._open(None)
+        self._open(None)
         exit_status = _EXIT.get(raw_exit_status, "fail")
         if raw_exit_status == "timeout":
             reason = f"stop_timeout: {reason}" if reason else "stop_timeout"
@@ -462,5 +472,4 @@ class AnalysisRun:
 
             schema_validators[DocumentNames.stop].validate(stop)
         self.stop_doc = stop
-        docs.append(("stop", stop))
-        return docs
+        return self._handed([("stop", stop)])
