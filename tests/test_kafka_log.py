@@ -60,3 +60,55 @@ def test_an_outage_logs_its_first_error_a_summary_per_interval_and_its_end(
     clock.t += 11.0
     log.tick()  # a lone error line: logged as it is, no line to say it stopped
     assert len(caplog.records) == 6
+
+
+def test_the_daemons_tick_logs_a_producers_outage_and_its_end_with_no_documents(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """librdkafka hands its log over only when the producer is polled, which publishing does
+    every 64 documents: the processing loop's stats tick (``build_processor``'s ``on_tick``, a
+    few times a second) polls it too, so with nothing published an outage's first line and,
+    once its errors stopped for ``quiet_s`` (the clock here), the line saying so still appear.
+    Before: neither, however long the outage (scratch producer_quiet: 0 lines in 9 s, 6 error
+    lines waiting in librdkafka's queue)."""
+    import socket
+
+    pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed")
+    from helpers import wait_for
+    from processor_helpers import processor_parts
+
+    from xasflow.adapters.kafka_bus import KafkaDocumentPublisher, KafkaOutputSettings
+    from xasflow.adapters.kafka_log import RDKAFKA_LOG
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_processor
+
+    caplog.set_level(logging.INFO, logger=RDKAFKA_LOG.name)
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    with socket.socket() as broker:  # bound, not listening: connections are refused
+        broker.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{broker.getsockname()[1]}"
+        publisher = KafkaDocumentPublisher(KafkaOutputSettings(bootstrap_servers=bootstrap))
+        clock = Clock()
+        publisher._log.clock = clock
+        parts = processor_parts()
+        parts.publisher = publisher
+        proc = build_processor(parts, DaemonConfig(), Counters(), [], lambda: None)  # type: ignore[arg-type]
+        assert proc.on_tick is not None
+        tick = proc.on_tick
+
+        def outage() -> bool:  # the first line, and another error held back
+            tick()
+            return bool(lines()) and publisher._log._total >= 2
+
+        wait_for(outage, "the producer's outage in the log", 30)
+        assert len(lines()) == 1 and "Connection refused" in lines()[0], lines()
+        broker.listen()  # the broker answers again
+        clock.t += publisher._log.quiet_s + 1.0
+        tick()
+        assert any(m.startswith("librdkafka errors stopped: ") for m in lines()), lines()
+        assert publisher.stats()["sent"] == 0
+        publisher.close()

@@ -235,6 +235,14 @@ class KafkaDocumentPublisher:
             self._stats["bytes_sent"] += len(value)
         self._log.tick()  # an outage of the broker gone quiet: one line says so
 
+    def tick(self) -> None:
+        """Serve librdkafka's queue (its log lines, delivery reports) and end an outage gone
+        quiet. Call it a few times a second (the daemon's stats tick): librdkafka hands its log
+        over only in ``poll``, which publishing does every 64 documents, so without it a quiet
+        beamline logged neither an outage nor its end."""
+        self._producer.poll(0)
+        self._log.tick()
+
     def _produce(self, key: str | None, value: bytes) -> None:
         from confluent_kafka import KafkaException
 

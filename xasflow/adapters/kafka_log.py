@@ -6,7 +6,9 @@ lasts). :class:`OutageLog` is what the Kafka clients get as their ``logger`` set
 first line at WARNING or above of an outage goes to the log as it is, the next ones are
 counted and summed up in one line every :data:`SUMMARY_S` seconds (with the latest), and
 once none has come for :data:`QUIET_S` seconds one line says they stopped (the broker
-answers again; not after a lone line). Lines under WARNING go through unchanged. What the outage costs is counted
+answers again; not after a lone line; the clients :meth:`OutageLog.tick` it: the consumer's
+receive loop, the producer on each publish and on the daemon's stats tick, since librdkafka
+hands its lines over only when polled). Lines under WARNING go through unchanged. What the outage costs is counted
 apart from the log, by the clients' error callbacks (``xasflow_kafka_consumer_errors_total``).
 """
 

@@ -252,10 +252,19 @@ def build_processor(
     on_tick: Callable[[], None],
 ) -> Processor:
     """The processing loop over the built parts, its sinks in order: the store writer, the
-    publisher (behind the commit gate when there is one), then ``listeners``."""
+    publisher (behind the commit gate when there is one), then ``listeners``; ``on_tick``
+    (the stats, a few times a second) also ticks a publisher that has a ``tick``."""
     from xasflow.daemon.processor import Processor
 
     assert p.source is not None and p.assembler is not None and p.pipeline is not None
+    publisher_tick = getattr(p.publisher, "tick", None)  # Kafka: its log served with no traffic
+    if publisher_tick is not None:
+        stats_tick = on_tick
+
+        def on_tick() -> None:
+            stats_tick()
+            publisher_tick()
+
     proc = Processor(
         p.source.get,
         p.assembler,
