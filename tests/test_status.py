@@ -144,3 +144,42 @@ def test_health_tells_rejections_at_assembly_from_those_at_analysis(tmp_path: Pa
     view = health_view(status.health())
     assert view["rejected_total"] == 4
     assert view["rejected_per_stage"] == {"analysis": 1, "assembly": 3}
+
+
+class _CountingStore:
+    """A store that counts its ``stats()`` calls (each counts the journal's rows twice)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def stats(self) -> dict[str, int]:
+        self.calls += 1
+        return {"queued": 4, "stored": 9, "dropped": 1, "journal_rows": 5}
+
+
+def test_each_report_reads_the_store_once(tmp_path: Path) -> None:
+    """Before, one /health read the store's stats 3 times (the gauges, its store section,
+    its limits) and one /metrics twice (the gauges, the collector); now each request, and
+    each processing tick, reads them once and reports that one reading everywhere."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon.http import create_app
+
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    store = _CountingStore()
+    status = DaemonStatus(config, Counters(), Parts(store=store))
+    status.ready = True
+    with TestClient(create_app(status)) as client:
+        health = client.get("/health").json()
+        assert store.calls == 1
+        assert health["store"]["queued"] == 4 and health["store"]["journal_rows"] == 5
+        assert health["limits"]["store_queue"]["depth"] == 4
+        assert health["limits"]["store_queue"]["dropped"] == 1
+        assert status.counters.snapshot()["gauges"]["store_queued"] == 4
+        metrics = client.get("/metrics").text
+        assert store.calls == 2
+        assert "xasflow_store_journal_rows 5.0" in metrics
+        assert 'xasflow_store_rows_total{outcome="stored"} 9.0' in metrics
+        assert 'xasflow_limit_used{limit="store_queue"} 4.0' in metrics
+    status.sync_stats()  # the processing thread's tick
+    assert store.calls == 3

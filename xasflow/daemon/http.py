@@ -12,11 +12,12 @@ With ``http.dashboard`` (default) the app also serves the operators' page
 ``Authorization: Bearer``), Prometheus scrapes included. ``app.state.on_stop`` callables run
 when :class:`HttpServer` stops, before uvicorn is told to exit (open event streams end).
 
-Metrics come from one per-daemon ``CollectorRegistry``: the outcome counters
+Metrics come from a ``CollectorRegistry`` built per scrape: the outcome counters
 (:func:`xasflow.daemon.counters.register_prometheus`) plus :class:`AdapterCollector`, which
 reads the 0MQ input, the publisher and the analysis store at scrape time. Gauges (queue
 depth, open runs, store backlog) are the counters' gauges, refreshed by
-``DaemonView.sync_stats()`` before each scrape.
+``DaemonView.read_stats()`` before each scrape from the same read the collector reports
+(one read of the store's counts per scrape).
 
 Nothing here holds the daemon: the app reads a :class:`~xasflow.daemon.view.DaemonView`.
 """
@@ -40,7 +41,7 @@ from starlette.routing import Route
 
 if TYPE_CHECKING:
     from xasflow.daemon.config import HttpConfig
-    from xasflow.daemon.view import DaemonView
+    from xasflow.daemon.view import DaemonView, StatsReading
 
 __all__ = [
     "LIVEZ",
@@ -71,10 +72,12 @@ _INPUT_DROPS = ("dropped_overflow", "dropped_on_close")
 
 
 class AdapterCollector:
-    """Prometheus collector over the daemon's adapters (input, output, store), read at scrape."""
+    """Prometheus collector over the daemon's adapters (input, output, store), read at scrape
+    (``reading``: the input's and the store's stats the scrape already read, else read here)."""
 
-    def __init__(self, view: DaemonView) -> None:
+    def __init__(self, view: DaemonView, reading: StatsReading | None = None) -> None:
         self.view = view
+        self.reading = reading
 
     def describe(self) -> list[Any]:
         return []  # unchecked: families are produced at collect time
@@ -83,7 +86,7 @@ class AdapterCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         d = self.view
-        src = d.input_stats()
+        src = d.input_stats() if self.reading is None else self.reading.input
         for key, text in _INPUT_COUNTERS.items():
             yield CounterMetricFamily(f"xasflow_input_{key}", text, value=src.get(key, 0))
         fam = CounterMetricFamily(
@@ -91,7 +94,7 @@ class AdapterCollector:
         )
         for key in _INPUT_DROPS:
             fam.add_metric([key.removeprefix("dropped_")], src.get(key, 0))
-        fam.add_metric(["own_output"], d.echo_dropped)
+        fam.add_metric(["own_output"], src.get("ignored", 0))  # DaemonView.echo_dropped
         yield fam
         fam = CounterMetricFamily(
             "xasflow_input_documents", "documents received, by name", labels=["name"]
@@ -110,7 +113,7 @@ class AdapterCollector:
             value=out.get("bytes_sent", 0),
         )
         yield from _output_losses(out)
-        store = d.store_stats()
+        store = d.store_stats() if self.reading is None else self.reading.store
         if store:
             fam = CounterMetricFamily(
                 "xasflow_store_rows", "analysis rows by store outcome", labels=["outcome"]
@@ -226,15 +229,16 @@ def _output_losses(out: dict[str, int]) -> Iterator[Any]:
     )
 
 
-def metrics_registry(view: DaemonView) -> Any:
-    """A fresh ``CollectorRegistry`` with the daemon's counters and adapter stats."""
+def metrics_registry(view: DaemonView, reading: StatsReading | None = None) -> Any:
+    """A fresh ``CollectorRegistry`` with the daemon's counters and adapter stats (those in
+    ``reading`` where given: one scrape reads the store's counts once)."""
     from prometheus_client import CollectorRegistry
 
     from xasflow.daemon.counters import register_prometheus
 
     registry = CollectorRegistry(auto_describe=False)
     register_prometheus(view.counters, registry)
-    registry.register(AdapterCollector(view))
+    registry.register(AdapterCollector(view, reading))
     return registry
 
 
@@ -247,11 +251,9 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
     """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    registry = metrics_registry(view)
-
     def render_metrics() -> bytes:
-        view.sync_stats()
-        return generate_latest(registry)
+        # the stats read once: the gauges refreshed from them and the adapters' families
+        return generate_latest(metrics_registry(view, view.read_stats()))
 
     # both off the event loop: they read the parts' stats (the store's without waiting on a
     # hung write, AnalysisStore.stats), and a part that blocks anyway must not hold /livez,
@@ -281,7 +283,6 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
             Route(READYZ, readyz, methods=["GET"]),
         ]
     )
-    app.state.metrics_registry = registry
     app.state.on_stop = []
     app.state.dashboard = None
     if http_config is not None and http_config.dashboard:

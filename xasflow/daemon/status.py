@@ -18,6 +18,7 @@ from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.health import feedback_health, input_health, limits_health
 from xasflow.daemon.parts import Parts
+from xasflow.daemon.view import StatsReading
 
 __all__ = ["DaemonStatus"]
 
@@ -123,7 +124,18 @@ class DaemonStatus:
 
     def sync_stats(self) -> None:
         """Fold the input's decode errors into the counters and refresh the gauges."""
-        src = self.input_stats()
+        self.read_stats()
+
+    def read_stats(self) -> StatsReading:
+        """Read the input's and the store's stats once (the store's count the journal's
+        rows), refresh the counters and gauges from them and return them for the caller's
+        report: one read per ``/health``, ``/metrics`` or processing tick."""
+        reading = StatsReading(self.input_stats(), self.store_stats())
+        self._sync(*reading)
+        return reading
+
+    def _sync(self, src: dict[str, int], store: dict[str, int]) -> None:
+        """:meth:`sync_stats` from stats already read."""
         prefix = "decode_errors."
         self.counters.sync_decode_errors(
             {k.removeprefix(prefix): v for k, v in src.items() if k.startswith(prefix)}
@@ -142,7 +154,6 @@ class DaemonStatus:
         if self.parts.submitter is not None:  # its plans by outcome, lost ones included
             submitter = self.parts.submitter
             self.counters.sync_queueserver(submitter.stats, submitter.deferred_errors)
-        store = self.store_stats()
         if store:
             self.counters.set_gauge("store_queued", store.get("queued", 0))
         for name, limit in self._limits(src, store).items():  # each limit's size and fill
@@ -161,8 +172,7 @@ class DaemonStatus:
 
     def health(self) -> dict[str, Any]:
         """Readiness, uptime, counters, models and adapter state, JSON-ready."""
-        self.sync_stats()
-        src = self.input_stats()
+        src, store = self.read_stats()
         parts, config = self.parts, self.config
         registry = parts.registry
         counters = self.counters.snapshot()
@@ -196,7 +206,7 @@ class DaemonStatus:
             },
             "store": {
                 "directory": str(config.storage.directory) if parts.store else None,
-                **self.store_stats(),
+                **store,
             },
             "probes": parts.probes.health(),
             "interrupted": (
@@ -205,7 +215,10 @@ class DaemonStatus:
                 else {"open": [], "closed": []}
             ),
             "feedback": feedback_health(config, parts.ioc, parts.submitter),
-            "limits": {**self.limits(), "token_min_length": config.http.token_min_length},
+            "limits": {
+                **self._limits(src, store),
+                "token_min_length": config.http.token_min_length,
+            },
             "internal_errors": self.internal_errors,
             # analysis.prep_process: the child's pid, jobs, fallbacks to the thread, restarts
             "prep_process": (

@@ -8,11 +8,19 @@ call from another thread.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from xasflow.daemon.counters import Counters
 
-__all__ = ["DaemonView"]
+__all__ = ["DaemonView", "StatsReading"]
+
+
+class StatsReading(NamedTuple):
+    """One read of the input's and the store's stats, shared by everything one report
+    (``/health``, a ``/metrics`` scrape, a processing tick) says about them."""
+
+    input: dict[str, int]
+    store: dict[str, int]
 
 
 class DaemonView(Protocol):
@@ -58,6 +66,10 @@ class DaemonView(Protocol):
 
     def sync_stats(self) -> None:
         """Fold adapter statistics into the counters (before a scrape)."""
+        ...
+
+    def read_stats(self) -> StatsReading:
+        """:meth:`sync_stats`, returning the input's and the store's stats it read."""
         ...
 
     def input_stats(self) -> dict[str, int]:
