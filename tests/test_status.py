@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,73 @@ def test_each_report_reads_the_store_once(tmp_path: Path) -> None:
         assert 'xasflow_limit_used{limit="store_queue"} 4.0' in metrics
     status.sync_stats()  # the processing thread's tick
     assert store.calls == 3
+
+
+class _BlockedStore:
+    """A store whose ``stats()`` blocks until released (a part that hangs), calls counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def stats(self) -> dict[str, int]:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(60)
+        return {"queued": self.calls}
+
+
+def _get_code(client: Any, path: str, codes: list[int]) -> None:
+    codes.append(client.get(path).status_code)
+
+
+def test_a_blocked_part_takes_one_thread_and_later_scrapes_are_refused(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Before, each /health or /metrics took a thread of the event loop's shared pool until
+    its read answered: a part blocked for good took one per scrape until the pool (6 threads
+    on 2 cores) was spent and the endpoints went dark. Now one read per endpoint runs at a
+    time, in a thread of its own, shared by the requests that come while it runs; once it
+    is SCRAPE_WAIT_S old they get 503 at once, and the next request after it answers reads
+    afresh."""
+    from starlette.testclient import TestClient
+
+    from xasflow.daemon import http
+
+    monkeypatch.setattr(http, "SCRAPE_WAIT_S", 0.2, raising=False)
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    store = _BlockedStore()
+    status = DaemonStatus(config, Counters(), Parts(store=store))
+    status.ready = True
+    with TestClient(http.create_app(status)) as client:
+        for path, name in (("/health", "xasflow-health"), ("/metrics", "xasflow-metrics")):
+            store.calls = 0
+            store.entered.clear()
+            store.release.clear()
+            codes: list[int] = []
+            first = threading.Thread(target=_get_code, args=(client, path, codes))
+            first.start()
+            assert store.entered.wait(10)
+            later = [
+                threading.Thread(target=_get_code, args=(client, path, codes)) for _ in range(8)
+            ]
+            for thread in later:
+                thread.start()
+            deadline = time.monotonic() + 10
+            for thread in [first, *later]:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            answered = sum(not t.is_alive() for t in [first, *later])
+            readers = [t for t in threading.enumerate() if t.name == name]
+            calls = store.calls
+            store.release.set()  # the part answers again
+            assert (answered, codes) == (9, [503] * 9), f"{path}: the scrapes went dark"
+            assert calls == 1 and len(readers) == 1  # one read, one thread, held
+            for reader in readers:
+                reader.join(10)
+            response = client.get(path)  # a fresh read once it answered
+            assert response.status_code == 200 and store.calls == 2
+            if path == "/health":
+                assert response.json()["store"]["queued"] == 2
+            else:
+                assert "xasflow_store_queued 2.0" in response.text

@@ -24,7 +24,6 @@ Nothing here holds the daemon: the app reads a :class:`~xasflow.daemon.view.Daem
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import socket
@@ -38,6 +37,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from xasflow.daemon.limits import SharedRead
 
 if TYPE_CHECKING:
     from xasflow.daemon.config import HttpConfig
@@ -257,13 +258,20 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
 
     # both off the event loop: they read the parts' stats (the store's without waiting on a
     # hung write, AnalysisStore.stats), and a part that blocks anyway must not hold /livez,
-    # /readyz and the dashboard's stream back with them
+    # /readyz and the dashboard's stream back with them, nor take a thread per scrape
+    metrics_read = SharedRead("metrics", render_metrics, SCRAPE_WAIT_S)
+    health_read = SharedRead("health", lambda: view.health(), SCRAPE_WAIT_S)  # looked up per read
+
     async def metrics(request: Request) -> Response:
-        body = await asyncio.to_thread(render_metrics)
+        body = await metrics_read.read()
+        if body is None:  # the previous scrape's read still runs
+            return metrics_read.refusal()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    async def health(request: Request) -> JSONResponse:
-        body = await asyncio.to_thread(view.health)
+    async def health(request: Request) -> Response:
+        body = await health_read.read()
+        if body is None:
+            return health_read.refusal()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def livez(request: Request) -> JSONResponse:
@@ -284,6 +292,7 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
         ]
     )
     app.state.on_stop = []
+    app.state.scrapes = {"/metrics": metrics_read, "/health": health_read}
     app.state.dashboard = None
     if http_config is not None and http_config.dashboard:
         from xasflow.daemon.dashboard_routes import install_dashboard
@@ -297,6 +306,11 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
     if http_config is not None and http_config.token is not None:
         app.add_middleware(TokenAuth, token=http_config.token.get_secret_value())
     return app
+
+
+#: How long after a /metrics or /health read began its requests wait for it (Prometheus's
+#: default scrape timeout); once past, 503 until it answers (a part blocked for good).
+SCRAPE_WAIT_S = 10.0
 
 
 #: Probe endpoints for an orchestrator (k8s httpGet, systemd, load balancers): answered without
