@@ -23,6 +23,9 @@ commit never passed it) and this daemon closes its partial copy (exit_status "ab
 reason ``revoked: ...``, counted in ``runs_handed_over``) via :meth:`abandoned`.
 Lost partitions (session timeout) are handed over without a commit.
 
+The committer thread, the commits and the rebalance callbacks are
+:class:`~xasflow.adapters.kafka_commits.KafkaCommits`'s, a mixin of the source.
+
 A document fetched but left unqueued by a close (it waited for room) is ``released_on_close``,
 not ``dropped_on_close`` (always 0): never taken, never committed, the group delivers it again.
 """
@@ -38,13 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from xasflow.adapters.kafka_bus import KafkaInputSettings, decode_counted
+from xasflow.adapters.kafka_commits import KafkaCommits
 from xasflow.adapters.kafka_log import OutageLog
 from xasflow.adapters.kafka_offsets import (
     INPUT_COUNTERS,
     TP,
     PartitionOffsets,
     broker_lag,
-    committed_offsets,
 )
 
 __all__ = ["KafkaDocumentSource", "KafkaInputSettings"]
@@ -63,7 +66,7 @@ class _Item:
     gen: int
 
 
-class KafkaDocumentSource:
+class KafkaDocumentSource(KafkaCommits):
     """Receive bluesky documents from Kafka topics as one member of a consumer group.
 
     ``durable(timeout) -> bool`` makes everything handed to the sinks so far durable (store
@@ -236,11 +239,6 @@ class KafkaDocumentSource:
 
     # ------------------------------------------------------------------ reading
 
-    def committable(self, tps: list[TP] | None = None) -> dict[TP, int]:
-        """Offsets that may be committed once the results are durable (see the module doc)."""
-        with self._lock:
-            return self._offsets.committable(tps)
-
     def stats(self) -> dict[str, int]:
         """Counters, ``queue_depth``, ``assigned_partitions`` and ``lag_total``."""
         with self._lock:
@@ -371,128 +369,12 @@ class KafkaDocumentSource:
         with self._lock:
             return self._offsets.processed.get(tp)
 
-    # ------------------------------------------------------------------ commits
-
-    def _commit_loop(self) -> None:
-        """Committer thread: snapshot, make durable, hand to the receive thread."""
-        while not self._stop.wait(self.settings.commit_interval_s):
-            try:
-                offsets = self.committable()
-                if not offsets:
-                    continue
-                with self._lock:
-                    gens = self._offsets.gens(offsets)
-                if not self._may_commit(self.settings.flush_timeout_s):
-                    continue
-                with self._lock:
-                    self._pending = (offsets, gens)
-            except Exception:
-                logger.exception("Kafka commit step")
-
-    def commit_hold(self) -> str | None:
-        """Why no offset may be committed (``hold``'s reason; None while commits go on)."""
-        return self.hold() if self.hold is not None else None
-
-    def _may_commit(self, timeout: float) -> bool:
-        """Whether offsets may be committed now: nothing holds them, and what was handed to
-        the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not)."""
-        reason = self.commit_hold()
-        if reason is not None:
-            if not self._held_logged:
-                logger.error("Kafka offset commits held from now on: %s", reason)
-                self._held_logged = True
-            self._count("commits_held")
-            return False
-        if not self.durable(timeout):
-            self._count("flush_timeouts")
-            return False
-        return True
-
     def _serve_commit(self, consumer: Any) -> None:
+        """Commit the offsets the committer thread handed over, if any (receive thread)."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None and consumer is not None:
             self._commit(consumer, *pending, sync=False)
-
-    def _commit(
-        self, consumer: Any, offsets: dict[TP, int], gens: dict[TP, int], sync: bool = True
-    ) -> None:
-        """Commit the offsets of partitions still assigned in the same generation.
-
-        Asynchronous from the receive loop (a synchronous commit would stall receiving for a
-        broker round trip; the result comes to :meth:`_on_commit`), synchronous on revoke
-        and at the end, where the partitions are about to go.
-        """
-        from confluent_kafka import KafkaException, TopicPartition
-
-        with self._lock:
-            mine = self._offsets.still_assigned(offsets, gens)
-        if not mine:
-            return
-        parts = [TopicPartition(t, p, o) for (t, p), o in mine.items()]
-        try:
-            result = consumer.commit(offsets=parts, asynchronous=not sync)
-        except KafkaException as exc:
-            self._commit_done(exc, [])
-            return
-        if sync:
-            self._commit_done(None, result or [])
-
-    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
-        """librdkafka's report of an asynchronous commit (called inside ``poll``)."""
-        self._commit_done(err, partitions)
-
-    def _commit_done(self, err: Any, partitions: list[Any]) -> None:
-        failed = err is not None or any(tp.error is not None for tp in partitions)
-        with self._lock:
-            self._counts["commit_failures" if failed else "commits"] += 1
-            for tp in partitions:
-                if tp.error is None and err is None:
-                    self._offsets.committed_at((tp.topic, tp.partition), tp.offset)
-        if failed:
-            bad = err if err is not None else next(tp.error for tp in partitions if tp.error)
-            self.last_error = f"commit: {bad}"
-            logger.warning("Kafka commit failed: %s", bad)
-
-    # ------------------------------------------------------------------ rebalance callbacks
-
-    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        starts = committed_offsets(consumer, partitions, self.settings.flush_timeout_s)
-        with self._lock:
-            self._counts["rebalances"] += 1
-            self._counts["partitions_assigned"] += len(partitions)
-            self._offsets.assign([(p.topic, p.partition) for p in partitions], starts)
-        if partitions:
-            logger.info(
-                "Kafka partitions assigned: %s", [f"{p.topic}[{p.partition}]" for p in partitions]
-            )
-
-    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        tps = [(p.topic, p.partition) for p in partitions]
-        try:
-            offsets = self.committable(tps) if tps else {}
-            if offsets:
-                with self._lock:
-                    gens = self._offsets.gens(offsets)
-                if self._may_commit(self.settings.flush_timeout_s):
-                    self._commit(consumer, offsets, gens)
-        except Exception as exc:  # the partitions go whatever happened: hand their runs over
-            self._count("consumer_errors")
-            self.last_error = f"revoke: {type(exc).__name__}: {exc}"
-            logger.exception("Kafka commit at revoke")
-        finally:
-            self._hand_over(tps, "revoked", "partitions_revoked")
-
-    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
-        self._hand_over([(p.topic, p.partition) for p in partitions], "lost", "partitions_lost")
-
-    def _hand_over(self, tps: list[TP], how: str, counter: str) -> None:
-        with self._lock:
-            self._counts[counter] += len(tps)
-            n = self._offsets.hand_over(tps, how, self.settings.group_id)
-            self._counts["runs_handed_over"] += n
-        if tps:
-            logger.info("Kafka partitions %s: %s", how, [f"{t}[{p}]" for t, p in tps])
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
