@@ -1,4 +1,6 @@
-"""0MQ document input and output, wire-compatible with bluesky's ``Publisher``/``Proxy``.
+"""0MQ document input and output, wire-compatible with bluesky's ``Publisher``/``Proxy``
+(the output, :class:`ZmqDocumentPublisher`, lives in :mod:`xasflow.adapters.zmq_publisher`
+and is named here too).
 
 ``ZmqDocumentSource`` is our own SUB consumer (not ``RemoteDispatcher``, which drops messages
 under a slow callback): a receive thread that only receives, decodes (``xasflow.adapters.wire``)
@@ -50,7 +52,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -59,17 +60,16 @@ from xasflow.adapters.input_drops import DropLedger, dropped_at_close
 from xasflow.adapters.wire import (
     DECODE_ERROR_REASONS,
     DOCUMENT_NAMES,
-    FORMATS,
     WireError,
     decode_message,
-    encode_message,
 )
 from xasflow.adapters.zmq_config import (
     OVERFLOW_POLICIES,
+    LockedCounters,
     ZmqInputConfig,
-    check_prefix,
     normalize_address,
 )
+from xasflow.adapters.zmq_publisher import ZmqDocumentPublisher
 
 __all__ = [
     "DRAIN_MOST",
@@ -106,28 +106,6 @@ _COUNTERS: tuple[str, ...] = (
 )
 
 
-class _Counters:
-    """A lock-protected dict of integer counters."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, int] = dict.fromkeys(names, 0)
-
-    def inc(self, name: str, n: int = 1) -> None:
-        self.add({name: n})
-
-    def add(self, counts: dict[str, int]) -> None:
-        """Several counters at once (one lock: the receive thread counts each message)."""
-        with self._lock:
-            values = self._values
-            for name, n in counts.items():
-                values[name] = values.get(name, 0) + n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._values)
-
-
 class ZmqDocumentSource:
     """Receive bluesky documents from a 0MQ proxy into a bounded, counted queue.
 
@@ -141,7 +119,7 @@ class ZmqDocumentSource:
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(cfg.queue_size)
-        self._counters = _Counters(_COUNTERS)
+        self._counters = LockedCounters(_COUNTERS)
         self._stop = threading.Event()
         self._setup_done = threading.Event()
         self._setup_error: BaseException | None = None
@@ -417,82 +395,3 @@ class ZmqDocumentSource:
     def _dropped_overflow(self, item: tuple[str, dict[str, Any]]) -> None:
         """Count a document the overflow policy dropped; remember its event rows."""
         self._counters.add(self._dropped.record(*item))
-
-
-class ZmqDocumentPublisher:
-    """Publish documents in bluesky's 0MQ wire format (readable by ``RemoteDispatcher``).
-
-    Connect to a proxy's *in* side (default), or ``bind=True`` to be the PUB server.
-    Thread-safe. Like any PUB socket it drops messages for subscribers that have not joined
-    yet or whose high-water mark is reached.
-    """
-
-    def __init__(
-        self,
-        address: str,
-        *,
-        prefix: bytes = b"",
-        fmt: str = "pickle",
-        bind: bool = False,
-        sndhwm: int = 100_000,
-        linger_ms: int = 1000,
-        context: zmq.Context | None = None,
-    ) -> None:
-        check_prefix(prefix)
-        if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-        self.prefix = prefix
-        self.fmt = fmt
-        self._lock = threading.Lock()
-        self._own_context = context is None
-        self._context = context if context is not None else zmq.Context()
-        self._socket = self._context.socket(zmq.PUB)
-        self._counters = _Counters(("sent", "bytes_sent"))
-        try:
-            self._socket.setsockopt(zmq.SNDHWM, sndhwm)
-            self._socket.setsockopt(zmq.LINGER, linger_ms)
-            addr = normalize_address(address)
-            if bind:
-                self._socket.bind(addr)
-            else:
-                self._socket.connect(addr)
-            self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addr
-        except BaseException:
-            self.close()
-            raise
-
-    def __call__(self, name: str, doc: dict[str, Any]) -> None:
-        """Encode and send one document (RunEngine-callback signature)."""
-        message = encode_message(name, doc, self.prefix, self.fmt)
-        with self._lock:
-            if self._socket.closed:
-                raise RuntimeError("publisher is closed")
-            self._socket.send(message)
-        self._counters.inc("sent")
-        self._counters.inc("bytes_sent", len(message))
-
-    def send_raw(self, payload: bytes | list[bytes]) -> None:
-        """Send pre-framed bytes unchanged (tests, relaying)."""
-        with self._lock:
-            if isinstance(payload, list):
-                self._socket.send_multipart(payload)
-            else:
-                self._socket.send(payload)
-
-    def stats(self) -> dict[str, int]:
-        """Counters: ``sent`` and ``bytes_sent``."""
-        return self._counters.snapshot()
-
-    def close(self) -> None:
-        """Close the socket (waiting up to ``linger_ms`` to flush) and an owned context."""
-        with self._lock:
-            if not self._socket.closed:
-                self._socket.close()
-            if self._own_context and not self._context.closed:
-                self._context.term()
-
-    def __enter__(self) -> ZmqDocumentPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

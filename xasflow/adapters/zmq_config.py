@@ -1,5 +1,6 @@
-"""Settings of the 0MQ input (:class:`ZmqInputConfig`) and how 0MQ addresses and publisher
-prefixes are spelled, shared by :mod:`xasflow.adapters.zmq_bus`'s source and publisher.
+"""Settings of the 0MQ input (:class:`ZmqInputConfig`), how 0MQ addresses and publisher
+prefixes are spelled and the counters both keep (:class:`LockedCounters`), shared by
+:mod:`xasflow.adapters.zmq_bus`'s source and :mod:`xasflow.adapters.zmq_publisher`.
 
 Kept apart from the receive thread so that configuration code (``xasflow.daemon.config``)
 reads the settings without the source's machinery.
@@ -7,11 +8,19 @@ reads the settings without the source's machinery.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xasflow.adapters.wire import FORMATS
 
-__all__ = ["OVERFLOW_POLICIES", "ZmqInputConfig", "check_prefix", "normalize_address"]
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "LockedCounters",
+    "ZmqInputConfig",
+    "check_prefix",
+    "normalize_address",
+]
 
 OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_newest", "drop_oldest")
 
@@ -75,3 +84,25 @@ class ZmqInputConfig:
     def ignored_topics(self) -> tuple[bytes, ...]:
         """Frame starts that mark an ignored message: ``p + b" "`` per ignored prefix."""
         return tuple(p + b" " for p in self.ignore_prefixes)
+
+
+class LockedCounters:
+    """A lock-protected dict of integer counters (the source's and the publisher's)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = dict.fromkeys(names, 0)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.add({name: n})
+
+    def add(self, counts: dict[str, int]) -> None:
+        """Several counters at once (one lock: the receive thread counts each message)."""
+        with self._lock:
+            values = self._values
+            for name, n in counts.items():
+                values[name] = values.get(name, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
