@@ -37,8 +37,9 @@ How it decides (all knobs in :class:`RecommenderConfig`):
    reaches, and one wholly outside is dropped (``Recommendation.dropped``, saying so).
 3. **Support regions** the preprocessing needs, importance 0: the pre-edge line
    (``prep.pre_edge``, ``pre_edge_step``) and the approach to the window (``approach_step``).
-4. **Stop early** when the last ``stop_count`` (2) spectra of the run have the same
-   single-value 90 % conformal cn set, each with a cn probability of at least
+4. **Stop early** (:mod:`xasflow.daemon.recommend_stop`) when the last ``stop_count`` (2)
+   spectra of the run have the same single-value 90 % conformal cn set, each with a cn
+   probability of at least
    ``stop_set_probability`` (a bundle without sets: the same cn with probability at least
    ``stop_probability``), never out of domain, and none of them with incomplete data or an
    unchecked energy scale (:data:`~xasflow.daemon.recommend_types.STOP_WITHHOLDING_FLAGS`:
@@ -87,6 +88,7 @@ from xasflow.daemon.recommend_grid import (
     tidy_region,
     within_range,
 )
+from xasflow.daemon.recommend_stop import settles
 from xasflow.daemon.recommend_types import (
     Recommendation,
     RecommenderConfig,
@@ -94,7 +96,6 @@ from xasflow.daemon.recommend_types import (
     cn_uncertainty,
     region_shares,
     task_uncertainty,
-    withheld_by,
 )
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Prediction
@@ -337,68 +338,9 @@ class Recommender:
     def settles(
         self, prediction: Prediction | None, history: Sequence[Prediction]
     ) -> tuple[bool, str]:
-        """Whether the last ``stop_count`` spectra settle the cn answer.
-
-        With a calibrated bundle (conformal sets), when each of them has the same single-value
-        set and a cn probability of at least ``stop_set_probability``: the answer then holds
-        with the bundle's coverage (a set always keeps its top class, so a flat answer can be
-        a single-value set too). Without sets, when they
-        agree on cn with probability >= ``stop_probability``. Never for a spectrum out of the
-        bundle's domain (its probabilities mean nothing), and withheld, saying why, where one
-        of them has incomplete data (:func:`~xasflow.daemon.recommend_types.withheld_by`).
-        """
-        stop, reason = self._agree(prediction, history)
-        if not stop or prediction is None:
-            return stop, reason
-        held = withheld_by(self._recent(prediction, history))
-        return (False, f"{held}; otherwise {reason}: keep measuring") if held else (True, reason)
-
-    def _recent(self, prediction: Prediction, history: Sequence[Prediction]) -> list[Prediction]:
-        """The last ``stop_count`` spectra of the run, ending with ``prediction``."""
-        recent = list(history)[-self.config.stop_count :]
-        if not recent or recent[-1] is not prediction:
-            recent = [*recent, prediction][-self.config.stop_count :]
-        return recent
-
-    def _agree(
-        self, prediction: Prediction | None, history: Sequence[Prediction]
-    ) -> tuple[bool, str]:
-        """:meth:`settles`, whatever the spectra's quality flags."""
-        cfg = self.config
-        if prediction is None or "cn" not in prediction.results:
-            return False, ""
-        if prediction.out_of_domain:
-            return False, "out_of_domain: the answer is not to be trusted, keep measuring"
-        recent = self._recent(prediction, history)
-        if len(recent) < cfg.stop_count or any(p.out_of_domain for p in recent):
-            return False, ""
-        results = [p.results["cn"] for p in recent if "cn" in p.results]
-        current = prediction.results["cn"].prediction_set
-        if len(results) < cfg.stop_count or (current is not None and len(current) != 1):
-            return False, ""
-        sets = [r.prediction_set for r in results]
-        if all(s is not None for s in sets):
-            first = sets[0]
-            assert first is not None
-            if len(first) != 1 or any(s != first for s in sets):
-                return False, ""
-            least = min(r.confidence or 0.0 for r in results)
-            if least < cfg.stop_set_probability:  # single only because its top is kept
-                return False, ""
-            coverage = self.manifest.set_coverage("cn") or 0.9
-            return True, (
-                f"cn {first[0]}: a single-value {round(100 * coverage)} % set (probability >= "
-                f"{least:.2f}) in the last {cfg.stop_count} spectra"
-            )
-        values = {str(r.value) for r in results}
-        confs = [r.confidence or 0.0 for r in results]
-        if len(values) != 1 or min(confs) < cfg.stop_probability:
-            return False, ""
-        (cn,) = values
-        return True, (
-            f"cn {cn} with probability >= {min(confs):.2f} "
-            f"(>= {cfg.stop_probability:g}) in the last {cfg.stop_count} spectra"
-        )
+        """Whether the last ``stop_count`` spectra settle the cn answer, and why (the rule:
+        :func:`~xasflow.daemon.recommend_stop.settles`)."""
+        return settles(self.config, self.manifest, prediction, history)
 
 
 # --------------------------------------------------------------------------- per-run state
