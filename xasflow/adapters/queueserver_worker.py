@@ -7,8 +7,9 @@ publishing thread: :meth:`~Background.enqueue` accepts a run's plan, one worker 
 it (the submitter's one try, under its one rate, see
 :mod:`~xasflow.adapters.queueserver_pending`), a failed try waits its backoff for the next,
 and a plan whose tries are spent, or that close drops, is given up and remembered for the
-next daemon. One given up while the daemon runs on is tried again by it
-(:meth:`~Background._try_deferred`) once ``given_up_retry_s`` has passed and there is room.
+next daemon. One given up while the daemon runs on is tried again by it once
+``given_up_retry_s`` has passed and there is room
+(:meth:`~xasflow.adapters.queueserver_revival.Revival._try_deferred`).
 The rules are the submitter's (:mod:`xasflow.adapters.queueserver`).
 """
 
@@ -41,6 +42,7 @@ from xasflow.adapters.queueserver_plan import (
     unwritable,
 )
 from xasflow.adapters.queueserver_plan import decode as _decode
+from xasflow.adapters.queueserver_revival import Revival
 
 __all__ = ["LIMITED", "Background"]
 
@@ -49,23 +51,13 @@ logger = logging.getLogger(__name__)
 #: What a try returns when the rate held it back: nothing was sent.
 LIMITED = object()
 
-#: Why a plan is given up for good, by reason (the log says it).
-_WHY = {
-    "lost_reply": "a previous daemon lost the reply to its last try, and the server holds it "
-    "in neither queue nor history: it may have been taken and removed by an operator, and is "
-    "not queued again (check the queue)",
-    "replays": "it was tried again for given_up_replays replays of its run already",
-    "expired": "it was first given up more than given_up_max_age_s ago: the sample in the "
-    "beam has likely changed since",
-}
-
 #: Raw runs (and rescan regions) remembered as queued, so a replay does not queue them again:
 #: the newest settled ones (sent, found queued, or given up for good) are kept; those still
 #: queued, under way or waiting for a retry are never trimmed (``max_pending`` bounds them).
 _REMEMBERED = 4096
 
 
-class Background:
+class Background(Revival):
     """Background submission for :class:`~xasflow.adapters.queueserver.QueueServerSubmitter`
     (which sets these attributes and makes the one try, :meth:`_send`)."""
 
@@ -409,79 +401,6 @@ class Background:
             self.deferred_errors += 1  # only the worker looks: no lock
             logger.exception("trying again the queueserver plans given up in this daemon failed")
         return self._deferred.due_in()
-
-    def _try_deferred(self) -> float | None:
-        """Try again the plans given up here whose wait is over (the worker calls it at each
-        look, :func:`~.queueserver_pending.next_job`), as replays of their runs: each pushed
-        among the retries (``revived``), where it waits for its slot in the rate, and its
-        first try counts as a replay (:meth:`_replay`). One is not tried again while held as
-        queued (a replay of its run, or ``submit``, tries it: one ``submit`` fails to send is
-        retried, :meth:`_let_go`), once queued or given up for good; one tried for
-        ``given_up_replays`` replays already, or first given up more than
-        ``given_up_max_age_s`` ago, is given up for good (``abandoned_replays``,
-        ``abandoned_expired``: logged, remembered, not dropped unseen); one that finds a new
-        run's plan queued, or ``max_pending`` retries waiting, waits ``given_up_retry_s``
-        more. Seconds until the next is due."""
-        cfg, due = self.config, self._deferred.take_due()
-        if not due:
-            return self._deferred.due_in()
-        later: list[tuple[tuple[str, str], Job]] = []
-        spent: list[tuple[tuple[str, str], str]] = []
-        tried = 0
-        with self._lock:  # close sets _closing under it: nothing is pushed after close drains
-            if self._closing:
-                return None
-            room = cfg.max_pending - len(self._retry)
-            for key, job in due:
-                if self._held(key) or key in self._memory:
-                    continue  # held by another path, or settled since
-                why = self._memory.retry_spent(key, cfg.given_up_replays, cfg.given_up_max_age_s)
-                if why is not None:
-                    if why:
-                        spent.append((key, why))
-                    continue
-                if room <= 0 or self._queue.plans:
-                    later.append((key, job))
-                    continue
-                self._hold(key)
-                self._retry.push(job, 0)  # tries 0: its first try counts as a replay
-                room -= 1
-                tried += 1
-        for key, job in later:
-            self._deferred.add(key, job, cfg.given_up_retry_s)
-        for key, why in spent:
-            self._abandon(key, why)
-        self.stats["revived"] += tried
-        if tried:
-            logger.info("trying again %d queueserver plans given up in this daemon", tried)
-        return self._deferred.due_in()
-
-    def _spent(self, key: tuple[str, str], wait: bool = True) -> bool:
-        """Whether this run's plan, given up, was tried again for ``given_up_replays``
-        replays of its run already: then it is given up for good (``abandoned_replays``;
-        not ``wait``: recorded, for the worker to write)."""
-        replays = self._memory.replays(key)
-        if replays is None or replays < self.config.given_up_replays:
-            return False
-        self._abandon(key, "replays", wait)
-        return True
-
-    def _replay(self, key: tuple[str, str]) -> bool:
-        """At a plan's first try: whether it may be tried (not :meth:`_spent`), a replay of
-        a plan given up counted (on disk) when so."""
-        if self._spent(key):
-            return False
-        self._memory.replayed(key)  # nothing when the plan is not given up
-        return True
-
-    def _abandon(self, key: tuple[str, str], reason: str, wait: bool = True) -> None:
-        """Give ``key``'s plan up for good (``abandoned_<reason>``, logged, remembered: on
-        disk when this returns if ``wait``): it is neither revived nor sent for a replay of
-        its run again."""
-        self.stats[f"abandoned_{reason}"] += 1
-        why = _WHY[reason]
-        logger.error("the queueserver plan %r of run %r is given up for good: %s", *key[::-1], why)
-        self._memory.abandon(key, reason, wait)
 
     def join(self, timeout: float = 10.0) -> bool:
         """Wait until every queued submission, and every retry, is done (tests); False on
