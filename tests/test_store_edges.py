@@ -319,3 +319,42 @@ def test_a_hung_journal_write_of_a_run_does_not_stop_the_writer(
         assert store.flush(30)
         seqs = _seqs(store, "R")
     assert (answered, stored_while_hung) == ([True], 2) and seqs == [1, 2]
+
+
+def test_rows_never_journalled_are_not_forgotten_in_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows of a run opened unjournalled (the journal could not record its start) are
+    never in the journal, so their commit deletes nothing there. Before, the writer deleted
+    them after every commit all the same: with the journal's write lock held elsewhere each
+    delete waited out SQLite's 5 s busy timeout and failed, an error counted per batch and
+    every other run's rows held meanwhile."""
+    _fail_once(monkeypatch, "R")
+    forgotten: list[tuple[str, list[int]]] = []
+    real = Journal.moved
+
+    def spy(self: Journal, raw_uid: str, seqs: Any) -> None:
+        seqs = [int(s) for s in seqs]
+        forgotten.append((raw_uid, seqs))
+        real(self, raw_uid, seqs)
+
+    monkeypatch.setattr(Journal, "moved", spy)
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)  # unjournalled
+        store.open_run("S", {"uid": "b"}, DESCRIPTOR)  # journalled
+        assert store.flush(30)
+        other = sqlite3.connect(directory / JOURNAL_FILE, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # holds the journal's write lock
+        try:
+            assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+            assert store.flush(30)
+            while_held = {k: store.stats()[k] for k in ("stored", "errors", "journalled")}
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert store.add_events("S", [_row(1)]) == [True]
+        assert store.flush(30)
+        seqs = _seqs(store, "R")
+    assert while_held == {"stored": 2, "errors": 0, "journalled": 0}, forgotten
+    assert forgotten == [("S", [1])] and seqs == [1, 2]

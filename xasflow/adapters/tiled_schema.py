@@ -81,6 +81,7 @@ class _Run:
     failed: bool = False
     stored_seq: set[int] = field(default_factory=set)
     pending: list[tuple[dict[str, Any], Ack | None]] = field(default_factory=list)
+    journalled: list[int] = field(default_factory=list)  # seq_nums of pending rows journalled
     first_pending_at: float = 0.0
     start_due: bool = False  # a prepared table: the start document is still to be written
     start_tries: int = 0  # writes of it tried in the writer's turns (the close writes it anyway)

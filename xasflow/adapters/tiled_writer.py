@@ -159,6 +159,8 @@ class WriterThread:
             if not run.pending:
                 run.first_pending_at = time.monotonic()
             run.pending.append((row, callback))
+            if (kind == "replay" or item[4]) and (seq := _seq_key(row)) is not None:
+                run.journalled.append(seq)  # forgotten there once committed; no other row is
             if len(run.pending) >= self.batch_size:
                 self._commit(run)
         elif kind in ("open", UNJOURNALLED_OPEN):
@@ -271,6 +273,7 @@ class WriterThread:
     def _commit(self, run: _Run) -> None:
         """Append the run's pending rows in one transaction, then acknowledge them."""
         pending, run.pending = run.pending, []
+        journalled, run.journalled = run.journalled, []
         if not pending:
             return
         try:
@@ -279,14 +282,15 @@ class WriterThread:
             logger.exception("analysis store: lost a batch of %d rows", len(pending))
             self._finish_rows(len(pending), errors=1, lost=[ack for _, ack in pending])
             return
-        if self._journal_w is not None:  # in the catalog now (or never to fit it)
+        # the rows the journal holds are in the catalog now (or never to fit it); the others
+        # (an unjournalled run's) are not looked for there: with the journal's lock held
+        # elsewhere each delete waited out the busy timeout (5 s), holding every other run
+        if self._journal_w is not None and journalled:
             try:
-                self._journal_w.moved(
-                    run.raw_uid, [s for row, _ in pending if (s := _seq_key(row)) is not None]
-                )
+                self._journal_w.moved(run.raw_uid, journalled)
             except Exception:  # left in the journal: replayed at the next start, as duplicates
                 logger.exception(
-                    "analysis store: cannot forget %d rows in the journal", len(pending)
+                    "analysis store: cannot forget %d rows in the journal", len(journalled)
                 )
                 self._count("errors")
         with self._cond:
@@ -400,6 +404,7 @@ class WriterThread:
                 self._count("errors")
                 logger.exception("analysis store: cannot reattach run %s", raw_uid)
                 pending, run.pending = run.pending, []  # never to be appended: told lost
+                run.journalled = []  # those the journal holds come back with its replay
                 if pending:
                     self._finish_rows(len(pending), errors=0, lost=[ack for _, ack in pending])
         with self._cond:  # what was queued meanwhile is in the journal read below
