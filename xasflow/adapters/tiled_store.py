@@ -65,6 +65,7 @@ from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 from xasflow.adapters.file_lock import HeldElsewhere, hold, release
 from xasflow.adapters.journal_fallback import JournalFallback
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
+from xasflow.adapters.store_room import Backpressure
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
 from xasflow.adapters.tiled_schema import (
@@ -95,7 +96,7 @@ __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 logger = logging.getLogger(__name__)
 
 
-class AnalysisStore(WriterThread, JournalFallback):
+class AnalysisStore(WriterThread, JournalFallback, Backpressure):
     """Writes analysis runs into an embedded tiled catalog from one background writer thread."""
 
     def __init__(
@@ -302,37 +303,6 @@ class AnalysisStore(WriterThread, JournalFallback):
         if ack is not None:  # a journalled row is stored for good: it cannot be lost now
             acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
-
-    def _may_wait(self) -> bool:
-        """Whether callers wait for room: ``full_wait_s`` is set, nothing was refused yet
-        (after a refusal the results after it are redelivered anyway, so waiting would only
-        stall the input), and :meth:`stop_waiting` was not called."""
-        return self.full_wait_s > 0 and self._counts["dropped"] == 0
-
-    def _wait_for_room(self, n: int) -> None:
-        """Wait (lock held) up to ``full_wait_s`` until ``n`` rows fit the backlog (or it is
-        empty, for a page larger than ``max_queue``); raises StoreError if the store closes."""
-        self._counts["full_waits"] += 1
-        start = time.monotonic()
-        while self._backlog > 0 and self._backlog + n > self.max_queue:
-            remaining = start + self.full_wait_s - time.monotonic()  # stop_waiting cuts it
-            if remaining <= 0:
-                break
-            self._room.wait(remaining)
-            self._check_open()
-        self._full_wait += time.monotonic() - start
-
-    def stop_waiting(self) -> None:
-        """Callers wait for room no more, those waiting now included (a daemon stopping:
-        what does not fit is refused and counted, and a Kafka input holds its commits)."""
-        with self._cond:
-            self.full_wait_s = 0.0
-            self._room.notify_all()
-
-    @property
-    def refused(self) -> int:
-        """Rows refused so far because the store was full (``stats()['dropped']``, lock-free)."""
-        return self._counts["dropped"]
 
     def close_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop document in the run's metadata once its queued rows are written."""
