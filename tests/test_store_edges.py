@@ -358,3 +358,44 @@ def test_rows_never_journalled_are_not_forgotten_in_the_journal(
         seqs = _seqs(store, "R")
     assert while_held == {"stored": 2, "errors": 0, "journalled": 0}, forgotten
     assert forgotten == [("S", [1])] and seqs == [1, 2]
+
+
+def test_an_open_run_refused_by_a_closing_store_leaves_no_journal_record(tmp_path: Path) -> None:
+    """A run opened while the store closes (its start in the journal when ``close`` began)
+    is refused with the store's StoreError and leaves nothing in the journal. Before, the
+    refusal came after the start was journalled: the next start replayed an empty run,
+    left it without a stop, and recovery ended a run that never had anything."""
+    from helpers import wait_for
+
+    from xasflow.adapters.tiled_schema import StoreError
+
+    directory = tmp_path / "s"
+    store = AnalysisStore(directory, journal=True)
+    assert store._journal is not None
+    held = _HeldDb(store._journal._db, "INSERT INTO runs")
+    store._journal._db = held
+    raised: list[BaseException] = []
+
+    def open_r() -> None:
+        try:
+            store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        except BaseException as exc:
+            raised.append(exc)
+
+    opener, closer = threading.Thread(target=open_r), threading.Thread(target=store.close)
+    opener.start()
+    try:
+        assert held.entered.wait(30)  # its start is being journalled
+        closer.start()
+        wait_for(lambda: store._closing, "close to begin")
+    finally:
+        held.release.set()
+    opener.join(30)
+    closer.join(30)
+    left = [run.raw_uid for run in Journal(directory / JOURNAL_FILE).pending()]
+    with AnalysisStore(directory, journal=True) as store:
+        replayed = store.stats()["replayed"]
+        unfinished = [u["raw_uid"] for u in store.unfinished_runs()]
+        in_catalog = "R" in store.client()
+    assert [type(exc) for exc in raised] == [StoreError]
+    assert (left, unfinished, in_catalog, replayed) == ([], [], False, 0)

@@ -174,6 +174,26 @@ def test_moved_forgets_exactly_the_rows_named(tmp_path: Path) -> None:
     journal.close()
 
 
+def test_withdraw_leaves_a_record_as_open_run_found_it(tmp_path: Path) -> None:
+    """A start the store refused (it was closing) is withdrawn: a new record goes (unless
+    rows were journalled under it), a reopened one gets back the stop it had."""
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    prior = journal.open_run("new", {"uid": "n"}, DESCRIPTOR)
+    journal.withdraw("new", prior)
+    journal.open_run("stopped", {"uid": "s"}, DESCRIPTOR)
+    journal.close_run("stopped", {"uid": "s-stop", "exit_status": "success"})
+    reopened = journal.open_run("stopped", {"uid": "s2"}, DESCRIPTOR)
+    assert [r.stop for r in journal.pending()] == [None]  # open again, until withdrawn
+    journal.withdraw("stopped", reopened)
+    with_rows = journal.open_run("rows", {"uid": "r"}, DESCRIPTOR)
+    journal.add("rows", [_row(1)])
+    journal.withdraw("rows", with_rows)
+    left = {run.raw_uid: (run.stop, len(run.rows)) for run in journal.pending()}
+    journal.close()
+    assert (prior.existed, reopened.existed) == (False, True)
+    assert left == {"stopped": ({"uid": "s-stop", "exit_status": "success"}, 0), "rows": (None, 1)}
+
+
 def _seqs(store: AnalysisStore, raw_uid: str) -> list[int]:
     return sorted(int(s) for s in read_analysis(store, raw_uid)[1]["seq_num"])
 

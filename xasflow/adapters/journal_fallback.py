@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from xasflow.adapters.store_journal import Journal
+from xasflow.adapters.store_journal import Journal, Prior
 from xasflow.adapters.tiled_schema import row_fits
 
 __all__ = ["JournalFallback"]
@@ -35,14 +35,17 @@ class JournalFallback:
     _types: dict[str, dict[str, tuple[type, ...]]]  # open runs' column value types
     _unjournalled: set[str]  # open runs whose start the journal could not record
 
-    def _journal_start(self, raw_uid: str, start_doc: dict, descriptor: dict) -> bool:
+    def _journal_start(
+        self, raw_uid: str, start_doc: dict, descriptor: dict
+    ) -> tuple[bool, Prior | None]:
         """Record a run's start and descriptor in the journal (before its rows, for a
         replay): True if it holds them or there is no journal; False if the write failed
-        (logged): the run is unjournalled until opened again."""
+        (logged): the run is unjournalled until opened again. Second: the record it found,
+        to withdraw it (:meth:`_journal_withdraw`), if it wrote one."""
         if self._journal is None:
-            return True
+            return True, None
         try:
-            self._journal.open_run(raw_uid, start_doc, descriptor)
+            prior = self._journal.open_run(raw_uid, start_doc, descriptor)
         except Exception:
             logger.exception(
                 "analysis store: journal cannot record the start of %s; its rows and stop "
@@ -50,9 +53,20 @@ class JournalFallback:
                 raw_uid,
             )
             self._unjournalled.add(raw_uid)
-            return False
+            return False, None
         self._unjournalled.discard(raw_uid)
-        return True
+        return True, prior
+
+    def _journal_withdraw(self, raw_uid: str, prior: Prior | None) -> None:
+        """Leave the journal's record of a run as it was before an open the store refused
+        (it was closing): else the next start replays a run that never opened (an empty
+        one, ended by recovery) or reopens one stopped already. Logged if it fails."""
+        if self._journal is None or prior is None:
+            return
+        try:
+            self._journal.withdraw(raw_uid, prior)
+        except Exception:
+            logger.exception("analysis store: cannot withdraw the refused start of %s", raw_uid)
 
     def _journalled(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Which of ``rows`` are now in the journal (a journal that fails is logged, and its

@@ -23,14 +23,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
 from xasflow.adapters.tiled_schema import _seq_key, json_default
 
-__all__ = ["CALLER_CHECKPOINT_PAGES", "COUNT_WAIT_S", "JOURNAL_FILE", "Journal", "JournalRun"]
+__all__ = [
+    "CALLER_CHECKPOINT_PAGES",
+    "COUNT_WAIT_S",
+    "JOURNAL_FILE",
+    "Journal",
+    "JournalRun",
+    "Prior",
+]
 
 #: The journal's file in the store directory.
 JOURNAL_FILE = "journal.sqlite"
@@ -55,11 +62,13 @@ _ROWS_PER_STATEMENT = 300
 
 
 @contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
     """``BEGIN`` ... ``COMMIT``, rolled back when a statement or the commit fails (a write
     lock held past the busy timeout): left open, the transaction would fail every later
-    ``BEGIN`` on the connection and keep what it wrote uncommitted, holding the lock."""
-    db.execute("BEGIN")
+    ``BEGIN`` on the connection and keep what it wrote uncommitted, holding the lock.
+    ``begin``: ``BEGIN IMMEDIATE`` for one that reads before it writes (the write lock first,
+    so no other commit between its read and its write)."""
+    db.execute(begin)
     try:
         yield
         db.execute("COMMIT")
@@ -78,6 +87,14 @@ def _spans(seqs: Iterable[int]) -> list[tuple[int, int]]:
         else:
             out.append((q, q))
     return out
+
+
+class Prior(NamedTuple):
+    """A run's journal record as :meth:`Journal.open_run` found it: whether there was one,
+    and its stop (JSON text, None while open)."""
+
+    existed: bool
+    stop: str | None
 
 
 @dataclass
@@ -117,15 +134,37 @@ class Journal:
             self._db.execute(statement)
         self._counter = _Counter(self.path)
 
-    def open_run(self, raw_uid: str, start: dict[str, Any], descriptor: dict[str, Any]) -> None:
+    def open_run(self, raw_uid: str, start: dict[str, Any], descriptor: dict[str, Any]) -> Prior:
         """Record a run's start and descriptor (a reopened run keeps the first ones, and is
-        open again: a stop recorded for it goes)."""
-        with self._lock:
+        open again: a stop recorded for it goes); returns the record it found, for
+        :meth:`withdraw`."""
+        with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
+            found = self._db.execute(
+                "SELECT stop FROM runs WHERE raw_uid = ?", (raw_uid,)
+            ).fetchone()
             self._db.execute(
                 "INSERT INTO runs (raw_uid, start, descriptor) VALUES (?, ?, ?)"
                 " ON CONFLICT (raw_uid) DO UPDATE SET stop = NULL",
                 (raw_uid, _dumps(start), _dumps(descriptor)),
             )
+        return Prior(found is not None, None if found is None else found[0])
+
+    def withdraw(self, raw_uid: str, prior: Prior) -> None:
+        """Undo an :meth:`open_run` the store refused (it was closing): the run's record as
+        ``prior`` found it: none (unless rows are listed for it, kept to be replayed), or
+        its stop back (only while none was recorded since)."""
+        with self._lock:
+            if prior.existed:
+                self._db.execute(
+                    "UPDATE runs SET stop = ? WHERE raw_uid = ? AND stop IS NULL",
+                    (prior.stop, raw_uid),
+                )
+            else:
+                self._db.execute(
+                    "DELETE FROM runs WHERE raw_uid = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM rows WHERE rows.raw_uid = runs.raw_uid)",
+                    (raw_uid,),
+                )
 
     def add(self, raw_uid: str, rows: list[dict[str, Any]]) -> list[bool]:
         """Journal rows of one run in one transaction (keyed by ``seq_num``); False for a row

@@ -150,6 +150,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False
+        self._opening = 0  # open_run calls writing the journal
         self._counts = {
             **dict.fromkeys(("stored", "batches", "errors", "dropped", "duplicates"), 0),
             **dict.fromkeys(("journalled", "replayed", "full_waits"), 0),
@@ -217,13 +218,25 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             self._check_open()
             self._columns[raw_uid] = frozenset(schema.names)
             self._types[raw_uid] = column_types(schema, arrays)
-        # its documents before its rows, for a replay (one the journal cannot record:
-        # unjournalled), outside the lock: a hung journal write must not stop the writer
-        journalled = self._journal_start(raw_uid, start_doc, descriptor)
-        with self._cond:
-            self._check_open()
-            self._items.append(("open" if journalled else UNJOURNALLED_OPEN, run))
-            self._cond.notify()
+            self._opening += 1  # close() waits for it: a refused start is withdrawn first
+        try:  # its documents before its rows, for a replay (one the journal cannot record:
+            # unjournalled), outside the lock: a hung journal write must not stop the writer
+            journalled, prior = self._journal_start(raw_uid, start_doc, descriptor)
+            with self._cond:
+                refused = self._closing or self._closed
+                if refused:
+                    self._columns.pop(raw_uid, None)
+                    self._types.pop(raw_uid, None)
+                else:
+                    self._items.append(("open" if journalled else UNJOURNALLED_OPEN, run))
+                    self._cond.notify()
+            if refused:
+                self._journal_withdraw(raw_uid, prior)
+                raise StoreError("the analysis store is closed")
+        finally:
+            with self._cond:
+                self._opening -= 1
+                self._cond.notify_all()
 
     def prepare_run(self, raw_uid: str, descriptor: dict) -> None:
         """Create the run's container and table now, before its analysis starts (best effort).
@@ -370,6 +383,8 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             self._room.notify_all()  # callers waiting for room learn that it closes
         self._writer.join()
         with self._cond:
+            while self._opening:  # a start journalled meanwhile: withdrawn before the close
+                self._cond.wait()
             self._closed = True
         for journal in (self._journal, self._journal_w):
             if journal is not None:
