@@ -218,11 +218,11 @@ def _fail_once(monkeypatch: pytest.MonkeyPatch, raw_uid: str) -> None:
     real = Journal.open_run
     left = {raw_uid: 1}
 
-    def locked(self: Journal, uid: str, *args: Any) -> None:
+    def locked(self: Journal, uid: str, *args: Any, **kw: Any) -> Any:
         if left.get(uid):
             left[uid] -= 1
             raise sqlite3.OperationalError("database is locked")
-        real(self, uid, *args)
+        return real(self, uid, *args, **kw)
 
     monkeypatch.setattr(Journal, "open_run", locked)
 
@@ -399,3 +399,102 @@ def test_an_open_run_refused_by_a_closing_store_leaves_no_journal_record(tmp_pat
         in_catalog = "R" in store.client()
     assert [type(exc) for exc in raised] == [StoreError]
     assert (left, unfinished, in_catalog, replayed) == ([], [], False, 0)
+
+
+def test_a_run_reopened_unjournalled_is_not_replayed_as_its_older_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's first copy leaves its record and rows in the journal (the catalog refused
+    their batch), then the run is reopened and rewritten without the journal (it could not
+    record the second start). A crash then replays nothing of the first copy: the catalog
+    keeps the second's start, rows and stop. Before, the restart replayed the old record
+    over it: its start and stop back, and its row 3, which the second copy never had."""
+    import xasflow.adapters.tiled_writer as tw
+
+    real_open, real_append = Journal.open_run, tw.append_pending
+    calls = {"open": 0, "append": 0}
+
+    def second_open_fails(self: Journal, uid: str, *args: Any, **kw: Any) -> Any:
+        calls["open"] += 1
+        if calls["open"] == 2:  # the journal's lock held past its busy timeout
+            raise sqlite3.OperationalError("database is locked")
+        return real_open(self, uid, *args, **kw)
+
+    def first_append_fails(run: Any, pending: Any) -> Any:
+        calls["append"] += 1
+        if calls["append"] == 1:
+            raise OSError("catalog refused the batch")
+        return real_append(run, pending)
+
+    monkeypatch.setattr(Journal, "open_run", second_open_fails)
+    monkeypatch.setattr(tw, "append_pending", first_append_fails)
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:
+        store.open_run("R", {"uid": "old"}, DESCRIPTOR)
+        store.add_events("R", [_row(s, distance=1.0) for s in (1, 2, 3)])
+        store.close_run("R", {"uid": "old-stop", "exit_status": "fail"})
+        assert store.flush(30)
+        stale = [(r.raw_uid, len(r.rows)) for r in Journal(directory / JOURNAL_FILE).pending()]
+        store.open_run("R", {"uid": "new"}, DESCRIPTOR)  # unjournalled
+        store.add_events("R", [_row(s, distance=2.0) for s in (1, 2)])
+        store.close_run("R", {"uid": "new-stop", "exit_status": "success"})
+        assert store.flush(30)
+        crash_now = [(r.raw_uid, len(r.rows)) for r in Journal(directory / JOURNAL_FILE).pending()]
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        assert store.flush(30)
+        replayed = store.stats()["replayed"]
+        meta, frame = read_analysis(store, "R")
+    got = {
+        "start": meta["start"]["uid"],
+        "stop": meta["stop"]["uid"],
+        "seqs": [int(s) for s in frame["seq_num"]],
+        "distance": [float(d) for d in frame["distance"]],
+    }
+    assert stale == [("R", 3)]  # the situation: the first copy's rows left in the journal
+    assert (crash_now, replayed) == ([], 0), got
+    assert got == {"start": "new", "stop": "new-stop", "seqs": [1, 2], "distance": [2.0, 2.0]}
+
+
+def test_a_journalled_reopen_after_an_unjournalled_one_keeps_its_own_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is opened a third time, journalled again, before the writer reaches the
+    second (unjournalled) open: the third copy's record replaces the first copy's stale one
+    (its start, none of its rows), and the writer's drop of the superseded record, coming
+    after, leaves the third copy's record and rows alone (they are all a crash replays)."""
+    real_open = Journal.open_run
+    calls = {"open": 0}
+
+    def second_open_fails(self: Journal, uid: str, *args: Any, **kw: Any) -> Any:
+        calls["open"] += 1
+        if calls["open"] == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real_open(self, uid, *args, **kw)
+
+    monkeypatch.setattr(Journal, "open_run", second_open_fails)
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True, flush_interval=30.0) as store:
+        go, busy = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=store._call, args=(lambda: (busy.set(), go.wait(30)), 60))
+        blocker.start()
+        assert busy.wait(10)  # the writer takes nothing of what follows yet
+        try:
+            store.open_run("R", {"uid": "first"}, DESCRIPTOR)
+            store.add_events("R", [_row(s) for s in (1, 2, 3)])
+            store.close_run("R", {"uid": "first-stop"})
+            store.open_run("R", {"uid": "second"}, DESCRIPTOR)  # unjournalled
+            store.add_events("R", [_row(1)])
+            store.close_run("R", {"uid": "second-stop"})
+            store.open_run("R", {"uid": "third"}, DESCRIPTOR)  # journalled again
+            store.add_events("R", [_row(7)])
+        finally:
+            go.set()
+            blocker.join()
+        assert store.flush(30)
+        left = [
+            (r.raw_uid, r.start["uid"], [int(x["seq_num"]) for x in r.rows])
+            for r in Journal(directory / JOURNAL_FILE).pending()
+        ]
+        errors = store.stats()["errors"]
+    # the third copy is open: its record stays (row 7 was moved) for the next start to end
+    assert (left, errors) == ([("R", "third", [])], 0)

@@ -237,10 +237,10 @@ def test_a_run_the_journal_could_not_open_waits_for_a_dead_catalog_in_memory(
 
     real = Journal.open_run
 
-    def locked(self: Journal, raw_uid: str, *args: object) -> None:
+    def locked(self: Journal, raw_uid: str, *args: object, **kw: object) -> object:
         if raw_uid == "run-c":
             raise sqlite3.OperationalError("database is locked")
-        real(self, raw_uid, *args)  # type: ignore[arg-type]
+        return real(self, raw_uid, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Journal, "open_run", locked)
     store = AnalysisStore(tmp_path / "s", journal=True, catalog_process=True)

@@ -13,6 +13,8 @@ could not be replayed (a crash would lose it although acknowledged), and a stop 
 means nothing, so a crash leaves nothing of such a run to replay, never a part of it: the
 rows the catalog committed are found at the next start as an unfinished run
 (:meth:`~xasflow.adapters.tiled_store.AnalysisStore.unfinished_runs`), as without a journal.
+What an earlier copy of the run left in the journal is superseded: the writer drops it when
+it reaches the unjournalled open, and the run's next journalled open replaces it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class JournalFallback:
     _journal: Journal | None
     _types: dict[str, dict[str, tuple[type, ...]]]  # open runs' column value types
     _unjournalled: set[str]  # open runs whose start the journal could not record
+    _superseding: set[str]  # runs whose last open the journal could not record (ever)
 
     def _journal_start(
         self, raw_uid: str, start_doc: dict, descriptor: dict
@@ -44,8 +47,9 @@ class JournalFallback:
         to withdraw it (:meth:`_journal_withdraw`), if it wrote one."""
         if self._journal is None:
             return True, None
-        try:
-            prior = self._journal.open_run(raw_uid, start_doc, descriptor)
+        try:  # a record left by a copy before one opened unjournalled is stale: replaced
+            fresh = raw_uid in self._superseding
+            prior = self._journal.open_run(raw_uid, start_doc, descriptor, fresh=fresh)
         except Exception:
             logger.exception(
                 "analysis store: journal cannot record the start of %s; its rows and stop "
@@ -53,8 +57,10 @@ class JournalFallback:
                 raw_uid,
             )
             self._unjournalled.add(raw_uid)
+            self._superseding.add(raw_uid)
             return False, None
         self._unjournalled.discard(raw_uid)
+        self._superseding.discard(raw_uid)
         return True, prior
 
     def _journal_withdraw(self, raw_uid: str, prior: Prior | None) -> None:

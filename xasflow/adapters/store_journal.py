@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,11 +134,21 @@ class Journal:
             self._db.execute(statement)
         self._counter = _Counter(self.path)
 
-    def open_run(self, raw_uid: str, start: dict[str, Any], descriptor: dict[str, Any]) -> Prior:
+    def open_run(
+        self,
+        raw_uid: str,
+        start: dict[str, Any],
+        descriptor: dict[str, Any],
+        *,
+        fresh: bool = False,
+    ) -> Prior:
         """Record a run's start and descriptor (a reopened run keeps the first ones, and is
         open again: a stop recorded for it goes); returns the record it found, for
-        :meth:`withdraw`."""
+        :meth:`withdraw`. ``fresh``: a record found, and its rows, are an older copy's that a
+        copy opened since without the journal superseded (:meth:`drop_run`): replaced."""
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
+            if fresh:
+                self._drop(raw_uid)
             found = self._db.execute(
                 "SELECT stop FROM runs WHERE raw_uid = ?", (raw_uid,)
             ).fetchone()
@@ -217,6 +227,21 @@ class Journal:
             args.append(_dumps(stop))
         with self._lock:
             self._db.execute(sql, args)
+
+    def drop_run(self, raw_uid: str, still: Callable[[], bool]) -> bool:
+        """Forget a run's record and every row listed for it (an older copy's, superseded by
+        one opened without the journal), if ``still()`` holds once the write lock is taken:
+        no journal write of the run can come between the check and the delete."""
+        with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
+            if not still():
+                return False
+            self._drop(raw_uid)
+        return True
+
+    def _drop(self, raw_uid: str) -> None:
+        """Delete a run's rows and record (in the caller's transaction)."""
+        self._db.execute("DELETE FROM rows WHERE raw_uid = ?", (raw_uid,))
+        self._db.execute("DELETE FROM runs WHERE raw_uid = ?", (raw_uid,))
 
     def pending(self) -> list[JournalRun]:
         """Every run the journal holds, with its rows in ``seq_num`` order."""

@@ -82,6 +82,7 @@ class _Run:
     stored_seq: set[int] = field(default_factory=set)
     pending: list[tuple[dict[str, Any], Ack | None]] = field(default_factory=list)
     journalled: list[int] = field(default_factory=list)  # seq_nums of pending rows journalled
+    opened: int = 0  # the callers' count of opens of its raw_uid when this one was made
     first_pending_at: float = 0.0
     start_due: bool = False  # a prepared table: the start document is still to be written
     start_tries: int = 0  # writes of it tried in the writer's turns (the close writes it anyway)

@@ -147,6 +147,9 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         self._columns: dict[str, frozenset[str]] = {}  # open runs, as seen by callers
         self._types: dict[str, dict[str, tuple[type, ...]]] = {}  # their columns' value types
         self._unjournalled: set[str] = set()  # open runs whose start the journal lacks
+        self._superseding: set[str] = set()  # runs last opened unjournalled (journal_fallback)
+        self._opened: dict[str, int] = {}  # opens of each raw_uid so far (callers)
+        self._superseded: dict[str, int] = {}  # their journal records to drop (writer only)
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False
@@ -218,6 +221,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             self._check_open()
             self._columns[raw_uid] = frozenset(schema.names)
             self._types[raw_uid] = column_types(schema, arrays)
+            run.opened = self._opened[raw_uid] = self._opened.get(raw_uid, 0) + 1
             self._opening += 1  # close() waits for it: a refused start is withdrawn first
         try:  # its documents before its rows, for a replay (one the journal cannot record:
             # unjournalled), outside the lock: a hung journal write must not stop the writer

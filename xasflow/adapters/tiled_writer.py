@@ -83,6 +83,8 @@ class WriterThread:
     _catalog_up: Callable[[], bool]
     _supervisor: CatalogSupervisor | None  # with a catalog child process
     _held: list[tuple[Any, ...]]  # work the journal does not hold, while the catalog is down
+    _opened: dict[str, int]  # the callers' count of opens of each raw_uid
+    _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
     batch_size: int
     flush_interval: float
 
@@ -165,6 +167,11 @@ class WriterThread:
                 self._commit(run)
         elif kind in ("open", UNJOURNALLED_OPEN):
             self._open(item[1])
+            if kind == "open":  # its record in the journal is the live one
+                self._superseded.pop(item[1].raw_uid, None)
+            else:  # one left by an earlier copy is not, and must not be replayed
+                self._superseded[item[1].raw_uid] = item[1].opened
+                self._end_superseded(item[1].raw_uid)
         elif kind == "prepare":
             self._prepare(item[1])
         elif kind in ("close", UNJOURNALLED_CLOSE):
@@ -245,9 +252,29 @@ class WriterThread:
         self._commit(run)
         meta = {**_start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
         self._catalog(lambda: run.node.update_metadata(meta), f"close {raw_uid}")
-        if self._journal_w is not None:
+        if not journalled and raw_uid in self._superseded:  # its drop failed at the open
+            self._end_superseded(raw_uid)
+        elif self._journal_w is not None:
             # the journal's record holds this stop, unless it could not record it
             self._journal_w.forget_run(raw_uid, stop_doc if journalled else None)
+
+    def _end_superseded(self, raw_uid: str) -> None:
+        """Drop the journal's record of a run opened unjournalled, and the rows listed for
+        it: an earlier copy's, which the items before this open put into the catalog (or
+        failed to); replayed after a crash, it would write the old copy's start, stop and
+        rows over the new one's. Only while no later open of the run came (it may have
+        journalled a record of its own); a failure (the journal's lock held) is tried again
+        at the run's close."""
+        opened = self._superseded.get(raw_uid)
+        if self._journal_w is None or opened is None:
+            return
+        try:
+            self._journal_w.drop_run(raw_uid, lambda: self._opened.get(raw_uid) == opened)
+        except Exception:
+            logger.exception("analysis store: cannot drop the superseded record of %s", raw_uid)
+            self._count("errors")
+            return
+        del self._superseded[raw_uid]
 
     def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool) -> None:
         """Record the stop of a run a previous process left open, then forget its journal
