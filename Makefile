@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python bench/kafka.py --json bench/results/kafka.json
 	$(BIN)/python bench/faults.py --json bench/results/faults.json
 	$(BIN)/python bench/ood_ligand.py --json bench/results/ood-ligand.json
+	$(BIN)/python bench/alignment.py --json bench/results/alignment.json
 
 # A Kafka-protocol broker (Tansu, fetched once into .cache/kafka-broker) on 127.0.0.1:9092.
 kafka-broker: setup
