@@ -341,10 +341,12 @@ def test_the_omnixas_citation_is_owed_by_the_omnixas_tree_only(
     out = tmp_path / "cu-k"
     rc = main(
         ["train", "--data", str(tree), "--out", str(out), "--jobs", "1", "--estimators", "4",
-         "--split-by", "material"]
+         "--split-by", "material", "--align", "centroid"]
     )  # fmt: skip
     assert rc == 0 and "feff" in str(tree)
     assert verify_bundle(out).training["citation"] == ""
+    # (the same training run:) --align reaches the manifest, so the daemon grids as trained
+    assert verify_bundle(out).prep.align == "centroid"
     assert build_feff_dataset(tree, "Cu", progress=False).citation == ""
     omnixas = tmp_path / "omnixas" / "FEFF" / "Cu"
     for k, material in enumerate(sorted(tree.iterdir())):

@@ -102,13 +102,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(n_jobs=args.jobs, split_by=args.split_by, network_device=args.device)
     if args.estimators:
         cfg = cfg.model_copy(update={"n_estimators": args.estimators})
-    if args.window or args.points:
+    if args.window or args.points or args.align:
         lo, hi = args.window or (cfg.prep.window_start, cfg.prep.window_stop)
         prep = cfg.prep.model_copy(
             update={
                 "window_start": lo,
                 "window_stop": hi,
                 "n_points": args.points or cfg.prep.n_points,
+                "align": args.align or cfg.prep.align,
             }
         )
         cfg = cfg.model_copy(update={"prep": type(cfg.prep).model_validate(prep.model_dump())})
@@ -328,9 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs=2,
         metavar=("START", "STOP"),
-        help="model window relative to E0, eV (default -3.5 116.5; MP XANES need e.g. -3.5 41.5)",
+        help="model window relative to its origin (E0 unless --align), eV (default -3.5 116.5; "
+        "MP XANES need e.g. -3.5 41.5)",
     )
     t.add_argument("--points", type=int, default=0, help="grid points in the window (default 240)")
+    t.add_argument(
+        "--align",
+        choices=("e0", "centroid"),
+        help="the grid's origin: e0 (default) or the centroid of the edge's rise, steady where "
+        "E0 jumps between two rises of nearly equal slope (xasflow.spectra.anchor)",
+    )
     t.add_argument(
         "--split-by",
         choices=("formula", "material"),

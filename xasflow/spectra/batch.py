@@ -6,6 +6,7 @@ of ``mu`` (n spectra, m points on one axis) so the per-spectrum cost is arithmet
 than Python overhead. Vectorised: the normalisation with ``normalization="edge_step"``
 (legacy here, larch in :mod:`xasflow.spectra.norm_batch`), the resampling onto the model
 grid and the reference foil's edge check. Done per row with the single-spectrum functions:
+the grid's origin where it is not E0 (:meth:`~xasflow.spectra.process.PrepParams.origin`),
 the E0 search (:func:`~xasflow.spectra.e0_batch.find_e0_batch`: bit for bit the E0 that training's spectra get, and
 faster than its matrix version was), ``normalization="max"``
 (:func:`~xasflow.spectra.process.normalize`), and HERFD spectra (``meta["herfd"]``, whole
@@ -354,6 +355,9 @@ def _prepare_fast(
         weak = None if norm_errors[r] else weak_edge(snr[r], gate[r], params.min_edge_snr)
         if weak is not None:
             norm_errors[r] = SpectrumError("weak_edge", weak)
+    if params.align != "e0":  # each row's grid on its own origin (PrepParams.origin)
+        shift = np.array([params.origin(axes[i], mu[i], e0[i]) - e0[i] for i in live.tolist()])
+        rel, d = rel - shift[:, None], d - shift
     grid = params.grid
     rows = np.arange(live.size)
     first, last = rel[rows, lead], rel[rows, rel.shape[1] - 1 - trail]

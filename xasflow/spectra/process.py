@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xasflow.spectra.anchor import centroid
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import core_hole_width
@@ -44,8 +45,15 @@ class PrepParams(BaseModel):
 
     method: Literal["legacy", "larch"] = "larch"
 
-    window_start: float = Field(-3.5, description="grid start relative to E0, eV")
-    window_stop: float = Field(56.5, description="grid stop relative to E0, eV")
+    window_start: float = Field(-3.5, description="grid start relative to its origin, eV")
+    window_stop: float = Field(56.5, description="grid stop relative to its origin, eV")
+    align: Literal["e0", "centroid"] = Field(
+        "e0",
+        description="the grid's origin: E0, or the centroid of the edge's rise "
+        "(xasflow.spectra.anchor: continuous where E0 jumps between two rises)",
+    )
+    align_window: float = Field(15.0, gt=0.0, description="centroid: eV either side of E0")
+    align_power: float = Field(2.0, gt=0.0, description="centroid: the slope's weight exponent")
     n_points: int = Field(200, ge=8)
     normalization: Literal["edge_step", "max"] = "edge_step"
     pre_edge: tuple[float, float] = (-150.0, -30.0)
@@ -110,8 +118,16 @@ class PrepParams(BaseModel):
 
     @property
     def grid(self) -> np.ndarray:
-        """The model grid relative to E0, eV (one read-only array per window, made once)."""
+        """The model grid relative to its origin (E0 unless :attr:`align`), eV (one read-only
+        array per window, made once)."""
         return _grid(self.window_start, self.window_stop, self.n_points)
+
+    def origin(self, energy: np.ndarray, mu: np.ndarray, e0: float) -> float:
+        """Where the model grid starts counting for a spectrum whose edge is at ``e0``: E0
+        itself, or the centroid of its rise (:func:`~xasflow.spectra.anchor.centroid`)."""
+        if self.align == "e0":
+            return float(e0)
+        return centroid(energy, mu, e0, self.align_window, self.align_power)
 
 
 @functools.lru_cache(maxsize=32)
@@ -405,7 +421,8 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
     weak = weak_edge(snr, gate, params.min_edge_snr)
     if weak is not None:
         raise SpectrumError("weak_edge", weak)
-    grid_y, extrapolated = resample(rel, y, params, bulk)
+    origin = params.origin(spectrum.energy, spectrum.mu, e0)
+    grid_y, extrapolated = resample(rel if origin == e0 else rel - (origin - e0), y, params, bulk)
     return Prepared(
         y=grid_y,
         e0=float(e0),
