@@ -24,6 +24,11 @@ Figures (issue 11; targets on 2 cores: >= 1,000/s, 0, 0, <= 15 s):
   run with ``session.timeout.ms`` 6000 and ``heartbeat.interval.ms`` 1000, so a dead
   member's partitions move within ~6 s plus the rebalance.
 
+Each daemon level also says where the machine's CPU went (``cpu_ms_per_spectrum``: the
+daemon, the broker or the 0MQ proxy as ``bus``, the publisher, this process as ``bench``, and
+``cores``, all of them per second): on 2 cores the broker's share is the daemon's to lose.
+``--phases`` runs only some phases (``--phases kafka,zmq``: the two daemon ladders).
+
     .venv/bin/python bench/kafka.py --json bench/results/kafka.json
 """
 
@@ -61,6 +66,17 @@ TARGETS = {
 #: Input and output topic per phase (a new consumer group starts at the beginning of its
 #: topic, so no phase sees what an earlier one left there).
 PHASES = ("ladder", "kill", "failover")
+#: What ``--phases`` may name, in the order they run.
+PHASE_ORDER = ("kafka", "transport", "sigkill", "failover", "zmq")
+
+
+def phases(text: str) -> tuple[str, ...]:
+    """``--phases``: the named phases, in their running order; an unknown name is an error."""
+    names = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = names - set(PHASE_ORDER)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(PHASE_ORDER)}, not {text!r}")
+    return tuple(p for p in PHASE_ORDER if p in names)
 
 
 def topics(phase: str) -> tuple[str, str]:
@@ -341,52 +357,68 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         pub.read(120)
 
         # ---- Kafka: rate ladder
-        port = zs._free_port()
-        proc = kafka_daemon(
-            broker.bootstrap, bundle, work / "store", port, logs / "daemon.log", "ladder"
-        )
-        results = KafkaResults(broker.bootstrap, topics("ladder")[1])
-        health_url = f"http://127.0.0.1:{port}/health"
-        pub.send({"cmd": "stream", "rate": 50, "n": 20, "per_run": 20})  # warm-up
-        if not results.wait([r["uid"] for r in pub.read(60)["runs"]], 60):
-            raise RuntimeError("no analysis results on the Kafka topic during warm-up")
-        levels = zs.ladder(
-            lambda r: zs.daemon_level(pub, results, health_url, r, args, proc.pid),
-            args.rates,
-            "kafka",
-            stop_on_fail=False,
-        )
-        health = zs._get_json(health_url) or {}
-        zs.stop_process(proc)
-        results.close()
-        best = zs.sustained(levels)
-        report["kafka_levels"] = levels
-        report["sustained_rate_hz"] = best["offered_rate_hz"] if best else 0
-        report["p99_latency_ms"] = best["p99_latency_ms"] if best else None
-        report["kafka_health_end"] = (health.get("input") or {}).get("kafka")
+        if "kafka" in args.phases:
+            report.update(kafka_ladder(broker, pub, bundle, work, logs, args))
 
         # ---- Kafka: the transport alone (broker to the input adapter, no analysis)
-        try:  # a baseline: its failure must not cost the phases after it
-            report["transport"] = kafka_transport.transport_ladder(broker, pub, args, me, logs)
-        except Exception as exc:
-            report["transport"] = {"error": f"{type(exc).__name__}: {exc}", "sustained_rate_hz": 0}
-        report["transport_sustained_rate_hz"] = report["transport"]["sustained_rate_hz"]
+        if "transport" in args.phases:
+            try:  # a baseline: its failure must not cost the phases after it
+                report["transport"] = kafka_transport.transport_ladder(broker, pub, args, me, logs)
+            except Exception as exc:
+                report["transport"] = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "sustained_rate_hz": 0,
+                }
+            report["transport_sustained_rate_hz"] = report["transport"]["sustained_rate_hz"]
 
         # ---- Kafka: SIGKILL + restart, then failover in a group of two
-        if args.ladders_only:
-            report["zmq"] = zmq_ladder(args, bundle, work, logs, me, common)
-            return report
-        report["sigkill"] = sigkill_phase(broker.bootstrap, pub, bundle, work, args)
-        report["lost_after_sigkill"] = report["sigkill"]["lost"]
-        report["duplicates_in_store"] = report["sigkill"]["duplicates"]
-        report["failover"] = failover_phase(broker.bootstrap, pub, bundle, work, args)
-        report["failover_seconds"] = report["failover"]["failover_seconds"]
+        if "sigkill" in args.phases:
+            report["sigkill"] = sigkill_phase(broker.bootstrap, pub, bundle, work, args)
+            report["lost_after_sigkill"] = report["sigkill"]["lost"]
+            report["duplicates_in_store"] = report["sigkill"]["duplicates"]
+        if "failover" in args.phases:
+            report["failover"] = failover_phase(broker.bootstrap, pub, bundle, work, args)
+            report["failover_seconds"] = report["failover"]["failover_seconds"]
         report["loadavg_after_kafka"] = [round(x, 2) for x in os.getloadavg()]
 
         # ---- 0MQ, same spectra and criterion (bench/stream.py's daemon phase)
-        report["zmq"] = zmq_ladder(args, bundle, work, logs, me, common)
+        if "zmq" in args.phases:
+            report["zmq"] = zmq_ladder(args, bundle, work, logs, me, common)
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
+
+
+def kafka_ladder(
+    broker: Any, pub: zs.Child, bundle: Path, work: Path, logs: Path, args: Any
+) -> dict[str, Any]:
+    """The daemon on Kafka through the rate ladder; the report's Kafka ladder keys."""
+    port = zs._free_port()
+    proc = kafka_daemon(
+        broker.bootstrap, bundle, work / "store", port, logs / "daemon.log", "ladder"
+    )
+    results = KafkaResults(broker.bootstrap, topics("ladder")[1])
+    health_url = f"http://127.0.0.1:{port}/health"
+    pub.send({"cmd": "stream", "rate": 50, "n": 20, "per_run": 20})  # warm-up
+    if not results.wait([r["uid"] for r in pub.read(60)["runs"]], 60):
+        raise RuntimeError("no analysis results on the Kafka topic during warm-up")
+    levels = zs.ladder(
+        lambda r: zs.daemon_level(
+            pub, results, health_url, r, args, proc.pid, zs.bus_processes(broker.pid, pub)
+        ),
+        args.rates,
+        "kafka",
+        stop_on_fail=False,
+    )
+    health = zs._get_json(health_url) or {}
+    zs.stop_process(proc)
+    results.close()
+    best = zs.sustained(levels)
+    return {
+        "kafka_levels": levels,
+        "sustained_rate_hz": best["offered_rate_hz"] if best else 0,
+        "p99_latency_ms": best["p99_latency_ms"] if best else None,
+        "kafka_health_end": (health.get("input") or {}).get("kafka"),
+    }
 
 
 def zmq_ladder(args: Any, bundle: Path, work: Path, logs: Path, me: list, common: list) -> dict:
@@ -420,7 +452,9 @@ def zmq_ladder(args: Any, bundle: Path, work: Path, logs: Path, me: list, common
         pub.send({"cmd": "stream", "rate": 50, "n": 20, "per_run": 20})
         results.wait([r["uid"] for r in pub.read(60)["runs"]], 30)
         levels = zs.ladder(
-            lambda r: zs.daemon_level(pub, results, health_url, r, args, daemon.pid),
+            lambda r: zs.daemon_level(
+                pub, results, health_url, r, args, daemon.pid, zs.bus_processes(proxy.pid, pub)
+            ),
             args.rates,
             "0mq",
             stop_on_fail=False,
@@ -451,11 +485,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--models", default=str(paths.REPO_ROOT / "models"))
     ap.add_argument("--logs", help="keep the children's logs here")
-    ap.add_argument("--ladders-only", action="store_true", help="skip the SIGKILL phases")
+    ap.add_argument("--ladders-only", action="store_true", help="--phases kafka,transport,zmq")
+    ap.add_argument(
+        "--phases",
+        type=phases,
+        default=PHASE_ORDER,
+        help=f"run only these, comma-separated, of {','.join(PHASE_ORDER)}",
+    )
     ap.add_argument("--role", choices=("bench", "publisher", "transport-consumer"), default="bench")
     ap.add_argument("--servers", default="")
     ap.add_argument("--topic", default="", help="the transport consumer's topic")
     args = ap.parse_args(argv)
+    if args.ladders_only:
+        args.phases = ("kafka", "transport", "zmq")
     if args.role == "publisher":
         return publisher_role(args)
     if args.role == "transport-consumer":
@@ -466,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     summary = {k: report.get(k) for k in (*TARGETS, "p99_latency_ms", "loadavg_start")}
-    summary["zmq_sustained_rate_hz"] = report["zmq"]["sustained_rate_hz"]
-    summary["transport_sustained_rate_hz"] = report["transport_sustained_rate_hz"]
+    summary["zmq_sustained_rate_hz"] = (report.get("zmq") or {}).get("sustained_rate_hz")
+    summary["transport_sustained_rate_hz"] = report.get("transport_sustained_rate_hz")
     print(json.dumps(summary, indent=2))
     return 0
 

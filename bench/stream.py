@@ -23,6 +23,8 @@ daemon kept up (``drain_s <= --max-drain``; a daemon slower
 than the offer builds a backlog that shows here, long before any buffer overflows, since the
 input buffers are deep). ``sustained_rate_hz`` is the highest rate sustained with every lower
 rate sustained too; ``p99_latency_ms`` (received) is at that rate.
+``cpu_ms_per_spectrum`` splits each level's CPU by process (daemon, proxy as ``bus``,
+publisher, ``bench``; ``cores``: all of them per second of the level).
 
 Baselines in the same run, same publisher, same proxy, same spectra, same criterion:
 
@@ -665,6 +667,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    """:func:`cpu_seconds` of each named process; one that has gone is left out."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[name] = cpu_seconds(pid)
+    return out
+
+
+def cpu_split(
+    before: dict[str, float], after: dict[str, float], spectra: int, wall_s: float
+) -> dict[str, Any]:
+    """Where a level's CPU went: ms per spectrum of each process measured at both ends, and
+    ``cores``, all of them together per second of the level (the machine has ``cpus``)."""
+    used = {k: after[k] - before[k] for k in before if k in after}
+    split: dict[str, Any] = {k: round(v / max(spectra, 1) * 1e3, 3) for k, v in used.items()}
+    split["cores"] = round(sum(used.values()) / max(wall_s, 1e-9), 2)
+    return split
+
+
+def bus_processes(bus_pid: int, pub: Child) -> dict[str, int]:
+    """The processes a daemon level shares the machine with: the 0MQ proxy or the Kafka
+    broker (``bus``), and the publisher."""
+    return {"bus": bus_pid, "publisher": pub.proc.pid}
+
+
 def daemon_level(
     pub: Child,
     results: Results,
@@ -672,16 +700,23 @@ def daemon_level(
     rate: float,
     args: argparse.Namespace,
     pid: int,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Offer ``rate`` spectra/s to the daemon for ``args.seconds``; measure what came back."""
+    """Offer ``rate`` spectra/s to the daemon for ``args.seconds``; measure what came back.
+
+    ``others``: processes on the same machine whose CPU is counted beside the daemon's
+    (``cpu_ms_per_spectrum``: the broker or proxy, the publisher; this process is ``bench``).
+    """
     n = max(round(rate * args.seconds), 20)
     before = (_get_json(health_url) or {}).get("counters", {})
-    cpu0 = cpu_seconds(pid)
+    pids = {"daemon": pid, **(others or {}), "bench": os.getpid()}
+    cpu0, wall0 = cpu_of(pids), time.monotonic()
     pub.send({"cmd": "stream", "rate": rate, "n": n, "per_run": args.per_run})
     sent = pub.read(args.seconds * 5 + 60)
     uids = [r["uid"] for r in sent["runs"]]
     complete = results.wait(uids, timeout=args.wait)
-    cpu = cpu_seconds(pid) - cpu0
+    cpu1, wall = cpu_of(pids), time.monotonic() - wall0
+    cpu = cpu1["daemon"] - cpu0["daemon"]
     after = (_get_json(health_url) or {}).get("counters", {})
     level = _level(rate, sent, args.max_drain)
     ok = rejected = 0
@@ -718,6 +753,7 @@ def daemon_level(
         p99_latency_ms_after_run_start=_pct(lat_steady, 99),
         drain_s=round(last_recv - sent["last"], 3) if last_recv else None,
         daemon_cpu_ms_per_spectrum=round(cpu / max(ok + rejected, 1) * 1e3, 3),
+        cpu_ms_per_spectrum=cpu_split(cpu0, cpu1, ok + rejected, wall),
         daemon_counters={
             k: after.get(k, 0) - before.get(k, 0)
             for k in ("spectra_received", "spectra_analysed", "spectra_rejected")
@@ -894,7 +930,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise RuntimeError("no analysis results arrived during warm-up")
         levels = ladder(
-            lambda r: daemon_level(pub, results, health_url, r, args, daemon.pid),
+            lambda r: daemon_level(
+                pub, results, health_url, r, args, daemon.pid, bus_processes(proxy.pid, pub)
+            ),
             args.rates,
             "daemon",
             stop_on_fail=False,
