@@ -138,3 +138,50 @@ def validate(docs: list[tuple[str, dict]]) -> None:
 def only(docs: list[tuple[str, dict]], name: str) -> dict[str, Any]:
     (doc,) = [d for n, d in docs if n == name]
     return doc
+
+
+def rows_by_run(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """Each analysis run's events as (index, status, reason), by raw uid."""
+    raw_of_start: dict[str, str] = {}
+    raw_of_descriptor: dict[str, str] = {}
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    for name, doc in unpaged(docs):
+        if name == "start":
+            raw_of_start[doc["uid"]] = doc["raw_uid"]
+        elif name == "descriptor":
+            raw_of_descriptor[doc["uid"]] = raw_of_start[doc["run_start"]]
+        elif name == "event":
+            d = doc["data"]
+            raw = raw_of_descriptor[doc["descriptor"]]
+            rows.setdefault(raw, []).append((d["index"], d["status"], d["reason"]))
+    return rows
+
+
+def through_loop(pipeline: Any, counters: Any, *batches: list[Any]) -> list[tuple[str, dict]]:
+    """Batches of assembly outputs through the processing loop (``Processor.analyse``, every
+    batch ended at last); what it published."""
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.config import AnalysisConfig
+    from xasflow.daemon.processor import Processor
+
+    proc = Processor(lambda timeout: None, RunAssembler(), pipeline, counters, AnalysisConfig())
+    published: list[tuple[str, dict[str, Any]]] = []
+    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    for outputs in batches:
+        proc.analyse(outputs)
+    proc._complete(0)
+    return published
+
+
+def two_runs(pipeline: Any, counters: Any) -> list[tuple[str, dict]]:
+    """One micro-batch of two runs (raw-a: 3 spectra, raw-b: 2) through the processing loop;
+    what it published."""
+    outputs = [
+        opened("raw-a"),
+        opened("raw-b"),
+        *(scan("raw-a", i, "CuCl") for i in range(3)),
+        *(scan("raw-b", i, "CuCl") for i in range(2)),
+        closed("raw-a", n=3),
+        closed("raw-b", n=2),
+    ]
+    return through_loop(pipeline, counters, outputs)

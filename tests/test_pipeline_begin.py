@@ -13,51 +13,12 @@ pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
 from helpers import unpaged
-from pipeline_helpers import closed, opened, scan, validate
+from pipeline_helpers import closed, opened, rows_by_run, scan, two_runs, validate
 
 from xasflow.daemon import batch_prep
 from xasflow.daemon import pipeline as pipeline_module
-from xasflow.daemon.assembly import RunAssembler
-from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.pipeline import Pipeline
-from xasflow.daemon.processor import Processor
-
-
-def _rows_by_run(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, list[tuple[Any, ...]]]:
-    """Each analysis run's events as (index, status, reason), by raw uid."""
-    raw_of_start: dict[str, str] = {}
-    raw_of_descriptor: dict[str, str] = {}
-    rows: dict[str, list[tuple[Any, ...]]] = {}
-    for name, doc in unpaged(docs):
-        if name == "start":
-            raw_of_start[doc["uid"]] = doc["raw_uid"]
-        elif name == "descriptor":
-            raw_of_descriptor[doc["uid"]] = raw_of_start[doc["run_start"]]
-        elif name == "event":
-            d = doc["data"]
-            raw = raw_of_descriptor[doc["descriptor"]]
-            rows.setdefault(raw, []).append((d["index"], d["status"], d["reason"]))
-    return rows
-
-
-def _two_runs(pipeline: Pipeline, counters: Counters) -> list[tuple[str, dict[str, Any]]]:
-    """One micro-batch of two runs (raw-a: 3 spectra, raw-b: 2) through the processing loop;
-    what it published."""
-    proc = Processor(lambda timeout: None, RunAssembler(), pipeline, counters, AnalysisConfig())
-    published: list[tuple[str, dict[str, Any]]] = []
-    proc.sinks.append(lambda name, doc: published.append((name, doc)))
-    proc.analyse(
-        [
-            opened("raw-a"),
-            opened("raw-b"),
-            *(scan("raw-a", i, "CuCl") for i in range(3)),
-            *(scan("raw-b", i, "CuCl") for i in range(2)),
-            closed("raw-a", n=3),
-            closed("raw-b", n=2),
-        ]
-    )
-    return published
 
 
 def _broken_at(raw_uid: str, index: int, works: list[Any]) -> None:
@@ -89,9 +50,9 @@ def test_a_spectrum_that_fails_to_begin_costs_only_itself(
             return split(group)
 
         monkeypatch.setattr(batch_prep, "_split_by_axis", split_by_axis)
-    docs = _two_runs(pipeline, counters)
+    docs = two_runs(pipeline, counters)
     validate(docs)
-    assert _rows_by_run(docs) == {
+    assert rows_by_run(docs) == {
         "raw-a": [(0, "ok", ""), (1, "rejected", "internal_error"), (2, "ok", "")],
         "raw-b": [(0, "ok", ""), (1, "ok", "")],
     }
@@ -124,9 +85,9 @@ def test_a_run_whose_start_fails_to_begin_costs_only_that_run(
         return real(start)
 
     monkeypatch.setattr(pipeline_module, "_declarations", declarations)
-    docs = _two_runs(pipeline, counters)
+    docs = two_runs(pipeline, counters)
     validate(docs)
-    assert _rows_by_run(docs) == {
+    assert rows_by_run(docs) == {
         "raw-a": [(i, "rejected", "internal_error") for i in range(3)],
         "raw-b": [(0, "ok", ""), (1, "ok", "")],
     }
@@ -138,4 +99,4 @@ def test_a_run_whose_start_fails_to_begin_costs_only_that_run(
     assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 3}
     monkeypatch.undo()  # forgotten with its run: its uid's next run is analysed again
     again = pipeline.handle_batch([opened("raw-a"), scan("raw-a", 0, "CuCl"), closed("raw-a")])
-    assert _rows_by_run(again) == {"raw-a": [(0, "ok", "")]}
+    assert rows_by_run(again) == {"raw-a": [(0, "ok", "")]}

@@ -130,6 +130,36 @@ def test_a_bundle_changed_on_disk_under_the_same_id_is_never_run_there(
     assert worker.stats["fallbacks"] == 2
 
 
+def test_results_that_cannot_be_collected_are_prepared_in_the_thread(
+    registry: ModelRegistry, worker: PrepWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug collecting a batch's results from the process (``collect`` raising) prepares
+    its stacks in the thread (the same answers, counted as processing once) and replaces the
+    child, whose answers may be out of step; the next batch is analysed as usual. Before,
+    the whole batch was lost: 0 events, its 10 spectra refused, its run never stopped."""
+    from pipeline_helpers import closed, through_loop
+
+    here = _rows(Pipeline(registry, Counters(), clock=lambda: T0), _page("raw-d"))
+    counters = Counters()
+    pipeline = Pipeline(registry, counters, clock=lambda: T0, worker=worker)
+    first = worker.pid
+
+    def collect(ticket: Any) -> Any:
+        raise RuntimeError("a bug in collect")
+
+    monkeypatch.setattr(worker, "collect", collect)
+    docs = through_loop(pipeline, counters, [*_page("raw-d"), closed("raw-d", n=10)])
+    assert [d["data"] for n, d in unpaged(docs) if n == "event"] == here
+    stop = docs[-1][1]
+    assert (docs[-1][0], stop["exit_status"], stop["n_analysed"]) == ("stop", "success", 8)
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (10, 8)
+    assert worker.stats["fallbacks"] == 1 and worker.pid != first
+    monkeypatch.undo()
+    assert _rows(pipeline, _page("raw-e")) == here
+
+
 @pytest.mark.timeout(60)
 def test_a_stopped_child_cannot_hold_the_thread(registry: ModelRegistry) -> None:
     """A batch larger than the pipe holds, sent to a SIGSTOPped child: the send and the

@@ -7,10 +7,12 @@ the fast path: spectra of one batch that share an energy axis, element, edge and
 its edge check and the bundle's preparation run once over the stack
 (:mod:`xasflow.spectra.batch`). Everything else, and any group of one, takes the
 single-spectrum path (:func:`finish_one`); so does a group whose batched code raises (a
-bug), and every spectrum of a batch whose grouping raises, so a batch never loses its spectra. The per-spectrum outcome is the same either way:
-flags, shift, prepared spectrum or rejection reason (the parity tests of
-:mod:`xasflow.spectra.batch`). The graphs of what was prepared here run batched per
-predictor (:func:`predict_works`).
+bug), every spectrum of a batch whose grouping raises, and the stacks whose results the
+preparation process hands back but cannot be collected, so a batch never loses its spectra.
+The per-spectrum outcome is the same either way: flags, shift, prepared spectrum or
+rejection reason (the parity tests of :mod:`xasflow.spectra.batch`). The graphs of what was
+prepared here run batched per predictor (:func:`predict_works`; one by one when the batched
+path raises).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "Pending",
     "Work",
     "finish_one",
+    "predict_batch",
     "predict_works",
     "prepare_batch",
     "prepare_works",
@@ -238,16 +241,14 @@ def prepare_works(
         return prepare_batch(works, **kw, worker=worker)
     except Exception:
         logger.exception("preparing a batch of %d spectra failed; one by one", len(works))
-        if on_bug is not None:
-            on_bug()
+        _bug(on_bug)
     for w in works:
         if w.reason is None and w.prepared is None:
             try:
                 prepare_batch([w], **kw)
             except Exception as exc:
                 logger.exception("preparing spectrum %d of %s failed", w.scan.index, w.scan.raw_uid)
-                if on_bug is not None:
-                    on_bug()
+                _bug(on_bug)
                 w.fail("internal_error", f"{type(exc).__name__}: {exc}")
     return prepare_batch([], **kw)
 
@@ -295,10 +296,31 @@ def prepare_batch(
     return pending
 
 
-def predict_works(works: Sequence[Work]) -> None:
-    """Step 5's graphs for prepared works: one ``predict_prepared`` call per predictor; a
-    failing call is retried one by one, so a spectrum the graphs fail on is refused alone
-    (``prediction_error``)."""
+def predict_works(works: Sequence[Work], on_bug: Callable[[], None] | None = None) -> None:
+    """Step 5's graphs for prepared works (:func:`predict_batch`), never raising: a bug in
+    the batch's path predicts the works one by one here, so only a spectrum it fails on
+    alone is refused (``internal_error``); ``on_bug`` is called for each such failure."""
+    try:
+        predict_batch(works)
+        return
+    except Exception:
+        logger.exception("predicting a batch of %d spectra failed; one by one", len(works))
+        _bug(on_bug)
+    for w in works:
+        if w.reason is None and w.prediction is None:
+            try:
+                predict_batch([w])
+            except Exception as exc:
+                logger.exception(
+                    "predicting spectrum %d of %s failed", w.scan.index, w.scan.raw_uid
+                )
+                _bug(on_bug)
+                w.fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def predict_batch(works: Sequence[Work]) -> None:
+    """One ``predict_prepared`` call per predictor; a failing call is retried one by one, so
+    a spectrum the graphs fail on is refused alone (``prediction_error``)."""
     groups: dict[int, list[Work]] = {}
     for w in works:
         groups.setdefault(id(w.predictor), []).append(w)
@@ -320,6 +342,11 @@ def predict_works(works: Sequence[Work]) -> None:
                 w.fail("prediction_error", f"{predictor.bundle_id}: {type(exc).__name__}: {exc}")
 
 
+def _bug(on_bug: Callable[[], None] | None) -> None:
+    if on_bug is not None:
+        on_bug()
+
+
 class Pending:
     """Stacks on their way through the preparation (here, or in the preparation process)."""
 
@@ -333,15 +360,28 @@ class Pending:
         """Whether :meth:`finish` would not wait for the preparation process."""
         return self.done or self.ticket is None or worker is None or worker.ready(self.ticket)
 
-    def finish(self, worker: PrepWorker | None) -> None:
+    def finish(self, worker: PrepWorker | None, on_bug: Callable[[], None] | None = None) -> None:
         """Every stack prepared (and, from the preparation process, predicted); a stack it
-        did not run is prepared here."""
+        did not run is prepared here. Never raises for a bug of its own: results that cannot
+        be collected (``on_bug`` called; the process is replaced, its answers may be out of
+        step) are prepared here, and a spectrum whose preparation here fails alone is
+        refused (``internal_error``, ``on_bug`` called)."""
         if self.done:
             return
         self.done = True
         results: list[Any] = [None] * len(self.stacks)
         if self.ticket is not None and worker is not None:
-            results = worker.collect(self.ticket)
+            try:
+                results = list(worker.collect(self.ticket))
+                if len(results) != len(self.stacks):
+                    raise ValueError(f"{len(results)} results for {len(self.stacks)} stacks")
+            except Exception as exc:
+                logger.exception(
+                    "collecting %d stacks failed; preparing them here", len(self.stacks)
+                )
+                _bug(on_bug)
+                worker.abandon(self.ticket, f"collecting its results failed: {exc}")
+                results = [None] * len(self.stacks)
         for group, result in zip(self.stacks, results, strict=True):
             if isinstance(result, StackResult) and _take_result(group, result):
                 continue
@@ -352,8 +392,13 @@ class Pending:
             except Exception:  # a bug in the batched path: the rows go the slow way instead
                 logger.exception("batched preparation failed; preparing %d one by one", len(group))
                 for w in group:
-                    _reset(w)
-                    self.single(w)
+                    try:
+                        _reset(w)
+                        self.single(w)
+                    except Exception as exc:
+                        logger.exception("preparing spectrum %d failed", w.scan.index)
+                        _bug(on_bug)
+                        w.fail("internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _take_result(group: list[Work], result: StackResult) -> bool:

@@ -46,9 +46,10 @@ and recorded as an event of the run's analysis run. Assembly rejections are coun
 "assembly") and, when they belong to a run being analysed, recorded in it too. A bug on a
 run's start or stop is counted (``Counters.internal_error``, ``run_start``/``run_stop``): its
 spectra open the run without the start's metadata; a run whose closing failed stops "fail".
-A bug while a batch is begun (counted ``processing``) costs only the spectrum it hit (refused
-``internal_error``) or, on a run's start, that run's spectra until its stop; the rest of the
-batch, other runs' spectra included, is analysed as usual.
+A bug while a batch is begun or ended (counted ``processing``) costs only the spectrum it hit
+(refused ``internal_error``; a batched step that raises is retried one spectrum at a time) or,
+on a run's start, that run's spectra until its stop; the rest of the batch, other runs'
+spectra included, is analysed as usual.
 """
 
 from __future__ import annotations
@@ -275,36 +276,31 @@ class Pipeline:
 
         A batch's analysis events come first, then the advice that follows them (a run's
         advice before its stop). ``advise=False``: the advice is left due, for
-        :meth:`advise` (the processing loop publishes the results before computing it)."""
-        batch.pending.finish(self.worker)
+        :meth:`advise` (the processing loop publishes the results before computing it).
+        A bug in the batch's preparation or prediction costs only the spectra it fails on
+        alone (refused ``internal_error``, counted ``processing``)."""
+
+        def bug() -> None:
+            self.counters.internal_error("processing")
+
+        batch.pending.finish(self.worker, on_bug=bug)
         items, works = batch.items, batch.works
         for w in works.values():
             if w.prepared is not None and w.prepared.spectrum.meta.get("broadened_fwhm"):
                 w.flags.append("herfd_broadened")
             if w.prepared is not None and w.prepared.spectrum.meta.get("glitches_interpolated"):
                 w.flags.append("glitch_interpolated")  # withholds stop-early
-        predict_works([w for w in works.values() if w.reason is None and w.prediction is None])
+        predict_works(
+            [w for w in works.values() if w.reason is None and w.prediction is None], on_bug=bug
+        )
         try:  # a hint, and the dashboard's copy below, must never cost the batch its documents
             self.herfd_hints.apply(works.values())
         except Exception:
             logger.exception("the HERFD hint failed on a batch")
-        for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
-            if w.reason is None and w.prediction is not None and w.prepared is not None:
-                assert w.predictor is not None
-                self.latest = LatestSpectrum(
-                    w.scan.raw_uid,
-                    w.scan.index,
-                    w.prepared,
-                    w.prediction,
-                    w.predictor.manifest,
-                    w.shift,
-                )
-                if self.on_latest is not None:
-                    try:
-                        self.on_latest(self.latest)
-                    except Exception:
-                        logger.exception("offering the latest spectrum failed")
-                break
+        try:
+            self._offer_latest(works)
+        except Exception:
+            logger.exception("keeping the latest spectrum of a batch failed")
         docs: list[Doc] = []
         for i, out in enumerate(items):
             try:
@@ -325,8 +321,32 @@ class Pipeline:
                     self.counters.reject("internal_error", "analysis")
                 elif isinstance(out, RunOpened):  # its first spectrum opens it (_ensure_run)
                     self.counters.internal_error("run_start")
-        docs = paged(docs)
+        try:  # the documents are good without their pages
+            docs = paged(docs)
+        except Exception:
+            logger.exception("paging a batch's %d documents failed", len(docs))
+            self.counters.internal_error("processing")
         return docs + self.advise() if advise else docs
+
+    def _offer_latest(self, works: dict[int, Work]) -> None:
+        """:attr:`latest`: the batch's last spectrum with a prediction, offered on."""
+        for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
+            if w.reason is None and w.prediction is not None and w.prepared is not None:
+                assert w.predictor is not None
+                self.latest = LatestSpectrum(
+                    w.scan.raw_uid,
+                    w.scan.index,
+                    w.prepared,
+                    w.prediction,
+                    w.predictor.manifest,
+                    w.shift,
+                )
+                if self.on_latest is not None:
+                    try:
+                        self.on_latest(self.latest)
+                    except Exception:
+                        logger.exception("offering the latest spectrum failed")
+                break
 
     def advise(self) -> list[Doc]:
         """The ``recommendations`` documents of the advice due so far, computed now."""

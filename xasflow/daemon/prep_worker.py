@@ -257,6 +257,13 @@ class PrepWorker:
         self.stats["fallbacks"] += sum(isinstance(r, JobFailed) for r in results)
         return list(results)
 
+    def abandon(self, ticket: Ticket, why: str) -> None:
+        """``ticket``'s results could not be collected (a bug): its jobs are run in the
+        thread (counted as fallbacks) and the child, whose answers may be out of step now,
+        is replaced."""
+        self.stats["fallbacks"] += len(ticket.jobs)
+        self._lost(why)
+
     def close(self, timeout: float = 5.0) -> None:
         """End the child: close the pipe (it exits), then terminate it if it lingers."""
         with self._lock:

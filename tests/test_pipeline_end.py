@@ -1,0 +1,83 @@
+"""A bug while a batch is ended (``Pipeline.end``: the batched prediction, the results of the
+preparation process) costs only the spectra it hit alone: the rest of the micro-batch, other
+runs' spectra included, is analysed and published as usual."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+pytest.importorskip("event_model")
+
+from helpers import unpaged
+from pipeline_helpers import rows_by_run, two_runs, validate
+
+from xasflow.daemon import pipeline as pipeline_module
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.pipeline import Pipeline
+from xasflow.models.predictor import Predictor
+
+
+def test_a_batched_prediction_that_fails_costs_only_the_spectrum_that_fails_alone(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the batched prediction (here the predictor hands back an iterator, not a
+    list, for any batch holding raw-a/1) predicts the batch one spectrum at a time, so only
+    raw-a/1 is refused (``internal_error``, counted as processing twice: the batch, then it
+    alone). Before, the whole batch was lost: 0 events, 5 refused, neither run stopped."""
+    real = Predictor.predict_prepared
+
+    def predict_prepared(self: Predictor, prepared: list[Any]) -> Any:
+        preds = real(self, prepared)
+        hit = any(
+            (p.spectrum.meta["raw_uid"], p.spectrum.meta["index"]) == ("raw-a", 1) for p in prepared
+        )
+        return iter(preds) if hit else preds
+
+    monkeypatch.setattr(Predictor, "predict_prepared", predict_prepared)
+    docs = two_runs(pipeline, counters)
+    validate(docs)
+    assert rows_by_run(docs) == {
+        "raw-a": [(0, "ok", ""), (1, "rejected", "internal_error"), (2, "ok", "")],
+        "raw-b": [(0, "ok", ""), (1, "ok", "")],
+    }
+    (row,) = [d["data"] for n, d in unpaged(docs) if n == "event" and d["data"]["reason"]]
+    assert row["detail"] == "TypeError: object of type 'list_iterator' has no len()"
+    stops = [d for n, d in docs if n == "stop"]
+    assert [(s["exit_status"], s["n_analysed"], s["n_rejected"]) for s in stops] == [
+        ("success", 2, 1),
+        ("success", 2, 0),
+    ]
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 2
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 4)
+    assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 1}
+    assert pipeline.open_runs == []
+
+
+def test_documents_that_cannot_be_paged_go_out_as_they_are(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug gathering a batch's events into pages publishes them one by one (counted as
+    processing once): the documents were made and counted already, so nothing is lost or
+    counted twice. Before, the batch was lost after its spectra were counted: 5 received,
+    5 analysed and 5 more refused internal_error, nothing published."""
+
+    def paged(docs: Any) -> Any:
+        raise RuntimeError("a bug in paged")
+
+    monkeypatch.setattr(pipeline_module, "paged", paged)
+    docs = two_runs(pipeline, counters)
+    validate(docs)
+    assert [n for n, _ in docs].count("event") == 5 and "event_page" not in [n for n, _ in docs]
+    assert rows_by_run(docs) == {
+        "raw-a": [(i, "ok", "") for i in range(3)],
+        "raw-b": [(i, "ok", "") for i in range(2)],
+    }
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 5)
+    assert snap["rejected_by_stage"].get("analysis", {}) == {}
