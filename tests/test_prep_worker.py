@@ -160,6 +160,39 @@ def test_results_that_cannot_be_collected_are_prepared_in_the_thread(
     assert _rows(pipeline, _page("raw-e")) == here
 
 
+def test_a_batch_that_fails_to_begin_goes_out_after_the_batch_in_flight(
+    registry: ModelRegistry, worker: PrepWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose ``begin`` raises (a bug) is salvaged only once the batch still in the
+    process has ended: its run's stop ("fail", the error) follows that batch's events. Else
+    the stop would go out first, on a run opened for it alone, and the events after it in a
+    run never stopped."""
+    from pipeline_helpers import closed, rows_by_run, through_loop
+
+    from xasflow.daemon import pipeline as pipeline_module
+
+    counters = Counters()
+    pipeline = Pipeline(registry, counters, clock=lambda: T0, worker=worker)
+    real, calls = pipeline_module.prepare_works, []
+
+    def prepare_works(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in begin")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "prepare_works", prepare_works)
+    monkeypatch.setattr(worker, "ready", lambda ticket: False)  # in flight till the next
+    docs = through_loop(pipeline, counters, _page("raw-f"), [closed("raw-f", n=10)])
+    assert [n for n, _ in unpaged(docs)] == ["start", "descriptor", *["event"] * 10, "stop"]
+    assert [r[1] for r in rows_by_run(docs)["raw-f"]].count("ok") == 8
+    stop = docs[-1][1]
+    assert (stop["exit_status"], stop["reason"]) == ("success", "")
+    snap = counters.snapshot()
+    assert (snap["internal_errors"]["processing"], snap["spectra_received"]) == (1, 10)
+    assert pipeline.open_runs == []
+
+
 @pytest.mark.timeout(60)
 def test_a_stopped_child_cannot_hold_the_thread(registry: ModelRegistry) -> None:
     """A batch larger than the pipe holds, sent to a SIGSTOPped child: the send and the

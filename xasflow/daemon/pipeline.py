@@ -49,7 +49,8 @@ spectra open the run without the start's metadata; a run whose closing failed st
 A bug while a batch is begun or ended (counted ``processing``) costs only the spectrum it hit
 (refused ``internal_error``; a batched step that raises is retried one spectrum at a time) or,
 on a run's start, that run's spectra until its stop; the rest of the batch, other runs'
-spectra included, is analysed as usual.
+spectra included, is analysed as usual. A batch that raises all the same is salvaged
+(:meth:`Pipeline.salvage`): its spectra refused, its runs stopped "fail".
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ from xasflow.daemon.batch_prep import Pending, Work, predict_works, prepare_work
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
 from xasflow.daemon.herfd_hint import HerfdHints
+from xasflow.daemon.latest import LatestSpectrum, last_predicted
 from xasflow.daemon.reasons import REASONS, known_rejections
 from xasflow.daemon.recommend import RecommendationTracker, RecommenderConfig
 from xasflow.daemon.registry import ModelRegistry
-from xasflow.models.predictor import HERFD_SUSPECTED, Prediction
-from xasflow.spectra import Prepared
+from xasflow.models.predictor import HERFD_SUSPECTED
 from xasflow.spectra.herfd import herfd_declared
 
 if TYPE_CHECKING:
@@ -99,22 +100,6 @@ def _declarations(start: dict[str, Any]) -> dict[str, Any]:
         if declared is not None:
             out[key] = declared
     return out
-
-
-@dataclass(frozen=True)
-class LatestSpectrum:
-    """The last spectrum of a batch that got a prediction (what the dashboard plots).
-
-    Published by reference in :attr:`Pipeline.latest` (one assignment per batch, never
-    mutated afterwards), so another thread may read it without locks.
-    """
-
-    raw_uid: str
-    index: int
-    prepared: Prepared  # normalised y on the model grid, E0, edge step, the (aligned) spectrum
-    prediction: Prediction
-    manifest: Any  # the bundle's Manifest: regions, region importances, window, metrics
-    energy_shift: float | None = None
 
 
 @dataclass
@@ -189,6 +174,7 @@ class Pipeline:
         self._runs: dict[str, AnalysisRun] = {}
         self.declared = {"herfd": herfd, "calculated": calculated}
         self._declared: dict[str, dict[str, Any]] = {}  # raw uid -> what its start declares
+        self._hit: dict[str, str] = {}  # raw uid -> why a failed batch lost its spectra
         self.herfd_hints = HerfdHints()  # undeclared HERFD? checked once per run
         self.worker = worker
         #: The last spectrum analysed with a prediction (None before the first).
@@ -301,6 +287,35 @@ class Pipeline:
             self._offer_latest(works)
         except Exception:
             logger.exception("keeping the latest spectrum of a batch failed")
+        docs = self._documents(items, works)
+        return docs + self.advise() if advise else docs
+
+    def salvage(self, outputs: list[Output], error: str) -> list[Doc]:
+        """The documents of a batch whose processing raised all the same (a bug, counted by
+        the caller): each of its spectra refused (``internal_error``, "its batch failed:
+        <error>"), counted received, in its run; the runs it opens opened, its assembly
+        rejections recorded, and the stop of each run it had spectra of, in this batch or a
+        later one, "fail" with that reason (:meth:`_closed`). Never raises."""
+        detail = f"its batch failed: {error}"
+        try:
+            works: dict[int, Work] = {}
+            for i, out in enumerate(outputs):
+                if isinstance(out, SpectrumReady):
+                    works[i] = Work(out.spectrum, flags=list(out.spectrum.flags))
+                    works[i].fail("internal_error", detail)
+                    self._hit[out.spectrum.raw_uid] = detail
+                elif isinstance(out, RunClosed):  # begin may have failed before its pop
+                    self._declared.pop(out.raw_uid, None)
+        except Exception:  # none recorded: counted as they are
+            logger.exception("salvaging a failed batch of %d outputs failed", len(outputs))
+            n = sum(isinstance(o, SpectrumReady) for o in outputs)
+            self.counters.spectrum_received(n)
+            self.counters.reject("internal_error", "analysis", n)
+            return []
+        return self._documents(outputs, works)
+
+    def _documents(self, items: list[Output], works: dict[int, Work]) -> list[Doc]:
+        """The documents of a batch's outputs, ``works`` their spectra's; never raises."""
         docs: list[Doc] = []
         for i, out in enumerate(items):
             try:
@@ -322,31 +337,23 @@ class Pipeline:
                 elif isinstance(out, RunOpened):  # its first spectrum opens it (_ensure_run)
                     self.counters.internal_error("run_start")
         try:  # the documents are good without their pages
-            docs = paged(docs)
+            return paged(docs)
         except Exception:
             logger.exception("paging a batch's %d documents failed", len(docs))
             self.counters.internal_error("processing")
-        return docs + self.advise() if advise else docs
+            return docs
 
     def _offer_latest(self, works: dict[int, Work]) -> None:
         """:attr:`latest`: the batch's last spectrum with a prediction, offered on."""
-        for w in reversed(works.values()):  # O(1) unless the batch ends in rejections
-            if w.reason is None and w.prediction is not None and w.prepared is not None:
-                assert w.predictor is not None
-                self.latest = LatestSpectrum(
-                    w.scan.raw_uid,
-                    w.scan.index,
-                    w.prepared,
-                    w.prediction,
-                    w.predictor.manifest,
-                    w.shift,
-                )
-                if self.on_latest is not None:
-                    try:
-                        self.on_latest(self.latest)
-                    except Exception:
-                        logger.exception("offering the latest spectrum failed")
-                break
+        latest = last_predicted(works)
+        if latest is None:
+            return
+        self.latest = latest
+        if self.on_latest is not None:
+            try:
+                self.on_latest(latest)
+            except Exception:
+                logger.exception("offering the latest spectrum failed")
 
     def advise(self) -> list[Doc]:
         """The ``recommendations`` documents of the advice due so far, computed now."""
@@ -459,10 +466,11 @@ class Pipeline:
             run = AnalysisRun(out.raw_uid, None, validate=self.validate, clock=self.clock)
             self.counters.run_opened()
         docs: list[Doc] = []
+        lost = self._hit.pop(out.raw_uid, "")  # spectra lost to a failed batch: "fail"
         try:
             self.herfd_hints.forget(out.raw_uid)
             docs = self.advice.close(out.raw_uid) if self.advice is not None else []
-            return docs + self._stop(run, out)
+            return docs + self._stop(run, out, lost)
         except Exception as exc:
             logger.exception("closing the analysis run of %s failed", out.raw_uid)
             self.counters.internal_error("run_stop")

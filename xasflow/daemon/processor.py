@@ -365,8 +365,9 @@ class Processor:
         outputs = self._element_defaults(outputs)
         try:
             self._pending.append(self.pipeline.begin(outputs))
-        except Exception:  # a pipeline bug must not end the daemon: count and go on
-            self._failed(outputs)
+        except Exception as exc:  # a pipeline bug must not end the daemon: count and go on
+            self._complete(0)  # the batches before it go out first, in order
+            self._failed(outputs, exc)
         self._complete(self.depth)
 
     def _complete(self, keep: int) -> None:
@@ -377,20 +378,21 @@ class Processor:
             batch = self._pending.popleft()
             try:
                 docs = self.pipeline.end(batch, advise=False)
-            except Exception:
-                self._failed(batch.items)
+            except Exception as exc:
+                self._failed(batch.items, exc)
                 continue
             for name, doc in docs:
                 self.emit(name, doc)
             for name, doc in self.pipeline.advise():  # computed once its results are out
                 self.emit(name, doc)
 
-    def _failed(self, outputs: list[Output]) -> None:
-        logger.exception("pipeline failed on a batch of %d outputs", len(outputs))
-        n = sum(isinstance(o, SpectrumReady) for o in outputs)
+    def _failed(self, outputs: list[Output], exc: Exception) -> None:
+        """A batch the pipeline raised on (a bug): counted, its spectra refused and counted
+        received, its runs stopped "fail" (:meth:`Pipeline.salvage`), never left open."""
+        logger.error("pipeline failed on a batch of %d outputs", len(outputs), exc_info=exc)
         self.counters.internal_error("processing")
-        if n:
-            self.counters.reject("internal_error", stage="analysis", n=n)
+        for name, doc in self.pipeline.salvage(outputs, f"{type(exc).__name__}: {exc}"):
+            self.emit(name, doc)
 
     #: The store writer, when storage is on (documents it already holds skip it).
     store_sink: Sink | None = None
