@@ -92,13 +92,16 @@ def test_a_failed_batch_is_told_lost_and_does_not_hold_later_results(
 
 
 def _no_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every run's table fails to open (a full disk), at once (no back-off waits)."""
+    """Every run's table fails to open (a full disk), at once (no back-off waits); its
+    reattachment after a catalog restart too (adapters.writer_outage)."""
     import xasflow.adapters.tiled_writer as tw
+    import xasflow.adapters.writer_outage as wo
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(tw, "attach_run", refuse)
+    monkeypatch.setattr(wo, "attach_run", refuse)
     monkeypatch.setattr(tw, "with_retries", lambda action, what: action())
 
 

@@ -5,7 +5,7 @@ The catalog's child process (:mod:`xasflow.adapters.tiled_server`) can die under
 :meth:`CatalogSupervisor.poll` every step and at least once a second: once the child is found
 dead, a new one is started on the same directory (new port, new API key) and its tiled client
 handed back, so the writer can reattach its runs and replay the journal
-(:meth:`~xasflow.adapters.tiled_writer.WriterThread._recover`). The first try is at once;
+(:meth:`~xasflow.adapters.writer_outage.CatalogOutage._recover`). The first try is at once;
 while children keep dying or failing to start, the tries wait 1 s, doubling up to 30 s, so a
 child that dies at once never spins. A child that stayed up for ``max_delay`` seconds counts
 as healthy again: its death is retried at once. Everything here runs on the writer thread;
