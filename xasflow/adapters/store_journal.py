@@ -209,13 +209,20 @@ class Journal:
                 [(raw_uid, lo, hi) for lo, hi in spans],
             )
 
-    def forget_run(self, raw_uid: str, stop: dict[str, Any] | None = None) -> None:
+    def forget_run(
+        self,
+        raw_uid: str,
+        stop: dict[str, Any] | None = None,
+        still: Callable[[], bool] | None = None,
+    ) -> None:
         """Forget a run whose stop the catalog now holds.
 
         It stays while rows are still listed for it (a batch the catalog could not take: they
         are replayed at the next start, never dropped here) and, given ``stop``, unless that
         is still its stop: a run reopened since (a Kafka partition that came back replays it)
-        keeps its record and the rows journalled for the new copy.
+        keeps its record and the rows journalled for the new copy. Given ``still`` (a stop
+        the journal could not record, so nothing in the record tells a reopen apart), it
+        stays unless ``still()`` holds once the write lock is taken, as for :meth:`drop_run`.
         """
         sql = (
             "DELETE FROM runs WHERE raw_uid = ?"
@@ -225,8 +232,13 @@ class Journal:
         if stop is not None:
             sql += " AND stop = ?"
             args.append(_dumps(stop))
-        with self._lock:
-            self._db.execute(sql, args)
+        if still is None:
+            with self._lock:
+                self._db.execute(sql, args)
+            return
+        with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
+            if still():
+                self._db.execute(sql, args)
 
     def drop_run(self, raw_uid: str, still: Callable[[], bool]) -> bool:
         """Forget a run's record and every row listed for it (an older copy's, superseded by

@@ -336,7 +336,11 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             self._types.pop(raw_uid, None)
             if self._columns.pop(raw_uid, None) is None:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
-            self._items.append(("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop))
+            # unjournalled: with the callers' count of its opens (a later one keeps its record)
+            opens = () if journalled else (self._opened.get(raw_uid, 0),)
+            self._items.append(
+                ("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop, *opens)
+            )
             self._cond.notify()
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:

@@ -163,7 +163,7 @@ class WriterThread(CatalogOutage):
         elif kind == "prepare":
             self._prepare(item[1])
         elif kind in ("close", UNJOURNALLED_CLOSE):
-            self._close(item[1], item[2], journalled=kind == "close")
+            self._close(item[1], item[2], None if kind == "close" else item[3])
         elif kind == "release":  # a replayed run left without a stop: the service ends it
             run = self._runs.pop(item[1], None)
             if run is not None and not run.failed:
@@ -231,7 +231,11 @@ class WriterThread(CatalogOutage):
         self._catalog(lambda: run.node.update_metadata(_start_of(run)), f"start {run.raw_uid}")
         run.start_due = False
 
-    def _close(self, raw_uid: str, stop_doc: dict, journalled: bool = True) -> None:
+    def _close(self, raw_uid: str, stop_doc: dict, unjournalled: int | None = None) -> None:
+        """Write a run's stop, then forget its journal record. ``unjournalled``: the stop is
+        not in the journal (the callers' count of the run's opens at this close is given):
+        the record is forgotten only while no later open came, which may have journalled a
+        record of its own, its rows still to come (forgotten, a crash would lose them)."""
         run = self._runs.pop(raw_uid, None)
         if run is None or run.failed:
             self._count("errors")
@@ -240,11 +244,15 @@ class WriterThread(CatalogOutage):
         self._commit(run)
         meta = {**_start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
         self._catalog(lambda: run.node.update_metadata(meta), f"close {raw_uid}")
-        if not journalled and raw_uid in self._superseded:  # its drop failed at the open
+        if unjournalled is not None and raw_uid in self._superseded:  # drop failed at the open
             self._end_superseded(raw_uid)
-        elif self._journal_w is not None:
-            # the journal's record holds this stop, unless it could not record it
-            self._journal_w.forget_run(raw_uid, stop_doc if journalled else None)
+        elif self._journal_w is None:
+            return
+        elif unjournalled is None:  # the journal's record holds this stop
+            self._journal_w.forget_run(raw_uid, stop_doc)
+        else:
+            still = lambda: self._opened.get(raw_uid) == unjournalled  # noqa: E731
+            self._journal_w.forget_run(raw_uid, None, still)
 
     def _end_superseded(self, raw_uid: str) -> None:
         """Drop the journal's record of a run opened unjournalled, and the rows listed for

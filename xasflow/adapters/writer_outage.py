@@ -32,7 +32,8 @@ logger = logging.getLogger("xasflow.adapters.tiled_store")
 
 #: The queue item of a run's stop the journal could not record: the writer holds it while
 #: the catalog's process is down (a journalled stop is left to the journal's replay), and
-#: forgets the run's journal record whatever stop it holds.
+#: forgets the run's journal record whatever stop it holds, unless the run was opened again
+#: since (the item's fourth field: the callers' count of its opens at this close).
 UNJOURNALLED_CLOSE = "close_unjournalled"
 #: The queue item of a run's open the journal could not record (the run is unjournalled,
 #: :mod:`xasflow.adapters.journal_fallback`): held, like its rows and stop, while the
