@@ -45,8 +45,8 @@ class SSEClient:
         block, self.buffer = self.buffer.split(sep, 1)
         return block
 
-    def next_state(self, deadline: float) -> dict[str, Any]:
-        """The next ``state`` event's JSON (comments and retry hints skipped)."""
+    def next_event(self, deadline: float) -> tuple[str, Any]:
+        """The next event's name and JSON data (comments and retry hints skipped)."""
         while True:
             block = self._read_until(b"\n\n", deadline).decode()
             fields: dict[str, str] = {}
@@ -54,8 +54,15 @@ class SSEClient:
                 if line and not line.startswith(":") and ":" in line:
                     key, value = line.split(":", 1)
                     fields[key] = value.removeprefix(" ")
-            if fields.get("event") == "state":
-                return json.loads(fields["data"])
+            if "event" in fields:
+                return fields["event"], json.loads(fields["data"])
+
+    def next_state(self, deadline: float) -> dict[str, Any]:
+        """The next ``state`` event's JSON (other events skipped)."""
+        while True:
+            event, data = self.next_event(deadline)
+            if event == "state":
+                return data  # type: ignore[no-any-return]
 
     def wait_for(self, predicate: Any, timeout: float = DEADLINE_S) -> tuple[dict[str, Any], int]:
         """The first state satisfying ``predicate``, and how many states were read for it."""

@@ -6,6 +6,7 @@ stream's reconnection, the prediction card, and the recommendation.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -262,6 +263,60 @@ def test_page_reconnects_after_the_event_stream_is_refused(beamline: Harness, br
         limit.maximum = maximum
     # what went wrong on the page was the refused streams, and only that
     assert problems and all("/events" in p or "503" in p for p in problems), problems
+
+
+def test_page_says_its_state_is_stale_while_a_part_hangs(
+    beamline: Harness, browser: Any, monkeypatch: Any
+) -> None:
+    """Before: when a part hung in the daemon's health report, the dashboard built no new
+    state while the stream stayed open (keep-alives only): the page said "live" and showed
+    the last state as current. Now the stream sends ``stale`` once the newest state is
+    STALE_AFTER_S old: the pill says "stalled", the state is marked not live with its age,
+    and the page is live again once the part answers."""
+    from xasflow.daemon import dashboard as dashboard_module
+
+    monkeypatch.setattr(dashboard_module, "STALE_AFTER_S", 1.0, raising=False)
+    d = beamline.daemon
+    assert d.http_url is not None
+    dashboard = d.parts.app.state.dashboard
+    real = dashboard.view
+    entered, release = threading.Event(), threading.Event()
+
+    class Hanging:  # the daemon's view, but its health report hangs until released
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def health(self) -> dict[str, Any]:
+            entered.set()
+            release.wait(60)
+            return real.health()  # type: ignore[no-any-return]
+
+    page, _, problems = open_page(browser, d.http_url)
+    try:
+        expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
+        dashboard.view = Hanging()
+        assert entered.wait(20)  # the dashboard's own thread, in the part
+        expect(page.locator("#conn")).to_have_text("stalled", timeout=TIMEOUT_MS)
+        expect(page.locator("body")).to_have_class("stale", timeout=TIMEOUT_MS)
+        note = page.text_content("#conn-stale") or ""
+        assert page.locator("#health-table tr").count() > 0  # the last state, still shown
+        messages = page.evaluate("window.xasflow.messages")
+        dashboard.view = real
+        release.set()  # the part answers again
+        page.wait_for_function(
+            f"() => window.xasflow.messages > {messages}"
+            " && document.getElementById('conn').textContent === 'live'",
+            timeout=TIMEOUT_MS,
+        )
+        drawn(page)
+        assert not page.is_visible("#conn-stale")
+        assert "stale" not in (page.get_attribute("body", "class") or "")
+    finally:
+        dashboard.view = real
+        release.set()
+        page.close()
+    assert not problems, problems
+    assert note.startswith("not live: the daemon's state is not being updated"), note
 
 
 #: The prediction card's fields that only a prediction fills (``renderPrediction``).

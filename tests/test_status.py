@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -254,3 +255,87 @@ def test_a_blocked_part_takes_one_thread_and_later_scrapes_are_refused(
                 assert response.json()["store"]["queued"] == 2
             else:
                 assert "xasflow_store_queued 2.0" in response.text
+
+
+def _open_tab(url: str, tabs: list[Any]) -> None:
+    from dashboard_helpers import SSEClient
+
+    tabs.append(SSEClient(url))
+
+
+def test_a_blocked_part_takes_one_thread_from_the_dashboard_and_its_pages_say_so(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Before, /api/state and each new event stream built the dashboard's message in a thread
+    of the event loop's shared pool, which waited on the dashboard's lock while its own thread
+    hung in view.health(): one pool thread per poll and per tab, none answered, and an open
+    tab kept its last state as if live. Now one build at a time runs in a thread of its own,
+    shared; once it is SCRAPE_WAIT_S old /api/state is 503 and a new tab gets the last state
+    marked stale, an open tab is told its state is stale, and all answer once it is back."""
+    from dashboard_helpers import http_get
+
+    from xasflow.daemon import dashboard, http
+
+    monkeypatch.setattr(http, "SCRAPE_WAIT_S", 0.5)
+    monkeypatch.setattr(dashboard, "STALE_AFTER_S", 1.0, raising=False)
+    config = DaemonConfig(storage={"directory": str(tmp_path / "store")})  # type: ignore[arg-type]
+    store = _BlockedStore()
+    store.release.set()
+    status = DaemonStatus(config, Counters(), Parts(store=store))
+    status.ready = True
+    server = http.HttpServer(http.create_app(status, config.http))
+    server.start()
+    try:
+        tab = _live_tab(server.url)
+        store.release.clear()
+        store.entered.clear()
+        assert store.entered.wait(10)  # the dashboard's own thread, in the part
+        blocked_at = store.calls  # the last report answered is the one before
+        codes: list[int] = []
+        tabs: list[Any] = []
+        polls = [
+            threading.Thread(target=lambda: codes.append(http_get(server.url + "/api/state")[0]))
+            for _ in range(8)
+        ]
+        polls += [threading.Thread(target=_open_tab, args=(server.url, tabs)) for _ in range(4)]
+        for thread in polls:
+            thread.start()
+        deadline = time.monotonic() + 10
+        for thread in polls:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        builders = [t for t in threading.enumerate() if t.name == "xasflow-dashboard-state"]
+        assert (codes, len(tabs)) == ([503] * 8, 4), "the dashboard went dark"
+        assert store.calls == blocked_at and len(builders) == 1  # one build, one thread, held
+        for t in tabs:  # a new tab: the last state there is, marked stale
+            event, mark = t.next_event(deadline)
+            assert event == "stale" and mark["state"]["health"]["store"]["queued"] == blocked_at - 1
+        event, mark = _next_mark(tab, deadline)  # the open tab: its state is now stale
+        assert event == "stale" and mark["state"] is None and mark["age_s"] >= 1.0
+        store.release.set()  # the part answers again
+        fresh = tab.next_state(time.monotonic() + 10)  # live again, with a fresh report
+        assert fresh["health"]["store"]["queued"] >= blocked_at
+        code, _, body = http_get(server.url + "/api/state")
+        assert code == 200 and json.loads(body)["health"]["store"]["queued"] >= blocked_at
+        for t in (tab, *tabs):
+            t.close()
+    finally:
+        store.release.set()
+        server.stop()
+
+
+def _live_tab(url: str) -> Any:
+    """An event stream whose first state carries a health report (the part answers)."""
+    from dashboard_helpers import SSEClient
+
+    tab = SSEClient(url)
+    state = tab.next_state(time.monotonic() + 10)
+    assert tab.status == 200 and state["health"]["store"]["queued"] >= 1
+    return tab
+
+
+def _next_mark(tab: Any, deadline: float) -> tuple[str, Any]:
+    """The stream's next event that is no state (states built before the part blocked)."""
+    while True:
+        event, data = tab.next_event(deadline)
+        if event != "state":
+            return event, data

@@ -26,7 +26,9 @@ Throttling, so a 500 spectra/s stream freezes neither the daemon nor the browser
   what came in (per-run counts and a bounded, decimated history) and, while a page is
   connected, renders one JSON message with the latest state and the aggregated history;
 * each SSE connection sends at most the newest message once per interval: a slow client
-  skips intermediate states instead of queueing them; the browser draws on animation frames.
+  skips intermediate states instead of queueing them; the browser draws on animation frames;
+  once the newest is ``STALE_AFTER_S`` old (a part hangs in the build) it says so (``stale``),
+  and the page marks what it shows as not live.
 
 """
 
@@ -39,7 +41,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
@@ -56,7 +58,7 @@ from xasflow.daemon.documents import finite_number
 if TYPE_CHECKING:
     from xasflow.daemon.view import DaemonView
 
-__all__ = ["Dashboard"]
+__all__ = ["STALE_AFTER_S", "Dashboard"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ _OPEN_RUNS_KEPT = 200  # runs on show with no stop seen (a stop lost in the inbo
 _RUNS_SHOWN = 8
 _HEALTH_EVERY_S = 1.0
 _KEEPALIVE_S = 15.0
+#: A page's stream says its state is stale once the newest message is this old: one is built
+#: at least every _HEALTH_EVERY_S while a page watches, unless the build hangs in a part.
+STALE_AFTER_S = 5.0
 _RATE_WINDOW_S = 5.0
 #: The rates sent to the page, in the order of a rate sample's counts (after its time).
 _RATE_NAMES = (
@@ -362,20 +367,40 @@ class Dashboard:
         """The newest built message and its version, without building one."""
         return self._out
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """SSE: the current state at once, then the newest state at most once per interval."""
+    def age(self) -> float | None:
+        """Seconds since the newest message was built (None: none was)."""
+        built = self._built_at
+        return None if built == -math.inf else max(0.0, self.clock() - built)
+
+    async def stream(
+        self, first: Callable[[], Awaitable[tuple[int, str] | None]]
+    ) -> AsyncIterator[bytes]:
+        """SSE: the current state at once (``first``: the shared build of :meth:`message`,
+        None once it has waited too long), then the newest state at most once per interval;
+        a ``stale`` event once the newest is ``STALE_AFTER_S`` old (its build hangs), with
+        the last state when this stream has sent none, so the page never shows it as live."""
         self.clients += 1
         try:
             yield b"retry: 2000\n\n"
-            version, body = await asyncio.to_thread(self.message)
-            last, quiet = version, 0.0
-            yield _sse(version, body)
+            got = await first()
+            stale = got is None
+            if got is None:  # the build in flight has not answered: the last one, marked
+                last, text = self.peek()
+                yield _stale(last, self.age(), text)
+            else:
+                last, body = got
+                yield _sse(last, body)
+            quiet = 0.0
             while not self.closed:
                 await asyncio.sleep(self.interval)
                 version, text = self.peek()
+                age = self.age()
                 if version != last and text is not None:
-                    last, quiet = version, 0.0
+                    last, quiet, stale = version, 0.0, False
                     yield _sse(version, text)
+                elif not stale and age is not None and age > STALE_AFTER_S:
+                    stale, quiet = True, 0.0  # built every second while a page watches
+                    yield _stale(last, age, None)
                 else:
                     quiet += self.interval
                     if quiet >= _KEEPALIVE_S:
@@ -433,3 +458,10 @@ class _AdviceView(StreamCallback):
 
 def _sse(version: int, body: str) -> bytes:
     return f"id: {version}\nevent: state\ndata: {body}\n\n".encode()
+
+
+def _stale(version: int, age: float | None, body: str | None) -> bytes:
+    """The ``stale`` event: the newest state (``version``, or ``body`` itself) is ``age`` s
+    old and no newer one comes (a part of the daemon does not answer)."""
+    age_s = "null" if age is None else f"{age:.1f}"
+    return f'event: stale\ndata: {{"version":{version},"age_s":{age_s},"state":{body or "null"}}}\n\n'.encode()

@@ -3,8 +3,9 @@
     GET /              the page (``static/index.html``; every asset local, no CDN)
     GET /static/x.js   its scripts, ES modules (their imports carry the page's ``?token=``)
     GET /static/x.css  its style sheet
-    GET /api/state     the current state as one JSON object
-    GET /events        server-sent events: ``event: state`` with that JSON, pushed on change
+    GET /api/state     the current state as one JSON object (503 while its build hangs)
+    GET /events        server-sent events: ``event: state`` with that JSON, pushed on change;
+                       ``event: stale`` once no newer state comes (a part hangs in the build)
     GET /api/dashboard the dashboard's own counters (documents, dropped, messages, clients)
 
 No folder is served: each file answers at its own name only, through the route that fills
@@ -17,7 +18,6 @@ built and throttled: :mod:`xasflow.daemon.dashboard`.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import re
 import urllib.parse
@@ -35,7 +35,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from xasflow.daemon.dashboard import Dashboard
-from xasflow.daemon.limits import StreamLimit
+from xasflow.daemon.limits import SharedRead, StreamLimit
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -98,16 +98,25 @@ def _script(name: str, token: str | None) -> str | None:
 
 
 def install_dashboard(
-    app: Starlette, view: DaemonView, rate_hz: float = 5.0, max_clients: int = 64
+    app: Starlette,
+    view: DaemonView,
+    rate_hz: float = 5.0,
+    max_clients: int = 64,
+    wait_s: float = 10.0,
 ) -> Dashboard:
     """Add the dashboard's routes to ``app`` and start the dashboard (``app.state.dashboard``).
 
     At most ``max_clients`` event streams at once (``app.state.sse_limit``; beyond: 503, counted).
+    ``/api/state`` and each new stream's first state are one shared build at a time, in a
+    thread of its own (:class:`~xasflow.daemon.limits.SharedRead`): once it is ``wait_s`` old
+    (a part hangs in the health report) ``/api/state`` answers 503 and a stream the last
+    state, marked stale, instead of each taking a thread of the event loop's shared pool.
 
     The caller feeds it (:meth:`Dashboard.listener`, :meth:`Dashboard.offer_latest`); it is
     stopped by ``app.state.on_stop`` (see :class:`~xasflow.daemon.http.HttpServer`).
     """
     dash = Dashboard(view, rate_hz=rate_hz)
+    build = SharedRead("dashboard-state", dash.message, wait_s)
     limit = StreamLimit(max_clients, on_refused=view.counters.refused_by_limit)
 
     async def index(request: Request) -> Response:
@@ -132,12 +141,18 @@ def install_dashboard(
         return Response(text, media_type="text/css", headers=_SCRIPT_HEADERS)
 
     async def state(request: Request) -> Response:
-        _version, body = await asyncio.to_thread(dash.message)
-        return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+        built = await build.read()
+        if built is None:  # the build in flight hangs: no state to give as current
+            return build.refusal()
+        return Response(
+            built[1], media_type="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     def events(request: Request) -> Response:
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(dash.stream(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            dash.stream(build.read), media_type="text/event-stream", headers=headers
+        )
 
     async def stats(request: Request) -> Response:
         return JSONResponse(dash.stats())

@@ -302,6 +302,7 @@ def create_app(view: DaemonView, http_config: HttpConfig | None = None) -> Starl
             view,
             rate_hz=http_config.dashboard_rate_hz,
             max_clients=http_config.max_sse_clients,
+            wait_s=SCRAPE_WAIT_S,
         )
     if http_config is not None and http_config.token is not None:
         app.add_middleware(TokenAuth, token=http_config.token.get_secret_value())
