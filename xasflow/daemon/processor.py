@@ -61,7 +61,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from xasflow.adapters.live_clock import LiveClock
 from xasflow.adapters.probes import ProbeFilter
@@ -81,6 +81,8 @@ logger = logging.getLogger(__name__)
 Sink = Callable[[str, dict[str, Any]], None]
 
 _STATS_INTERVAL_S = 0.25
+
+_T = TypeVar("_T")
 
 
 class Processor:
@@ -164,8 +166,9 @@ class Processor:
                 break  # the receive thread is joined and the queue is empty
             self.clock.tick(counts=len(items) < a.batch_max)
             now = time.monotonic()
-            try:
-                self._complete(self.depth if items else 0)  # what the preparation has done
+            keep = self.depth if items else 0  # what the preparation has done goes out
+            self._safely("ending the batches prepared", None, self._complete, keep)
+            try:  # _turn feeds and analyses all it took, whatever fails (counted) on the way
                 self._turn(items, check=now >= next_check)
                 self._after_turn()
                 if now >= next_check:
@@ -175,7 +178,7 @@ class Processor:
                     self.on_tick()
             except Exception:  # nothing here should raise; if it does, keep serving
                 self.counters.internal_error("processing")
-                logger.exception("processing a batch of %d documents failed", len(items))
+                logger.exception("finishing a turn of %d documents failed", len(items))
             self.last_turn_at = time.monotonic()
         self._finish()
 
@@ -249,37 +252,65 @@ class Processor:
             self.interrupted.dropped(theirs)
 
     def _turn(self, items: list[tuple[str, dict[str, Any]]], check: bool) -> None:
+        """One turn's documents through the assembler, its outputs through the pipeline. A
+        bug in one step (counted ``processing``) costs only what that step would have given:
+        the turn's other documents are still fed, and what they made is analysed."""
         outputs: list[Output] = []
         spectra = 0
-        self._input_drops()  # after the turn's documents were taken (see _input_drops)
+        # after the turn's documents were taken (see _input_drops)
+        self._safely("telling the assembler of the input's drops", None, self._input_drops)
         ended: list[str] = []  # raw uids that hold no commit back any more
-        for name, doc in items:
-            try:
-                fed = self._feed(name, doc, outputs)
-            except Exception:  # one document's trouble: the turn's others still go on
-                self.counters.internal_error("processing")
-                logger.exception("handling a %r document failed", name)
-                fed = []
-            if name == "start":
-                ended.extend(self._unopened(doc))
-            for out in fed:  # a page may hold many spectra
-                outputs.append(out)
-                if isinstance(out, SpectrumReady):
-                    spectra += 1
-                    if spectra >= self.batching.max_spectra:  # a backlog, or a big page:
-                        self.analyse(outputs)  # publish as we go, at most max_spectra a call
-                        outputs, spectra = [], 0
-        outputs.extend(self._handed_over())
-        if check:
-            timed_out = self.assembler.check_timeouts()
-            ended.extend(o.raw_uid for o in timed_out if isinstance(o, RunClosed))
-            outputs.extend(timed_out)
-            if self.interrupted:
-                for raw_uid in self.interrupted.expired():
-                    self._close_interrupted(raw_uid, why="no stop within run_timeout_s")
-        if ended and self.runs_ended is not None:
-            self.runs_ended(ended)
-        self.analyse(outputs)
+        try:
+            for name, doc in items:
+                try:
+                    fed = self._feed(name, doc, outputs)
+                except Exception:  # one document's trouble: the turn's others still go on
+                    self.counters.internal_error("processing")
+                    logger.exception("handling a %r document failed", name)
+                    fed = []
+                if name == "start":
+                    ended.extend(self._safely("a start's bookkeeping", [], self._unopened, doc))
+                for out in fed:  # a page may hold many spectra
+                    outputs.append(out)
+                    if isinstance(out, SpectrumReady):
+                        spectra += 1
+                        if spectra >= self.batching.max_spectra:  # a backlog, a big page:
+                            self.analyse(outputs)  # publish as we go, max_spectra a call
+                            outputs, spectra = [], 0
+            outputs.extend(self._safely("closing runs handed over", [], self._handed_over))
+            if check:
+                outputs.extend(self._safely("checking run timeouts", [], self._timeouts, ended))
+            if ended and self.runs_ended is not None:
+                self._safely("reporting ended runs", None, self.runs_ended, ended)
+        finally:  # whatever the turn's documents made goes on (analyse never raises)
+            self.analyse(outputs)
+
+    def _timeouts(self, ended: list[str]) -> list[Output]:
+        """The runs idle past their run timeout, closed (their uids added to ``ended``), and
+        the interrupted runs whose stop did not come in time, each closed alone."""
+        timed_out = self.assembler.check_timeouts()
+        ended.extend(o.raw_uid for o in timed_out if isinstance(o, RunClosed))
+        if self.interrupted:
+            for raw_uid in self.interrupted.expired():
+                self._safely(
+                    "closing an interrupted run",
+                    None,
+                    self._close_interrupted,
+                    raw_uid,
+                    None,
+                    "no stop within run_timeout_s",
+                )
+        return timed_out
+
+    def _safely(self, what: str, default: _T, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)``, or ``default`` if it raises (a bug: counted ``processing`` and
+        logged), so one step's failure costs only what it would have given, not the turn."""
+        try:
+            return call(*args)
+        except Exception:
+            self.counters.internal_error("processing")
+            logger.exception("%s failed", what)
+            return default
 
     def _unopened(self, doc: Any) -> list[str]:
         """``[uid]`` of a start that left no run of its uid open (a warm-up probe, a start the
@@ -302,8 +333,8 @@ class Processor:
         if isinstance(run_start, str) and self.interrupted and self.interrupted.owns(run_start):
             self._close_interrupted(run_start, raw_stop=doc)
             return []
-        if isinstance(uid, str):  # a replay finds its run closed
-            outputs.extend(self._handed_over(uid))
+        if isinstance(uid, str):  # a replay finds its run closed (the start is fed anyway)
+            outputs.extend(self._safely("closing a replayed run", [], self._handed_over, uid))
         was_open = isinstance(uid, str) and self.assembler.is_open(uid)
         fed = self.assembler.feed(name, doc)  # refuses what is not a document, with a reason
         if isinstance(uid, str) and not was_open and self.assembler.is_open(uid):
@@ -359,11 +390,12 @@ class Processor:
 
     def analyse(self, outputs: list[Output]) -> None:
         """Pipeline over one batch of assembler outputs, then every sink in order (with a
-        preparation process: the batch is begun, and the one before it ended)."""
+        preparation process: the batch is begun, and the one before it ended). Never raises:
+        a batch that fails is salvaged (:meth:`_failed`)."""
         if not outputs:
             return
-        outputs = self._element_defaults(outputs)
         try:
+            outputs = self._element_defaults(outputs)
             self._pending.append(self.pipeline.begin(outputs))
         except Exception as exc:  # a pipeline bug must not end the daemon: count and go on
             self._complete(0)  # the batches before it go out first, in order
@@ -383,7 +415,10 @@ class Processor:
                 continue
             for name, doc in docs:
                 self.emit(name, doc)
-            for name, doc in self.pipeline.advise():  # computed once its results are out
+            advice: list[tuple[str, dict[str, Any]]] = self._safely(
+                "advising", [], self.pipeline.advise
+            )
+            for name, doc in advice:  # computed once its results are out
                 self.emit(name, doc)
 
     def _failed(self, outputs: list[Output], exc: Exception) -> None:

@@ -1,0 +1,145 @@
+"""A bug in the processing loop's turn outside the per-document guard (the input's drops, a
+start's bookkeeping, the hand-over, the run timeouts, the batch's element defaults) costs only
+what that step would have given: the turn's raw documents are still fed, their spectra
+analysed (or, if their batch fails, refused ``internal_error`` with their runs stopped
+"fail"), the failure counted once, and the loop goes on. Before, ``Processor.run``'s outer
+catch counted it and dropped the whole turn: nothing published, no run stopped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("pymatgen.core")
+pytest.importorskip("event_model")
+
+from event_model import compose_run
+from pipeline_helpers import channels, rows_by_run, validate
+
+from xasflow.daemon.assembly import RunAssembler
+from xasflow.daemon.config import AnalysisConfig
+from xasflow.daemon.counters import Counters
+from xasflow.daemon.pipeline import Pipeline
+from xasflow.daemon.processor import Processor
+
+
+def fly_run(n: int) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """A raw fly run of ``n`` synthetic Cu K transmission spectra (one event each)."""
+    run = compose_run(metadata={"element": "Cu", "edge": "K"})
+    energy, chans = channels("CuCl")
+    data = {"energy": energy, "I0": chans["i0"], "It": chans["it"], "Ir": chans["ir"]}
+    keys = {k: {"source": "sim", "dtype": "array", "shape": [len(energy)]} for k in data}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    docs: list[tuple[str, dict[str, Any]]] = [
+        ("start", run.start_doc),
+        ("descriptor", desc.descriptor_doc),
+    ]
+    stamps = dict.fromkeys(data, 0.0)
+    for _ in range(n):
+        docs.append(("event", desc.compose_event(data=data, timestamps=stamps, validate=False)))
+    docs.append(("stop", run.compose_stop()))
+    return run.start_doc["uid"], docs
+
+
+#: where the bug is injected: (class, method, on which call)
+WHERE = {
+    "input_drops": (Processor, "_input_drops", lambda *a: True),
+    "unopened": (Processor, "_unopened", lambda *a: True),
+    "replayed_start": (Processor, "_handed_over", lambda *a: len(a) > 1),
+    "handed_over": (Processor, "_handed_over", lambda *a: len(a) == 1),
+    "check_timeouts": (RunAssembler, "check_timeouts", lambda *a: True),
+    "element_defaults": (Processor, "_element_defaults", lambda *a: True),
+}
+
+
+def _fails_once(monkeypatch: pytest.MonkeyPatch, where: str) -> list[int]:
+    """Make the real method of ``where`` raise on its first call that matches; the list
+    given back counts the failures injected."""
+    owner, name, matches = WHERE[where]
+    real = getattr(owner, name)
+    hits: list[int] = []
+
+    def once(*args: Any, **kw: Any) -> Any:
+        if not hits and matches(*args, *kw.values()):
+            hits.append(1)
+            raise RuntimeError(f"a bug in {name}")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, once)
+    return hits
+
+
+def _serve(pipeline: Pipeline, counters: Counters, docs: list[tuple[str, Any]]) -> list[Any]:
+    """``docs`` queued, then ``Processor.run`` until the queue is empty (one turn, timeouts
+    checked); what it published."""
+    queue = list(docs)
+    analysis = AnalysisConfig(timeout_check_s=1e-9)  # every turn looks for idle runs
+    proc = Processor(
+        lambda timeout: queue.pop(0) if queue else None,
+        RunAssembler(),
+        pipeline,
+        counters,
+        analysis,
+    )
+    proc.abandoned = list  # the Kafka input's hook: nothing handed over
+    published: list[tuple[str, dict[str, Any]]] = []
+    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    proc.drain.set()
+    proc.run()
+    return published
+
+
+@pytest.mark.parametrize("where", [w for w in WHERE if w != "element_defaults"])
+def test_a_bug_in_a_turns_step_costs_only_that_step(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The turn's two runs (raw-a 3 spectra, raw-b 2, starts to stops) are analysed and
+    stopped as if nothing had failed; the bug is counted once."""
+    a, docs_a = fly_run(3)
+    b, docs_b = fly_run(2)
+    hits = _fails_once(monkeypatch, where)
+    docs = _serve(pipeline, counters, docs_a + docs_b)
+    assert hits == [1]
+    validate(docs)
+    assert rows_by_run(docs) == {
+        a: [(i, "ok", "") for i in range(3)],
+        b: [(i, "ok", "") for i in range(2)],
+    }
+    stops = [(d["exit_status"], d["n_analysed"], d["n_rejected"]) for n, d in docs if n == "stop"]
+    assert stops == [("success", 3, 0), ("success", 2, 0)]
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 5)
+    assert pipeline.open_runs == []
+
+
+def test_a_batch_that_fails_before_the_pipeline_is_salvaged(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug filling the batch's element defaults, before the pipeline begins it: its spectra
+    are refused ``internal_error`` in their runs and both runs stop "fail" with the error,
+    received 5 = analysed 0 + rejected 5."""
+    a, docs_a = fly_run(3)
+    b, docs_b = fly_run(2)
+    hits = _fails_once(monkeypatch, "element_defaults")
+    docs = _serve(pipeline, counters, docs_a + docs_b)
+    assert hits == [1]
+    validate(docs)
+    assert rows_by_run(docs) == {
+        a: [(i, "rejected", "internal_error") for i in range(3)],
+        b: [(i, "rejected", "internal_error") for i in range(2)],
+    }
+    stops = [
+        (d["exit_status"], d["reason"], d["n_analysed"], d["n_rejected"])
+        for n, d in docs
+        if n == "stop"
+    ]
+    why = "internal_error: its batch failed: RuntimeError: a bug in _element_defaults"
+    assert stops == [("fail", why, 0, 3), ("fail", why, 0, 2)]
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 0)
+    assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 5}
+    assert pipeline.open_runs == []
