@@ -143,3 +143,41 @@ def test_a_batch_that_fails_before_the_pipeline_is_salvaged(
     assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 0)
     assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 5}
     assert pipeline.open_runs == []
+
+
+def test_a_bug_at_shutdown_still_stops_the_runs_left_open(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input's drops raising at shutdown (their second look, after the turn's): the run
+    left open (raw-b, no stop) is still closed "abort" ("shutdown") with its 2 spectra, and
+    the loop ends. Before, ``run`` raised out of ``_finish``: the thread died and raw-b never
+    stopped."""
+    a, docs_a = fly_run(3)
+    b, docs_b = fly_run(2)
+    real = Processor._input_drops
+    calls: list[int] = []
+
+    def input_drops(self: Processor) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in _input_drops")
+        real(self)
+
+    monkeypatch.setattr(Processor, "_input_drops", input_drops)
+    docs = _serve(pipeline, counters, docs_a + docs_b[:-1])
+    assert len(calls) == 2
+    validate(docs)
+    assert rows_by_run(docs) == {
+        a: [(i, "ok", "") for i in range(3)],
+        b: [(i, "ok", "") for i in range(2)],
+    }
+    stops = [
+        (d["exit_status"], d["reason"], d["n_analysed"], d["n_rejected"])
+        for n, d in docs
+        if n == "stop"
+    ]
+    assert stops == [("success", "", 3, 0), ("abort", "shutdown", 2, 0)]
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 5)
+    assert pipeline.open_runs == []

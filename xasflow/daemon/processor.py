@@ -352,17 +352,21 @@ class Processor:
             logger.exception("preparing the analysis of run %r failed", uid)
 
     def _finish(self) -> None:
+        """Close every run still open, the interrupted ones too; a bug in one step (counted
+        ``processing``) skips only that step, so the thread ends and the other runs stop."""
         self._complete(0)
-        try:
-            self.analyse(self._handed_over())
-            self._after_turn()
-        except Exception:
-            logger.exception("the input's last hooks failed")
-        if self.interrupted is not None:
-            for raw_uid in self.interrupted.pending():
-                self._close_interrupted(raw_uid, why="shutdown")
-        self._input_drops()
-        self.analyse(self.assembler.flush_all("shutdown"))
+        self.analyse(self._safely("closing runs handed over", [], self._handed_over))
+        self._safely("the input's last hooks", None, self._after_turn)
+        pending: list[str] = self._safely("listing interrupted runs", [], self._pending_runs)
+        for raw_uid in pending:
+            why = "shutdown"
+            self._safely(
+                "closing an interrupted run", None, self._close_interrupted, raw_uid, None, why
+            )
+        self._safely("telling the assembler of the input's drops", None, self._input_drops)
+        self.analyse(
+            self._safely("closing the open runs", [], self.assembler.flush_all, "shutdown")
+        )
         try:  # runs the pipeline still holds (none, unless an output went missing)
             for name, doc in self.pipeline.close_all("shutdown"):
                 self.emit(name, doc)
@@ -373,6 +377,10 @@ class Processor:
                 self.on_tick()
             except Exception:
                 logger.exception("the last statistics update failed")
+
+    def _pending_runs(self) -> list[str]:
+        """The interrupted runs still open (none without crash recovery)."""
+        return self.interrupted.pending() if self.interrupted is not None else []
 
     def _close_interrupted(
         self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
