@@ -181,3 +181,56 @@ def test_a_bug_at_shutdown_still_stops_the_runs_left_open(
     assert snap["internal_errors"]["processing"] == 1
     assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 5)
     assert pipeline.open_runs == []
+
+
+def test_a_run_whose_timeout_close_fails_still_stops_and_lets_the_others_time_out(
+    pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs without stops go idle; closing the first by its run timeout raises (a bug in
+    the assembler's ``_Run.abandon``). It still stops, "fail" with the error (counted
+    ``run_stop``), and the second times out as usual. Before, ``check_timeouts`` raised at the
+    first: neither run stopped at that check (with a bug that stays, at none until shutdown)."""
+    from xasflow.daemon.assembly_run import _Run
+
+    a, docs_a = fly_run(3)
+    b, docs_b = fly_run(2)
+    real = _Run.abandon
+    hits: list[str] = []
+
+    def abandon(self: _Run, status: Any, reason: str) -> None:
+        if not hits:
+            hits.append(self.uid)
+            raise RuntimeError("a bug in abandon")
+        real(self, status, reason)
+
+    monkeypatch.setattr(_Run, "abandon", abandon)
+    asm = RunAssembler(run_timeout=10.0)
+    proc = Processor(lambda timeout: None, asm, pipeline, counters, AnalysisConfig())
+    published: list[tuple[str, dict[str, Any]]] = []
+    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    now = [0.0]
+    asm.clock = lambda: now[0]  # the processor installed its LiveClock: time by hand
+    proc._turn(docs_a[:-1] + docs_b[:-1], check=True)
+    now[0] = 100.0
+    proc._turn([], check=True)
+    proc._complete(0)
+    assert hits == [a]
+    validate(published)
+    stops = [
+        (d["exit_status"], d["reason"], d["n_analysed"], d["n_rejected"])
+        for n, d in published
+        if n == "stop"
+    ]
+    assert stops == [
+        ("fail", "internal_error: RuntimeError: a bug in abandon", 3, 0),
+        ("fail", "stop_timeout: no document for 100.0 s", 2, 0),
+    ]
+    assert rows_by_run(published) == {
+        a: [(i, "ok", "") for i in range(3)],
+        b: [(i, "ok", "") for i in range(2)],
+    }
+    snap = counters.snapshot()
+    assert snap["internal_errors"] == {"processing": 0, "run_start": 0, "run_stop": 1}
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 5)
+    assert pipeline.open_runs == []
+    assert asm.open_runs == 0

@@ -53,6 +53,7 @@ every point has.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -64,6 +65,7 @@ from xasflow.daemon.assembly_run import _Run
 from xasflow.daemon.assembly_stream import _Bad
 from xasflow.daemon.channels import ChannelMap
 from xasflow.daemon.outputs import (
+    ExitStatus,
     Output,
     Rejected,
     RunClosed,
@@ -83,6 +85,8 @@ __all__ = [
     "ScanSpectrum",
     "SpectrumReady",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Every ``Rejected.reason`` this module produces.
 REASONS: frozenset[str] = frozenset(
@@ -146,6 +150,8 @@ class RunAssembler:
         #: input-queue drops of descriptors not fed yet (still queued); see :meth:`dropped`
         self._early = _Held(_MEMORY)
         self._router = make_run_router([self._factory])
+        #: Called once for each run whose closing hit a bug (the daemon counts it).
+        self.on_error: Callable[[], None] | None = None
 
     @property
     def early_drops_forgotten(self) -> int:
@@ -229,7 +235,7 @@ class RunAssembler:
         for run in list(self._runs.values()):
             idle = self._now - run.last_seen
             if idle > self.run_timeout:
-                run.abandon("timeout", f"no document for {idle:.1f} s")
+                self._abandon(run, "timeout", f"no document for {idle:.1f} s")
         self._early.give_up(self._now, self.start_wait, self.is_open)
         self._out = []
         return out
@@ -246,7 +252,7 @@ class RunAssembler:
         self._now = self.clock()
         run = self._runs.get(raw_uid)
         if run is not None:
-            run.abandon("abort", reason)
+            self._abandon(run, "abort", reason)
             if replayable:
                 self._closed_runs.pop(raw_uid, None)
                 for desc in (*run.streams, *run.ignored):
@@ -260,7 +266,7 @@ class RunAssembler:
         self._out = out
         self._now = self.clock()
         for run in list(self._runs.values()):
-            run.abandon("abort", reason)
+            self._abandon(run, "abort", reason)
         self._out = []
         return out
 
@@ -367,6 +373,25 @@ class RunAssembler:
             status = self._closed_runs[run_uid]
             raise _Bad("late_document", f"{what} for run {run_uid}, closed ({status})")
         raise _Bad("unknown_run", f"{what} refers to unknown run {run_uid}")
+
+    def _abandon(self, run: _Run, status: ExitStatus, reason: str) -> None:
+        """Close ``run`` without its stop; a bug doing so still closes it ("fail", reason
+        "internal_error: <error>"), so it is not held open and the runs after it still close."""
+        try:
+            run.abandon(status, reason)
+        except Exception as exc:
+            logger.exception("closing run %r (%s) failed", run.uid, reason)
+            if self.on_error is not None:
+                self.on_error()
+            if not any(isinstance(o, RunClosed) and o.raw_uid == run.uid for o in self._out):
+                why = f"internal_error: {type(exc).__name__}: {exc}"
+                self._out.append(RunClosed(run.uid, "fail", why, run.n_spectra, run.n_rejected, 0))
+            run.closed = True  # its stop, given to the RunRouter by _forget, is ignored
+            self._runs.pop(run.uid, None)
+            try:
+                self._forget(run, "fail", via_stop=False)
+            except Exception:
+                logger.exception("forgetting run %r failed", run.uid)
 
     def _forget(self, run: _Run, status: str, *, via_stop: bool) -> None:
         """Drop a closed run here and in the RunRouter; remember its uids for late documents."""

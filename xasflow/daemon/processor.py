@@ -140,6 +140,7 @@ class Processor:
         self.drain = threading.Event()  # set once nothing more will be queued
         self.clock = LiveClock()
         assembler.clock = self.clock  # run timeouts count live time only (module docstring)
+        assembler.on_error = lambda: counters.internal_error("run_stop")  # a run's closing
         #: ``time.monotonic()`` at the end of the loop's last pass. An idle loop passes every
         #: 50 ms, so its age grows only while one document's handling or one batch's sinks
         #: hold the thread (a hung store, a stuck call): ``/health`` and ``/metrics`` show it.
