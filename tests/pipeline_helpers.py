@@ -185,3 +185,25 @@ def two_runs(pipeline: Any, counters: Any) -> list[tuple[str, dict]]:
         closed("raw-b", n=2),
     ]
     return through_loop(pipeline, counters, outputs)
+
+
+def assert_a1_refused_alone(
+    docs: list[tuple[str, dict[str, Any]]], snap: dict[str, Any], detail: str
+) -> None:
+    """:func:`two_runs`' documents and counts when a bug hit raw-a's spectrum 1 alone: that
+    one refused ``internal_error`` with ``detail``, the other four analysed, both runs stopped
+    as successes."""
+    validate(docs)
+    assert rows_by_run(docs) == {
+        "raw-a": [(0, "ok", ""), (1, "rejected", "internal_error"), (2, "ok", "")],
+        "raw-b": [(0, "ok", ""), (1, "ok", "")],
+    }
+    (row,) = [d["data"] for n, d in unpaged(docs) if n == "event" and d["data"]["reason"]]
+    assert row["detail"] == detail
+    stops = [d for n, d in docs if n == "stop"]
+    assert [(s["exit_status"], s["n_analysed"], s["n_rejected"]) for s in stops] == [
+        ("success", 2, 1),
+        ("success", 2, 0),
+    ]
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (5, 4)
+    assert snap["rejected_by_stage"]["analysis"] == {"internal_error": 1}

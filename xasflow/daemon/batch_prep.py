@@ -242,14 +242,8 @@ def prepare_works(
     except Exception:
         logger.exception("preparing a batch of %d spectra failed; one by one", len(works))
         _bug(on_bug)
-    for w in works:
-        if w.reason is None and w.prepared is None:
-            try:
-                prepare_batch([w], **kw)
-            except Exception as exc:
-                logger.exception("preparing spectrum %d of %s failed", w.scan.index, w.scan.raw_uid)
-                _bug(on_bug)
-                w.fail("internal_error", f"{type(exc).__name__}: {exc}")
+    left = [w for w in works if w.prepared is None]
+    _each_alone(left, lambda w: prepare_batch([w], **kw), "preparing", on_bug)
     return prepare_batch([], **kw)
 
 
@@ -306,16 +300,27 @@ def predict_works(works: Sequence[Work], on_bug: Callable[[], None] | None = Non
     except Exception:
         logger.exception("predicting a batch of %d spectra failed; one by one", len(works))
         _bug(on_bug)
+    left = [w for w in works if w.prediction is None]
+    _each_alone(left, lambda w: predict_batch([w]), "predicting", on_bug)
+
+
+def _each_alone(
+    works: Sequence[Work],
+    step: Callable[[Work], object],
+    what: str,
+    on_bug: Callable[[], None] | None,
+) -> None:
+    """After a bug in a batch's step: ``step`` each work not refused yet on its own, so only
+    one it fails on alone is refused (``internal_error``, ``on_bug`` called for it)."""
     for w in works:
-        if w.reason is None and w.prediction is None:
-            try:
-                predict_batch([w])
-            except Exception as exc:
-                logger.exception(
-                    "predicting spectrum %d of %s failed", w.scan.index, w.scan.raw_uid
-                )
-                _bug(on_bug)
-                w.fail("internal_error", f"{type(exc).__name__}: {exc}")
+        if w.reason is not None:
+            continue
+        try:
+            step(w)
+        except Exception as exc:
+            logger.exception("%s spectrum %d of %s failed", what, w.scan.index, w.scan.raw_uid)
+            _bug(on_bug)
+            w.fail("internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def predict_batch(works: Sequence[Work]) -> None:
