@@ -71,6 +71,17 @@ def tiny_mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_bundle(tmp_path_factory, "Cu", serve_networks=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_rivals_bundle(tiny_mlp_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_mlp_bundle`` served on its edges' rival rises (``xasflow.training.rivals``)."""
+    from xasflow.training.rivals import rivals_bundle
+
+    out = tmp_path_factory.mktemp("tiny-cu-rivals") / "models" / "cu-k"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XASFLOW_CACHE", str(tiny_mlp_bundle.parent.parent / "cache"))
+        return rivals_bundle(tiny_mlp_bundle, out, log=lambda _: None)
+
+
 def _tiny_bundle(
     tmp_path_factory: pytest.TempPathFactory, element: str, serve_networks: bool = False
 ) -> Path:

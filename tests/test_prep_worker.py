@@ -92,6 +92,51 @@ def test_the_process_gives_the_threads_answers_to_the_last_bit(
     assert there == here  # every key: E0, step, shift, answers, probabilities, sets, scores
 
 
+def _two_rise_page(uid: str, n: int = 10) -> list[Any]:
+    """A fly page of Cu(II)-like edges rising twice 6 eV apart (the grids on both rises are
+    served: ``prep.e0_rivals``), each on its own mono offset and noise."""
+    outs: list[Any] = [RunOpened(uid, {"uid": uid, "time": T0}, "fly")]
+    for i in range(n):
+        true = AXIS + 0.4 * (i % 4)
+        rng = np.random.default_rng(i)
+        mu = (
+            0.5 * (np.arctan((true - 8981.0) / 1.0) / np.pi + 0.5)
+            + 0.5 * (np.arctan((true - 8987.0) / 1.0) / np.pi + 0.5)
+            + 0.3 * np.exp(-(((true - 8995.0) / 4.0) ** 2))
+            + 0.002 * rng.standard_normal(AXIS.size)
+        )
+        foil = 0.5 + np.arctan((true - 8978.9) / 1.5) / np.pi
+        i0 = 1e9 * (1 + 0.001 * rng.standard_normal(AXIS.size))
+        it = i0 * np.exp(-mu - 0.3)
+        chans = {"i0": i0, "it": it, "ir": it * np.exp(-foil)}
+        scan = ScanSpectrum(uid, i, AXIS, chans, "Cu", "K", "transmission", (i + 1,), T0, T0)
+        outs.append(SpectrumReady(scan))
+    return outs
+
+
+def test_the_process_joins_a_spectrums_grids_as_the_thread_does(
+    tiny_rivals_bundle: Path, tmp_path: Path, worker: PrepWorker
+) -> None:
+    shutil.copytree(tiny_rivals_bundle, tmp_path / "models" / "cu-k")
+    registry = ModelRegistry(tmp_path / "models", Counters())
+    page = _two_rise_page("raw-r")
+    predictor = registry.get("Cu", "K")
+    assert predictor is not None
+    with_rivals = 0
+    for out in page[1:]:
+        work = start_work(out.spectrum, registry, False, False)
+        assert work.spectrum is not None
+        with_rivals += bool(predictor.prepare(work.spectrum).alternates)
+    assert with_rivals >= 5  # the page exercises the joined path
+    here = _rows(Pipeline(registry, Counters(), clock=lambda: T0), page)
+    there = _rows(
+        Pipeline(registry, Counters(), clock=lambda: T0, worker=worker), _two_rise_page("raw-r")
+    )
+    assert worker.stats["jobs"] == 1 and worker.stats["fallbacks"] == 0
+    assert [r["reason"] for r in there] == [""] * 10
+    assert there == here
+
+
 def test_a_dead_child_is_replaced_and_the_thread_takes_over_meanwhile(
     registry: ModelRegistry, worker: PrepWorker
 ) -> None:

@@ -26,6 +26,7 @@ from xasflow.models.integrity import MAX_GRAPH_BYTES, gunzip_limited, read_limit
 from xasflow.models.plan import plan_for
 from xasflow.models.results import OUT_OF_DOMAIN, Prediction, TaskResult
 from xasflow.models.single import decode_one
+from xasflow.models.views import join_views, view_counts, view_rows
 from xasflow.spectra import Prepared, Spectrum, SpectrumError, model_input, prepare
 from xasflow.spectra.quality import edge_snr
 
@@ -153,9 +154,16 @@ class Predictor:
                 raw[file][output] = value
         return raw
 
-    def infer(self, x: np.ndarray) -> tuple[dict[str, TaskArrays], np.ndarray | None]:
-        """Per task the decoded batch (calibrated, with sets/intervals) and the OOD scores."""
-        return decode_batch(self.manifest, self.run(x))
+    def infer(
+        self, x: np.ndarray, counts: np.ndarray | None = None
+    ) -> tuple[dict[str, TaskArrays], np.ndarray | None]:
+        """Per task the decoded batch (calibrated, with sets/intervals) and the OOD scores;
+        ``counts``: rows of ``x`` per spectrum, when spectra have alternate grids (their
+        outputs joined, :func:`~xasflow.models.views.join_views`)."""
+        raw = self.run(x)
+        return decode_batch(
+            self.manifest, raw if counts is None else join_views(self.manifest, raw, counts)
+        )
 
     def predict(self, spectrum: Spectrum) -> Prediction:
         """Prepare and predict one spectrum."""
@@ -214,9 +222,10 @@ class Predictor:
         return self.predictions(prepared, self.run(self.model_input(prepared)))
 
     def model_input(self, prepared: list[Prepared]) -> np.ndarray:
-        """The graphs' input for prepared spectra, one row each."""
+        """The graphs' input for prepared spectra: one row each, and one per alternate grid
+        (``prep.e0_rivals``; :func:`~xasflow.models.views.view_rows`)."""
         m = self.manifest
-        return model_input(np.vstack([p.y for p in prepared]), m.features, m.prep)
+        return model_input(np.vstack(view_rows(prepared)), m.features, m.prep)
 
     def predictions(
         self, prepared: list[Prepared], raw: dict[str, dict[str, np.ndarray]]
@@ -225,6 +234,8 @@ class Predictor:
         :meth:`model_input` (run here, or in the daemon's preparation process)."""
         m = self.manifest
         threshold = m.ood.threshold if m.ood is not None else None
+        if batch_size(raw) != len(prepared):  # a spectrum's views joined into its row
+            raw = join_views(m, raw, view_counts([p.alternates for p in prepared]))
         one = decode_one(plan_for(m), raw) if batch_size(raw) == 1 else None
         if one is not None:  # Python floats after the block: numpy's overhead per call is
             rows = {name: [result] for name, result in one[0].items()}  # most of one row's time

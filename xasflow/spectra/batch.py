@@ -37,6 +37,7 @@ from xasflow.spectra.process import (
     MIN_WINDOW_POINTS,
     Prepared,
     PrepParams,
+    alternate_grids,
     normalize,
     prepare,
     sparse_window,
@@ -396,5 +397,14 @@ def _prepare_fast(
                 edge_step=float(steps[r]),
                 extrapolated=float(below[r] + above[r]),
                 spectrum=spectra[i],
+                alternates=alternate_grids(
+                    axes[i],
+                    mu[i],
+                    rel[r],
+                    y[r],
+                    float(e0[i]),
+                    params,
+                    slice(int(lead[r]), rel.shape[1] - int(trail[r])),
+                ),
             )
     return res  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from xasflow.spectra.anchor import centroid
 from xasflow.spectra.core import Spectrum, SpectrumError
 from xasflow.spectra.e0 import find_e0
+from xasflow.spectra.e0_rivals import rival_origins
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.glitches import (
     WindowGlitch,
@@ -54,6 +55,15 @@ class PrepParams(BaseModel):
     )
     align_window: float = Field(15.0, gt=0.0, description="centroid: eV either side of E0")
     align_power: float = Field(2.0, gt=0.0, description="centroid: the slope's weight exponent")
+    e0_rivals: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="also grid the spectrum on each rise near E0 at least this fraction as "
+        "steep (xasflow.spectra.e0_rivals); a bundle averages its graphs' outputs over them "
+        "(None: E0's grid only)",
+    )
+    e0_rival_window: float = Field(10.0, gt=0.0, description="e0_rivals: eV either side of E0")
     n_points: int = Field(200, ge=8)
     normalization: Literal["edge_step", "max"] = "edge_step"
     pre_edge: tuple[float, float] = (-150.0, -30.0)
@@ -114,6 +124,8 @@ class PrepParams(BaseModel):
     def _check_window(self) -> PrepParams:
         if self.window_stop <= self.window_start:
             raise ValueError("window_stop must be above window_start")
+        if self.e0_rivals is not None and self.align != "e0":
+            raise ValueError("e0_rivals grids on the rises near E0: it needs align 'e0'")
         return self
 
     @property
@@ -150,6 +162,9 @@ class Prepared:
     #: the spectrum before HERFD broadening (``spectrum`` is the broadened one); None: not
     #: broadened
     unbroadened: Spectrum | None = None
+    #: ``y`` again with the grid on each rival rise (``PrepParams.e0_rivals``), normalised at
+    #: E0 as ``y`` is; empty for a clear edge or without ``e0_rivals``
+    alternates: tuple[np.ndarray, ...] = ()
 
     @property
     def measured(self) -> Spectrum:
@@ -430,4 +445,28 @@ def prepare(spectrum: Spectrum, params: PrepParams, e0: float | None = None) -> 
         extrapolated=extrapolated,
         spectrum=spectrum,
         unbroadened=None if measured is spectrum else measured,
+        alternates=alternate_grids(spectrum.energy, spectrum.mu, rel, y, float(e0), params, bulk),
     )
+
+
+def alternate_grids(
+    energy: np.ndarray,
+    mu: np.ndarray,
+    rel: np.ndarray,
+    y: np.ndarray,
+    e0: float,
+    params: PrepParams,
+    bulk: slice | None = None,
+) -> tuple[np.ndarray, ...]:
+    """``y`` (normalised at ``e0``, on ``rel`` = energy - e0) on the model grid placed on
+    each rival rise of ``mu`` (:func:`~xasflow.spectra.e0_rivals.rival_origins`), with
+    ``params.e0_rivals``; a rival whose grid would leave the data is skipped."""
+    if params.e0_rivals is None:
+        return ()
+    out = []
+    for at in rival_origins(energy, mu, e0, params.e0_rivals, params.e0_rival_window):
+        try:
+            out.append(resample(rel - (at - e0), y, params, bulk)[0])
+        except SpectrumError:  # the shifted window runs past the data (a FEFF tail)
+            continue
+    return tuple(out)

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.ndimage import correlate1d
 
 from xasflow.spectra.core import Spectrum
-from xasflow.spectra.e0 import E0_STEP, TIE, smoothed_derivative
+from xasflow.spectra.e0_rivals import edge_peaks
 from xasflow.spectra.outliers import _halves, range_medians
 
 __all__ = [
@@ -101,22 +101,11 @@ def _median(values: np.ndarray) -> float:
 def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> float:
     """Distance (eV) to the farthest rival E0 near ``e0``; 0 when the edge is unambiguous.
 
-    The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (the one
-    :func:`~xasflow.spectra.find_e0` looks at); a rival is a local maximum (a flat top counts
-    once, at its centre) within ``window`` eV of ``e0`` (more than 1 eV away) at least
-    ``ratio`` times the largest one there.
+    A rival is a local maximum of mu's smoothed derivative
+    (:func:`~xasflow.spectra.e0_rivals.edge_peaks`) within ``window`` eV of ``e0`` (more
+    than 1 eV away) at least ``ratio`` times the largest one there.
     """
-    if window <= 0:
-        return 0.0
-    energy, mu = spectrum.energy, spectrum.mu
-    lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
-    if hi - lo < 4.0:
-        return 0.0
-    grid = np.arange(lo, hi, E0_STEP)
-    deriv = smoothed_derivative(np.interp(grid, energy, mu)[None, :])[0]  # on_grid of one row
-    at, height = _peaks(grid, deriv)
-    inner = (at >= e0 - window) & (at <= e0 + window)
-    at, height = at[inner], height[inner]
+    at, height = edge_peaks(spectrum.energy, spectrum.mu, e0, window)
     if height.size == 0:
         return 0.0
     top = float(_max(height))
@@ -125,24 +114,6 @@ def e0_ambiguity(spectrum: Spectrum, e0: float, window: float, ratio: float) -> 
     dist = np.abs(at - e0)
     rivals = dist[(height >= ratio * top) & (dist > 1.0)]
     return float(_max(rivals)) if rivals.size else 0.0
-
-
-def _peaks(grid: np.ndarray, deriv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Local maxima of ``deriv`` on ``grid``: positions (eV) and heights.
-
-    Steps within :data:`~xasflow.spectra.e0.TIE` of the largest value count as level, so a
-    flat top (mu a straight line between data points eV apart) is one maximum at its centre,
-    not a row of rounding ripples, as :func:`~xasflow.spectra.find_e0` reads it.
-    """
-    step = deriv[1:] - deriv[:-1]  # np.diff
-    finite = np.abs(deriv[np.isfinite(deriv)])
-    tol = TIE * float(_max(finite)) if finite.size else 0.0
-    sign = np.where(np.abs(step) <= tol, 0, np.sign(step))
-    turns = sign.nonzero()[0]  # the steps that rise or fall, in order
-    up = turns[:-1][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]
-    down = turns[1:][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]
-    # a rise at step a, level steps, a fall at step b: the top is points a + 1 .. b
-    return 0.5 * (grid[up + 1] + grid[down]), deriv[up + 1]
 
 
 def has_edge(ref: Spectrum, e0: float, inner: float = 8.0, outer: float = 40.0) -> bool:

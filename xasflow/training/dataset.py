@@ -375,11 +375,14 @@ class Gridded:
     e0: np.ndarray
     rows: np.ndarray
     issues: list[ReadIssue]
+    #: per row of ``y``, its grids on the edge's rival rises (``prep.e0_rivals``); empty
+    #: list: none kept (a bundle without ``e0_rivals``)
+    alternates: list[tuple[np.ndarray, ...]] = field(default_factory=list)
 
 
 def grid_dataset(ds: Dataset, prep: PrepParams) -> Gridded:
     """Prepare every spectrum with ``prep``; spectra that fail are reported, not fatal."""
-    ys, e0s, rows, issues = [], [], [], []
+    ys, e0s, rows, issues, alternates = [], [], [], [], []
     for i, spectrum in enumerate(ds.spectra):
         try:
             p = prepare(spectrum, prep)
@@ -391,8 +394,10 @@ def grid_dataset(ds: Dataset, prep: PrepParams) -> Gridded:
         ys.append(p.y)
         e0s.append(p.e0)
         rows.append(i)
+        alternates.append(p.alternates)
     y = np.vstack(ys) if ys else np.zeros((0, prep.n_points))
-    return Gridded(y=y, e0=np.array(e0s), rows=np.array(rows, dtype=np.int64), issues=issues)
+    kept = alternates if prep.e0_rivals is not None else []
+    return Gridded(y, np.array(e0s), np.array(rows, dtype=np.int64), issues, kept)
 
 
 def material_average(ds: Dataset, g: Gridded) -> tuple[np.ndarray, Dataset]:

@@ -8,6 +8,7 @@ grouping puts in test are scored; measured references are scored whole as an ext
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from xasflow.adapters.feff import ReadIssue
 from xasflow.models.batch import TaskArrays
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
+from xasflow.models.views import view_counts
 from xasflow.spectra import model_input
 from xasflow.training import calibrate as C
 from xasflow.training import labels as L
@@ -85,12 +87,25 @@ class BatchAnswers:
     no_top: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def predict_arrays(predictor: Predictor, y: np.ndarray, batch: int = 4096) -> BatchAnswers:
-    """Run a bundle, as the daemon does, over gridded rows ``y``."""
+def predict_arrays(
+    predictor: Predictor,
+    y: np.ndarray,
+    batch: int = 4096,
+    alternates: Sequence[tuple[np.ndarray, ...]] | None = None,
+) -> BatchAnswers:
+    """Run a bundle, as the daemon does, over gridded rows ``y``; ``alternates``: each row's
+    grids on its edge's rival rises (``Gridded.alternates``), joined as the daemon joins them."""
     m = predictor.manifest
     parts: list[tuple[dict[str, TaskArrays], np.ndarray | None]] = []
     for start in range(0, len(y), batch):
-        parts.append(predictor.infer(model_input(y[start : start + batch], m.features, m.prep)))
+        rows = y[start : start + batch]
+        if not alternates:
+            parts.append(predictor.infer(model_input(rows, m.features, m.prep)))
+            continue
+        alts = alternates[start : start + batch]
+        views = np.vstack([v for row, a in zip(rows, alts, strict=True) for v in (row, *a)])
+        x = model_input(views, m.features, m.prep)
+        parts.append(predictor.infer(x, view_counts(alts)))
     tasks = {name: _concat_arrays([p[0][name] for p in parts]) for name in m.tasks}
     point: dict[str, np.ndarray] = {}
     no_top: dict[str, np.ndarray] = {}
@@ -333,7 +348,9 @@ def evaluate_bundle(
             raise NoTestRows("nothing in the data falls in the bundle's test split")
     else:
         rows, train_rows = np.arange(len(sub)), None
-    answers = predict_arrays(predictor, g.y[rows])
+    answers = predict_arrays(
+        predictor, g.y[rows], alternates=[g.alternates[i] for i in rows] if g.alternates else None
+    )
     tasks, preds, truths = _score(sub, rows, train_rows, answers.point, m, answers.no_top)
     _merge_environment(tasks)
     targets = task_targets(sub, rows)

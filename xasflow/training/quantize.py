@@ -173,7 +173,7 @@ def _agree(name: str, pairs: list[tuple[float | None, float | None]]) -> None:
             )
 
 
-def _check_reproduced(
+def check_reproduced(
     manifest: Manifest, refitted: dict[str, TaskSpec], ood: OodSpec | None = None
 ) -> None:
     """The float graphs' refit must give the recorded calibration (to 1e-3), or the data or
@@ -231,7 +231,7 @@ def quantize_bundle(
         mine = [o for o in outputs if o in before[name]]
         record[name]["validation_agreement"] = agreement(before[name], after[name], mine)
     targets = task_targets(rebuilt.dataset, rebuilt.parts["val"])
-    _check_reproduced(
+    check_reproduced(
         manifest,
         recalibrate(manifest, before, targets),
         refit_spread(spread, before) if spread is not None else None,
