@@ -46,6 +46,8 @@ train-cu: setup
 	$(BIN)/xasflow train --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --element Cu --out models/cu-k --jobs $(JOBS)
 	# int8 network graphs, calibration refitted and metrics measured on them (xasflow.training.quantize)
 	$(BIN)/python -m xasflow.training.quantize models/cu-k
+	# served on both rises of a two-rise edge, calibration refitted (xasflow.training.rivals)
+	$(BIN)/python -m xasflow.training.rivals models/cu-k
 
 evaluate-cu: setup
 	$(BIN)/xasflow evaluate --bundle models/cu-k --data $(DATA)/omnixas-cu-feff/cu_feff_xanes.tar.gz --json bench/results/evaluate-cu.json --report out/report-cu

@@ -67,9 +67,9 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     counters = Counters()
     registry = ModelRegistry(tmp_path / "models", counters)
 
-    def outputs() -> list[Any]:
+    def outputs(n: int = 2) -> list[Any]:
         out: list[Any] = [RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")]
-        for i in range(2):
+        for i in range(n):
             energy, chans = demo_channels("CuO", seed=i)
             out.append(
                 SpectrumReady(
@@ -78,7 +78,7 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
                     )
                 )
             )
-        out.append(RunClosed("raw-1", "success", "", 2, 0, 0))
+        out.append(RunClosed("raw-1", "success", "", n, 0, 0))
         return out
 
     pipe = Pipeline(registry, counters, validate=True, recommend=RecommenderConfig())
@@ -116,15 +116,23 @@ def test_pipeline_emits_a_recommendations_stream(bundle: Path, tmp_path: Path) -
     assert set(raw_uids(docs)) == {"raw-1"}
     assert pipe.recommendations is not None and pipe.recommendations.open_runs == []
     # throttled (the daemon's recommend.interval_s): the first spectrum of a run gets advice,
-    # the second comes too soon; a new run starts afresh
+    # the second only because stop-early turns on it (CuO's answer is the same twice), the
+    # third comes too soon; a new run starts afresh
     slow = Pipeline(
         ModelRegistry(tmp_path / "models", Counters()),
         recommend=RecommenderConfig(),
         recommend_interval_s=3600.0,
     )
     for _ in range(2):
-        docs = slow.handle_batch(outputs())
-        assert docs[-1][1]["num_events"] == {"primary": 2, "recommendations": 1}
+        docs = slow.handle_batch(outputs(3))
+        assert docs[-1][1]["num_events"] == {"primary": 3, "recommendations": 2}
+        desc = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+        advice = [
+            d["data"]
+            for n, d in unpaged(docs)
+            if n == "event" and desc[d["descriptor"]] == "recommendations"
+        ]
+        assert [(a["index"], a["stop_early"]) for a in advice] == [(0, False), (1, True)]
     with pytest.raises(ValueError, match="recommend_interval_s"):
         Pipeline(registry, counters, recommend=RecommenderConfig(), recommend_interval_s=-1)
     # off by default: the same input gives no recommendations stream
