@@ -19,6 +19,7 @@ from pipeline_helpers import (
     opened,
     rows_by_run,
     scan,
+    through_loop,
     two_runs,
     validate,
 )
@@ -95,3 +96,67 @@ def test_a_run_whose_start_fails_to_begin_costs_only_that_run(
     monkeypatch.undo()  # forgotten with its run: its uid's next run is analysed again
     again = pipeline.handle_batch([opened("raw-a"), scan("raw-a", 0, "CuCl"), closed("raw-a")])
     assert rows_by_run(again) == {"raw-a": [(0, "ok", "")]}
+
+
+#: what the assembler flags on a scan it put together with events missing
+GAPS = ("seq_gap", "points_dropped")
+_A = "seq_gap,points_dropped"  # as a row carries them
+
+
+@pytest.mark.parametrize(
+    ("where", "refused"),
+    [
+        ("spectrum", [(1, _A)]),
+        ("run_start", [(0, _A), (1, _A), (2, _A)]),
+        ("batch", [(0, _A), (1, _A), (2, _A), (0, ""), (1, "")]),
+    ],
+)
+def test_a_refused_spectrum_keeps_its_scans_flags(
+    pipeline: Pipeline,
+    counters: Counters,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    refused: list[tuple[int, str]],
+) -> None:
+    """A spectrum refused whole (``internal_error``) by a bug in its first steps, in its run's
+    start or in its whole batch keeps the flags the assembler gave its scan, so an operator
+    reading the refused row still sees that events went missing (raw-a's spectra carry
+    ``seq_gap`` and ``points_dropped``, raw-b's none). Before, a spectrum refused by begin's
+    per-spectrum handler had no flags ("" for raw-a's spectrum 1)."""
+    if where == "spectrum":
+        real = pipeline_module.start_work
+
+        def start_work(scan: Any, *args: Any, **kw: Any) -> Any:
+            _broken_at("raw-a", 1, [batch_prep.Work(scan)])
+            return real(scan, *args, **kw)
+
+        monkeypatch.setattr(pipeline_module, "start_work", start_work)
+    elif where == "run_start":
+        real_declarations = pipeline_module._declarations
+
+        def declarations(start: dict[str, Any]) -> dict[str, Any]:
+            if start["uid"] == "raw-a":
+                raise RuntimeError("a bug in begin")
+            return real_declarations(start)
+
+        monkeypatch.setattr(pipeline_module, "_declarations", declarations)
+    else:
+
+        def prepare_works(*args: Any, **kw: Any) -> Any:
+            raise RuntimeError("a bug in begin")
+
+        monkeypatch.setattr(pipeline_module, "prepare_works", prepare_works)
+    outputs = [
+        opened("raw-a"),
+        opened("raw-b"),
+        *(scan("raw-a", i, "CuCl", flags=GAPS) for i in range(3)),
+        *(scan("raw-b", i, "CuCl") for i in range(2)),
+        closed("raw-a", n=3),
+        closed("raw-b", n=2),
+    ]
+    docs = through_loop(pipeline, counters, outputs)
+    validate(docs)
+    rows = [d["data"] for n, d in unpaged(docs) if n == "event"]
+    assert [(r["index"], r["flags"]) for r in rows if r["status"] == "rejected"] == refused
+    assert {r["reason"] for r in rows if r["status"] == "rejected"} == {"internal_error"}
+    assert counters.snapshot()["spectra_received"] == 5

@@ -53,6 +53,7 @@ __all__ = [
     "predict_works",
     "prepare_batch",
     "prepare_works",
+    "refused_work",
     "start_work",
 ]
 
@@ -80,6 +81,14 @@ class Work:
     def fail(self, reason: str, detail: str) -> None:
         """Record the rejection reason (the spectrum is kept as a rejected row)."""
         self.reason, self.detail = reason, detail
+
+
+def refused_work(scan: ScanSpectrum, detail: str) -> Work:
+    """A spectrum refused whole (``internal_error``: a bug before its steps, its run's start,
+    its batch), with its scan's flags, so its row still says that events went missing."""
+    work = Work(scan, flags=list(scan.flags))
+    work.fail("internal_error", detail)
+    return work
 
 
 def start_work(

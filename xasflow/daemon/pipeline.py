@@ -72,7 +72,14 @@ from xasflow.daemon.assembly import (
     ScanSpectrum,
     SpectrumReady,
 )
-from xasflow.daemon.batch_prep import Pending, Work, predict_works, prepare_works, start_work
+from xasflow.daemon.batch_prep import (
+    Pending,
+    Work,
+    predict_works,
+    prepare_works,
+    refused_work,
+    start_work,
+)
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.documents import AnalysisRun, Doc
 from xasflow.daemon.herfd_hint import HerfdHints
@@ -233,8 +240,7 @@ class Pipeline(PipelineRuns):
                 self.counters.internal_error("processing")
                 error = f"{type(exc).__name__}: {exc}"
                 if isinstance(out, SpectrumReady):
-                    works[i] = Work(out.spectrum)
-                    works[i].fail("internal_error", error)
+                    works[i] = refused_work(out.spectrum, error)
                 elif isinstance(out, RunOpened):  # its spectra refused until its stop
                     self._declared[out.raw_uid] = {**self.declared, "error": error}
         pending = prepare_works(
@@ -253,9 +259,7 @@ class Pipeline(PipelineRuns):
         a HERFD or calculated spectrum's answer could be wrong)."""
         d = self._declared.get(scan.raw_uid, self.declared)
         if "error" in d:
-            work = Work(scan, flags=list(scan.flags))
-            work.fail("internal_error", f"its run's start failed: {d['error']}")
-            return work
+            return refused_work(scan, f"its run's start failed: {d['error']}")
         return start_work(scan, self.registry, d["herfd"], d["calculated"])
 
     def end(self, batch: Batch, *, advise: bool = True) -> list[Doc]:
@@ -302,8 +306,7 @@ class Pipeline(PipelineRuns):
             works: dict[int, Work] = {}
             for i, out in enumerate(outputs):
                 if isinstance(out, SpectrumReady):
-                    works[i] = Work(out.spectrum, flags=list(out.spectrum.flags))
-                    works[i].fail("internal_error", detail)
+                    works[i] = refused_work(out.spectrum, detail)
                     self._hit[out.spectrum.raw_uid] = detail
                 elif isinstance(out, RunClosed):  # begin may have failed before its pop
                     self._declared.pop(out.raw_uid, None)
