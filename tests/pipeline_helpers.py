@@ -1,6 +1,7 @@
 """What the pipeline and registry tests share: synthetic Cu scans (a sample and a foil) as
-assembled spectra, a run's opening and closing, the events of its documents (validated, and
-the one document of a name), a bundle redeployed under a new id, and a clock that stands still."""
+assembled spectra and as a raw fly run's documents, a run's opening and closing, the events
+of its documents (validated, and the one document of a name), a bundle redeployed under a new
+id, and a clock that stands still."""
 
 from __future__ import annotations
 
@@ -171,6 +172,26 @@ def through_loop(pipeline: Any, counters: Any, *batches: list[Any]) -> list[tupl
         proc.analyse(outputs)
     proc._complete(0)
     return published
+
+
+def fly_run(n: int) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """A raw fly run of ``n`` synthetic Cu K transmission spectra (one event each)."""
+    from event_model import compose_run
+
+    run = compose_run(metadata={"element": "Cu", "edge": "K"})
+    energy, chans = channels("CuCl")
+    data = {"energy": energy, "I0": chans["i0"], "It": chans["it"], "Ir": chans["ir"]}
+    keys = {k: {"source": "sim", "dtype": "array", "shape": [len(energy)]} for k in data}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    docs: list[tuple[str, dict[str, Any]]] = [
+        ("start", run.start_doc),
+        ("descriptor", desc.descriptor_doc),
+    ]
+    stamps = dict.fromkeys(data, 0.0)
+    for _ in range(n):
+        docs.append(("event", desc.compose_event(data=data, timestamps=stamps, validate=False)))
+    docs.append(("stop", run.compose_stop()))
+    return run.start_doc["uid"], docs
 
 
 def two_runs(pipeline: Any, counters: Any) -> list[tuple[str, dict]]:

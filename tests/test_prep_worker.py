@@ -238,6 +238,66 @@ def test_a_batch_that_fails_to_begin_goes_out_after_the_batch_in_flight(
     assert pipeline.open_runs == []
 
 
+def test_a_bug_asking_whether_a_batch_is_prepared_costs_no_spectrum(
+    registry: ModelRegistry, worker: PrepWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs A, B and C (3 spectra each, one stack each in the process) taken in one turn of
+    ``Processor.run``, each run's spectra a batch of their own (``max_spectra`` 3), and the
+    batch's ``ready`` raising for B's (a bug that stays): B's batch is ended at once (the
+    thread waits for its preparation), every spectrum analysed once, each run stopped
+    "success", the bug counted once. Before, the exception left the turn at B's batch: B's
+    spectra were begun again (6 events, counted twice), A's stop (in that batch) went out
+    twice, and B's stop and all of C's documents were never fed (B stopped "abort"
+    "shutdown"; C never seen): 9 received for 9 sent, B's 3 twice and C's none."""
+    from pipeline_helpers import fly_run, rows_by_run, validate
+
+    from xasflow.daemon import batch_prep
+    from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.batching import BatchPolicy
+    from xasflow.daemon.config import AnalysisConfig
+    from xasflow.daemon.processor import Processor
+
+    (a, docs_a), (b, docs_b), (c, docs_c) = fly_run(3), fly_run(3), fly_run(3)
+    real, hits = batch_prep.Pending.ready, []
+
+    def ready(self: batch_prep.Pending, w: Any) -> bool:
+        if any(x.scan.raw_uid == b for stack in self.stacks for x in stack):
+            hits.append(1)
+            raise RuntimeError("a bug in ready")
+        return real(self, w)
+
+    monkeypatch.setattr(batch_prep.Pending, "ready", ready)
+    counters = Counters()
+    pipeline = Pipeline(registry, counters, clock=lambda: T0, worker=worker)
+    queue = [*docs_a, *docs_b, *docs_c]
+    proc = Processor(
+        lambda timeout: queue.pop(0) if queue else None,
+        RunAssembler(),
+        pipeline,
+        counters,
+        AnalysisConfig(),
+        batching=BatchPolicy(max_spectra=3, max_batch_delay_ms=0.0),
+    )
+    docs: list[tuple[str, dict[str, Any]]] = []
+    proc.sinks.append(lambda name, doc: docs.append((name, doc)))
+    proc.drain.set()
+    proc.run()
+    assert hits == [1] and worker.stats["jobs"] == 3 and worker.stats["fallbacks"] == 0
+    validate(docs)
+    assert rows_by_run(docs) == {uid: [(i, "ok", "") for i in range(3)] for uid in (a, b, c)}
+    stops = [
+        (d["exit_status"], d["reason"], d["n_analysed"], d["n_rejected"])
+        for n, d in docs
+        if n == "stop"
+    ]
+    assert stops == [("success", "", 3, 0)] * 3
+    snap = counters.snapshot()
+    assert snap["internal_errors"]["processing"] == 1
+    assert (snap["spectra_received"], snap["spectra_analysed"]) == (9, 9)
+    assert snap["rejected_by_stage"].get("analysis", {}) == {}
+    assert pipeline.open_runs == [] and proc.assembler.open_runs == 0
+
+
 @pytest.mark.timeout(60)
 def test_a_stopped_child_cannot_hold_the_thread(registry: ModelRegistry) -> None:
     """A batch larger than the pipe holds, sent to a SIGSTOPped child: the send and the

@@ -15,33 +15,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 pytest.importorskip("event_model")
 
-from event_model import compose_run
-from pipeline_helpers import channels, rows_by_run, validate
+from pipeline_helpers import fly_run, rows_by_run, validate
 
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
-
-
-def fly_run(n: int) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
-    """A raw fly run of ``n`` synthetic Cu K transmission spectra (one event each)."""
-    run = compose_run(metadata={"element": "Cu", "edge": "K"})
-    energy, chans = channels("CuCl")
-    data = {"energy": energy, "I0": chans["i0"], "It": chans["it"], "Ir": chans["ir"]}
-    keys = {k: {"source": "sim", "dtype": "array", "shape": [len(energy)]} for k in data}
-    desc = run.compose_descriptor(name="primary", data_keys=keys)
-    docs: list[tuple[str, dict[str, Any]]] = [
-        ("start", run.start_doc),
-        ("descriptor", desc.descriptor_doc),
-    ]
-    stamps = dict.fromkeys(data, 0.0)
-    for _ in range(n):
-        docs.append(("event", desc.compose_event(data=data, timestamps=stamps, validate=False)))
-    docs.append(("stop", run.compose_stop()))
-    return run.start_doc["uid"], docs
-
 
 #: where the bug is injected: (class, method, on which call)
 WHERE = {

@@ -413,9 +413,13 @@ class Processor:
 
     def _complete(self, keep: int) -> None:
         """End begun batches, oldest first, until ``keep`` are left and the oldest is still
-        being prepared; their documents to every sink in order."""
+        being prepared; their documents to every sink in order. A bug asking whether a batch
+        is prepared (counted) ends it now: ``end`` waits for its preparation."""
         worker = self.pipeline.worker
-        while self._pending and (len(self._pending) > keep or self._pending[0].ready(worker)):
+        while self._pending and (
+            len(self._pending) > keep
+            or self._safely("asking if a batch is prepared", True, self._pending[0].ready, worker)
+        ):
             batch = self._pending.popleft()
             try:
                 docs = self.pipeline.end(batch, advise=False)
