@@ -169,13 +169,16 @@ class KafkaResults(zs.Results):
 def kafka_daemon(
     servers: str, bundle: Path, store: Path, port: int, log: Path, phase: str
 ) -> subprocess.Popen[bytes]:
-    """``xasflow serve`` on the phase's Kafka topics (group ``bench-<phase>``); returns once
-    /health answers."""
+    """``xasflow serve`` on the phase's Kafka topics (group ``bench-<phase>``), with the
+    consumer settings Tansu needs (``kafka_broker.CONSUMER``); returns once /health answers."""
+    from kafka_broker import CONSUMER
+
     conf = store.parent / f"{store.name}.yaml"
     in_topic, out_topic = topics(phase)
     conf.write_text(
         f"input:\n  kind: kafka\n  kafka:\n    bootstrap_servers: '{servers}'\n"
         f"    topics: ['{in_topic}']\n    group_id: bench-{phase}\n"
+        f"    consumer: {json.dumps(CONSUMER)}\n"
         f"output:\n  kind: kafka\n  kafka:\n    topic: {out_topic}\n"
         f"models:\n  directory: {bundle.parent}\n  watch: false\n"
         f"storage:\n  directory: {store}\n"
@@ -318,7 +321,7 @@ def failover_phase(servers: str, pub: zs.Child, bundle: Path, work: Path, args: 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Kafka ladder, SIGKILL + restart, failover, then the 0MQ ladder; returns the report."""
-    from kafka_broker import Broker
+    from kafka_broker import CONSUMER, Broker
 
     zs.P99_LIMIT_MS = P99_LIMIT_MS  # the same criterion for both buses (issue 11)
     report: dict[str, Any] = {
@@ -333,6 +336,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "broker": "Tansu 0.6.0 (Kafka protocol, in-memory storage), single node",
             "publisher": "confluent-kafka Producer, bluesky-kafka msgpack format, key = run uid",
             "daemon": "xasflow serve: input.kind kafka, output.kind kafka, storage on",
+            "daemon_consumer": CONSUMER,  # Tansu waits a fetch out: 10 ms, not the default 100
         },
         "targets": TARGETS,
     }

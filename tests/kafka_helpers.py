@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from helpers import CU_K
-from kafka_broker import Broker
+from kafka_broker import CONSUMER, Broker
 from synthetic_feff import model_mu
 
 from xasflow import paths
@@ -74,7 +74,7 @@ class TopicReader:
             {
                 "bootstrap.servers": servers,
                 "group.id": uuid.uuid4().hex,
-                "fetch.wait.max.ms": 10,
+                **CONSUMER,
                 "logger": LOG,
             }
         )
@@ -122,6 +122,7 @@ def kafka_config(
                     "topics": [topic],
                     "group_id": group,
                     "commit_interval_s": 0.2,
+                    "consumer": CONSUMER,
                 },
             },
             "output": {"kind": "kafka", "kafka": {"topic": out_topic}},

@@ -21,7 +21,7 @@ pytest.importorskip("tiled")
 
 import msgpack
 from helpers import fly_scan, free_port, wait_for
-from kafka_broker import Broker
+from kafka_broker import CONSUMER, Broker
 from kafka_helpers import DEADLINE_S, ENERGY, LOG, RawProducer, TopicReader, kafka_config, spectra
 
 from xasflow.adapters.kafka_bus import KafkaInputSettings, KafkaOutputSettings, encode_kafka_value
@@ -46,6 +46,7 @@ def test_bluesky_kafka_wire_format_round_trips_through_the_broker(broker: Broker
         bootstrap_servers=broker.bootstrap,
         topics=("^bl.*\\.bluesky\\.runengine\\.documents$",),
         group_id=uuid.uuid4().hex,
+        consumer=CONSUMER,
     )
     source = KafkaDocumentSource(settings)
     source.start()

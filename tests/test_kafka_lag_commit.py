@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed")
 
 from helpers import free_port, wait_for
-from kafka_broker import Broker
+from kafka_broker import CONSUMER, Broker
 
 from xasflow.adapters.kafka_bus import (
     KafkaDocumentPublisher,
@@ -54,7 +54,7 @@ def _source(broker: Broker, topic: str, group: str, **consumer: object) -> Kafka
             bootstrap_servers=broker.bootstrap,
             topics=(topic,),
             group_id=group,
-            consumer={"logger": LOG, **consumer},
+            consumer={"logger": LOG, **CONSUMER, **consumer},
         )
     )
 

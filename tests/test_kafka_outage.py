@@ -23,7 +23,7 @@ pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed"
 pytest.importorskip("prometheus_client")
 
 from helpers import wait_for
-from kafka_broker import Broker, BrokerUnavailable
+from kafka_broker import CONSUMER, Broker, BrokerUnavailable
 
 from xasflow.adapters.kafka_bus import KafkaInputSettings, encode_kafka_value
 from xasflow.adapters.kafka_input import KafkaDocumentSource
@@ -48,7 +48,7 @@ def _source(broker: Broker, topic: str, group: str, queue_size: int = 100) -> Ka
         topics=(topic,),
         group_id=group,
         queue_size=queue_size,
-        consumer={"logger": LOG},
+        consumer={"logger": LOG, **CONSUMER},
     )
     return KafkaDocumentSource(settings)
 
@@ -120,7 +120,8 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
     monkeypatch.setattr(kafka_log, "QUIET_S", 3.0)  # the summary interval stays at 60 s
 
     def daemons(b: Broker, t: str) -> KafkaDocumentSource:  # librdkafka's log as the daemon's
-        return KafkaDocumentSource(KafkaInputSettings(bootstrap_servers=b.bootstrap, topics=(t,)))
+        settings = KafkaInputSettings(bootstrap_servers=b.bootstrap, topics=(t,), consumer=CONSUMER)
+        return KafkaDocumentSource(settings)
 
     caplog.set_level(logging.INFO, logger=kafka_log.RDKAFKA_LOG.name)
 

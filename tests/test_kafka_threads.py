@@ -25,7 +25,7 @@ pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed"
 
 import confluent_kafka
 from helpers import wait_for
-from kafka_broker import Broker
+from kafka_broker import CONSUMER, Broker
 
 from xasflow.adapters.kafka_bus import KafkaInputSettings, encode_kafka_value
 from xasflow.adapters.kafka_input import KafkaDocumentSource
@@ -143,7 +143,7 @@ def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
         topics=(topic,),
         group_id=group,
         commit_interval_s=600.0,  # no commit but the last one
-        consumer={"logger": LOG},
+        consumer={"logger": LOG, **CONSUMER},
     )
     source = KafkaDocumentSource(settings)
     source.start()
@@ -172,7 +172,7 @@ def _slow_consumer_source(broker: Broker, create_delay_s: float) -> KafkaDocumen
         bootstrap_servers=broker.bootstrap,
         topics=(topic,),
         group_id=uuid.uuid4().hex,
-        consumer={"logger": LOG},
+        consumer={"logger": LOG, **CONSUMER},
     )
     return KafkaDocumentSource(settings)
 

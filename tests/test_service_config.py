@@ -73,6 +73,23 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
+def test_kafka_fetch_wait_defaults_to_100_ms_and_the_consumer_settings_win(
+    tmp_path: Path,
+) -> None:
+    """The consumer's fetch.wait.max.ms is 100 ms (Apache Kafka answers a waiting fetch when
+    data arrive, so it only paces idle fetches); ``input.kafka.consumer``, from the file or
+    XASFLOW__INPUT__KAFKA__CONSUMER, still overrides it (10 on Tansu, which waits it out)."""
+    default = load_config(None, {}).input.kafka.to_settings(10).consumer_config()
+    assert default["fetch.wait.max.ms"] == 100
+    path = tmp_path / "xasflow.yaml"
+    path.write_text("input:\n  kafka:\n    consumer: {fetch.wait.max.ms: 10}\n")
+    from_file = load_config(path, {}).input.kafka.to_settings(10).consumer_config()
+    assert from_file["fetch.wait.max.ms"] == 10
+    env = {"XASFLOW__INPUT__KAFKA__CONSUMER": "{fetch.wait.max.ms: 5}"}
+    from_env = load_config(path, env).input.kafka.to_settings(10).consumer_config()
+    assert from_env["fetch.wait.max.ms"] == 5
+
+
 def test_example_config_documents_the_defaults() -> None:
     from xasflow import paths
 

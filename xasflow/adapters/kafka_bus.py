@@ -24,6 +24,7 @@ from xasflow.adapters.kafka_log import OutageLog
 from xasflow.adapters.wire import DOCUMENT_NAMES, WireError, decode_msgpack, encode_msgpack
 
 __all__ = [
+    "FETCH_WAIT_MAX_MS",
     "KafkaDocumentPublisher",
     "KafkaInputSettings",
     "KafkaOutputSettings",
@@ -36,6 +37,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _POLL_EVERY = 64  # documents produced between two serves of delivery reports
+#: The consumer's ``fetch.wait.max.ms``: Apache Kafka answers a waiting fetch as soon as data
+#: arrive, so this only paces idle fetches (10 requests/s per broker; librdkafka's own is 500).
+#: Tansu (the tests' broker) waits it out, adding it to latency: tests and benches set 10.
+FETCH_WAIT_MAX_MS = 100
 
 
 def encode_kafka_value(name: str, doc: dict[str, Any]) -> bytes:
@@ -135,7 +140,8 @@ class KafkaInputSettings:
 
     ``session_timeout_ms``/``heartbeat_interval_ms``: a killed member's partitions move to
     the others after at most the session timeout (6 s here, so failover stays under 15 s).
-    ``consumer``: further librdkafka settings (they win over these).
+    ``consumer``: further librdkafka settings (they win over these), e.g.
+    ``{"fetch.wait.max.ms": 10}`` on a broker that waits a fetch out (Tansu).
     """
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -175,7 +181,7 @@ class KafkaInputSettings:
             "heartbeat.interval.ms": self.heartbeat_interval_ms,
             "partition.assignment.strategy": "cooperative-sticky",
             "topic.metadata.refresh.interval.ms": 5000,  # new topics matching a ^pattern
-            "fetch.wait.max.ms": 10,
+            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             **self.consumer,
         }
 
