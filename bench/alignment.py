@@ -25,13 +25,13 @@ The baseline is the E0 alignment, fitted and scored in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 
 from xasflow import paths
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
@@ -209,10 +209,7 @@ def main() -> int:
         "data": "FEFF 9 Cu K-edge XANES, OmniXAS (BSD-3) on Materials Project structures "
         "(CC-BY 4.0); measured spectra from the XAS Data Library (public domain)",
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return 0
 
 

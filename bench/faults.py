@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_report
 from stream import _free_port, _get_json, make_pool, stop_process
 
 from xasflow import paths
@@ -651,11 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="a bundle (or models dir) to serve")
     args = parser.parse_args(argv)
     result = run_bench(args)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "faults"}, indent=2))
+    write_report(args.json, result, {k: v for k, v in result.items() if k != "faults"})
     return 0 if result["faults_survived"] == result["faults_tried"] else 1
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 
 from xasflow import paths
 from xasflow.adapters.feff import read_feff_tree
@@ -252,10 +253,7 @@ def main() -> int:
             result["cpu_seconds_per_site"], args.estimate_sites, efficiency
         ),
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "presets"}, indent=2))
+    out = write_report(args.json, result, {k: v for k, v in result.items() if k != "presets"})
     print(f"wrote {out}")
     return 0
 

@@ -53,6 +53,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import kafka_transport  # noqa: E402  (the broker alone, to the daemon's input adapter)
 import stream as zs  # noqa: E402  (bench/stream.py: spectra, children, levels, judging)
+from report import write_report  # noqa: E402  (bench/report.py)
 
 from xasflow import paths  # noqa: E402
 
@@ -507,14 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "transport-consumer":
         return kafka_transport.consumer_role(args)
     report = run_bench(args)
-    text = json.dumps(report, indent=2, default=str)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
     summary = {k: report.get(k) for k in (*TARGETS, "p99_latency_ms", "loadavg_start")}
     summary["zmq_sustained_rate_hz"] = (report.get("zmq") or {}).get("sustained_rate_hz")
     summary["transport_sustained_rate_hz"] = report.get("transport_sustained_rate_hz")
-    print(json.dumps(summary, indent=2))
+    write_report(args.json, report, summary, default=str)
     return 0
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from report import write_report
 
 from xasflow import paths
 from xasflow.training.nn import (
@@ -284,10 +285,7 @@ def main() -> int:
     # the target is for 2 CPU cores; per device, the whole ensemble of every arch
     report["targets"] = {"network_train_seconds_total": 900}
     report["network_train_seconds_total"] = totals
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from xasflow import paths
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
@@ -213,8 +213,7 @@ def main() -> int:
     if not args.no_feff and Path(args.feff).exists():
         report["feff_cu"] = _feff_outliers(Path(args.feff))
         print("FEFF Cu |y| > 2 / > 5:", {k: v for k, v in report["feff_cu"].items()})
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     show = ("e0_abs_diff_median_ev", "edge_step_rel_diff_median", "edge_step_rel_diff_p90")
     for label, s in (("after", now), ("before", before)):
         print(label, {k: round(s[k], 4) for k in show}, "rejected", s["rejected"], end=" ")

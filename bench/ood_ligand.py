@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 from scipy.ndimage import gaussian_filter1d
 
 from xasflow import paths
@@ -301,9 +302,7 @@ def main() -> int:
         "(split-conformal rank of the combined score)"
     )
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(
         json.dumps(
             {"resplits": report["resplits"], "perturbed": report["perturbed_validation_flagged"]},

@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from xasflow import paths
 from xasflow.adapters.columns import read_spectrum_file
@@ -132,9 +132,7 @@ def main() -> int:
     report["candidates"] = cands
     report["n_references"] = len(names)
     report["note"] = "reference values are score / threshold: above 1 is flagged"
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     return 0
 
 

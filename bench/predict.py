@@ -18,7 +18,6 @@ interleaves the forests, whose trees evict them, as a daemon's other work does).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 
 from xasflow import paths
 from xasflow.models.predictor import Predictor
@@ -207,10 +207,7 @@ def main() -> int:
             "onnx_batch64_ms": _p(other_batch_t, 50) if other_batch_t else None,
             "speedup_p50": _p(skl_t, 50) / _p(other_t, 50),
         }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return 0
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
+from report import write_json
 
 from xasflow.spectra import Prepared, PrepParams, Spectrum, SpectrumError, prepare
 from xasflow.spectra import batch as batch_module
@@ -165,8 +166,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 
 from xasflow import paths
 from xasflow.daemon.recommend import RecommendationTracker, RecommenderConfig
@@ -387,19 +387,8 @@ def main() -> int:
             and overall["accuracy_lost_points"] <= 1.0
         ),
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: v
-                for k, v in report.items()
-                if k not in ("per_sample", "recommender", "region_shares")
-            },
-            indent=2,
-        )
-    )
+    skip = ("per_sample", "recommender", "region_shares")
+    write_report(args.json, report, {k: v for k, v in report.items() if k not in skip})
     return 0
 
 

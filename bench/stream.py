@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 
 from xasflow import paths
 from xasflow.adapters.probes import PROBE_KEY
@@ -1089,9 +1090,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         ap.error("--json FILE is required")
     report = run_bench(args)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {
         k: report[k]
         for k in (
@@ -1107,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench_seconds",
         )
     }
-    print(json.dumps(summary, indent=2))
+    write_report(args.json, report, summary)
     return 0
 
 

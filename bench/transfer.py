@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from xasflow import paths
 from xasflow.adapters.columns import read_spectrum_file
@@ -124,9 +124,7 @@ def main() -> int:
             "n_references": len(refs),
             "demo_scans": demo_scans(predictor, args.seeds),
         }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(args.json, report, default=str)
     for bundle, r in report["bundles"].items():
         print(bundle, r["bundle_id"], r["served"])
         for name, a in r["references"].items():

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_report
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 from sklearn.model_selection import GroupKFold
 
@@ -297,10 +297,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="three feature sets only")
     args = parser.parse_args()
-    text = json.dumps(run(args), indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(args.json, run(args))
 
 
 if __name__ == "__main__":

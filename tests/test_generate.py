@@ -486,10 +486,14 @@ def test_real_feff10_run_of_a_tiny_cluster():
 
 
 def _bench_generate():
-    """bench/generate.py as a module (the bench is no package)."""
+    """bench/generate.py as a module (the bench is no package; its folder on sys.path for
+    its sibling bench/report.py, as ``python bench/generate.py`` has it)."""
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
