@@ -34,6 +34,21 @@ def transmission(
     return {"I0": i0, "It": it, "Ir": it * np.exp(-ref)}
 
 
+def two_rises(energy: np.ndarray) -> np.ndarray:
+    """mu of an edge that rises twice with equal slope 6 eV apart (as a Cu(II) shoulder and
+    main edge, 8981 and 8987 eV), with a white line and a slow post-edge wiggle on a sloping
+    background: where E0, the steepest rise, is decided by the noise."""
+    e = np.asarray(energy, dtype=np.float64)
+    return (
+        0.2
+        - 1e-4 * (e - 8800.0)
+        + 0.5 * (np.arctan((e - 8981.0) / 1.0) / np.pi + 0.5)
+        + 0.5 * (np.arctan((e - 8987.0) / 1.0) / np.pi + 0.5)
+        + 0.3 * np.exp(-(((e - 8995.0) / 4.0) ** 2))
+        + 0.05 * np.sin((e - 8990.0) / 12.0) * (e > 8990.0)
+    )
+
+
 STEP_GRID = np.concatenate(
     (np.arange(8800.0, 8960.0, 5.0), np.arange(8960.0, 9040.0, 0.5), np.arange(9040.0, 9400, 4.0))
 )

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scan_helpers import two_rises
 
 from xasflow.spectra import PrepParams, Spectrum, find_e0, prepare
 from xasflow.spectra.anchor import centroid
 from xasflow.spectra.batch import BATCH_MIN_ROWS, prepare_batch
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
-#: two rises of equal slope 6 eV apart (as a Cu(II) shoulder and main edge), a white line
-#: and a slow post-edge wiggle on a sloping background
-MU = (
-    0.2
-    - 1e-4 * (ENERGY - 8800.0)
-    + 0.5 * (np.arctan((ENERGY - 8981.0) / 1.0) / np.pi + 0.5)
-    + 0.5 * (np.arctan((ENERGY - 8987.0) / 1.0) / np.pi + 0.5)
-    + 0.3 * np.exp(-(((ENERGY - 8995.0) / 4.0) ** 2))
-    + 0.05 * np.sin((ENERGY - 8990.0) / 12.0) * (ENERGY > 8990.0)
-)
+#: two rises of equal slope 6 eV apart (scan_helpers.two_rises)
+MU = two_rises(ENERGY)
 CENTROID = PrepParams(align="centroid")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scan_helpers import two_rises
 
 from xasflow.spectra import PrepParams, Spectrum, find_e0, prepare
 from xasflow.spectra.batch import BATCH_MIN_ROWS, prepare_batch
@@ -12,16 +13,8 @@ from xasflow.spectra.e0_rivals import rival_origins
 from xasflow.spectra.process import normalize
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
-#: two rises of equal slope 6 eV apart (a Cu(II) shoulder and main edge), a white line and a
-#: slow post-edge wiggle on a sloping background (as tests/test_anchor.py)
-MU = (
-    0.2
-    - 1e-4 * (ENERGY - 8800.0)
-    + 0.5 * (np.arctan((ENERGY - 8981.0) / 1.0) / np.pi + 0.5)
-    + 0.5 * (np.arctan((ENERGY - 8987.0) / 1.0) / np.pi + 0.5)
-    + 0.3 * np.exp(-(((ENERGY - 8995.0) / 4.0) ** 2))
-    + 0.05 * np.sin((ENERGY - 8990.0) / 12.0) * (ENERGY > 8990.0)
-)
+#: two rises of equal slope 6 eV apart (scan_helpers.two_rises)
+MU = two_rises(ENERGY)
 #: one rise only
 CLEAR = 0.2 + np.arctan((ENERGY - 8984.0) / 1.5) / np.pi + 0.5
 RIVALS = PrepParams(e0_rivals=0.8)

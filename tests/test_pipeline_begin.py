@@ -35,6 +35,17 @@ def _broken_at(raw_uid: str, index: int, works: list[Any]) -> None:
         raise RuntimeError("a bug in begin")
 
 
+def _break_start_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start_work`` raises for raw-a's spectrum 1 (a bug in its first steps)."""
+    real = pipeline_module.start_work
+
+    def start_work(scan: Any, *args: Any, **kw: Any) -> Any:
+        _broken_at("raw-a", 1, [batch_prep.Work(scan)])
+        return real(scan, *args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "start_work", start_work)
+
+
 @pytest.mark.parametrize("where", ["spectrum", "preparation"])
 def test_a_spectrum_that_fails_to_begin_costs_only_itself(
     pipeline: Pipeline, counters: Counters, monkeypatch: pytest.MonkeyPatch, where: str
@@ -44,13 +55,7 @@ def test_a_spectrum_that_fails_to_begin_costs_only_itself(
     (``internal_error``, counted as processing) and publishes the rest of the batch. Before,
     the whole batch was lost: 5 spectra refused, 0 events published, neither run stopped."""
     if where == "spectrum":
-        real = pipeline_module.start_work
-
-        def start_work(scan: Any, *args: Any, **kw: Any) -> Any:
-            _broken_at("raw-a", 1, [batch_prep.Work(scan)])
-            return real(scan, *args, **kw)
-
-        monkeypatch.setattr(pipeline_module, "start_work", start_work)
+        _break_start_work(monkeypatch)
     else:
         split = batch_prep._split_by_axis
 
@@ -124,13 +129,7 @@ def test_a_refused_spectrum_keeps_its_scans_flags(
     ``seq_gap`` and ``points_dropped``, raw-b's none). Before, a spectrum refused by begin's
     per-spectrum handler had no flags ("" for raw-a's spectrum 1)."""
     if where == "spectrum":
-        real = pipeline_module.start_work
-
-        def start_work(scan: Any, *args: Any, **kw: Any) -> Any:
-            _broken_at("raw-a", 1, [batch_prep.Work(scan)])
-            return real(scan, *args, **kw)
-
-        monkeypatch.setattr(pipeline_module, "start_work", start_work)
+        _break_start_work(monkeypatch)
     elif where == "run_start":
         real_declarations = pipeline_module._declarations
 

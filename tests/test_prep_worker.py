@@ -27,6 +27,7 @@ from helpers import (
     unpaged,
     wait_for,
 )
+from scan_helpers import two_rises
 
 from xasflow.daemon.assembly import RunOpened, ScanSpectrum, SpectrumReady
 from xasflow.daemon.batch_prep import start_work
@@ -99,12 +100,7 @@ def _two_rise_page(uid: str, n: int = 10) -> list[Any]:
     for i in range(n):
         true = AXIS + 0.4 * (i % 4)
         rng = np.random.default_rng(i)
-        mu = (
-            0.5 * (np.arctan((true - 8981.0) / 1.0) / np.pi + 0.5)
-            + 0.5 * (np.arctan((true - 8987.0) / 1.0) / np.pi + 0.5)
-            + 0.3 * np.exp(-(((true - 8995.0) / 4.0) ** 2))
-            + 0.002 * rng.standard_normal(AXIS.size)
-        )
+        mu = two_rises(true) + 0.002 * rng.standard_normal(AXIS.size)
         foil = 0.5 + np.arctan((true - 8978.9) / 1.5) / np.pi
         i0 = 1e9 * (1 + 0.001 * rng.standard_normal(AXIS.size))
         it = i0 * np.exp(-mu - 0.3)

@@ -13,22 +13,16 @@ pytest.importorskip("sklearn")
 pytest.importorskip("torch")
 pytest.importorskip("pymatgen.core")
 
+from scan_helpers import two_rises
+
 from xasflow.models.batch import decode_batch
 from xasflow.models.bundle import verify_bundle
 from xasflow.models.predictor import Predictor
 from xasflow.spectra import Spectrum, model_input
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
-#: two rises of equal slope 6 eV apart (as tests/test_e0_rivals.py), with point noise
-TWO_RISES = (
-    0.2
-    - 1e-4 * (ENERGY - 8800.0)
-    + 0.5 * (np.arctan((ENERGY - 8981.0) / 1.0) / np.pi + 0.5)
-    + 0.5 * (np.arctan((ENERGY - 8987.0) / 1.0) / np.pi + 0.5)
-    + 0.3 * np.exp(-(((ENERGY - 8995.0) / 4.0) ** 2))
-    + 0.05 * np.sin((ENERGY - 8990.0) / 12.0) * (ENERGY > 8990.0)
-    + np.random.default_rng(3).normal(0.0, 0.002, ENERGY.size)
-)
+#: two rises of equal slope 6 eV apart (scan_helpers.two_rises), with point noise
+TWO_RISES = two_rises(ENERGY) + np.random.default_rng(3).normal(0.0, 0.002, ENERGY.size)
 CLEAR = 0.2 + np.arctan((ENERGY - 8984.0) / 1.5) / np.pi + 0.5
 
 
