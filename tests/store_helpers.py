@@ -1,6 +1,10 @@
-"""The store's tests' analysis descriptor (each column type the store maps) and its rows."""
+"""The store's tests' analysis descriptor (each column type the store maps), its rows, and a
+journal connection whose write hangs."""
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 #: An analysis descriptor for the store's own tests: each column type the store maps.
 STORE_DESCRIPTOR = {
@@ -18,3 +22,21 @@ STORE_DESCRIPTOR = {
 def store_row(seq: int, **extra: object) -> dict:
     """A row of :data:`STORE_DESCRIPTOR` (``extra`` adds or replaces columns)."""
     return {"seq_num": seq, "time": 1.0 + seq, "cn": 4, "distance": 1.95, "status": "ok", **extra}
+
+
+class HeldDb:
+    """A journal connection whose statement starting ``prefix`` waits for ``release`` (a
+    journal write hung in the kernel: its fsync, a stalled disk); ``entered`` once it waits."""
+
+    def __init__(self, db: Any, prefix: str) -> None:
+        self.db, self.prefix = db, prefix
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith(self.prefix):
+            self.entered.set()
+            assert self.release.wait(60)
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)

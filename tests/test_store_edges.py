@@ -19,6 +19,7 @@ pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row as _row
+from store_helpers import HeldDb
 
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
@@ -261,24 +262,6 @@ def test_a_run_the_journal_could_not_open_is_never_half_replayed(
     assert counts == {"journal_runs": 0, "journal_rows": 0}
 
 
-class _HeldDb:
-    """The callers' journal connection, whose statement starting ``prefix`` waits for
-    ``release`` (a journal write hung in the kernel: its fsync, a stalled disk)."""
-
-    def __init__(self, db: Any, prefix: str) -> None:
-        self.db, self.prefix = db, prefix
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        if sql.startswith(self.prefix):
-            self.entered.set()
-            assert self.release.wait(60)
-        return self.db.execute(sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.db, name)
-
-
 @pytest.mark.parametrize(
     ("call", "prefix"),
     [
@@ -301,7 +284,7 @@ def test_a_hung_journal_write_of_a_run_does_not_stop_the_writer(
         store.open_run("S", {"uid": "s"}, DESCRIPTOR)
         assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
         assert store._journal is not None
-        held = _HeldDb(store._journal._db, prefix)
+        held = HeldDb(store._journal._db, prefix)
         store._journal._db = held
         hung = threading.Thread(target=call, args=(store,))
         hung.start()
@@ -372,7 +355,7 @@ def test_an_open_run_refused_by_a_closing_store_leaves_no_journal_record(tmp_pat
     directory = tmp_path / "s"
     store = AnalysisStore(directory, journal=True)
     assert store._journal is not None
-    held = _HeldDb(store._journal._db, "INSERT INTO runs")
+    held = HeldDb(store._journal._db, "INSERT INTO runs")
     store._journal._db = held
     raised: list[BaseException] = []
 

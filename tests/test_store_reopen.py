@@ -17,8 +17,11 @@ pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row as _row
+from helpers import wait_for
+from store_helpers import HeldDb
 
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
+from xasflow.adapters.tiled_schema import StoreError
 from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
 
 
@@ -125,3 +128,89 @@ def test_a_reopen_before_the_writer_reached_an_unjournalled_close_keeps_its_reco
         [1, 2, 3, 4],
     )
     assert meta["stop"] is None and unfinished == [("R", 4)]  # b was open: recovery ends it
+
+
+def _refused_opens(
+    store: AnalysisStore, raw_uid: str, n: int
+) -> tuple[list[BaseException], threading.Thread]:
+    """Open ``raw_uid`` again ``n`` times at once (threads), the first start held in the
+    journal (the others wait for its lock) until ``close()`` began: the store refuses them
+    all, in either order. Returns what open_run raised, and the thread closing the store (it
+    ends once the writer, which may be held elsewhere, has ended)."""
+    assert store._journal is not None
+    held = HeldDb(store._journal._db, "INSERT INTO runs")
+    store._journal._db = held
+    raised: list[BaseException] = []
+    before = store._opened.get(raw_uid, 0)
+
+    def open_again() -> None:
+        try:
+            store.open_run(raw_uid, {"uid": "refused"}, DESCRIPTOR)
+        except BaseException as exc:
+            raised.append(exc)
+
+    openers = [threading.Thread(target=open_again) for _ in range(n)]
+    closer = threading.Thread(target=store.close)
+    for opener in openers:
+        opener.start()
+    try:
+        assert held.entered.wait(30)  # a start is being journalled
+        wait_for(lambda: store._opened.get(raw_uid) == before + n, "every open in flight")
+        closer.start()
+        wait_for(lambda: store._closing, "close to begin")
+    finally:
+        held.release.set()
+    for opener in openers:
+        opener.join(30)
+    return raised, closer
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_an_open_refused_by_a_closing_store_leaves_an_earlier_copys_close_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: int
+) -> None:
+    """Copy a of run R is opened, given rows 1-2 and closed, its stop not journalled; the
+    run is opened again while the store closes, before the writer reaches a's close, and
+    that open is refused. a's close then forgets R's record (nothing of R is left to
+    replay), and the next start finds R stopped. Before, the refused open's count of R's
+    opens stayed raised: a's close saw a later open and kept the record (no rows), which
+    the next start replayed as an interrupted run (stop cleared, R unfinished). Two opens
+    refused at once, in either order, leave the count where it was before both."""
+    _fail_first(monkeypatch, "close_run")
+    directory = tmp_path / "s"
+    store = AnalysisStore(directory, journal=True, flush_interval=30.0)
+    go, thread = _hold(store)
+    store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    store.add_events("R", [_row(s) for s in (1, 2)])
+    store.close_run("R", {"uid": "a-stop", "exit_status": "success"})  # unjournalled
+    raised, closer = _refused_opens(store, "R", refused)  # the writer has not reached a's close
+    go.set()
+    thread.join()
+    closer.join(30)  # a's close handled, then the store's stop
+    left = [(r.raw_uid, len(r.rows)) for r in Journal(directory / JOURNAL_FILE).pending()]
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        unfinished = [u["raw_uid"] for u in store.unfinished_runs()]
+    assert [type(exc) for exc in raised] == [StoreError] * refused
+    assert (left, unfinished) == ([], [])
+    assert (meta["start"]["uid"], (meta["stop"] or {}).get("uid")) == ("a", "a-stop")
+    assert sorted(int(s) for s in frame["seq_num"]) == [1, 2]
+
+
+def test_an_open_refused_by_a_closed_store_leaves_nothing(tmp_path: Path) -> None:
+    """The ordinary refusal: a run opened after the store closed raises StoreError and
+    leaves no record, no count of its opens and no run behind, for the next start either."""
+    directory = tmp_path / "s"
+    store = AnalysisStore(directory, journal=True)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.open_run("R", {"uid": "late"}, DESCRIPTOR)
+    behind = (dict(store._opened), dict(store._columns), store._opening)
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        left = [r.raw_uid for r in Journal(directory / JOURNAL_FILE).pending()]
+        unfinished = [u["raw_uid"] for u in store.unfinished_runs()]
+        in_catalog = "R" in store.client()
+        replayed = store.stats()["replayed"]
+    assert behind == ({}, {}, 0)
+    assert (left, unfinished, in_catalog, replayed) == ([], [], False, 0)

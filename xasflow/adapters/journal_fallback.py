@@ -15,6 +15,10 @@ rows the catalog committed are found at the next start as an unfinished run
 (:meth:`~xasflow.adapters.tiled_store.AnalysisStore.unfinished_runs`), as without a journal.
 What an earlier copy of the run left in the journal is superseded: the writer drops it when
 it reaches the unjournalled open, and the run's next journalled open replaces it.
+
+An open the store refuses because it began closing meanwhile is undone (:meth:`_unopen`,
+:meth:`_journal_withdraw`): the count of the run's opens, which the writer checks before it
+forgets or drops a record (a later open may own it), goes back to the last open not refused.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 from typing import Any
 
 from xasflow.adapters.store_journal import Journal, Prior
-from xasflow.adapters.tiled_schema import row_fits
+from xasflow.adapters.tiled_schema import _Run, row_fits
 
 __all__ = ["JournalFallback"]
 
@@ -34,7 +38,10 @@ class JournalFallback:
     """The journal writes of the store's callers; a mixin only ``AnalysisStore`` uses."""
 
     _journal: Journal | None
+    _columns: dict[str, frozenset[str]]  # open runs, as seen by callers
     _types: dict[str, dict[str, tuple[type, ...]]]  # open runs' column value types
+    _opened: dict[str, int]  # opens of each raw_uid so far (callers)
+    _refused_opens: dict[str, set[int]]  # refused opens whose count a later open had raised
     _unjournalled: set[str]  # open runs whose start the journal could not record
     _superseding: set[str]  # runs whose last open the journal could not record (ever)
 
@@ -62,6 +69,25 @@ class JournalFallback:
         self._unjournalled.discard(raw_uid)
         self._superseding.discard(raw_uid)
         return True, prior
+
+    def _unopen(self, run: _Run) -> None:
+        """Undo (the store's lock held) what an open the store refused did for the callers:
+        the run is not open, and the count of its opens is back to the last open not refused
+        (accepted, or still in flight). Left raised, it made an earlier copy's close, whose
+        stop the journal lacks, keep the run's record for a later open that never was: the
+        next start replayed it as an interrupted run."""
+        self._columns.pop(run.raw_uid, None)
+        self._types.pop(run.raw_uid, None)
+        refused = self._refused_opens.setdefault(run.raw_uid, set())
+        refused.add(run.opened)
+        count = self._opened.get(run.raw_uid, 0)
+        while count in refused:  # not this open's while a later one raised it: left to that
+            refused.discard(count)
+            count -= 1
+        if count:
+            self._opened[run.raw_uid] = count
+        else:
+            self._opened.pop(run.raw_uid, None)
 
     def _journal_withdraw(self, raw_uid: str, prior: Prior | None) -> None:
         """Leave the journal's record of a run as it was before an open the store refused

@@ -149,6 +149,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         self._unjournalled: set[str] = set()  # open runs whose start the journal lacks
         self._superseding: set[str] = set()  # runs last opened unjournalled (journal_fallback)
         self._opened: dict[str, int] = {}  # opens of each raw_uid so far (callers)
+        self._refused_opens: dict[str, set[int]] = {}  # refused while a later open ran
         self._superseded: dict[str, int] = {}  # their journal records to drop (writer only)
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
@@ -228,9 +229,8 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             journalled, prior = self._journal_start(raw_uid, start_doc, descriptor)
             with self._cond:
                 refused = self._closing or self._closed
-                if refused:
-                    self._columns.pop(raw_uid, None)
-                    self._types.pop(raw_uid, None)
+                if refused:  # before the withdrawal: the writer may forget the record now
+                    self._unopen(run)
                 else:
                     self._items.append(("open" if journalled else UNJOURNALLED_OPEN, run))
                     self._cond.notify()
