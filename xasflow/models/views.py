@@ -28,6 +28,15 @@ def view_rows(prepared: Sequence[Prepared]) -> list[np.ndarray]:
     return [row for p in prepared for row in (p.y, *p.alternates)]
 
 
+def stack_views(
+    rows: np.ndarray | Sequence[np.ndarray], alternates: Sequence[Sequence[np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gridded rows and each one's alternates as one matrix of view rows (each row, then its
+    alternates), and the rows per spectrum (:func:`view_counts`)."""
+    views = [v for row, alts in zip(rows, alternates, strict=True) for v in (row, *alts)]
+    return np.vstack(views), view_counts(alternates)
+
+
 def view_counts(alternates: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     """Rows per spectrum (1 + its alternates)."""
     return np.fromiter((1 + len(a) for a in alternates), dtype=np.intp, count=len(alternates))

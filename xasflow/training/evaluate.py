@@ -18,7 +18,7 @@ from xasflow.adapters.feff import ReadIssue
 from xasflow.models.batch import TaskArrays
 from xasflow.models.bundle import Manifest
 from xasflow.models.predictor import Predictor
-from xasflow.models.views import view_counts
+from xasflow.models.views import stack_views
 from xasflow.spectra import model_input
 from xasflow.training import calibrate as C
 from xasflow.training import labels as L
@@ -102,10 +102,8 @@ def predict_arrays(
         if not alternates:
             parts.append(predictor.infer(model_input(rows, m.features, m.prep)))
             continue
-        alts = alternates[start : start + batch]
-        views = np.vstack([v for row, a in zip(rows, alts, strict=True) for v in (row, *a)])
-        x = model_input(views, m.features, m.prep)
-        parts.append(predictor.infer(x, view_counts(alts)))
+        views, counts = stack_views(rows, alternates[start : start + batch])
+        parts.append(predictor.infer(model_input(views, m.features, m.prep), counts))
     tasks = {name: _concat_arrays([p[0][name] for p in parts]) for name in m.tasks}
     point: dict[str, np.ndarray] = {}
     no_top: dict[str, np.ndarray] = {}

@@ -21,11 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from xasflow.models.bundle_write import write_bundle
 from xasflow.models.predictor import Predictor
-from xasflow.models.views import join_views, view_counts
+from xasflow.models.views import join_views, stack_views
 from xasflow.spectra import PrepParams, model_input
 from xasflow.training.dataset import grid_dataset
 from xasflow.training.fit import task_targets
@@ -67,9 +65,7 @@ def rivals_bundle(
     predictor = Predictor(bundle)
     before = predictor.run(model_input(g.y[val], manifest.features, prep))
     check_reproduced(manifest, recalibrate(manifest, before, targets))
-    alts = [g.alternates[i] for i in val.tolist()]
-    views = np.vstack([v for row, a in zip(g.y[val], alts, strict=True) for v in (row, *a)])
-    counts = view_counts(alts)
+    views, counts = stack_views(g.y[val], [g.alternates[i] for i in val.tolist()])
     joined = join_views(
         manifest, predictor.run(model_input(views, manifest.features, prep)), counts
     )
