@@ -38,13 +38,13 @@ from xasflow.daemon.recommend import RecommenderConfig
 def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_start(
     tmp_path: Path,
 ) -> None:
-    """epics_ioc.py:312 clears the advice PVs at the next raw run's start "so a plan watching
+    """epics_ioc.py clears the advice PVs at the next raw run's start "so a plan watching
     STOP_EARLY never stops this scan on the last one's certainty". But the processor calls the
-    raw-start hook while *feeding* a turn's documents (processor.py:261), and analyses the
-    turn's spectra afterwards (processor.py:242): when run A's last event, A's stop and B's
+    raw-start hook while *feeding* a turn's documents (processor.py), and analyses the
+    turn's spectra afterwards (processor.py): when run A's last event, A's stop and B's
     start arrive in one turn (or A's batch is still in flight in the prep process), A's last
     ``recommendations`` event (stop_early 1) reaches the IOC after B's start cleared it, and
-    publish_advice (epics_ioc.py:300) writes STOP_EARLY=1, ADVICE_UID=A while B scans.
+    publish_advice (epics_ioc.py) writes STOP_EARLY=1, ADVICE_UID=A while B scans.
     Expected: advice of a run other than the one in ADVICE_UID after a raw start is not
     written (STOP_EARLY stays 0 for B)."""
     from xasflow.daemon.config import DaemonConfig
@@ -82,9 +82,9 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
 
 def test_stop_early_is_withdrawn_when_the_next_spectrum_is_rejected(tmp_path: Path) -> None:
     """README: stop_early "once two spectra in a row (none rejected between them)", and the
-    pipeline's tracker forgets the row at a rejection (pipeline.py:394). But a rejected
+    pipeline's tracker forgets the row at a rejection (pipeline_runs.py). But a rejected
     spectrum emits no ``recommendations`` event, and the IOC keeps STOP_EARLY=1 from the
-    advice before it (epics_ioc.py:318 touches only STATUS): a plan watching STOP_EARLY stops
+    advice before it (epics_ioc.py touches only STATUS): a plan watching STOP_EARLY stops
     on a row the daemon itself no longer counts. Expected: STOP_EARLY reads 0 after the
     rejection (cleared by the IOC, or an advice event that says the decision turned)."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
@@ -114,8 +114,8 @@ def test_stop_early_is_withdrawn_when_the_next_spectrum_is_rejected(tmp_path: Pa
 
 def test_advice_that_follows_an_out_of_domain_answer_is_not_shown_as_actionable() -> None:
     """The queueserver never queues advice that follows an out-of-domain answer ("a plan
-    would chase a guess", queueserver.py:21), but the IOC writes its regions to REGIONS and
-    N_REGIONS with no alarm (epics_ioc.py:300 ignores the row's ``out_of_domain``): a plan
+    would chase a guess", queueserver.py), but the IOC writes its regions to REGIONS and
+    N_REGIONS with no alarm (epics_ioc.py ignores the row's ``out_of_domain``): a plan
     that follows the PVs chases the guess. Expected: such advice leaves N_REGIONS 0, or
     REGIONS carries an alarm as the answer PVs do (MAJOR when out of domain)."""
     from caproto import AlarmSeverity
@@ -147,10 +147,10 @@ def test_advice_that_follows_an_out_of_domain_answer_is_not_shown_as_actionable(
 
 def test_advice_older_than_the_runs_out_of_domain_answers_is_not_queued(tmp_path: Path) -> None:
     """With throttled advice (recommend.interval_s, 0.1 s by default; one event per interval
-    unless stop-early turns, pipeline.py:414) the run's last ``recommendations`` event can
+    unless stop-early turns, advice.py) the run's last ``recommendations`` event can
     follow an early in-domain spectrum while every later answer is out of domain: an answer
     turning out of domain is no turn of stop-early, so no event says so. The submitter looks
-    only at that last event's ``out_of_domain`` (queueserver.py:437) and queues its plan.
+    only at that last event's ``out_of_domain`` (queueserver_follow.py) and queues its plan.
     Expected: no plan for a run whose latest answer is out of domain."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
 
@@ -182,11 +182,11 @@ def test_advice_older_than_the_runs_out_of_domain_answers_is_not_queued(tmp_path
 
 
 def test_a_run_replayed_after_a_restart_is_not_queued_again() -> None:
-    """queueserver.py:22: "A raw run gets its plan once, however often its analysis is
+    """queueserver.py: "A raw run gets its plan once, however often its analysis is
     replayed (a Kafka redelivery after a restart)". The memory of queued runs (``_queued``,
-    queueserver.py:257) lives in the process only; after a restart Kafka redelivers the runs
+    queueserver.py) lives in the process only; after a restart Kafka redelivers the runs
     not yet committed (commit_interval_s, or a commit hold), the daemon analyses them anew
-    (processor.py:33) and the new submitter queues the same plan a second time. Expected: one
+    (processor.py) and the new submitter queues the same plan a second time. Expected: one
     plan per raw run across restarts (e.g. ask the queue/history for md.xasflow.raw_uid)."""
     fake = FakeApi()
     cfg = QueueServerConfig(enabled=True, zmq_public_key=ZMQ_KEY, min_interval_s=0.0)
@@ -209,7 +209,7 @@ def test_a_run_replayed_after_a_restart_is_not_queued_again() -> None:
 
 
 def test_nothing_is_submitted_after_close_returns() -> None:
-    """QueueServerSubmitter.close (queueserver.py:304) puts the stop marker behind what is
+    """QueueServerSubmitter.close (queueserver.py) puts the stop marker behind what is
     queued and joins the worker for ``timeout``; when the server is slow (each item_add may
     take timeout_s, 5 s; 8 pending), close returns with the worker still running, drops the
     client (``_api = None``), and the worker builds a *new* client (``api()``) and keeps
@@ -246,7 +246,7 @@ def test_nothing_is_submitted_after_close_returns() -> None:
     ],
 )
 def test_a_plan_refuses_regions_no_beamline_should_run(row: list[float]) -> None:
-    """region_points (queueserver.py:125), the plan's and plan_item's only check, wants
+    """region_points (queueserver_plan.py), the plan's and plan_item's only check, wants
     step > 0, dwell > 0, stop >= start: an infinite dwell and negative energies pass into the
     queued plan, an infinite stop raises OverflowError, and nothing bounds the point count
     (a tiny step loops in the submitter's worker and in the RE worker's plan). Expected:
@@ -260,7 +260,7 @@ def test_a_plan_refuses_regions_no_beamline_should_run(row: list[float]) -> None
 
 
 def test_extra_kwargs_cannot_replace_the_recommended_scan() -> None:
-    """plan_item (queueserver.py:202) spreads ``extra_kwargs`` after ``regions``, ``motor``,
+    """plan_item (queueserver_plan.py) spreads ``extra_kwargs`` after ``regions``, ``motor``,
     ``detectors`` and ``md``: a config key of the same name silently replaces the recommended
     regions (every plan then scans the fixed ones) or the motor. Expected: the config is
     refused with a clear error naming the reserved key."""
@@ -287,7 +287,7 @@ def test_extra_kwargs_need_a_plan_that_takes_them() -> None:
     [{"dwell": math.inf}, {"e0_margin": math.inf}, {"fine_step": 1e-4}],
 )
 def test_recommender_config_refuses_values_that_break_the_advice(knobs: dict[str, float]) -> None:
-    """RecommenderConfig (recommend_types.py:40-83) checks only signs: ``dwell: .inf`` is
+    """RecommenderConfig (recommend_types.py) checks only signs: ``dwell: .inf`` is
     accepted and every region is advised with an infinite dwell (and queued so, since the
     plan's check lets it through); ``e0_margin: .inf`` and ``fine_step: 1e-4`` are accepted
     and every recommendation then raises (OverflowError; ZeroDivisionError from a region
@@ -307,9 +307,9 @@ def test_recommender_config_refuses_values_that_break_the_advice(knobs: dict[str
 
 
 def test_the_adaptive_agent_ends_when_one_energy_never_gives_a_valid_outcome() -> None:
-    """adaptive.py:180: a pass completes only when every energy has a finite mu; an outcome
+    """adaptive.py: a pass completes only when every energy has a finite mu; an outcome
     that is not one (I0 = 0: a beam dump, a shutter, a detector dropout at that energy;
-    adaptive.py:241) is skipped and ``suggest`` hands the same energy out again, forever:
+    adaptive.py) is skipped and ``suggest`` hands the same energy out again, forever:
     ``should_stop`` never turns and ``optimize(iterations=None)`` never ends, while
     ``max_passes`` cannot help (the pass never finishes). Expected: after a bounded number of
     retries the energy is given up (the pass finishes without it) or the agent stops."""
@@ -333,7 +333,7 @@ def test_the_adaptive_agent_ends_when_one_energy_never_gives_a_valid_outcome() -
 def test_the_adaptive_agent_does_not_stop_early_across_a_failed_pass() -> None:
     """README: stop_early "once two spectra in a row (none rejected between them)"; the
     daemon resets the row at a rejection (tracker.interrupt). RecommenderOptimizer's
-    _finish_pass (adaptive.py:146-163) records the failed pass's error but never interrupts
+    _finish_pass (adaptive.py) records the failed pass's error but never interrupts
     the tracker, so pass 0 (cn {4}), pass 1 (refused: no edge), pass 2 (cn {4}) stops the
     adaptive scan. Expected: no stop at pass 2; the row restarts after the failed pass."""
     from xasflow.daemon.adaptive import RecommenderOptimizer
@@ -353,10 +353,10 @@ def test_the_adaptive_agent_does_not_stop_early_across_a_failed_pass() -> None:
 
 def test_a_spectrum_rejected_in_assembly_also_breaks_the_row(tmp_path: Path) -> None:
     """README: stop_early "once two spectra in a row (none rejected between them)". A spectrum
-    refused by the pipeline restarts the row (pipeline.py:394, tracker.interrupt), but one
+    refused by the pipeline restarts the row (pipeline_runs.py, advice.interrupt), but one
     refused by the assembler (a fly-scan row with mismatched lengths, a missing channel, a
-    malformed row: ``Rejected`` with its index, assembly_run.py:297-314) goes through
-    Pipeline._rejected (pipeline.py:423), which never interrupts: ok, rejected, ok settles.
+    malformed row: ``Rejected`` with its index, assembly_run.py) goes through
+    PipelineRuns._rejected (pipeline_runs.py), which then never interrupted: ok, rejected, ok settles.
     Expected: no stop_early at index 2."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
     from xasflow.daemon.outputs import Rejected

@@ -45,7 +45,7 @@ def _nested_manifest(directory: Path) -> None:
 def test_hostile_manifest_does_not_lose_a_good_bundle_judged_in_the_same_scan(
     model_dir: Path,
 ) -> None:
-    """registry.py:322-324 + 444-449: a RecursionError from json.loads is turned into an
+    """registry.py: a RecursionError from json.loads is turned into an
     'invalid' refusal, but _refuse() calls read_manifest() again and catches only BundleError,
     so the RecursionError escapes _refresh() before `self._models = models`. A newer good
     bundle judged earlier in the same scan was already recorded in _seen: it is never served."""
@@ -82,9 +82,9 @@ def test_hostile_manifest_does_not_stop_the_registry_from_starting(model_dir: Pa
 
 
 def test_require_digest_false_serves_an_unsealed_bundle(model_dir: Path) -> None:
-    """registry.py:110-112: the default loader builds Predictor(path, ...) without
-    require_digest, and Predictor defaults to require_digest=True (predictor.py:44,56). So
-    models.require_digest: false (config_sections.py:334,342) has no effect: every unsealed
+    """registry.py: the default loader builds Predictor(path, ...) without
+    require_digest, and Predictor defaults to require_digest=True (predictor.py). So
+    models.require_digest: false (config_sections.py) has no effect: every unsealed
     bundle passes the registry's own check and is then refused 'digest_missing' by the loader."""
     (model_dir / "cu-k" / DIGEST).unlink()
     reg = ModelRegistry(model_dir, require_digest=False)
@@ -95,7 +95,7 @@ def test_require_digest_false_serves_an_unsealed_bundle(model_dir: Path) -> None
 def test_a_directory_refilled_with_an_outranked_bundle_stops_serving_the_old_one(
     model_dir: Path,
 ) -> None:
-    """registry.py:339-348 vs 399-402: cu-k's contents are replaced (write_bundle) by an Fe
+    """registry.py: cu-k's contents are replaced (write_bundle) by an Fe
     bundle older than the Fe bundle fe-k serves. _judge files it as shadowed standby and
     returns None, so _serve (the only place that drops the directory's old element) never
     runs: Cu stays in service indefinitely from a directory that no longer holds any Cu
@@ -124,7 +124,7 @@ def test_a_directory_refilled_with_an_outranked_bundle_stops_serving_the_old_one
 
 
 def test_a_serving_bundle_that_loses_its_manifest_is_reported(model_dir: Path) -> None:
-    """registry.py:254-255: a directory without manifest.json is skipped as 'not (yet) a
+    """registry.py: a directory without manifest.json is skipped as 'not (yet) a
     bundle' even when it is the directory currently serving. Deleting cu-k/manifest.json
     (or truncating the bundle to its graphs) is never judged: no refusal, no event, nothing
     in /health, and the in-memory predictor keeps serving as if cu-k were intact."""
@@ -179,7 +179,7 @@ def test_the_graph_limit_is_the_operators_models_max_graph_mb(model_dir: Path) -
 
 
 def test_the_trusted_keys_are_those_read_at_start(model_dir: Path, tmp_path: Path) -> None:
-    """registry.py:106-108 loads each key once to check it, but inspect_bundle reads the key
+    """registry.py loads each key once to check it, but inspect_bundle reads the key
     files again at every verification. A key file replaced while the daemon runs changed
     whom it trusts, with no restart, event or log (a bundle signed by the new key was
     swapped in); a key file removed or rewritten turned every later bundle into an

@@ -85,7 +85,7 @@ def test_export_refuses_to_replace_a_directory_that_is_not_a_bundle(
 ) -> None:
     # `xasflow train --out DIR` with an existing DIR that is not a bundle (a user's results
     # folder, or `--out models` meaning "put it in models/"): write_bundle renames DIR away
-    # and rmtree's it (models/bundle.py:469-475), so every unrelated file in it is deleted
+    # and rmtree's it (models/bundle.py), so every unrelated file in it is deleted
     # without a word. Expected: refuse (a clear error) unless DIR is empty or already a bundle.
     ds = build_feff_dataset(tree, "Cu", n_jobs=1, progress=False)
     result = train(ds, _small_cfg(), log=lambda *_: None)
@@ -105,7 +105,7 @@ def test_single_class_task_does_not_abort_the_process(tmp_path: Path) -> None:
     # real case for a small single-phase set of another element): the 'environment' task
     # is a one-class *string* classifier; its ONNX graph aborts onnxruntime with a C++
     # assertion (SIGABRT, rc -6) while export_bundle scores the draft
-    # (bundle_export.py:183 -> served_metrics.py:98 -> predictor). `xasflow train` dies with
+    # (bundle_export.py -> served_metrics.py -> predictor). `xasflow train` dies with
     # no Python error and no bundle. Expected: a clear error naming the task (or the task
     # exported/skipped so that the bundle works) -- never a killed process.
     root = tmp_path / "feff"
@@ -143,8 +143,8 @@ def test_materials_with_the_same_dir_name_do_not_share_labels(
     tree: Path, tmp_path: Path, cache: Path
 ) -> None:
     # Two runs merged into one tree (batchA/m1 = CuO, batchB/m1 = Cu2O): the reader keeps
-    # them apart by path, but material_id is the last path part (feff.py:172) and labels are
-    # keyed (material_id, site) (dataset.py:204-213), so one material's labels are silently
+    # them apart by path, but material_id is the last path part (feff.py) and labels are
+    # keyed (material_id, site) (dataset.py), so one material's labels are silently
     # given to the other (the CuO site comes out CN 2). Expected: distinct ids (e.g. the
     # relative path), or a 'duplicate_material' issue -- never another structure's labels.
     root = tmp_path / "merged"
@@ -160,7 +160,7 @@ def test_materials_with_the_same_dir_name_do_not_share_labels(
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "bitflip"])
 def test_a_damaged_label_cache_is_rebuilt(tree: Path, cache: Path, damage: str) -> None:
-    # dataset.py:141-158 says "stale or damaged cache: recompute" but catches only
+    # dataset.py says "stale or damaged cache: recompute" but catches only
     # OSError/KeyError/ValueError; an empty file raises EOFError, a truncated one
     # zipfile.BadZipFile, a flipped byte zlib.error -- every later build crashes until the
     # user finds and deletes the file. Expected: the damaged cache is ignored and rewritten.
@@ -213,7 +213,7 @@ def test_a_lost_worker_is_not_cached_as_the_sites_label(
 ) -> None:
     # compute_labels turns a dead dask worker (OOM kill, node lost) into 'worker_lost'
     # failures; _cached_labels saves them and, since failures count as "labelled"
-    # (dataset.py:155 `wanted <= set(labels)`), every later build reuses them: those sites
+    # (dataset.py `wanted <= set(labels)`), every later build reuses them: those sites
     # are dropped for good although nothing is wrong with them. Expected: transient failures
     # (worker_lost) are not cached, or are retried on the next build.
     real = D.compute_labels
@@ -239,7 +239,7 @@ def test_a_lost_worker_is_not_cached_as_the_sites_label(
 def test_concurrent_builds_of_one_tree_do_not_crash(
     tree: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Both builds write the cache through the same fixed temp name (dataset.py:168-171,
+    # Both builds write the cache through the same fixed temp name (dataset.py,
     # `<cache>.tmp.npz`) and rename it: when a second build (another `xasflow train` with
     # other settings, a `dataset build`) finishes while the first is writing, the first's
     # rename fails with FileNotFoundError after all the labelling work. Simulated
@@ -263,7 +263,7 @@ def test_a_file_name_that_is_not_utf8_does_not_crash_the_build(
     tree: Path, tmp_path: Path, cache: Path
 ) -> None:
     # Trees copied from old NFS/Windows shares can hold Latin-1 names (here an unrelated
-    # notes file). fingerprint_path encodes every relative path as UTF-8 (dataset.py:123):
+    # notes file). fingerprint_path encodes every relative path as UTF-8 (dataset.py):
     # UnicodeEncodeError traceback, for any verb that reads the tree. Expected: the build
     # works (os.fsencode the path), or at worst a DatasetError naming the file.
     root = tmp_path / "tree"
@@ -280,8 +280,8 @@ def test_a_poscar_with_nan_coordinates_is_a_skipped_material_not_a_segfault(
     tree: Path, tmp_path: Path
 ) -> None:
     # A POSCAR from a relaxation that blew up (VASP writes NaN coordinates) parses in
-    # pymatgen, and BVAnalyzer's spglib call then segfaults (labels.py:307 via
-    # label_jobs.py:37): with --jobs 1 `xasflow dataset build`/`train` die with SIGSEGV
+    # pymatgen, and BVAnalyzer's spglib call then segfaults (labels.py via
+    # label_jobs.py): with --jobs 1 `xasflow dataset build`/`train` die with SIGSEGV
     # (rc -11), with dask workers the site becomes 'worker_lost' (and is cached so).
     # Expected: the reader/labeller refuses non-finite coordinates: a 'bad_poscar' or
     # 'bad_structure' issue for that material, the others kept.
@@ -316,7 +316,7 @@ def test_cli_train_reports_an_empty_split_part_as_an_error_not_a_traceback(
     tree: Path, tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # train() raises a helpful ValueError ("the split by formula left val, test empty ...
-    # use --split-by material"), but cmd_train (cli.py:110) catches nothing, so the user
+    # use --split-by material"), but cmd_train (cli.py) catches nothing, so the user
     # gets a Python traceback and exit status 1. Expected: "xasflow: error: ..." and exit 2,
     # as for every other user-fixable input problem.
     try:
@@ -361,7 +361,7 @@ def test_cli_train_on_a_set_without_valence_labels_is_a_clear_error(
     # An intermetallic set (here B2 CuAl at several lattice scalings): BVAnalyzer gives no
     # valence for any site, so the valence task has no labelled training row and sklearn's
     # "Found array with 0 sample(s) ... ExtraTreesClassifier" escapes as a traceback
-    # (fit.py:309, `make_estimator(...).fit(Xf, yf)` on zero rows). Expected: a clear error
+    # (fit.py, `make_estimator(...).fit(Xf, yf)` on zero rows). Expected: a clear error
     # naming the task, or the task left out of the bundle with a logged reason.
     from pymatgen.core import Lattice, Structure
     from pymatgen.io.vasp import Poscar
