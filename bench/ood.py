@@ -21,10 +21,10 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from xasflow import paths
 from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
@@ -457,8 +457,7 @@ def main() -> int:
             report["tasks"][name] = regressor_figures(name, data, cfg, cfg.grid["regressor"][0])
             print(name, json.dumps(report["tasks"][name]))
     report["seconds"] = time.perf_counter() - t0
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
     return 0
 
 
