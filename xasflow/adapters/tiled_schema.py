@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xasflow.adapters.file_lock import HeldElsewhere, hold
+
 __all__ = [
     "CATALOG_FILE",
     "StoreError",
     "column_types",
+    "hold_writer_lock",
     "quiet_tiled_app",
     "row_fits",
     "run_metadata",
@@ -54,6 +57,18 @@ _RETRY_DELAYS = (0.05, 0.25, 1.0)
 
 class StoreError(RuntimeError):
     """The analysis store cannot be opened or used as asked."""
+
+
+def hold_writer_lock(directory: Path) -> int:
+    """The store directory's writer lock (:data:`LOCK_FILE`), as an fd to release; a
+    StoreError naming the process that holds it elsewhere."""
+    try:
+        return hold(directory / LOCK_FILE)
+    except HeldElsewhere as held:
+        raise StoreError(
+            f"{directory} is being written by another process (pid {held.pid}) "
+            "(the lock is released when that process exits, even by SIGKILL)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xasflow.adapters.catalog_supervisor import CatalogSupervisor
-from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.file_lock import release
 from xasflow.adapters.journal_fallback import JournalFallback
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.store_room import Backpressure
@@ -72,7 +72,6 @@ from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
     CATALOG_FILE,
     DEFAULT_STREAM,
-    LOCK_FILE,
     TABLE_FILES,
     Ack,
     StoreError,
@@ -81,6 +80,7 @@ from xasflow.adapters.tiled_schema import (
     _Run,
     _serve,
     column_types,
+    hold_writer_lock,
     run_metadata,
     schema_for_descriptor,
 )
@@ -155,6 +155,9 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         self._closing = False
         self._closed = False
         self._opening = 0  # open_run calls writing the journal
+        #: add_events, close_run and finish_run calls between their two lock sections: what
+        #: they accept is queued before close()'s stop (which waits for them), never after it
+        self._calls = 0
         self._counts = {
             **dict.fromkeys(("stored", "batches", "errors", "dropped", "duplicates"), 0),
             **dict.fromkeys(("journalled", "replayed", "full_waits"), 0),
@@ -172,7 +175,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         with OPEN_STORES_LOCK:  # said before the flock, which would blame "another process"
             if self.directory in OPEN_STORES:
                 raise StoreError(f"{self.directory} is already open in this process")
-        self._lock_fd: int | None = self._acquire_lock()
+        self._lock_fd: int | None = hold_writer_lock(self.directory)
         self._serving: contextlib.ExitStack | None = None
         try:
             with OPEN_STORES_LOCK:
@@ -308,40 +311,45 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
                 room = max(0, min(len(rows), self.max_queue - self._backlog))
             self._counts["dropped"] += len(rows) - room
             self._rows_queued(room)  # reserved: the journal is written outside the lock
-        # acknowledged early: the rows now in the journal (not those that will not fit)
-        journalled = self._journalled(raw_uid, rows[:room])
-        ack = Ack(on_stored, on_lost) if on_stored is not None or on_lost is not None else None
-        with self._cond:
-            self._counts["journalled"] += sum(journalled)
-            for row, early in zip(rows[:room], journalled, strict=True):
-                self._items.append(("row", raw_uid, dict(row), None if early else ack, early))
-            if room and (len(self._items) == room or len(self._items) >= self.batch_size):
-                self._cond.notify()
+            self._calls += 1
+        try:  # acknowledged early: the rows now in the journal (not those that will not fit)
+            journalled = self._journalled(raw_uid, rows[:room])
+            ack = Ack(on_stored, on_lost) if on_stored is not None or on_lost is not None else None
+            with self._cond:
+                self._counts["journalled"] += sum(journalled)
+                for row, early in zip(rows[:room], journalled, strict=True):
+                    self._items.append(("row", raw_uid, dict(row), None if early else ack, early))
+                if room and (len(self._items) == room or len(self._items) >= self.batch_size):
+                    self._cond.notify()
+        finally:
+            self._call_done()
         if ack is not None:  # a journalled row is stored for good: it cannot be lost now
             acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
 
     def close_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop document in the run's metadata once its queued rows are written."""
+        stop = _plain(dict(stop_doc))
         with self._cond:
             self._check_open()
             if raw_uid not in self._columns:
                 raise KeyError(f"analysis run {raw_uid!r} is not open")
-        stop = _plain(dict(stop_doc))
-        # outside the lock, the run still open for the callers (see open_run); a stop the
-        # journal cannot record: the catalog records it, the writer holds it
-        journalled = self._journal is None or self._journal_stop(raw_uid, stop)
-        with self._cond:
-            self._check_open()
-            self._types.pop(raw_uid, None)
-            if self._columns.pop(raw_uid, None) is None:
-                raise KeyError(f"analysis run {raw_uid!r} is not open")
-            # unjournalled: with the callers' count of its opens (a later one keeps its record)
-            opens = () if journalled else (self._opened.get(raw_uid, 0),)
-            self._items.append(
-                ("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop, *opens)
-            )
-            self._cond.notify()
+            self._calls += 1
+        try:  # outside the lock, the run still open for the callers (see open_run); a stop the
+            # journal cannot record: the catalog records it, the writer holds it
+            journalled = self._journal is None or self._journal_stop(raw_uid, stop)
+            with self._cond:  # close() waits for this call: its stop comes after this close
+                self._types.pop(raw_uid, None)
+                if self._columns.pop(raw_uid, None) is None:
+                    raise KeyError(f"analysis run {raw_uid!r} is not open")
+                # unjournalled: with the callers' count of its opens (a later one keeps its record)
+                opens = () if journalled else (self._opened.get(raw_uid, 0),)
+                self._items.append(
+                    ("close" if journalled else UNJOURNALLED_CLOSE, raw_uid, stop, *opens)
+                )
+                self._cond.notify()
+        finally:
+            self._call_done()
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Runs stored without a stop (their writer died) and not open here, with their rows.
@@ -354,16 +362,19 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
 
     def finish_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop of a run stored earlier that is not open here (see unfinished_runs)."""
+        stop = _plain(dict(stop_doc))
         with self._cond:
             self._check_open()
             if raw_uid in self._columns:
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
-        stop = _plain(dict(stop_doc))  # journalled (outside the lock): a replayed start keeps
-        journalled = self._journal_stop(raw_uid, stop)  # its record
-        with self._cond:
-            self._check_open()
-            self._items.append(("finish", raw_uid, stop, journalled))
-            self._cond.notify()
+            self._calls += 1
+        try:  # journalled (outside the lock): a replayed start keeps its record
+            journalled = self._journal_stop(raw_uid, stop)
+            with self._cond:  # before close()'s stop, which waits for this call
+                self._items.append(("finish", raw_uid, stop, journalled))
+                self._cond.notify()
+        finally:
+            self._call_done()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued before this call is committed; False on timeout."""
@@ -386,9 +397,11 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             if self._closed or self._closing:
                 return
             self._closing = True
+            self._room.notify_all()  # callers waiting for room learn that it closes
+            while self._calls:  # what they accepted goes ahead of the stop, not behind it
+                self._cond.wait()
             self._items.append(("stop",))
             self._cond.notify()
-            self._room.notify_all()  # callers waiting for room learn that it closes
         self._writer.join()
         with self._cond:
             while self._opening:  # a start journalled meanwhile: withdrawn before the close
@@ -456,18 +469,15 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
             raise StoreError("reading the analysis store failed") from box["error"]
         return box["result"]
 
+    def _call_done(self) -> None:
+        with self._cond:
+            self._calls -= 1
+            if self._closing:
+                self._cond.notify_all()
+
     def _check_open(self) -> None:
         if self._closed or self._closing:
             raise StoreError("the analysis store is closed")
-
-    def _acquire_lock(self) -> int:
-        try:
-            return hold(self.directory / LOCK_FILE)
-        except HeldElsewhere as held:
-            raise StoreError(
-                f"{self.directory} is being written by another process (pid {held.pid}) "
-                "(the lock is released when that process exits, even by SIGKILL)"
-            ) from None
 
     def _release(self) -> None:
         if self._serving is not None:

@@ -1,0 +1,133 @@
+"""Calls under way while the analysis store closes: what they were told is what happened.
+
+``add_events``, ``close_run`` and ``finish_run`` each check that the store is open, write the
+journal outside the lock, then queue their work for the writer thread. ``close()`` may begin
+in between; whatever such a call then accepted must still reach the writer ahead of its stop
+(stored and acknowledged, or reported lost), never be left behind it unseen.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("tiled")
+
+from helpers import wait_for
+from store_helpers import STORE_DESCRIPTOR, store_row
+
+from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
+
+
+def _held(store: AnalysisStore, name: str) -> tuple[threading.Event, threading.Event]:
+    """Hold ``store.<name>`` (its journal step, run outside the store's lock) until the
+    second event is set; the first is set once a call waits there."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(store, name)
+
+    def held(*args: Any) -> Any:
+        entered.set()
+        assert release.wait(60)
+        return real(*args)
+
+    setattr(store, name, held)
+    return entered, release
+
+
+def _stop_not_queued(store: AnalysisStore) -> bool:
+    """close() has begun and no stop waits in the writer's queue: the writer has taken it
+    (and may be gone), or close() holds it back for the calls under way."""
+    with store._cond:
+        return store._closing and not any(item[0] == "stop" for item in store._items)
+
+
+def _close_while(
+    store: AnalysisStore, call: Any, entered: threading.Event, release: threading.Event
+) -> tuple[list[Any], threading.Thread]:
+    """Run ``call`` in a thread until it waits in its journal step, begin ``close()`` in
+    another, wait until it has marked the store closing and its stop is not queued (taken by
+    the writer, or held back by close()), then let ``call`` go on; returns the call's result
+    (or exception) and the closing thread."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except Exception as exc:  # the test reads it
+            out.append(exc)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    assert entered.wait(30)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    wait_for(lambda: _stop_not_queued(store), "close() to begin, its stop not queued")
+    release.set()
+    caller.join(30)
+    closer.join(30)
+    assert not caller.is_alive() and not closer.is_alive()
+    return out, closer
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_rows_accepted_while_the_store_begins_closing_are_stored(
+    tmp_path: Path, journal: bool
+) -> None:
+    """Rows 3-4 accepted (add_events said True) while close() began are in the catalog once
+    close() returns, and their callbacks ran: stored, never lost. Before, they were queued
+    behind the writer's stop: without the journal neither callback ever ran and the rows
+    were gone, counted nowhere; with it they waited for the next start's replay."""
+    directory = tmp_path / "s"
+    store = AnalysisStore(directory, journal=journal, flush_interval=30.0)
+    store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+    store.add_events("R", [store_row(s) for s in (1, 2)])
+    stored, lost = [], []
+    entered, release = _held(store, "_journalled")
+    out, _ = _close_while(
+        store,
+        lambda: store.add_events(
+            "R",
+            [store_row(3), store_row(4)],
+            lambda: stored.append(1),
+            on_lost=lambda: lost.append(1),
+        ),
+        entered,
+        release,
+    )
+    stats = store.stats()
+    with AnalysisStore(directory, journal=journal) as again:
+        _, frame = read_analysis(again, "R")
+        replayed = again.stats()["replayed"]
+    assert out == [[True, True]]
+    assert (len(stored), len(lost), stats["queued"]) == (2, 0, 0)
+    assert sorted(int(s) for s in frame["seq_num"]) == [1, 2, 3, 4]
+    assert replayed == 0
+
+
+def test_a_stop_recorded_while_the_store_begins_closing_is_stored(tmp_path: Path) -> None:
+    """close_run under way when close() begins records the stop (it is not refused after its
+    journal write): the catalog holds it once close() returns, and the next start finds no
+    unfinished run. Before, close_run raised StoreError after journalling the stop, and the
+    run stayed open in the catalog until a later start's replay ended it."""
+    directory = tmp_path / "s"
+    store = AnalysisStore(directory, journal=True, flush_interval=30.0)
+    store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+    store.add_events("R", [store_row(s) for s in (1, 2)])
+    entered, release = _held(store, "_journal_stop")
+    out, _ = _close_while(
+        store,
+        lambda: store.close_run("R", {"uid": "a-stop", "exit_status": "success"}),
+        entered,
+        release,
+    )
+    with AnalysisStore(directory, journal=True) as again:
+        unfinished = [u["raw_uid"] for u in again.unfinished_runs()]
+        replayed = again.stats()["replayed"]
+        meta, frame = read_analysis(again, "R")
+    assert out == [None]
+    assert (unfinished, replayed) == ([], 0)
+    assert (meta["stop"] or {}).get("uid") == "a-stop"
+    assert sorted(int(s) for s in frame["seq_num"]) == [1, 2]
