@@ -9,7 +9,7 @@ from scan_helpers import two_rises
 
 from xasflow.spectra import PrepParams, Spectrum, find_e0, prepare
 from xasflow.spectra.batch import BATCH_MIN_ROWS, prepare_batch
-from xasflow.spectra.e0_rivals import rival_origins
+from xasflow.spectra.e0_rivals import _peaks, _peaks_rows, rival_origins, rival_origins_rows
 from xasflow.spectra.process import normalize
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
@@ -89,6 +89,59 @@ def test_a_stack_gets_the_rival_grids_one_spectrum_gets() -> None:
         assert not isinstance(got, Exception), got
         assert len(got.alternates) == len(one.alternates) == 1
         np.testing.assert_allclose(got.alternates[0], one.alternates[0], atol=1e-12)
+
+
+def test_the_search_for_many_spectra_finds_each_ones_rivals_bit_for_bit() -> None:
+    """rival_origins_rows (the stack path's search) gives each spectrum exactly the rivals
+    rival_origins gives it alone: two rises and one, noisy and clean, a flat top (a coarse
+    linear stretch), windows cut by the data's ends, E0s that give search grids of several
+    lengths, each row on its own shifted axis, and a window too short to search."""
+    rng = np.random.default_rng(7)
+    axes, mus, e0s = [], [], []
+    for k in range(120):
+        shift = rng.uniform(-3.0, 3.0)
+        axis = ENERGY + shift
+        base = (MU if k % 3 else CLEAR) + rng.normal(0.0, (0.0, 0.005, 0.02)[k % 3], ENERGY.size)
+        if k % 10 == 4:  # clean, straight over the second rise: the derivative's flat top
+            axis = np.concatenate((ENERGY[:370], ENERGY[379:])) + shift
+            base = np.concatenate((MU[:370], MU[379:]))
+        e0 = find_e0(Spectrum(axis, base, "Cu", "K")) + rng.uniform(-0.05, 0.05)
+        if k % 17 == 5:  # E0 near the scan's start or end: the window is cut short
+            e0 = float(axis[0] + rng.uniform(1.0, 9.0) if k % 2 else axis[-1] - 3.0)
+        axes.append(axis)
+        mus.append(base)
+        e0s.append(float(e0))
+    for ratio, window in ((0.8, 10.0), (0.5, 10.0), (0.8, 3.0), (0.8, 1.0)):
+        alone = [
+            rival_origins(a, m, e, ratio, window) for a, m, e in zip(axes, mus, e0s, strict=True)
+        ]
+        together = rival_origins_rows(axes, mus, e0s, ratio, window)
+        assert together == alone  # floats compared exactly
+        if window >= 5:  # the two rises are 6 eV apart: most rows see both
+            assert sum(bool(r) for r in alone) > 30
+    assert rival_origins_rows([], [], [], 0.8, 10.0) == []
+
+
+def test_the_peaks_of_many_rows_are_each_rows_peaks() -> None:
+    """_peaks_rows on a matrix gives each row exactly _peaks's maxima: rows of noise (a turn
+    at a row's end must not pair with the next row's first), level tops with rounding
+    ripples below TIE (one maximum at the centre), a row with NaNs and one all NaN."""
+    rng = np.random.default_rng(3)
+    n, m = 40, 90
+    derivs = rng.normal(size=(n, m))
+    ripple = 1.0 + np.where(np.arange(9) % 2, 1e-13, 0.0)
+    for k in range(0, n, 4):  # a level top with sub-TIE ripples somewhere in the row
+        at = rng.integers(5, m - 15)
+        derivs[k, at : at + 9] = 5.0 * ripple
+    derivs[8, m - 5 : m - 3] = np.nan  # beside its level top
+    derivs[9] = np.nan
+    grids = 8970.0 + 0.1 * np.arange(m) + rng.uniform(-1, 1, (n, 1))
+    rows, at_all, height_all = _peaks_rows(grids, derivs)
+    assert np.all(np.diff(rows) >= 0)
+    for k in range(n):
+        at, height = _peaks(grids[k], derivs[k])
+        np.testing.assert_array_equal(at_all[rows == k], at)
+        np.testing.assert_array_equal(height_all[rows == k], height)
 
 
 def test_rivals_need_the_grid_on_e0() -> None:

@@ -29,6 +29,7 @@ from xasflow.spectra.e0_batch import (
     find_e0_batch,
     has_edge_batch,
 )
+from xasflow.spectra.e0_rivals import rival_origins_rows
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.glitches import WindowGlitch
 from xasflow.spectra.norm import stray_ends
@@ -374,6 +375,7 @@ def _prepare_fast(
         query = np.broadcast_to(grid, (live.size, grid.size))
     with np.errstate(invalid="ignore"):
         gridded = _interp_rows(query, energy, rel, y, d)
+    rivals = _rivals(axes, mu, e0, live, params)
     for r, i in enumerate(live.tolist()):
         if i in redo:
             res[i] = _prepare_one(spectra[i], params)
@@ -405,6 +407,25 @@ def _prepare_fast(
                     float(e0[i]),
                     params,
                     slice(int(lead[r]), rel.shape[1] - int(trail[r])),
+                    rivals[r],
                 ),
             )
     return res  # type: ignore[return-value]
+
+
+def _rivals(
+    axes: Sequence[np.ndarray], mu: Any, e0: np.ndarray, live: np.ndarray, params: PrepParams
+) -> list[tuple[float, ...] | None]:
+    """Each live row's rival rises (``params.e0_rivals``), searched for all rows at once
+    (:func:`~xasflow.spectra.e0_rivals.rival_origins_rows`); None each without it."""
+    rows = live.tolist()
+    if params.e0_rivals is None:
+        return [None] * len(rows)
+    found = rival_origins_rows(
+        [axes[i] for i in rows],
+        [mu[i] for i in rows],
+        [float(e0[i]) for i in rows],
+        params.e0_rivals,
+        params.e0_rival_window,
+    )
+    return list(found)

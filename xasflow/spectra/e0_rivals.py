@@ -15,7 +15,7 @@ import numpy as np
 
 from xasflow.spectra.e0 import E0_STEP, TIE, smoothed_derivative
 
-__all__ = ["edge_peaks", "rival_origins"]
+__all__ = ["edge_peaks", "rival_origins", "rival_origins_rows"]
 
 #: Rivals closer than this to E0 or to a higher rival are the same rise (eV).
 APART = 1.0
@@ -32,13 +32,24 @@ def edge_peaks(
     The derivative of mu on a 0.1 eV grid, smoothed with a 0.5 eV Gaussian (the one
     :func:`~xasflow.spectra.find_e0` looks at); a flat top counts once, at its centre.
     """
-    empty = np.zeros(0)
+    grid = _search_grid(energy, e0, window)
+    if grid is None:
+        return np.zeros(0), np.zeros(0)
+    deriv = smoothed_derivative(np.interp(grid, energy, mu)[None, :])[0]  # on_grid of one row
+    return _inner(*_peaks(grid, deriv), e0, window)
+
+
+def _search_grid(energy: np.ndarray, e0: float, window: float) -> np.ndarray | None:
+    """The 0.1 eV grid :func:`edge_peaks` reads the derivative on (None: too short)."""
     lo, hi = max(energy[0], e0 - window - 2.0), min(energy[-1], e0 + window + 2.0)
     if window <= 0 or hi - lo < 4.0:
-        return empty, empty
-    grid = np.arange(lo, hi, E0_STEP)
-    deriv = smoothed_derivative(np.interp(grid, energy, mu)[None, :])[0]  # on_grid of one row
-    at, height = _peaks(grid, deriv)
+        return None
+    return np.arange(lo, hi, E0_STEP)
+
+
+def _inner(
+    at: np.ndarray, height: np.ndarray, e0: float, window: float
+) -> tuple[np.ndarray, np.ndarray]:
     inner = (at >= e0 - window) & (at <= e0 + window)
     return at[inner], height[inner]
 
@@ -53,7 +64,61 @@ def rival_origins(
     The set does not depend on which rise E0 landed on (both see the same window's steepest
     rise), so two noisy copies of a two-rise edge get the same grids whichever rise won.
     """
-    at, height = edge_peaks(energy, mu, e0, window)
+    return _chosen(*edge_peaks(energy, mu, e0, window), e0, ratio)
+
+
+def rival_origins_rows(
+    axes: list[np.ndarray],
+    mus: list[np.ndarray],
+    e0s: list[float],
+    ratio: float,
+    window: float,
+) -> list[tuple[float, ...]]:
+    """:func:`rival_origins` of several spectra (each its energy axis, mu and E0), bit for
+    bit: the derivative and the peak search of the spectra whose search grids have the same
+    length run once for all of them (most of a spectrum's search is numpy's per-call cost)."""
+    out: list[tuple[float, ...]] = [()] * len(e0s)
+    groups: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for i, (energy, mu, e0) in enumerate(zip(axes, mus, e0s, strict=True)):
+        grid = _search_grid(energy, e0, window)
+        if grid is not None:
+            groups.setdefault(grid.size, []).append((i, grid, np.interp(grid, energy, mu)))
+    for members in groups.values():
+        grids = np.vstack([g for _, g, _ in members])
+        derivs = smoothed_derivative(np.vstack([v for _, _, v in members]))
+        rows = [i for i, _, _ in members]
+        chosen = _chosen_rows(*_peaks_rows(grids, derivs), [e0s[i] for i in rows], ratio, window)
+        for i, origins in zip(rows, chosen, strict=True):
+            out[i] = origins
+    return out
+
+
+def _chosen_rows(
+    r: np.ndarray, at: np.ndarray, height: np.ndarray, e0s: list[float], ratio: float, window: float
+) -> list[tuple[float, ...]]:
+    """:func:`_chosen` of each row's peaks near its E0 (the peaks of all rows: row ``r``,
+    ``at``, ``height``): the window, the steepest and the kept peaks as masks over all rows;
+    only a row keeping two peaks or more walks them in Python."""
+    e0 = np.asarray(e0s, dtype=np.float64)
+    inner = (at >= e0[r] - window) & (at <= e0[r] + window)
+    r, at, height = r[inner], at[inner], height[inner]
+    top = np.full(e0.size, -np.inf)
+    np.maximum.at(top, r, height)
+    keep = height >= ratio * top[r]
+    kept = np.bincount(r[keep], minlength=e0.size)
+    out: list[tuple[float, ...]] = [()] * e0.size
+    for k in np.flatnonzero(top > 0).tolist():
+        if kept[k] > 1:  # a rival, perhaps: every kept peak in _chosen's order
+            mine = r == k
+            out[k] = _chosen(at[mine], height[mine], e0s[k], ratio)
+        else:  # the steepest alone: a rival only where it lies apart from E0
+            a = float(at[keep & (r == k)][0])
+            out[k] = (a,) if abs(a - e0s[k]) > APART else ()
+    return out
+
+
+def _chosen(at: np.ndarray, height: np.ndarray, e0: float, ratio: float) -> tuple[float, ...]:
+    """The rival origins among the peaks (``at``, ``height``) near ``e0``."""
     if height.size == 0:
         return ()
     top = float(_max(height))
@@ -84,3 +149,21 @@ def _peaks(grid: np.ndarray, deriv: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     down = turns[1:][(sign[turns[:-1]] > 0) & (sign[turns[1:]] < 0)]
     # a rise at step a, level steps, a fall at step b: the top is points a + 1 .. b
     return 0.5 * (grid[up + 1] + grid[down]), deriv[up + 1]
+
+
+def _peaks_rows(grids: np.ndarray, derivs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_peaks` of each row of ``derivs`` on its row of ``grids``, in one pass: the
+    same steps, tolerance and level runs, element by element (so the same numbers); the
+    maxima of all rows in row order: row, position, height."""
+    step = derivs[:, 1:] - derivs[:, :-1]
+    finite = np.where(np.isfinite(derivs), np.abs(derivs), -np.inf)
+    top = _max(finite, axis=1)
+    tol = np.where(np.isfinite(top), TIE * top, 0.0)
+    sign = np.where(np.abs(step) <= tol[:, None], 0, np.sign(step))
+    rows, turns = sign.nonzero()  # row by row, each row's turns in order
+    same = rows[:-1] == rows[1:]
+    a, b = sign[rows[:-1], turns[:-1]], sign[rows[1:], turns[1:]]
+    top_at = same & (a > 0) & (b < 0)
+    r, up, down = rows[:-1][top_at], turns[:-1][top_at], turns[1:][top_at]
+    at = 0.5 * (grids[r, up + 1] + grids[r, down])
+    return r, at, derivs[r, up + 1]

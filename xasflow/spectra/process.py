@@ -457,14 +457,18 @@ def alternate_grids(
     e0: float,
     params: PrepParams,
     bulk: slice | None = None,
+    origins: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, ...]:
     """``y`` (normalised at ``e0``, on ``rel`` = energy - e0) on the model grid placed on
-    each rival rise of ``mu`` (:func:`~xasflow.spectra.e0_rivals.rival_origins`), with
-    ``params.e0_rivals``; a rival whose grid would leave the data is skipped."""
+    each rival rise of ``mu`` (:func:`~xasflow.spectra.e0_rivals.rival_origins`, or
+    ``origins`` found already), with ``params.e0_rivals``; a rival whose grid would leave
+    the data is skipped."""
     if params.e0_rivals is None:
         return ()
+    if origins is None:
+        origins = rival_origins(energy, mu, e0, params.e0_rivals, params.e0_rival_window)
     out = []
-    for at in rival_origins(energy, mu, e0, params.e0_rivals, params.e0_rival_window):
+    for at in origins:
         try:
             out.append(resample(rel - (at - e0), y, params, bulk)[0])
         except SpectrumError:  # the shifted window runs past the data (a FEFF tail)
