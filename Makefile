@@ -16,11 +16,14 @@ $(BIN)/.xasflow-setup: pyproject.toml
 		|| echo "torch 2.13.0 not available: the nn extra stays off"
 	$(BIN)/pip install -q -e '.[all]'
 	# System programs for the real-server tests (Redis for the queueserver, Debian's chromium
-	# for the dashboard in a browser); best effort: without them those tests skip and say why.
-	@command -v redis-server >/dev/null && command -v chromium >/dev/null || \
+	# for the dashboard in a browser, promtool from Debian's prometheus for deploy/'s rules);
+	# best effort: without them those tests skip and say why.
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null && \
+		command -v promtool >/dev/null || \
 		{ command -v apt-get >/dev/null && apt-get update -qq && \
-		  apt-get install -y -qq redis-server chromium >/dev/null; } || \
-		echo "note: redis-server/chromium not installed; their tests will skip"
+		  apt-get install -y -qq redis-server chromium >/dev/null && \
+		  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+		echo "note: redis-server/chromium/promtool not installed; their tests will skip"
 	touch $@
 
 setup: $(BIN)/.xasflow-setup
