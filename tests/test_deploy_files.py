@@ -5,11 +5,21 @@ the systemd unit's hardening. (tests/test_deploy.py runs the tools and a real da
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from deploy_files import DEPLOY, TOKEN, alert_rules, dashboard, env_file, load_yaml, unit_file
+from deploy_files import (
+    DEPLOY,
+    TOKEN,
+    alert_rules,
+    dashboard,
+    env_file,
+    load_yaml,
+    tool,
+    unit_file,
+)
 
 from xasflow import paths
 from xasflow.daemon.config import ConfigError, env_overrides, load_config
@@ -237,3 +247,50 @@ def test_the_loss_panel_shows_documents_dropped_on_an_internal_error() -> None:
         "xasflow_internal_errors_total",
     ):
         assert metric in exprs, metric
+
+
+def test_k8s_renders_into_one_consistent_pod(tmp_path: Path) -> None:
+    """What ``kubectl apply -k deploy/k8s`` would send, rendered by kubectl's own kustomize:
+    every object in the namespace; the Service, PodMonitor and NetworkPolicy select the pod;
+    each mount has its volume; the daemon reads the ConfigMap's config at the path its
+    ``--config`` names, and that config loads, keeps the catalog on the PVC, serves HTTP on
+    the Service's port and reaches the bus on ports the NetworkPolicy lets out."""
+    kubectl = tool("kubectl")
+    res = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    objs = {d["kind"]: d for d in yaml.safe_load_all(res.stdout)}
+    namespace = objs.pop("Namespace")["metadata"]["name"]
+    assert all(o["metadata"]["namespace"] == namespace for o in objs.values())
+    deploy = objs["Deployment"]["spec"]
+    pod_labels = deploy["template"]["metadata"]["labels"]
+    selectors = {
+        "Deployment": deploy["selector"]["matchLabels"],
+        "Service": objs["Service"]["spec"]["selector"],
+        "PodMonitor": objs["PodMonitor"]["spec"]["selector"]["matchLabels"],
+        "NetworkPolicy": objs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"],
+    }
+    assert {k: v.items() <= pod_labels.items() for k, v in selectors.items()} == dict.fromkeys(
+        selectors, True
+    )
+    pod = deploy["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    config_path = Path(container["args"][container["args"].index("--config") + 1])
+    source = mounts[str(config_path.parent)]["configMap"]["name"]
+    assert source == objs["ConfigMap"]["metadata"]["name"]
+    config_file = tmp_path / config_path.name
+    config_file.write_text(objs["ConfigMap"]["data"][config_path.name])
+    cfg = load_config(config_file, environ={"XASFLOW__HTTP__TOKEN": TOKEN})
+    claim = mounts[str(cfg.storage.directory)]["persistentVolumeClaim"]["claimName"]
+    assert claim == objs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert str(cfg.models.directory) not in mounts  # the image's own bundles, not a volume
+    (port,) = [p for p in container["ports"] if p["name"] == "http"]
+    service_port = objs["Service"]["spec"]["ports"][0]
+    assert port["containerPort"] == cfg.http.port == service_port["port"]
+    assert service_port["targetPort"] == port["name"]
+    egress = {p["port"] for r in objs["NetworkPolicy"]["spec"]["egress"] for p in r["ports"]}
+    bus = {int(a.rsplit(":", 1)[1]) for a in (cfg.input.address, cfg.output.address)}
+    assert bus <= egress
