@@ -348,6 +348,51 @@ def test_advice_belongs_to_its_run_and_is_not_an_answer(ioc_env: dict[str, Any])
     assert read(stop) == 0 and read(nreg) == 0
 
 
+def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
+    """served_by takes only an answer carrying its own search's id: a server that answers
+    every search with the id of an earlier one (a late reply to another name's search,
+    reaching a socket that got that search's source port again) does not make the name
+    served. Before, every search used id 1, so such a reply named the running IOC as the
+    server of a prefix it does not serve, and a second IOC refused to start (seen once in
+    the full suite: "TST:OTHER:BUNDLE_ID is already served by" the TST:XAS: IOC)."""
+    import socket
+
+    import caproto as ca
+
+    from xasflow.adapters.epics_ioc import served_by
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    stale = ca.Broadcaster(our_role=ca.SERVER).send(
+        ca.VersionResponse(ca.DEFAULT_PROTOCOL_VERSION),
+        ca.SearchResponse(port, "127.0.0.1", 1, ca.DEFAULT_PROTOCOL_VERSION),
+    )
+    answered: list[int] = []
+
+    def answer_every_search() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                _, address = server.recvfrom(4096)
+            except OSError:
+                continue
+            server.sendto(stale, address)
+            answered.append(1)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=answer_every_search)
+    thread.start()
+    try:
+        found = served_by("NOBODY:BUNDLE_ID", "127.0.0.1", port, timeout=0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert answered  # the searches reached it and were answered
+    assert found is None
+
+
 def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -> None:
     """The running IOC answers the search for its own PVs; a second IOC on the same port and
     prefix refuses to start (clients would read either), one with another prefix starts."""

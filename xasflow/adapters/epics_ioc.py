@@ -66,6 +66,7 @@ def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str |
     :data:`_SEARCH_SOCKETS` source ports (see there), and a server on another host of the
     subnet is not asked.
     """
+    import secrets
     import select
     import socket
     import time
@@ -74,9 +75,12 @@ def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str |
 
     target = "127.0.0.1" if host in ("", "0.0.0.0") else host
     family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    # a search id of this call's own: a late answer to an earlier search (another name),
+    # reaching a socket that got that search's source port again, is not this name's
+    cid = secrets.randbelow(2**31 - 1) + 1
     request = ca.Broadcaster(our_role=ca.CLIENT).send(
         ca.VersionRequest(0, ca.DEFAULT_PROTOCOL_VERSION),
-        ca.SearchRequest(pvname, 1, ca.DEFAULT_PROTOCOL_VERSION),
+        ca.SearchRequest(pvname, cid, ca.DEFAULT_PROTOCOL_VERSION),
     )
     socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(_SEARCH_SOCKETS)]
     try:
@@ -96,7 +100,7 @@ def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str |
                 except (OSError, ca.CaprotoError):  # refused, or not Channel Access: read on
                     continue
                 for command in commands:
-                    if isinstance(command, ca.SearchResponse) and command.cid == 1:
+                    if isinstance(command, ca.SearchResponse) and command.cid == cid:
                         ip = command.ip if command.ip not in (None, "", "255.255.255.255") else None
                         return f"{ip or address[0]}:{command.port}"
         return None
