@@ -122,6 +122,16 @@ def test_the_search_for_many_spectra_finds_each_ones_rivals_bit_for_bit() -> Non
     assert rival_origins_rows([], [], [], 0.8, 10.0) == []
 
 
+def test_a_ratio_above_one_keeps_no_rival_for_many_spectra_as_for_one() -> None:
+    """No peak is steeper than the steepest: rival_origins finds none, and the rows' search
+    too, instead of reading the first of no kept peaks (IndexError before)."""
+    axes, mus = [ENERGY, ENERGY], [MU, CLEAR]
+    e0s = [find_e0(Spectrum(a, m, "Cu", "K")) for a, m in zip(axes, mus, strict=True)]
+    alone = [rival_origins(a, m, e, 1.5, 10.0) for a, m, e in zip(axes, mus, e0s, strict=True)]
+    assert alone == [(), ()]
+    assert rival_origins_rows(axes, mus, e0s, 1.5, 10.0) == alone
+
+
 def test_the_peaks_of_many_rows_are_each_rows_peaks() -> None:
     """_peaks_rows on a matrix gives each row exactly _peaks's maxima: rows of noise (a turn
     at a row's end must not pair with the next row's first), level tops with rounding

@@ -107,7 +107,7 @@ def _chosen_rows(
     keep = height >= ratio * top[r]
     kept = np.bincount(r[keep], minlength=e0.size)
     out: list[tuple[float, ...]] = [()] * e0.size
-    for k in np.flatnonzero(top > 0).tolist():
+    for k in np.flatnonzero((top > 0) & (kept > 0)).tolist():  # none kept (ratio > 1): ()
         if kept[k] > 1:  # a rival, perhaps: every kept peak in _chosen's order
             mine = r == k
             out[k] = _chosen(at[mine], height[mine], e0s[k], ratio)
