@@ -294,3 +294,24 @@ def test_k8s_renders_into_one_consistent_pod(tmp_path: Path) -> None:
     egress = {p["port"] for r in objs["NetworkPolicy"]["spec"]["egress"] for p in r["ports"]}
     bus = {int(a.rsplit(":", 1)[1]) for a in (cfg.input.address, cfg.output.address)}
     assert bus <= egress
+
+
+def test_k8s_objects_pass_the_kubernetes_openapi_schemas() -> None:
+    """Each rendered object validates, strictly (no unknown fields), against kubernetes-validate's
+    bundled schemas for the kubectl client's minor version, offline. The PodMonitor is a
+    Prometheus Operator CRD with no bundled schema: it is required to be the only one skipped."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    res = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    unschemed = []
+    for obj in yaml.safe_load_all(res.stdout):
+        try:
+            kv.validate(obj, "1.32", strict=True)
+        except kv.SchemaNotFoundError:
+            unschemed.append(obj["kind"])
+    assert unschemed == ["PodMonitor"]
