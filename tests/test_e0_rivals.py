@@ -9,7 +9,14 @@ from scan_helpers import two_rises
 
 from xasflow.spectra import PrepParams, Spectrum, find_e0, prepare
 from xasflow.spectra.batch import BATCH_MIN_ROWS, prepare_batch
-from xasflow.spectra.e0_rivals import _peaks, _peaks_rows, rival_origins, rival_origins_rows
+from xasflow.spectra.e0_rivals import (
+    _chosen,
+    _chosen_rows,
+    _peaks,
+    _peaks_rows,
+    rival_origins,
+    rival_origins_rows,
+)
 from xasflow.spectra.process import normalize
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
@@ -152,6 +159,39 @@ def test_the_peaks_of_many_rows_are_each_rows_peaks() -> None:
         at, height = _peaks(grids[k], derivs[k])
         np.testing.assert_array_equal(at_all[rows == k], at)
         np.testing.assert_array_equal(height_all[rows == k], height)
+
+
+def test_the_rivals_chosen_for_many_rows_are_each_rows_choice() -> None:
+    """_chosen_rows (all rows' peaks sorted at once) keeps exactly _chosen's rivals of each
+    row: equal heights (first in position order first), a kept peak within APART of a higher
+    rival or of E0, three or more kept, peaks outside the window, none kept, no peak at all,
+    a NaN height, a row whose steepest is not positive, and ratios 0, 0.8, 1 and 1.5."""
+    rng = np.random.default_rng(11)
+    rows: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.array([8981.0, 8987.0]), np.array([2.0, 2.0])),  # a tie: the first is higher
+        (np.array([8980.0, 8984.6, 8988.0, 8988.5]), np.array([1.9, 2.0, 1.95, 1.99])),
+        (np.array([8975.0, 8990.0, 8999.0]), np.array([5.0, 1.0, 9.0])),  # the steepest outside
+        (np.zeros(0), np.zeros(0)),
+        (np.array([8983.0, 8986.0]), np.array([np.nan, 2.0])),
+        (np.array([8983.0, 8986.0]), np.array([-1.0, -2.0])),
+    ]
+    for _ in range(60):  # random peaks, ties likely (heights of one decimal)
+        n = int(rng.integers(1, 8))
+        rows.append((np.sort(rng.uniform(8972, 8998, n)), rng.integers(1, 20, n) / 10.0))
+    e0s = [8984.0 + 0.5 * (k % 3) for k in range(len(rows))]
+    r = np.concatenate([np.full(a.size, k) for k, (a, _) in enumerate(rows)])
+    at = np.concatenate([a for a, _ in rows])
+    height = np.concatenate([h for _, h in rows])
+    for ratio in (0.0, 0.8, 1.0, 1.5):
+        alone = []
+        for (a, h), e0 in zip(rows, e0s, strict=True):
+            inner = (a >= e0 - 10.0) & (a <= e0 + 10.0)
+            alone.append(_chosen(a[inner], h[inner], e0, ratio))
+        with np.errstate(invalid="ignore"):  # the NaN height's maximum
+            assert _chosen_rows(r, at, height, e0s, ratio, 10.0) == alone
+        if ratio == 0.8:
+            assert alone[:3] == [(8981.0, 8987.0), (8988.5, 8980.0), (8975.0,)]
+            assert sum(len(c) > 1 for c in alone) > 5
 
 
 def test_rivals_need_the_grid_on_e0() -> None:

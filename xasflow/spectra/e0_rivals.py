@@ -97,23 +97,25 @@ def _chosen_rows(
     r: np.ndarray, at: np.ndarray, height: np.ndarray, e0s: list[float], ratio: float, window: float
 ) -> list[tuple[float, ...]]:
     """:func:`_chosen` of each row's peaks near its E0 (the peaks of all rows: row ``r``,
-    ``at``, ``height``): the window, the steepest and the kept peaks as masks over all rows;
-    only a row keeping two peaks or more walks them in Python."""
+    ``at``, ``height``): the window, the steepest and the kept peaks as masks over all rows,
+    sorted once; only the apart test walks the kept peaks, as plain floats."""
     e0 = np.asarray(e0s, dtype=np.float64)
     inner = (at >= e0[r] - window) & (at <= e0[r] + window)
     r, at, height = r[inner], at[inner], height[inner]
     top = np.full(e0.size, -np.inf)
     np.maximum.at(top, r, height)
-    keep = height >= ratio * top[r]
-    kept = np.bincount(r[keep], minlength=e0.size)
+    keep = (height >= ratio * top[r]) & (top > 0)[r]
+    # _chosen's order, every row at once: by row, then steepest first (both sorts stable)
+    order = np.lexsort((-height[keep], r[keep]))
+    rows, ats = r[keep][order].tolist(), at[keep][order].tolist()
     out: list[tuple[float, ...]] = [()] * e0.size
-    for k in np.flatnonzero((top > 0) & (kept > 0)).tolist():  # none kept (ratio > 1): ()
-        if kept[k] > 1:  # a rival, perhaps: every kept peak in _chosen's order
-            mine = r == k
-            out[k] = _chosen(at[mine], height[mine], e0s[k], ratio)
-        else:  # the steepest alone: a rival only where it lies apart from E0
-            a = float(at[keep & (r == k)][0])
-            out[k] = (a,) if abs(a - e0s[k]) > APART else ()
+    chosen: list[float] = []
+    for i, (k, a) in enumerate(zip(rows, ats, strict=True)):
+        if i == 0 or k != rows[i - 1]:  # a new row: its E0 is the first taken
+            chosen = [float(e0s[k])]
+        if all(abs(a - c) > APART for c in chosen):
+            chosen.append(a)
+            out[k] = tuple(chosen[1:])
     return out
 
 
