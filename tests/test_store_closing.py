@@ -72,18 +72,32 @@ def _close_while(
     return out, closer
 
 
-@pytest.mark.parametrize("journal", [False, True])
+def _failing_journal(store: AnalysisStore) -> None:
+    """Make the callers' journal refuse every row write from now on (a full disk): the rows
+    are then acknowledged by the catalog's commit, as without a journal."""
+
+    def add(*args: Any) -> list[bool]:
+        raise OSError("no space left on device")
+
+    assert store._journal is not None
+    store._journal.add = add  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("journal", ["off", "on", "failing"])
 def test_rows_accepted_while_the_store_begins_closing_are_stored(
-    tmp_path: Path, journal: bool
+    tmp_path: Path, journal: str
 ) -> None:
     """Rows 3-4 accepted (add_events said True) while close() began are in the catalog once
     close() returns, and their callbacks ran: stored, never lost. Before, they were queued
-    behind the writer's stop: without the journal neither callback ever ran and the rows
-    were gone, counted nowhere; with it they waited for the next start's replay."""
+    behind the writer's stop: without the journal (or with one whose write failed) neither
+    callback ever ran and the rows were gone, counted nowhere; with it close() shut the
+    journal under their write, and they were lost the same way."""
     directory = tmp_path / "s"
-    store = AnalysisStore(directory, journal=journal, flush_interval=30.0)
+    store = AnalysisStore(directory, journal=journal != "off", flush_interval=30.0)
     store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
     store.add_events("R", [store_row(s) for s in (1, 2)])
+    if journal == "failing":
+        _failing_journal(store)
     stored, lost = [], []
     entered, release = _held(store, "_journalled")
     out, _ = _close_while(
@@ -98,7 +112,7 @@ def test_rows_accepted_while_the_store_begins_closing_are_stored(
         release,
     )
     stats = store.stats()
-    with AnalysisStore(directory, journal=journal) as again:
+    with AnalysisStore(directory, journal=journal != "off") as again:
         _, frame = read_analysis(again, "R")
         replayed = again.stats()["replayed"]
     assert out == [[True, True]]
@@ -131,3 +145,32 @@ def test_a_stop_recorded_while_the_store_begins_closing_is_stored(tmp_path: Path
     assert (unfinished, replayed) == ([], 0)
     assert (meta["stop"] or {}).get("uid") == "a-stop"
     assert sorted(int(s) for s in frame["seq_num"]) == [1, 2]
+
+
+def test_a_finish_recorded_while_the_store_begins_closing_is_stored(tmp_path: Path) -> None:
+    """finish_run (the stop of a run a killed process left open) under way when close()
+    begins is recorded: the catalog holds the stop once close() returns, before any replay,
+    and the next start finds no unfinished run. Before, finish_run raised StoreError after
+    its journal step (close() had shut the journal under it), and the run stayed unfinished."""
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as first:  # closed without the run's stop
+        first.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+        first.add_events("R", [store_row(1)])
+    store = AnalysisStore(directory, journal=True, flush_interval=30.0)
+    assert [u["raw_uid"] for u in store.unfinished_runs()] == ["R"]
+    entered, release = _held(store, "_journal_stop")
+    out, _ = _close_while(
+        store,
+        lambda: store.finish_run("R", {"uid": "a-stop", "exit_status": "abort"}),
+        entered,
+        release,
+    )
+    with AnalysisStore(directory) as plain:  # no journal: the catalog as close() left it
+        meta, frame = read_analysis(plain, "R")
+    with AnalysisStore(directory, journal=True) as again:
+        unfinished = [u["raw_uid"] for u in again.unfinished_runs()]
+        replayed = again.stats()["replayed"]
+    assert out == [None]
+    assert (meta["stop"] or {}).get("uid") == "a-stop"
+    assert sorted(int(s) for s in frame["seq_num"]) == [1]
+    assert (unfinished, replayed) == ([], 0)
