@@ -83,8 +83,9 @@ def test_a_held_processing_thread_shows_a_growing_turn_age(tmp_path: Path) -> No
         # increase() sees the first run a timeout closes (it used to appear at 1)
         assert 'xasflow_runs_closed_total{exit_status="timeout"} 0.0' in _metrics(h)
         uid, docs = step_scan(STEP_GRID, transmission(STEP_GRID), md={"stall": True})
-        publish(h.pub, docs)
+        publish(h.pub, docs[:1])  # the start alone, then the rest once its turn is held: a
         wait_for(entered.is_set, "the processing thread inside the held start")
+        publish(h.pub, docs[1:])  # turn that began with all of them queued took them all
         stalled = wait_for(
             lambda: (b := _health(h))["last_turn_age_s"] > 3.0 and b, "a turn age over 3 s", 60
         )
