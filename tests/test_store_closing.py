@@ -44,13 +44,12 @@ def _stop_not_queued(store: AnalysisStore) -> bool:
         return store._closing and not any(item[0] == "stop" for item in store._items)
 
 
-def _close_while(
-    store: AnalysisStore, call: Any, entered: threading.Event, release: threading.Event
-) -> tuple[list[Any], threading.Thread]:
-    """Run ``call`` in a thread until it waits in its journal step, begin ``close()`` in
-    another, wait until it has marked the store closing and its stop is not queued (taken by
-    the writer, or held back by close()), then let ``call`` go on; returns the call's result
-    (or exception) and the closing thread."""
+def _close_while(store: AnalysisStore, step: str, call: Any) -> list[Any]:
+    """Run ``call`` in a thread until it waits in its journal step ``store.<step>``
+    (:func:`_held`), begin ``close()`` in another, wait until it has marked the store closing
+    and its stop is not queued (taken by the writer, or held back by close()), then let
+    ``call`` go on; returns the call's result (or exception)."""
+    entered, release = _held(store, step)
     out: list[Any] = []
 
     def run() -> None:
@@ -69,7 +68,7 @@ def _close_while(
     caller.join(30)
     closer.join(30)
     assert not caller.is_alive() and not closer.is_alive()
-    return out, closer
+    return out
 
 
 def _failing_journal(store: AnalysisStore) -> None:
@@ -99,17 +98,15 @@ def test_rows_accepted_while_the_store_begins_closing_are_stored(
     if journal == "failing":
         _failing_journal(store)
     stored, lost = [], []
-    entered, release = _held(store, "_journalled")
-    out, _ = _close_while(
+    out = _close_while(
         store,
+        "_journalled",
         lambda: store.add_events(
             "R",
             [store_row(3), store_row(4)],
             lambda: stored.append(1),
             on_lost=lambda: lost.append(1),
         ),
-        entered,
-        release,
     )
     stats = store.stats()
     with AnalysisStore(directory, journal=journal != "off") as again:
@@ -130,12 +127,10 @@ def test_a_stop_recorded_while_the_store_begins_closing_is_stored(tmp_path: Path
     store = AnalysisStore(directory, journal=True, flush_interval=30.0)
     store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
     store.add_events("R", [store_row(s) for s in (1, 2)])
-    entered, release = _held(store, "_journal_stop")
-    out, _ = _close_while(
+    out = _close_while(
         store,
+        "_journal_stop",
         lambda: store.close_run("R", {"uid": "a-stop", "exit_status": "success"}),
-        entered,
-        release,
     )
     with AnalysisStore(directory, journal=True) as again:
         unfinished = [u["raw_uid"] for u in again.unfinished_runs()]
@@ -158,12 +153,10 @@ def test_a_finish_recorded_while_the_store_begins_closing_is_stored(tmp_path: Pa
         first.add_events("R", [store_row(1)])
     store = AnalysisStore(directory, journal=True, flush_interval=30.0)
     assert [u["raw_uid"] for u in store.unfinished_runs()] == ["R"]
-    entered, release = _held(store, "_journal_stop")
-    out, _ = _close_while(
+    out = _close_while(
         store,
+        "_journal_stop",
         lambda: store.finish_run("R", {"uid": "a-stop", "exit_status": "abort"}),
-        entered,
-        release,
     )
     with AnalysisStore(directory) as plain:  # no journal: the catalog as close() left it
         meta, frame = read_analysis(plain, "R")

@@ -415,17 +415,16 @@ def _prepare_fast(
 
 def _rivals(
     axes: Sequence[np.ndarray], mu: Any, e0: np.ndarray, live: np.ndarray, params: PrepParams
-) -> list[tuple[float, ...] | None]:
+) -> Sequence[tuple[float, ...] | None]:
     """Each live row's rival rises (``params.e0_rivals``), searched for all rows at once
     (:func:`~xasflow.spectra.e0_rivals.rival_origins_rows`); None each without it."""
     rows = live.tolist()
     if params.e0_rivals is None:
         return [None] * len(rows)
-    found = rival_origins_rows(
+    return rival_origins_rows(
         [axes[i] for i in rows],
         [mu[i] for i in rows],
         [float(e0[i]) for i in rows],
         params.e0_rivals,
         params.e0_rival_window,
     )
-    return list(found)
