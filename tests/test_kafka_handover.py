@@ -237,7 +237,7 @@ def test_commits_are_held_once_the_store_refused_results() -> None:
     past: from then on no offset is committed, at any of the three commit sites (the
     committer, a revoke, the end), the reason is in /health, every held commit is counted,
     and a restart (redelivery) is what brings the results back."""
-    refused = SimpleNamespace(refused=0)
+    refused = SimpleNamespace(refused=0, write_lost=0)
     daemon = Daemon(DaemonConfig.model_validate({"input": {"kind": "kafka"}}))
     daemon.parts.store = refused  # type: ignore[assignment]
     source = KafkaDocumentSource(

@@ -229,3 +229,46 @@ def test_rows_the_store_will_not_take_are_resolved_at_the_gate(tmp_path: Path) -
         assert writer.unstored == 1
         assert (gate._submitted, gate._resolved) == (1, 1)
         gate.close(1.0)
+
+
+@pytest.mark.parametrize("case", ["write_fails", "write_fails_journalled", "does_not_fit"])
+def test_results_the_store_lost_hold_the_kafka_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A result the store accepted and then lost to a catalog that would not take it must not
+    be committed past on Kafka: a later flush finds nothing failing (the batch is gone), so
+    the Kafka input's commit hold names the loss, and a restart redelivers it. A journalled
+    row is not lost (the next start replays it), and a row that does not fit its columns
+    would fail the same way when redelivered (holding then would redeliver it for ever):
+    no hold for either, though both are told lost or counted."""
+    from tiled.adapters.sql import SQLAdapter
+
+    from xasflow.daemon.config import DaemonConfig
+    from xasflow.daemon.service import Daemon
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError("database is locked")
+
+    if case != "does_not_fit":
+        monkeypatch.setattr(SQLAdapter, "append_partition", refuse)
+    page = _page(1)
+    if case == "does_not_fit":
+        page["data"]["cn"] = ["four"]  # a word in an integer column
+    daemon = Daemon(DaemonConfig.model_validate({"input": {"kind": "kafka"}}))
+    journal = case == "write_fails_journalled"
+    with AnalysisStore(tmp_path / "s", journal=journal, flush_interval=0.05) as store:
+        writer = StoreWriter(store)
+        daemon.parts.store, daemon.parts.writer = store, writer
+        writer("start", {"uid": "a", "raw_uid": "R", "time": 0.0})
+        writer("descriptor", {**DESCRIPTOR, "run_start": "a", "time": 0.0})
+        writer("event_page", page)
+        store.flush(30)  # the failed batch has left the queue
+        stats = store.stats()
+        hold = daemon._commit_hold()
+    assert stats["queued"] == 0 and stats["errors"] >= 1 and stats["dropped"] == 0
+    if case == "write_fails":
+        assert writer.lost == 1 and stats["write_lost"] == 1
+        assert hold is not None and "lost 1 results" in hold and "restart" in hold
+    else:
+        assert writer.lost == (case == "does_not_fit") and stats["write_lost"] == 0
+        assert hold is None

@@ -60,3 +60,11 @@ class Backpressure:
     def refused(self) -> int:
         """Rows refused so far because the store was full (``stats()['dropped']``, lock-free)."""
         return self._counts["dropped"]
+
+    @property
+    def write_lost(self) -> int:
+        """Rows accepted and then given up because the catalog would not take them (a failed
+        append or table, the catalog down at the end), with no copy in the journal: a
+        redelivery may store them (``stats()['write_lost']``, lock-free). Rows that do not
+        fit their run's columns are not among them: they would fail the same way again."""
+        return self._counts["write_lost"]

@@ -160,7 +160,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
         self._calls = 0
         self._counts = {
             **dict.fromkeys(("stored", "batches", "errors", "dropped", "duplicates"), 0),
-            **dict.fromkeys(("journalled", "replayed", "full_waits"), 0),
+            **dict.fromkeys(("journalled", "replayed", "full_waits", "write_lost"), 0),
         }
         self._runs: dict[str, _Run] = {}  # writer thread only
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
@@ -414,8 +414,8 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
 
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
-        duplicates, journalled, replayed, full_waits and full_wait_ms (callers that waited for
-        room, and for how long in all); ``catalog_up`` (1 while the catalog answers: its
+        duplicates, journalled, replayed, write_lost (:attr:`write_lost`), full_waits and
+        full_wait_ms (callers that waited for room, and for how long in all); ``catalog_up`` (1 while the catalog answers: its
         child process runs), ``catalog_restarts`` and ``catalog_restart_failures`` (tries
         that did not bring a dead one back); ``stalled_ms``, how long rows have waited with
         none written (0 while none wait); with the journal, the runs and rows it holds now

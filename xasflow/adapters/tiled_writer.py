@@ -358,10 +358,13 @@ class WriterThread(CatalogOutage):
 
     def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
         """``n`` rows leave the backlog without a commit; ``lost``: their acknowledgements,
-        told that the rows are given up (rows the journal holds have none: they come back)."""
+        told that the rows are given up (rows the journal holds have none: they come back).
+        Every caller gives rows up because the catalog would not take them (a failed append
+        or table, a catalog down at the end), so those told lost count in ``write_lost``."""
         with self._cond:
             self._rows_left(n)
             self._counts["errors"] += errors
+            self._counts["write_lost"] += sum(ack is not None for ack in lost or ())
         if lost:
             acknowledge(lost, lost=True)
 

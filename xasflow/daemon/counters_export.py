@@ -185,7 +185,7 @@ class _Collector:
             "rebalances": "Kafka consumer-group rebalances this daemon took part in",
             "commits": "Kafka offset commits (each after the results it covers were durable)",
             "commit_failures": "Kafka offset commits the broker refused or that failed",
-            "commits_held": "Kafka offset commits held back: the store refused results, so "
+            "commits_held": "Kafka offset commits held back: the store refused or lost results, so "
             "only a restart (redelivery) can bring them",
             "consumer_errors": "Kafka consumer errors: a broker unreachable (librdkafka's "
             "client errors, while it reconnects), a fetch error, the receive loop's own",
@@ -194,7 +194,7 @@ class _Collector:
             yield CounterMetricFamily(f"xasflow_kafka_{name}", text, value=kafka.get(name, 0))
         yield GaugeMetricFamily(
             "xasflow_kafka_commit_hold",
-            "1 while no Kafka offset may be committed (the store refused results; restart)",
+            "1 while no Kafka offset may be committed (the store refused or lost results; restart)",
             value=int(kafka_held),
         )
         yield _by_label(

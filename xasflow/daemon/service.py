@@ -160,16 +160,21 @@ class Daemon:
 
     def _commit_hold(self) -> str | None:
         """Why the Kafka input may commit no offset any more: the store refused results
-        (full for longer than ``storage.full_wait_s``), or the Kafka output lost analysis
-        documents (not acknowledged by the broker), and a commit past them would lose them
-        for good; a restart has Kafka redeliver them (the store skips rows it holds, the
-        output publishes them again)."""
+        (full for longer than ``storage.full_wait_s``) or gave up results it had accepted
+        because the catalog would not take them (no journal copy to replay; rows that do
+        not fit their columns would fail again, and do not hold), or the Kafka output lost
+        analysis documents (not acknowledged by the broker), and a commit past them would
+        lose them for good; a restart has Kafka redeliver them (the store skips rows it
+        holds, the output publishes them again)."""
         store = self.parts.store
         refused = store.refused if store is not None else 0
+        lost = store.write_lost if store is not None else 0
         undelivered = int(getattr(self.parts.publisher, "undelivered", 0))
         reasons = []
         if refused:
             reasons.append(f"the store refused {refused} results while full (storage.max_queue)")
+        if lost:
+            reasons.append(f"the store lost {lost} results the catalog would not take")
         if undelivered:
             reasons.append(f"{undelivered} analysis documents were not delivered to Kafka")
         if not reasons:
