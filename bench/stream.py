@@ -23,8 +23,11 @@ daemon kept up (``drain_s <= --max-drain``; a daemon slower
 than the offer builds a backlog that shows here, long before any buffer overflows, since the
 input buffers are deep). ``sustained_rate_hz`` is the highest rate sustained with every lower
 rate sustained too; ``p99_latency_ms`` (received) is at that rate.
-``cpu_ms_per_spectrum`` splits each level's CPU by process (daemon, proxy as ``bus``,
-publisher, ``bench``; ``cores``: all of them per second of the level).
+``cpu_ms_per_spectrum`` splits each level's CPU by process (daemon, its catalog server and
+preparation process as ``daemon_children``, proxy as ``bus``, publisher, ``bench``; ``cores``: all of them per second of the level; ``cpu_bound_rate_hz``:
+the rate at which that CPU per spectrum fills the machine's cores, above which no level can
+be sustained here; the report's ``cpu_bound_rate_hz`` is the highest over the levels, since
+a daemon's fixed costs per second weigh on each spectrum less as the rate rises).
 
 Baselines in the same run, same publisher, same proxy, same spectra, same criterion:
 
@@ -668,23 +671,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_of(pids: dict[str, int]) -> dict[str, float]:
-    """:func:`cpu_seconds` of each named process; one that has gone is left out."""
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc): the daemon's catalog server
+    (``storage.catalog_process``) and preparation process (``analysis.prep_process``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{entry}/stat") as f,
+            ):
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+    return sorted(out)
+
+
+def cpu_of(pids: dict[str, int | list[int]]) -> dict[str, float]:
+    """:func:`cpu_seconds` of each named process (or processes, summed); a name whose
+    process has gone is left out."""
     out: dict[str, float] = {}
     for name, pid in pids.items():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            out[name] = cpu_seconds(pid)
+            out[name] = sum(cpu_seconds(p) for p in ([pid] if isinstance(pid, int) else pid))
     return out
 
 
 def cpu_split(
-    before: dict[str, float], after: dict[str, float], spectra: int, wall_s: float
+    before: dict[str, float],
+    after: dict[str, float],
+    spectra: int,
+    wall_s: float,
+    cpus: int | None = None,
 ) -> dict[str, Any]:
-    """Where a level's CPU went: ms per spectrum of each process measured at both ends, and
-    ``cores``, all of them together per second of the level (the machine has ``cpus``)."""
+    """Where a level's CPU went: ms per spectrum of each process measured at both ends,
+    ``cores``, all of them together per second of the level, and ``cpu_bound_rate_hz``, the
+    rate at which they would fill the machine's ``cpus`` (default: this machine's) at this
+    level's CPU per spectrum: no level above it can be sustained on this machine, whatever
+    the scheduling, unless the CPU per spectrum falls."""
     used = {k: after[k] - before[k] for k in before if k in after}
     split: dict[str, Any] = {k: round(v / max(spectra, 1) * 1e3, 3) for k, v in used.items()}
-    split["cores"] = round(sum(used.values()) / max(wall_s, 1e-9), 2)
+    total = sum(used.values())
+    split["cores"] = round(total / max(wall_s, 1e-9), 2)
+    cores = cpus or os.cpu_count() or 1
+    split["cpu_bound_rate_hz"] = round(cores * spectra / total) if total > 0 and spectra else None
     return split
 
 
@@ -706,11 +735,15 @@ def daemon_level(
     """Offer ``rate`` spectra/s to the daemon for ``args.seconds``; measure what came back.
 
     ``others``: processes on the same machine whose CPU is counted beside the daemon's
-    (``cpu_ms_per_spectrum``: the broker or proxy, the publisher; this process is ``bench``).
+    (``cpu_ms_per_spectrum``: the broker or proxy, the publisher; this process is ``bench``;
+    the daemon's own child processes, its catalog server and preparation process, are
+    ``daemon_children``, while ``daemon_cpu_ms_per_spectrum`` is its main process alone).
     """
     n = max(round(rate * args.seconds), 20)
     before = (_get_json(health_url) or {}).get("counters", {})
-    pids = {"daemon": pid, **(others or {}), "bench": os.getpid()}
+    pids: dict[str, int | list[int]] = {"daemon": pid, **(others or {}), "bench": os.getpid()}
+    if children := child_pids(pid):
+        pids["daemon_children"] = children
     cpu0, wall0 = cpu_of(pids), time.monotonic()
     pub.send({"cmd": "stream", "rate": rate, "n": n, "per_run": args.per_run})
     sent = pub.read(args.seconds * 5 + 60)
@@ -960,6 +993,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         report["naive_rate_hz"] = report["raw_ceiling_rate_hz"] = 0
         cpu = [lv["daemon_cpu_ms_per_spectrum"] for lv in levels if lv["analysed"]]
         report["daemon_cpu_ms_per_spectrum"] = float(np.median(cpu)) if cpu else None
+        bound = [
+            lv["cpu_ms_per_spectrum"]["cpu_bound_rate_hz"]
+            for lv in levels
+            if lv["analysed"] and lv["cpu_ms_per_spectrum"].get("cpu_bound_rate_hz")
+        ]
+        report["cpu_bound_rate_hz"] = max(bound) if bound else None
         if not args.daemon_only:
             # ---- naive: RemoteDispatcher + scikit-learn in the callback
             naive = Child(

@@ -27,9 +27,11 @@ def test_phases_run_in_their_order_and_refuse_unknown_names() -> None:
 
 def test_the_cpu_split_gives_ms_per_spectrum_per_process_and_cores() -> None:
     split = zs.cpu_split(
-        {"daemon": 1.0, "bus": 2.0, "gone": 0.5}, {"daemon": 3.0, "bus": 3.0}, 1000, 4.0
+        {"daemon": 1.0, "bus": 2.0, "gone": 0.5}, {"daemon": 3.0, "bus": 3.0}, 1000, 4.0, cpus=2
     )
-    assert split == {"daemon": 2.0, "bus": 1.0, "cores": 0.75}
+    # 3 ms of CPU per spectrum in all: 2 cores are full at 667 spectra/s
+    assert split == {"daemon": 2.0, "bus": 1.0, "cores": 0.75, "cpu_bound_rate_hz": 667}
+    assert zs.cpu_split({"daemon": 1.0}, {"daemon": 1.0}, 0, 4.0)["cpu_bound_rate_hz"] is None
 
 
 def test_cpu_of_reads_live_processes_and_leaves_out_gone_ones() -> None:
@@ -37,3 +39,19 @@ def test_cpu_of_reads_live_processes_and_leaves_out_gone_ones() -> None:
     gone.wait()
     cpu = zs.cpu_of({"me": os.getpid(), "gone": gone.pid})
     assert set(cpu) == {"me"} and cpu["me"] > 0
+
+
+def test_a_daemons_children_are_found_and_their_cpu_summed() -> None:
+    """The daemon's catalog server and preparation process are its children: their CPU
+    counts beside its own (it was left out of every level's split before)."""
+    kids = [
+        subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE) for _ in "ab"
+    ]
+    try:
+        found = zs.child_pids(os.getpid())
+        assert {k.pid for k in kids} <= set(found)
+        cpu = zs.cpu_of({"kids": [k.pid for k in kids]})
+        assert cpu["kids"] == pytest.approx(sum(zs.cpu_seconds(k.pid) for k in kids), abs=0.02)
+    finally:
+        for k in kids:
+            k.communicate(b"\n")
