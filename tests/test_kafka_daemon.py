@@ -205,6 +205,66 @@ def test_no_offset_is_committed_past_documents_the_output_lost(
         daemon.stop(timeout=10)
 
 
+def test_results_the_store_lost_are_redelivered_to_the_next_daemon(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the journal (``storage.journal: false``) a batch whose append fails past the
+    store's retries is lost. Its offsets must not be committed: the daemon says why in
+    ``/health``, and the next daemon of the group gets the run again and stores what was
+    lost, every result once. Before, the commit went past the lost results for good."""
+    from tiled.adapters.sql import SQLAdapter
+
+    real = SQLAdapter.append_partition
+    failures = {"left": 4}  # more than the store's retries: the first batch is lost
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError("database is locked")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)  # the catalog in this process
+    topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, 1)
+    broker.create_topic(out_topic, 1)
+    cfg = kafka_config(broker, "g-lost-store", topic, out_topic, tmp_path / "store", http=False)
+    cfg = cfg.with_updates({"storage": {"journal": False, "catalog_process": False}})
+    uid, docs = fly_scan(ENERGY, spectra(6, seed=3))
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        RawProducer(broker.bootstrap, topic).run(docs)
+
+        def held() -> dict[str, Any] | None:
+            h = daemon.view.health()["input"]["kafka"]
+            return h if h["commit_hold"] and h["commits_held"] >= 1 else None
+
+        health = wait_for(held, "commits held for the lost results", timeout=DEADLINE_S)
+        assert "the store lost" in health["commit_hold"]
+        assert all(p["committed"] is None for p in health["partitions"].values())
+        lost = daemon.view.store_stats()["write_lost"]
+        assert lost >= 1
+    finally:
+        daemon.stop(timeout=10)
+    assert failures["left"] == 0
+    again = Daemon(cfg)  # the run is redelivered: nothing was committed past it
+    again.start()
+    try:
+
+        def committed() -> dict[str, Any] | None:
+            h = again.view.health()["input"]["kafka"]
+            done = [p for p in h["partitions"].values() if p["committed"] == len(docs)]
+            return h if done else None
+
+        health = wait_for(committed, "the run's offsets committed", timeout=DEADLINE_S)
+        assert health["commit_hold"] is None
+        assert again.view.store_stats()["write_lost"] == 0
+    finally:
+        again.stop()
+    _, rows = read_analysis(tmp_path / "store", uid)
+    assert sorted(rows["seq_num"]) == list(range(1, 7))  # each result once
+
+
 def _samples(text: str) -> dict[str, list[tuple[str, float]]]:
     """Prometheus text -> metric name -> [(labels, value)] (comment lines skipped)."""
     out: dict[str, list[tuple[str, float]]] = {}

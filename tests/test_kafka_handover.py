@@ -274,6 +274,26 @@ def test_commits_are_held_once_the_store_refused_results() -> None:
         DaemonConfig().with_updates({"storage": {"full_wait_s": 1e9}})
 
 
+def test_a_result_lost_while_it_was_made_durable_holds_that_very_commit() -> None:
+    """Making the results durable can be what loses one (a store write failing for good while
+    the store flushes): the hold is asked again afterwards, so that commit is held too, not
+    only later ones (no later commit is tried for offsets already committed)."""
+    lost = {"n": 0}
+
+    def durable(timeout: float) -> bool:
+        lost["n"] = 1  # the flush gave a batch up
+        return True
+
+    source = KafkaDocumentSource(
+        KafkaInputSettings(topics=("t",)),
+        durable=durable,
+        hold=lambda: f"the store lost {lost['n']} results" if lost["n"] else None,
+    )
+    assert source._may_commit(1.0) is False
+    assert source.stats()["commits_held"] == 1 and source.stats()["flush_timeouts"] == 0
+    assert source.health()["commit_hold"] == "the store lost 1 results"
+
+
 def test_a_revoke_whose_commit_fails_still_hands_the_runs_over() -> None:
     """The partition goes whatever the commit at revoke did: a durability check that raises
     is counted and the open run is handed over (closed with the revoke's reason), not left

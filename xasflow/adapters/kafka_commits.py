@@ -70,17 +70,27 @@ class KafkaCommits:
 
     def _may_commit(self, timeout: float) -> bool:
         """Whether offsets may be committed now: nothing holds them, and what was handed to
-        the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not)."""
-        reason = self.commit_hold()
-        if reason is not None:
-            if not self._held_logged:
-                logger.error("Kafka offset commits held from now on: %s", reason)
-                self._held_logged = True
-            self._count("commits_held")
+        the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not).
+
+        The hold is asked again once the results are durable: making them so can be what
+        loses some (a store write that fails for good), and the commit would then go past
+        them; no later commit is tried for offsets already committed, so nothing held it."""
+        if self._held():
             return False
         if not self.durable(timeout):
             self._count("flush_timeouts")
             return False
+        return not self._held()
+
+    def _held(self) -> bool:
+        """Whether something holds the commits (logged once, counted each time)."""
+        reason = self.commit_hold()
+        if reason is None:
+            return False
+        if not self._held_logged:
+            logger.error("Kafka offset commits held from now on: %s", reason)
+            self._held_logged = True
+        self._count("commits_held")
         return True
 
     def _commit(
