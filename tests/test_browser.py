@@ -188,6 +188,15 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
         assert (head.locator(".note").text_content() or "").strip() == f"motif of CN {cn.value}"
         assert page.locator("#motifs li").nth(1).locator(".note").count() == 0
         assert "ood" in (page.get_attribute("#prediction-card", "class") or "")
+        # the model's answers struck through in red (a line the colour of the digits was lost
+        # in the crossbar of a large "4"); E0, read from the spectrum, stays as it is
+        style = "([id, key]) => getComputedStyle(document.getElementById(id))[key]"
+        red = page.evaluate(style, ["ood-banner", "color"])  # the banner's colour: --bad
+        for value in ("cn-value", "environment", "valence-value", "distance-value"):
+            assert page.evaluate(style, [value, "textDecorationLine"]) == "line-through"
+            assert page.evaluate(style, [value, "textDecorationColor"]) == red
+            assert page.evaluate(style, [value, "color"]) != red
+        assert page.evaluate(style, ["e0-value", "textDecorationLine"]) == "none"
         first = page.locator("#runs-table tr").nth(1).locator("td")
         assert first.nth(0).text_content() == "ood-run"
         assert first.nth(5).text_content() == "1"  # out-of-domain answers in the run
