@@ -415,12 +415,13 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
         duplicates, journalled, replayed, write_lost (:attr:`write_lost`), full_waits and
-        full_wait_ms (callers that waited for room, and for how long in all); ``catalog_up`` (1 while the catalog answers: its
-        child process runs), ``catalog_restarts`` and ``catalog_restart_failures`` (tries
-        that did not bring a dead one back); ``stalled_ms``, how long rows have waited with
-        none written (0 while none wait); with the journal, the runs and rows it holds now
-        (``journal_stale`` 1: the last counts). Never waits on a hung journal write: the lock
-        if free within ``STATS_WAIT_S``, else each int read whole without it."""
+        full_wait_ms (callers that waited for room, and for how long in all); ``catalog_up``
+        (1 while the catalog answers: its child process runs), ``catalog_restarts`` and
+        ``catalog_restart_failures`` (tries that did not bring a dead one back);
+        ``stalled_ms``, how long rows have waited with none written (0 while none wait); with
+        the journal, the runs and rows it holds now (``journal_stale`` 1: the last counts).
+        Never waits on a hung journal write: the lock if free within ``STATS_WAIT_S``, else
+        each int read whole without it."""
         sup = self._supervisor
         locked = self._cond.acquire(timeout=STATS_WAIT_S)
         try:
