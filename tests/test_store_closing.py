@@ -19,7 +19,7 @@ pytest.importorskip("tiled")
 from helpers import wait_for
 from store_helpers import STORE_DESCRIPTOR, store_row
 
-from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
+from xasflow.adapters.tiled_store import AnalysisStore, StoreError, read_analysis
 
 
 def _held(store: AnalysisStore, name: str) -> tuple[threading.Event, threading.Event]:
@@ -44,13 +44,8 @@ def _stop_not_queued(store: AnalysisStore) -> bool:
         return store._closing and not any(item[0] == "stop" for item in store._items)
 
 
-def _close_while(store: AnalysisStore, step: str, call: Any) -> list[Any]:
-    """Run ``call`` in a thread until it waits in its journal step ``store.<step>``
-    (:func:`_held`), begin ``close()`` in another, wait until it has marked the store closing
-    and its stop is not queued (taken by the writer, or held back by close()), then let
-    ``call`` go on; returns the call's result (or exception)."""
-    entered, release = _held(store, step)
-    out: list[Any] = []
+def _into(out: list[Any], call: Any) -> Any:
+    """A thread's target: ``call()``, its result (or exception) appended to ``out``."""
 
     def run() -> None:
         try:
@@ -58,12 +53,31 @@ def _close_while(store: AnalysisStore, step: str, call: Any) -> list[Any]:
         except Exception as exc:  # the test reads it
             out.append(exc)
 
-    caller = threading.Thread(target=run)
+    return run
+
+
+def _close_while(
+    store: AnalysisStore,
+    step: str,
+    call: Any,
+    meanwhile: Any = None,
+    closed: list[Any] | None = None,
+) -> list[Any]:
+    """Run ``call`` in a thread until it waits in its journal step ``store.<step>``
+    (:func:`_held`), begin ``close()`` in another, wait until it has marked the store closing
+    and its stop is not queued (taken by the writer, or held back by close()), run
+    ``meanwhile()`` if given, then let ``call`` go on; returns the call's result (or
+    exception). ``closed`` gets close()'s (None, or its exception)."""
+    entered, release = _held(store, step)
+    out: list[Any] = []
+    caller = threading.Thread(target=_into(out, call))
     caller.start()
     assert entered.wait(30)
-    closer = threading.Thread(target=store.close)
+    closer = threading.Thread(target=_into([] if closed is None else closed, store.close))
     closer.start()
     wait_for(lambda: _stop_not_queued(store), "close() to begin, its stop not queued")
+    if meanwhile is not None:
+        meanwhile()
     release.set()
     caller.join(30)
     closer.join(30)
@@ -167,3 +181,96 @@ def test_a_finish_recorded_while_the_store_begins_closing_is_stored(tmp_path: Pa
     assert (meta["stop"] or {}).get("uid") == "a-stop"
     assert sorted(int(s) for s in frame["seq_num"]) == [1]
     assert (unfinished, replayed) == ([], 0)
+
+
+def _waiting(store: AnalysisStore) -> set[str]:
+    """The names of the threads waiting on the store's condition now (its wait wrapped)."""
+    names: set[str] = set()
+    real = store._cond.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        name = threading.current_thread().name
+        names.add(name)
+        try:
+            return real(timeout)
+        finally:
+            names.discard(name)
+
+    store._cond.wait = wait  # type: ignore[method-assign]
+    return names
+
+
+def _second_close(store: AnalysisStore, out: list[Any]) -> Any:
+    """What to run while the first close() waits: a second close() in a thread named
+    ``second-close``, let run until it waits on the store or has returned; ``out`` gets its
+    exception (or None) and, once it returned, the writer's state and the rows' counts."""
+    waiting = _waiting(store)
+
+    def second() -> None:
+        try:
+            store.close()
+        except Exception as exc:  # the test reads it
+            out.append(exc)
+        else:
+            out.append(None)
+        stats = store.stats()
+        out.append((store._writer.is_alive(), stats["queued"], stats["stored"]))
+
+    def meanwhile() -> None:
+        closer = threading.Thread(target=second, name="second-close")
+        closer.start()
+        wait_for(lambda: out or "second-close" in waiting, "the second close() to wait")
+        out.append(closer)
+
+    return meanwhile
+
+
+def test_a_second_close_returns_once_the_first_has_written_everything(tmp_path: Path) -> None:
+    """close() called while another close() waits for a call under way returns only once
+    that one has ended: the rows the call accepted are stored and the writer is gone, as a
+    caller of close() relies on. Before, it returned at once: the writer alive, queued 2,
+    stored 0."""
+    store = AnalysisStore(tmp_path / "s", flush_interval=30.0)
+    store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+    second: list[Any] = []
+    out = _close_while(
+        store,
+        "_journalled",
+        lambda: store.add_events("R", [store_row(1), store_row(2)]),
+        _second_close(store, second),
+    )
+    closer = next(x for x in second if isinstance(x, threading.Thread))
+    closer.join(30)
+    assert not closer.is_alive()
+    assert out == [[True, True]]
+    assert [x for x in second if not isinstance(x, threading.Thread)] == [None, (False, 0, 2)]
+
+
+def test_a_second_close_raises_when_the_first_failed(tmp_path: Path) -> None:
+    """A close() waiting for another that then fails (here the catalog's release raises) is
+    let go and raises StoreError: it neither hangs nor says that all went well. Before, it
+    returned at once while the first still waited."""
+    store = AnalysisStore(tmp_path / "s", flush_interval=30.0)
+    store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+    real = store._release
+
+    def failing() -> None:
+        real()
+        raise OSError("the catalog would not shut down")
+
+    store._release = failing  # type: ignore[method-assign]
+    second: list[Any] = []
+    closed: list[Any] = []
+    _close_while(
+        store,
+        "_journalled",
+        lambda: store.add_events("R", [store_row(1)]),
+        _second_close(store, second),
+        closed,
+    )
+    closer = next(x for x in second if isinstance(x, threading.Thread))
+    closer.join(30)
+    assert not closer.is_alive()
+    assert [type(x) for x in closed] == [OSError]
+    assert [type(x) for x in second if not isinstance(x, threading.Thread)] == [StoreError, tuple]
+    store.close()  # one ended: a later close() returns at once

@@ -64,6 +64,7 @@ from typing import Any, Literal
 from xasflow.adapters.catalog_supervisor import CatalogSupervisor
 from xasflow.adapters.file_lock import release
 from xasflow.adapters.journal_fallback import JournalFallback
+from xasflow.adapters.store_closing import StoreClosing
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.store_room import Backpressure
 from xasflow.adapters.tiled_batch import acknowledge
@@ -96,7 +97,7 @@ __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 logger = logging.getLogger(__name__)
 
 
-class AnalysisStore(WriterThread, JournalFallback, Backpressure):
+class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
     """Writes analysis runs into an embedded tiled catalog from one background writer thread."""
 
     def __init__(
@@ -375,42 +376,6 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure):
                 self._cond.notify()
         finally:
             self._call_done()
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued before this call is committed; False on timeout."""
-        done = threading.Event()
-        with self._cond:
-            if self._closed or self._closing:
-                closing = True
-            else:
-                closing = False
-                self._items.append(("flush", done))
-                self._cond.notify()
-        if closing:
-            self._writer.join(timeout)
-            return self.stats()["queued"] == 0
-        return done.wait(timeout)
-
-    def close(self) -> None:
-        """Write everything queued, stop the writer thread and release the catalog."""
-        with self._cond:
-            if self._closed or self._closing:
-                return
-            self._closing = True
-            self._room.notify_all()  # callers waiting for room learn that it closes
-            while self._calls:  # what they accepted goes ahead of the stop, not behind it
-                self._cond.wait()
-            self._items.append(("stop",))
-            self._cond.notify()
-        self._writer.join()
-        with self._cond:
-            while self._opening:  # a start journalled meanwhile: withdrawn before the close
-                self._cond.wait()
-            self._closed = True
-        for journal in (self._journal, self._journal_w):
-            if journal is not None:
-                journal.close()
-        self._release()
 
     def stats(self) -> dict[str, int]:
         """Counters: queued (accepted, not yet committed), stored, batches, errors, dropped,
