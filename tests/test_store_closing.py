@@ -274,3 +274,54 @@ def test_a_second_close_raises_when_the_first_failed(tmp_path: Path) -> None:
     assert [type(x) for x in closed] == [OSError]
     assert [type(x) for x in second if not isinstance(x, threading.Thread)] == [StoreError, tuple]
     store.close()  # one ended: a later close() returns at once
+
+
+class _Down:
+    """A catalog supervisor whose process is down and never comes back."""
+
+    restarts = failures = 0
+
+    def __call__(self) -> bool:
+        return False
+
+    def poll(self, now: float) -> Any:
+        return None
+
+    def next_check(self, now: float) -> float:
+        return now + 1000.0
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_flush_while_closing_says_whether_rows_were_given_up(
+    tmp_path: Path, journal: bool
+) -> None:
+    """Rows waiting for a catalog whose process is down when the store closes are given up
+    at the writer's end (told lost, counted in write_lost) unless the journal holds them
+    (replayed at the next start): a flush() called while the store closes answers False
+    for the first, True for the second. Before, it answered True for both (nothing queued)."""
+    store = AnalysisStore(tmp_path / "s", journal=journal, flush_interval=30.0)
+    store.open_run("R", {"uid": "a"}, STORE_DESCRIPTOR)
+    assert store.flush(30)
+    with store._cond:
+        store._supervisor = _Down()  # type: ignore[assignment]
+    stored: list[int] = []
+    lost: list[int] = []
+    store.add_events(
+        "R",
+        [store_row(1), store_row(2)],
+        lambda: stored.append(1),
+        on_lost=lambda: lost.append(1),
+    )
+    if journal:  # settled: the journal holds them
+        wait_for(lambda: store.stats()["queued"] == 0, "the rows left to the journal")
+    else:
+        wait_for(lambda: len(store._held) == 2, "the rows held for the catalog")
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    wait_for(lambda: store._closing, "close() to begin")
+    flushed = store.flush(30)
+    closer.join(30)
+    assert not closer.is_alive()
+    stats = store.stats()
+    assert flushed is journal
+    assert (len(stored), len(lost), stats["write_lost"]) == ((2, 0, 0) if journal else (0, 2, 2))

@@ -73,12 +73,14 @@ def test_a_failed_batch_is_told_lost_and_does_not_hold_later_results(
             writer(name, doc)
             gate(name, doc)
         handed: dict[str, float] = {}
+        flushed: list[bool] = []
         for seq in (1, 2, 3):
             doc = _page(seq)
             writer("event_page", doc)
             handed[doc["uid"]] = time.monotonic()
             gate("event_page", doc)
-            assert store.flush(30)
+            flushed.append(store.flush(30))
+        assert flushed == [False, False, False]  # a row was lost: the loss is not forgotten
         assert gate.drained(10.0)  # all out long before the gate's 30 s timeout
         gate.close(5.0)
         assert writer.lost == 1 and len(stored) == 2
@@ -89,6 +91,40 @@ def test_a_failed_batch_is_told_lost_and_does_not_hold_later_results(
     assert [uid for uid, _ in sent] == ["a", "d-1", "ev1", "ev2", "ev3"]
     waits = {uid: at - handed[uid] for uid, at in sent if uid in handed}
     assert max(waits.values()) < 10.0
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_flush_that_waited_for_a_lost_batch_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal: bool
+) -> None:
+    """A flush whose commit loses the batch queued before it (the append failing past the
+    retries) answers False without the journal: those rows are given up for good, told
+    lost, and so does the next flush (they were queued before it too), though its own row
+    is stored. With the journal the rows are safe there (replayed at the next start): True.
+    Before, both answered True without the journal too, as if every row were committed."""
+    from tiled.adapters.sql import SQLAdapter
+
+    real = SQLAdapter.append_partition
+    failures = {"left": 4}  # more than the writer's retries: the first batch is lost
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError("database is locked")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    with AnalysisStore(tmp_path / "s", journal=journal, flush_interval=30.0) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.flush(30)
+        stored, lost = _add_counted(store, [1, 2])  # committed by the flush alone
+        first = store.flush(30)
+        later_stored, later_lost = _add_counted(store, [3])
+        second = store.flush(30)
+        stats = store.stats()
+    assert (first, second) == (journal, journal)
+    assert (len(stored), len(lost)) == ((2, 0) if journal else (0, 2))
+    assert (len(later_stored), later_lost, stats["write_lost"]) == (1, [], 0 if journal else 2)
 
 
 def _no_table(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,9 +161,25 @@ def test_rows_of_a_run_whose_table_would_not_open_are_told_lost(
     with AnalysisStore(tmp_path / "s", journal=False) as store:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
         stored, lost = _add_counted(store, [1, 2, 3])
-        assert store.flush(30)
+        assert store.flush(30) is False  # the rows queued before it were given up
         assert len(lost) == 3 and stored == []
         assert store.stats()["queued"] == 0
+
+
+def test_rows_given_up_without_callbacks_count_in_write_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows added with neither callback that the store then gives up (their run's table
+    would not open) count in ``write_lost`` as those with callbacks do, so the flush after
+    them answers False. Before, only rows with a callback were counted: write_lost 0, and
+    the flush said True as if they were stored."""
+    _no_table(monkeypatch)
+    with AnalysisStore(tmp_path / "s", journal=False) as store:
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        store.add_events("R", [store_row(1), store_row(2)])
+        flushed = store.flush(30)
+        stats = store.stats()
+    assert (flushed, stats["write_lost"], stats["stored"], stats["queued"]) == (False, 2, 0, 0)
 
 
 def test_journalled_rows_are_stored_once_journalled_never_lost(

@@ -64,7 +64,8 @@ class Backpressure:
     @property
     def write_lost(self) -> int:
         """Rows accepted and then given up because the catalog would not take them (a failed
-        append or table, the catalog down at the end), with no copy in the journal: a
-        redelivery may store them (``stats()['write_lost']``, lock-free). Rows that do not
-        fit their run's columns are not among them: they would fail the same way again."""
+        append or table, the catalog down at the end), with no copy in the journal, with or
+        without callbacks: a redelivery may store them (``stats()['write_lost']``,
+        lock-free); ``flush()`` answers False once there is one. Rows that do not fit their
+        run's columns are not among them: they would fail the same way again."""
         return self._counts["write_lost"]

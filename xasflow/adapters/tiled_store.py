@@ -315,7 +315,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
             self._calls += 1
         try:  # acknowledged early: the rows now in the journal (not those that will not fit)
             journalled = self._journalled(raw_uid, rows[:room])
-            ack = Ack(on_stored, on_lost) if on_stored is not None or on_lost is not None else None
+            ack = Ack(on_stored, on_lost)  # every unjournalled row's: its loss is counted
             with self._cond:
                 self._counts["journalled"] += sum(journalled)
                 for row, early in zip(rows[:room], journalled, strict=True):
@@ -324,7 +324,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
                     self._cond.notify()
         finally:
             self._call_done()
-        if ack is not None:  # a journalled row is stored for good: it cannot be lost now
+        if on_stored is not None:  # a journalled row is stored for good: it cannot be lost now
             acknowledge([ack] * sum(journalled))
         return [True] * room + [False] * (len(rows) - room)
 

@@ -180,9 +180,9 @@ class WriterThread(CatalogOutage):
                 box["error"] = exc
             finally:
                 done.set()
-        elif kind == "flush":
+        elif kind == "flush":  # what came before it is committed, or given up: counted
             self._commit_due(force=True)
-            item[1].set()
+            item[1].settle(self._counts["write_lost"])
         elif kind == "stop":
             return True
         return False

@@ -53,6 +53,7 @@ class CatalogOutage:
     _columns: dict[str, frozenset[str]]  # runs open on the caller side
     _supervisor: CatalogSupervisor | None  # with a catalog child process
     _held: list[tuple[Any, ...]]  # work the journal does not hold, while the catalog is down
+    _counts: dict[str, int]  # the store's counters (write_lost: what a held flush answers)
 
     # WriterThread's
     def _catalog(self, action: Callable[[], Any], what: str) -> Any:
@@ -150,16 +151,23 @@ class CatalogOutage:
         return replay + held + items
 
     def _drop_held(self) -> None:
-        """At the writer's end: what waited for a catalog that never came back is lost."""
+        """At the writer's end: what waited for a catalog that never came back is lost; a
+        flush held with it answers after the rows held before it are counted lost."""
         held, self._held = self._held, []
-        rows = [item[3] for item in held if item[0] == "row"]
-        if rows:
-            logger.error("analysis store: %d rows not in the journal were never stored", len(rows))
-            self._finish_rows(len(rows), errors=len(rows), lost=rows)
-        for item in held:
-            if item[0] == "flush":
-                item[1].set()
-            elif item[0] != "row":  # counted as the rows are: loss is seen in /metrics
+        rows: list[Ack | None] = []  # the rows held since the last flush
+        for item in [*held, ("flush", None)]:  # a last flush: what follows the others
+            if item[0] == "row":
+                rows.append(item[3])
+            elif item[0] == "flush":  # told after the rows held before it are counted lost
+                if rows:
+                    logger.error(
+                        "analysis store: %d rows not in the journal were never stored", len(rows)
+                    )
+                    self._finish_rows(len(rows), errors=len(rows), lost=rows)
+                    rows = []
+                if item[1] is not None:
+                    item[1].settle(self._counts["write_lost"])
+            else:  # counted as the rows are: loss is seen in /metrics
                 raw_uid = item[1].raw_uid if item[0] in ("open", UNJOURNALLED_OPEN) else item[1]
                 logger.error("analysis store: %s of run %s was not recorded", item[0], raw_uid)
                 self._count("errors")

@@ -101,8 +101,13 @@ class Parts:
             finish(timeout)
         if self.store is not None:
             try:
-                if not self.store.flush(timeout):
-                    logger.error("analysis store did not flush within %.0f s", timeout)
+                if not self.store.flush(timeout):  # timed out, or gave results up
+                    logger.error(
+                        "analysis store: not everything was written within %.0f s "
+                        "(results given up for good: %d)",
+                        timeout,
+                        self.store.write_lost,
+                    )
                 self.store.close()
             except Exception:
                 logger.exception("closing the analysis store failed")
