@@ -294,6 +294,25 @@ def test_a_result_lost_while_it_was_made_durable_holds_that_very_commit() -> Non
     assert source.health()["commit_hold"] == "the store lost 1 results"
 
 
+def test_a_flush_that_lost_results_counts_a_held_commit_not_a_flush_timeout() -> None:
+    """The store's flush answers False when it gave results up for good: the hold then
+    names the loss, and the commit is counted held, not as a flush timeout (none timed
+    out). Before, it counted flush_timeouts 1, commits_held 0."""
+    lost = {"n": 0}
+
+    def durable(timeout: float) -> bool:
+        lost["n"] = 1  # the flush gave a batch up, and says so
+        return False
+
+    source = KafkaDocumentSource(
+        KafkaInputSettings(topics=("t",)),
+        durable=durable,
+        hold=lambda: f"the store lost {lost['n']} results" if lost["n"] else None,
+    )
+    assert source._may_commit(1.0) is False
+    assert (source.stats()["commits_held"], source.stats()["flush_timeouts"]) == (1, 0)
+
+
 def test_a_revoke_whose_commit_fails_still_hands_the_runs_over() -> None:
     """The partition goes whatever the commit at revoke did: a durability check that raises
     is counted and the open run is handed over (closed with the revoke's reason), not left

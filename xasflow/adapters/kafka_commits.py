@@ -72,13 +72,16 @@ class KafkaCommits:
         """Whether offsets may be committed now: nothing holds them, and what was handed to
         the sinks is durable (counted in ``commits_held`` / ``flush_timeouts`` when not).
 
-        The hold is asked again once the results are durable: making them so can be what
-        loses some (a store write that fails for good), and the commit would then go past
-        them; no later commit is tried for offsets already committed, so nothing held it."""
+        The hold is asked again once the results are durable, or not: making them so can be
+        what loses some (a store write that fails for good; the store's flush is then False),
+        and the commit would then go past them (no later commit is tried for offsets already
+        committed, so nothing held it); a loss the hold names is counted held, not as a
+        flush timeout."""
         if self._held():
             return False
         if not self.durable(timeout):
-            self._count("flush_timeouts")
+            if not self._held():
+                self._count("flush_timeouts")
             return False
         return not self._held()
 
