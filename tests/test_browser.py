@@ -185,7 +185,8 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             f"{env_level} % set {{CN4-tetrahedral, CN4-square-planar}}"
         )
         head = page.locator("#motifs li").first
-        assert (head.locator(".note").text_content() or "").strip() == f"motif of CN {cn.value}"
+        note = (head.locator(".note").text_content() or "").strip()
+        assert note == f"the environment answer, chosen for CN {cn.value}"
         assert page.locator("#motifs li").nth(1).locator(".note").count() == 0
         assert "ood" in (page.get_attribute("#prediction-card", "class") or "")
         # the model's answers struck through in red (a line the colour of the digits was lost

@@ -134,6 +134,51 @@ def test_xdi_named_non_herfd_is_not_broadened(cuo: Path, tmp_path: Path) -> None
     assert out[str(named)]["herfd"] is False
 
 
+# --- xasflow predict: what the text says ----------------------------------------------------
+
+
+def _line(out: str, task: str) -> str:
+    (line,) = [x for x in out.splitlines() if x.lstrip().startswith(f"{task} ")]
+    return line
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x.rsplit(" ", 1)[-1]) for x in text.split(", ")]
+
+
+def test_an_answer_the_cn_chose_says_so_before_its_scores_highest_first(
+    xdi_library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cu2S at 13 K (out of domain): the CN answer (3) chooses the environment answer, which
+    the motif regressor scores 0.01 and the environment classifier 0.08. The motifs line read
+    "CN3-trigonal planar (ranking: CN3-trigonal planar 0.01, CN4-see-saw-like 0.19, ...)": the
+    answer led scores higher than its own, and nothing said what they were. Expected: each
+    line says why its answer was chosen and its own figure, then the figures named and in
+    descending order; the values and JSON as before (the ranking led by the answer)."""
+    cu2s = xdi_library / "Cu" / "Cu2S_13K_01.xdi"
+    rc, out = _predict(tmp_path, cu2s)
+    text = capsys.readouterr().out
+    tasks = out[str(cu2s)]["tasks"]
+    assert rc == 0 and tasks["cn"]["value"] == 3
+    answer = tasks["environment"]["value"]
+    assert answer == tasks["motifs"]["value"] == tasks["motifs"]["ranking"][0][0]
+    own = tasks["motifs"]["ranking"][0][1]
+    assert own < max(score for _, score in tasks["motifs"]["ranking"])  # led by the CN answer
+    motifs = _line(text, "motifs")
+    head = f"motifs       {answer}  (the environment answer, chosen for CN 3, the CN answer: "
+    assert head + f"order parameter {own:.2f}; motif order parameters, highest first: " in motifs
+    scores = _numbers(motifs.split("highest first: ")[1].rstrip(")"))
+    assert scores == sorted(scores, reverse=True) and scores[0] > own
+    env = _line(text, "environment")
+    p = tasks["environment"]["probabilities"][answer]
+    assert f"{answer}  (the most probable label of CN 3, the CN answer: p {p:.2f}; " in env
+    probs = [
+        float(x.rsplit(": ", 1)[1])
+        for x in env.split("highest first: ")[1].split(")")[0].split(", ")
+    ]
+    assert probs == sorted(probs, reverse=True) and probs[0] > p
+
+
 # --- xasflow evaluate on a measured reference table -----------------------------------------
 
 

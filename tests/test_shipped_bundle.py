@@ -324,21 +324,32 @@ def test_predict_json_marks_each_answer_of_an_out_of_domain_spectrum(tmp_path: P
 
 def test_predict_says_why_a_low_scored_motif_leads_the_ranking() -> None:
     """The motif ranking leads with the motif of the CN answered (make_consistent), even one
-    its regressor scores low; ``xasflow predict`` says so instead of showing 0.00 first bare."""
+    its regressor scores low; ``xasflow predict`` says so instead of showing 0.00 first bare,
+    then says what the scores are and lists them highest first (it listed the ranking as led,
+    a 0.01 before a 0.19, and never named the numbers)."""
     from xasflow.cli_text import describe_prediction
     from xasflow.models.results import Prediction, task_result
 
     manifest = verify_bundle(BUNDLE)
 
     def motif_line(ranking: list[tuple[str, float]]) -> str:
-        results = {"cn": task_result(1), "motifs": task_result(ranking[0][0], ranking=ranking)}
+        top = ranking[0][0] if ranking else "CN4-tetrahedral"  # nothing above the threshold
+        results = {"cn": task_result(1), "motifs": task_result(top, ranking=ranking)}
         pred = Prediction(manifest.bundle_id, "Cu", "K", 8979.0, 1.0, results)
         return next(line for line in describe_prediction(pred, manifest) if "motifs" in line)
 
-    led = motif_line([("CN1-single bond", 0.0), ("CN12-cuboctahedral", 0.24)])
-    assert led.endswith("CN12-cuboctahedral 0.24; led by the motif of CN 1)")
+    led = motif_line([("CN1-single bond", 0.0), ("CN4-tetrahedral", 0.3), ("CN2-linear", 0.4)])
+    assert led.endswith(
+        "CN1-single bond  (the environment answer, chosen for CN 1, the CN answer: order "
+        "parameter 0.00; motif order parameters, highest first: CN2-linear 0.40, "
+        "CN4-tetrahedral 0.30, CN1-single bond 0.00)"
+    )
     plain = motif_line([("CN4-square co-planar", 0.58), ("CN4-tetrahedral", 0.2)])
-    assert plain.endswith("CN4-tetrahedral 0.20)")
+    assert plain.endswith(
+        "CN4-square co-planar  (motif order parameters, highest first: "
+        "CN4-square co-planar 0.58, CN4-tetrahedral 0.20)"
+    )
+    assert motif_line([]).endswith("(no motif order parameter above 0.05)")
 
 
 def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
@@ -376,7 +387,8 @@ def test_the_cn_motif_set_shows_the_coverage_it_holds_as_served() -> None:
 def test_predict_says_why_a_less_probable_cn_motif_label_is_the_answer() -> None:
     """The CN-motif answer is the most probable label of the CN answered (make_consistent),
     not always the most probable label (34 Cu test rows); ``xasflow predict`` showed the
-    probabilities with a less probable answer and no word why, as it says for the ranking."""
+    probabilities with a less probable answer and no word why, as it says for the ranking.
+    Expected: why, and the answer's own probability, before the probabilities highest first."""
     from xasflow.cli_text import describe_prediction
     from xasflow.models.results import Prediction, task_result
 
@@ -390,9 +402,12 @@ def test_predict_says_why_a_less_probable_cn_motif_label_is_the_answer() -> None
         )
 
     led = env_line("CN4-tetrahedral", {"CN6-octahedral": 0.6, "CN4-tetrahedral": 0.3})
-    assert "CN6-octahedral: 0.60, CN4-tetrahedral: 0.30; the most probable of CN 4)" in led
+    assert led.endswith(
+        "CN4-tetrahedral  (the most probable label of CN 4, the CN answer: p 0.30; "
+        "probabilities, highest first: CN6-octahedral: 0.60, CN4-tetrahedral: 0.30)"
+    )
     plain = env_line("CN4-tetrahedral", {"CN4-tetrahedral": 0.7, "CN6-octahedral": 0.3})
-    assert "most probable of CN" not in plain
+    assert plain.endswith("CN4-tetrahedral  (CN4-tetrahedral: 0.70, CN6-octahedral: 0.30)")
 
 
 def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:

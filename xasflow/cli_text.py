@@ -1,5 +1,5 @@
 """``xasflow predict``'s text: each answer of a prediction with its doubt, in an operator's
-words (the CN-motif answer and the motif ranking say when the CN answer led them)."""
+words (the CN-motif answer and the motif ranking say when the CN answer chose them)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,38 @@ __all__ = ["UNIT_SYMBOLS", "describe_prediction"]
 
 #: How ``predict`` writes a manifest's units (others as they are).
 UNIT_SYMBOLS = {"angstrom": "Å"}
+
+
+def _probabilities(name: str, res: Any, cn_said: Any) -> str:
+    """A classifier's three most probable labels; where the CN answer chose a less probable
+    environment label (make_consistent), the answer's own probability and why first."""
+    top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
+    probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
+    if name != "environment" or res.value is None or top[0][0] == str(res.value):
+        return probs
+    own = res.probabilities.get(str(res.value), 0.0)
+    return (
+        f"the most probable label of CN {cn_said}, the CN answer: p {own:.2f}; "
+        f"probabilities, highest first: {probs}"
+    )
+
+
+def _ranking(res: Any, cn_said: Any, threshold: float | None) -> str:
+    """The motif scores (CN-weighted order parameters, not probabilities) highest first; where
+    the ranking leads with the environment answer's motif though it scores lower (the CN
+    answer chose it: make_consistent), that score and why first."""
+    if not res.ranking:
+        above = f" above {threshold:g}" if threshold is not None else ""
+        return f"no motif order parameter{above}"
+    best = sorted(res.ranking, key=lambda kv: -kv[1])[:3]
+    scores = "motif order parameters, highest first: " + ", ".join(f"{k} {v:.2f}" for k, v in best)
+    score = res.ranking[0][1]
+    if score >= best[0][1]:
+        return scores
+    return (
+        f"the environment answer, chosen for CN {cn_said}, the CN answer: order parameter "
+        f"{score:.2f}; {scores}"
+    )
 
 
 def describe_prediction(pred: Any, manifest: Any) -> list[str]:
@@ -34,25 +66,18 @@ def describe_prediction(pred: Any, manifest: Any) -> list[str]:
         value = res.value
         if value is None:  # a CN-motif task where the bundle knows no motif of the CN answered
             value = f"- (no motif of CN {cn_said} in this bundle)"
+        spec = manifest.tasks.get(name)
         if res.probabilities is not None:
-            top = sorted(res.probabilities.items(), key=lambda kv: -kv[1])[:3]
-            probs = ", ".join(f"{k}: {v:.2f}" for k, v in top if v >= 0.01)
-            if name == "environment" and res.value is not None and top[0][0] != str(res.value):
-                probs += f"; the most probable of CN {cn_said}"
             chosen = (
                 f"  {doubt(name, 'set')} {{{', '.join(map(str, res.prediction_set))}}}"
                 if res.prediction_set is not None
                 else ""
             )
-            lines.append(f"  {name:12s} {value}  ({probs}){chosen}")
+            lines.append(f"  {name:12s} {value}  ({_probabilities(name, res, cn_said)}){chosen}")
         elif res.ranking is not None:
-            rank = ", ".join(f"{k} {v:.2f}" for k, v in res.ranking[:3])
-            if res.ranking and res.ranking[0][1] < max(v for _, v in res.ranking):
-                # make_consistent: the ranking's head is the motif of the CN answered
-                rank += f"; led by the motif of CN {cn_said}"
-            lines.append(f"  {name:12s} {value}  (ranking: {rank})")
+            threshold = spec.threshold if spec is not None else None
+            lines.append(f"  {name:12s} {value}  ({_ranking(res, cn_said, threshold)})")
         else:
-            spec = manifest.tasks.get(name)
             unit = f" {UNIT_SYMBOLS.get(spec.unit, spec.unit)}" if spec and spec.unit else ""
             span = ""
             if res.interval is not None:

@@ -126,12 +126,15 @@ export function renderPrediction(state) {
   const motifs = $("motifs");
   clear(motifs);
   const ranked = pred.motifs || [];
-  // the head is the motif of the CN answered (make_consistent), even one scored low
+  // the head is the environment answer, the CN answer's (make_consistent), even one its
+  // order parameter puts low: the note says why it leads the higher ones below it
   const led = ranked.length > 1 && ranked[0][1] < Math.max(...ranked.map((r) => r[1]));
   ranked.forEach(([label, score], i) => {
     const li = el("li", null, label);
     li.appendChild(el("span", "score", fmt(score, 2)));
-    if (i === 0 && led && cn) li.appendChild(el("span", "note", ` motif of CN ${cn.value}`));
+    if (i === 0 && led && cn) {
+      li.appendChild(el("span", "note", ` the environment answer, chosen for CN ${cn.value}`));
+    }
     motifs.appendChild(li);
   });
   const val = t.valence;
