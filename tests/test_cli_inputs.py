@@ -179,6 +179,29 @@ def test_an_answer_the_cn_chose_says_so_before_its_scores_highest_first(
     assert probs == sorted(probs, reverse=True) and probs[0] > p
 
 
+def test_a_missing_path_or_a_directory_is_said_plainly(
+    cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path that is not there, or a directory, printed Python's exception name and errno
+    ("cannot predict (FileNotFoundError): [Errno 2] No such file or directory: ..."). Expected:
+    plain words, what to give instead of a directory, and exit 1 as for any file not predicted
+    (the JSON's error stays the exception's name, its detail the plain words)."""
+    missing, folder = tmp_path / "nope.xdi", tmp_path / "spectra"
+    folder.mkdir()
+    capsys.readouterr()
+    rc, out = _predict(tmp_path, missing, folder, cuo)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{missing}: cannot predict: no such file\n" in err
+    hint = f"is a directory: give the spectrum files in it (e.g. {folder / '*.xdi'}), not the"
+    assert f"{folder}: cannot predict: {hint} directory\n" in err
+    assert "Errno" not in err and "Error" not in err
+    assert "2 of 3 files could not be predicted" in err
+    assert out[str(missing)] == {"error": "FileNotFoundError", "detail": "no such file"}
+    assert out[str(folder)]["error"] == "IsADirectoryError"
+    assert out[str(folder)]["detail"].startswith("is a directory: give the spectrum files")
+
+
 # --- xasflow evaluate on a measured reference table -----------------------------------------
 
 

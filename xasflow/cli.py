@@ -221,7 +221,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict measured spectra (XDI or two columns) with a bundle."""
     from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
     from xasflow.adapters.xdi import XdiError
-    from xasflow.cli_text import describe_prediction
+    from xasflow.cli_text import describe_prediction, refusal
     from xasflow.models.bundle import BundleError
     from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
@@ -239,9 +239,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
-            reason = getattr(exc, "reason", type(exc).__name__)
-            detail = getattr(exc, "message", str(exc))  # SpectrumError's text without its tag
-            print(f"{name}: cannot predict ({reason}): {detail}", file=sys.stderr)
+            reason, detail, why = refusal(exc)
+            print(f"{name}: cannot predict{why}", file=sys.stderr)
             results[name] = {"error": reason, "detail": detail}
             failed += 1
             continue

@@ -1,14 +1,33 @@
 """``xasflow predict``'s text: each answer of a prediction with its doubt, in an operator's
-words (the CN-motif answer and the motif ranking say when the CN answer chose them)."""
+words (the CN-motif answer and the motif ranking say when the CN answer chose them), and
+why a file could not be predicted."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ["UNIT_SYMBOLS", "describe_prediction"]
+from xasflow.errors import os_problem
+
+__all__ = ["UNIT_SYMBOLS", "describe_prediction", "refusal"]
 
 #: How ``predict`` writes a manifest's units (others as they are).
 UNIT_SYMBOLS = {"angstrom": "Å"}
+
+
+def refusal(exc: Exception) -> tuple[str, str, str]:
+    """Why a file was not predicted: the JSON's ``error`` and ``detail``, and the words that
+    follow "cannot predict". A path's problem is said plainly ("no such file"), not as
+    Python's exception name and errno; a reader's or the preparation's keeps its tag."""
+    reason = getattr(exc, "reason", type(exc).__name__)
+    if isinstance(exc, OSError):
+        detail = os_problem(exc)
+        if isinstance(exc, IsADirectoryError):
+            files = os.path.join(str(exc.filename or "DIR"), "*.xdi")
+            detail += f": give the spectrum files in it (e.g. {files}), not the directory"
+        return reason, detail, f": {detail}"
+    detail = getattr(exc, "message", str(exc))  # SpectrumError's text without its tag
+    return reason, detail, f" ({reason}): {detail}"
 
 
 def _probabilities(name: str, res: Any, cn_said: Any) -> str:
