@@ -197,6 +197,40 @@ def test_bundle_cli_keygen_seal_sign_verify(
     assert capsys.readouterr().err.startswith("signature_invalid: ")
 
 
+def test_bundle_verbs_say_a_path_problem_plainly(
+    copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file given as a bundle, a key that is not there or is a directory, a key pair into a
+    folder that is not there: each printed Python's errno text ("unreadable bundle directory:
+    [Errno 20] Not a directory: '...'", "([Errno 2] No such file or directory: '/nope')").
+    Expected: plain words, the exit codes as before."""
+    pytest.importorskip("cryptography")
+    from xasflow.cli import main
+
+    afile, folder = tmp_path / "cu-k.zip", tmp_path / "keys"
+    afile.write_bytes(b"PK")
+    folder.mkdir()
+    assert main(["bundle", "verify", str(afile)]) == 1
+    said = "not a directory (a bundle is a directory holding manifest.json)"
+    assert capsys.readouterr().err == f"invalid: {afile}: {said}\n"
+    assert main(["predict", "--bundle", str(afile), str(afile)]) == 2
+    assert capsys.readouterr().err == f"xasflow: error: {afile}: {said}\n"
+    missing = tmp_path / "missing.key"
+    assert main(["bundle", "sign", str(copy), "--key", str(missing)]) == 2
+    private = "not a readable, unencrypted Ed25519 private key"
+    assert capsys.readouterr().err == f"xasflow: error: {missing}: {private} (no such file)\n"
+    assert main(["bundle", "sign", str(copy), "--key", str(folder)]) == 2
+    assert capsys.readouterr().err == f"xasflow: error: {folder}: {private} (is a directory)\n"
+    assert main(["bundle", "verify", str(copy), "--trusted-key", str(missing)]) == 2
+    public = "not a readable Ed25519 public key (no such file)"
+    assert capsys.readouterr().err == f"xasflow: error: {missing}: {public}\n"
+    assert main(["bundle", "keygen", str(tmp_path / "nope" / "facility")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"xasflow: error: cannot write the key pair: no such directory {tmp_path / 'nope'}\n"
+    )
+
+
 def test_a_graph_swapped_after_the_check_is_refused_at_load(
     copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,6 +211,43 @@ def _table(tmp_path: Path, rows: list[str], name: str = "refs.csv") -> Path:
     return table
 
 
+def test_evaluate_and_generate_say_a_path_problem_plainly(
+    cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Paths the verbs cannot use: a table row naming a missing file or a directory was
+    skipped with "[Errno 2] No such file or directory: '...'"; ``--report`` naming a file
+    ended in a FileExistsError traceback after the scoring; ``--json`` below a file said
+    "File exists"; ``dataset generate --out`` a file printed "[Errno 17] File exists: '...'".
+    Expected: plain words, exit 2 for what the user must fix, no traceback."""
+    missing, folder, afile = tmp_path / "nope.xdi", tmp_path / "spectra", tmp_path / "notes.txt"
+    folder.mkdir()
+    afile.write_text("x")
+    rows = [f"{cuo},Cu,4,square co-planar,2,1.96"]
+    rows += [f"{p},Cu,4,square co-planar,2,1.96" for p in (missing, folder)]
+    table = _table(tmp_path, rows)
+    capsys.readouterr()
+    assert _evaluate(tmp_path, table)[0] == 0
+    out = capsys.readouterr().out
+    assert f"refs.csv:3: bad_reference: {missing}: no such file\n" in out
+    assert f"refs.csv:4: bad_reference: {folder}: is a directory\n" in out
+    args = ["evaluate", "--bundle", str(BUNDLE), "--data", str(table)]
+    assert main([*args, "--report", str(afile)]) == 2
+    said = "(it gets report.md and the plots)"
+    assert capsys.readouterr().err == f"xasflow: error: --report {afile}: not a directory {said}\n"
+    assert main([*args, "--report", str(afile / "report")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"xasflow: error: cannot write --report {afile / 'report'}: a folder on its path is a file\n"
+    )
+    assert main([*args, "--json", str(afile / "eval.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"--json {afile / 'eval.json'}: {afile}: exists and is not a directory\n")
+    generate = ["dataset", "generate", "--element", "Cu", "--structures", str(folder)]
+    assert main([*generate, "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"xasflow: error: {afile}: exists and is not a directory\n"
+
+
 def test_evaluate_json_has_no_nan(cuo: Path, tmp_path: Path) -> None:
     """One reference with a distance: r2 is undefined and written as a bare NaN, so
     ``--json`` is not JSON (json.dumps without allow_nan=False). Expected: null."""

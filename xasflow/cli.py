@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xasflow import __version__, paths
-from xasflow.errors import CliError
+from xasflow.errors import CliError, path_problem
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -56,7 +56,7 @@ def _write_json(path: str | None, payload: Any) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
         except OSError as exc:  # exit 2, not a traceback (1 means "a file was not predicted")
-            raise CliError(f"cannot write --json {out}: {exc.strerror or exc}") from None
+            raise CliError(f"cannot write --json {out}: {path_problem(exc, out)}") from None
         print(f"wrote {out}")
 
 
@@ -157,6 +157,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from xasflow.training.evaluate import NoTestRows, evaluate_bundle
     from xasflow.training.report import write_report
 
+    report = Path(args.report) if args.report else None
+    if report is not None and report.exists() and not report.is_dir():  # before the scoring
+        raise CliError(f"--report {report}: not a directory (it gets report.md and the plots)")
     try:
         predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
@@ -182,8 +185,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
         print(f"{name:12s} {shown}")
     _write_json(args.json, payload)
-    if args.report:
-        print(f"wrote {write_report(args.report, ev, predictor.manifest)}")
+    if report is not None:
+        try:
+            print(f"wrote {write_report(report, ev, predictor.manifest)}")
+        except OSError as exc:
+            raise CliError(f"cannot write --report {report}: {path_problem(exc, report)}") from None
     return 0
 
 
@@ -291,7 +297,9 @@ def cmd_dataset_generate(args: argparse.Namespace) -> int:
             scheduler=args.scheduler, workers=args.workers, progress=sys.stderr.isatty(),
             limit=args.limit,
         )  # fmt: skip
-    except (OSError, ValueError, RuntimeError) as exc:
+    except OSError as exc:  # the path's problem in words, not Python's errno text
+        raise CliError(path_problem(exc)) from None
+    except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     print(report.summary())
     for failure in report.failures[: args.show_issues]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from xasflow.errors import os_problem
 from xasflow.models.integrity import (
     DIGEST,
     MAX_GRAPH_BYTES,
@@ -365,7 +366,9 @@ def check_files(
         try:
             actual = sha256_file(path, max_graph_bytes)
         except OSError as exc:
-            raise BundleError(f"{directory}: unreadable file {name}: {exc}", "invalid") from exc
+            raise BundleError(
+                f"{directory}: unreadable file {name}: {os_problem(exc)}", "invalid"
+            ) from exc
         if actual != expected:
             raise BundleError(
                 f"{directory}: {name} does not match its manifest hash "

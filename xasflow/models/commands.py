@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xasflow.errors import CliError
+from xasflow.errors import CliError, os_problem, path_problem
 from xasflow.models.bundle import BundleError, inspect_bundle
 from xasflow.models.bundle_write import seal_bundle, sign_bundle
 from xasflow.models.integrity import (
@@ -49,7 +49,7 @@ def _sign(args: argparse.Namespace) -> int:
         load_private_key(key)  # a bad key is the operator's error, not the bundle's
     except (OSError, ValueError, TypeError) as exc:
         raise CliError(
-            f"{args.key}: not a readable, unencrypted Ed25519 private key ({exc})"
+            f"{args.key}: not a readable, unencrypted Ed25519 private key ({os_problem(exc)})"
         ) from None
     try:
         kid = sign_bundle(args.directory, key)
@@ -66,7 +66,9 @@ def _verify(args: argparse.Namespace) -> int:
             data = Path(name).read_bytes()
             load_public_key(data)
         except (OSError, ValueError) as exc:
-            raise CliError(f"{name}: not a readable Ed25519 public key ({exc})") from None
+            raise CliError(
+                f"{name}: not a readable Ed25519 public key ({os_problem(exc)})"
+            ) from None
         keys.append(data)
     try:
         verified = inspect_bundle(
@@ -97,8 +99,10 @@ def _keygen(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "wb") as fh:
             fh.write(private_pem)
         public.write_bytes(public_pem)
+    except FileNotFoundError:
+        raise CliError(f"cannot write the key pair: no such directory {private.parent}") from None
     except OSError as exc:
-        raise CliError(f"cannot write the key pair: {exc}") from None
+        raise CliError(f"cannot write the key pair: {path_problem(exc)}") from None
     kid = key_id(load_public_key(public_pem))
     print(f"key {kid}: private {private} (keep it secret), public {public}")
     return 0

@@ -35,6 +35,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from xasflow.errors import os_problem
+
 __all__ = [
     "DIGEST",
     "MAX_GRAPH_BYTES",
@@ -187,8 +189,15 @@ def check_layout(directory: Path, root: Path | None = None) -> None:
         entries = list(os.scandir(directory))
     except FileNotFoundError as exc:
         raise BundleError(f"{directory}: no such bundle directory", "not_a_bundle") from exc
+    except NotADirectoryError as exc:
+        raise BundleError(
+            f"{directory}: not a directory (a bundle is a directory holding manifest.json)",
+            "invalid",
+        ) from exc
     except OSError as exc:
-        raise BundleError(f"{directory}: unreadable bundle directory: {exc}", "invalid") from exc
+        raise BundleError(
+            f"{directory}: unreadable bundle directory: {os_problem(exc)}", "invalid"
+        ) from exc
     real_dir = directory.resolve()
     for entry in entries:
         st = entry.stat(follow_symlinks=False)

@@ -25,6 +25,7 @@ import numpy as np
 
 from xasflow import paths
 from xasflow.adapters.feff import ReadIssue
+from xasflow.errors import os_problem
 from xasflow.spectra import Spectrum, SpectrumError
 from xasflow.training import labels as L
 
@@ -154,7 +155,10 @@ def reference_rows(
                 )
                 continue
             lab = _labels(entry, motif_index)
-        except (OSError, ValueError, SpectrumError) as exc:
+        except OSError as exc:  # the path's problem in words, not Python's errno text
+            issues.append(ReadIssue(item, "bad_reference", f"{name}: {os_problem(exc)}"))
+            continue
+        except (ValueError, SpectrumError) as exc:
             issues.append(ReadIssue(item, "bad_reference", str(exc)))
             continue
         wanted = found
