@@ -316,22 +316,26 @@ def _prepare_fast(
     live = np.flatnonzero([r is None for r in res])
     if not live.size:
         return res  # type: ignore[return-value]
-    rel = axes[live] - e0[live, None]
-    d = s[live] - e0[live]
+    # the live rows' arrays: views of all rows where every row is live (a page's usual
+    # case), else copies made once here (each was copied at every use: 6 % of the time)
+    every = live.size == n
+    ax_l, mu_l, e0_l = (axes, mu, e0) if every else (axes[live], mu[live], e0[live])
+    rel = ax_l - e0_l[:, None]
+    d = (s if every else s[live]) - e0_l
     y = np.empty_like(rel)
     steps = np.empty(live.size)
     norm_errors: list[SpectrumError | None] = [None] * live.size
     per_row: list[int] = []  # rows normalised by the single-spectrum function
     if params.method == "legacy" and params.normalization == "edge_step":
-        y, steps, norm_errors = _legacy_batch(energy, rel, mu[live], d, params)
+        y, steps, norm_errors = _legacy_batch(energy, rel, mu_l, d, params)
     elif params.normalization == "edge_step" and live.size >= LARCH_MIN_ROWS:  # larch
         tail = core_hole_width(element, edge) if params.edge_tail else None
         declared = [metas[i].get("calculated") for i in live.tolist()]
         y, steps, norm_errors, deferred = normalize_larch_batch(
-            axes[live],
+            ax_l,
             rel,
-            mu[live],
-            e0[live],
+            mu_l,
+            e0_l,
             params,
             declared,
             tail,
@@ -351,8 +355,8 @@ def _prepare_fast(
                 redo.append(row)
     lead, trail = stray_ends(rel)  # the bulk is gridded, as process.resample: strays are no data
     tab = tabulated_edge(element, edge)  # the gate's step is measured around it (or E0)
-    gate = gated_steps(axes[live], mu[live], e0[live], tab, steps, lead, rel.shape[1] - trail)
-    snr = edge_snr_rows(rel, mu[live], gate)
+    gate = gated_steps(ax_l, mu_l, e0_l, tab, steps, lead, rel.shape[1] - trail)
+    snr = edge_snr_rows(rel, mu_l, gate)
     for r in range(live.size):
         weak = None if norm_errors[r] else weak_edge(snr[r], gate[r], params.min_edge_snr)
         if weak is not None:
