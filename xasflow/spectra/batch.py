@@ -32,6 +32,7 @@ from xasflow.spectra.e0_batch import (
 from xasflow.spectra.e0_rivals import rival_origins_rows
 from xasflow.spectra.edges import core_hole_width
 from xasflow.spectra.glitches import WindowGlitch
+from xasflow.spectra.heap import retain_heap
 from xasflow.spectra.norm import stray_ends
 from xasflow.spectra.norm_batch import normalize_larch_batch
 from xasflow.spectra.process import (
@@ -234,8 +235,10 @@ def prepare_batch(
     ``energy`` (m,) is shared by the n rows of ``mu`` (n, m); ``metas[i]`` becomes row i's
     ``Spectrum.meta``. Returns per row a :class:`Prepared` or the :class:`SpectrumError`
     that row raised (the others are unaffected). See the module docstring for what runs
-    vectorised and what falls back to the per-row functions.
+    vectorised and what falls back to the per-row functions. The first call keeps the heap
+    its arrays free for the next (:func:`~xasflow.spectra.heap.retain_heap`).
     """
+    retain_heap()
     energy = np.asarray(energy, dtype=np.float64).ravel()
     mu = np.atleast_2d(np.asarray(mu, dtype=np.float64))
     n = mu.shape[0]
