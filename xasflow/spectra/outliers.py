@@ -331,7 +331,8 @@ def lone_spikes(mu: np.ndarray) -> np.ndarray | None:
         v = mu[0]
         doubt = [0] if _max(np.abs(v[1:] - v[:-1])) > abs(mu.item(-1) - mu.item(0)) else []
     else:
-        longest = np.abs(mu[:, 1:] - mu[:, :-1]).max(axis=1)
+        step = np.subtract(mu[:, 1:], mu[:, :-1])
+        longest = np.abs(step, out=step).max(axis=1)
         doubt = np.flatnonzero(longest > np.abs(mu[:, -1] - mu[:, 0])).tolist()
     keep = None
     for r in doubt:
