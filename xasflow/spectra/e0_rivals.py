@@ -161,11 +161,15 @@ def _peaks_rows(grids: np.ndarray, derivs: np.ndarray) -> tuple[np.ndarray, np.n
     finite = np.where(np.isfinite(derivs), np.abs(derivs), -np.inf)
     top = _max(finite, axis=1)
     tol = np.where(np.isfinite(top), TIE * top, 0.0)
-    sign = np.where(np.abs(step) <= tol[:, None], 0, np.sign(step))
-    rows, turns = sign.nonzero()  # row by row, each row's turns in order
+    level = np.abs(step) <= tol[:, None]
+    sign = np.sign(step, out=step)
+    sign[level] = 0.0
+    turn = np.flatnonzero(sign)  # row by row, each row's turns in order (as nonzero())
+    rows = np.repeat(np.arange(sign.shape[0]), np.count_nonzero(sign, axis=1))
+    turns = turn - rows * sign.shape[1]
     same = rows[:-1] == rows[1:]
-    a, b = sign[rows[:-1], turns[:-1]], sign[rows[1:], turns[1:]]
-    top_at = same & (a > 0) & (b < 0)
+    value = sign.ravel()[turn]
+    top_at = same & (value[:-1] > 0) & (value[1:] < 0)
     r, up, down = rows[:-1][top_at], turns[:-1][top_at], turns[1:][top_at]
     at = 0.5 * (grids[r, up + 1] + grids[r, down])
     return r, at, derivs[r, up + 1]
