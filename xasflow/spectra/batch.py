@@ -323,6 +323,7 @@ def _prepare_fast(
     steps = np.empty(live.size)
     norm_errors: list[SpectrumError | None] = [None] * live.size
     per_row: list[int] = []  # rows normalised by the single-spectrum function
+    lead, trail = stray_ends(rel)  # the bulk is gridded, as process.resample: strays are no data
     if params.method == "legacy" and params.normalization == "edge_step":
         y, steps, norm_errors = _legacy_batch(energy, rel, mu_l, d, params)
     elif params.normalization == "edge_step" and live.size >= LARCH_MIN_ROWS:  # larch
@@ -337,6 +338,7 @@ def _prepare_fast(
             declared,
             tail,
             tabulated_edge(element, edge),
+            (lead, trail),
         )
         per_row = deferred.tolist()
     else:  # "max", or a few larch rows
@@ -350,7 +352,6 @@ def _prepare_fast(
             norm_errors[r] = exc
             if isinstance(exc, WindowGlitch):
                 redo.append(row)
-    lead, trail = stray_ends(rel)  # the bulk is gridded, as process.resample: strays are no data
     tab = tabulated_edge(element, edge)  # the gate's step is measured around it (or E0)
     gate = gated_steps(ax_l, mu_l, e0_l, tab, steps, lead, rel.shape[1] - trail)
     snr = edge_snr_rows(rel, mu_l, gate)

@@ -21,7 +21,7 @@ import numpy as np
 
 from xasflow.spectra.core import SpectrumError
 from xasflow.spectra.glitches import spike_rows
-from xasflow.spectra.norm import leading_strays, stray_ends
+from xasflow.spectra.norm import stray_ends
 from xasflow.spectra.outliers import absurd_rows
 from xasflow.spectra.process import PrepParams, undetermined_step
 from xasflow.spectra.scan_start import measured_start_why
@@ -126,12 +126,12 @@ def _ranges(
 
 
 def _pre_ranges(
-    rel: np.ndarray, params: PrepParams, ie0: np.ndarray
+    rel: np.ndarray, params: PrepParams, ie0: np.ndarray, lead: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``edge_fit``'s pre-edge index range ``[q1, q2)`` and ``npre`` of measured rows."""
+    """``edge_fit``'s pre-edge index range ``[q1, q2)`` and ``npre`` of measured rows (each
+    row's bulk starting at column ``lead``, :func:`~xasflow.spectra.norm.leading_strays`)."""
     k, m = rel.shape
     rows = np.arange(k)
-    lead = leading_strays(rel)  # each row's bulk starts there
     if params.pre1 is None:
         r1 = rel[rows, lead + 1]
         pre1 = np.where(ie0 - lead > 20, 5.0 * np.round(r1 / 5.0), 2.0 * np.round(r1 / 2.0))
@@ -282,19 +282,22 @@ def normalize_larch_batch(
     declared: Sequence[object],
     tail_width: float | None,
     tab: float | None,
+    strays: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[SpectrumError | None], np.ndarray]:
     """Larch-convention ``normalize`` of every row of ``mu`` on ``axes`` (``rel = axes - e0``).
 
     The rows are one axis shifted (``rel[i] = energy + shift[i] - e0[i]``, as in
     ``prepare_batch``); ``declared[i]`` is row i's ``meta.get("calculated")``; ``tab`` the
-    tabulated edge (eV) a measured row must start below too. Returns (y on
+    tabulated edge (eV) a measured row must start below too; ``strays``: ``stray_ends(rel)``
+    where the caller has it. Returns (y on
     the rows' axes, steps, per-row SpectrumError or None, indices of rows left to the
     per-row function).
     """
     n, m = mu.shape
     steps = np.full(n, np.nan)
     errors: list[SpectrumError | None] = [None] * n
-    bulk = m - stray_ends(rel)[1]  # each row's data end there: strays are no post-edge
+    lead, trail = stray_ends(rel) if strays is None else strays
+    bulk = m - trail  # each row's data end there: strays are no post-edge
     end = rel[np.arange(n), bulk - 1]
     for i in np.flatnonzero(end < params.min_post_edge).tolist():
         errors[i] = SpectrumError(
@@ -339,7 +342,8 @@ def normalize_larch_batch(
     if not idx.size:
         return np.full((n, m), np.nan), steps, errors, defer
     rows = slice(None) if idx.size == n else idx
-    calc = _calculated(rel[rows], mu[rows], params, [declared[i] for i in idx.tolist()])
+    kept = [declared[i] for i in idx.tolist()]
+    calc = _calculated(rel[rows], mu[rows], params, kept, (lead[rows], trail[rows]))
     step, y_fit, bad, spiky = _fit_rows(
         axes[rows],
         rel[rows],
@@ -352,7 +356,7 @@ def normalize_larch_batch(
         nnorm,
         p1,
         p2,
-        bulk[idx],
+        (lead[idx], bulk[idx]),
     )
     if spiky.any():  # the per-row function finds the glitches and says so (prepare: repairs)
         defer, step = np.concatenate((defer, idx[spiky])), np.where(spiky, np.nan, step)
@@ -376,12 +380,17 @@ def normalize_larch_batch(
 
 
 def _calculated(
-    rel: np.ndarray, mu: np.ndarray, params: PrepParams, declared: list[object]
+    rel: np.ndarray,
+    mu: np.ndarray,
+    params: PrepParams,
+    declared: list[object],
+    strays: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
-    """``process.is_calculated`` of every row: declared, else a late start from near zero."""
+    """``process.is_calculated`` of every row: declared, else a late start from near zero
+    (each row's bulk, no ``strays``: ``stray_ends(rel)``)."""
     calc = np.array([bool(d) for d in declared], dtype=bool)
     undeclared = np.array([d is None for d in declared], dtype=bool)
-    rows, (lead, trail) = np.arange(mu.shape[0]), stray_ends(rel)  # the rows' bulk, no strays
+    rows, (lead, trail) = np.arange(mu.shape[0]), strays
     first = mu[rows, lead]
     maybe = undeclared & (rel[rows, lead] > params.calc_start) & (first >= 0.0)
     if maybe.any():
@@ -407,22 +416,23 @@ def _fit_rows(
     nnorm: np.ndarray,
     p1: np.ndarray,
     p2: np.ndarray,
-    bulk: np.ndarray,
+    ends: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, list[float | None], np.ndarray]:
     """``edge_fit`` and the step checks of rows that passed the range checks (each row's
-    data, its strays left out, ending before column ``bulk``).
+    data, its strays left out, from column ``ends[0]`` to before ``ends[1]``).
 
     Returns (steps, y, per row None or the failure: 0.0 for a step that is not positive,
     else the largest |y| in the model window beyond ``max_norm``; the rows that may hold a
     glitch in the window, :func:`~xasflow.spectra.glitches.spike_rows`).
     """
     k = mu.shape[0]
+    lead, bulk = ends
     # the background a + b (rel - c) per row: b = 0 for a constant, all 0 for a calculation
     a, b, c = np.zeros(k), np.zeros(k), np.zeros(k)
     meas = _pick(~calc)
     pre: tuple[np.ndarray, np.ndarray] | None = None
     if not calc.all():
-        q1, q2, npre = _pre_ranges(rel[meas], params, ie0[meas])
+        q1, q2, npre = _pre_ranges(rel[meas], params, ie0[meas], lead[meas])
         pre = (q1, q2)
     # absurd values (a glitch of 1e6, a dropout) are left out of both fits, as edge_fit does
     keep_pre, keep_post = absurd_rows(rel, mu, pre, ~calc, (p1, p2))
