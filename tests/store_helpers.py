@@ -40,3 +40,24 @@ class HeldDb:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
+
+
+def failing_appends(
+    monkeypatch: Any, times: int = 4, error: str = "database is locked"
+) -> dict[str, int]:
+    """Make tiled's ``SQLAdapter.append_partition`` (the catalog in this process) raise
+    ``OSError(error)`` for its next ``times`` calls, then append as usual: with the default,
+    more than the store's retries, the first batch is given up. Returns the count left."""
+    from tiled.adapters.sql import SQLAdapter
+
+    real = SQLAdapter.append_partition
+    failures = {"left": times}
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(error)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    return failures

@@ -23,6 +23,7 @@ import msgpack
 from helpers import fly_scan, free_port, wait_for
 from kafka_broker import CONSUMER, Broker
 from kafka_helpers import DEADLINE_S, ENERGY, LOG, RawProducer, TopicReader, kafka_config, spectra
+from store_helpers import failing_appends
 
 from xasflow.adapters.kafka_bus import KafkaInputSettings, KafkaOutputSettings, encode_kafka_value
 from xasflow.adapters.kafka_input import KafkaDocumentSource
@@ -212,18 +213,7 @@ def test_results_the_store_lost_are_redelivered_to_the_next_daemon(
     store's retries is lost. Its offsets must not be committed: the daemon says why in
     ``/health``, and the next daemon of the group gets the run again and stores what was
     lost, every result once. Before, the commit went past the lost results for good."""
-    from tiled.adapters.sql import SQLAdapter
-
-    real = SQLAdapter.append_partition
-    failures = {"left": 4}  # more than the store's retries: the first batch is lost
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError("database is locked")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)  # the catalog in this process
+    failures = failing_appends(monkeypatch)  # the first batch is lost (the catalog in-process)
     topic, out_topic = f"in-{uuid.uuid4().hex[:6]}", f"out-{uuid.uuid4().hex[:6]}"
     broker.create_topic(topic, 1)
     broker.create_topic(out_topic, 1)

@@ -13,6 +13,7 @@ pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row as _row
+from store_helpers import failing_appends
 
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_schema import column_types, row_fits, schema_for_descriptor
@@ -244,18 +245,7 @@ def test_rows_the_catalog_would_not_take_stay_in_the_journal_for_the_next_start(
     """A batch whose append fails past the retries (a locked or full disk) was acknowledged
     from the journal; the run's close no longer forgets those rows, and the next start
     replays them into the catalog."""
-    from tiled.adapters.sql import SQLAdapter
-
-    real = SQLAdapter.append_partition
-    failures = {"left": 4}  # more than the writer's retries
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError("disk I/O error")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    failing_appends(monkeypatch, error="disk I/O error")  # more than the writer's retries
     acked: list[int] = []
     with AnalysisStore(tmp_path / "s", journal=True) as store:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)

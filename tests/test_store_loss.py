@@ -14,6 +14,7 @@ pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row, wait_for
+from store_helpers import failing_appends
 
 from xasflow.adapters.commit_gate import CommitGate
 from xasflow.adapters.store_writer import StoreWriter
@@ -39,18 +40,7 @@ def test_a_failed_batch_is_told_lost_and_does_not_hold_later_results(
     """Without the journal, a batch whose append fails past the retries is lost: its row is
     counted ``lost`` and resolved at the gate; the next results, whose rows commit, go out at
     once and none is counted as released unstored."""
-    from tiled.adapters.sql import SQLAdapter
-
-    real = SQLAdapter.append_partition
-    failures = {"left": 4}  # more than the writer's retries: the first batch is lost
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError("database is locked")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    failing_appends(monkeypatch)  # more than the writer's retries: the first batch is lost
     sent: list[tuple[str, float]] = []
     with AnalysisStore(tmp_path / "s", journal=False, flush_interval=0.05) as store:
         gate = CommitGate(
@@ -102,18 +92,7 @@ def test_a_flush_that_waited_for_a_lost_batch_says_so(
     lost, and so does the next flush (they were queued before it too), though its own row
     is stored. With the journal the rows are safe there (replayed at the next start): True.
     Before, both answered True without the journal too, as if every row were committed."""
-    from tiled.adapters.sql import SQLAdapter
-
-    real = SQLAdapter.append_partition
-    failures = {"left": 4}  # more than the writer's retries: the first batch is lost
-
-    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError("database is locked")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
+    failing_appends(monkeypatch)  # more than the writer's retries: the first batch is lost
     with AnalysisStore(tmp_path / "s", journal=journal, flush_interval=30.0) as store:
         store.open_run("R", {"uid": "a"}, DESCRIPTOR)
         assert store.flush(30)
@@ -293,16 +272,11 @@ def test_results_the_store_lost_hold_the_kafka_commits(
     row is not lost (the next start replays it), and a row that does not fit its columns
     would fail the same way when redelivered (holding then would redeliver it for ever):
     no hold for either, though both are told lost or counted."""
-    from tiled.adapters.sql import SQLAdapter
-
     from xasflow.daemon.config import DaemonConfig
     from xasflow.daemon.service import Daemon
 
-    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise OSError("database is locked")
-
     if case != "does_not_fit":
-        monkeypatch.setattr(SQLAdapter, "append_partition", refuse)
+        failing_appends(monkeypatch, times=1_000)  # every try of this test's appends
     page = _page(1)
     if case == "does_not_fit":
         page["data"]["cn"] = ["four"]  # a word in an integer column
