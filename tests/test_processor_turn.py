@@ -177,11 +177,11 @@ def test_a_run_whose_timeout_close_fails_still_stops_and_lets_the_others_time_ou
     real = _Run.abandon
     hits: list[str] = []
 
-    def abandon(self: _Run, status: Any, reason: str) -> None:
+    def abandon(self: _Run, status: Any, reason: str, replayable: bool = False) -> None:
         if not hits:
             hits.append(self.uid)
             raise RuntimeError("a bug in abandon")
-        real(self, status, reason)
+        real(self, status, reason, replayable)
 
     monkeypatch.setattr(_Run, "abandon", abandon)
     asm = RunAssembler(run_timeout=10.0)

@@ -252,7 +252,7 @@ class RunAssembler:
         self._now = self.clock()
         run = self._runs.get(raw_uid)
         if run is not None:
-            self._abandon(run, "abort", reason)
+            self._abandon(run, "abort", reason, replayable)
             if replayable:
                 self._closed_runs.pop(raw_uid, None)
                 for desc in (*run.streams, *run.ignored):
@@ -260,13 +260,14 @@ class RunAssembler:
         self._out = []
         return out
 
-    def flush_all(self, reason: str) -> list[Output]:
-        """Close every open run (exit_status "abort"), e.g. at shutdown."""
+    def flush_all(self, reason: str, replayable: bool = False) -> list[Output]:
+        """Close every open run (exit_status "abort"), e.g. at shutdown; ``replayable``: as
+        :meth:`abandon`'s (a Kafka input delivers them again from their start)."""
         out: list[Output] = []
         self._out = out
         self._now = self.clock()
         for run in list(self._runs.values()):
-            self._abandon(run, "abort", reason)
+            self._abandon(run, "abort", reason, replayable)
         self._out = []
         return out
 
@@ -374,11 +375,13 @@ class RunAssembler:
             raise _Bad("late_document", f"{what} for run {run_uid}, closed ({status})")
         raise _Bad("unknown_run", f"{what} refers to unknown run {run_uid}")
 
-    def _abandon(self, run: _Run, status: ExitStatus, reason: str) -> None:
+    def _abandon(
+        self, run: _Run, status: ExitStatus, reason: str, replayable: bool = False
+    ) -> None:
         """Close ``run`` without its stop; a bug doing so still closes it ("fail", reason
         "internal_error: <error>"), so it is not held open and the runs after it still close."""
         try:
-            run.abandon(status, reason)
+            run.abandon(status, reason, replayable)
         except Exception as exc:
             logger.exception("closing run %r (%s) failed", run.uid, reason)
             if self.on_error is not None:

@@ -476,9 +476,12 @@ class _Run(DocumentRouter):
         )
         self.owner._forget(self, status, via_stop=via_stop)
 
-    def abandon(self, status: ExitStatus, reason: str) -> None:
-        """Close without a stop: gathered step points are rejected as ``missing_stop``."""
-        if self.points and not self.step_done:
+    def abandon(self, status: ExitStatus, reason: str, replayable: bool = False) -> None:
+        """Close without a stop: gathered step points are rejected as ``missing_stop``. Not a
+        ``replayable`` copy's: the replay's first result would get that row's seq_num."""
+        if replayable:  # the store keeps the first row of a seq_num: the replay's is lost
+            self.step_done = True
+        elif self.points and not self.step_done:
             self.step_done = True
             self.reject(
                 "missing_stop",

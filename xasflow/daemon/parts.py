@@ -309,6 +309,7 @@ def build_processor(
         proc.on_processed = p.source.mark_processed
         proc.abandoned = p.source.abandoned
         proc.runs_ended = p.source.runs_ended
+        proc.replays_open_runs = True
     if p.gate is not None:
         proc.sinks.append(p.gate)  # publishes once the store holds the rows
     elif p.publisher is not None:  # its refusals counted, as the gate's are
