@@ -48,6 +48,7 @@ class WatchedConsumer(RealConsumer):  # type: ignore[misc,valid-type]
         self.closed_by: str | None = None
         self.stall_s = 0.0
         self.stalling = threading.Event()
+        self.release: threading.Event | None = None  # a stall that ends when it is set
         self._guard = threading.Lock()
         self._owner: threading.Thread | None = None
         self._depth = 0  # rebalance callbacks call back in from inside poll()
@@ -75,7 +76,10 @@ class WatchedConsumer(RealConsumer):  # type: ignore[misc,valid-type]
             if self.stall_s:
                 stall, self.stall_s = self.stall_s, 0.0
                 self.stalling.set()
-                time.sleep(stall)
+                if self.release is not None:
+                    assert self.release.wait(60)
+                else:
+                    time.sleep(stall)
             return msg
 
     def consume(self, *args: Any, **kwargs: Any) -> Any:
@@ -161,6 +165,46 @@ def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
     assert consumer.overlaps == []
     assert consumer.closed_by == "xasflow-kafka-in"
     assert _committed(broker, topic, group) == 2  # the last commit was still made
+
+
+def test_what_is_processed_after_finish_is_never_committed(
+    broker: Broker, watched: list[WatchedConsumer]
+) -> None:
+    """``finish()`` left the last commit to a receive thread stuck inside ``poll``, and the
+    daemon closes its store next: documents the processing thread still marks processed
+    after that (its join timed out) have results the closed store refused (counted
+    ``unstored``, which holds no commit), so the receive thread's commit must stop at what
+    was processed when ``finish()`` came. Before, it committed them (offset 4, not 2)."""
+    topic, group = f"th-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    broker.create_topic(topic, 1)
+    producer = confluent_kafka.Producer({"bootstrap.servers": broker.bootstrap, "logger": LOG})
+    for uid in ("T", "U"):
+        for name, doc in (("start", {"uid": uid, "time": 0.0}), ("stop", {"run_start": uid})):
+            producer.produce(topic, encode_kafka_value(name, doc), uid.encode(), partition=0)
+    assert producer.flush(10) == 0
+    settings = KafkaInputSettings(
+        bootstrap_servers=broker.bootstrap,
+        topics=(topic,),
+        group_id=group,
+        commit_interval_s=600.0,  # no commit but the last one
+        consumer={"logger": LOG, **CONSUMER},
+    )
+    source = KafkaDocumentSource(settings)
+    source.start()
+    wait_for(lambda: source.stats()["enqueued"] == 4, "4 documents queued", 60)
+    assert source.get(1.0) is not None and source.get(1.0) is not None  # run T
+    source.mark_processed()
+    (consumer,) = watched
+    consumer.release, consumer.stall_s = threading.Event(), 1.0
+    assert consumer.stalling.wait(10)
+    assert source.close(timeout=0.3) is False  # the receive thread is still inside poll()
+    source.finish(timeout=0.5)  # left to the receive thread; the store closes now
+    assert source.get(0.0) is not None and source.get(0.0) is not None  # run U, after it
+    source.mark_processed()
+    consumer.release.set()
+    wait_for(lambda: consumer.closed_by or consumer.overlaps, "the consumer closed", 15)
+    assert consumer.overlaps == [] and consumer.closed_by == "xasflow-kafka-in"
+    assert _committed(broker, topic, group) == 2  # run T only
 
 
 def _slow_consumer_source(broker: Broker, create_delay_s: float) -> KafkaDocumentSource:

@@ -220,9 +220,11 @@ class KafkaDocumentSource(KafkaCommits):
             return item.name, item.doc
 
     def mark_processed(self) -> None:
-        """Everything taken so far has gone to the sinks (called after each processing turn)."""
+        """Everything taken so far has gone to the sinks (called after each processing turn).
+        Not counted after :meth:`finish`: the store closes then, and refuses their results."""
         with self._lock:
-            self._offsets.mark_processed()
+            if not self._finished:  # a late commit (the receive thread's) stops before them
+                self._offsets.mark_processed()
 
     def abandoned(self) -> list[tuple[str, str]]:
         """Runs handed over since the last call, ``(uid, reason)``: their partition went to
