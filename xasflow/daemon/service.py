@@ -17,8 +17,9 @@ published on the bus but not yet acknowledged may not.
 
 ``stop()`` (also on SIGTERM/SIGINT under :meth:`Daemon.serve_forever`) stops receiving,
 analyses everything already queued, closes every open run with ``flush_all("shutdown")``
-(exit_status "abort"; an unfinished step scan is rejected ``missing_stop``), publishes and
-stores the results, then flushes and closes the store.
+(exit_status "abort"; an unfinished step scan is rejected ``missing_stop``, except with a
+Kafka input, which delivers the run again from its start and whose replay needs that row's
+seq_num), publishes and stores the results, then flushes and closes the store.
 """
 
 from __future__ import annotations
