@@ -129,18 +129,15 @@ def _committed(broker: Broker, topic: str, group: str) -> int:
         probe.close()
 
 
-def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
-    broker: Broker, watched: list[WatchedConsumer]
-) -> None:
-    """``close()`` gives up joining a receive thread stuck inside ``poll``; ``finish()`` then
-    must neither commit nor close the consumer from its own thread (before: it did both,
-    beside the poll). The receive thread makes the last commit of what was processed and
-    leaves the group itself once it gets out."""
+def _runs_source(broker: Broker, uids: tuple[str, ...]) -> tuple[KafkaDocumentSource, str, str]:
+    """A started source over a new one-partition topic holding a start and a stop for each
+    run in ``uids``, committing only at its end; with the topic and the group."""
     topic, group = f"th-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     broker.create_topic(topic, 1)
     producer = confluent_kafka.Producer({"bootstrap.servers": broker.bootstrap, "logger": LOG})
-    for name, doc in (("start", {"uid": "T", "time": 0.0}), ("stop", {"run_start": "T"})):
-        producer.produce(topic, encode_kafka_value(name, doc), b"T", partition=0)
+    for uid in uids:
+        for name, doc in (("start", {"uid": uid, "time": 0.0}), ("stop", {"run_start": uid})):
+            producer.produce(topic, encode_kafka_value(name, doc), uid.encode(), partition=0)
     assert producer.flush(10) == 0
     settings = KafkaInputSettings(
         bootstrap_servers=broker.bootstrap,
@@ -151,6 +148,17 @@ def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
     )
     source = KafkaDocumentSource(settings)
     source.start()
+    return source, topic, group
+
+
+def test_finish_never_uses_the_consumer_while_the_receive_thread_is_inside_it(
+    broker: Broker, watched: list[WatchedConsumer]
+) -> None:
+    """``close()`` gives up joining a receive thread stuck inside ``poll``; ``finish()`` then
+    must neither commit nor close the consumer from its own thread (before: it did both,
+    beside the poll). The receive thread makes the last commit of what was processed and
+    leaves the group itself once it gets out."""
+    source, topic, group = _runs_source(broker, ("T",))
     got: list[object] = []
     wait_for(lambda: got.append(source.get(0.1)) or len([g for g in got if g]) == 2, "2 docs", 60)
     source.mark_processed()
@@ -175,22 +183,7 @@ def test_what_is_processed_after_finish_is_never_committed(
     after that (its join timed out) have results the closed store refused (counted
     ``unstored``, which holds no commit), so the receive thread's commit must stop at what
     was processed when ``finish()`` came. Before, it committed them (offset 4, not 2)."""
-    topic, group = f"th-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    broker.create_topic(topic, 1)
-    producer = confluent_kafka.Producer({"bootstrap.servers": broker.bootstrap, "logger": LOG})
-    for uid in ("T", "U"):
-        for name, doc in (("start", {"uid": uid, "time": 0.0}), ("stop", {"run_start": uid})):
-            producer.produce(topic, encode_kafka_value(name, doc), uid.encode(), partition=0)
-    assert producer.flush(10) == 0
-    settings = KafkaInputSettings(
-        bootstrap_servers=broker.bootstrap,
-        topics=(topic,),
-        group_id=group,
-        commit_interval_s=600.0,  # no commit but the last one
-        consumer={"logger": LOG, **CONSUMER},
-    )
-    source = KafkaDocumentSource(settings)
-    source.start()
+    source, topic, group = _runs_source(broker, ("T", "U"))
     wait_for(lambda: source.stats()["enqueued"] == 4, "4 documents queued", 60)
     assert source.get(1.0) is not None and source.get(1.0) is not None  # run T
     source.mark_processed()
