@@ -254,13 +254,15 @@ class ModelsConfig(_Section):
     @field_validator("trusted_keys")
     @classmethod
     def _keys_load(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        from xasflow.errors import os_problem  # "no such file", not the errno text
         from xasflow.models.integrity import load_public_key
 
         for path in value:
             try:
                 load_public_key(path)
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{path}: not a readable Ed25519 public key ({exc})") from None
+                why = os_problem(exc)
+                raise ValueError(f"{path}: not a readable Ed25519 public key ({why})") from None
         return value
 
     @model_validator(mode="after")
