@@ -198,6 +198,16 @@ def test_dashboard_shows_predictions_and_follows_new_scans(beamline: Harness, br
             assert page.evaluate(style, [value, "textDecorationColor"]) == red
             assert page.evaluate(style, [value, "color"]) != red
         assert page.evaluate(style, ["e0-value", "textDecorationLine"]) == "none"
+        # the prediction, the tallest card, stands beside both the spectrum and the run (in a
+        # row of its own it stretched the spectrum's card to its height, half of it empty)
+        box = page.evaluate(
+            "() => Object.fromEntries(['spectrum-card', 'run-card', 'prediction-card'].map("
+            "id => { const r = document.getElementById(id).getBoundingClientRect();"
+            " return [id, [r.top, r.bottom]]; }))"
+        )
+        spectrum, run, prediction = box["spectrum-card"], box["run-card"], box["prediction-card"]
+        assert prediction[0] == spectrum[0] and run[0] > spectrum[1]
+        assert prediction[1] >= run[1]
         first = page.locator("#runs-table tr").nth(1).locator("td")
         assert first.nth(0).text_content() == "ood-run"
         assert first.nth(5).text_content() == "1"  # out-of-domain answers in the run
