@@ -179,6 +179,30 @@ def test_an_answer_the_cn_chose_says_so_before_its_scores_highest_first(
     assert probs == sorted(probs, reverse=True) and probs[0] > p
 
 
+def test_a_file_the_readers_cannot_read_is_said_plainly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file the readers refuse printed their exception's name ("cannot predict
+    (ColumnFileError): no numeric data rows", "(XdiError): data row ..."). Expected: what the
+    file is not, then the reader's own words; the JSON keeps the name as its error."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("energy,mu\n")
+    broken = tmp_path / "broken.xdi"
+    broken.write_text(
+        "# XDI/1.0\n# Element.symbol: Cu\n# Element.edge: K\n# Column.1: energy eV\n"
+        "# Column.2: mutrans\n# ///\n#----\n# energy mutrans\n8900 1.0\n8901\n"
+    )
+    capsys.readouterr()
+    rc, out = _predict(tmp_path, empty, broken)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{empty}: cannot predict: not a readable spectrum file: no numeric data rows" in err
+    assert f"{broken}: cannot predict: not a readable XDI file: data row 2 (near line 10)" in err
+    assert "Error" not in err
+    assert out[str(empty)]["error"] == "ColumnFileError"
+    assert out[str(broken)]["error"] == "XdiError"
+
+
 def test_a_missing_path_or_a_directory_is_said_plainly(
     cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -245,7 +245,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
-            reason, detail, why = refusal(exc)
+            reason, detail, why = refusal(exc, name)
             print(f"{name}: cannot predict{why}", file=sys.stderr)
             results[name] = {"error": reason, "detail": detail}
             failed += 1

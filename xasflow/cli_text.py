@@ -15,10 +15,17 @@ __all__ = ["UNIT_SYMBOLS", "describe_prediction", "refusal"]
 UNIT_SYMBOLS = {"angstrom": "Å"}
 
 
-def refusal(exc: Exception) -> tuple[str, str, str]:
+def refusal(exc: Exception, path: object = None) -> tuple[str, str, str]:
     """Why a file was not predicted: the JSON's ``error`` and ``detail``, and the words that
     follow "cannot predict". A path's problem is said plainly ("no such file"), not as
-    Python's exception name and errno; a reader's or the preparation's keeps its tag."""
+    Python's exception name and errno, and so is a file the readers could not read ("not a
+    readable XDI file"); the preparation's refusals keep their tag (``no_post_edge``). The
+    JSON keeps the exception's name where there is no tag, for scripts that match on it.
+    ``path``: the file, which the words follow (a reader's message that begins with it
+    drops it there)."""
+    from xasflow.adapters.columns import ColumnFileError
+    from xasflow.adapters.xdi import XdiError
+
     reason = getattr(exc, "reason", type(exc).__name__)
     if isinstance(exc, OSError):
         detail = os_problem(exc)
@@ -27,6 +34,10 @@ def refusal(exc: Exception) -> tuple[str, str, str]:
             detail += f": give the spectrum files in it (e.g. {files}), not the directory"
         return reason, detail, f": {detail}"
     detail = getattr(exc, "message", str(exc))  # SpectrumError's text without its tag
+    if isinstance(exc, XdiError | ColumnFileError):
+        kind = "XDI" if isinstance(exc, XdiError) else "spectrum"
+        said = detail if path is None else detail.removeprefix(f"{path}: ")
+        return reason, detail, f": not a readable {kind} file: {said}"
     return reason, detail, f" ({reason}): {detail}"
 
 
