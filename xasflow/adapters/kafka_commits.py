@@ -79,11 +79,12 @@ class KafkaCommits:
         flush timeout."""
         if self._held():
             return False
-        if not self.durable(timeout):
-            if not self._held():
-                self._count("flush_timeouts")
+        durable = self.durable(timeout)
+        if self._held():
             return False
-        return not self._held()
+        if not durable:
+            self._count("flush_timeouts")
+        return durable
 
     def _held(self) -> bool:
         """Whether something holds the commits (logged once, counted each time)."""
