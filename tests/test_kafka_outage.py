@@ -113,12 +113,15 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """librdkafka's error lines during an outage (every refused reconnection, ~20 a second
-    on loopback) reach the log once, the first, until the errors stop (the broker back, on
-    its port): one line says so, with how many there were. The error counter still counts
-    every one. Before: one ERROR line per reconnection (scratch outage_logs: 214 in 10 s)."""
+    on loopback, unless librdkafka holds back identical ones for 30 s itself) reach the log
+    once, the first, until the errors stop (the broker back, on its port): one line says
+    so, with how many there were. The error counter counts every one librdkafka reports.
+    Before: one ERROR line per reconnection (scratch outage_logs: 214 in 10 s). The outage
+    lasts 5 s here, under the quiet that ends it, so whether librdkafka held its repeats
+    back (CI, s44: 3 errors, then none for 30 s) or not (~100 errors), it is one line."""
     from xasflow.adapters import kafka_log
 
-    monkeypatch.setattr(kafka_log, "QUIET_S", 3.0)  # the summary interval stays at 60 s
+    monkeypatch.setattr(kafka_log, "QUIET_S", 10.0)  # the summary interval stays at 60 s
 
     def daemons(b: Broker, t: str) -> KafkaDocumentSource:  # librdkafka's log as the daemon's
         settings = KafkaInputSettings(bootstrap_servers=b.bootstrap, topics=(t,), consumer=CONSUMER)
@@ -134,8 +137,13 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
         wait_for(lambda: source.get(0.1) is not None, "the document before the outage", 60)
         caplog.clear()
         broker.stop()
-        wait_for(lambda: source.stats()["consumer_errors"] >= 40, "errors from the outage", 60)
-        lines = errors()
+        stopped = time.monotonic()
+        wait_for(
+            lambda: source.stats()["consumer_errors"] >= 3 and time.monotonic() - stopped > 5,
+            "5 s of outage with errors",
+            60,
+        )
+        lines, seen = errors(), source.stats()["consumer_errors"]
         # the first reconnection is refused, or reset when it meets the broker still closing
         assert len(lines) == 1 and re.search(r"Connection (refused|reset)", lines[0]), lines[:5]
         broker.start()  # on the same port
@@ -146,8 +154,8 @@ def test_a_broker_outage_logs_a_bounded_number_of_lines(
             60,
         )
         assert len(ended) == 1 and errors() == [lines[0], ended[0]]
-        assert int(ended[0].split()[3]) >= 20  # "librdkafka errors stopped: N in ...": held back
-        assert source.stats()["consumer_errors"] >= 40
+        assert int(ended[0].split()[3]) >= 2  # "librdkafka errors stopped: N in ...": held back
+        assert source.stats()["consumer_errors"] >= seen >= 3
 
 
 def test_a_close_leaves_fetched_documents_to_the_group_not_dropped(broker: Broker) -> None:

@@ -354,7 +354,8 @@ class KafkaDocumentSource(KafkaCommits):
 
     def _error(self, err: Any) -> None:
         """librdkafka's client errors (a broker unreachable: it keeps reconnecting), served
-        in ``poll``: every one counted in ``consumer_errors`` (its log lines: :attr:`_log`)."""
+        in ``poll``: every one counted in ``consumer_errors`` (its log lines: :attr:`_log`);
+        librdkafka itself may hold back an error identical to its last for 30 s."""
         self._count("consumer_errors")
         self.last_error = f"consumer: {err}"
         logger.log(logging.ERROR if err.fatal() else logging.DEBUG, "Kafka consumer: %s", err)

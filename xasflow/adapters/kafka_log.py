@@ -27,9 +27,12 @@ RDKAFKA_LOG = logging.getLogger("xasflow.kafka.librdkafka")
 
 #: Seconds between two summaries of the error lines held back during an outage.
 SUMMARY_S = 60.0
-#: Seconds without an error line after which an outage is over (librdkafka retries a lost
-#: broker several times a second, so a quiet client reaches it again).
-QUIET_S = 10.0
+#: Seconds without an error line after which an outage is over. librdkafka retries a lost
+#: broker several times a second, but it may hold back an error identical to the last one
+#: of the same connection for 30 s (``rd_kafka_broker_fail``), so a shorter quiet would
+#: call a lasting outage over (seen in CI: "errors stopped" 3 s into an outage, then
+#: "Connection refused (..., 585 identical error(s) suppressed)").
+QUIET_S = 35.0
 
 
 class OutageLog:
