@@ -42,12 +42,13 @@ without its start. Documents are validated against the event-model schemas when
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import orjson
 
 from xasflow import __version__
 from xasflow.adapters.stop_claims import int64_or_none
@@ -71,6 +72,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Doc = tuple[str, dict[str, Any]]
+
+
+def _json(value: Any) -> str:
+    """A row's JSON text column (CN probabilities, the motif ranking), compact. orjson, not
+    ``json.dumps``: 1-2 against 8-21 us for the two on every spectrum; the same values read
+    back (shortest round-trip floats; a non-finite one, which decoding never leaves, is null)."""
+    return orjson.dumps(value).decode()
+
 
 ANALYSIS_STREAM = "primary"
 CODE_VERSION = f"xasflow {__version__}"
@@ -217,13 +226,13 @@ def ok_row(
         row["cn"] = _as_int(cn.value)
         row["cn_probability"] = cn.confidence
         if cn.probabilities is not None:
-            row["cn_probabilities"] = json.dumps(cn.probabilities)
+            row["cn_probabilities"] = _json(cn.probabilities)
     env = res.get("environment")  # top CN-motif label (classifier)
     if env is not None and env.value is not None:  # None: no motif of the CN answered
         row["motif"] = str(env.value)
     motifs = res.get("motifs") or env  # ranked CN-motif label set (multi-output regressor)
     if motifs is not None and motifs.ranking is not None:
-        row["motif_ranking"] = json.dumps([[label, score] for label, score in motifs.ranking])
+        row["motif_ranking"] = _json([[label, score] for label, score in motifs.ranking])
     dist = res.get("distance")
     if dist is not None:
         row["distance"] = finite_number(dist.value)
