@@ -1,6 +1,8 @@
 """One raw run being assembled (``_Run``, a per-run event-model ``DocumentRouter``): rows to
-spectra, sequence checks, stop and close; the rules are in :mod:`xasflow.daemon.assembly`, and
-how a descriptor resolves into per-descriptor state is in :mod:`xasflow.daemon.assembly_stream`.
+spectra, stop and close; the rules are in :mod:`xasflow.daemon.assembly`, how a descriptor
+resolves into per-descriptor state is in :mod:`xasflow.daemon.assembly_stream`, the sequence
+checks in :mod:`xasflow.daemon.assembly_seq`, and how values are read off the documents in
+:mod:`xasflow.daemon.assembly_values`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from event_model import DocumentRouter
 
-from xasflow.adapters.stop_claims import MAX_STOP_MISSING, claimed_missing, stop_event_count
+from xasflow.adapters.stop_claims import claimed_missing, stop_event_count
+from xasflow.daemon.assembly_seq import _REPEAT, _SEQ_LIMIT, _note_dropped, _seq_flags, _seq_stats
 from xasflow.daemon.assembly_stream import _CHANNELS, _Bad, _resolve, _Stream, _vector
+from xasflow.daemon.assembly_values import _element_edge, _finite, _scalar
 from xasflow.daemon.outputs import (
     ExitStatus,
     Kind,
@@ -30,84 +34,15 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []  # internal to the assembler
 
-#: seq_nums at or past this are refused: the run's sequence statistics count in int64.
-_SEQ_LIMIT = 2**63
-
 
 def _what(exc: BaseException) -> str:
     """An exception as rejection detail: its type, and its text cut short."""
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _element_edge(start: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """Element symbol and edge from a start document (see the module docstring)."""
-    # only text counts (an array's truth value would raise): the first one found wins
-    element, edge = _text(start.get("element")), _text(start.get("edge"))
-    xdi = start.get("XDI")
-    if isinstance(xdi, Mapping):
-        nested = xdi.get("Element")
-        if isinstance(nested, Mapping):
-            element = element or _text(nested.get("symbol"))
-            edge = edge or _text(nested.get("edge"))
-        element = element or _text(xdi.get("Element.symbol"))
-        edge = edge or _text(xdi.get("Element.edge"))
-    sample = start.get("sample")
-    if isinstance(sample, Mapping):
-        element = element or _text(sample.get("element"))
-        edge = edge or _text(sample.get("edge"))
-    if isinstance(edge, str) and not element:
-        parts = edge.replace("-", " ").replace("_", " ").split()
-        if len(parts) == 2:
-            element, edge = parts
-    sym = element.strip().capitalize() if isinstance(element, str) else None
-    if sym is not None and not (1 <= len(sym) <= 2 and sym.isalpha()):
-        sym = None
-    edg = edge.strip().upper() if isinstance(edge, str) and edge.strip() else None
-    if edg is not None and not (edg.isalnum() and len(edg) <= 3):
-        edg = None
-    return sym, edg
-
-
-def _scalar(value: Any) -> float:
-    """A float from a step-scan event value; arrays and non-numbers raise."""
-    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
-        raise ValueError(f"expected a scalar, got {type(value).__name__}")
-    return float(value)
-
-
-def _finite(
-    energy: np.ndarray, channels: dict[str, np.ndarray], required: tuple[str, ...]
-) -> tuple[np.ndarray | None, dict[str, np.ndarray], list[str]]:
-    """Points to keep (None: all) and channels to keep, given non-finite values.
-
-    A point goes if its energy or a required channel is not finite; an optional channel
-    goes if it is not finite at a kept point. Raises ``nan_data`` if no point is left.
-    """
-    # Fast screen: a sum is finite iff every term is (short of overflow, which the exact
-    # path below then sorts out); cheaper than isfinite(...).all() on each array.
-    if math.isfinite(energy.sum()) and all(math.isfinite(a.sum()) for a in channels.values()):
-        return None, channels, []
-    mask = np.isfinite(energy)
-    for ch in required:
-        mask &= np.isfinite(channels[ch])
-    if not mask.any():
-        raise _Bad("nan_data", f"no point has finite energy and {'/'.join(required)}")
-    flags = [] if mask.all() else ["nonfinite_dropped"]
-    good = {ch: a for ch, a in channels.items() if ch in required or np.isfinite(a[mask]).all()}
-    if len(good) < len(channels):
-        flags.append("channel_dropped")
-    return (None if mask.all() else mask), good, flags
-
-
 #: Points a step run keeps (a spectrum has a few thousand; a monitoring ``count`` with the
 #: mono in ``primary`` would otherwise grow for ever, ~400 bytes a point).
 MAX_STEP_POINTS = 100_000
-#: :meth:`_Run._sequence`'s mark of a step point seen before (never a published flag).
-_REPEAT = "repeat"
 
 
 class _Run(DocumentRouter):
@@ -217,40 +152,13 @@ class _Run(DocumentRouter):
                 self._step_row(st, data, i, int(seq), t, flags)
 
     def _sequence(self, st: _Stream, seq: int) -> list[str] | None:
-        """Duplicate check and arrival-time flags for one row; None means drop it. A step
-        point seen before gives ``[_REPEAT]``: :meth:`_step_row` tells a bluesky rewind's
-        re-take (new readings: they replace the old) from a redelivered copy."""
-        if seq in st.seen:
-            if st.kind == "step":
-                return [_REPEAT]
-            self.reject("duplicate_event", None, f"seq_num {seq} repeated in descriptor {st.uid}")
+        """Duplicate check and arrival-time flags for one row (:func:`_seq_flags`); None means
+        drop it, rejected."""
+        try:
+            flags = _seq_flags(st, seq)
+        except _Bad as bad:
+            self.reject(bad.reason, None, bad.detail)
             return None
-        base = None
-        if st.expect is None:  # first row of this descriptor: where its sequence may begin
-            base = max((b for b in st.first_ok if b <= seq), default=None)
-        mark = st.expect if st.expect is not None else base
-        if mark is not None and seq - mark > MAX_STOP_MISSING:  # a hole no bus makes
-            self.reject(
-                "malformed_document",
-                None,
-                f"seq_num {seq} leaves {seq - mark} events missing before it in descriptor "
-                f"{st.uid}; at most {MAX_STOP_MISSING} may go missing at once: ignored",
-            )
-            return None
-        st.seen.add(seq)
-        flags: list[str] = []
-        if st.expect is None:
-            if base is None:
-                flags.append("seq_disorder")
-            elif seq > base:
-                flags.append("seq_gap")
-            st.base = seq if base is None else base
-        elif seq > st.expect:
-            flags.append("seq_gap")
-        elif seq < st.expect:
-            flags.append("seq_disorder")
-        if st.expect is None or seq >= st.expect:
-            st.expect = seq + 1
         self.stream_last = max(self.stream_last, seq)
         return flags
 
@@ -259,34 +167,12 @@ class _Run(DocumentRouter):
         st = self.streams.get(desc)
         if st is None or self.closed:
             return  # another stream's: never part of this run's sequence
-        for seq in seqs:
-            ok = isinstance(seq, (int, np.integer)) and not isinstance(seq, bool)
-            if ok and 0 <= int(seq) < _SEQ_LIMIT:
-                st.dropped.add(int(seq))
+        _note_dropped(st, seqs)
 
     def seq_stats(self) -> tuple[int, int, int]:
         """(gaps, missing seq_nums, of them dropped by the input queue) over the run, from
         what finally arrived (late ones count)."""
-        gaps, missing = 0, self.trailing_missing
-        last = self.stream_last
-        tail: set[int] = set()  # dropped seq_nums among the trailing missing ones
-        if missing:
-            gaps += 1
-            for st in self.streams.values():
-                tail.update(s for s in st.dropped if last < s <= last + missing)
-        dropped = len(tail)
-        for st in self.streams.values():
-            if not st.seen:
-                continue
-            seqs = np.sort(np.fromiter(st.seen, np.int64, len(st.seen)))
-            low = min(st.base, int(seqs[0]))
-            steps = np.diff(seqs, prepend=low - 1)
-            holes = steps[steps > 1] - 1
-            gaps += int(holes.size)
-            missing += int(holes.sum())
-            high = int(seqs[-1])
-            dropped += sum(1 for s in st.dropped if low <= s < high and s not in st.seen)
-        return gaps, missing, dropped
+        return _seq_stats(self.streams.values(), self.stream_last, self.trailing_missing)
 
     def _fly_row(
         self, st: _Stream, data: Mapping, i: int, seq: int, t: float, flags: list[str]
