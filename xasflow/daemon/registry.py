@@ -4,35 +4,23 @@ A model directory holds one bundle per subdirectory (``models/cu-k/``, ...). Dot
 are ignored: :func:`xasflow.models.bundle_write.write_bundle` writes ``.cu-k.xxxx`` and renames it
 into place, and parks the previous bundle as ``.cu-k.old`` for a moment.
 
-:meth:`ModelRegistry.refresh` scans the directory. A subdirectory whose fingerprint (names,
-sizes, mtimes and inodes of its entries, symlinks as links) changed since the last scan is
-verified (:func:`xasflow.models.bundle.inspect_bundle`: manifest digest, optional Ed25519
+:meth:`ModelRegistry.refresh` scans the directory (what is judged between scans, and how, is
+:class:`~xasflow.daemon.registry_scan.ModelScanner`'s). A changed subdirectory is verified
+(:func:`xasflow.models.bundle.inspect_bundle`: manifest digest, optional Ed25519
 signature against ``trusted_keys``, no symlinks, hard links or paths outside the models
 directory, every file's hash) and loaded completely, i.e. a ``Predictor`` with all ONNX
 sessions is constructed, and only then put into service by replacing the whole mapping in
 one assignment. ``get`` reads that mapping once, so a caller sees either the old or the new
-predictor, never a half-loaded one. If the bundle's files change while it loads (a copy
-still in progress), the result is discarded and the next scan tries again.
+predictor, never a half-loaded one.
 
 A bundle that fails verification is refused: logged with its reason code and message,
 counted per reason in ``Counters.model_refused`` (``xasflow_model_refused_total{reason}``)
 and :meth:`ModelRegistry.refusal_counts`, listed by :meth:`ModelRegistry.refused`
 (read by ``/health``), reported as a ``refused`` event, and whatever served that
 element/edge before keeps serving (a predictor in memory was verified when it was loaded).
-It is retried only when its files change. The registry remembers the manifest digest of
-every ``bundle_id`` it verified; a manifest that differs under a known ``bundle_id`` is
-refused (``bundle_id_reused``). That memory lives as long as the process: after a restart
-only the digest file and, where keys are configured, the signature protect a manifest.
-
-A bundle directory that disappears is unloaded only after it has been missing for
-``remove_after`` consecutive scans, so the brief gap in ``write_bundle``'s two renames never
-takes a model out of service. If two directories hold bundles for the same element and
-edge, the one with the later manifest ``created`` wins and the other is ``shadowed``: kept
-verified on standby (not loaded, to save memory). When the serving bundle is removed, the
-best standby is verified and loaded in the same scan, before the mapping is replaced, so
-the element never goes without a model. An older bundle (earlier ``created``) put in place
-of the one served, in its directory, is served, but reported: a ``rolled_back`` event, a
-warning and ``status()["rollbacks"]`` (this process only: no memory survives a restart).
+Bundles outranked for their element/edge wait on standby (:meth:`ModelRegistry.standby`);
+an older bundle put in place of the one served is reported (``status()["rollbacks"]``, this
+process only: no memory survives a restart).
 A replaced predictor's memory is handed back to the operating system (``malloc_trim``)
 once its last user drops it.
 """
@@ -40,10 +28,7 @@ once its last user drops it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,27 +36,20 @@ from typing import Any
 
 from xasflow.daemon.counters import Counters
 from xasflow.daemon.registry_events import (
-    Fingerprint,
-    Rank,
     Refusal,
     RegistryEvent,
     ServingEntry,
-    Standby,
     fingerprint,
     release_memory,
-    swap_event,
 )
-from xasflow.models.bundle import MANIFEST, BundleError, inspect_bundle, read_manifest
+from xasflow.daemon.registry_scan import ModelScanner, model_key
+from xasflow.models.bundle import inspect_bundle
 from xasflow.models.integrity import MAX_GRAPH_BYTES, public_key_pem
 from xasflow.models.predictor import Predictor
 
 __all__ = ["ModelRegistry", "Refusal", "RegistryEvent", "fingerprint"]
 
 logger = logging.getLogger(__name__)
-
-
-def _key(element: str, edge: str) -> tuple[str, str]:
-    return element.strip().capitalize(), edge.strip().upper()
 
 
 class ModelRegistry:
@@ -123,18 +101,13 @@ class ModelRegistry:
             )
         )
         self._models: dict[tuple[str, str], ServingEntry] = {}  # replaced whole, never mutated
-        self._seen: dict[str, Fingerprint] = {}  # dir name -> fingerprint last judged
-        self._refused: dict[str, Refusal] = {}  # dir name -> why, while it stays refused
-        self._missing: dict[str, int] = {}  # dir name of a serving bundle -> scans missing
-        self._standby: dict[str, Standby] = {}  # dir names of verified, outranked bundles
-        self._digests: dict[str, str] = {}  # bundle_id -> manifest sha256, life of process
-        self._refusal_counts: dict[str, int] = {}
-        self._rollbacks = 0  # older bundles put in place of the one served (served, said)
         self._refresh_lock = threading.Lock()
         self._released = threading.Event()  # a predictor was freed: trim at the next refresh
+        self._scanner = ModelScanner(
+            self.directory, self.counters, remove_after, self._verify, self._loader, self._released
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dir_warned = False
         self._on_serving: Callable[[bool], None] | None = None
         self._serving_said = False
         #: The most recent events (bounded), oldest first.
@@ -146,7 +119,7 @@ class ModelRegistry:
 
     def get(self, element: str, edge: str = "K") -> Predictor | None:
         """The predictor serving ``element``/``edge``, or None (lock-free, never partial)."""
-        entry = self._models.get(_key(element, edge))
+        entry = self._models.get(model_key(element, edge))
         return None if entry is None else entry.predictor
 
     def serving(self) -> list[tuple[str, str]]:
@@ -159,19 +132,21 @@ class ModelRegistry:
 
     def refused(self) -> dict[str, str]:
         """Bundle directories currently refused, with ``"reason: message"``."""
-        return {name: f"{r.reason}: {r.message}" for name, r in self._refused.items()}
+        return {name: f"{r.reason}: {r.message}" for name, r in self._scanner.refused.items()}
 
     def refusals(self) -> dict[str, Refusal]:
         """Bundle directories currently refused, with their :class:`Refusal`."""
-        return dict(self._refused)
+        return dict(self._scanner.refused)
 
     def refusal_counts(self) -> dict[str, int]:
         """Refusals since start, by reason code (each judgement of a changed bundle counts once)."""
-        return dict(sorted(self._refusal_counts.items()))
+        return dict(sorted(self._scanner.refusal_counts.items()))
 
     def standby(self) -> dict[str, str]:
         """Verified bundle directories outranked by another (dir name -> bundle id's key)."""
-        return {name: f"{s.key[0]}-{s.key[1]} {s.rank[1]}" for name, s in self._standby.items()}
+        return {
+            name: f"{s.key[0]}-{s.key[1]} {s.rank[1]}" for name, s in self._scanner.standby.items()
+        }
 
     def status(self) -> dict[str, Any]:
         """Everything health needs in one JSON-ready dict: serving, standby and refusals."""
@@ -180,10 +155,10 @@ class ModelRegistry:
             "standby": self.standby(),
             "refused": {
                 name: {"reason": r.reason, "message": r.message, "time": r.time}
-                for name, r in self._refused.items()
+                for name, r in self._scanner.refused.items()
             },
             "refusals_by_reason": self.refusal_counts(),
-            "rollbacks": self._rollbacks,
+            "rollbacks": self._scanner.rollbacks,
             "require_digest": self.require_digest,
             "require_signature": self.require_signature,
             "trusted_keys": len(self.trusted_keys),
@@ -220,74 +195,8 @@ class ModelRegistry:
         self._on_serving = callback
         callback(self._serving_said)
 
-    def _list(self, events: list[RegistryEvent]) -> list[str]:
-        try:
-            names = sorted(
-                e.name
-                for e in os.scandir(self.directory)
-                if e.is_dir() and not e.name.startswith(".")
-            )
-        except OSError as exc:
-            if not self._dir_warned:
-                self._dir_warned = True
-                msg = f"cannot read model directory: {exc}"
-                events.append(RegistryEvent("error", str(self.directory), message=msg))
-            return []
-        self._dir_warned = False
-        return names
-
     def _refresh(self) -> list[RegistryEvent]:
-        events: list[RegistryEvent] = []
-        names = self._list(events)
-        models = dict(self._models)
-        present = set(names)
-        for name in names:
-            path = self.directory / name
-            try:
-                fp = fingerprint(path)
-            except OSError:
-                continue  # vanished between listing and looking: next scan
-            if self._seen.get(name) == fp:
-                continue
-            if not any(item[0] == MANIFEST for item in fp):  # not (yet) a bundle: judged
-                present.discard(name)  # again next scan; one serving counts as gone meanwhile
-                continue
-            entry = self._judge(name, path, fp, models, events)
-            if entry is not None:
-                self._serve(entry, models, present, events)
-        # serving directories gone, without a manifest, or refilled with a bundle kept on
-        # standby (outranked): the best standby takes over now
-        for key, entry in list(models.items()):
-            name = Path(entry.directory).name
-            if name in present and name not in self._standby:
-                self._missing.pop(name, None)
-                continue
-            self._missing[name] = self._missing.get(name, 0) + 1
-            if self._missing[name] < self.remove_after:
-                continue
-            models.pop(key)
-            self._missing.pop(name, None)
-            self._seen.pop(name, None)
-            after: list[RegistryEvent] = []
-            successor = self._takeover(key, models, present, after)
-            tail = f"{successor} takes over" if successor else "has no model now"
-            events.append(
-                RegistryEvent(
-                    "removed",
-                    entry.directory,
-                    *key,
-                    previous=entry.predictor.bundle_id,
-                    message=f"{entry.directory} is gone (or holds no manifest); {key[0]} {key[1]} {tail}",
-                )
-            )
-            events.extend(after)
-        for name in list(self._seen):
-            if name not in present:
-                self._seen.pop(name, None)
-                self._refused.pop(name, None)
-        for name in list(self._standby):
-            if name not in present:
-                self._standby.pop(name)
+        models, events = self._scanner.scan(self._models)
         if models != self._models:
             for key in self._models.keys() - models.keys():
                 self.counters.set_model(*key, None)
@@ -304,158 +213,6 @@ class ModelRegistry:
             trusted_keys=self.trusted_keys,
             require_signature=self.require_signature,
             max_graph_bytes=self.max_graph_bytes,
-        )
-
-    def _judge(
-        self,
-        name: str,
-        path: Path,
-        fp: Fingerprint,
-        models: dict[tuple[str, str], ServingEntry],
-        events: list[RegistryEvent],
-    ) -> ServingEntry | None:
-        """Verify one changed bundle directory; load it if it should serve. The entry or None."""
-        try:
-            verified = self._verify(path)
-        except BundleError as exc:
-            events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
-            return None
-        except Exception as exc:  # a defect nobody foresaw is still a counted refusal
-            msg = f"{path}: {type(exc).__name__}: {exc}"
-            events.append(self._refuse(name, path, fp, "invalid", msg))
-            return None
-        m = verified.manifest
-        known = self._digests.get(m.bundle_id)
-        if known is not None and known != verified.digest:
-            msg = (
-                f"{path}: its manifest differs from the one verified earlier under bundle_id "
-                f"{m.bundle_id!r} (sha256 {known[:12]}…, now {verified.digest[:12]}…); a changed "
-                f"bundle needs a new bundle_id"
-            )
-            events.append(self._refuse(name, path, fp, "bundle_id_reused", msg))
-            return None
-        key = _key(m.element, m.edge)
-        rank: Rank = (m.created, m.bundle_id)
-        current = models.get(key)
-        if current is not None and current.directory != str(path) and rank <= current.rank:
-            cur = current.predictor.manifest
-            msg = (
-                f"{path} ({m.bundle_id}) is older than {current.directory} "
-                f"({cur.bundle_id}) for {key[0]} {key[1]}; kept on standby"
-            )
-            self._accept(name, fp, m.bundle_id, verified.digest)
-            self._standby[name] = Standby(key, rank)
-            events.append(RegistryEvent("shadowed", str(path), *key, m.bundle_id, message=msg))
-            return None
-        same_dir = current is not None and current.directory == str(path)
-        if same_dir and current.digest == verified.digest:  # type: ignore[union-attr]
-            self._accept(name, fp, m.bundle_id, verified.digest)
-            return None  # same content under a new fingerprint (touched, re-copied)
-        try:
-            predictor = self._loader(path)
-        except BundleError as exc:
-            events.append(self._refuse(name, path, fp, exc.reason, str(exc)))
-            return None
-        except Exception as exc:  # onnxruntime cannot build a session, unreadable file, ...
-            msg = f"{path}: {type(exc).__name__}: {exc}"
-            events.append(self._refuse(name, path, fp, "load_error", msg))
-            return None
-        try:
-            after = fingerprint(path)
-        except OSError:
-            after = ()
-        if after != fp or predictor.manifest != m:
-            return None  # changed while loading (a copy in progress): next scan
-        self._accept(name, fp, m.bundle_id, verified.digest)
-        # set as the predictor dies, before its sessions are freed: refresh() trims afterwards
-        weakref.finalize(predictor, self._released.set).atexit = False
-        entry = ServingEntry(predictor, str(path), fp, time.time(), verified.digest, rank)
-        if current is None:
-            msg = f"{m.bundle_id} serves {key[0]} {key[1]} (from {path})"
-            events.append(RegistryEvent("loaded", str(path), *key, m.bundle_id, message=msg))
-            return entry
-        self.counters.model_swapped()
-        events.append(swap_event(current, entry, key))
-        self._rollbacks += events[-1].kind == "rolled_back"
-        return entry
-
-    def _accept(self, name: str, fp: Fingerprint, bundle_id: str, digest: str) -> None:
-        """Record a verified bundle directory as judged."""
-        self._seen[name] = fp
-        self._refused.pop(name, None)
-        self._standby.pop(name, None)
-        self._digests.setdefault(bundle_id, digest)
-
-    def _serve(
-        self,
-        entry: ServingEntry,
-        models: dict[tuple[str, str], ServingEntry],
-        present: set[str],
-        events: list[RegistryEvent],
-    ) -> None:
-        """Put a loaded entry into ``models``; what it displaces goes to standby."""
-        m = entry.predictor.manifest
-        key = _key(m.element, m.edge)
-        for old_key, old in list(models.items()):
-            if old.directory == entry.directory and old_key != key:
-                models.pop(old_key)  # the directory now holds another element/edge
-                self._takeover(old_key, models, present, events)
-        previous = models.get(key)
-        if previous is not None and previous.directory != entry.directory:
-            self._standby[Path(previous.directory).name] = Standby(key, previous.rank)
-        models[key] = entry
-
-    def _takeover(
-        self,
-        key: tuple[str, str],
-        models: dict[tuple[str, str], ServingEntry],
-        present: set[str],
-        events: list[RegistryEvent],
-    ) -> str | None:
-        """Load the best standby bundle for ``key`` into ``models`` now; its bundle id or None."""
-        candidates = sorted(
-            ((s.rank, name) for name, s in self._standby.items() if s.key == key),
-            reverse=True,
-        )
-        for _rank, name in candidates:
-            self._standby.pop(name, None)
-            self._seen.pop(name, None)  # judged again now, or at the next scan if it fails
-            if name not in present:
-                continue
-            path = self.directory / name
-            try:
-                fp = fingerprint(path)
-            except OSError:
-                continue
-            entry = self._judge(name, path, fp, models, events)
-            if entry is not None:
-                self._serve(entry, models, present, events)
-                return entry.predictor.bundle_id
-        return None
-
-    def _refuse(
-        self, name: str, path: Path, fp: Fingerprint, reason: str, message: str
-    ) -> RegistryEvent:
-        self._seen[name] = fp
-        self._refused[name] = Refusal(reason, message)
-        self._standby.pop(name, None)
-        self._refusal_counts[reason] = self._refusal_counts.get(reason, 0) + 1
-        self.counters.model_refusal(reason)
-        element = edge = None
-        try:
-            m = read_manifest(path)
-            element, edge = _key(m.element, m.edge)
-        except Exception:  # only to name what is still served: never to stop the scan
-            pass
-        kept = self.get(element, edge) if element and edge else None
-        suffix = f"; still serving {kept.bundle_id}" if kept is not None else ""
-        return RegistryEvent(
-            "refused",
-            str(path),
-            element,
-            edge,
-            message=f"refused bundle ({reason}): {message}{suffix}",
-            reason=reason,
         )
 
     # ------------------------------------------------------------------ watching
