@@ -167,10 +167,10 @@ def through_loop(pipeline: Any, counters: Any, *batches: list[Any]) -> list[tupl
 
     proc = Processor(lambda timeout: None, RunAssembler(), pipeline, counters, AnalysisConfig())
     published: list[tuple[str, dict[str, Any]]] = []
-    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    proc.outlet.sinks.append(lambda name, doc: published.append((name, doc)))
     for outputs in batches:
-        proc.analyse(outputs)
-    proc._complete(0)
+        proc.outlet.analyse(outputs)
+    proc.outlet.complete(0)
     return published
 
 

@@ -75,7 +75,7 @@ def test_the_loop_publishes_results_before_it_computes_their_advice(
         Counters(),
         AnalysisConfig(batching={"max_batch_delay_ms": 0}),
     )
-    proc.sinks.append(named)
+    proc.outlet.sinks.append(named)
     proc._turn(proc._take(100), check=False)  # start, descriptor and the 3 events: one batch
     queue.append(raw[-1])
     proc._turn(proc._take(100), check=False)

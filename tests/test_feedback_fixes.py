@@ -218,11 +218,11 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
             {"uid": "s-C", "run_start": "raw-C", "time": 2.0, "exit_status": "success"},
         )
         proc._turn([start("raw-A"), start("raw-C"), closed, start("raw-B")], check=False)
-        proc._complete(0)
+        proc.outlet.complete(0)
         _run_b_is_sure(ioc)
         for refused in ("raw-A", "raw-C"):  # A is open, C closed: each start is refused
             proc._turn([start(refused)], check=False)
-            proc._complete(0)
+            proc.outlet.complete(0)
             ioc.flush()
             uid, stop = group.advice_uid.value, group.stop_early.value
             assert (uid, stop) == ("raw-B", 1), (
@@ -230,7 +230,7 @@ def test_a_start_the_assembler_refuses_leaves_the_advice_pvs_to_the_current_run(
                 f"ADVICE_UID={uid!r} STOP_EARLY={stop}"
             )
         proc._turn([start("raw-D")], check=False)  # a new run: its start takes them over
-        proc._complete(0)
+        proc.outlet.complete(0)
         ioc.flush()
         assert (group.advice_uid.value, group.stop_early.value) == ("raw-D", 0)
     finally:
@@ -260,7 +260,7 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
         parts = processor_parts(ioc, advice_pipeline(tmp_path))
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
         proc._turn([start("raw-B", element="Cu", edge="K")], check=False)
-        proc._complete(0)
+        proc.outlet.complete(0)
         _run_b_is_sure(ioc)
         malformed = [
             ("start", {"time": 1.0, "scan_id": 2}),
@@ -270,12 +270,12 @@ def test_a_malformed_start_leaves_the_advice_pvs_and_one_no_bundle_serves_takes_
         ]
         for refused in malformed:
             proc._turn([refused], check=False)
-            proc._complete(0)
+            proc.outlet.complete(0)
             ioc.flush()
             assert (group.advice_uid.value, group.stop_early.value) == ("raw-B", 1), refused
         assert parts.assembler.open_runs == 1
         proc._turn([start("raw-Fe", element="Fe", edge="K")], check=False)  # no Fe bundle
-        proc._complete(0)
+        proc.outlet.complete(0)
         ioc.flush()
         assert (group.advice_uid.value, group.stop_early.value) == ("raw-Fe", 0)
         assert parts.assembler.open_runs == 2

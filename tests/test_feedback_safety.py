@@ -65,12 +65,12 @@ def test_the_last_runs_late_advice_does_not_set_stop_early_after_the_next_raw_st
         parts = processor_parts(ioc, pipe)  # what the processor is built from, as the daemon does
         proc = build_processor(parts, DaemonConfig(), Counters(), [ioc], lambda: None)  # type: ignore[arg-type]
         proc._turn(list(run_a[:-2]), check=False)
-        proc._complete(0)
+        proc.outlet.complete(0)
         ioc.flush()
         assert ioc.group.stop_early.value == 1  # run A settled (cn {4} twice)
         # run A's last spectrum, its stop, and run B's start in one turn
         proc._turn([run_a[-2], run_a[-1], run_b[0]], check=False)
-        proc._complete(0)
+        proc.outlet.complete(0)
         ioc.flush()
         stop, advice = ioc.group.stop_early.value, ioc.group.advice_uid.value
         assert (stop, advice) == (0, uid_b), (

@@ -38,7 +38,7 @@ def _processor(source: KafkaDocumentSource, pipeline: Pipeline, store: Any) -> P
     proc.on_processed = source.mark_processed
     proc.abandoned = source.abandoned
     proc.runs_ended = source.runs_ended
-    proc.store_sink = StoreWriter(store)
+    proc.outlet.store_sink = StoreWriter(store)
     proc.replays_open_runs = True  # as parts.build_processor sets it for a Kafka input
     return proc
 

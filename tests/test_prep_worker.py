@@ -275,7 +275,7 @@ def test_a_bug_asking_whether_a_batch_is_prepared_costs_no_spectrum(
         batching=BatchPolicy(max_spectra=3, max_batch_delay_ms=0.0),
     )
     docs: list[tuple[str, dict[str, Any]]] = []
-    proc.sinks.append(lambda name, doc: docs.append((name, doc)))
+    proc.outlet.sinks.append(lambda name, doc: docs.append((name, doc)))
     proc.drain.set()
     proc.run()
     assert hits == [1] and worker.stats["jobs"] == 3 and worker.stats["fallbacks"] == 0

@@ -161,13 +161,13 @@ def test_with_a_batch_in_flight_results_leave_in_order_and_none_before_a_commit(
         AnalysisConfig(),  # type: ignore[arg-type]
     )
     emitted: list[list[int]] = []
-    proc.sinks.append(lambda name, doc: emitted.append(doc["i"]))
+    proc.outlet.sinks.append(lambda name, doc: emitted.append(doc["i"]))
     proc._turn([("event", {"i": 0}), ("event", {"i": 1})], check=False)
-    assert emitted == [] and len(proc._pending) == 1  # in flight
+    assert emitted == [] and len(proc.outlet.pending) == 1  # in flight
     proc._turn([("event", {"i": 2})], check=False)
     assert emitted == [[0, 1]]  # the one before ended when the next began
     in_flight_at_commit: list[int] = []
-    proc.on_processed = lambda: in_flight_at_commit.append(len(proc._pending))
+    proc.on_processed = lambda: in_flight_at_commit.append(len(proc.outlet.pending))
     proc._turn([("event", {"i": 3})], check=False)
     proc._after_turn()
     assert emitted == [[0, 1], [2], [3]] and in_flight_at_commit == [0]

@@ -20,6 +20,7 @@ from pipeline_helpers import fly_run, rows_by_run, validate
 from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.outlet import Outlet
 from xasflow.daemon.pipeline import Pipeline
 from xasflow.daemon.processor import Processor
 
@@ -30,7 +31,7 @@ WHERE = {
     "replayed_start": (Processor, "_handed_over", lambda *a: len(a) > 1),
     "handed_over": (Processor, "_handed_over", lambda *a: len(a) == 1),
     "check_timeouts": (RunAssembler, "check_timeouts", lambda *a: True),
-    "element_defaults": (Processor, "_element_defaults", lambda *a: True),
+    "element_defaults": (Outlet, "_element_defaults", lambda *a: True),
 }
 
 
@@ -65,7 +66,7 @@ def _serve(pipeline: Pipeline, counters: Counters, docs: list[tuple[str, Any]]) 
     )
     proc.abandoned = list  # the Kafka input's hook: nothing handed over
     published: list[tuple[str, dict[str, Any]]] = []
-    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    proc.outlet.sinks.append(lambda name, doc: published.append((name, doc)))
     proc.drain.set()
     proc.run()
     return published
@@ -187,13 +188,13 @@ def test_a_run_whose_timeout_close_fails_still_stops_and_lets_the_others_time_ou
     asm = RunAssembler(run_timeout=10.0)
     proc = Processor(lambda timeout: None, asm, pipeline, counters, AnalysisConfig())
     published: list[tuple[str, dict[str, Any]]] = []
-    proc.sinks.append(lambda name, doc: published.append((name, doc)))
+    proc.outlet.sinks.append(lambda name, doc: published.append((name, doc)))
     now = [0.0]
     asm.clock = lambda: now[0]  # the processor installed its LiveClock: time by hand
     proc._turn(docs_a[:-1] + docs_b[:-1], check=True)
     now[0] = 100.0
     proc._turn([], check=True)
-    proc._complete(0)
+    proc.outlet.complete(0)
     assert hits == [a]
     validate(published)
     stops = [

@@ -23,8 +23,9 @@ from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
 if TYPE_CHECKING:
     from xasflow.adapters.commit_gate import CommitGate
     from xasflow.daemon.assembly import RunAssembler
+    from xasflow.daemon.outlet import Sink
     from xasflow.daemon.pipeline import Pipeline
-    from xasflow.daemon.processor import Processor, Sink
+    from xasflow.daemon.processor import Processor
     from xasflow.daemon.registry import ModelRegistry
 
 __all__ = [
@@ -280,7 +281,7 @@ def build_processor(
         interrupted=p.interrupted,
         on_tick=on_tick,
     )
-    proc.store_sink = p.writer
+    proc.outlet.store_sink = p.writer
     # 0MQ's overflow policy may drop events: each is lost once (not again as a seq_gap)
     proc.input_dropped = getattr(p.source, "dropped_events", None)
     proc.input_unseen = getattr(p.source, "unseen_drops", None)  # nor as interrupted
@@ -311,9 +312,9 @@ def build_processor(
         proc.runs_ended = p.source.runs_ended
         proc.replays_open_runs = True
     if p.gate is not None:
-        proc.sinks.append(p.gate)  # publishes once the store holds the rows
+        proc.outlet.sinks.append(p.gate)  # publishes once the store holds the rows
     elif p.publisher is not None:  # its refusals counted, as the gate's are
         p.publish_sink = CountedSink(p.publisher)
-        proc.sinks.append(p.publish_sink)
-    proc.sinks.extend(listeners)
+        proc.outlet.sinks.append(p.publish_sink)
+    proc.outlet.sinks.extend(listeners)
     return proc

@@ -11,8 +11,8 @@ killed predecessor left open when their raw stop arrives
 :class:`~xasflow.daemon.batching.BatchPolicy` (``analysis.batching``) bounds the
 micro-batching: a turn takes what is queued and waits a few ms for more only under load, so
 a lone spectrum is never held back. Each analysis document goes to the sinks in order (the
-store writer, the publisher, the listeners). It is the only thread touching the assembler
-and the pipeline.
+store writer, the publisher, the listeners) through its :class:`~xasflow.daemon.outlet.Outlet`.
+It is the only thread touching the assembler and the pipeline.
 
 Run timeouts (``analysis.run_timeout_s``) are read on a
 :class:`~xasflow.adapters.live_clock.LiveClock`, not the wall clock: a pass of the loop that
@@ -40,10 +40,9 @@ predecessor left open (its descriptor came after the restart), to the interrupte
 to be counted again as ``interrupted``. When such a run's start comes again (it resumes),
 the interrupted runs give its rows back and the assembler holds them for it.
 
-With a preparation process (``analysis.prep_process``, :mod:`xasflow.daemon.prep_worker`) a
-batch is begun (its stacks sent there) and ended one turn later, or as soon as the child has
-answered: the thread assembles the next batch meanwhile. Batches end in order, and all of
-them before a stop the thread emits itself, before ``on_processed`` and at the end.
+With a preparation process (``analysis.prep_process``) a batch is ended one turn after it
+was begun, or as soon as the child has answered (:mod:`xasflow.daemon.outlet`): the thread
+assembles the next batch meanwhile.
 
 Liveness: :attr:`Processor.last_turn_at` is rebound at the end of every pass of the loop
 (every 50 ms when idle), so its age (``/health`` ``last_turn_age_s``, ``/metrics``, the
@@ -55,11 +54,9 @@ At the end (:meth:`Processor.drain` is set and the queue is empty) it closes eve
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,15 +67,13 @@ from xasflow.daemon.assembly import RunAssembler
 from xasflow.daemon.batching import BatchPolicy, RateMeter
 from xasflow.daemon.config import AnalysisConfig
 from xasflow.daemon.counters import Counters
+from xasflow.daemon.outlet import Outlet, safely
 from xasflow.daemon.outputs import Output, RunClosed, SpectrumReady
-from xasflow.daemon.pipeline import Batch, Pipeline
+from xasflow.daemon.pipeline import Pipeline
 
-__all__ = ["Processor", "Sink"]
+__all__ = ["Processor"]
 
 logger = logging.getLogger(__name__)
-
-#: A consumer of analysis documents: ``sink(name, doc)``; quick, and it must not raise.
-Sink = Callable[[str, dict[str, Any]], None]
 
 _STATS_INTERVAL_S = 0.25
 
@@ -114,7 +109,9 @@ class Processor:
         self.on_tick = on_tick
         self.batching = batching if batching is not None else analysis.batching
         self.rate = RateMeter()  # documents taken per second, recent (BatchPolicy.wait_s)
-        self.sinks: list[Sink] = []
+        #: Where the batches go: begun and ended in order, their documents to the store
+        #: writer (``outlet.store_sink``) and then to ``outlet.sinks``.
+        self.outlet = Outlet(pipeline, counters, analysis)
         #: Called after each turn: every document taken so far went to the sinks.
         self.on_processed: Callable[[], None] | None = None
         #: Told of every raw start that opened a run (not probes, not starts the assembler
@@ -137,9 +134,6 @@ class Processor:
         #: Of those, the rows of descriptors the input never queued
         #: (``ZmqDocumentSource.unseen_drops``), for the interrupted runs' count.
         self.input_unseen: Callable[[], list[tuple[Any, list[Any]]]] | None = None
-        #: Batches begun and not yet ended: at most one in flight with a preparation process.
-        self._pending: deque[Batch] = deque()
-        self.depth = 1 if pipeline.worker is not None else 0
         self.drain = threading.Event()  # set once nothing more will be queued
         self.clock = LiveClock()
         assembler.clock = self.clock  # run timeouts count live time only (module docstring)
@@ -170,8 +164,8 @@ class Processor:
                 break  # the receive thread is joined and the queue is empty
             self.clock.tick(counts=len(items) < a.batch_max)
             now = time.monotonic()
-            keep = self.depth if items else 0  # what the preparation has done goes out
-            self._safely("ending the batches prepared", None, self._complete, keep)
+            keep = self.outlet.depth if items else 0  # what the preparation has done goes out
+            self._safely("ending the batches prepared", None, self.outlet.complete, keep)
             try:  # _turn feeds and analyses all it took, whatever fails (counted) on the way
                 self._turn(items, check=now >= next_check)
                 self._after_turn()
@@ -187,7 +181,7 @@ class Processor:
         self._finish()
 
     def _take(self, most: int) -> list[tuple[str, dict[str, Any]]]:
-        item = self.get(0.002 if self._pending else 0.05)  # a batch in flight: end it soon
+        item = self.get(0.002 if self.outlet.pending else 0.05)  # a batch in flight: end it soon
         if item is None:
             return []
         items = [item]
@@ -232,7 +226,7 @@ class Processor:
 
     def _after_turn(self) -> None:
         if self.on_processed is not None:
-            self._complete(0)  # "every document taken went to the sinks": none in flight
+            self.outlet.complete(0)  # "every document taken went to the sinks": none in flight
             self.on_processed()
 
     def _input_drops(self) -> None:
@@ -279,7 +273,7 @@ class Processor:
                     if isinstance(out, SpectrumReady):
                         spectra += 1
                         if spectra >= self.batching.max_spectra:  # a backlog, a big page:
-                            self.analyse(outputs)  # publish as we go, max_spectra a call
+                            self.outlet.analyse(outputs)  # publish as we go, max_spectra a call
                             outputs, spectra = [], 0
             outputs.extend(self._safely("closing runs handed over", [], self._handed_over))
             if check:
@@ -287,7 +281,7 @@ class Processor:
             if ended and self.runs_ended is not None:
                 self._safely("reporting ended runs", None, self.runs_ended, ended)
         finally:  # whatever the turn's documents made goes on (analyse never raises)
-            self.analyse(outputs)
+            self.outlet.analyse(outputs)
 
     def _timeouts(self, ended: list[str]) -> list[Output]:
         """The runs idle past their run timeout, closed (their uids added to ``ended``), and
@@ -307,14 +301,8 @@ class Processor:
         return timed_out
 
     def _safely(self, what: str, default: _T, call: Callable[..., _T], *args: Any) -> _T:
-        """``call(*args)``, or ``default`` if it raises (a bug: counted ``processing`` and
-        logged), so one step's failure costs only what it would have given, not the turn."""
-        try:
-            return call(*args)
-        except Exception:
-            self.counters.internal_error("processing")
-            logger.exception("%s failed", what)
-            return default
+        """:func:`~xasflow.daemon.outlet.safely` with this loop's counters."""
+        return safely(self.counters, what, default, call, *args)
 
     def _unopened(self, doc: Any) -> list[str]:
         """``[uid]`` of a start that left no run of its uid open (a warm-up probe, a start the
@@ -358,8 +346,8 @@ class Processor:
     def _finish(self) -> None:
         """Close every run still open, the interrupted ones too; a bug in one step (counted
         ``processing``) skips only that step, so the thread ends and the other runs stop."""
-        self._complete(0)
-        self.analyse(self._safely("closing runs handed over", [], self._handed_over))
+        self.outlet.complete(0)
+        self.outlet.analyse(self._safely("closing runs handed over", [], self._handed_over))
         self._safely("the input's last hooks", None, self._after_turn)
         pending: list[str] = self._safely("listing interrupted runs", [], self._pending_runs)
         for raw_uid in pending:
@@ -372,10 +360,10 @@ class Processor:
         closing: list[Output] = self._safely(
             "closing the open runs", [], self.assembler.flush_all, "shutdown", replay
         )
-        self.analyse(closing)
+        self.outlet.analyse(closing)
         try:  # runs the pipeline still holds (none, unless an output went missing)
             for name, doc in self.pipeline.close_all("shutdown"):
-                self.emit(name, doc)
+                self.outlet.emit(name, doc)
         except Exception:
             logger.exception("closing the pipeline's runs failed")
         if self.on_tick is not None:
@@ -392,7 +380,7 @@ class Processor:
         self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
     ) -> None:
         assert self.interrupted is not None
-        self._complete(0)  # the run's last results go out before its stop
+        self.outlet.complete(0)  # the run's last results go out before its stop
         stop = self.interrupted.close(raw_uid, raw_stop, why)
         self.counters.run_closed("interrupted")
         if stop is None:
@@ -400,85 +388,6 @@ class Processor:
         missing = stop.get("raw_missing_events")
         if isinstance(missing, int):  # those the input dropped are lost as overflow already
             self.counters.lost("interrupted", missing - (stop.get("raw_dropped_events") or 0))
-        self.emit("stop", stop, store=False)  # already in the store: to the bus and listeners
-
-    def analyse(self, outputs: list[Output]) -> None:
-        """Pipeline over one batch of assembler outputs, then every sink in order (with a
-        preparation process: the batch is begun, and the one before it ended). Never raises:
-        a batch that fails is salvaged (:meth:`_failed`)."""
-        if not outputs:
-            return
-        try:
-            outputs = self._element_defaults(outputs)
-            self._pending.append(self.pipeline.begin(outputs))
-        except Exception as exc:  # a pipeline bug must not end the daemon: count and go on
-            self._complete(0)  # the batches before it go out first, in order
-            self._failed(outputs, exc)
-        self._complete(self.depth)
-
-    def _complete(self, keep: int) -> None:
-        """End begun batches, oldest first, until ``keep`` are left and the oldest is still
-        being prepared; their documents to every sink in order. A bug asking whether a batch
-        is prepared (counted) ends it now: ``end`` waits for its preparation."""
-        worker = self.pipeline.worker
-        while self._pending and (
-            len(self._pending) > keep
-            or self._safely("asking if a batch is prepared", True, self._pending[0].ready, worker)
-        ):
-            batch = self._pending.popleft()
-            try:
-                docs = self.pipeline.end(batch, advise=False)
-            except Exception as exc:
-                self._failed(batch.items, exc)
-                continue
-            for name, doc in docs:
-                self.emit(name, doc)
-            advice: list[tuple[str, dict[str, Any]]] = self._safely(
-                "advising", [], self.pipeline.advise
-            )
-            for name, doc in advice:  # computed once its results are out
-                self.emit(name, doc)
-
-    def _failed(self, outputs: list[Output], exc: Exception) -> None:
-        """A batch the pipeline raised on (a bug): counted, its spectra refused and counted
-        received, its runs stopped "fail" (:meth:`Pipeline.salvage`), never left open."""
-        logger.error("pipeline failed on a batch of %d outputs", len(outputs), exc_info=exc)
-        self.counters.internal_error("processing")
-        for name, doc in self.pipeline.salvage(outputs, f"{type(exc).__name__}: {exc}"):
-            self.emit(name, doc)
-
-    #: The store writer, when storage is on (documents it already holds skip it).
-    store_sink: Sink | None = None
-
-    def emit(self, name: str, doc: dict[str, Any], store: bool = True) -> None:
-        """One analysis document to the store writer (unless ``store`` is False) and sinks."""
-        if store and self.store_sink is not None:
-            self._call(self.store_sink, name, doc)
-        for sink in self.sinks:
-            self._call(sink, name, doc)
-
-    @staticmethod
-    def _call(sink: Sink, name: str, doc: dict[str, Any]) -> None:
-        try:
-            sink(name, doc)
-        except Exception:
-            logger.exception("analysis document consumer %r failed on a %s", sink, name)
-
-    def _element_defaults(self, outputs: list[Output]) -> list[Output]:
-        """Fill (``prefer: start``) or force (``prefer: config``) element/edge from the config."""
-        a = self.analysis
-        if a.element is None and a.edge is None:
-            return outputs
-        out: list[Output] = []
-        for o in outputs:
-            if isinstance(o, SpectrumReady):
-                s = o.spectrum
-                if a.prefer == "config":
-                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=a.edge))
-                elif s.element is None and a.element is not None:
-                    edge = s.edge or a.edge
-                    o = SpectrumReady(dataclasses.replace(s, element=a.element, edge=edge))
-                elif s.element is not None and s.edge is None and a.edge is not None:
-                    o = SpectrumReady(dataclasses.replace(s, edge=a.edge))
-            out.append(o)
-        return out
+        self.outlet.emit(
+            "stop", stop, store=False
+        )  # already in the store: to the bus and listeners

@@ -134,7 +134,7 @@ class Daemon:
                 self.add_listener(dashboard.listener)
                 p.pipeline.on_latest = dashboard.offer_latest
         p.processor = build_processor(p, cfg, self.counters, self._listeners, self.view.sync_stats)
-        self._listeners = p.processor.sinks  # listeners added later go straight to it
+        self._listeners = p.processor.outlet.sinks  # listeners added later go straight to it
         self._thread = threading.Thread(target=p.processor.run, name="xasflow-process", daemon=True)
         self._thread.start()
         if p.http is not None:
