@@ -28,7 +28,8 @@ from xasflow.training.feff_inputs import (
     read_structures,
     unique_sites,
 )
-from xasflow.training.generate import SiteTask, generate, generation_record, run_site
+from xasflow.training.feff_site import SiteTask, run_site
+from xasflow.training.generate import generate, generation_record
 
 # --- a FEFF stand-in: writes a model xmu.dat, or fails the way FEFF can -------------------
 
