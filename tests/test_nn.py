@@ -11,11 +11,11 @@ ort = pytest.importorskip("onnxruntime")
 from xasflow.training.nn import (  # noqa: E402
     NetConfig,
     TaskTarget,
-    choose_snapshots,
     fit_network_ensemble,
     resolve_device,
 )
 from xasflow.training.nn_augment import BatchAugmenter, NetAugment  # noqa: E402
+from xasflow.training.nn_member import choose_snapshots  # noqa: E402
 
 N, WIDTH = 240, 242
 TRAIN, VAL, TEST = np.arange(0, 160), np.arange(160, 200), np.arange(200, 240)
