@@ -62,7 +62,7 @@ def test_the_centroid_grid_is_the_e0_grid_moved_to_the_centroid() -> None:
     assert abs(origin - on_e0.e0) > 1.0
     # the same normalised spectrum, read on the grid counted from the centroid
     grid = CENTROID.grid
-    from xasflow.spectra.process import normalize
+    from xasflow.spectra.normalization import normalize
 
     y, _ = normalize(s, on_e0.e0, CENTROID)
     np.testing.assert_allclose(on_centroid.y, np.interp(grid + origin, ENERGY, y), atol=1e-12)

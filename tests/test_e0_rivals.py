@@ -17,7 +17,7 @@ from xasflow.spectra.e0_rivals import (
     rival_origins,
     rival_origins_rows,
 )
-from xasflow.spectra.process import normalize
+from xasflow.spectra.normalization import normalize
 
 ENERGY = np.arange(8800.0, 9200.0, 0.5)
 #: two rises of equal slope 6 eV apart (scan_helpers.two_rises)

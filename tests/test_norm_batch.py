@@ -243,7 +243,7 @@ def test_rows_edge_fit_cannot_slice_go_to_the_per_row_function(
 ) -> None:
     """A user-set post-edge range below the data (Python's negative slice in ``edge_fit``)
     is left to ``normalize``, which rejects it with its own message."""
-    from xasflow.spectra.process import normalize
+    from xasflow.spectra.normalization import normalize
 
     calls = []
 
@@ -267,7 +267,7 @@ def test_fewer_rows_than_the_threshold_keep_the_per_row_function(
 ) -> None:
     """Below ``LARCH_MIN_ROWS`` live rows the single-spectrum ``normalize`` is cheaper and
     runs; from it on, the batched code (same results either way)."""
-    from xasflow.spectra.process import normalize
+    from xasflow.spectra.normalization import normalize
 
     calls: list[int] = []
 
@@ -305,7 +305,7 @@ def test_rows_off_the_shared_axis_are_left_to_the_per_row_function() -> None:
     """``normalize_larch_batch`` fits on one shared coordinate: a row whose axis is not a
     shift of the first row's is handed back (``prepare_batch`` never makes one)."""
     from xasflow.spectra.norm_batch import normalize_larch_batch
-    from xasflow.spectra.process import normalize
+    from xasflow.spectra.normalization import normalize
 
     energy = np.linspace(8800.0, 9400.0, 1000)
     axes = np.stack((energy, energy + 2.0, CU_K + 1.001 * (energy - CU_K)))
@@ -325,7 +325,7 @@ def test_random_pages_match_normalize_row_by_row() -> None:
     """Seeded random pages (axes, E0s, shifts, backgrounds, declared calculations) under
     random parameters: every row as ``normalize`` gives it at the same E0, errors included."""
     from xasflow.spectra.norm_batch import normalize_larch_batch
-    from xasflow.spectra.process import normalize
+    from xasflow.spectra.normalization import normalize
 
     rng = np.random.default_rng(20261126)
     outcomes: dict[str, int] = {}

@@ -18,15 +18,8 @@ from xasflow.spectra.features import (
 )
 from xasflow.spectra.herfd import broaden, herfd_fwhm, herfd_width
 from xasflow.spectra.norm import EdgeFit, edge_fit
-from xasflow.spectra.process import (
-    Prepared,
-    PrepParams,
-    find_e0,
-    is_calculated,
-    normalize,
-    prepare,
-    resample,
-)
+from xasflow.spectra.normalization import is_calculated, normalize
+from xasflow.spectra.process import Prepared, PrepParams, find_e0, prepare, resample
 from xasflow.spectra.resolution import match_broadening
 
 __all__ = [

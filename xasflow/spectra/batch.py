@@ -9,7 +9,7 @@ grid and the reference foil's edge check. Done per row with the single-spectrum 
 the grid's origin where it is not E0 (:meth:`~xasflow.spectra.process.PrepParams.origin`),
 the E0 search (:func:`~xasflow.spectra.e0_batch.find_e0_batch`: bit for bit the E0 that training's spectra get, and
 faster than its matrix version was), ``normalization="max"``
-(:func:`~xasflow.spectra.process.normalize`), and HERFD spectra (``meta["herfd"]``, whole
+(:func:`~xasflow.spectra.normalization.normalize`), and HERFD spectra (``meta["herfd"]``, whole
 :func:`~xasflow.spectra.process.prepare`). Each row fails on its own: a bad row is a
 :class:`SpectrumError` in its slot of the result, never an exception for the batch. A stack of
 fewer than :data:`BATCH_MIN_ROWS` rows is prepared row by row, where that is faster.
@@ -35,15 +35,14 @@ from xasflow.spectra.glitches import WindowGlitch
 from xasflow.spectra.heap import retain_heap
 from xasflow.spectra.norm import stray_ends
 from xasflow.spectra.norm_batch import normalize_larch_batch
+from xasflow.spectra.normalization import normalize, undetermined_step
 from xasflow.spectra.process import (
     MIN_WINDOW_POINTS,
     Prepared,
     PrepParams,
     alternate_grids,
-    normalize,
     prepare,
     sparse_window,
-    undetermined_step,
 )
 from xasflow.spectra.quality import edge_snr_rows, gated_steps, weak_edge
 from xasflow.spectra.scan_start import tabulated_edge
@@ -108,7 +107,7 @@ def _projection(k: int, degree: int) -> np.ndarray:
     """Least-squares projection (degree+1, k) onto polynomials in t = linspace(-1, 1, k).
 
     Every row's uniform stretch ``linspace(lo, hi, k)`` centred and scaled is this same t, so
-    one normal-equations solve serves all rows (as ``process._fit_line`` does per row).
+    one normal-equations solve serves all rows (as ``normalization._fit_line`` does per row).
     """
     t = np.linspace(-1.0, 1.0, k)
     powers = np.vander(t, degree + 1, increasing=True)
@@ -134,7 +133,7 @@ def _uniform_fit(
     hi: np.ndarray,
     degree: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit each row's data on its ``lo..hi`` stretch resampled at 1 eV (``process._uniform``).
+    """Fit each row's data on its ``lo..hi`` stretch resampled at 1 eV (``normalization._uniform``).
 
     Returns (coef, centre, scale): row i's fit at ``x`` is ``_horner(coef, (x-centre)/scale)``.
     """

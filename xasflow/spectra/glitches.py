@@ -189,7 +189,7 @@ R = TypeVar("R")
 
 
 def repaired(spectrum: Spectrum, attempt: Callable[[Spectrum], R]) -> tuple[Spectrum, R]:
-    """``attempt(spectrum)`` (E0 and :func:`~xasflow.spectra.process.normalize`), or where it
+    """``attempt(spectrum)`` (E0 and :func:`~xasflow.spectra.normalization.normalize`), or where it
     raises :class:`WindowGlitch`, ``attempt`` of the spectrum with every glitch found so far
     interpolated across (:func:`deglitched`), until none is new (:data:`REPAIRS` times).
     SpectrumError ``glitches`` over :data:`MAX_GLITCHES` points, or still more after that."""

@@ -1,6 +1,6 @@
 """Larch-convention normalisation of many rows at once (the rows of a shared-axis batch).
 
-The same science as :func:`~xasflow.spectra.process.normalize` with ``method="larch"`` and
+The same science as :func:`~xasflow.spectra.normalization.normalize` with ``method="larch"`` and
 ``normalization="edge_step"`` (:func:`~xasflow.spectra.norm.edge_fit` and its checks), for
 n rows on one axis shifted per row (alignment) whose ranges and indices differ with their
 E0 and shift: every index is one ``searchsorted`` on the shared axis checked against the
@@ -23,9 +23,10 @@ import numpy as np
 from xasflow.spectra.core import SpectrumError
 from xasflow.spectra.glitches import spike_rows
 from xasflow.spectra.norm import stray_ends
+from xasflow.spectra.normalization import undetermined_step
 from xasflow.spectra.outliers import absurd_rows
 from xasflow.spectra.post_edge_batch import post_edge
-from xasflow.spectra.process import PrepParams, undetermined_step
+from xasflow.spectra.process import PrepParams
 from xasflow.spectra.scan_start import measured_start_why
 from xasflow.spectra.shifted_rows import below, columns, count_le, nearest, pick, rowsum
 
@@ -109,7 +110,7 @@ def normalize_larch_batch(
             f"data end at E0{float(end[i]):+.1f} eV, below E0{params.min_post_edge:+g} eV: "
             "cannot find the edge step",
         )
-    measured = np.array([d is False for d in declared], dtype=bool)  # as process.normalize
+    measured = np.array([d is False for d in declared], dtype=bool)  # as normalization.normalize
     late = np.zeros(n, dtype=bool)
     if measured.any():
         at = np.flatnonzero(measured)
@@ -190,7 +191,7 @@ def _calculated(
     declared: list[object],
     strays: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
-    """``process.is_calculated`` of every row: declared, else a late start from near zero
+    """``normalization.is_calculated`` of every row: declared, else a late start from near zero
     (each row's bulk, no ``strays``: ``stray_ends(rel)``)."""
     calc = np.array([bool(d) for d in declared], dtype=bool)
     undeclared = np.array([d is None for d in declared], dtype=bool)

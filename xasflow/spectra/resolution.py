@@ -8,7 +8,8 @@ import numpy as np
 
 from xasflow.spectra.core import Spectrum
 from xasflow.spectra.herfd import broaden
-from xasflow.spectra.process import PrepParams, find_e0, normalize
+from xasflow.spectra.normalization import normalize
+from xasflow.spectra.process import PrepParams, find_e0
 
 
 def match_broadening(
