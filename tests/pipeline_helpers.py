@@ -119,7 +119,7 @@ def closed(raw_uid: str, status: str = "success", reason: str = "", n: int = 1) 
 def validate(docs: list[tuple[str, dict]]) -> None:
     from event_model import DocumentNames, schema_validators
 
-    from xasflow.daemon.documents import DATA_KEYS
+    from xasflow.daemon.analysis_rows import DATA_KEYS
 
     names = {
         "start": DocumentNames.start,

@@ -400,7 +400,8 @@ def test_a_failed_event_leaves_its_runs_start_to_the_next_document() -> None:
     """The start and descriptor composed for a run's first event are handed out with the next
     document of the run that succeeds, when that event fails (a bug, here its clock): never an
     event or a stop whose start was lost (before: the next event went out alone)."""
-    from xasflow.daemon.documents import AnalysisRun, rejected_row
+    from xasflow.daemon.analysis_rows import rejected_row
+    from xasflow.daemon.documents import AnalysisRun
 
     calls: list[int] = []
 

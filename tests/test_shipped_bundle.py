@@ -289,7 +289,7 @@ def test_predict_json_marks_each_answer_of_an_out_of_domain_spectrum(tmp_path: P
     import json
 
     from xasflow.cli import main
-    from xasflow.daemon.documents import ok_row
+    from xasflow.daemon.analysis_rows import ok_row
     from xasflow.sim.feff_demo import load_demo_spectra
 
     demos = {d.name: d for d in load_demo_spectra()}
@@ -420,7 +420,7 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
 
     from xasflow.cli import _as_json
     from xasflow.cli_text import describe_prediction
-    from xasflow.daemon.documents import uncertainty_fields
+    from xasflow.daemon.analysis_rows import uncertainty_fields
     from xasflow.sim.references import demo_spectra
 
     predictor = Predictor(BUNDLE)

@@ -219,7 +219,7 @@ def test_the_out_of_domain_column_reads_back_as_booleans(tmp_path: Path) -> None
     """A run with a rejected row keeps ``out_of_domain`` a boolean column: the rejected row
     holds False, not null (tiled reads a boolean column with nulls back as text), and tells
     itself apart by ``status``."""
-    from xasflow.daemon.documents import DATA_KEYS, rejected_row
+    from xasflow.daemon.analysis_rows import DATA_KEYS, rejected_row
 
     desc = {"uid": "d-2", "name": "primary", "data_keys": DATA_KEYS}
     ok = {**rejected_row(1, ""), "status": "ok", "reason": "", "cn": 4}

@@ -276,7 +276,7 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
                 out[key] = _finite(value) if key == "distance" else _int(value)
         out["model_ok"] = 1
         out["status"] = "ok"
-    else:  # an analysis primary event's data (xasflow.daemon.documents.DATA_KEYS)
+    else:  # an analysis primary event's data (xasflow.daemon.analysis_rows.DATA_KEYS)
         if data.get("cn") is not None:
             out["cn"] = _int(data["cn"])
         if data.get("cn_probability") is not None:

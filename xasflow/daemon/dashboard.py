@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
+from xasflow.daemon.analysis_rows import finite_number
 from xasflow.daemon.dashboard_views import (
     RunView,
     clean,
@@ -53,7 +54,6 @@ from xasflow.daemon.dashboard_views import (
     nan_number,
     recommendation_view,
 )
-from xasflow.daemon.documents import finite_number
 
 if TYPE_CHECKING:
     from xasflow.daemon.view import DaemonView

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.daemon.documents import finite_number
+from xasflow.daemon.analysis_rows import finite_number
 
 __all__ = [
     "RunView",

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from xasflow.adapters.probes import ProbeFilter
 from xasflow.adapters.recovery import InterruptedRuns
 from xasflow.adapters.store_writer import StoreWriter
+from xasflow.daemon.analysis_rows import DATA_KEYS
 from xasflow.daemon.config import DaemonConfig
 from xasflow.daemon.counters import Counters
-from xasflow.daemon.documents import ANALYSIS_STREAM, DATA_KEYS
+from xasflow.daemon.documents import ANALYSIS_STREAM
 
 if TYPE_CHECKING:
     from xasflow.adapters.commit_gate import CommitGate

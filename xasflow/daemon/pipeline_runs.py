@@ -15,7 +15,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from xasflow.daemon.documents import AnalysisRun, Doc, ok_row, rejected_row
+from xasflow.daemon.analysis_rows import ok_row, rejected_row
+from xasflow.daemon.documents import AnalysisRun, Doc
 from xasflow.daemon.outputs import Rejected, RunClosed, RunOpened
 from xasflow.models.predictor import HERFD_SUSPECTED
 

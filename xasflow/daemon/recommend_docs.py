@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from xasflow.daemon.documents import data_key
+from xasflow.daemon.analysis_rows import data_key
 from xasflow.daemon.recommend_types import Recommendation
 
 __all__ = [
