@@ -8,7 +8,6 @@ tested and reused without the daemon.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 from scipy.ndimage import correlate1d
@@ -16,6 +15,7 @@ from scipy.ndimage import correlate1d
 from xasflow.spectra.core import Spectrum
 from xasflow.spectra.e0_rivals import edge_peaks
 from xasflow.spectra.outliers import _halves, range_medians
+from xasflow.spectra.shifted_rows import count_le
 
 __all__ = [
     "GATE_BASELINE",
@@ -318,9 +318,9 @@ def gate_steps(
     c = centre[:, None]
     pre_c = c if pre_centre is None else np.asarray(pre_centre, dtype=np.float64)[:, None]
     # the columns at or below ``pre_centre - 12`` eV, and below ``centre + 20`` / to ``+ 60``
-    below = _counts(energy, pre_c[:, 0] + GATE_WINDOWS[0], "right")
-    p0 = np.maximum(_counts(energy, c[:, 0] + GATE_WINDOWS[1], "left"), lead)
-    p1 = np.minimum(_counts(energy, c[:, 0] + GATE_WINDOWS[2], "right"), end)
+    below = count_le(energy, pre_c + GATE_WINDOWS[0])[:, 0]
+    p0 = np.maximum(count_le(energy, c + GATE_WINDOWS[1], "left")[:, 0], lead)
+    p1 = np.minimum(count_le(energy, c + GATE_WINDOWS[2])[:, 0], end)
     stop = np.maximum(np.minimum(below, end), lead)  # the pre-edge: columns lead..stop-1
     half = (stop - lead) // 2
     rows = np.flatnonzero((half >= 3) & (p1 - p0 >= 5))
@@ -340,25 +340,6 @@ def gate_steps(
     long = xb - xa >= GATE_BASELINE  # a slope over a few eV, taken 50 eV on, is noise
     out[rows[long]] = range_medians(mu[rows, c0:c1] - line, lo - c0, hi - c0)[long]
     return out
-
-
-def _counts(rows: np.ndarray, values: np.ndarray, side: Literal["left", "right"]) -> np.ndarray:
-    """How many of each row's energies lie below ``values[i]`` (``side="left"``), or at or
-    below it (``"right"``): ``np.count_nonzero`` of the comparison, for increasing rows that
-    are one axis shifted (a page's), by one ``searchsorted`` on the first row, each count
-    checked against its own row's neighbours and recounted there if rounding moved it."""
-    n, m = rows.shape
-    c = np.searchsorted(rows[0], values - (rows[:, 0] - rows[0, 0]), side=side)
-    at = np.arange(n)
-    before, after = rows[at, np.maximum(c - 1, 0)], rows[at, np.minimum(c, m - 1)]
-    if side == "left":
-        good = ((c == 0) | (before < values)) & ((c == m) | (after >= values))
-    else:
-        good = ((c == 0) | (before <= values)) & ((c == m) | (after > values))
-    for i in np.flatnonzero(~good).tolist():
-        row = rows[i]
-        c[i] = np.count_nonzero(row < values[i] if side == "left" else row <= values[i])
-    return c
 
 
 def _gate_one(

@@ -1,9 +1,11 @@
 """Index arithmetic on a page whose rows are one energy axis shifted per row (the batched
-fits' rows): how many points lie at or below a value, the nearest point, a row range's
-columns as a mask; each found on the first row at once and checked against the row's own.
+fits' rows): how many points lie at or below a value (or strictly below it), the nearest
+point, a row range's columns as a mask; each found on the first row at once and checked against the row's own.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 
@@ -22,21 +24,28 @@ def below(value: np.ndarray) -> np.ndarray:
     return np.nextafter(value, -np.inf)
 
 
-def count_le(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``counts[i, q]``: how many of ``rows[i]`` (sorted) are ``<= values[i, q]``.
+def count_le(
+    rows: np.ndarray, values: np.ndarray, side: Literal["left", "right"] = "right"
+) -> np.ndarray:
+    """``counts[i, q]``: how many of ``rows[i]`` (sorted) are ``<= values[i, q]``, or with
+    ``side="left"`` ``< values[i, q]`` (``np.searchsorted``'s sides, row by row).
 
     The rows are one axis shifted (up to rounding): one ``searchsorted`` on row 0, then each
     count is checked against its own row's neighbours and recounted there if rounding moved it.
     """
     k, m = rows.shape
     off = rows[:, :1] - rows[0, 0]
-    c = np.searchsorted(rows[0], (values - off).ravel(), side="right").reshape(values.shape)
+    c = np.searchsorted(rows[0], (values - off).ravel(), side=side).reshape(values.shape)
     r = np.arange(k)[:, None]
-    good = (c == 0) | (rows[r, np.maximum(c - 1, 0)] <= values)
-    good &= (c == m) | (rows[r, np.minimum(c, m - 1)] > values)
+    before, after = rows[r, np.maximum(c - 1, 0)], rows[r, np.minimum(c, m - 1)]
+    if side == "right":
+        good = ((c == 0) | (before <= values)) & ((c == m) | (after > values))
+    else:
+        good = ((c == 0) | (before < values)) & ((c == m) | (after >= values))
     if not good.all():
         i, q = np.nonzero(~good)
-        c[i, q] = np.count_nonzero(rows[i] <= values[i, q][:, None], axis=1)
+        v = values[i, q][:, None]
+        c[i, q] = np.count_nonzero(rows[i] <= v if side == "right" else rows[i] < v, axis=1)
     return c
 
 
