@@ -17,9 +17,10 @@ import math
 import numpy as np
 
 from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.edges import edge_energy
 from xasflow.spectra.normalization import normalize
-from xasflow.spectra.process import PrepParams, find_e0
+from xasflow.spectra.process import PrepParams
 
 #: meta key holding a FEFF spectrum's Fermi level on its absolute omega axis (eV)
 FERMI_KEY = "feff_fermi_absolute"

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from xasflow.spectra.core import Spectrum
+from xasflow.spectra.e0 import find_e0
 from xasflow.spectra.herfd import broaden
 from xasflow.spectra.normalization import normalize
-from xasflow.spectra.process import PrepParams, find_e0
+from xasflow.spectra.process import PrepParams
 
 
 def match_broadening(
