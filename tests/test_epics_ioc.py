@@ -499,3 +499,38 @@ def test_loop_age_reads_the_analysis_loop_and_alarms_on_a_stall(
     wait_for(lambda: reading() == (75.0, AlarmSeverity.MAJOR_ALARM), what="a stall in alarm")
     age[0] = 0.03
     wait_for(lambda: reading() == (0.0, AlarmSeverity.NO_ALARM), what="the loop passing again")
+
+
+def test_a_number_the_pv_type_cannot_hold_is_undefined_not_wrapped_or_unreadable(
+    ioc_env: dict[str, Any],
+) -> None:
+    """CN and VALENCE are 32-bit longs: a class label past 2**31 (a bundle's odd label, a
+    corrupt graph's output) wrapped silently (3e9 read as -1294967296, no alarm), and 1e300
+    made every client read of CN fail on the server (OverflowError). A cn probability that is
+    not finite gave CN_UNC NaN or -inf with no alarm. Each is now the placeholder in INVALID
+    alarm, as for a value the answer lacks."""
+    from caproto import AlarmSeverity
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    cn, valence, unc = ctx.get_pvs(
+        ioc.pv("cn"), ioc.pv("valence"), ioc.pv("cn_uncertainty"), timeout=5.0
+    )
+
+    def reading(pv: Any) -> tuple[Any, Any]:
+        got = pv.read(data_type="time", timeout=2.0)
+        return got.data[0], got.metadata.severity
+
+    good = {"status": "ok", "cn": 4, "cn_probability": 0.9, "valence": 2, "e0": 8984.0}
+    ioc.publish(good, scan_uid="raw-A")
+    wait_for(lambda: reading(valence) == (2, AlarmSeverity.NO_ALARM), what="the good answer")
+    ioc.publish({**good, "cn": 1e300, "valence": 3e9, "cn_probability": math.nan}, "raw-B")
+    ioc.flush()
+    assert reading(cn) == (0, AlarmSeverity.INVALID_ALARM)
+    assert reading(valence) == (0, AlarmSeverity.INVALID_ALARM)
+    value, severity = reading(unc)
+    assert math.isnan(value) and severity == AlarmSeverity.INVALID_ALARM
+    assert values_from({**good, "cn_probability": math.inf})["cn_uncertainty"] is UNDEFINED
+    assert values_from({**good, "valence": -(2**31) - 1})["valence"] is UNDEFINED
+    assert values_from({**good, "valence": 2**31 - 1})["valence"] == 2**31 - 1
+    probs = {"tasks": {"cn": {"value": 4, "probabilities": {"6": 0.1, "4": math.nan}}}}
+    assert values_from(probs)["cn_uncertainty"] is UNDEFINED

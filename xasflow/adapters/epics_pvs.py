@@ -51,12 +51,13 @@ alarm (read every ``HEARTBEAT_PERIOD`` s from :attr:`XasPVGroup.loop_age_source`
 An answer's uncertainty PVs are written with its CN: a bundle without conformal sets or an
 out-of-domain score clears ``CN_SET`` and ``OOD_SCORE`` rather than leaving an older answer's.
 
-Every answer writes all the answer PVs (:data:`ANSWER_PVS`), with EPICS alarms a display
-shows: a value the answer lacks (a bundle without that head, a regressor output that is not
-finite) is written as its placeholder (0 or NaN) with an ``INVALID`` alarm, never left at an
-older answer's; an answer out of the bundle's domain carries a ``MAJOR`` alarm on each of
-them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE`` (:data:`DOUBT_PVS`), so an operator's panel
-shows the whole answer red, never a green set beside a red CN.
+Every answer writes all the answer PVs (:data:`ANSWER_PVS`), with EPICS alarms a display shows:
+a value the answer lacks (a bundle without that head, a regressor output or a cn probability
+that is not finite, a label a 32-bit ``long`` cannot hold) is written as its placeholder (0 or
+NaN) with an ``INVALID`` alarm, never left at an older answer's; an answer out of the bundle's
+domain carries a ``MAJOR`` alarm on each of them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE``
+(:data:`DOUBT_PVS`), so an operator's panel shows the whole answer red, never a green set
+beside a red CN.
 """
 
 from __future__ import annotations
@@ -240,9 +241,23 @@ def _finite(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+#: What a ``long`` PV holds (DBR_LONG is 32-bit): past it a value wrapped, or made the PV
+#: unreadable (the server's conversion raised at every read).
+_LONG_RANGE = (-(2**31), 2**31 - 1)
+
+
 def _int(value: Any) -> int | None:
+    """A finite number as an int a ``long`` PV holds, else None (the answer lacks it)."""
     f = _finite(value)
-    return round(f) if f is not None else None
+    if f is None or not _LONG_RANGE[0] <= round(f) <= _LONG_RANGE[1]:
+        return None
+    return round(f)
+
+
+def _uncertainty(probability: Any) -> float | None:
+    """1 - a finite cn probability, else None (NaN or inf made CN_UNC NaN or -inf, no alarm)."""
+    p = _finite(probability)
+    return None if p is None else 1.0 - p
 
 
 def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -262,7 +277,9 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
         if cn.get("value") is not None:
             out["cn"] = _int(cn["value"])
         if probs:
-            out["cn_uncertainty"] = 1.0 - max(float(p) for p in probs.values())
+            # any not finite: none (max() over a NaN depends on where the NaN stands)
+            finite = [f for f in map(_finite, probs.values()) if f is not None]
+            out["cn_uncertainty"] = _uncertainty(max(finite)) if len(finite) == len(probs) else None
         cn_set = cn.get("prediction_set")
         out["cn_set"] = ",".join(_label(v) for v in cn_set) if cn_set else ""
         out["ood"] = int("out_of_domain" in (data.get("flags") or ()))
@@ -280,7 +297,7 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
         if data.get("cn") is not None:
             out["cn"] = _int(data["cn"])
         if data.get("cn_probability") is not None:
-            out["cn_uncertainty"] = 1.0 - float(data["cn_probability"])
+            out["cn_uncertainty"] = _uncertainty(data["cn_probability"])
         if data.get("status") == "ok":
             out["cn_set"] = str(data.get("cn_set") or "")
             out["ood"] = int(bool(data.get("out_of_domain")))
