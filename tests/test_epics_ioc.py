@@ -534,3 +534,35 @@ def test_a_number_the_pv_type_cannot_hold_is_undefined_not_wrapped_or_unreadable
     assert values_from({**good, "valence": 2**31 - 1})["valence"] == 2**31 - 1
     probs = {"tasks": {"cn": {"value": 4, "probabilities": {"6": 0.1, "4": math.nan}}}}
     assert values_from(probs)["cn_uncertainty"] is UNDEFINED
+
+
+def test_before_the_first_answer_the_answer_pvs_are_undefined_not_an_answer(
+    ioc_env: dict[str, Any],
+) -> None:
+    """A daemon just (re)started has answered nothing: CN, VALENCE, DISTANCE, E0, CN_UNC,
+    MOTIF and OOD, CN_SET, OOD_SCORE beside them are in INVALID alarm (UDF, as an EPICS
+    record not yet processed) until the first answer. Before, a restarted daemon's panel read
+    CN 0, DISTANCE 0.0, E0 0.0 and OOD 0 ("in domain") with no alarm, as if answered."""
+    from caproto import AlarmSeverity, AlarmStatus
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    names = ["cn", "cn_uncertainty", "motif", "distance", "valence", "e0"]
+    names += ["cn_set", "ood", "ood_score"]
+    pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names), timeout=5.0), strict=True))
+
+    def reading(name: str) -> tuple[Any, Any, Any]:
+        got = pvs[name].read(data_type="time", timeout=5.0)
+        value = got.data[0]
+        value = value.decode() if isinstance(value, bytes) else value
+        return value, got.metadata.status, got.metadata.severity
+
+    fresh = {n: reading(n) for n in names}
+    assert {n: r[1:] for n, r in fresh.items()} == dict.fromkeys(
+        names, (AlarmStatus.UDF, AlarmSeverity.INVALID_ALARM)
+    )
+    assert [fresh[n][0] for n in ("cn", "valence", "ood", "motif", "cn_set")] == [0, 0, 0, "", ""]
+    assert all(math.isnan(fresh[n][0]) for n in ("cn_uncertainty", "distance", "e0", "ood_score"))
+    answer = {"status": "ok", "cn": 4, "cn_probability": 0.9, "motif": "CN4-tetrahedral"}
+    ioc.publish({**answer, "distance": 1.95, "valence": 2, "e0": 8984.0}, scan_uid="raw-A")
+    wait_for(lambda: reading("cn")[0] == 4, what="the first answer")
+    assert {n: reading(n)[2] for n in names} == dict.fromkeys(names, AlarmSeverity.NO_ALARM)

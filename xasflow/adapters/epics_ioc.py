@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,6 +49,11 @@ logger = logging.getLogger(__name__)
 #: The alarm of a value not to be trusted (an out-of-domain answer, or the advice after one).
 _MAJOR = {"status": AlarmStatus.STATE, "severity": AlarmSeverity.MAJOR_ALARM}
 _NO_ALARM = {"status": AlarmStatus.NO_ALARM, "severity": AlarmSeverity.NO_ALARM}
+#: The alarm of a PV without a value: the answer has none for it, or none came yet.
+_UNDEFINED_ALARM = {"status": AlarmStatus.UDF, "severity": AlarmSeverity.INVALID_ALARM}
+#: The value written for UNDEFINED: the answer PVs' placeholders, and those of the PVs beside
+#: them (before the first answer, as after a restart, OOD 0 must not read as "in domain").
+_PLACEHOLDERS: dict[str, Any] = {**ANSWER_PVS, "cn_set": "", "ood": 0, "ood_score": math.nan}
 #: In a pending write: the advice PVs' alarm (True MAJOR, False none); not a PV.
 _ADVICE_DOUBT = "_advice_out_of_domain"
 
@@ -184,7 +190,10 @@ class XasIoc:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._pending: dict[str, Any] = {}
+        # nothing answered yet (a daemon just started): each answer PV, and OOD and the set
+        # beside them, in INVALID alarm until the first answer, as an EPICS record before it
+        # is processed (UDF); before, CN 0 and E0 0.0 read as an answer with no alarm
+        self._pending: dict[str, Any] = dict.fromkeys(_PLACEHOLDERS, UNDEFINED)
         self._flush_scheduled = False
         self.published = 0
         #: Which run the advice PVs belong to (:mod:`xasflow.adapters.epics_advice`); its
@@ -275,6 +284,7 @@ class XasIoc:
                 loop.close()
 
     async def _serve(self) -> None:
+        await self._flush()  # what came before the server (the UDF above): no client yet
         self._ctx = _Context.create(self.group.pvdb, self.host, self.port, self.beacon_addresses)
 
         async def started(async_lib: Any) -> None:
@@ -411,11 +421,9 @@ class XasIoc:
             if attr in DOUBT_PVS and "ood" in values:  # an answer: its doubt, or none
                 alarm = _MAJOR if doubt else _NO_ALARM
             if attr in ANSWER_PVS:
-                if value is UNDEFINED:
-                    value = ANSWER_PVS[attr]
-                    alarm = {"status": AlarmStatus.UDF, "severity": AlarmSeverity.INVALID_ALARM}
-                else:
-                    alarm = _MAJOR if doubt else _NO_ALARM
+                alarm = _MAJOR if doubt else _NO_ALARM
+            if value is UNDEFINED:  # the answer has no value for it, or no answer came yet
+                value, alarm = _PLACEHOLDERS[attr], _UNDEFINED_ALARM
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
                 # Channel Access strings are latin-1: a uid with an en dash or an emoji would
                 # make the PV unreadable (caproto encodes when a client reads), so such

@@ -57,7 +57,8 @@ that is not finite, a label a 32-bit ``long`` cannot hold) is written as its pla
 NaN) with an ``INVALID`` alarm, never left at an older answer's; an answer out of the bundle's
 domain carries a ``MAJOR`` alarm on each of them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE``
 (:data:`DOUBT_PVS`), so an operator's panel shows the whole answer red, never a green set
-beside a red CN.
+beside a red CN. Before the first answer (a daemon just started) they all hold their
+placeholder in ``INVALID`` alarm (``UDF``), as an EPICS record not yet processed.
 """
 
 from __future__ import annotations
