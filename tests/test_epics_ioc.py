@@ -245,13 +245,16 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
     )
     other = analysis_run_docs([("primary", {"status": "ok", "cn": 2})])
     foreign = dict(other[3][1], descriptor="unknown")
-    for name, doc in [*docs[:-1], ("event", foreign), docs[-1]]:
+    for name, doc in [*docs[:-1], ("event", foreign)]:
         ioc(name, doc)
     wait_for(lambda: read(cn) == 6, what="CN from the primary event")
     wait_for(lambda: read(nreg) == 1 and read(stop) == 1, what="the recommendation")
     assert read(uid) == "raw-run-7"
     assert read(ood) == 0 and read(cn_set) == ""
     assert ioc.published == 1  # the unknown descriptor's event was ignored
+    ioc(*docs[-1])  # the run ends: it can no longer stop early, its regions stay
+    wait_for(lambda: read(stop) == 0, what="the run's end to withdraw STOP_EARLY")
+    assert read(nreg) == 1
     ioc(*docs[3])  # its run is closed: the router no longer knows the descriptor
     ioc.flush()
     assert read(cn) == 6 and ioc.published == 1
@@ -336,7 +339,7 @@ def test_advice_belongs_to_its_run_and_is_not_an_answer(ioc_env: dict[str, Any])
         ],
         raw_uid="raw-A",
     )
-    for name, doc in docs:
+    for name, doc in docs[:-1]:  # run A still scanning
         ioc(name, doc)
     wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
     assert read(nreg) == 1 and read(e0) == pytest.approx(8984.0)
@@ -466,7 +469,7 @@ def test_the_next_runs_raw_start_clears_the_last_runs_stop_early(
         ],
         raw_uid="raw-A",
     )
-    for name, doc in run_a:
+    for name, doc in run_a[:-1]:  # A's stop not out yet (its last batch in flight)
         ioc(name, doc)
     wait_for(lambda: read(stop) == 1 and read(advice) == "raw-A", what="run A's advice")
     parts = processor_parts(ioc)  # only the IOC matters here
@@ -566,3 +569,43 @@ def test_before_the_first_answer_the_answer_pvs_are_undefined_not_an_answer(
     ioc.publish({**answer, "distance": 1.95, "valence": 2, "e0": 8984.0}, scan_uid="raw-A")
     wait_for(lambda: reading("cn")[0] == 4, what="the first answer")
     assert {n: reading(n)[2] for n in names} == dict.fromkeys(names, AlarmSeverity.NO_ALARM)
+
+
+def test_a_run_that_ends_withdraws_its_stop_early_and_keeps_its_regions(
+    ioc_env: dict[str, Any],
+) -> None:
+    """A run that has ended (its stop, or closed as timed out) can no longer stop early, yet
+    STOP_EARLY stayed 1 after it until the next raw start was read: to a step run D still
+    scanning beside a fly run C that started later and ended first, STOP_EARLY read C's
+    certainty for the rest of D's scan, and to the next scan for as long as its start took
+    to reach the daemon. The end of the run the advice PVs belong to sets it to 0; the
+    regions (the advice for the next scan) and ADVICE_UID stay, and the end of another run
+    touches nothing."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    stop, nreg, advice = ctx.get_pvs(
+        ioc.pv("stop_early"), ioc.pv("n_regions"), ioc.pv("advice_uid"), timeout=5.0
+    )
+    certain = ("recommendations", {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": True})
+    answer = ("primary", {"status": "ok", "cn": 4, "e0": 8984.0})
+    ioc.raw_run_started("raw-D")  # a step run, scanning on
+    ioc.raw_run_started("raw-C")  # a fly run beside it: the advice PVs are its
+    timed_out = {"exit_status": "fail", "raw_exit_status": "timeout"}  # as documents has it
+    run_c = analysis_run_docs([answer, certain], raw_uid="raw-C", stop=timed_out)
+    for name, doc in run_c[:-1]:
+        ioc(name, doc)
+    wait_for(lambda: (read(stop), read(advice)) == (1, "raw-C"), what="run C's certainty")
+    ioc(*run_c[-1])  # closed as timed out: no document for run_timeout_s
+    ioc.flush()
+    assert (read(stop), read(nreg), read(advice)) == (0, 1, "raw-C")
+    run_e = analysis_run_docs([answer, certain], raw_uid="raw-E")
+    ioc.raw_run_started("raw-E")
+    for name, doc in run_e[:-1]:
+        ioc(name, doc)
+    wait_for(lambda: (read(stop), read(advice)) == (1, "raw-E"), what="run E's certainty")
+    for name, doc in analysis_run_docs([answer], raw_uid="raw-D"):  # D ends: not the advice's
+        ioc(name, doc)
+    ioc.flush()
+    assert (read(stop), read(advice)) == (1, "raw-E")
+    ioc(*run_e[-1])  # E's stop
+    ioc.flush()
+    assert (read(stop), read(nreg), read(advice)) == (0, 1, "raw-E")

@@ -18,8 +18,8 @@ raw start: written, they would set ``STOP_EARLY`` from A's certainty while B sca
   raw start came since, and it is ignored (so is the start of a run that scans nothing: one
   closed without its raw start read here). Without the hook (an IOC fed analysis documents
   only), an analysis start makes its run the current one;
-* advice, and the withdrawal of ``STOP_EARLY`` after a rejected spectrum, are written only
-  for the current run.
+* advice, and the withdrawal of ``STOP_EARLY`` after a rejected spectrum or at the run's
+  end, are written only for the current run.
 
 Nothing is kept per run, so no run is ever forgotten: the current uid and whether the hook
 is on answer every question. (A map of the runs announced and not yet analysed, trimmed to

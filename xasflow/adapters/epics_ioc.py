@@ -348,12 +348,26 @@ class XasIoc:
 
     def _run_started(self, start: dict[str, Any]) -> list[Any]:
         """An analysis run starts: no advice for it yet (the last run's is cleared), unless
-        a later raw start has superseded it (:class:`AdviceRuns`)."""
+        a later raw start has superseded it (:class:`AdviceRuns`). Its stop is followed."""
         raw_uid = str(start.get("raw_uid") or "")
         with self._advice_lock:
             if self._advice.analysis_start(raw_uid):
                 self._clear_advice(raw_uid)
-        return []
+
+        def at_stop(name: str, doc: Any) -> None:
+            if name == "stop":
+                self._run_ended(raw_uid)
+
+        return [at_stop]
+
+    def _run_ended(self, raw_uid: str) -> None:
+        """A run ended (its stop, or closed as timed out): if the advice PVs are its, STOP_EARLY
+        goes to 0, as a run over cannot stop early; left 1, it read as "stop" to a run still
+        scanning beside it, and to the next scan until its raw start was read. The regions,
+        advice for the next scan, and ADVICE_UID stay."""
+        with self._advice_lock:
+            if self._advice.current == raw_uid:
+                self._submit({"stop_early": 0})
 
     def raw_run_started(self, raw_uid: str) -> None:
         """A raw run starts scanning (the daemon's raw-start hook, once the assembler opened

@@ -33,7 +33,8 @@ raw run's start arrives (the daemon's raw-start hook, before its first result), 
 its analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
 one's certainty; advice of an earlier run that comes after (its last spectra analysed later)
 is not written (:mod:`xasflow.adapters.epics_advice`). A rejected spectrum of the advice's run
-withdraws ``STOP_EARLY`` (the spectra "in a row" start again). Advice that follows an
+withdraws ``STOP_EARLY`` (the spectra "in a row" start again), and so does the run's end (its
+stop, or closed as timed out; its regions and ``ADVICE_UID`` stay). Advice that follows an
 out-of-domain answer is withheld: no regions, ``STOP_EARLY`` 0, and the three advice PVs in
 ``MAJOR`` alarm until the next advice or run.
 
