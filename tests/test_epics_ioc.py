@@ -609,3 +609,16 @@ def test_a_run_that_ends_withdraws_its_stop_early_and_keeps_its_regions(
     ioc(*run_e[-1])  # E's stop
     ioc.flush()
     assert (read(stop), read(nreg), read(advice)) == (0, 1, "raw-E")
+
+
+def test_updates_wraps_as_heartbeat_does_never_negative(ioc_env: dict[str, Any]) -> None:
+    """UPDATES is a 32-bit long: past 2**31 answers (25 days at 1,000 spectra/s) it read
+    -2147483648 and on, a count gone negative (HEARTBEAT wraps at 2e9 for this). It wraps
+    there too; ``published`` (in /health) keeps counting."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    (updates,) = ctx.get_pvs(ioc.pv("updates"), timeout=5.0)
+    ioc.published = 2**31 - 1
+    ioc.publish({"status": "ok", "cn": 4}, scan_uid="raw-A")
+    ioc.flush()
+    assert ioc.published == 2**31
+    assert read(updates) == 2**31 % 2_000_000_000

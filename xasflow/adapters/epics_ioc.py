@@ -30,6 +30,7 @@ from xasflow.adapters.epics_advice import AdviceRuns
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
     ANSWER_PVS,
+    COUNT_WRAP,
     DOUBT_PVS,
     HEARTBEAT_PERIOD,
     MAX_REGIONS,
@@ -400,7 +401,7 @@ class XasIoc:
         with self._lock:
             if "updates" in values:
                 self.published += 1
-                values["updates"] = self.published
+                values["updates"] = self.published % COUNT_WRAP  # as HEARTBEAT
             self._pending.update(values)
             if self._flush_scheduled:
                 return

@@ -25,7 +25,7 @@ PV                  type      meaning
 ``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
 ``XAS:LOOP_AGE``    double    s since the analysis loop's last pass (MAJOR over 60 s)
 ``XAS:MODEL_OK``    long      1: a bundle serves; 0 with none, or no_model/prediction_error
-``XAS:UPDATES``     long      number of answers published (advice is not an answer)
+``XAS:UPDATES``     long      answers published (advice is not one), wrapping at 2e9
 ==================  ========  =====================================================
 
 The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) as a
@@ -75,6 +75,7 @@ from caproto.server import PVGroup, pvproperty
 __all__ = [
     "ADVICE_KEYS",
     "ANSWER_PVS",
+    "COUNT_WRAP",
     "DOUBT_PVS",
     "HEARTBEAT_PERIOD",
     "LOOP_STALLED_S",
@@ -88,6 +89,9 @@ __all__ = [
 
 #: Seconds between heartbeat increments.
 HEARTBEAT_PERIOD = 1.0
+#: Where the counting PVs (``HEARTBEAT``, ``UPDATES``) wrap to 0: a 32-bit long read past
+#: 2**31 - 1 as a negative count.
+COUNT_WRAP = 2_000_000_000
 #: Seconds without a pass of the analysis loop after which ``LOOP_AGE`` is in MAJOR alarm
 #: (as the XasflowProcessingStalled alert).
 LOOP_STALLED_S = 60.0
@@ -232,7 +236,7 @@ class XasPVGroup(PVGroup):
         """Count up while the IOC's own loop is alive. It runs in the IOC's thread, so a
         stalled analysis or a silent input does not stop the count (``UPDATES`` counts
         answers)."""
-        await instance.write((instance.value + 1) % 2_000_000_000)
+        await instance.write((instance.value + 1) % COUNT_WRAP)
 
 
 def _finite(value: Any) -> float | None:
