@@ -184,7 +184,7 @@ def ok_row(
     cn = res.get("cn")
     if cn is not None:
         row["cn"] = _as_int(cn.value)
-        row["cn_probability"] = cn.confidence
+        row["cn_probability"] = finite_number(cn.confidence)
         if cn.probabilities is not None:
             row["cn_probabilities"] = _json(cn.probabilities)
     env = res.get("environment")  # top CN-motif label (classifier)
@@ -199,7 +199,7 @@ def ok_row(
     val = res.get("valence")
     if val is not None:
         row["valence"] = _as_int(val.value)
-        row["valence_probability"] = val.confidence
+        row["valence_probability"] = finite_number(val.confidence)
     charge = res.get("charge")
     if charge is not None:
         row["charge"] = finite_number(charge.value)
