@@ -140,9 +140,11 @@ def _raw_docs(uid_hint: str) -> tuple[str, list[tuple[str, dict]]]:
 class _Daemon:
     """The daemon's processing chain without its threads: ``build_processor`` over a real
     store (its table made at each raw start), a pipeline with no bundle, and a turn driven
-    here; ``kill()`` leaves the store as SIGKILL would (no processor end)."""
+    here; ``kill()`` leaves the store as SIGKILL would (no processor end). ``recover``: the
+    runs a predecessor left open are found at start, as ``build_store`` does."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, recover: bool = False) -> None:
+        from xasflow.adapters.recovery import InterruptedRuns
         from xasflow.adapters.store_writer import StoreWriter
         from xasflow.daemon.assembly import RunAssembler
         from xasflow.daemon.config import DaemonConfig
@@ -153,12 +155,16 @@ class _Daemon:
 
         self.directory = tmp_path / "store"
         config = DaemonConfig(storage={"directory": str(self.directory)})  # type: ignore[arg-type]
-        counters = Counters()
+        self.counters = counters = Counters()
         (tmp_path / "models").mkdir(parents=True, exist_ok=True)
         pipeline = Pipeline(ModelRegistry(tmp_path / "models", counters), counters)
         self.store = AnalysisStore(self.directory, journal=True)
         source = type("Source", (), {"get": lambda self, timeout: None})()
+        interrupted = InterruptedRuns(self.store) if recover else None
+        if interrupted is not None:
+            interrupted.find()
         parts = Parts(
+            interrupted=interrupted,
             source=source,
             assembler=RunAssembler(),
             pipeline=pipeline,
@@ -221,3 +227,37 @@ def test_a_raw_run_that_never_reaches_a_spectrum_is_closed_in_its_own_process(
     daemon.turn(docs[:1])  # its table is made; the process dies before its first result
     daemon.kill()
     assert _left_open(tmp_path / "b" / "store") == [killed]
+
+
+def test_a_run_killed_before_its_first_result_counts_its_spectra_lost(tmp_path: Path) -> None:
+    """A daemon killed after a raw start (its table made, no analysis start stored yet)
+    leaves a run its successor closes as interrupted when the raw stop comes. Before, that
+    stop was recorded (``raw_missing_events`` 1) but, with no analysis start to publish it
+    under, the processor returned before counting the loss: /health and /metrics said no
+    event was lost. Now the run's missing spectra count ``interrupted`` like any other's;
+    its stop is still not published (no analysis start went out for it)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from xasflow.daemon.counters import register_prometheus
+
+    killed, docs = _raw_docs("killed-early")
+    first = _Daemon(tmp_path)
+    first.turn(docs[:1])  # the raw start: its table is made; then SIGKILL
+    first.kill()
+    successor = _Daemon(tmp_path, recover=True)
+    published: list[str] = []
+    successor.proc.outlet.sinks.append(lambda name, doc: published.append(name))
+    successor.turn(docs[-1:])  # the raw stop: num_events {"primary": 1}, nothing stored
+    successor.shutdown()
+    assert published == []
+    assert successor.counters.events_lost == {"interrupted": 1}
+    assert successor.counters.runs_closed == {"interrupted": 1}
+    registry = CollectorRegistry()
+    register_prometheus(successor.counters, registry)
+    assert (
+        'xasflow_events_lost_total{cause="interrupted"} 1.0' in generate_latest(registry).decode()
+    )
+    meta, rows = read_analysis(tmp_path / "store", killed)
+    assert len(rows) == 0 and meta["stop"]["interrupted"] is True
+    assert meta["stop"]["raw_missing_events"] == 1
+    assert "0 of 1 raw spectra have stored results" in meta["stop"]["reason"]

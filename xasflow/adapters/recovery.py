@@ -144,7 +144,9 @@ class InterruptedRuns:
     def close(
         self, raw_uid: str, raw_stop: dict[str, Any] | None = None, why: str = ""
     ) -> dict[str, Any] | None:
-        """Close one run: record its stop in the store, return it (None if not ours).
+        """Close one run: record its stop in the store, return it (None if not ours). A run
+        with no analysis start stored (its table made at the raw start, no result yet) gets
+        one too, its ``run_start`` empty: not to be published, but its loss is counted.
 
         With the raw run's stop, ``raw_missing_events`` is its event count minus the spectra
         stored, and ``raw_dropped_events`` how many of them this daemon's input dropped;
@@ -207,7 +209,7 @@ class InterruptedRuns:
                 }
             )
             del self._closed[:-_CLOSED_KEPT]
-        return stop if start.get("uid") else None
+        return stop
 
     def health(self) -> dict[str, Any]:
         """``{"open": [raw uids], "closed": [{raw_uid, stored, raw_spectra, missing, ...}]}``."""

@@ -388,6 +388,6 @@ class Processor:
         missing = stop.get("raw_missing_events")
         if isinstance(missing, int):  # those the input dropped are lost as overflow already
             self.counters.lost("interrupted", missing - (stop.get("raw_dropped_events") or 0))
-        self.outlet.emit(
-            "stop", stop, store=False
-        )  # already in the store: to the bus and listeners
+        if stop["run_start"]:  # none: no analysis start went out, so no stop follows it
+            # already in the store: to the bus and listeners
+            self.outlet.emit("stop", stop, store=False)
