@@ -329,3 +329,57 @@ def test_the_journal_counts_never_wait_for_a_hung_write(tmp_path: Path) -> None:
     with journal._counter._lock:  # a count stuck on the disk
         assert journal.counts(stale=True) == {**answered[0], "journal_stale": 1}
     journal.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "named", "stored"),
+    [
+        ("UPDATE rows SET row = x'c1c1' WHERE seq = 2", "run run-a, row seq_num 2", [1, 3]),
+        ("UPDATE runs SET start = '{\"uid\": '", "run run-a's record", []),
+        ("UPDATE rows SET raw_uid = 'gone'", "3 rows of run gone, which has no record", []),
+    ],
+    ids=["row", "start", "orphan rows"],
+)
+def test_what_a_damaged_journal_cannot_give_back_is_said_counted_and_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, named: str, stored: list[int]
+) -> None:
+    """A damaged journal at start (a row msgpack cannot read, a start that is not JSON,
+    rows whose run record is gone) holds acknowledged results the replay cannot place.
+    Before: the start failed with the decoder's error alone (a msgpack FormatError has no
+    text: ``xasflow serve`` said 'cannot start the daemon: ' and nothing else), or, for
+    orphan rows, the store opened and skipped them without a word or a count. Now the rest
+    is replayed, and what cannot be is logged naming the file and what, counted in
+    ``errors`` (XasflowStoreNotStoring) and left in the journal for a person."""
+    import sqlite3
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)
+    journal.open_run("run-a", {"uid": "a-start"}, DESCRIPTOR)
+    assert journal.add("run-a", [_row(s) for s in (1, 2, 3)]) == [True] * 3
+    journal.close()
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute(damage)
+    with AnalysisStore(directory, journal=True) as store:
+        assert store.flush(timeout=30)
+        errors = store.stats()["errors"]
+        frame = read_analysis(store, "run-a")[1] if "run-a" in store.client() else None
+    assert errors == 1  # one thing in the journal it cannot give back
+    assert ([] if frame is None else [int(s) for s in frame["seq_num"]]) == stored
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(str(directory / JOURNAL_FILE) in m and named in m for m in said), said
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:  # kept for a person
+        left = db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+    assert left == (1 if stored else 3)
+
+
+def test_a_journal_that_is_not_a_database_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before: 'file is not a database', without the file's name."""
+    from xasflow.adapters.tiled_schema import StoreError
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    (directory / JOURNAL_FILE).write_bytes(b"torn " * 2000)
+    with pytest.raises(StoreError, match="file is not a database") as refused:  # not opened
+        AnalysisStore(directory, journal=True)
+    assert str(directory / JOURNAL_FILE) in str(refused.value)

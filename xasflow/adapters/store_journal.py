@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from xasflow.adapters.tiled_schema import _seq_key, json_default
+from xasflow.adapters.tiled_schema import StoreError, _seq_key, json_default
 
 __all__ = [
     "CALLER_CHECKPOINT_PAGES",
@@ -127,11 +127,15 @@ class Journal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
+        try:  # a damaged file (not a database, malformed): refused, naming it
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise _damaged(self.path, exc) from exc
         self._counter = _Counter(self.path)
 
     def open_run(
@@ -255,22 +259,43 @@ class Journal:
         self._db.execute("DELETE FROM rows WHERE raw_uid = ?", (raw_uid,))
         self._db.execute("DELETE FROM runs WHERE raw_uid = ?", (raw_uid,))
 
-    def pending(self) -> list[JournalRun]:
-        """Every run the journal holds, with its rows in ``seq_num`` order."""
+    def pending(self, unreadable: list[str] | None = None) -> list[JournalRun]:
+        """Every run the journal holds, with its rows in ``seq_num`` order. What cannot be
+        read back (a damaged record or row, rows whose run has no record) is left out and
+        left in the journal for a person: one line each added to ``unreadable``."""
         with self._lock:
-            runs = self._db.execute(
-                "SELECT raw_uid, start, descriptor, stop FROM runs ORDER BY rowid"
-            ).fetchall()
-            rows = self._db.execute(
-                "SELECT raw_uid, row FROM rows ORDER BY raw_uid, seq"
-            ).fetchall()
-        out = {
-            uid: JournalRun(uid, json.loads(s), json.loads(d), json.loads(x) if x else None)
-            for uid, s, d, x in runs
-        }
-        for uid, row in rows:
-            if uid in out:  # rows of a run with no record cannot be placed; kept for a person
+            try:
+                runs = self._db.execute(
+                    "SELECT raw_uid, start, descriptor, stop FROM runs ORDER BY rowid"
+                ).fetchall()
+                rows = self._db.execute(
+                    "SELECT raw_uid, seq, row FROM rows ORDER BY raw_uid, seq"
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:  # its pages damaged (a torn file)
+                raise _damaged(self.path, exc) from exc
+        said = unreadable if unreadable is not None else []
+        out: dict[str, JournalRun] = {}
+        bad: set[str] = set()
+        for uid, s, d, x in runs:
+            try:
+                out[uid] = JournalRun(
+                    uid, json.loads(s), json.loads(d), json.loads(x) if x else None
+                )
+            except (TypeError, ValueError) as exc:
+                said.append(f"run {uid}'s record ({exc}), and its rows")
+                bad.add(uid)
+        orphans: dict[str, int] = {}
+        for uid, seq, row in rows:
+            if uid in bad:
+                continue
+            if uid not in out:  # cannot be placed: no start, no descriptor
+                orphans[uid] = orphans.get(uid, 0) + 1
+                continue
+            try:
                 out[uid].rows.append(_unpack(row))
+            except Exception as exc:  # msgpack's errors are many (FormatError, ExtraData...)
+                said.append(f"run {uid}, row seq_num {seq} ({type(exc).__name__}: {exc})")
+        said.extend(f"{n} rows of run {uid}, which has no record" for uid, n in orphans.items())
         return list(out.values())
 
     def counts(self, *, stale: bool = False) -> dict[str, int]:
@@ -328,6 +353,15 @@ def _count(db: sqlite3.Connection) -> dict[str, int]:
         (runs,) = db.execute("SELECT COUNT(*) FROM runs").fetchone()
         (rows,) = db.execute("SELECT COUNT(*) FROM rows").fetchone()
     return {"journal_runs": int(runs), "journal_rows": int(rows)}
+
+
+def _damaged(path: Path, exc: Exception) -> StoreError:
+    """The refusal of a journal file SQLite cannot read: nothing of it can be replayed."""
+    return StoreError(
+        f"the store's journal {path} cannot be read ({exc}): the results it acknowledged "
+        "are not replayed; keep it for a person, or move it aside (with its -wal and -shm "
+        "files) to start without it"
+    )
 
 
 def _dumps(obj: Any) -> str:

@@ -332,7 +332,17 @@ class WriterThread(CatalogOutage):
         on the caller side when the queue was taken) stays open: its close, if any came
         since, is queued after these."""
         items: list[Any] = []
-        for jr in journal.pending():
+        unreadable: list[str] = []
+        runs = journal.pending(unreadable)
+        if unreadable:  # not replayed, kept there; counted, so the errors alert fires
+            logger.error(
+                "analysis store: the journal %s holds what cannot be read back, left there "
+                "for a person and not replayed: %s",
+                journal.path,
+                "; ".join(unreadable),
+            )
+            self._count("errors", len(unreadable))
+        for jr in runs:
             schema, arrays = schema_for_descriptor(jr.descriptor)
             stream = jr.descriptor.get("name") or DEFAULT_STREAM
             meta = run_metadata(jr.start, jr.descriptor, stream)
@@ -388,9 +398,9 @@ class WriterThread(CatalogOutage):
             return 0.0
         return max(0.0, time.monotonic() - self._progress_at)
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._cond:
-            self._counts[name] += 1
+            self._counts[name] += n
 
 
 def _start_of(run: _Run) -> dict[str, Any]:

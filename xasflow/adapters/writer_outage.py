@@ -65,7 +65,7 @@ class CatalogOutage:
     def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
         raise NotImplementedError
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         raise NotImplementedError
 
     def _supervise(self, items: list[Any]) -> list[Any]:
