@@ -1,7 +1,9 @@
 """The analysis store's journal when a run is opened again before the writer has reached the
 close of its earlier copy, that close one the journal could not record (the copy was opened
 without the journal, or its stop could not be written): the later copy's record must
-survive that close, or its acknowledged rows have nothing to be replayed under.
+survive that close, or its acknowledged rows have nothing to be replayed under. And a
+stop the journal could not record, of a run whose record its rows keep: the record must
+not come back as an open run.
 """
 
 from __future__ import annotations
@@ -214,3 +216,38 @@ def test_an_open_refused_by_a_closed_store_leaves_nothing(tmp_path: Path) -> Non
         replayed = store.stats()["replayed"]
     assert behind == ({}, {}, 0)
     assert (left, unfinished, in_catalog, replayed) == ([], [], False, 0)
+
+
+def test_a_stop_the_journal_missed_with_rows_it_kept_is_not_undone_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A run's moved rows the journal could not forget, then its stop it could not record
+    (each a write past the busy timeout: a stalled disk does both): the catalog holds rows
+    and stop, and the journal a record with no stop, kept for its rows. Before, the next
+    start, even after a clean close, replayed that record as an open run: its reopen cleared
+    the catalog's stop and recovery closed the finished run as interrupted. Now the writer
+    puts the stop it wrote into the record it cannot forget, so the replay closes with it."""
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("database is locked")
+
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:
+        assert store._journal_w is not None and store._journal is not None
+        store._journal_w.moved = locked  # type: ignore[method-assign]
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+        assert store.flush(30)
+        store._journal.close_run = locked  # type: ignore[method-assign]
+        store.close_run("R", {"uid": "z", "exit_status": "success"})
+        assert store.flush(30)
+        assert read_analysis(store, "R")[0]["stop"]["uid"] == "z"
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        interrupted.find()
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        assert interrupted.pending() == [] and list(frame["seq_num"]) == [1, 2]
+    assert meta["stop"]["uid"] == "z" and meta["stop"]["exit_status"] == "success"
+    assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}

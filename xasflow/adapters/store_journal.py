@@ -218,6 +218,8 @@ class Journal:
         raw_uid: str,
         stop: dict[str, Any] | None = None,
         still: Callable[[], bool] | None = None,
+        *,
+        record: dict[str, Any] | None = None,
     ) -> None:
         """Forget a run whose stop the catalog now holds.
 
@@ -226,7 +228,10 @@ class Journal:
         is still its stop: a run reopened since (a Kafka partition that came back replays it)
         keeps its record and the rows journalled for the new copy. Given ``still`` (a stop
         the journal could not record, so nothing in the record tells a reopen apart), it
-        stays unless ``still()`` holds once the write lock is taken, as for :meth:`drop_run`.
+        stays unless ``still()`` holds once the write lock is taken, as for :meth:`drop_run`;
+        then ``record``, that stop, is put in a record its rows keep, so a replay closes the
+        run with it (without it, a stopless record came back as an open run, its reopen
+        cleared the catalog's stop, and recovery ended the finished run as interrupted).
         """
         sql = (
             "DELETE FROM runs WHERE raw_uid = ?"
@@ -242,6 +247,10 @@ class Journal:
             return
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
             if still():
+                if record is not None:
+                    self._db.execute(
+                        "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(record), raw_uid)
+                    )
                 self._db.execute(sql, args)
 
     def drop_run(self, raw_uid: str, still: Callable[[], bool]) -> bool:

@@ -235,7 +235,8 @@ class WriterThread(CatalogOutage):
         """Write a run's stop, then forget its journal record. ``unjournalled``: the stop is
         not in the journal (the callers' count of the run's opens at this close is given):
         the record is forgotten only while no later open came, which may have journalled a
-        record of its own, its rows still to come (forgotten, a crash would lose them)."""
+        record of its own, its rows still to come (forgotten, a crash would lose them); one
+        its rows keep takes this stop, so the next start does not reopen the run."""
         run = self._runs.pop(raw_uid, None)
         if run is None or run.failed:
             self._count("errors")
@@ -252,7 +253,7 @@ class WriterThread(CatalogOutage):
             self._journal_w.forget_run(raw_uid, stop_doc)
         else:
             still = lambda: self._opened.get(raw_uid) == unjournalled  # noqa: E731
-            self._journal_w.forget_run(raw_uid, None, still)
+            self._journal_w.forget_run(raw_uid, None, still, record=stop_doc)
 
     def _end_superseded(self, raw_uid: str) -> None:
         """Drop the journal's record of a run opened unjournalled, and the rows listed for
