@@ -261,3 +261,29 @@ def test_a_run_killed_before_its_first_result_counts_its_spectra_lost(tmp_path: 
     assert len(rows) == 0 and meta["stop"]["interrupted"] is True
     assert meta["stop"]["raw_missing_events"] == 1
     assert "0 of 1 raw spectra have stored results" in meta["stop"]["reason"]
+
+
+def test_a_run_killed_between_its_container_and_its_table_reads_back_empty(
+    tmp_path: Path,
+) -> None:
+    """A daemon SIGKILLed between a run's container and its table (seen with the real
+    ``xasflow serve`` killed right after a raw start) leaves a container alone; recovery
+    finds it (0 rows) and records its stop. Before, ``read_analysis`` of that run raised
+    KeyError('primary'), so the run's stop and its reason could not be read back; now it
+    gives the metadata and no rows."""
+    from xasflow.adapters.recovery import InterruptedRuns
+    from xasflow.adapters.tiled_schema import SPEC, run_metadata
+
+    directory = tmp_path / "store"
+    with AnalysisStore(directory, journal=True) as store:  # what the killed process left
+        store.client().create_container(
+            key="R", metadata=run_metadata(None, DESCRIPTOR, "primary"), specs=[SPEC]
+        )
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        assert interrupted.find() == 1
+        interrupted.close("R", {"exit_status": "success", "num_events": {"primary": 3}})
+        assert store.flush(30)
+    meta, frame = read_analysis(directory, "R")
+    assert len(frame) == 0 and "seq_num" in frame
+    assert meta["stop"]["raw_missing_events"] == 3 and meta["stop"]["interrupted"] is True

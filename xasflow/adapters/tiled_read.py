@@ -58,7 +58,13 @@ def read_analysis(
     node = source[raw_uid]
     metadata = _to_builtin(node.metadata)
     descriptor = metadata.get("descriptor") or {}
-    frame = node[descriptor.get("name") or DEFAULT_STREAM].read()
+    stream = descriptor.get("name") or DEFAULT_STREAM
+    if stream not in node:  # a process killed between the run's container and its table
+        import pandas as pd  # tiled's own dependency: only where a frame is made here
+
+        keys = ["seq_num", "time", *(descriptor.get("data_keys") or {})]
+        return metadata, pd.DataFrame(columns=keys)
+    frame = node[stream].read()
     for name, key in (descriptor.get("data_keys") or {}).items():
         if key.get("dtype") == "array" and name in frame:
             frame[name] = [
