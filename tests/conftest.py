@@ -128,6 +128,16 @@ def matrix_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batch, "BATCH_MIN_ROWS", 1)
 
 
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The store journal's SQLite busy timeout at 0.5 s, not 5 s, for the tests that hold its
+    write lock to make a journal write fail: that failure comes sooner, the rest is the same."""
+    from xasflow.adapters import store_journal
+
+    monkeypatch.setattr(store_journal, "BUSY_TIMEOUT_S", 0.5)
+    return store_journal.BUSY_TIMEOUT_S
+
+
 @pytest.fixture(scope="module")
 def models_dir(tiny_cu_bundle: Path) -> Path:
     """A models/ directory holding the session's tiny Cu K bundle (read-only here)."""

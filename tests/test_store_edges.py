@@ -100,7 +100,9 @@ def test_one_failed_journal_write_does_not_wedge_the_journal(tmp_path: Path) -> 
     assert after == before + 2 and "S" in runs and flush_s < 5, symptoms
 
 
-def test_a_journal_that_fails_at_close_run_still_records_the_stop(tmp_path: Path) -> None:
+def test_a_journal_that_fails_at_close_run_still_records_the_stop(
+    tmp_path: Path, short_busy_timeout: float
+) -> None:
     """A stop the journal cannot record (its write lock held past the busy timeout) still
     reaches the catalog, as every other journal failure falls back to it. Before, close_run
     raised with the run already gone from the caller side: the stop was never written and
@@ -176,7 +178,9 @@ def _page(seqs: list[int]) -> dict[str, Any]:
     }
 
 
-def test_a_journal_that_fails_at_open_run_still_stores_the_run(tmp_path: Path) -> None:
+def test_a_journal_that_fails_at_open_run_still_stores_the_run(
+    tmp_path: Path, short_busy_timeout: float
+) -> None:
     """A run whose start the journal cannot record (its write lock held past SQLite's 5 s
     busy timeout: another connection here, the writer thread's hung COMMIT in the daemon)
     is opened all the same: its rows and its stop reach the catalog, acknowledged by the
@@ -272,7 +276,7 @@ def test_a_run_the_journal_could_not_open_is_never_half_replayed(
     ids=["open_run", "close_run", "finish_run"],
 )
 def test_a_hung_journal_write_of_a_run_does_not_stop_the_writer(
-    tmp_path: Path, call: Any, prefix: str
+    tmp_path: Path, call: Any, prefix: str, short_busy_timeout: float
 ) -> None:
     """While a run's start or stop hangs in the journal, the writer thread goes on moving the
     other runs' rows into the catalog (a flush answers). Before, ``open_run``, ``close_run``

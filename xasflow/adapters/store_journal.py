@@ -31,6 +31,7 @@ import numpy as np
 from xasflow.adapters.tiled_schema import StoreError, _seq_key, json_default
 
 __all__ = [
+    "BUSY_TIMEOUT_S",
     "CALLER_CHECKPOINT_PAGES",
     "COUNT_WAIT_S",
     "JOURNAL_FILE",
@@ -41,6 +42,9 @@ __all__ = [
 
 #: The journal's file in the store directory.
 JOURNAL_FILE = "journal.sqlite"
+#: How long a journal write waits for SQLite's write lock held by another connection before it
+#: fails (SQLite's busy timeout; read when a journal connects, so tests can shorten it).
+BUSY_TIMEOUT_S = 5.0
 #: How long a count for monitoring waits for another one in progress (then: the last counts).
 COUNT_WAIT_S = 0.05
 #: The callers' connection checkpoints only past this many log pages (64 MB): the writer's
@@ -126,7 +130,9 @@ class Journal:
     def __init__(self, path: str | Path, checkpoint_pages: int = 1000) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+        )
         try:  # a damaged file (not a database, malformed): refused, naming it
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
