@@ -168,7 +168,7 @@ def broker() -> Iterator[Broker]:
     except BrokerUnavailable as exc:
         pytest.skip(f"no Kafka-protocol broker: {exc}")
     yield b
-    b.stop()
+    b.stop(grace=0)  # the session is over: nothing waits for its clients
 
 
 @pytest.fixture(scope="module")

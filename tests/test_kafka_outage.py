@@ -78,7 +78,7 @@ def _outage(
     finally:
         source.close()
         source.finish(0)
-        broker.stop()
+        broker.stop(grace=0)  # the test is over (its outage stop was the graceful one)
 
 
 def _exported(source: KafkaDocumentSource) -> str:
