@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,6 +75,23 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("XASFLOW_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def small_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``xasflow train`` fits the tests' small network ensembles (``small_config``'s), not the
+    defaults: for CLI tests that check what the command writes, not what the networks learn
+    (the defaults took some 10 s of the OmniXAS citation test)."""
+    from synthetic_feff import small_config
+
+    from xasflow.training import fit
+
+    real, small = fit.train, small_config().network_overrides
+
+    def train_small(ds: Any, cfg: TrainConfig, *args: Any, **kw: Any) -> Any:
+        return real(ds, cfg.model_copy(update={"network_overrides": small}), *args, **kw)
+
+    monkeypatch.setattr(fit, "train", train_small)
 
 
 # --------------------------------------------------------------------------------------
@@ -331,7 +349,7 @@ def test_cli_train_reports_an_empty_split_part_as_an_error_not_a_traceback(
 
 
 def test_the_omnixas_citation_is_owed_by_the_omnixas_tree_only(
-    tree: Path, tmp_path: Path, cache: Path
+    tree: Path, tmp_path: Path, cache: Path, small_networks: None
 ) -> None:
     # cmd_train wrote the OmniXAS citation into the manifest of any bundle whose --data path
     # held "feff" (this synthetic tree's does), and every evaluation report printed it.
@@ -347,11 +365,11 @@ def test_the_omnixas_citation_is_owed_by_the_omnixas_tree_only(
     assert verify_bundle(out).training["citation"] == ""
     # (the same training run:) --align reaches the manifest, so the daemon grids as trained
     assert verify_bundle(out).prep.align == "centroid"
-    assert build_feff_dataset(tree, "Cu", progress=False).citation == ""
+    assert build_feff_dataset(tree, "Cu", n_jobs=1, progress=False).citation == ""
     omnixas = tmp_path / "omnixas" / "FEFF" / "Cu"
     for k, material in enumerate(sorted(tree.iterdir())):
         shutil.copytree(material, omnixas / f"mp-{1000 + k}")
-    citation = build_feff_dataset(omnixas.parents[1], "Cu", progress=False).citation
+    citation = build_feff_dataset(omnixas.parents[1], "Cu", n_jobs=1, progress=False).citation
     assert "OmniXAS" in citation and "Cu K-edge" in citation
 
 
