@@ -47,9 +47,14 @@ def failing_appends(
 ) -> dict[str, int]:
     """Make tiled's ``SQLAdapter.append_partition`` (the catalog in this process) raise
     ``OSError(error)`` for its next ``times`` calls, then append as usual: with the default,
-    more than the store's retries, the first batch is given up. Returns the count left."""
+    more than the store's retries, the first batch is given up (the retries made at once).
+    Returns the count left."""
     from tiled.adapters.sql import SQLAdapter
 
+    from xasflow.adapters import tiled_batch
+
+    # as many retries as the store makes, without their back-off (0.05 + 0.25 + 1 s a batch)
+    monkeypatch.setattr(tiled_batch, "_RETRY_DELAYS", (0.0,) * len(tiled_batch._RETRY_DELAYS))
     real = SQLAdapter.append_partition
     failures = {"left": times}
 
