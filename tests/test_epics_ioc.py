@@ -362,7 +362,7 @@ def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
 
     import caproto as ca
 
-    from xasflow.adapters.epics_ioc import served_by
+    from xasflow.adapters.epics_network import served_by
 
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 0))
@@ -399,7 +399,7 @@ def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
 def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -> None:
     """The running IOC answers the search for its own PVs; a second IOC on the same port and
     prefix refuses to start (clients would read either), one with another prefix starts."""
-    from xasflow.adapters.epics_ioc import served_by
+    from xasflow.adapters.epics_network import served_by
 
     ioc, port = ioc_env["ioc"], ioc_env["port"]
     found = served_by(ioc.pv("bundle_id"), "127.0.0.1", port)

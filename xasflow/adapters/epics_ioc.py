@@ -27,6 +27,7 @@ from typing import Any
 from caproto import AlarmSeverity, AlarmStatus
 
 from xasflow.adapters.epics_advice import AdviceRuns
+from xasflow.adapters.epics_network import ServerContext, served_by
 from xasflow.adapters.epics_pvs import (
     ADVICE_KEYS,
     ANSWER_PVS,
@@ -57,109 +58,6 @@ _UNDEFINED_ALARM = {"status": AlarmStatus.UDF, "severity": AlarmSeverity.INVALID
 _PLACEHOLDERS: dict[str, Any] = {**ANSWER_PVS, "cn_set": "", "ood": 0, "ood_score": math.nan}
 #: In a pending write: the advice PVs' alarm (True MAJOR, False none); not a PV.
 _ADVICE_DOUBT = "_advice_out_of_domain"
-
-#: Searches sent from this many source ports: caproto's servers share the CA port with
-#: SO_REUSEPORT, and Linux hands each unicast datagram to one of them by a hash of its source,
-#: so one search finds one of k servers at random; 16 miss a given one with (1 - 1/k)^16.
-_SEARCH_SOCKETS = 16
-
-
-def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str | None:
-    """The address of a Channel Access server that already answers a search for ``pvname``
-    on ``host``:``port`` (UDP, this host's address only, never a broadcast), or None.
-
-    Two IOCs serving one prefix make every client warn of duplicate PVs and read whichever
-    answers first; the daemon asks before it serves. Best effort: the search goes out from
-    :data:`_SEARCH_SOCKETS` source ports (see there), and a server on another host of the
-    subnet is not asked.
-    """
-    import secrets
-    import select
-    import socket
-    import time
-
-    import caproto as ca
-
-    target = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    family = socket.AF_INET6 if ":" in target else socket.AF_INET
-    # a search id of this call's own: a late answer to an earlier search (another name),
-    # reaching a socket that got that search's source port again, is not this name's
-    cid = secrets.randbelow(2**31 - 1) + 1
-    request = ca.Broadcaster(our_role=ca.CLIENT).send(
-        ca.VersionRequest(0, ca.DEFAULT_PROTOCOL_VERSION),
-        ca.SearchRequest(pvname, cid, ca.DEFAULT_PROTOCOL_VERSION),
-    )
-    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(_SEARCH_SOCKETS)]
-    try:
-        for sock in socks:
-            sock.setblocking(False)
-            try:
-                sock.sendto(request, (target, int(port)))
-            except OSError:  # unreachable, or no such address here
-                return None
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(socks, [], [], left)
-            for sock in ready:
-                try:
-                    data, address = sock.recvfrom(4096)
-                    commands = ca.Broadcaster(our_role=ca.CLIENT).recv(data, address)
-                except (OSError, ca.CaprotoError):  # refused, or not Channel Access: read on
-                    continue
-                for command in commands:
-                    if isinstance(command, ca.SearchResponse) and command.cid == cid:
-                        ip = command.ip if command.ip not in (None, "", "255.255.255.255") else None
-                        return f"{ip or address[0]}:{command.port}"
-        return None
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-class _BeaconSocket:
-    """An unconnected UDP socket for beacons: no ICMP 'refused' errors when nobody listens."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        import socket
-
-        self.address = address
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        self.sock.setblocking(False)
-
-    async def send(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):  # a beacon is best effort
-            self.sock.sendto(data, self.address)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _Context:
-    """Factory for a caproto asyncio server Context with our port and beacon addresses."""
-
-    @staticmethod
-    def create(
-        pvdb: dict[str, Any],
-        host: str,
-        port: int,
-        beacons: Sequence[tuple[str, int]] | None,
-    ) -> Any:
-        from caproto.asyncio.server import Context
-
-        class XasContext(Context):
-            async def broadcast_beacon_loop(self) -> None:
-                """Send beacons only where configured (the env default is broadcast)."""
-                if beacons is not None:
-                    for _, sock in list(self.beacon_socks.values()):
-                        sock.close()
-                    self.beacon_socks.clear()
-                    for address in beacons:
-                        self.beacon_socks[address] = (host, _BeaconSocket(address))
-                await super().broadcast_beacon_loop()
-
-        ctx = XasContext(pvdb, interfaces=[host])
-        ctx.ca_server_port = int(port)
-        return ctx
 
 
 class XasIoc:
@@ -286,7 +184,9 @@ class XasIoc:
 
     async def _serve(self) -> None:
         await self._flush()  # what came before the server (the UDF above): no client yet
-        self._ctx = _Context.create(self.group.pvdb, self.host, self.port, self.beacon_addresses)
+        self._ctx = ServerContext.create(
+            self.group.pvdb, self.host, self.port, self.beacon_addresses
+        )
 
         async def started(async_lib: Any) -> None:
             self._ready.set()

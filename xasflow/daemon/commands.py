@@ -67,7 +67,7 @@ def check_ports(config: Any) -> list[str]:
         finally:
             probe.stop()
     if config.epics.enabled:
-        from xasflow.adapters.epics_ioc import served_by
+        from xasflow.adapters.epics_network import served_by
 
         name = f"{config.epics.prefix}BUNDLE_ID"
         other = served_by(name, config.epics.host, config.epics.port)
