@@ -266,7 +266,7 @@ def test_ioc_follows_analysis_documents(ioc_env: dict[str, Any]) -> None:
     assert read(cn) == 4 and read(cn_set) == "2,4"
     # a rejected spectrum: STATUS says so and why; the last answer and its run stay
     (status,) = ctx.get_pvs(ioc.pv("status"), timeout=5.0)
-    assert read(status) == "ok"
+    assert read(status) == "out_of_domain"
     rejected = {"status": "rejected", "reason": "no_edge", "detail": "no data near the edge"}
     for name, doc in analysis_run_docs([("primary", rejected)], raw_uid="3e6d2331-aaaa"):
         ioc(name, doc)
@@ -622,3 +622,45 @@ def test_updates_wraps_as_heartbeat_does_never_negative(ioc_env: dict[str, Any])
     ioc.flush()
     assert ioc.published == 2**31
     assert read(updates) == 2**31 % 2_000_000_000
+
+
+def test_status_never_reads_ok_beside_an_out_of_domain_answer(ioc_env: dict[str, Any]) -> None:
+    """STATUS read "ok", with no alarm, while OOD was 1 and every answer PV was in MAJOR alarm:
+    an operator glancing at STATUS read "ok" beside an answer not to trust. It reads
+    "out_of_domain" in MAJOR alarm (its own: HEARTBEAT and the other PVs of the group's shared
+    alarm stay green); a rejection's STATUS is as before, with no alarm, and the next answer in
+    domain reads "ok" again."""
+    from caproto import AlarmSeverity, AlarmStatus
+
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    status, ood, beat = ctx.get_pvs(
+        ioc.pv("status"), ioc.pv("ood"), ioc.pv("heartbeat"), timeout=5.0
+    )
+
+    def reading(pv: Any) -> tuple[Any, Any, Any]:
+        got = pv.read(data_type="time", timeout=5.0)
+        value = got.data[0]
+        value = value.decode() if isinstance(value, bytes) else value
+        return value, got.metadata.status, got.metadata.severity
+
+    answer = {"status": "ok", "cn": 4, "cn_probability": 0.9, "e0": 8984.0}
+    doubt = {**answer, "cn_set": "2,4", "out_of_domain": True, "ood_score": 7.0}
+    for name, doc in analysis_run_docs([("primary", doubt)], raw_uid="raw-A"):
+        ioc(name, doc)
+    wait_for(lambda: read(ood) == 1, what="the out-of-domain answer")
+    major = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
+    assert reading(status) == ("out_of_domain", *major)
+    assert reading(beat)[2] == AlarmSeverity.NO_ALARM
+    ioc.publish({"tasks": {"cn": {"value": 4}}, "flags": ["out_of_domain"]}, scan_uid="raw-P")
+    ioc.flush()  # a Prediction.to_dict() out of domain says the same
+    assert reading(status) == ("out_of_domain", *major)
+    rejected = {"status": "rejected", "reason": "no_edge"}
+    for name, doc in analysis_run_docs([("primary", rejected)], raw_uid="3e6d2331-bbbb"):
+        ioc(name, doc)
+    ioc.flush()
+    none = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+    assert reading(status) == ("rejected no_edge (3e6d2331)", *none)
+    for name, doc in analysis_run_docs([("primary", answer)], raw_uid="raw-B"):
+        ioc(name, doc)
+    ioc.flush()
+    assert reading(status) == ("ok", *none) and read(ood) == 0

@@ -36,6 +36,7 @@ from xasflow.adapters.epics_pvs import (
     HEARTBEAT_PERIOD,
     MAX_REGIONS,
     NO_ADVICE,
+    OUT_OF_DOMAIN,
     STRING_MAX,
     UNDEFINED,
     XasPVGroup,
@@ -337,6 +338,8 @@ class XasIoc:
                 alarm = _MAJOR if doubt else _NO_ALARM
             if attr in ANSWER_PVS:
                 alarm = _MAJOR if doubt else _NO_ALARM
+            if attr == "status":  # its own text: an answer out of domain, or none
+                alarm = _MAJOR if value == OUT_OF_DOMAIN else _NO_ALARM
             if value is UNDEFINED:  # the answer has no value for it, or no answer came yet
                 value, alarm = _PLACEHOLDERS[attr], _UNDEFINED_ALARM
             if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):

@@ -17,7 +17,8 @@ PV                  type      meaning
 ``XAS:E0``          double    edge energy E0, eV
 ``XAS:SCAN_UID``    string    uid of the raw run the answer belongs to
 ``XAS:BUNDLE_ID``   string    model bundle that made it (40 characters at most)
-``XAS:STATUS``      string    the last spectrum: ``ok``, or ``rejected <reason> (<raw run>)``
+``XAS:STATUS``      string    the last spectrum: ``ok``, ``out_of_domain`` (MAJOR), or
+                              ``rejected <reason> (<raw run>)``
 ``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
 ``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS``
 ``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
@@ -58,7 +59,8 @@ that is not finite, a label a 32-bit ``long`` cannot hold) is written as its pla
 NaN) with an ``INVALID`` alarm, never left at an older answer's; an answer out of the bundle's
 domain carries a ``MAJOR`` alarm on each of them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE``
 (:data:`DOUBT_PVS`), so an operator's panel shows the whole answer red, never a green set
-beside a red CN. Before the first answer (a daemon just started) they all hold their
+beside a red CN; ``STATUS`` then reads ``out_of_domain`` (:data:`OUT_OF_DOMAIN`), in ``MAJOR``
+alarm too, never ``ok`` beside an answer not to trust (a rejection's ``STATUS`` has no alarm). Before the first answer (a daemon just started) they all hold their
 placeholder in ``INVALID`` alarm (``UDF``), as an EPICS record not yet processed.
 """
 
@@ -81,6 +83,7 @@ __all__ = [
     "LOOP_STALLED_S",
     "MAX_REGIONS",
     "NO_ADVICE",
+    "OUT_OF_DOMAIN",
     "STRING_MAX",
     "UNDEFINED",
     "XasPVGroup",
@@ -112,6 +115,8 @@ ANSWER_PVS: dict[str, Any] = {
     "e0": math.nan,
 }
 
+#: ``STATUS`` of an answer out of the bundle's domain (in MAJOR alarm; an answer in it: "ok").
+OUT_OF_DOMAIN = "out_of_domain"
 #: PVs beside the answer that share its out-of-domain alarm (each written with every answer).
 DOUBT_PVS = frozenset({"cn_set", "ood", "ood_score"})
 
@@ -185,7 +190,8 @@ class XasPVGroup(PVGroup):
         name="STATUS",
         dtype=ChannelType.STRING,
         read_only=True,
-        doc="the last spectrum: ok, or rejected <reason> (<raw run>); the answers above stay",
+        alarm_group="status",
+        doc="the last spectrum: ok, out_of_domain, or rejected <reason> (<raw run>)",
     )
     bundle_id = pvproperty(value="", name="BUNDLE_ID", dtype=ChannelType.STRING, read_only=True)
     # the three advice PVs share one alarm (MAJOR while advice after an out-of-domain answer
@@ -339,6 +345,8 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
     if "ood" in out and out.get("ood_score") is None:
         out["ood_score"] = math.nan  # an answer without a score clears the previous one
     if out.get("status") == "ok":  # an answer: each answer PV it has no value for is undefined
+        if out.get("ood"):  # never "ok" beside an answer not to trust
+            out["status"] = OUT_OF_DOMAIN
         for key in ANSWER_PVS:
             if out.get(key) is None:
                 out[key] = UNDEFINED
