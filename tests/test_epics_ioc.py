@@ -664,3 +664,32 @@ def test_status_never_reads_ok_beside_an_out_of_domain_answer(ioc_env: dict[str,
         ioc(name, doc)
     ioc.flush()
     assert reading(status) == ("ok", *none) and read(ood) == 0
+
+
+def test_a_string_cut_to_fit_its_pv_says_so(ioc_env: dict[str, Any]) -> None:
+    """A string PV holds 39 characters: a longer MOTIF, BUNDLE_ID or CN_SET was cut there
+    without a mark, so a cut motif or bundle read as a whole one and a set's last label could
+    read as another ("16" cut to "1"). A cut value ends with "~" within the 39 (ASCII, as
+    Channel Access strings are); CN_SET keeps whole labels; 39 characters are kept whole."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    motif, bundle, cn_set, cn = ctx.get_pvs(
+        ioc.pv("motif"), ioc.pv("bundle_id"), ioc.pv("cn_set"), ioc.pv("cn"), timeout=5.0
+    )
+    answer = {
+        "status": "ok",
+        "cn": 8,
+        "motif": "CN8-square antiprismatic, distorted towards dodecahedral",  # 56
+        "bundle_id": "cu-k-20261129T045151Z-0123abcd-herfd-quantised",  # 46
+        "cn_set": ",".join(str(k) for k in range(1, 21)),  # 1,2,...,20: 50
+        "e0": 8984.0,
+    }
+    ioc.publish(answer, scan_uid="raw-A")
+    wait_for(lambda: read(cn) == 8, what="the answer")
+    assert read(motif) == "CN8-square antiprismatic, distorted to~"
+    assert read(bundle) == "cu-k-20261129T045151Z-0123abcd-herfd-q~"
+    assert read(cn_set) == "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,~"
+    assert max(len(read(pv)) for pv in (motif, bundle, cn_set)) == 39
+    whole = "x" * 38 + "z"  # 39: it fits, nothing is cut
+    ioc.publish({**answer, "cn": 6, "motif": whole, "bundle_id": "cu-k-1", "cn_set": "6"}, "B")
+    wait_for(lambda: read(cn) == 6, what="the next answer")
+    assert (read(motif), read(bundle), read(cn_set)) == (whole, "cu-k-1", "6")

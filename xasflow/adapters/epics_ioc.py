@@ -37,9 +37,10 @@ from xasflow.adapters.epics_pvs import (
     MAX_REGIONS,
     NO_ADVICE,
     OUT_OF_DOMAIN,
-    STRING_MAX,
+    STRING_PVS,
     UNDEFINED,
     XasPVGroup,
+    string_value,
     values_from,
 )
 from xasflow.adapters.routing import SafeRouter, StreamCallback, stream_factory
@@ -342,12 +343,8 @@ class XasIoc:
                 alarm = _MAJOR if value == OUT_OF_DOMAIN else _NO_ALARM
             if value is UNDEFINED:  # the answer has no value for it, or no answer came yet
                 value, alarm = _PLACEHOLDERS[attr], _UNDEFINED_ALARM
-            if attr in ("motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"):
-                # Channel Access strings are latin-1: a uid with an en dash or an emoji would
-                # make the PV unreadable (caproto encodes when a client reads), so such
-                # characters read as "?"
-                text = str(value)[:STRING_MAX]
-                value = text.encode("latin-1", "replace").decode("latin-1")
+            if attr in STRING_PVS:  # 39 latin-1 characters, a cut one ending with "~"
+                value = string_value(attr, value)
             elif attr == "regions":
                 value = list(value) if value else [0.0] * 4
             try:

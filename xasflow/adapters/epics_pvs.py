@@ -16,7 +16,7 @@ PV                  type      meaning
 ``XAS:VALENCE``     long      oxidation state
 ``XAS:E0``          double    edge energy E0, eV
 ``XAS:SCAN_UID``    string    uid of the raw run the answer belongs to
-``XAS:BUNDLE_ID``   string    model bundle that made it (40 characters at most)
+``XAS:BUNDLE_ID``   string    model bundle that made it
 ``XAS:STATUS``      string    the last spectrum: ``ok``, ``out_of_domain`` (MAJOR), or
                               ``rejected <reason> (<raw run>)``
 ``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
@@ -28,6 +28,11 @@ PV                  type      meaning
 ``XAS:MODEL_OK``    long      1: a bundle serves; 0 with none, or no_model/prediction_error
 ``XAS:UPDATES``     long      answers published (advice is not one), wrapping at 2e9
 ==================  ========  =====================================================
+
+A string PV holds 39 characters (:data:`STRING_MAX`, Channel Access's 40 bytes): a longer
+value is cut to 38 and ends with ``~`` (:data:`CUT_MARK`), so a cut motif, bundle or uid never
+reads as a whole one (``CN_SET`` keeps whole labels: ``1,2,...,11,~``). Characters outside
+latin-1, which Channel Access strings are, read as ``?``.
 
 The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) as a
 raw run's start arrives (the daemon's raw-start hook, before its first result), and again when
@@ -78,6 +83,7 @@ __all__ = [
     "ADVICE_KEYS",
     "ANSWER_PVS",
     "COUNT_WRAP",
+    "CUT_MARK",
     "DOUBT_PVS",
     "HEARTBEAT_PERIOD",
     "LOOP_STALLED_S",
@@ -85,8 +91,10 @@ __all__ = [
     "NO_ADVICE",
     "OUT_OF_DOMAIN",
     "STRING_MAX",
+    "STRING_PVS",
     "UNDEFINED",
     "XasPVGroup",
+    "string_value",
     "values_from",
 ]
 
@@ -103,6 +111,10 @@ LOOP_STALLED_S = 60.0
 MAX_REGIONS = 64
 #: Characters a string PV keeps (DBR_STRING holds 40 bytes with the terminator).
 STRING_MAX = 39
+#: The last character of a string PV's value cut to :data:`STRING_MAX` (ASCII, as CA strings).
+CUT_MARK = "~"
+#: The string PVs (their values go through :func:`string_value`).
+STRING_PVS = frozenset({"motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"})
 #: The PVs a recommendation sets (its other fields, E0 and the bundle, are not an answer).
 ADVICE_KEYS = ("regions", "n_regions", "stop_early")
 #: PVs every answer writes, and the placeholder of each when the answer has no value for it.
@@ -357,3 +369,20 @@ def _label(value: Any) -> str:
     """A class label as text (4.0 -> "4")."""
     f = _finite(value) if not isinstance(value, str) else None
     return str(round(f)) if f is not None and f == round(f) else str(value)
+
+
+def string_value(attr: str, value: Any) -> str:
+    """What a string PV holds for ``value``: at most :data:`STRING_MAX` latin-1 characters.
+
+    A longer value is cut and ends with :data:`CUT_MARK`, where before it was cut silently
+    (``CN_SET`` to whole labels). Channel Access strings are latin-1: a uid with an en dash or
+    an emoji made the PV unreadable (caproto encodes when a client reads), so such characters
+    read as ``?``.
+    """
+    text = str(value)
+    if len(text) > STRING_MAX:
+        head = text[: STRING_MAX - len(CUT_MARK)]
+        if attr == "cn_set" and "," in head:  # never a label cut to another: "12" to "1"
+            head = head[: head.rindex(",") + 1]
+        text = head + CUT_MARK
+    return text.encode("latin-1", "replace").decode("latin-1")
