@@ -23,7 +23,7 @@ from helpers import analysis_run_docs, free_port, processor_parts, wait_for
 from helpers import read_pv as read
 
 from xasflow.adapters.epics_ioc import XasIoc
-from xasflow.adapters.epics_pvs import MAX_REGIONS, UNDEFINED, values_from
+from xasflow.adapters.epics_pvs import MAX_REGIONS, REGIONS_ADVISED, UNDEFINED, values_from
 
 
 def _children() -> list[tuple[int, str]]:
@@ -147,6 +147,7 @@ def test_values_from_each_source() -> None:
     }
     big = values_from({"waveform": [1.0] * (4 * MAX_REGIONS + 8)})
     assert big["n_regions"] == MAX_REGIONS and len(big["regions"]) == 4 * MAX_REGIONS
+    assert big[REGIONS_ADVISED] == MAX_REGIONS + 2  # what the IOC says the cut left out
 
 
 def test_pvs_update_after_publish(ioc_env: dict[str, Any]) -> None:
@@ -693,3 +694,34 @@ def test_a_string_cut_to_fit_its_pv_says_so(ioc_env: dict[str, Any]) -> None:
     ioc.publish({**answer, "cn": 6, "motif": whole, "bundle_id": "cu-k-1", "cn_set": "6"}, "B")
     wait_for(lambda: read(cn) == 6, what="the next answer")
     assert (read(motif), read(bundle), read(cn_set)) == (whole, "cu-k-1", "6")
+
+
+def test_advice_cut_to_the_regions_the_pv_holds_is_logged_once_per_run(
+    ioc_env: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """REGIONS holds 64 regions: advice with more was cut to them without a word, so a plan
+    following the PVs scanned part of what was advised and nobody knew. The first 64 are
+    still written (N_REGIONS 64), each cut advice is counted, and the IOC logs a warning
+    once per run saying how many regions were left out."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    nreg, regions, advice = ctx.get_pvs(
+        ioc.pv("n_regions"), ioc.pv("regions"), ioc.pv("advice_uid"), timeout=5.0
+    )
+    many = [[8900.0 + 10 * k, 8905.0 + 10 * k, 0.5, 1.0] for k in range(MAX_REGIONS + 6)]
+    flat = [v for region in many for v in region]
+    rec = {"waveform": json.dumps(flat), "stop_early": False}
+    with caplog.at_level("WARNING", logger="xasflow.adapters.epics_ioc"):
+        for raw_uid in ("raw-A", "raw-B"):
+            run = analysis_run_docs(
+                [("recommendations", rec), ("recommendations", rec)], raw_uid=raw_uid
+            )
+            for name, doc in run:
+                ioc(name, doc)
+            ioc.flush()
+            assert (read(advice), read(nreg)) == (raw_uid, MAX_REGIONS)
+            assert read(regions) == pytest.approx(flat[: 4 * MAX_REGIONS])
+    cut = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(cut) == 2, cut  # one per run, not one per advice
+    assert "run raw-A has 70 regions; REGIONS holds the first 64, 6 left out" in cut[0]
+    assert "run raw-B" in cut[1]
+    assert ioc.regions_cut == 4

@@ -37,6 +37,7 @@ from xasflow.adapters.epics_pvs import (
     MAX_REGIONS,
     NO_ADVICE,
     OUT_OF_DOMAIN,
+    REGIONS_ADVISED,
     STRING_PVS,
     UNDEFINED,
     XasPVGroup,
@@ -102,6 +103,8 @@ class XasIoc:
         self._advice = AdviceRuns()
         self._advice_lock = threading.Lock()
         self.advice_dropped = 0  # advice of a run other than the current one, not written
+        self.regions_cut = 0  # advice written with more regions than REGIONS holds
+        self._cut_logged: str | None = None  # the last run whose cut advice was logged
         self._router = SafeRouter(
             [
                 stream_factory(
@@ -221,6 +224,7 @@ class XasIoc:
     def publish(self, data: Mapping[str, Any], scan_uid: str | None = None) -> None:
         """Update the PVs from a prediction dict / analysis event data / recommendation row."""
         values = values_from(data)
+        self._note_cut(values.pop(REGIONS_ADVISED, None), scan_uid)
         if scan_uid is not None:
             values["scan_uid"] = scan_uid
         if any(k in values for k in ("cn", "e0", "motif")):
@@ -237,7 +241,8 @@ class XasIoc:
         no regions, ``STOP_EARLY`` 0, and the advice PVs in ``MAJOR`` alarm (as the answer
         PVs are beside ``OOD``), so a plan following the PVs never chases a guess.
         """
-        values = {k: v for k, v in values_from(data).items() if k in ADVICE_KEYS}
+        parsed = values_from(data)
+        values = {k: v for k, v in parsed.items() if k in ADVICE_KEYS}
         if not values:
             return
         with self._advice_lock:
@@ -247,7 +252,27 @@ class XasIoc:
             doubt = bool(data.get("out_of_domain"))
             if doubt:
                 values = dict(NO_ADVICE)
+            else:
+                self._note_cut(parsed.get(REGIONS_ADVISED), raw_uid)
             self._submit({**values, _ADVICE_DOUBT: doubt, "advice_uid": raw_uid or ""})
+
+    def _note_cut(self, advised: int | None, raw_uid: str | None) -> None:
+        """Advice of ``advised`` regions is written cut to the first :data:`MAX_REGIONS`:
+        counted, and logged once per run (the run's later advice is cut alike)."""
+        if advised is None:
+            return
+        self.regions_cut += 1
+        if raw_uid != self._cut_logged:
+            self._cut_logged = raw_uid
+            logger.warning(
+                "IOC %s: advice of run %s has %d regions; REGIONS holds the first %d, %d left "
+                "out (not logged again for this run)",
+                self.prefix,
+                raw_uid,
+                advised,
+                MAX_REGIONS,
+                advised - MAX_REGIONS,
+            )
 
     def _run_started(self, start: dict[str, Any]) -> list[Any]:
         """An analysis run starts: no advice for it yet (the last run's is cleared), unless

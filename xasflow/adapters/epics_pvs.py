@@ -20,7 +20,7 @@ PV                  type      meaning
 ``XAS:STATUS``      string    the last spectrum: ``ok``, ``out_of_domain`` (MAJOR), or
                               ``rejected <reason> (<raw run>)``
 ``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
-``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS``
+``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS`` (at most 64)
 ``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
 ``XAS:ADVICE_UID``  string    uid of the raw run the three advice PVs above belong to
 ``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
@@ -42,7 +42,10 @@ is not written (:mod:`xasflow.adapters.epics_advice`). A rejected spectrum of th
 withdraws ``STOP_EARLY`` (the spectra "in a row" start again), and so does the run's end (its
 stop, or closed as timed out; its regions and ``ADVICE_UID`` stay). Advice that follows an
 out-of-domain answer is withheld: no regions, ``STOP_EARLY`` 0, and the three advice PVs in
-``MAJOR`` alarm until the next advice or run.
+``MAJOR`` alarm until the next advice or run. ``REGIONS`` holds :data:`MAX_REGIONS` regions
+(a recommendation has about 10): of advice with more, the first 64 are written, and the IOC
+logs a warning, once per run, saying how many were left out (``XasIoc.regions_cut`` counts
+each advice cut).
 
 ``MODEL_OK`` follows whether a bundle is served, and drops to 0 for the last spectrum's
 fault too: one no bundle covers (``no_model``: another element, the wrong edge) or one the
@@ -90,6 +93,7 @@ __all__ = [
     "MAX_REGIONS",
     "NO_ADVICE",
     "OUT_OF_DOMAIN",
+    "REGIONS_ADVISED",
     "STRING_MAX",
     "STRING_PVS",
     "UNDEFINED",
@@ -109,6 +113,9 @@ LOOP_STALLED_S = 60.0
 #: Regions the waveform can hold (4 numbers each). A recommendation has about 10, some 20
 #: with fine k pieces; 16 used to cut the support regions at the list's end.
 MAX_REGIONS = 64
+#: In :func:`values_from`'s result, not a PV: the regions advised when more than
+#: :data:`MAX_REGIONS` (``REGIONS`` holds the first ones).
+REGIONS_ADVISED = "_regions_advised"
 #: Characters a string PV keeps (DBR_STRING holds 40 bytes with the terminator).
 STRING_MAX = 39
 #: The last character of a string PV's value cut to :data:`STRING_MAX` (ASCII, as CA strings).
@@ -349,9 +356,11 @@ def values_from(data: Mapping[str, Any]) -> dict[str, Any]:
             float(r[k]) for r in data["regions"] for k in ("start", "stop", "step", "dwell")
         ]
     if waveform is not None:
-        flat = [float(v) for v in waveform][: 4 * MAX_REGIONS]
-        out["regions"] = flat
-        out["n_regions"] = len(flat) // 4
+        flat = [float(v) for v in waveform]
+        out["regions"] = flat[: 4 * MAX_REGIONS]
+        out["n_regions"] = len(out["regions"]) // 4
+        if len(flat) > 4 * MAX_REGIONS:  # not a PV: the IOC says what the cut left out
+            out[REGIONS_ADVISED] = len(flat) // 4
     if data.get("stop_early") is not None:
         out["stop_early"] = int(bool(data["stop_early"]))
     if "ood" in out and out.get("ood_score") is None:
