@@ -725,3 +725,48 @@ def test_advice_cut_to_the_regions_the_pv_holds_is_logged_once_per_run(
     assert "run raw-A has 70 regions; REGIONS holds the first 64, 6 left out" in cut[0]
     assert "run raw-B" in cut[1]
     assert ioc.regions_cut == 4
+
+
+def test_advice_bundle_names_the_advices_bundle_not_the_last_answers(
+    ioc_env: dict[str, Any],
+) -> None:
+    """BUNDLE_ID names the bundle of the last answer, of whichever run: with a step run D
+    scanning beside fly run C (whose advice the PVs hold), D's answer from another bundle
+    made BUNDLE_ID name it, and no PV said which bundle C's regions came from. ADVICE_BUNDLE
+    is written with the advice (withheld advice too) and cleared with it."""
+    ioc, ctx = ioc_env["ioc"], ioc_env["ctx"]
+    names = ("bundle_id", "advice_bundle", "advice_uid", "n_regions", "cn")
+    pvs = dict(zip(names, ctx.get_pvs(*(ioc.pv(n) for n in names), timeout=5.0), strict=True))
+    ioc.raw_run_started("raw-D")  # a step run of another element, scanning on
+    ioc.raw_run_started("raw-C")  # a fly run beside it: the advice PVs are its
+    rec = {"waveform": json.dumps([1, 2, 0.5, 1]), "stop_early": False}
+    answer = {"status": "ok", "cn": 4, "e0": 8984.0, "bundle_id": "cu-k-v1"}
+    run_c = analysis_run_docs(
+        [("primary", answer), ("recommendations", {**rec, "bundle_id": "cu-k-v1"})],
+        raw_uid="raw-C",
+    )
+    for name, doc in run_c[:-1]:
+        ioc(name, doc)
+    ioc.flush()
+    assert [read(pvs[n]) for n in names] == ["cu-k-v1", "cu-k-v1", "raw-C", 1, 4]
+    other = {**answer, "cn": 6, "e0": 8333.0, "bundle_id": "ni-k-v2"}
+    run_d = analysis_run_docs(
+        [("primary", other), ("recommendations", {**rec, "bundle_id": "ni-k-v2"})],
+        raw_uid="raw-D",
+    )
+    for name, doc in run_d[:-1]:  # D's answer is written, its advice (not the PVs' run) not
+        ioc(name, doc)
+    ioc.flush()
+    assert [read(pvs[n]) for n in names] == ["ni-k-v2", "cu-k-v1", "raw-C", 1, 6]
+    ioc.raw_run_started("raw-E")  # the next scan: no advice, no advice bundle yet
+    ioc.flush()
+    assert [read(pvs[n]) for n in ("advice_bundle", "advice_uid", "n_regions")] == ["", "raw-E", 0]
+    doubt = {**rec, "bundle_id": "cu-k-v1", "out_of_domain": True}
+    for name, doc in analysis_run_docs([("recommendations", doubt)], raw_uid="raw-E")[:-1]:
+        ioc(name, doc)
+    ioc.flush()
+    assert [read(pvs[n]) for n in ("advice_bundle", "advice_uid", "n_regions")] == [
+        "cu-k-v1",
+        "raw-E",
+        0,
+    ]

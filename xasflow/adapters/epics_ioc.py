@@ -237,7 +237,8 @@ class XasIoc:
 
         Written only while ``raw_uid`` is the run the advice PVs belong to: advice of a run
         that a later raw start superseded (its last spectra analysed after that start) is
-        dropped (``advice_dropped``). Advice that follows an out-of-domain answer is withheld:
+        dropped (``advice_dropped``). ``ADVICE_BUNDLE`` names the advice's bundle (the row's
+        ``bundle_id``). Advice that follows an out-of-domain answer is withheld:
         no regions, ``STOP_EARLY`` 0, and the advice PVs in ``MAJOR`` alarm (as the answer
         PVs are beside ``OOD``), so a plan following the PVs never chases a guess.
         """
@@ -254,7 +255,15 @@ class XasIoc:
                 values = dict(NO_ADVICE)
             else:
                 self._note_cut(parsed.get(REGIONS_ADVISED), raw_uid)
-            self._submit({**values, _ADVICE_DOUBT: doubt, "advice_uid": raw_uid or ""})
+            bundle = str(data.get("bundle_id") or "")  # not BUNDLE_ID's: another run's, maybe
+            self._submit(
+                {
+                    **values,
+                    _ADVICE_DOUBT: doubt,
+                    "advice_uid": raw_uid or "",
+                    "advice_bundle": bundle,
+                }
+            )
 
     def _note_cut(self, advised: int | None, raw_uid: str | None) -> None:
         """Advice of ``advised`` regions is written cut to the first :data:`MAX_REGIONS`:
@@ -307,7 +316,9 @@ class XasIoc:
             self._clear_advice(raw_uid)
 
     def _clear_advice(self, raw_uid: str) -> None:
-        self._submit({**NO_ADVICE, _ADVICE_DOUBT: False, "advice_uid": raw_uid})
+        self._submit(
+            {**NO_ADVICE, _ADVICE_DOUBT: False, "advice_uid": raw_uid, "advice_bundle": ""}
+        )
 
     def report_rejection(self, reason: str, raw_uid: str | None) -> None:
         """STATUS says the last spectrum was rejected and why; the answer PVs keep the last

@@ -3,38 +3,44 @@
 Under a configurable prefix (``XAS:`` below), served by
 :class:`~xasflow.adapters.epics_ioc.XasIoc`:
 
-==================  ========  =====================================================
-PV                  type      meaning
-==================  ========  =====================================================
-``XAS:CN``          long      latest predicted dominant coordination number
-``XAS:CN_UNC``      double    its uncertainty, 1 - top cn probability
-``XAS:CN_SET``      string    90 % conformal set of CN, e.g. ``4,6`` ("" if none)
-``XAS:OOD``         long      1: the spectrum is out of the bundle's domain, CN not to trust
-``XAS:OOD_SCORE``   double    the bundle's out-of-domain score (NaN if none)
-``XAS:MOTIF``       string    top-ranked coordination motif
-``XAS:DISTANCE``    double    mean nearest-neighbour distance, angstrom
-``XAS:VALENCE``     long      oxidation state
-``XAS:E0``          double    edge energy E0, eV
-``XAS:SCAN_UID``    string    uid of the raw run the answer belongs to
-``XAS:BUNDLE_ID``   string    model bundle that made it
-``XAS:STATUS``      string    the last spectrum: ``ok``, ``out_of_domain`` (MAJOR), or
-                              ``rejected <reason> (<raw run>)``
-``XAS:REGIONS``     double[]  recommended regions, ``[start, stop, step, dwell] * n``
-``XAS:N_REGIONS``   long      number of regions in ``XAS:REGIONS`` (at most 64)
-``XAS:STOP_EARLY``  long      1: the recommender says the answer is already certain
-``XAS:ADVICE_UID``  string    uid of the raw run the three advice PVs above belong to
-``XAS:HEARTBEAT``   long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
-``XAS:LOOP_AGE``    double    s since the analysis loop's last pass (MAJOR over 60 s)
-``XAS:MODEL_OK``    long      1: a bundle serves; 0 with none, or no_model/prediction_error
-``XAS:UPDATES``     long      answers published (advice is not one), wrapping at 2e9
-==================  ========  =====================================================
+=====================  ========  =====================================================
+PV                     type      meaning
+=====================  ========  =====================================================
+``XAS:CN``             long      latest predicted dominant coordination number
+``XAS:CN_UNC``         double    its uncertainty, 1 - top cn probability
+``XAS:CN_SET``         string    90 % conformal set of CN, e.g. ``4,6`` ("" if none)
+``XAS:OOD``            long      1: the spectrum is out of the bundle's domain, CN not to trust
+``XAS:OOD_SCORE``      double    the bundle's out-of-domain score (NaN if none)
+``XAS:MOTIF``          string    top-ranked coordination motif
+``XAS:DISTANCE``       double    mean nearest-neighbour distance, angstrom
+``XAS:VALENCE``        long      oxidation state
+``XAS:E0``             double    edge energy E0, eV
+``XAS:SCAN_UID``       string    uid of the raw run the answer belongs to
+``XAS:BUNDLE_ID``      string    model bundle that made it
+``XAS:STATUS``         string    the last spectrum: ``ok``, ``out_of_domain`` (MAJOR), or
+                                 ``rejected <reason> (<raw run>)``
+``XAS:REGIONS``        double[]  recommended regions, ``[start, stop, step, dwell] * n``
+``XAS:N_REGIONS``      long      number of regions in ``XAS:REGIONS`` (at most 64)
+``XAS:STOP_EARLY``     long      1: the recommender says the answer is already certain
+``XAS:ADVICE_UID``     string    uid of the raw run the three advice PVs above belong to
+``XAS:ADVICE_BUNDLE``  string    model bundle the advice came from ("" with no advice yet)
+``XAS:HEARTBEAT``      long      +1 every ``HEARTBEAT_PERIOD`` s while the IOC runs
+``XAS:LOOP_AGE``       double    s since the analysis loop's last pass (MAJOR over 60 s)
+``XAS:MODEL_OK``       long      1: a bundle serves; 0 with none, or no_model/prediction_error
+``XAS:UPDATES``        long      answers published (advice is not one), wrapping at 2e9
+=====================  ========  =====================================================
 
 A string PV holds 39 characters (:data:`STRING_MAX`, Channel Access's 40 bytes): a longer
 value is cut to 38 and ends with ``~`` (:data:`CUT_MARK`), so a cut motif, bundle or uid never
 reads as a whole one (``CN_SET`` keeps whole labels: ``1,2,...,11,~``). Characters outside
 latin-1, which Channel Access strings are, read as ``?``.
 
-The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run) as a
+``BUNDLE_ID`` names the bundle of the last answer, of whichever run; the advice may be
+another's (a run scanning beside the advice's, or a bundle swapped in since the advice), so
+``ADVICE_BUNDLE`` names the advice's own, written with it (withheld advice too).
+
+The advice PVs are cleared (no regions, ``STOP_EARLY`` 0, ``ADVICE_UID`` the new run,
+``ADVICE_BUNDLE`` "") as a
 raw run's start arrives (the daemon's raw-start hook, before its first result), and again when
 its analysis run starts, so a plan watching ``STOP_EARLY`` never stops a new scan on the last
 one's certainty; advice of an earlier run that comes after (its last spectra analysed later)
@@ -121,7 +127,9 @@ STRING_MAX = 39
 #: The last character of a string PV's value cut to :data:`STRING_MAX` (ASCII, as CA strings).
 CUT_MARK = "~"
 #: The string PVs (their values go through :func:`string_value`).
-STRING_PVS = frozenset({"motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid"})
+STRING_PVS = frozenset(
+    {"motif", "scan_uid", "bundle_id", "cn_set", "status", "advice_uid", "advice_bundle"}
+)
 #: The PVs a recommendation sets (its other fields, E0 and the bundle, are not an answer).
 ADVICE_KEYS = ("regions", "n_regions", "stop_early")
 #: PVs every answer writes, and the placeholder of each when the answer has no value for it.
@@ -227,6 +235,9 @@ class XasPVGroup(PVGroup):
     n_regions = pvproperty(value=0, name="N_REGIONS", read_only=True, alarm_group="advice")
     stop_early = pvproperty(value=0, name="STOP_EARLY", read_only=True, alarm_group="advice")
     advice_uid = pvproperty(value="", name="ADVICE_UID", dtype=ChannelType.STRING, read_only=True)
+    advice_bundle = pvproperty(
+        value="", name="ADVICE_BUNDLE", dtype=ChannelType.STRING, read_only=True
+    )
     heartbeat = pvproperty(value=0, name="HEARTBEAT", read_only=True)
     model_ok = pvproperty(value=0, name="MODEL_OK", read_only=True)
     updates = pvproperty(value=0, name="UPDATES", read_only=True)
