@@ -224,7 +224,8 @@ class XasIoc:
     def publish(self, data: Mapping[str, Any], scan_uid: str | None = None) -> None:
         """Update the PVs from a prediction dict / analysis event data / recommendation row."""
         values = values_from(data)
-        self._note_cut(values.pop(REGIONS_ADVISED, None), scan_uid)
+        with self._advice_lock:  # publish_advice counts cuts under it too
+            self._note_cut(values.pop(REGIONS_ADVISED, None), scan_uid)
         if scan_uid is not None:
             values["scan_uid"] = scan_uid
         if any(k in values for k in ("cn", "e0", "motif")):
@@ -267,7 +268,8 @@ class XasIoc:
 
     def _note_cut(self, advised: int | None, raw_uid: str | None) -> None:
         """Advice of ``advised`` regions is written cut to the first :data:`MAX_REGIONS`:
-        counted, and logged once per run (the run's later advice is cut alike)."""
+        counted, and logged once per run (the run's later advice is cut alike). Called with
+        ``_advice_lock`` held: the writers of the documents and of the advice race here."""
         if advised is None:
             return
         self.regions_cut += 1
