@@ -382,3 +382,31 @@ def test_a_gpu_member_trains_as_the_cpu_member_and_comes_back_to_the_cpu() -> No
     for task in a:
         np.testing.assert_allclose(b[task], a[task], atol=2e-3, err_msg=task)
     assert len(gpu.to_onnx()) > 0
+
+
+_TORCH_SEES = """
+import importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        return None
+sys.meta_path.insert(0, Watch())
+import xasflow.training.fit
+print(seen)
+"""
+
+
+def test_torch_loads_with_passive_openmp_waits_whichever_module_imports_it() -> None:
+    """``OMP_WAIT_POLICY`` is read when torch loads: the training command reaches torch
+    through ``fit`` -> ``nn_augment``, before ``nn``, so the policy must already be set then."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TORCH_SEES], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "['PASSIVE']"

@@ -17,15 +17,9 @@ snapshot by default, so the graph holds one trunk per member). How one member is
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-# torch's OpenMP workers spin while waiting by default; on a shared 2-core machine that made two
-# threads 5x slower per epoch than one (6.6 vs 0.9 s), and passive waiting 1.3 s. Takes effect
-# when this module is the first to import torch; an explicit setting is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
