@@ -383,3 +383,60 @@ def test_a_journal_that_is_not_a_database_is_refused_naming_it(tmp_path: Path) -
     with pytest.raises(StoreError, match="file is not a database") as refused:  # not opened
         AnalysisStore(directory, journal=True)
     assert str(directory / JOURNAL_FILE) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "what"),
+    [
+        ("descriptor", {"uid": "d-1", "name": "primary"}, "descriptor has no data_keys"),
+        (
+            "descriptor",
+            {"data_keys": {"cn": {"dtype": "complex"}}},
+            "data key 'cn' has unsupported dtype 'complex'",
+        ),
+        ("descriptor", [1, 2], "descriptor is a list, not a document"),
+        ("start", "a-start", "start is a str, not a document"),
+        ("stop", [], "stop is a list, not a document"),
+        (
+            "descriptor",
+            {"name": "pri mary", "data_keys": {"cn": {"dtype": "integer"}}},
+            "descriptor name 'pri mary' is not usable as a tiled key",
+        ),
+    ],
+    ids=["no data_keys", "dtype", "descriptor list", "start text", "stop list", "stream name"],
+)
+def test_a_record_that_is_json_but_not_a_run_is_said_counted_and_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str, value: Any, what: str
+) -> None:
+    """A run's record whose start, descriptor or stop is JSON but not an event-model document
+    the store can open a run with. Before: the store's start failed with the ValueError (or
+    TypeError, AttributeError) of the first check it failed, naming neither the journal nor
+    the run ('descriptor has no data_keys'), and no other run was replayed. Now it is left
+    out and kept, as a record that is not JSON is (ebc6bf7), and the others replayed."""
+    import json
+    import sqlite3
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)
+    for uid in ("run-a", "run-b"):
+        journal.open_run(uid, {"uid": f"{uid}-start"}, DESCRIPTOR)
+        assert journal.add(uid, [_row(s) for s in (1, 2)]) == [True] * 2
+        journal.close_run(uid, {"uid": f"{uid}-stop", "exit_status": "success"})
+    journal.close()
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute(f"UPDATE runs SET {column} = ? WHERE raw_uid = 'run-a'", (json.dumps(value),))
+    with AnalysisStore(directory, journal=True) as store:
+        assert store.flush(timeout=30)
+        errors = store.stats()["errors"]
+        in_catalog = "run-a" in store.client()
+        meta, frame = read_analysis(store, "run-b")
+    assert (errors, in_catalog) == (1, False)
+    assert [int(s) for s in frame["seq_num"]] == [1, 2] and meta["stop"]["uid"] == "run-b-stop"
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    named = f"run run-a's record ({what})"
+    assert any(str(directory / JOURNAL_FILE) in m and named in m for m in said), said
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:  # kept for a person
+        left = db.execute("SELECT raw_uid, COUNT(*) FROM rows GROUP BY raw_uid").fetchall()
+        runs = db.execute("SELECT raw_uid FROM runs").fetchall()
+    assert (left, runs) == ([("run-a", 2)], [("run-a",)])

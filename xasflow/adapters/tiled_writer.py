@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from xasflow.adapters.store_journal import Journal
+from xasflow.adapters.store_journal import Journal, JournalRun
 from xasflow.adapters.tiled_batch import (
     acknowledge,
     append_pending,
@@ -31,6 +31,7 @@ from xasflow.adapters.tiled_batch import (
     with_retries,
 )
 from xasflow.adapters.tiled_schema import (
+    _KEY_NAME,
     DEFAULT_STREAM,
     Ack,
     StoreError,
@@ -334,20 +335,13 @@ class WriterThread(CatalogOutage):
         since, is queued after these."""
         items: list[Any] = []
         unreadable: list[str] = []
-        runs = journal.pending(unreadable)
-        if unreadable:  # not replayed, kept there; counted, so the errors alert fires
-            logger.error(
-                "analysis store: the journal %s holds what cannot be read back, left there "
-                "for a person and not replayed: %s",
-                journal.path,
-                "; ".join(unreadable),
-            )
-            self._count("errors", len(unreadable))
-        for jr in runs:
-            schema, arrays = schema_for_descriptor(jr.descriptor)
-            stream = jr.descriptor.get("name") or DEFAULT_STREAM
-            meta = run_metadata(jr.start, jr.descriptor, stream)
-            items.append(("open", _Run(jr.raw_uid, stream, schema, arrays, meta)))
+        for jr in journal.pending(unreadable):
+            try:
+                run = _journalled_run(jr)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                unreadable.append(f"run {jr.raw_uid}'s record ({exc}), and its rows")
+                continue
+            items.append(("open", run))
             items.extend(("replay", jr.raw_uid, row, None) for row in jr.rows)
             with self._cond:
                 self._counts["replayed"] += len(jr.rows)
@@ -365,6 +359,14 @@ class WriterThread(CatalogOutage):
                 len(jr.rows),
                 state,
             )
+        if unreadable:  # not replayed, kept there; counted, so the errors alert fires
+            logger.error(
+                "analysis store: the journal %s holds what cannot be read back, left there "
+                "for a person and not replayed: %s",
+                journal.path,
+                "; ".join(unreadable),
+            )
+            self._count("errors", len(unreadable))
         return items
 
     def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
@@ -402,6 +404,22 @@ class WriterThread(CatalogOutage):
     def _count(self, name: str, n: int = 1) -> None:
         with self._cond:
             self._counts[name] += n
+
+
+def _journalled_run(jr: JournalRun) -> _Run:
+    """The run a journal record replays, checked as :meth:`AnalysisStore.open_run` checks
+    its documents (a record is JSON, not always documents: a hand-edited or foreign file);
+    ValueError (or TypeError...) saying what is wrong with it."""
+    for name, doc in (("start", jr.start), ("descriptor", jr.descriptor), ("stop", jr.stop)):
+        if not isinstance(doc, dict) and (doc is not None or name != "stop"):
+            raise TypeError(f"{name} is a {type(doc).__name__}, not a document")
+    if not _KEY_NAME.match(jr.raw_uid):
+        raise ValueError(f"raw_uid {jr.raw_uid!r} is not usable as a tiled key")
+    schema, arrays = schema_for_descriptor(jr.descriptor)
+    stream = jr.descriptor.get("name") or DEFAULT_STREAM
+    if not isinstance(stream, str) or not _KEY_NAME.match(stream):
+        raise ValueError(f"descriptor name {stream!r} is not usable as a tiled key")
+    return _Run(jr.raw_uid, stream, schema, arrays, run_metadata(jr.start, jr.descriptor, stream))
 
 
 def _start_of(run: _Run) -> dict[str, Any]:
