@@ -195,6 +195,37 @@ def test_withdraw_leaves_a_record_as_open_run_found_it(tmp_path: Path) -> None:
     assert left == {"stopped": ({"uid": "s-stop", "exit_status": "success"}, 0), "rows": (None, 1)}
 
 
+def test_a_stop_counts_as_journalled_only_in_a_record_of_its_run(tmp_path: Path) -> None:
+    """Journal.close_run of a run the journal has no record of records nothing. Before, it
+    said nothing either, and the store's finish_run (the stop recovery gives a run a killed
+    predecessor left open, its rows all in the catalog) told the writer the journal held
+    the stop, so the writer took the stop for one the journal could replay."""
+    stop = {"uid": "x-stop", "exit_status": "fail", "interrupted": True}
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    journal.open_run("run-a", {"uid": "a"}, DESCRIPTOR)
+    answers = (journal.close_run("run-a", stop), journal.close_run("nobody", stop))
+    held = [(run.raw_uid, run.stop) for run in journal.pending()]
+    journal.close()
+    assert answers == (True, False) and held == [("run-a", stop)]
+    directory = tmp_path / "s"
+    with AnalysisStore(directory) as store:  # a predecessor without the journal left R open
+        store.open_run("R", {"uid": "r"}, DESCRIPTOR)
+        store.add_events("R", [_row(1)])
+    told: list[bool] = []
+    with AnalysisStore(directory, journal=True) as store:
+        real = store._finish
+
+        def finish(raw_uid: str, stop_doc: dict, journalled: bool) -> None:
+            told.append(journalled)
+            real(raw_uid, stop_doc, journalled)
+
+        store._finish = finish  # type: ignore[method-assign]
+        store.finish_run("R", stop)
+        assert store.flush(30)
+        meta = read_analysis(store, "R")[0]
+    assert told == [False] and meta["stop"] == stop
+
+
 def _seqs(store: AnalysisStore, raw_uid: str) -> list[int]:
     return sorted(int(s) for s in read_analysis(store, raw_uid)[1]["seq_num"])
 

@@ -116,15 +116,16 @@ class JournalFallback:
         return [next(it) if ok else False for ok in fits]
 
     def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
-        """Record a run's stop in the journal's record of it (if it has one), so
-        the writer forgets that record only while it holds this stop; False if the write
-        failed (logged), there is no journal, or the run is unjournalled (popped here)."""
+        """Record a run's stop in the journal's record of it, so the writer forgets that
+        record only while it holds this stop; False if the write failed (logged), there is
+        no journal, the run is unjournalled (popped here) or the journal holds no record of
+        it (a run a previous process left open with all its rows in the catalog): then the
+        stop is not in the journal, and the writer must not take it as being there."""
         if self._journal is None or raw_uid in self._unjournalled:
             self._unjournalled.discard(raw_uid)
             return False
         try:
-            self._journal.close_run(raw_uid, stop)
+            return self._journal.close_run(raw_uid, stop)
         except Exception:
             logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)
             return False
-        return True

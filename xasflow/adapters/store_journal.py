@@ -202,11 +202,16 @@ class Journal:
                     )
         return [q is not None for q in seqs]
 
-    def close_run(self, raw_uid: str, stop: dict[str, Any]) -> None:
+    def close_run(self, raw_uid: str, stop: dict[str, Any]) -> bool:
         """Record a run's stop document (written to the catalog after its rows; also the
-        stop ``finish_run`` gives a run a previous process left open)."""
+        stop ``finish_run`` gives a run a previous process left open) in its record; False
+        when there is none (a run opened without the journal, or whose record was forgotten:
+        nothing was recorded)."""
         with self._lock:
-            self._db.execute("UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid))
+            done = self._db.execute(
+                "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid)
+            )
+        return done.rowcount > 0
 
     def moved(self, raw_uid: str, seqs: Iterable[int]) -> None:
         """Forget rows the catalog has committed."""
