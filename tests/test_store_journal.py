@@ -215,9 +215,9 @@ def test_a_stop_counts_as_journalled_only_in_a_record_of_its_run(tmp_path: Path)
     with AnalysisStore(directory, journal=True) as store:
         real = store._finish
 
-        def finish(raw_uid: str, stop_doc: dict, journalled: bool) -> None:
+        def finish(raw_uid: str, stop_doc: dict, journalled: bool, **kw: Any) -> None:
             told.append(journalled)
-            real(raw_uid, stop_doc, journalled)
+            real(raw_uid, stop_doc, journalled, **kw)
 
         store._finish = finish  # type: ignore[method-assign]
         store.finish_run("R", stop)

@@ -251,3 +251,47 @@ def test_a_stop_the_journal_missed_with_rows_it_kept_is_not_undone_at_the_next_s
         assert interrupted.pending() == [] and list(frame["seq_num"]) == [1, 2]
     assert meta["stop"]["uid"] == "z" and meta["stop"]["exit_status"] == "success"
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+@pytest.mark.parametrize("rows_kept", [False, True], ids=["record", "record with rows"])
+def test_an_interrupted_stop_the_journal_missed_is_not_given_again_at_the_next_start(
+    tmp_path: Path, rows_kept: bool
+) -> None:
+    """Recovery closes a run a killed process left open (its journal record has no stop)
+    and the journal cannot record that interrupted stop (its write lock held past the busy
+    timeout); the catalog takes it. Before, the record stayed stopless, so the next start
+    replayed it as an open run: the reopen cleared the catalog's stop and recovery closed
+    the run a second time, its raw count now unknown (a second stop on the bus, the
+    interrupted count +1). Now the writer, once the catalog holds the stop, forgets the
+    record, or puts the stop in it when rows keep it (rows moved it could not forget)."""
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:  # closed with R open, as if killed
+        assert store._journal_w is not None
+        if rows_kept:
+            store._journal_w.moved = locked  # type: ignore[method-assign]
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+    with AnalysisStore(directory, journal=True) as store:
+        assert store._journal is not None and store._journal_w is not None
+        if rows_kept:
+            store._journal_w.moved = locked  # type: ignore[method-assign]
+        interrupted = InterruptedRuns(store)
+        assert interrupted.find() == 1
+        store._journal.close_run = locked  # type: ignore[method-assign]
+        stop = interrupted.close("R", {"exit_status": "success", "num_events": {"primary": 3}})
+        assert stop is not None and stop["raw_missing_events"] == 1
+        assert store.flush(30)
+        assert read_analysis(store, "R")[0]["stop"]["uid"] == stop["uid"]
+    with AnalysisStore(directory, journal=True) as store:
+        again = InterruptedRuns(store)
+        found = again.find()
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+    assert (found, [int(s) for s in frame["seq_num"]]) == (0, [1, 2])
+    assert meta["stop"]["uid"] == stop["uid"] and meta["stop"]["raw_missing_events"] == 1
+    assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}

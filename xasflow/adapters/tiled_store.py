@@ -368,11 +368,12 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
             self._check_open()
             if raw_uid in self._columns:
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
+            opens = self._opened.get(raw_uid, 0)  # one since: its record is not forgotten
             self._calls += 1
         try:  # journalled (outside the lock): a replayed start keeps its record
             journalled = self._journal_stop(raw_uid, stop)
             with self._cond:  # before close()'s stop, which waits for this call
-                self._items.append(("finish", raw_uid, stop, journalled))
+                self._items.append(("finish", raw_uid, stop, journalled, opens))
                 self._cond.notify()
         finally:
             self._call_done()

@@ -172,7 +172,7 @@ class WriterThread(CatalogOutage):
                 if run.start_due:
                     self._write_start(run)
         elif kind == "finish":
-            self._finish(item[1], item[2], journalled=item[3])
+            self._finish(item[1], item[2], journalled=item[3], opens=item[4])
         elif kind == "call":
             _, fn, box, done = item
             try:
@@ -274,20 +274,30 @@ class WriterThread(CatalogOutage):
             return
         del self._superseded[raw_uid]
 
-    def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool) -> None:
+    def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool, opens: int = 0) -> None:
         """Record the stop of a run a previous process left open, then forget its journal
         record only if that still holds this stop: the run's start replayed meanwhile (a
         Kafka redelivery, queued after this finish) opened the record again, and the rows
         journalled for that copy need it to be replayed after a crash. A stop the journal
-        could not record leaves the record (at worst the next start ends the run again)."""
+        could not record (or a run it has no record of): the record is forgotten only while
+        no open came since the finish (``opens``: the callers' count of the run's opens
+        then), and one its rows keep takes this stop, as at an unjournalled close; left
+        stopless, it came back at the next start as an open run, which recovery closed
+        again (a second stop, its raw count unknown). A journal that fails here too leaves
+        the record: the next start ends the run again, never leaves it open."""
         if raw_uid in self._runs or raw_uid not in self._root:
             self._count("errors")
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
         node = self._root[raw_uid]
         self._catalog(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
-        if self._journal_w is not None and journalled:
+        if self._journal_w is None:
+            return
+        if journalled:
             self._journal_w.forget_run(raw_uid, stop_doc)
+        else:
+            still = lambda: self._opened.get(raw_uid, 0) == opens  # noqa: E731
+            self._journal_w.forget_run(raw_uid, None, still, record=stop_doc)
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
