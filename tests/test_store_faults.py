@@ -287,3 +287,56 @@ def test_a_run_killed_between_its_container_and_its_table_reads_back_empty(
     meta, frame = read_analysis(directory, "R")
     assert len(frame) == 0 and "seq_num" in frame
     assert meta["stop"]["raw_missing_events"] == 3 and meta["stop"]["interrupted"] is True
+
+
+@pytest.mark.parametrize("refusals", [1, 99], ids=["catalog back", "catalog refusing"])
+def test_a_replayed_run_whose_close_failed_keeps_its_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int
+) -> None:
+    """A process killed once a run's stop was journalled: the next start replays it, and
+    the catalog refuses that close (every retry). Before, recovery then found the run
+    without a stop, closed it as interrupted and put that stop over the real one in the
+    journal's record: the 'success' the run ended with was gone from catalog and journal.
+    Now a run whose record holds its stop is no interrupted run: its stop is written again
+    when recovery looks (``catalog back``), else kept for the next start's replay."""
+    from xasflow.adapters import tiled_writer
+    from xasflow.adapters.recovery import InterruptedRuns
+    from xasflow.adapters.tiled_schema import StoreError
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)  # what the killed process left
+    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
+    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
+    assert journal.close_run("R", stop)
+    journal.close()
+    real, left = tiled_writer.with_retries, {"n": refusals}
+
+    def refusing(action: Any, what: str) -> Any:
+        if what in ("close R", "finish R") and left["n"] > 0:
+            left["n"] -= 1
+            raise StoreError(f"{what}: the catalog refused it")
+        return real(action, what)
+
+    monkeypatch.setattr(tiled_writer, "with_retries", refusing)
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        found = interrupted.find()
+        for raw_uid in interrupted.pending():  # what the daemon does once they time out
+            interrupted.close(raw_uid, why="no raw stop")
+        assert store.flush(30)
+        first = read_analysis(store, "R")[0]["stop"]
+        errors = store.stats()["errors"]
+        kept = Journal(directory / JOURNAL_FILE).pending()
+    monkeypatch.setattr(tiled_writer, "with_retries", real)  # the catalog takes writes again
+    with AnalysisStore(directory, journal=True) as store:
+        again = InterruptedRuns(store)
+        assert again.find() == 0
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+    assert meta["stop"] == stop and [int(s) for s in frame["seq_num"]] == [1, 2]
+    assert found == 0 and first == (stop if refusals == 1 else None)
+    assert [r.stop for r in kept] == ([] if refusals == 1 else [stop])  # for the next start
+    assert errors == (1 if refusals == 1 else 2)  # each refused close counted
+    assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}

@@ -318,6 +318,24 @@ class Journal:
         said.extend(f"{n} rows of run {uid}, which has no record" for uid, n in orphans.items())
         return list(out.values())
 
+    def stops(self) -> dict[str, dict[str, Any]]:
+        """The stops the journal's records hold, by raw_uid: runs whose close the catalog
+        may lack (one it refused is replayed at the next start). A stop that cannot be read
+        back is left out (the replay says so)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT raw_uid, stop FROM runs WHERE stop IS NOT NULL"
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for uid, text in found:
+            try:
+                stop = json.loads(text)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(stop, dict):
+                out[uid] = stop
+        return out
+
     def counts(self, *, stale: bool = False) -> dict[str, int]:
         """Runs and rows the journal holds now, counted on a connection of its own
         (:class:`_Counter`: never waiting for this one's writes, for ``/metrics``); with

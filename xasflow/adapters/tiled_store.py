@@ -68,7 +68,7 @@ from xasflow.adapters.store_closing import StoreClosing
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
 from xasflow.adapters.store_room import Backpressure
 from xasflow.adapters.tiled_batch import acknowledge
-from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis, unfinished_in
+from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis
 from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
     CATALOG_FILE,
@@ -353,13 +353,14 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
             self._call_done()
 
     def unfinished_runs(self, timeout: float = 60.0) -> list[dict[str, Any]]:
-        """Runs stored without a stop (their writer died) and not open here, with their rows.
+        """Runs stored without a stop (their writer died) and not open here, with their rows
+        (not one whose journal record holds its stop: its close failed, and is tried again).
 
         Each: ``raw_uid``, ``start``, ``descriptor`` (metadata as stored), ``rows`` (stored
         rows), ``spectra`` (rows with ``index >= 0``), ``n_ok`` / ``n_rejected`` (by
         ``status``, when the table has it) and ``max_seq``. Runs on the writer thread.
         """
-        return self._call(lambda: unfinished_in(self._root, frozenset(self._runs)), timeout)
+        return self._call(self._unfinished, timeout)
 
     def finish_run(self, raw_uid: str, stop_doc: dict) -> None:
         """Record the stop of a run stored earlier that is not open here (see unfinished_runs)."""

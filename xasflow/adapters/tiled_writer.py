@@ -30,6 +30,7 @@ from xasflow.adapters.tiled_batch import (
     clear_stop,
     with_retries,
 )
+from xasflow.adapters.tiled_read import unfinished_in
 from xasflow.adapters.tiled_schema import (
     _KEY_NAME,
     DEFAULT_STREAM,
@@ -298,6 +299,35 @@ class WriterThread(CatalogOutage):
         else:
             still = lambda: self._opened.get(raw_uid, 0) == opens  # noqa: E731
             self._journal_w.forget_run(raw_uid, None, still, record=stop_doc)
+
+    def _unfinished(self) -> list[dict[str, Any]]:
+        """``unfinished_runs``: runs the catalog holds without a stop, not open here, less
+        those whose journal record holds their stop (their close failed: no interrupted
+        run, whose stop would replace the real one), which is written again now, or left
+        there for the next start if the catalog still refuses it."""
+        found = unfinished_in(self._root, frozenset(self._runs))
+        stops = self._journal_w.stops() if self._journal_w is not None and found else {}
+        out = []
+        for info in found:
+            raw_uid, stop = info["raw_uid"], stops.get(info["raw_uid"])
+            if stop is None:
+                out.append(info)
+                continue
+            logger.warning(
+                "analysis store: run %s has no stop in the catalog (its close failed); "
+                "writing the one its journal record holds",
+                raw_uid,
+            )
+            try:
+                self._finish(raw_uid, stop, journalled=True)
+            except Exception:
+                logger.exception(
+                    "analysis store: the stop of %s is still not in the catalog; the journal "
+                    "keeps it for the next start",
+                    raw_uid,
+                )
+                self._count("errors")
+        return out
 
     def _commit_due(self, force: bool = False) -> None:
         now = time.monotonic()
