@@ -379,3 +379,17 @@ def test_random_pages_match_normalize_row_by_row() -> None:
             np.testing.assert_allclose(y[i], want_y, rtol=1e-9, atol=1e-12)
             outcomes["ok"] = outcomes.get("ok", 0) + 1
     assert outcomes.get("ok", 0) > 50 and {"edge_step", "no_post_edge"} <= set(outcomes), outcomes
+
+
+def test_count_le_counts_at_or_below_and_count_lt_strictly_below() -> None:
+    """The shifted-rows counts say by name what they count: a value on a point is counted
+    by ``count_le`` and not by ``count_lt`` (once ``count_le(..., side="left")``, whose
+    name hid that it counts strictly below), on every row of a shifted axis."""
+    from xasflow.spectra.shifted_rows import below, count_le, count_lt
+
+    base = np.linspace(8900.0, 9100.0, 201)
+    rows = np.stack([base + shift for shift in (0.0, 0.1, -3.3)])
+    on, between, first = rows[:, 50], rows[:, 50] + 0.5, rows[:, 0]
+    values = np.stack((on, between, below(first), first, rows[:, -1]), axis=1)
+    assert count_le(rows, values).tolist() == [[51, 51, 0, 1, 201]] * 3
+    assert count_lt(rows, values).tolist() == [[50, 51, 0, 0, 200]] * 3

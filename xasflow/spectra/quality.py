@@ -15,7 +15,7 @@ from scipy.ndimage import correlate1d
 from xasflow.spectra.core import Spectrum
 from xasflow.spectra.e0_rivals import edge_peaks
 from xasflow.spectra.outliers import _halves, range_medians
-from xasflow.spectra.shifted_rows import count_le
+from xasflow.spectra.shifted_rows import count_le, count_lt
 
 __all__ = [
     "GATE_BASELINE",
@@ -319,7 +319,7 @@ def gate_steps(
     pre_c = c if pre_centre is None else np.asarray(pre_centre, dtype=np.float64)[:, None]
     # the columns at or below ``pre_centre - 12`` eV, and below ``centre + 20`` / to ``+ 60``
     below = count_le(energy, pre_c + GATE_WINDOWS[0])[:, 0]
-    p0 = np.maximum(count_le(energy, c + GATE_WINDOWS[1], "left")[:, 0], lead)
+    p0 = np.maximum(count_lt(energy, c + GATE_WINDOWS[1])[:, 0], lead)
     p1 = np.minimum(count_le(energy, c + GATE_WINDOWS[2])[:, 0], end)
     stop = np.maximum(np.minimum(below, end), lead)  # the pre-edge: columns lead..stop-1
     half = (stop - lead) // 2

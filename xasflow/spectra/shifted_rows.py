@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Pick", "below", "columns", "count_le", "nearest", "pick", "rowsum"]
+__all__ = ["Pick", "below", "columns", "count_le", "count_lt", "nearest", "pick", "rowsum"]
 
 Pick = slice | np.ndarray  # all rows (a view) or some (a copy)
 
@@ -24,15 +24,22 @@ def below(value: np.ndarray) -> np.ndarray:
     return np.nextafter(value, -np.inf)
 
 
-def count_le(
-    rows: np.ndarray, values: np.ndarray, side: Literal["left", "right"] = "right"
-) -> np.ndarray:
-    """``counts[i, q]``: how many of ``rows[i]`` (sorted) are ``<= values[i, q]``, or with
-    ``side="left"`` ``< values[i, q]`` (``np.searchsorted``'s sides, row by row).
+def count_le(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``counts[i, q]``: how many of ``rows[i]`` (sorted) are ``<= values[i, q]``
+    (``np.searchsorted(..., side="right")``, row by row; see :func:`_count`)."""
+    return _count(rows, values, "right")
 
-    The rows are one axis shifted (up to rounding): one ``searchsorted`` on row 0, then each
-    count is checked against its own row's neighbours and recounted there if rounding moved it.
-    """
+
+def count_lt(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``counts[i, q]``: how many of ``rows[i]`` (sorted) are ``< values[i, q]``, strictly
+    (``np.searchsorted(..., side="left")``, row by row; see :func:`_count`)."""
+    return _count(rows, values, "left")
+
+
+def _count(rows: np.ndarray, values: np.ndarray, side: Literal["left", "right"]) -> np.ndarray:
+    """:func:`count_le` (``side="right"``) or :func:`count_lt` (``"left"``). The rows are
+    one axis shifted (up to rounding): one ``searchsorted`` on row 0, then each count is
+    checked against its own row's neighbours and recounted there if rounding moved it."""
     k, m = rows.shape
     off = rows[:, :1] - rows[0, 0]
     c = np.searchsorted(rows[0], (values - off).ravel(), side=side).reshape(values.shape)
