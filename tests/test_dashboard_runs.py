@@ -133,3 +133,27 @@ def test_rejection_rates_are_split_by_stage() -> None:
     }
     health = json.loads(text)["health"]
     assert health["rejected_per_stage"] == {"analysis": 2, "assembly": 10}
+
+
+def test_the_latest_spectrums_views_are_made_only_for_a_message(monkeypatch) -> None:
+    """With no page connected the dashboard digests documents but makes no views of the
+    latest spectrum (a fly scan offers a new one every batch); the next message shows the
+    newest offered, made once."""
+    import xasflow.daemon.dashboard as dash
+
+    made: list[Any] = []
+
+    def views(latest: Any, cache: dict) -> tuple[dict, dict]:
+        made.append(latest)
+        return {"index": latest}, {"cn": latest}
+
+    monkeypatch.setattr(dash, "latest_views", views)
+    dashboard = Dashboard(None, rate_hz=10.0)
+    for i in range(5):  # batches analysed while nobody watches
+        dashboard.offer_latest(i)
+        assert not dashboard.tick()
+    assert made == []
+    _, text = dashboard.message()
+    assert made == [4] and json.loads(text)["spectrum"] == {"index": 4}
+    dashboard.tick(build=True)  # nothing new offered: the views are not made again
+    assert made == [4]
