@@ -263,3 +263,46 @@ def test_a_run_the_journal_could_not_open_waits_for_a_dead_catalog_in_memory(
     assert len(acked) == 3 and stats["errors"] == 0 and stats["journalled"] == 0
     assert list(frame["seq_num"]) == [1, 2, 3] and meta["start"]["uid"] == "c-start"
     assert meta["stop"]["uid"] == "c-stop" and stats["journal_runs"] == 0
+
+
+def test_settled_overrides_keep_the_apps_settings_without_rebuilding_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tiled's ``get_settings`` override made FastAPI rebuild every route's dependency graph
+    for every request (about half of the catalog child's CPU); settled, a request rebuilds
+    none, and the app still insists on its own key (the override's settings are in effect)."""
+    import fastapi.dependencies.utils as fastapi_deps
+    from starlette.testclient import TestClient
+    from tiled.catalog import from_uri
+    from tiled.config import Authentication
+    from tiled.server.app import build_app
+
+    from xasflow.adapters.tiled_schema import settle_overrides
+
+    def app() -> object:
+        tree = from_uri(f"sqlite:///{tmp_path / 'catalog.db'}", init_if_not_exists=True)
+        return build_app(tree, authentication=Authentication(single_user_api_key="secret"))
+
+    rebuilt = []
+    original = fastapi_deps.get_dependant
+
+    def counting(*args: object, **kwargs: object) -> object:
+        rebuilt.append(kwargs.get("call"))
+        return original(*args, **kwargs)
+
+    def per_request(application: object) -> tuple[int, int, int]:
+        with TestClient(application) as client:  # type: ignore[arg-type]
+            client.get("/api/v1/metadata/", headers={"Authorization": "Apikey secret"})
+            rebuilt.clear()
+            ok = client.get("/api/v1/metadata/", headers={"Authorization": "Apikey secret"})
+            n = len(rebuilt)
+            refused = client.get("/api/v1/metadata/", headers={"Authorization": "Apikey wrong"})
+        return n, ok.status_code, refused.status_code
+
+    monkeypatch.setattr(fastapi_deps, "get_dependant", counting)
+    before = per_request(app())
+    settled = app()
+    assert settle_overrides(settled)
+    after = per_request(settled)
+    assert before[0] > 0 and before[1:] == (200, 401)
+    assert after == (0, 200, 401)

@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     from tiled.config import Authentication
     from tiled.server.app import build_app
 
-    from xasflow.adapters.tiled_schema import CATALOG_FILE, _ensure_catalog, quiet_tiled_app
+    from xasflow.adapters.tiled_schema import (
+        CATALOG_FILE,
+        _ensure_catalog,
+        quiet_tiled_app,
+        settle_overrides,
+    )
 
     args = sys.argv[1:] if argv is None else argv
     directory, table_uris = Path(args[0]), args[1:]
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_catalog(directory / CATALOG_FILE)
     tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
     app = build_app(tree, authentication=Authentication(single_user_api_key=key))
+    settle_overrides(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # before the port is told: a first request waits in the backlog
