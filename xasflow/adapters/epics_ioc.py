@@ -310,9 +310,9 @@ class XasIoc:
 
     def raw_run_started(self, raw_uid: str) -> None:
         """A raw run starts scanning (the daemon's raw-start hook, once the assembler opened
-        the run and before its first result opens its analysis run): the last run's advice is cleared now, and none of it is
-        written after, so a plan watching STOP_EARLY never stops this scan on the last one's
-        certainty."""
+        the run and before its first result opens its analysis run): the last run's advice is
+        cleared now, and none of it is written after, so a plan watching STOP_EARLY never
+        stops this scan on the last one's certainty."""
         with self._advice_lock:
             self._advice.raw_start(raw_uid)
             self._clear_advice(raw_uid)

@@ -74,8 +74,9 @@ NaN) with an ``INVALID`` alarm, never left at an older answer's; an answer out o
 domain carries a ``MAJOR`` alarm on each of them, and on ``CN_SET``, ``OOD`` and ``OOD_SCORE``
 (:data:`DOUBT_PVS`), so an operator's panel shows the whole answer red, never a green set
 beside a red CN; ``STATUS`` then reads ``out_of_domain`` (:data:`OUT_OF_DOMAIN`), in ``MAJOR``
-alarm too, never ``ok`` beside an answer not to trust (a rejection's ``STATUS`` has no alarm). Before the first answer (a daemon just started) they all hold their
-placeholder in ``INVALID`` alarm (``UDF``), as an EPICS record not yet processed.
+alarm too, never ``ok`` beside an answer not to trust (a rejection's ``STATUS`` has no
+alarm). Before the first answer (a daemon just started) they all hold their placeholder in
+``INVALID`` alarm (``UDF``), as an EPICS record not yet processed.
 """
 
 from __future__ import annotations

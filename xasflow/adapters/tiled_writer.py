@@ -2,9 +2,10 @@
 
 One thread owns the tiled client: it takes the queued items in order (open, prepare, row,
 replay (a row from the journal), close, finish, call, flush, release, stop), groups rows per
-run and appends each batch in one transaction, then acknowledges the rows (and, with the journal, forgets them there). Kept apart
-from the caller side so each half reads in one sitting; :class:`WriterThread` is a mixin that
-only :class:`~xasflow.adapters.tiled_store.AnalysisStore` uses.
+run and appends each batch in one transaction, then acknowledges the rows (and, with the
+journal, forgets them there). Kept apart from the caller side so each half reads in one
+sitting; :class:`WriterThread` is a mixin that only
+:class:`~xasflow.adapters.tiled_store.AnalysisStore` uses.
 
 When the catalog's child process dies, the queued work the journal holds is left to it, the
 rest waits in memory; once :class:`~xasflow.adapters.catalog_supervisor.CatalogSupervisor`
