@@ -24,6 +24,8 @@ from helpers import read_pv as read
 
 from xasflow.adapters.epics_ioc import XasIoc
 from xasflow.adapters.epics_pvs import MAX_REGIONS, REGIONS_ADVISED, UNDEFINED, values_from
+from xasflow.daemon.config import DaemonConfig
+from xasflow.daemon.health import feedback_health
 
 
 def _children() -> list[tuple[int, str]]:
@@ -725,6 +727,9 @@ def test_advice_cut_to_the_regions_the_pv_holds_is_logged_once_per_run(
     assert "run raw-A has 70 regions; REGIONS holds the first 64, 6 left out" in cut[0]
     assert "run raw-B" in cut[1]
     assert ioc.regions_cut == 4
+    config = DaemonConfig.model_validate({"epics": {"enabled": True}})
+    epics = feedback_health(config, ioc, None)["epics"]  # what /health shows of it
+    assert (epics["regions_cut"], epics["advice_dropped"]) == (4, 0)
 
 
 def test_advice_bundle_names_the_advices_bundle_not_the_last_answers(

@@ -10,7 +10,8 @@ __all__ = ["feedback_health", "limits_health"]
 
 
 def feedback_health(config: DaemonConfig, ioc: Any, submitter: Any) -> dict[str, Any]:
-    """The IOC's and the queueserver submitter's state (None where disabled)."""
+    """The IOC's and the queueserver submitter's state (None where disabled); the IOC's
+    counts of advice it dropped or cut, which its log says only once per run."""
     return {
         "recommend": config.recommend.enabled,
         "epics": None
@@ -20,6 +21,9 @@ def feedback_health(config: DaemonConfig, ioc: Any, submitter: Any) -> dict[str,
             "port": ioc.tcp_port,
             "running": ioc.running,
             "published": ioc.published,
+            # advice of a run a later start superseded, not written; advice cut to REGIONS
+            "advice_dropped": ioc.advice_dropped,
+            "regions_cut": ioc.regions_cut,
         },
         "queueserver": None
         if submitter is None
