@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from dashboard_helpers import RATE_HZ
-from helpers import Harness, LoopbackProxy, daemon_config
+from epics_support import CaPorts, loopback_ca, running_ioc
+from helpers import Harness, LoopbackProxy, daemon_config, free_port
 from kafka_broker import Broker, BrokerUnavailable
 
 from xasflow import paths
@@ -303,3 +304,21 @@ def bundle(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from xasflow.training.bundle_export import export_bundle
 
     return export_bundle(trained, tmp_path_factory.mktemp("b") / "cu-k")
+
+
+# --------------------------------------------------------------------------- the EPICS tests
+# (test_epics_*.py, and the daemon's own IOC in test_service_lifecycle.py): epics_support
+
+
+@pytest.fixture
+def ca_loopback(monkeypatch: pytest.MonkeyPatch) -> CaPorts:
+    """Channel Access on two free loopback ports, for this test's servers and clients only."""
+    pytest.importorskip("caproto")
+    return loopback_ca(monkeypatch, CaPorts(free_port(), free_port()))
+
+
+@pytest.fixture
+def ioc_env(ca_loopback: CaPorts) -> Iterator[dict[str, Any]]:
+    """A running IOC and a loopback-only client context; both torn down, threads checked."""
+    with running_ioc(ca_loopback) as env:
+        yield env

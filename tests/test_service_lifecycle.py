@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
 
+from epics_support import CaPorts
 from helpers import (
     ANALYSIS,
     STEP_GRID,
@@ -158,32 +159,17 @@ def test_model_directory_is_watched(models_dir: Path, proxy: LoopbackProxy, tmp_
 
 
 def test_feedback_recommendations_and_epics_pvs(
-    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    models_dir: Path, proxy: LoopbackProxy, tmp_path: Path, ca_loopback: CaPorts
 ) -> None:
     """The daemon hosts the IOC (epics.enabled): MODEL_OK follows the models, the PVs follow
     the latest analysed spectrum and its recommendations, read by a caproto client."""
-    pytest.importorskip("caproto")
-
-    from helpers import free_port as free_ca_port
-    from helpers import read_pv as read
-
-    port, repeater = free_ca_port(), free_ca_port()
-    for key, value in {
-        "EPICS_CA_ADDR_LIST": "127.0.0.1",
-        "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CA_SERVER_PORT": str(port),
-        "EPICS_CA_REPEATER_PORT": str(repeater),
-    }.items():
-        monkeypatch.setenv(key, value)
-    import caproto
-
-    monkeypatch.setattr(caproto, "get_local_address", lambda: "127.0.0.1")
     from caproto.threading.client import Context
+    from helpers import read_pv as read
 
     empty = tmp_path / "models"
     empty.mkdir()
     cfg = daemon_config(empty, proxy, tmp_path / "store").with_updates(
-        {"epics": {"enabled": True, "prefix": "TST:FLOW:", "port": port}}
+        {"epics": {"enabled": True, "prefix": "TST:FLOW:", "port": ca_loopback.port}}
     )
     h = Harness(cfg, proxy)
     ctx = Context(timeout=5.0)
