@@ -295,3 +295,49 @@ def test_an_interrupted_stop_the_journal_missed_is_not_given_again_at_the_next_s
     assert (found, [int(s) for s in frame["seq_num"]]) == (0, [1, 2])
     assert meta["stop"]["uid"] == stop["uid"] and meta["stop"]["raw_missing_events"] == 1
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def test_a_start_redelivered_while_finish_run_journals_keeps_its_record_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finish_run`` of a run a killed predecessor left open checks that the run is not open
+    here, then journals the interrupted stop outside the store's lock; the raw start
+    redelivered in between (another thread) reopens the run's record. Before, the finish's
+    stop went into that fresh record: a crash then replayed the reopened copy as a run that
+    had ended with the old interrupted stop, so recovery never closed it (its acknowledged
+    rows 3 and 4 under a stop that counts 2). Now the finish journals its stop only while no
+    open came since its check, in the same journal transaction."""
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:  # closed with R open, as if killed
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+    real = Journal.close_run
+    redelivered: list[str] = []
+
+    def open_in_the_gap(self: Journal, raw_uid: str, *args: Any, **kw: Any) -> Any:
+        if not redelivered:  # the redelivered start lands between finish_run's two steps
+            redelivered.append(raw_uid)
+            store.open_run("R", {"uid": "a2"}, DESCRIPTOR)
+        return real(self, raw_uid, *args, **kw)
+
+    acked: list[int] = []
+    store = AnalysisStore(directory, journal=True, flush_interval=30.0)
+    assert [u["raw_uid"] for u in store.unfinished_runs()] == ["R"]
+    monkeypatch.setattr(Journal, "close_run", open_in_the_gap)
+    store.finish_run("R", {"uid": "old-stop", "exit_status": "fail", "interrupted": True})
+    store._call(lambda: None, 30)  # the writer has handled the open and the finish
+    record = {r.raw_uid: r.stop for r in Journal(directory / JOURNAL_FILE).pending()}
+    go = _hold_then_kill(store, monkeypatch)  # the new copy's rows: acknowledged, uncommitted
+    for seq in (3, 4):
+        assert store.add_event("R", _row(seq), on_stored=lambda s=seq: acked.append(s))
+    _crash(store, go)
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        interrupted = InterruptedRuns(store)
+        found = interrupted.find()
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+    assert (redelivered, acked, record) == (["R"], [3, 4], {"R": None})
+    assert found == 1 and [int(s) for s in frame["seq_num"]] == [1, 2, 3, 4]
+    assert meta["stop"] is None  # left to recovery, which counts the 4 rows

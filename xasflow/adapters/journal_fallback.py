@@ -115,16 +115,27 @@ class JournalFallback:
         it = iter(done)
         return [next(it) if ok else False for ok in fits]
 
-    def _journal_stop(self, raw_uid: str, stop: dict[str, Any]) -> bool:
+    def _journal_stop(self, raw_uid: str, stop: dict[str, Any], opens: int | None = None) -> bool:
         """Record a run's stop in the journal's record of it, so the writer forgets that
         record only while it holds this stop; False if the write failed (logged), there is
         no journal, the run is unjournalled (popped here) or the journal holds no record of
         it (a run a previous process left open with all its rows in the catalog): then the
-        stop is not in the journal, and the writer must not take it as being there."""
-        if self._journal is None or raw_uid in self._unjournalled:
+        stop is not in the journal, and the writer must not take it as being there.
+
+        ``opens`` (``finish_run``, of a run not open here): the callers' count of the run's
+        opens when it looked; an open since (a start redelivered meanwhile) owns the record,
+        so the stop is written only while none came, checked under the journal's write lock
+        (also False then, and an unjournalled open's mark is left to it)."""
+        if opens is not None:
+            still = lambda: self._opened.get(raw_uid, 0) == opens  # noqa: E731
+            if self._journal is None or raw_uid in self._unjournalled:
+                return False
+        elif self._journal is None or raw_uid in self._unjournalled:
             self._unjournalled.discard(raw_uid)
             return False
         try:
+            if opens is not None:
+                return self._journal.close_run(raw_uid, stop, still)
             return self._journal.close_run(raw_uid, stop)
         except Exception:
             logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)

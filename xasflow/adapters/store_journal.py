@@ -202,12 +202,23 @@ class Journal:
                     )
         return [q is not None for q in seqs]
 
-    def close_run(self, raw_uid: str, stop: dict[str, Any]) -> bool:
+    def close_run(
+        self, raw_uid: str, stop: dict[str, Any], still: Callable[[], bool] | None = None
+    ) -> bool:
         """Record a run's stop document (written to the catalog after its rows; also the
         stop ``finish_run`` gives a run a previous process left open) in its record; False
         when there is none (a run opened without the journal, or whose record was forgotten:
-        nothing was recorded)."""
-        with self._lock:
+        nothing was recorded). Given ``still``, only if it holds once the write lock is
+        taken (no open of the run came since the caller looked), else False."""
+        if still is None:
+            with self._lock:
+                done = self._db.execute(
+                    "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid)
+                )
+            return done.rowcount > 0
+        with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
+            if not still():
+                return False
             done = self._db.execute(
                 "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid)
             )

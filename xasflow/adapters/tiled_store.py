@@ -371,8 +371,8 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
             opens = self._opened.get(raw_uid, 0)  # one since: its record is not forgotten
             self._calls += 1
-        try:  # journalled (outside the lock): a replayed start keeps its record
-            journalled = self._journal_stop(raw_uid, stop)
+        try:  # journalled (outside the lock) only while no open came since: its record
+            journalled = self._journal_stop(raw_uid, stop, opens)
             with self._cond:  # before close()'s stop, which waits for this call
                 self._items.append(("finish", raw_uid, stop, journalled, opens))
                 self._cond.notify()
