@@ -306,3 +306,38 @@ def test_settled_overrides_keep_the_apps_settings_without_rebuilding_per_request
     after = per_request(settled)
     assert before[0] > 0 and before[1:] == (200, 401)
     assert after == (0, 200, 401)
+
+
+def test_a_damaged_journal_record_is_counted_once_across_catalog_restarts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record the journal cannot read back is kept for a person, logged and counted in
+    ``errors`` when the store starts. Each restart of a dead catalog child replays the
+    journal again; before, that logged and counted the same record again (errors 2 after
+    one restart: a child dying now and then kept the errors alert firing on nothing new).
+    Now a store says and counts each such thing once."""
+    import sqlite3
+
+    from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)
+    journal.open_run("run-x", {"uid": "x-start"}, DESCRIPTOR)
+    journal.close()
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute("UPDATE runs SET start = '{\"uid\": ' WHERE raw_uid = 'run-x'")
+    caplog.set_level(logging.ERROR, logger="xasflow.adapters.tiled_store")
+    store = AnalysisStore(directory, journal=True, catalog_process=True)
+    try:
+        assert store.flush(timeout=30)
+        first = store.stats()["errors"]
+        (child,) = _catalog_children(os.getpid())
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: store.stats()["catalog_restarts"] == 1, "the catalog restarted", 30)
+        assert store.flush(timeout=30)  # after the journal's replay into the new child
+        stats = store.stats()
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if "run run-x's record" in r.getMessage()]
+    assert (first, stats["errors"], stats["journal_runs"], len(said)) == (1, 1, 1, 1)

@@ -152,6 +152,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
         self._opened: dict[str, int] = {}  # opens of each raw_uid so far (callers)
         self._refused_opens: dict[str, set[int]] = {}  # refused while a later open ran
         self._superseded: dict[str, int] = {}  # their journal records to drop (writer only)
+        self._said_unreadable: set[str] = set()  # journal damage logged, counted (writer)
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False

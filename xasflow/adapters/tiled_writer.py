@@ -76,6 +76,7 @@ class WriterThread(CatalogOutage):
     _catalog_up: Callable[[], bool]
     _opened: dict[str, int]  # the callers' count of opens of each raw_uid
     _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
+    _said_unreadable: set[str]  # what the journal cannot give back, logged and counted once
     batch_size: int
     flush_interval: float
 
@@ -373,7 +374,7 @@ class WriterThread(CatalogOutage):
         a restart of its process): each run made or reopened, its rows appended (duplicates
         skipped by seq_num), its stop recorded if it had one. A run in ``still_open`` (open
         on the caller side when the queue was taken) stays open: its close, if any came
-        since, is queued after these."""
+        since, is queued after these. What cannot be read back is said and counted once."""
         items: list[Any] = []
         unreadable: list[str] = []
         for jr in journal.pending(unreadable):
@@ -400,14 +401,18 @@ class WriterThread(CatalogOutage):
                 len(jr.rows),
                 state,
             )
-        if unreadable:  # not replayed, kept there; counted, so the errors alert fires
+        # not replayed, kept there; counted, so the errors alert fires: once per store, not
+        # at each replay into a restarted catalog process (nothing new happened then)
+        new = [said for said in dict.fromkeys(unreadable) if said not in self._said_unreadable]
+        if new:
+            self._said_unreadable.update(new)
             logger.error(
                 "analysis store: the journal %s holds what cannot be read back, left there "
                 "for a person and not replayed: %s",
                 journal.path,
-                "; ".join(unreadable),
+                "; ".join(new),
             )
-            self._count("errors", len(unreadable))
+            self._count("errors", len(new))
         return items
 
     def _finish_rows(self, n: int, errors: int, lost: list[Ack | None] | None = None) -> None:
