@@ -1,0 +1,144 @@
+"""The writer thread's stops (:mod:`xasflow.adapters.tiled_writer`): a run's close, the finish
+of a run a previous process left open, and what becomes of each one's journal record.
+
+A stop is written to the catalog first; the run's journal record is forgotten only once the
+catalog holds it, and only while the record is still this stop's (a run opened again since
+keeps its record, and the rows journalled for the new copy). :class:`RunStops` is a mixin
+only :class:`~xasflow.adapters.tiled_writer.WriterThread` uses; every method runs on its
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from xasflow.adapters.store_journal import Journal
+from xasflow.adapters.tiled_read import unfinished_in
+from xasflow.adapters.tiled_schema import _Run
+
+__all__ = ["RunStops", "start_of"]
+
+logger = logging.getLogger("xasflow.adapters.tiled_store")
+
+
+class RunStops:
+    """Closes and finishes of runs, on the writer thread."""
+
+    _runs: dict[str, _Run]
+    _journal_w: Journal | None  # the writer thread's connection to the journal
+    _root: Any
+    _opened: dict[str, int]  # the callers' count of opens of each raw_uid
+    _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
+
+    # WriterThread's
+    def _catalog(self, action: Callable[[], Any], what: str) -> Any:
+        raise NotImplementedError
+
+    def _commit(self, run: _Run) -> None:
+        raise NotImplementedError
+
+    def _count(self, name: str, n: int = 1) -> None:
+        raise NotImplementedError
+
+    def _close(self, raw_uid: str, stop_doc: dict, unjournalled: int | None = None) -> None:
+        """Write a run's stop, then forget its journal record. ``unjournalled``: the stop is
+        not in the journal (the callers' count of the run's opens at this close is given):
+        the record is forgotten only while no later open came, which may have journalled a
+        record of its own, its rows still to come (forgotten, a crash would lose them); one
+        its rows keep takes this stop, so the next start does not reopen the run."""
+        run = self._runs.pop(raw_uid, None)
+        if run is None or run.failed:
+            self._count("errors")
+            logger.error("analysis store: close of run %s that did not open", raw_uid)
+            return
+        self._commit(run)
+        meta = {**start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
+        self._catalog(lambda: run.node.update_metadata(meta), f"close {raw_uid}")
+        if unjournalled is not None and raw_uid in self._superseded:  # drop failed at the open
+            self._end_superseded(raw_uid)
+        elif self._journal_w is None:
+            return
+        elif unjournalled is None:  # the journal's record holds this stop
+            self._journal_w.forget_run(raw_uid, stop_doc)
+        else:
+            still = lambda: self._opened.get(raw_uid) == unjournalled  # noqa: E731
+            self._journal_w.forget_run(raw_uid, None, still, record=stop_doc)
+
+    def _end_superseded(self, raw_uid: str) -> None:
+        """Drop the journal's record of a run opened unjournalled, and the rows listed for
+        it: an earlier copy's, which the items before this open put into the catalog (or
+        failed to); replayed after a crash, it would write the old copy's start, stop and
+        rows over the new one's. Only while no later open of the run came (it may have
+        journalled a record of its own); a failure (the journal's lock held) is tried again
+        at the run's close."""
+        opened = self._superseded.get(raw_uid)
+        if self._journal_w is None or opened is None:
+            return
+        try:
+            self._journal_w.drop_run(raw_uid, lambda: self._opened.get(raw_uid) == opened)
+        except Exception:
+            logger.exception("analysis store: cannot drop the superseded record of %s", raw_uid)
+            self._count("errors")
+            return
+        del self._superseded[raw_uid]
+
+    def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool, opens: int = 0) -> None:
+        """Record the stop of a run a previous process left open, then forget its journal
+        record only if that still holds this stop: the run's start replayed meanwhile (a
+        Kafka redelivery, queued after this finish) opened the record again, and the rows
+        journalled for that copy need it to be replayed after a crash. A stop the journal
+        could not record (or a run it has no record of): the record is forgotten only while
+        no open came since the finish (``opens``: the callers' count of the run's opens
+        then), and one its rows keep takes this stop, as at an unjournalled close; left
+        stopless, it came back at the next start as an open run, which recovery closed
+        again (a second stop, its raw count unknown). A journal that fails here too leaves
+        the record: the next start ends the run again, never leaves it open."""
+        if raw_uid in self._runs or raw_uid not in self._root:
+            self._count("errors")
+            logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
+            return
+        node = self._root[raw_uid]
+        self._catalog(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
+        if self._journal_w is None:
+            return
+        if journalled:
+            self._journal_w.forget_run(raw_uid, stop_doc)
+        else:
+            still = lambda: self._opened.get(raw_uid, 0) == opens  # noqa: E731
+            self._journal_w.forget_run(raw_uid, None, still, record=stop_doc)
+
+    def _unfinished(self) -> list[dict[str, Any]]:
+        """``unfinished_runs``: runs the catalog holds without a stop, not open here, less
+        those whose journal record holds their stop (their close failed: no interrupted
+        run, whose stop would replace the real one), which is written again now, or left
+        there for the next start if the catalog still refuses it."""
+        found = unfinished_in(self._root, frozenset(self._runs))
+        stops = self._journal_w.stops() if self._journal_w is not None and found else {}
+        out = []
+        for info in found:
+            raw_uid, stop = info["raw_uid"], stops.get(info["raw_uid"])
+            if stop is None:
+                out.append(info)
+                continue
+            logger.warning(
+                "analysis store: run %s has no stop in the catalog (its close failed); "
+                "writing the one its journal record holds",
+                raw_uid,
+            )
+            try:
+                self._finish(raw_uid, stop, journalled=True)
+            except Exception:
+                logger.exception(
+                    "analysis store: the stop of %s is still not in the catalog; the journal "
+                    "keeps it for the next start",
+                    raw_uid,
+                )
+                self._count("errors")
+        return out
+
+
+def start_of(run: _Run) -> dict[str, Any]:
+    """A run's start and descriptor metadata (written once its table was made ahead)."""
+    return {"start": run.metadata["start"], "descriptor": run.metadata["descriptor"]}
