@@ -340,3 +340,43 @@ def test_a_replayed_run_whose_close_failed_keeps_its_stop(
     assert [r.stop for r in kept] == ([] if refusals == 1 else [stop])  # for the next start
     assert errors == (1 if refusals == 1 else 2)  # each refused close counted
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
+
+
+def test_a_replayed_close_the_catalog_refused_is_retried_while_the_store_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed once a run's stop was journalled: the next start replays it and
+    the catalog refuses that close (every retry of the call), then its next write too, and
+    takes the one after. Before, the writer gave the stop up until recovery asked for
+    unfinished runs, or the next start: a daemon past its start kept the run stopless in
+    the catalog, and its record in the journal. Now the writer tries it again itself after
+    1 s, then 2 s (doubling, as a dead catalog process is retried); counted once in
+    ``errors``."""
+    from helpers import wait_for
+
+    from xasflow.adapters import tiled_writer
+    from xasflow.adapters.tiled_schema import StoreError
+
+    directory = tmp_path / "s"
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)  # what the killed process left
+    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
+    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
+    assert journal.close_run("R", stop)
+    journal.close()
+    real, refused = tiled_writer.with_retries, []
+
+    def refusing(action: Any, what: str) -> Any:
+        if what in ("close R", "finish R") and len(refused) < 2:
+            refused.append(what)
+            raise StoreError(f"{what}: the catalog refused it")
+        return real(action, what)
+
+    monkeypatch.setattr(tiled_writer, "with_retries", refusing)
+    with AnalysisStore(directory, journal=True) as store:
+        wait_for(lambda: store.stats()["journal_runs"] == 0, "the stop retried and taken")
+        meta, frame = read_analysis(store, "R")
+        errors = store.stats()["errors"]
+    assert meta["stop"] == stop and [int(s) for s in frame["seq_num"]] == [1, 2]
+    assert (len(refused), errors) == (2, 1)

@@ -22,12 +22,15 @@ from typing import Any
 
 from xasflow.adapters.tiled_server import ChildLiveness, serve_in_child
 
-__all__ = ["POLL_S", "CatalogSupervisor"]
+__all__ = ["FIRST_DELAY_S", "MAX_DELAY_S", "POLL_S", "CatalogSupervisor"]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
 
 #: How often (seconds) an idle writer thread looks at the child.
 POLL_S = 1.0
+#: The back-off of the tries after a catalog failure (seconds): the first, and the most it
+#: doubles to (also that of a stop the catalog refused, :mod:`xasflow.adapters.writer_stops`).
+FIRST_DELAY_S, MAX_DELAY_S = 1.0, 30.0
 
 
 class CatalogSupervisor:
@@ -43,8 +46,8 @@ class CatalogSupervisor:
         directory: Path,
         table_uris: list[str],
         *,
-        first_delay: float = 1.0,
-        max_delay: float = 30.0,
+        first_delay: float = FIRST_DELAY_S,
+        max_delay: float = MAX_DELAY_S,
         start_timeout: float = 60.0,
         python: str = sys.executable,
     ) -> None:

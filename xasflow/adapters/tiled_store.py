@@ -91,6 +91,7 @@ from xasflow.adapters.tiled_writer import (
     UNJOURNALLED_OPEN,
     WriterThread,
 )
+from xasflow.adapters.writer_stops import StopDue
 
 __all__ = ["AnalysisStore", "StoreError", "read_analysis"]
 
@@ -153,6 +154,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
         self._refused_opens: dict[str, set[int]] = {}  # refused while a later open ran
         self._superseded: dict[str, int] = {}  # their journal records to drop (writer only)
         self._said_unreadable: set[str] = set()  # journal damage logged, counted (writer)
+        self._stops_due: dict[str, StopDue] = {}  # stops the catalog refused (writer only)
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
         self._closed = False

@@ -98,6 +98,7 @@ class WriterThread(CatalogOutage, RunStops):
                 logger.exception("analysis store: writer step failed")
                 self._count("errors")
         self._drop_held()
+        self._stops_left()
 
     def _writer_step(self) -> bool:
         """Wait for work or a batch deadline, handle what is queued, commit what is due."""
@@ -130,6 +131,8 @@ class WriterThread(CatalogOutage, RunStops):
         except Exception:
             logger.exception("analysis store: commit or start failed")
             self._count("errors")
+        if self._stops_due and not stop:  # refused stops, tried again when due (never raises)
+            self._retry_stops(time.monotonic())
         return stop
 
     def _next_deadline(self) -> float | None:
@@ -138,6 +141,7 @@ class WriterThread(CatalogOutage, RunStops):
         ]
         if self._supervisor is not None:  # its next look at the catalog's process
             starts.append(self._supervisor.next_check(time.monotonic()))
+        starts.extend(due.due for due in self._stops_due.values())  # refused stops' next try
         return min(starts) if starts else None
 
     def _handle(self, item: tuple[Any, ...]) -> bool:
@@ -193,6 +197,7 @@ class WriterThread(CatalogOutage, RunStops):
         return False
 
     def _open(self, run: _Run) -> None:
+        self._stops_due.pop(run.raw_uid, None)  # a refused stop of an earlier copy: its own now
         previous = self._runs.get(run.raw_uid)
         if previous is not None and not previous.failed:
             self._commit(previous)

@@ -6,21 +6,45 @@ catalog holds it, and only while the record is still this stop's (a run opened a
 keeps its record, and the rows journalled for the new copy). :class:`RunStops` is a mixin
 only :class:`~xasflow.adapters.tiled_writer.WriterThread` uses; every method runs on its
 thread.
+
+A stop the catalog refuses (every one of the store's retries of the call) is counted in
+``errors`` once and tried again by the writer itself while the store runs (:class:`StopDue`),
+after 1 s, then twice as long each time up to 30 s (the back-off of a dead catalog process,
+:mod:`xasflow.adapters.catalog_supervisor`), until the catalog takes it; then its journal
+record is forgotten as it would have been. A later open of the run ends the retries (the new
+copy's close writes its stop), as does a newer stop of it. A stop the journal holds is
+replayed at the next start if the store closes first; one it does not hold is then lost,
+and said so.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from xasflow.adapters.catalog_supervisor import FIRST_DELAY_S, MAX_DELAY_S
 from xasflow.adapters.store_journal import Journal
 from xasflow.adapters.tiled_read import unfinished_in
 from xasflow.adapters.tiled_schema import _Run
 
-__all__ = ["RunStops", "start_of"]
+__all__ = ["RunStops", "StopDue", "start_of"]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
+
+
+@dataclass
+class StopDue:
+    """A stop the catalog refused, to be written again at ``due`` (monotonic seconds)."""
+
+    write: Callable[[], Any]  # the catalog write, on the catalog's client at the time
+    then: Callable[[], None]  # what follows once the catalog holds it: the journal's part
+    what: str  # "close <raw_uid>" or "finish <raw_uid>", as the first try said
+    journalled: bool  # the journal holds the stop (replayed at the next start)
+    due: float
+    delay: float = FIRST_DELAY_S
 
 
 class RunStops:
@@ -31,6 +55,7 @@ class RunStops:
     _root: Any
     _opened: dict[str, int]  # the callers' count of opens of each raw_uid
     _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
+    _stops_due: dict[str, StopDue]  # stops the catalog refused, by raw_uid: tried again
 
     # WriterThread's
     def _catalog(self, action: Callable[[], Any], what: str) -> Any:
@@ -55,7 +80,20 @@ class RunStops:
             return
         self._commit(run)
         meta = {**start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
-        self._catalog(lambda: run.node.update_metadata(meta), f"close {raw_uid}")
+        self._write_stop(
+            raw_uid,
+            lambda: run.node.update_metadata(meta),
+            StopDue(
+                lambda: self._root[raw_uid].update_metadata(meta),
+                lambda: self._closed_journal(raw_uid, stop_doc, unjournalled),
+                f"close {raw_uid}",
+                self._journal_w is not None and unjournalled is None,
+                0.0,
+            ),
+        )
+
+    def _closed_journal(self, raw_uid: str, stop_doc: dict, unjournalled: int | None) -> None:
+        """The journal's part of a close, once the catalog holds its stop (see _close)."""
         if unjournalled is not None and raw_uid in self._superseded:  # drop failed at the open
             self._end_superseded(raw_uid)
         elif self._journal_w is None:
@@ -100,7 +138,20 @@ class RunStops:
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
         node = self._root[raw_uid]
-        self._catalog(lambda: node.update_metadata({"stop": stop_doc}), f"finish {raw_uid}")
+        self._write_stop(
+            raw_uid,
+            lambda: node.update_metadata({"stop": stop_doc}),
+            StopDue(
+                lambda: self._root[raw_uid].update_metadata({"stop": stop_doc}),
+                lambda: self._finished_journal(raw_uid, stop_doc, journalled, opens),
+                f"finish {raw_uid}",
+                self._journal_w is not None and journalled,
+                0.0,
+            ),
+        )
+
+    def _finished_journal(self, raw_uid: str, stop_doc: dict, journalled: bool, opens: int) -> None:
+        """The journal's part of a finish, once the catalog holds its stop (see _finish)."""
         if self._journal_w is None:
             return
         if journalled:
@@ -112,8 +163,8 @@ class RunStops:
     def _unfinished(self) -> list[dict[str, Any]]:
         """``unfinished_runs``: runs the catalog holds without a stop, not open here, less
         those whose journal record holds their stop (their close failed: no interrupted
-        run, whose stop would replace the real one), which is written again now, or left
-        there for the next start if the catalog still refuses it."""
+        run, whose stop would replace the real one), which is written again now, or tried
+        again later if the catalog still refuses it (and replayed at the next start)."""
         found = unfinished_in(self._root, frozenset(self._runs))
         stops = self._journal_w.stops() if self._journal_w is not None and found else {}
         out = []
@@ -131,12 +182,65 @@ class RunStops:
                 self._finish(raw_uid, stop, journalled=True)
             except Exception:
                 logger.exception(
-                    "analysis store: the stop of %s is still not in the catalog; the journal "
-                    "keeps it for the next start",
+                    "analysis store: the stop of %s is still not in the catalog; tried again "
+                    "later (the journal keeps it for the next start)",
                     raw_uid,
                 )
                 self._count("errors")
         return out
+
+    def _write_stop(self, raw_uid: str, first: Callable[[], Any], again: StopDue) -> None:
+        """Write a stop to the catalog (``first``), then do its journal part (``again.then``);
+        refused, it is tried again later (``again``) and the refusal raised (counted)."""
+        try:
+            self._catalog(first, again.what)
+        except Exception:
+            again.due = time.monotonic() + again.delay
+            self._stops_due[raw_uid] = again
+            raise
+        self._stops_due.pop(raw_uid, None)  # an older stop of the run is not written now
+        again.then()
+
+    def _retry_stops(self, now: float) -> None:
+        """Write again the refused stops now due; one refused again waits twice as long
+        (logged, not counted again: the stop's refusal was counted once)."""
+        for raw_uid, due in list(self._stops_due.items()):
+            if due.due > now:
+                continue
+            try:
+                self._catalog(due.write, due.what)
+            except Exception as exc:
+                due.delay = min(2 * due.delay, MAX_DELAY_S)
+                due.due = time.monotonic() + due.delay
+                logger.warning(
+                    "analysis store: %s: the catalog still refuses the stop (%s); next try in "
+                    "%.0f s",
+                    due.what,
+                    exc,
+                    due.delay,
+                )
+                continue
+            if self._stops_due.get(raw_uid) is due:
+                del self._stops_due[raw_uid]
+            logger.warning("analysis store: %s: the catalog took the stop at last", due.what)
+            try:
+                due.then()
+            except Exception:
+                logger.exception("analysis store: %s: the journal's part failed", due.what)
+                self._count("errors")
+
+    def _stops_left(self) -> None:
+        """At the writer's end: the stops the catalog never took, said (counted already)."""
+        for due in self._stops_due.values():
+            if due.journalled:
+                logger.warning(
+                    "analysis store: %s: not in the catalog; the journal replays it at the "
+                    "next start",
+                    due.what,
+                )
+            else:
+                logger.error("analysis store: %s: the stop was never recorded", due.what)
+        self._stops_due.clear()
 
 
 def start_of(run: _Run) -> dict[str, Any]:
