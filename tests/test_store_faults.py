@@ -380,3 +380,44 @@ def test_a_replayed_close_the_catalog_refused_is_retried_while_the_store_runs(
         errors = store.stats()["errors"]
     assert meta["stop"] == stop and [int(s) for s in frame["seq_num"]] == [1, 2]
     assert (len(refused), errors) == (2, 1)
+
+
+@pytest.mark.parametrize("column", ["start", "stop"])
+def test_a_damaged_record_is_kept_when_recovery_finishes_its_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str
+) -> None:
+    """A killed process left run R open, all its rows moved to the catalog, and its journal
+    record is damaged (its start or stop not JSON): the replay says so, counts it and keeps
+    it for a person. Recovery then finds R stopless in the catalog and finishes it. Before,
+    ``finish_run`` wrote its stop into that record and the writer, the catalog holding the
+    stop, forgot it (no rows kept it): the record a person was told to look at was gone,
+    and the next start said nothing. Now a record the store found damaged is left as it
+    is; the catalog takes the stop, and the next start says the record again."""
+    import sqlite3
+
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:  # closed with R open, as if killed
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute(f"UPDATE runs SET {column} = '{{\"uid\": ' WHERE raw_uid = 'R'")
+        before = db.execute("SELECT * FROM runs").fetchall()
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        assert interrupted.find() == 1
+        stop = interrupted.close("R", {"exit_status": "success", "num_events": {"primary": 2}})
+        assert stop is not None and store.flush(30)
+        errors = store.stats()["errors"]
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        kept = db.execute("SELECT * FROM runs").fetchall()
+    caplog.clear()
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        again = InterruptedRuns(store).find()
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        said = store.stats()["errors"]
+    assert (errors, kept, again, said) == (1, before, 0, 1)
+    assert meta["stop"]["uid"] == stop["uid"] and [int(s) for s in frame["seq_num"]] == [1, 2]
+    assert any("run R's record" in r.getMessage() for r in caplog.records)

@@ -290,10 +290,13 @@ class Journal:
         self._db.execute("DELETE FROM rows WHERE raw_uid = ?", (raw_uid,))
         self._db.execute("DELETE FROM runs WHERE raw_uid = ?", (raw_uid,))
 
-    def pending(self, unreadable: list[str] | None = None) -> list[JournalRun]:
+    def pending(
+        self, unreadable: list[str] | None = None, damaged: set[str] | None = None
+    ) -> list[JournalRun]:
         """Every run the journal holds, with its rows in ``seq_num`` order. What cannot be
         read back (a damaged record or row, rows whose run has no record) is left out and
-        left in the journal for a person: one line each added to ``unreadable``."""
+        left in the journal for a person: one line each added to ``unreadable``, and the
+        raw_uid of each damaged record to ``damaged``."""
         with self._lock:
             try:
                 runs = self._db.execute(
@@ -315,6 +318,8 @@ class Journal:
             except (TypeError, ValueError) as exc:
                 said.append(f"run {uid}'s record ({exc}), and its rows")
                 bad.add(uid)
+        if damaged is not None:
+            damaged.update(bad)
         orphans: dict[str, int] = {}
         for uid, seq, row in rows:
             if uid in bad:

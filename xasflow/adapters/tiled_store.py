@@ -154,6 +154,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
         self._refused_opens: dict[str, set[int]] = {}  # refused while a later open ran
         self._superseded: dict[str, int] = {}  # their journal records to drop (writer only)
         self._said_unreadable: set[str] = set()  # journal damage logged, counted (writer)
+        self._damaged: set[str] = set()  # runs whose journal record is damaged: kept as is
         self._stops_due: dict[str, StopDue] = {}  # stops the catalog refused (writer only)
         self._backlog = 0  # rows accepted but not yet committed, failed or deduplicated
         self._closing = False
@@ -373,9 +374,10 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
             if raw_uid in self._columns:
                 raise ValueError(f"analysis run {raw_uid!r} is open here: use close_run")
             opens = self._opened.get(raw_uid, 0)  # one since: its record is not forgotten
+            damaged = raw_uid in self._damaged  # its record is kept as it is, for a person
             self._calls += 1
         try:  # journalled (outside the lock) only while no open came since: its record
-            journalled = self._journal_stop(raw_uid, stop, opens)
+            journalled = not damaged and self._journal_stop(raw_uid, stop, opens)
             with self._cond:  # before close()'s stop, which waits for this call
                 self._items.append(("finish", raw_uid, stop, journalled, opens))
                 self._cond.notify()

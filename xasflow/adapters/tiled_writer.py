@@ -78,6 +78,7 @@ class WriterThread(CatalogOutage, RunStops):
     _opened: dict[str, int]  # the callers' count of opens of each raw_uid
     _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
     _said_unreadable: set[str]  # what the journal cannot give back, logged and counted once
+    _damaged: set[str]  # raw_uids whose journal record cannot be read back: kept as it is
     batch_size: int
     flush_interval: float
 
@@ -287,11 +288,13 @@ class WriterThread(CatalogOutage, RunStops):
         since, is queued after these. What cannot be read back is said and counted once."""
         items: list[Any] = []
         unreadable: list[str] = []
-        for jr in journal.pending(unreadable):
+        damaged: set[str] = set()
+        for jr in journal.pending(unreadable, damaged):
             try:
                 run = _journalled_run(jr)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:
                 unreadable.append(f"run {jr.raw_uid}'s record ({exc}), and its rows")
+                damaged.add(jr.raw_uid)
                 continue
             items.append(("open", run))
             items.extend(("replay", jr.raw_uid, row, None) for row in jr.rows)
@@ -313,6 +316,8 @@ class WriterThread(CatalogOutage, RunStops):
             )
         # not replayed, kept there; counted, so the errors alert fires: once per store, not
         # at each replay into a restarted catalog process (nothing new happened then)
+        with self._cond:  # left as they are (writer_stops): finish_run reads it too
+            self._damaged.update(damaged)
         new = [said for said in dict.fromkeys(unreadable) if said not in self._said_unreadable]
         if new:
             self._said_unreadable.update(new)

@@ -15,6 +15,11 @@ record is forgotten as it would have been. A later open of the run ends the retr
 copy's close writes its stop), as does a newer stop of it. A stop the journal holds is
 replayed at the next start if the store closes first; one it does not hold is then lost,
 and said so.
+
+A journal record the store found damaged (its replay could not read it back) is left as it
+is, for a person: a stop given to its run goes to the catalog only, never into the record,
+and the record is never forgotten (without rows it was, and with it the only copy of what
+the killed process had journalled of the run).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class RunStops:
     _opened: dict[str, int]  # the callers' count of opens of each raw_uid
     _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
     _stops_due: dict[str, StopDue]  # stops the catalog refused, by raw_uid: tried again
+    _damaged: set[str]  # raw_uids whose journal record cannot be read back: kept as it is
 
     # WriterThread's
     def _catalog(self, action: Callable[[], Any], what: str) -> Any:
@@ -96,7 +102,7 @@ class RunStops:
         """The journal's part of a close, once the catalog holds its stop (see _close)."""
         if unjournalled is not None and raw_uid in self._superseded:  # drop failed at the open
             self._end_superseded(raw_uid)
-        elif self._journal_w is None:
+        elif self._journal_w is None or raw_uid in self._damaged:  # kept for a person
             return
         elif unjournalled is None:  # the journal's record holds this stop
             self._journal_w.forget_run(raw_uid, stop_doc)
@@ -152,7 +158,7 @@ class RunStops:
 
     def _finished_journal(self, raw_uid: str, stop_doc: dict, journalled: bool, opens: int) -> None:
         """The journal's part of a finish, once the catalog holds its stop (see _finish)."""
-        if self._journal_w is None:
+        if self._journal_w is None or raw_uid in self._damaged:  # kept for a person
             return
         if journalled:
             self._journal_w.forget_run(raw_uid, stop_doc)
