@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -235,3 +236,24 @@ def test_the_out_of_domain_column_reads_back_as_booleans(tmp_path: Path) -> None
     assert frame["out_of_domain"].tolist() == [False, True, False]
     answers = frame[(frame["status"] == "ok") & ~frame["out_of_domain"]]
     assert answers["seq_num"].tolist() == [1]
+
+
+def test_a_runs_metadata_writes_keep_no_revisions(tmp_path: Path) -> None:
+    """A run made ahead gets its start, then its stop, as metadata writes. The catalog holds
+    the run's metadata once: tiled's default kept each write's old version as a revision
+    row (two full copies of the start and data keys per run, for nobody)."""
+    import sqlite3
+
+    from xasflow.adapters.tiled_schema import CATALOG_FILE
+
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.prepare_run("run-v", DESCRIPTOR)
+        assert store.flush(timeout=30)
+        store.open_run("run-v", {"uid": "v-start"}, DESCRIPTOR)
+        _fill(store, "run-v", [1])
+        store.close_run("run-v", {"uid": "v-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        meta, _ = read_analysis(store, "run-v")
+    assert meta["start"] == {"uid": "v-start"} and meta["stop"]["uid"] == "v-stop"
+    with contextlib.closing(sqlite3.connect(tmp_path / "s" / CATALOG_FILE)) as db:
+        assert db.execute("SELECT COUNT(*) FROM revisions").fetchone() == (0,)

@@ -124,7 +124,7 @@ def warm_up(root: Any) -> None:
     run carries a stop, so a crash before the delete leaves nothing that looks unfinished."""
     import pyarrow as pa
 
-    from xasflow.adapters.tiled_batch import append_pending, attach_run
+    from xasflow.adapters.tiled_batch import append_pending, attach_run, set_metadata
     from xasflow.adapters.tiled_schema import _Run
 
     key = f"xasflow-warm-up-{secrets.token_hex(4)}"
@@ -134,7 +134,7 @@ def warm_up(root: Any) -> None:
     try:
         attach_run(root, run)
         append_pending(run, [({"seq_num": 1, "time": 0.0, "s": "x"}, None)])
-        run.node.update_metadata({"xasflow_warm_up": "done", "stop": {"uid": key}})
+        set_metadata(run.node, {"xasflow_warm_up": "done", "stop": {"uid": key}})
     finally:
         try:
             root[key].delete(recursive=True, external_only=False)

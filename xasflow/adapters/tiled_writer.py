@@ -30,6 +30,7 @@ from xasflow.adapters.tiled_batch import (
     append_pending,
     attach_run,
     clear_stop,
+    set_metadata,
     with_retries,
 )
 from xasflow.adapters.tiled_schema import (
@@ -239,7 +240,7 @@ class WriterThread(CatalogOutage, RunStops):
         tried again at the next turns, :data:`_START_TRIES` in all, and the close writes it
         with the stop)."""
         run.start_tries += 1
-        self._catalog(lambda: run.node.update_metadata(start_of(run)), f"start {run.raw_uid}")
+        self._catalog(lambda: set_metadata(run.node, start_of(run)), f"start {run.raw_uid}")
         run.start_due = False
 
     def _commit_due(self, force: bool = False) -> None:

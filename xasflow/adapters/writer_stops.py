@@ -32,6 +32,7 @@ from typing import Any
 
 from xasflow.adapters.catalog_supervisor import FIRST_DELAY_S, MAX_DELAY_S
 from xasflow.adapters.store_journal import Journal
+from xasflow.adapters.tiled_batch import set_metadata
 from xasflow.adapters.tiled_read import unfinished_in
 from xasflow.adapters.tiled_schema import _Run
 
@@ -88,9 +89,9 @@ class RunStops:
         meta = {**start_of(run), "stop": stop_doc} if run.start_due else {"stop": stop_doc}
         self._write_stop(
             raw_uid,
-            lambda: run.node.update_metadata(meta),
+            lambda: set_metadata(run.node, meta),
             StopDue(
-                lambda: self._root[raw_uid].update_metadata(meta),
+                lambda: set_metadata(self._root[raw_uid], meta),
                 lambda: self._closed_journal(raw_uid, stop_doc, unjournalled),
                 f"close {raw_uid}",
                 self._journal_w is not None and unjournalled is None,
@@ -146,9 +147,9 @@ class RunStops:
         node = self._root[raw_uid]
         self._write_stop(
             raw_uid,
-            lambda: node.update_metadata({"stop": stop_doc}),
+            lambda: set_metadata(node, {"stop": stop_doc}),
             StopDue(
-                lambda: self._root[raw_uid].update_metadata({"stop": stop_doc}),
+                lambda: set_metadata(self._root[raw_uid], {"stop": stop_doc}),
                 lambda: self._finished_journal(raw_uid, stop_doc, journalled, opens),
                 f"finish {raw_uid}",
                 self._journal_w is not None and journalled,
