@@ -341,3 +341,67 @@ def test_a_start_redelivered_while_finish_run_journals_keeps_its_record_open(
     assert (redelivered, acked, record) == (["R"], [3, 4], {"R": None})
     assert found == 1 and [int(s) for s in frame["seq_num"]] == [1, 2, 3, 4]
     assert meta["stop"] is None  # left to recovery, which counts the 4 rows
+
+
+def _damaged_record(directory: Path) -> tuple[list[Any], list[Any]]:
+    """A journal left holding run R's record, its start not JSON, and its rows 1 and 2 (a
+    torn or hand-edited file): what the replay cannot read back, kept for a person.
+    Returns the record's (start, descriptor, stop) and its rows' (seq, row), as written."""
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)
+    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    assert journal.add("R", [_row(s, distance=1.0) for s in (1, 2)]) == [True, True]
+    journal.close()
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute("UPDATE runs SET start = '{\"uid\": ' WHERE raw_uid = 'R'")
+        record = db.execute("SELECT start, descriptor, stop FROM runs").fetchall()
+        rows = db.execute("SELECT seq, row FROM rows ORDER BY seq").fetchall()
+    return record, rows
+
+
+def _kept(directory: Path) -> tuple[list[Any], list[Any]]:
+    """The journal's records and rows other than run R's own."""
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        return (
+            db.execute(
+                "SELECT raw_uid, start, descriptor, stop FROM runs WHERE raw_uid != 'R'"
+            ).fetchall(),
+            db.execute(
+                "SELECT raw_uid, seq, row FROM rows WHERE raw_uid != 'R' ORDER BY seq"
+            ).fetchall(),
+        )
+
+
+def test_a_run_whose_record_is_damaged_opened_again_is_replayed_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run R's journal record is damaged (its start not JSON): the store's start says so and
+    keeps it. R is then opened again (a redelivered raw start, the next analysis copy) and
+    its rows 1-3, journalled and so acknowledged at once, are still uncommitted when the
+    process is killed. Before, the open kept the damaged record (it only cleared its stop)
+    and the new rows went under it, over the old copy's rows 1 and 2: the next start said
+    the record again and replayed nothing (R's table empty, the old rows gone). Now the
+    damaged record is set aside with its rows under R/damaged-1 (kept, said at each start,
+    never replayed) and the new copy has a record of its own, replayed."""
+    directory = tmp_path / "s"
+    record, rows = _damaged_record(directory)
+    acked: list[int] = []
+    store = AnalysisStore(directory, journal=True, flush_interval=30.0)
+    said = store.stats()["errors"]
+    store.open_run("R", {"uid": "b"}, DESCRIPTOR)
+    store._call(lambda: None, 30)  # the writer has handled the open
+    go = _hold_then_kill(store, monkeypatch)  # the rows: acknowledged, never committed
+    new = [_row(s, distance=2.0) for s in (1, 2, 3)]
+    assert store.add_events("R", new, on_stored=lambda: acked.append(1)) == [True] * 3
+    _crash(store, go)
+    caplog.clear()
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        errors = store.stats()["errors"]
+    assert (said, len(acked), errors) == (1, 3, 1)
+    assert meta["start"]["uid"] == "b" and [int(s) for s in frame["seq_num"]] == [1, 2, 3]
+    assert list(frame["distance"]) == [2.0] * 3
+    key = "R/damaged-1"
+    assert _kept(directory) == ([(key, *record[0])], [(key, *row) for row in rows])
+    assert any(f"set aside as {key}" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ forgets or drops a record (a later open may own it), goes back to the last open 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from xasflow.adapters.store_journal import Journal, Prior
@@ -44,6 +45,8 @@ class JournalFallback:
     _refused_opens: dict[str, set[int]]  # refused opens whose count a later open had raised
     _unjournalled: set[str]  # open runs whose start the journal could not record
     _superseding: set[str]  # runs whose last open the journal could not record (ever)
+    _said_unreadable: set[str]  # what the journal cannot give back, said and counted once
+    _cond: threading.Condition  # the store's lock
 
     def _journal_start(
         self, raw_uid: str, start_doc: dict, descriptor: dict
@@ -54,9 +57,10 @@ class JournalFallback:
         to withdraw it (:meth:`_journal_withdraw`), if it wrote one."""
         if self._journal is None:
             return True, None
+        aside: list[str] = []
         try:  # a record left by a copy before one opened unjournalled is stale: replaced
             fresh = raw_uid in self._superseding
-            prior = self._journal.open_run(raw_uid, start_doc, descriptor, fresh=fresh)
+            prior = self._journal.open_run(raw_uid, start_doc, descriptor, fresh=fresh, said=aside)
         except Exception:
             logger.exception(
                 "analysis store: journal cannot record the start of %s; its rows and stop "
@@ -68,7 +72,20 @@ class JournalFallback:
             return False, None
         self._unjournalled.discard(raw_uid)
         self._superseding.discard(raw_uid)
+        self._set_aside(aside)
         return True, prior
+
+    def _set_aside(self, said: list[str]) -> None:
+        """Damaged journal records just set aside (a copy of their run opened or dropped):
+        logged now; the replay says them at each start, but no more in this store, which
+        said them (and counted them) as damaged records when it started."""
+        for line in said:
+            logger.warning(
+                "analysis store: %s (kept in the journal for a person, never replayed)", line
+            )
+        if said:
+            with self._cond:
+                self._said_unreadable.update(said)
 
     def _unopen(self, run: _Run) -> None:
         """Undo (the store's lock held) what an open the store refused did for the callers:

@@ -21,13 +21,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
+from xasflow.adapters.journal_records import ASIDE, JournalRun, aside_line, read_record, set_aside
 from xasflow.adapters.tiled_schema import StoreError, _seq_key, json_default
 
 __all__ = [
@@ -101,17 +101,6 @@ class Prior(NamedTuple):
     stop: str | None
 
 
-@dataclass
-class JournalRun:
-    """A run the catalog may not hold in full: its documents and the rows not yet moved."""
-
-    raw_uid: str
-    start: dict[str, Any]
-    descriptor: dict[str, Any]
-    stop: dict[str, Any] | None
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-
 class Journal:
     """One SQLite file, written by the callers of the store and read back at its next start.
 
@@ -127,8 +116,14 @@ class Journal:
     after every catalog commit, and checkpoints itself only when that writer falls far behind.
     """
 
-    def __init__(self, path: str | Path, checkpoint_pages: int = 1000) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        checkpoint_pages: int = 1000,
+        check: Callable[[JournalRun], object] | None = None,
+    ) -> None:
         self.path = Path(path)
+        self._check = check  # what a record must pass to be replayed (else: damaged)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
@@ -151,14 +146,19 @@ class Journal:
         descriptor: dict[str, Any],
         *,
         fresh: bool = False,
+        said: list[str] | None = None,
     ) -> Prior:
         """Record a run's start and descriptor (a reopened run keeps the first ones, and is
         open again: a stop recorded for it goes); returns the record it found, for
         :meth:`withdraw`. ``fresh``: a record found, and its rows, are an older copy's that a
-        copy opened since without the journal superseded (:meth:`drop_run`): replaced."""
+        copy opened since without the journal superseded (:meth:`drop_run`): replaced. A
+        damaged record found is set aside first (:mod:`~xasflow.adapters.journal_records`),
+        and what the replay says of it from now on added to ``said``."""
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
             if fresh:
                 self._drop(raw_uid)
+            if (aside := set_aside(self._db, raw_uid, self._check)) and said is not None:
+                said.append(aside)
             found = self._db.execute(
                 "SELECT stop FROM runs WHERE raw_uid = ?", (raw_uid,)
             ).fetchone()
@@ -294,9 +294,9 @@ class Journal:
         self, unreadable: list[str] | None = None, damaged: set[str] | None = None
     ) -> list[JournalRun]:
         """Every run the journal holds, with its rows in ``seq_num`` order. What cannot be
-        read back (a damaged record or row, rows whose run has no record) is left out and
-        left in the journal for a person: one line each added to ``unreadable``, and the
-        raw_uid of each damaged record to ``damaged``."""
+        read back (a damaged record or row, one set aside, rows whose run has no record) is
+        left out and left in the journal for a person: one line each added to ``unreadable``,
+        and the raw_uid of each damaged record (not set aside) to ``damaged``."""
         with self._lock:
             try:
                 runs = self._db.execute(
@@ -311,15 +311,18 @@ class Journal:
         out: dict[str, JournalRun] = {}
         bad: set[str] = set()
         for uid, s, d, x in runs:
-            try:
-                out[uid] = JournalRun(
-                    uid, json.loads(s), json.loads(d), json.loads(x) if x else None
-                )
-            except (TypeError, ValueError) as exc:
-                said.append(f"run {uid}'s record ({exc}), and its rows")
+            base, aside, _ = uid.partition(ASIDE)
+            jr, reason = read_record(base, s, d, x, self._check)
+            if aside:  # never replayed, whatever it holds now
+                said.append(aside_line(base, uid, reason or "set aside"))
                 bad.add(uid)
-        if damaged is not None:
-            damaged.update(bad)
+            elif jr is None:
+                said.append(f"run {uid}'s record ({reason}), and its rows")
+                bad.add(uid)
+                if damaged is not None:
+                    damaged.add(uid)
+            else:
+                out[uid] = jr
         orphans: dict[str, int] = {}
         for uid, seq, row in rows:
             if uid in bad:

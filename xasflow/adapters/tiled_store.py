@@ -90,6 +90,7 @@ from xasflow.adapters.tiled_writer import (
     UNJOURNALLED_CLOSE,
     UNJOURNALLED_OPEN,
     WriterThread,
+    journalled_run,
 )
 from xasflow.adapters.writer_stops import StopDue
 
@@ -203,8 +204,9 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
             else:
                 self._root = self._serving.enter_context(_serve(self.directory, uris))
             if journal:  # one connection for the callers, one for the writer thread
-                self._journal = Journal(self.directory / JOURNAL_FILE, CALLER_CHECKPOINT_PAGES)
-                self._journal_w = Journal(self.directory / JOURNAL_FILE)
+                path = self.directory / JOURNAL_FILE  # a record the replay cannot open: damaged
+                self._journal = Journal(path, CALLER_CHECKPOINT_PAGES, journalled_run)
+                self._journal_w = Journal(path, check=journalled_run)
                 self._items.extend(self._replay(self._journal))
         except BaseException:
             self._release()

@@ -46,7 +46,13 @@ from xasflow.adapters.tiled_schema import (
 from xasflow.adapters.writer_outage import UNJOURNALLED_CLOSE, UNJOURNALLED_OPEN, CatalogOutage
 from xasflow.adapters.writer_stops import RunStops, start_of
 
-__all__ = ["STATS_WAIT_S", "UNJOURNALLED_CLOSE", "UNJOURNALLED_OPEN", "WriterThread"]
+__all__ = [
+    "STATS_WAIT_S",
+    "UNJOURNALLED_CLOSE",
+    "UNJOURNALLED_OPEN",
+    "WriterThread",
+    "journalled_run",
+]
 
 logger = logging.getLogger("xasflow.adapters.tiled_store")
 
@@ -166,8 +172,10 @@ class WriterThread(CatalogOutage, RunStops):
                 self._commit(run)
         elif kind in ("open", UNJOURNALLED_OPEN):
             self._open(item[1])
-            if kind == "open":  # its record in the journal is the live one
-                self._superseded.pop(item[1].raw_uid, None)
+            if kind == "open":  # its record in the journal is the live one (a damaged one
+                self._superseded.pop(item[1].raw_uid, None)  # was set aside by the open)
+                with self._cond:
+                    self._damaged.discard(item[1].raw_uid)
             else:  # one left by an earlier copy is not, and must not be replayed
                 self._superseded[item[1].raw_uid] = item[1].opened
                 self._end_superseded(item[1].raw_uid)
@@ -292,7 +300,7 @@ class WriterThread(CatalogOutage, RunStops):
         damaged: set[str] = set()
         for jr in journal.pending(unreadable, damaged):
             try:
-                run = _journalled_run(jr)
+                run = journalled_run(jr)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:
                 unreadable.append(f"run {jr.raw_uid}'s record ({exc}), and its rows")
                 damaged.add(jr.raw_uid)
@@ -368,7 +376,7 @@ class WriterThread(CatalogOutage, RunStops):
             self._counts[name] += n
 
 
-def _journalled_run(jr: JournalRun) -> _Run:
+def journalled_run(jr: JournalRun) -> _Run:
     """The run a journal record replays, checked as :meth:`AnalysisStore.open_run` checks
     its documents (a record is JSON, not always documents: a hand-edited or foreign file);
     ValueError (or TypeError...) saying what is wrong with it."""

@@ -19,7 +19,9 @@ and said so.
 A journal record the store found damaged (its replay could not read it back) is left as it
 is, for a person: a stop given to its run goes to the catalog only, never into the record,
 and the record is never forgotten (without rows it was, and with it the only copy of what
-the killed process had journalled of the run).
+the killed process had journalled of the run). A journalled open of the run sets it aside
+(:mod:`xasflow.adapters.journal_records`), so the writer treats the run's record as any
+other's once it has handled that open.
 """
 
 from __future__ import annotations
