@@ -405,3 +405,34 @@ def test_a_run_whose_record_is_damaged_opened_again_is_replayed_after_a_crash(
     key = "R/damaged-1"
     assert _kept(directory) == ([(key, *record[0])], [(key, *row) for row in rows])
     assert any(f"set aside as {key}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("dropped_by", ["drop_run", "open_run"])
+def test_a_damaged_record_is_kept_when_a_superseded_copy_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dropped_by: str
+) -> None:
+    """Run R's journal record is damaged. Copy b of R is opened without the journal (its
+    write fails), so what the journal holds of R is an older copy's, superseded: the writer
+    drops it when it reaches b's open (``drop_run``) or, that drop failing, the next
+    journalled open replaces it (``open_run(fresh=True)``). Before, either deleted the
+    damaged record and its rows: what a person was told to look at was gone, and the next
+    start said nothing. Now it is set aside as at a reopen (R/damaged-1), kept and said."""
+    directory = tmp_path / "s"
+    record, rows = _damaged_record(directory)
+    _fail_first(monkeypatch, "open_run")  # b: unjournalled
+    if dropped_by == "open_run":
+        _fail_first(monkeypatch, "drop_run")  # the writer's drop fails: c's open replaces
+    with AnalysisStore(directory, journal=True) as store:
+        store.open_run("R", {"uid": "b"}, DESCRIPTOR)
+        store._call(lambda: None, 30)  # the writer has handled b's open, and its drop
+        store.open_run("R", {"uid": "c"}, DESCRIPTOR)  # journalled: a record of its own
+        assert store.add_events("R", [_row(s, distance=2.0) for s in (1, 2, 3)]) == [True] * 3
+        store.close_run("R", {"uid": "c-stop", "exit_status": "success"})
+        assert store.flush(30)
+        frame = read_analysis(store, "R")[1]
+    key = "R/damaged-1"
+    assert _kept(directory) == ([(key, *record[0])], [(key, *row) for row in rows])
+    assert [int(s) for s in frame["seq_num"]] == [1, 2, 3]
+    with AnalysisStore(directory, journal=True) as store:  # the next start says it
+        assert store.flush(30)
+        assert store.stats()["errors"] == 1

@@ -155,10 +155,10 @@ class Journal:
         damaged record found is set aside first (:mod:`~xasflow.adapters.journal_records`),
         and what the replay says of it from now on added to ``said``."""
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
-            if fresh:
-                self._drop(raw_uid)
             if (aside := set_aside(self._db, raw_uid, self._check)) and said is not None:
                 said.append(aside)
+            if fresh:
+                self._drop(raw_uid)
             found = self._db.execute(
                 "SELECT stop FROM runs WHERE raw_uid = ?", (raw_uid,)
             ).fetchone()
@@ -275,18 +275,24 @@ class Journal:
                     )
                 self._db.execute(sql, args)
 
-    def drop_run(self, raw_uid: str, still: Callable[[], bool]) -> bool:
+    def drop_run(
+        self, raw_uid: str, still: Callable[[], bool], said: list[str] | None = None
+    ) -> bool:
         """Forget a run's record and every row listed for it (an older copy's, superseded by
         one opened without the journal), if ``still()`` holds once the write lock is taken:
-        no journal write of the run can come between the check and the delete."""
+        no journal write of the run can come between the check and the delete. A damaged
+        record is set aside instead, as by :meth:`open_run` (its line added to ``said``)."""
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
             if not still():
                 return False
+            if (aside := set_aside(self._db, raw_uid, self._check)) and said is not None:
+                said.append(aside)
             self._drop(raw_uid)
         return True
 
     def _drop(self, raw_uid: str) -> None:
-        """Delete a run's rows and record (in the caller's transaction)."""
+        """Delete a run's rows and record (in the caller's transaction, which has set a
+        damaged record aside first: kept for a person)."""
         self._db.execute("DELETE FROM rows WHERE raw_uid = ?", (raw_uid,))
         self._db.execute("DELETE FROM runs WHERE raw_uid = ?", (raw_uid,))
 

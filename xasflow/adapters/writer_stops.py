@@ -19,9 +19,9 @@ and said so.
 A journal record the store found damaged (its replay could not read it back) is left as it
 is, for a person: a stop given to its run goes to the catalog only, never into the record,
 and the record is never forgotten (without rows it was, and with it the only copy of what
-the killed process had journalled of the run). A journalled open of the run sets it aside
-(:mod:`xasflow.adapters.journal_records`), so the writer treats the run's record as any
-other's once it has handled that open.
+the killed process had journalled of the run). A journalled open of the run, or the drop
+of a copy it superseded, sets it aside (:mod:`xasflow.adapters.journal_records`), so the
+writer treats the run's record as any other's once it has handled that open.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class RunStops:
     _superseded: dict[str, int]  # raw_uid -> its unjournalled open's count: record to drop
     _stops_due: dict[str, StopDue]  # stops the catalog refused, by raw_uid: tried again
     _damaged: set[str]  # raw_uids whose journal record cannot be read back: kept as it is
+    _set_aside: Callable[[list[str]], None]  # JournalFallback's (after this class in the MRO)
 
     # WriterThread's
     def _catalog(self, action: Callable[[], Any], what: str) -> Any:
@@ -123,13 +124,16 @@ class RunStops:
         opened = self._superseded.get(raw_uid)
         if self._journal_w is None or opened is None:
             return
+        aside: list[str] = []  # a damaged record is not dropped: set aside, kept
         try:
-            self._journal_w.drop_run(raw_uid, lambda: self._opened.get(raw_uid) == opened)
+            still = lambda: self._opened.get(raw_uid) == opened  # noqa: E731
+            self._journal_w.drop_run(raw_uid, still, said=aside)
         except Exception:
             logger.exception("analysis store: cannot drop the superseded record of %s", raw_uid)
             self._count("errors")
             return
         del self._superseded[raw_uid]
+        self._set_aside(aside)
 
     def _finish(self, raw_uid: str, stop_doc: dict, journalled: bool, opens: int = 0) -> None:
         """Record the stop of a run a previous process left open, then forget its journal
