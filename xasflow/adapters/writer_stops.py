@@ -145,8 +145,14 @@ class RunStops:
         then), and one its rows keep takes this stop, as at an unjournalled close; left
         stopless, it came back at the next start as an open run, which recovery closed
         again (a second stop, its raw count unknown). A journal that fails here too leaves
-        the record: the next start ends the run again, never leaves it open."""
-        if raw_uid in self._runs or raw_uid not in self._root:
+        the record: the next start ends the run again, never leaves it open. A run opened
+        here since the finish looked (its start redelivered, the open queued first) is that
+        copy's: the finish is left to it, not an error."""
+        run = self._runs.get(raw_uid)
+        if run is not None and run.opened > opens:
+            logger.info("analysis store: finish of %s left to the copy opened since", raw_uid)
+            return
+        if run is not None or raw_uid not in self._root:
             self._count("errors")
             logger.error("analysis store: finish of run %s that is open or absent", raw_uid)
             return
