@@ -289,6 +289,19 @@ def test_a_run_killed_between_its_container_and_its_table_reads_back_empty(
     assert meta["stop"]["raw_missing_events"] == 3 and meta["stop"]["interrupted"] is True
 
 
+def _left_closed(directory: Path) -> dict[str, Any]:
+    """The journal a process killed once run R's stop was journalled left (R: rows 1, 2 and
+    its stop, nothing in the catalog); the stop."""
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)
+    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
+    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
+    assert journal.close_run("R", stop)
+    journal.close()
+    return stop
+
+
 @pytest.mark.parametrize("refusals", [1, 99], ids=["catalog back", "catalog refusing"])
 def test_a_replayed_run_whose_close_failed_keeps_its_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int
@@ -304,13 +317,7 @@ def test_a_replayed_run_whose_close_failed_keeps_its_stop(
     from xasflow.adapters.tiled_schema import StoreError
 
     directory = tmp_path / "s"
-    directory.mkdir()
-    journal = Journal(directory / JOURNAL_FILE)  # what the killed process left
-    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
-    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
-    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
-    assert journal.close_run("R", stop)
-    journal.close()
+    stop = _left_closed(directory)
     real, left = tiled_writer.with_retries, {"n": refusals}
 
     def refusing(action: Any, what: str) -> Any:
@@ -358,13 +365,7 @@ def test_a_replayed_close_the_catalog_refused_is_retried_while_the_store_runs(
     from xasflow.adapters.tiled_schema import StoreError
 
     directory = tmp_path / "s"
-    directory.mkdir()
-    journal = Journal(directory / JOURNAL_FILE)  # what the killed process left
-    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
-    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
-    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
-    assert journal.close_run("R", stop)
-    journal.close()
+    stop = _left_closed(directory)
     real, refused = tiled_writer.with_retries, []
 
     def refusing(action: Any, what: str) -> Any:
