@@ -140,16 +140,17 @@ def test_a_start_whose_write_failed_once_is_written_later(
     id gone)."""
     from tiled.client.base import BaseClient
 
-    real = BaseClient.update_metadata
+    real = BaseClient.patch_metadata
     failures = {"left": 4}  # more than the store's retries
 
-    def flaky(self: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(metadata, dict) and metadata.get("start") and failures["left"] > 0:
+    def flaky(self: Any, metadata_patch: Any = None, *args: Any, **kwargs: Any) -> Any:
+        ops = metadata_patch or []
+        if any(op["path"] == "/start" and op["value"] for op in ops) and failures["left"] > 0:
             failures["left"] -= 1
             raise OSError("catalog busy")
-        return real(self, metadata, *args, **kwargs)
+        return real(self, metadata_patch, *args, **kwargs)
 
-    monkeypatch.setattr(BaseClient, "update_metadata", flaky)
+    monkeypatch.setattr(BaseClient, "patch_metadata", flaky)
     directory = tmp_path / "s"
     with AnalysisStore(directory, journal=True) as store:
         store.prepare_run("R", DESCRIPTOR)
@@ -161,6 +162,7 @@ def test_a_start_whose_write_failed_once_is_written_later(
         assert store.flush(30)
         meta = read_analysis(store, "R")[0]
         counts = Journal(directory / JOURNAL_FILE).counts()
+    assert failures["left"] == 0  # the start's first write failed past the retries
     assert meta["start"] is not None, {"stop": meta["stop"], "journal": counts}
 
 
