@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,3 +258,34 @@ def test_a_runs_metadata_writes_keep_no_revisions(tmp_path: Path) -> None:
     assert meta["start"] == {"uid": "v-start"} and meta["stop"]["uid"] == "v-stop"
     with contextlib.closing(sqlite3.connect(tmp_path / "s" / CATALOG_FILE)) as db:
         assert db.execute("SELECT COUNT(*) FROM revisions").fetchone() == (0,)
+
+
+def test_a_run_that_opens_before_its_table_is_made_ahead_is_made_with_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw start's table is made ahead only after ``PREPARE_DELAY_S``: a fly scan's first
+    result opens the run within milliseconds, and that open makes it, start included. Before,
+    the table was made at once, empty, and its start written by a request more."""
+    from tiled.client.base import BaseClient
+
+    import xasflow.adapters.tiled_writer as tw
+
+    monkeypatch.setattr(tw, "PREPARE_DELAY_S", 60.0, raising=False)  # the open comes first
+    patches: list[Any] = []
+    real = BaseClient.patch_metadata
+
+    def counted(self: Any, metadata_patch: Any = None, *args: Any, **kwargs: Any) -> Any:
+        patches.append([op["path"] for op in metadata_patch or []])
+        return real(self, metadata_patch, *args, **kwargs)
+
+    monkeypatch.setattr(BaseClient, "patch_metadata", counted)
+    with AnalysisStore(tmp_path / "s", journal=True) as store:
+        store.prepare_run("run-f", DESCRIPTOR)
+        store.open_run("run-f", {"uid": "f-start"}, DESCRIPTOR)
+        assert sorted(_fill(store, "run-f", [1, 2])) == [1, 2]
+        store.close_run("run-f", {"uid": "f-stop", "exit_status": "success"})
+        assert store.flush(timeout=30)
+        meta, frame = read_analysis(store, "run-f")
+    assert meta["start"] == {"uid": "f-start"} and meta["stop"]["uid"] == "f-stop"
+    assert list(frame["seq_num"]) == [1, 2]
+    assert patches == [["/stop"]]  # the stop alone: no start written after the table

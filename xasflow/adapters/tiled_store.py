@@ -170,6 +170,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
         }
         self._runs: dict[str, _Run] = {}  # writer thread only
         self._prepared: dict[str, _Run] = {}  # tables made ahead of their run (writer only)
+        self._prepare_due: dict[str, tuple[float, _Run]] = {}  # to make ahead then (writer)
         self._reader: tuple[Any, Any] | None = None  # (the writer's root, a client over it)
         self._journal: Journal | None = None
         self._journal_w: Journal | None = None
@@ -253,12 +254,15 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
                 self._cond.notify_all()
 
     def prepare_run(self, raw_uid: str, descriptor: dict) -> None:
-        """Create the run's container and table now, before its analysis starts (best effort).
+        """Create the run's container and table ahead of its analysis (best effort), after
+        :data:`~xasflow.adapters.tiled_writer.PREPARE_DELAY_S` unless the run opens first.
 
         A beamline usually moves for a while between a raw run's start and its first spectrum;
         made then, the table is ready when the first result comes, which then waits only for
         its row's transaction. :meth:`open_run` later adopts it and writes the start document
-        after the first rows. Nothing happens if the run is open or prepared already.
+        after the first rows; a run that opens within the delay (a fly scan) is made by its
+        open, start included, one catalog request fewer. Nothing happens if the run is open or
+        prepared already.
         """
         if not isinstance(raw_uid, str) or not _KEY_NAME.match(raw_uid):
             raise ValueError(f"raw_uid {raw_uid!r} is not usable as a tiled key")
