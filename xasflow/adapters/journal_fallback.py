@@ -143,17 +143,13 @@ class JournalFallback:
         opens when it looked; an open since (a start redelivered meanwhile) owns the record,
         so the stop is written only while none came, checked under the journal's write lock
         (also False then, and an unjournalled open's mark is left to it)."""
-        if opens is not None:
-            still = lambda: self._opened.get(raw_uid, 0) == opens  # noqa: E731
-            if self._journal is None or raw_uid in self._unjournalled:
-                return False
-        elif self._journal is None or raw_uid in self._unjournalled:
-            self._unjournalled.discard(raw_uid)
+        if self._journal is None or raw_uid in self._unjournalled:
+            if opens is None:  # a close: the run's unjournalled mark ends with it
+                self._unjournalled.discard(raw_uid)
             return False
+        still = None if opens is None else lambda: self._opened.get(raw_uid, 0) == opens
         try:
-            if opens is not None:
-                return self._journal.close_run(raw_uid, stop, still)
-            return self._journal.close_run(raw_uid, stop)
+            return self._journal.close_run(raw_uid, stop, still)
         except Exception:
             logger.exception("analysis store: journal cannot record the stop of %s", raw_uid)
             return False

@@ -210,14 +210,8 @@ class Journal:
         when there is none (a run opened without the journal, or whose record was forgotten:
         nothing was recorded). Given ``still``, only if it holds once the write lock is
         taken (no open of the run came since the caller looked), else False."""
-        if still is None:
-            with self._lock:
-                done = self._db.execute(
-                    "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid)
-                )
-            return done.rowcount > 0
         with self._lock, _transaction(self._db, "BEGIN IMMEDIATE"):
-            if not still():
+            if still is not None and not still():
                 return False
             done = self._db.execute(
                 "UPDATE runs SET stop = ? WHERE raw_uid = ?", (_dumps(stop), raw_uid)
