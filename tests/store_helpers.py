@@ -66,3 +66,23 @@ def failing_appends(
 
     monkeypatch.setattr(SQLAdapter, "append_partition", flaky)
     return failures
+
+
+def wrap_metadata_writes(monkeypatch: Any, wrapper: Any) -> None:
+    """Route every catalog metadata write the store makes through ``wrapper(real, node,
+    metadata_patch, *args, **kwargs)``: a run's node as the store made it
+    (:class:`~xasflow.adapters.catalog_runs.RunNode`) and one found through tiled's client
+    (``BaseClient``), whichever path a write takes."""
+    from tiled.client.base import BaseClient
+
+    from xasflow.adapters.catalog_runs import RunNode
+
+    for cls in (BaseClient, RunNode):
+        real = cls.patch_metadata
+
+        def wrapped(
+            self: Any, metadata_patch: Any = None, *a: Any, _r: Any = real, **k: Any
+        ) -> Any:
+            return wrapper(_r, self, metadata_patch, *a, **k)
+
+        monkeypatch.setattr(cls, "patch_metadata", wrapped)

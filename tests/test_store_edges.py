@@ -19,7 +19,7 @@ pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import store_row as _row
-from store_helpers import HeldDb
+from store_helpers import HeldDb, wrap_metadata_writes
 
 from xasflow.adapters.store_journal import JOURNAL_FILE, Journal
 from xasflow.adapters.tiled_store import AnalysisStore, read_analysis
@@ -138,19 +138,16 @@ def test_a_start_whose_write_failed_once_is_written_later(
     close at the latest. Before, it was never tried again: the close wrote the stop, the
     journal forgot the run, and the catalog kept start None (bundle id, element, raw scan
     id gone)."""
-    from tiled.client.base import BaseClient
-
-    real = BaseClient.patch_metadata
     failures = {"left": 4}  # more than the store's retries
 
-    def flaky(self: Any, metadata_patch: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def flaky(real: Any, node: Any, metadata_patch: Any, *args: Any, **kwargs: Any) -> Any:
         ops = metadata_patch or []
         if any(op["path"] == "/start" and op["value"] for op in ops) and failures["left"] > 0:
             failures["left"] -= 1
             raise OSError("catalog busy")
-        return real(self, metadata_patch, *args, **kwargs)
+        return real(node, metadata_patch, *args, **kwargs)
 
-    monkeypatch.setattr(BaseClient, "patch_metadata", flaky)
+    wrap_metadata_writes(monkeypatch, flaky)
     directory = tmp_path / "s"
     with AnalysisStore(directory, journal=True) as store:
         store.prepare_run("R", DESCRIPTOR)

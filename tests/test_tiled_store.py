@@ -16,6 +16,7 @@ pytest.importorskip("tiled")
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
 from helpers import held_elsewhere
 from helpers import store_row as _row
+from store_helpers import wrap_metadata_writes
 
 from xasflow.adapters.tiled_store import AnalysisStore, StoreError, read_analysis
 
@@ -266,19 +267,16 @@ def test_a_run_that_opens_before_its_table_is_made_ahead_is_made_with_its_start(
     """A raw start's table is made ahead only after ``PREPARE_DELAY_S``: a fly scan's first
     result opens the run within milliseconds, and that open makes it, start included. Before,
     the table was made at once, empty, and its start written by a request more."""
-    from tiled.client.base import BaseClient
-
     import xasflow.adapters.tiled_writer as tw
 
     monkeypatch.setattr(tw, "PREPARE_DELAY_S", 60.0, raising=False)  # the open comes first
     patches: list[Any] = []
-    real = BaseClient.patch_metadata
 
-    def counted(self: Any, metadata_patch: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def counted(real: Any, node: Any, metadata_patch: Any, *args: Any, **kwargs: Any) -> Any:
         patches.append([op["path"] for op in metadata_patch or []])
-        return real(self, metadata_patch, *args, **kwargs)
+        return real(node, metadata_patch, *args, **kwargs)
 
-    monkeypatch.setattr(BaseClient, "patch_metadata", counted)
+    wrap_metadata_writes(monkeypatch, counted)
     with AnalysisStore(tmp_path / "s", journal=True) as store:
         store.prepare_run("run-f", DESCRIPTOR)
         store.open_run("run-f", {"uid": "f-start"}, DESCRIPTOR)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from xasflow.adapters.catalog_runs import create_run
 from xasflow.adapters.tiled_schema import (
     _RETRY_DELAYS,
     SPEC,
@@ -53,20 +54,19 @@ def attach_run(root: Any, run: _Run, *, reopen: bool = False) -> None:
     earlier copy left on an existing node goes: a crash now must show it unfinished. A run
     made ahead (``prepare_run``, at every raw start, duplicates included) keeps its stop.
     """
-    import httpx
-    from tiled.adapters.sql import SQLAdapter
+    from tiled.structures.table import TableStructure
 
-    created = False
-    try:  # one request for a new run (the usual case) instead of a lookup and a create
-        node = root.create_container(key=run.raw_uid, metadata=run.metadata, specs=[SPEC])
-        created = True
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != 409:
-            raise
-        node = root[run.raw_uid]  # reopened: after a restart, or replayed after a hand-over
-        if _start_due(node.metadata.get("start"), run.metadata.get("start"), reopen):
-            run.start_due = True
-    if not created and run.stream in node:
+    # one request for a new run (the usual case), served by the catalog's process itself
+    made = create_run(root, run.raw_uid, run.metadata, [SPEC], run.stream, run.schema)
+    if made is not None:
+        run.node, source = made
+        run.adapter = _table_adapter(source, TableStructure.from_schema(run.schema))
+        run.stored_seq = set()  # a table made just now holds no rows
+        return
+    node = root[run.raw_uid]  # reopened: after a restart, or replayed after a hand-over
+    if _start_due(node.metadata.get("start"), run.metadata.get("start"), reopen):
+        run.start_due = True
+    if run.stream in node:
         table = node[run.stream]
         stored = table.structure().arrow_schema_decoded
         if not stored.equals(run.schema):
@@ -78,21 +78,26 @@ def attach_run(root: Any, run: _Run, *, reopen: bool = False) -> None:
     else:
         table = node.create_appendable_table(run.schema, key=run.stream)
         fresh = True
-    source = _data_source(table)
-    run.adapter = SQLAdapter(
-        source.assets[0].data_uri,
-        table.structure(),
-        source.parameters["table_name"],
-        source.parameters["dataset_id"],
-    )
+    run.adapter = _table_adapter(_data_source(table), table.structure())
     if fresh:  # a table made just now holds no rows: no need to read its seq_num column
         run.stored_seq = set()
     else:
         seq = run.adapter.read(["seq_num"])["seq_num"].dropna()
         run.stored_seq = {int(s) for s in seq}
     run.node = node
-    if reopen and not created:
+    if reopen:
         clear_stop(node)
+
+
+def _table_adapter(source: Any, structure: Any) -> Any:
+    """tiled's SQL adapter of a table (its data source and structure): rows are appended
+    through it straight into the table's file, by the daemon itself."""
+    from tiled.adapters.sql import SQLAdapter
+
+    params = source.parameters
+    return SQLAdapter(
+        source.assets[0].data_uri, structure, params["table_name"], params["dataset_id"]
+    )
 
 
 def _start_due(stored: Any, start: dict[str, Any] | None, reopen: bool) -> bool:

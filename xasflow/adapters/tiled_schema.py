@@ -268,10 +268,13 @@ def _serve(directory: Path, table_uris: list[str]) -> Iterator[Any]:
     from tiled.client import Context, from_context
     from tiled.server.app import build_app
 
+    from xasflow.adapters.catalog_runs import add_run_routes
+
     tree = from_uri(f"sqlite:///{directory / CATALOG_FILE}", writable_storage=table_uris)
     with quiet_tiled_app():  # the app starts here
         app = build_app(tree)
         settle_overrides(app)
+        add_run_routes(app, tree, None)  # reached only through this process's own client
         context = Context.from_app(app)
     try:
         yield from_context(context)
