@@ -10,6 +10,7 @@ what happened); the third suspicion did not hold, and its test shows why.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -357,68 +358,38 @@ def test_a_replayed_close_the_catalog_refused_is_retried_while_the_store_runs(
     takes the one after. Before, the writer gave the stop up until recovery asked for
     unfinished runs, or the next start: a daemon past its start kept the run stopless in
     the catalog, and its record in the journal. Now the writer tries it again itself after
-    1 s, then 2 s (doubling, as a dead catalog process is retried); counted once in
-    ``errors``."""
+    1 s, then 2 s (doubling, as a dead catalog process is retried), one request each: the
+    store's retries of a call (0.05, 0.25, 1 s) held the writer, and every run's rows, for
+    1.3 s at each refusal, and took the stop 0.05 s after the refused retry. Counted once
+    in ``errors``."""
     from helpers import wait_for
-
-    from xasflow.adapters import tiled_writer
-    from xasflow.adapters.tiled_schema import StoreError
+    from store_helpers import wrap_metadata_writes
 
     directory = tmp_path / "s"
-    stop = _left_closed(directory)
-    real, refused = tiled_writer.with_retries, []
+    directory.mkdir()
+    journal = Journal(directory / JOURNAL_FILE)  # what the killed process left
+    journal.open_run("R", {"uid": "a"}, DESCRIPTOR)
+    assert journal.add("R", [_row(1), _row(2)]) == [True, True]
+    stop = {"uid": "z", "run_start": "a", "exit_status": "success"}
+    assert journal.close_run("R", stop)
+    journal.close()
+    refused: list[float] = []
+    taken: list[float] = []
 
-    def refusing(action: Any, what: str) -> Any:
-        if what in ("close R", "finish R") and len(refused) < 2:
-            refused.append(what)
-            raise StoreError(f"{what}: the catalog refused it")
-        return real(action, what)
+    def refusing(real: Any, node: Any, metadata_patch: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(op["path"] == "/stop" for op in metadata_patch or []):
+            if len(refused) < 5:  # the close's four tries, then the first retry's one
+                refused.append(time.monotonic())
+                raise OSError("the catalog refused it")
+            taken.append(time.monotonic())
+        return real(node, metadata_patch, *args, **kwargs)
 
-    monkeypatch.setattr(tiled_writer, "with_retries", refusing)
+    wrap_metadata_writes(monkeypatch, refusing)
     with AnalysisStore(directory, journal=True) as store:
         wait_for(lambda: store.stats()["journal_runs"] == 0, "the stop retried and taken")
         meta, frame = read_analysis(store, "R")
         errors = store.stats()["errors"]
     assert meta["stop"] == stop and [int(s) for s in frame["seq_num"]] == [1, 2]
-    assert (len(refused), errors) == (2, 1)
-
-
-@pytest.mark.parametrize("column", ["start", "stop"])
-def test_a_damaged_record_is_kept_when_recovery_finishes_its_run(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str
-) -> None:
-    """A killed process left run R open, all its rows moved to the catalog, and its journal
-    record is damaged (its start or stop not JSON): the replay says so, counts it and keeps
-    it for a person. Recovery then finds R stopless in the catalog and finishes it. Before,
-    ``finish_run`` wrote its stop into that record and the writer, the catalog holding the
-    stop, forgot it (no rows kept it): the record a person was told to look at was gone,
-    and the next start said nothing. Now a record the store found damaged is left as it
-    is; the catalog takes the stop, and the next start says the record again."""
-    import sqlite3
-
-    from xasflow.adapters.recovery import InterruptedRuns
-
-    directory = tmp_path / "s"
-    with AnalysisStore(directory, journal=True) as store:  # closed with R open, as if killed
-        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
-        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
-    with sqlite3.connect(directory / JOURNAL_FILE) as db:
-        db.execute(f"UPDATE runs SET {column} = '{{\"uid\": ' WHERE raw_uid = 'R'")
-        before = db.execute("SELECT * FROM runs").fetchall()
-    with AnalysisStore(directory, journal=True) as store:
-        interrupted = InterruptedRuns(store)
-        assert interrupted.find() == 1
-        stop = interrupted.close("R", {"exit_status": "success", "num_events": {"primary": 2}})
-        assert stop is not None and store.flush(30)
-        errors = store.stats()["errors"]
-    with sqlite3.connect(directory / JOURNAL_FILE) as db:
-        kept = db.execute("SELECT * FROM runs").fetchall()
-    caplog.clear()
-    with AnalysisStore(directory, journal=True) as store:  # the next start
-        again = InterruptedRuns(store).find()
-        assert store.flush(30)
-        meta, frame = read_analysis(store, "R")
-        said = store.stats()["errors"]
-    assert (errors, kept, again, said) == (1, before, 0, 1)
-    assert meta["stop"]["uid"] == stop["uid"] and [int(s) for s in frame["seq_num"]] == [1, 2]
-    assert any("run R's record" in r.getMessage() for r in caplog.records)
+    assert (len(refused), len(taken), errors) == (5, 1, 1)
+    assert refused[4] - refused[3] >= 0.9  # the first retry waited for its back-off (1 s)
+    assert taken[0] - refused[4] >= 1.5  # and, refused, the next (2 s): no quick retries

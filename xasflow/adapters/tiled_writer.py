@@ -95,13 +95,14 @@ class WriterThread(CatalogOutage, RunStops):
     batch_size: int
     flush_interval: float
 
-    def _catalog(self, action: Callable[[], Any], what: str) -> Any:
-        """A catalog operation, with the store's retries; at once a StoreError when the
-        catalog's process is gone (tiled's client would retry each request for 45 s, and
-        what waits is in the journal, replayed at the next start)."""
+    def _catalog(self, action: Callable[[], Any], what: str, *, retries: bool = True) -> Any:
+        """A catalog operation, with the store's retries (``retries``; without, one try);
+        at once a StoreError when the catalog's process is gone (tiled's client would retry
+        each request for 45 s, and what waits is in the journal, replayed at the next
+        start)."""
         if not self._catalog_up():
             raise StoreError(f"{what}: the catalog's process is not running")
-        return with_retries(action, what)
+        return with_retries(action, what) if retries else action()
 
     def _writer_loop(self) -> None:
         stop = False

@@ -56,7 +56,7 @@ class CatalogOutage:
     _counts: dict[str, int]  # the store's counters (write_lost: what a held flush answers)
 
     # WriterThread's
-    def _catalog(self, action: Callable[[], Any], what: str) -> Any:
+    def _catalog(self, action: Callable[[], Any], what: str, *, retries: bool = True) -> Any:
         raise NotImplementedError
 
     def _replay(self, journal: Journal, still_open: frozenset[str] = frozenset()) -> list[Any]:

@@ -68,7 +68,7 @@ class RunStops:
     _set_aside: Callable[[list[str]], None]  # JournalFallback's (after this class in the MRO)
 
     # WriterThread's
-    def _catalog(self, action: Callable[[], Any], what: str) -> Any:
+    def _catalog(self, action: Callable[[], Any], what: str, *, retries: bool = True) -> Any:
         raise NotImplementedError
 
     def _commit(self, run: _Run) -> None:
@@ -222,12 +222,14 @@ class RunStops:
 
     def _retry_stops(self, now: float) -> None:
         """Write again the refused stops now due; one refused again waits twice as long
-        (logged, not counted again: the stop's refusal was counted once)."""
+        (logged, not counted again: the stop's refusal was counted once). One try each: its
+        back-off is the retry, and the store's retries of a call (0.05, 0.25 and 1 s) would
+        hold the writer, and every run's rows, for 1.3 s at each refusal."""
         for raw_uid, due in list(self._stops_due.items()):
             if due.due > now:
                 continue
             try:
-                self._catalog(due.write, due.what)
+                self._catalog(due.write, due.what, retries=False)
             except Exception as exc:
                 due.delay = min(2 * due.delay, MAX_DELAY_S)
                 due.due = time.monotonic() + due.delay
