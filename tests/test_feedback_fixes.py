@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from feedback_helpers import advice_ioc, advice_pipeline, demo_scan
 from helpers import unpaged
 
@@ -20,12 +21,35 @@ def _advice_rows(docs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def test_throttled_advice_goes_out_at_once_when_the_answer_enters_or_leaves_the_domain(
+class _Batches:
+    """A pipeline fed batch by batch: each batch's documents (unpaged) and advice rows
+    (index, out_of_domain), the descriptors remembered across batches."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe, self.names = pipe, {}
+
+    def advice(self, batch: list[Any]) -> list[tuple[int, bool]]:
+        return [(r["index"], r["out_of_domain"]) for r in self.rows(self.feed(batch))]
+
+    def feed(self, batch: list[Any]) -> list[tuple[str, Any]]:
+        docs = unpaged(self.pipe.handle_batch(batch))
+        self.names.update({d["uid"]: d["name"] for n, d in docs if n == "descriptor"})
+        return docs
+
+    def rows(self, docs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        advice = [d for n, d in docs if n == "event"]
+        return [d["data"] for d in advice if self.names[d["descriptor"]] == "recommendations"]
+
+
+def test_a_flip_in_or_out_of_domain_is_advised_at_once_then_once_per_interval(
     tmp_path: Path,
 ) -> None:
-    """With advice throttled to one per hour, a run's advice still follows each spectrum whose
-    answer went out of the bundle's domain or came back: its last advice says which the latest
-    answer is (the queueserver never plans from out-of-domain advice)."""
+    """With advice throttled to one per hour, the first time a run's answer leaves the
+    bundle's domain its advice goes out at once; a flip back within the interval is held,
+    and advised at the close (or once the interval is over): the run's last advice says
+    which the latest answer is (the queueserver never plans from out-of-domain advice).
+    Before, every flip was advised at once: a stream flipping at each spectrum computed
+    advice at every turn."""
     from xasflow.daemon.assembly import RunClosed, RunOpened
 
     pipe = advice_pipeline(tmp_path, interval=3600.0)
@@ -34,42 +58,55 @@ def test_throttled_advice_goes_out_at_once_when_the_answer_enters_or_leaves_the_
         demo_scan("raw-1", 0, "CuO", 0),  # in domain: the run's first advice
         demo_scan("raw-1", 1, "CuCl", 1),  # out of domain: advice at once
         demo_scan("raw-1", 2, "CuCl", 2),  # still out: throttled
-        demo_scan("raw-1", 3, "CuO", 3),  # back in domain: advice at once
-        RunClosed("raw-1", "success", "", 4, 0, 0),
+        demo_scan("raw-1", 3, "CuO", 3),  # back in domain within the interval: held
+        RunClosed("raw-1", "success", "", 4, 0, 0),  # ... and advised with the close
     ]
-    docs = [doc for out in outputs for doc in pipe.handle_batch([out])]  # a batch each
-    rows = _advice_rows(unpaged(docs))
-    assert [(r["index"], r["out_of_domain"]) for r in rows] == [(0, False), (1, True), (3, False)]
+    fed = _Batches(pipe)
+    assert [fed.advice([out]) for out in outputs] == [
+        [],
+        [(0, False)],
+        [(1, True)],
+        [],
+        [],
+        [(3, False)],
+    ]
     assert pipe.counters.snapshot()["advice_superseded"] == 0
 
 
-def test_throttled_advice_due_in_one_batch_keeps_the_runs_first_and_newest(
-    tmp_path: Path,
+def test_a_held_flip_is_advised_once_the_interval_is_over_and_same_batch_advice_superseded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spectra in and out of domain in one batch (a fly scan at 1,000/s): of the advice they
-    made due, a run's first and its newest are computed, the flips between them superseded
-    (published in the same instant, they told no one anything) and counted on /metrics."""
+    """Spectra in and out of domain in one batch (a fly scan at 1,000/s), the run's advice
+    interval (1 s) over: the interval's advice and the first flip's are due in the same
+    batch; the older is superseded (published in the same instant, it told no one anything)
+    and counted on /metrics, the later flips held. Once the next interval is over, the next
+    spectrum's advice says the latest answer, even with no flip since."""
     from prometheus_client import CollectorRegistry, generate_latest
 
+    import xasflow.daemon.advice as advice
     from xasflow.daemon.assembly import RunClosed, RunOpened
     from xasflow.daemon.counters import register_prometheus
 
-    pipe = advice_pipeline(tmp_path, interval=3600.0)
-    names = ["CuO", "CuCl", "CuO", "CuCl", "CuO", "CuCl"]  # each one a flip after the first
-    outputs = [
-        RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly"),
-        *(demo_scan("raw-1", i, name, i) for i, name in enumerate(names)),
-        RunClosed("raw-1", "success", "", len(names), 0, 0),
-    ]
-    docs = unpaged(pipe.handle_batch(outputs))
+    clock = {"now": 100.0}
+    monkeypatch.setattr(advice.time, "monotonic", lambda: clock["now"])
+    pipe = advice_pipeline(tmp_path, interval=1.0)
+    fed = _Batches(pipe)
+    start = RunOpened("raw-1", {"uid": "raw-1", "time": 1.0}, "fly")
+    assert fed.advice([start, demo_scan("raw-1", 0, "CuCl", 0)]) == [(0, True)]
+    clock["now"] += 10.0  # the interval is over
+    names = ["CuCl", "CuO", "CuCl", "CuO"]  # each one after the first a flip
+    docs = fed.feed([demo_scan("raw-1", i, name, i) for i, name in enumerate(names, start=1)])
     answers = [d["data"] for _, d in docs if "out_of_domain" in d.get("data", {})]
-    assert [a["out_of_domain"] for a in answers if "cn" in a] == [False, True] * 3
-    rows = _advice_rows(docs)
-    assert [(r["index"], r["out_of_domain"]) for r in rows] == [(0, False), (5, True)]
-    assert pipe.counters.snapshot()["advice_superseded"] == 4
+    assert [a["out_of_domain"] for a in answers if "cn" in a] == [True, False, True, False]
+    assert [(r["index"], r["out_of_domain"]) for r in fed.rows(docs)] == [(2, False)]
+    assert fed.advice([demo_scan("raw-1", 5, "CuCl", 5)]) == []  # a flip held
+    clock["now"] += 10.0
+    assert fed.advice([demo_scan("raw-1", 6, "CuCl", 6)]) == [(6, True)]
+    assert fed.advice([RunClosed("raw-1", "success", "", 7, 0, 0)]) == []
+    assert pipe.counters.snapshot()["advice_superseded"] == 1  # spectrum 1's, by 2's
     reg = CollectorRegistry()
     register_prometheus(pipe.counters, reg)
-    assert "xasflow_advice_superseded_total 4.0" in generate_latest(reg).decode()
+    assert "xasflow_advice_superseded_total 1.0" in generate_latest(reg).decode()
 
 
 # --------------------------------------------------------------------------- queueserver

@@ -3,9 +3,14 @@ it is computed.
 
 Whether a spectrum gets advice is decided in spectrum order, as its result is composed: its
 prediction is observed (stop-early sees every prediction), and advice is due at most once per
-run per ``interval_s``, except when the stop-early decision turns or the answer goes into or
-out of the bundle's domain (the run's last advice is always as out of domain as its latest
-answer). The advice itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by
+run per ``interval_s``, except when the stop-early decision turns, or when the answer goes
+into or out of the bundle's domain: then at once, but such a flip at most once per run per
+``interval_s`` as well. A flip held back so is remembered and advised when the interval is
+over (the next spectrum's advice), or at the run's close: a run's advice is never older than
+``interval_s`` in saying whether the latest answer is out of domain, and its last advice
+always says it. Before, every flip was advised: a stream whose answers flip at each
+spectrum (the benches' mixed pools; a sample at the domain's edge) computed advice at every
+turn, ~60 a second per run at 900 spectra/s, 7 % of the processing thread. The advice itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by
 :meth:`RunAdvice.take`, from a copy of the run's history at that spectrum: the processing loop
 publishes a batch's results first, so no result waits for the advice that follows it. A run's
 advice still due is taken before its stop (:meth:`RunAdvice.close`).
@@ -77,6 +82,10 @@ class RunAdvice:
         self.counters = counters
         #: raw uid -> (monotonic time the next advice is due, its last advice out of domain)
         self._advised: dict[str, tuple[float, bool]] = {}
+        #: raw uid -> monotonic time before which a flip in or out of domain waits
+        self._flip_due: dict[str, float] = {}
+        #: raw uid -> the advice of its latest flip held back (advised at the close at the latest)
+        self._held: dict[str, _Due] = {}
         self._due: list[_Due] = []
 
     def observe(self, run: AnalysisRun, work: Work) -> None:
@@ -93,27 +102,45 @@ class RunAdvice:
             now = time.monotonic()
             first = raw_uid not in self._advised
             due, ood = self._advised.get(raw_uid, (now, False))
-            throttled = now < due and ood == pred.out_of_domain
+            flip = ood != pred.out_of_domain
             turn = tracker.turns(raw_uid, manifest, history)
-            if throttled and not turn:
+            held_flip = flip and now < self._flip_due.get(raw_uid, now)
+            if now < due and not turn and (not flip or held_flip):
+                if held_flip:  # advised when the interval is over, or at the close
+                    self._held[raw_uid] = self._decided(run, work, manifest, pred, history, False)
+                else:  # the last advice says what the latest answer says again
+                    self._held.pop(raw_uid, None)
                 return
             tracker.decided(raw_uid, manifest, history)  # the next spectrum's "turns" sees it
             self._advised[raw_uid] = (now + self.interval_s, pred.out_of_domain)
-            prepared = work.prepared
-            self._due.append(
-                _Due(
-                    run,
-                    work.scan.index,
-                    manifest,
-                    list(history),
-                    None if prepared is None else prepared.spectrum,
-                    None if prepared is None else prepared.measured,
-                    pred.out_of_domain,
-                    keep=first or turn,
-                )
-            )
+            if flip and not first:
+                self._flip_due[raw_uid] = now + self.interval_s
+            self._held.pop(raw_uid, None)
+            self._due.append(self._decided(run, work, manifest, pred, history, first or turn))
         except Exception:
             logger.exception("recommendation failed for %s/%s", raw_uid, work.scan.index)
+
+    @staticmethod
+    def _decided(
+        run: AnalysisRun,
+        work: Work,
+        manifest: Manifest,
+        pred: Prediction,
+        history: list[Prediction],
+        keep: bool,
+    ) -> _Due:
+        """The advice of ``work``'s spectrum, to be computed by :meth:`take`."""
+        prepared = work.prepared
+        return _Due(
+            run,
+            work.scan.index,
+            manifest,
+            list(history),
+            None if prepared is None else prepared.spectrum,
+            None if prepared is None else prepared.measured,
+            pred.out_of_domain,
+            keep=keep,
+        )
 
     def interrupt(self, raw_uid: str) -> None:
         """A spectrum of the run got no answer: the spectra "in a row" start again."""
@@ -158,8 +185,13 @@ class RunAdvice:
         return kept
 
     def close(self, raw_uid: str) -> list[Doc]:
-        """A run closes: the documents of its advice still due, and the run forgotten."""
+        """A run closes: the documents of its advice still due (a flip held back among them),
+        and the run forgotten."""
+        held = self._held.pop(raw_uid, None)
+        if held is not None:
+            self._due.append(held)
         docs = self.take(raw_uid)
         self.tracker.close(raw_uid)
         self._advised.pop(raw_uid, None)
+        self._flip_due.pop(raw_uid, None)
         return docs

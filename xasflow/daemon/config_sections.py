@@ -371,7 +371,9 @@ class RecommendConfig(_Section):
     """Energy-region recommendations: each analysis run's ``recommendations`` stream.
 
     ``interval_s`` caps them at one per run per interval (the first spectrum of a run always
-    gets one): fly scans bring hundreds of spectra a second, the control system needs a few.
+    gets one), and flips in or out of the bundle's domain at one more per interval
+    (:mod:`xasflow.daemon.advice`): fly scans bring hundreds of spectra a second, the
+    control system needs a few.
     """
 
     enabled: bool = True
