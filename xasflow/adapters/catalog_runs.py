@@ -36,7 +36,7 @@ def add_run_routes(app: Any, tree: Any, api_key: str | None) -> None:
     metadata, keeping no revision: 204; 404 when there is no such run) on ``app``, over the
     catalog adapter ``tree``. With ``api_key`` every request must carry it, as tiled's own do."""
     import jsonpatch
-    from fastapi import Request
+    from fastapi import Depends, HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from tiled.catalog.adapter import Collision
     from tiled.server.core import NoEntry
@@ -48,17 +48,13 @@ def add_run_routes(app: Any, tree: Any, api_key: str | None) -> None:
     # annotations, which name classes imported here, not at the module's top
     expected = None if api_key is None else f"Apikey {api_key}".encode()
 
-    def refused(request: Request) -> Response | None:
+    def authorized(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
-        if expected is None or secrets.compare_digest(given, expected):
-            return None
-        return JSONResponse({"detail": "not authenticated"}, status_code=401)
+        if expected is not None and not secrets.compare_digest(given, expected):
+            raise HTTPException(status_code=401, detail="not authenticated")
 
-    @app.post(ROUTE + "/{key}")
+    @app.post(ROUTE + "/{key}", dependencies=[Depends(authorized)])
     async def create(key: str, request: Request) -> Response:
-        no = refused(request)
-        if no is not None:
-            return no
         body = orjson.loads(await request.body())
         try:
             container = await tree.create_node(
@@ -84,11 +80,8 @@ def add_run_routes(app: Any, tree: Any, api_key: str | None) -> None:
         made = await table.data_sources(include_assets=True)
         return JSONResponse({"data_source": made[0].model_dump(mode="json")}, status_code=201)
 
-    @app.patch(ROUTE + "/{key}/metadata")
+    @app.patch(ROUTE + "/{key}/metadata", dependencies=[Depends(authorized)])
     async def patch(key: str, request: Request) -> Response:
-        no = refused(request)
-        if no is not None:
-            return no
         ops = orjson.loads(await request.body())
         try:
             node = await tree.lookup_adapter([key])
