@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("tiled")
 
 from helpers import STORE_DESCRIPTOR as DESCRIPTOR
+from helpers import store_row
 
 from xasflow.adapters.catalog_runs import ROUTE, RunNode, create_run
 from xasflow.adapters.tiled_batch import set_metadata
@@ -110,3 +111,21 @@ def test_the_child_s_routes_insist_on_its_key(tmp_path: Path) -> None:
                 urllib.request.urlopen(patch, timeout=10)
             assert refused.value.code == 401
         assert "run-x" not in client
+
+
+def test_a_run_whose_table_was_never_made_gets_it_on_the_next_attach(root: Any) -> None:
+    """A container made without its table (the route's second step failed, or its answer
+    was lost after the first): the retry meets 409, and tiled's path makes the table, so
+    the run's rows still go in."""
+    from xasflow.adapters.tiled_batch import append_pending, attach_run
+    from xasflow.adapters.tiled_schema import _Run
+
+    schema, arrays = schema_for_descriptor(DESCRIPTOR)
+    meta = run_metadata({"uid": "f-start"}, DESCRIPTOR, "primary")
+    root.create_container(key="run-f", metadata=meta, specs=[SPEC])  # the first step alone
+    run = _Run("run-f", "primary", schema, arrays, meta)
+    attach_run(root, run)
+    assert not isinstance(run.node, RunNode)  # found through tiled's client, not made
+    assert append_pending(run, [(store_row(1), None), (store_row(2), None)])[0] == 2
+    assert list(root["run-f"]) == ["primary"]
+    assert [int(s) for s in root["run-f"]["primary"].read()["seq_num"]] == [1, 2]
