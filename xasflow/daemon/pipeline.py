@@ -31,9 +31,10 @@ For each spectrum (``SpectrumReady``); steps 1-5 are :mod:`xasflow.daemon.batch_
 6. with ``recommend`` (a :class:`~xasflow.daemon.recommend.RecommenderConfig`), an analysed
    spectrum's event is followed by an event of the run's ``recommendations`` stream (at most
    one per run per ``recommend_interval_s``, except when the stop-early decision turns or
-   the answer goes into or out of the bundle's domain, which goes out at once unless a
-   newer advice of the run in the same batch supersedes it: the run's last advice is
-   always as out of domain as its latest answer; :mod:`xasflow.daemon.advice`): what to
+   the answer goes into or out of the bundle's domain, which goes out at once, at most once
+   per interval, unless a newer advice of the run in the same batch supersedes it; a flip
+   held back goes out after the interval or with the stop: the run's last advice is always
+   as out of domain as its latest answer; :mod:`xasflow.daemon.advice`): what to
    measure next, stop early, rescan
    (:mod:`xasflow.daemon.recommend`). A rejected spectrum restarts the run's "in a row",
    whether the pipeline or the assembler refused it (a duplicate event refuses none).
