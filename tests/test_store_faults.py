@@ -303,7 +303,7 @@ def _left_closed(directory: Path) -> dict[str, Any]:
     return stop
 
 
-@pytest.mark.parametrize("refusals", [1, 99], ids=["catalog back", "catalog refusing"])
+@pytest.mark.parametrize("refusals", [4, 10**6], ids=["catalog back", "catalog refusing"])
 def test_a_replayed_run_whose_close_failed_keeps_its_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int
 ) -> None:
@@ -312,22 +312,24 @@ def test_a_replayed_run_whose_close_failed_keeps_its_stop(
     without a stop, closed it as interrupted and put that stop over the real one in the
     journal's record: the 'success' the run ended with was gone from catalog and journal.
     Now a run whose record holds its stop is no interrupted run: its stop is written again
-    when recovery looks (``catalog back``), else kept for the next start's replay."""
-    from xasflow.adapters import tiled_writer
+    when recovery looks (``catalog back``: the close's four tries refused, then none),
+    else kept for the next start's replay (``catalog refusing``: every stop write refused,
+    the writer's own later tries too, however long the session takes)."""
+    from store_helpers import wrap_metadata_writes
+
     from xasflow.adapters.recovery import InterruptedRuns
-    from xasflow.adapters.tiled_schema import StoreError
 
     directory = tmp_path / "s"
     stop = _left_closed(directory)
-    real, left = tiled_writer.with_retries, {"n": refusals}
+    left = {"n": refusals}
 
-    def refusing(action: Any, what: str) -> Any:
-        if what in ("close R", "finish R") and left["n"] > 0:
+    def refusing(real: Any, node: Any, metadata_patch: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(op["path"] == "/stop" for op in metadata_patch or []) and left["n"] > 0:
             left["n"] -= 1
-            raise StoreError(f"{what}: the catalog refused it")
-        return real(action, what)
+            raise OSError("the catalog refused it")
+        return real(node, metadata_patch, *args, **kwargs)
 
-    monkeypatch.setattr(tiled_writer, "with_retries", refusing)
+    wrap_metadata_writes(monkeypatch, refusing)
     with AnalysisStore(directory, journal=True) as store:
         interrupted = InterruptedRuns(store)
         found = interrupted.find()
@@ -337,16 +339,16 @@ def test_a_replayed_run_whose_close_failed_keeps_its_stop(
         first = read_analysis(store, "R")[0]["stop"]
         errors = store.stats()["errors"]
         kept = Journal(directory / JOURNAL_FILE).pending()
-    monkeypatch.setattr(tiled_writer, "with_retries", real)  # the catalog takes writes again
+    left["n"] = 0  # the catalog takes writes again
     with AnalysisStore(directory, journal=True) as store:
         again = InterruptedRuns(store)
         assert again.find() == 0
         assert store.flush(30)
         meta, frame = read_analysis(store, "R")
     assert meta["stop"] == stop and [int(s) for s in frame["seq_num"]] == [1, 2]
-    assert found == 0 and first == (stop if refusals == 1 else None)
-    assert [r.stop for r in kept] == ([] if refusals == 1 else [stop])  # for the next start
-    assert errors == (1 if refusals == 1 else 2)  # each refused close counted
+    assert found == 0 and first == (stop if refusals == 4 else None)
+    assert [r.stop for r in kept] == ([] if refusals == 4 else [stop])  # for the next start
+    assert errors == (1 if refusals == 4 else 2)  # each refused close counted
     assert Journal(directory / JOURNAL_FILE).counts() == {"journal_runs": 0, "journal_rows": 0}
 
 
@@ -393,3 +395,44 @@ def test_a_replayed_close_the_catalog_refused_is_retried_while_the_store_runs(
     assert (len(refused), len(taken), errors) == (5, 1, 1)
     assert refused[4] - refused[3] >= 0.9  # the first retry waited for its back-off (1 s)
     assert taken[0] - refused[4] >= 1.5  # and, refused, the next (2 s): no quick retries
+
+
+@pytest.mark.parametrize("column", ["start", "stop"])
+def test_a_damaged_record_is_kept_when_recovery_finishes_its_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str
+) -> None:
+    """A killed process left run R open, all its rows moved to the catalog, and its journal
+    record is damaged (its start or stop not JSON): the replay says so, counts it and keeps
+    it for a person. Recovery then finds R stopless in the catalog and finishes it. Before,
+    ``finish_run`` wrote its stop into that record and the writer, the catalog holding the
+    stop, forgot it (no rows kept it): the record a person was told to look at was gone,
+    and the next start said nothing. Now a record the store found damaged is left as it
+    is; the catalog takes the stop, and the next start says the record again."""
+    import sqlite3
+
+    from xasflow.adapters.recovery import InterruptedRuns
+
+    directory = tmp_path / "s"
+    with AnalysisStore(directory, journal=True) as store:  # closed with R open, as if killed
+        store.open_run("R", {"uid": "a"}, DESCRIPTOR)
+        assert store.add_events("R", [_row(1), _row(2)]) == [True, True]
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        db.execute(f"UPDATE runs SET {column} = '{{\"uid\": ' WHERE raw_uid = 'R'")
+        before = db.execute("SELECT * FROM runs").fetchall()
+    with AnalysisStore(directory, journal=True) as store:
+        interrupted = InterruptedRuns(store)
+        assert interrupted.find() == 1
+        stop = interrupted.close("R", {"exit_status": "success", "num_events": {"primary": 2}})
+        assert stop is not None and store.flush(30)
+        errors = store.stats()["errors"]
+    with sqlite3.connect(directory / JOURNAL_FILE) as db:
+        kept = db.execute("SELECT * FROM runs").fetchall()
+    caplog.clear()
+    with AnalysisStore(directory, journal=True) as store:  # the next start
+        again = InterruptedRuns(store).find()
+        assert store.flush(30)
+        meta, frame = read_analysis(store, "R")
+        said = store.stats()["errors"]
+    assert (errors, kept, again, said) == (1, before, 0, 1)
+    assert meta["stop"]["uid"] == stop["uid"] and [int(s) for s in frame["seq_num"]] == [1, 2]
+    assert any("run R's record" in r.getMessage() for r in caplog.records)
