@@ -79,8 +79,10 @@ def test_a_held_flip_is_advised_once_the_interval_is_over_and_same_batch_advice_
     """Spectra in and out of domain in one batch (a fly scan at 1,000/s), the run's advice
     interval (1 s) over: the interval's advice and the first flip's are due in the same
     batch; the older is superseded (published in the same instant, it told no one anything)
-    and counted on /metrics, the later flips held. Once the next interval is over, the next
-    spectrum's advice says the latest answer, even with no flip since."""
+    and counted on /metrics, the later flips held. Once the interval is over a held flip
+    is advised at the processing loop's next pass, with no spectrum since (a flip back within
+    its interval held again); after an interval the next spectrum is advised, a flip after
+    it at once, and the one after that waits again and goes out with the stop."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     import xasflow.daemon.advice as advice
@@ -100,9 +102,16 @@ def test_a_held_flip_is_advised_once_the_interval_is_over_and_same_batch_advice_
     assert [a["out_of_domain"] for a in answers if "cn" in a] == [True, False, True, False]
     assert [(r["index"], r["out_of_domain"]) for r in fed.rows(docs)] == [(2, False)]
     assert fed.advice([demo_scan("raw-1", 5, "CuCl", 5)]) == []  # a flip held
+    assert [(r["index"], r["out_of_domain"]) for r in fed.rows(unpaged(pipe.advise()))] == []
+    clock["now"] += 10.0  # no spectrum comes, the loop passes: the held flip is advised
+    got = [(r["index"], r["out_of_domain"]) for r in fed.rows(unpaged(pipe.advise()))]
+    assert got == [(5, True)]
+    assert fed.advice([demo_scan("raw-1", 6, "CuO", 6)]) == []  # within that one's interval
     clock["now"] += 10.0
-    assert fed.advice([demo_scan("raw-1", 6, "CuCl", 6)]) == [(6, True)]
-    assert fed.advice([RunClosed("raw-1", "success", "", 7, 0, 0)]) == []
+    assert fed.advice([demo_scan("raw-1", 7, "CuCl", 7)]) == [(7, True)]  # none held since
+    assert fed.advice([demo_scan("raw-1", 8, "CuO", 8)]) == [(8, False)]  # a flip, at once
+    assert fed.advice([demo_scan("raw-1", 9, "CuCl", 9)]) == []  # the next one held
+    assert fed.advice([RunClosed("raw-1", "success", "", 10, 0, 0)]) == [(9, True)]
     assert pipe.counters.snapshot()["advice_superseded"] == 1  # spectrum 1's, by 2's
     reg = CollectorRegistry()
     register_prometheus(pipe.counters, reg)

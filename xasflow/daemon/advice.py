@@ -5,10 +5,11 @@ Whether a spectrum gets advice is decided in spectrum order, as its result is co
 prediction is observed (stop-early sees every prediction), and advice is due at most once per
 run per ``interval_s``, except when the stop-early decision turns, or when the answer goes
 into or out of the bundle's domain: then at once, but such a flip at most once per run per
-``interval_s`` as well. A flip held back so is remembered and advised when the interval is
-over (the next spectrum's advice), or at the run's close: a run's advice is never older than
-``interval_s`` in saying whether the latest answer is out of domain, and its last advice
-always says it. Before, every flip was advised: a stream whose answers flip at each
+``interval_s`` as well. A flip held back so is remembered and advised once the interval is
+over (with the next spectrum, or at the processing loop's next pass when no spectrum comes),
+or at the run's close: a run's advice is at most ``interval_s`` (and one pass of the loop,
+50 ms when idle) behind in saying whether the latest answer is out of domain, and its last
+advice always says it. Before, every flip was advised: a stream whose answers flip at each
 spectrum (the benches' mixed pools; a sample at the domain's edge) computed advice at every
 turn, ~60 a second per run at 900 spectra/s, 7 % of the processing thread. The advice itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by
 :meth:`RunAdvice.take`, from a copy of the run's history at that spectrum: the processing loop
@@ -147,8 +148,11 @@ class RunAdvice:
         self.tracker.interrupt(raw_uid)
 
     def take(self, raw_uid: str | None = None) -> list[Doc]:
-        """The documents of the advice due (of one run, or all), computed now, in order."""
+        """The documents of the advice due (of one run, or all), computed now, in order.
+        Taking all, a flip held back whose interval is over is due too (the processing loop
+        takes all at every pass, so a run whose spectra stopped after a flip still gets it)."""
         if raw_uid is None:
+            self._release_held(time.monotonic())
             due, self._due = self._due, []
         else:
             due = [d for d in self._due if d.run.raw_uid == raw_uid]
@@ -167,6 +171,17 @@ class RunAdvice:
             except Exception:  # advice is optional; the prediction is already recorded
                 logger.exception("recommendation failed for %s/%s", d.run.raw_uid, d.index)
         return docs
+
+    def _release_held(self, now: float) -> None:
+        """Make due the held flips whose interval is over (each its run's latest spectrum)."""
+        for raw_uid, held in list(self._held.items()):
+            if now < self._flip_due.get(raw_uid, now):
+                continue
+            del self._held[raw_uid]
+            self.tracker.decided(raw_uid, held.manifest, held.history)
+            self._advised[raw_uid] = (now + self.interval_s, held.out_of_domain)
+            self._flip_due[raw_uid] = now + self.interval_s
+            self._due.append(held)
 
     def _newest(self, due: list[_Due]) -> list[_Due]:
         """``due`` without the advice a later one of the same run supersedes (see the module)."""

@@ -95,11 +95,17 @@ class Outlet:
                 continue
             for name, doc in docs:
                 self.emit(name, doc)
-            advice: list[tuple[str, dict[str, Any]]] = safely(
-                self.counters, "advising", [], self.pipeline.advise
-            )
-            for name, doc in advice:  # computed once its results are out
-                self.emit(name, doc)
+            self._advise()  # computed once its results are out
+        if not self.pending:  # a pass with nothing in flight: advice held for its interval
+            self._advise()
+
+    def _advise(self) -> None:
+        """The advice due now, computed and sent to every sink."""
+        advice: list[tuple[str, dict[str, Any]]] = safely(
+            self.counters, "advising", [], self.pipeline.advise
+        )
+        for name, doc in advice:
+            self.emit(name, doc)
 
     def _failed(self, outputs: list[Output], exc: Exception) -> None:
         """A batch the pipeline raised on (a bug): counted, its spectra refused and counted
