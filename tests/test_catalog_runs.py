@@ -129,3 +129,15 @@ def test_a_run_whose_table_was_never_made_gets_it_on_the_next_attach(root: Any) 
     assert append_pending(run, [(store_row(1), None), (store_row(2), None)])[0] == 2
     assert list(root["run-f"]) == ["primary"]
     assert [int(s) for s in root["run-f"]["primary"].read()["seq_num"]] == [1, 2]
+
+
+def test_a_node_made_without_a_request_writes_to_its_run(root: Any) -> None:
+    """``run_node`` (a refused stop tried again) reads nothing, and writes to the run."""
+    from xasflow.adapters.catalog_runs import run_node
+
+    made, _, meta = _make(root, "run-g")
+    assert made is not None
+    node = run_node(root, "run-g")
+    assert node.metadata == {}  # not read
+    set_metadata(node, {"stop": {"uid": "g-stop"}})
+    assert dict(root["run-g"].metadata) == {**meta, "stop": {"uid": "g-stop"}}

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ROUTE", "RunNode", "add_run_routes", "create_run"]
+__all__ = ["ROUTE", "RunNode", "add_run_routes", "create_run", "run_node"]
 
 #: Where the routes live, beside tiled's ``/api/v1``.
 ROUTE = "/xasflow/v1/runs"
@@ -125,6 +125,13 @@ def create_run(
 
 
 _JSON = {"Content-Type": "application/json"}
+
+
+def run_node(root: Any, key: str) -> "RunNode":
+    """Run ``key``'s container as a :class:`RunNode` over ``root``'s connection, made
+    without a request (its metadata is not read: for writes, such as a stop tried again; a
+    run the catalog lacks is refused at the write, 404)."""
+    return RunNode(root.context.http_client, _url(root, key) + "/metadata", {})
 
 
 class RunNode:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from xasflow.adapters.catalog_runs import run_node
 from xasflow.adapters.catalog_supervisor import FIRST_DELAY_S, MAX_DELAY_S
 from xasflow.adapters.store_journal import Journal
 from xasflow.adapters.tiled_batch import set_metadata
@@ -94,7 +95,7 @@ class RunStops:
             raw_uid,
             lambda: set_metadata(run.node, meta),
             StopDue(
-                lambda: set_metadata(self._root[raw_uid], meta),
+                lambda: set_metadata(run_node(self._root, raw_uid), meta),
                 lambda: self._closed_journal(raw_uid, stop_doc, unjournalled),
                 f"close {raw_uid}",
                 self._journal_w is not None and unjournalled is None,
@@ -161,7 +162,7 @@ class RunStops:
             raw_uid,
             lambda: set_metadata(node, {"stop": stop_doc}),
             StopDue(
-                lambda: set_metadata(self._root[raw_uid], {"stop": stop_doc}),
+                lambda: set_metadata(run_node(self._root, raw_uid), {"stop": stop_doc}),
                 lambda: self._finished_journal(raw_uid, stop_doc, journalled, opens),
                 f"finish {raw_uid}",
                 self._journal_w is not None and journalled,
@@ -222,9 +223,11 @@ class RunStops:
 
     def _retry_stops(self, now: float) -> None:
         """Write again the refused stops now due; one refused again waits twice as long
-        (logged, not counted again: the stop's refusal was counted once). One try each: its
-        back-off is the retry, and the store's retries of a call (0.05, 0.25 and 1 s) would
-        hold the writer, and every run's rows, for 1.3 s at each refusal."""
+        (logged, not counted again: the stop's refusal was counted once). One request each
+        (the catalog process's own route, :func:`~xasflow.adapters.catalog_runs.run_node`):
+        its back-off is the retry, and the store's retries of a call (0.05, 0.25 and 1 s),
+        or tiled's client's (up to 45 s on a 5xx), would hold the writer, and every run's
+        rows, at each refusal."""
         for raw_uid, due in list(self._stops_due.items()):
             if due.due > now:
                 continue
