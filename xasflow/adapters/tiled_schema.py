@@ -92,7 +92,7 @@ class _Run:
     array_columns: frozenset[str]
     metadata: dict[str, Any]
     adapter: Any = None  # tiled.adapters.sql.SQLAdapter once the table exists
-    node: Any = None  # tiled client of the run's container
+    node: Any = None  # the run's container: a catalog_runs.RunNode, or tiled's client node
     failed: bool = False
     stored_seq: set[int] = field(default_factory=set)
     pending: list[tuple[dict[str, Any], Ack | None]] = field(default_factory=list)
