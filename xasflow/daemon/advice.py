@@ -6,15 +6,16 @@ prediction is observed (stop-early sees every prediction), and advice is due at 
 run per ``interval_s``, except when the stop-early decision turns, or when the answer goes
 into or out of the bundle's domain: then at once, but such a flip at most once per run per
 ``interval_s`` as well. A flip held back so is remembered and advised once the interval is
-over (with the next spectrum, or at the processing loop's next pass when no spectrum comes),
+over (after the next batch, or at the processing loop's next pass that takes nothing),
 or at the run's close: a run's advice is at most ``interval_s`` (and one pass of the loop,
 50 ms when idle) behind in saying whether the latest answer is out of domain, and its last
 advice always says it. Before, every flip was advised: a stream whose answers flip at each
 spectrum (the benches' mixed pools; a sample at the domain's edge) computed advice at every
-turn, ~60 a second per run at 900 spectra/s, 7 % of the processing thread. The advice itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by
-:meth:`RunAdvice.take`, from a copy of the run's history at that spectrum: the processing loop
-publishes a batch's results first, so no result waits for the advice that follows it. A run's
-advice still due is taken before its stop (:meth:`RunAdvice.close`).
+turn, ~60 a second per run at 900 spectra/s, 7 % of the processing thread. The advice
+itself (regions, waveform, noise: ~0.5-1 ms) is computed later, by :meth:`RunAdvice.take`,
+from a copy of the run's history at that spectrum: the processing loop publishes a batch's
+results first, so no result waits for the advice that follows it. A run's advice still due
+is taken before its stop (:meth:`RunAdvice.close`).
 
 Throttled (``interval_s`` > 0), advice due for a run is superseded by a later advice of the
 same run due with it (one batch: they would be published in the same instant), unless it is
@@ -150,7 +151,8 @@ class RunAdvice:
     def take(self, raw_uid: str | None = None) -> list[Doc]:
         """The documents of the advice due (of one run, or all), computed now, in order.
         Taking all, a flip held back whose interval is over is due too (the processing loop
-        takes all at every pass, so a run whose spectra stopped after a flip still gets it)."""
+        takes all after each batch and at each pass that took nothing, so a run whose
+        spectra stopped after a flip still gets it)."""
         if raw_uid is None:
             self._release_held(time.monotonic())
             due, self._due = self._due, []

@@ -95,12 +95,12 @@ class Outlet:
                 continue
             for name, doc in docs:
                 self.emit(name, doc)
-            self._advise()  # computed once its results are out
-        if not self.pending:  # a pass with nothing in flight: advice held for its interval
-            self._advise()
+            self.advise()  # computed once its results are out
 
-    def _advise(self) -> None:
-        """The advice due now, computed and sent to every sink."""
+    def advise(self) -> None:
+        """The advice due now, computed and sent to every sink (after each batch's results,
+        and by the processing loop at a pass that took nothing: a flip held for its
+        interval, :mod:`xasflow.daemon.advice`)."""
         advice: list[tuple[str, dict[str, Any]]] = safely(
             self.counters, "advising", [], self.pipeline.advise
         )

@@ -166,6 +166,8 @@ class Processor:
             now = time.monotonic()
             keep = self.outlet.depth if items else 0  # what the preparation has done goes out
             self._safely("ending the batches prepared", None, self.outlet.complete, keep)
+            if not items:  # a pause: advice held for its interval (never before results)
+                self._safely("advising in a pause", None, self.outlet.advise)
             try:  # _turn feeds and analyses all it took, whatever fails (counted) on the way
                 self._turn(items, check=now >= next_check)
                 self._after_turn()
