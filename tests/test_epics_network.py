@@ -60,6 +60,45 @@ def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
     assert found is None
 
 
+def test_its_own_search_coming_back_is_not_an_answer() -> None:
+    """A search that comes back as it went (the target port was free, and the kernel gave
+    it to another of the search's own sockets; here a socket that sends back what it gets)
+    is no server: read as a client's reply, the request's flag is the 'port' and its id the
+    'address'. Before, it named one (seen once in the full suite: "TST:XAS:BUNDLE_ID is
+    already served by 44.23.100.13:5", 5 being CA's DONT_REPLY flag), and the IOC refused
+    to start."""
+    import socket
+
+    from xasflow.adapters.epics_network import served_by
+
+    mirror = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mirror.bind(("127.0.0.1", 0))
+    port = mirror.getsockname()[1]
+    echoed: list[int] = []
+
+    def echo() -> None:
+        mirror.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, address = mirror.recvfrom(4096)
+            except OSError:
+                continue
+            mirror.sendto(data, address)
+            echoed.append(1)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=echo)
+    thread.start()
+    try:
+        found = served_by("NOBODY:BUNDLE_ID", "127.0.0.1", port, timeout=0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+        mirror.close()
+    assert echoed  # the searches came back
+    assert found is None
+
+
 def test_a_second_ioc_with_the_same_prefix_is_refused(ioc_env: dict[str, Any]) -> None:
     """The running IOC answers the search for its own PVs; a second IOC on the same port and
     prefix refuses to start (clients would read either), one with another prefix starts."""

@@ -57,6 +57,8 @@ def served_by(pvname: str, host: str, port: int, timeout: float = 0.25) -> str |
             for sock in ready:
                 try:
                     data, address = sock.recvfrom(4096)
+                    if data == request:  # our own search back (the kernel gave the free
+                        continue  # target port to one of these sockets): no server
                     commands = ca.Broadcaster(our_role=ca.CLIENT).recv(data, address)
                 except (OSError, ca.CaprotoError):  # refused, or not Channel Access: read on
                     continue
