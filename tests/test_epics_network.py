@@ -4,6 +4,7 @@ search's id, and a second IOC on the same port and prefix refused, on loopback o
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,6 +16,38 @@ from helpers import free_port
 from xasflow.adapters.epics_ioc import XasIoc
 
 
+def _searched_at(reply: Callable[[bytes], bytes]) -> tuple[str | None, int]:
+    """``served_by``'s answer for a name nobody serves, searched at a loopback UDP socket
+    that sends ``reply(datagram)`` back for each datagram it gets; and how many it got."""
+    import socket
+
+    from xasflow.adapters.epics_network import served_by
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    answered: list[int] = []
+
+    def answer() -> None:
+        peer.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, address = peer.recvfrom(4096)
+            except OSError:
+                continue
+            peer.sendto(reply(data), address)
+            answered.append(1)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        return served_by("NOBODY:BUNDLE_ID", "127.0.0.1", peer.getsockname()[1], 0.5), len(answered)
+    finally:
+        stop.set()
+        thread.join(5)
+        peer.close()
+
+
 def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
     """served_by takes only an answer carrying its own search's id: a server that answers
     every search with the id of an earlier one (a late reply to another name's search,
@@ -22,40 +55,13 @@ def test_an_answer_to_another_search_is_not_taken_for_this_name() -> None:
     served. Before, every search used id 1, so such a reply named the running IOC as the
     server of a prefix it does not serve, and a second IOC refused to start (seen once in
     the full suite: "TST:OTHER:BUNDLE_ID is already served by" the TST:XAS: IOC)."""
-    import socket
-
     import caproto as ca
 
-    from xasflow.adapters.epics_network import served_by
-
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    stale = ca.Broadcaster(our_role=ca.SERVER).send(
+    stale = ca.Broadcaster(our_role=ca.SERVER).send(  # the port does not matter here
         ca.VersionResponse(ca.DEFAULT_PROTOCOL_VERSION),
-        ca.SearchResponse(port, "127.0.0.1", 1, ca.DEFAULT_PROTOCOL_VERSION),
+        ca.SearchResponse(5064, "127.0.0.1", 1, ca.DEFAULT_PROTOCOL_VERSION),
     )
-    answered: list[int] = []
-
-    def answer_every_search() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                _, address = server.recvfrom(4096)
-            except OSError:
-                continue
-            server.sendto(stale, address)
-            answered.append(1)
-
-    stop = threading.Event()
-    thread = threading.Thread(target=answer_every_search)
-    thread.start()
-    try:
-        found = served_by("NOBODY:BUNDLE_ID", "127.0.0.1", port, timeout=0.5)
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
+    found, answered = _searched_at(lambda _: stale)
     assert answered  # the searches reached it and were answered
     assert found is None
 
@@ -67,34 +73,7 @@ def test_its_own_search_coming_back_is_not_an_answer() -> None:
     'address'. Before, it named one (seen once in the full suite: "TST:XAS:BUNDLE_ID is
     already served by 44.23.100.13:5", 5 being CA's DONT_REPLY flag), and the IOC refused
     to start."""
-    import socket
-
-    from xasflow.adapters.epics_network import served_by
-
-    mirror = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    mirror.bind(("127.0.0.1", 0))
-    port = mirror.getsockname()[1]
-    echoed: list[int] = []
-
-    def echo() -> None:
-        mirror.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                data, address = mirror.recvfrom(4096)
-            except OSError:
-                continue
-            mirror.sendto(data, address)
-            echoed.append(1)
-
-    stop = threading.Event()
-    thread = threading.Thread(target=echo)
-    thread.start()
-    try:
-        found = served_by("NOBODY:BUNDLE_ID", "127.0.0.1", port, timeout=0.5)
-    finally:
-        stop.set()
-        thread.join(5)
-        mirror.close()
+    found, echoed = _searched_at(lambda data: data)
     assert echoed  # the searches came back
     assert found is None
 
