@@ -319,14 +319,8 @@ class WriterThread(CatalogOutage, RunStops):
         items: list[Any] = []
         unreadable: list[str] = []
         damaged: set[str] = set()
-        for jr in journal.pending(unreadable, damaged):
-            try:
-                run = journalled_run(jr)
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                unreadable.append(f"run {jr.raw_uid}'s record ({exc}), and its rows")
-                damaged.add(jr.raw_uid)
-                continue
-            items.append(("open", run))
+        for jr in journal.pending(unreadable, damaged):  # checked there (the journal's check,
+            items.append(("open", journalled_run(jr)))  # this): a record it fails is left out
             items.extend(("replay", jr.raw_uid, row, None) for row in jr.rows)
             with self._cond:
                 self._counts["replayed"] += len(jr.rows)
