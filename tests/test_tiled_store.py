@@ -287,3 +287,17 @@ def test_a_run_that_opens_before_its_table_is_made_ahead_is_made_with_its_start(
     assert meta["start"] == {"uid": "f-start"} and meta["stop"]["uid"] == "f-stop"
     assert list(frame["seq_num"]) == [1, 2]
     assert patches == [["/stop"]]  # the stop alone: no start written after the table
+
+
+@pytest.mark.parametrize("key", [".", "..", "a b", ""])
+def test_a_key_a_url_cannot_carry_is_refused_at_open(tmp_path: Path, key: str) -> None:
+    """A raw uid or stream name of "." or ".." passed the key check before and made the
+    catalog routes' URL name the parent container (the run's open then failed in the writer,
+    counted, not said at the call); now it is refused where it is given, as a space is."""
+    with AnalysisStore(tmp_path / "s") as store:
+        with pytest.raises(ValueError, match="not usable as a tiled key"):
+            store.open_run(key, {"uid": "k-start"}, DESCRIPTOR)
+        with pytest.raises(ValueError, match="not usable as a tiled key"):
+            store.open_run("run-k", {"uid": "k-start"}, {**DESCRIPTOR, "name": key or ".."})
+        store.open_run("run...k", {"uid": "k-start"}, DESCRIPTOR)  # dots inside a key are fine
+        assert store.flush(timeout=30)

@@ -51,7 +51,8 @@ _FIXED_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("time", pa.float64()),
 )
 _COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_KEY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+# "." and ".." are path segments a URL resolves away: the catalog routes would name the parent
+_KEY_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,255}$")
 _RETRY_DELAYS = (0.05, 0.25, 1.0)
 
 
