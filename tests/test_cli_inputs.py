@@ -226,6 +226,34 @@ def test_a_missing_path_or_a_directory_is_said_plainly(
     assert out[str(folder)]["detail"].startswith("is a directory: give the spectrum files")
 
 
+def test_a_refusal_names_the_file_once_however_the_path_is_written(
+    cuo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The readers begin their messages with the path as Path() writes it ("x.xdi" for
+    "./x.xdi"), and an XDI file's unit refusal kept its tag, so the file was named twice:
+    "./kev.xdi: cannot predict (units): kev.xdi: energies 8.76 to 9.64 declared 'eV' ...".
+    Expected: the file named once, before "cannot predict", however it was given."""
+    monkeypatch.chdir(tmp_path)
+    lines = cuo.read_text().splitlines(keepends=True)
+    kev = [ln if ln.startswith("#") or not ln.strip() else _kev(ln) for ln in lines]
+    Path("kev.xdi").write_text("".join(kev))
+    Path("hdr.xdi").write_text("".join(ln for ln in lines if ln.startswith("#")))
+    capsys.readouterr()
+    rc, _ = _predict(tmp_path, "./kev.xdi", "./hdr.xdi", "kev.xdi")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "./kev.xdi: cannot predict (units): energies 8.76002 to 9.63889 declared 'eV'" in err
+    assert "./hdr.xdi: cannot predict: not a readable XDI file: no data rows\n" in err
+    assert "\nkev.xdi: cannot predict (units): energies 8.76002 to" in err
+    assert err.count("kev.xdi") == 2 and err.count("hdr.xdi") == 1
+
+
+def _kev(row: str) -> str:
+    """A data row with its energy (first column) in keV."""
+    energy, *rest = row.split()
+    return " ".join([f"{float(energy) / 1000:.6f}", *rest]) + "\n"
+
+
 # --- xasflow evaluate on a measured reference table -----------------------------------------
 
 

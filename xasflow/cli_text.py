@@ -5,6 +5,7 @@ why a file could not be predicted."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from xasflow.errors import os_problem
@@ -21,8 +22,8 @@ def refusal(exc: Exception, path: object = None) -> tuple[str, str, str]:
     Python's exception name and errno, and so is a file the readers could not read ("not a
     readable XDI file"); the preparation's refusals keep their tag (``no_post_edge``). The
     JSON keeps the exception's name where there is no tag, for scripts that match on it.
-    ``path``: the file, which the words follow (a reader's message that begins with it
-    drops it there)."""
+    ``path``: the file, which the words follow (a reader's message that begins with it, as
+    given or as ``Path`` writes it, drops it there, so the file is named once)."""
     from xasflow.adapters.columns import ColumnFileError
     from xasflow.adapters.xdi import XdiError
 
@@ -34,11 +35,14 @@ def refusal(exc: Exception, path: object = None) -> tuple[str, str, str]:
             detail += f": give the spectrum files in it (e.g. {files}), not the directory"
         return reason, detail, f": {detail}"
     detail = getattr(exc, "message", str(exc))  # SpectrumError's text without its tag
+    said = detail
+    if path is not None:  # as given ("./x.xdi") or as the reader's Path wrote it ("x.xdi")
+        for written in (f"{path}: ", f"{Path(str(path))}: "):
+            said = said.removeprefix(written)
     if isinstance(exc, XdiError | ColumnFileError):
         kind = "XDI" if isinstance(exc, XdiError) else "spectrum"
-        said = detail if path is None else detail.removeprefix(f"{path}: ")
         return reason, detail, f": not a readable {kind} file: {said}"
-    return reason, detail, f" ({reason}): {detail}"
+    return reason, detail, f" ({reason}): {said}"
 
 
 def _probabilities(name: str, res: Any, cn_said: Any) -> str:
