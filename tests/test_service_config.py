@@ -258,3 +258,19 @@ def test_queueserver_needs_credentials_to_be_enabled() -> None:
     assert cfg.queueserver.enabled and cfg.queueserver.api_key is not None
     assert cfg.queueserver.api_key.get_secret_value() == "0123"  # text, not the number 123
     assert "0123" not in cfg.model_dump_json()  # never shown by serve --check
+
+
+def test_serve_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``serve --log-level verbose`` (or any word its help does not list) ran the daemon at
+    INFO without a word, as the demo's did before it took choices. Expected: a usage error
+    naming the choices; the listed levels in any case are taken, lower-cased."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["serve", "--log-level", "verbose"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'verbose'" in capsys.readouterr().err
+    assert parser.parse_args(["serve", "--log-level", "DEBUG"]).log_level == "debug"
+    assert parser.parse_args(["serve"]).log_level == "info"

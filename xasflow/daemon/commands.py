@@ -107,7 +107,8 @@ def add_commands(subparsers: Any) -> None:
         "serve",
         help="run the streaming analysis daemon",
         description=(
-            "Analyse Bluesky documents from a 0MQ proxy; publish and store analysis runs. "
+            "Analyse Bluesky documents from a 0MQ proxy or a Kafka topic; publish and store "
+            "analysis runs. "
             "Settings: YAML file plus XASFLOW__SECTION__KEY environment overrides."
         ),
     )
@@ -117,5 +118,11 @@ def add_commands(subparsers: Any) -> None:
         action="store_true",
         help="print the effective config, warn of what would stop it starting (paths, a taken HTTP port, an EPICS prefix served already), and exit",
     )
-    s.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    s.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="daemon log level (default info)",
+    )
     s.set_defaults(func=cmd_serve)
