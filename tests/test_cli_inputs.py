@@ -437,3 +437,26 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert bad.returncode == 1, bad.stderr  # the per-file failure status, passed through
     assert "1 of 1 files could not be predicted" in bad.stdout + bad.stderr
+
+
+def test_every_argument_of_every_verb_says_what_it_is_in_its_help() -> None:
+    """``xasflow bundle verify --help`` listed ``--require-signature`` with no words and
+    ``--trusted-key PUB.pem`` as "repeatable", and seal, sign, verify and keygen their
+    positional argument bare: what a key is trusted for, or what keygen's PREFIX becomes,
+    was for the README to say. Expected: every argument of every verb has a help text."""
+    import argparse
+
+    from xasflow.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, verb: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{verb} {name}".strip())
+            elif not action.help:
+                bare.append(f"{verb} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "")
+    assert bare == []

@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_predict)
 
-    d = sub.add_parser("dataset", help="fetch or inspect training data")
+    d = sub.add_parser(
+        "dataset", help="generate (FEFF10), fetch (MP) or build (label) training data"
+    )
     dsub = d.add_subparsers(dest="dataset_cmd", required=True)
     f = dsub.add_parser(
         "fetch-mp", help="download Materials Project XAS documents (needs MP_API_KEY)"

@@ -119,17 +119,25 @@ def add_bundle_command(sub: Any) -> None:
     b = sub.add_parser("bundle", help="seal, sign and verify model bundles")
     bsub = b.add_subparsers(dest="bundle_cmd", required=True)
     s = bsub.add_parser("seal", help="write manifest.sha256 for a bundle whose files match")
-    s.add_argument("directory")
+    s.add_argument("directory", help="the bundle directory (holds manifest.json)")
     s.add_argument("--force", action="store_true", help="reseal an edited manifest")
     g = bsub.add_parser("sign", help="sign a sealed bundle's manifest (writes manifest.sig)")
-    g.add_argument("directory")
+    g.add_argument("directory", help="the sealed bundle directory")
     g.add_argument("--key", required=True, help="Ed25519 private key, PEM (xasflow bundle keygen)")
     v = bsub.add_parser("verify", help="check a bundle as the daemon does; exit 1 if refused")
-    v.add_argument("directory")
+    v.add_argument("directory", help="the bundle directory")
     v.add_argument(
-        "--trusted-key", action="append", default=[], metavar="PUB.pem", help="repeatable"
+        "--trusted-key",
+        action="append",
+        default=[],
+        metavar="PUB.pem",
+        help="an Ed25519 public key (PEM) whose signature is trusted; repeatable",
     )
-    v.add_argument("--require-signature", action="store_true")
+    v.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="refuse a bundle not signed by a --trusted-key (models.require_signature)",
+    )
     k = bsub.add_parser("keygen", help="write PREFIX.key (mode 0600) and PREFIX.pub")
-    k.add_argument("prefix")
+    k.add_argument("prefix", help="path and name of the pair, without .key or .pub")
     b.set_defaults(func=cmd_bundle)
