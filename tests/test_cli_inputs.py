@@ -308,6 +308,19 @@ def test_evaluate_json_has_no_nan(cuo: Path, tmp_path: Path) -> None:
     _strict_json(out.read_text())
 
 
+def test_evaluate_says_what_it_scored_of_a_reference_table(
+    cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A measured table is scored whole (Evaluation.scope "external"), and evaluate printed
+    that word as if it named a part: "scored the external: 1 spectra of 1 materials".
+    Expected: what was scored in words, as "scored the test split: ..." says it."""
+    capsys.readouterr()
+    rc, _ = _evaluate(tmp_path, _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96"]))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "scored the external data (all of it, none trained on): 1 spectra of 1 materials" in out
+
+
 def test_evaluate_mixed_element_table_scores_only_the_bundle_element(
     cuo: Path, xdi_library: Path, tmp_path: Path
 ) -> None:

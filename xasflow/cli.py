@@ -25,6 +25,11 @@ __all__ = ["CliError", "build_parser", "main"]
 SHIPPED = "the repository's models/cu-k"
 
 
+#: How ``evaluate`` says what it scored, by ``Evaluation.scope`` (others as they are):
+#: "external" is data scored whole, measured references that no bundle trains on.
+_SCOPES = {"external": "external data (all of it, none trained on)"}
+
+
 def _bundle(given: str | None) -> Path:
     """The bundle directory named, or the shipped one (a clear error when it is not there)."""
     if given is not None:
@@ -179,7 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if ds.measured:
         for issue in ev.unprepared:
             print(f"  skipped {issue.item}: {issue.reason}: {issue.detail}")
-    print(f"scored the {ev.scope}: {ev.n_spectra} spectra of {ev.n_materials} materials")
+    scope = _SCOPES.get(ev.scope, ev.scope)
+    print(f"scored the {scope}: {ev.n_spectra} spectra of {ev.n_materials} materials")
     payload = ev.to_json(predictor.manifest)
     for name, m in ev.tasks.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
