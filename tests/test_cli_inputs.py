@@ -473,3 +473,28 @@ def test_every_argument_of_every_verb_says_what_it_is_in_its_help() -> None:
 
     walk(build_parser(), "")
     assert bare == []
+
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(cuo: Path) -> None:
+    """``xasflow predict *.xdi | head -2`` ended in a BrokenPipeError traceback once head had
+    its lines (print to a closed pipe). Expected: the command stops quietly, as Unix tools
+    do, with a shell's status for it (141); here the pipe is closed before the command
+    writes anything."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: every write fails, EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "xasflow", "predict", "--bundle", str(BUNDLE), str(cuo)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 128 + 13
