@@ -146,6 +146,24 @@ def _numbers(text: str) -> list[float]:
     return [float(x.rsplit(" ", 1)[-1]) for x in text.split(", ")]
 
 
+def test_a_herfd_width_out_of_range_is_said_once(
+    cuo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--herfd=0.1`` said "argument --herfd: --herfd: a HERFD FWHM must be within 0.2..50
+    eV, not 0.1" (and "argument --herfd: --herfd takes a FWHM ..." for a word): argparse
+    names the argument, and _fwhm named it again. Expected: once."""
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(cuo), "--herfd=0.1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "error: argument --herfd: a HERFD FWHM must be within 0.2..50 eV, not 0.1\n" in err
+    assert err.count("--herfd:") == 1
+    with pytest.raises(SystemExit):  # a file taken for the width: where to put the flag
+        main(["predict", "--herfd", str(cuo)])
+    err = capsys.readouterr().err
+    assert f"error: argument --herfd: expected a FWHM in eV, not '{cuo}' (put the" in err
+
+
 def test_an_answer_the_cn_chose_says_so_before_its_scores_highest_first(
     xdi_library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

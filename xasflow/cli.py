@@ -222,7 +222,7 @@ def _fwhm(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--herfd takes a FWHM in eV, not {text!r} (put the files before --herfd, "
+            f"expected a FWHM in eV, not {text!r} (put the files before --herfd, "
             "or write --herfd=FWHM)"
         ) from None
     from xasflow.spectra.herfd import check_fwhm
@@ -230,7 +230,7 @@ def _fwhm(text: str) -> float:
     try:
         return check_fwhm(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--herfd: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names --herfd
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
