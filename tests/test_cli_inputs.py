@@ -516,3 +516,34 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback(cuo: Path) -> Non
         os.close(write)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 128 + 13
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbs"),
+    [
+        ([], "{train,evaluate,predict,dataset,bundle,serve,demo}"),
+        (["dataset"], "{fetch-mp,build,generate}"),
+        (["bundle"], "{seal,sign,verify,keygen}"),
+    ],
+)
+def test_a_missing_verb_is_said_by_the_verbs_to_give(
+    argv: list[str], verbs: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow`` alone said "the following arguments are required: cmd", ``xasflow
+    dataset`` "... dataset_cmd": the parser's internal names. Expected: the verbs to choose
+    from, as the usage line lists them."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"error: the following arguments are required: {verbs}\n" in err
+    assert f"{verbs} ..." in err  # the usage line, as before
+
+
+def test_the_help_has_no_docstring_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    """``xasflow --help`` began "The ``xasflow`` command: ...", the module docstring's reST
+    quoting. Expected: plain words."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "The xasflow command: train, evaluate and use models" in out and "``" not in out

@@ -319,7 +319,8 @@ def cmd_dataset_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
-    p = argparse.ArgumentParser(prog="xasflow", description=__doc__.splitlines()[0])
+    about = __doc__.splitlines()[0].replace("``", "")  # reST quoting is for the docs
+    p = argparse.ArgumentParser(prog="xasflow", description=about)
     p.add_argument("--version", action="version", version=f"xasflow {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     default_data = str(paths.cu_feff_archive())
@@ -455,7 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle_command(sub)  # bundle seal | sign | verify | keygen
     add_commands(sub)  # serve
     add_demo_command(sub)  # demo
+    _name_verbs(p)
     return p
+
+
+def _name_verbs(parser: argparse.ArgumentParser) -> None:
+    """Name each verb list by its verbs, as its usage shows it: a missing verb was said as
+    "the following arguments are required: cmd" (or ``dataset_cmd``, ``bundle_cmd``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = action.metavar or "{" + ",".join(action.choices) + "}"
+            for sub in action.choices.values():
+                _name_verbs(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
