@@ -418,8 +418,7 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     import json
     import math
 
-    from xasflow.cli import _as_json
-    from xasflow.cli_text import describe_prediction
+    from xasflow.cli_text import as_json, describe_prediction
     from xasflow.daemon.analysis_rows import uncertainty_fields
     from xasflow.sim.references import demo_spectra
 
@@ -439,9 +438,9 @@ def test_an_unbounded_interval_is_said_so_everywhere_not_a_million() -> None:
     assert pred.results["distance"].interval == (-math.inf, math.inf)
     (line,) = [x for x in describe_prediction(pred, predictor.manifest) if "distance" in x]
     assert line.endswith("90% interval unbounded (the bundle's calibration gives no finite bound)")
-    entry = _as_json(pred)["tasks"]["distance"]
+    entry = as_json(pred)["tasks"]["distance"]
     assert entry["interval"] is None and entry["interval_unbounded"] is True
-    json.dumps(_as_json(pred), allow_nan=False)  # valid JSON
+    json.dumps(as_json(pred), allow_nan=False)  # valid JSON
     fields = uncertainty_fields(pred)
     assert fields["distance_lo"] is None and fields["distance_hi"] is None
     assert fields["charge_lo"] is not None and fields["charge_hi"] is not None  # still bounded

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xasflow import __version__, paths
+from xasflow.cli_text import fwhm
 from xasflow.errors import CliError, path_problem
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -203,41 +204,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_json(pred: Any) -> dict[str, Any]:
-    """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict` (an unbounded
-    interval as ``null`` with ``interval_unbounded: true``, as
-    :func:`~xasflow.cli_text.describe_prediction` says "unbounded"), and ``out_of_domain``
-    on it and on each task, as the analysis event says it: out of domain a task's set and
-    interval are kept but cover nothing (the text marks them void)."""
-    out = pred.to_dict()
-    ood = bool(pred.out_of_domain)
-    for entry in out["tasks"].values():
-        entry["out_of_domain"] = ood
-    return {**out, "out_of_domain": ood}
-
-
-def _fwhm(text: str) -> float:
-    """``--herfd``'s optional value: a width in eV (0.2..50, ``spectra.herfd.check_fwhm``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a FWHM in eV, not {text!r} (put the files before --herfd, "
-            "or write --herfd=FWHM)"
-        ) from None
-    from xasflow.spectra.herfd import check_fwhm
-
-    try:
-        return check_fwhm(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names --herfd
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict measured spectra (XDI or two columns) with a bundle."""
     from xasflow.adapters.columns import ColumnFileError, read_spectrum_file
     from xasflow.adapters.xdi import XdiError
-    from xasflow.cli_text import describe_prediction, refusal
+    from xasflow.cli_text import as_json, describe_prediction, refusal
     from xasflow.models.bundle import BundleError
     from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
@@ -273,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("  HERFD? In domain once broadened as HERFD would be: if it was measured so,")
             print("  rerun with --herfd")
         print("\n".join(describe_prediction(pred, predictor.manifest)))
-        results[name] = {**_as_json(pred), "herfd": herfd}
+        results[name] = {**as_json(pred), "herfd": herfd}
     _write_json(args.json, results)
     if failed:  # a script over many files must see that some were not predicted
         print(f"{failed} of {len(args.files)} files could not be predicted", file=sys.stderr)
@@ -398,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--herfd",
         nargs="?",
         const=True,
-        type=_fwhm,
+        type=fwhm,
         metavar="FWHM",
         help="the spectra are HERFD: broaden by FWHM eV (default: the element's tabulated "
         "width) before predicting; put it after the files or write --herfd=FWHM",

@@ -1,16 +1,17 @@
 """``xasflow predict``'s text: each answer of a prediction with its doubt, in an operator's
 words (the CN-motif answer and the motif ranking say when the CN answer chose them), and
-why a file could not be predicted."""
+why a file could not be predicted; its ``--json`` entries and its ``--herfd`` width."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 from xasflow.errors import os_problem
 
-__all__ = ["UNIT_SYMBOLS", "describe_prediction", "refusal"]
+__all__ = ["UNIT_SYMBOLS", "as_json", "describe_prediction", "fwhm", "refusal"]
 
 #: How ``predict`` writes a manifest's units (others as they are).
 UNIT_SYMBOLS = {"angstrom": "Å"}
@@ -121,3 +122,33 @@ def describe_prediction(pred: Any, manifest: Any) -> list[str]:
                 span = f"  {doubt(name, 'interval')} {bounds}"
             lines.append(f"  {name:12s} {res.value:.3f}{unit}{span}")
     return lines
+
+
+def as_json(pred: Any) -> dict[str, Any]:
+    """``predict --json``'s entry for a prediction: :meth:`Prediction.to_dict` (an unbounded
+    interval as ``null`` with ``interval_unbounded: true``, as
+    :func:`~xasflow.cli_text.describe_prediction` says "unbounded"), and ``out_of_domain``
+    on it and on each task, as the analysis event says it: out of domain a task's set and
+    interval are kept but cover nothing (the text marks them void)."""
+    out = pred.to_dict()
+    ood = bool(pred.out_of_domain)
+    for entry in out["tasks"].values():
+        entry["out_of_domain"] = ood
+    return {**out, "out_of_domain": ood}
+
+
+def fwhm(text: str) -> float:
+    """``--herfd``'s optional value: a width in eV (0.2..50, ``spectra.herfd.check_fwhm``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a FWHM in eV, not {text!r} (put the files before --herfd, "
+            "or write --herfd=FWHM)"
+        ) from None
+    from xasflow.spectra.herfd import check_fwhm
+
+    try:
+        return check_fwhm(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse names --herfd
