@@ -146,6 +146,38 @@ def _numbers(text: str) -> list[float]:
     return [float(x.rsplit(" ", 1)[-1]) for x in text.split(", ")]
 
 
+def test_json_never_overwrites_a_file_that_is_not_json(
+    cuo: Path, xdi_library: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xasflow predict --json a.xdi b.xdi`` (--json before the files, its path forgotten)
+    took a.xdi for the output, predicted b.xdi alone and wrote the JSON over the measured
+    a.xdi, exit 0. Expected: refused before anything is predicted (exit 2), a.xdi as it was;
+    the JSON of an earlier run, or an empty file, is still replaced; evaluate's and train's
+    --json alike."""
+    spectrum = tmp_path / "a.xdi"
+    spectrum.write_bytes(cuo.read_bytes())
+    metal = xdi_library / "Cu" / "cu_metal_rt.xdi"
+    capsys.readouterr()
+    assert main(["predict", "--bundle", str(BUNDLE), "--json", str(spectrum), str(metal)]) == 2
+    captured = capsys.readouterr()
+    assert spectrum.read_bytes() == cuo.read_bytes()
+    assert f"xasflow: error: --json {spectrum}: exists and is not a JSON file" in captured.err
+    assert "E0" not in captured.out  # refused before predicting
+    table = _table(tmp_path, [f"{cuo},Cu,4,square co-planar,2,1.96"])
+    assert (
+        main(["evaluate", "--bundle", str(BUNDLE), "--data", str(table), "--json", str(spectrum)])
+        == 2
+    )
+    assert main(["train", "--out", str(tmp_path / "b"), "--json", str(spectrum)]) == 2
+    assert spectrum.read_bytes() == cuo.read_bytes()
+    earlier, empty = tmp_path / "pred.json", tmp_path / "empty.json"
+    earlier.write_text('{"old": 1}\n')
+    empty.touch()
+    for out in (earlier, empty):
+        assert main(["predict", "--bundle", str(BUNDLE), str(metal), "--json", str(out)]) == 0
+        assert list(_strict_json(out.read_text())) == [str(metal)]
+
+
 def test_a_herfd_width_out_of_range_is_said_once(
     cuo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

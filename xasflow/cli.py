@@ -70,6 +70,23 @@ def _write_json(path: str | None, payload: Any) -> None:
         print(f"wrote {out}")
 
 
+def _json_target(path: str | None) -> None:
+    """Refuse, before any work, a ``--json`` path whose file holds something other than JSON:
+    ``predict --json a.xdi b.xdi`` took the spectrum a.xdi for the output and wrote over it."""
+    if not path:
+        return
+    try:
+        with Path(path).open("rb") as fh:
+            head = fh.read(4096).lstrip()
+    except OSError:  # not there (to be made), or a path _write_json says is wrong
+        return
+    if head and not head.startswith((b"{", b"[")):
+        raise CliError(
+            f"--json {path}: exists and is not a JSON file; not overwriting it (did --json "
+            "take a spectrum file? give it a path of its own, e.g. --json out.json)"
+        )
+
+
 def _load_dataset(data: str, element: str, jobs: int) -> Any:
     from xasflow.training.dataset import DatasetError, load_dataset
 
@@ -97,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from xasflow.training.fit import TrainConfig, TrainError, train
 
     t0 = time.perf_counter()
+    _json_target(args.json)
     try:  # before the training, not after it: --out is replaced whole
         check_replaceable(args.out)
     except BundleError as exc:
@@ -167,6 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from xasflow.training.evaluate import NoTestRows, evaluate_bundle
     from xasflow.training.report import write_report
 
+    _json_target(args.json)
     report = Path(args.report) if args.report else None
     if report is not None and report.exists() and not report.is_dir():  # before the scoring
         raise CliError(f"--report {report}: not a directory (it gets report.md and the plots)")
@@ -213,6 +232,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
 
+    _json_target(args.json)
     try:
         predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
