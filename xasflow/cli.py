@@ -7,8 +7,6 @@ onnxruntime, and ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xasflow import __version__, paths
+from xasflow.cli_json import json_target, write_json
 from xasflow.cli_text import fwhm
 from xasflow.errors import CliError, path_problem
 
@@ -43,48 +42,6 @@ def _bundle(given: str | None) -> Path:
     if not (shipped / "manifest.json").is_file():
         raise CliError(f"no --bundle given and no shipped bundle at {shipped}")
     return shipped
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every NaN or infinite float as None: JSON has no NaN (``json.dumps``
-    writes a bare ``NaN`` that jq, JavaScript and Go refuse), and an undefined figure (r2
-    of a single reference, a metric of an empty class) is ``null`` there."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_json(path: str | None, payload: Any) -> None:
-    """Write ``payload`` to ``path`` (if given) as strict JSON: non-finite numbers as null."""
-    if path:
-        out = Path(path)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
-        except OSError as exc:  # exit 2, not a traceback (1 means "a file was not predicted")
-            raise CliError(f"cannot write --json {out}: {path_problem(exc, out)}") from None
-        print(f"wrote {out}")
-
-
-def _json_target(path: str | None) -> None:
-    """Refuse, before any work, a ``--json`` path whose file holds something other than JSON:
-    ``predict --json a.xdi b.xdi`` took the spectrum a.xdi for the output and wrote over it."""
-    if not path:
-        return
-    try:
-        with Path(path).open("rb") as fh:
-            head = fh.read(4096).lstrip()
-    except OSError:  # not there (to be made), or a path _write_json says is wrong
-        return
-    if head and not head.startswith((b"{", b"[")):
-        raise CliError(
-            f"--json {path}: exists and is not a JSON file; not overwriting it (did --json "
-            "take a spectrum file? give it a path of its own, e.g. --json out.json)"
-        )
 
 
 def _load_dataset(data: str, element: str, jobs: int) -> Any:
@@ -114,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from xasflow.training.fit import TrainConfig, TrainError, train
 
     t0 = time.perf_counter()
-    _json_target(args.json)
+    json_target(args.json)
     try:  # before the training, not after it: --out is replaced whole
         check_replaceable(args.out)
     except BundleError as exc:
@@ -158,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"bundle {out} ({size / 1e6:.1f} MB); fit {time.perf_counter() - t_fit:.0f} s, "
         f"total {total:.0f} s"
     )
-    _write_json(
+    write_json(
         args.json,
         {
             "bundle": str(out),
@@ -185,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from xasflow.training.evaluate import NoTestRows, evaluate_bundle
     from xasflow.training.report import write_report
 
-    _json_target(args.json)
+    json_target(args.json)
     report = Path(args.report) if args.report else None
     if report is not None and report.exists() and not report.is_dir():  # before the scoring
         raise CliError(f"--report {report}: not a directory (it gets report.md and the plots)")
@@ -214,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, m in ev.tasks.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
         print(f"{name:12s} {shown}")
-    _write_json(args.json, payload)
+    write_json(args.json, payload)
     if report is not None:
         try:
             print(f"wrote {write_report(report, ev, predictor.manifest)}")
@@ -232,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from xasflow.models.predictor import HERFD_SUSPECTED, Predictor
     from xasflow.spectra import SpectrumError
 
-    _json_target(args.json)
+    json_target(args.json)
     try:
         predictor = Predictor(_bundle(args.bundle))
     except BundleError as exc:
@@ -265,7 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("  rerun with --herfd")
         print("\n".join(describe_prediction(pred, predictor.manifest)))
         results[name] = {**as_json(pred), "herfd": herfd}
-    _write_json(args.json, results)
+    write_json(args.json, results)
     if failed:  # a script over many files must see that some were not predicted
         print(f"{failed} of {len(args.files)} files could not be predicted", file=sys.stderr)
     return 1 if failed else 0
