@@ -178,6 +178,19 @@ def test_json_never_overwrites_a_file_that_is_not_json(
         assert list(_strict_json(out.read_text())) == [str(metal)]
 
 
+def test_a_models_directory_given_as_the_bundle_names_its_bundles(
+    cuo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--bundle models`` (the daemon's ``models.directory``, which holds bundles) said "no
+    manifest.json; not a model bundle (or a partial copy)". Expected: that it holds bundles,
+    and which to give."""
+    capsys.readouterr()
+    assert main(["predict", "--bundle", str(BUNDLE.parent), str(cuo)]) == 2
+    err = capsys.readouterr().err
+    assert f"{BUNDLE.parent}: a models directory, not a bundle: give one of its bundles" in err
+    assert f"(--bundle {BUNDLE})" in err
+
+
 def test_a_herfd_width_out_of_range_is_said_once(
     cuo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,9 +35,18 @@ _SCOPES = {"external": "external data (all of it, none trained on)"}
 
 
 def _bundle(given: str | None) -> Path:
-    """The bundle directory named, or the shipped one (a clear error when it is not there)."""
+    """The bundle directory named, or the shipped one (a clear error when it is not there, or
+    when the directory named holds bundles, as the daemon's ``models.directory`` does)."""
     if given is not None:
-        return Path(given)
+        path = Path(given)
+        held = sorted(p.parent for p in path.glob("*/manifest.json"))
+        if held and not (path / "manifest.json").exists():  # the daemon's models.directory
+            names = ", ".join(p.name for p in held)
+            raise CliError(
+                f"{path}: a models directory, not a bundle: give one of its bundles, {names} "
+                f"(--bundle {held[0]})"
+            )
+        return path
     shipped = paths.REPO_ROOT / "models" / "cu-k"
     if not (shipped / "manifest.json").is_file():
         raise CliError(f"no --bundle given and no shipped bundle at {shipped}")
