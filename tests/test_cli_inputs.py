@@ -266,6 +266,30 @@ def test_a_file_the_readers_cannot_read_is_said_plainly(
     assert out[str(broken)]["error"] == "XdiError"
 
 
+def test_a_compressed_or_utf16_file_is_said_to_be_no_text(
+    cuo_columns: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gzipped scan was refused as "the header names the columns ['y'], which does not say
+    what mu is", and a UTF-16 export (Windows "Unicode text") as naming the columns
+    ['8760019', '15225270000015634']: the bytes decoded as UTF-8 with replacements. Expected:
+    what the file is, and what to do (unpack it; save it as UTF-8)."""
+    import gzip
+
+    packed = tmp_path / "cuo.txt.gz"
+    packed.write_bytes(gzip.compress(cuo_columns.read_bytes()))
+    wide = tmp_path / "cuo_utf16.txt"
+    wide.write_bytes(cuo_columns.read_text().encode("utf-16"))
+    capsys.readouterr()
+    rc, out = _predict(tmp_path, packed, wide)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{packed}: cannot predict: not a readable spectrum file: a gzip archive" in err
+    assert "unpack it (gunzip) and give the file inside" in err
+    assert f"{wide}: cannot predict: not a readable spectrum file: not UTF-8 text" in err
+    assert "names the columns" not in err
+    assert out[str(packed)]["error"] == out[str(wide)]["error"] == "ColumnFileError"
+
+
 def test_a_missing_path_or_a_directory_is_said_plainly(
     cuo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -189,7 +189,17 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
     """Read energy (in eV: keV converted) and mu from a text file as a Spectrum: the columns
     a header names (see the module docstring), else the first two."""
     path = Path(path)
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # -sig: drop a BOM
+    raw = path.read_bytes()
+    if raw.startswith(b"\x1f\x8b"):  # read as text, its bytes made a nonsense header
+        raise ColumnFileError(
+            f"{path}: a gzip archive, not a text file: unpack it (gunzip) and give the file inside"
+        )
+    if b"\x00" in raw:  # UTF-16 (Windows' "Unicode text") or binary: no UTF-8 text has one
+        raise ColumnFileError(
+            f"{path}: not UTF-8 text (it holds NUL bytes: UTF-16, as Windows saves "
+            '"Unicode text", or a binary file): save it as UTF-8 text'
+        )
+    text = raw.decode("utf-8-sig", errors="replace")  # -sig: drop a BOM
     numbered = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1)]
     numbered = [(n, line) for n, line in numbered if line]
     lines = [(n, line) for n, line in numbered if not line.startswith("#")]
