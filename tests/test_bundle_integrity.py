@@ -197,6 +197,23 @@ def test_bundle_cli_keygen_seal_sign_verify(
     assert capsys.readouterr().err.startswith("signature_invalid: ")
 
 
+def test_bundle_verify_requiring_a_signature_without_a_key_is_a_usage_error(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bundle verify DIR --require-signature`` with no ``--trusted-key`` judged the bundle:
+    "signature_missing: ...: signed bundles are required but no trusted public key is
+    configured", exit 1, as if the bundle lacked something and in the daemon's words (there
+    is no configuration here). Expected: what the command needs, exit 2, nothing judged."""
+    from xasflow.cli import main
+
+    assert main(["bundle", "verify", str(copy), "--require-signature"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "xasflow: error: --require-signature needs the public key to check the signature "
+        "with: give --trusted-key PUB.pem\n"
+    )
+
+
 def test_bundle_verbs_say_a_path_problem_plainly(
     copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

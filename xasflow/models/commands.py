@@ -60,6 +60,11 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.require_signature and not args.trusted_key:  # the command's lack, not the bundle's
+        raise CliError(
+            "--require-signature needs the public key to check the signature with: "
+            "give --trusted-key PUB.pem"
+        )
     keys: list[bytes] = []
     for name in args.trusted_key:
         try:
