@@ -16,7 +16,19 @@ from typing import Any
 
 from xasflow.errors import CliError
 
-__all__ = ["add_commands", "cmd_serve", "setup_logging"]
+__all__ = ["add_commands", "add_log_level", "cmd_serve", "setup_logging"]
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    """``--log-level``: one of the levels :func:`setup_logging` knows, any case (``serve`` and
+    ``demo`` alike; an unknown word is a usage error, not a silent INFO)."""
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default=default,
+        help=what,
+    )
 
 
 def setup_logging(level: str) -> None:
@@ -118,11 +130,5 @@ def add_commands(subparsers: Any) -> None:
         action="store_true",
         help="print the effective config, warn of what would stop it starting (paths, a taken HTTP port, an EPICS prefix served already), and exit",
     )
-    s.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="daemon log level (default info)",
-    )
+    add_log_level(s, "info", "daemon log level (default info)")
     s.set_defaults(func=cmd_serve)

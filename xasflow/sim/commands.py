@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from xasflow.daemon.commands import setup_logging
+from xasflow.daemon.commands import add_log_level, setup_logging
 from xasflow.errors import CliError
 
 __all__ = ["add_demo_command", "cmd_demo"]
@@ -116,11 +116,5 @@ def add_demo_command(subparsers: Any) -> None:
     )
     d.add_argument("--fly-spectra", type=_count(1), default=5, help="spectra per fly scan")
     d.add_argument("--seed", type=_count(0), help="seed of the simulated beamline")
-    d.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=("debug", "info", "warning", "error"),
-        default="warning",
-        help="daemon log level",
-    )
+    add_log_level(d, "warning", "daemon log level")
     d.set_defaults(func=cmd_demo)
