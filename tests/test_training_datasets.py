@@ -230,3 +230,35 @@ def test_reference_table_keeps_to_one_element_and_edge(tmp_path: Path) -> None:
     assert first.issue_counts() == {"other_element": 4, "no_element": 1}
     with pytest.raises(DatasetError, match=r"no usable Zn reference rows.*refs.csv:3: other_el"):
         build_reference_dataset(table, "Zn")
+
+
+def test_a_reference_table_takes_the_motif_as_predict_prints_it(tmp_path: Path) -> None:
+    """``CN4-square co-planar`` (predict's words) is the motif ``square co-planar``; a CN prefix
+    that the row's cn cell or the motif itself contradicts is the row's issue, said so."""
+    from synthetic_feff import model_mu
+
+    from xasflow.training.dataset import build_reference_dataset
+    from xasflow.training.labels import MOTIFS
+
+    energy = np.arange(8950.0, 9120.0, 0.5)
+    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8984, 1.6, 4.0, 2.0)]))
+    (tmp_path / "refs.csv").write_text(
+        "file,element,cn,motif\n"
+        "a.txt,Cu,4,CN4-square co-planar\n"
+        "a.txt,Cu,,CN6-octahedral\n"
+        "a.txt,Cu,4,square co-planar\n"
+        "a.txt,Cu,6,CN4-square co-planar\n"
+        "a.txt,Cu,,CN6-square co-planar\n"
+    )
+    ds = build_reference_dataset(tmp_path / "refs.csv")
+    square = MOTIFS.index((4, "square co-planar"))
+    octahedral = MOTIFS.index((6, "octahedral"))
+    assert len(ds) == 3
+    assert [int(np.argmax(v)) for v in ds.motif_vector] == [square, octahedral, square]
+    assert list(ds.dominant_cn[[0, 2]]) == [4, 4]
+    assert [(i.item, i.reason) for i in ds.issues] == [
+        ("refs.csv:5", "bad_reference"),
+        ("refs.csv:6", "bad_reference"),
+    ]
+    assert "CN4" in ds.issues[0].detail and "cn cell says 6" in ds.issues[0].detail
+    assert "square co-planar is a CN4 motif" in ds.issues[1].detail

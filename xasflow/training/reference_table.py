@@ -2,7 +2,8 @@
 
 Columns: ``file`` (XDI or two-column, relative to the table or else to the shared data
 directory), ``element``, and any of ``cn``, ``motif`` (a name from :data:`labels.MOTIFS`,
-e.g. ``square co-planar``), ``valence``, ``distance``; empty cells mean unknown.
+e.g. ``square co-planar``, or as ``xasflow predict`` prints it, ``CN4-square co-planar``),
+``valence``, ``distance``; empty cells mean unknown.
 
 The table is UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" writes one, which
 would otherwise become part of the first column's name). Any other encoding (Latin-1,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,33 @@ def read_table(table: Path) -> list[dict[str, str]]:
     return list(reader)
 
 
+#: An environment label as ``xasflow predict`` prints it (``CN4-square co-planar``).
+_ENVIRONMENT = re.compile(r"CN\s*(\d+)\s*-\s*(.+)", re.IGNORECASE)
+
+
+def _motif(cell: str, cn: int | None, motif_index: dict[str, int]) -> int:
+    """The MOTIFS index of a ``motif`` cell: a name, or predict's ``CN4-`` prefixed label.
+
+    ValueError for an unknown name, or a CN prefix that the motif or the ``cn`` cell
+    contradicts (a table saying two things of one row is not guessed between).
+    """
+    label = _ENVIRONMENT.fullmatch(cell)
+    name = label[2].strip() if label and cell not in motif_index else cell
+    if name not in motif_index:
+        raise ValueError(
+            f"unknown motif {cell!r}: give a name of xasflow.training.labels.MOTIFS "
+            "('square co-planar') or the label predict prints ('CN4-square co-planar')"
+        )
+    index = motif_index[name]
+    if name != cell and label:
+        said, own = int(label[1]), L.MOTIFS[index][0]
+        if said != own:
+            raise ValueError(f"motif {cell!r}: {name} is a CN{own} motif, not CN{said}")
+        if cn is not None and cn != said:
+            raise ValueError(f"motif {cell!r} says CN{said} but the cn cell says {cn}")
+    return index
+
+
 def _labels(entry: dict[str, str], motif_index: dict[str, int]) -> L.SiteLabels:
     """A row's labels (ValueError for a CN outside 1..CN_MAX or an unknown motif)."""
     cn = int(entry["cn"]) if (entry.get("cn") or "").strip() else None
@@ -83,10 +112,8 @@ def _labels(entry: dict[str, str], motif_index: dict[str, int]) -> L.SiteLabels:
     motif = (entry.get("motif") or "").strip()
     motif_vec = np.full(len(L.MOTIFS), np.nan)
     if motif:
-        if motif not in motif_index:
-            raise ValueError(f"unknown motif {motif!r}")
         motif_vec = np.zeros(len(L.MOTIFS))
-        motif_vec[motif_index[motif]] = 1.0
+        motif_vec[_motif(motif, cn, motif_index)] = 1.0
     val = (entry.get("valence") or "").strip()
     dist = (entry.get("distance") or "").strip()
     return L.SiteLabels(
