@@ -57,6 +57,33 @@ def test_spectrum_sorts_and_rejects_bad_values() -> None:
         Spectrum(energy=[1.0, 2.0], mu=[1.0, 2.0, 3.0])
 
 
+def test_a_refused_nan_says_how_many_points_and_at_which_energies() -> None:
+    """'1 points are NaN': the count with its grammar, and where, so the point can be found."""
+    energy = np.arange(8970.0, 8990.0, 0.5)
+    mu = np.linspace(0.0, 1.0, energy.size)
+    one = mu.copy()
+    one[11] = np.nan
+    with pytest.raises(
+        SpectrumError, match=r"^not_finite: 1 point is NaN or infinite, at 8975.5 eV$"
+    ):
+        Spectrum(energy, one)
+    many = mu.copy()
+    many[[1, 3, 5, 7, 9, 11, 13]] = [np.nan, np.inf, np.nan, np.nan, np.nan, np.nan, -np.inf]
+    bad_energy = energy.copy()
+    bad_energy[0] = np.nan
+    with pytest.raises(SpectrumError) as err:
+        Spectrum(bad_energy, many)
+    assert err.value.message == (
+        "8 points are NaN or infinite, at 8970.5, 8971.5, 8972.5, 8973.5 eV, point 1 and 3 more"
+    )
+    i0 = np.full(energy.size, 2.0)
+    i0[[4, 6]] = np.nan
+    with pytest.raises(SpectrumError) as err:
+        mu_from_channels("transmission", i0, np.ones(energy.size), ("I0", "It"), energy)
+    assert err.value.reason == "not_finite"
+    assert err.value.message == "2 points of I0 are NaN or infinite, at 8972, 8973 eV"
+
+
 def test_find_e0_on_regular_and_irregular_grids() -> None:
     assert find_e0(edge_spectrum(e0=8985.0)) == pytest.approx(8985.0, abs=0.1)
     rng = np.random.default_rng(1)

@@ -106,6 +106,7 @@ def test_a_bad_row_fails_alone_with_its_reason() -> None:
     mu[2] = np.linspace(2.0, 1.0, energy.size)  # falls throughout: no edge
     got = prepare_batch(energy, mu, LEGACY, "Cu", "K")
     assert isinstance(got[1], SpectrumError) and got[1].reason == "not_finite"
+    assert got[1].message == f"1 point is NaN or infinite, at {energy[10]:.7g} eV"
     assert isinstance(got[2], SpectrumError) and got[2].reason == "no_edge"
     for i in (0, 3, 4):
         assert not isinstance(got[i], SpectrumError)

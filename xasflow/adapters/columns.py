@@ -242,7 +242,7 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
     if mode != "mu" and names:
         i0, signal = names[cols[1]], names[cols[2]]
         try:
-            mu = mu_from_channels(mode, data[:, 1], data[:, 2], names=(i0, signal))
+            mu = mu_from_channels(mode, data[:, 1], data[:, 2], (i0, signal), energy)
         except SpectrumError as exc:
             raise SpectrumError(exc.reason, f"{path}: {exc.message}") from None
         meta["mode"] = mode

@@ -17,7 +17,7 @@ import numpy as np
 
 from xasflow.adapters.energy_units import EV_PER_UNIT, energy_in_ev
 from xasflow.spectra.channels import Mode, mu_from_channels
-from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.core import Spectrum, SpectrumError, nonfinite_detail
 
 #: h*c in eV*Angstrom, to turn a monochromator angle into an energy.
 HC_EV_ANGSTROM = 12398.419843320026
@@ -283,22 +283,23 @@ def _require(x: XdiFile, mode: str, names: tuple[str, ...]) -> None:
         )
 
 
-def _channels(x: XdiFile, mode: Mode, i0: str, signal: str) -> np.ndarray:
+def _channels(x: XdiFile, mode: Mode, i0: str, signal: str, energy: np.ndarray) -> np.ndarray:
     """mu from two columns by :func:`mu_from_channels`, its errors naming the file."""
     try:
-        return mu_from_channels(mode, x.column(i0), x.column(signal), names=(i0, signal))
+        return mu_from_channels(mode, x.column(i0), x.column(signal), (i0, signal), energy)
     except SpectrumError as exc:
         raise SpectrumError(exc.reason, f"{x.path}: {exc.message}") from None
 
 
-def _mu(x: XdiFile, mode: str) -> tuple[np.ndarray, str]:
-    """mu for the chosen mode, and the name of what it came from."""
+def _mu(x: XdiFile, mode: str, energy: np.ndarray) -> tuple[np.ndarray, str]:
+    """mu for the chosen mode, and the name of what it came from (``energy``, eV, for
+    saying where a channel's NaN is)."""
     if mode in ("transmission", "fluorescence"):
         _require(x, mode, ("i0", "itrans") if mode == "transmission" else ("i0", "ifluor"))
     if mode == "transmission":
-        return _channels(x, "transmission", "i0", "itrans"), "ln(i0/itrans)"
+        return _channels(x, "transmission", "i0", "itrans", energy), "ln(i0/itrans)"
     if mode == "fluorescence":
-        return _channels(x, "fluorescence", "i0", "ifluor"), "ifluor/i0"
+        return _channels(x, "fluorescence", "i0", "ifluor", energy), "ifluor/i0"
     for name in _MU_COLUMNS:
         if x.has(name):
             return x.column(name), name
@@ -326,12 +327,12 @@ def xdi_to_spectrum(x: XdiFile, mode: str = "auto", element: str | None = None) 
     for a file that names none) only tells keV from eV (:meth:`XdiFile.energy_unit`).
     """
     chosen = _pick_mode(x, mode)
-    mu, origin = _mu(x, chosen)
-    reference = _reference(x)
     energy, how = x.energy_unit(element)
+    mu, origin = _mu(x, chosen, energy)
+    reference = _reference(x)
     if not np.all(np.isfinite(energy)):  # the sort below would drop them without a word
-        bad = int(np.sum(~np.isfinite(energy)))
-        raise SpectrumError("not_finite", f"{bad} energies are NaN or infinite")
+        detail = nonfinite_detail(~np.isfinite(energy), noun=("energy", "energies"))
+        raise SpectrumError("not_finite", detail)
     order = np.argsort(energy, kind="stable")
     energy, mu = energy[order], mu[order]
     keep = np.concatenate(([True], np.diff(energy) > 0)) if energy.size else np.zeros(0, bool)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.core import Spectrum, SpectrumError, nonfinite_detail
 from xasflow.spectra.e0_batch import (
     alignment_shift_batch,
     find_e0_batch,
@@ -256,8 +256,8 @@ def prepare_batch(
         if not shared_ok or meta_list[i].get("herfd"):
             slow.append(i)
         elif not finite[i]:
-            bad = int(np.count_nonzero(~np.isfinite(mu[i])))
-            out[i] = SpectrumError("not_finite", f"{bad} points are NaN or infinite")
+            detail = nonfinite_detail(~np.isfinite(mu[i]), energy + s[i])
+            out[i] = SpectrumError("not_finite", detail)
         else:
             fast.append(i)
     if len(fast) < BATCH_MIN_ROWS:  # a few rows: faster one by one (see BATCH_MIN_ROWS)

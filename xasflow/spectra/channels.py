@@ -6,25 +6,33 @@ from typing import Literal
 
 import numpy as np
 
-from xasflow.spectra.core import Spectrum, SpectrumError
+from xasflow.spectra.core import Spectrum, SpectrumError, nonfinite_detail
 from xasflow.spectra.edges import edge_energy
 
 Mode = Literal["transmission", "fluorescence", "reference"]
 
 
 def mu_from_channels(
-    mode: Mode, i0: np.ndarray, signal: np.ndarray, names: tuple[str, str] = ("I0", "signal")
+    mode: Mode,
+    i0: np.ndarray,
+    signal: np.ndarray,
+    names: tuple[str, str] = ("I0", "signal"),
+    energy: np.ndarray | None = None,
 ) -> np.ndarray:
     """Transmission ln(I0/It), fluorescence If/I0, or reference ln(It/Ir) (``i0`` is then It).
 
-    ``names`` label the two channels in error messages (e.g. a file's column names).
+    ``names`` label the two channels in error messages (e.g. a file's column names), and
+    ``energy`` (eV, optional) says where a NaN point is.
     """
     i0 = np.asarray(i0, dtype=np.float64)
     signal = np.asarray(signal, dtype=np.float64)
     if i0.shape != signal.shape:
         raise SpectrumError("bad_channel", f"channel lengths differ: {i0.shape} vs {signal.shape}")
     if not (np.all(np.isfinite(i0)) and np.all(np.isfinite(signal))):
-        raise SpectrumError("not_finite", "a detector channel holds NaN or infinite values")
+        bad0, bad1 = ~np.isfinite(i0), ~np.isfinite(signal)
+        which = " and ".join(n for n, b in zip(names, (bad0, bad1), strict=True) if b.any())
+        noun = (f"point of {which}", f"points of {which}")
+        raise SpectrumError("not_finite", nonfinite_detail(bad0 | bad1, energy, noun))
     if mode not in ("transmission", "fluorescence", "reference"):
         raise SpectrumError("bad_channel", f"unknown mode {mode!r}")
     checked = [(names[0], i0)] if mode == "fluorescence" else [(names[0], i0), (names[1], signal)]

@@ -21,6 +21,33 @@ class SpectrumError(ValueError):
         return (type(self), (self.reason, self.message))
 
 
+#: How many refused points a not_finite message names before '... and N more'.
+_NAMED = 5
+
+
+def nonfinite_detail(
+    bad: np.ndarray, energy: np.ndarray | None = None, noun: tuple[str, str] = ("point", "points")
+) -> str:
+    """'1 point is NaN or infinite, at 8975.5 eV': how many of ``bad`` (a mask) and where.
+
+    Where is the energy of each (the first few), or its position (``point 3``, from 1) where
+    ``energy`` is None or not finite there, so that the value can be found in the file.
+    """
+    index = np.flatnonzero(bad)
+    head = f"1 {noun[0]} is" if index.size == 1 else f"{index.size} {noun[1]} are"
+    shown = index[:_NAMED].tolist()
+    at_energy = [k for k in shown if energy is not None and np.isfinite(energy[k])]
+    at_point = [k + 1 for k in shown if k not in at_energy]
+    where = []
+    if at_energy and energy is not None:
+        where.append(", ".join(f"{energy[k]:.7g}" for k in at_energy) + " eV")
+    if at_point:
+        word = "point" if len(at_point) == 1 else "points"
+        where.append(f"{word} " + ", ".join(map(str, at_point)))
+    more = f" and {index.size - len(shown)} more" if index.size > len(shown) else ""
+    return f"{head} NaN or infinite, at {', '.join(where)}{more}"
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """One absorption spectrum mu(E) on an absolute energy axis in eV.
@@ -45,8 +72,8 @@ class Spectrum:
         if energy.size < 3:
             raise SpectrumError("too_short", f"only {energy.size} points")
         if not (np.isfinite(energy).all() and np.isfinite(mu).all()):
-            bad = int(np.count_nonzero(~np.isfinite(energy) | ~np.isfinite(mu)))
-            raise SpectrumError("not_finite", f"{bad} points are NaN or infinite")
+            bad = ~np.isfinite(energy) | ~np.isfinite(mu)
+            raise SpectrumError("not_finite", nonfinite_detail(bad, energy))
         if not (energy[1:] > energy[:-1]).all():
             order = np.argsort(energy, kind="stable")
             energy, mu = energy[order], mu[order]
