@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xasflow.adapters.store_moved import follow_move
 from xasflow.adapters.tiled_schema import (
     CATALOG_FILE,
     DEFAULT_STREAM,
@@ -46,6 +47,7 @@ def read_analysis(
             return read_analysis(open_store.client(), raw_uid)
         if not (directory / CATALOG_FILE).exists():
             raise FileNotFoundError(f"no analysis store at {directory}")
+        follow_move(directory)  # a store moved or copied here reads its own tables
         uris = [
             f"{backend}:///{directory / name}"
             for backend, name in TABLE_FILES.items()

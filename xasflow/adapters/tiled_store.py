@@ -66,6 +66,7 @@ from xasflow.adapters.file_lock import release
 from xasflow.adapters.journal_fallback import JournalFallback
 from xasflow.adapters.store_closing import StoreClosing
 from xasflow.adapters.store_journal import CALLER_CHECKPOINT_PAGES, JOURNAL_FILE, Journal
+from xasflow.adapters.store_moved import follow_move
 from xasflow.adapters.store_room import Backpressure
 from xasflow.adapters.tiled_batch import acknowledge
 from xasflow.adapters.tiled_read import OPEN_STORES, OPEN_STORES_LOCK, read_analysis
@@ -189,6 +190,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
                 if self.directory in OPEN_STORES:
                     raise StoreError(f"{self.directory} is already open in this process")
                 OPEN_STORES[self.directory] = self
+            follow_move(self.directory)  # moved or copied here: its catalog names its tables
             if not catalog_process:  # the child makes it otherwise, while this one goes on
                 _ensure_catalog(self.directory / CATALOG_FILE)
             table_path = self.directory / TABLE_FILES[table_backend]
