@@ -234,7 +234,8 @@ def test_reference_table_keeps_to_one_element_and_edge(tmp_path: Path) -> None:
 
 def test_a_reference_table_takes_the_motif_as_predict_prints_it(tmp_path: Path) -> None:
     """``CN4-square co-planar`` (predict's words) is the motif ``square co-planar``; a CN prefix
-    that the row's cn cell or the motif itself contradicts is the row's issue, said so."""
+    that the row's cn cell or the motif itself contradicts is the row's issue, said so, as is a
+    bare motif name of another CN than the cn cell's (accepted without a word before)."""
     from synthetic_feff import model_mu
 
     from xasflow.training.dataset import build_reference_dataset
@@ -249,6 +250,7 @@ def test_a_reference_table_takes_the_motif_as_predict_prints_it(tmp_path: Path) 
         "a.txt,Cu,4,square co-planar\n"
         "a.txt,Cu,6,CN4-square co-planar\n"
         "a.txt,Cu,,CN6-square co-planar\n"
+        "a.txt,Cu,6,square co-planar\n"
     )
     ds = build_reference_dataset(tmp_path / "refs.csv")
     square = MOTIFS.index((4, "square co-planar"))
@@ -259,6 +261,8 @@ def test_a_reference_table_takes_the_motif_as_predict_prints_it(tmp_path: Path) 
     assert [(i.item, i.reason) for i in ds.issues] == [
         ("refs.csv:5", "bad_reference"),
         ("refs.csv:6", "bad_reference"),
+        ("refs.csv:7", "bad_reference"),
     ]
     assert "CN4" in ds.issues[0].detail and "cn cell says 6" in ds.issues[0].detail
     assert "square co-planar is a CN4 motif" in ds.issues[1].detail
+    assert "is a CN4 motif but the cn cell says 6" in ds.issues[2].detail  # a bare name too

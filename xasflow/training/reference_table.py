@@ -81,8 +81,8 @@ _ENVIRONMENT = re.compile(r"CN\s*(\d+)\s*-\s*(.+)", re.IGNORECASE)
 def _motif(cell: str, cn: int | None, motif_index: dict[str, int]) -> int:
     """The MOTIFS index of a ``motif`` cell: a name, or predict's ``CN4-`` prefixed label.
 
-    ValueError for an unknown name, or a CN prefix that the motif or the ``cn`` cell
-    contradicts (a table saying two things of one row is not guessed between).
+    ValueError for an unknown name, or a CN (the prefix's, or the motif's own) that the motif
+    or the ``cn`` cell contradicts (a table saying two things of one row is not guessed between).
     """
     label = _ENVIRONMENT.fullmatch(cell)
     name = label[2].strip() if label and cell not in motif_index else cell
@@ -92,12 +92,15 @@ def _motif(cell: str, cn: int | None, motif_index: dict[str, int]) -> int:
             "('square co-planar') or the label predict prints ('CN4-square co-planar')"
         )
     index = motif_index[name]
+    own = L.MOTIFS[index][0]
     if name != cell and label:
-        said, own = int(label[1]), L.MOTIFS[index][0]
+        said = int(label[1])
         if said != own:
             raise ValueError(f"motif {cell!r}: {name} is a CN{own} motif, not CN{said}")
         if cn is not None and cn != said:
             raise ValueError(f"motif {cell!r} says CN{said} but the cn cell says {cn}")
+    if cn is not None and cn != own:  # a bare name: its motif's own CN
+        raise ValueError(f"motif {cell!r} is a CN{own} motif but the cn cell says {cn}")
     return index
 
 
