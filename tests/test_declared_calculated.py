@@ -21,7 +21,7 @@ from xasflow.daemon.outputs import RunClosed, RunOpened, ScanSpectrum, SpectrumR
 from xasflow.daemon.pipeline import REASONS, Pipeline
 from xasflow.daemon.registry import ModelRegistry
 from xasflow.sim.references import demo_spectra, synthetic_foil
-from xasflow.spectra import Spectrum, edge_energy, find_e0
+from xasflow.spectra import Spectrum, SpectrumError, edge_energy, find_e0
 
 CU_EDGE = edge_energy("Cu", "K")
 
@@ -132,3 +132,33 @@ def test_the_configuration_default_is_measured() -> None:
     assert DaemonConfig().analysis.calculated is False
     config = DaemonConfig.model_validate({"analysis": {"calculated": None}})
     assert config.analysis.calculated is None
+
+
+def test_a_text_file_of_detector_channels_is_held_to_a_measured_scans_start(
+    foil: Spectrum, tmp_path: Path
+) -> None:
+    """Columns named 'energy i0 itrans' are a measurement, as an XDI file is: cut above its
+    edge, such a file is refused no_pre_edge. Before, it was undeclared and the guess took
+    it for a calculation (it starts near the edge from a small value), so it was predicted
+    with its E0 on a later rise; a full scan reads and prepares as before."""
+    from xasflow.adapters.columns import read_two_column
+    from xasflow.models.predictor import Predictor
+
+    i0 = np.full(foil.energy.size, 2.0e5)
+    itrans = i0 * np.exp(-(foil.mu - foil.mu.min() + 0.05))
+    predictor = Predictor(paths.REPO_ROOT / "models" / "cu-k")
+    for start, refused in ((CU_EDGE + 5.0, True), (CU_EDGE - 150.0, False)):
+        keep = foil.energy >= start
+        path = tmp_path / f"channels_{start:.0f}.txt"
+        rows = np.column_stack([foil.energy[keep], i0[keep], itrans[keep]])
+        path.write_text(
+            "energy i0 itrans\n" + "".join(f"{e:.3f} {a:.1f} {b:.3f}\n" for e, a, b in rows)
+        )
+        spectrum = read_two_column(path, "Cu", "K")
+        if refused:
+            with pytest.raises(SpectrumError, match="below the edge") as why:
+                predictor.prepare(spectrum)
+            assert why.value.reason == "no_pre_edge"
+        else:
+            assert predictor.prepare(spectrum).e0 == pytest.approx(CU_EDGE, abs=0.5)
+        assert spectrum.meta.get("calculated") is False

@@ -10,7 +10,9 @@ the data that names each column, the first an energy, as XDI's label line and FE
 lines; a label line may start with a word and a colon, ``# columns: energy i0 it``): mu is
 then taken by name, as the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and
 ifluor: ifluor/i0; else a mu column), and names that do not say what mu is are refused
-with the names found. Without one, energy and mu are columns 1 and 2; extra
+with the names found. Mu from detector channels is a measurement (``meta["calculated"]``
+False, as the XDI reader's): held to a measured scan's pre-edge; a mu column is left to the
+per-spectrum guess (:func:`xasflow.spectra.normalization.is_calculated`). Without one, energy and mu are columns 1 and 2; extra
 columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
 (keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
 their range times 1000; below 200 without that, or under an eV unit (the file contradicts
@@ -247,6 +249,10 @@ def read_two_column(path: str | Path, element: str | None = None, edge: str = "K
             raise SpectrumError(exc.reason, f"{path}: {exc.message}") from None
         meta["mode"] = mode
         meta["mu_from"] = f"ln({i0}/{signal})" if mode == "transmission" else f"{signal}/{i0}"
+        # detector channels are a measurement, never a calculation: held to a measured scan's
+        # pre-edge as the XDI reader's spectra are (a scan starting on its edge is refused,
+        # not given an E0 on a later rise)
+        meta["calculated"] = False
     return Spectrum(energy=energy, mu=mu, element=element, edge=edge, meta=meta)
 
 

@@ -35,8 +35,9 @@ __all__ = [
 #: planned around the tabulated edge on the monochromator's own axis).
 #: (A test of how steeply the data rise at their start caught the cut at the edge but
 #: not 0.5 eV later, and refused 2.5 % of flat pre-edges with 10 % point noise: dropped.)
-#: Undeclared spectra (two-column files) are left to ``is_calculated``: its guess can take a
-#: calculation cropped near its edge for a measurement.
+#: Undeclared spectra (two-column files of mu; a text file of detector channels is declared
+#: measured) are left to ``is_calculated``: its guess can take a calculation cropped near its
+#: edge for a measurement.
 MIN_PRE_EDGE = 15.0
 #: eV a measured scan's data must start below its tabulated edge (on the axis prepared). A
 #: scan starting above its edge is what this catches; 15 eV, as below E0, also refused good
