@@ -46,6 +46,23 @@ def xdi_library() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cuo_xdi(xdi_library: Path) -> Path:
+    """Measured CuO tenorite (13 K) of the shared library, as an XDI file."""
+    return xdi_library / "Cu" / "CuO_tenorite_13K_01.xdi"
+
+
+@pytest.fixture(scope="session")
+def cuo_columns(cuo_xdi: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CuO tenorite as a plain two-column file (energy eV, ln(i0/itrans))."""
+    from xasflow.adapters.xdi import read_xdi, xdi_to_spectrum
+
+    s = xdi_to_spectrum(read_xdi(cuo_xdi))
+    path = tmp_path_factory.mktemp("cols") / "cuo.txt"
+    path.write_text("".join(f"{e:.4f} {m:.6f}\n" for e, m in zip(s.energy, s.mu, strict=True)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_cu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Cu K bundle (synthetic FEFF tree, 12 trees), alone in its models directory
     (``tiny_cu_bundle.parent``). Tests copy it before changing anything."""

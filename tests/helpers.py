@@ -65,6 +65,7 @@ __all__ = [
     "serve_subprocess",
     "step_scan",
     "store_row",
+    "strict_json",
     "transmission",
     "unpaged",
     "wait_for",
@@ -84,6 +85,15 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or check}")
         time.sleep(interval)
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity (not JSON: jq, JavaScript, Go, ... reject them)."""
+
+    def refuse(const: str) -> Any:
+        raise ValueError(f"not valid JSON: {const}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def free_port() -> int:
