@@ -143,3 +143,42 @@ def test_a_start_that_fails_after_the_bind_frees_the_port(tmp_path: Path) -> Non
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
         again.listen(1)
+
+
+@pytest.mark.parametrize("where", ["a_file", "below_a_file"])
+def test_a_store_path_through_a_file_names_the_setting(tmp_path: Path, where: str) -> None:
+    """``storage.directory`` naming a file (or a path below one) stopped ``xasflow serve``
+    with "cannot start the daemon: [Errno 17] File exists: '...'" ("[Errno 20] Not a
+    directory" below it), naming no setting. Expected: the setting, and the file in its way."""
+    from xasflow.daemon.parts import DaemonError
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    store = afile if where == "a_file" else afile / "sub"
+    cfg = DaemonConfig(storage={"directory": str(store)})
+    with pytest.raises(DaemonError) as exc:
+        build_store(cfg, on_stored=lambda: None)
+    assert str(exc.value) == (
+        f"storage.directory {store}: cannot keep the analysis store there: "
+        f"{afile} is in the way: a file (or a link), not a directory"
+    )
+
+
+def test_a_store_directory_this_user_cannot_write_names_the_setting(tmp_path: Path) -> None:
+    """A read-only store directory said "[Errno 13] Permission denied: '<dir>/.writer.lock'"
+    (the tests run as root, who may write anywhere, so the refusal is the store's own)."""
+    import os
+
+    from xasflow.daemon.parts import store_path_error
+
+    store = tmp_path / "store"
+    lock = store / ".writer.lock"
+    error = store_path_error(store, PermissionError(13, "Permission denied", str(lock)))
+    assert str(error) == (
+        f"storage.directory {store}: cannot keep the analysis store there: "
+        f"this user (uid {os.getuid()}) cannot write {lock} (Permission denied)"
+    )
+    # an error about another path (the catalog child's interpreter) is not the store's
+    other = PermissionError(13, "Permission denied", "/usr/bin/python3")
+    assert store_path_error(store, other) is None
+    assert store_path_error(store, OSError("no file named")) is None

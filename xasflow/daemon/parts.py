@@ -8,9 +8,12 @@ The composition root (:mod:`xasflow.daemon.service`) decides what to build and w
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xasflow.adapters.probes import ProbeFilter
@@ -195,16 +198,22 @@ def build_store(
     from xasflow.adapters.tiled_store import AnalysisStore
 
     s = cfg.storage
-    store = AnalysisStore(
-        s.directory,
-        batch_size=s.batch_size,
-        flush_interval=s.flush_interval_s,
-        max_queue=s.max_queue,
-        table_backend=s.backend,
-        journal=s.journal,
-        catalog_process=s.catalog_process,
-        full_wait_s=cfg.store_full_wait(),
-    )
+    try:
+        store = AnalysisStore(
+            s.directory,
+            batch_size=s.batch_size,
+            flush_interval=s.flush_interval_s,
+            max_queue=s.max_queue,
+            table_backend=s.backend,
+            journal=s.journal,
+            catalog_process=s.catalog_process,
+            full_wait_s=cfg.store_full_wait(),
+        )
+    except OSError as exc:
+        error = store_path_error(s.directory, exc)
+        if error is None:
+            raise
+        raise error from None
     try:
         writer = StoreWriter(store, on_stored=on_stored)
         interrupted = InterruptedRuns(store, cfg.channels.stream, cfg.analysis.run_timeout_s)
@@ -216,6 +225,28 @@ def build_store(
             logger.exception("closing the analysis store after a failed start failed")
         raise
     return store, writer, interrupted
+
+
+def store_path_error(directory: Path, exc: OSError) -> DaemonError | None:
+    """``exc`` from opening the store as the operator's error, naming ``storage.directory``,
+    when it is about that path (a file in its way, a directory this user cannot write), not
+    ``[Errno 17] File exists``; None for any other OSError (e.g. the catalog child's)."""
+    directory = Path(directory).absolute()
+    failed = Path(exc.filename).absolute() if isinstance(exc.filename, str | Path) else None
+    if failed is None or not (
+        failed == directory or directory in failed.parents or failed in directory.parents
+    ):
+        return None
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        file = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+        reason = f"{file} is in the way: a file (or a link), not a directory"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = f"this user (uid {os.getuid()}) cannot write {failed} ({exc.strerror})"
+    else:
+        reason = f"{exc.strerror or exc} ({failed})"
+    return DaemonError(
+        f"storage.directory {directory}: cannot keep the analysis store there: {reason}"
+    )
 
 
 def build_feedback(cfg: DaemonConfig, registry: ModelRegistry) -> tuple[Any, Any]:
