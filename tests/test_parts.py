@@ -101,8 +101,9 @@ def test_a_failed_recovery_scan_leaves_the_store_unlocked(
 
 
 def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    """A second daemon configured on a busy HTTP port refuses at once, naming the port, and
-    leaves no store directory behind (the port is bound before the store opens)."""
+    """A second daemon configured on a busy HTTP port refuses at once, naming the port and
+    the setting to change (it said "[Errno 98] cannot serve HTTP on ...", naming no setting),
+    and leaves no store directory behind (the port is bound before the store opens)."""
     from xasflow.daemon.service import Daemon, DaemonError
 
     store = tmp_path / "store"
@@ -116,10 +117,21 @@ def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> 
             storage={"directory": str(store)},
         )
         daemon = Daemon(cfg)
-        with pytest.raises(DaemonError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+        with pytest.raises(DaemonError) as exc:
             daemon.start(timeout=5)
+    assert str(exc.value) == (
+        f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use "
+        "(another process listens there: stop it, or set another http.port)"
+    )
     assert not store.exists()
     assert daemon.parts.source is None and daemon.parts.store is None
+    from xasflow.daemon.parts import http_bind_error
+
+    elsewhere = OSError(99, "cannot serve HTTP on 10.9.9.9:8620: Cannot assign requested address")
+    assert str(http_bind_error(elsewhere)) == (
+        "cannot serve HTTP on 10.9.9.9:8620: Cannot assign requested address "
+        "(http.host is not an address of this machine)"
+    )
 
 
 def test_a_start_that_fails_after_the_bind_frees_the_port(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ __all__ = [
     "build_gate",
     "build_processor",
     "build_store",
+    "http_bind_error",
+    "store_path_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,6 +227,17 @@ def build_store(
             logger.exception("closing the analysis store after a failed start failed")
         raise
     return store, writer, interrupted
+
+
+def http_bind_error(exc: OSError) -> DaemonError:
+    """The HTTP server's refused bind (:meth:`HttpServer.bind`'s OSError, whose text names the
+    address) as the operator's error naming the setting to change, not ``[Errno 98] ...``."""
+    hint = {
+        errno.EADDRINUSE: "another process listens there: stop it, or set another http.port",
+        errno.EADDRNOTAVAIL: "http.host is not an address of this machine",
+        errno.EACCES: "a port below 1024 needs privileges: set http.port to 1024 or above",
+    }.get(exc.errno or 0, "check http.host and http.port")
+    return DaemonError(f"{exc.strerror or exc} ({hint})")
 
 
 def store_path_error(directory: Path, exc: OSError) -> DaemonError | None:

@@ -44,6 +44,7 @@ from xasflow.daemon.parts import (
     build_gate,
     build_processor,
     build_store,
+    http_bind_error,
 )
 from xasflow.daemon.pipeline import known_rejections
 from xasflow.daemon.status import DaemonStatus
@@ -105,7 +106,7 @@ class Daemon:
             try:
                 p.http.bind()
             except OSError as exc:
-                raise DaemonError(str(exc)) from None
+                raise http_bind_error(exc) from None
         p.registry, p.pipeline = build_analysis(cfg, self.counters)
         p.ioc, p.submitter = build_feedback(cfg, p.registry)
         for listener in (p.ioc, p.submitter):
