@@ -73,6 +73,32 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("OUTPUT", "localhost"),
+        ("INPUT", "tcp://proxy"),
+        ("INPUT", "tcp://127.0.0.1:99999"),
+        ("OUTPUT", "tcp://127.0.0.1:notaport"),
+        ("INPUT", "tcp://[::1]"),
+    ],
+)
+def test_a_bus_address_without_a_port_is_a_configuration_error(key: str, value: str) -> None:
+    """``output.address: localhost`` passed ``serve --check`` and stopped ``serve`` with
+    "cannot start the daemon: Invalid argument (addr='tcp://localhost')" (the input's: "0MQ
+    input could not connect"); ``tcp://127.0.0.1:99999`` started a daemon that waited for
+    ever on a port no proxy can have. Expected: a configuration error naming the setting."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {f"XASFLOW__{key}__ADDRESS": value})
+    assert str(exc.value).endswith(
+        f"{key.lower()}.address: Value error, a TCP address ends in a port 1-65535: give "
+        f"host:port (got {value!r})"
+    )
+    fine = {"XASFLOW__INPUT__ADDRESS": "tcp://[::1]:5578", "XASFLOW__OUTPUT__ADDRESS": "ipc://x"}
+    cfg = load_config(None, fine)
+    assert (cfg.input.address, cfg.output.address) == ("tcp://[::1]:5578", "ipc://x")
+
+
 def test_kafka_fetch_wait_defaults_to_100_ms_and_the_consumer_settings_win(
     tmp_path: Path,
 ) -> None:

@@ -43,10 +43,17 @@ __all__ = [
 
 
 def _address(value: str) -> str:
+    """A 0MQ endpoint, ``tcp://`` when none is given; a TCP one must end in a port, which 0MQ
+    would otherwise refuse only at start ("Invalid argument"), or connect to for ever (99999)."""
     value = value.strip()
     if not value:
         raise ValueError("address must not be empty")
-    return value if "://" in value else f"tcp://{value}"
+    address = value if "://" in value else f"tcp://{value}"
+    if address.startswith("tcp://"):
+        _, colon, port = address.removeprefix("tcp://").rpartition(":")
+        if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("a TCP address ends in a port 1-65535: give host:port")
+    return address
 
 
 def _prefix(value: str) -> str:
