@@ -227,6 +227,30 @@ def test_serve_check_warns_of_a_store_path_through_a_file(tmp_path: Path, where:
     assert not any("storage" in w for w in check_paths(fine))
 
 
+def test_a_bundle_given_as_the_models_directory_is_named_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``models.directory: models/cu-k`` (the bundle, not the directory holding bundles) was
+    "holds no bundle (no */manifest.json)" in ``--check`` and "no model bundle in .../cu-k"
+    from the daemon, which then rejected every spectrum. Expected: both say it is a bundle and
+    which directory to give."""
+    from xasflow.daemon.commands import check_paths
+    from xasflow.daemon.counters import Counters
+    from xasflow.daemon.parts import build_analysis
+
+    bundle = Path(__file__).resolve().parents[1] / "models" / "cu-k"
+    config = DaemonConfig.model_validate({"models": {"directory": str(bundle), "watch": False}})
+    said = (
+        f"models.directory {bundle} is a bundle, not the directory of bundles: give the "
+        f"directory holding it, {bundle.parent}"
+    )
+    assert check_paths(config) == [f"{said}: every spectrum would be rejected"]
+    with caplog.at_level("WARNING", logger="xasflow.daemon.parts"):
+        registry, _ = build_analysis(config, Counters())
+    assert not registry.models()
+    assert f"{said}: every spectrum will be rejected no_model" in caplog.messages
+
+
 def test_serve_check_prints_effective_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,14 +45,14 @@ def setup_logging(level: str) -> None:
 
 def check_paths(config: Any) -> list[str]:
     """What ``serve --check`` can tell about the config's paths beyond their schema: a models
-    directory with no bundle (the daemon would start and reject every spectrum no_model) and
-    a store directory it could not create."""
+    directory with no bundle, or a bundle given as one (the daemon would start and reject
+    every spectrum no_model), and a store directory it could not create."""
+    from xasflow.daemon.parts import models_directory_problem
+
     out = []
-    models = Path(config.models.directory)
-    if not models.is_dir():
-        out.append(f"models.directory {models} does not exist: every spectrum would be rejected")
-    elif not any(models.glob("*/manifest.json")):
-        out.append(f"models.directory {models} holds no bundle (no */manifest.json)")
+    problem = models_directory_problem(Path(config.models.directory))
+    if problem is not None:
+        out.append(f"{problem}: every spectrum would be rejected")
     if config.storage.enabled:
         store = Path(config.storage.directory).absolute()
         parent = next((p for p in (store, *store.parents) if p.exists()), None)

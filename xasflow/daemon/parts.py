@@ -42,6 +42,7 @@ __all__ = [
     "build_processor",
     "build_store",
     "http_bind_error",
+    "models_directory_problem",
     "store_path_error",
 ]
 
@@ -150,8 +151,10 @@ def build_analysis(cfg: DaemonConfig, counters: Counters) -> tuple[ModelRegistry
         max_graph_bytes=models.max_graph_mb << 20,
     )
     if not registry.models():
+        problem = models_directory_problem(models.directory)
         logger.warning(
-            "no model bundle in %s: every spectrum will be rejected no_model", models.directory
+            "%s: every spectrum will be rejected no_model",
+            problem or f"no model bundle served from {models.directory}",
         )
     if models.watch:
         registry.start_watching(models.watch_interval_s)
@@ -227,6 +230,21 @@ def build_store(
             logger.exception("closing the analysis store after a failed start failed")
         raise
     return store, writer, interrupted
+
+
+def models_directory_problem(directory: Path) -> str | None:
+    """Why ``models.directory`` can serve no bundle, naming the setting, or None: missing, a
+    bundle itself (its parent is the directory of bundles), or holding no ``*/manifest.json``."""
+    if not directory.is_dir():
+        return f"models.directory {directory} does not exist"
+    if (directory / "manifest.json").is_file():
+        return (
+            f"models.directory {directory} is a bundle, not the directory of bundles: "
+            f"give the directory holding it, {directory.parent}"
+        )
+    if not any(directory.glob("*/manifest.json")):
+        return f"models.directory {directory} holds no bundle (no */manifest.json)"
+    return None
 
 
 def http_bind_error(exc: OSError) -> DaemonError:
