@@ -73,6 +73,32 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    """A second ``http:`` section (added at the end of a long file) replaced the first whole,
+    silently: its ``port: 9100`` was lost and the daemon served on 8620; a key twice in one
+    section kept the last. Expected: the file, line and key, and the line of the first; a
+    merge (``<<: *anchor``) followed by keys overriding it is taken as YAML means it."""
+    path = tmp_path / "site.yaml"
+    path.write_text("http:\n  port: 9100\ninput:\n  prefix: raw\nhttp:\n  host: 127.0.0.1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, {})
+    assert str(exc.value) == (
+        f"{path}:5:1: not valid YAML: 'http' is given twice in one mapping (first on line 1): "
+        "only the last would count, so keep one"
+    )
+    path.write_text("output:\n  prefix: a\n  enabled: false\n  prefix: b\n")
+    with pytest.raises(ConfigError, match=r"site.yaml:4:3: .*'prefix' is given twice"):
+        load_config(path, {})
+    path.write_text(
+        "channels:\n  i0: &ion [ic0]\n  it: *ion\n"
+        "recommend:\n  recommender: &knobs {dwell: 2.0, fine_step: 0.5}\n"
+        "analysis:\n  batching: {<<: {max_spectra: 8, target_docs: 4}, max_spectra: 32}\n"
+    )
+    cfg = load_config(path, {})
+    assert cfg.channels.it == ("ic0",) and cfg.recommend.recommender.dwell == 2.0
+    assert (cfg.analysis.batching.max_spectra, cfg.analysis.batching.target_docs) == (32, 4)
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

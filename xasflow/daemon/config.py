@@ -252,6 +252,34 @@ def _validate(data: Any, origin: str) -> DaemonConfig:
         raise ConfigError(f"invalid configuration from {origin}:\n" + "\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently (YAML itself forbids it), so a second ``http:`` section dropped the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # <<: *anchor: the keys after it override the merged ones, as meant
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str | int | float | bool):
+            continue  # an unhashable key: construct_mapping refuses it in its own words
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{key!r} is given twice in one mapping (first on line {first[key] + 1}): "
+                "only the last would count, so keep one",
+                key_node.start_mark,
+            )
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: the file, line and column, and what went wrong
     (PyYAML's own text spans several lines and names ``<unicode string>``)."""
@@ -277,7 +305,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(yaml_error(path, exc)) from None
         if loaded is None:
