@@ -100,7 +100,9 @@ def test_a_failed_recovery_scan_leaves_the_store_unlocked(
         store.close()
 
 
-def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+def test_a_taken_http_port_is_refused_before_anything_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A second daemon configured on a busy HTTP port refuses at once, naming the port and
     the setting to change (it said "[Errno 98] cannot serve HTTP on ...", naming no setting),
     and leaves no store directory behind (the port is bound before the store opens)."""
@@ -125,6 +127,11 @@ def test_a_taken_http_port_is_refused_before_anything_starts(tmp_path: Path) -> 
     )
     assert not store.exists()
     assert daemon.parts.source is None and daemon.parts.store is None
+    # serve's stop() after the failed start said "xasflow daemon stopped: 0 spectra received
+    # by the analysis: 0 analysed, ..." just before the error, as if it had run
+    with caplog.at_level(logging.INFO, logger="xasflow.daemon.service"):
+        daemon.stop()
+    assert not [r for r in caplog.records if "daemon stopped" in r.getMessage()]
     from xasflow.daemon.parts import http_bind_error
 
     elsewhere = OSError(99, "cannot serve HTTP on 10.9.9.9:8620: Cannot assign requested address")

@@ -207,7 +207,8 @@ class Daemon:
                     logger.error("processing thread did not finish within %.0f s", timeout)
             self.parts.close(timeout)
             self._stopped.set()
-            logger.info("xasflow daemon stopped: %s", self.counters.summary())
+            if self._thread is not None:  # a start that failed analysed nothing: its error says why
+                logger.info("xasflow daemon stopped: %s", self.counters.summary())
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until :meth:`stop` has finished; True if it has."""
