@@ -73,6 +73,18 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
+@pytest.mark.parametrize("prefix", ["X AS:", "XAS:\t", "XÄS:"])
+def test_an_epics_prefix_with_a_space_says_why_in_epics_terms(prefix: str) -> None:
+    """``epics.prefix: "X AS:"`` was refused "prefix must not contain spaces (bluesky frames
+    are space-separated)", the bus prefixes' reason, which has nothing to do with PV names
+    (and a tab passed). Expected: what a PV name prefix may hold."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"XASFLOW__EPICS__PREFIX": prefix})
+    assert "epics.prefix: Value error, a PV name prefix is ASCII without spaces" in str(exc.value)
+    assert "bluesky" not in str(exc.value)
+    assert load_config(None, {"XASFLOW__EPICS__PREFIX": "BL7:XAS:"}).epics.prefix == "BL7:XAS:"
+
+
 def test_a_key_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
     """A second ``http:`` section (added at the end of a long file) replaced the first whole,
     silently: its ``port: 9100`` was lost and the daemon served on 8620; a key twice in one

@@ -396,7 +396,12 @@ class EpicsConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5064, ge=1, le=65535, description="Channel Access server port")
 
-    _check_prefix = field_validator("prefix")(_prefix)
+    @field_validator("prefix")
+    @classmethod
+    def _pv_prefix(cls, value: str) -> str:
+        if not value.isascii() or any(c.isspace() for c in value):
+            raise ValueError("a PV name prefix is ASCII without spaces (e.g. XAS: or BL7:XAS:)")
+        return value
 
 
 def is_loopback(host: str) -> bool:
