@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -71,6 +72,24 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
     assert env_overrides({"XASFLOW__INPUT__PLAN": "a: b"}) == {"input": {"plan": "a: b"}}
     with pytest.raises(ConfigError, match="XASFLOW__OUTPUT__KAFKA__PRODUCER: not a YAML mapping"):
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
+
+
+def test_an_empty_directory_setting_is_refused(tmp_path: Path) -> None:
+    """``storage.directory: ""`` (or ``XASFLOW__STORAGE__DIRECTORY=`` left blank in an env
+    file) was read as ".": the daemon wrote its catalog into whatever directory it was
+    started from; an empty ``models.directory`` served that directory's bundles. Expected:
+    a configuration error naming each setting."""
+    path = tmp_path / "site.yaml"
+    path.write_text('storage:\n  directory: ""\nmodels:\n  directory: ""\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, {})
+    said = "Value error, an empty path would be the working directory: give one (or omit it)"
+    assert f"storage.directory: {said}" in str(exc.value)
+    assert f"models.directory: {said}" in str(exc.value)
+    with pytest.raises(ConfigError, match=re.escape(f"storage.directory: {said}")):
+        load_config(None, {"XASFLOW__STORAGE__DIRECTORY": ""})
+    path.write_text("storage:\n  directory: store\n")
+    assert load_config(path, {}).storage.directory == tmp_path / "store"
 
 
 @pytest.mark.parametrize("prefix", ["X AS:", "XAS:\t", "XÄS:"])

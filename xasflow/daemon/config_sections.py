@@ -56,6 +56,14 @@ def _address(value: str) -> str:
     return address
 
 
+def _directory(value: Any) -> Any:
+    """A directory setting: an empty one (``directory: ""``, an env override left blank) was
+    read as ".", the working directory of whoever started the daemon."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path would be the working directory: give one (or omit it)")
+    return value
+
+
 def _prefix(value: str) -> str:
     if " " in value:
         raise ValueError("prefix must not contain spaces (bluesky frames are space-separated)")
@@ -253,6 +261,8 @@ class ModelsConfig(_Section):
     trusted_keys: tuple[Path, ...] = ()
     max_graph_mb: int = Field(256, ge=1, le=2047, description="largest graph file, MiB")
 
+    _check_directory = field_validator("directory", mode="before")(_directory)
+
     @field_validator("trusted_keys", mode="before")
     @classmethod
     def _key_list(cls, value: Any) -> Any:
@@ -304,6 +314,8 @@ class StorageConfig(_Section):
     max_queue: int = Field(100_000, ge=1)
     # at most 240 s: a Kafka consumer that does not poll for 300 s is dropped from its group
     full_wait_s: float | None = Field(None, ge=0, le=240.0, description="wait for room (s)")
+
+    _check_directory = field_validator("directory", mode="before")(_directory)
 
 
 class OutputConfig(_Section):
