@@ -74,6 +74,29 @@ def test_config_file_env_overrides_and_adapters(tmp_path: Path) -> None:
         env_overrides({"XASFLOW__OUTPUT__KAFKA__PRODUCER": "{linger.ms: 5"})
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("http:\n  port: 9100\n".encode("utf-16"), "it holds NUL bytes: UTF-16"),
+        (b"http:\n  port: 9100  # caf\xe9\n", "byte 0xe9 on line 2: Latin-1?"),
+    ],
+)
+def test_a_configuration_file_not_in_utf8_is_said_to_be(
+    tmp_path: Path, content: bytes, said: str
+) -> None:
+    """A configuration saved as UTF-16 (Windows' "Unicode") or Latin-1 stopped ``serve`` and
+    ``--check`` with a UnicodeDecodeError traceback. Expected: a ConfigError saying what the
+    file is; a UTF-8 file with a byte-order mark is read as before."""
+    path = tmp_path / "site.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, {})
+    assert str(exc.value).startswith(f"{path}: not UTF-8 text ({said}")
+    assert str(exc.value).endswith(": save it as UTF-8")
+    path.write_bytes(b"\xef\xbb\xbfhttp:\n  port: 9100\n")
+    assert load_config(path, {}).http.port == 9100
+
+
 def test_an_empty_directory_setting_is_refused(tmp_path: Path) -> None:
     """``storage.directory: ""`` (or ``XASFLOW__STORAGE__DIRECTORY=`` left blank in an env
     file) was read as ".": the daemon wrote its catalog into whatever directory it was

@@ -280,6 +280,17 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[An
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """What the configuration file's bytes are, where they are not UTF-8."""
+    if b"\0" in raw:
+        return (
+            "not UTF-8 text (it holds NUL bytes: UTF-16, as Windows saves 'Unicode', "
+            "or a binary file)"
+        )
+    line = raw.count(b"\n", 0, exc.start) + 1
+    return f"not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}: Latin-1?)"
+
+
 def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: the file, line and column, and what went wrong
     (PyYAML's own text spans several lines and names ``<unicode string>``)."""
@@ -301,9 +312,13 @@ def load_config(
         path = Path(path).expanduser()
         origin = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # a traceback before: UTF-16, Latin-1, a binary
+            raise ConfigError(f"{path}: {_not_utf8(raw, exc)}: save it as UTF-8") from None
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
