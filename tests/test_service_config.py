@@ -97,6 +97,22 @@ def test_a_configuration_file_not_in_utf8_is_said_to_be(
     assert load_config(path, {}).http.port == 9100
 
 
+@pytest.mark.parametrize("value", ["maybe", "[1, 2]", "{a: 1}"])
+def test_a_herfd_value_neither_boolean_nor_number_names_the_setting(value: str) -> None:
+    """``analysis.herfd: maybe`` was refused on two lines, "analysis.herfd.bool: Input should
+    be a valid boolean" and "analysis.herfd.float: Input should be a valid number", naming
+    settings that do not exist. Expected: one line for analysis.herfd saying what it takes."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"XASFLOW__ANALYSIS__HERFD": value})
+    lines = str(exc.value).splitlines()[1:]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "  analysis.herfd: Value error, give true, false or a broadening FWHM in eV"
+    )
+    for word, taken in (("yes", True), ("off", False), ("1.5", 1.5), (" 2 ", 2.0)):
+        assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": word}).analysis.herfd == taken
+
+
 def test_an_empty_directory_setting_is_refused(tmp_path: Path) -> None:
     """``storage.directory: ""`` (or ``XASFLOW__STORAGE__DIRECTORY=`` left blank in an env
     file) was read as ".": the daemon wrote its catalog into whatever directory it was

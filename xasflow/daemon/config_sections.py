@@ -6,6 +6,7 @@ and loads the file; see its docstring for the layout. Unknown keys are errors ev
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,10 @@ def _address(value: str) -> str:
         if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError("a TCP address ends in a port 1-65535: give host:port")
     return address
+
+
+#: The words pydantic reads as a boolean.
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0"})
 
 
 def _directory(value: Any) -> Any:
@@ -205,6 +210,22 @@ class AnalysisConfig(_Section):
         description="align, prepare and run the graphs of stacked spectra in a child process "
         "(xasflow.daemon.prep_worker), so the processing thread's GIL is free meanwhile",
     )
+
+    @field_validator("herfd", mode="before")
+    @classmethod
+    def _herfd_word(cls, value: Any) -> Any:
+        """A word neither a boolean nor a number was refused once per branch of the union,
+        as ``analysis.herfd.bool`` and ``analysis.herfd.float``, settings that do not exist."""
+        if isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            word = value.strip().lower()
+            with contextlib.suppress(ValueError):
+                float(word)
+                return value
+            if word in _BOOL_WORDS:
+                return value
+        raise ValueError("give true, false or a broadening FWHM in eV")
 
     @field_validator("herfd")
     @classmethod
