@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pymatgen.core")
@@ -111,6 +112,20 @@ def test_a_herfd_value_neither_boolean_nor_number_names_the_setting(value: str) 
     )
     for word, taken in (("yes", True), ("off", False), ("1.5", 1.5), (" 2 ", 2.0)):
         assert load_config(None, {"XASFLOW__ANALYSIS__HERFD": word}).analysis.herfd == taken
+
+
+@pytest.mark.parametrize("value", ["[9000]", "[8900, 9000, 9100]"])
+def test_a_mono_range_of_one_or_three_energies_says_what_it_takes(value: str) -> None:
+    """``recommend.recommender.mono_range: [9000]`` was refused as
+    "recommend.recommender.mono_range.1: Field required" (three energies: "Tuple should
+    have at most 2 items"). Expected: the setting, what it takes and how many were given."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"XASFLOW__RECOMMEND__RECOMMENDER__MONO_RANGE": value})
+    n = value.count(",") + 1
+    assert str(exc.value).splitlines()[1:] == [
+        "  recommend.recommender.mono_range: Value error, mono_range is [low, high], two "
+        f"energies in eV, not {n} (got {yaml.safe_load(value)!r})"
+    ]
 
 
 def test_an_empty_directory_setting_is_refused(tmp_path: Path) -> None:

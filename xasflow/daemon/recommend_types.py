@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xasflow.models.predictor import Prediction
 from xasflow.spectra.edges import core_hole_width
@@ -171,6 +171,15 @@ class RecommenderConfig(BaseModel):
         if self.fine_step is None or self.edge_max_step is None:
             raise ValueError("steps left open: call for_edge(element, edge) first")
         return self.fine_step, self.edge_max_step
+
+    @field_validator("mono_range", mode="before")
+    @classmethod
+    def _mono_pair(cls, value: Any) -> Any:
+        """One energy or three were "mono_range.1: Field required" / "Tuple should have at
+        most 2 items": what the range is, once."""
+        if isinstance(value, list | tuple) and len(value) != 2:
+            raise ValueError(f"mono_range is [low, high], two energies in eV, not {len(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RecommenderConfig:
