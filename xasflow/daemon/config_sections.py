@@ -7,7 +7,6 @@ and loads the file; see its docstring for the layout. Unknown keys are errors ev
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +21,13 @@ from pydantic import (
 from xasflow import paths
 from xasflow.daemon.batching import BatchPolicy
 from xasflow.daemon.channels import CHANNEL_DEFAULTS, ChannelMap
+from xasflow.daemon.config_base import (
+    BOOL_WORDS,
+    check_address,
+    check_directory,
+    check_prefix,
+    is_loopback,
+)
 from xasflow.daemon.config_base import Section as _Section
 from xasflow.daemon.config_kafka import KafkaInputConfig, KafkaOutputConfig
 from xasflow.daemon.recommend import RecommenderConfig
@@ -43,42 +49,6 @@ __all__ = [
 ]
 
 
-def _address(value: str) -> str:
-    """A 0MQ endpoint, ``tcp://`` when none is given; a TCP one must end in a port, which 0MQ
-    would otherwise refuse only at start ("Invalid argument"), or connect to for ever (99999)."""
-    value = value.strip()
-    if not value:
-        raise ValueError("address must not be empty")
-    address = value if "://" in value else f"tcp://{value}"
-    if address.startswith("tcp://"):
-        _, colon, port = address.removeprefix("tcp://").rpartition(":")
-        if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError("a TCP address ends in a port 1-65535: give host:port")
-    return address
-
-
-#: The words pydantic reads as a boolean.
-_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0"})
-
-
-def _directory(value: Any) -> Any:
-    """A directory setting: an empty one (``directory: ""``, an env override left blank) was
-    read as ".", the working directory of whoever started the daemon."""
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("an empty path would be the working directory: give one (or omit it)")
-    return value
-
-
-def _prefix(value: str) -> str:
-    if " " in value:
-        raise ValueError("prefix must not contain spaces (bluesky frames are space-separated)")
-    try:
-        value.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError("prefix must be ASCII") from None
-    return value
-
-
 class InputConfig(_Section):
     """The document input: 0MQ SUB on the ``bluesky-0MQ-proxy`` *out* port (bluesky's
     default 5578), or Kafka (``kind: kafka``, settings under ``kafka``)."""
@@ -94,8 +64,8 @@ class InputConfig(_Section):
     formats: tuple[Literal["pickle", "msgpack"], ...] = ("pickle", "msgpack")
     max_message_bytes: int = Field(-1, ge=-1, description="ZMQ_MAXMSGSIZE; -1 = no limit")
 
-    _check_address = field_validator("address")(_address)
-    _check_prefix = field_validator("prefix")(_prefix)
+    _check_address = field_validator("address")(check_address)
+    _check_prefix = field_validator("prefix")(check_prefix)
 
     @field_validator("formats")
     @classmethod
@@ -223,7 +193,7 @@ class AnalysisConfig(_Section):
             with contextlib.suppress(ValueError):
                 float(word)
                 return value
-            if word in _BOOL_WORDS:
+            if word in BOOL_WORDS:
                 return value
         raise ValueError("give true, false or a broadening FWHM in eV")
 
@@ -282,7 +252,7 @@ class ModelsConfig(_Section):
     trusted_keys: tuple[Path, ...] = ()
     max_graph_mb: int = Field(256, ge=1, le=2047, description="largest graph file, MiB")
 
-    _check_directory = field_validator("directory", mode="before")(_directory)
+    _check_directory = field_validator("directory", mode="before")(check_directory)
 
     @field_validator("trusted_keys", mode="before")
     @classmethod
@@ -336,7 +306,7 @@ class StorageConfig(_Section):
     # at most 240 s: a Kafka consumer that does not poll for 300 s is dropped from its group
     full_wait_s: float | None = Field(None, ge=0, le=240.0, description="wait for room (s)")
 
-    _check_directory = field_validator("directory", mode="before")(_directory)
+    _check_directory = field_validator("directory", mode="before")(check_directory)
 
 
 class OutputConfig(_Section):
@@ -360,8 +330,8 @@ class OutputConfig(_Section):
     kind: Literal["zmq", "kafka"] = Field("zmq", description="kafka: to output.kafka.topic")
     kafka: KafkaOutputConfig = Field(default_factory=KafkaOutputConfig)
 
-    _check_address = field_validator("address")(_address)
-    _check_prefix = field_validator("prefix")(_prefix)
+    _check_address = field_validator("address")(check_address)
+    _check_prefix = field_validator("prefix")(check_prefix)
 
 
 class HttpConfig(_Section):
@@ -435,14 +405,3 @@ class EpicsConfig(_Section):
         if not value.isascii() or any(c.isspace() for c in value):
             raise ValueError("a PV name prefix is ASCII without spaces (e.g. XAS: or BL7:XAS:)")
         return value
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    host = host.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
