@@ -49,6 +49,12 @@ def test_daemon_configs_in_deploy_are_valid() -> None:
     assert k8s["storage"] == {"directory": "/var/lib/xasflow/store"}
 
     unit_env = env_file(DEPLOY / "systemd" / "xasflow.env.example")
+    # installed unedited, it serves on every interface with no token: refused, saying so (it
+    # held a placeholder token before, which a daemon would have accepted: a public secret)
+    assert "XASFLOW__HTTP__TOKEN" not in unit_env
+    with pytest.raises(ConfigError, match="not a loopback address: set http.token"):
+        load_config(DEPLOY / "xasflow.yaml", environ=unit_env)
+    unit_env["XASFLOW__HTTP__TOKEN"] = TOKEN
     cfg = load_config(DEPLOY / "xasflow.yaml", environ=unit_env)
     assert cfg.input.address == "tcp://127.0.0.1:5578"
     sections = set(env_overrides(unit_env))
