@@ -384,7 +384,7 @@ def test_serve_check_prints_effective_config(
     assert "warning" not in captured.err  # the repository's models/ holds the Cu bundle
     # a models directory that is not there passes the schema, but --check says what follows
     monkeypatch.setenv("XASFLOW__MODELS__DIRECTORY", str(tmp_path / "no-models"))
-    assert args.func(args) == 0
+    assert args.func(args) == 1  # exit 0 before: a deploy script could not see it
     assert "no-models does not exist: every spectrum would be rejected" in capsys.readouterr().err
     # so do a taken HTTP port and an EPICS prefix that another IOC serves
     from xasflow.adapters.epics_ioc import XasIoc
@@ -395,7 +395,7 @@ def test_serve_check_prints_effective_config(
     with socket.socket() as taken, XasIoc("XAS:", port=ca_port, beacon_port=free_port()) as ioc:
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
-        assert args.func(args) == 0
+        assert args.func(args) == 1
         err, served = capsys.readouterr().err, f"127.0.0.1:{ioc.tcp_port}"
     assert f"warning: http 127.0.0.1:{port}: Address already in use" in err
     assert f"warning: epics: XAS:BUNDLE_ID is already served by {served} (an IOC" in err

@@ -100,9 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.check:
         print(config.model_dump_json(indent=2, by_alias=True))
-        for warning in [*check_paths(config), *check_ports(config)]:
+        warnings = [*check_paths(config), *check_ports(config)]
+        for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        return 0
+        return 1 if warnings else 0  # a deploy script sees what would stop or cripple it
     # the daemon's threads hand the GIL over at most this long after a waiting one wakes
     sys.setswitchinterval(config.analysis.switch_interval_ms / 1000.0)
     daemon = Daemon(config)
@@ -128,7 +129,7 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument(
         "--check",
         action="store_true",
-        help="print the effective config, warn of what would stop it starting (paths, a taken HTTP port, an EPICS prefix served already), and exit",
+        help="print the effective config, warn of what would stop it starting (paths, a taken HTTP port, an EPICS prefix served already), and exit: 1 after a warning, else 0",
     )
     add_log_level(s, "info", "daemon log level (default info)")
     s.set_defaults(func=cmd_serve)
