@@ -259,7 +259,14 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         load_config(path, {})
     text = str(err.value)
     assert str(path) in text
-    assert "input.adress: unknown setting" in text
+    assert "input.adress: unknown setting (did you mean 'address'?)" in text
+    # near misses are named, in a file or an override; a key like no setting is not guessed at
+    with pytest.raises(ConfigError, match=r"http\.prot: unknown setting \(did you mean 'port'\?\)"):
+        load_config(None, {"XASFLOW__HTTP__PROT": "1"})
+    with pytest.raises(ConfigError, match=r"htp: unknown setting \(did you mean 'http'\?\)"):
+        load_config(None, {"XASFLOW__HTP__PORT": "1"})
+    with pytest.raises(ConfigError, match=r"input\.colour: unknown setting$"):
+        load_config(None, {"XASFLOW__INPUT__COLOUR": "red"})
     assert "input.overflow" in text and "'wait'" in text
     assert "http.port" in text
     with pytest.raises(ConfigError, match=r"XASFLOW__HTTP__PORT.*\n.*http\.port"):

@@ -30,13 +30,14 @@ problem is reported at once as a :class:`ConfigError` naming the offending key.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from xasflow.adapters.queueserver import QueueServerConfig
 from xasflow.daemon.config_base import Section as _Section
@@ -232,6 +233,21 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         )
 
 
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """' (did you mean 'port'?)' for an unknown key at ``loc`` close to a setting of its
+    section ("http.prot"), else ''; sections are walked as the schema nests them."""
+    cls: type[BaseModel] = DaemonConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""  # a dict, a union, a list: no fixed set of keys to suggest from
+        cls = inner
+    names = [f.alias or name for name, f in cls.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _validate(data: Any, origin: str) -> DaemonConfig:
     try:
         return DaemonConfig.model_validate(data)
@@ -241,7 +257,7 @@ def _validate(data: Any, origin: str) -> DaemonConfig:
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                msg = "unknown setting"
+                msg = "unknown setting" + _suggestion(tuple(err["loc"]))
             value = err.get("input")
             shown = (
                 ""
