@@ -273,6 +273,10 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         load_config(None, {"XASFLOW__HTTP__PORT": "eighty"})
     with pytest.raises(ConfigError, match="XASFLOW__SECTION__KEY"):
         load_config(None, {"XASFLOW__PORT": "1"})
+    # one underscore after XASFLOW: ignored without a word before, the default port served
+    with pytest.raises(ConfigError, match=r"XASFLOW_HTTP__PORT: .*\(XASFLOW__HTTP__PORT\)"):
+        load_config(None, {"XASFLOW_HTTP__PORT": "8700"})
+    assert load_config(None, {"XASFLOW_CACHE": "/tmp/c"}).http.port == 8620  # not a setting
     with pytest.raises(ConfigError, match="analyse its own results"):
         load_config(None, {"XASFLOW__INPUT__PREFIX": "a", "XASFLOW__OUTPUT__PREFIX": "a"})
     with pytest.raises(ConfigError, match="prefix must not contain spaces"):

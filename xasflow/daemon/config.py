@@ -188,6 +188,12 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, dict[st
     out: dict[str, dict[str, Any]] = {}
     for name, text in environ.items():
         if not name.upper().startswith(ENV_PREFIX):
+            if name.upper().startswith(ENV_PREFIX[:-1]) and "__" in name:  # XASFLOW_HTTP__PORT
+                raise ConfigError(
+                    f"environment variable {name}: a setting is {ENV_PREFIX}SECTION__KEY, two "
+                    f"underscores after XASFLOW ({ENV_PREFIX}{name[len(ENV_PREFIX) - 1 :]}); "
+                    "as written it would be ignored"
+                )
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) not in (2, 3) or not all(parts):
