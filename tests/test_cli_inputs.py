@@ -88,6 +88,26 @@ def test_named_channel_columns_are_predicted_as_the_xdi_file(cuo_xdi: Path, tmp_
     assert "['energy', 'i0', 'counts']" in out[str(unnamed)]["detail"]
 
 
+def test_measured_holds_a_file_of_mu_to_a_measured_scans_start(
+    cuo_columns: Path, tmp_path: Path
+) -> None:
+    """CuO as energy and mu, cut to start at 8985 eV (on its edge): the guess takes it for a
+    calculation and predicts it with E0 on a later rise (CN 6, p ~0.9, no flag); with
+    ``--measured`` it is refused as the XDI file cut alike is. ``--measured`` and
+    ``--calculated`` exclude each other."""
+    rows = [ln for ln in cuo_columns.read_text().splitlines() if float(ln.split()[0]) >= 8985.0]
+    cut = tmp_path / "cuo_cut.txt"
+    cut.write_text("\n".join(rows) + "\n")
+    rc, out = _predict(tmp_path, cut)
+    assert rc == 0 and out[str(cut)]["e0"] > 8989.0  # the guess: its E0 on a later rise
+    rc, out = _predict(tmp_path, cut, extra=("--measured",))
+    assert rc == 1 and out[str(cut)]["error"] == "no_pre_edge", out
+    rc, out = _predict(tmp_path, cuo_columns, extra=("--measured",))  # a whole scan: as before
+    assert rc == 0 and 8983.0 < out[str(cuo_columns)]["e0"] < 8985.0
+    with pytest.raises(SystemExit):
+        main(["predict", str(cut), "--measured", "--calculated"])
+
+
 # --- xasflow predict: XDI -------------------------------------------------------------------
 
 

@@ -208,8 +208,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
             spectrum = read_spectrum_file(name, element=predictor.manifest.element)
-            if args.herfd is not None:  # prepare() broadens it (False: never, header or not)
-                spectrum = spectrum.with_(meta={**spectrum.meta, "herfd": args.herfd})
+            # what the user declares wins over the file: herfd (prepare() broadens it; False:
+            # never, header or not) and calculated (--measured: held to a measured scan's
+            # pre-edge, as an XDI file is; else a file of mu is left to the guess)
+            declared = {"herfd": args.herfd, "calculated": args.calculated}
+            if any(v is not None for v in declared.values()):
+                meta = {k: v for k, v in declared.items() if v is not None}
+                spectrum = spectrum.with_(meta={**spectrum.meta, **meta})
             pred = predictor.with_herfd_hint(spectrum, predictor.predict(spectrum))
         except (OSError, ColumnFileError, XdiError, SpectrumError) as exc:
             reason, detail, why = refusal(exc, name)
@@ -366,6 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=False,
         help="the spectra are not HERFD, whatever a file's header says",
+    )
+    kind = r.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--measured",
+        dest="calculated",
+        action="store_const",
+        const=False,
+        help="the files are measurements: a scan must start on its pre-edge, as an XDI file's "
+        "must (default: XDI files and detector channels are; a file of mu is guessed)",
+    )
+    kind.add_argument(
+        "--calculated",
+        dest="calculated",
+        action="store_const",
+        const=True,
+        help="the files are calculations (FEFF): no pre-edge background is fitted",
     )
     r.set_defaults(func=cmd_predict)
 
