@@ -97,3 +97,32 @@ def test_a_moved_store_whose_catalog_cannot_change_is_refused_saying_whence(
     monkeypatch.setattr(store_moved.sqlite3, "connect", read_only)
     with pytest.raises(StoreError, match=r"moved or copied here from (.*)/old \(its catalog"):
         read_analysis(tmp_path / "new", "run-a")
+
+
+def test_a_move_followed_meanwhile_by_another_reader_keeps_the_tables_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes reading a moved store at once (or one reading while the daemon opens
+    it): the one whose look came first but writes second must not delete the record the
+    other pointed here (its 'same file' merge found that very record and deleted it)."""
+    import xasflow.adapters.store_moved as store_moved
+
+    _store(tmp_path / "old", [1, 2, 3])
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    real = store_moved._moved
+    looks: list[int] = []
+
+    def look_then_other_follows(con: sqlite3.Connection, directory: Path) -> list:
+        found = real(con, directory)
+        if not looks:  # the other process follows the move between this look and the write
+            looks.append(1)
+            monkeypatch.setattr(store_moved, "_moved", real)
+            store_moved.follow_move(directory)
+            monkeypatch.setattr(store_moved, "_moved", look_then_other_follows)
+        return found
+
+    monkeypatch.setattr(store_moved, "_moved", look_then_other_follows)
+    store_moved.follow_move((tmp_path / "new").resolve())
+    here = f"sqlite://localhost/{tmp_path}/new/tables.sqlite"
+    assert _assets(tmp_path / "new") == [here]
+    assert list(read_analysis(tmp_path / "new", "run-a")[1]["seq_num"]) == [1, 2, 3]

@@ -60,6 +60,10 @@ def follow_move(directory: Path) -> None:
             if not moved:
                 return
             with con:  # one transaction: all of them or none
+                # looked at again under the write lock: another process reading the store
+                # (or the daemon opening it) may have pointed it here since
+                con.execute("BEGIN IMMEDIATE")
+                moved = _moved(con, directory)
                 for asset_id, _, here in moved:
                     row = con.execute("SELECT id FROM assets WHERE data_uri = ?", (here,))
                     same = row.fetchone()
