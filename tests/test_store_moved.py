@@ -126,3 +126,17 @@ def test_a_move_followed_meanwhile_by_another_reader_keeps_the_tables_record(
     here = f"sqlite://localhost/{tmp_path}/new/tables.sqlite"
     assert _assets(tmp_path / "new") == [here]
     assert list(read_analysis(tmp_path / "new", "run-a")[1]["seq_num"]) == [1, 2, 3]
+
+
+def test_a_damaged_catalog_is_not_called_a_moved_store(tmp_path: Path) -> None:
+    """A catalog.db that is not a database was refused as 'the store was moved or copied here
+    from elsewhere ... copy the store there': its reader and the daemon say what tiled says."""
+    from xasflow.adapters.tiled_schema import StoreError
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / CATALOG_FILE).write_bytes(b"not a database, a text file " * 200)
+    with pytest.raises(Exception, match="file is not a database") as read:
+        read_analysis(tmp_path / "s", "run-a")
+    with pytest.raises(StoreError, match="cannot initialise tiled catalog") as opened:
+        AnalysisStore(tmp_path / "s")
+    assert "moved" not in str(read.value) and "moved" not in str(opened.value)

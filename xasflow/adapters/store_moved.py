@@ -48,7 +48,7 @@ def follow_move(directory: Path) -> None:
     one elsewhere (the store was moved or copied here); nothing if it has not moved.
 
     StoreError, saying where the store came from, when the catalog cannot be changed (a
-    read-only directory).
+    read-only directory); a catalog that cannot be read is left for tiled to refuse.
     """
     catalog = directory / CATALOG_FILE
     if not catalog.exists():
@@ -77,6 +77,8 @@ def follow_move(directory: Path) -> None:
                     )
                     con.execute("DELETE FROM assets WHERE id = ?", (asset_id,))
     except sqlite3.Error as exc:
+        if not moved:  # the catalog could not be read (damaged): tiled says so, as before
+            return
         old = ", ".join(sorted({str(_place(uri)) for _, uri, _ in moved})) or "elsewhere"
         raise StoreError(
             f"{directory}: the store was moved or copied here from {old} (its catalog records "
