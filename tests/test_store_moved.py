@@ -140,3 +140,24 @@ def test_a_damaged_catalog_is_not_called_a_moved_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot initialise tiled catalog") as opened:
         AnalysisStore(tmp_path / "s")
     assert "moved" not in str(read.value) and "moved" not in str(opened.value)
+
+
+def test_a_store_another_process_writes_is_left_as_it_is(tmp_path: Path) -> None:
+    """A catalog naming another directory's tables while another process holds the writer
+    lock is a live store seen under another path (a mount): a reader pointing it here broke
+    the writer's own reads of its runs ('No such field', scratch R/live_run.sh). Refused,
+    the catalog as it was; readable once the writer has gone."""
+    from xasflow.adapters.file_lock import hold, release
+    from xasflow.adapters.tiled_schema import LOCK_FILE, StoreError
+
+    _store(tmp_path / "old", [1, 2])
+    old = _assets(tmp_path / "old")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    writer = hold(tmp_path / "new" / LOCK_FILE)  # a flock: another open file is another holder
+    try:
+        with pytest.raises(StoreError, match=r"tables in (.*)/old, and another process"):
+            read_analysis(tmp_path / "new", "run-a")
+        assert _assets(tmp_path / "new") == old
+    finally:
+        release(writer)
+    assert list(read_analysis(tmp_path / "new", "run-a")[1]["seq_num"]) == [1, 2]

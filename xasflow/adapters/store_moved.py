@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from xasflow.adapters.tiled_schema import CATALOG_FILE, TABLE_FILES, StoreError
+from xasflow.adapters.file_lock import HeldElsewhere, hold, release
+from xasflow.adapters.tiled_schema import CATALOG_FILE, LOCK_FILE, TABLE_FILES, StoreError
 
 __all__ = ["follow_move"]
 
@@ -43,9 +45,14 @@ def _moved(con: sqlite3.Connection, directory: Path) -> list[tuple[int, str, str
     return out
 
 
-def follow_move(directory: Path) -> None:
+def follow_move(directory: Path, *, writing: bool = False) -> None:
     """Point the catalog in ``directory`` at this directory's tables file, if it names
     one elsewhere (the store was moved or copied here); nothing if it has not moved.
+
+    ``writing``: this process holds the store's writer lock (an open AnalysisStore). A
+    reader takes it for the change, and leaves a store another process is writing as it is
+    (a StoreError): that is a live store seen under another path (a mount), whose writer
+    names its tables as it sees them.
 
     StoreError, saying where the store came from, when the catalog cannot be changed (a
     read-only directory); a catalog that cannot be read is left for tiled to refuse.
@@ -59,7 +66,7 @@ def follow_move(directory: Path) -> None:
             moved = _moved(con, directory)
             if not moved:
                 return
-            with con:  # one transaction: all of them or none
+            with _writer_lock(directory, moved, held=writing), con:  # all of them or none
                 # looked at again under the write lock: another process reading the store
                 # (or the daemon opening it) may have pointed it here since
                 con.execute("BEGIN IMMEDIATE")
@@ -79,20 +86,51 @@ def follow_move(directory: Path) -> None:
     except sqlite3.Error as exc:
         if not moved:  # the catalog could not be read (damaged): tiled says so, as before
             return
-        old = ", ".join(sorted({str(_place(uri)) for _, uri, _ in moved})) or "elsewhere"
         raise StoreError(
-            f"{directory}: the store was moved or copied here from {old} (its catalog records "
-            f"its tables there), and pointing the catalog at {directory} failed: {exc}. Give "
-            "a directory this process can write to (copy the store there), or read the store "
-            "where it was"
+            f"{directory}: the store was moved or copied here from {_places(moved)} (its "
+            f"catalog records its tables there), and pointing the catalog at {directory} "
+            f"failed: {exc}. Give a directory this process can write to (copy the store "
+            "there), or read the store where it was"
         ) from None
-    for place in sorted({_place(uri) for _, uri, _ in moved}):
+    if moved:
         logger.warning(
             "analysis store %s was moved or copied from %s: its catalog now "
             "names its own tables file",
             directory,
-            place,
+            _places(moved),
         )
+
+
+@contextlib.contextmanager
+def _writer_lock(
+    directory: Path, moved: list[tuple[int, str, str]], *, held: bool
+) -> Iterator[None]:
+    """The store's writer lock for the change (unless ``held`` already); a StoreError when
+    another process holds it. A lock file this process cannot open (a read-only directory)
+    goes on without it: the change fails there and says so."""
+    fd = None
+    if not held:
+        try:
+            fd = hold(directory / LOCK_FILE)
+        except HeldElsewhere as other:
+            raise StoreError(
+                f"{directory}: its catalog names its tables in {_places(moved)}, and another "
+                f"process (pid {other.pid}) is writing this store: the same store seen there "
+                "under another path (a mount or a link)? Read it as that process sees it, "
+                "or once it has stopped"
+            ) from None
+        except OSError:  # not ours to lock (read-only): the change fails and says so
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            release(fd)
+
+
+def _places(moved: list[tuple[int, str, str]]) -> str:
+    """The directories the moved assets name, for a message."""
+    return ", ".join(sorted({str(_place(uri)) for _, uri, _ in moved}))
 
 
 def _place(uri: str) -> Path:

@@ -190,7 +190,7 @@ class AnalysisStore(WriterThread, JournalFallback, Backpressure, StoreClosing):
                 if self.directory in OPEN_STORES:
                     raise StoreError(f"{self.directory} is already open in this process")
                 OPEN_STORES[self.directory] = self
-            follow_move(self.directory)  # moved or copied here: its catalog names its tables
+            follow_move(self.directory, writing=True)  # moved or copied: name its tables
             if not catalog_process:  # the child makes it otherwise, while this one goes on
                 _ensure_catalog(self.directory / CATALOG_FILE)
             table_path = self.directory / TABLE_FILES[table_backend]
