@@ -52,7 +52,7 @@ def test_daemon_configs_in_deploy_are_valid() -> None:
     # installed unedited, it serves on every interface with no token: refused, saying so (it
     # held a placeholder token before, which a daemon would have accepted: a public secret)
     assert "XASFLOW__HTTP__TOKEN" not in unit_env
-    with pytest.raises(ConfigError, match="not a loopback address: set http.token"):
+    with pytest.raises(ConfigError, match=r"not a loopback address: set http\.token"):
         load_config(DEPLOY / "xasflow.yaml", environ=unit_env)
     unit_env["XASFLOW__HTTP__TOKEN"] = TOKEN
     cfg = load_config(DEPLOY / "xasflow.yaml", environ=unit_env)
