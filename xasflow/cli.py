@@ -7,7 +7,6 @@ onnxruntime, and ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xasflow import __version__, paths
-from xasflow.cli_json import json_target, write_json
+from xasflow.cli_json import QuietStdout, json_target, write_json
 from xasflow.cli_text import fwhm
 from xasflow.errors import CliError, path_problem
 
@@ -25,9 +24,6 @@ __all__ = ["CliError", "build_parser", "main"]
 #: The bundle ``predict`` and ``evaluate`` use when none is named: the shipped Cu K-edge one.
 SHIPPED = "the repository's models/cu-k"
 
-
-#: The exit status when stdout's reader has gone: a shell's for a command SIGPIPE ended.
-BROKEN_PIPE = 128 + 13
 
 #: How ``evaluate`` says what it scored, by ``Evaluation.scope`` (others as they are):
 #: "external" is data scored whole, measured references that no bundle trains on.
@@ -450,19 +446,19 @@ def _name_verbs(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = build_parser().parse_args(argv)
+    out = sys.stdout = QuietStdout(sys.stdout)
     try:
+        args = build_parser().parse_args(argv)
         status = int(args.func(args))
-        sys.stdout.flush()  # here, where a reader that has gone (below) is caught
+        out.flush()
         return status
     except CliError as exc:
         print(f"xasflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # stdout's reader stopped (| head): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
-        return BROKEN_PIPE
+    finally:
+        sys.stdout = out.inner
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""The command line's ``--json`` files: strict JSON (no NaN, which jq, JavaScript and Go
-refuse), written where the path says, and never over a file that holds something else."""
+"""The command line's outputs: ``--json`` files, strict JSON (no NaN, which jq, JavaScript and
+Go refuse), written where the path says and never over a file that holds something else; and
+stdout, whose reader may stop before the command has done (``xasflow predict ... | head``)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from xasflow.errors import CliError, path_problem
 
-__all__ = ["json_safe", "json_target", "write_json"]
+__all__ = ["QuietStdout", "json_safe", "json_target", "write_json"]
 
 
 def json_safe(value: Any) -> Any:
@@ -53,3 +55,38 @@ def json_target(path: str | None) -> None:
             f"--json {path}: exists and is not a JSON file; not overwriting it (did --json "
             "take a spectrum file? give it a path of its own, e.g. --json out.json)"
         )
+
+
+class QuietStdout:
+    """stdout for a command whose reader may stop (``| head``): the first write or flush that
+    finds the pipe closed points the descriptor at /dev/null, and the command goes on, its
+    ``--json`` file written and its status its own. A BrokenPipeError ended the command there
+    (a traceback, later exit 141 with no JSON written)."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self.gone = False  # the reader has stopped
+
+    def write(self, text: str) -> int:
+        """Write to stdout while its reader reads; after that, nowhere."""
+        if not self.gone:
+            try:
+                return self.inner.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush while the reader reads."""
+        if not self.gone:
+            try:
+                self.inner.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True  # what is still buffered goes to /dev/null at exit, without an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.inner.fileno())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
