@@ -47,10 +47,11 @@ def test_json_never_overwrites_a_file_that_is_not_json(
     )
     assert main(["train", "--out", str(tmp_path / "b"), "--json", str(spectrum)]) == 2
     assert spectrum.read_bytes() == cuo_xdi.read_bytes()
-    earlier, empty = tmp_path / "pred.json", tmp_path / "empty.json"
+    earlier, empty, bom = tmp_path / "pred.json", tmp_path / "empty.json", tmp_path / "b.json"
     earlier.write_text('{"old": 1}\n')
     empty.touch()
-    for out in (earlier, empty):
+    bom.write_bytes(b'\xef\xbb\xbf{"old": 1}\n')  # saved by an editor with a BOM: JSON still
+    for out in (earlier, empty, bom):
         assert main(["predict", "--bundle", str(BUNDLE), str(metal), "--json", str(out)]) == 0
         assert list(strict_json(out.read_text())) == [str(metal)]
 

@@ -208,6 +208,9 @@ def test_a_bus_address_without_a_port_is_a_configuration_error(key: str, value: 
     fine = {"XASFLOW__INPUT__ADDRESS": "tcp://[::1]:5578", "XASFLOW__OUTPUT__ADDRESS": "ipc://x"}
     cfg = load_config(None, fine)
     assert (cfg.input.address, cfg.output.address) == ("tcp://[::1]:5578", "ipc://x")
+    # IPv6 without brackets passed as host "::" and port 1 (the reviewer's note)
+    with pytest.raises(ConfigError, match=r"an IPv6 host goes in brackets: tcp://\[::1\]:5577"):
+        load_config(None, {"XASFLOW__INPUT__ADDRESS": "tcp://::1"})
 
 
 def test_kafka_fetch_wait_defaults_to_100_ms_and_the_consumer_settings_win(

@@ -47,7 +47,7 @@ def json_target(path: str | None) -> None:
         return
     try:
         with Path(path).open("rb") as fh:
-            head = fh.read(4096).lstrip()
+            head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a BOM: still JSON
     except OSError:  # not there (to be made), or a path write_json says is wrong
         return
     if head and not head.startswith((b"{", b"[")):

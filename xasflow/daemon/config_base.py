@@ -32,9 +32,11 @@ def check_address(value: str) -> str:
         raise ValueError("address must not be empty")
     address = value if "://" in value else f"tcp://{value}"
     if address.startswith("tcp://"):
-        _, colon, port = address.removeprefix("tcp://").rpartition(":")
+        host, colon, port = address.removeprefix("tcp://").rpartition(":")
         if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError("a TCP address ends in a port 1-65535: give host:port")
+        if ":" in host and not host.endswith("]"):  # tcp://::1 read as host "::" port 1
+            raise ValueError("an IPv6 host goes in brackets: tcp://[::1]:5577")
     return address
 
 
