@@ -10,13 +10,14 @@ the data that names each column, the first an energy, as XDI's label line and FE
 lines; a label line may start with a word and a colon, ``# columns: energy i0 it``): mu is
 then taken by name, as the XDI reader takes it (i0 and itrans or it: ln(i0/it); i0 and
 ifluor: ifluor/i0; else a mu column), and names that do not say what mu is are refused
-with the names found. Mu from detector channels is a measurement (``meta["calculated"]``
-False, as the XDI reader's): held to a measured scan's pre-edge; a mu column is left to the
-per-spectrum guess (:func:`xasflow.spectra.normalization.is_calculated`). Without one, energy and mu are columns 1 and 2; extra
-columns are ignored. Energies are eV, or keV where the header's unit says so ("Energy
-(keV)", "E/keV") or, with no unit, where all lie below 200 and the declared edge lies in
-their range times 1000; below 200 without that, or under an eV unit (the file contradicts
-itself), they are refused, never read as eV (:mod:`xasflow.adapters.energy_units`).
+with the names found. Without one, energy and mu are columns 1 and 2; extra columns are
+ignored. Mu from detector channels is a measurement (``meta["calculated"]`` False, as the XDI
+reader's), held to a measured scan's pre-edge; a mu column is left to the per-spectrum guess
+(:func:`xasflow.spectra.normalization.is_calculated`). Energies are eV, or keV where the
+header's unit says so ("Energy (keV)", "E/keV") or, with no unit, where all lie below 200
+and the declared edge lies in their range times 1000; below 200 without that, or under an
+eV unit (the file contradicts itself), they are refused, never read as eV
+(:mod:`xasflow.adapters.energy_units`).
 """
 
 from __future__ import annotations
