@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,20 +177,30 @@ def test_mp_documents_dataset(cache: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert list(g45.rows) == [0, 1] and not g45.issues
 
 
-def test_reference_table_dataset(tmp_path: Path) -> None:
+def _reference_table(tmp_path: Path, width: float, nn: float, rows: str) -> Any:
+    """The dataset of a reference table ``rows`` (after its header line) whose ``a.txt`` is a
+    synthetic Cu spectrum (white line ``width`` eV, neighbour distance ``nn`` A)."""
     from synthetic_feff import model_mu
 
     from xasflow.training.dataset import build_reference_dataset
 
     energy = np.arange(8950.0, 9120.0, 0.5)
-    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8984, 1.6, 6.0, 2.1)]))
-    (tmp_path / "refs.csv").write_text(
+    mu = model_mu(energy, 8984, 1.6, width, nn)
+    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, mu]))
+    (tmp_path / "refs.csv").write_text(rows)
+    return build_reference_dataset(tmp_path / "refs.csv")
+
+
+def test_reference_table_dataset(tmp_path: Path) -> None:
+    ds = _reference_table(
+        tmp_path,
+        6.0,
+        2.1,
         "file,element,cn,motif,valence,distance\n"
         "a.txt,Cu,6,octahedral,2,2.10\n"
         "missing.txt,Cu,4,,1,\n"
-        "a.txt,Cu,4,no such motif,,\n"
+        "a.txt,Cu,4,no such motif,,\n",
     )
-    ds = build_reference_dataset(tmp_path / "refs.csv")
     assert len(ds) == 1 and ds.dominant_cn[0] == 6 and ds.valence[0] == 2
     assert ds.distance[0] == pytest.approx(2.10)
     details = sorted(i.detail for i in ds.issues)
@@ -236,23 +247,20 @@ def test_a_reference_table_takes_the_motif_as_predict_prints_it(tmp_path: Path) 
     """``CN4-square co-planar`` (predict's words) is the motif ``square co-planar``; a CN prefix
     that the row's cn cell or the motif itself contradicts is the row's issue, said so, as is a
     bare motif name of another CN than the cn cell's (accepted without a word before)."""
-    from synthetic_feff import model_mu
-
-    from xasflow.training.dataset import build_reference_dataset
     from xasflow.training.labels import MOTIFS
 
-    energy = np.arange(8950.0, 9120.0, 0.5)
-    np.savetxt(tmp_path / "a.txt", np.column_stack([energy, model_mu(energy, 8984, 1.6, 4.0, 2.0)]))
-    (tmp_path / "refs.csv").write_text(
+    ds = _reference_table(
+        tmp_path,
+        4.0,
+        2.0,
         "file,element,cn,motif\n"
         "a.txt,Cu,4,CN4-square co-planar\n"
         "a.txt,Cu,,CN6-octahedral\n"
         "a.txt,Cu,4,square co-planar\n"
         "a.txt,Cu,6,CN4-square co-planar\n"
         "a.txt,Cu,,CN6-square co-planar\n"
-        "a.txt,Cu,6,square co-planar\n"
+        "a.txt,Cu,6,square co-planar\n",
     )
-    ds = build_reference_dataset(tmp_path / "refs.csv")
     square = MOTIFS.index((4, "square co-planar"))
     octahedral = MOTIFS.index((6, "octahedral"))
     assert len(ds) == 3
